@@ -1,0 +1,1 @@
+"""lightning-influence: training-time influence logging for PyTorch Lightning."""
