@@ -1,0 +1,26 @@
+"""Capture layer: projected per-sample gradients and Hessian-vector products (pure torch)."""
+
+from .hvp import exact_hvp, fd_directional_derivative, flatten, parameter_epsilon, unflatten
+from .per_sample import (
+    HookGradientCapture,
+    LossFn,
+    per_sample_grads_hooks,
+    per_sample_grads_vmap,
+    select_params,
+)
+from .projection import KroneckerProjector, TensorProjection
+
+__all__ = [
+    "KroneckerProjector",
+    "TensorProjection",
+    "LossFn",
+    "select_params",
+    "HookGradientCapture",
+    "per_sample_grads_vmap",
+    "per_sample_grads_hooks",
+    "parameter_epsilon",
+    "fd_directional_derivative",
+    "exact_hvp",
+    "flatten",
+    "unflatten",
+]

@@ -1,0 +1,6 @@
+"""Reduction: estimators that turn an influence log into per-sample scores. No Lightning imports."""
+
+from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin
+
+__all__ = ["InfluenceScores", "checkpoint_query_gradients", "tracin"]

@@ -1,0 +1,504 @@
+"""``InfluenceTracker``: the Lightning callback that records what influence estimation needs.
+
+At every optimizer step ``t`` it records, into the HDF5 log (``docs/log-format.md``), the
+ids of ``B_t`` (all micro-batches), the learning rate of every param group and, as
+configured, per-sample losses, per-sample gradients ``g_{i,t}`` at ``θ_t`` (optionally
+projected), finite-difference Hessian-gradient products ``H_{z,t} Ĝ_t`` and checkpoints of
+``θ_t`` with the optimizer state. It never computes influence scores: that is the
+estimators' job, offline.
+
+Per-sample gradients come, cheapest first, from the step's own backward pass (module hooks
+on ``nn.Linear``/``nn.Conv2d``, when ``training_step`` computes its loss through the
+module's ``per_sample_loss``), from an own hooked forward/backward pass, or from
+``torch.func.vmap`` (exact for any architecture). The tracker leaves training untouched:
+its own passes run on parameter copies with the RNG forked and restored.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_influence.capture import (
+    HookGradientCapture,
+    KroneckerProjector,
+    fd_directional_derivative,
+    parameter_epsilon,
+    per_sample_grads_hooks,
+    per_sample_grads_vmap,
+    select_params,
+)
+from lightning_influence.data import IdsFn, extract_ids
+from lightning_influence.log.format import META_FILE, list_segments
+from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, truncate_log, write_meta
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+_STORAGE_DTYPES = ("float16", "float32", "float64")
+_ENGINES = ("auto", "hooks", "vmap")
+
+
+@dataclass
+class _MicroBatch:
+    ids: torch.Tensor
+    batch: Any
+    rng_state: torch.Tensor
+    losses: torch.Tensor | None = None
+    grads: torch.Tensor | None = None
+
+
+@dataclass
+class _Pending:
+    """The micro-batches of the optimizer step in progress."""
+
+    micro: list[_MicroBatch] = field(default_factory=list)
+    batch_idx: int = 0
+    seconds: float = 0.0
+
+
+class InfluenceTracker(Callback):
+    """Record batch membership, learning rates, per-sample losses/gradients, HVP products and checkpoints.
+
+    Args:
+        log_dir: directory of the influence log (created; one sub-folder per rank).
+        record_losses: record per-sample losses ``ℓ(z_i; θ_t)`` at every step.
+        record_gradients: record per-sample gradients ``g_{i,t}`` of the tracked parameters.
+        record_hvp: record finite-difference products ``H_{z,t} Ĝ_t`` (needs ``record_gradients``).
+        every_n_steps: record gradients/HVP products at steps ``t % every_n_steps == 0`` (ids,
+            learning rates and losses are recorded at every step).
+        checkpoint_every_n_steps: store ``θ_t`` and the optimizer state every this many steps;
+            ``None`` stores only ``θ_0`` and the final ``θ_T``.
+        params: ``fnmatch`` patterns of the parameter names to track (``None``: all trainable).
+        exclude_params: patterns of parameter names to leave out.
+        projection_dim: per parameter tensor, the dimension of the seeded Kronecker random
+            projection of gradients; ``None`` stores full gradients.
+        projection_seed: seed of the projection (stored, so readers regenerate it).
+        storage_dtype: dtype of gradient/HVP rows on disk: ``float16``, ``float32`` or ``float64``.
+        compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
+            module's ``per_sample_loss(batch)`` method. The training loss must be their mean
+            (math reference §1); route ``training_step`` through it to get gradients for free.
+        ids_key: key of the ids in dict batches.
+        ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
+        gradient_engine: ``"auto"`` (hooks for Linear/Conv2d models, else vmap), ``"hooks"``, ``"vmap"``.
+        hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``.
+        flush_every_n_steps: steps per segment file: the most a crash can lose.
+        allow_train_batchnorm: accept train-mode BatchNorm (per-sample gradients then depend on
+            the other samples of the batch; the records are not per-sample quantities).
+        overwrite: replace an existing log in ``log_dir`` when a new (non-resumed) fit starts.
+
+    Raises:
+        ValueError: on an invalid configuration, at construction.
+    """
+
+    def __init__(
+        self,
+        log_dir: str,
+        *,
+        record_losses: bool = True,
+        record_gradients: bool = False,
+        record_hvp: bool = False,
+        every_n_steps: int = 1,
+        checkpoint_every_n_steps: int | None = None,
+        params: list[str] | None = None,
+        exclude_params: list[str] | None = None,
+        projection_dim: int | None = None,
+        projection_seed: int = 0,
+        storage_dtype: str = "float32",
+        compression: str | None = None,
+        loss_fn: LossFn | None = None,
+        ids_key: str = "ids",
+        ids_fn: IdsFn | None = None,
+        gradient_engine: str = "auto",
+        hvp_eps: float = 1e-3,
+        flush_every_n_steps: int = 50,
+        allow_train_batchnorm: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        _require(isinstance(every_n_steps, int) and every_n_steps >= 1, f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        _require(
+            checkpoint_every_n_steps is None or (isinstance(checkpoint_every_n_steps, int) and checkpoint_every_n_steps >= 1),
+            f"checkpoint_every_n_steps must be None or an int >= 1, got {checkpoint_every_n_steps!r}",
+        )
+        _require(projection_dim is None or (isinstance(projection_dim, int) and projection_dim >= 1),
+                 f"projection_dim must be None (full gradients) or an int >= 1, got {projection_dim!r}")
+        _require(storage_dtype in _STORAGE_DTYPES, f"storage_dtype must be one of {_STORAGE_DTYPES}, got {storage_dtype!r}")
+        _require(compression in (None, "gzip", "lzf"), f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
+        _require(gradient_engine in _ENGINES, f"gradient_engine must be one of {_ENGINES}, got {gradient_engine!r}")
+        _require(not record_hvp or record_gradients, "record_hvp=True needs record_gradients=True (HVP products share the gradient rows)")
+        _require(hvp_eps > 0, f"hvp_eps must be > 0, got {hvp_eps!r}")
+        _require(isinstance(flush_every_n_steps, int) and flush_every_n_steps >= 1, "flush_every_n_steps must be an int >= 1")
+        _require(loss_fn is None or callable(loss_fn), "loss_fn must be callable: loss_fn(module, batch) -> Tensor[B]")
+        _require(ids_fn is None or callable(ids_fn), "ids_fn must be callable: ids_fn(batch) -> Tensor[B]")
+        self.log_dir = str(log_dir)
+        self.record_losses = record_losses
+        self.record_gradients = record_gradients
+        self.record_hvp = record_hvp
+        self.every_n_steps = every_n_steps
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.params = params
+        self.exclude_params = exclude_params
+        self.projection_dim = projection_dim
+        self.projection_seed = projection_seed
+        self.storage_dtype = storage_dtype
+        self.compression = compression
+        self.loss_fn = loss_fn
+        self.ids_key = ids_key
+        self.ids_fn = ids_fn
+        self.gradient_engine = gradient_engine
+        self.hvp_eps = hvp_eps
+        self.flush_every_n_steps = flush_every_n_steps
+        self.allow_train_batchnorm = allow_train_batchnorm
+        self.overwrite = overwrite
+        # runtime state
+        self._writer: LogWriter | None = None
+        self._names: list[str] = []
+        self._projector: KroneckerProjector | None = None
+        self._capture: HookGradientCapture | None = None
+        self._engine: str = "none"
+        self._pending = _Pending()
+        self._captured: list[torch.Tensor] = []
+        self._captured_grad: list[torch.Tensor] = []
+        self._capturing = False
+        self._original_method: Any = None
+        self._checked_batchnorm = False
+        self._steps_recorded = 0
+
+    # ------------------------------------------------------------------------------ config
+    @property
+    def _needs_loss(self) -> bool:
+        return self.record_losses or self.record_gradients
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_dir": self.log_dir, "steps_recorded": self._steps_recorded}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._steps_recorded = int(state_dict.get("steps_recorded", 0))
+
+    # ------------------------------------------------------------------------ fit lifecycle
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            raise RuntimeError("InfluenceTracker needs automatic optimization (one optimizer.step per training step); "
+                               "manual optimization is not supported")
+        strategy = type(trainer.strategy).__name__
+        if strategy not in ("SingleDeviceStrategy", "DDPStrategy"):
+            raise RuntimeError(f"InfluenceTracker supports single-device and DDP training, not {strategy}")
+        if self._needs_loss and self.loss_fn is None and not callable(getattr(pl_module, "per_sample_loss", None)):
+            raise TypeError(
+                f"{type(pl_module).__name__} has no per_sample_loss(batch) method; define one returning the "
+                "unreduced loss (shape [B]) and have training_step return its mean, or pass "
+                "InfluenceTracker(loss_fn=...)")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(f"InfluenceTracker supports exactly one optimizer, the module configures {len(trainer.optimizers)}")
+        optimizer = trainer.optimizers[0]
+        if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
+            raise RuntimeError(
+                f"InfluenceTracker does not support {type(optimizer).__name__}: use SGD (momentum, weight decay and "
+                "LR schedules are exact), Adam or AdamW (approximated by estimators)")
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
+        shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
+        self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed)
+        self._setup_engine(pl_module)
+        resumed = trainer.global_step > 0
+        if resumed:
+            for rank in (trainer.global_rank,):
+                truncate_log(self.log_dir, rank, trainer.global_step)
+        elif (list_segments(self.log_dir) or _exists(self.log_dir)) and trainer.is_global_zero:
+            if not self.overwrite:
+                raise FileExistsError(f"{self.log_dir} already holds an influence log; choose a new log_dir, "
+                                      "pass overwrite=True, or resume with Trainer.fit(ckpt_path=...)")
+            shutil.rmtree(self.log_dir)
+        trainer.strategy.barrier("influence_tracker_setup")
+        if trainer.is_global_zero and not (resumed and _exists(self.log_dir)):
+            write_meta(self.log_dir, self._metadata(trainer, pl_module, optimizer, names))
+        self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype, self.compression)
+        self._pending = _Pending()
+        self._checked_batchnorm = False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._writer is not None:
+            self._writer.add_checkpoint(self._checkpoint(trainer, pl_module, trainer.global_step))
+        self._teardown(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._teardown(pl_module)  # keeps every completed step
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._writer is not None:  # everything before the checkpoint is on disk when it is written
+            self._writer.flush(wait=True)
+
+    # ---------------------------------------------------------------------------- per batch
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        if not self._checked_batchnorm:
+            self._check_batchnorm(pl_module)
+        ids = extract_ids(batch, self.ids_key, self.ids_fn)
+        seen = [m.ids for m in self._pending.micro]
+        if seen and len(torch.unique(torch.cat([*seen, ids]))) != sum(len(s) for s in seen) + len(ids):
+            raise ValueError(f"step {trainer.global_step}: the same sample id appears in two micro-batches of one optimizer step")
+        self._pending.micro.append(_MicroBatch(ids=ids, batch=batch, rng_state=torch.get_rng_state()))
+        self._pending.batch_idx = batch_idx
+        self._captured, self._captured_grad = [], []
+        self._capturing = self._needs_loss
+        if self._capture is not None:
+            if self._records_grads(trainer.global_step):
+                self._capture.enable()
+            else:
+                self._capture.disable()
+        self._pending.seconds += time.perf_counter() - t0
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        t0 = time.perf_counter()
+        self._capturing = False
+        micro = self._pending.micro[-1]
+        n = len(micro.ids)
+        captured = self._captured[-1] if len(self._captured) == 1 and self._captured[0].shape == (n,) else None
+        want_grads = self._records_grads(trainer.global_step)
+        if want_grads and self._engine == "hooks" and captured is not None and len(self._captured_grad) == 1:
+            micro.grads = self._capture.collect(self._captured_grad[0])
+            micro.losses = captured.detach()
+        elif want_grads:
+            if self._capture is not None:
+                self._capture.collect(torch.ones(n))  # discard partial captures of a non-conforming forward
+            micro.grads, micro.losses = self._own_grads(pl_module, micro, None)
+        elif self.record_losses:
+            micro.losses = captured.detach() if captured is not None else self._own_losses(pl_module, micro)
+        if self._capture is not None:
+            self._capture.disable()
+        self._captured, self._captured_grad = [], []
+        self._pending.seconds += time.perf_counter() - t0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        t0 = time.perf_counter()
+        step = trainer.global_step
+        pending, self._pending = self._pending, _Pending()
+        if not pending.micro:
+            raise RuntimeError(f"step {step}: optimizer step without a recorded training batch")
+        ids = torch.cat([m.ids for m in pending.micro])
+        record = StepRecord(
+            step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
+            lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=ids.numpy())
+        if self.record_losses:
+            losses = torch.cat([m.losses for m in pending.micro]).detach().to("cpu", torch.float64)
+            _check_finite(losses, ids, step, "per-sample loss")
+            record.losses = losses.numpy()
+        grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
+        if grad_dir:
+            record.batch_grad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grad_dir.values())))
+        if self._records_grads(step):
+            grads = torch.cat([m.grads for m in pending.micro]).detach().cpu()
+            _check_finite(grads, ids, step, "per-sample gradient")
+            record.grads = grads.numpy()
+            if self.record_hvp:
+                hvps, record.hvp_eps = self._hvp_products(pl_module, pending.micro, grad_dir)
+                _check_finite(hvps, ids, step, "Hessian-gradient product")
+                record.hvps = hvps.numpy()
+        if step == 0 or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0):
+            self._writer.add_checkpoint(self._checkpoint(trainer, pl_module, step, optimizer))
+        record.tracker_seconds = pending.seconds + time.perf_counter() - t0
+        self._writer.add_step(record)
+        self._steps_recorded += 1
+
+    # ----------------------------------------------------------------------------- capture
+    def _records_grads(self, step: int) -> bool:
+        return self.record_gradients and step % self.every_n_steps == 0
+
+    def _loss(self, module: nn.Module, batch: Any) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(module, batch)
+        return self._original_method(batch) if self._original_method is not None else module.per_sample_loss(batch)
+
+    def _setup_engine(self, pl_module: pl.LightningModule) -> None:
+        if not self._needs_loss:
+            return
+        if self.loss_fn is None:  # observe per_sample_loss inside training_step: losses (and gradients) for free
+            self._original_method = pl_module.per_sample_loss
+            tracker = self
+
+            def per_sample_loss(batch: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+                out = tracker._original_method(batch, *args, **kwargs)
+                if tracker._capturing and isinstance(out, torch.Tensor) and torch.is_grad_enabled():
+                    tracker._captured.append(out)
+                    if out.requires_grad:
+                        out.register_hook(lambda g: tracker._captured_grad.append(g.detach()))
+                return out
+
+            pl_module.per_sample_loss = per_sample_loss
+        if not self.record_gradients:
+            return
+        unsupported = HookGradientCapture.unsupported(pl_module, self._names)
+        if self.gradient_engine == "hooks" and unsupported:
+            raise ValueError(f"gradient_engine='hooks' supports nn.Linear and nn.Conv2d parameters; not {unsupported[:5]}. "
+                             "Use gradient_engine='vmap' or exclude them with exclude_params")
+        self._engine = "vmap" if (self.gradient_engine == "vmap" or unsupported) else "hooks"
+        if self._engine == "hooks":
+            self._capture = HookGradientCapture(pl_module, self._names, self._projector)
+        rank_zero_info(f"InfluenceTracker: {len(self._names)} tensors tracked, gradient engine '{self._engine}', "
+                       f"{self._projector.out_dim} columns per sample")
+
+    def _own_grads(self, pl_module: nn.Module, micro: _MicroBatch, params: Mapping[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (projected) gradients and losses of one micro-batch from an own pass at ``params``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(micro.rng_state)
+            if self._engine == "hooks":
+                self._capture.enable()
+                try:
+                    return per_sample_grads_hooks(pl_module, self._loss, micro.batch, self._capture, params=params)
+                finally:
+                    self._capture.disable()
+            grads = per_sample_grads_vmap(pl_module, self._loss, micro.batch, self._names, self._projector, params=params)
+            with torch.no_grad():
+                losses = _functional_loss(pl_module, self._loss, micro.batch, params)
+            return grads, losses
+
+    def _own_losses(self, pl_module: nn.Module, micro: _MicroBatch) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.set_rng_state(micro.rng_state)
+            return self._loss(pl_module, micro.batch).detach()
+
+    def _hvp_products(self, pl_module: nn.Module, micro: list[_MicroBatch], direction: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """``H_{z,t} Ĝ_t`` for every sample of the step, by central differences along ``Ĝ_t``."""
+        theta = {n: p.detach() for n, p in pl_module.named_parameters() if n in direction}
+
+        def grads_at(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.cat([self._own_grads(pl_module, m, params)[0] for m in micro])
+
+        hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()}, self.hvp_eps)
+        return hvps.detach().cpu(), float(eps)
+
+    def _check_batchnorm(self, pl_module: nn.Module) -> None:
+        self._checked_batchnorm = True
+        if self.allow_train_batchnorm or not self._needs_loss:
+            return
+        for name, module in pl_module.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                raise RuntimeError(
+                    f"BatchNorm layer '{name}' is in train mode: its output mixes the samples of a batch, so per-sample "
+                    "losses and gradients are ill-defined. Put it in eval mode during training (e.g. in "
+                    "on_train_epoch_start), replace it (GroupNorm/LayerNorm), or pass allow_train_batchnorm=True")
+
+    # -------------------------------------------------------------------------- checkpoints
+    def _checkpoint(self, trainer: pl.Trainer, pl_module: nn.Module, step: int,
+                    optimizer: torch.optim.Optimizer | None = None) -> CheckpointRecord:
+        optimizer = optimizer or trainer.optimizers[0]
+        record = CheckpointRecord(step=step, params={})
+        for name, p in pl_module.named_parameters():
+            if not p.requires_grad:
+                continue
+            record.params[name] = p.detach().cpu().numpy().copy()
+            state = optimizer.state.get(p, {})
+            tensors = {k: v.detach().cpu().numpy().copy() for k, v in state.items() if isinstance(v, torch.Tensor)}
+            if tensors:
+                record.optimizer_state[name] = tensors
+            scalars = {k: float(v) for k, v in state.items() if isinstance(v, (int, float))}
+            if scalars:
+                record.optimizer_scalars[name] = scalars
+        return record
+
+    # ------------------------------------------------------------------------------ metadata
+    def _metadata(self, trainer: pl.Trainer, pl_module: nn.Module, optimizer: torch.optim.Optimizer,
+                  names: dict[int, str]) -> dict[str, Any]:
+        groups = []
+        for g in optimizer.param_groups:
+            hyper = {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
+            groups.append({**hyper, "params": [names[id(p)] for p in g["params"]]})
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        try:
+            dataset_size = len(dataset) if dataset is not None else None
+        except TypeError:
+            dataset_size = None
+        return {
+            "created": time.time(),
+            "versions": {pkg: _version(pkg) for pkg in ("lightning-influence", "torch", "lightning", "h5py")},
+            "module_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "world_size": trainer.world_size,
+            "dataset_size": dataset_size,
+            "loss_reduction": "mean",
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "recorded": {
+                "ids": True,
+                "lrs": True,
+                "losses": self.record_losses,
+                "gradients": self.record_gradients,
+                "hvp": self.record_hvp,
+                "checkpoints": True,
+            },
+            "every_n_steps": self.every_n_steps,
+            "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
+            "gradient_engine": self._engine,
+            "hvp": {"eps0": self.hvp_eps, "direction": "batch_mean_gradient", "scheme": "central"},
+            "storage_dtype": self.storage_dtype,
+            "tracked_params": self._names,
+            "param_shapes": {n: list(p.shape) for n, p in pl_module.named_parameters() if p.requires_grad},
+            "projection": self._projector.to_metadata(),
+            "optimizer": {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+                          "param_groups": groups},
+        }
+
+    def _teardown(self, pl_module: nn.Module) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._writer = None
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        if self._original_method is not None:
+            del pl_module.per_sample_loss  # drop the instance attribute: the class method shows again
+            self._original_method = None
+
+
+def _functional_loss(module: nn.Module, loss_fn: LossFn, batch: Any, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    if params is None:
+        return loss_fn(module, batch).detach()
+    return torch.func.functional_call(_LossModule(module, loss_fn), {f"m.{k}": v for k, v in params.items()}, (batch,)).detach()
+
+
+class _LossModule(nn.Module):
+    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.m = module
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.m, batch)
+
+
+def _check_finite(values: torch.Tensor, ids: torch.Tensor, step: int, what: str) -> None:
+    bad = ~torch.isfinite(values.reshape(len(ids), -1)).all(dim=1)
+    if bool(bad.any()):
+        raise FloatingPointError(f"step {step}: non-finite {what} for sample ids {ids[bad].tolist()[:10]}; "
+                                 "nothing of this step was stored. Lower the learning rate or check these samples.")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"InfluenceTracker: {message}")
+
+
+def _exists(log_dir: str) -> bool:
+    from pathlib import Path
+
+    return (Path(log_dir) / META_FILE).exists()
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,80 @@
+"""TracIn (math reference §5): the first-order baseline, streamed over the log.
+
+    TracIn_j[t1, t2] = Σ_{t ∈ [t1, t2), j ∈ B_t} (η_t / |B_t|) · ⟨q_t, g_{j,t}⟩
+
+``q_t`` is the query gradient at the latest checkpoint ``≤ t`` (exact when checkpoints are
+taken every step; the TracInCP approximation otherwise), projected like the logged gradients.
+With gradients recorded every ``n`` steps, each recorded step stands for ``n`` steps.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.queries import Query, query_gradients, query_names
+
+QueryGradients = Mapping[int, np.ndarray]  # checkpoint step -> (Q, K) projected query gradients
+
+
+def checkpoint_query_gradients(log: InfluenceLog, module: nn.Module, query: Query,
+                               steps: list[int] | None = None) -> tuple[dict[int, np.ndarray], list[str]]:
+    """Projected query gradients ``(Q, K)`` at each checkpoint (``module`` supplies the architecture)."""
+    projector = log.projector()
+    names = log.param_names
+    out: dict[int, np.ndarray] = {}
+    qnames: list[str] = []
+    for t in steps if steps is not None else log.checkpoint_steps:
+        params = {n: torch.from_numpy(v) for n, v in log.checkpoint(t).items()}
+        grads, values = query_gradients(module, query, names, params)
+        out[t] = projector.project(grads).double().numpy()
+        qnames = query_names(query, len(values))
+    return out, qnames
+
+
+def tracin(log: InfluenceLog, query: Query | QueryGradients, module: nn.Module | None = None, window: Any = None,
+           query_names_: list[str] | None = None, progress: Callable[[int, int], None] | None = None) -> InfluenceScores:
+    """TracIn scores of every sample id over ``window`` (see :meth:`InfluenceLog.window`).
+
+    Args:
+        log: the influence log (must hold gradients).
+        query: a query callable (needs ``module``), or precomputed projected query gradients
+            ``{checkpoint_step: (Q, K)}``.
+        module: the model architecture (weights are taken from the log's checkpoints).
+        window: the window; ``None`` is the whole run.
+        query_names_: names for precomputed query gradients.
+        progress: called as ``progress(done, total)`` after each step.
+    """
+    t1, t2 = log.window(window)
+    if callable(query):
+        if module is None:
+            raise ValueError("tracin needs `module` (the architecture) to take query gradients from the checkpoints")
+        ckpts = [t for t in log.checkpoint_steps if t < t2]
+        needed = sorted({ckpts[bisect.bisect_right(ckpts, t) - 1] for t in range(t1, t2) if bisect.bisect_right(ckpts, t)})
+        qgrads, names = checkpoint_query_gradients(log, module, query, needed)
+    else:
+        qgrads, names = dict(query), query_names_ or []
+    ckpt_steps = sorted(qgrads)
+    if not ckpt_steps or ckpt_steps[0] > t1:
+        raise ValueError(f"no query gradient at or before step {t1} (checkpoints: {ckpt_steps})")
+    n_queries = next(iter(qgrads.values())).shape[0]
+    names = names or [f"q{i}" for i in range(n_queries)]
+    lr_columns = log.column_groups()
+    every = int(log.meta.get("every_n_steps", 1))
+    scores = np.zeros((log.dataset_size, n_queries))
+    n_steps = 0
+    for rec in log.iter_steps(t1, t2, fields=("grad",)):
+        q = qgrads[ckpt_steps[bisect.bisect_right(ckpt_steps, rec.step) - 1]]
+        weight = rec.lrs[lr_columns] * (every / len(rec.ids))  # (K,): η_t of each column's param group / |B_t|
+        np.add.at(scores, rec.ids, rec.grads.astype(np.float64) @ (q * weight).T)
+        n_steps += 1
+        if progress is not None:
+            progress(rec.step - t1 + 1, t2 - t1)
+    return InfluenceScores(scores, "tracin" if every == 1 else f"tracin (every {every} steps)", (t1, t2), names,
+                           info={"steps_with_gradients": n_steps, "checkpoints_used": ckpt_steps})

@@ -1,0 +1,138 @@
+"""The demo: scikit-learn's bundled digits, 10% of training labels flipped, an MLP trained with SGD.
+
+    python -m lightning_influence.examples.digits --config configs/digits.yaml
+
+trains with the :class:`~lightning_influence.InfluenceTracker` configured in the YAML, then
+reports which training samples hurt the validation loss in the first epoch, the last
+epoch and the whole run, and how many of them are flipped labels.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence.data import WithIds
+
+
+def load_digits_split(n_train: int = 1000, n_val: int = 400, flip_fraction: float = 0.1, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Digits standardised and split into train/val/test; ``flip_fraction`` of train labels flipped (seeded)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    x = (x - x[order[:n_train]].mean(0)) / (x[order[:n_train]].std(0) + 1.0)
+    idx = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+    out: dict[str, Any] = {}
+    for split, rows in idx.items():
+        out[split] = (torch.tensor(x[rows], dtype=dtype), torch.tensor(y[rows], dtype=torch.long))
+    y_train = out["train"][1].clone()
+    flipped = np.sort(rng.choice(n_train, size=int(round(flip_fraction * n_train)), replace=False))
+    shift = torch.from_numpy(rng.integers(1, 10, size=len(flipped)))
+    y_train[flipped] = (y_train[flipped] + shift) % 10
+    out["train"] = (out["train"][0], y_train)
+    out["flipped"] = flipped
+    out["clean_train_labels"] = torch.tensor(y[idx["train"]], dtype=torch.long)
+    return out
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """Digits with sample ids: train batches are ``(x, y, ids)``; ``flipped`` lists the corrupted ids."""
+
+    def __init__(self, n_train: int = 1000, n_val: int = 400, flip_fraction: float = 0.1, batch_size: int = 32,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.splits = load_digits_split(n_train, n_val, flip_fraction, seed)
+        self.flipped = self.splits["flipped"]
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(WithIds(TensorDataset(*self.splits["train"])), batch_size=self.hparams.batch_size,
+                          shuffle=True, generator=g)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.splits["val"]), batch_size=len(self.splits["val"][0]))
+
+
+class DigitsClassifier(pl.LightningModule):
+    """An MLP on 8x8 digits. ``per_sample_loss`` is the tracker's hook; ``training_step`` returns its mean."""
+
+    def __init__(self, hidden: int = 64, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 1e-4,
+                 lr_step_epochs: int = 10, lr_gamma: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        return F.cross_entropy(self(x), y, reduction="none")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.per_sample_loss(batch).mean()
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
+                              weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.hparams.lr_step_epochs, gamma=self.hparams.lr_gamma)
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+
+def report(log_dir: str, model: DigitsClassifier, data: DigitsDataModule, method: str = "tracin", k: int = 10) -> None:
+    """Print the most harmful training samples for the validation loss per window, with flipped-label hits."""
+    from lightning_influence import InfluenceLog, estimators, queries
+
+    log = InfluenceLog(log_dir)
+    query = queries.mean_loss(data.splits["val"], loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+                              name="val_loss")
+    flipped = set(int(i) for i in data.flipped)
+    n_flip = len(flipped)
+    last = int(log.epochs[-1])
+    print(f"\n{log}\n{n_flip} of {log.dataset_size} training labels are flipped. Scores: {method}, query: validation loss "
+          "(negative = removing the sample lowers validation loss = harmful).")
+    for title, window in (("first epoch", ("epoch", 0, 1)), ("last epoch", ("epoch", last, last + 1)), ("whole run", None)):
+        scores = estimators.tracin(log, query, module=model, window=window)
+        s = scores.column(0)
+        top = scores.top(k)
+        found = len(flipped & set(scores.top(n_flip).tolist())) / n_flip
+        print(f"\n== {title}: steps [{scores.window[0]}, {scores.window[1]}) ==")
+        print(f"{'rank':>4} {'id':>5} {'score':>12} {'label':>5} {'flipped':>7}")
+        for r, i in enumerate(top, 1):
+            print(f"{r:>4} {i:>5} {s[i]:>12.4e} {int(data.splits['train'][1][i]):>5} {'yes' if i in flipped else '':>7}")
+        print(f"flipped labels among the top-{n_flip} most harmful: {found:.0%}")
+    log.close()
+
+
+def main(args: list[str] | None = None) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_influence.callback import InfluenceTracker
+
+    cli = LightningCLI(DigitsClassifier, DigitsDataModule, run=False, args=args, save_config_kwargs={"overwrite": True})
+    cli.trainer.fit(cli.model, cli.datamodule)
+    tracker = next(c for c in cli.trainer.callbacks if isinstance(c, InfluenceTracker))
+    report(tracker.log_dir, cli.model, cli.datamodule)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["--config", "configs/digits.yaml"])

@@ -1,0 +1,98 @@
+"""Queries: the scalar functions ``f(θ)`` whose change influence scores explain (math §1).
+
+A query is any callable ``f(module) -> Tensor`` returning a scalar or a vector of ``Q``
+scalars (several queries answered in one sweep). The helpers below build the common ones
+on top of the module's per-sample loss; none of them knows about Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+Query = Callable[[nn.Module], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def default_loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
+    """The module's ``per_sample_loss(batch)`` (the tracker's default per-sample loss)."""
+    return module.per_sample_loss(batch)
+
+
+def mean_loss(batch: Any, loss_fn: LossFn = default_loss_fn, name: str = "mean_loss") -> Query:
+    """Mean per-sample loss over ``batch`` (e.g. the whole validation set): one query."""
+
+    def f(module: nn.Module) -> torch.Tensor:
+        return loss_fn(module, batch).mean()
+
+    f.query_names = [name]  # type: ignore[attr-defined]
+    return f
+
+
+def sample_losses(batch: Any, loss_fn: LossFn = default_loss_fn, names: Sequence[str] | None = None) -> Query:
+    """The loss of each sample of ``batch``: ``B`` queries swept together."""
+
+    def f(module: nn.Module) -> torch.Tensor:
+        return loss_fn(module, batch)
+
+    if names is not None:
+        f.query_names = list(names)  # type: ignore[attr-defined]
+    return f
+
+
+def prediction(inputs: torch.Tensor, target_class: int, margin: bool = False, name: str | None = None) -> Query:
+    """Logit of ``target_class`` for ``inputs`` (one input, batch dim 1), or its margin over the best other class."""
+
+    def f(module: nn.Module) -> torch.Tensor:
+        logits = module(inputs).reshape(-1)
+        if not margin:
+            return logits[target_class]
+        others = torch.cat([logits[:target_class], logits[target_class + 1 :]])
+        return logits[target_class] - others.max()
+
+    f.query_names = [name or f"{'margin' if margin else 'logit'}[{target_class}]"]  # type: ignore[attr-defined]
+    return f
+
+
+def query_names(query: Query, n: int) -> list[str]:
+    """Names of the ``n`` outputs of a query (``query_names`` attribute, else ``q0, q1, ...``)."""
+    names = getattr(query, "query_names", None)
+    if names is not None and len(names) == n:
+        return list(names)
+    return ["query"] if n == 1 else [f"q{i}" for i in range(n)]
+
+
+def query_gradients(module: nn.Module, query: Query, names: Sequence[str],
+                    params: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Gradients ``∇f_q`` of every query output w.r.t. the named parameters of ``module``.
+
+    Returns ``({name: (Q, *shape)}, values (Q,))``. ``params`` evaluates at other parameter
+    values without touching ``module`` (``torch.func.functional_call``).
+    """
+    live = dict(module.named_parameters())
+    leaves = {n: (params[n] if params is not None and n in params else live[n]).detach().clone().requires_grad_(True)
+              for n in live}
+    out = _call_query(module, query, leaves)
+    values = out.reshape(-1)
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for q in range(len(values)):
+        g = torch.autograd.grad(values[q], [leaves[n] for n in names], retain_graph=q + 1 < len(values), allow_unused=True)
+        for n, gi in zip(names, g):
+            grads[n].append(torch.zeros_like(leaves[n]) if gi is None else gi)
+    return {n: torch.stack(v) for n, v in grads.items()}, values.detach()
+
+
+class _QueryModule(nn.Module):
+    def __init__(self, module: nn.Module, query: Query) -> None:
+        super().__init__()
+        self.m = module
+        self.query = query
+
+    def forward(self) -> torch.Tensor:
+        return self.query(self.m)
+
+
+def _call_query(module: nn.Module, query: Query, leaves: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.func.functional_call(_QueryModule(module, query), {f"m.{k}": v for k, v in leaves.items()}, ())
