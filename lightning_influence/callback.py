@@ -382,10 +382,16 @@ class InfluenceTracker(Callback):
 
     def _check_batchnorm(self, pl_module: nn.Module) -> None:
         self._checked_batchnorm = True
-        if self.allow_train_batchnorm or not self._needs_loss:
+        if not self._needs_loss:
             return
         for name, module in pl_module.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            if not (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training):
+                continue
+            if self.allow_train_batchnorm and self._engine == "vmap" and self.record_gradients:
+                raise RuntimeError(
+                    f"BatchNorm layer '{name}' is in train mode, which the vmap gradient engine cannot evaluate one "
+                    "sample at a time; track only Linear/Conv2d parameters (params=[...]) so the hooks engine is used")
+            if not self.allow_train_batchnorm:
                 raise RuntimeError(
                     f"BatchNorm layer '{name}' is in train mode: its output mixes the samples of a batch, so per-sample "
                     "losses and gradients are ill-defined. Put it in eval mode during training (e.g. in "

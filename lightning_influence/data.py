@@ -87,7 +87,7 @@ def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None) -
         raise ValueError(f"{len(ids)} sample ids for a batch of {n} samples. {hint}")
     ids = ids.detach().to("cpu", torch.int64)
     if len(torch.unique(ids)) != len(ids):
-        raise ValueError(f"duplicated sample ids in one batch: {_duplicates(ids)}. Ids must be unique per sample.")
+        raise ValueError(f"duplicated sample ids in one batch: {_duplicates(ids)}; ids must be unique per sample (are these labels rather than ids?). {hint}")
     if len(ids) and int(ids.min()) < 0:
         raise ValueError(f"sample ids must be non-negative, got {int(ids.min())}. {hint}")
     return ids

@@ -105,7 +105,7 @@ def _param_owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
 class HookGradientCapture:
     """Exact per-sample gradients of ``nn.Linear`` / ``nn.Conv2d`` parameters from hooks.
 
-    Forward hooks (registered once, inactive unless :meth:`enable` d) save each call's
+    Forward hooks (registered once, inactive until :meth:`enable`) save each call's
     detached input and put a tensor hook on the output that saves its gradient. After the
     backward pass, :meth:`collect` forms ``sum_l grad_out[b,l] ⊗ input[b,l]`` per sample,
     projected per side. Linear inputs may have any leading dims ``(B, ..., in)``; Conv2d

@@ -1,0 +1,57 @@
+"""Evaluation: agreement metrics, temporal patterns, datamodel quality (math §6)."""
+
+from lightning_influence.evaluation.metrics import (
+    auroc,
+    jaccard_at_k,
+    kendall_tau,
+    linear_datamodeling_score,
+    pearson,
+    precision_at_k,
+    rankdata,
+    recall_at_k,
+    spearman,
+    summarize,
+)
+from lightning_influence.evaluation.patterns import (
+    Pattern,
+    PatternResult,
+    PatternThresholds,
+    classify_timeline,
+    classify_windows,
+)
+from lightning_influence.evaluation.stability import (
+    FourierMass,
+    LinearDatamodel,
+    biased_coordinates,
+    datamodel_residual,
+    fit_linear_datamodel,
+    fourier_mass_from_stability,
+    noise_stability,
+    sample_correlated_pairs,
+)
+
+__all__ = [
+    "FourierMass",
+    "LinearDatamodel",
+    "Pattern",
+    "PatternResult",
+    "PatternThresholds",
+    "auroc",
+    "biased_coordinates",
+    "classify_timeline",
+    "classify_windows",
+    "datamodel_residual",
+    "fit_linear_datamodel",
+    "fourier_mass_from_stability",
+    "jaccard_at_k",
+    "kendall_tau",
+    "linear_datamodeling_score",
+    "noise_stability",
+    "pearson",
+    "precision_at_k",
+    "rankdata",
+    "recall_at_k",
+    "sample_correlated_pairs",
+    "spearman",
+    "summarize",
+]

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny regression/classification problem with sample ids and a module with ``per_sample_loss``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence import InfluenceTracker, WithIds
+
+
+class TinyClassifier(pl.LightningModule):
+    """A small MLP; ``routed`` makes ``training_step`` compute its loss through ``per_sample_loss``."""
+
+    def __init__(self, d_in: int = 5, hidden: int = 7, classes: int = 3, dropout: float = 0.0, batchnorm: bool = False,
+                 optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
+                 routed: bool = True, extra: nn.Module | None = None) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(d_in, hidden)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, classes)]
+        self.net = nn.Sequential(*layers)
+        self.extra = extra
+        self.opt, self.lr, self.momentum, self.weight_decay, self.routed = optimizer, lr, momentum, weight_decay, routed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return self.extra(out) if self.extra is not None else out
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.routed:
+            return self.per_sample_loss(batch).mean()
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> Any:
+        if self.opt == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)}
+        if self.opt == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.opt == "rmsprop":
+            return torch.optim.RMSprop(self.parameters(), lr=self.lr)
+        raise ValueError(self.opt)
+
+
+def make_data(n: int = 24, d_in: int = 5, classes: int = 3, dtype: torch.dtype = torch.float64, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, d_in, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g))
+
+
+def loader(ds: Any, batch_size: int = 6, seed: int = 0, ids: bool = True) -> DataLoader:
+    return DataLoader(WithIds(ds) if ids else ds, batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def fit(module: pl.LightningModule, data: Any, tracker: InfluenceTracker | None = None, epochs: int = 2,
+        seed: int = 0, **trainer_kw: Any) -> pl.Trainer:
+    """Deterministic CPU fit; returns the trainer."""
+    pl.seed_everything(seed, verbose=False)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                         callbacks=[tracker] if tracker else [], **trainer_kw)
+    trainer.fit(module, data)
+    return trainer
+
+
+def tiny(seed: int = 0, **kw: Any) -> TinyClassifier:
+    torch.manual_seed(seed)
+    return TinyClassifier(**kw).double()
+
+
+@pytest.fixture
+def log_dir(tmp_path):
+    return str(tmp_path / "log")

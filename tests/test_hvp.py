@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from lightning_influence.capture import (
+    HookGradientCapture,
+    KroneckerProjector,
+    exact_hvp,
+    fd_directional_derivative,
+    flatten,
+    parameter_epsilon,
+    per_sample_grads_hooks,
+    unflatten,
+)
+
+B = 4
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Tanh MLP, its batch, the batch-mean gradient G_B and exact per-sample H_z G_B."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(B, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g_b = dict(zip(params, torch.autograd.grad(loss_fn(model, batch).mean(), list(model.parameters()))))
+    x, y = batch
+
+    def sample_loss(i):
+        return lambda p: F.cross_entropy(functional_call(model, p, (x[i : i + 1],)), y[i : i + 1])
+
+    exact = {n: torch.stack([exact_hvp(sample_loss(i), params, g_b)[n] for i in range(B)]) for n in params}
+    return model, batch, params, g_b, exact
+
+
+def fd_per_sample_hvp(setup, dim, eps0):
+    model, batch, params, g_b, exact = setup
+    proj = KroneckerProjector({n: p.shape for n, p in params.items()}, dim=dim, seed=2)
+    capture = HookGradientCapture(model, list(params), proj)
+    fd, eps = fd_directional_derivative(
+        lambda p: per_sample_grads_hooks(model, loss_fn, batch, capture, params=p)[0], params, g_b, eps0=eps0
+    )
+    return fd, proj.project(exact), eps
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("dim", [None, 8])
+def test_fd_per_sample_hvp_matches_exact(setup, dim):
+    fd, expected, _ = fd_per_sample_hvp(setup, dim, eps0=1e-3)
+    assert fd.shape == expected.shape == (B, expected.shape[1])
+    assert rel_err(fd, expected) < 1e-5
+
+
+def test_fd_error_is_second_order(setup):
+    # Central differences: error = c ε² + O(ε⁴), so halving ε divides it by ~4.
+    # ε is large enough here that float64 rounding (~1e-16/ε) is negligible.
+    fd1, expected, eps1 = fd_per_sample_hvp(setup, None, eps0=0.2)
+    fd2, _, eps2 = fd_per_sample_hvp(setup, None, eps0=0.1)
+    assert eps1 == pytest.approx(2 * eps2, rel=1e-12)
+    ratio = rel_err(fd1, expected) / rel_err(fd2, expected)
+    assert 3.7 < ratio < 4.3
+
+
+def test_parameter_epsilon():
+    params = {"a": torch.full((3, 4), 2.0), "b": torch.zeros(4)}
+    assert parameter_epsilon(params, eps0=1e-2) == pytest.approx(1e-2 * (1 + math.sqrt(48)) / 4, rel=1e-12)
+
+
+def test_fd_isolates_rng_and_copies_params():
+    params = {"w": torch.randn(50, dtype=torch.float64), "c": torch.randn(3, dtype=torch.float64)}
+    originals = {n: t.clone() for n, t in params.items()}
+    v = {"w": torch.randn(50, dtype=torch.float64)}
+
+    def fn(p):  # linear in w, with a random dropout mask drawn on each call
+        return F.dropout(p["w"], 0.5, training=True) * p["c"].sum()
+
+    state = torch.get_rng_state()
+    fd, _ = fd_directional_derivative(fn, params, v)
+    assert torch.equal(torch.get_rng_state(), state)  # caller's random stream untouched
+    mask = F.dropout(torch.ones(50, dtype=torch.float64), 0.5, training=True)  # the mask fn drew
+    torch.testing.assert_close(fd, mask * v["w"] * params["c"].sum(), rtol=1e-8, atol=1e-10)
+    assert all(torch.equal(params[n], originals[n]) for n in params)
+
+    zero, _ = fd_directional_derivative(fn, params, {"w": torch.zeros(50, dtype=torch.float64)})
+    assert torch.equal(zero, torch.zeros(50, dtype=torch.float64))
+
+
+def test_exact_hvp_matches_explicit_hessian():
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"w": (3, 2), "b": (3,)}
+    params = {n: torch.randn(*s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+    x = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+
+    def loss(p):
+        return torch.tanh(x @ p["w"].T + p["b"]).pow(3).sum()
+
+    theta = flatten(params, shapes)
+    hessian = torch.autograd.functional.hessian(lambda vec: loss(unflatten(vec, shapes)), theta)
+    for v in (
+        {n: torch.randn(*s, generator=gen, dtype=torch.float64) for n, s in shapes.items()},
+        {"w": torch.randn(3, 2, generator=gen, dtype=torch.float64)},  # b missing: zero
+    ):
+        hv = exact_hvp(loss, params, v)
+        v_flat = flatten({n: v.get(n, torch.zeros(s, dtype=torch.float64)) for n, s in shapes.items()}, shapes)
+        torch.testing.assert_close(flatten(hv, shapes), hessian @ v_flat, rtol=1e-12, atol=1e-12)
