@@ -31,6 +31,7 @@ from torch import nn
 
 from lightning_influence.capture import (
     HookGradientCapture,
+    call_with_params,
     KroneckerProjector,
     fd_directional_derivative,
     parameter_epsilon,
@@ -273,7 +274,7 @@ class InfluenceTracker(Callback):
             micro.losses = captured.detach()
         elif want_grads:
             if self._capture is not None:
-                self._capture.collect(torch.ones(n))  # discard partial captures of a non-conforming forward
+                self._capture.clear()  # discard partial captures of a non-conforming forward
             micro.grads, micro.losses = self._own_grads(pl_module, micro, None)
         elif self.record_losses:
             micro.losses = captured.detach() if captured is not None else self._own_losses(pl_module, micro)
@@ -355,14 +356,10 @@ class InfluenceTracker(Callback):
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(micro.rng_state)
             if self._engine == "hooks":
-                self._capture.enable()
-                try:
-                    return per_sample_grads_hooks(pl_module, self._loss, micro.batch, self._capture, params=params)
-                finally:
-                    self._capture.disable()
+                return per_sample_grads_hooks(pl_module, self._loss, micro.batch, self._capture, params=params)
             grads = per_sample_grads_vmap(pl_module, self._loss, micro.batch, self._names, self._projector, params=params)
             with torch.no_grad():
-                losses = _functional_loss(pl_module, self._loss, micro.batch, params)
+                losses = call_with_params(pl_module, self._loss, params, micro.batch)
             return grads, losses
 
     def _own_losses(self, pl_module: nn.Module, micro: _MicroBatch) -> torch.Tensor:
@@ -467,22 +464,6 @@ class InfluenceTracker(Callback):
         if self._original_method is not None:
             del pl_module.per_sample_loss  # drop the instance attribute: the class method shows again
             self._original_method = None
-
-
-def _functional_loss(module: nn.Module, loss_fn: LossFn, batch: Any, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-    if params is None:
-        return loss_fn(module, batch).detach()
-    return torch.func.functional_call(_LossModule(module, loss_fn), {f"m.{k}": v for k, v in params.items()}, (batch,)).detach()
-
-
-class _LossModule(nn.Module):
-    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.m = module
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.m, batch)
 
 
 def _check_finite(values: torch.Tensor, ids: torch.Tensor, step: int, what: str) -> None:

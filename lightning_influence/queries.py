@@ -12,6 +12,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from lightning_influence.capture import call_with_params
+
 Query = Callable[[nn.Module], torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -74,7 +76,7 @@ def query_gradients(module: nn.Module, query: Query, names: Sequence[str],
     live = dict(module.named_parameters())
     leaves = {n: (params[n] if params is not None and n in params else live[n]).detach().clone().requires_grad_(True)
               for n in live}
-    out = _call_query(module, query, leaves)
+    out = call_with_params(module, query, leaves)
     values = out.reshape(-1)
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for q in range(len(values)):
@@ -82,17 +84,3 @@ def query_gradients(module: nn.Module, query: Query, names: Sequence[str],
         for n, gi in zip(names, g):
             grads[n].append(torch.zeros_like(leaves[n]) if gi is None else gi)
     return {n: torch.stack(v) for n, v in grads.items()}, values.detach()
-
-
-class _QueryModule(nn.Module):
-    def __init__(self, module: nn.Module, query: Query) -> None:
-        super().__init__()
-        self.m = module
-        self.query = query
-
-    def forward(self) -> torch.Tensor:
-        return self.query(self.m)
-
-
-def _call_query(module: nn.Module, query: Query, leaves: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return torch.func.functional_call(_QueryModule(module, query), {f"m.{k}": v for k, v in leaves.items()}, ())

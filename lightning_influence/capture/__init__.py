@@ -3,6 +3,7 @@
 from .hvp import exact_hvp, fd_directional_derivative, flatten, parameter_epsilon, unflatten
 from .per_sample import (
     HookGradientCapture,
+    call_with_params,
     LossFn,
     per_sample_grads_hooks,
     per_sample_grads_vmap,
@@ -16,6 +17,7 @@ __all__ = [
     "LossFn",
     "select_params",
     "HookGradientCapture",
+    "call_with_params",
     "per_sample_grads_vmap",
     "per_sample_grads_hooks",
     "parameter_epsilon",

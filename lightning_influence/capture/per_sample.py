@@ -36,6 +36,7 @@ __all__ = [
     "HookGradientCapture",
     "per_sample_grads_vmap",
     "per_sample_grads_hooks",
+    "call_with_params",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -67,15 +68,27 @@ def select_params(
 
 
 class _LossModule(nn.Module):
-    """Lets ``functional_call`` run ``loss_fn`` with overridden parameters of ``m``."""
+    """Lets ``functional_call`` run ``fn(m, *args)`` with overridden parameters of ``m``."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
+    def __init__(self, model: nn.Module, fn: Callable[..., Tensor]):
         super().__init__()
         self.m = model
-        self.loss_fn = loss_fn
+        self.fn = fn
 
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.m, batch)
+    def forward(self, *args: Any) -> Tensor:
+        return self.fn(self.m, *args)
+
+
+def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mapping[str, Tensor] | None,
+                     *args: Any) -> Tensor:
+    """``fn(model, *args)`` evaluated with ``params`` overriding (some of) the model's parameters.
+
+    The live model is not changed: parameters are swapped only for the call and buffers
+    are cloned. ``params=None`` calls ``fn`` on the model as it is.
+    """
+    if params is None:
+        return fn(model, *args)
+    return functional_call(_LossModule(model, fn), _override_dict(model, params), args)
 
 
 def _override_dict(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -1,0 +1,106 @@
+"""The HDF5 log: writer/reader round trip, windows, checkpoints, and plain-h5py readability."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from lightning_influence.capture import KroneckerProjector
+from lightning_influence.log import CheckpointRecord, InfluenceLog, LogFormatError, LogWriter, StepRecord
+from lightning_influence.log.writer import write_meta
+
+
+def synthetic_log(path, steps=10, batch=4, k=6, every=1, flush=3, epochs_of=lambda t: t // 5, seed=0):
+    """A log written through LogWriter with known random contents; returns the records."""
+    rng = np.random.default_rng(seed)
+    shapes = {"w": [2, 3]}
+    write_meta(path, {
+        "dataset_size": 40, "tracked_params": ["w"], "param_shapes": shapes, "every_n_steps": every,
+        "recorded": {"losses": True, "gradients": True, "hvp": True, "checkpoints": True},
+        "projection": KroneckerProjector(shapes, None).to_metadata(),
+        "optimizer": {"class": "torch.optim.sgd.SGD", "param_groups": [{"lr": 0.1, "params": ["w"]}]},
+    })
+    writer = LogWriter(path, flush_every_n_steps=flush, storage_dtype="float64")
+    records = []
+    for t in range(steps):
+        ids = rng.choice(40, size=batch, replace=False)
+        rec = StepRecord(step=t, epoch=epochs_of(t), batch_idx=t, micro_batches=1, lrs=[0.1 / (1 + t)], ids=ids,
+                         losses=rng.random(batch))
+        if t % every == 0:
+            rec.grads, rec.hvps = rng.standard_normal((batch, k)), rng.standard_normal((batch, k))
+        if t % 4 == 0:
+            writer.add_checkpoint(CheckpointRecord(step=t, params={"w": rng.standard_normal((2, 3))},
+                                                   optimizer_state={"w": {"momentum_buffer": np.ones((2, 3))}}))
+        writer.add_step(rec)
+        records.append(rec)
+    writer.close()
+    return records
+
+
+def test_round_trip_every_field(tmp_path):
+    recs = synthetic_log(tmp_path, steps=10, every=2)
+    log = InfluenceLog(tmp_path)
+    assert log.num_steps == 10 and list(log.steps) == list(range(10))
+    assert log.checkpoint_steps == [0, 4, 8]
+    assert log.optimizer_state(4)["w"]["momentum_buffer"].tolist() == [[1, 1, 1]] * 2
+    got = list(log.iter_steps(fields=("loss", "grad", "hvp")))
+    assert [g.step for g in got] == [0, 2, 4, 6, 8]  # gradient rows every 2 steps
+    for g in got:
+        r = recs[g.step]
+        np.testing.assert_array_equal(g.ids, r.ids)
+        np.testing.assert_array_equal(g.losses, r.losses)
+        np.testing.assert_array_equal(g.grads, r.grads)
+        np.testing.assert_array_equal(g.hvps, r.hvps)
+        assert g.lrs[0] == r.lrs[0]
+    ids_only = list(log.iter_steps(fields=()))
+    assert len(ids_only) == 10 and all(np.array_equal(s.ids, recs[s.step].ids) for s in ids_only)
+    assert len(log._segments) == 4  # flushed every 3 steps
+
+
+def test_windows_in_steps_epochs_and_fractions(tmp_path):
+    synthetic_log(tmp_path, steps=20, epochs_of=lambda t: t // 5)
+    log = InfluenceLog(tmp_path)
+    assert log.window(None) == (0, 20)
+    assert log.window((3, 7)) == log.window("3:7") == (3, 7)
+    assert log.window(":5") == (0, 5) and log.window("15:") == (15, 20)
+    assert log.window(("epoch", 1, 3)) == log.window("epoch 1:3") == (5, 15)
+    assert log.window("epoch 3:") == (15, 20)
+    assert log.window((0.5, 1.0)) == log.window("0.5:1.0") == (10, 20)
+    for bad, match in [((5, 5), "outside the run"), ((0, 21), "outside the run"), ("epoch 7:9", "hold no step"),
+                       ((0.5, 1.5), "fractional window"), ("last", "cannot parse")]:
+        with pytest.raises(ValueError, match=match):
+            log.window(bad)
+
+
+def test_missing_records_are_refused(tmp_path):
+    synthetic_log(tmp_path)
+    log = InfluenceLog(tmp_path)
+    log.meta["recorded"]["hvp"] = False
+    with pytest.raises(ValueError, match="did not record hvp"):
+        next(log.iter_steps(fields=("hvp",)))
+
+
+def test_readable_with_plain_h5py(tmp_path):
+    """What docs/log-format.md promises, read without this package."""
+    recs = synthetic_log(tmp_path, steps=3, flush=10)
+    with h5py.File(tmp_path / "rank-0" / "seg-00000000.h5", "r") as f:
+        assert f.attrs["format"] == "lightning-influence-log" and f.attrs["format_version"] == 1
+        steps = f["steps"]
+        t = 1
+        off, n = steps["sample_offset"][t], steps["sample_count"][t]
+        np.testing.assert_array_equal(f["samples/id"][off : off + n], recs[t].ids)
+        g = steps["grad_offset"][t]
+        np.testing.assert_array_equal(f["grads/grad"][g : g + n], recs[t].grads)
+        assert "step_00000000" in f["checkpoints"]
+    with h5py.File(tmp_path / "meta.h5", "r") as f:
+        assert f.attrs["format_version"] == 1
+
+
+def test_not_a_log_and_foreign_files_are_clear_errors(tmp_path):
+    with pytest.raises(LogFormatError, match="meta.h5 is missing"):
+        InfluenceLog(tmp_path)
+    with h5py.File(tmp_path / "meta.h5", "w") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(LogFormatError, match="not a lightning-influence file"):
+        InfluenceLog(tmp_path)
