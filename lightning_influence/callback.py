@@ -299,7 +299,7 @@ class InfluenceTracker(Callback):
             record.losses = losses.numpy()
         grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         if grad_dir:
-            record.batch_grad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grad_dir.values())))
+            record.batch_grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()])))
         if self._records_grads(step):
             grads = torch.cat([m.grads for m in pending.micro]).detach().cpu()
             _check_finite(grads, ids, step, "per-sample gradient")

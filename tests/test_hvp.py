@@ -76,7 +76,9 @@ def test_fd_error_is_second_order(setup):
 
 def test_parameter_epsilon():
     params = {"a": torch.full((3, 4), 2.0), "b": torch.zeros(4)}
-    assert parameter_epsilon(params, eps0=1e-2) == pytest.approx(1e-2 * (1 + math.sqrt(48)) / 4, rel=1e-12)
+    assert parameter_epsilon(params, eps0=1e-2) == pytest.approx(1e-2 * (1 + math.sqrt(48)) / 4, rel=1e-6)
+    params64 = {n: t.double() for n, t in params.items()}
+    assert parameter_epsilon(params64, eps0=1e-2) == pytest.approx(1e-2 * (1 + math.sqrt(48)) / 4, rel=1e-14)
 
 
 def test_fd_isolates_rng_and_copies_params():

@@ -48,6 +48,10 @@ def test_constructed_patterns_are_recovered() -> None:
     result = classify_windows(x)
     np.testing.assert_array_equal(result.labels, expected)
     assert result.counts() == {"stable": 8, "early": 6, "late": 6, "fluctuating": 6}
+    np.testing.assert_array_equal(result.mask(Pattern.EARLY), expected == "early")
+    np.testing.assert_array_equal(result.mask("late"), expected == "late")
+    with pytest.raises(ValueError):
+        result.mask("sideways")
     is_tiny = np.abs(x).max(axis=1) < 0.1
     assert np.all(result.flip_ratio[is_tiny] == 1.0) and np.all(result.magnitude[is_tiny] < 0.1)
 

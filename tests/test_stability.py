@@ -5,7 +5,7 @@ directly over pairs with the transition kernel of the ρ-correlated draw (no Fou
 theory involved), and the Fourier weights ``W_k`` come from projecting ``f`` on every
 character ``χ_S``. Monte-Carlo estimates are checked as the mean of R independent
 seeded replicates against the exact value, within 5 replicate standard errors
-(Student t with R − 1 >= 9 degrees of freedom: two-sided tail < 1e-3 per comparison).
+(Student t with R - 1 >= 9 degrees of freedom: two-sided tail < 1e-3 per comparison).
 """
 
 from __future__ import annotations

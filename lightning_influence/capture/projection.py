@@ -145,12 +145,14 @@ class KroneckerProjector:
         left_first = spec.k_rows * spec.cols * (spec.rows + spec.k_cols) <= spec.k_cols * spec.rows * (
             spec.cols + spec.k_rows
         )
+        # matmul folds the batch into the rows of one GEMM only when the 2-D operand is on the
+        # right, so the row side is applied to the transposed view.
         if left_first and p_r is not None:
-            g = p_r.T @ g
+            g = (g.transpose(1, 2) @ p_r).transpose(1, 2)
         if p_c is not None:
             g = g @ p_c
         if not left_first and p_r is not None:
-            g = p_r.T @ g
+            g = (g.transpose(1, 2) @ p_r).transpose(1, 2)
         return g.reshape(batch, spec.out_dim)
 
     def project(self, grads: Mapping[str, Tensor]) -> Tensor:

@@ -243,7 +243,7 @@ def linear_datamodeling_score(scores: ArrayLike, subsets: ArrayLike, outcomes: A
 
     ``scores`` must be attributions in the *inclusion* sense (effect on ``f`` of having
     sample i in the training set). Removal scores with the §2 sign
-    (``F_j = f(θ^{-j}) − f(θ)``) point the other way: pass ``-F``.
+    (``F_j = f(θ^{-j}) - f(θ)``) point the other way: pass ``-F``.
 
     Args:
         scores: ``(N,)`` attributions ``τ``.

@@ -86,7 +86,8 @@ class PatternResult:
     """Per-sample pattern labels and the statistics they were derived from.
 
     Attributes:
-        labels: ``(N,)`` strings, values of :class:`Pattern`.
+        labels: ``(N,)`` strings, values of :class:`Pattern` (numpy does not compare
+            them with enum members: use :meth:`mask` or the strings).
         slope: ``(N,)`` least-squares slope of ``|z|`` over the window index.
         slope_t: ``(N,)`` ``slope / stderr`` (``±inf`` for an exact non-flat line, 0 if flat).
         flip_ratio: ``(N,)`` sign changes / consecutive pairs of non-zero increments.
@@ -101,9 +102,13 @@ class PatternResult:
     magnitude: np.ndarray
     zscores: np.ndarray
 
+    def mask(self, pattern: Pattern | str) -> np.ndarray:
+        """Boolean ``(N,)`` mask of the samples labelled ``pattern``."""
+        return np.asarray(self.labels == Pattern(pattern).value)
+
     def counts(self) -> dict[str, int]:
         """Number of samples per pattern, every pattern listed (zero included)."""
-        return {p.value: int(np.count_nonzero(self.labels == p.value)) for p in Pattern}
+        return {p.value: int(np.count_nonzero(self.mask(p))) for p in Pattern}
 
 
 def _window_zscores(x: np.ndarray, tol: float) -> np.ndarray:
@@ -144,9 +149,7 @@ def _flip_ratio(x: np.ndarray, tol: float) -> np.ndarray:
     return np.divide(flips, pairs, out=np.zeros(n), where=pairs > 0)
 
 
-def classify_windows(
-    window_scores: ArrayLike, thresholds: PatternThresholds | None = None
-) -> PatternResult:
+def classify_windows(window_scores: ArrayLike, thresholds: PatternThresholds | None = None) -> PatternResult:
     """Classify each sample's per-window influence increments into a :class:`Pattern`.
 
     Statistics, per sample i over windows w = 0..W-1:

@@ -3,13 +3,13 @@
 Following Saunshi et al. (2022): draw training subsets by keeping each of the ``N``
 samples independently with probability ``p`` (keep-indicator ``x ∈ {0,1}^N``) and
 let ``f(x)`` be the query value of the model trained on the kept samples. In the
-p-biased Fourier basis, with normalised coordinates ``χ_i = (x_i − p) / sqrt(p(1−p))``
+p-biased Fourier basis, with normalised coordinates ``χ_i = (x_i - p) / sqrt(p(1-p))``
 (mean 0, variance 1),
 
     f = Σ_S f̂(S) Π_{i∈S} χ_i,      W_k = Σ_{|S|=k} f̂(S)²,      E[f²] = Σ_k W_k.
 
 The best linear datamodel ``β_0 + Σ_i β_i x_i`` is the degree ≤ 1 part, so its mean
-squared error is the degree ≥ 2 mass ``E[f²] − W_0 − W_1`` and ``sqrt(W_1 / Var f)``
+squared error is the degree ≥ 2 mass ``E[f²] - W_0 - W_1`` and ``sqrt(W_1 / Var f)``
 bounds the correlation of any additive attribution with ``f``. Noise stability
 
     Stab_ρ(f) = E[f(x) f(y)] = Σ_k ρ^k W_k,
@@ -77,7 +77,7 @@ def _masks(masks: ArrayLike) -> np.ndarray:
 
 
 def biased_coordinates(mask: ArrayLike, p: float) -> np.ndarray:
-    """Normalised p-biased coordinates ``χ = (x − p) / sqrt(p (1 − p))`` of keep-indicators.
+    """Normalised p-biased coordinates ``χ = (x - p) / sqrt(p (1 - p))`` of keep-indicators.
 
     Under ``x_i ~ Bernoulli(p)`` each ``χ_i`` has mean 0 and variance 1 (the ±1 coordinates
     of the unbiased case when ``p = 1/2``).
@@ -125,10 +125,10 @@ def noise_stability(
     One sample ``x_1..x_m`` is shared by all ``ρ``, so ``f(x)`` is evaluated once; each
     ``ρ`` in ``(0, 1)`` adds ``m`` evaluations on its ``y``. Two values need none:
     ``ρ = 1`` (``y = x``: the mean of ``f(x)²``, i.e. ``E[f²]``) and ``ρ = 0`` (``y``
-    independent: the unbiased pair average ``Σ_{a≠b} f(x_a) f(x_b) / (m (m−1))``).
+    independent: the unbiased pair average ``Σ_{a≠b} f(x_a) f(x_b) / (m (m-1))``).
     All masks go to ``map_fn`` in one call, so a process pool can run the retrainings.
 
-    Each estimate is ``μ̂² + mean((f(x) − μ̂)(f(y) − μ̂))`` with the same ``μ̂ = mean f(x)``
+    Each estimate is ``μ̂² + mean((f(x) - μ̂)(f(y) - μ̂))`` with the same ``μ̂ = mean f(x)``
     for every ``ρ`` (exactly the two formulas above for ``ρ ∈ {0, 1}``). The noise a
     large ``E f`` brings is then common to all ``ρ``, so it lands in the fitted ``W0``
     and cancels from ``W1`` and the residual of :func:`fourier_mass_from_stability`;
@@ -164,7 +164,7 @@ def noise_stability(
     fx = values[:m]
     mu = float(fx.mean())
     dx = fx - mu
-    dy = dict(zip(noisy, values[m:].reshape(len(noisy), m) - mu))
+    dy = dict(zip(noisy, values[m:].reshape(len(noisy), m) - mu, strict=True))
     out: dict[float, float] = {}
     for r in rho_list:
         if r == 1.0:
@@ -184,9 +184,9 @@ class FourierMass:
     Attributes:
         W0: ``(E f)²``, the degree-0 mass.
         W1: degree-1 mass, captured by the best linear datamodel.
-        residual: ``E[f²] − W0 − W1``, the degree ≥ 2 mass: mean squared error of the
+        residual: ``E[f²] - W0 - W1``, the degree ≥ 2 mass: mean squared error of the
             best linear datamodel.
-        variance: ``Var f = E[f²] − W0``.
+        variance: ``Var f = E[f²] - W0``.
         correlation_ceiling: ``sqrt(W1 / Var f)`` clipped to ``[0, 1]`` (Monte-Carlo
             noise can push the ratio outside): the best correlation any additive
             attribution can reach; ``nan`` if ``Var f <= 0``.
@@ -199,9 +199,7 @@ class FourierMass:
     correlation_ceiling: float
 
 
-def fourier_mass_from_stability(
-    stabs: dict[float, float], mean_f2: float, max_degree: int = 2
-) -> FourierMass:
+def fourier_mass_from_stability(stabs: dict[float, float], mean_f2: float, max_degree: int = 2) -> FourierMass:
     """Recover ``W0``, ``W1`` and the degree ≥ 2 residual from noise stabilities.
 
     Fits ``Stab_ρ ≈ Σ_{k=0}^{K} c_k ρ^k`` (``K = max_degree``) by least squares over the
@@ -274,7 +272,7 @@ def fit_linear_datamodel(masks: ArrayLike, outcomes: ArrayLike) -> LinearDatamod
 
 
 def datamodel_residual(masks: ArrayLike, outcomes: ArrayLike, fit: LinearDatamodel) -> float:
-    """Mean squared residual ``mean((f(mask) − fit(mask))²)``; on fresh p-biased masks it
+    """Mean squared residual ``mean((f(mask) - fit(mask))²)``; on fresh p-biased masks it
     estimates the degree ≥ 2 mass (plus the fit's own estimation error)."""
     arr = _masks(masks)
     y = _outcomes(outcomes, arr.shape[0])
