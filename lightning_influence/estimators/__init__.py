@@ -4,3 +4,7 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin
 
 __all__ = ["InfluenceScores", "checkpoint_query_gradients", "tracin"]
+
+from lightning_influence.estimators.dit import Timeline, dit, dit_gauss_newton, dit_local, timeline  # noqa: E402
+
+__all__ += ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline"]

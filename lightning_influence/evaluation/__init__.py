@@ -55,3 +55,6 @@ __all__ = [
     "spearman",
     "summarize",
 ]
+from lightning_influence.evaluation.ground_truth import LOOResult, replay_loo  # noqa: E402
+
+__all__ += ["LOOResult", "replay_loo"]

@@ -1,0 +1,263 @@
+"""Ground truth for influence estimates: replay leave-one-out (math §6).
+
+``replay_loo`` re-runs training from the logged ``θ_0`` on the recorded batch sequence,
+learning rates and optimizer, with one sample (or a group) dropped from every batch that
+held it, the denominator ``|B_t|`` kept (math §2), and records
+
+    LOO_j(t) = f(θ^{-j}_t) − f(θ_t)
+
+on a grid of steps; the window truth is ``LOO_j(t2) − LOO_j(t1)``. The variant
+``in_window_only`` drops the sample only inside ``[t1, t2)`` (starting from the real
+``θ_{t1}`` and optimizer state), the counterpart of DIT's local variant.
+
+Many counterfactual runs are trained at once as stacked copies of the parameters: copy 0
+drops nothing (the reference run, checked against the log's checkpoints), copy ``c`` drops
+its unit; each copy's loss depends only on its own parameters and SGD/Adam/AdamW act
+elementwise, so the stacked optimizer gives every copy exactly its own update. No
+Lightning imports.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.queries import LossFn, Query, default_loss_fn, query_names
+from lightning_influence.replay import (
+    Progress,
+    ReplayMismatchError,
+    TrainData,
+    _optimizer_spec,
+    _set_lrs,
+    batch_from_ids,
+    build_optimizer,
+    checkpoint_params,
+    default_tolerances,
+    functional_loss,
+    grid_steps,
+    load_optimizer_state,
+    replay,
+    resolve_progress,
+)
+
+__all__ = ["LOOResult", "replay_loo"]
+
+
+@dataclass
+class LOOResult:
+    """Replay leave-one-out values on a grid of steps.
+
+    Attributes:
+        ids: ``(n,)`` the dropped sample ids (with ``groups``: the group indices).
+        values: ``(n, G, Q)`` ``LOO_j(grid[g]) = f(θ^{-j}_t) − f(θ_t)`` for query ``q``.
+        grid: ``(G,)`` steps.
+        base: ``(G, Q)`` ``f(θ_t)`` of the reference (nothing dropped) run.
+        query_names: the ``Q`` query names.
+        groups: the dropped id sets, for group removal.
+        removal_window: ``(t1, t2)`` for ``in_window_only`` (dropped only in ``[t1, t2)``), else ``None``.
+        info: run details (copies, seconds, largest deviation of the reference run from the log).
+    """
+
+    ids: np.ndarray
+    values: np.ndarray
+    grid: np.ndarray
+    base: np.ndarray
+    query_names: list[str]
+    groups: list[np.ndarray] | None = None
+    removal_window: tuple[int, int] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def _col(self, t: int) -> int:
+        hits = np.nonzero(self.grid == t)[0]
+        if not len(hits):
+            raise ValueError(f"step {t} is not on the LOO grid {self.grid.tolist()}")
+        return int(hits[0])
+
+    def at(self, t: int) -> np.ndarray:
+        """``LOO(t)`` ``(n, Q)``."""
+        return self.values[:, self._col(t), :]
+
+    def window(self, t1: int, t2: int, query: int | str = 0) -> np.ndarray:
+        """Window truth ``LOO(t2) − LOO(t1)`` ``(n,)`` for one query."""
+        q = self.query_names.index(query) if isinstance(query, str) else int(query)
+        return self.values[:, self._col(t2), q] - self.values[:, self._col(t1), q]
+
+    def as_scores(self, t1: int, t2: int, n_total: int) -> InfluenceScores:
+        """The window truth as :class:`InfluenceScores` with ``n_total`` rows (NaN for samples not dropped)."""
+        if self.groups is not None:
+            raise ValueError("group removal has no per-sample rows; use window()")
+        out = np.full((n_total, len(self.query_names)), np.nan)
+        out[self.ids] = self.at(t2) - self.at(t1)
+        method = "replay-loo (in-window removal)" if self.removal_window else "replay-loo"
+        return InfluenceScores(out, method, (int(t1), int(t2)), list(self.query_names), info=dict(self.info))
+
+
+class _QueryModule(nn.Module):
+    def __init__(self, module: nn.Module, query: Query) -> None:
+        super().__init__()
+        self.m = module
+        self.query = query
+
+    def forward(self) -> Tensor:
+        return self.query(self.m)
+
+
+def _evaluate(module: nn.Module, query: Query, stacked: Mapping[str, Tensor]) -> np.ndarray:
+    """``f`` of every copy: ``(copies, Q)``."""
+    wrapper = _QueryModule(module, query)
+    n = next(iter(stacked.values())).shape[0]
+    out = []
+    with torch.no_grad():
+        for c in range(n):
+            val = torch.func.functional_call(wrapper, {f"m.{k}": v[c] for k, v in stacked.items()}, ())
+            out.append(val.detach().reshape(-1).double().numpy())
+    return np.stack(out)
+
+
+def _names_in_optimizer_order(log: InfluenceLog) -> list[str]:
+    return [n for g in _optimizer_spec(log)["param_groups"] for n in g["params"]]
+
+
+def _state_by_name(state_dict: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    return {names[i]: {k: (v.detach().cpu().numpy() if torch.is_tensor(v) else v) for k, v in st.items()}
+            for i, st in state_dict["state"].items()}
+
+
+def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query,
+               sample_ids: Sequence[int] | np.ndarray | None = None, grid: Any = None, window: Any = None, *,
+               in_window_only: bool = False, groups: Sequence[Sequence[int]] | None = None,
+               loss_fn: LossFn = default_loss_fn, copies: int = 256, verify: bool = True, atol: float | None = None,
+               rtol: float | None = None, progress: Progress = None) -> LOOResult:
+    """Replay leave-one-out (or leave-group-out): retrain without each unit, record ``f`` on a grid.
+
+    Args:
+        log: the influence log (needs a checkpoint at step 0, or at/before ``t1`` for ``in_window_only``).
+        module: the architecture.
+        train_data: training samples by id.
+        query: ``f(module) -> scalar or (Q,)``.
+        sample_ids: ids to drop one at a time (default: every id ``0 .. N−1``).
+        grid: steps at which ``LOO(t)`` is recorded (as :func:`~lightning_influence.replay.grid_steps`;
+            default every epoch start and ``T``); the window's ends are always added.
+        window: a window (see :meth:`InfluenceLog.window`); its ends join the grid; required
+            for ``in_window_only``.
+        in_window_only: drop the unit only inside ``[t1, t2)``, starting from the real ``θ_{t1}``.
+        groups: drop each of these id sets as one unit instead of ``sample_ids``.
+        loss_fn: the per-sample training loss.
+        copies: counterfactual runs trained together per pass (memory ``copies · p`` plus state).
+        verify: check the reference run (copy 0) against the log's checkpoints it passes.
+        atol, rtol: tolerances of that check (default: 100 × :func:`~lightning_influence.replay.default_tolerances`,
+            since the stacked copies run batched kernels whose round-off differs from training).
+        progress: ``progress(done, total)`` or ``True``.
+
+    Raises:
+        ReplayMismatchError: the reference run does not reproduce the logged trajectory.
+    """
+    T = log.num_steps
+    win = log.window(window) if window is not None else None
+    if in_window_only and win is None:
+        raise ValueError("in_window_only=True needs a window")
+    steps = set(grid_steps(log, grid).tolist())
+    if win is not None:
+        steps |= set(win)
+    if in_window_only:
+        t1, t2 = win
+        steps = {t for t in steps if t1 <= t <= t2}
+        lo, hi = t1, t2
+    else:
+        lo, hi = 0, max(steps)
+    grid_arr = np.array(sorted(steps), dtype=np.int64)
+    if groups is not None:
+        units = [np.unique(np.asarray(g, dtype=np.int64)) for g in groups]
+        unit_ids = np.arange(len(units))
+    else:
+        unit_ids = np.arange(log.dataset_size) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
+        units = [np.array([i]) for i in unit_ids]
+    if not units:
+        raise ValueError("nothing to drop: sample_ids/groups is empty")
+    for u in units:
+        if len(u) and (u.min() < 0 or u.max() >= log.dataset_size):
+            raise ValueError(f"sample ids {u.tolist()[:5]} are outside [0, N = {log.dataset_size})")
+
+    names = _names_in_optimizer_order(log)
+    # starting point: θ_0 from the log, or the real θ_{t1} and optimizer state (replayed)
+    if in_window_only:
+        last = None
+        for rs in replay(log, module, train_data, lo, lo, loss_fn=loss_fn, verify=verify):
+            last = rs
+        start_params = last.params
+        start_state = _state_by_name(last.optimizer.state_dict(), names)
+    else:
+        if 0 not in log.checkpoint_steps:
+            raise ValueError(f"replay_loo retrains from θ_0, but the log has no checkpoint at step 0 ({log.checkpoint_steps})")
+        start_params = checkpoint_params(log, module, 0)
+        start_state = log.optimizer_state(0)
+    dtype = next(iter(start_params.values())).dtype
+    a_def, r_def = default_tolerances(dtype)
+    atol = 100 * a_def if atol is None else atol
+    rtol = 100 * r_def if rtol is None else rtol
+    ckpts = [t for t in log.checkpoint_steps if lo < t <= hi]
+    show = resolve_progress(progress, "replay-loo")
+    chunks = [list(range(i, min(i + copies, len(units)))) for i in range(0, len(units), copies)]
+    values = np.zeros((len(units), len(grid_arr), 0))
+    base = None
+    qnames: list[str] = []
+    max_dev = 0.0
+    t0 = time.perf_counter()
+    done, total = 0, len(chunks) * (hi - lo)
+    for chunk in chunks:
+        C = len(chunk) + 1
+        stacked = {n: v.detach().unsqueeze(0).expand(C, *v.shape).clone().requires_grad_(True) for n, v in start_params.items()}
+        opt = build_optimizer(log, stacked)
+        load_optimizer_state(opt, names, start_state)
+        chunk_units = [units[i] for i in chunk]
+        evals: dict[int, np.ndarray] = {}
+        for t in range(lo, hi + 1):
+            if t in ckpts and verify:
+                ref = log.checkpoint(t)
+                for n, v in stacked.items():
+                    r = torch.from_numpy(np.array(ref[n]))
+                    diff = (v[0].detach() - r).abs()
+                    max_dev = max(max_dev, float(diff.max()) if diff.numel() else 0.0)
+                    if bool((diff > atol + rtol * r.abs()).any()):
+                        raise ReplayMismatchError(
+                            f"replay_loo: the reference run (nothing dropped) does not reproduce the log at step {t}: "
+                            f"{n!r} differs by up to {float(diff.max()):.3e} (atol={atol:g}, rtol={rtol:g}). The "
+                            "training must be deterministic and train_data/loss_fn must be those of the run")
+            if t in steps:
+                evals[t] = _evaluate(module, query, stacked)
+            if t == hi:
+                break
+            ids = log.batch_ids(t)
+            B = len(ids)
+            W = torch.ones(C, B, dtype=dtype)
+            for c, u in enumerate(chunk_units, start=1):
+                W[c, np.isin(ids, u)] = 0.0
+            batch = batch_from_ids(train_data, ids)
+            _set_lrs(opt, log.lr(t), t)
+            opt.zero_grad(set_to_none=True)
+
+            def per_copy(p: dict[str, Tensor], w: Tensor) -> Tensor:
+                return (w * functional_loss(module, loss_fn, p, batch)).sum() / B
+
+            torch.func.vmap(per_copy)(dict(stacked), W).sum().backward()
+            opt.step()
+            done += 1
+            if show is not None:
+                show(done, total)
+        ev = np.stack([evals[int(t)] for t in grid_arr], axis=1)  # (C, G, Q)
+        if base is None:
+            base = ev[0]
+            qnames = query_names(query, ev.shape[2])
+            values = np.zeros((len(units), len(grid_arr), ev.shape[2]))
+        values[chunk] = ev[1:] - ev[0][None]
+    info = {"copies_per_pass": copies, "passes": len(chunks), "seconds": time.perf_counter() - t0,
+            "reference_max_deviation_from_log": max_dev, "checkpoints_checked": ckpts if verify else []}
+    return LOOResult(unit_ids, values, grid_arr, base, qnames, groups=units if groups is not None else None,
+                     removal_window=win if in_window_only else None, info=info)

@@ -1,0 +1,468 @@
+"""Replay: reconstruct ``θ_t`` and counterfactual trajectories from an influence log.
+
+The log holds the batch sequence ``B_t``, the learning rates ``η_t`` and checkpoints of
+``θ_t`` with the optimizer state. :func:`replay` re-runs the recorded steps from the
+nearest checkpoint with the logged optimizer (rebuilt by :func:`build_optimizer`), and
+compares every checkpoint it passes: a replay that drifts from the logged run is an error
+that says where and why, never a silently wrong trajectory. With per-sample ``weights`` it
+runs the counterfactual of math §2: the loss of step ``t`` is ``Σ_i w_i ℓ_i / |B_t|``, so
+a removed sample (weight 0) leaves the denominator unchanged.
+
+Shared by DIT, Diff-In and the ground truth. Pure torch: no Lightning imports.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.queries import LossFn, default_loss_fn
+
+__all__ = [
+    "ReplayMismatchError",
+    "ReplayStep",
+    "TrainData",
+    "UnsupportedOptimizerError",
+    "batch_from_ids",
+    "build_optimizer",
+    "checkpoint_params",
+    "default_tolerances",
+    "functional_loss",
+    "grid_steps",
+    "load_optimizer_state",
+    "optimizer_class",
+    "parameters_at",
+    "progress_printer",
+    "replay",
+    "replay_from",
+    "replay_step",
+]
+
+TrainData = Union[Callable[[np.ndarray], Any], Dataset]
+"""The training samples by id: a map-style dataset (``ds[i]`` is sample ``i``), or a callable
+``ids -> batch``. Either way the batch must be what the module's ``per_sample_loss`` takes."""
+
+Weights = Callable[[int, np.ndarray], Tensor]
+"""``weights(step, ids) -> Tensor[|B_t|]``: per-sample loss weights of a step (1 = as trained)."""
+
+Progress = Union[Callable[[int, int], None], bool, None]
+
+_SUPPORTED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "SGD": torch.optim.SGD,
+    "Adam": torch.optim.Adam,
+    "AdamW": torch.optim.AdamW,
+}
+
+
+class UnsupportedOptimizerError(ValueError):
+    """The logged run used an optimizer (or optimizer setting) replay and DIT cannot handle."""
+
+
+class ReplayMismatchError(RuntimeError):
+    """A replayed trajectory does not match a checkpoint stored in the log."""
+
+
+@dataclass
+class ReplayStep:
+    """One point of a replayed trajectory.
+
+    Attributes:
+        step: ``t``.
+        params: ``θ_t``, the parameters *before* step ``t`` (detached copies).
+        ids: ``B_t`` (empty for the final point ``θ_{t2}``).
+        lrs: ``η_t`` per param group (empty for the final point).
+        optimizer: the live optimizer, holding the state *before* step ``t`` (it moves on
+            when the iteration continues: copy ``optimizer.state_dict()`` to keep it).
+    """
+
+    step: int
+    params: dict[str, Tensor]
+    ids: np.ndarray
+    lrs: np.ndarray
+    optimizer: torch.optim.Optimizer
+
+
+# ------------------------------------------------------------------------------------- data
+def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
+    """The batch of samples ``ids`` (in that order).
+
+    A dataset gives ``default_collate([ds[i] for i in ids])``; a callable is called with
+    the ``int64`` id array.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if isinstance(train_data, Dataset) or (hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__")):
+        return default_collate([train_data[int(i)] for i in ids])
+    if callable(train_data):
+        return train_data(ids)
+    raise TypeError(f"train_data must be a map-style Dataset or a callable ids -> batch, got {type(train_data).__name__}")
+
+
+class _LossModule(nn.Module):
+    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.m = module
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.m, batch)
+
+
+def functional_loss(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], batch: Any) -> Tensor:
+    """Per-sample losses ``loss_fn(module, batch)`` evaluated at ``params`` (the live module is untouched)."""
+    wrapper = _LossModule(module, loss_fn)
+    return torch.func.functional_call(wrapper, {f"m.{k}": v for k, v in params.items()}, (batch,))
+
+
+# -------------------------------------------------------------------------------- optimizer
+def _optimizer_spec(log: InfluenceLog) -> dict[str, Any]:
+    spec = log.meta.get("optimizer")
+    if spec is None:
+        raise UnsupportedOptimizerError(f"{log.path}: the log has no optimizer metadata; it cannot be replayed")
+    if isinstance(spec, list):
+        if len(spec) != 1:
+            raise UnsupportedOptimizerError(
+                f"{log.path}: the run used {len(spec)} optimizers (manual optimization); replay and DIT need exactly "
+                "one optimizer stepped once per training step (automatic optimization)")
+        spec = spec[0]
+    if log.meta.get("automatic_optimization") is False:
+        raise UnsupportedOptimizerError(f"{log.path}: the run used manual optimization; replay and DIT need "
+                                        "automatic optimization (one optimizer.step per training step)")
+    return spec
+
+
+def optimizer_class(log: InfluenceLog) -> type[torch.optim.Optimizer]:
+    """The logged optimizer's class, if supported (``torch.optim.SGD``, ``Adam``, ``AdamW``).
+
+    Raises:
+        UnsupportedOptimizerError: any other optimizer (LBFGS, a subclass, several optimizers).
+    """
+    spec = _optimizer_spec(log)
+    path = str(spec.get("class", ""))
+    module_name, _, name = path.rpartition(".")
+    cls = _SUPPORTED_OPTIMIZERS.get(name)
+    if cls is None or not module_name.startswith("torch.optim"):
+        hint = (" LBFGS re-evaluates the loss several times per step with a line search; its steps are not a "
+                "function of one batch gradient that replay can linearise." if name == "LBFGS" else "")
+        raise UnsupportedOptimizerError(
+            f"{log.path}: optimizer {path!r} is not supported by replay/DIT; supported: torch.optim.SGD (momentum, "
+            f"nesterov, weight decay, any LR schedule: exact), torch.optim.Adam and AdamW (frozen-preconditioner "
+            f"approximation).{hint}")
+    return cls
+
+
+def _to_hyper(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def build_optimizer(log: InfluenceLog, params: Mapping[str, Tensor], state_step: int | None = None) -> torch.optim.Optimizer:
+    """Recreate the logged optimizer over ``params`` (``{name: leaf tensor}``).
+
+    Class and per-group hyperparameters come from ``log.meta["optimizer"]``; with
+    ``state_step`` the optimizer state stored with the checkpoint of that step is loaded
+    (momentum buffers, Adam moments and step counts). ``params`` may be stacked copies
+    (extra leading dimension): stored state is then broadcast to every copy.
+
+    Raises:
+        UnsupportedOptimizerError: an optimizer class or setting replay cannot reproduce.
+        ValueError: ``params`` does not match the logged param groups.
+    """
+    cls = optimizer_class(log)
+    spec = _optimizer_spec(log)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    groups, seen = [], []
+    for gi, g in enumerate(spec["param_groups"]):
+        names = list(g["params"])
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ValueError(f"param group {gi} of the logged optimizer holds {missing[:5]}, which are not among the "
+                             f"parameters given ({sorted(params)[:10]}): the module does not match the log")
+        hyper = {k: _to_hyper(v) for k, v in g.items() if k in accepted}
+        if hyper.get("maximize"):
+            raise UnsupportedOptimizerError(f"{log.path}: maximize=True is not supported by replay/DIT")
+        groups.append({"params": [params[n] for n in names], **hyper})
+        seen += names
+    extra = sorted(set(params) - set(seen))
+    if extra:
+        raise ValueError(f"parameters {extra[:5]} are in no param group of the logged optimizer: the module does not match the log")
+    opt = cls(groups)
+    if state_step is not None:
+        load_optimizer_state(opt, seen, log.optimizer_state(state_step))
+    return opt
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, names: list[str], state: Mapping[str, Mapping[str, Any]]) -> None:
+    """Load per-parameter-name optimizer ``state`` (as :meth:`InfluenceLog.optimizer_state` returns it).
+
+    ``names`` lists the parameter names in the optimizer's order. State tensors are broadcast
+    to the parameter's shape when the parameters are stacked copies.
+    """
+    current = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if len(params) != len(names):
+        raise ValueError(f"{len(names)} names for {len(params)} optimizer parameters")
+    new_state: dict[int, dict[str, Any]] = {}
+    for i, (name, p) in enumerate(zip(names, params)):
+        entry = state.get(name)
+        if not entry:
+            continue
+        out: dict[str, Any] = {}
+        for key, value in entry.items():
+            if key == "step":
+                out[key] = torch.as_tensor(np.asarray(value, dtype=np.float32)).clone() if not torch.is_tensor(value) else value.clone()
+                continue
+            if isinstance(value, (int, float, bool)) and not isinstance(value, np.ndarray):
+                out[key] = value
+                continue
+            t = torch.as_tensor(np.asarray(value))
+            if t.shape != p.shape and t.dim() > 0:
+                t = t.expand(p.shape)
+            out[key] = t.clone()
+        new_state[i] = out
+    opt.load_state_dict({"state": new_state, "param_groups": current["param_groups"]})
+
+
+# ----------------------------------------------------------------------------- parameters
+def _module_param_names(module: nn.Module) -> list[str]:
+    return [n for n, p in module.named_parameters() if p.requires_grad]
+
+
+def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_grad: bool = False) -> dict[str, Tensor]:
+    """``θ_step`` from the log's checkpoint, in the module's parameter order, checked against the module."""
+    stored = log.checkpoint(step)
+    names = _module_param_names(module)
+    if set(stored) != set(names):
+        raise ValueError(f"the module does not match the log: trainable parameters only in the module "
+                         f"{sorted(set(names) - set(stored))[:5]}, only in the checkpoint {sorted(set(stored) - set(names))[:5]}")
+    live = dict(module.named_parameters())
+    out = {}
+    for n in names:
+        if tuple(stored[n].shape) != tuple(live[n].shape):
+            raise ValueError(f"parameter {n!r}: shape {tuple(live[n].shape)} in the module, {tuple(stored[n].shape)} in the log")
+        t = torch.from_numpy(np.array(stored[n])).to(live[n].device)
+        if t.dtype != live[n].dtype:
+            raise ValueError(f"parameter {n!r} is {live[n].dtype} in the module but {t.dtype} in the log: convert the module "
+                             f"to the dtype the run trained in (e.g. module.to({t.dtype})) so buffers and inputs match")
+        out[n] = t.requires_grad_(requires_grad)
+    return out
+
+
+def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """``(atol, rtol)`` for comparing a replayed ``θ_t`` with the logged one."""
+    if dtype == torch.float64:
+        return 1e-12, 1e-9
+    if dtype == torch.float32:
+        return 1e-6, 1e-4
+    return 1e-3, 1e-2
+
+
+def _verify(log: InfluenceLog, t: int, params: Mapping[str, Tensor], start: int, atol: float | None, rtol: float | None) -> None:
+    ref = log.checkpoint(t)
+    worst: tuple[float, float, str] | None = None
+    failed = False
+    used = (atol, rtol)
+    for n, p in params.items():
+        r = torch.from_numpy(np.array(ref[n])).to(p.device)
+        a_def, r_def = default_tolerances(p.dtype)
+        a_tol = a_def if atol is None else atol
+        r_tol = r_def if rtol is None else rtol
+        used = (a_tol, r_tol)
+        if r.dtype != p.dtype:
+            raise ReplayMismatchError(f"replay at step {t}: parameter {n!r} is {p.dtype} in the replay but {r.dtype} in "
+                                      "the log: replay with the dtype the run trained in")
+        diff = (p.detach() - r).abs()
+        excess = diff - (a_tol + r_tol * r.abs())
+        if not bool(torch.isfinite(diff).all()) or bool((excess > 0).any()):
+            failed = True
+        d = float(diff.max()) if diff.numel() else 0.0
+        rel = d / max(float(r.abs().max()) if r.numel() else 0.0, 1e-300)
+        if worst is None or d > worst[0]:
+            worst = (d, rel, n)
+    if failed and worst is not None:
+        d, rel, n = worst
+        raise ReplayMismatchError(
+            f"replay does not reproduce the logged run at step {t}: after replaying steps {start}..{t - 1} from the "
+            f"checkpoint at step {start}, parameter {n!r} differs from the stored θ_{t} by up to {d:.3e} "
+            f"({rel:.2e} of its largest entry; tolerance atol={used[0]:g}, rtol={used[1]:g}). Likely causes: nondeterministic training (dropout or other "
+            "randomness in the loss, nondeterministic GPU kernels); train_data that does not return the samples the run "
+            "saw under these ids (other order, augmentation, preprocessing); a loss_fn other than the training loss (the "
+            "training loss must be the mean of the per-sample losses); another dtype or device than in training; "
+            "gradient clipping or other gradient changes the log does not record.")
+
+
+def progress_printer(label: str) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that draws a one-line bar on stderr."""
+    state = {"last": -1}
+
+    def show(done: int, total: int) -> None:
+        pct = int(100 * done / max(total, 1))
+        if pct == state["last"] and done < total:
+            return
+        state["last"] = pct
+        bar = "#" * (pct // 4)
+        sys.stderr.write(f"\r{label}: [{bar:<25}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def resolve_progress(progress: Progress, label: str) -> Callable[[int, int], None] | None:
+    if progress is True:
+        return progress_printer(label)
+    return progress or None
+
+
+def grid_steps(log: InfluenceLog, grid: Any) -> np.ndarray:
+    """Steps of a time grid: ``None``/``"epoch"`` (first step of every epoch, and ``T``), an int ``k``
+    (every ``k`` steps, and ``T``), a list of steps, or a list of fractions of training. Always holds 0."""
+    T = log.num_steps
+    if grid is None or (isinstance(grid, str) and grid in ("epoch", "epochs")):
+        starts = [int(log.steps[np.nonzero(log.epochs_of_step == e)[0][0]]) for e in log.epochs]
+        pts = set(starts) | {0, T}
+    elif isinstance(grid, int):
+        if grid < 1:
+            raise ValueError(f"grid={grid}: an int grid is a step interval >= 1")
+        pts = set(range(0, T, grid)) | {T}
+    else:
+        vals = list(grid)
+        if any(isinstance(v, float) for v in vals):
+            if not all(0.0 <= float(v) <= 1.0 for v in vals):
+                raise ValueError("a fractional grid needs values in [0, 1]")
+            pts = {int(round(float(v) * T)) for v in vals}
+        else:
+            pts = {int(v) for v in vals}
+        pts |= {0}
+    out = np.array(sorted(pts), dtype=np.int64)
+    if out[0] < 0 or out[-1] > T:
+        raise ValueError(f"grid steps must lie in [0, T = {T}], got {out.tolist()}")
+    return out
+
+
+# ---------------------------------------------------------------------------------- replay
+def _set_lrs(opt: torch.optim.Optimizer, lrs: np.ndarray, t: int) -> None:
+    if len(lrs) < len(opt.param_groups):
+        raise ValueError(f"step {t}: the log holds {len(lrs)} learning rates for {len(opt.param_groups)} param groups")
+    for g, lr in zip(opt.param_groups, lrs):
+        if not math.isfinite(float(lr)):
+            raise ValueError(f"step {t}: the logged learning rate is {lr}")
+        g["lr"] = float(lr)
+
+
+def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, params: Mapping[str, Tensor],
+                batch: Any, n: int, w: Tensor | None) -> None:
+    """One optimizer step at ``params`` on ``batch``: loss ``mean(ℓ)`` or ``Σ w ℓ / n``."""
+    opt.zero_grad(set_to_none=True)
+    losses = functional_loss(module, loss_fn, params, batch)
+    loss = losses.mean() if w is None else (w.to(losses) * losses).sum() / n
+    loss.backward()
+    opt.step()
+
+
+def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, params: dict[str, Tensor],
+                opt: torch.optim.Optimizer, start: int, t1: int, t2: int, loss_fn: LossFn, weights: Weights | None,
+                verify: bool, atol: float | None, rtol: float | None,
+                progress: Callable[[int, int], None] | None) -> Iterator[ReplayStep]:
+    ckpts = set(log.checkpoint_steps)
+    check = verify and weights is None
+    T = log.num_steps
+    for t in range(start, t2):
+        if check and t in ckpts and t != start:
+            _verify(log, t, params, start, atol, rtol)
+        ids, lrs = log.batch_ids(t), log.lr(t)
+        if t >= t1:
+            yield ReplayStep(t, {n: p.detach().clone() for n, p in params.items()}, ids, lrs, opt)
+        _set_lrs(opt, lrs, t)
+        w = None
+        if weights is not None:
+            w = torch.as_tensor(weights(t, ids))
+            if w.shape != (len(ids),):
+                raise ValueError(f"weights({t}, ids) returned shape {tuple(w.shape)}, expected ({len(ids)},)")
+        replay_step(module, loss_fn, opt, params, batch_from_ids(train_data, ids), len(ids), w)
+        if progress is not None:
+            progress(t - start + 1, t2 - start)
+    if check and t2 in ckpts and t2 != start:
+        _verify(log, t2, params, start, atol, rtol)
+    yield ReplayStep(t2, {n: p.detach().clone() for n, p in params.items()}, np.zeros(0, np.int64),
+                     log.lr(t2) if t2 < T else np.zeros(0), opt)
+
+
+def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int = 0, t2: int | None = None, *,
+           loss_fn: LossFn = default_loss_fn, weights: Weights | None = None, start: int | None = None,
+           verify: bool = True, atol: float | None = None, rtol: float | None = None,
+           progress: Progress = None) -> Iterator[ReplayStep]:
+    """Replay the logged steps and yield ``θ_t`` for ``t`` in ``[t1, t2)``, then the final ``θ_{t2}``.
+
+    Starts from the nearest checkpoint ``<= t1`` (or ``start``, a checkpoint step) with its
+    optimizer state, and replays every step with the logged batch and learning rates. The
+    loss of step ``t`` is the mean per-sample loss, or ``Σ_i w_i ℓ_i / |B_t|`` with
+    ``weights`` (removal = weight 0, the denominator is kept: math §2).
+
+    Args:
+        log: the influence log.
+        module: the architecture (its trainable parameters are replaced by the logged ones; the
+            live module is never modified).
+        train_data: the training samples by id (a dataset or a callable ``ids -> batch``).
+        t1, t2: the steps to yield (``t2=None``: the end of the run).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]``, the per-sample training loss.
+        weights: ``weights(step, ids) -> Tensor[B]``, per-sample loss weights (counterfactuals).
+        start: checkpoint step to start from (default: the latest checkpoint ``<= t1``).
+        verify: compare the replayed ``θ_t`` with every checkpoint the replay passes (only
+            without ``weights``: a counterfactual is meant to differ).
+        atol, rtol: comparison tolerances (default: by dtype, see :func:`default_tolerances`).
+        progress: ``progress(done, total)`` callback, or ``True`` for a bar on stderr.
+
+    Raises:
+        ReplayMismatchError: a replayed ``θ_t`` differs from the stored checkpoint beyond tolerance.
+        UnsupportedOptimizerError: the logged optimizer cannot be replayed.
+    """
+    T = log.num_steps
+    t2 = T if t2 is None else int(t2)
+    t1 = int(t1)
+    if not (0 <= t1 <= t2 <= T):
+        raise ValueError(f"replay range [{t1}, {t2}) is outside the run: need 0 <= t1 <= t2 <= T = {T}")
+    ckpts = log.checkpoint_steps
+    if start is None:
+        earlier = [c for c in ckpts if c <= t1]
+        if not earlier:
+            raise ValueError(f"no checkpoint at or before step {t1} to replay from (checkpoints: {ckpts})")
+        start = earlier[-1]
+    elif start not in ckpts or start > t1:
+        raise ValueError(f"start={start} must be a checkpoint step <= t1={t1} (checkpoints: {ckpts})")
+    params = checkpoint_params(log, module, start, requires_grad=True)
+    opt = build_optimizer(log, params, state_step=start)
+    return _replay_run(log, module, train_data, params, opt, start, t1, t2, loss_fn, weights, verify, atol, rtol,
+                       resolve_progress(progress, "replay"))
+
+
+def replay_from(log: InfluenceLog, module: nn.Module, train_data: TrainData, params: Mapping[str, Tensor],
+                optimizer_state: dict[str, Any] | None, start: int, t2: int, *, loss_fn: LossFn = default_loss_fn,
+                weights: Weights | None = None, verify: bool = True, atol: float | None = None,
+                rtol: float | None = None, progress: Progress = None) -> Iterator[ReplayStep]:
+    """Like :func:`replay`, from ``θ_start = params`` and an ``optimizer.state_dict()`` held in memory."""
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    opt = build_optimizer(log, leaves)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    return _replay_run(log, module, train_data, leaves, opt, start, start, t2, loss_fn, weights, verify, atol, rtol,
+                       resolve_progress(progress, "replay"))
+
+
+def parameters_at(log: InfluenceLog, module: nn.Module, train_data: TrainData, step: int, **kw: Any) -> dict[str, Tensor]:
+    """``θ_step``: the stored checkpoint, or replayed from the nearest earlier one (``kw`` go to :func:`replay`)."""
+    if step in log.checkpoint_steps and not kw.get("weights"):
+        return checkpoint_params(log, module, step)
+    last = None
+    for rs in replay(log, module, train_data, step, step, **kw):
+        last = rs
+    assert last is not None
+    return last.params
