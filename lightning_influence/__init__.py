@@ -2,12 +2,23 @@
 
 Capture (``capture``) → storage (``log``) → reduction (``estimators``) → evaluation and
 presentation. The callback (:class:`InfluenceTracker`) records; estimators compute offline.
+``InfluenceTracker`` is imported lazily so that reading logs and computing scores never
+imports Lightning.
 """
 
-from lightning_influence.callback import InfluenceTracker
+from typing import Any
+
 from lightning_influence.data import WithIds
-from lightning_influence.estimators import InfluenceScores, tracin
+from lightning_influence.estimators import InfluenceScores, dit, timeline, tracin
 from lightning_influence.log import InfluenceLog, LogFormatError
 
-__all__ = ["InfluenceLog", "InfluenceScores", "InfluenceTracker", "LogFormatError", "WithIds", "tracin"]
+__all__ = ["InfluenceLog", "InfluenceScores", "InfluenceTracker", "LogFormatError", "WithIds", "dit", "timeline", "tracin"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "InfluenceTracker":
+        from lightning_influence.callback import InfluenceTracker
+
+        return InfluenceTracker
+    raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")

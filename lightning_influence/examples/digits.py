@@ -55,10 +55,19 @@ class DigitsDataModule(pl.LightningDataModule):
         self.splits = load_digits_split(n_train, n_val, flip_fraction, seed)
         self.flipped = self.splits["flipped"]
 
+    @property
+    def train_dataset(self) -> WithIds:
+        """Training samples by id: item ``i`` is ``(x, y, i)``."""
+        return WithIds(TensorDataset(*self.splits["train"]))
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        """The (possibly flipped) training labels, by id."""
+        return self.splits["train"][1]
+
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(WithIds(TensorDataset(*self.splits["train"])), batch_size=self.hparams.batch_size,
-                          shuffle=True, generator=g)
+        return DataLoader(self.train_dataset, batch_size=self.hparams.batch_size, shuffle=True, generator=g)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(*self.splits["val"]), batch_size=len(self.splits["val"][0]))
@@ -98,29 +107,42 @@ class DigitsClassifier(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": sched}
 
 
-def report(log_dir: str, model: DigitsClassifier, data: DigitsDataModule, method: str = "tracin", k: int = 10) -> None:
-    """Print the most harmful training samples for the validation loss per window, with flipped-label hits."""
-    from lightning_influence import InfluenceLog, estimators, queries
+def report(log_dir: str, model: DigitsClassifier, data: DigitsDataModule, k: int = 10) -> None:
+    """Print the training samples that hurt validation loss per window (DIT), with flipped-label hits."""
+    from lightning_influence import InfluenceLog, timeline
+    from lightning_influence.evaluation.metrics import auroc
 
     log = InfluenceLog(log_dir)
-    query = queries.mean_loss(data.splits["val"], loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
-                              name="val_loss")
-    flipped = set(int(i) for i in data.flipped)
-    n_flip = len(flipped)
-    last = int(log.epochs[-1])
-    print(f"\n{log}\n{n_flip} of {log.dataset_size} training labels are flipped. Scores: {method}, query: validation loss "
-          "(negative = removing the sample lowers validation loss = harmful).")
-    for title, window in (("first epoch", ("epoch", 0, 1)), ("last epoch", ("epoch", last, last + 1)), ("whole run", None)):
-        scores = estimators.tracin(log, query, module=model, window=window)
+    query = mean_val_loss(data)
+    flipped = np.zeros(log.dataset_size, dtype=bool)
+    flipped[data.flipped] = True
+    n_flip = int(flipped.sum())
+    labels = data.splits["train"][1]
+    print(f"\n{log}\n{n_flip} of {log.dataset_size} training labels are flipped. Scores: DIT (exact adjoint sweep), "
+          "query: validation loss. Negative = removing the sample lowers validation loss = harmful.", flush=True)
+    tl = timeline(log, model, data.train_dataset, query, grid="epoch", progress=True)
+    last_start = int(tl.grid[-2])
+    for title, (t1, t2) in (("first epoch", (0, int(tl.grid[1]))), ("last epoch", (last_start, int(tl.grid[-1]))),
+                            ("whole run", (0, int(tl.grid[-1])))):
+        scores = tl.window(t1, t2)
         s = scores.column(0)
-        top = scores.top(k)
-        found = len(flipped & set(scores.top(n_flip).tolist())) / n_flip
-        print(f"\n== {title}: steps [{scores.window[0]}, {scores.window[1]}) ==")
+        print(f"\n== {title}: steps [{t1}, {t2}) ==")
         print(f"{'rank':>4} {'id':>5} {'score':>12} {'label':>5} {'flipped':>7}")
-        for r, i in enumerate(top, 1):
-            print(f"{r:>4} {i:>5} {s[i]:>12.4e} {int(data.splits['train'][1][i]):>5} {'yes' if i in flipped else '':>7}")
-        print(f"flipped labels among the top-{n_flip} most harmful: {found:.0%}")
+        for r, i in enumerate(scores.top(k), 1):
+            print(f"{r:>4} {i:>5} {s[i]:>12.4e} {int(labels[i]):>5} {'yes' if flipped[i] else '':>7}")
+        hits = flipped[scores.top(n_flip)].mean()
+        print(f"flipped labels among the top-{n_flip} most harmful: {hits:.0%}   (detection AUROC {auroc(-s, flipped):.3f})")
+    counts = tl.patterns().counts()
+    print(f"\ntemporal patterns of the timelines (per-epoch windows): {dict(counts)}")
     log.close()
+
+
+def mean_val_loss(data: DigitsDataModule):
+    """The demo's query: mean cross-entropy on the (clean) validation split."""
+    from lightning_influence.queries import mean_loss
+
+    return mean_loss(data.splits["val"], loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+                     name="val_loss")
 
 
 def main(args: list[str] | None = None) -> None:
