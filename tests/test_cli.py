@@ -1,0 +1,344 @@
+"""The ``lightning-influence`` command line: every subcommand, every error case (one line, exit 2)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lightning_influence import InfluenceLog, estimators, queries
+from lightning_influence.cli import METHODS, main
+from tests._cli_run import train_tiny_run
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
+
+
+def _without(run, root: Path, **recorded: bool) -> str:
+    """The run's log as if trained without some records (its metadata rewritten)."""
+    from lightning_influence.log.format import read_meta
+    from lightning_influence.log.writer import write_meta
+
+    shutil.copytree(run.log, root)
+    meta = read_meta(root)
+    meta["recorded"].update(recorded)
+    write_meta(root, meta)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def no_grads_log(run, tmp_path_factory):
+    return _without(run, tmp_path_factory.mktemp("cli") / "nograd", gradients=False, hvp=False)
+
+
+@pytest.fixture(scope="module")
+def direct(run):
+    """The run's model, data and val-loss query, built by hand (not through the CLI)."""
+    from lightning_influence.examples.digits import DigitsClassifier, DigitsDataModule
+
+    cfg = yaml.safe_load(Path(run.config).read_text())
+    dm = DigitsDataModule(**cfg["data"])
+    model = DigitsClassifier(**cfg["model"])
+    query = queries.mean_loss(tuple(dm.splits["val"]), name="val_loss")
+    return model, dm, query
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_error(result: tuple[int, str, str], needle: str) -> str:
+    code, out, err = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    assert needle in lines[0], lines[0]
+    assert out == ""
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------- info
+def test_info_table(run, capsys):
+    code, out, err = cli(capsys, "info", run.log)
+    assert code == 0, err
+    log = InfluenceLog(run.log)
+    assert f"steps        {log.num_steps} (0..{log.num_steps - 1}), epochs 0..2" in out
+    assert "recorded     ids, lrs, losses, gradients, hvp, checkpoints" in out
+    assert "lightning_influence.examples.digits.DigitsClassifier" in out  # recorded importable class, not __main__
+    assert "integrity    OK" in out
+    assert "MB on disk" in out or "KB on disk" in out
+
+
+def test_info_json_and_verify(run, capsys):
+    code, out, _ = cli(capsys, "info", run.log, "--format", "json", "--verify", "-q")
+    assert code == 0
+    info = json.loads(out)
+    log = InfluenceLog(run.log)
+    assert info["steps"] == log.num_steps == 12
+    assert info["dataset_size"] == 60 and info["ids_seen"] == 60
+    assert info["recorded"]["hvp"] is True
+    assert info["checkpoints"] == {"count": 13, "every_n_steps": 1, "final": True}
+    assert info["integrity"]["ok"] and any("--verify" in n for n in info["integrity"]["notes"])
+    assert "tracin" in info["methods"]["usable"] and "dit" in info["methods"]["usable"]
+    assert info["datamodule_class"] == "lightning_influence.examples.digits.DigitsDataModule"
+    assert info["size_bytes"] == sum(p.stat().st_size for p in Path(run.log).rglob("*") if p.is_file())
+
+
+def test_info_reports_a_crashed_run(run, tmp_path, capsys):
+    log = tmp_path / "crashed"
+    shutil.copytree(run.log, log)
+    segs = sorted((log / "rank-0").glob("seg-*.h5"))
+    segs[-1].rename(segs[-1].with_name(segs[-1].name + ".tmp"))  # the last write was cut off by a crash
+    code, out, _ = cli(capsys, "info", str(log))
+    assert code == 0 and "PROBLEMS" in out and "ended without finishing" in out and "no final θ_T" in out
+    assert cli(capsys, "info", str(log), "--strict", "-q")[0] == 2
+    code, out, _ = cli(capsys, "query", str(log), "-c", run.config, "-m", "tracin", "-q")  # the kept steps still answer
+    assert code == 0 and "window whole run = steps [0, " in out
+
+
+# --------------------------------------------------------------------------------------- query
+def test_query_table(run, capsys):
+    code, out, err = cli(capsys, "query", run.log, "--config", run.config, "--window", "epoch 2:", "--top", "5")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("dit: query val_loss, window epoch 2: = steps [8, 12), 60 training samples")
+    assert "negative = harmful" in lines[1]
+    assert lines[2].split() == ["rank", "id", "score", "label", "flipped"]
+    rows = lines[3:8]
+    assert [int(r.split()[0]) for r in rows] == [1, 2, 3, 4, 5]
+    scores = [float(r.split()[2]) for r in rows]
+    assert scores == sorted(scores)
+    assert lines[8].startswith("flipped labels among these 5:")
+    assert "dit [0, 12)" in err or "dit [8, 12)" in err  # progress on stderr: steps swept, ETA
+    assert "ETA" in err
+
+
+@pytest.mark.parametrize("method", ["tracin", "dit"])
+def test_query_scores_equal_the_estimator(run, direct, method, capsys):
+    model, dm, query = direct
+    code, out, err = cli(capsys, "query", run.log, "-c", run.config, "-m", method, "-w", "0.5:1.0", "--top", "0",
+                         "-f", "json", "-q")
+    assert code == 0, err
+    res = json.loads(out)["results"][0]
+    log = InfluenceLog(run.log)
+    window = log.window("0.5:1.0")
+    if method == "tracin":
+        expected = estimators.tracin(log, query, module=model, window=window).column(0)
+    else:
+        expected = estimators.dit(log, model, dm.train_dataloader().dataset, query, window=window).column(0)
+    got = np.full(60, np.nan)
+    for row in res["rows"]:
+        got[row["id"]] = row["score"]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+    assert res["steps"] == list(window)
+    labels = dm.splits["train"][1].numpy()
+    flipped = set(dm.flipped.tolist())
+    for row in res["rows"]:
+        assert row["label"] == labels[row["id"]]
+        assert (row["flipped"] == "yes") == (row["id"] in flipped)
+
+
+def test_query_window_forms_and_csv_out(run, tmp_path, capsys):
+    out_file = tmp_path / "top.csv"
+    code, _, err = cli(capsys, "query", run.log, "-c", run.config, "-m", "tracin", "-w", "2:8", "-w", "0.5:1.0",
+                       "-w", "epoch 1:2", "-k", "3", "-o", str(out_file), "-q")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out_file.read_text())))
+    assert len(rows) == 9
+    assert {(r["window"], int(r["t1"]), int(r["t2"])) for r in rows} == {("2:8", 2, 8), ("0.5:1.0", 6, 12),
+                                                                         ("epoch 1:2", 4, 8)}
+    assert set(rows[0]) == {"method", "query", "window", "t1", "t2", "rank", "id", "score", "label", "flipped"}
+
+
+def test_query_test_sample_and_prediction(run, capsys):
+    code, out, err = cli(capsys, "query", run.log, "-c", run.config, "-m", "tracin", "--query", "test:3",
+                         "--query", "pred:3", "--query", "margin:3:1", "--sort", "abs", "-k", "4", "-f", "json", "-q")
+    assert code == 0, err
+    results = json.loads(out)["results"]
+    assert [r["query"] for r in results] == ["test:3", "pred:3", "margin:3:1"]
+    assert [r["loss_query"] for r in results] == [True, False, False]
+    for r in results:
+        mags = [abs(row["score"]) for row in r["rows"]]
+        assert mags == sorted(mags, reverse=True)
+
+
+def test_query_with_class_path_config(run, tmp_path, capsys):
+    cfg = yaml.safe_load(Path(run.config).read_text())
+    cfg["model"] = {"class_path": "lightning_influence.examples.digits.DigitsClassifier", "init_args": cfg["model"]}
+    cfg["data"] = {"class_path": "lightning_influence.examples.digits.DigitsDataModule", "init_args": cfg["data"]}
+    path = tmp_path / "class_path.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, out, err = cli(capsys, "query", run.log, "-c", str(path), "-m", "tracin", "-k", "2", "-q")
+    assert code == 0, err
+    assert "tracin: query val_loss, window whole run = steps [0, 12)" in out
+
+
+# ------------------------------------------------------------------------------------ timeline
+def test_timeline_patterns_and_additivity(run, direct, capsys):
+    model, dm, query = direct
+    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "dit", "-f", "json", "-q")
+    assert code == 0, err
+    res = json.loads(out)["results"][0]
+    assert res["grid"] == [[0, 4], [4, 8], [8, 12]] and res["grid_labels"] == ["e0", "e1", "e2"]
+    assert sum(res["pattern_counts"].values()) == 60 == len(res["rows"])
+    log = InfluenceLog(run.log)
+    whole = estimators.dit(log, model, dm.train_dataloader().dataset, query).column(0)
+    for row in res["rows"]:
+        assert row["pattern"] in ("early", "late", "fluctuating", "stable")
+        assert row["total"] == pytest.approx(sum(row["windows"]), rel=1e-9, abs=1e-15)
+        assert row["total"] == pytest.approx(whole[row["id"]], rel=1e-8, abs=1e-12)  # DIT is additive over windows
+
+
+def test_timeline_table(run, capsys):
+    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "--grid", "3", "-k", "5")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "3 windows over steps [0, 12) (3)" in lines[0]
+    assert lines[1].startswith("patterns: early")
+    assert lines[2].split() == ["id", "label", "flipped", "pattern", "total", "0-4", "4-8", "8-12"]
+    assert len(lines) == 3 + 5
+    assert "tracin window 3/3" in err
+
+
+# ------------------------------------------------------------------------------------ evaluate
+def test_evaluate_detection_metrics(run, capsys):
+    code, out, err = cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin", "-m", "dit-gn", "--truth", "none",
+                         "--samples", "flipped:3", "-f", "json", "-q")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [s["flipped"] for s in res["samples"]] == ["yes"] * 3
+    assert set(res["metrics"]) == {"tracin", "dit-gauss-newton (approx.)"}
+    for row in res["metrics"].values():
+        assert 0.0 <= row["flipped_auroc"] <= 1.0 and "flipped_precision@6" in row
+
+
+def test_evaluate_replay_ground_truth(run, capsys):
+    pytest.importorskip("lightning_influence.evaluation.ground_truth")
+    code, out, err = cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin", "--samples", "top:4", "-q")
+    assert code == 0, err
+    assert "ground truth: replay leave-one-out" in out
+    assert "pearson" in out and "spearman" in out
+
+
+# ---------------------------------------------------------------------------------- tensorboard
+def test_tensorboard_command(run, tmp_path, capsys):
+    code, out, err = cli(capsys, "tensorboard", run.log, "-c", run.config, "-m", "tracin", "--logdir",
+                         str(tmp_path / "tb"), "-q")
+    assert code == 0, err
+    assert f"wrote tracin scores of 60 samples over 3 windows to {tmp_path / 'tb' / 'tracin'}" in out
+    assert f"view: tensorboard --logdir {tmp_path / 'tb'}" in out
+    assert list((tmp_path / "tb" / "tracin").glob("events.out.tfevents.*"))
+
+
+# ------------------------------------------------------------------------------ entry points
+def test_help_lists_methods_and_their_needs(capsys):
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0
+    for name in METHODS:
+        assert f"  {name}" in out
+    assert "needs --config" in out
+    code, out, _ = cli(capsys, "query", "--help")
+    assert code == 0 and "--config" in out and "fractions" in out and "no traceback" not in out
+
+
+def test_console_script_declared():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["lightning-influence"].partition(":")
+    assert (module, func) == ("lightning_influence.cli", "main")
+
+
+def test_subprocess_entry_point(run):
+    script = Path(sys.executable).with_name("lightning-influence")  # installed by `pip install -e .`
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_influence"]
+    proc = subprocess.run([*cmd, "info", run.log, "--format", "json"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["steps"] == 12
+
+
+# -------------------------------------------------------------------------------------- errors
+def test_error_missing_log(capsys, tmp_path):
+    assert_error(cli(capsys, "info", str(tmp_path / "nope")), "no such log directory")
+    assert_error(cli(capsys, "query", str(tmp_path / "nope"), "-q"), "no such log directory")
+
+
+def test_error_not_a_log(capsys, tmp_path):
+    assert_error(cli(capsys, "query", str(tmp_path), "-q"), "not an influence log")
+
+
+def test_error_truncated_log(run, tmp_path, capsys):
+    log = tmp_path / "truncated"
+    shutil.copytree(run.log, log)
+    seg = sorted((log / "rank-0").glob("seg-*.h5"))[0]
+    seg.write_bytes(seg.read_bytes()[: seg.stat().st_size // 2])
+    line = assert_error(cli(capsys, "info", str(log)), seg.name)
+    assert "truncated" in line and "delete it" in line  # the reader says what to do
+    assert_error(cli(capsys, "query", str(log), "-c", run.config, "-q"), seg.name)
+
+
+@pytest.mark.parametrize("window, needle", [("0:9999", "outside the run"), ("epoch 50:60", "hold no step"),
+                                            ("abc", "cannot parse window"), ("0.5:2.0", "must satisfy")])
+def test_error_window_outside_the_run(run, window, needle, capsys):
+    line = assert_error(cli(capsys, "query", run.log, "-c", run.config, "-m", "tracin", "-w", window, "-q"), needle)
+    assert "the run has" in line and "epochs 0..2" in line
+
+
+def test_error_unknown_sample_id(run, capsys):
+    assert_error(cli(capsys, "query", run.log, "-c", run.config, "--query", "test:99999", "-q"),
+                 "unknown test sample id 99999")
+    assert_error(cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin", "--samples", "3,99999", "--truth",
+                     "none", "-q"), "unknown sample id 99999")
+
+
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec.records])
+def test_error_method_lacks_records(run, no_grads_log, method, capsys):
+    line = assert_error(cli(capsys, "query", no_grads_log, "-c", run.config, "-m", method, "-q"),
+                        "which this log did not record")
+    assert "re-train with InfluenceTracker(" in line and "or use a method this log supports: dit" in line
+
+
+def test_error_diffin_without_hvp_products(run, tmp_path, capsys):
+    log = _without(run, tmp_path / "nohvp", hvp=False)
+    line = assert_error(cli(capsys, "query", log, "-c", run.config, "-m", "diffin", "-q"),
+                        "--method diffin needs Hessian-gradient products (H_z·G_B), which this log did not record")
+    assert "InfluenceTracker(record_gradients=True, record_hvp=True)" in line and "tracin" in line
+
+
+def test_error_config_problems(run, tmp_path, capsys):
+    assert_error(cli(capsys, "query", run.log, "-q"), "pass --config")
+    assert_error(cli(capsys, "query", run.log, "-c", str(tmp_path / "nope.yaml"), "-q"), "no such file")
+    cfg = yaml.safe_load(Path(run.config).read_text())
+    cfg["model"]["hidden"] = 9
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(cfg))
+    assert_error(cli(capsys, "query", run.log, "-c", str(other), "-q"), "does not match the log")
+
+
+def test_error_bad_arguments(run, capsys):
+    assert_error(cli(capsys, "query", run.log, "--method", "nope"), "invalid choice: 'nope'")
+    assert_error(cli(capsys, "query", run.log, "--query", "val:loss"), "unknown query 'val:loss'")
+    assert_error(cli(capsys, "timeline", run.log, "-c", run.config, "--grid", "x", "-q"), "--grid 'x'")
+    assert_error(cli(capsys, "frobnicate"), "invalid choice")
+
+
+def test_debug_shows_the_traceback(run, capsys):
+    code, _, err = cli(capsys, "query", run.log, "-c", run.config, "-w", "0:9999", "-q", "--debug")
+    assert code == 2
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-influence query: error:")
