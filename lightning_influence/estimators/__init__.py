@@ -8,3 +8,7 @@ __all__ = ["InfluenceScores", "checkpoint_query_gradients", "tracin"]
 from lightning_influence.estimators.dit import Timeline, dit, dit_gauss_newton, dit_local, timeline  # noqa: E402
 
 __all__ += ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline"]
+
+from lightning_influence.estimators.diffin import diffin, diffin_self_influence  # noqa: E402
+
+__all__ += ["diffin", "diffin_self_influence"]

@@ -1,0 +1,383 @@
+"""Diff-In (estimators/diffin.py) against independent float64 references.
+
+The references build every Hessian explicitly (``torch.autograd.functional.hessian`` of a
+51-parameter MLP) and evaluate the formulas of ``docs/diffin.md`` term by term; the logs come
+from a real ``lightning.Trainer`` with the ``InfluenceTracker`` (so the logged ``H_z Ĝ`` rows
+are the callback's own finite differences).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
+from lightning_influence.capture import parameter_epsilon
+from lightning_influence.estimators.diffin import _Context, batch_hvp, diffin, diffin_self_influence
+from lightning_influence.queries import mean_loss
+
+N, IN, HID, OUT = 24, 4, 6, 3
+LR, WD, GAMMA, HVP_EPS = 0.3, 0.01, 0.7, 1e-4
+
+
+def ce(module: nn.Module, batch) -> torch.Tensor:
+    return F.cross_entropy(module(batch[0]), batch[1], reduction="none")
+
+
+def make_net():
+    import lightning.pytorch as pl
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def per_sample_loss(self, batch) -> torch.Tensor:
+            return ce(self, batch)
+
+        def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+            return self.per_sample_loss(batch).mean()
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=LR, weight_decay=WD)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, GAMMA)}
+
+    return Net
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, IN, generator=g, dtype=torch.float64)
+    y = torch.randint(0, OUT, (N,), generator=g)
+    xv = torch.randn(5, IN, generator=g, dtype=torch.float64)
+    yv = torch.randint(0, OUT, (5,), generator=g)
+    return x, y, xv, yv
+
+
+def train(path: str, batch_size: int, epochs: int):
+    import lightning.pytorch as pl
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    x, y, xv, yv = data()
+    ds = WithIds(TensorDataset(x, y))
+    Net = make_net()
+    torch.manual_seed(0)
+    module = Net().double()
+    tracker = InfluenceTracker(path, record_gradients=True, record_hvp=True, checkpoint_every_n_steps=1,
+                               storage_dtype="float64", hvp_eps=HVP_EPS, overwrite=True)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[tracker], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    return InfluenceLog(path), Net, ds, (xv, yv)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Mini-batches of 8: 3 steps per epoch, 2 epochs (T = 6)."""
+    log, Net, ds, val = train(str(tmp_path_factory.mktemp("diffin") / "log"), batch_size=8, epochs=2)
+    yield log, Net, ds, val
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def full_batch_run(tmp_path_factory):
+    """Full-batch gradient descent: B_t = every sample (T = 4)."""
+    log, Net, ds, val = train(str(tmp_path_factory.mktemp("diffin-fb") / "log"), batch_size=N, epochs=4)
+    yield log, Net, ds, val
+    log.close()
+
+
+# ============================================================================ references
+class Reference:
+    """Explicit float64 gradients and Hessians of the logged run (every sample, every step, cached)."""
+
+    def __init__(self, log: InfluenceLog, Net, ds, val) -> None:
+        self.log, self.module = log, Net().double()
+        self.names = log.param_names
+        self.shapes = log.param_shapes
+        self.x, self.y = ds.dataset.tensors
+        self.val = val
+        self.T = log.num_steps
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def theta(self, t: int) -> torch.Tensor:
+        ck = self.log.checkpoint(t)
+        return torch.cat([torch.from_numpy(ck[n]).reshape(-1) for n in self.names])
+
+    def _params(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, i = {}, 0
+        for n in self.names:
+            k = int(np.prod(self.shapes[n]))
+            out[n] = v[i : i + k].reshape(self.shapes[n])
+            i += k
+        return out
+
+    def _loss(self, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(self.module, self._params(v), (x[None],)), y[None])
+
+    def at(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(g (N, p), H (N, p, p), q (p,))``: per-sample gradients and Hessians, query gradient, at θ_t."""
+        if t not in self._cache:
+            th = self.theta(t)
+            g = torch.func.vmap(torch.func.grad(self._loss), in_dims=(None, 0, 0))(th, self.x, self.y)
+            H = torch.func.vmap(torch.func.hessian(self._loss), in_dims=(None, 0, 0))(th, self.x, self.y)
+            xv, yv = self.val
+            q = torch.func.grad(lambda v: torch.func.vmap(self._loss, in_dims=(None, 0, 0))(v, xv, yv).mean())(th)
+            self._cache[t] = (g, H, q)
+        return self._cache[t]
+
+    def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Ĝ_t, H_{B_t})``: batch-mean gradient and Hessian."""
+        g, H, _ = self.at(t)
+        ids = torch.from_numpy(self.log.batch_ids(t))
+        return g[ids].mean(0), H[ids].mean(0)
+
+
+@pytest.fixture(scope="module")
+def ref(run):
+    return Reference(*run)
+
+
+def ref_published(R: Reference, steps, self_influence=False, batch_rows=False) -> np.ndarray:
+    """``−Σ_t a_t ⟨q, H_B g_z + H_z Ĝ⟩``, ``a_t = −t η_t² / (N m)``, with every matrix explicit."""
+    out = np.zeros(N)
+    m = len(steps)
+    for t in steps:
+        g, H, q = R.at(t)
+        G, HB = R.batch(t)
+        a = -t * float(R.log.lr(t)[0]) ** 2 / (N * m)
+        ids = R.log.batch_ids(t) if batch_rows else range(N)
+        w = N / len(ids) if batch_rows else 1.0
+        for z in ids:
+            qz = g[z] if self_influence else q
+            out[z] -= w * a * float(qz @ (HB @ g[z] + H[z] @ G))
+    return out
+
+
+def ref_step(R: Reference, t1: int, t2: int) -> np.ndarray:
+    """``G_z(t2) − G_z(t1)`` with ``κ_r = η_r qᵀ(H_r + λ)q / ‖q‖²`` from explicit Hessians."""
+    out = np.zeros(N)
+    for tau, sign in ((t2, 1.0), (t1, -1.0)):
+        if tau == 0:
+            continue
+        q = R.at(tau)[2]
+        dec = []
+        for r in range(tau):
+            H = R.batch(r)[1] + WD * torch.eye(len(q), dtype=q.dtype)
+            dec.append(1.0 - float(R.log.lr(r)[0]) * float(q @ H @ q) / float(q @ q))
+        for s in range(tau):
+            rho = float(np.prod(dec[s + 1 : tau]))
+            ids = R.log.batch_ids(s)
+            eta = float(R.log.lr(s)[0])
+            for z in ids:
+                out[z] += sign * eta / len(ids) * rho * float(q @ R.at(s)[0][z])
+    return out
+
+
+def ref_step_self(R: Reference, t1: int, t2: int) -> np.ndarray:
+    """Self-influence, step form: curvature along the sample's own gradient at its own steps."""
+    kappa = {}  # (s, z) -> g_zᵀ(H_s + λ)g_z / ‖g_z‖²
+    for s in range(t2):
+        g = R.at(s)[0]
+        H = R.batch(s)[1] + WD * torch.eye(g.shape[1], dtype=g.dtype)
+        for z in R.log.batch_ids(s):
+            kappa[(s, int(z))] = float(g[z] @ H @ g[z]) / float(g[z] @ g[z])
+    out = np.zeros(N)
+    for tau, sign in ((t2, 1.0), (t1, -1.0)):
+        if tau == 0:
+            continue
+        for z in range(N):
+            apps = [s for s in range(tau) if z in R.log.batch_ids(s)]
+            qz = R.at(tau)[0][z]
+            for s in apps:
+                rho = 1.0
+                for r in range(s + 1, tau):
+                    last = max(a for a in apps if a <= r)
+                    rho *= 1.0 - float(R.log.lr(r)[0]) * kappa[(last, z)]
+                eta = float(R.log.lr(s)[0])
+                out[z] += sign * eta / len(R.log.batch_ids(s)) * rho * float(qz @ R.at(s)[0][z])
+    return out
+
+
+def close(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
+    return float(np.abs(a - b).max()) <= rtol * float(np.abs(b).max())
+
+
+# ================================================================================= tests
+def test_logged_hvp_rows_match_exact_products(run, ref):
+    """The tracker's H_{z,t} Ĝ_t rows equal the explicit H_z @ Ĝ within the O(ε²) finite-difference error."""
+    log = run[0]
+    worst = 0.0
+    for rec in log.iter_steps(fields=("hvp",)):
+        H, G = ref.at(rec.step)[1], ref.batch(rec.step)[0]
+        exact = (H[torch.from_numpy(rec.ids)] @ G).numpy()
+        worst = max(worst, float(np.abs(rec.hvps - exact).max() / np.abs(exact).max()))
+    eps = parameter_epsilon({n: torch.from_numpy(v) for n, v in log.checkpoint(0).items()}, HVP_EPS)
+    assert worst < 1e-6, f"relative error {worst:.2e} with ε = {eps:.1e}"
+
+
+@pytest.mark.parametrize("what", ["batch", "per_sample"])
+def test_fd_products_converge_at_order_eps_squared(run, ref, what):
+    """Halving ε0 divides the error of the finite-difference products by 4 (central differences, float64)."""
+    log, Net, ds, val = run
+    R = ref
+    t = 3
+    params = {n: torch.from_numpy(v) for n, v in log.checkpoint(t).items()}
+    g, H, q = R.at(t)
+    G, HB = R.batch(t)
+    if what == "batch":
+        exact = (HB @ q).numpy()
+    else:
+        exact = (H[torch.from_numpy(log.batch_ids(t))] @ G).numpy()
+    errors = []
+    for eps0 in (4e-2, 2e-2, 1e-2):
+        ctx = _Context(log, Net().double(), ds, ce, "fd", eps0, True, 512)
+        b = ctx.batch(log.batch_ids(t))
+        if what == "batch":
+            V = {n: v.unsqueeze(0) for n, v in R._params(q).items()}
+            hv = batch_hvp(ctx, params, b, V)
+            fd = torch.cat([hv[n].reshape(-1) for n in ctx.names]).numpy()
+        else:
+            g_hat = ctx.batch_grad(params, b, names=list(params))
+            fd = ctx.per_sample_hvp(params, b, g_hat).numpy()
+        errors.append(float(np.abs(fd - exact).max()))
+    ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+    assert all(3.5 < r < 4.5 for r in ratios), (errors, ratios)
+    assert errors[-1] < 1e-3 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("hvp,rtol", [("exact", 1e-10), ("fd", 1e-6)])
+def test_published_form_equals_brute_force(run, ref, hvp, rtol):
+    log, Net, ds, val = run
+    R = ref
+    query = mean_loss(val, ce)
+    for steps in ("all", [1, 4]):
+        sel = list(range(R.T)) if steps == "all" else steps
+        got = diffin(log, Net().double(), ds, query, form="published", steps=steps, hvp=hvp, loss_fn=ce)
+        assert got.info["raw_sign"] == -1 and got.info["m"] == len(sel)
+        assert close(got.column(0), ref_published(R, sel), rtol)
+    rows = diffin(log, Net().double(), ds, query, form="published", samples="batch", hvp=hvp, loss_fn=ce)
+    assert close(rows.column(0), ref_published(R, range(R.T), batch_rows=True), rtol)
+
+
+@pytest.mark.parametrize("hvp,rtol", [("exact", 1e-10), ("fd", 1e-6)])
+def test_step_form_equals_brute_force(run, ref, hvp, rtol):
+    log, Net, ds, val = run
+    R = ref
+    query = mean_loss(val, ce)
+    for window in (None, (2, 5)):
+        t1, t2 = log.window(window)
+        got = diffin(log, Net().double(), ds, query, window=window, hvp=hvp, loss_fn=ce)
+        assert got.window == (t1, t2)
+        assert close(got.column(0), ref_step(R, t1, t2), rtol)
+
+
+def test_self_influence_equals_brute_force(run, ref):
+    log, Net, ds, val = run
+    R = ref
+    pub = diffin_self_influence(log, Net().double(), ds, form="published", steps=[0, 2, 5], hvp="exact", loss_fn=ce)
+    assert close(pub.column(0), ref_published(R, [0, 2, 5], self_influence=True), 1e-10)
+    rows = diffin_self_influence(log, Net().double(), ds, form="published", samples="batch", loss_fn=ce)
+    assert close(rows.column(0), ref_published(R, range(R.T), self_influence=True, batch_rows=True), 1e-6)
+    for window in (None, (2, 5)):
+        step = diffin_self_influence(log, Net().double(), ds, window=window, hvp="exact", loss_fn=ce)
+        assert close(step.column(0), ref_step_self(R, *log.window(window)), 1e-10)
+
+
+def test_checkpoint_form_with_all_steps_equals_per_step_rows_in_full_batch(full_batch_run):
+    """With B_t = every sample, the logged-rows (per-step) form is the checkpoint form with T_m = all steps:
+    same terms, same a_t, weight N/|B_t| = 1. With ε0 = the tracker's, even the finite differences agree."""
+    log, Net, ds, val = full_batch_run
+    query = mean_loss(val, ce)
+    for hvp in ("fd", "exact"):
+        ckpt = diffin(log, Net().double(), ds, query, form="published", steps="all", hvp=hvp, eps0=HVP_EPS, loss_fn=ce)
+        rows = diffin(log, Net().double(), ds, query, form="published", samples="batch", hvp=hvp, eps0=HVP_EPS, loss_fn=ce)
+        assert close(rows.column(0), ckpt.column(0), 1e-9)
+        s_ckpt = diffin_self_influence(log, Net().double(), ds, form="published", steps="all", hvp=hvp, eps0=HVP_EPS, loss_fn=ce)
+        s_rows = diffin_self_influence(log, Net().double(), ds, form="published", samples="batch", hvp=hvp, eps0=HVP_EPS,
+                                       loss_fn=ce)
+        assert close(s_rows.column(0), s_ckpt.column(0), 1e-9)
+
+
+def test_step_form_is_exact_when_its_closure_is(tmp_path):
+    """Isotropic quadratic losses (H_t = c·I): the Rayleigh-quotient closure is exact, so the step form
+    equals exact DIT on any window (θ_t replayed between sparse checkpoints)."""
+    from lightning_influence.estimators import dit
+    from tests._tinylog import epoch_batches, train_and_log
+
+    c, d = 1.7, 5
+
+    class Quad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.theta = nn.Parameter(torch.linspace(-1, 1, d, dtype=torch.float64))
+
+    def loss(m: nn.Module, batch) -> torch.Tensor:
+        return 0.5 * c * ((m.theta - batch[0]) ** 2).sum(1)
+
+    x = torch.randn(12, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ds = TensorDataset(x)
+    batches, epochs = epoch_batches(12, 4, 3, seed=1)
+    lrs = [0.2 * 0.8 ** e for e in epochs]
+    m = Quad()
+    opt = torch.optim.SGD(m.parameters(), lr=0.2, weight_decay=0.05)
+    train_and_log(str(tmp_path / "q"), m, loss, ds, batches, lrs, opt, checkpoint_every=4, epochs=epochs)
+    log = InfluenceLog(str(tmp_path / "q"))
+    w = torch.randn(d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def query(mod: nn.Module) -> torch.Tensor:
+        return (w * mod.theta).sum()
+
+    for window in (None, (3, 7)):
+        step = diffin(log, Quad(), ds, query, window=window, loss_fn=loss).column(0)
+        ref = dit(log, Quad(), ds, query, window=window, loss_fn=loss).column(0)
+        assert close(step, ref, 1e-9)
+    log.close()
+
+
+def test_sign_and_orders_of_magnitude(run):
+    """Project convention: positive = removal raises f. The step form agrees in sign with exact DIT here;
+    the published form is its second-order part only, hence much smaller."""
+    from lightning_influence.estimators import dit
+
+    log, Net, ds, val = run
+    query = mean_loss(val, ce)
+    step = diffin(log, Net().double(), ds, query, loss_fn=ce).column(0)
+    ref = dit(log, Net().double(), ds, query, loss_fn=ce).column(0)
+    assert np.corrcoef(step, ref)[0, 1] > 0.5
+    pub = diffin(log, Net().double(), ds, query, form="published", loss_fn=ce).column(0)
+    assert np.abs(pub).max() < 0.5 * np.abs(ref).max()
+
+
+def test_errors_say_what_to_do(run, tmp_path):
+    log, Net, ds, val = run
+    query = mean_loss(val, ce)
+    with pytest.raises(ValueError, match="form must be one of"):
+        diffin(log, Net().double(), ds, query, form="paper", loss_fn=ce)
+    with pytest.raises(ValueError, match="hvp must be one of"):
+        diffin(log, Net().double(), ds, query, hvp="approx", loss_fn=ce)
+    with pytest.raises(ValueError, match="outside the run"):
+        diffin(log, Net().double(), ds, query, window=(0, 99), loss_fn=ce)
+    with pytest.raises(ValueError, match="not inside the window"):
+        diffin(log, Net().double(), ds, query, form="published", window=(0, 3), steps=[4], loss_fn=ce)
+    with pytest.raises(ValueError, match="every logged step"):
+        diffin(log, Net().double(), ds, query, form="published", samples="batch", steps=2, loss_fn=ce)
+    with pytest.raises(ValueError, match="published form"):
+        diffin(log, Net().double(), ds, query, steps=3, loss_fn=ce)
+    with pytest.raises(ValueError, match="train_data"):
+        diffin(log, Net().double(), None, query, loss_fn=ce)
+    with pytest.raises(ValueError, match="eps0 must be > 0"):
+        diffin(log, Net().double(), ds, query, eps0=0.0, loss_fn=ce)
