@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
+from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, default_loss_fn
 
@@ -106,20 +107,9 @@ def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
     raise TypeError(f"train_data must be a map-style Dataset or a callable ids -> batch, got {type(train_data).__name__}")
 
 
-class _LossModule(nn.Module):
-    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.m = module
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.m, batch)
-
-
 def functional_loss(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], batch: Any) -> Tensor:
     """Per-sample losses ``loss_fn(module, batch)`` evaluated at ``params`` (the live module is untouched)."""
-    wrapper = _LossModule(module, loss_fn)
-    return torch.func.functional_call(wrapper, {f"m.{k}": v for k, v in params.items()}, (batch,))
+    return call_with_params(module, loss_fn, params, batch)
 
 
 # -------------------------------------------------------------------------------- optimizer

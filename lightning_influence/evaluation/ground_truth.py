@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_names
 from lightning_influence.replay import (
@@ -99,24 +100,13 @@ class LOOResult:
         return InfluenceScores(out, method, (int(t1), int(t2)), list(self.query_names), info=dict(self.info))
 
 
-class _QueryModule(nn.Module):
-    def __init__(self, module: nn.Module, query: Query) -> None:
-        super().__init__()
-        self.m = module
-        self.query = query
-
-    def forward(self) -> Tensor:
-        return self.query(self.m)
-
-
 def _evaluate(module: nn.Module, query: Query, stacked: Mapping[str, Tensor]) -> np.ndarray:
     """``f`` of every copy: ``(copies, Q)``."""
-    wrapper = _QueryModule(module, query)
     n = next(iter(stacked.values())).shape[0]
     out = []
     with torch.no_grad():
         for c in range(n):
-            val = torch.func.functional_call(wrapper, {f"m.{k}": v[c] for k, v in stacked.items()}, ())
+            val = call_with_params(module, query, {k: v[c] for k, v in stacked.items()})
             out.append(val.detach().reshape(-1).double().numpy())
     return np.stack(out)
 
