@@ -58,3 +58,24 @@ __all__ = [
 from lightning_influence.evaluation.ground_truth import LOOResult, replay_loo  # noqa: E402
 
 __all__ += ["LOOResult", "replay_loo"]
+
+# PBRF, datamodel quality and group additivity (issue #7): what the scores answer and how far to trust them
+from lightning_influence.evaluation.datamodels import (  # noqa: E402
+    DatamodelQuality,
+    ReplaySubsets,
+    datamodel_quality,
+    datamodel_quality_of,
+)
+from lightning_influence.evaluation.groups import GroupAdditivity, group_additivity, replay_group_removal  # noqa: E402
+from lightning_influence.evaluation.pbrf import (  # noqa: E402
+    GapDecomposition,
+    PBRFResult,
+    bregman_divergence,
+    gap_decomposition,
+    linear_pbrf,
+    pbrf,
+)
+
+__all__ += ["DatamodelQuality", "GapDecomposition", "GroupAdditivity", "PBRFResult", "ReplaySubsets",
+            "bregman_divergence", "datamodel_quality", "datamodel_quality_of", "gap_decomposition",
+            "group_additivity", "linear_pbrf", "pbrf", "replay_group_removal"]

@@ -1,0 +1,356 @@
+"""PBRF (math §6): closed forms for a linear model with squared loss, the Gauss-Newton algebra for
+cross-entropy, solvers, the gap decomposition and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_influence.evaluation.pbrf import (
+    STAGES,
+    bregman_divergence,
+    gap_decomposition,
+    linear_pbrf,
+    pbrf,
+)
+from lightning_influence.log import InfluenceLog
+from tests._tinylog import epoch_batches, train_and_log
+
+torch.set_num_threads(1)
+N, D, KAPPA = 12, 3, 0.05
+gen = torch.Generator().manual_seed(0)
+X = torch.randn(N, D, generator=gen, dtype=torch.float64)
+Y = (X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 * torch.randn(N, generator=gen, dtype=torch.float64))[:, None]
+XQ = torch.randn(4, D, generator=gen, dtype=torch.float64)
+YQ = torch.randn(4, 1, generator=gen, dtype=torch.float64)
+PHI = torch.cat([X, torch.ones(N, 1, dtype=torch.float64)], 1)  # features of (weight, bias)
+PHIQ = torch.cat([XQ, torch.ones(4, 1, dtype=torch.float64)], 1)
+
+
+class Lin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+    def per_sample_loss(self, batch):
+        return 0.5 * (self(batch[0]) - batch[1]).pow(2).sum(1)
+
+
+def lin_data(ids):
+    ids = torch.as_tensor(ids)
+    return X[ids], Y[ids]
+
+
+def lin_query(m):  # a prediction (linear in θ) and a validation loss (quadratic)
+    return torch.stack([m(XQ[:1]).reshape(()), 0.5 * (m(XQ) - YQ).pow(2).mean()])
+
+
+def fq(theta: torch.Tensor) -> np.ndarray:
+    pred = PHIQ @ theta
+    return np.array([float(pred[0]), float((0.5 * (pred - YQ[:, 0]) ** 2).mean())])
+
+
+def theta_of(log: InfluenceLog, step: int) -> torch.Tensor:
+    c = log.checkpoint(step)
+    return torch.cat([torch.as_tensor(c["lin.weight"]).reshape(-1), torch.as_tensor(c["lin.bias"])])
+
+
+def ridge(mask: torch.Tensor) -> torch.Tensor:
+    """Minimiser of (1/N) Σ_{i kept} ½(φ_iθ − y_i)² + (κ/2)‖θ‖² (denominator N kept)."""
+    A = PHI[mask].T @ PHI[mask] / N + KAPPA * torch.eye(D + 1, dtype=torch.float64)
+    return torch.linalg.solve(A, PHI[mask].T @ Y[mask, 0] / N)
+
+
+@pytest.fixture(scope="module")
+def converged_log(tmp_path_factory) -> InfluenceLog:
+    """Full-batch GD to the ridge minimiser (3 'epochs' of 100 steps)."""
+    torch.manual_seed(0)
+    model = Lin().double()
+    path = tmp_path_factory.mktemp("ridge")
+    T = 300
+    train_and_log(str(path), model, lambda m, b: m.per_sample_loss(b), lin_data, [np.arange(N)] * T, [0.5] * T,
+                  torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=KAPPA), checkpoint_every=None,
+                  record_gradients=False, dataset_size=N, epochs=[t // 100 for t in range(T)])
+    return InfluenceLog(path)
+
+
+@pytest.fixture(scope="module")
+def sgd_log(tmp_path_factory) -> InfluenceLog:
+    """Minibatch SGD, far from converged."""
+    torch.manual_seed(1)
+    model = Lin().double()
+    path = tmp_path_factory.mktemp("sgd")
+    batches, epochs = epoch_batches(N, 4, 2, seed=0)
+    train_and_log(str(path), model, lambda m, b: m.per_sample_loss(b), lin_data, batches, [0.2] * len(batches),
+                  torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=KAPPA), checkpoint_every=None,
+                  record_gradients=False, dataset_size=N, epochs=epochs)
+    return InfluenceLog(path)
+
+
+def closed_form_pbrf(theta_s: torch.Tensor, m: int, lam: float) -> torch.Tensor:
+    """θ^s(ε) − θ^s for the quadratic PBRF: (ΦᵀΦ/N + (κ+λ) − φ_mφ_mᵀ/N) d = φ_m r_m / N."""
+    phi = PHI[m]
+    r = float(phi @ theta_s - Y[m, 0])
+    A = PHI.T @ PHI / N + (KAPPA + lam) * torch.eye(D + 1, dtype=torch.float64) - torch.outer(phi, phi) / N
+    return torch.linalg.solve(A, phi * r / N)
+
+
+# ------------------------------------------------------------------------- closed forms
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+def test_pbrf_matches_closed_form_away_from_a_minimiser(sgd_log, lam):
+    theta_s = theta_of(sgd_log, sgd_log.num_steps)
+    res = pbrf(sgd_log, Lin().double(), lin_data, lin_query, range(N), damping=lam, output_loss="squared_error")
+    expected = np.stack([fq(theta_s + closed_form_pbrf(theta_s, m, lam)) - fq(theta_s) for m in range(N)])
+    assert np.abs(res.scores - expected).max() <= 1e-12 * max(1.0, np.abs(expected).max())
+    assert res.converged.all() and (res.iterations == 1).all()  # Gauss-Newton of the whole objective = Newton
+    assert res.info["weight_decay_max"] == pytest.approx(KAPPA)  # the logged L2 joins the proximity
+    # L-BFGS reaches the same answer
+    lb = pbrf(sgd_log, Lin().double(), lin_data, lin_query, [0, 5], damping=lam, output_loss="squared_error",
+              solver="lbfgs", tol=1e-9)
+    # (L-BFGS stops where float64 objective values stop resolving progress: ~1e-8 relative)
+    assert np.abs(lb.scores - expected[[0, 5]]).max() <= 1e-7 * np.abs(expected).max()
+
+
+def test_pbrf_without_damping_is_exact_loo_at_the_minimiser(converged_log):
+    theta_s = theta_of(converged_log, converged_log.num_steps)
+    assert torch.allclose(theta_s, ridge(torch.ones(N, dtype=torch.bool)), atol=1e-14)
+    loo = np.stack([fq(ridge(torch.arange(N) != m)) - fq(theta_s) for m in range(N)])
+    res = pbrf(converged_log, Lin().double(), lin_data, lin_query, range(N), damping=0.0, output_loss="squared_error")
+    assert np.abs(res.scores - loo).max() <= 1e-12 * np.abs(loo).max()
+
+
+def test_linear_pbrf_closed_form(sgd_log):
+    theta_s = theta_of(sgd_log, sgd_log.num_steps)
+    lam = 0.1
+    A = PHI.T @ PHI / N + (KAPPA + lam) * torch.eye(D + 1, dtype=torch.float64)
+    pred = PHIQ @ theta_s
+    q = torch.stack([PHIQ[0], ((pred - YQ[:, 0])[:, None] * PHIQ).mean(0)])  # ∇f of both queries
+    grads = PHI * (PHI @ theta_s - Y[:, 0])[:, None]  # ∇ℓ_m
+    expected = (grads @ torch.linalg.solve(A, q.T) / N).numpy()  # −ε ⟨(G+μ)⁻¹q, ∇ℓ_m⟩, ε = −1/N
+    for solver in ("cholesky", "cg"):
+        res = linear_pbrf(sgd_log, Lin().double(), lin_data, lin_query, damping=lam, output_loss="squared_error",
+                          linear_solver=solver)
+        assert np.abs(res.scores - expected).max() <= 1e-12 * np.abs(expected).max()
+        assert res.converged.all() and res.info["solver"] == solver
+    # "mse" (mean over output entries; one output here) = twice "squared_error": G doubles, ∇ℓ doubles
+    res = linear_pbrf(sgd_log, Lin().double(), lin_data, lin_query, damping=2 * lam,
+                      weight_decay=2 * KAPPA, output_loss="mse",
+                      loss_fn=lambda m, b: (m(b[0]) - b[1]).pow(2).mean(1))
+    assert np.abs(res.scores - expected).max() <= 1e-12 * np.abs(expected).max()
+
+
+def test_gap_decomposition_closes_for_a_converged_quadratic(converged_log):
+    """At the ridge minimiser with λ = 0 every stage up to the PBRF is exact LOO; only linearisation remains."""
+    theta_s = theta_of(converged_log, converged_log.num_steps)
+    loo = np.stack([fq(ridge(torch.arange(N) != m)) - fq(theta_s) for m in range(N)])
+    gd = gap_decomposition(converged_log, Lin().double(), lin_data, lin_query, range(N), damping=0.0,
+                           output_loss="squared_error", warm_epochs=2)
+    assert list(gd.stages) == list(STAGES)
+    scale = np.abs(loo).max()
+    for stage in ("loo", "warm", "warm_prox", "bregman", "pbrf"):
+        assert np.abs(gd.stages[stage] - loo).max() <= 1e-7 * scale, stage
+    lin = linear_pbrf(converged_log, Lin().double(), lin_data, lin_query, damping=0.0, output_loss="squared_error")
+    np.testing.assert_allclose(gd.stages["linear"], lin.scores, rtol=0, atol=1e-14)
+    terms = {t["term"]: t for t in gd.terms(1)}
+    assert terms["linearisation"]["rms_over_total_gap"] == pytest.approx(1.0, abs=1e-6)
+    assert all(t["rms_over_loo"] < 1e-6 for k, t in terms.items() if k.startswith(("warm", "prox", "training", "solver")))
+    json.dumps(gd.to_dict())
+    assert "linearisation" in gd.table(1)
+
+
+def test_warm_stage_is_the_logged_optimizer_from_theta_T(sgd_log):
+    """The warm stage equals a hand-written replay of the logged steps from θ_T without the sample."""
+    theta_s = theta_of(sgd_log, sgd_log.num_steps)
+
+    def run(drop: int | None) -> torch.Tensor:
+        th = theta_s.clone()
+        for t in range(sgd_log.num_steps):
+            ids = sgd_log.batch_ids(t)
+            w = torch.as_tensor(ids != (-1 if drop is None else drop), dtype=torch.float64)
+            r = PHI[ids] @ th - Y[ids, 0]
+            th = th - float(sgd_log.lr(t)[0]) * ((w * r) @ PHI[ids] / len(ids) + KAPPA * th)
+        return th
+
+    gd = gap_decomposition(sgd_log, Lin().double(), lin_data, lin_query, [1, 7], damping=0.3,
+                           output_loss="squared_error", loo=np.zeros((2, 2)))
+    base = fq(run(None))
+    expected = np.stack([fq(run(m)) - base for m in (1, 7)])
+    assert np.abs(gd.stages["warm"] - expected).max() <= 1e-13
+    assert gd.info["warm_steps"] == sgd_log.num_steps
+
+
+# ------------------------------------------------------------------ cross-entropy network
+C, H = 3, 4
+XC = torch.randn(10, D, generator=gen, dtype=torch.float64)
+YC = torch.randint(0, C, (10,), generator=gen)
+XV = torch.randn(5, D, generator=gen, dtype=torch.float64)
+YV = torch.randint(0, C, (5,), generator=gen)
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def per_sample_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+
+def ce_data(ids):
+    ids = torch.as_tensor(ids)
+    return XC[ids], YC[ids]
+
+
+def ce_query(m):
+    return F.cross_entropy(m(XV), YV)
+
+
+@pytest.fixture(scope="module")
+def ce_log(tmp_path_factory):
+    torch.manual_seed(3)
+    model = MLP().double()
+    path = tmp_path_factory.mktemp("ce")
+    batches, epochs = epoch_batches(10, 4, 3, seed=2)
+    train_and_log(str(path), model, lambda m, b: m.per_sample_loss(b), ce_data, batches, [0.5] * len(batches),
+                  torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=0.01), checkpoint_every=None,
+                  record_gradients=False, dataset_size=10, epochs=epochs)
+    return InfluenceLog(path)
+
+
+def _flat_final(log):
+    m = MLP().double()
+    ck = log.checkpoint(log.num_steps)
+    names = [n for n, _ in m.named_parameters()]
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    return m, names, shapes, torch.cat([torch.as_tensor(ck[n]).reshape(-1) for n in names])
+
+
+def test_cross_entropy_bregman_and_gauss_newton_by_hand(ce_log):
+    """Linear PBRF against an explicit Jacobian, the softmax Hessian diag(p) − ppᵀ and a dense solve."""
+    from lightning_influence.capture.hvp import unflatten
+
+    m, names, shapes, theta = _flat_final(ce_log)
+
+    def outputs(th):
+        return torch.func.functional_call(m, unflatten(th, shapes), (XC,))
+
+    J = torch.autograd.functional.jacobian(outputs, theta)  # (10, C, p)
+    P = torch.softmax(outputs(theta), 1)
+    Hs = torch.diag_embed(P) - P[:, :, None] * P[:, None, :]
+    G = torch.einsum("ncp,ncd,ndq->pq", J, Hs, J) / 10
+    lam = 0.05
+    A = G + (lam + 0.01) * torch.eye(theta.numel(), dtype=torch.float64)
+    th = theta.clone().requires_grad_(True)
+    qgrad = torch.autograd.grad(F.cross_entropy(torch.func.functional_call(m, unflatten(th, shapes), (XV,)), YV), th)[0]
+    per = torch.autograd.functional.jacobian(
+        lambda t: F.cross_entropy(torch.func.functional_call(m, unflatten(t, shapes), (XC,)), YC, reduction="none"), theta)
+    expected = (per @ torch.linalg.solve(A, qgrad) / 10).numpy()
+    for solver in ("cholesky", "cg"):
+        res = linear_pbrf(ce_log, MLP().double(), ce_data, ce_query, damping=lam, linear_solver=solver)
+        np.testing.assert_allclose(res.scores[:, 0], expected, rtol=1e-9, atol=1e-13)
+    # the divergence itself: KL(softmax(h_ref) ‖ softmax(h))
+    h, h_ref = torch.randn(6, C, dtype=torch.float64), torch.randn(6, C, dtype=torch.float64)
+    kl = (torch.softmax(h_ref, 1) * (torch.log_softmax(h_ref, 1) - torch.log_softmax(h, 1))).sum(1)
+    torch.testing.assert_close(bregman_divergence("cross_entropy")(h, h_ref), kl, rtol=0, atol=1e-15)
+    y = torch.randint(0, C, (6,))
+    brute = F.cross_entropy(h, y, reduction="none") - F.cross_entropy(h_ref, y, reduction="none") \
+        - ((torch.softmax(h_ref, 1) - F.one_hot(y, C)) * (h - h_ref)).sum(1)  # ℓ(h) − ℓ(h_ref) − ⟨∇ℓ(h_ref), h − h_ref⟩
+    torch.testing.assert_close(kl, brute, rtol=0, atol=1e-13)
+    torch.testing.assert_close(bregman_divergence("mse")(h, h_ref), ((h - h_ref) ** 2).mean(1))
+    torch.testing.assert_close(bregman_divergence("squared_error")(h, h_ref), 0.5 * ((h - h_ref) ** 2).sum(1))
+
+
+def test_pbrf_is_first_order_the_linear_pbrf(ce_log):
+    """With a tiny ε the PBRF response is ε-linear and equals the linearised PBRF to O(ε)."""
+    lam = 0.1
+    eps = -1e-4 / 10
+    res = pbrf(ce_log, MLP().double(), ce_data, ce_query, range(10), damping=lam, epsilon=eps, tol=1e-10)
+    lin = linear_pbrf(ce_log, MLP().double(), ce_data, ce_query, damping=lam, epsilon=eps)
+    assert res.converged.all()
+    np.testing.assert_allclose(res.scores, lin.scores, rtol=2e-4, atol=1e-4 * np.abs(lin.scores).max())
+
+
+def test_solvers_agree_and_report_convergence(ce_log):
+    kw = dict(damping=0.1, tol=1e-9)
+    gn = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0, 3, 8], record_at=(1,), **kw)
+    lb = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0, 3, 8], solver="lbfgs", **kw)
+    ad = pbrf(ce_log, MLP().double(), ce_data, ce_query, [3], solver="adam", lr=1e-3, steps=5, **kw)
+    assert gn.info["solver"] == "gauss-newton" and gn.converged.all() and (gn.rel_grad_norm <= 1e-9).all()
+    np.testing.assert_allclose(lb.scores, gn.scores, rtol=1e-6)
+    assert 1 in gn.intermediate and gn.intermediate[1].shape == gn.scores.shape
+    assert not ad.converged.any() and ad.iterations[0] == 5  # 5 Adam steps are not a solve, and say so
+    d = gn.to_dict()
+    json.dumps(d)
+    assert d["summary"]["converged_fraction"] == 1.0
+    full = gn.full(10)
+    assert np.isnan(full[1]).all() and full[3, 0] == gn.scores[1, 0]
+    assert "converged: 100%" in gn.table()
+
+
+def test_weight_decay_sources(ce_log):
+    res = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], damping=0.1)
+    assert res.info["weight_decay_max"] == pytest.approx(0.01)
+    zero = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], damping=0.11, weight_decay=0.0)
+    np.testing.assert_allclose(zero.scores, res.scores, rtol=1e-8)  # κ and λ enter only as their sum
+    per_param = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], damping=0.1,
+                     weight_decay={n: 0.01 for n, _ in MLP().named_parameters()})
+    np.testing.assert_allclose(per_param.scores, res.scores, rtol=1e-12)
+
+
+def test_refusals(ce_log):
+    with pytest.raises(ValueError, match="output_loss='hinge' is not supported.*cross_entropy"):
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], output_loss="hinge")
+    with pytest.raises(ValueError, match="never appear in the log"):
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, [10])
+    with pytest.raises(ValueError, match="solver must be one of"):
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], solver="newton")
+    with pytest.raises(ValueError, match="max_dense_params"):
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], solver="gauss-newton", max_dense_params=5)
+    with pytest.raises(ValueError, match="needs lr"):
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], solver="sgd")
+    with pytest.raises(ValueError, match="damping"):
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], damping=-1.0)
+    with pytest.raises(ValueError, match="same samples"):
+        res = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], damping=0.1)
+        gap_decomposition(ce_log, MLP().double(), ce_data, ce_query, [1], damping=0.1, pbrf_result=res,
+                          loo=np.zeros((1, 1)))
+
+
+def test_chunking_inputs_fn_and_sample_subsets(ce_log):
+    """Chunked full-batch passes, a custom inputs_fn and a subset of samples change nothing."""
+    ref = pbrf(ce_log, MLP().double(), ce_data, ce_query, [2, 7], damping=0.1)
+    chunked = pbrf(ce_log, MLP().double(), ce_data, ce_query, [2, 7], damping=0.1, chunk_size=3,
+                   inputs_fn=lambda batch: batch[0])
+    np.testing.assert_allclose(chunked.scores, ref.scores, rtol=1e-9)
+    lin_all = linear_pbrf(ce_log, MLP().double(), ce_data, ce_query, damping=0.1)
+    lin_sub = linear_pbrf(ce_log, MLP().double(), ce_data, ce_query, [7, 2], damping=0.1, chunk_size=4)
+    np.testing.assert_allclose(lin_sub.scores, lin_all.scores[[7, 2]], rtol=1e-10)
+    assert lin_all.samples.tolist() == list(range(10))
+
+
+def test_batches_with_non_tensor_leaves_use_the_per_sample_solver(ce_log):
+    """A batch the stacked solver cannot vmap over (a string leaf) falls back to one solve per sample."""
+
+    def dict_data(ids):
+        x, y = ce_data(ids)
+        return {"x": x, "y": y, "source": "digits"}
+
+    def dict_loss(m, b):
+        return F.cross_entropy(m(b["x"]), b["y"], reduction="none")
+
+    ref = pbrf(ce_log, MLP().double(), ce_data, ce_query, [1, 4], damping=0.1, tol=1e-10)
+    got = pbrf(ce_log, MLP().double(), dict_data, ce_query, [1, 4], damping=0.1, tol=1e-10, loss_fn=dict_loss,
+               inputs_fn=lambda b: b["x"])
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-7)
+    assert got.converged.all()
