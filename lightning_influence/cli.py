@@ -980,6 +980,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         finally:
             progress.close()
         truth = np.asarray(result.window(t1, t2), dtype=np.float64)  # LOO(t2) - LOO(t1), in the order of `samples`
+    trust = _trust_tools(args, log, ctx, query, samples, estimates, truth, (t1, t2))
     flipped = ctx.flipped if ctx else None
     labels = ctx.labels(samples) if ctx else np.full(len(samples), -1)
     metrics: dict[str, dict[str, float]] = {}
@@ -998,7 +999,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            "truth": None if truth is None else float(truth[k]),
                            **{m: float(e[j]) for m, e in estimates.items()}}
                           for k, (j, lb) in enumerate(zip(samples, labels))],
-              "metrics": metrics}
+              "metrics": metrics, **{k: v.to_dict() for k, v in trust.items()}}
     fmt = output_format(args)
     if fmt == "json":
         emit(args, _json(result))
@@ -1016,8 +1017,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     keys = sorted({k for row in metrics.values() for k in row}, key=lambda k: (k.startswith("flipped"), k))
     mtable = format_table(["method", *keys], [[m, *[f"{metrics[m].get(k, float('nan')):.3f}" for k in keys]]
                                              for m in metrics]) if keys else "no metric: no ground truth and no known flipped labels"
-    emit(args, "\n".join(head + [format_table(header, body), "", mtable]))
+    emit(args, "\n".join(head + [format_table(header, body), "", mtable] + ["\n" + t.table() for t in trust.values()]))
     return 0
+
+
+def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, query: Any, samples: np.ndarray,
+                 estimates: dict[str, np.ndarray], truth: np.ndarray | None, window: tuple[int, int]) -> dict[str, Any]:
+    """``--pbrf``/``--gap``, ``--datamodel``, ``--groups``: what the scores answer and how far to trust them."""
+    if not (args.pbrf or args.gap or args.datamodel or args.groups):
+        return {}
+    if window != (0, log.num_steps):
+        raise UserError("--pbrf, --gap, --datamodel and --groups measure the whole run; drop --window")
+    from lightning_influence.evaluation import datamodel_quality, gap_decomposition, group_additivity, pbrf
+
+    inputs = {"module": ctx.module, "train_data": ctx.train_dataset}
+    out: dict[str, Any] = {}
+    if args.pbrf or args.gap:
+        _status(args, f"solving the proximal Bregman response for {len(samples)} samples ...")
+        out["pbrf"] = pbrf(log, query=query, samples=samples, damping=args.damping, steps=args.pbrf_steps,
+                           output_loss=args.output_loss, **inputs)
+    if args.gap:
+        _status(args, "decomposing the LOO vs PBRF gap (warm start, proximity, Bregman, linearisation) ...")
+        out["gap"] = gap_decomposition(log, query=query, samples=samples, damping=args.damping, steps=args.pbrf_steps,
+                                       output_loss=args.output_loss, pbrf_result=out["pbrf"],
+                                       loo=None if truth is None else truth[:, None], **inputs)
+    if args.datamodel:
+        _status(args, f"noise stability: {args.pairs} correlated subset pairs at keep-probability {args.keep} ...")
+        out["datamodel"] = datamodel_quality(log, query=query, p=args.keep, pairs=args.pairs, scores=estimates,
+                                             workers=args.workers, **inputs)
+    if args.groups:
+        _status(args, "replaying group removals ...")
+        n = log.dataset_size
+        residual = {out["datamodel"].p: out["datamodel"].mass.residual} if "datamodel" in out else None
+        out["groups"] = group_additivity(log, query=query, scores=estimates, fractions=args.group_sizes,
+                                         kinds=args.group_kinds, labels=ctx.labels(np.arange(n)),
+                                         repeats=args.group_repeats, residual=residual, **inputs)
+    return out
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
@@ -1165,6 +1204,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-window", action="store_true",
                    help="ground truth drops the samples only inside the window (the counterpart of dit-local)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:K")
+    t = p.add_argument_group("how far to trust the scores (whole run only; see docs/trust.md)")
+    t.add_argument("--pbrf", action="store_true", help="proximal Bregman response of removing each chosen sample")
+    t.add_argument("--gap", action="store_true", help="decompose the LOO vs PBRF gap into its terms (implies --pbrf)")
+    t.add_argument("--damping", type=float, default=1e-2, help="PBRF proximity damping λ (default 0.01)")
+    t.add_argument("--pbrf-steps", type=int, default=100, help="PBRF solver steps (default 100)")
+    t.add_argument("--output-loss", default="cross_entropy", choices=("cross_entropy", "mse", "squared_error"),
+                   help="the training loss in output space, for the Bregman divergence (default cross_entropy)")
+    t.add_argument("--datamodel", action="store_true",
+                   help="noise-stability estimate of the best linear datamodel's residual and the correlation ceiling")
+    t.add_argument("--keep", type=float, default=0.5, help="keep-probability p of the random subsets (default 0.5)")
+    t.add_argument("--pairs", type=int, default=100, help="correlated subset pairs per ρ (default 100)")
+    t.add_argument("--workers", type=int, default=1, help="processes for the retraining runs (default 1)")
+    t.add_argument("--groups", action="store_true", help="sum of single scores vs replayed group removal")
+    t.add_argument("--group-sizes", type=_floats, default=[0.01, 0.05, 0.1, 0.2],
+                   help="group sizes as fractions of N (default 0.01,0.05,0.1,0.2)")
+    t.add_argument("--group-kinds", type=lambda x: x.split(","), default=["random", "same_class", "top"],
+                   help="random,same_class,top,bottom (default random,same_class,top)")
+    t.add_argument("--group-repeats", type=int, default=1, help="groups drawn per kind and size (default 1)")
     p.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -235,6 +235,25 @@ def test_evaluate_replay_ground_truth(run, capsys):
     assert "pearson" in out and "spearman" in out
 
 
+def test_evaluate_trust_tools_match_direct_calls(run, direct, capsys):
+    from lightning_influence.evaluation import pbrf
+
+    code, out, err = cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin", "--samples", "3,7,11", "-q",
+                         "--pbrf", "--gap", "--datamodel", "--pairs", "6", "--groups", "--group-sizes", "0.1",
+                         "--group-kinds", "random", "-f", "json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert {"pbrf", "gap", "datamodel", "groups"} <= set(res)
+    model, dm, query = direct
+    expected = pbrf(InfluenceLog(run.log), model, dm.train_dataset, query, [3, 7, 11], damping=1e-2, steps=100)
+    assert res["pbrf"]["summary"]["samples"] == 3
+    np.testing.assert_allclose(np.asarray(res["pbrf"]["scores"]).reshape(-1), expected.scores.reshape(-1), rtol=1e-6)
+    assert res["datamodel"]["pairs"] == 6 and "residual" in res["datamodel"]
+    assert res["groups"]["rows"] and "tracin" in res["groups"]["estimators"]
+    code, _, err = cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin", "--pbrf", "-w", "0:5", "-q")
+    assert code == 2 and "measure the whole run" in err
+
+
 # ---------------------------------------------------------------------------------- tensorboard
 def test_tensorboard_command(run, tmp_path, capsys):
     code, out, err = cli(capsys, "tensorboard", run.log, "-c", run.config, "-m", "tracin", "--logdir",
