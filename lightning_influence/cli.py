@@ -989,6 +989,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if truth is not None and len(samples) >= 2:
             row.update(summarize(est[samples], truth, k=max(1, min(len(samples) // 2, 10))))
             row["sign_agreement"] = float(np.mean(np.sign(est[samples]) == np.sign(truth)))
+        if "pbrf" in trust and len(samples) >= 2:
+            versus = summarize(est[samples], trust["pbrf"].scores[:, 0])
+            row.update({f"pbrf_{k}": versus[k] for k in ("pearson", "spearman")})
         if flipped:
             mask = np.isin(np.arange(n), list(flipped))
             row["flipped_auroc"] = auroc(-est, mask)
@@ -997,6 +1000,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = {"log": args.log, "window": args.window or "whole run", "steps": [t1, t2], "query": qname,
               "samples": [{"id": int(j), "label": int(lb) if lb >= 0 else None, "flipped": _flip_cell(ctx, int(j)),
                            "truth": None if truth is None else float(truth[k]),
+                           **({"pbrf": float(trust["pbrf"].scores[k, 0])} if "pbrf" in trust else {}),
                            **{m: float(e[j]) for m, e in estimates.items()}}
                           for k, (j, lb) in enumerate(zip(samples, labels))],
               "metrics": metrics, **{k: v.to_dict() for k, v in trust.items()}}
@@ -1011,9 +1015,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     head = [f"evaluate: query {qname}, window {result['window']} = steps [{t1}, {t2}), {len(samples)} samples "
             f"({args.samples}), ground truth: {'replay leave-one-out' if truth is not None else 'none'}"]
-    header = ["id", "label", "flipped", "truth", *estimates]
+    extra = ["pbrf"] if "pbrf" in trust else []
+    header = ["id", "label", "flipped", "truth", *extra, *estimates]
     body = [[s["id"], s["label"] if s["label"] is not None else "?", s["flipped"] or "", s["truth"],
-             *[s[m] for m in estimates]] for s in result["samples"]]
+             *[s[c] for c in extra], *[s[m] for m in estimates]] for s in result["samples"]]
     keys = sorted({k for row in metrics.values() for k in row}, key=lambda k: (k.startswith("flipped"), k))
     mtable = format_table(["method", *keys], [[m, *[f"{metrics[m].get(k, float('nan')):.3f}" for k in keys]]
                                              for m in metrics]) if keys else "no metric: no ground truth and no known flipped labels"

@@ -248,6 +248,8 @@ def test_evaluate_trust_tools_match_direct_calls(run, direct, capsys):
     expected = pbrf(InfluenceLog(run.log), model, dm.train_dataset, query, [3, 7, 11], damping=1e-2, steps=100)
     assert res["pbrf"]["summary"]["samples"] == 3
     np.testing.assert_allclose(np.asarray(res["pbrf"]["scores"]).reshape(-1), expected.scores.reshape(-1), rtol=1e-6)
+    assert [row["pbrf"] for row in res["samples"]] == pytest.approx(expected.scores[:, 0].tolist(), rel=1e-6)
+    assert "pbrf_spearman" in res["metrics"]["tracin"]
     assert res["datamodel"]["pairs"] == 6 and "residual" in res["datamodel"]
     assert res["groups"]["rows"] and "tracin" in res["groups"]["estimators"]
     code, _, err = cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin", "--pbrf", "-w", "0:5", "-q")
