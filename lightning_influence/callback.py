@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import shutil
+import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -40,8 +42,10 @@ from lightning_influence.capture import (
     select_params,
 )
 from lightning_influence.data import IdsFn, extract_ids
-from lightning_influence.log.format import META_FILE, list_segments
-from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, truncate_log, write_meta
+from lightning_influence.log.format import META_FILE, list_segments, read_meta
+from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, rank_end, truncate_log, write_meta
+from lightning_influence.tensorboard import LiveTensorBoard
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -94,10 +98,16 @@ class InfluenceTracker(Callback):
         ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
         gradient_engine: ``"auto"`` (hooks for Linear/Conv2d models, else vmap), ``"hooks"``, ``"vmap"``.
         hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``.
-        flush_every_n_steps: steps per segment file: the most a crash can lose.
+        flush_every_n_steps: steps per segment file. A kill loses only steps not yet in a closed
+            segment, at most ``4 × flush_every_n_steps`` (the buffer and the segments being written
+            or queued); every Lightning checkpoint first flushes and waits, so a resumed fit never
+            misses a step (``docs/log-format.md``, crash safety).
         allow_train_batchnorm: accept train-mode BatchNorm (per-sample gradients then depend on
             the other samples of the batch; the records are not per-sample quantities).
-        overwrite: replace an existing log in ``log_dir`` when a new (non-resumed) fit starts.
+        overwrite: replace an existing log in ``log_dir`` when a new (non-resumed) fit starts, or
+            when a resumed fit cannot continue the log there (another run's log, or steps missing).
+            A resumed fit (``Trainer.fit(ckpt_path=...)``) otherwise continues the log: steps from the
+            checkpoint's step on are dropped and recorded again, never duplicated.
 
     Raises:
         ValueError: on an invalid configuration, at construction.
@@ -175,6 +185,11 @@ class InfluenceTracker(Callback):
         self._original_method: Any = None
         self._checked_batchnorm = False
         self._steps_recorded = 0
+        self._first_step: int | None = None  # step whose θ_t starts a new log (None: continuing one)
+        self._next_step: int | None = None
+        self._run_id: str | None = None
+        self._resume_state: dict[str, Any] = {}
+        self._live: LiveTensorBoard | None = None  # running signals in the trainer's TensorBoard, if any
 
     # ------------------------------------------------------------------------------ config
     @property
@@ -182,10 +197,13 @@ class InfluenceTracker(Callback):
         return self.record_losses or self.record_gradients
 
     def state_dict(self) -> dict[str, Any]:
-        return {"log_dir": self.log_dir, "steps_recorded": self._steps_recorded}
+        """What a resumed fit needs: which log (``log_dir``, ``run_id``) and where it continues (``next_step``)."""
+        return {"log_dir": self.log_dir, "steps_recorded": self._steps_recorded, "run_id": self._run_id,
+                "next_step": self._next_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._steps_recorded = int(state_dict.get("steps_recorded", 0))
+        self._resume_state = dict(state_dict)
 
     # ------------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -214,33 +232,103 @@ class InfluenceTracker(Callback):
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed)
         self._setup_engine(pl_module)
-        resumed = trainer.global_step > 0
-        if resumed:
-            for rank in (trainer.global_rank,):
-                truncate_log(self.log_dir, rank, trainer.global_step)
-        elif (list_segments(self.log_dir) or _exists(self.log_dir)) and trainer.is_global_zero:
-            if not self.overwrite:
-                raise FileExistsError(f"{self.log_dir} already holds an influence log; choose a new log_dir, "
-                                      "pass overwrite=True, or resume with Trainer.fit(ckpt_path=...)")
-            shutil.rmtree(self.log_dir)
-        trainer.strategy.barrier("influence_tracker_setup")
-        if trainer.is_global_zero and not (resumed and _exists(self.log_dir)):
-            write_meta(self.log_dir, self._metadata(trainer, pl_module, optimizer, names))
+        start = trainer.global_step
+        resume_state, self._resume_state = self._resume_state, {}
+        if not (start > 0 and self._continue_log(trainer, start, resume_state)):
+            self._new_log(trainer, start)
+            trainer.strategy.barrier("influence_tracker_setup")
+            if trainer.is_global_zero:
+                write_meta(self.log_dir, self._metadata(trainer, pl_module, optimizer, names, start))
+        trainer.strategy.barrier("influence_tracker_meta")
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype, self.compression)
+        self._run_id = self._writer.run_id
+        self._live = LiveTensorBoard.attach(trainer)
+        self._next_step = start
         self._pending = _Pending()
         self._checked_batchnorm = False
 
+    def _continue_log(self, trainer: pl.Trainer, start: int, state: dict[str, Any]) -> bool:
+        """Resumed at step ``start``: truncate the existing log to ``start`` and continue it; ``False`` if there is none.
+
+        Raises:
+            ValueError: the log belongs to another run, or was written with another world size.
+            RuntimeError: the log misses steps before ``start`` (it cannot be continued without a gap).
+        """
+        if not _exists(self.log_dir):
+            if state.get("run_id") and not self.overwrite:
+                raise FileNotFoundError(
+                    f"InfluenceTracker: resuming at step {start} from a checkpoint whose run was tracked into the log "
+                    f"{state.get('log_dir')!r} (run id {state['run_id']}), but {self.log_dir} holds no influence log. "
+                    f"Point log_dir at that log to continue it, or pass overwrite=True to start a new log at step {start}")
+            return False
+        meta = read_meta(self.log_dir)
+        rank = trainer.global_rank
+        hint = f"or pass overwrite=True to replace it with a new log starting at step {start}"
+        if state.get("run_id") and meta.get("run_id") != state["run_id"]:
+            if self.overwrite:
+                return False
+            raise ValueError(f"InfluenceTracker: {self.log_dir} holds the log of another run (run id {meta.get('run_id')}), "
+                             f"not the one this checkpoint was tracked into (run id {state['run_id']}); point log_dir at "
+                             f"that run's log, {hint}")
+        if int(meta.get("world_size") or 1) != trainer.world_size:
+            if self.overwrite:
+                return False
+            raise ValueError(f"InfluenceTracker: the log in {self.log_dir} was written by {meta.get('world_size')} "
+                             f"process(es) but this fit runs {trainer.world_size}; resume with the same number of "
+                             f"processes, {hint}")
+        first = int(meta.get("first_step") or 0)
+        end = rank_end(self.log_dir, rank)
+        have = (end if end is not None else first - 1)
+        if start < first or have < start - 1:
+            if self.overwrite:
+                return False
+            held = f"steps {first}..{end}" if end is not None else f"no step (it starts at step {first})"
+            raise RuntimeError(
+                f"InfluenceTracker: training resumes at step {start} but the log of rank {rank} in {self.log_dir} holds "
+                f"{held}, so it cannot continue without a gap (was the checkpoint saved without this callback, or were "
+                f"segment files lost?). Resume from a checkpoint at a step in {first}..{have + 1}, {hint}")
+        truncate_log(self.log_dir, rank, start)  # steps >= start are recorded again by this fit
+        self._first_step = start if end is None else None  # θ_start if the log holds no step yet
+        return True
+
+    def _new_log(self, trainer: pl.Trainer, start: int) -> None:
+        """Start a new log at step ``start`` (rank 0 removes an existing one if ``overwrite``)."""
+        if list_segments(self.log_dir) or _exists(self.log_dir):
+            if not self.overwrite:
+                raise FileExistsError(f"{self.log_dir} already holds an influence log; choose a new log_dir, "
+                                      "pass overwrite=True, or resume with Trainer.fit(ckpt_path=...)")
+            if trainer.is_global_zero:
+                shutil.rmtree(self.log_dir)
+        self._first_step = start
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._writer is not None:
+        if self._writer is not None and trainer.is_global_zero:
             self._writer.add_checkpoint(self._checkpoint(trainer, pl_module, trainer.global_step))
         self._teardown(pl_module)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit resumed from a checkpoint taken at the very end of training runs no training hook, so a run killed
+        # after that checkpoint but before on_train_end would keep a log without θ_T: store it now.
+        state, self._resume_state = self._resume_state, {}
+        if not (state.get("run_id") and trainer.is_global_zero and trainer.global_step > 0 and _exists(self.log_dir)):
+            return
+        with InfluenceLog(self.log_dir) as log:
+            if log.meta.get("run_id") != state["run_id"] or log.finished or log.num_steps != trainer.global_step:
+                return
+        writer = LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype, self.compression)
+        writer.add_checkpoint(self._checkpoint(trainer, pl_module, trainer.global_step))
+        writer.close()
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._teardown(pl_module)  # keeps every completed step
+        self._teardown(pl_module, raise_errors=False)  # keeps every completed step; the original exception propagates
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self._writer is not None:  # everything before the checkpoint is on disk when it is written
+        # Every step before the checkpoint is on disk, on every rank, before rank 0 writes the checkpoint file,
+        # so a fit resumed from it never misses a step; a failed write raises here and no checkpoint is saved.
+        if self._writer is not None:
             self._writer.flush(wait=True)
+            if trainer.world_size > 1:
+                trainer.strategy.barrier("influence_tracker_checkpoint")
 
     # ---------------------------------------------------------------------------- per batch
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -294,25 +382,28 @@ class InfluenceTracker(Callback):
             step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
             lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=ids.numpy())
         if self.record_losses:
-            losses = torch.cat([m.losses for m in pending.micro]).detach().to("cpu", torch.float64)
-            _check_finite(losses, ids, step, "per-sample loss")
-            record.losses = losses.numpy()
+            record.losses = torch.cat([m.losses for m in pending.micro]).detach().to("cpu", torch.float64).numpy()
         grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         if grad_dir:
             record.batch_grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()])))
         if self._records_grads(step):
-            grads = torch.cat([m.grads for m in pending.micro]).detach().cpu()
-            _check_finite(grads, ids, step, "per-sample gradient")
-            record.grads = grads.numpy()
+            record.grads = torch.cat([m.grads for m in pending.micro]).detach().cpu().numpy()
             if self.record_hvp:
                 hvps, record.hvp_eps = self._hvp_products(pl_module, pending.micro, grad_dir)
-                _check_finite(hvps, ids, step, "Hessian-gradient product")
                 record.hvps = hvps.numpy()
-        if step == 0 or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0):
-            self._writer.add_checkpoint(self._checkpoint(trainer, pl_module, step, optimizer))
+        checkpoint = None  # θ_t is the same on every rank: rank 0 stores it
+        if trainer.is_global_zero and (step == self._first_step or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0)):
+            checkpoint = self._checkpoint(trainer, pl_module, step, optimizer)
         record.tracker_seconds = pending.seconds + time.perf_counter() - t0
-        self._writer.add_step(record)
+        self._writer.add_step(record, checkpoint)  # validates: a non-finite value raises, naming step and sample ids
         self._steps_recorded += 1
+        self._next_step = step + 1
+        if self._live is not None:
+            self._live.on_step(step, record, self._writer.bytes_written)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._live is not None:
+            self._live.on_epoch_end(trainer.global_step)
 
     # ----------------------------------------------------------------------------- capture
     def _records_grads(self, step: int) -> bool:
@@ -414,7 +505,7 @@ class InfluenceTracker(Callback):
 
     # ------------------------------------------------------------------------------ metadata
     def _metadata(self, trainer: pl.Trainer, pl_module: nn.Module, optimizer: torch.optim.Optimizer,
-                  names: dict[int, str]) -> dict[str, Any]:
+                  names: dict[int, str], first_step: int) -> dict[str, Any]:
         groups = []
         for g in optimizer.param_groups:
             hyper = {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
@@ -426,8 +517,11 @@ class InfluenceTracker(Callback):
             dataset_size = None
         return {
             "created": time.time(),
+            "run_id": uuid.uuid4().hex,
+            "first_step": first_step,
             "versions": {pkg: _version(pkg) for pkg in ("lightning-influence", "torch", "lightning", "h5py")},
-            "module_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "module_class": _class_path(pl_module),
+            "datamodule_class": _class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
             "world_size": trainer.world_size,
             "dataset_size": dataset_size,
             "loss_reduction": "mean",
@@ -452,10 +546,10 @@ class InfluenceTracker(Callback):
                           "param_groups": groups},
         }
 
-    def _teardown(self, pl_module: nn.Module) -> None:
+    def _teardown(self, pl_module: nn.Module, raise_errors: bool = True) -> None:
         if self._writer is not None:
             try:
-                self._writer.close()
+                self._writer.close(raise_errors=raise_errors)
             finally:
                 self._writer = None
         if self._capture is not None:
@@ -464,13 +558,6 @@ class InfluenceTracker(Callback):
         if self._original_method is not None:
             del pl_module.per_sample_loss  # drop the instance attribute: the class method shows again
             self._original_method = None
-
-
-def _check_finite(values: torch.Tensor, ids: torch.Tensor, step: int, what: str) -> None:
-    bad = ~torch.isfinite(values.reshape(len(ids), -1)).all(dim=1)
-    if bool(bad.any()):
-        raise FloatingPointError(f"step {step}: non-finite {what} for sample ids {ids[bad].tolist()[:10]}; "
-                                 "nothing of this step was stored. Lower the learning rate or check these samples.")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -482,6 +569,15 @@ def _exists(log_dir: str) -> bool:
     from pathlib import Path
 
     return (Path(log_dir) / META_FILE).exists()
+
+
+def _class_path(obj: Any) -> str:
+    """``module.QualName`` of ``obj``'s class, importable also when the run was started with ``python -m``."""
+    module = type(obj).__module__
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name if spec is not None and spec.name else module
+    return f"{module}.{type(obj).__qualname__}"
 
 
 def _version(pkg: str) -> str | None:

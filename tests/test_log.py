@@ -85,7 +85,7 @@ def test_readable_with_plain_h5py(tmp_path):
     """What docs/log-format.md promises, read without this package."""
     recs = synthetic_log(tmp_path, steps=3, flush=10)
     with h5py.File(tmp_path / "rank-0" / "seg-00000000.h5", "r") as f:
-        assert f.attrs["format"] == "lightning-influence-log" and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == b"lightning-influence-log" and f.attrs["format_version"] == 1
         steps = f["steps"]
         t = 1
         off, n = steps["sample_offset"][t], steps["sample_count"][t]

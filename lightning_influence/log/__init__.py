@@ -2,6 +2,7 @@
 
 from lightning_influence.log.format import FORMAT_VERSION, LogFormatError
 from lightning_influence.log.reader import InfluenceLog, StepBatch
-from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord
+from lightning_influence.log.writer import CheckpointRecord, LogWriteError, LogWriter, StepRecord
 
-__all__ = ["FORMAT_VERSION", "CheckpointRecord", "InfluenceLog", "LogFormatError", "LogWriter", "StepBatch", "StepRecord"]
+__all__ = ["FORMAT_VERSION", "CheckpointRecord", "InfluenceLog", "LogFormatError", "LogWriteError", "LogWriter",
+           "StepBatch", "StepRecord"]

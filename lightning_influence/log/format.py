@@ -15,6 +15,15 @@ checkpoints taken inside the range. A segment is written under a temporary name 
 renamed only once closed and synced, so a crash can lose at most the steps buffered
 since the last flush, never a step already on disk.
 
+Integrity: every file is written with HDF5 1.10 file-format structures (``LIBVER``), whose
+superblock, object headers and chunk indexes carry checksums; strings are fixed-length
+(in the object header, not in the unchecksummed global heap); the root attributes are
+covered by a CRC-32 (``attrs_digest``, attribute ``attrs_crc32``); every dataset read whole
+(step table, checkpoints) carries the CRC-32 of its bytes (attribute ``crc32``), and the
+rows of every step (ids, losses, gradients, HVP products) have their CRC-32 in the step
+table (``*_crc32`` columns), checked when the step is read. (HDF5's ``fletcher32`` filter is
+not used: it accepts a zeroed chunk whose stored checksum is zeroed too.)
+
 This module holds the names and the small pieces of logic both the writer and the reader
 need; nothing here touches Lightning.
 """
@@ -24,8 +33,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
+
+import numpy as np
 
 FORMAT_NAME = "lightning-influence-log"
 FORMAT_VERSION = 1
@@ -37,6 +50,9 @@ SEGMENT_RE = re.compile(r"^seg-(\d{8})\.h5$")
 RANK_RE = re.compile(r"^rank-(\d+)$")
 TMP_SUFFIX = ".tmp"
 CHECKPOINT_GROUP = "step_{step:08d}"
+LIBVER = ("v110", "v110")  # HDF5 >= 1.10 structures: checksummed superblock, object headers, chunk indexes
+DIGEST_ATTR = "attrs_crc32"  # CRC-32 of every other root attribute of a file (``attrs_digest``)
+SCALAR_ATTR = "scalar"  # on a checkpoint dataset: stored as shape (1,), read back as a 0-d array
 
 # Step table columns (group ``steps``), one row per optimizer step.
 STEP_COLUMNS = (
@@ -50,12 +66,64 @@ STEP_COLUMNS = (
     "batch_grad_norm",  # float64, ||G_t|| of the (unscaled) batch-mean gradient, NaN if unknown
     "hvp_eps",  # float64, finite-difference epsilon used for the HVP products, NaN if none
     "tracker_seconds",  # float64, wall time the tracker spent in this step
+    "id_crc32",  # int64, CRC-32 of the step's rows of samples/id as stored
+    "loss_crc32",  # int64, ... of samples/loss, -1 if not stored
+    "grad_crc32",  # int64, ... of grads/grad, -1 if not stored at this step
+    "hvp_crc32",  # int64, ... of grads/hvp, -1 if not stored at this step
 )
+ROW_DATASETS = {"id": "samples/id", "loss": "samples/loss", "grad": "grads/grad", "hvp": "grads/hvp"}
+ROW_CRC_COLUMNS = {"id": "id_crc32", "loss": "loss_crc32", "grad": "grad_crc32", "hvp": "hvp_crc32"}
+CRC_ATTR = "crc32"  # on every dataset read whole (step table, checkpoints): CRC-32 of its bytes as stored
+
+
+def crc32(array: Any) -> int:
+    """CRC-32 (zlib) of an array's bytes in C order."""
+    return zlib.crc32(np.ascontiguousarray(array))
 
 
 def json_attr(value: Any) -> str:
     """Serialise a metadata value as a JSON string attribute (portable across HDF5 readers)."""
     return json.dumps(value, sort_keys=True)
+
+
+def set_text(attrs: Any, key: str, text: str) -> None:
+    """Store a string attribute as fixed-length UTF-8, inside the checksummed object header.
+
+    Not as an h5py variable-length string: those live in HDF5's global heap, which has no
+    checksum and on which HDF5 can loop forever when its bytes are damaged.
+    """
+    import h5py
+
+    data = text.encode()
+    attrs.create(key, data=data, dtype=h5py.string_dtype("utf-8", max(1, len(data))))
+
+
+def text(value: Any) -> str:
+    """A string attribute as ``str`` (h5py returns fixed-length strings as ``bytes``)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+def attrs_digest(attrs: Any) -> int:
+    """CRC-32 of a file's root attributes (all but ``DIGEST_ATTR``), in key order.
+
+    Computed from the values as h5py returns them, by the writer (after setting them) and by
+    the reader, so a bit flip in any attribute, including string values kept in HDF5's
+    unchecksummed global heap, is detected.
+    """
+    crc = 0
+    for key in sorted(k for k in attrs.keys() if k != DIGEST_ATTR):
+        crc = zlib.crc32(key.encode("utf-8", "surrogateescape"), crc)
+        crc = zlib.crc32(_canonical_bytes(attrs[key]), crc)
+    return crc
+
+
+def _canonical_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return b"s:" + value
+    if isinstance(value, str):
+        return b"s:" + value.encode("utf-8", "surrogateescape")  # h5py decodes invalid UTF-8 to surrogates
+    arr = np.asarray(value)
+    return f"{arr.dtype.str}{arr.shape}:".encode() + arr.tobytes()
 
 
 def segment_path(log_dir: str | os.PathLike, rank: int, index: int) -> Path:
@@ -78,6 +146,18 @@ def list_segments(log_dir: str | os.PathLike) -> dict[int, list[Path]]:
     return out
 
 
+def list_unfinished(log_dir: str | os.PathLike, rank: int | None = None) -> list[Path]:
+    """Temporary files of segments whose write was interrupted (or is in progress), of one or all ranks."""
+    root = Path(log_dir)
+    dirs = [root / RANK_DIR.format(rank=rank)] if rank is not None else [d for d in root.glob("rank-*") if RANK_RE.match(d.name)]
+    return sorted(p for d in dirs if d.is_dir() for p in d.iterdir() if p.name.endswith(TMP_SUFFIX))
+
+
+def segment_index(path: Path) -> int:
+    """The index ``i`` of a segment file named ``seg-<i>.h5``."""
+    return int(SEGMENT_RE.match(path.name).group(1))
+
+
 class LogFormatError(ValueError):
     """A log file is missing, truncated, corrupted, foreign or of an unsupported version."""
 
@@ -85,3 +165,80 @@ class LogFormatError(ValueError):
         super().__init__(f"{path}: {problem}")
         self.path = str(path)
         self.problem = problem
+
+
+@contextmanager
+def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn any failure while reading ``path`` into a :class:`LogFormatError` naming the file and ``what``.
+
+    HDF5 reports a damaged file through many exception types (``OSError`` for a checksum
+    mismatch or a truncated file, ``KeyError`` for a lost link, ``ValueError``/``TypeError``
+    for a mangled datatype, ...); whatever it raises, the user learns which file is damaged.
+    """
+    try:
+        yield
+    except LogFormatError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every h5py failure becomes one clear error
+        detail = f"{type(err).__name__}: {err}"
+        raise LogFormatError(path, f"cannot read {what}: the file is corrupted or truncated ({detail}). "
+                                   f"{restore_hint(path)}") from err
+
+
+def restore_hint(path: str | os.PathLike) -> str:
+    """What to do about a damaged file of a log."""
+    if Path(path).name == META_FILE:
+        return f"Restore {META_FILE} from a backup: without it the segments cannot be interpreted."
+    return ("Restore the file from a backup, or delete it and every later segment of its rank to keep the steps "
+            "before it.")
+
+
+def check_header(path: str | os.PathLike, attrs: Mapping[str, Any]) -> None:
+    """Refuse a file that is not a lightning-influence file of this format version, or whose attributes changed."""
+    if DIGEST_ATTR in attrs and _stored_digest(attrs) != attrs_digest(attrs):
+        raise LogFormatError(path, f"its attributes fail their checksum ({DIGEST_ATTR}): the file is corrupted. "
+                                   + restore_hint(path))
+    fmt = attrs.get("format")
+    fmt = text(fmt) if fmt is not None else None
+    if fmt != FORMAT_NAME:
+        raise LogFormatError(path, f"not a lightning-influence file (format attribute is {fmt!r}); "
+                                   "point InfluenceLog at a directory written by InfluenceTracker")
+    try:
+        version = int(attrs.get("format_version", -1))
+    except (TypeError, ValueError):
+        version = -1
+    if version != FORMAT_VERSION:
+        raise LogFormatError(path, f"format version {version} is not supported (this reader reads version "
+                                   f"{FORMAT_VERSION}); use a matching lightning-influence release")
+    if DIGEST_ATTR not in attrs:
+        raise LogFormatError(path, f"has no {DIGEST_ATTR} attribute, so its integrity cannot be checked "
+                                   "(written by a pre-release writer?); re-create the log with this release")
+
+
+def _stored_digest(attrs: Mapping[str, Any]) -> int | None:
+    try:
+        return int(attrs[DIGEST_ATTR])
+    except (TypeError, ValueError):
+        return None
+
+
+def read_meta(log_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run metadata of a log (``meta.h5``), checked and JSON-decoded."""
+    import h5py
+
+    path = Path(log_dir) / META_FILE
+    if not path.exists():
+        raise LogFormatError(Path(log_dir), f"not an influence log ({META_FILE} is missing)")
+    with reading(path, "the run metadata"):
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+    check_header(path, attrs)
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if key in ("format", "format_version", DIGEST_ATTR):
+            continue
+        try:
+            out[key] = json.loads(value)
+        except (TypeError, ValueError) as err:
+            raise LogFormatError(path, f"metadata attribute {key!r} is not valid JSON: {err}") from None
+    return out

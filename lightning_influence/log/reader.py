@@ -1,16 +1,20 @@
 """``InfluenceLog``: read an influence log (format: ``log/format.py``, ``docs/log-format.md``).
 
-The reader indexes the step tables of all segments of all ranks (small), and reads sample,
-gradient and checkpoint data lazily, one step range at a time, so a log larger than RAM is
-reduced in bounded memory. Steps recorded by several ranks (DDP) are presented as one step
-whose batch is the concatenation of the ranks' micro-batches.
+The reader indexes the step tables of all segments of all ranks (small, checked on open),
+and reads sample, gradient and checkpoint data lazily, one step at a time, so a log larger
+than RAM is reduced in bounded memory; the data checksums are verified by HDF5 as each
+chunk is read. Steps recorded by several ranks (DDP) are presented as one step whose batch
+is the concatenation of the ranks' micro-batches, in rank order; only steps that every rank
+has closed are presented, so a log that is still being written, or whose run was killed,
+reads as its complete prefix (``end_note`` says where it ends and why).
 """
 
 from __future__ import annotations
 
-import json
+import bisect
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -20,12 +24,20 @@ import numpy as np
 
 from lightning_influence.log.format import (
     CHECKPOINT_GROUP,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    META_FILE,
+    CRC_ATTR,
+    ROW_CRC_COLUMNS,
+    ROW_DATASETS,
+    SCALAR_ATTR,
     STEP_COLUMNS,
     LogFormatError,
+    check_header,
+    crc32,
     list_segments,
+    list_unfinished,
+    read_meta,
+    reading,
+    restore_hint,
+    text,
 )
 
 
@@ -42,63 +54,153 @@ class StepBatch:
     hvps: np.ndarray | None = None  # (|B_t|, K)
 
 
-@dataclass(frozen=True)
-class _Location:
+@dataclass
+class _Segment:
+    index: int  # position in InfluenceLog._segs
+    path: Path
     rank: int
-    segment: int  # index into InfluenceLog._segments
-    row: int  # row in that segment's step table
+    table: dict[str, np.ndarray]  # STEP_COLUMNS and "lr"
+    checkpoints: list[int]
+
+    @property
+    def first(self) -> int:
+        return int(self.table["step"][0])
+
+    @property
+    def last(self) -> int:
+        return int(self.table["step"][-1])
 
 
 _FIELD_RECORD = {"loss": "losses", "grad": "gradients", "hvp": "hvp"}
 _FIELD_ATTR = {"loss": "losses", "grad": "grads", "hvp": "hvps"}
 _WINDOW_RE = re.compile(r"^\s*(epochs?\s+)?([-+0-9.eE]*)\s*:\s*([-+0-9.eE]*)\s*$")
+_MAX_OPEN_FILES = 16  # segment files held open at once (least recently used are closed)
+_CHUNK_CACHE_BYTES = 2 << 20  # per open file; a gradient chunk is at most 1 MiB
+_BLOCK_BYTES = 16 << 20  # read-ahead per rank and dataset (see InfluenceLog._rows)
 
 
 class InfluenceLog:
     """Reader of an influence log directory.
 
+    Opening reads and checks every segment's step table and attributes (checksummed); data
+    rows are read, and their CRC-32 verified, only when asked for. A log that
+    is still being written, or whose run was killed, opens as the steps that every rank has in
+    closed segment files; :attr:`finished` and :attr:`end_note` say where and why it ends.
+
     Args:
         path: the log directory written by :class:`~lightning_influence.InfluenceTracker`.
 
+    Attributes:
+        steps: the presented steps ``t0 .. T-1`` (``t0 = 0`` unless a resumed fit started the log).
+        finished: the run reached ``on_train_end`` (the final ``θ_T`` is stored).
+        end_note: where and why the log ends: finished, still being written or killed, ranks that
+            lag, unfinished segment files ignored.
+        ranks: the ranks that wrote the log (``0 .. world_size-1``).
+
     Raises:
-        LogFormatError: the directory is not a log, or a file in it is truncated, corrupted,
-            foreign or of an unsupported format version.
+        LogFormatError: the directory is not a log, a file in it is truncated, corrupted,
+            foreign or of an unsupported format version, or segment files are missing or
+            overlap (the message names the file and the problem).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        meta_path = self.path / META_FILE
-        if not meta_path.exists():
-            raise LogFormatError(self.path, f"not an influence log ({META_FILE} is missing)")
-        self.meta: dict[str, Any] = _read_attrs(meta_path)
-        self._files: dict[int, h5py.File] = {}
+        self.meta: dict[str, Any] = read_meta(self.path)
+        self._files: OrderedDict[int, h5py.File] = OrderedDict()
+        self._blocks: dict[tuple[int, str], tuple[int, int, np.ndarray]] = {}  # (rank, dataset) -> (seg, first row, rows)
+        self._buffers: dict[tuple[int, str], np.ndarray] = {}  # reused block memory
+        self._segs: list[_Segment] = []
         self._segments: list[Path] = []
-        self._seg_steps: list[dict[str, np.ndarray]] = []
-        self._seg_checkpoints: list[list[int]] = []
-        by_step: dict[int, list[_Location]] = {}
-        self.ranks = sorted(list_segments(self.path))
-        for rank, paths in list_segments(self.path).items():
-            for path_ in paths:
-                seg = len(self._segments)
-                self._segments.append(path_)
-                table, ckpts = self._read_index(seg)
-                self._seg_steps.append(table)
-                self._seg_checkpoints.append(ckpts)
-                for row, step in enumerate(table["step"]):
-                    by_step.setdefault(int(step), []).append(_Location(rank, seg, row))
-        self._by_step = by_step
-        steps = np.array(sorted(by_step), dtype=np.int64)
-        if len(steps) and not np.array_equal(steps, np.arange(steps[0], steps[0] + len(steps))):
-            missing = sorted(set(range(int(steps[0]), int(steps[-1]) + 1)) - set(steps.tolist()))
-            raise LogFormatError(self.path, f"steps are missing from the log: {missing[:10]}")
-        self.steps = steps
-        first = [by_step[int(t)][0] for t in steps]
-        self.epochs_of_step = np.array([self._seg_steps[l.segment]["epoch"][l.row] for l in first], dtype=np.int64)
-        self._lr = np.array([self._seg_steps[l.segment]["lr"][l.row] for l in first]).reshape(len(steps), -1)
+        self._width: int | None = None  # gradient columns K, equal in every segment
+        world_size = int(self.meta.get("world_size") or 1)
+        found = list_segments(self.path)
+        extra = sorted(r for r in found if r >= world_size)
+        if extra:
+            raise LogFormatError(self.path, f"holds segment folders of ranks {extra} but the run had world_size "
+                                            f"{world_size}; remove the folders of another run")
+        self.ranks = list(range(world_size))
+        try:
+            per_rank: list[list[_Segment]] = []
+            for rank in self.ranks:
+                start = len(self._segs)
+                for p in found.get(rank, []):
+                    self._index_segment(p, rank)
+                per_rank.append(self._segs[start:])
+            for segs in per_rank:
+                _check_rank(segs)
+            self._present(per_rank)
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------------------- opening
+    def _index_segment(self, path: Path, rank: int) -> None:
+        seg = _Segment(len(self._segs), path, rank, {}, [])
+        self._segs.append(seg)
+        self._segments.append(path)
+        f = self._file(seg.index)
+        with reading(path, "the segment index"):
+            attrs = dict(f.attrs)
+            check_header(path, attrs)
+            seg.table = {c: _whole(path, f["steps"][c]) for c in (*STEP_COLUMNS, "lr")}
+            seg.checkpoints = sorted(int(g.attrs["step"]) for g in f["checkpoints"].values())
+            shapes = {name: f[name].shape for name in ("samples/id", "samples/loss", "grads/grad", "grads/hvp") if name in f}
+        self._width = _check_segment(path, rank, attrs, seg.table, shapes, self._width)
+        run_id = attrs.get("run_id")
+        if run_id is not None and "run_id" in self.meta and text(run_id) != str(self.meta["run_id"]):
+            raise LogFormatError(path, f"belongs to another run (run id {text(run_id)}, the log's meta.h5 says "
+                                       f"{self.meta['run_id']}); remove segments copied from another log")
+
+    def _present(self, per_rank: list[list[_Segment]]) -> None:
+        """Choose the steps every rank has closed; index learning rates, epochs and checkpoints."""
+        stepped = [[s for s in segs if len(s.table["step"])] for segs in per_rank]
+        firsts = {segs[0].first for segs in stepped if segs}
+        ends = [segs[-1].last if segs else None for segs in stepped]
+        final = max((t for s in per_rank[0] for t in s.checkpoints), default=None) if per_rank else None
+        if len(firsts) > 1:
+            raise LogFormatError(self.path, f"ranks start at different steps {sorted(firsts)}; the log mixes runs")
+        first = firsts.pop() if firsts else int(self.meta.get("first_step") or 0)
+        # rank 0 stores the checkpoints; θ_T after its last step means the run reached on_train_end
+        finished = bool(ends) and ends[0] is not None and final == ends[0] + 1
+        if finished and len(set(ends)) > 1:
+            short = [r for r, e in zip(self.ranks, ends) if e != ends[0]]
+            raise LogFormatError(self.path, f"the run finished at step {ends[0]} but the log of rank(s) {short} ends "
+                                            f"earlier ({[ends[r] for r in short]}): their last segment files are "
+                                            "missing; restore them from a backup")
+        end = min((e if e is not None else first - 1) for e in ends) if ends else first - 1
+        self.steps = np.arange(first, end + 1, dtype=np.int64)
+        self.finished = finished
+        self._rank_firsts = [[s.first for s in segs] for segs in stepped]  # per rank, for bisect in _locs
+        self._stepped_index = [[s.index for s in segs] for segs in stepped]
+        rank0 = stepped[0] if stepped else []
+        if len(self.steps):
+            self.epochs_of_step = np.concatenate([s.table["epoch"] for s in rank0])[: len(self.steps)]
+            lrs = [s.table["lr"] for s in rank0]
+            width = max(a.shape[1] for a in lrs)
+            self._lr = np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=np.nan) for a in lrs])[: len(self.steps)]
+        else:
+            self.epochs_of_step = np.zeros(0, np.int64)
+            self._lr = np.zeros((0, 1))
+        limit = self.num_steps
         self._checkpoint_index: dict[int, int] = {}
-        for seg, ckpts in enumerate(self._seg_checkpoints):
-            for t in ckpts:
-                self._checkpoint_index.setdefault(t, seg)
+        for seg, s in enumerate(self._segs):
+            for t in s.checkpoints:
+                if t <= limit:
+                    self._checkpoint_index.setdefault(t, seg)
+        unfinished = list_unfinished(self.path)
+        if self.finished:
+            note = f"the run finished: steps {first}..{end} and the final parameters θ_{end + 1} are stored"
+        elif not len(self.steps):
+            note = "no step is in a closed segment yet (the run just started, or was killed before its first flush)"
+        else:
+            note = (f"steps {first}..{end} are complete; the run is still being written or ended without finishing "
+                    f"(killed, crashed or stopped before on_train_end)")
+        lagging = [f"rank {r} has steps up to {e}" for r, e in zip(self.ranks, ends) if e is not None and e > end]
+        if lagging:
+            note += f"; later steps are hidden until every rank has closed them ({', '.join(lagging)})"
+        if unfinished:
+            note += f"; {len(unfinished)} unfinished segment file(s) ignored (a write in progress or cut off by a crash)"
+        self.end_note = note
 
     # ----------------------------------------------------------------------------- metadata
     @property
@@ -162,13 +264,17 @@ class InfluenceLog:
     def window(self, spec: Any) -> tuple[int, int]:
         """Map a window to a half-open step range ``[t1, t2)`` with ``0 <= t1 < t2 <= T``.
 
+        (A log started by a resumed fit begins at its first step ``t0 > 0``: windows then lie in
+        ``[t0, T]``, fractions are of that range.)
+
         Accepted: ``None`` (whole run); ``(t1, t2)`` ints (steps); ``(a, b)`` floats in
         ``[0, 1]`` (fractions of training); ``("epoch", a, b)`` (epochs ``a .. b-1``); or the
         strings ``"100:500"``, ``"0.8:1.0"``, ``"epoch 3:5"`` (empty ends mean start/end).
         """
         T = self.num_steps
+        first = int(self.steps[0]) if len(self.steps) else 0  # > 0 for a log started by a resumed fit
         if spec is None:
-            return 0, T
+            return first, T
         if isinstance(spec, str):
             m = _WINDOW_RE.match(spec)
             if not m:
@@ -190,17 +296,17 @@ class InfluenceLog:
         if isinstance(a, float) or isinstance(b, float):
             if not (0.0 <= a < b <= 1.0):
                 raise ValueError(f"fractional window ({a}, {b}) must satisfy 0 <= a < b <= 1")
-            t1, t2 = int(round(a * T)), int(round(b * T))
+            t1, t2 = first + int(round(a * (T - first))), first + int(round(b * (T - first)))
             return t1, max(t2, t1 + 1)
         t1, t2 = int(a), int(b)
-        if not (0 <= t1 < t2 <= T):
-            raise ValueError(f"step window [{t1}, {t2}) is outside the run: need 0 <= t1 < t2 <= T = {T}")
+        if not (first <= t1 < t2 <= T):
+            raise ValueError(f"step window [{t1}, {t2}) is outside the run: need {first} <= t1 < t2 <= T = {T}")
         return t1, t2
 
     # ------------------------------------------------------------------------------ records
     def batch_ids(self, step: int) -> np.ndarray:
         """Sample ids of ``B_t`` (all micro-batches, all ranks)."""
-        return np.concatenate([self._read(l, "id") for l in self._locs(step)])
+        return np.concatenate([self._read(seg, row, "id") for seg, row in self._locs(step)])
 
     def iter_steps(self, t1: int = 0, t2: int | None = None, fields: Sequence[str] = ("grad",)) -> Iterator[StepBatch]:
         """Yield the steps of ``[t1, t2)`` one at a time (bounded memory).
@@ -220,17 +326,17 @@ class InfluenceLog:
                 continue
             locs = self._locs(t)
             rec = StepBatch(step=t, epoch=int(self.epochs_of_step[self._step_row(t)]), lrs=self.lr(t),
-                            ids=np.concatenate([self._read(l, "id") for l in locs]))
+                            ids=np.concatenate([self._read(seg, row, "id") for seg, row in locs]))
             for field_ in fields:
-                setattr(rec, _FIELD_ATTR[field_], np.concatenate([self._read(l, field_) for l in locs]))
+                setattr(rec, _FIELD_ATTR[field_], np.concatenate([self._read(seg, row, field_) for seg, row in locs]))
             yield rec
 
     def has_grads(self, step: int) -> bool:
-        return all(self._seg_steps[l.segment]["grad_offset"][l.row] >= 0 for l in self._locs(step))
+        return all(self._segs[seg].table["grad_offset"][row] >= 0 for seg, row in self._locs(step))
 
     def all_ids(self) -> np.ndarray:
         """Every sample id that appears in the log (sorted, unique)."""
-        ids = [self._file(seg)["samples/id"][()] for seg in range(len(self._segments))]
+        ids = [self.batch_ids(int(t)) for t in self.steps]
         return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
 
     # -------------------------------------------------------------------------- checkpoints
@@ -241,18 +347,24 @@ class InfluenceLog:
 
     def checkpoint(self, step: int) -> dict[str, np.ndarray]:
         """Parameters ``θ_t`` stored at ``step`` (every trainable parameter, exact dtype)."""
-        g = self._checkpoint_group(step)
-        return {name: ds[()] for name, ds in g["params"].items()}
+        seg, g = self._checkpoint_group(step)
+        path = self._segs[seg].path
+        with reading(path, f"the parameters of checkpoint {step}"):
+            return {name: _whole(path, ds) for name, ds in g["params"].items()}
 
     def optimizer_state(self, step: int) -> dict[str, dict[str, Any]]:
         """Optimizer state per parameter name at ``step`` (e.g. ``momentum_buffer``, ``exp_avg``)."""
-        g = self._checkpoint_group(step)["optimizer"]
-        return {name: {**{k: v[()] for k, v in sg.items()}, **dict(sg.attrs)} for name, sg in g.items()}
+        seg, g = self._checkpoint_group(step)
+        path = self._segs[seg].path
+        with reading(path, f"the optimizer state of checkpoint {step}"):
+            return {name: {**{k: _whole(path, v) for k, v in sg.items()}, **dict(sg.attrs)} for name, sg in g["optimizer"].items()}
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        self._blocks.clear()
+        self._buffers.clear()
 
     def __enter__(self) -> "InfluenceLog":
         return self
@@ -261,97 +373,191 @@ class InfluenceLog:
         self.close()
 
     def __repr__(self) -> str:
-        return f"InfluenceLog({str(self.path)!r}, steps={self.num_steps}, ranks={self.ranks}, recorded={self.recorded})"
+        return (f"InfluenceLog({str(self.path)!r}, steps={self.num_steps}, ranks={self.ranks}, "
+                f"finished={self.finished}, recorded={self.recorded})")
 
     # ----------------------------------------------------------------------------- internals
     def _step_row(self, step: int) -> int:
         row = step - int(self.steps[0]) if len(self.steps) else -1
         if not (0 <= row < len(self.steps)):
-            raise ValueError(f"step {step} is not in the log (steps {self.steps[:1].tolist()}..{self.num_steps - 1})")
+            raise ValueError(f"step {step} is not in the log (steps {self.steps[:1].tolist()}..{self.num_steps - 1}; "
+                             f"{self.end_note})")
         return row
 
-    def _locs(self, step: int) -> list[_Location]:
+    def _locs(self, step: int) -> list[tuple[int, int]]:
+        """(segment, row) of ``step`` in every rank, in rank order."""
         self._step_row(step)
-        return self._by_step[step]
+        out = []
+        for firsts, segs in zip(self._rank_firsts, self._stepped_index):
+            seg = segs[bisect.bisect_right(firsts, step) - 1]
+            out.append((seg, step - self._segs[seg].first))
+        return out
 
     def _file(self, seg: int) -> h5py.File:
         f = self._files.get(seg)
-        if f is None:
-            path = self._segments[seg]
-            try:
-                f = h5py.File(path, "r")
-            except OSError as err:
-                raise LogFormatError(path, f"cannot be opened as HDF5 (truncated or corrupted?): {err}") from None
-            self._files[seg] = f
+        if f is not None:
+            self._files.move_to_end(seg)
+            return f
+        path = self._segments[seg]
+        try:
+            f = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES, rdcc_nslots=1031)
+        except FileNotFoundError:
+            raise LogFormatError(path, "disappeared while the log was open (a resumed run truncated the log?); "
+                                       "open the log again") from None
+        except Exception as err:  # noqa: BLE001 - any open failure is a damaged file
+            raise LogFormatError(path, f"cannot be opened as HDF5 (truncated or corrupted?): {type(err).__name__}: "
+                                       f"{err}. Restore it from a backup, or delete it and every later segment of its "
+                                       "rank to keep the steps before it") from err
+        self._files[seg] = f
+        if len(self._files) > _MAX_OPEN_FILES:
+            _, old = self._files.popitem(last=False)
+            old.close()
         return f
 
-    def _read_index(self, seg: int) -> tuple[dict[str, np.ndarray], list[int]]:
-        path = self._segments[seg]
-        f = self._file(seg)
-        try:
-            _check_header(path, dict(f.attrs))
-            table = {c: f["steps"][c][()] for c in STEP_COLUMNS}
-            table["lr"] = f["steps/lr"][()]
-            ckpts = [int(g.attrs["step"]) for g in f["checkpoints"].values()]
-            n = int(f.attrs["n_samples"])
-            if f["samples/id"].shape != (n,) or (len(table["step"]) and table["sample_offset"][-1] + table["sample_count"][-1] != n):
-                raise LogFormatError(path, "sample table is inconsistent with the step table")
-        except LogFormatError:
-            raise
-        except (KeyError, OSError, ValueError, TypeError) as err:
-            raise LogFormatError(path, f"segment is corrupted or incomplete: {err}") from None
-        return table, ckpts
-
-    def _read(self, loc: _Location, field_: str) -> np.ndarray | None:
-        table = self._seg_steps[loc.segment]
-        f = self._file(loc.segment)
-        n = int(table["sample_count"][loc.row])
-        try:
-            if field_ in ("id", "loss"):
-                if field_ not in f["samples"]:
-                    return None
-                off = int(table["sample_offset"][loc.row])
-                out = f["samples"][field_][off : off + n]
-            else:
-                off = int(table["grad_offset"][loc.row])
-                if off < 0 or field_ not in f["grads"]:
-                    return None
-                out = f["grads"][field_][off : off + n]
-        except (OSError, KeyError) as err:
-            raise LogFormatError(self._segments[loc.segment], f"cannot read {field_!r} of step {table['step'][loc.row]}: {err}") from None
+    def _read(self, seg: int, row: int, field_: str) -> np.ndarray | None:
+        """The rows of ``field_`` of the step at ``row`` of segment ``seg`` (``None`` if not recorded)."""
+        s = self._segs[seg]
+        table = s.table
+        n = int(table["sample_count"][row])
+        step = int(table["step"][row])
+        off = int(table["sample_offset"][row] if field_ in ("id", "loss") else table["grad_offset"][row])
+        if off < 0:
+            return None
+        with reading(s.path, f"{field_!r} of step {step}"):
+            out = self._rows(seg, ROW_DATASETS[field_], off, n)
+        if out is None:
+            return None
+        if crc32(out) != int(table[ROW_CRC_COLUMNS[field_]][row]):
+            raise LogFormatError(s.path, f"the {field_!r} rows of step {step} fail their CRC-32: the file is corrupted. "
+                                         f"{restore_hint(s.path)}")
+        if field_ == "id" and len(out):
+            size = self.meta.get("dataset_size")
+            if int(out.min()) < 0 or (size is not None and int(out.max()) >= int(size)):
+                raise LogFormatError(s.path, f"step {step} holds sample ids outside [0, {size}): the file is corrupted")
         return out
 
-    def _checkpoint_group(self, step: int) -> h5py.Group:
+    def _rows(self, seg: int, name: str, off: int, n: int) -> np.ndarray | None:
+        """Rows ``[off, off + n)`` of dataset ``name``, a view into a read-ahead block of about 16 MiB.
+
+        One block buffer is kept (and reused) per rank and dataset, so memory stays bounded and a
+        pass over the log reads each byte once, in large sequential reads; the block extends
+        forwards from ``off``, or backwards when steps are visited in reverse (adjoint sweeps).
+        The view is overwritten by the next block: callers copy it (``np.concatenate``).
+        """
+        rank = self._segs[seg].rank
+        block = self._blocks.get((rank, name))
+        if block is None or block[0] != seg or not (block[1] <= off and off + n <= block[1] + len(block[2])):
+            f = self._file(seg)
+            if name not in f:
+                return None
+            ds = f[name]
+            row_shape = ds.shape[1:]
+            per_block = max(n, _BLOCK_BYTES // max(1, ds.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))))
+            backwards = block is not None and block[0] == seg and off + n <= block[1]
+            start = max(0, off + n - per_block) if backwards else off
+            stop = min(ds.shape[0], start + per_block)
+            if block is None or block[0] != seg:
+                self._prefetch_after(seg)
+            buf = self._buffers.get((rank, name))
+            if buf is None or buf.dtype != ds.dtype or buf.shape[1:] != row_shape or len(buf) < stop - start:
+                buf = self._buffers[(rank, name)] = np.empty((max(per_block, stop - start), *row_shape), ds.dtype)
+            if stop > start:
+                ds.read_direct(buf, np.s_[start:stop], np.s_[0 : stop - start])
+            block = (seg, start, buf[: stop - start])
+            self._blocks[(rank, name)] = block
+        return block[2][off - block[1] : off - block[1] + n]
+
+    def _prefetch_after(self, seg: int) -> None:
+        """Ask the kernel to read the rank's next segment ahead (disk reads overlap the work on this one)."""
+        nxt = seg + 1
+        if nxt < len(self._segs) and self._segs[nxt].rank == self._segs[seg].rank:
+            try:
+                fd = os.open(self._segs[nxt].path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            except (OSError, AttributeError):  # a hint only (AttributeError: no posix_fadvise on this OS)
+                pass
+
+    def _checkpoint_group(self, step: int) -> tuple[int, h5py.Group]:
         seg = self._checkpoint_index.get(step)
         if seg is None:
             raise ValueError(f"no checkpoint at step {step}; checkpoints: {self.checkpoint_steps}")
-        return self._file(seg)["checkpoints"][CHECKPOINT_GROUP.format(step=step)]
+        with reading(self._segs[seg].path, f"checkpoint {step}"):
+            return seg, self._file(seg)["checkpoints"][CHECKPOINT_GROUP.format(step=step)]
 
 
-def _read_attrs(path: Path) -> dict[str, Any]:
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = dict(f.attrs)
-    except OSError as err:
-        raise LogFormatError(path, f"cannot be opened as HDF5 (truncated or corrupted?): {err}") from None
-    _check_header(path, attrs)
-    out: dict[str, Any] = {}
-    for key, value in attrs.items():
-        if key in ("format", "format_version"):
+def _check_rank(segs: list[_Segment]) -> None:
+    """The step ranges of a rank's segments must follow each other without gaps or overlaps."""
+    prev: _Segment | None = None
+    for s in segs:
+        if not len(s.table["step"]):
             continue
-        try:
-            out[key] = json.loads(value)
-        except (TypeError, json.JSONDecodeError) as err:
-            raise LogFormatError(path, f"metadata attribute {key!r} is not valid JSON: {err}") from None
-    return out
+        if prev is not None and s.first != prev.last + 1:
+            if s.first <= prev.last:
+                problem = (f"records steps {s.first}..{min(s.last, prev.last)} again (already in {prev.path.name}); "
+                           "a resumed run did not truncate the log. Delete the later copy to keep the first")
+            else:
+                problem = (f"starts at step {s.first} but {prev.path.name} ends at step {prev.last}: the segment(s) "
+                           f"holding steps {prev.last + 1}..{s.first - 1} are missing; restore them from a backup")
+            raise LogFormatError(s.path, problem)
+        prev = s
 
 
-def _check_header(path: Path, attrs: dict[str, Any]) -> None:
-    fmt = attrs.get("format")
-    if isinstance(fmt, bytes):
-        fmt = fmt.decode()
-    if fmt != FORMAT_NAME:
-        raise LogFormatError(path, f"not a lightning-influence file (format attribute is {fmt!r})")
-    version = int(attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
-        raise LogFormatError(path, f"format version {version} is not supported (this reader reads version {FORMAT_VERSION}); use a matching lightning-influence release")
+def _whole(path: Path, ds: h5py.Dataset) -> np.ndarray:
+    """A dataset read whole and checked against its stored CRC-32 (0-d arrays restored)."""
+    value = ds[()]
+    if CRC_ATTR not in ds.attrs:
+        raise LogFormatError(path, f"{ds.name} has no {CRC_ATTR} attribute, so it cannot be checked; the file is "
+                                   "corrupted or was written by a pre-release writer")
+    if crc32(value) != int(ds.attrs[CRC_ATTR]):
+        raise LogFormatError(path, f"{ds.name} fails its CRC-32: the file is corrupted. {restore_hint(path)}")
+    return value.reshape(()) if ds.attrs.get(SCALAR_ATTR) else value
+
+
+def _check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str, np.ndarray],
+                   shapes: dict[str, tuple[int, ...]], width: int | None) -> int | None:
+    """The step table, the attributes and the dataset shapes of a segment must agree; returns the row width ``K``."""
+
+    def bad(problem: str) -> LogFormatError:
+        return LogFormatError(path, f"segment is inconsistent: {problem}. The file is corrupted or was written by a "
+                                    "broken writer; restore it, or delete it and every later segment of its rank")
+
+    if int(attrs["rank"]) != rank:
+        raise bad(f"it says rank {int(attrs['rank'])} but lies in the folder of rank {rank}")
+    steps = table["step"]
+    n = len(steps)
+    if any(len(v) != n for v in table.values()):
+        raise bad("step table columns have different lengths")
+    if n != int(attrs["n_steps"]) or (n and (steps[0] != int(attrs["first_step"]) or steps[-1] != int(attrs["last_step"]))):
+        raise bad("step table disagrees with the segment's first_step/last_step/n_steps")
+    if n and not np.array_equal(steps, np.arange(steps[0], steps[0] + n)):
+        raise bad("steps are not consecutive")
+    counts, offsets = table["sample_count"], table["sample_offset"]
+    n_samples = int(attrs["n_samples"])
+    if (counts < 0).any() or not np.array_equal(offsets, np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else offsets) \
+            or int(counts.sum()) != n_samples:
+        raise bad("sample offsets/counts do not tile the sample table")
+    if shapes.get("samples/id") != (n_samples,) or shapes.get("samples/loss", (n_samples,)) != (n_samples,):
+        raise bad(f"sample datasets do not hold n_samples = {n_samples} rows")
+    n_grad = int(attrs["n_grad_rows"])
+    has = table["grad_offset"] >= 0
+    if int(counts[has].sum()) != n_grad or not np.array_equal(
+            table["grad_offset"][has], np.concatenate([[0], np.cumsum(counts[has])[:-1]]) if has.any() else table["grad_offset"][has]):
+        raise bad("gradient offsets do not tile the gradient rows")
+    for name in ("grads/grad", "grads/hvp"):
+        if name in shapes:
+            rows, *cols = shapes[name]
+            if rows != n_grad or len(cols) != 1 or (width is not None and cols[0] != width):
+                raise bad(f"{name} has shape {shapes[name]}, expected ({n_grad}, {width or 'K'}) like the other segments")
+            width = cols[0]
+    if n_grad and "grads/grad" not in shapes:
+        raise bad(f"the step table has {n_grad} gradient rows but there is no grads/grad dataset")
+    for field_, stored in (("id", np.ones(n, bool)), ("loss", np.full(n, "samples/loss" in shapes)),
+                           ("grad", has), ("hvp", has & ("grads/hvp" in shapes))):
+        if not np.array_equal(table[ROW_CRC_COLUMNS[field_]] >= 0, stored):
+            raise bad(f"the {ROW_CRC_COLUMNS[field_]} column does not match the stored {field_!r} rows")
+    if table["lr"].ndim != 2 or table["lr"].shape[0] != n:
+        raise bad("learning-rate table has the wrong shape")
+    return width

@@ -1,35 +1,59 @@
-"""Buffered, crash-safe writer of the influence log (format: ``log/format.py``).
+"""Buffered, crash-safe writer of the influence log (format: ``log/format.py``, ``docs/log-format.md``).
 
 Steps are buffered in memory and handed, ``flush_every_n_steps`` at a time, to a
-background thread that writes one closed segment file per flush (temporary name, fsync,
-atomic rename). Training never waits on HDF5 unless the queue of pending segments is full.
+background thread that builds one segment file per flush as an HDF5 image in memory and
+writes it under a temporary name (``os.write``, fsync, atomic rename). Training never waits
+on HDF5 unless the queue of pending segments is full. A failed write (disk full, ...) stops
+the writer for good, so the log never has a gap; the error is raised on the training thread
+at its next call.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import queue
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import h5py
 import numpy as np
 
 from lightning_influence.log.format import (
     CHECKPOINT_GROUP,
+    CRC_ATTR,
+    DIGEST_ATTR,
     FORMAT_NAME,
     FORMAT_VERSION,
+    LIBVER,
     META_FILE,
+    ROW_CRC_COLUMNS,
+    ROW_DATASETS,
+    SCALAR_ATTR,
     STEP_COLUMNS,
     TMP_SUFFIX,
+    attrs_digest,
+    check_header,
+    crc32,
     json_attr,
     list_segments,
+    list_unfinished,
+    read_meta,
+    reading,
+    segment_index,
     segment_path,
+    set_text,
 )
+
+_FLOAT_COLUMNS = ("batch_grad_norm", "hvp_eps", "tracker_seconds")
+
+
+class LogWriteError(OSError):
+    """Writing the influence log failed (disk full, permissions, ...); the log stops at the last closed segment."""
 
 
 @dataclass
@@ -49,6 +73,32 @@ class StepRecord:
     hvp_eps: float = float("nan")
     tracker_seconds: float = 0.0
 
+    def validate(self) -> None:
+        """Refuse a record that would store something wrong: bad shapes or non-finite values.
+
+        Raises:
+            ValueError: ids not a 1-D integer array, or rows not matching the ids.
+            FloatingPointError: a non-finite loss, gradient or HVP product (naming step and sample ids).
+        """
+        ids = np.asarray(self.ids)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"step {self.step}: sample ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        for what, rows in (("per-sample loss", self.losses), ("per-sample gradient", self.grads),
+                           ("Hessian-gradient product", self.hvps)):
+            if rows is None:
+                continue
+            if len(rows) != len(ids) or np.ndim(rows) != (1 if what == "per-sample loss" else 2):
+                raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {len(ids)} sample ids")
+            bad = ~np.isfinite(np.asarray(rows).reshape(len(ids), -1)).all(axis=1)
+            if bad.any():
+                raise FloatingPointError(
+                    f"step {self.step}: non-finite {what} for sample ids {ids[bad].tolist()[:10]}; nothing of this step "
+                    "was stored. Lower the learning rate or check these samples.")
+        if self.hvps is not None and self.grads is None:
+            raise ValueError(f"step {self.step}: HVP products need the gradient rows of the same step")
+        if not all(np.isfinite(self.lrs)):
+            raise FloatingPointError(f"step {self.step}: non-finite learning rate {self.lrs}; nothing of this step was stored")
+
 
 @dataclass
 class CheckpointRecord:
@@ -62,29 +112,65 @@ class CheckpointRecord:
 
 def write_meta(log_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
     """Write ``meta.h5`` atomically: every value becomes a JSON string attribute."""
-    path = Path(log_dir) / META_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT_NAME
+
+    def fill(f: h5py.File) -> None:
+        set_text(f.attrs, "format", FORMAT_NAME)
         f.attrs["format_version"] = FORMAT_VERSION
         for key, value in meta.items():
-            f.attrs[key] = json_attr(value)
-    _sync_and_rename(tmp, path)
+            set_text(f.attrs, key, json_attr(value))
+        _seal(f)
+
+    _write_file(Path(log_dir) / META_FILE, fill)
 
 
-def _sync_and_rename(tmp: Path, final: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
+def _seal(f: h5py.File) -> None:
+    """Store the CRC-32 of the root attributes (the last attribute written)."""
+    f.attrs[DIGEST_ATTR] = attrs_digest(f.attrs)
+
+
+def _write_file(path: Path, fill: Callable[[h5py.File], None], source: Path | None = None) -> int:
+    """Build an HDF5 file in memory, then write it as ``path`` atomically; returns its size.
+
+    HDF5 only ever works on a memory image (``driver="core"`` without backing store, or the
+    bytes of ``source`` to modify): the disk is written by plain ``os.write``, so a full
+    disk or an I/O error is an ordinary ``OSError`` and never leaves HDF5 with a half-closed
+    file (which can crash the process later). The image goes to ``path.tmp``, is fsynced and
+    renamed over ``path``; the folder is fsynced. On failure nothing is left behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        if source is None:
+            f = h5py.File(tmp, "w", driver="core", backing_store=False, libver=LIBVER)
+            try:
+                fill(f)
+                f.flush()
+                image = f.id.get_file_image()
+            finally:
+                f.close()
+        else:  # the bytes, not the file: a reader may hold the file open (HDF5 would refuse to lock it for writing)
+            buffer = io.BytesIO(source.read_bytes())
+            with h5py.File(buffer, "r+", libver=LIBVER) as f:
+                fill(f)
+            image = buffer.getvalue()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(image)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(image)
 
 
 def write_segment(
@@ -94,15 +180,23 @@ def write_segment(
     checkpoints: list[CheckpointRecord],
     storage_dtype: np.dtype,
     compression: str | None,
+    run_id: str | None = None,
 ) -> int:
-    """Write one closed segment file; returns its size in bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    """Write one closed segment file; returns its size in bytes. A failed write leaves no file behind."""
+    return _write_file(path, lambda f: _fill_segment(f, rank, steps, checkpoints, storage_dtype, compression, run_id))
+
+
+def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: list[CheckpointRecord],
+                  storage_dtype: np.dtype, compression: str | None, run_id: str | None) -> None:
     columns: dict[str, list[Any]] = {c: [] for c in STEP_COLUMNS}
-    ids, losses, grads, hvps = [], [], [], []
+    rows: dict[str, list[np.ndarray]] = {"id": [], "loss": [], "grad": [], "hvp": []}
     n_rows = n_grad_rows = 0
     for rec in steps:
         n = len(rec.ids)
+        stored = {"id": np.asarray(rec.ids, np.int64),
+                  "loss": None if rec.losses is None else np.asarray(rec.losses, np.float64),
+                  "grad": None if rec.grads is None else np.asarray(rec.grads).astype(storage_dtype, copy=False),
+                  "hvp": None if rec.hvps is None else np.asarray(rec.hvps).astype(storage_dtype, copy=False)}
         columns["step"].append(rec.step)
         columns["epoch"].append(rec.epoch)
         columns["batch_idx"].append(rec.batch_idx)
@@ -113,83 +207,104 @@ def write_segment(
         columns["batch_grad_norm"].append(rec.batch_grad_norm)
         columns["hvp_eps"].append(rec.hvp_eps)
         columns["tracker_seconds"].append(rec.tracker_seconds)
-        ids.append(rec.ids)
-        if rec.losses is not None:
-            losses.append(rec.losses)
+        for field_, value in stored.items():
+            columns[ROW_CRC_COLUMNS[field_]].append(crc32(value) if value is not None else -1)
+            if value is not None:
+                rows[field_].append(value)
         if rec.grads is not None:
-            grads.append(rec.grads)
-            if rec.hvps is not None:
-                hvps.append(rec.hvps)
             n_grad_rows += n
         n_rows += n
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT_NAME
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["rank"] = rank
-        f.attrs["first_step"] = steps[0].step if steps else -1
-        f.attrs["last_step"] = steps[-1].step if steps else -1
-        f.attrs["n_steps"] = len(steps)
-        f.attrs["n_samples"] = n_rows
-        f.attrs["n_grad_rows"] = n_grad_rows
-        f.attrs["created"] = time.time()
-        g = f.create_group("steps")
-        for name, values in columns.items():
-            dtype = np.float64 if name in ("batch_grad_norm", "hvp_eps", "tracker_seconds") else np.int64
-            g.create_dataset(name, data=np.asarray(values, dtype=dtype), maxshape=(None,))
-        n_groups = max((len(r.lrs) for r in steps), default=1)
-        lr = np.full((len(steps), n_groups), np.nan)
-        for i, rec in enumerate(steps):
-            lr[i, : len(rec.lrs)] = rec.lrs
-        g.create_dataset("lr", data=lr, maxshape=(None, n_groups))
-        s = f.create_group("samples")
-        s.create_dataset("id", data=_cat(ids, np.int64, (0,)), maxshape=(None,))
-        if losses:
-            if len(losses) != len(steps):
-                raise ValueError("per-sample losses must be recorded at every step of a segment or none")
-            s.create_dataset("loss", data=_cat(losses, np.float64, (0,)), maxshape=(None,))
-        gr = f.create_group("grads")
-        if grads:
-            _row_dataset(gr, "grad", np.concatenate(grads), storage_dtype, compression)
-        if hvps:
-            if len(hvps) != len(grads):
-                raise ValueError("HVP products must accompany every recorded gradient row")
-            _row_dataset(gr, "hvp", np.concatenate(hvps), storage_dtype, compression)
-        c = f.create_group("checkpoints")
-        for ck in checkpoints:
-            cg = c.create_group(CHECKPOINT_GROUP.format(step=ck.step))
-            cg.attrs["step"] = ck.step
-            pg = cg.create_group("params")
-            for name, value in ck.params.items():
-                pg.create_dataset(name, data=value)
-            og = cg.create_group("optimizer")
-            for name, state in ck.optimizer_state.items():
-                sg = og.create_group(name)
-                for key, value in state.items():
-                    sg.create_dataset(key, data=value)
-                for key, value in ck.optimizer_scalars.get(name, {}).items():
-                    sg.attrs[key] = value
-    _sync_and_rename(tmp, path)
-    return path.stat().st_size
+    if rows["loss"] and len(rows["loss"]) != len(steps):
+        raise ValueError("per-sample losses must be recorded at every step of a segment or none")
+    if len(rows["hvp"]) not in (0, len(rows["grad"])):
+        raise ValueError("HVP products must accompany every recorded gradient row")
+    set_text(f.attrs, "format", FORMAT_NAME)
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["rank"] = rank
+    f.attrs["first_step"] = steps[0].step if steps else -1
+    f.attrs["last_step"] = steps[-1].step if steps else -1
+    f.attrs["n_steps"] = len(steps)
+    f.attrs["n_samples"] = n_rows
+    f.attrs["n_grad_rows"] = n_grad_rows
+    f.attrs["created"] = time.time()
+    if run_id is not None:
+        set_text(f.attrs, "run_id", run_id)
+    g = f.create_group("steps")
+    for name, values in columns.items():
+        _dataset(g, name, np.asarray(values, dtype=np.float64 if name in _FLOAT_COLUMNS else np.int64))
+    n_groups = max((len(r.lrs) for r in steps), default=1)
+    lr = np.full((len(steps), n_groups), np.nan)
+    for i, rec in enumerate(steps):
+        lr[i, : len(rec.lrs)] = rec.lrs
+    _dataset(g, "lr", lr)
+    f.create_group("samples")
+    f.create_group("grads")
+    _dataset(f, ROW_DATASETS["id"], _cat(rows["id"], np.int64, (0,)), whole_crc=False)
+    if rows["loss"]:
+        _dataset(f, ROW_DATASETS["loss"], np.concatenate(rows["loss"]), whole_crc=False)
+    for field_ in ("grad", "hvp"):
+        if rows[field_]:
+            data = np.concatenate(rows[field_])
+            chunk_rows = max(1, min(len(data), (1 << 20) // max(1, data.shape[1] * data.dtype.itemsize)))
+            _dataset(f, ROW_DATASETS[field_], data, chunks=(chunk_rows, data.shape[1]), compression=compression,
+                     whole_crc=False)
+    c = f.create_group("checkpoints")
+    for ck in checkpoints:
+        cg = c.create_group(CHECKPOINT_GROUP.format(step=ck.step))
+        cg.attrs["step"] = ck.step
+        pg = cg.create_group("params")
+        for name, value in ck.params.items():
+            _dataset(pg, name, value)
+        og = cg.create_group("optimizer")
+        for name, state in ck.optimizer_state.items():
+            sg = og.create_group(name)
+            for key, value in state.items():
+                _dataset(sg, key, value)
+            for key, value in ck.optimizer_scalars.get(name, {}).items():
+                sg.attrs[key] = value
+    _seal(f)
 
 
 def _cat(parts: list[np.ndarray], dtype: Any, empty_shape: tuple[int, ...]) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(empty_shape, dtype)
 
 
-def _row_dataset(group: h5py.Group, name: str, data: np.ndarray, dtype: np.dtype, compression: str | None) -> None:
-    rows, cols = data.shape
-    chunk_rows = max(1, min(rows, (1 << 20) // max(1, cols * np.dtype(dtype).itemsize)))
-    group.create_dataset(
-        name,
-        data=data.astype(dtype, copy=False),
-        maxshape=(None, cols),
-        chunks=(chunk_rows, cols),
-        compression=compression,
-    )
+def _dataset(group: h5py.Group, name: str, data: Any, chunks: Any = True, compression: str | None = None,
+             whole_crc: bool = True) -> h5py.Dataset:
+    """A chunked (resizable) dataset; 0-d arrays are stored as shape ``(1,)``.
+
+    ``whole_crc``: store the CRC-32 of the whole dataset in its ``crc32`` attribute (datasets
+    read whole); row datasets are checked per step instead (``*_crc32`` step columns).
+    """
+    data = np.asarray(data)
+    scalar = data.ndim == 0
+    if scalar:
+        data = data.reshape(1)
+    ds = group.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), chunks=chunks, compression=compression)
+    if scalar:
+        ds.attrs[SCALAR_ATTR] = 1
+    if whole_crc:
+        ds.attrs[CRC_ATTR] = crc32(data)
+    return ds
+
+
+def rank_end(log_dir: str | os.PathLike, rank: int) -> int | None:
+    """The last step that ``rank`` has in closed segments, or ``None`` if it has none."""
+    for path in reversed(list_segments(log_dir).get(rank, [])):
+        with reading(path, "the segment header"), h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+        check_header(path, attrs)
+        if int(attrs["n_steps"]) > 0:
+            return int(attrs["last_step"])
+    return None
 
 
 class LogWriter:
     """Buffers step records of one rank and writes them as closed segments in the background.
+
+    A kill loses at most the steps not yet in a closed segment: the buffer and the segments
+    being written, queued, or waiting to be queued while ``add_step`` blocks, at most
+    ``(max_pending + 2) × flush_every_n_steps`` steps. Everything in a closed segment stays readable.
 
     Args:
         log_dir: the log directory.
@@ -200,6 +315,12 @@ class LogWriter:
         background: write segments in a background thread (``False`` writes synchronously).
         max_pending: segments waiting for the background thread before ``add_step`` blocks
             (bounds the memory held by the writer).
+
+    Raises:
+        LogWriteError: from any call after a segment write failed; the message names the log, the
+            failed segment, the last step safely on disk and what to do.
+        FloatingPointError: from ``add_step`` for a non-finite loss/gradient/HVP product (nothing stored).
+        ValueError: from ``add_step`` for a step that would duplicate or skip a step of this rank.
     """
 
     def __init__(
@@ -220,9 +341,16 @@ class LogWriter:
         self.bytes_written = 0
         self._steps: list[StepRecord] = []
         self._checkpoints: list[CheckpointRecord] = []
+        for stale in list_unfinished(self.log_dir, rank):  # a write interrupted by a crash: never renamed, never read
+            stale.unlink(missing_ok=True)
         existing = list_segments(self.log_dir).get(rank, [])
-        self._next_index = int(existing[-1].name[4:12]) + 1 if existing else 0
-        self._error: BaseException | None = None
+        self._next_index = segment_index(existing[-1]) + 1 if existing else 0
+        end = rank_end(self.log_dir, rank)
+        self._next_step: int | None = None if end is None else end + 1
+        self.last_step_on_disk: int | None = end
+        self.run_id = _meta_run_id(self.log_dir)
+        self._error: LogWriteError | None = None
+        self._reported = False
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         if background:
@@ -234,10 +362,24 @@ class LogWriter:
     def buffered_steps(self) -> int:
         return len(self._steps)
 
-    def add_step(self, record: StepRecord) -> None:
-        """Buffer one step; starts a segment write once ``flush_every_n_steps`` are buffered."""
+    @property
+    def failed(self) -> bool:
+        """A segment write failed: the writer writes nothing more."""
+        return self._error is not None
+
+    def add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None = None) -> None:
+        """Validate and buffer one step (and ``θ_t`` taken before it); a full buffer starts a segment write."""
         self._raise_pending_error()
+        record.validate()
+        if self._next_step is not None and record.step != self._next_step:
+            raise ValueError(
+                f"{self.log_dir}: rank {self.rank} would record step {record.step} but its log continues at step "
+                f"{self._next_step}; steps must be recorded once each, in order (a resumed fit truncates the log "
+                "to its checkpoint's step first)")
+        if checkpoint is not None:
+            self._checkpoints.append(checkpoint)
         self._steps.append(record)
+        self._next_step = record.step + 1
         if len(self._steps) >= self.flush_every_n_steps:
             self.flush(wait=False)
 
@@ -261,11 +403,24 @@ class LogWriter:
             self._queue.join()
         self._raise_pending_error()
 
-    def close(self) -> None:
-        """Flush, wait for the background thread and stop it."""
+    def close(self, raise_errors: bool = True) -> None:
+        """Flush, wait for the background thread and stop it.
+
+        After a failed write nothing more is written (a later segment would leave a gap) and the
+        buffered steps are dropped; the failure is raised here unless it was raised before or
+        ``raise_errors`` is ``False`` (closing while another exception propagates).
+        """
         try:
-            self.flush(wait=True)
+            if self._error is None:
+                try:
+                    self.flush(wait=True)
+                except LogWriteError:
+                    if raise_errors:
+                        raise
+            elif raise_errors and not self._reported:
+                self._raise_pending_error()
         finally:
+            self._steps, self._checkpoints = [], []
             if self._thread is not None and self._queue is not None:
                 self._queue.put(None)
                 self._thread.join()
@@ -273,7 +428,39 @@ class LogWriter:
 
     def _write(self, job: tuple[Path, list[StepRecord], list[CheckpointRecord]]) -> None:
         path, steps, checkpoints = job
-        self.bytes_written += write_segment(path, self.rank, steps, checkpoints, self.storage_dtype, self.compression)
+        if self._error is not None:  # never write past a failed segment: the log would have a gap
+            return
+        try:
+            self.bytes_written += write_segment(path, self.rank, steps, checkpoints, self.storage_dtype,
+                                                self.compression, self.run_id)
+        except Exception as err:  # noqa: BLE001 - any failure stops the writer and is reported on the training thread
+            self._error = self._describe_failure(path, steps, err)
+            if self._queue is None:
+                self._raise_pending_error()
+            return
+        if steps:
+            self.last_step_on_disk = steps[-1].step
+
+    def _describe_failure(self, path: Path, steps: list[StepRecord], err: Exception) -> LogWriteError:
+        code = getattr(err, "errno", None)
+        if code is None and isinstance(err.__cause__, OSError):
+            code = err.__cause__.errno
+        full = code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower()
+        what = (f"steps {steps[0].step}..{steps[-1].step}" if steps else "a checkpoint")
+        safe = (f"steps up to {self.last_step_on_disk} are safe in closed segments"
+                if self.last_step_on_disk is not None else "no step of this rank is on disk")
+        if full:
+            todo = ("The disk is full: free space or move log_dir to a larger disk, or make the log smaller "
+                    "(projection_dim, every_n_steps, storage_dtype='float16', compression='gzip'), then resume from "
+                    "the last Lightning checkpoint with Trainer.fit(ckpt_path=...); the log continues from there.")
+        else:
+            todo = ("Check that log_dir is writable and healthy, then resume from the last Lightning checkpoint with "
+                    "Trainer.fit(ckpt_path=...); the log continues from there.")
+        message = (f"writing the influence log {self.log_dir} failed at {path.parent.name}/{path.name} ({what}): "
+                   f"{type(err).__name__}: {err}. Nothing more is written to this log; {safe}. {todo}")
+        out = LogWriteError(code or errno.EIO, message)
+        out.__cause__ = err
+        return out
 
     def _work(self) -> None:
         assert self._queue is not None
@@ -282,52 +469,69 @@ class LogWriter:
             try:
                 if job is None:
                     return
-                if self._error is None:
-                    self._write(job)
-            except BaseException as err:  # surfaced on the training thread at the next call
-                self._error = err
+                self._write(job)
             finally:
                 self._queue.task_done()
 
     def _raise_pending_error(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError(f"writing the influence log under {self.log_dir} failed: {err}") from err
+        if self._error is None:
+            return
+        if self._reported:
+            raise LogWriteError(self._error.errno, f"the influence log writer of {self.log_dir} stopped after an "
+                                                   f"earlier failure: {self._error.strerror}")
+        self._reported = True
+        raise self._error
+
+
+def _meta_run_id(log_dir: Path) -> str | None:
+    if not (log_dir / META_FILE).exists():
+        return None
+    run_id = read_meta(log_dir).get("run_id")
+    return str(run_id) if run_id is not None else None
 
 
 def truncate_log(log_dir: str | os.PathLike, rank: int, from_step: int) -> None:
     """Drop everything of ``rank`` recorded at steps ``>= from_step`` (a resumed fit re-records them).
 
-    Segments entirely past ``from_step`` are deleted; a segment that straddles it is copied,
-    shrunk (its datasets are resizable) and atomically renamed over the original.
+    Segments entirely past ``from_step`` are deleted, newest first, so a crash during the
+    truncation leaves a log without gaps (the next resume finishes the job); a segment that
+    straddles ``from_step`` is shrunk in memory, re-sealed and atomically renamed over the
+    original.
     """
-    for path in list_segments(log_dir).get(rank, []):
-        with h5py.File(path, "r") as f:
+    for stale in list_unfinished(log_dir, rank):
+        stale.unlink(missing_ok=True)
+    for path in reversed(list_segments(log_dir).get(rank, [])):
+        with reading(path, "the segment index"), h5py.File(path, "r") as f:
+            check_header(path, dict(f.attrs))
             steps = f["steps/step"][()]
             ckpts = [int(g.attrs["step"]) for g in f["checkpoints"].values()]
         keep = int(np.searchsorted(steps, from_step))
         if keep == len(steps) and all(t < from_step for t in ckpts):
-            continue
+            break  # this segment and every earlier one end before from_step
         if keep == 0 and all(t >= from_step for t in ckpts):
             path.unlink()
             continue
-        tmp = path.with_name(path.name + TMP_SUFFIX)
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            table = f["steps"]
-            n_rows = int(table["sample_offset"][keep]) if keep < len(steps) else int(f.attrs["n_samples"])
-            grad_offsets = table["grad_offset"][keep:]
-            n_grad = int(grad_offsets[grad_offsets >= 0][0]) if (grad_offsets >= 0).any() else int(f.attrs["n_grad_rows"])
-            for ds in table.values():
-                ds.resize(keep, axis=0)
-            for ds in f["samples"].values():
-                ds.resize(n_rows, axis=0)
-            for ds in f["grads"].values():
-                ds.resize(n_grad, axis=0)
-            for name in [n for n, g in f["checkpoints"].items() if int(g.attrs["step"]) >= from_step]:
-                del f["checkpoints"][name]
-            f.attrs["last_step"] = int(steps[keep - 1]) if keep else -1
-            f.attrs["n_steps"] = keep
-            f.attrs["n_samples"] = n_rows
-            f.attrs["n_grad_rows"] = n_grad
-        _sync_and_rename(tmp, path)
+        _write_file(path, lambda f: _shrink(f, steps, keep, from_step), source=path)
+
+
+def _shrink(f: h5py.File, steps: np.ndarray, keep: int, from_step: int) -> None:
+    """Keep the first ``keep`` steps of a segment (its datasets are resizable) and the checkpoints before ``from_step``."""
+    table = f["steps"]
+    n_rows = int(table["sample_offset"][keep]) if keep < len(steps) else int(f.attrs["n_samples"])
+    grad_offsets = table["grad_offset"][keep:]
+    n_grad = int(grad_offsets[grad_offsets >= 0][0]) if (grad_offsets >= 0).any() else int(f.attrs["n_grad_rows"])
+    for ds in table.values():
+        ds.resize(keep, axis=0)
+        ds.attrs[CRC_ATTR] = crc32(ds[()])
+    for ds in f["samples"].values():
+        ds.resize(n_rows, axis=0)
+    for ds in f["grads"].values():
+        ds.resize(n_grad, axis=0)
+    for name in [n for n, g in f["checkpoints"].items() if int(g.attrs["step"]) >= from_step]:
+        del f["checkpoints"][name]
+    f.attrs["last_step"] = int(steps[keep - 1]) if keep else -1
+    f.attrs["first_step"] = int(steps[0]) if keep else -1
+    f.attrs["n_steps"] = keep
+    f.attrs["n_samples"] = n_rows
+    f.attrs["n_grad_rows"] = n_grad
+    _seal(f)

@@ -1,0 +1,245 @@
+"""A log larger than RAM, reduced in bounded memory (issue #6, scale).
+
+Writes a synthetic log of ``--gb`` GB of projected gradients through the real writer
+(``LogWriter``: background thread, CRC-32 per step, fsync, atomic renames), evicts it from
+the page cache (``posix_fadvise(DONTNEED)``, no root needed), then in the same run:
+
+1. raw sequential read of the segment files (8 MiB ``readinto``, cold cache): the disk's speed;
+2. TracIn over the whole log with a synthetic query gradient, in a fresh subprocess (cold
+   cache again), sampling its RSS every 20 ms; its peak RSS (``VmHWM``) and throughput
+   (sample-steps/s, GB/s) are compared with the raw read. The scores are checked against a
+   closed form (rows are drawn from a known pool), so the reduction is verified, not only timed.
+
+Prints a table, writes JSON to ``benchmarks/results/scale.json`` (git-ignored) and deletes
+the synthetic data (``--keep`` keeps it). Needs ``--gb`` × 1.05 free disk.
+
+    python benchmarks/scale.py [--gb 30] [--dir /big/disk/tmp] [--k 1024] [--batch 256] [--flush 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+POOL_ROWS = 4099  # distinct gradient rows (a prime, so step t's rows are a rolling window of the pool)
+N_IDS = 1_000_003  # training-set size: ids of step t are (t·B + 0..B-1) mod N
+LR = 0.05
+
+
+def pool(k: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((POOL_ROWS, k)).astype(np.float32)
+
+
+def query(k: int) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((1, k))
+
+
+def rows_of(t: int, batch: int) -> np.ndarray:
+    return (t * batch + np.arange(batch)) % POOL_ROWS
+
+
+def ids_of(t: int, batch: int) -> np.ndarray:
+    return (t * batch + np.arange(batch)) % N_IDS
+
+
+def write_log(path: Path, steps: int, k: int, batch: int, flush: int) -> float:
+    """The synthetic log through the real writer; returns seconds."""
+    from lightning_influence.capture import KroneckerProjector
+    from lightning_influence.log import CheckpointRecord, LogWriter, StepRecord
+    from lightning_influence.log.writer import write_meta
+
+    write_meta(path, {"dataset_size": N_IDS, "world_size": 1, "run_id": "scale", "first_step": 0,
+                      "tracked_params": ["w"], "param_shapes": {"w": [k]}, "every_n_steps": 1,
+                      "recorded": {"losses": False, "gradients": True, "hvp": False, "checkpoints": True},
+                      "projection": KroneckerProjector({"w": (k,)}, None).to_metadata(),
+                      "optimizer": {"class": "torch.optim.sgd.SGD", "param_groups": [{"lr": LR, "params": ["w"]}]}})
+    rows = pool(k)
+    writer = LogWriter(path, flush_every_n_steps=flush, storage_dtype="float32")
+    t0 = time.perf_counter()
+    for t in range(steps):
+        rec = StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[LR], ids=ids_of(t, batch),
+                         grads=rows[rows_of(t, batch)])
+        writer.add_step(rec, CheckpointRecord(0, {"w": np.zeros(k)}) if t == 0 else None)
+        if t % 2000 == 0:
+            print(f"  writing: step {t}/{steps}", file=sys.stderr, flush=True)
+    writer.close()
+    return time.perf_counter() - t0
+
+
+def expected_scores(steps: int, k: int, batch: int) -> np.ndarray:
+    """TracIn in closed form: Σ_t (η/B) ⟨q, pool[row]⟩ for each id, from the pool's dot products."""
+    dots = pool(k).astype(np.float64) @ query(k)[0]
+    out = np.zeros(N_IDS)
+    for t in range(steps):
+        np.add.at(out, ids_of(t, batch), LR / batch * dots[rows_of(t, batch)])
+    return out
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache, so reads come from the disk."""
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(files: list[Path]) -> tuple[float, int]:
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return time.perf_counter() - t0, total
+
+
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident since exec) of this process, from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+def reduce(path: Path, k: int) -> dict:
+    from lightning_influence import InfluenceLog, tracin
+
+    baseline = _rss_bytes()
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(_rss_bytes())
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    t0 = time.perf_counter()
+    log = InfluenceLog(path)
+    t_open = time.perf_counter() - t0
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 10:
+            last[0] = now
+            print(f"  reducing: step {done}/{total}", file=sys.stderr, flush=True)
+
+    scores = tracin(log, {0: query(k)}, progress=progress)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    log.close()
+    return {"seconds": seconds, "open_seconds": t_open, "steps": log.num_steps,
+            "rss_before_bytes": baseline, "rss_peak_sampled_bytes": max(samples + [baseline]),
+            # VmHWM, not ru_maxrss: on Linux ru_maxrss keeps the pre-exec peak of the forked parent
+            "peak_rss_bytes": _status_bytes("VmHWM"),
+            "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0,
+            "scores": scores.column(0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=30.0, help="size of the gradient rows to write (default 30)")
+    parser.add_argument("--dir", default=None, help="where to write the log (default: the system temp dir)")
+    parser.add_argument("--k", type=int, default=1024, help="gradient columns per sample (projection dim)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--flush", type=int, default=50, help="steps per segment file")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic log")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "scale.json"))
+    parser.add_argument("--reduce-only", default=None, help=argparse.SUPPRESS)  # internal: the child process
+    args = parser.parse_args()
+    if args.reduce_only:
+        res = reduce(Path(args.reduce_only), args.k)
+        np.save(Path(args.reduce_only) / "scores.npy", res.pop("scores"))
+        print(json.dumps(res))
+        return
+
+    row_bytes = args.k * 4
+    steps = max(1, int(args.gb * 1e9 / (row_bytes * args.batch)))
+    parent = Path(args.dir or tempfile.gettempdir())
+    free = shutil.disk_usage(parent).free
+    if free < args.gb * 1e9 * 1.05:
+        sys.exit(f"scale.py: {parent} has {free / 1e9:.1f} GB free, {args.gb * 1.05:.1f} GB are needed; "
+                 "lower --gb or pass --dir on a larger disk")
+    mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    work = Path(tempfile.mkdtemp(prefix="influence-scale-", dir=parent))
+    log_dir = work / "log"
+    try:
+        print(f"writing {steps} steps × {args.batch} samples × {args.k} float32 columns "
+              f"({steps * args.batch * row_bytes / 1e9:.2f} GB of gradient rows) to {log_dir}", file=sys.stderr)
+        t_write = write_log(log_dir, steps, args.k, args.batch, args.flush)
+        files = sorted(log_dir.rglob("*.h5"))
+        disk_bytes = sum(p.stat().st_size for p in files)
+        evict(files)
+        print("raw sequential read (cold cache)", file=sys.stderr)
+        t_raw, raw_bytes = raw_read(files)
+        evict(files)
+        print("TracIn reduction in a fresh process (cold cache)", file=sys.stderr)
+        child = subprocess.run([sys.executable, __file__, "--reduce-only", str(log_dir), "--k", str(args.k)],
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            sys.exit(f"the reduction failed:\n{child.stderr[-3000:]}")
+        red = json.loads(child.stdout.strip().splitlines()[-1])
+        got = np.load(log_dir / "scores.npy")
+        want = expected_scores(steps, args.k, args.batch)
+        max_rel = float(np.abs(got - want).max() / np.abs(want).max())
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    sample_steps = steps * args.batch
+    result = {
+        "config": {"gb": args.gb, "k": args.k, "batch": args.batch, "flush": args.flush, "steps": steps,
+                   "segments": len(files) - 1, "machine_ram_bytes": mem_total, "cpus": os.cpu_count()},
+        "log_bytes_on_disk": disk_bytes,
+        "write": {"seconds": t_write, "gb_per_s": disk_bytes / t_write / 1e9},
+        "raw_read": {"seconds": t_raw, "bytes": raw_bytes, "gb_per_s": raw_bytes / t_raw / 1e9},
+        "tracin": {**red, "sample_steps_per_s": sample_steps / red["seconds"], "gb_per_s": disk_bytes / red["seconds"] / 1e9,
+                   "vs_raw_read": (disk_bytes / red["seconds"]) / (raw_bytes / t_raw),
+                   "max_rel_error_vs_closed_form": max_rel},
+    }
+    gb = 1e9
+    print(f"\nlog: {disk_bytes / gb:.2f} GB on disk ({steps} steps × {args.batch} samples × {args.k} float32 columns, "
+          f"{len(files) - 1} segments); machine RAM {mem_total / gb:.1f} GB")
+    print(f"{'phase':<34}{'seconds':>9}{'GB/s':>8}{'sample-steps/s':>16}{'peak RSS (GB)':>15}")
+    print(f"{'write (LogWriter, fsync)':<34}{t_write:>9.1f}{disk_bytes / t_write / gb:>8.2f}{sample_steps / t_write:>16,.0f}{'':>15}")
+    print(f"{'raw sequential read (cold)':<34}{t_raw:>9.1f}{raw_bytes / t_raw / gb:>8.2f}{'':>16}{'':>15}")
+    print(f"{'TracIn reduction (cold, subprocess)':<34}{red['seconds']:>9.1f}{disk_bytes / red['seconds'] / gb:>8.2f}"
+          f"{sample_steps / red['seconds']:>16,.0f}{red['peak_rss_bytes'] / gb:>15.2f}")
+    print(f"reduction: {result['tracin']['vs_raw_read']:.0%} of the raw read speed, {red['cpu_seconds']:.1f} CPU s in "
+          f"{red['seconds']:.1f} s; RSS {red['rss_before_bytes'] / gb:.2f} GB after imports, peak "
+          f"{red['peak_rss_bytes'] / gb:.2f} GB (sampled {red['rss_peak_sampled_bytes'] / gb:.2f}); scores vs closed "
+          f"form: max rel. error {max_rel:.1e}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""DDP on CPU (2 processes, gloo): one segment folder per rank, one log, the scores of one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from conftest import make_data, tiny
+from ddp_run import EPOCHS, N, fit
+from lightning_influence import InfluenceLog, tracin
+from lightning_influence.queries import mean_loss
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_ddp_log_equals_a_single_process_run_of_the_same_global_batches(tmp_path):
+    """2 ranks × 3 samples per step vs 1 process × 6: same ids per step, records and TracIn scores."""
+    run = subprocess.run([sys.executable, str(HERE / "ddp_run.py"), str(tmp_path / "ddp"), "ddp"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(str(tmp_path / "single"), "single")
+    finally:
+        torch.set_num_threads(threads)
+    ddp, single = InfluenceLog(tmp_path / "ddp"), InfluenceLog(tmp_path / "single")
+    assert ddp.ranks == [0, 1] and ddp.meta["world_size"] == 2 and ddp.finished
+    for seg in (tmp_path / "ddp" / "rank-1").iterdir():  # θ_t is the same on every rank: only rank 0 stores it
+        with h5py.File(seg, "r") as f:
+            assert len(f["checkpoints"]) == 0
+    assert ddp.num_steps == single.num_steps == 4 * EPOCHS
+    assert ddp.checkpoint_steps == single.checkpoint_steps == list(range(4 * EPOCHS + 1))
+    per_epoch: dict[int, list[int]] = {}
+    d_recs = list(ddp.iter_steps(fields=("loss", "grad")))
+    s_recs = list(single.iter_steps(fields=("loss", "grad")))
+    for d, s in zip(d_recs, s_recs, strict=True):
+        assert d.step == s.step and d.ids.tolist() == s.ids.tolist()  # rank 0's share, then rank 1's
+        per_epoch.setdefault(d.epoch, []).extend(d.ids.tolist())
+        np.testing.assert_allclose(d.losses, s.losses, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(d.grads, s.grads, rtol=1e-10, atol=1e-14)
+        np.testing.assert_array_equal(d.lrs, s.lrs)
+    assert all(sorted(ids) == list(range(N)) for ids in per_epoch.values())  # every sample-step exactly once
+    for t in ddp.checkpoint_steps:
+        for name, value in ddp.checkpoint(t).items():
+            np.testing.assert_allclose(value, single.checkpoint(t)[name], rtol=1e-12, atol=1e-15)
+    query = mean_loss(make_data(8, seed=5).tensors, name="val_loss")
+    got, want = tracin(ddp, query, module=tiny()).column(0), tracin(single, query, module=tiny()).column(0)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
