@@ -406,8 +406,7 @@ class InfluenceLog:
                                        "open the log again") from None
         except Exception as err:  # noqa: BLE001 - any open failure is a damaged file
             raise LogFormatError(path, f"cannot be opened as HDF5 (truncated or corrupted?): {type(err).__name__}: "
-                                       f"{err}. Restore it from a backup, or delete it and every later segment of its "
-                                       "rank to keep the steps before it") from err
+                                       f"{err}. {restore_hint(path)}") from err
         self._files[seg] = f
         if len(self._files) > _MAX_OPEN_FILES:
             _, old = self._files.popitem(last=False)
