@@ -50,9 +50,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import train  # noqa: E402  (the same tracked training run as the accuracy benchmark)
 
 from lightning_influence.data import WithIds  # noqa: E402
 from lightning_influence.estimators import dit, tracin  # noqa: E402
@@ -101,23 +104,6 @@ def make_module(model: str):
             return {"optimizer": opt, "lr_scheduler": sched}
 
     return Net
-
-
-def train(log_dir: str, Net: type, train_ds: Any, epochs: int, batch_size: int, seed: int) -> InfluenceLog:
-    import lightning.pytorch as pl
-
-    from lightning_influence import InfluenceTracker
-
-    torch.manual_seed(seed)
-    module = Net().double()
-    tracker = InfluenceTracker(log_dir, record_gradients=True, checkpoint_every_n_steps=1, storage_dtype="float64",
-                               overwrite=True, flush_every_n_steps=100)
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=[tracker], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                         limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
-    loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    trainer.fit(module, loader)
-    return InfluenceLog(log_dir)
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> dict[str, float]:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -36,7 +35,6 @@ from lightning_influence.capture import (
     call_with_params,
     KroneckerProjector,
     fd_directional_derivative,
-    parameter_epsilon,
     per_sample_grads_hooks,
     per_sample_grads_vmap,
     select_params,
