@@ -48,14 +48,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import train  # noqa: E402  (the same tracked training run as the accuracy benchmark)
+from accuracy import ce_loss, train  # noqa: E402  (the same model and tracked run as the accuracy benchmark)
+from accuracy import make_module as accuracy_module  # noqa: E402
 
 from lightning_influence.data import WithIds  # noqa: E402
 from lightning_influence.estimators import dit, tracin  # noqa: E402
@@ -76,34 +75,9 @@ except ImportError:  # pragma: no cover
 HYPER = {"lr": 0.1, "weight_decay": 1e-3, "step_epochs": 4, "gamma": 0.5}
 
 
-def ce_loss(module: nn.Module, batch: Any) -> torch.Tensor:
-    return F.cross_entropy(module(batch[0]), batch[1], reduction="none")
-
-
-def make_module(model: str):
-    import lightning.pytorch as pl
-
-    class Net(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            layers = [nn.Linear(64, 10)] if model == "logreg" else [nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)]
-            self.net = nn.Sequential(*layers)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def per_sample_loss(self, batch: Any) -> torch.Tensor:
-            return ce_loss(self, batch)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return self.per_sample_loss(batch).mean()
-
-        def configure_optimizers(self) -> Any:
-            opt = torch.optim.SGD(self.parameters(), lr=HYPER["lr"], weight_decay=HYPER["weight_decay"])
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=HYPER["step_epochs"], gamma=HYPER["gamma"])
-            return {"optimizer": opt, "lr_scheduler": sched}
-
-    return Net
+def make_module(model: str) -> type:
+    """The accuracy benchmark's digits model, trained with plain SGD and the hyper-parameters above."""
+    return accuracy_module(model, "sgd", momentum=0.0, **HYPER)
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
