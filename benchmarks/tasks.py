@@ -2,8 +2,9 @@
 
     python benchmarks/tasks.py [--n-train 500] [--epochs 10] [--out benchmarks/results/tasks.json]
 
-Defaults are sized for about 5-6.5 minutes on one CPU core (N = 500, 10 epochs = 160 steps:
-replay LOO of every sample and 450 group replays dominate; both grow like N² · epochs).
+Defaults are sized for about 12-15 minutes on one CPU core (N = 500, 10 epochs = 160 steps:
+replay LOO of every sample, 450 group replays and the 36 logged re-scoring runs of the
+iterative coreset dominate).
 
 Digits (bundled with scikit-learn), float64, the demo's tanh MLP (``DigitsClassifier``) trained
 by a real ``lightning.Trainer`` with the ``InfluenceTracker`` (per-sample gradients, the
@@ -22,7 +23,10 @@ and a step LR schedule. Labels of 10% (and 30%) of the training samples are flip
 3. Deletion (10% flipped run, query: mean test loss): sum of scores against the replayed change
    for 30 random and 30 top-scored sets of 1%, 5% and 10% of the training set.
 4. Coreset (10% flipped run, and a run with clean labels): keep the top 30/50/70% most helpful
-   for the validation loss, retrain from scratch (3 seeds), against random subsets.
+   for the validation loss, retrain from scratch (5 seeds), against random subsets: one-shot
+   over the whole ranking (as published) and per class (random subsets with the same class
+   quotas), and pruned in rounds of 10% of N, re-scored on a logged run of the kept set each
+   round (per class; Diff-In step, DIT, TracIn).
 
 The validation split is only ever used as the query; every accuracy and loss is measured on
 the test split. Prints tables and writes JSON (``benchmarks/results/`` is git-ignored).
@@ -112,6 +116,32 @@ def train_logged(log_dir: str, make, train_ds: WithIds, args: argparse.Namespace
     return InfluenceLog(log_dir)
 
 
+def rescorers(data: dict[str, Any], make, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Score functions for the iterative coreset: train a logged run on the kept ids alone (same recipe),
+    score them for the mean validation loss, delete the log."""
+    x, y = data["train"]
+    query = mean_loss(data["val"], ce_loss)
+    estimators = {
+        "diffin-step (fd)": lambda log, ds: diffin(log, make(), ds, query, loss_fn=ce_loss),
+        "dit (exact)": lambda log, ds: dit(log, make(), ds, query, loss_fn=ce_loss),
+        "tracin": lambda log, ds: tracin(log, query, module=make()),
+    }
+
+    def scorer(estimate):
+        def score(ids: np.ndarray) -> np.ndarray:
+            rows = torch.from_numpy(ids)
+            ds = WithIds(TensorDataset(x[rows], y[rows]))
+            log = train_logged(str(workdir), make, ds, args)
+            try:
+                return estimate(log, ds).column(0)
+            finally:
+                log.close()
+                shutil.rmtree(workdir, ignore_errors=True)
+        return score
+
+    return {name: scorer(fn) for name, fn in estimators.items()}
+
+
 def agreement(est: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {"pearson": pearson(est, truth), "spearman": spearman(est, truth), "kendall": kendall_tau(est, truth)}
 
@@ -157,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sets", type=int, default=30, help="random and top-scored sets per size (deletion)")
     parser.add_argument("--copies", type=int, default=256)
     parser.add_argument("--skip-clean-coreset", action="store_true", help="no clean-label run for coreset")
+    parser.add_argument("--coreset-seeds", type=int, default=5, help="retraining seeds per coreset")
+    parser.add_argument("--rescore-step", type=float, default=0.1,
+                        help="iterative coreset: fraction of N pruned per round before re-scoring")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "tasks.json"))
     args = parser.parse_args(argv)
@@ -232,17 +265,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         coreset_scores = {k: val_scores[k] for k in ("diffin-step (fd)", f"diffin-published (fd, m={args.m})",
                                                      "dit (exact)", "tracin")}
         results["coreset"] = {}
-        with T("coreset retrains (flip 10%)"):
-            results["coreset"]["10% flipped"] = coreset_experiment(make, data["train"], data["test"], coreset_scores, recipe)
+        with T("coreset (flip 10%)"):
+            results["coreset"]["10% flipped"] = coreset_experiment(
+                make, data["train"], data["test"], coreset_scores, recipe, seeds=range(args.coreset_seeds),
+                rescore=rescorers(data, make, args, workdir / "rescore"), rescore_step=args.rescore_step)
         if not args.skip_clean_coreset:
             data0 = load_digits_split(args.n_train, args.n_val, 0.0, seed=args.seed, dtype=torch.float64)
             ds0 = WithIds(TensorDataset(*data0["train"]))
             with T("train (clean labels)"):
                 log0 = train_logged(str(workdir / "clean"), make, ds0, args)
             s0 = scores_for(log0, make, ds0, mean_loss(data0["val"], ce_loss), args, T, "val clean", full=False)
-            with T("coreset retrains (clean)"):
+            with T("coreset (clean)"):
                 results["coreset"]["clean labels"] = coreset_experiment(
-                    make, data0["train"], data0["test"], {k: s0[k] for k in coreset_scores}, recipe)
+                    make, data0["train"], data0["test"], {k: s0[k] for k in coreset_scores}, recipe,
+                    seeds=range(args.coreset_seeds), rescore=rescorers(data0, make, args, workdir / "rescore"),
+                    rescore_step=args.rescore_step)
             log0.close()
         for run in runs.values():
             run["log"].close()
@@ -297,13 +334,18 @@ def print_tables(res: dict[str, Any]) -> None:
     for label, c in res["coreset"].items():
         print(f"\n=== Coreset ({label}): keep the top x% most helpful (val loss), retrain, test accuracy over "
               f"{len(c['seeds'])} seeds; full data {c['full data']['mean']:.4f} ===")
-        names = [k for k in next(iter(c["fractions"].values())) if k not in ("size",)]
-        print(f"{'x':>4} " + " ".join(f"{n[:22]:>22}" for n in names))
-        for frac, e in c["fractions"].items():
-            print(f"{float(frac):>4.0%} " + " ".join(f"{e[n]['mean']:>13.4f} ± {e[n]['std']:.3f}" for n in names))
-        print("class share of the kept samples (min-max): " + "; ".join(
-            f"{float(frac):.0%} " + ", ".join(f"{n.split(' ')[0]} {e[n]['class_share']['min']:.2f}-{e[n]['class_share']['max']:.2f}"
-                                               for n in names if "class_share" in e[n]) for frac, e in c["fractions"].items()))
+        for sel in next(iter(c["fractions"].values())):
+            if sel == "size":
+                continue
+            names = list(next(iter(c["fractions"].values()))[sel])
+            print(f"-- {sel} selection" + (" (random: same class quotas)" if sel == "per class" else ""))
+            print(f"{'x':>4} " + " ".join(f"{n[:22]:>22}" for n in names) + "   class share min-max")
+            for frac, e in c["fractions"].items():
+                r = e[sel]
+                print(f"{float(frac):>4.0%} " + " ".join(f"{r[n]['mean']:>13.4f} ± {r[n]['std']:.3f}" for n in names)
+                      + "   " + ", ".join(f"{r[n]['class_share']['min']:.2f}-{r[n]['class_share']['max']:.2f}" for n in names))
+            means = {n: np.mean([e[sel][n]["mean"] for e in c["fractions"].values()]) for n in names}
+            print(f"mean " + " ".join(f"{means[n]:>22.4f}" for n in names))
     print("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
 
 

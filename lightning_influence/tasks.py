@@ -15,8 +15,9 @@ samples score high).
   (:func:`~lightning_influence.evaluation.ground_truth.replay_loo` with ``groups``: same
   ``θ_0``, batches and learning rates, denominator kept, math §2). Correlation over random
   sets and over sets drawn from the top-scored samples.
-- **Coreset** (:func:`coreset_experiment`): keep the top ``x%`` most helpful samples, retrain
-  from scratch, compare with random subsets of the same size.
+- **Coreset** (:func:`coreset_experiment`): keep the top ``x%`` most helpful samples (of the whole
+  ranking, or of each class: :func:`select_coreset`), retrain from scratch, compare with random
+  subsets of the same size (and the same class quotas).
 
 Retraining from scratch uses a plain torch loop (:func:`train_from_scratch`); no Lightning.
 """
@@ -36,6 +37,8 @@ from lightning_influence.evaluation.metrics import auroc, pearson, precision_at_
 
 __all__ = [
     "Recipe",
+    "ScoreFn",
+    "class_quotas",
     "cleaning_experiment",
     "coreset_experiment",
     "deletion_experiment",
@@ -43,7 +46,10 @@ __all__ = [
     "evaluate",
     "harmful_order",
     "helpful_order",
+    "iterative_coreset",
+    "random_coreset",
     "random_sets",
+    "select_coreset",
     "top_scored_sets",
     "train_from_scratch",
 ]
@@ -276,30 +282,145 @@ def deletion_experiment(log: Any, module: nn.Module, train_data: Any, query: Cal
 
 
 # ================================================================================= coreset
+SELECTIONS = ("global", "per class")
+
+
+def class_quotas(labels: np.ndarray, size: int) -> dict[int, int]:
+    """How many of ``size`` kept samples each class gets: proportional to its count, largest remainder
+    (ties to the smaller label), so the kept set has the label shares of the full set."""
+    labels = np.asarray(labels).reshape(-1)
+    if not 1 <= size <= len(labels):
+        raise ValueError(f"coreset size {size} must be in [1, {len(labels)}]")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (size / len(labels))
+    quota = np.floor(exact).astype(np.int64)
+    extra = np.argsort(-(exact - quota), kind="stable")[: size - int(quota.sum())]
+    quota[extra] += 1
+    return {int(c): int(q) for c, q in zip(classes, quota)}
+
+
+def select_coreset(scores: np.ndarray, size: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """The ``size`` most helpful sample ids (sorted). With ``labels``, the most helpful of each class,
+    with :func:`class_quotas` per class: a ranking on one query scores whole easy classes near zero
+    (each sample is redundant given its classmates), and a global top-x drops them entirely."""
+    order = helpful_order(scores)
+    if labels is None:
+        if not 1 <= size <= len(order):
+            raise ValueError(f"coreset size {size} must be in [1, {len(order)}]")
+        return np.sort(order[:size])
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(order):
+        raise ValueError(f"{len(labels)} labels for {len(order)} scores")
+    ranked = labels[order]
+    return np.sort(np.concatenate([order[ranked == c][:q] for c, q in class_quotas(labels, size).items()]))
+
+
+def random_coreset(n: int, size: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> np.ndarray:
+    """A uniformly random subset of ``size`` ids; with ``labels``, uniformly random within each class
+    with :func:`class_quotas` (the baseline matching :func:`select_coreset` with labels)."""
+    return select_coreset(rng.permutation(n).astype(np.float64), size, labels)
+
+
+ScoreFn = Callable[[np.ndarray], np.ndarray]
+"""``score_fn(ids) -> scores``: influence scores of the samples ``ids`` (in that order) for the
+query, from a run trained on ``ids`` alone."""
+
+
+def iterative_coreset(score_fn: ScoreFn, n: int, fractions: Sequence[float], *, labels: np.ndarray | None = None,
+                      step: float = 0.1, initial_scores: np.ndarray | None = None,
+                      progress: Callable[[str], None] | None = None) -> dict[float, np.ndarray]:
+    """Prune in rounds, re-scoring the kept set after each: ``{fraction: kept ids}``.
+
+    Influence is a marginal quantity: a sample's score is its value *given all the others*. A
+    one-shot top-``x`` removes many samples at once, and samples that were redundant with each
+    other (each scored low because the others cover it) go together. Here each round keeps
+    the most helpful down to the next size (:func:`select_coreset`, per class with ``labels``),
+    trains on the kept set and scores it again (``score_fn``). Sizes go down by ``step · n`` per
+    round and pass through every requested fraction; ``initial_scores`` (the scores of all ``n``
+    samples) saves the first call of ``score_fn``.
+    """
+    if not 0 < step < 1:
+        raise ValueError(f"step must be in (0, 1), got {step}")
+    targets: dict[int, list[float]] = {}
+    for f in fractions:
+        targets.setdefault(int(round(f * n)), []).append(float(f))
+    if not targets or not all(1 <= size < n for size in targets):
+        raise ValueError(f"fractions must keep between 1 and {n - 1} of {n} samples, got {list(fractions)}")
+    grid = sorted(set(targets) | {s for s in (int(round(n * (1 - k * step))) for k in range(1, int(1 / step) + 1))
+                                  if min(targets) < s < n}, reverse=True)
+    labels = None if labels is None else np.asarray(labels).reshape(-1)
+    kept = np.arange(n)
+    scores = score_fn(kept) if initial_scores is None else np.asarray(initial_scores, dtype=np.float64).reshape(-1)
+    out: dict[float, np.ndarray] = {}
+    for i, size in enumerate(grid):
+        if len(scores) != len(kept):
+            raise ValueError(f"score_fn returned {len(scores)} scores for {len(kept)} samples")
+        kept = kept[select_coreset(scores, size, None if labels is None else labels[kept])]
+        out.update(dict.fromkeys(targets.get(size, ()), kept))
+        if i + 1 < len(grid):
+            if progress is not None:
+                progress(f"iterative coreset: scoring {size} kept samples")
+            scores = np.asarray(score_fn(kept), dtype=np.float64).reshape(-1)
+    return out
+
+
 def coreset_experiment(make_module: Callable[[], nn.Module], train: tuple[torch.Tensor, torch.Tensor],
                        test: tuple[torch.Tensor, torch.Tensor], scores: Mapping[str, np.ndarray], recipe: Recipe, *,
                        fractions: Sequence[float] = (0.3, 0.5, 0.7), seeds: Sequence[int] = (0, 1, 2),
+                       selections: Sequence[str] = SELECTIONS, rescore: Mapping[str, ScoreFn] | None = None,
+                       rescore_selections: Sequence[str] = ("per class",), rescore_step: float = 0.1,
                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Keep the top ``x`` most helpful samples of each ranking, retrain from scratch, measure test accuracy;
-    random subsets of the same size (one draw per seed) are the baseline."""
+    """Keep the top ``x`` most helpful samples of each ranking, retrain from scratch, measure test accuracy.
+
+    Each ``selection`` is measured against its own random baseline (one draw per seed): ``"global"``
+    keeps the top ``x`` of the whole ranking against uniform random subsets; ``"per class"`` keeps
+    the top ``x`` of each class (by the training labels, see :func:`select_coreset`) against random
+    subsets with the same class quotas. For each ``name`` in ``rescore`` the experiment also
+    prunes in rounds (:func:`iterative_coreset`, first round from ``scores[name]``) and reports
+    it as ``"<name>, iterative"`` under each of ``rescore_selections``.
+
+    Returns:
+        ``{"n", "seeds", "full data", "fractions": {x: {"size", selection: {"random" | name:
+        {"mean", "std", "n", "class_share": {"min", "max"}}}}}}``.
+    """
+    rescore = dict(rescore or {})
+    iter_sels = tuple(rescore_selections) if rescore else ()
+    for sel in (*selections, *iter_sels):
+        if sel not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {sel!r}")
+    missing = set(rescore) - set(scores)
+    if missing:
+        raise ValueError(f"rescore names {sorted(missing)} have no initial scores in `scores`")
     x, y = train
     n = len(x)
+    labels = y.numpy()
+    n_classes = int(labels.max()) + 1
     t0 = time.perf_counter()
+
+    def measure(keep_per_seed: Sequence[np.ndarray]) -> dict[str, Any]:
+        accs = [evaluate(train_from_scratch(make_module, x, y, recipe, ids=keep, seed=s), *test)["accuracy"]
+                for keep, s in zip(keep_per_seed, seeds)]
+        share = np.bincount(labels[keep_per_seed[0]], minlength=n_classes) / len(keep_per_seed[0])
+        return {**_mean_std(accs), "class_share": {"min": float(share.min()), "max": float(share.max())}}
+
+    pruned = {(sel, name): iterative_coreset(fn, n, fractions, labels=labels if sel == "per class" else None,
+                                             step=rescore_step, initial_scores=scores[name], progress=progress)
+              for sel in iter_sels for name, fn in rescore.items()}
     full = [evaluate(train_from_scratch(make_module, x, y, recipe, seed=s), *test)["accuracy"] for s in seeds]
     out: dict[str, Any] = {"n": n, "seeds": list(seeds), "full data": _mean_std(full), "fractions": {}}
     for frac in fractions:
         size = max(1, int(round(frac * n)))
         entry: dict[str, Any] = {"size": size}
-        rand = [evaluate(train_from_scratch(make_module, x, y, recipe, seed=s,
-                                            ids=np.random.default_rng(2000 + s).choice(n, size=size, replace=False)),
-                         *test)["accuracy"] for s in seeds]
-        entry["random"] = _mean_std(rand)
-        for name, sc in scores.items():
-            keep = helpful_order(sc)[:size]
-            entry[name] = _mean_std([evaluate(train_from_scratch(make_module, x, y, recipe, ids=keep, seed=s), *test)["accuracy"]
-                                     for s in seeds])
-            share = np.bincount(y[torch.from_numpy(keep)].numpy(), minlength=int(y.max()) + 1) / size
-            entry[name]["class_share"] = {"min": float(share.min()), "max": float(share.max())}
+        for sel in dict.fromkeys((*selections, *iter_sels)):
+            by = labels if sel == "per class" else None
+            res = {"random": measure([random_coreset(n, size, np.random.default_rng(2000 + s), by) for s in seeds])}
+            if sel in selections:
+                for name, sc in scores.items():
+                    res[name] = measure([select_coreset(sc, size, by)] * len(seeds))
+            for (psel, name), kept in pruned.items():
+                if psel == sel:
+                    res[f"{name}, iterative"] = measure([kept[float(frac)]] * len(seeds))
+            entry[sel] = res
         out["fractions"][str(frac)] = entry
         if progress is not None:
             progress(f"coreset {frac:.0%}")

@@ -9,43 +9,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from lightning_influence.evaluation.datamodels import ReplaySubsets, datamodel_quality, datamodel_quality_of
 from lightning_influence.evaluation.stability import fit_linear_datamodel
 from lightning_influence.log import InfluenceLog
+from tests._linear import D, Lin, linear_problem
 from tests._tinylog import epoch_batches, train_and_log
 
 torch.set_num_threads(1)
-N, D, KAPPA, LR = 10, 3, 0.05, 0.3
-gen = torch.Generator().manual_seed(0)
-X = torch.randn(N, D, generator=gen, dtype=torch.float64)
-Y = (X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 * torch.randn(N, generator=gen, dtype=torch.float64))[:, None]
-XQ = torch.randn(1, D, generator=gen, dtype=torch.float64)
-PHI = np.concatenate([X.numpy(), np.ones((N, 1))], 1)
-PHIQ = np.r_[XQ.numpy()[0], 1.0]
-YN = Y.numpy()[:, 0]
-
-
-class Lin(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(D, 1)
-
-    def forward(self, x):
-        return self.lin(x)
-
-    def per_sample_loss(self, batch):
-        return 0.5 * (self(batch[0]) - batch[1]).pow(2).sum(1)
-
-
-def data(ids):
-    ids = torch.as_tensor(ids)
-    return X[ids], Y[ids]
-
-
-def query(m):
-    return m(XQ).reshape(())
+N, KAPPA, LR = 10, 0.05, 0.3
+P = linear_problem(N, torch.Generator().manual_seed(0))
+X, Y, XQ, data, query = P.x, P.y, P.xq, P.data, P.prediction
+PHI, PHIQ, YN = P.phi.numpy(), P.phiq.numpy()[0], Y.numpy()[:, 0]
 
 
 def gd(masks: np.ndarray, theta0: np.ndarray, batches, lrs) -> np.ndarray:

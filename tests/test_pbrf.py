@@ -19,34 +19,14 @@ from lightning_influence.evaluation.pbrf import (
     pbrf,
 )
 from lightning_influence.log import InfluenceLog
+from tests._linear import D, Lin, linear_problem
 from tests._tinylog import epoch_batches, train_and_log
 
 torch.set_num_threads(1)
-N, D, KAPPA = 12, 3, 0.05
+N, KAPPA = 12, 0.05
 gen = torch.Generator().manual_seed(0)
-X = torch.randn(N, D, generator=gen, dtype=torch.float64)
-Y = (X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 * torch.randn(N, generator=gen, dtype=torch.float64))[:, None]
-XQ = torch.randn(4, D, generator=gen, dtype=torch.float64)
-YQ = torch.randn(4, 1, generator=gen, dtype=torch.float64)
-PHI = torch.cat([X, torch.ones(N, 1, dtype=torch.float64)], 1)  # features of (weight, bias)
-PHIQ = torch.cat([XQ, torch.ones(4, 1, dtype=torch.float64)], 1)
-
-
-class Lin(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(D, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-    def per_sample_loss(self, batch):
-        return 0.5 * (self(batch[0]) - batch[1]).pow(2).sum(1)
-
-
-def lin_data(ids):
-    ids = torch.as_tensor(ids)
-    return X[ids], Y[ids]
+P = linear_problem(N, gen, n_query=4)
+X, Y, XQ, YQ, PHI, PHIQ, lin_data = P.x, P.y, P.xq, P.yq, P.phi, P.phiq, P.data
 
 
 def lin_query(m):  # a prediction (linear in θ) and a validation loss (quadratic)

@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_influence.tasks import (
     Recipe,
+    class_quotas,
     cleaning_experiment,
     coreset_experiment,
     deletion_experiment,
@@ -18,7 +19,10 @@ from lightning_influence.tasks import (
     evaluate,
     harmful_order,
     helpful_order,
+    iterative_coreset,
+    random_coreset,
     random_sets,
+    select_coreset,
     top_scored_sets,
     train_from_scratch,
 )
@@ -121,16 +125,84 @@ def test_cleaning_with_a_perfect_ranking_equals_the_oracles():
         cleaning_experiment(make, (x, y), y_clean, flipped, test, {}, RECIPE, modes=("drop",))
 
 
+def test_class_quotas_are_proportional_with_largest_remainder():
+    labels = np.array([0] * 5 + [1] * 3 + [2] * 2)
+    assert class_quotas(labels, 10) == {0: 5, 1: 3, 2: 2}
+    # 0.4 · (5, 3, 2) = (2.0, 1.2, 0.8): floors (2, 1, 0), the one left goes to the largest remainder
+    assert class_quotas(labels, 4) == {0: 2, 1: 1, 2: 1}
+    # 0.5 · (5, 3, 2) = (2.5, 1.5, 1.0): floors (2, 1, 1), one left, the tied remainders go to the smaller label
+    assert class_quotas(labels, 5) == {0: 3, 1: 1, 2: 1}
+    # 0.7 · (5, 3, 2) = (3.5, 2.1, 1.4)
+    assert class_quotas(labels, 7) == {0: 4, 1: 2, 2: 1}
+    with pytest.raises(ValueError, match="size"):
+        class_quotas(labels, 0)
+
+
+def test_select_coreset_globally_and_per_class():
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    assert select_coreset(scores, 4).tolist() == [0, 1, 2, 3]  # one class only
+    assert select_coreset(scores, 4, labels).tolist() == [0, 1, 4, 5]  # the two most helpful of each class
+    assert select_coreset(scores, 3, labels).tolist() == [0, 1, 4]
+    with pytest.raises(ValueError, match="labels"):
+        select_coreset(scores, 3, labels[:5])
+    rng = np.random.default_rng(0)
+    draws = [random_coreset(8, 4, rng, labels) for _ in range(200)]
+    assert all(np.bincount(labels[d]).tolist() == [2, 2] for d in draws)
+    counts = np.bincount(np.concatenate(draws), minlength=8)
+    assert counts.min() > 70 and counts.max() < 130  # each id kept in about half the draws (100)
+
+
+def test_iterative_coreset_rescores_the_kept_set():
+    calls = []
+
+    def score_fn(ids: np.ndarray) -> np.ndarray:
+        """Depends on the kept set: prefers large ids when 4 | len(ids), small ids otherwise."""
+        calls.append(ids.tolist())
+        return ids.astype(float) if len(ids) % 4 == 0 else -ids.astype(float)
+
+    # step 0.2 of n = 10: sizes 8, 6, then the target 5; the first round uses the initial scores
+    kept = iterative_coreset(score_fn, 10, (0.5,), step=0.2, initial_scores=np.arange(10.0))
+    assert kept[0.5].tolist() == [4, 5, 6, 7, 8]  # 8 largest [2..9]; rescored (8) → 6 largest [4..9]; rescored (6) → 5 smallest
+    assert calls == [list(range(2, 10)), list(range(4, 10))]
+    calls.clear()
+    # per class (labels = id mod 2): 8 kept = 4 + 4 largest, then 3 + 3 smallest of those
+    kept = iterative_coreset(lambda ids: -ids.astype(float), 10, (0.6, 0.8), labels=np.arange(10) % 2, step=0.2,
+                             initial_scores=np.arange(10.0))
+    assert kept[0.8].tolist() == list(range(2, 10)) and kept[0.6].tolist() == [2, 3, 4, 5, 6, 7]
+    assert iterative_coreset(score_fn, 10, (0.5,), step=0.5)[0.5].tolist() == [0, 1, 2, 3, 4]  # scores all 10 first
+    assert calls[0] == list(range(10))
+    with pytest.raises(ValueError, match="fractions"):
+        iterative_coreset(score_fn, 10, (1.0,))
+    with pytest.raises(ValueError, match="returned 3 scores"):
+        iterative_coreset(lambda ids: np.zeros(3), 10, (0.5,), step=0.2, initial_scores=np.arange(10.0))
+
+
 def test_coreset_keeps_the_most_helpful():
     x, y, _, _ = blobs()
     test = blobs(n=30, flip=0, seed=1)[:2]
     scores = np.arange(len(x), dtype=float)
-    res = coreset_experiment(make, (x, y), test, {"s": scores}, RECIPE, fractions=(0.5,), seeds=(0,))
+
+    def rescore(ids: np.ndarray) -> np.ndarray:
+        return -ids.astype(float)
+
+    res = coreset_experiment(make, (x, y), test, {"s": scores}, RECIPE, fractions=(0.5,), seeds=(0, 1),
+                             rescore={"s": rescore})
     e = res["fractions"]["0.5"]
-    assert e["size"] == 30
-    keep = np.arange(30, 60)
-    ref = evaluate(train_from_scratch(make, x, y, RECIPE, ids=keep, seed=0), *test)["accuracy"]
-    assert e["s"]["mean"] == ref and e["random"]["n"] == 1
+    assert e["size"] == 30 and set(e) == {"size", "global", "per class"}
+    pruned = iterative_coreset(rescore, 60, (0.5,), labels=y.numpy(), initial_scores=scores)[0.5]
+    for selection, name, keep in (("global", "s", np.arange(30, 60)),
+                                  ("per class", "s", select_coreset(scores, 30, y.numpy())),
+                                  ("per class", "s, iterative", pruned)):
+        ref = np.mean([evaluate(train_from_scratch(make, x, y, RECIPE, ids=keep, seed=s), *test)["accuracy"] for s in (0, 1)])
+        assert e[selection][name]["mean"] == pytest.approx(ref, abs=1e-12) and e[selection]["random"]["n"] == 2
+    assert "s, iterative" not in e["global"]
+    share = np.bincount(y.numpy()[select_coreset(scores, 30, y.numpy())], minlength=3) / 30
+    assert e["per class"]["s"]["class_share"] == {"min": share.min(), "max": share.max()}
+    with pytest.raises(ValueError, match="selection"):
+        coreset_experiment(make, (x, y), test, {}, RECIPE, selections=("stratified",))
+    with pytest.raises(ValueError, match="no initial scores"):
+        coreset_experiment(make, (x, y), test, {}, RECIPE, rescore={"s": rescore})
 
 
 def test_deletion_against_replayed_group_removal(tmp_path):

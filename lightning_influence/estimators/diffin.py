@@ -448,6 +448,35 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
 
 
 # ================================================================================ public API
+def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_data: TrainData, window: Any, form: str,
+            hvp: str, eps0: float | None, steps: Any, samples: str, loss_fn: LossFn, verify: bool, chunk_size: int,
+            progress: Progress) -> InfluenceScores:
+    """Both public entry points: ``query=None`` is self-influence."""
+    t0 = time.perf_counter()
+    t1, t2 = log.window(window)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "step" and (steps is not None or samples != "all"):
+        raise ValueError("steps/samples select the published form's checkpoints; the step form uses every step")
+    ctx = _Context(log, module, train_data, loss_fn, hvp, eps0, verify, chunk_size)
+    suffix = " self" if query is None else ""
+    show = resolve_progress(progress, f"diffin-{form}{suffix.replace(' ', '-')}")
+    if form == "published":
+        raw, names, info = _published(ctx, query, t1, t2, steps, samples, show)
+        scores = -raw
+        method = ctx.method(f"diffin-published{suffix}", [f"m={info['m']}" if samples == "all" else "batch rows"])
+    else:
+        if query is None:
+            scores, info = _step_self(ctx, t1, t2, show)
+        else:
+            scores, names, info = _step(ctx, query, t1, t2, show)
+        method = ctx.method(f"diffin-step{suffix}")
+    info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class)
+    if hvp == "fd":
+        info["eps0"] = ctx.eps0
+    return InfluenceScores(scores, method, (t1, t2), ["self"] if query is None else names, info=info)
+
+
 def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
            form: str = "step", hvp: str = "fd", eps0: float | None = None, steps: Any = None, samples: str = "all",
            loss_fn: LossFn = default_loss_fn, verify: bool = True, chunk_size: int = 512,
@@ -481,25 +510,8 @@ def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Q
         :class:`InfluenceScores` with ``N`` rows, one column per query output. Sign: positive
         = removing the sample raises ``f`` (the published expression is negated, see module doc).
     """
-    t0 = time.perf_counter()
-    t1, t2 = log.window(window)
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    ctx = _Context(log, module, train_data, loss_fn, hvp, eps0, verify, chunk_size)
-    show = resolve_progress(progress, f"diffin-{form}")
-    if form == "published":
-        raw, names, info = _published(ctx, query, t1, t2, steps, samples, show)
-        scores = -raw
-        method = ctx.method("diffin-published", [f"m={info['m']}" if samples == "all" else "batch rows"])
-    else:
-        if steps is not None or samples != "all":
-            raise ValueError("steps/samples select the published form's checkpoints; the step form uses every step")
-        scores, names, info = _step(ctx, query, t1, t2, show)
-        method = ctx.method("diffin-step")
-    info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class)
-    if hvp == "fd":
-        info["eps0"] = ctx.eps0
-    return InfluenceScores(scores, method, (t1, t2), names, info=info)
+    return _diffin(query, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
+                   chunk_size, progress)
 
 
 def diffin_self_influence(log: InfluenceLog, module: nn.Module, train_data: TrainData, window: Any = None, *,
@@ -522,22 +534,5 @@ def diffin_self_influence(log: InfluenceLog, module: nn.Module, train_data: Trai
     weighs late steps most: which term wins depends on the run (docs/diffin.md, measured).
     Arguments as :func:`diffin`.
     """
-    t0 = time.perf_counter()
-    t1, t2 = log.window(window)
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    ctx = _Context(log, module, train_data, loss_fn, hvp, eps0, verify, chunk_size)
-    show = resolve_progress(progress, f"diffin-{form}-self")
-    if form == "published":
-        raw, _, info = _published(ctx, None, t1, t2, steps, samples, show)
-        scores = -raw
-        method = ctx.method("diffin-published self", [f"m={info['m']}" if samples == "all" else "batch rows"])
-    else:
-        if steps is not None or samples != "all":
-            raise ValueError("steps/samples select the published form's checkpoints; the step form uses every step")
-        scores, info = _step_self(ctx, t1, t2, show)
-        method = ctx.method("diffin-step self")
-    info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class)
-    if hvp == "fd":
-        info["eps0"] = ctx.eps0
-    return InfluenceScores(scores, method, (t1, t2), ["self"], info=info)
+    return _diffin(None, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
+                   chunk_size, progress)
