@@ -16,8 +16,9 @@ samples score high).
   ``θ_0``, batches and learning rates, denominator kept, math §2). Correlation over random
   sets and over sets drawn from the top-scored samples.
 - **Coreset** (:func:`coreset_experiment`): keep the top ``x%`` most helpful samples (of the whole
-  ranking, or of each class: :func:`select_coreset`), retrain from scratch, compare with random
-  subsets of the same size (and the same class quotas).
+  ranking, or of each class: :func:`select_coreset`; or pruned in rounds, re-scoring the kept
+  set each round: :func:`iterative_coreset`), retrain from scratch, compare with random subsets
+  of the same size (and the same class quotas). docs/diffin.md has the measurements.
 
 Retraining from scratch uses a plain torch loop (:func:`train_from_scratch`); no Lightning.
 """
