@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_influence.capture import (
+    HVP_SCHEMES,
     HookGradientCapture,
     call_with_params,
     KroneckerProjector,
@@ -96,6 +97,10 @@ class InfluenceTracker(Callback):
         ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
         gradient_engine: ``"auto"`` (hooks for Linear/Conv2d models, else vmap), ``"hooks"``, ``"vmap"``.
         hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``.
+        hvp_scheme: ``"central"`` (two extra per-sample-gradient passes at ``θ ± ε Ĝ_t``, error
+            ``O(ε²)``) or ``"forward"`` (one pass at ``θ + ε Ĝ_t`` against the step's own
+            per-sample gradients, error ``O(ε)``; in float32 about twice the central error at
+            the same ``ε_0``, see :mod:`lightning_influence.capture.hvp`).
         flush_every_n_steps: steps per segment file. A kill loses only steps not yet in a closed
             segment, at most ``4 × flush_every_n_steps`` (the buffer and the segments being written
             or queued); every Lightning checkpoint first flushes and waits, so a resumed fit never
@@ -131,6 +136,7 @@ class InfluenceTracker(Callback):
         ids_fn: IdsFn | None = None,
         gradient_engine: str = "auto",
         hvp_eps: float = 1e-3,
+        hvp_scheme: str = "central",
         flush_every_n_steps: int = 50,
         allow_train_batchnorm: bool = False,
         overwrite: bool = False,
@@ -147,6 +153,7 @@ class InfluenceTracker(Callback):
         _require(gradient_engine in _ENGINES, f"gradient_engine must be one of {_ENGINES}, got {gradient_engine!r}")
         _require(not record_hvp or record_gradients, "record_hvp=True needs record_gradients=True (HVP products share the gradient rows)")
         _require(hvp_eps > 0, f"hvp_eps must be > 0, got {hvp_eps!r}")
+        _require(hvp_scheme in HVP_SCHEMES, f"hvp_scheme must be one of {HVP_SCHEMES}, got {hvp_scheme!r}")
         _require(isinstance(flush_every_n_steps, int) and flush_every_n_steps >= 1, "flush_every_n_steps must be an int >= 1")
         _require(loss_fn is None or callable(loss_fn), "loss_fn must be callable: loss_fn(module, batch) -> Tensor[B]")
         _require(ids_fn is None or callable(ids_fn), "ids_fn must be callable: ids_fn(batch) -> Tensor[B]")
@@ -167,6 +174,7 @@ class InfluenceTracker(Callback):
         self.ids_fn = ids_fn
         self.gradient_engine = gradient_engine
         self.hvp_eps = hvp_eps
+        self.hvp_scheme = hvp_scheme
         self.flush_every_n_steps = flush_every_n_steps
         self.allow_train_batchnorm = allow_train_batchnorm
         self.overwrite = overwrite
@@ -463,7 +471,9 @@ class InfluenceTracker(Callback):
         def grads_at(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return torch.cat([self._own_grads(pl_module, m, params)[0] for m in micro])
 
-        hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()}, self.hvp_eps)
+        at = torch.cat([m.grads for m in micro]) if self.hvp_scheme == "forward" else None  # the step's own g_z(θ_t)
+        hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()}, self.hvp_eps,
+                                              self.hvp_scheme, at)
         return hvps.detach().cpu(), float(eps)
 
     def _check_batchnorm(self, pl_module: nn.Module) -> None:
@@ -535,7 +545,7 @@ class InfluenceTracker(Callback):
             "every_n_steps": self.every_n_steps,
             "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
             "gradient_engine": self._engine,
-            "hvp": {"eps0": self.hvp_eps, "direction": "batch_mean_gradient", "scheme": "central"},
+            "hvp": {"eps0": self.hvp_eps, "direction": "batch_mean_gradient", "scheme": self.hvp_scheme},
             "storage_dtype": self.storage_dtype,
             "tracked_params": self._names,
             "param_shapes": {n: list(p.shape) for n, p in pl_module.named_parameters() if p.requires_grad},

@@ -183,7 +183,7 @@ def test_unsupported_layers_fall_back_to_vmap_or_are_refused_for_hooks(log_dir):
     [({"every_n_steps": 0}, "every_n_steps"), ({"projection_dim": 0}, "projection_dim"),
      ({"storage_dtype": "bfloat16"}, "storage_dtype"), ({"record_hvp": True}, "needs record_gradients"),
      ({"gradient_engine": "magic"}, "gradient_engine"), ({"checkpoint_every_n_steps": -1}, "checkpoint_every_n_steps"),
-     ({"compression": "zstd"}, "compression")],
+     ({"compression": "zstd"}, "compression"), ({"hvp_scheme": "backward"}, "hvp_scheme")],
 )
 def test_invalid_configuration_fails_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

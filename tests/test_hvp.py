@@ -74,6 +74,31 @@ def test_fd_error_is_second_order(setup):
     assert 3.7 < ratio < 4.3
 
 
+def test_forward_scheme_is_first_order_and_reuses_the_base_value(setup):
+    # Forward differences: error = c ε + O(ε²), so halving ε halves it.
+    model, batch, params, g_b, exact = setup
+    proj = KroneckerProjector({n: p.shape for n, p in params.items()}, dim=None)
+    capture = HookGradientCapture(model, list(params), proj)
+
+    def fn(p):
+        return per_sample_grads_hooks(model, loss_fn, batch, capture, params=p)[0]
+
+    expected = proj.project(exact)
+    errors = []
+    for eps0 in (0.02, 0.01, 0.005):
+        fd, _ = fd_directional_derivative(fn, params, g_b, eps0=eps0, scheme="forward")
+        errors.append(rel_err(fd, expected))
+    assert all(1.8 < errors[i] / errors[i + 1] < 2.2 for i in range(2)), errors
+    base = fn(params)
+    reused, _ = fd_directional_derivative(fn, params, g_b, eps0=0.01, scheme="forward", at=base)
+    recomputed, _ = fd_directional_derivative(fn, params, g_b, eps0=0.01, scheme="forward")
+    assert torch.equal(reused, recomputed)
+    wrong, _ = fd_directional_derivative(fn, params, g_b, eps0=0.01, scheme="forward", at=base * 1.001)
+    assert rel_err(wrong, expected) > 10 * errors[1]  # `at` is really used
+    with pytest.raises(ValueError, match="scheme"):
+        fd_directional_derivative(fn, params, g_b, scheme="backward")
+
+
 def test_parameter_epsilon():
     params = {"a": torch.full((3, 4), 2.0), "b": torch.zeros(4)}
     assert parameter_epsilon(params, eps0=1e-2) == pytest.approx(1e-2 * (1 + math.sqrt(48)) / 4, rel=1e-6)

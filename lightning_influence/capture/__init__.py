@@ -1,5 +1,6 @@
 """Capture layer: projected per-sample gradients and Hessian-vector products (pure torch)."""
 
+from .hvp import SCHEMES as HVP_SCHEMES
 from .hvp import exact_hvp, fd_directional_derivative, flatten, parameter_epsilon, unflatten
 from .per_sample import (
     HookGradientCapture,
@@ -21,6 +22,7 @@ __all__ = [
     "per_sample_grads_vmap",
     "per_sample_grads_hooks",
     "parameter_epsilon",
+    "HVP_SCHEMES",
     "fd_directional_derivative",
     "exact_hvp",
     "flatten",

@@ -6,8 +6,18 @@ The finite-difference form (influence-math §3)::
 
 needs only first-order gradients, so it applies to anything that maps parameters to
 gradients: a flat batch gradient gives ``H v``; per-sample projected gradients give every
-sample's projected ``H_z v`` in one pass. Its error is ``O(ε²)``. Parameters are passed
+sample's projected ``H_z v`` in one pass. Its truncation error is ``O(ε²)``. The forward
+difference ``‖v‖ (∇L(θ + ε v̂) − ∇L(θ))/ε`` has an ``O(ε)`` truncation error and twice the
+rounding error at the same ``ε``, but when ``∇L(θ)`` is already known (the training step's
+own per-sample gradients) it costs one gradient pass instead of two. Parameters are passed
 as ``{name: tensor}`` dicts and never edited in place.
+
+In float32 the rounding error ``~u/ε`` usually dominates at ``ε_0 = 1e-3`` (measured on a
+784-512-512-10 tanh MLP: 0.6% relative error central, 1.2% forward; 0.2% / 0.4% at
+``ε_0 = 3e-3``). With piecewise-linear activations (ReLU) a perturbation that moves a unit
+across its kink changes the gradient by a jump, not by ``ε H v``: the samples concerned get
+``O(1/ε)`` errors, which smaller ``ε`` makes rarer, and the exact product (which sees the
+kink-free Hessian) differs from any finite difference there.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp
 
-__all__ = ["flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
+SCHEMES = ("central", "forward")
+
+__all__ = ["SCHEMES", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
 
 
 def flatten(d: Mapping[str, Tensor], names: Iterable[str]) -> Tensor:
@@ -56,16 +68,23 @@ def fd_directional_derivative(
     params: Mapping[str, Tensor],
     direction: Mapping[str, Tensor],
     eps0: float = 1e-3,
+    scheme: str = "central",
+    at: Tensor | None = None,
 ) -> tuple[Tensor, float]:
-    """Central difference of ``fn`` along ``direction``: ``(fn(θ+εv̂) − fn(θ−εv̂))/(2ε) · ‖v‖``.
+    """Finite difference of ``fn`` along ``direction``, scaled by ``‖v‖``.
 
+    ``"central"``: ``(fn(θ+εv̂) − fn(θ−εv̂))/(2ε) · ‖v‖``; ``"forward"``: ``(fn(θ+εv̂) −
+    fn(θ))/ε · ‖v‖``, with ``fn(θ)`` taken from ``at`` when given (it must be ``fn`` at
+    ``params`` with the current RNG state, e.g. the step's own per-sample gradients).
     With ``fn`` mapping parameters to gradients this is a Hessian-vector product (per
     sample if ``fn`` returns per-sample gradients). ``direction`` may cover a subset of
-    ``params``; the others stay fixed. ``fn`` gets fresh detached tensors, and both
-    evaluations start from the same RNG state (dropout masks agree), which is restored
+    ``params``; the others stay fixed. ``fn`` gets fresh detached tensors, and every
+    evaluation starts from the same RNG state (dropout masks agree), which is restored
     afterwards so the caller's random stream is untouched. A zero direction gives zeros.
     Returns ``(result, ε)``.
     """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     unknown = set(direction) - set(params)
     if unknown:
         raise KeyError(f"direction has names not in params: {sorted(unknown)}")
@@ -75,16 +94,24 @@ def fd_directional_derivative(
     cuda = sorted({t.device.index or 0 for t in base.values() if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         if v_norm == 0.0:
-            return torch.zeros_like(fn(base)), eps
-        step = {n: (eps / v_norm) * v.detach().to(base[n].dtype) for n, v in direction.items()}
+            return torch.zeros_like(fn(base) if at is None else at), eps
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in cuda]
-        plus = fn({**base, **{n: base[n] + s for n, s in step.items()}})
-        torch.set_rng_state(cpu_state)
-        for d, state in zip(cuda, cuda_states):
-            torch.cuda.set_rng_state(state, d)
-        minus = fn({**base, **{n: base[n] - s for n, s in step.items()}})
-    return (plus - minus) * (v_norm / (2.0 * eps)), eps
+
+        def at_offset(sign: float) -> Tensor:
+            torch.set_rng_state(cpu_state)
+            for d, state in zip(cuda, cuda_states):
+                torch.cuda.set_rng_state(state, d)
+            if sign == 0.0:
+                return fn(base)
+            shift = sign * eps / v_norm
+            return fn({**base, **{n: torch.add(base[n], v.detach().to(base[n].dtype), alpha=shift)
+                                  for n, v in direction.items()}})
+
+        plus = at_offset(1.0)
+        if scheme == "central":
+            return (plus - at_offset(-1.0)) * (v_norm / (2.0 * eps)), eps
+        return (plus - (at_offset(0.0) if at is None else at)) * (v_norm / eps), eps
 
 
 def exact_hvp(
