@@ -13,11 +13,13 @@ own per-sample gradients) it costs one gradient pass instead of two. Parameters 
 as ``{name: tensor}`` dicts and never edited in place.
 
 In float32 the rounding error ``~u/ε`` usually dominates at ``ε_0 = 1e-3`` (measured on a
-784-512-512-10 tanh MLP: 0.6% relative error central, 1.2% forward; 0.2% / 0.4% at
-``ε_0 = 3e-3``). With piecewise-linear activations (ReLU) a perturbation that moves a unit
-across its kink changes the gradient by a jump, not by ``ε H v``: the samples concerned get
-``O(1/ε)`` errors, which smaller ``ε`` makes rarer, and the exact product (which sees the
-kink-free Hessian) differs from any finite difference there.
+784-512-512-10 tanh MLP, batch 32, per-sample ``H_z Ĝ``: 0.6% relative error central, 1.2%
+forward; 0.2% / 0.4% at ``ε_0 = 3e-3``). With piecewise-linear activations (ReLU) a
+perturbation that moves a unit across its kink changes a sample's gradient by a jump, not
+by ``ε H_z v``, and that sample's product is off by ``O(1/ε)``; larger ``ε`` makes it more
+frequent. The same MLP with ReLU, batch 64: at ``ε_0 = 1e-3`` no sample was hit (central
+median error 2%), at ``3e-3`` 2% of the samples were (errors up to 870x), at ``1e-2`` 17%.
+The two one-sided differences disagree exactly on the samples hit (not corrected here).
 """
 
 from __future__ import annotations
