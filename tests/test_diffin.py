@@ -217,15 +217,19 @@ def close(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
 
 
 # ================================================================================= tests
-def test_logged_hvp_rows_match_exact_products(run, ref):
-    """The tracker's H_{z,t} Ĝ_t rows equal the explicit H_z @ Ĝ within the O(ε²) finite-difference error."""
-    log = run[0]
+def row_error(log: InfluenceLog, R: Reference) -> tuple[float, float]:
+    """Worst relative error of the logged H_{z,t} Ĝ_t rows against the explicit H_z @ Ĝ, and ε at θ_0."""
     worst = 0.0
     for rec in log.iter_steps(fields=("hvp",)):
-        H, G = ref.at(rec.step)[1], ref.batch(rec.step)[0]
+        H, G = R.at(rec.step)[1], R.batch(rec.step)[0]
         exact = (H[torch.from_numpy(rec.ids)] @ G).numpy()
         worst = max(worst, float(np.abs(rec.hvps - exact).max() / np.abs(exact).max()))
-    eps = parameter_epsilon({n: torch.from_numpy(v) for n, v in log.checkpoint(0).items()}, HVP_EPS)
+    return worst, parameter_epsilon({n: torch.from_numpy(v) for n, v in log.checkpoint(0).items()}, HVP_EPS)
+
+
+def test_logged_hvp_rows_match_exact_products(run, ref):
+    """The tracker's H_{z,t} Ĝ_t rows equal the explicit H_z @ Ĝ within the O(ε²) finite-difference error."""
+    worst, eps = row_error(run[0], ref)
     assert worst < 1e-6, f"relative error {worst:.2e} with ε = {eps:.1e}"
 
 
@@ -233,14 +237,8 @@ def test_forward_scheme_rows_match_exact_products(tmp_path):
     """hvp_scheme="forward" differences one extra pass against the step's own per-sample gradients:
     the rows equal H_z @ Ĝ within its first-order error, which is ~ε·‖Ĝ‖·(third derivative) here."""
     log, Net, ds, val = train(str(tmp_path / "fwd"), batch_size=8, epochs=1, hvp_scheme="forward")
-    R = Reference(log, Net, ds, val)
     assert log.meta["hvp"]["scheme"] == "forward"
-    worst = 0.0
-    for rec in log.iter_steps(fields=("hvp",)):
-        H, G = R.at(rec.step)[1], R.batch(rec.step)[0]
-        exact = (H[torch.from_numpy(rec.ids)] @ G).numpy()
-        worst = max(worst, float(np.abs(rec.hvps - exact).max() / np.abs(exact).max()))
-    eps = parameter_epsilon({n: torch.from_numpy(v) for n, v in log.checkpoint(0).items()}, HVP_EPS)
+    worst, eps = row_error(log, Reference(log, Net, ds, val))
     assert 0.1 * eps < worst < 5 * eps, f"relative error {worst:.2e} with ε = {eps:.1e}"  # O(ε) (central: O(ε²) ≈ 1e-9)
     log.close()
 
