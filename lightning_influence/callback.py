@@ -51,6 +51,7 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 _STORAGE_DTYPES = ("float16", "float32", "float64")
 _ENGINES = ("auto", "hooks", "vmap")
+KINK_GUARD = 0.5  # central HVP rows: one-sided differences disagreeing by more than this x the larger norm
 
 
 @dataclass
@@ -98,7 +99,8 @@ class InfluenceTracker(Callback):
         gradient_engine: ``"auto"`` (hooks for Linear/Conv2d models, else vmap), ``"hooks"``, ``"vmap"``.
         hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``.
         hvp_scheme: ``"central"`` (two extra per-sample-gradient passes at ``θ ± ε Ĝ_t``, error
-            ``O(ε²)``) or ``"forward"`` (one pass at ``θ + ε Ĝ_t`` against the step's own
+            ``O(ε²)``; a sample whose two one-sided differences disagree, because one side
+            crossed a ReLU kink, keeps the other, see ``capture.hvp``) or ``"forward"`` (one pass at ``θ + ε Ĝ_t`` against the step's own
             per-sample gradients, error ``O(ε)``; in float32 about twice the central error at
             the same ``ε_0``, see :mod:`lightning_influence.capture.hvp`).
         flush_every_n_steps: steps per segment file. A kill loses only steps not yet in a closed
@@ -471,9 +473,9 @@ class InfluenceTracker(Callback):
         def grads_at(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return torch.cat([self._own_grads(pl_module, m, params)[0] for m in micro])
 
-        at = torch.cat([m.grads for m in micro]) if self.hvp_scheme == "forward" else None  # the step's own g_z(θ_t)
+        at = torch.cat([m.grads for m in micro])  # the step's own g_z(θ_t): the forward base, the central kink guard
         hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()}, self.hvp_eps,
-                                              self.hvp_scheme, at)
+                                              self.hvp_scheme, at, KINK_GUARD if self.hvp_scheme == "central" else None)
         return hvps.detach().cpu(), float(eps)
 
     def _check_batchnorm(self, pl_module: nn.Module) -> None:
@@ -545,7 +547,8 @@ class InfluenceTracker(Callback):
             "every_n_steps": self.every_n_steps,
             "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
             "gradient_engine": self._engine,
-            "hvp": {"eps0": self.hvp_eps, "direction": "batch_mean_gradient", "scheme": self.hvp_scheme},
+            "hvp": {"eps0": self.hvp_eps, "direction": "batch_mean_gradient", "scheme": self.hvp_scheme,
+                    "kink_guard": KINK_GUARD if self.hvp_scheme == "central" else None},
             "storage_dtype": self.storage_dtype,
             "tracked_params": self._names,
             "param_shapes": {n: list(p.shape) for n, p in pl_module.named_parameters() if p.requires_grad},

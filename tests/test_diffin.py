@@ -229,6 +229,7 @@ def row_error(log: InfluenceLog, R: Reference) -> tuple[float, float]:
 
 def test_logged_hvp_rows_match_exact_products(run, ref):
     """The tracker's H_{z,t} Ĝ_t rows equal the explicit H_z @ Ĝ within the O(ε²) finite-difference error."""
+    assert run[0].meta["hvp"]["scheme"] == "central" and run[0].meta["hvp"]["kink_guard"] == 0.5
     worst, eps = row_error(run[0], ref)
     assert worst < 1e-6, f"relative error {worst:.2e} with ε = {eps:.1e}"
 
@@ -237,7 +238,7 @@ def test_forward_scheme_rows_match_exact_products(tmp_path):
     """hvp_scheme="forward" differences one extra pass against the step's own per-sample gradients:
     the rows equal H_z @ Ĝ within its first-order error, which is ~ε·‖Ĝ‖·(third derivative) here."""
     log, Net, ds, val = train(str(tmp_path / "fwd"), batch_size=8, epochs=1, hvp_scheme="forward")
-    assert log.meta["hvp"]["scheme"] == "forward"
+    assert log.meta["hvp"]["scheme"] == "forward" and log.meta["hvp"]["kink_guard"] is None
     worst, eps = row_error(log, Reference(log, Net, ds, val))
     assert 0.1 * eps < worst < 5 * eps, f"relative error {worst:.2e} with ε = {eps:.1e}"  # O(ε) (central: O(ε²) ≈ 1e-9)
     log.close()

@@ -99,6 +99,33 @@ def test_forward_scheme_is_first_order_and_reuses_the_base_value(setup):
         fd_directional_derivative(fn, params, g_b, scheme="backward")
 
 
+def test_kink_guard_keeps_the_one_sided_difference_that_did_not_jump():
+    """Rows linear in θ plus a unit jump where w_i·θ crosses k_i (a ReLU gradient's kink): the jump
+    lies on the + side for row 0, on the − side for row 1, nowhere near for row 2."""
+    theta = {"t": torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)}
+    v = {"t": torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)}
+    W = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 1.0], [2.0, 0.0, 1.0]], dtype=torch.float64)
+    slopes = torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64)
+    eps0 = 1e-3
+    eps = parameter_epsilon(theta, eps0)
+    proj = W @ theta["t"]
+    step = eps * (W @ v["t"]) / float(torch.linalg.vector_norm(v["t"]))  # how far w_i·θ moves at θ ± εv̂
+    kinks = torch.stack([proj[0] + 0.5 * step[0], proj[1] - 0.5 * step[1], proj[2] + 100.0])
+
+    def fn(p):
+        z = W @ p["t"]
+        return (slopes * z + (z > kinks).double())[:, None] * torch.ones(1, 2, dtype=torch.float64)  # 3 rows of 2
+
+    exact = ((slopes * (W @ v["t"]))[:, None] * torch.ones(1, 2, dtype=torch.float64))
+    plain, _ = fd_directional_derivative(fn, theta, v, eps0)
+    guarded, _ = fd_directional_derivative(fn, theta, v, eps0, at=fn(theta), kink_guard=0.5)
+    assert (plain[:2] - exact[:2]).abs().min() > 100  # the jump divided by 2ε
+    torch.testing.assert_close(plain[2], exact[2], rtol=1e-8, atol=0)
+    torch.testing.assert_close(guarded, exact, rtol=1e-8, atol=0)
+    with pytest.raises(ValueError, match="kink_guard needs"):
+        fd_directional_derivative(fn, theta, v, eps0, kink_guard=0.5)
+
+
 def test_parameter_epsilon():
     params = {"a": torch.full((3, 4), 2.0), "b": torch.zeros(4)}
     assert parameter_epsilon(params, eps0=1e-2) == pytest.approx(1e-2 * (1 + math.sqrt(48)) / 4, rel=1e-6)
