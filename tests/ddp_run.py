@@ -4,6 +4,8 @@
 script for rank 1); rank ``r`` takes samples ``[r·B, (r+1)·B)`` of every global batch of ``2B``.
 ``python tests/ddp_run.py LOG_DIR single``: 1 process, global batches of ``2B`` in the same order
 (rank 0's part, then rank 1's). ``use_distributed_sampler=False`` keeps these orders.
+``python tests/ddp_run.py LOG_DIR ddp CKPT_DIR [RESUME_FROM]``: also save a Lightning checkpoint
+at every epoch end into ``CKPT_DIR``, and resume from the checkpoint ``RESUME_FROM``.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class GlobalOrder:
         return len(self.batches())
 
 
-def fit(log_dir: str, mode: str) -> None:
-    """Train with ``mode`` ``"ddp"`` (2 processes) or ``"single"`` (1 process), tracking into ``log_dir``."""
+def fit(log_dir: str, mode: str, ckpt_dir: str | None = None, resume_from: str | None = None) -> None:
+    """Train with ``mode`` ``"ddp"`` (2 processes) or ``"single"`` (1 process), tracking into ``log_dir``;
+    with ``ckpt_dir``, checkpoint every epoch there; with ``resume_from``, resume from that checkpoint."""
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader
@@ -66,15 +69,20 @@ def fit(log_dir: str, mode: str) -> None:
     module = Module().double()
     tracker = InfluenceTracker(log_dir, record_gradients=True, checkpoint_every_n_steps=1, storage_dtype="float64",
                                flush_every_n_steps=3)
+    callbacks: list = [tracker]
+    if ckpt_dir is not None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1))
     trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=WORLD if mode == "ddp" else 1,
                          strategy="ddp" if mode == "ddp" else "auto", use_distributed_sampler=False, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         deterministic=True, callbacks=[tracker])
-    trainer.fit(module)
+                         enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
+                         enable_model_summary=False, deterministic=True, callbacks=callbacks)
+    trainer.fit(module, ckpt_path=resume_from)
 
 
 if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(1)
-    fit(sys.argv[1], sys.argv[2])
+    fit(*sys.argv[1:])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -18,11 +19,14 @@ from lightning_influence.queries import mean_loss
 HERE = Path(__file__).resolve().parent
 
 
+def ddp_fit(*args: str) -> None:
+    run = subprocess.run([sys.executable, str(HERE / "ddp_run.py"), *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_ddp_log_equals_a_single_process_run_of_the_same_global_batches(tmp_path):
     """2 ranks × 3 samples per step vs 1 process × 6: same ids per step, records and TracIn scores."""
-    run = subprocess.run([sys.executable, str(HERE / "ddp_run.py"), str(tmp_path / "ddp"), "ddp"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    ddp_fit(str(tmp_path / "ddp"), "ddp")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -53,3 +57,32 @@ def test_ddp_log_equals_a_single_process_run_of_the_same_global_batches(tmp_path
     got, want = tracin(ddp, query, module=tiny()).column(0), tracin(single, query, module=tiny()).column(0)
     assert np.abs(want).max() > 1e-3
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+
+
+def test_ddp_resume_continues_the_log_on_every_rank(tmp_path):
+    """Resume a finished 2-rank run from its first epoch's checkpoint: both ranks drop their steps from
+    there and record them again (new segment files), and the log equals the first run's, bit for bit."""
+    log_dir, ckpt_dir = str(tmp_path / "log"), str(tmp_path / "ckpt")
+    ddp_fit(log_dir, "ddp", ckpt_dir)
+    first = InfluenceLog(log_dir)
+    ref = [(r.step, r.ids, r.losses, r.grads) for r in first.iter_steps(fields=("loss", "grad"))]
+    ref_ckpts = {t: first.checkpoint(t) for t in first.checkpoint_steps}
+    run_id = first.meta["run_id"]
+    first.close()
+    (ckpt,) = Path(ckpt_dir).glob("epoch=0-step=4.ckpt")
+    started = time.time()
+    ddp_fit(log_dir, "ddp", str(tmp_path / "ckpt2"), str(ckpt))
+    log = InfluenceLog(log_dir)
+    assert log.finished and log.meta["run_id"] == run_id and log.ranks == [0, 1]
+    recs = [(r.step, r.ids, r.losses, r.grads) for r in log.iter_steps(fields=("loss", "grad"))]
+    assert [r[0] for r in recs] == list(range(4 * EPOCHS))  # every step once
+    for (s1, i1, l1, g1), (s2, i2, l2, g2) in zip(ref, recs, strict=True):
+        assert s1 == s2 and np.array_equal(i1, i2) and np.array_equal(l1, l2) and np.array_equal(g1, g2)
+    assert log.checkpoint_steps == sorted(ref_ckpts)
+    assert all(np.array_equal(v, ref_ckpts[t][k]) for t in ref_ckpts for k, v in log.checkpoint(t).items())
+    for rank in (0, 1):  # steps from the checkpoint on were written by the resumed fit
+        for seg in (Path(log_dir) / f"rank-{rank}").iterdir():
+            with h5py.File(seg, "r") as f:
+                if int(f.attrs["n_steps"]) and int(f.attrs["last_step"]) >= 4:
+                    assert float(f.attrs["created"]) >= started, (seg.name, dict(f.attrs))
+    log.close()
