@@ -32,6 +32,7 @@ from torch import nn
 
 from lightning_influence.capture import (
     HVP_SCHEMES,
+    KINK_GUARD,
     HookGradientCapture,
     call_with_params,
     KroneckerProjector,
@@ -51,7 +52,6 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 _STORAGE_DTYPES = ("float16", "float32", "float64")
 _ENGINES = ("auto", "hooks", "vmap")
-KINK_GUARD = 0.5  # central HVP rows: one-sided differences disagreeing by more than this x the larger norm
 
 
 @dataclass

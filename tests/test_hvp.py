@@ -122,8 +122,10 @@ def test_kink_guard_keeps_the_one_sided_difference_that_did_not_jump():
     assert (plain[:2] - exact[:2]).abs().min() > 100  # the jump divided by 2ε
     torch.testing.assert_close(plain[2], exact[2], rtol=1e-8, atol=0)
     torch.testing.assert_close(guarded, exact, rtol=1e-8, atol=0)
-    with pytest.raises(ValueError, match="kink_guard needs"):
-        fd_directional_derivative(fn, theta, v, eps0, kink_guard=0.5)
+    computed, _ = fd_directional_derivative(fn, theta, v, eps0, kink_guard=0.5)  # fn(θ) evaluated inside
+    torch.testing.assert_close(computed, guarded, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs scheme='central'"):
+        fd_directional_derivative(fn, theta, v, eps0, scheme="forward", kink_guard=0.5)
 
 
 def test_parameter_epsilon():

@@ -1,5 +1,6 @@
 """Capture layer: projected per-sample gradients and Hessian-vector products (pure torch)."""
 
+from .hvp import KINK_GUARD
 from .hvp import SCHEMES as HVP_SCHEMES
 from .hvp import exact_hvp, fd_directional_derivative, flatten, parameter_epsilon, unflatten
 from .per_sample import (
@@ -23,6 +24,7 @@ __all__ = [
     "per_sample_grads_hooks",
     "parameter_epsilon",
     "HVP_SCHEMES",
+    "KINK_GUARD",
     "fd_directional_derivative",
     "exact_hvp",
     "flatten",

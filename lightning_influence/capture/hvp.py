@@ -22,6 +22,7 @@ median error 2%), at ``3e-3`` 2% of the samples were (errors up to 870x), at ``1
 The two one-sided differences disagree exactly on the samples hit: ``kink_guard`` keeps the
 one that did not cross (0.5 in the tracker; measured there: 17% of the rows flagged at
 ``ε_0 = 1e-2``, worst error 0.4% after the guard; no row flagged at ``1e-3`` or ``3e-4``).
+Diff-In's offline per-sample products use it too; batch products (``H_B q``, DIT) do not.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from torch import Tensor
 from torch.func import grad, jvp
 
 SCHEMES = ("central", "forward")
+KINK_GUARD = 0.5  # default threshold of ``kink_guard`` (tracker rows, Diff-In's per-sample products)
 
-__all__ = ["SCHEMES", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
+__all__ = ["SCHEMES", "KINK_GUARD", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
 
 
 def flatten(d: Mapping[str, Tensor], names: Iterable[str]) -> Tensor:
@@ -82,8 +84,8 @@ def fd_directional_derivative(
     fn(θ))/ε · ‖v‖``, with ``fn(θ)`` taken from ``at`` when given (it must be ``fn`` at
     ``params`` with the current RNG state, e.g. the step's own per-sample gradients).
     With ``fn`` mapping parameters to gradients this is a Hessian-vector product (per
-    sample if ``fn`` returns per-sample gradients). ``kink_guard`` (central with ``at``
-    only): a row whose one-sided differences ``(fn(θ+εv̂) − fn(θ))/ε`` and ``(fn(θ) −
+    sample if ``fn`` returns per-sample gradients). ``kink_guard`` (central only; ``fn(θ)``
+    from ``at`` or one more evaluation): a row whose one-sided differences ``(fn(θ+εv̂) − fn(θ))/ε`` and ``(fn(θ) −
     fn(θ−εv̂))/ε`` differ by more than ``kink_guard`` times the larger of their norms takes
     the one of smaller norm: the other side crossed a kink (ReLU) and holds a jump. ``direction`` may cover a subset of
     ``params``; the others stay fixed. ``fn`` gets fresh detached tensors, and every
@@ -93,8 +95,8 @@ def fd_directional_derivative(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if kink_guard is not None and (scheme != "central" or at is None):
-        raise ValueError("kink_guard needs scheme='central' and `at`, the value of fn at params")
+    if kink_guard is not None and scheme != "central":
+        raise ValueError("kink_guard compares the two one-sided differences: it needs scheme='central'")
     unknown = set(direction) - set(params)
     if unknown:
         raise KeyError(f"direction has names not in params: {sorted(unknown)}")
@@ -124,6 +126,7 @@ def fd_directional_derivative(
         minus = at_offset(-1.0)
         if kink_guard is None:
             return (plus - minus) * (v_norm / (2.0 * eps)), eps
+        at = at_offset(0.0) if at is None else at
     return _guarded(plus - at, at - minus, kink_guard) * (v_norm / eps), eps
 
 

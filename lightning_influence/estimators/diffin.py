@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 from torch.utils import _pytree as pytree
 
-from lightning_influence.capture.hvp import fd_directional_derivative, parameter_epsilon
+from lightning_influence.capture.hvp import KINK_GUARD, fd_directional_derivative, parameter_epsilon
 from lightning_influence.capture.per_sample import per_sample_grads_vmap
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.estimators.scores import InfluenceScores
@@ -172,10 +172,12 @@ class _Context:
 
     def per_sample_hvp(self, params: Mapping[str, Tensor], batch: Any, direction: Mapping[str, Tensor]) -> Tensor:
         """Projected ``H_z v`` ``(B, K)`` for every sample of ``batch`` (``direction`` over all parameters):
-        central differences of the per-sample gradients along ``v``, as the tracker logs them, or exact."""
+        central differences of the per-sample gradients along ``v`` with the tracker's kink guard (one
+        more pass for ``g_z(θ)``), as the tracker logs them, or exact."""
         if self.hvp == "exact":
             return _per_sample_hvp_exact(self, params, batch, direction)
-        out, _ = fd_directional_derivative(lambda p: self.per_sample_grads(p, batch), params, direction, self.eps0)
+        out, _ = fd_directional_derivative(lambda p: self.per_sample_grads(p, batch), params, direction, self.eps0,
+                                           kink_guard=KINK_GUARD)
         return out
 
     def method(self, base: str, extra: Sequence[str] = ()) -> str:
