@@ -100,9 +100,9 @@ class InfluenceTracker(Callback):
         hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``.
         hvp_scheme: ``"central"`` (two extra per-sample-gradient passes at ``θ ± ε Ĝ_t``, error
             ``O(ε²)``; a sample whose two one-sided differences disagree, because one side
-            crossed a ReLU kink, keeps the other, see ``capture.hvp``) or ``"forward"`` (one pass at ``θ + ε Ĝ_t`` against the step's own
-            per-sample gradients, error ``O(ε)``; in float32 about twice the central error at
-            the same ``ε_0``, see :mod:`lightning_influence.capture.hvp`).
+            crossed a ReLU kink, keeps the other) or ``"forward"`` (one pass at ``θ + ε Ĝ_t``
+            against the step's own per-sample gradients, error ``O(ε)``; in float32 about twice
+            the central error at the same ``ε_0``); see :mod:`lightning_influence.capture.hvp`.
         flush_every_n_steps: steps per segment file. A kill loses only steps not yet in a closed
             segment, at most ``4 × flush_every_n_steps`` (the buffer and the segments being written
             or queued); every Lightning checkpoint first flushes and waits, so a resumed fit never

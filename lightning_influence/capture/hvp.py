@@ -85,10 +85,11 @@ def fd_directional_derivative(
     ``params`` with the current RNG state, e.g. the step's own per-sample gradients).
     With ``fn`` mapping parameters to gradients this is a Hessian-vector product (per
     sample if ``fn`` returns per-sample gradients). ``kink_guard`` (central only; ``fn(θ)``
-    from ``at`` or one more evaluation): a row whose one-sided differences ``(fn(θ+εv̂) − fn(θ))/ε`` and ``(fn(θ) −
-    fn(θ−εv̂))/ε`` differ by more than ``kink_guard`` times the larger of their norms takes
-    the one of smaller norm: the other side crossed a kink (ReLU) and holds a jump. ``direction`` may cover a subset of
-    ``params``; the others stay fixed. ``fn`` gets fresh detached tensors, and every
+    from ``at`` or one more evaluation): a row whose one-sided differences
+    ``(fn(θ+εv̂) − fn(θ))/ε`` and ``(fn(θ) − fn(θ−εv̂))/ε`` differ by more than ``kink_guard``
+    times the larger of their norms takes the one of smaller norm: the other side crossed a
+    kink (ReLU) and holds a jump. ``direction`` may cover a subset of ``params``; the others
+    stay fixed. ``fn`` gets fresh detached tensors, and every
     evaluation starts from the same RNG state (dropout masks agree), which is restored
     afterwards so the caller's random stream is untouched. A zero direction gives zeros.
     Returns ``(result, ε)``.
