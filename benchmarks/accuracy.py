@@ -30,7 +30,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -86,21 +86,44 @@ def make_module(model: str, optimizer: str, lr: float, weight_decay: float, mome
     return Net
 
 
-def train(log_dir: str, Net: type, train_ds: WithIds, epochs: int, batch_size: int, seed: int) -> InfluenceLog:
+def train(log_dir: str, Net: Callable[[], nn.Module], train_ds: WithIds, epochs: int, batch_size: int, seed: int,
+          record_hvp: bool = False) -> InfluenceLog:
+    """A real ``lightning.Trainer`` run of ``Net()`` (in float64) with the tracker: full per-sample
+    gradients (and ``H_z Ĝ`` rows with ``record_hvp``) and a checkpoint at every step."""
     import lightning.pytorch as pl
 
     from lightning_influence import InfluenceTracker
 
     torch.manual_seed(seed)
     module = Net().double()
-    tracker = InfluenceTracker(log_dir, record_gradients=True, checkpoint_every_n_steps=1, storage_dtype="float64",
-                               overwrite=True, flush_every_n_steps=100)
+    tracker = InfluenceTracker(log_dir, record_gradients=True, record_hvp=record_hvp, checkpoint_every_n_steps=1,
+                               storage_dtype="float64", overwrite=True, flush_every_n_steps=100)
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[tracker], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
                          limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     trainer.fit(module, loader)
     return InfluenceLog(log_dir)
+
+
+class Timer:
+    """Seconds per label, summed over ``with timer(label):`` blocks, each announced on stdout."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, label: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self) -> None:
+                self.t0 = time.perf_counter()
+                print(f"  .. {label}", flush=True)
+
+            def __exit__(self, *exc: Any) -> None:
+                timer.seconds[label] = timer.seconds.get(label, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
 
 
 def agreement(est: np.ndarray, truth: np.ndarray) -> dict[str, float]:

@@ -48,41 +48,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import Timer, agreement, ce_loss, train  # noqa: E402  (the accuracy benchmark's tracked run and helpers)
 
 from lightning_influence.data import WithIds  # noqa: E402
 from lightning_influence.estimators import diffin, diffin_self_influence, dit, tracin  # noqa: E402
 from lightning_influence.evaluation.ground_truth import replay_loo  # noqa: E402
-from lightning_influence.evaluation.metrics import kendall_tau, pearson, spearman  # noqa: E402
+from lightning_influence.evaluation.metrics import spearman  # noqa: E402
 from lightning_influence.examples.digits import load_digits_split  # noqa: E402
 from lightning_influence.log import InfluenceLog  # noqa: E402
 from lightning_influence.queries import mean_loss  # noqa: E402
 from lightning_influence.tasks import Recipe, cleaning_experiment, coreset_experiment, deletion_experiment  # noqa: E402
-
-
-def ce_loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
-    return F.cross_entropy(module(batch[0]), batch[1], reduction="none")
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, label: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self) -> None:
-                self.t0 = time.perf_counter()
-                print(f"  .. {label}", flush=True)
-
-            def __exit__(self, *exc: Any) -> None:
-                timer.seconds[label] = timer.seconds.get(label, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
 
 
 def make_factory(args: argparse.Namespace):
@@ -97,23 +77,6 @@ def make_factory(args: argparse.Namespace):
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                     lr_step_epochs=args.lr_step_epochs, lr_gamma=args.lr_gamma)
     return make, recipe
-
-
-def train_logged(log_dir: str, make, train_ds: WithIds, args: argparse.Namespace) -> InfluenceLog:
-    import lightning.pytorch as pl
-
-    from lightning_influence import InfluenceTracker
-
-    torch.manual_seed(args.seed)
-    module = make()
-    tracker = InfluenceTracker(log_dir, record_gradients=True, record_hvp=True, checkpoint_every_n_steps=1,
-                               storage_dtype="float64", overwrite=True, flush_every_n_steps=200)
-    trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[tracker], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                         limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
-    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
-    trainer.fit(module, loader)
-    return InfluenceLog(log_dir)
 
 
 def rescorers(data: dict[str, Any], make, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -131,7 +94,7 @@ def rescorers(data: dict[str, Any], make, args: argparse.Namespace, workdir: Pat
         def score(ids: np.ndarray) -> np.ndarray:
             rows = torch.from_numpy(ids)
             ds = WithIds(TensorDataset(x[rows], y[rows]))
-            log = train_logged(str(workdir), make, ds, args)
+            log = train(str(workdir), make, ds, args.epochs, args.batch_size, args.seed, record_hvp=True)
             try:
                 return estimate(log, ds).column(0)
             finally:
@@ -140,10 +103,6 @@ def rescorers(data: dict[str, Any], make, args: argparse.Namespace, workdir: Pat
         return score
 
     return {name: scorer(fn) for name, fn in estimators.items()}
-
-
-def agreement(est: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    return {"pearson": pearson(est, truth), "spearman": spearman(est, truth), "kendall": kendall_tau(est, truth)}
 
 
 def scores_for(log: InfluenceLog, make, ds: WithIds, query, args: argparse.Namespace, T: Timer, tag: str,
@@ -210,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data = load_digits_split(args.n_train, args.n_val, flip, seed=args.seed, dtype=torch.float64)
             ds = WithIds(TensorDataset(*data["train"]))
             with T(f"train (flip {flip:.0%})"):
-                log = train_logged(str(workdir / f"flip{flip}"), make, ds, args)
+                log = train(str(workdir / f"flip{flip}"), make, ds, args.epochs, args.batch_size, args.seed,
+                            record_hvp=True)
             runs[flip] = {"data": data, "ds": ds, "log": log}
         print(f"N={args.n_train}, T={runs[0.1]['log'].num_steps} steps")
 
@@ -273,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data0 = load_digits_split(args.n_train, args.n_val, 0.0, seed=args.seed, dtype=torch.float64)
             ds0 = WithIds(TensorDataset(*data0["train"]))
             with T("train (clean labels)"):
-                log0 = train_logged(str(workdir / "clean"), make, ds0, args)
+                log0 = train(str(workdir / "clean"), make, ds0, args.epochs, args.batch_size, args.seed, record_hvp=True)
             s0 = scores_for(log0, make, ds0, mean_loss(data0["val"], ce_loss), args, T, "val clean", full=False)
             with T("coreset (clean)"):
                 results["coreset"]["clean labels"] = coreset_experiment(

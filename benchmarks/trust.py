@@ -53,7 +53,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import ce_loss, train  # noqa: E402  (the same model and tracked run as the accuracy benchmark)
+from accuracy import Timer, ce_loss, train  # noqa: E402  (the same model and tracked run as the accuracy benchmark)
 from accuracy import make_module as accuracy_module  # noqa: E402
 
 from lightning_influence.data import WithIds  # noqa: E402
@@ -82,23 +82,6 @@ def make_module(model: str) -> type:
 
 def corr(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"pearson": pearson(a, b), "spearman": spearman(a, b)}
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self) -> None:
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc: Any) -> None:
-                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
 
 
 def estimators(log: InfluenceLog, Net: type, td: Any, query: Any, lam: float, timer: Timer) -> tuple[dict[str, np.ndarray], dict]:
