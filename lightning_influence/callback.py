@@ -45,6 +45,7 @@ from lightning_influence.data import IdsFn, extract_ids
 from lightning_influence.log.format import META_FILE, list_segments, read_meta
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, rank_end, truncate_log, write_meta
+from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -59,6 +60,9 @@ class _MicroBatch:
     ids: torch.Tensor
     batch: Any
     rng_state: torch.Tensor
+    accumulate: int = 1  # Lightning's divisor of this micro-batch's loss
+    returned: torch.Tensor | None = None  # the loss Lightning back-propagated (checked against the per-sample losses)
+    observed: torch.Tensor | None = None  # per-sample losses seen inside training_step, when it calls per_sample_loss
     losses: torch.Tensor | None = None
     grads: torch.Tensor | None = None
 
@@ -198,6 +202,7 @@ class InfluenceTracker(Callback):
         self._run_id: str | None = None
         self._resume_state: dict[str, Any] = {}
         self._live: LiveTensorBoard | None = None  # running signals in the trainer's TensorBoard, if any
+        self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
 
     # ------------------------------------------------------------------------------ config
     @property
@@ -240,13 +245,15 @@ class InfluenceTracker(Callback):
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed)
         self._setup_engine(pl_module)
+        clipping = self._step_model.start(trainer, pl_module)
         start = trainer.global_step
         resume_state, self._resume_state = self._resume_state, {}
         if not (start > 0 and self._continue_log(trainer, start, resume_state)):
             self._new_log(trainer, start)
             trainer.strategy.barrier("influence_tracker_setup")
             if trainer.is_global_zero:
-                write_meta(self.log_dir, self._metadata(trainer, pl_module, optimizer, names, start))
+                write_meta(self.log_dir, {**self._metadata(trainer, pl_module, optimizer, names, start),
+                                          "gradient_clipping": clipping})
         trainer.strategy.barrier("influence_tracker_meta")
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype, self.compression)
         self._run_id = self._writer.run_id
@@ -333,6 +340,7 @@ class InfluenceTracker(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Every step before the checkpoint is on disk, on every rank, before rank 0 writes the checkpoint file,
         # so a fit resumed from it never misses a step; a failed write raises here and no checkpoint is saved.
+        self._step_model.commit()
         if self._writer is not None:
             self._writer.flush(wait=True)
             if trainer.world_size > 1:
@@ -347,7 +355,8 @@ class InfluenceTracker(Callback):
         seen = [m.ids for m in self._pending.micro]
         if seen and len(torch.unique(torch.cat([*seen, ids]))) != sum(len(s) for s in seen) + len(ids):
             raise ValueError(f"step {trainer.global_step}: the same sample id appears in two micro-batches of one optimizer step")
-        self._pending.micro.append(_MicroBatch(ids=ids, batch=batch, rng_state=torch.get_rng_state()))
+        self._pending.micro.append(_MicroBatch(ids=ids, batch=batch, rng_state=torch.get_rng_state(),
+                                               accumulate=int(trainer.accumulate_grad_batches)))
         self._pending.batch_idx = batch_idx
         self._captured, self._captured_grad = [], []
         self._capturing = self._needs_loss
@@ -358,6 +367,10 @@ class InfluenceTracker(Callback):
                 self._capture.disable()
         self._pending.seconds += time.perf_counter() - t0
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._pending.micro:
+            self._pending.micro[-1].returned = loss.detach()
+
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         t0 = time.perf_counter()
         self._capturing = False
@@ -365,6 +378,7 @@ class InfluenceTracker(Callback):
         n = len(micro.ids)
         captured = self._captured[-1] if len(self._captured) == 1 and self._captured[0].shape == (n,) else None
         want_grads = self._records_grads(trainer.global_step)
+        micro.observed = captured.detach() if captured is not None else None
         if want_grads and self._engine == "hooks" and captured is not None and len(self._captured_grad) == 1:
             micro.grads = self._capture.collect(self._captured_grad[0])
             micro.losses = captured.detach()
@@ -389,6 +403,11 @@ class InfluenceTracker(Callback):
         record = StepRecord(
             step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
             lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=ids.numpy())
+        for m in pending.micro:  # a sum or any other reduction than the mean is refused (step.weights)
+            self._step_model.check_losses(step, m.returned, m.observed if m.observed is not None else m.losses,
+                                          m.accumulate, trainer)
+        self._step_model.record(record, [len(m.ids) for m in pending.micro], [m.accumulate for m in pending.micro],
+                                trainer.world_size, optimizer)
         if self.record_losses:
             record.losses = torch.cat([m.losses for m in pending.micro]).detach().to("cpu", torch.float64).numpy()
         grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
@@ -403,11 +422,20 @@ class InfluenceTracker(Callback):
         if trainer.is_global_zero and (step == self._first_step or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0)):
             checkpoint = self._checkpoint(trainer, pl_module, step, optimizer)
         record.tracker_seconds = pending.seconds + time.perf_counter() - t0
+        # stored once Lightning's clipping of this step has been checked (step.recorder), else right away
+        self._step_model.after_clipping(lambda: self._add_step(record, checkpoint))
+
+    def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None) -> None:
+        step = record.step
         self._writer.add_step(record, checkpoint)  # validates: a non-finite value raises, naming step and sample ids
         self._steps_recorded += 1
         self._next_step = step + 1
         if self._live is not None:
             self._live.on_step(step, record, self._writer.bytes_written)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._step_model.commit()  # a step whose clipping hook did not run (none does in automatic optimization)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._live is not None:
@@ -558,6 +586,7 @@ class InfluenceTracker(Callback):
         }
 
     def _teardown(self, pl_module: nn.Module, raise_errors: bool = True) -> None:
+        self._step_model.teardown()
         if self._writer is not None:
             try:
                 self._writer.close(raise_errors=raise_errors)

@@ -70,9 +70,20 @@ STEP_COLUMNS = (
     "loss_crc32",  # int64, ... of samples/loss, -1 if not stored
     "grad_crc32",  # int64, ... of grads/grad, -1 if not stored at this step
     "hvp_crc32",  # int64, ... of grads/hvp, -1 if not stored at this step
+    # the step as Lightning ran it (version 2; lightning_influence.step.weights / .clipping)
+    "accumulate",  # int64, the divisor Lightning applied to each micro-batch loss (accumulate_grad_batches)
+    "clip_value",  # float64, gradient clipping threshold applied at this step, NaN if none
+    "clip_coef",  # float64, factor the clipping applied (norm: min(1, c/(||g|| + 1e-6))), NaN if none
+    "weight_crc32",  # int64, ... of samples/weight
+    "micro_crc32",  # int64, ... of samples/micro
 )
-ROW_DATASETS = {"id": "samples/id", "loss": "samples/loss", "grad": "grads/grad", "hvp": "grads/hvp"}
-ROW_CRC_COLUMNS = {"id": "id_crc32", "loss": "loss_crc32", "grad": "grad_crc32", "hvp": "hvp_crc32"}
+# Step columns absent from version-1 segments, with the value that describes a version-1 run.
+STEP_COLUMN_DEFAULTS = {"accumulate": -1, "clip_value": float("nan"), "clip_coef": float("nan"),
+                        "weight_crc32": -1, "micro_crc32": -1}
+ROW_DATASETS = {"id": "samples/id", "loss": "samples/loss", "grad": "grads/grad", "hvp": "grads/hvp",
+                "weight": "samples/weight", "micro": "samples/micro"}
+ROW_CRC_COLUMNS = {"id": "id_crc32", "loss": "loss_crc32", "grad": "grad_crc32", "hvp": "hvp_crc32",
+                   "weight": "weight_crc32", "micro": "micro_crc32"}
 CRC_ATTR = "crc32"  # on every dataset read whole (step table, checkpoints): CRC-32 of its bytes as stored
 
 

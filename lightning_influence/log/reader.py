@@ -28,6 +28,7 @@ from lightning_influence.log.format import (
     ROW_CRC_COLUMNS,
     ROW_DATASETS,
     SCALAR_ATTR,
+    STEP_COLUMN_DEFAULTS,
     STEP_COLUMNS,
     LogFormatError,
     check_header,
@@ -52,6 +53,7 @@ class StepBatch:
     losses: np.ndarray | None = None  # (|B_t|,)
     grads: np.ndarray | None = None  # (|B_t|, K)
     hvps: np.ndarray | None = None  # (|B_t|, K)
+    weights: np.ndarray | None = None  # (|B_t|,) w_{i,t}, the weight of each sample's loss (InfluenceLog.weights)
 
 
 @dataclass
@@ -142,9 +144,12 @@ class InfluenceLog:
         with reading(path, "the segment index"):
             attrs = dict(f.attrs)
             check_header(path, attrs)
-            seg.table = {c: _whole(path, f["steps"][c]) for c in (*STEP_COLUMNS, "lr")}
+            stored = f["steps"]
+            n = stored["step"].shape[0]
+            seg.table = {c: _whole(path, stored[c]) if c in stored else np.full(n, STEP_COLUMN_DEFAULTS[c])
+                         for c in (*STEP_COLUMNS, "lr")}
             seg.checkpoints = sorted(int(g.attrs["step"]) for g in f["checkpoints"].values())
-            shapes = {name: f[name].shape for name in ("samples/id", "samples/loss", "grads/grad", "grads/hvp") if name in f}
+            shapes = {name: f[name].shape for name in ROW_DATASETS.values() if name in f}
         self._width = _check_segment(path, rank, attrs, seg.table, shapes, self._width)
         run_id = attrs.get("run_id")
         if run_id is not None and "run_id" in self.meta and text(run_id) != str(self.meta["run_id"]):
@@ -329,7 +334,36 @@ class InfluenceLog:
                             ids=np.concatenate([self._read(seg, row, "id") for seg, row in locs]))
             for field_ in fields:
                 setattr(rec, _FIELD_ATTR[field_], np.concatenate([self._read(seg, row, field_) for seg, row in locs]))
+            rec.weights = self.weights(t)
             yield rec
+
+    def weights(self, step: int) -> np.ndarray:
+        """``w_{i,t}`` of every sample of ``B_t``: the weight of its loss in the gradient the step applied.
+
+        Recorded by the tracker (format version 2: accumulation scaling, micro-batch sizes, DDP
+        averaging); ``1/|B_t|`` for a log that does not hold them (version 1: a plain batch mean).
+        """
+        parts = [self._read(seg, row, "weight") for seg, row in self._locs(step)]
+        if any(p is None for p in parts):
+            n = len(self.batch_ids(step))
+            return np.full(n, 1.0 / max(n, 1))
+        return np.concatenate(parts).astype(np.float64)
+
+    def micro_index(self, step: int) -> np.ndarray:
+        """Micro-batch of every sample of ``B_t`` (``0, 1, ...`` across ranks, in rank order; zeros when not recorded)."""
+        out, base = [], 0
+        for seg, row in self._locs(step):
+            part = self._read(seg, row, "micro")
+            if part is None:
+                part = np.zeros(int(self._segs[seg].table["sample_count"][row]), np.int64)
+            out.append(part.astype(np.int64) + base)
+            base = int(out[-1].max()) + 1 if len(out[-1]) else base
+        return np.concatenate(out)
+
+    def step_column(self, step: int, column: str) -> Any:
+        """The step-table value ``column`` of ``step`` on rank 0 (e.g. ``clip_coef``; version-1 default if absent)."""
+        seg, row = self._locs(step)[0]
+        return self._segs[seg].table[column][row]
 
     def has_grads(self, step: int) -> bool:
         return all(self._segs[seg].table["grad_offset"][row] >= 0 for seg, row in self._locs(step))
@@ -419,7 +453,7 @@ class InfluenceLog:
         table = s.table
         n = int(table["sample_count"][row])
         step = int(table["step"][row])
-        off = int(table["sample_offset"][row] if field_ in ("id", "loss") else table["grad_offset"][row])
+        off = int(table["sample_offset"][row] if field_ in ("id", "loss", "weight", "micro") else table["grad_offset"][row])
         if off < 0:
             return None
         with reading(s.path, f"{field_!r} of step {step}"):
@@ -538,7 +572,8 @@ def _check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str
     if (counts < 0).any() or not np.array_equal(offsets, np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else offsets) \
             or int(counts.sum()) != n_samples:
         raise bad("sample offsets/counts do not tile the sample table")
-    if shapes.get("samples/id") != (n_samples,) or shapes.get("samples/loss", (n_samples,)) != (n_samples,):
+    if shapes.get("samples/id") != (n_samples,) or any(shapes.get(f"samples/{name}", (n_samples,)) != (n_samples,)
+                                                       for name in ("loss", "weight", "micro")):
         raise bad(f"sample datasets do not hold n_samples = {n_samples} rows")
     n_grad = int(attrs["n_grad_rows"])
     has = table["grad_offset"] >= 0
@@ -554,6 +589,7 @@ def _check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str
     if n_grad and "grads/grad" not in shapes:
         raise bad(f"the step table has {n_grad} gradient rows but there is no grads/grad dataset")
     for field_, stored in (("id", np.ones(n, bool)), ("loss", np.full(n, "samples/loss" in shapes)),
+                           ("weight", np.full(n, "samples/weight" in shapes)), ("micro", np.full(n, "samples/micro" in shapes)),
                            ("grad", has), ("hvp", has & ("grads/hvp" in shapes))):
         if not np.array_equal(table[ROW_CRC_COLUMNS[field_]] >= 0, stored):
             raise bad(f"the {ROW_CRC_COLUMNS[field_]} column does not match the stored {field_!r} rows")

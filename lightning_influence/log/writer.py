@@ -49,7 +49,7 @@ from lightning_influence.log.format import (
     set_text,
 )
 
-_FLOAT_COLUMNS = ("batch_grad_norm", "hvp_eps", "tracker_seconds")
+_FLOAT_COLUMNS = ("batch_grad_norm", "hvp_eps", "tracker_seconds", "clip_value", "clip_coef")
 
 
 class LogWriteError(OSError):
@@ -72,6 +72,11 @@ class StepRecord:
     batch_grad_norm: float = float("nan")
     hvp_eps: float = float("nan")
     tracker_seconds: float = 0.0
+    weights: np.ndarray | None = None  # w_{i,t}, the weight of each row's loss in the applied gradient
+    micro: np.ndarray | None = None  # micro-batch index of each row
+    accumulate: int = -1  # Lightning's divisor of each micro-batch loss
+    clip_value: float = float("nan")
+    clip_coef: float = float("nan")
 
     def validate(self) -> None:
         """Refuse a record that would store something wrong: bad shapes or non-finite values.
@@ -94,6 +99,9 @@ class StepRecord:
                 raise FloatingPointError(
                     f"step {self.step}: non-finite {what} for sample ids {ids[bad].tolist()[:10]}; nothing of this step "
                     "was stored. Lower the learning rate or check these samples.")
+        for what, rows in (("sample weight", self.weights), ("micro-batch index", self.micro)):
+            if rows is not None and np.shape(rows) != ids.shape:
+                raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {len(ids)} sample ids")
         if self.hvps is not None and self.grads is None:
             raise ValueError(f"step {self.step}: HVP products need the gradient rows of the same step")
         if not all(np.isfinite(self.lrs)):
@@ -189,14 +197,16 @@ def write_segment(
 def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: list[CheckpointRecord],
                   storage_dtype: np.dtype, compression: str | None, run_id: str | None) -> None:
     columns: dict[str, list[Any]] = {c: [] for c in STEP_COLUMNS}
-    rows: dict[str, list[np.ndarray]] = {"id": [], "loss": [], "grad": [], "hvp": []}
+    rows: dict[str, list[np.ndarray]] = {"id": [], "loss": [], "grad": [], "hvp": [], "weight": [], "micro": []}
     n_rows = n_grad_rows = 0
     for rec in steps:
         n = len(rec.ids)
         stored = {"id": np.asarray(rec.ids, np.int64),
                   "loss": None if rec.losses is None else np.asarray(rec.losses, np.float64),
                   "grad": None if rec.grads is None else np.asarray(rec.grads).astype(storage_dtype, copy=False),
-                  "hvp": None if rec.hvps is None else np.asarray(rec.hvps).astype(storage_dtype, copy=False)}
+                  "hvp": None if rec.hvps is None else np.asarray(rec.hvps).astype(storage_dtype, copy=False),
+                  "weight": None if rec.weights is None else np.asarray(rec.weights, np.float64),
+                  "micro": None if rec.micro is None else np.asarray(rec.micro, np.int32)}
         columns["step"].append(rec.step)
         columns["epoch"].append(rec.epoch)
         columns["batch_idx"].append(rec.batch_idx)
@@ -207,6 +217,9 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
         columns["batch_grad_norm"].append(rec.batch_grad_norm)
         columns["hvp_eps"].append(rec.hvp_eps)
         columns["tracker_seconds"].append(rec.tracker_seconds)
+        columns["accumulate"].append(rec.accumulate)
+        columns["clip_value"].append(rec.clip_value)
+        columns["clip_coef"].append(rec.clip_coef)
         for field_, value in stored.items():
             columns[ROW_CRC_COLUMNS[field_]].append(crc32(value) if value is not None else -1)
             if value is not None:
@@ -214,8 +227,9 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
         if rec.grads is not None:
             n_grad_rows += n
         n_rows += n
-    if rows["loss"] and len(rows["loss"]) != len(steps):
-        raise ValueError("per-sample losses must be recorded at every step of a segment or none")
+    for field_, what in (("loss", "per-sample losses"), ("weight", "sample weights"), ("micro", "micro-batch indices")):
+        if rows[field_] and len(rows[field_]) != len(steps):
+            raise ValueError(f"{what} must be recorded at every step of a segment or none")
     if len(rows["hvp"]) not in (0, len(rows["grad"])):
         raise ValueError("HVP products must accompany every recorded gradient row")
     set_text(f.attrs, "format", FORMAT_NAME)
@@ -240,8 +254,9 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
     f.create_group("samples")
     f.create_group("grads")
     _dataset(f, ROW_DATASETS["id"], _cat(rows["id"], np.int64, (0,)), whole_crc=False)
-    if rows["loss"]:
-        _dataset(f, ROW_DATASETS["loss"], np.concatenate(rows["loss"]), whole_crc=False)
+    for field_ in ("loss", "weight", "micro"):
+        if rows[field_]:
+            _dataset(f, ROW_DATASETS[field_], np.concatenate(rows[field_]), whole_crc=False)
     for field_ in ("grad", "hvp"):
         if rows[field_]:
             data = np.concatenate(rows[field_])
