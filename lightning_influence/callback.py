@@ -44,11 +44,11 @@ from lightning_influence.data import IdsFn, extract_ids
 from lightning_influence.log.format import META_FILE, list_segments, read_meta
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, rank_end, truncate_log, write_meta
+from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
 from lightning_influence.tensorboard import LiveTensorBoard
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 _STORAGE_DTYPES = ("float16", "float32", "float64")
 _ENGINES = ("auto", "hooks", "vmap")
 
@@ -232,10 +232,10 @@ class InfluenceTracker(Callback):
         if len(trainer.optimizers) != 1:
             raise RuntimeError(f"InfluenceTracker supports exactly one optimizer, the module configures {len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
-        if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
-            raise RuntimeError(
-                f"InfluenceTracker does not support {type(optimizer).__name__}: use SGD (momentum, weight decay and "
-                "LR schedules are exact), Adam or AdamW (approximated by estimators)")
+        try:  # before the first step: a run the estimators cannot reproduce is never trained
+            check_optimizer(optimizer)
+        except UnsupportedOptimizerError as err:
+            raise UnsupportedOptimizerError(f"InfluenceTracker does not support this run's optimizer: {err}") from None
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}

@@ -169,9 +169,14 @@ def test_train_mode_batchnorm_is_refused_naming_the_layer(log_dir):
             InfluenceTracker(log_dir + "3", record_gradients=True, allow_train_batchnorm=True), epochs=1)
 
 
-def test_unsupported_optimizer_is_refused(log_dir):
-    with pytest.raises(RuntimeError, match="does not support RMSprop"):
-        fit(tiny(optimizer="rmsprop"), loader(make_data(12)), InfluenceTracker(log_dir))
+def test_unsupported_optimizer_is_refused_before_the_first_step(log_dir):
+    from lightning_influence.step import UnsupportedOptimizerError
+
+    with pytest.raises(UnsupportedOptimizerError, match=r"does not support.*torch\.optim\.nadam\.NAdam.*RMSprop, Adagrad"):
+        fit(tiny(optimizer="nadam"), loader(make_data(12)), InfluenceTracker(log_dir))
+    from pathlib import Path
+
+    assert not Path(log_dir).exists() or not any(p.is_file() for p in Path(log_dir).rglob("*"))  # nothing trained or written
 
 
 def test_missing_and_duplicated_ids_fail_at_the_first_step(log_dir):
