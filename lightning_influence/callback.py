@@ -8,9 +8,9 @@ projected), finite-difference Hessian-gradient products ``H_{z,t} Ĝ_t`` and che
 estimators' job, offline.
 
 Per-sample gradients come, cheapest first, from the step's own backward pass (module hooks
-on ``nn.Linear``/``nn.Conv2d``, when ``training_step`` computes its loss through the
-module's ``per_sample_loss``), from an own hooked forward/backward pass, or from
-``torch.func.vmap`` (exact for any architecture). The tracker leaves training untouched:
+on common layers, :mod:`lightning_influence.capture.layers`, when ``training_step`` computes
+its loss through the module's ``per_sample_loss``), from an own hooked forward/backward pass,
+or from ``torch.func.vmap`` (exact for any architecture; only for the parameters no hook covers). The tracker leaves training untouched:
 its own passes run on parameter copies with the RNG forked and restored.
 """
 
@@ -34,10 +34,9 @@ from lightning_influence.capture import (
     HVP_SCHEMES,
     KINK_GUARD,
     HookGradientCapture,
-    call_with_params,
     KroneckerProjector,
     fd_directional_derivative,
-    per_sample_grads_hooks,
+    per_sample_grads,
     per_sample_grads_vmap,
     select_params,
 )
@@ -45,12 +44,12 @@ from lightning_influence.data import IdsFn, extract_ids
 from lightning_influence.log.format import META_FILE, list_segments, read_meta
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, rank_end, truncate_log, write_meta
+from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 _STORAGE_DTYPES = ("float16", "float32", "float64")
 _ENGINES = ("auto", "hooks", "vmap")
 
@@ -100,7 +99,8 @@ class InfluenceTracker(Callback):
             (math reference §1); route ``training_step`` through it to get gradients for free.
         ids_key: key of the ids in dict batches.
         ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
-        gradient_engine: ``"auto"`` (hooks for Linear/Conv2d models, else vmap), ``"hooks"``, ``"vmap"``.
+        gradient_engine: ``"auto"`` (hooks for the parameters of Linear, Conv, Embedding, norm and attention
+            layers, ``vmap`` for the others), ``"hooks"`` (refuses other parameters), ``"vmap"``.
         hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``.
         hvp_scheme: ``"central"`` (two extra per-sample-gradient passes at ``θ ± ε Ĝ_t``, error
             ``O(ε²)``; a sample whose two one-sided differences disagree, because one side
@@ -190,6 +190,7 @@ class InfluenceTracker(Callback):
         self._projector: KroneckerProjector | None = None
         self._capture: HookGradientCapture | None = None
         self._engine: str = "none"
+        self._vmap_names: list[str] = []  # tracked parameters no hook covers
         self._pending = _Pending()
         self._captured: list[torch.Tensor] = []
         self._captured_grad: list[torch.Tensor] = []
@@ -236,10 +237,10 @@ class InfluenceTracker(Callback):
         if len(trainer.optimizers) != 1:
             raise RuntimeError(f"InfluenceTracker supports exactly one optimizer, the module configures {len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
-        if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
-            raise RuntimeError(
-                f"InfluenceTracker does not support {type(optimizer).__name__}: use SGD (momentum, weight decay and "
-                "LR schedules are exact), Adam or AdamW (approximated by estimators)")
+        try:  # before the first step: a run the estimators cannot reproduce is never trained
+            check_optimizer(optimizer)
+        except UnsupportedOptimizerError as err:
+            raise UnsupportedOptimizerError(f"InfluenceTracker does not support this run's optimizer: {err}") from None
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
@@ -379,9 +380,14 @@ class InfluenceTracker(Callback):
         captured = self._captured[-1] if len(self._captured) == 1 and self._captured[0].shape == (n,) else None
         want_grads = self._records_grads(trainer.global_step)
         micro.observed = captured.detach() if captured is not None else None
-        if want_grads and self._engine == "hooks" and captured is not None and len(self._captured_grad) == 1:
+        if want_grads and self._capture is not None and captured is not None and len(self._captured_grad) == 1:
             micro.grads = self._capture.collect(self._captured_grad[0])
             micro.losses = captured.detach()
+            if self._vmap_names:  # parameters no hook covers: vmap for just those
+                with torch.random.fork_rng(devices=[]):
+                    torch.set_rng_state(micro.rng_state)
+                    micro.grads += per_sample_grads_vmap(pl_module, self._loss, micro.batch, self._vmap_names,
+                                                         self._projector)
         elif want_grads:
             if self._capture is not None:
                 self._capture.clear()  # discard partial captures of a non-conforming forward
@@ -470,11 +476,14 @@ class InfluenceTracker(Callback):
             return
         unsupported = HookGradientCapture.unsupported(pl_module, self._names)
         if self.gradient_engine == "hooks" and unsupported:
-            raise ValueError(f"gradient_engine='hooks' supports nn.Linear and nn.Conv2d parameters; not {unsupported[:5]}. "
-                             "Use gradient_engine='vmap' or exclude them with exclude_params")
-        self._engine = "vmap" if (self.gradient_engine == "vmap" or unsupported) else "hooks"
-        if self._engine == "hooks":
-            self._capture = HookGradientCapture(pl_module, self._names, self._projector)
+            raise ValueError(f"gradient_engine='hooks': no hook captures {unsupported[:5]} (hooks cover Linear, Conv1d/2d/3d, "
+                             "Embedding, LayerNorm, GroupNorm, RMSNorm and MultiheadAttention parameters). Use "
+                             "gradient_engine='auto' (vmap for just those) or exclude them with exclude_params")
+        hooked = [] if self.gradient_engine == "vmap" else [n for n in self._names if n not in unsupported]
+        self._vmap_names = [n for n in self._names if n not in hooked]
+        self._engine = "mixed" if hooked and self._vmap_names else "hooks" if hooked else "vmap"
+        if hooked:
+            self._capture = HookGradientCapture(pl_module, hooked, self._projector)
         rank_zero_info(f"InfluenceTracker: {len(self._names)} tensors tracked, gradient engine '{self._engine}', "
                        f"{self._projector.out_dim} columns per sample")
 
@@ -482,12 +491,7 @@ class InfluenceTracker(Callback):
         """Per-sample (projected) gradients and losses of one micro-batch from an own pass at ``params``."""
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(micro.rng_state)
-            if self._engine == "hooks":
-                return per_sample_grads_hooks(pl_module, self._loss, micro.batch, self._capture, params=params)
-            grads = per_sample_grads_vmap(pl_module, self._loss, micro.batch, self._names, self._projector, params=params)
-            with torch.no_grad():
-                losses = call_with_params(pl_module, self._loss, params, micro.batch)
-            return grads, losses
+            return per_sample_grads(pl_module, self._loss, micro.batch, self._names, self._projector, self._capture, params)
 
     def _own_losses(self, pl_module: nn.Module, micro: _MicroBatch) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -513,7 +517,7 @@ class InfluenceTracker(Callback):
         for name, module in pl_module.named_modules():
             if not (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training):
                 continue
-            if self.allow_train_batchnorm and self._engine == "vmap" and self.record_gradients:
+            if self.allow_train_batchnorm and self._engine in ("vmap", "mixed") and self.record_gradients:
                 raise RuntimeError(
                     f"BatchNorm layer '{name}' is in train mode, which the vmap gradient engine cannot evaluate one "
                     "sample at a time; track only Linear/Conv2d parameters (params=[...]) so the hooks engine is used")
