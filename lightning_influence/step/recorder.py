@@ -96,11 +96,11 @@ class StepRecorder:
     # ----------------------------------------------------------------------------- per step
     def record(self, record: Any, micro_sizes: Sequence[int], accumulate: Sequence[int], world_size: int,
                optimizer: torch.optim.Optimizer) -> None:
-        """Fill ``record``'s weights, micro-batch indices, divisor and clipping (before Lightning clips)."""
+        """Fill ``record``'s weights, divisor and clipping (before Lightning clips)."""
         if len(set(accumulate)) != 1:
             raise RuntimeError(f"step {record.step}: accumulate_grad_batches changed inside one optimizer step {list(accumulate)}")
         sw = lightning_weights(micro_sizes, accumulate[0], world_size)
-        record.weights, record.micro, record.accumulate = sw.weights, sw.micro, sw.accumulate
+        record.weights, record.accumulate = sw.weights, sw.accumulate  # micro-batch sizes: the tracker's micro rows
         grads = [p.grad for p in _optimizer_params(optimizer)]
         if self.spec is not None:
             record.clip_value = self.spec.value
