@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from lightning_influence.data import IdsFn, extract_ids
 from lightning_influence.log.format import META_FILE, list_segments, read_meta
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, rank_end, truncate_log, write_meta
+from lightning_influence.recipe import class_path, record_recipe
 from lightning_influence.tensorboard import LiveTensorBoard
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -113,6 +113,10 @@ class InfluenceTracker(Callback):
             when a resumed fit cannot continue the log there (another run's log, or steps missing).
             A resumed fit (``Trainer.fit(ckpt_path=...)``) otherwise continues the log: steps from the
             checkpoint's step on are dropped and recorded again, never duplicated.
+        store_data: store the training and validation sets in the log (``data.pt``) so the CLI can answer
+            from the log alone: ``None`` (default) stores them for plain DataLoaders given to ``fit`` when
+            under 64 MiB (a datamodule is rebuilt from its recorded recipe instead), ``True`` always,
+            ``False`` never (see :mod:`lightning_influence.recipe`).
 
     Raises:
         ValueError: on an invalid configuration, at construction.
@@ -142,6 +146,7 @@ class InfluenceTracker(Callback):
         flush_every_n_steps: int = 50,
         allow_train_batchnorm: bool = False,
         overwrite: bool = False,
+        store_data: bool | None = None,
     ) -> None:
         _require(isinstance(every_n_steps, int) and every_n_steps >= 1, f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         _require(
@@ -180,6 +185,7 @@ class InfluenceTracker(Callback):
         self.flush_every_n_steps = flush_every_n_steps
         self.allow_train_batchnorm = allow_train_batchnorm
         self.overwrite = overwrite
+        self.store_data = store_data
         # runtime state
         self._writer: LogWriter | None = None
         self._names: list[str] = []
@@ -530,8 +536,9 @@ class InfluenceTracker(Callback):
             "run_id": uuid.uuid4().hex,
             "first_step": first_step,
             "versions": {pkg: _version(pkg) for pkg in ("lightning-influence", "torch", "lightning", "h5py")},
-            "module_class": _class_path(pl_module),
-            "datamodule_class": _class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
+            "module_class": class_path(pl_module),
+            "datamodule_class": class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
+            "recipe": record_recipe(trainer, pl_module, self.log_dir, self.store_data),  # rebuild model and data (recipe.py)
             "world_size": trainer.world_size,
             "dataset_size": dataset_size,
             "loss_reduction": "mean",
@@ -580,15 +587,6 @@ def _exists(log_dir: str) -> bool:
     from pathlib import Path
 
     return (Path(log_dir) / META_FILE).exists()
-
-
-def _class_path(obj: Any) -> str:
-    """``module.QualName`` of ``obj``'s class, importable also when the run was started with ``python -m``."""
-    module = type(obj).__module__
-    if module == "__main__":
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        module = spec.name if spec is not None and spec.name else module
-    return f"{module}.{type(obj).__qualname__}"
 
 
 def _version(pkg: str) -> str | None:
