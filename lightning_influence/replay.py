@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, default_collate
 from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, default_loss_fn
+from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_param_groups, rule_for
 
 __all__ = [
     "ReplayMismatchError",
@@ -56,17 +57,6 @@ Weights = Callable[[int, np.ndarray], Tensor]
 """``weights(step, ids) -> Tensor[|B_t|]``: per-sample loss weights of a step (1 = as trained)."""
 
 Progress = Union[Callable[[int, int], None], bool, None]
-
-_SUPPORTED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "SGD": torch.optim.SGD,
-    "Adam": torch.optim.Adam,
-    "AdamW": torch.optim.AdamW,
-}
-
-
-class UnsupportedOptimizerError(ValueError):
-    """The logged run used an optimizer (or optimizer setting) replay and DIT cannot handle."""
-
 
 class ReplayMismatchError(RuntimeError):
     """A replayed trajectory does not match a checkpoint stored in the log."""
@@ -130,23 +120,16 @@ def _optimizer_spec(log: InfluenceLog) -> dict[str, Any]:
 
 
 def optimizer_class(log: InfluenceLog) -> type[torch.optim.Optimizer]:
-    """The logged optimizer's class, if supported (``torch.optim.SGD``, ``Adam``, ``AdamW``).
+    """The logged optimizer's class, if supported (:data:`lightning_influence.step.optimizers.RULES`).
 
     Raises:
-        UnsupportedOptimizerError: any other optimizer (LBFGS, a subclass, several optimizers).
+        UnsupportedOptimizerError: any other optimizer (LBFGS, a subclass, several optimizers),
+            or a setting the update rules do not model (``maximize``).
     """
     spec = _optimizer_spec(log)
-    path = str(spec.get("class", ""))
-    module_name, _, name = path.rpartition(".")
-    cls = _SUPPORTED_OPTIMIZERS.get(name)
-    if cls is None or not module_name.startswith("torch.optim"):
-        hint = (" LBFGS re-evaluates the loss several times per step with a line search; its steps are not a "
-                "function of one batch gradient that replay can linearise." if name == "LBFGS" else "")
-        raise UnsupportedOptimizerError(
-            f"{log.path}: optimizer {path!r} is not supported by replay/DIT; supported: torch.optim.SGD (momentum, "
-            f"nesterov, weight decay, any LR schedule: exact), torch.optim.Adam and AdamW (frozen-preconditioner "
-            f"approximation).{hint}")
-    return cls
+    rule = rule_for(str(spec.get("class", "")), f"{log.path}: ")
+    check_param_groups(rule, spec["param_groups"], f"{log.path}: ")
+    return rule.cls
 
 
 def _to_hyper(value: Any) -> Any:
@@ -176,8 +159,6 @@ def build_optimizer(log: InfluenceLog, params: Mapping[str, Tensor], state_step:
             raise ValueError(f"param group {gi} of the logged optimizer holds {missing[:5]}, which are not among the "
                              f"parameters given ({sorted(params)[:10]}): the module does not match the log")
         hyper = {k: _to_hyper(v) for k, v in g.items() if k in accepted}
-        if hyper.get("maximize"):
-            raise UnsupportedOptimizerError(f"{log.path}: maximize=True is not supported by replay/DIT")
         groups.append({"params": [params[n] for n in names], **hyper})
         seen += names
     extra = sorted(set(params) - set(seen))
