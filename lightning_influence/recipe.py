@@ -108,6 +108,8 @@ def record_recipe(trainer: Any, pl_module: Any, log_dir: str, store_data: bool |
             data["stored"] = _store(Path(log_dir), trainer.train_dataloader, val_loaders, limit)
         except _TooLarge as err:
             data["not_stored"] = f"{err} (over {STORE_DATA_LIMIT // 2**20} MiB; InfluenceTracker(store_data=True) stores it anyway)"
+        except Exception as err:  # e.g. items default_collate cannot stack: training goes on, the log says why
+            data["not_stored"] = f"the data could not be collated for storing ({type(err).__name__}: {err})"
     elif store_data is None:
         data["not_stored"] = f"the data comes from the {'datamodule' if dm is not None else 'module'}, rebuilt from its recipe"
     else:
