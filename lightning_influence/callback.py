@@ -369,6 +369,7 @@ class InfluenceTracker(Callback):
         if want_grads and self._capture is not None and captured is not None and len(self._captured_grad) == 1:
             micro.grads = self._capture.collect(self._captured_grad[0])
             micro.losses = captured.detach()
+            self._vmap_names = [n for n in self._names if n not in self._capture.param_names]  # after a demotion
             if self._vmap_names:  # parameters no hook covers: vmap for just those
                 with torch.random.fork_rng(devices=[]):
                     torch.set_rng_state(micro.rng_state)
