@@ -399,6 +399,7 @@ class InfluenceTracker(Callback):
         if want_grads and self._capture is not None and captured is not None and len(self._captured_grad) == 1:
             micro.grads = self._capture.collect(self._captured_grad[0])
             micro.losses = captured.detach()
+            self._vmap_names = [n for n in self._names if n not in self._capture.param_names]  # after a demotion
             if self._vmap_names:  # parameters no hook covers: vmap (or, with dropout, the step's masks) for just those
                 micro.grads += self._rest_grads(pl_module, micro, self._vmap_names, None)
         elif want_grads:
