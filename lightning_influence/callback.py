@@ -20,7 +20,6 @@ import importlib.metadata
 import io
 import random
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from lightning_influence.log.format import META_FILE, list_segments, read_meta
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.writer import (CheckpointRecord, LogWriter, MicroRecord, StepRecord, rank_end, truncate_log,
                                            write_meta)
+from lightning_influence.recipe import class_path, record_recipe
 from lightning_influence.step import rng
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
@@ -131,6 +131,10 @@ class InfluenceTracker(Callback):
             when a resumed fit cannot continue the log there (another run's log, or steps missing).
             A resumed fit (``Trainer.fit(ckpt_path=...)``) otherwise continues the log: steps from the
             checkpoint's step on are dropped and recorded again, never duplicated.
+        store_data: store the training and validation sets in the log (``data.pt``) so the CLI can answer
+            from the log alone: ``None`` (default) stores them for plain DataLoaders given to ``fit`` when
+            under 64 MiB (a datamodule is rebuilt from its recorded recipe instead), ``True`` always,
+            ``False`` never (see :mod:`lightning_influence.recipe`).
 
     Raises:
         ValueError: on an invalid configuration, at construction.
@@ -161,6 +165,7 @@ class InfluenceTracker(Callback):
         store_inputs: bool = False,
         allow_train_batchnorm: bool = False,
         overwrite: bool = False,
+        store_data: bool | None = None,
     ) -> None:
         _require(isinstance(every_n_steps, int) and every_n_steps >= 1, f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         _require(
@@ -199,6 +204,7 @@ class InfluenceTracker(Callback):
         self.flush_every_n_steps = flush_every_n_steps
         self.allow_train_batchnorm = allow_train_batchnorm
         self.overwrite = overwrite
+        self.store_data = store_data
         self.store_inputs = store_inputs
         self._precision: Precision = FULL
         self._checked_dataset = False
@@ -407,6 +413,7 @@ class InfluenceTracker(Callback):
         if want_grads and self._capture is not None and captured is not None and len(self._captured_grad) == 1:
             micro.grads = self._capture.collect(self._captured_grad[0])
             micro.losses = captured.detach()
+            self._vmap_names = [n for n in self._names if n not in self._capture.param_names]  # after a demotion
             if self._vmap_names:  # parameters no hook covers: vmap (or, with dropout, the step's masks) for just those
                 micro.grads += self._rest_grads(pl_module, micro, self._vmap_names, None)
         elif want_grads:
@@ -649,8 +656,9 @@ class InfluenceTracker(Callback):
             "run_id": uuid.uuid4().hex,
             "first_step": first_step,
             "versions": {pkg: _version(pkg) for pkg in ("lightning-influence", "torch", "lightning", "h5py")},
-            "module_class": _class_path(pl_module),
-            "datamodule_class": _class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
+            "module_class": class_path(pl_module),
+            "datamodule_class": class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
+            "recipe": record_recipe(trainer, pl_module, self.log_dir, self.store_data),  # rebuild model and data (recipe.py)
             "world_size": trainer.world_size,
             "dataset_size": dataset_size,
             "loss_reduction": "mean",
@@ -738,15 +746,6 @@ def _exists(log_dir: str) -> bool:
     from pathlib import Path
 
     return (Path(log_dir) / META_FILE).exists()
-
-
-def _class_path(obj: Any) -> str:
-    """``module.QualName`` of ``obj``'s class, importable also when the run was started with ``python -m``."""
-    module = type(obj).__module__
-    if module == "__main__":
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        module = spec.name if spec is not None and spec.name else module
-    return f"{module}.{type(obj).__qualname__}"
 
 
 def _version(pkg: str) -> str | None:
