@@ -8,15 +8,17 @@ projected), finite-difference Hessian-gradient products ``H_{z,t} Ĝ_t`` and che
 estimators' job, offline.
 
 Per-sample gradients come, cheapest first, from the step's own backward pass (module hooks
-on ``nn.Linear``/``nn.Conv2d``, when ``training_step`` computes its loss through the
-module's ``per_sample_loss``), from an own hooked forward/backward pass, or from
-``torch.func.vmap`` (exact for any architecture). The tracker leaves training untouched:
+on common layers, :mod:`lightning_influence.capture.layers`, when ``training_step`` computes
+its loss through the module's ``per_sample_loss``), from an own hooked forward/backward pass,
+or from ``torch.func.vmap`` (exact for any architecture; only for the parameters no hook covers). The tracker leaves training untouched:
 its own passes run on parameter copies with the RNG forked and restored.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import io
+import random
 import shutil
 import sys
 import time
@@ -28,6 +30,7 @@ from typing import Any, Callable, Mapping
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -36,10 +39,10 @@ from lightning_influence.capture import (
     HVP_SCHEMES,
     KINK_GUARD,
     HookGradientCapture,
-    call_with_params,
     KroneckerProjector,
     fd_directional_derivative,
-    per_sample_grads_hooks,
+    per_sample_grads,
+    call_with_params,
     per_sample_grads_vmap,
     select_params,
 )
@@ -47,8 +50,12 @@ from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, check_ids, extract_ids
 from lightning_influence.log.format import META_FILE, list_segments, read_meta
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, rank_end, truncate_log, write_meta
+from lightning_influence.log.writer import (CheckpointRecord, LogWriter, MicroRecord, StepRecord, rank_end, truncate_log,
+                                           write_meta)
+from lightning_influence.step import rng
+from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
+from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.tensorboard import LiveTensorBoard
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -62,7 +69,8 @@ _IN_FLIGHT = 2  # steps whose device-to-host copies may still be running before 
 class _MicroBatch:
     ids: torch.Tensor
     batch: Any
-    rng_state: torch.Tensor
+    random: rng.RandomState  # at the forward's start; reduced to the generators it drew from after the backward
+    inputs: bytes | None = None  # the batch as fed, serialised (store_inputs)
     losses: torch.Tensor | None = None
     grads: torch.Tensor | None = None
 
@@ -100,7 +108,8 @@ class InfluenceTracker(Callback):
             (math reference §1); route ``training_step`` through it to get gradients for free.
         ids_key: key of the ids in dict batches.
         ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
-        gradient_engine: ``"auto"`` (hooks for Linear/Conv2d models, else vmap), ``"hooks"``, ``"vmap"``.
+        gradient_engine: ``"auto"`` (hooks for the parameters of Linear, Conv, Embedding, norm and attention
+            layers, ``vmap`` for the others), ``"hooks"`` (refuses other parameters), ``"vmap"``.
         hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``.
         hvp_scheme: ``"central"`` (two extra per-sample-gradient passes at ``θ ± ε Ĝ_t``, error
             ``O(ε²)``; a sample whose two one-sided differences disagree, because one side
@@ -111,6 +120,10 @@ class InfluenceTracker(Callback):
             segment, at most ``4 × flush_every_n_steps`` (the buffer and the segments being written
             or queued); every Lightning checkpoint first flushes and waits, so a resumed fit never
             misses a step (``docs/log-format.md``, crash safety).
+        store_inputs: store the exact inputs of every micro-batch (the batch as ``training_step``
+            received it, after collation and augmentation; ``torch.save`` bytes), so replay and the
+            estimators need no dataset and are immune to random augmentation. Without it, a dataset
+            whose ``ds[i]`` is not deterministic is refused at the first step.
         allow_train_batchnorm: accept train-mode BatchNorm (per-sample gradients then depend on
             the other samples of the batch; the records are not per-sample quantities).
         overwrite: replace an existing log in ``log_dir`` when a new (non-resumed) fit starts, or
@@ -144,6 +157,7 @@ class InfluenceTracker(Callback):
         hvp_eps: float = 1e-3,
         hvp_scheme: str = "central",
         flush_every_n_steps: int = 50,
+        store_inputs: bool = False,
         allow_train_batchnorm: bool = False,
         overwrite: bool = False,
     ) -> None:
@@ -184,12 +198,16 @@ class InfluenceTracker(Callback):
         self.flush_every_n_steps = flush_every_n_steps
         self.allow_train_batchnorm = allow_train_batchnorm
         self.overwrite = overwrite
+        self.store_inputs = store_inputs
+        self._precision: Precision = FULL
+        self._checked_dataset = False
         # runtime state
         self._writer: LogWriter | None = None
         self._names: list[str] = []
         self._projector: KroneckerProjector | None = None
         self._capture: HookGradientCapture | None = None
         self._engine: str = "none"
+        self._vmap_names: list[str] = []  # tracked parameters no hook covers
         self._pending = _Pending()
         self._captured: list[torch.Tensor] = []
         self._captured_grad: list[torch.Tensor] = []
@@ -245,6 +263,7 @@ class InfluenceTracker(Callback):
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed)
+        self._precision = _precision(trainer)
         self._setup_engine(pl_module)
         start = trainer.global_step
         resume_state, self._resume_state = self._resume_state, {}
@@ -261,6 +280,7 @@ class InfluenceTracker(Callback):
         self._pending = _Pending()
         self._in_flight.clear()
         self._checked_batchnorm = False
+        self._checked_dataset = False
 
     def _continue_log(self, trainer: pl.Trainer, start: int, state: dict[str, Any]) -> bool:
         """Resumed at step ``start``: truncate the existing log to ``start`` and continue it; ``False`` if there is none.
@@ -356,7 +376,10 @@ class InfluenceTracker(Callback):
         seen = [m.ids for m in self._pending.micro]
         if seen and ids.device.type == "cpu" and len(torch.unique(torch.cat([*seen, ids]))) != sum(len(s) for s in seen) + len(ids):
             raise ValueError(f"step {trainer.global_step}: the same sample id appears in two micro-batches of one optimizer step")
-        self._pending.micro.append(_MicroBatch(ids=ids, batch=batch, rng_state=torch.get_rng_state()))
+        if not self._checked_dataset:
+            self._check_dataset(trainer)
+        self._pending.micro.append(_MicroBatch(ids=ids, batch=batch, random=rng.capture(),
+                                               inputs=_serialise(batch) if self.store_inputs else None))
         self._pending.batch_idx = batch_idx
         self._captured, self._captured_grad = [], []
         self._capturing = self._needs_loss
@@ -371,12 +394,15 @@ class InfluenceTracker(Callback):
         t0 = time.perf_counter()
         self._capturing = False
         micro = self._pending.micro[-1]
+        micro.random = rng.drawn(micro.random)  # what dropout drew from: recorded, restored by every own pass
         n = len(micro.ids)
         captured = self._captured[-1] if len(self._captured) == 1 and self._captured[0].shape == (n,) else None
         want_grads = self._records_grads(trainer.global_step)
-        if want_grads and self._engine == "hooks" and captured is not None and len(self._captured_grad) == 1:
+        if want_grads and self._capture is not None and captured is not None and len(self._captured_grad) == 1:
             micro.grads = self._capture.collect(self._captured_grad[0])
             micro.losses = captured.detach()
+            if self._vmap_names:  # parameters no hook covers: vmap (or, with dropout, the step's masks) for just those
+                micro.grads += self._rest_grads(pl_module, micro, self._vmap_names, None)
         elif want_grads:
             if self._capture is not None:
                 self._capture.clear()  # discard partial captures of a non-conforming forward
@@ -403,7 +429,8 @@ class InfluenceTracker(Callback):
         grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         if grad_dir:
             rows["batch_grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()]))
-        if self._records_grads(step):
+        self._record_execution(trainer, record, pending.micro, grad_dir)
+        if self._records_grads(step) and not record.skipped:
             rows["grads"] = torch.cat([m.grads for m in pending.micro])
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._hvp_products(pl_module, pending.micro, grad_dir)
@@ -449,6 +476,43 @@ class InfluenceTracker(Callback):
             self._land()
             self._live.on_epoch_end(trainer.global_step)
 
+    # ---------------------------------------------------------------- the step as it ran
+    def _record_execution(self, trainer: pl.Trainer, record: StepRecord, micro: list[_MicroBatch],
+                          grads: dict[str, torch.Tensor]) -> None:
+        """Micro-batch sizes, random states and inputs, the GradScaler factor and whether it skips this step."""
+        record.micro = [MicroRecord(len(m.ids), m.random.cpu, m.random.cuda if m.random.cuda.size else None, m.inputs)
+                        for m in micro]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and self._precision.grad_scaler:
+            record.grad_scale = float(scaler.get_scale())
+            # on_before_optimizer_step runs after GradScaler.unscale_: a non-finite gradient makes it skip the step
+            record.skipped = not all(bool(torch.isfinite(g).all()) for g in grads.values())
+
+    def _check_dataset(self, trainer: pl.Trainer) -> None:
+        """Refuse, at the first step, a dataset whose ``ds[i]`` changes between calls (random augmentation): replay
+        could not reproduce the inputs. Every random generator is left as found, so training is unchanged."""
+        self._checked_dataset = True
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if self.store_inputs or dataset is None or not hasattr(dataset, "__getitem__"):
+            return
+        try:
+            n = len(dataset)
+        except TypeError:
+            return
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with rng.forked():
+                for i in sorted({0, n // 2, n - 1}) if n else []:
+                    if not _same(dataset[i], dataset[i]):
+                        raise RuntimeError(
+                            f"InfluenceTracker: the training dataset returns different values for ds[{i}] on two calls "
+                            "(random augmentation or other randomness in __getitem__), so replay and the estimators "
+                            "could not reproduce the inputs of a step. Pass InfluenceTracker(store_inputs=True) to store "
+                            "the exact inputs of every micro-batch, or make __getitem__ deterministic")
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
     # ----------------------------------------------------------------------------- capture
     def _records_grads(self, step: int) -> bool:
         return self.record_gradients and step % self.every_n_steps == 0
@@ -478,32 +542,63 @@ class InfluenceTracker(Callback):
             return
         unsupported = HookGradientCapture.unsupported(pl_module, self._names)
         if self.gradient_engine == "hooks" and unsupported:
-            raise ValueError(f"gradient_engine='hooks' supports nn.Linear and nn.Conv2d parameters; not {unsupported[:5]}. "
-                             "Use gradient_engine='vmap' or exclude them with exclude_params")
-        self._engine = "vmap" if (self.gradient_engine == "vmap" or unsupported) else "hooks"
-        if self._engine == "hooks":
-            self._capture = HookGradientCapture(pl_module, self._names, self._projector)
+            raise ValueError(f"gradient_engine='hooks': no hook captures {unsupported[:5]} (hooks cover Linear, Conv1d/2d/3d, "
+                             "Embedding, LayerNorm, GroupNorm, RMSNorm and MultiheadAttention parameters). Use "
+                             "gradient_engine='auto' (vmap for just those) or exclude them with exclude_params")
+        hooked = [] if self.gradient_engine == "vmap" else [n for n in self._names if n not in unsupported]
+        self._vmap_names = [n for n in self._names if n not in hooked]
+        self._engine = "mixed" if hooked and self._vmap_names else "hooks" if hooked else "vmap"
+        if hooked:
+            self._capture = HookGradientCapture(pl_module, hooked, self._projector)
         rank_zero_info(f"InfluenceTracker: {len(self._names)} tensors tracked, gradient engine '{self._engine}', "
                        f"{self._projector.out_dim} columns per sample")
 
+    def _replaying(self, micro: _MicroBatch) -> Any:
+        """The micro-batch's random state and autocast, for an own pass (every generator is left as found)."""
+        return self._micro(micro).context(self._precision)
+
+    @staticmethod
+    def _micro(micro: _MicroBatch) -> MicroBatch:
+        """The micro-batch of an own pass; its ids are not used there (and may still be on the device)."""
+        return MicroBatch(np.zeros(0, np.int64), micro.batch, micro.random)
+
     def _own_grads(self, pl_module: nn.Module, micro: _MicroBatch, params: Mapping[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (projected) gradients and losses of one micro-batch from an own pass at ``params``."""
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(micro.rng_state)
-            if self._engine == "hooks":
-                return per_sample_grads_hooks(pl_module, self._loss, micro.batch, self._capture, params=params)
-            grads = per_sample_grads_vmap(pl_module, self._loss, micro.batch, self._names, self._projector, params=params)
-            with torch.no_grad():
-                losses = call_with_params(pl_module, self._loss, params, micro.batch)
-            return grads, losses
+        if not micro.random.drew:
+            with self._replaying(micro):
+                return per_sample_grads(pl_module, self._loss, micro.batch, self._names, self._projector, self._capture,
+                                        params)
+        hooked = [] if self._capture is None else self._capture.param_names
+        rest = [n for n in self._names if n not in hooked]
+        with self._replaying(micro):
+            if hooked:
+                grads, losses = per_sample_grads(pl_module, self._loss, micro.batch, hooked, self._projector,
+                                                 self._capture, params)
+            else:
+                with torch.no_grad():
+                    losses = call_with_params(pl_module, self._loss, params, micro.batch).detach()
+                grads = None
+        if rest:
+            masked = self._rest_grads(pl_module, micro, rest, params)
+            grads = masked if grads is None else grads + masked
+        return grads, losses
+
+    def _rest_grads(self, pl_module: nn.Module, micro: _MicroBatch, names: list[str],
+                    params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        """Projected per-sample gradients of ``names`` no hook covers: ``vmap`` over samples, or, when the forward
+        drew random numbers (dropout), one batched forward with the step's masks (``per_sample_grads_masked``)."""
+        if micro.random.drew:
+            return per_sample_grads_masked(pl_module, self._loss, self._micro(micro),
+                                           self._precision, names, params, self._projector)
+        with self._replaying(micro):
+            return per_sample_grads_vmap(pl_module, self._loss, micro.batch, names, self._projector, params=params)
 
     def _own_losses(self, pl_module: nn.Module, micro: _MicroBatch) -> torch.Tensor:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.set_rng_state(micro.rng_state)
+        with self._replaying(micro), torch.no_grad():
             return self._loss(pl_module, micro.batch).detach()
 
-    def _hvp_products(self, pl_module: nn.Module, micro: list[_MicroBatch], direction: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """``H_{z,t} Ĝ_t`` for every sample of the step, by central differences along ``Ĝ_t``."""
+    def _hvp_products(self, pl_module: nn.Module, micro: list[_MicroBatch], direction: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``H_{z,t} Ĝ_t`` for every sample of the step, by central differences along ``Ĝ_t``, and ``ε`` (on the device)."""
         theta = {n: p.detach() for n, p in pl_module.named_parameters() if n in direction}
 
         def grads_at(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -521,7 +616,7 @@ class InfluenceTracker(Callback):
         for name, module in pl_module.named_modules():
             if not (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training):
                 continue
-            if self.allow_train_batchnorm and self._engine == "vmap" and self.record_gradients:
+            if self.allow_train_batchnorm and self._engine in ("vmap", "mixed") and self.record_gradients:
                 raise RuntimeError(
                     f"BatchNorm layer '{name}' is in train mode, which the vmap gradient engine cannot evaluate one "
                     "sample at a time; track only Linear/Conv2d parameters (params=[...]) so the hooks engine is used")
@@ -574,6 +669,8 @@ class InfluenceTracker(Callback):
             "world_size": trainer.world_size,
             "dataset_size": dataset_size,
             "loss_reduction": "mean",
+            "precision": self._precision.to_meta(),
+            "inputs_stored": self.store_inputs,
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
             "recorded": {
                 "ids": True,
@@ -616,6 +713,42 @@ class InfluenceTracker(Callback):
         if self._original_method is not None:
             del pl_module.per_sample_loss  # drop the instance attribute: the class method shows again
             self._original_method = None
+
+
+def _precision(trainer: pl.Trainer) -> Precision:
+    """The autocast and GradScaler of the trainer's precision plugin (Lightning's ``MixedPrecision``)."""
+    plugin = trainer.precision_plugin
+    name = str(getattr(plugin, "precision", "32-true"))
+    if not name.endswith("-mixed"):
+        return Precision(name)
+    if not callable(getattr(plugin, "autocast_context_manager", None)) or not hasattr(plugin, "device"):
+        raise RuntimeError(f"InfluenceTracker supports precision={name!r} through Lightning's MixedPrecision plugin, "
+                           f"not {type(plugin).__name__}")
+    dtype = plugin.autocast_context_manager().fast_dtype
+    return Precision(name, str(plugin.device), str(dtype).replace("torch.", ""), getattr(plugin, "scaler", None) is not None)
+
+
+def _serialise(batch: Any) -> bytes:
+    """The batch as ``torch.save`` bytes (tensors on the CPU), for ``store_inputs``."""
+    buffer = io.BytesIO()
+    torch.save(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().cpu()), buffer)
+    return buffer.getvalue()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two samples of a dataset are equal (tensors and arrays elementwise, NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable equality cannot be checked
+        return True
 
 
 def _require(ok: bool, message: str) -> None:

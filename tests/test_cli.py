@@ -99,6 +99,26 @@ def test_info_json_and_verify(run, capsys):
     assert info["size_bytes"] == sum(p.stat().st_size for p in Path(run.log).rglob("*") if p.is_file())
 
 
+def test_info_lists_only_methods_that_model_the_runs_optimizer(run, tmp_path, capsys):
+    from lightning_influence.log.format import read_meta
+    from lightning_influence.log.writer import write_meta
+
+    info = json.loads(cli(capsys, "info", run.log, "--format", "json", "-q")[1])
+    assert {"dit-gn", "dit-gn-local"} <= set(info["methods"]["usable"])  # an SGD run
+    assert info["methods"]["not_usable"]["dit-frozen"] == ["optimizer Adam/AdamW/RMSprop/Adagrad, not SGD"]
+    root = tmp_path / "adamw"
+    shutil.copytree(run.log, root)
+    meta = read_meta(root)
+    meta["optimizer"]["class"] = "torch.optim.adamw.AdamW"
+    write_meta(root, meta)
+    info = json.loads(cli(capsys, "info", str(root), "--format", "json", "-q")[1])
+    assert "dit-gn" not in info["methods"]["usable"] and "dit-frozen" in info["methods"]["usable"]
+    assert "dit" in info["methods"]["usable"]
+    out = cli(capsys, "info", str(root))[1]
+    assert "not dit-gn (needs optimizer SGD, not AdamW)" in out
+    assert_error(cli(capsys, "query", str(root), "-c", run.config, "-m", "dit-gn"), "--method dit-gn needs optimizer SGD, not AdamW, or use")
+
+
 def test_info_reports_a_crashed_run(run, tmp_path, capsys):
     log = tmp_path / "crashed"
     shutil.copytree(run.log, log)

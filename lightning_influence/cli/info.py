@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from lightning_influence.cli.common import Progress, emit, json_text, open_log, output_format
-from lightning_influence.cli.methods import METHODS
+from lightning_influence.cli.methods import METHODS, unmet_needs
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -55,9 +55,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     groups = meta.get("optimizer", {}).get("param_groups", [])
     proj_dim = (meta.get("projection") or {}).get("dim")
     cols = log.projector().out_dim if meta.get("tracked_params") else 0
-    usable = [n for n, m in METHODS.items() if m.available() and all(recorded.get(r) for r in m.records)]
-    unusable = {n: [r for r in m.records if not recorded.get(r)] for n, m in METHODS.items()
-                if m.available() and n not in usable}
+    needs = {n: unmet_needs(n, log) for n, m in METHODS.items() if m.available()}
+    usable = [n for n, unmet in needs.items() if not unmet]
+    unusable = {n: unmet for n, unmet in needs.items() if unmet}
     epochs, counts = np.unique(log.epochs_of_step, return_counts=True)
     summary = {
         "log": str(root), "size_bytes": size, "files": len(files),

@@ -29,6 +29,8 @@ class Method:
         timeline: optional ``"module:function"`` giving cumulative scores on a grid in one sweep
             (else the window function runs once per grid window).
         options: fixed keyword arguments.
+        optimizers: the optimizer classes (names in :data:`lightning_influence.step.optimizers.RULES`)
+            the method models; ``None``: every supported one.
     """
 
     target: str
@@ -37,6 +39,7 @@ class Method:
     summary: str
     timeline: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    optimizers: tuple[str, ...] | None = None
 
     def load(self, attr: str | None = None) -> Callable[..., Any]:
         module_name, _, func = (attr or self.target).partition(":")
@@ -55,16 +58,22 @@ class Method:
 
 _DIT = "lightning_influence.estimators.dit"
 _DIFFIN = "lightning_influence.estimators.diffin"
+_ADAPTIVE = ("Adam", "AdamW", "RMSprop", "Adagrad")
 METHODS: dict[str, Method] = {
     "dit": Method(f"{_DIT}:dit", "model+data", (), "DIT, exact adjoint sweep over [0, t2) replayed from the "
                   "checkpoints (math §3)", timeline=f"{_DIT}:timeline"),
     "dit-fd": Method(f"{_DIT}:dit", "model+data", (), "DIT with finite-difference HVPs (first-order gradients only)",
                      timeline=f"{_DIT}:timeline", options=(("hvp", "fd"),)),
+    "dit-frozen": Method(f"{_DIT}:dit", "model+data", (), "DIT with the adaptive optimizer's preconditioner frozen "
+                         "at its values in the run (approx., cheaper)", timeline=f"{_DIT}:timeline",
+                         options=(("preconditioner", "frozen"),), optimizers=_ADAPTIVE),
     "dit-local": Method(f"{_DIT}:dit_local", "model+data", (), "local DIT (approx.): sweep only inside the window"),
     "dit-gn": Method(f"{_DIT}:dit_gauss_newton", "model", ("gradients",),
-                     "DIT with the Gauss-Newton Hessian from the logged gradients (approx., SGD only)"),
+                     "DIT with the Gauss-Newton Hessian from the logged gradients (approx., SGD only)",
+                     optimizers=("SGD",)),
     "dit-gn-local": Method(f"{_DIT}:dit_gauss_newton", "model", ("gradients",),
-                           "Gauss-Newton DIT swept only inside the window (approx.)", options=(("local", True),)),
+                           "Gauss-Newton DIT swept only inside the window (approx., SGD only)", options=(("local", True),),
+                           optimizers=("SGD",)),
     "diffin": Method(f"{_DIFFIN}:diffin", "model+data", ("gradients", "hvp"),
                      "Diff-In, published form at every logged step, from the logged H_z·G_B rows (math §4)",
                      options=(("form", "published"), ("samples", "batch"))),
@@ -105,17 +114,32 @@ def methods_epilog() -> str:
         for name, m in METHODS.items())
 
 
+def unmet_needs(name: str, log: Any) -> list[str]:
+    """What the log lacks for ``name`` to run: unrecorded fields, or an optimizer it does not model."""
+    method = METHODS[name]
+    needs = [r for r in method.records if not log.recorded.get(r)]
+    if method.optimizers is not None:
+        spec = log.meta.get("optimizer") or {}
+        used = str((spec[0] if isinstance(spec, list) and spec else spec).get("class", "?")).rpartition(".")[2]
+        if used not in method.optimizers:
+            needs.append(f"optimizer {'/'.join(method.optimizers)}, not {used}")
+    return needs
+
+
 def check_records(name: str, log: Any) -> None:
     """Fail early, in one line, when the log lacks what ``name`` needs."""
     method = METHODS[name]
     missing = [r for r in method.records if not log.recorded.get(r)]
+    usable = [m for m in available_methods() if not unmet_needs(m, log)]
+    alt = f", or use a method this log supports: {', '.join(usable)}" if usable else ""
     if missing:
         what = " and ".join(_RECORD_FLAGS.get(r, (r, ""))[0] for r in missing)
         flags = ", ".join(dict.fromkeys(f for r in missing for f in _RECORD_FLAGS.get(r, ("", f"record_{r}=True"))[1].split(", ")))
-        usable = [m for m in available_methods() if all(log.recorded.get(r) for r in METHODS[m].records)]
-        alt = f", or use a method this log supports: {', '.join(usable)}" if usable else ""
         raise UserError(f"--method {name} needs {what}, which this log did not record; re-train with "
                         f"InfluenceTracker({flags}){alt}")
+    other = unmet_needs(name, log)
+    if other:
+        raise UserError(f"--method {name} needs {other[0]}{alt}")
 
 
 

@@ -43,8 +43,11 @@ Window scores are ``G_z(t2) − G_z(t1)`` (each end with its own query gradient)
 Self-influence (query ``ℓ(z; θ_τ)``) closes along each sample's own gradient, with the
 curvature measured at the sample's own steps (``|B_t|`` HVPs per step) and held between them.
 
-Both forms are derived for plain SGD (coupled weight decay ``λ`` enters the step form);
-with momentum or Adam/AdamW they run unchanged and ``method`` says ``approx.``.
+Optimizers: both forms are derived for plain SGD (any schedule; coupled weight decay ``λ``
+enters the step form), which they model exactly to their stated closure. SGD with momentum
+or Nesterov, Adam, AdamW, RMSprop and Adagrad run unchanged (the update taken as ``η_t g``,
+no momentum or preconditioner) and ``method`` says ``approx.``; for those, DIT
+(:mod:`lightning_influence.estimators.dit`) is exact in the linearisation.
 Parameters ``θ_t`` come from the log's checkpoints, or are replayed between them
 (:func:`lightning_influence.replay.replay`, verified at every checkpoint passed).
 No Lightning imports.

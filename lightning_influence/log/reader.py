@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import os
 import re
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,12 @@ import numpy as np
 from lightning_influence.log.format import (
     CHECKPOINT_GROUP,
     CRC_ATTR,
+    MICRO_COLUMNS,
     ROW_CRC_COLUMNS,
     ROW_DATASETS,
     SCALAR_ATTR,
     STEP_COLUMNS,
+    V1_DEFAULTS,
     LogFormatError,
     check_header,
     crc32,
@@ -52,6 +55,23 @@ class StepBatch:
     losses: np.ndarray | None = None  # (|B_t|,)
     grads: np.ndarray | None = None  # (|B_t|, K)
     hvps: np.ndarray | None = None  # (|B_t|, K)
+
+
+@dataclass
+class MicroBatchRecord:
+    """One micro-batch of a step as it ran (format version 2; a version-1 step is one micro-batch of all its ids).
+
+    Attributes:
+        ids: its sample ids.
+        cpu_rng: the CPU generator state at its forward (``uint8``), ``None`` if it drew no CPU number.
+        cuda_rng: ``(n_devices, 16)`` ``uint8`` CUDA generator states, ``None`` if it drew on no GPU.
+        inputs: ``torch.save`` bytes of the batch fed to ``training_step``, ``None`` if not stored.
+    """
+
+    ids: np.ndarray
+    cpu_rng: np.ndarray | None = None
+    cuda_rng: np.ndarray | None = None
+    inputs: bytes | None = None
 
 
 @dataclass
@@ -142,7 +162,14 @@ class InfluenceLog:
         with reading(path, "the segment index"):
             attrs = dict(f.attrs)
             check_header(path, attrs)
-            seg.table = {c: _whole(path, f["steps"][c]) for c in (*STEP_COLUMNS, "lr")}
+            seg.table = {c: _whole(path, f["steps"][c]) if c in f["steps"] else None for c in (*STEP_COLUMNS, "lr")}
+            n = len(seg.table["step"])
+            for c, default in V1_DEFAULTS.items():
+                if seg.table[c] is None and int(attrs["format_version"]) == 1:
+                    seg.table[c] = np.full(n, default, dtype=np.float64 if isinstance(default, float) else np.int64)
+            missing = [c for c, v in seg.table.items() if v is None]
+            if missing:
+                raise LogFormatError(path, f"the step table has no column(s) {missing}: the file is corrupted")
             seg.checkpoints = sorted(int(g.attrs["step"]) for g in f["checkpoints"].values())
             shapes = {name: f[name].shape for name in ("samples/id", "samples/loss", "grads/grad", "grads/hvp") if name in f}
         self._width = _check_segment(path, rank, attrs, seg.table, shapes, self._width)
@@ -330,6 +357,54 @@ class InfluenceLog:
             for field_ in fields:
                 setattr(rec, _FIELD_ATTR[field_], np.concatenate([self._read(seg, row, field_) for seg, row in locs]))
             yield rec
+
+    def micro_batches(self, step: int) -> list[MicroBatchRecord]:
+        """The micro-batches of ``step`` in the order they ran (ranks in rank order), with their random
+        states and stored inputs (``docs/log-format.md``, version 2)."""
+        out = []
+        for seg, row in self._locs(step):
+            s = self._segs[seg]
+            ids = self._read(seg, row, "id")
+            off, n = int(s.table["micro_offset"][row]), int(s.table["micro_batches"][row])
+            if off < 0:  # version 1
+                out.append(MicroBatchRecord(ids))
+                continue
+            with reading(s.path, f"the micro-batches of step {step}"):
+                cols = {c: np.array(self._rows(seg, f"micro/{c}", off, n)) for c in MICRO_COLUMNS}
+                f = self._file(seg)
+                crc, start = 0, 0
+                for i in range(n):
+                    size = int(cols["size"][i])
+                    rec = MicroBatchRecord(ids[start:start + size])
+                    start += size
+                    if cols["cpu_rng"][i] >= 0:
+                        rec.cpu_rng = f["rng/cpu"][int(cols["cpu_rng"][i])]
+                        crc = zlib.crc32(rec.cpu_rng, crc)
+                    if cols["cuda_rng"][i] >= 0:
+                        flat = f["rng/cuda"][int(cols["cuda_rng"][i])]
+                        crc = zlib.crc32(flat, crc)
+                        rec.cuda_rng = flat.reshape(-1, 16)
+                    if cols["input_offset"][i] >= 0:
+                        o, k = int(cols["input_offset"][i]), int(cols["input_length"][i])
+                        rec.inputs = f["inputs/bytes"][o:o + k].tobytes()
+                        crc = zlib.crc32(rec.inputs, crc)
+                    crc = zlib.crc32(np.asarray([size, cols["cpu_rng"][i] >= 0, cols["cuda_rng"][i] >= 0,
+                                                 cols["input_length"][i]], np.int64), crc)
+                    out.append(rec)
+            if crc != int(s.table["micro_crc32"][row]) or start != len(ids):
+                raise LogFormatError(s.path, f"the micro-batch rows of step {step} fail their CRC-32 or do not cover "
+                                             f"its samples: the file is corrupted. {restore_hint(s.path)}")
+        return out
+
+    def grad_scale(self, step: int) -> float | None:
+        """The GradScaler factor ``S_t`` of ``step`` (``None`` without a scaler)."""
+        seg, row = self._locs(step)[0]
+        value = float(self._segs[seg].table["grad_scale"][row])
+        return None if np.isnan(value) else value
+
+    def skipped(self, step: int) -> bool:
+        """The GradScaler skipped the optimizer step ``step`` (``θ_{t+1} = θ_t``, optimizer state unchanged)."""
+        return any(bool(self._segs[seg].table["skipped"][row]) for seg, row in self._locs(step))
 
     def has_grads(self, step: int) -> bool:
         return all(self._segs[seg].table["grad_offset"][row] >= 0 for seg, row in self._locs(step))

@@ -1,0 +1,109 @@
+"""Random state (issue 11, item 1): recorded at each micro-batch's forward, restored by every re-evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import fit, loader, make_data, tiny
+from lightning_influence import InfluenceLog, InfluenceTracker
+from lightning_influence.step import rng
+from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
+from lightning_influence.step.precision import FULL
+
+
+def _masked_brute_force(module: nn.Module, params: dict[str, np.ndarray], ds, ids: np.ndarray,
+                        cpu_state: np.ndarray) -> torch.Tensor:
+    """Per-sample gradients of one micro-batch with the masks its forward drew: one batched forward from the
+    recorded CPU state, then one autograd call per sample."""
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            p.copy_(torch.from_numpy(params[n]))
+    x = torch.stack([ds[int(i)][0] for i in ids])
+    y = torch.stack([ds[int(i)][1] for i in ids])
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(torch.from_numpy(cpu_state))
+        losses = module.per_sample_loss((x, y))
+    rows = []
+    for i in range(len(ids)):
+        g = torch.autograd.grad(losses[i], list(module.parameters()), retain_graph=True)
+        rows.append(torch.cat([t.reshape(-1) for t in g]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("engine", ["hooks", "vmap", "mixed"])
+def test_dropout_rows_are_taken_with_the_training_masks_and_training_is_unchanged(tmp_path, engine):
+    ds = make_data(18)
+
+    def model():  # "mixed": hooks for the Linear layers, the PReLU weight (no hook) from the masked batched pass
+        return tiny(dropout=0.3, extra=nn.PReLU(3).double() if engine == "mixed" else None)
+
+    plain = model()
+    fit(plain, loader(ds), None, epochs=2, accumulate_grad_batches=2)
+    tracked = model()
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, checkpoint_every_n_steps=1,
+                               gradient_engine="auto" if engine == "mixed" else engine, storage_dtype="float64")
+    fit(tracked, loader(ds), tracker, epochs=2, accumulate_grad_batches=2)
+    for (n, a), (_, b) in zip(plain.named_parameters(), tracked.named_parameters()):
+        assert torch.equal(a, b), n  # the tracker's own passes (HVP products included) drew nothing from the stream
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["precision"]["autocast_dtype"] is None and log.meta["gradient_engine"] == engine
+    module = model()
+    checked = 0
+    for rec in log.iter_steps(fields=("grad", "loss")):
+        micro = log.micro_batches(rec.step)
+        assert [len(m.ids) for m in micro] == ([6, 6] if rec.step % 2 == 0 else [6])  # 3 batches an epoch, accumulate 2
+        np.testing.assert_array_equal(np.concatenate([m.ids for m in micro]), rec.ids)
+        rows = []
+        for m in micro:
+            assert m.cpu_rng is not None and m.cuda_rng is None  # dropout drew from the CPU generator
+            rows.append(_masked_brute_force(module, log.checkpoint(rec.step), ds, m.ids, m.cpu_rng))
+        np.testing.assert_allclose(rec.grads, torch.cat(rows).numpy(), rtol=1e-10, atol=1e-12)
+        checked += 1
+    assert checked == log.num_steps == 4
+
+
+def test_a_forward_that_draws_nothing_stores_no_state(tmp_path):
+    fit(tiny(), loader(make_data(12)), InfluenceTracker(str(tmp_path / "log")), epochs=1)
+    log = InfluenceLog(tmp_path / "log")
+    assert all(m.cpu_rng is None and m.cuda_rng is None for t in range(log.num_steps) for m in log.micro_batches(t))
+
+
+def test_restored_sets_the_state_and_leaves_the_callers_generator_as_found():
+    torch.manual_seed(5)
+    state = rng.capture()
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    caller = torch.get_rng_state()
+    with rng.restored(state):
+        assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(torch.get_rng_state(), caller)
+    with rng.restored(None):
+        torch.rand(2)
+    assert torch.equal(torch.get_rng_state(), caller)
+    torch.manual_seed(1)
+    before = rng.capture()
+    assert not rng.drawn(before).drew
+    torch.rand(1)
+    assert rng.drawn(before).drew and rng.drawn(before).cpu is before.cpu
+
+
+def test_masked_per_sample_gradients_equal_one_backward_per_sample_with_the_same_masks():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(5, 9), nn.GELU(), nn.Dropout(0.4), nn.Linear(9, 3)).double()
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+
+    def loss_fn(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    state = rng.capture()
+    names = [n for n, _ in module.named_parameters()]
+    got = per_sample_grads_masked(module, loss_fn, MicroBatch(np.arange(7), (x, y), state), FULL, names, chunk_size=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(torch.from_numpy(state.cpu))
+        losses = loss_fn(module, (x, y))
+    want = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], list(module.parameters()),
+                                                                               retain_graph=True)]) for i in range(7)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
