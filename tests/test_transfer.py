@@ -1,4 +1,4 @@
-"""Non-blocking host copies (``capture.transfer``) and the tracker's steps in flight (``InfluenceTracker._stage``)."""
+"""Non-blocking host copies (``capture.transfer``) and the tracker's steps in flight (``InfluenceTracker._add_step``)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_steps_held_in_flight_reach_the_log_unchanged(tmp_path, monkeypatch) -> 
     add_step = LogWriter.add_step
 
     def spy(self, record, checkpoint=None):
-        staged_behind.append(tracker._next_step - record.step)  # steps staged since this one (during _stage: step = _next_step)
+        staged_behind.append(tracker._next_step - record.step)  # steps staged since this one (during _add_step: step = _next_step)
         return add_step(self, record, checkpoint)
 
     monkeypatch.setattr(HostCopy, "ready", lambda self: False)
