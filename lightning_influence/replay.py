@@ -5,8 +5,12 @@ The log holds the batch sequence ``B_t``, the learning rates ``η_t`` and checkp
 nearest checkpoint with the logged optimizer (rebuilt by :func:`build_optimizer`), and
 compares every checkpoint it passes: a replay that drifts from the logged run is an error
 that says where and why, never a silently wrong trajectory. With per-sample ``weights`` it
-runs the counterfactual of math §2: the loss of step ``t`` is ``Σ_i w_i ℓ_i / |B_t|``, so
-a removed sample (weight 0) leaves the denominator unchanged.
+runs the counterfactual of math §2: the loss of step ``t`` is ``Σ_i m_i w_{i,t} ℓ_i``, with
+``w_{i,t}`` the weight the step applied (:mod:`lightning_influence.step.weights`; ``1/|B_t|``
+for a plain batch mean), so a removed sample (``m_i = 0``) leaves the others' weights unchanged.
+Each step runs as Lightning ran it: its micro-batches back-propagated one at a time with
+Lightning's loss scaling, the gradient clipped as recorded (:mod:`lightning_influence.step.clipping`),
+so an as-trained replay on CPU is bit-identical to training.
 
 Shared by DIT, Diff-In and the ground truth. Pure torch: no Lightning imports.
 """
@@ -27,7 +31,9 @@ from torch.utils.data import Dataset, default_collate
 from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, default_loss_fn
+from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_param_groups, rule_for
+from lightning_influence.step.weights import StepWeights, step_weights
 
 __all__ = [
     "ReplayMismatchError",
@@ -54,7 +60,7 @@ TrainData = Union[Callable[[np.ndarray], Any], Dataset]
 ``ids -> batch``. Either way the batch must be what the module's ``per_sample_loss`` takes."""
 
 Weights = Callable[[int, np.ndarray], Tensor]
-"""``weights(step, ids) -> Tensor[|B_t|]``: per-sample loss weights of a step (1 = as trained)."""
+"""``weights(step, ids) -> Tensor[|B_t|]``: per-sample multipliers of the step's loss weights (1 = as trained, 0 = removed)."""
 
 Progress = Union[Callable[[int, int], None], bool, None]
 
@@ -330,12 +336,15 @@ def _set_lrs(opt: torch.optim.Optimizer, lrs: np.ndarray, t: int) -> None:
 
 
 def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, params: Mapping[str, Tensor],
-                batch: Any, n: int, w: Tensor | None) -> None:
-    """One optimizer step at ``params`` on ``batch``: loss ``mean(ℓ)`` or ``Σ w ℓ / n``."""
+                train_data: TrainData, ids: np.ndarray, sw: StepWeights, multipliers: Tensor | None,
+                clip: ClipSpec | None) -> None:
+    """One optimizer step at ``params`` as Lightning ran it: each micro-batch's loss back-propagated in turn
+    (``mean(ℓ)/A`` as trained, ``Σ m w ℓ`` with ``multipliers``), the summed gradient clipped, the optimizer stepped."""
     opt.zero_grad(set_to_none=True)
-    losses = functional_loss(module, loss_fn, params, batch)
-    loss = losses.mean() if w is None else (w.to(losses) * losses).sum() / n
-    loss.backward()
+    for rows in sw.micro_slices():
+        losses = functional_loss(module, loss_fn, params, batch_from_ids(train_data, ids[rows]))
+        sw.micro_loss(losses, rows, None if multipliers is None else multipliers[rows]).backward()
+    apply_clipping([p for g in opt.param_groups for p in g["params"]], clip)
     opt.step()
 
 
@@ -358,7 +367,7 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
             w = torch.as_tensor(weights(t, ids))
             if w.shape != (len(ids),):
                 raise ValueError(f"weights({t}, ids) returned shape {tuple(w.shape)}, expected ({len(ids)},)")
-        replay_step(module, loss_fn, opt, params, batch_from_ids(train_data, ids), len(ids), w)
+        replay_step(module, loss_fn, opt, params, train_data, ids, step_weights(log, t), w, logged_clip_spec(log, t))
         if progress is not None:
             progress(t - start + 1, t2 - start)
     if check and t2 in ckpts and t2 != start:
@@ -374,9 +383,9 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
     """Replay the logged steps and yield ``θ_t`` for ``t`` in ``[t1, t2)``, then the final ``θ_{t2}``.
 
     Starts from the nearest checkpoint ``<= t1`` (or ``start``, a checkpoint step) with its
-    optimizer state, and replays every step with the logged batch and learning rates. The
-    loss of step ``t`` is the mean per-sample loss, or ``Σ_i w_i ℓ_i / |B_t|`` with
-    ``weights`` (removal = weight 0, the denominator is kept: math §2).
+    optimizer state, and replays every step with the logged batch, learning rates, per-sample
+    weights and clipping (:func:`replay_step`). With ``weights`` the loss of step ``t`` is
+    ``Σ_i m_i w_{i,t} ℓ_i`` (removal = ``m_i = 0``, the others' weights are kept: math §2).
 
     Args:
         log: the influence log.
@@ -385,7 +394,7 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
         train_data: the training samples by id (a dataset or a callable ``ids -> batch``).
         t1, t2: the steps to yield (``t2=None``: the end of the run).
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]``, the per-sample training loss.
-        weights: ``weights(step, ids) -> Tensor[B]``, per-sample loss weights (counterfactuals).
+        weights: ``weights(step, ids) -> Tensor[B]``, per-sample multipliers of the logged weights (counterfactuals).
         start: checkpoint step to start from (default: the latest checkpoint ``<= t1``).
         verify: compare the replayed ``θ_t`` with every checkpoint the replay passes (only
             without ``weights``: a counterfactual is meant to differ).

@@ -219,7 +219,7 @@ class HookGradientCapture:
         """
         if loss_grad.ndim != 1:
             raise ValueError(f"loss_grad must be 1-D (B,), got shape {tuple(loss_grad.shape)}")
-        if bool((loss_grad == 0).any()):
+        if loss_grad.device.type == "cpu" and bool((loss_grad == 0).any()):  # on a GPU: non-finite rows, refused by the writer
             raise ValueError("loss_grad has zeros: per-sample gradients cannot be recovered")
         batch = loss_grad.shape[0]
         dtype = torch.promote_types(loss_grad.dtype, torch.float32)
