@@ -112,7 +112,7 @@ def _brute_force(log: InfluenceLog, ds: Any, make: Any, gauss_newton: bool = Fal
 def test_dit_with_accumulation_and_clipping_equals_the_explicit_recursion(run: Any, hvp: str) -> None:
     log, ds, make = run
     brute = _brute_force(log, ds, make)
-    s = dit(log, make(), ds, query, loss_fn=loss_fn, hvp=hvp).scores[:, 0]
+    s = dit(log, query, module=make(), train_data=ds, loss_fn=loss_fn, hvp=hvp).scores[:, 0]
     err = np.abs(s - brute).max() / np.abs(brute).max()
     assert err < (1e-10 if hvp == "exact" else 1e-5), err
     assert np.abs(brute).max() > 1e-3
@@ -121,7 +121,7 @@ def test_dit_with_accumulation_and_clipping_equals_the_explicit_recursion(run: A
 def test_gauss_newton_dit_uses_the_weights_and_the_clipping_jacobian(run: Any) -> None:
     log, ds, make = run
     brute = _brute_force(log, ds, make, gauss_newton=True)
-    s = dit_gauss_newton(log, query, make()).scores[:, 0]
+    s = dit_gauss_newton(log, query, module=make()).scores[:, 0]
     assert np.abs(s - brute).max() / np.abs(brute).max() < 1e-10
 
 
@@ -150,7 +150,7 @@ def test_tracin_weights_each_sample_as_the_step_did(run: Any) -> None:
         n = float(g.norm())
         Jq = CLIP / (n + 1e-6) * q - CLIP * g * (g @ q) / (n * (n + 1e-6) ** 2) if CLIP / (n + 1e-6) < 1 else q
         out[ids] += float(log.lr(t)[0]) * w * (G @ Jq).numpy()
-    s = tracin(log, query, make()).scores[:, 0]
+    s = tracin(log, query, module=make()).scores[:, 0]
     np.testing.assert_allclose(s, out, rtol=1e-9, atol=1e-12)
 
 
@@ -181,5 +181,5 @@ def test_replay_loo_removes_the_sample_from_its_micro_batch_and_clips(run: Any) 
     base = train(None)
     expected = np.array([train(j) - base for j in js])
     np.testing.assert_allclose(res.at(log.num_steps)[:, 0], expected, rtol=1e-7, atol=1e-12)
-    dit_scores = dit(log, make(), ds, query, loss_fn=loss_fn).scores[js, 0]
+    dit_scores = dit(log, query, module=make(), train_data=ds, loss_fn=loss_fn).scores[js, 0]
     assert np.corrcoef(dit_scores, expected)[0, 1] > 0.99
