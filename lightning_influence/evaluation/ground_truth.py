@@ -124,7 +124,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
                sample_ids: Sequence[int] | np.ndarray | None = None, grid: Any = None, window: Any = None, *,
                in_window_only: bool = False, groups: Sequence[Sequence[int]] | None = None,
                loss_fn: LossFn = default_loss_fn, copies: int = 256, verify: bool = True, atol: float | None = None,
-               rtol: float | None = None, progress: Progress = None) -> LOOResult:
+               rtol: float | None = None, removal_weight: float = 0.0, progress: Progress = None) -> LOOResult:
     """Replay leave-one-out (or leave-group-out): retrain without each unit, record ``f`` on a grid.
 
     Args:
@@ -144,6 +144,9 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         verify: check the reference run (copy 0) against the log's checkpoints it passes.
         atol, rtol: tolerances of that check (default: 100 × :func:`~lightning_influence.replay.default_tolerances`,
             since the stacked copies run batched kernels whose round-off differs from training).
+        removal_weight: the dropped unit's loss weight (0: leave-one-out). ``1 − ε`` with the
+            values divided by ``ε`` gives the linear response ``∂f/∂w`` that DIT estimates
+            exactly, separating an estimator's error from the nonlinearity of a full removal.
         progress: ``progress(done, total)`` or ``True``.
 
     Raises:
@@ -228,7 +231,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             B = len(ids)
             W = torch.ones(C, B, dtype=dtype)
             for c, u in enumerate(chunk_units, start=1):
-                W[c, np.isin(ids, u)] = 0.0
+                W[c, np.isin(ids, u)] = removal_weight
             batch = batch_from_ids(train_data, ids)
             _set_lrs(opt, log.lr(t), t)
             opt.zero_grad(set_to_none=True)
