@@ -178,7 +178,7 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
     out["seconds"]["replay_loo"] = time.perf_counter() - timer
     out["loo_reference_max_deviation"] = loo.info["reference_max_deviation_from_log"]
     linear = None
-    if optimizer != "sgd":  # the linear response ∂f/∂w (removal weight 1 − ε, divided by ε): what DIT estimates
+    if optimizer != "sgd":  # removal weight 1 − ε, divided by ε: ∂f/∂w, what DIT computes, where f is smooth at that scale
         timer = time.perf_counter()
         linear = replay_loo(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss, copies=args.copies,
                             removal_weight=1.0 - LINEAR_EPS)
@@ -226,8 +226,8 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
             res["dit-local vs in-window LOO"] = agreement(est["dit-local (approx.)"], inw.window(t1, t2))
         if linear is not None:  # exactness in the linearisation vs the nonlinearity of a full removal
             lin = linear.window(t1, t2) / LINEAR_EPS
-            res["dit (exact) vs linear response"] = agreement(est["dit (exact)"], lin)
-            res["linear response vs LOO"] = agreement(lin, truth)
+            res["dit (exact) vs eps-removal"] = agreement(est["dit (exact)"], lin)
+            res["eps-removal vs LOO"] = agreement(lin, truth)
         res["truth_std"] = float(np.std(truth))
         out["results"][wname] = res
         scores[wname] = {k: v for k, v in est.items() if v is not None}
