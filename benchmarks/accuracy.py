@@ -1,6 +1,7 @@
 """Accuracy benchmark: DIT (exact, local, Gauss-Newton) and TracIn against replay leave-one-out.
 
     python benchmarks/accuracy.py [--epochs 10] [--n-train 400] [--out benchmarks/results/accuracy.json]
+    python benchmarks/accuracy.py --configs optimizers   # SGD baselines + Adam/AdamW/RMSprop (~15 min, 1 thread)
 
 Digits (bundled with scikit-learn), float64, batch 20, SGD with a step LR schedule and L2
 (weight decay), trained by a real ``lightning.Trainer`` with the ``InfluenceTracker``
@@ -10,12 +11,14 @@ validation loss. For every training sample the scores of each estimator are comp
 the replay-LOO window truth ``LOO_j(t2) − LOO_j(t1)`` (math §6) for the windows whole run,
 first epoch, second half and last epoch; DIT-local is also compared with its own
 counterpart, removal inside the window only. Then the same with momentum 0.9 and with
-AdamW; Adam, AdamW and RMSprop with a cosine schedule and warm-up, where exact DIT (the VJP
-of the full optimizer step) runs beside the frozen-preconditioner approximation, with the
-sweeps' time and memory; and corrupted-sample detection on the MLP with 10% flipped labels: ranked by the
-validation-loss scores (harmful = negative) and by self-influence (query = each training
-sample's own loss, all N swept together; mislabelled = large positive), each against its
-replay-LOO truth.
+AdamW; then Adam, AdamW and RMSprop with a cosine schedule and warm-up
+(docs/optimizer-adjoint.md), where exact DIT (the VJP of the full optimizer step) runs beside
+the frozen-preconditioner approximation, both also against the removal of weight ε = 1e-3
+(divided by ε: the derivative DIT computes, where the run is smooth at that scale), and the
+sweeps' time and memory against the SGD sweep on the same model; and corrupted-sample
+detection on the MLP with 10% flipped labels: ranked by the validation-loss scores (harmful =
+negative) and by self-influence (query = each training sample's own loss, all N swept
+together; mislabelled = large positive), each against its replay-LOO truth.
 
 Prints a table and writes JSON (``benchmarks/results/`` is git-ignored).
 """
@@ -322,6 +325,43 @@ def print_table(name: str, res: dict[str, Any]) -> None:
           f"log {res['loo_reference_max_deviation']:.2e}; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
 
 
+def sweep_cost(configs: dict[str, tuple], chosen: list[str], args: argparse.Namespace, workdir: Path,
+               rounds: int = 3) -> dict[str, Any]:
+    """DIT timeline sweep time and memory of each adaptive config against the SGD config on the same
+    model: the same grid (epoch starts and T), the sweeps alternated ``rounds`` times, median seconds."""
+    out: dict[str, Any] = {}
+    for name in chosen:
+        model, opt, hyper, _ = configs[name]
+        base = f"{model}-sgd"
+        if opt == "sgd" or base not in chosen:
+            continue
+        data = load_digits_split(args.n_train, args.n_val, 0.0, seed=args.seed, dtype=torch.float64)
+        train_ds = WithIds(TensorDataset(*data["train"]))
+        query = mean_loss(data["val"], ce_loss, name="val_loss")
+        runs = {label: (make_module(configs[label][0], configs[label][1], **configs[label][2]), InfluenceLog(workdir / label))
+                for label in (base, name)}
+        seconds: dict[str, list[float]] = {(lab + suffix): [] for lab in runs for suffix in ("", " frozen")}
+        memory: dict[str, int] = {}
+        for _ in range(rounds):
+            for label, (Net, log) in runs.items():
+                for suffix, pre in (("", "exact"), (" frozen", "frozen")):
+                    if suffix and label == base:
+                        continue
+                    t0 = time.perf_counter()
+                    tl = timeline(log, Net().double(), train_ds, query, loss_fn=ce_loss, preconditioner=pre)
+                    seconds[label + suffix].append(time.perf_counter() - t0)
+                    memory[label + suffix] = tl.info["peak_adjoint_bytes"] + tl.info["peak_trajectory_bytes"]
+        med = {k: float(np.median(v)) for k, v in seconds.items() if v}
+        out[name] = {"baseline": base, "median_seconds": med, "bytes": memory,
+                     "time_ratio": med[name] / med[base], "time_ratio_frozen": med[name + " frozen"] / med[base],
+                     "memory_ratio": memory[name] / memory[base], "memory_ratio_frozen": memory[name + " frozen"] / memory[base]}
+        print(f"sweep cost {name} vs {base} (median of {rounds} alternating rounds): time x{out[name]['time_ratio']:.2f} "
+              f"(frozen x{out[name]['time_ratio_frozen']:.2f}), memory x{out[name]['memory_ratio']:.2f} (frozen "
+              f"x{out[name]['memory_ratio_frozen']:.2f}); seconds " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
+        sys.stdout.flush()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-train", type=int, default=400)
@@ -376,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["configs"][name] = res
             print_table(name, res)
             sys.stdout.flush()
+        if args.configs == "optimizers":
+            results["sweep_cost"] = sweep_cost(configs, chosen, args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
