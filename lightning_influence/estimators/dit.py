@@ -79,7 +79,7 @@ PRECONDITIONERS = ("exact", "frozen")
 
 
 def _optimizer_step(log: InfluenceLog, names: Sequence[str], sizes: Sequence[int], dtype: torch.dtype,
-                    preconditioner: str = "exact", lr_scale: float = 1.0) -> OptimizerStep:
+                    preconditioner: str = "exact") -> OptimizerStep:
     """The logged optimizer's functional twin over the flat layout ``names``/``sizes``."""
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
