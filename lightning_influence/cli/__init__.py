@@ -90,6 +90,10 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     g.add_argument("--builder", "-b", metavar="MODULE:FUNCTION",
                    help="a function (module:function or file.py:function) returning the model, (model, datamodule) or "
                         "a dict with module, datamodule, train_data, val_data, test_data, flipped, train_labels")
+    g.add_argument("--hvp", choices=("exact", "fd"),
+                   help="Hessian-vector products of the methods that use them (DIT, Diff-In): exact (the default: "
+                        "forward-over-reverse through the model) or fd (finite differences of gradients, checked for "
+                        "blow-ups)")
 
     qparent = Parser(add_help=False)
     qg = qparent.add_argument_group("query")

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.capture.hvp import fd_directional_derivative, flatten, unflatten
+from lightning_influence.capture.hvp import default_eps0, fd_directional_derivative, flatten, unflatten
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
@@ -262,7 +262,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if eps0 is None:
-        eps0 = 1e-5 if ctx.dtype == torch.float64 else 1e-3
+        eps0 = default_eps0(ctx.dtype)
     acts = sorted({int(s) for s in activations if t_lo < s <= t_hi})
     N = ctx.log.dataset_size
     U: Tensor | None = None  # λ_θ (p, C)
