@@ -163,7 +163,7 @@ class _Context:
 
     def project(self, vectors: Vectors) -> np.ndarray:
         """``(C, K)`` float64: the vectors projected like the logged gradient rows."""
-        return self.projector.project(vectors).double().numpy()
+        return self.projector.project(vectors).double().cpu().numpy()
 
     def query(self, query: Query, params: Mapping[str, Tensor]) -> tuple[Vectors, list[str]]:
         grads, values = query_gradients(self.module, query, self.names, params)
@@ -307,7 +307,7 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
             rec = next(log_rows)
             if rec.step != t:
                 raise RuntimeError(f"logged rows of step {rec.step} where step {t} was expected")
-            Hz = rec.hvps.astype(np.float64) if ctx.hvp == "fd" else ctx.per_sample_hvp(params, batch_t, g_hat).double().numpy()
+            Hz = rec.hvps.astype(np.float64) if ctx.hvp == "fd" else ctx.per_sample_hvp(params, batch_t, g_hat).double().cpu().numpy()
             gz = ctx.per_sample_grads(params, batch_t, projector=full) if query is None else None
             chunks.append((rec.ids, rec.grads.astype(np.float64), Hz, gz))
             weight = N / len(ids_t)
@@ -319,8 +319,8 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
                     gz = ctx.per_sample_grads(params, b, projector=full)
                     G = ctx.project({n: gz[:, sl].reshape(len(ids), *ctx.shapes[n]) for n, sl in full.slices.items()})
                 else:
-                    gz, G = None, ctx.per_sample_grads(params, b).double().numpy()
-                chunks.append((ids, G, ctx.per_sample_hvp(params, b, g_hat).double().numpy(), gz))
+                    gz, G = None, ctx.per_sample_grads(params, b).double().cpu().numpy()
+                chunks.append((ids, G, ctx.per_sample_hvp(params, b, g_hat).double().cpu().numpy(), gz))
             weight = 1.0
         if query is not None:
             q, names = ctx.query(query, params)
@@ -358,12 +358,12 @@ def _curvature(ctx: _Context, V: Vectors, HV: Vectors) -> np.ndarray:
     C = next(iter(V.values())).shape[0]
     vv = sum((V[n].double() ** 2).reshape(C, -1).sum(1) for n in ctx.names)
     vv = torch.where(vv > 0, vv, torch.ones_like(vv))
-    out = torch.zeros(C, ctx.n_groups, dtype=torch.float64)
+    out = torch.zeros(C, ctx.n_groups, dtype=torch.float64, device=vv.device)
     for n in ctx.names:
         g = ctx.group_of_name[n]
         curv = HV[n].double() + ctx.weight_decay[g] * V[n].double()
         out[:, g] += (V[n].double() * curv).reshape(C, -1).sum(1)
-    return (out / vv[:, None]).numpy()
+    return (out / vv[:, None]).cpu().numpy()
 
 
 def _rho(decays: np.ndarray) -> np.ndarray:
@@ -438,7 +438,7 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
         qz = np.zeros((N, ctx.projector.out_dim))
         for c0 in range(0, N, ctx.chunk_size):
             ids = np.arange(c0, min(N, c0 + ctx.chunk_size))
-            qz[ids] = ctx.per_sample_grads(params, ctx.batch(ids)).double().numpy()
+            qz[ids] = ctx.per_sample_grads(params, ctx.batch(ids)).double().cpu().numpy()
         R = np.ones(N)  # Π of (1 − κ) over the steps after s
         kcur = snapshots[tau].copy()
         for s in range(tau - 1, -1, -1):

@@ -79,13 +79,14 @@ PRECONDITIONERS = ("exact", "frozen")
 
 
 def _optimizer_step(log: InfluenceLog, names: Sequence[str], sizes: Sequence[int], dtype: torch.dtype,
-                    preconditioner: str = "exact", lr_scale: float = 1.0) -> OptimizerStep:
+                    preconditioner: str = "exact", lr_scale: float = 1.0,
+                    device: torch.device | str = "cpu") -> OptimizerStep:
     """The logged optimizer's functional twin over the flat layout ``names``/``sizes``."""
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
     rule = RULES[optimizer_class(log).__name__]
     groups = [dict(g) for g in _optimizer_spec(log)["param_groups"]]
-    return OptimizerStep(rule, groups, coordinate_groups(groups, names, sizes), dtype,
+    return OptimizerStep(rule, groups, coordinate_groups(groups, names, sizes), dtype, device,
                          frozen_preconditioner=preconditioner == "frozen")
 
 
@@ -111,8 +112,9 @@ class _Context:
         self.shapes = {n: tuple(t.shape) for n, t in ref.items()}
         self.sizes = [int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.names]
         self.dtype = next(iter(ref.values())).dtype
+        self.device = next(iter(ref.values())).device  # the module's: the sweep runs there (e.g. a GPU)
         self.p = sum(self.sizes)
-        self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner)
+        self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner, device=self.device)
         self.rule = self.step.rule
         self.opt_names = [n for g in _optimizer_spec(log)["param_groups"] for n in g["params"]]
 
@@ -279,8 +281,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         Q = q.shape[1]
         if U is None:
             scores = np.zeros((N, Q * len(acts)))
-            U = torch.zeros(ctx.p, 0, dtype=ctx.dtype)
-            S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype) for k in keys}
+            U = torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device)
+            S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device) for k in keys}
         blocks.append((step, U.shape[1]))
         U = torch.cat([U, q], dim=1)
         S = {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in S.items()}
@@ -303,7 +305,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                 HR, JR = _products_fd(ctx, rec.params, batch, R, eps0)
             n_hvp += R.shape[1]
             C = U.shape[1]
-            np.add.at(scores[:, :C], ids, (-JR.T / len(ids)).detach().double().numpy())
+            np.add.at(scores[:, :C], ids, (-JR.T / len(ids)).detach().double().cpu().numpy())
             U = th_bar + HR.detach()
         if rec.step in acts:
             activate(rec.step, rec.params)
