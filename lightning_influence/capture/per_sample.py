@@ -156,10 +156,11 @@ class HookGradientCapture:
             mod_name, mod, attr = owners[name]
             self._targets.setdefault(mod_name, {})[attr] = name
             self._modules[mod_name] = mod
-        # module name -> one record [saved, grad_output or None] per call
+        # module name -> one record [what the forward kept, projected blocks after the backward] per call
         self._records: dict[str, list[list[Any]]] = {m: [] for m in self._modules}
         self._handles = {
-            mod_name: engine_for(mod).attach(mod, self._records[mod_name], lambda: self.enabled, self._targets[mod_name])
+            mod_name: engine_for(mod).attach(mod, self._records[mod_name], lambda: self.enabled, self._targets[mod_name],
+                                             projector)
             for mod_name, mod in self._modules.items()
         }
         self.demoted: list[str] = []  # parameters handed back: their module ran without the batch dimension
@@ -225,12 +226,13 @@ class HookGradientCapture:
         out = torch.zeros(batch, self.projector.out_dim, dtype=dtype, device=loss_grad.device)
         try:
             for mod_name, records in list(self._records.items()):
-                done = [r for r in records if r[1] is not None]  # an output that did not reach the loss has no grad
-                if any(r[1].shape[0] != batch for r in done):
+                done = [r[1] for r in records if r[1] is not None]  # an output that did not reach the loss has none
+                if any(block.shape[0] != batch for blocks in done for block in blocks.values()):
                     self._demote(mod_name)  # its columns stay zero here: the caller's other engine fills them
-                elif done:
-                    mod = self._modules[mod_name]
-                    engine_for(mod).accumulate(mod, done, self._targets[mod_name], self.projector, out)
+                    continue
+                for blocks in done:
+                    for name, block in blocks.items():
+                        out[:, self.projector.slices[name]] += block
         finally:
             self.clear()
         return out / loss_grad.to(dtype)[:, None]

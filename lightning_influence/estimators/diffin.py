@@ -68,6 +68,7 @@ from lightning_influence.capture.hvp import KINK_GUARD, fd_directional_derivativ
 from lightning_influence.capture.per_sample import per_sample_grads_vmap
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
 from lightning_influence.replay import (
@@ -482,9 +483,10 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
     return InfluenceScores(scores, method, (t1, t2), ["self"] if query is None else names, info=info)
 
 
-def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
-           form: str = "step", hvp: str = "fd", eps0: float | None = None, steps: Any = None, samples: str = "all",
-           loss_fn: LossFn = default_loss_fn, verify: bool = True, chunk_size: int = 512,
+@estimator_api
+def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+           window: Any = None, form: str = "published", hvp: str = "fd", eps0: float | None = None, steps: Any = None,
+           samples: str | None = None, loss_fn: LossFn = default_loss_fn, verify: bool = True, chunk_size: int = 512,
            progress: Progress = None) -> InfluenceScores:
     """Diff-In scores of every training sample id for ``query`` over ``window``.
 
@@ -496,16 +498,16 @@ def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Q
         query: ``f(module) -> scalar or (Q,)`` (see :mod:`lightning_influence.queries`).
         window: steps ``(t1, t2)``, fractions, ``("epoch", a, b)`` or a string (see
             :meth:`InfluenceLog.window`); ``None`` is the whole run.
-        form: ``"step"`` (per-step cumulative form, docs/diffin.md) or ``"published"`` (the
-            paper's checkpoint form).
+        form: ``"published"`` (default: the paper's checkpoint form, the CLI's ``--method diffin``)
+            or ``"step"`` (per-step cumulative form, docs/diffin.md; ``--method diffin-step``).
         hvp: ``"fd"`` (central differences of first-order gradients) or ``"exact"``
             (forward-over-reverse, also for ``H_z Ĝ`` instead of the logged rows).
         eps0: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ‖θ‖)/√p`` (default 1e-5 in
             float64, 1e-3 otherwise; the logged ``H_z Ĝ`` rows keep the tracker's ``hvp_eps``).
         steps: published form, ``samples="all"``: the ``m`` selected steps ``T_m``: an int ``m``
             (evenly spaced in the window; default ``min(20, t2 − t1)``), a list of steps, or ``"all"``.
-        samples: published form: ``"all"`` (every training sample at each selected step) or
-            ``"batch"`` (the logged rows of ``B_t`` at every step, weighted ``N/|B_t|``).
+        samples: published form: ``"batch"`` (the default there: the rows of ``B_t`` at every step,
+            weighted ``N/|B_t|``) or ``"all"`` (every training sample at each selected step).
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         verify: check replayed ``θ_t`` against the checkpoints passed.
         chunk_size: samples per per-sample-gradient pass.
@@ -515,13 +517,15 @@ def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Q
         :class:`InfluenceScores` with ``N`` rows, one column per query output. Sign: positive
         = removing the sample raises ``f`` (the published expression is negated, see module doc).
     """
+    samples = samples or ("batch" if form == "published" and steps is None else "all")
     return _diffin(query, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
                    chunk_size, progress)
 
 
-def diffin_self_influence(log: InfluenceLog, module: nn.Module, train_data: TrainData, window: Any = None, *,
-                          form: str = "step", hvp: str = "fd", eps0: float | None = None, steps: Any = None,
-                          samples: str = "all", loss_fn: LossFn = default_loss_fn, verify: bool = True,
+@estimator_api
+def diffin_self_influence(log: InfluenceLog, query: None = None, *, module: nn.Module | None = None,
+                          train_data: TrainData | None = None, window: Any = None, form: str = "step", hvp: str = "fd",
+                          eps0: float | None = None, steps: Any = None, samples: str = "all", loss_fn: LossFn = default_loss_fn, verify: bool = True,
                           chunk_size: int = 512, progress: Progress = None) -> InfluenceScores:
     """Self-influence ``I(z, z)`` of every training sample: the query is the sample's own loss.
 
@@ -537,7 +541,9 @@ def diffin_self_influence(log: InfluenceLog, module: nn.Module, train_data: Trai
     its ``⟨g_z, H_z Ĝ⟩`` term (the rate at which training changes ``‖g_z‖²/2``) is negative while
     training pushes against a sample and positive once the model memorises it, and ``a_t``
     weighs late steps most: which term wins depends on the run (docs/diffin.md, measured).
-    Arguments as :func:`diffin`.
+    Arguments as :func:`diffin` (``query`` must stay ``None``: each sample's own loss is the query).
     """
+    if query is not None:
+        raise TypeError("diffin_self_influence() answers each sample's own loss and takes no query; pass query=None")
     return _diffin(None, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
                    chunk_size, progress)

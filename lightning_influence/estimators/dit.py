@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from lightning_influence.capture.hvp import fd_directional_derivative, flatten, unflatten
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
 from lightning_influence.replay import (
@@ -346,8 +347,9 @@ def _method(ctx: _Context, base: str, hvp: str, approx: bool = False) -> str:
 _DEFAULT_MEMORY = 512 * 2**20
 
 
-def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
-        loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
+@estimator_api
+def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+        window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
         atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
         preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
     """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
@@ -385,8 +387,9 @@ def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Quer
     return InfluenceScores(out, _method(ctx, "dit", hvp), (t1, t2), res.names, info=res.info)
 
 
-def dit_local(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
-              loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
+@estimator_api
+def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+              window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
               atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
               preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
     """Local DIT (approximation): the adjoint sweep only inside ``[t1, t2)``, from ``q_{t2}``.
@@ -452,8 +455,9 @@ class Timeline:
         return classify_timeline(self.values[:, :, self._q(query)], thresholds)
 
 
-def timeline(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, grid: Any = None, *,
-             loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
+@estimator_api
+def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+             grid: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
              atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
              preconditioner: str = "exact", progress: Progress = None) -> Timeline:
     """``F_j(t)`` for every sample on a grid of steps, in **one** backward sweep.
@@ -483,8 +487,9 @@ def timeline(log: InfluenceLog, module: nn.Module, train_data: TrainData, query:
 
 
 # ========================================================================= Gauss-Newton
-def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray], module: nn.Module | None = None,
-                     window: Any = None, *, local: bool = False, query_names_: list[str] | None = None,
+@estimator_api
+def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray], *, module: nn.Module | None = None,
+                     window: Any = None, local: bool = False, query_names_: list[str] | None = None,
                      chunk_steps: int = 64, progress: Progress = None) -> InfluenceScores:
     """DIT with the Gauss-Newton Hessian, from the log alone (approximation, math §3).
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import Query, query_gradients, query_names
 
@@ -39,7 +40,8 @@ def checkpoint_query_gradients(log: InfluenceLog, module: nn.Module, query: Quer
     return out, qnames
 
 
-def tracin(log: InfluenceLog, query: Query | QueryGradients, module: nn.Module | None = None, window: Any = None,
+@estimator_api
+def tracin(log: InfluenceLog, query: Query | QueryGradients, *, module: nn.Module | None = None, window: Any = None,
            query_names_: list[str] | None = None, progress: Callable[[int, int], None] | None = None) -> InfluenceScores:
     """TracIn scores of every sample id over ``window`` (see :meth:`InfluenceLog.window`).
 
