@@ -458,8 +458,8 @@ def check_dit(ctx: Context, model: str) -> str:
 def check_diffin(ctx: Context, model: str) -> str:
     log, module, val = _estimator_setup(ctx, model)
     with log:
-        dev = diffin(log, module, ctx.data[model], _query(val, ctx.device)).column(0)
-        cpu = diffin(log, module.to("cpu"), ctx.data[model], _query(val, "cpu")).column(0)
+        dev = diffin(log, _query(val, ctx.device), module=module, train_data=ctx.data[model]).column(0)
+        cpu = diffin(log, _query(val, "cpu"), module=module.to("cpu"), train_data=ctx.data[model]).column(0)
     err = rel(dev, cpu)
     detail = f"Diff-In on {ctx.device} vs CPU: {err:.1e} relative"
     if not np.isfinite(dev).all() or err > 1e-3 or not np.count_nonzero(dev):

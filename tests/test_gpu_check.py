@@ -33,7 +33,9 @@ def test_dry_run_reports_every_check(tmp_path: Path) -> None:
     assert status["no_sync[mlp]"] == "SKIP"  # CUDA only
     assert [c for c in MUST_PASS if status[c] != "PASS"] == [], proc.stdout
     assert proc.returncode == (1 if "FAIL" in status.values() else 0)
-    assert set(res["overhead"]["ratios"]["mlp"]) >= {"baseline_s", "+HVP products"}
+    from benchmarks.overhead import LEVELS
+
+    assert set(res["overhead"]["ratios"]["mlp"]) == {"baseline_s", *LEVELS}
 
 
 def test_a_tracker_that_draws_random_numbers_fails_bit_identical(tmp_path: Path) -> None:
