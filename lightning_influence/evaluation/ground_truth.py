@@ -2,7 +2,8 @@
 
 ``replay_loo`` re-runs training from the logged ``θ_0`` on the recorded batch sequence,
 learning rates and optimizer, with one sample (or a group) dropped from every batch that
-held it, the denominator ``|B_t|`` kept (math §2), and records
+held it, the other samples' weights ``w_{i,t}`` kept (math §2; the step's recorded weights and
+gradient clipping, :mod:`lightning_influence.step`), and records
 
     LOO_j(t) = f(θ^{-j}_t) − f(θ_t)
 
@@ -31,6 +32,7 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_names
+from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
 from lightning_influence.replay import (
     Progress,
     ReplayMismatchError,
@@ -226,7 +228,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
                 break
             ids = log.batch_ids(t)
             B = len(ids)
-            W = torch.ones(C, B, dtype=dtype)
+            W = torch.as_tensor(log.weights(t), dtype=dtype).expand(C, B).clone()  # w_{i,t} (step.weights)
             for c, u in enumerate(chunk_units, start=1):
                 W[c, np.isin(ids, u)] = 0.0
             batch = batch_from_ids(train_data, ids)
@@ -234,9 +236,10 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             opt.zero_grad(set_to_none=True)
 
             def per_copy(p: dict[str, Tensor], w: Tensor) -> Tensor:
-                return (w * functional_loss(module, loss_fn, p, batch)).sum() / B
+                return (w * functional_loss(module, loss_fn, p, batch)).sum()
 
             torch.func.vmap(per_copy)(dict(stacked), W).sum().backward()
+            apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
             opt.step()
             done += 1
             if show is not None:
