@@ -58,15 +58,16 @@ from lightning_influence.replay import (
     TrainData,
     UnsupportedOptimizerError,
     _optimizer_spec,
-    batch_from_ids,
     checkpoint_params,
-    functional_loss,
     grid_steps,
+    load_step,
     optimizer_class,
     replay,
     replay_from,
     resolve_progress,
 )
+from lightning_influence.replay_drift import DriftReport
+from lightning_influence.step.micro import Step
 from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
 
 __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_MODES"]
@@ -103,9 +104,10 @@ class _Context:
     """Everything a model-based sweep needs: log, module, data, names, the optimizer step."""
 
     def __init__(self, log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, verify: bool,
-                 atol: float | None, rtol: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> None:
+                 tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> None:
         self.log, self.module, self.train_data, self.loss_fn = log, module, train_data, loss_fn
-        self.verify, self.atol, self.rtol, self.max_memory_bytes = verify, atol, rtol, max_memory_bytes
+        self.verify, self.tolerance, self.max_memory_bytes = verify, tolerance, max_memory_bytes
+        self.drift = DriftReport()  # measured at every checkpoint the replays pass (re-anchored there)
         ref = checkpoint_params(log, module, log.checkpoint_steps[0] if log.checkpoint_steps else 0)
         self.names = list(ref)
         self.shapes = {n: tuple(t.shape) for n, t in ref.items()}
@@ -149,7 +151,7 @@ class _Context:
         if need:  # forward pass keeping θ and the optimizer state at the in-memory anchors
             want = set(need)
             for rs in replay(log, self.module, self.train_data, s0, max(need), start=s0, loss_fn=self.loss_fn,
-                             verify=self.verify, atol=self.atol, rtol=self.rtol):
+                             verify=self.verify, tolerance=self.tolerance, report=self.drift):
                 if rs.step in want:
                     memory_anchors[rs.step] = (rs.params, copy.deepcopy(rs.optimizer.state_dict()))
                 if rs.step < max(need):
@@ -163,11 +165,11 @@ class _Context:
                 break
             if a in ckpt_set:
                 gen = replay(log, self.module, self.train_data, a, b, start=a, loss_fn=self.loss_fn, verify=self.verify,
-                             atol=self.atol, rtol=self.rtol)
+                             tolerance=self.tolerance, report=self.drift)
             else:
                 params, state = memory_anchors.pop(a)
                 gen = replay_from(log, self.module, self.train_data, params, state, a, b, loss_fn=self.loss_fn,
-                                  verify=self.verify, atol=self.atol, rtol=self.rtol)
+                                  verify=self.verify, tolerance=self.tolerance, report=self.drift)
             records: list[_Record] = []
             end: _Record | None = None
             for rs in gen:
@@ -189,20 +191,22 @@ class _Context:
 
 
 # ================================================================================ products
-def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Any) -> Tensor:
+def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step) -> Tensor:
     """``G_t``: gradient of the batch-mean loss at ``θ_t``, flat (the point the optimizer's VJP is taken at)."""
     module, loss_fn = ctx.module, ctx.loss_fn
-    g = torch.func.grad(lambda p: functional_loss(module, loss_fn, p, batch).mean())(params)
+    g = torch.func.grad(lambda p: batch.losses(module, loss_fn, p).mean())(params)
     return flatten(g, ctx.names).detach()
 
 
-def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Any, R: Tensor) -> tuple[Tensor, Tensor]:
+def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor) -> tuple[Tensor, Tensor]:
     """``(H_t R, J_t R)``: Hessian of the batch-mean loss times ``R`` ``(p, C)`` and the
-    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, by forward-over-reverse."""
+    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, by forward-over-reverse, every
+    micro-batch with its training dropout masks (the ``C`` columns share them: ``randomness="same"``)
+    and attention through a kernel with forward-mode AD."""
     module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
 
     def f(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        losses = functional_loss(module, loss_fn, p, batch)
+        losses = batch.losses(module, loss_fn, p, exact=True)
         return losses.mean(), losses
 
     gf = torch.func.grad(f, has_aux=True)
@@ -214,18 +218,18 @@ def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Any, R: Ten
     if R.shape[1] == 1:
         hr, jr = one(R[:, 0])
         return hr.unsqueeze(1), jr.unsqueeze(0)
-    HR, JR = torch.func.vmap(one, in_dims=1, out_dims=(1, 0))(R)
+    HR, JR = torch.func.vmap(one, in_dims=1, out_dims=(1, 0), randomness="same")(R)
     return HR, JR
 
 
-def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Any, R: Tensor, eps0: float) -> tuple[Tensor, Tensor]:
+def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float) -> tuple[Tensor, Tensor]:
     """Finite-difference ``(H_t R, J_t R)`` from first-order gradients at ``θ ± ε r̂`` (math §3)."""
     module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
 
     def grads_and_losses(p: dict[str, Tensor]) -> Tensor:
         leaves = {n: v.detach().requires_grad_(True) for n, v in p.items()}
         with torch.enable_grad():
-            losses = functional_loss(module, loss_fn, leaves, batch)
+            losses = batch.losses(module, loss_fn, leaves)
             g = torch.autograd.grad(losses.mean(), [leaves[n] for n in names], allow_unused=True)
         flat = torch.cat([(torch.zeros_like(leaves[n]) if gi is None else gi).reshape(-1) for n, gi in zip(names, g)])
         return torch.cat([flat, losses.detach().reshape(-1)])
@@ -290,9 +294,9 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             if t_hi in acts:
                 activate(t_hi, rec.params)
             continue
-        if U is not None and U.shape[1] > 0 and len(rec.ids):
+        batch = load_step(ctx.log, ctx.train_data, rec.step) if U is not None and U.shape[1] > 0 and len(rec.ids) else None
+        if batch is not None and not batch.skipped:  # a step the GradScaler skipped is the identity
             ids = rec.ids
-            batch = batch_from_ids(ctx.train_data, ids)
             theta = flatten(rec.params, ctx.names)
             # an affine rule (SGD) has a VJP independent of g: skip the gradient pass
             g = torch.zeros_like(theta) if ctx.rule.linear else _batch_gradient(ctx, rec.params, batch)
@@ -313,7 +317,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         values[step] = scores[:, c0 : c0 + Q].copy()
     info = {"hvp": hvp, "hvp_products": n_hvp, "steps_swept": t_hi - t_lo, "optimizer": ctx.rule.name,
             "preconditioner": "frozen" if ctx.step.frozen else "exact",
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
     if hvp == "fd":
         info["eps0"] = eps0
     return _SweepResult(values, names, info)
@@ -321,12 +325,12 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
 
 # ================================================================================ public API
 def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, verify: bool,
-             atol: float | None, rtol: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> _Context:
+             tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> _Context:
     if module is None:
         raise ValueError("DIT needs `module` (the architecture; weights come from the log)")
     if train_data is None:
         raise ValueError("DIT needs `train_data` (the training samples by id) to replay the run and take gradients")
-    return _Context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes, preconditioner)
+    return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
 
 
 def _method(ctx: _Context, base: str, hvp: str, approx: bool = False) -> str:
@@ -346,7 +350,7 @@ _DEFAULT_MEMORY = 512 * 2**20
 
 def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
         loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
-        atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
+        tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
         preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
     """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
 
@@ -365,7 +369,9 @@ def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Quer
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         hvp: ``"exact"`` (forward-over-reverse) or ``"fd"`` (central differences of gradients).
         eps0: finite-difference ``ε_0`` (default 1e-5 in float64, 1e-3 otherwise).
-        verify, atol, rtol: check the replayed ``θ_t`` against every checkpoint passed.
+        verify, tolerance: check the replayed ``θ_t`` against every checkpoint passed and re-anchor there;
+            stop if a drift exceeds ``tolerance`` (:mod:`lightning_influence.replay_drift`; default 1%).
+            The drifts are in ``info["replay_drift"]``.
         max_memory_bytes: budget for the ``θ_t`` (and optimizer state) held per replay segment.
         preconditioner: ``"exact"`` (the VJP of the full update) or ``"frozen"``: adaptive
             optimizers' denominators held at their values in the run (approximation, cheaper:
@@ -377,7 +383,7 @@ def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Quer
         output. Sign: positive = removing the sample raises ``f``.
     """
     t1, t2 = log.window(window)
-    ctx = _context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     res = _model_sweep(ctx, query, 0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"))
     out = res.values[t2] - (res.values[t1] if t1 > 0 else 0.0)
     return InfluenceScores(out, _method(ctx, "dit", hvp), (t1, t2), res.names, info=res.info)
@@ -385,7 +391,7 @@ def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Quer
 
 def dit_local(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
               loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
-              atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
+              tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
               preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
     """Local DIT (approximation): the adjoint sweep only inside ``[t1, t2)``, from ``q_{t2}``.
 
@@ -394,7 +400,7 @@ def dit_local(log: InfluenceLog, module: nn.Module, train_data: TrainData, query
     :func:`dit` for late windows (``t2 − t1`` steps instead of ``t2``). Arguments as :func:`dit`.
     """
     t1, t2 = log.window(window)
-    ctx = _context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"))
     return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True),
                            (t1, t2), res.names, info=res.info)
@@ -452,7 +458,7 @@ class Timeline:
 
 def timeline(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, grid: Any = None, *,
              loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
-             atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
+             tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
              preconditioner: str = "exact", progress: Progress = None) -> Timeline:
     """``F_j(t)`` for every sample on a grid of steps, in **one** backward sweep.
 
@@ -467,7 +473,7 @@ def timeline(log: InfluenceLog, module: nn.Module, train_data: TrainData, query:
         others: as :func:`dit`.
     """
     steps = grid_steps(log, grid)
-    ctx = _context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     t_hi = int(steps[-1])
     if t_hi == 0:
         raise ValueError("the grid must contain a step > 0")
