@@ -20,7 +20,6 @@ import importlib.metadata
 import io
 import random
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -50,10 +49,12 @@ from lightning_influence.log.format import META_FILE, list_segments, read_meta
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.writer import (CheckpointRecord, LogWriter, MicroRecord, StepRecord, rank_end, truncate_log,
                                            write_meta)
+from lightning_influence.recipe import class_path, record_recipe
 from lightning_influence.step import rng
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
 from lightning_influence.step.precision import FULL, Precision
+from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -68,6 +69,9 @@ class _MicroBatch:
     batch: Any
     random: rng.RandomState  # at the forward's start; reduced to the generators it drew from after the backward
     inputs: bytes | None = None  # the batch as fed, serialised (store_inputs)
+    accumulate: int = 1  # Lightning's divisor of this micro-batch's loss
+    returned: torch.Tensor | None = None  # the loss Lightning back-propagated (checked against the per-sample losses)
+    observed: torch.Tensor | None = None  # per-sample losses seen inside training_step, when it calls per_sample_loss
     losses: torch.Tensor | None = None
     grads: torch.Tensor | None = None
 
@@ -127,6 +131,10 @@ class InfluenceTracker(Callback):
             when a resumed fit cannot continue the log there (another run's log, or steps missing).
             A resumed fit (``Trainer.fit(ckpt_path=...)``) otherwise continues the log: steps from the
             checkpoint's step on are dropped and recorded again, never duplicated.
+        store_data: store the training and validation sets in the log (``data.pt``) so the CLI can answer
+            from the log alone: ``None`` (default) stores them for plain DataLoaders given to ``fit`` when
+            under 64 MiB (a datamodule is rebuilt from its recorded recipe instead), ``True`` always,
+            ``False`` never (see :mod:`lightning_influence.recipe`).
 
     Raises:
         ValueError: on an invalid configuration, at construction.
@@ -157,6 +165,7 @@ class InfluenceTracker(Callback):
         store_inputs: bool = False,
         allow_train_batchnorm: bool = False,
         overwrite: bool = False,
+        store_data: bool | None = None,
     ) -> None:
         _require(isinstance(every_n_steps, int) and every_n_steps >= 1, f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         _require(
@@ -195,6 +204,7 @@ class InfluenceTracker(Callback):
         self.flush_every_n_steps = flush_every_n_steps
         self.allow_train_batchnorm = allow_train_batchnorm
         self.overwrite = overwrite
+        self.store_data = store_data
         self.store_inputs = store_inputs
         self._precision: Precision = FULL
         self._checked_dataset = False
@@ -217,6 +227,7 @@ class InfluenceTracker(Callback):
         self._run_id: str | None = None
         self._resume_state: dict[str, Any] = {}
         self._live: LiveTensorBoard | None = None  # running signals in the trainer's TensorBoard, if any
+        self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
 
     # ------------------------------------------------------------------------------ config
     @property
@@ -260,13 +271,15 @@ class InfluenceTracker(Callback):
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed)
         self._precision = _precision(trainer)
         self._setup_engine(pl_module)
+        clipping = self._step_model.start(trainer, pl_module)
         start = trainer.global_step
         resume_state, self._resume_state = self._resume_state, {}
         if not (start > 0 and self._continue_log(trainer, start, resume_state)):
             self._new_log(trainer, start)
             trainer.strategy.barrier("influence_tracker_setup")
             if trainer.is_global_zero:
-                write_meta(self.log_dir, self._metadata(trainer, pl_module, optimizer, names, start))
+                write_meta(self.log_dir, {**self._metadata(trainer, pl_module, optimizer, names, start),
+                                          "gradient_clipping": clipping})
         trainer.strategy.barrier("influence_tracker_meta")
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype, self.compression)
         self._run_id = self._writer.run_id
@@ -354,6 +367,7 @@ class InfluenceTracker(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Every step before the checkpoint is on disk, on every rank, before rank 0 writes the checkpoint file,
         # so a fit resumed from it never misses a step; a failed write raises here and no checkpoint is saved.
+        self._step_model.commit()
         if self._writer is not None:
             self._writer.flush(wait=True)
             if trainer.world_size > 1:
@@ -371,7 +385,8 @@ class InfluenceTracker(Callback):
         if not self._checked_dataset:
             self._check_dataset(trainer)
         self._pending.micro.append(_MicroBatch(ids=ids, batch=batch, random=rng.capture(),
-                                               inputs=_serialise(batch) if self.store_inputs else None))
+                                               inputs=_serialise(batch) if self.store_inputs else None,
+                                               accumulate=int(trainer.accumulate_grad_batches)))
         self._pending.batch_idx = batch_idx
         self._captured, self._captured_grad = [], []
         self._capturing = self._needs_loss
@@ -382,6 +397,10 @@ class InfluenceTracker(Callback):
                 self._capture.disable()
         self._pending.seconds += time.perf_counter() - t0
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._pending.micro:
+            self._pending.micro[-1].returned = loss.detach()
+
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         t0 = time.perf_counter()
         self._capturing = False
@@ -390,9 +409,11 @@ class InfluenceTracker(Callback):
         n = len(micro.ids)
         captured = self._captured[-1] if len(self._captured) == 1 and self._captured[0].shape == (n,) else None
         want_grads = self._records_grads(trainer.global_step)
+        micro.observed = captured.detach() if captured is not None else None
         if want_grads and self._capture is not None and captured is not None and len(self._captured_grad) == 1:
             micro.grads = self._capture.collect(self._captured_grad[0])
             micro.losses = captured.detach()
+            self._vmap_names = [n for n in self._names if n not in self._capture.param_names]  # after a demotion
             if self._vmap_names:  # parameters no hook covers: vmap (or, with dropout, the step's masks) for just those
                 micro.grads += self._rest_grads(pl_module, micro, self._vmap_names, None)
         elif want_grads:
@@ -416,6 +437,11 @@ class InfluenceTracker(Callback):
         record = StepRecord(
             step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
             lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=ids.numpy())
+        for m in pending.micro:  # a sum or any other reduction than the mean is refused (step.weights)
+            self._step_model.check_losses(step, m.returned, m.observed if m.observed is not None else m.losses,
+                                          m.accumulate, trainer)
+        self._step_model.record(record, [len(m.ids) for m in pending.micro], [m.accumulate for m in pending.micro],
+                                trainer.world_size, optimizer)
         if self.record_losses:
             record.losses = torch.cat([m.losses for m in pending.micro]).detach().to("cpu", torch.float64).numpy()
         grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
@@ -431,11 +457,20 @@ class InfluenceTracker(Callback):
         if trainer.is_global_zero and (step == self._first_step or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0)):
             checkpoint = self._checkpoint(trainer, pl_module, step, optimizer)
         record.tracker_seconds = pending.seconds + time.perf_counter() - t0
+        # stored once Lightning's clipping of this step has been checked (step.recorder), else right away
+        self._step_model.after_clipping(lambda: self._add_step(record, checkpoint))
+
+    def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None) -> None:
+        step = record.step
         self._writer.add_step(record, checkpoint)  # validates: a non-finite value raises, naming step and sample ids
         self._steps_recorded += 1
         self._next_step = step + 1
         if self._live is not None:
             self._live.on_step(step, record, self._writer.bytes_written)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._step_model.commit()  # a step whose clipping hook did not run (none does in automatic optimization)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._live is not None:
@@ -621,8 +656,9 @@ class InfluenceTracker(Callback):
             "run_id": uuid.uuid4().hex,
             "first_step": first_step,
             "versions": {pkg: _version(pkg) for pkg in ("lightning-influence", "torch", "lightning", "h5py")},
-            "module_class": _class_path(pl_module),
-            "datamodule_class": _class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
+            "module_class": class_path(pl_module),
+            "datamodule_class": class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
+            "recipe": record_recipe(trainer, pl_module, self.log_dir, self.store_data),  # rebuild model and data (recipe.py)
             "world_size": trainer.world_size,
             "dataset_size": dataset_size,
             "loss_reduction": "mean",
@@ -651,6 +687,7 @@ class InfluenceTracker(Callback):
         }
 
     def _teardown(self, pl_module: nn.Module, raise_errors: bool = True) -> None:
+        self._step_model.teardown()
         if self._writer is not None:
             try:
                 self._writer.close(raise_errors=raise_errors)
@@ -709,15 +746,6 @@ def _exists(log_dir: str) -> bool:
     from pathlib import Path
 
     return (Path(log_dir) / META_FILE).exists()
-
-
-def _class_path(obj: Any) -> str:
-    """``module.QualName`` of ``obj``'s class, importable also when the run was started with ``python -m``."""
-    module = type(obj).__module__
-    if module == "__main__":
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        module = spec.name if spec is not None and spec.name else module
-    return f"{module}.{type(obj).__qualname__}"
 
 
 def _version(pkg: str) -> str | None:

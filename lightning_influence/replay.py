@@ -5,8 +5,12 @@ The log holds the batch sequence ``B_t``, the learning rates ``η_t`` and checkp
 nearest checkpoint with the logged optimizer (rebuilt by :func:`build_optimizer`), and
 compares every checkpoint it passes: a replay that drifts from the logged run is an error
 that says where and why, never a silently wrong trajectory. With per-sample ``weights`` it
-runs the counterfactual of math §2: the loss of step ``t`` is ``Σ_i w_i ℓ_i / |B_t|``, so
-a removed sample (weight 0) leaves the denominator unchanged.
+runs the counterfactual of math §2: the loss of step ``t`` is ``Σ_i m_i w_{i,t} ℓ_i``, with
+``w_{i,t}`` the weight the step applied (:mod:`lightning_influence.step.weights`; ``1/|B_t|``
+for a plain batch mean), so a removed sample (``m_i = 0``) leaves the others' weights unchanged.
+Each step runs as Lightning ran it: its micro-batches back-propagated one at a time with
+Lightning's loss scaling, the gradient clipped as recorded (:mod:`lightning_influence.step.clipping`),
+so an as-trained replay on CPU is bit-identical to training.
 
 Shared by DIT, Diff-In and the ground truth. Pure torch: no Lightning imports.
 """
@@ -29,10 +33,12 @@ from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, default_loss_fn
 from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, ReplayMismatchError, measure, mismatch  # noqa: F401 (re-exported)
+from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
 from lightning_influence.step.micro import MicroBatch, Step
 from lightning_influence.step.precision import Precision, scaled, unscale_
 from lightning_influence.step.rng import NONE, RandomState
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_param_groups, rule_for
+from lightning_influence.step.weights import StepWeights, step_weights
 
 __all__ = [
     "ReplayMismatchError",
@@ -60,7 +66,7 @@ TrainData = Union[Callable[[np.ndarray], Any], Dataset]
 ``ids -> batch``. Either way the batch must be what the module's ``per_sample_loss`` takes."""
 
 Weights = Callable[[int, np.ndarray], Tensor]
-"""``weights(step, ids) -> Tensor[|B_t|]``: per-sample loss weights of a step (1 = as trained)."""
+"""``weights(step, ids) -> Tensor[|B_t|]``: per-sample multipliers of the step's loss weights (1 = as trained, 0 = removed)."""
 
 Progress = Union[Callable[[int, int], None], bool, None]
 
@@ -302,28 +308,30 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int) -> Step:
             batch = batch_from_ids(train_data, m.ids)
         random = RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda)
         micro.append(MicroBatch(m.ids, batch, random))
-    divisor = int(log.meta.get("accumulate_grad_batches") or 1) * int(log.meta.get("world_size") or 1)
-    return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t), divisor)
+    return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t))
 
 
 def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, params: Mapping[str, Tensor],
-                step: Step, w: Tensor | None) -> None:
+                step: Step, sw: StepWeights, multipliers: Tensor | None, clip: ClipSpec | None) -> None:
     """One optimizer step at ``params`` as Lightning ran it: each micro-batch under its random state and autocast,
-    loss ``mean(ℓ_k) / loss_divisor`` (or ``Σ_k w_k ℓ_k / |B_t|`` with weights) scaled by the GradScaler factor, its
-    own backward pass; gradients unscaled; a step the GradScaler skipped changes nothing."""
+    its loss (``mean(ℓ)/A`` as trained, ``Σ m w ℓ`` with ``multipliers``) scaled by the GradScaler factor and
+    back-propagated in turn; the summed gradient unscaled and clipped, the optimizer stepped. A step the GradScaler
+    skipped changes nothing."""
     opt.zero_grad(set_to_none=True)
     if step.skipped:
         return
-    n, start = len(step.ids), 0
-    for m in step.micro:
-        k = len(m.ids)
+    slices = list(sw.micro_slices())
+    if len(slices) != len(step.micro):
+        raise ValueError(f"step {step.step}: the log's weights describe {len(slices)} micro-batches, its micro-batch "
+                         f"rows {len(step.micro)}: the log is inconsistent")
+    for m, rows in zip(step.micro, slices):
         with m.context(step.precision):
             losses = functional_loss(module, loss_fn, params, m.batch)
-        loss = losses.mean() / step.loss_divisor if w is None else (w[start:start + k].to(losses) * losses).sum() / n
+        loss = sw.micro_loss(losses, rows, None if multipliers is None else multipliers[rows])
         scaled(loss, step.grad_scale).backward()
-        start += k
     if step.grad_scale is not None:
         unscale_([p.grad for p in params.values()], step.grad_scale)
+    apply_clipping([p for g in opt.param_groups for p in g["params"]], clip)
     opt.step()
 
 
@@ -370,7 +378,8 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
             w = torch.as_tensor(weights(t, ids))
             if w.shape != (len(ids),):
                 raise ValueError(f"weights({t}, ids) returned shape {tuple(w.shape)}, expected ({len(ids)},)")
-        replay_step(module, loss_fn, opt, params, load_step(log, train_data, t), w)
+        replay_step(module, loss_fn, opt, params, load_step(log, train_data, t), step_weights(log, t), w,
+                    logged_clip_spec(log, t))
         if progress is not None:
             progress(t - start + 1, t2 - start)
     if check and t2 in ckpts and t2 != start:
@@ -386,9 +395,9 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
     """Replay the logged steps and yield ``θ_t`` for ``t`` in ``[t1, t2)``, then the final ``θ_{t2}``.
 
     Starts from the nearest checkpoint ``<= t1`` (or ``start``, a checkpoint step) with its
-    optimizer state, and replays every step with the logged batch and learning rates. The
-    loss of step ``t`` is the mean per-sample loss, or ``Σ_i w_i ℓ_i / |B_t|`` with
-    ``weights`` (removal = weight 0, the denominator is kept: math §2).
+    optimizer state, and replays every step with the logged batch, learning rates, per-sample
+    weights and clipping (:func:`replay_step`). With ``weights`` the loss of step ``t`` is
+    ``Σ_i m_i w_{i,t} ℓ_i`` (removal = ``m_i = 0``, the others' weights are kept: math §2).
 
     Args:
         log: the influence log.
@@ -397,7 +406,7 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
         train_data: the training samples by id (a dataset or a callable ``ids -> batch``).
         t1, t2: the steps to yield (``t2=None``: the end of the run).
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]``, the per-sample training loss.
-        weights: ``weights(step, ids) -> Tensor[B]``, per-sample loss weights (counterfactuals).
+        weights: ``weights(step, ids) -> Tensor[B]``, per-sample multipliers of the logged weights (counterfactuals).
         start: checkpoint step to start from (default: the latest checkpoint ``<= t1``).
         verify: compare the replayed ``θ_t`` with every checkpoint the replay passes and re-anchor
             there (only without ``weights``: a counterfactual is meant to differ).

@@ -104,13 +104,13 @@ class LinearEngine(LayerEngine):
         return inp.detach() if "weight" in targets else None
 
     def accumulate(self, mod, records, targets, projector, out):
-        # calls of one module are concatenated along the tokens: one product per parameter
-        g = torch.cat([_tokens(r[1], out.dtype) for r in records], 1)
-        if "weight" in targets:
-            x = torch.cat([_tokens(r[0], out.dtype) for r in records], 1)
-            _linear_into(projector, out, targets["weight"], g, x)
-        if "bias" in targets:
-            _bias_into(projector, out, targets["bias"], g.sum(1))
+        # one record at a time: concatenating the calls of a shared module would copy them
+        for x, g_out in records:
+            g = _tokens(g_out, out.dtype)
+            if "weight" in targets:
+                _linear_into(projector, out, targets["weight"], g, _tokens(x, out.dtype))
+            if "bias" in targets:
+                _bias_into(projector, out, targets["bias"], g.sum(1))
 
 
 class EmbeddingEngine(LayerEngine):
@@ -122,13 +122,17 @@ class EmbeddingEngine(LayerEngine):
         return attr == "weight" and mod.max_norm is None and not mod.scale_grad_by_freq
 
     def accumulate(self, mod, records, targets, projector, out):
-        name = targets["weight"]
-        ids = torch.cat([r[0].reshape(r[0].shape[0], -1) for r in records], 1)  # (B, L)
-        g = torch.cat([_tokens(r[1], out.dtype) for r in records], 1)  # (B, L, dim)
-        if mod.padding_idx is not None:
-            g = g * (ids != mod.padding_idx).unsqueeze(2).to(g.dtype)
+        for ids, g_out in records:
+            self._weight_into(mod, projector, out, targets["weight"], ids.reshape(ids.shape[0], -1),
+                              _tokens(g_out, out.dtype))
+
+    @staticmethod
+    def _weight_into(mod, projector, out, name, ids, g):
+        """``ids`` ``(B, L)``, ``g`` ``(B, L, dim)``."""
         p_r, p_c = projector.side_matrices(name, g.dtype, g.device)
         b = g if p_c is None else g @ p_c
+        if mod.padding_idx is not None:  # the padding row gets no gradient (masked after the projection: cheaper)
+            b = b * (ids != mod.padding_idx).unsqueeze(2).to(b.dtype)
         if p_r is None:  # rows kept whole: scatter the token gradients into their rows
             full = torch.zeros(g.shape[0], mod.num_embeddings, b.shape[2], dtype=g.dtype, device=g.device)
             full.scatter_add_(1, ids.unsqueeze(2).expand(-1, -1, b.shape[2]), b)

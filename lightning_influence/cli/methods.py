@@ -89,8 +89,8 @@ _RECORD_FLAGS = {"gradients": ("per-sample gradients", "record_gradients=True"),
                  "hvp": ("Hessian-gradient products (H_z·G_B)", "record_gradients=True, record_hvp=True"),
                  "losses": ("per-sample losses", "record_losses=True"),
                  "checkpoints": ("parameter checkpoints", "checkpoint_every_n_steps=1")}
-NEEDS_TEXT = {"log": "log only", "model": "needs --config (model + query data)",
-               "model+data": "needs --config (model, training and query data)"}
+NEEDS_TEXT = {"log": "log only", "model": "needs the model + query data (rebuilt from the log)",
+               "model+data": "needs the model, training and query data (rebuilt from the log)"}
 
 
 def available_methods() -> list[str]:

@@ -65,8 +65,6 @@ class Step:
         precision: the run's autocast and GradScaler.
         grad_scale: the GradScaler factor ``S_t`` (``None`` without a scaler).
         skipped: the GradScaler skipped the optimizer step (non-finite gradients): ``θ_{t+1} = θ_t``.
-        loss_divisor: what Lightning divides each micro-batch's mean loss by
-            (``accumulate_grad_batches × world_size``, DDP averaging the ranks' gradients).
     """
 
     step: int
@@ -74,7 +72,6 @@ class Step:
     precision: Precision = FULL
     grad_scale: float | None = None
     skipped: bool = False
-    loss_divisor: int = 1
 
     @property
     def ids(self) -> np.ndarray:
