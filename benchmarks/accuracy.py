@@ -159,7 +159,7 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
     out["seconds"]["replay_loo"] = time.perf_counter() - timer
     out["loo_reference_max_deviation"] = loo.info["replay_drift"]["max_abs"] if loo.info["replay_drift"]["checkpoints_compared"] else 0.0
     timer = time.perf_counter()
-    tl = timeline(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss)
+    tl = timeline(log, query, module=Net().double(), train_data=train_ds, grid=grid, loss_fn=ce_loss)
     out["seconds"]["dit_timeline"] = time.perf_counter() - timer
     out["dit_method"] = tl.method
     add_err = max(float(np.abs(tl.window(0, b).column(0) + tl.window(b, c).column(0) - tl.window(0, c).column(0)).max())
@@ -171,7 +171,7 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
         truth = loo.window(t1, t2)
         est = {"dit (exact)": tl.window(t1, t2).column(0)}
         timer = time.perf_counter()
-        local = dit_local(log, Net().double(), train_ds, query, (t1, t2), loss_fn=ce_loss)
+        local = dit_local(log, query, module=Net().double(), train_data=train_ds, window=(t1, t2), loss_fn=ce_loss)
         est["dit-local (approx.)"] = local.column(0)
         out["seconds"]["dit_local"] += time.perf_counter() - timer
         timer = time.perf_counter()
@@ -223,7 +223,7 @@ def self_influence_detection(log: InfluenceLog, Net: type, train_ds: WithIds, da
     t_last = wins["last epoch"][0]
     T = log.num_steps
     timer = time.perf_counter()
-    tl = timeline(log, Net().double(), train_ds, own, grid=[0, t_last, T], loss_fn=ce_loss)
+    tl = timeline(log, own, module=Net().double(), train_data=train_ds, grid=[0, t_last, T], loss_fn=ce_loss)
     seconds = {"dit_self_timeline": time.perf_counter() - timer}
     timer = time.perf_counter()
     loo = replay_loo(log, Net().double(), train_ds, own, grid=[0, t_last, T], loss_fn=ce_loss, copies=args.copies)

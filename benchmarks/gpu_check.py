@@ -434,8 +434,8 @@ def check_replay(ctx: Context, model: str) -> str:
 def check_tracin(ctx: Context, model: str) -> str:
     log, module, val = _estimator_setup(ctx, model)
     with log:
-        dev = tracin(log, _query(val, ctx.device), module).column(0)
-        cpu = tracin(log, _query(val, "cpu"), module.to("cpu")).column(0)
+        dev = tracin(log, _query(val, ctx.device), module=module).column(0)
+        cpu = tracin(log, _query(val, "cpu"), module=module.to("cpu")).column(0)
     err = rel(dev, cpu)
     detail = f"TracIn on {ctx.device} vs CPU: {err:.1e} relative, {np.count_nonzero(dev)} samples scored"
     if not np.isfinite(dev).all() or err > 1e-4 or not np.count_nonzero(dev):
@@ -446,8 +446,8 @@ def check_tracin(ctx: Context, model: str) -> str:
 def check_dit(ctx: Context, model: str) -> str:
     log, module, val = _estimator_setup(ctx, model)
     with log:
-        dev = dit(log, module, ctx.data[model], _query(val, ctx.device)).column(0)
-        cpu = dit(log, module.to("cpu"), ctx.data[model], _query(val, "cpu")).column(0)
+        dev = dit(log, _query(val, ctx.device), module=module, train_data=ctx.data[model]).column(0)
+        cpu = dit(log, _query(val, "cpu"), module=module.to("cpu"), train_data=ctx.data[model]).column(0)
     err = rel(dev, cpu)
     detail = f"DIT (exact HVP) on {ctx.device} vs CPU: {err:.1e} relative"
     if not np.isfinite(dev).all() or err > 1e-3 or not np.count_nonzero(dev):

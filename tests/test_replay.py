@@ -129,7 +129,7 @@ def test_replay_reproduces_lightning_run_bit_for_bit(tmp_path, opt_name):
 
     calls = []
     val = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
-    s = dit(log, Lit().double(), ds, lambda m: m.per_sample_loss(val).mean(), ("epoch", 1, 3),
+    s = dit(log, lambda m: m.per_sample_loss(val).mean(), module=Lit().double(), train_data=ds, window=("epoch", 1, 3),
             loss_fn=lambda m, b: m.per_sample_loss(b), progress=lambda d, t: calls.append((d, t)))
     assert s.scores.shape == (24, 1) and np.isfinite(s.scores).all() and calls and calls[-1][0] == calls[-1][1]
     assert ("approx." in s.method) == (opt_name == "adamw")

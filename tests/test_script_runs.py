@@ -93,7 +93,8 @@ def test_cnn_plain_dataloaders_from_the_log_alone(cnn, tmp_path):
     mod = load_script(script)
     train, val = mod.data()
     val_batch = [torch.stack([val[i][k] for i in range(len(val))]) for k in range(2)]
-    expected = dit(InfluenceLog(log_dir), mod.CNN(channels=3, lr=0.2), train, queries.mean_loss(val_batch)).column(0)
+    expected = dit(InfluenceLog(log_dir), queries.mean_loss(val_batch), module=mod.CNN(channels=3, lr=0.2),
+                   train_data=train).column(0)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
     assert np.abs(expected).max() > 1e-4  # a real answer, not zeros
 
@@ -226,6 +227,6 @@ def test_script_runs_answered_without_yaml(name, method, query, tmp_path):
         assert log.meta["recipe"]["data"]["train"] == "module"
         model = mod.DictMLP(hidden=7, lr=0.2, n_train=48)
         val = next(iter(torch.utils.data.DataLoader(mod.Table(32, 1, False), batch_size=32)))
-        expected = dit(log, model, mod.Table(48, 0, True), queries.mean_loss(val)).column(0)
+        expected = dit(log, queries.mean_loss(val), module=model, train_data=mod.Table(48, 0, True)).column(0)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
     assert np.abs(expected).max() > 1e-5

@@ -161,12 +161,12 @@ def test_dit_and_diffin_on_a_dropout_run_agree_with_replay_loo(dropout_run):
     assert loo.info["replay_drift"]["max"] < 1e-12  # the stacked copies' batched kernels round differently, that is all
     y = loo.window(0, log.num_steps)
     assert np.abs(y).max() > 1e-3
-    exact = dit(log, tiny(dropout=0.2), ds, query, hvp="exact", tolerance=0.0)
-    fd = dit(log, tiny(dropout=0.2), ds, query, hvp="fd", tolerance=0.0)
+    exact = dit(log, query, module=tiny(dropout=0.2), train_data=ds, hvp="exact", tolerance=0.0)
+    fd = dit(log, query, module=tiny(dropout=0.2), train_data=ds, hvp="fd", tolerance=0.0)
     assert exact.info["replay_drift"]["max"] == 0.0
     for scores in (exact, fd):
         assert np.corrcoef(scores.scores[:, 0], y)[0, 1] > 0.99
     np.testing.assert_allclose(fd.scores, exact.scores, rtol=1e-4, atol=1e-7 * np.abs(exact.scores).max())
     for hvp in ("fd", "exact"):
-        d = diffin(log, tiny(dropout=0.2), ds, query, hvp=hvp)
+        d = diffin(log, query, module=tiny(dropout=0.2), train_data=ds, form="step", hvp=hvp)
         assert np.corrcoef(d.scores[:, 0], y)[0, 1] > 0.9, hvp

@@ -156,10 +156,11 @@ class HookGradientCapture:
             mod_name, mod, attr = owners[name]
             self._targets.setdefault(mod_name, {})[attr] = name
             self._modules[mod_name] = mod
-        # module name -> one record [saved, grad_output or None] per call
+        # module name -> one record [what the forward kept, projected blocks after the backward] per call
         self._records: dict[str, list[list[Any]]] = {m: [] for m in self._modules}
         self._handles = {
-            mod_name: engine_for(mod).attach(mod, self._records[mod_name], lambda: self.enabled, self._targets[mod_name])
+            mod_name: engine_for(mod).attach(mod, self._records[mod_name], lambda: self.enabled, self._targets[mod_name],
+                                             projector)
             for mod_name, mod in self._modules.items()
         }
         self.demoted: list[str] = []  # parameters handed back: their module ran without the batch dimension
@@ -218,19 +219,20 @@ class HookGradientCapture:
         """
         if loss_grad.ndim != 1:
             raise ValueError(f"loss_grad must be 1-D (B,), got shape {tuple(loss_grad.shape)}")
-        if bool((loss_grad == 0).any()):
+        if loss_grad.device.type == "cpu" and bool((loss_grad == 0).any()):  # on a GPU: non-finite rows, refused by the writer
             raise ValueError("loss_grad has zeros: per-sample gradients cannot be recovered")
         batch = loss_grad.shape[0]
         dtype = torch.promote_types(loss_grad.dtype, torch.float32)
         out = torch.zeros(batch, self.projector.out_dim, dtype=dtype, device=loss_grad.device)
         try:
             for mod_name, records in list(self._records.items()):
-                done = [r for r in records if r[1] is not None]  # an output that did not reach the loss has no grad
-                if any(r[1].shape[0] != batch for r in done):
+                done = [r[1] for r in records if r[1] is not None]  # an output that did not reach the loss has none
+                if any(block.shape[0] != batch for blocks in done for block in blocks.values()):
                     self._demote(mod_name)  # its columns stay zero here: the caller's other engine fills them
-                elif done:
-                    mod = self._modules[mod_name]
-                    engine_for(mod).accumulate(mod, done, self._targets[mod_name], self.projector, out)
+                    continue
+                for blocks in done:
+                    for name, block in blocks.items():
+                        out[:, self.projector.slices[name]] += block
         finally:
             self.clear()
         return out / loss_grad.to(dtype)[:, None]

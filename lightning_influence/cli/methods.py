@@ -22,8 +22,8 @@ class Method:
 
     Attributes:
         target: ``"package.module:function"`` returning :class:`InfluenceScores` for one window.
-        needs: ``"log"`` (the log alone), ``"model"`` (architecture + query data from
-            ``--config``) or ``"model+data"`` (also the training data).
+        needs: ``"log"`` (the log alone), ``"model"`` (architecture + query data, rebuilt from
+            the log, ``--builder`` or ``--config``) or ``"model+data"`` (also the training data).
         records: what the log must hold (keys of :attr:`InfluenceLog.recorded`).
         summary: one line for ``--help``.
         timeline: optional ``"module:function"`` giving cumulative scores on a grid in one sweep
@@ -31,6 +31,7 @@ class Method:
         options: fixed keyword arguments.
         optimizers: the optimizer classes (names in :data:`lightning_influence.step.optimizers.RULES`)
             the method models; ``None``: every supported one.
+        query: whether the method answers ``--query`` (self-influence answers each sample's own loss).
     """
 
     target: str
@@ -40,6 +41,7 @@ class Method:
     timeline: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
     optimizers: tuple[str, ...] | None = None
+    query: bool = True
 
     def load(self, attr: str | None = None) -> Callable[..., Any]:
         module_name, _, func = (attr or self.target).partition(":")
@@ -75,12 +77,11 @@ METHODS: dict[str, Method] = {
                            "Gauss-Newton DIT swept only inside the window (approx., SGD only)", options=(("local", True),),
                            optimizers=("SGD",)),
     "diffin": Method(f"{_DIFFIN}:diffin", "model+data", ("gradients", "hvp"),
-                     "Diff-In, published form at every logged step, from the logged H_z·G_B rows (math §4)",
-                     options=(("form", "published"), ("samples", "batch"))),
+                     "Diff-In, published form at every logged step, from the logged H_z·G_B rows (math §4)"),
     "diffin-step": Method(f"{_DIFFIN}:diffin", "model+data", ("gradients",),
                           "Diff-In per-step cumulative form (a named variant, docs/diffin.md)", options=(("form", "step"),)),
     "diffin-self": Method(f"{_DIFFIN}:diffin_self_influence", "model+data", ("gradients",),
-                          "Diff-In self-influence I(z, z) for data cleaning (ignores --query)", options=(("form", "step"),)),
+                          "Diff-In self-influence I(z, z) for data cleaning (ignores --query)", query=False),
     "tracin": Method("lightning_influence.estimators.tracin:tracin", "model", ("gradients",),
                      "TracIn: sum over the window's steps of lr/|B| <q_t, g_j,t> (first order, math §5)"),
 }
@@ -147,6 +148,8 @@ def check_records(name: str, log: Any) -> None:
 def call_with(fn: Callable[..., Any], log: Any, method: Method | None = None, **available: Any) -> Any:
     """Call ``fn(log, ...)`` with the keyword arguments it accepts among ``available``."""
     params = inspect.signature(fn).parameters
+    if method is not None and not method.query:
+        available.pop("query", None)
     kwargs = {k: (v() if isinstance(v, _Lazy) else v) for k, v in available.items() if k in params}
     return fn(log, **kwargs, **dict(method.options if method else ()))
 

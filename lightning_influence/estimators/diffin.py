@@ -68,6 +68,7 @@ from lightning_influence.capture.hvp import KINK_GUARD, fd_directional_derivativ
 from lightning_influence.capture.per_sample import per_sample_grads_vmap
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
 from lightning_influence.step.micro import Step, exact_kernels, per_sample_grads_masked
@@ -81,6 +82,7 @@ from lightning_influence.replay import (
     replay,
     resolve_progress,
 )
+from lightning_influence.step.clipping import logged_clip_adjoint, logged_clip_spec, rows_are_projected
 
 __all__ = ["FORMS", "HVP_MODES", "SAMPLES", "diffin", "diffin_self_influence", "published_coefficients", "batch_hvp"]
 
@@ -164,12 +166,14 @@ class _Context:
         return functional_loss(self.module, self.loss_fn, params, batch)
 
     # -------------------------------------------------------------------------- gradients
-    def batch_grad(self, params: Mapping[str, Tensor], batch: Any, names: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Gradient of the batch-mean loss w.r.t. ``names`` (default: the tracked parameters) at ``params``."""
+    def batch_grad(self, params: Mapping[str, Tensor], batch: Any, names: Sequence[str] | None = None,
+                   w: Tensor | None = None) -> dict[str, Tensor]:
+        """Gradient of the step's loss ``Σ w_i ℓ_i`` (default: the batch mean) w.r.t. ``names`` (default: the
+        tracked parameters) at ``params``."""
         names = list(self.names if names is None else names)
         leaves = {n: params[n].detach().requires_grad_(True) for n in names}
         with torch.enable_grad():
-            loss = self.losses({**params, **leaves}, batch).mean()
+            loss = _weighted(self.losses({**params, **leaves}, batch), w)
             g = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         return {n: torch.zeros_like(leaves[n]) if gi is None else gi.detach() for n, gi in zip(names, g)}
 
@@ -207,6 +211,25 @@ class _Context:
                                            kink_guard=KINK_GUARD)
         return out
 
+    # ------------------------------------------------------- the step as Lightning ran it
+    def step_weights(self, t: int) -> Tensor:
+        """``w_{i,t}`` of step ``t`` (:mod:`lightning_influence.step.weights`)."""
+        return torch.as_tensor(self.log.weights(t), dtype=self.dtype)
+
+    def clip_factor(self, t: int) -> float:
+        """The clip coefficient of step ``t`` (1 when not clipped): the factor on the gradient's curvature term."""
+        coef = float(self.log.step_column(t, "clip_coef"))
+        return coef if np.isfinite(coef) and logged_clip_spec(self.log, t) is not None else 1.0
+
+    def clipped(self, rec: Any, G: np.ndarray, R: np.ndarray) -> np.ndarray:
+        """``J_Cᵀ R`` for columns ``R`` ``(K, C)`` in the logged row space of step ``rec`` (identity without clipping)."""
+        spec = logged_clip_spec(self.log, rec.step)
+        if spec is None:
+            return R
+        applied = torch.from_numpy(rec.weights @ G)
+        return logged_clip_adjoint(spec, float(self.log.step_column(rec.step, "clip_coef")), applied,
+                                   torch.from_numpy(np.ascontiguousarray(R)), rows_are_projected(self.log)).numpy()
+
     def method(self, base: str, extra: Sequence[str] = ()) -> str:
         tags = [self.hvp, *extra]
         if not self.exact_sgd:
@@ -214,9 +237,14 @@ class _Context:
         return f"{base} ({', '.join(tags)})"
 
 
-def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vectors) -> Vectors:
+def _weighted(losses: Tensor, w: Tensor | None) -> Tensor:
+    """The step's loss from its per-sample losses: ``Σ w_i ℓ_i`` (step.weights), or the mean without weights."""
+    return losses.mean() if w is None else (w.to(losses) * losses).sum()
+
+
+def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vectors, w: Tensor | None = None) -> Vectors:
     """``H_B v`` for the ``C`` vectors ``V`` (tracked parameters) at ``params``: the Hessian of the
-    batch-mean loss, its tracked block. ``fd``: central differences of the batch gradient at
+    step's loss ``Σ w_i ℓ_i`` (default: the batch mean), its tracked block. ``fd``: central differences of the batch gradient at
     ``θ ± ε v̂`` with ``ε = eps0 (1 + ‖θ‖)/√p`` (:func:`~lightning_influence.capture.parameter_epsilon`),
     all ``C`` directions in one vectorised call; ``exact``: forward-over-reverse."""
     names = ctx.names
@@ -225,7 +253,7 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
 
     if ctx.hvp == "exact":
         def loss_all(p: dict[str, Tensor]) -> Tensor:
-            return ctx.losses(p, batch, exact=True).mean()
+            return _weighted(ctx.losses(p, batch, exact=True), w)
 
         def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
             tangents = {n: v[n] if n in v else torch.zeros_like(t) for n, t in fixed.items()}
@@ -240,7 +268,7 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
     factor = torch.where(norms > 0, norms / (2.0 * eps), torch.zeros_like(norms))
 
     def loss_tracked(p: dict[str, Tensor]) -> Tensor:
-        return ctx.losses({**fixed, **p}, batch).mean()
+        return _weighted(ctx.losses({**fixed, **p}, batch), w)
 
     def per_dir(x: Tensor, t: Tensor) -> Tensor:  # (C,) -> broadcastable against (C, *shape)
         return x.reshape(C, *([1] * (t.dim() - 1)))
@@ -323,9 +351,10 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
     full = KroneckerProjector(ctx.shapes, None)  # self-influence: unprojected g_z, the HVP directions
     for done, (t, params) in enumerate(ctx.params_at(selected), start=1):
         ids_t = log.batch_ids(t)
+        w_t = torch.as_tensor(log.weights(t), dtype=ctx.dtype)  # w_{i,t}: the step's loss is Σ w ℓ (step.weights)
         a_col = published_coefficients(t, log.lr(t)[col_group], N, m)  # (K,): a_t of each column's group
         batch_t = ctx.step_batch(t)
-        g_hat = ctx.batch_grad(params, batch_t, names=list(params))  # Ĝ_t over every parameter (as logged)
+        g_hat = ctx.batch_grad(params, batch_t, names=list(params), w=w_t)  # Ĝ_t over every parameter (as logged)
         chunks = []  # (ids, projected g_z, projected H_z Ĝ, unprojected g_z or None)
         if log_rows is not None:  # the logged rows of B_t, each standing for N/|B_t| samples
             rec = next(log_rows)
@@ -334,7 +363,7 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
             Hz = rec.hvps.astype(np.float64) if ctx.hvp == "fd" else ctx.per_sample_hvp(params, batch_t, g_hat).double().numpy()
             gz = ctx.per_sample_grads(params, batch_t, projector=full) if query is None else None
             chunks.append((rec.ids, rec.grads.astype(np.float64), Hz, gz))
-            weight = N / len(ids_t)
+            weight = N * rec.weights[:, None]  # each row stands for N w_{i,t} samples (N/|B_t| for a plain mean)
         else:
             for c0 in range(0, N, ctx.chunk_size):
                 ids = np.arange(c0, min(N, c0 + ctx.chunk_size))
@@ -348,7 +377,7 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
             weight = 1.0
         if query is not None:
             q, names = ctx.query(query, params)
-            HBq = batch_hvp(ctx, params, batch_t, q)
+            HBq = batch_hvp(ctx, params, batch_t, q, w_t)
             n_hvp += next(iter(q.values())).shape[0]
             qp, Hqp = ctx.project(q), ctx.project(HBq)
             if scores is None:
@@ -361,9 +390,9 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
                 scores = np.zeros((N, 1))
             for ids, G, Hz, gz in chunks:
                 V = {n: gz[:, sl].reshape(len(ids), *ctx.shapes[n]) for n, sl in full.slices.items()}
-                HBg = ctx.project(batch_hvp(ctx, params, batch_t, V))
+                HBg = ctx.project(batch_hvp(ctx, params, batch_t, V, w_t))
                 n_hvp += len(ids)
-                np.add.at(scores[:, 0], ids, weight * ((G * a_col) * (HBg + Hz)).sum(1))
+                np.add.at(scores[:, 0], ids, np.ravel(weight) * ((G * a_col) * (HBg + Hz)).sum(1))
         if progress is not None:
             progress(done, m)
     if scores is None:
@@ -377,15 +406,16 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
 
 
 # ================================================================================= step form
-def _curvature(ctx: _Context, V: Vectors, HV: Vectors) -> np.ndarray:
-    """``⟨v, (H + λ) v⟩_g / ‖v‖²`` per vector and param group ``g``: ``(C, G)`` (lr not applied)."""
+def _curvature(ctx: _Context, V: Vectors, HV: Vectors, clip: float = 1.0) -> np.ndarray:
+    """``⟨v, (c H + λ) v⟩_g / ‖v‖²`` per vector and param group ``g``: ``(C, G)`` (lr not applied; ``c`` the
+    step's clip coefficient: clipping scales the gradient, not the weight decay)."""
     C = next(iter(V.values())).shape[0]
     vv = sum((V[n].double() ** 2).reshape(C, -1).sum(1) for n in ctx.names)
     vv = torch.where(vv > 0, vv, torch.ones_like(vv))
     out = torch.zeros(C, ctx.n_groups, dtype=torch.float64)
     for n in ctx.names:
         g = ctx.group_of_name[n]
-        curv = HV[n].double() + ctx.weight_decay[g] * V[n].double()
+        curv = clip * HV[n].double() + ctx.weight_decay[g] * V[n].double()
         out[:, g] += (V[n].double() * curv).reshape(C, -1).sum(1)
     return (out / vv[:, None]).numpy()
 
@@ -412,7 +442,8 @@ def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int
     for r, params in ctx.params_at(range(t2)):
         active = [tau for tau in ends if r < tau]
         V = {n: torch.cat([qs[tau][n] for tau in active]) for n in ctx.names}
-        kap = _curvature(ctx, V, batch_hvp(ctx, params, ctx.step_batch(r), V))  # (len(active)·Q, G)
+        kap = _curvature(ctx, V, batch_hvp(ctx, params, ctx.step_batch(r), V, ctx.step_weights(r)),
+                         ctx.clip_factor(r))  # (len(active)·Q, G)
         dec = 1.0 - kap @ log.lr(r)[: ctx.n_groups]
         for i, tau in enumerate(active):
             decays[tau][r] = dec[i * Q : (i + 1) * Q]
@@ -422,8 +453,9 @@ def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int
     for tau, sign in zip(ends, (1.0, -1.0)):
         qp, rho = ctx.project(qs[tau]), _rho(decays[tau])
         for rec in log.iter_steps(0, tau, fields=("grad",)):
-            w = rec.lrs[ctx.col_group] * (ctx.every / len(rec.ids))
-            np.add.at(out, rec.ids, sign * (rec.grads.astype(np.float64) @ (qp * w).T) * rho[rec.step])
+            G = rec.grads.astype(np.float64)
+            eta_q = ctx.clipped(rec, G, (qp * (rec.lrs[ctx.col_group] * ctx.every)).T)  # (K, Q): J_Cᵀ η q
+            np.add.at(out, rec.ids, sign * rec.weights[:, None] * (G @ eta_q) * rho[rec.step])
     info = {"form": "step", "hvp_products": Q * (t1 + t2), "ends": ends,
             "decay_min": float(min(d.min() for d in decays.values())) if t2 else 1.0}
     return out, names, info
@@ -447,7 +479,7 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
         ids = b.ids
         gz = ctx.per_sample_grads(params, b, projector=full)
         V = {n: gz[:, sl].reshape(len(ids), *ctx.shapes[n]) for n, sl in full.slices.items()}
-        kap = _curvature(ctx, V, batch_hvp(ctx, params, b, V))
+        kap = _curvature(ctx, V, batch_hvp(ctx, params, b, V, ctx.step_weights(s)), ctx.clip_factor(s))
         n_hvp += len(ids)
         kappa_at[s] = (ids, last[ids].copy())
         last[ids] = kap
@@ -467,8 +499,9 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
         kcur = snapshots[tau].copy()
         for s in range(tau - 1, -1, -1):
             for rec in log.iter_steps(s, s + 1, fields=("grad",)):
-                w = rec.lrs[ctx.col_group] * (ctx.every / len(rec.ids))
-                out[rec.ids] += sign * R[rec.ids] * ((rec.grads.astype(np.float64) * w) * qz[rec.ids]).sum(1)
+                rows = rec.grads.astype(np.float64)
+                eta_q = ctx.clipped(rec, rows, (qz[rec.ids] * (rec.lrs[ctx.col_group] * ctx.every)).T)  # (K, B)
+                out[rec.ids] += sign * R[rec.ids] * rec.weights * (rows * eta_q.T).sum(1)
             R *= 1.0 - kcur @ log.lr(s)[:G]
             ids, prev = kappa_at[s]
             kcur[ids] = prev
@@ -506,9 +539,10 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
     return InfluenceScores(scores, method, (t1, t2), ["self"] if query is None else names, info=info)
 
 
-def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
-           form: str = "step", hvp: str = "fd", eps0: float | None = None, steps: Any = None, samples: str = "all",
-           loss_fn: LossFn = default_loss_fn, verify: bool = True, chunk_size: int = 512,
+@estimator_api
+def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+           window: Any = None, form: str = "published", hvp: str = "fd", eps0: float | None = None, steps: Any = None,
+           samples: str | None = None, loss_fn: LossFn = default_loss_fn, verify: bool = True, chunk_size: int = 512,
            progress: Progress = None) -> InfluenceScores:
     """Diff-In scores of every training sample id for ``query`` over ``window``.
 
@@ -520,16 +554,16 @@ def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Q
         query: ``f(module) -> scalar or (Q,)`` (see :mod:`lightning_influence.queries`).
         window: steps ``(t1, t2)``, fractions, ``("epoch", a, b)`` or a string (see
             :meth:`InfluenceLog.window`); ``None`` is the whole run.
-        form: ``"step"`` (per-step cumulative form, docs/diffin.md) or ``"published"`` (the
-            paper's checkpoint form).
+        form: ``"published"`` (default: the paper's checkpoint form, the CLI's ``--method diffin``)
+            or ``"step"`` (per-step cumulative form, docs/diffin.md; ``--method diffin-step``).
         hvp: ``"fd"`` (central differences of first-order gradients) or ``"exact"``
             (forward-over-reverse, also for ``H_z Ĝ`` instead of the logged rows).
         eps0: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ‖θ‖)/√p`` (default 1e-5 in
             float64, 1e-3 otherwise; the logged ``H_z Ĝ`` rows keep the tracker's ``hvp_eps``).
         steps: published form, ``samples="all"``: the ``m`` selected steps ``T_m``: an int ``m``
             (evenly spaced in the window; default ``min(20, t2 − t1)``), a list of steps, or ``"all"``.
-        samples: published form: ``"all"`` (every training sample at each selected step) or
-            ``"batch"`` (the logged rows of ``B_t`` at every step, weighted ``N/|B_t|``).
+        samples: published form: ``"batch"`` (the default there: the rows of ``B_t`` at every step,
+            weighted ``N/|B_t|``) or ``"all"`` (every training sample at each selected step).
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         verify: check replayed ``θ_t`` against the checkpoints passed.
         chunk_size: samples per per-sample-gradient pass.
@@ -539,13 +573,15 @@ def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Q
         :class:`InfluenceScores` with ``N`` rows, one column per query output. Sign: positive
         = removing the sample raises ``f`` (the published expression is negated, see module doc).
     """
+    samples = samples or ("batch" if form == "published" and steps is None else "all")
     return _diffin(query, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
                    chunk_size, progress)
 
 
-def diffin_self_influence(log: InfluenceLog, module: nn.Module, train_data: TrainData, window: Any = None, *,
-                          form: str = "step", hvp: str = "fd", eps0: float | None = None, steps: Any = None,
-                          samples: str = "all", loss_fn: LossFn = default_loss_fn, verify: bool = True,
+@estimator_api
+def diffin_self_influence(log: InfluenceLog, query: None = None, *, module: nn.Module | None = None,
+                          train_data: TrainData | None = None, window: Any = None, form: str = "step", hvp: str = "fd",
+                          eps0: float | None = None, steps: Any = None, samples: str = "all", loss_fn: LossFn = default_loss_fn, verify: bool = True,
                           chunk_size: int = 512, progress: Progress = None) -> InfluenceScores:
     """Self-influence ``I(z, z)`` of every training sample: the query is the sample's own loss.
 
@@ -561,7 +597,9 @@ def diffin_self_influence(log: InfluenceLog, module: nn.Module, train_data: Trai
     its ``⟨g_z, H_z Ĝ⟩`` term (the rate at which training changes ``‖g_z‖²/2``) is negative while
     training pushes against a sample and positive once the model memorises it, and ``a_t``
     weighs late steps most: which term wins depends on the run (docs/diffin.md, measured).
-    Arguments as :func:`diffin`.
+    Arguments as :func:`diffin` (``query`` must stay ``None``: each sample's own loss is the query).
     """
+    if query is not None:
+        raise TypeError("diffin_self_influence() answers each sample's own loss and takes no query; pass query=None")
     return _diffin(None, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
                    chunk_size, progress)

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from lightning_influence.capture.hvp import fd_directional_derivative, flatten, unflatten
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
 from lightning_influence.replay import (
@@ -68,6 +69,7 @@ from lightning_influence.replay import (
 )
 from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.micro import Step
+from lightning_influence.step.clipping import clip_gradient, logged_clip_adjoint, logged_clip_spec, rows_are_projected
 from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
 
 __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_MODES"]
@@ -191,15 +193,16 @@ class _Context:
 
 
 # ================================================================================ products
-def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step) -> Tensor:
-    """``G_t``: gradient of the batch-mean loss at ``θ_t``, flat (the point the optimizer's VJP is taken at)."""
+def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor) -> Tensor:
+    """``G_t = Σ_i w_{i,t} ∇ℓ_i``: the unclipped gradient the step applied at ``θ_t``, flat (the point the
+    optimizer's and the clipping's VJPs are taken at)."""
     module, loss_fn = ctx.module, ctx.loss_fn
-    g = torch.func.grad(lambda p: batch.losses(module, loss_fn, p).mean())(params)
+    g = torch.func.grad(lambda p: (w * batch.losses(module, loss_fn, p)).sum())(params)
     return flatten(g, ctx.names).detach()
 
 
-def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor) -> tuple[Tensor, Tensor]:
-    """``(H_t R, J_t R)``: Hessian of the batch-mean loss times ``R`` ``(p, C)`` and the
+def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(H_t R, J_t R)``: Hessian of the weighted batch loss ``Σ w_i ℓ_i`` times ``R`` ``(p, C)`` and the
     per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, by forward-over-reverse, every
     micro-batch with its training dropout masks (the ``C`` columns share them: ``randomness="same"``)
     and attention through a kernel with forward-mode AD."""
@@ -207,7 +210,7 @@ def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Te
 
     def f(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         losses = batch.losses(module, loss_fn, p, exact=True)
-        return losses.mean(), losses
+        return (w * losses).sum(), losses
 
     gf = torch.func.grad(f, has_aux=True)
 
@@ -222,7 +225,7 @@ def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Te
     return HR, JR
 
 
-def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float) -> tuple[Tensor, Tensor]:
+def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor) -> tuple[Tensor, Tensor]:
     """Finite-difference ``(H_t R, J_t R)`` from first-order gradients at ``θ ± ε r̂`` (math §3)."""
     module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
 
@@ -230,7 +233,7 @@ def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tenso
         leaves = {n: v.detach().requires_grad_(True) for n, v in p.items()}
         with torch.enable_grad():
             losses = batch.losses(module, loss_fn, leaves)
-            g = torch.autograd.grad(losses.mean(), [leaves[n] for n in names], allow_unused=True)
+            g = torch.autograd.grad((w * losses).sum(), [leaves[n] for n in names], allow_unused=True)
         flat = torch.cat([(torch.zeros_like(leaves[n]) if gi is None else gi).reshape(-1) for n, gi in zip(names, g)])
         return torch.cat([flat, losses.detach().reshape(-1)])
 
@@ -298,16 +301,20 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         if batch is not None and not batch.skipped:  # a step the GradScaler skipped is the identity
             ids = rec.ids
             theta = flatten(rec.params, ctx.names)
-            # an affine rule (SGD) has a VJP independent of g: skip the gradient pass
-            g = torch.zeros_like(theta) if ctx.rule.linear else _batch_gradient(ctx, rec.params, batch)
-            th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S)
+            w = torch.as_tensor(ctx.log.weights(rec.step), dtype=ctx.dtype)  # w_{i,t} (step.weights)
+            clip = logged_clip_spec(ctx.log, rec.step)  # the clipping Jacobian joins the update's VJP (step.clipping)
+            # an affine rule (SGD) without clipping has a VJP independent of g: skip the gradient pass
+            g = (torch.zeros_like(theta) if ctx.rule.linear and clip is None
+                 else _batch_gradient(ctx, rec.params, batch, w))
+            th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S,
+                                        transform=None if clip is None else (lambda x: clip_gradient(x, clip)))
             if hvp == "exact":
-                HR, JR = _products_exact(ctx, rec.params, batch, R)
+                HR, JR = _products_exact(ctx, rec.params, batch, R, w)
             else:
-                HR, JR = _products_fd(ctx, rec.params, batch, R, eps0)
+                HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w)
             n_hvp += R.shape[1]
             C = U.shape[1]
-            np.add.at(scores[:, :C], ids, (-JR.T / len(ids)).detach().double().numpy())
+            np.add.at(scores[:, :C], ids, (-JR.T * w.unsqueeze(1)).detach().double().numpy())
             U = th_bar + HR.detach()
         if rec.step in acts:
             activate(rec.step, rec.params)
@@ -348,8 +355,9 @@ def _method(ctx: _Context, base: str, hvp: str, approx: bool = False) -> str:
 _DEFAULT_MEMORY = 512 * 2**20
 
 
-def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
-        loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
+@estimator_api
+def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+        window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
         tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
         preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
     """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
@@ -389,8 +397,9 @@ def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Quer
     return InfluenceScores(out, _method(ctx, "dit", hvp), (t1, t2), res.names, info=res.info)
 
 
-def dit_local(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
-              loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
+@estimator_api
+def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+              window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
               tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
               preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
     """Local DIT (approximation): the adjoint sweep only inside ``[t1, t2)``, from ``q_{t2}``.
@@ -456,8 +465,9 @@ class Timeline:
         return classify_timeline(self.values[:, :, self._q(query)], thresholds)
 
 
-def timeline(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, grid: Any = None, *,
-             loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
+@estimator_api
+def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+             grid: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
              tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
              preconditioner: str = "exact", progress: Progress = None) -> Timeline:
     """``F_j(t)`` for every sample on a grid of steps, in **one** backward sweep.
@@ -487,12 +497,14 @@ def timeline(log: InfluenceLog, module: nn.Module, train_data: TrainData, query:
 
 
 # ========================================================================= Gauss-Newton
-def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray], module: nn.Module | None = None,
-                     window: Any = None, *, local: bool = False, query_names_: list[str] | None = None,
+@estimator_api
+def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray], *, module: nn.Module | None = None,
+                     window: Any = None, local: bool = False, query_names_: list[str] | None = None,
                      chunk_steps: int = 64, progress: Progress = None) -> InfluenceScores:
     """DIT with the Gauss-Newton Hessian, from the log alone (approximation, math §3).
 
-    ``H_t`` is replaced by ``(1/|B_t|) Σ_{i∈B_t} g_{i,t} g_{i,t}ᵀ`` built from the logged
+    ``H_t`` is replaced by ``Σ_{i∈B_t} w_{i,t} g_{i,t} g_{i,t}ᵀ`` (``w_{i,t}`` the step's sample weights,
+    ``1/|B_t|`` for a plain mean) built from the logged
     (possibly projected) per-sample gradients, plus the optimizer's L2 term; the sweep runs
     in the logged gradient space, without the model or the data. Optimizers: SGD (momentum,
     dampening, Nesterov, coupled weight decay: the same functional step as :func:`dit`,
@@ -541,6 +553,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     every = int(log.meta.get("every_n_steps", 1))
     col_groups = log.column_groups()
     K = len(col_groups)
+    projected = rows_are_projected(log)
     step = OptimizerStep(rule, _optimizer_spec(log)["param_groups"], col_groups, torch.float64)
     t_lo = t1 if local else 0
     acts = [t2] if local else sorted({t for t in (t1, t2) if t > 0})
@@ -568,10 +581,13 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
                 state = {"step": torch.full((K,), float(t > 0), dtype=torch.float64),
                          **{k: zeros for k in step.state_keys}}
                 th_bar, S, R = step.vjp(zeros, state, zeros, np.asarray(rec.lrs) * every, U, S)
+                w = torch.from_numpy(rec.weights)  # w_{i,t} (step.weights)
+                R = logged_clip_adjoint(logged_clip_spec(log, t), float(log.step_column(t, "clip_coef")), w @ G, R,
+                                        projected)
                 GR = G @ R  # (B, C)
-                HR = G.T @ GR / len(rec.ids)
+                HR = G.T @ (w.unsqueeze(1) * GR)
                 C = U.shape[1]
-                np.add.at(scores[:, :C], rec.ids, (-GR / len(rec.ids)).numpy())
+                np.add.at(scores[:, :C], rec.ids, (-w.unsqueeze(1) * GR).numpy())
                 U = th_bar + HR
             if t in acts and t not in blocks:
                 blocks[t] = U.shape[1]

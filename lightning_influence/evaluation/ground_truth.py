@@ -2,7 +2,8 @@
 
 ``replay_loo`` re-runs training from the logged ``θ_0`` on the recorded batch sequence,
 learning rates and optimizer, with one sample (or a group) dropped from every batch that
-held it, the denominator ``|B_t|`` kept (math §2), and records
+held it, the other samples' weights ``w_{i,t}`` kept (math §2; the step's recorded weights and
+gradient clipping, :mod:`lightning_influence.step`), and records
 
     LOO_j(t) = f(θ^{-j}_t) − f(θ_t)
 
@@ -32,6 +33,7 @@ from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_names
 from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, measure, mismatch
+from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
 from lightning_influence.replay import (
     Progress,
     TrainData,
@@ -234,17 +236,18 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             step = load_step(log, train_data, t)
             ids = step.ids
             B = len(ids)
-            W = torch.ones(C, B, dtype=dtype)
+            W = torch.as_tensor(log.weights(t), dtype=dtype).expand(C, B).clone()  # w_{i,t} (step.weights)
             for c, u in enumerate(chunk_units, start=1):
                 W[c, np.isin(ids, u)] = 0.0
             _set_lrs(opt, log.lr(t), t)
             opt.zero_grad(set_to_none=True)
 
             def per_copy(p: dict[str, Tensor], w: Tensor) -> Tensor:  # every copy with the training dropout masks
-                return (w * step.losses(module, loss_fn, p)).sum() / B
+                return (w * step.losses(module, loss_fn, p)).sum()
 
             if not step.skipped:  # a step the GradScaler skipped changes nothing
                 torch.func.vmap(per_copy, randomness="same")(dict(stacked), W).sum().backward()
+                apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
                 opt.step()
             done += 1
             if show is not None:
