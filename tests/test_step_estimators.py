@@ -183,3 +183,41 @@ def test_replay_loo_removes_the_sample_from_its_micro_batch_and_clips(run: Any) 
     np.testing.assert_allclose(res.at(log.num_steps)[:, 0], expected, rtol=1e-7, atol=1e-12)
     dit_scores = dit(log, query, module=make(), train_data=ds, loss_fn=loss_fn).scores[js, 0]
     assert np.corrcoef(dit_scores, expected)[0, 1] > 0.99
+
+
+def test_diffin_step_form_uses_the_weights_and_the_clipped_step(run: Any) -> None:
+    """Diff-In's step form G_z(T) = Σ_s η_s w_{z,s} ⟨J_{C,s} q_T, g_{z,s}⟩ Π_{r>s} (1 − η_r ⟨q, (c_r H_r + λ) q⟩/‖q‖²),
+    with dense float64 Hessians of the weighted step loss and the clip coefficient c_r, by brute force."""
+    from lightning_influence.estimators import diffin
+
+    log, ds, make = run
+    m = make()
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    names = list(shapes)
+    T = log.num_steps
+
+    def losses_at(x: torch.Tensor, batch: Any) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(functional_call(m, _unflat(x, shapes), (batch[0],)), batch[1],
+                                                 reduction="none")
+
+    q = torch.autograd.functional.jacobian(lambda y: losses_at(y, VAL).mean(), _flat(log, T, names))
+    terms, decay = [], []
+    for t in range(T):
+        x = _flat(log, t, names)
+        ids = log.batch_ids(t)
+        batch = batch_from_ids(ds, ids)
+        w = torch.from_numpy(_independent_weights(len(ids)))
+        J = torch.autograd.functional.jacobian(lambda y: losses_at(y, batch), x)
+        H = torch.autograd.functional.hessian(lambda y: (w * losses_at(y, batch)).sum(), x)
+        g = w @ J
+        n = float(g.norm())
+        c = min(1.0, CLIP / (n + 1e-6))
+        Jq = CLIP / (n + 1e-6) * q - CLIP * g * (g @ q) / (n * (n + 1e-6) ** 2) if c < 1 else q
+        eta = float(log.lr(t)[0])
+        terms.append((ids, eta * w.numpy() * (J @ Jq).numpy()))
+        decay.append(1.0 - eta * float(q @ (c * H + WD * torch.eye(len(x), dtype=torch.float64)) @ q) / float(q @ q))
+    out = np.zeros(N)
+    for s, (ids, v) in enumerate(terms):
+        out[ids] += v * float(np.prod(decay[s + 1:]))
+    got = diffin(log, query, module=make(), train_data=ds, form="step", hvp="exact", loss_fn=loss_fn).scores[:, 0]
+    np.testing.assert_allclose(got, out, rtol=1e-8, atol=1e-12)
