@@ -158,7 +158,7 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
     timer = time.perf_counter()
     loo = replay_loo(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss, copies=args.copies)
     out["seconds"]["replay_loo"] = time.perf_counter() - timer
-    out["loo_reference_max_deviation"] = loo.info["reference_max_deviation_from_log"]
+    out["loo_reference_max_deviation"] = loo.info["replay_drift"]["max_abs"] if loo.info["replay_drift"]["checkpoints_compared"] else 0.0
     timer = time.perf_counter()
     tl = timeline(log, query, module=Net().double(), train_data=train_ds, grid=grid, loss_fn=ce_loss)
     out["seconds"]["dit_timeline"] = time.perf_counter() - timer

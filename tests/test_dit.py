@@ -474,8 +474,8 @@ def test_replay_mismatch_is_an_error_not_a_wrong_answer(tmp_path_factory):
         x, y = train_data(ids)
         return x + 0.01, y
 
-    with pytest.raises(ReplayMismatchError, match=r"step 12: after replaying steps 10..11.*differs"):
-        dit(log, QUERY, module=model(), train_data=other_data, loss_fn=loss_fn)
+    with pytest.raises(ReplayMismatchError, match=r"step 12, after replaying steps 10..11.*differs"):
+        dit(log, QUERY, module=model(), train_data=other_data, loss_fn=loss_fn, tolerance=0.0)
 
 
 def test_bad_arguments(tmp_path_factory):

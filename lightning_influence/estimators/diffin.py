@@ -73,12 +73,14 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
+from lightning_influence.step.micro import Step, exact_kernels, per_sample_grads_masked
 from lightning_influence.replay import (
     Progress,
     TrainData,
     batch_from_ids,
     checkpoint_params,
     functional_loss,
+    load_step,
     replay,
     resolve_progress,
 )
@@ -157,6 +159,16 @@ class _Context:
     def batch(self, ids: np.ndarray) -> Any:
         return batch_from_ids(self.train_data, ids)
 
+    def step_batch(self, t: int) -> Step:
+        """The batch of step ``t`` as trained: its micro-batches with their dropout masks and autocast."""
+        return load_step(self.log, self.train_data, t)
+
+    def losses(self, params: Mapping[str, Tensor], batch: Any, exact: bool = False) -> Tensor:
+        """Per-sample losses of a step's batch (each micro-batch under its random state) or of any other batch."""
+        if isinstance(batch, Step):
+            return batch.losses(self.module, self.loss_fn, params, exact=exact)
+        return functional_loss(self.module, self.loss_fn, params, batch)
+
     # -------------------------------------------------------------------------- gradients
     def batch_grad(self, params: Mapping[str, Tensor], batch: Any, names: Sequence[str] | None = None,
                    w: Tensor | None = None) -> dict[str, Tensor]:
@@ -165,19 +177,24 @@ class _Context:
         names = list(self.names if names is None else names)
         leaves = {n: params[n].detach().requires_grad_(True) for n in names}
         with torch.enable_grad():
-            loss = _weighted(functional_loss(self.module, self.loss_fn, {**params, **leaves}, batch), w)
+            loss = _weighted(self.losses({**params, **leaves}, batch), w)
             g = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         return {n: torch.zeros_like(leaves[n]) if gi is None else gi.detach() for n, gi in zip(names, g)}
 
     def project(self, vectors: Vectors) -> np.ndarray:
         """``(C, K)`` float64: the vectors projected like the logged gradient rows."""
-        return self.projector.project(vectors).double().numpy()
+        return self.projector.project(vectors).double().cpu().numpy()
 
     def query(self, query: Query, params: Mapping[str, Tensor]) -> tuple[Vectors, list[str]]:
         grads, values = query_gradients(self.module, query, self.names, params)
         return {n: g.detach().to(self.dtype) for n, g in grads.items()}, query_names(query, len(values))
 
     def per_sample_grads(self, params: Mapping[str, Tensor], batch: Any, projector: KroneckerProjector | None = None) -> Tensor:
+        """Projected per-sample gradients; a step's batch keeps its training dropout masks (one batched forward
+        per micro-batch), any other batch is evaluated sample by sample (``vmap``)."""
+        if isinstance(batch, Step):
+            return torch.cat([per_sample_grads_masked(self.module, self.loss_fn, m, batch.precision, self.names, params,
+                                                      projector or self.projector) for m in batch.micro])
         return per_sample_grads_vmap(self.module, self.loss_fn, batch, self.names, projector or self.projector,
                                      params=params).detach()
 
@@ -185,6 +202,13 @@ class _Context:
         """Projected ``H_z v`` ``(B, K)`` for every sample of ``batch`` (``direction`` over all parameters):
         central differences of the per-sample gradients along ``v`` with the tracker's kink guard (one
         more pass for ``g_z(θ)``), as the tracker logs them, or exact."""
+        if self.hvp == "exact" and isinstance(batch, Step):  # jvp along v of the masked per-sample gradients
+            primals = {n: t.detach() for n, t in params.items()}
+            tangents = {n: direction[n].detach().to(t.dtype) if n in direction else torch.zeros_like(t)
+                        for n, t in primals.items()}
+            with exact_kernels():
+                _, hv = jvp(lambda p: self.per_sample_grads(p, batch), (primals,), (tangents,))
+            return hv.detach()
         if self.hvp == "exact":
             return _per_sample_hvp_exact(self, params, batch, direction)
         out, _ = fd_directional_derivative(lambda p: self.per_sample_grads(p, batch), params, direction, self.eps0,
@@ -233,14 +257,14 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
 
     if ctx.hvp == "exact":
         def loss_all(p: dict[str, Tensor]) -> Tensor:
-            return _weighted(functional_loss(ctx.module, ctx.loss_fn, p, batch), w)
+            return _weighted(ctx.losses(p, batch, exact=True), w)
 
         def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
             tangents = {n: v[n] if n in v else torch.zeros_like(t) for n, t in fixed.items()}
             _, hv = jvp(grad(loss_all), (fixed,), (tangents,))
             return {n: hv[n] for n in names}
 
-        return vmap(one)({n: V[n] for n in names}) if C > 1 else {n: t.unsqueeze(0) for n, t in one({n: V[n][0] for n in names}).items()}
+        return vmap(one, randomness="same")({n: V[n] for n in names}) if C > 1 else {n: t.unsqueeze(0) for n, t in one({n: V[n][0] for n in names}).items()}
 
     eps = parameter_epsilon(fixed, ctx.eps0)
     norms = torch.sqrt(sum((V[n].double() ** 2).reshape(C, -1).sum(1) for n in names)).to(ctx.dtype)  # (C,)
@@ -248,12 +272,12 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
     factor = torch.where(norms > 0, norms / (2.0 * eps), torch.zeros_like(norms))
 
     def loss_tracked(p: dict[str, Tensor]) -> Tensor:
-        return _weighted(functional_loss(ctx.module, ctx.loss_fn, {**fixed, **p}, batch), w)
+        return _weighted(ctx.losses({**fixed, **p}, batch), w)
 
     def per_dir(x: Tensor, t: Tensor) -> Tensor:  # (C,) -> broadcastable against (C, *shape)
         return x.reshape(C, *([1] * (t.dim() - 1)))
 
-    g = vmap(grad(loss_tracked))
+    g = vmap(grad(loss_tracked), randomness="same")  # every direction with the step's dropout masks
     shift = {n: V[n] * per_dir(unit, V[n]) for n in names}
     plus = g({n: fixed[n].unsqueeze(0) + shift[n] for n in names})
     minus = g({n: fixed[n].unsqueeze(0) - shift[n] for n in names})
@@ -285,7 +309,7 @@ def _per_sample_hvp_exact(ctx: _Context, params: Mapping[str, Tensor], batch: An
         return functional_loss(ctx.module, ctx.loss_fn, p, one)[0]
 
     def per_sample(p: dict[str, Tensor]) -> dict[str, Tensor]:
-        g = vmap(grad(sample_loss), in_dims=(None, 0))(p, tensors)
+        g = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different")(p, tensors)
         return {n: g[n] for n in ctx.names}
 
     _, hv = jvp(per_sample, (primals,), (tangents,))
@@ -344,14 +368,14 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
         ids_t = log.batch_ids(t)
         w_t = torch.as_tensor(log.weights(t), dtype=ctx.dtype)  # w_{i,t}: the step's loss is Σ w ℓ (step.weights)
         a_col = published_coefficients(t, log.lr(t)[col_group], N, m)  # (K,): a_t of each column's group
-        batch_t = ctx.batch(ids_t)
+        batch_t = ctx.step_batch(t)
         g_hat = ctx.batch_grad(params, batch_t, names=list(params), w=w_t)  # Ĝ_t over every parameter (as logged)
         chunks = []  # (ids, projected g_z, projected H_z Ĝ, unprojected g_z or None)
         if log_rows is not None:  # the logged rows of B_t, each standing for N/|B_t| samples
             rec = next(log_rows)
             if rec.step != t:
                 raise RuntimeError(f"logged rows of step {rec.step} where step {t} was expected")
-            Hz = rec.hvps.astype(np.float64) if ctx.hvp == "fd" else ctx.per_sample_hvp(params, batch_t, g_hat).double().numpy()
+            Hz = rec.hvps.astype(np.float64) if ctx.hvp == "fd" else ctx.per_sample_hvp(params, batch_t, g_hat).double().cpu().numpy()
             gz = ctx.per_sample_grads(params, batch_t, projector=full) if query is None else None
             chunks.append((rec.ids, rec.grads.astype(np.float64), Hz, gz))
             weight = N * rec.weights[:, None]  # each row stands for N w_{i,t} samples (N/|B_t| for a plain mean)
@@ -363,8 +387,8 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
                     gz = ctx.per_sample_grads(params, b, projector=full)
                     G = ctx.project({n: gz[:, sl].reshape(len(ids), *ctx.shapes[n]) for n, sl in full.slices.items()})
                 else:
-                    gz, G = None, ctx.per_sample_grads(params, b).double().numpy()
-                chunks.append((ids, G, ctx.per_sample_hvp(params, b, g_hat).double().numpy(), gz))
+                    gz, G = None, ctx.per_sample_grads(params, b).double().cpu().numpy()
+                chunks.append((ids, G, ctx.per_sample_hvp(params, b, g_hat).double().cpu().numpy(), gz))
             weight = 1.0
         if query is not None:
             q, names = ctx.query(query, params)
@@ -420,12 +444,12 @@ def _curvature(ctx: _Context, V: Vectors, HV: Vectors, clip: float = 1.0) -> np.
     C = next(iter(V.values())).shape[0]
     vv = sum((V[n].double() ** 2).reshape(C, -1).sum(1) for n in ctx.names)
     vv = torch.where(vv > 0, vv, torch.ones_like(vv))
-    out = torch.zeros(C, ctx.n_groups, dtype=torch.float64)
+    out = torch.zeros(C, ctx.n_groups, dtype=torch.float64, device=vv.device)
     for n in ctx.names:
         g = ctx.group_of_name[n]
         curv = clip * HV[n].double() + ctx.weight_decay[g] * V[n].double()
         out[:, g] += (V[n].double() * curv).reshape(C, -1).sum(1)
-    return (out / vv[:, None]).numpy()
+    return (out / vv[:, None]).cpu().numpy()
 
 
 def _rho(decays: np.ndarray) -> np.ndarray:
@@ -450,7 +474,7 @@ def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int
     for r, params in ctx.params_at(range(t2)):
         active = [tau for tau in ends if r < tau]
         V = {n: torch.cat([qs[tau][n] for tau in active]) for n in ctx.names}
-        kap = _curvature(ctx, V, batch_hvp(ctx, params, ctx.batch(log.batch_ids(r)), V, ctx.step_weights(r)),
+        kap = _curvature(ctx, V, batch_hvp(ctx, params, ctx.step_batch(r), V, ctx.step_weights(r)),
                          ctx.clip_factor(r))  # (len(active)·Q, G)
         _check_fd(ctx, kap, log.lr(r))
         dec = 1.0 - kap @ log.lr(r)[: ctx.n_groups]
@@ -484,8 +508,8 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
     for s, params in ctx.params_at(range(t2)):
         if s == t1:
             snapshots[t1] = last.copy()
-        ids = log.batch_ids(s)
-        b = ctx.batch(ids)
+        b = ctx.step_batch(s)
+        ids = b.ids
         gz = ctx.per_sample_grads(params, b, projector=full)
         V = {n: gz[:, sl].reshape(len(ids), *ctx.shapes[n]) for n, sl in full.slices.items()}
         kap = _curvature(ctx, V, batch_hvp(ctx, params, b, V, ctx.step_weights(s)), ctx.clip_factor(s))
@@ -504,7 +528,7 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
         qz = np.zeros((N, ctx.projector.out_dim))
         for c0 in range(0, N, ctx.chunk_size):
             ids = np.arange(c0, min(N, c0 + ctx.chunk_size))
-            qz[ids] = ctx.per_sample_grads(params, ctx.batch(ids)).double().numpy()
+            qz[ids] = ctx.per_sample_grads(params, ctx.batch(ids)).double().cpu().numpy()
         R = np.ones(N)  # Π of (1 − κ) over the steps after s
         kcur = snapshots[tau].copy()
         for s in range(tau - 1, -1, -1):
