@@ -20,9 +20,9 @@ import importlib.metadata
 import io
 import random
 import shutil
-import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -45,21 +45,25 @@ from lightning_influence.capture import (
     per_sample_grads_vmap,
     select_params,
 )
-from lightning_influence.data import IdsFn, extract_ids
+from lightning_influence.capture.transfer import HostCopy
+from lightning_influence.data import IdsFn, check_ids, extract_ids
 from lightning_influence.log.format import META_FILE, list_segments, read_meta
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.writer import (CheckpointRecord, LogWriter, MicroRecord, StepRecord, rank_end, truncate_log,
                                            write_meta)
+from lightning_influence.recipe import class_path, record_recipe
 from lightning_influence.step import rng
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
 from lightning_influence.step.precision import FULL, Precision
+from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 _STORAGE_DTYPES = ("float16", "float32", "float64")
 _ENGINES = ("auto", "hooks", "vmap")
+_IN_FLIGHT = 2  # steps whose device-to-host copies may still be running before the tracker waits for the oldest
 
 
 @dataclass
@@ -68,6 +72,9 @@ class _MicroBatch:
     batch: Any
     random: rng.RandomState  # at the forward's start; reduced to the generators it drew from after the backward
     inputs: bytes | None = None  # the batch as fed, serialised (store_inputs)
+    accumulate: int = 1  # Lightning's divisor of this micro-batch's loss
+    returned: torch.Tensor | None = None  # the loss Lightning back-propagated (checked against the per-sample losses)
+    observed: torch.Tensor | None = None  # per-sample losses seen inside training_step, when it calls per_sample_loss
     losses: torch.Tensor | None = None
     grads: torch.Tensor | None = None
 
@@ -127,6 +134,10 @@ class InfluenceTracker(Callback):
             when a resumed fit cannot continue the log there (another run's log, or steps missing).
             A resumed fit (``Trainer.fit(ckpt_path=...)``) otherwise continues the log: steps from the
             checkpoint's step on are dropped and recorded again, never duplicated.
+        store_data: store the training and validation sets in the log (``data.pt``) so the CLI can answer
+            from the log alone: ``None`` (default) stores them for plain DataLoaders given to ``fit`` when
+            under 64 MiB (a datamodule is rebuilt from its recorded recipe instead), ``True`` always,
+            ``False`` never (see :mod:`lightning_influence.recipe`).
 
     Raises:
         ValueError: on an invalid configuration, at construction.
@@ -157,6 +168,7 @@ class InfluenceTracker(Callback):
         store_inputs: bool = False,
         allow_train_batchnorm: bool = False,
         overwrite: bool = False,
+        store_data: bool | None = None,
     ) -> None:
         _require(isinstance(every_n_steps, int) and every_n_steps >= 1, f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         _require(
@@ -195,6 +207,7 @@ class InfluenceTracker(Callback):
         self.flush_every_n_steps = flush_every_n_steps
         self.allow_train_batchnorm = allow_train_batchnorm
         self.overwrite = overwrite
+        self.store_data = store_data
         self.store_inputs = store_inputs
         self._precision: Precision = FULL
         self._checked_dataset = False
@@ -214,9 +227,12 @@ class InfluenceTracker(Callback):
         self._steps_recorded = 0
         self._first_step: int | None = None  # step whose θ_t starts a new log (None: continuing one)
         self._next_step: int | None = None
+        self._fit_start = 0  # global step at which this fit started
         self._run_id: str | None = None
         self._resume_state: dict[str, Any] = {}
         self._live: LiveTensorBoard | None = None  # running signals in the trainer's TensorBoard, if any
+        self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()  # see _add_step
+        self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
 
     # ------------------------------------------------------------------------------ config
     @property
@@ -260,19 +276,22 @@ class InfluenceTracker(Callback):
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed)
         self._precision = _precision(trainer)
         self._setup_engine(pl_module)
+        clipping = self._step_model.start(trainer, pl_module)
         start = trainer.global_step
         resume_state, self._resume_state = self._resume_state, {}
         if not (start > 0 and self._continue_log(trainer, start, resume_state)):
             self._new_log(trainer, start)
             trainer.strategy.barrier("influence_tracker_setup")
             if trainer.is_global_zero:
-                write_meta(self.log_dir, self._metadata(trainer, pl_module, optimizer, names, start))
+                write_meta(self.log_dir, {**self._metadata(trainer, pl_module, optimizer, names, start),
+                                          "gradient_clipping": clipping})
         trainer.strategy.barrier("influence_tracker_meta")
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype, self.compression)
         self._run_id = self._writer.run_id
         self._live = LiveTensorBoard.attach(trainer)
-        self._next_step = start
+        self._next_step = self._fit_start = start
         self._pending = _Pending()
+        self._in_flight.clear()
         self._checked_batchnorm = False
         self._checked_dataset = False
 
@@ -331,6 +350,7 @@ class InfluenceTracker(Callback):
         self._first_step = start
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._land()
         if self._writer is not None and trainer.is_global_zero:
             self._writer.add_checkpoint(self._checkpoint(trainer, pl_module, trainer.global_step))
         self._teardown(pl_module)
@@ -354,7 +374,9 @@ class InfluenceTracker(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Every step before the checkpoint is on disk, on every rank, before rank 0 writes the checkpoint file,
         # so a fit resumed from it never misses a step; a failed write raises here and no checkpoint is saved.
+        self._step_model.commit()
         if self._writer is not None:
+            self._land()
             self._writer.flush(wait=True)
             if trainer.world_size > 1:
                 trainer.strategy.barrier("influence_tracker_checkpoint")
@@ -364,14 +386,15 @@ class InfluenceTracker(Callback):
         t0 = time.perf_counter()
         if not self._checked_batchnorm:
             self._check_batchnorm(pl_module)
-        ids = extract_ids(batch, self.ids_key, self.ids_fn)
+        ids = extract_ids(batch, self.ids_key, self.ids_fn, on_device=True)  # device ids: checked in _land
         seen = [m.ids for m in self._pending.micro]
-        if seen and len(torch.unique(torch.cat([*seen, ids]))) != sum(len(s) for s in seen) + len(ids):
+        if seen and ids.device.type == "cpu" and len(torch.unique(torch.cat([*seen, ids]))) != sum(len(s) for s in seen) + len(ids):
             raise ValueError(f"step {trainer.global_step}: the same sample id appears in two micro-batches of one optimizer step")
         if not self._checked_dataset:
             self._check_dataset(trainer)
         self._pending.micro.append(_MicroBatch(ids=ids, batch=batch, random=rng.capture(),
-                                               inputs=_serialise(batch) if self.store_inputs else None))
+                                               inputs=_serialise(batch) if self.store_inputs else None,
+                                               accumulate=int(trainer.accumulate_grad_batches)))
         self._pending.batch_idx = batch_idx
         self._captured, self._captured_grad = [], []
         self._capturing = self._needs_loss
@@ -382,6 +405,10 @@ class InfluenceTracker(Callback):
                 self._capture.disable()
         self._pending.seconds += time.perf_counter() - t0
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._pending.micro:
+            self._pending.micro[-1].returned = loss.detach()
+
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         t0 = time.perf_counter()
         self._capturing = False
@@ -390,9 +417,11 @@ class InfluenceTracker(Callback):
         n = len(micro.ids)
         captured = self._captured[-1] if len(self._captured) == 1 and self._captured[0].shape == (n,) else None
         want_grads = self._records_grads(trainer.global_step)
+        micro.observed = captured.detach() if captured is not None else None
         if want_grads and self._capture is not None and captured is not None and len(self._captured_grad) == 1:
             micro.grads = self._capture.collect(self._captured_grad[0])
             micro.losses = captured.detach()
+            self._vmap_names = [n for n in self._names if n not in self._capture.param_names]  # after a demotion
             if self._vmap_names:  # parameters no hook covers: vmap (or, with dropout, the step's masks) for just those
                 micro.grads += self._rest_grads(pl_module, micro, self._vmap_names, None)
         elif want_grads:
@@ -412,33 +441,72 @@ class InfluenceTracker(Callback):
         pending, self._pending = self._pending, _Pending()
         if not pending.micro:
             raise RuntimeError(f"step {step}: optimizer step without a recorded training batch")
-        ids = torch.cat([m.ids for m in pending.micro])
         record = StepRecord(
             step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
-            lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=ids.numpy())
+            lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=np.zeros(0, np.int64))  # rows: see _land
+        rows: dict[str, torch.Tensor] = {"ids": torch.cat([m.ids for m in pending.micro])}
+        for m in pending.micro:  # a sum or any other reduction than the mean is refused (step.weights)
+            self._step_model.check_losses(step, m.returned, m.observed if m.observed is not None else m.losses,
+                                          m.accumulate, trainer)
+        self._step_model.record(record, [len(m.ids) for m in pending.micro], [m.accumulate for m in pending.micro],
+                                trainer.world_size, optimizer)
         if self.record_losses:
-            record.losses = torch.cat([m.losses for m in pending.micro]).detach().to("cpu", torch.float64).numpy()
+            rows["losses"] = torch.cat([m.losses for m in pending.micro])
         grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         if grad_dir:
-            record.batch_grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()])))
+            rows["batch_grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()]))
         self._record_execution(trainer, record, pending.micro, grad_dir)
         if self._records_grads(step) and not record.skipped:
-            record.grads = torch.cat([m.grads for m in pending.micro]).detach().cpu().numpy()
+            rows["grads"] = torch.cat([m.grads for m in pending.micro])
             if self.record_hvp:
-                hvps, record.hvp_eps = self._hvp_products(pl_module, pending.micro, grad_dir)
-                record.hvps = hvps.numpy()
+                rows["hvps"], rows["hvp_eps"] = self._hvp_products(pl_module, pending.micro, grad_dir)
         checkpoint = None  # θ_t is the same on every rank: rank 0 stores it
         if trainer.is_global_zero and (step == self._first_step or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0)):
-            checkpoint = self._checkpoint(trainer, pl_module, step, optimizer)
+            checkpoint = self._checkpoint(trainer, pl_module, step, optimizer, wait=False)
         record.tracker_seconds = pending.seconds + time.perf_counter() - t0
-        self._writer.add_step(record, checkpoint)  # validates: a non-finite value raises, naming step and sample ids
+        # the host copies start now (θ_t before the optimizer changes it), non-blocking from a GPU
+        copy = HostCopy({"rows": rows, "checkpoint": None if checkpoint is None else
+                         (checkpoint.params, checkpoint.optimizer_state)})
+        # stored once Lightning's clipping of this step has been checked (step.recorder), else right away
+        self._step_model.after_clipping(lambda: self._add_step(record, checkpoint, copy))
+
+    def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy) -> None:
+        """Queue the step for the writer and hand on every finished one.
+
+        Up to ``_IN_FLIGHT`` steps stay in flight, so training never waits for the device at a step; the
+        first step of a fit is handed on at once, so whatever it would refuse is refused at the first step.
+        """
+        step = record.step
+        self._in_flight.append((record, checkpoint, copy))
+        self._land(0 if step == self._fit_start else _IN_FLIGHT)
         self._steps_recorded += 1
         self._next_step = step + 1
-        if self._live is not None:
-            self._live.on_step(step, record, self._writer.bytes_written)
+
+    def _land(self, keep: int = 0) -> None:
+        """Hand staged steps to the writer, oldest first: all whose copies are done, and any beyond ``keep``."""
+        while self._in_flight and (len(self._in_flight) > keep or self._in_flight[0][2].ready()):
+            record, checkpoint, copy = self._in_flight.popleft()
+            host = copy.wait()
+            rows = host["rows"]
+            record.ids = rows["ids"]
+            check_ids(torch.from_numpy(record.ids), self.ids_key)
+            record.losses = rows["losses"].astype(np.float64) if "losses" in rows else None
+            record.grads, record.hvps = rows.get("grads"), rows.get("hvps")
+            record.batch_grad_norm = float(rows.get("batch_grad_norm", float("nan")))
+            record.hvp_eps = float(rows.get("hvp_eps", float("nan")))
+            if checkpoint is not None:
+                checkpoint.params, checkpoint.optimizer_state = host["checkpoint"]
+            self._writer.add_step(record, checkpoint)  # validates: a non-finite value raises, naming step and sample ids
+            if self._live is not None:
+                self._live.on_step(record.step, record, self._writer.bytes_written)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._step_model.commit()  # a step whose clipping hook did not run (none does in automatic optimization)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._live is not None:
+            self._land()
             self._live.on_epoch_end(trainer.global_step)
 
     # ---------------------------------------------------------------- the step as it ran
@@ -520,7 +588,12 @@ class InfluenceTracker(Callback):
 
     def _replaying(self, micro: _MicroBatch) -> Any:
         """The micro-batch's random state and autocast, for an own pass (every generator is left as found)."""
-        return MicroBatch(micro.ids.numpy(), micro.batch, micro.random).context(self._precision)
+        return self._micro(micro).context(self._precision)
+
+    @staticmethod
+    def _micro(micro: _MicroBatch) -> MicroBatch:
+        """The micro-batch of an own pass; its ids are not used there (and may still be on the device)."""
+        return MicroBatch(np.zeros(0, np.int64), micro.batch, micro.random)
 
     def _own_grads(self, pl_module: nn.Module, micro: _MicroBatch, params: Mapping[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (projected) gradients and losses of one micro-batch from an own pass at ``params``."""
@@ -548,7 +621,7 @@ class InfluenceTracker(Callback):
         """Projected per-sample gradients of ``names`` no hook covers: ``vmap`` over samples, or, when the forward
         drew random numbers (dropout), one batched forward with the step's masks (``per_sample_grads_masked``)."""
         if micro.random.drew:
-            return per_sample_grads_masked(pl_module, self._loss, MicroBatch(micro.ids.numpy(), micro.batch, micro.random),
+            return per_sample_grads_masked(pl_module, self._loss, self._micro(micro),
                                            self._precision, names, params, self._projector)
         with self._replaying(micro):
             return per_sample_grads_vmap(pl_module, self._loss, micro.batch, names, self._projector, params=params)
@@ -557,8 +630,8 @@ class InfluenceTracker(Callback):
         with self._replaying(micro), torch.no_grad():
             return self._loss(pl_module, micro.batch).detach()
 
-    def _hvp_products(self, pl_module: nn.Module, micro: list[_MicroBatch], direction: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """``H_{z,t} Ĝ_t`` for every sample of the step, by central differences along ``Ĝ_t``."""
+    def _hvp_products(self, pl_module: nn.Module, micro: list[_MicroBatch], direction: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``H_{z,t} Ĝ_t`` for every sample of the step, by central differences along ``Ĝ_t``, and ``ε`` (on the device)."""
         theta = {n: p.detach() for n, p in pl_module.named_parameters() if n in direction}
 
         def grads_at(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -567,7 +640,7 @@ class InfluenceTracker(Callback):
         at = torch.cat([m.grads for m in micro])  # the step's own g_z(θ_t): the forward base, the central kink guard
         hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()}, self.hvp_eps,
                                               self.hvp_scheme, at, KINK_GUARD if self.hvp_scheme == "central" else None)
-        return hvps.detach().cpu(), float(eps)
+        return hvps.detach(), eps
 
     def _check_batchnorm(self, pl_module: nn.Module) -> None:
         self._checked_batchnorm = True
@@ -588,20 +661,23 @@ class InfluenceTracker(Callback):
 
     # -------------------------------------------------------------------------- checkpoints
     def _checkpoint(self, trainer: pl.Trainer, pl_module: nn.Module, step: int,
-                    optimizer: torch.optim.Optimizer | None = None) -> CheckpointRecord:
+                    optimizer: torch.optim.Optimizer | None = None, wait: bool = True) -> CheckpointRecord:
+        """``θ_step`` and the optimizer state: numpy copies, or (``wait=False``) tensors for a HostCopy."""
         optimizer = optimizer or trainer.optimizers[0]
         record = CheckpointRecord(step=step, params={})
         for name, p in pl_module.named_parameters():
             if not p.requires_grad:
                 continue
-            record.params[name] = p.detach().cpu().numpy().copy()
+            record.params[name] = p.detach()
             state = optimizer.state.get(p, {})
-            tensors = {k: v.detach().cpu().numpy().copy() for k, v in state.items() if isinstance(v, torch.Tensor)}
+            tensors = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor)}
             if tensors:
                 record.optimizer_state[name] = tensors
             scalars = {k: float(v) for k, v in state.items() if isinstance(v, (int, float))}
             if scalars:
                 record.optimizer_scalars[name] = scalars
+        if wait:
+            record.params, record.optimizer_state = HostCopy((record.params, record.optimizer_state)).wait()
         return record
 
     # ------------------------------------------------------------------------------ metadata
@@ -621,8 +697,9 @@ class InfluenceTracker(Callback):
             "run_id": uuid.uuid4().hex,
             "first_step": first_step,
             "versions": {pkg: _version(pkg) for pkg in ("lightning-influence", "torch", "lightning", "h5py")},
-            "module_class": _class_path(pl_module),
-            "datamodule_class": _class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
+            "module_class": class_path(pl_module),
+            "datamodule_class": class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
+            "recipe": record_recipe(trainer, pl_module, self.log_dir, self.store_data),  # rebuild model and data (recipe.py)
             "world_size": trainer.world_size,
             "dataset_size": dataset_size,
             "loss_reduction": "mean",
@@ -651,11 +728,20 @@ class InfluenceTracker(Callback):
         }
 
     def _teardown(self, pl_module: nn.Module, raise_errors: bool = True) -> None:
+        self._step_model.teardown()
         if self._writer is not None:
+            refused: Exception | None = None
+            try:
+                self._land()  # steps whose copies are in flight are complete steps: keep them
+            except Exception as e:  # raised after the writer is closed (keeping every step before it)
+                refused = e
+            self._in_flight.clear()
             try:
                 self._writer.close(raise_errors=raise_errors)
             finally:
                 self._writer = None
+            if refused is not None and raise_errors:
+                raise refused
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
@@ -709,15 +795,6 @@ def _exists(log_dir: str) -> bool:
     from pathlib import Path
 
     return (Path(log_dir) / META_FILE).exists()
-
-
-def _class_path(obj: Any) -> str:
-    """``module.QualName`` of ``obj``'s class, importable also when the run was started with ``python -m``."""
-    module = type(obj).__module__
-    if module == "__main__":
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        module = spec.name if spec is not None and spec.name else module
-    return f"{module}.{type(obj).__qualname__}"
 
 
 def _version(pkg: str) -> str | None:

@@ -51,20 +51,24 @@ def batch_size_of(batch: Any) -> int:
     raise TypeError(f"cannot find a batched tensor in a batch of type {type(batch).__name__}")
 
 
-def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None) -> torch.Tensor:
+def _hint(ids_key: str) -> str:
+    return ("Give each sample a stable integer id: wrap the training dataset with "
+            "lightning_influence.WithIds(dataset) so batches are (x, y, ids), or return a dict with "
+            f"an {ids_key!r} key, or pass ids_fn=... to InfluenceTracker.")
+
+
+def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, on_device: bool = False) -> torch.Tensor:
     """The int64 sample ids of a batch, validated.
 
     Looks, in order, at ``ids_fn(batch)``, ``batch[ids_key]`` for a dict, or the last element
-    of a tuple/list batch ``(x, y, ids)``.
+    of a tuple/list batch ``(x, y, ids)``. ``on_device``: ids on an accelerator stay there and
+    their values are not checked (that would make the host wait for the device): the caller
+    checks them with :func:`check_ids` once they are on the host.
 
     Raises:
         ValueError: the ids are missing, not integers, of the wrong length, or duplicated.
     """
-    hint = (
-        "Give each sample a stable integer id: wrap the training dataset with "
-        "lightning_influence.WithIds(dataset) so batches are (x, y, ids), or return a dict with "
-        f"an {ids_key!r} key, or pass ids_fn=... to InfluenceTracker."
-    )
+    hint = _hint(ids_key)
     if ids_fn is not None:
         ids = ids_fn(batch)
     elif isinstance(batch, Mapping):
@@ -85,12 +89,24 @@ def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None) -
     n = batch_size_of(batch)
     if len(ids) != n:
         raise ValueError(f"{len(ids)} sample ids for a batch of {n} samples. {hint}")
+    if on_device and ids.device.type != "cpu":
+        return ids.detach().to(torch.int64)
     ids = ids.detach().to("cpu", torch.int64)
-    if len(torch.unique(ids)) != len(ids):
-        raise ValueError(f"duplicated sample ids in one batch: {_duplicates(ids)}; ids must be unique per sample (are these labels rather than ids?). {hint}")
-    if len(ids) and int(ids.min()) < 0:
-        raise ValueError(f"sample ids must be non-negative, got {int(ids.min())}. {hint}")
+    check_ids(ids, ids_key)
     return ids
+
+
+def check_ids(ids: torch.Tensor, ids_key: str = "ids") -> None:
+    """Refuse duplicated or negative ids (host tensor ``ids`` of one batch or one optimizer step).
+
+    Raises:
+        ValueError: naming the offending ids and what to do.
+    """
+    if len(torch.unique(ids)) != len(ids):
+        raise ValueError(f"duplicated sample ids in one batch: {_duplicates(ids)}; ids must be unique per sample "
+                         f"(are these labels rather than ids?). {_hint(ids_key)}")
+    if len(ids) and int(ids.min()) < 0:
+        raise ValueError(f"sample ids must be non-negative, got {int(ids.min())}. {_hint(ids_key)}")
 
 
 def _duplicates(ids: torch.Tensor) -> list[int]:

@@ -160,7 +160,8 @@ def test_query_scores_equal_the_estimator(run, direct, method, capsys):
     if method == "tracin":
         expected = estimators.tracin(log, query, module=model, window=window).column(0)
     else:
-        expected = estimators.dit(log, model, dm.train_dataloader().dataset, query, window=window).column(0)
+        expected = estimators.dit(log, query, module=model, train_data=dm.train_dataloader().dataset,
+                                  window=window).column(0)
     got = np.full(60, np.nan)
     for row in res["rows"]:
         got[row["id"]] = row["score"]
@@ -217,7 +218,7 @@ def test_timeline_patterns_and_additivity(run, direct, capsys):
     assert res["grid"] == [[0, 4], [4, 8], [8, 12]] and res["grid_labels"] == ["e0", "e1", "e2"]
     assert sum(res["pattern_counts"].values()) == 60 == len(res["rows"])
     log = InfluenceLog(run.log)
-    whole = estimators.dit(log, model, dm.train_dataloader().dataset, query).column(0)
+    whole = estimators.dit(log, query, module=model, train_data=dm.train_dataloader().dataset).column(0)
     for row in res["rows"]:
         assert row["pattern"] in ("early", "late", "fluctuating", "stable")
         assert row["total"] == pytest.approx(sum(row["windows"]), rel=1e-9, abs=1e-15)
@@ -292,7 +293,7 @@ def test_help_lists_methods_and_their_needs(capsys):
     assert code == 0
     for name in METHODS:
         assert f"  {name}" in out
-    assert "needs --config" in out
+    assert "needs the model, training and query data" in out
     code, out, _ = cli(capsys, "query", "--help")
     assert code == 0 and "--config" in out and "fractions" in out and "no traceback" not in out
 
@@ -363,7 +364,6 @@ def test_error_diffin_without_hvp_products(run, tmp_path, capsys):
 
 
 def test_error_config_problems(run, tmp_path, capsys):
-    assert_error(cli(capsys, "query", run.log, "-q"), "pass --config")
     assert_error(cli(capsys, "query", run.log, "-c", str(tmp_path / "nope.yaml"), "-q"), "no such file")
     cfg = yaml.safe_load(Path(run.config).read_text())
     cfg["model"]["hidden"] = 9

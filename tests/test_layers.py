@@ -1,5 +1,7 @@
 """Every layer engine's projected per-sample gradients against projected brute-force autograd (float64)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,3 +189,32 @@ def test_lora_tracks_only_the_adapters():
     capture = HookGradientCapture(model, names, proj)
     grads, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
     torch.testing.assert_close(grads, proj.project(brute_force(model, seq_loss, batch, names)), rtol=1e-10, atol=1e-12)
+
+
+def test_module_without_batch_dimension_is_demoted_to_vmap():
+    """nanoGPT-style positional embedding of ``arange(T)``: its output has no batch dimension."""
+
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wpe = nn.Embedding(5, 6)
+
+        def forward(self, x):
+            return x + self.wpe(torch.arange(x.shape[1]))
+
+    torch.manual_seed(0)
+    model = Seq(nn.Sequential(Positional(), nn.LayerNorm(6))).double()
+    batch = CASES["embedding+linear-3d"][1](torch.Generator().manual_seed(1))
+    names = select_params(model)
+    proj = projector_for(model, names, 8)
+    capture = HookGradientCapture(model, names, proj)
+    assert "body.0.wpe.weight" in capture.param_names
+    expected = proj.project(brute_force(model, seq_loss, batch, names))
+    with pytest.warns(UserWarning, match="body.0.wpe.weight"):  # demoted at the first pass
+        first, _ = per_sample_grads(model, seq_loss, batch, names, proj, capture)
+    with warnings.catch_warnings():  # on vmap from then on, silently
+        warnings.simplefilter("error")
+        second, _ = per_sample_grads(model, seq_loss, batch, names, proj, capture)
+    for grads in (first, second):
+        torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    assert capture.demoted == ["body.0.wpe.weight"] and "body.0.wpe.weight" not in capture.param_names

@@ -1,9 +1,11 @@
-"""One engine per layer type: projected per-sample gradients from a module call's saved inputs.
+"""One engine per layer type: projected per-sample gradients of a layer's parameters from hooks.
 
-Each engine knows which parameters of its layer type it captures, what the forward hook saves,
-and how the saved values and the output gradient of one backward pass give every sample's
-projected gradient, ``P_r^T G_b P_c`` (:mod:`.projection`), without forming ``G_b`` where a
-factored form exists:
+Each engine knows which parameters of its layer type it captures, what the forward hook keeps
+of the input, and how that and the output gradient give every sample's projected gradient
+``P_r^T G_b P_c`` (:mod:`.projection`) without forming ``G_b`` where a factored form exists.
+The work is done while the tensors are fresh in the cache: the input side in the forward hook,
+the output side (and the product of the two) in the output's gradient hook during the
+backward pass, which leaves only ``(B, k)`` blocks to sum.
 
 - ``nn.Linear`` on inputs ``(B, ..., in)``: ``G_b = sum_l g_{b,l} x_{b,l}^T``; each side is
   projected before the sum over tokens, which is one batched matrix product.
@@ -17,13 +19,13 @@ factored form exists:
   is recomputed from the saved input with the module's own normalisation.
 - ``nn.MultiheadAttention`` (``in_proj_weight/bias``, ``out_proj.weight/bias``): its forward
   calls ``F.multi_head_attention_forward``, which never runs ``out_proj``'s module hooks. While
-  the module runs, ``F.linear`` is routed through a recorder that saves the input and output
-  gradient of each call whose weight is (a row block of) a tracked parameter, in the
-  sequence-first layout that function uses; the Linear formula does the rest.
+  the module runs, ``F.linear`` is routed through a recorder that treats each call whose weight
+  is (a row block of) a tracked parameter as a Linear call, in the sequence-first layout that
+  function uses.
 
 Every engine assumes the batch is the first dimension of its layer's input and output
 (the sequence-first internals of MultiheadAttention are converted) and that samples do not
-interact inside the layer.
+interact inside the layer. Computations run in ``float32`` or wider.
 """
 
 from __future__ import annotations
@@ -39,9 +41,20 @@ from torch.utils.hooks import RemovableHandle
 
 from .projection import KroneckerProjector, contract
 
-__all__ = ["LayerEngine", "engine_for", "capture_owner"]
+__all__ = ["LayerEngine", "Record", "engine_for", "capture_owner"]
 
-Record = list  # [saved, grad_output or None], filled by the forward hook and the output's tensor hook
+Blocks = dict[str, Tensor]  # parameter name -> (B, k) projected per-sample gradient block
+Record = list  # [what the forward kept (None once used), the call's Blocks (None until the backward)]
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 or wider (half-precision activations are projected in float32)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _tokens(t: Tensor) -> Tensor:
+    """``(B, ..., d)`` as ``(B, L, d)``, float32 or wider."""
+    return _wide(t).reshape(t.shape[0], -1, t.shape[-1])
 
 
 class LayerEngine:
@@ -54,63 +67,60 @@ class LayerEngine:
         """Whether parameter ``attr`` of ``mod`` (an instance of one of :attr:`types`) is captured."""
         return attr in self.attrs
 
-    def attach(self, mod: nn.Module, records: list[Record], active: Callable[[], bool],
-               targets: Mapping[str, str]) -> list[RemovableHandle]:
-        """Hooks that append one record per call while ``active()``; default: the module's output."""
+    def attach(self, mod: nn.Module, records: list[Record], active: Callable[[], bool], targets: Mapping[str, str],
+               projector: KroneckerProjector) -> list[RemovableHandle]:
+        """Hooks that append one record per call while ``active()``; default: on the module's output."""
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
             if not active() or not isinstance(output, Tensor) or not output.requires_grad:
                 return
-            record: Record = [self.save(module, args[0] if args else kwargs["input"], targets), None]
+            record: Record = [self.save(module, args[0] if args else kwargs["input"], targets, projector), None]
             records.append(record)
-            output.register_hook(lambda g: record.__setitem__(1, g))
+
+            def on_grad(g: Tensor) -> None:
+                record[0], record[1] = None, self.blocks(module, record[0], g, targets, projector)
+
+            output.register_hook(on_grad)
 
         return [mod.register_forward_hook(hook, with_kwargs=True)]
 
-    def save(self, mod: nn.Module, inp: Tensor, targets: Mapping[str, str]) -> Any:
+    def save(self, mod: nn.Module, inp: Tensor, targets: Mapping[str, str], projector: KroneckerProjector) -> Any:
         """What the gradient formula needs from the forward: the detached input by default."""
         return inp.detach()
 
-    def accumulate(self, mod: nn.Module, records: list[Record], targets: Mapping[str, str],
-                   projector: KroneckerProjector, out: Tensor) -> None:
-        """Add the projected per-sample gradients of ``records`` to ``out[:, slices[name]]``."""
+    def blocks(self, mod: nn.Module, saved: Any, g_out: Tensor, targets: Mapping[str, str],
+               projector: KroneckerProjector) -> Blocks:
+        """The call's projected per-sample gradient of each target, from ``saved`` and the output gradient."""
         raise NotImplementedError
-
-
-def _tokens(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(B, ..., d)`` as ``(B, L, d)``."""
-    return t.to(dtype).reshape(t.shape[0], -1, t.shape[-1])
-
-
-def _linear_into(projector: KroneckerProjector, out: Tensor, name: str, g: Tensor, x: Tensor,
-                 rows: slice | None = None) -> None:
-    """Weight ``name`` (or its row block ``rows``): add ``P_r^T (sum_l g_l x_l^T) P_c`` per sample."""
-    out[:, projector.slices[name]] += projector.project_factored(name, g, x, rows)
-
-
-def _bias_into(projector: KroneckerProjector, out: Tensor, name: str, g_sum: Tensor, rows: slice | None = None) -> None:
-    """Bias ``name`` (or its block ``rows``): add the projection of the per-sample sums ``g_sum`` ``(B, n)``."""
-    if rows is not None:
-        full = torch.zeros(g_sum.shape[0], projector.spec(name).rows, dtype=g_sum.dtype, device=g_sum.device)
-        full[:, rows] = g_sum
-        g_sum = full
-    out[:, projector.slices[name]] += projector.project_tensor(name, g_sum)
 
 
 class LinearEngine(LayerEngine):
     types = (nn.Linear,)
 
-    def save(self, mod: nn.Module, inp: Tensor, targets: Mapping[str, str]) -> Any:
-        return inp.detach() if "weight" in targets else None
+    def save(self, mod, inp, targets, projector):
+        return projector.project_cols(targets["weight"], _tokens(inp.detach())) if "weight" in targets else None
 
-    def accumulate(self, mod, records, targets, projector, out):
-        # calls of one module are concatenated along the tokens: one product per parameter
-        g = torch.cat([_tokens(r[1], out.dtype) for r in records], 1)
-        if "weight" in targets:
-            x = torch.cat([_tokens(r[0], out.dtype) for r in records], 1)
-            _linear_into(projector, out, targets["weight"], g, x)
-        if "bias" in targets:
-            _bias_into(projector, out, targets["bias"], g.sum(1))
+    def blocks(self, mod, saved, g_out, targets, projector):
+        return _linear_blocks(projector, targets.get("weight"), targets.get("bias"), _tokens(g_out), saved)
+
+
+def _linear_blocks(projector: KroneckerProjector, weight: str | None, bias: str | None, g: Tensor, cols: Tensor | None,
+                   w_rows: slice | None = None, b_rows: slice | None = None) -> Blocks:
+    """Weight block from ``g`` ``(B, L, out)`` and the projected input ``cols``; bias block from ``sum_l g``.
+
+    ``w_rows``/``b_rows``: ``g`` covers only these rows of the parameter (a packed attention block).
+    """
+    out: Blocks = {}
+    if weight is not None:
+        out[weight] = projector.combine(weight, g, cols, w_rows)
+    if bias is not None:
+        g_sum = g.sum(1)
+        if b_rows is not None:
+            full = g_sum.new_zeros(g_sum.shape[0], projector.spec(bias).rows)
+            full[:, b_rows] = g_sum
+            g_sum = full
+        out[bias] = projector.project_tensor(bias, g_sum)
+    return out
 
 
 class EmbeddingEngine(LayerEngine):
@@ -121,67 +131,64 @@ class EmbeddingEngine(LayerEngine):
         # max_norm renormalises rows in place; scale_grad_by_freq scales by counts over the whole batch
         return attr == "weight" and mod.max_norm is None and not mod.scale_grad_by_freq
 
-    def accumulate(self, mod, records, targets, projector, out):
+    def blocks(self, mod, ids, g_out, targets, projector):
         name = targets["weight"]
-        ids = torch.cat([r[0].reshape(r[0].shape[0], -1) for r in records], 1)  # (B, L)
-        g = torch.cat([_tokens(r[1], out.dtype) for r in records], 1)  # (B, L, dim)
-        if mod.padding_idx is not None:
-            g = g * (ids != mod.padding_idx).unsqueeze(2).to(g.dtype)
-        p_r, p_c = projector.side_matrices(name, g.dtype, g.device)
-        b = g if p_c is None else g @ p_c
-        if p_r is None:  # rows kept whole: scatter the token gradients into their rows
-            full = torch.zeros(g.shape[0], mod.num_embeddings, b.shape[2], dtype=g.dtype, device=g.device)
-            full.scatter_add_(1, ids.unsqueeze(2).expand(-1, -1, b.shape[2]), b)
-            out[:, projector.slices[name]] += full.reshape(g.shape[0], -1)
-        else:
-            out[:, projector.slices[name]] += contract(p_r[ids], b)
+        ids, g = ids.reshape(ids.shape[0], -1), _tokens(g_out)
+        p_r = projector.side_matrices(name, g.dtype, g.device)[0]
+        b = projector.project_cols(name, g)
+        if mod.padding_idx is not None:  # the padding row gets no gradient (masked after the projection: cheaper)
+            b = b * (ids != mod.padding_idx).unsqueeze(2).to(b.dtype)
+        if p_r is not None:
+            return {name: contract(p_r[ids], b)}
+        full = b.new_zeros(b.shape[0], mod.num_embeddings, b.shape[2])  # rows kept whole: scatter into them
+        full.scatter_add_(1, ids.unsqueeze(2).expand(-1, -1, b.shape[2]), b)
+        return {name: full.reshape(b.shape[0], -1)}
 
 
 class ConvEngine(LayerEngine):
     types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     _conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-    def save(self, mod, inp, targets):
-        return inp.detach() if "weight" in targets else None
-
-    def accumulate(self, mod, records, targets, projector, out):
-        dims = len(mod.kernel_size)
-        for x, g_out in records:
-            g = g_out.to(out.dtype).flatten(2)  # (B, out_channels, L)
-            if "weight" in targets:
-                self._weight_into(mod, projector, out, targets["weight"], x.to(out.dtype), g, dims)
-            if "bias" in targets:
-                _bias_into(projector, out, targets["bias"], g.sum(2))
-
-    def _weight_into(self, mod, projector, out, name, x, g, dims):
-        """``P_r^T (sum_l g_l unfold(x)_l^T) P_c``: ``unfold(x) P_c`` as a convolution with kernel ``P_c``."""
-        spec = projector.spec(name)
-        p_r, p_c = projector.side_matrices(name, x.dtype, x.device)
-        groups, batch = mod.groups, x.shape[0]
+    def save(self, mod, inp, targets, projector):
+        """``unfold(x) P_c`` ``(B, groups, k_cols, L)`` as a convolution of ``x`` with kernel ``P_c``."""
+        if "weight" not in targets:
+            return None
+        x, name = _wide(inp.detach()), targets["weight"]
+        spec, dims = projector.spec(name), len(mod.kernel_size)
+        p_c = projector.side_matrices(name, x.dtype, x.device)[1]
         if p_c is None:
             p_c = torch.eye(spec.cols, dtype=x.dtype, device=x.device)
-        kernel = p_c.t().reshape(spec.k_cols, mod.in_channels // groups, *mod.kernel_size).repeat(
-            groups, *([1] * (dims + 1)))
+        kernel = p_c.t().reshape(spec.k_cols, mod.in_channels // mod.groups, *mod.kernel_size).repeat(
+            mod.groups, *([1] * (dims + 1)))
         if mod.padding_mode == "zeros":
             padding = mod.padding
         else:
             x, padding = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode), 0
-        cols = self._conv[dims](x, kernel, None, mod.stride, padding, mod.dilation, groups)
-        cols = cols.reshape(batch, groups, spec.k_cols, -1)  # (B, groups, k_cols, L)
-        g = g.reshape(batch, groups, -1, cols.shape[3])  # (B, groups, out/groups, L)
-        per_group = torch.einsum("bgol,bgkl->bgok", g, cols).reshape(batch, spec.rows, spec.k_cols)
-        if p_r is not None:
-            per_group = (per_group.transpose(1, 2) @ p_r).transpose(1, 2)
-        out[:, projector.slices[name]] += per_group.reshape(batch, -1)
+        cols = self._conv[dims](x, kernel, None, mod.stride, padding, mod.dilation, mod.groups)
+        return cols.reshape(x.shape[0], mod.groups, spec.k_cols, -1)
+
+    def blocks(self, mod, cols, g_out, targets, projector):
+        g = _wide(g_out).flatten(2)  # (B, out_channels, L)
+        out: Blocks = {}
+        if "weight" in targets:
+            name, batch = targets["weight"], g.shape[0]
+            spec = projector.spec(name)
+            p_r = projector.side_matrices(name, g.dtype, g.device)[0]
+            # G_b P_c per group, then the row side: cheaper than rows first while out_channels < L
+            gc = torch.einsum("bgol,bgkl->bgok", g.reshape(batch, mod.groups, -1, g.shape[2]), cols)
+            gc = gc.reshape(batch, spec.rows, spec.k_cols)
+            if p_r is not None:
+                gc = (gc.transpose(1, 2) @ p_r).transpose(1, 2)
+            out[name] = gc.reshape(batch, -1)
+        if "bias" in targets:
+            out[targets["bias"]] = projector.project_tensor(targets["bias"], g.sum(2))
+        return out
 
 
 class NormEngine(LayerEngine):
     """LayerNorm, GroupNorm, RMSNorm affine parameters: ``sum g * x_hat`` and ``sum g``."""
 
     types = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-
-    def save(self, mod, inp, targets):
-        return inp.detach()
 
     @staticmethod
     def _normalised(mod: nn.Module, x: Tensor) -> Tensor:
@@ -191,19 +198,19 @@ class NormEngine(LayerEngine):
             return F.group_norm(x, mod.num_groups, None, None, mod.eps)
         return F.rms_norm(x, mod.normalized_shape, None, mod.eps)
 
-    def accumulate(self, mod, records, targets, projector, out):
-        for x, g_out in records:
-            g = g_out.to(out.dtype)
-            if isinstance(mod, nn.GroupNorm):  # (B, C, *): parameters per channel
-                reduce = tuple(range(2, g.ndim))
-            else:  # (B, *, *normalized_shape)
-                reduce = tuple(range(1, g.ndim - len(mod.normalized_shape)))
-            total = (lambda t: t.sum(reduce)) if reduce else (lambda t: t)  # sum(()) would sum everything
-            if "weight" in targets:
-                grad = total(g * self._normalised(mod, x.to(out.dtype)))
-                out[:, projector.slices[targets["weight"]]] += projector.project_tensor(targets["weight"], grad)
-            if "bias" in targets:
-                out[:, projector.slices[targets["bias"]]] += projector.project_tensor(targets["bias"], total(g))
+    def blocks(self, mod, x, g_out, targets, projector):
+        g = _wide(g_out)
+        if isinstance(mod, nn.GroupNorm):  # (B, C, *): parameters per channel
+            reduce = tuple(range(2, g.ndim))
+        else:  # (B, *, *normalized_shape)
+            reduce = tuple(range(1, g.ndim - len(mod.normalized_shape)))
+        total = (lambda t: t.sum(reduce)) if reduce else (lambda t: t)  # sum(()) would sum everything
+        out: Blocks = {}
+        if "weight" in targets:
+            out[targets["weight"]] = projector.project_tensor(targets["weight"], total(g * self._normalised(mod, _wide(x))))
+        if "bias" in targets:
+            out[targets["bias"]] = projector.project_tensor(targets["bias"], total(g))
+        return out
 
 
 class AttentionEngine(LayerEngine):
@@ -212,7 +219,7 @@ class AttentionEngine(LayerEngine):
     types = (nn.MultiheadAttention,)
     attrs = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 
-    def attach(self, mod, records, active, targets):
+    def attach(self, mod, records, active, targets, projector):
         state: dict[str, Any] = {}
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -223,7 +230,7 @@ class AttentionEngine(LayerEngine):
                 raise ValueError("MultiheadAttention hook capture needs batched inputs (B, L, E) or (L, B, E)")
             batch = query.shape[0] if module.batch_first else query.shape[1]
             state["saved"] = F.linear
-            F.linear = self._recorder(module, state["saved"], records, targets, batch)
+            F.linear = self._recorder(module, state["saved"], records, targets, projector, batch)
 
         def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if "saved" in state:
@@ -233,48 +240,37 @@ class AttentionEngine(LayerEngine):
                 mod.register_forward_hook(post, with_kwargs=True, always_call=True)]
 
     @staticmethod
-    def _recorder(mod: nn.Module, linear: Callable[..., Tensor], records: list[Record],
-                  targets: Mapping[str, str], batch: int) -> Callable[..., Tensor]:
+    def _recorder(mod: nn.Module, linear: Callable[..., Tensor], records: list[Record], targets: Mapping[str, str],
+                  projector: KroneckerProjector, batch: int) -> Callable[..., Tensor]:
         # resolved at call time: under functional_call the attributes are the substituted tensors
-        tracked = {attr: functools.reduce(getattr, attr.split("."), mod) for attr in targets}
+        tracked = {targets[attr]: functools.reduce(getattr, attr.split("."), mod) for attr in targets}
 
-        def block_of(t: Tensor | None) -> tuple[str, slice] | None:
-            """Which tracked parameter ``t`` is, or a row block of, and which rows."""
-            if t is None:
-                return None
-            for attr, p in tracked.items():
-                if t is p or t._base is p:
+        def block_of(t: Tensor | None) -> tuple[str, slice | None] | None:
+            """Which tracked parameter ``t`` is, or a row block of, and which rows (``None``: all)."""
+            for name, p in tracked.items():
+                if t is not None and (t is p or t._base is p):
                     start = (t.storage_offset() - p.storage_offset()) // (p.stride(0) if p.ndim > 1 else 1)
-                    return attr, slice(start, start + t.shape[0])
+                    return name, None if t.shape[0] == p.shape[0] else slice(start, start + t.shape[0])
             return None
+
+        def seq_first(t: Tensor) -> Tensor:  # in-projections see (L, B, E); the out-projection (L*B, E), l-major
+            return _wide(t).reshape(-1, batch, t.shape[-1]).transpose(0, 1)
 
         def recording_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             y = linear(x, weight, bias)
-            w_block, b_block = block_of(weight), block_of(bias)
-            if (w_block or b_block) and y.requires_grad:
-                # in-projections see (L, B, E); the out-projection (L*B, E), l-major
-                seq_first = (lambda t: t.reshape(-1, batch, t.shape[-1]).transpose(0, 1))
-                record: Record = [(seq_first(x.detach()) if w_block else None, w_block, b_block), None]
+            w, b = block_of(weight), block_of(bias)
+            if (w or b) and y.requires_grad:
+                record: Record = [projector.project_cols(w[0], seq_first(x.detach())) if w else None, None]
                 records.append(record)
-                y.register_hook(lambda g: record.__setitem__(1, seq_first(g)))
+
+                def on_grad(g: Tensor) -> None:
+                    record[0], record[1] = None, _linear_blocks(projector, w and w[0], b and b[0], seq_first(g),
+                                                                record[0], w and w[1], b and b[1])
+
+                y.register_hook(on_grad)
             return y
 
         return recording_linear
-
-    def accumulate(self, mod, records, targets, projector, out):
-        for (x, w_block, b_block), g_out in records:
-            g = g_out.to(out.dtype)
-            if w_block is not None:
-                _linear_into(projector, out, targets[w_block[0]], g, x.to(out.dtype), _proper(w_block[1], projector,
-                                                                                             targets[w_block[0]]))
-            if b_block is not None:
-                _bias_into(projector, out, targets[b_block[0]], g.sum(1), _proper(b_block[1], projector,
-                                                                                  targets[b_block[0]]))
-
-
-def _proper(rows: slice, projector: KroneckerProjector, name: str) -> slice | None:
-    """``None`` when the row block is the whole parameter."""
-    return None if rows.start == 0 and rows.stop == projector.spec(name).rows else rows
 
 
 _ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngine(), NormEngine(), AttentionEngine())

@@ -19,6 +19,7 @@ Both assume samples do not interact in the forward pass (no BatchNorm in train m
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -155,14 +156,14 @@ class HookGradientCapture:
             mod_name, mod, attr = owners[name]
             self._targets.setdefault(mod_name, {})[attr] = name
             self._modules[mod_name] = mod
-        # module name -> one record [saved, grad_output or None] per call
+        # module name -> one record [what the forward kept, projected blocks after the backward] per call
         self._records: dict[str, list[list[Any]]] = {m: [] for m in self._modules}
-        self._handles = [
-            handle
+        self._handles = {
+            mod_name: engine_for(mod).attach(mod, self._records[mod_name], lambda: self.enabled, self._targets[mod_name],
+                                             projector)
             for mod_name, mod in self._modules.items()
-            for handle in engine_for(mod).attach(mod, self._records[mod_name], lambda: self.enabled,
-                                                 self._targets[mod_name])
-        ]
+        }
+        self.demoted: list[str] = []  # parameters handed back: their module ran without the batch dimension
 
     @property
     def pending(self) -> int:
@@ -187,9 +188,22 @@ class HookGradientCapture:
         """Remove the hooks from the model."""
         self.disable()
         self.clear()
-        for h in self._handles:
+        for handles in self._handles.values():
+            for h in handles:
+                h.remove()
+        self._handles = {}
+
+    def _demote(self, mod_name: str) -> None:
+        """Stop capturing ``mod_name``'s parameters: they leave :attr:`param_names` for another engine."""
+        for h in self._handles.pop(mod_name):
             h.remove()
-        self._handles = []
+        names = set(self._targets.pop(mod_name).values())
+        del self._modules[mod_name], self._records[mod_name]
+        self.param_names = [n for n in self.param_names if n not in names]
+        self.demoted += sorted(names)
+        warnings.warn(f"module {mod_name!r} ran on a tensor without the batch as first dimension (e.g. a positional "
+                      f"embedding of arange(T)): its parameters {sorted(names)} are not captured by hooks from now "
+                      "on (vmap computes them; expanding the input to the batch keeps them on hooks)", stacklevel=3)
 
     def collect(self, loss_grad: Tensor) -> Tensor:
         """Projected per-sample gradients ``(B, out_dim)`` of the per-sample losses.
@@ -198,23 +212,27 @@ class HookGradientCapture:
         (e.g. ``1/(B*accumulation)`` for a mean, times an AMP scale); the captured
         gradients are divided by it, so it must be non-zero. Contributions of repeated
         calls of a module are summed; parameters of modules not reached, and the
-        projector's tensors not captured here, get zeros. Clears the captured state.
+        projector's tensors not captured here, get zeros. A module that ran on a tensor
+        without the batch as first dimension is demoted (:attr:`demoted`, a warning): its
+        parameters get zeros and leave :attr:`param_names`, so that the caller computes them
+        by another engine. Clears the captured state.
         """
         if loss_grad.ndim != 1:
             raise ValueError(f"loss_grad must be 1-D (B,), got shape {tuple(loss_grad.shape)}")
-        if bool((loss_grad == 0).any()):
+        if loss_grad.device.type == "cpu" and bool((loss_grad == 0).any()):  # on a GPU: non-finite rows, refused by the writer
             raise ValueError("loss_grad has zeros: per-sample gradients cannot be recovered")
         batch = loss_grad.shape[0]
         dtype = torch.promote_types(loss_grad.dtype, torch.float32)
         out = torch.zeros(batch, self.projector.out_dim, dtype=dtype, device=loss_grad.device)
         try:
-            for mod_name, records in self._records.items():
-                done = [r for r in records if r[1] is not None]  # an output that did not reach the loss has no grad
-                if any(r[1].shape[0] != batch for r in done):
-                    raise ValueError(f"module {mod_name!r}: first dim of the output is not the batch size {batch}")
-                if done:
-                    mod = self._modules[mod_name]
-                    engine_for(mod).accumulate(mod, done, self._targets[mod_name], self.projector, out)
+            for mod_name, records in list(self._records.items()):
+                done = [r[1] for r in records if r[1] is not None]  # an output that did not reach the loss has none
+                if any(block.shape[0] != batch for blocks in done for block in blocks.values()):
+                    self._demote(mod_name)  # its columns stay zero here: the caller's other engine fills them
+                    continue
+                for blocks in done:
+                    for name, block in blocks.items():
+                        out[:, self.projector.slices[name]] += block
         finally:
             self.clear()
         return out / loss_grad.to(dtype)[:, None]
@@ -311,15 +329,14 @@ def per_sample_grads(
     ``param_names`` from ``vmap`` (started from the same RNG state). ``params`` overrides
     parameters as in :func:`per_sample_grads_hooks`. Returns ``(grads (B, out_dim), losses (B,))``.
     """
-    hooked = set(capture.param_names) if capture is not None else set()
-    rest = [n for n in param_names if n not in hooked]
     state = torch.get_rng_state()
-    if hooked:
+    if capture is not None and capture.param_names:
         grads, losses = per_sample_grads_hooks(model, loss_fn, batch, capture, params=params)
     else:
         with torch.no_grad():
             losses = call_with_params(model, loss_fn, params, batch).detach()
         grads = None
+    rest = [n for n in param_names if capture is None or n not in capture.param_names]  # after a demotion
     if rest:
         torch.set_rng_state(state)
         vmapped = per_sample_grads_vmap(model, loss_fn, batch, rest, projector, params=params)

@@ -195,14 +195,22 @@ class KroneckerProjector:
         zero gradient), e.g. one of the query/key/value blocks of a packed attention weight.
         Returns ``(B, k_rows*k_cols)``, equal to :meth:`project_tensor` of that gradient.
         """
-        p_r, p_c = self.side_matrices(name, out_grad.dtype, out_grad.device)
-        b = inp if p_c is None else inp @ p_c
+        return self.combine(name, out_grad, self.project_cols(name, inp), rows)
+
+    def project_cols(self, name: str, inp: Tensor) -> Tensor:
+        """The column side ``inp @ P_c`` ``(B, L, k_cols)`` of :meth:`project_factored` (``inp`` if unprojected)."""
+        p_c = self.side_matrices(name, inp.dtype, inp.device)[1]
+        return inp if p_c is None else inp @ p_c
+
+    def combine(self, name: str, out_grad: Tensor, cols: Tensor, rows: slice | None = None) -> Tensor:
+        """:meth:`project_factored` from the projected column side ``cols`` (:meth:`project_cols`)."""
+        p_r = self.side_matrices(name, out_grad.dtype, out_grad.device)[0]
         if p_r is not None:
-            return contract(out_grad @ (p_r if rows is None else p_r[rows]), b)
+            return contract(out_grad @ (p_r if rows is None else p_r[rows]), cols)
         if rows is None:
-            return contract(out_grad, b)
-        full = torch.zeros(out_grad.shape[0], self.spec(name).rows, b.shape[2], dtype=b.dtype, device=b.device)
-        full[:, rows] = torch.bmm(out_grad.transpose(1, 2), b)
+            return contract(out_grad, cols)
+        full = torch.zeros(out_grad.shape[0], self.spec(name).rows, cols.shape[2], dtype=cols.dtype, device=cols.device)
+        full[:, rows] = torch.bmm(out_grad.transpose(1, 2), cols)
         return full.reshape(out_grad.shape[0], -1)
 
     def to_metadata(self) -> dict[str, Any]:

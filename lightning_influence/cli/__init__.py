@@ -1,20 +1,19 @@
 """``lightning-influence``: ask a finished (or crashed) run's influence log questions after the fact.
 
     lightning-influence info LOG
-    lightning-influence query LOG --config CONFIG --window "epoch 14:" --top 10
-    lightning-influence timeline LOG --config CONFIG --grid epochs
-    lightning-influence evaluate LOG --config CONFIG --samples top:10
-    lightning-influence tensorboard LOG --config CONFIG --logdir runs/digits/tb
+    lightning-influence query LOG --window "epoch 14:" --top 10
+    lightning-influence timeline LOG --grid epochs
+    lightning-influence evaluate LOG --samples top:10
+    lightning-influence tensorboard LOG --logdir runs/digits/tb
 
 (``python -m lightning_influence ...`` is the same.) Presentation only: scores come from
 ``lightning_influence.estimators``, patterns and metrics from ``lightning_influence.evaluation``.
 
-**Model and data.** Weights always come from the log's checkpoints. The architecture, the
-training data and the query data come from the LightningCLI YAML the run was trained with
-(``--config``): its ``model``/``data`` sections are instantiated (no trainer is built). The
-classes are the config's ``class_path`` if it has one, else ``--model-class``/``--data-class``,
-else the classes the log recorded (``module_class``/``datamodule_class``). Methods marked
-"log only" in ``--help`` need none of that.
+**Model and data.** Weights always come from the log's checkpoints. The architecture and the
+data are rebuilt from what the log recorded (classes, saved hyperparameters, the training
+script's directory; for plain DataLoaders the data themselves), from ``--builder
+module:function``, or from the LightningCLI YAML the run was trained with (``--config``); see
+:mod:`lightning_influence.cli.context`. Methods marked "log only" in ``--help`` need none of that.
 
 **Datamodule conventions** (all optional): the training set is ``train_dataloader().dataset``
 (items ``(x, y, id)`` as made by :class:`~lightning_influence.WithIds`); the ``val_loss`` query
@@ -54,10 +53,11 @@ COMMANDS = (info, query, timeline, tensorboard, evaluate)  # each module's regis
 
 
 def build_parser() -> argparse.ArgumentParser:
-    notes = ("Model and data: weights come from the log's checkpoints; the architecture and the data come from the "
-             "LightningCLI config the run was trained with (--config), its model and data classes from the config's "
-             "class_path, --model-class/--data-class, or the classes the log recorded. 'log only' methods and `info` "
-             "read nothing but the log.")
+    notes = ("Model and data: weights come from the log's checkpoints; the architecture and the data are rebuilt from "
+             "what the log recorded (the classes, their saved hyperparameters, the training script's directory, and "
+             "for plain DataLoaders the data themselves), or from --builder MODULE:FUNCTION, or from the LightningCLI "
+             "config the run was trained with (--config); --model/--data replace the recorded classes. 'log only' "
+             "methods and `info` read nothing but the log.")
     parser = Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
                     description="Ask an influence log (written by InfluenceTracker) which training samples shaped "
                                 "the model, and when.",
@@ -81,10 +81,19 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     common.add_argument("--format", "-f", choices=("table", "csv", "json"), help="output format (default: table)")
 
     model = Parser(add_help=False)
-    g = model.add_argument_group("model and data (for methods that need them)")
+    g = model.add_argument_group("model and data (default: rebuilt from what the log recorded)")
     g.add_argument("--config", "-c", metavar="YAML", help="the LightningCLI config the run was trained with")
-    g.add_argument("--model-class", metavar="CLASS", help="LightningModule class, when the config has no class_path")
-    g.add_argument("--data-class", metavar="CLASS", help="LightningDataModule class, when the config has no class_path")
+    g.add_argument("--model", "--model-class", dest="model_class", metavar="CLASS",
+                   help="LightningModule class (module.ClassName) instead of the recorded one")
+    g.add_argument("--data", "--data-class", dest="data_class", metavar="CLASS",
+                   help="LightningDataModule class instead of the recorded one")
+    g.add_argument("--builder", "-b", metavar="MODULE:FUNCTION",
+                   help="a function (module:function or file.py:function) returning the model, (model, datamodule) or "
+                        "a dict with module, datamodule, train_data, val_data, test_data, flipped, train_labels")
+    g.add_argument("--hvp", choices=("exact", "fd"),
+                   help="Hessian-vector products of the methods that use them (DIT, Diff-In): exact (the default: "
+                        "forward-over-reverse through the model) or fd (finite differences of gradients, checked for "
+                        "blow-ups)")
 
     qparent = Parser(add_help=False)
     qg = qparent.add_argument_group("query")

@@ -45,7 +45,7 @@ def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None):
     from lightning_influence import queries
 
     if ctx is None:
-        raise UserError("queries need the model and data: pass --config")
+        raise UserError("queries need the model and data: pass --builder or --config")
     parts = []
     names = []
     for spec in specs:

@@ -76,8 +76,13 @@ STEP_COLUMNS = (
     "micro_crc32",  # int64, CRC-32 chain of the step's micro rows, random states and inputs; -1 in version 1
     "grad_scale",  # float64, the GradScaler factor S_t of the step, NaN without a scaler
     "skipped",  # int64, 1 when the GradScaler skipped the optimizer step (non-finite gradients)
+    "accumulate",  # int64, the divisor Lightning applied to each micro-batch loss (accumulate_grad_batches); -1 in version 1
+    "clip_value",  # float64, gradient clipping threshold applied at this step, NaN if none
+    "clip_coef",  # float64, factor the clipping applied (norm: min(1, c/(||g|| + 1e-6))), NaN if none
+    "weight_crc32",  # int64, CRC-32 of the step's rows of samples/weight, -1 in version 1
 )
-V1_DEFAULTS = {"micro_offset": -1, "micro_crc32": -1, "grad_scale": float("nan"), "skipped": 0}  # columns absent in version 1
+V1_DEFAULTS = {"micro_offset": -1, "micro_crc32": -1, "grad_scale": float("nan"), "skipped": 0,  # columns absent in version 1
+               "accumulate": -1, "clip_value": float("nan"), "clip_coef": float("nan"), "weight_crc32": -1}
 # Micro-batch rows (group ``micro``), one per micro-batch of every step, in the order they ran.
 MICRO_COLUMNS = (
     "size",  # int64, samples in the micro-batch (its rows of ``samples/*`` follow each other)
@@ -86,8 +91,10 @@ MICRO_COLUMNS = (
     "input_offset",  # int64, first byte of its inputs in ``inputs/bytes`` (torch.save of the batch), -1 if not stored
     "input_length",  # int64, their length in bytes (0 if not stored)
 )
-ROW_DATASETS = {"id": "samples/id", "loss": "samples/loss", "grad": "grads/grad", "hvp": "grads/hvp"}
-ROW_CRC_COLUMNS = {"id": "id_crc32", "loss": "loss_crc32", "grad": "grad_crc32", "hvp": "hvp_crc32"}
+ROW_DATASETS = {"id": "samples/id", "loss": "samples/loss", "grad": "grads/grad", "hvp": "grads/hvp",
+                "weight": "samples/weight"}
+ROW_CRC_COLUMNS = {"id": "id_crc32", "loss": "loss_crc32", "grad": "grad_crc32", "hvp": "hvp_crc32",
+                   "weight": "weight_crc32"}
 CRC_ATTR = "crc32"  # on every dataset read whole (step table, checkpoints): CRC-32 of its bytes as stored
 
 

@@ -55,6 +55,7 @@ class StepBatch:
     losses: np.ndarray | None = None  # (|B_t|,)
     grads: np.ndarray | None = None  # (|B_t|, K)
     hvps: np.ndarray | None = None  # (|B_t|, K)
+    weights: np.ndarray | None = None  # (|B_t|,) w_{i,t}, the weight of each sample's loss (InfluenceLog.weights)
 
 
 @dataclass
@@ -171,7 +172,7 @@ class InfluenceLog:
             if missing:
                 raise LogFormatError(path, f"the step table has no column(s) {missing}: the file is corrupted")
             seg.checkpoints = sorted(int(g.attrs["step"]) for g in f["checkpoints"].values())
-            shapes = {name: f[name].shape for name in ("samples/id", "samples/loss", "grads/grad", "grads/hvp") if name in f}
+            shapes = {name: f[name].shape for name in ROW_DATASETS.values() if name in f}
         self._width = _check_segment(path, rank, attrs, seg.table, shapes, self._width)
         run_id = attrs.get("run_id")
         if run_id is not None and "run_id" in self.meta and text(run_id) != str(self.meta["run_id"]):
@@ -356,7 +357,42 @@ class InfluenceLog:
                             ids=np.concatenate([self._read(seg, row, "id") for seg, row in locs]))
             for field_ in fields:
                 setattr(rec, _FIELD_ATTR[field_], np.concatenate([self._read(seg, row, field_) for seg, row in locs]))
+            rec.weights = self.weights(t)
             yield rec
+
+    def weights(self, step: int) -> np.ndarray:
+        """``w_{i,t}`` of every sample of ``B_t``: the weight of its loss in the gradient the step applied.
+
+        Recorded by the tracker (format version 2: accumulation scaling, micro-batch sizes, DDP
+        averaging); ``1/|B_t|`` for a log that does not hold them (version 1: a plain batch mean).
+        """
+        parts = [self._read(seg, row, "weight") for seg, row in self._locs(step)]
+        if any(p is None for p in parts):
+            n = len(self.batch_ids(step))
+            return np.full(n, 1.0 / max(n, 1))
+        return np.concatenate(parts).astype(np.float64)
+
+    def micro_index(self, step: int) -> np.ndarray:
+        """Micro-batch of every sample of ``B_t`` (``0, 1, ...`` across ranks, in rank order; one micro-batch
+        per rank in a version-1 log)."""
+        out, base = [], 0
+        for seg, row in self._locs(step):
+            s = self._segs[seg]
+            off, n = int(s.table["micro_offset"][row]), int(s.table["micro_batches"][row])
+            count = int(s.table["sample_count"][row])
+            if off < 0:
+                sizes = np.array([count])
+            else:
+                with reading(s.path, f"the micro-batches of step {step}"):
+                    sizes = np.array(self._rows(seg, "micro/size", off, n), dtype=np.int64)
+            out.append(np.repeat(np.arange(base, base + len(sizes)), sizes))
+            base += len(sizes)
+        return np.concatenate(out)
+
+    def step_column(self, step: int, column: str) -> Any:
+        """The step-table value ``column`` of ``step`` on rank 0 (e.g. ``clip_coef``; version-1 default if absent)."""
+        seg, row = self._locs(step)[0]
+        return self._segs[seg].table[column][row]
 
     def micro_batches(self, step: int) -> list[MicroBatchRecord]:
         """The micro-batches of ``step`` in the order they ran (ranks in rank order), with their random
@@ -494,7 +530,7 @@ class InfluenceLog:
         table = s.table
         n = int(table["sample_count"][row])
         step = int(table["step"][row])
-        off = int(table["sample_offset"][row] if field_ in ("id", "loss") else table["grad_offset"][row])
+        off = int(table["sample_offset"][row] if field_ in ("id", "loss", "weight") else table["grad_offset"][row])
         if off < 0:
             return None
         with reading(s.path, f"{field_!r} of step {step}"):
@@ -613,7 +649,8 @@ def _check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str
     if (counts < 0).any() or not np.array_equal(offsets, np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else offsets) \
             or int(counts.sum()) != n_samples:
         raise bad("sample offsets/counts do not tile the sample table")
-    if shapes.get("samples/id") != (n_samples,) or shapes.get("samples/loss", (n_samples,)) != (n_samples,):
+    if shapes.get("samples/id") != (n_samples,) or any(shapes.get(f"samples/{name}", (n_samples,)) != (n_samples,)
+                                                       for name in ("loss", "weight")):
         raise bad(f"sample datasets do not hold n_samples = {n_samples} rows")
     n_grad = int(attrs["n_grad_rows"])
     has = table["grad_offset"] >= 0
@@ -629,6 +666,7 @@ def _check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str
     if n_grad and "grads/grad" not in shapes:
         raise bad(f"the step table has {n_grad} gradient rows but there is no grads/grad dataset")
     for field_, stored in (("id", np.ones(n, bool)), ("loss", np.full(n, "samples/loss" in shapes)),
+                           ("weight", np.full(n, "samples/weight" in shapes)),
                            ("grad", has), ("hvp", has & ("grads/hvp" in shapes))):
         if not np.array_equal(table[ROW_CRC_COLUMNS[field_]] >= 0, stored):
             raise bad(f"the {ROW_CRC_COLUMNS[field_]} column does not match the stored {field_!r} rows")

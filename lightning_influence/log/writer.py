@@ -51,7 +51,7 @@ from lightning_influence.log.format import (
     set_text,
 )
 
-_FLOAT_COLUMNS = ("batch_grad_norm", "hvp_eps", "tracker_seconds", "grad_scale")
+_FLOAT_COLUMNS = ("batch_grad_norm", "hvp_eps", "tracker_seconds", "grad_scale", "clip_value", "clip_coef")
 
 
 class LogWriteError(OSError):
@@ -87,6 +87,10 @@ class StepRecord:
     micro: list[MicroRecord] | None = None  # None: one micro-batch of all ids, nothing else recorded
     grad_scale: float = float("nan")
     skipped: bool = False
+    weights: np.ndarray | None = None  # w_{i,t}, the weight of each row's loss in the applied gradient (step.weights)
+    accumulate: int = -1  # Lightning's divisor of each micro-batch loss
+    clip_value: float = float("nan")  # step.clipping
+    clip_coef: float = float("nan")
 
     def validate(self) -> None:
         """Refuse a record that would store something wrong: bad shapes or non-finite values.
@@ -109,6 +113,8 @@ class StepRecord:
                 raise FloatingPointError(
                     f"step {self.step}: non-finite {what} for sample ids {ids[bad].tolist()[:10]}; nothing of this step "
                     "was stored. Lower the learning rate or check these samples.")
+        if self.weights is not None and np.shape(self.weights) != ids.shape:
+            raise ValueError(f"step {self.step}: sample weight rows have shape {np.shape(self.weights)} for {len(ids)} sample ids")
         if self.hvps is not None and self.grads is None:
             raise ValueError(f"step {self.step}: HVP products need the gradient rows of the same step")
         if self.micro is not None and sum(m.size for m in self.micro) != len(ids):
@@ -207,7 +213,7 @@ def write_segment(
 def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: list[CheckpointRecord],
                   storage_dtype: np.dtype, compression: str | None, run_id: str | None) -> None:
     columns: dict[str, list[Any]] = {c: [] for c in STEP_COLUMNS}
-    rows: dict[str, list[np.ndarray]] = {"id": [], "loss": [], "grad": [], "hvp": []}
+    rows: dict[str, list[np.ndarray]] = {"id": [], "loss": [], "grad": [], "hvp": [], "weight": []}
     micro = _MicroRows()
     n_rows = n_grad_rows = 0
     for rec in steps:
@@ -215,7 +221,8 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
         stored = {"id": np.asarray(rec.ids, np.int64),
                   "loss": None if rec.losses is None else np.asarray(rec.losses, np.float64),
                   "grad": None if rec.grads is None else np.asarray(rec.grads).astype(storage_dtype, copy=False),
-                  "hvp": None if rec.hvps is None else np.asarray(rec.hvps).astype(storage_dtype, copy=False)}
+                  "hvp": None if rec.hvps is None else np.asarray(rec.hvps).astype(storage_dtype, copy=False),
+                  "weight": None if rec.weights is None else np.asarray(rec.weights, np.float64)}
         columns["step"].append(rec.step)
         columns["epoch"].append(rec.epoch)
         columns["batch_idx"].append(rec.batch_idx)
@@ -230,6 +237,9 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
         columns["skipped"].append(int(rec.skipped))
         columns["micro_offset"].append(micro.n)
         columns["micro_crc32"].append(micro.add(rec.micro if rec.micro is not None else [MicroRecord(n)]))
+        columns["accumulate"].append(rec.accumulate)
+        columns["clip_value"].append(rec.clip_value)
+        columns["clip_coef"].append(rec.clip_coef)
         for field_, value in stored.items():
             columns[ROW_CRC_COLUMNS[field_]].append(crc32(value) if value is not None else -1)
             if value is not None:
@@ -237,8 +247,9 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
         if rec.grads is not None:
             n_grad_rows += n
         n_rows += n
-    if rows["loss"] and len(rows["loss"]) != len(steps):
-        raise ValueError("per-sample losses must be recorded at every step of a segment or none")
+    for field_, what in (("loss", "per-sample losses"), ("weight", "sample weights")):
+        if rows[field_] and len(rows[field_]) != len(steps):
+            raise ValueError(f"{what} must be recorded at every step of a segment or none")
     if len(rows["hvp"]) not in (0, len(rows["grad"])):
         raise ValueError("HVP products must accompany every recorded gradient row")
     set_text(f.attrs, "format", FORMAT_NAME)
@@ -263,8 +274,9 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
     f.create_group("samples")
     f.create_group("grads")
     _dataset(f, ROW_DATASETS["id"], _cat(rows["id"], np.int64, (0,)), whole_crc=False)
-    if rows["loss"]:
-        _dataset(f, ROW_DATASETS["loss"], np.concatenate(rows["loss"]), whole_crc=False)
+    for field_ in ("loss", "weight"):
+        if rows[field_]:
+            _dataset(f, ROW_DATASETS[field_], np.concatenate(rows[field_]), whole_crc=False)
     for field_ in ("grad", "hvp"):
         if rows[field_]:
             data = np.concatenate(rows[field_])
