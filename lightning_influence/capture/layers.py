@@ -1,5 +1,7 @@
 """One engine per layer type: projected per-sample gradients of a layer's parameters from hooks.
 
+Formulas, limits and costs: ``docs/per-sample-gradients.md``.
+
 Each engine knows which parameters of its layer type it captures, what the forward hook keeps
 of the input, and how that and the output gradient give every sample's projected gradient
 ``P_r^T G_b P_c`` (:mod:`.projection`) without forming ``G_b`` where a factored form exists.
