@@ -169,7 +169,8 @@ class _Lazy:
 def estimator_inputs(ctx: RunContext | None) -> dict[str, Any]:
     if ctx is None:
         return {}
-    return {"module": ctx.module, "train_data": _Lazy(lambda: ctx.train_dataset), "val_data": _Lazy(lambda: ctx.val_batch)}
+    return {"module": ctx.module, "train_data": _Lazy(lambda: ctx.train_dataset), "val_data": _Lazy(lambda: ctx.val_batch),
+            "tolerance": ctx.replay_tolerance}
 
 
 def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: tuple[int, int],
