@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset, default_collate
 
 from lightning_influence.capture import call_with_params
@@ -106,7 +107,13 @@ def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
 
 
 def functional_loss(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], batch: Any) -> Tensor:
-    """Per-sample losses ``loss_fn(module, batch)`` evaluated at ``params`` (the live module is untouched)."""
+    """Per-sample losses ``loss_fn(module, batch)`` evaluated at ``params`` (the live module is untouched).
+
+    The batch's tensors are moved to the parameters' device (a dataset gives CPU tensors, the module may be on a GPU).
+    """
+    device = next(iter(params.values())).device if params else None
+    if device is not None:
+        batch = pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) and x.device != device else x, batch)
     return call_with_params(module, loss_fn, params, batch)
 
 
@@ -201,7 +208,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, names: list[str], state: Ma
             if isinstance(value, (int, float, bool)) and not isinstance(value, np.ndarray):
                 out[key] = value
                 continue
-            t = torch.as_tensor(np.asarray(value))
+            t = torch.as_tensor(np.asarray(value)).to(p.device)
             if t.shape != p.shape and t.dim() > 0:
                 t = t.expand(p.shape)
             out[key] = t.clone()

@@ -94,6 +94,10 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     g.add_argument("--replay-tolerance", type=float, metavar="DRIFT",
                    help="largest replay drift accepted at a checkpoint, relative to how far training moved since the "
                         "previous one (default 0.01; 0 demands a bit-identical replay); the drift is reported")
+    g.add_argument("--hvp", choices=("exact", "fd"),
+                   help="Hessian-vector products of the methods that use them (DIT, Diff-In): exact (the default: "
+                        "forward-over-reverse through the model) or fd (finite differences of gradients, checked for "
+                        "blow-ups)")
 
     qparent = Parser(add_help=False)
     qg = qparent.add_argument_group("query")

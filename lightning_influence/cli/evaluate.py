@@ -96,7 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     n = log.dataset_size
     estimates: dict[str, np.ndarray] = {}
     for m in methods:
-        scores = run_method(m, log, query, ctx, (t1, t2), Progress(f"{m} [{t1}, {t2})", not args.quiet))
+        scores = run_method(m, log, query, ctx, (t1, t2), Progress(f"{m} [{t1}, {t2})", not args.quiet), args.hvp)
         estimates[scores.method] = scores.column(0)
         qname = query_columns(scores.query_names, names, specs)[0][1]
     first = next(iter(estimates.values()))

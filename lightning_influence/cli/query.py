@@ -38,7 +38,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     for spec_text, (t1, t2) in windows:
         label = spec_text or "whole run"
         progress = Progress(f"{args.method} [{t1}, {t2})", not args.quiet)
-        scores = run_method(args.method, log, query, ctx, (t1, t2), progress)
+        scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp)
         for qi, qname, is_loss in query_columns(scores.query_names, names, specs):
             s = scores.column(qi)
             ids = ranked(s, args.sort, args.top)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.capture.hvp import fd_directional_derivative, flatten, unflatten
+from lightning_influence.capture.hvp import default_eps0, fd_directional_derivative, flatten, unflatten
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
@@ -82,13 +82,14 @@ PRECONDITIONERS = ("exact", "frozen")
 
 
 def _optimizer_step(log: InfluenceLog, names: Sequence[str], sizes: Sequence[int], dtype: torch.dtype,
-                    preconditioner: str = "exact", lr_scale: float = 1.0) -> OptimizerStep:
+                    preconditioner: str = "exact", lr_scale: float = 1.0,
+                    device: torch.device | str = "cpu") -> OptimizerStep:
     """The logged optimizer's functional twin over the flat layout ``names``/``sizes``."""
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
     rule = RULES[optimizer_class(log).__name__]
     groups = [dict(g) for g in _optimizer_spec(log)["param_groups"]]
-    return OptimizerStep(rule, groups, coordinate_groups(groups, names, sizes), dtype,
+    return OptimizerStep(rule, groups, coordinate_groups(groups, names, sizes), dtype, device,
                          frozen_preconditioner=preconditioner == "frozen")
 
 
@@ -115,8 +116,9 @@ class _Context:
         self.shapes = {n: tuple(t.shape) for n, t in ref.items()}
         self.sizes = [int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.names]
         self.dtype = next(iter(ref.values())).dtype
+        self.device = next(iter(ref.values())).device  # the module's: the sweep runs there (e.g. a GPU)
         self.p = sum(self.sizes)
-        self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner)
+        self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner, device=self.device)
         self.rule = self.step.rule
         self.opt_names = [n for g in _optimizer_spec(log)["param_groups"] for n in g["params"]]
 
@@ -268,7 +270,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if eps0 is None:
-        eps0 = 1e-5 if ctx.dtype == torch.float64 else 1e-3
+        eps0 = default_eps0(ctx.dtype)
     acts = sorted({int(s) for s in activations if t_lo < s <= t_hi})
     N = ctx.log.dataset_size
     U: Tensor | None = None  # λ_θ (p, C)
@@ -286,8 +288,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         Q = q.shape[1]
         if U is None:
             scores = np.zeros((N, Q * len(acts)))
-            U = torch.zeros(ctx.p, 0, dtype=ctx.dtype)
-            S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype) for k in keys}
+            U = torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device)
+            S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device) for k in keys}
         blocks.append((step, U.shape[1]))
         U = torch.cat([U, q], dim=1)
         S = {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in S.items()}
@@ -301,7 +303,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         if batch is not None and not batch.skipped:  # a step the GradScaler skipped is the identity
             ids = rec.ids
             theta = flatten(rec.params, ctx.names)
-            w = torch.as_tensor(ctx.log.weights(rec.step), dtype=ctx.dtype)  # w_{i,t} (step.weights)
+            w = torch.as_tensor(ctx.log.weights(rec.step), dtype=ctx.dtype, device=ctx.device)  # w_{i,t} (step.weights)
             clip = logged_clip_spec(ctx.log, rec.step)  # the clipping Jacobian joins the update's VJP (step.clipping)
             # an affine rule (SGD) without clipping has a VJP independent of g: skip the gradient pass
             g = (torch.zeros_like(theta) if ctx.rule.linear and clip is None
@@ -314,7 +316,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                 HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w)
             n_hvp += R.shape[1]
             C = U.shape[1]
-            np.add.at(scores[:, :C], ids, (-JR.T * w.unsqueeze(1)).detach().double().numpy())
+            np.add.at(scores[:, :C], ids, (-JR.T * w.unsqueeze(1)).detach().double().cpu().numpy())
             U = th_bar + HR.detach()
         if rec.step in acts:
             activate(rec.step, rec.params)
