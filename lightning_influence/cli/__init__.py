@@ -77,7 +77,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     common = Parser(add_help=False)
     common.add_argument("log", metavar="LOG", help="the influence log directory (InfluenceTracker's log_dir)")
     common.add_argument("--debug", action="store_true", help="show the traceback on errors")
-    common.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress or status lines on stderr")
+    common.add_argument("--progress", action="store_true",
+                        help="progress bars also when stderr is not a terminal (a log file); default: only on a terminal")
     common.add_argument("--out", "-o", metavar="FILE", help="write the result to FILE (format from its extension)")
     common.add_argument("--format", "-f", choices=("table", "csv", "json"), help="output format (default: table)")
 
