@@ -87,9 +87,10 @@ def make_module(model: str, optimizer: str, lr: float, weight_decay: float, mome
 
 
 def train(log_dir: str, Net: Callable[[], nn.Module], train_ds: WithIds, epochs: int, batch_size: int, seed: int,
-          record_hvp: bool = False) -> InfluenceLog:
+          record_hvp: bool = False, **trainer_kw: Any) -> InfluenceLog:
     """A real ``lightning.Trainer`` run of ``Net()`` (in float64) with the tracker: full per-sample
-    gradients (and ``H_z Ĝ`` rows with ``record_hvp``) and a checkpoint at every step."""
+    gradients (and ``H_z Ĝ`` rows with ``record_hvp``) and a checkpoint at every step; ``trainer_kw``
+    go to the Trainer (e.g. ``gradient_clip_val``, ``accumulate_grad_batches``)."""
     import lightning.pytorch as pl
 
     from lightning_influence import InfluenceTracker
@@ -100,7 +101,7 @@ def train(log_dir: str, Net: Callable[[], nn.Module], train_ds: WithIds, epochs:
                                storage_dtype="float64", overwrite=True, flush_every_n_steps=100)
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[tracker], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                         limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
+                         limit_val_batches=0, num_sanity_val_steps=0, deterministic=True, **trainer_kw)
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     trainer.fit(module, loader)
     return InfluenceLog(log_dir)
@@ -157,9 +158,9 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
     timer = time.perf_counter()
     loo = replay_loo(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss, copies=args.copies)
     out["seconds"]["replay_loo"] = time.perf_counter() - timer
-    out["loo_reference_max_deviation"] = loo.info["reference_max_deviation_from_log"]
+    out["loo_reference_max_deviation"] = loo.info["replay_drift"]["max_abs"] if loo.info["replay_drift"]["checkpoints_compared"] else 0.0
     timer = time.perf_counter()
-    tl = timeline(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss)
+    tl = timeline(log, query, module=Net().double(), train_data=train_ds, grid=grid, loss_fn=ce_loss)
     out["seconds"]["dit_timeline"] = time.perf_counter() - timer
     out["dit_method"] = tl.method
     add_err = max(float(np.abs(tl.window(0, b).column(0) + tl.window(b, c).column(0) - tl.window(0, c).column(0)).max())
@@ -171,7 +172,7 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
         truth = loo.window(t1, t2)
         est = {"dit (exact)": tl.window(t1, t2).column(0)}
         timer = time.perf_counter()
-        local = dit_local(log, Net().double(), train_ds, query, (t1, t2), loss_fn=ce_loss)
+        local = dit_local(log, query, module=Net().double(), train_data=train_ds, window=(t1, t2), loss_fn=ce_loss)
         est["dit-local (approx.)"] = local.column(0)
         out["seconds"]["dit_local"] += time.perf_counter() - timer
         timer = time.perf_counter()
@@ -223,7 +224,7 @@ def self_influence_detection(log: InfluenceLog, Net: type, train_ds: WithIds, da
     t_last = wins["last epoch"][0]
     T = log.num_steps
     timer = time.perf_counter()
-    tl = timeline(log, Net().double(), train_ds, own, grid=[0, t_last, T], loss_fn=ce_loss)
+    tl = timeline(log, own, module=Net().double(), train_data=train_ds, grid=[0, t_last, T], loss_fn=ce_loss)
     seconds = {"dit_self_timeline": time.perf_counter() - timer}
     timer = time.perf_counter()
     loo = replay_loo(log, Net().double(), train_ds, own, grid=[0, t_last, T], loss_fn=ce_loss, copies=args.copies)

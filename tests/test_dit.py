@@ -245,11 +245,11 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 def test_dit_equals_forward_recursion(tmp_path_factory, kind):
     log = make_log(tmp_path_factory, kind)
     ref = forward_recursion(log, kind, QUERY)
-    s = dit(log, model(), train_data, QUERY, (4, 9), loss_fn=loss_fn)
+    s = dit(log, QUERY, module=model(), train_data=train_data, window=(4, 9), loss_fn=loss_fn)
     assert s.scores.shape == (N, 1) and s.window == (4, 9)
     assert rel(s.column(0), ref[:, 9] - ref[:, 4]) < 1e-8
     assert "approx." not in s.method and s.info["preconditioner"] == "exact"
-    tl = timeline(log, model(), train_data, QUERY, grid=[0, 4, 9, T], loss_fn=loss_fn)
+    tl = timeline(log, QUERY, module=model(), train_data=train_data, grid=[0, 4, 9, T], loss_fn=loss_fn)
     for t1, t2 in [(0, T), (0, 4), (9, T)]:
         assert rel(tl.window(t1, t2).column(0), ref[:, t2] - ref[:, t1]) < 1e-8, (kind, t1, t2)
 
@@ -258,7 +258,7 @@ def test_dit_equals_forward_recursion(tmp_path_factory, kind):
 def test_frozen_preconditioner_equals_its_recursion(tmp_path_factory, kind):
     log = make_log(tmp_path_factory, kind)
     ref = forward_recursion(log, kind, QUERY, frozen=True)
-    s = dit(log, model(), train_data, QUERY, (4, T), loss_fn=loss_fn, preconditioner="frozen")
+    s = dit(log, QUERY, module=model(), train_data=train_data, window=(4, T), loss_fn=loss_fn, preconditioner="frozen")
     assert rel(s.column(0), ref[:, T] - ref[:, 4]) < 1e-8
     assert s.method == f"dit (frozen {'AdamW' if kind == 'adamw' else 'Adam'} preconditioner, approx.)"
     exact = forward_recursion(log, kind, QUERY)
@@ -270,26 +270,28 @@ def test_dit_local_equals_in_window_recursion(tmp_path_factory, kind):
     log = make_log(tmp_path_factory, kind)
     t1, t2 = 4, 9
     ref = forward_recursion(log, kind, QUERY, t_start=t1)
-    s = dit_local(log, model(), train_data, QUERY, (t1, t2), loss_fn=loss_fn)
+    s = dit_local(log, QUERY, module=model(), train_data=train_data, window=(t1, t2), loss_fn=loss_fn)
     assert "approx." in s.method and s.method.startswith("dit-local")
     # with momentum the local sweep drops the pre-window δv as well: the recursion starting at t1 does too
     assert rel(s.column(0), ref[:, t2]) < 1e-8
 
 
 def test_sparse_checkpoints_and_memory_anchors_match_dense(tmp_path_factory):
-    dense = dit(make_log(tmp_path_factory, "momentum"), model(), train_data, QUERY, (2, T), loss_fn=loss_fn)
+    dense = dit(make_log(tmp_path_factory, "momentum"), QUERY, module=model(), train_data=train_data, window=(2, T),
+                loss_fn=loss_fn)
     sparse_log = make_log(tmp_path_factory, "momentum", checkpoint_every=None)
     assert sparse_log.checkpoint_steps == [0, T]
-    sparse = dit(sparse_log, model(), train_data, QUERY, (2, T), loss_fn=loss_fn)
-    tiny_budget = dit(sparse_log, model(), train_data, QUERY, (2, T), loss_fn=loss_fn, max_memory_bytes=1)
+    sparse = dit(sparse_log, QUERY, module=model(), train_data=train_data, window=(2, T), loss_fn=loss_fn)
+    tiny_budget = dit(sparse_log, QUERY, module=model(), train_data=train_data, window=(2, T), loss_fn=loss_fn,
+                      max_memory_bytes=1)
     np.testing.assert_allclose(sparse.scores, dense.scores, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(tiny_budget.scores, dense.scores, rtol=1e-12, atol=1e-15)
 
 
 def test_fd_hvp_matches_exact(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
-    exact = dit(log, model(), train_data, QUERY, loss_fn=loss_fn)
-    fd = dit(log, model(), train_data, QUERY, loss_fn=loss_fn, hvp="fd")
+    exact = dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
+    fd = dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn, hvp="fd")
     assert "fd-hvp" in fd.method
     assert rel(fd.column(0), exact.column(0)) < 1e-7
 
@@ -297,10 +299,11 @@ def test_fd_hvp_matches_exact(tmp_path_factory):
 def test_several_queries_in_one_sweep(tmp_path_factory):
     log = make_log(tmp_path_factory, "momentum")
     multi = sample_losses((XV[:3], YV[:3]), loss_fn, names=["a", "b", "c"])
-    s = dit(log, model(), train_data, multi, (3, T), loss_fn=loss_fn)
+    s = dit(log, multi, module=model(), train_data=train_data, window=(3, T), loss_fn=loss_fn)
     assert s.scores.shape == (N, 3) and s.query_names == ["a", "b", "c"]
     for i in range(3):
-        single = dit(log, model(), train_data, sample_losses((XV[i : i + 1], YV[i : i + 1]), loss_fn), (3, T), loss_fn=loss_fn)
+        single = dit(log, sample_losses((XV[i : i + 1], YV[i : i + 1]), loss_fn), module=model(),
+                     train_data=train_data, window=(3, T), loss_fn=loss_fn)
         np.testing.assert_allclose(s.column(i), single.column(0), rtol=1e-10, atol=1e-14)
 
 
@@ -309,8 +312,8 @@ def test_prediction_and_callable_queries(tmp_path_factory):
     from lightning_influence.queries import prediction
 
     pred = prediction(XV[:1], target_class=1, margin=True)
-    s = dit(log, model(), train_data, pred, loss_fn=loss_fn)
-    same = dit(log, model(), train_data, lambda m: pred(m), loss_fn=loss_fn)
+    s = dit(log, pred, module=model(), train_data=train_data, loss_fn=loss_fn)
+    same = dit(log, lambda m: pred(m), module=model(), train_data=train_data, loss_fn=loss_fn)
     np.testing.assert_allclose(s.scores, same.scores, rtol=1e-12)
     assert s.query_names == ["margin[1]"] and np.abs(s.scores).max() > 0
 
@@ -322,7 +325,7 @@ def test_dit_is_the_derivative_of_weighted_replay(tmp_path_factory, kind):
     from lightning_influence.replay import replay
 
     log = make_log(tmp_path_factory, kind)
-    s = dit(log, model(), train_data, QUERY, (0, T), loss_fn=loss_fn).column(0)
+    s = dit(log, QUERY, module=model(), train_data=train_data, window=(0, T), loss_fn=loss_fn).column(0)
     eps = 1e-6
     fd = []
     for j in range(4):
@@ -356,8 +359,8 @@ def scalar_log(tmp_path, a, batches, lrs):
 def test_hand_oracle_window(tmp_path):
     log, data = scalar_log(tmp_path, [1.0, 2.0], [[0], [1]], [0.1, 0.2])
     lf = lambda mod, b: mod.per_sample_loss(b)  # noqa: E731
-    lin = dit(log, Scalar(), data, lambda m: m.theta, (1, 2), loss_fn=lf)
-    quad = dit(log, Scalar(), data, lambda m: 0.5 * m.theta**2, (1, 2), loss_fn=lf)
+    lin = dit(log, lambda m: m.theta, module=Scalar(), train_data=data, window=(1, 2), loss_fn=lf)
+    quad = dit(log, lambda m: 0.5 * m.theta**2, module=Scalar(), train_data=data, window=(1, 2), loss_fn=lf)
     assert lin.column(0)[0] == pytest.approx(-0.04, abs=1e-15)
     assert quad.column(0)[0] == pytest.approx(-0.0576, abs=1e-15)
     # sample 1 enters at step 1: F_1(1) = 0, F_1(2) = η_1 · q_2 · g_{1,1} / 1 = 0.2 · 1 · 2 · 0.9
@@ -366,7 +369,7 @@ def test_hand_oracle_window(tmp_path):
 
 def test_hand_oracle_removal(tmp_path):
     log, data = scalar_log(tmp_path, [1.0, 3.0], [[0, 1]], [0.1])
-    s = dit(log, Scalar(), data, lambda m: m.theta, loss_fn=lambda mod, b: mod.per_sample_loss(b))
+    s = dit(log, lambda m: m.theta, module=Scalar(), train_data=data, loss_fn=lambda mod, b: mod.per_sample_loss(b))
     assert float(log.checkpoint(1)["theta"]) == pytest.approx(0.8, abs=1e-15)
     assert s.column(0)[0] == pytest.approx(0.05, abs=1e-15)  # θ^{-0}_1 = 0.85: one step is linear in removal
 
@@ -375,14 +378,14 @@ def test_hand_oracle_removal(tmp_path):
 def test_timeline_additivity_and_patterns(tmp_path_factory):
     log = make_log(tmp_path_factory, "nesterov")
     ref = forward_recursion(log, "nesterov", QUERY)
-    tl = timeline(log, model(), train_data, QUERY, grid=[0, 2, 4, 6, 9, T], loss_fn=loss_fn)
+    tl = timeline(log, QUERY, module=model(), train_data=train_data, grid=[0, 2, 4, 6, 9, T], loss_fn=loss_fn)
     assert tl.values.shape == (N, 6, 1)
     for g, t in enumerate(tl.grid):
         assert rel(tl.values[:, g, 0], ref[:, t]) < 1e-8 if t else np.all(tl.values[:, g, 0] == 0)
     # window additivity: DIT[a,c] = DIT[a,b] + DIT[b,c], and the timeline's columns agree with dit()
-    ac = dit(log, model(), train_data, QUERY, (2, 9), loss_fn=loss_fn).column(0)
-    ab = dit(log, model(), train_data, QUERY, (2, 6), loss_fn=loss_fn).column(0)
-    bc = dit(log, model(), train_data, QUERY, (6, 9), loss_fn=loss_fn).column(0)
+    ac = dit(log, QUERY, module=model(), train_data=train_data, window=(2, 9), loss_fn=loss_fn).column(0)
+    ab = dit(log, QUERY, module=model(), train_data=train_data, window=(2, 6), loss_fn=loss_fn).column(0)
+    bc = dit(log, QUERY, module=model(), train_data=train_data, window=(6, 9), loss_fn=loss_fn).column(0)
     np.testing.assert_allclose(ac, ab + bc, rtol=1e-10, atol=1e-15)
     np.testing.assert_allclose(tl.window(2, 9).column(0), ac, rtol=1e-10, atol=1e-15)
     assert np.allclose(tl.window(0, 4).column(0) + tl.window(4, T).column(0), tl.window(0, T).column(0), rtol=0, atol=1e-15)
@@ -392,13 +395,13 @@ def test_timeline_additivity_and_patterns(tmp_path_factory):
 
 def test_timeline_default_grid_is_epochs(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
-    tl = timeline(log, model(), train_data, QUERY, loss_fn=loss_fn)
+    tl = timeline(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
     assert tl.grid.tolist() == [0, 4, 8, 12]
-    whole = dit(log, model(), train_data, QUERY, loss_fn=loss_fn)
+    whole = dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
     np.testing.assert_allclose(tl.at(T)[:, 0], whole.column(0), rtol=1e-10)
-    first = dit(log, model(), train_data, QUERY, ("epoch", 0, 1), loss_fn=loss_fn)
+    first = dit(log, QUERY, module=model(), train_data=train_data, window=("epoch", 0, 1), loss_fn=loss_fn)
     np.testing.assert_allclose(tl.window(0, 4).column(0), first.column(0), rtol=1e-10)
-    half = dit(log, model(), train_data, QUERY, (0.5, 1.0), loss_fn=loss_fn)
+    half = dit(log, QUERY, module=model(), train_data=train_data, window=(0.5, 1.0), loss_fn=loss_fn)
     assert half.window == (6, 12)
 
 
@@ -452,16 +455,16 @@ def test_refuses_lbfgs_and_several_optimizers(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
     lbfgs = _meta_log(tmp_path_factory, optimizer={**log.meta["optimizer"], "class": "torch.optim.lbfgs.LBFGS"})
     with pytest.raises(UnsupportedOptimizerError, match="LBFGS"):
-        dit(lbfgs, model(), train_data, QUERY, loss_fn=loss_fn)
+        dit(lbfgs, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
     two = _meta_log(tmp_path_factory, optimizer=[log.meta["optimizer"], log.meta["optimizer"]])
     with pytest.raises(UnsupportedOptimizerError, match="2 optimizers"):
-        dit(two, model(), train_data, QUERY, loss_fn=loss_fn)
+        dit(two, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
     manual = _meta_log(tmp_path_factory, automatic_optimization=False)
     with pytest.raises(UnsupportedOptimizerError, match="manual optimization"):
-        dit(manual, model(), train_data, QUERY, loss_fn=loss_fn)
+        dit(manual, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
     custom = _meta_log(tmp_path_factory, optimizer={**log.meta["optimizer"], "class": "mypkg.MySGD"})
     with pytest.raises(UnsupportedOptimizerError, match="not supported"):
-        dit(custom, model(), train_data, QUERY, loss_fn=loss_fn)
+        dit(custom, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
 
 
 def test_replay_mismatch_is_an_error_not_a_wrong_answer(tmp_path_factory):
@@ -471,15 +474,15 @@ def test_replay_mismatch_is_an_error_not_a_wrong_answer(tmp_path_factory):
         x, y = train_data(ids)
         return x + 0.01, y
 
-    with pytest.raises(ReplayMismatchError, match=r"step 12: after replaying steps 10..11.*differs"):
-        dit(log, model(), other_data, QUERY, loss_fn=loss_fn)
+    with pytest.raises(ReplayMismatchError, match=r"step 12, after replaying steps 10..11.*differs"):
+        dit(log, QUERY, module=model(), train_data=other_data, loss_fn=loss_fn, tolerance=0.0)
 
 
 def test_bad_arguments(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
     with pytest.raises(ValueError, match="hvp must be"):
-        dit(log, model(), train_data, QUERY, loss_fn=loss_fn, hvp="magic")
+        dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn, hvp="magic")
     with pytest.raises(ValueError, match="outside the run"):
-        dit(log, model(), train_data, QUERY, (3, 99), loss_fn=loss_fn)
+        dit(log, QUERY, module=model(), train_data=train_data, window=(3, 99), loss_fn=loss_fn)
     with pytest.raises(ValueError, match="module does not match"):
-        dit(log, nn.Linear(3, 3).double(), train_data, QUERY, loss_fn=loss_fn)
+        dit(log, QUERY, module=nn.Linear(3, 3).double(), train_data=train_data, loss_fn=loss_fn)

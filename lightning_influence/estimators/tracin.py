@@ -1,6 +1,11 @@
 """TracIn (math reference §5): the first-order baseline, streamed over the log.
 
-    TracIn_j[t1, t2] = Σ_{t ∈ [t1, t2), j ∈ B_t} (η_t / |B_t|) · ⟨q_t, g_{j,t}⟩
+    TracIn_j[t1, t2] = Σ_{t ∈ [t1, t2), j ∈ B_t} η_t w_{j,t} · ⟨q_t, J_{C,t} g_{j,t}⟩
+
+``w_{j,t}`` is the weight the step gave the sample (:mod:`lightning_influence.step.weights`:
+``1/|B_t|`` for a plain batch mean, Lightning's accumulation scaling otherwise) and ``J_{C,t}``
+the Jacobian of the step's gradient clipping (identity without; :func:`~lightning_influence.step.clipping.logged_clip_adjoint`),
+so each term is the first-order change of the update the step actually applied.
 
 ``q_t`` is the query gradient at the latest checkpoint ``≤ t`` (exact when checkpoints are
 taken every step; the TracInCP approximation otherwise), projected like the logged gradients.
@@ -17,7 +22,9 @@ import torch
 from torch import nn
 
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.step.clipping import logged_clip_adjoint, logged_clip_spec, rows_are_projected
 from lightning_influence.queries import Query, query_gradients, query_names
 
 QueryGradients = Mapping[int, np.ndarray]  # checkpoint step -> (Q, K) projected query gradients
@@ -28,17 +35,19 @@ def checkpoint_query_gradients(log: InfluenceLog, module: nn.Module, query: Quer
     """Projected query gradients ``(Q, K)`` at each checkpoint (``module`` supplies the architecture)."""
     projector = log.projector()
     names = log.param_names
+    device = next(module.parameters()).device  # the query runs where the module is (e.g. a GPU)
     out: dict[int, np.ndarray] = {}
     qnames: list[str] = []
     for t in steps if steps is not None else log.checkpoint_steps:
-        params = {n: torch.from_numpy(v) for n, v in log.checkpoint(t).items()}
+        params = {n: torch.from_numpy(v).to(device) for n, v in log.checkpoint(t).items()}
         grads, values = query_gradients(module, query, names, params)
-        out[t] = projector.project(grads).double().numpy()
+        out[t] = projector.project(grads).double().cpu().numpy()
         qnames = query_names(query, len(values))
     return out, qnames
 
 
-def tracin(log: InfluenceLog, query: Query | QueryGradients, module: nn.Module | None = None, window: Any = None,
+@estimator_api
+def tracin(log: InfluenceLog, query: Query | QueryGradients, *, module: nn.Module | None = None, window: Any = None,
            query_names_: list[str] | None = None, progress: Callable[[int, int], None] | None = None) -> InfluenceScores:
     """TracIn scores of every sample id over ``window`` (see :meth:`InfluenceLog.window`).
 
@@ -67,12 +76,18 @@ def tracin(log: InfluenceLog, query: Query | QueryGradients, module: nn.Module |
     names = names or [f"q{i}" for i in range(n_queries)]
     lr_columns = log.column_groups()
     every = int(log.meta.get("every_n_steps", 1))
+    projected = rows_are_projected(log)
     scores = np.zeros((log.dataset_size, n_queries))
     n_steps = 0
     for rec in log.iter_steps(t1, t2, fields=("grad",)):
         q = qgrads[ckpt_steps[bisect.bisect_right(ckpt_steps, rec.step) - 1]]
-        weight = rec.lrs[lr_columns] * (every / len(rec.ids))  # (K,): η_t of each column's param group / |B_t|
-        np.add.at(scores, rec.ids, rec.grads.astype(np.float64) @ (q * weight).T)
+        G = rec.grads.astype(np.float64)
+        eta_q = torch.from_numpy(np.ascontiguousarray((q * (rec.lrs[lr_columns] * every)).T))  # (K, Q): η_t per column
+        spec = logged_clip_spec(log, rec.step)
+        if spec is not None:
+            applied = torch.from_numpy(rec.weights @ G)
+            eta_q = logged_clip_adjoint(spec, float(log.step_column(rec.step, "clip_coef")), applied, eta_q, projected)
+        np.add.at(scores, rec.ids, rec.weights[:, None] * (G @ eta_q.numpy()))
         n_steps += 1
         if progress is not None:
             progress(rec.step - t1 + 1, t2 - t1)

@@ -120,7 +120,7 @@ def report(log_dir: str, model: DigitsClassifier, data: DigitsDataModule, k: int
     labels = data.splits["train"][1]
     print(f"\n{log}\n{n_flip} of {log.dataset_size} training labels are flipped. Scores: DIT (exact adjoint sweep), "
           "query: validation loss. Negative = removing the sample lowers validation loss = harmful.", flush=True)
-    tl = timeline(log, model, data.train_dataset, query, grid="epoch", progress=True)
+    tl = timeline(log, query, module=model, train_data=data.train_dataset, grid="epoch", progress=True)
     last_start = int(tl.grid[-2])
     for title, (t1, t2) in (("first epoch", (0, int(tl.grid[1]))), ("last epoch", (last_start, int(tl.grid[-1]))),
                             ("whole run", (0, int(tl.grid[-1])))):
@@ -128,9 +128,9 @@ def report(log_dir: str, model: DigitsClassifier, data: DigitsDataModule, k: int
         s = scores.column(0)
         print(f"\n== {title}: steps [{t1}, {t2}) ==")
         print(f"{'rank':>4} {'id':>5} {'score':>12} {'label':>5} {'flipped':>7}")
-        for r, i in enumerate(scores.top(k), 1):
-            print(f"{r:>4} {i:>5} {s[i]:>12.4e} {int(labels[i]):>5} {'yes' if flipped[i] else '':>7}")
-        hits = flipped[scores.top(n_flip)].mean()
+        for r, (i, score) in enumerate(scores.top(k), 1):
+            print(f"{r:>4} {i:>5} {score:>12.4e} {int(labels[i]):>5} {'yes' if flipped[i] else '':>7}")
+        hits = flipped[scores.top(n_flip).ids].mean()
         print(f"flipped labels among the top-{n_flip} most harmful: {hits:.0%}   (detection AUROC {auroc(-s, flipped):.3f})")
     counts = tl.patterns().counts()
     print(f"\ntemporal patterns of the timelines (per-epoch windows): {dict(counts)}")

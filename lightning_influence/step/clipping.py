@@ -23,11 +23,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["ALGORITHMS", "ClipSpec", "apply_clipping", "apply_clipping_stacked", "clip_coefficient", "clip_gradient",
-           "clip_vjp", "logged_clip_spec"]
+           "clip_vjp", "logged_clip_adjoint", "logged_clip_spec", "rows_are_projected"]
 
 ALGORITHMS = ("norm", "value")
 _NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard
@@ -124,3 +125,34 @@ def clip_vjp(g: Tensor, spec: ClipSpec | None, R: Tensor) -> Tensor:
     if R.shape[1] == 1:
         return pullback(R[:, 0])[0].unsqueeze(1)
     return torch.func.vmap(lambda r: pullback(r)[0], in_dims=1, out_dims=1)(R)
+
+
+def rows_are_projected(log: Any) -> bool:
+    """The log's gradient rows are not the full gradient (a random projection, or not every parameter tracked)."""
+    return log.meta["projection"].get("dim") is not None or len(log.param_names) < len(log.param_shapes)
+
+
+def logged_clip_adjoint(spec: ClipSpec | None, coef: float, applied: Tensor, R: Tensor, projected: bool) -> Tensor:
+    """``J_Cᵀ R`` in the space of the logged gradient rows (TracIn, Gauss-Newton DIT), for adjoint columns ``R`` ``(K, C)``.
+
+    ``applied`` ``(K,)`` is ``Σ_i w_i g_i`` from the logged rows (the unclipped batch gradient,
+    projected like them) and ``coef`` the recorded clip coefficient (from the exact norm).
+    Norm clipping: ``coef (I − s u uᵀ) R`` with ``u = applied/‖applied‖`` and ``s = ‖ĝ‖/(‖ĝ‖ + 1e-6)``
+    where it bound (exact without projection, the projected direction otherwise); value clipping
+    zeroes the clipped entries,
+    which needs unprojected rows of every parameter.
+
+    Raises:
+        ValueError: value clipping on projected rows (the clipped coordinates are lost in the projection).
+    """
+    if spec is None or not np.isfinite(coef) or coef >= 1.0:
+        return R
+    if spec.algorithm == "value":
+        if projected:
+            raise ValueError("value clipping cannot be applied to projected gradient rows (the clipped coordinates are "
+                             "mixed by the projection); record full gradients (projection_dim=None) or use dit(...) "
+                             "with the model")
+        return R * (applied.abs() < spec.value).to(R.dtype).unsqueeze(1)
+    u = applied / torch.linalg.vector_norm(applied).clamp_min(1e-300)
+    shrink = 1.0 - _NORM_EPS * coef / spec.value  # ‖ĝ‖/(‖ĝ‖ + 1e-6), from coef = c/(‖ĝ‖ + 1e-6)
+    return coef * (R - shrink * u.unsqueeze(1) * (u @ R).unsqueeze(0))
