@@ -18,8 +18,8 @@ Checks, one PASS/FAIL line each (SKIP where a check does not apply to the device
   dropout masks): gradients by per-sample autograd, HVP products exactly (double backward)
   where the model allows and by the same central differences otherwise. The same
   recomputation with another step's random state (other masks) is shown as a control.
-- ``tracin/dit/replay[model]``: the estimators on the device from the log: replay's drift
-  against every stored checkpoint, and TracIn / DIT on the device against the same
+- ``replay/tracin/dit/diffin[model]``: the estimators on the device from the log: replay's drift
+  against every stored checkpoint, and TracIn / DIT / Diff-In on the device against the same
   estimator on the CPU (``--device cpu``: the CPU against itself, a dry run).
 - ``no_sync[model]`` (CUDA only): with ``torch.cuda.set_sync_debug_mode("warn")``, the
   synchronising calls made from ``lightning_influence`` code must not grow with the number
@@ -69,7 +69,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lightning_influence import InfluenceLog, InfluenceTracker, WithIds  # noqa: E402
 from lightning_influence.capture import KINK_GUARD, call_with_params, fd_directional_derivative  # noqa: E402
-from lightning_influence.estimators import dit, tracin  # noqa: E402
+from lightning_influence.estimators import diffin, dit, tracin  # noqa: E402
 from lightning_influence.queries import mean_loss  # noqa: E402
 from lightning_influence.replay import replay  # noqa: E402
 
@@ -455,6 +455,18 @@ def check_dit(ctx: Context, model: str) -> str:
     return detail
 
 
+def check_diffin(ctx: Context, model: str) -> str:
+    log, module, val = _estimator_setup(ctx, model)
+    with log:
+        dev = diffin(log, _query(val, ctx.device), module=module, train_data=ctx.data[model]).column(0)
+        cpu = diffin(log, _query(val, "cpu"), module=module.to("cpu"), train_data=ctx.data[model]).column(0)
+    err = rel(dev, cpu)
+    detail = f"Diff-In on {ctx.device} vs CPU: {err:.1e} relative"
+    if not np.isfinite(dev).all() or err > 1e-3 or not np.count_nonzero(dev):
+        raise CheckFailed(detail)
+    return detail
+
+
 def _sync_warnings(ctx: Context, model: str, steps: int) -> dict[str, int]:
     """Synchronising CUDA calls by ``file:line`` inside lightning_influence during a tracked fit of ``steps`` steps."""
     level = {k: v for k, v in FULL.items() if k != "checkpoint_every_n_steps"}
@@ -578,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             run(f"replay[{model}]", check_replay, ctx, model, results=results, only=args.only)
             run(f"tracin[{model}]", check_tracin, ctx, model, results=results, only=args.only)
             run(f"dit[{model}]", check_dit, ctx, model, results=results, only=args.only)
+            run(f"diffin[{model}]", check_diffin, ctx, model, results=results, only=args.only)
         run("no_sync[mlp]", check_no_sync, ctx, "mlp", results=results, only=args.only)
 
         def table() -> str:

@@ -474,14 +474,16 @@ def test_replay_mismatch_is_an_error_not_a_wrong_answer(tmp_path_factory):
         x, y = train_data(ids)
         return x + 0.01, y
 
-    with pytest.raises(ReplayMismatchError, match=r"step 12: after replaying steps 10..11.*differs"):
-        dit(log, QUERY, module=model(), train_data=other_data, loss_fn=loss_fn)
+    with pytest.raises(ReplayMismatchError, match=r"step 12, after replaying steps 10..11.*differs"):
+        dit(log, QUERY, module=model(), train_data=other_data, loss_fn=loss_fn, tolerance=0.0)
 
 
 def test_bad_arguments(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
     with pytest.raises(ValueError, match="hvp must be"):
         dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn, hvp="magic")
+    with pytest.raises(ValueError, match="preconditioner must be"):
+        dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn, preconditioner="magic")
     with pytest.raises(ValueError, match="outside the run"):
         dit(log, QUERY, module=model(), train_data=train_data, window=(3, 99), loss_fn=loss_fn)
     with pytest.raises(ValueError, match="module does not match"):

@@ -230,3 +230,34 @@ def test_script_runs_answered_without_yaml(name, method, query, tmp_path):
         expected = dit(log, queries.mean_loss(val), module=model, train_data=mod.Table(48, 0, True)).column(0)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
     assert np.abs(expected).max() > 1e-5
+
+
+def test_diffin_fd_is_checked_and_exact_is_the_default(cnn, capsys):
+    """On the ReLU CNN (float32): exact HVPs by default; FD at its dtype-chosen step agrees with them (kinks
+    guarded); FD with a step 10x too large is flagged (warning, info, method name) instead of returned silently."""
+    from lightning_influence import diffin_self_influence
+
+    script, log_dir = cnn
+    mod = load_script(script)
+    train, _ = mod.data()
+    log = InfluenceLog(log_dir)
+    kw = dict(module=mod.CNN(channels=3, lr=0.2), train_data=train)
+    exact = diffin_self_influence(log, **kw)
+    assert "(exact)" in exact.method
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no warning at the default step
+        fd = diffin_self_influence(log, **kw, hvp="fd")
+    assert fd.info["fd_kinks"] < 0.2 * fd.info["fd_products"] and not fd.info.get("fd_unreliable")
+    np.testing.assert_allclose(fd.column(0), exact.column(0), rtol=2e-2, atol=1e-3 * np.abs(exact.column(0)).max())
+    with pytest.warns(RuntimeWarning, match="not reliable"):
+        bad = diffin_self_influence(log, **kw, hvp="fd", eps0=1e-2)
+    assert bad.info["fd_unreliable"] and "[FD unreliable]" in bad.method
+    assert np.abs(bad.column(0) - exact.column(0)).max() > 0.5 * np.abs(exact.column(0)).max()  # it was garbage
+
+    for extra, tag in (([], "(exact)"), (["--hvp", "fd"], "(fd)")):
+        assert main(["query", str(log_dir), "-m", "diffin-self", "-k", "3", "-f", "json", "-q", *extra]) == 0
+        assert tag in json.loads(capsys.readouterr().out)["results"][0]["method"]
+    assert main(["query", str(log_dir), "-m", "dit-fd", "--hvp", "exact", "-q"]) == 2
+    assert "contradicts" in capsys.readouterr().err

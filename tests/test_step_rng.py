@@ -107,3 +107,129 @@ def test_masked_per_sample_gradients_equal_one_backward_per_sample_with_the_same
     want = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], list(module.parameters()),
                                                                                retain_graph=True)]) for i in range(7)])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------ estimators on a dropout run
+def _query(val):
+    def f(m):  # the query is evaluated without dropout
+        was = m.training
+        m.eval()
+        try:
+            return nn.functional.cross_entropy(m(val[0]), val[1])
+        finally:
+            m.train(was)
+    return f
+
+
+@pytest.fixture(scope="module")
+def dropout_run(tmp_path_factory):
+    from lightning_influence import WithIds
+
+    path = tmp_path_factory.mktemp("dropout") / "log"
+    ds = make_data(24)
+    tracker = InfluenceTracker(str(path), record_gradients=True, record_hvp=True, checkpoint_every_n_steps=2,
+                               storage_dtype="float64")
+    fit(tiny(dropout=0.2, lr=0.2), loader(ds), tracker, epochs=4, accumulate_grad_batches=2)
+    val = make_data(8, seed=1).tensors
+    return InfluenceLog(path), WithIds(ds), _query(val)
+
+
+def test_replay_reproduces_a_dropout_run_bit_for_bit(dropout_run):
+    from lightning_influence.replay import DriftReport, ReplayMismatchError, replay
+
+    log, ds, _ = dropout_run
+    report = DriftReport()
+    steps = [rs.step for rs in replay(log, tiny(dropout=0.2), ds, 0, None, tolerance=0.0, report=report)]
+    assert steps == list(range(log.num_steps + 1)) and log.num_steps == 8
+    assert [c[0] for c in report.checkpoints] == [2, 4, 6, 8] and report.max == 0.0
+    # the masks matter: without the recorded random state the replay departs at the first checkpoint
+    log.micro_batches, real = (lambda t: [type(m)(m.ids) for m in real(t)]), log.micro_batches
+    try:
+        with pytest.raises(ReplayMismatchError, match="at step 2"):
+            list(replay(log, tiny(dropout=0.2), ds, 0, None, tolerance=0.0))
+    finally:
+        del log.micro_batches
+
+
+def test_dit_and_diffin_on_a_dropout_run_agree_with_replay_loo(dropout_run):
+    from lightning_influence.estimators import dit
+    from lightning_influence.estimators.diffin import diffin
+    from lightning_influence.evaluation import replay_loo
+
+    log, ds, query = dropout_run
+    loo = replay_loo(log, tiny(dropout=0.2), ds, query, grid=[0, log.num_steps])
+    assert loo.info["replay_drift"]["max"] < 1e-12  # the stacked copies' batched kernels round differently, that is all
+    y = loo.window(0, log.num_steps)
+    assert np.abs(y).max() > 1e-3
+    exact = dit(log, query, module=tiny(dropout=0.2), train_data=ds, hvp="exact", tolerance=0.0)
+    fd = dit(log, query, module=tiny(dropout=0.2), train_data=ds, hvp="fd", tolerance=0.0)
+    assert exact.info["replay_drift"]["max"] == 0.0
+    for scores in (exact, fd):
+        assert np.corrcoef(scores.scores[:, 0], y)[0, 1] > 0.99
+    np.testing.assert_allclose(fd.scores, exact.scores, rtol=1e-4, atol=1e-7 * np.abs(exact.scores).max())
+    for hvp in ("fd", "exact"):
+        d = diffin(log, query, module=tiny(dropout=0.2), train_data=ds, form="step", hvp=hvp)
+        assert np.corrcoef(d.scores[:, 0], y)[0, 1] > 0.9, hvp
+
+
+# ------------------------------------------------------------------------ mixed precision, inputs
+def test_bf16_mixed_run_replays_bit_for_bit_under_its_autocast(tmp_path):
+    from lightning_influence import WithIds
+    from lightning_influence.replay import ReplayMismatchError, replay
+
+    def model():
+        torch.manual_seed(0)
+        from conftest import TinyClassifier
+
+        return TinyClassifier(dropout=0.1, lr=0.2, momentum=0.9).float()
+
+    ds = make_data(24, dtype=torch.float32)
+    path = tmp_path / "log"
+    fit(model(), loader(ds), InfluenceTracker(str(path), record_gradients=True, checkpoint_every_n_steps=2), epochs=2,
+        precision="bf16-mixed", accumulate_grad_batches=2)
+    log = InfluenceLog(path)
+    assert log.meta["precision"] == {"name": "bf16-mixed", "autocast_device": "cpu", "autocast_dtype": "bfloat16",
+                                     "grad_scaler": False}
+    assert [rs.step for rs in replay(log, model(), WithIds(ds), 0, None, tolerance=0.0)][-1] == log.num_steps
+    # the autocast matters: replayed in float32 the run departs at the first checkpoint
+    log.meta["precision"] = None
+    with pytest.raises(ReplayMismatchError, match="at step 2"):
+        list(replay(log, model(), WithIds(ds), 0, None, tolerance=0.0))
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """``ds[i]`` with random noise (a random augmentation): not reproducible from the ids."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return x + 0.1 * torch.randn_like(x), y
+
+
+def test_random_augmentation_is_refused_at_the_first_step_unless_inputs_are_stored(tmp_path):
+    from lightning_influence import WithIds
+    from lightning_influence.replay import replay
+
+    ds = _Augmented(make_data(18))
+    with pytest.raises(RuntimeError, match=r"ds\[0\] on two calls.*store_inputs=True"):
+        fit(tiny(), loader(ds), InfluenceTracker(str(tmp_path / "refused")), epochs=1)
+    plain = tiny(dropout=0.2)
+    fit(plain, loader(ds), None, epochs=2)
+    tracked = tiny(dropout=0.2)
+    fit(tracked, loader(ds), InfluenceTracker(str(tmp_path / "log"), store_inputs=True, checkpoint_every_n_steps=3),
+        epochs=2)
+    for a, b in zip(plain.parameters(), tracked.parameters()):
+        assert torch.equal(a, b)  # storing inputs (and the dataset check, not run here) leaves training unchanged
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["inputs_stored"] and all(m.inputs for m in log.micro_batches(0))
+    # replay needs no dataset: the stored augmented inputs reproduce the run exactly
+    steps = [rs.step for rs in replay(log, tiny(dropout=0.2), None, 0, None, tolerance=0.0)]
+    assert steps[-1] == log.num_steps == 6
+    with pytest.raises(Exception, match="at step 3"):  # the dataset by id gives other (freshly augmented) inputs
+        log.micro_batches, real = (lambda t: [type(m)(m.ids, m.cpu_rng) for m in real(t)]), log.micro_batches
+        list(replay(log, tiny(dropout=0.2), WithIds(ds), 0, None, tolerance=0.0))

@@ -39,7 +39,7 @@ def tracked_run(tmp_path: Any, dtype: torch.dtype = torch.float32, module: TinyC
 
 def replay_exactly(log: InfluenceLog, ds: Any, m: TinyClassifier) -> int:
     """Replay the whole run from θ_0 with tolerance 0 (every checkpoint compared bit for bit)."""
-    steps = [rs.step for rs in replay(log, m, ds, 0, None, start=0, loss_fn=loss_fn, atol=0.0, rtol=0.0)]
+    steps = [rs.step for rs in replay(log, m, ds, 0, None, start=0, loss_fn=loss_fn, tolerance=0.0)]
     return len(steps)
 
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from lightning_influence.cli.common import Progress, UserError
+from lightning_influence.cli.common import UserError, progress_bar
+from lightning_influence.progress import ProgressBar
 
 if TYPE_CHECKING:
     from lightning_influence.cli.context import RunContext
@@ -150,8 +151,15 @@ def call_with(fn: Callable[..., Any], log: Any, method: Method | None = None, **
     params = inspect.signature(fn).parameters
     if method is not None and not method.query:
         available.pop("query", None)
+    options = dict(method.options if method else ())
+    hvp = available.pop("hvp", None)  # --hvp: for the methods that take Hessian-vector products
+    if hvp is not None and "hvp" in params:
+        if options.get("hvp", hvp) != hvp:
+            raise UserError(f"--hvp {hvp} contradicts the method ({method.target.rpartition(':')[2]} with "
+                            f"hvp={options['hvp']!r}); drop one of them")
+        options["hvp"] = hvp
     kwargs = {k: (v() if isinstance(v, _Lazy) else v) for k, v in available.items() if k in params}
-    return fn(log, **kwargs, **dict(method.options if method else ()))
+    return fn(log, **kwargs, **options)
 
 
 class _Lazy:
@@ -166,18 +174,22 @@ class _Lazy:
 
 
 
-def estimator_inputs(ctx: RunContext | None) -> dict[str, Any]:
+def estimator_inputs(ctx: RunContext | None, hvp: str | None = None) -> dict[str, Any]:
+    """The keyword arguments an estimator may take from the run: model, data and ``--hvp``."""
+    out: dict[str, Any] = {} if hvp is None else {"hvp": hvp}
     if ctx is None:
-        return {}
-    return {"module": ctx.module, "train_data": _Lazy(lambda: ctx.train_dataset), "val_data": _Lazy(lambda: ctx.val_batch)}
+        return out
+    return {**out, "module": ctx.module, "train_data": _Lazy(lambda: ctx.train_dataset),
+            "val_data": _Lazy(lambda: ctx.val_batch), "tolerance": ctx.replay_tolerance}
 
 
 def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: tuple[int, int],
-               progress: Progress | None) -> Any:
+               progress: ProgressBar | None, hvp: str | None = None) -> Any:
     """Scores of every sample for one window, from the registered estimator."""
     method = METHODS[name]
     try:
-        return call_with(method.load(), log, method, query=query, window=window, progress=progress, **estimator_inputs(ctx))
+        return call_with(method.load(), log, method, query=query, window=window, progress=progress,
+                         **estimator_inputs(ctx, hvp))
     finally:
         if progress is not None:
             progress.close()
@@ -189,18 +201,18 @@ def compute_windows(args: argparse.Namespace, log: Any, query: Any, ctx: RunCont
     method = METHODS[args.method]
     if method.timeline is not None:
         bounds = [windows[0][0]] + [t2 for _, t2 in windows]
-        progress = Progress(f"{args.method} timeline", not args.quiet)
+        progress = progress_bar(args, f"{args.method} timeline")
         try:
             tl = call_with(method.load(method.timeline), log, method, query=query, grid=bounds, progress=progress,
-                           **estimator_inputs(ctx))
+                           **estimator_inputs(ctx, args.hvp))
         finally:
             progress.close()
         cumulative = np.stack([tl.at(t) for t in bounds], axis=2)  # (N, Q, G)
         return np.diff(cumulative, axis=2), tl.method, {**tl.info, "query_names": list(tl.query_names)}
     out, name, info = [], args.method, {}
     for w, (t1, t2) in enumerate(windows):
-        progress = Progress(f"{args.method} window {w + 1}/{len(windows)} [{t1}, {t2})", not args.quiet)
-        scores = run_method(args.method, log, query, ctx, (t1, t2), progress)
+        progress = progress_bar(args, f"{args.method} window {w + 1}/{len(windows)} [{t1}, {t2})")
+        scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp)
         out.append(scores.scores)
         name, info = scores.method, {**scores.info, "query_names": list(scores.query_names)}
     return np.stack(out, axis=2), name, info

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.capture.hvp import fd_directional_derivative, flatten, unflatten
+from lightning_influence.capture.hvp import default_eps0, fd_directional_derivative, flatten, unflatten
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
@@ -59,15 +59,16 @@ from lightning_influence.replay import (
     TrainData,
     UnsupportedOptimizerError,
     _optimizer_spec,
-    batch_from_ids,
     checkpoint_params,
-    functional_loss,
     grid_steps,
+    load_step,
     optimizer_class,
     replay,
     replay_from,
     resolve_progress,
 )
+from lightning_influence.replay_drift import DriftReport
+from lightning_influence.step.micro import Step
 from lightning_influence.step.clipping import clip_gradient, logged_clip_adjoint, logged_clip_spec, rows_are_projected
 from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
 
@@ -81,13 +82,13 @@ PRECONDITIONERS = ("exact", "frozen")
 
 
 def _optimizer_step(log: InfluenceLog, names: Sequence[str], sizes: Sequence[int], dtype: torch.dtype,
-                    preconditioner: str = "exact", lr_scale: float = 1.0) -> OptimizerStep:
+                    preconditioner: str = "exact", device: torch.device | str = "cpu") -> OptimizerStep:
     """The logged optimizer's functional twin over the flat layout ``names``/``sizes``."""
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
     rule = RULES[optimizer_class(log).__name__]
     groups = [dict(g) for g in _optimizer_spec(log)["param_groups"]]
-    return OptimizerStep(rule, groups, coordinate_groups(groups, names, sizes), dtype,
+    return OptimizerStep(rule, groups, coordinate_groups(groups, names, sizes), dtype, device,
                          frozen_preconditioner=preconditioner == "frozen")
 
 
@@ -105,18 +106,21 @@ class _Context:
     """Everything a model-based sweep needs: log, module, data, names, the optimizer step."""
 
     def __init__(self, log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, verify: bool,
-                 atol: float | None, rtol: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> None:
+                 tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> None:
         self.log, self.module, self.train_data, self.loss_fn = log, module, train_data, loss_fn
-        self.verify, self.atol, self.rtol, self.max_memory_bytes = verify, atol, rtol, max_memory_bytes
+        self.verify, self.tolerance, self.max_memory_bytes = verify, tolerance, max_memory_bytes
+        self.drift = DriftReport()  # measured at every checkpoint the replays pass (re-anchored there)
         ref = checkpoint_params(log, module, log.checkpoint_steps[0] if log.checkpoint_steps else 0)
         self.names = list(ref)
         self.shapes = {n: tuple(t.shape) for n, t in ref.items()}
         self.sizes = [int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.names]
         self.dtype = next(iter(ref.values())).dtype
+        self.device = next(iter(ref.values())).device  # the module's: the sweep runs there (e.g. a GPU)
         self.p = sum(self.sizes)
-        self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner)
+        self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner, device=self.device)
         self.rule = self.step.rule
         self.opt_names = [n for g in _optimizer_spec(log)["param_groups"] for n in g["params"]]
+        self.peak_trajectory_bytes = 0  # the most θ_t + state bytes one replay segment held
 
     def state_before(self, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
         """The live optimizer's state (before the step it is about to take), flat."""
@@ -151,7 +155,7 @@ class _Context:
         if need:  # forward pass keeping θ and the optimizer state at the in-memory anchors
             want = set(need)
             for rs in replay(log, self.module, self.train_data, s0, max(need), start=s0, loss_fn=self.loss_fn,
-                             verify=self.verify, atol=self.atol, rtol=self.rtol):
+                             verify=self.verify, tolerance=self.tolerance, report=self.drift):
                 if rs.step in want:
                     memory_anchors[rs.step] = (rs.params, copy.deepcopy(rs.optimizer.state_dict()))
                 if rs.step < max(need):
@@ -165,16 +169,17 @@ class _Context:
                 break
             if a in ckpt_set:
                 gen = replay(log, self.module, self.train_data, a, b, start=a, loss_fn=self.loss_fn, verify=self.verify,
-                             atol=self.atol, rtol=self.rtol)
+                             tolerance=self.tolerance, report=self.drift)
             else:
                 params, state = memory_anchors.pop(a)
                 gen = replay_from(log, self.module, self.train_data, params, state, a, b, loss_fn=self.loss_fn,
-                                  verify=self.verify, atol=self.atol, rtol=self.rtol)
+                                  verify=self.verify, tolerance=self.tolerance, report=self.drift)
             records: list[_Record] = []
             end: _Record | None = None
             for rs in gen:
                 if rs.step < b:
                     records.append(_Record(rs.step, rs.params, rs.ids, rs.lrs, self.state_before(rs.optimizer)))
+                    self.peak_trajectory_bytes = max(self.peak_trajectory_bytes, len(records) * self.bytes_per_step())
                 else:
                     end = _Record(rs.step, rs.params, None)
             if first_segment:
@@ -191,21 +196,23 @@ class _Context:
 
 
 # ================================================================================ products
-def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Any, w: Tensor) -> Tensor:
+def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor) -> Tensor:
     """``G_t = Σ_i w_{i,t} ∇ℓ_i``: the unclipped gradient the step applied at ``θ_t``, flat (the point the
     optimizer's and the clipping's VJPs are taken at)."""
     module, loss_fn = ctx.module, ctx.loss_fn
-    g = torch.func.grad(lambda p: (w * functional_loss(module, loss_fn, p, batch)).sum())(params)
+    g = torch.func.grad(lambda p: (w * batch.losses(module, loss_fn, p)).sum())(params)
     return flatten(g, ctx.names).detach()
 
 
-def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Any, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """``(H_t R, J_t R)``: Hessian of the weighted batch loss ``Σ w_i ℓ_i`` times ``R`` ``(p, C)`` and the
-    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, by forward-over-reverse."""
+    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, by forward-over-reverse, every
+    micro-batch with its training dropout masks (the ``C`` columns share them: ``randomness="same"``)
+    and attention through a kernel with forward-mode AD."""
     module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
 
     def f(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        losses = functional_loss(module, loss_fn, p, batch)
+        losses = batch.losses(module, loss_fn, p, exact=True)
         return (w * losses).sum(), losses
 
     gf = torch.func.grad(f, has_aux=True)
@@ -217,18 +224,18 @@ def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Any, R: Ten
     if R.shape[1] == 1:
         hr, jr = one(R[:, 0])
         return hr.unsqueeze(1), jr.unsqueeze(0)
-    HR, JR = torch.func.vmap(one, in_dims=1, out_dims=(1, 0))(R)
+    HR, JR = torch.func.vmap(one, in_dims=1, out_dims=(1, 0), randomness="same")(R)
     return HR, JR
 
 
-def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Any, R: Tensor, eps0: float, w: Tensor) -> tuple[Tensor, Tensor]:
+def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor) -> tuple[Tensor, Tensor]:
     """Finite-difference ``(H_t R, J_t R)`` from first-order gradients at ``θ ± ε r̂`` (math §3)."""
     module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
 
     def grads_and_losses(p: dict[str, Tensor]) -> Tensor:
         leaves = {n: v.detach().requires_grad_(True) for n, v in p.items()}
         with torch.enable_grad():
-            losses = functional_loss(module, loss_fn, leaves, batch)
+            losses = batch.losses(module, loss_fn, leaves)
             g = torch.autograd.grad((w * losses).sum(), [leaves[n] for n in names], allow_unused=True)
         flat = torch.cat([(torch.zeros_like(leaves[n]) if gi is None else gi).reshape(-1) for n, gi in zip(names, g)])
         return torch.cat([flat, losses.detach().reshape(-1)])
@@ -264,7 +271,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if eps0 is None:
-        eps0 = 1e-5 if ctx.dtype == torch.float64 else 1e-3
+        eps0 = default_eps0(ctx.dtype)
     acts = sorted({int(s) for s in activations if t_lo < s <= t_hi})
     N = ctx.log.dataset_size
     U: Tensor | None = None  # λ_θ (p, C)
@@ -274,7 +281,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     names: list[str] = []
     n_hvp = 0
     t0 = time.perf_counter()
-    keys = ctx.step.state_keys
+    keys = ctx.step.adjoint_keys
+    peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
 
     def activate(step: int, params: dict[str, Tensor]) -> None:
         nonlocal U, S, scores, names
@@ -282,8 +290,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         Q = q.shape[1]
         if U is None:
             scores = np.zeros((N, Q * len(acts)))
-            U = torch.zeros(ctx.p, 0, dtype=ctx.dtype)
-            S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype) for k in keys}
+            U = torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device)
+            S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device) for k in keys}
         blocks.append((step, U.shape[1]))
         U = torch.cat([U, q], dim=1)
         S = {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in S.items()}
@@ -293,11 +301,11 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             if t_hi in acts:
                 activate(t_hi, rec.params)
             continue
-        if U is not None and U.shape[1] > 0 and len(rec.ids):
+        batch = load_step(ctx.log, ctx.train_data, rec.step) if U is not None and U.shape[1] > 0 and len(rec.ids) else None
+        if batch is not None and not batch.skipped:  # a step the GradScaler skipped is the identity
             ids = rec.ids
-            batch = batch_from_ids(ctx.train_data, ids)
             theta = flatten(rec.params, ctx.names)
-            w = torch.as_tensor(ctx.log.weights(rec.step), dtype=ctx.dtype)  # w_{i,t} (step.weights)
+            w = torch.as_tensor(ctx.log.weights(rec.step), dtype=ctx.dtype, device=ctx.device)  # w_{i,t} (step.weights)
             clip = logged_clip_spec(ctx.log, rec.step)  # the clipping Jacobian joins the update's VJP (step.clipping)
             # an affine rule (SGD) without clipping has a VJP independent of g: skip the gradient pass
             g = (torch.zeros_like(theta) if ctx.rule.linear and clip is None
@@ -310,7 +318,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                 HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w)
             n_hvp += R.shape[1]
             C = U.shape[1]
-            np.add.at(scores[:, :C], ids, (-JR.T * w.unsqueeze(1)).detach().double().numpy())
+            peak_adjoint = max(peak_adjoint, sum(x.numel() * x.element_size() for x in (U, R, *S.values())))
+            np.add.at(scores[:, :C], ids, (-JR.T * w.unsqueeze(1)).detach().double().cpu().numpy())
             U = th_bar + HR.detach()
         if rec.step in acts:
             activate(rec.step, rec.params)
@@ -319,8 +328,9 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     for step, c0 in blocks:
         values[step] = scores[:, c0 : c0 + Q].copy()
     info = {"hvp": hvp, "hvp_products": n_hvp, "steps_swept": t_hi - t_lo, "optimizer": ctx.rule.name,
-            "preconditioner": "frozen" if ctx.step.frozen else "exact",
-            "seconds": time.perf_counter() - t0}
+            "preconditioner": "frozen" if ctx.step.frozen else "exact", "peak_adjoint_bytes": peak_adjoint,
+            "peak_trajectory_bytes": ctx.peak_trajectory_bytes,
+            "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
     if hvp == "fd":
         info["eps0"] = eps0
     return _SweepResult(values, names, info)
@@ -328,12 +338,12 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
 
 # ================================================================================ public API
 def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, verify: bool,
-             atol: float | None, rtol: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> _Context:
+             tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> _Context:
     if module is None:
         raise ValueError("DIT needs `module` (the architecture; weights come from the log)")
     if train_data is None:
         raise ValueError("DIT needs `train_data` (the training samples by id) to replay the run and take gradients")
-    return _Context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes, preconditioner)
+    return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
 
 
 def _method(ctx: _Context, base: str, hvp: str, approx: bool = False) -> str:
@@ -354,7 +364,7 @@ _DEFAULT_MEMORY = 512 * 2**20
 @estimator_api
 def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
         window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
-        atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
+        tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
         preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
     """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
 
@@ -373,7 +383,9 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         hvp: ``"exact"`` (forward-over-reverse) or ``"fd"`` (central differences of gradients).
         eps0: finite-difference ``ε_0`` (default 1e-5 in float64, 1e-3 otherwise).
-        verify, atol, rtol: check the replayed ``θ_t`` against every checkpoint passed.
+        verify, tolerance: check the replayed ``θ_t`` against every checkpoint passed and re-anchor there;
+            stop if a drift exceeds ``tolerance`` (:mod:`lightning_influence.replay_drift`; default 1%).
+            The drifts are in ``info["replay_drift"]``.
         max_memory_bytes: budget for the ``θ_t`` (and optimizer state) held per replay segment.
         preconditioner: ``"exact"`` (the VJP of the full update) or ``"frozen"``: adaptive
             optimizers' denominators held at their values in the run (approximation, cheaper:
@@ -385,7 +397,7 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
         output. Sign: positive = removing the sample raises ``f``.
     """
     t1, t2 = log.window(window)
-    ctx = _context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     res = _model_sweep(ctx, query, 0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"))
     out = res.values[t2] - (res.values[t1] if t1 > 0 else 0.0)
     return InfluenceScores(out, _method(ctx, "dit", hvp), (t1, t2), res.names, info=res.info)
@@ -394,7 +406,7 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
 @estimator_api
 def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
               window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
-              atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
+              tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
               preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
     """Local DIT (approximation): the adjoint sweep only inside ``[t1, t2)``, from ``q_{t2}``.
 
@@ -403,7 +415,7 @@ def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = Non
     :func:`dit` for late windows (``t2 − t1`` steps instead of ``t2``). Arguments as :func:`dit`.
     """
     t1, t2 = log.window(window)
-    ctx = _context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"))
     return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True),
                            (t1, t2), res.names, info=res.info)
@@ -462,7 +474,7 @@ class Timeline:
 @estimator_api
 def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
              grid: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
-             atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
+             tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
              preconditioner: str = "exact", progress: Progress = None) -> Timeline:
     """``F_j(t)`` for every sample on a grid of steps, in **one** backward sweep.
 
@@ -477,7 +489,7 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
         others: as :func:`dit`.
     """
     steps = grid_steps(log, grid)
-    ctx = _context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     t_hi = int(steps[-1])
     if t_hi == 0:
         raise ValueError("the grid must contain a step > 0")
@@ -559,7 +571,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     N = log.dataset_size
     scores = np.zeros((N, Q * len(acts)))
     U = torch.from_numpy(q2.T.copy())
-    S = {k: torch.zeros_like(U) for k in step.state_keys}
+    S = {k: torch.zeros_like(U) for k in step.adjoint_keys}
     zeros = torch.zeros(K, dtype=torch.float64)  # SGD's VJP does not depend on g or the buffer's value
     blocks = {t2: 0}
     show = resolve_progress(progress, "dit-gauss-newton")

@@ -35,12 +35,13 @@ def checkpoint_query_gradients(log: InfluenceLog, module: nn.Module, query: Quer
     """Projected query gradients ``(Q, K)`` at each checkpoint (``module`` supplies the architecture)."""
     projector = log.projector()
     names = log.param_names
+    device = next(module.parameters()).device  # the query runs where the module is (e.g. a GPU)
     out: dict[int, np.ndarray] = {}
     qnames: list[str] = []
     for t in steps if steps is not None else log.checkpoint_steps:
-        params = {n: torch.from_numpy(v) for n, v in log.checkpoint(t).items()}
+        params = {n: torch.from_numpy(v).to(device) for n, v in log.checkpoint(t).items()}
         grads, values = query_gradients(module, query, names, params)
-        out[t] = projector.project(grads).double().numpy()
+        out[t] = projector.project(grads).double().cpu().numpy()
         qnames = query_names(query, len(values))
     return out, qnames
 

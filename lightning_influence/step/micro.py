@@ -117,7 +117,7 @@ def per_sample_grads_masked(module: nn.Module, loss_fn: LossFn, micro: MicroBatc
     else flattened in ``names`` order.
     Returns ``(grads, losses)``.
     """
-    overrides = {n: t.detach() for n, t in (params or {}).items()}
+    overrides = dict(params or {})  # not detached: a caller may differentiate through them (jvp: exact H_z v)
     live = dict(module.named_parameters())
     diff = {n: overrides.pop(n) if n in overrides else live[n].detach() for n in names}
     fixed = _override_dict(module, overrides)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -63,8 +63,9 @@ def cuda_devices() -> list[int]:
 
 def capture() -> RandomState:
     """The current state of the CPU generator and of every initialised CUDA device generator."""
-    cpu = torch.get_rng_state().numpy().copy()
-    cuda = [torch.cuda.get_rng_state(d).numpy() for d in cuda_devices()]
+    with _plain():
+        cpu = torch.get_rng_state().numpy().copy()
+        cuda = [torch.cuda.get_rng_state(d).numpy() for d in cuda_devices()]
     return RandomState(cpu, np.stack(cuda) if cuda else NONE.cuda)
 
 
@@ -74,6 +75,12 @@ def drawn(before: RandomState) -> RandomState:
     now = capture().cuda
     moved = before.cuda.size and (now.shape != before.cuda.shape or not np.array_equal(now, before.cuda))
     return RandomState(cpu, before.cuda if moved else NONE.cuda)
+
+
+def _plain() -> Any:
+    """Generator states are plain byte tensors even inside ``torch.func`` transforms (``vmap``/``jvp`` evaluate a
+    step's losses under its random state), where tensors created would otherwise be wrapped."""
+    return torch._C._DisableFuncTorch()
 
 
 def _set(state: RandomState) -> None:
@@ -86,8 +93,17 @@ def _set(state: RandomState) -> None:
 @contextmanager
 def forked() -> Iterator[None]:
     """Run a block and put the CPU and every CUDA device generator back as they were found."""
-    with torch.random.fork_rng(devices=cuda_devices()):
+    devices = cuda_devices()
+    with _plain():
+        cpu = torch.get_rng_state()
+        cuda = [torch.cuda.get_rng_state(d) for d in devices]
+    try:
         yield
+    finally:
+        with _plain():
+            torch.set_rng_state(cpu)
+            for d, state in zip(devices, cuda):
+                torch.cuda.set_rng_state(state, d)
 
 
 @contextmanager
@@ -103,5 +119,6 @@ def restored(state: RandomState | None) -> Iterator[None]:
                            "(module.to('cuda')) so dropout masks can be reproduced")
     with forked():
         if state is not None:
-            _set(state)
+            with _plain():
+                _set(state)
         yield
