@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import io
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Union
 
@@ -32,6 +31,7 @@ from torch.utils.data import Dataset, default_collate
 
 from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.progress import Progress, resolve_progress  # noqa: F401 (re-exported)
 from lightning_influence.queries import LossFn, default_loss_fn
 from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, ReplayMismatchError, measure, mismatch  # noqa: F401 (re-exported)
 from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
@@ -56,7 +56,6 @@ __all__ = [
     "load_optimizer_state",
     "optimizer_class",
     "parameters_at",
-    "progress_printer",
     "replay",
     "replay_from",
     "replay_step",
@@ -69,7 +68,6 @@ TrainData = Union[Callable[[np.ndarray], Any], Dataset]
 Weights = Callable[[int, np.ndarray], Tensor]
 """``weights(step, ids) -> Tensor[|B_t|]``: per-sample multipliers of the step's loss weights (1 = as trained, 0 = removed)."""
 
-Progress = Union[Callable[[int, int], None], bool, None]
 
 @dataclass
 class ReplayStep:
@@ -239,30 +237,6 @@ def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_
                              f"to the dtype the run trained in (e.g. module.to({t.dtype})) so buffers and inputs match")
         out[n] = t.requires_grad_(requires_grad)
     return out
-
-
-def progress_printer(label: str) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback that draws a one-line bar on stderr."""
-    state = {"last": -1}
-
-    def show(done: int, total: int) -> None:
-        pct = int(100 * done / max(total, 1))
-        if pct == state["last"] and done < total:
-            return
-        state["last"] = pct
-        bar = "#" * (pct // 4)
-        sys.stderr.write(f"\r{label}: [{bar:<25}] {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
-def resolve_progress(progress: Progress, label: str) -> Callable[[int, int], None] | None:
-    if progress is True:
-        return progress_printer(label)
-    return progress or None
 
 
 def grid_steps(log: InfluenceLog, grid: Any) -> np.ndarray:

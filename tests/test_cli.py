@@ -133,7 +133,8 @@ def test_info_reports_a_crashed_run(run, tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------- query
 def test_query_table(run, capsys):
-    code, out, err = cli(capsys, "query", run.log, "--config", run.config, "--window", "epoch 2:", "--top", "5")
+    code, out, err = cli(capsys, "query", run.log, "--config", run.config, "--window", "epoch 2:", "--top", "5",
+                         "--progress")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("dit: query val_loss, window epoch 2: = steps [8, 12), 60 training samples")
@@ -144,8 +145,13 @@ def test_query_table(run, capsys):
     scores = [float(r.split()[2]) for r in rows]
     assert scores == sorted(scores)
     assert lines[8].startswith("flipped labels among these 5:")
-    assert "dit [0, 12)" in err or "dit [8, 12)" in err  # progress on stderr: steps swept, ETA
-    assert "ETA" in err
+    assert "dit [8, 12)" in err and "12/12" in err  # --progress: a tqdm bar on stderr (steps swept, rate, ETA)
+
+
+def test_no_progress_lines_when_stderr_is_not_a_terminal(run, capsys):
+    code, out, err = cli(capsys, "timeline", run.log, "-m", "tracin", "--grid", "3", "-k", "2")
+    assert code == 0, err
+    assert err.strip().splitlines() == ["rebuilding the model and data from the log's recipe ..."]
 
 
 @pytest.mark.parametrize("method", ["tracin", "dit"])
@@ -226,7 +232,8 @@ def test_timeline_patterns_and_additivity(run, direct, capsys):
 
 
 def test_timeline_table(run, capsys):
-    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "--grid", "3", "-k", "5")
+    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "--grid", "3", "-k", "5",
+                         "--progress")
     assert code == 0, err
     lines = out.splitlines()
     assert "3 windows over steps [0, 12) (3)" in lines[0]
@@ -383,3 +390,22 @@ def test_debug_shows_the_traceback(run, capsys):
     code, _, err = cli(capsys, "query", run.log, "-c", run.config, "-w", "0:9999", "-q", "--debug")
     assert code == 2
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-influence query: error:")
+
+
+def test_a_replay_mismatch_is_a_user_error_with_a_tolerance_to_set(run, tmp_path, capsys):
+    """A log whose replay departs from its checkpoints (here: told it trained under bf16 autocast) exits 2 saying
+    how far, where and what to do; --replay-tolerance sets the drift accepted."""
+    from lightning_influence.log.format import read_meta
+    from lightning_influence.log.writer import write_meta
+
+    root = tmp_path / "wrong-precision"
+    shutil.copytree(run.log, root)
+    meta = read_meta(root)
+    meta["precision"] = {"name": "bf16-mixed", "autocast_device": "cpu", "autocast_dtype": "bfloat16", "grad_scaler": False}
+    write_meta(root, meta)
+    line = assert_error(cli(capsys, "query", str(root), "-c", run.config, "-m", "dit", "--replay-tolerance", "0", "-q"),
+                        "replay does not reproduce the logged run: at step 1")
+    assert "store_inputs" in line and "--replay-tolerance" in line
+    code, out, err = cli(capsys, "query", str(root), "-c", run.config, "-m", "dit", "--replay-tolerance", "1e9", "-q",
+                         "--top", "3")
+    assert code == 0, err

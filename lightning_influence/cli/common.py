@@ -7,11 +7,12 @@ import csv
 import io
 import json
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+from lightning_influence.progress import ProgressBar
 
 if TYPE_CHECKING:
     from lightning_influence.cli.context import RunContext
@@ -25,51 +26,9 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------------- progress
-class Progress:
-    """``progress(done, total)`` callback writing steps swept, rate and ETA to stderr."""
-
-    def __init__(self, label: str, enabled: bool = True, stream: Any = None) -> None:
-        self.label, self.enabled = label, enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = time.perf_counter()
-        self._last_print = 0.0
-        self._last_frac = -1.0
-        self._open = False
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or total <= 0:
-            return
-        now = time.perf_counter()
-        frac = done / total
-        if done < total:
-            if self.tty and now - self._last_print < 0.25:
-                return
-            if not self.tty and int(frac * 10) == int(self._last_frac * 10) and now - self._last_print < 60:
-                return  # a log file gets a line per 10% (or per minute)
-        self._last_print, self._last_frac = now, frac
-        elapsed = now - self.start
-        eta = elapsed / frac - elapsed if frac > 0 else float("nan")
-        line = f"{self.label}: {done}/{total} steps ({frac:.0%}), {elapsed:.1f}s elapsed, ETA {_seconds(eta)}"
-        if self.tty:
-            self.stream.write("\r" + line.ljust(78))
-            self._open = done < total
-            if done >= total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self._open:
-            self.stream.write("\n")
-            self._open = False
-
-
-def _seconds(s: float) -> str:
-    if not np.isfinite(s):
-        return "?"
-    return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
+def progress_bar(args: argparse.Namespace, label: str) -> ProgressBar:
+    """A tqdm bar on stderr: off with ``--quiet``, drawn on a terminal, and elsewhere only with ``--progress``."""
+    return ProgressBar(label, enabled=not getattr(args, "quiet", False), force=getattr(args, "progress", False))
 
 
 def status(args: argparse.Namespace, message: str) -> None:

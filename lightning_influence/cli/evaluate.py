@@ -7,10 +7,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lightning_influence.cli.common import (UserError, csv_text, emit, flip_cell, format_table, json_text,
+from lightning_influence.cli.common import (UserError, csv_text, emit, flip_cell, format_table, json_text, progress_bar,
                                             output_format, parse_window, status)
 from lightning_influence.cli.context import RunContext, prepare
-from lightning_influence.cli.methods import (METHODS, Method, Progress, call_with, check_records, default_method,
+from lightning_influence.cli.methods import (METHODS, Method, call_with, check_records, default_method,
                                              estimator_inputs, method_help, run_method)
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 
@@ -96,7 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     n = log.dataset_size
     estimates: dict[str, np.ndarray] = {}
     for m in methods:
-        scores = run_method(m, log, query, ctx, (t1, t2), Progress(f"{m} [{t1}, {t2})", not args.quiet), args.hvp)
+        scores = run_method(m, log, query, ctx, (t1, t2), progress_bar(args, f"{m} [{t1}, {t2})"), args.hvp)
         estimates[scores.method] = scores.column(0)
         qname = query_columns(scores.query_names, names, specs)[0][1]
     first = next(iter(estimates.values()))
@@ -105,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.truth == "replay":
         fn = Method(GROUND_TRUTH, "model+data", (), "").load()
         status(args, f"replaying training without each of {len(samples)} samples (ground truth) ...")
-        progress = Progress("replay LOO", not args.quiet)
+        progress = progress_bar(args, "replay LOO")
         try:
             result = call_with(fn, log, query=query, window=(t1, t2), sample_ids=samples, progress=progress,
                                in_window_only=args.in_window, **estimator_inputs(ctx))

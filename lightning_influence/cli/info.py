@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_influence.cli.common import Progress, emit, json_text, open_log, output_format
+from lightning_influence.cli.common import emit, json_text, open_log, output_format, progress_bar
 from lightning_influence.cli.methods import METHODS, unmet_needs
 
 
@@ -116,7 +116,7 @@ def _verify(log: Any, args: argparse.Namespace) -> list[int]:
     """Read back every record (the reader verifies the fletcher32 checksums); steps with non-finite values."""
     fields = [f for f, rec in (("loss", "losses"), ("grad", "gradients"), ("hvp", "hvp")) if log.recorded.get(rec)]
     bad: set[int] = set()
-    progress = Progress("verify", not args.quiet)
+    progress = progress_bar(args, "verify")
     T = log.num_steps
     for group in ([f for f in fields if f == "loss"], [f for f in fields if f != "loss"]):
         if not group:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from lightning_influence.cli.common import Progress, UserError
+from lightning_influence.cli.common import UserError, progress_bar
+from lightning_influence.progress import ProgressBar
 
 if TYPE_CHECKING:
     from lightning_influence.cli.context import RunContext
@@ -179,11 +180,11 @@ def estimator_inputs(ctx: RunContext | None, hvp: str | None = None) -> dict[str
     if ctx is None:
         return out
     return {**out, "module": ctx.module, "train_data": _Lazy(lambda: ctx.train_dataset),
-            "val_data": _Lazy(lambda: ctx.val_batch)}
+            "val_data": _Lazy(lambda: ctx.val_batch), "tolerance": ctx.replay_tolerance}
 
 
 def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: tuple[int, int],
-               progress: Progress | None, hvp: str | None = None) -> Any:
+               progress: ProgressBar | None, hvp: str | None = None) -> Any:
     """Scores of every sample for one window, from the registered estimator."""
     method = METHODS[name]
     try:
@@ -200,7 +201,7 @@ def compute_windows(args: argparse.Namespace, log: Any, query: Any, ctx: RunCont
     method = METHODS[args.method]
     if method.timeline is not None:
         bounds = [windows[0][0]] + [t2 for _, t2 in windows]
-        progress = Progress(f"{args.method} timeline", not args.quiet)
+        progress = progress_bar(args, f"{args.method} timeline")
         try:
             tl = call_with(method.load(method.timeline), log, method, query=query, grid=bounds, progress=progress,
                            **estimator_inputs(ctx, args.hvp))
@@ -210,7 +211,7 @@ def compute_windows(args: argparse.Namespace, log: Any, query: Any, ctx: RunCont
         return np.diff(cumulative, axis=2), tl.method, {**tl.info, "query_names": list(tl.query_names)}
     out, name, info = [], args.method, {}
     for w, (t1, t2) in enumerate(windows):
-        progress = Progress(f"{args.method} window {w + 1}/{len(windows)} [{t1}, {t2})", not args.quiet)
+        progress = progress_bar(args, f"{args.method} window {w + 1}/{len(windows)} [{t1}, {t2})")
         scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp)
         out.append(scores.scores)
         name, info = scores.method, {**scores.info, "query_names": list(scores.query_names)}

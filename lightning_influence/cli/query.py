@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from lightning_influence.cli.common import (PROG, csv_text, emit, flip_cell, format_table, json_text, output_format,
-                                            parse_window, ranked, sign_line)
+                                            parse_window, progress_bar, ranked, sign_line)
 from lightning_influence.cli.context import prepare
-from lightning_influence.cli.methods import METHODS, Progress, method_help, run_method
+from lightning_influence.cli.methods import METHODS, method_help, run_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 
 
@@ -37,7 +37,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     results = []
     for spec_text, (t1, t2) in windows:
         label = spec_text or "whole run"
-        progress = Progress(f"{args.method} [{t1}, {t2})", not args.quiet)
+        progress = progress_bar(args, f"{args.method} [{t1}, {t2})")
         scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp)
         for qi, qname, is_loss in query_columns(scores.query_names, names, specs):
             s = scores.column(qi)
