@@ -13,7 +13,7 @@ records ``w_{i,t}`` per row (and the micro-batch of every row, and ``A`` per ste
 estimators and the ground truth read them here, so one description serves all of them.
 Removing sample ``j`` sets ``w_{j,t} = 0`` and keeps the others (math §2).
 
-Pure numpy/torch: no Lightning.
+Derivation, refusals and measurements: ``docs/step-semantics.md``. Pure numpy/torch: no Lightning.
 """
 
 from __future__ import annotations
