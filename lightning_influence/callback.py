@@ -16,6 +16,7 @@ its own passes run on parameter copies with the RNG forked and restored.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import io
 import random
@@ -283,8 +284,9 @@ class InfluenceTracker(Callback):
             self._new_log(trainer, start)
             trainer.strategy.barrier("influence_tracker_setup")
             if trainer.is_global_zero:
-                write_meta(self.log_dir, {**self._metadata(trainer, pl_module, optimizer, names, start),
-                                          "gradient_clipping": clipping})
+                with _generators_kept():  # the recipe may read the dataset, whose __getitem__ may draw random numbers
+                    meta = self._metadata(trainer, pl_module, optimizer, names, start)
+                write_meta(self.log_dir, {**meta, "gradient_clipping": clipping})
         trainer.strategy.barrier("influence_tracker_meta")
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype, self.compression)
         self._run_id = self._writer.run_id
@@ -532,19 +534,14 @@ class InfluenceTracker(Callback):
             n = len(dataset)
         except TypeError:
             return
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with rng.forked():
-                for i in sorted({0, n // 2, n - 1}) if n else []:
-                    if not _same(dataset[i], dataset[i]):
-                        raise RuntimeError(
-                            f"InfluenceTracker: the training dataset returns different values for ds[{i}] on two calls "
-                            "(random augmentation or other randomness in __getitem__), so replay and the estimators "
-                            "could not reproduce the inputs of a step. Pass InfluenceTracker(store_inputs=True) to store "
-                            "the exact inputs of every micro-batch, or make __getitem__ deterministic")
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        with _generators_kept():
+            for i in sorted({0, n // 2, n - 1}) if n else []:
+                if not _same(dataset[i], dataset[i]):
+                    raise RuntimeError(
+                        f"InfluenceTracker: the training dataset returns different values for ds[{i}] on two calls "
+                        "(random augmentation or other randomness in __getitem__), so replay and the estimators "
+                        "could not reproduce the inputs of a step. Pass InfluenceTracker(store_inputs=True) to store "
+                        "the exact inputs of every micro-batch, or make __getitem__ deterministic")
 
     # ----------------------------------------------------------------------------- capture
     def _records_grads(self, step: int) -> bool:
@@ -761,6 +758,19 @@ def _precision(trainer: pl.Trainer) -> Precision:
                            f"not {type(plugin).__name__}")
     dtype = plugin.autocast_context_manager().fast_dtype
     return Precision(name, str(plugin.device), str(dtype).replace("torch.", ""), getattr(plugin, "scaler", None) is not None)
+
+
+@contextlib.contextmanager
+def _generators_kept() -> Any:
+    """Run a block that may draw random numbers (a dataset's ``__getitem__``) and put torch's (CPU and every CUDA
+    device), Python's and NumPy's global generators back as they were: training must not notice the tracker."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with rng.forked():
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _serialise(batch: Any) -> bytes:

@@ -394,3 +394,22 @@ def test_debug_shows_the_traceback(run, capsys):
     code, _, err = cli(capsys, "query", run.log, "-c", run.config, "-w", "0:9999", "-q", "--debug")
     assert code == 2
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-influence query: error:")
+
+
+def test_a_replay_mismatch_is_a_user_error_with_a_tolerance_to_set(run, tmp_path, capsys):
+    """A log whose replay departs from its checkpoints (here: told it trained under bf16 autocast) exits 2 saying
+    how far, where and what to do; --replay-tolerance sets the drift accepted."""
+    from lightning_influence.log.format import read_meta
+    from lightning_influence.log.writer import write_meta
+
+    root = tmp_path / "wrong-precision"
+    shutil.copytree(run.log, root)
+    meta = read_meta(root)
+    meta["precision"] = {"name": "bf16-mixed", "autocast_device": "cpu", "autocast_dtype": "bfloat16", "grad_scaler": False}
+    write_meta(root, meta)
+    line = assert_error(cli(capsys, "query", str(root), "-c", run.config, "-m", "dit", "--replay-tolerance", "0", "-q"),
+                        "replay does not reproduce the logged run: at step 1")
+    assert "store_inputs" in line and "--replay-tolerance" in line
+    code, out, err = cli(capsys, "query", str(root), "-c", run.config, "-m", "dit", "--replay-tolerance", "1e9", "-q",
+                         "--top", "3")
+    assert code == 0, err

@@ -170,3 +170,66 @@ def test_dit_and_diffin_on_a_dropout_run_agree_with_replay_loo(dropout_run):
     for hvp in ("fd", "exact"):
         d = diffin(log, query, module=tiny(dropout=0.2), train_data=ds, form="step", hvp=hvp)
         assert np.corrcoef(d.scores[:, 0], y)[0, 1] > 0.9, hvp
+
+
+# ------------------------------------------------------------------------ mixed precision, inputs
+def test_bf16_mixed_run_replays_bit_for_bit_under_its_autocast(tmp_path):
+    from lightning_influence import WithIds
+    from lightning_influence.replay import ReplayMismatchError, replay
+
+    def model():
+        torch.manual_seed(0)
+        from conftest import TinyClassifier
+
+        return TinyClassifier(dropout=0.1, lr=0.2, momentum=0.9).float()
+
+    ds = make_data(24, dtype=torch.float32)
+    path = tmp_path / "log"
+    fit(model(), loader(ds), InfluenceTracker(str(path), record_gradients=True, checkpoint_every_n_steps=2), epochs=2,
+        precision="bf16-mixed", accumulate_grad_batches=2)
+    log = InfluenceLog(path)
+    assert log.meta["precision"] == {"name": "bf16-mixed", "autocast_device": "cpu", "autocast_dtype": "bfloat16",
+                                     "grad_scaler": False}
+    assert [rs.step for rs in replay(log, model(), WithIds(ds), 0, None, tolerance=0.0)][-1] == log.num_steps
+    # the autocast matters: replayed in float32 the run departs at the first checkpoint
+    log.meta["precision"] = None
+    with pytest.raises(ReplayMismatchError, match="at step 2"):
+        list(replay(log, model(), WithIds(ds), 0, None, tolerance=0.0))
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """``ds[i]`` with random noise (a random augmentation): not reproducible from the ids."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return x + 0.1 * torch.randn_like(x), y
+
+
+def test_random_augmentation_is_refused_at_the_first_step_unless_inputs_are_stored(tmp_path):
+    from lightning_influence import WithIds
+    from lightning_influence.replay import replay
+
+    ds = _Augmented(make_data(18))
+    with pytest.raises(RuntimeError, match=r"ds\[0\] on two calls.*store_inputs=True"):
+        fit(tiny(), loader(ds), InfluenceTracker(str(tmp_path / "refused")), epochs=1)
+    plain = tiny(dropout=0.2)
+    fit(plain, loader(ds), None, epochs=2)
+    tracked = tiny(dropout=0.2)
+    fit(tracked, loader(ds), InfluenceTracker(str(tmp_path / "log"), store_inputs=True, checkpoint_every_n_steps=3),
+        epochs=2)
+    for a, b in zip(plain.parameters(), tracked.parameters()):
+        assert torch.equal(a, b)  # storing inputs (and the dataset check, not run here) leaves training unchanged
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["inputs_stored"] and all(m.inputs for m in log.micro_batches(0))
+    # replay needs no dataset: the stored augmented inputs reproduce the run exactly
+    steps = [rs.step for rs in replay(log, tiny(dropout=0.2), None, 0, None, tolerance=0.0)]
+    assert steps[-1] == log.num_steps == 6
+    with pytest.raises(Exception, match="at step 3"):  # the dataset by id gives other (freshly augmented) inputs
+        log.micro_batches, real = (lambda t: [type(m)(m.ids, m.cpu_rng) for m in real(t)]), log.micro_batches
+        list(replay(log, tiny(dropout=0.2), WithIds(ds), 0, None, tolerance=0.0))

@@ -46,6 +46,7 @@ from lightning_influence.cli import evaluate, info, query, tensorboard, timeline
 from lightning_influence.cli.common import PROG, Parser, UserError
 from lightning_influence.cli.methods import METHODS, methods_epilog
 from lightning_influence.cli.queries import parse_query
+from lightning_influence.replay_drift import ReplayMismatchError
 
 __all__ = ["METHODS", "PROG", "UserError", "build_parser", "main"]
 
@@ -92,6 +93,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     g.add_argument("--builder", "-b", metavar="MODULE:FUNCTION",
                    help="a function (module:function or file.py:function) returning the model, (model, datamodule) or "
                         "a dict with module, datamodule, train_data, val_data, test_data, flipped, train_labels")
+    g.add_argument("--replay-tolerance", type=float, metavar="DRIFT",
+                   help="largest replay drift accepted at a checkpoint, relative to how far training moved since the "
+                        "previous one (default 0.01; 0 demands a bit-identical replay); the drift is reported")
     g.add_argument("--hvp", choices=("exact", "fd"),
                    help="Hessian-vector products of the methods that use them (DIT, Diff-In): exact (the default: "
                         "forward-over-reverse through the model) or fd (finite differences of gradients, checked for "
@@ -131,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # one line unless --debug
-        user = isinstance(err, (UserError, ValueError, OSError))
+        user = isinstance(err, (UserError, ValueError, OSError, ReplayMismatchError))  # a replay mismatch: the user's data
         if debug:
             traceback.print_exc()
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

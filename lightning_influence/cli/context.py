@@ -64,6 +64,7 @@ class RunContext:
                                    "pass --builder module:function returning the data, or re-train with "
                                    "InfluenceTracker(store_data=True)")
         self._label_cache: dict[int, int] = {}
+        self.replay_tolerance: float | None = None
 
     def _loaders(self, what: str) -> Any:
         if self.loaders is None:
@@ -184,6 +185,7 @@ def load_context(args: argparse.Namespace, log: Any) -> RunContext:
     except RecipeError as err:
         raise UserError(str(err)) from err
     _check_shapes(ctx, log)
+    ctx.replay_tolerance = getattr(args, "replay_tolerance", None)  # estimators' ``tolerance`` (replay_drift.py)
     return ctx
 
 
