@@ -261,6 +261,10 @@ def test_evaluate_replay_ground_truth(run, capsys):
     assert code == 0, err
     assert "ground truth: replay leave-one-out" in out
     assert "pearson" in out and "spearman" in out
+    assert "truth noise floor" in out and out.strip().splitlines()[-1].startswith("verdict: ")
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "-m", "dit", "--samples", "top:4", "-q", "-f", "json")
+    res = json.loads(out)
+    assert res["truth_noise_floor"] > 0 and 0 <= res["truth_above_floor"] <= 4 and res["verdict"]
 
 
 def test_evaluate_trust_tools_match_direct_calls(run, direct, capsys):
