@@ -226,7 +226,7 @@ def test_timeline_patterns_and_additivity(run, direct, capsys):
     log = InfluenceLog(run.log)
     whole = estimators.dit(log, query, module=model, train_data=dm.train_dataloader().dataset).column(0)
     for row in res["rows"]:
-        assert row["pattern"] in ("early", "late", "fluctuating", "stable")
+        assert row["pattern"] in ("early", "late", "fluctuating", "stable", "negligible")
         assert row["total"] == pytest.approx(sum(row["windows"]), rel=1e-9, abs=1e-15)
         assert row["total"] == pytest.approx(whole[row["id"]], rel=1e-8, abs=1e-12)  # DIT is additive over windows
 
