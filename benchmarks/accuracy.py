@@ -87,8 +87,8 @@ def make_module(model: str, optimizer: str, lr: float, weight_decay: float, mome
 
 
 def train(log_dir: str, Net: Callable[[], nn.Module], train_ds: WithIds, epochs: int, batch_size: int, seed: int,
-          record_hvp: bool = False, **trainer_kw: Any) -> InfluenceLog:
-    """A real ``lightning.Trainer`` run of ``Net()`` (in float64) with the tracker: full per-sample
+          record_hvp: bool = False, dtype: torch.dtype = torch.float64, **trainer_kw: Any) -> InfluenceLog:
+    """A real ``lightning.Trainer`` run of ``Net()`` (in ``dtype``, float64 by default) with the tracker: full per-sample
     gradients (and ``H_z Ĝ`` rows with ``record_hvp``) and a checkpoint at every step; ``trainer_kw``
     go to the Trainer (e.g. ``gradient_clip_val``, ``accumulate_grad_batches``)."""
     import lightning.pytorch as pl
@@ -96,7 +96,7 @@ def train(log_dir: str, Net: Callable[[], nn.Module], train_ds: WithIds, epochs:
     from lightning_influence import InfluenceTracker
 
     torch.manual_seed(seed)
-    module = Net().double()
+    module = Net().to(dtype)
     tracker = InfluenceTracker(log_dir, record_gradients=True, record_hvp=record_hvp, checkpoint_every_n_steps=1,
                                storage_dtype="float64", overwrite=True, flush_every_n_steps=100)
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[tracker], logger=False, enable_checkpointing=False,
