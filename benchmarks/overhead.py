@@ -14,8 +14,10 @@ For each model:
 2. **Fit overhead**: time of ``Trainer.fit`` with the tracker at each level over the same fit
    without it, alternating (round-robin over levels, ``--rounds``), fastest fits (noise only adds
    time). Fits of ``--steps`` and ``--short-steps`` split the added time into per step and per
-   fit; the added ms/step is split into the tracker's callbacks (``tracker_seconds`` of the log)
-   and the rest (hooks during the step's own forward/backward, the loss wrapper).
+   fit; the added ms/step is split by where it goes: the hook engine (hooks and projection in
+   the step's own forward/backward, from 1.), the HVP scheme's extra hooked passes (1. times
+   one or two) and the rest (the tracker's bookkeeping: ids, random states, loss and row
+   copies, log writing, the finite differences' setup).
 
 Times are CPU time of the process by default (``--clock cpu``): on a shared machine the other jobs
 stretch elapsed time by a varying factor but barely move the CPU time of this process; the
@@ -39,13 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.overhead_models import MODELS, make  # noqa: E402
-from lightning_influence import InfluenceLog, InfluenceTracker  # noqa: E402
+from lightning_influence import InfluenceTracker  # noqa: E402
 from lightning_influence.capture import (  # noqa: E402
     HookGradientCapture,
     KroneckerProjector,
@@ -142,7 +143,6 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     levels = [lv for lv in LEVELS if lv in args.levels]
     times: dict[str, list[float]] = {"baseline": [], **{k: [] for k in levels}}
     short: dict[str, list[float]] = {k: [] for k in times}
-    callback_s: dict[str, float] = {}
     run_fit(factory, data, 2, None)  # warm-up
     for r in range(args.rounds):
         for level in times:
@@ -151,12 +151,7 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
                 shutil.rmtree(log_dir, ignore_errors=True)
                 tracker = None if level == "baseline" else InfluenceTracker(str(log_dir), **LEVELS[level])
                 record[level].append(run_fit(factory, data, steps, tracker))
-            if level != "baseline":
-                log = InfluenceLog(log_dir)
-                seconds = sum(float(np.sum(log._file(s)["steps/tracker_seconds"][()])) for s in range(len(log._segments)))
-                callback_s[level] = min(callback_s.get(level, float("inf")), seconds / log.num_steps)
-                log.close()
-                shutil.rmtree(log_dir)
+            shutil.rmtree(log_dir, ignore_errors=True)
         print(f"  {name}: round {r + 1}/{args.rounds} done", file=sys.stderr)
     base, base_short = min(times["baseline"]), min(short["baseline"])
     base_step = (base - base_short) / (args.steps - args.short_steps)
@@ -169,10 +164,18 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
             "median_round_ratio": statistics.median(t / b for t, b in zip(times[level], times["baseline"])),
             "steady_ratio": 1 + per_step / base_step, "target": TARGETS.get(level),
             "added_ms_per_step": 1e3 * per_step, "added_s_per_fit": added_short - args.short_steps * per_step,
-            "callbacks_ms_per_step": 1e3 * callback_s[level],
         })
     return {"baseline_fit_s": base, "baseline_ms_per_step": 1e3 * base_step, "levels": rows,
             "times": times, "short_times": short}
+
+
+def where_it_goes(row: dict[str, Any], costs: dict[str, float]) -> dict[str, float]:
+    """Added ms/step of a level split into the hook engine, the HVP scheme's extra passes and the rest."""
+    kw = LEVELS[row["level"]]
+    hooks = costs["hooks_in_step_ms"] + costs["projection_ms"] if kw.get("record_gradients") else 0.0
+    passes = (2 if kw.get("hvp_scheme", "central") == "central" else 1) * costs["own_pass_ms"] if kw.get("record_hvp") \
+        else 0.0
+    return {"hooks": hooks, "passes": passes, "rest": row["added_ms_per_step"] - hooks - passes}
 
 
 def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
@@ -184,14 +187,13 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
     print(f"  per-sample gradients: hooks {c['hooks_samples_per_s']:.0f} samples/s, vmap {c['vmap_samples_per_s']:.0f} "
           f"samples/s ({c['vmap_ms'] / c['own_pass_ms']:.1f}x)")
     print(f"  {'level':<24}{'ratio':>7}{'median':>8}{'steady':>8}{'target':>8}{'met':>5}{'+ms/step':>10}"
-          f"{'callbacks':>10}{'in step':>9}{'s/fit':>7}")
+          f"{'hooks':>8}{'passes':>8}{'rest':>8}{'s/fit':>7}")
     for row in fits["levels"]:
-        tgt = row["target"]
+        tgt, split = row["target"], where_it_goes(row, c)
         met = "-" if tgt is None else ("yes" if row["steady_ratio"] <= tgt else "NO")
         print(f"  {row['level']:<24}{row['ratio']:>7.3f}{row['median_round_ratio']:>8.3f}{row['steady_ratio']:>8.3f}"
               f"{'-' if tgt is None else f'{tgt:.2f}':>8}{met:>5}{row['added_ms_per_step']:>10.2f}"
-              f"{row['callbacks_ms_per_step']:>10.2f}{row['added_ms_per_step'] - row['callbacks_ms_per_step']:>9.2f}"
-              f"{row['added_s_per_fit']:>7.2f}")
+              f"{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['rest']:>8.2f}{row['added_s_per_fit']:>7.2f}")
 
 
 def main() -> None:
@@ -217,13 +219,16 @@ def main() -> None:
         for name in args.models.split(","):
             costs = step_costs(name, args.reps)
             fits = fit_overhead(name, args, tmp)
+            for row in fits["levels"]:
+                row["where_ms_per_step"] = where_it_goes(row, costs)
             results[name] = {"step_costs": costs, **fits}
             report(name, costs, fits)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("\nratio: fastest fit with the tracker / fastest without; median: of the per-round ratios; steady: "
-          "1 + added ms/step over the step without tracker (per-fit costs amortised), compared with the target; "
-          "callbacks: the tracker's own callbacks per step; in step: the rest (hooks inside forward/backward)")
+    print(f"\ntimes: {args.clock} clock. ratio: fastest fit with the tracker / fastest without; median: of the per-round "
+          "ratios; steady: 1 + added ms/step over the step without tracker (per-fit costs amortised), compared with "
+          "the target; hooks: hooks and projection in the step (step costs); passes: the HVP scheme's extra hooked "
+          "passes (step costs); rest: the remainder (tracker bookkeeping, log writing, finite-difference setup)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": results, "args": vars(args)}, indent=2))

@@ -482,6 +482,8 @@ def test_bad_arguments(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
     with pytest.raises(ValueError, match="hvp must be"):
         dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn, hvp="magic")
+    with pytest.raises(ValueError, match="preconditioner must be"):
+        dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn, preconditioner="magic")
     with pytest.raises(ValueError, match="outside the run"):
         dit(log, QUERY, module=model(), train_data=train_data, window=(3, 99), loss_fn=loss_fn)
     with pytest.raises(ValueError, match="module does not match"):

@@ -238,6 +238,27 @@ def test_replay_loo_equals_independent_retraining(tmp_path_factory):
     assert np.isnan(scores.column(0)[1]) and scores.column(0)[3] == loo.at(T)[1, 0]
 
 
+def test_replay_loo_partial_removal_equals_weighted_replay(tmp_path_factory):
+    """removal_weight scales the dropped sample's weight: the run of replay(weights=...) with that weight."""
+    log = make_log(tmp_path_factory, "adamw")
+    part = replay_loo(log, model(), train_data, QUERY, sample_ids=[3, 6], grid=[0, T], loss_fn=loss_fn,
+                      removal_weight=0.25)
+
+    def f_with(j: int, wj: float) -> float:
+        w = lambda t, ids: torch.tensor([wj if i == j else 1.0 for i in ids], dtype=torch.float64)  # noqa: E731
+        last = list(replay(log, model(), train_data, 0, None, loss_fn=loss_fn, weights=w))[-1]
+        m = model()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.copy_(last.params[n])
+        return query_value(m)
+
+    base = f_with(-1, 1.0)
+    for row, j in enumerate([3, 6]):
+        assert part.at(T)[row, 0] == pytest.approx(f_with(j, 0.25) - base, abs=1e-12)
+        assert abs(part.at(T)[row, 0] - (f_with(j, 0.0) - base)) > 1e-6  # not the full removal
+
+
 def test_replay_loo_groups_and_in_window(tmp_path_factory):
     log = make_log(tmp_path_factory, "adamw")
     grp = replay_loo(log, model(), train_data, QUERY, groups=[[1, 2], [5]], loss_fn=loss_fn)

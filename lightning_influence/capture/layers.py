@@ -1,5 +1,7 @@
 """One engine per layer type: projected per-sample gradients of a layer's parameters from hooks.
 
+Formulas, limits and costs: ``docs/per-sample-gradients.md``.
+
 Each engine knows which parameters of its layer type it captures, what the forward hook keeps
 of the input, and how that and the output gradient give every sample's projected gradient
 ``P_r^T G_b P_c`` (:mod:`.projection`) without forming ``G_b`` where a factored form exists.
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from .projection import KroneckerProjector, contract
@@ -44,7 +47,8 @@ from .projection import KroneckerProjector, contract
 __all__ = ["LayerEngine", "Record", "engine_for", "capture_owner"]
 
 Blocks = dict[str, Tensor]  # parameter name -> (B, k) projected per-sample gradient block
-Record = list  # [what the forward kept (None once used), the call's Blocks (None until the backward)]
+Record = list  # [what the forward kept, the call's Blocks (None until the backward), the output's gradient edge
+#                 (until then: taken at the call, it stays the layer's output when an in-place op follows)]
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -74,11 +78,13 @@ class LayerEngine:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
             if not active() or not isinstance(output, Tensor) or not output.requires_grad:
                 return
-            record: Record = [self.save(module, args[0] if args else kwargs["input"], targets, projector), None]
+            record: Record = [self.save(module, args[0] if args else kwargs["input"], targets, projector), None,
+                              get_gradient_edge(output)]
             records.append(record)
 
             def on_grad(g: Tensor) -> None:
-                record[0], record[1] = None, self.blocks(module, record[0], g, targets, projector)
+                record[1] = self.blocks(module, record[0], g, targets, projector)
+                record[0] = record[2] = None
 
             output.register_hook(on_grad)
 
@@ -260,12 +266,14 @@ class AttentionEngine(LayerEngine):
             y = linear(x, weight, bias)
             w, b = block_of(weight), block_of(bias)
             if (w or b) and y.requires_grad:
-                record: Record = [projector.project_cols(w[0], seq_first(x.detach())) if w else None, None]
+                record: Record = [projector.project_cols(w[0], seq_first(x.detach())) if w else None, None,
+                                  get_gradient_edge(y)]
                 records.append(record)
 
                 def on_grad(g: Tensor) -> None:
-                    record[0], record[1] = None, _linear_blocks(projector, w and w[0], b and b[0], seq_first(g),
-                                                                record[0], w and w[1], b and b[1])
+                    record[1] = _linear_blocks(projector, w and w[0], b and b[0], seq_first(g), record[0],
+                                               w and w[1], b and b[1])
+                    record[0] = record[2] = None
 
                 y.register_hook(on_grad)
             return y

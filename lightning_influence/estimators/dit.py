@@ -82,8 +82,7 @@ PRECONDITIONERS = ("exact", "frozen")
 
 
 def _optimizer_step(log: InfluenceLog, names: Sequence[str], sizes: Sequence[int], dtype: torch.dtype,
-                    preconditioner: str = "exact", lr_scale: float = 1.0,
-                    device: torch.device | str = "cpu") -> OptimizerStep:
+                    preconditioner: str = "exact", device: torch.device | str = "cpu") -> OptimizerStep:
     """The logged optimizer's functional twin over the flat layout ``names``/``sizes``."""
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
@@ -121,6 +120,7 @@ class _Context:
         self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner, device=self.device)
         self.rule = self.step.rule
         self.opt_names = [n for g in _optimizer_spec(log)["param_groups"] for n in g["params"]]
+        self.peak_trajectory_bytes = 0  # the most θ_t + state bytes one replay segment held
 
     def state_before(self, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
         """The live optimizer's state (before the step it is about to take), flat."""
@@ -179,6 +179,7 @@ class _Context:
             for rs in gen:
                 if rs.step < b:
                     records.append(_Record(rs.step, rs.params, rs.ids, rs.lrs, self.state_before(rs.optimizer)))
+                    self.peak_trajectory_bytes = max(self.peak_trajectory_bytes, len(records) * self.bytes_per_step())
                 else:
                     end = _Record(rs.step, rs.params, None)
             if first_segment:
@@ -280,7 +281,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     names: list[str] = []
     n_hvp = 0
     t0 = time.perf_counter()
-    keys = ctx.step.state_keys
+    keys = ctx.step.adjoint_keys
+    peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
 
     def activate(step: int, params: dict[str, Tensor]) -> None:
         nonlocal U, S, scores, names
@@ -316,6 +318,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                 HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w)
             n_hvp += R.shape[1]
             C = U.shape[1]
+            peak_adjoint = max(peak_adjoint, sum(x.numel() * x.element_size() for x in (U, R, *S.values())))
             np.add.at(scores[:, :C], ids, (-JR.T * w.unsqueeze(1)).detach().double().cpu().numpy())
             U = th_bar + HR.detach()
         if rec.step in acts:
@@ -325,7 +328,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     for step, c0 in blocks:
         values[step] = scores[:, c0 : c0 + Q].copy()
     info = {"hvp": hvp, "hvp_products": n_hvp, "steps_swept": t_hi - t_lo, "optimizer": ctx.rule.name,
-            "preconditioner": "frozen" if ctx.step.frozen else "exact",
+            "preconditioner": "frozen" if ctx.step.frozen else "exact", "peak_adjoint_bytes": peak_adjoint,
+            "peak_trajectory_bytes": ctx.peak_trajectory_bytes,
             "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
     if hvp == "fd":
         info["eps0"] = eps0
@@ -567,7 +571,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     N = log.dataset_size
     scores = np.zeros((N, Q * len(acts)))
     U = torch.from_numpy(q2.T.copy())
-    S = {k: torch.zeros_like(U) for k in step.state_keys}
+    S = {k: torch.zeros_like(U) for k in step.adjoint_keys}
     zeros = torch.zeros(K, dtype=torch.float64)  # SGD's VJP does not depend on g or the buffer's value
     blocks = {t2: 0}
     show = resolve_progress(progress, "dit-gauss-newton")

@@ -141,7 +141,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
                sample_ids: Sequence[int] | np.ndarray | None = None, grid: Any = None, window: Any = None, *,
                in_window_only: bool = False, groups: Sequence[Sequence[int]] | None = None,
                loss_fn: LossFn = default_loss_fn, copies: int = 256, verify: bool = True,
-               tolerance: float | None = None, progress: Progress = None) -> LOOResult:
+               tolerance: float | None = None, removal_weight: float = 0.0, progress: Progress = None) -> LOOResult:
     """Replay leave-one-out (or leave-group-out): retrain without each unit, record ``f`` on a grid.
 
     Args:
@@ -163,6 +163,10 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             moved since the previous one (:mod:`lightning_influence.replay_drift`, default 1%; the stacked
             copies run batched kernels whose round-off differs from training). At every checkpoint
             every copy is shifted by the reference run's error (re-anchored); ``info["replay_drift"]``.
+        removal_weight: the factor on the dropped unit's loss weight (0: leave-one-out). ``1 − ε``
+            with the values divided by ``ε`` gives the derivative ``∂f/∂w`` that DIT computes
+            (docs/optimizer-adjoint.md §8), separating an estimator's error from the nonlinearity
+            of a full removal.
         progress: ``progress(done, total)`` or ``True``.
 
     Raises:
@@ -238,7 +242,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             B = len(ids)
             W = torch.as_tensor(log.weights(t), dtype=dtype).expand(C, B).clone()  # w_{i,t} (step.weights)
             for c, u in enumerate(chunk_units, start=1):
-                W[c, np.isin(ids, u)] = 0.0
+                W[c, np.isin(ids, u)] *= removal_weight
             _set_lrs(opt, log.lr(t), t)
             opt.zero_grad(set_to_none=True)
 

@@ -154,6 +154,8 @@ class UpdateRule:
         adaptive: a per-coordinate preconditioner built from past gradients (the frozen
             approximation applies; projected-gradient estimators cannot model it).
         linear: the update is affine in ``(θ, state, g)`` (its VJP needs no ``g`` or state values).
+        preconditioner_keys: state that only feeds the preconditioner (held constant, so
+            without an adjoint, when the preconditioner is frozen).
     """
 
     name: str
@@ -163,6 +165,7 @@ class UpdateRule:
     state: Callable[[Sequence[Mapping[str, Any]]], list[tuple[str, Callable[[Mapping[str, Any]], float]]]]
     adaptive: bool
     linear: bool
+    preconditioner_keys: tuple[str, ...] = ()
 
 
 def _sgd_state(groups: Sequence[Mapping[str, Any]]) -> list[tuple[str, Callable[[Mapping[str, Any]], float]]]:
@@ -199,18 +202,20 @@ RULES: dict[str, UpdateRule] = {
                     "dampening": lambda g, c: float(g.get("dampening", 0) or 0),
                     "nesterov": lambda g, c: bool(g.get("nesterov", False))},
                    _sgd_state, adaptive=False, linear=True),
-        UpdateRule("Adam", torch.optim.Adam, adam_update, _ADAM_HYPER, _adam_state, adaptive=True, linear=False),
-        UpdateRule("AdamW", torch.optim.AdamW, adam_update, _ADAM_HYPER, _adam_state, adaptive=True, linear=False),
+        UpdateRule("Adam", torch.optim.Adam, adam_update, _ADAM_HYPER, _adam_state, adaptive=True, linear=False,
+                   preconditioner_keys=("exp_avg_sq", "max_exp_avg_sq")),
+        UpdateRule("AdamW", torch.optim.AdamW, adam_update, _ADAM_HYPER, _adam_state, adaptive=True, linear=False,
+                   preconditioner_keys=("exp_avg_sq", "max_exp_avg_sq")),
         UpdateRule("RMSprop", torch.optim.RMSprop, rmsprop_update,
                    {"weight_decay": lambda g, c: _wd(g), "alpha": lambda g, c: float(g["alpha"]),
                     "eps": lambda g, c: float(g["eps"]), "momentum": lambda g, c: float(g.get("momentum", 0) or 0),
                     "centered": lambda g, c: bool(g.get("centered", False))},
-                   _rmsprop_state, adaptive=True, linear=False),
+                   _rmsprop_state, adaptive=True, linear=False, preconditioner_keys=("square_avg", "grad_avg")),
         UpdateRule("Adagrad", torch.optim.Adagrad, adagrad_update,
                    {"weight_decay": lambda g, c: _wd(g), "lr_decay": lambda g, c: float(g.get("lr_decay", 0) or 0),
                     "eps": lambda g, c: float(g["eps"])},
                    lambda groups: [("sum", lambda g: float(g.get("initial_accumulator_value", 0) or 0))],
-                   adaptive=True, linear=False),
+                   adaptive=True, linear=False, preconditioner_keys=("sum",)),
     )
 }
 
@@ -300,6 +305,8 @@ class OptimizerStep:
             kind = torch.bool if isinstance(vals[0], bool) else dtype
             self._hyper[key] = torch.tensor(vals, dtype=kind, device=device)[self.idx]
         self.state_keys = [k for k, _ in rule.state(self.groups)]
+        # the state carrying an adjoint: all of it, or without the preconditioner's when frozen
+        self.adjoint_keys = [k for k in self.state_keys if not (self.frozen and k in rule.preconditioner_keys)]
         self._init = {k: torch.tensor([float(f(g)) for g in self.groups], dtype=dtype, device=device)[self.idx]
                       for k, f in rule.state(self.groups)}
 
@@ -353,7 +360,7 @@ class OptimizerStep:
             theta, state, g: the step's ``θ_t``, state before the step and (unclipped) batch gradient.
             cot_theta: ``(p, C)`` cotangent of ``θ_{t+1}``.
             cot_state: ``{key: (p, C)}`` cotangents of the differentiated state after the step
-                (keys :attr:`state_keys`; a missing key is zero).
+                (keys :attr:`adjoint_keys`; a missing key is zero).
             transform: the gradient transform applied in training (clipping), differentiated
                 with the update.
 
@@ -362,13 +369,13 @@ class OptimizerStep:
             caller adds ``H_t ḡ``), of the state before the step, and of the gradient ``g``.
         """
         h = self.hyper(lrs)
-        step = state["step"]
-        keys = self.state_keys
+        keys = self.adjoint_keys
+        held = {k: v for k, v in state.items() if k not in keys}  # the step count, a frozen preconditioner's state
 
         def f(th: Tensor, st: State, gg: Tensor) -> tuple[Tensor, State]:
             if transform is not None:
                 gg = transform(gg)
-            th2, st2 = self.rule.update(th, {**st, "step": step}, gg, h)
+            th2, st2 = self.rule.update(th, {**held, **st}, gg, h)
             return th2, {k: st2[k] for k in keys}
 
         _, pullback = torch.func.vjp(f, theta, {k: state[k] for k in keys}, g)
