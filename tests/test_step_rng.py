@@ -233,3 +233,57 @@ def test_random_augmentation_is_refused_at_the_first_step_unless_inputs_are_stor
     with pytest.raises(Exception, match="at step 3"):  # the dataset by id gives other (freshly augmented) inputs
         log.micro_batches, real = (lambda t: [type(m)(m.ids, m.cpu_rng) for m in real(t)]), log.micro_batches
         list(replay(log, tiny(dropout=0.2), WithIds(ds), 0, None, tolerance=0.0))
+
+
+# ------------------------------------------------------------------------------------ attention
+class _TinyTransformer(nn.Module):
+    """Embedding, LayerNorm, one TransformerEncoderLayer (dropout 0.1), mean pooling, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = nn.Embedding(7, 8)
+        self.norm = nn.LayerNorm(8)
+        self.enc = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.norm(self.tok(x))).mean(1))
+
+    def per_sample_loss(self, batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_exact_hvp_through_attention_equals_reverse_over_reverse(train_mode):
+    """Forward-over-reverse through scaled_dot_product_attention (a TransformerEncoderLayer, with its dropout masks
+    in train mode) runs under exact_kernels and equals the double-backward HVP; the fused kernel has no forward AD."""
+    from torch.func import grad, jvp
+
+    from lightning_influence.step.micro import exact_kernels
+
+    module = _TinyTransformer().train(train_mode)
+    x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 3, (5,))
+    step = _step_of(x, y)
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+
+    def loss(p):
+        return step.losses(module, lambda m, b: m.per_sample_loss(b), p, exact=True).mean()
+
+    _, hv = jvp(grad(loss), (params,), (v,))
+    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    g = torch.autograd.grad(step.losses(module, lambda m, b: m.per_sample_loss(b), leaves).mean(), list(leaves.values()),
+                            create_graph=True)
+    ref = torch.autograd.grad(sum((gi * v[n]).sum() for gi, n in zip(g, leaves)), list(leaves.values()))
+    for (n, a), b in zip(hv.items(), ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    if not train_mode:  # eval mode, no dropout: the fused kernel is chosen, and it has no forward-mode AD
+        with pytest.raises(Exception, match="forward AD|not implemented|jvp"):
+            jvp(grad(lambda p: step.losses(module, lambda m, b: m.per_sample_loss(b), p).mean()), (params,), (v,))
+
+
+def _step_of(x, y):
+    from lightning_influence.step.micro import Step
+
+    return Step(0, [MicroBatch(np.arange(len(y)), (x, y), rng.capture())])
