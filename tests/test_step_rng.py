@@ -255,32 +255,42 @@ class _TinyTransformer(nn.Module):
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
-def test_exact_hvp_through_attention_equals_reverse_over_reverse(train_mode):
-    """Forward-over-reverse through scaled_dot_product_attention (a TransformerEncoderLayer, with its dropout masks
-    in train mode) runs under exact_kernels and equals the double-backward HVP; the fused kernel has no forward AD."""
+def test_exact_hvp_through_attention_with_the_training_masks(train_mode):
+    """H v and (<g_i, v>)_i through a TransformerEncoderLayer (scaled_dot_product_attention), with its dropout masks in
+    train mode, equal central differences of plain gradients taken under the same random state (float64); in eval
+    mode (no dropout, the fused attention kernel) forward-over-reverse also works, through the math kernel only."""
     from torch.func import grad, jvp
 
     from lightning_influence.step.micro import exact_kernels
 
-    module = _TinyTransformer().train(train_mode)
+    module = _TinyTransformer().double().train(train_mode)
     x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 3, (5,))
     step = _step_of(x, y)
+    loss_fn = lambda m, b: m.per_sample_loss(b)  # noqa: E731
     params = {n: p.detach() for n, p in module.named_parameters()}
     v = {n: torch.randn_like(p) for n, p in params.items()}
+    w = torch.rand(5, dtype=torch.float64)
+    (hv,), jv = step.curvature_products(module, loss_fn, params, w, [v])
 
-    def loss(p):
-        return step.losses(module, lambda m, b: m.per_sample_loss(b), p, exact=True).mean()
+    def grads_and_losses(p):
+        leaves = {n: t.clone().requires_grad_(True) for n, t in p.items()}
+        losses = step.losses(module, loss_fn, leaves)  # the recorded random state: the training masks
+        return torch.autograd.grad((w * losses).sum(), list(leaves.values())), losses.detach()
 
-    _, hv = jvp(grad(loss), (params,), (v,))
-    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-    g = torch.autograd.grad(step.losses(module, lambda m, b: m.per_sample_loss(b), leaves).mean(), list(leaves.values()),
-                            create_graph=True)
-    ref = torch.autograd.grad(sum((gi * v[n]).sum() for gi, n in zip(g, leaves)), list(leaves.values()))
-    for (n, a), b in zip(hv.items(), ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
-    if not train_mode:  # eval mode, no dropout: the fused kernel is chosen, and it has no forward-mode AD
-        with pytest.raises(Exception, match="forward AD|not implemented|jvp"):
-            jvp(grad(lambda p: step.losses(module, lambda m, b: m.per_sample_loss(b), p).mean()), (params,), (v,))
+    eps = 1e-6
+    (gp, lp), (gm, lm) = [grads_and_losses({n: params[n] + s * eps * v[n] for n in params}) for s in (1, -1)]
+    for (n, a), b, c in zip(hv.items(), gp, gm):
+        torch.testing.assert_close(a, (b - c) / (2 * eps), rtol=1e-6, atol=1e-8, msg=n)
+    torch.testing.assert_close(jv[0], (lp - lm) / (2 * eps), rtol=1e-6, atol=1e-8)
+    if not train_mode:
+        def loss(p, exact):
+            return (w * step.losses(module, loss_fn, p, exact=exact)).sum()
+
+        _, fwd = jvp(grad(lambda p: loss(p, True)), (params,), (v,))
+        for n in hv:
+            torch.testing.assert_close(fwd[n], hv[n], rtol=1e-9, atol=1e-11)
+        with pytest.raises(Exception, match="forward AD|not implemented|jvp"):  # the fused kernel has no forward AD
+            jvp(grad(lambda p: loss(p, False)), (params,), (v,))
 
 
 def _step_of(x, y):

@@ -207,26 +207,11 @@ def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Te
 
 def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """``(H_t R, J_t R)``: Hessian of the weighted batch loss ``Σ w_i ℓ_i`` times ``R`` ``(p, C)`` and the
-    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, by forward-over-reverse, every
-    micro-batch with its training dropout masks (the ``C`` columns share them: ``randomness="same"``)
-    and attention through a kernel with forward-mode AD."""
-    module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
-
-    def f(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        losses = batch.losses(module, loss_fn, p, exact=True)
-        return (w * losses).sum(), losses
-
-    gf = torch.func.grad(f, has_aux=True)
-
-    def one(r: Tensor) -> tuple[Tensor, Tensor]:
-        _, (hv, jv) = torch.func.jvp(gf, (params,), (unflatten(r, shapes),))
-        return flatten(hv, names), jv
-
-    if R.shape[1] == 1:
-        hr, jr = one(R[:, 0])
-        return hr.unsqueeze(1), jr.unsqueeze(0)
-    HR, JR = torch.func.vmap(one, in_dims=1, out_dims=(1, 0), randomness="same")(R)
-    return HR, JR
+    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, exactly, by reverse-over-reverse from one
+    plain forward with every micro-batch's training dropout masks (:meth:`Step.curvature_products`)."""
+    directions = [unflatten(R[:, c], ctx.shapes) for c in range(R.shape[1])]
+    hr, jr = batch.curvature_products(ctx.module, ctx.loss_fn, params, w, directions)
+    return torch.stack([flatten(h, ctx.names) for h in hr], dim=1), jr
 
 
 def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor) -> tuple[Tensor, Tensor]:
