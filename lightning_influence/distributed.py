@@ -36,7 +36,7 @@ from lightning_influence.estimators.tracin import checkpoint_query_gradients, tr
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import Query
 
-__all__ = ["DISTRIBUTED", "DistributedQueryError", "run", "shard_steps"]
+__all__ = ["DISTRIBUTED", "DistributedQueryError", "global_rank", "launched_outside", "run", "shard_steps"]
 
 DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tracin_self_influence": tracin_self_influence}
 _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric run set these in every process
@@ -112,7 +112,7 @@ def run(method: str, log_path: str | os.PathLike, query: Query | Mapping[int, np
         elif query is not None:
             raise TypeError(f"{method} answers each sample's own loss and takes no query")
     args = (method, str(Path(log_path)), query, names, (t1, t2), progress)
-    if int(devices) * int(num_nodes) == 1 and not _launched_outside():
+    if int(devices) * int(num_nodes) == 1 and not launched_outside():
         return _reduce(None, *args)
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import DDPStrategy
@@ -132,8 +132,16 @@ def run(method: str, log_path: str | os.PathLike, query: Query | Mapping[int, np
                                     ) from err
 
 
-def _launched_outside() -> bool:
+def launched_outside() -> bool:
+    """Whether this process was started by a launcher (``torchrun``, ``fabric run``, Lightning's ``ddp``, SLURM)."""
     return any(k in os.environ for k in _LAUNCHED_OUTSIDE) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def global_rank() -> int:
+    """This process's rank in a distributed query (0 outside one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _query_gradients(log: InfluenceLog, query: Any, module: nn.Module | None, t1: int, t2: int

@@ -46,7 +46,7 @@ __all__ = ["ExportData", "LiveTensorBoard", "export", "render_heatmap", "sanitiz
 _RDBU = np.array([
     (103, 0, 31), (178, 24, 43), (214, 96, 77), (244, 165, 130), (253, 219, 199), (247, 247, 247),
     (209, 229, 240), (146, 197, 222), (67, 147, 195), (33, 102, 172), (5, 48, 97)], dtype=np.float64)
-_PATTERN_ORDER = ("early", "late", "fluctuating", "stable")
+_PATTERN_ORDER = ("early", "late", "fluctuating", "stable", "negligible")
 
 
 def sanitize_tag(name: str) -> str:

@@ -71,3 +71,43 @@ def test_a_killed_process_ends_the_query_with_a_clear_error(log_dir):
     with pytest.raises(DistributedQueryError, match="distributed tracin_self_influence query on 2 processes failed"):
         run("tracin_self_influence", log_dir, devices=2, progress=_kill_rank_1, timeout_s=60)
     assert time.perf_counter() - t0 < 60
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def _cli_json(*argv: str, env_extra: dict | None = None) -> tuple[int, dict | None, str]:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", "lightning_influence", *argv, "--format", "json", "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    return proc.returncode, json.loads(proc.stdout) if proc.returncode == 0 else None, proc.stderr
+
+
+def test_cli_tracin_self_and_devices_refused_for_a_method_that_is_not_distributed(log_dir, capsys):
+    from lightning_influence.cli import main
+
+    assert main(["query", log_dir, "-m", "tracin-self", "-k", "0", "-f", "json", "-q"]) == 0
+    import json
+
+    res = json.loads(capsys.readouterr().out)["results"][0]
+    with InfluenceLog(log_dir) as log:
+        want = tracin_self_influence(log).column(0)
+    got = np.zeros_like(want)
+    for row in res["rows"]:
+        got[row["id"]] = row["score"]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert main(["query", log_dir, "-m", "dit-gn", "--devices", "2", "-q"]) == 2
+    assert "--method dit-gn runs in one process; --devices/--num-nodes apply to tracin, tracin-self" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_devices_2_equals_one_process(log_dir):
+    code1, one, err1 = _cli_json("query", log_dir, "-m", "tracin-self", "-k", "0")
+    code2, two, err2 = _cli_json("query", log_dir, "-m", "tracin-self", "-k", "0", "--devices", "2")
+    assert code1 == 0 and code2 == 0, err1 + err2
+    a, b = one["results"][0], two["results"][0]
+    assert [r["id"] for r in a["rows"]] == [r["id"] for r in b["rows"]]
+    np.testing.assert_allclose([r["score"] for r in b["rows"]], [r["score"] for r in a["rows"]], rtol=1e-12)
+    assert b["info"]["processes"] == 2 and a["info"].get("processes", 1) == 1

@@ -462,7 +462,7 @@ class Timeline:
         return self.query_names.index(query) if isinstance(query, str) else int(query)
 
     def patterns(self, query: int | str = 0, thresholds: Any = None) -> Any:
-        """Temporal pattern of each sample (stable / early / late / fluctuating), from
+        """Temporal pattern of each sample (negligible / stable / early / late / fluctuating), from
         :func:`lightning_influence.evaluation.patterns.classify_timeline`."""
         from lightning_influence.evaluation.patterns import classify_timeline
 

@@ -13,7 +13,7 @@ records ``w_{i,t}`` per row (and the micro-batch of every row, and ``A`` per ste
 estimators and the ground truth read them here, so one description serves all of them.
 Removing sample ``j`` sets ``w_{j,t} = 0`` and keeps the others (math §2).
 
-Pure numpy/torch: no Lightning.
+Derivation, refusals and measurements: ``docs/step-semantics.md``. Pure numpy/torch: no Lightning.
 """
 
 from __future__ import annotations
@@ -92,11 +92,13 @@ def step_weights(log: Any, step: int) -> StepWeights:
     return StepWeights(log.weights(step), log.micro_index(step), int(log.step_column(step, "accumulate")))
 
 
-def check_reduction(returned: float, losses: Tensor, accumulate: int, step: int) -> None:
+def check_reduction(returned: float, losses: Tensor, accumulate: int, step: int,
+                    dtype: torch.dtype | None = None) -> None:
     """Refuse a training loss that is not ``mean(per-sample losses)``, at the step it is seen.
 
     ``returned`` is the loss Lightning back-propagated for the micro-batch (already divided by
-    ``accumulate``); ``losses`` the per-sample losses of the same micro-batch.
+    ``accumulate``); ``losses`` the per-sample losses of the same micro-batch; ``dtype`` the
+    returned loss's dtype (a half-precision mean is only that precise: the tolerance follows it).
 
     Raises:
         LossReductionError: with what was returned, what the mean is, and what to do.
@@ -105,11 +107,13 @@ def check_reduction(returned: float, losses: Tensor, accumulate: int, step: int)
     mean = float(per_sample.mean())
     got = float(returned) * accumulate
     scale = max(float(per_sample.abs().mean()), 1e-12)
-    if not (np.isfinite(got) and np.isfinite(mean)) or abs(got - mean) <= REDUCTION_RTOL * scale:
+    coarsest = max(torch.finfo(d).eps for d in (losses.dtype, dtype or losses.dtype) if d.is_floating_point)
+    rtol = max(REDUCTION_RTOL, 16 * coarsest)
+    if not (np.isfinite(got) and np.isfinite(mean)) or abs(got - mean) <= rtol * scale:
         return  # (non-finite losses are refused by the log writer, naming the samples)
     n = per_sample.numel()
     total = float(per_sample.sum())
-    what = (f"the sum of the per-sample losses ({total:.6g})" if abs(got - total) <= REDUCTION_RTOL * scale * n
+    what = (f"the sum of the per-sample losses ({total:.6g})" if abs(got - total) <= rtol * scale * n
             else "neither their mean nor their sum")
     raise LossReductionError(
         f"InfluenceTracker: at step {step} training_step returned a loss of {got:.6g} for a micro-batch of {n} samples, "
