@@ -88,7 +88,7 @@ def run_config(name: str, trainer_kw: dict[str, Any], hyper: dict[str, Any], dat
     timer = time.perf_counter()
     loo = replay_loo(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss, copies=args.copies)
     out["seconds"]["replay_loo"] = time.perf_counter() - timer
-    out["replay_drift"] = float(loo.info["replay_drift"]["max_abs"] if loo.info["replay_drift"]["checkpoints_compared"] else 0.0)
+    out["replay_drift"] = loo.info["replay_drift"]["max"]
     tls = {}
     for hvp in ("exact", "fd"):
         timer = time.perf_counter()
