@@ -1,6 +1,6 @@
 """Accuracy on runs with gradient clipping and gradient accumulation: DIT, TracIn, Diff-In vs replay LOO.
 
-    python benchmarks/step_runs.py [--n-train 180] [--epochs 6] [--clip 0.5] [--configs all]
+    python benchmarks/step_runs.py [--n-train 180] [--epochs 6] [--clip 0.5] [--configs all] [--linear-response K]
 
 The setup of ``benchmarks/accuracy.py`` (digits, float64, tanh MLP, batch 20, SGD with a step LR
 schedule and weight decay, a real ``lightning.Trainer`` with the tracker, full per-sample gradients
@@ -17,7 +17,9 @@ leave-one-out truth (math §6; the removal replays the recorded micro-batches, w
 clipping) for the windows whole run, first epoch, second half and last epoch: DIT exact and
 finite-difference HVPs (one timeline sweep each), TracIn, Diff-In (step form). Reported: Pearson,
 Spearman, the share of steps the clipping bound, the incomplete steps, and the replay drift (the
-LOO reference run against the logged checkpoints).
+LOO reference run against the logged checkpoints). ``--linear-response K`` also replays the removal
+of ``ε = 1e-3`` of each of ``K`` samples: DIT's own error is its gap to that linear response, the
+rest of its gap to LOO is the nonlinearity of removing a whole sample.
 
 Prints a table and writes JSON (``benchmarks/results/`` is git-ignored).
 """
@@ -44,26 +46,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import agreement, ce_loss, make_module, train, windows_of  # noqa: E402
 
+from lightning_influence.capture import call_with_params  # noqa: E402
 from lightning_influence.data import WithIds  # noqa: E402
 from lightning_influence.estimators import diffin, timeline, tracin  # noqa: E402
 from lightning_influence.evaluation.ground_truth import replay_loo  # noqa: E402
 from lightning_influence.examples.digits import load_digits_split  # noqa: E402
 from lightning_influence.log import InfluenceLog  # noqa: E402
 from lightning_influence.queries import mean_loss  # noqa: E402
+from lightning_influence.replay import replay  # noqa: E402
+from lightning_influence.step.weights import step_summary  # noqa: E402
 
 TARGET = 0.97  # whole-run Spearman of DIT (exact) against replay LOO (issue 11)
 
 
-def step_facts(log: InfluenceLog) -> dict[str, Any]:
-    """How the recorded steps differ from a plain batch mean: clipping that bound, incomplete accumulations."""
-    coefs = np.array([float(log.step_column(t, "clip_coef")) for t in range(log.num_steps)])
-    clipped = np.isfinite(coefs)
-    plain = [t for t in range(log.num_steps) if np.allclose(log.weights(t), 1.0 / len(log.batch_ids(t)))]
-    incomplete = [t for t in range(log.num_steps) if len(set(log.micro_index(t).tolist())) < int(log.step_column(t, "accumulate"))]
-    return {"clip_bound_fraction": float((coefs[clipped] < 1).mean()) if clipped.any() else 0.0,
-            "clip_coef_median": float(np.median(coefs[clipped])) if clipped.any() else None,
-            "incomplete_accumulation_steps": incomplete,
-            "steps_not_a_plain_mean": log.num_steps - len(plain)}
+def linear_response(log: InfluenceLog, Net: Any, train_ds: Any, query: Any, ids: np.ndarray, eps: float = 1e-3) -> np.ndarray:
+    """``(f(θ_T^{−ε j}) − f(θ_T))/ε``: the effect of down-weighting sample ``j`` by ``ε`` (replayed with the
+    recorded weights and clipping), the quantity DIT linearises; its gap to LOO is the nonlinearity of removal."""
+    def final(weights: Any) -> float:
+        last = None
+        for rs in replay(log, Net().double(), train_ds, 0, None, loss_fn=ce_loss, weights=weights, verify=False):
+            last = rs
+        return float(call_with_params(Net().double(), query, last.params))
+
+    base = final(None)
+    out = [(final(lambda t, b, j=int(j): torch.tensor([1.0 - eps if i == j else 1.0 for i in b], dtype=torch.float64))
+            - base) / eps for j in ids]
+    return np.array(out)
 
 
 def run_config(name: str, trainer_kw: dict[str, Any], hyper: dict[str, Any], data: dict[str, Any],
@@ -76,11 +84,11 @@ def run_config(name: str, trainer_kw: dict[str, Any], hyper: dict[str, Any], dat
     wins = windows_of(log)
     grid = sorted({t for w in wins.values() for t in w})
     out: dict[str, Any] = {"trainer": trainer_kw, "hyper": hyper, "T": log.num_steps, "N": log.dataset_size,
-                           **step_facts(log), "seconds": {"train": time.perf_counter() - t0}, "results": {}}
+                           **step_summary(log), "seconds": {"train": time.perf_counter() - t0}, "results": {}}
     timer = time.perf_counter()
     loo = replay_loo(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss, copies=args.copies)
     out["seconds"]["replay_loo"] = time.perf_counter() - timer
-    out["replay_drift"] = loo.info["reference_max_deviation_from_log"]
+    out["replay_drift"] = loo.info["replay_drift"]["max"]
     tls = {}
     for hvp in ("exact", "fd"):
         timer = time.perf_counter()
@@ -98,6 +106,18 @@ def run_config(name: str, trainer_kw: dict[str, Any], hyper: dict[str, Any], dat
                                            form="step", hvp="exact", loss_fn=ce_loss).column(0)
         out["seconds"]["diffin"] += time.perf_counter() - timer
         out["results"][wname] = {k: agreement(v, truth) for k, v in est.items()}
+    if args.linear_response:  # whole run, samples spread over DIT's ranking
+        t1, t2 = wins["whole run"]
+        d = tls["exact"].window(t1, t2).column(0)
+        ids = np.argsort(d)[np.linspace(0, len(d) - 1, args.linear_response).astype(int)]
+        timer = time.perf_counter()
+        lin = linear_response(log, Net, train_ds, query, ids)
+        out["seconds"]["linear_response"] = time.perf_counter() - timer
+        truth = loo.window(t1, t2)[np.searchsorted(loo.ids, ids)]
+        out["linear_response"] = {"samples": len(ids), "dit vs linear response": agreement(d[ids], lin),
+                                  "dit max relative error": float(np.abs(d[ids] - lin).max() / np.abs(lin).max()),
+                                  "linear response vs replay LOO": agreement(lin, truth),
+                                  "dit vs replay LOO (these samples)": agreement(d[ids], truth)}
     out["seconds"]["total"] = time.perf_counter() - t0
     log.close()
     return out
@@ -115,6 +135,12 @@ def print_table(name: str, res: dict[str, Any]) -> None:
             if est == "dit (exact)" and wname == "whole run":
                 flag = "  ok" if m["spearman"] >= TARGET else f"  MISSED (target {TARGET})"
             print(f"{wname:<13} {est:<20} {m['pearson']:>8.4f} {m['spearman']:>9.4f}{flag}")
+    if "linear_response" in res:
+        lr = res["linear_response"]
+        print(f"whole run, {lr['samples']} samples, removal by ε = 1e-3 replayed (the linear response DIT computes):")
+        for key in ("dit vs linear response", "linear response vs replay LOO", "dit vs replay LOO (these samples)"):
+            print(f"  {key:<34} pearson {lr[key]['pearson']:.4f} spearman {lr[key]['spearman']:.4f}")
+        print(f"  dit max relative error vs linear response {lr['dit max relative error']:.1e}")
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
 
 
@@ -128,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--copies", type=int, default=181, help="LOO runs trained together per pass")
     parser.add_argument("--configs", default="all", help="comma-separated config names, or 'all'")
+    parser.add_argument("--linear-response", type=int, default=0, metavar="K",
+                        help="also replay an ε-removal of K samples: separates DIT's error from removal's nonlinearity")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "step_runs.json"))
     args = parser.parse_args(argv)

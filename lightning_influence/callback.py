@@ -618,8 +618,15 @@ class InfluenceTracker(Callback):
         """Projected per-sample gradients of ``names`` no hook covers: ``vmap`` over samples, or, when the forward
         drew random numbers (dropout), one batched forward with the step's masks (``per_sample_grads_masked``)."""
         if micro.random.drew:
-            return per_sample_grads_masked(pl_module, self._loss, self._micro(micro),
-                                           self._precision, names, params, self._projector)
+            was = self._capture is not None and self._capture.enabled
+            if was:
+                self._capture.disable()  # its plain forward must not feed the hooks
+            try:
+                return per_sample_grads_masked(pl_module, self._loss, self._micro(micro), self._precision, names,
+                                               params, self._projector)
+            finally:
+                if was:
+                    self._capture.enabled = True
         with self._replaying(micro):
             return per_sample_grads_vmap(pl_module, self._loss, micro.batch, names, self._projector, params=params)
 

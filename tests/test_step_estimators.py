@@ -31,15 +31,38 @@ def query(m: Any) -> torch.Tensor:
     return m.per_sample_loss(VAL).mean()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: Any) -> tuple[InfluenceLog, Any, Any]:
-    tmp = tmp_path_factory.mktemp("acc_clip")
+VALUE_CLIP = 0.02  # value clipping: binds on some entries of most steps
+
+
+def _tracked_run(tmp: Any, **clipping: Any) -> tuple[InfluenceLog, Any, Any]:
     torch.manual_seed(0)
     m = TinyClassifier(lr=0.8, weight_decay=WD).double()
     ds = make_data(N)
     tracker = InfluenceTracker(str(tmp / "log"), checkpoint_every_n_steps=1, record_gradients=True, storage_dtype="float64")
-    fit(m, loader(ds, BATCH), tracker, epochs=2, accumulate_grad_batches=ACC, gradient_clip_val=CLIP)
+    fit(m, loader(ds, BATCH), tracker, epochs=2, accumulate_grad_batches=ACC, **clipping)
     return InfluenceLog(tmp / "log"), ds, lambda: TinyClassifier().double()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: Any) -> tuple[InfluenceLog, Any, Any]:
+    return _tracked_run(tmp_path_factory.mktemp("acc_clip"), gradient_clip_val=CLIP)
+
+
+@pytest.fixture(scope="module")
+def value_run(tmp_path_factory: Any) -> tuple[InfluenceLog, Any, Any]:
+    return _tracked_run(tmp_path_factory.mktemp("acc_value_clip"), gradient_clip_val=VALUE_CLIP,
+                        gradient_clip_algorithm="value")
+
+
+def _norm_clip_jacobian(g: torch.Tensor) -> torch.Tensor:
+    """d/dg [g c/(‖g‖+ε)] = c/(n+ε) I − c g gᵀ/(n (n+ε)²) where the clip binds, else I."""
+    n = float(g.norm())
+    eye = torch.eye(len(g), dtype=torch.float64)
+    return CLIP / (n + 1e-6) * eye - CLIP * torch.outer(g, g) / (n * (n + 1e-6) ** 2) if CLIP / (n + 1e-6) < 1 else eye
+
+
+def _value_clip_jacobian(g: torch.Tensor) -> torch.Tensor:
+    return torch.diag((g.abs() < VALUE_CLIP).double())
 
 
 def _flat(log: InfluenceLog, t: int, names: list[str]) -> torch.Tensor:
@@ -70,7 +93,8 @@ def test_recorded_clipping_binds_and_weights_are_lightnings(run: Any) -> None:
     assert sorted({len(log.batch_ids(t)) for t in range(log.num_steps)}) == [2, 12]
 
 
-def _brute_force(log: InfluenceLog, ds: Any, make: Any, gauss_newton: bool = False) -> np.ndarray:
+def _brute_force(log: InfluenceLog, ds: Any, make: Any, gauss_newton: bool = False, clip_jacobian: Any = _norm_clip_jacobian
+                 ) -> np.ndarray:
     """F_j = ⟨q_T, δ_j(T)⟩ by the explicit float64 recursion with dense Hessians and the clipping Jacobian
     written out: δ_{t+1} = δ_t − η_t [J_C(ĝ_t)(H_t δ_t − w_{j,t} g_{j,t}) + λ δ_t], all from θ_t in the log."""
     m = make()
@@ -94,11 +118,7 @@ def _brute_force(log: InfluenceLog, ds: Any, make: Any, gauss_newton: bool = Fal
             H = J.T @ (w[:, None] * J)
         else:
             H = torch.autograd.functional.hessian(lambda y: (w * losses_at(y, batch)).sum(), x)
-        n = float(g.norm())
-        if CLIP / (n + 1e-6) < 1:  # d/dg [g c/(‖g‖+ε)] = c/(n+ε) I − c g gᵀ/(n (n+ε)²)
-            Jc = CLIP / (n + 1e-6) * torch.eye(p, dtype=torch.float64) - CLIP * torch.outer(g, g) / (n * (n + 1e-6) ** 2)
-        else:
-            Jc = torch.eye(p, dtype=torch.float64)
+        Jc = clip_jacobian(g)
         eta = float(log.lr(t)[0])
         removal = torch.zeros(N, p, dtype=torch.float64)
         removal[torch.from_numpy(ids)] = w[:, None] * J
@@ -116,6 +136,18 @@ def test_dit_with_accumulation_and_clipping_equals_the_explicit_recursion(run: A
     err = np.abs(s - brute).max() / np.abs(brute).max()
     assert err < (1e-10 if hvp == "exact" else 1e-5), err
     assert np.abs(brute).max() > 1e-3
+
+
+def test_value_clipping_in_dit_and_gauss_newton_equals_the_explicit_recursion(value_run: Any) -> None:
+    log, ds, make = value_run
+    coefs = [float(log.step_column(t, "clip_coef")) for t in range(log.num_steps)]
+    assert sum(c < 1 for c in coefs) >= log.num_steps // 2, coefs
+    brute = _brute_force(log, ds, make, clip_jacobian=_value_clip_jacobian)
+    s = dit(log, query, module=make(), train_data=ds, loss_fn=loss_fn).scores[:, 0]
+    assert np.abs(s - brute).max() / np.abs(brute).max() < 1e-10
+    brute_gn = _brute_force(log, ds, make, gauss_newton=True, clip_jacobian=_value_clip_jacobian)
+    s = dit_gauss_newton(log, query, module=make()).scores[:, 0]
+    assert np.abs(s - brute_gn).max() / np.abs(brute_gn).max() < 1e-10
 
 
 def test_gauss_newton_dit_uses_the_weights_and_the_clipping_jacobian(run: Any) -> None:

@@ -233,3 +233,67 @@ def test_random_augmentation_is_refused_at_the_first_step_unless_inputs_are_stor
     with pytest.raises(Exception, match="at step 3"):  # the dataset by id gives other (freshly augmented) inputs
         log.micro_batches, real = (lambda t: [type(m)(m.ids, m.cpu_rng) for m in real(t)]), log.micro_batches
         list(replay(log, tiny(dropout=0.2), WithIds(ds), 0, None, tolerance=0.0))
+
+
+# ------------------------------------------------------------------------------------ attention
+class _TinyTransformer(nn.Module):
+    """Embedding, LayerNorm, one TransformerEncoderLayer (dropout 0.1), mean pooling, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = nn.Embedding(7, 8)
+        self.norm = nn.LayerNorm(8)
+        self.enc = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.norm(self.tok(x))).mean(1))
+
+    def per_sample_loss(self, batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_exact_hvp_through_attention_with_the_training_masks(train_mode):
+    """H v and (<g_i, v>)_i through a TransformerEncoderLayer (scaled_dot_product_attention), with its dropout masks in
+    train mode, equal central differences of plain gradients taken under the same random state (float64); in eval
+    mode (no dropout, the fused attention kernel) forward-over-reverse also works, through the math kernel only."""
+    from torch.func import grad, jvp
+
+    from lightning_influence.step.micro import exact_kernels
+
+    module = _TinyTransformer().double().train(train_mode)
+    x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 3, (5,))
+    step = _step_of(x, y)
+    loss_fn = lambda m, b: m.per_sample_loss(b)  # noqa: E731
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+    w = torch.rand(5, dtype=torch.float64)
+    (hv,), jv = step.curvature_products(module, loss_fn, params, w, [v])
+
+    def grads_and_losses(p):
+        leaves = {n: t.clone().requires_grad_(True) for n, t in p.items()}
+        losses = step.losses(module, loss_fn, leaves)  # the recorded random state: the training masks
+        return torch.autograd.grad((w * losses).sum(), list(leaves.values())), losses.detach()
+
+    eps = 1e-6
+    (gp, lp), (gm, lm) = [grads_and_losses({n: params[n] + s * eps * v[n] for n in params}) for s in (1, -1)]
+    for (n, a), b, c in zip(hv.items(), gp, gm):
+        torch.testing.assert_close(a, (b - c) / (2 * eps), rtol=1e-6, atol=1e-8, msg=n)
+    torch.testing.assert_close(jv[0], (lp - lm) / (2 * eps), rtol=1e-6, atol=1e-8)
+    if not train_mode:
+        def loss(p, exact):
+            return (w * step.losses(module, loss_fn, p, exact=exact)).sum()
+
+        _, fwd = jvp(grad(lambda p: loss(p, True)), (params,), (v,))
+        for n in hv:
+            torch.testing.assert_close(fwd[n], hv[n], rtol=1e-9, atol=1e-11)
+        with pytest.raises(Exception, match="forward AD|not implemented|jvp"):  # the fused kernel has no forward AD
+            jvp(grad(lambda p: loss(p, False)), (params,), (v,))
+
+
+def _step_of(x, y):
+    from lightning_influence.step.micro import Step
+
+    return Step(0, [MicroBatch(np.arange(len(y)), (x, y), rng.capture())])

@@ -156,3 +156,26 @@ def test_faithful_clipping_override_is_accepted(tmp_path: Any) -> None:
     log, ds, m = tracked_run(tmp_path, module=m, gradient_clip_val=0.05)
     assert m.calls == log.num_steps and log.meta["gradient_clipping"]["configure_gradient_clipping"].startswith("overridden")
     assert replay_exactly(log, ds, TinyClassifier(lr=0.5, momentum=0.9).float()) == log.num_steps + 1
+
+
+def test_reduction_check_tolerates_rounding_not_other_reductions() -> None:
+    from lightning_influence.step.weights import check_reduction
+
+    losses = torch.rand(8, generator=torch.Generator().manual_seed(0)) + 0.5
+    check_reduction(float(losses.mean() / 2), losses, 2, 0)  # the mean, divided by A: accepted
+    bf16 = losses.to(torch.bfloat16)
+    check_reduction(float(bf16.mean()), bf16, 1, 0, torch.bfloat16)  # a bfloat16 mean: accepted at its precision
+    with pytest.raises(LossReductionError, match="sum of the per-sample losses"):
+        check_reduction(float(losses.sum()), losses, 1, 3)
+    with pytest.raises(LossReductionError, match="neither their mean nor their sum"):
+        check_reduction(float(losses.mean() + 0.01), losses, 1, 3)  # an added regulariser
+
+
+def test_info_describes_accumulation_and_clipping(tmp_path: Any, capsys: Any) -> None:
+    from lightning_influence.cli import main
+
+    log, _, _ = tracked_run(tmp_path, gradient_clip_val=0.05, accumulate_grad_batches=2)
+    assert main(["info", str(tmp_path / "log")]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][0]
+    assert "accumulate_grad_batches 2, 2 incomplete accumulation step(s)" in row
+    assert "norm clipping at 0.05, bound on" in row

@@ -85,7 +85,10 @@ METHODS: dict[str, Method] = {
                           "Diff-In self-influence I(z, z) for data cleaning (ignores --query)", query=False),
     "tracin": Method("lightning_influence.estimators.tracin:tracin", "model", ("gradients",),
                      "TracIn: sum over the window's steps of lr/|B| <q_t, g_j,t> (first order, math §5)"),
+    "tracin-self": Method("lightning_influence.estimators.tracin:tracin_self_influence", "log", ("gradients",),
+                          "TracIn self-influence: sum of lr/|B| |g_j,t|^2 (data cleaning; ignores --query)", query=False),
 }
+DISTRIBUTED = {"tracin": "tracin", "tracin-self": "tracin_self_influence"}  # --devices/--num-nodes (distributed.run)
 DEFAULT_METHODS = ("dit", "tracin")  # the first one installed is the default
 _RECORD_FLAGS = {"gradients": ("per-sample gradients", "record_gradients=True"),
                  "hvp": ("Hessian-gradient products (H_z·G_B)", "record_gradients=True, record_hvp=True"),

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import numpy as np
 
-from lightning_influence.cli.common import (PROG, csv_text, emit, flip_cell, format_table, json_text, output_format,
-                                            parse_window, progress_bar, ranked, sign_line)
+from lightning_influence.cli.common import (PROG, UserError, csv_text, emit, flip_cell, format_table, json_text,
+                                            output_format, parse_window, progress_bar, ranked, sign_line)
 from lightning_influence.cli.context import prepare
-from lightning_influence.cli.methods import METHODS, method_help, run_method
+from lightning_influence.cli.methods import DISTRIBUTED, METHODS, method_help, run_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
+from lightning_influence.distributed import DistributedQueryError, global_rank, launched_outside, run
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -26,19 +28,30 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="steps '100:500', fractions '0.8:1.0' or epochs 'epoch 3:5' (epochs 3 and 4); empty ends mean "
                         "start/end; repeatable; default: the whole run")
     p.add_argument("--top", "-k", type=int, default=10, help="rows per window and query (0: all samples; default 10)")
+    g = p.add_argument_group("several processes (docs/scaling.md; methods: " + ", ".join(DISTRIBUTED) + ")")
+    g.add_argument("--devices", type=int, default=1, metavar="N", help="processes per node (default 1)")
+    g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="nodes (default 1; launch with torchrun/SLURM)")
+    g.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu", help="gloo on CPUs or nccl on GPUs")
     p.set_defaults(func=cmd_query)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     log, ctx = prepare(args)
+    parallel = args.devices * args.num_nodes > 1 or launched_outside()
+    if parallel and args.method not in DISTRIBUTED:
+        raise UserError(f"--method {args.method} runs in one process; --devices/--num-nodes apply to "
+                        f"{', '.join(DISTRIBUTED)} (docs/scaling.md)")
     specs = args.query or [parse_query("val_loss")]
     windows = [(w, parse_window(log, w)) for w in (args.window or [None])]
-    query, names = build_query(specs, ctx)
+    query, names = build_query(specs, ctx) if METHODS[args.method].query else (None, [])
     results = []
     for spec_text, (t1, t2) in windows:
         label = spec_text or "whole run"
-        progress = progress_bar(args, f"{args.method} [{t1}, {t2})")
-        scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp)
+        progress = progress_bar(args, f"{args.method} [{t1}, {t2})") if os.environ.get("LOCAL_RANK", "0") == "0" else None
+        if parallel:
+            scores = _distributed(args, query, ctx, (t1, t2), progress)
+        else:
+            scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp)
         for qi, qname, is_loss in query_columns(scores.query_names, names, specs):
             s = scores.column(qi)
             ids = ranked(s, args.sort, args.top)
@@ -50,6 +63,8 @@ def cmd_query(args: argparse.Namespace) -> int:
                             "steps": [int(t1), int(t2)], "n_samples": int(len(s)), "rows": rows,
                             "flipped_total": len(ctx.flipped) if ctx and ctx.flipped is not None else None,
                             "info": scores.info})
+    if parallel and global_rank() != 0:
+        return 0  # rank 0 writes the result
     fmt = output_format(args)
     if fmt == "json":
         emit(args, json_text({"log": args.log, "results": results}))
@@ -62,6 +77,19 @@ def cmd_query(args: argparse.Namespace) -> int:
     else:
         emit(args, "\n\n".join(_query_text(res, args) for res in results))
     return 0
+
+
+def _distributed(args: argparse.Namespace, query: Any, ctx: Any, window: tuple[int, int], progress: Any) -> Any:
+    """The method on ``--devices × --num-nodes`` processes (this command re-run in each, Lightning's ``ddp``)."""
+    try:
+        return run(DISTRIBUTED[args.method], args.log, query, module=ctx.module if ctx is not None else None,
+                   window=window, devices=args.devices, num_nodes=args.num_nodes, strategy="ddp",
+                   accelerator=args.accelerator, progress=progress)
+    except DistributedQueryError as err:
+        raise UserError(str(err)) from None
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def _query_text(res: dict[str, Any], args: argparse.Namespace) -> str:

@@ -250,11 +250,16 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
     """``H_B v`` for the ``C`` vectors ``V`` (tracked parameters) at ``params``: the Hessian of the
     step's loss ``Σ w_i ℓ_i`` (default: the batch mean), its tracked block. ``fd``: central differences of the batch gradient at
     ``θ ± ε v̂`` with ``ε = eps0 (1 + ‖θ‖)/√p`` (:func:`~lightning_influence.capture.parameter_epsilon`),
-    all ``C`` directions in one vectorised call; ``exact``: forward-over-reverse."""
+    all ``C`` directions in one vectorised call; ``exact``: reverse-over-reverse for a step's batch
+    (:meth:`~lightning_influence.step.micro.Step.curvature_products`), else forward-over-reverse."""
     names = ctx.names
     C = next(iter(V.values())).shape[0]
     fixed = {n: t.detach() for n, t in params.items()}
 
+    if ctx.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse from one forward with the step's masks
+        wt = torch.full((len(batch.ids),), 1.0 / len(batch.ids), dtype=ctx.dtype) if w is None else w
+        hr, _ = batch.curvature_products(ctx.module, ctx.loss_fn, fixed, wt, [{n: V[n][c] for n in names} for c in range(C)])
+        return {n: torch.stack([h[n] for h in hr]) for n in names}
     if ctx.hvp == "exact":
         def loss_all(p: dict[str, Tensor]) -> Tensor:
             return _weighted(ctx.losses(p, batch, exact=True), w)
@@ -277,7 +282,18 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
     def per_dir(x: Tensor, t: Tensor) -> Tensor:  # (C,) -> broadcastable against (C, *shape)
         return x.reshape(C, *([1] * (t.dim() - 1)))
 
-    g = vmap(grad(loss_tracked), randomness="same")  # every direction with the step's dropout masks
+    def plain(p: dict[str, Tensor]) -> dict[str, Tensor]:  # direction by direction, outside vmap
+        rows: dict[str, list[Tensor]] = {n: [] for n in names}
+        for c in range(C):
+            leaves = {n: p[n][c].detach().requires_grad_(True) for n in names}
+            with torch.enable_grad():
+                gs = torch.autograd.grad(loss_tracked(leaves), [leaves[n] for n in names], allow_unused=True)
+            for n, gi in zip(names, gs):
+                rows[n].append(torch.zeros_like(leaves[n]) if gi is None else gi)
+        return {n: torch.stack(v) for n, v in rows.items()}
+
+    # a step that drew random numbers: plain passes keep its dropout masks (a forward inside vmap may not)
+    g = plain if isinstance(batch, Step) and batch.drew else vmap(grad(loss_tracked))
     shift = {n: V[n] * per_dir(unit, V[n]) for n in names}
     plus = g({n: fixed[n].unsqueeze(0) + shift[n] for n in names})
     minus = g({n: fixed[n].unsqueeze(0) - shift[n] for n in names})

@@ -69,6 +69,7 @@ from lightning_influence.replay import (
 )
 from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.micro import Step
+from lightning_influence.step.precision import Precision
 from lightning_influence.step.clipping import clip_gradient, logged_clip_adjoint, logged_clip_spec, rows_are_projected
 from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
 
@@ -206,26 +207,11 @@ def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Te
 
 def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """``(H_t R, J_t R)``: Hessian of the weighted batch loss ``Σ w_i ℓ_i`` times ``R`` ``(p, C)`` and the
-    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, by forward-over-reverse, every
-    micro-batch with its training dropout masks (the ``C`` columns share them: ``randomness="same"``)
-    and attention through a kernel with forward-mode AD."""
-    module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
-
-    def f(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        losses = batch.losses(module, loss_fn, p, exact=True)
-        return (w * losses).sum(), losses
-
-    gf = torch.func.grad(f, has_aux=True)
-
-    def one(r: Tensor) -> tuple[Tensor, Tensor]:
-        _, (hv, jv) = torch.func.jvp(gf, (params,), (unflatten(r, shapes),))
-        return flatten(hv, names), jv
-
-    if R.shape[1] == 1:
-        hr, jr = one(R[:, 0])
-        return hr.unsqueeze(1), jr.unsqueeze(0)
-    HR, JR = torch.func.vmap(one, in_dims=1, out_dims=(1, 0), randomness="same")(R)
-    return HR, JR
+    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, exactly, by reverse-over-reverse from one
+    plain forward with every micro-batch's training dropout masks (:meth:`Step.curvature_products`)."""
+    directions = [unflatten(R[:, c], ctx.shapes) for c in range(R.shape[1])]
+    hr, jr = batch.curvature_products(ctx.module, ctx.loss_fn, params, w, directions)
+    return torch.stack([flatten(h, ctx.names) for h in hr], dim=1), jr
 
 
 def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -250,6 +236,17 @@ def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tenso
     return HR, torch.stack(JR)
 
 
+def _batch_eps0(ctx: _Context) -> float:
+    """DIT's finite-difference ``ε_0``. Its products are batch means, without the per-sample kink guard that keeps
+    per-sample rows small-step, so in float32 it takes a step where rounding no longer dominates: max |DIT fd − DIT
+    exact| / max |DIT exact| on a float32 dropout MLP fell from 6.8e-4 at 1e-3 to 2.2e-5 at 3e-2 (1.4e-5 at 1e-1,
+    7e-5 at 3e-1; benchmarks/random_runs.py). Under autocast the autocast dtype's rounding sets the step."""
+    autocast = Precision.from_meta(ctx.log.meta.get("precision")).autocast_dtype
+    if autocast is not None:
+        return default_eps0(getattr(torch, autocast))
+    return 3e-2 if ctx.dtype == torch.float32 else default_eps0(ctx.dtype)
+
+
 def _query_matrix(ctx: _Context, query: Query, params: Mapping[str, Tensor]) -> tuple[Tensor, list[str]]:
     grads, values = query_gradients(ctx.module, query, ctx.names, params)
     Q = len(values)
@@ -271,7 +268,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if eps0 is None:
-        eps0 = default_eps0(ctx.dtype)
+        eps0 = _batch_eps0(ctx)
     acts = sorted({int(s) for s in activations if t_lo < s <= t_hi})
     N = ctx.log.dataset_size
     U: Tensor | None = None  # λ_θ (p, C)
@@ -382,7 +379,8 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
             (see :meth:`InfluenceLog.window`); ``None`` is the whole run.
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         hvp: ``"exact"`` (forward-over-reverse) or ``"fd"`` (central differences of gradients).
-        eps0: finite-difference ``ε_0`` (default 1e-5 in float64, 1e-3 otherwise).
+        eps0: finite-difference ``ε_0`` (default 1e-5 in float64, 3e-2 in float32, ``u^{1/3}`` of the autocast
+            dtype under mixed precision; see ``_batch_eps0``).
         verify, tolerance: check the replayed ``θ_t`` against every checkpoint passed and re-anchor there;
             stop if a drift exceeds ``tolerance`` (:mod:`lightning_influence.replay_drift`; default 1%).
             The drifts are in ``info["replay_drift"]``.
@@ -464,7 +462,7 @@ class Timeline:
         return self.query_names.index(query) if isinstance(query, str) else int(query)
 
     def patterns(self, query: int | str = 0, thresholds: Any = None) -> Any:
-        """Temporal pattern of each sample (stable / early / late / fluctuating), from
+        """Temporal pattern of each sample (negligible / stable / early / late / fluctuating), from
         :func:`lightning_influence.evaluation.patterns.classify_timeline`."""
         from lightning_influence.evaluation.patterns import classify_timeline
 

@@ -15,15 +15,16 @@ With gradients recorded every ``n`` steps, each recorded step stands for ``n`` s
 from __future__ import annotations
 
 import bisect
-from typing import Any, Callable, Mapping
+import functools
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
-from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.log.reader import InfluenceLog, StepBatch
 from lightning_influence.step.clipping import logged_clip_adjoint, logged_clip_spec, rows_are_projected
 from lightning_influence.queries import Query, query_gradients, query_names
 
@@ -74,22 +75,59 @@ def tracin(log: InfluenceLog, query: Query | QueryGradients, *, module: nn.Modul
         raise ValueError(f"no query gradient at or before step {t1} (checkpoints: {ckpt_steps})")
     n_queries = next(iter(qgrads.values())).shape[0]
     names = names or [f"q{i}" for i in range(n_queries)]
+    scores = np.zeros((log.dataset_size, n_queries))
+    n_steps = 0
+    for rec, G, eta, adjoint in _applied_steps(log, t1, t2, progress):
+        q = qgrads[ckpt_steps[bisect.bisect_right(ckpt_steps, rec.step) - 1]]
+        eta_q = adjoint(torch.from_numpy(np.ascontiguousarray((q * eta).T)))  # (K, Q): η_t per column, J_Cᵀ applied
+        np.add.at(scores, rec.ids, rec.weights[:, None] * (G @ eta_q.numpy()))
+        n_steps += 1
+    every = int(log.meta.get("every_n_steps", 1))
+    return InfluenceScores(scores, "tracin" if every == 1 else f"tracin (every {every} steps)", (t1, t2), names,
+                           info={"steps_with_gradients": n_steps, "checkpoints_used": ckpt_steps})
+
+
+@estimator_api
+def tracin_self_influence(log: InfluenceLog, query: None = None, *, window: Any = None,
+                          progress: Callable[[int, int], None] | None = None) -> InfluenceScores:
+    """TracIn self-influence ``Σ_t η_t w_{j,t} ⟨g_{j,t}, J_{C,t} g_{j,t}⟩`` of every sample, from the log alone.
+
+    The query is each sample's own loss at the step (``q_t = g_{j,t}``, so no checkpoint and no model are
+    needed): the first-order rise of its own loss if it were removed. Larger = the model fits the sample
+    only because it trains on it (mislabelled samples score high: Pruthi et al. 2020); ``≥ 0`` without
+    clipping. Computed over the projected rows when the log holds projected gradients.
+    """
+    if query is not None:
+        raise TypeError("tracin_self_influence() answers each sample's own loss and takes no query; pass query=None")
+    t1, t2 = log.window(window)
+    scores = np.zeros((log.dataset_size, 1))
+    n_steps = 0
+    for rec, G, eta, adjoint in _applied_steps(log, t1, t2, progress):
+        own = adjoint(torch.from_numpy(np.ascontiguousarray((G * eta).T))).numpy()  # (K, B): J_Cᵀ η g_j per sample
+        np.add.at(scores[:, 0], rec.ids, rec.weights * np.einsum("bk,kb->b", G, own))
+        n_steps += 1
+    return InfluenceScores(scores, "tracin-self", (t1, t2), ["self"], info={"steps_with_gradients": n_steps})
+
+
+def _applied_steps(log: InfluenceLog, t1: int, t2: int, progress: Callable[[int, int], None] | None
+                   ) -> Iterator[tuple[StepBatch, np.ndarray, np.ndarray, Callable[[Tensor], Tensor]]]:
+    """Each step of ``[t1, t2)`` with gradient rows: its records, the rows in float64 ``(B, K)``, ``η_t`` of each
+    column (times ``every_n_steps``) and ``R ↦ J_{C,t}ᵀ R``, the step's clipping adjoint (identity without)."""
     lr_columns = log.column_groups()
     every = int(log.meta.get("every_n_steps", 1))
     projected = rows_are_projected(log)
-    scores = np.zeros((log.dataset_size, n_queries))
-    n_steps = 0
     for rec in log.iter_steps(t1, t2, fields=("grad",)):
-        q = qgrads[ckpt_steps[bisect.bisect_right(ckpt_steps, rec.step) - 1]]
         G = rec.grads.astype(np.float64)
-        eta_q = torch.from_numpy(np.ascontiguousarray((q * (rec.lrs[lr_columns] * every)).T))  # (K, Q): η_t per column
         spec = logged_clip_spec(log, rec.step)
-        if spec is not None:
-            applied = torch.from_numpy(rec.weights @ G)
-            eta_q = logged_clip_adjoint(spec, float(log.step_column(rec.step, "clip_coef")), applied, eta_q, projected)
-        np.add.at(scores, rec.ids, rec.weights[:, None] * (G @ eta_q.numpy()))
-        n_steps += 1
+        if spec is None:
+            adjoint: Callable[[Tensor], Tensor] = lambda R: R  # noqa: E731
+        else:
+            applied, coef = torch.from_numpy(rec.weights @ G), float(log.step_column(rec.step, "clip_coef"))
+            adjoint = functools.partial(_clip_adjoint, spec, coef, applied, projected)
+        yield rec, G, rec.lrs[lr_columns] * every, adjoint
         if progress is not None:
             progress(rec.step - t1 + 1, t2 - t1)
-    return InfluenceScores(scores, "tracin" if every == 1 else f"tracin (every {every} steps)", (t1, t2), names,
-                           info={"steps_with_gradients": n_steps, "checkpoints_used": ckpt_steps})
+
+
+def _clip_adjoint(spec: Any, coef: float, applied: Tensor, projected: bool, R: Tensor) -> Tensor:
+    return logged_clip_adjoint(spec, coef, applied, R, projected)

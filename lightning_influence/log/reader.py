@@ -442,6 +442,12 @@ class InfluenceLog:
         """The GradScaler skipped the optimizer step ``step`` (``θ_{t+1} = θ_t``, optimizer state unchanged)."""
         return any(bool(self._segs[seg].table["skipped"][row]) for seg, row in self._locs(step))
 
+    def segment_starts(self) -> list[int]:
+        """First step of each segment file of rank 0 within the log's steps: a shard of steps that starts at
+        one of them shares no segment of rank 0 with the shard before it (ranks flush at the same steps)."""
+        firsts = self._rank_firsts[0] if self._rank_firsts and len(self.steps) else []
+        return [int(f) for f in firsts if self.steps[0] <= f <= self.steps[-1]]
+
     def has_grads(self, step: int) -> bool:
         return all(self._segs[seg].table["grad_offset"][row] >= 0 for seg, row in self._locs(step))
 

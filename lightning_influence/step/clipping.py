@@ -15,6 +15,7 @@ compose with the optimizer update's VJP in the DIT adjoint.
 
 The recorded *clip coefficient* of a step is the factor applied: ``min(1, c/(‖ĝ‖ + 1e-6))`` for
 norm clipping, ``min(1, c/max|ĝ|)`` (the factor of the largest entry) for value clipping.
+Derivation of the Jacobians and how each estimator applies them: ``docs/step-semantics.md``.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class StepRecorder:
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
             value /= float(scaler.get_scale())  # Lightning's hook sees the GradScaler-scaled loss
-        check_reduction(value, losses, accumulate, step)
+        check_reduction(value, losses, accumulate, step, returned.dtype)
 
     def _verify(self, optimizer: torch.optim.Optimizer) -> None:
         check, self._check = self._check, None

@@ -13,7 +13,7 @@ records ``w_{i,t}`` per row (and the micro-batch of every row, and ``A`` per ste
 estimators and the ground truth read them here, so one description serves all of them.
 Removing sample ``j`` sets ``w_{j,t} = 0`` and keeps the others (math §2).
 
-Pure numpy/torch: no Lightning.
+Derivation, refusals and measurements: ``docs/step-semantics.md``. Pure numpy/torch: no Lightning.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["LossReductionError", "StepWeights", "check_reduction", "lightning_weights", "step_weights"]
+__all__ = ["LossReductionError", "StepWeights", "check_reduction", "lightning_weights", "step_summary", "step_weights"]
 
 REDUCTION_RTOL = 1e-4
 """Relative agreement required between the loss ``training_step`` returned and the mean of the per-sample losses."""
@@ -92,11 +92,29 @@ def step_weights(log: Any, step: int) -> StepWeights:
     return StepWeights(log.weights(step), log.micro_index(step), int(log.step_column(step, "accumulate")))
 
 
-def check_reduction(returned: float, losses: Tensor, accumulate: int, step: int) -> None:
+def step_summary(log: Any) -> dict[str, Any]:
+    """How a log's steps differ from a plain batch mean (for ``info`` and the benchmarks): the accumulation
+    divisors, the steps whose micro-batches do not fill an accumulation, the clipping and where it bound."""
+    T = log.num_steps
+    accumulate = sorted({int(log.step_column(t, "accumulate")) for t in range(T)})
+    incomplete = [t for t in range(T) if len(np.unique(log.micro_index(t))) < int(log.step_column(t, "accumulate"))]
+    clipping = (log.meta.get("gradient_clipping") or {})
+    coefs = np.array([float(log.step_column(t, "clip_coef")) for t in range(T)])
+    clipped = np.isfinite(coefs)
+    return {"accumulate": accumulate, "incomplete_accumulation_steps": incomplete,
+            "not_a_plain_mean": int(sum(not np.allclose(log.weights(t), 1.0 / len(log.batch_ids(t))) for t in range(T))),
+            "clipping": clipping.get("algorithm"), "clip_value": clipping.get("value"),
+            "clip_bound_fraction": float((coefs[clipped] < 1).mean()) if clipped.any() else 0.0,
+            "clip_coef_median": float(np.median(coefs[clipped])) if clipped.any() else None}
+
+
+def check_reduction(returned: float, losses: Tensor, accumulate: int, step: int,
+                    dtype: torch.dtype | None = None) -> None:
     """Refuse a training loss that is not ``mean(per-sample losses)``, at the step it is seen.
 
     ``returned`` is the loss Lightning back-propagated for the micro-batch (already divided by
-    ``accumulate``); ``losses`` the per-sample losses of the same micro-batch.
+    ``accumulate``); ``losses`` the per-sample losses of the same micro-batch; ``dtype`` the
+    returned loss's dtype (a half-precision mean is only that precise: the tolerance follows it).
 
     Raises:
         LossReductionError: with what was returned, what the mean is, and what to do.
@@ -105,11 +123,13 @@ def check_reduction(returned: float, losses: Tensor, accumulate: int, step: int)
     mean = float(per_sample.mean())
     got = float(returned) * accumulate
     scale = max(float(per_sample.abs().mean()), 1e-12)
-    if not (np.isfinite(got) and np.isfinite(mean)) or abs(got - mean) <= REDUCTION_RTOL * scale:
+    coarsest = max(torch.finfo(d).eps for d in (losses.dtype, dtype or losses.dtype) if d.is_floating_point)
+    rtol = max(REDUCTION_RTOL, 16 * coarsest)
+    if not (np.isfinite(got) and np.isfinite(mean)) or abs(got - mean) <= rtol * scale:
         return  # (non-finite losses are refused by the log writer, naming the samples)
     n = per_sample.numel()
     total = float(per_sample.sum())
-    what = (f"the sum of the per-sample losses ({total:.6g})" if abs(got - total) <= REDUCTION_RTOL * scale * n
+    what = (f"the sum of the per-sample losses ({total:.6g})" if abs(got - total) <= rtol * scale * n
             else "neither their mean nor their sum")
     raise LossReductionError(
         f"InfluenceTracker: at step {step} training_step returned a loss of {got:.6g} for a micro-batch of {n} samples, "
