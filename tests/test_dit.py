@@ -391,7 +391,7 @@ def test_timeline_additivity_and_patterns(tmp_path_factory):
     np.testing.assert_allclose(tl.window(2, 9).column(0), ac, rtol=1e-10, atol=1e-15)
     assert np.allclose(tl.window(0, 4).column(0) + tl.window(4, T).column(0), tl.window(0, T).column(0), rtol=0, atol=1e-15)
     res = tl.patterns()
-    assert len(res.labels) == N and set(res.labels) <= {"stable", "early", "late", "fluctuating"}
+    assert len(res.labels) == N and set(res.labels) <= {"negligible", "stable", "early", "late", "fluctuating"}
 
 
 def test_timeline_default_grid_is_epochs(tmp_path_factory):
