@@ -224,7 +224,7 @@ def export(logdir: str | Path, data: ExportData, top_k: int = 10, scalar_k: int 
 
 
 def _write_views(writer: Any, prefix: str, data: ExportData, last: int, written: dict[str, list[str]],
-                 k: int = 8) -> None:
+                 k: int = 5) -> None:
     """Which samples, when: per window the most harmful/helpful samples (images or decoded tokens), the top
     samples' heatmap labelled by id, and the pattern counts as bars (:mod:`lightning_influence.tensorboard_views`)."""
     from lightning_influence import tensorboard_views as views
@@ -331,7 +331,8 @@ def _about_markdown(data: ExportData) -> str:
              f"Sign: a positive score means removing the sample raises the query; "
              f"negative = {data.negative_word}, positive = {data.positive_word}."]
     if data.embedding_note:
-        lines += ["", f"Projector: {data.embedding_note}; colour it by score_bucket or pattern."]
+        lines += ["", f"Projector: {data.embedding_note}; each point is framed in its pattern's colour (early orange, "
+                  "late purple, fluctuating light orange, stable blue, negligible grey); colour by score_bucket too."]
     if data.info:
         lines.append("")
         lines += [f"- {key}: {value}" for key, value in data.info.items()]

@@ -27,6 +27,8 @@ __all__ = ["PATTERN_COLOURS", "render_bar_chart", "render_sample_grid", "render_
 
 PATTERN_COLOURS = {"early": (230, 97, 1), "late": (94, 60, 153), "fluctuating": (253, 184, 99),
                    "stable": (33, 102, 172), "negligible": (200, 200, 200)}
+WIDTH = 330  # px: the width of TensorBoard's image cards, so the pictures are shown unshrunk
+SAMPLES_PER_ROW = 5
 _INPUT_KEYS = ("x", "image", "images", "pixel_values", "input_ids", "tokens", "features", "input", "inputs")
 
 
@@ -87,28 +89,34 @@ def sample_kind(item: Any) -> str | None:
 
 
 def _caption(j: int, score: float, label: int | None, flipped: bool | None) -> str:
-    text = f"#{j} {score:+.2e}"
+    text = f"#{j}\n{score:+.2e}"
     if label is not None and label >= 0:
-        text += f"\ny={label}" + (" FLIPPED" if flipped else "")
+        text += f"\ny={label}" + (" FLIP" if flipped else "")
     elif flipped:
-        text += "\nFLIPPED"
+        text += "\nFLIP"
     return text
 
 
 def render_sample_grid(rows: Sequence[tuple[str, Sequence[int]]], scores: np.ndarray, get_item: Callable[[int], Any],
-                       labels: np.ndarray | None, flipped: set[int] | None, title: str, tile: int = 72) -> np.ndarray:
-    """Image tiles of samples in titled rows (``[("most harmful", ids), ...]``), each captioned; ``H x W x 3`` uint8."""
+                       labels: np.ndarray | None, flipped: set[int] | None, title: str, tile: int = 52,
+                       pad: int = 10) -> np.ndarray:
+    """Image tiles of samples in titled rows (``[("most harmful", ids), ...]``), each captioned; ``H x W x 3`` uint8.
+
+    Five tiles per row make it ``WIDTH`` px wide: TensorBoard's image card shows it unshrunk, text legible."""
     from PIL import Image, ImageDraw
 
-    f_cap, f_row, f_title = _font(12), _font(14), _font(15)
+    f_cap, f_row, f_title = _font(11), _font(12), _font(12)
     per_row = max((len(ids) for _, ids in rows), default=1)
-    cap_h, row_title_h, pad = 34, 20, 6
-    width = max(pad + per_row * (tile + pad), 520)
-    height = 30 + len(rows) * (row_title_h + tile + cap_h + pad)
+    cap_h, row_title_h = 44, 18
+    lines = _wrap(title, 52)[:2]
+    head = 8 + 16 * len(lines)
+    width = max(pad + per_row * (tile + pad), WIDTH)
+    height = head + len(rows) * (row_title_h + tile + cap_h + pad)
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((pad, 6), title, fill="black", font=f_title)
-    y = 30
+    for i, line in enumerate(lines):
+        draw.text((pad, 4 + 16 * i), line, fill="black", font=f_title)
+    y = head
     for name, ids in rows:
         draw.text((pad, y), name, fill="black", font=f_row)
         y += row_title_h
@@ -164,34 +172,33 @@ def render_top_heatmap(window_scores: np.ndarray, window_labels: Sequence[str], 
     total = x.sum(axis=1)
     order = np.argsort(total, kind="stable")
     k = min(k, max(1, len(total) // 2))
-    ids = list(order[:k]) + list(order[::-1][:k])
+    ids = list(order[:k]) + list(order[::-1][:k])[::-1]  # most negative on top, most positive at the bottom
     data = x[ids]
-    vmax = float(np.abs(data).max()) or 1.0
-    f_small, f_norm = _font(12), _font(14)
+    vmax = float(np.percentile(np.abs(data), 95)) or float(np.abs(data).max()) or 1.0  # one outlier cell stays legible
+    f_small, f_norm = _font(11), _font(12)
     n_w = x.shape[1]
-    left, top, row_h = 130, 52, 18
-    cell_w = max(16, min(40, 360 // max(1, n_w)))
+    lines = _wrap(title, 50)[:3]
+    left, top, row_h = 96, 10 + 15 * len(lines), 14
+    cell_w = max(8, min(36, (WIDTH - left - 10) // max(1, n_w)))
     hm_w, hm_h = n_w * cell_w, len(ids) * row_h
-    width, height = max(left + hm_w + 90, 560), top + hm_h + 44
+    width, height = max(left + hm_w + 10, WIDTH), top + hm_h + 52
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    for i, line in enumerate(_wrap(title, 70)[:2]):
-        draw.text((8, 6 + 18 * i), line, fill="black", font=f_norm)
+    for i, line in enumerate(lines):
+        draw.text((6, 4 + 15 * i), line, fill="black", font=f_norm)
     img.paste(Image.fromarray(diverging_rgb(data, vmax)).resize((hm_w, hm_h), Image.NEAREST), (left, top))
     draw.line([left - 4, top + k * row_h, left + hm_w, top + k * row_h], fill="black", width=2)
     for r, j in enumerate(ids):
         lab = "" if labels is None or labels[j] < 0 else f" y={int(labels[j])}"
-        mark = " ⚑" if flipped is not None and int(j) in flipped else ""
+        mark = " flip" if flipped is not None and int(j) in flipped else ""
         draw.text((left - 6, top + r * row_h + row_h // 2), f"#{int(j)}{lab}{mark}", anchor="rm", font=f_small,
                   fill=(214, 39, 40) if mark else "black")
     step = max(1, int(math.ceil(n_w * 30 / max(hm_w, 1))))
     for i in range(0, n_w, step):
         draw.text((left + i * cell_w + cell_w // 2, top + hm_h + 4), str(window_labels[i]), anchor="ma", font=f_small,
                   fill="black")
-    draw.text((left + hm_w + 10, top), f"{vmax:+.1e}", font=f_small, fill=(5, 48, 97))
-    draw.text((left + hm_w + 10, top + hm_h - 14), f"{-vmax:+.1e}", font=f_small, fill=(103, 0, 31))
-    draw.text((left + hm_w + 10, top + k * row_h - 20), "most negative\nabove,\nmost positive\nbelow", font=f_small,
-              fill="dimgray")
+    draw.text((6, top + hm_h + 20), "top: most negative total; bottom: most positive", font=f_small, fill="dimgray")
+    draw.text((6, top + hm_h + 34), f"red <= {-vmax:+.1e} (negative), blue >= {vmax:+.1e}", font=f_small, fill="black")
     return np.asarray(img)
 
 
@@ -199,15 +206,15 @@ def render_bar_chart(counts: dict[str, int], flipped: dict[str, int] | None, tit
     """Horizontal bars of ``counts`` (and, darker, the flipped labels among them); ``H x W x 3`` uint8."""
     from PIL import Image, ImageDraw
 
-    f_norm = _font(14)
+    f_norm = _font(12)
     names = list(counts)
-    left, top, bar_h, width = 110, 40, 26, 560
+    left, top, bar_h, width = 80, 32, 22, WIDTH
     height = top + len(names) * (bar_h + 8) + 30
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     draw.text((8, 8), title, fill="black", font=f_norm)
     biggest = max(counts.values(), default=0) or 1
-    span = width - left - 120
+    span = width - left - 110
     for i, name in enumerate(names):
         y = top + i * (bar_h + 8)
         w = int(round(span * counts[name] / biggest))
@@ -217,10 +224,10 @@ def render_bar_chart(counts: dict[str, int], flipped: dict[str, int] | None, tit
             fw = int(round(span * flipped[name] / biggest))
             draw.rectangle([left, y + bar_h - 8, left + max(fw, 1), y + bar_h], fill=(214, 39, 40))
         draw.text((left - 8, y + bar_h // 2), name, anchor="rm", font=f_norm, fill="black")
-        extra = f" ({flipped[name]} flipped)" if flipped is not None else ""
+        extra = f" ({flipped[name]} flip.)" if flipped is not None else ""
         draw.text((left + w + 6, y + bar_h // 2), f"{counts[name]}{extra}", anchor="lm", font=f_norm, fill="black")
     if flipped is not None:
-        draw.text((left, height - 22), "red strip: flipped labels among them", font=_font(12), fill=(214, 39, 40))
+        draw.text((8, height - 22), "red strip: flipped labels among them", font=_font(11), fill=(214, 39, 40))
     return np.asarray(img)
 
 

@@ -169,3 +169,13 @@ def test_reduction_check_tolerates_rounding_not_other_reductions() -> None:
         check_reduction(float(losses.sum()), losses, 1, 3)
     with pytest.raises(LossReductionError, match="neither their mean nor their sum"):
         check_reduction(float(losses.mean() + 0.01), losses, 1, 3)  # an added regulariser
+
+
+def test_info_describes_accumulation_and_clipping(tmp_path: Any, capsys: Any) -> None:
+    from lightning_influence.cli import main
+
+    log, _, _ = tracked_run(tmp_path, gradient_clip_val=0.05, accumulate_grad_batches=2)
+    assert main(["info", str(tmp_path / "log")]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][0]
+    assert "accumulate_grad_batches 2, 2 incomplete accumulation step(s)" in row
+    assert "norm clipping at 0.05, bound on" in row

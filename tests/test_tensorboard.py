@@ -206,25 +206,28 @@ def _decoded(ea: EventAccumulator, tag: str) -> np.ndarray:
 
 
 def test_sample_grid_shows_the_window_top_samples(export, scores, run):
-    """Window e2's image grid: tile k of the first row is the k-th most negative sample's 8x8 digit."""
+    """Window e2's image grid: tile k of the first row is the k-th most negative sample's 8x8 digit, and the image
+    is as wide as TensorBoard's image card (shown unshrunk)."""
+    from PIL import Image
+
     from lightning_influence.examples.digits import DigitsDataModule
-    from lightning_influence.tensorboard_views import _as_image, render_sample_grid
+    from lightning_influence.tensorboard_views import WIDTH, _as_image
 
     cfg = yaml.safe_load(Path(run.config).read_text())
     ds = DigitsDataModule(**cfg["data"]).train_dataset
     s = scores.x[:, 2]
     order = np.argsort(s, kind="stable")
     img = _decoded(export.ea, f"{Q}/samples/e2")
-    expected = render_sample_grid([("most negative (harmful)", order[:8]), ("most positive (helpful)", order[::-1][:8])],
-                                  s, lambda j: ds[j], scores.labels, scores.flipped, "t")
-    assert img.shape[1] == expected.shape[1] and img.shape[0] == expected.shape[0]
-    tile, pad, y0 = 72, 6, 30 + 20
-    for k in range(3):
-        j = int(order[k])
-        digit = _as_image(ds[j][0])  # (8, 8, 3)
+    assert img.shape[1] == WIDTH
+    tile, pad, y0 = 52, 10, 8 + 16 + 18  # one title line, the row title
+    for k in range(5):
+        digit = np.asarray(Image.fromarray(_as_image(ds[int(order[k])][0])).resize((tile, tile), Image.NEAREST))
         x0 = pad + k * (tile + pad)
-        block = img[y0 + 4: y0 + tile - 4: 9, x0 + 4: x0 + tile - 4: 9]  # one pixel per digit cell (72/8 = 9)
-        assert np.abs(block.astype(int) - digit[:block.shape[0], :block.shape[1]].astype(int)).max() <= 2, j
+        np.testing.assert_array_equal(img[y0 + 2: y0 + tile - 2, x0 + 2: x0 + tile - 2], digit[2:-2, 2:-2])
+    red = np.array([214, 39, 40])
+    for k in range(5):  # flipped samples are framed in red
+        x0 = pad + k * (tile + pad)
+        assert (img[y0 + tile // 2, x0 - 1] == red).all() == (int(order[k]) in scores.flipped)
 
 
 def test_token_samples_use_the_decoder_hook():
@@ -250,10 +253,10 @@ def test_top_heatmap_bar_chart_and_sprites():
 
     x = np.random.default_rng(0).normal(size=(200, 10))
     img = render_top_heatmap(x, [f"e{i}" for i in range(10)], None, None, "a title", k=10)
-    assert img.shape[1] <= 600 and img.shape[0] >= 52 + 20 * 18  # readable without shrinking: 18 px per row
+    assert img.shape[1] == 330 and img.shape[0] >= 20 * 14  # TensorBoard's card width: 11-12 px text stays legible
     bars = render_bar_chart({"stable": 100, "negligible": 50}, {"stable": 10, "negligible": 0}, "counts")
     widths = [int(np.count_nonzero((bars[y, :, :] == PATTERN_COLOURS[p]).all(axis=1)))
-              for y, p in ((40 + 5, "stable"), (40 + 34 + 5, "negligible"))]
+              for y, p in ((32 + 5, "stable"), (32 + 30 + 5, "negligible"))]
     assert widths[0] == pytest.approx(2 * widths[1], abs=2)
     tiles = sprite_tiles([0, 1], np.array(["early", "negligible"]), lambda j: (torch_digit(j), 0, j))
     assert tiles.shape == (2, 3, 32, 32)

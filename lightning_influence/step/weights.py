@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["LossReductionError", "StepWeights", "check_reduction", "lightning_weights", "step_weights"]
+__all__ = ["LossReductionError", "StepWeights", "check_reduction", "lightning_weights", "step_summary", "step_weights"]
 
 REDUCTION_RTOL = 1e-4
 """Relative agreement required between the loss ``training_step`` returned and the mean of the per-sample losses."""
@@ -90,6 +90,22 @@ def lightning_weights(micro_sizes: Sequence[int], accumulate: int, world_size: i
 def step_weights(log: Any, step: int) -> StepWeights:
     """The weights of ``step`` from an influence log (``1/|B_t|`` and one micro-batch for a version-1 log)."""
     return StepWeights(log.weights(step), log.micro_index(step), int(log.step_column(step, "accumulate")))
+
+
+def step_summary(log: Any) -> dict[str, Any]:
+    """How a log's steps differ from a plain batch mean (for ``info`` and the benchmarks): the accumulation
+    divisors, the steps whose micro-batches do not fill an accumulation, the clipping and where it bound."""
+    T = log.num_steps
+    accumulate = sorted({int(log.step_column(t, "accumulate")) for t in range(T)})
+    incomplete = [t for t in range(T) if len(np.unique(log.micro_index(t))) < int(log.step_column(t, "accumulate"))]
+    clipping = (log.meta.get("gradient_clipping") or {})
+    coefs = np.array([float(log.step_column(t, "clip_coef")) for t in range(T)])
+    clipped = np.isfinite(coefs)
+    return {"accumulate": accumulate, "incomplete_accumulation_steps": incomplete,
+            "not_a_plain_mean": int(sum(not np.allclose(log.weights(t), 1.0 / len(log.batch_ids(t))) for t in range(T))),
+            "clipping": clipping.get("algorithm"), "clip_value": clipping.get("value"),
+            "clip_bound_fraction": float((coefs[clipped] < 1).mean()) if clipped.any() else 0.0,
+            "clip_coef_median": float(np.median(coefs[clipped])) if clipped.any() else None}
 
 
 def check_reduction(returned: float, losses: Tensor, accumulate: int, step: int,
