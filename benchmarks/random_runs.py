@@ -177,7 +177,8 @@ def run_config(name: str, cfg: dict[str, Any], data: dict[str, Any], args: argpa
 def print_table(name: str, res: dict[str, Any]) -> None:
     d = res["replay_drift"]
     print(f"\n=== {name}: {res['trainer']}, {res['dtype']}, N={res['N']}, T={res['T']}; replay drift max {d['max']:.1e} "
-          f"(over {d['checkpoints_compared']} checkpoints); {res['seconds']['total']:.0f}s ===")
+          f"(over {d['checkpoints_compared']} checkpoints), LOO reference {res['loo_replay_drift']['max']:.1e}; "
+          f"{res['seconds']['total']:.0f}s ===")
     st = res["step"]
     if st["clipping"] or len(st["accumulate"]) and max(st["accumulate"]) > 1:
         print(f"clipping bound on {st['clip_bound_fraction']:.0%} of steps; incomplete accumulations at steps "
