@@ -297,3 +297,39 @@ def _step_of(x, y):
     from lightning_influence.step.micro import Step
 
     return Step(0, [MicroBatch(np.arange(len(y)), (x, y), rng.capture())])
+
+
+def test_16_mixed_grad_scaler_scales_and_skipped_steps_replay_bit_for_bit(tmp_path):
+    """float16 autocast with a GradScaler on the CPU (the GPU code path): the factor of every step and the steps the
+    scaler skipped (non-finite gradients) are recorded; replay scales, unscales and skips as the scaler did."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from conftest import TinyClassifier
+    from lightning_influence import WithIds
+    from lightning_influence.estimators import dit
+    from lightning_influence.replay import ReplayMismatchError, replay
+
+    def model():
+        torch.manual_seed(0)
+        return TinyClassifier(dropout=0.1, lr=0.2).float()
+
+    ds = make_data(24, dtype=torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)  # overflows float16 gradients at first: skipped steps
+    fit(model(), loader(ds), InfluenceTracker(str(tmp_path / "log"), record_gradients=True, checkpoint_every_n_steps=1),
+        epochs=2, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["precision"] == {"name": "16-mixed", "autocast_device": "cpu", "autocast_dtype": "float16",
+                                     "grad_scaler": True}
+    skipped = [log.skipped(t) for t in range(log.num_steps)]
+    assert skipped == [True, True, False, False, False, True, False, False]
+    assert [log.grad_scale(t) for t in range(3)] == [2.0 ** 20, 2.0 ** 19, 2.0 ** 18]  # halved after each skip
+    for t in np.flatnonzero(skipped):  # θ did not move, and no gradient row was stored
+        assert all(np.array_equal(a, b) for a, b in zip(log.checkpoint(t).values(), log.checkpoint(t + 1).values()))
+        assert not log.has_grads(t)
+    assert [rs.step for rs in replay(log, model(), WithIds(ds), 0, None, tolerance=0.0)][-1] == log.num_steps
+    scores = dit(log, _query(make_data(8, seed=1, dtype=torch.float32).tensors), module=model(), train_data=WithIds(ds),
+                 tolerance=0.0)
+    assert np.isfinite(scores.scores).all() and np.abs(scores.scores).max() > 0
+    log.skipped = lambda t: False  # replaying the skipped steps as if they had run departs at once
+    with pytest.raises(ReplayMismatchError, match="at step 1"):
+        list(replay(log, model(), WithIds(ds), 0, None, tolerance=0.0))
