@@ -219,6 +219,7 @@ class InfluenceTracker(Callback):
         self._capture: HookGradientCapture | None = None
         self._engine: str = "none"
         self._vmap_names: list[str] = []  # tracked parameters no hook covers
+        self._verified = False  # the hook engine was checked against autograd at this fit's first recorded step
         self._pending = _Pending()
         self._captured: list[torch.Tensor] = []
         self._captured_grad: list[torch.Tensor] = []
@@ -294,6 +295,7 @@ class InfluenceTracker(Callback):
         self._next_step = self._fit_start = start
         self._pending = _Pending()
         self._in_flight.clear()
+        self._verified = False
         self._checked_batchnorm = False
         self._checked_dataset = False
 
@@ -423,6 +425,9 @@ class InfluenceTracker(Callback):
         if want_grads and self._capture is not None and captured is not None and len(self._captured_grad) == 1:
             micro.grads = self._capture.collect(self._captured_grad[0])
             micro.losses = captured.detach()
+            if not self._verified:  # once per fit: one hooked row against autograd on its sample alone
+                self._verified = True
+                self._capture.verify(pl_module, self._loss, micro.batch, micro.grads)
             self._vmap_names = [n for n in self._names if n not in self._capture.param_names]  # after a demotion
             if self._vmap_names:  # parameters no hook covers: vmap (or, with dropout, the step's masks) for just those
                 micro.grads += self._rest_grads(pl_module, micro, self._vmap_names, None)

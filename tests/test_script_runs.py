@@ -73,7 +73,7 @@ def cnn(tmp_path_factory):
     return train_script("cnn_digits", tmp_path_factory.mktemp("cnn"))
 
 
-def test_cnn_plain_dataloaders_from_the_log_alone(cnn, tmp_path):
+def test_cnn_plain_dataloaders_from_the_log_alone(cnn, tmp_path, monkeypatch, capsys):
     """DIT on the validation loss, model, training and validation data rebuilt from the log (plain DataLoaders)."""
     from lightning_influence.estimators import dit
 
@@ -86,7 +86,9 @@ def test_cnn_plain_dataloaders_from_the_log_alone(cnn, tmp_path):
     assert recipe["data"]["train"] == recipe["data"]["val"] == "dataloaders"
     assert recipe["data"]["stored"] == {"file": "data.pt", "train": 96, "val": 48}
 
-    result = cli_json("query", str(log_dir), "--top", "0", cwd=tmp_path)  # default method, default query val_loss
+    monkeypatch.chdir(tmp_path)  # not the script's directory: the recipe puts it on the import path
+    assert main(["query", str(log_dir), "--top", "0", "-f", "json", "-q"]) == 0  # default method and query (val_loss)
+    result = json.loads(capsys.readouterr().out)
     assert result["results"][0]["method"].startswith("dit")
     got = scores_of(result, 96)
 
@@ -167,6 +169,14 @@ def test_builder_and_model_override(cnn, tmp_path, capsys):
     assert "has no 'NoSuchClass'" in line
     line = _error(capsys, "query", str(log_dir), "-m", "tracin", "--builder", f"{builder}:nope", "-q")
     assert "--builder" in line and "nope" in line
+
+
+@pytest.mark.slow
+def test_cnn_answered_by_a_fresh_interpreter(cnn, tmp_path):
+    """The console entry point in a new process, from another directory, with nothing but the log."""
+    script, log_dir = cnn
+    result = cli_json("query", str(log_dir), "-m", "tracin", "--top", "3", cwd=tmp_path)
+    assert len(result["results"][0]["rows"]) == 3 and result["results"][0]["method"] == "tracin"
 
 
 @pytest.mark.slow

@@ -333,3 +333,18 @@ def test_16_mixed_grad_scaler_scales_and_skipped_steps_replay_bit_for_bit(tmp_pa
     log.skipped = lambda t: False  # replaying the skipped steps as if they had run departs at once
     with pytest.raises(ReplayMismatchError, match="at step 1"):
         list(replay(log, model(), WithIds(ds), 0, None, tolerance=0.0))
+
+
+def test_a_damaged_random_state_is_detected(tmp_path):
+    import h5py
+
+    from lightning_influence.log.format import LogFormatError
+
+    fit(tiny(dropout=0.3), loader(make_data(12)), InfluenceTracker(str(tmp_path / "log")), epochs=1)
+    seg = next((tmp_path / "log" / "rank-0").glob("seg-*.h5"))
+    with h5py.File(seg, "r+") as f:  # one bit of the CPU generator state of the first micro-batch
+        f["rng/cpu"][0, 100] ^= 1
+    log = InfluenceLog(tmp_path / "log")
+    with pytest.raises(LogFormatError, match="micro-batch rows of step 0 fail their CRC-32"):
+        log.micro_batches(0)
+    assert log.micro_batches(1)[0].cpu_rng is not None  # the other steps still read

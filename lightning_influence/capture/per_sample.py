@@ -198,7 +198,8 @@ class HookGradientCapture:
                 h.remove()
         self._handles = {}
 
-    def _demote(self, mod_name: str) -> None:
+    def _demote(self, mod_name: str, why: str = "it ran on a tensor without the batch as first dimension (e.g. "
+                "a positional embedding of arange(T))") -> None:
         """Stop capturing ``mod_name``'s parameters: they leave :attr:`param_names` for another engine."""
         for h in self._handles.pop(mod_name):
             h.remove()
@@ -206,9 +207,56 @@ class HookGradientCapture:
         del self._modules[mod_name], self._records[mod_name]
         self.param_names = [n for n in self.param_names if n not in names]
         self.demoted += sorted(names)
-        warnings.warn(f"module {mod_name!r} ran on a tensor without the batch as first dimension (e.g. a positional "
-                      f"embedding of arange(T)): its parameters {sorted(names)} are not captured by hooks from now "
-                      "on (vmap computes them; expanding the input to the batch keeps them on hooks)", stacklevel=3)
+        warnings.warn(f"module {mod_name!r}: {why}; its parameters {sorted(names)} are not captured by hooks from "
+                      "now on (vmap computes them; a module input expanded to the batch keeps them on hooks)",
+                      stacklevel=3)
+
+    def verify(self, model: nn.Module, loss_fn: LossFn, batch: Any, rows: Tensor | None = None, sample: int = 0,
+               rtol: float = 1e-3) -> list[str]:
+        """Check one sample's hooked row against autograd on that sample alone; demote the modules that differ.
+
+        Catches what shapes cannot: a module run on a tensor without the batch dimension whose
+        first dimension happens to equal the batch size (``wpe(arange(T))`` with ``T == B``), a
+        loss that mixes samples. Runs in eval mode (dropout off; the modules' modes and the RNG
+        are restored) one own hooked pass on ``batch`` and one pass on sample ``sample``; a
+        parameter whose projected gradients differ by more than ``rtol`` of their norm demotes
+        its module (:attr:`demoted`, a warning) and gets zero columns in ``rows`` (in place),
+        for another engine to fill. Returns the demoted names.
+        """
+        modes = {m: m.training for m in model.modules()}
+        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        was_enabled = self.enabled
+        try:
+            with torch.random.fork_rng(devices=devices):
+                model.eval()
+                hooked, _ = per_sample_grads_hooks(model, loss_fn, batch, self)
+                one = pytree.tree_map(lambda x: x[sample:sample + 1] if isinstance(x, Tensor) else x, batch)
+                params = dict(model.named_parameters())
+                self.enabled = False  # the sample's own pass is the reference: not captured
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(loss_fn(model, one)[0], [params[n] for n in self.param_names],
+                                                allow_unused=True)
+        finally:
+            self.enabled = was_enabled
+            for m, mode in modes.items():
+                m.training = mode
+        owners = capture_owner(model)
+        bad_modules = set()
+        for name, g in zip(self.param_names, grads):
+            row = hooked[sample, self.projector.slices[name]]
+            expected = (self.projector.project_tensor(name, g.detach()[None].to(row.dtype))[0] if g is not None
+                        else torch.zeros_like(row))
+            scale = max(float(torch.linalg.vector_norm(row)), float(torch.linalg.vector_norm(expected)))
+            if float(torch.linalg.vector_norm(row - expected)) > rtol * scale:
+                bad_modules.add(owners[name][0])
+        before = set(self.demoted)
+        for mod_name in sorted(bad_modules):
+            self._demote(mod_name, "its hooked per-sample gradient differs from autograd on the sample alone")
+        demoted = [n for n in self.demoted if n not in before]
+        if rows is not None:
+            for name in demoted:
+                rows[:, self.projector.slices[name]] = 0
+        return demoted
 
     def collect(self, loss_grad: Tensor) -> Tensor:
         """Projected per-sample gradients ``(B, out_dim)`` of the per-sample losses.

@@ -34,9 +34,9 @@ import numpy as np
 
 from lightning_influence.cli.common import UserError, open_log, status
 from lightning_influence.cli.methods import METHODS, check_records, default_method
+from lightning_influence.estimators.scores import item_label
 from lightning_influence.recipe import RecipeError, concat_batches, import_class, instantiate, stored_data
 
-_LABEL_KEYS = ("y", "label", "labels", "target", "targets")
 
 
 class RunContext:
@@ -147,16 +147,9 @@ class RunContext:
 
 
 def _label_of(table: Any, dataset: Any, i: int) -> int:
-    try:
-        if table is not None:
-            value = table[i]
-        else:
-            item = dataset[i]
-            value = next((item[k] for k in _LABEL_KEYS if k in item), None) if isinstance(item, dict) else item[1]
-        value = value.item() if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1 else value
-        return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else -1
-    except Exception:
-        return -1
+    if table is None:
+        return item_label(dataset[i])
+    return item_label((None, table[i]))
 
 
 @contextlib.contextmanager
