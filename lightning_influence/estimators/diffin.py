@@ -84,7 +84,7 @@ from lightning_influence.replay import (
     replay,
     resolve_progress,
 )
-from lightning_influence.step.clipping import logged_clip_adjoint, logged_clip_spec, rows_are_projected
+from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
 
 __all__ = ["FORMS", "HVP_MODES", "SAMPLES", "diffin", "diffin_self_influence", "published_coefficients", "batch_hvp"]
 
@@ -227,12 +227,7 @@ class _Context:
 
     def clipped(self, rec: Any, G: np.ndarray, R: np.ndarray) -> np.ndarray:
         """``J_Cᵀ R`` for columns ``R`` ``(K, C)`` in the logged row space of step ``rec`` (identity without clipping)."""
-        spec = logged_clip_spec(self.log, rec.step)
-        if spec is None:
-            return R
-        applied = torch.from_numpy(rec.weights @ G)
-        return logged_clip_adjoint(spec, float(self.log.step_column(rec.step, "clip_coef")), applied,
-                                   torch.from_numpy(np.ascontiguousarray(R)), rows_are_projected(self.log)).numpy()
+        return step_clip_adjoint(self.log, rec.step, rec.weights, G)(torch.from_numpy(np.ascontiguousarray(R))).numpy()
 
     def method(self, base: str, extra: Sequence[str] = ()) -> str:
         tags = [self.hvp, *extra]
