@@ -199,10 +199,13 @@ class _Context:
 # ================================================================================ products
 def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor) -> Tensor:
     """``G_t = Σ_i w_{i,t} ∇ℓ_i``: the unclipped gradient the step applied at ``θ_t``, flat (the point the
-    optimizer's and the clipping's VJPs are taken at)."""
-    module, loss_fn = ctx.module, ctx.loss_fn
-    g = torch.func.grad(lambda p: (w * batch.losses(module, loss_fn, p)).sum())(params)
-    return flatten(g, ctx.names).detach()
+    optimizer's and the clipping's VJPs are taken at). A plain backward pass: its forward draws the training
+    dropout masks (one inside ``torch.func.grad`` may not, ``docs/replay.md``)."""
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad():
+        g = torch.autograd.grad((w * batch.losses(ctx.module, ctx.loss_fn, leaves)).sum(), list(leaves.values()),
+                                allow_unused=True)
+    return flatten({n: torch.zeros_like(leaves[n]) if gi is None else gi for n, gi in zip(leaves, g)}, ctx.names).detach()
 
 
 def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
