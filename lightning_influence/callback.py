@@ -110,7 +110,10 @@ class InfluenceTracker(Callback):
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
             module's ``per_sample_loss(batch)`` method. The training loss must be their mean
-            (math reference §1); route ``training_step`` through it to get gradients for free.
+            (math reference §1; checked at every step, another reduction stops the fit); route
+            ``training_step`` through it to get gradients for free. Gradient accumulation (incomplete
+            accumulations included) and the Trainer's gradient clipping are recorded per step
+            (``docs/step-semantics.md``).
         ids_key: key of the ids in dict batches.
         ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
         gradient_engine: ``"auto"`` (hooks for the parameters of Linear, Conv, Embedding, norm and attention
