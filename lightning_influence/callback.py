@@ -455,9 +455,9 @@ class InfluenceTracker(Callback):
             step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
             lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=np.zeros(0, np.int64))  # rows: see _land
         rows: dict[str, torch.Tensor] = {"ids": torch.cat([m.ids for m in pending.micro])}
-        for m in pending.micro:  # a sum or any other reduction than the mean is refused (step.weights)
-            self._step_model.check_losses(step, m.returned, m.observed if m.observed is not None else m.losses,
-                                          m.accumulate, trainer)
+        self._step_model.check_losses(  # a sum or any other reduction than the mean is refused (step.weights)
+            step, [(m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in pending.micro],
+            trainer)
         self._step_model.record(record, [len(m.ids) for m in pending.micro], [m.accumulate for m in pending.micro],
                                 trainer.world_size, optimizer)
         if self.record_losses:
