@@ -112,18 +112,17 @@ class Step:
             losses = self.losses(module, loss_fn, full, exact=True)
             u = w.detach().to(losses).clone().requires_grad_(True)
             g = torch.autograd.grad(losses, list(leaves.values()), grad_outputs=u, create_graph=True, allow_unused=True)
-            hr, jr = [], []
-            for k, r in enumerate(directions):
-                inner = sum((gi * r[n].to(gi)).sum() for gi, n in zip(g, names) if gi is not None)
-                if not isinstance(inner, Tensor) or not inner.requires_grad:  # the loss does not depend on these
-                    hr.append({n: torch.zeros_like(leaves[n]) for n in names})
-                    jr.append(torch.zeros_like(u))
-                    continue
-                out = torch.autograd.grad(inner, [*leaves.values(), u], retain_graph=k < len(directions) - 1,
-                                          allow_unused=True)
-                hr.append({n: torch.zeros_like(leaves[n]) if o is None else o.detach() for n, o in zip(names, out)})
-                jr.append(torch.zeros_like(u) if out[-1] is None else out[-1].detach())
-        return hr, torch.stack(jr)
+            C = len(directions)
+            inner = torch.stack([sum(((gi * r[n].to(gi)).sum() for gi, n in zip(g, names) if gi is not None),
+                                     torch.zeros((), dtype=losses.dtype, device=losses.device)) for r in directions])
+            if not inner.requires_grad:  # the loss does not depend on these parameters
+                return [{n: torch.zeros_like(leaves[n]) for n in names} for _ in range(C)], u.new_zeros(C, len(u))
+            eye = torch.eye(C, dtype=inner.dtype, device=inner.device)  # the C directions in one batched backward
+            out = torch.autograd.grad(inner, [*leaves.values(), u], grad_outputs=eye, is_grads_batched=True,
+                                      allow_unused=True)
+        hr = [{n: torch.zeros_like(leaves[n]) if o is None else o[c].detach() for n, o in zip(names, out)} for c in range(C)]
+        jr = u.new_zeros(C, len(u)) if out[-1] is None else out[-1].detach()
+        return hr, jr
 
 
 @contextlib.contextmanager
