@@ -217,9 +217,11 @@ class _Context:
         return torch.as_tensor(self.log.weights(t), dtype=self.dtype)
 
     def clip_factor(self, t: int) -> float:
-        """The clip coefficient of step ``t`` (1 when not clipped): the factor on the gradient's curvature term."""
+        """The norm-clip coefficient of step ``t`` (1 when not norm-clipped): the factor the clipped step put on
+        the gradient, so on its curvature term (step form) and on its learning rate (published form)."""
+        spec = logged_clip_spec(self.log, t)
         coef = float(self.log.step_column(t, "clip_coef"))
-        return coef if np.isfinite(coef) and logged_clip_spec(self.log, t) is not None else 1.0
+        return coef if spec is not None and spec.algorithm == "norm" and np.isfinite(coef) else 1.0
 
     def clipped(self, rec: Any, G: np.ndarray, R: np.ndarray) -> np.ndarray:
         """``J_Cᵀ R`` for columns ``R`` ``(K, C)`` in the logged row space of step ``rec`` (identity without clipping)."""
@@ -374,7 +376,8 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
     for done, (t, params) in enumerate(ctx.params_at(selected), start=1):
         ids_t = log.batch_ids(t)
         w_t = torch.as_tensor(log.weights(t), dtype=ctx.dtype)  # w_{i,t}: the step's loss is Σ w ℓ (step.weights)
-        a_col = published_coefficients(t, log.lr(t)[col_group], N, m)  # (K,): a_t of each column's group
+        # (K,): a_t of each column's group, with the clipped step's learning rate η_t·κ_t
+        a_col = published_coefficients(t, log.lr(t)[col_group] * ctx.clip_factor(t), N, m)
         batch_t = ctx.step_batch(t)
         g_hat = ctx.batch_grad(params, batch_t, names=list(params), w=w_t)  # Ĝ_t over every parameter (as logged)
         chunks = []  # (ids, projected g_z, projected H_z Ĝ, unprojected g_z or None)
