@@ -73,7 +73,7 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
-from lightning_influence.step.micro import Step, exact_kernels, per_sample_grads_masked
+from lightning_influence.step.micro import Step, per_sample_grads_masked
 from lightning_influence.replay import (
     Progress,
     TrainData,
@@ -202,13 +202,9 @@ class _Context:
         """Projected ``H_z v`` ``(B, K)`` for every sample of ``batch`` (``direction`` over all parameters):
         central differences of the per-sample gradients along ``v`` with the tracker's kink guard (one
         more pass for ``g_z(θ)``), as the tracker logs them, or exact."""
-        if self.hvp == "exact" and isinstance(batch, Step):  # jvp along v of the masked per-sample gradients
-            primals = {n: t.detach() for n, t in params.items()}
-            tangents = {n: direction[n].detach().to(t.dtype) if n in direction else torch.zeros_like(t)
-                        for n, t in primals.items()}
-            with exact_kernels():
-                _, hv = jvp(lambda p: self.per_sample_grads(p, batch), (primals,), (tangents,))
-            return hv.detach()
+        if self.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse with the step's dropout masks
+            hv = batch.per_sample_curvature(self.module, self.loss_fn, params, direction, self.names)
+            return self.projector.project(hv).detach()
         if self.hvp == "exact":
             return _per_sample_hvp_exact(self, params, batch, direction)
         out, _ = fd_directional_derivative(lambda p: self.per_sample_grads(p, batch), params, direction, self.eps0,
