@@ -7,7 +7,8 @@ on top of the module's per-sample loss; none of them knows about Lightning.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -66,6 +67,32 @@ def query_names(query: Query, n: int) -> list[str]:
     return ["query"] if n == 1 else [f"q{i}" for i in range(n)]
 
 
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[None]:
+    """Evaluate a query as Lightning validates: dropout and other train-only randomness off (``eval()``).
+
+    A query is a function of θ (math §1); evaluated in train mode, dropout would draw new masks at each
+    call and every score, and the ground truth, would be noise. Normalisation layers with running
+    statistics keep their mode (the log stores parameters, not running statistics, so only the batch
+    statistics of a train-mode BatchNorm run are reproducible). Every module's mode is restored.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    for m, _ in modes:
+        if not isinstance(m, nn.modules.batchnorm._NormBase):
+            m.training = False
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def evaluate_query(module: nn.Module, query: Query, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``query(module)`` at ``params`` (:func:`call_with_params`) in :func:`evaluation_mode`."""
+    with evaluation_mode(module):
+        return call_with_params(module, query, params)
+
+
 def query_gradients(module: nn.Module, query: Query, names: Sequence[str],
                     params: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Gradients ``∇f_q`` of every query output w.r.t. the named parameters of ``module``.
@@ -76,7 +103,7 @@ def query_gradients(module: nn.Module, query: Query, names: Sequence[str],
     live = dict(module.named_parameters())
     leaves = {n: (params[n] if params is not None and n in params else live[n]).detach().clone().requires_grad_(True)
               for n in live}
-    out = call_with_params(module, query, leaves)
+    out = evaluate_query(module, query, leaves)
     values = out.reshape(-1)
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for q in range(len(values)):

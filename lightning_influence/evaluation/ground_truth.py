@@ -29,9 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.estimators.scores import InfluenceScores
-from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, default_loss_fn, query_names
+from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_names
 from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, measure, mismatch
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
 from lightning_influence.replay import (
@@ -106,7 +105,7 @@ def _evaluate(module: nn.Module, query: Query, stacked: Mapping[str, Tensor]) ->
     out = []
     with torch.no_grad():
         for c in range(n):
-            val = call_with_params(module, query, {k: v[c] for k, v in stacked.items()})
+            val = evaluate_query(module, query, {k: v[c] for k, v in stacked.items()})
             out.append(val.detach().reshape(-1).double().numpy())
     return np.stack(out)
 

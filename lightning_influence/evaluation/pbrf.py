@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from lightning_influence.capture import call_with_params
 from lightning_influence.capture.hvp import flatten, unflatten
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, default_loss_fn, query_names
+from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_names
 from lightning_influence.replay import (
     Progress,
     TrainData,
@@ -219,7 +219,7 @@ class _Problem:
         return functional_loss(self.module, self.loss_fn, self.as_dict(x), batch)
 
     def f(self, x: Tensor) -> Tensor:
-        return call_with_params(self.module, lambda m: self.query(m), self.as_dict(x)).reshape(-1)
+        return evaluate_query(self.module, self.query, self.as_dict(x)).reshape(-1)
 
     def sample_batch(self, m: int) -> Any:
         return batch_from_ids(self.train_data, np.asarray([m], dtype=np.int64))

@@ -1,0 +1,67 @@
+"""End-to-end runs as a Lightning user trains them, and the seams between the pieces they exercise.
+
+The unit-size tests pin bugs found by running whole scenarios (a dropout transformer with AdamW,
+clipping and accumulation; a bf16 MLP with flipped labels; a GroupNorm CNN with dict batches);
+the scenario tests (``slow``) train each from a plain script and ask the CLI, with no YAML.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import fit, loader, make_data, tiny
+from lightning_influence import InfluenceLog, InfluenceTracker, tracin
+from lightning_influence.evaluation import replay_loo
+from lightning_influence.queries import evaluation_mode, mean_loss, query_gradients
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+# --- queries are functions of θ: evaluated without dropout, whatever mode the module is in
+
+
+def test_query_gradients_are_those_of_the_eval_mode_model_and_leave_the_mode_alone():
+    module = tiny(dropout=0.5)
+    module.train()
+    batch = make_data(16, seed=3).tensors
+    names = [n for n, _ in module.named_parameters()]
+    grads, values = query_gradients(module, mean_loss(batch), names)
+    assert module.training and all(m.training for m in module.modules())
+
+    oracle = tiny(dropout=0.5).eval()  # the same weights (same seed), dropout off
+    loss = F.cross_entropy(oracle(batch[0]), batch[1])
+    expected = torch.autograd.grad(loss, list(oracle.parameters()))
+    assert float(values[0]) == pytest.approx(float(loss), rel=1e-12)
+    for n, e in zip(names, expected):
+        torch.testing.assert_close(grads[n][0], e, rtol=1e-12, atol=1e-14)
+
+
+def test_evaluation_mode_keeps_running_statistics_layers_in_their_mode():
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.3)).train()
+    with evaluation_mode(module):
+        assert module[1].training and not module[2].training and not module.training
+    assert all(m.training for m in module.modules())
+
+
+def test_dropout_run_scores_and_truth_are_deterministic(log_dir):
+    """TracIn and replay leave-one-out on a dropout run: the same numbers every call, the truth's f(θ) in eval mode."""
+    data = make_data(24)
+    fit(tiny(dropout=0.5), loader(data), InfluenceTracker(log_dir, record_gradients=True, checkpoint_every_n_steps=2),
+        epochs=2)
+    log = InfluenceLog(log_dir)
+    val = make_data(12, seed=5).tensors
+    query = mean_loss(val)
+    a = tracin(log, query, module=tiny(dropout=0.5)).column(0)
+    b = tracin(log, query, module=tiny(dropout=0.5)).column(0)
+    np.testing.assert_array_equal(a, b)
+
+    res = replay_loo(log, tiny(dropout=0.5), data, query, sample_ids=[0, 5], grid=[log.num_steps])
+    final = tiny(dropout=0.5).eval()
+    final.load_state_dict({n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint(log.num_steps).items()})
+    with torch.no_grad():
+        expected = float(F.cross_entropy(final(val[0]), val[1]))
+    assert float(res.base[-1, 0]) == pytest.approx(expected, rel=1e-12)
