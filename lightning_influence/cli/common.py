@@ -175,6 +175,14 @@ def sign_line(is_loss: bool, name: str) -> str:
     return f"negative = removing the sample lowers {name} (it pushed it up), positive = it pushed it down"
 
 
+def drift_line(drift: dict[str, Any] | None, what: str = "replay drift") -> str | None:
+    """One line for a replay's ``info["replay_drift"]`` (docs/replay.md), or ``None`` if it compared no checkpoint."""
+    if not drift or not drift.get("checkpoints_compared"):
+        return None
+    return (f"{what}: at most {drift['max']:.2g} of a segment's movement (step {drift['at_step']}), over "
+            f"{drift['checkpoints_compared']} checkpoints")
+
+
 def flip_cell(ctx: RunContext | None, j: int) -> str | None:
     flipped = ctx.flipped if ctx else None
     return None if flipped is None else ("yes" if j in flipped else "")

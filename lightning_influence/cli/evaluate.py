@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lightning_influence.cli.common import (UserError, csv_text, emit, flip_cell, format_table, json_text, progress_bar,
-                                            output_format, parse_window, status)
+from lightning_influence.cli.common import (UserError, csv_text, drift_line, emit, flip_cell, format_table, json_text,
+                                            output_format, parse_window, progress_bar, status)
 from lightning_influence.cli.context import RunContext, prepare
 from lightning_influence.cli.methods import (METHODS, Method, call_with, check_records, default_method,
                                              estimator_inputs, method_help, run_method)
@@ -96,9 +96,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     query, names = build_query(specs, ctx)
     n = log.dataset_size
     estimates: dict[str, np.ndarray] = {}
+    drifts: dict[str, Any] = {}  # each replay's drift at the checkpoints (docs/replay.md)
     for m in methods:
         scores = run_method(m, log, query, ctx, (t1, t2), progress_bar(args, f"{m} [{t1}, {t2})"), args.hvp)
         estimates[scores.method] = scores.column(0)
+        drifts[scores.method] = (scores.info or {}).get("replay_drift")
         qname = query_columns(scores.query_names, names, specs)[0][1]
     first = next(iter(estimates.values()))
     samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed)
@@ -114,6 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             progress.close()
         truth = np.asarray(result.window(t1, t2), dtype=np.float64)  # LOO(t2) - LOO(t1), in the order of `samples`
         floor = _noise_floor(log, result, t1, t2)
+        drifts["ground truth"] = result.info.get("replay_drift")
     trust = _trust_tools(args, log, ctx, query, samples, estimates, truth, (t1, t2))
     flipped = ctx.flipped if ctx else None
     labels = ctx.labels(samples) if ctx else np.full(len(samples), -1)
@@ -139,7 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           for k, (j, lb) in enumerate(zip(samples, labels))],
               "metrics": metrics, "truth_noise_floor": floor,
               "truth_above_floor": None if truth is None else int(np.count_nonzero(np.abs(truth) > floor)),
-              "verdict": verdict(metrics, truth, floor), **{k: v.to_dict() for k, v in trust.items()}}
+              "replay_drift": {k: v for k, v in drifts.items() if v}, "verdict": verdict(metrics, truth, floor),
+              **{k: v.to_dict() for k, v in trust.items()}}
     fmt = output_format(args)
     if fmt == "json":
         emit(args, json_text(result))
@@ -161,6 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     noise = [] if truth is None else [
         f"truth noise floor {floor:.2e} (replay error, docs/trust.md §4): {result['truth_above_floor']} of {len(truth)} "
         "truth values above it"]
+    noise += [line for k, v in result["replay_drift"].items() if (line := drift_line(v, f"replay drift ({k})"))]
     emit(args, "\n".join(head + noise + [format_table(header, body), "", mtable]
                          + ["\n" + t.table() for t in trust.values()] + ["", f"verdict: {result['verdict']}"]))
     return 0

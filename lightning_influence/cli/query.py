@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_influence.cli.common import (PROG, UserError, csv_text, emit, flip_cell, format_table, json_text,
+from lightning_influence.cli.common import (PROG, UserError, csv_text, drift_line, emit, flip_cell, format_table, json_text,
                                             output_format, parse_window, progress_bar, ranked, sign_line)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import DISTRIBUTED, METHODS, method_help, run_method
@@ -107,10 +107,8 @@ def _query_text(res: dict[str, Any], args: argparse.Namespace) -> str:
         hits = sum(r["flipped"] == "yes" for r in res["rows"])
         tail.append(f"flipped labels among these {len(res['rows'])}: {hits} ({hits / len(res['rows']):.0%}); "
                     f"{res['flipped_total']} of {res['n_samples']} ({res['flipped_total'] / res['n_samples']:.0%}) are flipped overall")
-    drift = (res.get("info") or {}).get("replay_drift")
-    if drift and drift.get("checkpoints_compared"):  # what the replay could not reproduce (docs/replay.md)
-        tail.append(f"replay drift: at most {drift['max']:.2g} of a segment's movement (step {drift['at_step']}), over "
-                    f"{drift['checkpoints_compared']} checkpoints")
+    drift = drift_line((res.get("info") or {}).get("replay_drift"))  # what the replay could not reproduce
+    tail += [drift] if drift else []
     return "\n".join(head + [format_table(header, rows)] + tail)
 
 
