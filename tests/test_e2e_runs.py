@@ -65,3 +65,18 @@ def test_dropout_run_scores_and_truth_are_deterministic(log_dir):
     with torch.no_grad():
         expected = float(F.cross_entropy(final(val[0]), val[1]))
     assert float(res.base[-1, 0]) == pytest.approx(expected, rel=1e-12)
+
+
+# --- info says what the run was: batch sizes that differ, mixed precision
+
+
+def test_info_names_batch_size_range_and_autocast(log_dir, capsys):
+    from lightning_influence.cli import main
+
+    module = tiny().float()
+    fit(module, loader(make_data(24, dtype=torch.float32), batch_size=5), InfluenceTracker(log_dir, record_gradients=True),
+        epochs=1, accumulate_grad_batches=2, precision="bf16-mixed")
+    assert main(["info", log_dir]) == 0
+    out = capsys.readouterr().out
+    assert "3 (0..2)" in out and "batch size 8 on average (4..10)" in out  # micro-batches 5,5 | 5,5 | 4
+    assert "bf16-mixed autocast" in out

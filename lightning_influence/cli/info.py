@@ -95,9 +95,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("model", str(summary["module_class"]) + (f", data {summary['datamodule_class']}" if summary["datamodule_class"] else "")),
         ("optimizer", f"{summary['optimizer']} ({len(groups)} param group{'s' * (len(groups) != 1)}: {hyper})"),
         ("steps", f"{T} (0..{T - 1}), epochs {int(epochs[0])}..{int(epochs[-1])} ({per_epoch} steps per epoch), "
-                  f"batch size {summary['batch_size']['mean']:.4g}" if T else "0 (no step recorded)"),
+                  + _batch_size(summary["batch_size"]) if T else "0 (no step recorded)"),
         ("samples", f"{summary['dataset_size']} training ids, {summary['ids_seen']} seen in the log"),
-        ("step", _describe_step(summary["step"])),
+        ("step", _describe_step(summary["step"]) + _describe_precision(meta.get("precision"))),
         ("recorded", ", ".join(what)),
         ("gradients", f"{cols} columns per sample ({f'projected, {proj_dim} per tensor' if proj_dim else 'full'}, "
                       f"{summary['storage_dtype']}), every {every} step{'s' * (every != 1)}"
@@ -112,6 +112,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     emit(args, "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows))
     return code
+
+
+def _batch_size(b: dict[str, Any]) -> str:
+    """``batch size 32`` or, when steps differ (last batch, incomplete accumulation), the mean and the range."""
+    if b["min"] == b["max"]:
+        return f"batch size {b['max']}"
+    return f"batch size {b['mean']:.4g} on average ({b['min']}..{b['max']})"
+
+
+def _describe_precision(p: dict[str, Any] | None) -> str:
+    """``; bf16-mixed autocast`` for a mixed-precision run (every re-evaluation of a step uses it), else nothing."""
+    if not p or not p.get("autocast_dtype"):
+        return ""
+    return f"; {p.get('name') or p['autocast_dtype']} autocast" + (", GradScaler" if p.get("grad_scaler") else "")
 
 
 def _describe_step(s: dict[str, Any] | None) -> str:
