@@ -1,6 +1,7 @@
 """Accuracy benchmark: DIT (exact, local, Gauss-Newton) and TracIn against replay leave-one-out.
 
     python benchmarks/accuracy.py [--epochs 10] [--n-train 400] [--out benchmarks/results/accuracy.json]
+    python benchmarks/accuracy.py --configs optimizers   # SGD baselines + Adam/AdamW/RMSprop (~15 min, 1 thread)
 
 Digits (bundled with scikit-learn), float64, batch 20, SGD with a step LR schedule and L2
 (weight decay), trained by a real ``lightning.Trainer`` with the ``InfluenceTracker``
@@ -10,10 +11,14 @@ validation loss. For every training sample the scores of each estimator are comp
 the replay-LOO window truth ``LOO_j(t2) − LOO_j(t1)`` (math §6) for the windows whole run,
 first epoch, second half and last epoch; DIT-local is also compared with its own
 counterpart, removal inside the window only. Then the same with momentum 0.9 and with
-AdamW, and corrupted-sample detection on the MLP with 10% flipped labels: ranked by the
-validation-loss scores (harmful = negative) and by self-influence (query = each training
-sample's own loss, all N swept together; mislabelled = large positive), each against its
-replay-LOO truth.
+AdamW; then Adam, AdamW and RMSprop with a cosine schedule and warm-up
+(docs/optimizer-adjoint.md), where exact DIT (the VJP of the full optimizer step) runs beside
+the frozen-preconditioner approximation, both also against the removal of weight ε = 1e-3
+(divided by ε: the derivative DIT computes, where the run is smooth at that scale), and the
+sweeps' time and memory against the SGD sweep on the same model; and corrupted-sample
+detection on the MLP with 10% flipped labels: ranked by the validation-loss scores (harmful =
+negative) and by self-influence (query = each training sample's own loss, all N swept
+together; mislabelled = large positive), each against its replay-LOO truth.
 
 Prints a table and writes JSON (``benchmarks/results/`` is git-ignored).
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -49,13 +55,17 @@ from lightning_influence.log import InfluenceLog  # noqa: E402
 from lightning_influence.queries import mean_loss, sample_losses  # noqa: E402
 
 TARGETS = {"whole run": 0.97, "first epoch": 0.98}  # exact DIT Spearman targets (issue #3)
+LINEAR_EPS = 1e-3  # removal weight 1 − ε for the linear-response truth of the adaptive-optimizer configs
 
 
 def ce_loss(module: nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(module(batch[0]), batch[1], reduction="none")
 
 
-def make_module(model: str, optimizer: str, lr: float, weight_decay: float, momentum: float, step_epochs: int, gamma: float):
+def make_module(model: str, optimizer: str, lr: float, weight_decay: float, momentum: float, step_epochs: int = 4,
+                gamma: float = 0.5, schedule: str = "step", warmup: float = 0.1):
+    """A LightningModule class; ``schedule="cosine"``: linear warm-up over the first ``warmup``
+    fraction of the steps, then cosine decay to 0, stepped every optimizer step."""
     import lightning.pytorch as pl
 
     class Net(pl.LightningModule):
@@ -78,29 +88,42 @@ def make_module(model: str, optimizer: str, lr: float, weight_decay: float, mome
         def configure_optimizers(self) -> Any:
             if optimizer == "adamw":
                 opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+            elif optimizer == "adam":
+                opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
+            elif optimizer == "rmsprop":
+                opt = torch.optim.RMSprop(self.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum)
             else:
                 opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_epochs, gamma=gamma)
-            return {"optimizer": opt, "lr_scheduler": sched}
+            if schedule == "step":
+                return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=step_epochs, gamma=gamma)}
+            total = int(self.trainer.estimated_stepping_batches)
+            warm = max(1, int(warmup * total))
+
+            def factor(t: int) -> float:
+                return (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(total - warm, 1)))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return Net
 
 
 def train(log_dir: str, Net: Callable[[], nn.Module], train_ds: WithIds, epochs: int, batch_size: int, seed: int,
-          record_hvp: bool = False) -> InfluenceLog:
-    """A real ``lightning.Trainer`` run of ``Net()`` (in float64) with the tracker: full per-sample
-    gradients (and ``H_z Ĝ`` rows with ``record_hvp``) and a checkpoint at every step."""
+          record_hvp: bool = False, dtype: torch.dtype = torch.float64, **trainer_kw: Any) -> InfluenceLog:
+    """A real ``lightning.Trainer`` run of ``Net()`` (in ``dtype``, float64 by default) with the tracker: full per-sample
+    gradients (and ``H_z Ĝ`` rows with ``record_hvp``) and a checkpoint at every step; ``trainer_kw``
+    go to the Trainer (e.g. ``gradient_clip_val``, ``accumulate_grad_batches``)."""
     import lightning.pytorch as pl
 
     from lightning_influence import InfluenceTracker
 
     torch.manual_seed(seed)
-    module = Net().double()
+    module = Net().to(dtype)
     tracker = InfluenceTracker(log_dir, record_gradients=True, record_hvp=record_hvp, checkpoint_every_n_steps=1,
                                storage_dtype="float64", overwrite=True, flush_every_n_steps=100)
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[tracker], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                         limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
+                         limit_val_batches=0, num_sanity_val_steps=0, deterministic=True, **trainer_kw)
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     trainer.fit(module, loader)
     return InfluenceLog(log_dir)
@@ -157,11 +180,25 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
     timer = time.perf_counter()
     loo = replay_loo(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss, copies=args.copies)
     out["seconds"]["replay_loo"] = time.perf_counter() - timer
-    out["loo_reference_max_deviation"] = loo.info["reference_max_deviation_from_log"]
+    out["loo_reference_max_deviation"] = loo.info["replay_drift"]["max_abs"]
+    linear = None
+    if optimizer != "sgd":  # removal weight 1 − ε, divided by ε: ∂f/∂w, what DIT computes, where f is smooth at that scale
+        timer = time.perf_counter()
+        linear = replay_loo(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss, copies=args.copies,
+                            removal_weight=1.0 - LINEAR_EPS)
+        out["seconds"]["replay_linear_response"] = time.perf_counter() - timer
     timer = time.perf_counter()
-    tl = timeline(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss)
+    tl = timeline(log, query, module=Net().double(), train_data=train_ds, grid=grid, loss_fn=ce_loss)
     out["seconds"]["dit_timeline"] = time.perf_counter() - timer
     out["dit_method"] = tl.method
+    out["memory_bytes"] = {"dit": {k: tl.info[k] for k in ("peak_adjoint_bytes", "peak_trajectory_bytes")}}
+    adaptive = optimizer != "sgd"
+    if adaptive:  # the frozen-preconditioner approximation, same grid
+        timer = time.perf_counter()
+        frozen = timeline(log, query, module=Net().double(), train_data=train_ds, grid=grid, loss_fn=ce_loss,
+                          preconditioner="frozen")
+        out["seconds"]["dit_frozen_timeline"] = time.perf_counter() - timer
+        out["memory_bytes"]["dit-frozen"] = {k: frozen.info[k] for k in ("peak_adjoint_bytes", "peak_trajectory_bytes")}
     add_err = max(float(np.abs(tl.window(0, b).column(0) + tl.window(b, c).column(0) - tl.window(0, c).column(0)).max())
                   for b, c in zip(grid[1:-1], grid[2:]))
     out["timeline_additivity_max_abs_error"] = add_err
@@ -170,12 +207,14 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
     for wname, (t1, t2) in wins.items():
         truth = loo.window(t1, t2)
         est = {"dit (exact)": tl.window(t1, t2).column(0)}
+        if adaptive:
+            est["dit-frozen (approx.)"] = frozen.window(t1, t2).column(0)
         timer = time.perf_counter()
-        local = dit_local(log, Net().double(), train_ds, query, (t1, t2), loss_fn=ce_loss)
+        local = dit_local(log, query, module=Net().double(), train_data=train_ds, window=(t1, t2), loss_fn=ce_loss)
         est["dit-local (approx.)"] = local.column(0)
         out["seconds"]["dit_local"] += time.perf_counter() - timer
         timer = time.perf_counter()
-        if optimizer == "adamw":
+        if adaptive:
             est["dit-gauss-newton (approx.)"] = None
         else:
             est["dit-gauss-newton (approx.)"] = dit_gauss_newton(log, query, module=Net().double(), window=(t1, t2)).column(0)
@@ -190,6 +229,10 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
                              copies=args.copies)
             out["seconds"]["replay_loo_in_window"] += time.perf_counter() - timer
             res["dit-local vs in-window LOO"] = agreement(est["dit-local (approx.)"], inw.window(t1, t2))
+        if linear is not None:  # exactness in the linearisation vs the nonlinearity of a full removal
+            lin = linear.window(t1, t2) / LINEAR_EPS
+            res["dit (exact) vs eps-removal"] = agreement(est["dit (exact)"], lin)
+            res["eps-removal vs LOO"] = agreement(lin, truth)
         res["truth_std"] = float(np.std(truth))
         out["results"][wname] = res
         scores[wname] = {k: v for k, v in est.items() if v is not None}
@@ -223,7 +266,7 @@ def self_influence_detection(log: InfluenceLog, Net: type, train_ds: WithIds, da
     t_last = wins["last epoch"][0]
     T = log.num_steps
     timer = time.perf_counter()
-    tl = timeline(log, Net().double(), train_ds, own, grid=[0, t_last, T], loss_fn=ce_loss)
+    tl = timeline(log, own, module=Net().double(), train_data=train_ds, grid=[0, t_last, T], loss_fn=ce_loss)
     seconds = {"dit_self_timeline": time.perf_counter() - timer}
     timer = time.perf_counter()
     loo = replay_loo(log, Net().double(), train_ds, own, grid=[0, t_last, T], loss_fn=ce_loss, copies=args.copies)
@@ -278,8 +321,47 @@ def print_table(name: str, res: dict[str, Any]) -> None:
             print("  " + f"{label:<30} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items()))
         for label, m in res["detection_self_influence"]["agreement_with_self_loo"].items():
             print(f"  {label} vs self-LOO: spearman={m['spearman']:.4f} pearson={m['pearson']:.4f}")
+    print("sweep memory (bytes held: adjoint columns / replayed trajectory segment): " + ", ".join(
+        f"{k} {m['peak_adjoint_bytes']}/{m['peak_trajectory_bytes']}" for k, m in res["memory_bytes"].items()))
     print(f"timeline additivity max |error| {res['timeline_additivity_max_abs_error']:.2e}; LOO reference max deviation from "
           f"log {res['loo_reference_max_deviation']:.2e}; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
+
+
+def sweep_cost(configs: dict[str, tuple], chosen: list[str], args: argparse.Namespace, workdir: Path,
+               rounds: int = 3) -> dict[str, Any]:
+    """DIT timeline sweep time and memory of each adaptive config against the SGD config on the same
+    model: the same grid (epoch starts and T), the sweeps alternated ``rounds`` times, median seconds."""
+    out: dict[str, Any] = {}
+    for name in chosen:
+        model, opt, hyper, _ = configs[name]
+        base = f"{model}-sgd"
+        if opt == "sgd" or base not in chosen:
+            continue
+        data = load_digits_split(args.n_train, args.n_val, 0.0, seed=args.seed, dtype=torch.float64)
+        train_ds = WithIds(TensorDataset(*data["train"]))
+        query = mean_loss(data["val"], ce_loss, name="val_loss")
+        runs = {label: (make_module(configs[label][0], configs[label][1], **configs[label][2]), InfluenceLog(workdir / label))
+                for label in (base, name)}
+        seconds: dict[str, list[float]] = {(lab + suffix): [] for lab in runs for suffix in ("", " frozen")}
+        memory: dict[str, int] = {}
+        for _ in range(rounds):
+            for label, (Net, log) in runs.items():
+                for suffix, pre in (("", "exact"), (" frozen", "frozen")):
+                    if suffix and label == base:
+                        continue
+                    t0 = time.perf_counter()
+                    tl = timeline(log, query, module=Net().double(), train_data=train_ds, loss_fn=ce_loss, preconditioner=pre)
+                    seconds[label + suffix].append(time.perf_counter() - t0)
+                    memory[label + suffix] = tl.info["peak_adjoint_bytes"] + tl.info["peak_trajectory_bytes"]
+        med = {k: float(np.median(v)) for k, v in seconds.items() if v}
+        out[name] = {"baseline": base, "median_seconds": med, "bytes": memory,
+                     "time_ratio": med[name] / med[base], "time_ratio_frozen": med[name + " frozen"] / med[base],
+                     "memory_ratio": memory[name] / memory[base], "memory_ratio_frozen": memory[name + " frozen"] / memory[base]}
+        print(f"sweep cost {name} vs {base} (median of {rounds} alternating rounds): time x{out[name]['time_ratio']:.2f} "
+              f"(frozen x{out[name]['time_ratio_frozen']:.2f}), memory x{out[name]['memory_ratio']:.2f} (frozen "
+              f"x{out[name]['memory_ratio_frozen']:.2f}); seconds " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
+        sys.stdout.flush()
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -290,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--copies", type=int, default=401, help="LOO runs trained together per pass")
-    parser.add_argument("--configs", default="all", help="comma-separated config names, or 'all'")
+    parser.add_argument("--configs", default="all", help="comma-separated config names, 'all', or 'optimizers' (the SGD "
+                        "baselines and the adaptive-optimizer configs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
     args = parser.parse_args(argv)
@@ -300,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     sgd = {"lr": 0.1, "weight_decay": 1e-3, "momentum": 0.0, "step_epochs": 4, "gamma": 0.5}
+    cos = {"momentum": 0.0, "schedule": "cosine", "warmup": 0.1}
     configs = {
         "logreg-sgd": ("logreg", "sgd", sgd, 0.0),
         "mlp-sgd": ("mlp", "sgd", sgd, 0.0),
@@ -308,8 +392,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "logreg-adamw": ("logreg", "adamw", {"lr": 0.01, "weight_decay": 1e-2, "momentum": 0.0, "step_epochs": 4, "gamma": 0.5}, 0.0),
         "mlp-adamw": ("mlp", "adamw", {"lr": 0.005, "weight_decay": 1e-2, "momentum": 0.0, "step_epochs": 4, "gamma": 0.5}, 0.0),
         "mlp-sgd-flipped10": ("mlp", "sgd", sgd, 0.1),
+        # adaptive optimizers, cosine schedule with 10% linear warm-up (issue #12); exact DIT beside the frozen one
+        "logreg-adamw-cos": ("logreg", "adamw", {**cos, "lr": 0.01, "weight_decay": 1e-2}, 0.0),
+        "mlp-adamw-cos": ("mlp", "adamw", {**cos, "lr": 0.005, "weight_decay": 1e-2}, 0.0),
+        "logreg-adam-cos": ("logreg", "adam", {**cos, "lr": 0.01, "weight_decay": 1e-3}, 0.0),
+        "mlp-adam-cos": ("mlp", "adam", {**cos, "lr": 0.005, "weight_decay": 1e-3}, 0.0),
+        "mlp-rmsprop-cos": ("mlp", "rmsprop", {**cos, "lr": 0.002, "weight_decay": 1e-3}, 0.0),
     }
-    chosen = list(configs) if args.configs == "all" else args.configs.split(",")
+    groups = {"optimizers": ["logreg-sgd", "mlp-sgd", "logreg-adamw-cos", "mlp-adamw-cos", "logreg-adam-cos", "mlp-adam-cos",
+                             "mlp-rmsprop-cos"]}
+    chosen = list(configs) if args.configs == "all" else groups.get(args.configs, args.configs.split(","))
     results: dict[str, Any] = {
         "setup": {"data": "sklearn digits, standardised", "n_train": args.n_train, "n_val": args.n_val, "epochs": args.epochs,
                   "batch_size": args.batch_size, "dtype": "float64", "query": "mean validation cross-entropy",
@@ -326,6 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["configs"][name] = res
             print_table(name, res)
             sys.stdout.flush()
+        if args.configs == "optimizers":
+            results["sweep_cost"] = sweep_cost(configs, chosen, args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -85,8 +85,9 @@ def rescorers(data: dict[str, Any], make, args: argparse.Namespace, workdir: Pat
     x, y = data["train"]
     query = mean_loss(data["val"], ce_loss)
     estimators = {
-        "diffin-step (fd)": lambda log, ds: diffin(log, make(), ds, query, loss_fn=ce_loss),
-        "dit (exact)": lambda log, ds: dit(log, make(), ds, query, loss_fn=ce_loss),
+        "diffin-step (fd)": lambda log, ds: diffin(log, query, module=make(), train_data=ds, loss_fn=ce_loss,
+                                                   form="step"),
+        "dit (exact)": lambda log, ds: dit(log, query, module=make(), train_data=ds, loss_fn=ce_loss),
         "tracin": lambda log, ds: tracin(log, query, module=make()),
     }
 
@@ -112,21 +113,26 @@ def scores_for(log: InfluenceLog, make, ds: WithIds, query, args: argparse.Names
     with T(f"{tag} tracin"):
         out["tracin"] = tracin(log, query, module=make()).column(0)
     with T(f"{tag} dit"):
-        out["dit (exact)"] = dit(log, make(), ds, query, loss_fn=ce_loss).column(0)
+        out["dit (exact)"] = dit(log, query, module=make(), train_data=ds, loss_fn=ce_loss).column(0)
     with T(f"{tag} diffin-step fd"):
-        out["diffin-step (fd)"] = diffin(log, make(), ds, query, loss_fn=ce_loss).column(0)
+        out["diffin-step (fd)"] = diffin(log, query, module=make(), train_data=ds, loss_fn=ce_loss,
+                                         form="step").column(0)
     with T(f"{tag} diffin-published fd"):
-        out[f"diffin-published (fd, m={args.m})"] = diffin(log, make(), ds, query, form="published", steps=args.m,
-                                                           loss_fn=ce_loss).column(0)
+        out[f"diffin-published (fd, m={args.m})"] = diffin(log, query, module=make(), train_data=ds, form="published",
+                                                           steps=args.m, loss_fn=ce_loss, samples="all").column(0)
     if full:
         with T(f"{tag} diffin-step exact"):
-            out["diffin-step (exact)"] = diffin(log, make(), ds, query, hvp="exact", loss_fn=ce_loss).column(0)
+            out["diffin-step (exact)"] = diffin(log, query, module=make(), train_data=ds, hvp="exact",
+                                                loss_fn=ce_loss, form="step").column(0)
         with T(f"{tag} diffin-published exact"):
-            out[f"diffin-published (exact, m={args.m})"] = diffin(log, make(), ds, query, form="published", steps=args.m,
-                                                                  hvp="exact", loss_fn=ce_loss).column(0)
+            out[f"diffin-published (exact, m={args.m})"] = diffin(log, query, module=make(), train_data=ds,
+                                                                  form="published", steps=args.m, hvp="exact",
+                                                                  loss_fn=ce_loss, samples="all").column(0)
         with T(f"{tag} diffin-published rows"):
-            out["diffin-published (fd, logged batch rows, all steps)"] = diffin(
-                log, make(), ds, query, form="published", samples="batch", loss_fn=ce_loss).column(0)
+            out["diffin-published (fd, logged batch rows, all steps)"] = diffin(log, query, module=make(),
+                                                                                train_data=ds, form="published",
+                                                                                samples="batch",
+                                                                                loss_fn=ce_loss).column(0)
     return out
 
 
@@ -198,8 +204,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             vs = val_scores if flip == 0.1 else scores_for(log, make, ds, mean_loss(data["val"], ce_loss), args, T,
                                                           f"val {flip:.0%}", full=False)
             with T(f"self-influence (flip {flip:.0%})"):
-                self_step = diffin_self_influence(log, make(), ds, loss_fn=ce_loss).column(0)
-                self_pub = diffin_self_influence(log, make(), ds, form="published", steps=args.m, loss_fn=ce_loss).column(0)
+                self_step = diffin_self_influence(log, module=make(), train_data=ds, loss_fn=ce_loss).column(0)
+                self_pub = diffin_self_influence(log, module=make(), train_data=ds, form="published", steps=args.m,
+                                                 loss_fn=ce_loss).column(0)
             rankings = {
                 "diffin-published self-influence": (self_pub, "self"),
                 "diffin-step self-influence": (self_step, "self"),

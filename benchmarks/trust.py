@@ -88,11 +88,13 @@ def estimators(log: InfluenceLog, Net: type, td: Any, query: Any, lam: float, ti
     out: dict[str, np.ndarray] = {}
     notes: dict[str, Any] = {}
     with timer("dit"):
-        out["dit"] = dit(log, Net().double(), td, query, loss_fn=ce_loss).column(0)
+        out["dit"] = dit(log, query, module=Net().double(), train_data=td, loss_fn=ce_loss).column(0)
     if diffin is not None:
         with timer("diffin"):
-            out["diffin-step"] = diffin(log, Net().double(), td, query, loss_fn=ce_loss).column(0)
-            r = diffin(log, Net().double(), td, query, loss_fn=ce_loss, form="published")
+            out["diffin-step"] = diffin(log, query, module=Net().double(), train_data=td, loss_fn=ce_loss,
+                                        form="step").column(0)
+            r = diffin(log, query, module=Net().double(), train_data=td, loss_fn=ce_loss, form="published",
+                       samples="all")
             out["diffin-published"] = r.column(0)
             notes["diffin-published"] = r.method
     else:
@@ -207,7 +209,7 @@ def small_case(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     query = mean_loss(data["val"], ce_loss, name="val_loss")
     T = log.num_steps
     loo = replay_loo(log, Net().double(), td, query, grid=[T], loss_fn=ce_loss, copies=args.copies).at(T)[:, 0]
-    scores = {"dit": dit(log, Net().double(), td, query, loss_fn=ce_loss).column(0),
+    scores = {"dit": dit(log, query, module=Net().double(), train_data=td, loss_fn=ce_loss).column(0),
               "tracin": tracin(log, query, module=Net().double()).column(0), "loo": loo}
     out = {"N": n, "T": T}
     for p_keep in (0.5, 0.9):

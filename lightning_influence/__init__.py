@@ -9,10 +9,13 @@ imports Lightning.
 from typing import Any
 
 from lightning_influence.data import WithIds
-from lightning_influence.estimators import InfluenceScores, dit, timeline, tracin
+from lightning_influence.estimators import (InfluenceScores, diffin, diffin_self_influence, dit, dit_gauss_newton, dit_local,
+                                            timeline, tracin)
 from lightning_influence.log import InfluenceLog, LogFormatError
 
-__all__ = ["InfluenceLog", "InfluenceScores", "InfluenceTracker", "LogFormatError", "WithIds", "dit", "timeline", "tracin"]
+# Every estimator is called as f(log, query, *, module=None, train_data=None, window=None, ...).
+__all__ = ["InfluenceLog", "InfluenceScores", "InfluenceTracker", "LogFormatError", "WithIds", "diffin",
+           "diffin_self_influence", "dit", "dit_gauss_newton", "dit_local", "timeline", "tracin"]
 __version__ = "0.1.0"
 
 

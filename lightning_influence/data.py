@@ -51,23 +51,28 @@ def batch_size_of(batch: Any) -> int:
     raise TypeError(f"cannot find a batched tensor in a batch of type {type(batch).__name__}")
 
 
-def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, with_ids: bool = False) -> torch.Tensor:
+def _hint(ids_key: str) -> str:
+    return ("Give each sample a stable integer id: wrap the training dataset with "
+            "lightning_influence.WithIds(dataset) so batches are (x, y, ids), or return a dict with "
+            f"an {ids_key!r} key, or pass ids_fn=... to InfluenceTracker.")
+
+
+def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, on_device: bool = False,
+                with_ids: bool = False, dataset_size: int | None = None) -> torch.Tensor:
     """The int64 sample ids of a batch, validated.
 
     Looks, in order, at ``ids_fn(batch)``, ``batch[ids_key]`` for a dict, or the last element
     of a tuple/list batch: of ``(x, y, ids)`` (three or more elements), or of ``(x, ids)`` only
     when ``with_ids`` says the batches come from a :class:`WithIds` dataset; a plain ``(x, y)``
-    batch is refused, its labels are never taken for ids.
+    batch is refused, its labels are never taken for ids. ``on_device``: ids on an accelerator
+    stay there and their values are not checked (that would make the host wait for the
+    device): the caller checks them with :func:`check_ids` once they are on the host.
 
     Raises:
-        ValueError: the ids are missing, not a 1-D integer tensor, of the wrong length,
-            negative, or duplicated (sampling with replacement is not supported).
+        ValueError: the ids are missing, not a 1-D integer tensor, of the wrong length, or
+            fail :func:`check_ids`.
     """
-    hint = (
-        "Give each sample a stable integer id: wrap the training dataset with "
-        "lightning_influence.WithIds(dataset) so batches are (x, y, ids), or return a dict with "
-        f"an {ids_key!r} key, or pass ids_fn=... to InfluenceTracker."
-    )
+    hint = _hint(ids_key)
     if ids_fn is not None:
         ids = ids_fn(batch)
     elif isinstance(batch, Mapping):
@@ -89,33 +94,38 @@ def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, w
     n = batch_size_of(batch)
     if len(ids) != n:
         raise ValueError(f"{len(ids)} sample ids for a batch of {n} samples. {hint}")
+    if on_device and ids.device.type != "cpu":
+        return ids.detach().to(torch.int64)
     ids = ids.detach().to("cpu", torch.int64)
+    check_ids(ids, ids_key, dataset_size)
+    return ids
+
+
+def check_ids(ids: torch.Tensor, ids_key: str = "ids", dataset_size: int | None = None) -> None:
+    """Refuse duplicated, negative or out-of-range ids (host tensor ``ids`` of one batch or one optimizer step).
+
+    ``dataset_size``: the ids must index the training set ``[0, dataset_size)``.
+
+    Raises:
+        ValueError: naming the offending ids and what to do (a ``Subset`` keeping the original
+            indices; sampling with replacement, which is not supported).
+    """
     if len(torch.unique(ids)) != len(ids):
         raise ValueError(
             f"sample ids {_duplicates(ids)} appear more than once in one batch. Sampling with replacement "
             "(RandomSampler(replacement=True), WeightedRandomSampler) is not supported: the log and the estimators "
             "count each sample once per step. Sample without replacement (DataLoader(shuffle=True)), or, if these "
-            f"are not sample ids (labels?), give the real ids. {hint}")
+            f"are not sample ids (labels?), give the real ids. {_hint(ids_key)}")
     if len(ids) and int(ids.min()) < 0:
-        raise ValueError(f"sample ids must be non-negative, got {int(ids.min())}. {hint}")
-    return ids
-
-
-def check_ids_in_range(ids: torch.Tensor, dataset_size: int | None) -> None:
-    """Refuse ids that are not indices into the training set ``[0, dataset_size)``.
-
-    Raises:
-        ValueError: saying which ids and the likely cause (a ``Subset`` that keeps the
-            original indices).
-    """
-    if dataset_size is None or not len(ids) or int(ids.max()) < dataset_size:
-        return
-    bad = ids[ids >= dataset_size][:10].tolist()
-    raise ValueError(
-        f"sample ids {bad} are not indices into the training set, which has {dataset_size} samples "
-        "(len(train_dataloader.dataset)): estimators index the training set by id. If the training set is a Subset "
-        "or another view of a larger dataset, wrap the dataset you train on, WithIds(Subset(data, rows)), not "
-        "Subset(WithIds(data), rows), so ids run 0..len-1 (or return ids that index the training set from ids_fn).")
+        raise ValueError(f"sample ids must be non-negative, got {int(ids.min())}. {_hint(ids_key)}")
+    if dataset_size is not None and len(ids) and int(ids.max()) >= dataset_size:
+        bad = ids[ids >= dataset_size][:10].tolist()
+        raise ValueError(
+            f"sample ids {bad} are not indices into the training set, which has {dataset_size} samples "
+            "(len(train_dataloader.dataset)): estimators index the training set by id. If the training set is a "
+            "Subset or another view of a larger dataset, wrap the dataset you train on, WithIds(Subset(data, rows)), "
+            "not Subset(WithIds(data), rows), so ids run 0..len-1 (or return ids that index the training set from "
+            "ids_fn).")
 
 
 def ids_source(dataset: Any) -> tuple[bool, str | None]:

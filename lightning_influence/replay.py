@@ -5,8 +5,12 @@ The log holds the batch sequence ``B_t``, the learning rates ``η_t`` and checkp
 nearest checkpoint with the logged optimizer (rebuilt by :func:`build_optimizer`), and
 compares every checkpoint it passes: a replay that drifts from the logged run is an error
 that says where and why, never a silently wrong trajectory. With per-sample ``weights`` it
-runs the counterfactual of math §2: the loss of step ``t`` is ``Σ_i w_i ℓ_i / |B_t|``, so
-a removed sample (weight 0) leaves the denominator unchanged.
+runs the counterfactual of math §2: the loss of step ``t`` is ``Σ_i m_i w_{i,t} ℓ_i``, with
+``w_{i,t}`` the weight the step applied (:mod:`lightning_influence.step.weights`; ``1/|B_t|``
+for a plain batch mean), so a removed sample (``m_i = 0``) leaves the others' weights unchanged.
+Each step runs as Lightning ran it: its micro-batches back-propagated one at a time with
+Lightning's loss scaling, the gradient clipped as recorded (:mod:`lightning_influence.step.clipping`),
+so an as-trained replay on CPU is bit-identical to training.
 
 Shared by DIT, Diff-In and the ground truth. Pure torch: no Lightning imports.
 """
@@ -14,19 +18,28 @@ Shared by DIT, Diff-In and the ground truth. Pure torch: no Lightning imports.
 from __future__ import annotations
 
 import inspect
+import io
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset, default_collate
 
 from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.progress import Progress, resolve_progress  # noqa: F401 (re-exported)
 from lightning_influence.queries import LossFn, default_loss_fn
+from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, ReplayMismatchError, measure, mismatch  # noqa: F401 (re-exported)
+from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
+from lightning_influence.step.micro import MicroBatch, Step
+from lightning_influence.step.precision import Precision, scaled, unscale_
+from lightning_influence.step.rng import NONE, RandomState
+from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_param_groups, rule_for
+from lightning_influence.step.weights import StepWeights, step_weights
 
 __all__ = [
     "ReplayMismatchError",
@@ -36,13 +49,13 @@ __all__ = [
     "batch_from_ids",
     "build_optimizer",
     "checkpoint_params",
-    "default_tolerances",
+    "DriftReport",
+    "load_step",
     "functional_loss",
     "grid_steps",
     "load_optimizer_state",
     "optimizer_class",
     "parameters_at",
-    "progress_printer",
     "replay",
     "replay_from",
     "replay_step",
@@ -53,23 +66,7 @@ TrainData = Union[Callable[[np.ndarray], Any], Dataset]
 ``ids -> batch``. Either way the batch must be what the module's ``per_sample_loss`` takes."""
 
 Weights = Callable[[int, np.ndarray], Tensor]
-"""``weights(step, ids) -> Tensor[|B_t|]``: per-sample loss weights of a step (1 = as trained)."""
-
-Progress = Union[Callable[[int, int], None], bool, None]
-
-_SUPPORTED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "SGD": torch.optim.SGD,
-    "Adam": torch.optim.Adam,
-    "AdamW": torch.optim.AdamW,
-}
-
-
-class UnsupportedOptimizerError(ValueError):
-    """The logged run used an optimizer (or optimizer setting) replay and DIT cannot handle."""
-
-
-class ReplayMismatchError(RuntimeError):
-    """A replayed trajectory does not match a checkpoint stored in the log."""
+"""``weights(step, ids) -> Tensor[|B_t|]``: per-sample multipliers of the step's loss weights (1 = as trained, 0 = removed)."""
 
 
 @dataclass
@@ -108,7 +105,13 @@ def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
 
 
 def functional_loss(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], batch: Any) -> Tensor:
-    """Per-sample losses ``loss_fn(module, batch)`` evaluated at ``params`` (the live module is untouched)."""
+    """Per-sample losses ``loss_fn(module, batch)`` evaluated at ``params`` (the live module is untouched).
+
+    The batch's tensors are moved to the parameters' device (a dataset gives CPU tensors, the module may be on a GPU).
+    """
+    device = next(iter(params.values())).device if params else None
+    if device is not None:
+        batch = pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) and x.device != device else x, batch)
     return call_with_params(module, loss_fn, params, batch)
 
 
@@ -130,23 +133,16 @@ def _optimizer_spec(log: InfluenceLog) -> dict[str, Any]:
 
 
 def optimizer_class(log: InfluenceLog) -> type[torch.optim.Optimizer]:
-    """The logged optimizer's class, if supported (``torch.optim.SGD``, ``Adam``, ``AdamW``).
+    """The logged optimizer's class, if supported (:data:`lightning_influence.step.optimizers.RULES`).
 
     Raises:
-        UnsupportedOptimizerError: any other optimizer (LBFGS, a subclass, several optimizers).
+        UnsupportedOptimizerError: any other optimizer (LBFGS, a subclass, several optimizers),
+            or a setting the update rules do not model (``maximize``).
     """
     spec = _optimizer_spec(log)
-    path = str(spec.get("class", ""))
-    module_name, _, name = path.rpartition(".")
-    cls = _SUPPORTED_OPTIMIZERS.get(name)
-    if cls is None or not module_name.startswith("torch.optim"):
-        hint = (" LBFGS re-evaluates the loss several times per step with a line search; its steps are not a "
-                "function of one batch gradient that replay can linearise." if name == "LBFGS" else "")
-        raise UnsupportedOptimizerError(
-            f"{log.path}: optimizer {path!r} is not supported by replay/DIT; supported: torch.optim.SGD (momentum, "
-            f"nesterov, weight decay, any LR schedule: exact), torch.optim.Adam and AdamW (frozen-preconditioner "
-            f"approximation).{hint}")
-    return cls
+    rule = rule_for(str(spec.get("class", "")), f"{log.path}: ")
+    check_param_groups(rule, spec["param_groups"], f"{log.path}: ")
+    return rule.cls
 
 
 def _to_hyper(value: Any) -> Any:
@@ -176,8 +172,6 @@ def build_optimizer(log: InfluenceLog, params: Mapping[str, Tensor], state_step:
             raise ValueError(f"param group {gi} of the logged optimizer holds {missing[:5]}, which are not among the "
                              f"parameters given ({sorted(params)[:10]}): the module does not match the log")
         hyper = {k: _to_hyper(v) for k, v in g.items() if k in accepted}
-        if hyper.get("maximize"):
-            raise UnsupportedOptimizerError(f"{log.path}: maximize=True is not supported by replay/DIT")
         groups.append({"params": [params[n] for n in names], **hyper})
         seen += names
     extra = sorted(set(params) - set(seen))
@@ -212,7 +206,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, names: list[str], state: Ma
             if isinstance(value, (int, float, bool)) and not isinstance(value, np.ndarray):
                 out[key] = value
                 continue
-            t = torch.as_tensor(np.asarray(value))
+            t = torch.as_tensor(np.asarray(value)).to(p.device)
             if t.shape != p.shape and t.dim() > 0:
                 t = t.expand(p.shape)
             out[key] = t.clone()
@@ -243,73 +237,6 @@ def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_
                              f"to the dtype the run trained in (e.g. module.to({t.dtype})) so buffers and inputs match")
         out[n] = t.requires_grad_(requires_grad)
     return out
-
-
-def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """``(atol, rtol)`` for comparing a replayed ``θ_t`` with the logged one."""
-    if dtype == torch.float64:
-        return 1e-12, 1e-9
-    if dtype == torch.float32:
-        return 1e-6, 1e-4
-    return 1e-3, 1e-2
-
-
-def _verify(log: InfluenceLog, t: int, params: Mapping[str, Tensor], start: int, atol: float | None, rtol: float | None) -> None:
-    ref = log.checkpoint(t)
-    worst: tuple[float, float, str] | None = None
-    failed = False
-    used = (atol, rtol)
-    for n, p in params.items():
-        r = torch.from_numpy(np.array(ref[n])).to(p.device)
-        a_def, r_def = default_tolerances(p.dtype)
-        a_tol = a_def if atol is None else atol
-        r_tol = r_def if rtol is None else rtol
-        used = (a_tol, r_tol)
-        if r.dtype != p.dtype:
-            raise ReplayMismatchError(f"replay at step {t}: parameter {n!r} is {p.dtype} in the replay but {r.dtype} in "
-                                      "the log: replay with the dtype the run trained in")
-        diff = (p.detach() - r).abs()
-        excess = diff - (a_tol + r_tol * r.abs())
-        if not bool(torch.isfinite(diff).all()) or bool((excess > 0).any()):
-            failed = True
-        d = float(diff.max()) if diff.numel() else 0.0
-        rel = d / max(float(r.abs().max()) if r.numel() else 0.0, 1e-300)
-        if worst is None or d > worst[0]:
-            worst = (d, rel, n)
-    if failed and worst is not None:
-        d, rel, n = worst
-        raise ReplayMismatchError(
-            f"replay does not reproduce the logged run at step {t}: after replaying steps {start}..{t - 1} from the "
-            f"checkpoint at step {start}, parameter {n!r} differs from the stored θ_{t} by up to {d:.3e} "
-            f"({rel:.2e} of its largest entry; tolerance atol={used[0]:g}, rtol={used[1]:g}). Likely causes: nondeterministic training (dropout or other "
-            "randomness in the loss, nondeterministic GPU kernels); train_data that does not return the samples the run "
-            "saw under these ids (other order, augmentation, preprocessing); a loss_fn other than the training loss (the "
-            "training loss must be the mean of the per-sample losses); another dtype or device than in training; "
-            "gradient clipping or other gradient changes the log does not record.")
-
-
-def progress_printer(label: str) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback that draws a one-line bar on stderr."""
-    state = {"last": -1}
-
-    def show(done: int, total: int) -> None:
-        pct = int(100 * done / max(total, 1))
-        if pct == state["last"] and done < total:
-            return
-        state["last"] = pct
-        bar = "#" * (pct // 4)
-        sys.stderr.write(f"\r{label}: [{bar:<25}] {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
-def resolve_progress(progress: Progress, label: str) -> Callable[[int, int], None] | None:
-    if progress is True:
-        return progress_printer(label)
-    return progress or None
 
 
 def grid_steps(log: InfluenceLog, grid: Any) -> np.ndarray:
@@ -348,26 +275,81 @@ def _set_lrs(opt: torch.optim.Optimizer, lrs: np.ndarray, t: int) -> None:
         g["lr"] = float(lr)
 
 
+def load_step(log: InfluenceLog, train_data: TrainData | None, t: int) -> Step:
+    """The inputs of step ``t`` as Lightning ran them: its micro-batches (stored inputs, else ``train_data`` by
+    id) with their random states, the run's autocast, the GradScaler factor and skip (``docs/log-format.md``)."""
+    micro = []
+    for m in log.micro_batches(t):
+        if m.inputs is not None:
+            batch = torch.load(io.BytesIO(m.inputs), weights_only=True)
+        elif train_data is None:
+            raise ValueError(f"step {t}: the log holds no inputs (InfluenceTracker(store_inputs=True)), so replaying it "
+                             "needs train_data (the training samples by id)")
+        else:
+            batch = batch_from_ids(train_data, m.ids)
+        random = RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda)
+        micro.append(MicroBatch(m.ids, batch, random))
+    return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t))
+
+
 def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, params: Mapping[str, Tensor],
-                batch: Any, n: int, w: Tensor | None) -> None:
-    """One optimizer step at ``params`` on ``batch``: loss ``mean(ℓ)`` or ``Σ w ℓ / n``."""
+                step: Step, sw: StepWeights, multipliers: Tensor | None, clip: ClipSpec | None) -> None:
+    """One optimizer step at ``params`` as Lightning ran it: each micro-batch under its random state and autocast,
+    its loss (``mean(ℓ)/A`` as trained, ``Σ m w ℓ`` with ``multipliers``) scaled by the GradScaler factor and
+    back-propagated in turn; the summed gradient unscaled and clipped, the optimizer stepped. A step the GradScaler
+    skipped changes nothing."""
     opt.zero_grad(set_to_none=True)
-    losses = functional_loss(module, loss_fn, params, batch)
-    loss = losses.mean() if w is None else (w.to(losses) * losses).sum() / n
-    loss.backward()
+    if step.skipped:
+        return
+    slices = list(sw.micro_slices())
+    if len(slices) != len(step.micro):
+        raise ValueError(f"step {step.step}: the log's weights describe {len(slices)} micro-batches, its micro-batch "
+                         f"rows {len(step.micro)}: the log is inconsistent")
+    for m, rows in zip(step.micro, slices):
+        with m.context(step.precision):
+            losses = functional_loss(module, loss_fn, params, m.batch)
+        loss = sw.micro_loss(losses, rows, None if multipliers is None else multipliers[rows])
+        scaled(loss, step.grad_scale).backward()
+    if step.grad_scale is not None:
+        unscale_([p.grad for p in params.values()], step.grad_scale)
+    apply_clipping([p for g in opt.param_groups for p in g["params"]], clip)
     opt.step()
+
+
+def _reanchor(log: InfluenceLog, t: int, params: dict[str, Tensor], opt: torch.optim.Optimizer, anchor: dict[str, Any],
+              tolerance: float, report: DriftReport | None) -> None:
+    """At checkpoint ``t``: measure the drift since ``anchor``, stop if beyond ``tolerance``, else continue from the
+    stored ``θ_t`` and optimizer state (so float round-off never accumulates past a checkpoint)."""
+    stored = log.checkpoint(t)
+    for n, p in params.items():
+        if stored[n].dtype != p.detach().cpu().numpy().dtype:
+            raise ReplayMismatchError(f"replay at step {t}: parameter {n!r} is {p.dtype} in the replay but "
+                                      f"{stored[n].dtype} in the log: replay with the dtype the run trained in")
+    drift, diff = measure(stored, params, anchor["params"])
+    if report is not None:
+        report.checkpoints.append((t, drift, diff))
+    if not drift <= tolerance:
+        raise mismatch(t, anchor["step"], drift, diff, tolerance)
+    if drift > 0:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(torch.from_numpy(np.array(stored[n])).to(p.device))
+        load_optimizer_state(opt, [n for g in log.param_groups() for n in g], log.optimizer_state(t))
+    anchor.update(step=t, params={n: p.detach().clone() for n, p in params.items()})
 
 
 def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, params: dict[str, Tensor],
                 opt: torch.optim.Optimizer, start: int, t1: int, t2: int, loss_fn: LossFn, weights: Weights | None,
-                verify: bool, atol: float | None, rtol: float | None,
+                verify: bool, tolerance: float | None, report: DriftReport | None,
                 progress: Callable[[int, int], None] | None) -> Iterator[ReplayStep]:
     ckpts = set(log.checkpoint_steps)
     check = verify and weights is None
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    anchor: dict[str, Any] = {"step": start, "params": {n: p.detach().clone() for n, p in params.items()}}
     T = log.num_steps
     for t in range(start, t2):
         if check and t in ckpts and t != start:
-            _verify(log, t, params, start, atol, rtol)
+            _reanchor(log, t, params, opt, anchor, tolerance, report)
         ids, lrs = log.batch_ids(t), log.lr(t)
         if t >= t1:
             yield ReplayStep(t, {n: p.detach().clone() for n, p in params.items()}, ids, lrs, opt)
@@ -377,25 +359,26 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
             w = torch.as_tensor(weights(t, ids))
             if w.shape != (len(ids),):
                 raise ValueError(f"weights({t}, ids) returned shape {tuple(w.shape)}, expected ({len(ids)},)")
-        replay_step(module, loss_fn, opt, params, batch_from_ids(train_data, ids), len(ids), w)
+        replay_step(module, loss_fn, opt, params, load_step(log, train_data, t), step_weights(log, t), w,
+                    logged_clip_spec(log, t))
         if progress is not None:
             progress(t - start + 1, t2 - start)
     if check and t2 in ckpts and t2 != start:
-        _verify(log, t2, params, start, atol, rtol)
+        _reanchor(log, t2, params, opt, anchor, tolerance, report)
     yield ReplayStep(t2, {n: p.detach().clone() for n, p in params.items()}, np.zeros(0, np.int64),
                      log.lr(t2) if t2 < T else np.zeros(0), opt)
 
 
 def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int = 0, t2: int | None = None, *,
            loss_fn: LossFn = default_loss_fn, weights: Weights | None = None, start: int | None = None,
-           verify: bool = True, atol: float | None = None, rtol: float | None = None,
+           verify: bool = True, tolerance: float | None = None, report: DriftReport | None = None,
            progress: Progress = None) -> Iterator[ReplayStep]:
     """Replay the logged steps and yield ``θ_t`` for ``t`` in ``[t1, t2)``, then the final ``θ_{t2}``.
 
     Starts from the nearest checkpoint ``<= t1`` (or ``start``, a checkpoint step) with its
-    optimizer state, and replays every step with the logged batch and learning rates. The
-    loss of step ``t`` is the mean per-sample loss, or ``Σ_i w_i ℓ_i / |B_t|`` with
-    ``weights`` (removal = weight 0, the denominator is kept: math §2).
+    optimizer state, and replays every step with the logged batch, learning rates, per-sample
+    weights and clipping (:func:`replay_step`). With ``weights`` the loss of step ``t`` is
+    ``Σ_i m_i w_{i,t} ℓ_i`` (removal = ``m_i = 0``, the others' weights are kept: math §2).
 
     Args:
         log: the influence log.
@@ -404,15 +387,18 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
         train_data: the training samples by id (a dataset or a callable ``ids -> batch``).
         t1, t2: the steps to yield (``t2=None``: the end of the run).
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]``, the per-sample training loss.
-        weights: ``weights(step, ids) -> Tensor[B]``, per-sample loss weights (counterfactuals).
+        weights: ``weights(step, ids) -> Tensor[B]``, per-sample multipliers of the logged weights (counterfactuals).
         start: checkpoint step to start from (default: the latest checkpoint ``<= t1``).
-        verify: compare the replayed ``θ_t`` with every checkpoint the replay passes (only
-            without ``weights``: a counterfactual is meant to differ).
-        atol, rtol: comparison tolerances (default: by dtype, see :func:`default_tolerances`).
+        verify: compare the replayed ``θ_t`` with every checkpoint the replay passes and re-anchor
+            there (only without ``weights``: a counterfactual is meant to differ).
+        tolerance: the largest drift accepted at a checkpoint, relative to how far training moved
+            since the previous one (:mod:`lightning_influence.replay_drift`; default 1%, 0 demands
+            a bit-identical replay).
+        report: a :class:`DriftReport` that collects the drift measured at every checkpoint.
         progress: ``progress(done, total)`` callback, or ``True`` for a bar on stderr.
 
     Raises:
-        ReplayMismatchError: a replayed ``θ_t`` differs from the stored checkpoint beyond tolerance.
+        ReplayMismatchError: a replayed ``θ_t`` drifts from the stored checkpoint beyond ``tolerance``.
         UnsupportedOptimizerError: the logged optimizer cannot be replayed.
     """
     T = log.num_steps
@@ -430,21 +416,21 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
         raise ValueError(f"start={start} must be a checkpoint step <= t1={t1} (checkpoints: {ckpts})")
     params = checkpoint_params(log, module, start, requires_grad=True)
     opt = build_optimizer(log, params, state_step=start)
-    return _replay_run(log, module, train_data, params, opt, start, t1, t2, loss_fn, weights, verify, atol, rtol,
+    return _replay_run(log, module, train_data, params, opt, start, t1, t2, loss_fn, weights, verify, tolerance, report,
                        resolve_progress(progress, "replay"))
 
 
 def replay_from(log: InfluenceLog, module: nn.Module, train_data: TrainData, params: Mapping[str, Tensor],
                 optimizer_state: dict[str, Any] | None, start: int, t2: int, *, loss_fn: LossFn = default_loss_fn,
-                weights: Weights | None = None, verify: bool = True, atol: float | None = None,
-                rtol: float | None = None, progress: Progress = None) -> Iterator[ReplayStep]:
+                weights: Weights | None = None, verify: bool = True, tolerance: float | None = None,
+                report: DriftReport | None = None, progress: Progress = None) -> Iterator[ReplayStep]:
     """Like :func:`replay`, from ``θ_start = params`` and an ``optimizer.state_dict()`` held in memory."""
     leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
     opt = build_optimizer(log, leaves)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
-    return _replay_run(log, module, train_data, leaves, opt, start, start, t2, loss_fn, weights, verify, atol, rtol,
-                       resolve_progress(progress, "replay"))
+    return _replay_run(log, module, train_data, leaves, opt, start, start, t2, loss_fn, weights, verify, tolerance,
+                       report, resolve_progress(progress, "replay"))
 
 
 def parameters_at(log: InfluenceLog, module: nn.Module, train_data: TrainData, step: int, **kw: Any) -> dict[str, Tensor]:

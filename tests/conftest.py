@@ -49,6 +49,8 @@ class TinyClassifier(pl.LightningModule):
             return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if self.opt == "rmsprop":
             return torch.optim.RMSprop(self.parameters(), lr=self.lr)
+        if self.opt == "nadam":
+            return torch.optim.NAdam(self.parameters(), lr=self.lr)
         raise ValueError(self.opt)
 
 

@@ -72,6 +72,30 @@ def test_gradients_equal_brute_force(log_dir, engine, routed, projection_dim):
         np.testing.assert_allclose(rec.grads, g.numpy(), rtol=1e-5, atol=1e-7)  # float32 storage
 
 
+class _Shift(nn.Module):
+    """A bare parameter used in forward: no hook covers it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift
+
+
+@pytest.mark.parametrize("routed", [True, False])
+def test_mixed_engine_rows_equal_brute_force(log_dir, routed):
+    """Hooks for the Linear layers, vmap for a bare parameter, in one step (float64 storage: exact)."""
+    ds = make_data(12)
+    tracker = InfluenceTracker(log_dir, record_gradients=True, checkpoint_every_n_steps=1, storage_dtype="float64")
+    fit(tiny(extra=_Shift(), routed=routed), loader(ds, batch_size=4), tracker, epochs=1)
+    log = InfluenceLog(log_dir)
+    assert log.meta["gradient_engine"] == "mixed" and "extra.shift" in log.param_names
+    for rec in log.iter_steps(fields=("grad",)):
+        expected = brute_grads(tiny(extra=_Shift()), log.checkpoint(rec.step), ds, rec.ids, log.param_names)
+        np.testing.assert_allclose(rec.grads, expected.numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_float64_storage_is_exact_and_hvp_products_match_exact_hvp(log_dir):
     ds = make_data(12)
     tracker = InfluenceTracker(log_dir, record_gradients=True, record_hvp=True, checkpoint_every_n_steps=1,
@@ -145,9 +169,14 @@ def test_train_mode_batchnorm_is_refused_naming_the_layer(log_dir):
             InfluenceTracker(log_dir + "3", record_gradients=True, allow_train_batchnorm=True), epochs=1)
 
 
-def test_unsupported_optimizer_is_refused(log_dir):
-    with pytest.raises(RuntimeError, match="does not support RMSprop"):
-        fit(tiny(optimizer="rmsprop"), loader(make_data(12)), InfluenceTracker(log_dir))
+def test_unsupported_optimizer_is_refused_before_the_first_step(log_dir):
+    from lightning_influence.step import UnsupportedOptimizerError
+
+    with pytest.raises(UnsupportedOptimizerError, match=r"does not support.*torch\.optim\.nadam\.NAdam.*RMSprop, Adagrad"):
+        fit(tiny(optimizer="nadam"), loader(make_data(12)), InfluenceTracker(log_dir))
+    from pathlib import Path
+
+    assert not Path(log_dir).exists() or not any(p.is_file() for p in Path(log_dir).rglob("*"))  # nothing trained or written
 
 
 def test_missing_and_duplicated_ids_fail_at_the_first_step(log_dir):
@@ -169,12 +198,14 @@ def test_module_without_per_sample_loss_is_refused(log_dir):
         fit(NoHook().double(), loader(make_data(12)), InfluenceTracker(log_dir))
 
 
-def test_unsupported_layers_fall_back_to_vmap_or_are_refused_for_hooks(log_dir):
+def test_unsupported_params_fall_back_to_vmap_alone_or_are_refused_for_hooks(log_dir):
     ds = make_data(12)
     fit(tiny(extra=nn.LayerNorm(3).double()), loader(ds), InfluenceTracker(log_dir, record_gradients=True), epochs=1)
-    assert InfluenceLog(log_dir).meta["gradient_engine"] == "vmap"
-    with pytest.raises(ValueError, match="supports nn.Linear and nn.Conv2d"):
-        fit(tiny(extra=nn.LayerNorm(3).double()), loader(ds),
+    assert InfluenceLog(log_dir).meta["gradient_engine"] == "hooks"  # LayerNorm has a hook engine
+    fit(tiny(extra=_Shift()), loader(ds), InfluenceTracker(log_dir, record_gradients=True, overwrite=True), epochs=1)
+    assert InfluenceLog(log_dir).meta["gradient_engine"] == "mixed"
+    with pytest.raises(ValueError, match=r"no hook captures \['extra.shift'\]"):
+        fit(tiny(extra=_Shift()), loader(ds),
             InfluenceTracker(log_dir, record_gradients=True, gradient_engine="hooks", overwrite=True))
 
 

@@ -99,6 +99,26 @@ def test_info_json_and_verify(run, capsys):
     assert info["size_bytes"] == sum(p.stat().st_size for p in Path(run.log).rglob("*") if p.is_file())
 
 
+def test_info_lists_only_methods_that_model_the_runs_optimizer(run, tmp_path, capsys):
+    from lightning_influence.log.format import read_meta
+    from lightning_influence.log.writer import write_meta
+
+    info = json.loads(cli(capsys, "info", run.log, "--format", "json", "-q")[1])
+    assert {"dit-gn", "dit-gn-local"} <= set(info["methods"]["usable"])  # an SGD run
+    assert info["methods"]["not_usable"]["dit-frozen"] == ["optimizer Adam/AdamW/RMSprop/Adagrad, not SGD"]
+    root = tmp_path / "adamw"
+    shutil.copytree(run.log, root)
+    meta = read_meta(root)
+    meta["optimizer"]["class"] = "torch.optim.adamw.AdamW"
+    write_meta(root, meta)
+    info = json.loads(cli(capsys, "info", str(root), "--format", "json", "-q")[1])
+    assert "dit-gn" not in info["methods"]["usable"] and "dit-frozen" in info["methods"]["usable"]
+    assert "dit" in info["methods"]["usable"]
+    out = cli(capsys, "info", str(root))[1]
+    assert "not dit-gn (needs optimizer SGD, not AdamW)" in out
+    assert_error(cli(capsys, "query", str(root), "-c", run.config, "-m", "dit-gn"), "--method dit-gn needs optimizer SGD, not AdamW, or use")
+
+
 def test_info_reports_a_crashed_run(run, tmp_path, capsys):
     log = tmp_path / "crashed"
     shutil.copytree(run.log, log)
@@ -113,7 +133,8 @@ def test_info_reports_a_crashed_run(run, tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------- query
 def test_query_table(run, capsys):
-    code, out, err = cli(capsys, "query", run.log, "--config", run.config, "--window", "epoch 2:", "--top", "5")
+    code, out, err = cli(capsys, "query", run.log, "--config", run.config, "--window", "epoch 2:", "--top", "5",
+                         "--progress")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("dit: query val_loss, window epoch 2: = steps [8, 12), 60 training samples")
@@ -124,8 +145,13 @@ def test_query_table(run, capsys):
     scores = [float(r.split()[2]) for r in rows]
     assert scores == sorted(scores)
     assert lines[8].startswith("flipped labels among these 5:")
-    assert "dit [0, 12)" in err or "dit [8, 12)" in err  # progress on stderr: steps swept, ETA
-    assert "ETA" in err
+    assert "dit [8, 12)" in err and "12/12" in err  # --progress: a tqdm bar on stderr (steps swept, rate, ETA)
+
+
+def test_no_progress_lines_when_stderr_is_not_a_terminal(run, capsys):
+    code, out, err = cli(capsys, "timeline", run.log, "-m", "tracin", "--grid", "3", "-k", "2")
+    assert code == 0, err
+    assert err.strip().splitlines() == ["rebuilding the model and data from the log's recipe ..."]
 
 
 @pytest.mark.parametrize("method", ["tracin", "dit"])
@@ -140,7 +166,8 @@ def test_query_scores_equal_the_estimator(run, direct, method, capsys):
     if method == "tracin":
         expected = estimators.tracin(log, query, module=model, window=window).column(0)
     else:
-        expected = estimators.dit(log, model, dm.train_dataloader().dataset, query, window=window).column(0)
+        expected = estimators.dit(log, query, module=model, train_data=dm.train_dataloader().dataset,
+                                  window=window).column(0)
     got = np.full(60, np.nan)
     for row in res["rows"]:
         got[row["id"]] = row["score"]
@@ -197,15 +224,16 @@ def test_timeline_patterns_and_additivity(run, direct, capsys):
     assert res["grid"] == [[0, 4], [4, 8], [8, 12]] and res["grid_labels"] == ["e0", "e1", "e2"]
     assert sum(res["pattern_counts"].values()) == 60 == len(res["rows"])
     log = InfluenceLog(run.log)
-    whole = estimators.dit(log, model, dm.train_dataloader().dataset, query).column(0)
+    whole = estimators.dit(log, query, module=model, train_data=dm.train_dataloader().dataset).column(0)
     for row in res["rows"]:
-        assert row["pattern"] in ("early", "late", "fluctuating", "stable")
+        assert row["pattern"] in ("early", "late", "fluctuating", "stable", "negligible")
         assert row["total"] == pytest.approx(sum(row["windows"]), rel=1e-9, abs=1e-15)
         assert row["total"] == pytest.approx(whole[row["id"]], rel=1e-8, abs=1e-12)  # DIT is additive over windows
 
 
 def test_timeline_table(run, capsys):
-    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "--grid", "3", "-k", "5")
+    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "--grid", "3", "-k", "5",
+                         "--progress")
     assert code == 0, err
     lines = out.splitlines()
     assert "3 windows over steps [0, 12) (3)" in lines[0]
@@ -233,6 +261,10 @@ def test_evaluate_replay_ground_truth(run, capsys):
     assert code == 0, err
     assert "ground truth: replay leave-one-out" in out
     assert "pearson" in out and "spearman" in out
+    assert "truth noise floor" in out and out.strip().splitlines()[-1].startswith("verdict: ")
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "-m", "dit", "--samples", "top:4", "-q", "-f", "json")
+    res = json.loads(out)
+    assert res["truth_noise_floor"] > 0 and 0 <= res["truth_above_floor"] <= 4 and res["verdict"]
 
 
 def test_evaluate_trust_tools_match_direct_calls(run, direct, capsys):
@@ -272,7 +304,7 @@ def test_help_lists_methods_and_their_needs(capsys):
     assert code == 0
     for name in METHODS:
         assert f"  {name}" in out
-    assert "needs --config" in out
+    assert "needs the model, training and query data" in out
     code, out, _ = cli(capsys, "query", "--help")
     assert code == 0 and "--config" in out and "fractions" in out and "no traceback" not in out
 
@@ -343,7 +375,6 @@ def test_error_diffin_without_hvp_products(run, tmp_path, capsys):
 
 
 def test_error_config_problems(run, tmp_path, capsys):
-    assert_error(cli(capsys, "query", run.log, "-q"), "pass --config")
     assert_error(cli(capsys, "query", run.log, "-c", str(tmp_path / "nope.yaml"), "-q"), "no such file")
     cfg = yaml.safe_load(Path(run.config).read_text())
     cfg["model"]["hidden"] = 9
@@ -363,3 +394,22 @@ def test_debug_shows_the_traceback(run, capsys):
     code, _, err = cli(capsys, "query", run.log, "-c", run.config, "-w", "0:9999", "-q", "--debug")
     assert code == 2
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-influence query: error:")
+
+
+def test_a_replay_mismatch_is_a_user_error_with_a_tolerance_to_set(run, tmp_path, capsys):
+    """A log whose replay departs from its checkpoints (here: told it trained under bf16 autocast) exits 2 saying
+    how far, where and what to do; --replay-tolerance sets the drift accepted."""
+    from lightning_influence.log.format import read_meta
+    from lightning_influence.log.writer import write_meta
+
+    root = tmp_path / "wrong-precision"
+    shutil.copytree(run.log, root)
+    meta = read_meta(root)
+    meta["precision"] = {"name": "bf16-mixed", "autocast_device": "cpu", "autocast_dtype": "bfloat16", "grad_scaler": False}
+    write_meta(root, meta)
+    line = assert_error(cli(capsys, "query", str(root), "-c", run.config, "-m", "dit", "--replay-tolerance", "0", "-q"),
+                        "replay does not reproduce the logged run: at step 1")
+    assert "store_inputs" in line and "--replay-tolerance" in line
+    code, out, err = cli(capsys, "query", str(root), "-c", run.config, "-m", "dit", "--replay-tolerance", "1e9", "-q",
+                         "--top", "3")
+    assert code == 0, err

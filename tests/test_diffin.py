@@ -281,10 +281,12 @@ def test_published_form_equals_brute_force(run, ref, hvp, rtol):
     query = mean_loss(val, ce)
     for steps in ("all", [1, 4]):
         sel = list(range(R.T)) if steps == "all" else steps
-        got = diffin(log, Net().double(), ds, query, form="published", steps=steps, hvp=hvp, loss_fn=ce)
+        got = diffin(log, query, module=Net().double(), train_data=ds, form="published", steps=steps, hvp=hvp,
+                     loss_fn=ce, samples="all")
         assert got.info["raw_sign"] == -1 and got.info["m"] == len(sel)
         assert close(got.column(0), ref_published(R, sel), rtol)
-    rows = diffin(log, Net().double(), ds, query, form="published", samples="batch", hvp=hvp, loss_fn=ce)
+    rows = diffin(log, query, module=Net().double(), train_data=ds, form="published", samples="batch", hvp=hvp,
+                  loss_fn=ce)
     assert close(rows.column(0), ref_published(R, range(R.T), batch_rows=True), rtol)
 
 
@@ -295,7 +297,7 @@ def test_step_form_equals_brute_force(run, ref, hvp, rtol):
     query = mean_loss(val, ce)
     for window in (None, (2, 5)):
         t1, t2 = log.window(window)
-        got = diffin(log, Net().double(), ds, query, window=window, hvp=hvp, loss_fn=ce)
+        got = diffin(log, query, module=Net().double(), train_data=ds, window=window, hvp=hvp, loss_fn=ce, form="step")
         assert got.window == (t1, t2)
         assert close(got.column(0), ref_step(R, t1, t2), rtol)
 
@@ -303,12 +305,14 @@ def test_step_form_equals_brute_force(run, ref, hvp, rtol):
 def test_self_influence_equals_brute_force(run, ref):
     log, Net, ds, val = run
     R = ref
-    pub = diffin_self_influence(log, Net().double(), ds, form="published", steps=[0, 2, 5], hvp="exact", loss_fn=ce)
+    pub = diffin_self_influence(log, module=Net().double(), train_data=ds, form="published", steps=[0, 2, 5],
+                                hvp="exact", loss_fn=ce)
     assert close(pub.column(0), ref_published(R, [0, 2, 5], self_influence=True), 1e-10)
-    rows = diffin_self_influence(log, Net().double(), ds, form="published", samples="batch", loss_fn=ce)
+    rows = diffin_self_influence(log, module=Net().double(), train_data=ds, form="published", samples="batch",
+                                 loss_fn=ce)
     assert close(rows.column(0), ref_published(R, range(R.T), self_influence=True, batch_rows=True), 1e-6)
     for window in (None, (2, 5)):
-        step = diffin_self_influence(log, Net().double(), ds, window=window, hvp="exact", loss_fn=ce)
+        step = diffin_self_influence(log, module=Net().double(), train_data=ds, window=window, hvp="exact", loss_fn=ce)
         assert close(step.column(0), ref_step_self(R, *log.window(window)), 1e-10)
 
 
@@ -318,12 +322,15 @@ def test_checkpoint_form_with_all_steps_equals_per_step_rows_in_full_batch(full_
     log, Net, ds, val = full_batch_run
     query = mean_loss(val, ce)
     for hvp in ("fd", "exact"):
-        ckpt = diffin(log, Net().double(), ds, query, form="published", steps="all", hvp=hvp, eps0=HVP_EPS, loss_fn=ce)
-        rows = diffin(log, Net().double(), ds, query, form="published", samples="batch", hvp=hvp, eps0=HVP_EPS, loss_fn=ce)
+        ckpt = diffin(log, query, module=Net().double(), train_data=ds, form="published", steps="all", hvp=hvp,
+                      eps0=HVP_EPS, loss_fn=ce, samples="all")
+        rows = diffin(log, query, module=Net().double(), train_data=ds, form="published", samples="batch", hvp=hvp,
+                      eps0=HVP_EPS, loss_fn=ce)
         assert close(rows.column(0), ckpt.column(0), 1e-9)
-        s_ckpt = diffin_self_influence(log, Net().double(), ds, form="published", steps="all", hvp=hvp, eps0=HVP_EPS, loss_fn=ce)
-        s_rows = diffin_self_influence(log, Net().double(), ds, form="published", samples="batch", hvp=hvp, eps0=HVP_EPS,
-                                       loss_fn=ce)
+        s_ckpt = diffin_self_influence(log, module=Net().double(), train_data=ds, form="published", steps="all",
+                                       hvp=hvp, eps0=HVP_EPS, loss_fn=ce)
+        s_rows = diffin_self_influence(log, module=Net().double(), train_data=ds, form="published", samples="batch",
+                                       hvp=hvp, eps0=HVP_EPS, loss_fn=ce)
         assert close(s_rows.column(0), s_ckpt.column(0), 1e-9)
 
 
@@ -357,8 +364,8 @@ def test_step_form_is_exact_when_its_closure_is(tmp_path):
         return (w * mod.theta).sum()
 
     for window in (None, (3, 7)):
-        step = diffin(log, Quad(), ds, query, window=window, loss_fn=loss).column(0)
-        ref = dit(log, Quad(), ds, query, window=window, loss_fn=loss).column(0)
+        step = diffin(log, query, module=Quad(), train_data=ds, window=window, loss_fn=loss, form="step").column(0)
+        ref = dit(log, query, module=Quad(), train_data=ds, window=window, loss_fn=loss).column(0)
         assert close(step, ref, 1e-9)
     log.close()
 
@@ -370,10 +377,11 @@ def test_sign_and_orders_of_magnitude(run):
 
     log, Net, ds, val = run
     query = mean_loss(val, ce)
-    step = diffin(log, Net().double(), ds, query, loss_fn=ce).column(0)
-    ref = dit(log, Net().double(), ds, query, loss_fn=ce).column(0)
+    step = diffin(log, query, module=Net().double(), train_data=ds, loss_fn=ce, form="step").column(0)
+    ref = dit(log, query, module=Net().double(), train_data=ds, loss_fn=ce).column(0)
     assert np.corrcoef(step, ref)[0, 1] > 0.5
-    pub = diffin(log, Net().double(), ds, query, form="published", loss_fn=ce).column(0)
+    pub = diffin(log, query, module=Net().double(), train_data=ds, form="published", loss_fn=ce,
+                 samples="all").column(0)
     assert np.abs(pub).max() < 0.5 * np.abs(ref).max()
 
 
@@ -381,18 +389,19 @@ def test_errors_say_what_to_do(run, tmp_path):
     log, Net, ds, val = run
     query = mean_loss(val, ce)
     with pytest.raises(ValueError, match="form must be one of"):
-        diffin(log, Net().double(), ds, query, form="paper", loss_fn=ce)
+        diffin(log, query, module=Net().double(), train_data=ds, form="paper", loss_fn=ce, samples="all")
     with pytest.raises(ValueError, match="hvp must be one of"):
-        diffin(log, Net().double(), ds, query, hvp="approx", loss_fn=ce)
+        diffin(log, query, module=Net().double(), train_data=ds, hvp="approx", loss_fn=ce, form="step")
     with pytest.raises(ValueError, match="outside the run"):
-        diffin(log, Net().double(), ds, query, window=(0, 99), loss_fn=ce)
+        diffin(log, query, module=Net().double(), train_data=ds, window=(0, 99), loss_fn=ce, form="step")
     with pytest.raises(ValueError, match="not inside the window"):
-        diffin(log, Net().double(), ds, query, form="published", window=(0, 3), steps=[4], loss_fn=ce)
+        diffin(log, query, module=Net().double(), train_data=ds, window=(0, 3), form="published", steps=[4],
+               loss_fn=ce, samples="all")
     with pytest.raises(ValueError, match="every logged step"):
-        diffin(log, Net().double(), ds, query, form="published", samples="batch", steps=2, loss_fn=ce)
+        diffin(log, query, module=Net().double(), train_data=ds, form="published", samples="batch", steps=2, loss_fn=ce)
     with pytest.raises(ValueError, match="published form"):
-        diffin(log, Net().double(), ds, query, steps=3, loss_fn=ce)
+        diffin(log, query, module=Net().double(), train_data=ds, steps=3, loss_fn=ce, form="step")
     with pytest.raises(ValueError, match="train_data"):
-        diffin(log, Net().double(), None, query, loss_fn=ce)
+        diffin(log, query, module=Net().double(), train_data=None, loss_fn=ce, form="step")
     with pytest.raises(ValueError, match="eps0 must be > 0"):
-        diffin(log, Net().double(), ds, query, eps0=0.0, loss_fn=ce)
+        diffin(log, query, module=Net().double(), train_data=ds, eps0=0.0, loss_fn=ce, form="step")

@@ -65,9 +65,23 @@ def make_opt(kind: str, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.8, nesterov=True, weight_decay=0.01)
     if kind == "adam":
         return torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.01)
+    if kind == "adam-decoupled":
+        return torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.05, decoupled_weight_decay=True,
+                                betas=(0.8, 0.99), eps=1e-6)
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.05, amsgrad=True)
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=0.01, alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01)
+    if kind == "rmsprop-plain":
+        return torch.optim.RMSprop(model.parameters(), lr=0.01, weight_decay=0.02)
+    if kind == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=0.1, lr_decay=0.05, weight_decay=0.01, initial_accumulator_value=0.1)
     raise ValueError(kind)
+
+
+ADAPTIVE = ("adam", "adam-decoupled", "adamw", "rmsprop", "rmsprop-plain", "adagrad")
+# the logged learning rate per step: the test schedule scaled to each optimizer's own lr
+LR_SCALE = {"adam": 0.1, "adam-decoupled": 0.1, "adamw": 0.1, "rmsprop": 0.02, "rmsprop-plain": 0.02, "adagrad": 0.2}
 
 
 _LOGS: dict = {}
@@ -75,13 +89,15 @@ _LOGS: dict = {}
 
 def make_log(tmp_path_factory, kind: str = "sgd", checkpoint_every: int | None = 1, lrs=None) -> InfluenceLog:
     key = (kind, checkpoint_every)
-    if key not in _LOGS or lrs is not None:
+    custom = lrs is not None
+    if key not in _LOGS or custom:
         torch.manual_seed(3)
         model = TinyMLP().double()
         path = tmp_path_factory.mktemp(f"log_{kind}")
-        train_and_log(str(path), model, loss_fn, train_data, BATCHES, lrs or LRS, make_opt(kind, model),
+        lrs = lrs or [lr * LR_SCALE.get(kind, 1.0) for lr in LRS]
+        train_and_log(str(path), model, loss_fn, train_data, BATCHES, lrs, make_opt(kind, model),
                       checkpoint_every=checkpoint_every, dataset_size=N, epochs=EPOCHS)
-        if lrs is not None:
+        if custom:
             return InfluenceLog(path)
         _LOGS[key] = path
     return InfluenceLog(_LOGS[key])
@@ -92,8 +108,9 @@ def model():
 
 
 # ------------------------------------------------------------------ independent reference
-def forward_recursion(log: InfluenceLog, kind: str, query, t_start: int = 0) -> np.ndarray:
-    """``F_j(t)`` ``(N, T+1)`` by the explicit forward recursion of math §2 over ``(δ, δv)``.
+def forward_recursion(log: InfluenceLog, kind: str, query, t_start: int = 0, frozen: bool = False) -> np.ndarray:
+    """``F_j(t)`` ``(N, T+1)`` by the explicit forward recursion of math §2 over the whole
+    optimizer state (hand-derived per optimizer in :func:`full_state_step`, forward mode).
 
     Every ``θ_t`` and optimizer state is read from a log with a checkpoint at every step;
     Hessians are dense (``torch.autograd.functional.hessian``), one ``δ_j`` per sample.
@@ -108,6 +125,8 @@ def forward_recursion(log: InfluenceLog, kind: str, query, t_start: int = 0) -> 
     p = sum(int(np.prod(s)) for s in shapes.values())
     delta = torch.zeros(p, N, dtype=torch.float64)
     dv = torch.zeros(p, N, dtype=torch.float64)
+    lin: dict = {}  # δ of each optimizer state entry
+    I = torch.eye(p, dtype=torch.float64)  # noqa: E741
     out = np.zeros((N, T + 1))
 
     def q_at(theta):
@@ -126,30 +145,86 @@ def forward_recursion(log: InfluenceLog, kind: str, query, t_start: int = 0) -> 
         G = torch.autograd.functional.jacobian(losses, theta)  # (B, p)
         E = torch.zeros(p, N, dtype=torch.float64)
         E[:, torch.as_tensor(ids)] = G.T / B
-        if kind in ("sgd", "momentum", "nesterov"):
-            mu = hyper["momentum"]
-            dg = (H + lam * torch.eye(p, dtype=torch.float64)) @ delta - E
-            if mu == 0:
-                delta = delta - eta * dg
-            else:
-                first = not log.optimizer_state(t)
-                dv = dg if first else mu * dv + (1 - hyper["dampening"]) * dg
-                d = dg + mu * dv if hyper["nesterov"] else dv
-                delta = delta - eta * d
-        else:
-            decoupled = kind == "adamw"
+        if frozen:  # the frozen-preconditioner approximation: D_t from the run, no δv
+            decoupled = kind in ("adamw", "adam-decoupled")
             lam_c, lam_d = (0.0, lam) if decoupled else (lam, 0.0)
             b1, b2 = hyper["betas"]
             after = log.optimizer_state(t + 1)
             v = flat({n: after[n]["max_exp_avg_sq" if hyper["amsgrad"] else "exp_avg_sq"] for n in names})
             s = float(after[names[0]]["step"])
             Dt = 1.0 / (v.sqrt() / np.sqrt(1 - b2**s) + hyper["eps"])
-            dg = (H + lam_c * torch.eye(p, dtype=torch.float64)) @ delta - E
+            dg = (H + lam_c * I) @ delta - E
             dv = b1 * dv + (1 - b1) * dg
             delta = (1 - eta * lam_d) * delta - (eta / (1 - b1**s)) * Dt[:, None] * dv
+        else:
+            delta = full_state_step(kind, hyper, log.optimizer_state(t), flat, names, theta, G.mean(0), H, E, eta,
+                                    delta, lin)
         q = q_at(flat(log.checkpoint(t + 1)))
         out[:, t + 1] = (q @ delta).numpy()
     return out
+
+
+def full_state_step(kind, h, before, flat, names, theta, g, H, E, eta, delta, lin):
+    """One step of the linearised optimizer, hand-derived: returns ``δθ_{t+1}``, updates ``lin``
+    (the deviations of the state) in place. ``before``: the logged state before the step."""
+    p = len(theta)
+    Z = torch.zeros(p, N, dtype=torch.float64)
+    has_state = bool(before)
+
+    def st(key, default=0.0):
+        return flat({n: before[n][key] for n in names}) if has_state and key in before[names[0]] else \
+            torch.full((p,), default, dtype=torch.float64)
+
+    k = float(before[names[0]]["step"]) + 1 if has_state and "step" in before[names[0]] else 1.0
+    wd = h["weight_decay"]
+    decoupled = kind in ("adamw", "adam-decoupled")
+    lam = 0.0 if decoupled else wd
+    gc = g + lam * theta
+    dg = H @ delta + lam * delta - E  # δ of the (decayed) gradient
+    if kind in ("sgd", "momentum", "nesterov"):
+        mu = h["momentum"]
+        if mu == 0:
+            return delta - eta * dg
+        db = dg if not has_state else mu * lin.get("b", Z) + (1 - h["dampening"]) * dg
+        lin["b"] = db
+        return delta - eta * (dg + mu * db if h["nesterov"] else db)
+    if kind.startswith("adam"):
+        b1, b2 = h["betas"]
+        m = b1 * st("exp_avg") + (1 - b1) * gc
+        v = b2 * st("exp_avg_sq") + (1 - b2) * gc**2
+        lin["m"] = b1 * lin.get("m", Z) + (1 - b1) * dg
+        lin["v"] = b2 * lin.get("v", Z) + 2 * (1 - b2) * gc[:, None] * dg
+        vh, dvh = v, lin["v"]
+        if h["amsgrad"]:
+            take = (v >= st("max_exp_avg_sq"))[:, None]
+            vh = torch.maximum(v, st("max_exp_avg_sq"))
+            dvh = lin["vmax"] = torch.where(take, lin["v"], lin.get("vmax", Z))
+        sb2 = np.sqrt(1 - b2**k)
+        den = vh.sqrt() / sb2 + h["eps"]
+        dden = dvh / (2 * vh.sqrt() * sb2)[:, None]
+        shrink = 1 - eta * wd if decoupled else 1.0
+        return shrink * delta - eta / (1 - b1**k) * (lin["m"] / den[:, None] - (m / den**2)[:, None] * dden)
+    if kind.startswith("rmsprop"):
+        a = h["alpha"]
+        avg = a * st("square_avg") + (1 - a) * gc**2
+        lin["a"] = a * lin.get("a", Z) + 2 * (1 - a) * gc[:, None] * dg
+        davg = lin["a"]
+        if h["centered"]:
+            ga = a * st("grad_avg") + (1 - a) * gc
+            lin["ga"] = a * lin.get("ga", Z) + (1 - a) * dg
+            avg, davg = avg - ga**2, davg - 2 * ga[:, None] * lin["ga"]
+        den = avg.sqrt() + h["eps"]
+        dstep = dg / den[:, None] - (gc / den**2)[:, None] * davg / (2 * avg.sqrt())[:, None]
+        if h["momentum"]:
+            lin["b"] = h["momentum"] * lin.get("b", Z) + dstep
+            dstep = lin["b"]
+        return delta - eta * dstep
+    assert kind == "adagrad"
+    s = st("sum", h["initial_accumulator_value"]) + gc**2
+    lin["s"] = lin.get("s", Z) + 2 * gc[:, None] * dg
+    den = s.sqrt() + h["eps"]
+    clr = eta / (1 + (k - 1) * h["lr_decay"])
+    return delta - clr * (dg / den[:, None] - (gc / den**2)[:, None] * lin["s"] / (2 * s.sqrt())[:, None])
 
 
 class _QueryOf(nn.Module):
@@ -166,17 +241,28 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("kind", ["sgd", "momentum", "nesterov", "adam", "adamw"])
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "nesterov", *ADAPTIVE])
 def test_dit_equals_forward_recursion(tmp_path_factory, kind):
     log = make_log(tmp_path_factory, kind)
     ref = forward_recursion(log, kind, QUERY)
-    s = dit(log, model(), train_data, QUERY, (4, 9), loss_fn=loss_fn)
+    s = dit(log, QUERY, module=model(), train_data=train_data, window=(4, 9), loss_fn=loss_fn)
     assert s.scores.shape == (N, 1) and s.window == (4, 9)
     assert rel(s.column(0), ref[:, 9] - ref[:, 4]) < 1e-8
-    assert ("approx." in s.method) == (kind in ("adam", "adamw"))
-    tl = timeline(log, model(), train_data, QUERY, grid=[0, 4, 9, T], loss_fn=loss_fn)
+    assert "approx." not in s.method and s.info["preconditioner"] == "exact"
+    tl = timeline(log, QUERY, module=model(), train_data=train_data, grid=[0, 4, 9, T], loss_fn=loss_fn)
     for t1, t2 in [(0, T), (0, 4), (9, T)]:
         assert rel(tl.window(t1, t2).column(0), ref[:, t2] - ref[:, t1]) < 1e-8, (kind, t1, t2)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_frozen_preconditioner_equals_its_recursion(tmp_path_factory, kind):
+    log = make_log(tmp_path_factory, kind)
+    ref = forward_recursion(log, kind, QUERY, frozen=True)
+    s = dit(log, QUERY, module=model(), train_data=train_data, window=(4, T), loss_fn=loss_fn, preconditioner="frozen")
+    assert rel(s.column(0), ref[:, T] - ref[:, 4]) < 1e-8
+    assert s.method == f"dit (frozen {'AdamW' if kind == 'adamw' else 'Adam'} preconditioner, approx.)"
+    exact = forward_recursion(log, kind, QUERY)
+    assert rel(s.column(0), exact[:, T] - exact[:, 4]) > 1e-3  # a different (approximate) answer
 
 
 @pytest.mark.parametrize("kind", ["sgd", "momentum"])
@@ -184,26 +270,29 @@ def test_dit_local_equals_in_window_recursion(tmp_path_factory, kind):
     log = make_log(tmp_path_factory, kind)
     t1, t2 = 4, 9
     ref = forward_recursion(log, kind, QUERY, t_start=t1)
-    s = dit_local(log, model(), train_data, QUERY, (t1, t2), loss_fn=loss_fn)
+    s = dit_local(log, QUERY, module=model(), train_data=train_data, window=(t1, t2), loss_fn=loss_fn)
     assert "approx." in s.method and s.method.startswith("dit-local")
     # with momentum the local sweep drops the pre-window δv as well: the recursion starting at t1 does too
     assert rel(s.column(0), ref[:, t2]) < 1e-8
 
 
-def test_sparse_checkpoints_and_memory_anchors_match_dense(tmp_path_factory):
-    dense = dit(make_log(tmp_path_factory, "momentum"), model(), train_data, QUERY, (2, T), loss_fn=loss_fn)
-    sparse_log = make_log(tmp_path_factory, "momentum", checkpoint_every=None)
+@pytest.mark.parametrize("kind", ["momentum", "adamw"])
+def test_sparse_checkpoints_and_memory_anchors_match_dense(tmp_path_factory, kind):
+    dense = dit(make_log(tmp_path_factory, kind), QUERY, module=model(), train_data=train_data, window=(2, T),
+                loss_fn=loss_fn)
+    sparse_log = make_log(tmp_path_factory, kind, checkpoint_every=None)
     assert sparse_log.checkpoint_steps == [0, T]
-    sparse = dit(sparse_log, model(), train_data, QUERY, (2, T), loss_fn=loss_fn)
-    tiny_budget = dit(sparse_log, model(), train_data, QUERY, (2, T), loss_fn=loss_fn, max_memory_bytes=1)
+    sparse = dit(sparse_log, QUERY, module=model(), train_data=train_data, window=(2, T), loss_fn=loss_fn)
+    tiny_budget = dit(sparse_log, QUERY, module=model(), train_data=train_data, window=(2, T), loss_fn=loss_fn,
+                      max_memory_bytes=1)
     np.testing.assert_allclose(sparse.scores, dense.scores, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(tiny_budget.scores, dense.scores, rtol=1e-12, atol=1e-15)
 
 
 def test_fd_hvp_matches_exact(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
-    exact = dit(log, model(), train_data, QUERY, loss_fn=loss_fn)
-    fd = dit(log, model(), train_data, QUERY, loss_fn=loss_fn, hvp="fd")
+    exact = dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
+    fd = dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn, hvp="fd")
     assert "fd-hvp" in fd.method
     assert rel(fd.column(0), exact.column(0)) < 1e-7
 
@@ -211,10 +300,11 @@ def test_fd_hvp_matches_exact(tmp_path_factory):
 def test_several_queries_in_one_sweep(tmp_path_factory):
     log = make_log(tmp_path_factory, "momentum")
     multi = sample_losses((XV[:3], YV[:3]), loss_fn, names=["a", "b", "c"])
-    s = dit(log, model(), train_data, multi, (3, T), loss_fn=loss_fn)
+    s = dit(log, multi, module=model(), train_data=train_data, window=(3, T), loss_fn=loss_fn)
     assert s.scores.shape == (N, 3) and s.query_names == ["a", "b", "c"]
     for i in range(3):
-        single = dit(log, model(), train_data, sample_losses((XV[i : i + 1], YV[i : i + 1]), loss_fn), (3, T), loss_fn=loss_fn)
+        single = dit(log, sample_losses((XV[i : i + 1], YV[i : i + 1]), loss_fn), module=model(),
+                     train_data=train_data, window=(3, T), loss_fn=loss_fn)
         np.testing.assert_allclose(s.column(i), single.column(0), rtol=1e-10, atol=1e-14)
 
 
@@ -223,22 +313,20 @@ def test_prediction_and_callable_queries(tmp_path_factory):
     from lightning_influence.queries import prediction
 
     pred = prediction(XV[:1], target_class=1, margin=True)
-    s = dit(log, model(), train_data, pred, loss_fn=loss_fn)
-    same = dit(log, model(), train_data, lambda m: pred(m), loss_fn=loss_fn)
+    s = dit(log, pred, module=model(), train_data=train_data, loss_fn=loss_fn)
+    same = dit(log, lambda m: pred(m), module=model(), train_data=train_data, loss_fn=loss_fn)
     np.testing.assert_allclose(s.scores, same.scores, rtol=1e-12)
     assert s.query_names == ["margin[1]"] and np.abs(s.scores).max() > 0
 
 
-@pytest.mark.parametrize("kind", ["nesterov", "adamw"])
+@pytest.mark.parametrize("kind", ["nesterov", *ADAPTIVE])
 def test_dit_is_the_derivative_of_weighted_replay(tmp_path_factory, kind):
-    """Independent of the recursion: F_j = lim (f(θ_T with z_j weighted 1−ε) − f(θ_T)) / ε, by replay.
-
-    For SGD DIT is that derivative exactly; for Adam the truth also moves the preconditioner,
-    which the frozen-preconditioner approximation ignores (so only a loose agreement)."""
+    """Independent of the recursion and of the functional update rules: F_j = lim (f(θ_T with
+    z_j weighted 1−ε) − f(θ_T)) / ε, by torch.optim replay (central differences)."""
     from lightning_influence.replay import replay
 
     log = make_log(tmp_path_factory, kind)
-    s = dit(log, model(), train_data, QUERY, (0, T), loss_fn=loss_fn).column(0)
+    s = dit(log, QUERY, module=model(), train_data=train_data, window=(0, T), loss_fn=loss_fn).column(0)
     eps = 1e-6
     fd = []
     for j in range(4):
@@ -248,10 +336,7 @@ def test_dit_is_the_derivative_of_weighted_replay(tmp_path_factory, kind):
             last = list(replay(log, model(), train_data, loss_fn=loss_fn, weights=w))[-1]
             vals.append(float(torch.func.functional_call(_QueryOf(model()), {f"m.{k}": v for k, v in last.params.items()}, ())))
         fd.append((vals[0] - vals[1]) / (2 * eps))
-    if kind == "nesterov":
-        assert rel(s[:4], np.array(fd)) < 1e-6
-    else:
-        assert np.corrcoef(s[:4], fd)[0, 1] > 0.5
+    assert rel(s[:4], np.array(fd)) < 1e-6
 
 
 # ----------------------------------------------------------------- hand oracle (scalar θ)
@@ -275,8 +360,8 @@ def scalar_log(tmp_path, a, batches, lrs):
 def test_hand_oracle_window(tmp_path):
     log, data = scalar_log(tmp_path, [1.0, 2.0], [[0], [1]], [0.1, 0.2])
     lf = lambda mod, b: mod.per_sample_loss(b)  # noqa: E731
-    lin = dit(log, Scalar(), data, lambda m: m.theta, (1, 2), loss_fn=lf)
-    quad = dit(log, Scalar(), data, lambda m: 0.5 * m.theta**2, (1, 2), loss_fn=lf)
+    lin = dit(log, lambda m: m.theta, module=Scalar(), train_data=data, window=(1, 2), loss_fn=lf)
+    quad = dit(log, lambda m: 0.5 * m.theta**2, module=Scalar(), train_data=data, window=(1, 2), loss_fn=lf)
     assert lin.column(0)[0] == pytest.approx(-0.04, abs=1e-15)
     assert quad.column(0)[0] == pytest.approx(-0.0576, abs=1e-15)
     # sample 1 enters at step 1: F_1(1) = 0, F_1(2) = η_1 · q_2 · g_{1,1} / 1 = 0.2 · 1 · 2 · 0.9
@@ -285,7 +370,7 @@ def test_hand_oracle_window(tmp_path):
 
 def test_hand_oracle_removal(tmp_path):
     log, data = scalar_log(tmp_path, [1.0, 3.0], [[0, 1]], [0.1])
-    s = dit(log, Scalar(), data, lambda m: m.theta, loss_fn=lambda mod, b: mod.per_sample_loss(b))
+    s = dit(log, lambda m: m.theta, module=Scalar(), train_data=data, loss_fn=lambda mod, b: mod.per_sample_loss(b))
     assert float(log.checkpoint(1)["theta"]) == pytest.approx(0.8, abs=1e-15)
     assert s.column(0)[0] == pytest.approx(0.05, abs=1e-15)  # θ^{-0}_1 = 0.85: one step is linear in removal
 
@@ -294,30 +379,30 @@ def test_hand_oracle_removal(tmp_path):
 def test_timeline_additivity_and_patterns(tmp_path_factory):
     log = make_log(tmp_path_factory, "nesterov")
     ref = forward_recursion(log, "nesterov", QUERY)
-    tl = timeline(log, model(), train_data, QUERY, grid=[0, 2, 4, 6, 9, T], loss_fn=loss_fn)
+    tl = timeline(log, QUERY, module=model(), train_data=train_data, grid=[0, 2, 4, 6, 9, T], loss_fn=loss_fn)
     assert tl.values.shape == (N, 6, 1)
     for g, t in enumerate(tl.grid):
         assert rel(tl.values[:, g, 0], ref[:, t]) < 1e-8 if t else np.all(tl.values[:, g, 0] == 0)
     # window additivity: DIT[a,c] = DIT[a,b] + DIT[b,c], and the timeline's columns agree with dit()
-    ac = dit(log, model(), train_data, QUERY, (2, 9), loss_fn=loss_fn).column(0)
-    ab = dit(log, model(), train_data, QUERY, (2, 6), loss_fn=loss_fn).column(0)
-    bc = dit(log, model(), train_data, QUERY, (6, 9), loss_fn=loss_fn).column(0)
+    ac = dit(log, QUERY, module=model(), train_data=train_data, window=(2, 9), loss_fn=loss_fn).column(0)
+    ab = dit(log, QUERY, module=model(), train_data=train_data, window=(2, 6), loss_fn=loss_fn).column(0)
+    bc = dit(log, QUERY, module=model(), train_data=train_data, window=(6, 9), loss_fn=loss_fn).column(0)
     np.testing.assert_allclose(ac, ab + bc, rtol=1e-10, atol=1e-15)
     np.testing.assert_allclose(tl.window(2, 9).column(0), ac, rtol=1e-10, atol=1e-15)
     assert np.allclose(tl.window(0, 4).column(0) + tl.window(4, T).column(0), tl.window(0, T).column(0), rtol=0, atol=1e-15)
     res = tl.patterns()
-    assert len(res.labels) == N and set(res.labels) <= {"stable", "early", "late", "fluctuating"}
+    assert len(res.labels) == N and set(res.labels) <= {"negligible", "stable", "early", "late", "fluctuating"}
 
 
 def test_timeline_default_grid_is_epochs(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
-    tl = timeline(log, model(), train_data, QUERY, loss_fn=loss_fn)
+    tl = timeline(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
     assert tl.grid.tolist() == [0, 4, 8, 12]
-    whole = dit(log, model(), train_data, QUERY, loss_fn=loss_fn)
+    whole = dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
     np.testing.assert_allclose(tl.at(T)[:, 0], whole.column(0), rtol=1e-10)
-    first = dit(log, model(), train_data, QUERY, ("epoch", 0, 1), loss_fn=loss_fn)
+    first = dit(log, QUERY, module=model(), train_data=train_data, window=("epoch", 0, 1), loss_fn=loss_fn)
     np.testing.assert_allclose(tl.window(0, 4).column(0), first.column(0), rtol=1e-10)
-    half = dit(log, model(), train_data, QUERY, (0.5, 1.0), loss_fn=loss_fn)
+    half = dit(log, QUERY, module=model(), train_data=train_data, window=(0.5, 1.0), loss_fn=loss_fn)
     assert half.window == (6, 12)
 
 
@@ -371,16 +456,16 @@ def test_refuses_lbfgs_and_several_optimizers(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
     lbfgs = _meta_log(tmp_path_factory, optimizer={**log.meta["optimizer"], "class": "torch.optim.lbfgs.LBFGS"})
     with pytest.raises(UnsupportedOptimizerError, match="LBFGS"):
-        dit(lbfgs, model(), train_data, QUERY, loss_fn=loss_fn)
+        dit(lbfgs, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
     two = _meta_log(tmp_path_factory, optimizer=[log.meta["optimizer"], log.meta["optimizer"]])
     with pytest.raises(UnsupportedOptimizerError, match="2 optimizers"):
-        dit(two, model(), train_data, QUERY, loss_fn=loss_fn)
+        dit(two, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
     manual = _meta_log(tmp_path_factory, automatic_optimization=False)
     with pytest.raises(UnsupportedOptimizerError, match="manual optimization"):
-        dit(manual, model(), train_data, QUERY, loss_fn=loss_fn)
+        dit(manual, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
     custom = _meta_log(tmp_path_factory, optimizer={**log.meta["optimizer"], "class": "mypkg.MySGD"})
     with pytest.raises(UnsupportedOptimizerError, match="not supported"):
-        dit(custom, model(), train_data, QUERY, loss_fn=loss_fn)
+        dit(custom, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)
 
 
 def test_replay_mismatch_is_an_error_not_a_wrong_answer(tmp_path_factory):
@@ -390,15 +475,17 @@ def test_replay_mismatch_is_an_error_not_a_wrong_answer(tmp_path_factory):
         x, y = train_data(ids)
         return x + 0.01, y
 
-    with pytest.raises(ReplayMismatchError, match=r"step 12: after replaying steps 10..11.*differs"):
-        dit(log, model(), other_data, QUERY, loss_fn=loss_fn)
+    with pytest.raises(ReplayMismatchError, match=r"step 12, after replaying steps 10..11.*differs"):
+        dit(log, QUERY, module=model(), train_data=other_data, loss_fn=loss_fn, tolerance=0.0)
 
 
 def test_bad_arguments(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
     with pytest.raises(ValueError, match="hvp must be"):
-        dit(log, model(), train_data, QUERY, loss_fn=loss_fn, hvp="magic")
+        dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn, hvp="magic")
+    with pytest.raises(ValueError, match="preconditioner must be"):
+        dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn, preconditioner="magic")
     with pytest.raises(ValueError, match="outside the run"):
-        dit(log, model(), train_data, QUERY, (3, 99), loss_fn=loss_fn)
+        dit(log, QUERY, module=model(), train_data=train_data, window=(3, 99), loss_fn=loss_fn)
     with pytest.raises(ValueError, match="module does not match"):
-        dit(log, nn.Linear(3, 3).double(), train_data, QUERY, loss_fn=loss_fn)
+        dit(log, QUERY, module=nn.Linear(3, 3).double(), train_data=train_data, loss_fn=loss_fn)

@@ -85,16 +85,18 @@ def test_readable_with_plain_h5py(tmp_path):
     """What docs/log-format.md promises, read without this package."""
     recs = synthetic_log(tmp_path, steps=3, flush=10)
     with h5py.File(tmp_path / "rank-0" / "seg-00000000.h5", "r") as f:
-        assert f.attrs["format"] == b"lightning-influence-log" and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == b"lightning-influence-log" and f.attrs["format_version"] == 2
         steps = f["steps"]
         t = 1
         off, n = steps["sample_offset"][t], steps["sample_count"][t]
+        m = steps["micro_offset"][t]  # a step recorded without micro-batch details: one micro-batch of all its ids
+        assert steps["micro_batches"][t] == 1 and f["micro/size"][m] == n and f["micro/cpu_rng"][m] == -1
         np.testing.assert_array_equal(f["samples/id"][off : off + n], recs[t].ids)
         g = steps["grad_offset"][t]
         np.testing.assert_array_equal(f["grads/grad"][g : g + n], recs[t].grads)
         assert "step_00000000" in f["checkpoints"]
     with h5py.File(tmp_path / "meta.h5", "r") as f:
-        assert f.attrs["format_version"] == 1
+        assert f.attrs["format_version"] == 2
 
 
 def test_not_a_log_and_foreign_files_are_clear_errors(tmp_path):
@@ -104,3 +106,22 @@ def test_not_a_log_and_foreign_files_are_clear_errors(tmp_path):
         f.attrs["format"] = "something-else"
     with pytest.raises(LogFormatError, match="not a lightning-influence file"):
         InfluenceLog(tmp_path)
+
+
+def test_a_version_1_log_still_opens():
+    """tests/fixtures/log_v1 was written by the version-1 tracker (tests/fixtures/make_log_v1.py at commit 548308b)."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / "log_v1"
+    with h5py.File(path / "meta.h5", "r") as f:
+        assert f.attrs["format_version"] == 1
+    log = InfluenceLog(path)
+    assert log.num_steps == 4 and log.finished and log.checkpoint_steps == [0, 2, 4]
+    assert log.meta.get("precision") is None  # readers take the version-2 defaults
+    for t in range(4):
+        (micro,) = log.micro_batches(t)  # one micro-batch of all ids, no random state, no inputs
+        np.testing.assert_array_equal(micro.ids, log.batch_ids(t))
+        assert micro.cpu_rng is None and micro.cuda_rng is None and micro.inputs is None
+        assert log.grad_scale(t) is None and not log.skipped(t)
+    recs = list(log.iter_steps(fields=("loss", "grad", "hvp")))
+    assert len(recs) == 4 and recs[0].grads.shape == (4, 3) and sorted(np.concatenate([r.ids for r in recs[:2]])) == list(range(8))

@@ -199,19 +199,24 @@ def test_unsupported_params():
             self.fc = nn.Linear(4, 4)
             self.ln = nn.LayerNorm(4)
             self.grouped = nn.Conv2d(4, 4, 1, groups=2)
-            self.conv = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm1d(4)
             self.tied = nn.Linear(4, 10, bias=False)  # a Linear, but its weight is shared
             self.emb = nn.Embedding(10, 4)
             self.emb.weight = self.tied.weight
+            self.capped = nn.Embedding(10, 4, max_norm=1.0)  # renormalises rows in place
+            self.attn = nn.MultiheadAttention(4, 2, add_bias_kv=True)
+            self.pos = nn.Parameter(torch.zeros(4))  # used directly in some forward
 
     model = Mixed()
     names = select_params(model)
     assert HookGradientCapture.unsupported(model, names) == [
-        "ln.weight",
-        "ln.bias",
-        "grouped.weight",
-        "grouped.bias",
+        "pos",
+        "bn.weight",
+        "bn.bias",
         "tied.weight",
+        "capped.weight",
+        "attn.bias_k",
+        "attn.bias_v",
     ]
-    with pytest.raises(ValueError, match="ln.weight"):
+    with pytest.raises(ValueError, match="bn.weight"):
         HookGradientCapture(model, names, projector_for(model, names, None))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from lightning_influence.data import WithIds
 from lightning_influence.evaluation import replay_loo
 from lightning_influence.log import InfluenceLog
 from lightning_influence.replay import (
+    DriftReport,
     ReplayMismatchError,
     UnsupportedOptimizerError,
     batch_from_ids,
@@ -110,23 +113,23 @@ def test_replay_reproduces_lightning_run_bit_for_bit(tmp_path, opt_name):
     log, ds, Lit = _lightning_log(tmp_path, opt_name)
     assert log.num_steps == 15 and log.checkpoint_steps == [0, 4, 8, 12, 15]  # 5 batches per epoch, the last has 4 samples
     seen = []
-    for rs in replay(log, Lit().double(), ds, 0, None, atol=0.0, rtol=0.0):  # verify: exact equality at every checkpoint
+    for rs in replay(log, Lit().double(), ds, 0, None, tolerance=0.0):  # verify: exact equality at every checkpoint
         seen.append(rs.step)
         if rs.step in log.checkpoint_steps:
             for n, v in log.checkpoint(rs.step).items():
                 assert torch.equal(rs.params[n], torch.from_numpy(v)), (rs.step, n)
     assert seen == list(range(16))
     # from a mid-run checkpoint (optimizer state loaded), and a step between checkpoints
-    last = list(replay(log, Lit().double(), ds, 9, None, atol=0.0, rtol=0.0))[-1]
+    last = list(replay(log, Lit().double(), ds, 9, None, tolerance=0.0))[-1]
     assert last.step == 15 and last.optimizer.state_dict()["state"]
-    p10 = parameters_at(log, Lit().double(), ds, 10, atol=0.0, rtol=0.0)
+    p10 = parameters_at(log, Lit().double(), ds, 10, tolerance=0.0)
     assert torch.equal(p10["net.0.weight"], [r for r in replay(log, Lit().double(), ds, 10, 11)][0].params["net.0.weight"])
     # DIT runs on the Lightning log, with progress reported
     from lightning_influence.estimators import dit
 
     calls = []
     val = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
-    s = dit(log, Lit().double(), ds, lambda m: m.per_sample_loss(val).mean(), ("epoch", 1, 3),
+    s = dit(log, lambda m: m.per_sample_loss(val).mean(), module=Lit().double(), train_data=ds, window=("epoch", 1, 3),
             loss_fn=lambda m, b: m.per_sample_loss(b), progress=lambda d, t: calls.append((d, t)))
     assert s.scores.shape == (24, 1) and np.isfinite(s.scores).all() and calls and calls[-1][0] == calls[-1][1]
     assert ("approx." in s.method) == (opt_name == "adamw")
@@ -134,7 +137,7 @@ def test_replay_reproduces_lightning_run_bit_for_bit(tmp_path, opt_name):
     loo = replay_loo(log, Lit().double(), ds, lambda m: m.per_sample_loss(val).mean(), sample_ids=[0, 5],
                      loss_fn=lambda m, b: m.per_sample_loss(b))
     assert loo.info["checkpoints_checked"] == [4, 8, 12, 15]
-    assert loo.info["reference_max_deviation_from_log"] <= 1e-12
+    assert loo.info["replay_drift"]["max"] <= 1e-12
 
 
 # ------------------------------------------------------------------ replay, torch-only logs
@@ -163,10 +166,18 @@ def test_replay_yields_params_before_each_step(tmp_path_factory):
 def test_replay_mismatch_message(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd", checkpoint_every=5)
     bad = lambda ids: (train_data(ids)[0] * 1.001, train_data(ids)[1])  # noqa: E731
-    with pytest.raises(ReplayMismatchError) as err:
-        list(replay(log, model(), bad, 0, 6, loss_fn=loss_fn))
+    with pytest.raises(ReplayMismatchError) as err:  # tolerance 0: any difference at all
+        list(replay(log, model(), bad, 0, 6, loss_fn=loss_fn, tolerance=0.0))
     msg = str(err.value)
-    assert "step 5" in msg and "steps 0..4" in msg and "differs" in msg and "nondeterministic" in msg and "train_data" in msg
+    assert "step 5" in msg and "steps 0..4" in msg and "differs" in msg and "train_data" in msg and "store_inputs" in msg
+    drift = float(re.search(r"by ([0-9.e+-]+) of how far training moved", msg).group(1))
+    assert 0 < drift < 1e-2  # a 0.1% change of the inputs: below the default tolerance, so ...
+    report = DriftReport()
+    list(replay(log, model(), bad, 0, 6, loss_fn=loss_fn, report=report))  # ... the default replay goes on, re-anchored
+    assert report.checkpoints[0][0] == 5 and report.checkpoints[0][1] == pytest.approx(drift, rel=1e-2)
+    very_bad = lambda ids: (train_data(ids)[0] * 1.5, train_data(ids)[1])  # noqa: E731
+    with pytest.raises(ReplayMismatchError, match=r"at step 5, .* by [0-9.e+-]+ of how far training moved .*tolerance 0\.01"):
+        list(replay(log, model(), very_bad, 0, 6, loss_fn=loss_fn))
     # a float32 module cannot reproduce a float64 run
     with pytest.raises(ValueError, match="torch.float32 in the module but torch.float64 in the log"):
         replay(log, TinyMLP(), lambda ids: (train_data(ids)[0].float(), train_data(ids)[1]), 0, 6, loss_fn=loss_fn)
@@ -214,7 +225,7 @@ def test_batch_from_ids():
 def test_replay_loo_equals_independent_retraining(tmp_path_factory):
     log = make_log(tmp_path_factory, "momentum", checkpoint_every=4)
     loo = replay_loo(log, model(), train_data, QUERY, sample_ids=[0, 3, 7], grid=[0, 5, T], loss_fn=loss_fn, copies=2)
-    assert loo.info["passes"] == 2 and loo.info["reference_max_deviation_from_log"] <= 1e-12
+    assert loo.info["passes"] == 2 and loo.info["replay_drift"]["max"] <= 1e-12
     assert loo.grid.tolist() == [0, 5, T] and loo.values.shape == (3, 3, 1)
     base = query_value(independent_run(log, "momentum", set()))
     base5 = query_value(independent_run(log, "momentum", set(), until=5))
@@ -225,6 +236,27 @@ def test_replay_loo_equals_independent_retraining(tmp_path_factory):
         assert loo.window(5, T)[row] == pytest.approx(loo.at(T)[row, 0] - truth5, abs=1e-12)
     scores = loo.as_scores(0, T, n_total=10)
     assert np.isnan(scores.column(0)[1]) and scores.column(0)[3] == loo.at(T)[1, 0]
+
+
+def test_replay_loo_partial_removal_equals_weighted_replay(tmp_path_factory):
+    """removal_weight scales the dropped sample's weight: the run of replay(weights=...) with that weight."""
+    log = make_log(tmp_path_factory, "adamw")
+    part = replay_loo(log, model(), train_data, QUERY, sample_ids=[3, 6], grid=[0, T], loss_fn=loss_fn,
+                      removal_weight=0.25)
+
+    def f_with(j: int, wj: float) -> float:
+        w = lambda t, ids: torch.tensor([wj if i == j else 1.0 for i in ids], dtype=torch.float64)  # noqa: E731
+        last = list(replay(log, model(), train_data, 0, None, loss_fn=loss_fn, weights=w))[-1]
+        m = model()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.copy_(last.params[n])
+        return query_value(m)
+
+    base = f_with(-1, 1.0)
+    for row, j in enumerate([3, 6]):
+        assert part.at(T)[row, 0] == pytest.approx(f_with(j, 0.25) - base, abs=1e-12)
+        assert abs(part.at(T)[row, 0] - (f_with(j, 0.0) - base)) > 1e-6  # not the full removal
 
 
 def test_replay_loo_groups_and_in_window(tmp_path_factory):
@@ -258,6 +290,6 @@ def test_replay_loo_hand_oracles(tmp_path):
 
 def test_replay_loo_detects_a_wrong_reference(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd", checkpoint_every=4)
-    bad = lambda ids: (train_data(ids)[0] + 0.01, train_data(ids)[1])  # noqa: E731
-    with pytest.raises(ReplayMismatchError, match="reference run"):
+    bad = lambda ids: (train_data(ids)[0] + 0.5, train_data(ids)[1])  # noqa: E731
+    with pytest.raises(ReplayMismatchError, match="does not reproduce the logged run: at step 4"):
         replay_loo(log, model(), bad, QUERY, sample_ids=[0], loss_fn=loss_fn)

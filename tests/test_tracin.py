@@ -89,3 +89,33 @@ def test_tracin_needs_module_for_a_callable_query(tmp_path):
     fit(tiny(), loader(synthetic, batch_size=4), InfluenceTracker(str(tmp_path), record_gradients=True), epochs=1)
     with pytest.raises(ValueError, match="needs `module`"):
         tracin(InfluenceLog(tmp_path), mean_loss(synthetic.tensors))
+
+
+def test_tracin_self_influence_equals_brute_force(tmp_path):
+    """Σ_t η_t/|B_t| ‖g_{j,t}‖² with per-sample autograd at the checkpoints, float64; ≥ 0; additive over windows."""
+    from lightning_influence.estimators import tracin_self_influence
+
+    ds = make_data(16, seed=1)
+    tracker = InfluenceTracker(str(tmp_path), record_gradients=True, checkpoint_every_n_steps=1, storage_dtype="float64")
+    fit(tiny(), loader(ds, batch_size=4), tracker, epochs=2)
+    log = InfluenceLog(tmp_path)
+    module = tiny()
+    params = dict(module.named_parameters())
+    expected = np.zeros(log.dataset_size)
+    for t in range(log.num_steps):
+        with torch.no_grad():
+            for n, v in log.checkpoint(t).items():
+                params[n].copy_(torch.from_numpy(v))
+        ids = log.batch_ids(t)
+        for j in ids:
+            x, y = ds[int(j)]
+            g = torch.autograd.grad(F.cross_entropy(module(x[None]), y[None]), list(params.values()))
+            expected[j] += log.lr(t)[0] / len(ids) * float(sum((a * a).sum() for a in g))
+    got = tracin_self_influence(log)
+    assert got.query_names == ["self"] and got.method == "tracin-self"
+    np.testing.assert_allclose(got.column(0), expected, rtol=1e-10, atol=1e-14)
+    assert (got.column(0) >= 0).all() and (got.column(0) > 0).sum() == 16
+    parts = sum(tracin_self_influence(log, window=w).column(0) for w in [(0, 3), (3, 8)])
+    np.testing.assert_allclose(parts, got.column(0), rtol=1e-12)
+    with pytest.raises(TypeError, match="takes no query"):
+        tracin_self_influence(log, mean_loss(make_data(4).tensors))

@@ -22,7 +22,8 @@ median error 2%), at ``3e-3`` 2% of the samples were (errors up to 870x), at ``1
 The two one-sided differences disagree exactly on the samples hit: ``kink_guard`` keeps the
 one that did not cross (0.5 in the tracker; measured there: 17% of the rows flagged at
 ``ε_0 = 1e-2``, worst error 0.4% after the guard; no row flagged at ``1e-3`` or ``3e-4``).
-Diff-In's offline per-sample products use it too; batch products (``H_B q``, DIT) do not.
+Diff-In's offline products use it too (per-sample and batch, with :func:`guarded_difference`);
+DIT's batch products do not.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch.func import grad, jvp
 SCHEMES = ("central", "forward")
 KINK_GUARD = 0.5  # default threshold of ``kink_guard`` (tracker rows, Diff-In's per-sample products)
 
-__all__ = ["SCHEMES", "KINK_GUARD", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
+__all__ = ["SCHEMES", "KINK_GUARD", "default_eps0", "guarded_difference", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
 
 
 def flatten(d: Mapping[str, Tensor], names: Iterable[str]) -> Tensor:
@@ -57,16 +58,36 @@ def unflatten(vec: Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, Ten
     return out
 
 
+def _norm_tensor(d: Mapping[str, Tensor]) -> Tensor:
+    """``‖d‖`` as a float64 0-d tensor on the tensors' device (no host synchronisation)."""
+    # native precision per tensor: float64 parameters give float64 norms; float32 ones lose ~1e-7 relative, far
+    # below what the finite differences themselves introduce, at a fraction of the cost of upcasting
+    norms = torch.stack([torch.linalg.vector_norm(t.detach()) for t in d.values()]).double()
+    return torch.linalg.vector_norm(norms)
+
+
 def _norm(d: Mapping[str, Tensor]) -> float:
-    # native precision: float64 parameters give float64 norms; float32 ones lose ~1e-7 relative, far below
-    # what the finite differences themselves introduce, at a fraction of the cost of upcasting
-    return math.sqrt(sum(float(torch.linalg.vector_norm(t.detach())) ** 2 for t in d.values()))
+    return float(_norm_tensor(d))
+
+
+def _epsilon(params: Mapping[str, Tensor], eps0: float) -> Tensor:
+    p = sum(t.numel() for t in params.values())
+    return eps0 * (1.0 + _norm_tensor(params)) / math.sqrt(p)
+
+
+def default_eps0(dtype: torch.dtype) -> float:
+    """The finite-difference ``ε_0`` for parameters of ``dtype``: 1e-5 in float64, 1e-3 in float32 (measured above),
+    and ``u^{1/3}`` (the central difference's balance of truncation and rounding) for half precisions."""
+    if dtype == torch.float64:
+        return 1e-5
+    if dtype == torch.float32:
+        return 1e-3
+    return float(torch.finfo(dtype).eps) ** (1 / 3)
 
 
 def parameter_epsilon(params: Mapping[str, Tensor], eps0: float = 1e-3) -> float:
     """Step size ``ε = eps0 · (1 + ‖θ‖) / √p`` scaled to the parameters (θ = all of ``params``)."""
-    p = sum(t.numel() for t in params.values())
-    return eps0 * (1.0 + _norm(params)) / math.sqrt(p)
+    return float(_epsilon(params, eps0))
 
 
 def fd_directional_derivative(
@@ -92,7 +113,8 @@ def fd_directional_derivative(
     stay fixed. ``fn`` gets fresh detached tensors, and every
     evaluation starts from the same RNG state (dropout masks agree), which is restored
     afterwards so the caller's random stream is untouched. A zero direction gives zeros.
-    Returns ``(result, ε)``.
+    Returns ``(result, ε)``, ``ε`` a float64 0-d tensor on the parameters' device: nothing here
+    makes the host wait for the device.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -101,13 +123,13 @@ def fd_directional_derivative(
     unknown = set(direction) - set(params)
     if unknown:
         raise KeyError(f"direction has names not in params: {sorted(unknown)}")
-    eps = parameter_epsilon(params, eps0)
+    eps = _epsilon(params, eps0)
     base = {n: t.detach() for n, t in params.items()}
-    v_norm = _norm(direction)
+    v_norm = _norm_tensor(direction)
+    # a zero direction: every evaluation is at θ, the differences are exact zeros (times a finite scale)
+    unit = eps / torch.clamp(v_norm, min=torch.finfo(torch.float64).tiny)
     cuda = sorted({t.device.index or 0 for t in base.values() if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
-        if v_norm == 0.0:
-            return torch.zeros_like(fn(base) if at is None else at), eps
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in cuda]
 
@@ -117,8 +139,7 @@ def fd_directional_derivative(
                 torch.cuda.set_rng_state(state, d)
             if sign == 0.0:
                 return fn(base)
-            shift = sign * eps / v_norm
-            return fn({**base, **{n: torch.add(base[n], v.detach().to(base[n].dtype), alpha=shift)
+            return fn({**base, **{n: base[n] + v.detach().to(base[n].dtype) * (sign * unit).to(base[n].dtype)
                                   for n, v in direction.items()}})
 
         plus = at_offset(1.0)
@@ -132,13 +153,18 @@ def fd_directional_derivative(
 
 
 def _guarded(fwd: Tensor, bwd: Tensor, tau: float) -> Tensor:
-    """Mean of the one-sided differences per row, or the smaller one where they disagree (see kink_guard)."""
+    return guarded_difference(fwd, bwd, tau)[0]
+
+
+def guarded_difference(fwd: Tensor, bwd: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """Mean of the one-sided differences per row, or the smaller one where they disagree (see kink_guard);
+    also the ``(rows,)`` bool mask of the rows that disagreed (a kink was crossed)."""
     rows = fwd.shape[0] if fwd.ndim > 1 else 1
     f, b = fwd.reshape(rows, -1), bwd.reshape(rows, -1)
     nf, nb = torch.linalg.vector_norm(f, dim=1), torch.linalg.vector_norm(b, dim=1)
     kink = torch.linalg.vector_norm(f - b, dim=1) > tau * torch.maximum(nf, nb)
     out = torch.where(kink[:, None], torch.where((nf <= nb)[:, None], f, b), (f + b) / 2)
-    return out.reshape(fwd.shape)
+    return out.reshape(fwd.shape), kink
 
 
 def exact_hvp(

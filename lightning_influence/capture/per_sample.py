@@ -4,14 +4,14 @@ The user supplies ``loss_fn(model, batch) -> Tensor[B]`` of per-sample losses; `
 is a pytree (tensor, tuple, list, dict) whose tensor leaves all have the batch as first
 dimension, non-tensor leaves are passed through.
 
-Two exact methods:
+Two exact engines, mixed per parameter by :func:`per_sample_grads`:
 
-- :class:`HookGradientCapture`: for ``nn.Linear`` and ``nn.Conv2d`` parameters, rebuilds
-  per-sample gradients from the layer inputs and output gradients of one ordinary
+- :class:`HookGradientCapture`: for the parameters of common layers (:mod:`.layers`),
+  rebuilds per-sample gradients from the layer inputs and output gradients of one ordinary
   backward pass, projecting each side before the outer product. Cheap enough to run
   on every training step.
 - :func:`per_sample_grads_vmap`: ``torch.func`` ``vmap(grad)`` over samples, for any
-  parameter; the general fallback.
+  parameter; the fallback for the parameters no hook covers.
 
 Both assume samples do not interact in the forward pass (no BatchNorm in train mode).
 """
@@ -19,15 +19,16 @@ Both assume samples do not interact in the forward pass (no BatchNorm in train m
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
+from .layers import capture_owner, engine_for
 from .projection import KroneckerProjector
 
 __all__ = [
@@ -36,14 +37,12 @@ __all__ = [
     "HookGradientCapture",
     "per_sample_grads_vmap",
     "per_sample_grads_hooks",
+    "per_sample_grads",
     "call_with_params",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> Tensor[B]``: per-sample losses."""
-
-_SUPPORTED = (nn.Linear, nn.Conv2d)
-
 
 def select_params(
     model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
@@ -106,52 +105,35 @@ def _override_dict(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, 
     return out
 
 
-def _param_owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
-    """Parameter name -> (module name, owning module, attribute name)."""
-    owners = {}
-    for mod_name, mod in model.named_modules():
-        for attr, _ in mod.named_parameters(recurse=False):
-            owners[f"{mod_name}.{attr}" if mod_name else attr] = (mod_name, mod, attr)
-    return owners
-
-
 class HookGradientCapture:
-    """Exact per-sample gradients of ``nn.Linear`` / ``nn.Conv2d`` parameters from hooks.
+    """Exact per-sample gradients of the parameters of common layers, from hooks.
 
-    Forward hooks (registered once, inactive until :meth:`enable`) save each call's
-    detached input and put a tensor hook on the output that saves its gradient. After the
-    backward pass, :meth:`collect` forms ``sum_l grad_out[b,l] ⊗ input[b,l]`` per sample,
-    projected per side. Linear inputs may have any leading dims ``(B, ..., in)``; Conv2d
-    supports stride, padding (any mode), dilation, ``groups=1``. Assumes each selected
-    parameter is used only through its module's forward.
+    One engine per layer type (:mod:`.layers`: Linear on inputs of any rank, Conv1d/2d/3d,
+    Embedding, LayerNorm/GroupNorm/RMSNorm, MultiheadAttention) saves what it needs from
+    each forward call (hooks registered once, inactive until :meth:`enable`) and, with the
+    output gradient of the backward pass, forms every sample's projected gradient in
+    :meth:`collect`. ``param_names`` may be a subset of the projector's tensors (the others
+    get zero columns: another engine fills them). Assumes each captured parameter is used
+    only through its module's forward.
     """
 
     @staticmethod
     def unsupported(model: nn.Module, param_names: Sequence[str]) -> list[str]:
-        """The names in ``param_names`` this class cannot capture.
+        """The names in ``param_names`` no layer engine captures.
 
-        Supported: weight/bias of modules of exact type ``nn.Linear`` or ``nn.Conv2d``
-        (``groups=1``), not shared with another module. Subclasses are refused because
-        they may not call their own forward (e.g. ``MultiheadAttention.out_proj``).
+        Supported: the parameters :func:`.layers.engine_for` knows for modules of exactly
+        its types (subclasses may not call their own forward), not shared with another
+        module or used twice in one module.
         """
-        owners = _param_owners(model)
+        owners = capture_owner(model)
         counts: dict[int, int] = {}
         for _, p in model.named_parameters(remove_duplicate=False):
             counts[id(p)] = counts.get(id(p), 0) + 1
         params = dict(model.named_parameters())
         bad = []
         for name in param_names:
-            if name not in owners:
-                bad.append(name)
-                continue
-            _, mod, attr = owners[name]
-            ok = (
-                type(mod) in _SUPPORTED
-                and attr in ("weight", "bias")
-                and counts[id(params[name])] == 1
-                and not (isinstance(mod, nn.Conv2d) and mod.groups != 1)
-            )
-            if not ok:
+            engine = engine_for(owners[name][1]) if name in owners else None
+            if engine is None or counts[id(params[name])] != 1 or not engine.supports(owners[name][1], owners[name][2]):
                 bad.append(name)
         return bad
 
@@ -159,43 +141,34 @@ class HookGradientCapture:
         bad = self.unsupported(model, param_names)
         if bad:
             raise ValueError(f"parameters not supported by hook capture (use per_sample_grads_vmap): {bad}")
-        if {s.name for s in projector.specs} != set(param_names):
-            raise ValueError("projector must have exactly one spec per captured parameter")
+        missing = set(param_names) - {s.name for s in projector.specs}
+        if missing:
+            raise ValueError(f"projector has no spec for captured parameters {sorted(missing)}")
         self.model = model
         self.param_names = list(param_names)
         self.projector = projector
         self.enabled = False
-        owners = _param_owners(model)
-        # module name -> {"weight": param name, "bias": param name} (only the selected ones)
+        owners = capture_owner(model)
+        # module name -> {attribute: param name} (only the selected ones)
         self._targets: dict[str, dict[str, str]] = {}
         self._modules: dict[str, nn.Module] = {}
         for name in self.param_names:
             mod_name, mod, attr = owners[name]
             self._targets.setdefault(mod_name, {})[attr] = name
             self._modules[mod_name] = mod
-        # module name -> one [input or None, grad_output or None] record per call
-        self._records: dict[str, list[list[Tensor | None]]] = {m: [] for m in self._modules}
-        self._handles = [
-            mod.register_forward_hook(self._make_hook(mod_name), with_kwargs=True)
+        # module name -> one record [what the forward kept, projected blocks after the backward] per call
+        self._records: dict[str, list[list[Any]]] = {m: [] for m in self._modules}
+        self._handles = {
+            mod_name: engine_for(mod).attach(mod, self._records[mod_name], lambda: self.enabled, self._targets[mod_name],
+                                             projector)
             for mod_name, mod in self._modules.items()
-        ]
+        }
+        self.demoted: list[str] = []  # parameters handed back: their module ran without the batch dimension
 
-    def _make_hook(self, mod_name: str) -> Callable[..., None]:
-        keep_input = "weight" in self._targets[mod_name]
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            if not self.enabled or not output.requires_grad:
-                return
-            inp = args[0] if args else kwargs["input"]
-            record: list[Tensor | None] = [inp.detach() if keep_input else None, None]
-            self._records[mod_name].append(record)
-
-            def save_grad(g: Tensor) -> None:
-                record[1] = g
-
-            output.register_hook(save_grad)
-
-        return hook
+    @property
+    def outputs(self) -> list[Any]:
+        """Gradient edges of the outputs of the captured calls whose gradient has not arrived yet."""
+        return [r[2] for records in self._records.values() for r in records if r[2] is not None]
 
     @property
     def pending(self) -> int:
@@ -220,9 +193,70 @@ class HookGradientCapture:
         """Remove the hooks from the model."""
         self.disable()
         self.clear()
-        for h in self._handles:
+        for handles in self._handles.values():
+            for h in handles:
+                h.remove()
+        self._handles = {}
+
+    def _demote(self, mod_name: str, why: str = "it ran on a tensor without the batch as first dimension (e.g. "
+                "a positional embedding of arange(T))") -> None:
+        """Stop capturing ``mod_name``'s parameters: they leave :attr:`param_names` for another engine."""
+        for h in self._handles.pop(mod_name):
             h.remove()
-        self._handles = []
+        names = set(self._targets.pop(mod_name).values())
+        del self._modules[mod_name], self._records[mod_name]
+        self.param_names = [n for n in self.param_names if n not in names]
+        self.demoted += sorted(names)
+        warnings.warn(f"module {mod_name!r}: {why}; its parameters {sorted(names)} are not captured by hooks from "
+                      "now on (vmap computes them; a module input expanded to the batch keeps them on hooks)",
+                      stacklevel=3)
+
+    def verify(self, model: nn.Module, loss_fn: LossFn, batch: Any, rows: Tensor | None = None, sample: int = 0,
+               rtol: float = 1e-3) -> list[str]:
+        """Check one sample's hooked row against autograd on that sample alone; demote the modules that differ.
+
+        Catches what shapes cannot: a module run on a tensor without the batch dimension whose
+        first dimension happens to equal the batch size (``wpe(arange(T))`` with ``T == B``), a
+        loss that mixes samples. Runs in eval mode (dropout off; the modules' modes and the RNG
+        are restored) one own hooked pass on ``batch`` and one pass on sample ``sample``; a
+        parameter whose projected gradients differ by more than ``rtol`` of their norm demotes
+        its module (:attr:`demoted`, a warning) and gets zero columns in ``rows`` (in place),
+        for another engine to fill. Returns the demoted names.
+        """
+        modes = {m: m.training for m in model.modules()}
+        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        was_enabled = self.enabled
+        try:
+            with torch.random.fork_rng(devices=devices):
+                model.eval()
+                hooked, _ = per_sample_grads_hooks(model, loss_fn, batch, self)
+                one = pytree.tree_map(lambda x: x[sample:sample + 1] if isinstance(x, Tensor) else x, batch)
+                params = dict(model.named_parameters())
+                self.enabled = False  # the sample's own pass is the reference: not captured
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(loss_fn(model, one)[0], [params[n] for n in self.param_names],
+                                                allow_unused=True)
+        finally:
+            self.enabled = was_enabled
+            for m, mode in modes.items():
+                m.training = mode
+        owners = capture_owner(model)
+        bad_modules = set()
+        for name, g in zip(self.param_names, grads):
+            row = hooked[sample, self.projector.slices[name]]
+            expected = (self.projector.project_tensor(name, g.detach()[None].to(row.dtype))[0] if g is not None
+                        else torch.zeros_like(row))
+            scale = max(float(torch.linalg.vector_norm(row)), float(torch.linalg.vector_norm(expected)))
+            if float(torch.linalg.vector_norm(row - expected)) > rtol * scale:
+                bad_modules.add(owners[name][0])
+        before = set(self.demoted)
+        for mod_name in sorted(bad_modules):
+            self._demote(mod_name, "its hooked per-sample gradient differs from autograd on the sample alone")
+        demoted = [n for n in self.demoted if n not in before]
+        if rows is not None:
+            for name in demoted:
+                rows[:, self.projector.slices[name]] = 0
+        return demoted
 
     def collect(self, loss_grad: Tensor) -> Tensor:
         """Projected per-sample gradients ``(B, out_dim)`` of the per-sample losses.
@@ -230,54 +264,31 @@ class HookGradientCapture:
         ``loss_grad[i]`` is the derivative of the differentiated total w.r.t. ``loss_i``
         (e.g. ``1/(B*accumulation)`` for a mean, times an AMP scale); the captured
         gradients are divided by it, so it must be non-zero. Contributions of repeated
-        calls of a module are summed; parameters of modules not reached get zeros.
-        Clears the captured state.
+        calls of a module are summed; parameters of modules not reached, and the
+        projector's tensors not captured here, get zeros. A module that ran on a tensor
+        without the batch as first dimension is demoted (:attr:`demoted`, a warning): its
+        parameters get zeros and leave :attr:`param_names`, so that the caller computes them
+        by another engine. Clears the captured state.
         """
         if loss_grad.ndim != 1:
             raise ValueError(f"loss_grad must be 1-D (B,), got shape {tuple(loss_grad.shape)}")
-        if bool((loss_grad == 0).any()):
+        if loss_grad.device.type == "cpu" and bool((loss_grad == 0).any()):  # on a GPU: non-finite rows, refused by the writer
             raise ValueError("loss_grad has zeros: per-sample gradients cannot be recovered")
         batch = loss_grad.shape[0]
         dtype = torch.promote_types(loss_grad.dtype, torch.float32)
         out = torch.zeros(batch, self.projector.out_dim, dtype=dtype, device=loss_grad.device)
-        for mod_name, records in self._records.items():
-            mod, targets = self._modules[mod_name], self._targets[mod_name]
-            for inp, g_out in records:
-                if g_out is None:  # output did not reach the loss
+        try:
+            for mod_name, records in list(self._records.items()):
+                done = [r[1] for r in records if r[1] is not None]  # an output that did not reach the loss has none
+                if any(block.shape[0] != batch for blocks in done for block in blocks.values()):
+                    self._demote(mod_name)  # its columns stay zero here: the caller's other engine fills them
                     continue
-                if g_out.shape[0] != batch or (inp is not None and inp.shape[0] != batch):
-                    raise ValueError(
-                        f"module {mod_name!r}: first dim of input/output is not the batch size {batch}"
-                    )
-                g_rows = self._output_rows(mod, g_out.to(dtype))
-                if "weight" in targets:
-                    name = targets["weight"]
-                    cols = self._input_cols(mod, inp.to(dtype))
-                    out[:, self.projector.slices[name]] += self.projector.project_factored(name, g_rows, cols)
-                if "bias" in targets:
-                    name = targets["bias"]
-                    out[:, self.projector.slices[name]] += self.projector.project_tensor(name, g_rows.sum(1))
-        self.clear()
+                for blocks in done:
+                    for name, block in blocks.items():
+                        out[:, self.projector.slices[name]] += block
+        finally:
+            self.clear()
         return out / loss_grad.to(dtype)[:, None]
-
-    @staticmethod
-    def _output_rows(mod: nn.Module, g_out: Tensor) -> Tensor:
-        """Output gradient as ``(B, L, out_features)``."""
-        if isinstance(mod, nn.Conv2d):
-            return g_out.reshape(g_out.shape[0], g_out.shape[1], -1).transpose(1, 2)
-        return g_out.reshape(g_out.shape[0], -1, g_out.shape[-1])
-
-    @staticmethod
-    def _input_cols(mod: nn.Module, inp: Tensor) -> Tensor:
-        """Layer input as ``(B, L, cols)`` matching the weight's matrix view."""
-        if isinstance(mod, nn.Conv2d):
-            # Pad as Conv2d.forward does (covers padding modes and padding="same"),
-            # then unfold without padding: columns are ordered (in, kh, kw) like the weight.
-            mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
-            padded = F.pad(inp, mod._reversed_padding_repeated_twice, mode=mode)
-            cols = F.unfold(padded, mod.kernel_size, dilation=mod.dilation, stride=mod.stride)
-            return cols.transpose(1, 2)
-        return inp.reshape(inp.shape[0], -1, inp.shape[-1])
 
 
 def per_sample_grads_vmap(
@@ -291,7 +302,7 @@ def per_sample_grads_vmap(
 ) -> Tensor:
     """Projected per-sample gradients ``(B, out_dim)`` by ``vmap(grad)`` over samples.
 
-    Works for any parameter. Each sample is evaluated as a batch of one
+    Works for any parameter; the projector's tensors not in ``param_names`` get zero columns. Each sample is evaluated as a batch of one
     (``loss_fn(model, sample)[0]``) with independent randomness per sample. ``params``
     overrides some or all parameters (e.g. perturbed copies) without touching the live
     model; ``chunk_size`` bounds memory as in ``torch.func.vmap``.
@@ -314,7 +325,7 @@ def per_sample_grads_vmap(
     grads = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(
         diff, tensors
     )
-    return projector.project(grads)
+    return projector.project(grads, partial=len(diff) != len(projector.specs))
 
 
 def per_sample_grads_hooks(
@@ -327,8 +338,8 @@ def per_sample_grads_hooks(
     """Projected per-sample gradients and losses from one own forward+backward pass.
 
     Runs ``loss_fn`` through ``functional_call`` with ``params`` overriding some or all
-    parameters, differentiates ``losses.sum()`` w.r.t. copies of the captured parameters
-    only, and collects from ``capture``. Leaves no ``.grad`` on the live model and does
+    parameters (copies of the captured ones, requiring grad), differentiates ``losses.sum()``
+    w.r.t. the captured layers' outputs only, and collects from ``capture``. Leaves no ``.grad`` on the live model and does
     not change it (buffers are cloned). Must not be called while ``capture`` holds
     uncollected calls of a training step.
     Returns ``(grads (B, out_dim), losses (B,))``.
@@ -347,10 +358,44 @@ def per_sample_grads_hooks(
     try:
         with torch.enable_grad():
             losses = functional_call(_LossModule(model, loss_fn), call, (batch,))
-            torch.autograd.grad(losses.sum(), list(diff.values()), allow_unused=True)
+            # differentiate w.r.t. the captured layers' outputs, not the parameters: the backward then
+            # skips every weight-gradient product (a third of its work) and still runs the hooks
+            outputs = capture.outputs
+            if outputs:
+                torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
     except BaseException:
         capture.clear()
         raise
     finally:
         capture.enabled = was_enabled
     return capture.collect(torch.ones_like(losses.detach())), losses.detach()
+
+
+def per_sample_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    param_names: Sequence[str],
+    projector: KroneckerProjector,
+    capture: HookGradientCapture | None = None,
+    params: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Projected per-sample gradients and losses, each parameter by the cheapest exact engine.
+
+    The parameters ``capture`` covers come from one hooked forward+backward, the others of
+    ``param_names`` from ``vmap`` (started from the same RNG state). ``params`` overrides
+    parameters as in :func:`per_sample_grads_hooks`. Returns ``(grads (B, out_dim), losses (B,))``.
+    """
+    state = torch.get_rng_state()
+    if capture is not None and capture.param_names:
+        grads, losses = per_sample_grads_hooks(model, loss_fn, batch, capture, params=params)
+    else:
+        with torch.no_grad():
+            losses = call_with_params(model, loss_fn, params, batch).detach()
+        grads = None
+    rest = [n for n in param_names if capture is None or n not in capture.param_names]  # after a demotion
+    if rest:
+        torch.set_rng_state(state)
+        vmapped = per_sample_grads_vmap(model, loss_fn, batch, rest, projector, params=params)
+        grads = vmapped if grads is None else grads + vmapped
+    return grads, losses

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TensorProjection", "KroneckerProjector"]
+__all__ = ["TensorProjection", "KroneckerProjector", "contract"]
 
 _METADATA_KIND = "kronecker_gaussian"
 
@@ -85,6 +85,16 @@ def _apply_rows(g: Tensor, p_r: Tensor) -> Tensor:
     if g.shape[2] == 1:
         return (g.reshape(g.shape[0], g.shape[1]) @ p_r).unsqueeze(2)
     return (g.transpose(1, 2) @ p_r).transpose(1, 2)
+
+
+def contract(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_l a[:, l] ⊗ b[:, l]`` per sample, flattened row-major: ``(B, L, i), (B, L, j) -> (B, i*j)``.
+
+    One batched matrix product; with ``L = 1`` a broadcast outer product (no reduction to do).
+    """
+    if a.shape[1] == 1:
+        return (a[:, 0, :, None] * b[:, 0, None, :]).reshape(a.shape[0], -1)
+    return torch.bmm(a.transpose(1, 2), b).reshape(a.shape[0], -1)
 
 
 class KroneckerProjector:
@@ -163,22 +173,45 @@ class KroneckerProjector:
             g = _apply_rows(g, p_r)
         return g.reshape(batch, spec.out_dim)
 
-    def project(self, grads: Mapping[str, Tensor]) -> Tensor:
-        """Project full per-sample grads ``grads[name]`` ``(B, *shape)`` to ``(B, out_dim)``."""
-        return torch.cat([self.project_tensor(spec.name, grads[spec.name]) for spec in self.specs], dim=1)
+    def project(self, grads: Mapping[str, Tensor], partial: bool = False) -> Tensor:
+        """Project full per-sample grads ``grads[name]`` ``(B, *shape)`` to ``(B, out_dim)``.
 
-    def project_factored(self, name: str, out_grad: Tensor, inp: Tensor) -> Tensor:
+        ``partial``: tensors missing from ``grads`` get zero columns (another engine fills them).
+        """
+        if not partial:
+            return torch.cat([self.project_tensor(spec.name, grads[spec.name]) for spec in self.specs], dim=1)
+        first = next(iter(grads.values()))
+        out = torch.zeros(first.shape[0], self.out_dim, dtype=first.dtype, device=first.device)
+        for name, grad in grads.items():
+            out[:, self.slices[name]] = self.project_tensor(name, grad)
+        return out
+
+    def project_factored(self, name: str, out_grad: Tensor, inp: Tensor, rows: slice | None = None) -> Tensor:
         """Projected per-sample grad ``sum_l out_grad[b,l] ⊗ inp[b,l]`` of a weight.
 
         ``out_grad`` is ``(B, L, rows)``, ``inp`` ``(B, L, cols)``. Each side is projected
         before the outer product, so no ``rows x cols`` matrix is formed per sample.
+        ``rows``: ``out_grad`` holds only this block of the weight's rows (the others have
+        zero gradient), e.g. one of the query/key/value blocks of a packed attention weight.
         Returns ``(B, k_rows*k_cols)``, equal to :meth:`project_tensor` of that gradient.
         """
-        spec = self.spec(name)
-        p_r, p_c = self.side_matrices(name, out_grad.dtype, out_grad.device)
-        a = out_grad if p_r is None else out_grad @ p_r
-        b = inp if p_c is None else inp @ p_c
-        return torch.einsum("bli,blj->bij", a, b).reshape(out_grad.shape[0], spec.out_dim)
+        return self.combine(name, out_grad, self.project_cols(name, inp), rows)
+
+    def project_cols(self, name: str, inp: Tensor) -> Tensor:
+        """The column side ``inp @ P_c`` ``(B, L, k_cols)`` of :meth:`project_factored` (``inp`` if unprojected)."""
+        p_c = self.side_matrices(name, inp.dtype, inp.device)[1]
+        return inp if p_c is None else inp @ p_c
+
+    def combine(self, name: str, out_grad: Tensor, cols: Tensor, rows: slice | None = None) -> Tensor:
+        """:meth:`project_factored` from the projected column side ``cols`` (:meth:`project_cols`)."""
+        p_r = self.side_matrices(name, out_grad.dtype, out_grad.device)[0]
+        if p_r is not None:
+            return contract(out_grad @ (p_r if rows is None else p_r[rows]), cols)
+        if rows is None:
+            return contract(out_grad, cols)
+        full = torch.zeros(out_grad.shape[0], self.spec(name).rows, cols.shape[2], dtype=cols.dtype, device=cols.device)
+        full[:, rows] = torch.bmm(out_grad.transpose(1, 2), cols)
+        return full.reshape(out_grad.shape[0], -1)
 
     def to_metadata(self) -> dict[str, Any]:
         """JSON-serialisable description from which :meth:`from_metadata` rebuilds it."""

@@ -43,8 +43,11 @@ Window scores are ``G_z(t2) − G_z(t1)`` (each end with its own query gradient)
 Self-influence (query ``ℓ(z; θ_τ)``) closes along each sample's own gradient, with the
 curvature measured at the sample's own steps (``|B_t|`` HVPs per step) and held between them.
 
-Both forms are derived for plain SGD (coupled weight decay ``λ`` enters the step form);
-with momentum or Adam/AdamW they run unchanged and ``method`` says ``approx.``.
+Optimizers: both forms are derived for plain SGD (any schedule; coupled weight decay ``λ``
+enters the step form), which they model exactly to their stated closure. SGD with momentum
+or Nesterov, Adam, AdamW, RMSprop and Adagrad run unchanged (the update taken as ``η_t g``,
+no momentum or preconditioner) and ``method`` says ``approx.``; for those, DIT
+(:mod:`lightning_influence.estimators.dit`) is exact in the linearisation.
 Parameters ``θ_t`` come from the log's checkpoints, or are replayed between them
 (:func:`lightning_influence.replay.replay`, verified at every checkpoint passed).
 No Lightning imports.
@@ -53,6 +56,7 @@ No Lightning imports.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -61,21 +65,26 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 from torch.utils import _pytree as pytree
 
-from lightning_influence.capture.hvp import KINK_GUARD, fd_directional_derivative, parameter_epsilon
+from lightning_influence.capture.hvp import (KINK_GUARD, default_eps0, fd_directional_derivative, guarded_difference,
+                                            parameter_epsilon)
 from lightning_influence.capture.per_sample import per_sample_grads_vmap
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
+from lightning_influence.step.micro import Step, exact_kernels, per_sample_grads_masked
 from lightning_influence.replay import (
     Progress,
     TrainData,
     batch_from_ids,
     checkpoint_params,
     functional_loss,
+    load_step,
     replay,
     resolve_progress,
 )
+from lightning_influence.step.clipping import logged_clip_adjoint, logged_clip_spec, rows_are_projected
 
 __all__ = ["FORMS", "HVP_MODES", "SAMPLES", "diffin", "diffin_self_influence", "published_coefficients", "batch_hvp"]
 
@@ -107,7 +116,9 @@ class _Context:
         self.hvp, self.verify, self.chunk_size = hvp, verify, chunk_size
         ref = checkpoint_params(log, module, log.checkpoint_steps[0])
         self.dtype = next(iter(ref.values())).dtype
-        self.eps0 = (1e-5 if self.dtype == torch.float64 else 1e-3) if eps0 is None else float(eps0)
+        self.eps0 = default_eps0(self.dtype) if eps0 is None else float(eps0)
+        self.fd_checked = self.fd_blowups = 0  # finite-difference curvatures checked / beyond the stability edge
+        self.fd_kinks = self.fd_products = 0  # batch products whose one-sided differences disagreed (guarded) / all
         if self.eps0 <= 0:
             raise ValueError(f"eps0 must be > 0, got {eps0}")
         self.names = log.param_names  # tracked: the logged columns
@@ -148,25 +159,42 @@ class _Context:
     def batch(self, ids: np.ndarray) -> Any:
         return batch_from_ids(self.train_data, ids)
 
+    def step_batch(self, t: int) -> Step:
+        """The batch of step ``t`` as trained: its micro-batches with their dropout masks and autocast."""
+        return load_step(self.log, self.train_data, t)
+
+    def losses(self, params: Mapping[str, Tensor], batch: Any, exact: bool = False) -> Tensor:
+        """Per-sample losses of a step's batch (each micro-batch under its random state) or of any other batch."""
+        if isinstance(batch, Step):
+            return batch.losses(self.module, self.loss_fn, params, exact=exact)
+        return functional_loss(self.module, self.loss_fn, params, batch)
+
     # -------------------------------------------------------------------------- gradients
-    def batch_grad(self, params: Mapping[str, Tensor], batch: Any, names: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Gradient of the batch-mean loss w.r.t. ``names`` (default: the tracked parameters) at ``params``."""
+    def batch_grad(self, params: Mapping[str, Tensor], batch: Any, names: Sequence[str] | None = None,
+                   w: Tensor | None = None) -> dict[str, Tensor]:
+        """Gradient of the step's loss ``Σ w_i ℓ_i`` (default: the batch mean) w.r.t. ``names`` (default: the
+        tracked parameters) at ``params``."""
         names = list(self.names if names is None else names)
         leaves = {n: params[n].detach().requires_grad_(True) for n in names}
         with torch.enable_grad():
-            loss = functional_loss(self.module, self.loss_fn, {**params, **leaves}, batch).mean()
+            loss = _weighted(self.losses({**params, **leaves}, batch), w)
             g = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         return {n: torch.zeros_like(leaves[n]) if gi is None else gi.detach() for n, gi in zip(names, g)}
 
     def project(self, vectors: Vectors) -> np.ndarray:
         """``(C, K)`` float64: the vectors projected like the logged gradient rows."""
-        return self.projector.project(vectors).double().numpy()
+        return self.projector.project(vectors).double().cpu().numpy()
 
     def query(self, query: Query, params: Mapping[str, Tensor]) -> tuple[Vectors, list[str]]:
         grads, values = query_gradients(self.module, query, self.names, params)
         return {n: g.detach().to(self.dtype) for n, g in grads.items()}, query_names(query, len(values))
 
     def per_sample_grads(self, params: Mapping[str, Tensor], batch: Any, projector: KroneckerProjector | None = None) -> Tensor:
+        """Projected per-sample gradients; a step's batch keeps its training dropout masks (one batched forward
+        per micro-batch), any other batch is evaluated sample by sample (``vmap``)."""
+        if isinstance(batch, Step):
+            return torch.cat([per_sample_grads_masked(self.module, self.loss_fn, m, batch.precision, self.names, params,
+                                                      projector or self.projector) for m in batch.micro])
         return per_sample_grads_vmap(self.module, self.loss_fn, batch, self.names, projector or self.projector,
                                      params=params).detach()
 
@@ -174,11 +202,37 @@ class _Context:
         """Projected ``H_z v`` ``(B, K)`` for every sample of ``batch`` (``direction`` over all parameters):
         central differences of the per-sample gradients along ``v`` with the tracker's kink guard (one
         more pass for ``g_z(θ)``), as the tracker logs them, or exact."""
+        if self.hvp == "exact" and isinstance(batch, Step):  # jvp along v of the masked per-sample gradients
+            primals = {n: t.detach() for n, t in params.items()}
+            tangents = {n: direction[n].detach().to(t.dtype) if n in direction else torch.zeros_like(t)
+                        for n, t in primals.items()}
+            with exact_kernels():
+                _, hv = jvp(lambda p: self.per_sample_grads(p, batch), (primals,), (tangents,))
+            return hv.detach()
         if self.hvp == "exact":
             return _per_sample_hvp_exact(self, params, batch, direction)
         out, _ = fd_directional_derivative(lambda p: self.per_sample_grads(p, batch), params, direction, self.eps0,
                                            kink_guard=KINK_GUARD)
         return out
+
+    # ------------------------------------------------------- the step as Lightning ran it
+    def step_weights(self, t: int) -> Tensor:
+        """``w_{i,t}`` of step ``t`` (:mod:`lightning_influence.step.weights`)."""
+        return torch.as_tensor(self.log.weights(t), dtype=self.dtype)
+
+    def clip_factor(self, t: int) -> float:
+        """The clip coefficient of step ``t`` (1 when not clipped): the factor on the gradient's curvature term."""
+        coef = float(self.log.step_column(t, "clip_coef"))
+        return coef if np.isfinite(coef) and logged_clip_spec(self.log, t) is not None else 1.0
+
+    def clipped(self, rec: Any, G: np.ndarray, R: np.ndarray) -> np.ndarray:
+        """``J_Cᵀ R`` for columns ``R`` ``(K, C)`` in the logged row space of step ``rec`` (identity without clipping)."""
+        spec = logged_clip_spec(self.log, rec.step)
+        if spec is None:
+            return R
+        applied = torch.from_numpy(rec.weights @ G)
+        return logged_clip_adjoint(spec, float(self.log.step_column(rec.step, "clip_coef")), applied,
+                                   torch.from_numpy(np.ascontiguousarray(R)), rows_are_projected(self.log)).numpy()
 
     def method(self, base: str, extra: Sequence[str] = ()) -> str:
         tags = [self.hvp, *extra]
@@ -187,25 +241,35 @@ class _Context:
         return f"{base} ({', '.join(tags)})"
 
 
-def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vectors) -> Vectors:
+def _weighted(losses: Tensor, w: Tensor | None) -> Tensor:
+    """The step's loss from its per-sample losses: ``Σ w_i ℓ_i`` (step.weights), or the mean without weights."""
+    return losses.mean() if w is None else (w.to(losses) * losses).sum()
+
+
+def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vectors, w: Tensor | None = None) -> Vectors:
     """``H_B v`` for the ``C`` vectors ``V`` (tracked parameters) at ``params``: the Hessian of the
-    batch-mean loss, its tracked block. ``fd``: central differences of the batch gradient at
+    step's loss ``Σ w_i ℓ_i`` (default: the batch mean), its tracked block. ``fd``: central differences of the batch gradient at
     ``θ ± ε v̂`` with ``ε = eps0 (1 + ‖θ‖)/√p`` (:func:`~lightning_influence.capture.parameter_epsilon`),
-    all ``C`` directions in one vectorised call; ``exact``: forward-over-reverse."""
+    all ``C`` directions in one vectorised call; ``exact``: reverse-over-reverse for a step's batch
+    (:meth:`~lightning_influence.step.micro.Step.curvature_products`), else forward-over-reverse."""
     names = ctx.names
     C = next(iter(V.values())).shape[0]
     fixed = {n: t.detach() for n, t in params.items()}
 
+    if ctx.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse from one forward with the step's masks
+        wt = torch.full((len(batch.ids),), 1.0 / len(batch.ids), dtype=ctx.dtype) if w is None else w
+        hr, _ = batch.curvature_products(ctx.module, ctx.loss_fn, fixed, wt, [{n: V[n][c] for n in names} for c in range(C)])
+        return {n: torch.stack([h[n] for h in hr]) for n in names}
     if ctx.hvp == "exact":
         def loss_all(p: dict[str, Tensor]) -> Tensor:
-            return functional_loss(ctx.module, ctx.loss_fn, p, batch).mean()
+            return _weighted(ctx.losses(p, batch, exact=True), w)
 
         def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
             tangents = {n: v[n] if n in v else torch.zeros_like(t) for n, t in fixed.items()}
             _, hv = jvp(grad(loss_all), (fixed,), (tangents,))
             return {n: hv[n] for n in names}
 
-        return vmap(one)({n: V[n] for n in names}) if C > 1 else {n: t.unsqueeze(0) for n, t in one({n: V[n][0] for n in names}).items()}
+        return vmap(one, randomness="same")({n: V[n] for n in names}) if C > 1 else {n: t.unsqueeze(0) for n, t in one({n: V[n][0] for n in names}).items()}
 
     eps = parameter_epsilon(fixed, ctx.eps0)
     norms = torch.sqrt(sum((V[n].double() ** 2).reshape(C, -1).sum(1) for n in names)).to(ctx.dtype)  # (C,)
@@ -213,16 +277,38 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
     factor = torch.where(norms > 0, norms / (2.0 * eps), torch.zeros_like(norms))
 
     def loss_tracked(p: dict[str, Tensor]) -> Tensor:
-        return functional_loss(ctx.module, ctx.loss_fn, {**fixed, **p}, batch).mean()
+        return _weighted(ctx.losses({**fixed, **p}, batch), w)
 
     def per_dir(x: Tensor, t: Tensor) -> Tensor:  # (C,) -> broadcastable against (C, *shape)
         return x.reshape(C, *([1] * (t.dim() - 1)))
 
-    g = vmap(grad(loss_tracked))
+    def plain(p: dict[str, Tensor]) -> dict[str, Tensor]:  # direction by direction, outside vmap
+        rows: dict[str, list[Tensor]] = {n: [] for n in names}
+        for c in range(C):
+            leaves = {n: p[n][c].detach().requires_grad_(True) for n in names}
+            with torch.enable_grad():
+                gs = torch.autograd.grad(loss_tracked(leaves), [leaves[n] for n in names], allow_unused=True)
+            for n, gi in zip(names, gs):
+                rows[n].append(torch.zeros_like(leaves[n]) if gi is None else gi)
+        return {n: torch.stack(v) for n, v in rows.items()}
+
+    # a step that drew random numbers: plain passes keep its dropout masks (a forward inside vmap may not)
+    g = plain if isinstance(batch, Step) and batch.drew else vmap(grad(loss_tracked))
     shift = {n: V[n] * per_dir(unit, V[n]) for n in names}
     plus = g({n: fixed[n].unsqueeze(0) + shift[n] for n in names})
     minus = g({n: fixed[n].unsqueeze(0) - shift[n] for n in names})
-    return {n: (plus[n] - minus[n]) * per_dir(factor, V[n]) for n in names}
+    at = grad(loss_tracked)({n: fixed[n] for n in names})  # one more pass: the kink guard's g(θ)
+    fwd = torch.cat([(plus[n] - at[n].unsqueeze(0)).reshape(C, -1) for n in names], dim=1)
+    bwd = torch.cat([(at[n].unsqueeze(0) - minus[n]).reshape(C, -1) for n in names], dim=1)
+    diff, kink = guarded_difference(fwd, bwd, KINK_GUARD)  # (f + b)/2, or the smaller side across a kink
+    ctx.fd_kinks += int(kink.sum())
+    ctx.fd_products += C
+    out, start = {}, 0
+    for n in names:
+        size = V[n][0].numel()
+        out[n] = diff[:, start:start + size].reshape(V[n].shape) * per_dir(2.0 * factor, V[n])
+        start += size
+    return out
 
 
 def _per_sample_hvp_exact(ctx: _Context, params: Mapping[str, Tensor], batch: Any, direction: Mapping[str, Tensor]) -> Tensor:
@@ -239,7 +325,7 @@ def _per_sample_hvp_exact(ctx: _Context, params: Mapping[str, Tensor], batch: An
         return functional_loss(ctx.module, ctx.loss_fn, p, one)[0]
 
     def per_sample(p: dict[str, Tensor]) -> dict[str, Tensor]:
-        g = vmap(grad(sample_loss), in_dims=(None, 0))(p, tensors)
+        g = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different")(p, tensors)
         return {n: g[n] for n in ctx.names}
 
     _, hv = jvp(per_sample, (primals,), (tangents,))
@@ -296,18 +382,19 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
     full = KroneckerProjector(ctx.shapes, None)  # self-influence: unprojected g_z, the HVP directions
     for done, (t, params) in enumerate(ctx.params_at(selected), start=1):
         ids_t = log.batch_ids(t)
+        w_t = torch.as_tensor(log.weights(t), dtype=ctx.dtype)  # w_{i,t}: the step's loss is Σ w ℓ (step.weights)
         a_col = published_coefficients(t, log.lr(t)[col_group], N, m)  # (K,): a_t of each column's group
-        batch_t = ctx.batch(ids_t)
-        g_hat = ctx.batch_grad(params, batch_t, names=list(params))  # Ĝ_t over every parameter (as logged)
+        batch_t = ctx.step_batch(t)
+        g_hat = ctx.batch_grad(params, batch_t, names=list(params), w=w_t)  # Ĝ_t over every parameter (as logged)
         chunks = []  # (ids, projected g_z, projected H_z Ĝ, unprojected g_z or None)
         if log_rows is not None:  # the logged rows of B_t, each standing for N/|B_t| samples
             rec = next(log_rows)
             if rec.step != t:
                 raise RuntimeError(f"logged rows of step {rec.step} where step {t} was expected")
-            Hz = rec.hvps.astype(np.float64) if ctx.hvp == "fd" else ctx.per_sample_hvp(params, batch_t, g_hat).double().numpy()
+            Hz = rec.hvps.astype(np.float64) if ctx.hvp == "fd" else ctx.per_sample_hvp(params, batch_t, g_hat).double().cpu().numpy()
             gz = ctx.per_sample_grads(params, batch_t, projector=full) if query is None else None
             chunks.append((rec.ids, rec.grads.astype(np.float64), Hz, gz))
-            weight = N / len(ids_t)
+            weight = N * rec.weights[:, None]  # each row stands for N w_{i,t} samples (N/|B_t| for a plain mean)
         else:
             for c0 in range(0, N, ctx.chunk_size):
                 ids = np.arange(c0, min(N, c0 + ctx.chunk_size))
@@ -316,12 +403,12 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
                     gz = ctx.per_sample_grads(params, b, projector=full)
                     G = ctx.project({n: gz[:, sl].reshape(len(ids), *ctx.shapes[n]) for n, sl in full.slices.items()})
                 else:
-                    gz, G = None, ctx.per_sample_grads(params, b).double().numpy()
-                chunks.append((ids, G, ctx.per_sample_hvp(params, b, g_hat).double().numpy(), gz))
+                    gz, G = None, ctx.per_sample_grads(params, b).double().cpu().numpy()
+                chunks.append((ids, G, ctx.per_sample_hvp(params, b, g_hat).double().cpu().numpy(), gz))
             weight = 1.0
         if query is not None:
             q, names = ctx.query(query, params)
-            HBq = batch_hvp(ctx, params, batch_t, q)
+            HBq = batch_hvp(ctx, params, batch_t, q, w_t)
             n_hvp += next(iter(q.values())).shape[0]
             qp, Hqp = ctx.project(q), ctx.project(HBq)
             if scores is None:
@@ -334,9 +421,11 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
                 scores = np.zeros((N, 1))
             for ids, G, Hz, gz in chunks:
                 V = {n: gz[:, sl].reshape(len(ids), *ctx.shapes[n]) for n, sl in full.slices.items()}
-                HBg = ctx.project(batch_hvp(ctx, params, batch_t, V))
+                HBgv = batch_hvp(ctx, params, batch_t, V, w_t)
+                _check_fd(ctx, _curvature(ctx, V, HBgv), log.lr(t))
+                HBg = ctx.project(HBgv)
                 n_hvp += len(ids)
-                np.add.at(scores[:, 0], ids, weight * ((G * a_col) * (HBg + Hz)).sum(1))
+                np.add.at(scores[:, 0], ids, np.ravel(weight) * ((G * a_col) * (HBg + Hz)).sum(1))
         if progress is not None:
             progress(done, m)
     if scores is None:
@@ -350,17 +439,33 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
 
 
 # ================================================================================= step form
-def _curvature(ctx: _Context, V: Vectors, HV: Vectors) -> np.ndarray:
-    """``⟨v, (H + λ) v⟩_g / ‖v‖²`` per vector and param group ``g``: ``(C, G)`` (lr not applied)."""
+FD_EDGE = 4.0  # |κ|·η beyond SGD's stability edge 2(1 + momentum) ≤ 4: a finite-difference artifact, not curvature
+FD_KINK_SHARE = 0.2  # more batch products than this crossing a kink: ε is too large (tests/test_script_runs.py: 8% at the default ε on a ReLU CNN, 35% at 10x)
+
+
+def _check_fd(ctx: _Context, kap: np.ndarray, lrs: np.ndarray) -> None:
+    """Count finite-difference curvatures ``κ`` with ``|κ|·η > FD_EDGE``: a run that trained stably has no such
+    direction (SGD diverges along it), so the product crossed a kink (ReLU) or lost its digits to rounding and its
+    ``1 − κη`` factor would blow the scores up (docs/diffin.md). Adaptive optimizers are not checked."""
+    if ctx.hvp != "fd" or not ctx.exact_sgd:
+        return
+    edge = np.abs(kap) @ np.asarray(lrs, dtype=np.float64)[: ctx.n_groups]
+    ctx.fd_checked += int(edge.size)
+    ctx.fd_blowups += int(np.count_nonzero(~(edge <= FD_EDGE)))
+
+
+def _curvature(ctx: _Context, V: Vectors, HV: Vectors, clip: float = 1.0) -> np.ndarray:
+    """``⟨v, (c H + λ) v⟩_g / ‖v‖²`` per vector and param group ``g``: ``(C, G)`` (lr not applied; ``c`` the
+    step's clip coefficient: clipping scales the gradient, not the weight decay)."""
     C = next(iter(V.values())).shape[0]
     vv = sum((V[n].double() ** 2).reshape(C, -1).sum(1) for n in ctx.names)
     vv = torch.where(vv > 0, vv, torch.ones_like(vv))
-    out = torch.zeros(C, ctx.n_groups, dtype=torch.float64)
+    out = torch.zeros(C, ctx.n_groups, dtype=torch.float64, device=vv.device)
     for n in ctx.names:
         g = ctx.group_of_name[n]
-        curv = HV[n].double() + ctx.weight_decay[g] * V[n].double()
+        curv = clip * HV[n].double() + ctx.weight_decay[g] * V[n].double()
         out[:, g] += (V[n].double() * curv).reshape(C, -1).sum(1)
-    return (out / vv[:, None]).numpy()
+    return (out / vv[:, None]).cpu().numpy()
 
 
 def _rho(decays: np.ndarray) -> np.ndarray:
@@ -385,7 +490,9 @@ def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int
     for r, params in ctx.params_at(range(t2)):
         active = [tau for tau in ends if r < tau]
         V = {n: torch.cat([qs[tau][n] for tau in active]) for n in ctx.names}
-        kap = _curvature(ctx, V, batch_hvp(ctx, params, ctx.batch(log.batch_ids(r)), V))  # (len(active)·Q, G)
+        kap = _curvature(ctx, V, batch_hvp(ctx, params, ctx.step_batch(r), V, ctx.step_weights(r)),
+                         ctx.clip_factor(r))  # (len(active)·Q, G)
+        _check_fd(ctx, kap, log.lr(r))
         dec = 1.0 - kap @ log.lr(r)[: ctx.n_groups]
         for i, tau in enumerate(active):
             decays[tau][r] = dec[i * Q : (i + 1) * Q]
@@ -395,8 +502,9 @@ def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int
     for tau, sign in zip(ends, (1.0, -1.0)):
         qp, rho = ctx.project(qs[tau]), _rho(decays[tau])
         for rec in log.iter_steps(0, tau, fields=("grad",)):
-            w = rec.lrs[ctx.col_group] * (ctx.every / len(rec.ids))
-            np.add.at(out, rec.ids, sign * (rec.grads.astype(np.float64) @ (qp * w).T) * rho[rec.step])
+            G = rec.grads.astype(np.float64)
+            eta_q = ctx.clipped(rec, G, (qp * (rec.lrs[ctx.col_group] * ctx.every)).T)  # (K, Q): J_Cᵀ η q
+            np.add.at(out, rec.ids, sign * rec.weights[:, None] * (G @ eta_q) * rho[rec.step])
     info = {"form": "step", "hvp_products": Q * (t1 + t2), "ends": ends,
             "decay_min": float(min(d.min() for d in decays.values())) if t2 else 1.0}
     return out, names, info
@@ -416,11 +524,12 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
     for s, params in ctx.params_at(range(t2)):
         if s == t1:
             snapshots[t1] = last.copy()
-        ids = log.batch_ids(s)
-        b = ctx.batch(ids)
+        b = ctx.step_batch(s)
+        ids = b.ids
         gz = ctx.per_sample_grads(params, b, projector=full)
         V = {n: gz[:, sl].reshape(len(ids), *ctx.shapes[n]) for n, sl in full.slices.items()}
-        kap = _curvature(ctx, V, batch_hvp(ctx, params, b, V))
+        kap = _curvature(ctx, V, batch_hvp(ctx, params, b, V, ctx.step_weights(s)), ctx.clip_factor(s))
+        _check_fd(ctx, kap, log.lr(s))
         n_hvp += len(ids)
         kappa_at[s] = (ids, last[ids].copy())
         last[ids] = kap
@@ -435,13 +544,14 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
         qz = np.zeros((N, ctx.projector.out_dim))
         for c0 in range(0, N, ctx.chunk_size):
             ids = np.arange(c0, min(N, c0 + ctx.chunk_size))
-            qz[ids] = ctx.per_sample_grads(params, ctx.batch(ids)).double().numpy()
+            qz[ids] = ctx.per_sample_grads(params, ctx.batch(ids)).double().cpu().numpy()
         R = np.ones(N)  # Π of (1 − κ) over the steps after s
         kcur = snapshots[tau].copy()
         for s in range(tau - 1, -1, -1):
             for rec in log.iter_steps(s, s + 1, fields=("grad",)):
-                w = rec.lrs[ctx.col_group] * (ctx.every / len(rec.ids))
-                out[rec.ids] += sign * R[rec.ids] * ((rec.grads.astype(np.float64) * w) * qz[rec.ids]).sum(1)
+                rows = rec.grads.astype(np.float64)
+                eta_q = ctx.clipped(rec, rows, (qz[rec.ids] * (rec.lrs[ctx.col_group] * ctx.every)).T)  # (K, B)
+                out[rec.ids] += sign * R[rec.ids] * rec.weights * (rows * eta_q.T).sum(1)
             R *= 1.0 - kcur @ log.lr(s)[:G]
             ids, prev = kappa_at[s]
             kcur[ids] = prev
@@ -475,13 +585,27 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
         method = ctx.method(f"diffin-step{suffix}")
     info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class)
     if hvp == "fd":
-        info["eps0"] = ctx.eps0
+        info.update(eps0=ctx.eps0, fd_checked=ctx.fd_checked, fd_blowups=ctx.fd_blowups, fd_kinks=ctx.fd_kinks,
+                    fd_products=ctx.fd_products)
+        problems = []
+        if ctx.fd_blowups:
+            problems.append(f"{ctx.fd_blowups} of {ctx.fd_checked} curvatures lie beyond the SGD stability edge "
+                            f"(|κ|·η > {FD_EDGE:g})")
+        if ctx.fd_kinks > FD_KINK_SHARE * ctx.fd_products:
+            problems.append(f"{ctx.fd_kinks} of {ctx.fd_products} products crossed a kink (over "
+                            f"{FD_KINK_SHARE:.0%}: ε is too large for this model)")
+        if problems:
+            info["fd_unreliable"] = True
+            method += " [FD unreliable]"
+            warnings.warn(f"Diff-In with hvp='fd': {'; '.join(problems)}; the scores are not reliable. Use hvp='exact' "
+                          "(the default) or a smaller eps0", RuntimeWarning, stacklevel=3)
     return InfluenceScores(scores, method, (t1, t2), ["self"] if query is None else names, info=info)
 
 
-def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
-           form: str = "step", hvp: str = "fd", eps0: float | None = None, steps: Any = None, samples: str = "all",
-           loss_fn: LossFn = default_loss_fn, verify: bool = True, chunk_size: int = 512,
+@estimator_api
+def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+           window: Any = None, form: str = "published", hvp: str = "exact", eps0: float | None = None, steps: Any = None,
+           samples: str | None = None, loss_fn: LossFn = default_loss_fn, verify: bool = True, chunk_size: int = 512,
            progress: Progress = None) -> InfluenceScores:
     """Diff-In scores of every training sample id for ``query`` over ``window``.
 
@@ -493,16 +617,17 @@ def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Q
         query: ``f(module) -> scalar or (Q,)`` (see :mod:`lightning_influence.queries`).
         window: steps ``(t1, t2)``, fractions, ``("epoch", a, b)`` or a string (see
             :meth:`InfluenceLog.window`); ``None`` is the whole run.
-        form: ``"step"`` (per-step cumulative form, docs/diffin.md) or ``"published"`` (the
-            paper's checkpoint form).
-        hvp: ``"fd"`` (central differences of first-order gradients) or ``"exact"``
-            (forward-over-reverse, also for ``H_z Ĝ`` instead of the logged rows).
+        form: ``"published"`` (default: the paper's checkpoint form, the CLI's ``--method diffin``)
+            or ``"step"`` (per-step cumulative form, docs/diffin.md; ``--method diffin-step``).
+        hvp: ``"exact"`` (default: forward-over-reverse, also for ``H_z Ĝ`` instead of the logged rows)
+            or ``"fd"`` (central differences of first-order gradients, checked: curvatures beyond the
+            stability edge are counted in ``info["fd_blowups"]``, tagged in the method name and warned about).
         eps0: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ‖θ‖)/√p`` (default 1e-5 in
             float64, 1e-3 otherwise; the logged ``H_z Ĝ`` rows keep the tracker's ``hvp_eps``).
         steps: published form, ``samples="all"``: the ``m`` selected steps ``T_m``: an int ``m``
             (evenly spaced in the window; default ``min(20, t2 − t1)``), a list of steps, or ``"all"``.
-        samples: published form: ``"all"`` (every training sample at each selected step) or
-            ``"batch"`` (the logged rows of ``B_t`` at every step, weighted ``N/|B_t|``).
+        samples: published form: ``"batch"`` (the default there: the rows of ``B_t`` at every step,
+            weighted ``N/|B_t|``) or ``"all"`` (every training sample at each selected step).
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         verify: check replayed ``θ_t`` against the checkpoints passed.
         chunk_size: samples per per-sample-gradient pass.
@@ -512,13 +637,15 @@ def diffin(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Q
         :class:`InfluenceScores` with ``N`` rows, one column per query output. Sign: positive
         = removing the sample raises ``f`` (the published expression is negated, see module doc).
     """
+    samples = samples or ("batch" if form == "published" and steps is None else "all")
     return _diffin(query, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
                    chunk_size, progress)
 
 
-def diffin_self_influence(log: InfluenceLog, module: nn.Module, train_data: TrainData, window: Any = None, *,
-                          form: str = "step", hvp: str = "fd", eps0: float | None = None, steps: Any = None,
-                          samples: str = "all", loss_fn: LossFn = default_loss_fn, verify: bool = True,
+@estimator_api
+def diffin_self_influence(log: InfluenceLog, query: None = None, *, module: nn.Module | None = None,
+                          train_data: TrainData | None = None, window: Any = None, form: str = "step", hvp: str = "exact",
+                          eps0: float | None = None, steps: Any = None, samples: str = "all", loss_fn: LossFn = default_loss_fn, verify: bool = True,
                           chunk_size: int = 512, progress: Progress = None) -> InfluenceScores:
     """Self-influence ``I(z, z)`` of every training sample: the query is the sample's own loss.
 
@@ -534,7 +661,9 @@ def diffin_self_influence(log: InfluenceLog, module: nn.Module, train_data: Trai
     its ``⟨g_z, H_z Ĝ⟩`` term (the rate at which training changes ``‖g_z‖²/2``) is negative while
     training pushes against a sample and positive once the model memorises it, and ``a_t``
     weighs late steps most: which term wins depends on the run (docs/diffin.md, measured).
-    Arguments as :func:`diffin`.
+    Arguments as :func:`diffin` (``query`` must stay ``None``: each sample's own loss is the query).
     """
+    if query is not None:
+        raise TypeError("diffin_self_influence() answers each sample's own loss and takes no query; pass query=None")
     return _diffin(None, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
                    chunk_size, progress)

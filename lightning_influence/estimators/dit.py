@@ -11,14 +11,21 @@ linearised training dynamics, with one Hessian-vector product and one per-sample
 directional-derivative pass per step (both from a single forward-over-reverse pass, or from
 two first-order gradient evaluations with finite differences).
 
-Optimisers (the linear system is over the whole optimizer state):
+Optimisers: one mechanism for all (docs/optimizer-adjoint.md). Each step is ``x_{t+1} =
+u(x_t, G_t(θ_t))`` over the full optimizer state ``x = (θ, s)`` (momentum buffer; Adam's
+``m``, ``v``, ``v_max``; RMSprop's and Adagrad's accumulators) with the functional twin
+``u`` of :mod:`lightning_influence.step.optimizers`. The adjoint ``λ = (λ_θ, λ_s)`` of the
+linearised dynamics is pulled back through each step by ``torch.func.vjp`` of ``u``::
 
-- SGD: any learning-rate schedule, coupled weight decay (``H_t + λ``), momentum with
-  dampening and Nesterov, PyTorch's convention ``v ← μ v + (1−τ) g; θ ← θ − η v`` (the
-  first step copies ``g``): exact in the linearisation, system over ``(δ, δv)``.
-- Adam/AdamW: the frozen-preconditioner approximation ``θ_{t+1} = θ_t − η_t D_t m̂_t`` with
-  ``D_t = diag(1/(√v̂_t + ε))`` taken from the run; decoupled weight decay enters
-  ``(1 − η_t λ)``, coupled (Adam) enters ``H_t + λ``. System over ``(δ, δm)``. Labelled approx.
+    (θ̄, s̄, ḡ) = VJP_u(λ) at (θ_t, s_t, G_t)   # ḡ = R: adjoint of the step's gradient
+    F_j      += −⟨R, g_{j,t}⟩ / |B_t|          # j ∈ B_t
+    λ_θ, λ_s  = θ̄ + H_t R, s̄
+
+Exact in the linearisation for SGD (momentum, dampening, Nesterov, weight decay), Adam and
+AdamW (coupled/decoupled weight decay, bias correction, ``eps``, ``amsgrad``), RMSprop and
+Adagrad, with any learning-rate schedule. ``preconditioner="frozen"`` holds the adaptive
+optimizers' denominators at their values in the run (the earlier approximation, labelled
+``approx.``): ``λ_v`` stays 0 and the adjoint state is ``(λ_θ, λ_m)``.
 
 Parameters ``θ_t`` come from the log: replayed (:mod:`lightning_influence.replay`) from the
 nearest checkpoint and verified at every checkpoint passed. Memory: ``O(p·C)`` for the
@@ -42,8 +49,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.capture.hvp import fd_directional_derivative, flatten, unflatten
+from lightning_influence.capture.hvp import default_eps0, fd_directional_derivative, flatten, unflatten
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
 from lightning_influence.replay import (
@@ -51,94 +59,38 @@ from lightning_influence.replay import (
     TrainData,
     UnsupportedOptimizerError,
     _optimizer_spec,
-    batch_from_ids,
     checkpoint_params,
-    functional_loss,
     grid_steps,
+    load_step,
     optimizer_class,
     replay,
     replay_from,
     resolve_progress,
 )
+from lightning_influence.replay_drift import DriftReport
+from lightning_influence.step.micro import Step
+from lightning_influence.step.precision import Precision
+from lightning_influence.step.clipping import clip_gradient, logged_clip_adjoint, logged_clip_spec, rows_are_projected
+from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
 
 __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_MODES"]
 
 HVP_MODES = ("exact", "fd")
 
 
-# ============================================================================ linearisation
-class _Linearisation:
-    """Per-coordinate optimizer hyperparameters and the adjoint of one linearised step.
-
-    The adjoint state is ``(U, W)``: ``U`` pairs with ``δθ``, ``W`` with the optimizer's
-    linear state (``δv`` for momentum SGD, ``δm`` for Adam). One step ``t`` is::
-
-        R      = pre(U, W)              # adjoint of the step's gradient perturbation
-        F_j   += −⟨R, g_{j,t}⟩ / |B_t|  # j ∈ B_t (removal removes g_j/|B_t| from the gradient)
-        U, W   = post(U, W, R, H_t R)
-    """
-
-    def __init__(self, kind: str, group_of: np.ndarray, groups: list[dict[str, Any]], decoupled: list[bool],
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        self.kind = kind
-        self.idx = torch.as_tensor(np.asarray(group_of, dtype=np.int64), device=device)
-        self.dtype = dtype
-
-        def vec(values: Sequence[float]) -> Tensor:
-            return torch.tensor([float(v) for v in values], dtype=dtype, device=device)[self.idx].unsqueeze(1)
-
-        self.wd = vec([g.get("weight_decay", 0.0) for g in groups])
-        if kind == "sgd":
-            self.mu = vec([g.get("momentum", 0.0) for g in groups])
-            self.damp = vec([g.get("dampening", 0.0) for g in groups])
-            self.nesterov = vec([bool(g.get("nesterov", False)) for g in groups]) > 0
-            self.has_momentum = bool((self.mu != 0).any())
-            self.mom = self.mu != 0
-            self.wd_coupled, self.wd_decoupled = self.wd, torch.zeros_like(self.wd)
-        else:
-            self.beta1 = vec([g["betas"][0] for g in groups])
-            dec = vec([float(d) for d in decoupled]) > 0
-            self.wd_coupled = torch.where(dec, torch.zeros_like(self.wd), self.wd)
-            self.wd_decoupled = torch.where(dec, self.wd, torch.zeros_like(self.wd))
-
-    def eta(self, lrs: np.ndarray) -> Tensor:
-        return torch.as_tensor(np.asarray(lrs, dtype=np.float64), dtype=self.dtype)[self.idx].unsqueeze(1)
-
-    def pre(self, U: Tensor, W: Tensor, eta: Tensor, info: dict[str, Tensor]) -> Tensor:
-        if self.kind == "sgd":
-            if not self.has_momentum:
-                return -eta * U
-            c = torch.where(info["first"], torch.ones_like(self.damp), 1.0 - self.damp)
-            a = torch.where(self.nesterov, eta * self.mu, eta)
-            w_tot = W - a * U
-            r_mom = torch.where(self.nesterov, -eta * U, torch.zeros_like(U)) + c * w_tot
-            info["_w_tot"] = w_tot
-            return torch.where(self.mom, r_mom, -eta * U)
-        w_tot = W - (eta / info["bc1"]) * info["D"] * U
-        info["_w_tot"] = w_tot
-        return (1.0 - self.beta1) * w_tot
-
-    def post(self, U: Tensor, W: Tensor, R: Tensor, HR: Tensor, eta: Tensor, info: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        if self.kind == "sgd":
-            U_new = U + HR + self.wd_coupled * R
-            if not self.has_momentum:
-                return U_new, W
-            keep = self.mom & ~info["first"]
-            return U_new, torch.where(keep, self.mu * info.pop("_w_tot"), torch.zeros_like(W))
-        U_new = (1.0 - eta * self.wd_decoupled) * U + HR + self.wd_coupled * R
-        return U_new, self.beta1 * info.pop("_w_tot")
+# ================================================================================ optimizer
+PRECONDITIONERS = ("exact", "frozen")
 
 
-def _optimizer_kind(log: InfluenceLog) -> tuple[str, list[dict[str, Any]], list[bool]]:
-    cls = optimizer_class(log)
+def _optimizer_step(log: InfluenceLog, names: Sequence[str], sizes: Sequence[int], dtype: torch.dtype,
+                    preconditioner: str = "exact", device: torch.device | str = "cpu") -> OptimizerStep:
+    """The logged optimizer's functional twin over the flat layout ``names``/``sizes``."""
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    rule = RULES[optimizer_class(log).__name__]
     groups = [dict(g) for g in _optimizer_spec(log)["param_groups"]]
-    for g in groups:
-        if g.get("maximize"):
-            raise UnsupportedOptimizerError(f"{log.path}: maximize=True is not supported by DIT")
-    if cls is torch.optim.SGD:
-        return "sgd", groups, [False] * len(groups)
-    decoupled = [cls is torch.optim.AdamW or bool(g.get("decoupled_weight_decay", False)) for g in groups]
-    return "adam", groups, decoupled
+    return OptimizerStep(rule, groups, coordinate_groups(groups, names, sizes), dtype, device,
+                         frozen_preconditioner=preconditioner == "frozen")
 
 
 # ============================================================================== trajectory
@@ -148,72 +100,37 @@ class _Record:
     params: dict[str, Tensor]
     ids: np.ndarray | None  # None: the end point θ_{t_hi}
     lrs: np.ndarray | None = None
-    info: dict[str, Tensor] = field(default_factory=dict)
+    state: dict[str, Tensor] = field(default_factory=dict)  # flat optimizer state before the step
 
 
 class _Context:
-    """Everything a model-based sweep needs: log, module, data, names, linearisation."""
+    """Everything a model-based sweep needs: log, module, data, names, the optimizer step."""
 
     def __init__(self, log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, verify: bool,
-                 atol: float | None, rtol: float | None, max_memory_bytes: int) -> None:
+                 tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> None:
         self.log, self.module, self.train_data, self.loss_fn = log, module, train_data, loss_fn
-        self.verify, self.atol, self.rtol, self.max_memory_bytes = verify, atol, rtol, max_memory_bytes
+        self.verify, self.tolerance, self.max_memory_bytes = verify, tolerance, max_memory_bytes
+        self.drift = DriftReport()  # measured at every checkpoint the replays pass (re-anchored there)
         ref = checkpoint_params(log, module, log.checkpoint_steps[0] if log.checkpoint_steps else 0)
         self.names = list(ref)
         self.shapes = {n: tuple(t.shape) for n, t in ref.items()}
+        self.sizes = [int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.names]
         self.dtype = next(iter(ref.values())).dtype
-        self.p = sum(t.numel() for t in ref.values())
-        self.kind, groups, decoupled = _optimizer_kind(log)
-        group_names = [g["params"] for g in groups]
-        group_of_name = {n: gi for gi, names in enumerate(group_names) for n in names}
-        self.opt_names = [n for names in group_names for n in names]
-        coords = np.concatenate([np.full(int(np.prod(self.shapes[n], dtype=np.int64)), group_of_name[n]) for n in self.names])
-        self.lin = _Linearisation(self.kind, coords, groups, decoupled, self.dtype)
-        self.groups = groups
-        self.slices: dict[str, slice] = {}
-        start = 0
-        for n in self.names:
-            k = int(np.prod(self.shapes[n], dtype=np.int64))
-            self.slices[n] = slice(start, start + k)
-            start += k
+        self.device = next(iter(ref.values())).device  # the module's: the sweep runs there (e.g. a GPU)
+        self.p = sum(self.sizes)
+        self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner, device=self.device)
+        self.rule = self.step.rule
+        self.opt_names = [n for g in _optimizer_spec(log)["param_groups"] for n in g["params"]]
+        self.peak_trajectory_bytes = 0  # the most θ_t + state bytes one replay segment held
 
-    # --- optimizer state -> per-step linearisation data
-    def _state_by_name(self, opt: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    def state_before(self, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+        """The live optimizer's state (before the step it is about to take), flat."""
         params = [p for g in opt.param_groups for p in g["params"]]
-        return {n: opt.state.get(p, {}) for n, p in zip(self.opt_names, params)}
-
-    def info_before(self, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-        if self.kind != "sgd" or not self.lin.has_momentum:
-            return {}
-        state = self._state_by_name(opt)
-        first = torch.zeros(self.p, 1, dtype=torch.bool)
-        for n, sl in self.slices.items():
-            if state[n].get("momentum_buffer") is None:
-                first[sl] = True
-        return {"first": first}
-
-    def info_after(self, opt: torch.optim.Optimizer, info: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.kind != "adam":
-            return info
-        state = self._state_by_name(opt)
-        D = torch.empty(self.p, 1, dtype=self.dtype)
-        bc1 = torch.empty(self.p, 1, dtype=self.dtype)
-        group_of = {n: gi for gi, g in enumerate(self.groups) for n in g["params"]}
-        for n, sl in self.slices.items():
-            g = self.groups[group_of[n]]
-            st = state[n]
-            if "exp_avg_sq" not in st:
-                raise RuntimeError(f"Adam state of {n!r} is missing after a replayed step")
-            s = float(st["step"])
-            beta1, beta2 = float(g["betas"][0]), float(g["betas"][1])
-            v = st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"]
-            denom = v.detach().reshape(-1).to(self.dtype).sqrt() / math.sqrt(1.0 - beta2 ** s) + float(g["eps"])
-            D[sl, 0] = 1.0 / denom
-            bc1[sl, 0] = 1.0 - beta1 ** s
-        return {**info, "D": D, "bc1": bc1}
+        by_name = {n: opt.state.get(p, {}) for n, p in zip(self.opt_names, params)}
+        return self.step.state_from(by_name, self.names, self.sizes)
 
     def bytes_per_step(self) -> int:
-        return self.p * torch.tensor([], dtype=self.dtype).element_size() * (3 if self.kind == "adam" else 1)
+        return self.p * torch.tensor([], dtype=self.dtype).element_size() + self.step.bytes_per_state()
 
     # --- trajectory, in reverse
     def reverse_trajectory(self, t_lo: int, t_hi: int, progress: Callable[[int, int], None] | None) -> Iterator[_Record]:
@@ -239,7 +156,7 @@ class _Context:
         if need:  # forward pass keeping θ and the optimizer state at the in-memory anchors
             want = set(need)
             for rs in replay(log, self.module, self.train_data, s0, max(need), start=s0, loss_fn=self.loss_fn,
-                             verify=self.verify, atol=self.atol, rtol=self.rtol):
+                             verify=self.verify, tolerance=self.tolerance, report=self.drift):
                 if rs.step in want:
                     memory_anchors[rs.step] = (rs.params, copy.deepcopy(rs.optimizer.state_dict()))
                 if rs.step < max(need):
@@ -253,21 +170,17 @@ class _Context:
                 break
             if a in ckpt_set:
                 gen = replay(log, self.module, self.train_data, a, b, start=a, loss_fn=self.loss_fn, verify=self.verify,
-                             atol=self.atol, rtol=self.rtol)
+                             tolerance=self.tolerance, report=self.drift)
             else:
                 params, state = memory_anchors.pop(a)
                 gen = replay_from(log, self.module, self.train_data, params, state, a, b, loss_fn=self.loss_fn,
-                                  verify=self.verify, atol=self.atol, rtol=self.rtol)
+                                  verify=self.verify, tolerance=self.tolerance, report=self.drift)
             records: list[_Record] = []
-            pending: _Record | None = None
             end: _Record | None = None
             for rs in gen:
-                if pending is not None:
-                    pending.info = self.info_after(rs.optimizer, pending.info)
-                    records.append(pending)
-                    pending = None
                 if rs.step < b:
-                    pending = _Record(rs.step, rs.params, rs.ids, rs.lrs, self.info_before(rs.optimizer))
+                    records.append(_Record(rs.step, rs.params, rs.ids, rs.lrs, self.state_before(rs.optimizer)))
+                    self.peak_trajectory_bytes = max(self.peak_trajectory_bytes, len(records) * self.bytes_per_step())
                 else:
                     end = _Record(rs.step, rs.params, None)
             if first_segment:
@@ -284,37 +197,32 @@ class _Context:
 
 
 # ================================================================================ products
-def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Any, R: Tensor) -> tuple[Tensor, Tensor]:
-    """``(H_t R, J_t R)``: Hessian of the batch-mean loss times ``R`` ``(p, C)`` and the
-    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, by forward-over-reverse."""
-    module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
-
-    def f(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        losses = functional_loss(module, loss_fn, p, batch)
-        return losses.mean(), losses
-
-    gf = torch.func.grad(f, has_aux=True)
-
-    def one(r: Tensor) -> tuple[Tensor, Tensor]:
-        _, (hv, jv) = torch.func.jvp(gf, (params,), (unflatten(r, shapes),))
-        return flatten(hv, names), jv
-
-    if R.shape[1] == 1:
-        hr, jr = one(R[:, 0])
-        return hr.unsqueeze(1), jr.unsqueeze(0)
-    HR, JR = torch.func.vmap(one, in_dims=1, out_dims=(1, 0))(R)
-    return HR, JR
+def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor) -> Tensor:
+    """``G_t = Σ_i w_{i,t} ∇ℓ_i``: the unclipped gradient the step applied at ``θ_t``, flat (the point the
+    optimizer's and the clipping's VJPs are taken at)."""
+    module, loss_fn = ctx.module, ctx.loss_fn
+    g = torch.func.grad(lambda p: (w * batch.losses(module, loss_fn, p)).sum())(params)
+    return flatten(g, ctx.names).detach()
 
 
-def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Any, R: Tensor, eps0: float) -> tuple[Tensor, Tensor]:
+def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(H_t R, J_t R)``: Hessian of the weighted batch loss ``Σ w_i ℓ_i`` times ``R`` ``(p, C)`` and the
+    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, exactly, by reverse-over-reverse from one
+    plain forward with every micro-batch's training dropout masks (:meth:`Step.curvature_products`)."""
+    directions = [unflatten(R[:, c], ctx.shapes) for c in range(R.shape[1])]
+    hr, jr = batch.curvature_products(ctx.module, ctx.loss_fn, params, w, directions)
+    return torch.stack([flatten(h, ctx.names) for h in hr], dim=1), jr
+
+
+def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor) -> tuple[Tensor, Tensor]:
     """Finite-difference ``(H_t R, J_t R)`` from first-order gradients at ``θ ± ε r̂`` (math §3)."""
     module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
 
     def grads_and_losses(p: dict[str, Tensor]) -> Tensor:
         leaves = {n: v.detach().requires_grad_(True) for n, v in p.items()}
         with torch.enable_grad():
-            losses = functional_loss(module, loss_fn, leaves, batch)
-            g = torch.autograd.grad(losses.mean(), [leaves[n] for n in names], allow_unused=True)
+            losses = batch.losses(module, loss_fn, leaves)
+            g = torch.autograd.grad((w * losses).sum(), [leaves[n] for n in names], allow_unused=True)
         flat = torch.cat([(torch.zeros_like(leaves[n]) if gi is None else gi).reshape(-1) for n, gi in zip(names, g)])
         return torch.cat([flat, losses.detach().reshape(-1)])
 
@@ -326,6 +234,17 @@ def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Any, R: Tensor
         HR[:, c] = out[:p]
         JR.append(out[p:])
     return HR, torch.stack(JR)
+
+
+def _batch_eps0(ctx: _Context) -> float:
+    """DIT's finite-difference ``ε_0``. Its products are batch means, without the per-sample kink guard that keeps
+    per-sample rows small-step, so in float32 it takes a step where rounding no longer dominates: max |DIT fd − DIT
+    exact| / max |DIT exact| on a float32 dropout MLP fell from 6.8e-4 at 1e-3 to 2.2e-5 at 3e-2 (1.4e-5 at 1e-1,
+    7e-5 at 3e-1; benchmarks/random_runs.py). Under autocast the autocast dtype's rounding sets the step."""
+    autocast = Precision.from_meta(ctx.log.meta.get("precision")).autocast_dtype
+    if autocast is not None:
+        return default_eps0(getattr(torch, autocast))
+    return 3e-2 if ctx.dtype == torch.float32 else default_eps0(ctx.dtype)
 
 
 def _query_matrix(ctx: _Context, query: Query, params: Mapping[str, Tensor]) -> tuple[Tensor, list[str]]:
@@ -349,56 +268,66 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if eps0 is None:
-        eps0 = 1e-5 if ctx.dtype == torch.float64 else 1e-3
+        eps0 = _batch_eps0(ctx)
     acts = sorted({int(s) for s in activations if t_lo < s <= t_hi})
     N = ctx.log.dataset_size
-    U = W = None
+    U: Tensor | None = None  # λ_θ (p, C)
+    S: dict[str, Tensor] = {}  # λ_s per state key (p, C)
     blocks: list[tuple[int, int]] = []  # (activation step, first column)
     scores: np.ndarray | None = None
     names: list[str] = []
     n_hvp = 0
     t0 = time.perf_counter()
+    keys = ctx.step.adjoint_keys
+    peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
 
     def activate(step: int, params: dict[str, Tensor]) -> None:
-        nonlocal U, W, scores, names
+        nonlocal U, S, scores, names
         q, names = _query_matrix(ctx, query, params)
         Q = q.shape[1]
-        if scores is None:
+        if U is None:
             scores = np.zeros((N, Q * len(acts)))
-            U = torch.zeros(ctx.p, 0, dtype=ctx.dtype)
-            W = torch.zeros(ctx.p, 0, dtype=ctx.dtype)
+            U = torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device)
+            S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device) for k in keys}
         blocks.append((step, U.shape[1]))
         U = torch.cat([U, q], dim=1)
-        W = torch.cat([W, torch.zeros_like(q)], dim=1)
+        S = {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in S.items()}
 
     for rec in ctx.reverse_trajectory(t_lo, t_hi, progress):
         if rec.ids is None:
             if t_hi in acts:
                 activate(t_hi, rec.params)
             continue
-        if U is not None and U.shape[1] > 0:
-            if len(rec.ids):
-                ids = rec.ids
-                eta = ctx.lin.eta(rec.lrs)
-                info = dict(rec.info)
-                R = ctx.lin.pre(U, W, eta, info)
-                batch = batch_from_ids(ctx.train_data, ids)
-                if hvp == "exact":
-                    HR, JR = _products_exact(ctx, rec.params, batch, R)
-                else:
-                    HR, JR = _products_fd(ctx, rec.params, batch, R, eps0)
-                n_hvp += R.shape[1]
-                C = U.shape[1]
-                np.add.at(scores[:, :C], ids, (-JR.T / len(ids)).detach().double().numpy())
-                U, W = ctx.lin.post(U, W, R, HR.detach(), eta, info)
+        batch = load_step(ctx.log, ctx.train_data, rec.step) if U is not None and U.shape[1] > 0 and len(rec.ids) else None
+        if batch is not None and not batch.skipped:  # a step the GradScaler skipped is the identity
+            ids = rec.ids
+            theta = flatten(rec.params, ctx.names)
+            w = torch.as_tensor(ctx.log.weights(rec.step), dtype=ctx.dtype, device=ctx.device)  # w_{i,t} (step.weights)
+            clip = logged_clip_spec(ctx.log, rec.step)  # the clipping Jacobian joins the update's VJP (step.clipping)
+            # an affine rule (SGD) without clipping has a VJP independent of g: skip the gradient pass
+            g = (torch.zeros_like(theta) if ctx.rule.linear and clip is None
+                 else _batch_gradient(ctx, rec.params, batch, w))
+            th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S,
+                                        transform=None if clip is None else (lambda x: clip_gradient(x, clip)))
+            if hvp == "exact":
+                HR, JR = _products_exact(ctx, rec.params, batch, R, w)
+            else:
+                HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w)
+            n_hvp += R.shape[1]
+            C = U.shape[1]
+            peak_adjoint = max(peak_adjoint, sum(x.numel() * x.element_size() for x in (U, R, *S.values())))
+            np.add.at(scores[:, :C], ids, (-JR.T * w.unsqueeze(1)).detach().double().cpu().numpy())
+            U = th_bar + HR.detach()
         if rec.step in acts:
             activate(rec.step, rec.params)
     values: dict[int, np.ndarray] = {}
     Q = len(names)
     for step, c0 in blocks:
         values[step] = scores[:, c0 : c0 + Q].copy()
-    info = {"hvp": hvp, "hvp_products": n_hvp, "steps_swept": t_hi - t_lo, "optimizer": ctx.kind,
-            "seconds": time.perf_counter() - t0}
+    info = {"hvp": hvp, "hvp_products": n_hvp, "steps_swept": t_hi - t_lo, "optimizer": ctx.rule.name,
+            "preconditioner": "frozen" if ctx.step.frozen else "exact", "peak_adjoint_bytes": peak_adjoint,
+            "peak_trajectory_bytes": ctx.peak_trajectory_bytes,
+            "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
     if hvp == "fd":
         info["eps0"] = eps0
     return _SweepResult(values, names, info)
@@ -406,12 +335,12 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
 
 # ================================================================================ public API
 def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, verify: bool,
-             atol: float | None, rtol: float | None, max_memory_bytes: int) -> _Context:
+             tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> _Context:
     if module is None:
         raise ValueError("DIT needs `module` (the architecture; weights come from the log)")
     if train_data is None:
         raise ValueError("DIT needs `train_data` (the training samples by id) to replay the run and take gradients")
-    return _Context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes)
+    return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
 
 
 def _method(ctx: _Context, base: str, hvp: str, approx: bool = False) -> str:
@@ -419,9 +348,9 @@ def _method(ctx: _Context, base: str, hvp: str, approx: bool = False) -> str:
     tags = []
     if hvp == "fd":
         tags.append("fd-hvp")
-    if ctx.kind == "adam":
-        tags.append("frozen Adam preconditioner")
-    if approx or ctx.kind == "adam":
+    if ctx.step.frozen:
+        tags.append(f"frozen {ctx.rule.name} preconditioner")
+    if approx or ctx.step.frozen:
         tags.append("approx.")
     return f"{base} ({', '.join(tags)})" if tags else base
 
@@ -429,14 +358,16 @@ def _method(ctx: _Context, base: str, hvp: str, approx: bool = False) -> str:
 _DEFAULT_MEMORY = 512 * 2**20
 
 
-def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
-        loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
-        atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-        progress: Progress = None) -> InfluenceScores:
+@estimator_api
+def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+        window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
+        tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
+        preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
     """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
 
-    Exact in the linearisation for SGD (momentum, weight decay, schedules); Adam/AdamW use the
-    frozen-preconditioner approximation and say so in ``method``.
+    Exact in the linearisation for every supported optimizer (SGD with momentum/Nesterov/weight
+    decay, Adam, AdamW, RMSprop, Adagrad; any schedule): the adjoint runs over the whole
+    optimizer state (docs/optimizer-adjoint.md).
 
     Args:
         log: the influence log (ids, learning rates, checkpoints).
@@ -448,9 +379,15 @@ def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Quer
             (see :meth:`InfluenceLog.window`); ``None`` is the whole run.
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         hvp: ``"exact"`` (forward-over-reverse) or ``"fd"`` (central differences of gradients).
-        eps0: finite-difference ``ε_0`` (default 1e-5 in float64, 1e-3 otherwise).
-        verify, atol, rtol: check the replayed ``θ_t`` against every checkpoint passed.
-        max_memory_bytes: budget for the ``θ_t`` held per replay segment.
+        eps0: finite-difference ``ε_0`` (default 1e-5 in float64, 3e-2 in float32, ``u^{1/3}`` of the autocast
+            dtype under mixed precision; see ``_batch_eps0``).
+        verify, tolerance: check the replayed ``θ_t`` against every checkpoint passed and re-anchor there;
+            stop if a drift exceeds ``tolerance`` (:mod:`lightning_influence.replay_drift`; default 1%).
+            The drifts are in ``info["replay_drift"]``.
+        max_memory_bytes: budget for the ``θ_t`` (and optimizer state) held per replay segment.
+        preconditioner: ``"exact"`` (the VJP of the full update) or ``"frozen"``: adaptive
+            optimizers' denominators held at their values in the run (approximation, cheaper:
+            no ``λ_v`` columns; ``method`` says ``approx.``).
         progress: ``progress(done, total)`` callback or ``True`` for a bar on stderr.
 
     Returns:
@@ -458,16 +395,17 @@ def dit(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Quer
         output. Sign: positive = removing the sample raises ``f``.
     """
     t1, t2 = log.window(window)
-    ctx = _context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     res = _model_sweep(ctx, query, 0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"))
     out = res.values[t2] - (res.values[t1] if t1 > 0 else 0.0)
     return InfluenceScores(out, _method(ctx, "dit", hvp), (t1, t2), res.names, info=res.info)
 
 
-def dit_local(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, window: Any = None, *,
-              loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
-              atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-              progress: Progress = None) -> InfluenceScores:
+@estimator_api
+def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+              window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
+              tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
+              preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
     """Local DIT (approximation): the adjoint sweep only inside ``[t1, t2)``, from ``q_{t2}``.
 
     It drops the deviation a sample caused before the window (as if the sample were removed
@@ -475,7 +413,7 @@ def dit_local(log: InfluenceLog, module: nn.Module, train_data: TrainData, query
     :func:`dit` for late windows (``t2 − t1`` steps instead of ``t2``). Arguments as :func:`dit`.
     """
     t1, t2 = log.window(window)
-    ctx = _context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"))
     return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True),
                            (t1, t2), res.names, info=res.info)
@@ -524,17 +462,18 @@ class Timeline:
         return self.query_names.index(query) if isinstance(query, str) else int(query)
 
     def patterns(self, query: int | str = 0, thresholds: Any = None) -> Any:
-        """Temporal pattern of each sample (stable / early / late / fluctuating), from
+        """Temporal pattern of each sample (negligible / stable / early / late / fluctuating), from
         :func:`lightning_influence.evaluation.patterns.classify_timeline`."""
         from lightning_influence.evaluation.patterns import classify_timeline
 
         return classify_timeline(self.values[:, :, self._q(query)], thresholds)
 
 
-def timeline(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, grid: Any = None, *,
-             loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
-             atol: float | None = None, rtol: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-             progress: Progress = None) -> Timeline:
+@estimator_api
+def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
+             grid: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
+             tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
+             preconditioner: str = "exact", progress: Progress = None) -> Timeline:
     """``F_j(t)`` for every sample on a grid of steps, in **one** backward sweep.
 
     Every grid point adds its query-gradient columns to the adjoint when the sweep reaches
@@ -548,7 +487,7 @@ def timeline(log: InfluenceLog, module: nn.Module, train_data: TrainData, query:
         others: as :func:`dit`.
     """
     steps = grid_steps(log, grid)
-    ctx = _context(log, module, train_data, loss_fn, verify, atol, rtol, max_memory_bytes)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     t_hi = int(steps[-1])
     if t_hi == 0:
         raise ValueError("the grid must contain a step > 0")
@@ -562,16 +501,20 @@ def timeline(log: InfluenceLog, module: nn.Module, train_data: TrainData, query:
 
 
 # ========================================================================= Gauss-Newton
-def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray], module: nn.Module | None = None,
-                     window: Any = None, *, local: bool = False, query_names_: list[str] | None = None,
+@estimator_api
+def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray], *, module: nn.Module | None = None,
+                     window: Any = None, local: bool = False, query_names_: list[str] | None = None,
                      chunk_steps: int = 64, progress: Progress = None) -> InfluenceScores:
     """DIT with the Gauss-Newton Hessian, from the log alone (approximation, math §3).
 
-    ``H_t`` is replaced by ``(1/|B_t|) Σ_{i∈B_t} g_{i,t} g_{i,t}ᵀ`` built from the logged
+    ``H_t`` is replaced by ``Σ_{i∈B_t} w_{i,t} g_{i,t} g_{i,t}ᵀ`` (``w_{i,t}`` the step's sample weights,
+    ``1/|B_t|`` for a plain mean) built from the logged
     (possibly projected) per-sample gradients, plus the optimizer's L2 term; the sweep runs
-    in the logged gradient space, without the model or the data. SGD only (momentum and
-    weight decay included); Adam's per-coordinate preconditioner does not survive the
-    projection and is refused. With gradients recorded every ``n`` steps, each recorded
+    in the logged gradient space, without the model or the data. Optimizers: SGD (momentum,
+    dampening, Nesterov, coupled weight decay: the same functional step as :func:`dit`,
+    applied per logged column, exact given the Gauss-Newton Hessian); adaptive optimizers
+    (Adam, AdamW, RMSprop, Adagrad) are refused: their per-coordinate preconditioner does
+    not survive the projection. With gradients recorded every ``n`` steps, each recorded
     step stands for ``n`` steps.
 
     Args:
@@ -588,10 +531,10 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     from lightning_influence.estimators.tracin import checkpoint_query_gradients
 
     t1, t2 = log.window(window)
-    kind, groups, _ = _optimizer_kind(log)
-    if kind != "sgd":
+    rule = RULES[optimizer_class(log).__name__]
+    if rule.adaptive:
         raise UnsupportedOptimizerError(
-            f"{log.path}: dit_gauss_newton supports SGD only; Adam's per-coordinate preconditioner cannot be applied "
+            f"{log.path}: dit_gauss_newton supports SGD only; {rule.name}'s per-coordinate preconditioner cannot be applied "
             "to projected gradients. Use dit(...) with the model (frozen-preconditioner approximation).")
     if not log.recorded.get("gradients"):
         raise ValueError(f"{log.path}: dit_gauss_newton needs per-sample gradients in the log (record_gradients=True)")
@@ -614,7 +557,8 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     every = int(log.meta.get("every_n_steps", 1))
     col_groups = log.column_groups()
     K = len(col_groups)
-    lin = _Linearisation("sgd", col_groups, groups, [False] * len(groups), torch.float64)
+    projected = rows_are_projected(log)
+    step = OptimizerStep(rule, _optimizer_spec(log)["param_groups"], col_groups, torch.float64)
     t_lo = t1 if local else 0
     acts = [t2] if local else sorted({t for t in (t1, t2) if t > 0})
     q2 = q_at(t2)
@@ -625,7 +569,8 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     N = log.dataset_size
     scores = np.zeros((N, Q * len(acts)))
     U = torch.from_numpy(q2.T.copy())
-    W = torch.zeros_like(U)
+    S = {k: torch.zeros_like(U) for k in step.adjoint_keys}
+    zeros = torch.zeros(K, dtype=torch.float64)  # SGD's VJP does not depend on g or the buffer's value
     blocks = {t2: 0}
     show = resolve_progress(progress, "dit-gauss-newton")
     done = 0
@@ -637,19 +582,22 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
             rec = by_step.get(t)
             if rec is not None and len(rec.ids):
                 G = torch.from_numpy(rec.grads.astype(np.float64))  # (B, K)
-                eta = lin.eta(rec.lrs) * every
-                info = {"first": torch.full((K, 1), t == 0)} if lin.has_momentum else {}
-                R = lin.pre(U, W, eta, info)
+                state = {"step": torch.full((K,), float(t > 0), dtype=torch.float64),
+                         **{k: zeros for k in step.state_keys}}
+                th_bar, S, R = step.vjp(zeros, state, zeros, np.asarray(rec.lrs) * every, U, S)
+                w = torch.from_numpy(rec.weights)  # w_{i,t} (step.weights)
+                R = logged_clip_adjoint(logged_clip_spec(log, t), float(log.step_column(t, "clip_coef")), w @ G, R,
+                                        projected)
                 GR = G @ R  # (B, C)
-                HR = G.T @ GR / len(rec.ids)
+                HR = G.T @ (w.unsqueeze(1) * GR)
                 C = U.shape[1]
-                np.add.at(scores[:, :C], rec.ids, (-GR / len(rec.ids)).numpy())
-                U, W = lin.post(U, W, R, HR, eta, info)
+                np.add.at(scores[:, :C], rec.ids, (-w.unsqueeze(1) * GR).numpy())
+                U = th_bar + HR
             if t in acts and t not in blocks:
                 blocks[t] = U.shape[1]
                 qt = torch.from_numpy(q_at(t).T.copy())
                 U = torch.cat([U, qt], dim=1)
-                W = torch.cat([W, torch.zeros_like(qt)], dim=1)
+                S = {k: torch.cat([v, torch.zeros_like(qt)], dim=1) for k, v in S.items()}
             done += 1
             if show is not None:
                 show(done, t2 - t_lo)

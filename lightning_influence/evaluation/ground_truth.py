@@ -2,7 +2,8 @@
 
 ``replay_loo`` re-runs training from the logged ``θ_0`` on the recorded batch sequence,
 learning rates and optimizer, with one sample (or a group) dropped from every batch that
-held it, the denominator ``|B_t|`` kept (math §2), and records
+held it, the other samples' weights ``w_{i,t}`` kept (math §2; the step's recorded weights and
+gradient clipping, :mod:`lightning_influence.step`), and records
 
     LOO_j(t) = f(θ^{-j}_t) − f(θ_t)
 
@@ -31,19 +32,18 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_names
+from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, measure, mismatch
+from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
 from lightning_influence.replay import (
     Progress,
-    ReplayMismatchError,
     TrainData,
     _optimizer_spec,
     _set_lrs,
-    batch_from_ids,
     build_optimizer,
     checkpoint_params,
-    default_tolerances,
-    functional_loss,
     grid_steps,
     load_optimizer_state,
+    load_step,
     replay,
     resolve_progress,
 )
@@ -120,11 +120,28 @@ def _state_by_name(state_dict: dict[str, Any], names: list[str]) -> dict[str, di
             for i, st in state_dict["state"].items()}
 
 
+def _reanchor_copies(log: InfluenceLog, t: int, stacked: dict[str, Tensor], anchor: dict[str, Any], tolerance: float,
+                     report: DriftReport) -> None:
+    """At checkpoint ``t``: the reference copy's drift (stop beyond ``tolerance``); every copy is shifted by the
+    reference copy's error, so the counterfactual differences survive and round-off does not accumulate."""
+    stored = log.checkpoint(t)
+    ref = {n: v[0] for n, v in stacked.items()}
+    d, diff = measure(stored, ref, anchor["params"])
+    report.checkpoints.append((t, d, diff))
+    if not d <= tolerance:
+        raise mismatch(t, anchor["step"], d, diff, tolerance)
+    if d > 0:
+        with torch.no_grad():
+            for n, v in stacked.items():
+                v += (torch.from_numpy(np.array(stored[n])).to(v) - v[0]).unsqueeze(0)
+    anchor.update(step=t, params={n: v[0].detach().clone() for n, v in stacked.items()})
+
+
 def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query,
                sample_ids: Sequence[int] | np.ndarray | None = None, grid: Any = None, window: Any = None, *,
                in_window_only: bool = False, groups: Sequence[Sequence[int]] | None = None,
-               loss_fn: LossFn = default_loss_fn, copies: int = 256, verify: bool = True, atol: float | None = None,
-               rtol: float | None = None, progress: Progress = None) -> LOOResult:
+               loss_fn: LossFn = default_loss_fn, copies: int = 256, verify: bool = True,
+               tolerance: float | None = None, removal_weight: float = 0.0, progress: Progress = None) -> LOOResult:
     """Replay leave-one-out (or leave-group-out): retrain without each unit, record ``f`` on a grid.
 
     Args:
@@ -142,8 +159,14 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         loss_fn: the per-sample training loss.
         copies: counterfactual runs trained together per pass (memory ``copies · p`` plus state).
         verify: check the reference run (copy 0) against the log's checkpoints it passes.
-        atol, rtol: tolerances of that check (default: 100 × :func:`~lightning_influence.replay.default_tolerances`,
-            since the stacked copies run batched kernels whose round-off differs from training).
+        tolerance: the largest drift of the reference run at a checkpoint, relative to how far training
+            moved since the previous one (:mod:`lightning_influence.replay_drift`, default 1%; the stacked
+            copies run batched kernels whose round-off differs from training). At every checkpoint
+            every copy is shifted by the reference run's error (re-anchored); ``info["replay_drift"]``.
+        removal_weight: the factor on the dropped unit's loss weight (0: leave-one-out). ``1 − ε``
+            with the values divided by ``ε`` gives the derivative ``∂f/∂w`` that DIT computes
+            (docs/optimizer-adjoint.md §8), separating an estimator's error from the nonlinearity
+            of a full removal.
         progress: ``progress(done, total)`` or ``True``.
 
     Raises:
@@ -189,16 +212,14 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         start_params = checkpoint_params(log, module, 0)
         start_state = log.optimizer_state(0)
     dtype = next(iter(start_params.values())).dtype
-    a_def, r_def = default_tolerances(dtype)
-    atol = 100 * a_def if atol is None else atol
-    rtol = 100 * r_def if rtol is None else rtol
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    drift = DriftReport()
     ckpts = [t for t in log.checkpoint_steps if lo < t <= hi]
     show = resolve_progress(progress, "replay-loo")
     chunks = [list(range(i, min(i + copies, len(units)))) for i in range(0, len(units), copies)]
     values = np.zeros((len(units), len(grid_arr), 0))
     base = None
     qnames: list[str] = []
-    max_dev = 0.0
     t0 = time.perf_counter()
     done, total = 0, len(chunks) * (hi - lo)
     for chunk in chunks:
@@ -208,36 +229,37 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         load_optimizer_state(opt, names, start_state)
         chunk_units = [units[i] for i in chunk]
         evals: dict[int, np.ndarray] = {}
+        anchor = {"step": lo, "params": {n: v[0].detach().clone() for n, v in stacked.items()}}
         for t in range(lo, hi + 1):
             if t in ckpts and verify:
-                ref = log.checkpoint(t)
-                for n, v in stacked.items():
-                    r = torch.from_numpy(np.array(ref[n]))
-                    diff = (v[0].detach() - r).abs()
-                    max_dev = max(max_dev, float(diff.max()) if diff.numel() else 0.0)
-                    if bool((diff > atol + rtol * r.abs()).any()):
-                        raise ReplayMismatchError(
-                            f"replay_loo: the reference run (nothing dropped) does not reproduce the log at step {t}: "
-                            f"{n!r} differs by up to {float(diff.max()):.3e} (atol={atol:g}, rtol={rtol:g}). The "
-                            "training must be deterministic and train_data/loss_fn must be those of the run")
+                _reanchor_copies(log, t, stacked, anchor, tolerance, drift)
             if t in steps:
                 evals[t] = _evaluate(module, query, stacked)
             if t == hi:
                 break
-            ids = log.batch_ids(t)
+            step = load_step(log, train_data, t)
+            ids = step.ids
             B = len(ids)
-            W = torch.ones(C, B, dtype=dtype)
+            W = torch.as_tensor(log.weights(t), dtype=dtype).expand(C, B).clone()  # w_{i,t} (step.weights)
             for c, u in enumerate(chunk_units, start=1):
-                W[c, np.isin(ids, u)] = 0.0
-            batch = batch_from_ids(train_data, ids)
+                W[c, np.isin(ids, u)] *= removal_weight
             _set_lrs(opt, log.lr(t), t)
             opt.zero_grad(set_to_none=True)
 
-            def per_copy(p: dict[str, Tensor], w: Tensor) -> Tensor:
-                return (w * functional_loss(module, loss_fn, p, batch)).sum() / B
+            def per_copy(p: dict[str, Tensor], w: Tensor) -> Tensor:  # every copy with the training dropout masks
+                return (w * step.losses(module, loss_fn, p)).sum()
 
-            torch.func.vmap(per_copy)(dict(stacked), W).sum().backward()
-            opt.step()
+            if step.skipped:  # a step the GradScaler skipped changes nothing
+                pass
+            elif step.drew:  # dropout: a forward inside vmap may draw other masks than training did, so copy by copy
+                for c in range(C):
+                    per_copy({n: v[c] for n, v in stacked.items()}, W[c]).backward()
+                apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
+                opt.step()
+            else:
+                torch.func.vmap(per_copy)(dict(stacked), W).sum().backward()
+                apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
+                opt.step()
             done += 1
             if show is not None:
                 show(done, total)
@@ -248,6 +270,6 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             values = np.zeros((len(units), len(grid_arr), ev.shape[2]))
         values[chunk] = ev[1:] - ev[0][None]
     info = {"copies_per_pass": copies, "passes": len(chunks), "seconds": time.perf_counter() - t0,
-            "reference_max_deviation_from_log": max_dev, "checkpoints_checked": ckpts if verify else []}
+            "replay_drift": drift.summary(), "checkpoints_checked": ckpts if verify else []}
     return LOOResult(unit_ids, values, grid_arr, base, qnames, groups=units if groups is not None else None,
                      removal_window=win if in_window_only else None, info=info)

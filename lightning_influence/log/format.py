@@ -1,4 +1,4 @@
-"""The on-disk influence log, format version 1 (the full spec is ``docs/log-format.md``).
+"""The on-disk influence log, format version 2 (the full spec is ``docs/log-format.md``; version 1 is still read).
 
 A log is a directory::
 
@@ -41,7 +41,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 FORMAT_NAME = "lightning-influence-log"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # a version-1 log reads as one micro-batch per step, no random state, full precision
 
 META_FILE = "meta.h5"
 RANK_DIR = "rank-{rank}"
@@ -71,9 +72,30 @@ STEP_COLUMNS = (
     "loss_crc32",  # int64, ... of samples/loss, -1 if not stored
     "grad_crc32",  # int64, ... of grads/grad, -1 if not stored at this step
     "hvp_crc32",  # int64, ... of grads/hvp, -1 if not stored at this step
+    # version 2
+    "micro_offset",  # int64, first row of the step in ``micro/*`` (``micro_batches`` rows); -1 in version 1
+    "micro_crc32",  # int64, CRC-32 chain of the step's micro rows, random states and inputs; -1 in version 1
+    "grad_scale",  # float64, the GradScaler factor S_t of the step, NaN without a scaler
+    "skipped",  # int64, 1 when the GradScaler skipped the optimizer step (non-finite gradients)
+    "accumulate",  # int64, the divisor Lightning applied to each micro-batch loss (accumulate_grad_batches); -1 in version 1
+    "clip_value",  # float64, gradient clipping threshold applied at this step, NaN if none
+    "clip_coef",  # float64, factor the clipping applied (norm: min(1, c/(||g|| + 1e-6))), NaN if none
+    "weight_crc32",  # int64, CRC-32 of the step's rows of samples/weight, -1 in version 1
 )
-ROW_DATASETS = {"id": "samples/id", "loss": "samples/loss", "grad": "grads/grad", "hvp": "grads/hvp"}
-ROW_CRC_COLUMNS = {"id": "id_crc32", "loss": "loss_crc32", "grad": "grad_crc32", "hvp": "hvp_crc32"}
+V1_DEFAULTS = {"micro_offset": -1, "micro_crc32": -1, "grad_scale": float("nan"), "skipped": 0,  # columns absent in version 1
+               "accumulate": -1, "clip_value": float("nan"), "clip_coef": float("nan"), "weight_crc32": -1}
+# Micro-batch rows (group ``micro``), one per micro-batch of every step, in the order they ran.
+MICRO_COLUMNS = (
+    "size",  # int64, samples in the micro-batch (its rows of ``samples/*`` follow each other)
+    "cpu_rng",  # int64, row of ``rng/cpu`` holding the CPU generator state at its forward, -1 if it drew no CPU number
+    "cuda_rng",  # int64, row of ``rng/cuda`` holding every CUDA device's (seed, offset), -1 if it drew on no GPU
+    "input_offset",  # int64, first byte of its inputs in ``inputs/bytes`` (torch.save of the batch), -1 if not stored
+    "input_length",  # int64, their length in bytes (0 if not stored)
+)
+ROW_DATASETS = {"id": "samples/id", "loss": "samples/loss", "grad": "grads/grad", "hvp": "grads/hvp",
+                "weight": "samples/weight"}
+ROW_CRC_COLUMNS = {"id": "id_crc32", "loss": "loss_crc32", "grad": "grad_crc32", "hvp": "hvp_crc32",
+                   "weight": "weight_crc32"}
 CRC_ATTR = "crc32"  # on every dataset read whole (step table, checkpoints): CRC-32 of its bytes as stored
 
 
@@ -209,9 +231,9 @@ def check_header(path: str | os.PathLike, attrs: Mapping[str, Any]) -> None:
         version = int(attrs.get("format_version", -1))
     except (TypeError, ValueError):
         version = -1
-    if version != FORMAT_VERSION:
-        raise LogFormatError(path, f"format version {version} is not supported (this reader reads version "
-                                   f"{FORMAT_VERSION}); use a matching lightning-influence release")
+    if version not in READABLE_VERSIONS:
+        raise LogFormatError(path, f"format version {version} is not supported (this reader reads versions "
+                                   f"{', '.join(map(str, READABLE_VERSIONS))}); use a matching lightning-influence release")
     if DIGEST_ATTR not in attrs:
         raise LogFormatError(path, f"has no {DIGEST_ATTR} attribute, so its integrity cannot be checked "
                                    "(written by a pre-release writer?); re-create the log with this release")

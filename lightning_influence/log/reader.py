@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import os
 import re
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,12 @@ import numpy as np
 from lightning_influence.log.format import (
     CHECKPOINT_GROUP,
     CRC_ATTR,
+    MICRO_COLUMNS,
     ROW_CRC_COLUMNS,
     ROW_DATASETS,
     SCALAR_ATTR,
     STEP_COLUMNS,
+    V1_DEFAULTS,
     LogFormatError,
     check_header,
     crc32,
@@ -52,6 +55,24 @@ class StepBatch:
     losses: np.ndarray | None = None  # (|B_t|,)
     grads: np.ndarray | None = None  # (|B_t|, K)
     hvps: np.ndarray | None = None  # (|B_t|, K)
+    weights: np.ndarray | None = None  # (|B_t|,) w_{i,t}, the weight of each sample's loss (InfluenceLog.weights)
+
+
+@dataclass
+class MicroBatchRecord:
+    """One micro-batch of a step as it ran (format version 2; a version-1 step is one micro-batch of all its ids).
+
+    Attributes:
+        ids: its sample ids.
+        cpu_rng: the CPU generator state at its forward (``uint8``), ``None`` if it drew no CPU number.
+        cuda_rng: ``(n_devices, 16)`` ``uint8`` CUDA generator states, ``None`` if it drew on no GPU.
+        inputs: ``torch.save`` bytes of the batch fed to ``training_step``, ``None`` if not stored.
+    """
+
+    ids: np.ndarray
+    cpu_rng: np.ndarray | None = None
+    cuda_rng: np.ndarray | None = None
+    inputs: bytes | None = None
 
 
 @dataclass
@@ -143,9 +164,16 @@ class InfluenceLog:
         with reading(path, "the segment index"):
             attrs = dict(f.attrs)
             check_header(path, attrs)
-            seg.table = {c: _whole(path, f["steps"][c]) for c in (*STEP_COLUMNS, "lr")}
+            seg.table = {c: _whole(path, f["steps"][c]) if c in f["steps"] else None for c in (*STEP_COLUMNS, "lr")}
+            n = len(seg.table["step"])
+            for c, default in V1_DEFAULTS.items():
+                if seg.table[c] is None and int(attrs["format_version"]) == 1:
+                    seg.table[c] = np.full(n, default, dtype=np.float64 if isinstance(default, float) else np.int64)
+            missing = [c for c, v in seg.table.items() if v is None]
+            if missing:
+                raise LogFormatError(path, f"the step table has no column(s) {missing}: the file is corrupted")
             seg.checkpoints = sorted(int(g.attrs["step"]) for g in f["checkpoints"].values())
-            shapes = {name: f[name].shape for name in ("samples/id", "samples/loss", "grads/grad", "grads/hvp") if name in f}
+            shapes = {name: f[name].shape for name in ROW_DATASETS.values() if name in f}
         self._width = _check_segment(path, rank, attrs, seg.table, shapes, self._width)
         run_id = attrs.get("run_id")
         if run_id is not None and "run_id" in self.meta and text(run_id) != str(self.meta["run_id"]):
@@ -333,7 +361,96 @@ class InfluenceLog:
                             ids=np.concatenate([self._read(seg, row, "id") for seg, row in locs]))
             for field_ in fields:
                 setattr(rec, _FIELD_ATTR[field_], np.concatenate([self._read(seg, row, field_) for seg, row in locs]))
+            rec.weights = self.weights(t)
             yield rec
+
+    def weights(self, step: int) -> np.ndarray:
+        """``w_{i,t}`` of every sample of ``B_t``: the weight of its loss in the gradient the step applied.
+
+        Recorded by the tracker (format version 2: accumulation scaling, micro-batch sizes, DDP
+        averaging); ``1/|B_t|`` for a log that does not hold them (version 1: a plain batch mean).
+        """
+        parts = [self._read(seg, row, "weight") for seg, row in self._locs(step)]
+        if any(p is None for p in parts):
+            n = len(self.batch_ids(step))
+            return np.full(n, 1.0 / max(n, 1))
+        return np.concatenate(parts).astype(np.float64)
+
+    def micro_index(self, step: int) -> np.ndarray:
+        """Micro-batch of every sample of ``B_t`` (``0, 1, ...`` across ranks, in rank order; one micro-batch
+        per rank in a version-1 log)."""
+        out, base = [], 0
+        for seg, row in self._locs(step):
+            s = self._segs[seg]
+            off, n = int(s.table["micro_offset"][row]), int(s.table["micro_batches"][row])
+            count = int(s.table["sample_count"][row])
+            if off < 0:
+                sizes = np.array([count])
+            else:
+                with reading(s.path, f"the micro-batches of step {step}"):
+                    sizes = np.array(self._rows(seg, "micro/size", off, n), dtype=np.int64)
+            out.append(np.repeat(np.arange(base, base + len(sizes)), sizes))
+            base += len(sizes)
+        return np.concatenate(out)
+
+    def step_column(self, step: int, column: str) -> Any:
+        """The step-table value ``column`` of ``step`` on rank 0 (e.g. ``clip_coef``; version-1 default if absent)."""
+        seg, row = self._locs(step)[0]
+        return self._segs[seg].table[column][row]
+
+    def micro_batches(self, step: int) -> list[MicroBatchRecord]:
+        """The micro-batches of ``step`` in the order they ran (ranks in rank order), with their random
+        states and stored inputs (``docs/log-format.md``, version 2)."""
+        out = []
+        for seg, row in self._locs(step):
+            s = self._segs[seg]
+            ids = self._read(seg, row, "id")
+            off, n = int(s.table["micro_offset"][row]), int(s.table["micro_batches"][row])
+            if off < 0:  # version 1
+                out.append(MicroBatchRecord(ids))
+                continue
+            with reading(s.path, f"the micro-batches of step {step}"):
+                cols = {c: np.array(self._rows(seg, f"micro/{c}", off, n)) for c in MICRO_COLUMNS}
+                f = self._file(seg)
+                crc, start = 0, 0
+                for i in range(n):
+                    size = int(cols["size"][i])
+                    rec = MicroBatchRecord(ids[start:start + size])
+                    start += size
+                    if cols["cpu_rng"][i] >= 0:
+                        rec.cpu_rng = f["rng/cpu"][int(cols["cpu_rng"][i])]
+                        crc = zlib.crc32(rec.cpu_rng, crc)
+                    if cols["cuda_rng"][i] >= 0:
+                        flat = f["rng/cuda"][int(cols["cuda_rng"][i])]
+                        crc = zlib.crc32(flat, crc)
+                        rec.cuda_rng = flat.reshape(-1, 16)
+                    if cols["input_offset"][i] >= 0:
+                        o, k = int(cols["input_offset"][i]), int(cols["input_length"][i])
+                        rec.inputs = f["inputs/bytes"][o:o + k].tobytes()
+                        crc = zlib.crc32(rec.inputs, crc)
+                    crc = zlib.crc32(np.asarray([size, cols["cpu_rng"][i] >= 0, cols["cuda_rng"][i] >= 0,
+                                                 cols["input_length"][i]], np.int64), crc)
+                    out.append(rec)
+            if crc != int(s.table["micro_crc32"][row]) or start != len(ids):
+                raise LogFormatError(s.path, f"the micro-batch rows of step {step} fail their CRC-32 or do not cover "
+                                             f"its samples: the file is corrupted. {restore_hint(s.path)}")
+        return out
+
+    def grad_scale(self, step: int) -> float | None:
+        """The GradScaler factor ``S_t`` of ``step`` (``None`` without a scaler)."""
+        seg, row = self._locs(step)[0]
+        value = float(self._segs[seg].table["grad_scale"][row])
+        return None if np.isnan(value) else value
+
+    def skipped(self, step: int) -> bool:
+        """The GradScaler skipped the optimizer step ``step`` (``θ_{t+1} = θ_t``, optimizer state unchanged)."""
+        return any(bool(self._segs[seg].table["skipped"][row]) for seg, row in self._locs(step))
+
+    def segment_starts(self) -> list[int]:
+        """First step of each segment file of rank 0 within the log's steps: a shard of steps that starts at
+        one of them shares no segment of rank 0 with the shard before it (ranks flush at the same steps)."""
+        firsts = self._rank_firsts[0] if self._rank_firsts and len(self.steps) else []
+        return [int(f) for f in firsts if self.steps[0] <= f <= self.steps[-1]]
 
     def has_grads(self, step: int) -> bool:
         return all(self._segs[seg].table["grad_offset"][row] >= 0 for seg, row in self._locs(step))
@@ -423,7 +540,7 @@ class InfluenceLog:
         table = s.table
         n = int(table["sample_count"][row])
         step = int(table["step"][row])
-        off = int(table["sample_offset"][row] if field_ in ("id", "loss") else table["grad_offset"][row])
+        off = int(table["sample_offset"][row] if field_ in ("id", "loss", "weight") else table["grad_offset"][row])
         if off < 0:
             return None
         with reading(s.path, f"{field_!r} of step {step}"):
@@ -562,7 +679,8 @@ def _check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str
     if (counts < 0).any() or not np.array_equal(offsets, np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else offsets) \
             or int(counts.sum()) != n_samples:
         raise bad("sample offsets/counts do not tile the sample table")
-    if shapes.get("samples/id") != (n_samples,) or shapes.get("samples/loss", (n_samples,)) != (n_samples,):
+    if shapes.get("samples/id") != (n_samples,) or any(shapes.get(f"samples/{name}", (n_samples,)) != (n_samples,)
+                                                       for name in ("loss", "weight")):
         raise bad(f"sample datasets do not hold n_samples = {n_samples} rows")
     n_grad = int(attrs["n_grad_rows"])
     has = table["grad_offset"] >= 0
@@ -578,6 +696,7 @@ def _check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str
     if n_grad and "grads/grad" not in shapes:
         raise bad(f"the step table has {n_grad} gradient rows but there is no grads/grad dataset")
     for field_, stored in (("id", np.ones(n, bool)), ("loss", np.full(n, "samples/loss" in shapes)),
+                           ("weight", np.full(n, "samples/weight" in shapes)),
                            ("grad", has), ("hvp", has & ("grads/hvp" in shapes))):
         if not np.array_equal(table[ROW_CRC_COLUMNS[field_]] >= 0, stored):
             raise bad(f"the {ROW_CRC_COLUMNS[field_]} column does not match the stored {field_!r} rows")

@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -28,11 +29,13 @@ import numpy as np
 from lightning_influence.log.format import (
     CHECKPOINT_GROUP,
     CRC_ATTR,
+    DATA_FILE,
     DIGEST_ATTR,
     FORMAT_NAME,
     FORMAT_VERSION,
     LIBVER,
     META_FILE,
+    MICRO_COLUMNS,
     ROW_CRC_COLUMNS,
     ROW_DATASETS,
     SCALAR_ATTR,
@@ -52,11 +55,21 @@ from lightning_influence.log.format import (
     set_text,
 )
 
-_FLOAT_COLUMNS = ("batch_grad_norm", "hvp_eps", "tracker_seconds")
+_FLOAT_COLUMNS = ("batch_grad_norm", "hvp_eps", "tracker_seconds", "grad_scale", "clip_value", "clip_coef")
 
 
 class LogWriteError(OSError):
     """Writing the influence log failed (disk full, permissions, ...); the log stops at the last closed segment."""
+
+
+@dataclass
+class MicroRecord:
+    """One micro-batch of a step: its size, the random state at its forward, optionally its inputs."""
+
+    size: int
+    cpu_rng: np.ndarray | None = None  # uint8 CPU generator state (None: drew no CPU random number)
+    cuda_rng: np.ndarray | None = None  # uint8 (n_devices, 16) CUDA generator states (None: drew on no GPU)
+    inputs: bytes | None = None  # torch.save of the batch as fed to training_step
 
 
 @dataclass
@@ -75,6 +88,13 @@ class StepRecord:
     batch_grad_norm: float = float("nan")
     hvp_eps: float = float("nan")
     tracker_seconds: float = 0.0
+    micro: list[MicroRecord] | None = None  # None: one micro-batch of all ids, nothing else recorded
+    grad_scale: float = float("nan")
+    skipped: bool = False
+    weights: np.ndarray | None = None  # w_{i,t}, the weight of each row's loss in the applied gradient (step.weights)
+    accumulate: int = -1  # Lightning's divisor of each micro-batch loss
+    clip_value: float = float("nan")  # step.clipping
+    clip_coef: float = float("nan")
 
     def validate(self) -> None:
         """Refuse a record that would store something wrong: bad shapes or non-finite values.
@@ -93,12 +113,17 @@ class StepRecord:
             if len(rows) != len(ids) or np.ndim(rows) != (1 if what == "per-sample loss" else 2):
                 raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {len(ids)} sample ids")
             bad = ~np.isfinite(np.asarray(rows).reshape(len(ids), -1)).all(axis=1)
-            if bad.any():
+            if bad.any() and not (self.skipped and what == "per-sample loss"):  # a skipped step's losses may overflow
                 raise FloatingPointError(
                     f"step {self.step}: non-finite {what} for sample ids {ids[bad].tolist()[:10]}; nothing of this step "
                     "was stored. Lower the learning rate or check these samples.")
+        if self.weights is not None and np.shape(self.weights) != ids.shape:
+            raise ValueError(f"step {self.step}: sample weight rows have shape {np.shape(self.weights)} for {len(ids)} sample ids")
         if self.hvps is not None and self.grads is None:
             raise ValueError(f"step {self.step}: HVP products need the gradient rows of the same step")
+        if self.micro is not None and sum(m.size for m in self.micro) != len(ids):
+            raise ValueError(f"step {self.step}: micro-batch sizes {[m.size for m in self.micro]} do not add up to "
+                             f"{len(ids)} sample ids")
         if not all(np.isfinite(self.lrs)):
             raise FloatingPointError(f"step {self.step}: non-finite learning rate {self.lrs}; nothing of this step was stored")
 
@@ -159,7 +184,7 @@ def write_meta(log_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
 
 
 def remove_log(log_dir: str | os.PathLike) -> None:
-    """Delete a log's own files (``meta.h5``, segments, unfinished segments), never anything else in ``log_dir``.
+    """Delete a log's own files (``meta.h5``, ``data.pt``, segments, unfinished ones), never anything else in ``log_dir``.
 
     Segments go first, newest first, and ``meta.h5`` last, so an interrupted removal leaves
     a log without gaps. A rank folder left empty is removed (one holding a writer lock stays).
@@ -170,7 +195,8 @@ def remove_log(log_dir: str | os.PathLike) -> None:
     for segs in list_segments(root).values():
         for path in reversed(segs):
             path.unlink(missing_ok=True)
-    (root / META_FILE).unlink(missing_ok=True)
+    for name in (DATA_FILE, DATA_FILE + TMP_SUFFIX, META_FILE + TMP_SUFFIX, META_FILE):
+        (root / name).unlink(missing_ok=True)
     for rank_dir in root.glob("rank-*"):
         if RANK_RE.match(rank_dir.name) and rank_dir.is_dir():
             with contextlib.suppress(OSError):  # not empty: a writer lock, or files that are not the log's
@@ -244,14 +270,16 @@ def write_segment(
 def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: list[CheckpointRecord],
                   storage_dtype: np.dtype, compression: str | None, run_id: str | None) -> None:
     columns: dict[str, list[Any]] = {c: [] for c in STEP_COLUMNS}
-    rows: dict[str, list[np.ndarray]] = {"id": [], "loss": [], "grad": [], "hvp": []}
+    rows: dict[str, list[np.ndarray]] = {"id": [], "loss": [], "grad": [], "hvp": [], "weight": []}
+    micro = _MicroRows()
     n_rows = n_grad_rows = 0
     for rec in steps:
         n = len(rec.ids)
         stored = {"id": np.asarray(rec.ids, np.int64),
                   "loss": None if rec.losses is None else np.asarray(rec.losses, np.float64),
                   "grad": None if rec.grads is None else np.asarray(rec.grads).astype(storage_dtype, copy=False),
-                  "hvp": None if rec.hvps is None else np.asarray(rec.hvps).astype(storage_dtype, copy=False)}
+                  "hvp": None if rec.hvps is None else np.asarray(rec.hvps).astype(storage_dtype, copy=False),
+                  "weight": None if rec.weights is None else np.asarray(rec.weights, np.float64)}
         columns["step"].append(rec.step)
         columns["epoch"].append(rec.epoch)
         columns["batch_idx"].append(rec.batch_idx)
@@ -262,6 +290,13 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
         columns["batch_grad_norm"].append(rec.batch_grad_norm)
         columns["hvp_eps"].append(rec.hvp_eps)
         columns["tracker_seconds"].append(rec.tracker_seconds)
+        columns["grad_scale"].append(rec.grad_scale)
+        columns["skipped"].append(int(rec.skipped))
+        columns["micro_offset"].append(micro.n)
+        columns["micro_crc32"].append(micro.add(rec.micro if rec.micro is not None else [MicroRecord(n)]))
+        columns["accumulate"].append(rec.accumulate)
+        columns["clip_value"].append(rec.clip_value)
+        columns["clip_coef"].append(rec.clip_coef)
         for field_, value in stored.items():
             columns[ROW_CRC_COLUMNS[field_]].append(crc32(value) if value is not None else -1)
             if value is not None:
@@ -269,8 +304,9 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
         if rec.grads is not None:
             n_grad_rows += n
         n_rows += n
-    if rows["loss"] and len(rows["loss"]) != len(steps):
-        raise ValueError("per-sample losses must be recorded at every step of a segment or none")
+    for field_, what in (("loss", "per-sample losses"), ("weight", "sample weights")):
+        if rows[field_] and len(rows[field_]) != len(steps):
+            raise ValueError(f"{what} must be recorded at every step of a segment or none")
     if len(rows["hvp"]) not in (0, len(rows["grad"])):
         raise ValueError("HVP products must accompany every recorded gradient row")
     set_text(f.attrs, "format", FORMAT_NAME)
@@ -295,14 +331,16 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
     f.create_group("samples")
     f.create_group("grads")
     _dataset(f, ROW_DATASETS["id"], _cat(rows["id"], np.int64, (0,)), whole_crc=False)
-    if rows["loss"]:
-        _dataset(f, ROW_DATASETS["loss"], np.concatenate(rows["loss"]), whole_crc=False)
+    for field_ in ("loss", "weight"):
+        if rows[field_]:
+            _dataset(f, ROW_DATASETS[field_], np.concatenate(rows[field_]), whole_crc=False)
     for field_ in ("grad", "hvp"):
         if rows[field_]:
             data = np.concatenate(rows[field_])
             chunk_rows = max(1, min(len(data), (1 << 20) // max(1, data.shape[1] * data.dtype.itemsize)))
             _dataset(f, ROW_DATASETS[field_], data, chunks=(chunk_rows, data.shape[1]), compression=compression,
                      whole_crc=False)
+    micro.write(f)
     c = f.create_group("checkpoints")
     for ck in checkpoints:
         cg = c.create_group(CHECKPOINT_GROUP.format(step=ck.step))
@@ -318,6 +356,57 @@ def _fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints:
             for key, value in ck.optimizer_scalars.get(name, {}).items():
                 sg.attrs[key] = value
     _seal(f)
+
+
+class _MicroRows:
+    """The ``micro/*``, ``rng/*`` and ``inputs/bytes`` rows of a segment, built step by step."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[int]] = {c: [] for c in MICRO_COLUMNS}
+        self.cpu: list[np.ndarray] = []
+        self.cuda: list[np.ndarray] = []
+        self.inputs: list[bytes] = []
+        self.n_bytes = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.columns["size"])
+
+    def add(self, micro: list[MicroRecord]) -> int:
+        """Append one step's micro-batches; returns the CRC-32 chain of everything stored for them."""
+        crc = 0
+        for m in micro:
+            row = {"size": int(m.size), "cpu_rng": -1, "cuda_rng": -1, "input_offset": -1, "input_length": 0}
+            if m.cpu_rng is not None:
+                row["cpu_rng"] = len(self.cpu)
+                self.cpu.append(np.asarray(m.cpu_rng, np.uint8).reshape(-1))
+                crc = zlib.crc32(self.cpu[-1], crc)
+            if m.cuda_rng is not None:
+                row["cuda_rng"] = len(self.cuda)
+                self.cuda.append(np.asarray(m.cuda_rng, np.uint8).reshape(-1))
+                crc = zlib.crc32(self.cuda[-1], crc)
+            if m.inputs is not None:
+                row["input_offset"], row["input_length"] = self.n_bytes, len(m.inputs)
+                self.inputs.append(m.inputs)
+                self.n_bytes += len(m.inputs)
+                crc = zlib.crc32(m.inputs, crc)
+            for c in MICRO_COLUMNS:
+                self.columns[c].append(row[c])
+            crc = zlib.crc32(np.asarray([row["size"], row["cpu_rng"] >= 0, row["cuda_rng"] >= 0, row["input_length"]],
+                                        np.int64), crc)
+        return crc
+
+    def write(self, f: h5py.File) -> None:
+        g = f.create_group("micro")
+        for c, values in self.columns.items():
+            _dataset(g, c, np.asarray(values, np.int64), whole_crc=False)
+        if self.cpu or self.cuda:
+            r = f.create_group("rng")
+            for name, states in (("cpu", self.cpu), ("cuda", self.cuda)):
+                if states:
+                    _dataset(r, name, np.stack(states), whole_crc=False)
+        if self.inputs:
+            _dataset(f.create_group("inputs"), "bytes", np.frombuffer(b"".join(self.inputs), np.uint8), whole_crc=False)
 
 
 def _cat(parts: list[np.ndarray], dtype: Any, empty_shape: tuple[int, ...]) -> np.ndarray:
@@ -588,6 +677,8 @@ def _shrink(f: h5py.File, steps: np.ndarray, keep: int, from_step: int) -> None:
     n_rows = int(table["sample_offset"][keep]) if keep < len(steps) else int(f.attrs["n_samples"])
     grad_offsets = table["grad_offset"][keep:]
     n_grad = int(grad_offsets[grad_offsets >= 0][0]) if (grad_offsets >= 0).any() else int(f.attrs["n_grad_rows"])
+    if "micro" in f:
+        n_micro = int(table["micro_offset"][keep]) if keep < len(steps) else len(f["micro/size"])
     for ds in table.values():
         ds.resize(keep, axis=0)
         ds.attrs[CRC_ATTR] = crc32(ds[()])
@@ -595,6 +686,9 @@ def _shrink(f: h5py.File, steps: np.ndarray, keep: int, from_step: int) -> None:
         ds.resize(n_rows, axis=0)
     for ds in f["grads"].values():
         ds.resize(n_grad, axis=0)
+    if "micro" in f:  # version 2; unreferenced rows of rng/* and inputs/bytes may stay
+        for ds in f["micro"].values():
+            ds.resize(n_micro, axis=0)
     for name in [n for n, g in f["checkpoints"].items() if int(g.attrs["step"]) >= from_step]:
         del f["checkpoints"][name]
     f.attrs["last_step"] = int(steps[keep - 1]) if keep else -1

@@ -1,0 +1,310 @@
+"""One engine per layer type: projected per-sample gradients of a layer's parameters from hooks.
+
+Formulas, limits and costs: ``docs/per-sample-gradients.md``.
+
+Each engine knows which parameters of its layer type it captures, what the forward hook keeps
+of the input, and how that and the output gradient give every sample's projected gradient
+``P_r^T G_b P_c`` (:mod:`.projection`) without forming ``G_b`` where a factored form exists.
+The work is done while the tensors are fresh in the cache: the input side in the forward hook,
+the output side (and the product of the two) in the output's gradient hook during the
+backward pass, which leaves only ``(B, k)`` blocks to sum.
+
+- ``nn.Linear`` on inputs ``(B, ..., in)``: ``G_b = sum_l g_{b,l} x_{b,l}^T``; each side is
+  projected before the sum over tokens, which is one batched matrix product.
+- ``nn.Conv1d/2d/3d`` (stride, padding in any mode, dilation, groups): the column side
+  ``unfold(x) P_c`` is the convolution of ``x`` with ``P_c`` as its kernel (``k_cols`` output
+  channels, per group), so the unfolded input is never materialised.
+- ``nn.Embedding``: ``G_b = sum_l e_{id_{b,l}} g_{b,l}^T``, so the row side is a gather of
+  ``P_r`` at the sample's token ids (``padding_idx`` rows get no gradient).
+- ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``: the weight gradient is
+  ``sum g * x_hat`` and the bias gradient ``sum g`` over all but the parameter's dims; ``x_hat``
+  is recomputed from the saved input with the module's own normalisation.
+- ``nn.MultiheadAttention`` (``in_proj_weight/bias``, ``out_proj.weight/bias``): its forward
+  calls ``F.multi_head_attention_forward``, which never runs ``out_proj``'s module hooks. While
+  the module runs, ``F.linear`` is routed through a recorder that treats each call whose weight
+  is (a row block of) a tracked parameter as a Linear call, in the sequence-first layout that
+  function uses.
+
+Every engine assumes the batch is the first dimension of its layer's input and output
+(the sequence-first internals of MultiheadAttention are converted) and that samples do not
+interact inside the layer. Computations run in ``float32`` or wider.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.utils.hooks import RemovableHandle
+
+from .projection import KroneckerProjector, contract
+
+__all__ = ["LayerEngine", "Record", "engine_for", "capture_owner"]
+
+Blocks = dict[str, Tensor]  # parameter name -> (B, k) projected per-sample gradient block
+Record = list  # [what the forward kept, the call's Blocks (None until the backward), the output's gradient edge
+#                 (until then: taken at the call, it stays the layer's output when an in-place op follows)]
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 or wider (half-precision activations are projected in float32)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _tokens(t: Tensor) -> Tensor:
+    """``(B, ..., d)`` as ``(B, L, d)``, float32 or wider."""
+    return _wide(t).reshape(t.shape[0], -1, t.shape[-1])
+
+
+class LayerEngine:
+    """Projected per-sample gradients of one layer type's parameters (see the module doc)."""
+
+    types: tuple[type[nn.Module], ...] = ()
+    attrs: tuple[str, ...] = ("weight", "bias")
+
+    def supports(self, mod: nn.Module, attr: str) -> bool:
+        """Whether parameter ``attr`` of ``mod`` (an instance of one of :attr:`types`) is captured."""
+        return attr in self.attrs
+
+    def attach(self, mod: nn.Module, records: list[Record], active: Callable[[], bool], targets: Mapping[str, str],
+               projector: KroneckerProjector) -> list[RemovableHandle]:
+        """Hooks that append one record per call while ``active()``; default: on the module's output."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+            if not active() or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            record: Record = [self.save(module, args[0] if args else kwargs["input"], targets, projector), None,
+                              get_gradient_edge(output)]
+            records.append(record)
+
+            def on_grad(g: Tensor) -> None:
+                record[1] = self.blocks(module, record[0], g, targets, projector)
+                record[0] = record[2] = None
+
+            output.register_hook(on_grad)
+
+        return [mod.register_forward_hook(hook, with_kwargs=True)]
+
+    def save(self, mod: nn.Module, inp: Tensor, targets: Mapping[str, str], projector: KroneckerProjector) -> Any:
+        """What the gradient formula needs from the forward: the detached input by default."""
+        return inp.detach()
+
+    def blocks(self, mod: nn.Module, saved: Any, g_out: Tensor, targets: Mapping[str, str],
+               projector: KroneckerProjector) -> Blocks:
+        """The call's projected per-sample gradient of each target, from ``saved`` and the output gradient."""
+        raise NotImplementedError
+
+
+class LinearEngine(LayerEngine):
+    types = (nn.Linear,)
+
+    def save(self, mod, inp, targets, projector):
+        return projector.project_cols(targets["weight"], _tokens(inp.detach())) if "weight" in targets else None
+
+    def blocks(self, mod, saved, g_out, targets, projector):
+        return _linear_blocks(projector, targets.get("weight"), targets.get("bias"), _tokens(g_out), saved)
+
+
+def _linear_blocks(projector: KroneckerProjector, weight: str | None, bias: str | None, g: Tensor, cols: Tensor | None,
+                   w_rows: slice | None = None, b_rows: slice | None = None) -> Blocks:
+    """Weight block from ``g`` ``(B, L, out)`` and the projected input ``cols``; bias block from ``sum_l g``.
+
+    ``w_rows``/``b_rows``: ``g`` covers only these rows of the parameter (a packed attention block).
+    """
+    out: Blocks = {}
+    if weight is not None:
+        out[weight] = projector.combine(weight, g, cols, w_rows)
+    if bias is not None:
+        g_sum = g.sum(1)
+        if b_rows is not None:
+            full = g_sum.new_zeros(g_sum.shape[0], projector.spec(bias).rows)
+            full[:, b_rows] = g_sum
+            g_sum = full
+        out[bias] = projector.project_tensor(bias, g_sum)
+    return out
+
+
+class EmbeddingEngine(LayerEngine):
+    types = (nn.Embedding,)
+    attrs = ("weight",)
+
+    def supports(self, mod, attr):
+        # max_norm renormalises rows in place; scale_grad_by_freq scales by counts over the whole batch
+        return attr == "weight" and mod.max_norm is None and not mod.scale_grad_by_freq
+
+    def blocks(self, mod, ids, g_out, targets, projector):
+        name = targets["weight"]
+        ids, g = ids.reshape(ids.shape[0], -1), _tokens(g_out)
+        p_r = projector.side_matrices(name, g.dtype, g.device)[0]
+        b = projector.project_cols(name, g)
+        if mod.padding_idx is not None:  # the padding row gets no gradient (masked after the projection: cheaper)
+            b = b * (ids != mod.padding_idx).unsqueeze(2).to(b.dtype)
+        if p_r is not None:
+            return {name: contract(p_r[ids], b)}
+        full = b.new_zeros(b.shape[0], mod.num_embeddings, b.shape[2])  # rows kept whole: scatter into them
+        full.scatter_add_(1, ids.unsqueeze(2).expand(-1, -1, b.shape[2]), b)
+        return {name: full.reshape(b.shape[0], -1)}
+
+
+class ConvEngine(LayerEngine):
+    types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    _conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+    def save(self, mod, inp, targets, projector):
+        """``unfold(x) P_c`` ``(B, groups, k_cols, L)`` as a convolution of ``x`` with kernel ``P_c``."""
+        if "weight" not in targets:
+            return None
+        x, name = _wide(inp.detach()), targets["weight"]
+        spec, dims = projector.spec(name), len(mod.kernel_size)
+        p_c = projector.side_matrices(name, x.dtype, x.device)[1]
+        if p_c is None:
+            p_c = torch.eye(spec.cols, dtype=x.dtype, device=x.device)
+        kernel = p_c.t().reshape(spec.k_cols, mod.in_channels // mod.groups, *mod.kernel_size).repeat(
+            mod.groups, *([1] * (dims + 1)))
+        if mod.padding_mode == "zeros":
+            padding = mod.padding
+        else:
+            x, padding = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode), 0
+        cols = self._conv[dims](x, kernel, None, mod.stride, padding, mod.dilation, mod.groups)
+        return cols.reshape(x.shape[0], mod.groups, spec.k_cols, -1)
+
+    def blocks(self, mod, cols, g_out, targets, projector):
+        g = _wide(g_out).flatten(2)  # (B, out_channels, L)
+        out: Blocks = {}
+        if "weight" in targets:
+            name, batch = targets["weight"], g.shape[0]
+            spec = projector.spec(name)
+            p_r = projector.side_matrices(name, g.dtype, g.device)[0]
+            # G_b P_c per group, then the row side: cheaper than rows first while out_channels < L
+            gc = torch.einsum("bgol,bgkl->bgok", g.reshape(batch, mod.groups, -1, g.shape[2]), cols)
+            gc = gc.reshape(batch, spec.rows, spec.k_cols)
+            if p_r is not None:
+                gc = (gc.transpose(1, 2) @ p_r).transpose(1, 2)
+            out[name] = gc.reshape(batch, -1)
+        if "bias" in targets:
+            out[targets["bias"]] = projector.project_tensor(targets["bias"], g.sum(2))
+        return out
+
+
+class NormEngine(LayerEngine):
+    """LayerNorm, GroupNorm, RMSNorm affine parameters: ``sum g * x_hat`` and ``sum g``."""
+
+    types = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+    @staticmethod
+    def _normalised(mod: nn.Module, x: Tensor) -> Tensor:
+        if isinstance(mod, nn.LayerNorm):
+            return F.layer_norm(x, mod.normalized_shape, None, None, mod.eps)
+        if isinstance(mod, nn.GroupNorm):
+            return F.group_norm(x, mod.num_groups, None, None, mod.eps)
+        return F.rms_norm(x, mod.normalized_shape, None, mod.eps)
+
+    def blocks(self, mod, x, g_out, targets, projector):
+        g = _wide(g_out)
+        if isinstance(mod, nn.GroupNorm):  # (B, C, *): parameters per channel
+            reduce = tuple(range(2, g.ndim))
+        else:  # (B, *, *normalized_shape)
+            reduce = tuple(range(1, g.ndim - len(mod.normalized_shape)))
+        total = (lambda t: t.sum(reduce)) if reduce else (lambda t: t)  # sum(()) would sum everything
+        out: Blocks = {}
+        if "weight" in targets:
+            out[targets["weight"]] = projector.project_tensor(targets["weight"], total(g * self._normalised(mod, _wide(x))))
+        if "bias" in targets:
+            out[targets["bias"]] = projector.project_tensor(targets["bias"], total(g))
+        return out
+
+
+class AttentionEngine(LayerEngine):
+    """``nn.MultiheadAttention``'s packed input projection and its output projection."""
+
+    types = (nn.MultiheadAttention,)
+    attrs = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+
+    def attach(self, mod, records, active, targets, projector):
+        state: dict[str, Any] = {}
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not active():
+                return
+            query = args[0] if args else kwargs["query"]
+            if query.ndim != 3:
+                raise ValueError("MultiheadAttention hook capture needs batched inputs (B, L, E) or (L, B, E)")
+            batch = query.shape[0] if module.batch_first else query.shape[1]
+            state["saved"] = F.linear
+            F.linear = self._recorder(module, state["saved"], records, targets, projector, batch)
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if "saved" in state:
+                F.linear = state.pop("saved")
+
+        return [mod.register_forward_pre_hook(pre, with_kwargs=True),
+                mod.register_forward_hook(post, with_kwargs=True, always_call=True)]
+
+    @staticmethod
+    def _recorder(mod: nn.Module, linear: Callable[..., Tensor], records: list[Record], targets: Mapping[str, str],
+                  projector: KroneckerProjector, batch: int) -> Callable[..., Tensor]:
+        # resolved at call time: under functional_call the attributes are the substituted tensors
+        tracked = {targets[attr]: functools.reduce(getattr, attr.split("."), mod) for attr in targets}
+
+        def block_of(t: Tensor | None) -> tuple[str, slice | None] | None:
+            """Which tracked parameter ``t`` is, or a row block of, and which rows (``None``: all)."""
+            for name, p in tracked.items():
+                if t is not None and (t is p or t._base is p):
+                    start = (t.storage_offset() - p.storage_offset()) // (p.stride(0) if p.ndim > 1 else 1)
+                    return name, None if t.shape[0] == p.shape[0] else slice(start, start + t.shape[0])
+            return None
+
+        def seq_first(t: Tensor) -> Tensor:  # in-projections see (L, B, E); the out-projection (L*B, E), l-major
+            return _wide(t).reshape(-1, batch, t.shape[-1]).transpose(0, 1)
+
+        def recording_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+            y = linear(x, weight, bias)
+            w, b = block_of(weight), block_of(bias)
+            if (w or b) and y.requires_grad:
+                record: Record = [projector.project_cols(w[0], seq_first(x.detach())) if w else None, None,
+                                  get_gradient_edge(y)]
+                records.append(record)
+
+                def on_grad(g: Tensor) -> None:
+                    record[1] = _linear_blocks(projector, w and w[0], b and b[0], seq_first(g), record[0],
+                                               w and w[1], b and b[1])
+                    record[0] = record[2] = None
+
+                y.register_hook(on_grad)
+            return y
+
+        return recording_linear
+
+
+_ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngine(), NormEngine(), AttentionEngine())
+
+
+def engine_for(mod: nn.Module) -> LayerEngine | None:
+    """The engine of ``mod``'s exact type (subclasses may not run their own forward), or ``None``."""
+    for engine in _ENGINES:
+        if type(mod) in engine.types:
+            return engine
+    return None
+
+
+def capture_owner(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
+    """Parameter name -> (name of the module whose engine captures it, that module, attribute path).
+
+    A parameter is owned by its module, except ``out_proj.*`` of a MultiheadAttention, which
+    the attention module captures (its forward bypasses ``out_proj``).
+    """
+    owners: dict[str, tuple[str, nn.Module, str]] = {}
+    for mod_name, mod in model.named_modules():
+        for attr, _ in mod.named_parameters(recurse=False):
+            owners[f"{mod_name}.{attr}" if mod_name else attr] = (mod_name, mod, attr)
+    for mod_name, mod in model.named_modules():
+        if type(mod) is nn.MultiheadAttention:
+            for attr, _ in mod.out_proj.named_parameters(recurse=False):
+                full = f"{mod_name}.out_proj.{attr}" if mod_name else f"out_proj.{attr}"
+                owners[full] = (mod_name, mod, f"out_proj.{attr}")
+    return owners

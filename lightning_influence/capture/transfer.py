@@ -1,0 +1,57 @@
+"""Device-to-host copies that do not stall training: non-blocking, into pinned buffers.
+
+The tracker's rows (ids, losses, projected gradients, HVP products, checkpoints) are made on
+the training device. Copying them with ``.cpu()`` would make the host wait, at every step,
+for everything queued on the device so far (a synchronisation training itself does not do).
+:class:`HostCopy` instead queues each copy on the current stream into page-locked host memory
+(``non_blocking=True``) and records a CUDA event after them; :meth:`HostCopy.ready` asks the
+event without waiting, :meth:`HostCopy.wait` waits for it (by then, usually, long done) and
+returns numpy arrays. On the CPU the copies are plain clones and are ready at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+__all__ = ["HostCopy"]
+
+
+def _start(t: Tensor) -> Tensor:
+    t = t.detach()
+    if t.device.type == "cuda":
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        return buf
+    return t.to("cpu", copy=True)  # a clone: the source (a parameter, a buffer) may change before it is read
+
+
+class HostCopy:
+    """Host copies of every tensor in a pytree (dicts, lists, tuples; other leaves kept as they are).
+
+    Args:
+        tree: the tensors to copy; CUDA tensors are copied without blocking into pinned memory.
+    """
+
+    def __init__(self, tree: Any) -> None:
+        self._tree = pytree.tree_map(lambda x: _start(x) if isinstance(x, Tensor) else x, tree)
+        cuda = {x.device for x in pytree.tree_leaves(tree) if isinstance(x, Tensor) and x.device.type == "cuda"}
+        self._events = []
+        for device in cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._events.append(event)
+
+    def ready(self) -> bool:
+        """Whether every copy has completed (never waits)."""
+        return all(e.query() for e in self._events)
+
+    def wait(self) -> Any:
+        """The tree with every tensor as a numpy array, once the copies have completed."""
+        for e in self._events:
+            e.synchronize()
+        self._events = []
+        return pytree.tree_map(lambda x: x.numpy() if isinstance(x, Tensor) else x, self._tree)

@@ -1,0 +1,190 @@
+"""Shared pieces of the command line: errors, progress, log and window parsing, output formats."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from lightning_influence.progress import ProgressBar
+
+if TYPE_CHECKING:
+    from lightning_influence.cli.context import RunContext
+
+PROG = "lightning-influence"
+
+
+class UserError(Exception):
+    """Something the user can fix: shown as one line, exit code 2."""
+
+
+
+# ----------------------------------------------------------------------------------- progress
+def progress_bar(args: argparse.Namespace, label: str) -> ProgressBar:
+    """A tqdm bar on stderr: off with ``--quiet``, drawn on a terminal, and elsewhere only with ``--progress``."""
+    return ProgressBar(label, enabled=not getattr(args, "quiet", False), force=getattr(args, "progress", False))
+
+
+def status(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ log loading
+def open_log(path: str):
+    from lightning_influence.log import InfluenceLog, LogFormatError
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such log directory; pass the log_dir given to InfluenceTracker "
+                        "(e.g. runs/digits/influence)")
+    if not p.is_dir():
+        raise UserError(f"{path}: not a directory; an influence log is the directory InfluenceTracker(log_dir=...) wrote")
+    try:
+        return InfluenceLog(p)
+    except LogFormatError as err:  # the reader names the file, the problem and what to do
+        raise UserError(str(err)) from None
+
+
+def parse_window(log: Any, spec: str | None) -> tuple[int, int]:
+    try:
+        return log.window(spec)
+    except ValueError as err:
+        epochs = log.epochs
+        extent = "" if "the run has" in str(err) else \
+            f"; the run has steps 0..{log.num_steps - 1} and epochs {int(epochs[0])}..{int(epochs[-1])}"
+        raise UserError(f"window {spec!r}: {err}{extent} (see `{PROG} info`)") from None
+
+
+def parse_grid(log: Any, spec: str, span: tuple[int, int]) -> tuple[list[tuple[int, int]], list[str]]:
+    """Consecutive windows covering ``span``: ``epochs``, ``N`` equal windows, or explicit steps ``a,b,c``."""
+    t1, t2 = span
+    spec = spec.strip()
+    if spec in ("epoch", "epochs"):
+        starts = np.nonzero(np.diff(log.epochs_of_step) != 0)[0] + 1 + int(log.steps[0])
+        bounds = sorted({t1, t2, *[int(s) for s in starts if t1 < s < t2]})
+        windows = list(zip(bounds[:-1], bounds[1:]))
+        labels = [f"e{int(log.epochs_of_step[a - int(log.steps[0])])}" for a, _ in windows]
+        return windows, labels
+    try:
+        if "," in spec:
+            bounds = sorted({int(s) for s in spec.split(",") if s.strip()})
+        else:
+            n = int(spec)
+            if n < 1:
+                raise ValueError
+            bounds = sorted({int(round(b)) for b in np.linspace(t1, t2, n + 1)})
+    except ValueError:
+        raise UserError(f"--grid {spec!r}: use 'epochs', a number of equal windows (e.g. 10), or step "
+                        "boundaries like '0,100,200,480'") from None
+    if bounds[0] < 0 or bounds[-1] > log.num_steps or len(bounds) < 2:
+        raise UserError(f"--grid {spec!r}: boundaries must lie in 0..{log.num_steps} (the run's steps) and be at least two")
+    windows = list(zip(bounds[:-1], bounds[1:]))
+    return windows, [f"{a}-{b}" for a, b in windows]
+
+
+
+
+# ------------------------------------------------------------------------------------ output
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Aligned plain-text table (numbers right-aligned, text left-aligned)."""
+    cells = [[str(c) for c in header]] + [[_cell(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(_is_number(r[i]) for r in rows) if rows else False for i in range(len(header))]
+    lines = []
+    for r in cells:
+        lines.append("  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(c: Any) -> str:
+    if isinstance(c, float):
+        return f"{c:.4e}"
+    return "" if c is None else str(c)
+
+
+def _is_number(c: Any) -> bool:
+    if isinstance(c, str):
+        try:
+            float(c)
+            return True
+        except ValueError:
+            return c in ("", "?", "-")
+    return isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, bool)
+
+
+def emit(args: argparse.Namespace, text: str) -> None:
+    if getattr(args, "out", None):
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text if text.endswith("\n") else text + "\n")
+        status(args, f"wrote {args.out}")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def output_format(args: argparse.Namespace) -> str:
+    if args.format:
+        return args.format
+    suffix = Path(args.out).suffix.lower() if getattr(args, "out", None) else ""
+    return {".csv": "csv", ".json": "json"}.get(suffix, "table")
+
+
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if c is None else (repr(float(c)) if isinstance(c, (float, np.floating)) else c) for c in r])
+    return buf.getvalue()
+
+
+def json_text(obj: Any) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, np.integer):
+            return int(o)
+        if isinstance(o, np.floating):
+            return float(o)
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, (set, tuple)):
+            return list(o)
+        return str(o)
+
+    return json.dumps(obj, indent=2, default=default)
+
+
+def ranked(scores: np.ndarray, sort: str, top: int | None) -> np.ndarray:
+    """Ids ordered by ``sort`` (``negative``: most negative first, ``positive``, ``abs``), the first ``top``."""
+    key = {"negative": scores, "positive": -scores, "abs": -np.abs(scores)}[sort]
+    order = np.argsort(key, kind="stable")
+    return order if not top else order[:top]
+
+
+def sign_line(is_loss: bool, name: str) -> str:
+    if name == "self":
+        return ("positive = removing the sample raises its own loss (it is fitted only because it is trained on: "
+                "look there for mislabelled samples, --sort positive)")
+    if is_loss:
+        return f"negative = harmful (removing the sample lowers {name}), positive = helpful"
+    return f"negative = removing the sample lowers {name} (it pushed it up), positive = it pushed it down"
+
+
+def flip_cell(ctx: RunContext | None, j: int) -> str | None:
+    flipped = ctx.flipped if ctx else None
+    return None if flipped is None else ("yes" if j in flipped else "")
+
+
+
+
+# ------------------------------------------------------------------------------------ parser
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+

@@ -1,0 +1,216 @@
+"""``lightning-influence evaluate``: leave-one-out ground truth on chosen samples, agreement metrics, trust tools."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+import numpy as np
+
+from lightning_influence.cli.common import (UserError, csv_text, emit, flip_cell, format_table, json_text, progress_bar,
+                                            output_format, parse_window, status)
+from lightning_influence.cli.context import RunContext, prepare
+from lightning_influence.cli.methods import (METHODS, Method, call_with, check_records, default_method,
+                                             estimator_inputs, method_help, run_method)
+from lightning_influence.cli.queries import build_query, parse_query, query_columns
+from lightning_influence.evaluation.verdict import truth_noise_floor, verdict
+
+
+def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("evaluate", parents=[parents["common"], parents["model"], parents["query"]], help="ground truth on chosen samples, and metrics",
+                       description="Replay training without each chosen sample (leave-one-out ground truth, math §6), "
+                                   "compare with the estimators, and print agreement metrics; with known flipped labels, "
+                                   "also their detection AUROC and precision.")
+    p.add_argument("--method", "-m", choices=list(METHODS), action="append", metavar="METHOD",
+                   help=method_help() + "; repeatable")
+    p.add_argument("--window", "-w", metavar="W", help="the window (default: the whole run)")
+    p.add_argument("--samples", "-s", default="top:10",
+                   help="ids '3,17,42', 'top:K' (K most negative by the first method), 'bottom:K', 'random:K', "
+                        "'flipped:K' (default top:10)")
+    p.add_argument("--truth", choices=("replay", "none"), default="replay",
+                   help="ground truth: replay leave-one-out (default) or none (detection metrics only)")
+    p.add_argument("--in-window", action="store_true",
+                   help="ground truth drops the samples only inside the window (the counterpart of dit-local)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random:K")
+    t = p.add_argument_group("how far to trust the scores (whole run only; see docs/trust.md)")
+    t.add_argument("--pbrf", action="store_true", help="proximal Bregman response of removing each chosen sample")
+    t.add_argument("--gap", action="store_true", help="decompose the LOO vs PBRF gap into its terms (implies --pbrf)")
+    t.add_argument("--damping", type=float, default=1e-2, help="PBRF proximity damping λ (default 0.01)")
+    t.add_argument("--pbrf-steps", type=int, default=100, help="PBRF solver steps (default 100)")
+    t.add_argument("--output-loss", default="cross_entropy", choices=("cross_entropy", "mse", "squared_error"),
+                   help="the training loss in output space, for the Bregman divergence (default cross_entropy)")
+    t.add_argument("--datamodel", action="store_true",
+                   help="noise-stability estimate of the best linear datamodel's residual and the correlation ceiling")
+    t.add_argument("--keep", type=float, default=0.5, help="keep-probability p of the random subsets (default 0.5)")
+    t.add_argument("--pairs", type=int, default=100, help="correlated subset pairs per ρ (default 100)")
+    t.add_argument("--workers", type=int, default=1, help="processes for the retraining runs (default 1)")
+    t.add_argument("--groups", action="store_true", help="sum of single scores vs replayed group removal")
+    t.add_argument("--group-sizes", type=_floats, default=[0.01, 0.05, 0.1, 0.2],
+                   help="group sizes as fractions of N (default 0.01,0.05,0.1,0.2)")
+    t.add_argument("--group-kinds", type=lambda x: x.split(","), default=["random", "same_class", "top"],
+                   help="random,same_class,top,bottom (default random,same_class,top)")
+    t.add_argument("--group-repeats", type=int, default=1, help="groups drawn per kind and size (default 1)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _parse_samples(spec: str, n: int, ctx: RunContext | None, estimate: Callable[[], np.ndarray], seed: int) -> np.ndarray:
+    kind, _, arg = spec.partition(":")
+    try:
+        if kind in ("top", "random", "flipped", "bottom"):
+            k = int(arg)
+            if k < 1:
+                raise ValueError
+            if kind == "top":
+                return np.argsort(estimate(), kind="stable")[:k]
+            if kind == "bottom":
+                return np.argsort(-estimate(), kind="stable")[:k]
+            if kind == "random":
+                return np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
+            flipped = ctx.flipped if ctx else None
+            if not flipped:
+                raise UserError("--samples flipped:K needs the datamodule's `flipped` ids, which this run does not have")
+            return np.array(sorted(flipped)[:k])
+        ids = np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
+    except ValueError:
+        raise UserError(f"--samples {spec!r}: use ids '3,17,42', 'top:K' (most negative), 'bottom:K', 'random:K' or "
+                        "'flipped:K'") from None
+    bad = ids[(ids < 0) | (ids >= n)]
+    if len(bad) or not len(ids):
+        raise UserError(f"--samples: unknown sample id {int(bad[0]) if len(bad) else spec!r}; training ids are 0..{n - 1}")
+    return ids
+
+
+GROUND_TRUTH = "lightning_influence.evaluation.ground_truth:replay_loo"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lightning_influence.evaluation import auroc, precision_at_k, summarize
+
+    methods = args.method or [default_method()]
+    args.method = methods[0]
+    log, ctx = prepare(args)
+    for m in methods[1:]:
+        check_records(m, log)
+    t1, t2 = parse_window(log, args.window)
+    specs = args.query or [parse_query("val_loss")]
+    query, names = build_query(specs, ctx)
+    n = log.dataset_size
+    estimates: dict[str, np.ndarray] = {}
+    for m in methods:
+        scores = run_method(m, log, query, ctx, (t1, t2), progress_bar(args, f"{m} [{t1}, {t2})"), args.hvp)
+        estimates[scores.method] = scores.column(0)
+        qname = query_columns(scores.query_names, names, specs)[0][1]
+    first = next(iter(estimates.values()))
+    samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed)
+    truth, floor = None, None
+    if args.truth == "replay":
+        fn = Method(GROUND_TRUTH, "model+data", (), "").load()
+        status(args, f"replaying training without each of {len(samples)} samples (ground truth) ...")
+        progress = progress_bar(args, "replay LOO")
+        try:
+            result = call_with(fn, log, query=query, window=(t1, t2), sample_ids=samples, progress=progress,
+                               in_window_only=args.in_window, **estimator_inputs(ctx))
+        finally:
+            progress.close()
+        truth = np.asarray(result.window(t1, t2), dtype=np.float64)  # LOO(t2) - LOO(t1), in the order of `samples`
+        floor = _noise_floor(log, result, t1, t2)
+    trust = _trust_tools(args, log, ctx, query, samples, estimates, truth, (t1, t2))
+    flipped = ctx.flipped if ctx else None
+    labels = ctx.labels(samples) if ctx else np.full(len(samples), -1)
+    metrics: dict[str, dict[str, float]] = {}
+    for name, est in estimates.items():
+        row: dict[str, float] = {}
+        if truth is not None and len(samples) >= 2:
+            row.update(summarize(est[samples], truth, k=max(1, min(len(samples) // 2, 10))))
+            row["sign_agreement"] = float(np.mean(np.sign(est[samples]) == np.sign(truth)))
+        if "pbrf" in trust and len(samples) >= 2:
+            versus = summarize(est[samples], trust["pbrf"].scores[:, 0])
+            row.update({f"pbrf_{k}": versus[k] for k in ("pearson", "spearman")})
+        if flipped:
+            mask = np.isin(np.arange(n), list(flipped))
+            row["flipped_auroc"] = auroc(-est, mask)
+            row[f"flipped_precision@{len(flipped)}"] = precision_at_k(-est, mask, len(flipped))
+        metrics[name] = row
+    result = {"log": args.log, "window": args.window or "whole run", "steps": [t1, t2], "query": qname,
+              "samples": [{"id": int(j), "label": int(lb) if lb >= 0 else None, "flipped": flip_cell(ctx, int(j)),
+                           "truth": None if truth is None else float(truth[k]),
+                           **({"pbrf": float(trust["pbrf"].scores[k, 0])} if "pbrf" in trust else {}),
+                           **{m: float(e[j]) for m, e in estimates.items()}}
+                          for k, (j, lb) in enumerate(zip(samples, labels))],
+              "metrics": metrics, "truth_noise_floor": floor,
+              "truth_above_floor": None if truth is None else int(np.count_nonzero(np.abs(truth) > floor)),
+              "verdict": verdict(metrics, truth, floor), **{k: v.to_dict() for k, v in trust.items()}}
+    fmt = output_format(args)
+    if fmt == "json":
+        emit(args, json_text(result))
+        return 0
+    if fmt == "csv":
+        header = ["id", "label", "flipped", "truth", *estimates]
+        emit(args, csv_text(header, [[s["id"], s["label"], s["flipped"], s["truth"], *[s[m] for m in estimates]]
+                                 for s in result["samples"]]))
+        return 0
+    head = [f"evaluate: query {qname}, window {result['window']} = steps [{t1}, {t2}), {len(samples)} samples "
+            f"({args.samples}), ground truth: {'replay leave-one-out' if truth is not None else 'none'}"]
+    extra = ["pbrf"] if "pbrf" in trust else []
+    header = ["id", "label", "flipped", "truth", *extra, *estimates]
+    body = [[s["id"], s["label"] if s["label"] is not None else "?", s["flipped"] or "", s["truth"],
+             *[s[c] for c in extra], *[s[m] for m in estimates]] for s in result["samples"]]
+    keys = sorted({k for row in metrics.values() for k in row}, key=lambda k: (k.startswith("flipped"), k))
+    mtable = format_table(["method", *keys], [[m, *[f"{metrics[m].get(k, float('nan')):.3f}" for k in keys]]
+                                             for m in metrics]) if keys else "no metric: no ground truth and no known flipped labels"
+    noise = [] if truth is None else [
+        f"truth noise floor {floor:.2e} (replay error, docs/trust.md §4): {result['truth_above_floor']} of {len(truth)} "
+        "truth values above it"]
+    emit(args, "\n".join(head + noise + [format_table(header, body), "", mtable]
+                         + ["\n" + t.table() for t in trust.values()] + ["", f"verdict: {result['verdict']}"]))
+    return 0
+
+
+def _noise_floor(log: Any, result: Any, t1: int, t2: int) -> float:
+    """The truth's noise floor (:func:`~lightning_influence.evaluation.verdict.truth_noise_floor`) for one window."""
+    dtype = next(iter(log.checkpoint(log.checkpoint_steps[0]).values())).dtype
+    eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else float(np.finfo(np.float32).eps)
+    drift = float(result.info.get("replay_drift", {}).get("max", 0.0))
+    grid = [int(t) for t in result.grid]
+    base = result.base[:, 0]  # f(θ_t) of the reference run on the grid
+    return truth_noise_floor(base[grid.index(t1)] if t1 in grid else base[0], base[grid.index(t2)], drift, eps, t2)
+
+
+def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, query: Any, samples: np.ndarray,
+                 estimates: dict[str, np.ndarray], truth: np.ndarray | None, window: tuple[int, int]) -> dict[str, Any]:
+    """``--pbrf``/``--gap``, ``--datamodel``, ``--groups``: what the scores answer and how far to trust them."""
+    if not (args.pbrf or args.gap or args.datamodel or args.groups):
+        return {}
+    if window != (0, log.num_steps):
+        raise UserError("--pbrf, --gap, --datamodel and --groups measure the whole run; drop --window")
+    from lightning_influence.evaluation import datamodel_quality, gap_decomposition, group_additivity, pbrf
+
+    inputs = {"module": ctx.module, "train_data": ctx.train_dataset}
+    out: dict[str, Any] = {}
+    if args.pbrf or args.gap:
+        status(args, f"solving the proximal Bregman response for {len(samples)} samples ...")
+        out["pbrf"] = pbrf(log, query=query, samples=samples, damping=args.damping, steps=args.pbrf_steps,
+                           output_loss=args.output_loss, **inputs)
+    if args.gap:
+        status(args, "decomposing the LOO vs PBRF gap (warm start, proximity, Bregman, linearisation) ...")
+        out["gap"] = gap_decomposition(log, query=query, samples=samples, damping=args.damping, steps=args.pbrf_steps,
+                                       output_loss=args.output_loss, pbrf_result=out["pbrf"],
+                                       loo=None if truth is None else truth[:, None], **inputs)
+    if args.datamodel:
+        status(args, f"noise stability: {args.pairs} correlated subset pairs at keep-probability {args.keep} ...")
+        out["datamodel"] = datamodel_quality(log, query=query, p=args.keep, pairs=args.pairs, scores=estimates,
+                                             workers=args.workers, **inputs)
+    if args.groups:
+        status(args, "replaying group removals ...")
+        n = log.dataset_size
+        residual = {out["datamodel"].p: out["datamodel"].mass.residual} if "datamodel" in out else None
+        out["groups"] = group_additivity(log, query=query, scores=estimates, fractions=args.group_sizes,
+                                         kinds=args.group_kinds, labels=ctx.labels(np.arange(n)),
+                                         repeats=args.group_repeats, residual=residual, **inputs)
+    return out
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+

@@ -1,0 +1,161 @@
+"""``lightning-influence info``: run metadata, records, size and integrity; reads only the log."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_influence.cli.common import emit, json_text, open_log, output_format, progress_bar
+from lightning_influence.cli.methods import METHODS, unmet_needs
+from lightning_influence.step.weights import step_summary
+
+
+def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("info", parents=[parents["common"]], help="run metadata, steps, epochs, records, size, integrity",
+                       description="Run metadata, steps and epochs, what was recorded, size on disk, integrity checks "
+                                   "and which methods the log supports. Reads only the log.")
+    p.add_argument("--verify", action="store_true", help="read back every record and check it (slow on big logs)")
+    p.add_argument("--strict", action="store_true", help="exit with code 2 when an integrity problem is found")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lightning_influence.log.format import list_segments, list_unfinished
+
+    log = open_log(args.log)  # checks every segment's (checksummed) index; a damaged file is named
+    root = Path(args.log)
+    files = [p for p in root.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    meta, recorded = log.meta, log.recorded
+    T, ckpts = log.num_steps, log.checkpoint_steps
+    every = int(meta.get("every_n_steps", 1))
+    batch_sizes = np.array([len(log.batch_ids(t)) for t in log.steps]) if T else np.zeros(1)
+    ids_seen = log.all_ids()
+    problems, notes = [], []
+    if not log.finished:
+        problems.append(log.end_note)
+    unfinished = list_unfinished(root)
+    if unfinished and log.finished:
+        problems.append(f"unfinished segment file(s) {[str(p.relative_to(root)) for p in unfinished]}: a write was "
+                        "interrupted; they are ignored (delete them)")
+    if recorded.get("gradients"):
+        missing = [int(t) for t in log.steps if t % every == 0 and not log.has_grads(int(t))]
+        if missing:
+            problems.append(f"no gradient rows at steps {missing[:10]} (expected every {every} steps)")
+    if len(ids_seen) and int(ids_seen.max()) >= log.dataset_size:
+        problems.append(f"sample ids up to {int(ids_seen.max())} exceed the dataset size {log.dataset_size}")
+    if args.verify and T:
+        bad = _verify(log, args)
+        if bad:
+            problems.append(f"non-finite values at steps {bad[:10]}")
+        notes.append("--verify: every record read back, checksums verified")
+    groups = meta.get("optimizer", {}).get("param_groups", [])
+    proj_dim = (meta.get("projection") or {}).get("dim")
+    cols = log.projector().out_dim if meta.get("tracked_params") else 0
+    needs = {n: unmet_needs(n, log) for n, m in METHODS.items() if m.available()}
+    usable = [n for n, unmet in needs.items() if not unmet]
+    unusable = {n: unmet for n, unmet in needs.items() if unmet}
+    epochs, counts = np.unique(log.epochs_of_step, return_counts=True)
+    summary = {
+        "log": str(root), "size_bytes": size, "files": len(files),
+        "segments": sum(len(v) for v in list_segments(root).values()), "ranks": log.ranks,
+        "created": meta.get("created"), "versions": meta.get("versions"),
+        "module_class": meta.get("module_class"), "datamodule_class": meta.get("datamodule_class"),
+        "optimizer": meta.get("optimizer", {}).get("class"),
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups],
+        "steps": T, "epochs": [int(epochs[0]), int(epochs[-1])] if T else [],
+        "steps_per_epoch": {int(e): int(c) for e, c in zip(epochs, counts)},
+        "batch_size": {"mean": float(batch_sizes.mean()), "min": int(batch_sizes.min()), "max": int(batch_sizes.max())},
+        "dataset_size": log.dataset_size if T else meta.get("dataset_size"), "ids_seen": int(len(ids_seen)),
+        "recorded": recorded, "every_n_steps": every, "gradient_columns": cols, "projection": proj_dim,
+        "storage_dtype": meta.get("storage_dtype"), "step": step_summary(log) if T else None,
+        "checkpoints": {"count": len(ckpts), "every_n_steps": meta.get("checkpoint_every_n_steps"), "final": log.finished},
+        "state": log.end_note,
+        "methods": {"usable": usable, "not_usable": unusable},
+        "integrity": {"ok": not problems, "problems": problems, "notes": notes},
+    }
+    code = 2 if problems and args.strict else 0
+    if output_format(args) == "json":
+        emit(args, json_text(summary))
+        return code
+    v = summary["versions"] or {}
+    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary["created"])) if summary["created"] else "?"
+    hyper = "; ".join(", ".join(f"{k}={g[k]}" for k in ("lr", "momentum", "weight_decay", "betas") if k in g)
+                      for g in summary["param_groups"])
+    per_epoch = "/".join(str(c) for c in sorted(set(counts.tolist())))
+    what = [k for k in ("ids", "lrs", "losses", "gradients", "hvp", "checkpoints") if recorded.get(k)]
+    rows = [
+        ("log", f"{root}  ({_size(size)} on disk, {len(files)} files, {summary['segments']} segments, ranks {log.ranks})"),
+        ("created", f"{created} with lightning-influence {v.get('lightning-influence')}, torch {v.get('torch')}, "
+                    f"lightning {v.get('lightning')}"),
+        ("model", str(summary["module_class"]) + (f", data {summary['datamodule_class']}" if summary["datamodule_class"] else "")),
+        ("optimizer", f"{summary['optimizer']} ({len(groups)} param group{'s' * (len(groups) != 1)}: {hyper})"),
+        ("steps", f"{T} (0..{T - 1}), epochs {int(epochs[0])}..{int(epochs[-1])} ({per_epoch} steps per epoch), "
+                  f"batch size {summary['batch_size']['mean']:.4g}" if T else "0 (no step recorded)"),
+        ("samples", f"{summary['dataset_size']} training ids, {summary['ids_seen']} seen in the log"),
+        ("step", _describe_step(summary["step"])),
+        ("recorded", ", ".join(what)),
+        ("gradients", f"{cols} columns per sample ({f'projected, {proj_dim} per tensor' if proj_dim else 'full'}, "
+                      f"{summary['storage_dtype']}), every {every} step{'s' * (every != 1)}"
+                      + (", with HVP products" if recorded.get("hvp") else "") if recorded.get("gradients") else "not recorded"),
+        ("checkpoints", f"{len(ckpts)} (every {meta.get('checkpoint_every_n_steps') or '-'} steps, "
+                        f"{'final θ_T stored' if log.finished else 'no final θ_T'})"),
+        ("state", log.end_note),
+        ("methods", ", ".join(usable) + "".join(f"; not {n} (needs {', '.join(r)})" for n, r in unusable.items())),
+        ("integrity", ("OK" + (f" ({'; '.join(notes)})" if notes else "")) if not problems
+         else "PROBLEMS: " + "; ".join(problems)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    emit(args, "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows))
+    return code
+
+
+def _describe_step(s: dict[str, Any] | None) -> str:
+    """The step as Lightning ran it, in words: accumulation (incomplete steps) and clipping (where it bound)."""
+    if s is None:
+        return "-"
+    acc = [a for a in s["accumulate"] if a > 0]
+    parts = [f"accumulate_grad_batches {'/'.join(map(str, acc))}, {len(s['incomplete_accumulation_steps'])} incomplete "
+             "accumulation step(s) (weighted as Lightning scaled them)" if acc and max(acc) > 1 else
+             "one batch mean per step" if acc else "a batch mean per step (weights not recorded: format version 1)"]
+    if s["clipping"]:
+        parts.append(f"{s['clipping']} clipping at {s['clip_value']:g}, bound on {s['clip_bound_fraction']:.0%} of steps"
+                     + (f" (median coefficient {s['clip_coef_median']:.3g})" if s["clip_coef_median"] is not None else ""))
+    else:
+        parts.append("no gradient clipping")
+    return "; ".join(parts)
+
+
+def _verify(log: Any, args: argparse.Namespace) -> list[int]:
+    """Read back every record (the reader verifies the fletcher32 checksums); steps with non-finite values."""
+    fields = [f for f, rec in (("loss", "losses"), ("grad", "gradients"), ("hvp", "hvp")) if log.recorded.get(rec)]
+    bad: set[int] = set()
+    progress = progress_bar(args, "verify")
+    T = log.num_steps
+    for group in ([f for f in fields if f == "loss"], [f for f in fields if f != "loss"]):
+        if not group:
+            continue
+        for rec in log.iter_steps(0, T, fields=group):
+            for arr in (rec.losses, rec.grads, rec.hvps):
+                if arr is not None and not np.all(np.isfinite(arr)):
+                    bad.add(rec.step)
+            if "loss" not in group:
+                progress(rec.step + 1, T)
+    progress.close()
+    for t in log.checkpoint_steps:
+        log.checkpoint(t)
+    return sorted(bad)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+

@@ -1,0 +1,112 @@
+"""``lightning-influence query``: the top training samples for a query over one or more windows."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import numpy as np
+
+from lightning_influence.cli.common import (PROG, UserError, csv_text, emit, flip_cell, format_table, json_text,
+                                            output_format, parse_window, progress_bar, ranked, sign_line)
+from lightning_influence.cli.context import prepare
+from lightning_influence.cli.methods import DISTRIBUTED, METHODS, method_help, run_method
+from lightning_influence.cli.queries import build_query, parse_query, query_columns
+from lightning_influence.distributed import DistributedQueryError, global_rank, launched_outside, run
+
+
+def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("query", parents=[parents["common"], parents["model"], parents["query"]],
+                       help="top samples for a query over windows", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score every training sample for a query over one or more windows and list the top.",
+                       epilog="examples:\n"
+                              f"  {PROG} query runs/digits/influence --config configs/digits.yaml --window 'epoch 14:'\n"
+                              f"  {PROG} query LOG -c CONFIG --window 100:500 --window 0.8:1.0 --query test:3 -o top.csv")
+    p.add_argument("--method", "-m", choices=list(METHODS), metavar="METHOD", help=method_help())
+    p.add_argument("--window", "-w", action="append", metavar="W",
+                   help="steps '100:500', fractions '0.8:1.0' or epochs 'epoch 3:5' (epochs 3 and 4); empty ends mean "
+                        "start/end; repeatable; default: the whole run")
+    p.add_argument("--top", "-k", type=int, default=10, help="rows per window and query (0: all samples; default 10)")
+    g = p.add_argument_group("several processes (docs/scaling.md; methods: " + ", ".join(DISTRIBUTED) + ")")
+    g.add_argument("--devices", type=int, default=1, metavar="N", help="processes per node (default 1)")
+    g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="nodes (default 1; launch with torchrun/SLURM)")
+    g.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu", help="gloo on CPUs or nccl on GPUs")
+    p.set_defaults(func=cmd_query)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    log, ctx = prepare(args)
+    parallel = args.devices * args.num_nodes > 1 or launched_outside()
+    if parallel and args.method not in DISTRIBUTED:
+        raise UserError(f"--method {args.method} runs in one process; --devices/--num-nodes apply to "
+                        f"{', '.join(DISTRIBUTED)} (docs/scaling.md)")
+    specs = args.query or [parse_query("val_loss")]
+    windows = [(w, parse_window(log, w)) for w in (args.window or [None])]
+    query, names = build_query(specs, ctx) if METHODS[args.method].query else (None, [])
+    results = []
+    for spec_text, (t1, t2) in windows:
+        label = spec_text or "whole run"
+        progress = progress_bar(args, f"{args.method} [{t1}, {t2})") if os.environ.get("LOCAL_RANK", "0") == "0" else None
+        if parallel:
+            scores = _distributed(args, query, ctx, (t1, t2), progress)
+        else:
+            scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp)
+        for qi, qname, is_loss in query_columns(scores.query_names, names, specs):
+            s = scores.column(qi)
+            ids = ranked(s, args.sort, args.top)
+            labels = ctx.labels(ids) if ctx else np.full(len(ids), -1)
+            rows = [{"rank": r, "id": int(j), "score": float(s[j]),
+                     "label": int(lb) if lb >= 0 else None, "flipped": flip_cell(ctx, int(j))}
+                    for r, (j, lb) in enumerate(zip(ids, labels), 1)]
+            results.append({"method": scores.method, "query": qname, "loss_query": is_loss, "window": label,
+                            "steps": [int(t1), int(t2)], "n_samples": int(len(s)), "rows": rows,
+                            "flipped_total": len(ctx.flipped) if ctx and ctx.flipped is not None else None,
+                            "info": scores.info})
+    if parallel and global_rank() != 0:
+        return 0  # rank 0 writes the result
+    fmt = output_format(args)
+    if fmt == "json":
+        emit(args, json_text({"log": args.log, "results": results}))
+    elif fmt == "csv":
+        flips = any(r["flipped_total"] is not None for r in results)
+        header = ["method", "query", "window", "t1", "t2", "rank", "id", "score", "label"] + (["flipped"] if flips else [])
+        body = [[res["method"], res["query"], res["window"], *res["steps"], row["rank"], row["id"], row["score"], row["label"]]
+                + ([row["flipped"] == "yes"] if flips else []) for res in results for row in res["rows"]]
+        emit(args, csv_text(header, body))
+    else:
+        emit(args, "\n\n".join(_query_text(res, args) for res in results))
+    return 0
+
+
+def _distributed(args: argparse.Namespace, query: Any, ctx: Any, window: tuple[int, int], progress: Any) -> Any:
+    """The method on ``--devices × --num-nodes`` processes (this command re-run in each, Lightning's ``ddp``)."""
+    try:
+        return run(DISTRIBUTED[args.method], args.log, query, module=ctx.module if ctx is not None else None,
+                   window=window, devices=args.devices, num_nodes=args.num_nodes, strategy="ddp",
+                   accelerator=args.accelerator, progress=progress)
+    except DistributedQueryError as err:
+        raise UserError(str(err)) from None
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _query_text(res: dict[str, Any], args: argparse.Namespace) -> str:
+    t1, t2 = res["steps"]
+    head = [f"{res['method']}: query {res['query']}, window {res['window']} = steps [{t1}, {t2}), "
+            f"{res['n_samples']} training samples, sorted {args.sort} first",
+            f"sign: {sign_line(res['loss_query'], res['query'])}"]
+    has_label = any(r["label"] is not None for r in res["rows"])
+    has_flip = res["flipped_total"] is not None
+    header = ["rank", "id", "score"] + (["label"] if has_label else []) + (["flipped"] if has_flip else [])
+    rows = [[r["rank"], r["id"], r["score"]] + ([r["label"] if r["label"] is not None else "?"] if has_label else [])
+            + ([r["flipped"]] if has_flip else []) for r in res["rows"]]
+    tail = []
+    if has_flip and res["rows"]:
+        hits = sum(r["flipped"] == "yes" for r in res["rows"])
+        tail.append(f"flipped labels among these {len(res['rows'])}: {hits} ({hits / len(res['rows']):.0%}); "
+                    f"{res['flipped_total']} of {res['n_samples']} ({res['flipped_total'] / res['n_samples']:.0%}) are flipped overall")
+    return "\n".join(head + [format_table(header, rows)] + tail)
+
+

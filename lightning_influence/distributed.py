@@ -1,0 +1,199 @@
+"""Log-only estimators on several processes, devices and nodes, with Lightning Fabric (docs/scaling.md).
+
+TracIn and TracIn self-influence are sums over the logged steps. :func:`run` cuts the window's
+steps into one contiguous shard per process (at segment boundaries where possible, balanced by
+the number of gradient rows), every process streams its shard once with the single-process
+estimator (so each byte of the log is read once, by one process, and the numbers come from the
+same code), and the partial ``(N, Q)`` float64 score matrices are summed with one all-reduce.
+The result equals the single-process one up to the order of float64 additions (~1e-16
+relative). Query gradients at the checkpoints are taken once, before the processes start.
+
+Processes are started the way Lightning users start them: ``strategy="ddp_spawn"`` (the
+default from Python: works in scripts, notebooks and tests), ``"ddp"`` (re-runs the script or
+CLI command in new processes), or launched outside (``torchrun``, ``fabric run``, SLURM: Fabric
+finds the cluster environment and starts nothing). A process that dies ends the query: the
+others fail their collective (``gloo`` notices the closed connection at once; ``timeout_s``
+bounds every collective otherwise) and :class:`DistributedQueryError` says what happened.
+
+Only the log-only reductions are distributed here (:data:`DISTRIBUTED`); DIT, Diff-In, replay
+leave-one-out and group removal run in one process (see docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin, tracin_self_influence
+from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.queries import Query
+
+__all__ = ["DISTRIBUTED", "DistributedQueryError", "global_rank", "launched_outside", "run", "shard_steps"]
+
+DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tracin_self_influence": tracin_self_influence}
+_LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric run set these in every process
+
+
+class DistributedQueryError(RuntimeError):
+    """A process of a distributed query failed or was killed; the query has no result."""
+
+
+def shard_steps(log: InfluenceLog, t1: int, t2: int, n: int) -> list[tuple[int, int]]:
+    """``n`` contiguous step ranges covering ``[t1, t2)``, one per process, with about equal numbers of gradient rows.
+
+    Each cut is moved to the nearest segment start (of rank 0; every training rank flushes at the same
+    steps) when that keeps the shards within 25% of the ideal size, so two processes rarely read the same
+    segment file. Some ranges are empty when the window has fewer steps than processes.
+    """
+    steps = np.arange(t1, t2)
+    rows = np.array([log.step_column(int(t), "sample_count") if log.has_grads(int(t)) else 0 for t in steps], float)
+    rows = np.maximum(rows, 1e-9)  # steps without gradient rows still count a little, so shards stay contiguous
+    cum = np.concatenate([[0.0], np.cumsum(rows)])
+    starts = np.array([s for s in log.segment_starts() if t1 < s < t2], dtype=np.int64)
+    cuts = [t1]
+    for p in range(1, n):
+        ideal = float(np.searchsorted(cum, cum[-1] * p / n)) + t1
+        cut = int(round(ideal))
+        if len(starts):
+            near = int(starts[np.argmin(np.abs(starts - ideal))])
+            if abs(cum[near - t1] - cum[-1] * p / n) <= 0.25 * cum[-1] / n:
+                cut = near
+        cuts.append(min(max(cut, cuts[-1]), t2))
+    cuts.append(t2)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def run(method: str, log_path: str | os.PathLike, query: Query | Mapping[int, np.ndarray] | None = None, *,
+        module: nn.Module | None = None, window: Any = None, devices: int = 1, num_nodes: int = 1,
+        strategy: str = "ddp_spawn", accelerator: str = "cpu", timeout_s: float = 300.0,
+        progress: Callable[[int, int], None] | None = None) -> InfluenceScores:
+    """Run the log-only estimator ``method`` (a key of :data:`DISTRIBUTED`) on ``devices × num_nodes`` processes.
+
+    Args:
+        method: ``"tracin"`` or ``"tracin_self_influence"``.
+        log_path: the influence log (every process opens it; on several nodes, a shared file system).
+        query: TracIn's query (a callable, with ``module``) or precomputed ``{checkpoint_step: (Q, K)}``;
+            ``None`` for self-influence.
+        module: the architecture, for a callable query (its gradients are taken once, in this process).
+        window: as for the estimator.
+        devices, num_nodes: processes per node and nodes (``1, 1``: this process alone, no Fabric).
+        strategy: ``"ddp_spawn"``, ``"ddp"`` (re-runs the script/command), or ``"auto"`` (= ``"ddp"``);
+            ignored in processes launched outside (``torchrun``, ``fabric run``, SLURM).
+        accelerator: ``"cpu"`` (``gloo``) or ``"cuda"`` (``nccl``; the all-reduce runs on the device).
+        timeout_s: bound on every collective: a process that neither answers nor dies ends the query then.
+        progress: ``progress(done, total)`` over each process's own shard.
+
+    Returns:
+        The scores of the whole window (on every process), ``info["per_rank"]`` holding each process's
+        steps, gradient rows and seconds.
+
+    Raises:
+        ValueError: an unknown or non-distributed method.
+        DistributedQueryError: a process failed or was killed.
+    """
+    if method not in DISTRIBUTED:
+        raise ValueError(f"{method!r} is not distributed; distributed log-only estimators: {sorted(DISTRIBUTED)}. "
+                         "DIT, Diff-In and replay-based ground truth run in one process (docs/scaling.md)")
+    if int(devices) < 1 or int(num_nodes) < 1:
+        raise ValueError(f"devices and num_nodes must be >= 1, got {devices} and {num_nodes}")
+    names: list[str] = []
+    with InfluenceLog(log_path) as log:
+        t1, t2 = log.window(window)
+        if method == "tracin":
+            query, names = _query_gradients(log, query, module, t1, t2)
+        elif query is not None:
+            raise TypeError(f"{method} answers each sample's own loss and takes no query")
+    args = (method, str(Path(log_path)), query, names, (t1, t2), progress)
+    if int(devices) * int(num_nodes) == 1 and not launched_outside():
+        return _reduce(None, *args)
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    start = "spawn" if strategy == "ddp_spawn" else "popen"
+    if strategy not in ("ddp_spawn", "ddp", "auto"):
+        raise ValueError(f"strategy must be 'ddp_spawn', 'ddp' or 'auto', got {strategy!r}")
+    fabric = Fabric(accelerator=accelerator, devices=int(devices), num_nodes=int(num_nodes),
+                    strategy=DDPStrategy(start_method=start, timeout=timedelta(seconds=float(timeout_s))))
+    try:
+        return fabric.launch(_reduce, *args)
+    except DistributedQueryError:
+        raise
+    except Exception as err:  # a spawned process died (ProcessExitedException) or raised in its collective
+        raise DistributedQueryError(f"the distributed {method} query on {fabric.world_size} processes failed: "
+                                    f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                                    ) from err
+
+
+def launched_outside() -> bool:
+    """Whether this process was started by a launcher (``torchrun``, ``fabric run``, Lightning's ``ddp``, SLURM)."""
+    return any(k in os.environ for k in _LAUNCHED_OUTSIDE) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def global_rank() -> int:
+    """This process's rank in a distributed query (0 outside one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _query_gradients(log: InfluenceLog, query: Any, module: nn.Module | None, t1: int, t2: int
+                     ) -> tuple[dict[int, np.ndarray], list[str]]:
+    """TracIn's query as projected gradients at the checkpoints the window uses (taken here, once)."""
+    if not callable(query):
+        return dict(query), []
+    if module is None:
+        raise ValueError("tracin needs `module` (the architecture) to take query gradients from the checkpoints")
+    ckpts = [t for t in log.checkpoint_steps if t < t2]
+    needed = sorted({max(c for c in ckpts if c <= t) for t in range(t1, t2) if ckpts and ckpts[0] <= t})
+    return checkpoint_query_gradients(log, module, query, needed)
+
+
+def _reduce(fabric: Any, method: str, log_path: str, query: Any, names: list[str], window: tuple[int, int],
+            progress: Callable[[int, int], None] | None) -> InfluenceScores:
+    """One process: its shard with the single-process estimator, then the sum over processes."""
+    rank, world = (0, 1) if fabric is None else (fabric.global_rank, fabric.world_size)
+    t0 = time.perf_counter()
+    with InfluenceLog(log_path) as log:
+        a, b = shard_steps(log, *window, world)[rank]
+        kwargs: dict[str, Any] = {"progress": progress, **({"query_names_": names} if method == "tracin" else {})}
+        part = DISTRIBUTED[method](log, query, window=(a, b), **kwargs) if a < b else None
+        n = log.dataset_size
+    width = 1 if query is None else next(iter(query.values())).shape[0]
+    local = part.scores if part is not None else np.zeros((n, width))
+    mine = {"rank": rank, "steps": [a, b], "seconds": time.perf_counter() - t0,
+            "result": None if part is None else (part.method, part.query_names, part.info)}
+    scores, per_rank = (local, [mine]) if fabric is None else _all_reduce(fabric, local, mine, method)
+    name, qnames, info = next(r["result"] for r in per_rank if r["result"] is not None)
+    used: set[int] = set()
+    for r in per_rank:
+        res = r.pop("result")
+        r["steps_with_gradients"] = res[2].get("steps_with_gradients", 0) if res else 0
+        used.update(res[2].get("checkpoints_used", []) if res else [])
+    info = {**info, "steps_with_gradients": sum(r["steps_with_gradients"] for r in per_rank), "per_rank": per_rank,
+            "processes": world, **({"checkpoints_used": sorted(used)} if "checkpoints_used" in info else {})}
+    return InfluenceScores(scores, name, window, qnames, info=info)
+
+
+def _all_reduce(fabric: Any, local: np.ndarray, mine: dict[str, Any], method: str
+                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Sum of every process's ``local`` scores (float64, one all-reduce) and every process's ``mine``."""
+    import torch.distributed as dist
+
+    try:
+        total = fabric.all_reduce(torch.from_numpy(local).to(fabric.device), reduce_op="sum")
+        per_rank: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(per_rank, mine)
+    except Exception as err:
+        raise DistributedQueryError(
+            f"rank {fabric.global_rank}: the {method} reduction failed because another process of the query ended "
+            f"(killed, out of memory, or an error there) or did not answer within the timeout: "
+            f"{type(err).__name__}: {str(err).strip()[:300]}") from err
+    return total.cpu().numpy(), per_rank

@@ -1,0 +1,35 @@
+"""One calling convention for every estimator: ``f(log, query, *, module=None, train_data=None, window=None, ...)``.
+
+:func:`estimator_api` guards the convention: a call in an earlier positional form
+(``dit(log, module, train_data, query)``, ``tracin(log, query, module)``) fails with a
+``TypeError`` that shows the keyword form, instead of binding a model to ``query``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
+
+from torch import nn
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def estimator_api(fn: F) -> F:
+    """Wrap ``fn(log, query, *, ...)`` so that extra positional arguments or a model passed as the query fail clearly."""
+    name = fn.__name__
+    where = "grid" if name == "timeline" else "window"
+    usage = f"{name}(log, query, *, module=..., train_data=..., {where}=..., ...)"
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > 2:
+            raise TypeError(f"{name}() takes the log and the query as its only positional arguments, got {len(args)}; "
+                            f"call {usage} (the model, the training data and the window are keyword arguments)")
+        query = args[1] if len(args) == 2 else kwargs.get("query")
+        if isinstance(query, nn.Module):
+            raise TypeError(f"{name}(): the second argument is the query, got the model {type(query).__name__}; "
+                            f"call {usage}")
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

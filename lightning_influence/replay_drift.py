@@ -1,0 +1,85 @@
+"""How far a replay drifts from the logged run, measured at every stored checkpoint (issue 11, item 7).
+
+Float32 training is not bit-reproducible across kernels, thread counts or GPU atomics, so a
+replay is re-anchored at every checkpoint it passes: it measures its drift there, then
+continues from the stored ``θ_t`` and optimizer state. The drift of a segment is::
+
+    drift_t = ‖θ^replay_t − θ_t‖ / ‖θ_t − θ_s‖        (s: the checkpoint the segment started from)
+
+the error relative to how far training moved in that segment: it bounds the relative error
+of every ``θ`` the estimators linearise around, and so of their scores, to first order. A
+replay stops (:class:`ReplayMismatchError`) only when a drift exceeds ``tolerance``
+(default :data:`DEFAULT_TOLERANCE`, 1%: enough to change scores visibly), saying how large,
+where and what to do; otherwise the drifts are reported with the scores
+(``info["replay_drift"]``). ``tolerance=0`` demands a bit-identical replay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "measure"]
+
+DEFAULT_TOLERANCE = 1e-2
+
+
+class ReplayMismatchError(RuntimeError):
+    """A replayed trajectory does not match a checkpoint stored in the log (a user situation: see the message)."""
+
+
+@dataclass
+class DriftReport:
+    """Drifts measured at the checkpoints a replay passed: ``(step, drift, max |Δθ|)`` each."""
+
+    checkpoints: list[tuple[int, float, float]] = field(default_factory=list)
+
+    @property
+    def max(self) -> float:
+        return max((d for _, d, _ in self.checkpoints), default=0.0)
+
+    def summary(self) -> dict[str, Any]:
+        """For ``info["replay_drift"]``: the largest drift, where, and how many checkpoints were compared."""
+        if not self.checkpoints:
+            return {"checkpoints_compared": 0, "max": 0.0, "at_step": None, "max_abs": 0.0}
+        step, drift, diff = max(self.checkpoints, key=lambda c: c[1])
+        return {"checkpoints_compared": len(self.checkpoints), "max": drift, "at_step": step, "max_abs": diff}
+
+
+def measure(stored: Mapping[str, np.ndarray], params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> tuple[float, float]:
+    """``(drift, max |Δθ|)`` of replayed ``params`` against the ``stored`` checkpoint, relative to the movement
+    from ``anchor`` (the parameters the segment started from). Non-finite replayed values are infinite drift."""
+    err = move = scale = 0.0
+    biggest = 0.0
+    for n, p in params.items():
+        ref = torch.from_numpy(np.array(stored[n])).to(p.device, torch.float64)
+        d = p.detach().double() - ref
+        if not bool(torch.isfinite(d).all()):
+            return math.inf, math.inf
+        err += float((d * d).sum())
+        move += float(((ref - anchor[n].detach().double()) ** 2).sum())
+        scale += float((ref * ref).sum())
+        biggest = max(biggest, float(d.abs().max()) if d.numel() else 0.0)
+    if err == 0.0:
+        return 0.0, 0.0
+    denominator = math.sqrt(move) if move > 0 else math.sqrt(scale) or 1.0  # a segment that did not move: relative to θ
+    return math.sqrt(err) / denominator, biggest
+
+
+def mismatch(step: int, start: int, drift: float, diff: float, tolerance: float) -> ReplayMismatchError:
+    """The error of a replay whose drift at ``step`` exceeds ``tolerance``: how large, where, what to do."""
+    return ReplayMismatchError(
+        f"replay does not reproduce the logged run: at step {step}, after replaying steps {start}..{step - 1} from the "
+        f"checkpoint at step {start}, θ differs from the stored θ_{step} by {drift:.3g} of how far training moved in "
+        f"that segment (largest entry difference {diff:.3g}; tolerance {tolerance:g}). Scores built on this replay "
+        "would be off by about as much. What to do: make sure train_data returns the samples the run saw under these "
+        "ids (order, preprocessing) and loss_fn is the training loss, in the run's dtype and device; store the exact "
+        "inputs (InfluenceTracker(store_inputs=True)) if the data pipeline is random; checkpoint more often "
+        "(checkpoint_every_n_steps) so float round-off cannot accumulate; train with deterministic algorithms "
+        "(Trainer(deterministic=True)); or accept the drift with a larger tolerance (Python: tolerance=..., CLI: "
+        "--replay-tolerance).")

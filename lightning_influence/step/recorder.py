@@ -1,0 +1,161 @@
+"""What the tracker records about the step as Lightning ran it: sample weights and gradient clipping.
+
+Used by :class:`~lightning_influence.InfluenceTracker` (it calls these from its hooks); the
+descriptions themselves are :mod:`lightning_influence.step.weights` and
+:mod:`lightning_influence.step.clipping`. What the tracker cannot reproduce is refused at the
+step where it is seen (the first step for a misconfigured loss or clipping):
+
+- a training loss that is not the mean of the per-sample losses (:func:`check_reduction`);
+- a ``configure_gradient_clipping`` override that changes the gradients otherwise than the
+  Trainer's ``gradient_clip_val``/``gradient_clip_algorithm`` would (checked at every step it runs).
+
+No Lightning import: the trainer and module are used through their public attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.step.clipping import ClipSpec, clip_coefficient
+from lightning_influence.step.weights import check_reduction, lightning_weights
+
+__all__ = ["ClippingError", "StepRecorder"]
+
+
+class ClippingError(RuntimeError):
+    """The run clips gradients in a way the tracker cannot record or replay."""
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Lightning's ``main_params``: the optimizer's parameters in param-group order."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+class StepRecorder:
+    """Per-fit state of the step description: the clipping spec and the ``configure_gradient_clipping`` check."""
+
+    def __init__(self) -> None:
+        self.spec: ClipSpec | None = None
+        self._override = False
+        self._module: nn.Module | None = None
+        self._check: tuple[int, list[Tensor | None]] | None = None  # (step, gradients before clipping)
+        self._checked_default = False
+        self._deferred: Callable[[], None] | None = None  # stores the step once its clipping is verified
+
+    # ------------------------------------------------------------------------------ setup
+    def start(self, trainer: Any, module: nn.Module) -> dict[str, Any]:
+        """Read the Trainer's clipping, watch ``configure_gradient_clipping``; returns the meta entry."""
+        value = trainer.gradient_clip_val
+        algorithm = trainer.gradient_clip_algorithm
+        algorithm = getattr(algorithm, "value", algorithm) or "norm"
+        self.spec = ClipSpec(str(algorithm).lower(), float(value)) if value else None
+        base = _lightning_default_clipping(module)
+        self._override = base is not None and type(module).configure_gradient_clipping is not base
+        self._checked_default = False
+        self._install(module)
+        return {"algorithm": self.spec.algorithm if self.spec else None,
+                "value": self.spec.value if self.spec else None,
+                "configure_gradient_clipping": "overridden (verified at every step)" if self._override else "default"}
+
+    def _install(self, module: nn.Module) -> None:
+        original = module.configure_gradient_clipping
+        recorder = self
+
+        def configure_gradient_clipping(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            out = original(optimizer, *args, **kwargs)
+            recorder._verify(optimizer)
+            return out
+
+        module.configure_gradient_clipping = configure_gradient_clipping
+        self._module = module
+
+    def after_clipping(self, store: Callable[[], None]) -> None:
+        """Run ``store`` (which writes the step) now, or after the step's clipping is verified."""
+        if self._check is None:
+            store()
+        else:
+            self._deferred = store
+
+    def commit(self) -> None:
+        """Store a step still waiting for its clipping check (the check did not run)."""
+        store, self._deferred = self._deferred, None
+        self._check = None
+        if store is not None:
+            store()
+
+    def teardown(self) -> None:
+        if self._module is not None:
+            self._module.__dict__.pop("configure_gradient_clipping", None)  # the class method shows again
+            self._module = None
+        self._check = None
+        self._deferred = None
+
+    # ----------------------------------------------------------------------------- per step
+    def record(self, record: Any, micro_sizes: Sequence[int], accumulate: Sequence[int], world_size: int,
+               optimizer: torch.optim.Optimizer) -> None:
+        """Fill ``record``'s weights, divisor and clipping (before Lightning clips)."""
+        if len(set(accumulate)) != 1:
+            raise RuntimeError(f"step {record.step}: accumulate_grad_batches changed inside one optimizer step {list(accumulate)}")
+        sw = lightning_weights(micro_sizes, accumulate[0], world_size)
+        record.weights, record.accumulate = sw.weights, sw.accumulate  # micro-batch sizes: the tracker's micro rows
+        grads = [p.grad for p in _optimizer_params(optimizer)]
+        if self.spec is not None:
+            record.clip_value = self.spec.value
+            record.clip_coef = clip_coefficient(grads, self.spec)
+        if self._override or not self._checked_default:
+            self._check = (record.step, [None if g is None else g.detach().clone() for g in grads])
+            self._checked_default = True
+
+    @staticmethod
+    def check_losses(step: int, returned: Tensor | None, losses: Tensor | None, accumulate: int, trainer: Any) -> None:
+        """Refuse a training loss other than the mean of the per-sample losses (see :func:`check_reduction`)."""
+        if returned is None or losses is None:
+            return
+        value = float(returned)
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+            value /= float(scaler.get_scale())  # Lightning's hook sees the GradScaler-scaled loss
+        check_reduction(value, losses, accumulate, step, returned.dtype)
+
+    def _verify(self, optimizer: torch.optim.Optimizer) -> None:
+        check, self._check = self._check, None
+        if check is None:
+            return
+        step, before = check
+        after = [p.grad for p in _optimizer_params(optimizer)]
+        coef = clip_coefficient(before, self.spec) if self.spec is not None else 1.0
+        worst = 0.0
+        for b, a in zip(before, after):
+            if b is None or a is None:
+                continue
+            expected = _expected(b, self.spec, coef)
+            scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-30)
+            worst = max(worst, float((a.detach() - expected).abs().max()) / scale if a.numel() else 0.0)
+        if worst > 1e-5:
+            what = (f"Trainer(gradient_clip_val={self.spec.value}, gradient_clip_algorithm={self.spec.algorithm!r})"
+                    if self.spec else "no clipping (Trainer(gradient_clip_val=None))")
+            raise ClippingError(
+                f"InfluenceTracker: at step {step} configure_gradient_clipping changed the gradients otherwise than "
+                f"{what} does (relative difference {worst:.2e}); replay and the estimators could not reproduce the "
+                "step. Clip through the Trainer's gradient_clip_val/gradient_clip_algorithm (norm or value clipping "
+                "of all parameters at a fixed threshold) and remove the override. Nothing of this step was stored.")
+        self.commit()
+
+
+def _expected(grad: Tensor, spec: ClipSpec | None, coef: float) -> Tensor:
+    """The gradient after the clipping ``spec`` (``coef``: the norm clip's factor over all parameters)."""
+    if spec is None:
+        return grad
+    if spec.algorithm == "value":
+        return grad.clamp(-spec.value, spec.value)
+    return grad * coef
+
+
+def _lightning_default_clipping(module: nn.Module) -> Any:
+    for cls in type(module).__mro__:
+        if cls.__name__ == "LightningModule" and "configure_gradient_clipping" in cls.__dict__:
+            return cls.configure_gradient_clipping
+    return None

@@ -1,0 +1,111 @@
+"""One Python API: every estimator ``f(log, query, *, module=None, train_data=None, window=..., ...)`` from the
+package root, the same defaults as the CLI's method of the same name, and scores as a table."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lightning_influence as li
+from lightning_influence import InfluenceScores
+from lightning_influence.cli.methods import METHODS
+
+ESTIMATORS = ["dit", "dit_local", "dit_gauss_newton", "timeline", "diffin", "diffin_self_influence", "tracin"]
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_every_estimator_has_the_same_signature(name):
+    fn = getattr(li, name)
+    assert name in li.__all__
+    params = list(inspect.signature(fn).parameters.values())
+    assert [p.name for p in params[:2]] == ["log", "query"]
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params[:2])
+    rest = [p for p in params[2:]]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in rest), [p.name for p in rest]
+    names = [p.name for p in rest]
+    where = "grid" if name == "timeline" else "window"
+    expected = [n for n in ("module", "train_data", where) if n in names]
+    assert names[:len(expected)] == expected  # the same order everywhere
+    assert "module" in names and where in names
+    for p in rest:
+        if p.name in ("module", "train_data", where):
+            assert p.default is None
+
+
+@pytest.mark.parametrize("name", ["dit", "dit_local", "timeline", "diffin", "diffin_self_influence"])
+def test_old_positional_forms_fail_clearly(name):
+    fn = getattr(li, name)
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=r"module=\.\.\., train_data=\.\.\."):
+        fn("LOG", model, [(0, 0, 0)], lambda m: m.weight.sum())  # the old (log, module, train_data, query) form
+    with pytest.raises(TypeError, match="the second argument is the query, got the model Linear"):
+        fn("LOG", model)
+
+
+def test_tracin_old_positional_module_fails_clearly():
+    with pytest.raises(TypeError, match="keyword arguments"):
+        li.tracin("LOG", lambda m: m.weight.sum(), torch.nn.Linear(2, 1))
+
+
+def test_self_influence_takes_no_query():
+    with pytest.raises(TypeError, match="takes no query"):
+        li.diffin_self_influence("LOG", lambda m: m.weight.sum(), module=torch.nn.Linear(2, 1))
+
+
+def test_cli_methods_named_like_python_functions_use_the_python_defaults():
+    """``--method diffin`` is ``diffin()`` with its defaults (and so on): no CLI-only options under the same name."""
+    same = {name: m for name, m in METHODS.items() if name.replace("-", "_") in ESTIMATORS}
+    assert {"dit", "diffin", "tracin"} <= set(same)
+    for name, m in same.items():
+        assert m.target.endswith(":" + name.replace("-", "_")) and m.options == (), name
+    assert inspect.signature(li.diffin).parameters["form"].default == "published"
+
+
+def _scores() -> InfluenceScores:
+    return InfluenceScores(np.array([[0.5, 1.0], [-2.0, 0.0], [0.25, -3.0], [-1.0, 2.0]]), "demo", (0, 4), ["a", "b"])
+
+
+def test_top_gives_ids_scores_and_labels():
+    s = _scores().with_labels(np.array([7, 8, 9, 1]))
+    top = s.top(2)
+    assert top.ids.tolist() == [1, 3] and top.scores.tolist() == [-2.0, -1.0] and top.labels.tolist() == [8, 1]
+    assert list(top) == [(1, -2.0), (3, -1.0)]
+    helpful = s.top(1, harmful=False, query="b")
+    assert helpful.ids.tolist() == [3] and helpful.scores.tolist() == [2.0]
+    text = str(top)
+    assert "most harmful for a" in text and "-2.0000e+00" in text
+
+
+def test_rows_csv_and_json_tables():
+    s = _scores().with_labels([(None, 7, 0), (None, 8, 1), (None, 9, 2), (None, 1, 3)])  # a dataset's (x, y, id) items
+    rows = s.rows()
+    assert rows[2] == {"id": 2, "label": 9, "score[a]": 0.25, "rank[a]": 3, "score[b]": -3.0, "rank[b]": 1}
+    parsed = list(csv.DictReader(io.StringIO(s.to_csv())))
+    assert [int(r["rank[a]"]) for r in parsed] == [4, 1, 3, 2]
+    assert [float(r["score[b]"]) for r in parsed] == [1.0, 0.0, -3.0, 2.0]  # repr: exact round trip
+    data = json.loads(s.to_json())
+    assert data["method"] == "demo" and data["rows"][1]["score[a]"] == -2.0
+    single = InfluenceScores(np.array([3.0, -1.0]), "m", (0, 1), ["val"])
+    assert single.rows() == [{"id": 0, "score": 3.0, "rank": 2}, {"id": 1, "score": -1.0, "rank": 1}]
+
+
+def test_to_pandas():
+    pd = pytest.importorskip("pandas")
+    df = _scores().to_pandas()
+    assert isinstance(df, pd.DataFrame) and df.loc[2, "rank[b]"] == 1
+
+
+def test_to_pandas_without_pandas_says_what_to_use(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError()) if name == "pandas" else real(name, *a, **k))
+    with pytest.raises(ImportError, match="to_csv"):
+        _scores().to_pandas()

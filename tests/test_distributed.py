@@ -1,0 +1,113 @@
+"""Distributed log-only estimators (``lightning_influence.distributed``): 2 gloo processes against one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+
+from conftest import fit, loader, make_data, tiny
+from lightning_influence import InfluenceLog, InfluenceTracker, tracin
+from lightning_influence.distributed import DistributedQueryError, run, shard_steps
+from lightning_influence.estimators import tracin_self_influence
+from lightning_influence.queries import mean_loss
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "log"
+    tracker = InfluenceTracker(str(path), record_gradients=True, projection_dim=5, checkpoint_every_n_steps=3,
+                               storage_dtype="float64", flush_every_n_steps=4)
+    fit(tiny(weight_decay=0.01), loader(make_data(24, seed=1), batch_size=4), tracker, epochs=3)  # 18 steps, 5 segments
+    return str(path)
+
+
+def test_shards_are_contiguous_balanced_and_cut_at_segment_starts(log_dir):
+    with InfluenceLog(log_dir) as log:
+        assert log.segment_starts() == [0, 4, 8, 12, 16]
+        assert shard_steps(log, 0, 18, 2) == [(0, 8), (8, 18)]  # ideal cut 9: the segment start 8 is within 25%
+        assert shard_steps(log, 0, 18, 3) == [(0, 6), (6, 12), (12, 18)]  # 6 is 2 from a start: exact cut
+        assert sorted(b - a for a, b in shard_steps(log, 3, 5, 4)) == [0, 0, 1, 1]  # fewer steps than processes
+        for n in (1, 2, 5, 7):
+            cuts = shard_steps(log, 2, 17, n)
+            assert cuts[0][0] == 2 and cuts[-1][1] == 17 and all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
+
+
+def test_one_process_is_the_estimator_itself(log_dir):
+    query = mean_loss(make_data(6, seed=2).tensors)
+    with InfluenceLog(log_dir) as log:
+        want = tracin(log, query, module=tiny(), window=(2, 15)).scores
+    got = run("tracin", log_dir, query, module=tiny(), window=(2, 15))
+    np.testing.assert_array_equal(got.scores, want)
+    with pytest.raises(ValueError, match="not distributed; distributed log-only estimators"):
+        run("dit", log_dir, query, module=tiny())
+
+
+def _kill_rank_1(done: int, total: int) -> None:
+    if dist.is_initialized() and dist.get_rank() == 1 and done >= 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process(log_dir):
+    query = mean_loss(make_data(6, seed=2).tensors)
+    with InfluenceLog(log_dir) as log:
+        want = tracin(log, query, module=tiny()).scores
+        want_self = tracin_self_influence(log, window=(1, 17)).scores
+    got = run("tracin", log_dir, query, module=tiny(), devices=2)
+    assert got.info["processes"] == 2 and [r["steps"] for r in got.info["per_rank"]] == [[0, 8], [8, 18]]
+    np.testing.assert_allclose(got.scores, want, rtol=1e-12, atol=1e-15)
+    got_self = run("tracin_self_influence", log_dir, window=(1, 17), devices=2)
+    np.testing.assert_allclose(got_self.scores, want_self, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_query_with_a_clear_error(log_dir):
+    t0 = time.perf_counter()
+    with pytest.raises(DistributedQueryError, match="distributed tracin_self_influence query on 2 processes failed"):
+        run("tracin_self_influence", log_dir, devices=2, progress=_kill_rank_1, timeout_s=60)
+    assert time.perf_counter() - t0 < 60
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def _cli_json(*argv: str, env_extra: dict | None = None) -> tuple[int, dict | None, str]:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", "lightning_influence", *argv, "--format", "json", "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    return proc.returncode, json.loads(proc.stdout) if proc.returncode == 0 else None, proc.stderr
+
+
+def test_cli_tracin_self_and_devices_refused_for_a_method_that_is_not_distributed(log_dir, capsys):
+    from lightning_influence.cli import main
+
+    assert main(["query", log_dir, "-m", "tracin-self", "-k", "0", "-f", "json", "-q"]) == 0
+    import json
+
+    res = json.loads(capsys.readouterr().out)["results"][0]
+    with InfluenceLog(log_dir) as log:
+        want = tracin_self_influence(log).column(0)
+    got = np.zeros_like(want)
+    for row in res["rows"]:
+        got[row["id"]] = row["score"]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert main(["query", log_dir, "-m", "dit-gn", "--devices", "2", "-q"]) == 2
+    assert "--method dit-gn runs in one process; --devices/--num-nodes apply to tracin, tracin-self" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_devices_2_equals_one_process(log_dir):
+    code1, one, err1 = _cli_json("query", log_dir, "-m", "tracin-self", "-k", "0")
+    code2, two, err2 = _cli_json("query", log_dir, "-m", "tracin-self", "-k", "0", "--devices", "2")
+    assert code1 == 0 and code2 == 0, err1 + err2
+    a, b = one["results"][0], two["results"][0]
+    assert [r["id"] for r in a["rows"]] == [r["id"] for r in b["rows"]]
+    np.testing.assert_allclose([r["score"] for r in b["rows"]], [r["score"] for r in a["rows"]], rtol=1e-12)
+    assert b["info"]["processes"] == 2 and a["info"].get("processes", 1) == 1

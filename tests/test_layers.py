@@ -1,0 +1,255 @@
+"""Every layer engine's projected per-sample gradients against projected brute-force autograd (float64)."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_influence.capture import HookGradientCapture, per_sample_grads, per_sample_grads_hooks, select_params
+
+from test_per_sample import B, brute_force, projector_for
+
+
+class Seq(nn.Module):
+    """Tokens (B, T) -> Embedding -> blocks -> mean-pooled logits; ``body`` sees (B, T, d)."""
+
+    def __init__(self, body: nn.Module, vocab: int = 11, d: int = 6, padding_idx: int | None = None):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.body = body
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        return self.head(self.body(self.emb(ids)).mean(1))
+
+
+class Residual(nn.Module):
+    def __init__(self, *layers):
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.layers(x)
+
+
+class Attention(nn.Module):
+    """MultiheadAttention on (B, T, d) as self-, cross- (k is v) or general attention (k is not v)."""
+
+    def __init__(self, d: int, batch_first: bool, kind: str = "self"):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d, 2, batch_first=batch_first)
+        self.batch_first, self.kind = batch_first, kind
+
+    def forward(self, x):
+        x_in = x if self.batch_first else x.transpose(0, 1)
+        mem = torch.tanh(x_in)
+        k = {"self": x_in, "cross": mem, "general": mem}[self.kind]
+        v = {"self": x_in, "cross": mem, "general": mem * 2}[self.kind]
+        causal = torch.triu(torch.full((x.shape[1], x.shape[1]), float("-inf"), dtype=x.dtype), 1)
+        out, _ = self.mha(x_in, k, v, attn_mask=causal if self.kind == "self" else None, need_weights=self.kind != "self")
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+class PosEmbed(nn.Module):
+    """A bare parameter used in forward: no hook covers it (vmap)."""
+
+    def __init__(self, t: int, d: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(t, d) * 0.1)
+
+    def forward(self, x):
+        return x + self.pos
+
+
+def seq_case(body_fn, padding_idx=None, vocab=11):
+    def make():
+        return Seq(body_fn(), vocab=vocab, padding_idx=padding_idx)
+
+    def batch(gen):
+        ids = torch.randint(0, vocab, (B, 5), generator=gen)
+        ids[0, :2] = 3  # a repeated token within one sample
+        if padding_idx is not None:
+            ids[1, 1] = padding_idx
+        return ids, torch.randint(0, 3, (B,), generator=gen)
+
+    return make, batch
+
+
+def seq_loss(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+class ConvNet(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.c1 = conv(2, 4, 3, stride=2, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.c2 = conv(4, 4, 2, dilation=2, padding=1, padding_mode="circular", groups=2)  # grouped
+        self.c3 = conv(4, 6, 3, padding="same", groups=2, bias=False)
+        self.dw = conv(6, 6, 3, padding=1, groups=6, padding_mode="reflect")  # depthwise
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x):
+        h = torch.tanh(self.gn(self.c1(x)))
+        h = torch.tanh(self.dw(torch.tanh(self.c3(torch.tanh(self.c2(h))))))
+        return self.fc(h.flatten(1))
+
+
+def conv_case(dims, size):
+    def make():
+        model = ConvNet(dims)
+        model(torch.zeros(1, 2, *([size] * dims)))  # materialise the lazy Linear
+        return model
+
+    def batch(gen):
+        return torch.randn(B, 2, *([size] * dims), generator=gen), torch.randint(0, 3, (B,), generator=gen)
+
+    return make, batch
+
+
+CASES = {
+    "embedding+linear-3d": seq_case(lambda: Residual(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))),
+    "embedding-padding": seq_case(lambda: nn.Tanh(), padding_idx=0),
+    "layernorm": seq_case(lambda: nn.Sequential(nn.LayerNorm(6), Residual(nn.Linear(6, 6), nn.GELU()), nn.LayerNorm(6))),
+    "layernorm-2d-shape": seq_case(lambda: nn.Sequential(nn.Unflatten(2, (2, 3)), nn.LayerNorm((2, 3)),
+                                                         nn.Flatten(2), nn.Tanh())),
+    "layernorm-2d-input": seq_case(lambda: nn.Sequential(nn.Flatten(1), nn.LayerNorm(30), nn.Unflatten(1, (5, 6)))),
+    "rmsnorm": seq_case(lambda: nn.Sequential(nn.RMSNorm(6), Residual(nn.Linear(6, 6), nn.Tanh()), nn.RMSNorm(6, eps=1e-3))),
+    "mha-batch-first": seq_case(lambda: nn.Sequential(nn.LayerNorm(6), Attention(6, True))),
+    "mha-seq-first": seq_case(lambda: Attention(6, False)),
+    "mha-cross": seq_case(lambda: Attention(6, True, "cross")),
+    "mha-general": seq_case(lambda: Attention(6, False, "general")),
+    "mixed-pos-embedding": seq_case(lambda: nn.Sequential(PosEmbed(5, 6), nn.LayerNorm(6), Attention(6, True))),
+    "conv1d-groupnorm": conv_case(1, 9),
+    "conv2d-groupnorm": conv_case(2, 7),
+    "conv3d": conv_case(3, 5),
+}
+
+
+def make(case):
+    make_model, make_batch = CASES[case]
+    torch.manual_seed(0)
+    model = make_model().double()
+    batch = make_batch(torch.Generator().manual_seed(1))
+    batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
+    return model, batch
+
+
+@pytest.mark.parametrize("dim", [None, 8])
+@pytest.mark.parametrize("case", list(CASES))
+def test_engines_match_brute_force(case, dim):
+    model, batch = make(case)
+    names = select_params(model)
+    unsupported = HookGradientCapture.unsupported(model, names)
+    assert unsupported == (["body.0.pos"] if case.startswith("mixed") else [])
+    proj = projector_for(model, names, dim)
+    expected = proj.project(brute_force(model, seq_loss, batch, names))
+    capture = HookGradientCapture(model, [n for n in names if n not in unsupported], proj)
+    grads, losses = per_sample_grads(model, seq_loss, batch, names, proj, capture)
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(losses, seq_loss(model, batch), rtol=1e-12, atol=0)
+    assert capture.pending == 0
+    assert capture.verify(model, seq_loss, batch, sample=2) == []  # no false alarm on any engine
+    assert capture.pending == 0 and not capture.enabled
+
+
+def test_mha_out_proj_captured_by_hooks_alone():
+    """The attention engine fills out_proj's columns although out_proj's own module hooks never fire."""
+    model, batch = make("mha-batch-first")
+    names = [n for n in select_params(model) if ".mha." in n]
+    assert names == ["body.1.mha.in_proj_weight", "body.1.mha.in_proj_bias", "body.1.mha.out_proj.weight",
+                     "body.1.mha.out_proj.bias"]
+    proj = projector_for(model, names, 8)
+    capture = HookGradientCapture(model, names, proj)
+    grads, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
+    expected = proj.project(brute_force(model, seq_loss, batch, names))
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    assert F.linear is torch._C._nn.linear  # the recorder is removed after the forward
+
+
+def test_lora_tracks_only_the_adapters():
+    class LoRALinear(nn.Module):
+        def __init__(self, d_in, d_out, rank):
+            super().__init__()
+            self.base = nn.Linear(d_in, d_out)
+            self.base.requires_grad_(False)
+            self.down = nn.Linear(d_in, rank, bias=False)
+            self.up = nn.Linear(rank, d_out, bias=False)
+
+        def forward(self, x):
+            return self.base(x) + self.up(self.down(x))
+
+    model, batch = make("embedding+linear-3d")
+    model.body.layers[0] = LoRALinear(6, 8, 2).double()
+    model.emb.requires_grad_(False)
+    names = select_params(model)
+    assert [n for n in names if "layers.0" in n] == ["body.layers.0.down.weight", "body.layers.0.up.weight"]
+    proj = projector_for(model, names, 8)
+    capture = HookGradientCapture(model, names, proj)
+    grads, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
+    torch.testing.assert_close(grads, proj.project(brute_force(model, seq_loss, batch, names)), rtol=1e-10, atol=1e-12)
+
+
+def test_module_without_batch_dimension_is_demoted_to_vmap():
+    """nanoGPT-style positional embedding of ``arange(T)``: its output has no batch dimension."""
+
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wpe = nn.Embedding(5, 6)
+
+        def forward(self, x):
+            return x + self.wpe(torch.arange(x.shape[1]))
+
+    torch.manual_seed(0)
+    model = Seq(nn.Sequential(Positional(), nn.LayerNorm(6))).double()
+    batch = CASES["embedding+linear-3d"][1](torch.Generator().manual_seed(1))
+    names = select_params(model)
+    proj = projector_for(model, names, 8)
+    capture = HookGradientCapture(model, names, proj)
+    assert "body.0.wpe.weight" in capture.param_names
+    expected = proj.project(brute_force(model, seq_loss, batch, names))
+    with pytest.warns(UserWarning, match="body.0.wpe.weight"):  # demoted at the first pass
+        first, _ = per_sample_grads(model, seq_loss, batch, names, proj, capture)
+    with warnings.catch_warnings():  # on vmap from then on, silently
+        warnings.simplefilter("error")
+        second, _ = per_sample_grads(model, seq_loss, batch, names, proj, capture)
+    for grads in (first, second):
+        torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    assert capture.demoted == ["body.0.wpe.weight"] and "body.0.wpe.weight" not in capture.param_names
+
+
+class _WPE(nn.Module):
+    """nanoGPT-style positional embedding: ``wpe(arange(T))``, broadcast over the batch."""
+
+    def __init__(self, t: int, d: int):
+        super().__init__()
+        self.wpe = nn.Embedding(t, d)
+
+    def forward(self, x):
+        return x + self.wpe(torch.arange(x.shape[1]))
+
+
+def test_verify_demotes_a_broadcast_module_whose_length_equals_the_batch():
+    """With T == B the shapes look per-sample; only the comparison with one sample's autograd tells."""
+    torch.manual_seed(0)
+    model = Seq(nn.Sequential(_WPE(B, 6), nn.LayerNorm(6))).double()
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randint(0, 11, (B, B), generator=gen), torch.randint(0, 3, (B,), generator=gen))
+    names = select_params(model)
+    proj = projector_for(model, names, 8)
+    capture = HookGradientCapture(model, names, proj)
+    expected = proj.project(brute_force(model, seq_loss, batch, names))
+    wrong, _ = per_sample_grads(model, seq_loss, batch, names, proj, capture)  # shapes match: not caught
+    assert not torch.allclose(wrong, expected)
+    rows = wrong.clone()
+    with pytest.warns(UserWarning, match="differs from autograd"):
+        assert capture.verify(model, seq_loss, batch, rows) == ["body.0.wpe.weight"]
+    cols = proj.slices["body.0.wpe.weight"]
+    assert torch.equal(rows[:, cols], torch.zeros_like(rows[:, cols]))
+    torch.testing.assert_close(rows, wrong.index_fill(1, torch.arange(cols.start, cols.stop), 0))
+    grads, _ = per_sample_grads(model, seq_loss, batch, names, proj, capture)
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,181 @@
+"""The step as Lightning ran it: per-sample weights (accumulation, incomplete accumulations) and
+gradient clipping are recorded, replayed bit for bit, and what cannot be reproduced is refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_influence import InfluenceTracker
+from lightning_influence.log import InfluenceLog
+from lightning_influence.replay import batch_from_ids, replay
+from lightning_influence.step.recorder import ClippingError
+from lightning_influence.step.weights import LossReductionError, lightning_weights, step_weights
+from tests.conftest import TinyClassifier, fit, loader, make_data
+
+torch.set_num_threads(1)
+
+N, BATCH = 26, 6  # 5 batches per epoch (6, 6, 6, 6, 2): with accumulation 2 the third step is one micro-batch of 2
+
+
+def loss_fn(module: Any, batch: Any) -> torch.Tensor:
+    return module.per_sample_loss(batch)
+
+
+def tracked_run(tmp_path: Any, dtype: torch.dtype = torch.float32, module: TinyClassifier | None = None,
+                epochs: int = 2, **trainer_kw: Any) -> tuple[InfluenceLog, Any, TinyClassifier]:
+    torch.manual_seed(0)
+    m = module if module is not None else TinyClassifier(lr=0.5, momentum=0.9)
+    m = m.to(dtype)
+    ds = make_data(N, dtype=dtype)
+    tracker = InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=1)
+    fit(m, loader(ds, BATCH), tracker, epochs=epochs, **trainer_kw)
+    return InfluenceLog(tmp_path / "log"), ds, m
+
+
+def replay_exactly(log: InfluenceLog, ds: Any, m: TinyClassifier) -> int:
+    """Replay the whole run from θ_0 with tolerance 0 (every checkpoint compared bit for bit)."""
+    steps = [rs.step for rs in replay(log, m, ds, 0, None, start=0, loss_fn=loss_fn, tolerance=0.0)]
+    return len(steps)
+
+
+# ----------------------------------------------------------------------------- the weights
+def test_lightning_weights_of_an_incomplete_accumulation() -> None:
+    sw = lightning_weights([2], accumulate=2)
+    assert sw.weights.tolist() == [0.25, 0.25]  # Lightning still divides the lone micro-batch by 2: not 1/2
+    sw = lightning_weights([6, 4], accumulate=2, world_size=2)
+    assert np.allclose(sw.weights, [1 / 24] * 6 + [1 / 16] * 4) and sw.micro.tolist() == [0] * 6 + [1] * 4
+    assert [(s.start, s.stop) for s in sw.micro_slices()] == [(0, 6), (6, 10)]
+
+
+def test_accumulation_with_incomplete_last_accumulation_replays_bit_exactly(tmp_path: Any) -> None:
+    log, ds, m = tracked_run(tmp_path, accumulate_grad_batches=2)
+    assert log.num_steps == 6  # 3 steps per epoch: (6+6), (6+6), (2)
+    for t in range(log.num_steps):
+        sw = step_weights(log, t)
+        n = len(log.batch_ids(t))
+        expected = lightning_weights([6, 6] if n == 12 else [n], 2)
+        np.testing.assert_array_equal(sw.weights, expected.weights)
+        np.testing.assert_array_equal(sw.micro, expected.micro)
+        assert sw.accumulate == 2
+    assert step_weights(log, 2).weights.tolist() == [0.25, 0.25]
+    assert replay_exactly(log, ds, m) == log.num_steps + 1
+
+
+def test_weights_give_the_applied_gradient(tmp_path: Any) -> None:
+    """Brute force: Σ_i w_i g_i from independent per-sample gradients equals the gradient the optimizer got."""
+    applied: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Spy(TinyClassifier):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            applied[self.trainer.global_step] = {n: p.grad.detach().clone() for n, p in self.named_parameters()}
+
+    torch.manual_seed(0)
+    log, ds, _ = tracked_run(tmp_path, torch.float64, Spy(lr=0.5), epochs=1, accumulate_grad_batches=2)
+    for t in range(log.num_steps):
+        ids = log.batch_ids(t)
+        w = log.weights(t)
+        params = {n: torch.from_numpy(v) for n, v in log.checkpoint(t).items()}
+        m = TinyClassifier().double()
+        m.load_state_dict(params, strict=False)
+        for i, wi in zip(ids, w):
+            m.zero_grad()
+            m.per_sample_loss(batch_from_ids(ds, [i])).sum().mul(wi).backward()
+            for n, p in m.named_parameters():
+                applied[t][n] -= p.grad
+        assert max(float(v.abs().max()) for v in applied[t].values()) < 1e-14, t
+
+
+# ---------------------------------------------------------------------------- clipping
+@pytest.mark.parametrize("algorithm, value", [("norm", 0.05), ("value", 0.02)])
+def test_clipping_is_recorded_and_replays_bit_exactly(tmp_path: Any, algorithm: str, value: float) -> None:
+    log, ds, m = tracked_run(tmp_path, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+    assert log.meta["gradient_clipping"]["algorithm"] == algorithm
+    coefs = np.array([log.step_column(t, "clip_coef") for t in range(log.num_steps)])
+    assert (coefs < 1).mean() >= 0.8, coefs  # the threshold binds on most steps
+    assert all(log.step_column(t, "clip_value") == value for t in range(log.num_steps))
+    if algorithm == "norm":  # recorded coefficient = c / (‖unclipped gradient‖ + 1e-6)
+        norms = np.array([log.step_column(t, "batch_grad_norm") for t in range(log.num_steps)])
+        np.testing.assert_allclose(coefs, np.minimum(1, value / (norms + 1e-6)), rtol=1e-5)
+    assert replay_exactly(log, ds, m) == log.num_steps + 1
+
+
+def test_clipping_and_accumulation_replay_bit_exactly(tmp_path: Any) -> None:
+    log, ds, m = tracked_run(tmp_path, gradient_clip_val=0.05, accumulate_grad_batches=2)
+    assert replay_exactly(log, ds, m) == log.num_steps + 1
+
+
+def test_without_the_recorded_clipping_replay_fails(tmp_path: Any) -> None:
+    """The recorded clipping is what makes the replay exact: drop it and the replay departs from the log."""
+    from lightning_influence.replay import ReplayMismatchError
+
+    log, ds, m = tracked_run(tmp_path, gradient_clip_val=0.05)
+    log.meta["gradient_clipping"] = {"algorithm": None}
+    with pytest.raises(ReplayMismatchError):
+        replay_exactly(log, ds, m)
+
+
+# ---------------------------------------------------------------------------- refusals
+class SumLoss(TinyClassifier):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.per_sample_loss(batch).sum()
+
+
+class PerLayerClipping(TinyClassifier):
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
+        for p in self.parameters():
+            torch.nn.utils.clip_grad_norm_([p], 0.01)
+
+
+class LoggingClipping(TinyClassifier):
+    """An override that clips exactly like the Trainer's arguments (and does something else): accepted."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
+        self.calls = getattr(self, "calls", 0) + 1
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
+
+def test_sum_reduction_is_refused_at_the_first_step(tmp_path: Any) -> None:
+    with pytest.raises(LossReductionError, match="at step 0 .*sum of the per-sample losses"):
+        tracked_run(tmp_path, module=SumLoss())
+    assert InfluenceLog(tmp_path / "log").num_steps == 0
+
+
+def test_unmodelled_clipping_override_is_refused_at_the_first_step(tmp_path: Any) -> None:
+    with pytest.raises(ClippingError, match="at step 0 configure_gradient_clipping"):
+        tracked_run(tmp_path, module=PerLayerClipping())
+    assert InfluenceLog(tmp_path / "log").num_steps == 0
+
+
+def test_faithful_clipping_override_is_accepted(tmp_path: Any) -> None:
+    m = LoggingClipping(lr=0.5, momentum=0.9)
+    log, ds, m = tracked_run(tmp_path, module=m, gradient_clip_val=0.05)
+    assert m.calls == log.num_steps and log.meta["gradient_clipping"]["configure_gradient_clipping"].startswith("overridden")
+    assert replay_exactly(log, ds, TinyClassifier(lr=0.5, momentum=0.9).float()) == log.num_steps + 1
+
+
+def test_reduction_check_tolerates_rounding_not_other_reductions() -> None:
+    from lightning_influence.step.weights import check_reduction
+
+    losses = torch.rand(8, generator=torch.Generator().manual_seed(0)) + 0.5
+    check_reduction(float(losses.mean() / 2), losses, 2, 0)  # the mean, divided by A: accepted
+    bf16 = losses.to(torch.bfloat16)
+    check_reduction(float(bf16.mean()), bf16, 1, 0, torch.bfloat16)  # a bfloat16 mean: accepted at its precision
+    with pytest.raises(LossReductionError, match="sum of the per-sample losses"):
+        check_reduction(float(losses.sum()), losses, 1, 3)
+    with pytest.raises(LossReductionError, match="neither their mean nor their sum"):
+        check_reduction(float(losses.mean() + 0.01), losses, 1, 3)  # an added regulariser
+
+
+def test_info_describes_accumulation_and_clipping(tmp_path: Any, capsys: Any) -> None:
+    from lightning_influence.cli import main
+
+    log, _, _ = tracked_run(tmp_path, gradient_clip_val=0.05, accumulate_grad_batches=2)
+    assert main(["info", str(tmp_path / "log")]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][0]
+    assert "accumulate_grad_batches 2, 2 incomplete accumulation step(s)" in row
+    assert "norm clipping at 0.05, bound on" in row
