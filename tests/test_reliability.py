@@ -37,6 +37,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]
 
 
 # ------------------------------------------------------------------------------- 1. one writer
+@pytest.mark.slow
 def test_a_second_writer_is_refused_at_once_and_the_first_log_stays_intact(tmp_path):
     """Real processes: while fit ``a`` is paused mid-run, a new fit with overwrite=True and a fit resumed from
     ``a``'s checkpoint, both into ``a``'s log_dir, fail at once naming ``a``; ``a`` then finishes with a log equal,
@@ -308,6 +309,7 @@ def test_two_dimensional_ids_and_a_scalar_per_sample_loss_are_named(tmp_path):
 
 
 # --------------------------------------------------------------- 6. Ctrl+C on a full writer queue
+@pytest.mark.slow
 def test_ctrl_c_while_training_waits_on_a_slow_disk_keeps_every_accepted_step(tmp_path):
     """A real SIGINT to a fit whose segment writes are slower than its steps (fsync sleeps 0.1 s): training is
     blocked on the full writer queue. Every step the tracker accepted is on disk afterwards, equal to an
@@ -324,6 +326,30 @@ def test_ctrl_c_while_training_waits_on_a_slow_disk_keeps_every_accepted_step(tm
     assert got.steps.tolist() == list(range(accepted)) and accepted >= run["completed_steps"] >= 6
     assert_same_records(got, ref, steps=range(accepted))
     assert "are not on disk" not in out.stderr
+
+
+def test_ctrl_c_while_add_step_waits_on_a_full_queue_loses_no_accepted_step(tmp_path, monkeypatch):
+    """In-process: SIGINT to the training thread while ``add_step`` waits on a full queue behind 0.3 s writes; after
+    ``close`` (what Lightning's graceful shutdown calls) every step the writer accepted is on disk."""
+    synthetic(tmp_path, steps=2, flush=2)
+    real = writer_mod.write_segment
+    monkeypatch.setattr(writer_mod, "write_segment", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])
+    writer = LogWriter(tmp_path, flush_every_n_steps=1, max_pending=1)
+    main = threading.get_ident()
+    threading.Timer(0.8, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        for t in range(2, 200):
+            writer.add_step(StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(3),
+                                       losses=np.full(3, t), grads=np.ones((3, 6)), hvps=np.ones((3, 6))))
+    frames = [f.name for f in __import__("traceback").extract_tb(interrupted.value.__traceback__)]
+    assert "put" in frames, frames  # it landed while the queue was full
+    accepted = writer._next_step  # the step being added was accepted (buffered) before the wait
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not on disk" warning
+        writer.close()
+    log = InfluenceLog(tmp_path)
+    assert log.steps.tolist() == list(range(accepted)) and accepted >= 3 and writer.lost is None
+    assert [r.losses[0] for r in log.iter_steps(2, accepted, fields=("loss",))] == list(range(2, accepted))
 
 
 def test_an_interrupted_close_reports_the_lost_range(tmp_path, monkeypatch):

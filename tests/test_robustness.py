@@ -81,22 +81,23 @@ def epoch_order(seed: int, epoch: int) -> list[list[int]]:
     return [perm[i : i + 6] for i in range(0, 24, 6)]
 
 
-def synthetic(path, world=1, steps=6, flush=2, seed=0, meta_extra=None) -> None:
-    """A small log of random records written through LogWriter (rank 0 stores the checkpoints)."""
+def synthetic(path, world=1, steps=6, flush=2, seed=0, meta_extra=None, first=0) -> None:
+    """A small log of random records written through LogWriter (rank 0 stores the checkpoints): steps
+    ``first .. steps - 1`` (``first > 0``: a log started by a resumed fit)."""
     rng = np.random.default_rng(seed)
     write_meta(path, {"dataset_size": 30, "world_size": world, "run_id": "run-a", "tracked_params": ["w"],
                       "param_shapes": {"w": [2, 3], "b": []}, "every_n_steps": 1,
                       "recorded": {"losses": True, "gradients": True, "hvp": True, "checkpoints": True},
                       "projection": KroneckerProjector({"w": (2, 3)}, None).to_metadata(),
                       "optimizer": {"class": "torch.optim.sgd.SGD", "param_groups": [{"lr": 0.1, "params": ["w", "b"]}]},
-                      **(meta_extra or {})})
+                      "first_step": first, **(meta_extra or {})})
     for rank in range(world):
         w = LogWriter(path, rank=rank, flush_every_n_steps=flush)
-        for t in range(steps):
+        for t in range(first, steps):
             rec = StepRecord(step=t, epoch=t // 3, batch_idx=t % 3, micro_batches=1, lrs=[0.1], ids=rng.choice(30, 3, replace=False),
                              losses=rng.random(3), grads=rng.standard_normal((3, 6)), hvps=rng.standard_normal((3, 6)))
             ck = None
-            if rank == 0 and t % 2 == 0:
+            if rank == 0 and (t % 2 == 0 or t == first):
                 ck = CheckpointRecord(t, {"w": rng.standard_normal((2, 3)), "b": np.float64(rng.random())},
                                       {"w": {"momentum_buffer": rng.standard_normal((2, 3)), "step": np.float32(t)}},
                                       {"w": {"beta": 0.9}})

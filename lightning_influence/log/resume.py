@@ -3,7 +3,8 @@
 A resumed fit appends rows to an existing log, and every row is read with the log's one
 ``meta.h5``. A setting that changes what a row means (the projection, the tracked
 parameters, the storage dtype, what is recorded and how often, the HVP scheme, the model's
-parameter shapes, the dataset the ids index) would make the rows after the resume disagree
+parameter shapes, the dataset the ids index, the precision and gradient clipping the step ran
+with, whether inputs are stored) would make the rows after the resume disagree
 with ``meta.h5`` silently, or make the log unreadable: such a resume is refused before the
 log is touched. Settings that only change how or how often things are stored
 (``checkpoint_every_n_steps``, ``flush_every_n_steps``, ``compression``, the gradient
@@ -38,6 +39,10 @@ def meaning_differences(log_meta: Mapping[str, Any], fit_meta: Mapping[str, Any]
          fit_meta.get("dataset_size"))
     diff("model parameter shapes", log_meta.get("param_shapes"), fit_meta.get("param_shapes"))
     diff("loss_reduction", log_meta.get("loss_reduction"), fit_meta.get("loss_reduction"))
+    diff("precision", log_meta.get("precision"), fit_meta.get("precision"))  # how the step ran: replay re-runs it
+    diff("gradient clipping (Trainer gradient_clip_val / gradient_clip_algorithm)", log_meta.get("gradient_clipping"),
+         fit_meta.get("gradient_clipping"))
+    diff("store_inputs", bool(log_meta.get("inputs_stored")), bool(fit_meta.get("inputs_stored")))
     old_opt, new_opt = log_meta.get("optimizer") or {}, fit_meta.get("optimizer") or {}
     diff("optimizer class", old_opt.get("class"), new_opt.get("class"))
     diff("optimizer param groups (parameters of each group)", [g.get("params") for g in old_opt.get("param_groups", [])],
@@ -63,8 +68,9 @@ def meaning_differences(log_meta: Mapping[str, Any], fit_meta: Mapping[str, Any]
 def harmless_differences(log_meta: Mapping[str, Any], fit_meta: Mapping[str, Any]) -> dict[str, list[Any]]:
     """Every other top-level meta value that differs (``{key: [log's, this fit's]}``), to be recorded."""
     meaning = {"recorded", "dataset_size", "param_shapes", "loss_reduction", "optimizer", "tracked_params",
-               "storage_dtype", "every_n_steps", "projection", "hvp", "world_size", *_IDENTITY}
-    keys = sorted((set(log_meta) | set(fit_meta)) - meaning)
+               "storage_dtype", "every_n_steps", "projection", "hvp", "world_size", "precision", "gradient_clipping",
+               "inputs_stored", *_IDENTITY}
+    keys = sorted(set(fit_meta) - meaning)  # what the fit describes (the recipe of the first fit is kept as it was)
     out = {k: [log_meta.get(k), fit_meta.get(k)] for k in keys if log_meta.get(k) != fit_meta.get(k)}
     for key in ("projection", "hvp"):  # a part not compared above (gradients or HVP not recorded)
         if log_meta.get(key) != fit_meta.get(key):
