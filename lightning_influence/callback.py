@@ -112,7 +112,10 @@ class InfluenceTracker(Callback):
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
             module's ``per_sample_loss(batch)`` method. The training loss must be their mean
-            (math reference §1); route ``training_step`` through it to get gradients for free.
+            (math reference §1; checked at every step, another reduction stops the fit); route
+            ``training_step`` through it to get gradients for free. Gradient accumulation (incomplete
+            accumulations included) and the Trainer's gradient clipping are recorded per step
+            (``docs/step-semantics.md``).
         ids_key: key of the ids in dict batches.
         ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
         gradient_engine: ``"auto"`` (hooks for the parameters of Linear, Conv, Embedding, norm and attention
@@ -504,9 +507,9 @@ class InfluenceTracker(Callback):
             step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
             lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=np.zeros(0, np.int64))  # rows: see _land
         rows: dict[str, torch.Tensor] = {"ids": torch.cat([m.ids for m in pending.micro])}
-        for m in pending.micro:  # a sum or any other reduction than the mean is refused (step.weights)
-            self._step_model.check_losses(step, m.returned, m.observed if m.observed is not None else m.losses,
-                                          m.accumulate, trainer)
+        self._step_model.check_losses(  # a sum or any other reduction than the mean is refused (step.weights)
+            step, [(m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in pending.micro],
+            trainer)
         self._step_model.record(record, [len(m.ids) for m in pending.micro], [m.accumulate for m in pending.micro],
                                 trainer.world_size, optimizer)
         if self.record_losses:

@@ -179,3 +179,19 @@ def test_info_describes_accumulation_and_clipping(tmp_path: Any, capsys: Any) ->
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][0]
     assert "accumulate_grad_batches 2, 2 incomplete accumulation step(s)" in row
     assert "norm clipping at 0.05, bound on" in row
+
+
+def test_value_clipping_with_projected_rows_is_named_not_run(tmp_path: Any) -> None:
+    from lightning_influence.cli.methods import unmet_needs
+    from lightning_influence.estimators import tracin
+
+    torch.manual_seed(0)
+    m = TinyClassifier(lr=0.5).float()
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=2, checkpoint_every_n_steps=1)
+    fit(m, loader(make_data(N, dtype=torch.float32), BATCH), tracker, epochs=1, gradient_clip_val=0.01,
+        gradient_clip_algorithm="value")
+    log = InfluenceLog(tmp_path / "log")
+    assert any("unprojected gradient rows" in n for n in unmet_needs("tracin", log))
+    assert not unmet_needs("dit", log)  # the model-based sweep clips the full gradient
+    with pytest.raises(ValueError, match="value clipping cannot be applied to projected gradient rows"):
+        tracin(log, lambda mod: mod.per_sample_loss(make_data(4, dtype=torch.float32)[:]).mean(), module=TinyClassifier().float())

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["ALGORITHMS", "ClipSpec", "apply_clipping", "apply_clipping_stacked", "clip_coefficient", "clip_gradient",
-           "clip_vjp", "logged_clip_adjoint", "logged_clip_spec", "rows_are_projected"]
+           "clip_vjp", "logged_clip_adjoint", "logged_clip_spec", "rows_are_projected", "step_clip_adjoint"]
 
 ALGORITHMS = ("norm", "value")
 _NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard
@@ -157,3 +157,14 @@ def logged_clip_adjoint(spec: ClipSpec | None, coef: float, applied: Tensor, R: 
     u = applied / torch.linalg.vector_norm(applied).clamp_min(1e-300)
     shrink = 1.0 - _NORM_EPS * coef / spec.value  # ‖ĝ‖/(‖ĝ‖ + 1e-6), from coef = c/(‖ĝ‖ + 1e-6)
     return coef * (R - shrink * u.unsqueeze(1) * (u @ R).unsqueeze(0))
+
+
+def step_clip_adjoint(log: Any, step: int, weights: np.ndarray, rows: np.ndarray) -> Callable[[Tensor], Tensor]:
+    """``R ↦ J_{C,t}ᵀ R`` for step ``step`` of a log, in the space of its gradient ``rows`` ``(B, K)`` (weighted by
+    ``weights``): :func:`logged_clip_adjoint` with the step's recorded clipping, the identity without."""
+    spec = logged_clip_spec(log, step)
+    if spec is None:
+        return lambda R: R
+    applied, coef = torch.from_numpy(weights @ rows), float(log.step_column(step, "clip_coef"))
+    projected = rows_are_projected(log)
+    return lambda R: logged_clip_adjoint(spec, coef, applied, R, projected)
