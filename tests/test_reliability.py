@@ -412,3 +412,20 @@ def test_disk_full_or_read_only_when_the_fit_starts_names_the_path_and_what_to_d
         printed = "".join(traceback.format_exception(err.value))
         assert printed.count(os.strerror(code)) == 1, printed  # raised once, not twice in a chained traceback
         assert not list(log_dir.rglob("*.tmp")) and not list(log_dir.rglob("writer.lock"))
+
+
+def test_the_demo_with_two_epochs_reports_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """``max_epochs: 2`` gives two per-epoch windows, fewer than temporal patterns need: the demo says so."""
+    import yaml
+
+    from lightning_influence.examples import digits
+
+    cfg = yaml.safe_load((HERE.parent / "configs" / "digits.yaml").read_text())
+    cfg["trainer"].update(max_epochs=2, default_root_dir=str(tmp_path / "run"))
+    cfg["trainer"]["callbacks"][0]["init_args"]["log_dir"] = str(tmp_path / "run" / "influence")
+    cfg["data"].update(n_train=96)
+    (tmp_path / "digits.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    digits.main(["--config", str(tmp_path / "digits.yaml")])
+    out = capsys.readouterr().out
+    assert "== last epoch: steps [3, 6) ==" in out and "need at least 3 epochs; this run has 2" in out
