@@ -110,7 +110,10 @@ class InfluenceTracker(Callback):
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
             module's ``per_sample_loss(batch)`` method. The training loss must be their mean
-            (math reference §1); route ``training_step`` through it to get gradients for free.
+            (math reference §1; checked at the first step, another reduction stops the fit); route
+            ``training_step`` through it to get gradients for free. Gradient accumulation (incomplete
+            accumulations included) and the Trainer's gradient clipping are recorded per step
+            (``docs/step-semantics.md``).
         ids_key: key of the ids in dict batches.
         ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
         gradient_engine: ``"auto"`` (hooks for the parameters of Linear, Conv, Embedding, norm and attention
@@ -452,13 +455,15 @@ class InfluenceTracker(Callback):
             step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
             lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=np.zeros(0, np.int64))  # rows: see _land
         rows: dict[str, torch.Tensor] = {"ids": torch.cat([m.ids for m in pending.micro])}
-        for m in pending.micro:  # a sum or any other reduction than the mean is refused (step.weights)
-            self._step_model.check_losses(step, m.returned, m.observed if m.observed is not None else m.losses,
-                                          m.accumulate, trainer)
+        self._step_model.check_losses(  # a sum or any other reduction than the mean is refused (step.weights)
+            step, [(m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in pending.micro],
+            trainer)
         self._step_model.record(record, [len(m.ids) for m in pending.micro], [m.accumulate for m in pending.micro],
                                 trainer.world_size, optimizer)
         if self.record_losses:
             rows["losses"] = torch.cat([m.losses for m in pending.micro])
+        if torch.is_tensor(record.clip_coef):
+            rows["clip_coef"] = record.clip_coef
         grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         if grad_dir:
             rows["batch_grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()]))
@@ -500,6 +505,7 @@ class InfluenceTracker(Callback):
             record.losses = rows["losses"].astype(np.float64) if "losses" in rows else None
             record.grads, record.hvps = rows.get("grads"), rows.get("hvps")
             record.batch_grad_norm = float(rows.get("batch_grad_norm", float("nan")))
+            record.clip_coef = float(rows.get("clip_coef", float("nan")))
             record.hvp_eps = float(rows.get("hvp_eps", float("nan")))
             if checkpoint is not None:
                 checkpoint.params, checkpoint.optimizer_state = host["checkpoint"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -413,3 +414,6 @@ def test_a_replay_mismatch_is_a_user_error_with_a_tolerance_to_set(run, tmp_path
     code, out, err = cli(capsys, "query", str(root), "-c", run.config, "-m", "dit", "--replay-tolerance", "1e9", "-q",
                          "--top", "3")
     assert code == 0, err
+    drift = float(re.search(r"replay drift: at most ([0-9.e+-]+) of a segment's movement \(step \d+\), over 12 checkpoints",
+                            out).group(1))
+    assert 0 < drift < 1e9  # the scores come with the drift they were computed under

@@ -333,3 +333,43 @@ def test_16_mixed_grad_scaler_scales_and_skipped_steps_replay_bit_for_bit(tmp_pa
     log.skipped = lambda t: False  # replaying the skipped steps as if they had run departs at once
     with pytest.raises(ReplayMismatchError, match="at step 1"):
         list(replay(log, model(), WithIds(ds), 0, None, tolerance=0.0))
+
+
+def test_a_damaged_random_state_is_detected(tmp_path):
+    import h5py
+
+    from lightning_influence.log.format import LogFormatError
+
+    fit(tiny(dropout=0.3), loader(make_data(12)), InfluenceTracker(str(tmp_path / "log")), epochs=1)
+    seg = next((tmp_path / "log" / "rank-0").glob("seg-*.h5"))
+    with h5py.File(seg, "r+") as f:  # one bit of the CPU generator state of the first micro-batch
+        f["rng/cpu"][0, 100] ^= 1
+    log = InfluenceLog(tmp_path / "log")
+    with pytest.raises(LogFormatError, match="micro-batch rows of step 0 fail their CRC-32"):
+        log.micro_batches(0)
+    assert log.micro_batches(1)[0].cpu_rng is not None  # the other steps still read
+
+
+def test_per_sample_hvps_through_attention_with_the_training_masks():
+    """Diff-In's exact per-sample H_i v of a step: central differences of the per-sample gradients taken with the
+    training masks (float64, a TransformerEncoderLayer with dropout)."""
+    from lightning_influence.step.micro import per_sample_grads_masked
+    from lightning_influence.step.precision import FULL
+
+    module = _TinyTransformer().double().train()
+    x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 3, (5,))
+    step = _step_of(x, y)
+    loss_fn = lambda m, b: m.per_sample_loss(b)  # noqa: E731
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+    names = ["enc.linear1.weight", "tok.weight"]
+    hv = step.per_sample_curvature(module, loss_fn, params, v, names, chunk_size=2)
+    eps = 1e-6
+
+    def rows(sign):
+        p = {n: params[n] + sign * eps * v[n] for n in params}
+        return per_sample_grads_masked(module, loss_fn, step.micro[0], FULL, names, p, chunk_size=3)
+
+    fd = (rows(1) - rows(-1)) / (2 * eps)
+    got = torch.cat([hv[n].reshape(5, -1) for n in names], dim=1)
+    torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)

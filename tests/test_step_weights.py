@@ -179,3 +179,38 @@ def test_info_describes_accumulation_and_clipping(tmp_path: Any, capsys: Any) ->
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][0]
     assert "accumulate_grad_batches 2, 2 incomplete accumulation step(s)" in row
     assert "norm clipping at 0.05, bound on" in row
+
+
+def test_value_clipping_with_projected_rows_is_named_not_run(tmp_path: Any) -> None:
+    from lightning_influence.cli.methods import unmet_needs
+    from lightning_influence.estimators import tracin
+
+    torch.manual_seed(0)
+    m = TinyClassifier(lr=0.5).float()
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=2, checkpoint_every_n_steps=1)
+    fit(m, loader(make_data(N, dtype=torch.float32), BATCH), tracker, epochs=1, gradient_clip_val=0.01,
+        gradient_clip_algorithm="value")
+    log = InfluenceLog(tmp_path / "log")
+    assert any("unprojected gradient rows" in n for n in unmet_needs("tracin", log))
+    assert not unmet_needs("dit", log)  # the model-based sweep clips the full gradient
+    with pytest.raises(ValueError, match="value clipping cannot be applied to projected gradient rows"):
+        tracin(log, lambda mod: mod.per_sample_loss(make_data(4, dtype=torch.float32)[:]).mean(), module=TinyClassifier().float())
+
+
+def test_accumulation_schedule_is_recorded_per_step_and_replays_bit_exactly(tmp_path: Any) -> None:
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    torch.manual_seed(0)
+    m = TinyClassifier(lr=0.5, momentum=0.9).float()
+    ds = make_data(N, dtype=torch.float32)
+    tracker = InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=1)
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+               callbacks=[tracker, GradientAccumulationScheduler({0: 1, 1: 3})]).fit(m, loader(ds, BATCH))
+    log = InfluenceLog(tmp_path / "log")
+    assert [int(log.step_column(t, "accumulate")) for t in range(log.num_steps)] == [1] * 5 + [3, 3]
+    assert step_weights(log, 6).weights.tolist() == pytest.approx([1 / 18] * 6 + [1 / 6] * 2)  # (6, 2) of 3
+    assert replay_exactly(log, ds, TinyClassifier(lr=0.5, momentum=0.9).float()) == log.num_steps + 1

@@ -83,10 +83,14 @@ def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mappin
     """``fn(model, *args)`` evaluated with ``params`` overriding (some of) the model's parameters.
 
     The live model is not changed: parameters are swapped only for the call and buffers
-    are cloned. ``params=None`` calls ``fn`` on the model as it is.
+    are cloned. ``params=None`` calls ``fn`` on the model as it is. Tensors in ``args`` are moved
+    to the parameters' device (a dataset gives CPU tensors, the parameters may live on a GPU).
     """
     if params is None:
         return fn(model, *args)
+    device = next(iter(params.values())).device if params else None
+    if device is not None:
+        args = pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) and x.device != device else x, args)
     return functional_call(_LossModule(model, fn), _override_dict(model, params), args)
 
 

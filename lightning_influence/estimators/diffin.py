@@ -73,7 +73,7 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
-from lightning_influence.step.micro import Step, exact_kernels, per_sample_grads_masked
+from lightning_influence.step.micro import Step, per_sample_grads_masked
 from lightning_influence.replay import (
     Progress,
     TrainData,
@@ -84,7 +84,7 @@ from lightning_influence.replay import (
     replay,
     resolve_progress,
 )
-from lightning_influence.step.clipping import logged_clip_adjoint, logged_clip_spec, rows_are_projected
+from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
 
 __all__ = ["FORMS", "HVP_MODES", "SAMPLES", "diffin", "diffin_self_influence", "published_coefficients", "batch_hvp"]
 
@@ -202,13 +202,9 @@ class _Context:
         """Projected ``H_z v`` ``(B, K)`` for every sample of ``batch`` (``direction`` over all parameters):
         central differences of the per-sample gradients along ``v`` with the tracker's kink guard (one
         more pass for ``g_z(θ)``), as the tracker logs them, or exact."""
-        if self.hvp == "exact" and isinstance(batch, Step):  # jvp along v of the masked per-sample gradients
-            primals = {n: t.detach() for n, t in params.items()}
-            tangents = {n: direction[n].detach().to(t.dtype) if n in direction else torch.zeros_like(t)
-                        for n, t in primals.items()}
-            with exact_kernels():
-                _, hv = jvp(lambda p: self.per_sample_grads(p, batch), (primals,), (tangents,))
-            return hv.detach()
+        if self.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse with the step's dropout masks
+            hv = batch.per_sample_curvature(self.module, self.loss_fn, params, direction, self.names)
+            return self.projector.project(hv).detach()
         if self.hvp == "exact":
             return _per_sample_hvp_exact(self, params, batch, direction)
         out, _ = fd_directional_derivative(lambda p: self.per_sample_grads(p, batch), params, direction, self.eps0,
@@ -221,18 +217,15 @@ class _Context:
         return torch.as_tensor(self.log.weights(t), dtype=self.dtype)
 
     def clip_factor(self, t: int) -> float:
-        """The clip coefficient of step ``t`` (1 when not clipped): the factor on the gradient's curvature term."""
+        """The norm-clip coefficient of step ``t`` (1 when not norm-clipped): the factor the clipped step put on
+        the gradient, so on its curvature term (step form) and on its learning rate (published form)."""
+        spec = logged_clip_spec(self.log, t)
         coef = float(self.log.step_column(t, "clip_coef"))
-        return coef if np.isfinite(coef) and logged_clip_spec(self.log, t) is not None else 1.0
+        return coef if spec is not None and spec.algorithm == "norm" and np.isfinite(coef) else 1.0
 
     def clipped(self, rec: Any, G: np.ndarray, R: np.ndarray) -> np.ndarray:
         """``J_Cᵀ R`` for columns ``R`` ``(K, C)`` in the logged row space of step ``rec`` (identity without clipping)."""
-        spec = logged_clip_spec(self.log, rec.step)
-        if spec is None:
-            return R
-        applied = torch.from_numpy(rec.weights @ G)
-        return logged_clip_adjoint(spec, float(self.log.step_column(rec.step, "clip_coef")), applied,
-                                   torch.from_numpy(np.ascontiguousarray(R)), rows_are_projected(self.log)).numpy()
+        return step_clip_adjoint(self.log, rec.step, rec.weights, G)(torch.from_numpy(np.ascontiguousarray(R))).numpy()
 
     def method(self, base: str, extra: Sequence[str] = ()) -> str:
         tags = [self.hvp, *extra]
@@ -383,7 +376,8 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
     for done, (t, params) in enumerate(ctx.params_at(selected), start=1):
         ids_t = log.batch_ids(t)
         w_t = torch.as_tensor(log.weights(t), dtype=ctx.dtype)  # w_{i,t}: the step's loss is Σ w ℓ (step.weights)
-        a_col = published_coefficients(t, log.lr(t)[col_group], N, m)  # (K,): a_t of each column's group
+        # (K,): a_t of each column's group, with the clipped step's learning rate η_t·κ_t
+        a_col = published_coefficients(t, log.lr(t)[col_group] * ctx.clip_factor(t), N, m)
         batch_t = ctx.step_batch(t)
         g_hat = ctx.batch_grad(params, batch_t, names=list(params), w=w_t)  # Ĝ_t over every parameter (as logged)
         chunks = []  # (ids, projected g_z, projected H_z Ĝ, unprojected g_z or None)

@@ -70,7 +70,7 @@ from lightning_influence.replay import (
 from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.micro import Step
 from lightning_influence.step.precision import Precision
-from lightning_influence.step.clipping import clip_gradient, logged_clip_adjoint, logged_clip_spec, rows_are_projected
+from lightning_influence.step.clipping import clip_gradient, logged_clip_spec, step_clip_adjoint
 from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
 
 __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_MODES"]
@@ -199,10 +199,13 @@ class _Context:
 # ================================================================================ products
 def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor) -> Tensor:
     """``G_t = Σ_i w_{i,t} ∇ℓ_i``: the unclipped gradient the step applied at ``θ_t``, flat (the point the
-    optimizer's and the clipping's VJPs are taken at)."""
-    module, loss_fn = ctx.module, ctx.loss_fn
-    g = torch.func.grad(lambda p: (w * batch.losses(module, loss_fn, p)).sum())(params)
-    return flatten(g, ctx.names).detach()
+    optimizer's and the clipping's VJPs are taken at). A plain backward pass: its forward draws the training
+    dropout masks (one inside ``torch.func.grad`` may not, ``docs/replay.md``)."""
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad():
+        g = torch.autograd.grad((w * batch.losses(ctx.module, ctx.loss_fn, leaves)).sum(), list(leaves.values()),
+                                allow_unused=True)
+    return flatten({n: torch.zeros_like(leaves[n]) if gi is None else gi for n, gi in zip(leaves, g)}, ctx.names).detach()
 
 
 def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -557,7 +560,6 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     every = int(log.meta.get("every_n_steps", 1))
     col_groups = log.column_groups()
     K = len(col_groups)
-    projected = rows_are_projected(log)
     step = OptimizerStep(rule, _optimizer_spec(log)["param_groups"], col_groups, torch.float64)
     t_lo = t1 if local else 0
     acts = [t2] if local else sorted({t for t in (t1, t2) if t > 0})
@@ -586,8 +588,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
                          **{k: zeros for k in step.state_keys}}
                 th_bar, S, R = step.vjp(zeros, state, zeros, np.asarray(rec.lrs) * every, U, S)
                 w = torch.from_numpy(rec.weights)  # w_{i,t} (step.weights)
-                R = logged_clip_adjoint(logged_clip_spec(log, t), float(log.step_column(t, "clip_coef")), w @ G, R,
-                                        projected)
+                R = step_clip_adjoint(log, t, rec.weights, G.numpy())(R)
                 GR = G @ R  # (B, C)
                 HR = G.T @ (w.unsqueeze(1) * GR)
                 C = U.shape[1]

@@ -170,4 +170,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["--config", "configs/digits.yaml"])
+    main(None if sys.argv[1:] else ["--config", "configs/digits.yaml"])  # LightningCLI reads sys.argv itself
