@@ -110,7 +110,7 @@ class InfluenceTracker(Callback):
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
             module's ``per_sample_loss(batch)`` method. The training loss must be their mean
-            (math reference §1; checked at every step, another reduction stops the fit); route
+            (math reference §1; checked at the first step, another reduction stops the fit); route
             ``training_step`` through it to get gradients for free. Gradient accumulation (incomplete
             accumulations included) and the Trainer's gradient clipping are recorded per step
             (``docs/step-semantics.md``).
@@ -462,6 +462,8 @@ class InfluenceTracker(Callback):
                                 trainer.world_size, optimizer)
         if self.record_losses:
             rows["losses"] = torch.cat([m.losses for m in pending.micro])
+        if torch.is_tensor(record.clip_coef):
+            rows["clip_coef"] = record.clip_coef
         grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         if grad_dir:
             rows["batch_grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()]))
@@ -503,6 +505,7 @@ class InfluenceTracker(Callback):
             record.losses = rows["losses"].astype(np.float64) if "losses" in rows else None
             record.grads, record.hvps = rows.get("grads"), rows.get("hvps")
             record.batch_grad_norm = float(rows.get("batch_grad_norm", float("nan")))
+            record.clip_coef = float(rows.get("clip_coef", float("nan")))
             record.hvp_eps = float(rows.get("hvp_eps", float("nan")))
             if checkpoint is not None:
                 checkpoint.params, checkpoint.optimizer_state = host["checkpoint"]
