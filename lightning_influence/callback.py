@@ -532,7 +532,8 @@ class InfluenceTracker(Callback):
         if scaler is not None and self._precision.grad_scaler:
             record.grad_scale = float(scaler.get_scale())
             # on_before_optimizer_step runs after GradScaler.unscale_: a non-finite gradient makes it skip the step
-            record.skipped = not all(bool(torch.isfinite(g).all()) for g in grads.values())
+            # one device sync (GradScaler.step makes the same one)
+            record.skipped = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
 
     def _check_dataset(self, trainer: pl.Trainer) -> None:
         """Refuse, at the first step, a dataset whose ``ds[i]`` changes between calls (random augmentation): replay
