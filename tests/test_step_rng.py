@@ -373,3 +373,15 @@ def test_per_sample_hvps_through_attention_with_the_training_masks():
     fd = (rows(1) - rows(-1)) / (2 * eps)
     got = torch.cat([hv[n].reshape(5, -1) for n in names], dim=1)
     torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_every_replaying_estimator_reports_its_drift(dropout_run):
+    from lightning_influence.estimators import dit
+    from lightning_influence.estimators.diffin import diffin
+
+    log, ds, query = dropout_run
+    window = (2, log.num_steps)  # the odd steps are replayed from the checkpoints of the even ones
+    for scores in (dit(log, query, module=tiny(dropout=0.2), train_data=ds, window=window),
+                   diffin(log, query, module=tiny(dropout=0.2), train_data=ds, form="step", window=window)):
+        drift = scores.info["replay_drift"]
+        assert drift["checkpoints_compared"] > 0 and drift["max"] == 0.0 and drift["max_abs"] == 0.0, scores.method
