@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 from torch.utils import _pytree as pytree
 
-from lightning_influence.capture.hvp import (KINK_GUARD, default_eps0, fd_directional_derivative, guarded_difference,
+from lightning_influence.capture.hvp import (KINK_GUARD, KINK_SHARE_LIMIT, default_eps0, fd_directional_derivative, guarded_difference,
                                             parameter_epsilon)
 from lightning_influence.capture.per_sample import per_sample_grads_vmap
 from lightning_influence.capture.projection import KroneckerProjector
@@ -436,7 +436,6 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
 
 # ================================================================================= step form
 FD_EDGE = 4.0  # |κ|·η beyond SGD's stability edge 2(1 + momentum) ≤ 4: a finite-difference artifact, not curvature
-FD_KINK_SHARE = 0.2  # more batch products than this crossing a kink: ε is too large (tests/test_script_runs.py: 8% at the default ε on a ReLU CNN, 35% at 10x)
 
 
 def _check_fd(ctx: _Context, kap: np.ndarray, lrs: np.ndarray) -> None:
@@ -587,14 +586,14 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
         if ctx.fd_blowups:
             problems.append(f"{ctx.fd_blowups} of {ctx.fd_checked} curvatures lie beyond the SGD stability edge "
                             f"(|κ|·η > {FD_EDGE:g})")
-        if ctx.fd_kinks > FD_KINK_SHARE * ctx.fd_products:
+        if ctx.fd_kinks > KINK_SHARE_LIMIT * ctx.fd_products:
             problems.append(f"{ctx.fd_kinks} of {ctx.fd_products} products crossed a kink (over "
-                            f"{FD_KINK_SHARE:.0%}: ε is too large for this model)")
+                            f"{KINK_SHARE_LIMIT:.0%}: ε is too large for this model)")
         if problems:
             info["fd_unreliable"] = True
             method += " [FD unreliable]"
             warnings.warn(f"Diff-In with hvp='fd': {'; '.join(problems)}; the scores are not reliable. Use hvp='exact' "
-                          "(the default) or a smaller eps0", RuntimeWarning, stacklevel=3)
+                          "(the default) or a smaller eps0", RuntimeWarning, stacklevel=4)
     return InfluenceScores(scores, method, (t1, t2), ["self"] if query is None else names, info=info)
 
 
