@@ -73,6 +73,7 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
+from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.micro import Step, per_sample_grads_masked
 from lightning_influence.replay import (
     Progress,
@@ -113,6 +114,7 @@ class _Context:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.log, self.module, self.train_data, self.loss_fn = log, module, train_data, loss_fn
+        self.drift = DriftReport()  # measured at every checkpoint the replays pass (info["replay_drift"])
         self.hvp, self.verify, self.chunk_size = hvp, verify, chunk_size
         ref = checkpoint_params(log, module, log.checkpoint_steps[0])
         self.dtype = next(iter(ref.values())).dtype
@@ -152,7 +154,7 @@ class _Context:
             return
         want = set(steps)
         for rs in replay(self.log, self.module, self.train_data, steps[0], steps[-1], loss_fn=self.loss_fn,
-                         verify=self.verify):
+                         verify=self.verify, report=self.drift):
             if rs.step in want:
                 yield rs.step, rs.params
 
@@ -576,7 +578,7 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
         else:
             scores, names, info = _step(ctx, query, t1, t2, show)
         method = ctx.method(f"diffin-step{suffix}")
-    info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class)
+    info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class, replay_drift=ctx.drift.summary())
     if hvp == "fd":
         info.update(eps0=ctx.eps0, fd_checked=ctx.fd_checked, fd_blowups=ctx.fd_blowups, fd_kinks=ctx.fd_kinks,
                     fd_products=ctx.fd_products)
