@@ -112,7 +112,7 @@ class InfluenceTracker(Callback):
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
             module's ``per_sample_loss(batch)`` method. The training loss must be their mean
-            (math reference §1; checked at every step, another reduction stops the fit); route
+            (math reference §1; checked at the first step, another reduction stops the fit); route
             ``training_step`` through it to get gradients for free. Gradient accumulation (incomplete
             accumulations included) and the Trainer's gradient clipping are recorded per step
             (``docs/step-semantics.md``).
@@ -514,6 +514,8 @@ class InfluenceTracker(Callback):
                                 trainer.world_size, optimizer)
         if self.record_losses:
             rows["losses"] = torch.cat([m.losses for m in pending.micro])
+        if torch.is_tensor(record.clip_coef):
+            rows["clip_coef"] = record.clip_coef
         grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         if grad_dir:
             rows["batch_grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()]))
@@ -555,6 +557,7 @@ class InfluenceTracker(Callback):
             record.losses = rows["losses"].astype(np.float64) if "losses" in rows else None
             record.grads, record.hvps = rows.get("grads"), rows.get("hvps")
             record.batch_grad_norm = float(rows.get("batch_grad_norm", float("nan")))
+            record.clip_coef = float(rows.get("clip_coef", float("nan")))
             record.hvp_eps = float(rows.get("hvp_eps", float("nan")))
             if checkpoint is not None:
                 checkpoint.params, checkpoint.optimizer_state = host["checkpoint"]
@@ -581,7 +584,8 @@ class InfluenceTracker(Callback):
         if scaler is not None and self._precision.grad_scaler:
             record.grad_scale = float(scaler.get_scale())
             # on_before_optimizer_step runs after GradScaler.unscale_: a non-finite gradient makes it skip the step
-            record.skipped = not all(bool(torch.isfinite(g).all()) for g in grads.values())
+            # one device sync (GradScaler.step makes the same one)
+            record.skipped = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
 
     def _check_dataset(self, trainer: pl.Trainer) -> None:
         """Refuse, at the first step, a dataset whose ``ds[i]`` changes between calls (random augmentation): replay

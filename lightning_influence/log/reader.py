@@ -173,7 +173,7 @@ class InfluenceLog:
             if missing:
                 raise LogFormatError(path, f"the step table has no column(s) {missing}: the file is corrupted")
             seg.checkpoints = sorted(int(g.attrs["step"]) for g in f["checkpoints"].values())
-            shapes = {name: f[name].shape for name in ROW_DATASETS.values() if name in f}
+            shapes = {name: f[name].shape for name in (*ROW_DATASETS.values(), "micro/size") if name in f}
         self._width = _check_segment(path, rank, attrs, seg.table, shapes, self._width)
         run_id = attrs.get("run_id")
         if run_id is not None and "run_id" in self.meta and text(run_id) != str(self.meta["run_id"]):
@@ -700,6 +700,10 @@ def _check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str
                            ("grad", has), ("hvp", has & ("grads/hvp" in shapes))):
         if not np.array_equal(table[ROW_CRC_COLUMNS[field_]] >= 0, stored):
             raise bad(f"the {ROW_CRC_COLUMNS[field_]} column does not match the stored {field_!r} rows")
+    micro, per_step = table["micro_offset"], table["micro_batches"]
+    if n and (micro >= 0).any() and (not (micro >= 0).all() or not np.array_equal(
+            micro, np.concatenate([[0], np.cumsum(per_step)[:-1]])) or shapes.get("micro/size") != (int(per_step.sum()),)):
+        raise bad("micro-batch offsets/counts do not tile the micro-batch table")
     if table["lr"].ndim != 2 or table["lr"].shape[0] != n:
         raise bad("learning-rate table has the wrong shape")
     return width

@@ -56,33 +56,32 @@ class ClipSpec:
         return cls(str(algorithm), float(value))
 
 
-def clip_coefficient(grads: Sequence[Tensor], spec: ClipSpec) -> float:
-    """The factor :func:`apply_clipping` applies to ``grads`` (without changing them)."""
-    grads = [g for g in grads if g is not None]
+def clip_coefficient(grads: Sequence[Tensor], spec: ClipSpec) -> Tensor:
+    """The factor :func:`apply_clipping` applies to ``grads`` (without changing them), as a 0-d tensor on
+    their device: the tracker copies it to the host with the step's other rows, without a synchronisation."""
+    grads = [g for g in grads if g is not None and g.numel()]
     if not grads:
-        return 1.0
+        return torch.tensor(1.0)
     if spec.algorithm == "norm":
         total = torch.nn.utils.get_total_norm(grads, 2.0)
-        return float(torch.clamp(spec.value / (total + _NORM_EPS), max=1.0))
-    largest = max(float(g.abs().max()) for g in grads if g.numel())
-    return min(1.0, spec.value / largest) if largest > 0 else 1.0
+        return torch.clamp(spec.value / (total + _NORM_EPS), max=1.0)
+    largest = torch.stack([g.abs().max().to(grads[0].device, torch.float64) for g in grads]).max()
+    return torch.clamp(spec.value / largest, max=1.0)  # no entry above c (or all zero): 1
 
 
-def apply_clipping(params: Sequence[Tensor], spec: ClipSpec | None) -> float:
-    """Clip the ``.grad`` of ``params`` in place exactly as Lightning does; returns the clip coefficient.
+def apply_clipping(params: Sequence[Tensor], spec: ClipSpec | None) -> None:
+    """Clip the ``.grad`` of ``params`` in place exactly as Lightning does.
 
     ``params`` must be the optimizer's parameters in its param-group order (Lightning's
     ``main_params``): the norm is reduced in that order, so the result is bit-identical.
     """
     if spec is None:
-        return float("nan")
+        return
     params = list(params)
-    coef = clip_coefficient([p.grad for p in params], spec)
     if spec.algorithm == "norm":
         torch.nn.utils.clip_grad_norm_(params, spec.value)
     else:
         torch.nn.utils.clip_grad_value_(params, spec.value)
-    return coef
 
 
 def apply_clipping_stacked(params: Sequence[Tensor], spec: ClipSpec | None) -> None:

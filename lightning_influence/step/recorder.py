@@ -98,7 +98,8 @@ class StepRecorder:
     # ----------------------------------------------------------------------------- per step
     def record(self, record: Any, micro_sizes: Sequence[int], accumulate: Sequence[int], world_size: int,
                optimizer: torch.optim.Optimizer) -> None:
-        """Fill ``record``'s weights, divisor and clipping (before Lightning clips)."""
+        """Fill ``record``'s weights, divisor and clipping (before Lightning clips; ``record.clip_coef`` is left a
+        0-d device tensor, copied to the host with the step's rows)."""
         if len(set(accumulate)) != 1:
             raise RuntimeError(f"step {record.step}: accumulate_grad_batches changed inside one optimizer step {list(accumulate)}")
         sw = lightning_weights(micro_sizes, accumulate[0], world_size)
@@ -140,7 +141,7 @@ class StepRecorder:
             return
         step, before = check
         after = [p.grad for p in _optimizer_params(optimizer)]
-        coef = clip_coefficient(before, self.spec) if self.spec is not None else 1.0
+        coef = float(clip_coefficient(before, self.spec)) if self.spec is not None else 1.0
         worst = 0.0
         for b, a in zip(before, after):
             if b is None or a is None:
