@@ -53,7 +53,7 @@ from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.resume import check_resume, with_resume_record
 from lightning_influence.log.writer import (CheckpointRecord, LogWriter, MicroRecord, StepRecord, rank_end, remove_log,
-                                            storage_error, truncate_log, write_meta)
+                                            storage_error, write_meta)
 from lightning_influence.recipe import class_path, record_recipe
 from lightning_influence.step import rng
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
@@ -238,6 +238,7 @@ class InfluenceTracker(Callback):
         self._run_id: str | None = None
         self._resume_state: dict[str, Any] = {}
         self._live: LiveTensorBoard | None = None  # running signals in the trainer's TensorBoard, if any
+        self._truncate_from: int | None = None  # a resumed fit continuing the log at this step (see _continue_log)
         self._lock: WriterLock | None = None  # this rank's exclusive writer lock, held from on_train_start to teardown
         self._with_ids = False  # the training set is a WithIds: (x, ids) batches carry ids
         self._dataset_size: int | None = None
@@ -303,7 +304,9 @@ class InfluenceTracker(Callback):
                     meta = self._metadata(trainer, pl_module, optimizer, names, start)
                 write_meta(self.log_dir, {**meta, "gradient_clipping": clipping})
         trainer.strategy.barrier("influence_tracker_meta")
-        self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype, self.compression)
+        self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype,
+                                 self.compression, truncate_from=self._truncate_from)
+        self._truncate_from = None
         self._run_id = self._writer.run_id
         self._live = LiveTensorBoard.attach(trainer)
         self._next_step = self._fit_start = start
@@ -382,8 +385,9 @@ class InfluenceTracker(Callback):
                 f"InfluenceTracker: training resumes at step {start} but the log of rank {rank} in {self.log_dir} holds "
                 f"{held}, so it cannot continue without a gap (was the checkpoint saved without this callback, or were "
                 f"segment files lost?). Resume from a checkpoint at a step in {first}..{have + 1}, {hint}")
-        check_resume(self.log_dir, meta, fit_meta, start)  # before the truncation: a refusal loses nothing
-        truncate_log(self.log_dir, rank, start)  # steps >= start are recorded again by this fit
+        check_resume(self.log_dir, meta, fit_meta, start)  # a refusal loses nothing
+        self._truncate_from = start  # steps >= start are recorded again: dropped by the writer before its first write,
+        # so a fit refused at its first step (ids, losses) leaves the log as it was
         if trainer.is_global_zero:
             write_meta(self.log_dir, with_resume_record(meta, fit_meta, start))
         self._first_step = start if end is None else None  # θ_start if the log holds no step yet

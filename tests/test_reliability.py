@@ -144,6 +144,20 @@ def test_a_resume_that_changes_what_rows_mean_is_refused_and_loses_nothing(tmp_p
     assert sorted(p.name for p in (log / "rank-0").iterdir()) == sorted(p.name for p in (root / "log" / "rank-0").iterdir())
 
 
+def test_a_resume_refused_at_its_first_step_leaves_the_log_as_it_was(tmp_path, resumable):
+    """The log is truncated only when the resumed fit writes its first segment: a fit refused at its first step
+    (here: labels given as ids) loses none of the steps it was about to record again."""
+    root, before = resumable
+    log = tmp_path / "log"
+    shutil.copytree(root / "log", log)
+    with pytest.raises(ValueError, match=r"appear more than once in one batch"):
+        epoch_fit(log, None, epochs=2, ckpt_path=str(root / "ckpt" / "epoch=0-step=4.ckpt"), ids_fn=lambda b: b[1],
+                  **BASE)
+    after = dump(log)
+    assert same({k: v for k, v in after.items() if k != "meta"}, {k: v for k, v in before.items() if k != "meta"})
+    assert after["steps"] == list(range(8)) and after["finished"]
+
+
 def test_a_resume_with_harmless_changes_continues_and_records_them(tmp_path, resumable):
     root, before = resumable
     log = tmp_path / "log"

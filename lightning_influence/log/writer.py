@@ -459,6 +459,9 @@ class LogWriter:
         background: write segments in a background thread (``False`` writes synchronously).
         max_pending: segments waiting for the background thread before ``add_step`` blocks
             (bounds the memory held by the writer).
+        truncate_from: a resumed fit: drop this rank's steps ``>= truncate_from`` (:func:`truncate_log`)
+            just before the first segment is written, so a fit refused before it records a step
+            (or one that fails) leaves the log as it was; the writer continues at ``truncate_from``.
 
     Raises:
         LogWriteError: from any call after a segment write failed; the message names the log, the
@@ -476,6 +479,7 @@ class LogWriter:
         compression: str | None = None,
         background: bool = True,
         max_pending: int = 2,
+        truncate_from: int | None = None,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.rank = rank
@@ -488,9 +492,14 @@ class LogWriter:
         for stale in list_unfinished(self.log_dir, rank):  # a write interrupted by a crash: never renamed, never read
             stale.unlink(missing_ok=True)
         existing = list_segments(self.log_dir).get(rank, [])
-        self._next_index = segment_index(existing[-1]) + 1 if existing else 0
         end = rank_end(self.log_dir, rank)
-        self._next_step: int | None = None if end is None else end + 1
+        self._truncate_from = truncate_from
+        if truncate_from is not None:  # done just before the first segment is written (see ``_write``)
+            deleted = {path for path, _, keep in _truncation_plan(self.log_dir, rank, truncate_from) if keep is None}
+            existing = [p for p in existing if p not in deleted]
+            end = None if end is None or not existing else min(end, truncate_from - 1)
+        self._next_index = segment_index(existing[-1]) + 1 if existing else 0
+        self._next_step: int | None = truncate_from if truncate_from is not None else None if end is None else end + 1
         self.last_step_on_disk: int | None = end
         self.run_id = _meta_run_id(self.log_dir)
         self._first_accepted: int | None = None  # first step given to this writer
@@ -564,6 +573,9 @@ class LogWriter:
             if self._error is None:
                 try:
                     self.flush(wait=True)
+                    if raise_errors and self._truncate_from is not None:  # a fit that ended without recording a step
+                        truncate_log(self.log_dir, self.rank, self._truncate_from)
+                        self._truncate_from = None
                 except LogWriteError:
                     if raise_errors:
                         raise
@@ -603,6 +615,9 @@ class LogWriter:
         if self._error is not None:  # never write past a failed segment: the log would have a gap
             return
         try:
+            if self._truncate_from is not None:
+                truncate_log(self.log_dir, self.rank, self._truncate_from)
+                self._truncate_from = None
             self.bytes_written += write_segment(path, self.rank, steps, checkpoints, self.storage_dtype,
                                                 self.compression, self.run_id)
         except Exception as err:  # noqa: BLE001 - any failure stops the writer and is reported on the training thread
@@ -657,6 +672,17 @@ def truncate_log(log_dir: str | os.PathLike, rank: int, from_step: int) -> None:
     """
     for stale in list_unfinished(log_dir, rank):
         stale.unlink(missing_ok=True)
+    for path, steps, keep in _truncation_plan(log_dir, rank, from_step):
+        if keep is None:
+            path.unlink()
+        else:
+            _write_file(path, lambda f: _shrink(f, steps, keep, from_step), source=path)
+
+
+def _truncation_plan(log_dir: str | os.PathLike, rank: int, from_step: int) -> list[tuple[Path, np.ndarray, int | None]]:
+    """What :func:`truncate_log` does, newest segment first, without doing it: ``(path, steps, keep)``, ``keep``
+    ``None`` for a segment deleted whole, else the number of its steps kept."""
+    plan: list[tuple[Path, np.ndarray, int | None]] = []
     for path in reversed(list_segments(log_dir).get(rank, [])):
         with reading(path, "the segment index"), h5py.File(path, "r") as f:
             check_header(path, dict(f.attrs))
@@ -665,10 +691,8 @@ def truncate_log(log_dir: str | os.PathLike, rank: int, from_step: int) -> None:
         keep = int(np.searchsorted(steps, from_step))
         if keep == len(steps) and all(t < from_step for t in ckpts):
             break  # this segment and every earlier one end before from_step
-        if keep == 0 and all(t >= from_step for t in ckpts):
-            path.unlink()
-            continue
-        _write_file(path, lambda f: _shrink(f, steps, keep, from_step), source=path)
+        plan.append((path, steps, None if keep == 0 and all(t >= from_step for t in ckpts) else keep))
+    return plan
 
 
 def _shrink(f: h5py.File, steps: np.ndarray, keep: int, from_step: int) -> None:
