@@ -312,7 +312,8 @@ def _rows_setup(ctx: Context, model: str) -> tuple[nn.Module, InfluenceLog, Prob
     module, probe, log_dir = ctx.tracked_fit(model)
     log = InfluenceLog(log_dir)
     T = log.num_steps
-    return module.train(), log, probe, sorted({1, T // 2, T - 2})
+    # Lightning moves the module back to the CPU after fit: the recomputation runs on the check's device
+    return module.to(ctx.device).train(), log, probe, sorted({1, T // 2, T - 2})
 
 
 def check_grad_rows(ctx: Context, model: str) -> str:

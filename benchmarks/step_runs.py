@@ -54,20 +54,9 @@ from lightning_influence.examples.digits import load_digits_split  # noqa: E402
 from lightning_influence.log import InfluenceLog  # noqa: E402
 from lightning_influence.queries import mean_loss  # noqa: E402
 from lightning_influence.replay import replay  # noqa: E402
+from lightning_influence.step.weights import step_summary  # noqa: E402
 
 TARGET = 0.97  # whole-run Spearman of DIT (exact) against replay LOO (issue 11)
-
-
-def step_facts(log: InfluenceLog) -> dict[str, Any]:
-    """How the recorded steps differ from a plain batch mean: clipping that bound, incomplete accumulations."""
-    coefs = np.array([float(log.step_column(t, "clip_coef")) for t in range(log.num_steps)])
-    clipped = np.isfinite(coefs)
-    plain = [t for t in range(log.num_steps) if np.allclose(log.weights(t), 1.0 / len(log.batch_ids(t)))]
-    incomplete = [t for t in range(log.num_steps) if len(set(log.micro_index(t).tolist())) < int(log.step_column(t, "accumulate"))]
-    return {"clip_bound_fraction": float((coefs[clipped] < 1).mean()) if clipped.any() else 0.0,
-            "clip_coef_median": float(np.median(coefs[clipped])) if clipped.any() else None,
-            "incomplete_accumulation_steps": incomplete,
-            "steps_not_a_plain_mean": log.num_steps - len(plain)}
 
 
 def linear_response(log: InfluenceLog, Net: Any, train_ds: Any, query: Any, ids: np.ndarray, eps: float = 1e-3) -> np.ndarray:
@@ -95,11 +84,11 @@ def run_config(name: str, trainer_kw: dict[str, Any], hyper: dict[str, Any], dat
     wins = windows_of(log)
     grid = sorted({t for w in wins.values() for t in w})
     out: dict[str, Any] = {"trainer": trainer_kw, "hyper": hyper, "T": log.num_steps, "N": log.dataset_size,
-                           **step_facts(log), "seconds": {"train": time.perf_counter() - t0}, "results": {}}
+                           **step_summary(log), "seconds": {"train": time.perf_counter() - t0}, "results": {}}
     timer = time.perf_counter()
     loo = replay_loo(log, Net().double(), train_ds, query, grid=grid, loss_fn=ce_loss, copies=args.copies)
     out["seconds"]["replay_loo"] = time.perf_counter() - timer
-    out["replay_drift"] = loo.info["reference_max_deviation_from_log"]
+    out["replay_drift"] = loo.info["replay_drift"]["max"]
     tls = {}
     for hvp in ("exact", "fd"):
         timer = time.perf_counter()

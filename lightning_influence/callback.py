@@ -110,7 +110,10 @@ class InfluenceTracker(Callback):
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
             module's ``per_sample_loss(batch)`` method. The training loss must be their mean
-            (math reference §1); route ``training_step`` through it to get gradients for free.
+            (math reference §1; checked at the first step, another reduction stops the fit); route
+            ``training_step`` through it to get gradients for free. Gradient accumulation (incomplete
+            accumulations included) and the Trainer's gradient clipping are recorded per step
+            (``docs/step-semantics.md``).
         ids_key: key of the ids in dict batches.
         ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
         gradient_engine: ``"auto"`` (hooks for the parameters of Linear, Conv, Embedding, norm and attention
@@ -219,6 +222,7 @@ class InfluenceTracker(Callback):
         self._capture: HookGradientCapture | None = None
         self._engine: str = "none"
         self._vmap_names: list[str] = []  # tracked parameters no hook covers
+        self._verified = False  # the hook engine was checked against autograd at this fit's first recorded step
         self._pending = _Pending()
         self._captured: list[torch.Tensor] = []
         self._captured_grad: list[torch.Tensor] = []
@@ -294,6 +298,7 @@ class InfluenceTracker(Callback):
         self._next_step = self._fit_start = start
         self._pending = _Pending()
         self._in_flight.clear()
+        self._verified = False
         self._checked_batchnorm = False
         self._checked_dataset = False
 
@@ -423,6 +428,9 @@ class InfluenceTracker(Callback):
         if want_grads and self._capture is not None and captured is not None and len(self._captured_grad) == 1:
             micro.grads = self._capture.collect(self._captured_grad[0])
             micro.losses = captured.detach()
+            if not self._verified:  # once per fit: one hooked row against autograd on its sample alone
+                self._verified = True
+                self._capture.verify(pl_module, self._loss, micro.batch, micro.grads)
             self._vmap_names = [n for n in self._names if n not in self._capture.param_names]  # after a demotion
             if self._vmap_names:  # parameters no hook covers: vmap (or, with dropout, the step's masks) for just those
                 micro.grads += self._rest_grads(pl_module, micro, self._vmap_names, None)
@@ -447,13 +455,15 @@ class InfluenceTracker(Callback):
             step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
             lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=np.zeros(0, np.int64))  # rows: see _land
         rows: dict[str, torch.Tensor] = {"ids": torch.cat([m.ids for m in pending.micro])}
-        for m in pending.micro:  # a sum or any other reduction than the mean is refused (step.weights)
-            self._step_model.check_losses(step, m.returned, m.observed if m.observed is not None else m.losses,
-                                          m.accumulate, trainer)
+        self._step_model.check_losses(  # a sum or any other reduction than the mean is refused (step.weights)
+            step, [(m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in pending.micro],
+            trainer)
         self._step_model.record(record, [len(m.ids) for m in pending.micro], [m.accumulate for m in pending.micro],
                                 trainer.world_size, optimizer)
         if self.record_losses:
             rows["losses"] = torch.cat([m.losses for m in pending.micro])
+        if torch.is_tensor(record.clip_coef):
+            rows["clip_coef"] = record.clip_coef
         grad_dir = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         if grad_dir:
             rows["batch_grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()]))
@@ -495,6 +505,7 @@ class InfluenceTracker(Callback):
             record.losses = rows["losses"].astype(np.float64) if "losses" in rows else None
             record.grads, record.hvps = rows.get("grads"), rows.get("hvps")
             record.batch_grad_norm = float(rows.get("batch_grad_norm", float("nan")))
+            record.clip_coef = float(rows.get("clip_coef", float("nan")))
             record.hvp_eps = float(rows.get("hvp_eps", float("nan")))
             if checkpoint is not None:
                 checkpoint.params, checkpoint.optimizer_state = host["checkpoint"]
@@ -521,7 +532,8 @@ class InfluenceTracker(Callback):
         if scaler is not None and self._precision.grad_scaler:
             record.grad_scale = float(scaler.get_scale())
             # on_before_optimizer_step runs after GradScaler.unscale_: a non-finite gradient makes it skip the step
-            record.skipped = not all(bool(torch.isfinite(g).all()) for g in grads.values())
+            # one device sync (GradScaler.step makes the same one)
+            record.skipped = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
 
     def _check_dataset(self, trainer: pl.Trainer) -> None:
         """Refuse, at the first step, a dataset whose ``ds[i]`` changes between calls (random augmentation): replay
@@ -618,8 +630,15 @@ class InfluenceTracker(Callback):
         """Projected per-sample gradients of ``names`` no hook covers: ``vmap`` over samples, or, when the forward
         drew random numbers (dropout), one batched forward with the step's masks (``per_sample_grads_masked``)."""
         if micro.random.drew:
-            return per_sample_grads_masked(pl_module, self._loss, self._micro(micro),
-                                           self._precision, names, params, self._projector)
+            was = self._capture is not None and self._capture.enabled
+            if was:
+                self._capture.disable()  # its plain forward must not feed the hooks
+            try:
+                return per_sample_grads_masked(pl_module, self._loss, self._micro(micro), self._precision, names,
+                                               params, self._projector)
+            finally:
+                if was:
+                    self._capture.enabled = True
         with self._replaying(micro):
             return per_sample_grads_vmap(pl_module, self._loss, micro.batch, names, self._projector, params=params)
 

@@ -107,11 +107,8 @@ def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
 def functional_loss(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], batch: Any) -> Tensor:
     """Per-sample losses ``loss_fn(module, batch)`` evaluated at ``params`` (the live module is untouched).
 
-    The batch's tensors are moved to the parameters' device (a dataset gives CPU tensors, the module may be on a GPU).
+    The batch's tensors are moved to the parameters' device (:func:`call_with_params`).
     """
-    device = next(iter(params.values())).device if params else None
-    if device is not None:
-        batch = pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) and x.device != device else x, batch)
     return call_with_params(module, loss_fn, params, batch)
 
 

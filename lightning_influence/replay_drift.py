@@ -46,7 +46,7 @@ class DriftReport:
     def summary(self) -> dict[str, Any]:
         """For ``info["replay_drift"]``: the largest drift, where, and how many checkpoints were compared."""
         if not self.checkpoints:
-            return {"checkpoints_compared": 0, "max": 0.0}
+            return {"checkpoints_compared": 0, "max": 0.0, "at_step": None, "max_abs": 0.0}
         step, drift, diff = max(self.checkpoints, key=lambda c: c[1])
         return {"checkpoints_compared": len(self.checkpoints), "max": drift, "at_step": step, "max_abs": diff}
 

@@ -21,13 +21,21 @@ through the trainer's ``TensorBoardLogger``; silent without one). Tags::
     influence/Q/timeline                   heatmap image: samples (grouped by pattern) x windows, each
                                            window scaled by its RMS (signs kept)
     influence/Q/timeline_absolute          the same heatmap on one absolute score scale
+    influence/Q/timeline_top               heatmap image: the samples with the most negative / positive total x
+                                           windows, each row labelled by id (label, flipped mark)
     influence/Q/top_k                      markdown: most negative / most positive samples of each window
+    influence/Q/top_k/WINDOW               the same, one tag per window (every window reachable)
+    influence/Q/samples/WINDOW             image grid of the window's most negative / positive samples, captioned
+                                           with id, score, label, FLIPPED (image data); markdown with the decoded
+                                           text for token data (ExportData.decode, the decoder hook)
+    influence/Q/pattern_counts             bar chart image of the pattern counts (flipped labels among them)
     influence/Q/patterns                   markdown: per-pattern counts (and flipped labels among them)
     influence/Q/pattern_count/P            scalar at the last step, per pattern P
     influence/Q/top_negative/id_J          cumulative influence of sample J at each window end
     influence/Q/top_positive/id_J          (the samples with the most negative / positive total)
-    embedding "influence/Q/gradients"      projector: per-sample gradients, coloured by score bucket,
-                                           pattern, label, flipped
+    embedding "influence/Q/gradients"      projector: per-sample gradients, thumbnails framed in their pattern's
+                                           colour (the sample itself for images); colour by score bucket, pattern,
+                                           label, flipped
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -46,7 +54,7 @@ __all__ = ["ExportData", "LiveTensorBoard", "export", "render_heatmap", "sanitiz
 _RDBU = np.array([
     (103, 0, 31), (178, 24, 43), (214, 96, 77), (244, 165, 130), (253, 219, 199), (247, 247, 247),
     (209, 229, 240), (146, 197, 222), (67, 147, 195), (33, 102, 172), (5, 48, 97)], dtype=np.float64)
-_PATTERN_ORDER = ("early", "late", "fluctuating", "stable")
+_PATTERN_ORDER = ("early", "late", "fluctuating", "stable", "negligible")
 
 
 def sanitize_tag(name: str) -> str:
@@ -83,6 +91,9 @@ class ExportData:
         embedding: ``(N, D)`` one gradient row per sample for the projector (``NaN`` rows:
             the sample has no gradient), or ``None``.
         embedding_note: how the embedding rows were obtained (shown in the text dashboard).
+        get_item: ``get_item(id)`` the training item (``(x, y, id)``, a dict, ...) for the sample
+            views: images are drawn, token ids decoded (:mod:`lightning_influence.tensorboard_views`).
+        decode: ``decode(tokens) -> str`` for token data (the decoder hook), or ``None`` (ids shown).
     """
 
     query: str
@@ -97,6 +108,8 @@ class ExportData:
     embedding: np.ndarray | None = None
     embedding_note: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    get_item: Callable[[int], Any] | None = None
+    decode: Callable[[Any], str] | None = None
 
     def __post_init__(self) -> None:
         self.window_scores = np.asarray(self.window_scores, dtype=np.float64)
@@ -159,7 +172,10 @@ def export(logdir: str | Path, data: ExportData, top_k: int = 10, scalar_k: int 
         tag = f"{prefix}/top_k"
         for w, (t1, t2) in enumerate(data.windows):
             writer.add_text(tag, _top_k_markdown(data, w, top_k), global_step=t2)
+            writer.add_text(f"{tag}/{sanitize_tag(data.window_labels[w])}", _top_k_markdown(data, w, top_k), global_step=t2)
+            written["text"].append(f"{tag}/{sanitize_tag(data.window_labels[w])}")
         written["text"].append(tag)
+        _write_views(writer, prefix, data, last, written)
 
         if data.patterns is not None:
             tag = f"{prefix}/patterns"
@@ -193,14 +209,61 @@ def export(logdir: str | Path, data: ExportData, top_k: int = 10, scalar_k: int 
                 meta, header = _embedding_metadata(data, total, np.nonzero(rows)[0])
                 import torch
 
+                from lightning_influence.tensorboard_views import sprite_tiles
+
                 writer.add_embedding(torch.from_numpy(_reduce_dims(data.embedding[rows])), metadata=meta,
-                                     metadata_header=header, global_step=last, tag=tag)
+                                     metadata_header=header, global_step=last, tag=tag,
+                                     label_img=torch.from_numpy(sprite_tiles(np.nonzero(rows)[0], data.patterns,
+                                                                             data.get_item)))
                 written["embeddings"].append(tag)
         writer.add_text(f"{prefix}/about", _about_markdown(data), global_step=last)
         written["text"].append(f"{prefix}/about")
     finally:
         writer.close()
     return written
+
+
+def _write_views(writer: Any, prefix: str, data: ExportData, last: int, written: dict[str, list[str]],
+                 k: int = 5) -> None:
+    """Which samples, when: per window the most harmful/helpful samples (images or decoded tokens), the top
+    samples' heatmap labelled by id, and the pattern counts as bars (:mod:`lightning_influence.tensorboard_views`)."""
+    from lightning_influence import tensorboard_views as views
+
+    x = data.window_scores
+    tag = f"{prefix}/timeline_top"
+    writer.add_image(tag, views.render_top_heatmap(x, data.window_labels, data.labels, data.flipped,
+                                                   f"{data.method}: {data.query}, the samples with the most negative "
+                                                   f"({data.negative_word}) and most positive total, per window"),
+                     global_step=last, dataformats="HWC")
+    written["images"].append(tag)
+    if data.patterns is not None:
+        names = _pattern_names(data.patterns)
+        counts = {p: int(np.count_nonzero(data.patterns == p)) for p in names}
+        flips = None if data.flipped is None else \
+            {p: len(set(np.nonzero(data.patterns == p)[0].tolist()) & data.flipped) for p in names}
+        tag = f"{prefix}/pattern_counts"
+        writer.add_image(tag, views.render_bar_chart(counts, flips, f"temporal patterns of {data.query} "
+                                                                    f"({len(data.windows)} windows)"),
+                         global_step=last, dataformats="HWC")
+        written["images"].append(tag)
+    kind = views.sample_kind(data.get_item(0)) if data.get_item is not None and len(x) else None
+    if kind is None:
+        return
+    for w, (t1, t2) in enumerate(data.windows):
+        s = x[:, w]
+        order = np.argsort(s, kind="stable")
+        rows = [(f"most negative ({data.negative_word})", order[:k]), (f"most positive ({data.positive_word})",
+                                                                       order[::-1][:k])]
+        title = f"{data.method}: {data.query}, window {data.window_labels[w]} = steps [{t1}, {t2})"
+        tag = f"{prefix}/samples/{sanitize_tag(data.window_labels[w])}"
+        if kind == "image":
+            writer.add_image(tag, views.render_sample_grid(rows, s, data.get_item, data.labels, data.flipped, title),
+                             global_step=t2, dataformats="HWC")
+            written["images"].append(tag)
+        else:
+            writer.add_text(tag, views.tokens_markdown(rows, s, data.get_item, data.labels, data.flipped, data.decode,
+                                                       title), global_step=t2)
+            written["text"].append(tag)
 
 
 def _pattern_names(patterns: np.ndarray) -> list[str]:
@@ -268,7 +331,8 @@ def _about_markdown(data: ExportData) -> str:
              f"Sign: a positive score means removing the sample raises the query; "
              f"negative = {data.negative_word}, positive = {data.positive_word}."]
     if data.embedding_note:
-        lines += ["", f"Projector: {data.embedding_note}; colour it by score_bucket or pattern."]
+        lines += ["", f"Projector: {data.embedding_note}; each point is framed in its pattern's colour (early orange, "
+                  "late purple, fluctuating light orange, stable blue, negligible grey); colour by score_bucket too."]
     if data.info:
         lines.append("")
         lines += [f"- {key}: {value}" for key, value in data.info.items()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -226,7 +227,7 @@ def test_timeline_patterns_and_additivity(run, direct, capsys):
     log = InfluenceLog(run.log)
     whole = estimators.dit(log, query, module=model, train_data=dm.train_dataloader().dataset).column(0)
     for row in res["rows"]:
-        assert row["pattern"] in ("early", "late", "fluctuating", "stable")
+        assert row["pattern"] in ("early", "late", "fluctuating", "stable", "negligible")
         assert row["total"] == pytest.approx(sum(row["windows"]), rel=1e-9, abs=1e-15)
         assert row["total"] == pytest.approx(whole[row["id"]], rel=1e-8, abs=1e-12)  # DIT is additive over windows
 
@@ -261,6 +262,10 @@ def test_evaluate_replay_ground_truth(run, capsys):
     assert code == 0, err
     assert "ground truth: replay leave-one-out" in out
     assert "pearson" in out and "spearman" in out
+    assert "truth noise floor" in out and out.strip().splitlines()[-1].startswith("verdict: ")
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "-m", "dit", "--samples", "top:4", "-q", "-f", "json")
+    res = json.loads(out)
+    assert res["truth_noise_floor"] > 0 and 0 <= res["truth_above_floor"] <= 4 and res["verdict"]
 
 
 def test_evaluate_trust_tools_match_direct_calls(run, direct, capsys):
@@ -409,3 +414,6 @@ def test_a_replay_mismatch_is_a_user_error_with_a_tolerance_to_set(run, tmp_path
     code, out, err = cli(capsys, "query", str(root), "-c", run.config, "-m", "dit", "--replay-tolerance", "1e9", "-q",
                          "--top", "3")
     assert code == 0, err
+    drift = float(re.search(r"replay drift: at most ([0-9.e+-]+) of a segment's movement \(step \d+\), over 12 checkpoints",
+                            out).group(1))
+    assert 0 < drift < 1e9  # the scores come with the drift they were computed under

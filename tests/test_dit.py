@@ -276,10 +276,11 @@ def test_dit_local_equals_in_window_recursion(tmp_path_factory, kind):
     assert rel(s.column(0), ref[:, t2]) < 1e-8
 
 
-def test_sparse_checkpoints_and_memory_anchors_match_dense(tmp_path_factory):
-    dense = dit(make_log(tmp_path_factory, "momentum"), QUERY, module=model(), train_data=train_data, window=(2, T),
+@pytest.mark.parametrize("kind", ["momentum", "adamw"])
+def test_sparse_checkpoints_and_memory_anchors_match_dense(tmp_path_factory, kind):
+    dense = dit(make_log(tmp_path_factory, kind), QUERY, module=model(), train_data=train_data, window=(2, T),
                 loss_fn=loss_fn)
-    sparse_log = make_log(tmp_path_factory, "momentum", checkpoint_every=None)
+    sparse_log = make_log(tmp_path_factory, kind, checkpoint_every=None)
     assert sparse_log.checkpoint_steps == [0, T]
     sparse = dit(sparse_log, QUERY, module=model(), train_data=train_data, window=(2, T), loss_fn=loss_fn)
     tiny_budget = dit(sparse_log, QUERY, module=model(), train_data=train_data, window=(2, T), loss_fn=loss_fn,
@@ -390,7 +391,7 @@ def test_timeline_additivity_and_patterns(tmp_path_factory):
     np.testing.assert_allclose(tl.window(2, 9).column(0), ac, rtol=1e-10, atol=1e-15)
     assert np.allclose(tl.window(0, 4).column(0) + tl.window(4, T).column(0), tl.window(0, T).column(0), rtol=0, atol=1e-15)
     res = tl.patterns()
-    assert len(res.labels) == N and set(res.labels) <= {"stable", "early", "late", "fluctuating"}
+    assert len(res.labels) == N and set(res.labels) <= {"negligible", "stable", "early", "late", "fluctuating"}
 
 
 def test_timeline_default_grid_is_epochs(tmp_path_factory):

@@ -73,7 +73,7 @@ def cnn(tmp_path_factory):
     return train_script("cnn_digits", tmp_path_factory.mktemp("cnn"))
 
 
-def test_cnn_plain_dataloaders_from_the_log_alone(cnn, tmp_path):
+def test_cnn_plain_dataloaders_from_the_log_alone(cnn, tmp_path, monkeypatch, capsys):
     """DIT on the validation loss, model, training and validation data rebuilt from the log (plain DataLoaders)."""
     from lightning_influence.estimators import dit
 
@@ -86,7 +86,9 @@ def test_cnn_plain_dataloaders_from_the_log_alone(cnn, tmp_path):
     assert recipe["data"]["train"] == recipe["data"]["val"] == "dataloaders"
     assert recipe["data"]["stored"] == {"file": "data.pt", "train": 96, "val": 48}
 
-    result = cli_json("query", str(log_dir), "--top", "0", cwd=tmp_path)  # default method, default query val_loss
+    monkeypatch.chdir(tmp_path)  # not the script's directory: the recipe puts it on the import path
+    assert main(["query", str(log_dir), "--top", "0", "-f", "json", "-q"]) == 0  # default method and query (val_loss)
+    result = json.loads(capsys.readouterr().out)
     assert result["results"][0]["method"].startswith("dit")
     got = scores_of(result, 96)
 
@@ -170,6 +172,14 @@ def test_builder_and_model_override(cnn, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_cnn_answered_by_a_fresh_interpreter(cnn, tmp_path):
+    """The console entry point in a new process, from another directory, with nothing but the log."""
+    script, log_dir = cnn
+    result = cli_json("query", str(log_dir), "-m", "tracin", "--top", "3", cwd=tmp_path)
+    assert len(result["results"][0]["rows"]) == 3 and result["results"][0]["method"] == "tracin"
+
+
+@pytest.mark.slow
 def test_import_errors_keep_their_cause(cnn, tmp_path):
     """A script that fails on import, or that would train again on import, is named with the cause."""
     script, log_dir = cnn
@@ -206,10 +216,10 @@ def test_yaml_error_shows_the_real_cause(cnn, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, method, query", [("tiny_transformer", "tracin", "test:2"), ("dict_mlp", "dit", "val_loss")])
+@pytest.mark.parametrize("name, method, query", [("tiny_transformer", "dit", "val_loss"), ("dict_mlp", "dit", "val_loss")])
 def test_script_runs_answered_without_yaml(name, method, query, tmp_path):
     """A datamodule defined in the script (transformer) and a module's own dataloader hooks with dict batches."""
-    from lightning_influence.estimators import dit, tracin
+    from lightning_influence.estimators import dit
 
     script, log_dir = train_script(name, tmp_path / name)
     result = cli_json("query", str(log_dir), "-m", method, "--query", query, "-k", "0", cwd=tmp_path)
@@ -221,8 +231,8 @@ def test_script_runs_answered_without_yaml(name, method, query, tmp_path):
         assert log.meta["recipe"]["datamodule"]["hparams"]["seed"] == 1
         dm = mod.Tokens(n_train=48, seed=1)
         model = mod.TinyTransformer(dim=8, lr=0.1)
-        x, y = dm.val_set[2]
-        expected = tracin(log, queries.sample_losses((x[None], y[None])), module=model).column(0)
+        val = next(iter(torch.utils.data.DataLoader(dm.val_set, batch_size=len(dm.val_set))))
+        expected = dit(log, queries.mean_loss(val), module=model, train_data=dm.train_set).column(0)
     else:
         assert log.meta["recipe"]["data"]["train"] == "module"
         model = mod.DictMLP(hidden=7, lr=0.2, n_train=48)
@@ -256,8 +266,41 @@ def test_diffin_fd_is_checked_and_exact_is_the_default(cnn, capsys):
     assert bad.info["fd_unreliable"] and "[FD unreliable]" in bad.method
     assert np.abs(bad.column(0) - exact.column(0)).max() > 0.5 * np.abs(exact.column(0)).max()  # it was garbage
 
+    from lightning_influence import dit
+
+    query = queries.mean_loss([torch.stack([t[k] for t in mod.data()[1]]) for k in range(2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        exact_dit = dit(log, query, **kw)  # the default: no warning
+    with pytest.warns(RuntimeWarning, match="DIT with hvp='fd'.*crossed a kink"):
+        fd_dit = dit(log, query, **kw, hvp="fd")  # DIT's FD on this ReLU CNN is unreliable: flagged, not silent
+    assert fd_dit.info["fd_unreliable"] and fd_dit.info["fd_kinks"] > 0.2 * fd_dit.info["fd_products"]
+    assert np.abs(fd_dit.column(0) - exact_dit.column(0)).max() > 0.1 * np.abs(exact_dit.column(0)).max()
+
     for extra, tag in (([], "(exact)"), (["--hvp", "fd"], "(fd)")):
         assert main(["query", str(log_dir), "-m", "diffin-self", "-k", "3", "-f", "json", "-q", *extra]) == 0
         assert tag in json.loads(capsys.readouterr().out)["results"][0]["method"]
     assert main(["query", str(log_dir), "-m", "dit-fd", "--hvp", "exact", "-q"]) == 2
     assert "contradicts" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_token_samples_in_tensorboard_through_the_decoder_hook(tmp_path):
+    """The transformer's most harmful/helpful samples per window as text, decoded by ``--decoder file.py:function``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, log_dir = train_script("tiny_transformer", tmp_path / "tt")
+    decoder = tmp_path / "vocab.py"
+    decoder.write_text("def decode(tokens):\n    return ''.join('abcdefghijkl'[int(t)] for t in tokens)\n")
+    logdir = tmp_path / "tb"
+    proc = subprocess.run([sys.executable, "-m", "lightning_influence", "tensorboard", str(log_dir), "-m", "tracin",
+                           "--logdir", str(logdir), "--decoder", f"{decoder}:decode", "-q"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ea = EventAccumulator(str(logdir / "tracin"), size_guidance={"tensors": 0})
+    ea.Reload()
+    events = ea.Tensors("influence/val_loss/samples/e0/text_summary")
+    md = events[0].tensor_proto.string_val[0].decode()
+    assert "most negative (harmful)" in md and "token ids shown" not in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| id")]
+    assert len(rows) == 10 and all(set(r.split("|")[4].strip()) <= set("abcdefghijkl") for r in rows)

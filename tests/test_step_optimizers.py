@@ -213,3 +213,33 @@ def test_refusals_by_name():
         rule_for("mypkg.Fancy")
     for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad):
         assert check_optimizer(cls([w], lr=0.1)).cls is cls
+
+
+@pytest.mark.parametrize("cls, kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                     (torch.optim.AdamW, dict(lr=0.01, amsgrad=True)),
+                                     (torch.optim.RMSprop, dict(lr=0.01, momentum=0.5, centered=True)),
+                                     (torch.optim.Adagrad, dict(lr=0.1, initial_accumulator_value=0.2))])
+def test_state_from_the_hdf5_log(tmp_path, cls, kw):
+    """The state as the log stores it (HDF5 arrays and scalar attributes) reads back to the live state."""
+    from lightning_influence.log import InfluenceLog
+    from tests._tinylog import train_and_log
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+    X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    opt = cls(module.parameters(), **kw)
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6]]
+    train_and_log(str(tmp_path), module, loss, lambda ids: (X[ids], Y[ids]), batches, [kw["lr"]] * 3, opt,
+                  record_gradients=False)
+    log = InfluenceLog(tmp_path)
+    names = [n for n, _ in module.named_parameters()]
+    sizes = [p.numel() for _, p in module.named_parameters()]
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": names} for g in opt.param_groups]
+    step = OptimizerStep(rule_for(f"{cls.__module__}.{cls.__qualname__}"), groups, coordinate_groups(groups, names, sizes))
+    stored = step.state_from(log.optimizer_state(3), names, sizes)
+    live = step.state_from({n: opt.state[p] for n, p in module.named_parameters()}, names, sizes)
+    assert set(stored) == set(live) == {"step", *step.state_keys}
+    for k in stored:
+        torch.testing.assert_close(stored[k], live[k], rtol=0, atol=0)
+    assert float(stored["step"][0]) == (1.0 if cls is torch.optim.SGD else 3.0)

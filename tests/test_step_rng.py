@@ -233,3 +233,155 @@ def test_random_augmentation_is_refused_at_the_first_step_unless_inputs_are_stor
     with pytest.raises(Exception, match="at step 3"):  # the dataset by id gives other (freshly augmented) inputs
         log.micro_batches, real = (lambda t: [type(m)(m.ids, m.cpu_rng) for m in real(t)]), log.micro_batches
         list(replay(log, tiny(dropout=0.2), WithIds(ds), 0, None, tolerance=0.0))
+
+
+# ------------------------------------------------------------------------------------ attention
+class _TinyTransformer(nn.Module):
+    """Embedding, LayerNorm, one TransformerEncoderLayer (dropout 0.1), mean pooling, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = nn.Embedding(7, 8)
+        self.norm = nn.LayerNorm(8)
+        self.enc = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.norm(self.tok(x))).mean(1))
+
+    def per_sample_loss(self, batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_exact_hvp_through_attention_with_the_training_masks(train_mode):
+    """H v and (<g_i, v>)_i through a TransformerEncoderLayer (scaled_dot_product_attention), with its dropout masks in
+    train mode, equal central differences of plain gradients taken under the same random state (float64); in eval
+    mode (no dropout, the fused attention kernel) forward-over-reverse also works, through the math kernel only."""
+    from torch.func import grad, jvp
+
+    from lightning_influence.step.micro import exact_kernels
+
+    module = _TinyTransformer().double().train(train_mode)
+    x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 3, (5,))
+    step = _step_of(x, y)
+    loss_fn = lambda m, b: m.per_sample_loss(b)  # noqa: E731
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+    w = torch.rand(5, dtype=torch.float64)
+    (hv,), jv = step.curvature_products(module, loss_fn, params, w, [v])
+
+    def grads_and_losses(p):
+        leaves = {n: t.clone().requires_grad_(True) for n, t in p.items()}
+        losses = step.losses(module, loss_fn, leaves)  # the recorded random state: the training masks
+        return torch.autograd.grad((w * losses).sum(), list(leaves.values())), losses.detach()
+
+    eps = 1e-6
+    (gp, lp), (gm, lm) = [grads_and_losses({n: params[n] + s * eps * v[n] for n in params}) for s in (1, -1)]
+    for (n, a), b, c in zip(hv.items(), gp, gm):
+        torch.testing.assert_close(a, (b - c) / (2 * eps), rtol=1e-6, atol=1e-8, msg=n)
+    torch.testing.assert_close(jv[0], (lp - lm) / (2 * eps), rtol=1e-6, atol=1e-8)
+    if not train_mode:
+        def loss(p, exact):
+            return (w * step.losses(module, loss_fn, p, exact=exact)).sum()
+
+        _, fwd = jvp(grad(lambda p: loss(p, True)), (params,), (v,))
+        for n in hv:
+            torch.testing.assert_close(fwd[n], hv[n], rtol=1e-9, atol=1e-11)
+        with pytest.raises(Exception, match="forward AD|not implemented|jvp"):  # the fused kernel has no forward AD
+            jvp(grad(lambda p: loss(p, False)), (params,), (v,))
+
+
+def _step_of(x, y):
+    from lightning_influence.step.micro import Step
+
+    return Step(0, [MicroBatch(np.arange(len(y)), (x, y), rng.capture())])
+
+
+def test_16_mixed_grad_scaler_scales_and_skipped_steps_replay_bit_for_bit(tmp_path):
+    """float16 autocast with a GradScaler on the CPU (the GPU code path): the factor of every step and the steps the
+    scaler skipped (non-finite gradients) are recorded; replay scales, unscales and skips as the scaler did."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from conftest import TinyClassifier
+    from lightning_influence import WithIds
+    from lightning_influence.estimators import dit
+    from lightning_influence.replay import ReplayMismatchError, replay
+
+    def model():
+        torch.manual_seed(0)
+        return TinyClassifier(dropout=0.1, lr=0.2).float()
+
+    ds = make_data(24, dtype=torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)  # overflows float16 gradients at first: skipped steps
+    fit(model(), loader(ds), InfluenceTracker(str(tmp_path / "log"), record_gradients=True, checkpoint_every_n_steps=1),
+        epochs=2, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["precision"] == {"name": "16-mixed", "autocast_device": "cpu", "autocast_dtype": "float16",
+                                     "grad_scaler": True}
+    skipped = [log.skipped(t) for t in range(log.num_steps)]
+    assert skipped == [True, True, False, False, False, True, False, False]
+    assert [log.grad_scale(t) for t in range(3)] == [2.0 ** 20, 2.0 ** 19, 2.0 ** 18]  # halved after each skip
+    for t in np.flatnonzero(skipped):  # θ did not move, and no gradient row was stored
+        assert all(np.array_equal(a, b) for a, b in zip(log.checkpoint(t).values(), log.checkpoint(t + 1).values()))
+        assert not log.has_grads(t)
+    assert [rs.step for rs in replay(log, model(), WithIds(ds), 0, None, tolerance=0.0)][-1] == log.num_steps
+    scores = dit(log, _query(make_data(8, seed=1, dtype=torch.float32).tensors), module=model(), train_data=WithIds(ds),
+                 tolerance=0.0)
+    assert np.isfinite(scores.scores).all() and np.abs(scores.scores).max() > 0
+    log.skipped = lambda t: False  # replaying the skipped steps as if they had run departs at once
+    with pytest.raises(ReplayMismatchError, match="at step 1"):
+        list(replay(log, model(), WithIds(ds), 0, None, tolerance=0.0))
+
+
+def test_a_damaged_random_state_is_detected(tmp_path):
+    import h5py
+
+    from lightning_influence.log.format import LogFormatError
+
+    fit(tiny(dropout=0.3), loader(make_data(12)), InfluenceTracker(str(tmp_path / "log")), epochs=1)
+    seg = next((tmp_path / "log" / "rank-0").glob("seg-*.h5"))
+    with h5py.File(seg, "r+") as f:  # one bit of the CPU generator state of the first micro-batch
+        f["rng/cpu"][0, 100] ^= 1
+    log = InfluenceLog(tmp_path / "log")
+    with pytest.raises(LogFormatError, match="micro-batch rows of step 0 fail their CRC-32"):
+        log.micro_batches(0)
+    assert log.micro_batches(1)[0].cpu_rng is not None  # the other steps still read
+
+
+def test_per_sample_hvps_through_attention_with_the_training_masks():
+    """Diff-In's exact per-sample H_i v of a step: central differences of the per-sample gradients taken with the
+    training masks (float64, a TransformerEncoderLayer with dropout)."""
+    from lightning_influence.step.micro import per_sample_grads_masked
+    from lightning_influence.step.precision import FULL
+
+    module = _TinyTransformer().double().train()
+    x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 3, (5,))
+    step = _step_of(x, y)
+    loss_fn = lambda m, b: m.per_sample_loss(b)  # noqa: E731
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+    names = ["enc.linear1.weight", "tok.weight"]
+    hv = step.per_sample_curvature(module, loss_fn, params, v, names, chunk_size=2)
+    eps = 1e-6
+
+    def rows(sign):
+        p = {n: params[n] + sign * eps * v[n] for n in params}
+        return per_sample_grads_masked(module, loss_fn, step.micro[0], FULL, names, p, chunk_size=3)
+
+    fd = (rows(1) - rows(-1)) / (2 * eps)
+    got = torch.cat([hv[n].reshape(5, -1) for n in names], dim=1)
+    torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_every_replaying_estimator_reports_its_drift(dropout_run):
+    from lightning_influence.estimators import dit
+    from lightning_influence.estimators.diffin import diffin
+
+    log, ds, query = dropout_run
+    window = (2, log.num_steps)  # the odd steps are replayed from the checkpoints of the even ones
+    for scores in (dit(log, query, module=tiny(dropout=0.2), train_data=ds, window=window),
+                   diffin(log, query, module=tiny(dropout=0.2), train_data=ds, form="step", window=window)):
+        drift = scores.info["replay_drift"]
+        assert drift["checkpoints_compared"] > 0 and drift["max"] == 0.0 and drift["max_abs"] == 0.0, scores.method

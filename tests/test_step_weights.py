@@ -156,3 +156,73 @@ def test_faithful_clipping_override_is_accepted(tmp_path: Any) -> None:
     log, ds, m = tracked_run(tmp_path, module=m, gradient_clip_val=0.05)
     assert m.calls == log.num_steps and log.meta["gradient_clipping"]["configure_gradient_clipping"].startswith("overridden")
     assert replay_exactly(log, ds, TinyClassifier(lr=0.5, momentum=0.9).float()) == log.num_steps + 1
+
+
+def test_reduction_check_tolerates_rounding_not_other_reductions() -> None:
+    from lightning_influence.step.weights import check_reduction
+
+    losses = torch.rand(8, generator=torch.Generator().manual_seed(0)) + 0.5
+    check_reduction(float(losses.mean() / 2), losses, 2, 0)  # the mean, divided by A: accepted
+    bf16 = losses.to(torch.bfloat16)
+    check_reduction(float(bf16.mean()), bf16, 1, 0, torch.bfloat16)  # a bfloat16 mean: accepted at its precision
+    with pytest.raises(LossReductionError, match="sum of the per-sample losses"):
+        check_reduction(float(losses.sum()), losses, 1, 3)
+    with pytest.raises(LossReductionError, match="neither their mean nor their sum"):
+        check_reduction(float(losses.mean() + 0.01), losses, 1, 3)  # an added regulariser
+
+
+def test_info_describes_accumulation_and_clipping(tmp_path: Any, capsys: Any) -> None:
+    from lightning_influence.cli import main
+
+    log, _, _ = tracked_run(tmp_path, gradient_clip_val=0.05, accumulate_grad_batches=2)
+    assert main(["info", str(tmp_path / "log")]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][0]
+    assert "accumulate_grad_batches 2, 2 incomplete accumulation step(s)" in row
+    assert "norm clipping at 0.05, bound on" in row
+
+
+def test_value_clipping_with_projected_rows_is_named_not_run(tmp_path: Any) -> None:
+    from lightning_influence.cli.methods import unmet_needs
+    from lightning_influence.estimators import tracin
+
+    torch.manual_seed(0)
+    m = TinyClassifier(lr=0.5).float()
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=2, checkpoint_every_n_steps=1)
+    fit(m, loader(make_data(N, dtype=torch.float32), BATCH), tracker, epochs=1, gradient_clip_val=0.01,
+        gradient_clip_algorithm="value")
+    log = InfluenceLog(tmp_path / "log")
+    assert any("unprojected gradient rows" in n for n in unmet_needs("tracin", log))
+    assert not unmet_needs("dit", log)  # the model-based sweep clips the full gradient
+    with pytest.raises(ValueError, match="value clipping cannot be applied to projected gradient rows"):
+        tracin(log, lambda mod: mod.per_sample_loss(make_data(4, dtype=torch.float32)[:]).mean(), module=TinyClassifier().float())
+
+
+def test_accumulation_schedule_is_recorded_per_step_and_replays_bit_exactly(tmp_path: Any) -> None:
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    torch.manual_seed(0)
+    m = TinyClassifier(lr=0.5, momentum=0.9).float()
+    ds = make_data(N, dtype=torch.float32)
+    tracker = InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=1)
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+               callbacks=[tracker, GradientAccumulationScheduler({0: 1, 1: 3})]).fit(m, loader(ds, BATCH))
+    log = InfluenceLog(tmp_path / "log")
+    assert [int(log.step_column(t, "accumulate")) for t in range(log.num_steps)] == [1] * 5 + [3, 3]
+    assert step_weights(log, 6).weights.tolist() == pytest.approx([1 / 18] * 6 + [1 / 6] * 2)  # (6, 2) of 3
+    assert replay_exactly(log, ds, TinyClassifier(lr=0.5, momentum=0.9).float()) == log.num_steps + 1
+
+
+@pytest.mark.parametrize("sizes, accumulate, world_size", [([6, 6], 2, 1), ([2], 2, 1), ([6, 4, 6, 4], 2, 2), ([5, 5], 1, 2)])
+def test_micro_batch_losses_add_up_to_the_weighted_step_loss(sizes: list[int], accumulate: int, world_size: int) -> None:
+    """Replay's per-micro-batch losses (as trained, and with multipliers) sum to Σ w_i ℓ_i, DDP's average included."""
+    sw = lightning_weights(sizes, accumulate, world_size)
+    losses = torch.rand(sum(sizes), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = float((torch.from_numpy(sw.weights) * losses).sum())
+    ones = torch.ones(len(losses), dtype=torch.float64)
+    for mult in (None, ones):
+        got = sum(float(sw.micro_loss(losses[r], r, None if mult is None else mult[r])) for r in sw.micro_slices())
+        assert got == pytest.approx(want, rel=1e-14)

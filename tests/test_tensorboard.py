@@ -59,7 +59,11 @@ def test_export_tags_and_steps(export):
     tags = export.ea.Tags()
     assert tags["histograms"] == [f"{Q}/window_scores"]
     assert [e.step for e in export.ea.Histograms(f"{Q}/window_scores")] == [4, 8, 12]
-    assert sorted(tags["images"]) == [f"{Q}/timeline", f"{Q}/timeline_absolute"]
+    assert sorted(tags["images"]) == sorted([f"{Q}/timeline", f"{Q}/timeline_absolute", f"{Q}/timeline_top",
+                                             f"{Q}/pattern_counts"] + [f"{Q}/samples/e{w}" for w in range(3)])
+    assert [e.step for e in export.ea.Images(f"{Q}/samples/e1")] == [8]
+    for w, t2 in enumerate((4, 8, 12)):  # every window's table has its own tag
+        assert list(text(export.ea, f"{Q}/top_k/e{w}")) == [t2]
     assert [e.step for e in export.ea.Images(f"{Q}/timeline")] == [12]
     assert {f"{Q}/{t}/text_summary" for t in ("top_k", "patterns", "about")} <= set(tags["tensors"])
     assert sorted(text(export.ea, f"{Q}/top_k")) == [4, 8, 12]
@@ -192,3 +196,75 @@ def test_render_heatmap_and_colours():
         img = render_heatmap(x, ["a", "b", "c", "d"], scale=scale, max_rows=900, max_height=900)
         column = img[56 + 10: 56 + 800, 150 + 3 * 64 + 5].astype(int)  # inside the heatmap, window "d"
         assert (np.abs(column - 247).max() > 60) == visible
+
+
+# ------------------------------------------------------------------------------ sample views
+def _decoded(ea: EventAccumulator, tag: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(ea.Images(tag)[-1].encoded_image_string)).convert("RGB"))
+
+
+def test_sample_grid_shows_the_window_top_samples(export, scores, run):
+    """Window e2's image grid: tile k of the first row is the k-th most negative sample's 8x8 digit, and the image
+    is as wide as TensorBoard's image card (shown unshrunk)."""
+    from PIL import Image
+
+    from lightning_influence.examples.digits import DigitsDataModule
+    from lightning_influence.tensorboard_views import WIDTH, _as_image
+
+    cfg = yaml.safe_load(Path(run.config).read_text())
+    ds = DigitsDataModule(**cfg["data"]).train_dataset
+    s = scores.x[:, 2]
+    order = np.argsort(s, kind="stable")
+    img = _decoded(export.ea, f"{Q}/samples/e2")
+    assert img.shape[1] == WIDTH
+    tile, pad, y0 = 52, 10, 8 + 16 + 18  # one title line, the row title
+    for k in range(5):
+        digit = np.asarray(Image.fromarray(_as_image(ds[int(order[k])][0])).resize((tile, tile), Image.NEAREST))
+        x0 = pad + k * (tile + pad)
+        np.testing.assert_array_equal(img[y0 + 2: y0 + tile - 2, x0 + 2: x0 + tile - 2], digit[2:-2, 2:-2])
+    red = np.array([214, 39, 40])
+    for k in range(5):  # flipped samples are framed in red
+        x0 = pad + k * (tile + pad)
+        assert (img[y0 + tile // 2, x0 - 1] == red).all() == (int(order[k]) in scores.flipped)
+
+
+def test_token_samples_use_the_decoder_hook():
+    import torch
+
+    from lightning_influence.tensorboard_views import sample_kind, tokens_markdown
+
+    items = {i: (torch.tensor([i, i + 1, 2]), i % 2, i) for i in range(6)}
+    assert sample_kind(items[0]) == "tokens"
+    scores = np.array([0.5, -2.0, 0.1, -1.0, 3.0, 0.0])
+    vocab = "abcdefgh"
+    md = tokens_markdown([("most negative", [1, 3]), ("most positive", [4])], scores, items.__getitem__,
+                         np.array([0, 1, 0, 1, 0, 1]), {3}, lambda t: "".join(vocab[int(v)] for v in t), "title")
+    lines = md.splitlines()
+    assert "| 1 | -2.000e+00 | 1 | bcc |" in lines and "| 3 | -1.000e+00 | 1 **⚑ flipped** | dec |" in lines
+    assert "| 4 | 3.000e+00 | 0 | efc |" in lines
+    assert "token ids shown" in tokens_markdown([("x", [0])], scores, items.__getitem__, None, None, None, "t")
+
+
+def test_top_heatmap_bar_chart_and_sprites():
+    from lightning_influence.tensorboard_views import (PATTERN_COLOURS, render_bar_chart, render_top_heatmap,
+                                                       sprite_tiles)
+
+    x = np.random.default_rng(0).normal(size=(200, 10))
+    img = render_top_heatmap(x, [f"e{i}" for i in range(10)], None, None, "a title", k=10)
+    assert img.shape[1] == 330 and img.shape[0] >= 20 * 14  # TensorBoard's card width: 11-12 px text stays legible
+    bars = render_bar_chart({"stable": 100, "negligible": 50}, {"stable": 10, "negligible": 0}, "counts")
+    widths = [int(np.count_nonzero((bars[y, :, :] == PATTERN_COLOURS[p]).all(axis=1)))
+              for y, p in ((32 + 5, "stable"), (32 + 30 + 5, "negligible"))]
+    assert widths[0] == pytest.approx(2 * widths[1], abs=2)
+    tiles = sprite_tiles([0, 1], np.array(["early", "negligible"]), lambda j: (torch_digit(j), 0, j))
+    assert tiles.shape == (2, 3, 32, 32)
+    np.testing.assert_allclose(tiles[0, :, 0, 0] * 255, PATTERN_COLOURS["early"], atol=1e-4)  # framed in its colour
+    assert tiles[1, 0, 16, 16] != tiles[1, 0, 0, 0]  # the image inside
+
+
+def torch_digit(j: int):
+    import torch
+
+    return torch.arange(64, dtype=torch.float32) * (j + 1)

@@ -34,9 +34,9 @@ import numpy as np
 
 from lightning_influence.cli.common import UserError, open_log, status
 from lightning_influence.cli.methods import METHODS, check_records, default_method
+from lightning_influence.estimators.scores import item_label
 from lightning_influence.recipe import RecipeError, concat_batches, import_class, instantiate, stored_data
 
-_LABEL_KEYS = ("y", "label", "labels", "target", "targets")
 
 
 class RunContext:
@@ -147,16 +147,9 @@ class RunContext:
 
 
 def _label_of(table: Any, dataset: Any, i: int) -> int:
-    try:
-        if table is not None:
-            value = table[i]
-        else:
-            item = dataset[i]
-            value = next((item[k] for k in _LABEL_KEYS if k in item), None) if isinstance(item, dict) else item[1]
-        value = value.item() if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1 else value
-        return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else -1
-    except Exception:
-        return -1
+    if table is None:
+        return item_label(dataset[i])
+    return item_label((None, table[i]))
 
 
 @contextlib.contextmanager
@@ -226,16 +219,16 @@ def _from_recipe(args: argparse.Namespace, log: Any) -> RunContext:
                       "module.DataModuleClass), or re-train with InfluenceTracker(store_data=True)")
 
 
-def _from_builder(spec: str, log: Any) -> RunContext:
-    """``--builder module:function`` or ``path/to/file.py:function`` (module docstring, 1)."""
+def load_function(spec: str, flag: str) -> Any:
+    """The function ``module:function`` or ``path/to/file.py:function`` (the file's directory goes on the import path)."""
     target, _, name = spec.rpartition(":")
     if not target or not name:
-        raise UserError(f"--builder {spec!r}: use module:function or path/to/file.py:function")
+        raise UserError(f"{flag} {spec!r}: use module:function or path/to/file.py:function")
     try:
         if target.endswith(".py"):
             file = Path(target)
             if not file.is_file():
-                raise UserError(f"--builder {spec!r}: no such file {target}")
+                raise UserError(f"{flag} {spec!r}: no such file {target}")
             sys.path.insert(0, str(file.resolve().parent))
             mod_spec = importlib.util.spec_from_file_location(file.stem, file)
             module = importlib.util.module_from_spec(mod_spec)
@@ -243,11 +236,16 @@ def _from_builder(spec: str, log: Any) -> RunContext:
             mod_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
-        fn = getattr(module, name)
+        return getattr(module, name)
     except UserError:
         raise
     except Exception as err:
-        raise UserError(f"--builder {spec!r}: cannot load it: {type(err).__name__}: {err}") from err
+        raise UserError(f"{flag} {spec!r}: cannot load it: {type(err).__name__}: {err}") from err
+
+
+def _from_builder(spec: str, log: Any) -> RunContext:
+    """``--builder module:function`` or ``path/to/file.py:function`` (module docstring, 1)."""
+    fn = load_function(spec, "--builder")
     try:
         with quiet_lightning():
             out = fn(log) if inspect.signature(fn).parameters else fn()

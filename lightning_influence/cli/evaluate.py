@@ -13,6 +13,7 @@ from lightning_influence.cli.context import RunContext, prepare
 from lightning_influence.cli.methods import (METHODS, Method, call_with, check_records, default_method,
                                              estimator_inputs, method_help, run_method)
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
+from lightning_influence.evaluation.verdict import truth_noise_floor, verdict
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -101,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         qname = query_columns(scores.query_names, names, specs)[0][1]
     first = next(iter(estimates.values()))
     samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed)
-    truth = None
+    truth, floor = None, None
     if args.truth == "replay":
         fn = Method(GROUND_TRUTH, "model+data", (), "").load()
         status(args, f"replaying training without each of {len(samples)} samples (ground truth) ...")
@@ -112,6 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         finally:
             progress.close()
         truth = np.asarray(result.window(t1, t2), dtype=np.float64)  # LOO(t2) - LOO(t1), in the order of `samples`
+        floor = _noise_floor(log, result, t1, t2)
     trust = _trust_tools(args, log, ctx, query, samples, estimates, truth, (t1, t2))
     flipped = ctx.flipped if ctx else None
     labels = ctx.labels(samples) if ctx else np.full(len(samples), -1)
@@ -135,7 +137,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            **({"pbrf": float(trust["pbrf"].scores[k, 0])} if "pbrf" in trust else {}),
                            **{m: float(e[j]) for m, e in estimates.items()}}
                           for k, (j, lb) in enumerate(zip(samples, labels))],
-              "metrics": metrics, **{k: v.to_dict() for k, v in trust.items()}}
+              "metrics": metrics, "truth_noise_floor": floor,
+              "truth_above_floor": None if truth is None else int(np.count_nonzero(np.abs(truth) > floor)),
+              "verdict": verdict(metrics, truth, floor), **{k: v.to_dict() for k, v in trust.items()}}
     fmt = output_format(args)
     if fmt == "json":
         emit(args, json_text(result))
@@ -154,8 +158,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     keys = sorted({k for row in metrics.values() for k in row}, key=lambda k: (k.startswith("flipped"), k))
     mtable = format_table(["method", *keys], [[m, *[f"{metrics[m].get(k, float('nan')):.3f}" for k in keys]]
                                              for m in metrics]) if keys else "no metric: no ground truth and no known flipped labels"
-    emit(args, "\n".join(head + [format_table(header, body), "", mtable] + ["\n" + t.table() for t in trust.values()]))
+    noise = [] if truth is None else [
+        f"truth noise floor {floor:.2e} (replay error, docs/trust.md §4): {result['truth_above_floor']} of {len(truth)} "
+        "truth values above it"]
+    emit(args, "\n".join(head + noise + [format_table(header, body), "", mtable]
+                         + ["\n" + t.table() for t in trust.values()] + ["", f"verdict: {result['verdict']}"]))
     return 0
+
+
+def _noise_floor(log: Any, result: Any, t1: int, t2: int) -> float:
+    """The truth's noise floor (:func:`~lightning_influence.evaluation.verdict.truth_noise_floor`) for one window."""
+    dtype = next(iter(log.checkpoint(log.checkpoint_steps[0]).values())).dtype
+    eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else float(np.finfo(np.float32).eps)
+    drift = float(result.info.get("replay_drift", {}).get("max", 0.0))
+    grid = [int(t) for t in result.grid]
+    base = result.base[:, 0]  # f(θ_t) of the reference run on the grid
+    return truth_noise_floor(base[grid.index(t1)] if t1 in grid else base[0], base[grid.index(t2)], drift, eps, t2)
 
 
 def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, query: Any, samples: np.ndarray,

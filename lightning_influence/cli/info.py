@@ -11,6 +11,7 @@ import numpy as np
 
 from lightning_influence.cli.common import emit, json_text, open_log, output_format, progress_bar
 from lightning_influence.cli.methods import METHODS, unmet_needs
+from lightning_influence.step.weights import step_summary
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -71,7 +72,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "batch_size": {"mean": float(batch_sizes.mean()), "min": int(batch_sizes.min()), "max": int(batch_sizes.max())},
         "dataset_size": log.dataset_size if T else meta.get("dataset_size"), "ids_seen": int(len(ids_seen)),
         "recorded": recorded, "every_n_steps": every, "gradient_columns": cols, "projection": proj_dim,
-        "storage_dtype": meta.get("storage_dtype"),
+        "storage_dtype": meta.get("storage_dtype"), "step": step_summary(log) if T else None,
         "checkpoints": {"count": len(ckpts), "every_n_steps": meta.get("checkpoint_every_n_steps"), "final": log.finished},
         "state": log.end_note,
         "methods": {"usable": usable, "not_usable": unusable},
@@ -96,6 +97,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("steps", f"{T} (0..{T - 1}), epochs {int(epochs[0])}..{int(epochs[-1])} ({per_epoch} steps per epoch), "
                   f"batch size {summary['batch_size']['mean']:.4g}" if T else "0 (no step recorded)"),
         ("samples", f"{summary['dataset_size']} training ids, {summary['ids_seen']} seen in the log"),
+        ("step", _describe_step(summary["step"])),
         ("recorded", ", ".join(what)),
         ("gradients", f"{cols} columns per sample ({f'projected, {proj_dim} per tensor' if proj_dim else 'full'}, "
                       f"{summary['storage_dtype']}), every {every} step{'s' * (every != 1)}"
@@ -110,6 +112,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     emit(args, "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows))
     return code
+
+
+def _describe_step(s: dict[str, Any] | None) -> str:
+    """The step as Lightning ran it, in words: accumulation (incomplete steps) and clipping (where it bound)."""
+    if s is None:
+        return "-"
+    acc = [a for a in s["accumulate"] if a > 0]
+    parts = [f"accumulate_grad_batches {'/'.join(map(str, acc))}, {len(s['incomplete_accumulation_steps'])} incomplete "
+             "accumulation step(s) (weighted as Lightning scaled them)" if acc and max(acc) > 1 else
+             "one batch mean per step" if acc else "a batch mean per step (weights not recorded: format version 1)"]
+    if s["clipping"]:
+        parts.append(f"{s['clipping']} clipping at {s['clip_value']:g}, bound on {s['clip_bound_fraction']:.0%} of steps"
+                     + (f" (median coefficient {s['clip_coef_median']:.3g})" if s["clip_coef_median"] is not None else ""))
+    else:
+        parts.append("no gradient clipping")
+    return "; ".join(parts)
 
 
 def _verify(log: Any, args: argparse.Namespace) -> list[int]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from lightning_influence.cli.common import UserError, progress_bar
 from lightning_influence.progress import ProgressBar
+from lightning_influence.step.clipping import rows_are_projected
 
 if TYPE_CHECKING:
     from lightning_influence.cli.context import RunContext
@@ -128,6 +129,9 @@ def unmet_needs(name: str, log: Any) -> list[str]:
         used = str((spec[0] if isinstance(spec, list) and spec else spec).get("class", "?")).rpartition(".")[2]
         if used not in method.optimizers:
             needs.append(f"optimizer {'/'.join(method.optimizers)}, not {used}")
+    if "gradients" in method.records and (log.meta.get("gradient_clipping") or {}).get("algorithm") == "value" \
+            and rows_are_projected(log):
+        needs.append("unprojected gradient rows of every parameter (the run clipped by value; projection_dim=None)")
     return needs
 
 

@@ -107,6 +107,10 @@ def _query_text(res: dict[str, Any], args: argparse.Namespace) -> str:
         hits = sum(r["flipped"] == "yes" for r in res["rows"])
         tail.append(f"flipped labels among these {len(res['rows'])}: {hits} ({hits / len(res['rows']):.0%}); "
                     f"{res['flipped_total']} of {res['n_samples']} ({res['flipped_total'] / res['n_samples']:.0%}) are flipped overall")
+    drift = (res.get("info") or {}).get("replay_drift")
+    if drift and drift.get("checkpoints_compared"):  # what the replay could not reproduce (docs/replay.md)
+        tail.append(f"replay drift: at most {drift['max']:.2g} of a segment's movement (step {drift['at_step']}), over "
+                    f"{drift['checkpoints_compared']} checkpoints")
     return "\n".join(head + [format_table(header, rows)] + tail)
 
 

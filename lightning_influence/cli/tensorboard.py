@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_influence.cli.common import emit
+from lightning_influence.cli.common import UserError, emit
+from lightning_influence.cli.context import load_function
 from lightning_influence.cli.timeline import add_grid_parser, patterns_of, timeline_data
 
 SUMMARY = "export a query's results to TensorBoard"
@@ -20,6 +21,9 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--run", help="run name (sub-directory of --logdir; default: the method)")
     p.add_argument("--top", "-k", type=int, default=10, help="rows of the top-k tables (default 10)")
     p.add_argument("--no-embedding", dest="embedding", action="store_false", help="skip the projector view")
+    p.add_argument("--decoder", metavar="MODULE:FUNCTION",
+                   help="for token data: a function (module:function or file.py:function) turning a sample's token "
+                        "ids into text for the sample tables (default: the ids)")
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
@@ -35,13 +39,16 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
         note = "no gradients recorded, no projector view"
     written_all: dict[str, list[str]] = {}
     train_labels = ctx.labels(np.arange(n)) if ctx else None
+    get_item = _item_getter(ctx)
+    decode = load_function(args.decoder, "--decoder") if args.decoder else None
     for qi, qname, is_loss in columns:
         x = scores[:, qi, :]
         patterns, why = patterns_of(x)
         data = ExportData(query=qname, method=method_name, windows=windows, window_labels=labels, window_scores=x,
                           loss_query=is_loss, patterns=patterns, labels=train_labels,
                           flipped=ctx.flipped if ctx else None, embedding=embedding,
-                          embedding_note=note, info={"log": args.log, "grid": args.grid, **({"patterns": why} if why else {})})
+                          embedding_note=note, info={"log": args.log, "grid": args.grid, **({"patterns": why} if why else {})},
+                          get_item=get_item, decode=decode)
         for kind, tags in export(run_dir, data, top_k=args.top or 10).items():
             written_all.setdefault(kind, []).extend(tags)
     lines = [f"wrote {method_name} scores of {n} samples over {len(windows)} windows to {run_dir}"]
@@ -52,6 +59,17 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     lines.append(f"view: tensorboard --logdir {args.logdir}")
     emit(args, "\n".join(lines))
     return 0
+
+
+def _item_getter(ctx: Any) -> Any:
+    """``id -> training item`` for the sample views, or ``None`` when the run's data cannot be rebuilt."""
+    if ctx is None:
+        return None
+    try:
+        dataset = ctx.train_dataset
+    except UserError:
+        return None
+    return lambda j: dataset[int(j)]
 
 
 def _last_gradients(log: Any, window: tuple[int, int], n: int) -> tuple[np.ndarray, str]:

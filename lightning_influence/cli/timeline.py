@@ -14,6 +14,7 @@ from lightning_influence.cli.methods import METHODS, compute_windows, method_hel
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 
 SUMMARY = "scores on a grid of windows and each sample's temporal pattern"
+PATTERNS = ("early", "late", "fluctuating", "stable", "negligible")  # lightning_influence.evaluation.patterns
 
 
 def add_grid_parser(sub: Any, parents: dict[str, argparse.ArgumentParser], name: str, summary: str,
@@ -33,7 +34,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = add_grid_parser(sub, parents, "timeline", SUMMARY, cmd_timeline)
     p.add_argument("--top", "-k", type=int, default=None,
                    help="rows shown (default: 20 in a table, all samples in CSV/JSON; 0: all)")
-    p.add_argument("--pattern", choices=("early", "late", "fluctuating", "stable"), help="only samples of this pattern")
+    p.add_argument("--pattern", choices=PATTERNS, help="only samples of this pattern (docs/trust.md: the rule)")
 
 
 def timeline_data(args: argparse.Namespace):
@@ -73,7 +74,7 @@ def cmd_timeline(args: argparse.Namespace) -> int:
             ids = ids[patterns[ids] == args.pattern]
         ids = ids[:top] if top else ids
         lbl = ctx.labels(ids) if ctx else np.full(len(ids), -1)
-        counts = {p: int(np.count_nonzero(patterns == p)) for p in ("early", "late", "fluctuating", "stable")} \
+        counts = {p: int(np.count_nonzero(patterns == p)) for p in PATTERNS} \
             if patterns is not None else {}
         flipped = ctx.flipped if ctx else None
         rows = [{"id": int(j), "label": int(lb) if lb >= 0 else None, "flipped": flip_cell(ctx, int(j)),

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 from torch.utils import _pytree as pytree
 
-from lightning_influence.capture.hvp import (KINK_GUARD, default_eps0, fd_directional_derivative, guarded_difference,
+from lightning_influence.capture.hvp import (KINK_GUARD, KINK_SHARE_LIMIT, default_eps0, fd_directional_derivative, guarded_difference,
                                             parameter_epsilon)
 from lightning_influence.capture.per_sample import per_sample_grads_vmap
 from lightning_influence.capture.projection import KroneckerProjector
@@ -73,7 +73,8 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
-from lightning_influence.step.micro import Step, exact_kernels, per_sample_grads_masked
+from lightning_influence.replay_drift import DriftReport
+from lightning_influence.step.micro import Step, per_sample_grads_masked
 from lightning_influence.replay import (
     Progress,
     TrainData,
@@ -84,7 +85,7 @@ from lightning_influence.replay import (
     replay,
     resolve_progress,
 )
-from lightning_influence.step.clipping import logged_clip_adjoint, logged_clip_spec, rows_are_projected
+from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
 
 __all__ = ["FORMS", "HVP_MODES", "SAMPLES", "diffin", "diffin_self_influence", "published_coefficients", "batch_hvp"]
 
@@ -113,6 +114,7 @@ class _Context:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.log, self.module, self.train_data, self.loss_fn = log, module, train_data, loss_fn
+        self.drift = DriftReport()  # measured at every checkpoint the replays pass (info["replay_drift"])
         self.hvp, self.verify, self.chunk_size = hvp, verify, chunk_size
         ref = checkpoint_params(log, module, log.checkpoint_steps[0])
         self.dtype = next(iter(ref.values())).dtype
@@ -152,7 +154,7 @@ class _Context:
             return
         want = set(steps)
         for rs in replay(self.log, self.module, self.train_data, steps[0], steps[-1], loss_fn=self.loss_fn,
-                         verify=self.verify):
+                         verify=self.verify, report=self.drift):
             if rs.step in want:
                 yield rs.step, rs.params
 
@@ -202,13 +204,9 @@ class _Context:
         """Projected ``H_z v`` ``(B, K)`` for every sample of ``batch`` (``direction`` over all parameters):
         central differences of the per-sample gradients along ``v`` with the tracker's kink guard (one
         more pass for ``g_z(θ)``), as the tracker logs them, or exact."""
-        if self.hvp == "exact" and isinstance(batch, Step):  # jvp along v of the masked per-sample gradients
-            primals = {n: t.detach() for n, t in params.items()}
-            tangents = {n: direction[n].detach().to(t.dtype) if n in direction else torch.zeros_like(t)
-                        for n, t in primals.items()}
-            with exact_kernels():
-                _, hv = jvp(lambda p: self.per_sample_grads(p, batch), (primals,), (tangents,))
-            return hv.detach()
+        if self.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse with the step's dropout masks
+            hv = batch.per_sample_curvature(self.module, self.loss_fn, params, direction, self.names)
+            return self.projector.project(hv).detach()
         if self.hvp == "exact":
             return _per_sample_hvp_exact(self, params, batch, direction)
         out, _ = fd_directional_derivative(lambda p: self.per_sample_grads(p, batch), params, direction, self.eps0,
@@ -221,18 +219,15 @@ class _Context:
         return torch.as_tensor(self.log.weights(t), dtype=self.dtype)
 
     def clip_factor(self, t: int) -> float:
-        """The clip coefficient of step ``t`` (1 when not clipped): the factor on the gradient's curvature term."""
+        """The norm-clip coefficient of step ``t`` (1 when not norm-clipped): the factor the clipped step put on
+        the gradient, so on its curvature term (step form) and on its learning rate (published form)."""
+        spec = logged_clip_spec(self.log, t)
         coef = float(self.log.step_column(t, "clip_coef"))
-        return coef if np.isfinite(coef) and logged_clip_spec(self.log, t) is not None else 1.0
+        return coef if spec is not None and spec.algorithm == "norm" and np.isfinite(coef) else 1.0
 
     def clipped(self, rec: Any, G: np.ndarray, R: np.ndarray) -> np.ndarray:
         """``J_Cᵀ R`` for columns ``R`` ``(K, C)`` in the logged row space of step ``rec`` (identity without clipping)."""
-        spec = logged_clip_spec(self.log, rec.step)
-        if spec is None:
-            return R
-        applied = torch.from_numpy(rec.weights @ G)
-        return logged_clip_adjoint(spec, float(self.log.step_column(rec.step, "clip_coef")), applied,
-                                   torch.from_numpy(np.ascontiguousarray(R)), rows_are_projected(self.log)).numpy()
+        return step_clip_adjoint(self.log, rec.step, rec.weights, G)(torch.from_numpy(np.ascontiguousarray(R))).numpy()
 
     def method(self, base: str, extra: Sequence[str] = ()) -> str:
         tags = [self.hvp, *extra]
@@ -250,11 +245,16 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
     """``H_B v`` for the ``C`` vectors ``V`` (tracked parameters) at ``params``: the Hessian of the
     step's loss ``Σ w_i ℓ_i`` (default: the batch mean), its tracked block. ``fd``: central differences of the batch gradient at
     ``θ ± ε v̂`` with ``ε = eps0 (1 + ‖θ‖)/√p`` (:func:`~lightning_influence.capture.parameter_epsilon`),
-    all ``C`` directions in one vectorised call; ``exact``: forward-over-reverse."""
+    all ``C`` directions in one vectorised call; ``exact``: reverse-over-reverse for a step's batch
+    (:meth:`~lightning_influence.step.micro.Step.curvature_products`), else forward-over-reverse."""
     names = ctx.names
     C = next(iter(V.values())).shape[0]
     fixed = {n: t.detach() for n, t in params.items()}
 
+    if ctx.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse from one forward with the step's masks
+        wt = torch.full((len(batch.ids),), 1.0 / len(batch.ids), dtype=ctx.dtype) if w is None else w
+        hr, _ = batch.curvature_products(ctx.module, ctx.loss_fn, fixed, wt, [{n: V[n][c] for n in names} for c in range(C)])
+        return {n: torch.stack([h[n] for h in hr]) for n in names}
     if ctx.hvp == "exact":
         def loss_all(p: dict[str, Tensor]) -> Tensor:
             return _weighted(ctx.losses(p, batch, exact=True), w)
@@ -277,7 +277,18 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
     def per_dir(x: Tensor, t: Tensor) -> Tensor:  # (C,) -> broadcastable against (C, *shape)
         return x.reshape(C, *([1] * (t.dim() - 1)))
 
-    g = vmap(grad(loss_tracked), randomness="same")  # every direction with the step's dropout masks
+    def plain(p: dict[str, Tensor]) -> dict[str, Tensor]:  # direction by direction, outside vmap
+        rows: dict[str, list[Tensor]] = {n: [] for n in names}
+        for c in range(C):
+            leaves = {n: p[n][c].detach().requires_grad_(True) for n in names}
+            with torch.enable_grad():
+                gs = torch.autograd.grad(loss_tracked(leaves), [leaves[n] for n in names], allow_unused=True)
+            for n, gi in zip(names, gs):
+                rows[n].append(torch.zeros_like(leaves[n]) if gi is None else gi)
+        return {n: torch.stack(v) for n, v in rows.items()}
+
+    # a step that drew random numbers: plain passes keep its dropout masks (a forward inside vmap may not)
+    g = plain if isinstance(batch, Step) and batch.drew else vmap(grad(loss_tracked))
     shift = {n: V[n] * per_dir(unit, V[n]) for n in names}
     plus = g({n: fixed[n].unsqueeze(0) + shift[n] for n in names})
     minus = g({n: fixed[n].unsqueeze(0) - shift[n] for n in names})
@@ -367,7 +378,8 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
     for done, (t, params) in enumerate(ctx.params_at(selected), start=1):
         ids_t = log.batch_ids(t)
         w_t = torch.as_tensor(log.weights(t), dtype=ctx.dtype)  # w_{i,t}: the step's loss is Σ w ℓ (step.weights)
-        a_col = published_coefficients(t, log.lr(t)[col_group], N, m)  # (K,): a_t of each column's group
+        # (K,): a_t of each column's group, with the clipped step's learning rate η_t·κ_t
+        a_col = published_coefficients(t, log.lr(t)[col_group] * ctx.clip_factor(t), N, m)
         batch_t = ctx.step_batch(t)
         g_hat = ctx.batch_grad(params, batch_t, names=list(params), w=w_t)  # Ĝ_t over every parameter (as logged)
         chunks = []  # (ids, projected g_z, projected H_z Ĝ, unprojected g_z or None)
@@ -424,7 +436,6 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
 
 # ================================================================================= step form
 FD_EDGE = 4.0  # |κ|·η beyond SGD's stability edge 2(1 + momentum) ≤ 4: a finite-difference artifact, not curvature
-FD_KINK_SHARE = 0.2  # more batch products than this crossing a kink: ε is too large (tests/test_script_runs.py: 8% at the default ε on a ReLU CNN, 35% at 10x)
 
 
 def _check_fd(ctx: _Context, kap: np.ndarray, lrs: np.ndarray) -> None:
@@ -567,7 +578,7 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
         else:
             scores, names, info = _step(ctx, query, t1, t2, show)
         method = ctx.method(f"diffin-step{suffix}")
-    info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class)
+    info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class, replay_drift=ctx.drift.summary())
     if hvp == "fd":
         info.update(eps0=ctx.eps0, fd_checked=ctx.fd_checked, fd_blowups=ctx.fd_blowups, fd_kinks=ctx.fd_kinks,
                     fd_products=ctx.fd_products)
@@ -575,14 +586,14 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
         if ctx.fd_blowups:
             problems.append(f"{ctx.fd_blowups} of {ctx.fd_checked} curvatures lie beyond the SGD stability edge "
                             f"(|κ|·η > {FD_EDGE:g})")
-        if ctx.fd_kinks > FD_KINK_SHARE * ctx.fd_products:
+        if ctx.fd_kinks > KINK_SHARE_LIMIT * ctx.fd_products:
             problems.append(f"{ctx.fd_kinks} of {ctx.fd_products} products crossed a kink (over "
-                            f"{FD_KINK_SHARE:.0%}: ε is too large for this model)")
+                            f"{KINK_SHARE_LIMIT:.0%}: ε is too large for this model)")
         if problems:
             info["fd_unreliable"] = True
             method += " [FD unreliable]"
             warnings.warn(f"Diff-In with hvp='fd': {'; '.join(problems)}; the scores are not reliable. Use hvp='exact' "
-                          "(the default) or a smaller eps0", RuntimeWarning, stacklevel=3)
+                          "(the default) or a smaller eps0", RuntimeWarning, stacklevel=4)
     return InfluenceScores(scores, method, (t1, t2), ["self"] if query is None else names, info=info)
 
 

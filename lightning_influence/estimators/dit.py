@@ -42,6 +42,7 @@ import bisect
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -49,7 +50,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.capture.hvp import default_eps0, fd_directional_derivative, flatten, unflatten
+from lightning_influence.capture.hvp import (KINK_GUARD, KINK_SHARE_LIMIT, default_eps0, fd_directional_derivative, flatten,
+                                            unflatten)
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
@@ -69,7 +71,8 @@ from lightning_influence.replay import (
 )
 from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.micro import Step
-from lightning_influence.step.clipping import clip_gradient, logged_clip_adjoint, logged_clip_spec, rows_are_projected
+from lightning_influence.step.precision import Precision
+from lightning_influence.step.clipping import clip_gradient, logged_clip_spec, step_clip_adjoint
 from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
 
 __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_MODES"]
@@ -198,38 +201,28 @@ class _Context:
 # ================================================================================ products
 def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor) -> Tensor:
     """``G_t = Σ_i w_{i,t} ∇ℓ_i``: the unclipped gradient the step applied at ``θ_t``, flat (the point the
-    optimizer's and the clipping's VJPs are taken at)."""
-    module, loss_fn = ctx.module, ctx.loss_fn
-    g = torch.func.grad(lambda p: (w * batch.losses(module, loss_fn, p)).sum())(params)
-    return flatten(g, ctx.names).detach()
+    optimizer's and the clipping's VJPs are taken at). A plain backward pass: its forward draws the training
+    dropout masks (one inside ``torch.func.grad`` may not, ``docs/replay.md``)."""
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad():
+        g = torch.autograd.grad((w * batch.losses(ctx.module, ctx.loss_fn, leaves)).sum(), list(leaves.values()),
+                                allow_unused=True)
+    return flatten({n: torch.zeros_like(leaves[n]) if gi is None else gi for n, gi in zip(leaves, g)}, ctx.names).detach()
 
 
 def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """``(H_t R, J_t R)``: Hessian of the weighted batch loss ``Σ w_i ℓ_i`` times ``R`` ``(p, C)`` and the
-    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, by forward-over-reverse, every
-    micro-batch with its training dropout masks (the ``C`` columns share them: ``randomness="same"``)
-    and attention through a kernel with forward-mode AD."""
-    module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
-
-    def f(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        losses = batch.losses(module, loss_fn, p, exact=True)
-        return (w * losses).sum(), losses
-
-    gf = torch.func.grad(f, has_aux=True)
-
-    def one(r: Tensor) -> tuple[Tensor, Tensor]:
-        _, (hv, jv) = torch.func.jvp(gf, (params,), (unflatten(r, shapes),))
-        return flatten(hv, names), jv
-
-    if R.shape[1] == 1:
-        hr, jr = one(R[:, 0])
-        return hr.unsqueeze(1), jr.unsqueeze(0)
-    HR, JR = torch.func.vmap(one, in_dims=1, out_dims=(1, 0), randomness="same")(R)
-    return HR, JR
+    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, exactly, by reverse-over-reverse from one
+    plain forward with every micro-batch's training dropout masks (:meth:`Step.curvature_products`)."""
+    directions = [unflatten(R[:, c], ctx.shapes) for c in range(R.shape[1])]
+    hr, jr = batch.curvature_products(ctx.module, ctx.loss_fn, params, w, directions)
+    return torch.stack([flatten(h, ctx.names) for h in hr], dim=1), jr
 
 
-def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Finite-difference ``(H_t R, J_t R)`` from first-order gradients at ``θ ± ε r̂`` (math §3)."""
+def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor,
+                 kinks: list[int]) -> tuple[Tensor, Tensor]:
+    """Finite-difference ``(H_t R, J_t R)`` from first-order gradients at ``θ ± ε r̂`` (math §3), each column
+    kink-guarded (the smaller one-sided difference where they disagree; ``kinks`` counts them)."""
     module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
 
     def grads_and_losses(p: dict[str, Tensor]) -> Tensor:
@@ -244,10 +237,22 @@ def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tenso
     HR = torch.empty_like(R)
     JR = []
     for c in range(R.shape[1]):
-        out, _ = fd_directional_derivative(grads_and_losses, params, unflatten(R[:, c], shapes), eps0)
+        out, _ = fd_directional_derivative(grads_and_losses, params, unflatten(R[:, c], shapes), eps0,
+                                           kink_guard=KINK_GUARD, on_kink=lambda k: kinks.append(int(k.sum())))
         HR[:, c] = out[:p]
         JR.append(out[p:])
     return HR, torch.stack(JR)
+
+
+def _batch_eps0(ctx: _Context) -> float:
+    """DIT's finite-difference ``ε_0``. Its products are batch means, without the per-sample kink guard that keeps
+    per-sample rows small-step, so in float32 it takes a step where rounding no longer dominates: max |DIT fd − DIT
+    exact| / max |DIT exact| on a float32 dropout MLP fell from 6.8e-4 at 1e-3 to 2.2e-5 at 3e-2 (1.4e-5 at 1e-1,
+    7e-5 at 3e-1; benchmarks/random_runs.py). Under autocast the autocast dtype's rounding sets the step."""
+    autocast = Precision.from_meta(ctx.log.meta.get("precision")).autocast_dtype
+    if autocast is not None:
+        return default_eps0(getattr(torch, autocast))
+    return 3e-2 if ctx.dtype == torch.float32 else default_eps0(ctx.dtype)
 
 
 def _query_matrix(ctx: _Context, query: Query, params: Mapping[str, Tensor]) -> tuple[Tensor, list[str]]:
@@ -271,7 +276,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if eps0 is None:
-        eps0 = default_eps0(ctx.dtype)
+        eps0 = _batch_eps0(ctx)
     acts = sorted({int(s) for s in activations if t_lo < s <= t_hi})
     N = ctx.log.dataset_size
     U: Tensor | None = None  # λ_θ (p, C)
@@ -280,6 +285,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     scores: np.ndarray | None = None
     names: list[str] = []
     n_hvp = 0
+    kinks: list[int] = []  # FD products whose one-sided differences disagreed (guarded)
     t0 = time.perf_counter()
     keys = ctx.step.adjoint_keys
     peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
@@ -315,7 +321,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             if hvp == "exact":
                 HR, JR = _products_exact(ctx, rec.params, batch, R, w)
             else:
-                HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w)
+                HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w, kinks)
             n_hvp += R.shape[1]
             C = U.shape[1]
             peak_adjoint = max(peak_adjoint, sum(x.numel() * x.element_size() for x in (U, R, *S.values())))
@@ -332,7 +338,12 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             "peak_trajectory_bytes": ctx.peak_trajectory_bytes,
             "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
     if hvp == "fd":
-        info["eps0"] = eps0
+        info.update(eps0=eps0, fd_kinks=sum(kinks), fd_products=n_hvp)
+        if sum(kinks) > KINK_SHARE_LIMIT * n_hvp:
+            info["fd_unreliable"] = True
+            warnings.warn(f"DIT with hvp='fd': {sum(kinks)} of {n_hvp} finite-difference products crossed a kink (over "
+                          f"{KINK_SHARE_LIMIT:.0%}: ε is too large for this model); the scores are not reliable. Use "
+                          "hvp='exact' (the default) or a smaller eps0", RuntimeWarning, stacklevel=4)
     return _SweepResult(values, names, info)
 
 
@@ -382,7 +393,8 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
             (see :meth:`InfluenceLog.window`); ``None`` is the whole run.
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         hvp: ``"exact"`` (forward-over-reverse) or ``"fd"`` (central differences of gradients).
-        eps0: finite-difference ``ε_0`` (default 1e-5 in float64, 1e-3 otherwise).
+        eps0: finite-difference ``ε_0`` (default 1e-5 in float64, 3e-2 in float32, ``u^{1/3}`` of the autocast
+            dtype under mixed precision; see ``_batch_eps0``).
         verify, tolerance: check the replayed ``θ_t`` against every checkpoint passed and re-anchor there;
             stop if a drift exceeds ``tolerance`` (:mod:`lightning_influence.replay_drift`; default 1%).
             The drifts are in ``info["replay_drift"]``.
@@ -464,7 +476,7 @@ class Timeline:
         return self.query_names.index(query) if isinstance(query, str) else int(query)
 
     def patterns(self, query: int | str = 0, thresholds: Any = None) -> Any:
-        """Temporal pattern of each sample (stable / early / late / fluctuating), from
+        """Temporal pattern of each sample (negligible / stable / early / late / fluctuating), from
         :func:`lightning_influence.evaluation.patterns.classify_timeline`."""
         from lightning_influence.evaluation.patterns import classify_timeline
 
@@ -559,7 +571,6 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     every = int(log.meta.get("every_n_steps", 1))
     col_groups = log.column_groups()
     K = len(col_groups)
-    projected = rows_are_projected(log)
     step = OptimizerStep(rule, _optimizer_spec(log)["param_groups"], col_groups, torch.float64)
     t_lo = t1 if local else 0
     acts = [t2] if local else sorted({t for t in (t1, t2) if t > 0})
@@ -588,8 +599,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
                          **{k: zeros for k in step.state_keys}}
                 th_bar, S, R = step.vjp(zeros, state, zeros, np.asarray(rec.lrs) * every, U, S)
                 w = torch.from_numpy(rec.weights)  # w_{i,t} (step.weights)
-                R = logged_clip_adjoint(logged_clip_spec(log, t), float(log.step_column(t, "clip_coef")), w @ G, R,
-                                        projected)
+                R = step_clip_adjoint(log, t, rec.weights, G.numpy())(R)
                 GR = G @ R  # (B, C)
                 HR = G.T @ (w.unsqueeze(1) * GR)
                 C = U.shape[1]

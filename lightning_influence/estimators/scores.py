@@ -64,7 +64,7 @@ class InfluenceScores:
         n = self.scores.shape[0]
         if hasattr(labels, "__getitem__") and hasattr(labels, "__len__") and not hasattr(labels, "shape") \
                 and len(labels) and isinstance(labels[0], (tuple, list, dict)):
-            labels = [_label(labels[i]) for i in range(n)]
+            labels = [item_label(labels[i]) for i in range(n)]
         arr = np.asarray(labels).reshape(-1)
         if len(arr) != n:
             raise ValueError(f"{len(arr)} labels for {n} samples")
@@ -150,14 +150,20 @@ class Ranking:
         return "\n".join(lines)
 
 
-def _label(item: Any) -> int:
-    if isinstance(item, dict):
-        value = next((item[k] for k in ("y", "label", "labels", "target") if k in item), -1)
-    else:
-        value = item[1] if len(item) > 1 else -1
+LABEL_KEYS = ("y", "label", "labels", "target", "targets")
+
+
+def item_label(item: Any) -> int:
+    """The integer label of a training item: ``item[1]`` of a tuple ``(x, y, ...)``, a dict's ``y``/``label``/...
+    entry; ``-1`` when there is none or it is not an integer (a regression target, a sequence)."""
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        if isinstance(item, dict):
+            value = next((item[k] for k in LABEL_KEYS if k in item), None)
+        else:
+            value = item[1] if len(item) > 1 else None
+        value = value.item() if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1 else value
+        return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else -1
+    except Exception:
         return -1
 
 

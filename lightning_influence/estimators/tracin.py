@@ -4,7 +4,7 @@
 
 ``w_{j,t}`` is the weight the step gave the sample (:mod:`lightning_influence.step.weights`:
 ``1/|B_t|`` for a plain batch mean, Lightning's accumulation scaling otherwise) and ``J_{C,t}``
-the Jacobian of the step's gradient clipping (identity without; :func:`~lightning_influence.step.clipping.logged_clip_adjoint`),
+the Jacobian of the step's gradient clipping (identity without; :func:`~lightning_influence.step.clipping.step_clip_adjoint`),
 so each term is the first-order change of the update the step actually applied.
 
 ``q_t`` is the query gradient at the latest checkpoint ``≤ t`` (exact when checkpoints are
@@ -15,7 +15,6 @@ With gradients recorded every ``n`` steps, each recorded step stands for ``n`` s
 from __future__ import annotations
 
 import bisect
-import functools
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog, StepBatch
-from lightning_influence.step.clipping import logged_clip_adjoint, logged_clip_spec, rows_are_projected
+from lightning_influence.step.clipping import step_clip_adjoint
 from lightning_influence.queries import Query, query_gradients, query_names
 
 QueryGradients = Mapping[int, np.ndarray]  # checkpoint step -> (Q, K) projected query gradients
@@ -115,19 +114,9 @@ def _applied_steps(log: InfluenceLog, t1: int, t2: int, progress: Callable[[int,
     column (times ``every_n_steps``) and ``R ↦ J_{C,t}ᵀ R``, the step's clipping adjoint (identity without)."""
     lr_columns = log.column_groups()
     every = int(log.meta.get("every_n_steps", 1))
-    projected = rows_are_projected(log)
     for rec in log.iter_steps(t1, t2, fields=("grad",)):
         G = rec.grads.astype(np.float64)
-        spec = logged_clip_spec(log, rec.step)
-        if spec is None:
-            adjoint: Callable[[Tensor], Tensor] = lambda R: R  # noqa: E731
-        else:
-            applied, coef = torch.from_numpy(rec.weights @ G), float(log.step_column(rec.step, "clip_coef"))
-            adjoint = functools.partial(_clip_adjoint, spec, coef, applied, projected)
+        adjoint = step_clip_adjoint(log, rec.step, rec.weights, G)
         yield rec, G, rec.lrs[lr_columns] * every, adjoint
         if progress is not None:
             progress(rec.step - t1 + 1, t2 - t1)
-
-
-def _clip_adjoint(spec: Any, coef: float, applied: Tensor, projected: bool, R: Tensor) -> Tensor:
-    return logged_clip_adjoint(spec, coef, applied, R, projected)

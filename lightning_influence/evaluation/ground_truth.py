@@ -249,8 +249,15 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             def per_copy(p: dict[str, Tensor], w: Tensor) -> Tensor:  # every copy with the training dropout masks
                 return (w * step.losses(module, loss_fn, p)).sum()
 
-            if not step.skipped:  # a step the GradScaler skipped changes nothing
-                torch.func.vmap(per_copy, randomness="same")(dict(stacked), W).sum().backward()
+            if step.skipped:  # a step the GradScaler skipped changes nothing
+                pass
+            elif step.drew:  # dropout: a forward inside vmap may draw other masks than training did, so copy by copy
+                for c in range(C):
+                    per_copy({n: v[c] for n, v in stacked.items()}, W[c]).backward()
+                apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
+                opt.step()
+            else:
+                torch.func.vmap(per_copy)(dict(stacked), W).sum().backward()
                 apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
                 opt.step()
             done += 1

@@ -2,9 +2,11 @@
 
 :mod:`~lightning_influence.step.optimizers`: each supported optimizer's update rule
 ``(θ, state, g, hyper) -> (θ', state')`` over flat tensors, its registry, the refusal of
-unsupported optimizers, and the VJP the DIT adjoint uses. Per-sample weights, clipping and
-random state live in sibling modules and compose through ``OptimizerStep.vjp(transform=...)``.
-Pure torch: no Lightning imports.
+unsupported optimizers, and the VJP the DIT adjoint uses. Siblings: ``weights`` (per-sample
+loss weights), ``clipping`` (gradient clipping, forward and as a pure function: it enters the
+adjoint as ``OptimizerStep.vjp(transform=...)``), ``rng`` (random state), ``precision``
+(autocast, GradScaler), ``micro`` (a step's micro-batches), ``recorder`` (what the tracker
+records). Pure torch: no Lightning imports.
 """
 
 from lightning_influence.step.optimizers import (

@@ -15,20 +15,21 @@ compose with the optimizer update's VJP in the DIT adjoint.
 
 The recorded *clip coefficient* of a step is the factor applied: ``min(1, c/(‖ĝ‖ + 1e-6))`` for
 norm clipping, ``min(1, c/max|ĝ|)`` (the factor of the largest entry) for value clipping.
+Derivation of the Jacobians and how each estimator applies them: ``docs/step-semantics.md``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["ALGORITHMS", "ClipSpec", "apply_clipping", "apply_clipping_stacked", "clip_coefficient", "clip_gradient",
-           "clip_vjp", "logged_clip_adjoint", "logged_clip_spec", "rows_are_projected"]
+           "clip_vjp", "logged_clip_adjoint", "logged_clip_spec", "rows_are_projected", "step_clip_adjoint"]
 
 ALGORITHMS = ("norm", "value")
 _NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard
@@ -55,33 +56,32 @@ class ClipSpec:
         return cls(str(algorithm), float(value))
 
 
-def clip_coefficient(grads: Sequence[Tensor], spec: ClipSpec) -> float:
-    """The factor :func:`apply_clipping` applies to ``grads`` (without changing them)."""
-    grads = [g for g in grads if g is not None]
+def clip_coefficient(grads: Sequence[Tensor], spec: ClipSpec) -> Tensor:
+    """The factor :func:`apply_clipping` applies to ``grads`` (without changing them), as a 0-d tensor on
+    their device: the tracker copies it to the host with the step's other rows, without a synchronisation."""
+    grads = [g for g in grads if g is not None and g.numel()]
     if not grads:
-        return 1.0
+        return torch.tensor(1.0)
     if spec.algorithm == "norm":
         total = torch.nn.utils.get_total_norm(grads, 2.0)
-        return float(torch.clamp(spec.value / (total + _NORM_EPS), max=1.0))
-    largest = max(float(g.abs().max()) for g in grads if g.numel())
-    return min(1.0, spec.value / largest) if largest > 0 else 1.0
+        return torch.clamp(spec.value / (total + _NORM_EPS), max=1.0)
+    largest = torch.stack([g.abs().max().to(grads[0].device, torch.float64) for g in grads]).max()
+    return torch.clamp(spec.value / largest, max=1.0)  # no entry above c (or all zero): 1
 
 
-def apply_clipping(params: Sequence[Tensor], spec: ClipSpec | None) -> float:
-    """Clip the ``.grad`` of ``params`` in place exactly as Lightning does; returns the clip coefficient.
+def apply_clipping(params: Sequence[Tensor], spec: ClipSpec | None) -> None:
+    """Clip the ``.grad`` of ``params`` in place exactly as Lightning does.
 
     ``params`` must be the optimizer's parameters in its param-group order (Lightning's
     ``main_params``): the norm is reduced in that order, so the result is bit-identical.
     """
     if spec is None:
-        return float("nan")
+        return
     params = list(params)
-    coef = clip_coefficient([p.grad for p in params], spec)
     if spec.algorithm == "norm":
         torch.nn.utils.clip_grad_norm_(params, spec.value)
     else:
         torch.nn.utils.clip_grad_value_(params, spec.value)
-    return coef
 
 
 def apply_clipping_stacked(params: Sequence[Tensor], spec: ClipSpec | None) -> None:
@@ -156,3 +156,14 @@ def logged_clip_adjoint(spec: ClipSpec | None, coef: float, applied: Tensor, R: 
     u = applied / torch.linalg.vector_norm(applied).clamp_min(1e-300)
     shrink = 1.0 - _NORM_EPS * coef / spec.value  # ‖ĝ‖/(‖ĝ‖ + 1e-6), from coef = c/(‖ĝ‖ + 1e-6)
     return coef * (R - shrink * u.unsqueeze(1) * (u @ R).unsqueeze(0))
+
+
+def step_clip_adjoint(log: Any, step: int, weights: np.ndarray, rows: np.ndarray) -> Callable[[Tensor], Tensor]:
+    """``R ↦ J_{C,t}ᵀ R`` for step ``step`` of a log, in the space of its gradient ``rows`` ``(B, K)`` (weighted by
+    ``weights``): :func:`logged_clip_adjoint` with the step's recorded clipping, the identity without."""
+    spec = logged_clip_spec(log, step)
+    if spec is None:
+        return lambda R: R
+    applied, coef = torch.from_numpy(weights @ rows), float(log.step_column(step, "clip_coef"))
+    projected = rows_are_projected(log)
+    return lambda R: logged_clip_adjoint(spec, coef, applied, R, projected)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call
 
 from lightning_influence.capture.per_sample import _LossModule, _override_dict, call_with_params
 from lightning_influence.capture.projection import KroneckerProjector
@@ -95,6 +95,66 @@ class Step:
         return torch.cat(out) if len(out) > 1 else out[0]
 
 
+    def curvature_products(self, module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], w: Tensor,
+                           directions: Sequence[Mapping[str, Tensor]]) -> tuple[list[dict[str, Tensor]], Tensor]:
+        """For each direction ``r`` (over some parameters): ``H_w r``, the Hessian of ``Σ_i w_i ℓ_i`` restricted to
+        those parameters times ``r``, and the per-sample directional derivatives ``(⟨∇ℓ_i, r⟩)_i`` ``(C, B)``.
+
+        Exact, by reverse-over-reverse from one plain forward: every micro-batch draws exactly the dropout masks
+        training drew (a forward inside ``torch.func.jvp``/``vmap`` may not: see :func:`per_sample_grads_masked`),
+        attention through the math kernel (double backward). ``u = w`` enters the first backward as a leaf, so
+        one more backward of ``⟨∇_θ Σ u_i ℓ_i, r⟩`` gives ``H_w r`` (w.r.t. θ) and ``⟨∇ℓ_i, r⟩`` (w.r.t. ``u_i``).
+        """
+        names = list(directions[0])
+        leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+        full = {**{n: t.detach() for n, t in params.items()}, **leaves}
+        with torch.enable_grad():
+            losses = self.losses(module, loss_fn, full, exact=True)
+            u = w.detach().to(losses).clone().requires_grad_(True)
+            g = torch.autograd.grad(losses, list(leaves.values()), grad_outputs=u, create_graph=True, allow_unused=True)
+            C = len(directions)
+            inner = torch.stack([sum(((gi * r[n].to(gi)).sum() for gi, n in zip(g, names) if gi is not None),
+                                     torch.zeros((), dtype=losses.dtype, device=losses.device)) for r in directions])
+            if not inner.requires_grad:  # the loss does not depend on these parameters
+                return [{n: torch.zeros_like(leaves[n]) for n in names} for _ in range(C)], u.new_zeros(C, len(u))
+            eye = torch.eye(C, dtype=inner.dtype, device=inner.device)  # the C directions in one batched backward
+            out = torch.autograd.grad(inner, [*leaves.values(), u], grad_outputs=eye, is_grads_batched=True,
+                                      allow_unused=True)
+        hr = [{n: torch.zeros_like(leaves[n]) if o is None else o[c].detach() for n, o in zip(names, out)} for c in range(C)]
+        jr = u.new_zeros(C, len(u)) if out[-1] is None else out[-1].detach()
+        return hr, jr
+
+
+    def per_sample_curvature(self, module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor],
+                             v: Mapping[str, Tensor], names: Sequence[str], chunk_size: int = 32) -> dict[str, Tensor]:
+        """Per-sample ``H_i v`` ``{name: (B, *shape)}`` for ``names``, exactly, with the training dropout masks.
+
+        Reverse-over-reverse from one plain forward: the per-sample gradients (batched backward passes of
+        the unit cotangents, kept differentiable), ``d_i = ⟨∇ℓ_i, v⟩``, then ``∇_θ d_i`` by batched backward
+        passes, ``chunk_size`` samples at a time. ``v`` covers any parameters (others: zero).
+        """
+        leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+        dirs = [n for n in leaves if n in v]
+        rows: dict[str, list[Tensor]] = {n: [] for n in names}
+        with torch.enable_grad():
+            losses = self.losses(module, loss_fn, leaves, exact=True)
+            B = len(losses)
+            eye = torch.eye(B, dtype=losses.dtype, device=losses.device)
+            for c0 in range(0, B, chunk_size):
+                e = eye[c0:c0 + chunk_size]
+                g = torch.autograd.grad(losses, [leaves[n] for n in dirs], grad_outputs=e, is_grads_batched=True,
+                                        create_graph=True, retain_graph=True, allow_unused=True)
+                d = sum(((gi * v[n].to(gi)).reshape(len(e), -1).sum(1) for gi, n in zip(g, dirs) if gi is not None),
+                        torch.zeros(len(e), dtype=losses.dtype, device=losses.device))  # ⟨∇ℓ_i, v⟩ of the chunk
+                out = (torch.autograd.grad(d, [leaves[n] for n in names], grad_outputs=torch.eye(len(e)).to(d),
+                                           is_grads_batched=True, retain_graph=True, allow_unused=True)
+                       if d.requires_grad else [None] * len(names))
+                for n, o in zip(names, out):
+                    rows[n].append(torch.zeros(len(e), *leaves[n].shape, dtype=losses.dtype, device=losses.device)
+                                   if o is None else o.detach())
+        return {n: torch.cat(r) for n, r in rows.items()}
+
+
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
     """Attention through the math kernel of ``scaled_dot_product_attention``, which supports forward-mode AD
@@ -107,29 +167,34 @@ def exact_kernels() -> Iterator[None]:
 
 def per_sample_grads_masked(module: nn.Module, loss_fn: LossFn, micro: MicroBatch, precision: Precision,
                             names: Sequence[str], params: Mapping[str, Tensor] | None = None,
-                            projector: KroneckerProjector | None = None, chunk_size: int | None = 32) -> Tensor:
+                            projector: KroneckerProjector | None = None, chunk_size: int = 32) -> Tensor:
     """Per-sample gradients ``(B, K)`` of ``names`` with the micro-batch's own dropout masks.
 
-    One batched forward under the micro-batch's random state and autocast; the gradients of
-    each ``ℓ_i`` come from the backward passes of the unit cotangents ``e_i``, vectorised
-    (``chunk_size`` at a time), so no random op runs inside ``vmap``. Assumes samples do not
-    interact in the forward (no train-mode BatchNorm). Projected by ``projector`` if given,
-    else flattened in ``names`` order.
-    Returns ``(grads, losses)``.
+    One plain batched forward under the micro-batch's random state and autocast, exactly as training ran it;
+    the gradients of each ``ℓ_i`` come from the backward passes of the unit cotangents ``e_i``, vectorised
+    (``chunk_size`` at a time): the backward draws no random number. (A forward inside a ``torch.func``
+    transform may draw different masks than training: a dropout on a non-contiguous activation, as in
+    ``TransformerEncoderLayer``, fills its mask in another order; ``docs/replay.md``.) Assumes samples do not
+    interact in the forward (no train-mode BatchNorm). Projected by ``projector`` if given, else flattened in
+    ``names`` order.
     """
-    overrides = dict(params or {})  # not detached: a caller may differentiate through them (jvp: exact H_z v)
+    overrides = {n: t.detach() for n, t in (params or {}).items()}
     live = dict(module.named_parameters())
-    diff = {n: overrides.pop(n) if n in overrides else live[n].detach() for n in names}
+    leaves = {n: (overrides.pop(n) if n in overrides else live[n].detach()).requires_grad_(True) for n in names}
     fixed = _override_dict(module, overrides)
     wrapper = _LossModule(module, loss_fn)
-
-    def losses(p: dict[str, Tensor]) -> Tensor:
-        return functional_call(wrapper, {**fixed, **{"m." + n: t for n, t in p.items()}}, (micro.batch,))
-
-    with micro.context(precision):
-        out, pullback = vjp(losses, diff)
-    eye = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
-    grads = vmap(pullback, chunk_size=chunk_size)(eye)[0]
+    with torch.enable_grad():
+        with micro.context(precision):
+            out = functional_call(wrapper, {**fixed, **{"m." + n: t for n, t in leaves.items()}}, (micro.batch,))
+        eye = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
+        rows = []
+        for c0 in range(0, out.shape[0], chunk_size):
+            e = eye[c0:c0 + chunk_size]
+            g = torch.autograd.grad(out, list(leaves.values()), grad_outputs=e, is_grads_batched=True, retain_graph=True,
+                                    allow_unused=True)
+            rows.append([torch.zeros(len(e), *leaves[n].shape, dtype=out.dtype, device=out.device) if gi is None else gi
+                         for n, gi in zip(leaves, g)])
+    grads = {n: torch.cat([r[i] for r in rows]).detach() for i, n in enumerate(leaves)}
     if projector is not None:  # columns of parameters outside ``names`` stay zero (another engine fills them)
         return projector.project(grads, partial=True)
     return torch.cat([grads[n].reshape(out.shape[0], -1) for n in names], dim=1)

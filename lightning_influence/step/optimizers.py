@@ -342,7 +342,9 @@ class OptimizerStep:
                     out[key][sl] = torch.as_tensor(np.asarray(value.detach().cpu() if torch.is_tensor(value) else value),
                                                    dtype=self.dtype).reshape(-1).to(self.device)
             if "step" in entry:
-                out["step"][sl] = float(entry["step"].item() if torch.is_tensor(entry["step"]) else np.asarray(entry["step"]))
+                step = entry["step"]  # a 0-d tensor (live), or a (1,) array / float (as checkpoints store it)
+                value = step.item() if torch.is_tensor(step) else np.asarray(step, dtype=np.float64).reshape(-1)[0]
+                out["step"][sl] = float(value)
             elif "momentum_buffer" in entry and entry["momentum_buffer"] is not None:
                 out["step"][sl] = 1.0
         return out

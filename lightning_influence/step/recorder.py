@@ -43,6 +43,7 @@ class StepRecorder:
         self._module: nn.Module | None = None
         self._check: tuple[int, list[Tensor | None]] | None = None  # (step, gradients before clipping)
         self._checked_default = False
+        self._reduction_checked = False
         self._deferred: Callable[[], None] | None = None  # stores the step once its clipping is verified
 
     # ------------------------------------------------------------------------------ setup
@@ -55,6 +56,7 @@ class StepRecorder:
         base = _lightning_default_clipping(module)
         self._override = base is not None and type(module).configure_gradient_clipping is not base
         self._checked_default = False
+        self._reduction_checked = False
         self._install(module)
         return {"algorithm": self.spec.algorithm if self.spec else None,
                 "value": self.spec.value if self.spec else None,
@@ -96,7 +98,8 @@ class StepRecorder:
     # ----------------------------------------------------------------------------- per step
     def record(self, record: Any, micro_sizes: Sequence[int], accumulate: Sequence[int], world_size: int,
                optimizer: torch.optim.Optimizer) -> None:
-        """Fill ``record``'s weights, divisor and clipping (before Lightning clips)."""
+        """Fill ``record``'s weights, divisor and clipping (before Lightning clips; ``record.clip_coef`` is left a
+        0-d device tensor, copied to the host with the step's rows)."""
         if len(set(accumulate)) != 1:
             raise RuntimeError(f"step {record.step}: accumulate_grad_batches changed inside one optimizer step {list(accumulate)}")
         sw = lightning_weights(micro_sizes, accumulate[0], world_size)
@@ -109,16 +112,28 @@ class StepRecorder:
             self._check = (record.step, [None if g is None else g.detach().clone() for g in grads])
             self._checked_default = True
 
+    def check_losses(self, step: int, micro: Sequence[tuple[Tensor | None, Tensor | None, int]], trainer: Any) -> None:
+        """Refuse a training loss other than the mean of the per-sample losses (see :func:`check_reduction`).
+
+        ``micro``: ``(returned loss, per-sample losses, accumulate)`` of each micro-batch of the step. Checked at
+        the fit's first step only: the check reads the loss on the host, a synchronisation every later step
+        would pay for nothing (the reduction is a property of ``training_step``, not of the step).
+        """
+        if self._reduction_checked:
+            return
+        self._reduction_checked = True
+        for returned, losses, accumulate in micro:
+            self._check_reduction(step, returned, losses, accumulate, trainer)
+
     @staticmethod
-    def check_losses(step: int, returned: Tensor | None, losses: Tensor | None, accumulate: int, trainer: Any) -> None:
-        """Refuse a training loss other than the mean of the per-sample losses (see :func:`check_reduction`)."""
+    def _check_reduction(step: int, returned: Tensor | None, losses: Tensor | None, accumulate: int, trainer: Any) -> None:
         if returned is None or losses is None:
             return
         value = float(returned)
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
             value /= float(scaler.get_scale())  # Lightning's hook sees the GradScaler-scaled loss
-        check_reduction(value, losses, accumulate, step)
+        check_reduction(value, losses, accumulate, step, returned.dtype)
 
     def _verify(self, optimizer: torch.optim.Optimizer) -> None:
         check, self._check = self._check, None
@@ -126,7 +141,7 @@ class StepRecorder:
             return
         step, before = check
         after = [p.grad for p in _optimizer_params(optimizer)]
-        coef = clip_coefficient(before, self.spec) if self.spec is not None else 1.0
+        coef = float(clip_coefficient(before, self.spec)) if self.spec is not None else 1.0
         worst = 0.0
         for b, a in zip(before, after):
             if b is None or a is None:

@@ -114,7 +114,7 @@ def restored(state: RandomState | None) -> Iterator[None]:
     but still forks, so the block cannot move the caller's generators either.
     """
     if state is not None and len(state.cuda) > len(cuda_devices()):
-        raise RuntimeError(f"the run drew random numbers on {len(state.cuda)} CUDA device(s) but only "
+        raise ValueError(f"the run drew random numbers on {len(state.cuda)} CUDA device(s) but only "
                            f"{len(cuda_devices())} are initialised here: evaluate on the run's device "
                            "(module.to('cuda')) so dropout masks can be reproduced")
     with forked():
