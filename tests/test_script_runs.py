@@ -266,6 +266,17 @@ def test_diffin_fd_is_checked_and_exact_is_the_default(cnn, capsys):
     assert bad.info["fd_unreliable"] and "[FD unreliable]" in bad.method
     assert np.abs(bad.column(0) - exact.column(0)).max() > 0.5 * np.abs(exact.column(0)).max()  # it was garbage
 
+    from lightning_influence import dit
+
+    query = queries.mean_loss([torch.stack([t[k] for t in mod.data()[1]]) for k in range(2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        exact_dit = dit(log, query, **kw)  # the default: no warning
+    with pytest.warns(RuntimeWarning, match="DIT with hvp='fd'.*crossed a kink"):
+        fd_dit = dit(log, query, **kw, hvp="fd")  # DIT's FD on this ReLU CNN is unreliable: flagged, not silent
+    assert fd_dit.info["fd_unreliable"] and fd_dit.info["fd_kinks"] > 0.2 * fd_dit.info["fd_products"]
+    assert np.abs(fd_dit.column(0) - exact_dit.column(0)).max() > 0.1 * np.abs(exact_dit.column(0)).max()
+
     for extra, tag in (([], "(exact)"), (["--hvp", "fd"], "(fd)")):
         assert main(["query", str(log_dir), "-m", "diffin-self", "-k", "3", "-f", "json", "-q", *extra]) == 0
         assert tag in json.loads(capsys.readouterr().out)["results"][0]["method"]

@@ -10,12 +10,14 @@ at its next call.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import queue
 import threading
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 from lightning_influence.log.format import (
     CHECKPOINT_GROUP,
     CRC_ATTR,
+    DATA_FILE,
     DIGEST_ATTR,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -44,6 +47,7 @@ from lightning_influence.log.format import (
     json_attr,
     list_segments,
     list_unfinished,
+    RANK_RE,
     read_meta,
     reading,
     segment_index,
@@ -134,8 +138,37 @@ class CheckpointRecord:
     optimizer_scalars: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def storage_error(log_dir: str | os.PathLike, where: str, err: BaseException, state: str,
+                  started: bool = True) -> LogWriteError:
+    """A :class:`LogWriteError` for a failed write: the file, the OS error, what is safe (``state``) and what to do.
+
+    ``started``: the fit has recorded steps, so it is resumed from a checkpoint rather than started again.
+    """
+    code = getattr(err, "errno", None)
+    if code is None and isinstance(err.__cause__, OSError):
+        code = err.__cause__.errno
+    again = ("resume from the last Lightning checkpoint with Trainer.fit(ckpt_path=...); the log continues from there"
+             if started else "start the fit again")
+    if code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower():
+        todo = (f"The disk is full: free space or move log_dir to a larger disk, or make the log smaller (projection_dim, "
+                f"every_n_steps, storage_dtype='float16', compression='gzip'), then {again}.")
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        todo = f"log_dir is not writable (read-only disk or missing permission): choose a writable log_dir, then {again}."
+    else:
+        todo = f"Check that log_dir is writable and healthy, then {again}."
+    message = (f"writing the influence log {log_dir} failed at {where}: {type(err).__name__}: "
+               f"{err}. {state}. {todo}")
+    out = LogWriteError(code or errno.EIO, message)
+    out.__cause__ = err
+    return out
+
+
 def write_meta(log_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
-    """Write ``meta.h5`` atomically: every value becomes a JSON string attribute."""
+    """Write ``meta.h5`` atomically: every value becomes a JSON string attribute.
+
+    Raises:
+        LogWriteError: the file cannot be written (the message names it and says what to do).
+    """
 
     def fill(f: h5py.File) -> None:
         set_text(f.attrs, "format", FORMAT_NAME)
@@ -144,7 +177,30 @@ def write_meta(log_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
             set_text(f.attrs, key, json_attr(value))
         _seal(f)
 
-    _write_file(Path(log_dir) / META_FILE, fill)
+    try:
+        _write_file(Path(log_dir) / META_FILE, fill)
+    except OSError as err:
+        raise storage_error(log_dir, META_FILE, err, "Nothing of this fit is in the log yet", started=False) from None
+
+
+def remove_log(log_dir: str | os.PathLike) -> None:
+    """Delete a log's own files (``meta.h5``, ``data.pt``, segments, unfinished ones), never anything else in ``log_dir``.
+
+    Segments go first, newest first, and ``meta.h5`` last, so an interrupted removal leaves
+    a log without gaps. A rank folder left empty is removed (one holding a writer lock stays).
+    """
+    root = Path(log_dir)
+    for stale in list_unfinished(root):
+        stale.unlink(missing_ok=True)
+    for segs in list_segments(root).values():
+        for path in reversed(segs):
+            path.unlink(missing_ok=True)
+    for name in (DATA_FILE, DATA_FILE + TMP_SUFFIX, META_FILE + TMP_SUFFIX, META_FILE):
+        (root / name).unlink(missing_ok=True)
+    for rank_dir in root.glob("rank-*"):
+        if RANK_RE.match(rank_dir.name) and rank_dir.is_dir():
+            with contextlib.suppress(OSError):  # not empty: a writer lock, or files that are not the log's
+                rank_dir.rmdir()
 
 
 def _seal(f: h5py.File) -> None:
@@ -192,7 +248,8 @@ def _write_file(path: Path, fill: Callable[[h5py.File], None], source: Path | No
         finally:
             os.close(dir_fd)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk even this fails: report the first error only
+            tmp.unlink(missing_ok=True)
         raise
     return len(image)
 
@@ -436,6 +493,8 @@ class LogWriter:
         self._next_step: int | None = None if end is None else end + 1
         self.last_step_on_disk: int | None = end
         self.run_id = _meta_run_id(self.log_dir)
+        self._first_accepted: int | None = None  # first step given to this writer
+        self.lost: tuple[int, int] | None = None  # steps accepted but not written, once closed (see ``close``)
         self._error: LogWriteError | None = None
         self._reported = False
         self._queue: queue.Queue | None = None
@@ -467,6 +526,8 @@ class LogWriter:
             self._checkpoints.append(checkpoint)
         self._steps.append(record)
         self._next_step = record.step + 1
+        if self._first_accepted is None:
+            self._first_accepted = record.step
         if len(self._steps) >= self.flush_every_n_steps:
             self.flush(wait=False)
 
@@ -480,12 +541,14 @@ class LogWriter:
         self._raise_pending_error()
         if self._steps or self._checkpoints:
             job = (segment_path(self.log_dir, self.rank, self._next_index), self._steps, self._checkpoints)
-            self._next_index += 1
-            self._steps, self._checkpoints = [], []
+            # The buffer is emptied only once the job is handed over: a KeyboardInterrupt while ``put`` waits on a
+            # full queue (a disk slower than training) leaves the steps buffered, and ``close`` still writes them.
             if self._queue is None:
                 self._write(job)
             else:
                 self._queue.put(job)
+            self._next_index += 1
+            self._steps, self._checkpoints = [], []
         if wait and self._queue is not None:
             self._queue.join()
         self._raise_pending_error()
@@ -507,11 +570,33 @@ class LogWriter:
             elif raise_errors and not self._reported:
                 self._raise_pending_error()
         finally:
-            self._steps, self._checkpoints = [], []
-            if self._thread is not None and self._queue is not None:
-                self._queue.put(None)
-                self._thread.join()
-                self._thread = None
+            try:
+                if self._thread is not None and self._queue is not None:
+                    self._queue.put(None)  # after every queued segment: they are all written before the thread ends
+                    self._thread.join()
+                    self._thread = None
+            finally:
+                self._report_lost()
+                self._steps, self._checkpoints = [], []
+
+    def _report_lost(self) -> None:
+        """Warn, naming the range, about accepted steps that are not on disk (a failed write, an interrupted close)."""
+        self.lost = None
+        if self._first_accepted is None or self._next_step is None:
+            return
+        last = self._next_step - 1
+        first = max(self._first_accepted, self.last_step_on_disk + 1 if self.last_step_on_disk is not None else -1)
+        if first > last:
+            return
+        running = self._thread is not None and self._thread.is_alive()
+        self.lost = (first, last)
+        warnings.warn(
+            f"influence log {self.log_dir}, rank {self.rank}: steps {first}..{last} were recorded but are not on disk "
+            + ("(the background writer was still writing when the close was interrupted; if the process ends now "
+               "they are lost)" if running else "and are lost")
+            + ("; no step of this rank is on disk" if self.last_step_on_disk is None else
+               f"; the log ends at step {self.last_step_on_disk}") + ". Resume from a Lightning checkpoint to record them again.",
+            RuntimeWarning, stacklevel=3)
 
     def _write(self, job: tuple[Path, list[StepRecord], list[CheckpointRecord]]) -> None:
         path, steps, checkpoints = job
@@ -529,25 +614,10 @@ class LogWriter:
             self.last_step_on_disk = steps[-1].step
 
     def _describe_failure(self, path: Path, steps: list[StepRecord], err: Exception) -> LogWriteError:
-        code = getattr(err, "errno", None)
-        if code is None and isinstance(err.__cause__, OSError):
-            code = err.__cause__.errno
-        full = code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower()
         what = (f"steps {steps[0].step}..{steps[-1].step}" if steps else "a checkpoint")
-        safe = (f"steps up to {self.last_step_on_disk} are safe in closed segments"
-                if self.last_step_on_disk is not None else "no step of this rank is on disk")
-        if full:
-            todo = ("The disk is full: free space or move log_dir to a larger disk, or make the log smaller "
-                    "(projection_dim, every_n_steps, storage_dtype='float16', compression='gzip'), then resume from "
-                    "the last Lightning checkpoint with Trainer.fit(ckpt_path=...); the log continues from there.")
-        else:
-            todo = ("Check that log_dir is writable and healthy, then resume from the last Lightning checkpoint with "
-                    "Trainer.fit(ckpt_path=...); the log continues from there.")
-        message = (f"writing the influence log {self.log_dir} failed at {path.parent.name}/{path.name} ({what}): "
-                   f"{type(err).__name__}: {err}. Nothing more is written to this log; {safe}. {todo}")
-        out = LogWriteError(code or errno.EIO, message)
-        out.__cause__ = err
-        return out
+        safe = (f"Nothing more is written to this log; steps up to {self.last_step_on_disk} are safe in closed segments"
+                if self.last_step_on_disk is not None else "Nothing more is written to this log; no step of this rank is on disk")
+        return storage_error(self.log_dir, f"{path.parent.name}/{path.name} ({what})", err, safe)
 
     def _work(self) -> None:
         assert self._queue is not None

@@ -100,14 +100,14 @@ def step_weights(log: Any, step: int) -> StepWeights:
 def step_summary(log: Any) -> dict[str, Any]:
     """How a log's steps differ from a plain batch mean (for ``info`` and the benchmarks): the accumulation
     divisors, the steps whose micro-batches do not fill an accumulation, the clipping and where it bound."""
-    T = log.num_steps
-    accumulate = sorted({int(log.step_column(t, "accumulate")) for t in range(T)})
-    incomplete = [t for t in range(T) if len(np.unique(log.micro_index(t))) < int(log.step_column(t, "accumulate"))]
+    steps = [int(t) for t in log.steps]  # from the log's first step (> 0 for a log started by a resumed fit)
+    accumulate = sorted({int(log.step_column(t, "accumulate")) for t in steps})
+    incomplete = [t for t in steps if len(np.unique(log.micro_index(t))) < int(log.step_column(t, "accumulate"))]
     clipping = (log.meta.get("gradient_clipping") or {})
-    coefs = np.array([float(log.step_column(t, "clip_coef")) for t in range(T)])
+    coefs = np.array([float(log.step_column(t, "clip_coef")) for t in steps])
     clipped = np.isfinite(coefs)
     return {"accumulate": accumulate, "incomplete_accumulation_steps": incomplete,
-            "not_a_plain_mean": int(sum(not np.allclose(log.weights(t), 1.0 / len(log.batch_ids(t))) for t in range(T))),
+            "not_a_plain_mean": int(sum(not np.allclose(log.weights(t), 1.0 / len(log.batch_ids(t))) for t in steps)),
             "clipping": clipping.get("algorithm"), "clip_value": clipping.get("value"),
             "clip_bound_fraction": float((coefs[clipped] < 1).mean()) if clipped.any() else 0.0,
             "clip_coef_median": float(np.median(coefs[clipped])) if clipped.any() else None}
