@@ -131,3 +131,17 @@ def test_cli_devices_2_equals_one_process(log_dir):
     assert [r["id"] for r in a["rows"]] == [r["id"] for r in b["rows"]]
     np.testing.assert_allclose([r["score"] for r in b["rows"]], [r["score"] for r in a["rows"]], rtol=1e-12)
     assert b["info"]["processes"] == 2 and a["info"].get("processes", 1) == 1
+
+
+def test_eval_mode_query_turns_dropout_off_and_restores_the_mode():
+    import torch
+
+    from lightning_influence.queries import eval_mode
+
+    module = tiny(dropout=0.5).train()
+    batch = make_data(8, seed=3).tensors
+    plain, wrapped = mean_loss(batch, name="v"), eval_mode(mean_loss(batch, name="v"))
+    assert wrapped.query_names == ["v"]
+    first, second = wrapped(module), wrapped(module)
+    assert module.training and torch.equal(first, second)  # no dropout: deterministic, and train mode restored
+    assert not torch.equal(plain(module), plain(module))  # the plain query draws dropout masks
