@@ -101,6 +101,15 @@ def test_cnn_plain_dataloaders_from_the_log_alone(cnn, tmp_path, monkeypatch, ca
     assert np.abs(expected).max() > 1e-4  # a real answer, not zeros
 
 
+def test_info_says_how_the_run_is_rebuilt(cnn, capsys):
+    script, log_dir = cnn
+    assert main(["info", str(log_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "model        cnn_digits.CNN" in out
+    assert (f"rebuild      module hparams channels=3, lr=0.2; data from dataloaders, stored in the log (96 train, 48 val); "
+            f"script dir {script.parent}") in out
+
+
 def test_cnn_test_query_and_labels(cnn, capsys):
     """``test:ID`` indexes the stored validation set; labels come from the stored training items."""
     _, log_dir = cnn

@@ -208,7 +208,7 @@ def test_replay_loo_removes_the_sample_from_its_micro_batch_and_clips(run: Any) 
                 (keep * m.per_sample_loss(batch_from_ids(ds, mb))).sum().div(ACC * len(mb)).backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP)
             opt.step()
-        return float(query(m))
+        return float(query(m).detach())
 
     base = train(None)
     expected = np.array([train(j) - base for j in js])

@@ -67,6 +67,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "segments": sum(len(v) for v in list_segments(root).values()), "ranks": log.ranks,
         "created": meta.get("created"), "versions": meta.get("versions"),
         "module_class": meta.get("module_class"), "datamodule_class": meta.get("datamodule_class"),
+        "recipe": meta.get("recipe"),
         "optimizer": meta.get("optimizer", {}).get("class"),
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups],
         "steps": len(log.steps), "first_step": int(log.steps[0]) if T else None,
@@ -96,6 +97,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("created", f"{created} with lightning-influence {v.get('lightning-influence')}, torch {v.get('torch')}, "
                     f"lightning {v.get('lightning')}"),
         ("model", str(summary["module_class"]) + (f", data {summary['datamodule_class']}" if summary["datamodule_class"] else "")),
+        ("rebuild", _recipe_text(meta.get("recipe"))),
         ("optimizer", f"{summary['optimizer']} ({len(groups)} param group{'s' * (len(groups) != 1)}: {hyper})"),
         ("steps", f"{len(log.steps)} ({int(log.steps[0]) if T else 0}..{T - 1}), epochs {int(epochs[0])}..{int(epochs[-1])} ({per_epoch} steps per epoch), "
                   f"batch size {summary['batch_size']['mean']:.4g}" if T else "0 (no step recorded)"),
@@ -130,6 +132,27 @@ def _describe_step(s: dict[str, Any] | None) -> str:
                      + (f" (median coefficient {s['clip_coef_median']:.3g})" if s["clip_coef_median"] is not None else ""))
     else:
         parts.append("no gradient clipping")
+    return "; ".join(parts)
+
+
+def _recipe_text(recipe: dict[str, Any] | None) -> str:
+    """How the CLI rebuilds the model and the data from this log (``recipe`` in meta.h5)."""
+    if not recipe:
+        return "no recipe recorded (format version 1): pass --config, --model/--data or --builder"
+    parts = []
+    for what in ("module", "datamodule"):
+        entry = recipe.get(what) or {}
+        if entry:
+            hp = entry.get("hparams")
+            parts.append(f"{what} hparams " + (", ".join(f"{k}={v}" for k, v in hp.items()) if hp else "none saved"))
+    data = recipe.get("data") or {}
+    stored = data.get("stored")
+    source = f"data from {data.get('train') or '?'}"
+    parts.append(source + (f", stored in the log ({stored.get('train', 0)} train, {stored.get('val', 0)} val)" if stored
+                           else f" ({data.get('not_stored')})" if data.get("not_stored") else ""))
+    script = (recipe.get("script") or {}).get("dir")
+    if script:
+        parts.append(f"script dir {script}")
     return "; ".join(parts)
 
 

@@ -129,6 +129,7 @@ class InfluenceLog:
         self.meta: dict[str, Any] = read_meta(self.path)
         self._files: OrderedDict[int, h5py.File] = OrderedDict()
         self._blocks: dict[tuple[int, str], tuple[int, int, np.ndarray]] = {}  # (rank, dataset) -> (seg, first row, rows)
+        self._absent: set[tuple[int, str]] = set()  # (segment, dataset) pairs a segment does not hold
         self._buffers: dict[tuple[int, str], np.ndarray] = {}  # reused block memory
         self._segs: list[_Segment] = []
         self._segments: list[Path] = []
@@ -570,8 +571,11 @@ class InfluenceLog:
         rank = self._segs[seg].rank
         block = self._blocks.get((rank, name))
         if block is None or block[0] != seg or not (block[1] <= off and off + n <= block[1] + len(block[2])):
+            if (seg, name) in self._absent:
+                return None
             f = self._file(seg)
             if name not in f:
+                self._absent.add((seg, name))  # e.g. the weights of a version-1 log: asked at every step
                 return None
             ds = f[name]
             row_shape = ds.shape[1:]
