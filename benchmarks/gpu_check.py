@@ -70,7 +70,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning_influence import InfluenceLog, InfluenceTracker, WithIds  # noqa: E402
 from lightning_influence.capture import KINK_GUARD, call_with_params, fd_directional_derivative  # noqa: E402
 from lightning_influence.estimators import diffin, dit, tracin  # noqa: E402
-from lightning_influence.queries import mean_loss  # noqa: E402
+from lightning_influence.queries import eval_mode, mean_loss  # noqa: E402
 from lightning_influence.replay import replay  # noqa: E402
 
 FULL = dict(record_losses=True, record_gradients=True, projection_dim=16, record_hvp=True, checkpoint_every_n_steps=1,
@@ -398,19 +398,8 @@ def _estimator_setup(ctx: Context, model: str) -> tuple[InfluenceLog, MLP, Any]:
 
 
 def _query(val: list[torch.Tensor], device: str) -> Callable[[nn.Module], torch.Tensor]:
-    """Mean validation loss in eval mode: the estimators evaluate a query in the module's current mode, and the
-    module must stay in train mode for the replayed steps (dropout), so the query switches to eval itself."""
-    loss = mean_loss([t.to(device) for t in val])
-
-    def query(module: nn.Module) -> torch.Tensor:
-        was = module.training
-        module.eval()
-        try:
-            return loss(module)
-        finally:
-            module.train(was)
-
-    return query
+    """Mean validation loss with dropout off (the module stays in train mode for the replayed steps)."""
+    return eval_mode(mean_loss([t.to(device) for t in val]))
 
 
 def check_replay(ctx: Context, model: str) -> str:
@@ -432,40 +421,29 @@ def check_replay(ctx: Context, model: str) -> str:
     return detail
 
 
-def check_tracin(ctx: Context, model: str) -> str:
+def _device_vs_cpu(ctx: Context, model: str, label: str, estimator: Callable[..., Any], tol: float) -> str:
+    """``estimator(log, query, module=..., train_data=...)`` with the module on the device, then on the CPU."""
     log, module, val = _estimator_setup(ctx, model)
     with log:
-        dev = tracin(log, _query(val, ctx.device), module=module).column(0)
-        cpu = tracin(log, _query(val, "cpu"), module=module.to("cpu")).column(0)
+        dev = estimator(log, _query(val, ctx.device), module=module, train_data=ctx.data[model]).column(0)
+        cpu = estimator(log, _query(val, "cpu"), module=module.to("cpu"), train_data=ctx.data[model]).column(0)
     err = rel(dev, cpu)
-    detail = f"TracIn on {ctx.device} vs CPU: {err:.1e} relative, {np.count_nonzero(dev)} samples scored"
-    if not np.isfinite(dev).all() or err > 1e-4 or not np.count_nonzero(dev):
-        raise CheckFailed(detail)
+    detail = f"{label} on {ctx.device} vs CPU: {err:.1e} relative, {np.count_nonzero(dev)} samples scored"
+    if not np.isfinite(dev).all() or err > tol or not np.count_nonzero(dev):
+        raise CheckFailed(detail + f" (tolerance {tol:.0e})")
     return detail
+
+
+def check_tracin(ctx: Context, model: str) -> str:
+    return _device_vs_cpu(ctx, model, "TracIn", lambda log, q, module, train_data: tracin(log, q, module=module), 1e-4)
 
 
 def check_dit(ctx: Context, model: str) -> str:
-    log, module, val = _estimator_setup(ctx, model)
-    with log:
-        dev = dit(log, _query(val, ctx.device), module=module, train_data=ctx.data[model]).column(0)
-        cpu = dit(log, _query(val, "cpu"), module=module.to("cpu"), train_data=ctx.data[model]).column(0)
-    err = rel(dev, cpu)
-    detail = f"DIT (exact HVP) on {ctx.device} vs CPU: {err:.1e} relative"
-    if not np.isfinite(dev).all() or err > 1e-3 or not np.count_nonzero(dev):
-        raise CheckFailed(detail)
-    return detail
+    return _device_vs_cpu(ctx, model, "DIT (exact HVP)", dit, 1e-3)
 
 
 def check_diffin(ctx: Context, model: str) -> str:
-    log, module, val = _estimator_setup(ctx, model)
-    with log:
-        dev = diffin(log, _query(val, ctx.device), module=module, train_data=ctx.data[model]).column(0)
-        cpu = diffin(log, _query(val, "cpu"), module=module.to("cpu"), train_data=ctx.data[model]).column(0)
-    err = rel(dev, cpu)
-    detail = f"Diff-In on {ctx.device} vs CPU: {err:.1e} relative"
-    if not np.isfinite(dev).all() or err > 1e-3 or not np.count_nonzero(dev):
-        raise CheckFailed(detail)
-    return detail
+    return _device_vs_cpu(ctx, model, "Diff-In", diffin, 1e-3)
 
 
 def _sync_warnings(ctx: Context, model: str, steps: int) -> dict[str, int]:

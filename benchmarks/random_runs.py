@@ -26,11 +26,7 @@ is from the exact one.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -46,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import agreement, ce_loss, train, windows_of  # noqa: E402
+from step_runs import run_all  # noqa: E402
 
 from lightning_influence.data import WithIds  # noqa: E402
 from lightning_influence.estimators import diffin, timeline, tracin  # noqa: E402
@@ -222,29 +218,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                     "batch_size": 24, "trainer": {"gradient_clip_val": args.clip, "accumulate_grad_batches": 2}},
     }
     chosen = list(configs) if args.configs == "all" else args.configs.split(",")
-    results: dict[str, Any] = {"setup": {**vars(args), "torch": torch.__version__}, "configs": {}}
-    workdir = Path(tempfile.mkdtemp(prefix="li-random-runs-"))
-    try:
-        data = load_digits_split(args.n_train, args.n_val, 0.0, seed=args.seed, dtype=torch.float64)
-        from sklearn.datasets import load_digits
+    data = load_digits_split(args.n_train, args.n_val, 0.0, seed=args.seed, dtype=torch.float64)
+    from sklearn.datasets import load_digits
 
-        raw, _ = load_digits(return_X_y=True)
-        order = np.random.default_rng(args.seed).permutation(len(raw))  # the split of load_digits_split
-        data["raw_train"] = torch.tensor(raw[order[:args.n_train]])
-        data["raw_val"] = torch.tensor(raw[order[args.n_train:args.n_train + args.n_val]])
-        for name in chosen:
-            res = run_config(name, configs[name], data, args, workdir)
-            results["configs"][name] = res
-            print_table(name, res)
-            sys.stdout.flush()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    print(f"\nwrote {args.out}")
-    return results
-
+    raw, _ = load_digits(return_X_y=True)
+    order = np.random.default_rng(args.seed).permutation(len(raw))  # the split of load_digits_split
+    data["raw_train"] = torch.tensor(raw[order[:args.n_train]])
+    data["raw_val"] = torch.tensor(raw[order[args.n_train:args.n_train + args.n_val]])
+    return run_all(args, chosen, lambda name, work: run_config(name, configs[name], data, args, work), print_table,
+                   "li-random-runs-")
 
 if __name__ == "__main__":
     main()

@@ -9,11 +9,13 @@ the page cache (``posix_fadvise(DONTNEED)``, no root needed), then in the same r
    cache again), sampling its RSS every 20 ms; its peak RSS (``VmHWM``) and throughput
    (sample-steps/s, GB/s) are compared with the raw read. The scores are checked against a
    closed form (rows are drawn from a known pool), so the reduction is verified, not only timed.
+3. the same with ``--processes`` (default 2) gloo processes (``lightning_influence.distributed``:
+   one contiguous shard of steps each, one all-reduce), cold cache again, peak RSS per process.
 
 Prints a table, writes JSON to ``benchmarks/results/scale.json`` (git-ignored) and deletes
 the synthetic data (``--keep`` keeps it). Needs ``--gb`` × 1.05 free disk.
 
-    python benchmarks/scale.py [--gb 30] [--dir /big/disk/tmp] [--k 1024] [--batch 256] [--flush 50]
+    python benchmarks/scale.py [--gb 30] [--dir /big/disk/tmp] [--k 1024] [--batch 256] [--flush 50] [--processes 2]
 """
 
 from __future__ import annotations
@@ -124,6 +126,35 @@ def _rss_bytes() -> int:
     return _status_bytes("VmRSS")
 
 
+def _rank_peak(done: int, total: int) -> None:
+    """Progress callback of each process of a distributed reduction: its peak RSS, once its shard is done."""
+    if done == total:
+        from lightning_influence.distributed import global_rank
+
+        Path(os.environ["SCALE_RSS_DIR"], f"rank-{global_rank()}.json").write_text(
+            json.dumps({"pid": os.getpid(), "peak_rss_bytes": _status_bytes("VmHWM")}))
+
+
+def reduce_distributed(path: Path, k: int, processes: int) -> dict:
+    """TracIn over the log on ``processes`` gloo processes (``lightning_influence.distributed``)."""
+    from lightning_influence.distributed import run
+
+    rss_dir = Path(tempfile.mkdtemp(prefix="scale-rss-"))
+    os.environ["SCALE_RSS_DIR"] = str(rss_dir)  # inherited by the spawned processes
+    t0 = time.perf_counter()
+    scores = run("tracin", path, {0: query(k)}, devices=processes, progress=_rank_peak)
+    seconds = time.perf_counter() - t0
+    per_rank = [json.loads(f.read_text()) for f in sorted(rss_dir.glob("rank-*.json"))]
+    shutil.rmtree(rss_dir, ignore_errors=True)
+    # seconds: the slowest process's shard (without starting the processes and the final all-reduce); wall: all of it
+    reduction = max(r["seconds"] for r in scores.info["per_rank"])
+    return {"seconds": reduction, "wall_seconds_with_process_start": seconds, "steps": int(scores.window[1]),
+            "processes": processes,
+            "per_rank_seconds": [r["seconds"] for r in scores.info["per_rank"]],
+            "per_rank_peak_rss_bytes": [r["peak_rss_bytes"] for r in per_rank],
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in per_rank), "scores": scores.column(0)}
+
+
 def reduce(path: Path, k: int) -> dict:
     from lightning_influence import InfluenceLog, tracin
 
@@ -172,11 +203,14 @@ def main() -> None:
     parser.add_argument("--flush", type=int, default=50, help="steps per segment file")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic log")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "scale.json"))
+    parser.add_argument("--processes", type=int, default=2, help="also reduce with this many processes (default 2)")
     parser.add_argument("--reduce-only", default=None, help=argparse.SUPPRESS)  # internal: the child process
+    parser.add_argument("--with-processes", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reduce_only:
-        res = reduce(Path(args.reduce_only), args.k)
-        np.save(Path(args.reduce_only) / "scores.npy", res.pop("scores"))
+        path = Path(args.reduce_only)
+        res = reduce(path, args.k) if args.with_processes == 1 else reduce_distributed(path, args.k, args.with_processes)
+        np.save(path / f"scores-{args.with_processes}.npy", res.pop("scores"))
         print(json.dumps(res))
         return
 
@@ -199,43 +233,54 @@ def main() -> None:
         evict(files)
         print("raw sequential read (cold cache)", file=sys.stderr)
         t_raw, raw_bytes = raw_read(files)
-        evict(files)
-        print("TracIn reduction in a fresh process (cold cache)", file=sys.stderr)
-        child = subprocess.run([sys.executable, __file__, "--reduce-only", str(log_dir), "--k", str(args.k)],
-                               capture_output=True, text=True)
-        if child.returncode != 0:
-            sys.exit(f"the reduction failed:\n{child.stderr[-3000:]}")
-        red = json.loads(child.stdout.strip().splitlines()[-1])
-        got = np.load(log_dir / "scores.npy")
         want = expected_scores(steps, args.k, args.batch)
-        max_rel = float(np.abs(got - want).max() / np.abs(want).max())
+        runs: dict[int, dict] = {}
+        for processes in dict.fromkeys([1, args.processes]):
+            evict(files)
+            print(f"TracIn reduction with {processes} process(es), started fresh (cold cache)", file=sys.stderr)
+            child = subprocess.run([sys.executable, __file__, "--reduce-only", str(log_dir), "--k", str(args.k),
+                                    "--with-processes", str(processes)], capture_output=True, text=True)
+            if child.returncode != 0:
+                sys.exit(f"the reduction with {processes} process(es) failed:\n{child.stderr[-3000:]}")
+            red = json.loads(child.stdout.strip().splitlines()[-1])
+            got = np.load(log_dir / f"scores-{processes}.npy")
+            red["max_rel_error_vs_closed_form"] = float(np.abs(got - want).max() / np.abs(want).max())
+            runs[processes] = red
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
     sample_steps = steps * args.batch
+    raw_speed = raw_bytes / t_raw
+    for red in runs.values():
+        red.update(sample_steps_per_s=sample_steps / red["seconds"], gb_per_s=disk_bytes / red["seconds"] / 1e9,
+                   vs_raw_read=(disk_bytes / red["seconds"]) / raw_speed)
     result = {
         "config": {"gb": args.gb, "k": args.k, "batch": args.batch, "flush": args.flush, "steps": steps,
                    "segments": len(files) - 1, "machine_ram_bytes": mem_total, "cpus": os.cpu_count()},
         "log_bytes_on_disk": disk_bytes,
         "write": {"seconds": t_write, "gb_per_s": disk_bytes / t_write / 1e9},
-        "raw_read": {"seconds": t_raw, "bytes": raw_bytes, "gb_per_s": raw_bytes / t_raw / 1e9},
-        "tracin": {**red, "sample_steps_per_s": sample_steps / red["seconds"], "gb_per_s": disk_bytes / red["seconds"] / 1e9,
-                   "vs_raw_read": (disk_bytes / red["seconds"]) / (raw_bytes / t_raw),
-                   "max_rel_error_vs_closed_form": max_rel},
+        "raw_read": {"seconds": t_raw, "bytes": raw_bytes, "gb_per_s": raw_speed / 1e9},
+        "tracin": {str(p): red for p, red in runs.items()},
     }
     gb = 1e9
     print(f"\nlog: {disk_bytes / gb:.2f} GB on disk ({steps} steps × {args.batch} samples × {args.k} float32 columns, "
-          f"{len(files) - 1} segments); machine RAM {mem_total / gb:.1f} GB")
-    print(f"{'phase':<34}{'seconds':>9}{'GB/s':>8}{'sample-steps/s':>16}{'peak RSS (GB)':>15}")
-    print(f"{'write (LogWriter, fsync)':<34}{t_write:>9.1f}{disk_bytes / t_write / gb:>8.2f}{sample_steps / t_write:>16,.0f}{'':>15}")
-    print(f"{'raw sequential read (cold)':<34}{t_raw:>9.1f}{raw_bytes / t_raw / gb:>8.2f}{'':>16}{'':>15}")
-    print(f"{'TracIn reduction (cold, subprocess)':<34}{red['seconds']:>9.1f}{disk_bytes / red['seconds'] / gb:>8.2f}"
-          f"{sample_steps / red['seconds']:>16,.0f}{red['peak_rss_bytes'] / gb:>15.2f}")
-    print(f"reduction: {result['tracin']['vs_raw_read']:.0%} of the raw read speed, {red['cpu_seconds']:.1f} CPU s in "
-          f"{red['seconds']:.1f} s; RSS {red['rss_before_bytes'] / gb:.2f} GB after imports, peak "
-          f"{red['peak_rss_bytes'] / gb:.2f} GB (sampled {red['rss_peak_sampled_bytes'] / gb:.2f}); scores vs closed "
-          f"form: max rel. error {max_rel:.1e}")
+          f"{len(files) - 1} segments); machine RAM {mem_total / gb:.1f} GB, {os.cpu_count()} CPUs")
+    print(f"{'phase':<38}{'seconds':>9}{'GB/s':>8}{'of raw':>8}{'sample-steps/s':>16}{'peak RSS/process (GB)':>23}")
+    print(f"{'write (LogWriter, fsync)':<38}{t_write:>9.1f}{disk_bytes / t_write / gb:>8.2f}{'':>8}"
+          f"{sample_steps / t_write:>16,.0f}")
+    print(f"{'raw sequential read (cold)':<38}{t_raw:>9.1f}{raw_speed / gb:>8.2f}{'100%':>8}")
+    for p, red in runs.items():
+        rss = red.get("per_rank_peak_rss_bytes", [red["peak_rss_bytes"]])
+        print(f"{f'TracIn, {p} process(es) (cold)':<38}{red['seconds']:>9.1f}{red['gb_per_s']:>8.2f}"
+              f"{red['vs_raw_read']:>8.0%}{red['sample_steps_per_s']:>16,.0f}"
+              f"{' '.join(f'{r / gb:.2f}' for r in rss):>23}")
+    for p, red in runs.items():
+        if "wall_seconds_with_process_start" in red:
+            print(f"{p} processes: {red['wall_seconds_with_process_start']:.1f} s with starting them (imports), "
+                  f"per process {', '.join(f'{s:.1f}' for s in red['per_rank_seconds'])} s")
+    print("scores vs closed form, max rel. error: "
+          + ", ".join(f"{p} process(es) {red['max_rel_error_vs_closed_form']:.1e}" for p, red in runs.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

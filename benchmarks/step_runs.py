@@ -35,7 +35,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -172,14 +172,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mlp-clip-accum2": {"gradient_clip_val": args.clip, "accumulate_grad_batches": 2},
     }
     chosen = list(configs) if args.configs == "all" else args.configs.split(",")
+    data = load_digits_split(args.n_train, args.n_val, 0.0, seed=args.seed, dtype=torch.float64)
+    return run_all(args, chosen, lambda name, work: run_config(name, configs[name], sgd, data, args, work), print_table,
+                   "li-step-runs-")
+
+
+def run_all(args: argparse.Namespace, names: list[str], run_one: Callable[[str, Path], dict[str, Any]],
+            show: Callable[[str, dict[str, Any]], None], prefix: str) -> dict[str, Any]:
+    """Run each config in a temporary work folder, print its table, write all results as JSON to ``args.out``."""
     results: dict[str, Any] = {"setup": {**vars(args), "torch": torch.__version__}, "configs": {}}
-    workdir = Path(tempfile.mkdtemp(prefix="li-step-runs-"))
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        data = load_digits_split(args.n_train, args.n_val, 0.0, seed=args.seed, dtype=torch.float64)
-        for name in chosen:
-            res = run_config(name, configs[name], sgd, data, args, workdir)
+        for name in names:
+            res = run_one(name, workdir)
             results["configs"][name] = res
-            print_table(name, res)
+            show(name, res)
             sys.stdout.flush()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -188,7 +195,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         json.dump(results, f, indent=1, default=str)
     print(f"\nwrote {args.out}")
     return results
-
 
 if __name__ == "__main__":
     main()

@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import json
 import random
-import shutil
 import time
 import uuid
 from collections import deque
@@ -47,11 +47,13 @@ from lightning_influence.capture import (
     select_params,
 )
 from lightning_influence.capture.transfer import HostCopy
-from lightning_influence.data import IdsFn, check_ids, extract_ids
+from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids, ids_source, samples_with_replacement
 from lightning_influence.log.format import META_FILE, list_segments, read_meta
+from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.log.writer import (CheckpointRecord, LogWriter, MicroRecord, StepRecord, rank_end, truncate_log,
-                                           write_meta)
+from lightning_influence.log.resume import check_resume, with_resume_record
+from lightning_influence.log.writer import (CheckpointRecord, LogWriter, MicroRecord, StepRecord, rank_end, remove_log,
+                                            storage_error, write_meta)
 from lightning_influence.recipe import class_path, record_recipe
 from lightning_influence.step import rng
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
@@ -236,6 +238,10 @@ class InfluenceTracker(Callback):
         self._run_id: str | None = None
         self._resume_state: dict[str, Any] = {}
         self._live: LiveTensorBoard | None = None  # running signals in the trainer's TensorBoard, if any
+        self._truncate_from: int | None = None  # a resumed fit continuing the log at this step (see _continue_log)
+        self._lock: WriterLock | None = None  # this rank's exclusive writer lock, held from on_train_start to teardown
+        self._with_ids = False  # the training set is a WithIds: (x, ids) batches carry ids
+        self._dataset_size: int | None = None
         self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()  # see _add_step
         self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
 
@@ -281,10 +287,16 @@ class InfluenceTracker(Callback):
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed)
         self._precision = _precision(trainer)
         self._setup_engine(pl_module)
+        self._check_training_set(trainer)
         clipping = self._step_model.start(trainer, pl_module)
         start = trainer.global_step
         resume_state, self._resume_state = self._resume_state, {}
-        if not (start > 0 and self._continue_log(trainer, start, resume_state)):
+        with _generators_kept():  # what a resumed fit's rows would mean, to compare with the log's meta.h5
+            fit_meta = {**self._metadata(trainer, pl_module, optimizer, names, start, recipe=False),
+                        "gradient_clipping": clipping}
+        fit_meta = json.loads(json.dumps(fit_meta))
+        self._acquire_lock(trainer.global_rank)  # before any file of the log is touched; released in _teardown
+        if not (start > 0 and self._continue_log(trainer, start, resume_state, fit_meta)):
             self._new_log(trainer, start)
             trainer.strategy.barrier("influence_tracker_setup")
             if trainer.is_global_zero:
@@ -292,7 +304,9 @@ class InfluenceTracker(Callback):
                     meta = self._metadata(trainer, pl_module, optimizer, names, start)
                 write_meta(self.log_dir, {**meta, "gradient_clipping": clipping})
         trainer.strategy.barrier("influence_tracker_meta")
-        self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype, self.compression)
+        self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype,
+                                 self.compression, truncate_from=self._truncate_from)
+        self._truncate_from = None
         self._run_id = self._writer.run_id
         self._live = LiveTensorBoard.attach(trainer)
         self._next_step = self._fit_start = start
@@ -302,11 +316,40 @@ class InfluenceTracker(Callback):
         self._checked_batchnorm = False
         self._checked_dataset = False
 
-    def _continue_log(self, trainer: pl.Trainer, start: int, state: dict[str, Any]) -> bool:
+    def _check_training_set(self, trainer: pl.Trainer) -> None:
+        """Where ids come from and what they index; sampling with replacement is refused before anything is written."""
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        self._with_ids, problem = ids_source(dataset)
+        if problem and self.ids_fn is None:
+            raise ValueError(f"InfluenceTracker: {problem}")
+        try:
+            self._dataset_size = len(dataset) if dataset is not None else None
+        except TypeError:
+            self._dataset_size = None
+        if samples_with_replacement(loader):
+            raise ValueError("InfluenceTracker: the training DataLoader samples with replacement (RandomSampler("
+                             "replacement=True) or WeightedRandomSampler), so a sample can appear twice in a step; the "
+                             "log and the estimators count each sample once per step. Sample without replacement.")
+
+    def _acquire_lock(self, rank: int) -> None:
+        """Hold this rank's writer lock (``log/lock.py``): a second fit writing the same log is refused at once."""
+        self._lock = WriterLock(self.log_dir, rank)
+        try:
+            self._lock.acquire()
+        except OSError as err:
+            raise storage_error(self.log_dir, f"{self._lock.path.parent.name}/{self._lock.path.name} (the writer lock)", err,
+                                "Nothing of this fit is in the log yet", started=False) from None
+        finally:
+            if not self._lock.held:
+                self._lock = None
+
+    def _continue_log(self, trainer: pl.Trainer, start: int, state: dict[str, Any], fit_meta: dict[str, Any]) -> bool:
         """Resumed at step ``start``: truncate the existing log to ``start`` and continue it; ``False`` if there is none.
 
         Raises:
-            ValueError: the log belongs to another run, or was written with another world size.
+            ValueError: the log belongs to another run, was written with another world size, or with a
+                configuration that changes what its rows mean (``log/resume.py``; nothing is touched).
             RuntimeError: the log misses steps before ``start`` (it cannot be continued without a gap).
         """
         if not _exists(self.log_dir):
@@ -342,7 +385,11 @@ class InfluenceTracker(Callback):
                 f"InfluenceTracker: training resumes at step {start} but the log of rank {rank} in {self.log_dir} holds "
                 f"{held}, so it cannot continue without a gap (was the checkpoint saved without this callback, or were "
                 f"segment files lost?). Resume from a checkpoint at a step in {first}..{have + 1}, {hint}")
-        truncate_log(self.log_dir, rank, start)  # steps >= start are recorded again by this fit
+        check_resume(self.log_dir, meta, fit_meta, start)  # a refusal loses nothing
+        self._truncate_from = start  # steps >= start are recorded again: dropped by the writer before its first write,
+        # so a fit refused at its first step (ids, losses) leaves the log as it was
+        if trainer.is_global_zero:
+            write_meta(self.log_dir, with_resume_record(meta, fit_meta, start))
         self._first_step = start if end is None else None  # θ_start if the log holds no step yet
         return True
 
@@ -353,7 +400,7 @@ class InfluenceTracker(Callback):
                 raise FileExistsError(f"{self.log_dir} already holds an influence log; choose a new log_dir, "
                                       "pass overwrite=True, or resume with Trainer.fit(ckpt_path=...)")
             if trainer.is_global_zero:
-                shutil.rmtree(self.log_dir)
+                remove_log(self.log_dir)  # the log's own files only: anything else in log_dir stays
         self._first_step = start
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -371,9 +418,14 @@ class InfluenceTracker(Callback):
         with InfluenceLog(self.log_dir) as log:
             if log.meta.get("run_id") != state["run_id"] or log.finished or log.num_steps != trainer.global_step:
                 return
-        writer = LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype, self.compression)
-        writer.add_checkpoint(self._checkpoint(trainer, pl_module, trainer.global_step))
-        writer.close()
+        self._acquire_lock(0)
+        try:
+            writer = LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype, self.compression)
+            writer.add_checkpoint(self._checkpoint(trainer, pl_module, trainer.global_step))
+            writer.close()
+        finally:
+            self._lock.release()
+            self._lock = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._teardown(pl_module, raise_errors=False)  # keeps every completed step; the original exception propagates
@@ -393,7 +445,8 @@ class InfluenceTracker(Callback):
         t0 = time.perf_counter()
         if not self._checked_batchnorm:
             self._check_batchnorm(pl_module)
-        ids = extract_ids(batch, self.ids_key, self.ids_fn, on_device=True)  # device ids: checked in _land
+        ids = extract_ids(batch, self.ids_key, self.ids_fn, on_device=True, with_ids=self._with_ids,
+                          dataset_size=self._dataset_size)  # device ids: checked in _land
         seen = [m.ids for m in self._pending.micro]
         if seen and ids.device.type == "cpu" and len(torch.unique(torch.cat([*seen, ids]))) != sum(len(s) for s in seen) + len(ids):
             raise ValueError(f"step {trainer.global_step}: the same sample id appears in two micro-batches of one optimizer step")
@@ -422,6 +475,9 @@ class InfluenceTracker(Callback):
         micro = self._pending.micro[-1]
         micro.random = rng.drawn(micro.random)  # what dropout drew from: recorded, restored by every own pass
         n = len(micro.ids)
+        for out in self._captured:  # per_sample_loss as training_step called it: a reduced (0-d) loss is a mistake
+            if out.dim() == 0:
+                _check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
         captured = self._captured[-1] if len(self._captured) == 1 and self._captured[0].shape == (n,) else None
         want_grads = self._records_grads(trainer.global_step)
         micro.observed = captured.detach() if captured is not None else None
@@ -501,7 +557,7 @@ class InfluenceTracker(Callback):
             host = copy.wait()
             rows = host["rows"]
             record.ids = rows["ids"]
-            check_ids(torch.from_numpy(record.ids), self.ids_key)
+            check_ids(torch.from_numpy(record.ids), self.ids_key, self._dataset_size)
             record.losses = rows["losses"].astype(np.float64) if "losses" in rows else None
             record.grads, record.hvps = rows.get("grads"), rows.get("hvps")
             record.batch_grad_norm = float(rows.get("batch_grad_norm", float("nan")))
@@ -532,7 +588,8 @@ class InfluenceTracker(Callback):
         if scaler is not None and self._precision.grad_scaler:
             record.grad_scale = float(scaler.get_scale())
             # on_before_optimizer_step runs after GradScaler.unscale_: a non-finite gradient makes it skip the step
-            record.skipped = not all(bool(torch.isfinite(g).all()) for g in grads.values())
+            # one device sync (GradScaler.step makes the same one)
+            record.skipped = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
 
     def _check_dataset(self, trainer: pl.Trainer) -> None:
         """Refuse, at the first step, a dataset whose ``ds[i]`` changes between calls (random augmentation): replay
@@ -560,8 +617,12 @@ class InfluenceTracker(Callback):
 
     def _loss(self, module: nn.Module, batch: Any) -> torch.Tensor:
         if self.loss_fn is not None:
-            return self.loss_fn(module, batch)
-        return self._original_method(batch) if self._original_method is not None else module.per_sample_loss(batch)
+            out, name = self.loss_fn(module, batch), "loss_fn(module, batch)"
+        else:
+            out = self._original_method(batch) if self._original_method is not None else module.per_sample_loss(batch)
+            name = f"{type(module).__name__}.per_sample_loss(batch)"
+        _check_losses(out, batch_size_of(batch), name)
+        return out
 
     def _setup_engine(self, pl_module: pl.LightningModule) -> None:
         if not self._needs_loss:
@@ -697,7 +758,8 @@ class InfluenceTracker(Callback):
 
     # ------------------------------------------------------------------------------ metadata
     def _metadata(self, trainer: pl.Trainer, pl_module: nn.Module, optimizer: torch.optim.Optimizer,
-                  names: dict[int, str], first_step: int) -> dict[str, Any]:
+                  names: dict[int, str], first_step: int, recipe: bool = True) -> dict[str, Any]:
+        """The ``meta.h5`` of a new log; ``recipe=False`` leaves out the recipe (which stores ``data.pt``)."""
         groups = []
         for g in optimizer.param_groups:
             hyper = {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
@@ -714,7 +776,7 @@ class InfluenceTracker(Callback):
             "versions": {pkg: _version(pkg) for pkg in ("lightning-influence", "torch", "lightning", "h5py")},
             "module_class": class_path(pl_module),
             "datamodule_class": class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
-            "recipe": record_recipe(trainer, pl_module, self.log_dir, self.store_data),  # rebuild model and data (recipe.py)
+            **({"recipe": record_recipe(trainer, pl_module, self.log_dir, self.store_data)} if recipe else {}),  # recipe.py
             "world_size": trainer.world_size,
             "dataset_size": dataset_size,
             "loss_reduction": "mean",
@@ -735,6 +797,8 @@ class InfluenceTracker(Callback):
             "hvp": {"eps0": self.hvp_eps, "direction": "batch_mean_gradient", "scheme": self.hvp_scheme,
                     "kink_guard": KINK_GUARD if self.hvp_scheme == "central" else None},
             "storage_dtype": self.storage_dtype,
+            "compression": self.compression,
+            "flush_every_n_steps": self.flush_every_n_steps,
             "tracked_params": self._names,
             "param_shapes": {n: list(p.shape) for n, p in pl_module.named_parameters() if p.requires_grad},
             "projection": self._projector.to_metadata(),
@@ -743,26 +807,40 @@ class InfluenceTracker(Callback):
         }
 
     def _teardown(self, pl_module: nn.Module, raise_errors: bool = True) -> None:
-        self._step_model.teardown()
-        if self._writer is not None:
-            refused: Exception | None = None
-            try:
-                self._land()  # steps whose copies are in flight are complete steps: keep them
-            except Exception as e:  # raised after the writer is closed (keeping every step before it)
-                refused = e
-            self._in_flight.clear()
-            try:
-                self._writer.close(raise_errors=raise_errors)
-            finally:
-                self._writer = None
-            if refused is not None and raise_errors:
-                raise refused
+        try:
+            self._step_model.teardown()
+            if self._writer is not None:
+                refused: Exception | None = None
+                try:
+                    self._land()  # steps whose copies are in flight are complete steps: keep them
+                except Exception as e:  # raised after the writer is closed (keeping every step before it)
+                    refused = e
+                self._in_flight.clear()
+                try:
+                    self._writer.close(raise_errors=raise_errors)
+                finally:
+                    self._writer = None
+                if refused is not None and raise_errors:
+                    raise refused
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
         if self._original_method is not None:
             del pl_module.per_sample_loss  # drop the instance attribute: the class method shows again
             self._original_method = None
+
+
+def _check_losses(out: Any, n: int, name: str) -> None:
+    """Per-sample losses must be a tensor of shape ``[n]``; the message names the function that returned them."""
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n,):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"InfluenceTracker: {name} returned {shape} for a batch of {n} samples; it must return one "
+                         f"loss per sample, shape [{n}] (e.g. F.cross_entropy(..., reduction='none')), whose mean is "
+                         "the training loss")
 
 
 def _precision(trainer: pl.Trainer) -> Precision:

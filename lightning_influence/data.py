@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, RandomSampler, Sampler, Subset, WeightedRandomSampler
 
 IdsFn = Callable[[Any], torch.Tensor]
 
@@ -57,16 +57,20 @@ def _hint(ids_key: str) -> str:
             f"an {ids_key!r} key, or pass ids_fn=... to InfluenceTracker.")
 
 
-def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, on_device: bool = False) -> torch.Tensor:
+def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, on_device: bool = False,
+                with_ids: bool = False, dataset_size: int | None = None) -> torch.Tensor:
     """The int64 sample ids of a batch, validated.
 
     Looks, in order, at ``ids_fn(batch)``, ``batch[ids_key]`` for a dict, or the last element
-    of a tuple/list batch ``(x, y, ids)``. ``on_device``: ids on an accelerator stay there and
-    their values are not checked (that would make the host wait for the device): the caller
-    checks them with :func:`check_ids` once they are on the host.
+    of a tuple/list batch: of ``(x, y, ids)`` (three or more elements), or of ``(x, ids)`` only
+    when ``with_ids`` says the batches come from a :class:`WithIds` dataset; a plain ``(x, y)``
+    batch is refused, its labels are never taken for ids. ``on_device``: ids on an accelerator
+    stay there and their values are not checked (that would make the host wait for the
+    device): the caller checks them with :func:`check_ids` once they are on the host.
 
     Raises:
-        ValueError: the ids are missing, not integers, of the wrong length, or duplicated.
+        ValueError: the ids are missing, not a 1-D integer tensor, of the wrong length, or
+            fail :func:`check_ids`.
     """
     hint = _hint(ids_key)
     if ids_fn is not None:
@@ -75,38 +79,105 @@ def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, o
         if ids_key not in batch:
             raise ValueError(f"batch dict has no {ids_key!r} key (keys: {sorted(batch)}). {hint}")
         ids = batch[ids_key]
+    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2 and not with_ids:
+        raise ValueError(
+            "the batch has two elements: (x, y) inputs and labels, or (x, ids)? Labels are never taken for sample ids. "
+            f"{hint} If the second element really holds the ids, pass ids_fn=lambda batch: batch[1].")
     elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
         ids = batch[-1]
     else:
         raise ValueError(f"cannot find sample ids in a batch of type {type(batch).__name__}. {hint}")
-    if not isinstance(ids, torch.Tensor):
-        try:
-            ids = torch.as_tensor(ids)
-        except (TypeError, ValueError):
-            raise ValueError(f"sample ids must be integers, got {type(ids).__name__}. {hint}") from None
+    ids = _as_tensor(ids, hint)
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-        raise ValueError(f"sample ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}. {hint}")
+        raise ValueError(f"sample ids must be a 1-D integer tensor (one id per sample), got shape {tuple(ids.shape)} "
+                         f"dtype {ids.dtype}. {hint}")
     n = batch_size_of(batch)
     if len(ids) != n:
         raise ValueError(f"{len(ids)} sample ids for a batch of {n} samples. {hint}")
     if on_device and ids.device.type != "cpu":
         return ids.detach().to(torch.int64)
     ids = ids.detach().to("cpu", torch.int64)
-    check_ids(ids, ids_key)
+    check_ids(ids, ids_key, dataset_size)
     return ids
 
 
-def check_ids(ids: torch.Tensor, ids_key: str = "ids") -> None:
-    """Refuse duplicated or negative ids (host tensor ``ids`` of one batch or one optimizer step).
+def check_ids(ids: torch.Tensor, ids_key: str = "ids", dataset_size: int | None = None) -> None:
+    """Refuse duplicated, negative or out-of-range ids (host tensor ``ids`` of one batch or one optimizer step).
+
+    ``dataset_size``: the ids must index the training set ``[0, dataset_size)``.
 
     Raises:
-        ValueError: naming the offending ids and what to do.
+        ValueError: naming the offending ids and what to do (a ``Subset`` keeping the original
+            indices; sampling with replacement, which is not supported).
     """
     if len(torch.unique(ids)) != len(ids):
-        raise ValueError(f"duplicated sample ids in one batch: {_duplicates(ids)}; ids must be unique per sample "
-                         f"(are these labels rather than ids?). {_hint(ids_key)}")
+        raise ValueError(
+            f"sample ids {_duplicates(ids)} appear more than once in one batch. Sampling with replacement "
+            "(RandomSampler(replacement=True), WeightedRandomSampler) is not supported: the log and the estimators "
+            "count each sample once per step. Sample without replacement (DataLoader(shuffle=True)), or, if these "
+            f"are not sample ids (labels?), give the real ids. {_hint(ids_key)}")
     if len(ids) and int(ids.min()) < 0:
         raise ValueError(f"sample ids must be non-negative, got {int(ids.min())}. {_hint(ids_key)}")
+    if dataset_size is not None and len(ids) and int(ids.max()) >= dataset_size:
+        bad = ids[ids >= dataset_size][:10].tolist()
+        raise ValueError(
+            f"sample ids {bad} are not indices into the training set, which has {dataset_size} samples "
+            "(len(train_dataloader.dataset)): estimators index the training set by id. If the training set is a "
+            "Subset or another view of a larger dataset, wrap the dataset you train on, WithIds(Subset(data, rows)), "
+            "not Subset(WithIds(data), rows), so ids run 0..len-1 (or return ids that index the training set from "
+            "ids_fn).")
+
+
+def ids_source(dataset: Any) -> tuple[bool, str | None]:
+    """``(with_ids, problem)`` for a training dataset: does it (or a dataset it wraps) add ids with :class:`WithIds`?
+
+    ``problem`` is set when a ``Subset`` wraps a ``WithIds`` (its ids index the inner
+    dataset, not the training set).
+    """
+    seen = 0
+    outer: Any = None
+    while dataset is not None and seen < 8:
+        if isinstance(dataset, WithIds):
+            if outer is not None:
+                return True, (f"the training set is a {type(outer).__name__} of a WithIds dataset, so its ids index the "
+                              "inner dataset, not the training set. Wrap the dataset you train on: "
+                              "WithIds(Subset(data, rows)) instead of Subset(WithIds(data), rows)")
+            return True, None
+        if isinstance(dataset, Subset):
+            outer = dataset
+        dataset = getattr(dataset, "dataset", None)
+        seen += 1
+    return False, None
+
+
+def samples_with_replacement(loader: Any) -> bool:
+    """Whether a DataLoader (or a sampler it wraps, as DDP wrappers do) draws samples with replacement."""
+    todo, seen = [loader], 0
+    while todo and seen < 16:
+        obj = todo.pop()
+        seen += 1
+        if isinstance(obj, (RandomSampler, WeightedRandomSampler)) and getattr(obj, "replacement", False):
+            return True
+        for attr in ("sampler", "batch_sampler", "dataset"):
+            child = getattr(obj, attr, None)
+            if isinstance(child, Sampler) or (attr == "dataset" and isinstance(obj, Sampler)):
+                todo.append(child)
+    return False
+
+
+def _as_tensor(ids: Any, hint: str) -> torch.Tensor:
+    if isinstance(ids, torch.Tensor):
+        return ids
+    if isinstance(ids, Sequence) and ids and all(isinstance(v, torch.Tensor) for v in ids):  # collated per-item lists
+        try:
+            return torch.stack(list(ids))
+        except RuntimeError:
+            pass
+    try:
+        return torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"sample ids must be a 1-D integer tensor (one id per sample), got a {type(ids).__name__} "
+                         f"that is not a tensor of integers. {hint}") from None
 
 
 def _duplicates(ids: torch.Tensor) -> list[int]:

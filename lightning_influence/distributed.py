@@ -22,6 +22,8 @@ leave-one-out and group removal run in one process (see docs/scaling.md).
 from __future__ import annotations
 
 import os
+import pickle
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -123,7 +125,14 @@ def run(method: str, log_path: str | os.PathLike, query: Query | Mapping[int, np
     fabric = Fabric(accelerator=accelerator, devices=int(devices), num_nodes=int(num_nodes),
                     strategy=DDPStrategy(start_method=start, timeout=timedelta(seconds=float(timeout_s))))
     try:
-        return fabric.launch(_reduce, *args)
+        if start != "spawn":
+            return fabric.launch(_reduce, *args)
+        with tempfile.TemporaryDirectory(prefix="influence-query-") as tmp:
+            # a spawned rank 0 returns through a pipe the launcher reads only after every process exited: a result of
+            # more than the pipe's 64 KiB would deadlock, so it goes through a file
+            out = Path(tmp) / "scores.pkl"
+            fabric.launch(_reduce_to_file, str(out), *args)
+            return pickle.loads(out.read_bytes())
     except DistributedQueryError:
         raise
     except Exception as err:  # a spawned process died (ProcessExitedException) or raised in its collective
@@ -180,6 +189,12 @@ def _reduce(fabric: Any, method: str, log_path: str, query: Any, names: list[str
     info = {**info, "steps_with_gradients": sum(r["steps_with_gradients"] for r in per_rank), "per_rank": per_rank,
             "processes": world, **({"checkpoints_used": sorted(used)} if "checkpoints_used" in info else {})}
     return InfluenceScores(scores, name, window, qnames, info=info)
+
+
+def _reduce_to_file(fabric: Any, out: str, *args: Any) -> None:
+    scores = _reduce(fabric, *args)
+    if fabric.global_rank == 0:
+        Path(out).write_bytes(pickle.dumps(scores, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _all_reduce(fabric: Any, local: np.ndarray, mine: dict[str, Any], method: str

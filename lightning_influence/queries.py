@@ -59,6 +59,26 @@ def prediction(inputs: torch.Tensor, target_class: int, margin: bool = False, na
     return f
 
 
+def eval_mode(query: Query) -> Query:
+    """``query`` evaluated with the module in eval mode (dropout off), whatever mode the estimator keeps it in.
+
+    The estimators evaluate a query in the module's current mode, and model-based ones keep it in train mode
+    for the replayed steps (their dropout masks): wrap a query that should see the deployed model.
+    """
+
+    def f(module: nn.Module) -> torch.Tensor:
+        was = module.training
+        module.eval()
+        try:
+            return query(module)
+        finally:
+            module.train(was)
+
+    if hasattr(query, "query_names"):
+        f.query_names = list(query.query_names)  # type: ignore[attr-defined]
+    return f
+
+
 def query_names(query: Query, n: int) -> list[str]:
     """Names of the ``n`` outputs of a query (``query_names`` attribute, else ``q0, q1, ...``)."""
     names = getattr(query, "query_names", None)

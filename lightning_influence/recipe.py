@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-DATA_FILE = "data.pt"
+from lightning_influence.log.format import DATA_FILE  # the log removes it with its other files
+
 STORE_DATA_LIMIT = 64 * 2**20  # bytes: plain-DataLoader data above this is not stored unless asked
 
 

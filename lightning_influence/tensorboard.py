@@ -439,7 +439,10 @@ def render_heatmap(window_scores: np.ndarray, window_labels: Sequence[str], patt
     hm = Image.fromarray(cells).resize((hm_w, hm_h), Image.NEAREST)
     img.paste(hm, (left, top))
     draw.rectangle([left - 1, top - 1, left + hm_w, top + hm_h], outline="black")
-    draw.text((10, 10), title, fill="black", font=f_title)
+    from lightning_influence.tensorboard_views import wrap
+
+    for i, line in enumerate(wrap(title, max(40, width // 9))[:2]):  # two lines at most, never clipped
+        draw.text((10, 6 + 20 * i), line, fill="black", font=f_title)
     # y axis: pattern groups with separators
     for name, start, shown, count in spans:
         if shown == 0:

@@ -108,7 +108,7 @@ def render_sample_grid(rows: Sequence[tuple[str, Sequence[int]]], scores: np.nda
     f_cap, f_row, f_title = _font(11), _font(12), _font(12)
     per_row = max((len(ids) for _, ids in rows), default=1)
     cap_h, row_title_h = 44, 18
-    lines = _wrap(title, 52)[:2]
+    lines = wrap(title, 52)[:2]
     head = 8 + 16 * len(lines)
     width = max(pad + per_row * (tile + pad), WIDTH)
     height = head + len(rows) * (row_title_h + tile + cap_h + pad)
@@ -177,7 +177,7 @@ def render_top_heatmap(window_scores: np.ndarray, window_labels: Sequence[str], 
     vmax = float(np.percentile(np.abs(data), 95)) or float(np.abs(data).max()) or 1.0  # one outlier cell stays legible
     f_small, f_norm = _font(11), _font(12)
     n_w = x.shape[1]
-    lines = _wrap(title, 50)[:3]
+    lines = wrap(title, 50)[:3]
     left, top, row_h = 96, 10 + 15 * len(lines), 14
     cell_w = max(8, min(36, (WIDTH - left - 10) // max(1, n_w)))
     hm_w, hm_h = n_w * cell_w, len(ids) * row_h
@@ -249,7 +249,8 @@ def sprite_tiles(ids: Sequence[int], patterns: np.ndarray | None, get_item: Call
     return out
 
 
-def _wrap(text: str, width: int) -> list[str]:
+def wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters (split at spaces)."""
     words, lines, cur = text.split(), [], ""
     for w in words:
         if cur and len(cur) + 1 + len(w) > width:

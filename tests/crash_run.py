@@ -13,6 +13,8 @@ forks one training process per run (the parent never runs torch code, so forking
    compares every step it sees with the reference (reading while training).
 
 Writes ``WORKDIR/report.json``; ``test_robustness.py`` checks the snapshots and the final logs.
+With ``--sigint-at STEP`` it runs the reference and then ``sigint_run`` instead (Ctrl+C on a slow disk,
+checked by ``test_reliability.py``).
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 N, BATCH, EPOCHS = 24, 6, 8  # 4 steps per epoch, 32 steps
 
 
-def train(log_dir: Path, ckpt_dir: Path, flush: int, progress: Path | None, slow_write: float) -> None:
-    """One deterministic fit (resumed from the newest loadable checkpoint in ``ckpt_dir``, if any)."""
+def train(log_dir: Path, ckpt_dir: Path, flush: int, progress: Path | None, slow_write: float,
+          hold: tuple[int, Path] | None = None) -> None:
+    """One deterministic fit (resumed from the newest loadable checkpoint in ``ckpt_dir``, if any).
+
+    ``hold = (step, path)``: after ``step`` optimizer steps, wait until ``path`` exists (a fit paused mid-run).
+    """
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -61,6 +67,8 @@ def train(log_dir: Path, ckpt_dir: Path, flush: int, progress: Path | None, slow
             if progress is not None:
                 with open(progress, "a") as f:
                     f.write(f"{trainer.global_step}\n")
+            while hold is not None and trainer.global_step == hold[0] and not hold[1].exists():
+                time.sleep(0.01)
 
     ckpt = newest_checkpoint(ckpt_dir)
     ds = make_data(N)
@@ -187,12 +195,85 @@ def live_read(log_dir: Path, ref, out: dict) -> None:
                 out["read_mismatches"].append(f"step {rec.step} differs from the reference")
 
 
+def sigint_run(work: Path, at_step: int) -> dict:
+    """Fork a fit whose segment writes are slow (fsync sleeps 0.1 s, a segment per step), SIGINT it at ``at_step``
+    while it waits on the full writer queue, and report what it had handed to the writer."""
+    log_dir, marks = work / "sigint" / "log", work / "sigint"
+    marks.mkdir(parents=True, exist_ok=True)
+    progress, accepted, in_put, interrupted = (marks / n for n in ("progress", "accepted", "in_put", "interrupted"))
+    pid = os.fork()
+    if pid == 0:
+        from lightning_influence.log import writer as writer_mod
+
+        add_step, flush = writer_mod.LogWriter.add_step, writer_mod.LogWriter.flush
+
+        def logged_add_step(self, record, checkpoint=None):
+            with open(accepted, "a") as f:
+                f.write(f"{record.step}\n")
+            return add_step(self, record, checkpoint)
+
+        def marked_flush(self, wait=True):
+            if not wait:  # from add_step: blocks in queue.put while the queue is full
+                in_put.write_text(str(time.monotonic()))
+            try:
+                return flush(self, wait)
+            finally:
+                in_put.write_text("")
+
+        writer_mod.LogWriter.add_step, writer_mod.LogWriter.flush = logged_add_step, marked_flush
+        import lightning.pytorch as pl
+
+        def on_exception(self, trainer, module, exc):  # where the KeyboardInterrupt landed
+            tb, names = exc.__traceback__, []
+            while tb is not None:
+                names.append(tb.tb_frame.f_code.co_name)
+                tb = tb.tb_next
+            interrupted.write_text(json.dumps(names))
+
+        pl.Callback.on_exception = on_exception  # (this child only) every callback reports, the Progress one too
+        code = 0
+        try:
+            train(log_dir, work / "sigint" / "ckpt", 1, progress, 0.1)
+        except SystemExit as err:
+            code = err.code if isinstance(err.code, int) else 1
+        except BaseException:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            code = 3
+        finally:
+            os._exit(code)
+    while last_step(progress) < at_step or not _waiting_since(in_put, 0.05):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return {"exit": os.waitstatus_to_exitcode(status), "error": "finished before the interrupt"}
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGINT)
+    out = {"exit": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), "completed_steps": last_step(progress)}
+    names = json.loads(interrupted.read_text()) if interrupted.exists() else []
+    out["interrupted_in"] = names[-4:]
+    out["blocked_in_put"] = "put" in names
+    out["accepted"] = int(accepted.read_text().split()[-1]) + 1
+    return out
+
+
+def _waiting_since(marker: Path, seconds: float) -> bool:
+    """The child entered ``flush`` (and so ``queue.put``) at least ``seconds`` ago and is still in it."""
+    try:
+        text = marker.read_text()
+    except FileNotFoundError:
+        return False
+    return bool(text) and time.monotonic() - float(text) >= seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--flush", type=int, default=2)
     parser.add_argument("--kills", type=int, default=2, help="kills per seed before the run is let finish")
+    parser.add_argument("--sigint-at", type=int, default=None,
+                        help="instead: a reference fit, then one SIGINTed at this step while waiting on a slow disk")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -207,6 +288,10 @@ def main() -> None:
     report: dict = {"config": {"n": N, "batch": BATCH, "epochs": EPOCHS, "flush": args.flush}}
     ref_run = run_child(args, work / "ref" / "log", work / "ref" / "ckpt", 0.0, None, None)
     report["ref"] = ref_run
+    if args.sigint_at is not None:
+        report["sigint"] = sigint_run(work, args.sigint_at)
+        (work / "report.json").write_text(json.dumps(report, indent=1))
+        return
     with InfluenceLog(work / "ref" / "log") as ref_log:
         ref = {r.step: (r.ids, r.losses, r.grads) for r in ref_log.iter_steps(fields=("loss", "grad"))}
     runs = []

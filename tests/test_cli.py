@@ -126,8 +126,8 @@ def test_info_reports_a_crashed_run(run, tmp_path, capsys):
     segs = sorted((log / "rank-0").glob("seg-*.h5"))
     segs[-1].rename(segs[-1].with_name(segs[-1].name + ".tmp"))  # the last write was cut off by a crash
     code, out, _ = cli(capsys, "info", str(log))
-    assert code == 0 and "PROBLEMS" in out and "ended without finishing" in out and "no final θ_T" in out
-    assert cli(capsys, "info", str(log), "--strict", "-q")[0] == 2
+    assert code == 2 and "PROBLEMS" in out and "ended without finishing" in out and "no final θ_T" in out  # printed
+    assert cli(capsys, "info", str(log), "--strict", "-q")[0] == 2  # problems: exit 2, with or without --strict
     code, out, _ = cli(capsys, "query", str(log), "-c", run.config, "-m", "tracin", "-q")  # the kept steps still answer
     assert code == 0 and "window whole run = steps [0, " in out
 
@@ -417,3 +417,62 @@ def test_a_replay_mismatch_is_a_user_error_with_a_tolerance_to_set(run, tmp_path
     drift = float(re.search(r"replay drift: at most ([0-9.e+-]+) of a segment's movement \(step \d+\), over 12 checkpoints",
                             out).group(1))
     assert 0 < drift < 1e9  # the scores come with the drift they were computed under
+
+
+# ------------------------------------------------------------------------- issue 14: info, --top, --window, demo
+def test_info_verify_checks_optimizer_state_and_exits_2_on_problems(tmp_path, capsys):
+    import h5py
+
+    from tests.test_robustness import synthetic
+
+    log = tmp_path / "opt"
+    synthetic(log, steps=6)  # SGD with a momentum buffer in every checkpoint
+    assert cli(capsys, "info", str(log), "--verify", "-q")[0] == 0  # a healthy log: exit 0
+    target = None
+    for seg in sorted((log / "rank-0").glob("seg-*.h5")):
+        with h5py.File(seg, "r") as f:
+            for ck in f["checkpoints"].values():
+                for state in ck["optimizer"].values():
+                    for ds in state.values():
+                        target = (seg, ds.id.get_chunk_info(0).byte_offset, ds.name)
+                        break
+                    break
+                if target:
+                    break
+        if target:
+            break
+    assert target, "the run stored no optimizer state"
+    seg, offset, name = target
+    data = bytearray(seg.read_bytes())
+    data[offset] ^= 0x10  # one bit of a momentum buffer: HDF5 itself does not notice it
+    seg.write_bytes(bytes(data))
+    assert cli(capsys, "info", str(log), "-q")[0] == 0  # without --verify the state is not read
+    line = assert_error(cli(capsys, "info", str(log), "--verify", "-q"), seg.name)
+    assert "fails its CRC-32" in line and name.rsplit("/", 1)[-1] in line
+
+
+def test_info_verify_reads_a_log_started_by_a_resumed_fit(tmp_path, capsys):
+    from tests.test_robustness import synthetic
+
+    synthetic(tmp_path / "late", steps=8, first=3)
+    code, out, _ = cli(capsys, "info", str(tmp_path / "late"), "--verify", "-q")
+    assert code == 0 and "5 (3..7)" in out and re.search(r"integrity\s+OK", out), out
+    info = json.loads(cli(capsys, "info", str(tmp_path / "late"), "--format", "json", "--verify", "-q")[1])
+    assert info["steps"] == 5 and info["first_step"] == 3 and info["integrity"]["ok"]
+
+
+def test_error_negative_top_and_window(run, capsys):
+    line = assert_error(cli(capsys, "query", run.log, "-c", run.config, "-m", "tracin", "--top", "-3", "-q"), "--top")
+    assert "must be 0 (all rows) or a positive number of rows, got -3" in line
+    assert_error(cli(capsys, "timeline", run.log, "-c", run.config, "--top", "-1", "-q"), "got -1")
+    for argv in (["-w", "-3:4"], ["--window", "-3:4"], ["--window=-3:4"]):
+        line = assert_error(cli(capsys, "query", run.log, "-c", run.config, "-m", "tracin", *argv, "-q"),
+                            "window '-3:4'")
+        assert "outside the run" in line
+
+
+def test_a_bad_window_is_refused_before_the_model_config_is_loaded(run, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-config.yaml")
+    assert_error(cli(capsys, "query", run.log, "-c", missing, "-w", "0:9999", "-q"), "window '0:9999'")
+    assert_error(cli(capsys, "timeline", run.log, "-c", missing, "-w", "abc", "-q"), "cannot parse window")
+    assert_error(cli(capsys, "evaluate", run.log, "-c", missing, "-w", "0.5:2.0", "-q"), "must satisfy")

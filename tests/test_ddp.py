@@ -57,6 +57,15 @@ def test_ddp_log_equals_a_single_process_run_of_the_same_global_batches(tmp_path
     got, want = tracin(ddp, query, module=tiny()).column(0), tracin(single, query, module=tiny()).column(0)
     assert np.abs(want).max() > 1e-3
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+    # DDP averages the ranks' gradients: each sample weighs 1/(|micro-batch| · 2), as 1/|B_t| in the single run,
+    # and a replay of the DDP log (rank 0's micro-batch, then rank 1's) reproduces every stored θ_t
+    for t in range(ddp.num_steps):
+        np.testing.assert_allclose(ddp.weights(t), single.weights(t), rtol=1e-15)
+    from lightning_influence.replay import replay
+
+    steps = [rs.step for rs in replay(ddp, tiny(), make_data(N), 0, None, loss_fn=lambda m, b: m.per_sample_loss(b),
+                                      tolerance=1e-9)]
+    assert steps == list(range(ddp.num_steps + 1))
 
 
 def test_ddp_resume_continues_the_log_on_every_rank(tmp_path):

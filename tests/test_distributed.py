@@ -66,6 +66,26 @@ def test_two_gloo_processes_equal_one_process(log_dir):
 
 
 @pytest.mark.slow
+def test_a_result_larger_than_a_pipe_comes_back_from_spawned_processes(log_dir, tmp_path):
+    """400 KB of scores (a dataset of 50 000 ids): a spawned rank 0 would block returning it through the launcher."""
+    import shutil
+
+    from lightning_influence.log.format import read_meta
+    from lightning_influence.log.writer import write_meta
+
+    big = tmp_path / "big"
+    shutil.copytree(log_dir, big)
+    meta = read_meta(big)
+    meta["dataset_size"] = 50_000
+    write_meta(big, meta)
+    with InfluenceLog(big) as log:
+        want = tracin_self_influence(log).scores
+    got = run("tracin_self_influence", big, devices=2, timeout_s=120)
+    assert got.scores.shape == (50_000, 1)
+    np.testing.assert_allclose(got.scores, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.slow
 def test_a_killed_process_ends_the_query_with_a_clear_error(log_dir):
     t0 = time.perf_counter()
     with pytest.raises(DistributedQueryError, match="distributed tracin_self_influence query on 2 processes failed"):
@@ -111,3 +131,17 @@ def test_cli_devices_2_equals_one_process(log_dir):
     assert [r["id"] for r in a["rows"]] == [r["id"] for r in b["rows"]]
     np.testing.assert_allclose([r["score"] for r in b["rows"]], [r["score"] for r in a["rows"]], rtol=1e-12)
     assert b["info"]["processes"] == 2 and a["info"].get("processes", 1) == 1
+
+
+def test_eval_mode_query_turns_dropout_off_and_restores_the_mode():
+    import torch
+
+    from lightning_influence.queries import eval_mode
+
+    module = tiny(dropout=0.5).train()
+    batch = make_data(8, seed=3).tensors
+    plain, wrapped = mean_loss(batch, name="v"), eval_mode(mean_loss(batch, name="v"))
+    assert wrapped.query_names == ["v"]
+    first, second = wrapped(module), wrapped(module)
+    assert module.training and torch.equal(first, second)  # no dropout: deterministic, and train mode restored
+    assert not torch.equal(plain(module), plain(module))  # the plain query draws dropout masks

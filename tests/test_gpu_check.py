@@ -10,10 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# What the code under test supports on the CPU today; the other checks may report FAIL (issue 11 items in progress).
-MUST_PASS = [f"{c}[{m}]" for c in ("records", "bit_identical", "grad_rows", "hvp_rows") for m in ("mlp", "transformer")]
-MUST_PASS += ["replay[mlp-nodrop]", "tracin[mlp-nodrop]", "dit[mlp-nodrop]", "diffin[mlp-nodrop]", "tracin[mlp]", "overhead"]
-
+# Every check passes on the CPU (the dropout ones since the random state is recorded and replayed); no_sync is CUDA only.
 
 def _run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "gpu_check.json"
@@ -30,9 +27,9 @@ def test_dry_run_reports_every_check(tmp_path: Path) -> None:
     status = {c["check"]: c["status"] for c in res["checks"]}
     lines = [ln for ln in proc.stdout.splitlines() if ln.split(" ")[0] in ("PASS", "FAIL", "SKIP")]
     assert len(lines) == len(status) >= 18  # one line per check, every check reported
-    assert status["no_sync[mlp]"] == "SKIP"  # CUDA only
-    assert [c for c in MUST_PASS if status[c] != "PASS"] == [], proc.stdout
-    assert proc.returncode == (1 if "FAIL" in status.values() else 0)
+    assert status.pop("no_sync[mlp]") == "SKIP"  # CUDA only
+    assert [c for c, st in status.items() if st != "PASS"] == [], proc.stdout
+    assert proc.returncode == 0
     from benchmarks.overhead import LEVELS
 
     assert set(res["overhead"]["ratios"]["mlp"]) == {"baseline_s", *LEVELS}

@@ -246,10 +246,35 @@ def test_verify_demotes_a_broadcast_module_whose_length_equals_the_batch():
     wrong, _ = per_sample_grads(model, seq_loss, batch, names, proj, capture)  # shapes match: not caught
     assert not torch.allclose(wrong, expected)
     rows = wrong.clone()
-    with pytest.warns(UserWarning, match="differs from autograd"):
+    with pytest.warns(UserWarning, match="differ from autograd"):
         assert capture.verify(model, seq_loss, batch, rows) == ["body.0.wpe.weight"]
     cols = proj.slices["body.0.wpe.weight"]
     assert torch.equal(rows[:, cols], torch.zeros_like(rows[:, cols]))
     torch.testing.assert_close(rows, wrong.index_fill(1, torch.arange(cols.start, cols.stop), 0))
     grads, _ = per_sample_grads(model, seq_loss, batch, names, proj, capture)
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_tied_embedding_and_output_layer_add_up():
+    """GPT-style weight tying: the token embedding is the output layer; both engines' blocks add up."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.ln = nn.Embedding(11, 6), nn.LayerNorm(6)
+            self.out = nn.Linear(6, 11, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.out(self.ln(self.emb(ids))).mean(1)[:, :3]
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    batch = CASES["embedding+linear-3d"][1](torch.Generator().manual_seed(1))
+    names = select_params(model)
+    assert names == ["emb.weight", "ln.weight", "ln.bias"]
+    proj = projector_for(model, names, 8)
+    capture = HookGradientCapture(model, names, proj)
+    grads, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
+    torch.testing.assert_close(grads, proj.project(brute_force(model, seq_loss, batch, names)), rtol=1e-10, atol=1e-12)
+    assert capture.verify(model, seq_loss, batch) == []

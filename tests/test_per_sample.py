@@ -200,20 +200,24 @@ def test_unsupported_params():
             self.ln = nn.LayerNorm(4)
             self.grouped = nn.Conv2d(4, 4, 1, groups=2)
             self.bn = nn.BatchNorm1d(4)
-            self.tied = nn.Linear(4, 10, bias=False)  # a Linear, but its weight is shared
+            self.tied = nn.Linear(4, 10, bias=False)  # tied with an Embedding: both have engines
             self.emb = nn.Embedding(10, 4)
             self.emb.weight = self.tied.weight
+            self.odd = nn.Linear(4, 4, bias=False)  # tied with a module no engine covers (a subclass)
+            self.sub = type("SubLinear", (nn.Linear,), {})(4, 4, bias=False)
+            self.sub.weight = self.odd.weight
             self.capped = nn.Embedding(10, 4, max_norm=1.0)  # renormalises rows in place
             self.attn = nn.MultiheadAttention(4, 2, add_bias_kv=True)
             self.pos = nn.Parameter(torch.zeros(4))  # used directly in some forward
 
     model = Mixed()
     names = select_params(model)
+    assert "tied.weight" in names and "emb.weight" not in names  # one name per tensor
     assert HookGradientCapture.unsupported(model, names) == [
         "pos",
         "bn.weight",
         "bn.bias",
-        "tied.weight",
+        "odd.weight",
         "capped.weight",
         "attn.bias_k",
         "attn.bias_v",

@@ -81,22 +81,23 @@ def epoch_order(seed: int, epoch: int) -> list[list[int]]:
     return [perm[i : i + 6] for i in range(0, 24, 6)]
 
 
-def synthetic(path, world=1, steps=6, flush=2, seed=0, meta_extra=None) -> None:
-    """A small log of random records written through LogWriter (rank 0 stores the checkpoints)."""
+def synthetic(path, world=1, steps=6, flush=2, seed=0, meta_extra=None, first=0) -> None:
+    """A small log of random records written through LogWriter (rank 0 stores the checkpoints): steps
+    ``first .. steps - 1`` (``first > 0``: a log started by a resumed fit)."""
     rng = np.random.default_rng(seed)
     write_meta(path, {"dataset_size": 30, "world_size": world, "run_id": "run-a", "tracked_params": ["w"],
                       "param_shapes": {"w": [2, 3], "b": []}, "every_n_steps": 1,
                       "recorded": {"losses": True, "gradients": True, "hvp": True, "checkpoints": True},
                       "projection": KroneckerProjector({"w": (2, 3)}, None).to_metadata(),
                       "optimizer": {"class": "torch.optim.sgd.SGD", "param_groups": [{"lr": 0.1, "params": ["w", "b"]}]},
-                      **(meta_extra or {})})
+                      "first_step": first, **(meta_extra or {})})
     for rank in range(world):
         w = LogWriter(path, rank=rank, flush_every_n_steps=flush)
-        for t in range(steps):
+        for t in range(first, steps):
             rec = StepRecord(step=t, epoch=t // 3, batch_idx=t % 3, micro_batches=1, lrs=[0.1], ids=rng.choice(30, 3, replace=False),
                              losses=rng.random(3), grads=rng.standard_normal((3, 6)), hvps=rng.standard_normal((3, 6)))
             ck = None
-            if rank == 0 and t % 2 == 0:
+            if rank == 0 and (t % 2 == 0 or t == first):
                 ck = CheckpointRecord(t, {"w": rng.standard_normal((2, 3)), "b": np.float64(rng.random())},
                                       {"w": {"momentum_buffer": rng.standard_normal((2, 3)), "step": np.float32(t)}},
                                       {"w": {"beta": 0.9}})
@@ -471,7 +472,8 @@ def test_overlapping_missing_and_foreign_segments_are_named(tmp_path):
     rank0 = tmp_path / "a" / "rank-0"
     shutil.copytree(tmp_path / "a", tmp_path / "dup")
     shutil.copy(tmp_path / "dup" / "rank-0" / "seg-00000001.h5", tmp_path / "dup" / "rank-0" / "seg-00000005.h5")
-    with pytest.raises(LogFormatError, match=r"seg-00000005\.h5: records steps 2\.\.3 again \(already in seg-00000002\.h5\)"):
+    with pytest.raises(LogFormatError, match=r"seg-00000005\.h5: holds steps 2\.\.3, but steps 2\.\.3 are already in seg-00000002\.h5 "
+                                             r"\(steps 4\.\.5\): two files record the same steps"):
         InfluenceLog(tmp_path / "dup")
     shutil.copytree(tmp_path / "a", tmp_path / "gap")
     (tmp_path / "gap" / "rank-0" / "seg-00000001.h5").unlink()
@@ -628,3 +630,106 @@ def test_fuzzed_logs_read_identically_or_fail_naming_the_file(tmp_path, fuzz_bas
     finally:
         shutil.rmtree(work)
     assert same(got, reference), f"{files[file % len(files)]} mutated ({kind} at {offset}) reads back different data"
+
+
+def optimizer_regions(path: Path) -> list[tuple[int, int]]:
+    """Byte ranges ``(start, length)`` of a segment's optimizer state: every optimizer group's and dataset's object
+    header (names, shapes, the scalar attributes) and every optimizer dataset's data."""
+    out = []
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if "/optimizer" not in "/" + name:
+                return
+            info = h5py.h5o.get_info(obj.id)
+            out.append((info.addr, max(1, info.hdr.space.total)))
+            if isinstance(obj, h5py.Dataset):
+                chunk = obj.id.get_chunk_info(0)
+                out.append((chunk.byte_offset, chunk.size))
+        f["checkpoints"].visititems(visit)
+    return out
+
+
+@pytest.fixture(scope="module")
+def optimizer_targets(fuzz_base):
+    base, _, files = fuzz_base
+    return [(f, start, length) for f in files if f.name != "meta.h5" for start, length in optimizer_regions(base / f)]
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(target=st.integers(0, 1000), at=st.integers(0, 1 << 16), kind=st.sampled_from(("flip", "byte", "zero")),
+       value=st.integers(0, 1 << 16))
+def test_fuzzed_optimizer_state_reads_identically_or_fails_naming_the_file(tmp_path, fuzz_base, optimizer_targets,
+                                                                          target, at, kind, value):
+    """Bytes of the optimizer state (its datasets' data and the object headers holding names, shapes and scalar
+    attributes such as Adam's step) mutated: the log reads back exactly as before or raises LogFormatError
+    naming the file; never another optimizer state."""
+    base, reference, _ = fuzz_base
+    assert optimizer_targets, "the fuzz base has no optimizer state"
+    rel, start, length = optimizer_targets[target % len(optimizer_targets)]
+    work = tmp_path / f"opt-{os.getpid()}-{target}-{at}-{kind}-{value}"
+    shutil.copytree(base, work, copy_function=os.link)
+    (work / rel).unlink()
+    shutil.copy(base / rel, work / rel)
+    mutate(work / rel, kind, start + at % length, value)
+    try:
+        got = dump(work)
+    except LogFormatError as err:
+        assert rel.name in str(err), str(err)
+        return
+    finally:
+        shutil.rmtree(work)
+    assert same(got, reference), f"{rel} mutated ({kind} at {start + at % length}) reads back different data"
+
+
+def correct_prefix(got: dict, ref: dict) -> bool:
+    """``got`` reads the first steps of ``ref`` exactly: same metadata, records, learning rates and checkpoints."""
+    n = len(got["steps"])
+    return (got["steps"] == ref["steps"][:n] and same(got["meta"], ref["meta"])
+            and (not got["finished"] or (ref["finished"] and n == len(ref["steps"])))
+            and same(got["recs"], ref["recs"][:n]) and same(got["lrs"], ref["lrs"][:n])
+            and same(got["epochs"], ref["epochs"][:n])
+            and all(t in ref["params"] and same(v, ref["params"][t]) for t, v in got["params"].items()))
+
+
+SEGMENT_OPS = st.lists(st.tuples(st.sampled_from(("delete", "swap", "copy", "rename")), st.integers(0, 100),
+                                 st.integers(0, 100)), min_size=1, max_size=3)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=SEGMENT_OPS)
+@example(ops=[("delete", 0, 0)])  # the first segment of rank 0
+@example(ops=[("delete", 2, 0)])  # the last segment of rank 0 (θ_T with it): a correct prefix
+@example(ops=[("swap", 0, 1)])
+@example(ops=[("swap", 0, 3)])  # across ranks
+@example(ops=[("copy", 0, 1)])
+def test_deleted_swapped_copied_or_renamed_segments_read_a_correct_prefix_or_fail_clearly(tmp_path, fuzz_base, ops):
+    """Whole segment files deleted, swapped (within or across ranks), copied over each other or renamed: the log
+    reads a correct prefix of the original (every step, row and checkpoint it presents equals the original's)
+    or raises LogFormatError; never a wrong number."""
+    base, reference, _ = fuzz_base
+    work = tmp_path / f"segs-{os.getpid()}-{abs(hash(tuple(ops)))}"
+    shutil.copytree(base, work, copy_function=os.link)  # files are only moved or replaced whole, never changed
+    for op, i, j in ops:
+        present = sorted(work.glob("rank-*/seg-*.h5"))
+        if not present:
+            break
+        a, b = present[i % len(present)], present[j % len(present)]
+        if op == "delete":
+            a.unlink()
+        elif op == "swap" and a != b:
+            tmp = a.with_suffix(".swap")
+            a.rename(tmp)
+            b.rename(a)
+            tmp.rename(b)
+        elif op == "copy" and a != b:
+            b.unlink()
+            shutil.copy(a, b)
+        elif op == "rename":
+            a.rename(a.with_name(f"seg-{j:08d}.h5"))
+    try:
+        got = dump(work)
+    except LogFormatError:
+        return
+    finally:
+        shutil.rmtree(work)
+    assert correct_prefix(got, reference), f"{ops}: the log reads something other than a prefix of the original"

@@ -101,6 +101,15 @@ def test_cnn_plain_dataloaders_from_the_log_alone(cnn, tmp_path, monkeypatch, ca
     assert np.abs(expected).max() > 1e-4  # a real answer, not zeros
 
 
+def test_info_says_how_the_run_is_rebuilt(cnn, capsys):
+    script, log_dir = cnn
+    assert main(["info", str(log_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "model        cnn_digits.CNN" in out
+    assert (f"rebuild      module hparams channels=3, lr=0.2; data from dataloaders, stored in the log (96 train, 48 val); "
+            f"script dir {script.parent}") in out
+
+
 def test_cnn_test_query_and_labels(cnn, capsys):
     """``test:ID`` indexes the stored validation set; labels come from the stored training items."""
     _, log_dir = cnn
@@ -265,6 +274,17 @@ def test_diffin_fd_is_checked_and_exact_is_the_default(cnn, capsys):
         bad = diffin_self_influence(log, **kw, hvp="fd", eps0=1e-2)
     assert bad.info["fd_unreliable"] and "[FD unreliable]" in bad.method
     assert np.abs(bad.column(0) - exact.column(0)).max() > 0.5 * np.abs(exact.column(0)).max()  # it was garbage
+
+    from lightning_influence import dit
+
+    query = queries.mean_loss([torch.stack([t[k] for t in mod.data()[1]]) for k in range(2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        exact_dit = dit(log, query, **kw)  # the default: no warning
+    with pytest.warns(RuntimeWarning, match="DIT with hvp='fd'.*crossed a kink"):
+        fd_dit = dit(log, query, **kw, hvp="fd")  # DIT's FD on this ReLU CNN is unreliable: flagged, not silent
+    assert fd_dit.info["fd_unreliable"] and fd_dit.info["fd_kinks"] > 0.2 * fd_dit.info["fd_products"]
+    assert np.abs(fd_dit.column(0) - exact_dit.column(0)).max() > 0.1 * np.abs(exact_dit.column(0)).max()
 
     for extra, tag in (([], "(exact)"), (["--hvp", "fd"], "(fd)")):
         assert main(["query", str(log_dir), "-m", "diffin-self", "-k", "3", "-f", "json", "-q", *extra]) == 0

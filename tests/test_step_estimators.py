@@ -79,6 +79,23 @@ def _unflat(x: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[str, to
     return out
 
 
+class _Dense:
+    """The model as a function of its flat parameter vector, for dense float64 brute force."""
+
+    def __init__(self, make: Any) -> None:
+        self.m = make()
+        self.shapes = {n: tuple(p.shape) for n, p in self.m.named_parameters()}
+        self.names = list(self.shapes)
+        self.p = sum(int(np.prod(s)) for s in self.shapes.values())
+
+    def losses(self, x: torch.Tensor, batch: Any) -> torch.Tensor:
+        logits = functional_call(self.m, _unflat(x, self.shapes), (batch[0],))
+        return torch.nn.functional.cross_entropy(logits, batch[1], reduction="none")
+
+    def theta(self, log: InfluenceLog, t: int) -> torch.Tensor:
+        return _flat(log, t, self.names)
+
+
 def _independent_weights(ids_count: int) -> np.ndarray:
     """Lightning's weights for this batch structure, written out by hand (not from the log)."""
     return np.full(ids_count, 1 / 12) if ids_count == 12 else np.full(ids_count, 1 / (ACC * ids_count))
@@ -97,18 +114,11 @@ def _brute_force(log: InfluenceLog, ds: Any, make: Any, gauss_newton: bool = Fal
                  ) -> np.ndarray:
     """F_j = ⟨q_T, δ_j(T)⟩ by the explicit float64 recursion with dense Hessians and the clipping Jacobian
     written out: δ_{t+1} = δ_t − η_t [J_C(ĝ_t)(H_t δ_t − w_{j,t} g_{j,t}) + λ δ_t], all from θ_t in the log."""
-    m = make()
-    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
-    names = list(shapes)
-    T = log.num_steps
-    p = sum(int(np.prod(s)) for s in shapes.values())
+    d = _Dense(make)
+    losses_at, p, T = d.losses, d.p, log.num_steps
     delta = torch.zeros(N, p, dtype=torch.float64)
-
-    def losses_at(x: torch.Tensor, batch: Any) -> torch.Tensor:
-        return functional_call(m, _unflat(x, shapes), (batch[0],)).log_softmax(-1).gather(1, batch[1][:, None])[:, 0].neg()
-
     for t in range(T):
-        x = _flat(log, t, names)
+        x = d.theta(log, t)
         ids = log.batch_ids(t)
         batch = batch_from_ids(ds, ids)
         w = torch.from_numpy(_independent_weights(len(ids)))
@@ -123,8 +133,7 @@ def _brute_force(log: InfluenceLog, ds: Any, make: Any, gauss_newton: bool = Fal
         removal = torch.zeros(N, p, dtype=torch.float64)
         removal[torch.from_numpy(ids)] = w[:, None] * J
         delta = delta - eta * ((delta @ H.T - removal) @ Jc.T + WD * delta)
-    xT = _flat(log, T, names)
-    q = torch.autograd.functional.jacobian(lambda y: losses_at(y, VAL).mean(), xT)
+    q = torch.autograd.functional.jacobian(lambda y: losses_at(y, VAL).mean(), d.theta(log, T))
     return (delta @ q).numpy()
 
 
@@ -208,7 +217,7 @@ def test_replay_loo_removes_the_sample_from_its_micro_batch_and_clips(run: Any) 
                 (keep * m.per_sample_loss(batch_from_ids(ds, mb))).sum().div(ACC * len(mb)).backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP)
             opt.step()
-        return float(query(m))
+        return float(query(m).detach())
 
     base = train(None)
     expected = np.array([train(j) - base for j in js])
@@ -223,19 +232,13 @@ def test_diffin_step_form_uses_the_weights_and_the_clipped_step(run: Any) -> Non
     from lightning_influence.estimators import diffin
 
     log, ds, make = run
-    m = make()
-    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
-    names = list(shapes)
-    T = log.num_steps
+    d = _Dense(make)
+    losses_at, T = d.losses, log.num_steps
 
-    def losses_at(x: torch.Tensor, batch: Any) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(functional_call(m, _unflat(x, shapes), (batch[0],)), batch[1],
-                                                 reduction="none")
-
-    q = torch.autograd.functional.jacobian(lambda y: losses_at(y, VAL).mean(), _flat(log, T, names))
+    q = torch.autograd.functional.jacobian(lambda y: losses_at(y, VAL).mean(), d.theta(log, T))
     terms, decay = [], []
     for t in range(T):
-        x = _flat(log, t, names)
+        x = d.theta(log, t)
         ids = log.batch_ids(t)
         batch = batch_from_ids(ds, ids)
         w = torch.from_numpy(_independent_weights(len(ids)))
@@ -288,19 +291,13 @@ def test_diffin_published_form_uses_the_weights_and_the_clipped_learning_rate(ru
     from lightning_influence.estimators import diffin
 
     log, ds, make = run
-    m = make()
-    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
-    names = list(shapes)
-    T = log.num_steps
-
-    def losses_at(x: torch.Tensor, batch: Any) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(functional_call(m, _unflat(x, shapes), (batch[0],)), batch[1],
-                                                 reduction="none")
+    d = _Dense(make)
+    losses_at, T = d.losses, log.num_steps
 
     everyone = batch_from_ids(ds, np.arange(N))
     out = np.zeros(N)
     for t in range(T):
-        x = _flat(log, t, names)
+        x = d.theta(log, t)
         ids = log.batch_ids(t)
         batch = batch_from_ids(ds, ids)
         w = torch.from_numpy(_independent_weights(len(ids)))

@@ -373,3 +373,28 @@ def test_per_sample_hvps_through_attention_with_the_training_masks():
     fd = (rows(1) - rows(-1)) / (2 * eps)
     got = torch.cat([hv[n].reshape(5, -1) for n in names], dim=1)
     torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_every_replaying_estimator_reports_its_drift(dropout_run):
+    from lightning_influence.estimators import dit
+    from lightning_influence.estimators.diffin import diffin
+
+    log, ds, query = dropout_run
+    window = (2, log.num_steps)  # the odd steps are replayed from the checkpoints of the even ones
+    for scores in (dit(log, query, module=tiny(dropout=0.2), train_data=ds, window=window),
+                   diffin(log, query, module=tiny(dropout=0.2), train_data=ds, form="step", window=window)):
+        drift = scores.info["replay_drift"]
+        assert drift["checkpoints_compared"] > 0 and drift["max"] == 0.0 and drift["max_abs"] == 0.0, scores.method
+
+
+def test_a_micro_batch_table_that_does_not_tile_its_steps_is_refused(tmp_path):
+    import h5py
+
+    from lightning_influence.log.format import LogFormatError
+
+    fit(tiny(), loader(make_data(12)), InfluenceTracker(str(tmp_path / "log")), epochs=1)
+    seg = next((tmp_path / "log" / "rank-0").glob("seg-*.h5"))
+    with h5py.File(seg, "r+") as f:  # a writer that lost the last micro-batch row
+        f["micro/size"].resize(len(f["micro/size"]) - 1, axis=0)
+    with pytest.raises(LogFormatError, match="micro-batch offsets/counts do not tile"):
+        InfluenceLog(tmp_path / "log")

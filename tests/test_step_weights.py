@@ -195,3 +195,34 @@ def test_value_clipping_with_projected_rows_is_named_not_run(tmp_path: Any) -> N
     assert not unmet_needs("dit", log)  # the model-based sweep clips the full gradient
     with pytest.raises(ValueError, match="value clipping cannot be applied to projected gradient rows"):
         tracin(log, lambda mod: mod.per_sample_loss(make_data(4, dtype=torch.float32)[:]).mean(), module=TinyClassifier().float())
+
+
+def test_accumulation_schedule_is_recorded_per_step_and_replays_bit_exactly(tmp_path: Any) -> None:
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    torch.manual_seed(0)
+    m = TinyClassifier(lr=0.5, momentum=0.9).float()
+    ds = make_data(N, dtype=torch.float32)
+    tracker = InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=1)
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+               callbacks=[tracker, GradientAccumulationScheduler({0: 1, 1: 3})]).fit(m, loader(ds, BATCH))
+    log = InfluenceLog(tmp_path / "log")
+    assert [int(log.step_column(t, "accumulate")) for t in range(log.num_steps)] == [1] * 5 + [3, 3]
+    assert step_weights(log, 6).weights.tolist() == pytest.approx([1 / 18] * 6 + [1 / 6] * 2)  # (6, 2) of 3
+    assert replay_exactly(log, ds, TinyClassifier(lr=0.5, momentum=0.9).float()) == log.num_steps + 1
+
+
+@pytest.mark.parametrize("sizes, accumulate, world_size", [([6, 6], 2, 1), ([2], 2, 1), ([6, 4, 6, 4], 2, 2), ([5, 5], 1, 2)])
+def test_micro_batch_losses_add_up_to_the_weighted_step_loss(sizes: list[int], accumulate: int, world_size: int) -> None:
+    """Replay's per-micro-batch losses (as trained, and with multipliers) sum to Σ w_i ℓ_i, DDP's average included."""
+    sw = lightning_weights(sizes, accumulate, world_size)
+    losses = torch.rand(sum(sizes), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = float((torch.from_numpy(sw.weights) * losses).sum())
+    ones = torch.ones(len(losses), dtype=torch.float64)
+    for mult in (None, ones):
+        got = sum(float(sw.micro_loss(losses[r], r, None if mult is None else mult[r])) for r in sw.micro_slices())
+        assert got == pytest.approx(want, rel=1e-14)

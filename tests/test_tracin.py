@@ -12,23 +12,30 @@ from lightning_influence import InfluenceLog, InfluenceTracker, tracin
 from lightning_influence.queries import mean_loss, sample_losses
 
 
+def _set(params, log, step):
+    """Copy the log's checkpoint ``θ_step`` into the module's parameters."""
+    with torch.no_grad():
+        for n, v in log.checkpoint(step).items():
+            params[n].copy_(torch.from_numpy(v))
+
+
+def _sample_grad(module, params, ds, j):
+    x, y = ds[int(j)]
+    return torch.autograd.grad(F.cross_entropy(module(x[None]), y[None]), list(params.values()))
+
+
 def brute_force_tracin(log, ds, val, t1, t2, ckpt_of=lambda t: t, project=None):
     """Σ_{t∈[t1,t2)} Σ_{j∈B_t} η_t/|B_t| ⟨q_t, g_{j,t}⟩ with per-sample autograd, float64, no log gradients."""
     module = tiny()
     params = dict(module.named_parameters())
     scores = np.zeros(log.dataset_size)
     for t in range(t1, t2):
-        with torch.no_grad():
-            for n, v in log.checkpoint(ckpt_of(t)).items():
-                params[n].copy_(torch.from_numpy(v))
+        _set(params, log, ckpt_of(t))
         q = torch.autograd.grad(F.cross_entropy(module(val[0]), val[1]), list(params.values()))
-        with torch.no_grad():
-            for n, v in log.checkpoint(t).items():
-                params[n].copy_(torch.from_numpy(v))
+        _set(params, log, t)
         ids = log.batch_ids(t)
         for j in ids:
-            x, y = ds[int(j)]
-            g = torch.autograd.grad(F.cross_entropy(module(x[None]), y[None]), list(params.values()))
+            g = _sample_grad(module, params, ds, j)
             if project is None:
                 dot = sum((a * b).sum() for a, b in zip(q, g))
             else:
@@ -103,13 +110,10 @@ def test_tracin_self_influence_equals_brute_force(tmp_path):
     params = dict(module.named_parameters())
     expected = np.zeros(log.dataset_size)
     for t in range(log.num_steps):
-        with torch.no_grad():
-            for n, v in log.checkpoint(t).items():
-                params[n].copy_(torch.from_numpy(v))
+        _set(params, log, t)
         ids = log.batch_ids(t)
         for j in ids:
-            x, y = ds[int(j)]
-            g = torch.autograd.grad(F.cross_entropy(module(x[None]), y[None]), list(params.values()))
+            g = _sample_grad(module, params, ds, j)
             expected[j] += log.lr(t)[0] / len(ids) * float(sum((a * a).sum() for a in g))
     got = tracin_self_influence(log)
     assert got.query_names == ["self"] and got.method == "tracin-self"

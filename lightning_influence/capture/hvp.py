@@ -36,9 +36,11 @@ from torch import Tensor
 from torch.func import grad, jvp
 
 SCHEMES = ("central", "forward")
-KINK_GUARD = 0.5  # default threshold of ``kink_guard`` (tracker rows, Diff-In's per-sample products)
+KINK_GUARD = 0.5  # default threshold of ``kink_guard`` (tracker rows, Diff-In's and DIT's offline products)
+KINK_SHARE_LIMIT = 0.2  # more offline products than this crossing a kink: ε is too large, the scores are flagged
+# (measured on a ReLU CNN, float32: 8% of Diff-In's products at the default ε, 35% at 10x; docs/diffin.md)
 
-__all__ = ["SCHEMES", "KINK_GUARD", "default_eps0", "guarded_difference", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
+__all__ = ["SCHEMES", "KINK_GUARD", "KINK_SHARE_LIMIT", "default_eps0", "guarded_difference", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
 
 
 def flatten(d: Mapping[str, Tensor], names: Iterable[str]) -> Tensor:
@@ -98,6 +100,7 @@ def fd_directional_derivative(
     scheme: str = "central",
     at: Tensor | None = None,
     kink_guard: float | None = None,
+    on_kink: Callable[[Tensor], None] | None = None,
 ) -> tuple[Tensor, float]:
     """Finite difference of ``fn`` along ``direction``, scaled by ``‖v‖``.
 
@@ -109,7 +112,7 @@ def fd_directional_derivative(
     from ``at`` or one more evaluation): a row whose one-sided differences
     ``(fn(θ+εv̂) − fn(θ))/ε`` and ``(fn(θ) − fn(θ−εv̂))/ε`` differ by more than ``kink_guard``
     times the larger of their norms takes the one of smaller norm: the other side crossed a
-    kink (ReLU) and holds a jump. ``direction`` may cover a subset of ``params``; the others
+    kink (ReLU) and holds a jump (``on_kink(mask)`` receives the ``(rows,)`` mask of those rows). ``direction`` may cover a subset of ``params``; the others
     stay fixed. ``fn`` gets fresh detached tensors, and every
     evaluation starts from the same RNG state (dropout masks agree), which is restored
     afterwards so the caller's random stream is untouched. A zero direction gives zeros.
@@ -149,11 +152,10 @@ def fd_directional_derivative(
         if kink_guard is None:
             return (plus - minus) * (v_norm / (2.0 * eps)), eps
         at = at_offset(0.0) if at is None else at
-    return _guarded(plus - at, at - minus, kink_guard) * (v_norm / eps), eps
-
-
-def _guarded(fwd: Tensor, bwd: Tensor, tau: float) -> Tensor:
-    return guarded_difference(fwd, bwd, tau)[0]
+    out, kink = guarded_difference(plus - at, at - minus, kink_guard)
+    if on_kink is not None:
+        on_kink(kink)  # the rows whose one-sided differences disagreed (counted by the estimators, docs/diffin.md)
+    return out * (v_norm / eps), eps
 
 
 def guarded_difference(fwd: Tensor, bwd: Tensor, tau: float) -> tuple[Tensor, Tensor]:

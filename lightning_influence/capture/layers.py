@@ -44,7 +44,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .projection import KroneckerProjector, contract
 
-__all__ = ["LayerEngine", "Record", "engine_for", "capture_owner"]
+__all__ = ["LayerEngine", "Record", "engine_for", "capture_owners"]
 
 Blocks = dict[str, Tensor]  # parameter name -> (B, k) projected per-sample gradient block
 Record = list  # [what the forward kept, the call's Blocks (None until the backward), the output's gradient edge
@@ -292,19 +292,27 @@ def engine_for(mod: nn.Module) -> LayerEngine | None:
     return None
 
 
-def capture_owner(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
-    """Parameter name -> (name of the module whose engine captures it, that module, attribute path).
+def capture_owners(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, str]]]:
+    """Parameter name -> every (module name, module, attribute path) whose engine captures it.
 
-    A parameter is owned by its module, except ``out_proj.*`` of a MultiheadAttention, which
-    the attention module captures (its forward bypasses ``out_proj``).
+    Names are those of ``named_parameters()`` (a tied tensor under its first name); a tied
+    tensor (an embedding shared with the output layer) has one entry per module using it,
+    whose blocks add up. ``out_proj.*`` of a MultiheadAttention is captured by the attention
+    module (its forward bypasses ``out_proj``).
     """
-    owners: dict[str, tuple[str, nn.Module, str]] = {}
-    for mod_name, mod in model.named_modules():
-        for attr, _ in mod.named_parameters(recurse=False):
-            owners[f"{mod_name}.{attr}" if mod_name else attr] = (mod_name, mod, attr)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    owners: dict[str, list[tuple[str, nn.Module, str]]] = {}
     for mod_name, mod in model.named_modules():
         if type(mod) is nn.MultiheadAttention:
-            for attr, _ in mod.out_proj.named_parameters(recurse=False):
-                full = f"{mod_name}.out_proj.{attr}" if mod_name else f"out_proj.{attr}"
-                owners[full] = (mod_name, mod, f"out_proj.{attr}")
+            places = [(mod_name, mod, a) for a, _ in mod.named_parameters(recurse=False)]
+            places += [(mod_name, mod, f"out_proj.{a}") for a, _ in mod.out_proj.named_parameters(recurse=False)]
+        else:
+            places = [(mod_name, mod, a) for a, _ in mod.named_parameters(recurse=False)]
+        for place in places:
+            p = functools.reduce(getattr, place[2].split("."), place[1])
+            owners.setdefault(canonical[id(p)], []).append(place)
+    # out_proj's own module entry duplicates the attention module's: drop it
+    for name, places in owners.items():
+        attn = {pl[1] for pl in places if type(pl[1]) is nn.MultiheadAttention}
+        owners[name] = [pl for pl in places if not any(pl[1] is a.out_proj for a in attn)]
     return owners

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
-from .layers import capture_owner, engine_for
+from .layers import capture_owners, engine_for
 from .projection import KroneckerProjector
 
 __all__ = [
@@ -126,18 +126,15 @@ class HookGradientCapture:
         """The names in ``param_names`` no layer engine captures.
 
         Supported: the parameters :func:`.layers.engine_for` knows for modules of exactly
-        its types (subclasses may not call their own forward), not shared with another
-        module or used twice in one module.
+        its types (subclasses may not call their own forward); a tensor tied between
+        modules (an embedding shared with the output layer) when every module using it is.
         """
-        owners = capture_owner(model)
-        counts: dict[int, int] = {}
-        for _, p in model.named_parameters(remove_duplicate=False):
-            counts[id(p)] = counts.get(id(p), 0) + 1
-        params = dict(model.named_parameters())
+        owners = capture_owners(model)
         bad = []
         for name in param_names:
-            engine = engine_for(owners[name][1]) if name in owners else None
-            if engine is None or counts[id(params[name])] != 1 or not engine.supports(owners[name][1], owners[name][2]):
+            places = owners.get(name, [])
+            if not places or not all(engine_for(mod) is not None and engine_for(mod).supports(mod, attr)
+                                     for _, mod, attr in places):
                 bad.append(name)
         return bad
 
@@ -152,14 +149,14 @@ class HookGradientCapture:
         self.param_names = list(param_names)
         self.projector = projector
         self.enabled = False
-        owners = capture_owner(model)
+        owners = capture_owners(model)
         # module name -> {attribute: param name} (only the selected ones)
         self._targets: dict[str, dict[str, str]] = {}
         self._modules: dict[str, nn.Module] = {}
         for name in self.param_names:
-            mod_name, mod, attr = owners[name]
-            self._targets.setdefault(mod_name, {})[attr] = name
-            self._modules[mod_name] = mod
+            for mod_name, mod, attr in owners[name]:
+                self._targets.setdefault(mod_name, {})[attr] = name
+                self._modules[mod_name] = mod
         # module name -> one record [what the forward kept, projected blocks after the backward] per call
         self._records: dict[str, list[list[Any]]] = {m: [] for m in self._modules}
         self._handles = {
@@ -202,18 +199,21 @@ class HookGradientCapture:
                 h.remove()
         self._handles = {}
 
-    def _demote(self, mod_name: str, why: str = "it ran on a tensor without the batch as first dimension (e.g. "
-                "a positional embedding of arange(T))") -> None:
-        """Stop capturing ``mod_name``'s parameters: they leave :attr:`param_names` for another engine."""
-        for h in self._handles.pop(mod_name):
-            h.remove()
-        names = set(self._targets.pop(mod_name).values())
-        del self._modules[mod_name], self._records[mod_name]
+    def _demote(self, names: set[str], why: str = "its module ran on a tensor without the batch as first dimension "
+                "(e.g. a positional embedding of arange(T))") -> None:
+        """Stop capturing ``names`` (in every module using them): they leave :attr:`param_names` for another engine."""
+        for mod_name in [m for m, t in self._targets.items() if names & set(t.values())]:
+            targets = self._targets[mod_name]
+            for attr in [a for a, n in targets.items() if n in names]:
+                del targets[attr]  # in place: the module's hooks see it
+            if not targets:
+                for h in self._handles.pop(mod_name):
+                    h.remove()
+                del self._targets[mod_name], self._modules[mod_name], self._records[mod_name]
         self.param_names = [n for n in self.param_names if n not in names]
         self.demoted += sorted(names)
-        warnings.warn(f"module {mod_name!r}: {why}; its parameters {sorted(names)} are not captured by hooks from "
-                      "now on (vmap computes them; a module input expanded to the batch keeps them on hooks)",
-                      stacklevel=3)
+        warnings.warn(f"{why}: parameters {sorted(names)} are not captured by hooks from now on (vmap computes "
+                      "them; a module input expanded to the batch keeps them on hooks)", stacklevel=3)
 
     def verify(self, model: nn.Module, loss_fn: LossFn, batch: Any, rows: Tensor | None = None, sample: int = 0,
                rtol: float = 1e-3) -> list[str]:
@@ -244,19 +244,17 @@ class HookGradientCapture:
             self.enabled = was_enabled
             for m, mode in modes.items():
                 m.training = mode
-        owners = capture_owner(model)
-        bad_modules = set()
+        bad = set()
         for name, g in zip(self.param_names, grads):
             row = hooked[sample, self.projector.slices[name]]
             expected = (self.projector.project_tensor(name, g.detach()[None].to(row.dtype))[0] if g is not None
                         else torch.zeros_like(row))
             scale = max(float(torch.linalg.vector_norm(row)), float(torch.linalg.vector_norm(expected)))
             if float(torch.linalg.vector_norm(row - expected)) > rtol * scale:
-                bad_modules.add(owners[name][0])
-        before = set(self.demoted)
-        for mod_name in sorted(bad_modules):
-            self._demote(mod_name, "its hooked per-sample gradient differs from autograd on the sample alone")
-        demoted = [n for n in self.demoted if n not in before]
+                bad.add(name)
+        if bad:
+            self._demote(bad, "hooked per-sample gradients differ from autograd on the sample alone")
+        demoted = sorted(bad)
         if rows is not None:
             for name in demoted:
                 rows[:, self.projector.slices[name]] = 0
@@ -283,13 +281,17 @@ class HookGradientCapture:
         out = torch.zeros(batch, self.projector.out_dim, dtype=dtype, device=loss_grad.device)
         try:
             for mod_name, records in list(self._records.items()):
+                if mod_name not in self._records:  # removed by a demotion of a tied tensor in this loop
+                    continue
                 done = [r[1] for r in records if r[1] is not None]  # an output that did not reach the loss has none
                 if any(block.shape[0] != batch for blocks in done for block in blocks.values()):
-                    self._demote(mod_name)  # its columns stay zero here: the caller's other engine fills them
+                    # its columns stay zero here: the caller's other engine fills them
+                    self._demote(set(self._targets[mod_name].values()) & set(self.param_names))
                     continue
                 for blocks in done:
                     for name, block in blocks.items():
-                        out[:, self.projector.slices[name]] += block
+                        if name in self.param_names:  # not demoted in this collect (a tied tensor's other module)
+                            out[:, self.projector.slices[name]] += block
         finally:
             self.clear()
         return out / loss_grad.to(dtype)[:, None]

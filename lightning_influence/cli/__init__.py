@@ -43,7 +43,7 @@ import traceback
 from typing import Sequence
 
 from lightning_influence.cli import evaluate, info, query, tensorboard, timeline
-from lightning_influence.cli.common import PROG, Parser, UserError
+from lightning_influence.cli.common import PROG, Parser, UserError, join_negative_windows
 from lightning_influence.cli.methods import METHODS, methods_epilog
 from lightning_influence.cli.queries import parse_query
 from lightning_influence.replay_drift import ReplayMismatchError
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-influence``; returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
+        args = parser.parse_args(join_negative_windows(list(argv) if argv is not None else sys.argv[1:]))
     except SystemExit as exit_:  # --help, --version, or a usage error (already printed, one line)
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
     debug = getattr(args, "debug", False)

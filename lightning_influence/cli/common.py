@@ -56,10 +56,46 @@ def parse_window(log: Any, spec: str | None) -> tuple[int, int]:
     try:
         return log.window(spec)
     except ValueError as err:
-        epochs = log.epochs
-        extent = "" if "the run has" in str(err) else \
-            f"; the run has steps 0..{log.num_steps - 1} and epochs {int(epochs[0])}..{int(epochs[-1])}"
+        epochs, first = log.epochs, int(log.steps[0]) if len(log.steps) else 0
+        extent = "" if "the run has" in str(err) or not len(epochs) else \
+            f"; the run has steps {first}..{log.num_steps - 1} and epochs {int(epochs[0])}..{int(epochs[-1])}"
         raise UserError(f"window {spec!r}: {err}{extent} (see `{PROG} info`)") from None
+
+
+def windows_of(args: argparse.Namespace) -> list[str]:
+    """The ``--window`` values of a command (a list for ``query``, one string or none for the others)."""
+    w = getattr(args, "window", None)
+    return [w] if isinstance(w, str) else list(w or [])
+
+
+def row_count(text: str) -> int:
+    """argparse type of ``--top``: 0 (all rows) or a positive number of rows."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rows, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all rows) or a positive number of rows, got {value}")
+    return value
+
+
+def join_negative_windows(argv: Sequence[str]) -> list[str]:
+    """``--window -3:4`` as ``--window=-3:4``: argparse would take ``-3:4`` for an option and fail on its own terms;
+    joined, the window reaches the window parser, which says what is wrong with it."""
+    out: list[str] = []
+    it = iter(argv)
+    for token in it:
+        if token in ("--window", "-w"):
+            value = next(it, None)
+            if value is not None and value.startswith("-") and len(value) > 1 and (value[1].isdigit() or value[1] in ".:"):
+                out.append(f"{token}={value}" if token.startswith("--") else f"{token}{value}")
+                continue
+            out.append(token)
+            if value is not None:
+                out.append(value)
+            continue
+        out.append(token)
+    return out
 
 
 def parse_grid(log: Any, spec: str, span: tuple[int, int]) -> tuple[list[tuple[int, int]], list[str]]:

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from lightning_influence.cli.common import UserError, open_log, status
+from lightning_influence.cli.common import UserError, open_log, parse_window, status, windows_of
 from lightning_influence.cli.methods import METHODS, check_records, default_method
 from lightning_influence.estimators.scores import item_label
 from lightning_influence.recipe import RecipeError, concat_batches, import_class, instantiate, stored_data
@@ -342,6 +342,8 @@ def prepare(args: argparse.Namespace) -> tuple[Any, RunContext | None]:
         raise UserError(f"{args.log}: the log holds no completed step yet: {log.end_note}")
     args.method = args.method or default_method()
     check_records(args.method, log)
+    for spec in windows_of(args):  # a bad window fails before the model and the data are loaded
+        parse_window(log, spec)
     method = METHODS[args.method]
     ctx = None
     if method.needs != "log" or args.config or getattr(args, "builder", None):

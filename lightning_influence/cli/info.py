@@ -17,9 +17,11 @@ from lightning_influence.step.weights import step_summary
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("info", parents=[parents["common"]], help="run metadata, steps, epochs, records, size, integrity",
                        description="Run metadata, steps and epochs, what was recorded, size on disk, integrity checks "
-                                   "and which methods the log supports. Reads only the log.")
-    p.add_argument("--verify", action="store_true", help="read back every record and check it (slow on big logs)")
-    p.add_argument("--strict", action="store_true", help="exit with code 2 when an integrity problem is found")
+                                   "and which methods the log supports. Reads only the log. Exit code 0 when the "
+                                   "integrity line says OK, 2 when it lists problems (or the log cannot be read).")
+    p.add_argument("--verify", action="store_true",
+                   help="read back every record and checkpoint (parameters and optimizer state) and check it")
+    p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # kept for scripts: problems always exit 2
     p.set_defaults(func=cmd_info)
 
 
@@ -52,7 +54,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         bad = _verify(log, args)
         if bad:
             problems.append(f"non-finite values at steps {bad[:10]}")
-        notes.append("--verify: every record read back, checksums verified")
+        notes.append("--verify: every record and checkpoint (parameters, optimizer state) read back, checksums verified")
     groups = meta.get("optimizer", {}).get("param_groups", [])
     proj_dim = (meta.get("projection") or {}).get("dim")
     cols = log.projector().out_dim if meta.get("tracked_params") else 0
@@ -65,9 +67,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         "segments": sum(len(v) for v in list_segments(root).values()), "ranks": log.ranks,
         "created": meta.get("created"), "versions": meta.get("versions"),
         "module_class": meta.get("module_class"), "datamodule_class": meta.get("datamodule_class"),
+        "recipe": meta.get("recipe"),
         "optimizer": meta.get("optimizer", {}).get("class"),
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups],
-        "steps": T, "epochs": [int(epochs[0]), int(epochs[-1])] if T else [],
+        "steps": len(log.steps), "first_step": int(log.steps[0]) if T else None,
+        "epochs": [int(epochs[0]), int(epochs[-1])] if T else [],
         "steps_per_epoch": {int(e): int(c) for e, c in zip(epochs, counts)},
         "batch_size": {"mean": float(batch_sizes.mean()), "min": int(batch_sizes.min()), "max": int(batch_sizes.max())},
         "dataset_size": log.dataset_size if T else meta.get("dataset_size"), "ids_seen": int(len(ids_seen)),
@@ -78,7 +82,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "methods": {"usable": usable, "not_usable": unusable},
         "integrity": {"ok": not problems, "problems": problems, "notes": notes},
     }
-    code = 2 if problems and args.strict else 0
+    code = 2 if problems else 0  # scripts can rely on it (README, CLI)
     if output_format(args) == "json":
         emit(args, json_text(summary))
         return code
@@ -93,9 +97,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("created", f"{created} with lightning-influence {v.get('lightning-influence')}, torch {v.get('torch')}, "
                     f"lightning {v.get('lightning')}"),
         ("model", str(summary["module_class"]) + (f", data {summary['datamodule_class']}" if summary["datamodule_class"] else "")),
+        ("rebuild", _recipe_text(meta.get("recipe"))),
         ("optimizer", f"{summary['optimizer']} ({len(groups)} param group{'s' * (len(groups) != 1)}: {hyper})"),
-        ("steps", f"{T} (0..{T - 1}), epochs {int(epochs[0])}..{int(epochs[-1])} ({per_epoch} steps per epoch), "
-                  + _batch_size(summary["batch_size"]) if T else "0 (no step recorded)"),
+        ("steps", f"{len(log.steps)} ({int(log.steps[0]) if T else 0}..{T - 1}), epochs {int(epochs[0])}..{int(epochs[-1])} "
+                  f"({per_epoch} steps per epoch), " + _batch_size(summary["batch_size"]) if T else "0 (no step recorded)"),
         ("samples", f"{summary['dataset_size']} training ids, {summary['ids_seen']} seen in the log"),
         ("step", _describe_step(summary["step"]) + _describe_precision(meta.get("precision"))),
         ("recorded", ", ".join(what)),
@@ -144,24 +149,47 @@ def _describe_step(s: dict[str, Any] | None) -> str:
     return "; ".join(parts)
 
 
+def _recipe_text(recipe: dict[str, Any] | None) -> str:
+    """How the CLI rebuilds the model and the data from this log (``recipe`` in meta.h5)."""
+    if not recipe:
+        return "no recipe recorded (format version 1): pass --config, --model/--data or --builder"
+    parts = []
+    for what in ("module", "datamodule"):
+        entry = recipe.get(what) or {}
+        if entry:
+            hp = entry.get("hparams")
+            parts.append(f"{what} hparams " + (", ".join(f"{k}={v}" for k, v in hp.items()) if hp else "none saved"))
+    data = recipe.get("data") or {}
+    stored = data.get("stored")
+    source = f"data from {data.get('train') or '?'}"
+    parts.append(source + (f", stored in the log ({stored.get('train', 0)} train, {stored.get('val', 0)} val)" if stored
+                           else f" ({data.get('not_stored')})" if data.get("not_stored") else ""))
+    script = (recipe.get("script") or {}).get("dir")
+    if script:
+        parts.append(f"script dir {script}")
+    return "; ".join(parts)
+
+
 def _verify(log: Any, args: argparse.Namespace) -> list[int]:
-    """Read back every record (the reader verifies the fletcher32 checksums); steps with non-finite values."""
+    """Read back every record and checkpoint, optimizer state included (the reader verifies every CRC-32); steps with
+    non-finite values. A log started by a resumed fit is read from its first step."""
     fields = [f for f, rec in (("loss", "losses"), ("grad", "gradients"), ("hvp", "hvp")) if log.recorded.get(rec)]
     bad: set[int] = set()
     progress = progress_bar(args, "verify")
-    T = log.num_steps
+    first, T = int(log.steps[0]), log.num_steps
     for group in ([f for f in fields if f == "loss"], [f for f in fields if f != "loss"]):
         if not group:
             continue
-        for rec in log.iter_steps(0, T, fields=group):
+        for rec in log.iter_steps(first, T, fields=group):
             for arr in (rec.losses, rec.grads, rec.hvps):
                 if arr is not None and not np.all(np.isfinite(arr)):
                     bad.add(rec.step)
             if "loss" not in group:
-                progress(rec.step + 1, T)
+                progress(rec.step + 1 - first, T - first)
     progress.close()
     for t in log.checkpoint_steps:
         log.checkpoint(t)
+        log.optimizer_state(t)
     return sorted(bad)
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from lightning_influence.cli.common import (PROG, UserError, csv_text, drift_line, emit, flip_cell, format_table, json_text,
-                                            output_format, parse_window, progress_bar, ranked, sign_line)
+from lightning_influence.cli.common import (PROG, UserError, csv_text, drift_line, emit, flip_cell, format_table,
+                                            json_text, output_format, parse_window, progress_bar, ranked, row_count,
+                                            sign_line)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import DISTRIBUTED, METHODS, method_help, run_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
@@ -27,7 +28,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--window", "-w", action="append", metavar="W",
                    help="steps '100:500', fractions '0.8:1.0' or epochs 'epoch 3:5' (epochs 3 and 4); empty ends mean "
                         "start/end; repeatable; default: the whole run")
-    p.add_argument("--top", "-k", type=int, default=10, help="rows per window and query (0: all samples; default 10)")
+    p.add_argument("--top", "-k", type=row_count, default=10, help="rows per window and query (0: all samples; default 10)")
     g = p.add_argument_group("several processes (docs/scaling.md; methods: " + ", ".join(DISTRIBUTED) + ")")
     g.add_argument("--devices", type=int, default=1, metavar="N", help="processes per node (default 1)")
     g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="nodes (default 1; launch with torchrun/SLURM)")

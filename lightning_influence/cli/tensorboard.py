@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_influence.cli.common import UserError, emit
+from lightning_influence.cli.common import UserError, emit, row_count
 from lightning_influence.cli.context import load_function
 from lightning_influence.cli.timeline import add_grid_parser, patterns_of, timeline_data
 
@@ -19,7 +19,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = add_grid_parser(sub, parents, "tensorboard", SUMMARY, cmd_tensorboard)
     p.add_argument("--logdir", required=True, help="TensorBoard log directory to write into")
     p.add_argument("--run", help="run name (sub-directory of --logdir; default: the method)")
-    p.add_argument("--top", "-k", type=int, default=10, help="rows of the top-k tables (default 10)")
+    p.add_argument("--top", "-k", type=row_count, default=10, help="rows of the top-k tables (default 10)")
     p.add_argument("--no-embedding", dest="embedding", action="store_false", help="skip the projector view")
     p.add_argument("--decoder", metavar="MODULE:FUNCTION",
                    help="for token data: a function (module:function or file.py:function) turning a sample's token "

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from lightning_influence.cli.common import (UserError, csv_text, emit, flip_cell, format_table, json_text,
-                                            output_format, parse_grid, parse_window, ranked, sign_line)
+                                            output_format, parse_grid, parse_window, ranked, row_count, sign_line)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import METHODS, compute_windows, method_help
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
@@ -32,7 +32,7 @@ def add_grid_parser(sub: Any, parents: dict[str, argparse.ArgumentParser], name:
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = add_grid_parser(sub, parents, "timeline", SUMMARY, cmd_timeline)
-    p.add_argument("--top", "-k", type=int, default=None,
+    p.add_argument("--top", "-k", type=row_count, default=None,
                    help="rows shown (default: 20 in a table, all samples in CSV/JSON; 0: all)")
     p.add_argument("--pattern", choices=PATTERNS, help="only samples of this pattern (docs/trust.md: the rule)")
 

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 from torch.utils import _pytree as pytree
 
-from lightning_influence.capture.hvp import (KINK_GUARD, default_eps0, fd_directional_derivative, guarded_difference,
+from lightning_influence.capture.hvp import (KINK_GUARD, KINK_SHARE_LIMIT, default_eps0, fd_directional_derivative, guarded_difference,
                                             parameter_epsilon)
 from lightning_influence.capture.per_sample import per_sample_grads_vmap
 from lightning_influence.capture.projection import KroneckerProjector
@@ -73,6 +73,7 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
+from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.micro import Step, per_sample_grads_masked
 from lightning_influence.replay import (
     Progress,
@@ -113,6 +114,7 @@ class _Context:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.log, self.module, self.train_data, self.loss_fn = log, module, train_data, loss_fn
+        self.drift = DriftReport()  # measured at every checkpoint the replays pass (info["replay_drift"])
         self.hvp, self.verify, self.chunk_size = hvp, verify, chunk_size
         ref = checkpoint_params(log, module, log.checkpoint_steps[0])
         self.dtype = next(iter(ref.values())).dtype
@@ -152,7 +154,7 @@ class _Context:
             return
         want = set(steps)
         for rs in replay(self.log, self.module, self.train_data, steps[0], steps[-1], loss_fn=self.loss_fn,
-                         verify=self.verify):
+                         verify=self.verify, report=self.drift):
             if rs.step in want:
                 yield rs.step, rs.params
 
@@ -434,7 +436,6 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
 
 # ================================================================================= step form
 FD_EDGE = 4.0  # |κ|·η beyond SGD's stability edge 2(1 + momentum) ≤ 4: a finite-difference artifact, not curvature
-FD_KINK_SHARE = 0.2  # more batch products than this crossing a kink: ε is too large (tests/test_script_runs.py: 8% at the default ε on a ReLU CNN, 35% at 10x)
 
 
 def _check_fd(ctx: _Context, kap: np.ndarray, lrs: np.ndarray) -> None:
@@ -577,7 +578,7 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
         else:
             scores, names, info = _step(ctx, query, t1, t2, show)
         method = ctx.method(f"diffin-step{suffix}")
-    info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class)
+    info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class, replay_drift=ctx.drift.summary())
     if hvp == "fd":
         info.update(eps0=ctx.eps0, fd_checked=ctx.fd_checked, fd_blowups=ctx.fd_blowups, fd_kinks=ctx.fd_kinks,
                     fd_products=ctx.fd_products)
@@ -585,14 +586,14 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
         if ctx.fd_blowups:
             problems.append(f"{ctx.fd_blowups} of {ctx.fd_checked} curvatures lie beyond the SGD stability edge "
                             f"(|κ|·η > {FD_EDGE:g})")
-        if ctx.fd_kinks > FD_KINK_SHARE * ctx.fd_products:
+        if ctx.fd_kinks > KINK_SHARE_LIMIT * ctx.fd_products:
             problems.append(f"{ctx.fd_kinks} of {ctx.fd_products} products crossed a kink (over "
-                            f"{FD_KINK_SHARE:.0%}: ε is too large for this model)")
+                            f"{KINK_SHARE_LIMIT:.0%}: ε is too large for this model)")
         if problems:
             info["fd_unreliable"] = True
             method += " [FD unreliable]"
             warnings.warn(f"Diff-In with hvp='fd': {'; '.join(problems)}; the scores are not reliable. Use hvp='exact' "
-                          "(the default) or a smaller eps0", RuntimeWarning, stacklevel=3)
+                          "(the default) or a smaller eps0", RuntimeWarning, stacklevel=4)
     return InfluenceScores(scores, method, (t1, t2), ["self"] if query is None else names, info=info)
 
 

@@ -42,6 +42,7 @@ import bisect
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -49,7 +50,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.capture.hvp import default_eps0, fd_directional_derivative, flatten, unflatten
+from lightning_influence.capture.hvp import (KINK_GUARD, KINK_SHARE_LIMIT, default_eps0, fd_directional_derivative, flatten,
+                                            unflatten)
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
@@ -217,8 +219,10 @@ def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Te
     return torch.stack([flatten(h, ctx.names) for h in hr], dim=1), jr
 
 
-def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Finite-difference ``(H_t R, J_t R)`` from first-order gradients at ``θ ± ε r̂`` (math §3)."""
+def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor,
+                 kinks: list[int]) -> tuple[Tensor, Tensor]:
+    """Finite-difference ``(H_t R, J_t R)`` from first-order gradients at ``θ ± ε r̂`` (math §3), each column
+    kink-guarded (the smaller one-sided difference where they disagree; ``kinks`` counts them)."""
     module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
 
     def grads_and_losses(p: dict[str, Tensor]) -> Tensor:
@@ -233,7 +237,8 @@ def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tenso
     HR = torch.empty_like(R)
     JR = []
     for c in range(R.shape[1]):
-        out, _ = fd_directional_derivative(grads_and_losses, params, unflatten(R[:, c], shapes), eps0)
+        out, _ = fd_directional_derivative(grads_and_losses, params, unflatten(R[:, c], shapes), eps0,
+                                           kink_guard=KINK_GUARD, on_kink=lambda k: kinks.append(int(k.sum())))
         HR[:, c] = out[:p]
         JR.append(out[p:])
     return HR, torch.stack(JR)
@@ -280,6 +285,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     scores: np.ndarray | None = None
     names: list[str] = []
     n_hvp = 0
+    kinks: list[int] = []  # FD products whose one-sided differences disagreed (guarded)
     t0 = time.perf_counter()
     keys = ctx.step.adjoint_keys
     peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
@@ -315,7 +321,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             if hvp == "exact":
                 HR, JR = _products_exact(ctx, rec.params, batch, R, w)
             else:
-                HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w)
+                HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w, kinks)
             n_hvp += R.shape[1]
             C = U.shape[1]
             peak_adjoint = max(peak_adjoint, sum(x.numel() * x.element_size() for x in (U, R, *S.values())))
@@ -332,7 +338,12 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             "peak_trajectory_bytes": ctx.peak_trajectory_bytes,
             "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
     if hvp == "fd":
-        info["eps0"] = eps0
+        info.update(eps0=eps0, fd_kinks=sum(kinks), fd_products=n_hvp)
+        if sum(kinks) > KINK_SHARE_LIMIT * n_hvp:
+            info["fd_unreliable"] = True
+            warnings.warn(f"DIT with hvp='fd': {sum(kinks)} of {n_hvp} finite-difference products crossed a kink (over "
+                          f"{KINK_SHARE_LIMIT:.0%}: ε is too large for this model); the scores are not reliable. Use "
+                          "hvp='exact' (the default) or a smaller eps0", RuntimeWarning, stacklevel=4)
     return _SweepResult(values, names, info)
 
 

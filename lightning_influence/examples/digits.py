@@ -122,7 +122,7 @@ def report(log_dir: str, model: DigitsClassifier, data: DigitsDataModule, k: int
           "query: validation loss. Negative = removing the sample lowers validation loss = harmful.", flush=True)
     tl = timeline(log, query, module=model, train_data=data.train_dataset, grid="epoch", progress=True)
     last_start = int(tl.grid[-2])
-    patterns = tl.patterns()
+    patterns = tl.patterns() if len(tl.grid) >= 4 else None  # temporal patterns need three windows (epochs)
     for title, (t1, t2) in (("first epoch", (0, int(tl.grid[1]))), ("last epoch", (last_start, int(tl.grid[-1]))),
                             ("whole run", (0, int(tl.grid[-1])))):
         scores = tl.window(t1, t2)
@@ -133,9 +133,13 @@ def report(log_dir: str, model: DigitsClassifier, data: DigitsDataModule, k: int
             print(f"{r:>4} {i:>5} {score:>12.4e} {int(labels[i]):>5} {'yes' if flipped[i] else '':>7}")
         hits = flipped[scores.top(n_flip).ids].mean()
         print(f"flipped labels among the top-{n_flip} most harmful: {hits:.0%}   (detection AUROC {auroc(-s, flipped):.3f})")
-        if title == "last epoch":
+        if title == "last epoch" and patterns is not None:
             print(last_epoch_note(log, patterns, flipped, last_start))
-    print(f"\ntemporal patterns of the timelines (per-epoch windows, docs/trust.md §4): {patterns.counts()}")
+    if patterns is None:
+        print(f"\ntemporal patterns of the timelines (docs/trust.md §4) need at least 3 epochs; this run has "
+              f"{len(tl.grid) - 1}")
+    else:
+        print(f"\ntemporal patterns of the timelines (per-epoch windows, docs/trust.md §4): {patterns.counts()}")
     log.close()
 
 

@@ -50,6 +50,8 @@ SEGMENT_FILE = "seg-{index:08d}.h5"
 SEGMENT_RE = re.compile(r"^seg-(\d{8})\.h5$")
 RANK_RE = re.compile(r"^rank-(\d+)$")
 TMP_SUFFIX = ".tmp"
+DATA_FILE = "data.pt"  # the stored training/validation sets (written by ``recipe.py``): removed with the log
+LOCK_FILE = "writer.lock"  # in each rank folder: the exclusive writer lock (``log/lock.py``), not part of the data
 CHECKPOINT_GROUP = "step_{step:08d}"
 LIBVER = ("v110", "v110")  # HDF5 >= 1.10 structures: checksummed superblock, object headers, chunk indexes
 DIGEST_ATTR = "attrs_crc32"  # CRC-32 of every other root attribute of a file (``attrs_digest``)
@@ -154,7 +156,7 @@ def segment_path(log_dir: str | os.PathLike, rank: int, index: int) -> Path:
 
 
 def list_segments(log_dir: str | os.PathLike) -> dict[int, list[Path]]:
-    """Closed segment files per rank, in write order. Temporary (unfinished) files are skipped."""
+    """Closed segment files per rank, in write order; ranks without any are left out. Temporary (unfinished) files are skipped."""
     out: dict[int, list[Path]] = {}
     root = Path(log_dir)
     if not root.is_dir():
@@ -164,7 +166,8 @@ def list_segments(log_dir: str | os.PathLike) -> dict[int, list[Path]]:
         if not m or not rank_dir.is_dir():
             continue
         segs = sorted(p for p in rank_dir.iterdir() if SEGMENT_RE.match(p.name))
-        out[int(m.group(1))] = segs
+        if segs:  # a folder holding only its writer lock holds no log yet
+            out[int(m.group(1))] = segs
     return out
 
 

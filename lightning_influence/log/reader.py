@@ -129,6 +129,7 @@ class InfluenceLog:
         self.meta: dict[str, Any] = read_meta(self.path)
         self._files: OrderedDict[int, h5py.File] = OrderedDict()
         self._blocks: dict[tuple[int, str], tuple[int, int, np.ndarray]] = {}  # (rank, dataset) -> (seg, first row, rows)
+        self._absent: set[tuple[int, str]] = set()  # (segment, dataset) pairs a segment does not hold
         self._buffers: dict[tuple[int, str], np.ndarray] = {}  # reused block memory
         self._segs: list[_Segment] = []
         self._segments: list[Path] = []
@@ -147,8 +148,9 @@ class InfluenceLog:
                 for p in found.get(rank, []):
                     self._index_segment(p, rank)
                 per_rank.append(self._segs[start:])
+            first_step = int(self.meta.get("first_step") or 0)
             for segs in per_rank:
-                _check_rank(segs)
+                _check_rank(segs, first_step)
             self._present(per_rank)
         except BaseException:
             self.close()
@@ -172,7 +174,7 @@ class InfluenceLog:
             if missing:
                 raise LogFormatError(path, f"the step table has no column(s) {missing}: the file is corrupted")
             seg.checkpoints = sorted(int(g.attrs["step"]) for g in f["checkpoints"].values())
-            shapes = {name: f[name].shape for name in ROW_DATASETS.values() if name in f}
+            shapes = {name: f[name].shape for name in (*ROW_DATASETS.values(), "micro/size") if name in f}
         self._width = _check_segment(path, rank, attrs, seg.table, shapes, self._width)
         run_id = attrs.get("run_id")
         if run_id is not None and "run_id" in self.meta and text(run_id) != str(self.meta["run_id"]):
@@ -336,8 +338,10 @@ class InfluenceLog:
         """Sample ids of ``B_t`` (all micro-batches, all ranks)."""
         return np.concatenate([self._read(seg, row, "id") for seg, row in self._locs(step)])
 
-    def iter_steps(self, t1: int = 0, t2: int | None = None, fields: Sequence[str] = ("grad",)) -> Iterator[StepBatch]:
-        """Yield the steps of ``[t1, t2)`` one at a time (bounded memory).
+    def iter_steps(self, t1: int | None = None, t2: int | None = None, fields: Sequence[str] = ("grad",)) -> Iterator[StepBatch]:
+        """Yield the steps of ``[t1, t2)`` one at a time (bounded memory); by default every step of the log.
+
+        ``t1 = None`` is the log's first step (0, or the step a resumed fit started the log at).
 
         ``fields`` chooses what to read besides ids and lrs: any of ``loss``, ``grad``, ``hvp``.
         When ``grad``/``hvp`` is requested, steps without gradient rows (recorded only every
@@ -348,6 +352,7 @@ class InfluenceLog:
             if not self.recorded.get(what):
                 raise ValueError(f"{self.path}: the run did not record {what}; re-run with it enabled in InfluenceTracker")
         needs_grad_rows = bool({"grad", "hvp"} & set(fields))
+        t1 = int(self.steps[0]) if t1 is None and len(self.steps) else (t1 or 0)
         t2 = self.num_steps if t2 is None else t2
         for t in range(t1, t2):
             if needs_grad_rows and not self.has_grads(t):
@@ -548,8 +553,11 @@ class InfluenceLog:
                                          f"{restore_hint(s.path)}")
         if field_ == "id" and len(out):
             size = self.meta.get("dataset_size")
-            if int(out.min()) < 0 or (size is not None and int(out.max()) >= int(size)):
-                raise LogFormatError(s.path, f"step {step} holds sample ids outside [0, {size}): the file is corrupted")
+            if int(out.min()) < 0 or (size is not None and int(out.max()) >= int(size)):  # intact (CRC), yet wrong
+                raise LogFormatError(s.path, f"step {step} holds sample ids outside [0, {size}) although its rows pass "
+                                             "their checksum: the run recorded ids that are not indices into its "
+                                             f"training set of {size} samples, so they cannot be read as sample ids. "
+                                             "Record the run again with ids that index the training set")
         return out
 
     def _rows(self, seg: int, name: str, off: int, n: int) -> np.ndarray | None:
@@ -563,8 +571,11 @@ class InfluenceLog:
         rank = self._segs[seg].rank
         block = self._blocks.get((rank, name))
         if block is None or block[0] != seg or not (block[1] <= off and off + n <= block[1] + len(block[2])):
+            if (seg, name) in self._absent:
+                return None
             f = self._file(seg)
             if name not in f:
+                self._absent.add((seg, name))  # e.g. the weights of a version-1 log: asked at every step
                 return None
             ds = f[name]
             row_shape = ds.shape[1:]
@@ -604,16 +615,33 @@ class InfluenceLog:
             return seg, self._file(seg)["checkpoints"][CHECKPOINT_GROUP.format(step=step)]
 
 
-def _check_rank(segs: list[_Segment]) -> None:
-    """The step ranges of a rank's segments must follow each other without gaps or overlaps."""
+def _check_rank(segs: list[_Segment], first_step: int = 0) -> None:
+    """The step ranges of a rank's segments must start at the log's first step and follow each other without gaps
+    or overlaps, in the order of their file names."""
+    stepped = [s for s in segs if len(s.table["step"])]
+    if not stepped:
+        return
+    by_step = sorted(stepped, key=lambda s: (s.first, s.last))
+    if by_step != stepped and all(b.first == a.last + 1 for a, b in zip(by_step, by_step[1:])):
+        moved = ", ".join(f"{s.path.name} holds steps {s.first}..{s.last}" for s in stepped)
+        raise LogFormatError(stepped[0].path.parent, f"segment files are out of order ({moved}): the steps are all there "
+                             "but the files were renamed or swapped. Restore their original names (segment numbers "
+                             "increase with the steps), or restore the folder from a backup")
+    if stepped[0].first < first_step:
+        raise LogFormatError(stepped[0].path, f"starts at step {stepped[0].first}, before the log's first step "
+                                              f"{first_step} (meta.h5): it belongs to another log; remove it")
+    if stepped[0].first > first_step:
+        s = stepped[0]
+        raise LogFormatError(s.path, f"the log starts at step {first_step} (meta.h5) but the first segment of its rank, "
+                                     f"{s.path.name}, starts at step {s.first}: the segment(s) holding steps "
+                                     f"{first_step}..{s.first - 1} are missing (deleted?); restore them from a backup")
     prev: _Segment | None = None
-    for s in segs:
-        if not len(s.table["step"]):
-            continue
+    for s in stepped:
         if prev is not None and s.first != prev.last + 1:
             if s.first <= prev.last:
-                problem = (f"records steps {s.first}..{min(s.last, prev.last)} again (already in {prev.path.name}); "
-                           "a resumed run did not truncate the log. Delete the later copy to keep the first")
+                problem = (f"holds steps {s.first}..{s.last}, but steps {s.first}..{min(s.last, prev.last)} are "
+                           f"already in {prev.path.name} (steps {prev.first}..{prev.last}): two files record the same "
+                           "steps (files copied between logs, or two writers). Restore the folder from a backup")
             else:
                 problem = (f"starts at step {s.first} but {prev.path.name} ends at step {prev.last}: the segment(s) "
                            f"holding steps {prev.last + 1}..{s.first - 1} are missing; restore them from a backup")
@@ -676,6 +704,10 @@ def _check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str
                            ("grad", has), ("hvp", has & ("grads/hvp" in shapes))):
         if not np.array_equal(table[ROW_CRC_COLUMNS[field_]] >= 0, stored):
             raise bad(f"the {ROW_CRC_COLUMNS[field_]} column does not match the stored {field_!r} rows")
+    micro, per_step = table["micro_offset"], table["micro_batches"]
+    if n and (micro >= 0).any() and (not (micro >= 0).all() or not np.array_equal(
+            micro, np.concatenate([[0], np.cumsum(per_step)[:-1]])) or shapes.get("micro/size") != (int(per_step.sum()),)):
+        raise bad("micro-batch offsets/counts do not tile the micro-batch table")
     if table["lr"].ndim != 2 or table["lr"].shape[0] != n:
         raise bad("learning-rate table has the wrong shape")
     return width

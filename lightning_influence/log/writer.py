@@ -10,12 +10,14 @@ at its next call.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import queue
 import threading
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 from lightning_influence.log.format import (
     CHECKPOINT_GROUP,
     CRC_ATTR,
+    DATA_FILE,
     DIGEST_ATTR,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -44,6 +47,7 @@ from lightning_influence.log.format import (
     json_attr,
     list_segments,
     list_unfinished,
+    RANK_RE,
     read_meta,
     reading,
     segment_index,
@@ -134,8 +138,37 @@ class CheckpointRecord:
     optimizer_scalars: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def storage_error(log_dir: str | os.PathLike, where: str, err: BaseException, state: str,
+                  started: bool = True) -> LogWriteError:
+    """A :class:`LogWriteError` for a failed write: the file, the OS error, what is safe (``state``) and what to do.
+
+    ``started``: the fit has recorded steps, so it is resumed from a checkpoint rather than started again.
+    """
+    code = getattr(err, "errno", None)
+    if code is None and isinstance(err.__cause__, OSError):
+        code = err.__cause__.errno
+    again = ("resume from the last Lightning checkpoint with Trainer.fit(ckpt_path=...); the log continues from there"
+             if started else "start the fit again")
+    if code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower():
+        todo = (f"The disk is full: free space or move log_dir to a larger disk, or make the log smaller (projection_dim, "
+                f"every_n_steps, storage_dtype='float16', compression='gzip'), then {again}.")
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        todo = f"log_dir is not writable (read-only disk or missing permission): choose a writable log_dir, then {again}."
+    else:
+        todo = f"Check that log_dir is writable and healthy, then {again}."
+    message = (f"writing the influence log {log_dir} failed at {where}: {type(err).__name__}: "
+               f"{err}. {state}. {todo}")
+    out = LogWriteError(code or errno.EIO, message)
+    out.__cause__ = err
+    return out
+
+
 def write_meta(log_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
-    """Write ``meta.h5`` atomically: every value becomes a JSON string attribute."""
+    """Write ``meta.h5`` atomically: every value becomes a JSON string attribute.
+
+    Raises:
+        LogWriteError: the file cannot be written (the message names it and says what to do).
+    """
 
     def fill(f: h5py.File) -> None:
         set_text(f.attrs, "format", FORMAT_NAME)
@@ -144,7 +177,30 @@ def write_meta(log_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
             set_text(f.attrs, key, json_attr(value))
         _seal(f)
 
-    _write_file(Path(log_dir) / META_FILE, fill)
+    try:
+        _write_file(Path(log_dir) / META_FILE, fill)
+    except OSError as err:
+        raise storage_error(log_dir, META_FILE, err, "Nothing of this fit is in the log yet", started=False) from None
+
+
+def remove_log(log_dir: str | os.PathLike) -> None:
+    """Delete a log's own files (``meta.h5``, ``data.pt``, segments, unfinished ones), never anything else in ``log_dir``.
+
+    Segments go first, newest first, and ``meta.h5`` last, so an interrupted removal leaves
+    a log without gaps. A rank folder left empty is removed (one holding a writer lock stays).
+    """
+    root = Path(log_dir)
+    for stale in list_unfinished(root):
+        stale.unlink(missing_ok=True)
+    for segs in list_segments(root).values():
+        for path in reversed(segs):
+            path.unlink(missing_ok=True)
+    for name in (DATA_FILE, DATA_FILE + TMP_SUFFIX, META_FILE + TMP_SUFFIX, META_FILE):
+        (root / name).unlink(missing_ok=True)
+    for rank_dir in root.glob("rank-*"):
+        if RANK_RE.match(rank_dir.name) and rank_dir.is_dir():
+            with contextlib.suppress(OSError):  # not empty: a writer lock, or files that are not the log's
+                rank_dir.rmdir()
 
 
 def _seal(f: h5py.File) -> None:
@@ -192,7 +248,8 @@ def _write_file(path: Path, fill: Callable[[h5py.File], None], source: Path | No
         finally:
             os.close(dir_fd)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk even this fails: report the first error only
+            tmp.unlink(missing_ok=True)
         raise
     return len(image)
 
@@ -402,6 +459,9 @@ class LogWriter:
         background: write segments in a background thread (``False`` writes synchronously).
         max_pending: segments waiting for the background thread before ``add_step`` blocks
             (bounds the memory held by the writer).
+        truncate_from: a resumed fit: drop this rank's steps ``>= truncate_from`` (:func:`truncate_log`)
+            just before the first segment is written, so a fit refused before it records a step
+            (or one that fails) leaves the log as it was; the writer continues at ``truncate_from``.
 
     Raises:
         LogWriteError: from any call after a segment write failed; the message names the log, the
@@ -419,6 +479,7 @@ class LogWriter:
         compression: str | None = None,
         background: bool = True,
         max_pending: int = 2,
+        truncate_from: int | None = None,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.rank = rank
@@ -431,11 +492,18 @@ class LogWriter:
         for stale in list_unfinished(self.log_dir, rank):  # a write interrupted by a crash: never renamed, never read
             stale.unlink(missing_ok=True)
         existing = list_segments(self.log_dir).get(rank, [])
-        self._next_index = segment_index(existing[-1]) + 1 if existing else 0
         end = rank_end(self.log_dir, rank)
-        self._next_step: int | None = None if end is None else end + 1
+        self._truncate_from = truncate_from
+        if truncate_from is not None:  # done just before the first segment is written (see ``_write``)
+            deleted = {path for path, _, keep in _truncation_plan(self.log_dir, rank, truncate_from) if keep is None}
+            existing = [p for p in existing if p not in deleted]
+            end = None if end is None or not existing else min(end, truncate_from - 1)
+        self._next_index = segment_index(existing[-1]) + 1 if existing else 0
+        self._next_step: int | None = truncate_from if truncate_from is not None else None if end is None else end + 1
         self.last_step_on_disk: int | None = end
         self.run_id = _meta_run_id(self.log_dir)
+        self._first_accepted: int | None = None  # first step given to this writer
+        self.lost: tuple[int, int] | None = None  # steps accepted but not written, once closed (see ``close``)
         self._error: LogWriteError | None = None
         self._reported = False
         self._queue: queue.Queue | None = None
@@ -467,6 +535,8 @@ class LogWriter:
             self._checkpoints.append(checkpoint)
         self._steps.append(record)
         self._next_step = record.step + 1
+        if self._first_accepted is None:
+            self._first_accepted = record.step
         if len(self._steps) >= self.flush_every_n_steps:
             self.flush(wait=False)
 
@@ -480,12 +550,14 @@ class LogWriter:
         self._raise_pending_error()
         if self._steps or self._checkpoints:
             job = (segment_path(self.log_dir, self.rank, self._next_index), self._steps, self._checkpoints)
-            self._next_index += 1
-            self._steps, self._checkpoints = [], []
+            # The buffer is emptied only once the job is handed over: a KeyboardInterrupt while ``put`` waits on a
+            # full queue (a disk slower than training) leaves the steps buffered, and ``close`` still writes them.
             if self._queue is None:
                 self._write(job)
             else:
                 self._queue.put(job)
+            self._next_index += 1
+            self._steps, self._checkpoints = [], []
         if wait and self._queue is not None:
             self._queue.join()
         self._raise_pending_error()
@@ -501,23 +573,51 @@ class LogWriter:
             if self._error is None:
                 try:
                     self.flush(wait=True)
+                    if raise_errors and self._truncate_from is not None:  # a fit that ended without recording a step
+                        truncate_log(self.log_dir, self.rank, self._truncate_from)
+                        self._truncate_from = None
                 except LogWriteError:
                     if raise_errors:
                         raise
             elif raise_errors and not self._reported:
                 self._raise_pending_error()
         finally:
-            self._steps, self._checkpoints = [], []
-            if self._thread is not None and self._queue is not None:
-                self._queue.put(None)
-                self._thread.join()
-                self._thread = None
+            try:
+                if self._thread is not None and self._queue is not None:
+                    self._queue.put(None)  # after every queued segment: they are all written before the thread ends
+                    self._thread.join()
+                    self._thread = None
+            finally:
+                self._report_lost()
+                self._steps, self._checkpoints = [], []
+
+    def _report_lost(self) -> None:
+        """Warn, naming the range, about accepted steps that are not on disk (a failed write, an interrupted close)."""
+        self.lost = None
+        if self._first_accepted is None or self._next_step is None:
+            return
+        last = self._next_step - 1
+        first = max(self._first_accepted, self.last_step_on_disk + 1 if self.last_step_on_disk is not None else -1)
+        if first > last:
+            return
+        running = self._thread is not None and self._thread.is_alive()
+        self.lost = (first, last)
+        warnings.warn(
+            f"influence log {self.log_dir}, rank {self.rank}: steps {first}..{last} were recorded but are not on disk "
+            + ("(the background writer was still writing when the close was interrupted; if the process ends now "
+               "they are lost)" if running else "and are lost")
+            + ("; no step of this rank is on disk" if self.last_step_on_disk is None else
+               f"; the log ends at step {self.last_step_on_disk}") + ". Resume from a Lightning checkpoint to record them again.",
+            RuntimeWarning, stacklevel=3)
 
     def _write(self, job: tuple[Path, list[StepRecord], list[CheckpointRecord]]) -> None:
         path, steps, checkpoints = job
         if self._error is not None:  # never write past a failed segment: the log would have a gap
             return
         try:
+            if self._truncate_from is not None:
+                truncate_log(self.log_dir, self.rank, self._truncate_from)
+                self._truncate_from = None
             self.bytes_written += write_segment(path, self.rank, steps, checkpoints, self.storage_dtype,
                                                 self.compression, self.run_id)
         except Exception as err:  # noqa: BLE001 - any failure stops the writer and is reported on the training thread
@@ -529,25 +629,10 @@ class LogWriter:
             self.last_step_on_disk = steps[-1].step
 
     def _describe_failure(self, path: Path, steps: list[StepRecord], err: Exception) -> LogWriteError:
-        code = getattr(err, "errno", None)
-        if code is None and isinstance(err.__cause__, OSError):
-            code = err.__cause__.errno
-        full = code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower()
         what = (f"steps {steps[0].step}..{steps[-1].step}" if steps else "a checkpoint")
-        safe = (f"steps up to {self.last_step_on_disk} are safe in closed segments"
-                if self.last_step_on_disk is not None else "no step of this rank is on disk")
-        if full:
-            todo = ("The disk is full: free space or move log_dir to a larger disk, or make the log smaller "
-                    "(projection_dim, every_n_steps, storage_dtype='float16', compression='gzip'), then resume from "
-                    "the last Lightning checkpoint with Trainer.fit(ckpt_path=...); the log continues from there.")
-        else:
-            todo = ("Check that log_dir is writable and healthy, then resume from the last Lightning checkpoint with "
-                    "Trainer.fit(ckpt_path=...); the log continues from there.")
-        message = (f"writing the influence log {self.log_dir} failed at {path.parent.name}/{path.name} ({what}): "
-                   f"{type(err).__name__}: {err}. Nothing more is written to this log; {safe}. {todo}")
-        out = LogWriteError(code or errno.EIO, message)
-        out.__cause__ = err
-        return out
+        safe = (f"Nothing more is written to this log; steps up to {self.last_step_on_disk} are safe in closed segments"
+                if self.last_step_on_disk is not None else "Nothing more is written to this log; no step of this rank is on disk")
+        return storage_error(self.log_dir, f"{path.parent.name}/{path.name} ({what})", err, safe)
 
     def _work(self) -> None:
         assert self._queue is not None
@@ -587,6 +672,17 @@ def truncate_log(log_dir: str | os.PathLike, rank: int, from_step: int) -> None:
     """
     for stale in list_unfinished(log_dir, rank):
         stale.unlink(missing_ok=True)
+    for path, steps, keep in _truncation_plan(log_dir, rank, from_step):
+        if keep is None:
+            path.unlink()
+        else:
+            _write_file(path, lambda f: _shrink(f, steps, keep, from_step), source=path)
+
+
+def _truncation_plan(log_dir: str | os.PathLike, rank: int, from_step: int) -> list[tuple[Path, np.ndarray, int | None]]:
+    """What :func:`truncate_log` does, newest segment first, without doing it: ``(path, steps, keep)``, ``keep``
+    ``None`` for a segment deleted whole, else the number of its steps kept."""
+    plan: list[tuple[Path, np.ndarray, int | None]] = []
     for path in reversed(list_segments(log_dir).get(rank, [])):
         with reading(path, "the segment index"), h5py.File(path, "r") as f:
             check_header(path, dict(f.attrs))
@@ -595,10 +691,8 @@ def truncate_log(log_dir: str | os.PathLike, rank: int, from_step: int) -> None:
         keep = int(np.searchsorted(steps, from_step))
         if keep == len(steps) and all(t < from_step for t in ckpts):
             break  # this segment and every earlier one end before from_step
-        if keep == 0 and all(t >= from_step for t in ckpts):
-            path.unlink()
-            continue
-        _write_file(path, lambda f: _shrink(f, steps, keep, from_step), source=path)
+        plan.append((path, steps, None if keep == 0 and all(t >= from_step for t in ckpts) else keep))
+    return plan
 
 
 def _shrink(f: h5py.File, steps: np.ndarray, keep: int, from_step: int) -> None:

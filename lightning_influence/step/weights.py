@@ -44,11 +44,13 @@ class StepWeights:
         micro: ``(|B_t|,)`` int64 micro-batch of every row (contiguous runs ``0, 1, ...``).
         accumulate: the divisor Lightning applied to each micro-batch loss (``-1``: not recorded,
             a version-1 log whose step is one batch mean).
+        world_size: the DDP processes whose gradients were averaged (their micro-batches are all in ``micro``).
     """
 
     weights: np.ndarray
     micro: np.ndarray
     accumulate: int = -1
+    world_size: int = 1
 
     def micro_slices(self) -> Iterator[slice]:
         """The rows of each micro-batch, in training order."""
@@ -63,12 +65,14 @@ class StepWeights:
         """The loss Lightning back-propagated for the micro-batch ``rows``, given its per-sample ``losses``.
 
         As trained (``multipliers=None``) this is the very expression Lightning evaluated,
-        ``losses.mean() / A``, so a replay is bit-identical; with per-sample ``multipliers``
-        (1 = as trained, 0 = removed) it is ``Σ m_i w_i ℓ_i``.
+        ``losses.mean() / A``, so a replay is bit-identical (under DDP also divided by the world
+        size, the all-reduce's average); with per-sample ``multipliers`` (1 = as trained, 0 =
+        removed) it is ``Σ m_i w_i ℓ_i``.
         """
         if multipliers is None:
             loss = losses.mean()
-            return loss / self.accumulate if self.accumulate > 0 else loss
+            loss = loss / self.accumulate if self.accumulate > 0 else loss
+            return loss / self.world_size if self.world_size > 1 else loss
         w = torch.as_tensor(self.weights[rows], dtype=losses.dtype, device=losses.device)
         return (multipliers.to(losses) * w * losses).sum()
 
@@ -84,25 +88,26 @@ def lightning_weights(micro_sizes: Sequence[int], accumulate: int, world_size: i
         raise ValueError(f"micro-batch sizes {sizes}, accumulate {accumulate}, world size {world_size}: all must be >= 1")
     weights = np.concatenate([np.full(b, 1.0 / (accumulate * b * world_size)) for b in sizes])
     micro = np.concatenate([np.full(b, k, np.int64) for k, b in enumerate(sizes)])
-    return StepWeights(weights, micro, int(accumulate))
+    return StepWeights(weights, micro, int(accumulate), int(world_size))
 
 
 def step_weights(log: Any, step: int) -> StepWeights:
     """The weights of ``step`` from an influence log (``1/|B_t|`` and one micro-batch for a version-1 log)."""
-    return StepWeights(log.weights(step), log.micro_index(step), int(log.step_column(step, "accumulate")))
+    return StepWeights(log.weights(step), log.micro_index(step), int(log.step_column(step, "accumulate")),
+                       int(log.meta.get("world_size") or 1))
 
 
 def step_summary(log: Any) -> dict[str, Any]:
     """How a log's steps differ from a plain batch mean (for ``info`` and the benchmarks): the accumulation
     divisors, the steps whose micro-batches do not fill an accumulation, the clipping and where it bound."""
-    T = log.num_steps
-    accumulate = sorted({int(log.step_column(t, "accumulate")) for t in range(T)})
-    incomplete = [t for t in range(T) if len(np.unique(log.micro_index(t))) < int(log.step_column(t, "accumulate"))]
+    steps = [int(t) for t in log.steps]  # from the log's first step (> 0 for a log started by a resumed fit)
+    accumulate = sorted({int(log.step_column(t, "accumulate")) for t in steps})
+    incomplete = [t for t in steps if len(np.unique(log.micro_index(t))) < int(log.step_column(t, "accumulate"))]
     clipping = (log.meta.get("gradient_clipping") or {})
-    coefs = np.array([float(log.step_column(t, "clip_coef")) for t in range(T)])
+    coefs = np.array([float(log.step_column(t, "clip_coef")) for t in steps])
     clipped = np.isfinite(coefs)
     return {"accumulate": accumulate, "incomplete_accumulation_steps": incomplete,
-            "not_a_plain_mean": int(sum(not np.allclose(log.weights(t), 1.0 / len(log.batch_ids(t))) for t in range(T))),
+            "not_a_plain_mean": int(sum(not np.allclose(log.weights(t), 1.0 / len(log.batch_ids(t))) for t in steps)),
             "clipping": clipping.get("algorithm"), "clip_value": clipping.get("value"),
             "clip_bound_fraction": float((coefs[clipped] < 1).mean()) if clipped.any() else 0.0,
             "clip_coef_median": float(np.median(coefs[clipped])) if clipped.any() else None}

@@ -1,0 +1,445 @@
+"""The log survives its users' mistakes (issue #14): one writer, one configuration, ids that are ids.
+
+Concurrent writers and dead lock holders are real processes; resumes are real Lightning fits
+from real checkpoints; references are uninterrupted runs compared bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+
+from conftest import TinyClassifier, make_data, tiny
+from test_robustness import assert_same_records, dump, epoch_fit, same, synthetic
+from lightning_influence import InfluenceLog, InfluenceTracker, LogFormatError, WithIds
+from lightning_influence.log import CheckpointRecord, LogWriter, StepRecord
+from lightning_influence.log import writer as writer_mod
+from lightning_influence.log.lock import LogLockedError, WriterLock
+from lightning_influence.log.writer import LogWriteError
+
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1"}
+
+
+# ------------------------------------------------------------------------------- 1. one writer
+@pytest.mark.slow
+def test_a_second_writer_is_refused_at_once_and_the_first_log_stays_intact(tmp_path):
+    """Real processes: while fit ``a`` is paused mid-run, a new fit with overwrite=True and a fit resumed from
+    ``a``'s checkpoint, both into ``a``'s log_dir, fail at once naming ``a``; ``a`` then finishes with a log equal,
+    bit for bit, to an uninterrupted run's."""
+    work = tmp_path / "work"
+    subprocess.run([sys.executable, str(HERE / "lock_run.py"), str(work)], env=ENV, check=True, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    report = json.loads((work / "report.json").read_text())
+    holder = rf"another process \(pid {report['a_pid']} on host {socket.gethostname()}, started \d{{4}}-\d\d-\d\d "
+    for name in ("fresh", "resume"):
+        r = report[name]
+        assert r["exit"] == 1 and r["error_type"] == "LogLockedError", r
+        assert r["a_still_paused"]  # refused while a was writing
+        assert r["seconds"] < 5, r  # at once: before any training step (the whole fit set-up included)
+        import re
+        assert re.search(holder, r["error"]), r["error"]
+    assert report["a"]["exit"] == 0 and report["ref"]["exit"] == 0
+    got, ref = InfluenceLog(work / "a" / "log"), InfluenceLog(work / "ref" / "log")
+    assert got.finished and got.steps.tolist() == list(range(32)) and got.meta["run_id"] != ref.meta["run_id"]
+    assert_same_records(got, ref)
+    assert not list((work / "a" / "log").rglob("writer.lock"))  # released at the end of the fit
+
+
+def test_a_stale_lock_of_a_killed_process_is_taken_over_with_a_message(tmp_path):
+    code = ("import sys, time; from lightning_influence.log.lock import WriterLock; "
+            "lock = WriterLock(sys.argv[1], 0).acquire(); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(LogLockedError, match=rf"another process \(pid {proc.pid} on host"):
+            WriterLock(tmp_path, 0).acquire()
+    finally:
+        proc.kill()  # SIGKILL: no release, the lock file still names the dead holder
+        proc.wait()
+    lock = WriterLock(tmp_path, 0)
+    with pytest.warns(RuntimeWarning, match=rf"taking over a stale writer lock of pid {proc.pid} on host .*\(killed or crashed\)"):
+        lock.acquire()
+    assert lock.took_over["pid"] == proc.pid
+    assert json.loads((tmp_path / "rank-0" / "writer.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "rank-0" / "writer.lock").exists()
+
+
+def test_the_lock_is_released_on_every_exit_path(tmp_path):
+    """A finished fit, a fit refused at its first step and a fit that raises mid-run all leave the log unlocked."""
+    epoch_fit(tmp_path / "ok", None, epochs=1)
+    with pytest.raises(ValueError):
+        epoch_fit(tmp_path / "refused", None, epochs=1, ids_fn=lambda batch: batch[1])  # labels as ids: duplicates
+
+    class Boom(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 5:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        epoch_fit(tmp_path / "raised", None, epochs=2, module=Boom().double())
+    for name in ("ok", "refused", "raised"):
+        assert not list((tmp_path / name).rglob("writer.lock")), name
+        WriterLock(tmp_path / name, 0).acquire().release()  # free
+    assert InfluenceLog(tmp_path / "raised").steps.tolist() == list(range(5))
+    # the same process cannot hold a rank twice either (two trackers on one log_dir)
+    with WriterLock(tmp_path / "ok", 0):
+        with pytest.raises(LogLockedError, match="another writer in this process"):
+            epoch_fit(tmp_path / "ok", None, epochs=1, overwrite=True)
+    assert InfluenceLog(tmp_path / "ok").finished  # the refused overwrite deleted nothing
+
+
+# -------------------------------------------------------------------------- 2. one configuration
+BASE = {"record_gradients": True, "record_hvp": True, "projection_dim": 3}
+MEANINGFUL = [  # (setting changed on resume, regex of the refusal)
+    ({"projection_seed": 1}, r"projection_seed: the log has 0, this fit has 1"),
+    ({"projection_dim": 2}, r"projection_dim: the log has 3, this fit has 2"),
+    ({"projection_dim": None}, r"projection_dim: the log has 3, this fit has None"),
+    ({"exclude_params": ["net.3.*"]}, r"params / exclude_params \(tracked parameters\)"),
+    ({"params": ["net.0.*"]}, r"params / exclude_params \(tracked parameters\)"),
+    ({"storage_dtype": "float64"}, r"storage_dtype: the log has 'float32', this fit has 'float64'"),
+    ({"hvp_scheme": "forward"}, r"hvp_scheme: the log has 'central', this fit has 'forward'"),
+    ({"hvp_eps": 1e-2}, r"hvp_eps: the log has 0\.001, this fit has 0\.01"),
+    ({"record_losses": False}, r"record_losses: the log has True, this fit has False"),
+    ({"record_hvp": False}, r"record_hvp: the log has True, this fit has False"),
+    ({"record_gradients": False, "record_hvp": False}, r"record_gradients: the log has True, this fit has False"),
+    ({"every_n_steps": 2}, r"every_n_steps: the log has 1, this fit has 2"),
+]
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory):
+    """A 2-epoch tracked run with a checkpoint per epoch, and its uninterrupted log."""
+    root = tmp_path_factory.mktemp("resumable")
+    epoch_fit(root / "log", root / "ckpt", epochs=2, **BASE)
+    return root, dump(root / "log")
+
+
+@pytest.mark.parametrize("change,match", MEANINGFUL, ids=[next(iter(c)) + ("" if i not in (2, 4) else "-2")
+                                                         for i, (c, _) in enumerate(MEANINGFUL)])
+def test_a_resume_that_changes_what_rows_mean_is_refused_and_loses_nothing(tmp_path, resumable, change, match):
+    root, before = resumable
+    log = tmp_path / "log"
+    shutil.copytree(root / "log", log)
+    with pytest.raises(ValueError, match=rf"cannot continue the log in .* at step 4: .*{match}.*Nothing was changed"):
+        epoch_fit(log, None, epochs=2, ckpt_path=str(root / "ckpt" / "epoch=0-step=4.ckpt"), **{**BASE, **change})
+    assert same(dump(log), before)  # the refusal touched nothing
+    assert sorted(p.name for p in (log / "rank-0").iterdir()) == sorted(p.name for p in (root / "log" / "rank-0").iterdir())
+
+
+def test_a_resume_refused_at_its_first_step_leaves_the_log_as_it_was(tmp_path, resumable):
+    """The log is truncated only when the resumed fit writes its first segment: a fit refused at its first step
+    (here: labels given as ids) loses none of the steps it was about to record again."""
+    root, before = resumable
+    log = tmp_path / "log"
+    shutil.copytree(root / "log", log)
+    with pytest.raises(ValueError, match=r"appear more than once in one batch"):
+        epoch_fit(log, None, epochs=2, ckpt_path=str(root / "ckpt" / "epoch=0-step=4.ckpt"), ids_fn=lambda b: b[1],
+                  **BASE)
+    after = dump(log)
+    assert same({k: v for k, v in after.items() if k != "meta"}, {k: v for k, v in before.items() if k != "meta"})
+    assert after["steps"] == list(range(8)) and after["finished"]
+
+
+def test_a_resume_with_harmless_changes_continues_and_records_them(tmp_path, resumable):
+    root, before = resumable
+    log = tmp_path / "log"
+    shutil.copytree(root / "log", log)
+    epoch_fit(log, None, epochs=2, ckpt_path=str(root / "ckpt" / "epoch=0-step=4.ckpt"),
+              **{**BASE, "compression": "gzip", "flush_every_n_steps": 3, "checkpoint_every_n_steps": 2})
+    after = InfluenceLog(log)
+    assert after.finished and after.steps.tolist() == list(range(8))
+    assert same([r[:7] for r in dump(log)["recs"]], [r[:7] for r in before["recs"]])  # every row bit for bit
+    (resume,) = after.meta["resumes"]
+    assert resume["step"] == 4
+    assert resume["changed"] == {"compression": [None, "gzip"], "flush_every_n_steps": [2, 3],
+                                 "checkpoint_every_n_steps": [1, 2]}
+    assert after.meta["run_id"] == before["meta"]["run_id"] and after.meta["compression"] is None
+
+
+# ------------------------------------------------------------------------ 3. the first segment
+def test_a_deleted_first_segment_is_detected(tmp_path):
+    synthetic(tmp_path, steps=6, flush=2)
+    (tmp_path / "rank-0" / "seg-00000000.h5").unlink()
+    with pytest.raises(LogFormatError, match=r"seg-00000001\.h5: the log starts at step 0 \(meta\.h5\) but the first "
+                                             r"segment of its rank, seg-00000001\.h5, starts at step 2: the segment\(s\) "
+                                             r"holding steps 0\.\.1 are missing"):
+        InfluenceLog(tmp_path)
+
+
+def test_a_log_started_by_a_resumed_fit_reads_from_its_first_step(tmp_path, resumable):
+    root, before = resumable
+    epoch_fit(tmp_path / "late", None, epochs=2, ckpt_path=str(root / "ckpt" / "epoch=0-step=4.ckpt"), overwrite=True,
+              **BASE)
+    log = InfluenceLog(tmp_path / "late")
+    assert log.steps.tolist() == [4, 5, 6, 7] and log.finished
+    got = [(r.step, r.ids, r.losses, r.grads) for r in log.iter_steps(fields=("loss", "grad"))]
+    want = [(r[0], r[3], r[4], r[5]) for r in before["recs"] if r[0] >= 4]
+    assert same(got, want)
+    (tmp_path / "late" / "rank-0" / "seg-00000000.h5").unlink()  # and its own first segment is missed too
+    with pytest.raises(LogFormatError, match=r"the log starts at step 4 \(meta\.h5\) .* holding steps 4\.\.5 are missing"):
+        InfluenceLog(tmp_path / "late")
+
+
+def test_swapped_segment_files_are_named_as_swapped_not_as_duplicates_or_gaps(tmp_path):
+    for order in ([1, 0, 2, 3], [0, 2, 1, 3], [3, 1, 2, 0], [2, 3, 0, 1]):
+        log = tmp_path / "".join(map(str, order))
+        synthetic(log, steps=8, flush=2)
+        segs = sorted((log / "rank-0").glob("seg-*.h5"))
+        data = [p.read_bytes() for p in segs]
+        for p, i in zip(segs, order):
+            p.write_bytes(data[i])
+        with pytest.raises(LogFormatError, match=r"segment files are out of order .* the steps are all there but the "
+                                                 r"files were renamed or swapped") as err:
+            InfluenceLog(log)
+        assert "Delete" not in str(err.value) and "missing" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- 4. ids that are ids
+def tracked_fit(tmp_path, dataset, **kw):
+    import lightning.pytorch as pl
+
+    loader_kw = {k: kw.pop(k) for k in ("sampler", "batch_sampler") if k in kw}
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[InfluenceTracker(str(tmp_path / "log"), **kw)])
+    args = loader_kw if "batch_sampler" in loader_kw else {"batch_size": 6, **loader_kw}
+    trainer.fit(tiny(), DataLoader(dataset, **args))
+    return trainer
+
+
+class Unique(Dataset):
+    """(x, y) pairs whose labels are unique within every batch of 6 (y = index % 6): labels that look like ids."""
+
+    def __init__(self, n=24):
+        self.x = make_data(n).tensors[0]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i % 6
+
+
+class ShiftedIds(Dataset):
+    def __init__(self, offset):
+        self.data, self.offset = make_data(24), offset
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return x, y, i + self.offset
+
+
+class PairIds(Dataset):
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        x, y = make_data(24)[i]
+        return x, y, [i, i]
+
+
+def test_labels_are_never_taken_for_ids(tmp_path):
+    """A plain (x, y) batch is refused at the first step, even with labels unique in every batch."""
+    y = Unique()[0]
+    assert isinstance(y, tuple)
+    with pytest.raises(ValueError, match=r"the batch has two elements: \(x, y\) inputs and labels, or \(x, ids\)\? "
+                                         r"Labels are never taken for sample ids.*WithIds.*ids_fn=lambda batch: batch\[1\]"):
+        tracked_fit(tmp_path, Unique())
+    assert InfluenceLog(tmp_path / "log").num_steps == 0  # nothing recorded
+    # WithIds on a dataset of plain tensors gives (x, ids): taken as ids
+    x_only = WithIds(TensorDataset(make_data(24).tensors[0]))
+    assert x_only[3][1] == 3
+
+
+def test_ids_outside_the_training_set_are_refused_at_the_first_step_with_a_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"sample ids \[.*\] are not indices into the training set, which has 24 "
+                                         r"samples .*WithIds\(Subset\(data, rows\)\)"):
+        tracked_fit(tmp_path, ShiftedIds(100))
+    assert InfluenceLog(tmp_path / "log").num_steps == 0
+    full = WithIds(make_data(48))
+    with pytest.raises(ValueError, match=r"Subset of a WithIds dataset, so its ids index the inner dataset"):
+        tracked_fit(tmp_path / "subset", Subset(full, list(range(10, 34))))
+    tracked_fit(tmp_path / "ok", WithIds(Subset(make_data(48), list(range(10, 34)))))  # the fix works
+    assert InfluenceLog(tmp_path / "ok" / "log").all_ids().tolist() == list(range(24))
+
+
+def test_sampling_with_replacement_is_refused_saying_so(tmp_path):
+    ds = WithIds(make_data(24))
+    with pytest.raises(ValueError, match=r"samples with replacement .* Sample without replacement"):
+        tracked_fit(tmp_path / "a", ds, sampler=RandomSampler(ds, replacement=True, num_samples=24))
+
+    class Twice:  # a custom batch sampler drawing sample 0 twice: caught at the step itself
+        def __iter__(self):
+            yield [0, 0, 1, 2]
+
+        def __len__(self):
+            return 1
+
+    with pytest.raises(ValueError, match=r"sample ids \[0\] appear more than once in one batch\. Sampling with "
+                                         r"replacement .* is not supported") as err:
+        tracked_fit(tmp_path / "b", ds, batch_sampler=Twice())
+    assert "are these labels" not in str(err.value)
+
+
+def test_two_dimensional_ids_and_a_scalar_per_sample_loss_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"sample ids must be a 1-D integer tensor \(one id per sample\), got shape \(2, 6\)"):
+        tracked_fit(tmp_path / "a", PairIds())
+
+    class Scalar(TinyClassifier):
+        def per_sample_loss(self, batch):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+    import lightning.pytorch as pl
+
+    for kw in ({}, {"record_gradients": True}, {"record_gradients": True, "gradient_engine": "vmap"}):
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False,
+                             callbacks=[InfluenceTracker(str(tmp_path / f"s{len(kw)}"), **kw)])
+        with pytest.raises(ValueError, match=r"Scalar\.per_sample_loss\(batch\) returned \(\) for a batch of 6 samples; "
+                                             r"it must return one loss per sample, shape \[6\]"):
+            trainer.fit(Scalar().double(), DataLoader(WithIds(make_data(24)), batch_size=6))
+
+
+# --------------------------------------------------------------- 6. Ctrl+C on a full writer queue
+@pytest.mark.slow
+def test_ctrl_c_while_training_waits_on_a_slow_disk_keeps_every_accepted_step(tmp_path):
+    """A real SIGINT to a fit whose segment writes are slower than its steps (fsync sleeps 0.1 s): training is
+    blocked on the full writer queue. Every step the tracker accepted is on disk afterwards, equal to an
+    uninterrupted run's, and no step is reported lost."""
+    out = subprocess.run([sys.executable, str(HERE / "crash_run.py"), str(tmp_path / "work"), "--sigint-at", "6"],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    report = json.loads((tmp_path / "work" / "report.json").read_text())
+    run = report["sigint"]
+    assert run["exit"] == 1, out.stderr[-3000:]  # Lightning's graceful shutdown exits 1
+    assert "Detected KeyboardInterrupt" in out.stderr
+    assert run["blocked_in_put"], "the interrupt did not land while the queue was full"
+    got, ref = InfluenceLog(tmp_path / "work" / "sigint" / "log"), InfluenceLog(tmp_path / "work" / "ref" / "log")
+    accepted = run["accepted"]  # the step the interrupted add_step was recording, + 1
+    assert got.steps.tolist() == list(range(accepted)) and accepted >= run["completed_steps"] >= 6
+    assert_same_records(got, ref, steps=range(accepted))
+    assert "are not on disk" not in out.stderr
+
+
+def test_ctrl_c_while_add_step_waits_on_a_full_queue_loses_no_accepted_step(tmp_path, monkeypatch):
+    """In-process: SIGINT to the training thread while ``add_step`` waits on a full queue behind 0.3 s writes; after
+    ``close`` (what Lightning's graceful shutdown calls) every step the writer accepted is on disk."""
+    synthetic(tmp_path, steps=2, flush=2)
+    real = writer_mod.write_segment
+    monkeypatch.setattr(writer_mod, "write_segment", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])
+    writer = LogWriter(tmp_path, flush_every_n_steps=1, max_pending=1)
+    main = threading.get_ident()
+    threading.Timer(0.8, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        for t in range(2, 200):
+            writer.add_step(StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(3),
+                                       losses=np.full(3, t), grads=np.ones((3, 6)), hvps=np.ones((3, 6))))
+    frames = [f.name for f in __import__("traceback").extract_tb(interrupted.value.__traceback__)]
+    assert "put" in frames, frames  # it landed while the queue was full
+    accepted = writer._next_step  # the step being added was accepted (buffered) before the wait
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not on disk" warning
+        writer.close()
+    log = InfluenceLog(tmp_path)
+    assert log.steps.tolist() == list(range(accepted)) and accepted >= 3 and writer.lost is None
+    assert [r.losses[0] for r in log.iter_steps(2, accepted, fields=("loss",))] == list(range(2, accepted))
+
+
+def test_an_interrupted_close_reports_the_lost_range(tmp_path, monkeypatch):
+    """A second Ctrl+C while close() waits for a slow write: the steps not yet on disk are named."""
+    synthetic(tmp_path, steps=2, flush=2)
+    real = writer_mod.write_segment
+    monkeypatch.setattr(writer_mod, "write_segment", lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1])
+    writer = LogWriter(tmp_path, flush_every_n_steps=2, max_pending=1)
+    for t in range(2, 8):
+        writer.add_step(StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(3),
+                                   losses=np.ones(3), grads=np.ones((3, 6)), hvps=np.ones((3, 6))))
+    main = threading.get_ident()
+    for delay in (0.2, 0.4):  # the first lands in flush's wait, the second in the final wait for the writer thread
+        threading.Timer(delay, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.warns(RuntimeWarning, match=r"rank 0: steps (2|4|6)\.\.7 were recorded but are not on disk \(the "
+                                            r"background writer was still writing"):
+        with pytest.raises(KeyboardInterrupt):
+            writer.close()
+    writer.close()  # the process lives on: closing again finishes the writes, nothing is lost after all
+    assert InfluenceLog(tmp_path).steps.tolist() == list(range(8)) and writer.lost is None
+
+
+# ------------------------------------------------------------------------------- 7. overwrite
+def test_overwrite_removes_only_the_logs_own_files(tmp_path):
+    epoch_fit(tmp_path / "log", None, epochs=1)
+    keep = {"notes.txt": "mine", "rank-0/plot.png": "png", "rank-7/other.bin": "x", "sub/seg-00000000.h5": "not a segment"}
+    for name, text in keep.items():
+        (tmp_path / "log" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "log" / name).write_text(text)
+    (tmp_path / "log" / "rank-0" / "seg-00000009.h5.tmp").write_text("unfinished")
+    epoch_fit(tmp_path / "log", None, epochs=2, overwrite=True)
+    for name, text in keep.items():
+        assert (tmp_path / "log" / name).read_text() == text, name
+    log = InfluenceLog(tmp_path / "log")
+    assert log.finished and log.num_steps == 8 and not list((tmp_path / "log").rglob("*.tmp"))
+
+
+# -------------------------------------------------------------------------------- 8. messages
+@pytest.mark.parametrize("where", ["writer.lock", "meta.h5.tmp"])
+def test_disk_full_or_read_only_when_the_fit_starts_names_the_path_and_what_to_do(tmp_path, monkeypatch, where):
+    import errno
+    import traceback
+
+    for code, advice in ((errno.ENOSPC, "The disk is full: free space"), (errno.EROFS, "log_dir is not writable")):
+        log_dir = tmp_path / str(code) / "log"
+        real_open = os.open
+
+        def failing_open(path, flags, *args, **kwargs):
+            if str(path).startswith(str(log_dir)) and str(path).endswith(where) and flags & os.O_CREAT:
+                raise OSError(code, os.strerror(code), str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", failing_open)
+        with pytest.raises(LogWriteError) as err:
+            epoch_fit(log_dir, None, epochs=1)
+        monkeypatch.undo()
+        message = str(err.value)
+        assert str(log_dir) in message and where in message and advice in message, message
+        assert "Nothing of this fit is in the log yet" in message and "start the fit again" in message
+        printed = "".join(traceback.format_exception(err.value))
+        assert printed.count(os.strerror(code)) == 1, printed  # raised once, not twice in a chained traceback
+        assert not list(log_dir.rglob("*.tmp")) and not list(log_dir.rglob("writer.lock"))
+
+
+def test_the_demo_with_two_epochs_reports_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """``max_epochs: 2`` gives two per-epoch windows, fewer than temporal patterns need: the demo says so."""
+    import yaml
+
+    from lightning_influence.examples import digits
+
+    cfg = yaml.safe_load((HERE.parent / "configs" / "digits.yaml").read_text())
+    cfg["trainer"].update(max_epochs=2, default_root_dir=str(tmp_path / "run"))
+    cfg["trainer"]["callbacks"][0]["init_args"]["log_dir"] = str(tmp_path / "run" / "influence")
+    cfg["data"].update(n_train=96)
+    (tmp_path / "digits.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    digits.main(["--config", str(tmp_path / "digits.yaml")])
+    out = capsys.readouterr().out
+    assert "== last epoch: steps [3, 6) ==" in out and "need at least 3 epochs; this run has 2" in out
