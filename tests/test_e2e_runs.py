@@ -80,3 +80,13 @@ def test_info_names_batch_size_range_and_autocast(log_dir, capsys):
     out = capsys.readouterr().out
     assert "3 (0..2)" in out and "batch size 8 on average (4..10)" in out  # micro-batches 5,5 | 5,5 | 4
     assert "bf16-mixed autocast" in out
+
+
+def test_every_cli_method_is_importable_from_the_package_root():
+    """What ``--method`` runs, Python users import from ``lightning_influence`` (tracin-self included)."""
+    import lightning_influence as li
+    from lightning_influence.cli.methods import METHODS
+
+    for name, method in METHODS.items():
+        function = method.target.rpartition(":")[2]
+        assert function in li.__all__ and callable(getattr(li, function)), name
