@@ -90,3 +90,14 @@ def test_every_cli_method_is_importable_from_the_package_root():
     for name, method in METHODS.items():
         function = method.target.rpartition(":")[2]
         assert function in li.__all__ and callable(getattr(li, function)), name
+
+
+def test_self_influence_tables_are_not_called_harmful():
+    """``top(k)`` of a self-influence result lists the lowest scores: its title must not say "most harmful"."""
+    from lightning_influence import InfluenceScores
+
+    s = InfluenceScores(np.array([[0.5], [2.0], [0.1]]), "tracin-self", (0, 3), ["self"])
+    assert str(s.top(1)).splitlines()[0].startswith("lowest self-influence")
+    high = s.top(1, harmful=False)
+    assert high.ids.tolist() == [1] and str(high).splitlines()[0].startswith("highest self-influence")
+    assert str(InfluenceScores(np.array([[0.5]]), "dit", (0, 3), ["val_loss"]).top(1)).startswith("most harmful for val_loss")
