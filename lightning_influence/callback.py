@@ -24,7 +24,6 @@ import io
 import json
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -38,11 +37,10 @@ from lightning_influence.capture import HVP_SCHEMES, HookGradientCapture, Kronec
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
-from lightning_influence.log.format import META_FILE, list_segments, read_meta
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.log.resume import check_resume, with_resume_record
-from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, rank_end, remove_log, storage_error, write_meta
+from lightning_influence.log.resume import continue_log, log_exists, start_new_log
+from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, storage_error, write_meta
 from lightning_influence.step import rng
 from lightning_influence.step.pending import PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record
 from lightning_influence.step.precision import FULL, Precision
@@ -204,7 +202,6 @@ class InfluenceTracker(Callback):
         self._run_id: str | None = None
         self._resume_state: dict[str, Any] = {}
         self._live: LiveTensorBoard | None = None  # running signals in the trainer's TensorBoard, if any
-        self._truncate_from: int | None = None  # a resumed fit continuing the log at this step (see _continue_log)
         self._lock: WriterLock | None = None  # this rank's exclusive writer lock, held from on_train_start to teardown
         self._with_ids = False  # the training set is a WithIds: (x, ids) batches carry ids
         self._dataset_size: int | None = None
@@ -246,8 +243,12 @@ class InfluenceTracker(Callback):
                         "gradient_clipping": clipping}
         fit_meta = json.loads(json.dumps(fit_meta))
         self._acquire_lock(trainer.global_rank)  # before any file of the log is touched; released in _teardown
-        if not (start > 0 and self._continue_log(trainer, start, resume_state, fit_meta)):
-            self._new_log(trainer, start)
+        continued, self._first_step = (False, None) if start == 0 else continue_log(
+            self.log_dir, trainer.global_rank, trainer.world_size, trainer.is_global_zero, start, resume_state, fit_meta,
+            self.overwrite)  # log/resume.py
+        if not continued:
+            start_new_log(self.log_dir, self.overwrite, trainer.is_global_zero)
+            self._first_step = start
             trainer.strategy.barrier("influence_tracker_setup")
             if trainer.is_global_zero:
                 with generators_kept():  # the recipe may read the dataset, whose __getitem__ may draw random numbers
@@ -255,8 +256,7 @@ class InfluenceTracker(Callback):
                 write_meta(self.log_dir, {**meta, "gradient_clipping": clipping})
         trainer.strategy.barrier("influence_tracker_meta")
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype,
-                                 self.compression, truncate_from=self._truncate_from)
-        self._truncate_from = None
+                                 self.compression, truncate_from=start if continued else None)  # drops steps >= start
         self._run_id = self._writer.run_id
         self._live = LiveTensorBoard.attach(trainer)
         self._next_step = self._fit_start = start
@@ -283,65 +283,6 @@ class InfluenceTracker(Callback):
             if not self._lock.held:
                 self._lock = None
 
-    def _continue_log(self, trainer: pl.Trainer, start: int, state: dict[str, Any], fit_meta: dict[str, Any]) -> bool:
-        """Resumed at step ``start``: truncate the existing log to ``start`` and continue it; ``False`` if there is none.
-
-        Raises:
-            ValueError: the log belongs to another run, was written with another world size, or with a
-                configuration that changes what its rows mean (``log/resume.py``; nothing is touched).
-            RuntimeError: the log misses steps before ``start`` (it cannot be continued without a gap).
-        """
-        if not _exists(self.log_dir):
-            if state.get("run_id") and not self.overwrite:
-                raise FileNotFoundError(
-                    f"InfluenceTracker: resuming at step {start} from a checkpoint whose run was tracked into the log "
-                    f"{state.get('log_dir')!r} (run id {state['run_id']}), but {self.log_dir} holds no influence log. "
-                    f"Point log_dir at that log to continue it, or pass overwrite=True to start a new log at step {start}")
-            return False
-        meta = read_meta(self.log_dir)
-        rank = trainer.global_rank
-        hint = f"or pass overwrite=True to replace it with a new log starting at step {start}"
-        if state.get("run_id") and meta.get("run_id") != state["run_id"]:
-            if self.overwrite:
-                return False
-            raise ValueError(f"InfluenceTracker: {self.log_dir} holds the log of another run (run id {meta.get('run_id')}), "
-                             f"not the one this checkpoint was tracked into (run id {state['run_id']}); point log_dir at "
-                             f"that run's log, {hint}")
-        if int(meta.get("world_size") or 1) != trainer.world_size:
-            if self.overwrite:
-                return False
-            raise ValueError(f"InfluenceTracker: the log in {self.log_dir} was written by {meta.get('world_size')} "
-                             f"process(es) but this fit runs {trainer.world_size}; resume with the same number of "
-                             f"processes, {hint}")
-        first = int(meta.get("first_step") or 0)
-        end = rank_end(self.log_dir, rank)
-        have = (end if end is not None else first - 1)
-        if start < first or have < start - 1:
-            if self.overwrite:
-                return False
-            held = f"steps {first}..{end}" if end is not None else f"no step (it starts at step {first})"
-            raise RuntimeError(
-                f"InfluenceTracker: training resumes at step {start} but the log of rank {rank} in {self.log_dir} holds "
-                f"{held}, so it cannot continue without a gap (was the checkpoint saved without this callback, or were "
-                f"segment files lost?). Resume from a checkpoint at a step in {first}..{have + 1}, {hint}")
-        check_resume(self.log_dir, meta, fit_meta, start)  # a refusal loses nothing
-        self._truncate_from = start  # steps >= start are recorded again: dropped by the writer before its first write,
-        # so a fit refused at its first step (ids, losses) leaves the log as it was
-        if trainer.is_global_zero:
-            write_meta(self.log_dir, with_resume_record(meta, fit_meta, start))
-        self._first_step = start if end is None else None  # θ_start if the log holds no step yet
-        return True
-
-    def _new_log(self, trainer: pl.Trainer, start: int) -> None:
-        """Start a new log at step ``start`` (rank 0 removes an existing one if ``overwrite``)."""
-        if list_segments(self.log_dir) or _exists(self.log_dir):
-            if not self.overwrite:
-                raise FileExistsError(f"{self.log_dir} already holds an influence log; choose a new log_dir, "
-                                      "pass overwrite=True, or resume with Trainer.fit(ckpt_path=...)")
-            if trainer.is_global_zero:
-                remove_log(self.log_dir)  # the log's own files only: anything else in log_dir stays
-        self._first_step = start
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._land()
         if self._writer is not None and trainer.is_global_zero:
@@ -352,7 +293,7 @@ class InfluenceTracker(Callback):
         # A fit resumed from a checkpoint taken at the very end of training runs no training hook, so a run killed
         # after that checkpoint but before on_train_end would keep a log without θ_T: store it now.
         state, self._resume_state = self._resume_state, {}
-        if not (state.get("run_id") and trainer.is_global_zero and trainer.global_step > 0 and _exists(self.log_dir)):
+        if not (state.get("run_id") and trainer.is_global_zero and trainer.global_step > 0 and log_exists(self.log_dir)):
             return
         with InfluenceLog(self.log_dir) as log:
             if log.meta.get("run_id") != state["run_id"] or log.finished or log.num_steps != trainer.global_step:
@@ -567,7 +508,3 @@ def _serialise(batch: Any) -> bytes:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(f"InfluenceTracker: {message}")
-
-
-def _exists(log_dir: str) -> bool:
-    return (Path(log_dir) / META_FILE).exists()
