@@ -139,3 +139,31 @@ def test_curvature_products_through_groupnorm_equal_double_backward_per_directio
     per_sample = step.per_sample_curvature(module, loss_fn, params, directions[0], list(params))  # Diff-In's H_i v
     for n in params:
         torch.testing.assert_close(torch.einsum("b,b...->...", w, per_sample[n]), hr[0][n], rtol=1e-10, atol=1e-12)
+
+
+# --- pred:/margin: queries on dict items
+
+
+def test_prediction_queries_on_dict_items():
+    """``pred:ID`` and ``margin:ID`` on a test set of ``{"x", "y"}`` dicts call the model on ``x`` (it was called on
+    the whole dict: "internal error" from inside the model); ambiguous dicts are a clear user error."""
+    from types import SimpleNamespace
+
+    from lightning_influence.cli.common import UserError
+    from lightning_influence.cli.queries import build_query, parse_query
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    items = [{"x": torch.randn(4), "y": torch.tensor(i % 3)} for i in range(4)]
+    ctx = SimpleNamespace(test_dataset=items, val_batch=None)
+    query, names = build_query([parse_query("pred:2"), parse_query("margin:1:0")], ctx)
+    out = query(model)
+    with torch.no_grad():
+        logits2, logits1 = model(items[2]["x"]), model(items[1]["x"])
+    assert names == ["pred:2", "margin:1:0"]
+    torch.testing.assert_close(out[0], logits2[2])  # the item's own label, 2
+    torch.testing.assert_close(out[1], logits1[0] - logits1[1:].max())
+
+    two = SimpleNamespace(test_dataset=[{"a": torch.randn(4), "b": torch.randn(4), "y": torch.tensor(0)}], val_batch=None)
+    with pytest.raises(UserError, match=r"inputs \['a', 'b'\].*test:ID"):
+        build_query([parse_query("pred:0")], two)
