@@ -63,13 +63,12 @@ def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None):
         if spec.kind == "test":
             parts.append(queries.sample_losses(batch, names=[spec.text]))
         else:
+            x, y = _inputs_and_label(batch, spec)
             target = spec.target
             if target is None:
-                y = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
                 if y is None:
                     raise UserError(f"--query {spec.text}: the test item has no label; give the class as {spec.kind}:ID:CLASS")
                 target = int(y.reshape(-1)[0])
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
             parts.append(queries.prediction(x, target, margin=spec.kind == "margin", name=spec.text))
         names.append(spec.text)
 
@@ -78,6 +77,23 @@ def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None):
 
     f.query_names = names  # type: ignore[attr-defined]
     return f, names
+
+
+def _inputs_and_label(batch: Any, spec: QuerySpec) -> tuple[Any, Any]:
+    """The model input and the label (or ``None``) of a collated test item: ``(x, y, ...)``, a dict with one
+    input entry besides its label (``y``, ``label``, ...) and ``ids``, or a bare input."""
+    from lightning_influence.estimators.scores import LABEL_KEYS
+
+    if isinstance(batch, (list, tuple)):
+        return batch[0], batch[1] if len(batch) > 1 else None
+    if isinstance(batch, dict):
+        label = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        inputs = [k for k in batch if k not in LABEL_KEYS and k != "ids"]
+        if len(inputs) != 1:
+            raise UserError(f"--query {spec.text}: the test items are dicts with inputs {inputs}, so which one the model "
+                            "takes is unknown; use test:ID (the item's loss through per_sample_loss) or --builder")
+        return batch[inputs[0]], label
+    return batch, None
 
 
 def query_columns(result_names: Sequence[str], names: Sequence[str], specs: Sequence[QuerySpec]) -> list[tuple[int, str, bool]]:

@@ -143,7 +143,12 @@ class Ranking:
 
     def __str__(self) -> str:
         head = f"{'rank':>4} {'id':>6} {'score':>12}" + (f" {'label':>5}" if self.labels is not None else "")
-        lines = [f"most {'harmful' if self.harmful else 'helpful'} for {self.query}:", head]
+        if self.query == "self":  # self-influence: high = fitted only because trained on (mislabelled candidates)
+            title = "highest self-influence (look here for mislabelled samples):" if not self.harmful else \
+                "lowest self-influence (top(k, harmful=False) lists the highest):"
+        else:
+            title = f"most {'harmful' if self.harmful else 'helpful'} for {self.query}:"
+        lines = [title, head]
         for r, (i, s) in enumerate(self, 1):
             label = f" {int(self.labels[r - 1]):>5}" if self.labels is not None else ""
             lines.append(f"{r:>4} {i:>6} {s:>12.4e}{label}")

@@ -118,8 +118,7 @@ class Step:
             if not inner.requires_grad:  # the loss does not depend on these parameters
                 return [{n: torch.zeros_like(leaves[n]) for n in names} for _ in range(C)], u.new_zeros(C, len(u))
             eye = torch.eye(C, dtype=inner.dtype, device=inner.device)  # the C directions in one batched backward
-            out = torch.autograd.grad(inner, [*leaves.values(), u], grad_outputs=eye, is_grads_batched=True,
-                                      allow_unused=True)
+            out = batched_grad(inner, [*leaves.values(), u], eye, allow_unused=True)
         hr = [{n: torch.zeros_like(leaves[n]) if o is None else o[c].detach() for n, o in zip(names, out)} for c in range(C)]
         jr = u.new_zeros(C, len(u)) if out[-1] is None else out[-1].detach()
         return hr, jr
@@ -142,17 +141,29 @@ class Step:
             eye = torch.eye(B, dtype=losses.dtype, device=losses.device)
             for c0 in range(0, B, chunk_size):
                 e = eye[c0:c0 + chunk_size]
-                g = torch.autograd.grad(losses, [leaves[n] for n in dirs], grad_outputs=e, is_grads_batched=True,
-                                        create_graph=True, retain_graph=True, allow_unused=True)
+                g = batched_grad(losses, [leaves[n] for n in dirs], e, create_graph=True, allow_unused=True)
                 d = sum(((gi * v[n].to(gi)).reshape(len(e), -1).sum(1) for gi, n in zip(g, dirs) if gi is not None),
                         torch.zeros(len(e), dtype=losses.dtype, device=losses.device))  # ⟨∇ℓ_i, v⟩ of the chunk
-                out = (torch.autograd.grad(d, [leaves[n] for n in names], grad_outputs=torch.eye(len(e)).to(d),
-                                           is_grads_batched=True, retain_graph=True, allow_unused=True)
+                out = (batched_grad(d, [leaves[n] for n in names], torch.eye(len(e)).to(d), allow_unused=True)
                        if d.requires_grad else [None] * len(names))
                 for n, o in zip(names, out):
                     rows[n].append(torch.zeros(len(e), *leaves[n].shape, dtype=losses.dtype, device=losses.device)
                                    if o is None else o.detach())
         return {n: torch.cat(r) for n, r in rows.items()}
+
+
+def batched_grad(output: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, **kw: Any) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` of ``output`` for each row of ``cotangents`` (``(C, *output.shape)``), stacked ``(C, ...)``.
+
+    One vectorised backward (``is_grads_batched``) where every backward formula of the graph has a batching
+    rule; else one backward per row: GroupNorm's double backward has none (torch 2.13 fails with a size
+    mismatch), so DIT and Diff-In on a GroupNorm CNN take this path. The graph is retained.
+    """
+    try:
+        return torch.autograd.grad(output, inputs, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True, **kw)
+    except RuntimeError:  # a backward without a batching rule; a genuine error fails again below
+        rows = [torch.autograd.grad(output, inputs, grad_outputs=c, retain_graph=True, **kw) for c in cotangents]
+        return tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs)))
 
 
 @contextlib.contextmanager
@@ -190,8 +201,7 @@ def per_sample_grads_masked(module: nn.Module, loss_fn: LossFn, micro: MicroBatc
         rows = []
         for c0 in range(0, out.shape[0], chunk_size):
             e = eye[c0:c0 + chunk_size]
-            g = torch.autograd.grad(out, list(leaves.values()), grad_outputs=e, is_grads_batched=True, retain_graph=True,
-                                    allow_unused=True)
+            g = batched_grad(out, list(leaves.values()), e, allow_unused=True)
             rows.append([torch.zeros(len(e), *leaves[n].shape, dtype=out.dtype, device=out.device) if gi is None else gi
                          for n, gi in zip(leaves, g)])
     grads = {n: torch.cat([r[i] for r in rows]).detach() for i, n in enumerate(leaves)}
