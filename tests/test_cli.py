@@ -476,3 +476,15 @@ def test_a_bad_window_is_refused_before_the_model_config_is_loaded(run, tmp_path
     assert_error(cli(capsys, "query", run.log, "-c", missing, "-w", "0:9999", "-q"), "window '0:9999'")
     assert_error(cli(capsys, "timeline", run.log, "-c", missing, "-w", "abc", "-q"), "cannot parse window")
     assert_error(cli(capsys, "evaluate", run.log, "-c", missing, "-w", "0.5:2.0", "-q"), "must satisfy")
+
+
+def test_python_function_names_are_cli_method_names(run, capsys):
+    """``-m tracin_self_influence`` (the Python name) runs the same method as ``-m tracin-self``."""
+    outs = []
+    for name in ("tracin-self", "tracin_self_influence"):
+        code, out, err = cli(capsys, "query", run.log, "-m", name, "--top", "0", "-f", "json", "-q")
+        assert code == 0, err
+        outs.append(json.loads(out)["results"][0]["rows"])
+    assert outs[0] == outs[1] and len(outs[0]) == 60
+    code, _, err = cli(capsys, "query", run.log, "-m", "tracin_selfish", "-q")
+    assert code == 2 and "tracin-selfish" in err

@@ -10,7 +10,7 @@ import numpy as np
 from lightning_influence.cli.common import (UserError, csv_text, drift_line, emit, flip_cell, format_table, json_text,
                                             output_format, parse_window, progress_bar, status)
 from lightning_influence.cli.context import RunContext, prepare
-from lightning_influence.cli.methods import (METHODS, Method, call_with, check_records, default_method,
+from lightning_influence.cli.methods import (METHODS, Method, call_with, canonical_method, check_records, default_method,
                                              estimator_inputs, method_help, run_method)
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 from lightning_influence.evaluation.verdict import truth_noise_floor, verdict
@@ -21,7 +21,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                        description="Replay training without each chosen sample (leave-one-out ground truth, math §6), "
                                    "compare with the estimators, and print agreement metrics; with known flipped labels, "
                                    "also their detection AUROC and precision.")
-    p.add_argument("--method", "-m", choices=list(METHODS), action="append", metavar="METHOD",
+    p.add_argument("--method", "-m", type=canonical_method, choices=list(METHODS), action="append", metavar="METHOD",
                    help=method_help() + "; repeatable")
     p.add_argument("--window", "-w", metavar="W", help="the window (default: the whole run)")
     p.add_argument("--samples", "-s", default="top:10",

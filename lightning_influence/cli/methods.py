@@ -89,6 +89,9 @@ METHODS: dict[str, Method] = {
     "tracin-self": Method("lightning_influence.estimators.tracin:tracin_self_influence", "log", ("gradients",),
                           "TracIn self-influence: sum of lr/|B| |g_j,t|^2 (data cleaning; ignores --query)", query=False),
 }
+# The Python function names name the same methods: ``-m dit_gauss_newton`` is ``-m dit-gn``.
+ALIASES = {"dit-gauss-newton": "dit-gn", "diffin-self-influence": "diffin-self",
+           "tracin-self-influence": "tracin-self"}
 DISTRIBUTED = {"tracin": "tracin", "tracin-self": "tracin_self_influence"}  # --devices/--num-nodes (distributed.run)
 DEFAULT_METHODS = ("dit", "tracin")  # the first one installed is the default
 _RECORD_FLAGS = {"gradients": ("per-sample gradients", "record_gradients=True"),
@@ -97,6 +100,12 @@ _RECORD_FLAGS = {"gradients": ("per-sample gradients", "record_gradients=True"),
                  "checkpoints": ("parameter checkpoints", "checkpoint_every_n_steps=1")}
 NEEDS_TEXT = {"log": "log only", "model": "needs the model + query data (rebuilt from the log)",
                "model+data": "needs the model, training and query data (rebuilt from the log)"}
+
+
+def canonical_method(text: str) -> str:
+    """``--method`` as typed to its :data:`METHODS` key: Python's spelling (``dit_gauss_newton``) is accepted."""
+    name = text.strip().replace("_", "-")
+    return ALIASES.get(name, name)
 
 
 def available_methods() -> list[str]:

@@ -12,7 +12,7 @@ from lightning_influence.cli.common import (PROG, UserError, csv_text, drift_lin
                                             json_text, output_format, parse_window, progress_bar, ranked, row_count,
                                             sign_line)
 from lightning_influence.cli.context import prepare
-from lightning_influence.cli.methods import DISTRIBUTED, METHODS, method_help, run_method
+from lightning_influence.cli.methods import DISTRIBUTED, METHODS, method_help, canonical_method, run_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 from lightning_influence.distributed import DistributedQueryError, global_rank, launched_outside, run
 
@@ -24,7 +24,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                        epilog="examples:\n"
                               f"  {PROG} query runs/digits/influence --config configs/digits.yaml --window 'epoch 14:'\n"
                               f"  {PROG} query LOG -c CONFIG --window 100:500 --window 0.8:1.0 --query test:3 -o top.csv")
-    p.add_argument("--method", "-m", choices=list(METHODS), metavar="METHOD", help=method_help())
+    p.add_argument("--method", "-m", type=canonical_method, choices=list(METHODS), metavar="METHOD", help=method_help())
     p.add_argument("--window", "-w", action="append", metavar="W",
                    help="steps '100:500', fractions '0.8:1.0' or epochs 'epoch 3:5' (epochs 3 and 4); empty ends mean "
                         "start/end; repeatable; default: the whole run")

@@ -10,7 +10,7 @@ import numpy as np
 from lightning_influence.cli.common import (UserError, csv_text, emit, flip_cell, format_table, json_text,
                                             output_format, parse_grid, parse_window, ranked, row_count, sign_line)
 from lightning_influence.cli.context import prepare
-from lightning_influence.cli.methods import METHODS, compute_windows, method_help
+from lightning_influence.cli.methods import METHODS, compute_windows, method_help, canonical_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 
 SUMMARY = "scores on a grid of windows and each sample's temporal pattern"
@@ -22,7 +22,7 @@ def add_grid_parser(sub: Any, parents: dict[str, argparse.ArgumentParser], name:
     """The parser of a command computing scores on a grid of windows (``timeline``, ``tensorboard``)."""
     p = sub.add_parser(name, parents=[parents["common"], parents["model"], parents["query"]], help=summary,
                        description=summary + ".")
-    p.add_argument("--method", "-m", choices=list(METHODS), metavar="METHOD", help=method_help())
+    p.add_argument("--method", "-m", type=canonical_method, choices=list(METHODS), metavar="METHOD", help=method_help())
     p.add_argument("--grid", "-g", default="epochs",
                    help="windows: 'epochs' (default), a number of equal windows, or boundaries '0,100,200,480'")
     p.add_argument("--window", "-w", metavar="W", help="restrict the grid to this span (default: the whole run)")
