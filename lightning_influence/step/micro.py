@@ -50,17 +50,18 @@ class MicroBatch:
 
     @contextlib.contextmanager
     def context(self, precision: Precision, module: nn.Module | None = None) -> Iterator[None]:
-        """Random state and autocast of this micro-batch's forward (the caller's generators are kept), and
-        ``module`` in train mode as Lightning runs ``training_step`` (:func:`training_mode`)."""
-        with rng.restored(self.random), precision.autocast(), training_mode(module):
+        """Random state and autocast of this micro-batch's forward (the caller's generators are kept), and, if the
+        forward drew random numbers in training, ``module`` in train mode (:func:`training_mode`)."""
+        with rng.restored(self.random), precision.autocast(), training_mode(module if self.drew else None):
             yield
 
 
 @contextlib.contextmanager
 def training_mode(module: nn.Module | None) -> Iterator[None]:
     """A module given in eval mode (``model.eval()`` after training) is re-run in train mode, as Lightning runs
-    ``training_step``: otherwise its dropout would be off and the step not the one trained. A module in train mode
-    is used as it is (submodules a user keeps in eval mode stay so); the mode is restored afterwards."""
+    ``training_step``: otherwise its dropout would be off and the step not the one trained. (Called only for
+    micro-batches whose training forward drew random numbers: a run trained in eval mode drew none.) A module in
+    train mode is used as it is (submodules a user keeps in eval mode stay so); the mode is restored afterwards."""
     if module is None or module.training:
         yield
         return
