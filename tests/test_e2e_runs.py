@@ -167,3 +167,24 @@ def test_prediction_queries_on_dict_items():
     two = SimpleNamespace(test_dataset=[{"a": torch.randn(4), "b": torch.randn(4), "y": torch.tensor(0)}], val_batch=None)
     with pytest.raises(UserError, match=r"inputs \['a', 'b'\].*test:ID"):
         build_query([parse_query("pred:0")], two)
+
+
+# --- a model handed over in eval mode (model.eval() after training) replays the steps as trained
+
+
+def test_eval_mode_module_replays_dropout_steps_in_train_mode(log_dir):
+    from lightning_influence import dit
+    from lightning_influence.replay import replay
+
+    data = make_data(24)
+    fit(tiny(dropout=0.5), loader(data), InfluenceTracker(log_dir, checkpoint_every_n_steps=2), epochs=2)
+    log = InfluenceLog(log_dir)
+    module = tiny(dropout=0.5).eval()
+    for _ in replay(log, module, data, tolerance=0):  # was a ReplayMismatchError: dropout off in eval mode
+        pass
+    assert not module.training and not any(m.training for m in module.modules())
+    query = mean_loss(make_data(12, seed=5).tensors)
+    in_eval = dit(log, query, module=module, train_data=data).column(0)
+    in_train = dit(log, query, module=tiny(dropout=0.5), train_data=data).column(0)
+    np.testing.assert_array_equal(in_eval, in_train)
+    assert np.abs(in_train).max() > 0
