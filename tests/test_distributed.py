@@ -12,7 +12,9 @@ import torch.distributed as dist
 
 from conftest import fit, loader, make_data, tiny
 from lightning_influence import InfluenceLog, InfluenceTracker, tracin
-from lightning_influence.distributed import DistributedQueryError, run, shard_steps
+from lightning_influence.distributed import DistributedQueryError, Processes, map_blocks, run, shard_steps, split_range
+from lightning_influence.evaluation.ground_truth import replay_loo
+from lightning_influence.evaluation.groups import replay_group_removal
 from lightning_influence.estimators import tracin_self_influence
 from lightning_influence.queries import mean_loss
 
@@ -93,6 +95,59 @@ def test_a_killed_process_ends_the_query_with_a_clear_error(log_dir):
     assert time.perf_counter() - t0 < 60
 
 
+# ------------------------------------------------------------------------------------- replay LOO and groups
+class ValLoss:
+    """A picklable query (``ddp_spawn`` sends it to every process): the mean loss on a fixed batch."""
+
+    query_names = ["val"]
+
+    def __init__(self, n: int = 6, seed: int = 2) -> None:
+        self.batch = make_data(n, seed=seed).tensors
+
+    def __call__(self, module):
+        return module.per_sample_loss(self.batch).mean()
+
+
+def test_split_range_and_one_process_map():
+    assert split_range(7, 3) == [(0, 2), (2, 4), (4, 7)] and split_range(1, 3) == [(0, 0), (0, 0), (0, 1)]
+    assert map_blocks(lambda a, b, d: list(range(a, b)), 4, None, "x")[0][:3] == (0, 4, [0, 1, 2, 3])
+
+
+@pytest.mark.slow
+def test_replay_loo_and_group_removal_on_two_gloo_processes_equal_one_process(log_dir):
+    """5 samples (copies=2: passes of 2 and 1 here, 3 and 2 in one process) and 3 groups, split 2 + 3 / 1 + 2."""
+    data, query, ids = make_data(24, seed=1), ValLoss(), [0, 3, 7, 11, 20]
+    groups = [[1, 2], [5], [4, 8, 9]]
+    with InfluenceLog(log_dir) as log:
+        want = replay_loo(log, tiny(), data, query, sample_ids=ids, grid=[0, 9, 18], copies=3)
+        got = replay_loo(log, tiny(), data, query, sample_ids=ids, grid=[0, 9, 18], copies=2,
+                         processes=Processes(devices=2, timeout_s=120))
+        want_g = replay_group_removal(log, tiny(), data, query, groups)
+        got_g = replay_group_removal(log, tiny(), data, query, groups, processes=2)
+    assert got.ids.tolist() == ids and got.info["processes"] == 2
+    assert [r["units"] for r in got.info["per_rank"]] == [[0, 2], [2, 5]] and got.info["passes"] == 3
+    assert np.abs(want.values).max() > 1e-4  # removals that move the query
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got.base, want.base, rtol=1e-12, atol=1e-15)
+    assert got.info["replay_drift"]["checkpoints_compared"] > 0
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-12, atol=1e-15)
+    assert got_g.shape == (3, 1) and np.abs(want_g).min() > 1e-5
+
+
+def _kill_rank_1_replay(done: int, total: int) -> None:
+    if dist.is_initialized() and dist.get_rank() == 1 and done >= 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_a_distributed_replay_with_a_clear_error(log_dir):
+    t0 = time.perf_counter()
+    with InfluenceLog(log_dir) as log, pytest.raises(DistributedQueryError, match="replay leave-one-out on 2 processes"):
+        replay_loo(log, tiny(), make_data(24, seed=1), ValLoss(), sample_ids=[0, 1, 2, 3],
+                   processes=Processes(devices=2, timeout_s=60), progress=_kill_rank_1_replay)
+    assert time.perf_counter() - t0 < 60
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 def _cli_json(*argv: str, env_extra: dict | None = None) -> tuple[int, dict | None, str]:
     import json
@@ -145,3 +200,25 @@ def test_eval_mode_query_turns_dropout_off_and_restores_the_mode():
     first, second = wrapped(module), wrapped(module)
     assert module.training and torch.equal(first, second)  # no dropout: deterministic, and train mode restored
     assert not torch.equal(plain(module), plain(module))  # the plain query draws dropout masks
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_evaluate_devices_2_equals_one_process(tmp_path_factory):
+    """The digits run (float32): the ground truth and the group removals on 2 processes against 1."""
+    from tests._cli_run import train_tiny_run
+
+    run_ = train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
+    argv = ("evaluate", run_.log, "-c", run_.config, "-m", "tracin", "--samples", "3,7,11,20,41", "--groups",
+            "--group-sizes", "0.1", "--group-kinds", "random")
+    code1, one, err1 = _cli_json(*argv)
+    code2, two, err2 = _cli_json(*argv, "--devices", "2")
+    assert code1 == 0 and code2 == 0, err1 + err2
+    truth1, truth2 = [s["truth"] for s in one["samples"]], [s["truth"] for s in two["samples"]]
+    assert "MEMBER: 2/2" in err2 and "MEMBER: 2/2" not in err1  # the second run did start 2 processes
+    assert [s["id"] for s in two["samples"]] == [3, 7, 11, 20, 41] and max(map(abs, truth1)) > 0
+    np.testing.assert_allclose(truth2, truth1, rtol=0, atol=1e-5 * max(map(abs, truth1)))  # float32 replay
+    a1, a2 = [r["actual"] for r in one["groups"]["rows"]], [r["actual"] for r in two["groups"]["rows"]]
+    np.testing.assert_allclose(a2, a1, rtol=1e-4)
+    code, _, err = _cli_json(*argv[:4], "--devices", "0")
+    assert code == 2 and "--devices and --num-nodes must be >= 1" in err

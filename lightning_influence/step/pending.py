@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.capture.transfer import HostCopy
-from lightning_influence.log.writer import CheckpointRecord, MicroRecord, StepRecord
+from lightning_influence.log.records import CheckpointRecord, MicroRecord, StepRecord
 from lightning_influence.step import rng
 from lightning_influence.step.micro import MicroBatch
 from lightning_influence.step.precision import Precision
