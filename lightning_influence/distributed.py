@@ -16,16 +16,20 @@ others fail their collective (``gloo`` notices the closed connection at once; ``
 bounds every collective otherwise) and :class:`DistributedQueryError` says what happened.
 
 :func:`map_blocks` spreads independent units over the processes (contiguous blocks, gathered in order): replay
-leave-one-out and group removal use it (``replay_loo(..., processes=N)``). DIT and Diff-In run in one process
-(see docs/scaling.md).
+leave-one-out and group removal use it for their counterfactual runs (``replay_loo(..., processes=N)``), and
+:func:`by_columns` for the query outputs of DIT, its timeline and Diff-In. Gauss-Newton DIT and Diff-In
+self-influence run in one process (see docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import pickle
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -40,8 +44,8 @@ from lightning_influence.estimators.tracin import checkpoint_query_gradients, tr
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import Query
 
-__all__ = ["DISTRIBUTED", "DistributedQueryError", "Processes", "gather", "global_rank", "launch", "launched_outside",
-           "map_blocks", "run", "shard_steps", "split_range"]
+__all__ = ["DISTRIBUTED", "DistributedQueryError", "Processes", "QueryColumns", "by_columns", "columns_of", "gather",
+           "global_rank", "launch", "launched_outside", "map_blocks", "run", "shard_steps", "split_range"]
 
 DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tracin_self_influence": tracin_self_influence}
 _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric run set these in every process
@@ -304,3 +308,71 @@ def _all_reduce(fabric: Any, local: np.ndarray, mine: dict[str, Any], method: st
     except Exception as err:
         raise _peer_error(fabric, f"{method} reduction", err) from err
     return total.cpu().numpy(), gather(fabric, mine, f"{method} reduction")
+
+
+# ------------------------------------------------------------------------------------ by query column
+class QueryColumns:
+    """Outputs ``[a, b)`` of a query, with their names: the columns one process sweeps (picklable when ``query`` is)."""
+
+    def __init__(self, query: Query, a: int, b: int, names: list[str]) -> None:
+        self.query, self.a, self.b, self.query_names = query, a, b, list(names[a:b])
+
+    def __call__(self, module: nn.Module) -> torch.Tensor:
+        return self.query(module).reshape(-1)[self.a : self.b]
+
+
+def by_columns(estimator: Callable[..., Any], log: InfluenceLog, query: Query, processes: Processes | int | None,
+               **kwargs: Any) -> Any:
+    """``estimator(log, query, **kwargs)`` (:func:`~lightning_influence.estimators.dit.dit`, ``dit_local``,
+    ``timeline``, ``diffin``) with the query's outputs split over processes, one contiguous block of columns each.
+
+    The sweeps of different query outputs do not interact (the adjoint's columns, Diff-In's stacked directions), so
+    the result is the single-process one (to float64 round-off: the products are batched over fewer columns). Every
+    process replays the whole trajectory; the saving is the per-column work (the HVPs), so it pays with several
+    queries (``Q ≥`` processes) and does nothing for one. Returns :class:`InfluenceScores` (or a ``Timeline``) with
+    ``info["per_rank"]``. ``query``, ``module`` and ``train_data`` must be picklable for ``ddp_spawn``.
+    """
+    module = kwargs.get("module")
+    if module is None or not callable(query):
+        raise ValueError(f"{getattr(estimator, '__name__', estimator)} on several processes needs a callable query and "
+                         "`module` (the query's outputs are split over the processes)")
+    with torch.no_grad():  # the number of outputs, on a copy (a module in train mode may update its buffers)
+        width = int(torch.as_tensor(query(copy.deepcopy(module))).numel())
+    from lightning_influence.queries import query_names
+
+    names = query_names(query, width)
+    block = functools.partial(_column_block, estimator, str(log.path), query, names, kwargs)
+    return _merge_columns(map_blocks(block, width, processes, f"distributed {getattr(estimator, '__name__', 'sweep')}"))
+
+
+def columns_of(estimator: Callable[..., Any], processes: Processes | int | None) -> Callable[..., Any]:
+    """``estimator`` with :func:`by_columns` on ``processes`` (the same signature, for callers that inspect it)."""
+
+    @functools.wraps(estimator)
+    def split(log: InfluenceLog, query: Query, **kwargs: Any) -> Any:
+        return by_columns(estimator, log, query, processes, **kwargs)
+
+    return split
+
+
+def _column_block(estimator: Callable[..., Any], log_path: str, query: Query, names: list[str], kwargs: dict[str, Any],
+                  a: int, b: int, device: torch.device) -> Any:
+    if device.type != "cpu":
+        kwargs = {**kwargs, "module": kwargs["module"].to(device)}
+    with InfluenceLog(log_path) as log:
+        return estimator(log, QueryColumns(query, a, b, names), **kwargs)
+
+
+def _merge_columns(parts: list[tuple[int, int, Any, float]]) -> Any:
+    """The blocks' scores side by side (the query axis), the first block's method and info, and each process's."""
+    done = [r for _, _, r, _ in parts if r is not None]
+    first = done[0]
+    per_rank = [{"rank": i, "columns": [a, b], "seconds": sec} for i, (a, b, _, sec) in enumerate(parts)]
+    info = {**first.info, "processes": len(parts), "per_rank": per_rank,
+            **({"hvp_products": sum(r.info["hvp_products"] for r in done)} if "hvp_products" in first.info else {})}
+    names = [n for r in done for n in r.query_names]
+    if isinstance(first, InfluenceScores):
+        return InfluenceScores(np.concatenate([r.scores for r in done], axis=1), first.method, first.window, names,
+                               info=info)
+    return dataclasses.replace(first, values=np.concatenate([r.values for r in done], axis=2), query_names=names,
+                               info=info)

@@ -148,6 +148,43 @@ def test_a_killed_process_ends_a_distributed_replay_with_a_clear_error(log_dir):
     assert time.perf_counter() - t0 < 60
 
 
+# ------------------------------------------------------------------------------- DIT, timeline, Diff-In
+class ValLosses:
+    """A picklable 3-output query: the losses of 3 fixed samples."""
+
+    query_names = ["a", "b", "c"]
+
+    def __init__(self) -> None:
+        self.batch = make_data(3, seed=4).tensors
+
+    def __call__(self, module):
+        return module.per_sample_loss(self.batch)
+
+
+@pytest.mark.slow
+def test_dit_timeline_and_diffin_split_by_query_column_on_two_gloo_processes_equal_one_process(log_dir):
+    from lightning_influence import dit, diffin, timeline
+    from lightning_influence.distributed import by_columns
+    from lightning_influence.estimators.dit import dit_local
+
+    data, query = make_data(24, seed=1), ValLosses()
+    kw = {"module": tiny(), "train_data": data}
+    with InfluenceLog(log_dir) as log:
+        for est, extra in ((dit, {"window": (4, 14)}), (dit_local, {"window": (4, 14)}),
+                           (diffin, {"form": "step", "window": (4, 14)}),
+                           (diffin, {"form": "published", "samples": "all", "steps": 3})):
+            want = est(log, query, **kw, **extra)
+            got = by_columns(est, log, query, Processes(devices=2, timeout_s=120), **kw, **extra)
+            assert got.query_names == ["a", "b", "c"] and got.method == want.method
+            assert [r["columns"] for r in got.info["per_rank"]] == [[0, 1], [1, 3]]
+            assert np.abs(want.scores).max() > 1e-6
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12, atol=1e-15 * np.abs(want.scores).max())
+        want_t = timeline(log, query, grid=[0, 6, 12, 18], **kw)
+        got_t = by_columns(timeline, log, query, 2, grid=[0, 6, 12, 18], **kw)
+    assert got_t.values.shape == want_t.values.shape == (24, 4, 3) and got_t.grid.tolist() == [0, 6, 12, 18]
+    np.testing.assert_allclose(got_t.values, want_t.values, rtol=1e-12, atol=1e-15 * np.abs(want_t.values).max())
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 def _cli_json(*argv: str, env_extra: dict | None = None) -> tuple[int, dict | None, str]:
     import json
@@ -222,3 +259,23 @@ def test_cli_evaluate_devices_2_equals_one_process(tmp_path_factory):
     np.testing.assert_allclose(a2, a1, rtol=1e-4)
     code, _, err = _cli_json(*argv[:4], "--devices", "0")
     assert code == 2 and "--devices and --num-nodes must be >= 1" in err
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_query_dit_local_split_by_query_on_2_devices_equals_one_process(tmp_path_factory):
+    from tests._cli_run import train_tiny_run
+
+    run_ = train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
+    argv = ("query", run_.log, "-c", run_.config, "-m", "dit-local", "-w", "4:10", "--query", "val_loss",
+            "--query", "test:3", "-k", "0")
+    code1, one, err1 = _cli_json(*argv)
+    code2, two, err2 = _cli_json(*argv, "--devices", "2")
+    assert code1 == 0 and code2 == 0, err1 + err2
+    assert "MEMBER: 2/2" in err2 and two["results"][0]["info"]["processes"] == 2
+    assert [r["query"] for r in two["results"]] == [r["query"] for r in one["results"]] and len(one["results"]) == 2
+    for a, b in zip(one["results"], two["results"]):
+        sa = {r["id"]: r["score"] for r in a["rows"]}
+        sb = {r["id"]: r["score"] for r in b["rows"]}
+        assert sa.keys() == sb.keys() and max(map(abs, sa.values())) > 0
+        np.testing.assert_allclose([sb[k] for k in sa], list(sa.values()), rtol=0, atol=1e-5 * max(map(abs, sa.values())))

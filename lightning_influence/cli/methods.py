@@ -93,6 +93,7 @@ METHODS: dict[str, Method] = {
 ALIASES = {"dit-gauss-newton": "dit-gn", "diffin-self-influence": "diffin-self",
            "tracin-self-influence": "tracin-self"}
 DISTRIBUTED = {"tracin": "tracin", "tracin-self": "tracin_self_influence"}  # --devices/--num-nodes (distributed.run)
+BY_COLUMNS = ("dit", "dit-fd", "dit-frozen", "dit-local", "diffin", "diffin-step")  # query outputs split over processes
 DEFAULT_METHODS = ("dit", "tracin")  # the first one installed is the default
 _RECORD_FLAGS = {"gradients": ("per-sample gradients", "record_gradients=True"),
                  "hvp": ("Hessian-gradient products (H_z·G_B)", "record_gradients=True, record_hvp=True"),
@@ -200,12 +201,17 @@ def estimator_inputs(ctx: RunContext | None, hvp: str | None = None) -> dict[str
 
 
 def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: tuple[int, int],
-               progress: ProgressBar | None, hvp: str | None = None) -> Any:
-    """Scores of every sample for one window, from the registered estimator."""
+               progress: ProgressBar | None, hvp: str | None = None, processes: Any = None) -> Any:
+    """Scores of every sample for one window, from the registered estimator (on ``processes``, split by query
+    output: :data:`BY_COLUMNS` only)."""
     method = METHODS[name]
+    fn = method.load()
+    if processes is not None:
+        from lightning_influence.distributed import columns_of
+
+        fn = columns_of(fn, processes)
     try:
-        return call_with(method.load(), log, method, query=query, window=window, progress=progress,
-                         **estimator_inputs(ctx, hvp))
+        return call_with(fn, log, method, query=query, window=window, progress=progress, **estimator_inputs(ctx, hvp))
     finally:
         if progress is not None:
             progress.close()
