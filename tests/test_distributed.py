@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -279,3 +280,29 @@ def test_cli_query_dit_local_split_by_query_on_2_devices_equals_one_process(tmp_
         sb = {r["id"]: r["score"] for r in b["rows"]}
         assert sa.keys() == sb.keys() and max(map(abs, sa.values())) > 0
         np.testing.assert_allclose([sb[k] for k in sa], list(sa.values()), rtol=0, atol=1e-5 * max(map(abs, sa.values())))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_timeline_dit_split_by_query_on_2_devices_equals_one_process(tmp_path_factory):
+    from tests._cli_run import train_tiny_run
+
+    run_ = train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
+    argv = ("timeline", run_.log, "-c", run_.config, "-m", "dit", "--grid", "3", "--query", "val_loss",
+            "--query", "test:3", "-k", "0")
+    code1, one, err1 = _cli_json(*argv)
+    code2, two, err2 = _cli_json(*argv, "--devices", "2")
+    assert code1 == 0 and code2 == 0, err1 + err2
+    assert "MEMBER: 2/2" in err2
+    a, b = json.dumps(one, sort_keys=True), json.dumps(two, sort_keys=True)
+    assert len(one["results"]) == 2 and a.count('"id"') == b.count('"id"') > 0
+
+    def values(res):
+        return np.array([[row[k] for k in sorted(row) if isinstance(row[k], float)] for r in res["results"]
+                         for row in sorted(r["rows"], key=lambda row: row["id"])])
+
+    va, vb = values(one), values(two)
+    assert va.shape == vb.shape and va.size and np.abs(va).max() > 0
+    np.testing.assert_allclose(vb, va, rtol=0, atol=1e-5 * np.abs(va).max())
+    code, _, err = _cli_json("timeline", run_.log, "-c", run_.config, "-m", "dit-gn", "--devices", "2")
+    assert code == 2 and "runs in one process here" in err
