@@ -282,3 +282,17 @@ def _load(script: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_status_lines_only_from_the_first_process(monkeypatch, capsys):
+    """A ``--devices 2`` query printed "rebuilding the model ..." once per process."""
+    from argparse import Namespace
+
+    from lightning_influence.cli.common import status
+
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    status(Namespace(quiet=False), "first")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    status(Namespace(quiet=False), "second")
+    assert capsys.readouterr().err.splitlines() == ["first"]

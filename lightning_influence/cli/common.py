@@ -33,8 +33,11 @@ def progress_bar(args: argparse.Namespace, label: str) -> ProgressBar:
 
 
 def status(args: argparse.Namespace, message: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(message, file=sys.stderr, flush=True)
+    """A status line on stderr: off with ``--quiet`` and in every process but the first of a ``--devices`` query
+    (the launcher sets ``RANK``/``LOCAL_RANK``/``NODE_RANK`` before any process group exists)."""
+    if getattr(args, "quiet", False) or any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return
+    print(message, file=sys.stderr, flush=True)
 
 
 def add_process_args(p: argparse.ArgumentParser, what: str) -> None:
