@@ -218,14 +218,20 @@ def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: 
 
 
 def compute_windows(args: argparse.Namespace, log: Any, query: Any, ctx: RunContext | None,
-                    windows: list[tuple[int, int]]) -> tuple[np.ndarray, str, dict[str, Any]]:
-    """``(N, Q, W)`` scores of every window of a grid, the method's name and its info."""
+                    windows: list[tuple[int, int]], processes: Any = None) -> tuple[np.ndarray, str, dict[str, Any]]:
+    """``(N, Q, W)`` scores of every window of a grid, the method's name and its info (on ``processes``, split by
+    query output, for :data:`BY_COLUMNS`)."""
     method = METHODS[args.method]
     if method.timeline is not None:
         bounds = [windows[0][0]] + [t2 for _, t2 in windows]
         progress = progress_bar(args, f"{args.method} timeline")
+        fn = method.load(method.timeline)
+        if processes is not None:
+            from lightning_influence.distributed import columns_of
+
+            fn = columns_of(fn, processes)
         try:
-            tl = call_with(method.load(method.timeline), log, method, query=query, grid=bounds, progress=progress,
+            tl = call_with(fn, log, method, query=query, grid=bounds, progress=progress,
                            **estimator_inputs(ctx, args.hvp))
         finally:
             progress.close()
@@ -234,7 +240,7 @@ def compute_windows(args: argparse.Namespace, log: Any, query: Any, ctx: RunCont
     out, name, info = [], args.method, {}
     for w, (t1, t2) in enumerate(windows):
         progress = progress_bar(args, f"{args.method} window {w + 1}/{len(windows)} [{t1}, {t2})")
-        scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp)
+        scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp, processes)
         out.append(scores.scores)
         name, info = scores.method, {**scores.info, "query_names": list(scores.query_names)}
     return np.stack(out, axis=2), name, info
