@@ -183,3 +183,23 @@ def test_noise_calibration_negligible_and_stable_means_stable() -> None:
     assert abs(result.noise.mean() / 1e-4 - 1) < 0.15  # the bulk's σ, barely moved by the three signals
     assert result.labels[200] == "stable" and result.labels[201] != "stable" and result.labels[202] == "early"
     assert result.counts()["negligible"] >= 190  # pure noise: at k = 3, 10 windows, ~97% of the bulk
+
+
+def test_sums_and_sparse_windows_are_judged_against_the_noise():
+    """A steady same-sign sample whose every window is below k·σ but whose sum is not is ``stable``, an
+    alternating one of the same size ``negligible``; a sample standing out in one late (early) window only
+    is ``late`` (``early``), not ``stable`` (found on a real run: increments 7e-5, -7.6e-4, -1.1e-3, -1.8e-2
+    were called stable). σ = 1 given, k = 3: the sum's threshold is 3·√9 = 9."""
+    from lightning_influence.evaluation.patterns import classify_windows
+
+    rng = np.random.default_rng(0)
+    w = 9
+    bulk = 0.3 * rng.standard_normal((50, w))
+    steady = np.full(w, 1.8)  # every window below 3, sum 16.2 > 9
+    alternating = 2.9 * np.resize([1.0, -1.0], w)  # |sum| = 2.9 < 9
+    late = np.array([7e-5, -7.6e-4, -1.1e-3, 0, 0, 0, 0, 0, -18.0])
+    early = np.array([10.0, 0, 0, 0, 0, 0, 0, 0, 0])
+    res = classify_windows(np.vstack([bulk, steady, alternating, late, early]), noise=1.0)
+    assert not res.significant[-4].any() and not res.significant[-3].any()
+    assert res.significant[-2].sum() == 1 and res.significant[-1].sum() == 1
+    assert list(res.labels[-4:]) == ["stable", "negligible", "late", "early"]

@@ -6,12 +6,15 @@ times (math §3); the difference of consecutive columns is the windowed influenc
 per-window increments, calibrated against the noise of the scores:
 
 * ``negligible``: no window's increment stands out of the noise (``|DIT| <= k·σ_w`` in every
-  window ``w``): indistinguishable from zero;
+  window ``w``) and neither does their sum (``|Σ_w DIT| <= k·(Σ_w σ_w²)^½``): indistinguishable
+  from zero;
 * ``fluctuating``: its significant increments change sign (mostly alternating, or at least once
   without a trend in prominence);
-* ``early``: the sample stands out in the first windows and fades,
-* ``late``: it gains prominence towards the end,
-* ``stable``: significant, one sign throughout, no trend: steady.
+* ``early``: the sample stands out in the first windows and fades (or stands out only in the
+  first half of the windows),
+* ``late``: it gains prominence towards the end (or stands out only in the second half),
+* ``stable``: one sign throughout and steady: significant in at least half of the windows, or
+  small same-sign increments whose sum is significant.
 
 **Noise.** ``σ_w`` is the noise scale of one increment in window ``w``: given by the caller
 (``noise=``, e.g. an estimator's measured error), else estimated robustly from the window itself
@@ -190,14 +193,19 @@ def classify_windows(window_scores: ArrayLike, thresholds: PatternThresholds | N
 
     Rules, first match wins (``significant``: ``|DIT_iw| > noise_k·σ_w``, module doc):
 
-    1. ``negligible`` if no increment is significant;
-    2. ``fluctuating`` if ``flip_ratio >= thresholds.flip_ratio`` and
+    1. ``negligible`` if no increment is significant and neither is their sum
+       (``|Σ_w DIT_iw| <= noise_k·(Σ_w σ_w²)^½``);
+    2. ``stable`` if no increment is significant but the sum is (a steady same-sign accumulation);
+    3. ``fluctuating`` if ``flip_ratio >= thresholds.flip_ratio`` and
        ``magnitude >= thresholds.min_magnitude`` (sign changes counted between significant
        increments only);
-    3. ``early`` if ``slope_t <= -thresholds.slope_t`` (prominence decreases with time);
-    4. ``late`` if ``slope_t >= thresholds.slope_t`` (prominence increases);
-    5. ``stable`` if the significant increments all have one sign;
-    6. ``fluctuating`` otherwise (a sign change without a trend is not stable).
+    4. ``early`` if ``slope_t <= -thresholds.slope_t`` (prominence decreases with time);
+    5. ``late`` if ``slope_t >= thresholds.slope_t`` (prominence increases);
+    6. one sign, significant in fewer than half of the windows: ``early`` if the significant
+       windows lie in the first half on average, ``late`` if in the second, ``stable`` if centred
+       (standing out once is not steady);
+    7. ``stable`` if the significant increments all have one sign;
+    8. ``fluctuating`` otherwise (a sign change without a trend is not stable).
 
     Args:
         window_scores: ``(N, W)`` increments ``DIT_j`` per window, ``N >= 2``, ``W >= 3``
@@ -234,13 +242,21 @@ def classify_windows(window_scores: ArrayLike, thresholds: PatternThresholds | N
     signs = np.sign(np.where(significant, x, 0.0))
     one_sign = ~((signs > 0).any(axis=1) & (signs < 0).any(axis=1))
 
-    labels = np.full(n, Pattern.FLUCTUATING.value, dtype=object)  # rule 6
+    n_sig = significant.sum(axis=1)
+    centre = (significant * np.arange(w)).sum(axis=1) / np.maximum(n_sig, 1) - (w - 1) / 2  # < 0: first half
+    total_significant = np.abs(x.sum(axis=1)) > thresholds.noise_k * float(np.sqrt(np.sum(sigma**2)))
+
+    labels = np.full(n, Pattern.FLUCTUATING.value, dtype=object)  # rule 8; rules applied last to first
     labels[one_sign] = Pattern.STABLE.value
+    sparse = one_sign & (2 * n_sig < w)
+    labels[sparse & (centre < 0)] = Pattern.EARLY.value
+    labels[sparse & (centre > 0)] = Pattern.LATE.value
     labels[slope_t >= thresholds.slope_t] = Pattern.LATE.value
     labels[slope_t <= -thresholds.slope_t] = Pattern.EARLY.value
     fluctuating = (flips >= thresholds.flip_ratio) & (magnitude >= thresholds.min_magnitude)
     labels[fluctuating] = Pattern.FLUCTUATING.value
-    labels[~significant.any(axis=1)] = Pattern.NEGLIGIBLE.value
+    quiet = n_sig == 0
+    labels[quiet] = np.where(total_significant[quiet], Pattern.STABLE.value, Pattern.NEGLIGIBLE.value)
     return PatternResult(
         labels=labels.astype(str),
         slope=slope,
