@@ -10,13 +10,14 @@ from lightning_influence import InfluenceLog, LogFormatError, tracin, tracin_sel
 from lightning_influence.capture import KroneckerProjector
 from lightning_influence.estimators.tracin import _row_products
 from lightning_influence.log import LogWriter, StepRecord
-from lightning_influence.log.blocks import iter_row_blocks
+from lightning_influence.log.blocks import _plain_run, iter_row_blocks
 from lightning_influence.log.writer import write_meta
 
 K, N = 5, 40
 
 
-def _write(path, world: int, steps: int = 11, flush: int = 4, dtype: str = "float32", every: int = 1) -> None:
+def _write(path, world: int, steps: int = 11, flush: int = 4, dtype: str = "float32", every: int = 1,
+           compression: str | None = None) -> None:
     """Steps with gradients at every ``every``-th step, two param groups, ``world`` ranks of 3 or 4 samples."""
     rng = np.random.default_rng(7)
     write_meta(path, {"dataset_size": N, "world_size": world, "run_id": "blocks", "tracked_params": ["a", "b"],
@@ -26,7 +27,7 @@ def _write(path, world: int, steps: int = 11, flush: int = 4, dtype: str = "floa
                       "optimizer": {"class": "torch.optim.sgd.SGD",
                                     "param_groups": [{"lr": 0.1, "params": ["a"]}, {"lr": 0.3, "params": ["b"]}]}})
     for rank in range(world):
-        w = LogWriter(path, rank=rank, flush_every_n_steps=flush, storage_dtype=dtype)
+        w = LogWriter(path, rank=rank, flush_every_n_steps=flush, storage_dtype=dtype, compression=compression)
         for t in range(steps):
             n = 3 + (t + rank) % 2
             w.add_step(StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1 / (1 + t), 0.3 + t],
@@ -35,9 +36,12 @@ def _write(path, world: int, steps: int = 11, flush: int = 4, dtype: str = "floa
         w.close()
 
 
-@pytest.mark.parametrize("world,every", [(1, 1), (2, 2)])
-def test_blocks_hold_the_rows_of_iter_steps(tmp_path, world, every):
-    _write(tmp_path, world, every=every)
+@pytest.mark.parametrize("world,every,compression", [(1, 1, None), (2, 2, None), (1, 1, "gzip")])
+def test_blocks_hold_the_rows_of_iter_steps(tmp_path, world, every, compression):
+    """Gradient rows are memory-mapped where stored as plain bytes (read through HDF5 when compressed)."""
+    _write(tmp_path, world, every=every, compression=compression)
+    with h5py.File(sorted(tmp_path.glob("rank-0/seg-*.h5"))[0]) as f:
+        assert (_plain_run(f.filename, f["grads/grad"]) is None) == (compression is not None)
     with InfluenceLog(tmp_path) as log:
         want = {r.step: r for r in log.iter_steps(0, log.num_steps, fields=("grad",))}
         seen = []
@@ -106,3 +110,18 @@ def test_row_checksum_is_zlibs_crc32_whichever_library_computes_it():
     for a in (rng.standard_normal((257, 33)).astype(np.float32), rng.integers(0, 9, 1001), np.zeros(0),
               rng.standard_normal((40, 8))[:, ::2].astype(np.float16), np.arange(3 << 20, dtype=np.uint8)):
         assert crc32(a) == zlib.crc32(np.ascontiguousarray(a).tobytes())
+
+
+def test_mapped_rows_span_chunks_and_unmappable_layouts_are_declined(tmp_path):
+    from lightning_influence.log.blocks import _mapped
+
+    rows = np.random.default_rng(2).standard_normal((50, 6)).astype(np.float32)
+    with h5py.File(tmp_path / "a.h5", "w", libver=("v110", "v110")) as f:
+        f.create_dataset("plain", data=rows, chunks=(7, 6), maxshape=(None, 6))
+        f.create_dataset("narrow", data=rows, chunks=(7, 3))  # a row split over two chunks
+        f.create_dataset("swapped", data=rows.astype(">f4"), chunks=(7, 6))  # not native byte order
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        got = _mapped(tmp_path / "a.h5", f["plain"], 13, 41, {})
+        np.testing.assert_array_equal(got, rows[13:41])
+        assert not got.flags.writeable
+        assert _plain_run(tmp_path / "a.h5", f["narrow"]) is None and _plain_run(tmp_path / "a.h5", f["swapped"]) is None
