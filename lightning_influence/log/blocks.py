@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from lightning_influence.log.reader import InfluenceLog
 
 _BLOCK_BYTES = 16 << 20  # gradient rows per rank and block (about one read-ahead block of the reader)
+_READ_AHEAD_BYTES = 128 << 20  # segment bytes per rank asked from the disk ahead of the one being reduced
 
 
 @dataclass
@@ -69,15 +70,16 @@ def iter_row_blocks(log: "InfluenceLog", t1: int, t2: int, breaks: Sequence[int]
     mapped: dict[tuple[str, str], int | None] = {}  # (file, dataset) -> file offset of its row 0 (None: not mappable)
     pending: list[tuple[int, list[tuple[int, int]]]] = []  # (step, locs)
     rows = 0
-    prefetched: set[int] = set()
+    entered: set[int] = set()
+    requested: set[int] = set()
     for t in range(int(t1), int(t2)):
         if not log.has_grads(t):
             continue
         locs = log._locs(t)
         for seg, _ in locs:
-            if seg not in prefetched:  # the kernel reads the rank's next segment while this one is reduced
-                prefetched.add(seg)
-                log._prefetch_after(seg)
+            if seg not in entered:  # the kernel reads the rank's next segments while this one is reduced
+                entered.add(seg)
+                _read_ahead(log, seg, requested)
         n = sum(int(log._segs[seg].table["sample_count"][row]) for seg, row in locs)
         if pending and (t in cut or [s for s, _ in locs] != [s for s, _ in pending[-1][1]]
                         or (rows + n) * row_bytes > max_bytes * len(locs)):
@@ -87,6 +89,27 @@ def iter_row_blocks(log: "InfluenceLog", t1: int, t2: int, breaks: Sequence[int]
         rows += n
     if pending:
         yield _read_block(log, pending, buffers, mapped)
+
+
+def _read_ahead(log: "InfluenceLog", seg: int, requested: set[int]) -> None:
+    """Ask the kernel to read ``seg`` and the next segments of its rank, up to ``_READ_AHEAD_BYTES`` beyond it, in the
+    background (``posix_fadvise(WILLNEED)``), so the disk is kept busy while the CPU reduces the rows already read."""
+    ahead, nxt = 0, seg
+    while nxt < len(log._segs) and log._segs[nxt].rank == log._segs[seg].rank and ahead <= _READ_AHEAD_BYTES:
+        path = log._segs[nxt].path
+        try:
+            size = os.path.getsize(path)
+            if nxt not in requested:
+                requested.add(nxt)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+        except (OSError, AttributeError):  # a hint only (AttributeError: no posix_fadvise on this OS)
+            return
+        ahead += size if nxt > seg else 0
+        nxt += 1
 
 
 def _read_block(log: "InfluenceLog", pending: list[tuple[int, list[tuple[int, int]]]],

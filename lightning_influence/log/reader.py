@@ -165,7 +165,9 @@ class InfluenceLog:
         with reading(path, "the segment index"):
             attrs = dict(f.attrs)
             check_header(path, attrs)
-            seg.table = {c: _whole(path, f["steps"][c]) if c in f["steps"] else None for c in (*STEP_COLUMNS, "lr")}
+            steps = f["steps"]
+            stored = set(steps)
+            seg.table = {c: _whole(path, steps[c]) if c in stored else None for c in (*STEP_COLUMNS, "lr")}
             n = len(seg.table["step"])
             for c, default in V1_DEFAULTS.items():
                 if seg.table[c] is None and int(attrs["format_version"]) == 1:
@@ -668,12 +670,14 @@ def _check_rank(segs: list[_Segment], first_step: int = 0) -> None:
 def _whole(path: Path, ds: h5py.Dataset) -> np.ndarray:
     """A dataset read whole and checked against its stored CRC-32 (0-d arrays restored)."""
     value = ds[()]
-    if CRC_ATTR not in ds.attrs:
+    attrs = ds.attrs
+    names = set(attrs)
+    if CRC_ATTR not in names:
         raise LogFormatError(path, f"{ds.name} has no {CRC_ATTR} attribute, so it cannot be checked; the file is "
                                    "corrupted or was written by a pre-release writer")
-    if crc32(value) != int(ds.attrs[CRC_ATTR]):
+    if crc32(value) != int(attrs[CRC_ATTR]):
         raise LogFormatError(path, f"{ds.name} fails its CRC-32: the file is corrupted. {restore_hint(path)}")
-    return value.reshape(()) if ds.attrs.get(SCALAR_ATTR) else value
+    return value.reshape(()) if SCALAR_ATTR in names and attrs[SCALAR_ATTR] else value
 
 
 def _check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str, np.ndarray],
