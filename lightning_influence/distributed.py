@@ -15,16 +15,22 @@ finds the cluster environment and starts nothing). A process that dies ends the 
 others fail their collective (``gloo`` notices the closed connection at once; ``timeout_s``
 bounds every collective otherwise) and :class:`DistributedQueryError` says what happened.
 
-Only the log-only reductions are distributed here (:data:`DISTRIBUTED`); DIT, Diff-In, replay
-leave-one-out and group removal run in one process (see docs/scaling.md).
+:func:`map_blocks` spreads independent units over the processes (contiguous blocks, gathered in order): replay
+leave-one-out and group removal use it for their counterfactual runs (``replay_loo(..., processes=N)``), and
+:func:`by_columns` for the query outputs of DIT, its timeline and Diff-In. Gauss-Newton DIT and Diff-In
+self-influence run in one process (see docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import pickle
 import tempfile
 import time
+import dataclasses
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -38,7 +44,8 @@ from lightning_influence.estimators.tracin import checkpoint_query_gradients, tr
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import Query
 
-__all__ = ["DISTRIBUTED", "DistributedQueryError", "global_rank", "launched_outside", "run", "shard_steps"]
+__all__ = ["DISTRIBUTED", "DistributedQueryError", "Processes", "QueryColumns", "by_columns", "columns_of", "gather",
+           "global_rank", "launch", "launched_outside", "map_blocks", "run", "shard_steps", "split_range"]
 
 DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tracin_self_influence": tracin_self_influence}
 _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric run set these in every process
@@ -46,6 +53,63 @@ _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric r
 
 class DistributedQueryError(RuntimeError):
     """A process of a distributed query failed or was killed; the query has no result."""
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where a distributed computation runs: ``devices × num_nodes`` processes, started as for :func:`run`."""
+
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "ddp_spawn"
+    accelerator: str = "cpu"
+    timeout_s: float = 300.0
+
+    @classmethod
+    def of(cls, spec: "Processes | int | None") -> "Processes":
+        """``None`` (one process), a number of local processes, or a :class:`Processes`."""
+        return cls() if spec is None else cls(devices=int(spec)) if isinstance(spec, int) else spec
+
+    @property
+    def many(self) -> bool:
+        """More than one process (under an outside launcher, the world it sets up)."""
+        return self.devices * self.num_nodes > 1
+
+
+def split_range(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``[a, b)`` ranges covering ``[0, n)``, sizes differing by at most one (some empty when
+    ``n < parts``)."""
+    cuts = [n * p // parts for p in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def map_blocks(fn: Callable[[int, int, torch.device], Any], n: int, processes: Processes | int | None, what: str
+               ) -> list[tuple[int, int, Any, float]]:
+    """``fn(a, b, device)`` for one contiguous block ``[a, b)`` of ``n`` independent units per process (skipped
+    when empty): every block's ``(a, b, result, seconds)`` in order, on every process.
+
+    For work whose units do not interact (the counterfactual runs of replay leave-one-out, the columns of a
+    query): the result is the single-process one, each unit computed once, by one process.
+    """
+    procs = Processes.of(processes)
+    if not procs.many:
+        return [_block(None, fn, n, what)]
+    return launch(_map_worker, fn, n, what, devices=procs.devices, num_nodes=procs.num_nodes, strategy=procs.strategy,
+                  accelerator=procs.accelerator, timeout_s=procs.timeout_s, what=what)
+
+
+def _block(fabric: Any, fn: Callable[[int, int, torch.device], Any], n: int, what: str
+           ) -> tuple[int, int, Any, float]:
+    rank, world = (0, 1) if fabric is None else (fabric.global_rank, fabric.world_size)
+    a, b = split_range(n, world)[rank]
+    t0 = time.perf_counter()
+    device = torch.device("cpu") if fabric is None else fabric.device
+    return a, b, fn(a, b, device) if a < b else None, time.perf_counter() - t0
+
+
+def _map_worker(fabric: Any, fn: Callable[[int, int, torch.device], Any], n: int, what: str
+                ) -> list[tuple[int, int, Any, float]]:
+    return gather(fabric, _block(fabric, fn, n, what), what)
 
 
 def shard_steps(log: InfluenceLog, t1: int, t2: int, n: int) -> list[tuple[int, int]]:
@@ -116,29 +180,74 @@ def run(method: str, log_path: str | os.PathLike, query: Query | Mapping[int, np
     args = (method, str(Path(log_path)), query, names, (t1, t2), progress)
     if int(devices) * int(num_nodes) == 1 and not launched_outside():
         return _reduce(None, *args)
+    return launch(_reduce, *args, devices=devices, num_nodes=num_nodes, strategy=strategy, accelerator=accelerator,
+                  timeout_s=timeout_s, what=f"distributed {method} query")
+
+
+def launch(fn: Callable[..., Any], *args: Any, devices: int = 2, num_nodes: int = 1, strategy: str = "ddp_spawn",
+           accelerator: str = "cpu", timeout_s: float = 300.0, what: str = "distributed query") -> Any:
+    """``fn(fabric, *args)`` on ``devices × num_nodes`` processes; rank 0's result (under ``"ddp"`` or an outside
+    launcher, each process's own).
+
+    ``fn`` and ``args`` must be picklable for ``"ddp_spawn"``. A process that fails or dies ends every process's
+    collectives, and this raises :class:`DistributedQueryError` naming ``what``.
+    """
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import DDPStrategy
 
-    start = "spawn" if strategy == "ddp_spawn" else "popen"
     if strategy not in ("ddp_spawn", "ddp", "auto"):
         raise ValueError(f"strategy must be 'ddp_spawn', 'ddp' or 'auto', got {strategy!r}")
+    if int(devices) < 1 or int(num_nodes) < 1:
+        raise ValueError(f"devices and num_nodes must be >= 1, got {devices} and {num_nodes}")
+    start = "spawn" if strategy == "ddp_spawn" else "popen"
     fabric = Fabric(accelerator=accelerator, devices=int(devices), num_nodes=int(num_nodes),
                     strategy=DDPStrategy(start_method=start, timeout=timedelta(seconds=float(timeout_s))))
     try:
         if start != "spawn":
-            return fabric.launch(_reduce, *args)
+            return fabric.launch(fn, *args)
         with tempfile.TemporaryDirectory(prefix="influence-query-") as tmp:
             # a spawned rank 0 returns through a pipe the launcher reads only after every process exited: a result of
             # more than the pipe's 64 KiB would deadlock, so it goes through a file
-            out = Path(tmp) / "scores.pkl"
-            fabric.launch(_reduce_to_file, str(out), *args)
+            out = Path(tmp) / "result.pkl"
+            fabric.launch(_to_file, str(out), fn, *args)
             return pickle.loads(out.read_bytes())
     except DistributedQueryError:
         raise
     except Exception as err:  # a spawned process died (ProcessExitedException) or raised in its collective
-        raise DistributedQueryError(f"the distributed {method} query on {fabric.world_size} processes failed: "
-                                    f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-                                    ) from err
+        raise DistributedQueryError(f"the {what} on {fabric.world_size} processes failed: "
+                                    f"{type(err).__name__}: {_gist(err)}") from err
+
+
+def _gist(err: BaseException) -> str:
+    """The first line of ``err``'s message, and for a process's traceback the error it ended with."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return "" if not lines else lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def gather(fabric: Any, obj: Any, what: str) -> list[Any]:
+    """Every process's ``obj``, in rank order, on every process; a process that ended makes it
+    :class:`DistributedQueryError`."""
+    import torch.distributed as dist
+
+    try:
+        out: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(out, obj)
+    except Exception as err:
+        raise _peer_error(fabric, what, err) from err
+    return out
+
+
+def _peer_error(fabric: Any, what: str, err: BaseException) -> DistributedQueryError:
+    return DistributedQueryError(
+        f"rank {fabric.global_rank}: the {what} failed because another process of the query ended "
+        f"(killed, out of memory, or an error there) or did not answer within the timeout: "
+        f"{type(err).__name__}: {str(err).strip()[:300]}")
+
+
+def _to_file(fabric: Any, out: str, fn: Callable[..., Any], *args: Any) -> None:
+    result = fn(fabric, *args)
+    if fabric.global_rank == 0:
+        Path(out).write_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def launched_outside() -> bool:
@@ -191,24 +300,79 @@ def _reduce(fabric: Any, method: str, log_path: str, query: Any, names: list[str
     return InfluenceScores(scores, name, window, qnames, info=info)
 
 
-def _reduce_to_file(fabric: Any, out: str, *args: Any) -> None:
-    scores = _reduce(fabric, *args)
-    if fabric.global_rank == 0:
-        Path(out).write_bytes(pickle.dumps(scores, protocol=pickle.HIGHEST_PROTOCOL))
-
-
 def _all_reduce(fabric: Any, local: np.ndarray, mine: dict[str, Any], method: str
                 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Sum of every process's ``local`` scores (float64, one all-reduce) and every process's ``mine``."""
-    import torch.distributed as dist
-
     try:
         total = fabric.all_reduce(torch.from_numpy(local).to(fabric.device), reduce_op="sum")
-        per_rank: list[Any] = [None] * fabric.world_size
-        dist.all_gather_object(per_rank, mine)
     except Exception as err:
-        raise DistributedQueryError(
-            f"rank {fabric.global_rank}: the {method} reduction failed because another process of the query ended "
-            f"(killed, out of memory, or an error there) or did not answer within the timeout: "
-            f"{type(err).__name__}: {str(err).strip()[:300]}") from err
-    return total.cpu().numpy(), per_rank
+        raise _peer_error(fabric, f"{method} reduction", err) from err
+    return total.cpu().numpy(), gather(fabric, mine, f"{method} reduction")
+
+
+# ------------------------------------------------------------------------------------ by query column
+class QueryColumns:
+    """Outputs ``[a, b)`` of a query, with their names: the columns one process sweeps (picklable when ``query`` is)."""
+
+    def __init__(self, query: Query, a: int, b: int, names: list[str]) -> None:
+        self.query, self.a, self.b, self.query_names = query, a, b, list(names[a:b])
+
+    def __call__(self, module: nn.Module) -> torch.Tensor:
+        return self.query(module).reshape(-1)[self.a : self.b]
+
+
+def by_columns(estimator: Callable[..., Any], log: InfluenceLog, query: Query, processes: Processes | int | None,
+               **kwargs: Any) -> Any:
+    """``estimator(log, query, **kwargs)`` (:func:`~lightning_influence.estimators.dit.dit`, ``dit_local``,
+    ``timeline``, ``diffin``) with the query's outputs split over processes, one contiguous block of columns each.
+
+    The sweeps of different query outputs do not interact (the adjoint's columns, Diff-In's stacked directions), so
+    the result is the single-process one (to float64 round-off: the products are batched over fewer columns). Every
+    process replays the whole trajectory; the saving is the per-column work (the HVPs), so it pays with several
+    queries (``Q ≥`` processes) and does nothing for one. Returns :class:`InfluenceScores` (or a ``Timeline``) with
+    ``info["per_rank"]``. ``query``, ``module`` and ``train_data`` must be picklable for ``ddp_spawn``.
+    """
+    module = kwargs.get("module")
+    if module is None or not callable(query):
+        raise ValueError(f"{getattr(estimator, '__name__', estimator)} on several processes needs a callable query and "
+                         "`module` (the query's outputs are split over the processes)")
+    with torch.no_grad():  # the number of outputs, on a copy (a module in train mode may update its buffers)
+        width = int(torch.as_tensor(query(copy.deepcopy(module))).numel())
+    from lightning_influence.queries import query_names
+
+    names = query_names(query, width)
+    block = functools.partial(_column_block, estimator, str(log.path), query, names, kwargs)
+    return _merge_columns(map_blocks(block, width, processes, f"distributed {getattr(estimator, '__name__', 'sweep')}"))
+
+
+def columns_of(estimator: Callable[..., Any], processes: Processes | int | None) -> Callable[..., Any]:
+    """``estimator`` with :func:`by_columns` on ``processes`` (the same signature, for callers that inspect it)."""
+
+    @functools.wraps(estimator)
+    def split(log: InfluenceLog, query: Query, **kwargs: Any) -> Any:
+        return by_columns(estimator, log, query, processes, **kwargs)
+
+    return split
+
+
+def _column_block(estimator: Callable[..., Any], log_path: str, query: Query, names: list[str], kwargs: dict[str, Any],
+                  a: int, b: int, device: torch.device) -> Any:
+    if device.type != "cpu":
+        kwargs = {**kwargs, "module": kwargs["module"].to(device)}
+    with InfluenceLog(log_path) as log:
+        return estimator(log, QueryColumns(query, a, b, names), **kwargs)
+
+
+def _merge_columns(parts: list[tuple[int, int, Any, float]]) -> Any:
+    """The blocks' scores side by side (the query axis), the first block's method and info, and each process's."""
+    done = [r for _, _, r, _ in parts if r is not None]
+    first = done[0]
+    per_rank = [{"rank": i, "columns": [a, b], "seconds": sec} for i, (a, b, _, sec) in enumerate(parts)]
+    info = {**first.info, "processes": len(parts), "per_rank": per_rank,
+            **({"hvp_products": sum(r.info["hvp_products"] for r in done)} if "hvp_products" in first.info else {})}
+    names = [n for r in done for n in r.query_names]
+    if isinstance(first, InfluenceScores):
+        return InfluenceScores(np.concatenate([r.scores for r in done], axis=1), first.method, first.window, names,
+                               info=info)
+    return dataclasses.replace(first, values=np.concatenate([r.values for r in done], axis=2), query_names=names,
+                               info=info)

@@ -303,7 +303,7 @@ def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, 
         raise ValueError(f"step {step.step}: the log's weights describe {len(slices)} micro-batches, its micro-batch "
                          f"rows {len(step.micro)}: the log is inconsistent")
     for m, rows in zip(step.micro, slices):
-        with m.context(step.precision):
+        with m.context(step.precision, module):
             losses = functional_loss(module, loss_fn, params, m.batch)
         loss = sw.micro_loss(losses, rows, None if multipliers is None else multipliers[rows])
         scaled(loss, step.grad_scale).backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,7 +13,9 @@ import torch.distributed as dist
 
 from conftest import fit, loader, make_data, tiny
 from lightning_influence import InfluenceLog, InfluenceTracker, tracin
-from lightning_influence.distributed import DistributedQueryError, run, shard_steps
+from lightning_influence.distributed import DistributedQueryError, Processes, map_blocks, run, shard_steps, split_range
+from lightning_influence.evaluation.ground_truth import replay_loo
+from lightning_influence.evaluation.groups import replay_group_removal
 from lightning_influence.estimators import tracin_self_influence
 from lightning_influence.queries import mean_loss
 
@@ -93,6 +96,96 @@ def test_a_killed_process_ends_the_query_with_a_clear_error(log_dir):
     assert time.perf_counter() - t0 < 60
 
 
+# ------------------------------------------------------------------------------------- replay LOO and groups
+class ValLoss:
+    """A picklable query (``ddp_spawn`` sends it to every process): the mean loss on a fixed batch."""
+
+    query_names = ["val"]
+
+    def __init__(self, n: int = 6, seed: int = 2) -> None:
+        self.batch = make_data(n, seed=seed).tensors
+
+    def __call__(self, module):
+        return module.per_sample_loss(self.batch).mean()
+
+
+def test_split_range_and_one_process_map():
+    assert split_range(7, 3) == [(0, 2), (2, 4), (4, 7)] and split_range(1, 3) == [(0, 0), (0, 0), (0, 1)]
+    assert map_blocks(lambda a, b, d: list(range(a, b)), 4, None, "x")[0][:3] == (0, 4, [0, 1, 2, 3])
+
+
+@pytest.mark.slow
+def test_replay_loo_and_group_removal_on_two_gloo_processes_equal_one_process(log_dir):
+    """5 samples (copies=2: passes of 2 and 1 here, 3 and 2 in one process) and 3 groups, split 2 + 3 / 1 + 2."""
+    data, query, ids = make_data(24, seed=1), ValLoss(), [0, 3, 7, 11, 20]
+    groups = [[1, 2], [5], [4, 8, 9]]
+    with InfluenceLog(log_dir) as log:
+        want = replay_loo(log, tiny(), data, query, sample_ids=ids, grid=[0, 9, 18], copies=3)
+        got = replay_loo(log, tiny(), data, query, sample_ids=ids, grid=[0, 9, 18], copies=2,
+                         processes=Processes(devices=2, timeout_s=120))
+        want_g = replay_group_removal(log, tiny(), data, query, groups)
+        got_g = replay_group_removal(log, tiny(), data, query, groups, processes=2)
+    assert got.ids.tolist() == ids and got.info["processes"] == 2
+    assert [r["units"] for r in got.info["per_rank"]] == [[0, 2], [2, 5]] and got.info["passes"] == 3
+    assert np.abs(want.values).max() > 1e-4  # removals that move the query
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got.base, want.base, rtol=1e-12, atol=1e-15)
+    assert got.info["replay_drift"]["checkpoints_compared"] > 0
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-12, atol=1e-15)
+    assert got_g.shape == (3, 1) and np.abs(want_g).min() > 1e-5
+
+
+def _kill_rank_1_replay(done: int, total: int) -> None:
+    if dist.is_initialized() and dist.get_rank() == 1 and done >= 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_a_distributed_replay_with_a_clear_error(log_dir):
+    t0 = time.perf_counter()
+    with InfluenceLog(log_dir) as log, pytest.raises(DistributedQueryError, match="replay leave-one-out on 2 processes"):
+        replay_loo(log, tiny(), make_data(24, seed=1), ValLoss(), sample_ids=[0, 1, 2, 3],
+                   processes=Processes(devices=2, timeout_s=60), progress=_kill_rank_1_replay)
+    assert time.perf_counter() - t0 < 60
+
+
+# ------------------------------------------------------------------------------- DIT, timeline, Diff-In
+class ValLosses:
+    """A picklable 3-output query: the losses of 3 fixed samples."""
+
+    query_names = ["a", "b", "c"]
+
+    def __init__(self) -> None:
+        self.batch = make_data(3, seed=4).tensors
+
+    def __call__(self, module):
+        return module.per_sample_loss(self.batch)
+
+
+@pytest.mark.slow
+def test_dit_timeline_and_diffin_split_by_query_column_on_two_gloo_processes_equal_one_process(log_dir):
+    from lightning_influence import dit, diffin, timeline
+    from lightning_influence.distributed import by_columns
+    from lightning_influence.estimators.dit import dit_local
+
+    data, query = make_data(24, seed=1), ValLosses()
+    kw = {"module": tiny(), "train_data": data}
+    with InfluenceLog(log_dir) as log:
+        for est, extra in ((dit, {"window": (4, 14)}), (dit_local, {"window": (4, 14)}),
+                           (diffin, {"form": "step", "window": (4, 14)}),
+                           (diffin, {"form": "published", "samples": "all", "steps": 3})):
+            want = est(log, query, **kw, **extra)
+            got = by_columns(est, log, query, Processes(devices=2, timeout_s=120), **kw, **extra)
+            assert got.query_names == ["a", "b", "c"] and got.method == want.method
+            assert [r["columns"] for r in got.info["per_rank"]] == [[0, 1], [1, 3]]
+            assert np.abs(want.scores).max() > 1e-6
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12, atol=1e-15 * np.abs(want.scores).max())
+        want_t = timeline(log, query, grid=[0, 6, 12, 18], **kw)
+        got_t = by_columns(timeline, log, query, 2, grid=[0, 6, 12, 18], **kw)
+    assert got_t.values.shape == want_t.values.shape == (24, 4, 3) and got_t.grid.tolist() == [0, 6, 12, 18]
+    np.testing.assert_allclose(got_t.values, want_t.values, rtol=1e-12, atol=1e-15 * np.abs(want_t.values).max())
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 def _cli_json(*argv: str, env_extra: dict | None = None) -> tuple[int, dict | None, str]:
     import json
@@ -145,3 +238,71 @@ def test_eval_mode_query_turns_dropout_off_and_restores_the_mode():
     first, second = wrapped(module), wrapped(module)
     assert module.training and torch.equal(first, second)  # no dropout: deterministic, and train mode restored
     assert not torch.equal(plain(module), plain(module))  # the plain query draws dropout masks
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_evaluate_devices_2_equals_one_process(tmp_path_factory):
+    """The digits run (float32): the ground truth and the group removals on 2 processes against 1."""
+    from tests._cli_run import train_tiny_run
+
+    run_ = train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
+    argv = ("evaluate", run_.log, "-c", run_.config, "-m", "tracin", "--samples", "3,7,11,20,41", "--groups",
+            "--group-sizes", "0.1", "--group-kinds", "random")
+    code1, one, err1 = _cli_json(*argv)
+    code2, two, err2 = _cli_json(*argv, "--devices", "2")
+    assert code1 == 0 and code2 == 0, err1 + err2
+    truth1, truth2 = [s["truth"] for s in one["samples"]], [s["truth"] for s in two["samples"]]
+    assert "MEMBER: 2/2" in err2 and "MEMBER: 2/2" not in err1  # the second run did start 2 processes
+    assert [s["id"] for s in two["samples"]] == [3, 7, 11, 20, 41] and max(map(abs, truth1)) > 0
+    np.testing.assert_allclose(truth2, truth1, rtol=0, atol=1e-5 * max(map(abs, truth1)))  # float32 replay
+    a1, a2 = [r["actual"] for r in one["groups"]["rows"]], [r["actual"] for r in two["groups"]["rows"]]
+    np.testing.assert_allclose(a2, a1, rtol=1e-4)
+    code, _, err = _cli_json(*argv[:4], "--devices", "0")
+    assert code == 2 and "--devices and --num-nodes must be >= 1" in err
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_query_dit_local_split_by_query_on_2_devices_equals_one_process(tmp_path_factory):
+    from tests._cli_run import train_tiny_run
+
+    run_ = train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
+    argv = ("query", run_.log, "-c", run_.config, "-m", "dit-local", "-w", "4:10", "--query", "val_loss",
+            "--query", "test:3", "-k", "0")
+    code1, one, err1 = _cli_json(*argv)
+    code2, two, err2 = _cli_json(*argv, "--devices", "2")
+    assert code1 == 0 and code2 == 0, err1 + err2
+    assert "MEMBER: 2/2" in err2 and two["results"][0]["info"]["processes"] == 2
+    assert [r["query"] for r in two["results"]] == [r["query"] for r in one["results"]] and len(one["results"]) == 2
+    for a, b in zip(one["results"], two["results"]):
+        sa = {r["id"]: r["score"] for r in a["rows"]}
+        sb = {r["id"]: r["score"] for r in b["rows"]}
+        assert sa.keys() == sb.keys() and max(map(abs, sa.values())) > 0
+        np.testing.assert_allclose([sb[k] for k in sa], list(sa.values()), rtol=0, atol=1e-5 * max(map(abs, sa.values())))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_timeline_dit_split_by_query_on_2_devices_equals_one_process(tmp_path_factory):
+    from tests._cli_run import train_tiny_run
+
+    run_ = train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
+    argv = ("timeline", run_.log, "-c", run_.config, "-m", "dit", "--grid", "3", "--query", "val_loss",
+            "--query", "test:3", "-k", "0")
+    code1, one, err1 = _cli_json(*argv)
+    code2, two, err2 = _cli_json(*argv, "--devices", "2")
+    assert code1 == 0 and code2 == 0, err1 + err2
+    assert "MEMBER: 2/2" in err2
+    a, b = json.dumps(one, sort_keys=True), json.dumps(two, sort_keys=True)
+    assert len(one["results"]) == 2 and a.count('"id"') == b.count('"id"') > 0
+
+    def values(res):
+        return np.array([[row[k] for k in sorted(row) if isinstance(row[k], float)] for r in res["results"]
+                         for row in sorted(r["rows"], key=lambda row: row["id"])])
+
+    va, vb = values(one), values(two)
+    assert va.shape == vb.shape and va.size and np.abs(va).max() > 0
+    np.testing.assert_allclose(vb, va, rtol=0, atol=1e-5 * np.abs(va).max())
+    code, _, err = _cli_json("timeline", run_.log, "-c", run_.config, "-m", "dit-gn", "--devices", "2")
+    assert code == 2 and "runs in one process here" in err

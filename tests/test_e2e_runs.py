@@ -7,6 +7,10 @@ the scenario tests (``slow``) train each from a plain script and ask the CLI, wi
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import fit, loader, make_data, tiny
+from test_script_runs import train_script
 from lightning_influence import InfluenceLog, InfluenceTracker, tracin
 from lightning_influence.evaluation import replay_loo
 from lightning_influence.queries import evaluation_mode, mean_loss, query_gradients
@@ -167,3 +172,127 @@ def test_prediction_queries_on_dict_items():
     two = SimpleNamespace(test_dataset=[{"a": torch.randn(4), "b": torch.randn(4), "y": torch.tensor(0)}], val_batch=None)
     with pytest.raises(UserError, match=r"inputs \['a', 'b'\].*test:ID"):
         build_query([parse_query("pred:0")], two)
+
+
+# --- a model handed over in eval mode (model.eval() after training) replays the steps as trained
+
+
+def test_eval_mode_module_replays_dropout_steps_in_train_mode(log_dir):
+    from lightning_influence import dit
+    from lightning_influence.replay import replay
+
+    data = make_data(24)
+    fit(tiny(dropout=0.5), loader(data), InfluenceTracker(log_dir, checkpoint_every_n_steps=2), epochs=2)
+    log = InfluenceLog(log_dir)
+    module = tiny(dropout=0.5).eval()
+    for _ in replay(log, module, data, tolerance=0):  # was a ReplayMismatchError: dropout off in eval mode
+        pass
+    assert not module.training and not any(m.training for m in module.modules())
+    query = mean_loss(make_data(12, seed=5).tensors)
+    in_eval = dit(log, query, module=module, train_data=data).column(0)
+    in_train = dit(log, query, module=tiny(dropout=0.5), train_data=data).column(0)
+    np.testing.assert_array_equal(in_eval, in_train)
+    assert np.abs(in_train).max() > 0
+
+
+# --- the three scenarios, trained from plain scripts and answered by the CLI from the log alone
+
+
+def _cli(capsys, *argv: str) -> dict:
+    from lightning_influence.cli import main
+
+    code = main([*argv, "-f", "json", "-q"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert "internal error" not in captured.err and "Traceback" not in captured.err
+    return json.loads(captured.out)
+
+
+def _scores(result: dict, n: int) -> np.ndarray:
+    out = np.full(n, np.nan)
+    for row in result["results"][0]["rows"]:
+        out[row["id"]] = row["score"]
+    return out
+
+
+def _answers(capsys, log_dir: Path, n: int, methods: list[str]) -> dict[str, np.ndarray]:
+    """Every method's scores for every sample; each finite and not all zero."""
+    out = {}
+    for method in methods:
+        scores = _scores(_cli(capsys, "query", str(log_dir), "-m", method, "-k", "0"), n)
+        assert np.isfinite(scores).all() and np.abs(scores).max() > 0, method
+        out[method] = scores
+    return out
+
+
+def _evaluate(capsys, log_dir: Path, *methods: str) -> dict:
+    result = _cli(capsys, "evaluate", str(log_dir), "--samples", "top:5", *[a for m in methods for a in ("-m", m)])
+    truth = np.array([s["truth"] for s in result["samples"]])
+    assert len(truth) == 5 and np.isfinite(truth).all()
+    assert result["replay_drift"]["ground truth"]["checkpoints_compared"] >= 1
+    assert result["replay_drift"]["ground truth"]["max"] < 1e-2  # within the default tolerance, reported
+    assert result["verdict"]
+    return result
+
+
+@pytest.mark.slow
+def test_transformer_adamw_clipping_accumulation_dropout(tmp_path, capsys):
+    _, log_dir = train_script("e2e_transformer", tmp_path)
+    info = _cli(capsys, "info", str(log_dir))
+    assert info["steps"] == 16 and info["dataset_size"] == 120
+    assert info["step"]["accumulate"] and max(info["step"]["accumulate"]) == 2
+    assert len(info["step"]["incomplete_accumulation_steps"]) == 4 and info["step"]["clipping"] == "norm"
+    assert {"dit", "tracin", "diffin", "diffin-self"} <= set(info["methods"]["usable"])
+    scores = _answers(capsys, log_dir, 120, ["dit", "tracin", "diffin", "diffin-self", "tracin-self"])
+    result = _evaluate(capsys, log_dir, "dit", "tracin")
+    again = [s["dit"] for s in result["samples"]]  # DIT run again by evaluate: dropout, yet the same answer
+    np.testing.assert_array_equal(again, scores["dit"][[s["id"] for s in result["samples"]]])
+    assert result["metrics"]["dit"]["sign_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_mlp_bf16_dropout_flipped_labels(tmp_path, capsys):
+    script, log_dir = train_script("e2e_mlp_bf16", tmp_path)
+    info = _cli(capsys, "info", str(log_dir))
+    assert info["dataset_size"] == 400 and info["precision"]["autocast_dtype"] == "bfloat16"
+    scores = _answers(capsys, log_dir, 400, ["dit", "tracin", "diffin-step", "diffin-self", "tracin-self"])
+    flipped = np.isin(np.arange(400), _load(script).data()[2])
+    harmful = np.argsort(scores["dit"], kind="stable")[:40]  # the 10% most harmful by DIT
+    assert flipped[harmful].mean() >= 0.3  # 3x the base rate of 10% (measured: 0.47)
+    suspicious = np.argsort(-scores["diffin-self"], kind="stable")[:40]  # highest self-influence
+    assert flipped[suspicious].mean() >= 0.3  # (measured: 0.50)
+    result = _evaluate(capsys, log_dir, "dit", "tracin", "diffin-step")
+    assert result["metrics"]["dit"]["spearman"] >= 0.8  # (measured: 1.0)
+
+
+@pytest.mark.slow
+def test_cnn_groupnorm_dict_batches_adam(tmp_path, capsys):
+    _, log_dir = train_script("e2e_cnn_dict", tmp_path)
+    info = _cli(capsys, "info", str(log_dir))
+    assert info["dataset_size"] == 300 and info["recorded"]["gradients"] and info["precision"]["autocast_dtype"] is None
+    _answers(capsys, log_dir, 300, ["dit", "tracin", "diffin-step", "diffin-self"])
+    pred = _scores(_cli(capsys, "query", str(log_dir), "-m", "tracin", "--query", "pred:5", "-k", "0"), 300)
+    assert np.isfinite(pred).all()
+    result = _evaluate(capsys, log_dir, "dit", "tracin")
+    assert result["metrics"]["dit"]["sign_agreement"] == 1.0
+
+
+def _load(script: Path):
+    spec = importlib.util.spec_from_file_location(f"_e2e_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_status_lines_only_from_the_first_process(monkeypatch, capsys):
+    """A ``--devices 2`` query printed "rebuilding the model ..." once per process."""
+    from argparse import Namespace
+
+    from lightning_influence.cli.common import status
+
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    status(Namespace(quiet=False), "first")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    status(Namespace(quiet=False), "second")
+    assert capsys.readouterr().err.splitlines() == ["first"]

@@ -35,7 +35,7 @@ from crash_run import BATCH, EPOCHS, N, EpochShuffle
 from lightning_influence import InfluenceLog, InfluenceTracker, LogFormatError, WithIds
 from lightning_influence.capture import KroneckerProjector
 from lightning_influence.log import CheckpointRecord, LogWriter, StepRecord
-from lightning_influence.log import writer as writer_mod
+from lightning_influence.log import segment as segment_mod
 from lightning_influence.log.format import DIGEST_ATTR, FORMAT_NAME, attrs_digest
 from lightning_influence.log.writer import LogWriteError, truncate_log, write_meta
 
@@ -249,7 +249,7 @@ def test_checkpoint_is_not_written_when_the_log_cannot_be_flushed(tmp_path, monk
     def no_space(f, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer_mod, "_fill_segment", no_space)
+    monkeypatch.setattr(segment_mod, "fill_segment", no_space)
     with pytest.raises(LogWriteError, match="The disk is full"):
         epoch_fit(tmp_path / "log", tmp_path / "ckpt", epochs=2, flush_every_n_steps=100)
     assert not list((tmp_path / "ckpt").glob("*.ckpt"))
@@ -257,7 +257,7 @@ def test_checkpoint_is_not_written_when_the_log_cannot_be_flushed(tmp_path, monk
 
 # ----------------------------------------------------------------------------- full disks
 def test_disk_full_surfaces_on_the_training_thread_and_keeps_earlier_segments(tmp_path, monkeypatch):
-    real = writer_mod._fill_segment
+    real = segment_mod.fill_segment
     calls = []
 
     def fill_then_fail(f, *args, **kwargs):  # the third segment runs out of space half-way through
@@ -267,7 +267,7 @@ def test_disk_full_surfaces_on_the_training_thread_and_keeps_earlier_segments(tm
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(f, *args, **kwargs)
 
-    monkeypatch.setattr(writer_mod, "_fill_segment", fill_then_fail)
+    monkeypatch.setattr(segment_mod, "fill_segment", fill_then_fail)
     with pytest.raises(LogWriteError) as info:
         epoch_fit(tmp_path / "log", None, epochs=2, flush_every_n_steps=2)
     err = info.value
@@ -288,7 +288,7 @@ def test_segments_queued_behind_a_failed_one_are_never_written(tmp_path, monkeyp
 
     synthetic(tmp_path, steps=2)
     release = threading.Event()
-    real = writer_mod._fill_segment
+    real = segment_mod.fill_segment
     calls = []
 
     def first_fails(f, *args, **kwargs):
@@ -298,7 +298,7 @@ def test_segments_queued_behind_a_failed_one_are_never_written(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(f, *args, **kwargs)
 
-    monkeypatch.setattr(writer_mod, "_fill_segment", first_fails)
+    monkeypatch.setattr(segment_mod, "fill_segment", first_fails)
     writer = LogWriter(tmp_path, flush_every_n_steps=1, max_pending=4)
     for t in range(2, 6):  # four segments: the first blocks, then fails; three wait in the queue
         writer.add_step(StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(3)))

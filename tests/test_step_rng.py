@@ -261,11 +261,11 @@ def test_exact_hvp_through_attention_with_the_training_masks(train_mode):
     mode (no dropout, the fused attention kernel) forward-over-reverse also works, through the math kernel only."""
     from torch.func import grad, jvp
 
-    from lightning_influence.step.micro import exact_kernels
+    from lightning_influence.step.micro import Step, exact_kernels
 
     module = _TinyTransformer().double().train(train_mode)
     x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 3, (5,))
-    step = _step_of(x, y)
+    step = _step_of(x, y) if train_mode else Step(0, [MicroBatch(np.arange(5), (x, y))])  # eval mode draws nothing
     loss_fn = lambda m, b: m.per_sample_loss(b)  # noqa: E731
     params = {n: p.detach() for n, p in module.named_parameters()}
     v = {n: torch.randn_like(p) for n, p in params.items()}

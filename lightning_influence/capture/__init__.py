@@ -1,4 +1,8 @@
-"""Capture layer: projected per-sample gradients and Hessian-vector products (pure torch)."""
+"""Capture layer: projected per-sample gradients and Hessian-vector products (pure torch).
+
+``own_pass`` (the tracker's own passes, over :mod:`lightning_influence.step.micro`) is imported by its full name,
+not from here: ``step.micro`` itself imports this package.
+"""
 
 from .hvp import KINK_GUARD
 from .hvp import SCHEMES as HVP_SCHEMES

@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -32,8 +33,34 @@ def progress_bar(args: argparse.Namespace, label: str) -> ProgressBar:
 
 
 def status(args: argparse.Namespace, message: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(message, file=sys.stderr, flush=True)
+    """A status line on stderr: off with ``--quiet`` and in every process but the first of a ``--devices`` query
+    (the launcher sets ``RANK``/``LOCAL_RANK``/``NODE_RANK`` before any process group exists)."""
+    if getattr(args, "quiet", False) or any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return
+    print(message, file=sys.stderr, flush=True)
+
+
+def add_process_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--devices``, ``--num-nodes``, ``--accelerator``: run ``what`` on several processes (docs/scaling.md)."""
+    g = p.add_argument_group(f"several processes (docs/scaling.md; {what})")
+    g.add_argument("--devices", type=int, default=1, metavar="N", help="processes per node (default 1)")
+    g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="nodes (default 1; launch with torchrun/SLURM)")
+    g.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu", help="gloo on CPUs or nccl on GPUs")
+
+
+def processes(args: argparse.Namespace) -> Any:
+    """The :class:`~lightning_influence.distributed.Processes` of ``--devices``/``--num-nodes``, or ``None`` for one
+    process; this command re-runs itself in the others (Lightning's ``ddp``), or is already one of them. Processes
+    other than rank 0 stay quiet."""
+    from lightning_influence.distributed import Processes, launched_outside
+
+    if args.devices < 1 or args.num_nodes < 1:
+        raise UserError(f"--devices and --num-nodes must be >= 1, got {args.devices} and {args.num_nodes}")
+    if args.devices * args.num_nodes == 1 and not launched_outside():
+        return None
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        args.quiet = True
+    return Processes(devices=args.devices, num_nodes=args.num_nodes, strategy="ddp", accelerator=args.accelerator)
 
 
 # ------------------------------------------------------------------------------ log loading

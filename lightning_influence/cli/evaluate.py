@@ -7,12 +7,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lightning_influence.cli.common import (UserError, csv_text, drift_line, emit, flip_cell, format_table, json_text,
-                                            output_format, parse_window, progress_bar, status)
+from lightning_influence.cli.common import (UserError, add_process_args, csv_text, drift_line, emit, flip_cell,
+                                            format_table, json_text, output_format, parse_window, processes,
+                                            progress_bar, status)
 from lightning_influence.cli.context import RunContext, prepare
 from lightning_influence.cli.methods import (METHODS, Method, call_with, canonical_method, check_records, default_method,
                                              estimator_inputs, method_help, run_method)
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
+from lightning_influence.distributed import DistributedQueryError, global_rank
 from lightning_influence.evaluation.verdict import truth_noise_floor, verdict
 
 
@@ -50,6 +52,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     t.add_argument("--group-kinds", type=lambda x: x.split(","), default=["random", "same_class", "top"],
                    help="random,same_class,top,bottom (default random,same_class,top)")
     t.add_argument("--group-repeats", type=int, default=1, help="groups drawn per kind and size (default 1)")
+    add_process_args(p, "the ground truth's leave-one-out replays and --groups' group removals")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -88,6 +91,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     methods = args.method or [default_method()]
     args.method = methods[0]
+    procs = processes(args)
     log, ctx = prepare(args)
     for m in methods[1:]:
         check_records(m, log)
@@ -111,13 +115,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress = progress_bar(args, "replay LOO")
         try:
             result = call_with(fn, log, query=query, window=(t1, t2), sample_ids=samples, progress=progress,
-                               in_window_only=args.in_window, **estimator_inputs(ctx))
+                               in_window_only=args.in_window, processes=procs, **estimator_inputs(ctx))
+        except DistributedQueryError as err:
+            raise UserError(str(err)) from None
         finally:
             progress.close()
         truth = np.asarray(result.window(t1, t2), dtype=np.float64)  # LOO(t2) - LOO(t1), in the order of `samples`
         floor = _noise_floor(log, result, t1, t2)
         drifts["ground truth"] = result.info.get("replay_drift")
-    trust = _trust_tools(args, log, ctx, query, samples, estimates, truth, (t1, t2))
+    trust = _trust_tools(args, log, ctx, query, samples, estimates, truth, (t1, t2), procs)
+    if procs is not None and global_rank() != 0:
+        return 0  # rank 0 writes the result
     flipped = ctx.flipped if ctx else None
     labels = ctx.labels(samples) if ctx else np.full(len(samples), -1)
     metrics: dict[str, dict[str, float]] = {}
@@ -182,7 +190,8 @@ def _noise_floor(log: Any, result: Any, t1: int, t2: int) -> float:
 
 
 def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, query: Any, samples: np.ndarray,
-                 estimates: dict[str, np.ndarray], truth: np.ndarray | None, window: tuple[int, int]) -> dict[str, Any]:
+                 estimates: dict[str, np.ndarray], truth: np.ndarray | None, window: tuple[int, int],
+                 procs: Any = None) -> dict[str, Any]:
     """``--pbrf``/``--gap``, ``--datamodel``, ``--groups``: what the scores answer and how far to trust them."""
     if not (args.pbrf or args.gap or args.datamodel or args.groups):
         return {}
@@ -209,9 +218,12 @@ def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, que
         status(args, "replaying group removals ...")
         n = log.dataset_size
         residual = {out["datamodel"].p: out["datamodel"].mass.residual} if "datamodel" in out else None
-        out["groups"] = group_additivity(log, query=query, scores=estimates, fractions=args.group_sizes,
-                                         kinds=args.group_kinds, labels=ctx.labels(np.arange(n)),
-                                         repeats=args.group_repeats, residual=residual, **inputs)
+        try:
+            out["groups"] = group_additivity(log, query=query, scores=estimates, fractions=args.group_sizes,
+                                             kinds=args.group_kinds, labels=ctx.labels(np.arange(n)),
+                                             repeats=args.group_repeats, residual=residual, processes=procs, **inputs)
+        except DistributedQueryError as err:
+            raise UserError(str(err)) from None
     return out
 
 

@@ -77,6 +77,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "dataset_size": log.dataset_size if T else meta.get("dataset_size"), "ids_seen": int(len(ids_seen)),
         "recorded": recorded, "every_n_steps": every, "gradient_columns": cols, "projection": proj_dim,
         "storage_dtype": meta.get("storage_dtype"), "step": step_summary(log) if T else None,
+        "precision": meta.get("precision"),
         "checkpoints": {"count": len(ckpts), "every_n_steps": meta.get("checkpoint_every_n_steps"), "final": log.finished},
         "state": log.end_note,
         "methods": {"usable": usable, "not_usable": unusable},
@@ -102,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("steps", f"{len(log.steps)} ({int(log.steps[0]) if T else 0}..{T - 1}), epochs {int(epochs[0])}..{int(epochs[-1])} "
                   f"({per_epoch} steps per epoch), " + _batch_size(summary["batch_size"]) if T else "0 (no step recorded)"),
         ("samples", f"{summary['dataset_size']} training ids, {summary['ids_seen']} seen in the log"),
-        ("step", _describe_step(summary["step"]) + _describe_precision(meta.get("precision"))),
+        ("step", _describe_step(summary["step"]) + _describe_precision(summary["precision"])),
         ("recorded", ", ".join(what)),
         ("gradients", f"{cols} columns per sample ({f'projected, {proj_dim} per tensor' if proj_dim else 'full'}, "
                       f"{summary['storage_dtype']}), every {every} step{'s' * (every != 1)}"

@@ -93,6 +93,7 @@ METHODS: dict[str, Method] = {
 ALIASES = {"dit-gauss-newton": "dit-gn", "diffin-self-influence": "diffin-self",
            "tracin-self-influence": "tracin-self"}
 DISTRIBUTED = {"tracin": "tracin", "tracin-self": "tracin_self_influence"}  # --devices/--num-nodes (distributed.run)
+BY_COLUMNS = ("dit", "dit-fd", "dit-frozen", "dit-local", "diffin", "diffin-step")  # query outputs split over processes
 DEFAULT_METHODS = ("dit", "tracin")  # the first one installed is the default
 _RECORD_FLAGS = {"gradients": ("per-sample gradients", "record_gradients=True"),
                  "hvp": ("Hessian-gradient products (H_z·G_B)", "record_gradients=True, record_hvp=True"),
@@ -200,26 +201,37 @@ def estimator_inputs(ctx: RunContext | None, hvp: str | None = None) -> dict[str
 
 
 def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: tuple[int, int],
-               progress: ProgressBar | None, hvp: str | None = None) -> Any:
-    """Scores of every sample for one window, from the registered estimator."""
+               progress: ProgressBar | None, hvp: str | None = None, processes: Any = None) -> Any:
+    """Scores of every sample for one window, from the registered estimator (on ``processes``, split by query
+    output: :data:`BY_COLUMNS` only)."""
     method = METHODS[name]
+    fn = method.load()
+    if processes is not None:
+        from lightning_influence.distributed import columns_of
+
+        fn = columns_of(fn, processes)
     try:
-        return call_with(method.load(), log, method, query=query, window=window, progress=progress,
-                         **estimator_inputs(ctx, hvp))
+        return call_with(fn, log, method, query=query, window=window, progress=progress, **estimator_inputs(ctx, hvp))
     finally:
         if progress is not None:
             progress.close()
 
 
 def compute_windows(args: argparse.Namespace, log: Any, query: Any, ctx: RunContext | None,
-                    windows: list[tuple[int, int]]) -> tuple[np.ndarray, str, dict[str, Any]]:
-    """``(N, Q, W)`` scores of every window of a grid, the method's name and its info."""
+                    windows: list[tuple[int, int]], processes: Any = None) -> tuple[np.ndarray, str, dict[str, Any]]:
+    """``(N, Q, W)`` scores of every window of a grid, the method's name and its info (on ``processes``, split by
+    query output, for :data:`BY_COLUMNS`)."""
     method = METHODS[args.method]
     if method.timeline is not None:
         bounds = [windows[0][0]] + [t2 for _, t2 in windows]
         progress = progress_bar(args, f"{args.method} timeline")
+        fn = method.load(method.timeline)
+        if processes is not None:
+            from lightning_influence.distributed import columns_of
+
+            fn = columns_of(fn, processes)
         try:
-            tl = call_with(method.load(method.timeline), log, method, query=query, grid=bounds, progress=progress,
+            tl = call_with(fn, log, method, query=query, grid=bounds, progress=progress,
                            **estimator_inputs(ctx, args.hvp))
         finally:
             progress.close()
@@ -228,7 +240,7 @@ def compute_windows(args: argparse.Namespace, log: Any, query: Any, ctx: RunCont
     out, name, info = [], args.method, {}
     for w, (t1, t2) in enumerate(windows):
         progress = progress_bar(args, f"{args.method} window {w + 1}/{len(windows)} [{t1}, {t2})")
-        scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp)
+        scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp, processes)
         out.append(scores.scores)
         name, info = scores.method, {**scores.info, "query_names": list(scores.query_names)}
     return np.stack(out, axis=2), name, info

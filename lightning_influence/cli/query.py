@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import numpy as np
 
-from lightning_influence.cli.common import (PROG, UserError, csv_text, drift_line, emit, flip_cell, format_table,
-                                            json_text, output_format, parse_window, progress_bar, ranked, row_count,
-                                            sign_line)
+from lightning_influence.cli.common import (PROG, UserError, add_process_args, csv_text, drift_line, emit, flip_cell,
+                                            format_table, json_text, output_format, parse_window, processes,
+                                            progress_bar, ranked, row_count, sign_line)
 from lightning_influence.cli.context import prepare
-from lightning_influence.cli.methods import DISTRIBUTED, METHODS, method_help, canonical_method, run_method
+from lightning_influence.cli.methods import BY_COLUMNS, DISTRIBUTED, METHODS, method_help, canonical_method, run_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
-from lightning_influence.distributed import DistributedQueryError, global_rank, launched_outside, run
+from lightning_influence.distributed import DistributedQueryError, global_rank, run
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -29,30 +28,32 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="steps '100:500', fractions '0.8:1.0' or epochs 'epoch 3:5' (epochs 3 and 4); empty ends mean "
                         "start/end; repeatable; default: the whole run")
     p.add_argument("--top", "-k", type=row_count, default=10, help="rows per window and query (0: all samples; default 10)")
-    g = p.add_argument_group("several processes (docs/scaling.md; methods: " + ", ".join(DISTRIBUTED) + ")")
-    g.add_argument("--devices", type=int, default=1, metavar="N", help="processes per node (default 1)")
-    g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="nodes (default 1; launch with torchrun/SLURM)")
-    g.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu", help="gloo on CPUs or nccl on GPUs")
+    add_process_args(p, "methods: " + ", ".join(DISTRIBUTED) + "; split by query output: " + ", ".join(BY_COLUMNS))
     p.set_defaults(func=cmd_query)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     log, ctx = prepare(args)
-    parallel = args.devices * args.num_nodes > 1 or launched_outside()
-    if parallel and args.method not in DISTRIBUTED:
+    procs = processes(args)
+    parallel = procs is not None
+    if parallel and args.method not in DISTRIBUTED and args.method not in BY_COLUMNS:
         raise UserError(f"--method {args.method} runs in one process; --devices/--num-nodes apply to "
-                        f"{', '.join(DISTRIBUTED)} (docs/scaling.md)")
+                        f"{', '.join([*DISTRIBUTED, *BY_COLUMNS])} (docs/scaling.md)")
     specs = args.query or [parse_query("val_loss")]
     windows = [(w, parse_window(log, w)) for w in (args.window or [None])]
     query, names = build_query(specs, ctx) if METHODS[args.method].query else (None, [])
     results = []
     for spec_text, (t1, t2) in windows:
         label = spec_text or "whole run"
-        progress = progress_bar(args, f"{args.method} [{t1}, {t2})") if os.environ.get("LOCAL_RANK", "0") == "0" else None
-        if parallel:
+        progress = progress_bar(args, f"{args.method} [{t1}, {t2})")  # quiet on ranks other than 0
+        if parallel and args.method in DISTRIBUTED:
             scores = _distributed(args, query, ctx, (t1, t2), progress)
         else:
-            scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp)
+            try:
+                scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp,
+                                    procs if parallel else None)
+            except DistributedQueryError as err:
+                raise UserError(str(err)) from None
         for qi, qname, is_loss in query_columns(scores.query_names, names, specs):
             s = scores.column(qi)
             ids = ranked(s, args.sort, args.top)

@@ -7,10 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from lightning_influence.cli.common import (UserError, csv_text, emit, flip_cell, format_table, json_text,
-                                            output_format, parse_grid, parse_window, ranked, row_count, sign_line)
+from lightning_influence.cli.common import (UserError, add_process_args, csv_text, emit, flip_cell, format_table,
+                                            json_text, output_format, parse_grid, parse_window, processes, ranked,
+                                            row_count, sign_line)
 from lightning_influence.cli.context import prepare
-from lightning_influence.cli.methods import METHODS, compute_windows, method_help, canonical_method
+from lightning_influence.cli.methods import BY_COLUMNS, METHODS, compute_windows, method_help, canonical_method
+from lightning_influence.distributed import DistributedQueryError, global_rank
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 
 SUMMARY = "scores on a grid of windows and each sample's temporal pattern"
@@ -35,6 +37,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--top", "-k", type=row_count, default=None,
                    help="rows shown (default: 20 in a table, all samples in CSV/JSON; 0: all)")
     p.add_argument("--pattern", choices=PATTERNS, help="only samples of this pattern (docs/trust.md: the rule)")
+    add_process_args(p, "methods " + ", ".join(BY_COLUMNS) + ", split by query output")
 
 
 def timeline_data(args: argparse.Namespace):
@@ -43,7 +46,14 @@ def timeline_data(args: argparse.Namespace):
     windows, labels = parse_grid(log, args.grid, span)
     specs = args.query or [parse_query("val_loss")]
     query, names = build_query(specs, ctx)
-    scores, method_name, info = compute_windows(args, log, query, ctx, windows)
+    procs = processes(args) if hasattr(args, "devices") else None
+    if procs is not None and args.method not in BY_COLUMNS:
+        raise UserError(f"--method {args.method} runs in one process here; --devices/--num-nodes apply to "
+                        f"{', '.join(BY_COLUMNS)} (docs/scaling.md)")
+    try:
+        scores, method_name, info = compute_windows(args, log, query, ctx, windows, procs)
+    except DistributedQueryError as err:
+        raise UserError(str(err)) from None
     columns = query_columns(info.pop("query_names"), names, specs)
     return log, ctx, columns, windows, labels, scores, method_name, info
 
@@ -60,6 +70,8 @@ def patterns_of(x: np.ndarray) -> tuple[np.ndarray | None, str]:
 
 def cmd_timeline(args: argparse.Namespace) -> int:
     log, ctx, columns, windows, labels, scores, method_name, info = timeline_data(args)
+    if global_rank() != 0:
+        return 0  # rank 0 writes the result
     fmt = output_format(args)
     top = args.top if args.top is not None else (20 if fmt == "table" else 0)
     results, texts = [], []

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from lightning_influence.replay import (
     replay,
     resolve_progress,
 )
+
+if TYPE_CHECKING:
+    from lightning_influence.distributed import Processes
 
 __all__ = ["LOOResult", "replay_loo"]
 
@@ -140,7 +144,8 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
                sample_ids: Sequence[int] | np.ndarray | None = None, grid: Any = None, window: Any = None, *,
                in_window_only: bool = False, groups: Sequence[Sequence[int]] | None = None,
                loss_fn: LossFn = default_loss_fn, copies: int = 256, verify: bool = True,
-               tolerance: float | None = None, removal_weight: float = 0.0, progress: Progress = None) -> LOOResult:
+               tolerance: float | None = None, removal_weight: float = 0.0, progress: Progress = None,
+               processes: Processes | int | None = None) -> LOOResult:
     """Replay leave-one-out (or leave-group-out): retrain without each unit, record ``f`` on a grid.
 
     Args:
@@ -167,9 +172,15 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             (docs/optimizer-adjoint.md §8), separating an estimator's error from the nonlinearity
             of a full removal.
         progress: ``progress(done, total)`` or ``True``.
+        processes: run the counterfactual runs on several processes (a number of local processes, or a
+            :class:`~lightning_influence.distributed.Processes`; docs/scaling.md): each process trains one
+            contiguous block of the units (with its own reference copy) and the values are gathered in order on
+            every process. ``module``, ``train_data``, ``query`` and ``loss_fn`` must be picklable for the default
+            ``ddp_spawn``.
 
     Raises:
         ReplayMismatchError: the reference run does not reproduce the logged trajectory.
+        DistributedQueryError: a process of a distributed run failed or was killed.
     """
     T = log.num_steps
     win = log.window(window) if window is not None else None
@@ -196,6 +207,15 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
     for u in units:
         if len(u) and (u.min() < 0 or u.max() >= log.dataset_size):
             raise ValueError(f"sample ids {u.tolist()[:5]} are outside [0, N = {log.dataset_size})")
+    from lightning_influence.distributed import Processes, map_blocks
+
+    if Processes.of(processes).many:
+        block = partial(_loo_block, str(log.path), module, train_data, query, None if groups is not None else unit_ids,
+                        units if groups is not None else None,
+                        dict(grid=grid, window=window, in_window_only=in_window_only, loss_fn=loss_fn, copies=copies,
+                             verify=verify, tolerance=tolerance, removal_weight=removal_weight, progress=progress))
+        parts = map_blocks(block, len(units), processes, "replay leave-one-out")
+        return _merge_blocks(parts, unit_ids, units if groups is not None else None, copies)
 
     names = _names_in_optimizer_order(log)
     # starting point: θ_0 from the log, or the real θ_{t1} and optimizer state (replayed)
@@ -272,3 +292,30 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             "replay_drift": drift.summary(), "checkpoints_checked": ckpts if verify else []}
     return LOOResult(unit_ids, values, grid_arr, base, qnames, groups=units if groups is not None else None,
                      removal_window=win if in_window_only else None, info=info)
+
+
+def _loo_block(log_path: str, module: nn.Module, train_data: TrainData, query: Query, sample_ids: np.ndarray | None,
+               groups: list[np.ndarray] | None, kwargs: dict[str, Any], a: int, b: int, device: torch.device
+               ) -> LOOResult:
+    """One process's block ``[a, b)`` of the units of a distributed :func:`replay_loo`."""
+    if device.type != "cpu":
+        module = module.to(device)
+    with InfluenceLog(log_path) as log:
+        return replay_loo(log, module, train_data, query, sample_ids=None if sample_ids is None else sample_ids[a:b],
+                          groups=None if groups is None else groups[a:b], **kwargs)
+
+
+def _merge_blocks(parts: list[tuple[int, int, LOOResult | None, float]], unit_ids: np.ndarray,
+                  groups: list[np.ndarray] | None, copies: int) -> LOOResult:
+    """The processes' blocks as one :class:`LOOResult`, units in order; the largest drift of any process."""
+    done = [r for _, _, r, _ in parts if r is not None]
+    first = done[0]
+    drifts = [r.info["replay_drift"] for r in done]
+    drift = {**max(drifts, key=lambda d: d["max"]), "checkpoints_compared": sum(d["checkpoints_compared"] for d in drifts)}
+    info = {"copies_per_pass": copies, "passes": sum(r.info["passes"] for r in done),
+            "seconds": max(sec for *_, sec in parts), "replay_drift": drift,
+            "checkpoints_checked": first.info["checkpoints_checked"], "processes": len(parts),
+            "per_rank": [{"rank": i, "units": [a, b], "passes": r.info["passes"] if r is not None else 0, "seconds": sec}
+                         for i, (a, b, r, sec) in enumerate(parts)]}
+    return LOOResult(unit_ids, np.concatenate([r.values for r in done]), first.grid, first.base, first.query_names,
+                     groups=groups, removal_window=first.removal_window, info=info)

@@ -38,14 +38,15 @@ scores of an estimator (for a loss query with the project's sign: most helpful /
 
 def replay_group_removal(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query,
                          groups: Sequence[Sequence[int]], *, loss_fn: LossFn = default_loss_fn, copies: int = 256,
-                         verify: bool = True) -> np.ndarray:
-    """``(G, Q)`` replayed group-removal effects ``f(θ_T^{−S}) − f(θ_T)``."""
+                         verify: bool = True, processes: Any = None) -> np.ndarray:
+    """``(G, Q)`` replayed group-removal effects ``f(θ_T^{−S}) − f(θ_T)`` (the groups spread over ``processes``,
+    as :func:`~lightning_influence.evaluation.ground_truth.replay_loo`)."""
     from lightning_influence.evaluation.ground_truth import replay_loo
 
     if not len(groups):
         return np.zeros((0, 0))
     res = replay_loo(log, module, train_data, query, groups=[np.asarray(g, dtype=np.int64) for g in groups],
-                     grid=[log.num_steps], loss_fn=loss_fn, copies=copies, verify=verify)
+                     grid=[log.num_steps], loss_fn=loss_fn, copies=copies, verify=verify, processes=processes)
     return res.at(log.num_steps)
 
 
@@ -182,7 +183,7 @@ def group_additivity(log: InfluenceLog, module: nn.Module, train_data: TrainData
                      kinds: Sequence[str] = ("random", "same_class", "top"), labels: ArrayLike | None = None,
                      repeats: int = 1, top_by: Sequence[str] | None = None, threshold: float = 0.2,
                      query_index: int = 0, residual: Mapping[float, float] | None = None, seed: int = 0,
-                     loss_fn: LossFn = default_loss_fn, copies: int = 256) -> GroupAdditivity:
+                     loss_fn: LossFn = default_loss_fn, copies: int = 256, processes: Any = None) -> GroupAdditivity:
     """Compare the sum of single-sample scores with the replayed removal of groups.
 
     Args:
@@ -201,6 +202,7 @@ def group_additivity(log: InfluenceLog, module: nn.Module, train_data: TrainData
         seed: random seed for the groups.
         loss_fn: the per-sample training loss.
         copies: groups replayed together per pass.
+        processes: replay the groups on several processes (as :func:`replay_group_removal`).
     """
     from lightning_influence.queries import query_names
 
@@ -237,7 +239,8 @@ def group_additivity(log: InfluenceLog, module: nn.Module, train_data: TrainData
             uniq[key] = len(groups)
             groups.append(s["group"])
     tic = time.perf_counter()
-    actual = replay_group_removal(log, module, train_data, query, groups, loss_fn=loss_fn, copies=copies)
+    actual = replay_group_removal(log, module, train_data, query, groups, loss_fn=loss_fn, copies=copies,
+                                  processes=processes)
     replay_s = time.perf_counter() - tic
     rows = []
     for s in specs:

@@ -10,12 +10,19 @@ log is touched. Settings that only change how or how often things are stored
 (``checkpoint_every_n_steps``, ``flush_every_n_steps``, ``compression``, the gradient
 engine, package versions, ...) may differ; each resume is recorded in ``meta.h5`` under
 ``resumes`` (``docs/log-format.md``, version 2).
+
+:func:`continue_log` decides, for a fit resumed at step ``start``, whether the log in ``log_dir``
+is continued (and records the resume) or a new one is started (:func:`start_new_log`).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Mapping
+
+from lightning_influence.log.format import META_FILE, list_segments, read_meta
+from lightning_influence.log.writer import rank_end, remove_log, write_meta
 
 # Meta keys that never differ meaningfully between a log and its own resumed fit (identity, time).
 _IDENTITY = ("created", "run_id", "first_step", "resumes")
@@ -97,3 +104,73 @@ def with_resume_record(log_meta: Mapping[str, Any], fit_meta: Mapping[str, Any],
     """``log_meta`` with this resume appended to ``resumes``: its step, time and the settings that differ."""
     entry = {"step": start, "time": time.time(), "changed": harmless_differences(log_meta, fit_meta)}
     return {**log_meta, "resumes": [*log_meta.get("resumes", []), entry]}
+
+
+def log_exists(log_dir: str) -> bool:
+    """``log_dir`` holds an influence log (its ``meta.h5``)."""
+    return (Path(log_dir) / META_FILE).exists()
+
+
+def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start: int, state: Mapping[str, Any],
+                 fit_meta: Mapping[str, Any], overwrite: bool) -> tuple[bool, int | None]:
+    """A fit resumed at step ``start``: ``(True, first_step)`` if it continues the log in ``log_dir`` (rank 0 records
+    the resume in ``meta.h5``; the writer drops steps ``>= start``; ``first_step`` is ``start`` if the log holds no
+    step of this rank yet, else ``None``), ``(False, None)`` if a new log is to be started instead.
+
+    ``state``: the tracker's state from the checkpoint (``log_dir``, ``run_id``); ``fit_meta``: this fit's meta
+    without the recipe. With ``overwrite``, a log that cannot be continued is replaced instead of refused.
+
+    Raises:
+        FileNotFoundError: the checkpoint's run was tracked into a log that is not in ``log_dir``.
+        ValueError: the log belongs to another run, was written with another world size, or with a
+            configuration that changes what its rows mean (:func:`check_resume`; nothing is touched).
+        RuntimeError: the log misses steps before ``start`` (it cannot be continued without a gap).
+    """
+    if not log_exists(log_dir):
+        if state.get("run_id") and not overwrite:
+            raise FileNotFoundError(
+                f"InfluenceTracker: resuming at step {start} from a checkpoint whose run was tracked into the log "
+                f"{state.get('log_dir')!r} (run id {state['run_id']}), but {log_dir} holds no influence log. "
+                f"Point log_dir at that log to continue it, or pass overwrite=True to start a new log at step {start}")
+        return False, None
+    meta = read_meta(log_dir)
+    hint = f"or pass overwrite=True to replace it with a new log starting at step {start}"
+    if state.get("run_id") and meta.get("run_id") != state["run_id"]:
+        if overwrite:
+            return False, None
+        raise ValueError(f"InfluenceTracker: {log_dir} holds the log of another run (run id {meta.get('run_id')}), "
+                         f"not the one this checkpoint was tracked into (run id {state['run_id']}); point log_dir at "
+                         f"that run's log, {hint}")
+    if int(meta.get("world_size") or 1) != world_size:
+        if overwrite:
+            return False, None
+        raise ValueError(f"InfluenceTracker: the log in {log_dir} was written by {meta.get('world_size')} "
+                         f"process(es) but this fit runs {world_size}; resume with the same number of "
+                         f"processes, {hint}")
+    first = int(meta.get("first_step") or 0)
+    end = rank_end(log_dir, rank)
+    have = (end if end is not None else first - 1)
+    if start < first or have < start - 1:
+        if overwrite:
+            return False, None
+        held = f"steps {first}..{end}" if end is not None else f"no step (it starts at step {first})"
+        raise RuntimeError(
+            f"InfluenceTracker: training resumes at step {start} but the log of rank {rank} in {log_dir} holds "
+            f"{held}, so it cannot continue without a gap (was the checkpoint saved without this callback, or were "
+            f"segment files lost?). Resume from a checkpoint at a step in {first}..{have + 1}, {hint}")
+    check_resume(log_dir, meta, fit_meta, start)  # a refusal loses nothing
+    # steps >= start are recorded again: dropped by the writer before its first write, so a fit refused at its
+    # first step (ids, losses) leaves the log as it was
+    if is_zero:
+        write_meta(log_dir, with_resume_record(meta, fit_meta, start))
+    return True, (start if end is None else None)  # θ_start if the log holds no step yet
+
+
+def start_new_log(log_dir: str, overwrite: bool, is_zero: bool) -> None:
+    """Make room for a new log in ``log_dir``: rank 0 removes an existing one if ``overwrite``, else it is refused."""
+    if list_segments(log_dir) or log_exists(log_dir):
+        if not overwrite:
+            raise FileExistsError(f"{log_dir} already holds an influence log; choose a new log_dir, "
+                                  "pass overwrite=True, or resume with Trainer.fit(ckpt_path=...)")
+        if is_zero:
+            remove_log(log_dir)  # the log's own files only: anything else in log_dir stays

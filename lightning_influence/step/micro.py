@@ -30,7 +30,7 @@ from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.step import rng
 from lightning_influence.step.precision import FULL, Precision
 
-__all__ = ["MicroBatch", "Step", "exact_kernels", "per_sample_grads_masked"]
+__all__ = ["MicroBatch", "Step", "exact_kernels", "per_sample_grads_masked", "training_mode"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -49,10 +49,29 @@ class MicroBatch:
         return self.random.drew
 
     @contextlib.contextmanager
-    def context(self, precision: Precision) -> Iterator[None]:
-        """Random state and autocast of this micro-batch's forward (the caller's generators are kept)."""
-        with rng.restored(self.random), precision.autocast():
+    def context(self, precision: Precision, module: nn.Module | None = None) -> Iterator[None]:
+        """Random state and autocast of this micro-batch's forward (the caller's generators are kept), and, if the
+        forward drew random numbers in training, ``module`` in train mode (:func:`training_mode`)."""
+        with rng.restored(self.random), precision.autocast(), training_mode(module if self.drew else None):
             yield
+
+
+@contextlib.contextmanager
+def training_mode(module: nn.Module | None) -> Iterator[None]:
+    """A module given in eval mode (``model.eval()`` after training) is re-run in train mode, as Lightning runs
+    ``training_step``: otherwise its dropout would be off and the step not the one trained. (Called only for
+    micro-batches whose training forward drew random numbers: a run trained in eval mode drew none.) A module in
+    train mode is used as it is (submodules a user keeps in eval mode stay so); the mode is restored afterwards."""
+    if module is None or module.training:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.train()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @dataclass
@@ -90,7 +109,7 @@ class Step:
         out = []
         with exact_kernels() if exact else contextlib.nullcontext():
             for m in self.micro:
-                with m.context(self.precision):
+                with m.context(self.precision, module):
                     out.append(call_with_params(module, loss_fn, params, m.batch))
         return torch.cat(out) if len(out) > 1 else out[0]
 
@@ -195,7 +214,7 @@ def per_sample_grads_masked(module: nn.Module, loss_fn: LossFn, micro: MicroBatc
     fixed = _override_dict(module, overrides)
     wrapper = _LossModule(module, loss_fn)
     with torch.enable_grad():
-        with micro.context(precision):
+        with micro.context(precision, module):
             out = functional_call(wrapper, {**fixed, **{"m." + n: t for n, t in leaves.items()}}, (micro.batch,))
         eye = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
         rows = []

@@ -1,0 +1,85 @@
+"""What the writer stores for one step and one checkpoint (numpy, on the host), and the checks a step passes first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["CheckpointRecord", "MicroRecord", "StepRecord"]
+
+
+@dataclass
+class MicroRecord:
+    """One micro-batch of a step: its size, the random state at its forward, optionally its inputs."""
+
+    size: int
+    cpu_rng: np.ndarray | None = None  # uint8 CPU generator state (None: drew no CPU random number)
+    cuda_rng: np.ndarray | None = None  # uint8 (n_devices, 16) CUDA generator states (None: drew on no GPU)
+    inputs: bytes | None = None  # torch.save of the batch as fed to training_step
+
+
+@dataclass
+class StepRecord:
+    """Everything recorded for one optimizer step on one rank (numpy arrays, already on CPU)."""
+
+    step: int
+    epoch: int
+    batch_idx: int
+    micro_batches: int
+    lrs: list[float]
+    ids: np.ndarray
+    losses: np.ndarray | None = None
+    grads: np.ndarray | None = None
+    hvps: np.ndarray | None = None
+    batch_grad_norm: float = float("nan")
+    hvp_eps: float = float("nan")
+    tracker_seconds: float = 0.0
+    micro: list[MicroRecord] | None = None  # None: one micro-batch of all ids, nothing else recorded
+    grad_scale: float = float("nan")
+    skipped: bool = False
+    weights: np.ndarray | None = None  # w_{i,t}, the weight of each row's loss in the applied gradient (step.weights)
+    accumulate: int = -1  # Lightning's divisor of each micro-batch loss
+    clip_value: float = float("nan")  # step.clipping
+    clip_coef: float = float("nan")
+
+    def validate(self) -> None:
+        """Refuse a record that would store something wrong: bad shapes or non-finite values.
+
+        Raises:
+            ValueError: ids not a 1-D integer array, or rows not matching the ids.
+            FloatingPointError: a non-finite loss, gradient or HVP product (naming step and sample ids).
+        """
+        ids = np.asarray(self.ids)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"step {self.step}: sample ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        for what, rows in (("per-sample loss", self.losses), ("per-sample gradient", self.grads),
+                           ("Hessian-gradient product", self.hvps)):
+            if rows is None:
+                continue
+            if len(rows) != len(ids) or np.ndim(rows) != (1 if what == "per-sample loss" else 2):
+                raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {len(ids)} sample ids")
+            bad = ~np.isfinite(np.asarray(rows).reshape(len(ids), -1)).all(axis=1)
+            if bad.any() and not (self.skipped and what == "per-sample loss"):  # a skipped step's losses may overflow
+                raise FloatingPointError(
+                    f"step {self.step}: non-finite {what} for sample ids {ids[bad].tolist()[:10]}; nothing of this step "
+                    "was stored. Lower the learning rate or check these samples.")
+        if self.weights is not None and np.shape(self.weights) != ids.shape:
+            raise ValueError(f"step {self.step}: sample weight rows have shape {np.shape(self.weights)} for {len(ids)} sample ids")
+        if self.hvps is not None and self.grads is None:
+            raise ValueError(f"step {self.step}: HVP products need the gradient rows of the same step")
+        if self.micro is not None and sum(m.size for m in self.micro) != len(ids):
+            raise ValueError(f"step {self.step}: micro-batch sizes {[m.size for m in self.micro]} do not add up to "
+                             f"{len(ids)} sample ids")
+        if not all(np.isfinite(self.lrs)):
+            raise FloatingPointError(f"step {self.step}: non-finite learning rate {self.lrs}; nothing of this step was stored")
+
+
+@dataclass
+class CheckpointRecord:
+    """Parameters ``θ_t`` (before step ``t``) and the optimizer state at that moment."""
+
+    step: int
+    params: dict[str, np.ndarray]
+    optimizer_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    optimizer_scalars: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -1,0 +1,339 @@
+"""One segment file: its layout as written, its atomic write, and its truncation (``docs/log-format.md``).
+
+:func:`write_segment` lays a rank's steps and checkpoints out as one HDF5 file (step table,
+sample rows, gradient/HVP rows, micro-batches, checkpoints; CRC-32 of every whole dataset and
+of each row, the root attributes sealed last) and writes it with :func:`write_file`: built in
+memory, written by plain ``os.write``, fsynced, renamed atomically. :func:`truncate_log` drops a
+rank's steps from a step on, for a resumed fit. The buffering, the background thread and
+the error reporting are :class:`~lightning_influence.log.writer.LogWriter`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+
+from lightning_influence.log.format import (
+    CHECKPOINT_GROUP,
+    CRC_ATTR,
+    DIGEST_ATTR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LIBVER,
+    MICRO_COLUMNS,
+    ROW_CRC_COLUMNS,
+    ROW_DATASETS,
+    SCALAR_ATTR,
+    STEP_COLUMNS,
+    TMP_SUFFIX,
+    attrs_digest,
+    check_header,
+    crc32,
+    list_segments,
+    list_unfinished,
+    reading,
+    set_text,
+)
+from lightning_influence.log.records import CheckpointRecord, MicroRecord, StepRecord
+
+__all__ = ["fill_segment", "seal", "truncate_log", "truncation_plan", "write_file", "write_segment"]
+
+_FLOAT_COLUMNS = ("batch_grad_norm", "hvp_eps", "tracker_seconds", "grad_scale", "clip_value", "clip_coef")
+
+
+def seal(f: h5py.File) -> None:
+    """Store the CRC-32 of the root attributes (the last attribute written)."""
+    f.attrs[DIGEST_ATTR] = attrs_digest(f.attrs)
+
+
+def write_file(path: Path, fill: Callable[[h5py.File], None], source: Path | None = None) -> int:
+    """Build an HDF5 file in memory, then write it as ``path`` atomically; returns its size.
+
+    HDF5 only ever works on a memory image (``driver="core"`` without backing store, or the
+    bytes of ``source`` to modify): the disk is written by plain ``os.write``, so a full
+    disk or an I/O error is an ordinary ``OSError`` and never leaves HDF5 with a half-closed
+    file (which can crash the process later). The image goes to ``path.tmp``, is fsynced and
+    renamed over ``path``; the folder is fsynced. On failure nothing is left behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        if source is None:
+            f = h5py.File(tmp, "w", driver="core", backing_store=False, libver=LIBVER)
+            try:
+                fill(f)
+                f.flush()
+                image = f.id.get_file_image()
+            finally:
+                f.close()
+        else:  # the bytes, not the file: a reader may hold the file open (HDF5 would refuse to lock it for writing)
+            buffer = io.BytesIO(source.read_bytes())
+            with h5py.File(buffer, "r+", libver=LIBVER) as f:
+                fill(f)
+            image = buffer.getvalue()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(image)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):  # on a read-only disk even this fails: report the first error only
+            tmp.unlink(missing_ok=True)
+        raise
+    return len(image)
+
+
+def write_segment(
+    path: Path,
+    rank: int,
+    steps: list[StepRecord],
+    checkpoints: list[CheckpointRecord],
+    storage_dtype: np.dtype,
+    compression: str | None,
+    run_id: str | None = None,
+) -> int:
+    """Write one closed segment file; returns its size in bytes. A failed write leaves no file behind."""
+    return write_file(path, lambda f: fill_segment(f, rank, steps, checkpoints, storage_dtype, compression, run_id))
+
+
+def fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: list[CheckpointRecord],
+                  storage_dtype: np.dtype, compression: str | None, run_id: str | None) -> None:
+    columns: dict[str, list[Any]] = {c: [] for c in STEP_COLUMNS}
+    rows: dict[str, list[np.ndarray]] = {"id": [], "loss": [], "grad": [], "hvp": [], "weight": []}
+    micro = _MicroRows()
+    n_rows = n_grad_rows = 0
+    for rec in steps:
+        n = len(rec.ids)
+        stored = {"id": np.asarray(rec.ids, np.int64),
+                  "loss": None if rec.losses is None else np.asarray(rec.losses, np.float64),
+                  "grad": None if rec.grads is None else np.asarray(rec.grads).astype(storage_dtype, copy=False),
+                  "hvp": None if rec.hvps is None else np.asarray(rec.hvps).astype(storage_dtype, copy=False),
+                  "weight": None if rec.weights is None else np.asarray(rec.weights, np.float64)}
+        columns["step"].append(rec.step)
+        columns["epoch"].append(rec.epoch)
+        columns["batch_idx"].append(rec.batch_idx)
+        columns["micro_batches"].append(rec.micro_batches)
+        columns["sample_offset"].append(n_rows)
+        columns["sample_count"].append(n)
+        columns["grad_offset"].append(n_grad_rows if rec.grads is not None else -1)
+        columns["batch_grad_norm"].append(rec.batch_grad_norm)
+        columns["hvp_eps"].append(rec.hvp_eps)
+        columns["tracker_seconds"].append(rec.tracker_seconds)
+        columns["grad_scale"].append(rec.grad_scale)
+        columns["skipped"].append(int(rec.skipped))
+        columns["micro_offset"].append(micro.n)
+        columns["micro_crc32"].append(micro.add(rec.micro if rec.micro is not None else [MicroRecord(n)]))
+        columns["accumulate"].append(rec.accumulate)
+        columns["clip_value"].append(rec.clip_value)
+        columns["clip_coef"].append(rec.clip_coef)
+        for field_, value in stored.items():
+            columns[ROW_CRC_COLUMNS[field_]].append(crc32(value) if value is not None else -1)
+            if value is not None:
+                rows[field_].append(value)
+        if rec.grads is not None:
+            n_grad_rows += n
+        n_rows += n
+    for field_, what in (("loss", "per-sample losses"), ("weight", "sample weights")):
+        if rows[field_] and len(rows[field_]) != len(steps):
+            raise ValueError(f"{what} must be recorded at every step of a segment or none")
+    if len(rows["hvp"]) not in (0, len(rows["grad"])):
+        raise ValueError("HVP products must accompany every recorded gradient row")
+    set_text(f.attrs, "format", FORMAT_NAME)
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["rank"] = rank
+    f.attrs["first_step"] = steps[0].step if steps else -1
+    f.attrs["last_step"] = steps[-1].step if steps else -1
+    f.attrs["n_steps"] = len(steps)
+    f.attrs["n_samples"] = n_rows
+    f.attrs["n_grad_rows"] = n_grad_rows
+    f.attrs["created"] = time.time()
+    if run_id is not None:
+        set_text(f.attrs, "run_id", run_id)
+    g = f.create_group("steps")
+    for name, values in columns.items():
+        _dataset(g, name, np.asarray(values, dtype=np.float64 if name in _FLOAT_COLUMNS else np.int64))
+    n_groups = max((len(r.lrs) for r in steps), default=1)
+    lr = np.full((len(steps), n_groups), np.nan)
+    for i, rec in enumerate(steps):
+        lr[i, : len(rec.lrs)] = rec.lrs
+    _dataset(g, "lr", lr)
+    f.create_group("samples")
+    f.create_group("grads")
+    _dataset(f, ROW_DATASETS["id"], _cat(rows["id"], np.int64, (0,)), whole_crc=False)
+    for field_ in ("loss", "weight"):
+        if rows[field_]:
+            _dataset(f, ROW_DATASETS[field_], np.concatenate(rows[field_]), whole_crc=False)
+    for field_ in ("grad", "hvp"):
+        if rows[field_]:
+            data = np.concatenate(rows[field_])
+            chunk_rows = max(1, min(len(data), (1 << 20) // max(1, data.shape[1] * data.dtype.itemsize)))
+            _dataset(f, ROW_DATASETS[field_], data, chunks=(chunk_rows, data.shape[1]), compression=compression,
+                     whole_crc=False)
+    micro.write(f)
+    c = f.create_group("checkpoints")
+    for ck in checkpoints:
+        cg = c.create_group(CHECKPOINT_GROUP.format(step=ck.step))
+        cg.attrs["step"] = ck.step
+        pg = cg.create_group("params")
+        for name, value in ck.params.items():
+            _dataset(pg, name, value)
+        og = cg.create_group("optimizer")
+        for name, state in ck.optimizer_state.items():
+            sg = og.create_group(name)
+            for key, value in state.items():
+                _dataset(sg, key, value)
+            for key, value in ck.optimizer_scalars.get(name, {}).items():
+                sg.attrs[key] = value
+    seal(f)
+
+
+class _MicroRows:
+    """The ``micro/*``, ``rng/*`` and ``inputs/bytes`` rows of a segment, built step by step."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[int]] = {c: [] for c in MICRO_COLUMNS}
+        self.cpu: list[np.ndarray] = []
+        self.cuda: list[np.ndarray] = []
+        self.inputs: list[bytes] = []
+        self.n_bytes = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.columns["size"])
+
+    def add(self, micro: list[MicroRecord]) -> int:
+        """Append one step's micro-batches; returns the CRC-32 chain of everything stored for them."""
+        crc = 0
+        for m in micro:
+            row = {"size": int(m.size), "cpu_rng": -1, "cuda_rng": -1, "input_offset": -1, "input_length": 0}
+            if m.cpu_rng is not None:
+                row["cpu_rng"] = len(self.cpu)
+                self.cpu.append(np.asarray(m.cpu_rng, np.uint8).reshape(-1))
+                crc = zlib.crc32(self.cpu[-1], crc)
+            if m.cuda_rng is not None:
+                row["cuda_rng"] = len(self.cuda)
+                self.cuda.append(np.asarray(m.cuda_rng, np.uint8).reshape(-1))
+                crc = zlib.crc32(self.cuda[-1], crc)
+            if m.inputs is not None:
+                row["input_offset"], row["input_length"] = self.n_bytes, len(m.inputs)
+                self.inputs.append(m.inputs)
+                self.n_bytes += len(m.inputs)
+                crc = zlib.crc32(m.inputs, crc)
+            for c in MICRO_COLUMNS:
+                self.columns[c].append(row[c])
+            crc = zlib.crc32(np.asarray([row["size"], row["cpu_rng"] >= 0, row["cuda_rng"] >= 0, row["input_length"]],
+                                        np.int64), crc)
+        return crc
+
+    def write(self, f: h5py.File) -> None:
+        g = f.create_group("micro")
+        for c, values in self.columns.items():
+            _dataset(g, c, np.asarray(values, np.int64), whole_crc=False)
+        if self.cpu or self.cuda:
+            r = f.create_group("rng")
+            for name, states in (("cpu", self.cpu), ("cuda", self.cuda)):
+                if states:
+                    _dataset(r, name, np.stack(states), whole_crc=False)
+        if self.inputs:
+            _dataset(f.create_group("inputs"), "bytes", np.frombuffer(b"".join(self.inputs), np.uint8), whole_crc=False)
+
+
+def _cat(parts: list[np.ndarray], dtype: Any, empty_shape: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(empty_shape, dtype)
+
+
+def _dataset(group: h5py.Group, name: str, data: Any, chunks: Any = True, compression: str | None = None,
+             whole_crc: bool = True) -> h5py.Dataset:
+    """A chunked (resizable) dataset; 0-d arrays are stored as shape ``(1,)``.
+
+    ``whole_crc``: store the CRC-32 of the whole dataset in its ``crc32`` attribute (datasets
+    read whole); row datasets are checked per step instead (``*_crc32`` step columns).
+    """
+    data = np.asarray(data)
+    scalar = data.ndim == 0
+    if scalar:
+        data = data.reshape(1)
+    ds = group.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), chunks=chunks, compression=compression)
+    if scalar:
+        ds.attrs[SCALAR_ATTR] = 1
+    if whole_crc:
+        ds.attrs[CRC_ATTR] = crc32(data)
+    return ds
+
+
+def truncate_log(log_dir: str | os.PathLike, rank: int, from_step: int) -> None:
+    """Drop everything of ``rank`` recorded at steps ``>= from_step`` (a resumed fit re-records them).
+
+    Segments entirely past ``from_step`` are deleted, newest first, so a crash during the
+    truncation leaves a log without gaps (the next resume finishes the job); a segment that
+    straddles ``from_step`` is shrunk in memory, re-sealed and atomically renamed over the
+    original.
+    """
+    for stale in list_unfinished(log_dir, rank):
+        stale.unlink(missing_ok=True)
+    for path, steps, keep in truncation_plan(log_dir, rank, from_step):
+        if keep is None:
+            path.unlink()
+        else:
+            write_file(path, lambda f: _shrink(f, steps, keep, from_step), source=path)
+
+
+def truncation_plan(log_dir: str | os.PathLike, rank: int, from_step: int) -> list[tuple[Path, np.ndarray, int | None]]:
+    """What :func:`truncate_log` does, newest segment first, without doing it: ``(path, steps, keep)``, ``keep``
+    ``None`` for a segment deleted whole, else the number of its steps kept."""
+    plan: list[tuple[Path, np.ndarray, int | None]] = []
+    for path in reversed(list_segments(log_dir).get(rank, [])):
+        with reading(path, "the segment index"), h5py.File(path, "r") as f:
+            check_header(path, dict(f.attrs))
+            steps = f["steps/step"][()]
+            ckpts = [int(g.attrs["step"]) for g in f["checkpoints"].values()]
+        keep = int(np.searchsorted(steps, from_step))
+        if keep == len(steps) and all(t < from_step for t in ckpts):
+            break  # this segment and every earlier one end before from_step
+        plan.append((path, steps, None if keep == 0 and all(t >= from_step for t in ckpts) else keep))
+    return plan
+
+
+def _shrink(f: h5py.File, steps: np.ndarray, keep: int, from_step: int) -> None:
+    """Keep the first ``keep`` steps of a segment (its datasets are resizable) and the checkpoints before ``from_step``."""
+    table = f["steps"]
+    n_rows = int(table["sample_offset"][keep]) if keep < len(steps) else int(f.attrs["n_samples"])
+    grad_offsets = table["grad_offset"][keep:]
+    n_grad = int(grad_offsets[grad_offsets >= 0][0]) if (grad_offsets >= 0).any() else int(f.attrs["n_grad_rows"])
+    if "micro" in f:
+        n_micro = int(table["micro_offset"][keep]) if keep < len(steps) else len(f["micro/size"])
+    for ds in table.values():
+        ds.resize(keep, axis=0)
+        ds.attrs[CRC_ATTR] = crc32(ds[()])
+    for ds in f["samples"].values():
+        ds.resize(n_rows, axis=0)
+    for ds in f["grads"].values():
+        ds.resize(n_grad, axis=0)
+    if "micro" in f:  # version 2; unreferenced rows of rng/* and inputs/bytes may stay
+        for ds in f["micro"].values():
+            ds.resize(n_micro, axis=0)
+    for name in [n for n, g in f["checkpoints"].items() if int(g.attrs["step"]) >= from_step]:
+        del f["checkpoints"][name]
+    f.attrs["last_step"] = int(steps[keep - 1]) if keep else -1
+    f.attrs["first_step"] = int(steps[0]) if keep else -1
+    f.attrs["n_steps"] = keep
+    f.attrs["n_samples"] = n_rows
+    f.attrs["n_grad_rows"] = n_grad
+    seal(f)

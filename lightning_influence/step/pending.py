@@ -1,0 +1,130 @@
+"""The optimizer step in progress as the tracker saw it, and the assembly of its log record.
+
+:class:`~lightning_influence.InfluenceTracker` collects a :class:`TrackedMicroBatch` per
+``training_step`` call (ids, inputs, random state, losses, gradients); at
+``on_before_optimizer_step`` :func:`assemble` turns them into the step's
+:class:`~lightning_influence.log.writer.StepRecord` and its device rows (copied to the host
+without blocking, :mod:`lightning_influence.capture.transfer`), which :func:`fill_record`
+puts into the record once the copy is done. :func:`checkpoint_record` is ``θ_t`` with the
+optimizer state. The step's weights and clipping come from :class:`.recorder.StepRecorder`.
+No Lightning import: the trainer is used through its public attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.capture.transfer import HostCopy
+from lightning_influence.log.records import CheckpointRecord, MicroRecord, StepRecord
+from lightning_influence.step import rng
+from lightning_influence.step.micro import MicroBatch
+from lightning_influence.step.precision import Precision
+from lightning_influence.step.recorder import StepRecorder
+
+__all__ = ["PendingStep", "TrackedMicroBatch", "assemble", "checkpoint_record", "fill_record"]
+
+
+@dataclass
+class TrackedMicroBatch:
+    """One ``training_step`` call of the step in progress."""
+
+    ids: Tensor
+    batch: Any
+    random: rng.RandomState  # at the forward's start; reduced to the generators it drew from after the backward
+    inputs: bytes | None = None  # the batch as fed, serialised (store_inputs)
+    accumulate: int = 1  # Lightning's divisor of this micro-batch's loss
+    returned: Tensor | None = None  # the loss Lightning back-propagated (checked against the per-sample losses)
+    observed: Tensor | None = None  # per-sample losses seen inside training_step, when it calls per_sample_loss
+    losses: Tensor | None = None
+    grads: Tensor | None = None
+
+    @property
+    def micro(self) -> MicroBatch:
+        """The micro-batch of an own pass; its ids are not used there (and may still be on the device)."""
+        return MicroBatch(np.zeros(0, np.int64), self.batch, self.random)
+
+
+@dataclass
+class PendingStep:
+    """The micro-batches of the optimizer step in progress."""
+
+    micro: list[TrackedMicroBatch] = field(default_factory=list)
+    batch_idx: int = 0
+    seconds: float = 0.0
+
+
+def assemble(trainer: Any, optimizer: torch.optim.Optimizer, pending: PendingStep, recorder: StepRecorder,
+             precision: Precision, module: nn.Module, record_losses: bool) -> tuple[StepRecord, dict[str, Tensor], dict[str, Tensor]]:
+    """``(record, device rows, batch gradient Ĝ_t by parameter)`` of step ``trainer.global_step``.
+
+    The record's ids and row fields are filled by :func:`fill_record` once the rows are on the host. Refuses a
+    loss reduction other than the mean (at the first step) and an ``accumulate_grad_batches`` changed mid-step.
+    """
+    step = trainer.global_step
+    record = StepRecord(
+        step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
+        lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=np.zeros(0, np.int64))  # rows: see fill_record
+    rows: dict[str, Tensor] = {"ids": torch.cat([m.ids for m in pending.micro])}
+    recorder.check_losses(  # a sum or any other reduction than the mean is refused (step.weights)
+        step, [(m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in pending.micro],
+        trainer)
+    recorder.record(record, [len(m.ids) for m in pending.micro], [m.accumulate for m in pending.micro],
+                    trainer.world_size, optimizer)
+    if record_losses:
+        rows["losses"] = torch.cat([m.losses for m in pending.micro])
+    if torch.is_tensor(record.clip_coef):
+        rows["clip_coef"] = record.clip_coef
+    grad_dir = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    if grad_dir:
+        rows["batch_grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()]))
+    record_execution(getattr(trainer.precision_plugin, "scaler", None), precision, record, pending.micro, grad_dir)
+    return record, rows, grad_dir
+
+
+def record_execution(scaler: Any, precision: Precision, record: StepRecord, micro: list[TrackedMicroBatch],
+                     grads: dict[str, Tensor]) -> None:
+    """Micro-batch sizes, random states and inputs, the GradScaler factor and whether it skips this step."""
+    record.micro = [MicroRecord(len(m.ids), m.random.cpu, m.random.cuda if m.random.cuda.size else None, m.inputs)
+                    for m in micro]
+    if scaler is not None and precision.grad_scaler:
+        record.grad_scale = float(scaler.get_scale())
+        # on_before_optimizer_step runs after GradScaler.unscale_: a non-finite gradient makes it skip the step
+        # one device sync (GradScaler.step makes the same one)
+        record.skipped = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
+
+
+def fill_record(record: StepRecord, checkpoint: CheckpointRecord | None, host: dict[str, Any]) -> None:
+    """Put the host copies of a step's rows (and checkpoint) made by :func:`assemble` into its records."""
+    rows = host["rows"]
+    record.ids = rows["ids"]
+    record.losses = rows["losses"].astype(np.float64) if "losses" in rows else None
+    record.grads, record.hvps = rows.get("grads"), rows.get("hvps")
+    record.batch_grad_norm = float(rows.get("batch_grad_norm", float("nan")))
+    record.clip_coef = float(rows.get("clip_coef", float("nan")))
+    record.hvp_eps = float(rows.get("hvp_eps", float("nan")))
+    if checkpoint is not None:
+        checkpoint.params, checkpoint.optimizer_state = host["checkpoint"]
+
+
+def checkpoint_record(module: nn.Module, optimizer: torch.optim.Optimizer, step: int, wait: bool = True) -> CheckpointRecord:
+    """``θ_step`` and the optimizer state: numpy copies, or (``wait=False``) tensors for a HostCopy."""
+    record = CheckpointRecord(step=step, params={})
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        record.params[name] = p.detach()
+        state = optimizer.state.get(p, {})
+        tensors = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            record.optimizer_state[name] = tensors
+        scalars = {k: float(v) for k, v in state.items() if isinstance(v, (int, float))}
+        if scalars:
+            record.optimizer_scalars[name] = scalars
+    if wait:
+        record.params, record.optimizer_state = HostCopy((record.params, record.optimizer_state)).wait()
+    return record

@@ -1,0 +1,164 @@
+"""What :class:`~lightning_influence.InfluenceTracker` refuses before or at the first step.
+
+A run the estimators could not reproduce is refused before it trains (or at its first step,
+with nothing of it stored): manual optimization or an unsupported strategy, several or
+unsupported optimizers, a missing ``per_sample_loss``, sampling with replacement, train-mode
+BatchNorm, a dataset whose ``ds[i]`` changes between calls (without ``store_inputs``), a
+sample twice in one step, per-sample losses of the wrong shape, a precision plugin other than
+Lightning's ``MixedPrecision``. Each message says what to do instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_influence.data import ids_source, samples_with_replacement
+from lightning_influence.step import rng
+from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
+from lightning_influence.step.precision import Precision
+
+__all__ = ["check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses", "check_optimizers",
+           "check_training_set", "generators_kept", "trainer_precision"]
+
+
+def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) -> None:
+    """Automatic optimization, a single-device or DDP strategy, and a ``per_sample_loss`` when losses are needed."""
+    if not module.automatic_optimization:
+        raise RuntimeError("InfluenceTracker needs automatic optimization (one optimizer.step per training step); "
+                           "manual optimization is not supported")
+    strategy = type(trainer.strategy).__name__
+    if strategy not in ("SingleDeviceStrategy", "DDPStrategy"):
+        raise RuntimeError(f"InfluenceTracker supports single-device and DDP training, not {strategy}")
+    if needs_loss and not has_loss_fn and not callable(getattr(module, "per_sample_loss", None)):
+        raise TypeError(
+            f"{type(module).__name__} has no per_sample_loss(batch) method; define one returning the "
+            "unreduced loss (shape [B]) and have training_step return its mean, or pass "
+            "InfluenceTracker(loss_fn=...)")
+
+
+def check_optimizers(optimizers: Sequence[torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    """The run's one optimizer, whose update rule the estimators reproduce (``step/optimizers.py``)."""
+    if len(optimizers) != 1:
+        raise RuntimeError(f"InfluenceTracker supports exactly one optimizer, the module configures {len(optimizers)}")
+    try:  # before the first step: a run the estimators cannot reproduce is never trained
+        check_optimizer(optimizers[0])
+    except UnsupportedOptimizerError as err:
+        raise UnsupportedOptimizerError(f"InfluenceTracker does not support this run's optimizer: {err}") from None
+    return optimizers[0]
+
+
+def check_training_set(loader: Any, has_ids_fn: bool) -> tuple[bool, int | None]:
+    """``(batches carry ids as (x, ids), dataset size)``: where ids come from and what they index; sampling with
+    replacement is refused before anything is written."""
+    dataset = getattr(loader, "dataset", None)
+    with_ids, problem = ids_source(dataset)
+    if problem and not has_ids_fn:
+        raise ValueError(f"InfluenceTracker: {problem}")
+    try:
+        size = len(dataset) if dataset is not None else None
+    except TypeError:
+        size = None
+    if samples_with_replacement(loader):
+        raise ValueError("InfluenceTracker: the training DataLoader samples with replacement (RandomSampler("
+                         "replacement=True) or WeightedRandomSampler), so a sample can appear twice in a step; the "
+                         "log and the estimators count each sample once per step. Sample without replacement.")
+    return with_ids, size
+
+
+def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: bool) -> None:
+    """Refuse train-mode BatchNorm (its output mixes the samples of a batch) unless ``allow_train``; with it, the
+    vmap engine (``vmap_gradients``) still cannot evaluate it one sample at a time."""
+    for name, mod in module.named_modules():
+        if not (isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training):
+            continue
+        if allow_train and vmap_gradients:
+            raise RuntimeError(
+                f"BatchNorm layer '{name}' is in train mode, which the vmap gradient engine cannot evaluate one "
+                "sample at a time; track only Linear/Conv2d parameters (params=[...]) so the hooks engine is used")
+        if not allow_train:
+            raise RuntimeError(
+                f"BatchNorm layer '{name}' is in train mode: its output mixes the samples of a batch, so per-sample "
+                "losses and gradients are ill-defined. Put it in eval mode during training (e.g. in "
+                "on_train_epoch_start), replace it (GroupNorm/LayerNorm), or pass allow_train_batchnorm=True")
+
+
+def check_dataset(dataset: Any) -> None:
+    """Refuse, at the first step, a dataset whose ``ds[i]`` changes between calls (random augmentation): replay
+    could not reproduce the inputs. Every random generator is left as found, so training is unchanged."""
+    if dataset is None or not hasattr(dataset, "__getitem__"):
+        return
+    try:
+        n = len(dataset)
+    except TypeError:
+        return
+    with generators_kept():
+        for i in sorted({0, n // 2, n - 1}) if n else []:
+            if not _same(dataset[i], dataset[i]):
+                raise RuntimeError(
+                    f"InfluenceTracker: the training dataset returns different values for ds[{i}] on two calls "
+                    "(random augmentation or other randomness in __getitem__), so replay and the estimators "
+                    "could not reproduce the inputs of a step. Pass InfluenceTracker(store_inputs=True) to store "
+                    "the exact inputs of every micro-batch, or make __getitem__ deterministic")
+
+
+def check_distinct_ids(step: int, seen: Sequence[torch.Tensor], ids: torch.Tensor) -> None:
+    """A sample may appear in only one micro-batch of an optimizer step (host ids; device ids are checked later)."""
+    if seen and ids.device.type == "cpu" and len(torch.unique(torch.cat([*seen, ids]))) != sum(len(s) for s in seen) + len(ids):
+        raise ValueError(f"step {step}: the same sample id appears in two micro-batches of one optimizer step")
+
+
+def check_losses(out: Any, n: int, name: str) -> None:
+    """Per-sample losses must be a tensor of shape ``[n]``; the message names the function that returned them."""
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n,):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"InfluenceTracker: {name} returned {shape} for a batch of {n} samples; it must return one "
+                         f"loss per sample, shape [{n}] (e.g. F.cross_entropy(..., reduction='none')), whose mean is "
+                         "the training loss")
+
+
+def trainer_precision(trainer: Any) -> Precision:
+    """The autocast and GradScaler of the trainer's precision plugin (Lightning's ``MixedPrecision``)."""
+    plugin = trainer.precision_plugin
+    name = str(getattr(plugin, "precision", "32-true"))
+    if not name.endswith("-mixed"):
+        return Precision(name)
+    if not callable(getattr(plugin, "autocast_context_manager", None)) or not hasattr(plugin, "device"):
+        raise RuntimeError(f"InfluenceTracker supports precision={name!r} through Lightning's MixedPrecision plugin, "
+                           f"not {type(plugin).__name__}")
+    dtype = plugin.autocast_context_manager().fast_dtype
+    return Precision(name, str(plugin.device), str(dtype).replace("torch.", ""), getattr(plugin, "scaler", None) is not None)
+
+
+@contextlib.contextmanager
+def generators_kept() -> Iterator[None]:
+    """Run a block that may draw random numbers (a dataset's ``__getitem__``) and put torch's (CPU and every CUDA
+    device), Python's and NumPy's global generators back as they were: training must not notice the tracker."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with rng.forked():
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two samples of a dataset are equal (tensors and arrays elementwise, NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable equality cannot be checked
+        return True

@@ -1,0 +1,84 @@
+"""The ``meta.h5`` an :class:`~lightning_influence.InfluenceTracker` fit writes (``docs/log-format.md``).
+
+What the estimators need to read the rows (projection, tracked parameters, storage dtype,
+what is recorded), to reproduce the steps (optimizer and param groups, precision, gradient
+accumulation, HVP scheme) and to rebuild the data (recipe, dataset size). A resumed fit
+compares its own (without the recipe) to the log's (``log/resume.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+import uuid
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from lightning_influence.capture import KINK_GUARD, KroneckerProjector
+from lightning_influence.recipe import class_path, record_recipe
+from lightning_influence.step.precision import Precision
+
+__all__ = ["fit_metadata"]
+
+
+def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch.optim.Optimizer, names: dict[int, str],
+                 first_step: int, *, tracked: Sequence[str], projector: KroneckerProjector, precision: Precision,
+                 engine: str, recipe: bool = True) -> dict[str, Any]:
+    """The ``meta.h5`` of a new log; ``recipe=False`` leaves out the recipe (which stores ``data.pt``).
+
+    ``tracker``: the callback, for its configuration (public attributes); ``names``: parameter name by ``id``.
+    """
+    groups = []
+    for g in optimizer.param_groups:
+        hyper = {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
+        groups.append({**hyper, "params": [names[id(p)] for p in g["params"]]})
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    try:
+        dataset_size = len(dataset) if dataset is not None else None
+    except TypeError:
+        dataset_size = None
+    return {
+        "created": time.time(),
+        "run_id": uuid.uuid4().hex,
+        "first_step": first_step,
+        "versions": {pkg: _version(pkg) for pkg in ("lightning-influence", "torch", "lightning", "h5py")},
+        "module_class": class_path(module),
+        "datamodule_class": class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
+        **({"recipe": record_recipe(trainer, module, tracker.log_dir, tracker.store_data)} if recipe else {}),  # recipe.py
+        "world_size": trainer.world_size,
+        "dataset_size": dataset_size,
+        "loss_reduction": "mean",
+        "precision": precision.to_meta(),
+        "inputs_stored": tracker.store_inputs,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "recorded": {
+            "ids": True,
+            "lrs": True,
+            "losses": tracker.record_losses,
+            "gradients": tracker.record_gradients,
+            "hvp": tracker.record_hvp,
+            "checkpoints": True,
+        },
+        "every_n_steps": tracker.every_n_steps,
+        "checkpoint_every_n_steps": tracker.checkpoint_every_n_steps,
+        "gradient_engine": engine,
+        "hvp": {"eps0": tracker.hvp_eps, "direction": "batch_mean_gradient", "scheme": tracker.hvp_scheme,
+                "kink_guard": KINK_GUARD if tracker.hvp_scheme == "central" else None},
+        "storage_dtype": tracker.storage_dtype,
+        "compression": tracker.compression,
+        "flush_every_n_steps": tracker.flush_every_n_steps,
+        "tracked_params": list(tracked),
+        "param_shapes": {n: list(p.shape) for n, p in module.named_parameters() if p.requires_grad},
+        "projection": projector.to_metadata(),
+        "optimizer": {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+                      "param_groups": groups},
+    }
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
