@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_influence.evaluation.metrics import auroc, pearson, precision_at_k, spearman
+from lightning_influence.queries import evaluation_mode
 
 __all__ = [
     "Recipe",
@@ -151,8 +152,8 @@ def train_from_scratch(make_module: Callable[[], nn.Module], x: torch.Tensor, y:
 
 
 def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``module`` on ``(x, y)``."""
-    with torch.no_grad():
+    """Accuracy and mean cross-entropy of ``module`` on ``(x, y)``, dropout off (:func:`~lightning_influence.queries.evaluation_mode`)."""
+    with torch.no_grad(), evaluation_mode(module):
         logits = module(x.to(next(module.parameters()).dtype))
         return {"accuracy": float((logits.argmax(-1) == y).double().mean()), "loss": float(F.cross_entropy(logits, y))}
 

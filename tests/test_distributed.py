@@ -198,6 +198,22 @@ def _cli_json(*argv: str, env_extra: dict | None = None) -> tuple[int, dict | No
     return proc.returncode, json.loads(proc.stdout) if proc.returncode == 0 else None, proc.stderr
 
 
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from tests._cli_run import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
+
+
+def _one_and_two_processes(*argv: str) -> tuple[dict, dict]:
+    """The CLI's JSON for ``argv`` on one process and with ``--devices 2`` (checked to start 2 processes)."""
+    code1, one, err1 = _cli_json(*argv)
+    code2, two, err2 = _cli_json(*argv, "--devices", "2")
+    assert code1 == 0 and code2 == 0, err1 + err2
+    assert "MEMBER: 2/2" in err2 and "MEMBER: 2/2" not in err1
+    return one, two
+
+
 def test_cli_tracin_self_and_devices_refused_for_a_method_that_is_not_distributed(log_dir, capsys):
     from lightning_influence.cli import main
 
@@ -242,18 +258,13 @@ def test_eval_mode_query_turns_dropout_off_and_restores_the_mode():
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_cli_evaluate_devices_2_equals_one_process(tmp_path_factory):
+def test_cli_evaluate_devices_2_equals_one_process(digits_run):
     """The digits run (float32): the ground truth and the group removals on 2 processes against 1."""
-    from tests._cli_run import train_tiny_run
-
-    run_ = train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
+    run_ = digits_run
     argv = ("evaluate", run_.log, "-c", run_.config, "-m", "tracin", "--samples", "3,7,11,20,41", "--groups",
             "--group-sizes", "0.1", "--group-kinds", "random")
-    code1, one, err1 = _cli_json(*argv)
-    code2, two, err2 = _cli_json(*argv, "--devices", "2")
-    assert code1 == 0 and code2 == 0, err1 + err2
+    one, two = _one_and_two_processes(*argv)
     truth1, truth2 = [s["truth"] for s in one["samples"]], [s["truth"] for s in two["samples"]]
-    assert "MEMBER: 2/2" in err2 and "MEMBER: 2/2" not in err1  # the second run did start 2 processes
     assert [s["id"] for s in two["samples"]] == [3, 7, 11, 20, 41] and max(map(abs, truth1)) > 0
     np.testing.assert_allclose(truth2, truth1, rtol=0, atol=1e-5 * max(map(abs, truth1)))  # float32 replay
     a1, a2 = [r["actual"] for r in one["groups"]["rows"]], [r["actual"] for r in two["groups"]["rows"]]
@@ -264,16 +275,10 @@ def test_cli_evaluate_devices_2_equals_one_process(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_cli_query_dit_local_split_by_query_on_2_devices_equals_one_process(tmp_path_factory):
-    from tests._cli_run import train_tiny_run
-
-    run_ = train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
-    argv = ("query", run_.log, "-c", run_.config, "-m", "dit-local", "-w", "4:10", "--query", "val_loss",
-            "--query", "test:3", "-k", "0")
-    code1, one, err1 = _cli_json(*argv)
-    code2, two, err2 = _cli_json(*argv, "--devices", "2")
-    assert code1 == 0 and code2 == 0, err1 + err2
-    assert "MEMBER: 2/2" in err2 and two["results"][0]["info"]["processes"] == 2
+def test_cli_query_dit_local_split_by_query_on_2_devices_equals_one_process(digits_run):
+    one, two = _one_and_two_processes("query", digits_run.log, "-c", digits_run.config, "-m", "dit-local", "-w", "4:10",
+                                      "--query", "val_loss", "--query", "test:3", "-k", "0")
+    assert two["results"][0]["info"]["processes"] == 2
     assert [r["query"] for r in two["results"]] == [r["query"] for r in one["results"]] and len(one["results"]) == 2
     for a, b in zip(one["results"], two["results"]):
         sa = {r["id"]: r["score"] for r in a["rows"]}
@@ -284,16 +289,10 @@ def test_cli_query_dit_local_split_by_query_on_2_devices_equals_one_process(tmp_
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_cli_timeline_dit_split_by_query_on_2_devices_equals_one_process(tmp_path_factory):
-    from tests._cli_run import train_tiny_run
-
-    run_ = train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
-    argv = ("timeline", run_.log, "-c", run_.config, "-m", "dit", "--grid", "3", "--query", "val_loss",
-            "--query", "test:3", "-k", "0")
-    code1, one, err1 = _cli_json(*argv)
-    code2, two, err2 = _cli_json(*argv, "--devices", "2")
-    assert code1 == 0 and code2 == 0, err1 + err2
-    assert "MEMBER: 2/2" in err2
+def test_cli_timeline_dit_split_by_query_on_2_devices_equals_one_process(digits_run):
+    run_ = digits_run
+    one, two = _one_and_two_processes("timeline", run_.log, "-c", run_.config, "-m", "dit", "--grid", "3", "--query",
+                                      "val_loss", "--query", "test:3", "-k", "0")
     a, b = json.dumps(one, sort_keys=True), json.dumps(two, sort_keys=True)
     assert len(one["results"]) == 2 and a.count('"id"') == b.count('"id"') > 0
 

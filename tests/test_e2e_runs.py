@@ -296,3 +296,16 @@ def test_status_lines_only_from_the_first_process(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "1")
     status(Namespace(quiet=False), "second")
     assert capsys.readouterr().err.splitlines() == ["first"]
+
+
+def test_task_evaluation_is_without_dropout():
+    """The cleaning/deletion/coreset tasks score retrained models with dropout off (it was on: noisy accuracies)."""
+    from lightning_influence.tasks import evaluate
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    got = evaluate(module, x, y)
+    with torch.no_grad():
+        expected = float(F.cross_entropy(module.eval()(x), y))
+    assert got["loss"] == pytest.approx(expected, rel=1e-6)

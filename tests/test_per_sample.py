@@ -224,3 +224,19 @@ def test_unsupported_params():
     ]
     with pytest.raises(ValueError, match="bn.weight"):
         HookGradientCapture(model, names, projector_for(model, names, None))
+
+
+def test_call_with_params_moves_the_batch_to_the_parameters_device():
+    """A dataset gives CPU batches while the estimators' parameters may live on a GPU (found by gpu_check on
+    CUDA: DIT and Diff-In failed with 'Expected all tensors to be on the same device'); the ``meta`` device
+    stands in for the GPU here."""
+    import torch.nn.functional as F
+
+    from lightning_influence.capture import call_with_params
+
+    model = torch.nn.Linear(3, 2)
+    params = {n: torch.empty_like(p, device="meta") for n, p in model.named_parameters()}
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+    out = call_with_params(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), params, batch)
+    assert out.device.type == "meta" and out.shape == (4,)
+    assert batch[0].device.type == "cpu"  # the caller's batch is not moved in place
