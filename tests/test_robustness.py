@@ -110,8 +110,11 @@ def synthetic(path, world=1, steps=6, flush=2, seed=0, meta_extra=None, first=0)
 def dump(path) -> dict:
     """Everything a reader can get out of a log (to compare a mutated log with the original)."""
     with InfluenceLog(path) as log:
+        # the block reader first: a damaged row must be refused by it, not only by iter_steps after it
+        blocks = [(b.steps, b.lrs, b.row_step, b.ids, b.weights, b.grads.copy())
+                  for b in log.iter_blocks(int(log.steps[0]), log.num_steps)] if len(log.steps) else []
         return {
-            "meta": log.meta, "steps": log.steps.tolist(), "finished": log.finished, "lrs": log.lrs.copy(),
+            "blocks": blocks, "meta": log.meta, "steps": log.steps.tolist(), "finished": log.finished, "lrs": log.lrs.copy(),
             "epochs": log.epochs_of_step.copy(), "ckpts": log.checkpoint_steps, "ids": log.all_ids(),
             "tables": [(s.path.name, s.rank, s.checkpoints, dict(s.table)) for s in log._segs],
             "recs": [(r.step, r.epoch, r.lrs, r.ids, r.losses, r.grads, r.hvps) for r in log.iter_steps(fields=("loss", "grad", "hvp"))],

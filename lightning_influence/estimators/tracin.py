@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
-from lightning_influence.log.reader import InfluenceLog, StepBatch
-from lightning_influence.step.clipping import step_clip_adjoint
+from lightning_influence.log.blocks import RowBlock
+from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
 from lightning_influence.queries import Query, query_gradients, query_names
 
 QueryGradients = Mapping[int, np.ndarray]  # checkpoint step -> (Q, K) projected query gradients
@@ -58,7 +59,7 @@ def tracin(log: InfluenceLog, query: Query | QueryGradients, *, module: nn.Modul
         module: the model architecture (weights are taken from the log's checkpoints).
         window: the window; ``None`` is the whole run.
         query_names_: names for precomputed query gradients.
-        progress: called as ``progress(done, total)`` after each step.
+        progress: called as ``progress(done, total)`` (steps) after each block of steps.
     """
     t1, t2 = log.window(window)
     if callable(query):
@@ -74,13 +75,22 @@ def tracin(log: InfluenceLog, query: Query | QueryGradients, *, module: nn.Modul
         raise ValueError(f"no query gradient at or before step {t1} (checkpoints: {ckpt_steps})")
     n_queries = next(iter(qgrads.values())).shape[0]
     names = names or [f"q{i}" for i in range(n_queries)]
-    scores = np.zeros((log.dataset_size, n_queries))
+    groups = _group_columns(log)
+    scores = np.zeros((n_queries, log.dataset_size))  # (Q, N): each query's scores contiguous for np.add.at
     n_steps = 0
-    for rec, G, eta, adjoint in _applied_steps(log, t1, t2, progress):
-        q = qgrads[ckpt_steps[bisect.bisect_right(ckpt_steps, rec.step) - 1]]
-        eta_q = adjoint(torch.from_numpy(np.ascontiguousarray((q * eta).T)))  # (K, Q): η_t per column, J_Cᵀ applied
-        np.add.at(scores, rec.ids, rec.weights[:, None] * (G @ eta_q.numpy()))
-        n_steps += 1
+    for block, eta in _blocks(log, t1, t2, progress, breaks=ckpt_steps):
+        q = qgrads[ckpt_steps[bisect.bisect_right(ckpt_steps, int(block.steps[0])) - 1]]  # one checkpoint per block
+        # ⟨q, g⟩ per param group (K, Q·n_groups), so each step's η per group scales the partial dots afterwards
+        dots = _row_products(block.grads, (q.T[:, :, None] * groups[:, None, :]).reshape(len(groups), -1))
+        vals = np.einsum("rqg,rg->rq", dots.reshape(len(dots), n_queries, -1), eta[block.row_step])
+        for i, rows, G, adjoint in _clipped_steps(log, block):  # J_Cᵀ applied: that step's rows the direct way
+            eta_q = adjoint(torch.from_numpy(np.ascontiguousarray((q * eta[i][log.column_groups()]).T)))
+            vals[rows] = G @ eta_q.numpy()
+        vals *= block.weights[:, None]
+        for j in range(n_queries):
+            np.add.at(scores[j], block.ids, vals[:, j])
+        n_steps += len(block.steps)
+    scores = np.ascontiguousarray(scores.T)
     every = int(log.meta.get("every_n_steps", 1))
     return InfluenceScores(scores, "tracin" if every == 1 else f"tracin (every {every} steps)", (t1, t2), names,
                            info={"steps_with_gradients": n_steps, "checkpoints_used": ckpt_steps})
@@ -99,24 +109,65 @@ def tracin_self_influence(log: InfluenceLog, query: None = None, *, window: Any 
     if query is not None:
         raise TypeError("tracin_self_influence() answers each sample's own loss and takes no query; pass query=None")
     t1, t2 = log.window(window)
+    groups = _group_columns(log)
     scores = np.zeros((log.dataset_size, 1))
     n_steps = 0
-    for rec, G, eta, adjoint in _applied_steps(log, t1, t2, progress):
-        own = adjoint(torch.from_numpy(np.ascontiguousarray((G * eta).T))).numpy()  # (K, B): J_Cᵀ η g_j per sample
-        np.add.at(scores[:, 0], rec.ids, rec.weights * np.einsum("bk,kb->b", G, own))
-        n_steps += 1
+    for block, eta in _blocks(log, t1, t2, progress):
+        vals = np.einsum("rg,rg->r", _row_products(block.grads, groups, square=True), eta[block.row_step])
+        for i, rows, G, adjoint in _clipped_steps(log, block):
+            own = adjoint(torch.from_numpy(np.ascontiguousarray((G * eta[i][log.column_groups()]).T))).numpy()
+            vals[rows] = np.einsum("bk,kb->b", G, own)  # ⟨g_j, J_Cᵀ η g_j⟩ per sample
+        np.add.at(scores[:, 0], block.ids, block.weights * vals)
+        n_steps += len(block.steps)
     return InfluenceScores(scores, "tracin-self", (t1, t2), ["self"], info={"steps_with_gradients": n_steps})
 
 
-def _applied_steps(log: InfluenceLog, t1: int, t2: int, progress: Callable[[int, int], None] | None
-                   ) -> Iterator[tuple[StepBatch, np.ndarray, np.ndarray, Callable[[Tensor], Tensor]]]:
-    """Each step of ``[t1, t2)`` with gradient rows: its records, the rows in float64 ``(B, K)``, ``η_t`` of each
-    column (times ``every_n_steps``) and ``R ↦ J_{C,t}ᵀ R``, the step's clipping adjoint (identity without)."""
-    lr_columns = log.column_groups()
+def _group_columns(log: InfluenceLog) -> np.ndarray:
+    """``(K, n_groups)`` float64 one-hot: the param group of each gradient column."""
+    columns = log.column_groups()
+    return np.eye(int(columns.max()) + 1 if len(columns) else 1)[columns]
+
+
+def _blocks(log: InfluenceLog, t1: int, t2: int, progress: Callable[[int, int], None] | None,
+            breaks: list[int] | tuple[int, ...] = ()) -> Iterator[tuple[RowBlock, np.ndarray]]:
+    """The gradient rows of ``[t1, t2)`` in blocks (:func:`~lightning_influence.log.blocks.iter_row_blocks`), with
+    ``η_t`` of each param group (times ``every_n_steps``) of each step of the block ``(S, n_groups)``."""
     every = int(log.meta.get("every_n_steps", 1))
-    for rec in log.iter_steps(t1, t2, fields=("grad",)):
-        G = rec.grads.astype(np.float64)
-        adjoint = step_clip_adjoint(log, rec.step, rec.weights, G)
-        yield rec, G, rec.lrs[lr_columns] * every, adjoint
+    n_groups = int(log.column_groups().max()) + 1
+    for block in log.iter_blocks(t1, t2, breaks=breaks):
+        yield block, block.lrs[:, :n_groups] * every
         if progress is not None:
-            progress(rec.step - t1 + 1, t2 - t1)
+            progress(int(block.steps[-1]) - t1 + 1, t2 - t1)
+
+
+def _clipped_steps(log: InfluenceLog, block: RowBlock) -> Iterator[tuple[int, np.ndarray, np.ndarray,
+                                                                        Callable[[Tensor], Tensor]]]:
+    """The steps of ``block`` whose clipping bound (``J_C ≠ I``): their index in the block, their rows, the rows in
+    float64 (rank order, like :meth:`InfluenceLog.iter_steps`) and ``R ↦ J_{C,t}ᵀ R``."""
+    if not (log.meta.get("gradient_clipping") or {}).get("algorithm"):
+        return
+    for i, t in enumerate(block.steps.tolist()):
+        coef = float(log.step_column(t, "clip_coef"))
+        if logged_clip_spec(log, t) is None or not np.isfinite(coef) or coef >= 1.0:
+            continue  # the identity (logged_clip_adjoint returns R unchanged)
+        rows = np.flatnonzero(block.row_step == i)
+        G = block.grads[rows].astype(np.float64)
+        yield i, rows, G, step_clip_adjoint(log, t, block.weights[rows], G)
+
+
+def _row_products(G: np.ndarray, M: np.ndarray, square: bool = False) -> np.ndarray:
+    """``G @ M`` (or ``(G ⊙ G) @ M`` with ``square``) in float64 for rows ``G`` of any storage dtype.
+
+    The rows are widened to float64 a few at a time into a buffer that stays in the CPU cache, instead of
+    widening the whole block first: the same float64 products at the cost of reading the stored rows once.
+    """
+    out = np.empty((len(G), M.shape[1]))
+    chunk = max(1, (256 << 10) // max(1, 8 * G.shape[1]))
+    buf = np.empty((min(chunk, len(G)), G.shape[1]))
+    for a in range(0, len(G), chunk):
+        b = buf[: min(chunk, len(G) - a)]
+        np.copyto(b, G[a:a + len(b)])
+        if square:
+            np.multiply(b, b, out=b)
+        np.dot(b, M, out=out[a:a + len(b)])
+    return out

@@ -100,9 +100,15 @@ ROW_CRC_COLUMNS = {"id": "id_crc32", "loss": "loss_crc32", "grad": "grad_crc32",
 CRC_ATTR = "crc32"  # on every dataset read whole (step table, checkpoints): CRC-32 of its bytes as stored
 
 
+try:  # the same CRC-32 as zlib's, with the CPU's carry-less multiply: ~8x faster on the rows of a long log
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is an optional speed-up (pip install lightning-influence[fast])
+    _crc32 = zlib.crc32
+
+
 def crc32(array: Any) -> int:
-    """CRC-32 (zlib) of an array's bytes in C order."""
-    return zlib.crc32(np.ascontiguousarray(array))
+    """CRC-32 (zlib's polynomial; computed by ``isal`` when installed) of an array's bytes in C order."""
+    return _crc32(np.ascontiguousarray(array))
 
 
 def json_attr(value: Any) -> str:

@@ -57,12 +57,14 @@ def check_rank(segs: Sequence[Any], first_step: int = 0) -> None:
 def read_checked(path: Path, ds: h5py.Dataset) -> np.ndarray:
     """A dataset read whole and checked against its stored CRC-32 (0-d arrays restored)."""
     value = ds[()]
-    if CRC_ATTR not in ds.attrs:
+    attrs = ds.attrs
+    names = set(attrs)  # one pass over the attributes (opening a log reads ~25 datasets per segment)
+    if CRC_ATTR not in names:
         raise LogFormatError(path, f"{ds.name} has no {CRC_ATTR} attribute, so it cannot be checked; the file is "
                                    "corrupted or was written by a pre-release writer")
-    if crc32(value) != int(ds.attrs[CRC_ATTR]):
+    if crc32(value) != int(attrs[CRC_ATTR]):
         raise LogFormatError(path, f"{ds.name} fails its CRC-32: the file is corrupted. {restore_hint(path)}")
-    return value.reshape(()) if ds.attrs.get(SCALAR_ATTR) else value
+    return value.reshape(()) if SCALAR_ATTR in names and attrs[SCALAR_ATTR] else value
 
 
 def check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str, np.ndarray],

@@ -164,7 +164,9 @@ class InfluenceLog:
         with reading(path, "the segment index"):
             attrs = dict(f.attrs)
             check_header(path, attrs)
-            seg.table = {c: read_checked(path, f["steps"][c]) if c in f["steps"] else None for c in (*STEP_COLUMNS, "lr")}
+            steps = f["steps"]
+            stored = set(steps)
+            seg.table = {c: read_checked(path, steps[c]) if c in stored else None for c in (*STEP_COLUMNS, "lr")}
             n = len(seg.table["step"])
             for c, default in V1_DEFAULTS.items():
                 if seg.table[c] is None and int(attrs["format_version"]) == 1:
@@ -364,6 +366,13 @@ class InfluenceLog:
             rec.weights = self.weights(t)
             yield rec
 
+    def iter_blocks(self, t1: int, t2: int, breaks: Sequence[int] = ()) -> Iterator["RowBlock"]:
+        """The gradient rows of the steps of ``[t1, t2)`` in blocks of consecutive steps, each read in one HDF5 call per
+        dataset and rank and verified step by step (for reductions over rows: :mod:`lightning_influence.log.blocks`)."""
+        from lightning_influence.log.blocks import iter_row_blocks
+
+        return iter_row_blocks(self, t1, t2, breaks)
+
     def weights(self, step: int) -> np.ndarray:
         """``w_{i,t}`` of every sample of ``B_t``: the weight of its loss in the gradient the step applied.
 
@@ -547,17 +556,26 @@ class InfluenceLog:
             out = self._rows(seg, ROW_DATASETS[field_], off, n)
         if out is None:
             return None
-        if crc32(out) != int(table[ROW_CRC_COLUMNS[field_]][row]):
-            raise LogFormatError(s.path, f"the {field_!r} rows of step {step} fail their CRC-32: the file is corrupted. "
-                                         f"{restore_hint(s.path)}")
-        if field_ == "id" and len(out):
-            size = self.meta.get("dataset_size")
-            if int(out.min()) < 0 or (size is not None and int(out.max()) >= int(size)):  # intact (CRC), yet wrong
-                raise LogFormatError(s.path, f"step {step} holds sample ids outside [0, {size}) although its rows pass "
-                                             "their checksum: the run recorded ids that are not indices into its "
-                                             f"training set of {size} samples, so they cannot be read as sample ids. "
-                                             "Record the run again with ids that index the training set")
+        self._verify(seg, row, field_, out)
+        if field_ == "id":
+            self._check_ids(seg, step, out)
         return out
+
+    def _verify(self, seg: int, row: int, field_: str, out: np.ndarray) -> None:
+        """Refuse the ``field_`` rows ``out`` of the step at ``row`` of segment ``seg`` unless they match its CRC-32."""
+        s = self._segs[seg]
+        if crc32(out) != int(s.table[ROW_CRC_COLUMNS[field_]][row]):
+            raise LogFormatError(s.path, f"the {field_!r} rows of step {int(s.table['step'][row])} fail their CRC-32: "
+                                         f"the file is corrupted. {restore_hint(s.path)}")
+
+    def _check_ids(self, seg: int, step: int, ids: np.ndarray) -> None:
+        """Refuse checksummed ids that are not indices into the training set (``step``: the first step they belong to)."""
+        size = self.meta.get("dataset_size")
+        if len(ids) and (int(ids.min()) < 0 or (size is not None and int(ids.max()) >= int(size))):  # intact, yet wrong
+            raise LogFormatError(self._segs[seg].path, f"step {step} holds sample ids outside [0, {size}) although its "
+                                 "rows pass their checksum: the run recorded ids that are not indices into its "
+                                 f"training set of {size} samples, so they cannot be read as sample ids. "
+                                 "Record the run again with ids that index the training set")
 
     def _rows(self, seg: int, name: str, off: int, n: int) -> np.ndarray | None:
         """Rows ``[off, off + n)`` of dataset ``name``, a view into a read-ahead block of about 16 MiB.
