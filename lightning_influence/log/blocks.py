@@ -71,7 +71,6 @@ def iter_row_blocks(log: "InfluenceLog", t1: int, t2: int, breaks: Sequence[int]
     pending: list[tuple[int, list[tuple[int, int]]]] = []  # (step, locs)
     rows = 0
     entered: set[int] = set()
-    requested: set[int] = set()
     for t in range(int(t1), int(t2)):
         if not log.has_grads(t):
             continue
@@ -79,7 +78,7 @@ def iter_row_blocks(log: "InfluenceLog", t1: int, t2: int, breaks: Sequence[int]
         for seg, _ in locs:
             if seg not in entered:  # the kernel reads the rank's next segments while this one is reduced
                 entered.add(seg)
-                _read_ahead(log, seg, requested)
+                _read_ahead(log, seg)
         n = sum(int(log._segs[seg].table["sample_count"][row]) for seg, row in locs)
         if pending and (t in cut or [s for s, _ in locs] != [s for s, _ in pending[-1][1]]
                         or (rows + n) * row_bytes > max_bytes * len(locs)):
@@ -91,22 +90,16 @@ def iter_row_blocks(log: "InfluenceLog", t1: int, t2: int, breaks: Sequence[int]
         yield _read_block(log, pending, buffers, mapped)
 
 
-def _read_ahead(log: "InfluenceLog", seg: int, requested: set[int]) -> None:
+def _read_ahead(log: "InfluenceLog", seg: int) -> None:
     """Ask the kernel to read ``seg`` and the next segments of its rank, up to ``_READ_AHEAD_BYTES`` beyond it, in the
     background (``posix_fadvise(WILLNEED)``), so the disk is kept busy while the CPU reduces the rows already read."""
+    from lightning_influence.log.reader import will_need
+
     ahead, nxt = 0, seg
     while nxt < len(log._segs) and log._segs[nxt].rank == log._segs[seg].rank and ahead <= _READ_AHEAD_BYTES:
         path = log._segs[nxt].path
-        try:
-            size = os.path.getsize(path)
-            if nxt not in requested:
-                requested.add(nxt)
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
-        except (OSError, AttributeError):  # a hint only (AttributeError: no posix_fadvise on this OS)
+        size = will_need(path)  # again for a segment already asked for: pages in the cache are skipped
+        if size is None:
             return
         ahead += size if nxt > seg else 0
         nxt += 1

@@ -615,14 +615,7 @@ class InfluenceLog:
         """Ask the kernel to read the rank's next segment ahead (disk reads overlap the work on this one)."""
         nxt = seg + 1
         if nxt < len(self._segs) and self._segs[nxt].rank == self._segs[seg].rank:
-            try:
-                fd = os.open(self._segs[nxt].path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
-            except (OSError, AttributeError):  # a hint only (AttributeError: no posix_fadvise on this OS)
-                pass
+            will_need(self._segs[nxt].path)
 
     def _checkpoint_group(self, step: int) -> tuple[int, h5py.Group]:
         seg = self._checkpoint_index.get(step)
@@ -630,3 +623,16 @@ class InfluenceLog:
             raise ValueError(f"no checkpoint at step {step}; checkpoints: {self.checkpoint_steps}")
         with reading(self._segs[seg].path, f"checkpoint {step}"):
             return seg, self._file(seg)["checkpoints"][CHECKPOINT_GROUP.format(step=step)]
+
+
+def will_need(path: Path) -> int | None:
+    """Ask the kernel to read the file ``path`` ahead, in the background; its size (``None``: not possible, a hint only)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):  # AttributeError: no posix_fadvise on this OS
+        return None
