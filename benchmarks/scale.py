@@ -7,7 +7,8 @@ the page cache (``posix_fadvise(DONTNEED)``, no root needed), then in the same r
 1. raw sequential read of the segment files (8 MiB ``readinto``, cold cache): the disk's speed;
 2. TracIn over the whole log with a synthetic query gradient, in a fresh subprocess (cold
    cache again), sampling its RSS every 20 ms; its peak RSS (``VmHWM``) and throughput
-   (sample-steps/s, GB/s) are compared with the raw read. The scores are checked against a
+   (sample-steps/s, GB/s) are compared with the raw read, and its CPU seconds per GB (user + system: a figure that
+   does not depend on how busy the machine is) are reported. The scores are checked against a
    closed form (rows are drawn from a known pool), so the reduction is verified, not only timed.
 3. the same with ``--processes`` (default 2) gloo processes (``lightning_influence.distributed``:
    one contiguous shard of steps each, one all-reduce), cold cache again, peak RSS per process.
@@ -266,7 +267,8 @@ def main() -> None:
     gb = 1e9
     print(f"\nlog: {disk_bytes / gb:.2f} GB on disk ({steps} steps × {args.batch} samples × {args.k} float32 columns, "
           f"{len(files) - 1} segments); machine RAM {mem_total / gb:.1f} GB, {os.cpu_count()} CPUs")
-    print(f"{'phase':<38}{'seconds':>9}{'GB/s':>8}{'of raw':>8}{'sample-steps/s':>16}{'peak RSS/process (GB)':>23}")
+    print(f"{'phase':<38}{'seconds':>9}{'GB/s':>8}{'of raw':>8}{'sample-steps/s':>16}{'peak RSS/process (GB)':>23}"
+          f"{'CPU s/GB':>10}")
     print(f"{'write (LogWriter, fsync)':<38}{t_write:>9.1f}{disk_bytes / t_write / gb:>8.2f}{'':>8}"
           f"{sample_steps / t_write:>16,.0f}")
     print(f"{'raw sequential read (cold)':<38}{t_raw:>9.1f}{raw_speed / gb:>8.2f}{'100%':>8}")
@@ -274,7 +276,8 @@ def main() -> None:
         rss = red.get("per_rank_peak_rss_bytes", [red["peak_rss_bytes"]])
         print(f"{f'TracIn, {p} process(es) (cold)':<38}{red['seconds']:>9.1f}{red['gb_per_s']:>8.2f}"
               f"{red['vs_raw_read']:>8.0%}{red['sample_steps_per_s']:>16,.0f}"
-              f"{' '.join(f'{r / gb:.2f}' for r in rss):>23}")
+              f"{' '.join(f'{r / gb:.2f}' for r in rss):>23}"
+              + (f"{red['cpu_seconds'] / (disk_bytes / gb):>10.2f}" if "cpu_seconds" in red else ""))
     for p, red in runs.items():
         if "wall_seconds_with_process_start" in red:
             print(f"{p} processes: {red['wall_seconds_with_process_start']:.1f} s with starting them (imports), "
