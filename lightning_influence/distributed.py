@@ -72,7 +72,7 @@ class Processes:
 
     @property
     def many(self) -> bool:
-        """More than one process (under an outside launcher, the world it sets up)."""
+        """More than one process asked for (under an outside launcher, pass the world it starts: --devices/--num-nodes)."""
         return self.devices * self.num_nodes > 1
 
 
