@@ -48,7 +48,7 @@ from lightning_influence.estimators import diffin, timeline, tracin  # noqa: E40
 from lightning_influence.evaluation.ground_truth import replay_loo  # noqa: E402
 from lightning_influence.examples.digits import load_digits_split  # noqa: E402
 from lightning_influence.log import InfluenceLog  # noqa: E402
-from lightning_influence.queries import mean_loss  # noqa: E402
+from lightning_influence.queries import eval_mode, mean_loss  # noqa: E402
 from lightning_influence.replay import DriftReport, replay  # noqa: E402
 from lightning_influence.step.weights import step_summary  # noqa: E402
 
@@ -98,16 +98,7 @@ def tokens(x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
 
 def eval_query(data: tuple[torch.Tensor, torch.Tensor]):
     """Mean validation loss with dropout off (the module is put in eval mode for the query only)."""
-    inner = mean_loss(data, ce_loss, name="val_loss")
-
-    def query(module: nn.Module) -> torch.Tensor:
-        was = module.training
-        module.eval()
-        try:
-            return inner(module)
-        finally:
-            module.train(was)
-
+    query = eval_mode(mean_loss(data, ce_loss, name="val_loss"))
     query.__name__ = "val_loss"
     return query
 
