@@ -60,19 +60,15 @@ def prediction(inputs: torch.Tensor, target_class: int, margin: bool = False, na
 
 
 def eval_mode(query: Query) -> Query:
-    """``query`` evaluated with the module in eval mode (dropout off), whatever mode the estimator keeps it in.
+    """``query`` evaluated in :func:`evaluation_mode` wherever it is called.
 
-    The estimators evaluate a query in the module's current mode, and model-based ones keep it in train mode
-    for the replayed steps (their dropout masks): wrap a query that should see the deployed model.
+    The estimators and the ground truth already evaluate every query that way (:func:`evaluate_query`);
+    wrap a query to get the same value when calling it yourself on a module in train mode.
     """
 
     def f(module: nn.Module) -> torch.Tensor:
-        was = module.training
-        module.eval()
-        try:
+        with evaluation_mode(module):
             return query(module)
-        finally:
-            module.train(was)
 
     if hasattr(query, "query_names"):
         f.query_names = list(query.query_names)  # type: ignore[attr-defined]

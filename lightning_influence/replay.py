@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterator, Mapping, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset, default_collate
 
 from lightning_influence.capture import call_with_params
