@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 from conftest import TinyClassifier, make_data, tiny
 from test_robustness import assert_same_records, dump, epoch_fit, same, synthetic
 from lightning_influence import InfluenceLog, InfluenceTracker, LogFormatError, WithIds
-from lightning_influence.log import CheckpointRecord, LogWriter, StepRecord
+from lightning_influence.log import LogWriter, StepRecord
 from lightning_influence.log import writer as writer_mod
 from lightning_influence.log.lock import LogLockedError, WriterLock
 from lightning_influence.log.writer import LogWriteError

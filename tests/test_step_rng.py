@@ -261,7 +261,7 @@ def test_exact_hvp_through_attention_with_the_training_masks(train_mode):
     mode (no dropout, the fused attention kernel) forward-over-reverse also works, through the math kernel only."""
     from torch.func import grad, jvp
 
-    from lightning_influence.step.micro import Step, exact_kernels
+    from lightning_influence.step.micro import Step
 
     module = _TinyTransformer().double().train(train_mode)
     x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 3, (5,))

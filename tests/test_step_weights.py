@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_influence import InfluenceTracker
 from lightning_influence.log import InfluenceLog

@@ -376,7 +376,6 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
     log_rows = log.iter_steps(t1, t2, fields=fields) if samples == "batch" else None
     full = KroneckerProjector(ctx.shapes, None)  # self-influence: unprojected g_z, the HVP directions
     for done, (t, params) in enumerate(ctx.params_at(selected), start=1):
-        ids_t = log.batch_ids(t)
         w_t = torch.as_tensor(log.weights(t), dtype=ctx.dtype)  # w_{i,t}: the step's loss is Σ w ℓ (step.weights)
         # (K,): a_t of each column's group, with the clipped step's learning rate η_t·κ_t
         a_col = published_coefficients(t, log.lr(t)[col_group] * ctx.clip_factor(t), N, m)

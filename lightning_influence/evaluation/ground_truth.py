@@ -182,7 +182,6 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         ReplayMismatchError: the reference run does not reproduce the logged trajectory.
         DistributedQueryError: a process of a distributed run failed or was killed.
     """
-    T = log.num_steps
     win = log.window(window) if window is not None else None
     if in_window_only and win is None:
         raise ValueError("in_window_only=True needs a window")

@@ -18,7 +18,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -41,6 +41,9 @@ from lightning_influence.log.format import (
     text,
 )
 from lightning_influence.log.integrity import check_rank, check_segment, read_checked
+
+if TYPE_CHECKING:
+    from lightning_influence.log.blocks import RowBlock
 
 
 @dataclass

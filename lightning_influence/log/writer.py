@@ -15,7 +15,6 @@ import errno
 import os
 import queue
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
