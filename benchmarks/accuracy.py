@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -147,6 +148,21 @@ class Timer:
                 timer.seconds[label] = timer.seconds.get(label, 0.0) + time.perf_counter() - self.t0
 
         return _Ctx()
+
+
+def quiet_setup(threads: int) -> None:
+    """Benchmarks run on ``threads`` threads and print only their tables (no warnings, no Lightning info lines)."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def write_results(results: dict[str, Any], out: str, default: Callable[[Any], Any] | None = None) -> None:
+    """Write a benchmark's results as JSON to ``out`` (folders created) and say where."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1, default=default)
+    print(f"\nwrote {out}")
 
 
 def agreement(est: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -377,11 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_setup(args.threads)
     sgd = {"lr": 0.1, "weight_decay": 1e-3, "momentum": 0.0, "step_epochs": 4, "gamma": 0.5}
     cos = {"momentum": 0.0, "schedule": "cosine", "warmup": 0.1}
     configs = {
@@ -422,10 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["sweep_cost"] = sweep_cost(configs, chosen, args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nwrote {args.out}")
+    write_results(results, args.out)
     return results
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import agreement, ce_loss, train, windows_of  # noqa: E402
+from accuracy import agreement, ce_loss, quiet_setup, train, windows_of  # noqa: E402
 from step_runs import run_all  # noqa: E402
 
 from lightning_influence.data import WithIds  # noqa: E402
@@ -195,11 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "random_runs.json"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_setup(args.threads)
     sgd = {"lr": 0.1, "weight_decay": 1e-3, "step_epochs": 3, "gamma": 0.5}
     configs = {
         "mlp-dropout": {"kind": "mlp", "dtype": torch.float64, "hyper": sgd, "trainer": {}},

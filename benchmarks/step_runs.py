@@ -27,13 +27,10 @@ Prints a table and writes JSON (``benchmarks/results/`` is git-ignored).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,7 +41,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import agreement, ce_loss, make_module, train, windows_of  # noqa: E402
+from accuracy import agreement, ce_loss, make_module, quiet_setup, train, windows_of, write_results  # noqa: E402
 
 from lightning_influence.capture import call_with_params  # noqa: E402
 from lightning_influence.data import WithIds  # noqa: E402
@@ -159,11 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "step_runs.json"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_setup(args.threads)
     sgd = {"lr": 0.1, "weight_decay": 1e-3, "momentum": 0.0, "step_epochs": 4, "gamma": 0.5}
     configs = {
         "mlp-plain": {},  # the reference: neither clipping nor accumulation
@@ -190,10 +183,7 @@ def run_all(args: argparse.Namespace, names: list[str], run_one: Callable[[str, 
             sys.stdout.flush()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    print(f"\nwrote {args.out}")
+    write_results(results, args.out, default=str)
     return results
 
 if __name__ == "__main__":

@@ -35,14 +35,11 @@ the test split. Prints tables and writes JSON (``benchmarks/results/`` is git-ig
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +50,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import Timer, agreement, ce_loss, train  # noqa: E402  (the accuracy benchmark's tracked run and helpers)
+from accuracy import Timer, agreement, ce_loss, quiet_setup, train, write_results  # noqa: E402  (the accuracy benchmark's tracked run and helpers)
 
 from lightning_influence.data import WithIds  # noqa: E402
 from lightning_influence.estimators import diffin, diffin_self_influence, dit, tracin  # noqa: E402
@@ -158,11 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "tasks.json"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_setup(args.threads)
     make, recipe = make_factory(args)
     T = Timer()
     t_start = time.perf_counter()
@@ -254,10 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = {**T.seconds, "total": time.perf_counter() - t_start}
     print_tables(results)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    print(f"\nwrote {args.out}")
+    write_results(results, args.out, default=float)
     return results
 
 

@@ -34,15 +34,12 @@ Sizes (120 samples, 800/600 noise-stability pairs, 3 ρ each) were chosen to run
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +50,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import Timer, ce_loss, train  # noqa: E402  (the same model and tracked run as the accuracy benchmark)
+from accuracy import Timer, ce_loss, quiet_setup, train, write_results  # noqa: E402  (the same model and tracked run as the accuracy benchmark)
 from accuracy import make_module as accuracy_module  # noqa: E402
 
 from lightning_influence.data import WithIds  # noqa: E402
@@ -267,9 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip-small", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "trust.json"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_setup(args.threads)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     results: dict[str, Any] = {
         "setup": {"data": "sklearn digits, standardised", "n_train": args.n_train, "n_val": args.n_val,
@@ -297,10 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(sc[p_keep]["table"])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    print(f"\nwrote {args.out}")
+    write_results(results, args.out, default=float)
     return results
 
 
