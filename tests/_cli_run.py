@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 CONFIG = {
@@ -69,3 +70,11 @@ def train_tiny_run(root: Path) -> TinyRun:
     cli.trainer.fit(cli.model, cli.datamodule)
     _TRAINED.append(TinyRun(root, tracker["log_dir"], str(config), cli.trainer.logger.log_dir))
     return _TRAINED[0]
+
+
+def scores_of(result: dict, n: int) -> np.ndarray:
+    """Scores of samples ``0..n-1`` from a ``--format json`` answer's first result (NaN where not listed)."""
+    out = np.full(n, np.nan)
+    for row in result["results"][0]["rows"]:
+        out[row["id"]] = row["score"]
+    return out

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import fit, loader, make_data, tiny
+from tests._cli_run import scores_of
 from test_script_runs import train_script
 from lightning_influence import InfluenceLog, InfluenceTracker, tracin
 from lightning_influence.evaluation import replay_loo
@@ -208,18 +209,11 @@ def _cli(capsys, *argv: str) -> dict:
     return json.loads(captured.out)
 
 
-def _scores(result: dict, n: int) -> np.ndarray:
-    out = np.full(n, np.nan)
-    for row in result["results"][0]["rows"]:
-        out[row["id"]] = row["score"]
-    return out
-
-
 def _answers(capsys, log_dir: Path, n: int, methods: list[str]) -> dict[str, np.ndarray]:
     """Every method's scores for every sample; each finite and not all zero."""
     out = {}
     for method in methods:
-        scores = _scores(_cli(capsys, "query", str(log_dir), "-m", method, "-k", "0"), n)
+        scores = scores_of(_cli(capsys, "query", str(log_dir), "-m", method, "-k", "0"), n)
         assert np.isfinite(scores).all() and np.abs(scores).max() > 0, method
         out[method] = scores
     return out
@@ -271,7 +265,7 @@ def test_cnn_groupnorm_dict_batches_adam(tmp_path, capsys):
     info = _cli(capsys, "info", str(log_dir))
     assert info["dataset_size"] == 300 and info["recorded"]["gradients"] and info["precision"]["autocast_dtype"] is None
     _answers(capsys, log_dir, 300, ["dit", "tracin", "diffin-step", "diffin-self"])
-    pred = _scores(_cli(capsys, "query", str(log_dir), "-m", "tracin", "--query", "pred:5", "-k", "0"), 300)
+    pred = scores_of(_cli(capsys, "query", str(log_dir), "-m", "tracin", "--query", "pred:5", "-k", "0"), 300)
     assert np.isfinite(pred).all()
     result = _evaluate(capsys, log_dir, "dit", "tracin")
     assert result["metrics"]["dit"]["sign_agreement"] == 1.0

@@ -23,6 +23,7 @@ import torch
 
 from lightning_influence import InfluenceLog, queries
 from lightning_influence.cli import main
+from tests._cli_run import scores_of
 
 SCRIPTS = Path(__file__).parent / "scripts"
 ROOT = Path(__file__).parents[1]
@@ -51,13 +52,6 @@ def cli_json(*argv: str, cwd: Path) -> dict:
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
-
-
-def scores_of(result: dict, n: int) -> np.ndarray:
-    out = np.full(n, np.nan)
-    for row in result["results"][0]["rows"]:
-        out[row["id"]] = row["score"]
-    return out
 
 
 def load_script(script: Path):
