@@ -56,6 +56,11 @@ class ClipSpec:
         return cls(str(algorithm), float(value))
 
 
+def _norm_factor(norm: Tensor, value: float) -> Tensor:
+    """Norm clipping's factor ``min(1, c / (‖g‖ + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` computes it."""
+    return torch.clamp(value / (norm + _NORM_EPS), max=1.0)
+
+
 def clip_coefficient(grads: Sequence[Tensor], spec: ClipSpec) -> Tensor:
     """The factor :func:`apply_clipping` applies to ``grads`` (without changing them), as a 0-d tensor on
     their device: the tracker copies it to the host with the step's other rows, without a synchronisation."""
@@ -64,7 +69,7 @@ def clip_coefficient(grads: Sequence[Tensor], spec: ClipSpec) -> Tensor:
         return torch.tensor(1.0)
     if spec.algorithm == "norm":
         total = torch.nn.utils.get_total_norm(grads, 2.0)
-        return torch.clamp(spec.value / (total + _NORM_EPS), max=1.0)
+        return _norm_factor(total, spec.value)
     largest = torch.stack([g.abs().max().to(grads[0].device, torch.float64) for g in grads]).max()
     return torch.clamp(spec.value / largest, max=1.0)  # no entry above c (or all zero): 1
 
@@ -96,7 +101,7 @@ def apply_clipping_stacked(params: Sequence[Tensor], spec: ClipSpec | None) -> N
             g.clamp_(-spec.value, spec.value)
         return
     sq = torch.stack([g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads]).sum(0)  # (copies,)
-    coef = torch.clamp(spec.value / (sq.sqrt() + _NORM_EPS), max=1.0)
+    coef = _norm_factor(sq.sqrt(), spec.value)
     for g in grads:
         g.mul_(coef.reshape(-1, *([1] * (g.dim() - 1))))
 
@@ -112,7 +117,7 @@ def clip_gradient(g: Tensor, spec: ClipSpec | None) -> Tensor:
     if spec is None:
         return g
     if spec.algorithm == "norm":
-        return g * torch.clamp(spec.value / (torch.linalg.vector_norm(g) + _NORM_EPS), max=1.0)
+        return g * _norm_factor(torch.linalg.vector_norm(g), spec.value)
     return torch.clamp(g, -spec.value, spec.value)
 
 
