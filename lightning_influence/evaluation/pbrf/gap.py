@@ -129,6 +129,8 @@ class GapDecomposition:
 class _WarmRunner:
     """The logged optimizer, learning rates and batches of ``steps``, started at θ_T with its optimizer state,
     with a modified objective; every removal is a stacked copy of the parameters (copy 0 removes nothing).
+    Each step's loss is ``Σ_i w_{i,t} ℓ_i`` with the recorded per-sample weights (``step/weights.py``: accumulation,
+    incomplete accumulations), like replay; a removal sets its ``w`` to 0.
 
     The coupled weight decay of SGD/Adam is taken out of the optimizer and put in the objective as
     ``½ Σ κ θ²`` (the same update), so the Bregman stage can use its divergence ``½ Σ κ (θ − θ_T)²``;
@@ -145,7 +147,8 @@ class _WarmRunner:
                 ids = log.batch_ids(t)
                 batch = batch_from_ids(prob.train_data, ids)
                 inputs = prob.inputs_fn(batch)
-                self.batches.append((ids, log.lr(t), batch, inputs, prob.outputs(prob.theta, inputs).detach()))
+                weights = torch.as_tensor(log.weights(t), dtype=prob.dtype)  # w_{i,t}: the step's loss is Σ w ℓ
+                self.batches.append((ids, log.lr(t), weights, batch, inputs, prob.outputs(prob.theta, inputs).detach()))
         try:
             self.decoupled = optimizer_class(log) is torch.optim.AdamW
         except Exception:  # noqa: BLE001 - build_optimizer raises the real error below
@@ -171,21 +174,20 @@ class _WarmRunner:
                 g["weight_decay"] = 0.0
         rem = np.array([-1 if r is None else int(r) for r in removed])
         kappa = prob.kappa if not self.decoupled else torch.zeros_like(prob.kappa)
-        for ids, lrs, batch, inputs, h_ref in self.batches:
+        for ids, lrs, weights, batch, inputs, h_ref in self.batches:
             for g, lr in zip(opt.param_groups, lrs):
                 g["lr"] = float(lr)
             opt.zero_grad(set_to_none=True)
-            n = len(ids)
             gone = torch.as_tensor(ids[None, :] == rem[:, None], dtype=prob.dtype)  # (C, B)
 
-            def per_copy(p: dict[str, Tensor], w: Tensor) -> Tensor:
+            def per_copy(p: dict[str, Tensor], dropped: Tensor) -> Tensor:
                 x = flatten(p, prob.names)
                 losses = functional_loss(prob.module, prob.loss_fn, p, batch)
                 if kind == "loss":
-                    obj = ((1.0 - w) * losses).sum() / n + 0.5 * (kappa * x.pow(2)).sum()
+                    obj = ((1.0 - dropped) * weights * losses).sum() + 0.5 * (kappa * x.pow(2)).sum()
                 else:
                     h = call_with_params(prob.module, lambda m, a: m(a), p, inputs)
-                    obj = (prob.divergence(h, h_ref).sum() - (w * losses).sum()) / n \
+                    obj = (weights * (prob.divergence(h, h_ref) - dropped * losses)).sum() \
                         + 0.5 * (kappa * (x - prob.theta).pow(2)).sum()
                 if prox:
                     obj = obj + 0.5 * prob.damping * (x - prob.theta).pow(2).sum()
@@ -212,8 +214,8 @@ def gap_decomposition(log: InfluenceLog, module: nn.Module, train_data: TrainDat
 
     - ``loo``: :func:`~lightning_influence.evaluation.ground_truth.replay_loo` (or ``loo``,
       ``(S, Q)`` precomputed in the order of ``samples``);
-    - ``warm``: the logged optimizer, learning rates and batches of the last ``warm_epochs``
-      epochs (default: the whole run, so only the starting point differs from LOO), started
+    - ``warm``: the logged optimizer, learning rates, batches and per-sample loss weights of the last
+      ``warm_epochs`` epochs (default: the whole run, so only the starting point differs from LOO), started
       at ``θ_T`` with its optimizer state, minus the same run without the removal;
     - ``warm_prox``: the same plus ``(λ/2)‖θ − θ_T‖²``;
     - ``bregman``: the same with every loss replaced by its Bregman divergence around
