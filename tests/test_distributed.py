@@ -305,3 +305,68 @@ def test_cli_timeline_dit_split_by_query_on_2_devices_equals_one_process(digits_
     np.testing.assert_allclose(vb, va, rtol=0, atol=1e-5 * np.abs(va).max())
     code, _, err = _cli_json("timeline", run_.log, "-c", run_.config, "-m", "dit-gn", "--devices", "2")
     assert code == 2 and "runs in one process here" in err
+
+
+# ------------------------------------------------------------------------------- DIT split by batch rows
+def _batch_runs(tmp):
+    """Three float64 runs of 16 samples in batches of 4: SGD with momentum, norm clipping that binds and 2
+    micro-batches per step (rows split inside each micro-batch); AdamW; dropout (each step whole on one process)."""
+    runs = {}
+    for name, kw, fit_kw in (("sgd-clip", {"momentum": 0.9, "lr": 0.5}, {"gradient_clip_val": 0.05, "accumulate_grad_batches": 2}),
+                             ("adamw", {"optimizer": "adamw", "lr": 0.05, "weight_decay": 0.1}, {}),
+                             ("dropout", {"dropout": 0.3, "momentum": 0.5}, {})):
+        path = tmp / name
+        tracker = InfluenceTracker(str(path), checkpoint_every_n_steps=3, storage_dtype="float64")
+        fit(tiny(**kw), loader(make_data(16, seed=5), batch_size=4), tracker, epochs=2, **fit_kw)
+        runs[name] = (str(path), kw)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def batch_runs(tmp_path_factory):
+    return _batch_runs(tmp_path_factory.mktemp("batch"))
+
+
+def _sweeps(log_path: str, kw: dict) -> list:
+    """(estimator, kwargs) of the three model sweeps on one run."""
+    from lightning_influence import dit, timeline
+    from lightning_influence.estimators.dit import dit_local
+
+    base = {"module": tiny(**kw), "train_data": make_data(16, seed=5)}
+    with InfluenceLog(log_path) as log:
+        T = log.num_steps
+    return [(dit, {**base, "window": (2, T)}), (dit_local, {**base, "window": (2, T)}),
+            (timeline, {**base, "grid": [0, 3, T]})]
+
+
+def _all_batch_sweeps(fabric, jobs):
+    """Every job through the batch-split worker of ``distributed`` in one pair of processes."""
+    from lightning_influence.distributed import _batch_worker
+
+    return [_batch_worker(fabric, est, path, ValLosses(), kw, "test sweep") for path, est, kw in jobs]
+
+
+def _values(res):
+    return res.scores if hasattr(res, "scores") else res.values
+
+
+@pytest.mark.slow
+def test_dit_timeline_and_local_dit_split_by_batch_on_two_gloo_processes_equal_one_process(batch_runs):
+    """SGD with clipping and 2 micro-batches, AdamW and dropout: 2 processes (rows split) against one, to 1e-12."""
+    from lightning_influence.distributed import launch
+
+    jobs = [(path, est, ekw) for path, kw in batch_runs.values() for est, ekw in _sweeps(path, kw)]
+    got = launch(_all_batch_sweeps, jobs, devices=2, timeout_s=120)
+    for (path, est, ekw), two in zip(jobs, got):
+        with InfluenceLog(path) as log:
+            one = est(log, ValLosses(), **ekw)
+        want = _values(one)
+        assert two.method == one.method and two.query_names == ["a", "b", "c"]
+        assert two.info["split"] == "batch" and two.info["processes"] == 2
+        rows = [r["rows"] for r in two.info["per_rank"]]
+        assert sum(rows) == two.info["rows_evaluated"] and min(rows) > 0
+        assert np.abs(want).max() > 1e-6
+        np.testing.assert_allclose(_values(two), want, rtol=1e-12, atol=1e-13 * np.abs(want).max(), err_msg=f"{path} {est.__name__}")
+    by_run = {p: [r.info["per_rank"] for (pp, _, _), r in zip(jobs, got) if pp == p] for p, _ in batch_runs.values()}
+    clip_rows = [r["rows"] for r in by_run[batch_runs["sgd-clip"][0]][0]]
+    assert clip_rows[0] == clip_rows[1]  # every micro-batch of 4 cut 2 + 2
