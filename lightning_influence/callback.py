@@ -243,7 +243,7 @@ class InfluenceTracker(Callback):
                         "gradient_clipping": clipping}
         fit_meta = json.loads(json.dumps(fit_meta))
         self._acquire_lock(trainer.global_rank)  # before any file of the log is touched; released in _teardown
-        continued, self._first_step = (False, None) if start == 0 else continue_log(
+        continued, self._first_step, resume_meta = (False, None, None) if start == 0 else continue_log(
             self.log_dir, trainer.global_rank, trainer.world_size, trainer.is_global_zero, start, resume_state, fit_meta,
             self.overwrite)  # log/resume.py
         if not continued:
@@ -256,7 +256,8 @@ class InfluenceTracker(Callback):
                 write_meta(self.log_dir, {**meta, "gradient_clipping": clipping})
         trainer.strategy.barrier("influence_tracker_meta")
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype,
-                                 self.compression, truncate_from=start if continued else None)  # drops steps >= start
+                                 self.compression, truncate_from=start if continued else None,  # drops steps >= start
+                                 resume_meta=resume_meta)
         self._run_id = self._writer.run_id
         self._live = LiveTensorBoard.attach(trainer)
         self._next_step = self._fit_start = start

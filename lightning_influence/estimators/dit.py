@@ -129,8 +129,9 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
     """
     t1, t2 = log.window(window)
     ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
-    res = _model_sweep(ctx, query, 0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard)
-    out = res.values[t2] - (res.values[t1] if t1 > 0 else 0.0)
+    t0 = log.first_step  # > 0 for a log started by a resumed fit
+    res = _model_sweep(ctx, query, t0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard)
+    out = res.values[t2] - (res.values[t1] if t1 > t0 else 0.0)
     return InfluenceScores(out, _method(ctx, "dit", hvp), (t1, t2), res.names, info=res.info)
 
 
@@ -225,11 +226,12 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
     t_hi = int(steps[-1])
     if t_hi == 0:
         raise ValueError("the grid must contain a step > 0")
-    res = _model_sweep(ctx, query, 0, t_hi, steps.tolist(), hvp, eps0, resolve_progress(progress, "dit timeline"), shard)
+    t0 = log.first_step  # a log started by a resumed fit: nothing accumulates before its first step
+    res = _model_sweep(ctx, query, t0, t_hi, steps.tolist(), hvp, eps0, resolve_progress(progress, "dit timeline"), shard)
     Q = len(res.names)
     values = np.zeros((log.dataset_size, len(steps), Q))
     for g, s in enumerate(steps):
-        if s > 0:
+        if s > t0:
             values[:, g, :] = res.values[int(s)]
     return Timeline(values, steps, res.names, _method(ctx, "dit", hvp), info=res.info)
 
@@ -292,8 +294,8 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     col_groups = log.column_groups()
     K = len(col_groups)
     step = OptimizerStep(rule, _optimizer_spec(log)["param_groups"], col_groups, torch.float64)
-    t_lo = t1 if local else 0
-    acts = [t2] if local else sorted({t for t in (t1, t2) if t > 0})
+    t_lo = t1 if local else log.first_step
+    acts = [t2] if local else sorted({t for t in (t1, t2) if t > t_lo})
     q2 = q_at(t2)
     Q = q2.shape[0]
     names = names or [f"q{i}" for i in range(Q)]
@@ -334,7 +336,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
             if show is not None:
                 show(done, t2 - t_lo)
     F2 = scores[:, blocks[t2] : blocks[t2] + Q]
-    out = F2 - scores[:, blocks[t1] : blocks[t1] + Q] if (not local and t1 > 0) else F2
+    out = F2 - scores[:, blocks[t1] : blocks[t1] + Q] if t1 > t_lo else F2
     tag = "dit-local-gauss-newton (approx.)" if local else "dit-gauss-newton (approx.)"
     if every > 1:
         tag = tag[:-1] + f", every {every} steps)"

@@ -238,6 +238,11 @@ class InfluenceLog:
 
     # ----------------------------------------------------------------------------- metadata
     @property
+    def first_step(self) -> int:
+        """``t0``: the log's first step (0 unless a resumed fit started the log; 0 for a log without steps)."""
+        return int(self.steps[0]) if len(self.steps) else 0
+
+    @property
     def num_steps(self) -> int:
         """``T``: the number of recorded optimizer steps (steps ``0 .. T-1``)."""
         return int(self.steps[-1]) + 1 if len(self.steps) else 0
@@ -306,7 +311,7 @@ class InfluenceLog:
         strings ``"100:500"``, ``"0.8:1.0"``, ``"epoch 3:5"`` (empty ends mean start/end).
         """
         T = self.num_steps
-        first = int(self.steps[0]) if len(self.steps) else 0  # > 0 for a log started by a resumed fit
+        first = self.first_step
         if spec is None:
             return first, T
         if isinstance(spec, str):
@@ -356,7 +361,7 @@ class InfluenceLog:
             if not self.recorded.get(what):
                 raise ValueError(f"{self.path}: the run did not record {what}; re-run with it enabled in InfluenceTracker")
         needs_grad_rows = bool({"grad", "hvp"} & set(fields))
-        t1 = int(self.steps[0]) if t1 is None and len(self.steps) else (t1 or 0)
+        t1 = self.first_step if t1 is None else t1
         t2 = self.num_steps if t2 is None else t2
         for t in range(t1, t2):
             if needs_grad_rows and not self.has_grads(t):
