@@ -22,8 +22,9 @@ median error 2%), at ``3e-3`` 2% of the samples were (errors up to 870x), at ``1
 The two one-sided differences disagree exactly on the samples hit: ``kink_guard`` keeps the
 one that did not cross (0.5 in the tracker; measured there: 17% of the rows flagged at
 ``ε_0 = 1e-2``, worst error 0.4% after the guard; no row flagged at ``1e-3`` or ``3e-4``).
-Diff-In's offline products use it too (per-sample and batch, with :func:`guarded_difference`);
-DIT's batch products do not.
+Diff-In's offline products use it too (per-sample and batch, with :func:`guarded_difference`), and
+DIT's batch products, which take their differences in float64 at a step small enough that few
+products cross a kink at all (:mod:`lightning_influence.estimators.fd`, docs/replay.md).
 """
 
 from __future__ import annotations
