@@ -37,6 +37,7 @@ from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_c
 from lightning_influence.step.micro import MicroBatch, Step
 from lightning_influence.step.precision import Precision, scaled, unscale_
 from lightning_influence.step.rng import NONE, RandomState
+from lightning_influence.step.shard import BatchShard, positions, take_rows
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_param_groups, rule_for
 from lightning_influence.step.weights import StepWeights, step_weights
 
@@ -271,21 +272,31 @@ def _set_lrs(opt: torch.optim.Optimizer, lrs: np.ndarray, t: int) -> None:
         g["lr"] = float(lr)
 
 
-def load_step(log: InfluenceLog, train_data: TrainData | None, t: int) -> Step:
+def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: BatchShard | None = None) -> Step:
     """The inputs of step ``t`` as Lightning ran them: its micro-batches (stored inputs, else ``train_data`` by
-    id) with their random states, the run's autocast, the GradScaler factor and skip (``docs/log-format.md``)."""
+    id) with their random states, the run's autocast, the GradScaler factor and skip (``docs/log-format.md``).
+    With ``shard``, only that process's rows (:meth:`BatchShard.rows`; ``Step.rows`` says which)."""
+    records = log.micro_batches(t)
+    randoms = [RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda) for m in records]
+    sizes = [len(m.ids) for m in records]
+    rows = None if shard is None else shard.rows(t, sizes, [r.drew for r in randoms])
     micro = []
-    for m in log.micro_batches(t):
+    for k, (m, random) in enumerate(zip(records, randoms)):
+        part = None if rows is None else rows[k]
+        ids = m.ids if part is None else m.ids[part]
+        if part is not None and not len(ids):
+            continue
         if m.inputs is not None:
             batch = torch.load(io.BytesIO(m.inputs), weights_only=True)
+            batch = batch if part is None else take_rows(batch, part, len(m.ids))
         elif train_data is None:
             raise ValueError(f"step {t}: the log holds no inputs (InfluenceTracker(store_inputs=True)), so replaying it "
                              "needs train_data (the training samples by id)")
         else:
-            batch = batch_from_ids(train_data, m.ids)
-        random = RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda)
-        micro.append(MicroBatch(m.ids, batch, random))
-    return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t))
+            batch = batch_from_ids(train_data, ids)
+        micro.append(MicroBatch(ids, batch, random))
+    return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t),
+                None if rows is None else positions(sizes, rows))
 
 
 def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, params: Mapping[str, Tensor],

@@ -405,3 +405,60 @@ def test_errors_say_what_to_do(run, tmp_path):
         diffin(log, query, module=Net().double(), train_data=None, loss_fn=ce, form="step")
     with pytest.raises(ValueError, match="eps0 must be > 0"):
         diffin(log, query, module=Net().double(), train_data=ds, eps0=0.0, loss_fn=ce, form="step")
+
+
+def test_estimators_on_a_log_that_starts_after_step_0(tmp_path):
+    """A log started at step 4 (a fit resumed into a fresh directory): the step form sums from the log's first
+    step. Isotropic quadratic losses make its closure exact: it equals the first-order response of θ_T to removing
+    each sample over the logged steps from θ_4, propagated in closed form (and the self form ⟨∇ℓ_z(θ_T), dθ_T⟩)."""
+    from tests._tinylog import epoch_batches, train_and_log
+
+    c, d, wd, first = 1.7, 5, 0.05, 4
+
+    class Quad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.theta = nn.Parameter(torch.linspace(-1, 1, d, dtype=torch.float64))
+
+    def loss(m: nn.Module, batch) -> torch.Tensor:
+        return 0.5 * c * ((m.theta - batch[0]) ** 2).sum(1)
+
+    x = torch.randn(12, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ds = TensorDataset(x)
+    batches, epochs = epoch_batches(12, 4, 3, seed=1)
+    lrs = [0.2 * 0.8 ** e for e in epochs]
+    m = Quad()
+    opt = torch.optim.SGD(m.parameters(), lr=0.2, weight_decay=wd)
+    train_and_log(str(tmp_path / "q"), m, loss, ds, batches, lrs, opt, checkpoint_every=4, epochs=epochs,
+                  first_step=first)
+    log = InfluenceLog(str(tmp_path / "q"))
+    assert log.steps.tolist() == list(range(first, len(batches)))
+    w = torch.randn(d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    # θ_{t+1} = θ_t − η_t (c (θ_t − mean x_B) + λ θ_t); removing z (weight 1/|B|) moves it by
+    # dθ_{t+1} = (1 − η_t (c + λ)) dθ_t + η_t c (θ_t − x_z) / |B| where z ∈ B_t
+    th = torch.from_numpy(log.checkpoint(first)["theta"]).clone()
+    moved = torch.zeros(12, d, dtype=torch.float64)
+    for t in range(first, log.num_steps):
+        ids, eta = log.batch_ids(t), float(log.lr(t)[0])
+        moved = (1 - eta * (c + wd)) * moved
+        moved[ids] += eta * c * (th - x[ids]) / len(ids)
+        th = th - eta * (c * (th - x[ids].mean(0)) + wd * th)
+    assert torch.allclose(th, torch.from_numpy(log.checkpoint(log.num_steps)["theta"]), rtol=0, atol=1e-13)
+    step = diffin(log, lambda mod: (w * mod.theta).sum(), module=Quad(), train_data=ds, loss_fn=loss, form="step")
+    assert step.window == (first, log.num_steps)
+    assert close(step.column(0), (moved @ w).numpy(), 1e-10)
+    own_grad = c * (th[None] - x)  # ∇ℓ_z(θ_T)
+    self_step = diffin_self_influence(log, module=Quad(), train_data=ds, loss_fn=loss)
+    assert close(self_step.column(0), (own_grad * moved).sum(1).numpy(), 1e-10)
+    # exact DIT (the first-order response itself), its timeline and the Gauss-Newton sweep read from θ_4 on too
+    from lightning_influence.estimators import dit, dit_gauss_newton, timeline
+
+    query = lambda mod: (w * mod.theta).sum()  # noqa: E731
+    assert close(dit(log, query, module=Quad(), train_data=ds, loss_fn=loss).column(0), (moved @ w).numpy(), 1e-10)
+    tl = timeline(log, query, module=Quad(), train_data=ds, loss_fn=loss, grid=[first + 2, log.num_steps])
+    assert not tl.values[:, tl.grid <= first].any()  # before the log's first step nothing has accumulated
+    assert close(tl.values[:, -1, 0], (moved @ w).numpy(), 1e-10)
+    gn = dit_gauss_newton(log, query, module=Quad())
+    gn_local = dit_gauss_newton(log, query, module=Quad(), window=(first, log.num_steps), local=True)
+    np.testing.assert_array_equal(gn.column(0), gn_local.column(0))  # the whole log is the window from θ_4
+    log.close()

@@ -127,6 +127,7 @@ class _Context:
         self.shapes = {n: tuple(ref[n].shape) for n in self.names}
         self.projector: KroneckerProjector = log.projector()
         self.N = log.dataset_size
+        self.first = log.first_step  # > 0 for a log started by a resumed fit
         self.every = int(log.meta.get("every_n_steps", 1))
         groups = log.param_groups()
         group_of = {n: gi for gi, names in enumerate(groups) for n in names}
@@ -473,15 +474,15 @@ def _rho(decays: np.ndarray) -> np.ndarray:
 def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int, int], None] | None
           ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """``G_z(t2) − G_z(t1)``: one pass over ``θ_r``, ``r < t2``, with the end queries stacked."""
-    log = ctx.log
-    ends = [t2] + ([t1] if t1 > 0 else [])
+    log, t0 = ctx.log, ctx.first  # G_z sums from the log's first step
+    ends = [t2] + ([t1] if t1 > t0 else [])
     qs: dict[int, Vectors] = {}
     names: list[str] = []
     for tau, params in ctx.params_at(ends):
         qs[tau], names = ctx.query(query, params)
     Q = next(iter(qs[t2].values())).shape[0]
     decays = {tau: np.ones((tau, Q)) for tau in ends}
-    for r, params in ctx.params_at(range(t2)):
+    for r, params in ctx.params_at(range(t0, t2)):
         active = [tau for tau in ends if r < tau]
         V = {n: torch.cat([qs[tau][n] for tau in active]) for n in ctx.names}
         kap = _curvature(ctx, V, batch_hvp(ctx, params, ctx.step_batch(r), V, ctx.step_weights(r)),
@@ -491,15 +492,15 @@ def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int
         for i, tau in enumerate(active):
             decays[tau][r] = dec[i * Q : (i + 1) * Q]
         if progress is not None:
-            progress(r + 1, t2)
+            progress(r + 1 - t0, t2 - t0)
     out = np.zeros((ctx.N, Q))
     for tau, sign in zip(ends, (1.0, -1.0)):
         qp, rho = ctx.project(qs[tau]), _rho(decays[tau])
-        for rec in log.iter_steps(0, tau, fields=("grad",)):
+        for rec in log.iter_steps(t0, tau, fields=("grad",)):
             G = rec.grads.astype(np.float64)
             eta_q = ctx.clipped(rec, G, (qp * (rec.lrs[ctx.col_group] * ctx.every)).T)  # (K, Q): J_Cᵀ η q
             np.add.at(out, rec.ids, sign * rec.weights[:, None] * (G @ eta_q) * rho[rec.step])
-    info = {"form": "step", "hvp_products": Q * (t1 + t2), "ends": ends,
+    info = {"form": "step", "hvp_products": Q * (t1 + t2 - 2 * t0), "ends": ends,
             "decay_min": float(min(d.min() for d in decays.values())) if t2 else 1.0}
     return out, names, info
 
@@ -508,14 +509,14 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
                ) -> tuple[np.ndarray, dict[str, Any]]:
     """Self-influence in the step form: query ``ℓ(z; θ_τ)``; the closure runs along each sample's own
     gradient, its curvature measured at the sample's own steps and held in between."""
-    log, N, G = ctx.log, ctx.N, ctx.n_groups
+    log, N, G, t0 = ctx.log, ctx.N, ctx.n_groups, ctx.first
     full = KroneckerProjector(ctx.shapes, None)
     # forward: κ_{z,s} (per group) at every step s of z, with the κ of z's previous step
     kappa_at: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # s -> (ids, κ of the previous appearance (B, G))
     last = np.zeros((N, G))
     snapshots: dict[int, np.ndarray] = {}
     n_hvp = 0
-    for s, params in ctx.params_at(range(t2)):
+    for s, params in ctx.params_at(range(t0, t2)):
         if s == t1:
             snapshots[t1] = last.copy()
         b = ctx.step_batch(s)
@@ -528,11 +529,11 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
         kappa_at[s] = (ids, last[ids].copy())
         last[ids] = kap
         if progress is not None:
-            progress(s + 1, t2)
+            progress(s + 1 - t0, t2 - t0)
     snapshots[t2] = last
     out = np.zeros(N)
     for tau, sign in ((t2, 1.0), (t1, -1.0)):
-        if tau == 0:
+        if tau == t0:
             continue
         (_, params), = list(ctx.params_at([tau]))
         qz = np.zeros((N, ctx.projector.out_dim))
@@ -541,7 +542,7 @@ def _step_self(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], N
             qz[ids] = ctx.per_sample_grads(params, ctx.batch(ids)).double().cpu().numpy()
         R = np.ones(N)  # Π of (1 − κ) over the steps after s
         kcur = snapshots[tau].copy()
-        for s in range(tau - 1, -1, -1):
+        for s in range(tau - 1, t0 - 1, -1):
             for rec in log.iter_steps(s, s + 1, fields=("grad",)):
                 rows = rec.grads.astype(np.float64)
                 eta_q = ctx.clipped(rec, rows, (qz[rec.ids] * (rec.lrs[ctx.col_group] * ctx.every)).T)  # (K, B)
