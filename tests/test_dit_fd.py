@@ -135,3 +135,49 @@ def test_fd_rounding_noise_is_flagged(relu_log):
         fd = dit(relu_log, QUERY, module=TinyTransformer(), train_data=train_data, loss_fn=float32_head_loss,
                  window=(8, 16), hvp="fd")
     assert fd.info["fd_unreliable"] and fd.info["fd_asymmetry"] > fd_module.NOISE_LIMIT
+
+
+class ValLosses32:
+    """A picklable 3-output query in float32: the losses of 3 fixed samples."""
+
+    query_names = ["a", "b", "c"]
+
+    def __init__(self) -> None:
+        from conftest import make_data
+
+        self.batch = make_data(3, seed=4, dtype=torch.float32).tensors
+
+    def __call__(self, module):
+        return module.per_sample_loss(self.batch)
+
+
+def _fd_sweep(fabric, path, kw):
+    from lightning_influence.distributed import _batch_worker
+
+    return _batch_worker(fabric, dit, path, ValLosses32(), kw, "test fd sweep")
+
+
+@pytest.mark.slow
+def test_fd_dit_split_by_batch_on_two_gloo_processes_equals_one_process(tmp_path):
+    """A float32 dropout run with clipping and 2 micro-batches per step: the float64 differences with the rows split
+    over 2 processes (each evaluation, and the float64 check at θ, summed over them) equal one process's."""
+    from conftest import fit, loader, make_data, tiny
+
+    from lightning_influence import InfluenceTracker
+    from lightning_influence.distributed import launch
+
+    path = str(tmp_path / "log")
+    tracker = InfluenceTracker(path, checkpoint_every_n_steps=3, storage_dtype="float64")
+    fit(tiny(dropout=0.3, momentum=0.5).float(), loader(make_data(16, seed=5, dtype=torch.float32), batch_size=4),
+        tracker, epochs=2, gradient_clip_val=0.05, accumulate_grad_batches=2)
+    kw = {"module": tiny(dropout=0.3, momentum=0.5).float(), "train_data": make_data(16, seed=5, dtype=torch.float32),
+          "hvp": "fd"}
+    two = launch(_fd_sweep, path, kw, devices=2, timeout_s=120)
+    with InfluenceLog(path) as log:
+        one = dit(log, ValLosses32(), **kw)
+        exact = dit(log, ValLosses32(), **{**kw, "hvp": "exact"})
+    assert two.info["split"] == "batch" and two.info["fd_dtype"] == one.info["fd_dtype"] == "float64"
+    scale = np.abs(exact.scores).max()
+    assert scale > 1e-6
+    np.testing.assert_allclose(two.scores, one.scores, rtol=0, atol=1e-5 * scale)
+    assert np.abs(one.scores - exact.scores).max() < 1e-3 * scale

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -32,8 +33,9 @@ from torch.utils import _pytree as pytree
 
 from lightning_influence.capture.hvp import KINK_GUARD, KINK_SHARE_LIMIT, default_eps0, fd_directional_derivative, unflatten
 from lightning_influence.queries import LossFn
-from lightning_influence.step.micro import MicroBatch, Step
+from lightning_influence.step.micro import Step
 from lightning_influence.step.precision import Precision
+from lightning_influence.step.shard import BatchShard
 
 __all__ = ["FD_DTYPE", "FD_EPS0", "FiniteDifferenceProducts", "native_eps0"]
 
@@ -64,7 +66,7 @@ def _upcast(batch: Step, dtype: torch.dtype) -> Step:
     def up(x: Any) -> Any:
         return x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
 
-    return dataclasses.replace(batch, micro=[MicroBatch(m.ids, pytree.tree_map(up, m.batch), m.random)
+    return dataclasses.replace(batch, micro=[dataclasses.replace(m, batch=pytree.tree_map(up, m.batch))
                                              for m in batch.micro])
 
 
@@ -87,6 +89,7 @@ class FiniteDifferenceProducts:
         self.eval_module: nn.Module | None = module if self.eval_dtype == dtype else None
         self.fallback: str | None = None
         self.checked = self.eval_dtype == dtype
+        self.p = sum(math.prod(sh) for sh in self.shapes.values())
         self.kinks = 0  # columns whose one-sided differences disagreed (guarded)
         self.products = 0
         self.agreement: float | None = None  # float64 vs native gradient at θ (relative), once checked
@@ -98,15 +101,25 @@ class FiniteDifferenceProducts:
             return float(self.user_eps0)
         return FD_EPS0 if self.eval_dtype == torch.float64 else native_eps0(self.dtype, self.precision)
 
-    def _grads_and_losses(self, module: nn.Module, batch: Step, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
-        """``[∇_θ Σ w_i ℓ_i, ℓ]`` flat at ``p``, every micro-batch under its training random state and autocast."""
+    def _local(self, module: nn.Module, batch: Step, w: Tensor, p: Mapping[str, Tensor], dtype: torch.dtype,
+               n_rows: int) -> Tensor:
+        """``[∇_θ Σ w_i ℓ_i, ℓ]`` flat at ``p``, every micro-batch under its training random state and autocast; with
+        ``batch.rows`` (one process's part, :mod:`~lightning_influence.step.shard`) this process's gradient part and its
+        losses at their positions among the step's ``n_rows``."""
+        if not batch.micro:  # a process without rows of this step
+            return torch.zeros(self.p + n_rows, dtype=dtype, device=next(iter(p.values())).device)
         leaves = {n: v.detach().requires_grad_(True) for n, v in p.items()}
         with torch.enable_grad():
             losses = batch.losses(module, self.loss_fn, leaves)
             g = torch.autograd.grad((w.to(losses) * losses).sum(), [leaves[n] for n in self.names], allow_unused=True)
         flat = torch.cat([(torch.zeros_like(leaves[n]) if gi is None else gi).reshape(-1)
                           for n, gi in zip(self.names, g)])
-        return torch.cat([flat, losses.detach().reshape(-1).to(flat)])
+        losses = losses.detach().reshape(-1).to(flat)
+        if batch.rows is None:
+            return torch.cat([flat, losses])
+        every = flat.new_zeros(n_rows)
+        every[torch.as_tensor(batch.rows, device=flat.device)] = losses
+        return torch.cat([flat, every])
 
     def _fall_back(self, reason: str) -> None:
         self.fallback, self.eval_dtype, self.eval_module, self.checked = reason, self.dtype, self.module, True
@@ -115,17 +128,29 @@ class FiniteDifferenceProducts:
                       "and ReLU-kink bias can reach 1e-2 of the scores. Use hvp='exact' (the default)",
                       RuntimeWarning, stacklevel=5)
 
-    def _check(self, params: Mapping[str, Tensor], batch: Step, w: Tensor) -> None:
-        """Set up the float64 copy and compare its gradient at ``θ`` with the native one (once)."""
+    def _check(self, params: Mapping[str, Tensor], batch: Step, w: Tensor, shard: BatchShard | None,
+               n_rows: int) -> None:
+        """Set up the float64 copy and compare its gradient at ``θ`` with the native one (once; with ``shard`` every
+        process decides on the same sums)."""
         self.checked = True
+        reduce = (lambda x: x) if shard is None else shard.all_reduce
+        failure = None
         try:
             self.eval_module = copy.deepcopy(self.module).to(FD_DTYPE)
-            hi = self._grads_and_losses(self.eval_module, _upcast(batch, FD_DTYPE), w.to(FD_DTYPE),
-                                        {n: v.to(FD_DTYPE) for n, v in params.items()})
+            hi = self._local(self.eval_module, _upcast(batch, FD_DTYPE), w.to(FD_DTYPE),
+                             {n: v.to(FD_DTYPE) for n, v in params.items()}, FD_DTYPE, n_rows)
         except (RuntimeError, TypeError, ValueError) as err:
-            self._fall_back(f"failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+            failure = f"failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            hi = torch.zeros(self.p + n_rows, dtype=FD_DTYPE, device=next(iter(params.values())).device)
+        if shard is not None:  # every process falls back if one failed (none may skip a collective)
+            failed = float(shard.all_reduce(hi.new_full((1,), float(failure is not None)))[0])
+            if failed and failure is None:
+                failure = "failed on another process"
+        if failure is not None:
+            self._fall_back(failure)
             return
-        lo = self._grads_and_losses(self.module, batch, w, params).to(FD_DTYPE)
+        hi = reduce(hi)
+        lo = reduce(self._local(self.module, batch, w, params, self.dtype, n_rows)).to(FD_DTYPE)
         gap = float(torch.linalg.vector_norm(hi - lo) / torch.linalg.vector_norm(hi).clamp_min(1e-300))
         self.agreement = gap
         tol = AGREEMENT if self.precision.autocast_dtype is None else AGREEMENT_AUTOCAST
@@ -133,20 +158,24 @@ class FiniteDifferenceProducts:
             self._fall_back(f"differs from the native one at θ_{batch.step} by {gap:.1e} (relative, over {tol:g}: a "
                             "loss function or kernel that depends on the dtype, or dropout masks that do)")
 
-    def __call__(self, params: Mapping[str, Tensor], batch: Step, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        """``(H_t R, J_t R)``: ``(p, C)`` and ``(C, |B_t|)``, in the parameters' dtype."""
+    def __call__(self, params: Mapping[str, Tensor], batch: Step, R: Tensor, w: Tensor,
+                 shard: BatchShard | None = None, n_rows: int = 0) -> tuple[Tensor, Tensor]:
+        """``(H_t R, J_t R)``: ``(p, C)`` and ``(C, |B_t|)``, in the parameters' dtype. With ``shard`` every evaluation
+        is summed over the processes (the gradient, and the ``n_rows`` losses of the step at their positions), so the
+        kink guard, which compares whole columns, decides on the vector one process would see; ``J_t R`` is then this
+        process's rows'."""
         if not self.checked:
-            self._check(params, batch, w)
+            self._check(params, batch, w, shard, n_rows)
         dt = self.eval_dtype
         module = self.eval_module
         assert module is not None
         if dt != self.dtype:
             batch, w = _upcast(batch, dt), w.to(dt)
             params = {n: v.to(dt) for n, v in params.items()}
-        p = sum(int(torch.Size(s).numel()) for s in self.shapes.values())
+        reduce = (lambda x: x) if shard is None else shard.all_reduce
 
         def fn(q: dict[str, Tensor]) -> Tensor:
-            return self._grads_and_losses(module, batch, w, q)
+            return reduce(self._local(module, batch, w, q, dt, n_rows))
 
         at = fn(dict(params))  # the gradient at θ, shared by the columns' kink guards
         HR = torch.empty_like(R)
@@ -155,10 +184,11 @@ class FiniteDifferenceProducts:
             out, _ = fd_directional_derivative(fn, params, unflatten(R[:, c].to(dt), self.shapes), self.eps0, at=at,
                                                kink_guard=KINK_GUARD, on_kink=self._count,
                                                on_asymmetry=self.asymmetries.append)
-            HR[:, c] = out[:p].to(R.dtype)
-            JR.append(out[p:].to(R.dtype))
+            HR[:, c] = out[:self.p].to(R.dtype)
+            JR.append(out[self.p:].to(R.dtype))
         self.products += R.shape[1]
-        return HR, torch.stack(JR)
+        JR = torch.stack(JR)
+        return HR, (JR if batch.rows is None else JR[:, torch.as_tensor(batch.rows, device=JR.device)])
 
     def _count(self, kink: Tensor) -> None:
         self.kinks += int(kink.sum())
