@@ -39,7 +39,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import agreement, ce_loss, quiet_setup, train, windows_of  # noqa: E402
+from accuracy import agreement, ce_loss, print_agreement, quiet_setup, train, windows_of  # noqa: E402
 from step_runs import run_all  # noqa: E402
 
 from lightning_influence.data import WithIds  # noqa: E402
@@ -190,14 +190,7 @@ def print_table(name: str, res: dict[str, Any]) -> None:
     if st["clipping"] or len(st["accumulate"]) and max(st["accumulate"]) > 1:
         print(f"clipping bound on {st['clip_bound_fraction']:.0%} of steps; incomplete accumulations at steps "
               f"{st['incomplete_accumulation_steps']}")
-    print(f"{'window':<13} {'estimator':<20} {'pearson':>8} {'spearman':>9}")
-    target = TARGETS[name]
-    for wname, ests in res["results"].items():
-        for est, m in ests.items():
-            flag = ""
-            if est == "dit (exact)" and wname == "whole run":
-                flag = "  ok" if m["spearman"] >= target else f"  MISSED (target {target})"
-            print(f"{wname:<13} {est:<20} {m['pearson']:>8.4f} {m['spearman']:>9.4f}{flag}")
+    print_agreement(res["results"], TARGETS[name])
     print("max |DIT fd - DIT exact| / max |DIT exact|: " + ", ".join(f"{w} {v:.1e}" for w, v in res["fd_vs_exact"].items()))
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
 

@@ -32,7 +32,12 @@ from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.progress import Progress, resolve_progress  # noqa: F401 (re-exported)
 from lightning_influence.queries import LossFn, default_loss_fn
-from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, ReplayMismatchError, measure, mismatch  # noqa: F401 (re-exported)
+from lightning_influence.replay_drift import (  # noqa: F401 (re-exported)
+    DEFAULT_TOLERANCE,
+    DriftReport,
+    ReplayMismatchError,
+    check_checkpoint,
+)
 from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
 from lightning_influence.step.micro import MicroBatch, Step
 from lightning_influence.step.precision import Precision, scaled, unscale_
@@ -332,11 +337,7 @@ def _reanchor(log: InfluenceLog, t: int, params: dict[str, Tensor], opt: torch.o
         if stored[n].dtype != p.detach().cpu().numpy().dtype:
             raise ReplayMismatchError(f"replay at step {t}: parameter {n!r} is {p.dtype} in the replay but "
                                       f"{stored[n].dtype} in the log: replay with the dtype the run trained in")
-    drift, diff = measure(stored, params, anchor["params"])
-    if report is not None:
-        report.checkpoints.append((t, drift, diff))
-    if not drift <= tolerance:
-        raise mismatch(t, anchor["step"], drift, diff, tolerance)
+    drift = check_checkpoint(t, stored, params, anchor, tolerance, report)
     if drift > 0:
         with torch.no_grad():
             for n, p in params.items():

@@ -316,3 +316,15 @@ def test_an_unfolded_version_2_log_reads_and_scores_as_before():
             pg = dense_projection(proj, {n: gi[None] for n, gi in zip(params, g)})
             expected[j] += log.lr(t)[0] / len(ids) * float((pq * pg).sum())
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_row_size_of_the_benchmark_mlp():
+    """MLP 784-512-512-10 at k=256, by hand: folded 256 + 256 + 10x25; unfolded adds the biases' 256 + 256 + 10."""
+    from benchmarks.overhead_models import MLP
+
+    model = MLP()
+    names = select_params(model)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    folded = KroneckerProjector(shapes, 256, fold=foldable_biases(model, names))
+    assert [(s.k_rows, s.k_cols) for s in folded.specs] == [(16, 16), (16, 16), (10, 25)]
+    assert folded.out_dim == 762 and KroneckerProjector(shapes, 256).out_dim == 1284
