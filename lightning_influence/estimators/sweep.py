@@ -99,8 +99,10 @@ class _Context:
         return self.p * torch.tensor([], dtype=self.dtype).element_size() + self.step.bytes_per_state()
 
     # --- trajectory, in reverse
-    def reverse_trajectory(self, t_lo: int, t_hi: int, progress: Callable[[int, int], None] | None) -> Iterator[_Record]:
-        """Yield the end point ``θ_{t_hi}``, then the steps ``t_hi−1 .. t_lo`` (with ``θ_t``, ``B_t``, ``η_t``)."""
+    def reverse_trajectory(self, t_lo: int, t_hi: int, progress: Callable[[int, int], None] | None,
+                           shard: BatchShard | None = None) -> Iterator[_Record]:
+        """Yield the end point ``θ_{t_hi}``, then the steps ``t_hi−1 .. t_lo`` (with ``θ_t``, ``B_t``, ``η_t``); with
+        ``shard`` every process replays its rows of each step (:func:`~lightning_influence.replay.replay_step`)."""
         log = self.log
         ckpts = log.checkpoint_steps
         earlier = [c for c in ckpts if c <= t_lo]
@@ -122,7 +124,7 @@ class _Context:
         if need:  # forward pass keeping θ and the optimizer state at the in-memory anchors
             want = set(need)
             for rs in replay(log, self.module, self.train_data, s0, max(need), start=s0, loss_fn=self.loss_fn,
-                             verify=self.verify, tolerance=self.tolerance, report=self.drift):
+                             verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard):
                 if rs.step in want:
                     memory_anchors[rs.step] = (rs.params, copy.deepcopy(rs.optimizer.state_dict()))
                 if rs.step < max(need):
@@ -136,11 +138,11 @@ class _Context:
                 break
             if a in ckpt_set:
                 gen = replay(log, self.module, self.train_data, a, b, start=a, loss_fn=self.loss_fn, verify=self.verify,
-                             tolerance=self.tolerance, report=self.drift)
+                             tolerance=self.tolerance, report=self.drift, shard=shard)
             else:
                 params, state = memory_anchors.pop(a)
                 gen = replay_from(log, self.module, self.train_data, params, state, a, b, loss_fn=self.loss_fn,
-                                  verify=self.verify, tolerance=self.tolerance, report=self.drift)
+                                  verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard)
             records: list[_Record] = []
             end: _Record | None = None
             for rs in gen:
@@ -213,8 +215,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                  shard: BatchShard | None = None) -> _SweepResult:
     """Backward sweep over steps ``t_hi−1 .. t_lo``; a column block ``q_s`` joins at each activation step ``s``.
 
-    With ``shard`` only this process's rows of every step are evaluated (``G_t``, ``H_t R`` and the scores summed over
-    the processes); every process replays the trajectory and holds the whole adjoint."""
+    With ``shard`` only this process's rows of every step are replayed and evaluated (the replay's gradient, ``G_t``,
+    ``H_t R`` and the scores summed over the processes); every process holds the whole trajectory and adjoint."""
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if shard is not None:
@@ -246,7 +248,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         U = torch.cat([U, q], dim=1)
         S = {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in S.items()}
 
-    for rec in ctx.reverse_trajectory(t_lo, t_hi, progress):
+    for rec in ctx.reverse_trajectory(t_lo, t_hi, progress, shard):
         if rec.ids is None:
             if t_hi in acts:
                 activate(t_hi, rec.params)
