@@ -420,3 +420,77 @@ def test_sweep_picks_the_split_and_refuses_a_batch_split_it_cannot_do(log_dir):
             by_batch(diffin, log, ValLosses(), 2, **kw)
         with pytest.raises(ValueError, match="split must be one of"):
             sweep(dit, log, ValLosses(), 2, split="rows", **kw)
+
+
+class _ThreadSum:
+    """``world`` threads standing for processes: ``reducer(rank)`` sums a tensor over them (same order on each)."""
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.barrier, self.parts = threading.Barrier(world, timeout=60), [None] * world
+
+    def reducer(self, rank: int):
+        def all_reduce(x):
+            self.parts[rank] = x.clone()
+            self.barrier.wait()
+            total = sum(self.parts[1:], self.parts[0].clone())
+            self.barrier.wait()
+            return total
+
+        return all_reduce
+
+
+class _Counted:
+    """Training data by id that counts the ids it served."""
+
+    def __init__(self, ds) -> None:
+        self.ds, self.served = ds, 0
+
+    def __call__(self, ids):
+        from lightning_influence.replay import batch_from_ids
+
+        self.served += len(ids)
+        return batch_from_ids(self.ds, ids)
+
+
+def _in_threads(world: int, fn) -> list:
+    """``fn(rank, all_reduce)`` on ``world`` threads; their results in rank order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    total = _ThreadSum(world)
+    with ThreadPoolExecutor(world) as pool:
+        return [f.result() for f in [pool.submit(fn, r, total.reducer(r)) for r in range(world)]]
+
+
+def test_replay_and_dit_with_every_step_split_over_two_processes_equal_one_process(batch_runs):
+    """Two threads standing for processes (the collective a sum over them): the replay of the SGD + clipping +
+    2-micro-batch run and its DIT, each thread loading half the rows, equal one process to 1e-12."""
+    from lightning_influence import dit
+    from lightning_influence.replay import replay
+    from lightning_influence.step.shard import BatchShard
+
+    path, kw = batch_runs["sgd-clip"]
+    data = make_data(16, seed=5)
+    with InfluenceLog(path) as log:
+        T = log.num_steps
+        one_data = _Counted(data)
+        want_theta = [rs.params for rs in replay(log, tiny(**kw), one_data, 0, T)]
+        want = dit(log, ValLosses(), module=tiny(**kw), train_data=data, window=(1, T))
+
+    def both(rank, all_reduce):
+        shard, counted = BatchShard(rank, 2, all_reduce), _Counted(data)
+        with InfluenceLog(path) as own:  # a reader per thread, as per process
+            theta = [rs.params for rs in replay(own, tiny(**kw), counted, 0, T, shard=shard)]
+            served = counted.served
+            scores = dit(own, ValLosses(), module=tiny(**kw), train_data=data, window=(1, T), shard=shard)
+        return theta, served, scores
+
+    got = _in_threads(2, both)
+    assert [g[1] for g in got] == [one_data.served // 2] * 2  # each replayed half of every step's rows
+    for theta, _, scores in got:
+        for a, b in zip(theta, want_theta):
+            for n in a:
+                np.testing.assert_allclose(a[n].numpy(), b[n].numpy(), rtol=1e-12, atol=1e-14)
+        assert scores.info["rows_evaluated"] == one_data.served // 2
+        np.testing.assert_allclose(scores.scores, want.scores, rtol=1e-12, atol=1e-13 * np.abs(want.scores).max())

@@ -109,8 +109,8 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
             (see :meth:`InfluenceLog.window`); ``None`` is the whole run.
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         hvp: ``"exact"`` (forward-over-reverse) or ``"fd"`` (central differences of gradients).
-        eps0: finite-difference ``ε_0`` (default 1e-5 in float64, 3e-2 in float32, ``u^{1/3}`` of the autocast
-            dtype under mixed precision; see ``_batch_eps0``).
+        eps0: finite-difference ``ε_0`` of the float64 evaluation (default 1e-6; :mod:`.fd`, which also says when the
+            products fall back to the parameters' dtype and its step).
         verify, tolerance: check the replayed ``θ_t`` against every checkpoint passed and re-anchor there;
             stop if a drift exceeds ``tolerance`` (:mod:`lightning_influence.replay_drift`; default 1%).
             The drifts are in ``info["replay_drift"]``.

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.capture.hvp import (KINK_GUARD, KINK_SHARE_LIMIT, default_eps0, fd_directional_derivative, flatten,
-                                            unflatten)
+from lightning_influence.capture.hvp import flatten, unflatten
+from lightning_influence.estimators.fd import FiniteDifferenceProducts
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, query_gradients, query_names
 from lightning_influence.replay import (TrainData, _optimizer_spec, checkpoint_params, load_step, optimizer_class, replay,
@@ -99,8 +99,10 @@ class _Context:
         return self.p * torch.tensor([], dtype=self.dtype).element_size() + self.step.bytes_per_state()
 
     # --- trajectory, in reverse
-    def reverse_trajectory(self, t_lo: int, t_hi: int, progress: Callable[[int, int], None] | None) -> Iterator[_Record]:
-        """Yield the end point ``θ_{t_hi}``, then the steps ``t_hi−1 .. t_lo`` (with ``θ_t``, ``B_t``, ``η_t``)."""
+    def reverse_trajectory(self, t_lo: int, t_hi: int, progress: Callable[[int, int], None] | None,
+                           shard: BatchShard | None = None) -> Iterator[_Record]:
+        """Yield the end point ``θ_{t_hi}``, then the steps ``t_hi−1 .. t_lo`` (with ``θ_t``, ``B_t``, ``η_t``); with
+        ``shard`` every process replays its rows of each step (:func:`~lightning_influence.replay.replay_step`)."""
         log = self.log
         ckpts = log.checkpoint_steps
         earlier = [c for c in ckpts if c <= t_lo]
@@ -122,7 +124,7 @@ class _Context:
         if need:  # forward pass keeping θ and the optimizer state at the in-memory anchors
             want = set(need)
             for rs in replay(log, self.module, self.train_data, s0, max(need), start=s0, loss_fn=self.loss_fn,
-                             verify=self.verify, tolerance=self.tolerance, report=self.drift):
+                             verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard):
                 if rs.step in want:
                     memory_anchors[rs.step] = (rs.params, copy.deepcopy(rs.optimizer.state_dict()))
                 if rs.step < max(need):
@@ -136,11 +138,11 @@ class _Context:
                 break
             if a in ckpt_set:
                 gen = replay(log, self.module, self.train_data, a, b, start=a, loss_fn=self.loss_fn, verify=self.verify,
-                             tolerance=self.tolerance, report=self.drift)
+                             tolerance=self.tolerance, report=self.drift, shard=shard)
             else:
                 params, state = memory_anchors.pop(a)
                 gen = replay_from(log, self.module, self.train_data, params, state, a, b, loss_fn=self.loss_fn,
-                                  verify=self.verify, tolerance=self.tolerance, report=self.drift)
+                                  verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard)
             records: list[_Record] = []
             end: _Record | None = None
             for rs in gen:
@@ -193,54 +195,6 @@ def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Te
     return (HR if shard is None else shard.all_reduce(HR)), jr
 
 
-def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor,
-                 kinks: list[int], shard: BatchShard | None = None, n_rows: int = 0) -> tuple[Tensor, Tensor]:
-    """Finite-difference ``(H_t R, J_t R)`` from first-order gradients at ``θ ± ε r̂`` (math §3), each column
-    kink-guarded (the smaller one-sided difference where they disagree; ``kinks`` counts them).
-
-    With ``shard`` every evaluation is summed over the processes (the gradient, and the ``n_rows`` losses of the
-    step, each process's at its rows' positions), so the kink guard, which compares whole columns, decides on the
-    very vector one process would see; ``J_t R`` is then returned for this process's rows."""
-    module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
-    mine = None if shard is None else torch.as_tensor(batch.rows, device=ctx.device)
-
-    def grads_and_losses(p: dict[str, Tensor]) -> Tensor:
-        if not batch.micro:
-            return shard.all_reduce(torch.zeros(ctx.p + n_rows, dtype=ctx.dtype, device=ctx.device))
-        leaves = {n: v.detach().requires_grad_(True) for n, v in p.items()}
-        with torch.enable_grad():
-            losses = batch.losses(module, loss_fn, leaves)
-            g = torch.autograd.grad((w * losses).sum(), [leaves[n] for n in names], allow_unused=True)
-        flat = torch.cat([(torch.zeros_like(leaves[n]) if gi is None else gi).reshape(-1) for n, gi in zip(names, g)])
-        if shard is None:
-            return torch.cat([flat, losses.detach().reshape(-1)])
-        every = flat.new_zeros(n_rows)
-        every[mine] = losses.detach().reshape(-1).to(every)
-        return shard.all_reduce(torch.cat([flat, every]))
-
-    p = ctx.p
-    HR = torch.empty_like(R)
-    JR = []
-    for c in range(R.shape[1]):
-        out, _ = fd_directional_derivative(grads_and_losses, params, unflatten(R[:, c], shapes), eps0,
-                                           kink_guard=KINK_GUARD, on_kink=lambda k: kinks.append(int(k.sum())))
-        HR[:, c] = out[:p]
-        JR.append(out[p:])
-    JR = torch.stack(JR)
-    return HR, (JR if mine is None else JR[:, mine])
-
-
-def _batch_eps0(ctx: _Context) -> float:
-    """DIT's finite-difference ``ε_0``. Its products are batch means, without the per-sample kink guard that keeps
-    per-sample rows small-step, so in float32 it takes a step where rounding no longer dominates: max |DIT fd − DIT
-    exact| / max |DIT exact| on a float32 dropout MLP fell from 6.8e-4 at 1e-3 to 2.2e-5 at 3e-2 (1.4e-5 at 1e-1,
-    7e-5 at 3e-1; benchmarks/random_runs.py). Under autocast the autocast dtype's rounding sets the step."""
-    autocast = Precision.from_meta(ctx.log.meta.get("precision")).autocast_dtype
-    if autocast is not None:
-        return default_eps0(getattr(torch, autocast))
-    return 3e-2 if ctx.dtype == torch.float32 else default_eps0(ctx.dtype)
-
-
 def _query_matrix(ctx: _Context, query: Query, params: Mapping[str, Tensor]) -> tuple[Tensor, list[str]]:
     grads, values = query_gradients(ctx.module, query, ctx.names, params)
     Q = len(values)
@@ -261,14 +215,14 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                  shard: BatchShard | None = None) -> _SweepResult:
     """Backward sweep over steps ``t_hi−1 .. t_lo``; a column block ``q_s`` joins at each activation step ``s``.
 
-    With ``shard`` only this process's rows of every step are evaluated (``G_t``, ``H_t R`` and the scores summed over
-    the processes); every process replays the trajectory and holds the whole adjoint."""
+    With ``shard`` only this process's rows of every step are replayed and evaluated (the replay's gradient, ``G_t``,
+    ``H_t R`` and the scores summed over the processes); every process holds the whole trajectory and adjoint."""
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if shard is not None:
         check_row_split(ctx.module)
-    if eps0 is None:
-        eps0 = _batch_eps0(ctx)
+    fd = (FiniteDifferenceProducts(ctx.module, ctx.loss_fn, ctx.names, ctx.shapes, ctx.dtype,
+                                   Precision.from_meta(ctx.log.meta.get("precision")), eps0) if hvp == "fd" else None)
     acts = sorted({int(s) for s in activations if t_lo < s <= t_hi})
     N = ctx.log.dataset_size
     U: Tensor | None = None  # λ_θ (p, C)
@@ -277,7 +231,6 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     scores: np.ndarray | None = None
     names: list[str] = []
     n_hvp = 0
-    kinks: list[int] = []  # FD products whose one-sided differences disagreed (guarded)
     t0 = time.perf_counter()
     keys = ctx.step.adjoint_keys
     peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
@@ -295,7 +248,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         U = torch.cat([U, q], dim=1)
         S = {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in S.items()}
 
-    for rec in ctx.reverse_trajectory(t_lo, t_hi, progress):
+    for rec in ctx.reverse_trajectory(t_lo, t_hi, progress, shard):
         if rec.ids is None:
             if t_hi in acts:
                 activate(t_hi, rec.params)
@@ -314,10 +267,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                  else _batch_gradient(ctx, rec.params, batch, w, shard))
             th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S,
                                         transform=None if clip is None else (lambda x: clip_gradient(x, clip)))
-            if hvp == "exact":
-                HR, JR = _products_exact(ctx, rec.params, batch, R, w, shard)
-            else:
-                HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w, kinks, shard, len(rec.ids))
+            HR, JR = (_products_exact(ctx, rec.params, batch, R, w, shard) if fd is None
+                      else fd(rec.params, batch, R, w, shard, len(rec.ids)))
             n_hvp += R.shape[1]
             C = U.shape[1]
             peak_adjoint = max(peak_adjoint, sum(x.numel() * x.element_size() for x in (U, R, *S.values())))
@@ -337,11 +288,11 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
     if shard is not None:
         info.update(split="batch", rows_evaluated=rows_evaluated)
-    if hvp == "fd":
-        info.update(eps0=eps0, fd_kinks=sum(kinks), fd_products=n_hvp)
-        if sum(kinks) > KINK_SHARE_LIMIT * n_hvp:
+    if fd is not None:
+        info.update(fd.info())
+        reason = fd.unreliable()
+        if reason is not None:
             info["fd_unreliable"] = True
-            warnings.warn(f"DIT with hvp='fd': {sum(kinks)} of {n_hvp} finite-difference products crossed a kink (over "
-                          f"{KINK_SHARE_LIMIT:.0%}: ε is too large for this model); the scores are not reliable. Use "
-                          "hvp='exact' (the default) or a smaller eps0", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"DIT with hvp='fd': {reason}; the scores are not reliable. Use hvp='exact' (the default) or "
+                          "a smaller eps0", RuntimeWarning, stacklevel=4)
     return _SweepResult(values, names, info)
