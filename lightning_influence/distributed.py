@@ -177,7 +177,8 @@ def run(method: str, log_path: str | os.PathLike, query: Query | Mapping[int, np
     """
     if method not in DISTRIBUTED:
         raise ValueError(f"{method!r} is not distributed; distributed log-only estimators: {sorted(DISTRIBUTED)}. "
-                         "DIT, Diff-In and replay-based ground truth run in one process (docs/scaling.md)")
+                         "DIT, its timeline and Diff-In run on several processes with distributed.sweep(estimator, log, "
+                         "query, processes, ...), replay leave-one-out with replay_loo(..., processes=N) (docs/scaling.md)")
     if int(devices) < 1 or int(num_nodes) < 1:
         raise ValueError(f"devices and num_nodes must be >= 1, got {devices} and {num_nodes}")
     names: list[str] = []
