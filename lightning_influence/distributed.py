@@ -47,11 +47,11 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin, tracin_self_influence
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import Query
-from lightning_influence.step.shard import BatchShard
+from lightning_influence.step.shard import BatchShard, check_row_split
 
 __all__ = ["BATCH_SPLIT", "DISTRIBUTED", "SPLITS", "DistributedQueryError", "Processes", "QueryColumns", "by_batch",
            "by_columns", "gather", "global_rank", "launch", "launched_outside", "map_blocks", "run", "shard_steps",
-           "split_of", "split_range", "sweep"]
+           "split_for", "split_of", "split_range", "sweep"]
 
 DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tracin_self_influence": tracin_self_influence}
 _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric run set these in every process
@@ -384,17 +384,32 @@ def sweep(estimator: Callable[..., Any], log: InfluenceLog, query: Query, proces
           split: str | None = None, **kwargs: Any) -> Any:
     """``estimator(log, query, **kwargs)`` on ``processes``, divided by ``split`` (default ``processes.split``):
     ``"batch"`` (:func:`by_batch`: every step's rows; DIT, local DIT, the timeline), ``"columns"``
-    (:func:`by_columns`: the query's outputs; also Diff-In), ``"auto"``: by batch where the estimator can be, else by
-    column. One process: the estimator itself."""
+    (:func:`by_columns`: the query's outputs; also Diff-In), ``"auto"``: by batch where the estimator and the module
+    allow it (no train-mode BatchNorm), else by column. One process: the estimator itself."""
     procs = Processes.of(processes)
     split = procs.split if split is None else split
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not procs.many:
         return estimator(log, query, **kwargs)
-    if split == "columns" or (split == "auto" and estimator not in BATCH_SPLIT):
+    if split_for(estimator, kwargs.get("module"), split) == "columns":
         return by_columns(estimator, log, query, procs, **kwargs)
     return by_batch(estimator, log, query, procs, **kwargs)
+
+
+def split_for(estimator: Callable[..., Any], module: nn.Module | None, split: str = "auto") -> str:
+    """``"batch"`` or ``"columns"``: ``split`` itself, or for ``"auto"`` the batch split where the estimator has one
+    and ``module``'s rows can be evaluated apart (:func:`~lightning_influence.step.shard.check_row_split`)."""
+    if split != "auto":
+        return split
+    if estimator not in BATCH_SPLIT:
+        return "columns"
+    try:
+        if module is not None:
+            check_row_split(module)
+    except ValueError:
+        return "columns"
+    return "batch"
 
 
 def split_of(estimator: Callable[..., Any], processes: Processes | int | None) -> Callable[..., Any]:

@@ -410,7 +410,7 @@ def test_batch_shard_rows_split_plain_micro_batches_and_rotate_the_ones_that_dre
 
 def test_sweep_picks_the_split_and_refuses_a_batch_split_it_cannot_do(log_dir):
     from lightning_influence import diffin, dit
-    from lightning_influence.distributed import by_batch, sweep
+    from lightning_influence.distributed import by_batch, split_for, sweep
 
     with InfluenceLog(log_dir) as log:
         kw = {"module": tiny(), "train_data": make_data(24, seed=1), "window": (10, 12)}
@@ -420,6 +420,9 @@ def test_sweep_picks_the_split_and_refuses_a_batch_split_it_cannot_do(log_dir):
             by_batch(diffin, log, ValLosses(), 2, **kw)
         with pytest.raises(ValueError, match="split must be one of"):
             sweep(dit, log, ValLosses(), 2, split="rows", **kw)
+    assert split_for(dit, tiny()) == "batch" and split_for(diffin, tiny()) == "columns"
+    assert split_for(dit, tiny(batchnorm=True)) == "columns" and split_for(dit, tiny(batchnorm=True).eval()) == "batch"
+    assert split_for(dit, tiny(), "columns") == "columns"
 
 
 class _ThreadSum:
