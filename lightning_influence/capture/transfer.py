@@ -20,12 +20,14 @@ from torch.utils import _pytree as pytree
 __all__ = ["HostCopy"]
 
 
-def _start(t: Tensor) -> Tensor:
+def _start(t: Tensor, fresh: bool = False) -> Tensor:
     t = t.detach()
     if t.device.type == "cuda":
         buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         buf.copy_(t, non_blocking=True)
         return buf
+    if fresh and t.device.type == "cpu":
+        return t  # handed over: nothing else holds or changes it
     return t.to("cpu", copy=True)  # a clone: the source (a parameter, a buffer) may change before it is read
 
 
@@ -34,10 +36,16 @@ class HostCopy:
 
     Args:
         tree: the tensors to copy; CUDA tensors are copied without blocking into pinned memory.
+        fresh: keys of ``tree`` (a dict) whose CPU tensors the caller hands over (new tensors nothing else
+            holds or writes to): they are kept as they are, not cloned.
     """
 
-    def __init__(self, tree: Any) -> None:
-        self._tree = pytree.tree_map(lambda x: _start(x) if isinstance(x, Tensor) else x, tree)
+    def __init__(self, tree: Any, fresh: tuple[str, ...] = ()) -> None:
+        if fresh:
+            self._tree = {k: pytree.tree_map(lambda x: _start(x, k in fresh) if isinstance(x, Tensor) else x, v)
+                          for k, v in tree.items()}
+        else:
+            self._tree = pytree.tree_map(lambda x: _start(x) if isinstance(x, Tensor) else x, tree)
         cuda = {x.device for x in pytree.tree_leaves(tree) if isinstance(x, Tensor) and x.device.type == "cuda"}
         self._events = []
         for device in cuda:
