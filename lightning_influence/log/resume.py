@@ -62,7 +62,9 @@ def meaning_differences(log_meta: Mapping[str, Any], fit_meta: Mapping[str, Any]
         old_p, new_p = dict(log_meta.get("projection") or {}), dict(fit_meta.get("projection") or {})
         for key, name in (("dim", "projection_dim"), ("seed", "projection_seed")):
             diff(name, old_p.pop(key, None), new_p.pop(key, None))
-        if old_p != new_p:
+        folds = [sorted(s["bias"] for s in p.get("specs", []) if s.get("bias")) for p in (old_p, new_p)]
+        diff("fold_bias (biases folded into their weight's projection)", *folds)
+        if old_p != new_p and folds[0] == folds[1]:
             keys = sorted(k for k in set(old_p) | set(new_p) if old_p.get(k) != new_p.get(k))
             out.append(f"projection ({', '.join(keys)}): the log's and this fit's projections differ")
     if old_rec.get("hvp") and new_rec.get("hvp"):
