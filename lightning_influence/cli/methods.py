@@ -93,7 +93,8 @@ METHODS: dict[str, Method] = {
 ALIASES = {"dit-gauss-newton": "dit-gn", "diffin-self-influence": "diffin-self",
            "tracin-self-influence": "tracin-self"}
 DISTRIBUTED = {"tracin": "tracin", "tracin-self": "tracin_self_influence"}  # --devices/--num-nodes (distributed.run)
-BY_COLUMNS = ("dit", "dit-fd", "dit-frozen", "dit-local", "diffin", "diffin-step")  # query outputs split over processes
+BY_COLUMNS = ("dit", "dit-fd", "dit-frozen", "dit-local", "diffin", "diffin-step")  # distributed.sweep: DIT by batch rows
+# (--split batch, the default) or query outputs (--split columns), Diff-In by query outputs
 DEFAULT_METHODS = ("dit", "tracin")  # the first one installed is the default
 _RECORD_FLAGS = {"gradients": ("per-sample gradients", "record_gradients=True"),
                  "hvp": ("Hessian-gradient products (H_z·G_B)", "record_gradients=True, record_hvp=True"),
@@ -202,14 +203,14 @@ def estimator_inputs(ctx: RunContext | None, hvp: str | None = None) -> dict[str
 
 def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: tuple[int, int],
                progress: ProgressBar | None, hvp: str | None = None, processes: Any = None) -> Any:
-    """Scores of every sample for one window, from the registered estimator (on ``processes``, split by query
-    output: :data:`BY_COLUMNS` only)."""
+    """Scores of every sample for one window, from the registered estimator (on ``processes``, by
+    :func:`~lightning_influence.distributed.sweep`: :data:`BY_COLUMNS` only)."""
     method = METHODS[name]
     fn = method.load()
     if processes is not None:
-        from lightning_influence.distributed import columns_of
+        from lightning_influence.distributed import split_of
 
-        fn = columns_of(fn, processes)
+        fn = split_of(fn, processes)
     try:
         return call_with(fn, log, method, query=query, window=window, progress=progress, **estimator_inputs(ctx, hvp))
     finally:
@@ -219,17 +220,17 @@ def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: 
 
 def compute_windows(args: argparse.Namespace, log: Any, query: Any, ctx: RunContext | None,
                     windows: list[tuple[int, int]], processes: Any = None) -> tuple[np.ndarray, str, dict[str, Any]]:
-    """``(N, Q, W)`` scores of every window of a grid, the method's name and its info (on ``processes``, split by
-    query output, for :data:`BY_COLUMNS`)."""
+    """``(N, Q, W)`` scores of every window of a grid, the method's name and its info (on ``processes``, by
+    :func:`~lightning_influence.distributed.sweep`, for :data:`BY_COLUMNS`)."""
     method = METHODS[args.method]
     if method.timeline is not None:
         bounds = [windows[0][0]] + [t2 for _, t2 in windows]
         progress = progress_bar(args, f"{args.method} timeline")
         fn = method.load(method.timeline)
         if processes is not None:
-            from lightning_influence.distributed import columns_of
+            from lightning_influence.distributed import split_of
 
-            fn = columns_of(fn, processes)
+            fn = split_of(fn, processes)
         try:
             tl = call_with(fn, log, method, query=query, grid=bounds, progress=progress,
                            **estimator_inputs(ctx, args.hvp))

@@ -28,7 +28,8 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="steps '100:500', fractions '0.8:1.0' or epochs 'epoch 3:5' (epochs 3 and 4); empty ends mean "
                         "start/end; repeatable; default: the whole run")
     p.add_argument("--top", "-k", type=row_count, default=10, help="rows per window and query (0: all samples; default 10)")
-    add_process_args(p, "methods: " + ", ".join(DISTRIBUTED) + "; split by query output: " + ", ".join(BY_COLUMNS))
+    add_process_args(p, "methods: " + ", ".join(DISTRIBUTED) + "; split by batch rows or query output: "
+                     + ", ".join(BY_COLUMNS), split=True)
     p.set_defaults(func=cmd_query)
 
 

@@ -13,7 +13,7 @@ engine, package versions, ...) may differ; each resume is recorded in ``meta.h5`
 (``LogWriter(resume_meta=...)``), so a fit refused before that leaves the log byte for byte as it was.
 
 :func:`continue_log` decides, for a fit resumed at step ``start``, whether the log in ``log_dir``
-is continued (and records the resume) or a new one is started (:func:`start_new_log`).
+is continued (with the record of the resume for the writer) or a new one is started (:func:`start_new_log`).
 """
 
 from __future__ import annotations
