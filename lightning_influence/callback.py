@@ -40,7 +40,7 @@ from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.log.resume import continue_log, log_exists, start_new_log
+from lightning_influence.log.resume import continue_log, log_exists, logged_fold_bias, start_new_log
 from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, storage_error, write_meta
 from lightning_influence.step import rng
 from lightning_influence.step.pending import PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record
@@ -79,7 +79,8 @@ class InfluenceTracker(Callback):
             of ``[W b]``, instead of a weight block and a bias block) where the weight is projected and both
             are tracked, in one optimizer param group and used by that layer alone: fewer columns, less work
             (``docs/per-sample-gradients.md``). ``False``: every tensor its own block (the layout of logs
-            written before folding; a resumed fit must keep its log's layout).
+            written before folding). ``None`` (default): fold, except that a fit resumed into an existing log
+            keeps that log's layout; an explicit value that differs from the log's is refused.
         storage_dtype: dtype of gradient/HVP rows on disk: ``float16``, ``float32`` or ``float64``.
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
@@ -134,7 +135,7 @@ class InfluenceTracker(Callback):
         exclude_params: list[str] | None = None,
         projection_dim: int | None = None,
         projection_seed: int = 0,
-        fold_bias: bool = True,
+        fold_bias: bool | None = None,
         storage_dtype: str = "float32",
         compression: str | None = None,
         loss_fn: LossFn | None = None,
@@ -241,7 +242,9 @@ class InfluenceTracker(Callback):
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
         groups = [g["params"] for g in optimizer.param_groups]
-        fold = foldable_biases(pl_module, self._names, groups) if self.fold_bias else None
+        fold_bias = self.fold_bias if self.fold_bias is not None else logged_fold_bias(
+            self.log_dir, trainer.global_step, self.overwrite)  # log/resume.py
+        fold = foldable_biases(pl_module, self._names, groups) if fold_bias else None
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed, fold)
         self._precision = trainer_precision(trainer)
         self._setup_engine(pl_module)
