@@ -50,7 +50,9 @@ no momentum or preconditioner) and ``method`` says ``approx.``; for those, DIT
 (:mod:`lightning_influence.estimators.dit`) is exact in the linearisation.
 Parameters ``θ_t`` come from the log's checkpoints, or are replayed between them
 (:func:`lightning_influence.replay.replay`, verified at every checkpoint passed).
-No Lightning imports.
+Modules: the run's context and the Hessian-vector products are in :mod:`.diffin_context`, the step-form
+self-influence in :mod:`.diffin_self`; self-influence splits over processes by steps (:mod:`.sharding`,
+docs/scaling.md). No Lightning imports.
 """
 from __future__ import annotations
 
@@ -132,7 +134,7 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
     fields = ("grad", "hvp") if ctx.hvp == "fd" else ("grad",)
     log_rows = log.iter_steps(own[0], own[-1] + 1, fields=fields) if samples == "batch" and own else None
     full = KroneckerProjector(ctx.shapes, None)  # self-influence: unprojected g_z, the HVP directions
-    for done, (t, params) in enumerate(ctx.params_at(own), start=1):
+    for done, (t, params) in enumerate(ctx.params_at(own, selected[hi] if hi < m else None), start=1):
         w_t = torch.as_tensor(log.weights(t), dtype=ctx.dtype)  # w_{i,t}: the step's loss is Σ w ℓ (step.weights)
         # (K,): a_t of each column's group, with the clipped step's learning rate η_t·κ_t
         a_col = published_coefficients(t, log.lr(t)[col_group] * ctx.clip_factor(t), N, m)

@@ -76,8 +76,10 @@ class _Context:
         self.exact_sgd = self.opt_class == "SGD" and not self.momentum
 
     # ------------------------------------------------------------------------- trajectory
-    def params_at(self, steps: Sequence[int]) -> Iterator[tuple[int, dict[str, Tensor]]]:
-        """``(t, θ_t)`` for the given steps in increasing order: checkpoints, else one verified replay."""
+    def params_at(self, steps: Sequence[int], through: int | None = None) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """``(t, θ_t)`` for the given steps in increasing order: checkpoints, else one verified replay (continued to
+        step ``through`` when given: a process of a split computation checks the checkpoints up to the next one's
+        steps, as one process would)."""
         steps = sorted({int(t) for t in steps})
         if not steps:
             return
@@ -87,7 +89,8 @@ class _Context:
                 yield t, checkpoint_params(self.log, self.module, t)
             return
         want = set(steps)
-        for rs in replay(self.log, self.module, self.train_data, steps[0], steps[-1], loss_fn=self.loss_fn,
+        for rs in replay(self.log, self.module, self.train_data, steps[0], max(steps[-1], through or 0),
+                         loss_fn=self.loss_fn,
                          verify=self.verify, report=self.drift):
             if rs.step in want:
                 yield rs.step, rs.params

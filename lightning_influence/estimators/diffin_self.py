@@ -31,7 +31,7 @@ def step_self_influence(ctx: _Context, t1: int, t2: int, progress: Callable[[int
     """``G_z(t2) − G_z(t1)`` for every sample ``(N, 1)``: this process's part of the sum (``shard``)."""
     log, N, G = ctx.log, ctx.N, ctx.n_groups
     a, b = shard.steps(log, 0, t2)
-    mine, n_hvp = _curvatures(ctx, a, b, progress)
+    mine, n_hvp = _curvatures(ctx, a, b, b if b < t2 else None, progress)
     taus = [(tau, sign) for tau, sign in ((t2, 1.0), (t1, -1.0)) if tau > 0]
     prev_of, held = _held(shard.gather(mine), N, G, a, b, {min(b, tau) for tau, _ in taus})
     out = np.zeros(N)
@@ -55,13 +55,13 @@ def step_self_influence(ctx: _Context, t1: int, t2: int, progress: Callable[[int
                           "closure": "own gradient, curvature held between the sample's steps"}
 
 
-def _curvatures(ctx: _Context, a: int, b: int, progress: Callable[[int, int], None] | None
+def _curvatures(ctx: _Context, a: int, b: int, through: int | None, progress: Callable[[int, int], None] | None
                 ) -> tuple[list[tuple[int, np.ndarray, np.ndarray]], int]:
     """``(s, ids, κ (B, G))`` at every step ``s`` of ``[a, b)`` along each sample's own full gradient, and the number
-    of Hessian-vector products taken."""
+    of Hessian-vector products taken (the replay continued to ``through``, to check the checkpoints up to there)."""
     full = KroneckerProjector(ctx.shapes, None)
     out, n_hvp = [], 0
-    for s, params in ctx.params_at(range(a, b)):
+    for s, params in ctx.params_at(range(a, b), through):
         batch = ctx.step_batch(s)
         gz = ctx.per_sample_grads(params, batch, projector=full)
         V = {n: gz[:, sl].reshape(len(batch.ids), *ctx.shapes[n]) for n, sl in full.slices.items()}
