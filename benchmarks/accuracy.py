@@ -169,6 +169,17 @@ def agreement(est: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {"pearson": pearson(est, truth), "spearman": spearman(est, truth), "kendall": kendall_tau(est, truth)}
 
 
+def print_agreement(results: dict[str, dict[str, dict[str, float]]], target: float) -> None:
+    """The ``{window: {estimator: agreement}}`` table; DIT (exact) on the whole run is flagged against ``target``."""
+    print(f"{'window':<13} {'estimator':<20} {'pearson':>8} {'spearman':>9}")
+    for wname, ests in results.items():
+        for est, m in ests.items():
+            flag = ""
+            if est == "dit (exact)" and wname == "whole run":
+                flag = "  ok" if m["spearman"] >= target else f"  MISSED (target {target})"
+            print(f"{wname:<13} {est:<20} {m['pearson']:>8.4f} {m['spearman']:>9.4f}{flag}")
+
+
 def windows_of(log: InfluenceLog) -> dict[str, tuple[int, int]]:
     T = log.num_steps
     last = int(log.epochs[-1])

@@ -54,6 +54,7 @@ from lightning_influence.capture import (  # noqa: E402
     per_sample_grads_vmap,
     select_params,
 )
+from lightning_influence.capture.layers import foldable_biases  # noqa: E402
 
 K = 256
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -89,7 +90,8 @@ def step_costs(name: str, reps: int) -> dict[str, float]:
     module = factory()
     batch = next(iter(DataLoader(ds, batch_size=batch_size)))[:-1]  # without the ids
     names = select_params(module)
-    projector = KroneckerProjector({n: p.shape for n, p in module.named_parameters() if n in names}, K)
+    projector = KroneckerProjector({n: p.shape for n, p in module.named_parameters() if n in names}, K,
+                                   fold=foldable_biases(module, names))  # the tracker's layout (fold_bias=True)
     capture = HookGradientCapture(module, names, projector)
     loss_fn = type(module).per_sample_loss
     loss_grad = torch.full((batch_size,), 1.0 / batch_size)

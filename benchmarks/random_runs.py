@@ -39,7 +39,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import agreement, ce_loss, quiet_setup, train, windows_of  # noqa: E402
+from accuracy import agreement, ce_loss, print_agreement, quiet_setup, train, windows_of  # noqa: E402
 from step_runs import run_all  # noqa: E402
 
 from lightning_influence.data import WithIds  # noqa: E402
@@ -54,7 +54,9 @@ from lightning_influence.step.weights import step_summary  # noqa: E402
 TARGETS = {"mlp-dropout": 0.97, "mlp-bf16": 0.97, "transformer": 0.90, "transformer-clip-accum2": 0.90}  # whole-run Spearman of DIT (exact)
 
 
-def make_net(kind: str, lr: float, weight_decay: float, step_epochs: int, gamma: float) -> type:
+def make_net(kind: str, lr: float, weight_decay: float, step_epochs: int, gamma: float, dropout: float | None = None) -> type:
+    """The run's LightningModule: ``kind`` "mlp" (tanh, dropout 0.2) or "transformer" (dropout 0.1); ``dropout``
+    overrides the rate."""
     import lightning.pytorch as pl
 
     class Net(pl.LightningModule):
@@ -65,10 +67,12 @@ def make_net(kind: str, lr: float, weight_decay: float, step_epochs: int, gamma:
                 self.tok = nn.Embedding(17, d)
                 self.pos = nn.Embedding(16, d)
                 self.norm = nn.LayerNorm(d)
-                self.enc = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=32, dropout=0.1, batch_first=True)
+                self.enc = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=32, dropout=0.1 if dropout is None else dropout,
+                                                      batch_first=True)
                 self.head = nn.Linear(d, 10)
             else:
-                self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 10))
+                self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Dropout(0.2 if dropout is None else dropout),
+                                         nn.Linear(32, 10))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if kind != "transformer":
@@ -95,6 +99,29 @@ def tokens(x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(len(raw), 16)
 
 
+def digits_data(n_train: int, n_val: int, seed: int) -> dict[str, Any]:
+    """The digits split of ``load_digits_split`` (float64 features) plus the raw grey levels (for :func:`tokens`)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits_split(n_train, n_val, 0.0, seed=seed, dtype=torch.float64)
+    raw, _ = load_digits(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(len(raw))  # the split of load_digits_split
+    data["raw_train"] = torch.tensor(raw[order[:n_train]])
+    data["raw_val"] = torch.tensor(raw[order[n_train:n_train + n_val]])
+    return data
+
+
+def inputs(kind: str, data: dict[str, Any], dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
+    """The training set (with ids) and the validation pair of a ``kind`` of net: tokens or features in ``dtype``."""
+    x_train, y_train = data["train"]
+    x_val, y_val = data["val"]
+    if kind == "transformer":
+        x_train, x_val = tokens(x_train, data["raw_train"]), tokens(x_val, data["raw_val"])
+    else:
+        x_train, x_val = x_train.to(dtype), x_val.to(dtype)
+    return WithIds(TensorDataset(x_train, y_train)), (x_val, y_val)
+
+
 def eval_query(data: tuple[torch.Tensor, torch.Tensor]):
     """Mean validation loss with dropout off (the module is put in eval mode for the query only)."""
     query = eval_mode(mean_loss(data, ce_loss, name="val_loss"))
@@ -113,17 +140,11 @@ def replay_drift(log: InfluenceLog, Net: type, dtype: torch.dtype, train_ds: Any
 def run_config(name: str, cfg: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     dtype = cfg["dtype"]
-    x_train, y_train = data["train"]
-    x_val, y_val = data["val"]
-    if cfg["kind"] == "transformer":
-        x_train, x_val = tokens(x_train, data["raw_train"]), tokens(x_val, data["raw_val"])
-    else:
-        x_train, x_val = x_train.to(dtype), x_val.to(dtype)
-    train_ds = WithIds(TensorDataset(x_train, y_train))
+    train_ds, val = inputs(cfg["kind"], data, dtype)
     Net = make_net(cfg["kind"], **cfg["hyper"])
     log = train(str(workdir / name), Net, train_ds, args.epochs, cfg.get("batch_size", args.batch_size), args.seed,
                 dtype=dtype, **cfg["trainer"])
-    query = eval_query((x_val, y_val))
+    query = eval_query(val)
     wins = windows_of(log)
     grid = sorted({t for w in wins.values() for t in w})
     out: dict[str, Any] = {"trainer": cfg["trainer"], "dtype": str(dtype), "T": log.num_steps, "N": log.dataset_size,
@@ -169,14 +190,7 @@ def print_table(name: str, res: dict[str, Any]) -> None:
     if st["clipping"] or len(st["accumulate"]) and max(st["accumulate"]) > 1:
         print(f"clipping bound on {st['clip_bound_fraction']:.0%} of steps; incomplete accumulations at steps "
               f"{st['incomplete_accumulation_steps']}")
-    print(f"{'window':<13} {'estimator':<20} {'pearson':>8} {'spearman':>9}")
-    target = TARGETS[name]
-    for wname, ests in res["results"].items():
-        for est, m in ests.items():
-            flag = ""
-            if est == "dit (exact)" and wname == "whole run":
-                flag = "  ok" if m["spearman"] >= target else f"  MISSED (target {target})"
-            print(f"{wname:<13} {est:<20} {m['pearson']:>8.4f} {m['spearman']:>9.4f}{flag}")
+    print_agreement(res["results"], TARGETS[name])
     print("max |DIT fd - DIT exact| / max |DIT exact|: " + ", ".join(f"{w} {v:.1e}" for w, v in res["fd_vs_exact"].items()))
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
 
@@ -204,13 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                     "batch_size": 24, "trainer": {"gradient_clip_val": args.clip, "accumulate_grad_batches": 2}},
     }
     chosen = list(configs) if args.configs == "all" else args.configs.split(",")
-    data = load_digits_split(args.n_train, args.n_val, 0.0, seed=args.seed, dtype=torch.float64)
-    from sklearn.datasets import load_digits
-
-    raw, _ = load_digits(return_X_y=True)
-    order = np.random.default_rng(args.seed).permutation(len(raw))  # the split of load_digits_split
-    data["raw_train"] = torch.tensor(raw[order[:args.n_train]])
-    data["raw_val"] = torch.tensor(raw[order[args.n_train:args.n_train + args.n_val]])
+    data = digits_data(args.n_train, args.n_val, args.seed)
     return run_all(args, chosen, lambda name, work: run_config(name, configs[name], data, args, work), print_table,
                    "li-random-runs-")
 

@@ -41,7 +41,8 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import agreement, ce_loss, make_module, quiet_setup, train, windows_of, write_results  # noqa: E402
+from accuracy import (  # noqa: E402
+    agreement, ce_loss, make_module, print_agreement, quiet_setup, train, windows_of, write_results)
 
 from lightning_influence.capture import call_with_params  # noqa: E402
 from lightning_influence.data import WithIds  # noqa: E402
@@ -125,13 +126,7 @@ def print_table(name: str, res: dict[str, Any]) -> None:
           f"{res['clip_bound_fraction']:.0%} of steps (median coefficient {res['clip_coef_median']}); incomplete "
           f"accumulations at steps {res['incomplete_accumulation_steps']}; replay drift {res['replay_drift']:.1e}; "
           f"{res['seconds']['total']:.0f}s ===")
-    print(f"{'window':<13} {'estimator':<20} {'pearson':>8} {'spearman':>9}")
-    for wname, ests in res["results"].items():
-        for est, m in ests.items():
-            flag = ""
-            if est == "dit (exact)" and wname == "whole run":
-                flag = "  ok" if m["spearman"] >= TARGET else f"  MISSED (target {TARGET})"
-            print(f"{wname:<13} {est:<20} {m['pearson']:>8.4f} {m['spearman']:>9.4f}{flag}")
+    print_agreement(res["results"], TARGET)
     if "linear_response" in res:
         lr = res["linear_response"]
         print(f"whole run, {lr['samples']} samples, removal by ε = 1e-3 replayed (the linear response DIT computes):")

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_influence.capture import HVP_SCHEMES, HookGradientCapture, KroneckerProjector, select_params
+from lightning_influence.capture.layers import foldable_biases
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
@@ -74,6 +75,11 @@ class InfluenceTracker(Callback):
         projection_dim: per parameter tensor, the dimension of the seeded Kronecker random
             projection of gradients; ``None`` stores full gradients.
         projection_seed: seed of the projection (stored, so readers regenerate it).
+        fold_bias: fold the bias of a Linear/Conv layer into its weight's projection (one block, the gradient
+            of ``[W b]``, instead of a weight block and a bias block) where the weight is projected and both
+            are tracked, in one optimizer param group and used by that layer alone: fewer columns, less work
+            (``docs/per-sample-gradients.md``). ``False``: every tensor its own block (the layout of logs
+            written before folding; a resumed fit must keep its log's layout).
         storage_dtype: dtype of gradient/HVP rows on disk: ``float16``, ``float32`` or ``float64``.
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
@@ -128,6 +134,7 @@ class InfluenceTracker(Callback):
         exclude_params: list[str] | None = None,
         projection_dim: int | None = None,
         projection_seed: int = 0,
+        fold_bias: bool = True,
         storage_dtype: str = "float32",
         compression: str | None = None,
         loss_fn: LossFn | None = None,
@@ -168,6 +175,7 @@ class InfluenceTracker(Callback):
         self.exclude_params = exclude_params
         self.projection_dim = projection_dim
         self.projection_seed = projection_seed
+        self.fold_bias = fold_bias
         self.storage_dtype = storage_dtype
         self.compression = compression
         self.loss_fn = loss_fn
@@ -231,7 +239,9 @@ class InfluenceTracker(Callback):
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
-        self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed)
+        groups = [g["params"] for g in optimizer.param_groups]
+        fold = foldable_biases(pl_module, self._names, groups) if self.fold_bias else None
+        self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed, fold)
         self._precision = trainer_precision(trainer)
         self._setup_engine(pl_module)
         self._with_ids, self._dataset_size = check_training_set(trainer.train_dataloader, self.ids_fn is not None)
@@ -243,7 +253,7 @@ class InfluenceTracker(Callback):
                         "gradient_clipping": clipping}
         fit_meta = json.loads(json.dumps(fit_meta))
         self._acquire_lock(trainer.global_rank)  # before any file of the log is touched; released in _teardown
-        continued, self._first_step = (False, None) if start == 0 else continue_log(
+        continued, self._first_step, resume_meta = (False, None, None) if start == 0 else continue_log(
             self.log_dir, trainer.global_rank, trainer.world_size, trainer.is_global_zero, start, resume_state, fit_meta,
             self.overwrite)  # log/resume.py
         if not continued:
@@ -256,7 +266,8 @@ class InfluenceTracker(Callback):
                 write_meta(self.log_dir, {**meta, "gradient_clipping": clipping})
         trainer.strategy.barrier("influence_tracker_meta")
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype,
-                                 self.compression, truncate_from=start if continued else None)  # drops steps >= start
+                                 self.compression, truncate_from=start if continued else None,  # drops steps >= start
+                                 resume_meta=resume_meta)
         self._run_id = self._writer.run_id
         self._live = LiveTensorBoard.attach(trainer)
         self._next_step = self._fit_start = start

@@ -17,9 +17,12 @@ bounds every collective otherwise) and :class:`DistributedQueryError` says what 
 
 :func:`map_blocks` spreads independent units over the processes (contiguous blocks, gathered in order): replay
 leave-one-out and group removal use it for their counterfactual runs (``replay_loo(..., processes=N)``), and
-:func:`by_columns` for the query outputs of DIT, its timeline, Gauss-Newton DIT and Diff-In. :func:`by_steps` runs
-an estimator that splits its own sum over the steps (Diff-In self-influence, both forms) with a
-:class:`~lightning_influence.estimators.sharding.StepShard` per process (docs/scaling.md).
+:func:`by_columns` for the query outputs of DIT, its timeline, Gauss-Newton DIT and Diff-In. :func:`by_batch` splits
+the rows of every step of the DIT sweep (``dit``, ``dit_local``, ``timeline``) over the processes like DDP training:
+each evaluates its rows, the step's gradient and Hessian-vector products are all-reduced, the per-sample terms stay
+local (:mod:`lightning_influence.step.shard`). :func:`by_steps` runs an estimator that splits its own sum over the
+steps (Diff-In self-influence, both forms) with a :class:`~lightning_influence.estimators.sharding.StepShard` per
+process. :func:`sweep` picks the split (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -40,18 +43,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_influence.estimators.diffin import diffin_self_influence
+from lightning_influence.estimators.dit import dit, dit_local, timeline
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.sharding import StepShard, balanced_cuts, split_range
 from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin, tracin_self_influence
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import Query
+from lightning_influence.step.shard import BatchShard
 
-__all__ = ["DISTRIBUTED", "DistributedQueryError", "Processes", "QueryColumns", "by_columns", "by_steps", "columns_of",
-           "gather", "global_rank", "launch", "launched_outside", "map_blocks", "run", "shard_steps", "split_range",
-           "steps_of"]
+__all__ = ["BATCH_SPLIT", "DISTRIBUTED", "SPLITS", "STEP_SPLIT", "DistributedQueryError", "Processes", "QueryColumns",
+           "by_batch", "by_columns", "by_steps", "gather", "global_rank", "launch", "launched_outside", "map_blocks",
+           "run", "shard_steps", "split_of", "split_range", "sweep"]
 
 DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tracin_self_influence": tracin_self_influence}
 _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric run set these in every process
+BATCH_SPLIT = (dit, dit_local, timeline)  # the model sweeps whose steps' rows can be split over processes
+STEP_SPLIT = (diffin_self_influence,)  # the estimators that split their sum over the steps themselves (shard_=...)
+SPLITS = ("auto", "batch", "columns")
 
 
 class DistributedQueryError(RuntimeError):
@@ -60,13 +69,15 @@ class DistributedQueryError(RuntimeError):
 
 @dataclass(frozen=True)
 class Processes:
-    """Where a distributed computation runs: ``devices × num_nodes`` processes, started as for :func:`run`."""
+    """Where a distributed computation runs: ``devices × num_nodes`` processes, started as for :func:`run`;
+    ``split``: how :func:`sweep` divides a model sweep (:data:`SPLITS`)."""
 
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "ddp_spawn"
     accelerator: str = "cpu"
     timeout_s: float = 300.0
+    split: str = "auto"
 
     @classmethod
     def of(cls, spec: "Processes | int | None") -> "Processes":
@@ -333,16 +344,6 @@ def by_columns(estimator: Callable[..., Any], log: InfluenceLog, query: Query | 
     return _merge_columns(map_blocks(block, width, processes, f"distributed {getattr(estimator, '__name__', 'sweep')}"))
 
 
-def columns_of(estimator: Callable[..., Any], processes: Processes | int | None) -> Callable[..., Any]:
-    """``estimator`` with :func:`by_columns` on ``processes`` (the same signature, for callers that inspect it)."""
-
-    @functools.wraps(estimator)
-    def split(log: InfluenceLog, query: Query, **kwargs: Any) -> Any:
-        return by_columns(estimator, log, query, processes, **kwargs)
-
-    return split
-
-
 def _column_block(estimator: Callable[..., Any], log_path: str, query: Query, names: list[str], kwargs: dict[str, Any],
                   a: int, b: int, device: torch.device) -> Any:
     if device.type != "cpu" and kwargs.get("module") is not None:
@@ -371,6 +372,86 @@ def _merge_columns(parts: list[tuple[int, int, Any, float]]) -> Any:
                                info=info)
 
 
+# ------------------------------------------------------------------------------------ by batch rows
+def sweep(estimator: Callable[..., Any], log: InfluenceLog, query: Query, processes: Processes | int | None,
+          split: str | None = None, **kwargs: Any) -> Any:
+    """``estimator(log, query, **kwargs)`` on ``processes``, divided by ``split`` (default ``processes.split``):
+    ``"batch"`` (:func:`by_batch`: every step's rows; DIT, local DIT, the timeline), ``"columns"``
+    (:func:`by_columns`: the query's outputs; also Diff-In, Gauss-Newton DIT), ``"auto"``: by batch where the estimator can be, else by
+    column. An estimator of :data:`STEP_SPLIT` (Diff-In self-influence: no query to split by column) always splits by
+    steps (:func:`by_steps`). One process: the estimator itself."""
+    procs = Processes.of(processes)
+    split = procs.split if split is None else split
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not procs.many:
+        return estimator(log, query, **kwargs)
+    if estimator in STEP_SPLIT:
+        return by_steps(estimator, log, query, procs, **kwargs)
+    if split == "columns" or (split == "auto" and estimator not in BATCH_SPLIT):
+        return by_columns(estimator, log, query, procs, **kwargs)
+    return by_batch(estimator, log, query, procs, **kwargs)
+
+
+def split_of(estimator: Callable[..., Any], processes: Processes | int | None) -> Callable[..., Any]:
+    """``estimator`` run by :func:`sweep` on ``processes`` (the same signature, for callers that inspect it)."""
+
+    @functools.wraps(estimator)
+    def split(log: InfluenceLog, query: Query | None = None, **kwargs: Any) -> Any:
+        return sweep(estimator, log, query, processes, **kwargs)
+
+    return split
+
+
+def by_batch(estimator: Callable[..., Any], log: InfluenceLog, query: Query, processes: Processes | int | None,
+             **kwargs: Any) -> Any:
+    """``estimator(log, query, **kwargs)`` (one of :data:`BATCH_SPLIT`) with every step's rows split over processes.
+
+    Each process replays the trajectory and evaluates its rows of every step (a micro-batch that drew dropout masks
+    whole, on process ``(step + k) mod P``); the step's gradient and Hessian-vector products are summed with one
+    all-reduce each, the per-sample terms stay with their process and the ``(N, ·)`` scores are summed at the end
+    (:mod:`lightning_influence.step.shard`). All query outputs are swept together on every process. The result is
+    the single-process one up to the order of float64 additions; ``info["per_rank"]`` holds each process's rows
+    and seconds. ``query``, ``module`` and ``train_data`` must be picklable for ``ddp_spawn``.
+
+    Raises:
+        ValueError: an estimator without a batch split, or a module with train-mode BatchNorm.
+        DistributedQueryError: a process failed or was killed.
+    """
+    if estimator not in BATCH_SPLIT:
+        raise ValueError(f"{getattr(estimator, '__name__', estimator)} has no batch split (estimators with one: "
+                         f"{', '.join(e.__name__ for e in BATCH_SPLIT)}); use split='columns'")
+    procs = Processes.of(processes)
+    if not procs.many:
+        return estimator(log, query, **kwargs)
+    what = f"distributed {estimator.__name__} (batch split)"
+    return launch(_batch_worker, estimator, str(log.path), query, kwargs, what, devices=procs.devices,
+                  num_nodes=procs.num_nodes, strategy=procs.strategy, accelerator=procs.accelerator,
+                  timeout_s=procs.timeout_s, what=what)
+
+
+def _batch_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, query: Query, kwargs: dict[str, Any],
+                  what: str) -> Any:
+    shard = BatchShard(fabric.global_rank, fabric.world_size, functools.partial(_sum_over, fabric, what))
+    if fabric.device.type != "cpu":
+        kwargs = {**kwargs, "module": kwargs["module"].to(fabric.device)}
+    t0 = time.perf_counter()
+    with InfluenceLog(log_path) as log:
+        res = estimator(log, query, shard=shard, **kwargs)
+    mine = {"rank": fabric.global_rank, "rows": res.info["rows_evaluated"], "seconds": time.perf_counter() - t0}
+    per_rank = gather(fabric, mine, what)
+    return dataclasses.replace(res, info={**res.info, "processes": fabric.world_size, "per_rank": per_rank,
+                                          "rows_evaluated": sum(r["rows"] for r in per_rank)})
+
+
+def _sum_over(fabric: Any, what: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the processes (on the process's device for the collective: ``nccl`` needs CUDA tensors)."""
+    try:
+        return fabric.all_reduce(x.to(fabric.device), reduce_op="sum").to(x.device)
+    except Exception as err:
+        raise _peer_error(fabric, what, err) from err
+
+
 # ------------------------------------------------------------------------------------------ by steps
 def by_steps(estimator: Callable[..., Any], log: InfluenceLog, query: Query | None, processes: Processes | int | None,
              **kwargs: Any) -> Any:
@@ -391,33 +472,11 @@ def by_steps(estimator: Callable[..., Any], log: InfluenceLog, query: Query | No
                   timeout_s=procs.timeout_s, what=what)
 
 
-def steps_of(estimator: Callable[..., Any], processes: Processes | int | None) -> Callable[..., Any]:
-    """``estimator`` with :func:`by_steps` on ``processes`` (the same signature, for callers that inspect it)."""
-
-    @functools.wraps(estimator)
-    def split(log: InfluenceLog, query: Query | None = None, **kwargs: Any) -> Any:
-        return by_steps(estimator, log, query, processes, **kwargs)
-
-    return split
-
-
-def step_shard(fabric: Any, what: str) -> StepShard:
-    """This process's :class:`StepShard`: its rank, and the sum and the all-gather over the query's processes (a
-    process that ended makes them :class:`DistributedQueryError`)."""
-    return StepShard(fabric.global_rank, fabric.world_size, functools.partial(_sum, fabric, what),
-                     lambda obj: gather(fabric, obj, what))
-
-
-def _sum(fabric: Any, what: str, x: torch.Tensor) -> torch.Tensor:
-    try:
-        return fabric.all_reduce(x.to(fabric.device), reduce_op="sum").cpu()
-    except Exception as err:
-        raise _peer_error(fabric, what, err) from err
-
-
 def _steps_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, query: Query | None,
                   kwargs: dict[str, Any], what: str) -> Any:
     if fabric.device.type != "cpu" and kwargs.get("module") is not None:
         kwargs = {**kwargs, "module": kwargs["module"].to(fabric.device)}
+    shard = StepShard(fabric.global_rank, fabric.world_size, functools.partial(_sum_over, fabric, what),
+                      lambda obj: gather(fabric, obj, what))
     with InfluenceLog(log_path) as log:
-        return estimator(log, query, shard_=step_shard(fabric, what), **kwargs)
+        return estimator(log, query, shard_=shard, **kwargs)

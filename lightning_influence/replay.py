@@ -32,11 +32,17 @@ from lightning_influence.capture import call_with_params
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.progress import Progress, resolve_progress  # noqa: F401 (re-exported)
 from lightning_influence.queries import LossFn, default_loss_fn
-from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, ReplayMismatchError, measure, mismatch  # noqa: F401 (re-exported)
+from lightning_influence.replay_drift import (  # noqa: F401 (re-exported)
+    DEFAULT_TOLERANCE,
+    DriftReport,
+    ReplayMismatchError,
+    check_checkpoint,
+)
 from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
 from lightning_influence.step.micro import MicroBatch, Step
 from lightning_influence.step.precision import Precision, scaled, unscale_
 from lightning_influence.step.rng import NONE, RandomState
+from lightning_influence.step.shard import BatchShard, positions, take_rows
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_param_groups, rule_for
 from lightning_influence.step.weights import StepWeights, step_weights
 
@@ -271,45 +277,80 @@ def _set_lrs(opt: torch.optim.Optimizer, lrs: np.ndarray, t: int) -> None:
         g["lr"] = float(lr)
 
 
-def load_step(log: InfluenceLog, train_data: TrainData | None, t: int) -> Step:
+def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: BatchShard | None = None) -> Step:
     """The inputs of step ``t`` as Lightning ran them: its micro-batches (stored inputs, else ``train_data`` by
-    id) with their random states, the run's autocast, the GradScaler factor and skip (``docs/log-format.md``)."""
+    id) with their random states, the run's autocast, the GradScaler factor and skip (``docs/log-format.md``).
+    With ``shard``, only that process's rows (:meth:`BatchShard.rows`; ``Step.rows`` says which)."""
+    records = log.micro_batches(t)
+    randoms = [RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda) for m in records]
+    sizes = [len(m.ids) for m in records]
+    rows = None if shard is None else shard.rows(t, sizes, [r.drew for r in randoms])
     micro = []
-    for m in log.micro_batches(t):
+    for k, (m, random) in enumerate(zip(records, randoms)):
+        part = None if rows is None else rows[k]
+        ids = m.ids if part is None else m.ids[part]
+        if part is not None and not len(ids):
+            continue
         if m.inputs is not None:
             batch = torch.load(io.BytesIO(m.inputs), weights_only=True)
+            batch = batch if part is None else take_rows(batch, part, len(m.ids))
         elif train_data is None:
             raise ValueError(f"step {t}: the log holds no inputs (InfluenceTracker(store_inputs=True)), so replaying it "
                              "needs train_data (the training samples by id)")
         else:
-            batch = batch_from_ids(train_data, m.ids)
-        random = RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda)
-        micro.append(MicroBatch(m.ids, batch, random))
-    return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t))
+            batch = batch_from_ids(train_data, ids)
+        micro.append(MicroBatch(ids, batch, random))
+    return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t),
+                None if rows is None else positions(sizes, rows))
 
 
 def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, params: Mapping[str, Tensor],
-                step: Step, sw: StepWeights, multipliers: Tensor | None, clip: ClipSpec | None) -> None:
+                step: Step, sw: StepWeights, multipliers: Tensor | None, clip: ClipSpec | None,
+                shard: BatchShard | None = None) -> None:
     """One optimizer step at ``params`` as Lightning ran it: each micro-batch under its random state and autocast,
     its loss (``mean(ℓ)/A`` as trained, ``Σ m w ℓ`` with ``multipliers``) scaled by the GradScaler factor and
     back-propagated in turn; the summed gradient unscaled and clipped, the optimizer stepped. A step the GradScaler
-    skipped changes nothing."""
+    skipped changes nothing. With ``shard`` (``step`` holding that process's rows, :func:`load_step`) each process
+    back-propagates ``Σ m w ℓ`` over its rows and the gradients are summed over the processes before the clipping
+    (every process then takes the same step; not bit-identical to training: the drift check measures it)."""
     opt.zero_grad(set_to_none=True)
     if step.skipped:
         return
-    slices = list(sw.micro_slices())
-    if len(slices) != len(step.micro):
-        raise ValueError(f"step {step.step}: the log's weights describe {len(slices)} micro-batches, its micro-batch "
-                         f"rows {len(step.micro)}: the log is inconsistent")
-    for m, rows in zip(step.micro, slices):
-        with m.context(step.precision, module):
-            losses = functional_loss(module, loss_fn, params, m.batch)
-        loss = sw.micro_loss(losses, rows, None if multipliers is None else multipliers[rows])
-        scaled(loss, step.grad_scale).backward()
+    if shard is not None:
+        _shard_gradients(module, loss_fn, params, step, sw, multipliers, shard)
+    else:
+        slices = list(sw.micro_slices())
+        if len(slices) != len(step.micro):
+            raise ValueError(f"step {step.step}: the log's weights describe {len(slices)} micro-batches, its "
+                             f"micro-batch rows {len(step.micro)}: the log is inconsistent")
+        for m, rows in zip(step.micro, slices):
+            with m.context(step.precision, module):
+                losses = functional_loss(module, loss_fn, params, m.batch)
+            loss = sw.micro_loss(losses, rows, None if multipliers is None else multipliers[rows])
+            scaled(loss, step.grad_scale).backward()
     if step.grad_scale is not None:
         unscale_([p.grad for p in params.values()], step.grad_scale)
     apply_clipping([p for g in opt.param_groups for p in g["params"]], clip)
     opt.step()
+
+
+def _shard_gradients(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], step: Step, sw: StepWeights,
+                     multipliers: Tensor | None, shard: BatchShard) -> None:
+    """``p.grad`` of every parameter: the scaled gradient of ``Σ m_i w_i ℓ_i`` over this process's rows of ``step``,
+    summed over the processes (one all-reduce of every gradient together)."""
+    off = 0
+    for m in step.micro:
+        rows = step.rows[off:off + len(m.ids)]
+        off += len(m.ids)
+        with m.context(step.precision, module):
+            losses = functional_loss(module, loss_fn, params, m.batch)
+        mult = torch.ones(len(rows)) if multipliers is None else multipliers[torch.as_tensor(rows)]
+        scaled(sw.micro_loss(losses, rows, mult), step.grad_scale).backward()
+    leaves = list(params.values())
+    flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in leaves])
+    total = shard.all_reduce(flat)
+    for p, g in zip(leaves, torch.split(total, [p.numel() for p in leaves])):
+        p.grad = g.view_as(p).clone()
 
 
 def _reanchor(log: InfluenceLog, t: int, params: dict[str, Tensor], opt: torch.optim.Optimizer, anchor: dict[str, Any],
@@ -321,11 +362,7 @@ def _reanchor(log: InfluenceLog, t: int, params: dict[str, Tensor], opt: torch.o
         if stored[n].dtype != p.detach().cpu().numpy().dtype:
             raise ReplayMismatchError(f"replay at step {t}: parameter {n!r} is {p.dtype} in the replay but "
                                       f"{stored[n].dtype} in the log: replay with the dtype the run trained in")
-    drift, diff = measure(stored, params, anchor["params"])
-    if report is not None:
-        report.checkpoints.append((t, drift, diff))
-    if not drift <= tolerance:
-        raise mismatch(t, anchor["step"], drift, diff, tolerance)
+    drift = check_checkpoint(t, stored, params, anchor, tolerance, report)
     if drift > 0:
         with torch.no_grad():
             for n, p in params.items():
@@ -337,7 +374,7 @@ def _reanchor(log: InfluenceLog, t: int, params: dict[str, Tensor], opt: torch.o
 def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, params: dict[str, Tensor],
                 opt: torch.optim.Optimizer, start: int, t1: int, t2: int, loss_fn: LossFn, weights: Weights | None,
                 verify: bool, tolerance: float | None, report: DriftReport | None,
-                progress: Callable[[int, int], None] | None) -> Iterator[ReplayStep]:
+                progress: Callable[[int, int], None] | None, shard: BatchShard | None = None) -> Iterator[ReplayStep]:
     ckpts = set(log.checkpoint_steps)
     check = verify and weights is None
     tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
@@ -355,8 +392,8 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
             w = torch.as_tensor(weights(t, ids))
             if w.shape != (len(ids),):
                 raise ValueError(f"weights({t}, ids) returned shape {tuple(w.shape)}, expected ({len(ids)},)")
-        replay_step(module, loss_fn, opt, params, load_step(log, train_data, t), step_weights(log, t), w,
-                    logged_clip_spec(log, t))
+        replay_step(module, loss_fn, opt, params, load_step(log, train_data, t, shard), step_weights(log, t), w,
+                    logged_clip_spec(log, t), shard)
         if progress is not None:
             progress(t - start + 1, t2 - start)
     if check and t2 in ckpts and t2 != start:
@@ -368,7 +405,7 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
 def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int = 0, t2: int | None = None, *,
            loss_fn: LossFn = default_loss_fn, weights: Weights | None = None, start: int | None = None,
            verify: bool = True, tolerance: float | None = None, report: DriftReport | None = None,
-           progress: Progress = None) -> Iterator[ReplayStep]:
+           progress: Progress = None, shard: BatchShard | None = None) -> Iterator[ReplayStep]:
     """Replay the logged steps and yield ``θ_t`` for ``t`` in ``[t1, t2)``, then the final ``θ_{t2}``.
 
     Starts from the nearest checkpoint ``<= t1`` (or ``start``, a checkpoint step) with its
@@ -392,6 +429,8 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
             a bit-identical replay).
         report: a :class:`DriftReport` that collects the drift measured at every checkpoint.
         progress: ``progress(done, total)`` callback, or ``True`` for a bar on stderr.
+        shard: replay only this process's rows of every step, the gradients summed over the processes
+            (:func:`replay_step`; every process calls alike and gets the same trajectory).
 
     Raises:
         ReplayMismatchError: a replayed ``θ_t`` drifts from the stored checkpoint beyond ``tolerance``.
@@ -413,20 +452,21 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
     params = checkpoint_params(log, module, start, requires_grad=True)
     opt = build_optimizer(log, params, state_step=start)
     return _replay_run(log, module, train_data, params, opt, start, t1, t2, loss_fn, weights, verify, tolerance, report,
-                       resolve_progress(progress, "replay"))
+                       resolve_progress(progress, "replay"), shard)
 
 
 def replay_from(log: InfluenceLog, module: nn.Module, train_data: TrainData, params: Mapping[str, Tensor],
                 optimizer_state: dict[str, Any] | None, start: int, t2: int, *, loss_fn: LossFn = default_loss_fn,
                 weights: Weights | None = None, verify: bool = True, tolerance: float | None = None,
-                report: DriftReport | None = None, progress: Progress = None) -> Iterator[ReplayStep]:
+                report: DriftReport | None = None, progress: Progress = None,
+                shard: BatchShard | None = None) -> Iterator[ReplayStep]:
     """Like :func:`replay`, from ``θ_start = params`` and an ``optimizer.state_dict()`` held in memory."""
     leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
     opt = build_optimizer(log, leaves)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     return _replay_run(log, module, train_data, leaves, opt, start, start, t2, loss_fn, weights, verify, tolerance,
-                       report, resolve_progress(progress, "replay"))
+                       report, resolve_progress(progress, "replay"), shard)
 
 
 def parameters_at(log: InfluenceLog, module: nn.Module, train_data: TrainData, step: int, **kw: Any) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "measure"]
+__all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "check_checkpoint", "measure"]
 
 DEFAULT_TOLERANCE = 1e-2
 
@@ -83,3 +83,19 @@ def mismatch(step: int, start: int, drift: float, diff: float, tolerance: float)
         "(checkpoint_every_n_steps) so float round-off cannot accumulate; train with deterministic algorithms "
         "(Trainer(deterministic=True)); or accept the drift with a larger tolerance (Python: tolerance=..., CLI: "
         "--replay-tolerance).")
+
+
+def check_checkpoint(step: int, stored: Mapping[str, np.ndarray], params: Mapping[str, Tensor],
+                     anchor: Mapping[str, Any], tolerance: float, report: DriftReport | None = None) -> float:
+    """The drift of replayed ``params`` at the checkpoint ``stored`` of ``step`` (:func:`measure` from
+    ``anchor = {"step", "params"}``, where the segment started), recorded in ``report``.
+
+    Raises:
+        ReplayMismatchError: the drift exceeds ``tolerance`` (:func:`mismatch`).
+    """
+    drift, diff = measure(stored, params, anchor["params"])
+    if report is not None:
+        report.checkpoints.append((step, drift, diff))
+    if not drift <= tolerance:
+        raise mismatch(step, anchor["step"], drift, diff, tolerance)
+    return drift

@@ -37,8 +37,12 @@ def _checkpoint(module: nn.Module, opt: torch.optim.Optimizer, step: int) -> Che
 def train_and_log(log_dir: str, module: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], train_data: Any,
                   batches: Sequence[Sequence[int]], lrs: Sequence[Any], opt: torch.optim.Optimizer, *,
                   checkpoint_every: int | None = 1, record_gradients: bool = True, projection_dim: int | None = None,
-                  dataset_size: int | None = None, epochs: Sequence[int] | None = None, meta_extra: dict | None = None) -> None:
-    """Train ``module`` on ``batches`` (ids per step) with ``opt``, lr per step (scalar or per group)."""
+                  dataset_size: int | None = None, epochs: Sequence[int] | None = None, meta_extra: dict | None = None,
+                  first_step: int = 0) -> None:
+    """Train ``module`` on ``batches`` (ids per step) with ``opt``, lr per step (scalar or per group).
+
+    ``first_step > 0`` logs steps ``first_step ..`` only (with ``θ_first_step`` and its optimizer state): the log a
+    fit resumed at that step writes into a fresh directory."""
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     shapes = {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
     projector = KroneckerProjector(shapes, projection_dim, 0)
@@ -59,6 +63,7 @@ def train_and_log(log_dir: str, module: nn.Module, loss_fn: Callable[[nn.Module,
         "param_shapes": {n: list(s) for n, s in shapes.items()},
         "projection": projector.to_metadata(),
         "optimizer": {"class": f"{type(opt).__module__}.{type(opt).__qualname__}", "param_groups": groups},
+        **({"first_step": int(first_step)} if first_step else {}),
         **(meta_extra or {}),
     }
     write_meta(log_dir, meta)
@@ -69,18 +74,20 @@ def train_and_log(log_dir: str, module: nn.Module, loss_fn: Callable[[nn.Module,
         lr_t = [float(lr_t)] * len(opt.param_groups) if np.ndim(lr_t) == 0 else [float(v) for v in lr_t]
         for g, lr in zip(opt.param_groups, lr_t):
             g["lr"] = lr
-        if t == 0 or (checkpoint_every and t % checkpoint_every == 0):
+        logged = t >= first_step
+        if logged and (t == first_step or (checkpoint_every and t % checkpoint_every == 0)):
             writer.add_checkpoint(_checkpoint(module, opt, t))
         batch = batch_from_ids(train_data, ids)
         grads = None
-        if record_gradients:
+        if record_gradients and logged:
             grads = per_sample_grads_vmap(module, loss_fn, batch, names, projector).detach().numpy()
         opt.zero_grad(set_to_none=True)
         losses = loss_fn(module, batch)
         losses.mean().backward()
         opt.step()
-        writer.add_step(StepRecord(step=t, epoch=int(epochs[t]) if epochs is not None else 0, batch_idx=t, micro_batches=1,
-                                   lrs=lr_t, ids=ids, losses=losses.detach().double().numpy(), grads=grads))
+        if logged:
+            writer.add_step(StepRecord(step=t, epoch=int(epochs[t]) if epochs is not None else 0, batch_idx=t,
+                                       micro_batches=1, lrs=lr_t, ids=ids, losses=losses.detach().double().numpy(), grads=grads))
     writer.add_checkpoint(_checkpoint(module, opt, len(batches)))
     writer.close()
 

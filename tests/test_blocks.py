@@ -10,7 +10,7 @@ from lightning_influence import InfluenceLog, LogFormatError, tracin, tracin_sel
 from lightning_influence.capture import KroneckerProjector
 from lightning_influence.estimators.tracin import _row_products
 from lightning_influence.log import LogWriter, StepRecord
-from lightning_influence.log.blocks import _plain_run, iter_row_blocks
+from lightning_influence.log.blocks import _row_map, iter_row_blocks
 from lightning_influence.log.writer import write_meta
 
 K, N = 5, 40
@@ -36,12 +36,23 @@ def _write(path, world: int, steps: int = 11, flush: int = 4, dtype: str = "floa
         w.close()
 
 
-@pytest.mark.parametrize("world,every,compression", [(1, 1, None), (2, 2, None), (1, 1, "gzip")])
-def test_blocks_hold_the_rows_of_iter_steps(tmp_path, world, every, compression):
-    """Gradient rows are memory-mapped where stored as plain bytes (read through HDF5 when compressed)."""
+@pytest.mark.parametrize("world,every,compression,cold", [(1, 1, None, True), (2, 2, None, True), (2, 2, None, False),
+                                                        (1, 1, "gzip", True), (2, 1, "gzip", False)])
+def test_blocks_hold_the_rows_of_iter_steps(tmp_path, monkeypatch, world, every, compression, cold):
+    """Rows stored as plain bytes are read by the prefetch thread (from the disk, or the page cache when there),
+    compressed rows through HDF5; either way a block holds what iter_steps reads, over several segments per
+    rank and a partial last segment (11 steps, 4 per segment)."""
+    from lightning_influence.log import blocks
+
     _write(tmp_path, world, every=every, compression=compression)
     with h5py.File(sorted(tmp_path.glob("rank-0/seg-*.h5"))[0]) as f:
-        assert (_plain_run(f.filename, f["grads/grad"]) is None) == (compression is not None)
+        assert (_row_map(f.filename, f["grads/grad"]) is None) == (compression is not None)
+    if cold:
+        for seg in tmp_path.glob("rank-*/seg-*.h5"):
+            _evict(seg)
+    through_hdf5 = []
+    rows_of_steps = blocks._rows_of_steps
+    monkeypatch.setattr(blocks, "_rows_of_steps", lambda *a: through_hdf5.append(a[3]) or rows_of_steps(*a))
     with InfluenceLog(tmp_path) as log:
         want = {r.step: r for r in log.iter_steps(0, log.num_steps, fields=("grad",))}
         seen = []
@@ -57,6 +68,36 @@ def test_blocks_hold_the_rows_of_iter_steps(tmp_path, world, every, compression)
                 np.testing.assert_array_equal(b.lrs[i], r.lrs)
                 seen.append(t)
         assert seen == sorted(want)
+    assert set(through_hdf5) == (set() if compression is None else {"id", "weight", "grad"})
+
+
+def test_a_version_1_log_reads_the_same_blocks_through_the_prefetch_thread():
+    """Version 1 stores no weights (a plain batch mean): the prefetched blocks still equal iter_steps."""
+    from pathlib import Path
+
+    with InfluenceLog(Path(__file__).parent / "fixtures" / "log_v1") as log:
+        want = {r.step: r for r in log.iter_steps(0, log.num_steps, fields=("grad",)) if r.grads is not None}
+        got = 0
+        for b in iter_row_blocks(log, 0, log.num_steps, max_bytes=200):
+            for i, t in enumerate(b.steps.tolist()):
+                rows = b.row_step == i
+                np.testing.assert_array_equal(b.ids[rows], want[t].ids)
+                np.testing.assert_array_equal(b.grads[rows], want[t].grads)
+                np.testing.assert_array_equal(b.weights[rows], want[t].weights)
+                got += 1
+        assert got == len(want) > 1
+
+
+def test_stopping_early_ends_the_prefetch_thread(tmp_path):
+    import threading
+
+    _write(tmp_path, 1)
+    with InfluenceLog(tmp_path) as log:
+        it = iter_row_blocks(log, 0, log.num_steps, max_bytes=60)
+        next(it)
+        assert any(t.name == "influence-log-prefetch" for t in threading.enumerate())
+        it.close()
+        assert not any(t.name == "influence-log-prefetch" for t in threading.enumerate())
 
 
 def test_row_products_are_float64_products_of_the_stored_rows():
@@ -112,16 +153,75 @@ def test_row_checksum_is_zlibs_crc32_whichever_library_computes_it():
         assert crc32(a) == zlib.crc32(np.ascontiguousarray(a).tobytes())
 
 
-def test_mapped_rows_span_chunks_and_unmappable_layouts_are_declined(tmp_path):
-    from lightning_influence.log.blocks import _mapped
+def _evict(path) -> None:
+    """Drop the file's pages from the page cache (the next read comes from the disk)."""
+    import os
 
-    rows = np.random.default_rng(2).standard_normal((50, 6)).astype(np.float32)
-    with h5py.File(tmp_path / "a.h5", "w", libver=("v110", "v110")) as f:
-        f.create_dataset("plain", data=rows, chunks=(7, 6), maxshape=(None, 6))
-        f.create_dataset("narrow", data=rows, chunks=(7, 3))  # a row split over two chunks
-        f.create_dataset("swapped", data=rows.astype(">f4"), chunks=(7, 6))  # not native byte order
-    with h5py.File(tmp_path / "a.h5", "r") as f:
-        got = _mapped(tmp_path / "a.h5", f["plain"], 13, 41, {})
-        np.testing.assert_array_equal(got, rows[13:41])
-        assert not got.flags.writeable
-        assert _plain_run(tmp_path / "a.h5", f["narrow"]) is None and _plain_run(tmp_path / "a.h5", f["swapped"]) is None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_rows_of_chunks_apart_in_the_file_are_read_as_several_runs(tmp_path):
+    """HDF5 puts chunk index blocks between small chunks: the row map follows the chunk index, and a step's rows
+    that span two runs are checksummed across them."""
+    from lightning_influence.log.format import crc32
+    from lightning_influence.log.prefetch import Prefetcher, ReadJob
+
+    ids = np.random.default_rng(4).integers(0, 10**6, 12800)
+    path = tmp_path / "ids.h5"
+    with h5py.File(path, "w", libver=("v110", "v110"), rdcc_nbytes=0) as f:  # chunks of two datasets in turn
+        a = f.create_dataset("id", shape=(0,), dtype=np.int64, chunks=(800,), maxshape=(None,))
+        b = f.create_dataset("other", shape=(0,), dtype=np.int64, chunks=(800,), maxshape=(None,))
+        for k in range(16):
+            for ds, data in ((a, ids), (b, -ids)):
+                ds.resize((800 * (k + 1),))
+                ds[800 * k:] = data[800 * k: 800 * (k + 1)]
+    with h5py.File(path, "r") as f:
+        where = _row_map(path, f["id"])
+    runs = where.byte_runs(700, 12000)
+    assert len(runs) > 1 and sum(n for _, n in runs) == 11300 * 8
+    with Prefetcher() as pre:
+        job = pre.submit(ReadJob([(path, a, n) for a, n in runs], [[(0, 0, runs[0][1]), (1, 0, 8)]]))
+        views, crcs = pre.result(job)
+    np.testing.assert_array_equal(np.concatenate(views).view(np.int64), ids[700:12000])
+    assert crcs == [crc32(ids[700:700 + runs[0][1] // 8 + 1])]
+
+
+@pytest.mark.parametrize("cold,direct", [(True, True), (False, True), (True, False)])
+def test_plain_runs_are_read_by_the_prefetch_thread_and_unplain_layouts_are_declined(tmp_path, cold, direct):
+    """Rows found where _row_map says (spanning chunks, at unaligned offsets), read by the Prefetcher from the
+    disk (O_DIRECT or buffered) or from the page cache; a row split over chunks or a foreign byte order is not a
+    plain run; a run past the end of the file is refused naming the file."""
+    from lightning_influence.log.format import crc32
+    from lightning_influence.log.prefetch import Prefetcher, ReadJob
+
+    rows = np.random.default_rng(2).standard_normal((500, 60)).astype(np.float32)
+    path = tmp_path / "a.h5"
+    with h5py.File(path, "w", libver=("v110", "v110")) as f:
+        f.create_dataset("plain", data=rows, chunks=(70, 60), maxshape=(None, 60))
+        f.create_dataset("narrow", data=rows, chunks=(7, 30))  # a row split over two chunks
+        f.create_dataset("swapped", data=rows.astype(">f4"), chunks=(7, 60))  # not native byte order
+    with h5py.File(path, "r") as f:
+        where = _row_map(path, f["plain"])
+        assert _row_map(path, f["narrow"]) is None and _row_map(path, f["swapped"]) is None
+    assert len(where.byte_runs(0, 500)) == 1  # eight chunks back to back
+    base = int(where.offsets[0])
+    if cold:
+        _evict(path)
+    row = 60 * 4
+    with Prefetcher(depth=1, direct=direct) as pre:  # three runs into one buffer, the ring reused twice
+        for lo, hi in [(13, 441), (3, 5), (499, 500), (0, 500)] * 2:
+            job = pre.submit(ReadJob([(path, base + lo * row, (hi - lo) * row), (path, base + 3 * row, 2 * row),
+                                      (path, base, 0)], [[(0, 0, row)], [(1, row, 2 * row)], [(2, 0, 0)]]))
+            views, crcs = pre.result(job)
+            np.testing.assert_array_equal(views[0].view(np.float32).reshape(-1, 60), rows[lo:hi])
+            np.testing.assert_array_equal(views[1].view(np.float32).reshape(-1, 60), rows[3:5])
+            assert crcs == [crc32(rows[lo]), crc32(rows[4]), 0]
+            assert len(views[2]) == 0
+        assert not pre._undirect  # this file system took the direct reads
+        with pytest.raises(LogFormatError, match="a.h5: cannot read gradient rows.*ends 240 bytes before"):
+            pre.result(pre.submit(ReadJob([(path, path.stat().st_size - row, 2 * row)])))

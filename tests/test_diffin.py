@@ -334,38 +334,51 @@ def test_checkpoint_form_with_all_steps_equals_per_step_rows_in_full_batch(full_
         assert close(s_rows.column(0), s_ckpt.column(0), 1e-9)
 
 
-def test_step_form_is_exact_when_its_closure_is(tmp_path):
-    """Isotropic quadratic losses (H_t = c·I): the Rayleigh-quotient closure is exact, so the step form
-    equals exact DIT on any window (θ_t replayed between sparse checkpoints)."""
-    from lightning_influence.estimators import dit
+QUAD_C, QUAD_D, QUAD_WD = 1.7, 5, 0.05
+
+
+class Quad(nn.Module):
+    """``½ c ‖θ − x_z‖²`` per sample: isotropic quadratic losses (``H_t = c·I``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.linspace(-1, 1, QUAD_D, dtype=torch.float64))
+
+
+def quad_loss(m: nn.Module, batch) -> torch.Tensor:
+    return 0.5 * QUAD_C * ((m.theta - batch[0]) ** 2).sum(1)
+
+
+def quad_log(path, first_step: int = 0):
+    """SGD with weight decay on 12 samples, 3 epochs of batches of 4, a checkpoint every 4 steps (logged from
+    ``first_step``); returns the log, the data and the linear query ``f(θ) = ⟨w, θ⟩`` with its ``w``."""
     from tests._tinylog import epoch_batches, train_and_log
 
-    c, d = 1.7, 5
-
-    class Quad(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.theta = nn.Parameter(torch.linspace(-1, 1, d, dtype=torch.float64))
-
-    def loss(m: nn.Module, batch) -> torch.Tensor:
-        return 0.5 * c * ((m.theta - batch[0]) ** 2).sum(1)
-
-    x = torch.randn(12, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = torch.randn(12, QUAD_D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ds = TensorDataset(x)
     batches, epochs = epoch_batches(12, 4, 3, seed=1)
     lrs = [0.2 * 0.8 ** e for e in epochs]
     m = Quad()
-    opt = torch.optim.SGD(m.parameters(), lr=0.2, weight_decay=0.05)
-    train_and_log(str(tmp_path / "q"), m, loss, ds, batches, lrs, opt, checkpoint_every=4, epochs=epochs)
-    log = InfluenceLog(str(tmp_path / "q"))
-    w = torch.randn(d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    opt = torch.optim.SGD(m.parameters(), lr=0.2, weight_decay=QUAD_WD)
+    train_and_log(str(path), m, quad_loss, ds, batches, lrs, opt, checkpoint_every=4, epochs=epochs,
+                  first_step=first_step)
+    w = torch.randn(QUAD_D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
 
     def query(mod: nn.Module) -> torch.Tensor:
         return (w * mod.theta).sum()
 
+    return InfluenceLog(str(path)), ds, query, w
+
+
+def test_step_form_is_exact_when_its_closure_is(tmp_path):
+    """Isotropic quadratic losses (H_t = c·I): the Rayleigh-quotient closure is exact, so the step form
+    equals exact DIT on any window (θ_t replayed between sparse checkpoints)."""
+    from lightning_influence.estimators import dit
+
+    log, ds, query, _ = quad_log(tmp_path / "q")
     for window in (None, (3, 7)):
-        step = diffin(log, query, module=Quad(), train_data=ds, window=window, loss_fn=loss, form="step").column(0)
-        ref = dit(log, query, module=Quad(), train_data=ds, window=window, loss_fn=loss).column(0)
+        step = diffin(log, query, module=Quad(), train_data=ds, window=window, loss_fn=quad_loss, form="step").column(0)
+        ref = dit(log, query, module=Quad(), train_data=ds, window=window, loss_fn=quad_loss).column(0)
         assert close(step, ref, 1e-9)
     log.close()
 
@@ -405,3 +418,41 @@ def test_errors_say_what_to_do(run, tmp_path):
         diffin(log, query, module=Net().double(), train_data=None, loss_fn=ce, form="step")
     with pytest.raises(ValueError, match="eps0 must be > 0"):
         diffin(log, query, module=Net().double(), train_data=ds, eps0=0.0, loss_fn=ce, form="step")
+
+
+def test_estimators_on_a_log_that_starts_after_step_0(tmp_path):
+    """A log started at step 4 (a fit resumed into a fresh directory): the step form sums from the log's first
+    step. Isotropic quadratic losses make its closure exact: it equals the first-order response of θ_T to removing
+    each sample over the logged steps from θ_4, propagated in closed form (and the self form ⟨∇ℓ_z(θ_T), dθ_T⟩)."""
+    from lightning_influence.estimators import dit, dit_gauss_newton, timeline
+
+    c, wd, first = QUAD_C, QUAD_WD, 4
+    log, ds, query, w = quad_log(tmp_path / "q", first_step=first)
+    x = ds.tensors[0]
+    assert log.steps.tolist() == list(range(first, 9))
+    # θ_{t+1} = θ_t − η_t (c (θ_t − mean x_B) + λ θ_t); removing z (weight 1/|B|) moves it by
+    # dθ_{t+1} = (1 − η_t (c + λ)) dθ_t + η_t c (θ_t − x_z) / |B| where z ∈ B_t
+    th = torch.from_numpy(log.checkpoint(first)["theta"]).clone()
+    moved = torch.zeros(12, QUAD_D, dtype=torch.float64)
+    for t in range(first, log.num_steps):
+        ids, eta = log.batch_ids(t), float(log.lr(t)[0])
+        moved = (1 - eta * (c + wd)) * moved
+        moved[ids] += eta * c * (th - x[ids]) / len(ids)
+        th = th - eta * (c * (th - x[ids].mean(0)) + wd * th)
+    assert torch.allclose(th, torch.from_numpy(log.checkpoint(log.num_steps)["theta"]), rtol=0, atol=1e-13)
+    expected = (moved @ w).numpy()
+    step = diffin(log, query, module=Quad(), train_data=ds, loss_fn=quad_loss, form="step")
+    assert step.window == (first, log.num_steps)
+    assert close(step.column(0), expected, 1e-10)
+    own_grad = c * (th[None] - x)  # ∇ℓ_z(θ_T)
+    self_step = diffin_self_influence(log, module=Quad(), train_data=ds, loss_fn=quad_loss)
+    assert close(self_step.column(0), (own_grad * moved).sum(1).numpy(), 1e-10)
+    # exact DIT (the first-order response itself), its timeline and the Gauss-Newton sweep read from θ_4 on too
+    assert close(dit(log, query, module=Quad(), train_data=ds, loss_fn=quad_loss).column(0), expected, 1e-10)
+    tl = timeline(log, query, module=Quad(), train_data=ds, loss_fn=quad_loss, grid=[first + 2, log.num_steps])
+    assert not tl.values[:, tl.grid <= first].any()  # before the log's first step nothing has accumulated
+    assert close(tl.values[:, -1, 0], expected, 1e-10)
+    gn = dit_gauss_newton(log, query, module=Quad())
+    gn_local = dit_gauss_newton(log, query, module=Quad(), window=(first, log.num_steps), local=True)
+    np.testing.assert_array_equal(gn.column(0), gn_local.column(0))  # the whole log is the window from θ_4
+    log.close()

@@ -324,10 +324,11 @@ def test_cli_evaluate_devices_2_equals_one_process(digits_run):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_cli_query_dit_local_split_by_query_on_2_devices_equals_one_process(digits_run):
+def test_cli_query_dit_local_split_by_batch_on_2_devices_equals_one_process(digits_run):
     one, two = _one_and_two_processes("query", digits_run.log, "-c", digits_run.config, "-m", "dit-local", "-w", "4:10",
                                       "--query", "val_loss", "--query", "test:3", "-k", "0")
-    assert two["results"][0]["info"]["processes"] == 2
+    info = two["results"][0]["info"]
+    assert info["processes"] == 2 and info["split"] == "batch" and min(r["rows"] for r in info["per_rank"]) > 0
     assert [r["query"] for r in two["results"]] == [r["query"] for r in one["results"]] and len(one["results"]) == 2
     for a, b in zip(one["results"], two["results"]):
         sa = {r["id"]: r["score"] for r in a["rows"]}
@@ -341,7 +342,8 @@ def test_cli_query_dit_local_split_by_query_on_2_devices_equals_one_process(digi
 def test_cli_timeline_dit_split_by_query_on_2_devices_equals_one_process(digits_run):
     run_ = digits_run
     one, two = _one_and_two_processes("timeline", run_.log, "-c", run_.config, "-m", "dit", "--grid", "3", "--query",
-                                      "val_loss", "--query", "test:3", "-k", "0")
+                                      "val_loss", "--query", "test:3", "-k", "0", "--split", "columns")
+    assert [r["columns"] for r in two["info"]["per_rank"]] == [[0, 1], [1, 2]]
     a, b = json.dumps(one, sort_keys=True), json.dumps(two, sort_keys=True)
     assert len(one["results"]) == 2 and a.count('"id"') == b.count('"id"') > 0
 
@@ -373,3 +375,190 @@ def test_cli_query_diffin_self_and_dit_gn_on_2_devices_equal_one_process(digits_
             sa, sb = scores(a), scores(b)
             assert np.abs(sa).max() > 0
             np.testing.assert_allclose(sb, sa, rtol=0, atol=1e-5 * np.abs(sa).max())
+
+
+# ------------------------------------------------------------------------------- DIT split by batch rows
+def _batch_runs(tmp):
+    """Three float64 runs of 16 samples in batches of 4: SGD with momentum, norm clipping that binds and 2
+    micro-batches per step (rows split inside each micro-batch); AdamW; dropout (each step whole on one process)."""
+    runs = {}
+    for name, kw, fit_kw in (("sgd-clip", {"momentum": 0.9, "lr": 0.5}, {"gradient_clip_val": 0.05, "accumulate_grad_batches": 2}),
+                             ("adamw", {"optimizer": "adamw", "lr": 0.05, "weight_decay": 0.1}, {}),
+                             ("dropout", {"dropout": 0.3, "momentum": 0.5}, {})):
+        path = tmp / name
+        tracker = InfluenceTracker(str(path), checkpoint_every_n_steps=3, storage_dtype="float64")
+        fit(tiny(**kw), loader(make_data(16, seed=5), batch_size=4), tracker, epochs=2, **fit_kw)
+        runs[name] = (str(path), kw)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def batch_runs(tmp_path_factory):
+    return _batch_runs(tmp_path_factory.mktemp("batch"))
+
+
+def _sweeps(log_path: str, kw: dict) -> list:
+    """(estimator, kwargs) of the three model sweeps on one run."""
+    from lightning_influence import dit, timeline
+    from lightning_influence.estimators.dit import dit_local
+
+    base = {"module": tiny(**kw), "train_data": make_data(16, seed=5)}
+    with InfluenceLog(log_path) as log:
+        T = log.num_steps
+    return [(dit, {**base, "window": (2, T)}), (dit_local, {**base, "window": (2, T)}),
+            (timeline, {**base, "grid": [0, 3, T]})]
+
+
+def _all_batch_sweeps(fabric, jobs):
+    """Every job through the batch-split worker of ``distributed`` in one pair of processes."""
+    from lightning_influence.distributed import _batch_worker
+
+    return [_batch_worker(fabric, est, path, ValLosses(), kw, "test sweep") for path, est, kw in jobs]
+
+
+def _values(res):
+    return res.scores if hasattr(res, "scores") else res.values
+
+
+@pytest.mark.slow
+def test_dit_timeline_and_local_dit_split_by_batch_on_two_gloo_processes_equal_one_process(batch_runs):
+    """SGD with clipping and 2 micro-batches, AdamW and dropout: 2 processes (rows split) against one, to 1e-12."""
+    from lightning_influence.distributed import launch
+
+    jobs = [(path, est, ekw) for path, kw in batch_runs.values() for est, ekw in _sweeps(path, kw)]
+    got = launch(_all_batch_sweeps, jobs, devices=2, timeout_s=120)
+    for (path, est, ekw), two in zip(jobs, got):
+        with InfluenceLog(path) as log:
+            one = est(log, ValLosses(), **ekw)
+        want = _values(one)
+        assert two.method == one.method and two.query_names == ["a", "b", "c"]
+        assert two.info["split"] == "batch" and two.info["processes"] == 2
+        rows = [r["rows"] for r in two.info["per_rank"]]
+        assert sum(rows) == two.info["rows_evaluated"] and min(rows) > 0
+        assert np.abs(want).max() > 1e-6
+        np.testing.assert_allclose(_values(two), want, rtol=1e-12, atol=1e-13 * np.abs(want).max(), err_msg=f"{path} {est.__name__}")
+    by_run = {p: [r.info["per_rank"] for (pp, _, _), r in zip(jobs, got) if pp == p] for p, _ in batch_runs.values()}
+    clip_rows = [r["rows"] for r in by_run[batch_runs["sgd-clip"][0]][0]]
+    assert clip_rows[0] == clip_rows[1]  # every micro-batch of 4 cut 2 + 2
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_a_batch_split_sweep_with_a_clear_error(batch_runs):
+    from lightning_influence import dit
+    from lightning_influence.distributed import sweep
+
+    path, kw = batch_runs["adamw"]
+    t0 = time.perf_counter()
+    with InfluenceLog(path) as log, pytest.raises(DistributedQueryError, match=r"dit \(batch split\) on 2 processes"):
+        sweep(dit, log, ValLosses(), Processes(devices=2, timeout_s=60), module=tiny(**kw),
+              train_data=make_data(16, seed=5), progress=_kill_rank_1)
+    assert time.perf_counter() - t0 < 60
+
+
+def test_batch_shard_rows_split_plain_micro_batches_and_rotate_the_ones_that_drew():
+    import torch
+
+    from lightning_influence.step.shard import BatchShard, check_row_split, positions, take_rows
+
+    shards = [BatchShard(r, 3, lambda x: x) for r in range(3)]
+    parts = [s.rows(7, [5, 4, 2], [False, True, True]) for s in shards]
+    assert [p[0] for p in parts] == [slice(0, 1), slice(1, 3), slice(3, 5)]  # 5 rows: 1 + 2 + 2
+    assert [p[1] for p in parts] == [slice(0, 0), slice(0, 0), slice(0, 4)]  # drew: whole on rank (7 + 1) mod 3
+    assert [p[2] for p in parts] == [slice(0, 2), slice(0, 0), slice(0, 0)]  # (7 + 2) mod 3 = 0
+    pos = [positions([5, 4, 2], p) for p in parts]
+    assert sorted(np.concatenate(pos).tolist()) == list(range(11))
+    assert pos[0].tolist() == [0, 9, 10] and pos[1].tolist() == [1, 2] and pos[2].tolist() == [3, 4, 5, 6, 7, 8]
+    batch = (torch.arange(10).reshape(5, 2), torch.arange(5), torch.tensor(3.0), "tag")
+    x, y, c, tag = take_rows(batch, slice(1, 3), 5)
+    assert x.tolist() == [[2, 3], [4, 5]] and y.tolist() == [1, 2] and float(c) == 3.0 and tag == "tag"
+    check_row_split(tiny(batchnorm=True).eval())
+    with pytest.raises(ValueError, match="BatchNorm layer 'net.1' is in train mode"):
+        check_row_split(tiny(batchnorm=True))
+
+
+def test_sweep_picks_the_split_and_refuses_a_batch_split_it_cannot_do(log_dir):
+    from lightning_influence import diffin, dit
+    from lightning_influence.distributed import by_batch, sweep
+
+    with InfluenceLog(log_dir) as log:
+        kw = {"module": tiny(), "train_data": make_data(24, seed=1), "window": (10, 12)}
+        want = dit(log, ValLosses(), **kw).scores
+        np.testing.assert_array_equal(sweep(dit, log, ValLosses(), None, **kw).scores, want)  # one process: itself
+        with pytest.raises(ValueError, match="diffin has no batch split"):
+            by_batch(diffin, log, ValLosses(), 2, **kw)
+        with pytest.raises(ValueError, match="split must be one of"):
+            sweep(dit, log, ValLosses(), 2, split="rows", **kw)
+
+
+class _ThreadSum:
+    """``world`` threads standing for processes: ``reducer(rank)`` sums a tensor over them (same order on each)."""
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.barrier, self.parts = threading.Barrier(world, timeout=60), [None] * world
+
+    def reducer(self, rank: int):
+        def all_reduce(x):
+            self.parts[rank] = x.clone()
+            self.barrier.wait()
+            total = sum(self.parts[1:], self.parts[0].clone())
+            self.barrier.wait()
+            return total
+
+        return all_reduce
+
+
+class _Counted:
+    """Training data by id that counts the ids it served."""
+
+    def __init__(self, ds) -> None:
+        self.ds, self.served = ds, 0
+
+    def __call__(self, ids):
+        from lightning_influence.replay import batch_from_ids
+
+        self.served += len(ids)
+        return batch_from_ids(self.ds, ids)
+
+
+def _in_threads(world: int, fn) -> list:
+    """``fn(rank, all_reduce)`` on ``world`` threads; their results in rank order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    total = _ThreadSum(world)
+    with ThreadPoolExecutor(world) as pool:
+        return [f.result() for f in [pool.submit(fn, r, total.reducer(r)) for r in range(world)]]
+
+
+def test_replay_and_dit_with_every_step_split_over_two_processes_equal_one_process(batch_runs):
+    """Two threads standing for processes (the collective a sum over them): the replay of the SGD + clipping +
+    2-micro-batch run and its DIT, each thread loading half the rows, equal one process to 1e-12."""
+    from lightning_influence import dit
+    from lightning_influence.replay import replay
+    from lightning_influence.step.shard import BatchShard
+
+    path, kw = batch_runs["sgd-clip"]
+    data = make_data(16, seed=5)
+    with InfluenceLog(path) as log:
+        T = log.num_steps
+        one_data = _Counted(data)
+        want_theta = [rs.params for rs in replay(log, tiny(**kw), one_data, 0, T)]
+        want = dit(log, ValLosses(), module=tiny(**kw), train_data=data, window=(1, T))
+
+    def both(rank, all_reduce):
+        shard, counted = BatchShard(rank, 2, all_reduce), _Counted(data)
+        with InfluenceLog(path) as own:  # a reader per thread, as per process
+            theta = [rs.params for rs in replay(own, tiny(**kw), counted, 0, T, shard=shard)]
+            served = counted.served
+            scores = dit(own, ValLosses(), module=tiny(**kw), train_data=data, window=(1, T), shard=shard)
+        return theta, served, scores
+
+    got = _in_threads(2, both)
+    assert [g[1] for g in got] == [one_data.served // 2] * 2  # each replayed half of every step's rows
+    for theta, _, scores in got:
+        for a, b in zip(theta, want_theta):
+            for n in a:
+                np.testing.assert_allclose(a[n].numpy(), b[n].numpy(), rtol=1e-12, atol=1e-14)
+        assert scores.info["rows_evaluated"] == one_data.served // 2
+        np.testing.assert_allclose(scores.scores, want.scores, rtol=1e-12, atol=1e-13 * np.abs(want.scores).max())

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.overhead_models import make
 from lightning_influence import InfluenceLog, InfluenceTracker
-from lightning_influence.capture import KroneckerProjector, per_sample_grads_vmap
+from lightning_influence.capture import per_sample_grads_vmap
 
 
 def _fit(factory, data, tracker=None):
@@ -33,7 +33,7 @@ def test_tracked_training_is_bit_identical_and_rows_equal_vmap(tmp_path, name):
         assert torch.equal(a, b), n
     log = InfluenceLog(tmp_path / "log")
     assert log.meta["gradient_engine"] == "hooks"
-    projector = KroneckerProjector({n: log.param_shapes[n] for n in log.param_names}, 8, seed=0)
+    projector = log.projector()
     module = factory()
     for rec in log.iter_steps(fields=("grad",)):
         module.load_state_dict({n: torch.from_numpy(v) for n, v in log.checkpoint(rec.step).items()}, strict=False)

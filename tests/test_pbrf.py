@@ -334,3 +334,66 @@ def test_batches_with_non_tensor_leaves_use_the_per_sample_solver(ce_log):
                inputs_fn=lambda b: b["x"])
     np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-7)
     assert got.converged.all()
+
+
+def test_warm_stages_use_the_recorded_weights_of_an_incomplete_accumulation(tmp_path):
+    """Accumulation 2 over 5 batches an epoch: every third step is one micro-batch of 2 whose rows weigh
+    1/(2·2), not 1/2. The warm and Bregman stages equal an independent torch.optim.SGD run from θ_T (its own
+    momentum and coupled weight decay) on the step losses Σ_i w_{i,t} ℓ_i with the recorded weights."""
+    from lightning_influence import InfluenceTracker
+    from tests.conftest import fit, loader, make_data, tiny
+
+    ds = make_data(26)
+    wd, lam = 0.01, 0.2
+    tracker = InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=1)
+    fit(tiny(lr=0.5, momentum=0.9, weight_decay=wd), loader(ds, 6), tracker, epochs=2, accumulate_grad_batches=2)
+    log = InfluenceLog(tmp_path / "log")
+    T = log.num_steps
+    short = [t for t in range(T) if len(log.batch_ids(t)) == 2]
+    assert short == [2, 5] and np.allclose(log.weights(2), 0.25)  # not a plain batch mean
+    xv, yv = make_data(8, seed=1).tensors
+    model = tiny()
+
+    def query(m):
+        return F.cross_entropy(m(xv), yv)
+
+    def loss_fn(m, b):
+        return m.per_sample_loss(b)
+
+    samples = [int(log.batch_ids(2)[0]), int(log.batch_ids(5)[1]), int(log.batch_ids(0)[3])]
+    gd = gap_decomposition(log, model, ds, query, samples, damping=lam, loss_fn=loss_fn, loo=np.zeros((3, 1)))
+    names = [n for n, _ in model.named_parameters()]
+    theta_T = {n: torch.from_numpy(v) for n, v in log.checkpoint(T).items()}
+    with torch.no_grad():
+        model.load_state_dict(theta_T, strict=False)
+        h_ref = {t: model(ds.tensors[0][log.batch_ids(t)]) for t in range(T)}
+
+    def run(drop: int, bregman: bool) -> float:
+        m = tiny()
+        m.load_state_dict(theta_T, strict=False)
+        params = dict(m.named_parameters())
+        opt = torch.optim.SGD([params[n] for n in names], lr=0.5, momentum=0.9, weight_decay=wd)
+        state = log.optimizer_state(T)
+        for n in names:
+            opt.state[params[n]]["momentum_buffer"] = torch.from_numpy(state[n]["momentum_buffer"]).clone()
+        for t in range(T):
+            ids, w = log.batch_ids(t), torch.from_numpy(log.weights(t))
+            x, y = ds.tensors[0][ids], ds.tensors[1][ids]
+            opt.param_groups[0]["lr"] = float(log.lr(t)[0])
+            opt.zero_grad()
+            losses = F.cross_entropy(m(x), y, reduction="none")
+            out = torch.as_tensor(ids == drop, dtype=torch.float64)
+            if bregman:  # Σ w (KL(p_ref ‖ p) − [removed] ℓ) + λ/2 ‖θ − θ_T‖² + κ/2 ‖θ − θ_T‖² (= wd θ − κ θ_T)
+                kl = F.kl_div(F.log_softmax(m(x), 1), F.log_softmax(h_ref[t], 1), reduction="none", log_target=True).sum(1)
+                obj = (w * (kl - out * losses)).sum() + sum(
+                    0.5 * lam * (params[n] - theta_T[n]).pow(2).sum() - wd * (theta_T[n] * params[n]).sum() for n in names)
+            else:
+                obj = (w * (1 - out) * losses).sum()
+            obj.backward()
+            opt.step()
+        with torch.no_grad():
+            return float(query(m))
+
+    for stage, bregman in (("warm", False), ("bregman", True)):
+        expected = np.array([[run(z, bregman) - run(-1, bregman)] for z in samples])
+        np.testing.assert_allclose(gd.stages[stage], expected, rtol=1e-9, atol=1e-14)

@@ -123,6 +123,11 @@ MEANINGFUL = [  # (setting changed on resume, regex of the refusal)
 ]
 
 
+def file_bytes(log: Path) -> dict[str, bytes]:
+    """Every file of a log directory, by relative path: a refused fit must leave them byte for byte."""
+    return {str(p.relative_to(log)): p.read_bytes() for p in sorted(log.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def resumable(tmp_path_factory):
     """A 2-epoch tracked run with a checkpoint per epoch, and its uninterrupted log."""
@@ -137,9 +142,11 @@ def test_a_resume_that_changes_what_rows_mean_is_refused_and_loses_nothing(tmp_p
     root, before = resumable
     log = tmp_path / "log"
     shutil.copytree(root / "log", log)
+    files = file_bytes(log)
     with pytest.raises(ValueError, match=rf"cannot continue the log in .* at step 4: .*{match}.*Nothing was changed"):
         epoch_fit(log, None, epochs=2, ckpt_path=str(root / "ckpt" / "epoch=0-step=4.ckpt"), **{**BASE, **change})
     assert same(dump(log), before)  # the refusal touched nothing
+    assert file_bytes(log) == files  # meta.h5 included: no `resumes` entry for a refused resume
     assert sorted(p.name for p in (log / "rank-0").iterdir()) == sorted(p.name for p in (root / "log" / "rank-0").iterdir())
 
 
@@ -149,12 +156,14 @@ def test_a_resume_refused_at_its_first_step_leaves_the_log_as_it_was(tmp_path, r
     root, before = resumable
     log = tmp_path / "log"
     shutil.copytree(root / "log", log)
+    files = file_bytes(log)
     with pytest.raises(ValueError, match=r"appear more than once in one batch"):
         epoch_fit(log, None, epochs=2, ckpt_path=str(root / "ckpt" / "epoch=0-step=4.ckpt"), ids_fn=lambda b: b[1],
                   **BASE)
     after = dump(log)
-    assert same({k: v for k, v in after.items() if k != "meta"}, {k: v for k, v in before.items() if k != "meta"})
+    assert same(after, before) and "resumes" not in after["meta"]  # the resume is recorded only once it writes
     assert after["steps"] == list(range(8)) and after["finished"]
+    assert file_bytes(log) == files
 
 
 def test_a_resume_with_harmless_changes_continues_and_records_them(tmp_path, resumable):

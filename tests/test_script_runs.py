@@ -275,10 +275,15 @@ def test_diffin_fd_is_checked_and_exact_is_the_default(cnn, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         exact_dit = dit(log, query, **kw)  # the default: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fd_dit = dit(log, query, **kw, hvp="fd")  # float64 differences at ε_0 = 1e-6 (estimators/fd.py): no warning
+    assert fd_dit.info["fd_dtype"] == "float64" and not fd_dit.info.get("fd_unreliable")
+    assert np.abs(fd_dit.column(0) - exact_dit.column(0)).max() < 1e-3 * np.abs(exact_dit.column(0)).max()
     with pytest.warns(RuntimeWarning, match="DIT with hvp='fd'.*crossed a kink"):
-        fd_dit = dit(log, query, **kw, hvp="fd")  # DIT's FD on this ReLU CNN is unreliable: flagged, not silent
-    assert fd_dit.info["fd_unreliable"] and fd_dit.info["fd_kinks"] > 0.2 * fd_dit.info["fd_products"]
-    assert np.abs(fd_dit.column(0) - exact_dit.column(0)).max() > 0.1 * np.abs(exact_dit.column(0)).max()
+        bad_dit = dit(log, query, **kw, hvp="fd", eps0=3e-2)  # a step too large for this ReLU CNN: flagged, not silent
+    assert bad_dit.info["fd_unreliable"] and bad_dit.info["fd_kinks"] > 0.2 * bad_dit.info["fd_products"]
+    assert np.abs(bad_dit.column(0) - exact_dit.column(0)).max() > 0.1 * np.abs(exact_dit.column(0)).max()
 
     for extra, tag in (([], "(exact)"), (["--hvp", "fd"], "(fd)")):
         assert main(["query", str(log_dir), "-m", "diffin-self", "-k", "3", "-f", "json", "-q", *extra]) == 0

@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
-from lightning_influence.capture import KroneckerProjector
 
 B = T = 4
 
@@ -47,7 +46,7 @@ def test_broadcast_embedding_is_demoted_at_the_first_step_and_rows_are_exact(tmp
         trainer.fit(module, data)
     log = InfluenceLog(tmp_path / "log")
     names = log.param_names
-    projector = KroneckerProjector({n: log.param_shapes[n] for n in names}, 8, seed=0)
+    projector = log.projector()
     reference = TinyLM().double()
     for rec in log.iter_steps(fields=("grad",)):
         reference.load_state_dict({n: torch.from_numpy(v) for n, v in log.checkpoint(rec.step).items()})

@@ -22,8 +22,9 @@ median error 2%), at ``3e-3`` 2% of the samples were (errors up to 870x), at ``1
 The two one-sided differences disagree exactly on the samples hit: ``kink_guard`` keeps the
 one that did not cross (0.5 in the tracker; measured there: 17% of the rows flagged at
 ``ε_0 = 1e-2``, worst error 0.4% after the guard; no row flagged at ``1e-3`` or ``3e-4``).
-Diff-In's offline products use it too (per-sample and batch, with :func:`guarded_difference`);
-DIT's batch products do not.
+Diff-In's offline products use it too (per-sample and batch, with :func:`guarded_difference`), and
+DIT's batch products, which take their differences in float64 at a step small enough that few
+products cross a kink at all (:mod:`lightning_influence.estimators.fd`, docs/replay.md).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ KINK_GUARD = 0.5  # default threshold of ``kink_guard`` (tracker rows, Diff-In's
 KINK_SHARE_LIMIT = 0.2  # more offline products than this crossing a kink: ε is too large, the scores are flagged
 # (measured on a ReLU CNN, float32: 8% of Diff-In's products at the default ε, 35% at 10x; docs/diffin.md)
 
-__all__ = ["SCHEMES", "KINK_GUARD", "KINK_SHARE_LIMIT", "default_eps0", "guarded_difference", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
+__all__ = ["SCHEMES", "KINK_GUARD", "KINK_SHARE_LIMIT", "asymmetry", "default_eps0", "guarded_difference", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
 
 
 def flatten(d: Mapping[str, Tensor], names: Iterable[str]) -> Tensor:
@@ -101,6 +102,7 @@ def fd_directional_derivative(
     at: Tensor | None = None,
     kink_guard: float | None = None,
     on_kink: Callable[[Tensor], None] | None = None,
+    on_asymmetry: Callable[[Tensor], None] | None = None,
 ) -> tuple[Tensor, float]:
     """Finite difference of ``fn`` along ``direction``, scaled by ``‖v‖``.
 
@@ -153,9 +155,19 @@ def fd_directional_derivative(
             return (plus - minus) * (v_norm / (2.0 * eps)), eps
         at = at_offset(0.0) if at is None else at
     out, kink = guarded_difference(plus - at, at - minus, kink_guard)
+    if on_asymmetry is not None:
+        on_asymmetry(asymmetry(plus - at, at - minus))
     if on_kink is not None:
         on_kink(kink)  # the rows whose one-sided differences disagreed (counted by the estimators, docs/diffin.md)
     return out * (v_norm / eps), eps
+
+
+def asymmetry(fwd: Tensor, bwd: Tensor) -> Tensor:
+    """``‖f − b‖ / max(‖f‖, ‖b‖)`` per row of two one-sided differences (0 where both vanish)."""
+    rows = fwd.shape[0] if fwd.ndim > 1 else 1
+    f, b = fwd.reshape(rows, -1), bwd.reshape(rows, -1)
+    scale = torch.maximum(torch.linalg.vector_norm(f, dim=1), torch.linalg.vector_norm(b, dim=1))
+    return torch.linalg.vector_norm(f - b, dim=1) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
 
 
 def guarded_difference(fwd: Tensor, bwd: Tensor, tau: float) -> tuple[Tensor, Tensor]:
@@ -164,7 +176,7 @@ def guarded_difference(fwd: Tensor, bwd: Tensor, tau: float) -> tuple[Tensor, Te
     rows = fwd.shape[0] if fwd.ndim > 1 else 1
     f, b = fwd.reshape(rows, -1), bwd.reshape(rows, -1)
     nf, nb = torch.linalg.vector_norm(f, dim=1), torch.linalg.vector_norm(b, dim=1)
-    kink = torch.linalg.vector_norm(f - b, dim=1) > tau * torch.maximum(nf, nb)
+    kink = asymmetry(fwd, bwd) > tau
     out = torch.where(kink[:, None], torch.where((nf <= nb)[:, None], f, b), (f + b) / 2)
     return out.reshape(fwd.shape), kink
 

@@ -14,6 +14,9 @@ backward pass, which leaves only ``(B, k)`` blocks to sum.
 - ``nn.Conv1d/2d/3d`` (stride, padding in any mode, dilation, groups): the column side
   ``unfold(x) P_c`` is the convolution of ``x`` with ``P_c`` as its kernel (``k_cols`` output
   channels, per group), so the unfolded input is never materialised.
+- A bias of a Linear or Conv layer folded into its weight's block (:func:`foldable_biases`,
+  :mod:`.projection`) rides on the column side: the input is ``[x, 1]``, whose projection adds
+  the bias's row of ``P_c`` to every token's ``x P_c``; no bias product is left to do.
 - ``nn.Embedding``: ``G_b = sum_l e_{id_{b,l}} g_{b,l}^T``, so the row side is a gather of
   ``P_r`` at the sample's token ids (``padding_idx`` rows get no gradient).
 - ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``: the weight gradient is
@@ -33,7 +36,7 @@ interact inside the layer. Computations run in ``float32`` or wider.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .projection import KroneckerProjector, contract
 
-__all__ = ["LayerEngine", "Record", "engine_for", "capture_owners"]
+__all__ = ["LayerEngine", "Record", "engine_for", "capture_owners", "foldable_biases"]
 
 Blocks = dict[str, Tensor]  # parameter name -> (B, k) projected per-sample gradient block
 Record = list  # [what the forward kept, the call's Blocks (None until the backward), the output's gradient edge
@@ -119,7 +122,7 @@ def _linear_blocks(projector: KroneckerProjector, weight: str | None, bias: str 
     out: Blocks = {}
     if weight is not None:
         out[weight] = projector.combine(weight, g, cols, w_rows)
-    if bias is not None:
+    if bias is not None and projector.block_of[bias] == bias:  # else folded: in the weight's block
         g_sum = g.sum(1)
         if b_rows is not None:
             full = g_sum.new_zeros(g_sum.shape[0], projector.spec(bias).rows)
@@ -161,7 +164,7 @@ class ConvEngine(LayerEngine):
             return None
         x, name = _wide(inp.detach()), targets["weight"]
         spec, dims = projector.spec(name), len(mod.kernel_size)
-        p_c = projector.side_matrices(name, x.dtype, x.device)[1]
+        p_c, p_bias = projector.column_side(name, x.dtype, x.device)
         if p_c is None:
             p_c = torch.eye(spec.cols, dtype=x.dtype, device=x.device)
         kernel = p_c.t().reshape(spec.k_cols, mod.in_channels // mod.groups, *mod.kernel_size).repeat(
@@ -170,7 +173,9 @@ class ConvEngine(LayerEngine):
             padding = mod.padding
         else:
             x, padding = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode), 0
-        cols = self._conv[dims](x, kernel, None, mod.stride, padding, mod.dilation, mod.groups)
+        # a folded bias's row of P_c is the convolution's own bias: [unfold(x); 1] P_c at every position
+        cols = self._conv[dims](x, kernel, None if p_bias is None else p_bias.repeat(mod.groups), mod.stride, padding,
+                                mod.dilation, mod.groups)
         return cols.reshape(x.shape[0], mod.groups, spec.k_cols, -1)
 
     def blocks(self, mod, cols, g_out, targets, projector):
@@ -186,7 +191,7 @@ class ConvEngine(LayerEngine):
             if p_r is not None:
                 gc = (gc.transpose(1, 2) @ p_r).transpose(1, 2)
             out[name] = gc.reshape(batch, -1)
-        if "bias" in targets:
+        if "bias" in targets and projector.block_of[targets["bias"]] == targets["bias"]:  # else folded
             out[targets["bias"]] = projector.project_tensor(targets["bias"], g.sum(2))
         return out
 
@@ -316,3 +321,25 @@ def capture_owners(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, str
         attn = {pl[1] for pl in places if type(pl[1]) is nn.MultiheadAttention}
         owners[name] = [pl for pl in places if not any(pl[1] is a.out_proj for a in attn)]
     return owners
+
+
+def foldable_biases(model: nn.Module, param_names: Sequence[str],
+                    param_groups: Sequence[Sequence[Tensor]] | None = None) -> dict[str, str]:
+    """``{weight: bias}`` of the ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers (exact types) whose weight and bias
+    are both in ``param_names``, used by that layer alone (a tied tensor's other users know no folded bias)
+    and in one of ``param_groups`` (the optimizer's: a block's columns share one learning rate).
+
+    Candidates for the projector's ``fold`` (:mod:`.projection`: folded where the weight is projected).
+    """
+    group = {id(p): i for i, params in enumerate(param_groups or []) for p in params}
+    names = set(param_names)
+    owners = capture_owners(model)
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if type(mod) not in LinearEngine.types + ConvEngine.types or getattr(mod, "bias", None) is None:
+            continue
+        weight, bias = (f"{mod_name}.{a}" if mod_name else a for a in ("weight", "bias"))
+        if ({weight, bias} <= names and all(len(owners.get(n, [])) == 1 for n in (weight, bias))
+                and group.get(id(mod.weight)) == group.get(id(mod.bias))):
+            out[weight] = bias
+    return out

@@ -142,7 +142,7 @@ class HookGradientCapture:
         bad = self.unsupported(model, param_names)
         if bad:
             raise ValueError(f"parameters not supported by hook capture (use per_sample_grads_vmap): {bad}")
-        missing = set(param_names) - {s.name for s in projector.specs}
+        missing = set(param_names) - set(projector.block_of)
         if missing:
             raise ValueError(f"projector has no spec for captured parameters {sorted(missing)}")
         self.model = model
@@ -201,7 +201,10 @@ class HookGradientCapture:
 
     def _demote(self, names: set[str], why: str = "its module ran on a tensor without the batch as first dimension "
                 "(e.g. a positional embedding of arange(T))") -> None:
-        """Stop capturing ``names`` (in every module using them): they leave :attr:`param_names` for another engine."""
+        """Stop capturing ``names`` (in every module using them): they leave :attr:`param_names` for another engine.
+
+        A folded weight and bias (one block) go together."""
+        names = {t for n in names for t in self.projector.spec(self.projector.block_of[n]).tensors} & set(self.param_names)
         for mod_name in [m for m, t in self._targets.items() if names & set(t.values())]:
             targets = self._targets[mod_name]
             for attr in [a for a, n in targets.items() if n in names]:
@@ -244,20 +247,20 @@ class HookGradientCapture:
             self.enabled = was_enabled
             for m, mode in modes.items():
                 m.training = mode
+        found = {n: g.detach()[None].to(hooked.dtype) for n, g in zip(self.param_names, grads) if g is not None}
+        expected_row = self.projector.project(found, partial=True)[0] if found else torch.zeros_like(hooked[sample])
         bad = set()
-        for name, g in zip(self.param_names, grads):
-            row = hooked[sample, self.projector.slices[name]]
-            expected = (self.projector.project_tensor(name, g.detach()[None].to(row.dtype))[0] if g is not None
-                        else torch.zeros_like(row))
+        for block in dict.fromkeys(self.projector.block_of[n] for n in self.param_names):
+            row, expected = hooked[sample, self.projector.slices[block]], expected_row[self.projector.slices[block]]
             scale = max(float(torch.linalg.vector_norm(row)), float(torch.linalg.vector_norm(expected)))
             if float(torch.linalg.vector_norm(row - expected)) > rtol * scale:
-                bad.add(name)
+                bad.update(set(self.projector.spec(block).tensors) & set(self.param_names))
         if bad:
             self._demote(bad, "hooked per-sample gradients differ from autograd on the sample alone")
         demoted = sorted(bad)
         if rows is not None:
             for name in demoted:
-                rows[:, self.projector.slices[name]] = 0
+                rows[:, self.projector.slices[self.projector.block_of[name]]] = 0
         return demoted
 
     def collect(self, loss_grad: Tensor) -> Tensor:
@@ -331,7 +334,7 @@ def per_sample_grads_vmap(
     grads = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(
         diff, tensors
     )
-    return projector.project(grads, partial=len(diff) != len(projector.specs))
+    return projector.project(grads, partial=len(diff) != len(projector.block_of))
 
 
 def per_sample_grads_hooks(

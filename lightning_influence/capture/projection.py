@@ -21,6 +21,15 @@ for a fixed product ``k_r k_c`` is smallest at ``k_r = k_c``. That is roughly
 ``sqrt(k)/2`` times the variance of a dense Gaussian projection to the same size: the
 price of ``O(rows k_r + cols k_c)`` memory.
 
+**Folded biases** (``fold``: weight name -> bias name): a bias ``b`` (``rows``,) of a weight
+that is projected (``rows*cols > dim``) is folded into it: the pair is one block, the
+projection of the augmented matrix ``[G  g_b]`` (``rows x (cols+1)``, the bias as a last
+column), the gradient of ``[W b]`` for the augmented input ``[x, 1]``. One block of at most
+``dim`` columns replaces a weight block plus a bias block of ``min(rows, dim)`` columns, and the
+layer engines get it for an added row of ``P_c`` per token instead of a bias product. Where the
+weight is kept whole (or ``dim=None``) folding would save nothing, so the pair stays apart.
+Math: ``docs/per-sample-gradients.md`` (Folded biases).
+
 A side whose ``k`` equals its size uses the identity (exact); ``dim=None`` keeps every
 gradient whole. The matrices are regenerated deterministically from ``(seed, name)``,
 so a projector is fully described by :meth:`KroneckerProjector.to_metadata`.
@@ -44,7 +53,10 @@ _METADATA_KIND = "kronecker_gaussian"
 
 @dataclass(frozen=True)
 class TensorProjection:
-    """How one parameter tensor is projected: its matrix view and the two side sizes."""
+    """How one parameter tensor is projected: its matrix view and the two side sizes.
+
+    ``bias``: the bias folded into this weight's block as its last column (``cols`` counts it), or ``None``.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -52,6 +64,12 @@ class TensorProjection:
     cols: int
     k_rows: int
     k_cols: int
+    bias: str | None = None
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The parameter tensors whose gradients this block holds: the weight and its folded bias."""
+        return (self.name,) if self.bias is None else (self.name, self.bias)
 
     @property
     def out_dim(self) -> int:
@@ -75,6 +93,15 @@ def _split(rows: int, cols: int, dim: int | None) -> tuple[int, int]:
     if cols <= s:
         return dim // cols, cols
     return s, min(cols, dim // s)
+
+
+def _foldable(shapes: Mapping[str, tuple[int, ...]], weight: str, bias: str, dim: int | None) -> bool:
+    """Whether bias ``bias`` folds into weight ``weight``: both present, the bias one entry per weight row,
+    and the weight projected (``rows*cols > dim``; otherwise folding saves no column)."""
+    if weight not in shapes or bias not in shapes or len(shapes[weight]) < 2 or dim is None:
+        return False
+    rows, cols = _matrix_view(shapes[weight])
+    return shapes[bias] == (rows,) and rows * cols > dim
 
 
 def _apply_rows(g: Tensor, p_r: Tensor) -> Tensor:
@@ -101,24 +128,33 @@ class KroneckerProjector:
     """Projects per-sample gradients of named tensors to ``out_dim`` concatenated columns.
 
     ``shapes`` is ordered: the output columns follow its order (see :attr:`slices`).
-    ``dim`` is the target size per tensor, ``None`` for no projection.
+    ``dim`` is the target size per tensor, ``None`` for no projection. ``fold``: candidate
+    ``{weight: bias}`` pairs, folded where the weight is projected (module doc); a folded bias
+    has no block of its own (:attr:`block_of`).
     """
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], dim: int | None, seed: int = 0):
+    def __init__(self, shapes: Mapping[str, Sequence[int]], dim: int | None, seed: int = 0,
+                 fold: Mapping[str, str] | None = None):
         if dim is not None and dim < 1:
             raise ValueError(f"dim must be a positive integer or None, got {dim}")
         self.dim = dim
         self.seed = int(seed)
+        shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
+        folded = {w: b for w, b in (fold or {}).items() if _foldable(shapes, w, b, dim)}
         self.specs: list[TensorProjection] = []
-        self.slices: dict[str, slice] = {}
+        self.slices: dict[str, slice] = {}  # block (its weight's name) -> its columns
+        self.block_of: dict[str, str] = {}  # tensor name -> the name of the block holding its gradient
         start = 0
         for name, shape in shapes.items():
-            shape = tuple(int(s) for s in shape)
+            if name in folded.values():
+                continue
             rows, cols = _matrix_view(shape)
+            cols += name in folded
             k_rows, k_cols = _split(rows, cols, dim)
-            spec = TensorProjection(name, shape, rows, cols, k_rows, k_cols)
+            spec = TensorProjection(name, shape, rows, cols, k_rows, k_cols, folded.get(name))
             self.specs.append(spec)
             self.slices[name] = slice(start, start + spec.out_dim)
+            self.block_of.update({t: name for t in spec.tensors})
             start += spec.out_dim
         self.out_dim = start
         self._by_name = {spec.name: spec for spec in self.specs}
@@ -156,7 +192,11 @@ class KroneckerProjector:
         return self._cache[key]
 
     def project_tensor(self, name: str, grad: Tensor) -> Tensor:
-        """Project per-sample grads ``(B, *shape)`` of one tensor to ``(B, k_rows*k_cols)``."""
+        """Project per-sample grads ``(B, *shape)`` of block ``name`` to ``(B, k_rows*k_cols)``.
+
+        A block with a folded bias takes the augmented ``(B, rows, cols)`` gradient (:meth:`project`
+        assembles it from the weight's and the bias's).
+        """
         spec = self.spec(name)
         batch = grad.shape[0]
         g = grad.reshape(batch, spec.rows, spec.cols)
@@ -176,15 +216,32 @@ class KroneckerProjector:
     def project(self, grads: Mapping[str, Tensor], partial: bool = False) -> Tensor:
         """Project full per-sample grads ``grads[name]`` ``(B, *shape)`` to ``(B, out_dim)``.
 
-        ``partial``: tensors missing from ``grads`` get zero columns (another engine fills them).
+        ``partial``: tensors missing from ``grads`` get zero columns, a folded pair's missing half
+        counts as zero (another engine fills them: the projection is linear, so the parts add up).
         """
         if not partial:
-            return torch.cat([self.project_tensor(spec.name, grads[spec.name]) for spec in self.specs], dim=1)
+            missing = [n for spec in self.specs for n in spec.tensors if n not in grads]
+            if missing:
+                raise KeyError(f"no per-sample gradient of {missing} (partial=True fills zeros)")
+            return torch.cat([self.project_tensor(spec.name, self._block_grad(spec, grads)) for spec in self.specs],
+                             dim=1)
         first = next(iter(grads.values()))
         out = torch.zeros(first.shape[0], self.out_dim, dtype=first.dtype, device=first.device)
-        for name, grad in grads.items():
-            out[:, self.slices[name]] = self.project_tensor(name, grad)
+        for name in dict.fromkeys(self.block_of[n] for n in grads):
+            out[:, self.slices[name]] = self.project_tensor(name, self._block_grad(self.spec(name), grads))
         return out
+
+    @staticmethod
+    def _block_grad(spec: TensorProjection, grads: Mapping[str, Tensor]) -> Tensor:
+        """The gradient of block ``spec``: the tensor's, or ``[G g_b]`` ``(B, rows, cols)`` of a folded pair."""
+        if spec.bias is None:
+            return grads[spec.name]
+        weight, bias = grads.get(spec.name), grads.get(spec.bias)
+        ref = weight if weight is not None else bias
+        batch = ref.shape[0]
+        weight = ref.new_zeros(batch, spec.rows, spec.cols - 1) if weight is None else weight.reshape(batch, spec.rows, -1)
+        bias = ref.new_zeros(batch, spec.rows, 1) if bias is None else bias.reshape(batch, spec.rows, 1)
+        return torch.cat([weight, bias], dim=2)
 
     def project_factored(self, name: str, out_grad: Tensor, inp: Tensor, rows: slice | None = None) -> Tensor:
         """Projected per-sample grad ``sum_l out_grad[b,l] ⊗ inp[b,l]`` of a weight.
@@ -198,9 +255,28 @@ class KroneckerProjector:
         return self.combine(name, out_grad, self.project_cols(name, inp), rows)
 
     def project_cols(self, name: str, inp: Tensor) -> Tensor:
-        """The column side ``inp @ P_c`` ``(B, L, k_cols)`` of :meth:`project_factored` (``inp`` if unprojected)."""
-        p_c = self.side_matrices(name, inp.dtype, inp.device)[1]
-        return inp if p_c is None else inp @ p_c
+        """The column side ``inp @ P_c`` ``(B, L, k_cols)`` of :meth:`project_factored` (``inp`` if unprojected).
+
+        With a folded bias the input is ``[inp, 1]``: ``inp @ P_c[:-1] + P_c[-1]`` (:meth:`column_side`).
+        """
+        p_c, p_bias = self.column_side(name, inp.dtype, inp.device)
+        cols = inp if p_c is None else inp @ p_c
+        return cols if p_bias is None else cols + p_bias
+
+    def column_side(self, name: str, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """``(P_c of the weight's columns, the folded bias's row of P_c)``; ``(P_c, None)`` without a folded bias.
+
+        The column side of the augmented input ``[x, 1]`` is ``x @ P_c[:-1] + P_c[-1]``. An unprojected
+        column side of a folded block is written as the identity matrix (a rare, small case).
+        """
+        spec = self.spec(name)
+        p_c = self.side_matrices(name, dtype, device)[1]
+        if spec.bias is None:
+            return p_c, None
+        if p_c is None:
+            p_c = torch.eye(spec.cols, dtype=dtype, device=torch.device("cpu" if device is None else device))
+        return p_c[:-1], p_c[-1]
 
     def combine(self, name: str, out_grad: Tensor, cols: Tensor, rows: slice | None = None) -> Tensor:
         """:meth:`project_factored` from the projected column side ``cols`` (:meth:`project_cols`)."""
@@ -227,6 +303,7 @@ class KroneckerProjector:
                     "cols": s.cols,
                     "k_rows": s.k_rows,
                     "k_cols": s.k_cols,
+                    **({"bias": s.bias} if s.bias is not None else {}),
                 }
                 for s in self.specs
             ],
@@ -237,8 +314,13 @@ class KroneckerProjector:
         """Rebuild a projector with identical matrices; refuses metadata it cannot reproduce."""
         if meta.get("kind") != _METADATA_KIND:
             raise ValueError(f"not a {_METADATA_KIND} projection: kind={meta.get('kind')!r}")
-        shapes = {s["name"]: tuple(s["shape"]) for s in meta["specs"]}
-        proj = cls(shapes, meta["dim"], meta["seed"])
+        shapes: dict[str, tuple[int, ...]] = {}
+        for s in meta["specs"]:  # a spec without "bias" (every spec of a log before folding) is unfolded
+            shapes[s["name"]] = tuple(s["shape"])
+            if s.get("bias") is not None:
+                shapes[s["bias"]] = (int(s["shape"][0]),)
+        fold = {s["name"]: s["bias"] for s in meta["specs"] if s.get("bias") is not None}
+        proj = cls(shapes, meta["dim"], meta["seed"], fold)
         if proj.to_metadata() != dict(meta):
             raise ValueError("projection metadata does not match this version's split rule")
         return proj

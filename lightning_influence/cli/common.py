@@ -40,12 +40,17 @@ def status(args: argparse.Namespace, message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def add_process_args(p: argparse.ArgumentParser, what: str) -> None:
-    """``--devices``, ``--num-nodes``, ``--accelerator``: run ``what`` on several processes (docs/scaling.md)."""
+def add_process_args(p: argparse.ArgumentParser, what: str, split: bool = False) -> None:
+    """``--devices``, ``--num-nodes``, ``--accelerator`` (and with ``split``, ``--split``): run ``what`` on several
+    processes (docs/scaling.md)."""
     g = p.add_argument_group(f"several processes (docs/scaling.md; {what})")
     g.add_argument("--devices", type=int, default=1, metavar="N", help="processes per node (default 1)")
     g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="nodes (default 1; launch with torchrun/SLURM)")
     g.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu", help="gloo on CPUs or nccl on GPUs")
+    if split:
+        g.add_argument("--split", choices=("auto", "batch", "columns"), default="auto",
+                       help="divide a model sweep by each step's batch rows (DIT) or by query output (auto: batch "
+                            "where the method allows, else columns)")
 
 
 def processes(args: argparse.Namespace) -> Any:
@@ -60,7 +65,8 @@ def processes(args: argparse.Namespace) -> Any:
         return None
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         args.quiet = True
-    return Processes(devices=args.devices, num_nodes=args.num_nodes, strategy="ddp", accelerator=args.accelerator)
+    return Processes(devices=args.devices, num_nodes=args.num_nodes, strategy="ddp", accelerator=args.accelerator,
+                     split=getattr(args, "split", "auto"))
 
 
 # ------------------------------------------------------------------------------ log loading

@@ -53,7 +53,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="random,same_class,top,bottom (default random,same_class,top)")
     t.add_argument("--group-repeats", type=int, default=1, help="groups drawn per kind and size (default 1)")
     add_process_args(p, "every --method (as for query), the ground truth's leave-one-out replays and --groups' group "
-                        "removals; not --pbrf, --gap, --datamodel")
+                        "removals; not --pbrf, --gap, --datamodel", split=True)
     p.set_defaults(func=cmd_evaluate)
 
 

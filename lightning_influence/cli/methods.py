@@ -94,10 +94,11 @@ ALIASES = {"dit-gauss-newton": "dit-gn", "diffin-self-influence": "diffin-self",
            "tracin-self-influence": "tracin-self"}
 DISTRIBUTED = {"tracin": "tracin", "tracin-self": "tracin_self_influence"}  # --devices/--num-nodes (distributed.run)
 BY_COLUMNS = ("dit", "dit-fd", "dit-frozen", "dit-local", "dit-gn", "dit-gn-local", "diffin",
-              "diffin-step")  # query outputs split over processes (distributed.by_columns)
+              "diffin-step")  # distributed.sweep: DIT by batch rows (--split batch, the default) or query outputs
+# (--split columns), Gauss-Newton DIT and Diff-In by query outputs
 BY_STEPS = ("diffin-self",)  # the estimator's sum over steps split over processes (distributed.by_steps)
-SPLITS_HELP = (f"every method; the log sharded by steps: {', '.join(DISTRIBUTED)}; split by query output: "
-               f"{', '.join(BY_COLUMNS)}; split by steps: {', '.join(BY_STEPS)}")
+SPLITS_HELP = (f"every method; the log sharded by steps: {', '.join(DISTRIBUTED)}; split by batch rows or query "
+               f"output: {', '.join(BY_COLUMNS)}; split by steps: {', '.join(BY_STEPS)}")
 DEFAULT_METHODS = ("dit", "tracin")  # the first one installed is the default
 _RECORD_FLAGS = {"gradients": ("per-sample gradients", "record_gradients=True"),
                  "hvp": ("Hessian-gradient products (H_z·G_B)", "record_gradients=True, record_hvp=True"),
@@ -207,7 +208,8 @@ def estimator_inputs(ctx: RunContext | None, hvp: str | None = None) -> dict[str
 def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: tuple[int, int],
                progress: ProgressBar | None, hvp: str | None = None, processes: Any = None) -> Any:
     """Scores of every sample for one window, from the registered estimator (on ``processes``: the log sharded by
-    steps, :data:`DISTRIBUTED`; split by query output, :data:`BY_COLUMNS`; or by steps, :data:`BY_STEPS`)."""
+    steps, :data:`DISTRIBUTED`; else by :func:`~lightning_influence.distributed.sweep`: :data:`BY_COLUMNS` by batch
+    rows or query output, :data:`BY_STEPS` by steps)."""
     method = METHODS[name]
     try:
         if processes is not None and name in DISTRIBUTED:
@@ -219,9 +221,9 @@ def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: 
                        timeout_s=processes.timeout_s, progress=progress)
         fn = method.load()
         if processes is not None:
-            from lightning_influence.distributed import columns_of, steps_of
+            from lightning_influence.distributed import split_of
 
-            fn = (steps_of if name in BY_STEPS else columns_of)(fn, processes)
+            fn = split_of(fn, processes)
         return call_with(fn, log, method, query=query, window=window, progress=progress, **estimator_inputs(ctx, hvp))
     finally:
         if progress is not None:
@@ -230,17 +232,17 @@ def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: 
 
 def compute_windows(args: argparse.Namespace, log: Any, query: Any, ctx: RunContext | None,
                     windows: list[tuple[int, int]], processes: Any = None) -> tuple[np.ndarray, str, dict[str, Any]]:
-    """``(N, Q, W)`` scores of every window of a grid, the method's name and its info (on ``processes``, split by
-    query output, for :data:`BY_COLUMNS`)."""
+    """``(N, Q, W)`` scores of every window of a grid, the method's name and its info (on ``processes``, by
+    :func:`~lightning_influence.distributed.sweep`, for :data:`BY_COLUMNS`)."""
     method = METHODS[args.method]
     if method.timeline is not None:
         bounds = [windows[0][0]] + [t2 for _, t2 in windows]
         progress = progress_bar(args, f"{args.method} timeline")
         fn = method.load(method.timeline)
         if processes is not None:
-            from lightning_influence.distributed import columns_of
+            from lightning_influence.distributed import split_of
 
-            fn = columns_of(fn, processes)
+            fn = split_of(fn, processes)
         try:
             tl = call_with(fn, log, method, query=query, grid=bounds, progress=progress,
                            **estimator_inputs(ctx, args.hvp))

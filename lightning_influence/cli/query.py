@@ -28,7 +28,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="steps '100:500', fractions '0.8:1.0' or epochs 'epoch 3:5' (epochs 3 and 4); empty ends mean "
                         "start/end; repeatable; default: the whole run")
     p.add_argument("--top", "-k", type=row_count, default=10, help="rows per window and query (0: all samples; default 10)")
-    add_process_args(p, SPLITS_HELP)
+    add_process_args(p, SPLITS_HELP, split=True)
     p.set_defaults(func=cmd_query)
 
 

@@ -37,7 +37,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--top", "-k", type=row_count, default=None,
                    help="rows shown (default: 20 in a table, all samples in CSV/JSON; 0: all)")
     p.add_argument("--pattern", choices=PATTERNS, help="only samples of this pattern (docs/trust.md: the rule)")
-    add_process_args(p, SPLITS_HELP)
+    add_process_args(p, SPLITS_HELP, split=True)
 
 
 def timeline_data(args: argparse.Namespace):

@@ -206,15 +206,15 @@ def _rho(decays: np.ndarray) -> np.ndarray:
 def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int, int], None] | None
           ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """``G_z(t2) − G_z(t1)``: one pass over ``θ_r``, ``r < t2``, with the end queries stacked."""
-    log = ctx.log
-    ends = [t2] + ([t1] if t1 > 0 else [])
+    log, t0 = ctx.log, ctx.first  # G_z sums from the log's first step
+    ends = [t2] + ([t1] if t1 > t0 else [])
     qs: dict[int, Vectors] = {}
     names: list[str] = []
     for tau, params in ctx.params_at(ends):
         qs[tau], names = ctx.query(query, params)
     Q = next(iter(qs[t2].values())).shape[0]
     decays = {tau: np.ones((tau, Q)) for tau in ends}
-    for r, params in ctx.params_at(range(t2)):
+    for r, params in ctx.params_at(range(t0, t2)):
         active = [tau for tau in ends if r < tau]
         V = {n: torch.cat([qs[tau][n] for tau in active]) for n in ctx.names}
         kap = _curvature(ctx, V, batch_hvp(ctx, params, ctx.step_batch(r), V, ctx.step_weights(r)),
@@ -224,15 +224,15 @@ def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int
         for i, tau in enumerate(active):
             decays[tau][r] = dec[i * Q : (i + 1) * Q]
         if progress is not None:
-            progress(r + 1, t2)
+            progress(r + 1 - t0, t2 - t0)
     out = np.zeros((ctx.N, Q))
     for tau, sign in zip(ends, (1.0, -1.0)):
         qp, rho = ctx.project(qs[tau]), _rho(decays[tau])
-        for rec in log.iter_steps(0, tau, fields=("grad",)):
+        for rec in log.iter_steps(t0, tau, fields=("grad",)):
             G = rec.grads.astype(np.float64)
             eta_q = ctx.clipped(rec, G, (qp * (rec.lrs[ctx.col_group] * ctx.every)).T)  # (K, Q): J_Cᵀ η q
             np.add.at(out, rec.ids, sign * rec.weights[:, None] * (G @ eta_q) * rho[rec.step])
-    info = {"form": "step", "hvp_products": Q * (t1 + t2), "ends": ends,
+    info = {"form": "step", "hvp_products": Q * (t1 + t2 - 2 * t0), "ends": ends,
             "decay_min": float(min(d.min() for d in decays.values())) if t2 else 1.0}
     return out, names, info
 

@@ -61,6 +61,7 @@ class _Context:
         self.shapes = {n: tuple(ref[n].shape) for n in self.names}
         self.projector: KroneckerProjector = log.projector()
         self.N = log.dataset_size
+        self.first = log.first_step  # > 0 for a log started by a resumed fit
         self.every = int(log.meta.get("every_n_steps", 1))
         groups = log.param_groups()
         group_of = {n: gi for gi, names in enumerate(groups) for n in names}

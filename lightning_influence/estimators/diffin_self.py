@@ -29,10 +29,10 @@ __all__ = ["step_self_influence"]
 def step_self_influence(ctx: _Context, t1: int, t2: int, progress: Callable[[int, int], None] | None,
                         shard: StepShard = ONE_PROCESS) -> tuple[np.ndarray, dict[str, Any]]:
     """``G_z(t2) − G_z(t1)`` for every sample ``(N, 1)``: this process's part of the sum (``shard``)."""
-    log, N, G = ctx.log, ctx.N, ctx.n_groups
-    a, b = shard.steps(log, 0, t2)
+    log, N, G, t0 = ctx.log, ctx.N, ctx.n_groups, ctx.first  # G_z sums from the log's first step
+    a, b = shard.steps(log, t0, t2)
     mine, n_hvp = _curvatures(ctx, a, b, b if b < t2 else None, progress)
-    taus = [(tau, sign) for tau, sign in ((t2, 1.0), (t1, -1.0)) if tau > 0]
+    taus = [(tau, sign) for tau, sign in ((t2, 1.0), (t1, -1.0)) if tau > t0]
     prev_of, held = _held(shard.gather(mine), N, G, a, b, {min(b, tau) for tau, _ in taus})
     out = np.zeros(N)
     for tau, sign in taus:

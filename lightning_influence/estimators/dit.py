@@ -31,7 +31,9 @@ Parameters ``θ_t`` come from the log: replayed (:mod:`lightning_influence.repla
 nearest checkpoint and verified at every checkpoint passed. Memory: ``O(p·C)`` for the
 ``C`` adjoint columns (queries × grid points still to come), plus the ``θ_t`` of one replay
 segment (the steps between two checkpoints, or about ``√T`` steps with in-memory anchors
-when checkpoints are sparse: bounded by ``max_memory_bytes``), plus one step's batch.
+when checkpoints are sparse: bounded by ``max_memory_bytes``), plus one step's batch. The sweep
+itself is :mod:`lightning_influence.estimators.sweep`; with ``shard`` (set by
+:mod:`lightning_influence.distributed`) it runs on one process's rows of every step.
 
 No Lightning imports.
 """
@@ -39,312 +41,25 @@ No Lightning imports.
 from __future__ import annotations
 
 import bisect
-import copy
-import math
-import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_influence.capture.hvp import (KINK_GUARD, KINK_SHARE_LIMIT, default_eps0, fd_directional_derivative, flatten,
-                                            unflatten)
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
+from lightning_influence.estimators.sweep import HVP_MODES, _Context, _model_sweep
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, default_loss_fn, query_gradients, query_names
-from lightning_influence.replay import (
-    Progress,
-    TrainData,
-    UnsupportedOptimizerError,
-    _optimizer_spec,
-    checkpoint_params,
-    grid_steps,
-    load_step,
-    optimizer_class,
-    replay,
-    replay_from,
-    resolve_progress,
-)
-from lightning_influence.replay_drift import DriftReport
-from lightning_influence.step.micro import Step
-from lightning_influence.step.precision import Precision
-from lightning_influence.step.clipping import clip_gradient, logged_clip_spec, step_clip_adjoint
-from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
+from lightning_influence.queries import LossFn, Query, default_loss_fn
+from lightning_influence.replay import (Progress, TrainData, UnsupportedOptimizerError, _optimizer_spec, grid_steps,
+                                        optimizer_class, resolve_progress)
+from lightning_influence.step.clipping import step_clip_adjoint
+from lightning_influence.step.optimizers import RULES, OptimizerStep
+from lightning_influence.step.shard import BatchShard
 
 __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_MODES"]
-
-HVP_MODES = ("exact", "fd")
-
-
-# ================================================================================ optimizer
-PRECONDITIONERS = ("exact", "frozen")
-
-
-def _optimizer_step(log: InfluenceLog, names: Sequence[str], sizes: Sequence[int], dtype: torch.dtype,
-                    preconditioner: str = "exact", device: torch.device | str = "cpu") -> OptimizerStep:
-    """The logged optimizer's functional twin over the flat layout ``names``/``sizes``."""
-    if preconditioner not in PRECONDITIONERS:
-        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
-    rule = RULES[optimizer_class(log).__name__]
-    groups = [dict(g) for g in _optimizer_spec(log)["param_groups"]]
-    return OptimizerStep(rule, groups, coordinate_groups(groups, names, sizes), dtype, device,
-                         frozen_preconditioner=preconditioner == "frozen")
-
-
-# ============================================================================== trajectory
-@dataclass
-class _Record:
-    step: int
-    params: dict[str, Tensor]
-    ids: np.ndarray | None  # None: the end point θ_{t_hi}
-    lrs: np.ndarray | None = None
-    state: dict[str, Tensor] = field(default_factory=dict)  # flat optimizer state before the step
-
-
-class _Context:
-    """Everything a model-based sweep needs: log, module, data, names, the optimizer step."""
-
-    def __init__(self, log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, verify: bool,
-                 tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> None:
-        self.log, self.module, self.train_data, self.loss_fn = log, module, train_data, loss_fn
-        self.verify, self.tolerance, self.max_memory_bytes = verify, tolerance, max_memory_bytes
-        self.drift = DriftReport()  # measured at every checkpoint the replays pass (re-anchored there)
-        ref = checkpoint_params(log, module, log.checkpoint_steps[0] if log.checkpoint_steps else 0)
-        self.names = list(ref)
-        self.shapes = {n: tuple(t.shape) for n, t in ref.items()}
-        self.sizes = [int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.names]
-        self.dtype = next(iter(ref.values())).dtype
-        self.device = next(iter(ref.values())).device  # the module's: the sweep runs there (e.g. a GPU)
-        self.p = sum(self.sizes)
-        self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner, device=self.device)
-        self.rule = self.step.rule
-        self.opt_names = [n for g in _optimizer_spec(log)["param_groups"] for n in g["params"]]
-        self.peak_trajectory_bytes = 0  # the most θ_t + state bytes one replay segment held
-
-    def state_before(self, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-        """The live optimizer's state (before the step it is about to take), flat."""
-        params = [p for g in opt.param_groups for p in g["params"]]
-        by_name = {n: opt.state.get(p, {}) for n, p in zip(self.opt_names, params)}
-        return self.step.state_from(by_name, self.names, self.sizes)
-
-    def bytes_per_step(self) -> int:
-        return self.p * torch.tensor([], dtype=self.dtype).element_size() + self.step.bytes_per_state()
-
-    # --- trajectory, in reverse
-    def reverse_trajectory(self, t_lo: int, t_hi: int, progress: Callable[[int, int], None] | None) -> Iterator[_Record]:
-        """Yield the end point ``θ_{t_hi}``, then the steps ``t_hi−1 .. t_lo`` (with ``θ_t``, ``B_t``, ``η_t``)."""
-        log = self.log
-        ckpts = log.checkpoint_steps
-        earlier = [c for c in ckpts if c <= t_lo]
-        if not earlier:
-            raise ValueError(f"no checkpoint at or before step {t_lo} to replay from (checkpoints: {ckpts})")
-        s0 = earlier[-1]
-        n_steps = t_hi - s0
-        per = max(self.bytes_per_step(), 1)
-        if n_steps * per <= self.max_memory_bytes:
-            seg_len = max(n_steps, 1)
-        else:
-            seg_len = max(1, min(int(math.ceil(math.sqrt(n_steps))), self.max_memory_bytes // per))
-        ckpt_set = set(ckpts)
-        bounds = sorted({c for c in ckpts if s0 <= c < t_hi} | set(range(s0, t_hi, seg_len)) | {s0})
-        memory_anchors: dict[int, tuple[dict[str, Tensor], dict[str, Any]]] = {}
-        need = [a for a in bounds if a not in ckpt_set]
-        total = (t_hi - s0) + (max(need) - s0 if need else 0)
-        done = 0
-        if need:  # forward pass keeping θ and the optimizer state at the in-memory anchors
-            want = set(need)
-            for rs in replay(log, self.module, self.train_data, s0, max(need), start=s0, loss_fn=self.loss_fn,
-                             verify=self.verify, tolerance=self.tolerance, report=self.drift):
-                if rs.step in want:
-                    memory_anchors[rs.step] = (rs.params, copy.deepcopy(rs.optimizer.state_dict()))
-                if rs.step < max(need):
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-        segments = list(zip(bounds, bounds[1:] + [t_hi]))
-        first_segment = True
-        for a, b in reversed(segments):
-            if b <= t_lo and not first_segment:
-                break
-            if a in ckpt_set:
-                gen = replay(log, self.module, self.train_data, a, b, start=a, loss_fn=self.loss_fn, verify=self.verify,
-                             tolerance=self.tolerance, report=self.drift)
-            else:
-                params, state = memory_anchors.pop(a)
-                gen = replay_from(log, self.module, self.train_data, params, state, a, b, loss_fn=self.loss_fn,
-                                  verify=self.verify, tolerance=self.tolerance, report=self.drift)
-            records: list[_Record] = []
-            end: _Record | None = None
-            for rs in gen:
-                if rs.step < b:
-                    records.append(_Record(rs.step, rs.params, rs.ids, rs.lrs, self.state_before(rs.optimizer)))
-                    self.peak_trajectory_bytes = max(self.peak_trajectory_bytes, len(records) * self.bytes_per_step())
-                else:
-                    end = _Record(rs.step, rs.params, None)
-            if first_segment:
-                assert end is not None
-                yield end
-                first_segment = False
-            for rec in reversed(records):
-                done += 1
-                if rec.step >= t_lo:
-                    yield rec
-                if progress is not None:
-                    progress(min(done, total), total)
-            del records
-
-
-# ================================================================================ products
-def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor) -> Tensor:
-    """``G_t = Σ_i w_{i,t} ∇ℓ_i``: the unclipped gradient the step applied at ``θ_t``, flat (the point the
-    optimizer's and the clipping's VJPs are taken at). A plain backward pass: its forward draws the training
-    dropout masks (one inside ``torch.func.grad`` may not, ``docs/replay.md``)."""
-    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-    with torch.enable_grad():
-        g = torch.autograd.grad((w * batch.losses(ctx.module, ctx.loss_fn, leaves)).sum(), list(leaves.values()),
-                                allow_unused=True)
-    return flatten({n: torch.zeros_like(leaves[n]) if gi is None else gi for n, gi in zip(leaves, g)}, ctx.names).detach()
-
-
-def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """``(H_t R, J_t R)``: Hessian of the weighted batch loss ``Σ w_i ℓ_i`` times ``R`` ``(p, C)`` and the
-    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, exactly, by reverse-over-reverse from one
-    plain forward with every micro-batch's training dropout masks (:meth:`Step.curvature_products`)."""
-    directions = [unflatten(R[:, c], ctx.shapes) for c in range(R.shape[1])]
-    hr, jr = batch.curvature_products(ctx.module, ctx.loss_fn, params, w, directions)
-    return torch.stack([flatten(h, ctx.names) for h in hr], dim=1), jr
-
-
-def _products_fd(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, eps0: float, w: Tensor,
-                 kinks: list[int]) -> tuple[Tensor, Tensor]:
-    """Finite-difference ``(H_t R, J_t R)`` from first-order gradients at ``θ ± ε r̂`` (math §3), each column
-    kink-guarded (the smaller one-sided difference where they disagree; ``kinks`` counts them)."""
-    module, loss_fn, names, shapes = ctx.module, ctx.loss_fn, ctx.names, ctx.shapes
-
-    def grads_and_losses(p: dict[str, Tensor]) -> Tensor:
-        leaves = {n: v.detach().requires_grad_(True) for n, v in p.items()}
-        with torch.enable_grad():
-            losses = batch.losses(module, loss_fn, leaves)
-            g = torch.autograd.grad((w * losses).sum(), [leaves[n] for n in names], allow_unused=True)
-        flat = torch.cat([(torch.zeros_like(leaves[n]) if gi is None else gi).reshape(-1) for n, gi in zip(names, g)])
-        return torch.cat([flat, losses.detach().reshape(-1)])
-
-    p = ctx.p
-    HR = torch.empty_like(R)
-    JR = []
-    for c in range(R.shape[1]):
-        out, _ = fd_directional_derivative(grads_and_losses, params, unflatten(R[:, c], shapes), eps0,
-                                           kink_guard=KINK_GUARD, on_kink=lambda k: kinks.append(int(k.sum())))
-        HR[:, c] = out[:p]
-        JR.append(out[p:])
-    return HR, torch.stack(JR)
-
-
-def _batch_eps0(ctx: _Context) -> float:
-    """DIT's finite-difference ``ε_0``. Its products are batch means, without the per-sample kink guard that keeps
-    per-sample rows small-step, so in float32 it takes a step where rounding no longer dominates: max |DIT fd − DIT
-    exact| / max |DIT exact| on a float32 dropout MLP fell from 6.8e-4 at 1e-3 to 2.2e-5 at 3e-2 (1.4e-5 at 1e-1,
-    7e-5 at 3e-1; benchmarks/random_runs.py). Under autocast the autocast dtype's rounding sets the step."""
-    autocast = Precision.from_meta(ctx.log.meta.get("precision")).autocast_dtype
-    if autocast is not None:
-        return default_eps0(getattr(torch, autocast))
-    return 3e-2 if ctx.dtype == torch.float32 else default_eps0(ctx.dtype)
-
-
-def _query_matrix(ctx: _Context, query: Query, params: Mapping[str, Tensor]) -> tuple[Tensor, list[str]]:
-    grads, values = query_gradients(ctx.module, query, ctx.names, params)
-    Q = len(values)
-    q = torch.cat([grads[n].reshape(Q, -1) for n in ctx.names], dim=1).to(ctx.dtype)
-    return q.T.contiguous(), query_names(query, Q)  # (p, Q)
-
-
-# =================================================================================== sweep
-@dataclass
-class _SweepResult:
-    values: dict[int, np.ndarray]  # activation step -> (N, Q) F_j(step) (or local sums)
-    names: list[str]
-    info: dict[str, Any]
-
-
-def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations: Sequence[int], hvp: str,
-                 eps0: float | None, progress: Callable[[int, int], None] | None) -> _SweepResult:
-    """Backward sweep over steps ``t_hi−1 .. t_lo``; a column block ``q_s`` joins at each activation step ``s``."""
-    if hvp not in HVP_MODES:
-        raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
-    if eps0 is None:
-        eps0 = _batch_eps0(ctx)
-    acts = sorted({int(s) for s in activations if t_lo < s <= t_hi})
-    N = ctx.log.dataset_size
-    U: Tensor | None = None  # λ_θ (p, C)
-    S: dict[str, Tensor] = {}  # λ_s per state key (p, C)
-    blocks: list[tuple[int, int]] = []  # (activation step, first column)
-    scores: np.ndarray | None = None
-    names: list[str] = []
-    n_hvp = 0
-    kinks: list[int] = []  # FD products whose one-sided differences disagreed (guarded)
-    t0 = time.perf_counter()
-    keys = ctx.step.adjoint_keys
-    peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
-
-    def activate(step: int, params: dict[str, Tensor]) -> None:
-        nonlocal U, S, scores, names
-        q, names = _query_matrix(ctx, query, params)
-        Q = q.shape[1]
-        if U is None:
-            scores = np.zeros((N, Q * len(acts)))
-            U = torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device)
-            S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device) for k in keys}
-        blocks.append((step, U.shape[1]))
-        U = torch.cat([U, q], dim=1)
-        S = {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in S.items()}
-
-    for rec in ctx.reverse_trajectory(t_lo, t_hi, progress):
-        if rec.ids is None:
-            if t_hi in acts:
-                activate(t_hi, rec.params)
-            continue
-        batch = load_step(ctx.log, ctx.train_data, rec.step) if U is not None and U.shape[1] > 0 and len(rec.ids) else None
-        if batch is not None and not batch.skipped:  # a step the GradScaler skipped is the identity
-            ids = rec.ids
-            theta = flatten(rec.params, ctx.names)
-            w = torch.as_tensor(ctx.log.weights(rec.step), dtype=ctx.dtype, device=ctx.device)  # w_{i,t} (step.weights)
-            clip = logged_clip_spec(ctx.log, rec.step)  # the clipping Jacobian joins the update's VJP (step.clipping)
-            # an affine rule (SGD) without clipping has a VJP independent of g: skip the gradient pass
-            g = (torch.zeros_like(theta) if ctx.rule.linear and clip is None
-                 else _batch_gradient(ctx, rec.params, batch, w))
-            th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S,
-                                        transform=None if clip is None else (lambda x: clip_gradient(x, clip)))
-            if hvp == "exact":
-                HR, JR = _products_exact(ctx, rec.params, batch, R, w)
-            else:
-                HR, JR = _products_fd(ctx, rec.params, batch, R, eps0, w, kinks)
-            n_hvp += R.shape[1]
-            C = U.shape[1]
-            peak_adjoint = max(peak_adjoint, sum(x.numel() * x.element_size() for x in (U, R, *S.values())))
-            np.add.at(scores[:, :C], ids, (-JR.T * w.unsqueeze(1)).detach().double().cpu().numpy())
-            U = th_bar + HR.detach()
-        if rec.step in acts:
-            activate(rec.step, rec.params)
-    values: dict[int, np.ndarray] = {}
-    Q = len(names)
-    for step, c0 in blocks:
-        values[step] = scores[:, c0 : c0 + Q].copy()
-    info = {"hvp": hvp, "hvp_products": n_hvp, "steps_swept": t_hi - t_lo, "optimizer": ctx.rule.name,
-            "preconditioner": "frozen" if ctx.step.frozen else "exact", "peak_adjoint_bytes": peak_adjoint,
-            "peak_trajectory_bytes": ctx.peak_trajectory_bytes,
-            "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
-    if hvp == "fd":
-        info.update(eps0=eps0, fd_kinks=sum(kinks), fd_products=n_hvp)
-        if sum(kinks) > KINK_SHARE_LIMIT * n_hvp:
-            info["fd_unreliable"] = True
-            warnings.warn(f"DIT with hvp='fd': {sum(kinks)} of {n_hvp} finite-difference products crossed a kink (over "
-                          f"{KINK_SHARE_LIMIT:.0%}: ε is too large for this model); the scores are not reliable. Use "
-                          "hvp='exact' (the default) or a smaller eps0", RuntimeWarning, stacklevel=4)
-    return _SweepResult(values, names, info)
 
 
 # ================================================================================ public API
@@ -376,7 +91,8 @@ _DEFAULT_MEMORY = 512 * 2**20
 def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
         window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
         tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-        preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
+        preconditioner: str = "exact", progress: Progress = None, shard: BatchShard | None = None
+        ) -> InfluenceScores:
     """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
 
     Exact in the linearisation for every supported optimizer (SGD with momentum/Nesterov/weight
@@ -393,8 +109,8 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
             (see :meth:`InfluenceLog.window`); ``None`` is the whole run.
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         hvp: ``"exact"`` (forward-over-reverse) or ``"fd"`` (central differences of gradients).
-        eps0: finite-difference ``ε_0`` (default 1e-5 in float64, 3e-2 in float32, ``u^{1/3}`` of the autocast
-            dtype under mixed precision; see ``_batch_eps0``).
+        eps0: finite-difference ``ε_0`` of the float64 evaluation (default 1e-6; :mod:`.fd`, which also says when the
+            products fall back to the parameters' dtype and its step).
         verify, tolerance: check the replayed ``θ_t`` against every checkpoint passed and re-anchor there;
             stop if a drift exceeds ``tolerance`` (:mod:`lightning_influence.replay_drift`; default 1%).
             The drifts are in ``info["replay_drift"]``.
@@ -403,6 +119,9 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
             optimizers' denominators held at their values in the run (approximation, cheaper:
             no ``λ_v`` columns; ``method`` says ``approx.``).
         progress: ``progress(done, total)`` callback or ``True`` for a bar on stderr.
+        shard: evaluate only this process's rows of every step, summing the step's gradient, its Hessian-vector
+            products and the scores over the processes (:mod:`lightning_influence.step.shard`; set by
+            :func:`lightning_influence.distributed.sweep`, which every process calls alike).
 
     Returns:
         :class:`InfluenceScores` with ``N = log.dataset_size`` rows and one column per query
@@ -410,8 +129,9 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
     """
     t1, t2 = log.window(window)
     ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
-    res = _model_sweep(ctx, query, 0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"))
-    out = res.values[t2] - (res.values[t1] if t1 > 0 else 0.0)
+    t0 = log.first_step  # > 0 for a log started by a resumed fit
+    res = _model_sweep(ctx, query, t0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard)
+    out = res.values[t2] - (res.values[t1] if t1 > t0 else 0.0)
     return InfluenceScores(out, _method(ctx, "dit", hvp), (t1, t2), res.names, info=res.info)
 
 
@@ -419,7 +139,8 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
 def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
               window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
               tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-              preconditioner: str = "exact", progress: Progress = None) -> InfluenceScores:
+              preconditioner: str = "exact", progress: Progress = None, shard: BatchShard | None = None
+              ) -> InfluenceScores:
     """Local DIT (approximation): the adjoint sweep only inside ``[t1, t2)``, from ``q_{t2}``.
 
     It drops the deviation a sample caused before the window (as if the sample were removed
@@ -428,7 +149,7 @@ def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = Non
     """
     t1, t2 = log.window(window)
     ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
-    res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"))
+    res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"), shard)
     return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True),
                            (t1, t2), res.names, info=res.info)
 
@@ -487,7 +208,7 @@ class Timeline:
 def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
              grid: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
              tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-             preconditioner: str = "exact", progress: Progress = None) -> Timeline:
+             preconditioner: str = "exact", progress: Progress = None, shard: BatchShard | None = None) -> Timeline:
     """``F_j(t)`` for every sample on a grid of steps, in **one** backward sweep.
 
     Every grid point adds its query-gradient columns to the adjoint when the sweep reaches
@@ -505,11 +226,12 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
     t_hi = int(steps[-1])
     if t_hi == 0:
         raise ValueError("the grid must contain a step > 0")
-    res = _model_sweep(ctx, query, 0, t_hi, steps.tolist(), hvp, eps0, resolve_progress(progress, "dit timeline"))
+    t0 = log.first_step  # a log started by a resumed fit: nothing accumulates before its first step
+    res = _model_sweep(ctx, query, t0, t_hi, steps.tolist(), hvp, eps0, resolve_progress(progress, "dit timeline"), shard)
     Q = len(res.names)
     values = np.zeros((log.dataset_size, len(steps), Q))
     for g, s in enumerate(steps):
-        if s > 0:
+        if s > t0:
             values[:, g, :] = res.values[int(s)]
     return Timeline(values, steps, res.names, _method(ctx, "dit", hvp), info=res.info)
 
@@ -572,8 +294,8 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     col_groups = log.column_groups()
     K = len(col_groups)
     step = OptimizerStep(rule, _optimizer_spec(log)["param_groups"], col_groups, torch.float64)
-    t_lo = t1 if local else 0
-    acts = [t2] if local else sorted({t for t in (t1, t2) if t > 0})
+    t_lo = t1 if local else log.first_step
+    acts = [t2] if local else sorted({t for t in (t1, t2) if t > t_lo})
     q2 = q_at(t2)
     Q = q2.shape[0]
     names = names or [f"q{i}" for i in range(Q)]
@@ -614,7 +336,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
             if show is not None:
                 show(done, t2 - t_lo)
     F2 = scores[:, blocks[t2] : blocks[t2] + Q]
-    out = F2 - scores[:, blocks[t1] : blocks[t1] + Q] if (not local and t1 > 0) else F2
+    out = F2 - scores[:, blocks[t1] : blocks[t1] + Q] if t1 > t_lo else F2
     tag = "dit-local-gauss-newton (approx.)" if local else "dit-gauss-newton (approx.)"
     if every > 1:
         tag = tag[:-1] + f", every {every} steps)"

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_names
-from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, measure, mismatch
+from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, check_checkpoint
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
 from lightning_influence.replay import (
     Progress,
@@ -129,10 +129,7 @@ def _reanchor_copies(log: InfluenceLog, t: int, stacked: dict[str, Tensor], anch
     reference copy's error, so the counterfactual differences survive and round-off does not accumulate."""
     stored = log.checkpoint(t)
     ref = {n: v[0] for n, v in stacked.items()}
-    d, diff = measure(stored, ref, anchor["params"])
-    report.checkpoints.append((t, d, diff))
-    if not d <= tolerance:
-        raise mismatch(t, anchor["step"], d, diff, tolerance)
+    d = check_checkpoint(t, stored, ref, anchor, tolerance, report)
     if d > 0:
         with torch.no_grad():
             for n, v in stacked.items():

@@ -106,9 +106,10 @@ except ImportError:  # pragma: no cover - isal is an optional speed-up (pip inst
     _crc32 = zlib.crc32
 
 
-def crc32(array: Any) -> int:
-    """CRC-32 (zlib's polynomial; computed by ``isal`` when installed) of an array's bytes in C order."""
-    return _crc32(np.ascontiguousarray(array))
+def crc32(array: Any, value: int = 0) -> int:
+    """CRC-32 (zlib's polynomial; computed by ``isal`` when installed) of an array's bytes in C order (continuing
+    the CRC-32 ``value`` of the bytes before them)."""
+    return _crc32(np.ascontiguousarray(array), value)
 
 
 def json_attr(value: Any) -> str:

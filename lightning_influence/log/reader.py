@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import re
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,6 @@ import numpy as np
 
 from lightning_influence.log.format import (
     CHECKPOINT_GROUP,
-    MICRO_COLUMNS,
     ROW_CRC_COLUMNS,
     ROW_DATASETS,
     STEP_COLUMNS,
@@ -41,6 +38,8 @@ from lightning_influence.log.format import (
     text,
 )
 from lightning_influence.log.integrity import check_rank, check_segment, read_checked
+from lightning_influence.log.microbatches import MicroBatchRecord, read_micro_batches
+from lightning_influence.log.windows import step_window
 
 if TYPE_CHECKING:
     from lightning_influence.log.blocks import RowBlock
@@ -58,23 +57,6 @@ class StepBatch:
     grads: np.ndarray | None = None  # (|B_t|, K)
     hvps: np.ndarray | None = None  # (|B_t|, K)
     weights: np.ndarray | None = None  # (|B_t|,) w_{i,t}, the weight of each sample's loss (InfluenceLog.weights)
-
-
-@dataclass
-class MicroBatchRecord:
-    """One micro-batch of a step as it ran (format version 2; a version-1 step is one micro-batch of all its ids).
-
-    Attributes:
-        ids: its sample ids.
-        cpu_rng: the CPU generator state at its forward (``uint8``), ``None`` if it drew no CPU number.
-        cuda_rng: ``(n_devices, 16)`` ``uint8`` CUDA generator states, ``None`` if it drew on no GPU.
-        inputs: ``torch.save`` bytes of the batch fed to ``training_step``, ``None`` if not stored.
-    """
-
-    ids: np.ndarray
-    cpu_rng: np.ndarray | None = None
-    cuda_rng: np.ndarray | None = None
-    inputs: bytes | None = None
 
 
 @dataclass
@@ -96,7 +78,6 @@ class _Segment:
 
 _FIELD_RECORD = {"loss": "losses", "grad": "gradients", "hvp": "hvp"}
 _FIELD_ATTR = {"loss": "losses", "grad": "grads", "hvp": "hvps"}
-_WINDOW_RE = re.compile(r"^\s*(epochs?\s+)?([-+0-9.eE]*)\s*:\s*([-+0-9.eE]*)\s*$")
 _MAX_OPEN_FILES = 16  # segment files held open at once (least recently used are closed)
 _CHUNK_CACHE_BYTES = 2 << 20  # per open file; a gradient chunk is at most 1 MiB
 _BLOCK_BYTES = 16 << 20  # read-ahead per rank and dataset (see InfluenceLog._rows)
@@ -238,6 +219,11 @@ class InfluenceLog:
 
     # ----------------------------------------------------------------------------- metadata
     @property
+    def first_step(self) -> int:
+        """``t0``: the log's first step (0 unless a resumed fit started the log; 0 for a log without steps)."""
+        return int(self.steps[0]) if len(self.steps) else 0
+
+    @property
     def num_steps(self) -> int:
         """``T``: the number of recorded optimizer steps (steps ``0 .. T-1``)."""
         return int(self.steps[-1]) + 1 if len(self.steps) else 0
@@ -305,37 +291,7 @@ class InfluenceLog:
         ``[0, 1]`` (fractions of training); ``("epoch", a, b)`` (epochs ``a .. b-1``); or the
         strings ``"100:500"``, ``"0.8:1.0"``, ``"epoch 3:5"`` (empty ends mean start/end).
         """
-        T = self.num_steps
-        first = int(self.steps[0]) if len(self.steps) else 0  # > 0 for a log started by a resumed fit
-        if spec is None:
-            return first, T
-        if isinstance(spec, str):
-            m = _WINDOW_RE.match(spec)
-            if not m:
-                raise ValueError(f"cannot parse window {spec!r}: use '100:500' (steps), '0.8:1.0' (fractions) or 'epoch 3:5'")
-            lo, hi = m.group(2), m.group(3)
-            if m.group(1):
-                spec = ("epoch", int(lo) if lo else int(self.epochs[0]), int(hi) if hi else int(self.epochs[-1]) + 1)
-            elif "." in lo + hi or "e" in (lo + hi).lower():
-                spec = (float(lo) if lo else 0.0, float(hi) if hi else 1.0)
-            else:
-                spec = (int(lo) if lo else 0, int(hi) if hi else T)
-        if len(spec) == 3 and spec[0] in ("epoch", "epochs"):
-            a, b = int(spec[1]), int(spec[2])
-            sel = np.nonzero((self.epochs_of_step >= a) & (self.epochs_of_step < b))[0]
-            if not len(sel):
-                raise ValueError(f"epochs [{a}, {b}) hold no step; the run has epochs {self.epochs.min()}..{self.epochs.max()}")
-            return int(self.steps[sel[0]]), int(self.steps[sel[-1]]) + 1
-        a, b = spec
-        if isinstance(a, float) or isinstance(b, float):
-            if not (0.0 <= a < b <= 1.0):
-                raise ValueError(f"fractional window ({a}, {b}) must satisfy 0 <= a < b <= 1")
-            t1, t2 = first + int(round(a * (T - first))), first + int(round(b * (T - first)))
-            return t1, max(t2, t1 + 1)
-        t1, t2 = int(a), int(b)
-        if not (first <= t1 < t2 <= T):
-            raise ValueError(f"step window [{t1}, {t2}) is outside the run: need {first} <= t1 < t2 <= T = {T}")
-        return t1, t2
+        return step_window(self, spec)
 
     # ------------------------------------------------------------------------------ records
     def batch_ids(self, step: int) -> np.ndarray:
@@ -356,7 +312,7 @@ class InfluenceLog:
             if not self.recorded.get(what):
                 raise ValueError(f"{self.path}: the run did not record {what}; re-run with it enabled in InfluenceTracker")
         needs_grad_rows = bool({"grad", "hvp"} & set(fields))
-        t1 = int(self.steps[0]) if t1 is None and len(self.steps) else (t1 or 0)
+        t1 = self.first_step if t1 is None else t1
         t2 = self.num_steps if t2 is None else t2
         for t in range(t1, t2):
             if needs_grad_rows and not self.has_grads(t):
@@ -413,40 +369,7 @@ class InfluenceLog:
     def micro_batches(self, step: int) -> list[MicroBatchRecord]:
         """The micro-batches of ``step`` in the order they ran (ranks in rank order), with their random
         states and stored inputs (``docs/log-format.md``, version 2)."""
-        out = []
-        for seg, row in self._locs(step):
-            s = self._segs[seg]
-            ids = self._read(seg, row, "id")
-            off, n = int(s.table["micro_offset"][row]), int(s.table["micro_batches"][row])
-            if off < 0:  # version 1
-                out.append(MicroBatchRecord(ids))
-                continue
-            with reading(s.path, f"the micro-batches of step {step}"):
-                cols = {c: np.array(self._rows(seg, f"micro/{c}", off, n)) for c in MICRO_COLUMNS}
-                f = self._file(seg)
-                crc, start = 0, 0
-                for i in range(n):
-                    size = int(cols["size"][i])
-                    rec = MicroBatchRecord(ids[start:start + size])
-                    start += size
-                    if cols["cpu_rng"][i] >= 0:
-                        rec.cpu_rng = f["rng/cpu"][int(cols["cpu_rng"][i])]
-                        crc = zlib.crc32(rec.cpu_rng, crc)
-                    if cols["cuda_rng"][i] >= 0:
-                        flat = f["rng/cuda"][int(cols["cuda_rng"][i])]
-                        crc = zlib.crc32(flat, crc)
-                        rec.cuda_rng = flat.reshape(-1, 16)
-                    if cols["input_offset"][i] >= 0:
-                        o, k = int(cols["input_offset"][i]), int(cols["input_length"][i])
-                        rec.inputs = f["inputs/bytes"][o:o + k].tobytes()
-                        crc = zlib.crc32(rec.inputs, crc)
-                    crc = zlib.crc32(np.asarray([size, cols["cpu_rng"][i] >= 0, cols["cuda_rng"][i] >= 0,
-                                                 cols["input_length"][i]], np.int64), crc)
-                    out.append(rec)
-            if crc != int(s.table["micro_crc32"][row]) or start != len(ids):
-                raise LogFormatError(s.path, f"the micro-batch rows of step {step} fail their CRC-32 or do not cover "
-                                             f"its samples: the file is corrupted. {restore_hint(s.path)}")
-        return out
+        return read_micro_batches(self, step)
 
     def grad_scale(self, step: int) -> float | None:
         """The GradScaler factor ``S_t`` of ``step`` (``None`` without a scaler)."""

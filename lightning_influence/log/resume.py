@@ -9,7 +9,8 @@ with ``meta.h5`` silently, or make the log unreadable: such a resume is refused 
 log is touched. Settings that only change how or how often things are stored
 (``checkpoint_every_n_steps``, ``flush_every_n_steps``, ``compression``, the gradient
 engine, package versions, ...) may differ; each resume is recorded in ``meta.h5`` under
-``resumes`` (``docs/log-format.md``, version 2).
+``resumes`` (``docs/log-format.md``, version 2) when the resumed fit first writes to the log
+(``LogWriter(resume_meta=...)``), so a fit refused before that leaves the log byte for byte as it was.
 
 :func:`continue_log` decides, for a fit resumed at step ``start``, whether the log in ``log_dir``
 is continued (and records the resume) or a new one is started (:func:`start_new_log`).
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lightning_influence.log.format import META_FILE, list_segments, read_meta
-from lightning_influence.log.writer import rank_end, remove_log, write_meta
+from lightning_influence.log.writer import rank_end, remove_log
 
 # Meta keys that never differ meaningfully between a log and its own resumed fit (identity, time).
 _IDENTITY = ("created", "run_id", "first_step", "resumes")
@@ -61,7 +62,9 @@ def meaning_differences(log_meta: Mapping[str, Any], fit_meta: Mapping[str, Any]
         old_p, new_p = dict(log_meta.get("projection") or {}), dict(fit_meta.get("projection") or {})
         for key, name in (("dim", "projection_dim"), ("seed", "projection_seed")):
             diff(name, old_p.pop(key, None), new_p.pop(key, None))
-        if old_p != new_p:
+        folds = [sorted(s["bias"] for s in p.get("specs", []) if s.get("bias")) for p in (old_p, new_p)]
+        diff("fold_bias (biases folded into their weight's projection)", *folds)
+        if old_p != new_p and folds[0] == folds[1]:
             keys = sorted(k for k in set(old_p) | set(new_p) if old_p.get(k) != new_p.get(k))
             out.append(f"projection ({', '.join(keys)}): the log's and this fit's projections differ")
     if old_rec.get("hvp") and new_rec.get("hvp"):
@@ -112,10 +115,11 @@ def log_exists(log_dir: str) -> bool:
 
 
 def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start: int, state: Mapping[str, Any],
-                 fit_meta: Mapping[str, Any], overwrite: bool) -> tuple[bool, int | None]:
-    """A fit resumed at step ``start``: ``(True, first_step)`` if it continues the log in ``log_dir`` (rank 0 records
-    the resume in ``meta.h5``; the writer drops steps ``>= start``; ``first_step`` is ``start`` if the log holds no
-    step of this rank yet, else ``None``), ``(False, None)`` if a new log is to be started instead.
+                 fit_meta: Mapping[str, Any], overwrite: bool) -> tuple[bool, int | None, dict[str, Any] | None]:
+    """A fit resumed at step ``start``: ``(True, first_step, resume_meta)`` if it continues the log in ``log_dir``
+    (``first_step`` is ``start`` if the log holds no step of this rank yet, else ``None``; ``resume_meta``, for rank 0,
+    is ``meta.h5`` with this resume recorded, which the writer writes when it drops steps ``>= start`` before its
+    first segment: nothing is written here), ``(False, None, None)`` if a new log is to be started instead.
 
     ``state``: the tracker's state from the checkpoint (``log_dir``, ``run_id``); ``fit_meta``: this fit's meta
     without the recipe. With ``overwrite``, a log that cannot be continued is replaced instead of refused.
@@ -132,18 +136,18 @@ def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start:
                 f"InfluenceTracker: resuming at step {start} from a checkpoint whose run was tracked into the log "
                 f"{state.get('log_dir')!r} (run id {state['run_id']}), but {log_dir} holds no influence log. "
                 f"Point log_dir at that log to continue it, or pass overwrite=True to start a new log at step {start}")
-        return False, None
+        return False, None, None
     meta = read_meta(log_dir)
     hint = f"or pass overwrite=True to replace it with a new log starting at step {start}"
     if state.get("run_id") and meta.get("run_id") != state["run_id"]:
         if overwrite:
-            return False, None
+            return False, None, None
         raise ValueError(f"InfluenceTracker: {log_dir} holds the log of another run (run id {meta.get('run_id')}), "
                          f"not the one this checkpoint was tracked into (run id {state['run_id']}); point log_dir at "
                          f"that run's log, {hint}")
     if int(meta.get("world_size") or 1) != world_size:
         if overwrite:
-            return False, None
+            return False, None, None
         raise ValueError(f"InfluenceTracker: the log in {log_dir} was written by {meta.get('world_size')} "
                          f"process(es) but this fit runs {world_size}; resume with the same number of "
                          f"processes, {hint}")
@@ -152,18 +156,17 @@ def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start:
     have = (end if end is not None else first - 1)
     if start < first or have < start - 1:
         if overwrite:
-            return False, None
+            return False, None, None
         held = f"steps {first}..{end}" if end is not None else f"no step (it starts at step {first})"
         raise RuntimeError(
             f"InfluenceTracker: training resumes at step {start} but the log of rank {rank} in {log_dir} holds "
             f"{held}, so it cannot continue without a gap (was the checkpoint saved without this callback, or were "
             f"segment files lost?). Resume from a checkpoint at a step in {first}..{have + 1}, {hint}")
     check_resume(log_dir, meta, fit_meta, start)  # a refusal loses nothing
-    # steps >= start are recorded again: dropped by the writer before its first write, so a fit refused at its
-    # first step (ids, losses) leaves the log as it was
-    if is_zero:
-        write_meta(log_dir, with_resume_record(meta, fit_meta, start))
-    return True, (start if end is None else None)  # θ_start if the log holds no step yet
+    # steps >= start are recorded again: dropped by the writer before its first write, with the resume recorded in
+    # meta.h5 just before, so a fit refused at its first step (ids, losses) leaves the log as it was
+    resume_meta = with_resume_record(meta, fit_meta, start) if is_zero else None
+    return True, (start if end is None else None), resume_meta  # θ_start if the log holds no step yet
 
 
 def start_new_log(log_dir: str, overwrite: bool, is_zero: bool) -> None:

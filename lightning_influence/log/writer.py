@@ -142,6 +142,8 @@ class LogWriter:
         truncate_from: a resumed fit: drop this rank's steps ``>= truncate_from`` (:func:`truncate_log`)
             just before the first segment is written, so a fit refused before it records a step
             (or one that fails) leaves the log as it was; the writer continues at ``truncate_from``.
+        resume_meta: with ``truncate_from``, the ``meta.h5`` recording the resume (``log/resume.py``), written
+            just before that truncation, so a refused fit leaves ``meta.h5`` as it was too.
 
     Raises:
         LogWriteError: from any call after a segment write failed; the message names the log, the
@@ -160,6 +162,7 @@ class LogWriter:
         background: bool = True,
         max_pending: int = 2,
         truncate_from: int | None = None,
+        resume_meta: Mapping[str, Any] | None = None,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.rank = rank
@@ -174,6 +177,7 @@ class LogWriter:
         existing = list_segments(self.log_dir).get(rank, [])
         end = rank_end(self.log_dir, rank)
         self._truncate_from = truncate_from
+        self._resume_meta = resume_meta if truncate_from is not None else None
         if truncate_from is not None:  # done just before the first segment is written (see ``_write``)
             deleted = {path for path, _, keep in truncation_plan(self.log_dir, rank, truncate_from) if keep is None}
             existing = [p for p in existing if p not in deleted]
@@ -253,9 +257,8 @@ class LogWriter:
             if self._error is None:
                 try:
                     self.flush(wait=True)
-                    if raise_errors and self._truncate_from is not None:  # a fit that ended without recording a step
-                        truncate_log(self.log_dir, self.rank, self._truncate_from)
-                        self._truncate_from = None
+                    if raise_errors:  # a fit that ended without recording a step
+                        self._continue_log()
                 except LogWriteError:
                     if raise_errors:
                         raise
@@ -295,9 +298,7 @@ class LogWriter:
         if self._error is not None:  # never write past a failed segment: the log would have a gap
             return
         try:
-            if self._truncate_from is not None:
-                truncate_log(self.log_dir, self.rank, self._truncate_from)
-                self._truncate_from = None
+            self._continue_log()
             self.bytes_written += write_segment(path, self.rank, steps, checkpoints, self.storage_dtype,
                                                 self.compression, self.run_id)
         except Exception as err:  # noqa: BLE001 - any failure stops the writer and is reported on the training thread
@@ -307,6 +308,16 @@ class LogWriter:
             return
         if steps:
             self.last_step_on_disk = steps[-1].step
+
+    def _continue_log(self) -> None:
+        """A resumed fit's first change to the log: record the resume in ``meta.h5``, drop the steps it records again."""
+        if self._truncate_from is None:
+            return
+        if self._resume_meta is not None:
+            write_meta(self.log_dir, self._resume_meta)
+            self._resume_meta = None
+        truncate_log(self.log_dir, self.rank, self._truncate_from)
+        self._truncate_from = None
 
     def _describe_failure(self, path: Path, steps: list[StepRecord], err: Exception) -> LogWriteError:
         what = (f"steps {steps[0].step}..{steps[-1].step}" if steps else "a checkpoint")

@@ -84,6 +84,8 @@ class Step:
         precision: the run's autocast and GradScaler.
         grad_scale: the GradScaler factor ``S_t`` (``None`` without a scaler).
         skipped: the GradScaler skipped the optimizer step (non-finite gradients): ``θ_{t+1} = θ_t``.
+        rows: ``None`` for the whole step, or the positions in the step of the rows ``micro`` holds (one process's
+            part of the batch, :mod:`.shard`; micro-batches left without rows are not in ``micro``).
     """
 
     step: int
@@ -91,6 +93,7 @@ class Step:
     precision: Precision = FULL
     grad_scale: float | None = None
     skipped: bool = False
+    rows: np.ndarray | None = None
 
     @property
     def ids(self) -> np.ndarray:

@@ -1,0 +1,224 @@
+"""DIT's finite-difference products (``hvp="fd"``), evaluated in float64 (docs/replay.md, "Finite-difference HVPs").
+
+``H_t r`` and the per-sample ``⟨∇ℓ_j, r⟩`` come from first-order gradients of the weighted batch loss at
+``θ ± ε r̂`` (math §3; :func:`~lightning_influence.capture.hvp.fd_directional_derivative`), with no
+double-backward graph. In float32 no step is right: rounding wants ``ε`` large, while every ReLU unit that
+crosses its kink between ``θ − ε r̂`` and ``θ + ε r̂`` (about ``∝ ε`` of them, each a jump ``∝ 1`` in the
+gradient) adds an ``O(1)`` bias to the quotient, so on a ReLU transformer DIT stayed ~1% from the exact sweep
+at every ``ε_0`` in 1e-3..3e-1. Here the two gradient passes run on a float64 copy of the module (parameters,
+buffers and floating inputs upcast; the micro-batches' random states and autocast as in training, so dropout
+masks match; float64 tensors are not cast by autocast): rounding is ~1e-16 and ``ε_0 = 1e-6`` crosses a kink
+in few products, which the kink guard catches (a crossing's jump dwarfs ``ε H r`` there). Cost: per column
+two float64 gradient passes (``θ ± ε r̂``), plus one at ``θ`` per step shared by the columns, and one float64
+copy of the module.
+
+Before the first product the float64 evaluation is checked against the native one at ``θ`` (a loss function
+that casts to float32, or a device whose dropout masks depend on the dtype, would make it a different
+function); if it fails or disagrees, the products fall back to the native dtype with its old step
+(:func:`native_eps0`), and ``info`` and a ``RuntimeWarning`` say so. Parameters already in float64 are used
+as they are. No Lightning imports.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import warnings
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from lightning_influence.capture.hvp import KINK_GUARD, KINK_SHARE_LIMIT, default_eps0, fd_directional_derivative, unflatten
+from lightning_influence.queries import LossFn
+from lightning_influence.step.micro import Step
+from lightning_influence.step.precision import Precision
+from lightning_influence.step.shard import BatchShard
+
+__all__ = ["FD_DTYPE", "FD_EPS0", "FiniteDifferenceProducts", "native_eps0"]
+
+FD_DTYPE = torch.float64
+FD_EPS0 = 1e-6  # ε_0 of the float64 evaluation (measured: benchmarks/fd_accuracy.py, docs/replay.md)
+# float64 vs native batch gradient at θ, relative L2, beyond which the two evaluations are different functions.
+# Measured (digits MLP / transformer of benchmarks/random_runs.py, batch 20): float32 1.1e-7 / 4.3e-7; bf16 autocast
+# 3.7e-3 / 5.6e-3; other dropout masks (what a dtype-dependent generator would draw) 0.46 / 0.16.
+AGREEMENT = 1e-3
+AGREEMENT_AUTOCAST = 3e-2
+# median one-sided disagreement ‖f − b‖/max(‖f‖, ‖b‖) of the unguarded products beyond which they are noise, not
+# curvature: O(ε) for a smooth loss in float64 (measured ≤ 1e-6 at ε_0 = 1e-6 on the float32 benchmark runs); a
+# float32 cast inside the loss makes it ~0.1-1 there (tests/test_dit_fd.py)
+NOISE_LIMIT = 1e-2
+
+
+def native_eps0(dtype: torch.dtype, precision: Precision) -> float:
+    """``ε_0`` of products evaluated in the parameters' own dtype (the fallback): 3e-2 in float32, where rounding no
+    longer dominates (max |DIT fd − DIT exact| / max |DIT exact| on a float32 dropout MLP: 6.8e-4 at 1e-3, 2.2e-5 at
+    3e-2), ``u^{1/3}`` of the autocast dtype under mixed precision, :func:`default_eps0` otherwise."""
+    if precision.autocast_dtype is not None:
+        return default_eps0(getattr(torch, precision.autocast_dtype))
+    return 3e-2 if dtype == torch.float32 else default_eps0(dtype)
+
+
+def _upcast(batch: Step, dtype: torch.dtype) -> Step:
+    """``batch`` with its floating input tensors in ``dtype`` (random states, weights and autocast kept)."""
+    def up(x: Any) -> Any:
+        return x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+
+    return dataclasses.replace(batch, micro=[dataclasses.replace(m, batch=pytree.tree_map(up, m.batch))
+                                             for m in batch.micro])
+
+
+class FiniteDifferenceProducts:
+    """``(H_t R, J_t R)`` of the DIT sweep by central differences of first-order gradients, kink-guarded per column.
+
+    Args:
+        module, loss_fn: the architecture and the per-sample training loss.
+        names, shapes: the flat parameter layout of ``R``.
+        dtype: the parameters' dtype (results come back in it).
+        precision: the run's autocast (kept in every evaluation).
+        eps0: ``ε_0`` (default: :data:`FD_EPS0` in float64, :func:`native_eps0` on fallback).
+    """
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn, names: Sequence[str], shapes: Mapping[str, Sequence[int]],
+                 dtype: torch.dtype, precision: Precision, eps0: float | None = None) -> None:
+        self.module, self.loss_fn, self.names, self.shapes = module, loss_fn, list(names), dict(shapes)
+        self.dtype, self.precision, self.user_eps0 = dtype, precision, eps0
+        self.eval_dtype = dtype if dtype == FD_DTYPE else FD_DTYPE
+        self.eval_module: nn.Module | None = module if self.eval_dtype == dtype else None
+        self.fallback: str | None = None
+        self.checked = self.eval_dtype == dtype
+        self.p = sum(math.prod(sh) for sh in self.shapes.values())
+        self.kinks = 0  # columns whose one-sided differences disagreed (guarded)
+        self.products = 0
+        self.agreement: float | None = None  # float64 vs native gradient at θ (relative), once checked
+        self.asymmetries: list[Tensor] = []  # per column ‖f − b‖/max(‖f‖, ‖b‖) (see NOISE_LIMIT)
+
+    @property
+    def eps0(self) -> float:
+        if self.user_eps0 is not None:
+            return float(self.user_eps0)
+        return FD_EPS0 if self.eval_dtype == torch.float64 else native_eps0(self.dtype, self.precision)
+
+    def _local(self, module: nn.Module, batch: Step, w: Tensor, p: Mapping[str, Tensor], dtype: torch.dtype,
+               n_rows: int) -> Tensor:
+        """``[∇_θ Σ w_i ℓ_i, ℓ]`` flat at ``p``, every micro-batch under its training random state and autocast; with
+        ``batch.rows`` (one process's part, :mod:`~lightning_influence.step.shard`) this process's gradient part and its
+        losses at their positions among the step's ``n_rows``."""
+        if not batch.micro:  # a process without rows of this step
+            return torch.zeros(self.p + n_rows, dtype=dtype, device=next(iter(p.values())).device)
+        leaves = {n: v.detach().requires_grad_(True) for n, v in p.items()}
+        with torch.enable_grad():
+            losses = batch.losses(module, self.loss_fn, leaves)
+            g = torch.autograd.grad((w.to(losses) * losses).sum(), [leaves[n] for n in self.names], allow_unused=True)
+        flat = torch.cat([(torch.zeros_like(leaves[n]) if gi is None else gi).reshape(-1)
+                          for n, gi in zip(self.names, g)])
+        losses = losses.detach().reshape(-1).to(flat)
+        if batch.rows is None:
+            return torch.cat([flat, losses])
+        every = flat.new_zeros(n_rows)
+        every[torch.as_tensor(batch.rows, device=flat.device)] = losses
+        return torch.cat([flat, every])
+
+    def _fall_back(self, reason: str) -> None:
+        self.fallback, self.eval_dtype, self.eval_module, self.checked = reason, self.dtype, self.module, True
+        warnings.warn(f"DIT with hvp='fd': the float64 evaluation of the finite differences {reason}; the products "
+                      f"are taken in {str(self.dtype).replace('torch.', '')} with eps0={self.eps0:g}, whose rounding "
+                      "and ReLU-kink bias can reach 1e-2 of the scores. Use hvp='exact' (the default)",
+                      RuntimeWarning, stacklevel=5)
+
+    def _check(self, params: Mapping[str, Tensor], batch: Step, w: Tensor, shard: BatchShard | None,
+               n_rows: int) -> None:
+        """Set up the float64 copy and compare its gradient at ``θ`` with the native one (once; with ``shard`` every
+        process decides on the same sums)."""
+        self.checked = True
+        reduce = (lambda x: x) if shard is None else shard.all_reduce
+        failure = None
+        try:
+            self.eval_module = copy.deepcopy(self.module).to(FD_DTYPE)
+            hi = self._local(self.eval_module, _upcast(batch, FD_DTYPE), w.to(FD_DTYPE),
+                             {n: v.to(FD_DTYPE) for n, v in params.items()}, FD_DTYPE, n_rows)
+        except (RuntimeError, TypeError, ValueError) as err:
+            failure = f"failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            hi = torch.zeros(self.p + n_rows, dtype=FD_DTYPE, device=next(iter(params.values())).device)
+        if shard is not None:  # every process falls back if one failed (none may skip a collective)
+            failed = float(shard.all_reduce(hi.new_full((1,), float(failure is not None)))[0])
+            if failed and failure is None:
+                failure = "failed on another process"
+        if failure is not None:
+            self._fall_back(failure)
+            return
+        hi = reduce(hi)
+        lo = reduce(self._local(self.module, batch, w, params, self.dtype, n_rows)).to(FD_DTYPE)
+        gap = float(torch.linalg.vector_norm(hi - lo) / torch.linalg.vector_norm(hi).clamp_min(1e-300))
+        self.agreement = gap
+        tol = AGREEMENT if self.precision.autocast_dtype is None else AGREEMENT_AUTOCAST
+        if not gap <= tol:
+            self._fall_back(f"differs from the native one at θ_{batch.step} by {gap:.1e} (relative, over {tol:g}: a "
+                            "loss function or kernel that depends on the dtype, or dropout masks that do)")
+
+    def __call__(self, params: Mapping[str, Tensor], batch: Step, R: Tensor, w: Tensor,
+                 shard: BatchShard | None = None, n_rows: int = 0) -> tuple[Tensor, Tensor]:
+        """``(H_t R, J_t R)``: ``(p, C)`` and ``(C, |B_t|)``, in the parameters' dtype. With ``shard`` every evaluation
+        is summed over the processes (the gradient, and the ``n_rows`` losses of the step at their positions), so the
+        kink guard, which compares whole columns, decides on the vector one process would see; ``J_t R`` is then this
+        process's rows'."""
+        if not self.checked:
+            self._check(params, batch, w, shard, n_rows)
+        dt = self.eval_dtype
+        module = self.eval_module
+        assert module is not None
+        if dt != self.dtype:
+            batch, w = _upcast(batch, dt), w.to(dt)
+            params = {n: v.to(dt) for n, v in params.items()}
+        reduce = (lambda x: x) if shard is None else shard.all_reduce
+
+        def fn(q: dict[str, Tensor]) -> Tensor:
+            return reduce(self._local(module, batch, w, q, dt, n_rows))
+
+        at = fn(dict(params))  # the gradient at θ, shared by the columns' kink guards
+        HR = torch.empty_like(R)
+        JR = []
+        for c in range(R.shape[1]):
+            out, _ = fd_directional_derivative(fn, params, unflatten(R[:, c].to(dt), self.shapes), self.eps0, at=at,
+                                               kink_guard=KINK_GUARD, on_kink=self._count,
+                                               on_asymmetry=self.asymmetries.append)
+            HR[:, c] = out[:self.p].to(R.dtype)
+            JR.append(out[self.p:].to(R.dtype))
+        self.products += R.shape[1]
+        JR = torch.stack(JR)
+        return HR, (JR if batch.rows is None else JR[:, torch.as_tensor(batch.rows, device=JR.device)])
+
+    def _count(self, kink: Tensor) -> None:
+        self.kinks += int(kink.sum())
+
+    def asymmetry(self) -> float:
+        """Median one-sided disagreement of the products the kink guard kept central (0 if none)."""
+        a = torch.cat(self.asymmetries).double().cpu() if self.asymmetries else torch.zeros(0)
+        a = a[a <= KINK_GUARD]
+        return float(a.median()) if len(a) else 0.0
+
+    def unreliable(self) -> str | None:
+        """Why the products cannot be trusted (too many kinks, noise, or both), or ``None``."""
+        reasons = []
+        if self.kinks > KINK_SHARE_LIMIT * self.products:
+            reasons.append(f"{self.kinks} of {self.products} finite-difference products crossed a kink (over "
+                           f"{KINK_SHARE_LIMIT:.0%}: ε is too large for this model)")
+        if self.asymmetry() > NOISE_LIMIT:
+            reasons.append(f"the finite differences' one-sided halves disagree by {self.asymmetry():.1e} (median, over "
+                           f"{NOISE_LIMIT:g}): rounding noise (a cast to a lower precision inside the model or "
+                           "loss_fn?) or a step too large for the curvature")
+        return "; ".join(reasons) or None
+
+    def info(self) -> dict[str, Any]:
+        """What the sweep reports: ``eps0``, ``fd_dtype``, ``fd_kinks``, ``fd_products``, ``fd_asymmetry`` (and
+        ``fd_agreement``, ``fd_fallback``)."""
+        out: dict[str, Any] = {"eps0": self.eps0, "fd_dtype": str(self.eval_dtype).replace("torch.", ""),
+                               "fd_kinks": self.kinks, "fd_products": self.products, "fd_asymmetry": self.asymmetry()}
+        if self.fallback is not None:
+            out["fd_fallback"] = self.fallback
+        if self.agreement is not None:
+            out["fd_agreement"] = self.agreement
+        return out
+

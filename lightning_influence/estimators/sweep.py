@@ -1,0 +1,298 @@
+"""The DIT adjoint sweep (math reference §2-3, docs/optimizer-adjoint.md): the mechanics behind
+:func:`~lightning_influence.estimators.dit.dit`, ``dit_local`` and ``timeline``.
+
+:class:`_Context` holds the log, the module, the data and the logged optimizer's functional twin,
+and replays the trajectory in reverse (:meth:`_Context.reverse_trajectory`: segments between
+checkpoints, or about ``√T`` steps with in-memory anchors, bounded by ``max_memory_bytes``).
+:func:`_model_sweep` pulls the adjoint ``(λ_θ, λ_s)`` back through every step::
+
+    (θ̄, s̄, R) = VJP_u(λ) at (θ_t, s_t, G_t);   F_j += −w_{j,t} ⟨R, g_{j,t}⟩;   λ = (θ̄ + H_t R, s̄)
+
+with the Hessian-vector products ``H_t R`` and per-sample terms ``J_t R`` from one reverse-over-reverse
+pass (or finite differences of gradients). With a :class:`~lightning_influence.step.shard.BatchShard`
+each process evaluates its rows of every step (docs/scaling.md, *batch split*): ``G_t`` and ``H_t R``
+are sums over rows, so they are summed over the processes (one all-reduce each); ``J_t R`` stays with
+the rows' process and the score matrix is summed once at the end. No Lightning imports.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.capture.hvp import flatten, unflatten
+from lightning_influence.estimators.fd import FiniteDifferenceProducts
+from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.queries import LossFn, Query, query_gradients, query_names
+from lightning_influence.replay import (TrainData, _optimizer_spec, checkpoint_params, load_step, optimizer_class, replay,
+                                        replay_from)
+from lightning_influence.replay_drift import DriftReport
+from lightning_influence.step.clipping import clip_gradient, logged_clip_spec
+from lightning_influence.step.micro import Step
+from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
+from lightning_influence.step.precision import Precision
+from lightning_influence.step.shard import BatchShard, check_row_split
+
+HVP_MODES = ("exact", "fd")
+
+
+# ================================================================================ optimizer
+PRECONDITIONERS = ("exact", "frozen")
+
+
+def _optimizer_step(log: InfluenceLog, names: Sequence[str], sizes: Sequence[int], dtype: torch.dtype,
+                    preconditioner: str = "exact", device: torch.device | str = "cpu") -> OptimizerStep:
+    """The logged optimizer's functional twin over the flat layout ``names``/``sizes``."""
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    rule = RULES[optimizer_class(log).__name__]
+    groups = [dict(g) for g in _optimizer_spec(log)["param_groups"]]
+    return OptimizerStep(rule, groups, coordinate_groups(groups, names, sizes), dtype, device,
+                         frozen_preconditioner=preconditioner == "frozen")
+
+
+# ============================================================================== trajectory
+@dataclass
+class _Record:
+    step: int
+    params: dict[str, Tensor]
+    ids: np.ndarray | None  # None: the end point θ_{t_hi}
+    lrs: np.ndarray | None = None
+    state: dict[str, Tensor] = field(default_factory=dict)  # flat optimizer state before the step
+
+
+class _Context:
+    """Everything a model-based sweep needs: log, module, data, names, the optimizer step."""
+
+    def __init__(self, log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, verify: bool,
+                 tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> None:
+        self.log, self.module, self.train_data, self.loss_fn = log, module, train_data, loss_fn
+        self.verify, self.tolerance, self.max_memory_bytes = verify, tolerance, max_memory_bytes
+        self.drift = DriftReport()  # measured at every checkpoint the replays pass (re-anchored there)
+        ref = checkpoint_params(log, module, log.checkpoint_steps[0] if log.checkpoint_steps else 0)
+        self.names = list(ref)
+        self.shapes = {n: tuple(t.shape) for n, t in ref.items()}
+        self.sizes = [int(np.prod(self.shapes[n], dtype=np.int64)) for n in self.names]
+        self.dtype = next(iter(ref.values())).dtype
+        self.device = next(iter(ref.values())).device  # the module's: the sweep runs there (e.g. a GPU)
+        self.p = sum(self.sizes)
+        self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner, device=self.device)
+        self.rule = self.step.rule
+        self.opt_names = [n for g in _optimizer_spec(log)["param_groups"] for n in g["params"]]
+        self.peak_trajectory_bytes = 0  # the most θ_t + state bytes one replay segment held
+
+    def state_before(self, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+        """The live optimizer's state (before the step it is about to take), flat."""
+        params = [p for g in opt.param_groups for p in g["params"]]
+        by_name = {n: opt.state.get(p, {}) for n, p in zip(self.opt_names, params)}
+        return self.step.state_from(by_name, self.names, self.sizes)
+
+    def bytes_per_step(self) -> int:
+        return self.p * torch.tensor([], dtype=self.dtype).element_size() + self.step.bytes_per_state()
+
+    # --- trajectory, in reverse
+    def reverse_trajectory(self, t_lo: int, t_hi: int, progress: Callable[[int, int], None] | None,
+                           shard: BatchShard | None = None) -> Iterator[_Record]:
+        """Yield the end point ``θ_{t_hi}``, then the steps ``t_hi−1 .. t_lo`` (with ``θ_t``, ``B_t``, ``η_t``); with
+        ``shard`` every process replays its rows of each step (:func:`~lightning_influence.replay.replay_step`)."""
+        log = self.log
+        ckpts = log.checkpoint_steps
+        earlier = [c for c in ckpts if c <= t_lo]
+        if not earlier:
+            raise ValueError(f"no checkpoint at or before step {t_lo} to replay from (checkpoints: {ckpts})")
+        s0 = earlier[-1]
+        n_steps = t_hi - s0
+        per = max(self.bytes_per_step(), 1)
+        if n_steps * per <= self.max_memory_bytes:
+            seg_len = max(n_steps, 1)
+        else:
+            seg_len = max(1, min(int(math.ceil(math.sqrt(n_steps))), self.max_memory_bytes // per))
+        ckpt_set = set(ckpts)
+        bounds = sorted({c for c in ckpts if s0 <= c < t_hi} | set(range(s0, t_hi, seg_len)) | {s0})
+        memory_anchors: dict[int, tuple[dict[str, Tensor], dict[str, Any]]] = {}
+        need = [a for a in bounds if a not in ckpt_set]
+        total = (t_hi - s0) + (max(need) - s0 if need else 0)
+        done = 0
+        if need:  # forward pass keeping θ and the optimizer state at the in-memory anchors
+            want = set(need)
+            for rs in replay(log, self.module, self.train_data, s0, max(need), start=s0, loss_fn=self.loss_fn,
+                             verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard):
+                if rs.step in want:
+                    memory_anchors[rs.step] = (rs.params, copy.deepcopy(rs.optimizer.state_dict()))
+                if rs.step < max(need):
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+        segments = list(zip(bounds, bounds[1:] + [t_hi]))
+        first_segment = True
+        for a, b in reversed(segments):
+            if b <= t_lo and not first_segment:
+                break
+            if a in ckpt_set:
+                gen = replay(log, self.module, self.train_data, a, b, start=a, loss_fn=self.loss_fn, verify=self.verify,
+                             tolerance=self.tolerance, report=self.drift, shard=shard)
+            else:
+                params, state = memory_anchors.pop(a)
+                gen = replay_from(log, self.module, self.train_data, params, state, a, b, loss_fn=self.loss_fn,
+                                  verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard)
+            records: list[_Record] = []
+            end: _Record | None = None
+            for rs in gen:
+                if rs.step < b:
+                    records.append(_Record(rs.step, rs.params, rs.ids, rs.lrs, self.state_before(rs.optimizer)))
+                    self.peak_trajectory_bytes = max(self.peak_trajectory_bytes, len(records) * self.bytes_per_step())
+                else:
+                    end = _Record(rs.step, rs.params, None)
+            if first_segment:
+                assert end is not None
+                yield end
+                first_segment = False
+            for rec in reversed(records):
+                done += 1
+                if rec.step >= t_lo:
+                    yield rec
+                if progress is not None:
+                    progress(min(done, total), total)
+            del records
+
+
+# ================================================================================ products
+def _batch_gradient(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor,
+                    shard: BatchShard | None = None) -> Tensor:
+    """``G_t = Σ_i w_{i,t} ∇ℓ_i``: the unclipped gradient the step applied at ``θ_t``, flat (the point the
+    optimizer's and the clipping's VJPs are taken at). A plain backward pass: its forward draws the training
+    dropout masks (one inside ``torch.func.grad`` may not, ``docs/replay.md``). With ``shard``: the sum over the
+    processes of their rows' parts."""
+    if not batch.micro:  # a process without rows of this step
+        return shard.all_reduce(torch.zeros(ctx.p, dtype=ctx.dtype, device=ctx.device))
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad():
+        g = torch.autograd.grad((w * batch.losses(ctx.module, ctx.loss_fn, leaves)).sum(), list(leaves.values()),
+                                allow_unused=True)
+    g = flatten({n: torch.zeros_like(leaves[n]) if gi is None else gi for n, gi in zip(leaves, g)}, ctx.names).detach()
+    return g if shard is None else shard.all_reduce(g)
+
+
+def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Tensor, w: Tensor,
+                    shard: BatchShard | None = None) -> tuple[Tensor, Tensor]:
+    """``(H_t R, J_t R)``: Hessian of the weighted batch loss ``Σ w_i ℓ_i`` times ``R`` ``(p, C)`` and the
+    per-sample directional derivatives ``⟨g_j, R_c⟩`` ``(C, B)``, exactly, by reverse-over-reverse from one
+    plain forward with every micro-batch's training dropout masks (:meth:`Step.curvature_products`). With
+    ``shard``: ``H_t R`` summed over the processes, ``J_t R`` of this process's rows."""
+    if not batch.micro:
+        return shard.all_reduce(torch.zeros_like(R)), R.new_zeros(R.shape[1], 0)
+    directions = [unflatten(R[:, c], ctx.shapes) for c in range(R.shape[1])]
+    hr, jr = batch.curvature_products(ctx.module, ctx.loss_fn, params, w, directions)
+    HR = torch.stack([flatten(h, ctx.names) for h in hr], dim=1)
+    return (HR if shard is None else shard.all_reduce(HR)), jr
+
+
+def _query_matrix(ctx: _Context, query: Query, params: Mapping[str, Tensor]) -> tuple[Tensor, list[str]]:
+    grads, values = query_gradients(ctx.module, query, ctx.names, params)
+    Q = len(values)
+    q = torch.cat([grads[n].reshape(Q, -1) for n in ctx.names], dim=1).to(ctx.dtype)
+    return q.T.contiguous(), query_names(query, Q)  # (p, Q)
+
+
+# =================================================================================== sweep
+@dataclass
+class _SweepResult:
+    values: dict[int, np.ndarray]  # activation step -> (N, Q) F_j(step) (or local sums)
+    names: list[str]
+    info: dict[str, Any]
+
+
+def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations: Sequence[int], hvp: str,
+                 eps0: float | None, progress: Callable[[int, int], None] | None,
+                 shard: BatchShard | None = None) -> _SweepResult:
+    """Backward sweep over steps ``t_hi−1 .. t_lo``; a column block ``q_s`` joins at each activation step ``s``.
+
+    With ``shard`` only this process's rows of every step are replayed and evaluated (the replay's gradient, ``G_t``,
+    ``H_t R`` and the scores summed over the processes); every process holds the whole trajectory and adjoint."""
+    if hvp not in HVP_MODES:
+        raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+    if shard is not None:
+        check_row_split(ctx.module)
+    fd = (FiniteDifferenceProducts(ctx.module, ctx.loss_fn, ctx.names, ctx.shapes, ctx.dtype,
+                                   Precision.from_meta(ctx.log.meta.get("precision")), eps0) if hvp == "fd" else None)
+    acts = sorted({int(s) for s in activations if t_lo < s <= t_hi})
+    N = ctx.log.dataset_size
+    U: Tensor | None = None  # λ_θ (p, C)
+    S: dict[str, Tensor] = {}  # λ_s per state key (p, C)
+    blocks: list[tuple[int, int]] = []  # (activation step, first column)
+    scores: np.ndarray | None = None
+    names: list[str] = []
+    n_hvp = 0
+    t0 = time.perf_counter()
+    keys = ctx.step.adjoint_keys
+    peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
+    rows_evaluated = 0  # sample-steps this process evaluated
+
+    def activate(step: int, params: dict[str, Tensor]) -> None:
+        nonlocal U, S, scores, names
+        q, names = _query_matrix(ctx, query, params)
+        Q = q.shape[1]
+        if U is None:
+            scores = np.zeros((N, Q * len(acts)))
+            U = torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device)
+            S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device) for k in keys}
+        blocks.append((step, U.shape[1]))
+        U = torch.cat([U, q], dim=1)
+        S = {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in S.items()}
+
+    for rec in ctx.reverse_trajectory(t_lo, t_hi, progress, shard):
+        if rec.ids is None:
+            if t_hi in acts:
+                activate(t_hi, rec.params)
+            continue
+        batch = (load_step(ctx.log, ctx.train_data, rec.step, shard) if U is not None and U.shape[1] > 0 and len(rec.ids)
+                 else None)
+        if batch is not None and not batch.skipped:  # a step the GradScaler skipped is the identity
+            mine = slice(None) if batch.rows is None else batch.rows  # this process's rows of the step
+            ids = rec.ids[mine]
+            rows_evaluated += len(ids)
+            theta = flatten(rec.params, ctx.names)
+            w = torch.as_tensor(ctx.log.weights(rec.step)[mine], dtype=ctx.dtype, device=ctx.device)  # w_{i,t} (step.weights)
+            clip = logged_clip_spec(ctx.log, rec.step)  # the clipping Jacobian joins the update's VJP (step.clipping)
+            # an affine rule (SGD) without clipping has a VJP independent of g: skip the gradient pass
+            g = (torch.zeros_like(theta) if ctx.rule.linear and clip is None
+                 else _batch_gradient(ctx, rec.params, batch, w, shard))
+            th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S,
+                                        transform=None if clip is None else (lambda x: clip_gradient(x, clip)))
+            HR, JR = (_products_exact(ctx, rec.params, batch, R, w, shard) if fd is None
+                      else fd(rec.params, batch, R, w, shard, len(rec.ids)))
+            n_hvp += R.shape[1]
+            C = U.shape[1]
+            peak_adjoint = max(peak_adjoint, sum(x.numel() * x.element_size() for x in (U, R, *S.values())))
+            np.add.at(scores[:, :C], ids, (-JR.T * w.unsqueeze(1)).detach().double().cpu().numpy())
+            U = th_bar + HR.detach()
+        if rec.step in acts:
+            activate(rec.step, rec.params)
+    if shard is not None and scores is not None:  # each process's rows' terms, summed
+        scores = shard.all_reduce(torch.from_numpy(scores)).numpy()
+    values: dict[int, np.ndarray] = {}
+    Q = len(names)
+    for step, c0 in blocks:
+        values[step] = scores[:, c0 : c0 + Q].copy()
+    info = {"hvp": hvp, "hvp_products": n_hvp, "steps_swept": t_hi - t_lo, "optimizer": ctx.rule.name,
+            "preconditioner": "frozen" if ctx.step.frozen else "exact", "peak_adjoint_bytes": peak_adjoint,
+            "peak_trajectory_bytes": ctx.peak_trajectory_bytes,
+            "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
+    if shard is not None:
+        info.update(split="batch", rows_evaluated=rows_evaluated)
+    if fd is not None:
+        info.update(fd.info())
+        reason = fd.unreliable()
+        if reason is not None:
+            info["fd_unreliable"] = True
+            warnings.warn(f"DIT with hvp='fd': {reason}; the scores are not reliable. Use hvp='exact' (the default) or "
+                          "a smaller eps0", RuntimeWarning, stacklevel=4)
+    return _SweepResult(values, names, info)

@@ -1,0 +1,198 @@
+"""Reading the next blocks of gradient rows in a background thread while the caller reduces the current one.
+
+A reduction over the log (TracIn, self-influence) alternates two costs per block: waiting for the disk and
+multiplying the rows. Done in turn, the disk idles while the CPU multiplies and the CPU idles while the disk
+reads. :class:`Prefetcher` overlaps them: one thread reads the byte runs of the next ``depth`` blocks with
+``os.preadv`` (which releases the GIL) into a small ring of reused buffers, and computes the CRC-32 of each
+step's rows, while the caller's thread multiplies the block read before. The caller compares the CRC-32s with
+the step tables before it uses a row, so every checksum is still verified.
+
+Rows that are not in the page cache are read with ``O_DIRECT`` (Linux): from the disk straight into the
+buffer, without passing through the page cache. For a log larger than RAM the cache cannot keep the rows
+for a second pass anyway, and filling it is what costs a buffered read its CPU (measured in docs/scaling.md:
+≈ 0.46 s of system time per GB buffered, ≈ 0.05 s direct) and much of its speed when the CPUs are busy.
+Rows already cached (a log read again, or one smaller than RAM) are copied from the cache (a ``RWF_NOWAIT``
+read takes what is cached and leaves the rest); where ``O_DIRECT`` is refused (tmpfs, other systems) the rest
+is read buffered.
+
+Only bytes the caller has shown to be stored as plain rows are read this way (``log/blocks.py``: HDF5's chunk
+index says the dataset's chunks are unfiltered and back to back); anything else is read through HDF5.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lightning_influence.log.format import crc32, reading
+
+_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address in multiples of this (>= the logical block size)
+_NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux >= 4.14: a read that returns only what the page cache holds
+_DIRECT = getattr(os, "O_DIRECT", None)
+
+
+@dataclass
+class ReadJob:
+    """Byte runs ``(file, offset, bytes)`` to read, and pieces whose CRC-32 the thread computes once they are read
+    (e.g. each step's rows), each a list of ``(run, first byte, end byte)``. Once read, ``views`` holds one ``uint8``
+    array per run and ``crcs`` one CRC-32 per piece."""
+
+    runs: list[tuple[Path, int, int]]
+    pieces: list[list[tuple[int, int, int]]] = field(default_factory=list)
+    views: list[np.ndarray] = field(default_factory=list)
+    crcs: list[int] = field(default_factory=list)
+    regions: list[tuple[np.ndarray, int]] = field(default_factory=list)  # per run: aligned buffer, its file offset
+    error: tuple[Path, BaseException] | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Prefetcher:
+    """One background thread that carries out :class:`ReadJob` s in the order submitted, into ``depth + 1`` buffers.
+
+    The buffer of a job is reused by the job submitted ``depth + 1`` later: a caller that submits at most ``depth``
+    jobs beyond the one it is using never sees its rows overwritten. Use as a context manager (the thread ends on
+    exit, also when the caller stops early).
+
+    Args:
+        depth: jobs read ahead of the one in use.
+        direct: read what the page cache does not hold with ``O_DIRECT`` where the system allows it.
+    """
+
+    def __init__(self, depth: int = 2, direct: bool = True) -> None:
+        self.depth = depth
+        self.direct = direct and _DIRECT is not None
+        self._ring: list[np.ndarray] = [np.empty(0, np.uint8) for _ in range(depth + 1)]
+        self._next = 0
+        self._jobs: queue.Queue[ReadJob | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._undirect: set[Path] = set()  # files whose O_DIRECT reads were refused: read buffered
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, job: ReadJob) -> ReadJob:
+        """Queue ``job``; its runs go to the next buffer of the ring (grown when too small), each run at an aligned
+        address with the file's alignment, so the part of it that is not cached can be read with ``O_DIRECT``."""
+        spans = []
+        for _, offset, nbytes in job.runs:
+            start = offset - offset % _ALIGN
+            spans.append((start, -(-(offset + nbytes - start) // _ALIGN) * _ALIGN))
+        total = sum(span for _, span in spans)
+        slot = self._next % len(self._ring)
+        self._next += 1
+        if len(self._ring[slot]) < total + _ALIGN:
+            self._ring[slot] = np.empty(total + _ALIGN, np.uint8)
+        buf = self._ring[slot]
+        at = -buf.ctypes.data % _ALIGN
+        for (_, offset, nbytes), (start, span) in zip(job.runs, spans):
+            region = buf[at: at + span]
+            job.regions.append((region, start))
+            job.views.append(region[offset - start: offset - start + nbytes])
+            at += span
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="influence-log-prefetch", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+        return job
+
+    def result(self, job: ReadJob) -> tuple[list[np.ndarray], list[int]]:
+        """The bytes of each run of ``job`` (views into the ring) and the CRC-32 of each piece, once read.
+
+        Raises:
+            LogFormatError: reading a run failed, or its file ended before the run (naming the file).
+        """
+        job.done.wait()
+        if job.error is not None:
+            path, err = job.error
+            with reading(path, "gradient rows"):
+                raise err
+        return job.views, job.crcs
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            path = job.runs[0][0] if job.runs else Path()
+            try:
+                for (path, offset, nbytes), view, (region, start) in zip(job.runs, job.views, job.regions):
+                    self._read_run(path, offset, view, region, start)
+                job.crcs = [_crc_of(job.views, piece) for piece in job.pieces]  # while the caller multiplies
+            except Exception as err:  # noqa: BLE001 - handed to the caller's thread by result()
+                job.error = (path, err)
+            finally:
+                job.done.set()
+
+    def _read_run(self, path: Path, offset: int, view: np.ndarray, region: np.ndarray, start: int) -> None:
+        """``view`` (bytes ``offset ..`` of ``path``, inside the aligned ``region`` that starts at file offset
+        ``start``): what the page cache holds copied from it, the rest read directly from the disk."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = 0
+            if _NOWAIT is not None and len(view):
+                try:
+                    got = os.preadv(fd, [view], offset, _NOWAIT)
+                except OSError:  # EAGAIN: the first page is not cached (or the flag is not supported here)
+                    got = 0
+            if got < len(view) and self.direct and path not in self._undirect:
+                got = self._read_direct(path, offset, got, len(view), region, start)
+            _read_all(fd, memoryview(view)[got:], offset + got)
+        finally:
+            os.close(fd)
+
+    def _read_direct(self, path: Path, offset: int, got: int, nbytes: int, region: np.ndarray, start: int) -> int:
+        """Read bytes ``[offset + got, offset + nbytes)`` with ``O_DIRECT`` (from the aligned offset at or before
+        them); the bytes now in ``region`` from ``offset`` on (``got`` again if the system refuses)."""
+        assert _DIRECT is not None
+        a = offset + got - (offset + got) % _ALIGN
+        try:
+            fd = os.open(path, os.O_RDONLY | _DIRECT)
+        except OSError:
+            self._undirect.add(path)
+            return got
+        try:
+            end = offset + nbytes
+            mv = memoryview(region)
+            while a < end:
+                n = os.preadv(fd, [mv[a - start:]], a)
+                step = n if a + n >= end else n - n % _ALIGN  # a short read mid-file: resume at an aligned offset
+                if step <= 0:  # the file ends early: the buffered read after this says so
+                    break
+                a += step
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # EINVAL: this file system wants another alignment; read buffered
+                raise
+            self._undirect.add(path)
+        finally:
+            os.close(fd)
+        return max(got, min(a, offset + nbytes) - offset)
+
+
+def _crc_of(views: list[np.ndarray], piece: list[tuple[int, int, int]]) -> int:
+    """The CRC-32 of the bytes of ``piece``, one stretch after the other."""
+    value = 0
+    for run, a, b in piece:
+        value = crc32(views[run][a:b], value)
+    return value
+
+
+def _read_all(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``offset`` of ``fd`` (buffered)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise EOFError(f"the file ends {len(view) - done} bytes before the rows it should hold")
+        done += got

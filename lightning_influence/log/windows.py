@@ -1,0 +1,52 @@
+"""Training windows: ``None``, steps, fractions, epochs or a string, as a half-open step range of a log
+(:meth:`lightning_influence.log.reader.InfluenceLog.window`)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from lightning_influence.log.reader import InfluenceLog
+
+__all__ = ["step_window"]
+
+_WINDOW_RE = re.compile(r"^\s*(epochs?\s+)?([-+0-9.eE]*)\s*:\s*([-+0-9.eE]*)\s*$")
+
+
+def step_window(log: "InfluenceLog", spec: Any) -> tuple[int, int]:
+    """:meth:`InfluenceLog.window <lightning_influence.log.reader.InfluenceLog.window>` of ``log`` (the accepted
+    forms are listed there)."""
+    T = log.num_steps
+    first = log.first_step
+    if spec is None:
+        return first, T
+    if isinstance(spec, str):
+        m = _WINDOW_RE.match(spec)
+        if not m:
+            raise ValueError(f"cannot parse window {spec!r}: use '100:500' (steps), '0.8:1.0' (fractions) or 'epoch 3:5'")
+        lo, hi = m.group(2), m.group(3)
+        if m.group(1):
+            spec = ("epoch", int(lo) if lo else int(log.epochs[0]), int(hi) if hi else int(log.epochs[-1]) + 1)
+        elif "." in lo + hi or "e" in (lo + hi).lower():
+            spec = (float(lo) if lo else 0.0, float(hi) if hi else 1.0)
+        else:
+            spec = (int(lo) if lo else 0, int(hi) if hi else T)
+    if len(spec) == 3 and spec[0] in ("epoch", "epochs"):
+        a, b = int(spec[1]), int(spec[2])
+        sel = np.nonzero((log.epochs_of_step >= a) & (log.epochs_of_step < b))[0]
+        if not len(sel):
+            raise ValueError(f"epochs [{a}, {b}) hold no step; the run has epochs {log.epochs.min()}..{log.epochs.max()}")
+        return int(log.steps[sel[0]]), int(log.steps[sel[-1]]) + 1
+    a, b = spec
+    if isinstance(a, float) or isinstance(b, float):
+        if not (0.0 <= a < b <= 1.0):
+            raise ValueError(f"fractional window ({a}, {b}) must satisfy 0 <= a < b <= 1")
+        t1, t2 = first + int(round(a * (T - first))), first + int(round(b * (T - first)))
+        return t1, max(t2, t1 + 1)
+    t1, t2 = int(a), int(b)
+    if not (first <= t1 < t2 <= T):
+        raise ValueError(f"step window [{t1}, {t2}) is outside the run: need {first} <= t1 < t2 <= T = {T}")
+    return t1, t2

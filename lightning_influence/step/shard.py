@@ -1,0 +1,75 @@
+"""One process's part of a training step's batch, for a computation split over processes like DDP training.
+
+A model sweep (the DIT adjoint, :mod:`lightning_influence.estimators.sweep`) can cut every step's
+rows over ``world`` processes: each evaluates its rows with their recorded weights ``w_{i,t}``
+(:mod:`.weights`; the parts' weighted losses sum exactly to the step's loss), so the step's gradient
+and Hessian-vector products are the sums of the processes' parts (one all-reduce each) while the
+per-sample terms stay with the process that holds the sample (docs/scaling.md, *batch split*).
+
+A micro-batch whose forward drew random numbers (dropout) is evaluated whole by one process,
+``(step + k) mod world`` for the ``k``-th micro-batch of the step: its masks were drawn for the whole
+micro-batch from one generator state (:mod:`.rng`), so a part of it would draw others. Any other
+micro-batch is cut into ``world`` contiguous parts of equal size (±1). Samples must not interact in
+the forward: :func:`check_row_split` refuses train-mode BatchNorm. Pure torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["BatchShard", "check_row_split", "positions", "take_rows"]
+
+
+@dataclass(frozen=True)
+class BatchShard:
+    """Process ``rank`` of ``world``, and the sum over processes.
+
+    Attributes:
+        rank, world: this process and the number of processes.
+        all_reduce: ``all_reduce(x)`` is the sum of ``x`` over the processes (same shape, dtype and device), the
+            same on every process; every process calls it at the same points (a collective).
+    """
+
+    rank: int
+    world: int
+    all_reduce: Callable[[Tensor], Tensor]
+
+    def rows(self, step: int, sizes: Sequence[int], drew: Sequence[bool]) -> list[slice]:
+        """This process's rows of each micro-batch of step ``step`` (``sizes`` rows each; ``drew``: its forward drew
+        random numbers, so it goes whole to process ``(step + k) mod world``)."""
+        out = []
+        for k, (n, d) in enumerate(zip(sizes, drew)):
+            if d:
+                out.append(slice(0, n) if (step + k) % self.world == self.rank else slice(0, 0))
+            else:
+                out.append(slice(n * self.rank // self.world, n * (self.rank + 1) // self.world))
+        return out
+
+
+def positions(sizes: Sequence[int], rows: Sequence[slice]) -> np.ndarray:
+    """The positions in the step (micro-batches concatenated) of the ``rows`` of each micro-batch."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else []
+    parts = [np.arange(o + s.start, o + s.stop, dtype=np.int64) for o, s in zip(offsets, rows)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def take_rows(batch: Any, rows: slice, n: int) -> Any:
+    """Rows ``rows`` of a stored batch of ``n`` samples: every tensor whose first dimension is ``n`` is sliced, other
+    leaves (scalars, per-batch constants) are kept."""
+    return pytree.tree_map(lambda x: x[rows] if isinstance(x, Tensor) and x.dim() and x.shape[0] == n else x, batch)
+
+
+def check_row_split(module: nn.Module) -> None:
+    """Refuse to cut a batch whose samples interact in the forward: train-mode BatchNorm normalises by the statistics of
+    the rows evaluated together, so a part of the batch would see others (split by query column instead)."""
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+            raise ValueError(f"BatchNorm layer '{name}' is in train mode: its statistics mix the samples of a batch, so a "
+                             "step's rows cannot be split over processes. Put the module in eval mode (module.eval()) "
+                             "or split the query's outputs over the processes (split='columns')")
+
