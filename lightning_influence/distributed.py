@@ -84,6 +84,11 @@ class Processes:
         """``None`` (one process), a number of local processes, or a :class:`Processes`."""
         return cls() if spec is None else cls(devices=int(spec)) if isinstance(spec, int) else spec
 
+    def launch(self, fn: Callable[..., Any], *args: Any, what: str) -> Any:
+        """:func:`launch` ``fn(fabric, *args)`` on these processes."""
+        return launch(fn, *args, devices=self.devices, num_nodes=self.num_nodes, strategy=self.strategy,
+                      accelerator=self.accelerator, timeout_s=self.timeout_s, what=what)
+
     @property
     def many(self) -> bool:
         """More than one process asked for (under an outside launcher, pass the world it starts: --devices/--num-nodes)."""
@@ -101,8 +106,7 @@ def map_blocks(fn: Callable[[int, int, torch.device], Any], n: int, processes: P
     procs = Processes.of(processes)
     if not procs.many:
         return [_block(None, fn, n, what)]
-    return launch(_map_worker, fn, n, what, devices=procs.devices, num_nodes=procs.num_nodes, strategy=procs.strategy,
-                  accelerator=procs.accelerator, timeout_s=procs.timeout_s, what=what)
+    return procs.launch(_map_worker, fn, n, what, what=what)
 
 
 def _block(fabric: Any, fn: Callable[[int, int, torch.device], Any], n: int, what: str
@@ -425,9 +429,7 @@ def by_batch(estimator: Callable[..., Any], log: InfluenceLog, query: Query, pro
     if not procs.many:
         return estimator(log, query, **kwargs)
     what = f"distributed {estimator.__name__} (batch split)"
-    return launch(_batch_worker, estimator, str(log.path), query, kwargs, what, devices=procs.devices,
-                  num_nodes=procs.num_nodes, strategy=procs.strategy, accelerator=procs.accelerator,
-                  timeout_s=procs.timeout_s, what=what)
+    return procs.launch(_batch_worker, estimator, str(log.path), query, kwargs, what, what=what)
 
 
 def _batch_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, query: Query, kwargs: dict[str, Any],
@@ -467,9 +469,7 @@ def by_steps(estimator: Callable[..., Any], log: InfluenceLog, query: Query | No
     if not procs.many:
         return estimator(log, query, **kwargs)
     what = f"distributed {getattr(estimator, '__name__', 'estimator')} query"
-    return launch(_steps_worker, estimator, str(log.path), query, kwargs, what, devices=procs.devices,
-                  num_nodes=procs.num_nodes, strategy=procs.strategy, accelerator=procs.accelerator,
-                  timeout_s=procs.timeout_s, what=what)
+    return procs.launch(_steps_worker, estimator, str(log.path), query, kwargs, what, what=what)
 
 
 def _steps_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, query: Query | None,
