@@ -19,7 +19,8 @@ first epoch, second half, last epoch) the error of the DIT score vector ``s`` ag
 
     max-abs: max_j |s_j − s*_j| / max_j |s*_j|        L2: ‖s − s*‖ / ‖s*‖
 
-Also: the sweep seconds (each a whole timeline: replay + products; ratios within one run), the products
+Also: the sweep seconds (each a whole timeline: replay + products; ratios within one run), one step's
+products timed alone (exact against finite differences, 1 and 4 columns, alternating), the products
 that crossed a kink, and the float64-vs-native gradient gap at the first step. Prints a table and writes
 JSON (``benchmarks/results/`` is git-ignored).
 """
@@ -45,6 +46,9 @@ from step_runs import run_all  # noqa: E402
 
 from lightning_influence.estimators import fd as fd_module  # noqa: E402
 from lightning_influence.estimators import timeline  # noqa: E402
+from lightning_influence.estimators.sweep import _Context, _products_exact  # noqa: E402
+from lightning_influence.replay import checkpoint_params, load_step  # noqa: E402
+from lightning_influence.step.precision import Precision  # noqa: E402
 from lightning_influence.step.weights import step_summary  # noqa: E402
 
 TARGET = 1e-3  # issue 11: DIT with FD HVPs within 1e-3 of the exact sweep (max-abs, every window)
@@ -66,6 +70,32 @@ def errors(est: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     scale = max(float(np.abs(ref).max()), 1e-300)
     return {"max_abs": float(np.abs(est - ref).max() / scale),
             "l2": float(np.linalg.norm(est - ref) / max(float(np.linalg.norm(ref)), 1e-300))}
+
+
+def product_cost(log: Any, Net: Any, train_ds: Any, columns: int, reps: int) -> dict[str, float]:
+    """Seconds of one step's products (the last step, ``columns`` random directions), exact and finite-difference
+    (after the one-time float64 check), alternating, median of ``reps``; and their ratio."""
+    module = Net().float()
+    ctx = _Context(log, module, train_ds, ce_loss, False, float("inf"), 2**30)
+    t = log.num_steps - 1
+    params, batch = checkpoint_params(log, module, t), load_step(log, train_ds, t)
+    w = torch.as_tensor(log.weights(t), dtype=ctx.dtype)
+    R = torch.randn(ctx.p, columns, generator=torch.Generator().manual_seed(0))
+    precision = Precision.from_meta(log.meta.get("precision"))
+    fd = fd_module.FiniteDifferenceProducts(module, ce_loss, ctx.names, ctx.shapes, ctx.dtype, precision)
+    fd(params, batch, R, w)  # the float64 copy and the check at θ, once per sweep
+    with native_products():
+        before = fd_module.FiniteDifferenceProducts(module, ce_loss, ctx.names, ctx.shapes, ctx.dtype, precision)
+    runs = {"exact": lambda: _products_exact(ctx, params, batch, R, w), "fd": lambda: fd(params, batch, R, w),
+            "fd_before": lambda: before(params, batch, R, w)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    out = {k: float(np.median(v)) for k, v in times.items()}
+    return {**out, "fd_over_exact": out["fd"] / out["exact"], "before_over_exact": out["fd_before"] / out["exact"]}
 
 
 def run_config(name: str, cfg: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -92,6 +122,7 @@ def run_config(name: str, cfg: dict[str, Any], data: dict[str, Any], args: argpa
         out["info"][label] = {k: tl.info[k] for k in ("eps0", "fd_dtype", "fd_kinks", "fd_products", "fd_agreement",
                                                        "fd_asymmetry", "fd_fallback", "fd_unreliable") if k in tl.info}
         scores[label] = {w: tl.window(t1, t2).column(0) for w, (t1, t2) in wins.items()}
+    out["cost"] = {f"C={c}": product_cost(log, Net, train_ds, c, args.reps) for c in (1, 4)}
     for label in scores:
         if label != "exact":
             out["errors"][label] = {w: errors(scores[label][w], scores["exact"][w]) for w in wins}
@@ -117,7 +148,10 @@ def print_table(name: str, res: dict[str, Any]) -> None:
     agree = [i["fd_agreement"] for i in res["info"].values() if "fd_agreement" in i]
     if agree:
         print(f"float64 vs native gradient at the first step (relative L2): {agree[0]:.1e}")
-    print(f"exact sweep {res['seconds']['exact']:.1f}s")
+    print(f"exact sweep {res['seconds']['exact']:.1f}s; one step's products, fd / exact time: "
+          + ", ".join(f"{k} {v['fd_over_exact']:.2f} (before {v['before_over_exact']:.2f}; "
+                      f"{v['fd'] * 1e3:.1f} / {v['exact'] * 1e3:.1f} ms)"
+                      for k, v in res["cost"].items()))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -130,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clip", type=float, default=0.1, help="gradient_clip_val (norm) of the clipping runs")
     parser.add_argument("--eps0", type=lambda s: [float(x) for x in s.split(",")], default=[fd_module.FD_EPS0],
                         help="comma-separated ε_0 of the float64 products")
+    parser.add_argument("--reps", type=int, default=7, help="repetitions of the per-step product timing")
     parser.add_argument("--configs", default="all", help="comma-separated config names, or 'all'")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fd_accuracy.json"))

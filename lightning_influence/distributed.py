@@ -50,11 +50,11 @@ from lightning_influence.estimators.sharding import StepShard, balanced_cuts, sp
 from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin, tracin_self_influence
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import Query
-from lightning_influence.step.shard import BatchShard
+from lightning_influence.step.shard import BatchShard, check_row_split
 
 __all__ = ["BATCH_SPLIT", "DISTRIBUTED", "SPLITS", "STEP_SPLIT", "DistributedQueryError", "Processes", "QueryColumns",
            "by_batch", "by_columns", "by_steps", "gather", "global_rank", "launch", "launched_outside", "map_blocks",
-           "run", "shard_steps", "split_of", "split_range", "sweep"]
+           "run", "shard_steps", "split_for", "split_of", "split_range", "sweep"]
 
 DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tracin_self_influence": tracin_self_influence}
 _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric run set these in every process
@@ -164,7 +164,8 @@ def run(method: str, log_path: str | os.PathLike, query: Query | Mapping[int, np
     """
     if method not in DISTRIBUTED:
         raise ValueError(f"{method!r} is not distributed; distributed log-only estimators: {sorted(DISTRIBUTED)}. "
-                         "DIT, Diff-In and replay-based ground truth run in one process (docs/scaling.md)")
+                         "DIT, its timeline and Diff-In run on several processes with distributed.sweep(estimator, log, "
+                         "query, processes, ...), replay leave-one-out with replay_loo(..., processes=N) (docs/scaling.md)")
     if int(devices) < 1 or int(num_nodes) < 1:
         raise ValueError(f"devices and num_nodes must be >= 1, got {devices} and {num_nodes}")
     names: list[str] = []
@@ -381,9 +382,10 @@ def sweep(estimator: Callable[..., Any], log: InfluenceLog, query: Query, proces
           split: str | None = None, **kwargs: Any) -> Any:
     """``estimator(log, query, **kwargs)`` on ``processes``, divided by ``split`` (default ``processes.split``):
     ``"batch"`` (:func:`by_batch`: every step's rows; DIT, local DIT, the timeline), ``"columns"``
-    (:func:`by_columns`: the query's outputs; also Diff-In, Gauss-Newton DIT), ``"auto"``: by batch where the estimator can be, else by
-    column. An estimator of :data:`STEP_SPLIT` (Diff-In self-influence: no query to split by column) always splits by
-    steps (:func:`by_steps`). One process: the estimator itself."""
+    (:func:`by_columns`: the query's outputs; also Diff-In, Gauss-Newton DIT), ``"auto"``: by batch where the
+    estimator and the module allow it (no train-mode BatchNorm), else by column. An estimator of :data:`STEP_SPLIT`
+    (Diff-In self-influence: no query to split by column) always splits by steps (:func:`by_steps`). One process:
+    the estimator itself."""
     procs = Processes.of(processes)
     split = procs.split if split is None else split
     if split not in SPLITS:
@@ -392,9 +394,24 @@ def sweep(estimator: Callable[..., Any], log: InfluenceLog, query: Query, proces
         return estimator(log, query, **kwargs)
     if estimator in STEP_SPLIT:
         return by_steps(estimator, log, query, procs, **kwargs)
-    if split == "columns" or (split == "auto" and estimator not in BATCH_SPLIT):
+    if split_for(estimator, kwargs.get("module"), split) == "columns":
         return by_columns(estimator, log, query, procs, **kwargs)
     return by_batch(estimator, log, query, procs, **kwargs)
+
+
+def split_for(estimator: Callable[..., Any], module: nn.Module | None, split: str = "auto") -> str:
+    """``"batch"`` or ``"columns"``: ``split`` itself, or for ``"auto"`` the batch split where the estimator has one
+    and ``module``'s rows can be evaluated apart (:func:`~lightning_influence.step.shard.check_row_split`)."""
+    if split != "auto":
+        return split
+    if estimator not in BATCH_SPLIT:
+        return "columns"
+    try:
+        if module is not None:
+            check_row_split(module)
+    except ValueError:
+        return "columns"
+    return "batch"
 
 
 def split_of(estimator: Callable[..., Any], processes: Processes | int | None) -> Callable[..., Any]:
