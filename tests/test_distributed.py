@@ -312,13 +312,15 @@ def test_cli_timeline_dit_split_by_query_on_2_devices_equals_one_process(digits_
 # ------------------------------------------------------------------------------- DIT split by batch rows
 def _batch_runs(tmp):
     """Three float64 runs of 16 samples in batches of 4: SGD with momentum, norm clipping that binds and 2
-    micro-batches per step (rows split inside each micro-batch); AdamW; dropout (each step whole on one process)."""
+    micro-batches per step (rows split inside each micro-batch); AdamW, with its inputs stored in the log (each
+    process slices its rows out of them); dropout (each step whole on one process)."""
     runs = {}
     for name, kw, fit_kw in (("sgd-clip", {"momentum": 0.9, "lr": 0.5}, {"gradient_clip_val": 0.05, "accumulate_grad_batches": 2}),
                              ("adamw", {"optimizer": "adamw", "lr": 0.05, "weight_decay": 0.1}, {}),
                              ("dropout", {"dropout": 0.3, "momentum": 0.5}, {})):
         path = tmp / name
-        tracker = InfluenceTracker(str(path), checkpoint_every_n_steps=3, storage_dtype="float64")
+        tracker = InfluenceTracker(str(path), checkpoint_every_n_steps=3, storage_dtype="float64",
+                                   store_inputs=name == "adamw")
         fit(tiny(**kw), loader(make_data(16, seed=5), batch_size=4), tracker, epochs=2, **fit_kw)
         runs[name] = (str(path), kw)
     return runs
@@ -466,20 +468,24 @@ def _in_threads(world: int, fn) -> list:
         return [f.result() for f in [pool.submit(fn, r, total.reducer(r)) for r in range(world)]]
 
 
-def test_replay_and_dit_with_every_step_split_over_two_processes_equal_one_process(batch_runs):
-    """Two threads standing for processes (the collective a sum over them): the replay of the SGD + clipping +
-    2-micro-batch run and its DIT, each thread loading half the rows, equal one process to 1e-12."""
+@pytest.mark.parametrize("name", ["sgd-clip", "adamw"])
+def test_replay_and_dit_with_every_step_split_over_two_processes_equal_one_process(batch_runs, name):
+    """Two threads standing for processes (the collective a sum over them): the replay and DIT of the SGD + clipping +
+    2-micro-batch run (each thread loading half the rows from the data) and of the AdamW run (each slicing its rows
+    out of the inputs stored in the log) equal one process to 1e-12."""
     from lightning_influence import dit
     from lightning_influence.replay import replay
     from lightning_influence.step.shard import BatchShard
 
-    path, kw = batch_runs["sgd-clip"]
+    path, kw = batch_runs[name]
     data = make_data(16, seed=5)
     with InfluenceLog(path) as log:
         T = log.num_steps
+        rows = sum(len(log.batch_ids(t)) for t in range(T))
         one_data = _Counted(data)
         want_theta = [rs.params for rs in replay(log, tiny(**kw), one_data, 0, T)]
         want = dit(log, ValLosses(), module=tiny(**kw), train_data=data, window=(1, T))
+    assert one_data.served == (0 if name == "adamw" else rows)  # stored inputs: the data is not asked
 
     def both(rank, all_reduce):
         shard, counted = BatchShard(rank, 2, all_reduce), _Counted(data)
@@ -495,5 +501,5 @@ def test_replay_and_dit_with_every_step_split_over_two_processes_equal_one_proce
         for a, b in zip(theta, want_theta):
             for n in a:
                 np.testing.assert_allclose(a[n].numpy(), b[n].numpy(), rtol=1e-12, atol=1e-14)
-        assert scores.info["rows_evaluated"] == one_data.served // 2
+        assert scores.info["rows_evaluated"] == rows // 2
         np.testing.assert_allclose(scores.scores, want.scores, rtol=1e-12, atol=1e-13 * np.abs(want.scores).max())
