@@ -145,15 +145,18 @@ def fd_directional_derivative(
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in cuda]
 
+        shift: dict[str, Tensor] = {}  # ε v̂ per tensor, made once for both sides: θ − ε v̂ is bit for bit θ + (−ε) v̂
+
         def at_offset(sign: float) -> Tensor:
             torch.set_rng_state(cpu_state)
             for d, state in zip(cuda, cuda_states):
                 torch.cuda.set_rng_state(state, d)
             if sign == 0.0:
                 return fn(base)
-            step = {dtype: (sign * unit).to(dtype) for dtype in {base[n].dtype for n in direction}}
-            return fn({**base, **{n: base[n] + v.detach().to(base[n].dtype) * step[base[n].dtype]
-                                  for n, v in direction.items()}})
+            if not shift:
+                step = {dtype: unit.to(dtype) for dtype in {base[n].dtype for n in direction}}
+                shift.update({n: v.detach().to(base[n].dtype) * step[base[n].dtype] for n, v in direction.items()})
+            return fn({**base, **{n: base[n] + dv if sign > 0 else base[n] - dv for n, dv in shift.items()}})
 
         plus = at_offset(1.0)
         if scheme == "forward":
