@@ -21,6 +21,8 @@ Checks, one PASS/FAIL line each (SKIP where a check does not apply to the device
 - ``replay/tracin/dit/diffin[model]``: the estimators on the device from the log: replay's drift
   against every stored checkpoint, and TracIn / DIT / Diff-In on the device against the same
   estimator on the CPU (``--device cpu``: the CPU against itself, a dry run).
+- ``dit_fd[model]``: DIT with finite-difference HVPs against DIT exact on the device, within 1e-3
+  without falling back from the float64 differences (docs/replay.md).
 - ``no_sync[model]`` (CUDA only): with ``torch.cuda.set_sync_debug_mode("warn")``, the
   synchronising calls made from ``lightning_influence`` code must not grow with the number
   of steps (a fit of 2S steps against one of S steps): the tracker's device-to-host copies
@@ -442,6 +444,21 @@ def check_dit(ctx: Context, model: str) -> str:
     return _device_vs_cpu(ctx, model, "DIT (exact HVP)", dit, 1e-3)
 
 
+def check_dit_fd(ctx: Context, model: str) -> str:
+    """DIT with finite-difference HVPs (float64 differences, estimators/fd.py) against DIT exact, both on the device:
+    no fallback (the float64 copy draws the training dropout masks there too), within 1e-3 (relative L2)."""
+    log, module, val = _estimator_setup(ctx, model)
+    with log:
+        exact = dit(log, _query(val, ctx.device), module=module, train_data=ctx.data[model]).column(0)
+        fd = dit(log, _query(val, ctx.device), module=module, train_data=ctx.data[model], hvp="fd")
+    err, info = rel(fd.column(0), exact), fd.info
+    detail = (f"DIT fd vs exact on {ctx.device}: {err:.1e}; products in {info['fd_dtype']} (float64 vs native gradient "
+              f"{info.get('fd_agreement', float('nan')):.1e}, one-sided disagreement {info['fd_asymmetry']:.1e})")
+    if info.get("fd_fallback") or info.get("fd_unreliable") or not err <= 1e-3:
+        raise CheckFailed(detail + f" ({info.get('fd_fallback') or 'flagged or over 1e-3'})")
+    return detail
+
+
 def check_diffin(ctx: Context, model: str) -> str:
     return _device_vs_cpu(ctx, model, "Diff-In", diffin, 1e-3)
 
@@ -569,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             run(f"replay[{model}]", check_replay, ctx, model, results=results, only=args.only)
             run(f"tracin[{model}]", check_tracin, ctx, model, results=results, only=args.only)
             run(f"dit[{model}]", check_dit, ctx, model, results=results, only=args.only)
+            run(f"dit_fd[{model}]", check_dit_fd, ctx, model, results=results, only=args.only)
             run(f"diffin[{model}]", check_diffin, ctx, model, results=results, only=args.only)
         run("no_sync[mlp]", check_no_sync, ctx, "mlp", results=results, only=args.only)
 

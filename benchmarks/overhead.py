@@ -14,10 +14,13 @@ For each model:
 2. **Fit overhead**: time of ``Trainer.fit`` with the tracker at each level over the same fit
    without it, alternating (round-robin over levels, ``--rounds``), fastest fits (noise only adds
    time). Fits of ``--steps`` and ``--short-steps`` split the added time into per step and per
-   fit; the added ms/step is split by where it goes: the hook engine (hooks and projection in
-   the step's own forward/backward, from 1.), the HVP scheme's extra hooked passes (1. times
-   one or two) and the rest (the tracker's bookkeeping: ids, random states, loss and row
-   copies, log writing, the finite differences' setup).
+   fit; the added ms/step is split by where it goes: ``hooks``, the hook engine's work inside the
+   step's own forward/backward (from 1.); ``passes``, the HVP scheme's extra hooked passes (1.
+   times one or two); ``tracker``, the rest of the CPU time of the tracker's per-step Lightning
+   hooks, measured in the fits (ids, random states, the projection's collection, the step
+   record, the finite differences' setup, host copies, checks); ``writer``, the CPU time of the
+   log writer's background thread (segment files: off the training thread, but on this clock);
+   ``other``, what remains (the loss observer, Lightning's hook dispatch, noise).
 
 Times are CPU time of the process by default (``--clock cpu``): on a shared machine the other jobs
 stretch elapsed time by a varying factor but barely move the CPU time of this process; the
@@ -47,6 +50,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.overhead_models import MODELS, make  # noqa: E402
 from lightning_influence import InfluenceTracker  # noqa: E402
+from lightning_influence.log.writer import LogWriter  # noqa: E402
 from lightning_influence.capture import (  # noqa: E402
     HookGradientCapture,
     KroneckerProjector,
@@ -57,6 +61,24 @@ from lightning_influence.capture import (  # noqa: E402
 from lightning_influence.capture.layers import foldable_biases  # noqa: E402
 
 K = 256
+_PER_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+                   "on_train_batch_end")
+SPENT = {"tracker": 0.0, "writer": 0.0}  # thread CPU seconds in the tracker's per-step hooks, in the writer thread
+
+
+def _counted(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[key] += time.thread_time() - t0
+    return counted
+
+
+for _hook in _PER_STEP_HOOKS:
+    setattr(InfluenceTracker, _hook, _counted(getattr(InfluenceTracker, _hook), "tracker"))
+LogWriter._write = _counted(LogWriter._write, "writer")
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = time.process_time  # --clock: CPU time of this process (all its threads) resists the other jobs of a busy box
 LEVELS = {
@@ -129,6 +151,9 @@ def step_costs(name: str, reps: int) -> dict[str, float]:
 
 def run_fit(factory: Callable[[], pl.LightningModule], data: DataLoader, steps: int,
             tracker: InfluenceTracker | None) -> float:
+    """CPU (or wall) seconds of one fit; :data:`SPENT` holds its tracker and writer thread seconds after it."""
+    for key in SPENT:
+        SPENT[key] = 0.0
     pl.seed_everything(0, verbose=False)
     module = factory()
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -145,6 +170,7 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     levels = [lv for lv in LEVELS if lv in args.levels]
     times: dict[str, list[float]] = {"baseline": [], **{k: [] for k in levels}}
     short: dict[str, list[float]] = {k: [] for k in times}
+    spent = {(k, n): {key: [] for key in SPENT} for k in times for n in (args.steps, args.short_steps)}
     run_fit(factory, data, 2, None)  # warm-up
     for r in range(args.rounds):
         for level in times:
@@ -153,6 +179,8 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
                 shutil.rmtree(log_dir, ignore_errors=True)
                 tracker = None if level == "baseline" else InfluenceTracker(str(log_dir), **LEVELS[level])
                 record[level].append(run_fit(factory, data, steps, tracker))
+                for key, value in SPENT.items():
+                    spent[level, steps][key].append(value)
             shutil.rmtree(log_dir, ignore_errors=True)
         print(f"  {name}: round {r + 1}/{args.rounds} done", file=sys.stderr)
     base, base_short = min(times["baseline"]), min(short["baseline"])
@@ -161,7 +189,9 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     for level in levels:
         added_long, added_short = min(times[level]) - base, min(short[level]) - base_short
         per_step = (added_long - added_short) / (args.steps - args.short_steps)
-        rows.append({
+        threads = {f"{key}_ms_per_step": 1e3 * (min(spent[level, args.steps][key]) - min(spent[level, args.short_steps][key]))
+                   / (args.steps - args.short_steps) for key in SPENT}
+        rows.append({**threads,
             "level": level, "ratio": min(times[level]) / base,
             "median_round_ratio": statistics.median(t / b for t, b in zip(times[level], times["baseline"])),
             "steady_ratio": 1 + per_step / base_step, "target": TARGETS.get(level),
@@ -172,12 +202,14 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
 
 
 def where_it_goes(row: dict[str, Any], costs: dict[str, float]) -> dict[str, float]:
-    """Added ms/step of a level split into the hook engine, the HVP scheme's extra passes and the rest."""
+    """Added ms/step of a level split into hooks, HVP passes, the tracker's hooks' other work, the writer and other."""
     kw = LEVELS[row["level"]]
-    hooks = costs["hooks_in_step_ms"] + costs["projection_ms"] if kw.get("record_gradients") else 0.0
+    hooks = costs["hooks_in_step_ms"] if kw.get("record_gradients") else 0.0
     passes = (2 if kw.get("hvp_scheme", "central") == "central" else 1) * costs["own_pass_ms"] if kw.get("record_hvp") \
         else 0.0
-    return {"hooks": hooks, "passes": passes, "rest": row["added_ms_per_step"] - hooks - passes}
+    tracker, writer = row["tracker_ms_per_step"], row["writer_ms_per_step"]
+    return {"hooks": hooks, "passes": passes, "tracker": tracker - passes, "writer": writer,
+            "other": row["added_ms_per_step"] - hooks - tracker - writer}
 
 
 def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
@@ -189,13 +221,14 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
     print(f"  per-sample gradients: hooks {c['hooks_samples_per_s']:.0f} samples/s, vmap {c['vmap_samples_per_s']:.0f} "
           f"samples/s ({c['vmap_ms'] / c['own_pass_ms']:.1f}x)")
     print(f"  {'level':<24}{'ratio':>7}{'median':>8}{'steady':>8}{'target':>8}{'met':>5}{'+ms/step':>10}"
-          f"{'hooks':>8}{'passes':>8}{'rest':>8}{'s/fit':>7}")
+          f"{'hooks':>8}{'passes':>8}{'tracker':>8}{'writer':>8}{'other':>8}{'s/fit':>7}")
     for row in fits["levels"]:
         tgt, split = row["target"], where_it_goes(row, c)
         met = "-" if tgt is None else ("yes" if row["steady_ratio"] <= tgt else "NO")
         print(f"  {row['level']:<24}{row['ratio']:>7.3f}{row['median_round_ratio']:>8.3f}{row['steady_ratio']:>8.3f}"
               f"{'-' if tgt is None else f'{tgt:.2f}':>8}{met:>5}{row['added_ms_per_step']:>10.2f}"
-              f"{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['rest']:>8.2f}{row['added_s_per_fit']:>7.2f}")
+              f"{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['tracker']:>8.2f}{split['writer']:>8.2f}"
+              f"{split['other']:>8.2f}{row['added_s_per_fit']:>7.2f}")
 
 
 def main() -> None:
@@ -229,8 +262,10 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\ntimes: {args.clock} clock. ratio: fastest fit with the tracker / fastest without; median: of the per-round "
           "ratios; steady: 1 + added ms/step over the step without tracker (per-fit costs amortised), compared with "
-          "the target; hooks: hooks and projection in the step (step costs); passes: the HVP scheme's extra hooked "
-          "passes (step costs); rest: the remainder (tracker bookkeeping, log writing, finite-difference setup)")
+          "the target; hooks: the hook engine in the step's forward/backward (step costs); passes: the HVP scheme's "
+          "extra hooked passes (step costs); tracker: the rest of the tracker's per-step hooks (thread CPU in the fits: "
+          "bookkeeping, projection, finite-difference setup); writer: the log writer's background thread (thread CPU); "
+          "other: the remainder (loss observer, Lightning's hook dispatch, noise)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": results, "args": vars(args)}, indent=2))

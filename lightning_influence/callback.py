@@ -40,7 +40,7 @@ from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.log.resume import continue_log, log_exists, start_new_log
+from lightning_influence.log.resume import continue_log, log_exists, logged_fold_bias, start_new_log
 from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, storage_error, write_meta
 from lightning_influence.step import rng
 from lightning_influence.step.pending import PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record
@@ -79,7 +79,8 @@ class InfluenceTracker(Callback):
             of ``[W b]``, instead of a weight block and a bias block) where the weight is projected and both
             are tracked, in one optimizer param group and used by that layer alone: fewer columns, less work
             (``docs/per-sample-gradients.md``). ``False``: every tensor its own block (the layout of logs
-            written before folding; a resumed fit must keep its log's layout).
+            written before folding). ``None`` (default): fold, except that a fit resumed into an existing log
+            keeps that log's layout; an explicit value that differs from the log's is refused.
         storage_dtype: dtype of gradient/HVP rows on disk: ``float16``, ``float32`` or ``float64``.
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
@@ -134,7 +135,7 @@ class InfluenceTracker(Callback):
         exclude_params: list[str] | None = None,
         projection_dim: int | None = None,
         projection_seed: int = 0,
-        fold_bias: bool = True,
+        fold_bias: bool | None = None,
         storage_dtype: str = "float32",
         compression: str | None = None,
         loss_fn: LossFn | None = None,
@@ -213,7 +214,8 @@ class InfluenceTracker(Callback):
         self._lock: WriterLock | None = None  # this rank's exclusive writer lock, held from on_train_start to teardown
         self._with_ids = False  # the training set is a WithIds: (x, ids) batches carry ids
         self._dataset_size: int | None = None
-        self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()  # see _add_step
+        # see _add_step; the flag: the step's ids came from the device, unchecked so far (host ids are checked per batch)
+        self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy, bool]] = deque()
         self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
 
     # ------------------------------------------------------------------------------ config
@@ -240,7 +242,9 @@ class InfluenceTracker(Callback):
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
         groups = [g["params"] for g in optimizer.param_groups]
-        fold = foldable_biases(pl_module, self._names, groups) if self.fold_bias else None
+        fold_bias = self.fold_bias if self.fold_bias is not None else logged_fold_bias(
+            self.log_dir, trainer.global_step, self.overwrite)  # log/resume.py
+        fold = foldable_biases(pl_module, self._names, groups) if fold_bias else None
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed, fold)
         self._precision = trainer_precision(trainer)
         self._setup_engine(pl_module)
@@ -405,31 +409,33 @@ class InfluenceTracker(Callback):
         pending, self._pending = self._pending, PendingStep()
         if not pending.micro:
             raise RuntimeError(f"step {step}: optimizer step without a recorded training batch")
-        record, rows, grad_dir = assemble(trainer, optimizer, pending, self._step_model, self._precision, pl_module,
+        record, rows, grad_dir, grad_norms = assemble(trainer, optimizer, pending, self._step_model, self._precision, pl_module,
                                           self.record_losses)
         if self._records_grads(step) and not record.skipped:
-            rows["grads"] = torch.cat([m.grads for m in pending.micro])
+            rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],
-                                                                           rows["grads"], grad_dir)
+                                                                           rows["grads"], grad_dir, grad_norms)
         checkpoint = None  # θ_t is the same on every rank: rank 0 stores it
         if trainer.is_global_zero and (step == self._first_step or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0)):
             checkpoint = checkpoint_record(pl_module, optimizer, step, wait=False)
         record.tracker_seconds = pending.seconds + time.perf_counter() - t0
         # the host copies start now (θ_t before the optimizer changes it), non-blocking from a GPU
         copy = HostCopy({"rows": rows, "checkpoint": None if checkpoint is None else
-                         (checkpoint.params, checkpoint.optimizer_state)})
+                         (checkpoint.params, checkpoint.optimizer_state)}, fresh=("rows",))  # rows: new tensors
+        device_ids = any(m.ids.device.type != "cpu" for m in pending.micro)
         # stored once Lightning's clipping of this step has been checked (step.recorder), else right away
-        self._step_model.after_clipping(lambda: self._add_step(record, checkpoint, copy))
+        self._step_model.after_clipping(lambda: self._add_step(record, checkpoint, copy, device_ids))
 
-    def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy) -> None:
+    def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy,
+                  device_ids: bool = False) -> None:
         """Queue the step for the writer and hand on every finished one.
 
         Up to ``_IN_FLIGHT`` steps stay in flight, so training never waits for the device at a step; the
         first step of a fit is handed on at once, so whatever it would refuse is refused at the first step.
         """
         step = record.step
-        self._in_flight.append((record, checkpoint, copy))
+        self._in_flight.append((record, checkpoint, copy, device_ids))
         self._land(0 if step == self._fit_start else _IN_FLIGHT)
         self._steps_recorded += 1
         self._next_step = step + 1
@@ -437,9 +443,10 @@ class InfluenceTracker(Callback):
     def _land(self, keep: int = 0) -> None:
         """Hand staged steps to the writer, oldest first: all whose copies are done, and any beyond ``keep``."""
         while self._in_flight and (len(self._in_flight) > keep or self._in_flight[0][2].ready()):
-            record, checkpoint, copy = self._in_flight.popleft()
+            record, checkpoint, copy, device_ids = self._in_flight.popleft()
             fill_record(record, checkpoint, copy.wait())
-            check_ids(torch.from_numpy(record.ids), self.ids_key, self._dataset_size)
+            if device_ids:  # host ids were checked batch by batch (extract_ids, check_distinct_ids)
+                check_ids(torch.from_numpy(record.ids), self.ids_key, self._dataset_size)
             self._writer.add_step(record, checkpoint)  # validates: a non-finite value raises, naming step and sample ids
             if self._live is not None:
                 self._live.on_step(record.step, record, self._writer.bytes_written)

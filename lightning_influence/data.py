@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, RandomSampler, Sampler, Subset, WeightedRandomSampler
 
@@ -110,15 +111,16 @@ def check_ids(ids: torch.Tensor, ids_key: str = "ids", dataset_size: int | None 
         ValueError: naming the offending ids and what to do (a ``Subset`` keeping the original
             indices; sampling with replacement, which is not supported).
     """
-    if len(torch.unique(ids)) != len(ids):
+    ordered = np.sort(ids.numpy())  # one sort answers all three checks (in numpy: µs, at every step)
+    if (ordered[1:] == ordered[:-1]).any():
         raise ValueError(
             f"sample ids {_duplicates(ids)} appear more than once in one batch. Sampling with replacement "
             "(RandomSampler(replacement=True), WeightedRandomSampler) is not supported: the log and the estimators "
             "count each sample once per step. Sample without replacement (DataLoader(shuffle=True)), or, if these "
             f"are not sample ids (labels?), give the real ids. {_hint(ids_key)}")
-    if len(ids) and int(ids.min()) < 0:
-        raise ValueError(f"sample ids must be non-negative, got {int(ids.min())}. {_hint(ids_key)}")
-    if dataset_size is not None and len(ids) and int(ids.max()) >= dataset_size:
+    if len(ids) and int(ordered[0]) < 0:
+        raise ValueError(f"sample ids must be non-negative, got {int(ordered[0])}. {_hint(ids_key)}")
+    if dataset_size is not None and len(ids) and int(ordered[-1]) >= dataset_size:
         bad = ids[ids >= dataset_size][:10].tolist()
         raise ValueError(
             f"sample ids {bad} are not indices into the training set, which has {dataset_size} samples "

@@ -172,3 +172,29 @@ def test_exact_hvp_matches_explicit_hessian():
         hv = exact_hvp(loss, params, v)
         v_flat = flatten({n: v.get(n, torch.zeros(s, dtype=torch.float64)) for n, s in shapes.items()}, shapes)
         torch.testing.assert_close(flatten(hv, shapes), hessian @ v_flat, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fd_evaluates_at_exactly_theta_plus_and_minus_eps_v_hat(dtype):
+    """Both sides share one ε v̂ per tensor (made once); the points are bit for bit θ ± ε v̂ as written out, and a
+    caller's ``direction_norm`` (the stacked per-tensor norms, as the tracker reuses them) changes nothing."""
+    from lightning_influence.capture.hvp import _epsilon, fd_directional_derivative, norm_of_norms
+
+    g = torch.Generator().manual_seed(3)
+    theta = {"a": torch.randn(5, 4, generator=g, dtype=dtype), "b": torch.randn(7, generator=g, dtype=dtype)}
+    v = {"a": torch.randn(5, 4, generator=g, dtype=dtype), "b": torch.randn(7, generator=g, dtype=dtype)}
+    seen = []
+
+    def fn(params):
+        seen.append({n: t.clone() for n, t in params.items()})
+        return torch.cat([t.reshape(-1) for t in params.values()])[None] ** 3
+
+    out, eps = fd_directional_derivative(fn, theta, v, 1e-3, "central")
+    v_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in v.values()]).double())
+    unit = _epsilon(theta, 1e-3) / v_norm
+    for point, sign in zip(seen, (1.0, -1.0)):
+        for n in theta:
+            assert torch.equal(point[n], theta[n] + v[n] * (sign * unit).to(dtype))
+    norms = torch.stack([torch.linalg.vector_norm(t) for t in v.values()])
+    again, _ = fd_directional_derivative(fn, theta, v, 1e-3, "central", direction_norm=norm_of_norms(norms))
+    assert torch.equal(out, again)

@@ -397,3 +397,23 @@ def test_warm_stages_use_the_recorded_weights_of_an_incomplete_accumulation(tmp_
     for stage, bregman in (("warm", False), ("bregman", True)):
         expected = np.array([[run(z, bregman) - run(-1, bregman)] for z in samples])
         np.testing.assert_allclose(gd.stages[stage], expected, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("trainer_kwargs,dropout,match", [
+    ({"gradient_clip_val": 0.1}, 0.0, r"gradient clipping"),
+    ({}, 0.3, r"random numbers drawn in the forward \(dropout\)"),
+])
+def test_gap_decomposition_refuses_steps_its_warm_stages_cannot_rerun(tmp_path, trainer_kwargs, dropout, match):
+    """Clipped or dropout steps: the warm stages would rerun a different optimizer than the logged one."""
+    from lightning_influence import InfluenceTracker
+    from tests.conftest import fit, loader, make_data, tiny
+
+    ds = make_data(12)
+    module = tiny(lr=0.5, dropout=dropout)
+    fit(module, loader(ds, 4), InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=1), epochs=1,
+        **trainer_kwargs)
+    log = InfluenceLog(tmp_path / "log")
+    model = tiny(dropout=dropout)
+    with pytest.raises(ValueError, match=rf"gap_decomposition cannot model this log's training steps \({match}"):
+        gap_decomposition(log, model, ds, lambda m: m(ds.tensors[0][:2]).sum(), [0], damping=0.1,
+                          loss_fn=lambda m, b: m.per_sample_loss(b), loo=np.zeros((1, 1)))

@@ -182,6 +182,28 @@ def test_a_resume_with_harmless_changes_continues_and_records_them(tmp_path, res
     assert after.meta["run_id"] == before["meta"]["run_id"] and after.meta["compression"] is None
 
 
+def test_a_resume_keeps_its_logs_bias_layout_unless_told_otherwise(tmp_path):
+    """A log written unfolded (``fold_bias=False``, the layout of logs from before folding) resumed with the
+    default ``fold_bias=None``: it continues in the log's layout, every row as the uninterrupted unfolded run wrote
+    it; an explicit ``fold_bias=True`` is refused and changes nothing."""
+    unfolded = {**BASE, "fold_bias": False}
+    epoch_fit(tmp_path / "log", tmp_path / "ckpt", epochs=2, **unfolded)
+    reference = dump(tmp_path / "log")
+    assert not any(s.get("bias") for s in reference["meta"]["projection"]["specs"])
+    ckpt = str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    files = file_bytes(tmp_path / "log")
+    with pytest.raises(ValueError, match=r"fold_bias \(biases folded into their weight's projection\): the log has \[\]"):
+        epoch_fit(tmp_path / "log", None, epochs=2, ckpt_path=ckpt, **{**BASE, "fold_bias": True})
+    assert file_bytes(tmp_path / "log") == files
+    epoch_fit(tmp_path / "log", None, epochs=2, ckpt_path=ckpt, **BASE)  # fold_bias=None: the log's layout
+    after = InfluenceLog(tmp_path / "log")
+    assert after.finished and after.steps.tolist() == list(range(8))
+    assert same([r[:7] for r in dump(tmp_path / "log")["recs"]], [r[:7] for r in reference["recs"]])
+    # a fresh log under the default folds (the test model's projected Linear layers have biases)
+    epoch_fit(tmp_path / "fresh", None, epochs=1, **BASE)
+    assert any(s.get("bias") for s in InfluenceLog(tmp_path / "fresh").meta["projection"]["specs"])
+
+
 # ------------------------------------------------------------------------ 3. the first segment
 def test_a_deleted_first_segment_is_detected(tmp_path):
     synthetic(tmp_path, steps=6, flush=2)

@@ -69,3 +69,12 @@ def test_a_non_finite_step_in_flight_is_refused_naming_its_step(tmp_path, monkey
         fit(module, loader(make_data()), InfluenceTracker(str(tmp_path / "log"), flush_every_n_steps=2))
     with InfluenceLog(tmp_path / "log") as log:
         assert log.num_steps <= 3  # nothing of step 3 (or later) was stored
+
+
+def test_host_copy_hands_over_fresh_cpu_tensors_and_clones_the_others() -> None:
+    """``fresh`` keys (the step's new rows) are taken as they are; the others (parameters) are snapshots."""
+    rows, param = torch.arange(4.0), torch.ones(3)
+    out = HostCopy({"rows": {"r": rows}, "checkpoint": (param,)}, fresh=("rows",)).wait()
+    param.add_(1.0)
+    assert np.shares_memory(out["rows"]["r"], rows.numpy()) and out["rows"]["r"].tolist() == [0, 1, 2, 3]
+    assert not np.shares_memory(out["checkpoint"][0], param.numpy()) and out["checkpoint"][0].tolist() == [1, 1, 1]

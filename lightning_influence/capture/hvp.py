@@ -41,7 +41,8 @@ KINK_GUARD = 0.5  # default threshold of ``kink_guard`` (tracker rows, Diff-In's
 KINK_SHARE_LIMIT = 0.2  # more offline products than this crossing a kink: ε is too large, the scores are flagged
 # (measured on a ReLU CNN, float32: 8% of Diff-In's products at the default ε, 35% at 10x; docs/diffin.md)
 
-__all__ = ["SCHEMES", "KINK_GUARD", "KINK_SHARE_LIMIT", "asymmetry", "default_eps0", "guarded_difference", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "exact_hvp"]
+__all__ = ["SCHEMES", "KINK_GUARD", "KINK_SHARE_LIMIT", "asymmetry", "default_eps0", "guarded_difference", "flatten", "unflatten", "parameter_epsilon", "fd_directional_derivative", "norm_of_norms",
+           "exact_hvp"]
 
 
 def flatten(d: Mapping[str, Tensor], names: Iterable[str]) -> Tensor:
@@ -65,8 +66,12 @@ def _norm_tensor(d: Mapping[str, Tensor]) -> Tensor:
     """``‖d‖`` as a float64 0-d tensor on the tensors' device (no host synchronisation)."""
     # native precision per tensor: float64 parameters give float64 norms; float32 ones lose ~1e-7 relative, far
     # below what the finite differences themselves introduce, at a fraction of the cost of upcasting
-    norms = torch.stack([torch.linalg.vector_norm(t.detach()) for t in d.values()]).double()
-    return torch.linalg.vector_norm(norms)
+    return norm_of_norms(torch.stack([torch.linalg.vector_norm(t.detach()) for t in d.values()]))
+
+
+def norm_of_norms(norms: Tensor) -> Tensor:
+    """``‖d‖`` (float64 0-d) from the stacked norms of its tensors, e.g. ones a caller computed already."""
+    return torch.linalg.vector_norm(norms.double())
 
 
 def _norm(d: Mapping[str, Tensor]) -> float:
@@ -103,6 +108,7 @@ def fd_directional_derivative(
     kink_guard: float | None = None,
     on_kink: Callable[[Tensor], None] | None = None,
     on_asymmetry: Callable[[Tensor], None] | None = None,
+    direction_norm: Tensor | None = None,
 ) -> tuple[Tensor, float]:
     """Finite difference of ``fn`` along ``direction``, scaled by ``‖v‖``.
 
@@ -114,7 +120,8 @@ def fd_directional_derivative(
     from ``at`` or one more evaluation): a row whose one-sided differences
     ``(fn(θ+εv̂) − fn(θ))/ε`` and ``(fn(θ) − fn(θ−εv̂))/ε`` differ by more than ``kink_guard``
     times the larger of their norms takes the one of smaller norm: the other side crossed a
-    kink (ReLU) and holds a jump (``on_kink(mask)`` receives the ``(rows,)`` mask of those rows). ``direction`` may cover a subset of ``params``; the others
+    kink (ReLU) and holds a jump (``on_kink(mask)`` receives the ``(rows,)`` mask of those rows). ``direction_norm``:
+    ``‖direction‖`` as :func:`_norm_tensor` computes it, when the caller has it. ``direction`` may cover a subset of ``params``; the others
     stay fixed. ``fn`` gets fresh detached tensors, and every
     evaluation starts from the same RNG state (dropout masks agree), which is restored
     afterwards so the caller's random stream is untouched. A zero direction gives zeros.
@@ -130,7 +137,7 @@ def fd_directional_derivative(
         raise KeyError(f"direction has names not in params: {sorted(unknown)}")
     eps = _epsilon(params, eps0)
     base = {n: t.detach() for n, t in params.items()}
-    v_norm = _norm_tensor(direction)
+    v_norm = _norm_tensor(direction) if direction_norm is None else direction_norm
     # a zero direction: every evaluation is at θ, the differences are exact zeros (times a finite scale)
     unit = eps / torch.clamp(v_norm, min=torch.finfo(torch.float64).tiny)
     cuda = sorted({t.device.index or 0 for t in base.values() if t.device.type == "cuda"})
@@ -138,14 +145,18 @@ def fd_directional_derivative(
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in cuda]
 
+        shift: dict[str, Tensor] = {}  # ε v̂ per tensor, made once for both sides: θ − ε v̂ is bit for bit θ + (−ε) v̂
+
         def at_offset(sign: float) -> Tensor:
             torch.set_rng_state(cpu_state)
             for d, state in zip(cuda, cuda_states):
                 torch.cuda.set_rng_state(state, d)
             if sign == 0.0:
                 return fn(base)
-            return fn({**base, **{n: base[n] + v.detach().to(base[n].dtype) * (sign * unit).to(base[n].dtype)
-                                  for n, v in direction.items()}})
+            if not shift:
+                step = {dtype: unit.to(dtype) for dtype in {base[n].dtype for n in direction}}
+                shift.update({n: v.detach().to(base[n].dtype) * step[base[n].dtype] for n, v in direction.items()})
+            return fn({**base, **{n: base[n] + dv if sign > 0 else base[n] - dv for n, dv in shift.items()}})
 
         plus = at_offset(1.0)
         if scheme == "forward":

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.capture.hvp import KINK_GUARD, fd_directional_derivative
+from lightning_influence.capture.hvp import KINK_GUARD, fd_directional_derivative, norm_of_norms
 from lightning_influence.capture.per_sample import (HookGradientCapture, call_with_params, per_sample_grads,
                                                     per_sample_grads_vmap)
 from lightning_influence.capture.projection import KroneckerProjector
@@ -135,16 +135,19 @@ class OwnPasses:
             return self.loss(module, micro.batch).detach()
 
     def hvp_products(self, module: nn.Module, micro: Sequence[MicroBatch], at: Tensor,
-                     direction: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+                     direction: dict[str, Tensor], norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``H_{z,t} Ĝ_t`` for every sample of the step, by finite differences along ``Ĝ_t``, and ``ε`` (on the device).
 
-        ``at``: the step's own ``g_z(θ_t)`` of all its samples (the forward base, the central kink guard).
+        ``at``: the step's own ``g_z(θ_t)`` of all its samples (the forward base, the central kink guard); ``norms``:
+        the stacked norms of ``direction``'s tensors, if known (``‖Ĝ_t‖`` without another read of the gradient).
         """
         theta = {n: p.detach() for n, p in module.named_parameters() if n in direction}
 
         def grads_at(params: dict[str, Tensor]) -> Tensor:
-            return torch.cat([self.grads(module, m, params)[0] for m in micro])
+            rows = [self.grads(module, m, params)[0] for m in micro]
+            return rows[0] if len(rows) == 1 else torch.cat(rows)
 
         hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()}, self.hvp_eps,
-                                              self.hvp_scheme, at, KINK_GUARD if self.hvp_scheme == "central" else None)
+                                              self.hvp_scheme, at, KINK_GUARD if self.hvp_scheme == "central" else None,
+                                              direction_norm=None if norms is None else norm_of_norms(norms))
         return hvps.detach(), eps

@@ -297,7 +297,7 @@ class HookGradientCapture:
                             out[:, self.projector.slices[name]] += block
         finally:
             self.clear()
-        return out / loss_grad.to(dtype)[:, None]
+        return out.div_(loss_grad.to(dtype)[:, None])
 
 
 def per_sample_grads_vmap(

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from lightning_influence.log.format import META_FILE, list_segments, read_meta
+from lightning_influence.log.format import META_FILE, LogFormatError, list_segments, read_meta
 from lightning_influence.log.writer import rank_end, remove_log
 
 # Meta keys that never differ meaningfully between a log and its own resumed fit (identity, time).
@@ -112,6 +112,18 @@ def with_resume_record(log_meta: Mapping[str, Any], fit_meta: Mapping[str, Any],
 def log_exists(log_dir: str) -> bool:
     """``log_dir`` holds an influence log (its ``meta.h5``)."""
     return (Path(log_dir) / META_FILE).exists()
+
+
+def logged_fold_bias(log_dir: str, start: int, overwrite: bool) -> bool:
+    """``fold_bias``'s default: fold, unless a fit resumed at ``start > 0`` continues a log written unfolded
+    (before folding existed, or with ``fold_bias=False``), whose layout its new rows must keep."""
+    if start == 0 or overwrite or not log_exists(log_dir):
+        return True
+    try:
+        specs = (read_meta(log_dir).get("projection") or {}).get("specs")
+    except LogFormatError:
+        return True  # continue_log reports what is wrong with the log
+    return not specs or any(s.get("bias") for s in specs)
 
 
 def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start: int, state: Mapping[str, Any],

@@ -59,8 +59,9 @@ class PendingStep:
 
 
 def assemble(trainer: Any, optimizer: torch.optim.Optimizer, pending: PendingStep, recorder: StepRecorder,
-             precision: Precision, module: nn.Module, record_losses: bool) -> tuple[StepRecord, dict[str, Tensor], dict[str, Tensor]]:
-    """``(record, device rows, batch gradient Ĝ_t by parameter)`` of step ``trainer.global_step``.
+             precision: Precision, module: nn.Module, record_losses: bool
+             ) -> tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], Tensor | None]:
+    """``(record, device rows, batch gradient Ĝ_t by parameter, the norms of its tensors)`` of step ``trainer.global_step``.
 
     The record's ids and row fields are filled by :func:`fill_record` once the rows are on the host. Refuses a
     loss reduction other than the mean (at the first step) and an ``accumulate_grad_batches`` changed mid-step.
@@ -80,10 +81,11 @@ def assemble(trainer: Any, optimizer: torch.optim.Optimizer, pending: PendingSte
     if torch.is_tensor(record.clip_coef):
         rows["clip_coef"] = record.clip_coef
     grad_dir = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    if grad_dir:
-        rows["batch_grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()]))
+    norms = torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()]) if grad_dir else None
+    if norms is not None:  # the one read of the whole gradient: the HVP products reuse the norms (step direction)
+        rows["batch_grad_norm"] = torch.linalg.vector_norm(norms)
     record_execution(getattr(trainer.precision_plugin, "scaler", None), precision, record, pending.micro, grad_dir)
-    return record, rows, grad_dir
+    return record, rows, grad_dir, norms
 
 
 def record_execution(scaler: Any, precision: Precision, record: StepRecord, micro: list[TrackedMicroBatch],

@@ -64,15 +64,18 @@ def cuda_devices() -> list[int]:
 def capture() -> RandomState:
     """The current state of the CPU generator and of every initialised CUDA device generator."""
     with _plain():
-        cpu = torch.get_rng_state().numpy().copy()
+        cpu = torch.get_rng_state().numpy()  # a new tensor each call: nothing else holds it
         cuda = [torch.cuda.get_rng_state(d).numpy() for d in cuda_devices()]
     return RandomState(cpu, np.stack(cuda) if cuda else NONE.cuda)
 
 
 def drawn(before: RandomState) -> RandomState:
     """``before`` reduced to the generators that moved since it was captured (those a forward drew from)."""
-    cpu = before.cpu if before.cpu is not None and not np.array_equal(before.cpu, torch.get_rng_state().numpy()) else None
-    now = capture().cuda
+    with _plain():
+        now_cpu = torch.get_rng_state().numpy()
+        cuda = [torch.cuda.get_rng_state(d).numpy() for d in cuda_devices()]
+    cpu = before.cpu if before.cpu is not None and before.cpu.tobytes() != now_cpu.tobytes() else None
+    now = np.stack(cuda) if cuda else NONE.cuda
     moved = before.cuda.size and (now.shape != before.cuda.shape or not np.array_equal(now, before.cuda))
     return RandomState(cpu, before.cuda if moved else NONE.cuda)
 

@@ -33,6 +33,7 @@ from lightning_influence.replay import (
     optimizer_class,
     resolve_progress,
 )
+from lightning_influence.step.precision import Precision
 
 __all__ = ["STAGES", "GapDecomposition", "gap_decomposition"]
 
@@ -126,6 +127,22 @@ class GapDecomposition:
         return "\n".join(lines)
 
 
+def _refuse_unmodelled_steps(log: InfluenceLog, steps: Sequence[int]) -> None:
+    """The warm stages run plain batches through ``torch.optim``: a log whose steps clipped gradients, ran under
+    mixed precision or drew random numbers (dropout) would make them differ from the logged optimizer silently."""
+    why = []
+    if (log.meta.get("gradient_clipping") or {}).get("algorithm"):
+        why.append("gradient clipping")
+    if Precision.from_meta(log.meta.get("precision")).autocast_dtype:
+        why.append(f"mixed precision ({log.meta['precision'].get('name')})")
+    if any(m.cpu_rng is not None or m.cuda_rng is not None for t in steps for m in log.micro_batches(t)):
+        why.append("random numbers drawn in the forward (dropout)")
+    if why:
+        raise ValueError(f"gap_decomposition cannot model this log's training steps ({', '.join(why)}): its warm "
+                         "stages rerun the logged optimizer without them. Use pbrf() and replay_loo() separately, "
+                         "or decompose a run trained without them")
+
+
 class _WarmRunner:
     """The logged optimizer, learning rates and batches of ``steps``, started at θ_T with its optimizer state,
     with a modified objective; every removal is a stacked copy of the parameters (copy 0 removes nothing).
@@ -141,6 +158,7 @@ class _WarmRunner:
         self.prob = prob
         log = prob.log
         self.steps = list(steps)
+        _refuse_unmodelled_steps(log, self.steps)
         self.batches = []
         with torch.no_grad():
             for t in self.steps:
