@@ -110,6 +110,44 @@ def test_row_products_are_float64_products_of_the_stored_rows():
     np.testing.assert_allclose(_row_products(G, M, square=True), (G.astype(np.float64) ** 2) @ M, rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("stored", [np.float16, np.float32, np.float64])
+def test_float32_row_products_stay_within_their_stated_bound(stored):
+    """(K + 3)·2⁻²⁴·Σ_k |G_rk|·|M_kc| (|G_rk|² squared) around the float64 products; and the bound is not slack by
+    orders of magnitude (the float32 products do differ from the float64 ones)."""
+    rng = np.random.default_rng(5)
+    K = 1024
+    G = (rng.standard_normal((513, K)) * np.exp(rng.standard_normal((513, 1)))).astype(stored)
+    M = rng.standard_normal((K, 3))
+    G64 = G.astype(np.float64)
+    for square, ref, scale in ((False, G64 @ M, np.abs(G64) @ np.abs(M)), (True, (G64 * G64) @ M, (G64 * G64) @ np.abs(M))):
+        got = _row_products(G, M, square=square, dtype=np.dtype(np.float32))
+        assert got.dtype == np.float64
+        err = np.abs(got - ref)
+        assert np.all(err <= (K + 3) * 2.0 ** -24 * scale)
+        assert err.max() > 0
+
+
+def test_float32_products_of_tracin_and_self_influence_stay_within_the_bound(tmp_path):
+    """The scores with products="float32" against float64: within Σ_terms |η_t w_j|·(K + 3)·2⁻²⁴·Σ_k |g_k||q_k|."""
+    _write(tmp_path, 2)
+    q = np.random.default_rng(3).standard_normal((2, K))
+    with InfluenceLog(tmp_path) as log:
+        cols = log.column_groups()
+        bound, own_bound = np.zeros((N, 2)), np.zeros(N)
+        for r in log.iter_steps(0, log.num_steps, fields=("grad",)):
+            G = np.abs(r.grads.astype(np.float64))
+            eta = r.lrs[cols]
+            np.add.at(bound, r.ids, np.abs(r.weights)[:, None] * (G @ np.abs(q * eta).T))
+            np.add.at(own_bound, r.ids, np.abs(r.weights) * ((G * G) @ eta))
+        u = (K + 3) * 2.0 ** -24
+        for fn, arg, b in ((tracin, {0: q}, bound), (tracin_self_influence, None, own_bound[:, None])):
+            exact, fast = fn(log, arg), fn(log, arg, products="float32")
+            assert fast.info["products"] == "float32" and exact.info["products"] == "float64"
+            assert np.all(np.abs(fast.scores - exact.scores) <= u * b * (1 + 1e-9) + 1e-300)
+        with pytest.raises(ValueError, match="products must be 'float64' or 'float32'"):
+            tracin(log, {0: q}, products="float16")
+
+
 @pytest.mark.parametrize("world,every", [(1, 1), (2, 2)])
 def test_tracin_and_self_influence_equal_the_per_step_sums(tmp_path, world, every):
     """Σ_t η_{t,group(k)}·every·w_j ⟨q, g_j⟩ per column group, from iter_steps in float64 (two param groups)."""
