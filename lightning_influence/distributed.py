@@ -17,11 +17,12 @@ bounds every collective otherwise) and :class:`DistributedQueryError` says what 
 
 :func:`map_blocks` spreads independent units over the processes (contiguous blocks, gathered in order): replay
 leave-one-out and group removal use it for their counterfactual runs (``replay_loo(..., processes=N)``), and
-:func:`by_columns` for the query outputs of DIT, its timeline and Diff-In. :func:`by_batch` splits the rows of
-every step of the DIT sweep (``dit``, ``dit_local``, ``timeline``) over the processes like DDP training: each
-evaluates its rows, the step's gradient and Hessian-vector products are all-reduced, the per-sample terms stay
-local (:mod:`lightning_influence.step.shard`). :func:`sweep` picks the split. Gauss-Newton DIT and Diff-In
-self-influence run in one process (see docs/scaling.md).
+:func:`by_columns` for the query outputs of DIT, its timeline, Gauss-Newton DIT and Diff-In. :func:`by_batch` splits
+the rows of every step of the DIT sweep (``dit``, ``dit_local``, ``timeline``) over the processes like DDP training:
+each evaluates its rows, the step's gradient and Hessian-vector products are all-reduced, the per-sample terms stay
+local (:mod:`lightning_influence.step.shard`). :func:`by_steps` runs an estimator that splits its own sum over the
+steps (Diff-In self-influence, both forms) with a :class:`~lightning_influence.estimators.sharding.StepShard` per
+process. :func:`sweep` picks the split (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -42,20 +43,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_influence.estimators.diffin import diffin_self_influence
 from lightning_influence.estimators.dit import dit, dit_local, timeline
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.sharding import StepShard, balanced_cuts, split_range
 from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin, tracin_self_influence
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import Query
 from lightning_influence.step.shard import BatchShard, check_row_split
 
-__all__ = ["BATCH_SPLIT", "DISTRIBUTED", "SPLITS", "DistributedQueryError", "Processes", "QueryColumns", "by_batch",
-           "by_columns", "gather", "global_rank", "launch", "launched_outside", "map_blocks", "run", "shard_steps",
-           "split_for", "split_of", "split_range", "sweep"]
+__all__ = ["BATCH_SPLIT", "DISTRIBUTED", "SPLITS", "STEP_SPLIT", "DistributedQueryError", "Processes", "QueryColumns",
+           "by_batch", "by_columns", "by_steps", "gather", "global_rank", "launch", "launched_outside", "map_blocks",
+           "run", "shard_steps", "split_for", "split_of", "split_range", "sweep"]
 
 DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tracin_self_influence": tracin_self_influence}
 _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric run set these in every process
 BATCH_SPLIT = (dit, dit_local, timeline)  # the model sweeps whose steps' rows can be split over processes
+STEP_SPLIT = (diffin_self_influence,)  # the estimators that split their sum over the steps themselves (shard_=...)
 SPLITS = ("auto", "batch", "columns")
 
 
@@ -80,17 +84,15 @@ class Processes:
         """``None`` (one process), a number of local processes, or a :class:`Processes`."""
         return cls() if spec is None else cls(devices=int(spec)) if isinstance(spec, int) else spec
 
+    def launch(self, fn: Callable[..., Any], *args: Any, what: str) -> Any:
+        """:func:`launch` ``fn(fabric, *args)`` on these processes."""
+        return launch(fn, *args, devices=self.devices, num_nodes=self.num_nodes, strategy=self.strategy,
+                      accelerator=self.accelerator, timeout_s=self.timeout_s, what=what)
+
     @property
     def many(self) -> bool:
         """More than one process asked for (under an outside launcher, pass the world it starts: --devices/--num-nodes)."""
         return self.devices * self.num_nodes > 1
-
-
-def split_range(n: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ``[a, b)`` ranges covering ``[0, n)``, sizes differing by at most one (some empty when
-    ``n < parts``)."""
-    cuts = [n * p // parts for p in range(parts + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def map_blocks(fn: Callable[[int, int, torch.device], Any], n: int, processes: Processes | int | None, what: str
@@ -104,8 +106,7 @@ def map_blocks(fn: Callable[[int, int, torch.device], Any], n: int, processes: P
     procs = Processes.of(processes)
     if not procs.many:
         return [_block(None, fn, n, what)]
-    return launch(_map_worker, fn, n, what, devices=procs.devices, num_nodes=procs.num_nodes, strategy=procs.strategy,
-                  accelerator=procs.accelerator, timeout_s=procs.timeout_s, what=what)
+    return procs.launch(_map_worker, fn, n, what, what=what)
 
 
 def _block(fabric: Any, fn: Callable[[int, int, torch.device], Any], n: int, what: str
@@ -129,22 +130,8 @@ def shard_steps(log: InfluenceLog, t1: int, t2: int, n: int) -> list[tuple[int, 
     steps) when that keeps the shards within 25% of the ideal size, so two processes rarely read the same
     segment file. Some ranges are empty when the window has fewer steps than processes.
     """
-    steps = np.arange(t1, t2)
-    rows = np.array([log.step_column(int(t), "sample_count") if log.has_grads(int(t)) else 0 for t in steps], float)
-    rows = np.maximum(rows, 1e-9)  # steps without gradient rows still count a little, so shards stay contiguous
-    cum = np.concatenate([[0.0], np.cumsum(rows)])
-    starts = np.array([s for s in log.segment_starts() if t1 < s < t2], dtype=np.int64)
-    cuts = [t1]
-    for p in range(1, n):
-        ideal = float(np.searchsorted(cum, cum[-1] * p / n)) + t1
-        cut = int(round(ideal))
-        if len(starts):
-            near = int(starts[np.argmin(np.abs(starts - ideal))])
-            if abs(cum[near - t1] - cum[-1] * p / n) <= 0.25 * cum[-1] / n:
-                cut = near
-        cuts.append(min(max(cut, cuts[-1]), t2))
-    cuts.append(t2)
-    return list(zip(cuts[:-1], cuts[1:]))
+    rows = [log.step_column(t, "sample_count") if log.has_grads(t) else 0 for t in range(t1, t2)]
+    return balanced_cuts(t1, t2, rows, n, log.segment_starts())
 
 
 def run(method: str, log_path: str | os.PathLike, query: Query | Mapping[int, np.ndarray] | None = None, *,
@@ -332,36 +319,47 @@ class QueryColumns:
         return self.query(module).reshape(-1)[self.a : self.b]
 
 
-def by_columns(estimator: Callable[..., Any], log: InfluenceLog, query: Query, processes: Processes | int | None,
-               **kwargs: Any) -> Any:
+def by_columns(estimator: Callable[..., Any], log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
+               processes: Processes | int | None, **kwargs: Any) -> Any:
     """``estimator(log, query, **kwargs)`` (:func:`~lightning_influence.estimators.dit.dit`, ``dit_local``,
-    ``timeline``, ``diffin``) with the query's outputs split over processes, one contiguous block of columns each.
+    ``timeline``, ``dit_gauss_newton``, ``diffin``) with the query's outputs split over processes, one contiguous
+    block of columns each (for Gauss-Newton DIT's precomputed ``{checkpoint_step: (Q, K)}``, a block of its rows).
 
     The sweeps of different query outputs do not interact (the adjoint's columns, Diff-In's stacked directions), so
     the result is the single-process one (to float64 round-off: the products are batched over fewer columns). Every
     process replays the whole trajectory; the saving is the per-column work (the HVPs), so it pays with several
     queries (``Q ≥`` processes) and does nothing for one. Returns :class:`InfluenceScores` (or a ``Timeline``) with
-    ``info["per_rank"]``. ``query``, ``module`` and ``train_data`` must be picklable for ``ddp_spawn``.
+    ``info["per_rank"]``. ``query``, ``module`` and ``train_data`` must be picklable for ``ddp_spawn``. Gauss-Newton
+    DIT reads the whole log in every process (docs/scaling.md).
     """
     module = kwargs.get("module")
-    if module is None or not callable(query):
+    if isinstance(query, Mapping):  # precomputed query gradients: the rows of every checkpoint's (Q, K)
+        width = int(np.asarray(next(iter(query.values()))).shape[0])
+        names = list(kwargs.pop("query_names_", None) or [f"q{i}" for i in range(width)])
+    elif module is None or not callable(query):
         raise ValueError(f"{getattr(estimator, '__name__', estimator)} on several processes needs a callable query and "
-                         "`module` (the query's outputs are split over the processes)")
-    with torch.no_grad():  # the number of outputs, on a copy (a module in train mode may update its buffers)
-        width = int(torch.as_tensor(query(copy.deepcopy(module))).numel())
-    from lightning_influence.queries import query_names
+                         "`module`, or precomputed query gradients (the query's outputs are split over the processes)")
+    else:
+        with torch.no_grad():  # the number of outputs, on a copy (a module in train mode may update its buffers)
+            width = int(torch.as_tensor(query(copy.deepcopy(module))).numel())
+        from lightning_influence.queries import query_names
 
-    names = query_names(query, width)
+        names = query_names(query, width)
     block = functools.partial(_column_block, estimator, str(log.path), query, names, kwargs)
     return _merge_columns(map_blocks(block, width, processes, f"distributed {getattr(estimator, '__name__', 'sweep')}"))
 
 
 def _column_block(estimator: Callable[..., Any], log_path: str, query: Query, names: list[str], kwargs: dict[str, Any],
                   a: int, b: int, device: torch.device) -> Any:
-    if device.type != "cpu":
+    if device.type != "cpu" and kwargs.get("module") is not None:
         kwargs = {**kwargs, "module": kwargs["module"].to(device)}
+    if isinstance(query, Mapping):
+        part: Any = {k: np.asarray(v)[a:b] for k, v in query.items()}
+        kwargs = {**kwargs, "query_names_": names[a:b]}
+    else:
+        part = QueryColumns(query, a, b, names)
     with InfluenceLog(log_path) as log:
-        return estimator(log, QueryColumns(query, a, b, names), **kwargs)
+        return estimator(log, part, **kwargs)
 
 
 def _merge_columns(parts: list[tuple[int, int, Any, float]]) -> Any:
@@ -384,14 +382,18 @@ def sweep(estimator: Callable[..., Any], log: InfluenceLog, query: Query, proces
           split: str | None = None, **kwargs: Any) -> Any:
     """``estimator(log, query, **kwargs)`` on ``processes``, divided by ``split`` (default ``processes.split``):
     ``"batch"`` (:func:`by_batch`: every step's rows; DIT, local DIT, the timeline), ``"columns"``
-    (:func:`by_columns`: the query's outputs; also Diff-In), ``"auto"``: by batch where the estimator and the module
-    allow it (no train-mode BatchNorm), else by column. One process: the estimator itself."""
+    (:func:`by_columns`: the query's outputs; also Diff-In, Gauss-Newton DIT), ``"auto"``: by batch where the
+    estimator and the module allow it (no train-mode BatchNorm), else by column. An estimator of :data:`STEP_SPLIT`
+    (Diff-In self-influence: no query to split by column) always splits by steps (:func:`by_steps`). One process:
+    the estimator itself."""
     procs = Processes.of(processes)
     split = procs.split if split is None else split
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not procs.many:
         return estimator(log, query, **kwargs)
+    if estimator in STEP_SPLIT:
+        return by_steps(estimator, log, query, procs, **kwargs)
     if split_for(estimator, kwargs.get("module"), split) == "columns":
         return by_columns(estimator, log, query, procs, **kwargs)
     return by_batch(estimator, log, query, procs, **kwargs)
@@ -416,7 +418,7 @@ def split_of(estimator: Callable[..., Any], processes: Processes | int | None) -
     """``estimator`` run by :func:`sweep` on ``processes`` (the same signature, for callers that inspect it)."""
 
     @functools.wraps(estimator)
-    def split(log: InfluenceLog, query: Query, **kwargs: Any) -> Any:
+    def split(log: InfluenceLog, query: Query | None = None, **kwargs: Any) -> Any:
         return sweep(estimator, log, query, processes, **kwargs)
 
     return split
@@ -444,9 +446,7 @@ def by_batch(estimator: Callable[..., Any], log: InfluenceLog, query: Query, pro
     if not procs.many:
         return estimator(log, query, **kwargs)
     what = f"distributed {estimator.__name__} (batch split)"
-    return launch(_batch_worker, estimator, str(log.path), query, kwargs, what, devices=procs.devices,
-                  num_nodes=procs.num_nodes, strategy=procs.strategy, accelerator=procs.accelerator,
-                  timeout_s=procs.timeout_s, what=what)
+    return procs.launch(_batch_worker, estimator, str(log.path), query, kwargs, what, what=what)
 
 
 def _batch_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, query: Query, kwargs: dict[str, Any],
@@ -469,3 +469,31 @@ def _sum_over(fabric: Any, what: str, x: torch.Tensor) -> torch.Tensor:
         return fabric.all_reduce(x.to(fabric.device), reduce_op="sum").to(x.device)
     except Exception as err:
         raise _peer_error(fabric, what, err) from err
+
+
+# ------------------------------------------------------------------------------------------ by steps
+def by_steps(estimator: Callable[..., Any], log: InfluenceLog, query: Query | None, processes: Processes | int | None,
+             **kwargs: Any) -> Any:
+    """``estimator(log, query, shard_=..., **kwargs)`` on ``processes``, each with its
+    :class:`~lightning_influence.estimators.sharding.StepShard`: for an estimator that splits its own sum over the
+    steps (:func:`~lightning_influence.estimators.diffin.diffin_self_influence`, both forms).
+
+    Each process computes its steps' terms and the estimator combines them with the shard's collectives, so the
+    result is the single-process one up to the order of float64 additions, and ``info["per_rank"]`` holds each
+    process's steps and seconds. ``module`` and ``train_data`` must be picklable for ``ddp_spawn``.
+    """
+    procs = Processes.of(processes)
+    if not procs.many:
+        return estimator(log, query, **kwargs)
+    what = f"distributed {getattr(estimator, '__name__', 'estimator')} query"
+    return procs.launch(_steps_worker, estimator, str(log.path), query, kwargs, what, what=what)
+
+
+def _steps_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, query: Query | None,
+                  kwargs: dict[str, Any], what: str) -> Any:
+    if fabric.device.type != "cpu" and kwargs.get("module") is not None:
+        kwargs = {**kwargs, "module": kwargs["module"].to(fabric.device)}
+    shard = StepShard(fabric.global_rank, fabric.world_size, functools.partial(_sum_over, fabric, what),
+                      lambda obj: gather(fabric, obj, what))
+    with InfluenceLog(log_path) as log:
+        return estimator(log, query, shard_=shard, **kwargs)

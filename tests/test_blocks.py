@@ -10,7 +10,7 @@ from lightning_influence import InfluenceLog, LogFormatError, tracin, tracin_sel
 from lightning_influence.capture import KroneckerProjector
 from lightning_influence.estimators.tracin import _row_products
 from lightning_influence.log import LogWriter, StepRecord
-from lightning_influence.log.blocks import _row_map, iter_row_blocks
+from lightning_influence.log.blocks import _chunk_index, _row_map, iter_row_blocks
 from lightning_influence.log.writer import write_meta
 
 K, N = 5, 40
@@ -95,9 +95,10 @@ def test_stopping_early_ends_the_prefetch_thread(tmp_path):
     with InfluenceLog(tmp_path) as log:
         it = iter_row_blocks(log, 0, log.num_steps, max_bytes=60)
         next(it)
-        assert any(t.name == "influence-log-prefetch" for t in threading.enumerate())
+        names = {t.name for t in threading.enumerate()}
+        assert {"influence-log-prefetch", "influence-log-checksum"} <= names
         it.close()
-        assert not any(t.name == "influence-log-prefetch" for t in threading.enumerate())
+        assert not any(t.name.startswith("influence-log-") for t in threading.enumerate())
 
 
 def test_row_products_are_float64_products_of_the_stored_rows():
@@ -182,6 +183,10 @@ def test_rows_of_chunks_apart_in_the_file_are_read_as_several_runs(tmp_path):
                 ds[800 * k:] = data[800 * k: 800 * (k + 1)]
     with h5py.File(path, "r") as f:
         where = _row_map(path, f["id"])
+    with h5py.File(path, "r") as f:  # the one-pass chunk index equals HDF5's answer chunk by chunk
+        ds = f["id"]
+        by_chunk = [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]
+        assert _chunk_index(ds) == sorted((i.chunk_offset[0], i.byte_offset, i.size) for i in by_chunk)
     runs = where.byte_runs(700, 12000)
     assert len(runs) > 1 and sum(n for _, n in runs) == 11300 * 8
     with Prefetcher() as pre:

@@ -186,6 +186,53 @@ def test_dit_timeline_and_diffin_split_by_query_column_on_two_gloo_processes_equ
     np.testing.assert_allclose(got_t.values, want_t.values, rtol=1e-12, atol=1e-15 * np.abs(want_t.values).max())
 
 
+@pytest.mark.slow
+def test_gauss_newton_dit_and_diffin_self_influence_on_two_gloo_processes_equal_one_process(log_dir):
+    """Gauss-Newton DIT split by query column (a callable query, its local form, precomputed gradients); Diff-In
+    self-influence split by steps: the step form (both window ends, cut at checkpoint 6: the later process's product
+    carries the earlier one's sum) and the published form over the logged rows and over every sample."""
+    from lightning_influence.distributed import by_columns, by_steps
+    from lightning_influence.estimators import diffin_self_influence
+    from lightning_influence.estimators.dit import dit_gauss_newton
+    from lightning_influence.estimators.tracin import checkpoint_query_gradients
+
+    procs = Processes(devices=2, timeout_s=120)
+    with InfluenceLog(log_dir) as log:
+        pre, _ = checkpoint_query_gradients(log, tiny(), ValLosses(), log.checkpoint_steps)
+        for query, extra in ((ValLosses(), {"module": tiny(), "window": (4, 14)}),
+                             (ValLosses(), {"module": tiny(), "window": (4, 14), "local": True}),
+                             (pre, {"window": (5, 17), "query_names_": ["a", "b", "c"]})):
+            want = dit_gauss_newton(log, query, **extra)
+            got = by_columns(dit_gauss_newton, log, query, procs, **extra)
+            assert got.query_names == ["a", "b", "c"] and got.method == want.method
+            assert [r["columns"] for r in got.info["per_rank"]] == [[0, 1], [1, 3]] and np.abs(want.scores).max() > 1e-6
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12, atol=1e-15 * np.abs(want.scores).max())
+        kw = {"module": tiny(), "train_data": make_data(24, seed=1)}
+        for extra, steps in (({"form": "step", "window": (4, 14)}, [[0, 6], [6, 14]]),
+                             ({"form": "published", "samples": "batch", "window": (2, 15)}, [[2, 8], [8, 15]]),
+                             ({"form": "published", "samples": "all", "steps": 5}, [[0, 5], [8, 18]])):  # 0 4 | 8 13 17
+            want = diffin_self_influence(log, **kw, **extra)
+            got = by_steps(diffin_self_influence, log, None, procs, **kw, **extra)
+            assert got.method == want.method and got.info["processes"] == 2
+            assert [r["steps"] for r in got.info["per_rank"]] == steps
+            assert got.info["hvp_products"] == want.info["hvp_products"] and np.abs(want.scores).max() > 1e-6
+            assert got.info["replay_drift"] == want.info["replay_drift"]
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12, atol=1e-15 * np.abs(want.scores).max())
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_a_distributed_diffin_self_influence_with_a_clear_error(log_dir):
+    from lightning_influence.distributed import by_steps
+    from lightning_influence.estimators import diffin_self_influence
+
+    t0 = time.perf_counter()
+    with InfluenceLog(log_dir) as log, pytest.raises(DistributedQueryError,
+                                                     match="distributed diffin_self_influence query on 2 processes"):
+        by_steps(diffin_self_influence, log, None, Processes(devices=2, timeout_s=60), module=tiny(),
+                 train_data=make_data(24, seed=1), form="step", progress=_kill_rank_1)
+    assert time.perf_counter() - t0 < 60
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 def _cli_json(*argv: str, env_extra: dict | None = None) -> tuple[int, dict | None, str]:
     import json
@@ -214,8 +261,9 @@ def _one_and_two_processes(*argv: str) -> tuple[dict, dict]:
     return one, two
 
 
-def test_cli_tracin_self_and_devices_refused_for_a_method_that_is_not_distributed(log_dir, capsys):
+def test_cli_tracin_self_and_devices_for_every_method_but_not_for_pbrf_or_datamodel(log_dir, capsys):
     from lightning_influence.cli import main
+    from lightning_influence.cli.methods import BY_COLUMNS, BY_STEPS, DISTRIBUTED, METHODS
 
     assert main(["query", log_dir, "-m", "tracin-self", "-k", "0", "-f", "json", "-q"]) == 0
     import json
@@ -227,8 +275,9 @@ def test_cli_tracin_self_and_devices_refused_for_a_method_that_is_not_distribute
     for row in res["rows"]:
         got[row["id"]] = row["score"]
     np.testing.assert_allclose(got, want, rtol=1e-12)
-    assert main(["query", log_dir, "-m", "dit-gn", "--devices", "2", "-q"]) == 2
-    assert "--method dit-gn runs in one process; --devices/--num-nodes apply to tracin, tracin-self" in capsys.readouterr().err
+    assert sorted(METHODS) == sorted([*DISTRIBUTED, *BY_COLUMNS, *BY_STEPS])  # each method says how it splits
+    assert main(["evaluate", log_dir, "--datamodel", "--devices", "2", "-q"]) == 2
+    assert "--pbrf, --gap and --datamodel run in one process" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -305,8 +354,27 @@ def test_cli_timeline_dit_split_by_query_on_2_devices_equals_one_process(digits_
     va, vb = values(one), values(two)
     assert va.shape == vb.shape and va.size and np.abs(va).max() > 0
     np.testing.assert_allclose(vb, va, rtol=0, atol=1e-5 * np.abs(va).max())
-    code, _, err = _cli_json("timeline", run_.log, "-c", run_.config, "-m", "dit-gn", "--devices", "2")
-    assert code == 2 and "runs in one process here" in err
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_query_diffin_self_and_dit_gn_on_2_devices_equal_one_process(digits_run):
+    """Diff-In self-influence split by steps, Gauss-Newton DIT by query output (the digits run: float32)."""
+    def scores(res):
+        out = np.full(res["n_samples"], np.nan)
+        for row in res["rows"]:
+            out[row["id"]] = row["score"]
+        return out
+
+    for method in ("diffin-self", "dit-gn"):
+        one, two = _one_and_two_processes("query", digits_run.log, "-c", digits_run.config, "-m", method, "-k", "0",
+                                          "--query", "val_loss", "--query", "test:3")
+        assert len(one["results"]) == len(two["results"]) == (1 if method == "diffin-self" else 2)
+        for a, b in zip(one["results"], two["results"]):
+            assert b["info"]["processes"] == 2 and a["method"] == b["method"]
+            sa, sb = scores(a), scores(b)
+            assert np.abs(sa).max() > 0
+            np.testing.assert_allclose(sb, sa, rtol=0, atol=1e-5 * np.abs(sa).max())
 
 
 # ------------------------------------------------------------------------------- DIT split by batch rows

@@ -52,7 +52,8 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     t.add_argument("--group-kinds", type=lambda x: x.split(","), default=["random", "same_class", "top"],
                    help="random,same_class,top,bottom (default random,same_class,top)")
     t.add_argument("--group-repeats", type=int, default=1, help="groups drawn per kind and size (default 1)")
-    add_process_args(p, "the ground truth's leave-one-out replays and --groups' group removals")
+    add_process_args(p, "every --method (as for query), the ground truth's leave-one-out replays and --groups' group "
+                        "removals; not --pbrf, --gap, --datamodel", split=True)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -92,6 +93,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     methods = args.method or [default_method()]
     args.method = methods[0]
     procs = processes(args)
+    if procs is not None and (args.pbrf or args.gap or args.datamodel):
+        raise UserError("--pbrf, --gap and --datamodel run in one process (every process of a --devices/--num-nodes "
+                        "run would repeat them): run them without --devices (--datamodel spreads its retraining runs "
+                        "over --workers forked processes); --method, the ground truth and --groups run on several")
     log, ctx = prepare(args)
     for m in methods[1:]:
         check_records(m, log)
@@ -102,7 +107,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     estimates: dict[str, np.ndarray] = {}
     drifts: dict[str, Any] = {}  # each replay's drift at the checkpoints (docs/replay.md)
     for m in methods:
-        scores = run_method(m, log, query, ctx, (t1, t2), progress_bar(args, f"{m} [{t1}, {t2})"), args.hvp)
+        try:
+            scores = run_method(m, log, query, ctx, (t1, t2), progress_bar(args, f"{m} [{t1}, {t2})"), args.hvp, procs)
+        except DistributedQueryError as err:
+            raise UserError(str(err)) from None
         estimates[scores.method] = scores.column(0)
         drifts[scores.method] = (scores.info or {}).get("replay_drift")
         qname = query_columns(scores.query_names, names, specs)[0][1]

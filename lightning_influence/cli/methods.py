@@ -93,8 +93,12 @@ METHODS: dict[str, Method] = {
 ALIASES = {"dit-gauss-newton": "dit-gn", "diffin-self-influence": "diffin-self",
            "tracin-self-influence": "tracin-self"}
 DISTRIBUTED = {"tracin": "tracin", "tracin-self": "tracin_self_influence"}  # --devices/--num-nodes (distributed.run)
-BY_COLUMNS = ("dit", "dit-fd", "dit-frozen", "dit-local", "diffin", "diffin-step")  # distributed.sweep: DIT by batch rows
-# (--split batch, the default) or query outputs (--split columns), Diff-In by query outputs
+BY_COLUMNS = ("dit", "dit-fd", "dit-frozen", "dit-local", "dit-gn", "dit-gn-local", "diffin",
+              "diffin-step")  # distributed.sweep: DIT by batch rows (--split batch, the default) or query outputs
+# (--split columns), Gauss-Newton DIT and Diff-In by query outputs
+BY_STEPS = ("diffin-self",)  # the estimator's sum over steps split over processes (distributed.by_steps)
+SPLITS_HELP = (f"every method; the log sharded by steps: {', '.join(DISTRIBUTED)}; split by batch rows or query "
+               f"output: {', '.join(BY_COLUMNS)}; split by steps: {', '.join(BY_STEPS)}")
 DEFAULT_METHODS = ("dit", "tracin")  # the first one installed is the default
 _RECORD_FLAGS = {"gradients": ("per-sample gradients", "record_gradients=True"),
                  "hvp": ("Hessian-gradient products (H_z·G_B)", "record_gradients=True, record_hvp=True"),
@@ -203,15 +207,23 @@ def estimator_inputs(ctx: RunContext | None, hvp: str | None = None) -> dict[str
 
 def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: tuple[int, int],
                progress: ProgressBar | None, hvp: str | None = None, processes: Any = None) -> Any:
-    """Scores of every sample for one window, from the registered estimator (on ``processes``, by
-    :func:`~lightning_influence.distributed.sweep`: :data:`BY_COLUMNS` only)."""
+    """Scores of every sample for one window, from the registered estimator (on ``processes``: the log sharded by
+    steps, :data:`DISTRIBUTED`; else by :func:`~lightning_influence.distributed.sweep`: :data:`BY_COLUMNS` by batch
+    rows or query output, :data:`BY_STEPS` by steps)."""
     method = METHODS[name]
-    fn = method.load()
-    if processes is not None:
-        from lightning_influence.distributed import split_of
-
-        fn = split_of(fn, processes)
     try:
+        if processes is not None and name in DISTRIBUTED:
+            from lightning_influence.distributed import run
+
+            return run(DISTRIBUTED[name], log.path, query if method.query else None,
+                       module=ctx.module if ctx is not None else None, window=window, devices=processes.devices,
+                       num_nodes=processes.num_nodes, strategy=processes.strategy, accelerator=processes.accelerator,
+                       timeout_s=processes.timeout_s, progress=progress)
+        fn = method.load()
+        if processes is not None:
+            from lightning_influence.distributed import split_of
+
+            fn = split_of(fn, processes)
         return call_with(fn, log, method, query=query, window=window, progress=progress, **estimator_inputs(ctx, hvp))
     finally:
         if progress is not None:

@@ -11,9 +11,9 @@ from lightning_influence.cli.common import (PROG, UserError, add_process_args, c
                                             format_table, json_text, output_format, parse_window, processes,
                                             progress_bar, ranked, row_count, sign_line)
 from lightning_influence.cli.context import prepare
-from lightning_influence.cli.methods import BY_COLUMNS, DISTRIBUTED, METHODS, method_help, canonical_method, run_method
+from lightning_influence.cli.methods import SPLITS_HELP, METHODS, method_help, canonical_method, run_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
-from lightning_influence.distributed import DistributedQueryError, global_rank, run
+from lightning_influence.distributed import DistributedQueryError, global_rank
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -28,8 +28,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="steps '100:500', fractions '0.8:1.0' or epochs 'epoch 3:5' (epochs 3 and 4); empty ends mean "
                         "start/end; repeatable; default: the whole run")
     p.add_argument("--top", "-k", type=row_count, default=10, help="rows per window and query (0: all samples; default 10)")
-    add_process_args(p, "methods: " + ", ".join(DISTRIBUTED) + "; split by batch rows or query output: "
-                     + ", ".join(BY_COLUMNS), split=True)
+    add_process_args(p, SPLITS_HELP, split=True)
     p.set_defaults(func=cmd_query)
 
 
@@ -37,9 +36,6 @@ def cmd_query(args: argparse.Namespace) -> int:
     log, ctx = prepare(args)
     procs = processes(args)
     parallel = procs is not None
-    if parallel and args.method not in DISTRIBUTED and args.method not in BY_COLUMNS:
-        raise UserError(f"--method {args.method} runs in one process; --devices/--num-nodes apply to "
-                        f"{', '.join([*DISTRIBUTED, *BY_COLUMNS])} (docs/scaling.md)")
     specs = args.query or [parse_query("val_loss")]
     windows = [(w, parse_window(log, w)) for w in (args.window or [None])]
     query, names = build_query(specs, ctx) if METHODS[args.method].query else (None, [])
@@ -47,14 +43,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     for spec_text, (t1, t2) in windows:
         label = spec_text or "whole run"
         progress = progress_bar(args, f"{args.method} [{t1}, {t2})")  # quiet on ranks other than 0
-        if parallel and args.method in DISTRIBUTED:
-            scores = _distributed(args, query, ctx, (t1, t2), progress)
-        else:
-            try:
-                scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp,
-                                    procs if parallel else None)
-            except DistributedQueryError as err:
-                raise UserError(str(err)) from None
+        try:
+            scores = run_method(args.method, log, query, ctx, (t1, t2), progress, args.hvp, procs)
+        except DistributedQueryError as err:
+            raise UserError(str(err)) from None
         for qi, qname, is_loss in query_columns(scores.query_names, names, specs):
             s = scores.column(qi)
             ids = ranked(s, args.sort, args.top)
@@ -80,19 +72,6 @@ def cmd_query(args: argparse.Namespace) -> int:
     else:
         emit(args, "\n\n".join(_query_text(res, args) for res in results))
     return 0
-
-
-def _distributed(args: argparse.Namespace, query: Any, ctx: Any, window: tuple[int, int], progress: Any) -> Any:
-    """The method on ``--devices × --num-nodes`` processes (this command re-run in each, Lightning's ``ddp``)."""
-    try:
-        return run(DISTRIBUTED[args.method], args.log, query, module=ctx.module if ctx is not None else None,
-                   window=window, devices=args.devices, num_nodes=args.num_nodes, strategy="ddp",
-                   accelerator=args.accelerator, progress=progress)
-    except DistributedQueryError as err:
-        raise UserError(str(err)) from None
-    finally:
-        if progress is not None:
-            progress.close()
 
 
 def _query_text(res: dict[str, Any], args: argparse.Namespace) -> str:

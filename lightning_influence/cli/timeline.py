@@ -11,7 +11,7 @@ from lightning_influence.cli.common import (UserError, add_process_args, csv_tex
                                             json_text, output_format, parse_grid, parse_window, processes, ranked,
                                             row_count, sign_line)
 from lightning_influence.cli.context import prepare
-from lightning_influence.cli.methods import BY_COLUMNS, METHODS, compute_windows, method_help, canonical_method
+from lightning_influence.cli.methods import SPLITS_HELP, METHODS, compute_windows, method_help, canonical_method
 from lightning_influence.distributed import DistributedQueryError, global_rank
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 
@@ -37,7 +37,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--top", "-k", type=row_count, default=None,
                    help="rows shown (default: 20 in a table, all samples in CSV/JSON; 0: all)")
     p.add_argument("--pattern", choices=PATTERNS, help="only samples of this pattern (docs/trust.md: the rule)")
-    add_process_args(p, "methods " + ", ".join(BY_COLUMNS) + ", split by batch rows or query output", split=True)
+    add_process_args(p, SPLITS_HELP, split=True)
 
 
 def timeline_data(args: argparse.Namespace):
@@ -47,9 +47,6 @@ def timeline_data(args: argparse.Namespace):
     specs = args.query or [parse_query("val_loss")]
     query, names = build_query(specs, ctx)
     procs = processes(args) if hasattr(args, "devices") else None
-    if procs is not None and args.method not in BY_COLUMNS:
-        raise UserError(f"--method {args.method} runs in one process here; --devices/--num-nodes apply to "
-                        f"{', '.join(BY_COLUMNS)} (docs/scaling.md)")
     try:
         scores, method_name, info = compute_windows(args, log, query, ctx, windows, procs)
     except DistributedQueryError as err:

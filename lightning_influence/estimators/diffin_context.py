@@ -1,0 +1,294 @@
+"""What every Diff-In pass needs (:mod:`lightning_influence.estimators.diffin`): the log, model and data of a run
+(:class:`_Context`), the batch and per-sample Hessian-vector products (finite differences or exact), and the
+curvature along a direction with its finite-difference check (docs/diffin.md). No Lightning imports.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
+from torch.utils import _pytree as pytree
+
+from lightning_influence.capture.hvp import (KINK_GUARD, default_eps0, fd_directional_derivative, guarded_difference,
+                                            parameter_epsilon)
+from lightning_influence.capture.per_sample import per_sample_grads_vmap
+from lightning_influence.capture.projection import KroneckerProjector
+from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.queries import LossFn, Query, query_gradients, query_names
+from lightning_influence.replay import TrainData, batch_from_ids, checkpoint_params, functional_loss, load_step, replay
+from lightning_influence.replay_drift import DriftReport
+from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
+from lightning_influence.step.micro import Step, per_sample_grads_masked
+
+__all__ = ["FD_EDGE", "HVP_MODES", "Vectors", "batch_hvp"]
+
+HVP_MODES = ("fd", "exact")
+Vectors = dict[str, Tensor]  # name -> (C, *shape): C vectors over the tracked parameters
+
+
+# ================================================================================= context
+class _Context:
+    """Log, model, data and the bookkeeping every Diff-In pass needs."""
+
+    def __init__(self, log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, hvp: str,
+                 eps0: float | None, verify: bool, chunk_size: int) -> None:
+        if module is None:
+            raise ValueError("Diff-In needs `module` (the architecture; weights come from the log)")
+        if train_data is None:
+            raise ValueError("Diff-In needs `train_data` (the training samples by id) for the Hessian-vector products")
+        if hvp not in HVP_MODES:
+            raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+        if not log.recorded.get("gradients"):
+            raise ValueError(f"{log.path}: Diff-In reads the logged per-sample gradients; the run did not record them "
+                             "(InfluenceTracker(record_gradients=True))")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.log, self.module, self.train_data, self.loss_fn = log, module, train_data, loss_fn
+        self.drift = DriftReport()  # measured at every checkpoint the replays pass (info["replay_drift"])
+        self.hvp, self.verify, self.chunk_size = hvp, verify, chunk_size
+        ref = checkpoint_params(log, module, log.checkpoint_steps[0])
+        self.dtype = next(iter(ref.values())).dtype
+        self.eps0 = default_eps0(self.dtype) if eps0 is None else float(eps0)
+        self.fd_checked = self.fd_blowups = 0  # finite-difference curvatures checked / beyond the stability edge
+        self.fd_kinks = self.fd_products = 0  # batch products whose one-sided differences disagreed (guarded) / all
+        if self.eps0 <= 0:
+            raise ValueError(f"eps0 must be > 0, got {eps0}")
+        self.names = log.param_names  # tracked: the logged columns
+        self.shapes = {n: tuple(ref[n].shape) for n in self.names}
+        self.projector: KroneckerProjector = log.projector()
+        self.N = log.dataset_size
+        self.first = log.first_step  # > 0 for a log started by a resumed fit
+        self.every = int(log.meta.get("every_n_steps", 1))
+        groups = log.param_groups()
+        group_of = {n: gi for gi, names in enumerate(groups) for n in names}
+        self.group_of_name = {n: group_of[n] for n in self.names}
+        self.n_groups = len(groups)
+        self.col_group = log.column_groups()
+        spec = log.meta.get("optimizer", {})
+        spec = spec[0] if isinstance(spec, list) else spec
+        self.opt_class = str(spec.get("class", "")).rpartition(".")[2]
+        pgroups = spec.get("param_groups", [{}] * self.n_groups)
+        self.weight_decay = np.array([float(g.get("weight_decay", 0.0) or 0.0) for g in pgroups])
+        self.momentum = any(float(g.get("momentum", 0.0) or 0.0) != 0.0 for g in pgroups)
+        self.exact_sgd = self.opt_class == "SGD" and not self.momentum
+
+    # ------------------------------------------------------------------------- trajectory
+    def params_at(self, steps: Sequence[int], through: int | None = None) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """``(t, θ_t)`` for the given steps in increasing order: checkpoints, else one verified replay (continued to
+        step ``through`` when given: a process of a split computation checks the checkpoints up to the next one's
+        steps, as one process would)."""
+        steps = sorted({int(t) for t in steps})
+        if not steps:
+            return
+        ckpts = set(self.log.checkpoint_steps)
+        if all(t in ckpts for t in steps):
+            for t in steps:
+                yield t, checkpoint_params(self.log, self.module, t)
+            return
+        want = set(steps)
+        for rs in replay(self.log, self.module, self.train_data, steps[0], max(steps[-1], through or 0),
+                         loss_fn=self.loss_fn,
+                         verify=self.verify, report=self.drift):
+            if rs.step in want:
+                yield rs.step, rs.params
+
+    def batch(self, ids: np.ndarray) -> Any:
+        return batch_from_ids(self.train_data, ids)
+
+    def step_batch(self, t: int) -> Step:
+        """The batch of step ``t`` as trained: its micro-batches with their dropout masks and autocast."""
+        return load_step(self.log, self.train_data, t)
+
+    def losses(self, params: Mapping[str, Tensor], batch: Any, exact: bool = False) -> Tensor:
+        """Per-sample losses of a step's batch (each micro-batch under its random state) or of any other batch."""
+        if isinstance(batch, Step):
+            return batch.losses(self.module, self.loss_fn, params, exact=exact)
+        return functional_loss(self.module, self.loss_fn, params, batch)
+
+    # -------------------------------------------------------------------------- gradients
+    def batch_grad(self, params: Mapping[str, Tensor], batch: Any, names: Sequence[str] | None = None,
+                   w: Tensor | None = None) -> dict[str, Tensor]:
+        """Gradient of the step's loss ``Σ w_i ℓ_i`` (default: the batch mean) w.r.t. ``names`` (default: the
+        tracked parameters) at ``params``."""
+        names = list(self.names if names is None else names)
+        leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+        with torch.enable_grad():
+            loss = _weighted(self.losses({**params, **leaves}, batch), w)
+            g = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+        return {n: torch.zeros_like(leaves[n]) if gi is None else gi.detach() for n, gi in zip(names, g)}
+
+    def project(self, vectors: Vectors) -> np.ndarray:
+        """``(C, K)`` float64: the vectors projected like the logged gradient rows."""
+        return self.projector.project(vectors).double().cpu().numpy()
+
+    def query(self, query: Query, params: Mapping[str, Tensor]) -> tuple[Vectors, list[str]]:
+        grads, values = query_gradients(self.module, query, self.names, params)
+        return {n: g.detach().to(self.dtype) for n, g in grads.items()}, query_names(query, len(values))
+
+    def per_sample_grads(self, params: Mapping[str, Tensor], batch: Any, projector: KroneckerProjector | None = None) -> Tensor:
+        """Projected per-sample gradients; a step's batch keeps its training dropout masks (one batched forward
+        per micro-batch), any other batch is evaluated sample by sample (``vmap``)."""
+        if isinstance(batch, Step):
+            return torch.cat([per_sample_grads_masked(self.module, self.loss_fn, m, batch.precision, self.names, params,
+                                                      projector or self.projector) for m in batch.micro])
+        return per_sample_grads_vmap(self.module, self.loss_fn, batch, self.names, projector or self.projector,
+                                     params=params).detach()
+
+    def per_sample_hvp(self, params: Mapping[str, Tensor], batch: Any, direction: Mapping[str, Tensor]) -> Tensor:
+        """Projected ``H_z v`` ``(B, K)`` for every sample of ``batch`` (``direction`` over all parameters):
+        central differences of the per-sample gradients along ``v`` with the tracker's kink guard (one
+        more pass for ``g_z(θ)``), as the tracker logs them, or exact."""
+        if self.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse with the step's dropout masks
+            hv = batch.per_sample_curvature(self.module, self.loss_fn, params, direction, self.names)
+            return self.projector.project(hv).detach()
+        if self.hvp == "exact":
+            return _per_sample_hvp_exact(self, params, batch, direction)
+        out, _ = fd_directional_derivative(lambda p: self.per_sample_grads(p, batch), params, direction, self.eps0,
+                                           kink_guard=KINK_GUARD)
+        return out
+
+    # ------------------------------------------------------- the step as Lightning ran it
+    def step_weights(self, t: int) -> Tensor:
+        """``w_{i,t}`` of step ``t`` (:mod:`lightning_influence.step.weights`)."""
+        return torch.as_tensor(self.log.weights(t), dtype=self.dtype)
+
+    def clip_factor(self, t: int) -> float:
+        """The norm-clip coefficient of step ``t`` (1 when not norm-clipped): the factor the clipped step put on
+        the gradient, so on its curvature term (step form) and on its learning rate (published form)."""
+        spec = logged_clip_spec(self.log, t)
+        coef = float(self.log.step_column(t, "clip_coef"))
+        return coef if spec is not None and spec.algorithm == "norm" and np.isfinite(coef) else 1.0
+
+    def clipped(self, rec: Any, G: np.ndarray, R: np.ndarray) -> np.ndarray:
+        """``J_Cᵀ R`` for columns ``R`` ``(K, C)`` in the logged row space of step ``rec`` (identity without clipping)."""
+        return step_clip_adjoint(self.log, rec.step, rec.weights, G)(torch.from_numpy(np.ascontiguousarray(R))).numpy()
+
+    def method(self, base: str, extra: Sequence[str] = ()) -> str:
+        tags = [self.hvp, *extra]
+        if not self.exact_sgd:
+            tags.append("approx.")
+        return f"{base} ({', '.join(tags)})"
+
+
+def _weighted(losses: Tensor, w: Tensor | None) -> Tensor:
+    """The step's loss from its per-sample losses: ``Σ w_i ℓ_i`` (step.weights), or the mean without weights."""
+    return losses.mean() if w is None else (w.to(losses) * losses).sum()
+
+
+def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vectors, w: Tensor | None = None) -> Vectors:
+    """``H_B v`` for the ``C`` vectors ``V`` (tracked parameters) at ``params``: the Hessian of the
+    step's loss ``Σ w_i ℓ_i`` (default: the batch mean), its tracked block. ``fd``: central differences of the batch gradient at
+    ``θ ± ε v̂`` with ``ε = eps0 (1 + ‖θ‖)/√p`` (:func:`~lightning_influence.capture.parameter_epsilon`),
+    all ``C`` directions in one vectorised call; ``exact``: reverse-over-reverse for a step's batch
+    (:meth:`~lightning_influence.step.micro.Step.curvature_products`), else forward-over-reverse."""
+    names = ctx.names
+    C = next(iter(V.values())).shape[0]
+    fixed = {n: t.detach() for n, t in params.items()}
+
+    if ctx.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse from one forward with the step's masks
+        wt = torch.full((len(batch.ids),), 1.0 / len(batch.ids), dtype=ctx.dtype) if w is None else w
+        hr, _ = batch.curvature_products(ctx.module, ctx.loss_fn, fixed, wt, [{n: V[n][c] for n in names} for c in range(C)])
+        return {n: torch.stack([h[n] for h in hr]) for n in names}
+    if ctx.hvp == "exact":
+        def loss_all(p: dict[str, Tensor]) -> Tensor:
+            return _weighted(ctx.losses(p, batch, exact=True), w)
+
+        def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
+            tangents = {n: v[n] if n in v else torch.zeros_like(t) for n, t in fixed.items()}
+            _, hv = jvp(grad(loss_all), (fixed,), (tangents,))
+            return {n: hv[n] for n in names}
+
+        return vmap(one, randomness="same")({n: V[n] for n in names}) if C > 1 else {n: t.unsqueeze(0) for n, t in one({n: V[n][0] for n in names}).items()}
+
+    eps = parameter_epsilon(fixed, ctx.eps0)
+    norms = torch.sqrt(sum((V[n].double() ** 2).reshape(C, -1).sum(1) for n in names)).to(ctx.dtype)  # (C,)
+    unit = eps / torch.where(norms > 0, norms, torch.ones_like(norms))  # zero directions stay at θ
+    factor = torch.where(norms > 0, norms / (2.0 * eps), torch.zeros_like(norms))
+
+    def loss_tracked(p: dict[str, Tensor]) -> Tensor:
+        return _weighted(ctx.losses({**fixed, **p}, batch), w)
+
+    def per_dir(x: Tensor, t: Tensor) -> Tensor:  # (C,) -> broadcastable against (C, *shape)
+        return x.reshape(C, *([1] * (t.dim() - 1)))
+
+    def plain(p: dict[str, Tensor]) -> dict[str, Tensor]:  # direction by direction, outside vmap
+        rows: dict[str, list[Tensor]] = {n: [] for n in names}
+        for c in range(C):
+            leaves = {n: p[n][c].detach().requires_grad_(True) for n in names}
+            with torch.enable_grad():
+                gs = torch.autograd.grad(loss_tracked(leaves), [leaves[n] for n in names], allow_unused=True)
+            for n, gi in zip(names, gs):
+                rows[n].append(torch.zeros_like(leaves[n]) if gi is None else gi)
+        return {n: torch.stack(v) for n, v in rows.items()}
+
+    # a step that drew random numbers: plain passes keep its dropout masks (a forward inside vmap may not)
+    g = plain if isinstance(batch, Step) and batch.drew else vmap(grad(loss_tracked))
+    shift = {n: V[n] * per_dir(unit, V[n]) for n in names}
+    plus = g({n: fixed[n].unsqueeze(0) + shift[n] for n in names})
+    minus = g({n: fixed[n].unsqueeze(0) - shift[n] for n in names})
+    at = grad(loss_tracked)({n: fixed[n] for n in names})  # one more pass: the kink guard's g(θ)
+    fwd = torch.cat([(plus[n] - at[n].unsqueeze(0)).reshape(C, -1) for n in names], dim=1)
+    bwd = torch.cat([(at[n].unsqueeze(0) - minus[n]).reshape(C, -1) for n in names], dim=1)
+    diff, kink = guarded_difference(fwd, bwd, KINK_GUARD)  # (f + b)/2, or the smaller side across a kink
+    ctx.fd_kinks += int(kink.sum())
+    ctx.fd_products += C
+    out, start = {}, 0
+    for n in names:
+        size = V[n][0].numel()
+        out[n] = diff[:, start:start + size].reshape(V[n].shape) * per_dir(2.0 * factor, V[n])
+        start += size
+    return out
+
+
+def _per_sample_hvp_exact(ctx: _Context, params: Mapping[str, Tensor], batch: Any, direction: Mapping[str, Tensor]) -> Tensor:
+    """Exact projected ``H_z v`` per sample: ``jvp`` along ``v`` of ``vmap(grad)`` over the samples."""
+    leaves, spec = pytree.tree_flatten(batch)
+    is_tensor = [isinstance(x, Tensor) for x in leaves]
+    tensors = tuple(x for x, t in zip(leaves, is_tensor) if t)
+    primals = {n: t.detach() for n, t in params.items()}
+    tangents = {n: direction[n].detach().to(t.dtype) if n in direction else torch.zeros_like(t) for n, t in primals.items()}
+
+    def sample_loss(p: dict[str, Tensor], sample: tuple[Tensor, ...]) -> Tensor:
+        it = iter(sample)
+        one = pytree.tree_unflatten([next(it).unsqueeze(0) if t else x for x, t in zip(leaves, is_tensor)], spec)
+        return functional_loss(ctx.module, ctx.loss_fn, p, one)[0]
+
+    def per_sample(p: dict[str, Tensor]) -> dict[str, Tensor]:
+        g = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different")(p, tensors)
+        return {n: g[n] for n in ctx.names}
+
+    _, hv = jvp(per_sample, (primals,), (tangents,))
+    return ctx.projector.project(hv).detach()
+
+
+# ======================================================================= curvature checks
+FD_EDGE = 4.0  # |κ|·η beyond SGD's stability edge 2(1 + momentum) ≤ 4: a finite-difference artifact, not curvature
+
+
+def _check_fd(ctx: _Context, kap: np.ndarray, lrs: np.ndarray) -> None:
+    """Count finite-difference curvatures ``κ`` with ``|κ|·η > FD_EDGE``: a run that trained stably has no such
+    direction (SGD diverges along it), so the product crossed a kink (ReLU) or lost its digits to rounding and its
+    ``1 − κη`` factor would blow the scores up (docs/diffin.md). Adaptive optimizers are not checked."""
+    if ctx.hvp != "fd" or not ctx.exact_sgd:
+        return
+    edge = np.abs(kap) @ np.asarray(lrs, dtype=np.float64)[: ctx.n_groups]
+    ctx.fd_checked += int(edge.size)
+    ctx.fd_blowups += int(np.count_nonzero(~(edge <= FD_EDGE)))
+
+
+def _curvature(ctx: _Context, V: Vectors, HV: Vectors, clip: float = 1.0) -> np.ndarray:
+    """``⟨v, (c H + λ) v⟩_g / ‖v‖²`` per vector and param group ``g``: ``(C, G)`` (lr not applied; ``c`` the
+    step's clip coefficient: clipping scales the gradient, not the weight decay)."""
+    C = next(iter(V.values())).shape[0]
+    vv = sum((V[n].double() ** 2).reshape(C, -1).sum(1) for n in ctx.names)
+    vv = torch.where(vv > 0, vv, torch.ones_like(vv))
+    out = torch.zeros(C, ctx.n_groups, dtype=torch.float64, device=vv.device)
+    for n in ctx.names:
+        g = ctx.group_of_name[n]
+        curv = clip * HV[n].double() + ctx.weight_decay[g] * V[n].double()
+        out[:, g] += (V[n].double() * curv).reshape(C, -1).sum(1)
+    return (out / vv[:, None]).cpu().numpy()
