@@ -119,12 +119,17 @@ def test_float32_row_products_stay_within_their_stated_bound(stored):
     G = (rng.standard_normal((513, K)) * np.exp(rng.standard_normal((513, 1)))).astype(stored)
     M = rng.standard_normal((K, 3))
     G64 = G.astype(np.float64)
+    odd = np.empty(G.nbytes + 1, np.uint8)[1:].view(G.dtype).reshape(G.shape)  # rows at an odd address, as read
+    odd[:] = G  # from an odd file offset
+    assert not odd.flags.aligned or G.itemsize == 1
     for square, ref, scale in ((False, G64 @ M, np.abs(G64) @ np.abs(M)), (True, (G64 * G64) @ M, (G64 * G64) @ np.abs(M))):
-        got = _row_products(G, M, square=square, dtype=np.dtype(np.float32))
-        assert got.dtype == np.float64
-        err = np.abs(got - ref)
-        assert np.all(err <= (K + 3) * 2.0 ** -24 * scale)
-        assert err.max() > 0
+        for rows in (G, odd):
+            got = _row_products(rows, M, square=square, dtype=np.dtype(np.float32))
+            assert got.dtype == np.float64
+            err = np.abs(got - ref)
+            assert np.all(err <= (K + 3) * 2.0 ** -24 * scale)
+            assert err.max() > 0
+            assert np.all(np.abs(_row_products(rows, M, square=square) - ref) <= 1e-13 * scale)  # float64 path
 
 
 def test_float32_products_of_tracin_and_self_influence_stay_within_the_bound(tmp_path):

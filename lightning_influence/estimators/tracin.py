@@ -182,7 +182,7 @@ def _row_products(G: np.ndarray, M: np.ndarray, square: bool = False, dtype: np.
     for rounding ``M``, ``G`` and the square); tests/test_blocks.py checks the bound.
     """
     Mc = M.astype(dtype, copy=False)
-    if dtype == G.dtype and not square:
+    if dtype == G.dtype and not square and G.flags.aligned:  # (rows read at an odd file offset are not aligned)
         return np.dot(G, Mc).astype(np.float64, copy=False)
     out = np.empty((len(G), M.shape[1]), dtype)
     chunk = max(1, (256 << 10) // max(1, dtype.itemsize * G.shape[1]))
