@@ -10,7 +10,7 @@ from lightning_influence import InfluenceLog, LogFormatError, tracin, tracin_sel
 from lightning_influence.capture import KroneckerProjector
 from lightning_influence.estimators.tracin import _row_products
 from lightning_influence.log import LogWriter, StepRecord
-from lightning_influence.log.blocks import _row_map, iter_row_blocks
+from lightning_influence.log.blocks import _chunk_index, _row_map, iter_row_blocks
 from lightning_influence.log.writer import write_meta
 
 K, N = 5, 40
@@ -95,9 +95,10 @@ def test_stopping_early_ends_the_prefetch_thread(tmp_path):
     with InfluenceLog(tmp_path) as log:
         it = iter_row_blocks(log, 0, log.num_steps, max_bytes=60)
         next(it)
-        assert any(t.name == "influence-log-prefetch" for t in threading.enumerate())
+        names = {t.name for t in threading.enumerate()}
+        assert {"influence-log-prefetch", "influence-log-checksum"} <= names
         it.close()
-        assert not any(t.name == "influence-log-prefetch" for t in threading.enumerate())
+        assert not any(t.name.startswith("influence-log-") for t in threading.enumerate())
 
 
 def test_row_products_are_float64_products_of_the_stored_rows():
@@ -107,6 +108,44 @@ def test_row_products_are_float64_products_of_the_stored_rows():
     ref = G.astype(np.float64) @ M
     np.testing.assert_allclose(_row_products(G, M), ref, rtol=1e-14, atol=1e-14)
     np.testing.assert_allclose(_row_products(G, M, square=True), (G.astype(np.float64) ** 2) @ M, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("stored", [np.float16, np.float32, np.float64])
+def test_float32_row_products_stay_within_their_stated_bound(stored):
+    """(K + 3)·2⁻²⁴·Σ_k |G_rk|·|M_kc| (|G_rk|² squared) around the float64 products; and the bound is not slack by
+    orders of magnitude (the float32 products do differ from the float64 ones)."""
+    rng = np.random.default_rng(5)
+    K = 1024
+    G = (rng.standard_normal((513, K)) * np.exp(rng.standard_normal((513, 1)))).astype(stored)
+    M = rng.standard_normal((K, 3))
+    G64 = G.astype(np.float64)
+    for square, ref, scale in ((False, G64 @ M, np.abs(G64) @ np.abs(M)), (True, (G64 * G64) @ M, (G64 * G64) @ np.abs(M))):
+        got = _row_products(G, M, square=square, dtype=np.dtype(np.float32))
+        assert got.dtype == np.float64
+        err = np.abs(got - ref)
+        assert np.all(err <= (K + 3) * 2.0 ** -24 * scale)
+        assert err.max() > 0
+
+
+def test_float32_products_of_tracin_and_self_influence_stay_within_the_bound(tmp_path):
+    """The scores with products="float32" against float64: within Σ_terms |η_t w_j|·(K + 3)·2⁻²⁴·Σ_k |g_k||q_k|."""
+    _write(tmp_path, 2)
+    q = np.random.default_rng(3).standard_normal((2, K))
+    with InfluenceLog(tmp_path) as log:
+        cols = log.column_groups()
+        bound, own_bound = np.zeros((N, 2)), np.zeros(N)
+        for r in log.iter_steps(0, log.num_steps, fields=("grad",)):
+            G = np.abs(r.grads.astype(np.float64))
+            eta = r.lrs[cols]
+            np.add.at(bound, r.ids, np.abs(r.weights)[:, None] * (G @ np.abs(q * eta).T))
+            np.add.at(own_bound, r.ids, np.abs(r.weights) * ((G * G) @ eta))
+        u = (K + 3) * 2.0 ** -24
+        for fn, arg, b in ((tracin, {0: q}, bound), (tracin_self_influence, None, own_bound[:, None])):
+            exact, fast = fn(log, arg), fn(log, arg, products="float32")
+            assert fast.info["products"] == "float32" and exact.info["products"] == "float64"
+            assert np.all(np.abs(fast.scores - exact.scores) <= u * b * (1 + 1e-9) + 1e-300)
+        with pytest.raises(ValueError, match="products must be 'float64' or 'float32'"):
+            tracin(log, {0: q}, products="float16")
 
 
 @pytest.mark.parametrize("world,every", [(1, 1), (2, 2)])
@@ -182,6 +221,10 @@ def test_rows_of_chunks_apart_in_the_file_are_read_as_several_runs(tmp_path):
                 ds[800 * k:] = data[800 * k: 800 * (k + 1)]
     with h5py.File(path, "r") as f:
         where = _row_map(path, f["id"])
+    with h5py.File(path, "r") as f:  # the one-pass chunk index equals HDF5's answer chunk by chunk
+        ds = f["id"]
+        by_chunk = [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]
+        assert _chunk_index(ds) == sorted((i.chunk_offset[0], i.byte_offset, i.size) for i in by_chunk)
     runs = where.byte_runs(700, 12000)
     assert len(runs) > 1 and sum(n for _, n in runs) == 11300 * 8
     with Prefetcher() as pre:
