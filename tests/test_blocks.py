@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from benchmarks.scale import evict
 from lightning_influence import InfluenceLog, LogFormatError, tracin, tracin_self_influence
 from lightning_influence.capture import KroneckerProjector
 from lightning_influence.estimators.tracin import _row_products
@@ -51,7 +52,7 @@ def test_blocks_hold_the_rows_of_iter_steps(tmp_path, monkeypatch, world, every,
         assert (_row_map(f.filename, f["grads/grad"]) is None) == (compression is not None)
     if cold:
         for seg in tmp_path.glob("rank-*/seg-*.h5"):
-            _evict(seg)
+            evict([seg])
     through_hdf5 = []
     rows_of_steps = blocks._rows_of_steps
     monkeypatch.setattr(blocks, "_rows_of_steps", lambda *a: through_hdf5.append(a[3]) or rows_of_steps(*a))
@@ -199,18 +200,6 @@ def test_row_checksum_is_zlibs_crc32_whichever_library_computes_it():
         assert crc32(a) == zlib.crc32(np.ascontiguousarray(a).tobytes())
 
 
-def _evict(path) -> None:
-    """Drop the file's pages from the page cache (the next read comes from the disk)."""
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_rows_of_chunks_apart_in_the_file_are_read_as_several_runs(tmp_path):
     """HDF5 puts chunk index blocks between small chunks: the row map follows the chunk index, and a step's rows
     that span two runs are checksummed across them."""
@@ -261,7 +250,7 @@ def test_plain_runs_are_read_by_the_prefetch_thread_and_unplain_layouts_are_decl
     assert len(where.byte_runs(0, 500)) == 1  # eight chunks back to back
     base = int(where.offsets[0])
     if cold:
-        _evict(path)
+        evict([path])
     row = 60 * 4
     with Prefetcher(depth=1, direct=direct) as pre:  # three runs into one buffer, the ring reused twice
         for lo, hi in [(13, 441), (3, 5), (499, 500), (0, 500)] * 2:
