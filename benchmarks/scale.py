@@ -4,12 +4,15 @@ Writes a synthetic log of ``--gb`` GB of projected gradients through the real wr
 (``LogWriter``: background thread, CRC-32 per step, fsync, atomic renames), evicts it from
 the page cache (``posix_fadvise(DONTNEED)``, no root needed), then in the same run:
 
-1. raw sequential read of the segment files (8 MiB ``readinto``, cold cache): the disk's speed;
-2. TracIn over the whole log with a synthetic query gradient, in a fresh subprocess (cold
-   cache again), sampling its RSS every 20 ms; its peak RSS (``VmHWM``) and throughput
-   (sample-steps/s, GB/s) are compared with the raw read, and its CPU seconds per GB (user + system: a figure that
-   does not depend on how busy the machine is) are reported. The scores are checked against a
-   closed form (rows are drawn from a known pool), so the reduction is verified, not only timed.
+1. raw sequential read of the segment files, cold cache, two ways: buffered (8 MiB ``readinto``, through the
+   page cache: what ``cat`` or ``dd`` measure) and direct (``O_DIRECT``, 16 MiB: the disk alone); each before
+   and after the estimator passes, so a change in the machine's load shows;
+2. TracIn (a synthetic query gradient) and TracIn self-influence over the whole log, each in a fresh
+   subprocess (cold cache again), sampling its RSS every 20 ms; its peak RSS (``VmHWM``) and
+   throughput (sample-steps/s, GB/s; opening the log included) are compared with the raw reads, and
+   its CPU seconds per GB (user + system: a figure that depends less on how busy the machine is) are
+   reported. The scores are checked against closed forms (rows are drawn from a known pool), so the
+   reduction is verified, not only timed;
 3. the same with ``--processes`` (default 2) gloo processes (``lightning_influence.distributed``:
    one contiguous shard of steps each, one all-reduce), cold cache again, peak RSS per process.
 
@@ -82,9 +85,14 @@ def write_log(path: Path, steps: int, k: int, batch: int, flush: int) -> float:
     return time.perf_counter() - t0
 
 
-def expected_scores(steps: int, k: int, batch: int) -> np.ndarray:
-    """TracIn in closed form: Σ_t (η/B) ⟨q, pool[row]⟩ for each id, from the pool's dot products."""
-    dots = pool(k).astype(np.float64) @ query(k)[0]
+METHODS = ("tracin", "tracin_self_influence")
+
+
+def expected_scores(steps: int, k: int, batch: int, method: str = "tracin") -> np.ndarray:
+    """TracIn in closed form: Σ_t (η/B) ⟨q, pool[row]⟩ for each id, from the pool's dot products (self-influence:
+    Σ_t (η/B) ‖pool[row]‖²)."""
+    rows = pool(k).astype(np.float64)
+    dots = rows @ query(k)[0] if method == "tracin" else np.einsum("rk,rk->r", rows, rows)
     out = np.zeros(N_IDS)
     for t in range(steps):
         np.add.at(out, ids_of(t, batch), LR / batch * dots[rows_of(t, batch)])
@@ -103,6 +111,7 @@ def evict(files: list[Path]) -> None:
 
 
 def raw_read(files: list[Path]) -> tuple[float, int]:
+    """Seconds and bytes of reading ``files`` in turn through the page cache (8 MiB ``readinto``)."""
     buf = bytearray(8 << 20)
     view = memoryview(buf)
     total = 0
@@ -111,6 +120,27 @@ def raw_read(files: list[Path]) -> tuple[float, int]:
         with open(p, "rb", buffering=0) as f:
             while n := f.readinto(view):
                 total += n
+    return time.perf_counter() - t0, total
+
+
+def raw_read_direct(files: list[Path]) -> tuple[float, int]:
+    """Seconds and bytes of reading ``files`` in turn with ``O_DIRECT`` (16 MiB, page-aligned buffer): the disk alone,
+    without the page cache (falls back to buffered reads where the file system refuses ``O_DIRECT``)."""
+    import mmap
+
+    view = memoryview(mmap.mmap(-1, 16 << 20))  # anonymous maps are page-aligned
+    total = 0
+    t0 = time.perf_counter()
+    for p in files:
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except OSError:
+            fd = os.open(p, os.O_RDONLY)
+        try:
+            while n := os.readv(fd, [view]):
+                total += n
+        finally:
+            os.close(fd)
     return time.perf_counter() - t0, total
 
 
@@ -128,22 +158,24 @@ def _rss_bytes() -> int:
 
 
 def _rank_peak(done: int, total: int) -> None:
-    """Progress callback of each process of a distributed reduction: its peak RSS, once its shard is done."""
+    """Progress callback of each process of a distributed reduction: its peak RSS and CPU seconds, once its shard is
+    done."""
     if done == total:
         from lightning_influence.distributed import global_rank
 
         Path(os.environ["SCALE_RSS_DIR"], f"rank-{global_rank()}.json").write_text(
-            json.dumps({"pid": os.getpid(), "peak_rss_bytes": _status_bytes("VmHWM")}))
+            json.dumps({"pid": os.getpid(), "peak_rss_bytes": _status_bytes("VmHWM"),
+                        "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}))
 
 
-def reduce_distributed(path: Path, k: int, processes: int) -> dict:
-    """TracIn over the log on ``processes`` gloo processes (``lightning_influence.distributed``)."""
+def reduce_distributed(path: Path, k: int, processes: int, method: str) -> dict:
+    """``method`` over the log on ``processes`` gloo processes (``lightning_influence.distributed``)."""
     from lightning_influence.distributed import run
 
     rss_dir = Path(tempfile.mkdtemp(prefix="scale-rss-"))
     os.environ["SCALE_RSS_DIR"] = str(rss_dir)  # inherited by the spawned processes
     t0 = time.perf_counter()
-    scores = run("tracin", path, {0: query(k)}, devices=processes, progress=_rank_peak)
+    scores = run(method, path, {0: query(k)} if method == "tracin" else None, devices=processes, progress=_rank_peak)
     seconds = time.perf_counter() - t0
     per_rank = [json.loads(f.read_text()) for f in sorted(rss_dir.glob("rank-*.json"))]
     shutil.rmtree(rss_dir, ignore_errors=True)
@@ -153,11 +185,13 @@ def reduce_distributed(path: Path, k: int, processes: int) -> dict:
             "processes": processes,
             "per_rank_seconds": [r["seconds"] for r in scores.info["per_rank"]],
             "per_rank_peak_rss_bytes": [r["peak_rss_bytes"] for r in per_rank],
+            # CPU of each whole process (its start and imports included: an upper bound on the reduction's)
+            "per_rank_cpu_seconds_with_start": [r["cpu_seconds"] for r in per_rank],
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in per_rank), "scores": scores.column(0)}
 
 
-def reduce(path: Path, k: int) -> dict:
-    from lightning_influence import InfluenceLog, tracin
+def reduce(path: Path, k: int, method: str, products: str = "float64") -> dict:
+    from lightning_influence import InfluenceLog, tracin, tracin_self_influence
 
     baseline = _rss_bytes()
     samples: list[int] = []
@@ -174,6 +208,7 @@ def reduce(path: Path, k: int) -> dict:
     t0 = time.perf_counter()
     log = InfluenceLog(path)
     t_open = time.perf_counter() - t0
+    cpu_open = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
     last = [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -182,17 +217,26 @@ def reduce(path: Path, k: int) -> dict:
             last[0] = now
             print(f"  reducing: step {done}/{total}", file=sys.stderr, flush=True)
 
-    scores = tracin(log, {0: query(k)}, progress=progress)
+    if method == "tracin":
+        scores = tracin(log, {0: query(k)}, progress=progress, products=products)
+    else:
+        scores = tracin_self_influence(log, progress=progress, products=products)
     seconds = time.perf_counter() - t0
     stop.set()
     sampler.join()
     log.close()
-    return {"seconds": seconds, "open_seconds": t_open, "steps": log.num_steps,
+    return {"seconds": seconds, "open_seconds": t_open, "open_cpu_seconds": cpu_open, "steps": log.num_steps,
             "rss_before_bytes": baseline, "rss_peak_sampled_bytes": max(samples + [baseline]),
             # VmHWM, not ru_maxrss: on Linux ru_maxrss keeps the pre-exec peak of the forked parent
             "peak_rss_bytes": _status_bytes("VmHWM"),
             "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0,
             "scores": scores.column(0)}
+
+
+def _label(run: str) -> str:
+    """``"1"`` -> "1 process", ``"2"`` -> "2 processes", ``"1f32"`` -> "1 process, float32 products"."""
+    n = int(run.removesuffix("f32"))
+    return f"{n} process{'es' if n > 1 else ''}" + (", float32 products" if run.endswith("f32") else "")
 
 
 def main() -> None:
@@ -203,15 +247,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--flush", type=int, default=50, help="steps per segment file")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic log")
+    parser.add_argument("--log", default=None, help="reduce this synthetic log (written before with --keep and the "
+                        "same --gb/--k/--batch) instead of writing one")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "scale.json"))
     parser.add_argument("--processes", type=int, default=2, help="also reduce with this many processes (default 2)")
     parser.add_argument("--reduce-only", default=None, help=argparse.SUPPRESS)  # internal: the child process
     parser.add_argument("--with-processes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="tracin", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--products", default="float64", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reduce_only:
         path = Path(args.reduce_only)
-        res = reduce(path, args.k) if args.with_processes == 1 else reduce_distributed(path, args.k, args.with_processes)
-        np.save(path / f"scores-{args.with_processes}.npy", res.pop("scores"))
+        res = (reduce(path, args.k, args.method, args.products) if args.with_processes == 1
+               else reduce_distributed(path, args.k, args.with_processes, args.method))
+        np.save(path / f"scores-{args.method}-{args.with_processes}{args.products}.npy", res.pop("scores"))
         print(json.dumps(res))
         return
 
@@ -219,71 +268,104 @@ def main() -> None:
     steps = max(1, int(args.gb * 1e9 / (row_bytes * args.batch)))
     parent = Path(args.dir or tempfile.gettempdir())
     free = shutil.disk_usage(parent).free
-    if free < args.gb * 1e9 * 1.05:
+    if args.log is None and free < args.gb * 1e9 * 1.05:
         sys.exit(f"scale.py: {parent} has {free / 1e9:.1f} GB free, {args.gb * 1.05:.1f} GB are needed; "
                  "lower --gb or pass --dir on a larger disk")
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    work = Path(tempfile.mkdtemp(prefix="influence-scale-", dir=parent))
-    log_dir = work / "log"
+    work = Path(tempfile.mkdtemp(prefix="influence-scale-", dir=parent)) if args.log is None else None
+    log_dir = work / "log" if work is not None else Path(args.log)
+    t_write = float("nan")
     try:
-        print(f"writing {steps} steps × {args.batch} samples × {args.k} float32 columns "
-              f"({steps * args.batch * row_bytes / 1e9:.2f} GB of gradient rows) to {log_dir}", file=sys.stderr)
-        t_write = write_log(log_dir, steps, args.k, args.batch, args.flush)
+        if work is not None:
+            print(f"writing {steps} steps × {args.batch} samples × {args.k} float32 columns "
+                  f"({steps * args.batch * row_bytes / 1e9:.2f} GB of gradient rows) to {log_dir}", file=sys.stderr)
+            t_write = write_log(log_dir, steps, args.k, args.batch, args.flush)
         files = sorted(log_dir.rglob("*.h5"))
         disk_bytes = sum(p.stat().st_size for p in files)
-        evict(files)
-        print("raw sequential read (cold cache)", file=sys.stderr)
-        t_raw, raw_bytes = raw_read(files)
-        want = expected_scores(steps, args.k, args.batch)
-        runs: dict[int, dict] = {}
-        for processes in dict.fromkeys([1, args.processes]):
-            evict(files)
-            print(f"TracIn reduction with {processes} process(es), started fresh (cold cache)", file=sys.stderr)
-            child = subprocess.run([sys.executable, __file__, "--reduce-only", str(log_dir), "--k", str(args.k),
-                                    "--with-processes", str(processes)], capture_output=True, text=True)
-            if child.returncode != 0:
-                sys.exit(f"the reduction with {processes} process(es) failed:\n{child.stderr[-3000:]}")
-            red = json.loads(child.stdout.strip().splitlines()[-1])
-            got = np.load(log_dir / f"scores-{processes}.npy")
-            red["max_rel_error_vs_closed_form"] = float(np.abs(got - want).max() / np.abs(want).max())
-            runs[processes] = red
+        raws: dict[str, list[float]] = {"buffered": [], "direct": []}
+
+        def raw_reads() -> None:
+            for kind, read in (("buffered", raw_read), ("direct", raw_read_direct)):
+                evict(files)
+                print(f"raw sequential read, {kind} (cold cache)", file=sys.stderr)
+                seconds, nbytes = read(files)
+                raws[kind].append(nbytes / seconds)
+
+        raw_reads()
+        # per method: 1 and N processes with float64 products, then 1 process with float32 products ("1f32")
+        runs: dict[str, dict[str, dict]] = {m: {} for m in METHODS}
+        for method in METHODS:
+            want = expected_scores(steps, args.k, args.batch, method)
+            for processes, products in dict.fromkeys([(1, "float64"), (args.processes, "float64"), (1, "float32")]):
+                evict(files)
+                print(f"{method} with {processes} process(es), {products} products, started fresh (cold cache)",
+                      file=sys.stderr)
+                child = subprocess.run([sys.executable, __file__, "--reduce-only", str(log_dir), "--k", str(args.k),
+                                        "--with-processes", str(processes), "--method", method,
+                                        "--products", products], capture_output=True, text=True)
+                if child.returncode != 0:
+                    sys.exit(f"{method} with {processes} process(es) failed:\n{child.stderr[-3000:]}")
+                red = json.loads(child.stdout.strip().splitlines()[-1])
+                got = np.load(log_dir / f"scores-{method}-{processes}{products}.npy")
+                red["max_rel_error_vs_closed_form"] = float(np.abs(got - want).max() / np.abs(want).max())
+                red["products"] = products
+                runs[method][f"{processes}" + ("" if products == "float64" else "f32")] = red
+        raw_reads()
     finally:
-        if not args.keep:
+        if work is not None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
+    gb = 1e9
     sample_steps = steps * args.batch
-    raw_speed = raw_bytes / t_raw
-    for red in runs.values():
-        red.update(sample_steps_per_s=sample_steps / red["seconds"], gb_per_s=disk_bytes / red["seconds"] / 1e9,
-                   vs_raw_read=(disk_bytes / red["seconds"]) / raw_speed)
+    raw_speed = {kind: float(np.mean(v)) for kind, v in raws.items()}
+    for per_method in runs.values():
+        for red in per_method.values():
+            speed = disk_bytes / red["seconds"]
+            red.update(sample_steps_per_s=sample_steps / red["seconds"], gb_per_s=speed / gb,
+                       vs_raw_read=speed / raw_speed["buffered"], vs_raw_direct_read=speed / raw_speed["direct"])
+            if "cpu_seconds" in red:  # one process (a distributed one's CPU includes starting it: in the JSON only)
+                red["cpu_seconds_per_gb"] = red["cpu_seconds"] / (disk_bytes / gb)
     result = {
         "config": {"gb": args.gb, "k": args.k, "batch": args.batch, "flush": args.flush, "steps": steps,
-                   "segments": len(files) - 1, "machine_ram_bytes": mem_total, "cpus": os.cpu_count()},
+                   "segments": len(files) - 1, "machine_ram_bytes": mem_total, "cpus": os.cpu_count(),
+                   "load_average": os.getloadavg()},
         "log_bytes_on_disk": disk_bytes,
-        "write": {"seconds": t_write, "gb_per_s": disk_bytes / t_write / 1e9},
-        "raw_read": {"seconds": t_raw, "bytes": raw_bytes, "gb_per_s": raw_speed / 1e9},
-        "tracin": {str(p): red for p, red in runs.items()},
+        "write": {"seconds": t_write, "gb_per_s": disk_bytes / t_write / gb},
+        "raw_read": {kind: {"gb_per_s_each": [v / gb for v in vs], "gb_per_s": raw_speed[kind] / gb}
+                     for kind, vs in raws.items()},
+        **{method: {str(p): red for p, red in per.items()} for method, per in runs.items()},
     }
-    gb = 1e9
     print(f"\nlog: {disk_bytes / gb:.2f} GB on disk ({steps} steps × {args.batch} samples × {args.k} float32 columns, "
-          f"{len(files) - 1} segments); machine RAM {mem_total / gb:.1f} GB, {os.cpu_count()} CPUs")
-    print(f"{'phase':<38}{'seconds':>9}{'GB/s':>8}{'of raw':>8}{'sample-steps/s':>16}{'peak RSS/process (GB)':>23}"
-          f"{'CPU s/GB':>10}")
-    print(f"{'write (LogWriter, fsync)':<38}{t_write:>9.1f}{disk_bytes / t_write / gb:>8.2f}{'':>8}"
-          f"{sample_steps / t_write:>16,.0f}")
-    print(f"{'raw sequential read (cold)':<38}{t_raw:>9.1f}{raw_speed / gb:>8.2f}{'100%':>8}")
-    for p, red in runs.items():
-        rss = red.get("per_rank_peak_rss_bytes", [red["peak_rss_bytes"]])
-        print(f"{f'TracIn, {p} process(es) (cold)':<38}{red['seconds']:>9.1f}{red['gb_per_s']:>8.2f}"
-              f"{red['vs_raw_read']:>8.0%}{red['sample_steps_per_s']:>16,.0f}"
-              f"{' '.join(f'{r / gb:.2f}' for r in rss):>23}"
-              + (f"{red['cpu_seconds'] / (disk_bytes / gb):>10.2f}" if "cpu_seconds" in red else ""))
-    for p, red in runs.items():
-        if "wall_seconds_with_process_start" in red:
-            print(f"{p} processes: {red['wall_seconds_with_process_start']:.1f} s with starting them (imports), "
-                  f"per process {', '.join(f'{s:.1f}' for s in red['per_rank_seconds'])} s")
-    print("scores vs closed form, max rel. error: "
-          + ", ".join(f"{p} process(es) {red['max_rel_error_vs_closed_form']:.1e}" for p, red in runs.items()))
+          f"{len(files) - 1} segments); machine RAM {mem_total / gb:.1f} GB, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'phase':<50}{'seconds':>8}{'GB/s':>7}{'of raw':>8}{'of direct':>10}{'sample-steps/s':>16}"
+          f"{'CPU s/GB':>9}{'peak RSS/process (GB)':>23}")
+    if work is not None:
+        print(f"{'write (LogWriter, fsync)':<50}{t_write:>8.1f}{disk_bytes / t_write / gb:>7.2f}{'':>18}"
+              f"{sample_steps / t_write:>16,.0f}")
+    for kind in ("buffered", "direct"):
+        each = " / ".join(f"{v / gb:.2f}" for v in raws[kind])
+        print(f"{f'raw sequential read, {kind}':<50}{disk_bytes / raw_speed[kind]:>8.2f}{raw_speed[kind] / gb:>7.2f}"
+              f"{raw_speed[kind] / raw_speed['buffered']:>8.0%}{raw_speed[kind] / raw_speed['direct']:>10.0%}"
+              f"   (before / after: {each} GB/s)")
+    for method, per in runs.items():
+        for p, red in per.items():
+            rss = red.get("per_rank_peak_rss_bytes", [red["peak_rss_bytes"]])
+            print(f"{f'{method}, {_label(p)}':<50}{red['seconds']:>8.2f}{red['gb_per_s']:>7.2f}"
+                  f"{red['vs_raw_read']:>8.0%}{red['vs_raw_direct_read']:>10.0%}{red['sample_steps_per_s']:>16,.0f}"
+                  + (f"{red['cpu_seconds_per_gb']:>9.2f}" if "cpu_seconds_per_gb" in red else f"{'':>9}")
+                  + f"{' '.join(f'{r / gb:.2f}' for r in rss):>23}")
+    for method, per in runs.items():
+        for p, red in per.items():
+            if "open_seconds" in red:
+                print(f"{method}, {_label(p)}: opening the log {red['open_seconds']:.2f} s of it "
+                      f"({red['open_cpu_seconds']:.2f} s CPU)")
+            if "wall_seconds_with_process_start" in red:
+                print(f"{method}, {p} processes: {red['wall_seconds_with_process_start']:.1f} s with starting them "
+                      f"(imports), per process {', '.join(f'{s:.2f}' for s in red['per_rank_seconds'])} s")
+    print("scores vs closed form, max rel. error: " + ", ".join(
+        f"{method} {_label(p)} {red['max_rel_error_vs_closed_form']:.1e}"
+        for method, per in runs.items() for p, red in per.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

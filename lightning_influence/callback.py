@@ -478,7 +478,7 @@ class InfluenceTracker(Callback):
         if not self._needs_loss:
             return
         if self.loss_fn is None:  # observe per_sample_loss inside training_step: losses (and gradients) for free
-            self._observer = LossObserver(pl_module)
+            self._observer = LossObserver(pl_module, grads=self.record_gradients)
         if self.record_gradients:
             self._capture, self._vmap_names, self._engine = choose_engine(pl_module, self._names, self._projector,
                                                                           self.gradient_engine)

@@ -225,3 +225,19 @@ def test_existing_log_is_not_overwritten_silently(log_dir):
     fit(tiny(), loader(ds), InfluenceTracker(log_dir), epochs=1)
     with pytest.raises(FileExistsError, match="already holds an influence log"):
         fit(tiny(), loader(ds), InfluenceTracker(log_dir), epochs=1)
+
+
+@pytest.mark.parametrize("grads", [False, True])
+def test_loss_observer_hooks_the_backward_only_when_gradients_are_recorded(grads):
+    """Without gradient rows the step's backward runs no tracker hook on the loss (nothing would read it)."""
+    from lightning_influence.capture.own_pass import LossObserver
+
+    module = tiny()
+    observer = LossObserver(module, grads=grads)
+    observer.capturing = True
+    x, y = make_data()[:6]
+    module.per_sample_loss((x, y)).mean().backward()
+    assert len(observer.losses) == 1 and len(observer.grads) == int(grads)
+    if grads:
+        assert torch.equal(observer.grads[0], torch.full((6,), 1 / 6, dtype=torch.float64))
+    observer.remove()

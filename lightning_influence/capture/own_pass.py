@@ -49,10 +49,10 @@ def choose_engine(module: nn.Module, names: Sequence[str], projector: KroneckerP
 
 class LossObserver:
     """Replaces ``module.per_sample_loss`` by a wrapper that keeps, while :attr:`capturing`, what
-    ``training_step`` computed with it and the gradient its backward sent into it (losses and
-    hook-captured gradients for free)."""
+    ``training_step`` computed with it and (``grads``) the gradient its backward sent into it (losses and
+    hook-captured gradients for free; without ``grads`` no tensor hook runs in the step's backward)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, grads: bool = True) -> None:
         self.original: Callable[..., Any] = module.per_sample_loss
         self.module = module
         self.capturing = False
@@ -64,7 +64,7 @@ class LossObserver:
             out = observer.original(batch, *args, **kwargs)
             if observer.capturing and isinstance(out, Tensor) and torch.is_grad_enabled():
                 observer.losses.append(out)
-                if out.requires_grad:
+                if grads and out.requires_grad:
                     out.register_hook(lambda g: observer.grads.append(g.detach()))
             return out
 

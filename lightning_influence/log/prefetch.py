@@ -7,7 +7,7 @@ reads. :class:`Prefetcher` overlaps them: one thread reads the byte runs of the 
 step's rows, while the caller's thread multiplies the block read before. The caller compares the CRC-32s with
 the step tables before it uses a row, so every checksum is still verified.
 
-Rows that are not in the page cache are read with ``O_DIRECT`` (Linux): from the disk straight into the
+Runs of at least 1 MiB (gradient rows) not in the page cache are read with ``O_DIRECT`` (Linux): from the disk into the
 buffer, without passing through the page cache. For a log larger than RAM the cache cannot keep the rows
 for a second pass anyway, and filling it is what costs a buffered read its CPU (measured in docs/scaling.md:
 ≈ 0.46 s of system time per GB buffered, ≈ 0.05 s direct) and much of its speed when the CPUs are busy.
@@ -33,8 +33,10 @@ import numpy as np
 from lightning_influence.log.format import crc32, reading
 
 _ALIGN = 4096  # O_DIRECT: file offset, length and buffer address in multiples of this (>= the logical block size)
+_DIRECT_MIN = 1 << 20  # shorter runs (ids, weights) are read buffered: a direct read costs a disk round trip each
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux >= 4.14: a read that returns only what the page cache holds
 _DIRECT = getattr(os, "O_DIRECT", None)
+AVAILABLE = hasattr(os, "preadv")  # not on Windows: there the blocks are read through HDF5
 
 
 @dataclass
@@ -53,7 +55,8 @@ class ReadJob:
 
 
 class Prefetcher:
-    """One background thread that carries out :class:`ReadJob` s in the order submitted, into ``depth + 1`` buffers.
+    """Two background threads (a reader, then a checksummer) that carry out :class:`ReadJob` s in the order submitted,
+    into ``depth + 1`` buffers.
 
     The buffer of a job is reused by the job submitted ``depth + 1`` later: a caller that submits at most ``depth``
     jobs beyond the one it is using never sees its rows overwritten. Use as a context manager (the thread ends on
@@ -70,7 +73,8 @@ class Prefetcher:
         self._ring: list[np.ndarray] = [np.empty(0, np.uint8) for _ in range(depth + 1)]
         self._next = 0
         self._jobs: queue.Queue[ReadJob | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._read: queue.Queue[ReadJob | None] = queue.Queue()  # read by the reader, to be checksummed
+        self._threads: list[threading.Thread] = []
         self._undirect: set[Path] = set()  # files whose O_DIRECT reads were refused: read buffered
 
     def __enter__(self) -> "Prefetcher":
@@ -98,9 +102,11 @@ class Prefetcher:
             job.regions.append((region, start))
             job.views.append(region[offset - start: offset - start + nbytes])
             at += span
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="influence-log-prefetch", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            self._threads = [threading.Thread(target=work, name=f"influence-log-{name}", daemon=True)
+                             for work, name in ((self._work, "prefetch"), (self._check, "checksum"))]
+            for thread in self._threads:
+                thread.start()
         self._jobs.put(job)
         return job
 
@@ -118,20 +124,33 @@ class Prefetcher:
         return job.views, job.crcs
 
     def close(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
+            for thread in self._threads:
+                thread.join()
+            self._threads = []
 
     def _work(self) -> None:
+        """The reader: reads each job and hands it to the checker, so the disk is asked for the next job's bytes
+        while the checker computes this one's CRC-32s (``isal`` holds the GIL while it does)."""
         while (job := self._jobs.get()) is not None:
             path = job.runs[0][0] if job.runs else Path()
             try:
                 for (path, offset, nbytes), view, (region, start) in zip(job.runs, job.views, job.regions):
                     self._read_run(path, offset, view, region, start)
-                job.crcs = [_crc_of(job.views, piece) for piece in job.pieces]  # while the caller multiplies
             except Exception as err:  # noqa: BLE001 - handed to the caller's thread by result()
                 job.error = (path, err)
+            self._read.put(job)
+        self._read.put(None)
+
+    def _check(self) -> None:
+        """The checker: the CRC-32 of each piece of each job read, then the job is done."""
+        while (job := self._read.get()) is not None:
+            try:
+                if job.error is None:
+                    job.crcs = [_crc_of(job.views, piece) for piece in job.pieces]
+            except Exception as err:  # noqa: BLE001 - handed to the caller's thread by result()
+                job.error = (job.runs[0][0], err)
             finally:
                 job.done.set()
 
@@ -146,7 +165,7 @@ class Prefetcher:
                     got = os.preadv(fd, [view], offset, _NOWAIT)
                 except OSError:  # EAGAIN: the first page is not cached (or the flag is not supported here)
                     got = 0
-            if got < len(view) and self.direct and path not in self._undirect:
+            if got < len(view) and self.direct and len(view) >= _DIRECT_MIN and path not in self._undirect:
                 got = self._read_direct(path, offset, got, len(view), region, start)
             _read_all(fd, memoryview(view)[got:], offset + got)
         finally:
