@@ -190,7 +190,7 @@ def reduce_distributed(path: Path, k: int, processes: int, method: str) -> dict:
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in per_rank), "scores": scores.column(0)}
 
 
-def reduce(path: Path, k: int, method: str) -> dict:
+def reduce(path: Path, k: int, method: str, products: str = "float64") -> dict:
     from lightning_influence import InfluenceLog, tracin, tracin_self_influence
 
     baseline = _rss_bytes()
@@ -218,9 +218,9 @@ def reduce(path: Path, k: int, method: str) -> dict:
             print(f"  reducing: step {done}/{total}", file=sys.stderr, flush=True)
 
     if method == "tracin":
-        scores = tracin(log, {0: query(k)}, progress=progress)
+        scores = tracin(log, {0: query(k)}, progress=progress, products=products)
     else:
-        scores = tracin_self_influence(log, progress=progress)
+        scores = tracin_self_influence(log, progress=progress, products=products)
     seconds = time.perf_counter() - t0
     stop.set()
     sampler.join()
@@ -231,6 +231,12 @@ def reduce(path: Path, k: int, method: str) -> dict:
             "peak_rss_bytes": _status_bytes("VmHWM"),
             "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0,
             "scores": scores.column(0)}
+
+
+def _label(run: str) -> str:
+    """``"1"`` -> "1 process", ``"2"`` -> "2 processes", ``"1f32"`` -> "1 process, float32 products"."""
+    n = int(run.removesuffix("f32"))
+    return f"{n} process{'es' if n > 1 else ''}" + (", float32 products" if run.endswith("f32") else "")
 
 
 def main() -> None:
@@ -248,12 +254,13 @@ def main() -> None:
     parser.add_argument("--reduce-only", default=None, help=argparse.SUPPRESS)  # internal: the child process
     parser.add_argument("--with-processes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="tracin", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--products", default="float64", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reduce_only:
         path = Path(args.reduce_only)
-        res = (reduce(path, args.k, args.method) if args.with_processes == 1
+        res = (reduce(path, args.k, args.method, args.products) if args.with_processes == 1
                else reduce_distributed(path, args.k, args.with_processes, args.method))
-        np.save(path / f"scores-{args.method}-{args.with_processes}.npy", res.pop("scores"))
+        np.save(path / f"scores-{args.method}-{args.with_processes}{args.products}.npy", res.pop("scores"))
         print(json.dumps(res))
         return
 
@@ -285,21 +292,24 @@ def main() -> None:
                 raws[kind].append(nbytes / seconds)
 
         raw_reads()
-        runs: dict[str, dict[int, dict]] = {m: {} for m in METHODS}
+        # per method: 1 and N processes with float64 products, then 1 process with float32 products ("1f32")
+        runs: dict[str, dict[str, dict]] = {m: {} for m in METHODS}
         for method in METHODS:
             want = expected_scores(steps, args.k, args.batch, method)
-            for processes in dict.fromkeys([1, args.processes]):
+            for processes, products in dict.fromkeys([(1, "float64"), (args.processes, "float64"), (1, "float32")]):
                 evict(files)
-                print(f"{method} with {processes} process(es), started fresh (cold cache)", file=sys.stderr)
+                print(f"{method} with {processes} process(es), {products} products, started fresh (cold cache)",
+                      file=sys.stderr)
                 child = subprocess.run([sys.executable, __file__, "--reduce-only", str(log_dir), "--k", str(args.k),
-                                        "--with-processes", str(processes), "--method", method],
-                                       capture_output=True, text=True)
+                                        "--with-processes", str(processes), "--method", method,
+                                        "--products", products], capture_output=True, text=True)
                 if child.returncode != 0:
                     sys.exit(f"{method} with {processes} process(es) failed:\n{child.stderr[-3000:]}")
                 red = json.loads(child.stdout.strip().splitlines()[-1])
-                got = np.load(log_dir / f"scores-{method}-{processes}.npy")
+                got = np.load(log_dir / f"scores-{method}-{processes}{products}.npy")
                 red["max_rel_error_vs_closed_form"] = float(np.abs(got - want).max() / np.abs(want).max())
-                runs[method][processes] = red
+                red["products"] = products
+                runs[method][f"{processes}" + ("" if products == "float64" else "f32")] = red
         raw_reads()
     finally:
         if work is not None and not args.keep:
@@ -328,33 +338,33 @@ def main() -> None:
     print(f"\nlog: {disk_bytes / gb:.2f} GB on disk ({steps} steps × {args.batch} samples × {args.k} float32 columns, "
           f"{len(files) - 1} segments); machine RAM {mem_total / gb:.1f} GB, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'phase':<36}{'seconds':>8}{'GB/s':>7}{'of raw':>8}{'of direct':>10}{'sample-steps/s':>16}"
+    print(f"{'phase':<50}{'seconds':>8}{'GB/s':>7}{'of raw':>8}{'of direct':>10}{'sample-steps/s':>16}"
           f"{'CPU s/GB':>9}{'peak RSS/process (GB)':>23}")
     if work is not None:
-        print(f"{'write (LogWriter, fsync)':<36}{t_write:>8.1f}{disk_bytes / t_write / gb:>7.2f}{'':>18}"
+        print(f"{'write (LogWriter, fsync)':<50}{t_write:>8.1f}{disk_bytes / t_write / gb:>7.2f}{'':>18}"
               f"{sample_steps / t_write:>16,.0f}")
     for kind in ("buffered", "direct"):
         each = " / ".join(f"{v / gb:.2f}" for v in raws[kind])
-        print(f"{f'raw sequential read, {kind}':<36}{disk_bytes / raw_speed[kind]:>8.2f}{raw_speed[kind] / gb:>7.2f}"
+        print(f"{f'raw sequential read, {kind}':<50}{disk_bytes / raw_speed[kind]:>8.2f}{raw_speed[kind] / gb:>7.2f}"
               f"{raw_speed[kind] / raw_speed['buffered']:>8.0%}{raw_speed[kind] / raw_speed['direct']:>10.0%}"
               f"   (before / after: {each} GB/s)")
     for method, per in runs.items():
         for p, red in per.items():
             rss = red.get("per_rank_peak_rss_bytes", [red["peak_rss_bytes"]])
-            print(f"{f'{method}, {p} process(es)':<36}{red['seconds']:>8.2f}{red['gb_per_s']:>7.2f}"
+            print(f"{f'{method}, {_label(p)}':<50}{red['seconds']:>8.2f}{red['gb_per_s']:>7.2f}"
                   f"{red['vs_raw_read']:>8.0%}{red['vs_raw_direct_read']:>10.0%}{red['sample_steps_per_s']:>16,.0f}"
                   + (f"{red['cpu_seconds_per_gb']:>9.2f}" if "cpu_seconds_per_gb" in red else f"{'':>9}")
                   + f"{' '.join(f'{r / gb:.2f}' for r in rss):>23}")
     for method, per in runs.items():
         for p, red in per.items():
             if "open_seconds" in red:
-                print(f"{method}, 1 process: opening the log {red['open_seconds']:.2f} s of it "
+                print(f"{method}, {_label(p)}: opening the log {red['open_seconds']:.2f} s of it "
                       f"({red['open_cpu_seconds']:.2f} s CPU)")
             if "wall_seconds_with_process_start" in red:
                 print(f"{method}, {p} processes: {red['wall_seconds_with_process_start']:.1f} s with starting them "
                       f"(imports), per process {', '.join(f'{s:.2f}' for s in red['per_rank_seconds'])} s")
     print("scores vs closed form, max rel. error: " + ", ".join(
-        f"{method} {p} process(es) {red['max_rel_error_vs_closed_form']:.1e}"
+        f"{method} {_label(p)} {red['max_rel_error_vs_closed_form']:.1e}"
         for method, per in runs.items() for p, red in per.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from benchmarks.scale import evict
 from lightning_influence import InfluenceLog, LogFormatError, tracin, tracin_self_influence
 from lightning_influence.capture import KroneckerProjector
 from lightning_influence.estimators.tracin import _row_products
@@ -36,20 +37,22 @@ def _write(path, world: int, steps: int = 11, flush: int = 4, dtype: str = "floa
         w.close()
 
 
-@pytest.mark.parametrize("world,every,compression,cold", [(1, 1, None, True), (2, 2, None, True), (2, 2, None, False),
-                                                        (1, 1, "gzip", True), (2, 1, "gzip", False)])
-def test_blocks_hold_the_rows_of_iter_steps(tmp_path, monkeypatch, world, every, compression, cold):
+@pytest.mark.parametrize("world,every,compression,cold,preadv", [
+    (1, 1, None, True, True), (2, 2, None, True, True), (2, 2, None, False, True), (1, 1, "gzip", True, True),
+    (2, 1, "gzip", False, True), (2, 2, None, True, False)])
+def test_blocks_hold_the_rows_of_iter_steps(tmp_path, monkeypatch, world, every, compression, cold, preadv):
     """Rows stored as plain bytes are read by the prefetch thread (from the disk, or the page cache when there),
-    compressed rows through HDF5; either way a block holds what iter_steps reads, over several segments per
-    rank and a partial last segment (11 steps, 4 per segment)."""
-    from lightning_influence.log import blocks
+    compressed rows (or any, without os.preadv: Windows) through HDF5; either way a block holds what iter_steps
+    reads, over several segments per rank and a partial last segment (11 steps, 4 per segment)."""
+    from lightning_influence.log import blocks, prefetch
 
+    monkeypatch.setattr(prefetch, "AVAILABLE", preadv)
     _write(tmp_path, world, every=every, compression=compression)
     with h5py.File(sorted(tmp_path.glob("rank-0/seg-*.h5"))[0]) as f:
         assert (_row_map(f.filename, f["grads/grad"]) is None) == (compression is not None)
     if cold:
         for seg in tmp_path.glob("rank-*/seg-*.h5"):
-            _evict(seg)
+            evict([seg])
     through_hdf5 = []
     rows_of_steps = blocks._rows_of_steps
     monkeypatch.setattr(blocks, "_rows_of_steps", lambda *a: through_hdf5.append(a[3]) or rows_of_steps(*a))
@@ -68,7 +71,7 @@ def test_blocks_hold_the_rows_of_iter_steps(tmp_path, monkeypatch, world, every,
                 np.testing.assert_array_equal(b.lrs[i], r.lrs)
                 seen.append(t)
         assert seen == sorted(want)
-    assert set(through_hdf5) == (set() if compression is None else {"id", "weight", "grad"})
+    assert set(through_hdf5) == (set() if compression is None and preadv else {"id", "weight", "grad"})
 
 
 def test_a_version_1_log_reads_the_same_blocks_through_the_prefetch_thread():
@@ -108,6 +111,49 @@ def test_row_products_are_float64_products_of_the_stored_rows():
     ref = G.astype(np.float64) @ M
     np.testing.assert_allclose(_row_products(G, M), ref, rtol=1e-14, atol=1e-14)
     np.testing.assert_allclose(_row_products(G, M, square=True), (G.astype(np.float64) ** 2) @ M, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("stored", [np.float16, np.float32, np.float64])
+def test_float32_row_products_stay_within_their_stated_bound(stored):
+    """(K + 3)·2⁻²⁴·Σ_k |G_rk|·|M_kc| (|G_rk|² squared) around the float64 products; and the bound is not slack by
+    orders of magnitude (the float32 products do differ from the float64 ones)."""
+    rng = np.random.default_rng(5)
+    K = 1024
+    G = (rng.standard_normal((513, K)) * np.exp(rng.standard_normal((513, 1)))).astype(stored)
+    M = rng.standard_normal((K, 3))
+    G64 = G.astype(np.float64)
+    odd = np.empty(G.nbytes + 1, np.uint8)[1:].view(G.dtype).reshape(G.shape)  # rows at an odd address, as read
+    odd[:] = G  # from an odd file offset
+    assert not odd.flags.aligned or G.itemsize == 1
+    for square, ref, scale in ((False, G64 @ M, np.abs(G64) @ np.abs(M)), (True, (G64 * G64) @ M, (G64 * G64) @ np.abs(M))):
+        for rows in (G, odd):
+            got = _row_products(rows, M, square=square, dtype=np.dtype(np.float32))
+            assert got.dtype == np.float64
+            err = np.abs(got - ref)
+            assert np.all(err <= (K + 3) * 2.0 ** -24 * scale)
+            assert err.max() > 0
+            assert np.all(np.abs(_row_products(rows, M, square=square) - ref) <= 1e-13 * scale)  # float64 path
+
+
+def test_float32_products_of_tracin_and_self_influence_stay_within_the_bound(tmp_path):
+    """The scores with products="float32" against float64: within Σ_terms |η_t w_j|·(K + 3)·2⁻²⁴·Σ_k |g_k||q_k|."""
+    _write(tmp_path, 2)
+    q = np.random.default_rng(3).standard_normal((2, K))
+    with InfluenceLog(tmp_path) as log:
+        cols = log.column_groups()
+        bound, own_bound = np.zeros((N, 2)), np.zeros(N)
+        for r in log.iter_steps(0, log.num_steps, fields=("grad",)):
+            G = np.abs(r.grads.astype(np.float64))
+            eta = r.lrs[cols]
+            np.add.at(bound, r.ids, np.abs(r.weights)[:, None] * (G @ np.abs(q * eta).T))
+            np.add.at(own_bound, r.ids, np.abs(r.weights) * ((G * G) @ eta))
+        u = (K + 3) * 2.0 ** -24
+        for fn, arg, b in ((tracin, {0: q}, bound), (tracin_self_influence, None, own_bound[:, None])):
+            exact, fast = fn(log, arg), fn(log, arg, products="float32")
+            assert fast.info["products"] == "float32" and exact.info["products"] == "float64"
+            assert np.all(np.abs(fast.scores - exact.scores) <= u * b * (1 + 1e-9) + 1e-300)
+        with pytest.raises(ValueError, match="products must be 'float64' or 'float32'"):
+            tracin(log, {0: q}, products="float16")
 
 
 @pytest.mark.parametrize("world,every", [(1, 1), (2, 2)])
@@ -152,18 +198,6 @@ def test_row_checksum_is_zlibs_crc32_whichever_library_computes_it():
     for a in (rng.standard_normal((257, 33)).astype(np.float32), rng.integers(0, 9, 1001), np.zeros(0),
               rng.standard_normal((40, 8))[:, ::2].astype(np.float16), np.arange(3 << 20, dtype=np.uint8)):
         assert crc32(a) == zlib.crc32(np.ascontiguousarray(a).tobytes())
-
-
-def _evict(path) -> None:
-    """Drop the file's pages from the page cache (the next read comes from the disk)."""
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def test_rows_of_chunks_apart_in_the_file_are_read_as_several_runs(tmp_path):
@@ -216,7 +250,7 @@ def test_plain_runs_are_read_by_the_prefetch_thread_and_unplain_layouts_are_decl
     assert len(where.byte_runs(0, 500)) == 1  # eight chunks back to back
     base = int(where.offsets[0])
     if cold:
-        _evict(path)
+        evict([path])
     row = 60 * 4
     with Prefetcher(depth=1, direct=direct) as pre:  # three runs into one buffer, the ring reused twice
         for lo, hi in [(13, 441), (3, 5), (499, 500), (0, 500)] * 2:

@@ -278,6 +278,22 @@ def test_cli_tracin_self_and_devices_for_every_method_but_not_for_pbrf_or_datamo
     assert sorted(METHODS) == sorted([*DISTRIBUTED, *BY_COLUMNS, *BY_STEPS])  # each method says how it splits
     assert main(["evaluate", log_dir, "--datamodel", "--devices", "2", "-q"]) == 2
     assert "--pbrf, --gap and --datamodel run in one process" in capsys.readouterr().err
+    assert main(["tensorboard", log_dir, "--logdir", "unused", "--devices", "0", "-q"]) == 2
+    assert "--devices and --num-nodes must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_tensorboard_on_2_devices_writes_the_events_once(digits_run, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lightning_influence", "tensorboard", digits_run.log, "-c",
+                           digits_run.config, "-m", "tracin-self", "--grid", "3", "--logdir", str(tmp_path), "--devices",
+                           "2"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "MEMBER: 2/2" in proc.stderr and proc.stdout.count("wrote tracin-self") == 1, proc.stdout
+    assert len(list((tmp_path / "tracin-self").glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import numpy as np
 from lightning_influence.cli.common import UserError, emit, row_count
 from lightning_influence.cli.context import load_function
 from lightning_influence.cli.timeline import add_grid_parser, patterns_of, timeline_data
+from lightning_influence.distributed import global_rank
 
 SUMMARY = "export a query's results to TensorBoard"
 
@@ -30,6 +31,8 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     from lightning_influence.tensorboard import ExportData, export
 
     log, ctx, columns, windows, labels, scores, method_name, info = timeline_data(args)
+    if global_rank() != 0:
+        return 0  # rank 0 writes the event files
     run_dir = Path(args.logdir) / (args.run or args.method)
     n = scores.shape[0]
     embedding, note = None, ""

@@ -28,6 +28,7 @@ def add_grid_parser(sub: Any, parents: dict[str, argparse.ArgumentParser], name:
     p.add_argument("--grid", "-g", default="epochs",
                    help="windows: 'epochs' (default), a number of equal windows, or boundaries '0,100,200,480'")
     p.add_argument("--window", "-w", metavar="W", help="restrict the grid to this span (default: the whole run)")
+    add_process_args(p, SPLITS_HELP, split=True)
     p.set_defaults(func=func)
     return p
 
@@ -37,16 +38,15 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--top", "-k", type=row_count, default=None,
                    help="rows shown (default: 20 in a table, all samples in CSV/JSON; 0: all)")
     p.add_argument("--pattern", choices=PATTERNS, help="only samples of this pattern (docs/trust.md: the rule)")
-    add_process_args(p, SPLITS_HELP, split=True)
 
 
 def timeline_data(args: argparse.Namespace):
+    procs = processes(args)
     log, ctx = prepare(args)
     span = parse_window(log, args.window)
     windows, labels = parse_grid(log, args.grid, span)
     specs = args.query or [parse_query("val_loss")]
     query, names = build_query(specs, ctx)
-    procs = processes(args) if hasattr(args, "devices") else None
     try:
         scores, method_name, info = compute_windows(args, log, query, ctx, windows, procs)
     except DistributedQueryError as err:
