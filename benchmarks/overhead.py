@@ -14,13 +14,14 @@ For each model:
 2. **Fit overhead**: time of ``Trainer.fit`` with the tracker at each level over the same fit
    without it, alternating (round-robin over levels, ``--rounds``), fastest fits (noise only adds
    time). Fits of ``--steps`` and ``--short-steps`` split the added time into per step and per
-   fit; the added ms/step is split by where it goes: ``hooks``, the hook engine's work inside the
-   step's own forward/backward (from 1.); ``passes``, the HVP scheme's extra hooked passes (1.
-   times one or two); ``tracker``, the rest of the CPU time of the tracker's per-step Lightning
-   hooks, measured in the fits (ids, random states, the projection's collection, the step
-   record, the finite differences' setup, host copies, checks); ``writer``, the CPU time of the
-   log writer's background thread (segment files: off the training thread, but on this clock);
-   ``other``, what remains (the loss observer, Lightning's hook dispatch, noise).
+   fit; the added ms/step is split by where it goes, each part measured in the same fits as thread
+   CPU time and split per step the same way: ``hooks``, the layer engines' work in the step's own
+   forward/backward (what the forward hooks keep, the output-gradient hooks' blocks); ``passes``,
+   the HVP scheme's gradient passes; ``tracker``, the rest of the tracker's per-step Lightning hooks
+   (ids, random states, the projection's collection, the step record, the finite differences'
+   setup, host copies, checks); ``writer``, the log writer's background thread (segment files:
+   off the training thread, but on this clock); ``other``, what remains (hook dispatch, the loss
+   observer, Lightning, noise: the difference of two fits' times is noisy where the rest is not).
 
 Times are CPU time of the process by default (``--clock cpu``): on a shared machine the other jobs
 stretch elapsed time by a varying factor but barely move the CPU time of this process; the
@@ -58,26 +59,40 @@ from lightning_influence.capture import (  # noqa: E402
     per_sample_grads_vmap,
     select_params,
 )
+from lightning_influence.capture import layers  # noqa: E402
 from lightning_influence.capture.layers import foldable_biases  # noqa: E402
+from lightning_influence.capture.own_pass import OwnPasses  # noqa: E402
 
 K = 256
 _PER_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
                    "on_train_batch_end")
-SPENT = {"tracker": 0.0, "writer": 0.0}  # thread CPU seconds in the tracker's per-step hooks, in the writer thread
+# thread CPU seconds of one fit: in the layer engines' hook work outside the tracker's own passes, in the tracker's
+# per-step Lightning hooks, in its own passes (inside those hooks), in the log writer's thread
+SPENT = {"hooks": 0.0, "tracker": 0.0, "passes": 0.0, "writer": 0.0}
+_IN_PASS = [False]
 
 
 def _counted(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
     def counted(*args: Any, **kwargs: Any) -> Any:
+        if key == "hooks" and _IN_PASS[0]:
+            return fn(*args, **kwargs)
         t0 = time.thread_time()
+        was, _IN_PASS[0] = _IN_PASS[0], _IN_PASS[0] or key == "passes"
         try:
             return fn(*args, **kwargs)
         finally:
+            _IN_PASS[0] = was
             SPENT[key] += time.thread_time() - t0
     return counted
 
 
 for _hook in _PER_STEP_HOOKS:
     setattr(InfluenceTracker, _hook, _counted(getattr(InfluenceTracker, _hook), "tracker"))
+OwnPasses.grads = _counted(OwnPasses.grads, "passes")  # the HVP scheme's gradient passes
+for _engine in {type(e) for e in layers._ENGINES}:  # what the forward hooks keep, the output-gradient hooks' blocks
+    for _method in ("save", "blocks"):
+        if _method in vars(_engine):
+            setattr(_engine, _method, _counted(vars(_engine)[_method], "hooks"))
 LogWriter._write = _counted(LogWriter._write, "writer")
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = time.process_time  # --clock: CPU time of this process (all its threads) resists the other jobs of a busy box
@@ -201,13 +216,10 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
             "times": times, "short_times": short}
 
 
-def where_it_goes(row: dict[str, Any], costs: dict[str, float]) -> dict[str, float]:
-    """Added ms/step of a level split into hooks, HVP passes, the tracker's hooks' other work, the writer and other."""
-    kw = LEVELS[row["level"]]
-    hooks = costs["hooks_in_step_ms"] if kw.get("record_gradients") else 0.0
-    passes = (2 if kw.get("hvp_scheme", "central") == "central" else 1) * costs["own_pass_ms"] if kw.get("record_hvp") \
-        else 0.0
-    tracker, writer = row["tracker_ms_per_step"], row["writer_ms_per_step"]
+def where_it_goes(row: dict[str, Any]) -> dict[str, float]:
+    """Added ms/step of a level split into hooks, HVP passes, the tracker's hooks' other work, the writer and other
+    (all but ``other`` measured in the fits, as thread CPU)."""
+    hooks, passes, tracker, writer = (row[f"{k}_ms_per_step"] for k in ("hooks", "passes", "tracker", "writer"))
     return {"hooks": hooks, "passes": passes, "tracker": tracker - passes, "writer": writer,
             "other": row["added_ms_per_step"] - hooks - tracker - writer}
 
@@ -223,7 +235,7 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
     print(f"  {'level':<24}{'ratio':>7}{'median':>8}{'steady':>8}{'target':>8}{'met':>5}{'+ms/step':>10}"
           f"{'hooks':>8}{'passes':>8}{'tracker':>8}{'writer':>8}{'other':>8}{'s/fit':>7}")
     for row in fits["levels"]:
-        tgt, split = row["target"], where_it_goes(row, c)
+        tgt, split = row["target"], where_it_goes(row)
         met = "-" if tgt is None else ("yes" if row["steady_ratio"] <= tgt else "NO")
         print(f"  {row['level']:<24}{row['ratio']:>7.3f}{row['median_round_ratio']:>8.3f}{row['steady_ratio']:>8.3f}"
               f"{'-' if tgt is None else f'{tgt:.2f}':>8}{met:>5}{row['added_ms_per_step']:>10.2f}"
@@ -255,17 +267,17 @@ def main() -> None:
             costs = step_costs(name, args.reps)
             fits = fit_overhead(name, args, tmp)
             for row in fits["levels"]:
-                row["where_ms_per_step"] = where_it_goes(row, costs)
+                row["where_ms_per_step"] = where_it_goes(row)
             results[name] = {"step_costs": costs, **fits}
             report(name, costs, fits)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\ntimes: {args.clock} clock. ratio: fastest fit with the tracker / fastest without; median: of the per-round "
           "ratios; steady: 1 + added ms/step over the step without tracker (per-fit costs amortised), compared with "
-          "the target; hooks: the hook engine in the step's forward/backward (step costs); passes: the HVP scheme's "
-          "extra hooked passes (step costs); tracker: the rest of the tracker's per-step hooks (thread CPU in the fits: "
-          "bookkeeping, projection, finite-difference setup); writer: the log writer's background thread (thread CPU); "
-          "other: the remainder (loss observer, Lightning's hook dispatch, noise)")
+          "the target; in the fits, thread CPU per step: hooks: the layer engines in the step's forward/backward; "
+          "passes: the HVP scheme's gradient passes; tracker: the rest of the tracker's per-step hooks (bookkeeping, "
+          "projection, finite-difference setup); writer: the log writer's background thread; other: the remainder "
+          "(hook dispatch, loss observer, noise)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": results, "args": vars(args)}, indent=2))

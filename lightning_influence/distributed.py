@@ -432,8 +432,8 @@ def by_batch(estimator: Callable[..., Any], log: InfluenceLog, query: Query, pro
     whole, on process ``(step + k) mod P``); the step's gradient and Hessian-vector products are summed with one
     all-reduce each, the per-sample terms stay with their process and the ``(N, ·)`` scores are summed at the end
     (:mod:`lightning_influence.step.shard`). All query outputs are swept together on every process. The result is
-    the single-process one up to the order of float64 additions; ``info["per_rank"]`` holds each process's rows
-    and seconds. ``query``, ``module`` and ``train_data`` must be picklable for ``ddp_spawn``.
+    the single-process one up to the order of float64 additions; ``info["per_rank"]`` holds each process's rows,
+    seconds and CPU seconds. ``query``, ``module`` and ``train_data`` must be picklable for ``ddp_spawn``.
 
     Raises:
         ValueError: an estimator without a batch split, or a module with train-mode BatchNorm.
@@ -454,10 +454,11 @@ def _batch_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, que
     shard = BatchShard(fabric.global_rank, fabric.world_size, functools.partial(_sum_over, fabric, what))
     if fabric.device.type != "cpu":
         kwargs = {**kwargs, "module": kwargs["module"].to(fabric.device)}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with InfluenceLog(log_path) as log:
         res = estimator(log, query, shard=shard, **kwargs)
-    mine = {"rank": fabric.global_rank, "rows": res.info["rows_evaluated"], "seconds": time.perf_counter() - t0}
+    mine = {"rank": fabric.global_rank, "rows": res.info["rows_evaluated"], "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - cpu0}
     per_rank = gather(fabric, mine, what)
     return dataclasses.replace(res, info={**res.info, "processes": fabric.world_size, "per_rank": per_rank,
                                           "rows_evaluated": sum(r["rows"] for r in per_rank)})

@@ -3,7 +3,8 @@
 Every long pass reports ``progress(done, total)``. :func:`resolve_progress` turns the public
 ``progress=`` argument into such a callable: ``None`` (the default) draws a bar only when stderr
 is a terminal, ``True`` always draws one (asked for: also into a log file), ``False`` none, and
-any callable is used as given.
+any callable is used as given. Under torch.distributed only rank 0 draws: its bar shows its
+own share of the work (the ranks' shares are equal) and says so.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ Progress = Union[Callable[[int, int], None], bool, None]
 
 def _is_terminal(stream: Any) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def process_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in an initialised torch.distributed group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class ProgressBar:
@@ -39,9 +49,14 @@ class ProgressBar:
             return
         if self._bar is None or self._bar.total != total:
             self.close()
+            rank, world = process_rank()
+            if rank != 0:  # one bar per query, on rank 0
+                self.enabled = False
+                return
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=self.label, unit="step", file=self.stream, dynamic_ncols=True,
+            label = self.label if world == 1 else f"{self.label} (rank 0 of {world}, its share)"
+            self._bar = tqdm(total=total, desc=label, unit="step", file=self.stream, dynamic_ncols=True,
                              mininterval=0.25 if _is_terminal(self.stream) else 10.0, leave=True)
         self._bar.update(max(0, done - self._bar.n))
         if done >= total:

@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from benchmarks.scale import evict
 from lightning_influence import InfluenceLog, LogFormatError, tracin, tracin_self_influence
 from lightning_influence.capture import KroneckerProjector
 from lightning_influence.estimators.tracin import _row_products
@@ -36,20 +37,22 @@ def _write(path, world: int, steps: int = 11, flush: int = 4, dtype: str = "floa
         w.close()
 
 
-@pytest.mark.parametrize("world,every,compression,cold", [(1, 1, None, True), (2, 2, None, True), (2, 2, None, False),
-                                                        (1, 1, "gzip", True), (2, 1, "gzip", False)])
-def test_blocks_hold_the_rows_of_iter_steps(tmp_path, monkeypatch, world, every, compression, cold):
+@pytest.mark.parametrize("world,every,compression,cold,preadv", [
+    (1, 1, None, True, True), (2, 2, None, True, True), (2, 2, None, False, True), (1, 1, "gzip", True, True),
+    (2, 1, "gzip", False, True), (2, 2, None, True, False)])
+def test_blocks_hold_the_rows_of_iter_steps(tmp_path, monkeypatch, world, every, compression, cold, preadv):
     """Rows stored as plain bytes are read by the prefetch thread (from the disk, or the page cache when there),
-    compressed rows through HDF5; either way a block holds what iter_steps reads, over several segments per
-    rank and a partial last segment (11 steps, 4 per segment)."""
-    from lightning_influence.log import blocks
+    compressed rows (or any, without os.preadv: Windows) through HDF5; either way a block holds what iter_steps
+    reads, over several segments per rank and a partial last segment (11 steps, 4 per segment)."""
+    from lightning_influence.log import blocks, prefetch
 
+    monkeypatch.setattr(prefetch, "AVAILABLE", preadv)
     _write(tmp_path, world, every=every, compression=compression)
     with h5py.File(sorted(tmp_path.glob("rank-0/seg-*.h5"))[0]) as f:
         assert (_row_map(f.filename, f["grads/grad"]) is None) == (compression is not None)
     if cold:
         for seg in tmp_path.glob("rank-*/seg-*.h5"):
-            _evict(seg)
+            evict([seg])
     through_hdf5 = []
     rows_of_steps = blocks._rows_of_steps
     monkeypatch.setattr(blocks, "_rows_of_steps", lambda *a: through_hdf5.append(a[3]) or rows_of_steps(*a))
@@ -68,7 +71,7 @@ def test_blocks_hold_the_rows_of_iter_steps(tmp_path, monkeypatch, world, every,
                 np.testing.assert_array_equal(b.lrs[i], r.lrs)
                 seen.append(t)
         assert seen == sorted(want)
-    assert set(through_hdf5) == (set() if compression is None else {"id", "weight", "grad"})
+    assert set(through_hdf5) == (set() if compression is None and preadv else {"id", "weight", "grad"})
 
 
 def test_a_version_1_log_reads_the_same_blocks_through_the_prefetch_thread():
@@ -197,18 +200,6 @@ def test_row_checksum_is_zlibs_crc32_whichever_library_computes_it():
         assert crc32(a) == zlib.crc32(np.ascontiguousarray(a).tobytes())
 
 
-def _evict(path) -> None:
-    """Drop the file's pages from the page cache (the next read comes from the disk)."""
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_rows_of_chunks_apart_in_the_file_are_read_as_several_runs(tmp_path):
     """HDF5 puts chunk index blocks between small chunks: the row map follows the chunk index, and a step's rows
     that span two runs are checksummed across them."""
@@ -259,7 +250,7 @@ def test_plain_runs_are_read_by_the_prefetch_thread_and_unplain_layouts_are_decl
     assert len(where.byte_runs(0, 500)) == 1  # eight chunks back to back
     base = int(where.offsets[0])
     if cold:
-        _evict(path)
+        evict([path])
     row = 60 * 4
     with Prefetcher(depth=1, direct=direct) as pre:  # three runs into one buffer, the ring reused twice
         for lo, hi in [(13, 441), (3, 5), (499, 500), (0, 500)] * 2:

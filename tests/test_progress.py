@@ -44,3 +44,17 @@ def test_resolve_progress(monkeypatch):
     assert calls == [(1, 2)]
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert isinstance(resolve_progress(None, "x"), ProgressBar)  # a terminal: a bar by default
+
+
+def test_under_torch_distributed_only_rank_0_draws_and_says_it_is_its_share(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    outputs = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        outputs[rank] = Terminal()
+        run(ProgressBar("dit", stream=outputs[rank]))
+    assert "dit (rank 0 of 2, its share)" in outputs[0].getvalue() and "12/12" in outputs[0].getvalue()
+    assert outputs[1].getvalue() == ""

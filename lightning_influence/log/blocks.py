@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from lightning_influence.log.format import ROW_CRC_COLUMNS, ROW_DATASETS, reading
+from lightning_influence.log import prefetch
 from lightning_influence.log.prefetch import Prefetcher, ReadJob
 
 if TYPE_CHECKING:
@@ -128,7 +129,9 @@ class _Queued:
 def _submit(log: "InfluenceLog", pending: list[tuple[int, list[tuple[int, int]]]],
             layouts: dict[tuple[int, str], _Layout], prefetcher: Prefetcher) -> _Queued | None:
     """Queue the rows of the block ``pending`` for the prefetch thread (``None``: some rank's rows are not stored
-    as plain bytes; the block reads them through HDF5 when it is reached)."""
+    as plain bytes, or the system has no ``os.preadv``; the block reads them through HDF5 when it is reached)."""
+    if not prefetch.AVAILABLE:
+        return None
     runs: list[tuple[Path, int, int]] = []
     pieces: list[list[tuple[int, int, int]]] = []
     checks: list[tuple[str, int, int]] = []

@@ -36,6 +36,7 @@ _ALIGN = 4096  # O_DIRECT: file offset, length and buffer address in multiples o
 _DIRECT_MIN = 1 << 20  # shorter runs (ids, weights) are read buffered: a direct read costs a disk round trip each
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux >= 4.14: a read that returns only what the page cache holds
 _DIRECT = getattr(os, "O_DIRECT", None)
+AVAILABLE = hasattr(os, "preadv")  # not on Windows: there the blocks are read through HDF5
 
 
 @dataclass
