@@ -37,7 +37,7 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from lightning_influence.estimators.sharding import StepShard, balanced_cuts, sp
 from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin, tracin_self_influence
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import Query
-from lightning_influence.step.shard import BatchShard, check_row_split
+from lightning_influence.step.shard import BatchShard, Share, check_row_split
 
 __all__ = ["BATCH_SPLIT", "DISTRIBUTED", "SPLITS", "STEP_SPLIT", "DistributedQueryError", "Processes", "QueryColumns",
            "by_batch", "by_columns", "by_steps", "gather", "global_rank", "launch", "launched_outside", "map_blocks",
@@ -61,6 +61,9 @@ _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric r
 BATCH_SPLIT = (dit, dit_local, timeline)  # the model sweeps whose steps' rows can be split over processes
 STEP_SPLIT = (diffin_self_influence,)  # the estimators that split their sum over the steps themselves (shard_=...)
 SPLITS = ("auto", "batch", "columns")
+
+
+ShareT = TypeVar("ShareT", bound=Share)
 
 
 class DistributedQueryError(RuntimeError):
@@ -451,7 +454,7 @@ def by_batch(estimator: Callable[..., Any], log: InfluenceLog, query: Query, pro
 
 def _batch_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, query: Query, kwargs: dict[str, Any],
                   what: str) -> Any:
-    shard = BatchShard(fabric.global_rank, fabric.world_size, functools.partial(_sum_over, fabric, what))
+    shard = _share(BatchShard, fabric, what)
     if fabric.device.type != "cpu":
         kwargs = {**kwargs, "module": kwargs["module"].to(fabric.device)}
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -462,6 +465,12 @@ def _batch_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, que
     per_rank = gather(fabric, mine, what)
     return dataclasses.replace(res, info={**res.info, "processes": fabric.world_size, "per_rank": per_rank,
                                           "rows_evaluated": sum(r["rows"] for r in per_rank)})
+
+
+def _share(cls: type[ShareT], fabric: Any, what: str) -> ShareT:
+    """This Fabric process's :class:`~lightning_influence.step.shard.Share` (``cls``) with its collectives."""
+    return cls(fabric.global_rank, fabric.world_size, functools.partial(_sum_over, fabric, what),
+               functools.partial(gather, fabric, what=what))
 
 
 def _sum_over(fabric: Any, what: str, x: torch.Tensor) -> torch.Tensor:
@@ -494,7 +503,6 @@ def _steps_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, que
                   kwargs: dict[str, Any], what: str) -> Any:
     if fabric.device.type != "cpu" and kwargs.get("module") is not None:
         kwargs = {**kwargs, "module": kwargs["module"].to(fabric.device)}
-    shard = StepShard(fabric.global_rank, fabric.world_size, functools.partial(_sum_over, fabric, what),
-                      lambda obj: gather(fabric, obj, what))
+    shard = _share(StepShard, fabric, what)
     with InfluenceLog(log_path) as log:
         return estimator(log, query, shard_=shard, **kwargs)

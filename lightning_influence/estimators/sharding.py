@@ -11,23 +11,16 @@ their collectives come from :mod:`lightning_influence.distributed`, which builds
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-from torch import Tensor
+
+from lightning_influence.step.shard import Share, split_range
 
 if TYPE_CHECKING:
     from lightning_influence.log.reader import InfluenceLog
 
 __all__ = ["ONE_PROCESS", "StepShard", "balanced_cuts", "split_range"]
-
-
-def split_range(n: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ``[a, b)`` ranges covering ``[0, n)``, sizes differing by at most one (some empty when
-    ``n < parts``)."""
-    cuts = [n * p // parts for p in range(parts + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def balanced_cuts(t1: int, t2: int, costs: Sequence[float], parts: int, anchors: Sequence[int]
@@ -53,32 +46,9 @@ def balanced_cuts(t1: int, t2: int, costs: Sequence[float], parts: int, anchors:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _same(x: Tensor) -> Tensor:
-    return x
-
-
-def _alone(obj: Any) -> list[Any]:
-    return [obj]
-
-
 @dataclass(frozen=True)
-class StepShard:
-    """Process ``rank`` of ``world`` and its collectives.
-
-    Attributes:
-        rank, world: this process and the number of processes.
-        all_reduce: the sum of a tensor over the processes (the same on every process; a collective).
-        all_gather: every process's object, in rank order, on every process (a collective).
-    """
-
-    rank: int = 0
-    world: int = 1
-    all_reduce: Callable[[Tensor], Tensor] = _same
-    all_gather: Callable[[Any], list[Any]] = _alone
-
-    def part(self, n: int) -> tuple[int, int]:
-        """This process's contiguous block of ``n`` units (:func:`split_range`)."""
-        return split_range(n, self.world)[self.rank]
+class StepShard(Share):
+    """A :class:`~lightning_influence.step.shard.Share` that splits a sum over steps (:meth:`steps`)."""
 
     def steps(self, log: InfluenceLog, t1: int, t2: int) -> tuple[int, int]:
         """This process's steps of ``[t1, t2)``: about equal numbers of samples each, cut at checkpoints where that
@@ -87,16 +57,6 @@ class StepShard:
             return t1, t2
         costs = [float(log.step_column(t, "sample_count")) for t in range(t1, t2)]
         return balanced_cuts(t1, t2, costs, self.world, log.checkpoint_steps)[self.rank]
-
-    def sum(self, x: np.ndarray) -> np.ndarray:
-        """The float64 sum of ``x`` over the processes."""
-        if self.world == 1:
-            return x
-        return self.all_reduce(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))).cpu().numpy()
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every process's ``obj`` in rank order."""
-        return self.all_gather(obj)
 
 
 ONE_PROCESS = StepShard()

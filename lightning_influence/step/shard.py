@@ -19,25 +19,62 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["BatchShard", "check_row_split", "positions", "take_rows"]
+__all__ = ["BatchShard", "Share", "check_row_split", "positions", "split_range", "take_rows"]
+
+
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+def _alone(obj: Any) -> list[Any]:
+    return [obj]
+
+
+def split_range(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``[a, b)`` ranges covering ``[0, n)``, sizes differing by at most one (some empty when
+    ``n < parts``)."""
+    cuts = [n * p // parts for p in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 @dataclass(frozen=True)
-class BatchShard:
-    """Process ``rank`` of ``world``, and the sum over processes.
+class Share:
+    """Process ``rank`` of ``world`` and its collectives; the defaults are the whole computation in one process.
 
     Attributes:
         rank, world: this process and the number of processes.
         all_reduce: ``all_reduce(x)`` is the sum of ``x`` over the processes (same shape, dtype and device), the
             same on every process; every process calls it at the same points (a collective).
+        all_gather: every process's object, in rank order, on every process (a collective).
     """
 
-    rank: int
-    world: int
-    all_reduce: Callable[[Tensor], Tensor]
+    rank: int = 0
+    world: int = 1
+    all_reduce: Callable[[Tensor], Tensor] = _same
+    all_gather: Callable[[Any], list[Any]] = _alone
+
+    def part(self, n: int) -> tuple[int, int]:
+        """This process's contiguous block of ``n`` units (:func:`split_range`)."""
+        return split_range(n, self.world)[self.rank]
+
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        """The float64 sum of ``x`` over the processes."""
+        if self.world == 1:
+            return x
+        return self.all_reduce(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))).cpu().numpy()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` in rank order."""
+        return self.all_gather(obj)
+
+
+@dataclass(frozen=True)
+class BatchShard(Share):
+    """A :class:`Share` that splits each step's rows (:meth:`rows`)."""
 
     def rows(self, step: int, sizes: Sequence[int], drew: Sequence[bool]) -> list[slice]:
         """This process's rows of each micro-batch of step ``step`` (``sizes`` rows each; ``drew``: its forward drew
