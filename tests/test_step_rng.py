@@ -398,3 +398,40 @@ def test_a_micro_batch_table_that_does_not_tile_its_steps_is_refused(tmp_path):
         f["micro/size"].resize(len(f["micro/size"]) - 1, axis=0)
     with pytest.raises(LogFormatError, match="micro-batch offsets/counts do not tile"):
         InfluenceLog(tmp_path / "log")
+
+
+def test_exact_kernels_are_per_thread_and_leave_the_process_flags_alone():
+    """exact_kernels from four threads at once: the process-wide SDPA flags end as they began (``sdpa_kernel`` per
+    thread left the fused kernels switched off when the threads' enters and exits interleaved), and inside it
+    attention gives the values ``sdpa_kernel(MATH)`` gives."""
+    import threading
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lightning_influence.step.micro import exact_kernels
+
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.math_sdp_enabled())
+
+    def churn():
+        for _ in range(3000):
+            with exact_kernels():
+                pass
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+            torch.backends.cuda.math_sdp_enabled()) == flags
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3))
+    for kw in ({"attn_mask": torch.rand(5, 5) > 0.3, "dropout_p": 0.3}, {"is_causal": True, "scale": 0.7}):
+        torch.manual_seed(1)
+        with sdpa_kernel(SDPBackend.MATH):
+            expected = F.scaled_dot_product_attention(q, k, v, **kw)
+        torch.manual_seed(1)
+        with exact_kernels():
+            got = F.scaled_dot_product_attention(q, k, v, **kw)
+        assert torch.equal(got, expected)

@@ -17,6 +17,7 @@ Pure torch.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -188,14 +189,46 @@ def batched_grad(output: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, *
         return tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs)))
 
 
+class _MathKernelFlags:
+    """``sdpa_kernel(SDPBackend.MATH)`` held while any thread is inside :func:`exact_kernels`: the flags are
+    process-wide, so two threads entering and leaving their own ``sdpa_kernel`` at once could leave the fused
+    kernels switched off for good; here the first entry sets them and the last exit restores them (another
+    thread's attention runs through the math kernel meanwhile: the same values, more slowly)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._held: Any = None
+
+    def enter(self) -> None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with self._lock:
+            if self._depth == 0:
+                self._held = sdpa_kernel(SDPBackend.MATH)
+                self._held.__enter__()
+            self._depth += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                held, self._held = self._held, None
+                held.__exit__(None, None, None)
+
+
+_MATH_KERNEL = _MathKernelFlags()
+
+
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
     """Attention through the math kernel of ``scaled_dot_product_attention``, which supports forward-mode AD
     (the fused CPU/GPU kernels do not) and double backward: used by every Hessian-vector product pass."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
+    _MATH_KERNEL.enter()
+    try:
         yield
+    finally:
+        _MATH_KERNEL.exit()
 
 
 def per_sample_grads_masked(module: nn.Module, loss_fn: LossFn, micro: MicroBatch, precision: Precision,
