@@ -243,7 +243,7 @@ class InfluenceTracker(Callback):
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
         groups = [g["params"] for g in optimizer.param_groups]
         fold_bias = self.fold_bias if self.fold_bias is not None else logged_fold_bias(
-            self.log_dir, trainer.global_step, self.overwrite)  # log/resume.py
+            self.log_dir, trainer.global_step)  # log/resume.py
         fold = foldable_biases(pl_module, self._names, groups) if fold_bias else None
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed, fold)
         self._precision = trainer_precision(trainer)

@@ -354,8 +354,7 @@ def by_columns(estimator: Callable[..., Any], log: InfluenceLog, query: Query | 
 
 def _column_block(estimator: Callable[..., Any], log_path: str, query: Query, names: list[str], kwargs: dict[str, Any],
                   a: int, b: int, device: torch.device) -> Any:
-    if device.type != "cpu" and kwargs.get("module") is not None:
-        kwargs = {**kwargs, "module": kwargs["module"].to(device)}
+    kwargs = _on_device(kwargs, device)
     if isinstance(query, Mapping):
         part: Any = {k: np.asarray(v)[a:b] for k, v in query.items()}
         kwargs = {**kwargs, "query_names_": names[a:b]}
@@ -448,6 +447,8 @@ def by_batch(estimator: Callable[..., Any], log: InfluenceLog, query: Query, pro
     procs = Processes.of(processes)
     if not procs.many:
         return estimator(log, query, **kwargs)
+    if kwargs.get("module") is not None:
+        check_row_split(kwargs["module"])  # before any process starts
     what = f"distributed {estimator.__name__} (batch split)"
     return procs.launch(_batch_worker, estimator, str(log.path), query, kwargs, what, what=what)
 
@@ -455,8 +456,7 @@ def by_batch(estimator: Callable[..., Any], log: InfluenceLog, query: Query, pro
 def _batch_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, query: Query, kwargs: dict[str, Any],
                   what: str) -> Any:
     shard = _share(BatchShard, fabric, what)
-    if fabric.device.type != "cpu":
-        kwargs = {**kwargs, "module": kwargs["module"].to(fabric.device)}
+    kwargs = _on_device(kwargs, fabric.device)
     t0, cpu0 = time.perf_counter(), time.process_time()
     with InfluenceLog(log_path) as log:
         res = estimator(log, query, shard=shard, **kwargs)
@@ -467,6 +467,12 @@ def _batch_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, que
                                           "rows_evaluated": sum(r["rows"] for r in per_rank)})
 
 
+def _on_device(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """An estimator's keyword arguments with its ``module`` (if any) on this process's device."""
+    module = kwargs.get("module")
+    return kwargs if module is None or device.type == "cpu" else {**kwargs, "module": module.to(device)}
+
+
 def _share(cls: type[ShareT], fabric: Any, what: str) -> ShareT:
     """This Fabric process's :class:`~lightning_influence.step.shard.Share` (``cls``) with its collectives."""
     return cls(fabric.global_rank, fabric.world_size, functools.partial(_sum_over, fabric, what),
@@ -474,9 +480,14 @@ def _share(cls: type[ShareT], fabric: Any, what: str) -> ShareT:
 
 
 def _sum_over(fabric: Any, what: str, x: torch.Tensor) -> torch.Tensor:
-    """``x`` summed over the processes (on the process's device for the collective: ``nccl`` needs CUDA tensors)."""
+    """``x`` summed over the processes (on the process's device for the collective: ``nccl`` needs CUDA tensors), in a
+    copy: ``x`` is left as it was. One ``all_reduce``, without the barrier Fabric's ``all_reduce`` adds to each."""
+    import torch.distributed as dist
+
     try:
-        return fabric.all_reduce(x.to(fabric.device), reduce_op="sum").to(x.device)
+        y = x.to(fabric.device, copy=True)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y.to(x.device)
     except Exception as err:
         raise _peer_error(fabric, what, err) from err
 
@@ -501,8 +512,7 @@ def by_steps(estimator: Callable[..., Any], log: InfluenceLog, query: Query | No
 
 def _steps_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, query: Query | None,
                   kwargs: dict[str, Any], what: str) -> Any:
-    if fabric.device.type != "cpu" and kwargs.get("module") is not None:
-        kwargs = {**kwargs, "module": kwargs["module"].to(fabric.device)}
+    kwargs = _on_device(kwargs, fabric.device)
     shard = _share(StepShard, fabric, what)
     with InfluenceLog(log_path) as log:
         return estimator(log, query, shard_=shard, **kwargs)

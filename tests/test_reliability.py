@@ -195,10 +195,11 @@ def test_a_resume_keeps_its_logs_bias_layout_unless_told_otherwise(tmp_path):
     with pytest.raises(ValueError, match=r"fold_bias \(biases folded into their weight's projection\): the log has \[\]"):
         epoch_fit(tmp_path / "log", None, epochs=2, ckpt_path=ckpt, **{**BASE, "fold_bias": True})
     assert file_bytes(tmp_path / "log") == files
-    epoch_fit(tmp_path / "log", None, epochs=2, ckpt_path=ckpt, **BASE)  # fold_bias=None: the log's layout
-    after = InfluenceLog(tmp_path / "log")
-    assert after.finished and after.steps.tolist() == list(range(8))
-    assert same([r[:7] for r in dump(tmp_path / "log")["recs"]], [r[:7] for r in reference["recs"]])
+    for overwrite in (False, True):  # fold_bias=None: the log's layout (overwrite=True continues it too)
+        epoch_fit(tmp_path / "log", None, epochs=2, ckpt_path=ckpt, overwrite=overwrite, **BASE)
+        after = InfluenceLog(tmp_path / "log")
+        assert after.finished and after.steps.tolist() == list(range(8))
+        assert same([r[:7] for r in dump(tmp_path / "log")["recs"]], [r[:7] for r in reference["recs"]])
     # a fresh log under the default folds (the test model's projected Linear layers have biases)
     epoch_fit(tmp_path / "fresh", None, epochs=1, **BASE)
     assert any(s.get("bias") for s in InfluenceLog(tmp_path / "fresh").meta["projection"]["specs"])

@@ -277,7 +277,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         if rec.step in acts:
             activate(rec.step, rec.params)
     if shard is not None and scores is not None:  # each process's rows' terms, summed
-        scores = shard.all_reduce(torch.from_numpy(scores)).numpy()
+        scores = shard.sum(scores)
     values: dict[int, np.ndarray] = {}
     Q = len(names)
     for step, c0 in blocks:

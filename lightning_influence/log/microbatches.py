@@ -34,6 +34,18 @@ class MicroBatchRecord:
     inputs: bytes | None = None
 
 
+def drew_random_numbers(log: "InfluenceLog", step: int) -> bool:
+    """Whether a micro-batch of ``step`` recorded a generator state (its forward drew random numbers), from the
+    micro-batch table alone (no states or stored inputs are read; a version-1 log records none)."""
+    for seg, row in log._locs(step):
+        s = log._segs[seg]
+        off, n = int(s.table["micro_offset"][row]), int(s.table["micro_batches"][row])
+        if off >= 0 and any((np.asarray(log._rows(seg, f"micro/{c}", off, n)) >= 0).any()
+                            for c in ("cpu_rng", "cuda_rng")):
+            return True
+    return False
+
+
 def read_micro_batches(log: "InfluenceLog", step: int) -> list[MicroBatchRecord]:
     """The micro-batches of ``step`` of ``log`` in the order they ran (ranks in rank order)."""
     out = []

@@ -114,10 +114,10 @@ def log_exists(log_dir: str) -> bool:
     return (Path(log_dir) / META_FILE).exists()
 
 
-def logged_fold_bias(log_dir: str, start: int, overwrite: bool) -> bool:
+def logged_fold_bias(log_dir: str, start: int) -> bool:
     """``fold_bias``'s default: fold, unless a fit resumed at ``start > 0`` continues a log written unfolded
     (before folding existed, or with ``fold_bias=False``), whose layout its new rows must keep."""
-    if start == 0 or overwrite or not log_exists(log_dir):
+    if start == 0 or not log_exists(log_dir):
         return True
     try:
         specs = (read_meta(log_dir).get("projection") or {}).get("specs")

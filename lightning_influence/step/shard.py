@@ -84,7 +84,7 @@ class BatchShard(Share):
             if d:
                 out.append(slice(0, n) if (step + k) % self.world == self.rank else slice(0, 0))
             else:
-                out.append(slice(n * self.rank // self.world, n * (self.rank + 1) // self.world))
+                out.append(slice(*self.part(n)))
         return out
 
 
@@ -107,6 +107,6 @@ def check_row_split(module: nn.Module) -> None:
     for name, mod in module.named_modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
             raise ValueError(f"BatchNorm layer '{name}' is in train mode: its statistics mix the samples of a batch, so a "
-                             "step's rows cannot be split over processes. Put the module in eval mode (module.eval()) "
-                             "or split the query's outputs over the processes (split='columns')")
+                             "step's rows cannot be split over processes. Split the query's outputs over the processes instead "
+                             "(split='columns')")
 

@@ -20,6 +20,7 @@ from lightning_influence.evaluation.pbrf.linear import linear_responses
 from lightning_influence.evaluation.pbrf.problem import InputsFn, OutputLoss, Problem
 from lightning_influence.evaluation.pbrf.result import PBRFResult
 from lightning_influence.evaluation.pbrf.solve import resolve_solver, solve_samples
+from lightning_influence.log.microbatches import drew_random_numbers
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
 from lightning_influence.replay import (
@@ -135,7 +136,7 @@ def _refuse_unmodelled_steps(log: InfluenceLog, steps: Sequence[int]) -> None:
         why.append("gradient clipping")
     if Precision.from_meta(log.meta.get("precision")).autocast_dtype:
         why.append(f"mixed precision ({log.meta['precision'].get('name')})")
-    if any(m.cpu_rng is not None or m.cuda_rng is not None for t in steps for m in log.micro_batches(t)):
+    if any(drew_random_numbers(log, t) for t in steps):
         why.append("random numbers drawn in the forward (dropout)")
     if why:
         raise ValueError(f"gap_decomposition cannot model this log's training steps ({', '.join(why)}): its warm "
