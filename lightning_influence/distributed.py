@@ -49,6 +49,7 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.sharding import StepShard, balanced_cuts, split_range
 from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin, tracin_self_influence
 from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.progress import process_rank
 from lightning_influence.queries import Query
 from lightning_influence.step.shard import BatchShard, Share, check_row_split
 
@@ -258,9 +259,7 @@ def launched_outside() -> bool:
 
 def global_rank() -> int:
     """This process's rank in a distributed query (0 outside one)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return process_rank()[0]
 
 
 def _query_gradients(log: InfluenceLog, query: Any, module: nn.Module | None, t1: int, t2: int

@@ -48,7 +48,9 @@ def add_process_args(p: argparse.ArgumentParser, what: str, split: bool = False)
     g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="nodes (default 1; launch with torchrun/SLURM)")
     g.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu", help="gloo on CPUs or nccl on GPUs")
     if split:
-        g.add_argument("--split", choices=("auto", "batch", "columns"), default="auto",
+        from lightning_influence.distributed import SPLITS
+
+        g.add_argument("--split", choices=SPLITS, default="auto",
                        help="divide a model sweep by each step's batch rows (DIT) or by query output (auto: batch "
                             "where the method allows, else columns)")
 

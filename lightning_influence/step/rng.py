@@ -71,12 +71,9 @@ def capture() -> RandomState:
 
 def drawn(before: RandomState) -> RandomState:
     """``before`` reduced to the generators that moved since it was captured (those a forward drew from)."""
-    with _plain():
-        now_cpu = torch.get_rng_state().numpy()
-        cuda = [torch.cuda.get_rng_state(d).numpy() for d in cuda_devices()]
-    cpu = before.cpu if before.cpu is not None and before.cpu.tobytes() != now_cpu.tobytes() else None
-    now = np.stack(cuda) if cuda else NONE.cuda
-    moved = before.cuda.size and (now.shape != before.cuda.shape or not np.array_equal(now, before.cuda))
+    now = capture()
+    cpu = before.cpu if before.cpu is not None and before.cpu.tobytes() != now.cpu.tobytes() else None
+    moved = before.cuda.size and (now.cuda.shape != before.cuda.shape or not np.array_equal(now.cuda, before.cuda))
     return RandomState(cpu, before.cuda if moved else NONE.cuda)
 
 
