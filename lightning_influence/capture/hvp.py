@@ -165,29 +165,39 @@ def fd_directional_derivative(
         if kink_guard is None:
             return (plus - minus) * (v_norm / (2.0 * eps)), eps
         at = at_offset(0.0) if at is None else at
-    out, kink = guarded_difference(plus - at, at - minus, kink_guard)
-    if on_asymmetry is not None:
-        on_asymmetry(asymmetry(plus - at, at - minus))
+    out, kink = guarded_difference(plus - at, at - minus, kink_guard, on_asymmetry)
     if on_kink is not None:
         on_kink(kink)  # the rows whose one-sided differences disagreed (counted by the estimators, docs/diffin.md)
     return out * (v_norm / eps), eps
 
 
-def asymmetry(fwd: Tensor, bwd: Tensor) -> Tensor:
-    """``‖f − b‖ / max(‖f‖, ‖b‖)`` per row of two one-sided differences (0 where both vanish)."""
+def _rows(fwd: Tensor, bwd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Two one-sided differences as ``(rows, ·)`` matrices, with their row norms."""
     rows = fwd.shape[0] if fwd.ndim > 1 else 1
     f, b = fwd.reshape(rows, -1), bwd.reshape(rows, -1)
-    scale = torch.maximum(torch.linalg.vector_norm(f, dim=1), torch.linalg.vector_norm(b, dim=1))
+    return f, b, torch.linalg.vector_norm(f, dim=1), torch.linalg.vector_norm(b, dim=1)
+
+
+def _asymmetry(f: Tensor, b: Tensor, nf: Tensor, nb: Tensor) -> Tensor:
+    scale = torch.maximum(nf, nb)
     return torch.linalg.vector_norm(f - b, dim=1) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
 
 
-def guarded_difference(fwd: Tensor, bwd: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+def asymmetry(fwd: Tensor, bwd: Tensor) -> Tensor:
+    """``‖f − b‖ / max(‖f‖, ‖b‖)`` per row of two one-sided differences (0 where both vanish)."""
+    return _asymmetry(*_rows(fwd, bwd))
+
+
+def guarded_difference(fwd: Tensor, bwd: Tensor, tau: float,
+                       on_asymmetry: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
     """Mean of the one-sided differences per row, or the smaller one where they disagree (see kink_guard);
-    also the ``(rows,)`` bool mask of the rows that disagreed (a kink was crossed)."""
-    rows = fwd.shape[0] if fwd.ndim > 1 else 1
-    f, b = fwd.reshape(rows, -1), bwd.reshape(rows, -1)
-    nf, nb = torch.linalg.vector_norm(f, dim=1), torch.linalg.vector_norm(b, dim=1)
-    kink = asymmetry(fwd, bwd) > tau
+    also the ``(rows,)`` bool mask of the rows that disagreed (a kink was crossed). ``on_asymmetry`` receives
+    the rows' :func:`asymmetry`, computed once with the norms the guard needs."""
+    f, b, nf, nb = _rows(fwd, bwd)
+    asym = _asymmetry(f, b, nf, nb)
+    if on_asymmetry is not None:
+        on_asymmetry(asym)
+    kink = asym > tau
     out = torch.where(kink[:, None], torch.where((nf <= nb)[:, None], f, b), (f + b) / 2)
     return out.reshape(fwd.shape), kink
 
