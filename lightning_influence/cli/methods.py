@@ -94,8 +94,9 @@ ALIASES = {"dit-gauss-newton": "dit-gn", "diffin-self-influence": "diffin-self",
            "tracin-self-influence": "tracin-self"}
 DISTRIBUTED = {"tracin": "tracin", "tracin-self": "tracin_self_influence"}  # --devices/--num-nodes (distributed.run)
 BY_COLUMNS = ("dit", "dit-fd", "dit-frozen", "dit-local", "dit-gn", "dit-gn-local", "diffin",
-              "diffin-step")  # distributed.sweep: DIT by batch rows (--split batch, the default) or query outputs
-# (--split columns), Gauss-Newton DIT and Diff-In by query outputs
+              "diffin-step")  # distributed.sweep: DIT and Gauss-Newton DIT by batch rows (--split batch, the default;
+# Gauss-Newton DIT: each process reads only its part of every step's logged rows) or query outputs (--split columns),
+# Diff-In by query outputs
 BY_STEPS = ("diffin-self",)  # the estimator's sum over steps split over processes (distributed.by_steps)
 SPLITS_HELP = (f"every method; the log sharded by steps: {', '.join(DISTRIBUTED)}; split by batch rows or query "
                f"output: {', '.join(BY_COLUMNS)}; split by steps: {', '.join(BY_STEPS)}")
