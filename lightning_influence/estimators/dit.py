@@ -18,12 +18,17 @@ u(x_t, G_t(θ_t))`` over the full optimizer state ``x = (θ, s)`` (momentum buff
 linearised dynamics is pulled back through each step by ``torch.func.vjp`` of ``u``::
 
     (θ̄, s̄, ḡ) = VJP_u(λ) at (θ_t, s_t, G_t)   # ḡ = R: adjoint of the step's gradient
-    F_j      += −⟨R, g_{j,t}⟩ / |B_t|          # j ∈ B_t
+    F_j      += ⟨λ, u(x_t, G_t − w_j g_{j,t}) − u(x_t, G_t)⟩   # j ∈ B_t  (removal="step", the default)
+    F_j      += −w_j ⟨R, g_{j,t}⟩                              # j ∈ B_t  (removal="linear": its derivative)
     λ_θ, λ_s  = θ̄ + H_t R, s̄
 
-Exact in the linearisation for SGD (momentum, dampening, Nesterov, weight decay), Adam and
-AdamW (coupled/decoupled weight decay, bias correction, ``eps``, ``amsgrad``), RMSprop and
-Adagrad, with any learning-rate schedule. ``preconditioner="frozen"`` holds the adaptive
+The default scores each removal with the step's exact response (the whole update, clipping
+included), propagated to ``t2`` by the adjoint of the linearised later steps: for an affine
+step (SGD without clipping) the two are the same number; for Adam, where an early step is
+close to ``sign(g)``, the derivative misses most of a removal (docs/optimizer-adjoint.md §2, §8).
+Exact in the linearisation of the later steps for SGD (momentum, dampening, Nesterov, weight
+decay), Adam and AdamW (coupled/decoupled weight decay, bias correction, ``eps``, ``amsgrad``),
+RMSprop and Adagrad, with any learning-rate schedule. ``preconditioner="frozen"`` holds the adaptive
 optimizers' denominators at their values in the run (the earlier approximation, labelled
 ``approx.``): ``λ_v`` stays 0 and the adjoint state is ``(λ_θ, λ_m)``.
 
@@ -69,13 +74,15 @@ def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_f
     return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
 
 
-def _method(ctx: _Context, base: str, hvp: str, approx: bool = False) -> str:
+def _method(ctx: _Context, base: str, hvp: str, approx: bool = False, removal: str = "step") -> str:
     """Estimator name; every approximation says so (``approx.``)."""
     tags = []
     if hvp == "fd":
         tags.append("fd-hvp")
     if ctx.step.frozen:
         tags.append(f"frozen {ctx.rule.name} preconditioner")
+    elif removal == "linear" and not ctx.rule.linear:
+        tags.append("linear removal")
     if approx or ctx.step.frozen:
         tags.append("approx.")
     return f"{base} ({', '.join(tags)})" if tags else base
@@ -88,7 +95,8 @@ _DEFAULT_MEMORY = 512 * 2**20
 def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
         window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
         tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-        preconditioner: str = "exact", progress: Progress = None, shard: BatchShard | None = None
+        preconditioner: str = "exact", removal: str = "step", progress: Progress = None,
+        shard: BatchShard | None = None
         ) -> InfluenceScores:
     """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
 
@@ -114,7 +122,10 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
         max_memory_bytes: budget for the ``θ_t`` (and optimizer state) held per replay segment.
         preconditioner: ``"exact"`` (the VJP of the full update) or ``"frozen"``: adaptive
             optimizers' denominators held at their values in the run (approximation, cheaper:
-            no ``λ_v`` columns; ``method`` says ``approx.``).
+            no ``λ_v`` columns; ``method`` says ``approx.``; its removal is linear).
+        removal: ``"step"`` (each removal enters with its step's exact change of the update and optimizer state) or
+            ``"linear"`` (its derivative: ``∂f/∂w_j``, what the math reference's recursion computes). The same
+            numbers for SGD without clipping; ``"step"`` costs one per-sample gradient pass per step otherwise.
         progress: ``progress(done, total)`` callback or ``True`` for a bar on stderr.
         shard: evaluate only this process's rows of every step, summing the step's gradient, its Hessian-vector
             products and the scores over the processes (:mod:`lightning_influence.step.shard`; set by
@@ -127,16 +138,17 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
     t1, t2 = log.window(window)
     ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     t0 = log.first_step  # > 0 for a log started by a resumed fit
-    res = _model_sweep(ctx, query, t0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard)
+    res = _model_sweep(ctx, query, t0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard, removal)
     out = res.values[t2] - (res.values[t1] if t1 > t0 else 0.0)
-    return InfluenceScores(out, _method(ctx, "dit", hvp), (t1, t2), res.names, info=res.info)
+    return InfluenceScores(out, _method(ctx, "dit", hvp, removal=removal), (t1, t2), res.names, info=res.info)
 
 
 @estimator_api
 def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
               window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
               tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-              preconditioner: str = "exact", progress: Progress = None, shard: BatchShard | None = None
+              preconditioner: str = "exact", removal: str = "step", progress: Progress = None,
+        shard: BatchShard | None = None
               ) -> InfluenceScores:
     """Local DIT (approximation): the adjoint sweep only inside ``[t1, t2)``, from ``q_{t2}``.
 
@@ -146,8 +158,8 @@ def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = Non
     """
     t1, t2 = log.window(window)
     ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
-    res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"), shard)
-    return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True),
+    res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"), shard, removal)
+    return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True, removal=removal),
                            (t1, t2), res.names, info=res.info)
 
 
@@ -205,7 +217,8 @@ class Timeline:
 def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
              grid: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
              tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-             preconditioner: str = "exact", progress: Progress = None, shard: BatchShard | None = None) -> Timeline:
+             preconditioner: str = "exact", removal: str = "step", progress: Progress = None,
+        shard: BatchShard | None = None) -> Timeline:
     """``F_j(t)`` for every sample on a grid of steps, in **one** backward sweep.
 
     Every grid point adds its query-gradient columns to the adjoint when the sweep reaches
@@ -224,10 +237,11 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
     if t_hi == 0:
         raise ValueError("the grid must contain a step > 0")
     t0 = log.first_step  # a log started by a resumed fit: nothing accumulates before its first step
-    res = _model_sweep(ctx, query, t0, t_hi, steps.tolist(), hvp, eps0, resolve_progress(progress, "dit timeline"), shard)
+    res = _model_sweep(ctx, query, t0, t_hi, steps.tolist(), hvp, eps0, resolve_progress(progress, "dit timeline"), shard,
+                        removal)
     Q = len(res.names)
     values = np.zeros((log.dataset_size, len(steps), Q))
     for g, s in enumerate(steps):
         if s > t0:
             values[:, g, :] = res.values[int(s)]
-    return Timeline(values, steps, res.names, _method(ctx, "dit", hvp), info=res.info)
+    return Timeline(values, steps, res.names, _method(ctx, "dit", hvp, removal=removal), info=res.info)
