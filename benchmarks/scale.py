@@ -184,20 +184,33 @@ def _rss_bytes() -> int:
     return _status_bytes("VmRSS")
 
 
-def _sched() -> tuple[float, float]:
-    """Seconds this thread has run on a CPU and waited in a run queue for one (``/proc/thread-self/schedstat``)."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
+def _sched() -> tuple[float, float, float]:
+    """Seconds the main thread has run on a CPU and waited in a run queue for one, and the run-queue seconds of all
+    the process's live threads (reader and checksum threads included), from ``/proc/.../schedstat``."""
+    def read(path: str) -> tuple[float, float]:
+        with open(path) as f:
             on_cpu, waited = f.read().split()[:2]
         return int(on_cpu) / 1e9, int(waited) / 1e9
+
+    try:
+        main = read(f"/proc/self/task/{os.getpid()}/schedstat")
+        threads = 0.0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                threads += read(f"/proc/self/task/{task}/schedstat")[1]
+            except OSError:  # the thread ended meanwhile
+                pass
+        return main[0], main[1], threads
     except (OSError, ValueError):
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), float("nan")
 
 
-def _split_time(wall: float, sched0: tuple[float, float], sched1: tuple[float, float]) -> dict:
-    """The main thread's ``wall`` seconds as fractions on a CPU, waiting for one, and blocked (neither)."""
+def _split_time(wall: float, sched0: tuple[float, float, float], sched1: tuple[float, float, float]) -> dict:
+    """The main thread's ``wall`` seconds as fractions on a CPU, waiting for one, and blocked (neither); and the
+    seconds all threads waited for a CPU per wall second (threads started meanwhile: since their start)."""
     on_cpu, waited = sched1[0] - sched0[0], sched1[1] - sched0[1]
-    return {"on_cpu": on_cpu / wall, "run_queue": waited / wall, "blocked": max(0.0, wall - on_cpu - waited) / wall}
+    return {"on_cpu": on_cpu / wall, "run_queue": waited / wall, "blocked": max(0.0, wall - on_cpu - waited) / wall,
+            "threads_run_queue": (sched1[2] - sched0[2]) / wall}
 
 
 def _rank_peak(done: int, total: int) -> None:
@@ -278,8 +291,11 @@ def reduce(path: Path, k: int, method: str, products: str = "float64") -> dict:
     t_open = time.perf_counter() - t0
     cpu_open = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
     last = [0.0]
+    end: list = []  # the time and schedstat at the last progress call (the reader threads still alive)
 
     def progress(done: int, total: int) -> None:
+        if done == total:
+            end[:] = [time.perf_counter(), _sched()]
         now = time.perf_counter()
         if now - last[0] > 10:
             last[0] = now
@@ -292,7 +308,7 @@ def reduce(path: Path, k: int, method: str, products: str = "float64") -> dict:
     else:
         scores = tracin_self_influence(log, progress=progress, products=products)
     seconds = time.perf_counter() - t0
-    time_split = _split_time(seconds, sched0, _sched())
+    time_split = _split_time(end[0] - t0, sched0, end[1]) if end else {}
     stop.set()
     sampler.join()
     log.close()
@@ -449,15 +465,16 @@ def main() -> None:
         f"{method} {_label(p)} {red.get('max_rel_error_vs_closed_form', red.get('max_rel_error_vs_one_process')):.1e}"
         for method, per in runs.items() for p, red in per.items()))
     result["bottleneck"] = bottleneck(runs, raw_speed, args.processes)
-    print(f"\nwhere the time goes (main thread: on a CPU / waiting for a CPU / blocked on the disk or the other "
-          f"processes; CPU s per wall s: all threads of the process)")
+    print("\nwhere the time goes (main thread: on a CPU / waiting for a CPU / blocked on the disk, its reader threads or "
+          "the other processes; CPU s per wall s and seconds waiting for a CPU per wall s: all threads of the process)")
     for method, per in runs.items():
         for p, red in per.items():
             splits = red.get("per_rank_time", [red.get("time", {})])
             cpu = red.get("per_rank_interval_cpu_per_wall", [red["cpu_seconds"] / red["seconds"]] if "cpu_seconds" in red else [])
             print(f"  {f'{method}, {_label(p)}':<48}" + "; ".join(
                 f"{sp.get('on_cpu', float('nan')):.0%} / {sp.get('run_queue', float('nan')):.0%} / "
-                f"{sp.get('blocked', float('nan')):.0%}, CPU {c:.2f} s/s" for sp, c in zip(splits, cpu)))
+                f"{sp.get('blocked', float('nan')):.0%}, CPU {c:.2f} s/s, all threads waited "
+                f"{sp.get('threads_run_queue', float('nan')):.2f} s/s" for sp, c in zip(splits, cpu)))
     print(result["bottleneck"]["verdict"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -466,23 +483,28 @@ def main() -> None:
 
 
 def bottleneck(runs: dict[str, dict[str, dict]], raw_speed: dict[str, float], processes: int) -> dict:
-    """Whether the passes with ``processes`` processes waited for the cores or for the disk: the run-queue and blocked
-    shares of their main threads (mean over processes and methods) and what ``processes`` readers at once got from the
-    disk against one reader."""
-    many = [sp for per in runs.values() for p, red in per.items() if p == str(processes) for sp in red.get("per_rank_time", [])]
-    waited = float(np.mean([sp["run_queue"] for sp in many])) if many else float("nan")
-    blocked = float(np.mean([sp["blocked"] for sp in many])) if many else float("nan")
+    """Whether the passes with 1 and with ``processes`` processes (float64 products) waited for the cores or for the
+    disk: their main threads' run-queue and blocked shares and all threads' run-queue seconds per second (means over
+    processes and methods), and what ``processes`` readers at once got from the disk against one reader."""
     gain = {kind: raw_speed[f"{kind}, parallel"] / raw_speed[kind] for kind in ("buffered", "direct")}
     disk = (f"the disk gave {processes} readers at once {gain['direct']:.2f}x (direct) / {gain['buffered']:.2f}x "
             f"(buffered) the speed of one")
-    if waited >= blocked:
-        verdict = (f"{processes} processes: CPU-bound. Their main threads waited {waited:.0%} of their time for a core "
-                   f"(run queue) and were blocked {blocked:.0%} (disk, collectives); {disk}")
-    else:
-        verdict = (f"{processes} processes: waiting for the disk or each other, not for a core: blocked {blocked:.0%} of "
-                   f"their time, waiting for a core {waited:.0%}; {disk}")
-    return {"processes": processes, "run_queue_share": waited, "blocked_share": blocked, "parallel_read_gain": gain,
-            "verdict": verdict}
+    out: dict = {"parallel_read_gain": gain}
+    lines = []
+    for n in dict.fromkeys([1, processes]):
+        splits = [sp for per in runs.values() for p, red in per.items() if p == str(n)
+                  for sp in red.get("per_rank_time", [red.get("time")]) if sp]
+        if not splits:
+            continue
+        share = {key: float(np.mean([sp[key] for sp in splits])) for key in ("run_queue", "blocked", "threads_run_queue")}
+        cpu_bound = max(share["run_queue"], share["threads_run_queue"]) >= share["blocked"]
+        what = "CPU-bound (the cores are shared)" if cpu_bound else "disk-bound"
+        lines.append(f"{n} process{'es' if n > 1 else ''}: {what}: main threads waited for a core "
+                     f"{share['run_queue']:.0%} of their time and were blocked {share['blocked']:.0%}; all threads "
+                     f"waited {share['threads_run_queue']:.2f} s per s for a core")
+        out[str(n)] = {**share, "verdict": what}
+    out["verdict"] = "\n".join(lines + [disk])
+    return out
 
 
 if __name__ == "__main__":
