@@ -483,27 +483,33 @@ def main() -> None:
 
 
 def bottleneck(runs: dict[str, dict[str, dict]], raw_speed: dict[str, float], processes: int) -> dict:
-    """Whether the passes with 1 and with ``processes`` processes (float64 products) waited for the cores or for the
-    disk: their main threads' run-queue and blocked shares and all threads' run-queue seconds per second (means over
-    processes and methods), and what ``processes`` readers at once got from the disk against one reader."""
+    """For each method with 1 and with ``processes`` processes (float64 products): the share of what the disk gave as
+    many readers at once (the faster of the buffered and direct raw reads) that the pass read, and where its time went
+    (means over its processes). Disk-bound: at least 80% of the disk's speed; else CPU-bound where its threads waited
+    for a core at least 0.3 s per s (the cores are shared); else neither (blocked on read latency or the other
+    processes)."""
     gain = {kind: raw_speed[f"{kind}, parallel"] / raw_speed[kind] for kind in ("buffered", "direct")}
-    disk = (f"the disk gave {processes} readers at once {gain['direct']:.2f}x (direct) / {gain['buffered']:.2f}x "
-            f"(buffered) the speed of one")
     out: dict = {"parallel_read_gain": gain}
-    lines = []
-    for n in dict.fromkeys([1, processes]):
-        splits = [sp for per in runs.values() for p, red in per.items() if p == str(n)
-                  for sp in red.get("per_rank_time", [red.get("time")]) if sp]
-        if not splits:
-            continue
-        share = {key: float(np.mean([sp[key] for sp in splits])) for key in ("run_queue", "blocked", "threads_run_queue")}
-        cpu_bound = max(share["run_queue"], share["threads_run_queue"]) >= share["blocked"]
-        what = "CPU-bound (the cores are shared)" if cpu_bound else "disk-bound"
-        lines.append(f"{n} process{'es' if n > 1 else ''}: {what}: main threads waited for a core "
-                     f"{share['run_queue']:.0%} of their time and were blocked {share['blocked']:.0%}; all threads "
-                     f"waited {share['threads_run_queue']:.2f} s per s for a core")
-        out[str(n)] = {**share, "verdict": what}
-    out["verdict"] = "\n".join(lines + [disk])
+    lines = [f"the disk gave {processes} readers at once {gain['direct']:.2f}x (direct) / {gain['buffered']:.2f}x "
+             "(buffered) the speed of one"]
+    for method, per in runs.items():
+        for n in dict.fromkeys([1, processes]):
+            red = per.get(str(n))
+            splits = [sp for sp in (red.get("per_rank_time", [red.get("time")]) if red else []) if sp]
+            if not splits:
+                continue
+            share = {k: float(np.mean([sp[k] for sp in splits])) for k in ("run_queue", "blocked", "threads_run_queue")}
+            disk = max(raw_speed["buffered" if n == 1 else "buffered, parallel"],
+                       raw_speed["direct" if n == 1 else "direct, parallel"])
+            of_disk = red["gb_per_s"] * 1e9 / disk
+            what = ("disk-bound" if of_disk >= 0.8 else
+                    "CPU-bound (cores shared)" if max(share["run_queue"], share["threads_run_queue"]) >= 0.3 else
+                    "neither (read latency, the other processes)")
+            lines.append(f"{method}, {_label(str(n))}: {of_disk:.0%} of the disk's speed for {n} reader(s); main "
+                         f"thread waited for a core {share['run_queue']:.0%}, blocked {share['blocked']:.0%}; all "
+                         f"threads waited {share['threads_run_queue']:.2f} s per s for a core: {what}")
+            out[f"{method}, {n}"] = {**share, "of_disk_speed": of_disk, "verdict": what}
+    out["verdict"] = "\n".join(lines)
     return out
 
 
