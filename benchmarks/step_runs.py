@@ -15,7 +15,8 @@ and a checkpoint every step, query = mean validation loss), trained the way issu
 For every training sample each estimator's window score is compared with the replay
 leave-one-out truth (math §6; the removal replays the recorded micro-batches, weights and
 clipping) for the windows whole run, first epoch, second half and last epoch: DIT exact and
-finite-difference HVPs (one timeline sweep each), TracIn, Diff-In (step form). Reported: Pearson,
+finite-difference HVPs (one timeline sweep each; with clipping also DIT's linear removal, the derivative
+of the clipped step, beside its default step removal), TracIn, Diff-In (step form). Reported: Pearson,
 Spearman, the share of steps the clipping bound, the incomplete steps, and the replay drift (the
 LOO reference run against the logged checkpoints). ``--linear-response K`` also replays the removal
 of ``ε = 1e-3`` of each of ``K`` samples: DIT's own error is its gap to that linear response, the
@@ -92,6 +93,11 @@ def run_config(name: str, trainer_kw: dict[str, Any], hyper: dict[str, Any], dat
         timer = time.perf_counter()
         tls[hvp] = timeline(log, query, module=Net().double(), train_data=train_ds, grid=grid, loss_fn=ce_loss, hvp=hvp)
         out["seconds"][f"dit_{hvp}"] = time.perf_counter() - timer
+    if "gradient_clip_val" in trainer_kw:  # clipping is not affine: the derivative (linear removal) differs
+        timer = time.perf_counter()
+        tls["linear removal"] = timeline(log, query, module=Net().double(), train_data=train_ds, grid=grid,
+                                         loss_fn=ce_loss, removal="linear")
+        out["seconds"]["dit_linear"] = time.perf_counter() - timer
     out["seconds"].update(tracin=0.0, diffin=0.0)
     for wname, (t1, t2) in wins.items():
         truth = loo.window(t1, t2)
@@ -106,7 +112,7 @@ def run_config(name: str, trainer_kw: dict[str, Any], hyper: dict[str, Any], dat
         out["results"][wname] = {k: agreement(v, truth) for k, v in est.items()}
     if args.linear_response:  # whole run, samples spread over DIT's ranking
         t1, t2 = wins["whole run"]
-        d = tls["exact"].window(t1, t2).column(0)
+        d = tls.get("linear removal", tls["exact"]).window(t1, t2).column(0)  # the derivative
         ids = np.argsort(d)[np.linspace(0, len(d) - 1, args.linear_response).astype(int)]
         timer = time.perf_counter()
         lin = linear_response(log, Net, train_ds, query, ids)

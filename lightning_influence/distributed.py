@@ -20,7 +20,8 @@ leave-one-out and group removal use it for their counterfactual runs (``replay_l
 :func:`by_columns` for the query outputs of DIT, its timeline, Gauss-Newton DIT and Diff-In. :func:`by_batch` splits
 the rows of every step of the DIT sweep (``dit``, ``dit_local``, ``timeline``) over the processes like DDP training:
 each evaluates its rows, the step's gradient and Hessian-vector products are all-reduced, the per-sample terms stay
-local (:mod:`lightning_influence.step.shard`). :func:`by_steps` runs an estimator that splits its own sum over the
+local (:mod:`lightning_influence.step.shard`); for Gauss-Newton DIT each process reads only its part of every step's
+logged rows (:mod:`lightning_influence.estimators.gauss_newton`). :func:`by_steps` runs an estimator that splits its own sum over the
 steps (Diff-In self-influence, both forms) with a :class:`~lightning_influence.estimators.sharding.StepShard` per
 process. :func:`sweep` picks the split (docs/scaling.md).
 """
@@ -45,6 +46,7 @@ from torch import nn
 
 from lightning_influence.estimators.diffin import diffin_self_influence
 from lightning_influence.estimators.dit import dit, dit_local, timeline
+from lightning_influence.estimators.gauss_newton import dit_gauss_newton, query_gradients_for
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.sharding import StepShard, balanced_cuts, split_range
 from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin, tracin_self_influence
@@ -53,13 +55,14 @@ from lightning_influence.progress import process_rank
 from lightning_influence.queries import Query
 from lightning_influence.step.shard import BatchShard, Share, check_row_split
 
-__all__ = ["BATCH_SPLIT", "DISTRIBUTED", "SPLITS", "STEP_SPLIT", "DistributedQueryError", "Processes", "QueryColumns",
+__all__ = ["BATCH_SPLIT", "DISTRIBUTED", "LOG_ROW_SPLIT", "SPLITS", "STEP_SPLIT", "DistributedQueryError", "Processes", "QueryColumns",
            "by_batch", "by_columns", "by_steps", "gather", "global_rank", "launch", "launched_outside", "map_blocks",
            "run", "shard_steps", "split_for", "split_of", "split_range", "sweep"]
 
 DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tracin_self_influence": tracin_self_influence}
 _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric run set these in every process
 BATCH_SPLIT = (dit, dit_local, timeline)  # the model sweeps whose steps' rows can be split over processes
+LOG_ROW_SPLIT = (dit_gauss_newton,)  # the log sweeps that read only their part of every step's rows (log.shares)
 STEP_SPLIT = (diffin_self_influence,)  # the estimators that split their sum over the steps themselves (shard_=...)
 SPLITS = ("auto", "batch", "columns")
 
@@ -382,9 +385,9 @@ def _merge_columns(parts: list[tuple[int, int, Any, float]]) -> Any:
 def sweep(estimator: Callable[..., Any], log: InfluenceLog, query: Query, processes: Processes | int | None,
           split: str | None = None, **kwargs: Any) -> Any:
     """``estimator(log, query, **kwargs)`` on ``processes``, divided by ``split`` (default ``processes.split``):
-    ``"batch"`` (:func:`by_batch`: every step's rows; DIT, local DIT, the timeline), ``"columns"``
-    (:func:`by_columns`: the query's outputs; also Diff-In, Gauss-Newton DIT), ``"auto"``: by batch where the
-    estimator and the module allow it (no train-mode BatchNorm), else by column. An estimator of :data:`STEP_SPLIT`
+    ``"batch"`` (:func:`by_batch`: every step's rows; DIT, local DIT, the timeline, Gauss-Newton DIT), ``"columns"``
+    (:func:`by_columns`: the query's outputs; also Diff-In), ``"auto"``: by batch where the estimator and the module
+    allow it (no train-mode BatchNorm; Gauss-Newton DIT always), else by column. An estimator of :data:`STEP_SPLIT`
     (Diff-In self-influence: no query to split by column) always splits by steps (:func:`by_steps`). One process:
     the estimator itself."""
     procs = Processes.of(processes)
@@ -405,6 +408,8 @@ def split_for(estimator: Callable[..., Any], module: nn.Module | None, split: st
     and ``module``'s rows can be evaluated apart (:func:`~lightning_influence.step.shard.check_row_split`)."""
     if split != "auto":
         return split
+    if estimator in LOG_ROW_SPLIT:  # the logged rows: the module only takes the query's gradients
+        return "batch"
     if estimator not in BATCH_SPLIT:
         return "columns"
     try:
@@ -427,7 +432,8 @@ def split_of(estimator: Callable[..., Any], processes: Processes | int | None) -
 
 def by_batch(estimator: Callable[..., Any], log: InfluenceLog, query: Query, processes: Processes | int | None,
              **kwargs: Any) -> Any:
-    """``estimator(log, query, **kwargs)`` (one of :data:`BATCH_SPLIT`) with every step's rows split over processes.
+    """``estimator(log, query, **kwargs)`` (one of :data:`BATCH_SPLIT` or :data:`LOG_ROW_SPLIT`) with every step's rows
+    split over processes.
 
     Each process replays the trajectory and evaluates its rows of every step (a micro-batch that drew dropout masks
     whole, on process ``(step + k) mod P``); the step's gradient and Hessian-vector products are summed with one
@@ -436,17 +442,27 @@ def by_batch(estimator: Callable[..., Any], log: InfluenceLog, query: Query, pro
     the single-process one up to the order of float64 additions; ``info["per_rank"]`` holds each process's rows,
     seconds and CPU seconds. ``query``, ``module`` and ``train_data`` must be picklable for ``ddp_spawn``.
 
+    Gauss-Newton DIT (:data:`LOG_ROW_SPLIT`) replays nothing: its query gradients are taken here, once, and each process
+    reads only its part of every step's logged rows (``per_rank`` adds the row bytes each read), all-reducing the
+    step's ``K·Q`` sums (:mod:`lightning_influence.estimators.gauss_newton`).
+
     Raises:
         ValueError: an estimator without a batch split, or a module with train-mode BatchNorm.
         DistributedQueryError: a process failed or was killed.
     """
-    if estimator not in BATCH_SPLIT:
+    if estimator not in BATCH_SPLIT + LOG_ROW_SPLIT:
         raise ValueError(f"{getattr(estimator, '__name__', estimator)} has no batch split (estimators with one: "
-                         f"{', '.join(e.__name__ for e in BATCH_SPLIT)}); use split='columns'")
+                         f"{', '.join(e.__name__ for e in BATCH_SPLIT + LOG_ROW_SPLIT)}); use split='columns'")
     procs = Processes.of(processes)
     if not procs.many:
         return estimator(log, query, **kwargs)
-    if kwargs.get("module") is not None:
+    if estimator in LOG_ROW_SPLIT and callable(query):  # the query's gradients at the checkpoints, once
+        module = kwargs.pop("module", None)
+        if module is None:
+            raise ValueError(f"{estimator.__name__} needs `module` to take query gradients, or precomputed ones")
+        query, names = query_gradients_for(log, module, query, kwargs.get("window"))
+        kwargs["query_names_"] = names
+    elif estimator not in LOG_ROW_SPLIT and kwargs.get("module") is not None:
         check_row_split(kwargs["module"])  # before any process starts
     what = f"distributed {estimator.__name__} (batch split)"
     return procs.launch(_batch_worker, estimator, str(log.path), query, kwargs, what, what=what)
@@ -460,10 +476,13 @@ def _batch_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, que
     with InfluenceLog(log_path) as log:
         res = estimator(log, query, shard=shard, **kwargs)
     mine = {"rank": fabric.global_rank, "rows": res.info["rows_evaluated"], "seconds": time.perf_counter() - t0,
-            "cpu_seconds": time.process_time() - cpu0}
+            "cpu_seconds": time.process_time() - cpu0,
+            **({"bytes_read": res.info["bytes_read"]} if "bytes_read" in res.info else {})}
     per_rank = gather(fabric, mine, what)
     return dataclasses.replace(res, info={**res.info, "processes": fabric.world_size, "per_rank": per_rank,
-                                          "rows_evaluated": sum(r["rows"] for r in per_rank)})
+                                          "rows_evaluated": sum(r["rows"] for r in per_rank),
+                                          **({"bytes_read": sum(r["bytes_read"] for r in per_rank)}
+                                             if "bytes_read" in mine else {})})
 
 
 def _on_device(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -375,7 +375,7 @@ def test_cli_timeline_dit_split_by_query_on_2_devices_equals_one_process(digits_
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_cli_query_diffin_self_and_dit_gn_on_2_devices_equal_one_process(digits_run):
-    """Diff-In self-influence split by steps, Gauss-Newton DIT by query output (the digits run: float32)."""
+    """Diff-In self-influence split by steps, Gauss-Newton DIT by each step's rows (the digits run: float32)."""
     def scores(res):
         out = np.full(res["n_samples"], np.nan)
         for row in res["rows"]:
@@ -388,6 +388,9 @@ def test_cli_query_diffin_self_and_dit_gn_on_2_devices_equal_one_process(digits_
         assert len(one["results"]) == len(two["results"]) == (1 if method == "diffin-self" else 2)
         for a, b in zip(one["results"], two["results"]):
             assert b["info"]["processes"] == 2 and a["method"] == b["method"]
+            if method == "dit-gn":  # the default split: each process read its part of every step's rows
+                assert b["info"]["split"] == "batch" and len(b["info"]["per_rank"]) == 2
+                assert sum(r["bytes_read"] for r in b["info"]["per_rank"]) == b["info"]["bytes_read"] > 0
             sa, sb = scores(a), scores(b)
             assert np.abs(sa).max() > 0
             np.testing.assert_allclose(sb, sa, rtol=0, atol=1e-5 * np.abs(sa).max())

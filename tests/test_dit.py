@@ -108,13 +108,41 @@ def model():
 
 
 # ------------------------------------------------------------------ independent reference
-def forward_recursion(log: InfluenceLog, kind: str, query, t_start: int = 0, frozen: bool = False) -> np.ndarray:
+# torch.optim's state keys -> the deviations full_state_step keeps
+LIN_KEY = {"exp_avg": "m", "exp_avg_sq": "v", "max_exp_avg_sq": "vmax", "square_avg": "a", "grad_avg": "ga",
+           "momentum_buffer": "b", "sum": "s"}
+
+
+def torch_optim_step(kind: str, theta: torch.Tensor, before: dict, g: torch.Tensor, eta: float, names, shapes
+                     ) -> tuple[torch.Tensor, dict]:
+    """One ``torch.optim`` step from ``θ`` and the logged state ``before`` with gradient ``g``: ``(θ', {key: state'})``,
+    flat (an independent reference for the exact per-step removal)."""
+    params = [nn.Parameter(v.clone()) for v in unflatten(theta, shapes).values()]
+    opt = make_opt(kind, nn.ParameterList(params))
+    for group in opt.param_groups:
+        group["lr"] = eta
+    for n, prm in zip(names, params):
+        if n in before and before[n]:
+            opt.state[prm] = {k: torch.as_tensor(v).clone() for k, v in before[n].items()}
+    for prm, gi in zip(params, unflatten(g, shapes).values()):
+        prm.grad = gi.clone()
+    opt.step()
+    keys = [k for k, v in opt.state[params[0]].items() if k != "step" and torch.is_tensor(v)]
+    return (torch.cat([prm.detach().reshape(-1) for prm in params]),
+            {k: torch.cat([opt.state[prm][k].reshape(-1) for prm in params]) for k in keys})
+
+
+def forward_recursion(log: InfluenceLog, kind: str, query, t_start: int = 0, frozen: bool = False,
+                      removal: str = "linear") -> np.ndarray:
     """``F_j(t)`` ``(N, T+1)`` by the explicit forward recursion of math §2 over the whole
     optimizer state (hand-derived per optimizer in :func:`full_state_step`, forward mode).
 
     Every ``θ_t`` and optimizer state is read from a log with a checkpoint at every step;
     Hessians are dense (``torch.autograd.functional.hessian``), one ``δ_j`` per sample.
     With ``t_start > 0`` the deviation starts at ``t_start`` (removal inside the window only).
+    ``removal="step"``: sample ``j`` enters each step it is in with the step's exact change when it is dropped,
+    ``torch.optim``'s step with ``ĝ − g_j/B`` minus its step with ``ĝ`` (``θ`` and every state entry), in place of
+    the linear ``−E`` (docs/optimizer-adjoint.md §2); the deviations are propagated as before.
     """
     m = model()
     names = [n for n, _ in m.named_parameters()]
@@ -156,9 +184,19 @@ def forward_recursion(log: InfluenceLog, kind: str, query, t_start: int = 0, fro
             dg = (H + lam_c * I) @ delta - E
             dv = b1 * dv + (1 - b1) * dg
             delta = (1 - eta * lam_d) * delta - (eta / (1 - b1**s)) * Dt[:, None] * dv
-        else:
+        elif removal == "linear":
             delta = full_state_step(kind, hyper, log.optimizer_state(t), flat, names, theta, G.mean(0), H, E, eta,
                                     delta, lin)
+        else:
+            before = log.optimizer_state(t)
+            delta = full_state_step(kind, hyper, before, flat, names, theta, G.mean(0), H, torch.zeros_like(E), eta,
+                                    delta, lin)
+            base_th, base_st = torch_optim_step(kind, theta, before, G.mean(0), eta, names, shapes)
+            for i, j in enumerate(ids):
+                th_j, st_j = torch_optim_step(kind, theta, before, G.mean(0) - G[i] / B, eta, names, shapes)
+                delta[:, j] += th_j - base_th
+                for k, v in st_j.items():
+                    lin.setdefault(LIN_KEY[k], torch.zeros(p, N, dtype=torch.float64))[:, j] += v - base_st[k]
         q = q_at(flat(log.checkpoint(t + 1)))
         out[:, t + 1] = (q @ delta).numpy()
     return out
@@ -241,17 +279,44 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("removal", ["step", "linear"])
 @pytest.mark.parametrize("kind", ["sgd", "momentum", "nesterov", *ADAPTIVE])
-def test_dit_equals_forward_recursion(tmp_path_factory, kind):
+def test_dit_equals_forward_recursion(tmp_path_factory, kind, removal):
     log = make_log(tmp_path_factory, kind)
-    ref = forward_recursion(log, kind, QUERY)
-    s = dit(log, QUERY, module=model(), train_data=train_data, window=(4, 9), loss_fn=loss_fn)
+    ref = forward_recursion(log, kind, QUERY, removal=removal)
+    s = dit(log, QUERY, module=model(), train_data=train_data, window=(4, 9), loss_fn=loss_fn, removal=removal)
     assert s.scores.shape == (N, 1) and s.window == (4, 9)
     assert rel(s.column(0), ref[:, 9] - ref[:, 4]) < 1e-8
-    assert "approx." not in s.method and s.info["preconditioner"] == "exact"
-    tl = timeline(log, QUERY, module=model(), train_data=train_data, grid=[0, 4, 9, T], loss_fn=loss_fn)
+    assert "approx." not in s.method and s.info["preconditioner"] == "exact" and s.info["removal"] == removal
+    tl = timeline(log, QUERY, module=model(), train_data=train_data, grid=[0, 4, 9, T], loss_fn=loss_fn, removal=removal)
     for t1, t2 in [(0, T), (0, 4), (9, T)]:
         assert rel(tl.window(t1, t2).column(0), ref[:, t2] - ref[:, t1]) < 1e-8, (kind, t1, t2)
+    if kind in ADAPTIVE and removal == "step":  # the two removals are different numbers for an adaptive optimizer
+        assert rel(s.column(0), (lambda r: r[:, 9] - r[:, 4])(forward_recursion(log, kind, QUERY))) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ADAPTIVE)
+def test_step_removal_is_exact_for_one_step_and_a_linear_query(tmp_path_factory, kind):
+    """Removing ``z_j`` from the last step only, with a query linear in ``θ``: nothing is linearised, so the step
+    removal equals replay leave-one-out (torch.optim) to rounding; the derivative does not."""
+    from lightning_influence.evaluation.ground_truth import replay_loo
+
+    log = make_log(tmp_path_factory, kind)
+    c = torch.linspace(-1, 1, sum(p.numel() for p in model().parameters()), dtype=torch.float64)
+
+    def linear_query(m):
+        return torch.cat([p.reshape(-1) for p in m.parameters()]) @ c
+
+    win = (T - 2, T)
+    loo = replay_loo(log, model(), train_data, linear_query, window=win, in_window_only=True, loss_fn=loss_fn)
+    truth = loo.window(*win)
+    step = dit_local(log, linear_query, module=model(), train_data=train_data, window=(T - 1, T), loss_fn=loss_fn)
+    ids = log.batch_ids(T - 1)
+    assert np.abs(truth[ids]).min() > 1e-6
+    assert rel(step.column(0)[ids], truth[ids]) < 1e-10
+    linear = dit_local(log, linear_query, module=model(), train_data=train_data, window=(T - 1, T), loss_fn=loss_fn,
+                       removal="linear")
+    assert rel(linear.column(0)[ids], truth[ids]) > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
@@ -326,7 +391,7 @@ def test_dit_is_the_derivative_of_weighted_replay(tmp_path_factory, kind):
     from lightning_influence.replay import replay
 
     log = make_log(tmp_path_factory, kind)
-    s = dit(log, QUERY, module=model(), train_data=train_data, window=(0, T), loss_fn=loss_fn).column(0)
+    s = dit(log, QUERY, module=model(), train_data=train_data, window=(0, T), loss_fn=loss_fn, removal="linear").column(0)
     eps = 1e-6
     fd = []
     for j in range(4):

@@ -194,7 +194,59 @@ def test_fd_evaluates_at_exactly_theta_plus_and_minus_eps_v_hat(dtype):
     unit = _epsilon(theta, 1e-3) / v_norm
     for point, sign in zip(seen, (1.0, -1.0)):
         for n in theta:
-            assert torch.equal(point[n], theta[n] + v[n] * (sign * unit).to(dtype))
+            assert torch.equal(point[n], torch.addcmul(theta[n], v[n], (sign * unit).to(dtype)))
     norms = torch.stack([torch.linalg.vector_norm(t) for t in v.values()])
     again, _ = fd_directional_derivative(fn, theta, v, 1e-3, "central", direction_norm=norm_of_norms(norms))
     assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("scheme", ["central", "forward"])
+def test_fd_workspace_is_reused_and_changes_nothing(scheme):
+    """A caller's workspace holds the perturbed parameters (filled once, the same storage at every later call and
+    for both sides); the results are bit for bit those without it and the parameters are never written."""
+    g = torch.Generator().manual_seed(5)
+    theta = {"a": torch.randn(6, 3, generator=g), "b": torch.randn(4, generator=g), "fixed": torch.randn(2, generator=g)}
+    originals = {n: t.clone() for n, t in theta.items()}
+    v = {"a": torch.randn(6, 3, generator=g), "b": torch.randn(4, generator=g)}  # "fixed" is not perturbed
+    pointers = []
+
+    def fn(p):
+        pointers.append({n: p[n].data_ptr() for n in p})
+        return torch.cat([t.reshape(-1) for t in p.values()])[None] ** 3
+
+    workspace: dict[str, torch.Tensor] = {}
+    for _ in range(2):
+        with_ws, eps = fd_directional_derivative(fn, theta, v, 1e-2, scheme, workspace=workspace)
+        without, eps2 = fd_directional_derivative(fn, theta, v, 1e-2, scheme)
+        assert torch.equal(with_ws, without) and torch.equal(eps, eps2)
+    assert set(workspace) == {"a", "b"}
+    used = [p for i, p in enumerate(pointers) if i % 4 < 2]  # two calls each (both sides, or θ + ε v̂ and θ)
+    perturbed = [p for p in used if p["a"] != theta["a"].data_ptr()]
+    assert len(perturbed) == (4 if scheme == "central" else 2)
+    for n in ("a", "b"):
+        assert {p[n] for p in perturbed} == {workspace[n].data_ptr()}
+    assert all(p["fixed"] == theta["fixed"].data_ptr() for p in pointers)
+    assert all(torch.equal(theta[n], originals[n]) for n in theta)
+
+
+def test_guarded_difference_in_one_buffer_equals_its_definition():
+    """Rows that agree get the mean, rows that disagree the smaller side (either side), bit for bit the plain
+    formula; the inputs are left as they were (the result lives in a buffer of its own)."""
+    from lightning_influence.capture.hvp import asymmetry, guarded_difference
+
+    g = torch.Generator().manual_seed(7)
+    f = torch.randn(6, 5, generator=g)
+    b = f + 1e-3 * torch.randn(6, 5, generator=g)  # rows agree ...
+    b[1] *= 40.0  # ... but row 1's backward side jumped (forward is smaller)
+    f[3] *= 40.0  # and row 3's forward side (backward is smaller)
+    f[5], b[5] = 0.0, 0.0  # both vanish: asymmetry 0, the mean
+    f0, b0 = f.clone(), b.clone()
+    seen = []
+    out, kink = guarded_difference(f, b, 0.5, seen.append)
+    assert kink.tolist() == [False, True, False, True, False, False]
+    nf, nb = f.norm(dim=1), b.norm(dim=1)
+    expected = torch.where(kink[:, None], torch.where((nf <= nb)[:, None], f, b), (f + b) / 2)
+    assert torch.equal(out, expected) and torch.equal(out[1], f[1]) and torch.equal(out[3], b[3])
+    assert torch.equal(seen[0], asymmetry(f, b)) and torch.equal(f, f0) and torch.equal(b, b0)
+    flat, k1 = guarded_difference(f[0], b[0], 0.5)  # one row given as a vector
+    assert flat.shape == (5,) and torch.equal(flat, (f[0] + b[0]) / 2) and k1.tolist() == [False]

@@ -110,10 +110,17 @@ def test_recorded_clipping_binds_and_weights_are_lightnings(run: Any) -> None:
     assert sorted({len(log.batch_ids(t)) for t in range(log.num_steps)}) == [2, 12]
 
 
-def _brute_force(log: InfluenceLog, ds: Any, make: Any, gauss_newton: bool = False, clip_jacobian: Any = _norm_clip_jacobian
-                 ) -> np.ndarray:
+def _norm_clip(g: torch.Tensor) -> torch.Tensor:
+    """Lightning's norm clipping, written out: ``g · min(1, c/(‖g‖ + 1e-6))``."""
+    return g * min(1.0, CLIP / (float(g.norm()) + 1e-6))
+
+
+def _brute_force(log: InfluenceLog, ds: Any, make: Any, gauss_newton: bool = False, clip_jacobian: Any = _norm_clip_jacobian,
+                 removal: str = "linear") -> np.ndarray:
     """F_j = ⟨q_T, δ_j(T)⟩ by the explicit float64 recursion with dense Hessians and the clipping Jacobian
-    written out: δ_{t+1} = δ_t − η_t [J_C(ĝ_t)(H_t δ_t − w_{j,t} g_{j,t}) + λ δ_t], all from θ_t in the log."""
+    written out: δ_{t+1} = δ_t − η_t [J_C(ĝ_t)(H_t δ_t − w_{j,t} g_{j,t}) + λ δ_t], all from θ_t in the log.
+    ``removal="step"``: the removal enters with the clipped step's exact change, ``−η_t [C(ĝ_t − w_j g_j) − C(ĝ_t)]``
+    in place of ``η_t J_C w_j g_j`` (docs/optimizer-adjoint.md §2)."""
     d = _Dense(make)
     losses_at, p, T = d.losses, d.p, log.num_steps
     delta = torch.zeros(N, p, dtype=torch.float64)
@@ -130,21 +137,30 @@ def _brute_force(log: InfluenceLog, ds: Any, make: Any, gauss_newton: bool = Fal
             H = torch.autograd.functional.hessian(lambda y: (w * losses_at(y, batch)).sum(), x)
         Jc = clip_jacobian(g)
         eta = float(log.lr(t)[0])
-        removal = torch.zeros(N, p, dtype=torch.float64)
-        removal[torch.from_numpy(ids)] = w[:, None] * J
-        delta = delta - eta * ((delta @ H.T - removal) @ Jc.T + WD * delta)
+        rows = torch.zeros(N, p, dtype=torch.float64)
+        rows[torch.from_numpy(ids)] = w[:, None] * J
+        if removal == "linear":
+            delta = delta - eta * ((delta @ H.T - rows) @ Jc.T + WD * delta)
+        else:
+            delta = delta - eta * (delta @ H.T @ Jc.T + WD * delta)
+            for i, j in enumerate(ids):
+                delta[j] -= eta * (_norm_clip(g - rows[j]) - _norm_clip(g))
     q = torch.autograd.functional.jacobian(lambda y: losses_at(y, VAL).mean(), d.theta(log, T))
     return (delta @ q).numpy()
 
 
+@pytest.mark.parametrize("removal", ["linear", "step"])
 @pytest.mark.parametrize("hvp", ["exact", "fd"])
-def test_dit_with_accumulation_and_clipping_equals_the_explicit_recursion(run: Any, hvp: str) -> None:
+def test_dit_with_accumulation_and_clipping_equals_the_explicit_recursion(run: Any, hvp: str, removal: str) -> None:
     log, ds, make = run
-    brute = _brute_force(log, ds, make)
-    s = dit(log, query, module=make(), train_data=ds, loss_fn=loss_fn, hvp=hvp).scores[:, 0]
+    brute = _brute_force(log, ds, make, removal=removal)
+    s = dit(log, query, module=make(), train_data=ds, loss_fn=loss_fn, hvp=hvp, removal=removal).scores[:, 0]
     err = np.abs(s - brute).max() / np.abs(brute).max()
     assert err < (1e-10 if hvp == "exact" else 1e-5), err
     assert np.abs(brute).max() > 1e-3
+    if removal == "step":  # the clip's response to a removal is far from linear here (batches of 2 with weight 1/4)
+        linear = _brute_force(log, ds, make)
+        assert np.abs(linear - brute).max() / np.abs(brute).max() > 1e-2
 
 
 def test_value_clipping_in_dit_and_gauss_newton_equals_the_explicit_recursion(value_run: Any) -> None:
@@ -152,7 +168,7 @@ def test_value_clipping_in_dit_and_gauss_newton_equals_the_explicit_recursion(va
     coefs = [float(log.step_column(t, "clip_coef")) for t in range(log.num_steps)]
     assert sum(c < 1 for c in coefs) >= log.num_steps // 2, coefs
     brute = _brute_force(log, ds, make, clip_jacobian=_value_clip_jacobian)
-    s = dit(log, query, module=make(), train_data=ds, loss_fn=loss_fn).scores[:, 0]
+    s = dit(log, query, module=make(), train_data=ds, loss_fn=loss_fn, removal="linear").scores[:, 0]
     assert np.abs(s - brute).max() / np.abs(brute).max() < 1e-10
     brute_gn = _brute_force(log, ds, make, gauss_newton=True, clip_jacobian=_value_clip_jacobian)
     s = dit_gauss_newton(log, query, module=make()).scores[:, 0]
@@ -272,7 +288,7 @@ def test_dit_with_adamw_and_clipping_is_the_derivative_of_the_replayed_run(tmp_p
     log = InfluenceLog(tmp_path / "log")
     assert sum(float(log.step_column(t, "clip_coef")) < 1 for t in range(log.num_steps)) >= log.num_steps // 2
     make = lambda: TinyClassifier().double()  # noqa: E731
-    s = dit(log, query, module=make(), train_data=ds, loss_fn=loss_fn).scores[:, 0]
+    s = dit(log, query, module=make(), train_data=ds, loss_fn=loss_fn, removal="linear").scores[:, 0]
 
     def f(j: int, mult: float) -> float:
         w = lambda t, ids: torch.tensor([mult if i == j else 1.0 for i in ids], dtype=torch.float64)  # noqa: E731

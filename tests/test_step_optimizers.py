@@ -172,6 +172,39 @@ def test_vjp_equals_dense_jacobian(name, clip):
         torch.testing.assert_close(bar, ref, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["sgd-nesterov", "adamw-amsgrad", "rmsprop-centered", "adagrad"])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_removal_terms_are_the_exact_change_and_tend_to_the_vjp(name, clip):
+    """``removal_terms`` = ⟨λ, u(g − r) − u(g)⟩ with ``u`` evaluated one row at a time by plain calls, and for a
+    removal shrunk by ``ε`` it tends to the linear term ``−⟨ḡ, r⟩`` of the VJP (error O(ε))."""
+    params, opt, bases = torch_run(name)
+    step = stepper_for(opt)
+    theta, state = THETA0.clone(), step.init_state()
+    for t in range(5):
+        theta, state = step.update(theta, state, grad_at(theta, t), [schedule(b, t) for b in bases])
+    g, lrs = grad_at(theta, 5), [0.3 * b for b in bases]
+    transform = None if clip is None else _clip(clip)
+    keys = step.adjoint_keys
+    rows = 0.3 * torch.randn(4, P, generator=gen, dtype=torch.float64)
+    lam = torch.randn(P, 3, generator=gen, dtype=torch.float64)
+    lam_s = {k: torch.randn(P, 3, generator=gen, dtype=torch.float64) for k in keys}
+    got = step.removal_terms(theta, state, g, lrs, rows, lam, lam_s, transform, chunk_size=3)
+    th0, st0 = step.update(theta, state, g, lrs, transform)
+    for j in range(len(rows)):
+        th_j, st_j = step.update(theta, state, g - rows[j], lrs, transform)
+        ref = (th_j - th0) @ lam + sum((st_j[k] - st0[k]) @ lam_s[k] for k in keys)
+        torch.testing.assert_close(got[:, j], ref, rtol=1e-12, atol=1e-15)
+    _, _, g_bar = step.vjp(theta, state, g, lrs, lam, lam_s, transform)
+    linear = -(rows @ g_bar).T
+    errs = [float((step.removal_terms(theta, state, g, lrs, e * rows, lam, lam_s, transform) / e - linear).abs().max())
+            for e in (1e-3, 1e-4)]
+    if name == "sgd-nesterov" and clip is None:  # affine in g: the removal is its derivative, to rounding
+        torch.testing.assert_close(got, linear, rtol=1e-10, atol=1e-14)
+        return
+    assert errs[1] < 0.2 * errs[0] and errs[1] < 1e-3 * float(linear.abs().max()), errs
+    assert float((got - linear).abs().max()) > 1e-6 * float(linear.abs().max())  # a whole removal is not linear
+
+
 def test_frozen_preconditioner_cuts_only_the_denominator():
     params, opt, bases = torch_run("adamw")
     exact, frozen = stepper_for(opt), stepper_for(opt, frozen_preconditioner=True)

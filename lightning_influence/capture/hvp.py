@@ -109,6 +109,7 @@ def fd_directional_derivative(
     on_kink: Callable[[Tensor], None] | None = None,
     on_asymmetry: Callable[[Tensor], None] | None = None,
     direction_norm: Tensor | None = None,
+    workspace: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, float]:
     """Finite difference of ``fn`` along ``direction``, scaled by ``‖v‖``.
 
@@ -122,7 +123,10 @@ def fd_directional_derivative(
     times the larger of their norms takes the one of smaller norm: the other side crossed a
     kink (ReLU) and holds a jump (``on_kink(mask)`` receives the ``(rows,)`` mask of those rows). ``direction_norm``:
     ``‖direction‖`` as :func:`_norm_tensor` computes it, when the caller has it. ``direction`` may cover a subset of ``params``; the others
-    stay fixed. ``fn`` gets fresh detached tensors, and every
+    stay fixed. ``workspace``: a dict, kept by the caller across calls, in which the perturbed parameters are written
+    (filled on first use; both sides share it, so ``fn`` must not keep its inputs): without it every call allocates a
+    parameter-sized tensor per side, which on a CPU costs page faults (a third of the perturbation's time on the
+    benchmark MLP). ``fn`` gets detached tensors, ``params`` are never written, and every
     evaluation starts from the same RNG state (dropout masks agree), which is restored
     afterwards so the caller's random stream is untouched. A zero direction gives zeros.
     Returns ``(result, ε)``, ``ε`` a float64 0-d tensor on the parameters' device: nothing here
@@ -145,7 +149,10 @@ def fd_directional_derivative(
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in cuda]
 
-        shift: dict[str, Tensor] = {}  # ε v̂ per tensor, made once for both sides: θ − ε v̂ is bit for bit θ + (−ε) v̂
+        out = {} if workspace is None else workspace
+        for n in direction:  # (re)made only when missing or of another shape, dtype or device
+            if n not in out or out[n].shape != base[n].shape or out[n].dtype != base[n].dtype or out[n].device != base[n].device:
+                out[n] = torch.empty_like(base[n], memory_format=torch.contiguous_format)
 
         def at_offset(sign: float) -> Tensor:
             torch.set_rng_state(cpu_state)
@@ -153,22 +160,25 @@ def fd_directional_derivative(
                 torch.cuda.set_rng_state(state, d)
             if sign == 0.0:
                 return fn(base)
-            if not shift:
-                step = {dtype: unit.to(dtype) for dtype in {base[n].dtype for n in direction}}
-                shift.update({n: v.detach().to(base[n].dtype) * step[base[n].dtype] for n, v in direction.items()})
-            return fn({**base, **{n: base[n] + dv if sign > 0 else base[n] - dv for n, dv in shift.items()}})
+            # θ ± (ε/‖v‖) v in one fused pass per tensor (no ε v̂ temporary): θ − ε v̂ is bit for bit θ + v · (−ε/‖v‖)
+            step = {dtype: unit.to(dtype) * sign for dtype in {base[n].dtype for n in direction}}
+            point = dict(base)
+            for n, v in direction.items():
+                point[n] = torch.addcmul(base[n], v.detach().to(base[n].dtype), step[base[n].dtype], out=out[n])
+            return fn(point)
 
         plus = at_offset(1.0)
+        # each result is scaled in place: one row-sized temporary fewer (allocations cost page faults on a CPU)
         if scheme == "forward":
-            return (plus - (at_offset(0.0) if at is None else at)) * (v_norm / eps), eps
+            return torch.sub(plus, at_offset(0.0) if at is None else at).mul_(v_norm / eps), eps
         minus = at_offset(-1.0)
         if kink_guard is None:
-            return (plus - minus) * (v_norm / (2.0 * eps)), eps
+            return torch.sub(plus, minus).mul_(v_norm / (2.0 * eps)), eps
         at = at_offset(0.0) if at is None else at
     out, kink = guarded_difference(plus - at, at - minus, kink_guard, on_asymmetry)
     if on_kink is not None:
         on_kink(kink)  # the rows whose one-sided differences disagreed (counted by the estimators, docs/diffin.md)
-    return out * (v_norm / eps), eps
+    return out.mul_(v_norm / eps), eps
 
 
 def _rows(fwd: Tensor, bwd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -178,14 +188,16 @@ def _rows(fwd: Tensor, bwd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return f, b, torch.linalg.vector_norm(f, dim=1), torch.linalg.vector_norm(b, dim=1)
 
 
-def _asymmetry(f: Tensor, b: Tensor, nf: Tensor, nb: Tensor) -> Tensor:
+def _asymmetry(diff: Tensor, nf: Tensor, nb: Tensor) -> Tensor:
+    """``‖f − b‖ / max(‖f‖, ‖b‖)`` per row from ``diff = f − b`` and the rows' norms."""
     scale = torch.maximum(nf, nb)
-    return torch.linalg.vector_norm(f - b, dim=1) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+    return torch.linalg.vector_norm(diff, dim=1) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
 
 
 def asymmetry(fwd: Tensor, bwd: Tensor) -> Tensor:
     """``‖f − b‖ / max(‖f‖, ‖b‖)`` per row of two one-sided differences (0 where both vanish)."""
-    return _asymmetry(*_rows(fwd, bwd))
+    f, b, nf, nb = _rows(fwd, bwd)
+    return _asymmetry(f - b, nf, nb)
 
 
 def guarded_difference(fwd: Tensor, bwd: Tensor, tau: float,
@@ -194,11 +206,15 @@ def guarded_difference(fwd: Tensor, bwd: Tensor, tau: float,
     also the ``(rows,)`` bool mask of the rows that disagreed (a kink was crossed). ``on_asymmetry`` receives
     the rows' :func:`asymmetry`, computed once with the norms the guard needs."""
     f, b, nf, nb = _rows(fwd, bwd)
-    asym = _asymmetry(f, b, nf, nb)
+    out = f - b  # the one row-sized buffer: f − b for the asymmetry, then the result (inputs never written)
+    asym = _asymmetry(out, nf, nb)
     if on_asymmetry is not None:
         on_asymmetry(asym)
     kink = asym > tau
-    out = torch.where(kink[:, None], torch.where((nf <= nb)[:, None], f, b), (f + b) / 2)
+    smaller = nf <= nb
+    torch.add(f, b, out=out).div_(2)
+    torch.where((kink & smaller)[:, None], f, out, out=out)
+    torch.where((kink & ~smaller)[:, None], b, out, out=out)
     return out.reshape(fwd.shape), kink
 
 

@@ -89,6 +89,7 @@ class OwnPasses:
                  capture: HookGradientCapture | None, precision: Precision, hvp_eps: float, hvp_scheme: str) -> None:
         self.loss, self.names, self.projector, self.capture = loss, list(names), projector, capture
         self.precision, self.hvp_eps, self.hvp_scheme = precision, hvp_eps, hvp_scheme
+        self.workspace: dict[str, Tensor] = {}  # the perturbed parameters of the HVP passes, reused step after step
 
     def replaying(self, micro: MicroBatch) -> Any:
         """The micro-batch's random state and autocast, for an own pass (every generator is left as found)."""
@@ -149,5 +150,6 @@ class OwnPasses:
 
         hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()}, self.hvp_eps,
                                               self.hvp_scheme, at, KINK_GUARD if self.hvp_scheme == "central" else None,
-                                              direction_norm=None if norms is None else norm_of_norms(norms))
+                                              direction_norm=None if norms is None else norm_of_norms(norms),
+                                              workspace=self.workspace)
         return hvps.detach(), eps

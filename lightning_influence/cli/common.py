@@ -51,8 +51,8 @@ def add_process_args(p: argparse.ArgumentParser, what: str, split: bool = False)
         from lightning_influence.distributed import SPLITS
 
         g.add_argument("--split", choices=SPLITS, default="auto",
-                       help="divide a model sweep by each step's batch rows (DIT) or by query output (auto: batch "
-                            "where the method allows, else columns)")
+                       help="divide a sweep by each step's batch rows (DIT; Gauss-Newton DIT: each process reads only "
+                            "its rows of the log) or by query output (auto: batch where the method allows, else columns)")
 
 
 def processes(args: argparse.Namespace) -> Any:

@@ -71,6 +71,9 @@ METHODS: dict[str, Method] = {
     "dit-frozen": Method(f"{_DIT}:dit", "model+data", (), "DIT with the adaptive optimizer's preconditioner frozen "
                          "at its values in the run (approx., cheaper)", timeline=f"{_DIT}:timeline",
                          options=(("preconditioner", "frozen"),), optimizers=_ADAPTIVE),
+    "dit-linear": Method(f"{_DIT}:dit", "model+data", (), "DIT with each removal linearised (the derivative in the "
+                         "sample's weight; differs from dit for adaptive optimizers and clipping)",
+                         timeline=f"{_DIT}:timeline", options=(("removal", "linear"),)),
     "dit-local": Method(f"{_DIT}:dit_local", "model+data", (), "local DIT (approx.): sweep only inside the window"),
     "dit-gn": Method(f"{_DIT}:dit_gauss_newton", "model", ("gradients",),
                      "DIT with the Gauss-Newton Hessian from the logged gradients (approx., SGD only)",
@@ -93,9 +96,10 @@ METHODS: dict[str, Method] = {
 ALIASES = {"dit-gauss-newton": "dit-gn", "diffin-self-influence": "diffin-self",
            "tracin-self-influence": "tracin-self"}
 DISTRIBUTED = {"tracin": "tracin", "tracin-self": "tracin_self_influence"}  # --devices/--num-nodes (distributed.run)
-BY_COLUMNS = ("dit", "dit-fd", "dit-frozen", "dit-local", "dit-gn", "dit-gn-local", "diffin",
-              "diffin-step")  # distributed.sweep: DIT by batch rows (--split batch, the default) or query outputs
-# (--split columns), Gauss-Newton DIT and Diff-In by query outputs
+BY_COLUMNS = ("dit", "dit-fd", "dit-frozen", "dit-linear", "dit-local", "dit-gn", "dit-gn-local", "diffin",
+              "diffin-step")  # distributed.sweep: DIT and Gauss-Newton DIT by batch rows (--split batch, the default;
+# Gauss-Newton DIT: each process reads only its part of every step's logged rows) or query outputs (--split columns),
+# Diff-In by query outputs
 BY_STEPS = ("diffin-self",)  # the estimator's sum over steps split over processes (distributed.by_steps)
 SPLITS_HELP = (f"every method; the log sharded by steps: {', '.join(DISTRIBUTED)}; split by batch rows or query "
                f"output: {', '.join(BY_COLUMNS)}; split by steps: {', '.join(BY_STEPS)}")

@@ -18,12 +18,17 @@ u(x_t, G_t(θ_t))`` over the full optimizer state ``x = (θ, s)`` (momentum buff
 linearised dynamics is pulled back through each step by ``torch.func.vjp`` of ``u``::
 
     (θ̄, s̄, ḡ) = VJP_u(λ) at (θ_t, s_t, G_t)   # ḡ = R: adjoint of the step's gradient
-    F_j      += −⟨R, g_{j,t}⟩ / |B_t|          # j ∈ B_t
+    F_j      += ⟨λ, u(x_t, G_t − w_j g_{j,t}) − u(x_t, G_t)⟩   # j ∈ B_t  (removal="step", the default)
+    F_j      += −w_j ⟨R, g_{j,t}⟩                              # j ∈ B_t  (removal="linear": its derivative)
     λ_θ, λ_s  = θ̄ + H_t R, s̄
 
-Exact in the linearisation for SGD (momentum, dampening, Nesterov, weight decay), Adam and
-AdamW (coupled/decoupled weight decay, bias correction, ``eps``, ``amsgrad``), RMSprop and
-Adagrad, with any learning-rate schedule. ``preconditioner="frozen"`` holds the adaptive
+The default scores each removal with the step's exact response (the whole update, clipping
+included), propagated to ``t2`` by the adjoint of the linearised later steps: for an affine
+step (SGD without clipping) the two are the same number; for Adam, where an early step is
+close to ``sign(g)``, the derivative misses most of a removal (docs/optimizer-adjoint.md §2, §8).
+Exact in the linearisation of the later steps for SGD (momentum, dampening, Nesterov, weight
+decay), Adam and AdamW (coupled/decoupled weight decay, bias correction, ``eps``, ``amsgrad``),
+RMSprop and Adagrad, with any learning-rate schedule. ``preconditioner="frozen"`` holds the adaptive
 optimizers' denominators at their values in the run (the earlier approximation, labelled
 ``approx.``): ``λ_v`` stays 0 and the adjoint state is ``(λ_θ, λ_m)``.
 
@@ -40,9 +45,8 @@ No Lightning imports.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,10 +57,8 @@ from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.estimators.sweep import HVP_MODES, _Context, _model_sweep
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
-from lightning_influence.replay import (Progress, TrainData, UnsupportedOptimizerError, _optimizer_spec, grid_steps,
-                                        optimizer_class, resolve_progress)
-from lightning_influence.step.clipping import step_clip_adjoint
-from lightning_influence.step.optimizers import RULES, OptimizerStep
+from lightning_influence.estimators.gauss_newton import dit_gauss_newton  # noqa: F401 - public here too
+from lightning_influence.replay import Progress, TrainData, grid_steps, resolve_progress
 from lightning_influence.step.shard import BatchShard
 
 __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_MODES"]
@@ -72,13 +74,15 @@ def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_f
     return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
 
 
-def _method(ctx: _Context, base: str, hvp: str, approx: bool = False) -> str:
+def _method(ctx: _Context, base: str, hvp: str, approx: bool = False, removal: str = "step") -> str:
     """Estimator name; every approximation says so (``approx.``)."""
     tags = []
     if hvp == "fd":
         tags.append("fd-hvp")
     if ctx.step.frozen:
         tags.append(f"frozen {ctx.rule.name} preconditioner")
+    elif removal == "linear" and not ctx.rule.linear:
+        tags.append("linear removal")
     if approx or ctx.step.frozen:
         tags.append("approx.")
     return f"{base} ({', '.join(tags)})" if tags else base
@@ -91,7 +95,8 @@ _DEFAULT_MEMORY = 512 * 2**20
 def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
         window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
         tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-        preconditioner: str = "exact", progress: Progress = None, shard: BatchShard | None = None
+        preconditioner: str = "exact", removal: str = "step", progress: Progress = None,
+        shard: BatchShard | None = None
         ) -> InfluenceScores:
     """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
 
@@ -117,7 +122,10 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
         max_memory_bytes: budget for the ``θ_t`` (and optimizer state) held per replay segment.
         preconditioner: ``"exact"`` (the VJP of the full update) or ``"frozen"``: adaptive
             optimizers' denominators held at their values in the run (approximation, cheaper:
-            no ``λ_v`` columns; ``method`` says ``approx.``).
+            no ``λ_v`` columns; ``method`` says ``approx.``; its removal is linear).
+        removal: ``"step"`` (each removal enters with its step's exact change of the update and optimizer state) or
+            ``"linear"`` (its derivative: ``∂f/∂w_j``, what the math reference's recursion computes). The same
+            numbers for SGD without clipping; ``"step"`` costs one per-sample gradient pass per step otherwise.
         progress: ``progress(done, total)`` callback or ``True`` for a bar on stderr.
         shard: evaluate only this process's rows of every step, summing the step's gradient, its Hessian-vector
             products and the scores over the processes (:mod:`lightning_influence.step.shard`; set by
@@ -130,16 +138,17 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
     t1, t2 = log.window(window)
     ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     t0 = log.first_step  # > 0 for a log started by a resumed fit
-    res = _model_sweep(ctx, query, t0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard)
+    res = _model_sweep(ctx, query, t0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard, removal)
     out = res.values[t2] - (res.values[t1] if t1 > t0 else 0.0)
-    return InfluenceScores(out, _method(ctx, "dit", hvp), (t1, t2), res.names, info=res.info)
+    return InfluenceScores(out, _method(ctx, "dit", hvp, removal=removal), (t1, t2), res.names, info=res.info)
 
 
 @estimator_api
 def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
               window: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
               tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-              preconditioner: str = "exact", progress: Progress = None, shard: BatchShard | None = None
+              preconditioner: str = "exact", removal: str = "step", progress: Progress = None,
+        shard: BatchShard | None = None
               ) -> InfluenceScores:
     """Local DIT (approximation): the adjoint sweep only inside ``[t1, t2)``, from ``q_{t2}``.
 
@@ -149,8 +158,8 @@ def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = Non
     """
     t1, t2 = log.window(window)
     ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
-    res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"), shard)
-    return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True),
+    res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"), shard, removal)
+    return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True, removal=removal),
                            (t1, t2), res.names, info=res.info)
 
 
@@ -208,7 +217,8 @@ class Timeline:
 def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
              grid: Any = None, loss_fn: LossFn = default_loss_fn, hvp: str = "exact", eps0: float | None = None, verify: bool = True,
              tolerance: float | None = None, max_memory_bytes: int = _DEFAULT_MEMORY,
-             preconditioner: str = "exact", progress: Progress = None, shard: BatchShard | None = None) -> Timeline:
+             preconditioner: str = "exact", removal: str = "step", progress: Progress = None,
+        shard: BatchShard | None = None) -> Timeline:
     """``F_j(t)`` for every sample on a grid of steps, in **one** backward sweep.
 
     Every grid point adds its query-gradient columns to the adjoint when the sweep reaches
@@ -227,118 +237,11 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
     if t_hi == 0:
         raise ValueError("the grid must contain a step > 0")
     t0 = log.first_step  # a log started by a resumed fit: nothing accumulates before its first step
-    res = _model_sweep(ctx, query, t0, t_hi, steps.tolist(), hvp, eps0, resolve_progress(progress, "dit timeline"), shard)
+    res = _model_sweep(ctx, query, t0, t_hi, steps.tolist(), hvp, eps0, resolve_progress(progress, "dit timeline"), shard,
+                        removal)
     Q = len(res.names)
     values = np.zeros((log.dataset_size, len(steps), Q))
     for g, s in enumerate(steps):
         if s > t0:
             values[:, g, :] = res.values[int(s)]
-    return Timeline(values, steps, res.names, _method(ctx, "dit", hvp), info=res.info)
-
-
-# ========================================================================= Gauss-Newton
-@estimator_api
-def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray], *, module: nn.Module | None = None,
-                     window: Any = None, local: bool = False, query_names_: list[str] | None = None,
-                     chunk_steps: int = 64, progress: Progress = None) -> InfluenceScores:
-    """DIT with the Gauss-Newton Hessian, from the log alone (approximation, math §3).
-
-    ``H_t`` is replaced by ``Σ_{i∈B_t} w_{i,t} g_{i,t} g_{i,t}ᵀ`` (``w_{i,t}`` the step's sample weights,
-    ``1/|B_t|`` for a plain mean) built from the logged
-    (possibly projected) per-sample gradients, plus the optimizer's L2 term; the sweep runs
-    in the logged gradient space, without the model or the data. Optimizers: SGD (momentum,
-    dampening, Nesterov, coupled weight decay: the same functional step as :func:`dit`,
-    applied per logged column, exact given the Gauss-Newton Hessian); adaptive optimizers
-    (Adam, AdamW, RMSprop, Adagrad) are refused: their per-coordinate preconditioner does
-    not survive the projection. With gradients recorded every ``n`` steps, each recorded
-    step stands for ``n`` steps.
-
-    Args:
-        log: the influence log (must hold gradients).
-        query: a query callable (needs ``module``; its gradients are taken at the checkpoints
-            and projected like the logged rows) or precomputed ``{checkpoint_step: (Q, K)}``.
-        module: the architecture, only to take query gradients.
-        window: as :func:`dit`.
-        local: sweep only inside the window (like :func:`dit_local`).
-        query_names_: names for precomputed query gradients.
-        chunk_steps: steps read from the log at a time (memory: ``chunk_steps·|B|·K``).
-        progress: ``progress(done, total)`` or ``True``.
-    """
-    from lightning_influence.estimators.tracin import checkpoint_query_gradients
-
-    t1, t2 = log.window(window)
-    rule = RULES[optimizer_class(log).__name__]
-    if rule.adaptive:
-        raise UnsupportedOptimizerError(
-            f"{log.path}: dit_gauss_newton supports SGD only; {rule.name}'s per-coordinate preconditioner cannot be applied "
-            "to projected gradients. Use dit(...) with the model (frozen-preconditioner approximation).")
-    if not log.recorded.get("gradients"):
-        raise ValueError(f"{log.path}: dit_gauss_newton needs per-sample gradients in the log (record_gradients=True)")
-    ckpts = log.checkpoint_steps
-    if callable(query):
-        if module is None:
-            raise ValueError("dit_gauss_newton needs `module` to take query gradients, or precomputed query gradients")
-        needed = sorted({[c for c in ckpts if c <= t][-1] for t in (t1, t2) if any(c <= t for c in ckpts)})
-        qgrads, names = checkpoint_query_gradients(log, module, query, needed)
-    else:
-        qgrads, names = {int(k): np.asarray(v) for k, v in query.items()}, list(query_names_ or [])
-    qsteps = sorted(qgrads)
-
-    def q_at(t: int) -> np.ndarray:
-        i = bisect.bisect_right(qsteps, t) - 1
-        if i < 0:
-            raise ValueError(f"no query gradient at or before step {t} (have {qsteps})")
-        return qgrads[qsteps[i]].astype(np.float64)
-
-    every = int(log.meta.get("every_n_steps", 1))
-    col_groups = log.column_groups()
-    K = len(col_groups)
-    step = OptimizerStep(rule, _optimizer_spec(log)["param_groups"], col_groups, torch.float64)
-    t_lo = t1 if local else log.first_step
-    acts = [t2] if local else sorted({t for t in (t1, t2) if t > t_lo})
-    q2 = q_at(t2)
-    Q = q2.shape[0]
-    names = names or [f"q{i}" for i in range(Q)]
-    if q2.shape[1] != K:
-        raise ValueError(f"query gradients have {q2.shape[1]} columns, the log's gradients {K}")
-    N = log.dataset_size
-    scores = np.zeros((N, Q * len(acts)))
-    U = torch.from_numpy(q2.T.copy())
-    S = {k: torch.zeros_like(U) for k in step.adjoint_keys}
-    zeros = torch.zeros(K, dtype=torch.float64)  # SGD's VJP does not depend on g or the buffer's value
-    blocks = {t2: 0}
-    show = resolve_progress(progress, "dit-gauss-newton")
-    done = 0
-    for hi in range(t2, t_lo, -chunk_steps):
-        lo = max(t_lo, hi - chunk_steps)
-        recs = list(log.iter_steps(lo, hi, fields=("grad",)))
-        by_step = {r.step: r for r in recs}
-        for t in range(hi - 1, lo - 1, -1):
-            rec = by_step.get(t)
-            if rec is not None and len(rec.ids):
-                G = torch.from_numpy(rec.grads.astype(np.float64))  # (B, K)
-                state = {"step": torch.full((K,), float(t > 0), dtype=torch.float64),
-                         **{k: zeros for k in step.state_keys}}
-                th_bar, S, R = step.vjp(zeros, state, zeros, np.asarray(rec.lrs) * every, U, S)
-                w = torch.from_numpy(rec.weights)  # w_{i,t} (step.weights)
-                R = step_clip_adjoint(log, t, rec.weights, G.numpy())(R)
-                GR = G @ R  # (B, C)
-                HR = G.T @ (w.unsqueeze(1) * GR)
-                C = U.shape[1]
-                np.add.at(scores[:, :C], rec.ids, (-w.unsqueeze(1) * GR).numpy())
-                U = th_bar + HR
-            if t in acts and t not in blocks:
-                blocks[t] = U.shape[1]
-                qt = torch.from_numpy(q_at(t).T.copy())
-                U = torch.cat([U, qt], dim=1)
-                S = {k: torch.cat([v, torch.zeros_like(qt)], dim=1) for k, v in S.items()}
-            done += 1
-            if show is not None:
-                show(done, t2 - t_lo)
-    F2 = scores[:, blocks[t2] : blocks[t2] + Q]
-    out = F2 - scores[:, blocks[t1] : blocks[t1] + Q] if t1 > t_lo else F2
-    tag = "dit-local-gauss-newton (approx.)" if local else "dit-gauss-newton (approx.)"
-    if every > 1:
-        tag = tag[:-1] + f", every {every} steps)"
-    return InfluenceScores(out, tag, (t1, t2), names,
-                           info={"query_checkpoints": qsteps, "columns": K, "every_n_steps": every})
+    return Timeline(values, steps, res.names, _method(ctx, "dit", hvp, removal=removal), info=res.info)

@@ -36,12 +36,13 @@ from lightning_influence.replay import (TrainData, _optimizer_spec, checkpoint_p
                                         replay_from)
 from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.clipping import clip_gradient, logged_clip_spec
-from lightning_influence.step.micro import Step
+from lightning_influence.step.micro import Step, per_sample_grads_masked
 from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
 from lightning_influence.step.precision import Precision
 from lightning_influence.step.shard import BatchShard, check_row_split
 
 HVP_MODES = ("exact", "fd")
+REMOVALS = ("step", "linear")
 
 
 # ================================================================================ optimizer
@@ -195,6 +196,12 @@ def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Te
     return (HR if shard is None else shard.all_reduce(HR)), jr
 
 
+def _removed_rows(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor) -> Tensor:
+    """``w_j ∇ℓ_j`` ``(B, p)`` for this process's rows of the step, each micro-batch with its training masks."""
+    rows = [per_sample_grads_masked(ctx.module, ctx.loss_fn, m, batch.precision, ctx.names, params) for m in batch.micro]
+    return torch.cat(rows).to(ctx.dtype) * w.unsqueeze(1)
+
+
 def _query_matrix(ctx: _Context, query: Query, params: Mapping[str, Tensor]) -> tuple[Tensor, list[str]]:
     grads, values = query_gradients(ctx.module, query, ctx.names, params)
     Q = len(values)
@@ -212,13 +219,17 @@ class _SweepResult:
 
 def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations: Sequence[int], hvp: str,
                  eps0: float | None, progress: Callable[[int, int], None] | None,
-                 shard: BatchShard | None = None) -> _SweepResult:
+                 shard: BatchShard | None = None, removal: str = "step") -> _SweepResult:
     """Backward sweep over steps ``t_hi−1 .. t_lo``; a column block ``q_s`` joins at each activation step ``s``.
 
     With ``shard`` only this process's rows of every step are replayed and evaluated (the replay's gradient, ``G_t``,
     ``H_t R`` and the scores summed over the processes); every process holds the whole trajectory and adjoint."""
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+    if removal not in REMOVALS:
+        raise ValueError(f"removal must be one of {REMOVALS}, got {removal!r}")
+    if ctx.step.frozen:  # the frozen-preconditioner approximation is a linearisation throughout
+        removal = "linear"
     if shard is not None:
         check_row_split(ctx.module)
     fd = (FiniteDifferenceProducts(ctx.module, ctx.loss_fn, ctx.names, ctx.shapes, ctx.dtype,
@@ -265,14 +276,19 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             # an affine rule (SGD) without clipping has a VJP independent of g: skip the gradient pass
             g = (torch.zeros_like(theta) if ctx.rule.linear and clip is None
                  else _batch_gradient(ctx, rec.params, batch, w, shard))
-            th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S,
-                                        transform=None if clip is None else (lambda x: clip_gradient(x, clip)))
+            transform = None if clip is None else (lambda x: clip_gradient(x, clip))
+            exact_removal = removal == "step" and not (ctx.rule.linear and clip is None)  # affine: the same numbers
+            terms = (ctx.step.removal_terms(theta, rec.state, g, rec.lrs, _removed_rows(ctx, rec.params, batch, w), U, S,
+                                            transform) if exact_removal else None)
+            th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S, transform=transform)
             HR, JR = (_products_exact(ctx, rec.params, batch, R, w, shard) if fd is None
                       else fd(rec.params, batch, R, w, shard, len(rec.ids)))
             n_hvp += R.shape[1]
             C = U.shape[1]
             peak_adjoint = max(peak_adjoint, sum(x.numel() * x.element_size() for x in (U, R, *S.values())))
-            np.add.at(scores[:, :C], ids, (-JR.T * w.unsqueeze(1)).detach().double().cpu().numpy())
+            if terms is None:
+                terms = -JR * w.unsqueeze(0)
+            np.add.at(scores[:, :C], ids, terms.T.detach().double().cpu().numpy())
             U = th_bar + HR.detach()
         if rec.step in acts:
             activate(rec.step, rec.params)
@@ -283,7 +299,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     for step, c0 in blocks:
         values[step] = scores[:, c0 : c0 + Q].copy()
     info = {"hvp": hvp, "hvp_products": n_hvp, "steps_swept": t_hi - t_lo, "optimizer": ctx.rule.name,
-            "preconditioner": "frozen" if ctx.step.frozen else "exact", "peak_adjoint_bytes": peak_adjoint,
+            "preconditioner": "frozen" if ctx.step.frozen else "exact", "removal": removal, "peak_adjoint_bytes": peak_adjoint,
             "peak_trajectory_bytes": ctx.peak_trajectory_bytes,
             "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
     if shard is not None:

@@ -370,6 +370,15 @@ class OptimizerStep:
             ``(θ̄, s̄, ḡ)``, each ``(p, C)``: cotangents of ``θ_t`` (through the update only: the
             caller adds ``H_t ḡ``), of the state before the step, and of the gradient ``g``.
         """
+        f, keys = self._differentiated(state, lrs, transform)
+        _, pullback = torch.func.vjp(f, theta, {k: state[k] for k in keys}, g)
+        cots = (cot_theta, {k: cot_state[k] if k in cot_state else torch.zeros_like(cot_theta) for k in keys})
+        th_bar, st_bar, g_bar = torch.func.vmap(pullback, in_dims=1, out_dims=1)(cots)
+        return th_bar, st_bar, g_bar
+
+    def _differentiated(self, state: State, lrs: Sequence[float] | np.ndarray, transform: Transform | None
+                        ) -> tuple[Callable[[Tensor, State, Tensor], tuple[Tensor, State]], list[str]]:
+        """``f(θ, s, g) = (θ', s')`` of one step over the differentiated state keys (the others held fixed)."""
         h = self.hyper(lrs)
         keys = self.adjoint_keys
         held = {k: v for k, v in state.items() if k not in keys}  # the step count, a frozen preconditioner's state
@@ -380,10 +389,33 @@ class OptimizerStep:
             th2, st2 = self.rule.update(th, {**held, **st}, gg, h)
             return th2, {k: st2[k] for k in keys}
 
-        _, pullback = torch.func.vjp(f, theta, {k: state[k] for k in keys}, g)
-        cots = (cot_theta, {k: cot_state[k] if k in cot_state else torch.zeros_like(cot_theta) for k in keys})
-        th_bar, st_bar, g_bar = torch.func.vmap(pullback, in_dims=1, out_dims=1)(cots)
-        return th_bar, st_bar, g_bar
+        return f, keys
+
+    def removal_terms(self, theta: Tensor, state: State, g: Tensor, lrs: Sequence[float] | np.ndarray, removed: Tensor,
+                      cot_theta: Tensor, cot_state: Mapping[str, Tensor], transform: Transform | None = None,
+                      chunk_size: int = 64) -> Tensor:
+        """``⟨λ, u(θ, s, c(g − r_j)) − u(θ, s, c(g))⟩`` for each row ``r_j`` of ``removed`` ``(B, p)`` and each adjoint
+        column ``λ = (cot_theta, cot_state)``: ``(C, B)``.
+
+        The step's exact response to removing sample ``j`` (``r_j = w_j g_j``), propagated linearly by the adjoint of
+        the later steps (docs/optimizer-adjoint.md §7). Equal to ``−⟨ḡ, r_j⟩`` of :meth:`vjp` for an affine
+        update; for Adam early in training (``v̂ ≈ g²``, an update close to ``sign(g)``) it keeps what the first
+        derivative misses. Evaluated in float64 (the differences cancel ``θ``).
+        """
+        if removed.shape[0] == 0:
+            return cot_theta.new_zeros(cot_theta.shape[1], 0)
+        f, keys = self._differentiated({k: v.double() if v.is_floating_point() else v for k, v in state.items()},
+                                       lrs, transform)
+        th, g64 = theta.double(), g.double()
+        st = {k: state[k].double() for k in keys}
+        base_th, base_st = f(th, st, g64)
+        lam = [cot_theta.double()] + [cot_state[k].double() if k in cot_state else None for k in keys]
+        out = []
+        for c0 in range(0, removed.shape[0], chunk_size):
+            th_r, st_r = torch.func.vmap(lambda r: f(th, st, g64 - r))(removed[c0:c0 + chunk_size].double())
+            diffs = [th_r - base_th] + [st_r[k] - base_st[k] for k in keys]
+            out.append(sum(d @ l for d, l in zip(diffs, lam) if l is not None).T)
+        return torch.cat(out, dim=1).to(cot_theta.dtype)
 
     def bytes_per_state(self) -> int:
         """Bytes of one flat state (the step count included)."""
