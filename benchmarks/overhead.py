@@ -17,9 +17,9 @@ For each model:
    fit; the added ms/step is split by where it goes, each part measured in the same fits as thread
    CPU time and split per step the same way: ``hooks``, the layer engines' work in the step's own
    forward/backward (what the forward hooks keep, the output-gradient hooks' blocks); ``passes``,
-   the HVP scheme's gradient passes; ``tracker``, the rest of the tracker's per-step Lightning hooks
-   (ids, random states, the projection's collection, the step record, the finite differences'
-   setup, host copies, checks); ``writer``, the log writer's background thread (segment files:
+   the HVP scheme's gradient passes; ``fd``, the rest of the HVP products (``ε``, the perturbed
+   parameters, the differences, the kink guard); ``tracker``, the rest of the tracker's per-step Lightning
+   hooks (ids, random states, the projection's collection, the step record, host copies, checks); ``writer``, the log writer's background thread (segment files:
    off the training thread, but on this clock); ``other``, what remains (hook dispatch, the loss
    observer, Lightning, noise: the difference of two fits' times is noisy where the rest is not).
 
@@ -68,7 +68,7 @@ _PER_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backw
                    "on_train_batch_end")
 # thread CPU seconds of one fit: in the layer engines' hook work outside the tracker's own passes, in the tracker's
 # per-step Lightning hooks, in its own passes (inside those hooks), in the log writer's thread
-SPENT = {"hooks": 0.0, "tracker": 0.0, "passes": 0.0, "writer": 0.0}
+SPENT = {"hooks": 0.0, "tracker": 0.0, "passes": 0.0, "fd": 0.0, "writer": 0.0}
 _IN_PASS = [False]
 
 
@@ -89,6 +89,7 @@ def _counted(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
 for _hook in _PER_STEP_HOOKS:
     setattr(InfluenceTracker, _hook, _counted(getattr(InfluenceTracker, _hook), "tracker"))
 OwnPasses.grads = _counted(OwnPasses.grads, "passes")  # the HVP scheme's gradient passes
+OwnPasses.hvp_products = _counted(OwnPasses.hvp_products, "fd")  # the passes and the finite differences around them
 for _engine in {type(e) for e in layers._ENGINES}:  # what the forward hooks keep, the output-gradient hooks' blocks
     for _method in ("save", "blocks"):
         if _method in vars(_engine):
@@ -217,10 +218,11 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
 
 
 def where_it_goes(row: dict[str, Any]) -> dict[str, float]:
-    """Added ms/step of a level split into hooks, HVP passes, the tracker's hooks' other work, the writer and other
+    """Added ms/step of a level split into hooks, HVP passes, the finite differences around them, the tracker's hooks'
+    other work, the writer and other
     (all but ``other`` measured in the fits, as thread CPU)."""
-    hooks, passes, tracker, writer = (row[f"{k}_ms_per_step"] for k in ("hooks", "passes", "tracker", "writer"))
-    return {"hooks": hooks, "passes": passes, "tracker": tracker - passes, "writer": writer,
+    hooks, passes, fd, tracker, writer = (row[f"{k}_ms_per_step"] for k in ("hooks", "passes", "fd", "tracker", "writer"))
+    return {"hooks": hooks, "passes": passes, "fd": fd - passes, "tracker": tracker - fd, "writer": writer,
             "other": row["added_ms_per_step"] - hooks - tracker - writer}
 
 
@@ -233,13 +235,13 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
     print(f"  per-sample gradients: hooks {c['hooks_samples_per_s']:.0f} samples/s, vmap {c['vmap_samples_per_s']:.0f} "
           f"samples/s ({c['vmap_ms'] / c['own_pass_ms']:.1f}x)")
     print(f"  {'level':<24}{'ratio':>7}{'median':>8}{'steady':>8}{'target':>8}{'met':>5}{'+ms/step':>10}"
-          f"{'hooks':>8}{'passes':>8}{'tracker':>8}{'writer':>8}{'other':>8}{'s/fit':>7}")
+          f"{'hooks':>8}{'passes':>8}{'fd':>6}{'tracker':>8}{'writer':>8}{'other':>8}{'s/fit':>7}")
     for row in fits["levels"]:
         tgt, split = row["target"], where_it_goes(row)
         met = "-" if tgt is None else ("yes" if row["steady_ratio"] <= tgt else "NO")
         print(f"  {row['level']:<24}{row['ratio']:>7.3f}{row['median_round_ratio']:>8.3f}{row['steady_ratio']:>8.3f}"
               f"{'-' if tgt is None else f'{tgt:.2f}':>8}{met:>5}{row['added_ms_per_step']:>10.2f}"
-              f"{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['tracker']:>8.2f}{split['writer']:>8.2f}"
+              f"{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['fd']:>6.2f}{split['tracker']:>8.2f}{split['writer']:>8.2f}"
               f"{split['other']:>8.2f}{row['added_s_per_fit']:>7.2f}")
 
 
@@ -275,8 +277,9 @@ def main() -> None:
     print(f"\ntimes: {args.clock} clock. ratio: fastest fit with the tracker / fastest without; median: of the per-round "
           "ratios; steady: 1 + added ms/step over the step without tracker (per-fit costs amortised), compared with "
           "the target; in the fits, thread CPU per step: hooks: the layer engines in the step's forward/backward; "
-          "passes: the HVP scheme's gradient passes; tracker: the rest of the tracker's per-step hooks (bookkeeping, "
-          "projection, finite-difference setup); writer: the log writer's background thread; other: the remainder "
+          "passes: the HVP scheme's gradient passes; fd: the finite differences around them (eps, perturbed parameters, "
+          "differences, kink guard); tracker: the rest of the tracker's per-step hooks (bookkeeping, "
+          "projection); writer: the log writer's background thread; other: the remainder "
           "(hook dispatch, loss observer, noise)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -410,7 +410,7 @@ class InfluenceTracker(Callback):
         if not pending.micro:
             raise RuntimeError(f"step {step}: optimizer step without a recorded training batch")
         record, rows, grad_dir, grad_norms = assemble(trainer, optimizer, pending, self._step_model, self._precision, pl_module,
-                                          self.record_losses)
+                                                      self.record_losses, grad_norms=self.record_hvp)
         if self._records_grads(step) and not record.skipped:
             rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
             if self.record_hvp:

@@ -281,7 +281,7 @@ class HookGradientCapture:
             raise ValueError("loss_grad has zeros: per-sample gradients cannot be recovered")
         batch = loss_grad.shape[0]
         dtype = torch.promote_types(loss_grad.dtype, torch.float32)
-        out = torch.zeros(batch, self.projector.out_dim, dtype=dtype, device=loss_grad.device)
+        parts: dict[str, list[Tensor]] = {}  # block name -> its blocks (one per module call reaching the loss)
         try:
             for mod_name, records in list(self._records.items()):
                 if mod_name not in self._records:  # removed by a demotion of a tied tensor in this loop
@@ -293,11 +293,26 @@ class HookGradientCapture:
                     continue
                 for blocks in done:
                     for name, block in blocks.items():
-                        if name in self.param_names:  # not demoted in this collect (a tied tensor's other module)
-                            out[:, self.projector.slices[name]] += block
+                        parts.setdefault(name, []).append(block)
         finally:
             self.clear()
-        return out.div_(loss_grad.to(dtype)[:, None])
+        live = set(self.param_names)  # not demoted in this collect (a tied tensor's other module may have been)
+        parts = {name: blocks for name, blocks in parts.items() if name in live}
+        return self._assemble(parts, batch, dtype, loss_grad.device).div_(loss_grad.to(dtype)[:, None])
+
+    def _assemble(self, parts: dict[str, list[Tensor]], batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``(B, out_dim)``: each block's columns the sum of its parts, zeros where it has none. One concatenation
+        when every block has exactly one part of the right dtype (each layer called once: the common case), which
+        saves a zero fill and a pass per block over the rows."""
+        specs = self.projector.specs
+        if len(parts) == len(specs) and all(len(parts.get(s.name, ())) == 1 and parts[s.name][0].dtype == dtype
+                                            for s in specs):
+            return torch.cat([parts[s.name][0] for s in specs], dim=1)
+        out = torch.zeros(batch, self.projector.out_dim, dtype=dtype, device=device)
+        for name, blocks in parts.items():
+            for block in blocks:
+                out[:, self.projector.slices[name]] += block
+        return out
 
 
 def per_sample_grads_vmap(

@@ -66,7 +66,7 @@ STEP_COLUMNS = (
     "sample_offset",  # int64, first row of the step in ``samples/*`` of this segment
     "sample_count",  # int64, |B_t| on this rank
     "grad_offset",  # int64, first row in ``grads/*`` or -1 if not recorded at this step
-    "batch_grad_norm",  # float64, ||G_t|| of the (unscaled) batch-mean gradient, NaN if unknown
+    "batch_grad_norm",  # float64, ||G_t|| of the (unscaled) batch-mean gradient; NaN if not recorded (docs/log-format.md)
     "hvp_eps",  # float64, finite-difference epsilon used for the HVP products, NaN if none
     "tracker_seconds",  # float64, wall time the tracker spent in this step
     "id_crc32",  # int64, CRC-32 of the step's rows of samples/id as stored

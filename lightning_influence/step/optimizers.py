@@ -393,14 +393,15 @@ class OptimizerStep:
 
     def removal_terms(self, theta: Tensor, state: State, g: Tensor, lrs: Sequence[float] | np.ndarray, removed: Tensor,
                       cot_theta: Tensor, cot_state: Mapping[str, Tensor], transform: Transform | None = None,
-                      chunk_size: int = 64) -> Tensor:
+                      chunk_size: int | None = None) -> Tensor:
         """``⟨λ, u(θ, s, c(g − r_j)) − u(θ, s, c(g))⟩`` for each row ``r_j`` of ``removed`` ``(B, p)`` and each adjoint
         column ``λ = (cot_theta, cot_state)``: ``(C, B)``.
 
         The step's exact response to removing sample ``j`` (``r_j = w_j g_j``), propagated linearly by the adjoint of
-        the later steps (docs/optimizer-adjoint.md §7). Equal to ``−⟨ḡ, r_j⟩`` of :meth:`vjp` for an affine
+        the later steps (docs/optimizer-adjoint.md §2). Equal to ``−⟨ḡ, r_j⟩`` of :meth:`vjp` for an affine
         update; for Adam early in training (``v̂ ≈ g²``, an update close to ``sign(g)``) it keeps what the first
-        derivative misses. Evaluated in float64 (the differences cancel ``θ``).
+        derivative misses. Evaluated in float64 (the differences cancel ``θ``), ``chunk_size`` rows at a time
+        (default: about 2**24 numbers per evaluated vector).
         """
         if removed.shape[0] == 0:
             return cot_theta.new_zeros(cot_theta.shape[1], 0)
@@ -411,6 +412,7 @@ class OptimizerStep:
         base_th, base_st = f(th, st, g64)
         lam = [cot_theta.double()] + [cot_state[k].double() if k in cot_state else None for k in keys]
         out = []
+        chunk_size = chunk_size or max(1, 2**24 // max(self.p, 1))
         for c0 in range(0, removed.shape[0], chunk_size):
             th_r, st_r = torch.func.vmap(lambda r: f(th, st, g64 - r))(removed[c0:c0 + chunk_size].double())
             diffs = [th_r - base_th] + [st_r[k] - base_st[k] for k in keys]

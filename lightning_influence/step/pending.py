@@ -59,12 +59,16 @@ class PendingStep:
 
 
 def assemble(trainer: Any, optimizer: torch.optim.Optimizer, pending: PendingStep, recorder: StepRecorder,
-             precision: Precision, module: nn.Module, record_losses: bool
+             precision: Precision, module: nn.Module, record_losses: bool, grad_norms: bool = False
              ) -> tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], Tensor | None]:
     """``(record, device rows, batch gradient Ĝ_t by parameter, the norms of its tensors)`` of step ``trainer.global_step``.
 
     The record's ids and row fields are filled by :func:`fill_record` once the rows are on the host. Refuses a
     loss reduction other than the mean (at the first step) and an ``accumulate_grad_batches`` changed mid-step.
+    The norms (and ``batch_grad_norm``) are computed only where a step needs them: ``grad_norms`` (the HVP
+    products' step direction) or norm clipping (its threshold is read against this norm). Otherwise they are
+    ``None`` and the log's ``batch_grad_norm`` NaN: a pass over the whole gradient at every step, the largest part
+    of the tracker's bookkeeping on a small model, for a column no estimator reads.
     """
     step = trainer.global_step
     record = StepRecord(
@@ -81,9 +85,11 @@ def assemble(trainer: Any, optimizer: torch.optim.Optimizer, pending: PendingSte
     if torch.is_tensor(record.clip_coef):
         rows["clip_coef"] = record.clip_coef
     grad_dir = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    norms = torch.stack([torch.linalg.vector_norm(g) for g in grad_dir.values()]) if grad_dir else None
-    if norms is not None:  # the one read of the whole gradient: the HVP products reuse the norms (step direction)
-        rows["batch_grad_norm"] = torch.linalg.vector_norm(norms)
+    norms = None
+    if grad_dir and (grad_norms or (recorder.spec is not None and recorder.spec.algorithm == "norm")):
+        # one fused call (per-tensor kernels on the CPU: the values of vector_norm tensor by tensor)
+        norms = torch.stack(torch._foreach_norm(list(grad_dir.values())))
+        rows["batch_grad_norm"] = torch.linalg.vector_norm(norms)  # the HVP products reuse the norms (step direction)
     record_execution(getattr(trainer.precision_plugin, "scaler", None), precision, record, pending.micro, grad_dir)
     return record, rows, grad_dir, norms
 

@@ -1,0 +1,78 @@
+"""What the per-step cost work changed (issue 13): the step's bookkeeping does only what the level needs,
+and the hooked rows are assembled without a pass per block, with the same values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import fit, loader, make_data, tiny
+from lightning_influence import InfluenceLog, InfluenceTracker
+from lightning_influence.capture import HookGradientCapture, KroneckerProjector, select_params
+
+
+def _mean_grad_norm(log: InfluenceLog, ds, step: int) -> float:
+    """``‖Ĝ_t‖`` by brute force: the batch-mean loss's gradient at the logged ``θ_t``, float64."""
+    module = tiny()
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            p.copy_(torch.from_numpy(log.checkpoint(step)[n]))
+    ids = log.batch_ids(step)
+    x = torch.stack([ds[int(i)][0] for i in ids])
+    y = torch.stack([ds[int(i)][1] for i in ids])
+    module.per_sample_loss((x, y)).mean().backward()
+    return float(torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in module.parameters()])))
+
+
+@pytest.mark.parametrize("level", ["losses", "gradients", "hvp", "clip"])
+def test_batch_grad_norm_only_where_the_step_reads_the_whole_gradient(log_dir, level):
+    """No pass over the whole gradient at the losses/gradients levels (NaN: not recorded); with HVP products or norm
+    clipping it is recorded and equals the brute-force norm of the batch-mean gradient before clipping."""
+    ds = make_data(12)
+    kw = {"losses": {}, "gradients": dict(record_gradients=True), "clip": {},
+          "hvp": dict(record_gradients=True, record_hvp=True)}[level]
+    trainer_kw = dict(gradient_clip_val=0.05) if level == "clip" else {}
+    fit(tiny(), loader(ds, batch_size=4), InfluenceTracker(log_dir, checkpoint_every_n_steps=1, **kw), epochs=1,
+        **trainer_kw)
+    log = InfluenceLog(log_dir)
+    norms = np.array([log.step_column(t, "batch_grad_norm") for t in range(log.num_steps)])
+    if level in ("losses", "gradients"):
+        assert np.isnan(norms).all()
+    else:
+        expected = [_mean_grad_norm(log, ds, t) for t in range(log.num_steps)]
+        np.testing.assert_allclose(norms, expected, rtol=1e-12)
+
+
+class _Twice(nn.Module):
+    """The same Linear called twice: its block has two parts (the general path of the assembly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)) + self.a(x).square())
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_collected_rows_equal_projected_brute_force(twice):
+    """One part per block (concatenated) or several (summed): the projected per-sample gradients of autograd."""
+    torch.manual_seed(0)
+    model = (_Twice() if twice else nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))).double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    names = select_params(model)
+    projector = KroneckerProjector({n: p.shape for n, p in model.named_parameters()}, 4)
+    capture = HookGradientCapture(model, names, projector)
+    capture.enable()
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    losses.mean().backward()
+    capture.disable()
+    rows = capture.collect(torch.full((7,), 1 / 7, dtype=torch.float64))
+    params = dict(model.named_parameters())
+    expected = []
+    for i in range(7):
+        g = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), [params[n] for n in names])
+        expected.append(projector.project({n: t[None] for n, t in zip(names, g)})[0])
+    assert torch.allclose(rows, torch.stack(expected), rtol=1e-10, atol=1e-12)
