@@ -130,6 +130,29 @@ def test_row_split_in_threads_equals_one_process(gn_log):
                 assert sum(g.info["rows_evaluated"] for g in got) == want.info["rows_evaluated"]
 
 
+def _split_equals_one_process(path, query, worlds=(2, 3)) -> None:
+    """Gauss-Newton DIT of ``path`` on ``worlds`` threads standing for processes equals one process to 1e-12."""
+    with InfluenceLog(path) as log:
+        want = dit_gauss_newton(log, query)
+    assert np.abs(want.scores).max() > 1e-6
+    for world in worlds:
+        def one(rank, all_reduce):
+            with InfluenceLog(path) as own:
+                return dit_gauss_newton(own, query, shard=BatchShard(rank, world, all_reduce))
+
+        for got in _in_threads(world, one):
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12, atol=1e-14 * np.abs(want.scores).max())
+
+
+def test_row_split_of_a_version_1_log_equals_one_process():
+    """A version-1 log (no weight rows: each row weighs 1/|B_t| of the whole step, over the processes' parts)."""
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "log_v1")
+    with InfluenceLog(path) as log, RowShares(log, 0, 2) as shares:
+        assert shares._layout(log._locs(0)[0][0], "weight") is None
+        K = len(log.column_groups())
+    _split_equals_one_process(path, {0: np.random.default_rng(0).standard_normal((2, K))})
+
+
 def test_a_corrupted_row_stops_every_process_at_its_step(gn_log, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(gn_log, bad)
