@@ -219,7 +219,8 @@ def run_config(name: str, model: str, optimizer: str, hyper: dict[str, Any], dat
     tl = timeline(log, query, module=Net().double(), train_data=train_ds, grid=grid, loss_fn=ce_loss)
     out["seconds"]["dit_timeline"] = time.perf_counter() - timer
     out["dit_method"] = tl.method
-    out["memory_bytes"] = {"dit": {k: tl.info[k] for k in ("peak_adjoint_bytes", "peak_trajectory_bytes")}}
+    out["memory_bytes"] = {"dit": {k: tl.info[k] for k in ("peak_adjoint_bytes", "peak_trajectory_bytes",
+                                                           "peak_removal_rows_bytes")}}
     adaptive = optimizer != "sgd"
     if adaptive:  # the derivative (linear removal) and the frozen-preconditioner approximation, same grid
         timer = time.perf_counter()
@@ -385,7 +386,8 @@ def sweep_cost(configs: dict[str, tuple], chosen: list[str], args: argparse.Name
                     t0 = time.perf_counter()
                     tl = timeline(log, query, module=Net().double(), train_data=train_ds, loss_fn=ce_loss, preconditioner=pre)
                     seconds[label + suffix].append(time.perf_counter() - t0)
-                    memory[label + suffix] = tl.info["peak_adjoint_bytes"] + tl.info["peak_trajectory_bytes"]
+                    memory[label + suffix] = (tl.info["peak_adjoint_bytes"] + tl.info["peak_trajectory_bytes"]
+                                              + tl.info["peak_removal_rows_bytes"])
         med = {k: float(np.median(v)) for k, v in seconds.items() if v}
         out[name] = {"baseline": base, "median_seconds": med, "bytes": memory,
                      "time_ratio": med[name] / med[base], "time_ratio_frozen": med[name + " frozen"] / med[base],

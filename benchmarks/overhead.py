@@ -17,13 +17,14 @@ For each model:
    optimizer, every callback hook, and the writer thread while it runs), averaged over the steps after
    ``--warmup`` (the first steps' one-off checks excluded; per-fit set-up and the final flush are outside
    any step). The default 120 steps, 10 of warm-up, hold two segment writes of the default 50 steps
-   (at steps 50 and 100, each done before the fit ends: their share of every step, about 1/55). Each round gives one ratio per level (its step over the round's step without
-   the tracker): the median over rounds and the spread (lowest, highest) are reported, so one noisy
+   (at steps 50 and 100, each done before the fit ends: their share of every step, about 1/55). Each
+   round gives one ratio per level (its step over the round's step without the tracker): the median over rounds and the spread (lowest, highest) are reported, so one noisy
    round does not decide. The added ms/step is split by where it goes, each part measured in the same
    steps as thread CPU: ``hooks``, the layer engines' work in the step's own forward/backward (what the
    forward hooks keep, the output-gradient hooks' blocks); ``passes``, the HVP scheme's gradient
-   passes; ``tracker``, the rest of the tracker's per-step Lightning hooks (ids, random states, the
-   projection's collection, the step record, the finite differences' setup, host copies, checks);
+   passes; ``fd``, the rest of the HVP products (``ε``, the perturbed parameters, the differences, the
+   kink guard); ``tracker``, the rest of the tracker's per-step Lightning hooks (ids, random states, the
+   projection's collection, the step record, host copies, checks);
    ``writer``, the log writer's background thread (segment files: off the training thread, but on this
    clock); ``other``, what remains (hook dispatch, the loss observer, Lightning, noise). ``fit ratio``:
    the whole fastest fit with the tracker over the fastest without (per-fit costs included).
@@ -73,7 +74,7 @@ _PER_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backw
                    "on_train_batch_end")
 # thread CPU seconds of one fit: in the layer engines' hook work outside the tracker's own passes, in the tracker's
 # per-step Lightning hooks, in its own passes (inside those hooks), in the log writer's thread
-SPENT = {"hooks": 0.0, "tracker": 0.0, "passes": 0.0, "writer": 0.0}
+SPENT = {"hooks": 0.0, "tracker": 0.0, "passes": 0.0, "fd": 0.0, "writer": 0.0}
 _IN_PASS = [False]
 
 
@@ -94,6 +95,7 @@ def _counted(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
 for _hook in _PER_STEP_HOOKS:
     setattr(InfluenceTracker, _hook, _counted(getattr(InfluenceTracker, _hook), "tracker"))
 OwnPasses.grads = _counted(OwnPasses.grads, "passes")  # the HVP scheme's gradient passes
+OwnPasses.hvp_products = _counted(OwnPasses.hvp_products, "fd")  # the passes and the finite differences around them
 for _engine in {type(e) for e in layers._ENGINES}:  # what the forward hooks keep, the output-gradient hooks' blocks
     for _method in ("save", "blocks"):
         if _method in vars(_engine):
@@ -235,10 +237,11 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
 
 
 def where_it_goes(row: dict[str, Any]) -> dict[str, float]:
-    """Added ms/step of a level split into hooks, HVP passes, the tracker's hooks' other work, the writer and other
+    """Added ms/step of a level split into hooks, HVP passes, the finite differences around them, the tracker's hooks'
+    other work, the writer and other
     (all but ``other`` measured in the fits, as thread CPU)."""
-    hooks, passes, tracker, writer = (row[f"{k}_ms_per_step"] for k in ("hooks", "passes", "tracker", "writer"))
-    return {"hooks": hooks, "passes": passes, "tracker": tracker - passes, "writer": writer,
+    hooks, passes, fd, tracker, writer = (row[f"{k}_ms_per_step"] for k in ("hooks", "passes", "fd", "tracker", "writer"))
+    return {"hooks": hooks, "passes": passes, "fd": fd - passes, "tracker": tracker - fd, "writer": writer,
             "other": row["added_ms_per_step"] - hooks - tracker - writer}
 
 
@@ -251,13 +254,13 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
     print(f"  per-sample gradients: hooks {c['hooks_samples_per_s']:.0f} samples/s, vmap {c['vmap_samples_per_s']:.0f} "
           f"samples/s ({c['vmap_ms'] / c['own_pass_ms']:.1f}x)")
     print(f"  {'level':<24}{'ratio':>7}{'spread':>13}{'target':>8}{'met':>5}{'+ms/step':>10}"
-          f"{'hooks':>8}{'passes':>8}{'tracker':>8}{'writer':>8}{'other':>8}{'fit':>7}")
+          f"{'hooks':>8}{'passes':>8}{'fd':>6}{'tracker':>8}{'writer':>8}{'other':>8}{'fit':>7}")
     for row in fits["levels"]:
         tgt, split = row["target"], where_it_goes(row)
         met = "-" if tgt is None else ("yes" if row["ratio"] <= tgt else "NO")
         spread = f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}"
         print(f"  {row['level']:<24}{row['ratio']:>7.3f}{spread:>13}{'-' if tgt is None else f'{tgt:.2f}':>8}{met:>5}"
-              f"{row['added_ms_per_step']:>10.2f}{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['tracker']:>8.2f}"
+              f"{row['added_ms_per_step']:>10.2f}{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['fd']:>6.2f}{split['tracker']:>8.2f}"
               f"{split['writer']:>8.2f}{split['other']:>8.2f}{row['fit_ratio']:>7.3f}")
 
 
@@ -293,8 +296,8 @@ def main() -> None:
     print(f"\ntimes: {args.clock} clock. ratio: a level's step over the step without the tracker, timed inside "
           "alternating fits (mean over the steps after the warm-up), median over rounds; spread: lowest-highest round; "
           "met: median within the target; per step, thread CPU: hooks: the layer engines in the step's forward/backward; "
-          "passes: the HVP scheme's gradient passes; tracker: the rest of the tracker's per-step hooks (bookkeeping, "
-          "projection, finite-difference setup); writer: the log writer's background thread; other: the remainder "
+          "passes: the HVP scheme's gradient passes; fd: the finite differences around them (eps, perturbed parameters, "
+          "differences, kink guard); tracker: the rest of the tracker's per-step hooks (bookkeeping, projection); writer: the log writer's background thread; other: the remainder "
           "(hook dispatch, loss observer, noise); fit: fastest whole fit over the fastest without (per-fit costs in)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

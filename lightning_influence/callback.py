@@ -65,7 +65,8 @@ class InfluenceTracker(Callback):
         log_dir: directory of the influence log (created; one sub-folder per rank).
         record_losses: record per-sample losses ``ℓ(z_i; θ_t)`` at every step.
         record_gradients: record per-sample gradients ``g_{i,t}`` of the tracked parameters.
-        record_hvp: record finite-difference products ``H_{z,t} Ĝ_t`` (needs ``record_gradients``).
+        record_hvp: record finite-difference products ``H_{z,t} Ĝ_t`` (needs ``record_gradients``); their passes run at
+            perturbed parameters written into one copy of the trainable parameters, kept for the fit.
         every_n_steps: record gradients/HVP products at steps ``t % every_n_steps == 0`` (ids,
             learning rates and losses are recorded at every step).
         checkpoint_every_n_steps: store ``θ_t`` and the optimizer state every this many steps;

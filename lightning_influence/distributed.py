@@ -281,7 +281,7 @@ def _reduce(fabric: Any, method: str, log_path: str, query: Any, names: list[str
             progress: Callable[[int, int], None] | None) -> InfluenceScores:
     """One process: its shard with the single-process estimator, then the sum over processes."""
     rank, world = (0, 1) if fabric is None else (fabric.global_rank, fabric.world_size)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with InfluenceLog(log_path) as log:
         a, b = shard_steps(log, *window, world)[rank]
         kwargs: dict[str, Any] = {"progress": progress, **({"query_names_": names} if method == "tracin" else {})}
@@ -289,7 +289,7 @@ def _reduce(fabric: Any, method: str, log_path: str, query: Any, names: list[str
         n = log.dataset_size
     width = 1 if query is None else next(iter(query.values())).shape[0]
     local = part.scores if part is not None else np.zeros((n, width))
-    mine = {"rank": rank, "steps": [a, b], "seconds": time.perf_counter() - t0,
+    mine = {"rank": rank, "steps": [a, b], "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
             "result": None if part is None else (part.method, part.query_names, part.info)}
     scores, per_rank = (local, [mine]) if fabric is None else _all_reduce(fabric, local, mine, method)
     name, qnames, info = next(r["result"] for r in per_rank if r["result"] is not None)

@@ -57,6 +57,9 @@ def test_ddp_log_equals_a_single_process_run_of_the_same_global_batches(tmp_path
     got, want = tracin(ddp, query, module=tiny()).column(0), tracin(single, query, module=tiny()).column(0)
     assert np.abs(want).max() > 1e-3
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+    from test_gn_shard import _split_equals_one_process  # Gauss-Newton DIT's row split: each training rank's rows cut
+
+    _split_equals_one_process(tmp_path / "ddp", {0: np.random.default_rng(0).standard_normal((2, len(ddp.column_groups())))})
     # DDP averages the ranks' gradients: each sample weighs 1/(|micro-batch| · 2), as 1/|B_t| in the single run,
     # and a replay of the DDP log (rank 0's micro-batch, then rank 1's) reproduces every stored θ_t
     for t in range(ddp.num_steps):

@@ -130,6 +130,29 @@ def test_row_split_in_threads_equals_one_process(gn_log):
                 assert sum(g.info["rows_evaluated"] for g in got) == want.info["rows_evaluated"]
 
 
+def _split_equals_one_process(path, query, worlds=(2, 3)) -> None:
+    """Gauss-Newton DIT of ``path`` on ``worlds`` threads standing for processes equals one process to 1e-12."""
+    with InfluenceLog(path) as log:
+        want = dit_gauss_newton(log, query)
+    assert np.abs(want.scores).max() > 1e-6
+    for world in worlds:
+        def one(rank, all_reduce):
+            with InfluenceLog(path) as own:
+                return dit_gauss_newton(own, query, shard=BatchShard(rank, world, all_reduce))
+
+        for got in _in_threads(world, one):
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12, atol=1e-14 * np.abs(want.scores).max())
+
+
+def test_row_split_of_a_version_1_log_equals_one_process():
+    """A version-1 log (no weight rows: each row weighs 1/|B_t| of the whole step, over the processes' parts)."""
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "log_v1")
+    with InfluenceLog(path) as log, RowShares(log, 0, 2) as shares:
+        assert shares._layout(log._locs(0)[0][0], "weight") is None
+        K = len(log.column_groups())
+    _split_equals_one_process(path, {0: np.random.default_rng(0).standard_normal((2, K))})
+
+
 def test_a_corrupted_row_stops_every_process_at_its_step(gn_log, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(gn_log, bad)
@@ -179,3 +202,24 @@ def test_a_killed_process_ends_a_row_split_gauss_newton_dit_with_a_clear_error(g
         by_batch(dit_gauss_newton, log, ValLosses(), Processes(devices=2, timeout_s=60), module=tiny(),
                  progress=_kill_rank_1)
     assert time.perf_counter() - t0 < 60
+
+
+def test_scale_benchmark_parallel_reads_and_bottleneck_verdict(tmp_path):
+    """benchmarks/scale.py: N readers at once read every byte once; the verdict follows the measured shares."""
+    from benchmarks.scale import _split_time, bottleneck, raw_read, raw_read_parallel
+
+    files = []
+    for i, size in enumerate((3000, 5000, 7000, 1)):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(bytes(size))
+    for readers in (1, 2, 3):
+        assert raw_read_parallel(files, readers, raw_read)[1] == 15001
+    split = _split_time(2.0, (1.0, 1.0, 1.0), (1.5, 2.0, 3.0))
+    assert split == {"on_cpu": 0.25, "run_queue": 0.5, "blocked": 0.25, "threads_run_queue": 1.0}
+    raw = {"buffered": 1e9, "direct": 2e9, "buffered, parallel": 1e9, "direct, parallel": 2e9}
+    runs = {"tracin": {"1": {"gb_per_s": 1.9, "time": {"run_queue": 0.5, "blocked": 0.1, "threads_run_queue": 0.5}},
+                       "2": {"gb_per_s": 0.5, "per_rank_time": [{"run_queue": 0.4, "blocked": 0.5,
+                                                                 "threads_run_queue": 0.6}] * 2}}}
+    out = bottleneck(runs, raw, 2)
+    assert out["tracin, 1"]["verdict"] == "disk-bound" and out["tracin, 2"]["verdict"].startswith("CPU-bound")
+    assert out["tracin, 2"]["of_disk_speed"] == pytest.approx(0.25) and out["parallel_read_gain"]["direct"] == 1.0

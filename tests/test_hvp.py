@@ -250,3 +250,25 @@ def test_guarded_difference_in_one_buffer_equals_its_definition():
     assert torch.equal(seen[0], asymmetry(f, b)) and torch.equal(f, f0) and torch.equal(b, b0)
     flat, k1 = guarded_difference(f[0], b[0], 0.5)  # one row given as a vector
     assert flat.shape == (5,) and torch.equal(flat, (f[0] + b[0]) / 2) and k1.tolist() == [False]
+
+
+def test_tracker_hvp_passes_reuse_one_workspace(tmp_path):
+    """The tracker's HVP passes write their perturbed parameters into one workspace for the whole fit: the same
+    tensors at every step, one per trainable parameter, the live parameters never among them."""
+    from conftest import fit, loader, make_data, tiny
+    from lightning_influence import InfluenceTracker
+
+    class Watching(InfluenceTracker):
+        seen: list[dict[str, int]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            super().on_train_batch_end(trainer, pl_module, *args)
+            self.seen.append({n: t.data_ptr() for n, t in self._passes.workspace.items()})
+            self.live = {p.data_ptr() for p in pl_module.parameters()}
+
+    tracker = Watching(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=4)
+    module = tiny()
+    fit(module, loader(make_data(24)), tracker, epochs=1)
+    assert len(tracker.seen) == 4 and all(s == tracker.seen[0] for s in tracker.seen)
+    assert set(tracker.seen[0]) == {n for n, p in module.named_parameters() if p.requires_grad}
+    assert not set(tracker.seen[0].values()) & tracker.live

@@ -245,6 +245,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     t0 = time.perf_counter()
     keys = ctx.step.adjoint_keys
     peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
+    peak_rows = 0  # bytes of one step's per-sample gradients (the step removal)
     rows_evaluated = 0  # sample-steps this process evaluated
 
     def activate(step: int, params: dict[str, Tensor]) -> None:
@@ -278,8 +279,12 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                  else _batch_gradient(ctx, rec.params, batch, w, shard))
             transform = None if clip is None else (lambda x: clip_gradient(x, clip))
             exact_removal = removal == "step" and not (ctx.rule.linear and clip is None)  # affine: the same numbers
-            terms = (ctx.step.removal_terms(theta, rec.state, g, rec.lrs, _removed_rows(ctx, rec.params, batch, w), U, S,
-                                            transform) if exact_removal else None)
+            terms = None
+            if exact_removal:
+                rows = _removed_rows(ctx, rec.params, batch, w)
+                peak_rows = max(peak_rows, rows.numel() * rows.element_size())
+                terms = ctx.step.removal_terms(theta, rec.state, g, rec.lrs, rows, U, S, transform)
+                del rows
             th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S, transform=transform)
             HR, JR = (_products_exact(ctx, rec.params, batch, R, w, shard) if fd is None
                       else fd(rec.params, batch, R, w, shard, len(rec.ids)))
@@ -300,6 +305,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         values[step] = scores[:, c0 : c0 + Q].copy()
     info = {"hvp": hvp, "hvp_products": n_hvp, "steps_swept": t_hi - t_lo, "optimizer": ctx.rule.name,
             "preconditioner": "frozen" if ctx.step.frozen else "exact", "removal": removal, "peak_adjoint_bytes": peak_adjoint,
+            "peak_removal_rows_bytes": peak_rows,
             "peak_trajectory_bytes": ctx.peak_trajectory_bytes,
             "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
     if shard is not None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from lightning_influence.log.blocks import _row_map
+from lightning_influence.log.blocks import _row_map, _RowMap
 from lightning_influence.log.format import ROW_CRC_COLUMNS, ROW_DATASETS, LogFormatError, crc32, reading, restore_hint
 from lightning_influence.step.shard import split_range
 
@@ -57,6 +57,18 @@ def crc_shift(crc: int, nbytes: int) -> int:
     cols = _shift_columns(int(nbytes))
     mask = ((int(crc) >> _BITS) & 1).astype(bool)
     return int(np.bitwise_xor.reduce(cols[mask])) if mask.any() else 0
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A row dataset of a segment: the dataset, where its rows lie when stored raw (``None``: read through HDF5), their
+    dtype, shape and bytes per row."""
+
+    ds: h5py.Dataset
+    where: _RowMap | None
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    row_bytes: int
 
 
 @dataclass
@@ -91,7 +103,7 @@ class RowShares:
         self.log, self.rank, self.world = log, int(rank), int(world)
         self._files: dict[int, h5py.File] = {}
         self._fds: dict[int, int] = {}
-        self._maps: dict[tuple[int, str], object] = {}  # (segment, field) -> _RowMap, or None: read through HDF5
+        self._layouts: dict[tuple[int, str], _Layout | None] = {}
         self.bytes_read = 0
 
     def __enter__(self) -> "RowShares":
@@ -108,34 +120,37 @@ class RowShares:
             os.close(fd)
         self._fds.clear()
 
-    def _dataset(self, seg: int, field_: str) -> h5py.Dataset | None:
-        f = self._files.get(seg)
-        if f is None:
-            with reading(self.log._segs[seg].path, "the segment file"):
-                f = self._files[seg] = h5py.File(self.log._segs[seg].path, "r", rdcc_nbytes=0)
-        name = ROW_DATASETS[field_]
-        return f[name] if name in f else None
+    def _layout(self, seg: int, field_: str) -> _Layout | None:
+        """How the ``field_`` rows of segment ``seg`` are stored (``None``: not stored), cached."""
+        key = (seg, field_)
+        if key not in self._layouts:
+            path = self.log._segs[seg].path
+            f = self._files.get(seg)
+            with reading(path, f"the layout of the {field_!r} rows"):
+                if f is None:
+                    f = self._files[seg] = h5py.File(path, "r", rdcc_nbytes=0)
+                name = ROW_DATASETS[field_]
+                ds = f[name] if name in f else None
+                self._layouts[key] = None if ds is None else _Layout(
+                    ds, _row_map(path, ds) if hasattr(os, "preadv") else None, ds.dtype, tuple(ds.shape[1:]),
+                    ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+        return self._layouts[key]
 
-    def _read_rows(self, seg: int, field_: str, ds: h5py.Dataset, lo: int, hi: int) -> np.ndarray:
-        """Rows ``[lo, hi)`` of ``ds``: their bytes alone where they are stored raw, else through HDF5."""
-        out = np.empty((hi - lo, *ds.shape[1:]), ds.dtype)
+    def _read_rows(self, seg: int, lay: _Layout, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)``: their bytes alone where they are stored raw, else through HDF5."""
+        out = np.empty((hi - lo, *lay.shape), lay.dtype)
         if hi <= lo:
             return out
-        path = self.log._segs[seg].path
-        key = (seg, field_)
-        if key not in self._maps:
-            self._maps[key] = _row_map(path, ds) if hasattr(os, "preadv") else None
-        where = self._maps[key]
-        if where is None:
-            ds.read_direct(out, np.s_[lo:hi])
+        if lay.where is None:
+            lay.ds.read_direct(out, np.s_[lo:hi])
             return out
         fd = self._fds.get(seg)
         if fd is None:
-            fd = self._fds[seg] = os.open(path, os.O_RDONLY)
+            fd = self._fds[seg] = os.open(self.log._segs[seg].path, os.O_RDONLY)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead into the other processes' rows
         flat, at = out.reshape(-1).view(np.uint8), 0
-        for start, size in where.byte_runs(lo, hi):
+        for start, size in lay.where.byte_runs(lo, hi):
             got = os.preadv(fd, [flat[at : at + size]], start)
             if got != size:
                 raise OSError(f"read {got} of {size} bytes at offset {start}")
@@ -153,17 +168,16 @@ class RowShares:
             s = log._segs[seg]
             a, b = split_range(n, self.world)[self.rank]
             for field_ in _FIELDS:
-                ds = self._dataset(seg, field_)
-                if ds is None:
+                lay = self._layout(seg, field_)
+                if lay is None:
                     if field_ != "weight":
                         raise LogFormatError(s.path, f"has no {ROW_DATASETS[field_]!r} rows for step {t}")
                     continue  # a version-1 log: a plain batch mean (below)
                 off = int(s.table["grad_offset" if field_ == "grad" else "sample_offset"][row])
                 with reading(s.path, f"{field_!r} rows {off + a}..{off + b} of step {t}"):
-                    out = self._read_rows(seg, field_, ds, off + a, off + b)
-                row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+                    out = self._read_rows(seg, lay, off + a, off + b)
                 self.bytes_read += out.nbytes
-                part = crc_shift(crc32(out), (n - b) * row_bytes)
+                part = crc_shift(crc32(out), (n - b) * lay.row_bytes)
                 bits.append(((np.uint32(part) >> _BITS) & 1).astype(np.float64))
                 parts[field_].append(out)
         count = sum(counts)
@@ -185,7 +199,7 @@ class RowShares:
         for seg, row in log._locs(t):
             s = log._segs[seg]
             for field_ in _FIELDS:
-                if self._dataset(seg, field_) is None:
+                if self._layout(seg, field_) is None:
                     continue
                 got = int((parity[32 * i : 32 * i + 32] << np.arange(32)).sum())
                 i += 1

@@ -398,7 +398,7 @@ class OptimizerStep:
         column ``λ = (cot_theta, cot_state)``: ``(C, B)``.
 
         The step's exact response to removing sample ``j`` (``r_j = w_j g_j``), propagated linearly by the adjoint of
-        the later steps (docs/optimizer-adjoint.md §7). Equal to ``−⟨ḡ, r_j⟩`` of :meth:`vjp` for an affine
+        the later steps (docs/optimizer-adjoint.md §2). Equal to ``−⟨ḡ, r_j⟩`` of :meth:`vjp` for an affine
         update; for Adam early in training (``v̂ ≈ g²``, an update close to ``sign(g)``) it keeps what the first
         derivative misses. Evaluated in float64 (the differences cancel ``θ``), ``chunk_size`` rows at a time
         (default: about 2**24 numbers per evaluated vector).
