@@ -486,8 +486,8 @@ def bottleneck(runs: dict[str, dict[str, dict]], raw_speed: dict[str, float], pr
     """For each method with 1 and with ``processes`` processes (float64 products): the share of what the disk gave as
     many readers at once (the faster of the buffered and direct raw reads) that the pass read, and where its time went
     (means over its processes). Disk-bound: at least 80% of the disk's speed; else CPU-bound where its threads waited
-    for a core at least 0.3 s per s (the cores are shared); else neither (blocked on read latency or the other
-    processes)."""
+    for a core at least 0.3 s per s (the cores are shared) or its main thread was on a CPU or waiting for one at least
+    half of the time (computing); else neither (blocked on read latency or the other processes)."""
     gain = {kind: raw_speed[f"{kind}, parallel"] / raw_speed[kind] for kind in ("buffered", "direct")}
     out: dict = {"parallel_read_gain": gain}
     lines = [f"the disk gave {processes} readers at once {gain['direct']:.2f}x (direct) / {gain['buffered']:.2f}x "
@@ -498,15 +498,18 @@ def bottleneck(runs: dict[str, dict[str, dict]], raw_speed: dict[str, float], pr
             splits = [sp for sp in (red.get("per_rank_time", [red.get("time")]) if red else []) if sp]
             if not splits:
                 continue
-            share = {k: float(np.mean([sp[k] for sp in splits])) for k in ("run_queue", "blocked", "threads_run_queue")}
+            share = {k: float(np.mean([sp[k] for sp in splits]))
+                     for k in ("on_cpu", "run_queue", "blocked", "threads_run_queue")}
             disk = max(raw_speed["buffered" if n == 1 else "buffered, parallel"],
                        raw_speed["direct" if n == 1 else "direct, parallel"])
             of_disk = red["gb_per_s"] * 1e9 / disk
             what = ("disk-bound" if of_disk >= 0.8 else
                     "CPU-bound (cores shared)" if max(share["run_queue"], share["threads_run_queue"]) >= 0.3 else
+                    "CPU-bound (computing)" if share["on_cpu"] + share["run_queue"] >= 0.5 else
                     "neither (read latency, the other processes)")
             lines.append(f"{method}, {_label(str(n))}: {of_disk:.0%} of the disk's speed for {n} reader(s); main "
-                         f"thread waited for a core {share['run_queue']:.0%}, blocked {share['blocked']:.0%}; all "
+                         f"thread on a CPU {share['on_cpu']:.0%}, waited for a core {share['run_queue']:.0%}, blocked "
+                         f"{share['blocked']:.0%}; all "
                          f"threads waited {share['threads_run_queue']:.2f} s per s for a core: {what}")
             out[f"{method}, {n}"] = {**share, "of_disk_speed": of_disk, "verdict": what}
     out["verdict"] = "\n".join(lines)

@@ -217,9 +217,15 @@ def test_scale_benchmark_parallel_reads_and_bottleneck_verdict(tmp_path):
     split = _split_time(2.0, (1.0, 1.0, 1.0), (1.5, 2.0, 3.0))
     assert split == {"on_cpu": 0.25, "run_queue": 0.5, "blocked": 0.25, "threads_run_queue": 1.0}
     raw = {"buffered": 1e9, "direct": 2e9, "buffered, parallel": 1e9, "direct, parallel": 2e9}
-    runs = {"tracin": {"1": {"gb_per_s": 1.9, "time": {"run_queue": 0.5, "blocked": 0.1, "threads_run_queue": 0.5}},
-                       "2": {"gb_per_s": 0.5, "per_rank_time": [{"run_queue": 0.4, "blocked": 0.5,
-                                                                 "threads_run_queue": 0.6}] * 2}}}
+    def t(on_cpu, run_queue, threads):
+        return {"on_cpu": on_cpu, "run_queue": run_queue, "blocked": 1 - on_cpu - run_queue, "threads_run_queue": threads}
+
+    runs = {"tracin": {"1": {"gb_per_s": 1.9, "time": t(0.4, 0.5, 0.5)},
+                       "2": {"gb_per_s": 0.5, "per_rank_time": [t(0.1, 0.4, 0.6)] * 2}},
+            "dit_gauss_newton": {"1": {"gb_per_s": 0.2, "time": t(0.7, 0.2, 0.2)},
+                                 "2": {"gb_per_s": 0.2, "per_rank_time": [t(0.15, 0.05, 0.2)] * 2}}}
     out = bottleneck(runs, raw, 2)
-    assert out["tracin, 1"]["verdict"] == "disk-bound" and out["tracin, 2"]["verdict"].startswith("CPU-bound")
+    assert out["tracin, 1"]["verdict"] == "disk-bound" and out["tracin, 2"]["verdict"] == "CPU-bound (cores shared)"
+    assert out["dit_gauss_newton, 1"]["verdict"] == "CPU-bound (computing)"
+    assert out["dit_gauss_newton, 2"]["verdict"].startswith("neither")
     assert out["tracin, 2"]["of_disk_speed"] == pytest.approx(0.25) and out["parallel_read_gain"]["direct"] == 1.0

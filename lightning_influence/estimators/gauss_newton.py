@@ -21,6 +21,7 @@ carried in the same all-reduce (:mod:`lightning_influence.log.shares`). docs/sca
 from __future__ import annotations
 
 import bisect
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -52,15 +53,26 @@ def query_gradients_for(log: InfluenceLog, module: nn.Module, query: Query, wind
     return checkpoint_query_gradients(log, module, query, needed)
 
 
-def _rows(log: InfluenceLog, lo: int, hi: int, shares: RowShares | None) -> Iterator[Any]:
-    """The steps of ``[lo, hi)`` with gradient rows, in increasing order: all their rows (``iter_steps``), or this
-    process's part with its CRC-32 bits (``shares``)."""
+def _chunks(log: InfluenceLog, t_lo: int, t2: int, chunk_steps: int, shares: RowShares | None
+            ) -> Iterator[tuple[int, int, dict[int, Any]]]:
+    """``(lo, hi, rows by step)`` for the chunks of ``chunk_steps`` steps of ``[t_lo, t2)``, last chunk first: all the
+    rows of the steps with gradient rows (``iter_steps``), or this process's part with its CRC-32 bits (``shares``;
+    a thread reads the next chunk while the caller sweeps this one: ``preadv`` and the CRC-32 release the GIL)."""
+    bounds = [(max(t_lo, hi - chunk_steps), hi) for hi in range(t2, t_lo, -chunk_steps)]
     if shares is None:
-        yield from log.iter_steps(lo, hi, fields=("grad",))
-    else:
-        for t in range(lo, hi):
-            if log.has_grads(t):
-                yield shares.read(t)
+        for lo, hi in bounds:
+            yield lo, hi, {r.step: r for r in log.iter_steps(lo, hi, fields=("grad",))}
+        return
+
+    def read(lo: int, hi: int) -> dict[int, Any]:
+        return {t: shares.read(t) for t in range(lo, hi) if log.has_grads(t)}
+
+    with ThreadPoolExecutor(1, thread_name_prefix="gn-rows") as pool:
+        ahead = pool.submit(read, *bounds[0]) if bounds else None
+        for i, (lo, hi) in enumerate(bounds):
+            rows = ahead.result()  # type: ignore[union-attr]
+            ahead = pool.submit(read, *bounds[i + 1]) if i + 1 < len(bounds) else None
+            yield lo, hi, rows
 
 
 @estimator_api
@@ -88,7 +100,8 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
         window: as :func:`dit`.
         local: sweep only inside the window (like :func:`dit_local`).
         query_names_: names for precomputed query gradients.
-        chunk_steps: steps read from the log at a time (memory: ``chunk_steps·|B|·K``).
+        chunk_steps: steps read from the log at a time (memory: ``chunk_steps·|B|·K`` values; split over processes,
+            two chunks of this process's rows: the next one is read while the sweep runs over this one).
         progress: ``progress(done, total)`` or ``True``.
         shard: read and use only this process's part of every step's rows, summing the step's sums over the
             processes (module doc; set by :func:`lightning_influence.distributed.by_batch`, which every process
@@ -137,10 +150,9 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     show = resolve_progress(progress, "dit-gauss-newton")
     done = rows = 0
     shares = RowShares(log, share.rank, share.world) if share.world > 1 else None
+    chunks = _chunks(log, t_lo, t2, chunk_steps, shares)
     try:
-        for hi in range(t2, t_lo, -chunk_steps):
-            lo = max(t_lo, hi - chunk_steps)
-            by_step = {r.step: r for r in _rows(log, lo, hi, shares)}
+        for lo, hi, by_step in chunks:
             for t in range(hi - 1, lo - 1, -1):
                 rec = by_step.get(t)
                 if rec is not None and (rec.count if shares is not None else len(rec.ids)):
@@ -155,6 +167,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
                 if show is not None:
                     show(done, t2 - t_lo)
     finally:
+        chunks.close()  # the read-ahead thread first
         if shares is not None:
             shares.close()
     scores = share.sum(scores)

@@ -79,7 +79,7 @@ class ShareRows:
         step: the step.
         lrs: its learning rates per param group.
         count: ``|B_t|``, the step's rows over all training ranks and processes.
-        ids, weights, grads: this process's rows (``grads`` float64 ``(n, K)``).
+        ids, weights, grads: this process's rows (``weights`` float64, ``grads`` ``(n, K)`` as stored).
         bits: ``(32·pieces,)`` float64 0/1: this process's contribution to every piece's CRC-32 (see module doc).
     """
 
@@ -187,7 +187,7 @@ class RowShares:
             log._check_ids(locs[0][0], t, ids)  # raises LogFormatError
         weights = (np.concatenate(parts["weight"]).astype(np.float64) if len(parts["weight"]) == len(locs)
                    else np.full(len(ids), 1.0 / max(count, 1)))
-        return ShareRows(t, log.lr(t), count, ids, weights, np.concatenate(parts["grad"]).astype(np.float64),
+        return ShareRows(t, log.lr(t), count, ids, weights, np.concatenate(parts["grad"]),
                          np.concatenate(bits) if bits else np.zeros(0))
 
     def verify(self, t: int, summed_bits: np.ndarray) -> None:
