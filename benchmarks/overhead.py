@@ -11,23 +11,29 @@ For each model:
    hook engine's projection of the captures (``collect``), one own hooked pass (what each HVP
    scheme repeats: forward once, central twice) and ``vmap`` per-sample gradients; the last two
    as per-sample gradient throughput (samples/s), hooks against vmap.
-2. **Fit overhead**: time of ``Trainer.fit`` with the tracker at each level over the same fit
-   without it, alternating (round-robin over levels, ``--rounds``), fastest fits (noise only adds
-   time). Fits of ``--steps`` and ``--short-steps`` split the added time into per step and per
-   fit; the added ms/step is split by where it goes, each part measured in the same fits as thread
-   CPU time and split per step the same way: ``hooks``, the layer engines' work in the step's own
-   forward/backward (what the forward hooks keep, the output-gradient hooks' blocks); ``passes``,
-   the HVP scheme's gradient passes; ``fd``, the rest of the HVP products (``ε``, the perturbed
-   parameters, the differences, the kink guard); ``tracker``, the rest of the tracker's per-step Lightning
-   hooks (ids, random states, the projection's collection, the step record, host copies, checks); ``writer``, the log writer's background thread (segment files:
-   off the training thread, but on this clock); ``other``, what remains (hook dispatch, the loss
-   observer, Lightning, noise: the difference of two fits' times is noisy where the rest is not).
+2. **Fit overhead**: ``Trainer.fit`` with the tracker at each level and without it, alternating
+   (round-robin over levels, ``--rounds``). Per fit, the **step** is timed inside the fit: the clock
+   at every ``on_train_batch_start`` (so a step is everything between two: data, forward, backward,
+   optimizer, every callback hook, and the writer thread while it runs), averaged over the steps after
+   ``--warmup`` (the first steps' one-off checks excluded; per-fit set-up and the final flush are outside
+   any step). The default 120 steps, 10 of warm-up, hold two segment writes of the default 50 steps
+   (at steps 50 and 100, each done before the fit ends: their share of every step, about 1/55). Each
+   round gives one ratio per level (its step over the round's step without the tracker): the median over rounds and the spread (lowest, highest) are reported, so one noisy
+   round does not decide. The added ms/step is split by where it goes, each part measured in the same
+   steps as thread CPU: ``hooks``, the layer engines' work in the step's own forward/backward (what the
+   forward hooks keep, the output-gradient hooks' blocks); ``passes``, the HVP scheme's gradient
+   passes; ``fd``, the rest of the HVP products (``ε``, the perturbed parameters, the differences, the
+   kink guard); ``tracker``, the rest of the tracker's per-step Lightning hooks (ids, random states, the
+   projection's collection, the step record, host copies, checks);
+   ``writer``, the log writer's background thread (segment files: off the training thread, but on this
+   clock); ``other``, what remains (hook dispatch, the loss observer, Lightning, noise). ``fit ratio``:
+   the whole fastest fit with the tracker over the fastest without (per-fit costs included).
 
 Times are CPU time of the process by default (``--clock cpu``): on a shared machine the other jobs
 stretch elapsed time by a varying factor but barely move the CPU time of this process; the
 per-step tracker seconds in the log (the callbacks' share) are elapsed time.
 
-    python benchmarks/overhead.py [--models mlp,cnn,gpt] [--steps 30] [--short-steps 10] [--rounds 3]
+    python benchmarks/overhead.py [--models mlp,cnn,gpt] [--steps 120] [--warmup 10] [--rounds 3]
                                   [--reps 5] [--threads 1] [--out benchmarks/results/overhead.json]
 """
 
@@ -165,56 +171,69 @@ def step_costs(name: str, reps: int) -> dict[str, float]:
     }
 
 
-def run_fit(factory: Callable[[], pl.LightningModule], data: DataLoader, steps: int,
-            tracker: InfluenceTracker | None) -> float:
-    """CPU (or wall) seconds of one fit; :data:`SPENT` holds its tracker and writer thread seconds after it."""
+class _StepClock(pl.Callback):
+    """The clock and the thread-CPU counters of :data:`SPENT` at every step's start (first in the callback list)."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, dict[str, float]]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.marks.append((clock(), dict(SPENT)))
+
+
+def run_fit(factory: Callable[[], pl.LightningModule], data: DataLoader, steps: int, tracker: InfluenceTracker | None,
+            warmup: int = 0) -> tuple[float, float, dict[str, float]]:
+    """``(seconds of the fit, seconds per step, thread seconds of SPENT per step)``; per step: the mean over the
+    steps after ``warmup`` (from the start of step ``warmup`` to the start of the last step)."""
     for key in SPENT:
         SPENT[key] = 0.0
     pl.seed_everything(0, verbose=False)
     module = factory()
+    timer = _StepClock()
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[tracker] if tracker else [])
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer, tracker] if tracker else [timer])
     t0 = clock()
     trainer.fit(module, data)
-    return clock() - t0
+    total = clock() - t0
+    (t_a, s_a), (t_b, s_b) = timer.marks[warmup], timer.marks[-1]
+    n = len(timer.marks) - 1 - warmup
+    return total, (t_b - t_a) / n, {key: (s_b[key] - s_a[key]) / n for key in SPENT}
 
 
 def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """Alternating fits at every level; ratios of the fastest fits, added ms/step and its split."""
-    factory, ds, batch_size = make(name, 8)
+    """Alternating fits at every level: per round, each level's step over the round's step without the tracker."""
+    factory, ds, batch_size = make(name, 8)  # 8 batches an epoch: the fits run over epochs
     data = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
     levels = [lv for lv in LEVELS if lv in args.levels]
-    times: dict[str, list[float]] = {"baseline": [], **{k: [] for k in levels}}
-    short: dict[str, list[float]] = {k: [] for k in times}
-    spent = {(k, n): {key: [] for key in SPENT} for k in times for n in (args.steps, args.short_steps)}
+    fits: dict[str, list[float]] = {"baseline": [], **{k: [] for k in levels}}
+    step: dict[str, list[float]] = {k: [] for k in fits}
+    spent: dict[str, list[dict[str, float]]] = {k: [] for k in fits}
     run_fit(factory, data, 2, None)  # warm-up
     for r in range(args.rounds):
-        for level in times:
+        for level in fits:
             log_dir = tmp / "log"
-            for steps, record in ((args.short_steps, short), (args.steps, times)):
-                shutil.rmtree(log_dir, ignore_errors=True)
-                tracker = None if level == "baseline" else InfluenceTracker(str(log_dir), **LEVELS[level])
-                record[level].append(run_fit(factory, data, steps, tracker))
-                for key, value in SPENT.items():
-                    spent[level, steps][key].append(value)
+            shutil.rmtree(log_dir, ignore_errors=True)
+            tracker = None if level == "baseline" else InfluenceTracker(str(log_dir), **LEVELS[level])
+            total, per_step, threads = run_fit(factory, data, args.steps, tracker, args.warmup)
+            fits[level].append(total)
+            step[level].append(per_step)
+            spent[level].append(threads)
             shutil.rmtree(log_dir, ignore_errors=True)
         print(f"  {name}: round {r + 1}/{args.rounds} done", file=sys.stderr)
-    base, base_short = min(times["baseline"]), min(short["baseline"])
-    base_step = (base - base_short) / (args.steps - args.short_steps)
+    base = step["baseline"]
     rows = []
     for level in levels:
-        added_long, added_short = min(times[level]) - base, min(short[level]) - base_short
-        per_step = (added_long - added_short) / (args.steps - args.short_steps)
-        threads = {f"{key}_ms_per_step": 1e3 * (min(spent[level, args.steps][key]) - min(spent[level, args.short_steps][key]))
-                   / (args.steps - args.short_steps) for key in SPENT}
+        ratios = [s / b for s, b in zip(step[level], base)]
+        added = [1e3 * (s - b) for s, b in zip(step[level], base)]
+        threads = {f"{key}_ms_per_step": statistics.median(1e3 * sp[key] for sp in spent[level]) for key in SPENT}
         rows.append({**threads,
-            "level": level, "ratio": min(times[level]) / base,
-            "median_round_ratio": statistics.median(t / b for t, b in zip(times[level], times["baseline"])),
-            "steady_ratio": 1 + per_step / base_step, "target": TARGETS.get(level),
-            "added_ms_per_step": 1e3 * per_step, "added_s_per_fit": added_short - args.short_steps * per_step,
+            "level": level, "ratio": statistics.median(ratios), "ratio_low": min(ratios), "ratio_high": max(ratios),
+            "round_ratios": ratios, "target": TARGETS.get(level), "added_ms_per_step": statistics.median(added),
+            "fit_ratio": min(fits[level]) / min(fits["baseline"]),
         })
-    return {"baseline_fit_s": base, "baseline_ms_per_step": 1e3 * base_step, "levels": rows,
-            "times": times, "short_times": short}
+    return {"baseline_ms_per_step": 1e3 * statistics.median(base), "levels": rows, "fit_s": fits,
+            "step_s": step}
 
 
 def where_it_goes(row: dict[str, Any]) -> dict[str, float]:
@@ -234,23 +253,23 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
           f"own hooked pass {c['own_pass_ms']:.1f} ms, vmap {c['vmap_ms']:.1f} ms")
     print(f"  per-sample gradients: hooks {c['hooks_samples_per_s']:.0f} samples/s, vmap {c['vmap_samples_per_s']:.0f} "
           f"samples/s ({c['vmap_ms'] / c['own_pass_ms']:.1f}x)")
-    print(f"  {'level':<24}{'ratio':>7}{'median':>8}{'steady':>8}{'target':>8}{'met':>5}{'+ms/step':>10}"
-          f"{'hooks':>8}{'passes':>8}{'fd':>6}{'tracker':>8}{'writer':>8}{'other':>8}{'s/fit':>7}")
+    print(f"  {'level':<24}{'ratio':>7}{'spread':>13}{'target':>8}{'met':>5}{'+ms/step':>10}"
+          f"{'hooks':>8}{'passes':>8}{'fd':>6}{'tracker':>8}{'writer':>8}{'other':>8}{'fit':>7}")
     for row in fits["levels"]:
         tgt, split = row["target"], where_it_goes(row)
-        met = "-" if tgt is None else ("yes" if row["steady_ratio"] <= tgt else "NO")
-        print(f"  {row['level']:<24}{row['ratio']:>7.3f}{row['median_round_ratio']:>8.3f}{row['steady_ratio']:>8.3f}"
-              f"{'-' if tgt is None else f'{tgt:.2f}':>8}{met:>5}{row['added_ms_per_step']:>10.2f}"
-              f"{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['fd']:>6.2f}{split['tracker']:>8.2f}{split['writer']:>8.2f}"
-              f"{split['other']:>8.2f}{row['added_s_per_fit']:>7.2f}")
+        met = "-" if tgt is None else ("yes" if row["ratio"] <= tgt else "NO")
+        spread = f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}"
+        print(f"  {row['level']:<24}{row['ratio']:>7.3f}{spread:>13}{'-' if tgt is None else f'{tgt:.2f}':>8}{met:>5}"
+              f"{row['added_ms_per_step']:>10.2f}{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['fd']:>6.2f}{split['tracker']:>8.2f}"
+              f"{split['writer']:>8.2f}{split['other']:>8.2f}{row['fit_ratio']:>7.3f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--levels", default=",".join(LEVELS), help="comma-separated level names")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--short-steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=120, help="steps per fit (the default holds two 50-step segment writes)")
+    ap.add_argument("--warmup", type=int, default=10, help="first steps of each fit left out of the per-step time")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
@@ -274,13 +293,12 @@ def main() -> None:
             report(name, costs, fits)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\ntimes: {args.clock} clock. ratio: fastest fit with the tracker / fastest without; median: of the per-round "
-          "ratios; steady: 1 + added ms/step over the step without tracker (per-fit costs amortised), compared with "
-          "the target; in the fits, thread CPU per step: hooks: the layer engines in the step's forward/backward; "
+    print(f"\ntimes: {args.clock} clock. ratio: a level's step over the step without the tracker, timed inside "
+          "alternating fits (mean over the steps after the warm-up), median over rounds; spread: lowest-highest round; "
+          "met: median within the target; per step, thread CPU: hooks: the layer engines in the step's forward/backward; "
           "passes: the HVP scheme's gradient passes; fd: the finite differences around them (eps, perturbed parameters, "
-          "differences, kink guard); tracker: the rest of the tracker's per-step hooks (bookkeeping, "
-          "projection); writer: the log writer's background thread; other: the remainder "
-          "(hook dispatch, loss observer, noise)")
+          "differences, kink guard); tracker: the rest of the tracker's per-step hooks (bookkeeping, projection); writer: the log writer's background thread; other: the remainder "
+          "(hook dispatch, loss observer, noise); fit: fastest whole fit over the fastest without (per-fit costs in)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": results, "args": vars(args)}, indent=2))

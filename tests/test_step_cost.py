@@ -76,3 +76,41 @@ def test_collected_rows_equal_projected_brute_force(twice):
         g = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), [params[n] for n in names])
         expected.append(projector.project({n: t[None] for n, t in zip(names, g)})[0])
     assert torch.allclose(rows, torch.stack(expected), rtol=1e-10, atol=1e-12)
+
+
+_NORMS = {
+    "layernorm": lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)),
+    "layernorm-2d-shape": lambda: nn.Sequential(nn.Linear(6, 8), nn.Unflatten(1, (2, 4)), nn.LayerNorm((2, 4)),
+                                                nn.Flatten(), nn.Linear(8, 3)),
+    "groupnorm": lambda: nn.Sequential(nn.Unflatten(1, (6, 1, 1)), nn.Conv2d(6, 8, 1, padding=1), nn.GroupNorm(4, 8),
+                                       nn.Flatten(), nn.Linear(72, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_NORMS))
+def test_layer_and_group_norm_reuse_the_forward_statistics(monkeypatch, case):
+    """LayerNorm and GroupNorm rows come from the statistics their forward saved (the normalisation is not run
+    again: it would fail here) and equal projected brute-force per-sample autograd (float64, inputs off-centre)."""
+    torch.manual_seed(0)
+    model = _NORMS[case]().double()
+    x, y = torch.randn(5, 6, dtype=torch.float64) * 3 + 2, torch.randint(0, 3, (5,))
+    names = select_params(model)
+    projector = KroneckerProjector({n: p.shape for n, p in model.named_parameters()}, 6)
+    capture = HookGradientCapture(model, names, projector)
+    capture.enable()
+    loss = nn.functional.cross_entropy(model(x), y, reduction="none").mean()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the normalisation was recomputed")
+
+    from lightning_influence.capture import layers
+    with monkeypatch.context() as patch:  # the backward, where the output-gradient hooks form the blocks
+        patch.setattr(layers.F, "layer_norm", refused)
+        patch.setattr(layers.F, "group_norm", refused)
+        loss.backward()
+    capture.disable()
+    rows = capture.collect(torch.full((5,), 0.2, dtype=torch.float64))
+    params = dict(model.named_parameters())
+    expected = torch.stack([projector.project({n: t[None] for n, t in zip(names, torch.autograd.grad(
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), [params[n] for n in names]))})[0] for i in range(5)])
+    assert torch.allclose(rows, expected, rtol=1e-10, atol=1e-12)

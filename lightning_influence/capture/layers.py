@@ -21,7 +21,8 @@ backward pass, which leaves only ``(B, k)`` blocks to sum.
   ``P_r`` at the sample's token ids (``padding_idx`` rows get no gradient).
 - ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``: the weight gradient is
   ``sum g * x_hat`` and the bias gradient ``sum g`` over all but the parameter's dims; ``x_hat``
-  is recomputed from the saved input with the module's own normalisation.
+  comes from the mean and rstd the forward saved for autograd (LayerNorm, GroupNorm: a GroupNorm's sums are
+  its own fused backward over the batch as one sample of ``B·C`` channels) or is recomputed (RMSNorm).
 - ``nn.MultiheadAttention`` (``in_proj_weight/bias``, ``out_proj.weight/bias``): its forward
   calls ``F.multi_head_attention_forward``, which never runs ``out_proj``'s module hooks. While
   the module runs, ``F.linear`` is routed through a recorder that treats each call whose weight
@@ -36,6 +37,7 @@ interact inside the layer. Computations run in ``float32`` or wider.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -81,7 +83,7 @@ class LayerEngine:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
             if not active() or not isinstance(output, Tensor) or not output.requires_grad:
                 return
-            record: Record = [self.save(module, args[0] if args else kwargs["input"], targets, projector), None,
+            record: Record = [self.save(module, args[0] if args else kwargs["input"], targets, projector, output), None,
                               get_gradient_edge(output)]
             records.append(record)
 
@@ -93,8 +95,10 @@ class LayerEngine:
 
         return [mod.register_forward_hook(hook, with_kwargs=True)]
 
-    def save(self, mod: nn.Module, inp: Tensor, targets: Mapping[str, str], projector: KroneckerProjector) -> Any:
-        """What the gradient formula needs from the forward: the detached input by default."""
+    def save(self, mod: nn.Module, inp: Tensor, targets: Mapping[str, str], projector: KroneckerProjector,
+             output: Tensor | None = None) -> Any:
+        """What the gradient formula needs from the forward (``output``: the call's output): the detached input by
+        default."""
         return inp.detach()
 
     def blocks(self, mod: nn.Module, saved: Any, g_out: Tensor, targets: Mapping[str, str],
@@ -106,7 +110,7 @@ class LayerEngine:
 class LinearEngine(LayerEngine):
     types = (nn.Linear,)
 
-    def save(self, mod, inp, targets, projector):
+    def save(self, mod, inp, targets, projector, output=None):
         return projector.project_cols(targets["weight"], _tokens(inp.detach())) if "weight" in targets else None
 
     def blocks(self, mod, saved, g_out, targets, projector):
@@ -158,7 +162,7 @@ class ConvEngine(LayerEngine):
     types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     _conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-    def save(self, mod, inp, targets, projector):
+    def save(self, mod, inp, targets, projector, output=None):
         """``unfold(x) P_c`` ``(B, groups, k_cols, L)`` as a convolution of ``x`` with kernel ``P_c``."""
         if "weight" not in targets:
             return None
@@ -197,9 +201,17 @@ class ConvEngine(LayerEngine):
 
 
 class NormEngine(LayerEngine):
-    """LayerNorm, GroupNorm, RMSNorm affine parameters: ``sum g * x_hat`` and ``sum g``."""
+    """LayerNorm, GroupNorm, RMSNorm affine parameters: ``sum g * x_hat`` and ``sum g``.
+
+    LayerNorm and GroupNorm reuse the statistics their forward saved for autograd (``mean``, ``rstd``;
+    ``_normalised`` recomputes them where the node does not hold them, and always for RMSNorm), so that no
+    normalisation is recomputed: a GroupNorm's per-sample sums are one fused pass of PyTorch's own GroupNorm
+    backward over the batch laid out as one sample of ``B·C`` channels, a LayerNorm's ``x_hat`` is
+    ``(x − mean) rstd`` (``docs/per-sample-gradients.md``, the table of layers).
+    """
 
     types = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+    _nodes = {nn.LayerNorm: "NativeLayerNormBackward0", nn.GroupNorm: "NativeGroupNormBackward0"}
 
     @staticmethod
     def _normalised(mod: nn.Module, x: Tensor) -> Tensor:
@@ -209,19 +221,80 @@ class NormEngine(LayerEngine):
             return F.group_norm(x, mod.num_groups, None, None, mod.eps)
         return F.rms_norm(x, mod.normalized_shape, None, mod.eps)
 
-    def blocks(self, mod, x, g_out, targets, projector):
+    def save(self, mod, inp, targets, projector, output=None):
+        """``(input, (mean, rstd) of the forward or None)``."""
+        node = getattr(output, "grad_fn", None)
+        stats = None
+        if "weight" in targets and type(node).__name__ == self._nodes.get(type(mod)):
+            mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
+            if isinstance(mean, Tensor) and isinstance(rstd, Tensor):
+                stats = (mean.detach(), rstd.detach())
+        return inp.detach(), stats
+
+    def blocks(self, mod, saved, g_out, targets, projector):
+        x, stats = saved
         g = _wide(g_out)
+        weight, bias = targets.get("weight"), targets.get("bias")
+        sums = None
+        if stats is not None and isinstance(mod, nn.GroupNorm):
+            sums = _group_norm_sums(mod, g, _wide(x), stats, weight is not None, bias is not None)
+        elif stats is not None:
+            sums = _layer_norm_sums(mod, g, _wide(x), stats, weight is not None, bias is not None)
+        if sums is None:
+            sums = self._recomputed_sums(mod, g, x, weight is not None, bias is not None)
+        out: Blocks = {}
+        if weight is not None:
+            out[weight] = projector.project_tensor(weight, sums[0])
+        if bias is not None:
+            out[bias] = projector.project_tensor(bias, sums[1])
+        return out
+
+    def _recomputed_sums(self, mod: nn.Module, g: Tensor, x: Tensor, weight: bool, bias: bool
+                         ) -> tuple[Tensor | None, Tensor | None]:
+        """``(sum g * x_hat, sum g)`` with ``x_hat`` recomputed by the module's own normalisation."""
         if isinstance(mod, nn.GroupNorm):  # (B, C, *): parameters per channel
             reduce = tuple(range(2, g.ndim))
         else:  # (B, *, *normalized_shape)
             reduce = tuple(range(1, g.ndim - len(mod.normalized_shape)))
         total = (lambda t: t.sum(reduce)) if reduce else (lambda t: t)  # sum(()) would sum everything
-        out: Blocks = {}
-        if "weight" in targets:
-            out[targets["weight"]] = projector.project_tensor(targets["weight"], total(g * self._normalised(mod, _wide(x))))
-        if "bias" in targets:
-            out[targets["bias"]] = projector.project_tensor(targets["bias"], total(g))
-        return out
+        return (total(g * self._normalised(mod, _wide(x))) if weight else None), (total(g) if bias else None)
+
+
+def _group_norm_sums(mod: nn.GroupNorm, g: Tensor, x: Tensor, stats: tuple[Tensor, Tensor], weight: bool, bias: bool
+                     ) -> tuple[Tensor | None, Tensor | None] | None:
+    """Per-sample ``(Σ_s g x_hat, Σ_s g)`` ``(B, C)`` of a GroupNorm: PyTorch's GroupNorm backward, whose parameter
+    gradients sum over the batch, run on the batch as one sample of ``B·C`` channels in ``B·G`` groups (with the
+    forward's mean and rstd), so that its sums are per sample. ``None`` if the statistics do not fit."""
+    batch, channels, groups = x.shape[0], x.shape[1], mod.num_groups
+    mean, rstd = stats
+    if mean.numel() != batch * groups or rstd.numel() != batch * groups or x.dim() < 2:
+        return None
+    spatial = x[0, 0].numel()
+    ones = torch.ones(batch * channels, dtype=g.dtype, device=g.device)
+    _, dw, db = torch.ops.aten.native_group_norm_backward(
+        g.reshape(1, batch * channels, spatial), x.reshape(1, batch * channels, spatial),
+        mean.to(g.dtype).reshape(1, -1), rstd.to(g.dtype).reshape(1, -1), ones, 1, batch * channels, spatial,
+        batch * groups, [False, weight, bias])
+    return (dw.reshape(batch, channels) if weight else None), (db.reshape(batch, channels) if bias else None)
+
+
+def _layer_norm_sums(mod: nn.LayerNorm, g: Tensor, x: Tensor, stats: tuple[Tensor, Tensor], weight: bool, bias: bool
+                     ) -> tuple[Tensor | None, Tensor | None] | None:
+    """Per-sample ``(Σ g x_hat, Σ g)`` of a LayerNorm, ``x_hat = (x − mean) rstd`` from the forward's statistics
+    (not recomputed: two passes over the input fewer). ``None`` if the statistics do not fit."""
+    dims = len(mod.normalized_shape)
+    mean, rstd = stats
+    lead = x.shape[:x.dim() - dims]
+    if mean.numel() != math.prod(lead) or rstd.numel() != math.prod(lead) or len(lead) < 1:
+        return None
+    shape = (*lead, *([1] * dims))
+    reduce = tuple(range(1, len(lead)))
+    total = (lambda t: t.sum(reduce)) if reduce else (lambda t: t)
+    w = None
+    if weight:
+        x_hat = (x - mean.to(g.dtype).reshape(shape)).mul_(rstd.to(g.dtype).reshape(shape))
+        w = total(x_hat.mul_(g))
+    return w, (total(g) if bias else None)
 
 
 class AttentionEngine(LayerEngine):
