@@ -142,3 +142,20 @@ def test_fd_diffin_rounding_noise_is_flagged(relu_log):
                     window=(6, 12), form="step", hvp="fd")
     assert fd.info["fd_unreliable"] and fd.info["fd_asymmetry"] > fd_module.NOISE_LIMIT
     assert "[FD unreliable]" in fd.method
+
+
+@pytest.mark.slow
+def test_fd_diffin_self_influence_split_over_two_processes_equals_one_process(relu_log):
+    """Split by steps (2 gloo processes, each with its own float64 copy and check): the scores, and the summed
+    kink/product counts and the median asymmetry of every process's products, equal one process's."""
+    from lightning_influence.distributed import Processes, by_steps
+
+    kw = dict(module=TinyTransformer(), train_data=train_data, loss_fn=loss_fn, window=(4, 12), form="step", hvp="fd")
+    want = diffin_self_influence(relu_log, **kw)
+    got = by_steps(diffin_self_influence, relu_log, None, Processes(devices=2, timeout_s=120), **kw)
+    assert got.info["processes"] == 2 and got.info["fd_dtype"] == want.info["fd_dtype"] == "float64"
+    for key in ("fd_products", "fd_kinks", "fd_checked", "fd_blowups", "hvp_products"):
+        assert got.info[key] == want.info[key], key
+    assert got.info["fd_products"] == 12 * 10 and "fd_fallback" not in got.info
+    assert got.info["fd_asymmetry"] == pytest.approx(want.info["fd_asymmetry"], rel=1e-6)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-10, atol=1e-12 * np.abs(want.scores).max())

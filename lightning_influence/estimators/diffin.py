@@ -2,7 +2,7 @@
 
 Two forms, both reading the tracker's log (ids, learning rates, per-sample gradients, the
 finite-difference products ``H_{z,t} Ĝ_t``) and taking the Hessian-vector products they need
-by central differences of first-order gradients (``hvp="fd"``) or exactly by
+by central differences of first-order gradients in float64 (``hvp="fd"``, :mod:`.fd`, as DIT) or exactly by
 forward-over-reverse (``hvp="exact"``, to measure what the finite differences cost).
 The derivation, its assumptions and the measurements are in ``docs/diffin.md``.
 
@@ -320,10 +320,12 @@ def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, 
         form: ``"published"`` (default: the paper's checkpoint form, the CLI's ``--method diffin``)
             or ``"step"`` (per-step cumulative form, docs/diffin.md; ``--method diffin-step``).
         hvp: ``"exact"`` (default: forward-over-reverse, also for ``H_z Ĝ`` instead of the logged rows)
-            or ``"fd"`` (central differences of first-order gradients, checked: curvatures beyond the
-            stability edge are counted in ``info["fd_blowups"]``, tagged in the method name and warned about).
-        eps0: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ‖θ‖)/√p`` (default 1e-5 in
-            float64, 1e-3 otherwise; the logged ``H_z Ĝ`` rows keep the tracker's ``hvp_eps``).
+            or ``"fd"`` (central differences of first-order gradients in float64, DIT's
+            :mod:`~lightning_influence.estimators.fd`; checked: kinks, noise and curvatures beyond the
+            stability edge are counted in ``info``, tagged in the method name and warned about).
+        eps0: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ‖θ‖)/√p`` (default 1e-6 in the float64
+            evaluation, :func:`~lightning_influence.estimators.fd.native_eps0` on its fallback; the logged
+            ``H_z Ĝ`` rows keep the tracker's ``hvp_eps``).
         steps: published form, ``samples="all"``: the ``m`` selected steps ``T_m``: an int ``m``
             (evenly spaced in the window; default ``min(20, t2 − t1)``), a list of steps, or ``"all"``.
         samples: published form: ``"batch"`` (the default there: the rows of ``B_t`` at every step,
