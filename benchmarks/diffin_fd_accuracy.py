@@ -37,10 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import ce_loss, quiet_setup  # noqa: E402
-from fd_accuracy import TARGET, errors, run_configs, train_run  # noqa: E402
-from random_runs import digits_data  # noqa: E402
-from step_runs import run_all  # noqa: E402
+from accuracy import ce_loss  # noqa: E402
+from fd_accuracy import TARGET, errors, run_chosen, run_parser, train_run  # noqa: E402
 
 from lightning_influence.estimators.diffin import diffin, diffin_self_influence  # noqa: E402
 from lightning_influence.estimators.diffin_context import _Context  # noqa: E402
@@ -132,25 +130,14 @@ def print_table(name: str, res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n-train", type=int, default=60)
-    parser.add_argument("--n-val", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clip", type=float, default=0.1, help="gradient_clip_val (norm) of the clipping runs")
+    parser = run_parser(__doc__)
     parser.add_argument("--m", type=int, default=4, help="selected steps of the published form")
     parser.add_argument("--configs", default="mlp-dropout,mlp-clip,transformer,transformer-nodrop",
                         help="comma-separated config names of fd_accuracy.py, or 'all'")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "diffin_fd_accuracy.json"))
     args = parser.parse_args(argv)
-    quiet_setup(args.threads)
-    configs = run_configs(args.clip)
-    chosen = list(configs) if args.configs == "all" else args.configs.split(",")
-    data = digits_data(args.n_train, args.n_val, args.seed)
-    return run_all(args, chosen, lambda name, work: run_config(name, configs[name], data, args, work), print_table,
-                   "li-diffin-fd-accuracy-")
+    return run_chosen(args, run_config, print_table, "li-diffin-fd-accuracy-")
 
 
 if __name__ == "__main__":
