@@ -117,3 +117,35 @@ def test_leave_process_group_joins_gloo_threads_and_ends_the_group(ok):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[-2] == "True False []"
+
+
+_DDP_SCRIPT = r"""
+import atexit, os, sys
+from pathlib import Path
+from lightning_influence import distributed
+
+def query_threads():
+    names = (Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+    return sorted(n for n in names if n.startswith(("gloo", "pt_", "influence-log")))
+
+# registered before the query: runs after distributed's own exit handler (atexit is last in, first out)
+atexit.register(lambda: print(f"EXIT {os.environ.get('LOCAL_RANK', '0')} {query_threads()}", flush=True))
+if __name__ == "__main__":
+    res = distributed.run("tracin_self_influence", sys.argv[1], devices=2, strategy="ddp", timeout_s=60)
+    print(f"RESULT {res.scores.shape} {len(query_threads()) > 0}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_processes_that_go_on_after_the_query_end_its_group_at_exit(log_dir, tmp_path):
+    """Under ``strategy="ddp"`` (the CLI's ``--devices``) each process goes on after the query, with the group alive;
+    it ends the group at its exit, before the interpreter's teardown."""
+    script = tmp_path / "query.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, str(script), log_dir], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert sorted(ln for ln in lines if ln.startswith("RESULT")) == ["RESULT (24, 1) True"] * 2  # alive after the query
+    assert sorted(ln for ln in lines if ln.startswith("EXIT")) == ["EXIT 0 []", "EXIT 1 []"]
