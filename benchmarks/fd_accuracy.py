@@ -98,13 +98,56 @@ def product_cost(log: Any, Net: Any, train_ds: Any, columns: int, reps: int) -> 
     return {**out, "fd_over_exact": out["fd"] / out["exact"], "before_over_exact": out["fd_before"] / out["exact"]}
 
 
-def run_config(name: str, cfg: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run_configs(clip: float) -> dict[str, dict[str, Any]]:
+    """The float32 runs of the benchmark by name (``clip``: gradient_clip_val of the clipping runs)."""
+    accum = {"gradient_clip_val": clip, "accumulate_grad_batches": 2}
+    return {
+        "mlp-dropout": {"kind": "mlp", "trainer": {}},
+        "mlp-clip": {"kind": "mlp", "trainer": {"gradient_clip_val": clip}},
+        "mlp-accum2": {"kind": "mlp", "batch_size": 24, "trainer": {"accumulate_grad_batches": 2}},
+        "mlp-bf16": {"kind": "mlp", "trainer": {"precision": "bf16-mixed"}},
+        "transformer": {"kind": "transformer", "trainer": {}},
+        "transformer-nodrop": {"kind": "transformer", "dropout": 0.0, "trainer": {}},
+        "transformer-clip-accum2": {"kind": "transformer", "batch_size": 24, "trainer": accum},
+    }
+
+
+def train_run(name: str, cfg: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, workdir: Path
+              ) -> tuple[Any, Any, Any, Any]:
+    """``(log, Net, train_ds, query)`` of one float32 run, trained with the tracker."""
     sgd = {"lr": 0.1 if cfg["kind"] == "mlp" else 0.05, "weight_decay": 1e-3, "step_epochs": 3, "gamma": 0.5}
     Net = make_net(cfg["kind"], **sgd, dropout=cfg.get("dropout"))
     train_ds, val = inputs(cfg["kind"], data, torch.float32)
     log = train(str(workdir / name), Net, train_ds, args.epochs, cfg.get("batch_size", args.batch_size), args.seed,
                 dtype=torch.float32, **cfg["trainer"])
-    query = eval_query(val)
+    return log, Net, train_ds, eval_query(val)
+
+
+def run_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A parser with the arguments of the runs (data, training, clipping) for a benchmark with docstring ``doc``."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    parser.add_argument("--n-train", type=int, default=60)
+    parser.add_argument("--n-val", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip", type=float, default=0.1, help="gradient_clip_val (norm) of the clipping runs")
+    return parser
+
+
+def run_chosen(args: argparse.Namespace, run_config: Any, print_table: Any, prefix: str) -> dict[str, Any]:
+    """``run_config(name, cfg, data, args, workdir)`` for each of ``args.configs`` (names of :func:`run_configs` or
+    'all'), each table printed as it comes (``print_table``), all results written to ``args.out``."""
+    quiet_setup(args.threads)
+    configs = run_configs(args.clip)
+    chosen = list(configs) if args.configs == "all" else args.configs.split(",")
+    data = digits_data(args.n_train, args.n_val, args.seed)
+    return run_all(args, chosen, lambda name, work: run_config(name, configs[name], data, args, work), print_table,
+                   prefix)
+
+
+def run_config(name: str, cfg: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    log, Net, train_ds, query = train_run(name, cfg, data, args, workdir)
     wins = windows_of(log)
     grid = sorted({t for w in wins.values() for t in w})
     out: dict[str, Any] = {"trainer": cfg["trainer"], "T": log.num_steps, "N": log.dataset_size,
@@ -155,13 +198,7 @@ def print_table(name: str, res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n-train", type=int, default=60)
-    parser.add_argument("--n-val", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clip", type=float, default=0.1, help="gradient_clip_val (norm) of the clipping runs")
+    parser = run_parser(__doc__)
     parser.add_argument("--eps0", type=lambda s: [float(x) for x in s.split(",")], default=[fd_module.FD_EPS0],
                         help="comma-separated ε_0 of the float64 products")
     parser.add_argument("--reps", type=int, default=7, help="repetitions of the per-step product timing")
@@ -169,21 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fd_accuracy.json"))
     args = parser.parse_args(argv)
-    quiet_setup(args.threads)
-    accum = {"gradient_clip_val": args.clip, "accumulate_grad_batches": 2}
-    configs = {
-        "mlp-dropout": {"kind": "mlp", "trainer": {}},
-        "mlp-clip": {"kind": "mlp", "trainer": {"gradient_clip_val": args.clip}},
-        "mlp-accum2": {"kind": "mlp", "batch_size": 24, "trainer": {"accumulate_grad_batches": 2}},
-        "mlp-bf16": {"kind": "mlp", "trainer": {"precision": "bf16-mixed"}},
-        "transformer": {"kind": "transformer", "trainer": {}},
-        "transformer-nodrop": {"kind": "transformer", "dropout": 0.0, "trainer": {}},
-        "transformer-clip-accum2": {"kind": "transformer", "batch_size": 24, "trainer": accum},
-    }
-    chosen = list(configs) if args.configs == "all" else args.configs.split(",")
-    data = digits_data(args.n_train, args.n_val, args.seed)
-    return run_all(args, chosen, lambda name, work: run_config(name, configs[name], data, args, work), print_table,
-                   "li-fd-accuracy-")
+    return run_chosen(args, run_config, print_table, "li-fd-accuracy-")
 
 
 if __name__ == "__main__":

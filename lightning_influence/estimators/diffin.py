@@ -2,7 +2,7 @@
 
 Two forms, both reading the tracker's log (ids, learning rates, per-sample gradients, the
 finite-difference products ``H_{z,t} Ĝ_t``) and taking the Hessian-vector products they need
-by central differences of first-order gradients (``hvp="fd"``) or exactly by
+by central differences of first-order gradients in float64 (``hvp="fd"``, :mod:`.fd`, as DIT) or exactly by
 forward-over-reverse (``hvp="exact"``, to measure what the finite differences cost).
 The derivation, its assumptions and the measurements are in ``docs/diffin.md``.
 
@@ -64,7 +64,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_influence.capture.hvp import KINK_SHARE_LIMIT
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.estimators.diffin_context import (FD_EDGE, HVP_MODES, Vectors, _check_fd, _Context, _curvature,
                                                            batch_hvp)
@@ -188,10 +187,8 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
         scores = np.zeros((N, 1))  # a process with no selected step of its own (self-influence: one column)
     info = {"form": "published", "samples": samples, "steps": selected, "m": m, "hvp_products": n_hvp, "raw_sign": -1,
             "shard_steps": [own[0], own[-1] + 1] if own else []}
-    if ctx.hvp == "fd":
-        info["eps0"] = ctx.eps0
-        if samples == "batch":
-            info["logged_hvp_eps0"] = log.meta.get("hvp", {}).get("eps0")
+    if ctx.hvp == "fd" and samples == "batch":
+        info["logged_hvp_eps0"] = log.meta.get("hvp", {}).get("eps0")
     return scores, names, info
 
 
@@ -238,13 +235,24 @@ def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int
 
 # ================================================================================ public API
 def _combine(ctx: _Context, info: dict[str, Any], shard: StepShard, steps: list[int]) -> None:
-    """The counts of every process (products, finite-difference checks, replay drift) into this process's ``ctx`` and
-    ``info``, with each process's steps and seconds in ``info["per_rank"]``."""
-    counts = shard.sum(np.array([info["hvp_products"], ctx.fd_checked, ctx.fd_blowups, ctx.fd_kinks, ctx.fd_products],
+    """The counts of every process (products, finite-difference checks and noise, fallbacks, replay drift) into this
+    process's ``ctx`` and ``info``, with each process's steps and seconds in ``info["per_rank"]``."""
+    fd = ctx.fd
+    kinks, products = (fd.kinks, fd.products) if fd is not None else (0, 0)
+    counts = shard.sum(np.array([info["hvp_products"], ctx.fd_checked, ctx.fd_blowups, kinks, products],
                                 dtype=np.float64))
-    info["hvp_products"], ctx.fd_checked, ctx.fd_blowups, ctx.fd_kinks, ctx.fd_products = (int(c) for c in counts)
-    parts = shard.gather({"rank": shard.rank, "steps": steps, "seconds": info["seconds"],
-                          "drift": ctx.drift.checkpoints})
+    info["hvp_products"], ctx.fd_checked, ctx.fd_blowups, kinks, products = (int(c) for c in counts)
+    mine: dict[str, Any] = {"rank": shard.rank, "steps": steps, "seconds": info["seconds"], "drift": ctx.drift.checkpoints}
+    if fd is not None:  # every process's one-sided disagreements, for one median; a fallback on any process
+        mine["fd"] = (torch.cat(fd.asymmetries).double().cpu().numpy() if fd.asymmetries else np.zeros(0),
+                      fd.fallback)
+    parts = shard.gather(mine)
+    if fd is not None:
+        fd.kinks, fd.products = kinks, products
+        fd.asymmetries = [torch.from_numpy(np.concatenate([p["fd"][0] for p in parts]))]
+        fd.fallback = next((p["fd"][1] for p in parts if p["fd"][1] is not None), None)
+        for p in parts:
+            p.pop("fd")
     ctx.drift.checkpoints = sorted({c for p in parts for c in p.pop("drift")})  # a checkpoint two replays passed: once
     info.update(processes=shard.world, per_rank=parts)
 
@@ -278,16 +286,14 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
     if shard.world > 1:
         _combine(ctx, info, shard, own)
     info["replay_drift"] = ctx.drift.summary()
-    if hvp == "fd":
-        info.update(eps0=ctx.eps0, fd_checked=ctx.fd_checked, fd_blowups=ctx.fd_blowups, fd_kinks=ctx.fd_kinks,
-                    fd_products=ctx.fd_products)
+    if ctx.fd is not None:
+        info.update(fd_checked=ctx.fd_checked, fd_blowups=ctx.fd_blowups, **ctx.fd.info())
         problems = []
         if ctx.fd_blowups:
             problems.append(f"{ctx.fd_blowups} of {ctx.fd_checked} curvatures lie beyond the SGD stability edge "
                             f"(|κ|·η > {FD_EDGE:g})")
-        if ctx.fd_kinks > KINK_SHARE_LIMIT * ctx.fd_products:
-            problems.append(f"{ctx.fd_kinks} of {ctx.fd_products} products crossed a kink (over "
-                            f"{KINK_SHARE_LIMIT:.0%}: ε is too large for this model)")
+        if ctx.fd.unreliable():
+            problems.append(str(ctx.fd.unreliable()))
         if problems:
             info["fd_unreliable"] = True
             method += " [FD unreliable]"
@@ -314,10 +320,12 @@ def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, 
         form: ``"published"`` (default: the paper's checkpoint form, the CLI's ``--method diffin``)
             or ``"step"`` (per-step cumulative form, docs/diffin.md; ``--method diffin-step``).
         hvp: ``"exact"`` (default: forward-over-reverse, also for ``H_z Ĝ`` instead of the logged rows)
-            or ``"fd"`` (central differences of first-order gradients, checked: curvatures beyond the
-            stability edge are counted in ``info["fd_blowups"]``, tagged in the method name and warned about).
-        eps0: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ‖θ‖)/√p`` (default 1e-5 in
-            float64, 1e-3 otherwise; the logged ``H_z Ĝ`` rows keep the tracker's ``hvp_eps``).
+            or ``"fd"`` (central differences of first-order gradients in float64, DIT's
+            :mod:`~lightning_influence.estimators.fd`; checked: kinks, noise and curvatures beyond the
+            stability edge are counted in ``info``, tagged in the method name and warned about).
+        eps0: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ‖θ‖)/√p`` (default 1e-6 in the float64
+            evaluation, :func:`~lightning_influence.estimators.fd.native_eps0` on its fallback; the logged
+            ``H_z Ĝ`` rows keep the tracker's ``hvp_eps``).
         steps: published form, ``samples="all"``: the ``m`` selected steps ``T_m``: an int ``m``
             (evenly spaced in the window; default ``min(20, t2 − t1)``), a list of steps, or ``"all"``.
         samples: published form: ``"batch"`` (the default there: the rows of ``B_t`` at every step,

@@ -1,6 +1,7 @@
 """What every Diff-In pass needs (:mod:`lightning_influence.estimators.diffin`): the log, model and data of a run
-(:class:`_Context`), the batch and per-sample Hessian-vector products (finite differences or exact), and the
-curvature along a direction with its finite-difference check (docs/diffin.md). No Lightning imports.
+(:class:`_Context`), the batch and per-sample Hessian-vector products (finite differences, taken in float64 by
+:class:`~lightning_influence.estimators.fd.FiniteDifferenceProducts` as DIT's, or exact), and the curvature along a
+direction with its finite-difference check (docs/diffin.md). No Lightning imports.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 from torch.utils import _pytree as pytree
 
-from lightning_influence.capture.hvp import (KINK_GUARD, default_eps0, fd_directional_derivative, guarded_difference,
-                                            parameter_epsilon)
+from lightning_influence.capture.hvp import unflatten
 from lightning_influence.capture.per_sample import per_sample_grads_vmap
 from lightning_influence.capture.projection import KroneckerProjector
+from lightning_influence.estimators.fd import FiniteDifferenceProducts, upcast
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, query_gradients, query_names
 from lightning_influence.replay import TrainData, batch_from_ids, checkpoint_params, functional_loss, load_step, replay
 from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
 from lightning_influence.step.micro import Step, per_sample_grads_masked
+from lightning_influence.step.precision import Precision
 
 __all__ = ["FD_EDGE", "HVP_MODES", "Vectors", "batch_hvp"]
 
@@ -52,13 +54,16 @@ class _Context:
         self.hvp, self.verify, self.chunk_size = hvp, verify, chunk_size
         ref = checkpoint_params(log, module, log.checkpoint_steps[0])
         self.dtype = next(iter(ref.values())).dtype
-        self.eps0 = default_eps0(self.dtype) if eps0 is None else float(eps0)
         self.fd_checked = self.fd_blowups = 0  # finite-difference curvatures checked / beyond the stability edge
-        self.fd_kinks = self.fd_products = 0  # batch products whose one-sided differences disagreed (guarded) / all
-        if self.eps0 <= 0:
+        if eps0 is not None and not float(eps0) > 0:
             raise ValueError(f"eps0 must be > 0, got {eps0}")
         self.names = log.param_names  # tracked: the logged columns
         self.shapes = {n: tuple(ref[n].shape) for n in self.names}
+        # hvp="fd": every product (batch and per-sample) through DIT's float64 finite differences, with their check,
+        # fallback, kink and noise counts (docs/diffin.md)
+        self.fd = (FiniteDifferenceProducts(module, loss_fn, self.names, self.shapes, self.dtype,
+                                            Precision.from_meta(log.meta.get("precision")), eps0, estimator="Diff-In")
+                   if hvp == "fd" else None)
         self.projector: KroneckerProjector = log.projector()
         self.N = log.dataset_size
         self.first = log.first_step  # > 0 for a log started by a resumed fit
@@ -75,6 +80,11 @@ class _Context:
         self.weight_decay = np.array([float(g.get("weight_decay", 0.0) or 0.0) for g in pgroups])
         self.momentum = any(float(g.get("momentum", 0.0) or 0.0) != 0.0 for g in pgroups)
         self.exact_sgd = self.opt_class == "SGD" and not self.momentum
+
+    @property
+    def eps0(self) -> float | None:
+        """``ε_0`` of the finite-difference products (``None`` with exact ones)."""
+        return None if self.fd is None else self.fd.eps0
 
     # ------------------------------------------------------------------------- trajectory
     def params_at(self, steps: Sequence[int], through: int | None = None) -> Iterator[tuple[int, dict[str, Tensor]]]:
@@ -103,21 +113,24 @@ class _Context:
         """The batch of step ``t`` as trained: its micro-batches with their dropout masks and autocast."""
         return load_step(self.log, self.train_data, t)
 
-    def losses(self, params: Mapping[str, Tensor], batch: Any, exact: bool = False) -> Tensor:
-        """Per-sample losses of a step's batch (each micro-batch under its random state) or of any other batch."""
+    def losses(self, params: Mapping[str, Tensor], batch: Any, exact: bool = False, module: nn.Module | None = None
+               ) -> Tensor:
+        """Per-sample losses of a step's batch (each micro-batch under its random state) or of any other batch (on
+        ``module``, default the run's: the finite differences pass their float64 copy)."""
+        module = self.module if module is None else module
         if isinstance(batch, Step):
-            return batch.losses(self.module, self.loss_fn, params, exact=exact)
-        return functional_loss(self.module, self.loss_fn, params, batch)
+            return batch.losses(module, self.loss_fn, params, exact=exact)
+        return functional_loss(module, self.loss_fn, params, batch)
 
     # -------------------------------------------------------------------------- gradients
     def batch_grad(self, params: Mapping[str, Tensor], batch: Any, names: Sequence[str] | None = None,
-                   w: Tensor | None = None) -> dict[str, Tensor]:
+                   w: Tensor | None = None, module: nn.Module | None = None) -> dict[str, Tensor]:
         """Gradient of the step's loss ``Σ w_i ℓ_i`` (default: the batch mean) w.r.t. ``names`` (default: the
         tracked parameters) at ``params``."""
         names = list(self.names if names is None else names)
         leaves = {n: params[n].detach().requires_grad_(True) for n in names}
         with torch.enable_grad():
-            loss = _weighted(self.losses({**params, **leaves}, batch), w)
+            loss = _weighted(self.losses({**params, **leaves}, batch, module=module), w)
             g = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         return {n: torch.zeros_like(leaves[n]) if gi is None else gi.detach() for n, gi in zip(names, g)}
 
@@ -129,27 +142,30 @@ class _Context:
         grads, values = query_gradients(self.module, query, self.names, params)
         return {n: g.detach().to(self.dtype) for n, g in grads.items()}, query_names(query, len(values))
 
-    def per_sample_grads(self, params: Mapping[str, Tensor], batch: Any, projector: KroneckerProjector | None = None) -> Tensor:
+    def per_sample_grads(self, params: Mapping[str, Tensor], batch: Any, projector: KroneckerProjector | None = None,
+                         module: nn.Module | None = None) -> Tensor:
         """Projected per-sample gradients; a step's batch keeps its training dropout masks (one batched forward
         per micro-batch), any other batch is evaluated sample by sample (``vmap``)."""
+        module = self.module if module is None else module
         if isinstance(batch, Step):
-            return torch.cat([per_sample_grads_masked(self.module, self.loss_fn, m, batch.precision, self.names, params,
+            return torch.cat([per_sample_grads_masked(module, self.loss_fn, m, batch.precision, self.names, params,
                                                       projector or self.projector) for m in batch.micro])
-        return per_sample_grads_vmap(self.module, self.loss_fn, batch, self.names, projector or self.projector,
+        return per_sample_grads_vmap(module, self.loss_fn, batch, self.names, projector or self.projector,
                                      params=params).detach()
 
     def per_sample_hvp(self, params: Mapping[str, Tensor], batch: Any, direction: Mapping[str, Tensor]) -> Tensor:
         """Projected ``H_z v`` ``(B, K)`` for every sample of ``batch`` (``direction`` over all parameters):
-        central differences of the per-sample gradients along ``v`` with the tracker's kink guard (one
-        more pass for ``g_z(θ)``), as the tracker logs them, or exact."""
+        central differences of the per-sample gradients along ``v`` in float64, kink-guarded per sample (one
+        more pass for ``g_z(θ)``; :meth:`FiniteDifferenceProducts.directional`), or exact."""
         if self.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse with the step's dropout masks
             hv = batch.per_sample_curvature(self.module, self.loss_fn, params, direction, self.names)
             return self.projector.project(hv).detach()
         if self.hvp == "exact":
             return _per_sample_hvp_exact(self, params, batch, direction)
-        out, _ = fd_directional_derivative(lambda p: self.per_sample_grads(p, batch), params, direction, self.eps0,
-                                           kink_guard=KINK_GUARD)
-        return out
+        assert self.fd is not None
+        inputs = _Inputs(batch)
+        return self.fd.directional(lambda module, q, dt: self.per_sample_grads(q, inputs(dt)[0], module=module),
+                                   params, [direction], _step_of(batch))[0]
 
     # ------------------------------------------------------- the step as Lightning ran it
     def step_weights(self, t: int) -> Tensor:
@@ -182,16 +198,18 @@ def _weighted(losses: Tensor, w: Tensor | None) -> Tensor:
 def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vectors, w: Tensor | None = None) -> Vectors:
     """``H_B v`` for the ``C`` vectors ``V`` (tracked parameters) at ``params``: the Hessian of the
     step's loss ``Σ w_i ℓ_i`` (default: the batch mean), its tracked block. ``fd``: central differences of the batch gradient at
-    ``θ ± ε v̂`` with ``ε = eps0 (1 + ‖θ‖)/√p`` (:func:`~lightning_influence.capture.parameter_epsilon`),
-    all ``C`` directions in one vectorised call; ``exact``: reverse-over-reverse for a step's batch
+    ``θ ± ε v̂`` with ``ε = eps0 (1 + ‖θ‖)/√p``, in float64 and kink-guarded per direction, the gradient at ``θ``
+    shared: for a step's batch DIT's own products (:class:`~lightning_influence.estimators.fd.FiniteDifferenceProducts`),
+    for any other batch the same differences of its gradient; ``exact``: reverse-over-reverse for a step's batch
     (:meth:`~lightning_influence.step.micro.Step.curvature_products`), else forward-over-reverse."""
     names = ctx.names
     C = next(iter(V.values())).shape[0]
     fixed = {n: t.detach() for n, t in params.items()}
+    if isinstance(batch, Step) and w is None:  # the batch mean
+        w = torch.full((len(batch.ids),), 1.0 / len(batch.ids), dtype=ctx.dtype)
 
     if ctx.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse from one forward with the step's masks
-        wt = torch.full((len(batch.ids),), 1.0 / len(batch.ids), dtype=ctx.dtype) if w is None else w
-        hr, _ = batch.curvature_products(ctx.module, ctx.loss_fn, fixed, wt, [{n: V[n][c] for n in names} for c in range(C)])
+        hr, _ = batch.curvature_products(ctx.module, ctx.loss_fn, fixed, w, [{n: V[n][c] for n in names} for c in range(C)])
         return {n: torch.stack([h[n] for h in hr]) for n in names}
     if ctx.hvp == "exact":
         def loss_all(p: dict[str, Tensor]) -> Tensor:
@@ -204,44 +222,42 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
 
         return vmap(one, randomness="same")({n: V[n] for n in names}) if C > 1 else {n: t.unsqueeze(0) for n, t in one({n: V[n][0] for n in names}).items()}
 
-    eps = parameter_epsilon(fixed, ctx.eps0)
-    norms = torch.sqrt(sum((V[n].double() ** 2).reshape(C, -1).sum(1) for n in names)).to(ctx.dtype)  # (C,)
-    unit = eps / torch.where(norms > 0, norms, torch.ones_like(norms))  # zero directions stay at θ
-    factor = torch.where(norms > 0, norms / (2.0 * eps), torch.zeros_like(norms))
+    assert ctx.fd is not None
+    if isinstance(batch, Step):  # DIT's products, ``H_B R`` of the step with its masks (and ``J R``, not needed here)
+        R = torch.stack([torch.cat([V[n][c].reshape(-1) for n in names]) for c in range(C)], dim=1)
+        HR, _ = ctx.fd(fixed, batch, R, w)
+        return _stacked(ctx, HR.T)
+    inputs = _Inputs(batch, w)
 
-    def loss_tracked(p: dict[str, Tensor]) -> Tensor:
-        return _weighted(ctx.losses({**fixed, **p}, batch), w)
+    def evaluate(module: nn.Module, q: Mapping[str, Tensor], dt: torch.dtype) -> Tensor:
+        b, wt = inputs(dt)
+        return torch.cat([g.reshape(-1) for g in ctx.batch_grad(q, b, w=wt, module=module).values()])
 
-    def per_dir(x: Tensor, t: Tensor) -> Tensor:  # (C,) -> broadcastable against (C, *shape)
-        return x.reshape(C, *([1] * (t.dim() - 1)))
+    cols = ctx.fd.directional(evaluate, fixed, [{n: V[n][c] for n in names} for c in range(C)], _step_of(batch))
+    return _stacked(ctx, torch.stack(cols))
 
-    def plain(p: dict[str, Tensor]) -> dict[str, Tensor]:  # direction by direction, outside vmap
-        rows: dict[str, list[Tensor]] = {n: [] for n in names}
-        for c in range(C):
-            leaves = {n: p[n][c].detach().requires_grad_(True) for n in names}
-            with torch.enable_grad():
-                gs = torch.autograd.grad(loss_tracked(leaves), [leaves[n] for n in names], allow_unused=True)
-            for n, gi in zip(names, gs):
-                rows[n].append(torch.zeros_like(leaves[n]) if gi is None else gi)
-        return {n: torch.stack(v) for n, v in rows.items()}
 
-    # a step that drew random numbers: plain passes keep its dropout masks (a forward inside vmap may not)
-    g = plain if isinstance(batch, Step) and batch.drew else vmap(grad(loss_tracked))
-    shift = {n: V[n] * per_dir(unit, V[n]) for n in names}
-    plus = g({n: fixed[n].unsqueeze(0) + shift[n] for n in names})
-    minus = g({n: fixed[n].unsqueeze(0) - shift[n] for n in names})
-    at = grad(loss_tracked)({n: fixed[n] for n in names})  # one more pass: the kink guard's g(θ)
-    fwd = torch.cat([(plus[n] - at[n].unsqueeze(0)).reshape(C, -1) for n in names], dim=1)
-    bwd = torch.cat([(at[n].unsqueeze(0) - minus[n]).reshape(C, -1) for n in names], dim=1)
-    diff, kink = guarded_difference(fwd, bwd, KINK_GUARD)  # (f + b)/2, or the smaller side across a kink
-    ctx.fd_kinks += int(kink.sum())
-    ctx.fd_products += C
-    out, start = {}, 0
-    for n in names:
-        size = V[n][0].numel()
-        out[n] = diff[:, start:start + size].reshape(V[n].shape) * per_dir(2.0 * factor, V[n])
-        start += size
-    return out
+class _Inputs:
+    """A batch (and step weights) cast to each dtype the finite differences evaluate in, once per dtype."""
+
+    def __init__(self, batch: Any, w: Tensor | None = None) -> None:
+        self.native, self.cast = (batch, w), {}
+
+    def __call__(self, dtype: torch.dtype) -> tuple[Any, Tensor | None]:
+        batch, w = self.native
+        if dtype not in self.cast:
+            self.cast[dtype] = (upcast(batch, dtype), None if w is None else w.to(dtype))
+        return self.cast[dtype]
+
+
+def _step_of(batch: Any) -> int:
+    return batch.step if isinstance(batch, Step) else -1
+
+
+def _stacked(ctx: _Context, rows: Tensor) -> Vectors:
+    """``(C, p)`` flat rows over the tracked parameters as ``{name: (C, *shape)}``."""
+    cols = [unflatten(r, ctx.shapes) for r in rows]
+    return {n: torch.stack([c[n] for c in cols]) for n in ctx.names}
 
 
 def _per_sample_hvp_exact(ctx: _Context, params: Mapping[str, Tensor], batch: Any, direction: Mapping[str, Tensor]) -> Tensor:

@@ -25,11 +25,12 @@ imports.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,7 @@ from lightning_influence.step.micro import Step
 from lightning_influence.step.precision import Precision
 from lightning_influence.step.shard import BatchShard
 
-__all__ = ["FD_DTYPE", "FD_EPS0", "FiniteDifferenceProducts", "native_eps0"]
+__all__ = ["FD_DTYPE", "FD_EPS0", "Evaluate", "FiniteDifferenceProducts", "native_eps0", "upcast"]
 
 FD_DTYPE = torch.float64
 FD_EPS0 = 1e-6  # ε_0 of the float64 evaluation (measured: benchmarks/fd_accuracy.py, docs/replay.md)
@@ -65,17 +66,47 @@ def native_eps0(dtype: torch.dtype, precision: Precision) -> float:
     return 3e-2 if dtype == torch.float32 else default_eps0(dtype)
 
 
-def _upcast(batch: Step, dtype: torch.dtype) -> Step:
-    """``batch`` with its floating input tensors in ``dtype`` (random states, weights and autocast kept)."""
+def upcast(batch: Any, dtype: torch.dtype) -> Any:
+    """``batch`` (a :class:`Step` or any batch) with its floating input tensors in ``dtype`` (a step's random states,
+    weights and autocast kept)."""
     def up(x: Any) -> Any:
         return x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
 
+    if not isinstance(batch, Step):
+        return pytree.tree_map(up, batch)
     return dataclasses.replace(batch, micro=[dataclasses.replace(m, batch=pytree.tree_map(up, m.batch))
                                              for m in batch.micro])
 
 
+def _cast(d: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    return {n: v.to(dtype) for n, v in d.items()}
+
+
+@contextlib.contextmanager
+def _same_draws(params: Mapping[str, Tensor]) -> Iterator[Callable[[], None]]:
+    """A function that puts the random generators back to their state at entry, so that every evaluation draws the
+    same dropout masks (a batch outside a training step draws fresh ones); the caller's stream is untouched."""
+    cuda = sorted({t.device.index or 0 for t in params.values() if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        cpu, states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+
+        def reset() -> None:
+            torch.set_rng_state(cpu)
+            for d, state in zip(cuda, states):
+                torch.cuda.set_rng_state(state, d)
+
+        yield reset
+
+
+# ``evaluate(module, θ, dtype)``: the function whose directional derivative is taken (a flat gradient, per-sample
+# gradient rows), on ``module`` at the parameters ``θ`` of ``dtype``; it casts its own inputs (:func:`upcast`).
+Evaluate = Callable[[nn.Module, Mapping[str, Tensor], torch.dtype], Tensor]
+
+
 class FiniteDifferenceProducts:
-    """``(H_t R, J_t R)`` of the DIT sweep by central differences of first-order gradients, kink-guarded per column.
+    """Kink-guarded central differences of first-order gradients in float64: ``(H_t R, J_t R)`` of the DIT sweep
+    (``__call__``) and any directional derivative of a gradient function (:meth:`directional`: Diff-In's batch and
+    per-sample products, docs/diffin.md), with one float64 copy, check, fallback and noise measure for all.
 
     Args:
         module, loss_fn: the architecture and the per-sample training loss.
@@ -83,19 +114,20 @@ class FiniteDifferenceProducts:
         dtype: the parameters' dtype (results come back in it).
         precision: the run's autocast (kept in every evaluation).
         eps0: ``ε_0`` (default: :data:`FD_EPS0` in float64, :func:`native_eps0` on fallback).
+        estimator: named in the fallback's warning.
     """
 
     def __init__(self, module: nn.Module, loss_fn: LossFn, names: Sequence[str], shapes: Mapping[str, Sequence[int]],
-                 dtype: torch.dtype, precision: Precision, eps0: float | None = None) -> None:
+                 dtype: torch.dtype, precision: Precision, eps0: float | None = None, estimator: str = "DIT") -> None:
         self.module, self.loss_fn, self.names, self.shapes = module, loss_fn, list(names), dict(shapes)
-        self.dtype, self.precision, self.user_eps0 = dtype, precision, eps0
+        self.dtype, self.precision, self.user_eps0, self.estimator = dtype, precision, eps0, estimator
         self.eval_dtype = dtype if dtype == FD_DTYPE else FD_DTYPE
         self.eval_module: nn.Module | None = module if self.eval_dtype == dtype else None
         self.fallback: str | None = None
         self.checked = self.eval_dtype == dtype
         self.p = sum(math.prod(sh) for sh in self.shapes.values())
-        self.kinks = 0  # columns whose one-sided differences disagreed (guarded)
-        self.products = 0
+        self.kinks = 0  # product rows (a column of H R, a sample's H_z v) whose one-sided differences disagreed (guarded)
+        self.products = 0  # product rows
         self.agreement: float | None = None  # float64 vs native gradient at θ (relative), once checked
         self.asymmetries: list[Tensor] = []  # per column ‖f − b‖/max(‖f‖, ‖b‖) (see NOISE_LIMIT)
 
@@ -127,41 +159,71 @@ class FiniteDifferenceProducts:
 
     def _fall_back(self, reason: str) -> None:
         self.fallback, self.eval_dtype, self.eval_module, self.checked = reason, self.dtype, self.module, True
-        warnings.warn(f"DIT with hvp='fd': the float64 evaluation of the finite differences {reason}; the products "
+        warnings.warn(f"{self.estimator} with hvp='fd': the float64 evaluation of the finite differences {reason}; the products "
                       f"are taken in {str(self.dtype).replace('torch.', '')} with eps0={self.eps0:g}, whose rounding "
                       "and ReLU-kink bias can reach 1e-2 of the scores. Use hvp='exact' (the default)",
                       RuntimeWarning, stacklevel=5)
 
-    def _check(self, params: Mapping[str, Tensor], batch: Step, w: Tensor, shard: BatchShard | None,
-               n_rows: int) -> None:
-        """Set up the float64 copy and compare its gradient at ``θ`` with the native one (once; with ``shard`` every
-        process decides on the same sums)."""
+    def _agree(self, evaluate: Evaluate, params: Mapping[str, Tensor], step: int, shard: BatchShard | None) -> None:
+        """Set up the float64 copy and compare ``evaluate`` there with the native one at ``θ`` (once; with ``shard``
+        every process decides on the same sums)."""
         self.checked = True
         reduce = (lambda x: x) if shard is None else shard.all_reduce
         failure = None
-        try:
-            self.eval_module = copy.deepcopy(self.module).to(FD_DTYPE)
-            hi = self._local(self.eval_module, _upcast(batch, FD_DTYPE), w.to(FD_DTYPE),
-                             {n: v.to(FD_DTYPE) for n, v in params.items()}, FD_DTYPE, n_rows)
-        except (RuntimeError, TypeError, ValueError) as err:
-            failure = f"failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-            hi = torch.zeros(self.p + n_rows, dtype=FD_DTYPE, device=next(iter(params.values())).device)
+        hi: Tensor | None = None
+        with _same_draws(params) as reset:
+            try:
+                self.eval_module = copy.deepcopy(self.module).to(FD_DTYPE)
+                reset()
+                hi = evaluate(self.eval_module, _cast(params, FD_DTYPE), FD_DTYPE)
+            except (RuntimeError, TypeError, ValueError) as err:
+                failure = f"failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            reset()
+            lo = evaluate(self.module, params, self.dtype) if failure is None else None
         if shard is not None:  # every process falls back if one failed (none may skip a collective)
-            failed = float(shard.all_reduce(hi.new_full((1,), float(failure is not None)))[0])
-            if failed and failure is None:
+            flag = torch.full((1,), float(failure is not None), dtype=FD_DTYPE,
+                              device=next(iter(params.values())).device)
+            if float(shard.all_reduce(flag)[0]) and failure is None:
                 failure = "failed on another process"
-        if failure is not None:
-            self._fall_back(failure)
+        if failure is not None or hi is None:
+            self._fall_back(failure or "failed")
             return
-        hi = reduce(hi)
-        lo = reduce(self._local(self.module, batch, w, params, self.dtype, n_rows)).to(FD_DTYPE)
+        assert lo is not None
+        hi, lo = reduce(hi), reduce(lo).to(FD_DTYPE)
         gap = float(torch.linalg.vector_norm(hi - lo) / torch.linalg.vector_norm(hi).clamp_min(1e-300))
         self.agreement = gap
         rounded = self.precision.autocast_dtype is not None or torch.finfo(self.dtype).eps > 1e-6  # bf16/fp16 math
         tol = AGREEMENT_AUTOCAST if rounded else AGREEMENT
         if not gap <= tol:
-            self._fall_back(f"differs from the native one at θ_{batch.step} by {gap:.1e} (relative, over {tol:g}: a "
+            self._fall_back(f"differs from the native one at θ_{step} by {gap:.1e} (relative, over {tol:g}: a "
                             "loss function or kernel that depends on the dtype, or dropout masks that do)")
+
+    def directional(self, evaluate: Evaluate, params: Mapping[str, Tensor], directions: Sequence[Mapping[str, Tensor]],
+                    step: int, shard: BatchShard | None = None) -> list[Tensor]:
+        """``‖v‖ (f(θ + ε v̂) − f(θ − ε v̂)) / 2ε`` of ``f = evaluate`` for each direction ``v`` (a subset of
+        ``params``' names), kink-guarded per row (the rows of ``f``: one for a flat vector, one per sample for
+        per-sample rows), in the float64 copy once :meth:`_agree` accepted it (else natively); ``f(θ)`` is shared.
+        With ``shard`` every evaluation is summed over the processes. Results in the parameters' dtype."""
+        if not self.checked:
+            self._agree(evaluate, params, step, shard)
+        dt, module = self.eval_dtype, self.eval_module
+        assert module is not None
+        reduce = (lambda x: x) if shard is None else shard.all_reduce
+
+        params = _cast(params, dt)
+        out = []
+        with _same_draws(params) as reset:
+            def fn(q: dict[str, Tensor]) -> Tensor:
+                reset()
+                return reduce(evaluate(module, q, dt))
+
+            at = fn(dict(params))
+            for v in directions:
+                col, _ = fd_directional_derivative(fn, params, _cast(v, dt), self.eps0, at=at, kink_guard=KINK_GUARD,
+                                                   on_kink=self._count, on_asymmetry=self.asymmetries.append)
+                self.products += col.shape[0] if col.ndim > 1 else 1
+                out.append(col.to(self.dtype))
+        return out
 
     def __call__(self, params: Mapping[str, Tensor], batch: Step, R: Tensor, w: Tensor,
                  shard: BatchShard | None = None, n_rows: int = 0) -> tuple[Tensor, Tensor]:
@@ -169,30 +231,17 @@ class FiniteDifferenceProducts:
         is summed over the processes (the gradient, and the ``n_rows`` losses of the step at their positions), so the
         kink guard, which compares whole columns, decides on the vector one process would see; ``J_t R`` is then this
         process's rows'."""
-        if not self.checked:
-            self._check(params, batch, w, shard, n_rows)
-        dt = self.eval_dtype
-        module = self.eval_module
-        assert module is not None
-        if dt != self.dtype:
-            batch, w = _upcast(batch, dt), w.to(dt)
-            params = {n: v.to(dt) for n, v in params.items()}
-        reduce = (lambda x: x) if shard is None else shard.all_reduce
+        inputs: dict[torch.dtype, tuple[Step, Tensor]] = {}
 
-        def fn(q: dict[str, Tensor]) -> Tensor:
-            return reduce(self._local(module, batch, w, q, dt, n_rows))
+        def evaluate(module: nn.Module, q: Mapping[str, Tensor], dt: torch.dtype) -> Tensor:
+            if dt not in inputs:  # the batch cast once per dtype
+                inputs[dt] = (batch, w) if dt == self.dtype else (upcast(batch, dt), w.to(dt))
+            return self._local(module, *inputs[dt], q, dt, n_rows)
 
-        at = fn(dict(params))  # the gradient at θ, shared by the columns' kink guards
-        HR = torch.empty_like(R)
-        JR = []
-        for c in range(R.shape[1]):
-            out, _ = fd_directional_derivative(fn, params, unflatten(R[:, c].to(dt), self.shapes), self.eps0, at=at,
-                                               kink_guard=KINK_GUARD, on_kink=self._count,
-                                               on_asymmetry=self.asymmetries.append)
-            HR[:, c] = out[:self.p].to(R.dtype)
-            JR.append(out[self.p:].to(R.dtype))
-        self.products += R.shape[1]
-        JR = torch.stack(JR)
+        cols = self.directional(evaluate, params, [unflatten(R[:, c], self.shapes) for c in range(R.shape[1])],
+                                batch.step, shard)
+        HR = torch.stack([c[:self.p] for c in cols], dim=1) if cols else torch.empty_like(R)
+        JR = torch.stack([c[self.p:] for c in cols]) if cols else R.new_zeros(0, n_rows)
         return HR, (JR if batch.rows is None else JR[:, torch.as_tensor(batch.rows, device=JR.device)])
 
     def _count(self, kink: Tensor) -> None:

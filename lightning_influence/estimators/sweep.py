@@ -198,6 +198,8 @@ def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Te
 
 def _removed_rows(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor) -> Tensor:
     """``w_j ∇ℓ_j`` ``(B, p)`` for this process's rows of the step, each micro-batch with its training masks."""
+    if not batch.micro:  # a process without rows of this step
+        return torch.zeros(0, ctx.p, dtype=ctx.dtype, device=ctx.device)
     rows = [per_sample_grads_masked(ctx.module, ctx.loss_fn, m, batch.precision, ctx.names, params) for m in batch.micro]
     return torch.cat(rows).to(ctx.dtype) * w.unsqueeze(1)
 
@@ -274,14 +276,18 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             theta = flatten(rec.params, ctx.names)
             w = torch.as_tensor(ctx.log.weights(rec.step)[mine], dtype=ctx.dtype, device=ctx.device)  # w_{i,t} (step.weights)
             clip = logged_clip_spec(ctx.log, rec.step)  # the clipping Jacobian joins the update's VJP (step.clipping)
-            # an affine rule (SGD) without clipping has a VJP independent of g: skip the gradient pass
-            g = (torch.zeros_like(theta) if ctx.rule.linear and clip is None
-                 else _batch_gradient(ctx, rec.params, batch, w, shard))
             transform = None if clip is None else (lambda x: clip_gradient(x, clip))
-            exact_removal = removal == "step" and not (ctx.rule.linear and clip is None)  # affine: the same numbers
+            # an affine step (SGD without clipping): a VJP independent of g (no gradient pass), removal = its derivative
+            affine = ctx.rule.linear and clip is None
+            rows = _removed_rows(ctx, rec.params, batch, w) if removal == "step" and not affine else None
+            if affine:
+                g = torch.zeros_like(theta)
+            elif rows is None:
+                g = _batch_gradient(ctx, rec.params, batch, w, shard)
+            else:  # G_t = Σ_j w_j g_j from the rows the removal needs anyway (no second gradient pass)
+                g = rows.sum(0) if shard is None else shard.all_reduce(rows.sum(0))
             terms = None
-            if exact_removal:
-                rows = _removed_rows(ctx, rec.params, batch, w)
+            if rows is not None:
                 peak_rows = max(peak_rows, rows.numel() * rows.element_size())
                 terms = ctx.step.removal_terms(theta, rec.state, g, rec.lrs, rows, U, S, transform)
                 del rows
