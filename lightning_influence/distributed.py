@@ -28,6 +28,7 @@ process. :func:`sweep` picks the split (docs/scaling.md).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import os
@@ -56,7 +57,8 @@ from lightning_influence.queries import Query
 from lightning_influence.step.shard import BatchShard, Share, check_row_split
 
 __all__ = ["BATCH_SPLIT", "DISTRIBUTED", "LOG_ROW_SPLIT", "SPLITS", "STEP_SPLIT", "DistributedQueryError", "Processes", "QueryColumns",
-           "by_batch", "by_columns", "by_steps", "gather", "global_rank", "launch", "launched_outside", "map_blocks",
+           "by_batch", "by_columns", "by_steps", "gather", "global_rank", "launch", "launched_outside",
+           "leave_process_group", "map_blocks",
            "run", "shard_steps", "split_for", "split_of", "split_range", "sweep"]
 
 DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tracin_self_influence": tracin_self_influence}
@@ -208,7 +210,9 @@ def launch(fn: Callable[..., Any], *args: Any, devices: int = 2, num_nodes: int 
     fabric = Fabric(accelerator=accelerator, devices=int(devices), num_nodes=int(num_nodes),
                     strategy=DDPStrategy(start_method=start, timeout=timedelta(seconds=float(timeout_s))))
     try:
-        if start != "spawn":
+        if start != "spawn":  # the processes go on after fn (a script, a CLI command): the group ends at their exit
+            atexit.unregister(_leave_at_exit)  # registered once per process
+            atexit.register(_leave_at_exit)
             return fabric.launch(fn, *args)
         with tempfile.TemporaryDirectory(prefix="influence-query-") as tmp:
             # a spawned rank 0 returns through a pipe the launcher reads only after every process exited: a result of
@@ -250,9 +254,42 @@ def _peer_error(fabric: Any, what: str, err: BaseException) -> DistributedQueryE
 
 
 def _to_file(fabric: Any, out: str, fn: Callable[..., Any], *args: Any) -> None:
-    result = fn(fabric, *args)
-    if fabric.global_rank == 0:
-        Path(out).write_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    """A spawned process: ``fn``, rank 0's result written to ``out``, then the process group ended (also after an
+    error: :func:`leave_process_group`) before the process exits."""
+    try:
+        result = fn(fabric, *args)
+        if fabric.global_rank == 0:
+            Path(out).write_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    except BaseException:
+        leave_process_group(ok=False)
+        raise
+    leave_process_group(ok=True)
+
+
+def leave_process_group(ok: bool = True) -> None:
+    """End this process's ``torch.distributed`` process group (if any) now, while the interpreter is whole.
+
+    A process that exits with its group alive leaves gloo's C++ threads (the group's workers, its transport loop,
+    rank 0's TCP store) running into the interpreter's teardown. A worker still holding the last collective's
+    tensors frees them there, which takes the GIL of an interpreter that is finalizing: the thread is unwound
+    through a C++ destructor and the runtime aborts ("terminate called without an active exception"), so a query
+    whose every process finished ends with a :class:`DistributedQueryError` (SIGABRT). Destroying the group joins
+    those threads first. The estimators' own threads (:mod:`lightning_influence.log.prefetch`) are joined before
+    this, when their ``with`` block exits (on errors too). After an error (``ok=False``) only a ``gloo`` group is
+    destroyed (it waits for nothing but this process's queued work); ``nccl``'s abort is left to the process exit.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok or dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
+def _leave_at_exit() -> None:
+    """:func:`leave_process_group` at the exit of a process that went on after its query (``"ddp"``, an outside
+    launcher); as after an error: the process may be ending on one."""
+    leave_process_group(ok=False)
 
 
 def launched_outside() -> bool:
