@@ -15,7 +15,8 @@ from lightning_influence.estimators.diffin import _Context, diffin, diffin_self_
 from lightning_influence.log import InfluenceLog
 from lightning_influence.queries import mean_loss
 from tests._tinylog import epoch_batches, train_and_log
-from tests.test_dit_fd import QUERY, FixedProjection, TinyTransformer, float32_head_loss, loss_fn, train_data
+from tests.test_dit_fd import (QUERY, FixedProjection, TinyTransformer, dtype_dependent_loss, float32_head_loss, loss_fn,
+                               train_data)
 
 torch.set_num_threads(1)
 N = 40
@@ -119,19 +120,22 @@ def test_fd_published_form_over_every_sample_equals_exact_in_float32(tmp_path):
     assert max_rel(fd.column(0), exact.column(0)) < RTOL
 
 
-def test_fd_diffin_falls_back_to_the_native_dtype_with_a_warning(relu_log, monkeypatch):
-    """A float64 evaluation that fails (a float32 tensor outside the parameters): the products are the native ones
-    (ε_0 3e-2, as DIT's fallback), said in ``info`` and a warning naming Diff-In."""
-    kw = dict(module=FixedProjection(), train_data=train_data, loss_fn=loss_fn, window=(6, 12), form="step", hvp="fd")
+@pytest.mark.parametrize("case", ["fails", "disagrees"])
+def test_fd_diffin_falls_back_to_the_native_dtype_with_a_warning(relu_log, case, monkeypatch):
+    """A float64 evaluation that fails (a float32 tensor outside the parameters) or computes another function (a
+    dtype-dependent loss): the products are the native ones (ε_0 3e-2, as DIT's fallback), said in ``info`` and a
+    warning naming Diff-In."""
+    model, loss = (FixedProjection, loss_fn) if case == "fails" else (TinyTransformer, dtype_dependent_loss)
+    kw = dict(train_data=train_data, loss_fn=loss, window=(6, 12), form="step", hvp="fd")
     with pytest.warns(RuntimeWarning, match="Diff-In with hvp='fd': the float64 evaluation of the finite differences "
-                                            "failed"):
-        fd = diffin(relu_log, QUERY, **kw)
-    assert fd.info["fd_dtype"] == "float32" and fd.info["eps0"] == 3e-2 and "failed" in fd.info["fd_fallback"]
+                                            + ("failed" if case == "fails" else "differs from the native one at θ_0")):
+        fd = diffin(relu_log, QUERY, module=model(), **kw)
+    assert fd.info["fd_dtype"] == "float32" and fd.info["eps0"] == 3e-2 and "fd_fallback" in fd.info
     monkeypatch.setattr(fd_module, "FD_DTYPE", torch.float32)
-    native = diffin(relu_log, QUERY, **{**kw, "module": FixedProjection()})
+    native = diffin(relu_log, QUERY, module=model(), **kw)
     assert "fd_fallback" not in native.info
     np.testing.assert_array_equal(fd.scores, native.scores)
-    exact = diffin(relu_log, QUERY, **{**kw, "module": FixedProjection(), "hvp": "exact"})
+    exact = diffin(relu_log, QUERY, module=model(), **{**kw, "hvp": "exact"})
     assert max_rel(fd.column(0), exact.column(0)) < 0.5  # still the same quantity, to the float32 differences' error
 
 

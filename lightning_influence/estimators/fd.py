@@ -1,4 +1,5 @@
-"""DIT's finite-difference products (``hvp="fd"``), evaluated in float64 (docs/replay.md, "Finite-difference HVPs").
+"""The finite-difference products of DIT and Diff-In (``hvp="fd"``), evaluated in float64 (docs/replay.md,
+"Finite-difference HVPs"; docs/diffin.md).
 
 ``H_t r`` and the per-sample ``⟨∇ℓ_j, r⟩`` come from first-order gradients of the weighted batch loss at
 ``θ ± ε r̂`` (math §3; :func:`~lightning_influence.capture.hvp.fd_directional_derivative`), with no
@@ -19,8 +20,10 @@ native dtype with its old step (:func:`native_eps0`), and ``info`` and a ``Runti
 lower precision inside the loss shows instead as noise: the one-sided halves of the differences disagree
 (:data:`NOISE_LIMIT`) and the sweep flags its scores. Under autocast the float64 evaluation differentiates the
 unrounded function, where the exact sweep differentiates through the autocast dtype's rounding (their products
-differ by ~5e-3 under bf16, docs/replay.md). Parameters already in float64 are used as they are. No Lightning
-imports.
+differ by ~5e-3 under bf16, docs/replay.md). Parameters already in float64 are used as they are. Diff-In takes its
+batch products ``H_B v`` through the same ``__call__`` and its per-sample rows ``H_z v`` through
+:meth:`FiniteDifferenceProducts.directional` (any gradient function, kink-guarded per row; a batch outside the
+training steps gets the same random draws in every evaluation). No Lightning imports.
 """
 
 from __future__ import annotations
@@ -165,8 +168,9 @@ class FiniteDifferenceProducts:
                       RuntimeWarning, stacklevel=5)
 
     def _agree(self, evaluate: Evaluate, params: Mapping[str, Tensor], step: int, shard: BatchShard | None) -> None:
-        """Set up the float64 copy and compare ``evaluate`` there with the native one at ``θ`` (once; with ``shard``
-        every process decides on the same sums)."""
+        """Set up the float64 copy and compare ``evaluate`` there with the native one at ``θ`` (once; ``step`` names
+        ``θ`` in the message, ``-1`` for a batch outside the training steps; with ``shard`` every process decides on
+        the same sums)."""
         self.checked = True
         reduce = (lambda x: x) if shard is None else shard.all_reduce
         failure = None
@@ -195,7 +199,8 @@ class FiniteDifferenceProducts:
         rounded = self.precision.autocast_dtype is not None or torch.finfo(self.dtype).eps > 1e-6  # bf16/fp16 math
         tol = AGREEMENT_AUTOCAST if rounded else AGREEMENT
         if not gap <= tol:
-            self._fall_back(f"differs from the native one at θ_{step} by {gap:.1e} (relative, over {tol:g}: a "
+            at = f"θ_{step}" if step >= 0 else "θ"
+            self._fall_back(f"differs from the native one at {at} by {gap:.1e} (relative, over {tol:g}: a "
                             "loss function or kernel that depends on the dtype, or dropout masks that do)")
 
     def directional(self, evaluate: Evaluate, params: Mapping[str, Tensor], directions: Sequence[Mapping[str, Tensor]],
