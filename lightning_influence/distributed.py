@@ -13,7 +13,9 @@ default from Python: works in scripts, notebooks and tests), ``"ddp"`` (re-runs 
 CLI command in new processes), or launched outside (``torchrun``, ``fabric run``, SLURM: Fabric
 finds the cluster environment and starts nothing). A process that dies ends the query: the
 others fail their collective (``gloo`` notices the closed connection at once; ``timeout_s``
-bounds every collective otherwise) and :class:`DistributedQueryError` says what happened.
+bounds every collective otherwise) and :class:`DistributedQueryError` says what happened. Every
+process ends its process group before it exits (:func:`leave_process_group`), so no thread of the
+query runs into the interpreter's teardown.
 
 :func:`map_blocks` spreads independent units over the processes (contiguous blocks, gathered in order): replay
 leave-one-out and group removal use it for their counterfactual runs (``replay_loo(..., processes=N)``), and

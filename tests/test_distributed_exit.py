@@ -1,5 +1,6 @@
 """How a process of a distributed query ends: nothing of the query (the prefetch threads, gloo's C++ threads, the TCP
-store) may still run when the interpreter tears down, on success and after an error (``distributed.leave_process_group``).
+store) may still run when the interpreter tears down, on success and after an error
+(``distributed.leave_process_group``).
 
 A gloo worker thread that frees the last collective's tensors during teardown takes the GIL of a finalizing
 interpreter and the runtime aborts ("terminate called without an active exception"): a finished query then ended with
@@ -80,7 +81,7 @@ def test_spawned_processes_end_their_threads_and_process_group_before_they_exit(
     got = launch(_census_worker, str(tmp_path), log_dir, (0, 18), False, devices=2, timeout_s=60)
     np.testing.assert_allclose(got.scores, want, rtol=1e-12, atol=1e-15)
     assert sorted(p.name for p in tmp_path.glob("rank-*.json")) == ["rank-0.json", "rank-1.json"]
-    assert _query_threads_at_exit(tmp_path) == {0: [], 1: []}  # before the fix: gloo_tcp_loop, pt_gloo_runloop × 2, ...
+    assert _query_threads_at_exit(tmp_path) == {0: [], 1: []}  # before the fix: gloo_tcp_loop, pt_gloo_runloop, ...
 
 
 @pytest.mark.slow
