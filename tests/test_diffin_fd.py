@@ -163,3 +163,42 @@ def test_fd_diffin_self_influence_split_over_two_processes_equals_one_process(re
     assert got.info["fd_products"] == 12 * 10 and "fd_fallback" not in got.info
     assert got.info["fd_asymmetry"] == pytest.approx(want.info["fd_asymmetry"], rel=1e-6)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-10, atol=1e-12 * np.abs(want.scores).max())
+
+
+class DropoutMLP(TanhMLP):
+    """TanhMLP's parameters (same names) with a dropout after the hidden layer, left in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.drop(self.net[1](self.net[0](x))))
+
+
+@pytest.mark.parametrize("hvp", ["exact", "fd"])
+def test_samples_outside_their_steps_are_evaluated_with_dropout_off(tmp_path, hvp):
+    """``samples="all"`` evaluates every training sample at θ_t outside its steps, where no dropout mask was drawn:
+    as a query, with dropout off, so two evaluations agree (train-mode masks made them random) and equal the
+    model without dropout."""
+    path = str(tmp_path / "log")
+    batches, epochs = epoch_batches(N, 10, 1, seed=2)
+    model = TanhMLP()
+    train_and_log(path, model, mlp_loss, mlp_data, batches, [0.3] * len(batches),
+                  torch.optim.SGD(model.parameters(), lr=0.3), epochs=epochs)
+    log = InfluenceLog(path)
+    ids = np.arange(12)
+    gen = torch.Generator().manual_seed(5)
+    direction = {n: torch.randn(p.shape, generator=gen) for n, p in TanhMLP().named_parameters()}
+    out = {}
+    for name, module in (("dropout", DropoutMLP()), ("plain", TanhMLP())):
+        ctx = _Context(log, module, mlp_data, mlp_loss, hvp, None, True, 512)
+        (_, params), = ctx.params_at([2])
+        rows = [(ctx.per_sample_grads(params, ctx.batch(ids)), ctx.per_sample_hvp(params, ctx.batch(ids), direction))
+                for _ in range(2)]
+        for a, b in zip(*rows):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        out[name] = rows[0]
+        assert module.training  # the module's own mode is restored
+    for a, b in zip(out["dropout"], out["plain"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

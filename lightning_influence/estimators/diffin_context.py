@@ -19,7 +19,7 @@ from lightning_influence.capture.per_sample import per_sample_grads_vmap
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.estimators.fd import FiniteDifferenceProducts, upcast
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, query_gradients, query_names
+from lightning_influence.queries import LossFn, Query, evaluation_mode, query_gradients, query_names
 from lightning_influence.replay import TrainData, batch_from_ids, checkpoint_params, functional_loss, load_step, replay
 from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
@@ -120,7 +120,8 @@ class _Context:
         module = self.module if module is None else module
         if isinstance(batch, Step):
             return batch.losses(module, self.loss_fn, params, exact=exact)
-        return functional_loss(module, self.loss_fn, params, batch)
+        with evaluation_mode(module):  # not a step's batch: a function of θ, dropout off (as a query)
+            return functional_loss(module, self.loss_fn, params, batch)
 
     # -------------------------------------------------------------------------- gradients
     def batch_grad(self, params: Mapping[str, Tensor], batch: Any, names: Sequence[str] | None = None,
@@ -145,13 +146,14 @@ class _Context:
     def per_sample_grads(self, params: Mapping[str, Tensor], batch: Any, projector: KroneckerProjector | None = None,
                          module: nn.Module | None = None) -> Tensor:
         """Projected per-sample gradients; a step's batch keeps its training dropout masks (one batched forward
-        per micro-batch), any other batch is evaluated sample by sample (``vmap``)."""
+        per micro-batch), any other batch is evaluated sample by sample (``vmap``) with dropout off (a function of θ)."""
         module = self.module if module is None else module
         if isinstance(batch, Step):
             return torch.cat([per_sample_grads_masked(module, self.loss_fn, m, batch.precision, self.names, params,
                                                       projector or self.projector) for m in batch.micro])
-        return per_sample_grads_vmap(module, self.loss_fn, batch, self.names, projector or self.projector,
-                                     params=params).detach()
+        with evaluation_mode(module):  # not a step's batch: a function of θ, dropout off (as a query)
+            return per_sample_grads_vmap(module, self.loss_fn, batch, self.names, projector or self.projector,
+                                         params=params).detach()
 
     def per_sample_hvp(self, params: Mapping[str, Tensor], batch: Any, direction: Mapping[str, Tensor]) -> Tensor:
         """Projected ``H_z v`` ``(B, K)`` for every sample of ``batch`` (``direction`` over all parameters):
@@ -277,7 +279,8 @@ def _per_sample_hvp_exact(ctx: _Context, params: Mapping[str, Tensor], batch: An
         g = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different")(p, tensors)
         return {n: g[n] for n in ctx.names}
 
-    _, hv = jvp(per_sample, (primals,), (tangents,))
+    with evaluation_mode(ctx.module):  # not a step's batch: dropout off (as a query)
+        _, hv = jvp(per_sample, (primals,), (tangents,))
     return ctx.projector.project(hv).detach()
 
 
