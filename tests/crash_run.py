@@ -301,7 +301,7 @@ def main() -> None:
         for k in range(args.kills + 1):
             last = k == args.kills
             mid_write = bool((seed + k) % 2)
-            slow = 0.03 if mid_write else 0.0
+            slow = 0.1 if mid_write else 0.0  # a write window wide enough for a parent descheduled under load
             kill = None if last else (rng.randrange(N // BATCH * EPOCHS), rng.uniform(0.0, 0.03), mid_write)
             info = run_child(args, base / "log", base / "ckpt", slow, kill, ref)
             info.update(seed=seed, round=k, slow_write=slow, kill=kill)
