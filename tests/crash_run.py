@@ -67,6 +67,7 @@ def train(log_dir: Path, ckpt_dir: Path, flush: int, progress: Path | None, slow
             if progress is not None:
                 with open(progress, "a") as f:
                     f.write(f"{trainer.global_step}\n")
+                time.sleep(0.02)  # steps longer than the parent's polling and live reads: a kill lands before the end
             while hold is not None and trainer.global_step == hold[0] and not hold[1].exists():
                 time.sleep(0.01)
 
