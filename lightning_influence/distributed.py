@@ -208,7 +208,8 @@ def launch(fn: Callable[..., Any], *args: Any, devices: int = 2, num_nodes: int 
         raise ValueError(f"strategy must be 'ddp_spawn', 'ddp' or 'auto', got {strategy!r}")
     if int(devices) < 1 or int(num_nodes) < 1:
         raise ValueError(f"devices and num_nodes must be >= 1, got {devices} and {num_nodes}")
-    start = "spawn" if strategy == "ddp_spawn" else "popen"
+    # under an outside launcher (torchrun, SLURM) the processes exist already: none is spawned, each returns its own
+    start = "spawn" if strategy == "ddp_spawn" and not launched_outside() else "popen"
     fabric = Fabric(accelerator=accelerator, devices=int(devices), num_nodes=int(num_nodes),
                     strategy=DDPStrategy(start_method=start, timeout=timedelta(seconds=float(timeout_s))))
     try:

@@ -151,3 +151,31 @@ def test_ddp_processes_that_go_on_after_the_query_end_its_group_at_exit(log_dir,
     # the two processes share the pipe: a line of one can land inside a line of the other, so match, not split
     assert sorted(re.findall(r"RESULT \([^)]*\) (?:True|False)", out.stdout)) == ["RESULT (24, 1) True"] * 2  # alive after
     assert sorted(re.findall(r"EXIT \d+ \[[^\]]*\]", out.stdout)) == ["EXIT 0 []", "EXIT 1 []"]
+
+
+_TORCHRUN_SCRIPT = r"""
+import os, sys
+from lightning_influence import distributed
+
+if __name__ == "__main__":
+    res = distributed.run("tracin_self_influence", sys.argv[1], devices=2, timeout_s=60)  # default strategy: ddp_spawn
+    print(f"TORCHRUN {os.environ['RANK']} {float(res.scores.sum())!r}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_processes_are_the_query_processes_whatever_the_strategy(log_dir, tmp_path):
+    """Under ``torchrun`` the launched processes are the query's processes: ``strategy="ddp_spawn"`` (the Python
+    default) spawns none of its own (it used to spawn 2 per torchrun process and fail), and the result equals one
+    process's."""
+    script = tmp_path / "query.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), log_dir], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = sorted(re.findall(r"TORCHRUN (\d) ([-+0-9.e]+)", out.stdout))  # the processes share the pipe
+    assert [r for r, _ in got] == ["0", "1"], out.stdout
+    one = float(tracin_self_influence(InfluenceLog(log_dir)).scores.sum())
+    for _, total in got:
+        assert abs(float(total) - one) <= 1e-12 * abs(one)
