@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from lightning_influence.capture.hvp import unflatten
 from lightning_influence.capture.per_sample import per_sample_grads_vmap
 from lightning_influence.capture.projection import KroneckerProjector
-from lightning_influence.estimators.fd import FiniteDifferenceProducts, upcast
+from lightning_influence.estimators.fd import CastInputs, FiniteDifferenceProducts
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, evaluation_mode, query_gradients, query_names
 from lightning_influence.replay import TrainData, batch_from_ids, checkpoint_params, functional_loss, load_step, replay
@@ -165,7 +165,7 @@ class _Context:
         if self.hvp == "exact":
             return _per_sample_hvp_exact(self, params, batch, direction)
         assert self.fd is not None
-        inputs = _Inputs(batch)
+        inputs = CastInputs(batch)
         return self.fd.directional(lambda module, q, dt: self.per_sample_grads(q, inputs(dt)[0], module=module),
                                    params, [direction], _step_of(batch))[0]
 
@@ -229,7 +229,7 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
         R = torch.stack([torch.cat([V[n][c].reshape(-1) for n in names]) for c in range(C)], dim=1)
         HR, _ = ctx.fd(fixed, batch, R, w)
         return _stacked(ctx, HR.T)
-    inputs = _Inputs(batch, w)
+    inputs = CastInputs(batch, w)
 
     def evaluate(module: nn.Module, q: Mapping[str, Tensor], dt: torch.dtype) -> Tensor:
         b, wt = inputs(dt)
@@ -237,19 +237,6 @@ def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vector
 
     cols = ctx.fd.directional(evaluate, fixed, [{n: V[n][c] for n in names} for c in range(C)], _step_of(batch))
     return _stacked(ctx, torch.stack(cols))
-
-
-class _Inputs:
-    """A batch (and step weights) cast to each dtype the finite differences evaluate in, once per dtype."""
-
-    def __init__(self, batch: Any, w: Tensor | None = None) -> None:
-        self.native, self.cast = (batch, w), {}
-
-    def __call__(self, dtype: torch.dtype) -> tuple[Any, Tensor | None]:
-        batch, w = self.native
-        if dtype not in self.cast:
-            self.cast[dtype] = (upcast(batch, dtype), None if w is None else w.to(dtype))
-        return self.cast[dtype]
 
 
 def _step_of(batch: Any) -> int:

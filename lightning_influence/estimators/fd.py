@@ -45,7 +45,7 @@ from lightning_influence.step.micro import Step
 from lightning_influence.step.precision import Precision
 from lightning_influence.step.shard import BatchShard
 
-__all__ = ["FD_DTYPE", "FD_EPS0", "Evaluate", "FiniteDifferenceProducts", "native_eps0", "upcast"]
+__all__ = ["FD_DTYPE", "FD_EPS0", "CastInputs", "Evaluate", "FiniteDifferenceProducts", "native_eps0", "upcast"]
 
 FD_DTYPE = torch.float64
 FD_EPS0 = 1e-6  # ε_0 of the float64 evaluation (measured: benchmarks/fd_accuracy.py, docs/replay.md)
@@ -79,6 +79,21 @@ def upcast(batch: Any, dtype: torch.dtype) -> Any:
         return pytree.tree_map(up, batch)
     return dataclasses.replace(batch, micro=[dataclasses.replace(m, batch=pytree.tree_map(up, m.batch))
                                              for m in batch.micro])
+
+
+class CastInputs:
+    """A batch (and step weights) cast to each dtype the finite differences evaluate in, once per dtype; in
+    ``native`` (the parameters' own dtype, if given) as they are."""
+
+    def __init__(self, batch: Any, w: Tensor | None = None, native: torch.dtype | None = None) -> None:
+        self.native = (batch, w)
+        self.cast: dict[torch.dtype, tuple[Any, Tensor | None]] = {} if native is None else {native: self.native}
+
+    def __call__(self, dtype: torch.dtype) -> tuple[Any, Tensor | None]:
+        batch, w = self.native
+        if dtype not in self.cast:
+            self.cast[dtype] = (upcast(batch, dtype), None if w is None else w.to(dtype))
+        return self.cast[dtype]
 
 
 def _cast(d: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -236,12 +251,10 @@ class FiniteDifferenceProducts:
         is summed over the processes (the gradient, and the ``n_rows`` losses of the step at their positions), so the
         kink guard, which compares whole columns, decides on the vector one process would see; ``J_t R`` is then this
         process's rows'."""
-        inputs: dict[torch.dtype, tuple[Step, Tensor]] = {}
+        inputs = CastInputs(batch, w, native=self.dtype)
 
         def evaluate(module: nn.Module, q: Mapping[str, Tensor], dt: torch.dtype) -> Tensor:
-            if dt not in inputs:  # the batch cast once per dtype
-                inputs[dt] = (batch, w) if dt == self.dtype else (upcast(batch, dt), w.to(dt))
-            return self._local(module, *inputs[dt], q, dt, n_rows)
+            return self._local(module, *inputs(dt), q, dt, n_rows)
 
         cols = self.directional(evaluate, params, [unflatten(R[:, c], self.shapes) for c in range(R.shape[1])],
                                 batch.step, shard)
