@@ -71,9 +71,13 @@ def capture() -> RandomState:
 
 def drawn(before: RandomState) -> RandomState:
     """``before`` reduced to the generators that moved since it was captured (those a forward drew from)."""
-    now = capture()
-    cpu = before.cpu if before.cpu is not None and before.cpu.tobytes() != now.cpu.tobytes() else None
-    moved = before.cuda.size and (now.cuda.shape != before.cuda.shape or not np.array_equal(now.cuda, before.cuda))
+    with _plain():
+        cpu_now = torch.get_rng_state().numpy()
+    cpu = before.cpu if before.cpu is not None and before.cpu.tobytes() != cpu_now.tobytes() else None
+    if not before.cuda.size:  # the CUDA generators are read only where they were (at every step: the fewest calls)
+        return NONE if cpu is None else RandomState(cpu, NONE.cuda)
+    now = capture().cuda
+    moved = now.shape != before.cuda.shape or not np.array_equal(now, before.cuda)
     return RandomState(cpu, before.cuda if moved else NONE.cuda)
 
 
