@@ -45,6 +45,8 @@ def batch_size_of(batch: Any) -> int:
     """Leading dimension of the first tensor in a batch (tuple, list, dict or tensor)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
+    if type(batch) in (tuple, list) and batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() > 0:
+        return int(batch[0].shape[0])  # the common case, without the abstract-class checks (at every step)
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) else ()
     for v in values:
         if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -73,17 +75,19 @@ def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, o
         ValueError: the ids are missing, not a 1-D integer tensor, of the wrong length, or
             fail :func:`check_ids`.
     """
+    plain = type(batch) in (tuple, list)  # the common case: no abstract-class checks (this runs at every step)
+    sequence = plain or (isinstance(batch, Sequence) and not isinstance(batch, str))
     if ids_fn is not None:
         ids = ids_fn(batch)
-    elif isinstance(batch, Mapping):
+    elif not plain and isinstance(batch, Mapping):
         if ids_key not in batch:
             raise ValueError(f"batch dict has no {ids_key!r} key (keys: {sorted(batch)}). {_hint(ids_key)}")
         ids = batch[ids_key]
-    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2 and not with_ids:
+    elif sequence and len(batch) == 2 and not with_ids:
         raise ValueError(
             "the batch has two elements: (x, y) inputs and labels, or (x, ids)? Labels are never taken for sample ids. "
             f"{_hint(ids_key)} If the second element really holds the ids, pass ids_fn=lambda batch: batch[1].")
-    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
+    elif sequence and len(batch) >= 2:
         ids = batch[-1]
     else:
         raise ValueError(f"cannot find sample ids in a batch of type {type(batch).__name__}. {_hint(ids_key)}")
@@ -96,7 +100,8 @@ def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, o
         raise ValueError(f"{len(ids)} sample ids for a batch of {n} samples. {_hint(ids_key)}")
     if on_device and ids.device.type != "cpu":
         return ids.detach().to(torch.int64)
-    ids = ids.detach().to("cpu", torch.int64)
+    if ids.dtype != torch.int64 or ids.device.type != "cpu" or ids.requires_grad:
+        ids = ids.detach().to("cpu", torch.int64)
     check_ids(ids, ids_key, dataset_size)
     return ids
 

@@ -40,13 +40,14 @@ def test_validate_names_the_non_finite_rows_and_lets_a_skipped_steps_losses_over
         StepRecord(step=5, epoch=0, batch_idx=0, micro_batches=1, lrs=[0.1, float("inf")], ids=np.arange(2)).validate()
 
 
-def test_drawn_keeps_the_cpu_state_only_when_the_forward_drew():
-    before = rng.capture()
-    assert rng.drawn(before) is rng.NONE or not rng.drawn(before).drew
-    before = rng.capture()
+@pytest.mark.parametrize("take", [rng.capture, rng.started])
+def test_drawn_keeps_the_cpu_state_only_when_the_forward_drew(take):
+    assert rng.drawn(take()) is rng.NONE or not rng.drawn(take()).drew
+    before, at_start = take(), torch.get_rng_state()
     expected = torch.rand(3)
     state = rng.drawn(before)
-    assert state.cpu is not None and state.cuda.shape == (0, rng.CUDA_STATE_BYTES)
+    assert isinstance(state.cpu, np.ndarray) and state.cuda.shape == (0, rng.CUDA_STATE_BYTES)
+    np.testing.assert_array_equal(state.cpu, at_start.numpy())
     with rng.restored(state):
         assert torch.equal(torch.rand(3), expected)
 
