@@ -264,3 +264,110 @@ def test_plain_runs_are_read_by_the_prefetch_thread_and_unplain_layouts_are_decl
         assert not pre._undirect  # this file system took the direct reads
         with pytest.raises(LogFormatError, match="a.h5: cannot read gradient rows.*ends 240 bytes before"):
             pre.result(pre.submit(ReadJob([(path, path.stat().st_size - row, 2 * row)])))
+
+
+def _cached_bytes(path, offset: int, n: int) -> int:
+    """How many bytes from ``offset`` the page cache holds (a ``RWF_NOWAIT`` read: it takes only what is cached)."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(n)], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_long_runs_are_read_from_the_disk_in_parts_and_cached_runs_from_the_cache(tmp_path, monkeypatch, streams):
+    """Runs of >= 1 MiB not in the page cache are read with O_DIRECT, in ``_STREAMS`` parts at once, whatever their
+    alignment; the bytes equal the file's, the page cache stays empty (the disk alone was read), a cached run is
+    copied from the cache even when its first pages are not cached, and a run past the end of the file is refused
+    naming the file, from whichever part the file ends in."""
+    import os
+
+    from lightning_influence.log import prefetch
+    from lightning_influence.log.format import crc32
+    from lightning_influence.log.prefetch import Prefetcher, ReadJob
+
+    if prefetch._DIRECT is None or prefetch._NOWAIT is None:
+        pytest.skip("needs Linux's O_DIRECT and RWF_NOWAIT")
+    monkeypatch.setattr(prefetch, "_STREAMS", streams)
+    data = np.random.default_rng(3).integers(0, 256, (7 << 20) + 1234, dtype=np.uint8)
+    path = tmp_path / "rows.bin"
+    data.tofile(path)
+    size = len(data)
+    runs = [(4097, (3 << 20) + 5), (0, 1 << 20), (size - (2 << 20) - 77, (2 << 20) + 77)]  # unaligned, exact, to the end
+    evict([path])
+    spans = []
+    read_span = prefetch._read_span
+    monkeypatch.setattr(prefetch, "_read_span", lambda *a: spans.append(a[3:]) or read_span(*a))
+    with Prefetcher(depth=1) as pre:
+        views, crcs = pre.result(pre.submit(ReadJob([(path, a, n) for a, n in runs], [[(0, 0, 5000)]])))
+        for (a, n), view in zip(runs, views):
+            np.testing.assert_array_equal(view, data[a:a + n])
+        assert crcs == [crc32(data[4097:4097 + 5000])] and not pre._undirect
+        # each run in min(streams, MiB) parts, from its page on, back to back, each but the last page-aligned
+        parts = [min(streams, (a % 4096 + n) >> 20) for a, n in runs]
+        assert len(spans) == sum(parts)
+        for (a, n), k in zip(runs, parts):
+            mine, spans = sorted(spans[:k]), spans[k:]
+            assert mine[0][0] == a - a % 4096 and mine[-1][1] == a + n
+            assert all(x[1] == y[0] and x[1] % 4096 == 0 for x, y in zip(mine, mine[1:]))
+        assert _cached_bytes(path, 2 << 20, 4096) == 0  # read past the page cache
+        with open(path, "rb") as f:  # the last 1.5 MiB now cached, the first part of the run not
+            f.seek(size - (3 << 19))
+            f.read()
+        views, _ = pre.result(pre.submit(ReadJob([(path, size - (3 << 20), 3 << 20)])))
+        np.testing.assert_array_equal(views[0], data[size - (3 << 20):])
+        tail = size - (3 << 20)  # its uncached start: all of it read from the disk, the cached tail too
+        assert min(spans)[0] == tail - tail % 4096 and max(spans)[1] == size
+        spans.clear()
+        evict([path])
+        with open(path, "rb") as f:  # all of it cached: copied from the cache
+            f.read()
+        monkeypatch.setattr(prefetch, "_read_span", lambda *a: spans.append(a[3:]) or a[3])
+        views, _ = pre.result(pre.submit(ReadJob([(path, 5, 5 << 20)])))
+        np.testing.assert_array_equal(views[0], data[5:5 + (5 << 20)])
+        assert spans == []
+        monkeypatch.undo()
+        monkeypatch.setattr(prefetch, "_STREAMS", streams)
+        evict([path])
+        with pytest.raises(LogFormatError, match="rows.bin: cannot read gradient rows.*ends 4096 bytes before"):
+            pre.result(pre.submit(ReadJob([(path, size - (3 << 20), (3 << 20) + 4096)])))
+
+
+def test_the_small_rows_of_a_segment_and_the_next_are_asked_for_once_before_they_are_read(tmp_path, monkeypatch):
+    """Ids and weights (a few bytes a row, one short read each per block) are asked from the kernel for the whole
+    segment, and for the rank's next segment, once, before any block of that segment is submitted."""
+    from lightning_influence.log import blocks, reader
+
+    _write(tmp_path, 2)
+    asked, order = [], []
+    monkeypatch.setattr(reader, "will_need", lambda path, offset=0, length=0: asked.append((path, offset, length)))
+    submit = blocks.Prefetcher.submit
+    monkeypatch.setattr(blocks.Prefetcher, "submit", lambda self, job: order.append(
+        ({path for path, _, _ in job.runs}, len(asked))) or submit(self, job))  # asked for when its read is queued
+    with InfluenceLog(tmp_path) as log:
+        for _ in iter_row_blocks(log, 0, log.num_steps, max_bytes=60):
+            pass
+        segs = list(log._segs)
+    stored = 0
+    for s in segs:  # each small dataset of each segment: one ask covering all its rows
+        with h5py.File(s.path) as f:
+            for name in ("samples/id", "samples/weight"):
+                if name not in f:  # weights: stored where a step's are not a plain batch mean
+                    continue
+                stored += 1
+                where = _row_map(s.path, f[name])
+                lo, hi = int(where.offsets.min()), int(where.offsets.max()) + where.per_chunk * where.row
+                mine = [(o, n) for p, o, n in asked if p == s.path and o <= lo and o + n >= hi]
+                assert len(mine) == 1, (s.path, name)
+    assert len(asked) == stored >= len(segs) > 4
+    assert len(order) > 4
+    for paths, n_asked in order:  # every segment of a read (and the next of its rank) asked for before it
+        for path in paths:
+            i = next(i for i, s in enumerate(segs) if s.path == path)
+            nxt = [segs[i + 1].path] if i + 1 < len(segs) and segs[i + 1].rank == segs[i].rank else []
+            assert {p for p, _, _ in asked[:n_asked]} >= {path, *nxt}

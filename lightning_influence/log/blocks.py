@@ -76,10 +76,11 @@ def iter_row_blocks(log: "InfluenceLog", t1: int, t2: int, breaks: Sequence[int]
         raise ValueError(f"{log.path}: the run did not record gradients; re-run with it enabled in InfluenceTracker")
     buffers: dict[tuple[int, str], np.ndarray] = {}
     layouts: dict[tuple[int, str], _Layout] = {}  # (segment, field) -> see _layout
+    asked: set[int] = set()  # segments whose small rows the kernel was asked for (_ask_small)
     ahead: deque[tuple[list[tuple[int, list[tuple[int, int]]]], _Queued | None]] = deque()
     with Prefetcher(depth) as prefetcher:
         for pending in _plan(log, t1, t2, breaks, max_bytes):
-            ahead.append((pending, _submit(log, pending, layouts, prefetcher)))
+            ahead.append((pending, _submit(log, pending, layouts, asked, prefetcher)))
             if len(ahead) > depth:  # the buffer of the block handed out before is reused from here on
                 yield _read_block(log, *ahead.popleft(), buffers, prefetcher)
         while ahead:
@@ -127,7 +128,7 @@ class _Queued:
 
 
 def _submit(log: "InfluenceLog", pending: list[tuple[int, list[tuple[int, int]]]],
-            layouts: dict[tuple[int, str], _Layout], prefetcher: Prefetcher) -> _Queued | None:
+            layouts: dict[tuple[int, str], _Layout], asked: set[int], prefetcher: Prefetcher) -> _Queued | None:
     """Queue the rows of the block ``pending`` for the prefetch thread (``None``: some rank's rows are not stored
     as plain bytes, or the system has no ``os.preadv``; the block reads them through HDF5 when it is reached)."""
     if not prefetch.AVAILABLE:
@@ -137,6 +138,8 @@ def _submit(log: "InfluenceLog", pending: list[tuple[int, list[tuple[int, int]]]
     checks: list[tuple[str, int, int]] = []
     expected: list[np.ndarray] = []
     fields: dict[str, tuple[np.dtype, tuple[int, ...], range]] = {}
+    for seg, _ in pending[0][1]:
+        _ask_small(log, seg, layouts, asked)
     for field_ in _FIELDS:
         first = len(runs)
         kinds = set()
@@ -190,6 +193,24 @@ def _layout(log: "InfluenceLog", seg: int, field_: str, layouts: dict[tuple[int,
         if layouts[key] is None:  # read through HDF5: the kernel reads the rank's next segments meanwhile
             _read_ahead(log, seg)
     return layouts[key]
+
+
+def _ask_small(log: "InfluenceLog", seg: int, layouts: dict[tuple[int, str], _Layout], asked: set[int]) -> None:
+    """Ask the kernel for all of the small rows (ids, weights: a few bytes per row) of segment ``seg`` and of the rank's
+    next segment, in the background, once per segment: each block's small runs then come from the page cache instead
+    of costing a disk round trip of their own between the large direct reads of the gradient rows."""
+    from lightning_influence.log.reader import will_need
+
+    for s in (seg, seg + 1):
+        if s >= len(log._segs) or log._segs[s].rank != log._segs[seg].rank or s in asked:
+            continue
+        asked.add(s)
+        for field_ in ("id", "weight"):
+            lay = _layout(log, s, field_, layouts)
+            if lay is not None and lay != _ABSENT:
+                where = lay[0]
+                start = int(where.offsets.min())
+                will_need(log._segs[s].path, start, int(where.offsets.max()) + where.per_chunk * where.row - start)
 
 
 def _read_ahead(log: "InfluenceLog", seg: int) -> None:

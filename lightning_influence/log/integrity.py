@@ -17,7 +17,7 @@ import numpy as np
 
 from lightning_influence.log.format import CRC_ATTR, ROW_CRC_COLUMNS, SCALAR_ATTR, LogFormatError, crc32, restore_hint
 
-__all__ = ["check_rank", "check_segment", "read_checked"]
+__all__ = ["check_rank", "check_segment", "read_checked", "read_member"]
 
 
 def check_rank(segs: Sequence[Any], first_step: int = 0) -> None:
@@ -56,15 +56,40 @@ def check_rank(segs: Sequence[Any], first_step: int = 0) -> None:
 
 def read_checked(path: Path, ds: h5py.Dataset) -> np.ndarray:
     """A dataset read whole and checked against its stored CRC-32 (0-d arrays restored)."""
-    value = ds[()]
-    attrs = ds.attrs
-    names = set(attrs)  # one pass over the attributes (opening a log reads ~25 datasets per segment)
-    if CRC_ATTR not in names:
-        raise LogFormatError(path, f"{ds.name} has no {CRC_ATTR} attribute, so it cannot be checked; the file is "
+    return _read_checked(path, ds.name, ds.id)
+
+
+def read_member(path: Path, group: h5py.Group, name: str) -> np.ndarray:
+    """:func:`read_checked` of the dataset ``name`` of ``group``, opened without h5py's high-level objects (opening a
+    log reads ~25 step-table columns per segment: this way costs about a third of the time)."""
+    return _read_checked(path, f"{group.name}/{name}", h5py.h5d.open(group.id, name.encode()))
+
+
+def _read_checked(path: Path, name: str, dsid: h5py.h5d.DatasetID) -> np.ndarray:
+    shape = dsid.get_space().shape
+    value = np.empty(shape, dsid.dtype)
+    if value.size:
+        dsid.read(h5py.h5s.ALL, h5py.h5s.ALL, value)
+    crc = _attribute(dsid, CRC_ATTR)
+    if crc is None:
+        raise LogFormatError(path, f"{name} has no {CRC_ATTR} attribute, so it cannot be checked; the file is "
                                    "corrupted or was written by a pre-release writer")
-    if crc32(value) != int(attrs[CRC_ATTR]):
-        raise LogFormatError(path, f"{ds.name} fails its CRC-32: the file is corrupted. {restore_hint(path)}")
-    return value.reshape(()) if SCALAR_ATTR in names and attrs[SCALAR_ATTR] else value
+    if crc32(value) != int(crc):
+        raise LogFormatError(path, f"{name} fails its CRC-32: the file is corrupted. {restore_hint(path)}")
+    if not shape:
+        return value[()]  # as h5py reads a 0-d dataset: a NumPy scalar
+    scalar = _attribute(dsid, SCALAR_ATTR)
+    return value.reshape(()) if scalar is not None and scalar else value
+
+
+def _attribute(dsid: h5py.h5d.DatasetID, name: str) -> Any:
+    """The value of the attribute ``name`` of a dataset (``None`` if it has none)."""
+    if not h5py.h5a.exists(dsid, name.encode()):
+        return None
+    attr = h5py.h5a.open(dsid, name.encode())
+    out = np.empty(attr.shape, attr.dtype)
+    attr.read(out)
+    return out[()]
 
 
 def check_segment(path: Path, rank: int, attrs: dict[str, Any], table: dict[str, np.ndarray],

@@ -8,7 +8,8 @@ step's rows, while the caller's thread multiplies the block read before. The cal
 the step tables before it uses a row, so every checksum is still verified.
 
 Runs of at least 1 MiB (gradient rows) not in the page cache are read with ``O_DIRECT`` (Linux): from the disk into the
-buffer, without passing through the page cache. For a log larger than RAM the cache cannot keep the rows
+buffer, without passing through the page cache, in ``_STREAMS`` parts at once (a disk answers two requests in flight
+faster than one, and the read no longer waits for this process's threads between requests). For a log larger than RAM the cache cannot keep the rows
 for a second pass anyway, and filling it is what costs a buffered read its CPU (measured in docs/scaling.md:
 ≈ 0.46 s of system time per GB buffered, ≈ 0.05 s direct) and much of its speed when the CPUs are busy.
 Rows already cached (a log read again, or one smaller than RAM) are copied from the cache (a ``RWF_NOWAIT``
@@ -25,6 +26,8 @@ import errno
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from lightning_influence.log.format import crc32, reading
 
 _ALIGN = 4096  # O_DIRECT: file offset, length and buffer address in multiples of this (>= the logical block size)
 _DIRECT_MIN = 1 << 20  # shorter runs (ids, weights) are read buffered: a direct read costs a disk round trip each
+_STREAMS = 2  # direct reads in flight at once (parts of a long run): a disk answers two faster than one (docs/scaling.md)
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux >= 4.14: a read that returns only what the page cache holds
 _DIRECT = getattr(os, "O_DIRECT", None)
 AVAILABLE = hasattr(os, "preadv")  # not on Windows: there the blocks are read through HDF5
@@ -76,6 +80,7 @@ class Prefetcher:
         self._read: queue.Queue[ReadJob | None] = queue.Queue()  # read by the reader, to be checksummed
         self._threads: list[threading.Thread] = []
         self._undirect: set[Path] = set()  # files whose O_DIRECT reads were refused: read buffered
+        self._streams = ThreadPoolExecutor(_STREAMS, thread_name_prefix="influence-log-direct")
 
     def __enter__(self) -> "Prefetcher":
         return self
@@ -129,6 +134,7 @@ class Prefetcher:
             for thread in self._threads:
                 thread.join()
             self._threads = []
+        self._streams.shutdown()
 
     def _work(self) -> None:
         """The reader: reads each job and hands it to the checker, so the disk is asked for the next job's bytes
@@ -159,13 +165,9 @@ class Prefetcher:
         ``start``): what the page cache holds copied from it, the rest read directly from the disk."""
         fd = os.open(path, os.O_RDONLY)
         try:
-            got = 0
-            if _NOWAIT is not None and len(view):
-                try:
-                    got = os.preadv(fd, [view], offset, _NOWAIT)
-                except OSError:  # EAGAIN: the first page is not cached (or the flag is not supported here)
-                    got = 0
-            if got < len(view) and self.direct and len(view) >= _DIRECT_MIN and path not in self._undirect:
+            direct = self.direct and len(view) >= _DIRECT_MIN and path not in self._undirect
+            got = _cached(fd, view, offset, probe=direct)
+            if got < len(view) and direct:
                 got = self._read_direct(path, offset, got, len(view), region, start)
             _read_all(fd, memoryview(view)[got:], offset + got)
         finally:
@@ -173,30 +175,52 @@ class Prefetcher:
 
     def _read_direct(self, path: Path, offset: int, got: int, nbytes: int, region: np.ndarray, start: int) -> int:
         """Read bytes ``[offset + got, offset + nbytes)`` with ``O_DIRECT`` (from the aligned offset at or before
-        them); the bytes now in ``region`` from ``offset`` on (``got`` again if the system refuses)."""
+        them), in ``_STREAMS`` parts at once; the bytes now in ``region`` from ``offset`` on (``got`` again if the
+        system refuses)."""
         assert _DIRECT is not None
-        a = offset + got - (offset + got) % _ALIGN
+        a, end = offset + got - (offset + got) % _ALIGN, offset + nbytes
         try:
             fd = os.open(path, os.O_RDONLY | _DIRECT)
         except OSError:
             self._undirect.add(path)
             return got
         try:
-            end = offset + nbytes
-            mv = memoryview(region)
-            while a < end:
-                n = os.preadv(fd, [mv[a - start:]], a)
-                step = n if a + n >= end else n - n % _ALIGN  # a short read mid-file: resume at an aligned offset
-                if step <= 0:  # the file ends early: the buffered read after this says so
-                    break
-                a += step
-        except OSError as err:
-            if err.errno != errno.EINVAL:  # EINVAL: this file system wants another alignment; read buffered
-                raise
-            self._undirect.add(path)
+            parts = _parts(a, end)
+            futures = [self._streams.submit(_read_span, fd, memoryview(region), start, lo, hi) for lo, hi in parts]
+            futures_wait(futures)  # every part has ended before its file is closed
         finally:
             os.close(fd)
-        return max(got, min(a, offset + nbytes) - offset)
+        for (_, hi), future in zip(parts, futures):  # the bytes read back to back from ``a`` on
+            err = future.exception()
+            if err is not None:
+                if not isinstance(err, OSError) or err.errno != errno.EINVAL:
+                    raise err
+                self._undirect.add(path)  # EINVAL: this file system wants another alignment; read buffered
+                break
+            a = future.result()
+            if a < hi:  # the file ends early: the buffered read after this says so
+                break
+        return max(got, min(a, end) - offset)
+
+
+def _parts(a: int, end: int) -> list[tuple[int, int]]:
+    """``[a, end)`` cut into up to ``_STREAMS`` parts of about equal size at page boundaries, none under
+    ``_DIRECT_MIN`` bytes."""
+    n = max(1, min(_STREAMS, (end - a) // _DIRECT_MIN))
+    cuts = [a + (end - a) * i // n // _ALIGN * _ALIGN for i in range(n)] + [end]
+    return list(zip(cuts, cuts[1:]))
+
+
+def _read_span(fd: int, mv: memoryview, start: int, a: int, end: int) -> int:
+    """Read ``[a, end)`` of the ``O_DIRECT`` file ``fd`` into ``mv`` (which holds the file from offset ``start``);
+    the offset reached (``end`` or beyond, unless the file ends first)."""
+    while a < end:
+        n = os.preadv(fd, [mv[a - start: end - start + (-end) % _ALIGN]], a)
+        step = n if a + n >= end else n - n % _ALIGN  # a short read mid-file: resume at an aligned offset
+        if step <= 0:
+            break
+        a += step
+    return a
 
 
 def _crc_of(views: list[np.ndarray], piece: list[tuple[int, int, int]]) -> int:
@@ -205,6 +229,22 @@ def _crc_of(views: list[np.ndarray], piece: list[tuple[int, int, int]]) -> int:
     for run, a, b in piece:
         value = crc32(views[run][a:b], value)
     return value
+
+
+def _cached(fd: int, view: np.ndarray, offset: int, probe: bool) -> int:
+    """Copy into ``view`` what the page cache holds of the bytes from ``offset`` on (up to the first page it does not
+    hold); the number of bytes copied. ``probe``: first ask for the run's last bytes alone, and copy nothing if they
+    are not cached (a run to be read from the disk: a ``RWF_NOWAIT`` read of a long run whose first pages happen to
+    be cached, e.g. next to rows read before, costs ~0.5 ms to copy those few pages)."""
+    if _NOWAIT is None or not len(view):
+        return 0
+    try:
+        tail = len(view) - _ALIGN
+        if probe and tail > 0 and os.preadv(fd, [view[tail:]], offset + tail, _NOWAIT) < _ALIGN:
+            return 0
+        return os.preadv(fd, [view], offset, _NOWAIT)
+    except OSError:  # EAGAIN: the first page is not cached (or the flag is not supported here)
+        return 0
 
 
 def _read_all(fd: int, view: memoryview, offset: int) -> None:

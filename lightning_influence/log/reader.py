@@ -37,7 +37,7 @@ from lightning_influence.log.format import (
     restore_hint,
     text,
 )
-from lightning_influence.log.integrity import check_rank, check_segment, read_checked
+from lightning_influence.log.integrity import check_rank, check_segment, read_checked, read_member
 from lightning_influence.log.microbatches import MicroBatchRecord, read_micro_batches
 from lightning_influence.log.windows import step_window
 
@@ -150,7 +150,7 @@ class InfluenceLog:
             check_header(path, attrs)
             steps = f["steps"]
             stored = set(steps)
-            seg.table = {c: read_checked(path, steps[c]) if c in stored else None for c in (*STEP_COLUMNS, "lr")}
+            seg.table = {c: read_member(path, steps, c) if c in stored else None for c in (*STEP_COLUMNS, "lr")}
             n = len(seg.table["step"])
             for c, default in V1_DEFAULTS.items():
                 if seg.table[c] is None and int(attrs["format_version"]) == 1:
@@ -551,12 +551,13 @@ class InfluenceLog:
             return seg, self._file(seg)["checkpoints"][CHECKPOINT_GROUP.format(step=step)]
 
 
-def will_need(path: Path) -> int | None:
-    """Ask the kernel to read the file ``path`` ahead, in the background; its size (``None``: not possible, a hint only)."""
+def will_need(path: Path, offset: int = 0, length: int = 0) -> int | None:
+    """Ask the kernel to read ``length`` bytes of the file ``path`` from ``offset`` (0: to its end) ahead, in the
+    background; the file's size (``None``: not possible, a hint only)."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
             return os.fstat(fd).st_size
         finally:
             os.close(fd)
