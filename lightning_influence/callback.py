@@ -351,7 +351,7 @@ class InfluenceTracker(Callback):
             self._checked_dataset = True
             if not self.store_inputs:
                 check_dataset(getattr(trainer.train_dataloader, "dataset", None))
-        self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.capture(),
+        self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
                                                      inputs=_serialise(batch) if self.store_inputs else None,
                                                      accumulate=int(trainer.accumulate_grad_batches)))
         self._pending.batch_idx = batch_idx

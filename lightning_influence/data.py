@@ -45,6 +45,8 @@ def batch_size_of(batch: Any) -> int:
     """Leading dimension of the first tensor in a batch (tuple, list, dict or tensor)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
+    if type(batch) in (tuple, list) and batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() > 0:
+        return int(batch[0].shape[0])  # the common case, without the abstract-class checks (at every step)
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) else ()
     for v in values:
         if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -73,31 +75,33 @@ def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, o
         ValueError: the ids are missing, not a 1-D integer tensor, of the wrong length, or
             fail :func:`check_ids`.
     """
-    hint = _hint(ids_key)
+    plain = type(batch) in (tuple, list)  # the common case: no abstract-class checks (this runs at every step)
+    sequence = plain or (isinstance(batch, Sequence) and not isinstance(batch, str))
     if ids_fn is not None:
         ids = ids_fn(batch)
-    elif isinstance(batch, Mapping):
+    elif not plain and isinstance(batch, Mapping):
         if ids_key not in batch:
-            raise ValueError(f"batch dict has no {ids_key!r} key (keys: {sorted(batch)}). {hint}")
+            raise ValueError(f"batch dict has no {ids_key!r} key (keys: {sorted(batch)}). {_hint(ids_key)}")
         ids = batch[ids_key]
-    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2 and not with_ids:
+    elif sequence and len(batch) == 2 and not with_ids:
         raise ValueError(
             "the batch has two elements: (x, y) inputs and labels, or (x, ids)? Labels are never taken for sample ids. "
-            f"{hint} If the second element really holds the ids, pass ids_fn=lambda batch: batch[1].")
-    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
+            f"{_hint(ids_key)} If the second element really holds the ids, pass ids_fn=lambda batch: batch[1].")
+    elif sequence and len(batch) >= 2:
         ids = batch[-1]
     else:
-        raise ValueError(f"cannot find sample ids in a batch of type {type(batch).__name__}. {hint}")
-    ids = _as_tensor(ids, hint)
+        raise ValueError(f"cannot find sample ids in a batch of type {type(batch).__name__}. {_hint(ids_key)}")
+    ids = _as_tensor(ids, ids_key)
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise ValueError(f"sample ids must be a 1-D integer tensor (one id per sample), got shape {tuple(ids.shape)} "
-                         f"dtype {ids.dtype}. {hint}")
+                         f"dtype {ids.dtype}. {_hint(ids_key)}")
     n = batch_size_of(batch)
     if len(ids) != n:
-        raise ValueError(f"{len(ids)} sample ids for a batch of {n} samples. {hint}")
+        raise ValueError(f"{len(ids)} sample ids for a batch of {n} samples. {_hint(ids_key)}")
     if on_device and ids.device.type != "cpu":
         return ids.detach().to(torch.int64)
-    ids = ids.detach().to("cpu", torch.int64)
+    if ids.dtype != torch.int64 or ids.device.type != "cpu" or ids.requires_grad:
+        ids = ids.detach().to("cpu", torch.int64)
     check_ids(ids, ids_key, dataset_size)
     return ids
 
@@ -111,16 +115,16 @@ def check_ids(ids: torch.Tensor, ids_key: str = "ids", dataset_size: int | None 
         ValueError: naming the offending ids and what to do (a ``Subset`` keeping the original
             indices; sampling with replacement, which is not supported).
     """
-    ordered = np.sort(ids.numpy())  # one sort answers all three checks (in numpy: µs, at every step)
-    if (ordered[1:] == ordered[:-1]).any():
+    values = ids.tolist()  # a set, min and max of Python ints: the fewest calls (this runs at every step)
+    if len(set(values)) != len(values):
         raise ValueError(
             f"sample ids {_duplicates(ids)} appear more than once in one batch. Sampling with replacement "
             "(RandomSampler(replacement=True), WeightedRandomSampler) is not supported: the log and the estimators "
             "count each sample once per step. Sample without replacement (DataLoader(shuffle=True)), or, if these "
             f"are not sample ids (labels?), give the real ids. {_hint(ids_key)}")
-    if len(ids) and int(ordered[0]) < 0:
-        raise ValueError(f"sample ids must be non-negative, got {int(ordered[0])}. {_hint(ids_key)}")
-    if dataset_size is not None and len(ids) and int(ordered[-1]) >= dataset_size:
+    if values and min(values) < 0:
+        raise ValueError(f"sample ids must be non-negative, got {min(values)}. {_hint(ids_key)}")
+    if dataset_size is not None and values and max(values) >= dataset_size:
         bad = ids[ids >= dataset_size][:10].tolist()
         raise ValueError(
             f"sample ids {bad} are not indices into the training set, which has {dataset_size} samples "
@@ -167,7 +171,7 @@ def samples_with_replacement(loader: Any) -> bool:
     return False
 
 
-def _as_tensor(ids: Any, hint: str) -> torch.Tensor:
+def _as_tensor(ids: Any, ids_key: str) -> torch.Tensor:
     if isinstance(ids, torch.Tensor):
         return ids
     if isinstance(ids, Sequence) and ids and all(isinstance(v, torch.Tensor) for v in ids):  # collated per-item lists
@@ -179,7 +183,7 @@ def _as_tensor(ids: Any, hint: str) -> torch.Tensor:
         return torch.as_tensor(ids)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"sample ids must be a 1-D integer tensor (one id per sample), got a {type(ids).__name__} "
-                         f"that is not a tensor of integers. {hint}") from None
+                         f"that is not a tensor of integers. {_hint(ids_key)}") from None
 
 
 def _duplicates(ids: torch.Tensor) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,8 +60,10 @@ class StepRecord:
                 continue
             if len(rows) != len(ids) or np.ndim(rows) != (1 if what == "per-sample loss" else 2):
                 raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {len(ids)} sample ids")
+            if (self.skipped and what == "per-sample loss") or np.isfinite(rows).all():  # the common case: one check
+                continue  # a skipped step's losses may overflow
             bad = ~np.isfinite(np.asarray(rows).reshape(len(ids), -1)).all(axis=1)
-            if bad.any() and not (self.skipped and what == "per-sample loss"):  # a skipped step's losses may overflow
+            if bad.any():
                 raise FloatingPointError(
                     f"step {self.step}: non-finite {what} for sample ids {ids[bad].tolist()[:10]}; nothing of this step "
                     "was stored. Lower the learning rate or check these samples.")
@@ -71,7 +74,7 @@ class StepRecord:
         if self.micro is not None and sum(m.size for m in self.micro) != len(ids):
             raise ValueError(f"step {self.step}: micro-batch sizes {[m.size for m in self.micro]} do not add up to "
                              f"{len(ids)} sample ids")
-        if not all(np.isfinite(self.lrs)):
+        if not all(math.isfinite(lr) for lr in self.lrs):
             raise FloatingPointError(f"step {self.step}: non-finite learning rate {self.lrs}; nothing of this step was stored")
 
 

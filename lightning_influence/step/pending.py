@@ -84,13 +84,17 @@ def assemble(trainer: Any, optimizer: torch.optim.Optimizer, pending: PendingSte
         rows["losses"] = torch.cat([m.losses for m in pending.micro])
     if torch.is_tensor(record.clip_coef):
         rows["clip_coef"] = record.clip_coef
-    grad_dir = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    norm_clip = recorder.spec is not None and recorder.spec.algorithm == "norm"
+    # read only where used (the norms, the GradScaler's skip check): a walk over the modules at every step otherwise
+    grad_dir = ({n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+                if grad_norms or norm_clip or (scaler is not None and precision.grad_scaler) else {})
     norms = None
-    if grad_dir and (grad_norms or (recorder.spec is not None and recorder.spec.algorithm == "norm")):
+    if grad_dir and (grad_norms or norm_clip):
         # one fused call (per-tensor kernels on the CPU: the values of vector_norm tensor by tensor)
         norms = torch.stack(torch._foreach_norm(list(grad_dir.values())))
         rows["batch_grad_norm"] = torch.linalg.vector_norm(norms)  # the HVP products reuse the norms (step direction)
-    record_execution(getattr(trainer.precision_plugin, "scaler", None), precision, record, pending.micro, grad_dir)
+    record_execution(scaler, precision, record, pending.micro, grad_dir)
     return record, rows, grad_dir, norms
 
 

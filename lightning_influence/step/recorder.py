@@ -45,6 +45,7 @@ class StepRecorder:
         self._checked_default = False
         self._reduction_checked = False
         self._deferred: Callable[[], None] | None = None  # stores the step once its clipping is verified
+        self._weights: tuple[tuple[Any, ...], Any, int] | None = None  # (sizes, accumulate, world size) -> weights
 
     # ------------------------------------------------------------------------------ setup
     def start(self, trainer: Any, module: nn.Module) -> dict[str, Any]:
@@ -102,8 +103,14 @@ class StepRecorder:
         0-d device tensor, copied to the host with the step's rows)."""
         if len(set(accumulate)) != 1:
             raise RuntimeError(f"step {record.step}: accumulate_grad_batches changed inside one optimizer step {list(accumulate)}")
-        sw = lightning_weights(micro_sizes, accumulate[0], world_size)
-        record.weights, record.accumulate = sw.weights, sw.accumulate  # micro-batch sizes: the tracker's micro rows
+        key = (tuple(micro_sizes), accumulate[0], world_size)
+        if self._weights is None or self._weights[0] != key:  # the same at almost every step: computed once
+            sw = lightning_weights(micro_sizes, accumulate[0], world_size)
+            sw.weights.flags.writeable = False  # shared by the records of every step with this key
+            self._weights = (key, sw.weights, sw.accumulate)
+        record.weights, record.accumulate = self._weights[1:]  # micro-batch sizes: the tracker's micro rows
+        if self.spec is None and not (self._override or not self._checked_default):
+            return
         grads = [p.grad for p in _optimizer_params(optimizer)]
         if self.spec is not None:
             record.clip_value = self.spec.value

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["NONE", "RandomState", "capture", "cuda_devices", "drawn", "forked", "restored"]
+__all__ = ["NONE", "RandomState", "capture", "cuda_devices", "drawn", "forked", "restored", "started"]
 
 CUDA_STATE_BYTES = 16  # Philox seed and offset
 
@@ -41,7 +41,7 @@ class RandomState:
             (empty when CUDA was not initialised).
     """
 
-    cpu: np.ndarray | None
+    cpu: np.ndarray | None  # a tensor only in a state from started(), until drawn() reduces it
     cuda: np.ndarray
 
     @property
@@ -56,7 +56,7 @@ NONE = RandomState(None, np.zeros((0, CUDA_STATE_BYTES), np.uint8))
 
 def cuda_devices() -> list[int]:
     """Indices of every CUDA device whose generator may have been used (all, once CUDA is initialised)."""
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if not torch.cuda.is_initialized() or not torch.cuda.is_available():  # the cheaper question first
         return []
     return list(range(torch.cuda.device_count()))
 
@@ -69,11 +69,29 @@ def capture() -> RandomState:
     return RandomState(cpu, np.stack(cuda) if cuda else NONE.cuda)
 
 
+def started() -> RandomState:
+    """The generator states at a training step's forward, for :func:`drawn` alone: its CPU state stays a tensor.
+
+    :func:`capture` at the cost a training step can pay for it: every call here runs on caches the step has just
+    filled, where each one costs tens of µs, and a conversion to numpy is as dear as reading the state (only a state
+    the forward drew from is converted, by :func:`drawn`). Outside ``torch.func`` transforms (Lightning's hooks).
+    """
+    return RandomState(torch.default_generator.get_state(), capture().cuda if cuda_devices() else NONE.cuda)
+
+
 def drawn(before: RandomState) -> RandomState:
-    """``before`` reduced to the generators that moved since it was captured (those a forward drew from)."""
-    now = capture()
-    cpu = before.cpu if before.cpu is not None and before.cpu.tobytes() != now.cpu.tobytes() else None
-    moved = before.cuda.size and (now.cuda.shape != before.cuda.shape or not np.array_equal(now.cuda, before.cuda))
+    """``before`` (from :func:`capture` or :func:`started`) reduced to the generators that moved since it was taken
+    (those a forward drew from)."""
+    if isinstance(before.cpu, torch.Tensor):  # from started(): one comparison of the two tensors
+        cpu = None if torch.equal(torch.default_generator.get_state(), before.cpu) else before.cpu.numpy()
+    else:
+        with _plain():
+            cpu_now = torch.get_rng_state().numpy()
+        cpu = before.cpu if before.cpu is not None and before.cpu.tobytes() != cpu_now.tobytes() else None
+    if not before.cuda.size:  # the CUDA generators are read only where they were (at every step: the fewest calls)
+        return NONE if cpu is None else RandomState(cpu, NONE.cuda)
+    now = capture().cuda
+    moved = now.shape != before.cuda.shape or not np.array_equal(now, before.cuda)
     return RandomState(cpu, before.cuda if moved else NONE.cuda)
 
 

@@ -1,0 +1,61 @@
+"""Gradient and HVP rows of a segment are written chunk by chunk straight from the steps' rows (log/segment.py)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from lightning_influence.capture import KroneckerProjector
+from lightning_influence.log import InfluenceLog, LogWriter, StepRecord
+from lightning_influence.log.writer import write_meta
+
+
+def _write(path, sizes, width, storage_dtype, compression):
+    """Steps with ``sizes[t]`` rows each, all in one segment; returns their records."""
+    rng = np.random.default_rng(len(sizes) + width)
+    shapes = {"w": [1, width]}
+    write_meta(path, {
+        "dataset_size": 10_000, "tracked_params": ["w"], "param_shapes": shapes, "every_n_steps": 1,
+        "recorded": {"losses": True, "gradients": True, "hvp": True, "checkpoints": False},
+        "projection": KroneckerProjector(shapes, None).to_metadata(),
+        "optimizer": {"class": "torch.optim.sgd.SGD", "param_groups": [{"lr": 0.1, "params": ["w"]}]},
+    })
+    writer = LogWriter(path, flush_every_n_steps=len(sizes), storage_dtype=storage_dtype, compression=compression,
+                       background=False)
+    records, first = [], 0
+    for t, n in enumerate(sizes):
+        rec = StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(first, first + n),
+                         losses=rng.random(n), grads=rng.standard_normal((n, width)).astype(np.float32),
+                         hvps=rng.standard_normal((n, width)).astype(np.float32))
+        first += n
+        writer.add_step(rec)
+        records.append(rec)
+    writer.close()
+    return records
+
+
+@pytest.mark.parametrize("sizes, width, dtype", [
+    ([128] * 7, 762, "float32"),  # 344-row chunks spanning steps, a partial last chunk
+    ([700, 3, 0, 1, 700], 300, "float16"),  # chunks inside one step's rows, steps without rows, a cast
+    ([5, 6], 4, "float64"),  # one chunk holding every row
+])
+def test_direct_chunks_hold_the_rows_as_hdf5_writes_them(tmp_path, sizes, width, dtype):
+    direct, filtered = tmp_path / "direct", tmp_path / "gzip"
+    records = _write(direct, sizes, width, dtype, None)
+    _write(filtered, sizes, width, dtype, "gzip")  # through HDF5's own write (the filter pipeline)
+    with InfluenceLog(direct) as log:  # checks every step's row CRC-32
+        got = {s.step: s for s in log.iter_steps(fields=("grad", "hvp"))}
+    for rec in records:
+        np.testing.assert_array_equal(got[rec.step].grads, rec.grads.astype(dtype))
+        np.testing.assert_array_equal(got[rec.step].hvps, rec.hvps.astype(dtype))
+    (a,), (b,) = direct.glob("rank-*/*.h5"), filtered.glob("rank-*/*.h5")
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        for name in ("grads/grad", "grads/hvp"):
+            assert fa[name].compression is None and fb[name].compression == "gzip"
+            assert (fa[name].shape, fa[name].chunks, fa[name].maxshape, fa[name].dtype) == \
+                   (fb[name].shape, fb[name].chunks, fb[name].maxshape, fb[name].dtype)
+            np.testing.assert_array_equal(fa[name][()], fb[name][()])
+            np.testing.assert_array_equal(fa[name][()], np.concatenate([getattr(r, name[6:] + "s") for r in records]).astype(dtype))
+        for column in ("grad_crc32", "hvp_crc32"):
+            np.testing.assert_array_equal(fa["steps"][column][()], fb["steps"][column][()])
