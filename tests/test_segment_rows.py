@@ -59,3 +59,34 @@ def test_direct_chunks_hold_the_rows_as_hdf5_writes_them(tmp_path, sizes, width,
             np.testing.assert_array_equal(fa[name][()], np.concatenate([getattr(r, name[6:] + "s") for r in records]).astype(dtype))
         for column in ("grad_crc32", "hvp_crc32"):
             np.testing.assert_array_equal(fa["steps"][column][()], fb["steps"][column][()])
+
+
+def test_a_write_error_mid_file_is_raised_after_hdf5_closed_it(tmp_path, monkeypatch):
+    """HDF5 writes a new segment through to disk; it never sees the OS error, which write_segment raises."""
+    import errno
+    import os
+
+    from lightning_influence.log import segment
+
+    rows = np.random.default_rng(0).standard_normal((700, 300)).astype(np.float32)
+    steps = [StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(350) + 350 * t,
+                        grads=rows[350 * t:350 * (t + 1)]) for t in range(2)]
+    real, calls = os.pwrite, []
+
+    def full_disk(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:  # a chunk of rows: HDF5 goes on writing its metadata, to nowhere
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    path = tmp_path / "seg-00000000.h5"
+    with pytest.raises(OSError) as info:
+        segment.write_segment(path, 0, steps, [], np.dtype("float32"), None)
+    assert info.value.errno == errno.ENOSPC and len(calls) == 2  # nothing more was written after the failure
+    assert not list(tmp_path.iterdir())  # no segment, no temporary file
+    monkeypatch.undo()
+    size = segment.write_segment(path, 0, steps, [], np.dtype("float32"), None)  # h5py is healthy
+    assert size == path.stat().st_size
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["grads/grad"][()], rows)
