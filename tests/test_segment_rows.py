@@ -40,9 +40,12 @@ def _write(path, sizes, width, storage_dtype, compression):
     ([700, 3, 0, 1, 700], 300, "float16"),  # chunks inside one step's rows, steps without rows, a cast
     ([5, 6], 4, "float64"),  # one chunk holding every row
 ])
-def test_direct_chunks_hold_the_rows_as_hdf5_writes_them(tmp_path, sizes, width, dtype):
+def test_direct_chunks_hold_the_rows_as_hdf5_writes_them(tmp_path, monkeypatch, sizes, width, dtype):
+    from lightning_influence.log import segment
+
     direct, filtered = tmp_path / "direct", tmp_path / "gzip"
-    records = _write(direct, sizes, width, dtype, None)
+    records = _write(direct, sizes, width, dtype, None)  # written through, except the last (small) case
+    monkeypatch.setattr(segment, "_THROUGH_BYTES", 1 << 62)  # the reference: built in memory,
     _write(filtered, sizes, width, dtype, "gzip")  # through HDF5's own write (the filter pipeline)
     with InfluenceLog(direct) as log:  # checks every step's row CRC-32
         got = {s.step: s for s in log.iter_steps(fields=("grad", "hvp"))}
@@ -68,9 +71,9 @@ def test_a_write_error_mid_file_is_raised_after_hdf5_closed_it(tmp_path, monkeyp
 
     from lightning_influence.log import segment
 
-    rows = np.random.default_rng(0).standard_normal((700, 300)).astype(np.float32)
-    steps = [StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(350) + 350 * t,
-                        grads=rows[350 * t:350 * (t + 1)]) for t in range(2)]
+    rows = np.random.default_rng(0).standard_normal((1000, 300)).astype(np.float32)  # 1.2 MB: written through
+    steps = [StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(500) + 500 * t,
+                        grads=rows[500 * t:500 * (t + 1)]) for t in range(2)]
     real, calls = os.pwrite, []
 
     def full_disk(fd, data, offset):
