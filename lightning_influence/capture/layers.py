@@ -49,7 +49,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .projection import KroneckerProjector, contract
 
-__all__ = ["LayerEngine", "Record", "engine_for", "capture_owners", "foldable_biases"]
+__all__ = ["InputMemo", "LayerEngine", "Record", "engine_for", "capture_owners", "foldable_biases"]
 
 Blocks = dict[str, Tensor]  # parameter name -> (B, k) projected per-sample gradient block
 Record = list  # [what the forward kept, the call's Blocks (None until the backward), the output's gradient edge
@@ -66,25 +66,65 @@ def _tokens(t: Tensor) -> Tensor:
     return _wide(t).reshape(t.shape[0], -1, t.shape[-1])
 
 
+class InputMemo:
+    """What ``save`` kept of each module's last input that needs no gradient (the batch itself), for the HVP passes of
+    the same step: a layer fed the batch has the same column side at every parameter point, and the same tensor,
+    unchanged since (its ``_version``), gives the same numbers, so reusing it is exact (``docs/per-sample-gradients.md``,
+    HVP products). Filled only while :attr:`keep` is set, read only while :attr:`reuse` is set."""
+
+    def __init__(self) -> None:
+        self.keep = False  # fill: passes at other parameters will follow the captured forwards
+        self.reuse = False  # read: inside those passes
+        self._entries: dict[int, tuple[Tensor, int, Any]] = {}  # id(module) -> (input, its version, what save kept)
+
+    def get(self, mod: nn.Module, inp: Tensor) -> Any:
+        """What ``save`` kept of ``inp`` at ``mod``'s last call on it, or ``None``. ``inp`` may be another view of the
+        same memory (a model reshaping its batch makes a new tensor at every call): same address, shape, strides and
+        dtype, nothing written into it since (the version counter its views share); the memo holds the input, so its
+        memory cannot have been handed to another tensor."""
+        entry = self._entries.get(id(mod)) if self.reuse else None
+        if entry is None:
+            return None
+        held, version, saved = entry
+        same = inp is held or (inp.data_ptr() == held.data_ptr() and inp.shape == held.shape
+                               and inp.stride() == held.stride() and inp.dtype == held.dtype and inp.device == held.device)
+        return saved if same and held._version == version and inp._version == version else None
+
+    def put(self, mod: nn.Module, inp: Tensor, saved: Any) -> None:
+        if self.keep and saved is not None and not inp.requires_grad:  # never holds an activation alive
+            self._entries[id(mod)] = (inp, inp._version, saved)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class LayerEngine:
     """Projected per-sample gradients of one layer type's parameters (see the module doc)."""
 
     types: tuple[type[nn.Module], ...] = ()
     attrs: tuple[str, ...] = ("weight", "bias")
+    pure_save = False  # ``save`` depends on the input alone (not on the output or the parameters): memoisable
 
     def supports(self, mod: nn.Module, attr: str) -> bool:
         """Whether parameter ``attr`` of ``mod`` (an instance of one of :attr:`types`) is captured."""
         return attr in self.attrs
 
     def attach(self, mod: nn.Module, records: list[Record], active: Callable[[], bool], targets: Mapping[str, str],
-               projector: KroneckerProjector) -> list[RemovableHandle]:
-        """Hooks that append one record per call while ``active()``; default: on the module's output."""
+               projector: KroneckerProjector, memo: InputMemo | None = None) -> list[RemovableHandle]:
+        """Hooks that append one record per call while ``active()``; default: on the module's output. ``memo``: where
+        an engine with :attr:`pure_save` finds (and leaves) what it kept of an input that needs no gradient."""
+        memo = memo if self.pure_save else None
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
             if not active() or not isinstance(output, Tensor) or not output.requires_grad:
                 return
-            record: Record = [self.save(module, args[0] if args else kwargs["input"], targets, projector, output), None,
-                              get_gradient_edge(output)]
+            inp = args[0] if args else kwargs["input"]
+            saved = None if memo is None else memo.get(module, inp)
+            if saved is None:
+                saved = self.save(module, inp, targets, projector, output)
+                if memo is not None:
+                    memo.put(module, inp, saved)
+            record: Record = [saved, None, get_gradient_edge(output)]
             records.append(record)
 
             def on_grad(g: Tensor) -> None:
@@ -109,6 +149,7 @@ class LayerEngine:
 
 class LinearEngine(LayerEngine):
     types = (nn.Linear,)
+    pure_save = True
 
     def save(self, mod, inp, targets, projector, output=None):
         return projector.project_cols(targets["weight"], _tokens(inp.detach())) if "weight" in targets else None
@@ -160,6 +201,7 @@ class EmbeddingEngine(LayerEngine):
 
 class ConvEngine(LayerEngine):
     types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    pure_save = True
     _conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
     def save(self, mod, inp, targets, projector, output=None):
@@ -303,7 +345,7 @@ class AttentionEngine(LayerEngine):
     types = (nn.MultiheadAttention,)
     attrs = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 
-    def attach(self, mod, records, active, targets, projector):
+    def attach(self, mod, records, active, targets, projector, memo=None):
         state: dict[str, Any] = {}
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:

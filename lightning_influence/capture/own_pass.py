@@ -148,8 +148,16 @@ class OwnPasses:
             rows = [self.grads(module, m, params)[0] for m in micro]
             return rows[0] if len(rows) == 1 else torch.cat(rows)
 
-        hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()}, self.hvp_eps,
-                                              self.hvp_scheme, at, KINK_GUARD if self.hvp_scheme == "central" else None,
-                                              direction_norm=None if norms is None else norm_of_norms(norms),
-                                              workspace=self.workspace)
+        memo = None if self.capture is None else self.capture.inputs
+        if memo is not None:  # from now on the captured steps keep their batch's column sides for these passes
+            memo.keep = memo.reuse = True
+        try:
+            hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()},
+                                                  self.hvp_eps, self.hvp_scheme, at,
+                                                  KINK_GUARD if self.hvp_scheme == "central" else None,
+                                                  direction_norm=None if norms is None else norm_of_norms(norms),
+                                                  workspace=self.workspace)
+        finally:
+            if memo is not None:
+                memo.reuse = False
         return hvps.detach(), eps

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
-from .layers import capture_owners, engine_for
+from .layers import InputMemo, capture_owners, engine_for
 from .projection import KroneckerProjector
 
 __all__ = [
@@ -159,9 +159,11 @@ class HookGradientCapture:
                 self._modules[mod_name] = mod
         # module name -> one record [what the forward kept, projected blocks after the backward] per call
         self._records: dict[str, list[list[Any]]] = {m: [] for m in self._modules}
+        # the column sides of the layers fed the batch, for passes at other parameters (OwnPasses.hvp_products)
+        self.inputs = InputMemo()
         self._handles = {
             mod_name: engine_for(mod).attach(mod, self._records[mod_name], lambda: self.enabled, self._targets[mod_name],
-                                             projector)
+                                             projector, self.inputs)
             for mod_name, mod in self._modules.items()
         }
         self.demoted: list[str] = []  # parameters handed back: their module ran without the batch dimension
@@ -177,8 +179,10 @@ class HookGradientCapture:
         return sum(len(r) for r in self._records.values())
 
     def enable(self) -> None:
-        """Start capturing (drops anything captured and not collected)."""
+        """Start capturing (drops anything captured and not collected, and, outside :attr:`inputs`' reuse, the memo)."""
         self.clear()
+        if not self.inputs.reuse:
+            self.inputs.clear()
         self.enabled = True
 
     def disable(self) -> None:
@@ -194,6 +198,7 @@ class HookGradientCapture:
         """Remove the hooks from the model."""
         self.disable()
         self.clear()
+        self.inputs.clear()
         for handles in self._handles.values():
             for h in handles:
                 h.remove()
@@ -205,6 +210,7 @@ class HookGradientCapture:
 
         A folded weight and bias (one block) go together."""
         names = {t for n in names for t in self.projector.spec(self.projector.block_of[n]).tensors} & set(self.param_names)
+        self.inputs.clear()  # kept for the targets as they were
         for mod_name in [m for m, t in self._targets.items() if names & set(t.values())]:
             targets = self._targets[mod_name]
             for attr in [a for a, n in targets.items() if n in names]:
