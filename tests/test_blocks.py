@@ -345,7 +345,8 @@ def test_the_small_rows_of_a_segment_and_the_next_are_asked_for_once_before_they
 
     _write(tmp_path, 2)
     asked, order = [], []
-    monkeypatch.setattr(reader, "will_need", lambda path, offset=0, length=0: asked.append((path, offset, length)))
+    monkeypatch.setattr(reader, "will_need", lambda path, offset=0, length=0, tail=0: asked.append(
+        (path, offset, length)) if tail == 0 else None)  # (tail: the segments' metadata, asked at open)
     submit = blocks.Prefetcher.submit
     monkeypatch.setattr(blocks.Prefetcher, "submit", lambda self, job: order.append(
         ({path for path, _, _ in job.runs}, len(asked))) or submit(self, job))  # asked for when its read is queued
@@ -371,3 +372,24 @@ def test_the_small_rows_of_a_segment_and_the_next_are_asked_for_once_before_they
             i = next(i for i, s in enumerate(segs) if s.path == path)
             nxt = [segs[i + 1].path] if i + 1 < len(segs) and segs[i + 1].rank == segs[i].rank else []
             assert {p for p, _, _ in asked[:n_asked]} >= {path, *nxt}
+
+
+def test_opening_a_log_asks_the_kernel_for_every_segments_metadata_before_indexing_any(tmp_path, monkeypatch):
+    """HDF5's metadata and the step table lie at a segment's start (and a little at its end): opening a log asks the
+    kernel for those ranges of every segment first, so indexing the segments one by one does not wait for the disk
+    at each."""
+    from lightning_influence.log import reader
+
+    _write(tmp_path, 2)
+    events = []
+    monkeypatch.setattr(reader, "will_need", lambda path, offset=0, length=0, tail=0: events.append(
+        ("ask", path, offset, length, tail)))
+    index = reader.InfluenceLog._index_segment
+    monkeypatch.setattr(reader.InfluenceLog, "_index_segment", lambda self, path, rank: events.append(
+        ("index", path)) or index(self, path, rank))
+    with InfluenceLog(tmp_path) as log:
+        segs = sorted(s.path for s in log._segs)
+    asks = [e for e in events if e[0] == "ask"]
+    assert len(segs) == len(asks) > 4 and events[:len(asks)] == asks  # all asked before the first is indexed
+    assert sorted(a[1] for a in asks) == segs
+    assert {a[2:] for a in asks} == {(0, reader._HEAD_BYTES, reader._TAIL_BYTES)}

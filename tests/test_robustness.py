@@ -317,7 +317,7 @@ def test_a_real_write_error_is_reported_and_leaves_a_healthy_process(tmp_path):
     """RLIMIT_FSIZE makes the kernel refuse the write (EFBIG), on the writer's background thread.
 
     (When HDF5 itself wrote to disk, such a failure left half-closed HDF5 objects behind that
-    crashed the process later, in unrelated h5py calls; segments are now built in memory.)
+    crashed the process later, in unrelated h5py calls; HDF5 now never sees an I/O error.)
     """
     synthetic(tmp_path, steps=4)
     writer = LogWriter(tmp_path, flush_every_n_steps=1)

@@ -40,9 +40,12 @@ def _write(path, sizes, width, storage_dtype, compression):
     ([700, 3, 0, 1, 700], 300, "float16"),  # chunks inside one step's rows, steps without rows, a cast
     ([5, 6], 4, "float64"),  # one chunk holding every row
 ])
-def test_direct_chunks_hold_the_rows_as_hdf5_writes_them(tmp_path, sizes, width, dtype):
+def test_direct_chunks_hold_the_rows_as_hdf5_writes_them(tmp_path, monkeypatch, sizes, width, dtype):
+    from lightning_influence.log import segment
+
     direct, filtered = tmp_path / "direct", tmp_path / "gzip"
-    records = _write(direct, sizes, width, dtype, None)
+    records = _write(direct, sizes, width, dtype, None)  # written through, except the last (small) case
+    monkeypatch.setattr(segment, "_THROUGH_BYTES", 1 << 62)  # the reference: built in memory,
     _write(filtered, sizes, width, dtype, "gzip")  # through HDF5's own write (the filter pipeline)
     with InfluenceLog(direct) as log:  # checks every step's row CRC-32
         got = {s.step: s for s in log.iter_steps(fields=("grad", "hvp"))}
@@ -59,3 +62,34 @@ def test_direct_chunks_hold_the_rows_as_hdf5_writes_them(tmp_path, sizes, width,
             np.testing.assert_array_equal(fa[name][()], np.concatenate([getattr(r, name[6:] + "s") for r in records]).astype(dtype))
         for column in ("grad_crc32", "hvp_crc32"):
             np.testing.assert_array_equal(fa["steps"][column][()], fb["steps"][column][()])
+
+
+def test_a_write_error_mid_file_is_raised_after_hdf5_closed_it(tmp_path, monkeypatch):
+    """HDF5 writes a new segment through to disk; it never sees the OS error, which write_segment raises."""
+    import errno
+    import os
+
+    from lightning_influence.log import segment
+
+    rows = np.random.default_rng(0).standard_normal((1000, 300)).astype(np.float32)  # 1.2 MB: written through
+    steps = [StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(500) + 500 * t,
+                        grads=rows[500 * t:500 * (t + 1)]) for t in range(2)]
+    real, calls = os.pwrite, []
+
+    def full_disk(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:  # a chunk of rows: HDF5 goes on writing its metadata, to nowhere
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    path = tmp_path / "seg-00000000.h5"
+    with pytest.raises(OSError) as info:
+        segment.write_segment(path, 0, steps, [], np.dtype("float32"), None)
+    assert info.value.errno == errno.ENOSPC and len(calls) == 2  # nothing more was written after the failure
+    assert not list(tmp_path.iterdir())  # no segment, no temporary file
+    monkeypatch.undo()
+    size = segment.write_segment(path, 0, steps, [], np.dtype("float32"), None)  # h5py is healthy
+    assert size == path.stat().st_size
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["grads/grad"][()], rows)

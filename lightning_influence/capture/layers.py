@@ -58,7 +58,7 @@ Record = list  # [what the forward kept, the call's Blocks (None until the backw
 
 def _wide(t: Tensor) -> Tensor:
     """``t`` in float32 or wider (half-precision activations are projected in float32)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _tokens(t: Tensor) -> Tensor:

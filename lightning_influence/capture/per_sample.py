@@ -283,7 +283,7 @@ class HookGradientCapture:
         """
         if loss_grad.ndim != 1:
             raise ValueError(f"loss_grad must be 1-D (B,), got shape {tuple(loss_grad.shape)}")
-        if loss_grad.device.type == "cpu" and bool((loss_grad == 0).any()):  # on a GPU: non-finite rows, refused by the writer
+        if loss_grad.device.type == "cpu" and not bool(loss_grad.all()):  # on a GPU: non-finite rows, refused by the writer
             raise ValueError("loss_grad has zeros: per-sample gradients cannot be recovered")
         batch = loss_grad.shape[0]
         dtype = torch.promote_types(loss_grad.dtype, torch.float32)
@@ -304,7 +304,8 @@ class HookGradientCapture:
             self.clear()
         live = set(self.param_names)  # not demoted in this collect (a tied tensor's other module may have been)
         parts = {name: blocks for name, blocks in parts.items() if name in live}
-        return self._assemble(parts, batch, dtype, loss_grad.device).div_(loss_grad.to(dtype)[:, None])
+        scale = loss_grad if loss_grad.dtype == dtype else loss_grad.to(dtype)
+        return self._assemble(parts, batch, dtype, loss_grad.device).div_(scale.unsqueeze(1))
 
     def _assemble(self, parts: dict[str, list[Tensor]], batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """``(B, out_dim)``: each block's columns the sum of its parts, zeros where it has none. One concatenation

@@ -119,8 +119,8 @@ def contract(a: Tensor, b: Tensor) -> Tensor:
 
     One batched matrix product; with ``L = 1`` a broadcast outer product (no reduction to do).
     """
-    if a.shape[1] == 1:
-        return (a[:, 0, :, None] * b[:, 0, None, :]).reshape(a.shape[0], -1)
+    if a.shape[1] == 1:  # (B, i, 1) * (B, 1, j): the fewest calls (a per-step cost of every hooked layer)
+        return (a.transpose(1, 2) * b).reshape(a.shape[0], -1)
     return torch.bmm(a.transpose(1, 2), b).reshape(a.shape[0], -1)
 
 
@@ -159,6 +159,7 @@ class KroneckerProjector:
         self.out_dim = start
         self._by_name = {spec.name: spec for spec in self.specs}
         self._cache: dict[tuple[str, torch.dtype, torch.device], tuple[Tensor | None, Tensor | None]] = {}
+        self._columns: dict[tuple[str, torch.dtype, Any], tuple[Tensor | None, Tensor | None]] = {}  # column_side
 
     def spec(self, name: str) -> TensorProjection:
         """The :class:`TensorProjection` of tensor ``name``."""
@@ -175,7 +176,8 @@ class KroneckerProjector:
         Drawn on the CPU in float64 from a generator seeded by ``crc32(f"{seed}:{name}")``
         (stable across processes and devices), then cast and cached.
         """
-        device = torch.device("cpu" if device is None else device)
+        if not isinstance(device, torch.device):  # a tensor's device as it is (every hooked layer asks, every step)
+            device = torch.device("cpu" if device is None else device)
         key = (name, dtype, device)
         if key not in self._cache:
             spec = self.spec(name)
@@ -270,13 +272,17 @@ class KroneckerProjector:
         The column side of the augmented input ``[x, 1]`` is ``x @ P_c[:-1] + P_c[-1]``. An unprojected
         column side of a folded block is written as the identity matrix (a rare, small case).
         """
-        spec = self.spec(name)
-        p_c = self.side_matrices(name, dtype, device)[1]
-        if spec.bias is None:
-            return p_c, None
-        if p_c is None:
-            p_c = torch.eye(spec.cols, dtype=dtype, device=torch.device("cpu" if device is None else device))
-        return p_c[:-1], p_c[-1]
+        key = (name, dtype, device)
+        if key not in self._columns:  # cached: the slices below are two calls at every hooked layer's forward
+            spec = self.spec(name)
+            p_c = self.side_matrices(name, dtype, device)[1]
+            if spec.bias is None:
+                self._columns[key] = p_c, None
+            else:
+                if p_c is None:
+                    p_c = torch.eye(spec.cols, dtype=dtype, device=torch.device("cpu" if device is None else device))
+                self._columns[key] = p_c[:-1], p_c[-1]
+        return self._columns[key]
 
     def combine(self, name: str, out_grad: Tensor, cols: Tensor, rows: slice | None = None) -> Tensor:
         """:meth:`project_factored` from the projected column side ``cols`` (:meth:`project_cols`)."""

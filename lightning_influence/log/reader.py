@@ -80,6 +80,9 @@ _FIELD_RECORD = {"loss": "losses", "grad": "gradients", "hvp": "hvp"}
 _FIELD_ATTR = {"loss": "losses", "grad": "grads", "hvp": "hvps"}
 _MAX_OPEN_FILES = 16  # segment files held open at once (least recently used are closed)
 _CHUNK_CACHE_BYTES = 2 << 20  # per open file; a gradient chunk is at most 1 MiB
+# asked from the kernel for every segment at open: HDF5's metadata and the step table lie at a file's start (the rows
+# follow) and a little at its end; opening a log of hundreds of segments otherwise waits for the disk at each
+_HEAD_BYTES, _TAIL_BYTES = 128 << 10, 64 << 10
 _BLOCK_BYTES = 16 << 20  # read-ahead per rank and dataset (see InfluenceLog._rows)
 
 
@@ -124,6 +127,9 @@ class InfluenceLog:
             raise LogFormatError(self.path, f"holds segment folders of ranks {extra} but the run had world_size "
                                             f"{world_size}; remove the folders of another run")
         self.ranks = list(range(world_size))
+        for paths in found.values():  # the disk reads every segment's metadata while the first ones are indexed
+            for p in paths:
+                will_need(p, 0, _HEAD_BYTES, tail=_TAIL_BYTES)
         try:
             per_rank: list[list[_Segment]] = []
             for rank in self.ranks:
@@ -551,14 +557,17 @@ class InfluenceLog:
             return seg, self._file(seg)["checkpoints"][CHECKPOINT_GROUP.format(step=step)]
 
 
-def will_need(path: Path, offset: int = 0, length: int = 0) -> int | None:
-    """Ask the kernel to read ``length`` bytes of the file ``path`` from ``offset`` (0: to its end) ahead, in the
-    background; the file's size (``None``: not possible, a hint only)."""
+def will_need(path: Path, offset: int = 0, length: int = 0, tail: int = 0) -> int | None:
+    """Ask the kernel to read ``length`` bytes of the file ``path`` from ``offset`` (0: to its end), and its last
+    ``tail`` bytes, ahead, in the background; the file's size (``None``: not possible, a hint only)."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-            return os.fstat(fd).st_size
+            size = os.fstat(fd).st_size
+            if tail:
+                os.posix_fadvise(fd, max(0, size - tail), tail, os.POSIX_FADV_WILLNEED)
+            return size
         finally:
             os.close(fd)
     except (OSError, AttributeError):  # AttributeError: no posix_fadvise on this OS

@@ -2,8 +2,9 @@
 
 :func:`write_segment` lays a rank's steps and checkpoints out as one HDF5 file (step table,
 sample rows, gradient/HVP rows, micro-batches, checkpoints; CRC-32 of every whole dataset and
-of each row, the root attributes sealed last) and writes it with :func:`write_file`: built in
-memory, written by plain ``os.write``, fsynced, renamed atomically. :func:`truncate_log` drops a
+of each row, the root attributes sealed last) and writes it with :func:`write_file` to a
+temporary file (built in memory, or written through when large; HDF5 never sees an I/O error),
+fsynced, renamed atomically. :func:`truncate_log` drops a
 rank's steps from a step on, for a resumed fit. The buffering, the background thread and
 the error reporting are :class:`~lightning_influence.log.writer.LogWriter`'s.
 """
@@ -54,37 +55,42 @@ def seal(f: h5py.File) -> None:
     f.attrs[DIGEST_ATTR] = attrs_digest(f.attrs)
 
 
-def write_file(path: Path, fill: Callable[[h5py.File], None], source: Path | None = None) -> int:
-    """Build an HDF5 file in memory, then write it as ``path`` atomically; returns its size.
+_THROUGH_BYTES = 1 << 20  # a segment with this many bytes of rows or parameters is written through (write_segment)
 
-    HDF5 only ever works on a memory image (``driver="core"`` without backing store, or the
-    bytes of ``source`` to modify): the disk is written by plain ``os.write``, so a full
-    disk or an I/O error is an ordinary ``OSError`` and never leaves HDF5 with a half-closed
-    file (which can crash the process later). The image goes to ``path.tmp``, is fsynced and
-    renamed over ``path``; the folder is fsynced. On failure nothing is left behind.
+
+def write_file(path: Path, fill: Callable[[h5py.File], None], source: Path | None = None, through: bool = False) -> int:
+    """Build an HDF5 file, then put it at ``path`` atomically; returns its size.
+
+    HDF5 never sees an I/O error, so a full disk or a failing disk is an ordinary ``OSError``
+    raised here and never leaves HDF5 with a half-closed file (which can crash the process
+    later). A new file is built in memory (``driver="core"`` without backing store) and written
+    by one ``os.write``, or (``through``: a large file) written through to ``path.tmp`` as HDF5
+    lays it out (:class:`_WriteThrough`: the first OS error is kept and raised once HDF5 has closed
+    the file; no image is built and copied). A file to modify (``source``) is changed as bytes in
+    memory. ``path.tmp`` is fsynced and renamed over ``path``; the folder is fsynced. On failure
+    nothing is left behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        if source is None:
-            f = h5py.File(tmp, "w", driver="core", backing_store=False, libver=LIBVER)
-            try:
-                fill(f)
-                f.flush()
-                image = f.id.get_file_image()
-            finally:
-                f.close()
-        else:  # the bytes, not the file: a reader may hold the file open (HDF5 would refuse to lock it for writing)
-            buffer = io.BytesIO(source.read_bytes())
-            with h5py.File(buffer, "r+", libver=LIBVER) as f:
-                fill(f)
-            image = buffer.getvalue()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        image = None if through and source is None else _image(tmp, fill, source)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(image)
-            while view:
-                view = view[os.write(fd, view):]
+            if image is None:
+                target = _WriteThrough(fd)
+                f = h5py.File(target, "w", libver=LIBVER)
+                try:
+                    fill(f)
+                finally:
+                    f.close()
+                    if target.error is not None:  # the cause of whatever HDF5 made of the missing bytes
+                        raise target.error
+            else:
+                view = memoryview(image)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
+            size = os.fstat(fd).st_size
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -97,7 +103,98 @@ def write_file(path: Path, fill: Callable[[h5py.File], None], source: Path | Non
         with contextlib.suppress(OSError):  # on a read-only disk even this fails: report the first error only
             tmp.unlink(missing_ok=True)
         raise
-    return len(image)
+    return size
+
+
+def _image(name: Path, fill: Callable[[h5py.File], None], source: Path | None) -> bytes:
+    """The bytes of a new file (``source=None``), or of ``source`` changed, built by HDF5 in memory."""
+    if source is None:
+        f = h5py.File(name, "w", driver="core", backing_store=False, libver=LIBVER)
+        try:
+            fill(f)
+            f.flush()
+            return f.id.get_file_image()
+        finally:
+            f.close()
+    buffer = io.BytesIO(source.read_bytes())  # the bytes, not the file: a reader may hold the file open (HDF5
+    with h5py.File(buffer, "r+", libver=LIBVER) as f:  # would refuse to lock it for writing)
+        fill(f)
+    return buffer.getvalue()
+
+
+class _WriteThrough:
+    """The file object a new HDF5 file is written through (h5py's ``fileobj`` driver), an open descriptor below.
+
+    Each write goes to the file at once (``os.pwrite`` from HDF5's buffer, or from the caller's rows for a chunk
+    written directly): no image of the file is built in memory and copied out, which for gradient rows (about
+    1 MB a step) were two more copies into fresh memory. An OS error is never raised to HDF5: the first one is
+    kept (:attr:`error`), later writes are dropped and reads see zeros, and :func:`write_file` raises it once
+    HDF5 has closed the file.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.position = 0
+        self.error: OSError | None = None
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_END:
+            offset += self._size()
+        elif whence == os.SEEK_CUR:
+            offset += self.position
+        self.position = offset
+        return offset
+
+    def tell(self) -> int:
+        return self.position
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n, offset = view.nbytes, self.position
+        self.position += n
+        if self.error is None:
+            try:
+                while view:
+                    written = os.pwrite(self.fd, view, offset)
+                    view, offset = view[written:], offset + written
+            except OSError as err:
+                self.error = err
+        return n
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = 0
+        if self.error is None:
+            try:
+                n = os.preadv(self.fd, [view], self.position)
+            except OSError as err:
+                self.error = err
+        view[n:] = bytes(view.nbytes - n)  # past the end: zeros, as HDF5's own drivers read
+        self.position += view.nbytes
+        return view.nbytes
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(max(0, self._size() - self.position) if size < 0 else size)
+        return bytes(buffer[:self.readinto(buffer)])
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.position if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as err:
+                self.error = err
+        return size
+
+    def flush(self) -> None:
+        """Nothing buffered: every write is already the file's (fsynced by :func:`write_file`)."""
+
+    def _size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError as err:
+            self.error = self.error or err
+            return 0
 
 
 def write_segment(
@@ -109,8 +206,16 @@ def write_segment(
     compression: str | None,
     run_id: str | None = None,
 ) -> int:
-    """Write one closed segment file; returns its size in bytes. A failed write leaves no file behind."""
-    return write_file(path, lambda f: fill_segment(f, rank, steps, checkpoints, storage_dtype, compression, run_id))
+    """Write one closed segment file; returns its size in bytes. A failed write leaves no file behind.
+
+    A segment holding a megabyte or more of gradient/HVP rows and parameters is written through (the rows go from
+    the steps' arrays to the file, :class:`_WriteThrough`); a smaller one is built in memory and written at once
+    (fewer calls: HDF5 writes a file in about 170 pieces, each a call into Python when written through).
+    """
+    rows = sum(np.dtype(storage_dtype).itemsize * np.size(r) for rec in steps for r in (rec.grads, rec.hvps) if r is not None)
+    params = sum(np.asarray(v).nbytes for ck in checkpoints for v in ck.params.values())
+    return write_file(path, lambda f: fill_segment(f, rank, steps, checkpoints, storage_dtype, compression, run_id),
+                      through=rows + params >= _THROUGH_BYTES)
 
 
 def fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: list[CheckpointRecord],

@@ -1,8 +1,8 @@
 """Buffered, crash-safe writer of the influence log (format: ``log/format.py``, ``docs/log-format.md``).
 
 Steps are buffered in memory and handed, ``flush_every_n_steps`` at a time, to a
-background thread that builds one segment file per flush as an HDF5 image in memory and
-writes it under a temporary name (``os.write``, fsync, atomic rename; the file itself is
+background thread that writes one segment file per flush under a temporary name (HDF5
+never sees an I/O error; fsync, atomic rename; the file itself is
 :mod:`.segment`). Training never waits on HDF5 unless the queue of pending segments is
 full. A failed write (disk full, ...) stops the writer for good, so the log never has a
 gap; the error is raised on the training thread at its next call.
