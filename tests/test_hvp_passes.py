@@ -74,6 +74,11 @@ def test_memo_is_exact_only_for_the_same_unchanged_input():
     assert memo.get(model[0], x) is not None and memo.get(model[2], x) is None
     assert memo.get(model[0], x.clone()) is None  # another tensor with the same values: not assumed equal
     assert memo.get(model[0], x.view(6, 5)) is not None and memo.get(model[0], x[:3]) is None  # a view of it / a part
+
+    class Wrapped(torch.Tensor):  # a subclass's memory need not be what data_ptr says: never matched
+        pass
+
+    assert memo.get(model[0], x.as_subclass(Wrapped)) is None
     params = {n: p.detach() + 0.1 for n, p in model.named_parameters()}
     with_memo, _ = per_sample_grads_hooks(model, loss, (x, y), capture, params)
     memo.reuse = False

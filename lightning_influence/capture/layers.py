@@ -66,6 +66,11 @@ def _tokens(t: Tensor) -> Tensor:
     return _wide(t).reshape(t.shape[0], -1, t.shape[-1])
 
 
+def _plain(t: Tensor) -> bool:
+    """A dense tensor of no subclass: its memory is what ``data_ptr``, shape and strides say."""
+    return type(t) is Tensor and t.layout == torch.strided
+
+
 class InputMemo:
     """What ``save`` kept of each module's last input that needs no gradient (the batch itself), for the HVP passes of
     the same step: a layer fed the batch has the same column side at every parameter point, and the same tensor,
@@ -83,7 +88,7 @@ class InputMemo:
         dtype, nothing written into it since (the version counter its views share); the memo holds the input, so its
         memory cannot have been handed to another tensor."""
         entry = self._entries.get(id(mod)) if self.reuse else None
-        if entry is None:
+        if entry is None or not _plain(inp):
             return None
         held, version, saved = entry
         same = inp is held or (inp.data_ptr() == held.data_ptr() and inp.shape == held.shape
@@ -91,7 +96,7 @@ class InputMemo:
         return saved if same and held._version == version and inp._version == version else None
 
     def put(self, mod: nn.Module, inp: Tensor, saved: Any) -> None:
-        if self.keep and saved is not None and not inp.requires_grad:  # never holds an activation alive
+        if self.keep and saved is not None and not inp.requires_grad and _plain(inp):  # never holds an activation alive
             self._entries[id(mod)] = (inp, inp._version, saved)
 
     def clear(self) -> None:
