@@ -156,16 +156,20 @@ class LinearEngine(LayerEngine):
     types = (nn.Linear,)
     pure_save = True
 
+    # an input (B, in) keeps its shape (one token per sample, without the token dimension): fewer calls at every step
     def save(self, mod, inp, targets, projector, output=None):
-        return projector.project_cols(targets["weight"], _tokens(inp.detach())) if "weight" in targets else None
+        x = _wide(inp.detach()) if inp.dim() == 2 else _tokens(inp.detach())
+        return projector.project_cols(targets["weight"], x) if "weight" in targets else None
 
     def blocks(self, mod, saved, g_out, targets, projector):
-        return _linear_blocks(projector, targets.get("weight"), targets.get("bias"), _tokens(g_out), saved)
+        g = _wide(g_out) if g_out.dim() == 2 else _tokens(g_out)
+        return _linear_blocks(projector, targets.get("weight"), targets.get("bias"), g, saved)
 
 
 def _linear_blocks(projector: KroneckerProjector, weight: str | None, bias: str | None, g: Tensor, cols: Tensor | None,
                    w_rows: slice | None = None, b_rows: slice | None = None) -> Blocks:
-    """Weight block from ``g`` ``(B, L, out)`` and the projected input ``cols``; bias block from ``sum_l g``.
+    """Weight block from ``g`` ``(B, L, out)`` (or ``(B, out)``) and the projected input ``cols``; bias block from
+    ``sum_l g``.
 
     ``w_rows``/``b_rows``: ``g`` covers only these rows of the parameter (a packed attention block).
     """
@@ -173,7 +177,7 @@ def _linear_blocks(projector: KroneckerProjector, weight: str | None, bias: str 
     if weight is not None:
         out[weight] = projector.combine(weight, g, cols, w_rows)
     if bias is not None and projector.block_of[bias] == bias:  # else folded: in the weight's block
-        g_sum = g.sum(1)
+        g_sum = g if g.dim() == 2 else g.sum(1)
         if b_rows is not None:
             full = g_sum.new_zeros(g_sum.shape[0], projector.spec(bias).rows)
             full[:, b_rows] = g_sum

@@ -117,8 +117,11 @@ def _apply_rows(g: Tensor, p_r: Tensor) -> Tensor:
 def contract(a: Tensor, b: Tensor) -> Tensor:
     """``sum_l a[:, l] ⊗ b[:, l]`` per sample, flattened row-major: ``(B, L, i), (B, L, j) -> (B, i*j)``.
 
-    One batched matrix product; with ``L = 1`` a broadcast outer product (no reduction to do).
+    One batched matrix product; with ``L = 1`` a broadcast outer product (no reduction to do), also for
+    ``(B, i), (B, j)`` (one token per sample without its dimension).
     """
+    if a.dim() == 2:
+        return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
     if a.shape[1] == 1:  # (B, i, 1) * (B, 1, j): the fewest calls (a per-step cost of every hooked layer)
         return (a.transpose(1, 2) * b).reshape(a.shape[0], -1)
     return torch.bmm(a.transpose(1, 2), b).reshape(a.shape[0], -1)
