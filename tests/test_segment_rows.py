@@ -93,3 +93,30 @@ def test_a_write_error_mid_file_is_raised_after_hdf5_closed_it(tmp_path, monkeyp
     assert size == path.stat().st_size
     with h5py.File(path) as f:
         np.testing.assert_array_equal(f["grads/grad"][()], rows)
+
+
+def test_the_write_through_file_reads_what_it_wrote_and_keeps_the_first_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from lightning_influence.log.segment import _WriteThrough
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        f = _WriteThrough(fd)
+        assert f.write(b"abcdef") == 6 and f.seek(0, os.SEEK_END) == 6 and f.tell() == 6
+        f.seek(2)
+        assert f.read(3) == b"cde" and f.read(4) == b"f\0\0\0"  # past the end: zeros
+        f.seek(10)
+        f.write(memoryview(np.arange(3, dtype=np.int32)))
+        assert f.size == 22 and (tmp_path / "f").read_bytes()[10:] == np.arange(3, dtype=np.int32).tobytes()
+        monkeypatch.setattr(os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        f.seek(30)
+        assert f.write(b"xyz") == 3 and f.error.errno == errno.EIO and f.size == 33  # HDF5 sees its write done
+        monkeypatch.undo()
+        assert f.write(b"later") == 5 and f.error.errno == errno.EIO  # dropped: the file stops at the failure
+        assert (tmp_path / "f").stat().st_size == 22
+        f.seek(0)
+        assert f.read(2) == b"\0\0"  # reads after a failure see zeros
+    finally:
+        os.close(fd)

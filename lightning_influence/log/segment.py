@@ -135,11 +135,12 @@ class _WriteThrough:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.position = 0
+        self.size = 0  # as HDF5 wrote it (the same after a failed write: HDF5 sees the file it made)
         self.error: OSError | None = None
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_END:
-            offset += self._size()
+            offset += self.size
         elif whence == os.SEEK_CUR:
             offset += self.position
         self.position = offset
@@ -152,6 +153,7 @@ class _WriteThrough:
         view = memoryview(data).cast("B")
         n, offset = view.nbytes, self.position
         self.position += n
+        self.size = max(self.size, self.position)
         if self.error is None:
             try:
                 while view:
@@ -163,22 +165,24 @@ class _WriteThrough:
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        n = 0
-        if self.error is None:
+        data = b""
+        if self.error is None and self.position < self.size:  # in practice HDF5 reads nothing back of a new file
             try:
-                n = os.preadv(self.fd, [view], self.position)
+                data = os.pread(self.fd, min(view.nbytes, self.size - self.position), self.position)
             except OSError as err:
                 self.error = err
-        view[n:] = bytes(view.nbytes - n)  # past the end: zeros, as HDF5's own drivers read
+        view[:len(data)] = data
+        view[len(data):] = bytes(view.nbytes - len(data))  # past the end: zeros, as HDF5's own drivers read
         self.position += view.nbytes
         return view.nbytes
 
     def read(self, size: int = -1) -> bytes:
-        buffer = bytearray(max(0, self._size() - self.position) if size < 0 else size)
+        buffer = bytearray(max(0, self.size - self.position) if size < 0 else size)
         return bytes(buffer[:self.readinto(buffer)])
 
     def truncate(self, size: int | None = None) -> int:
         size = self.position if size is None else size
+        self.size = size
         if self.error is None:
             try:
                 os.ftruncate(self.fd, size)
@@ -188,13 +192,6 @@ class _WriteThrough:
 
     def flush(self) -> None:
         """Nothing buffered: every write is already the file's (fsynced by :func:`write_file`)."""
-
-    def _size(self) -> int:
-        try:
-            return os.fstat(self.fd).st_size
-        except OSError as err:
-            self.error = self.error or err
-            return 0
 
 
 def write_segment(
