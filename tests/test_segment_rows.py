@@ -120,3 +120,29 @@ def test_the_write_through_file_reads_what_it_wrote_and_keeps_the_first_error(tm
         assert f.read(2) == b"\0\0"  # reads after a failure see zeros
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("data", [np.arange(7), np.random.default_rng(0).random((6, 3)), np.asarray(2.5, np.float32),
+                                  np.zeros((0,), np.int64), np.ones((2, 5056), np.uint8), np.array([True, False])])
+def test_small_datasets_are_the_files_h5py_create_dataset_makes(data):
+    """segment._dataset makes numeric datasets by h5py's low-level calls: the file is the one create_dataset makes."""
+    from lightning_influence.log import segment
+    from lightning_influence.log.format import CRC_ATTR, LIBVER, SCALAR_ATTR, crc32
+
+    def image(make):
+        f = h5py.File("in-memory", "w", driver="core", backing_store=False, libver=LIBVER)
+        try:
+            make(f.create_group("g"))
+            f.flush()
+            return f.id.get_file_image()
+        finally:
+            f.close()
+
+    def by_h5py(g):
+        stored = data.reshape(1) if data.ndim == 0 else data
+        ds = g.create_dataset("x", data=stored, maxshape=(None, *stored.shape[1:]), chunks=True)
+        if data.ndim == 0:
+            ds.attrs[SCALAR_ATTR] = 1
+        ds.attrs[CRC_ATTR] = crc32(stored)
+
+    assert image(lambda g: segment._dataset(g, "x", data)) == image(by_h5py)
