@@ -161,8 +161,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
                 if t in acts and t not in blocks:
                     blocks[t] = U.shape[1]
                     qt = torch.from_numpy(q_at(t).T.copy())
-                    U = torch.cat([U, qt], dim=1)
-                    S = {k: torch.cat([v, torch.zeros_like(qt)], dim=1) for k, v in S.items()}
+                    U, S = OptimizerStep.add_columns(U, S, qt)
                 done += 1
                 if show is not None:
                     show(done, t2 - t_lo)

@@ -259,8 +259,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             U = torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device)
             S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device) for k in keys}
         blocks.append((step, U.shape[1]))
-        U = torch.cat([U, q], dim=1)
-        S = {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in S.items()}
+        U, S = OptimizerStep.add_columns(U, S, q)
 
     for rec in ctx.reverse_trajectory(t_lo, t_hi, progress, shard):
         if rec.ids is None:

@@ -376,6 +376,13 @@ class OptimizerStep:
         th_bar, st_bar, g_bar = torch.func.vmap(pullback, in_dims=1, out_dims=1)(cots)
         return th_bar, st_bar, g_bar
 
+    @staticmethod
+    def add_columns(cot_theta: Tensor, cot_state: Mapping[str, Tensor], q: Tensor) -> tuple[Tensor, State]:
+        """The adjoint ``(θ̄, s̄)`` with the query columns ``q`` ``(p, Q)`` appended: ``θ̄`` gains ``q`` (a query's
+        gradient at the step where its window ends), every state cotangent zeros (the query does not read the state)."""
+        return (torch.cat([cot_theta, q], dim=1),
+                {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in cot_state.items()})
+
     def _differentiated(self, state: State, lrs: Sequence[float] | np.ndarray, transform: Transform | None
                         ) -> tuple[Callable[[Tensor, State, Tensor], tuple[Tensor, State]], list[str]]:
         """``f(θ, s, g) = (θ', s')`` of one step over the differentiated state keys (the others held fixed)."""
