@@ -389,7 +389,8 @@ class InfluenceTracker(Callback):
             if not self._verified:  # once per fit: one hooked row against autograd on its sample alone
                 self._verified = True
                 self._capture.verify(pl_module, self._loss, micro.batch, micro.grads)
-            self._vmap_names = [n for n in self._names if n not in self._capture.param_names]  # after a demotion
+            if len(self._capture.param_names) + len(self._vmap_names) != len(self._names):  # a demotion: vmap takes over
+                self._vmap_names = [n for n in self._names if n not in self._capture.param_names]
             if self._vmap_names:  # parameters no hook covers: vmap (or, with dropout, the step's masks) for just those
                 micro.grads += self._passes.rest_grads(pl_module, micro.micro, self._vmap_names, None)
         elif want_grads:
