@@ -385,7 +385,7 @@ class InfluenceTracker(Callback):
         micro.observed = captured.detach() if captured is not None else None
         if want_grads and self._capture is not None and captured is not None and len(seen_grad) == 1:
             micro.grads = self._capture.collect(seen_grad[0])
-            micro.losses = captured.detach()
+            micro.losses = micro.observed
             if not self._verified:  # once per fit: one hooked row against autograd on its sample alone
                 self._verified = True
                 self._capture.verify(pl_module, self._loss, micro.batch, micro.grads)
@@ -398,7 +398,7 @@ class InfluenceTracker(Callback):
                 self._capture.clear()  # discard partial captures of a non-conforming forward
             micro.grads, micro.losses = self._passes.grads(pl_module, micro.micro, None)
         elif self.record_losses:
-            micro.losses = captured.detach() if captured is not None else self._passes.losses(pl_module, micro.micro)
+            micro.losses = micro.observed if captured is not None else self._passes.losses(pl_module, micro.micro)
         if self._capture is not None:
             self._capture.disable()
         if self._observer is not None:
