@@ -232,7 +232,8 @@ def sigint_run(work: Path, at_step: int) -> dict:
             interrupted.write_text(json.dumps(names))
 
         pl.Callback.on_exception = on_exception  # (this child only) every callback reports, the Progress one too
-        code = 0
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl+C as in a terminal (not ignored, as a shell's
+        code = 0  # background jobs inherit it)
         try:
             train(log_dir, work / "sigint" / "ckpt", 1, progress, 0.1)
         except SystemExit as err:

@@ -354,6 +354,15 @@ def test_two_dimensional_ids_and_a_scalar_per_sample_loss_are_named(tmp_path):
 
 
 # --------------------------------------------------------------- 6. Ctrl+C on a full writer queue
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt, as in a terminal: a job a shell starts in the background inherits SIGINT
+    ignored, and Python then leaves it so (these tests would wait for an interrupt that never comes)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_training_waits_on_a_slow_disk_keeps_every_accepted_step(tmp_path):
     """A real SIGINT to a fit whose segment writes are slower than its steps (fsync sleeps 0.1 s): training is
@@ -373,7 +382,7 @@ def test_ctrl_c_while_training_waits_on_a_slow_disk_keeps_every_accepted_step(tm
     assert "are not on disk" not in out.stderr
 
 
-def test_ctrl_c_while_add_step_waits_on_a_full_queue_loses_no_accepted_step(tmp_path, monkeypatch):
+def test_ctrl_c_while_add_step_waits_on_a_full_queue_loses_no_accepted_step(tmp_path, monkeypatch, ctrl_c):
     """In-process: SIGINT to the training thread while ``add_step`` waits on a full queue behind 0.3 s writes; after
     ``close`` (what Lightning's graceful shutdown calls) every step the writer accepted is on disk."""
     synthetic(tmp_path, steps=2, flush=2)
@@ -397,7 +406,7 @@ def test_ctrl_c_while_add_step_waits_on_a_full_queue_loses_no_accepted_step(tmp_
     assert [r.losses[0] for r in log.iter_steps(2, accepted, fields=("loss",))] == list(range(2, accepted))
 
 
-def test_an_interrupted_close_reports_the_lost_range(tmp_path, monkeypatch):
+def test_an_interrupted_close_reports_the_lost_range(tmp_path, monkeypatch, ctrl_c):
     """A second Ctrl+C while close() waits for a slow write: the steps not yet on disk are named."""
     synthetic(tmp_path, steps=2, flush=2)
     real = writer_mod.write_segment
