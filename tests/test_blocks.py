@@ -266,23 +266,12 @@ def test_plain_runs_are_read_by_the_prefetch_thread_and_unplain_layouts_are_decl
             pre.result(pre.submit(ReadJob([(path, path.stat().st_size - row, 2 * row)])))
 
 
-def _cached_bytes(path, offset: int, n: int) -> int:
-    """How many bytes from ``offset`` the page cache holds (a ``RWF_NOWAIT`` read: it takes only what is cached)."""
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.preadv(fd, [bytearray(n)], offset, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return 0
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("streams", [1, 2, 3])
 def test_long_runs_are_read_from_the_disk_in_parts_and_cached_runs_from_the_cache(tmp_path, monkeypatch, streams):
     """Runs of >= 1 MiB not in the page cache are read with O_DIRECT, in ``_STREAMS`` parts at once, whatever their
-    alignment; the bytes equal the file's, the page cache stays empty (the disk alone was read), a cached run is
+    alignment; the bytes equal the file's (read with O_DIRECT in the parts ``_read_span`` was asked for: whether
+    pages stay out of the cache cannot be asserted, a RWF_NOWAIT probe may start the kernel's read-ahead), a cached
+    run is
     copied from the cache even when its first pages are not cached, and a run past the end of the file is refused
     naming the file, from whichever part the file ends in."""
     import os
@@ -315,7 +304,6 @@ def test_long_runs_are_read_from_the_disk_in_parts_and_cached_runs_from_the_cach
             mine, spans = sorted(spans[:k]), spans[k:]
             assert mine[0][0] == a - a % 4096 and mine[-1][1] == a + n
             assert all(x[1] == y[0] and x[1] % 4096 == 0 for x, y in zip(mine, mine[1:]))
-        assert _cached_bytes(path, 2 << 20, 4096) == 0  # read past the page cache
         with open(path, "rb") as f:  # the last 1.5 MiB now cached, the first part of the run not
             f.seek(size - (3 << 19))
             f.read()

@@ -235,7 +235,9 @@ def _cached(fd: int, view: np.ndarray, offset: int, probe: bool) -> int:
     """Copy into ``view`` what the page cache holds of the bytes from ``offset`` on (up to the first page it does not
     hold); the number of bytes copied. ``probe``: first ask for the run's last bytes alone, and copy nothing if they
     are not cached (a run to be read from the disk: a ``RWF_NOWAIT`` read of a long run whose first pages happen to
-    be cached, e.g. next to rows read before, costs ~0.5 ms to copy those few pages)."""
+    be cached, e.g. next to rows read before, costs ~0.5 ms to copy those few pages). A ``RWF_NOWAIT`` read of an
+    uncached page may start the kernel's read-ahead of a few pages there: the direct read that follows reads them
+    again (a few KiB a run)."""
     if _NOWAIT is None or not len(view):
         return 0
     try:
