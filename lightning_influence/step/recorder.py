@@ -109,13 +109,14 @@ class StepRecorder:
             sw.weights.flags.writeable = False  # shared by the records of every step with this key
             self._weights = (key, sw.weights, sw.accumulate)
         record.weights, record.accumulate = self._weights[1:]  # micro-batch sizes: the tracker's micro rows
-        if self.spec is None and not (self._override or not self._checked_default):
+        verify = self._override or not self._checked_default  # Lightning's clipping of this step checked against ours
+        if self.spec is None and not verify:  # nothing to record or check: the gradients are not read
             return
         grads = [p.grad for p in _optimizer_params(optimizer)]
         if self.spec is not None:
             record.clip_value = self.spec.value
             record.clip_coef = clip_coefficient(grads, self.spec)
-        if self._override or not self._checked_default:
+        if verify:
             self._check = (record.step, [None if g is None else g.detach().clone() for g in grads])
             self._checked_default = True
 
