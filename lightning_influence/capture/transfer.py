@@ -64,6 +64,22 @@ class HostCopy:
             event.record(torch.cuda.current_stream(device))
             self._events.append(event)
 
+    @classmethod
+    def of_step(cls, rows: dict[str, Tensor], checkpoint: tuple[Any, Any] | None, random: Any = None) -> HostCopy:
+        """The copy of a step's rows (handed over, see ``fresh``), of its checkpoint's tensors and of ``random`` (also
+        handed over), as ``{"rows": ..., "checkpoint": ..., "random": ...}``. CPU rows without a checkpoint (every
+        step of a CPU run but the checkpointed ones) are kept as they are, not even walked: nothing to copy or to wait
+        for, and :meth:`wait` makes the numpy views when the step is handed on (a few steps at a time)."""
+        for t in rows.values():
+            if not t.is_cpu:
+                break
+        else:
+            if checkpoint is None:
+                copy = cls.__new__(cls)
+                copy._tree, copy._events = {"rows": rows, "checkpoint": None, "random": random}, []
+                return copy
+        return cls({"rows": rows, "checkpoint": checkpoint, "random": random}, fresh=("rows", "random"))
+
     def ready(self) -> bool:
         """Whether every copy has completed (never waits)."""
         return all(e.query() for e in self._events)
@@ -73,4 +89,4 @@ class HostCopy:
         for e in self._events:
             e.synchronize()
         self._events = []
-        return _map(lambda x: x.numpy(), self._tree)
+        return _map(lambda x: x.detach().numpy(), self._tree)

@@ -14,7 +14,7 @@ No Lightning import: the trainer and module are used through their public attrib
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +120,7 @@ class StepRecorder:
             self._check = (record.step, [None if g is None else g.detach().clone() for g in grads])
             self._checked_default = True
 
-    def check_losses(self, step: int, micro: Sequence[tuple[Tensor | None, Tensor | None, int]], trainer: Any) -> None:
+    def check_losses(self, step: int, micro: Iterable[tuple[Tensor | None, Tensor | None, int]], trainer: Any) -> None:
         """Refuse a training loss other than the mean of the per-sample losses (see :func:`check_reduction`).
 
         ``micro``: ``(returned loss, per-sample losses, accumulate)`` of each micro-batch of the step. Checked at
