@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from collections import deque
 from typing import Any, Callable
@@ -41,7 +42,7 @@ from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_id
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.resume import continue_log, log_exists, logged_fold_bias, start_new_log
-from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, storage_error, write_meta
+from lightning_influence.log.writer import SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, storage_error, write_meta
 from lightning_influence.step import rng
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
                                               random_states)
@@ -101,10 +102,13 @@ class InfluenceTracker(Callback):
             crossed a ReLU kink, keeps the other) or ``"forward"`` (one pass at ``θ + ε Ĝ_t``
             against the step's own per-sample gradients, error ``O(ε)``; in float32 about twice
             the central error at the same ``ε_0``); see :mod:`lightning_influence.capture.hvp`.
-        flush_every_n_steps: steps per segment file. A kill loses only steps not yet in a closed
-            segment, at most ``4 × flush_every_n_steps`` (the buffer and the segments being written
-            or queued); every Lightning checkpoint first flushes and waits, so a resumed fit never
-            misses a step (``docs/log-format.md``, crash safety).
+        flush_every_n_steps: steps per segment file (``None``, the default: by time and size).
+        flush_every_n_seconds: a segment file closes once it has been open this long, or (with
+            ``flush_every_n_steps=None``) holds 64 MiB of rows and parameters, whichever comes first.
+            A kill loses only steps not yet in a closed segment, at most four segments' worth (the
+            buffer and the segments being written or queued: by default about 40 s of training);
+            every Lightning checkpoint first flushes and waits, so a resumed fit never misses a step
+            (``docs/log-format.md``, crash safety). Smaller loses less; larger writes fewer files.
         store_inputs: store the exact inputs of every micro-batch (the batch as ``training_step``
             received it, after collation and augmentation; ``torch.save`` bytes), so replay and the
             estimators need no dataset and are immune to random augmentation. Without it, a dataset
@@ -146,7 +150,8 @@ class InfluenceTracker(Callback):
         gradient_engine: str = "auto",
         hvp_eps: float = 1e-3,
         hvp_scheme: str = "central",
-        flush_every_n_steps: int = 50,
+        flush_every_n_steps: int | None = None,
+        flush_every_n_seconds: float | None = 10.0,
         store_inputs: bool = False,
         allow_train_batchnorm: bool = False,
         overwrite: bool = False,
@@ -165,7 +170,14 @@ class InfluenceTracker(Callback):
         _require(not record_hvp or record_gradients, "record_hvp=True needs record_gradients=True (HVP products share the gradient rows)")
         _require(hvp_eps > 0, f"hvp_eps must be > 0, got {hvp_eps!r}")
         _require(hvp_scheme in HVP_SCHEMES, f"hvp_scheme must be one of {HVP_SCHEMES}, got {hvp_scheme!r}")
-        _require(isinstance(flush_every_n_steps, int) and flush_every_n_steps >= 1, "flush_every_n_steps must be an int >= 1")
+        _require(flush_every_n_steps is None or (isinstance(flush_every_n_steps, int) and flush_every_n_steps >= 1),
+                 f"flush_every_n_steps must be None or an int >= 1, got {flush_every_n_steps!r}")
+        _require(flush_every_n_seconds is None or (isinstance(flush_every_n_seconds, (int, float))
+                                                   and math.isfinite(flush_every_n_seconds) and flush_every_n_seconds > 0),
+                 f"flush_every_n_seconds must be None or a number of seconds > 0, got {flush_every_n_seconds!r}")
+        _require(flush_every_n_steps is not None or flush_every_n_seconds is not None,
+                 "flush_every_n_steps and flush_every_n_seconds are both None: set one of them, so a segment file "
+                 "closes now and then (a kill loses the steps not yet in a closed segment)")
         _require(loss_fn is None or callable(loss_fn), "loss_fn must be callable: loss_fn(module, batch) -> Tensor[B]")
         _require(ids_fn is None or callable(ids_fn), "ids_fn must be callable: ids_fn(batch) -> Tensor[B]")
         self.log_dir = str(log_dir)
@@ -188,6 +200,7 @@ class InfluenceTracker(Callback):
         self.hvp_eps = hvp_eps
         self.hvp_scheme = hvp_scheme
         self.flush_every_n_steps = flush_every_n_steps
+        self.flush_every_n_seconds = flush_every_n_seconds
         self.allow_train_batchnorm = allow_train_batchnorm
         self.overwrite = overwrite
         self.store_data = store_data
@@ -278,7 +291,7 @@ class InfluenceTracker(Callback):
         trainer.strategy.barrier("influence_tracker_meta")
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype,
                                  self.compression, truncate_from=start if continued else None,  # drops steps >= start
-                                 resume_meta=resume_meta)
+                                 resume_meta=resume_meta, **self._segment_limits())
         self._run_id = self._writer.run_id
         self._live = LiveTensorBoard.attach(trainer)
         self._next_step = self._fit_start = start
@@ -287,6 +300,11 @@ class InfluenceTracker(Callback):
         self._verified = False
         self._checked_batchnorm = False
         self._checked_dataset = False
+
+    def _segment_limits(self) -> dict[str, Any]:
+        """When a segment closes besides ``flush_every_n_steps``: its age and, by default, its size."""
+        return {"flush_every_n_seconds": self.flush_every_n_seconds,
+                "max_segment_bytes": SEGMENT_BYTES if self.flush_every_n_steps is None else None}
 
     def _metadata(self, trainer: pl.Trainer, pl_module: nn.Module, optimizer: torch.optim.Optimizer,
                   names: dict[int, str], first_step: int, recipe: bool = True) -> dict[str, Any]:
@@ -322,7 +340,8 @@ class InfluenceTracker(Callback):
                 return
         self._acquire_lock(0)
         try:
-            writer = LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype, self.compression)
+            writer = LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype, self.compression,
+                               **self._segment_limits())
             writer.add_checkpoint(checkpoint_record(pl_module, trainer.optimizers[0], trainer.global_step))
             writer.close()
         finally:
