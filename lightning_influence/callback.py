@@ -396,23 +396,26 @@ class InfluenceTracker(Callback):
         self._pending.seconds += time.perf_counter() - t0
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if self._pending.micro:
+        if self._pending.micro and self._step_model.checks_reduction:  # read at the first step only (StepRecorder)
             self._pending.micro[-1].returned = loss.detach()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         t0 = time.perf_counter()
-        seen, seen_grad = (self._observer.losses, self._observer.grads) if self._observer is not None else ([], [])
-        if self._observer is not None:
-            self._observer.capturing = False
         micro = self._pending.micro[-1]
         micro.ended = rng.started()  # what dropout drew from (TrackedMicroBatch.settled): recorded, restored by own passes
-        n = len(micro.ids)
-        for out in seen:  # per_sample_loss as training_step called it: a reduced (0-d) loss is a mistake
-            if out.dim() == 0:
-                check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
-        captured = seen[-1] if len(seen) == 1 and seen[0].shape == (n,) else None
+        captured = seen_grad = None
+        observer = self._observer
+        if observer is not None:  # per_sample_loss as training_step called it
+            seen, seen_grad = observer.losses, observer.grads
+            observer.capturing = False
+            observer.clear()
+            n = micro.ids.shape[0]
+            for out in seen:  # a reduced (0-d) loss is a mistake
+                if out.dim() == 0:
+                    check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
+            if len(seen) == 1 and seen[0].shape == (n,):
+                captured = micro.observed = seen[0].detach()
         want_grads = self.record_gradients and self._records_grads(trainer.global_step)
-        micro.observed = captured.detach() if captured is not None else None
         if want_grads and self._capture is not None and captured is not None and len(seen_grad) == 1:
             micro.grads = self._capture.collect(seen_grad[0])
             micro.losses = micro.observed
@@ -431,8 +434,6 @@ class InfluenceTracker(Callback):
             micro.losses = micro.observed if captured is not None else self._passes.losses(pl_module, micro.micro)
         if self._capture is not None:
             self._capture.disable()
-        if self._observer is not None:
-            self._observer.clear()
         self._pending.seconds += time.perf_counter() - t0
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:

@@ -83,7 +83,7 @@ def test_cpu_rows_without_checkpoint_skip_the_walk_and_copy_as_the_general_path(
     rows = {"ids": torch.tensor([3, 1]), "losses": torch.tensor([0.5, 1.5])}
     states = [(rng.started(), None)]
     quick = HostCopy.of_step(rows, None, states)
-    assert quick.ready() and quick._tree["rows"] is rows  # kept as they are, nothing walked or copied
+    assert quick.ready() and quick._rows[0] is rows  # kept as they are, nothing walked or copied
     general = HostCopy({"rows": rows, "checkpoint": None, "random": states}, fresh=("rows", "random"))
     a, b = quick.wait(), general.wait()
     assert a.keys() == b.keys() and a["checkpoint"] is b["checkpoint"] is None and a["random"] == b["random"]

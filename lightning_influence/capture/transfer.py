@@ -59,6 +59,7 @@ class HostCopy:
         else:
             self._tree = _map(lambda x: _start(x, False, devices), tree)
         self._events = []
+        self._rows: tuple[dict[str, Tensor], Any] | None = None  # of_step's CPU rows, kept as they are (tree: None)
         for device in devices:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
@@ -76,7 +77,7 @@ class HostCopy:
         else:
             if checkpoint is None:
                 copy = cls.__new__(cls)
-                copy._tree, copy._events = {"rows": rows, "checkpoint": None, "random": random}, []
+                copy._tree, copy._events, copy._rows = None, [], (rows, random)
                 return copy
         return cls({"rows": rows, "checkpoint": checkpoint, "random": random}, fresh=("rows", "random"))
 
@@ -86,7 +87,10 @@ class HostCopy:
 
     def wait(self) -> Any:
         """The tree with every tensor as a numpy array, once the copies have completed."""
+        if self._rows is not None:  # of_step's CPU rows: numpy views
+            rows, random = self._rows
+            return {"rows": {k: t.detach().numpy() for k, t in rows.items()}, "checkpoint": None, "random": random}
         for e in self._events:
             e.synchronize()
         self._events = []
-        return _map(lambda x: x.detach().numpy(), self._tree)
+        return _map(lambda x: x.numpy(), self._tree)

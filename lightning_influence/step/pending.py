@@ -30,7 +30,7 @@ __all__ = ["PendingStep", "TrackedMicroBatch", "assemble", "checkpoint_record", 
 _NO_IDS = np.zeros(0, np.int64)  # a record's ids until fill_record (never written to)
 
 
-@dataclass
+@dataclass(slots=True)
 class TrackedMicroBatch:
     """One ``training_step`` call of the step in progress."""
 
@@ -58,7 +58,7 @@ class TrackedMicroBatch:
         return MicroBatch(np.zeros(0, np.int64), self.batch, self.settled())
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingStep:
     """The micro-batches of the optimizer step in progress."""
 
@@ -88,7 +88,7 @@ def assemble(trainer: Any, step: int, optimizer: torch.optim.Optimizer, pending:
     rows: dict[str, Tensor] = {"ids": micro[0].ids if len(micro) == 1 else torch.cat([m.ids for m in micro])}
     recorder.check_losses(  # a sum or any other reduction than the mean is refused (step.weights); at the first step
         step, ((m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in micro), trainer)
-    recorder.record(record, [len(m.ids) for m in micro], [m.accumulate for m in micro], world_size, optimizer)
+    recorder.record(record, [m.ids.shape[0] for m in micro], [m.accumulate for m in micro], world_size, optimizer)
     if record_losses:
         rows["losses"] = micro[0].losses if len(micro) == 1 else torch.cat([m.losses for m in micro])
     if isinstance(record.clip_coef, Tensor):
@@ -109,7 +109,7 @@ def assemble(trainer: Any, step: int, optimizer: torch.optim.Optimizer, pending:
 def record_execution(scaler: Any, record: StepRecord, micro: list[TrackedMicroBatch], grads: dict[str, Tensor]) -> None:
     """Micro-batch sizes and inputs, the GradScaler factor and whether it skips this step (``scaler``: the run's
     GradScaler, ``None`` without one). The random states are set by :func:`fill_record` (see :func:`random_states`)."""
-    record.micro = [MicroRecord(len(m.ids), inputs=m.inputs) for m in micro]
+    record.micro = [MicroRecord(m.ids.shape[0], inputs=m.inputs) for m in micro]
     if scaler is not None:
         record.grad_scale = float(scaler.get_scale())
         # on_before_optimizer_step runs after GradScaler.unscale_: a non-finite gradient makes it skip the step
@@ -131,11 +131,12 @@ def fill_record(record: StepRecord, checkpoint: CheckpointRecord | None, host: d
         rec.cpu_rng, rec.cuda_rng = state.cpu, state.cuda if state.cuda.size else None
     rows = host["rows"]
     record.ids = rows["ids"].copy()  # the batch's own ids, where one micro-batch made the step (assemble)
-    record.losses = rows["losses"].astype(np.float64) if "losses" in rows else None
+    if "losses" in rows:
+        record.losses = rows["losses"].astype(np.float64)
     record.grads, record.hvps = rows.get("grads"), rows.get("hvps")
-    record.batch_grad_norm = float(rows.get("batch_grad_norm", float("nan")))
-    record.clip_coef = float(rows.get("clip_coef", float("nan")))
-    record.hvp_eps = float(rows.get("hvp_eps", float("nan")))
+    for name in ("batch_grad_norm", "clip_coef", "hvp_eps"):  # NaN (the records' default) where not computed
+        if name in rows:
+            setattr(record, name, float(rows[name]))
     if checkpoint is not None:
         checkpoint.params, checkpoint.optimizer_state = host["checkpoint"]
 

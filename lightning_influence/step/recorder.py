@@ -120,6 +120,11 @@ class StepRecorder:
             self._check = (record.step, [None if g is None else g.detach().clone() for g in grads])
             self._checked_default = True
 
+    @property
+    def checks_reduction(self) -> bool:
+        """The loss reduction is still to be checked (at the fit's first step): :meth:`check_losses` reads the losses."""
+        return not self._reduction_checked
+
     def check_losses(self, step: int, micro: Iterable[tuple[Tensor | None, Tensor | None, int]], trainer: Any) -> None:
         """Refuse a training loss other than the mean of the per-sample losses (see :func:`check_reduction`).
 
