@@ -7,6 +7,7 @@ states reduced there; a plain ``(x, y, ids)`` batch takes a shortcut through ``e
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -148,3 +149,26 @@ def test_labels_as_ids_are_refused_at_the_first_step_before_the_optimizer_moves(
         fit(module, DataLoader(WithIds(make_data()), batch_size=6), InfluenceTracker(str(tmp_path / "log"),
                                                                                       ids_fn=lambda b: b[1]))
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # refused before the first update
+
+
+def test_the_clipping_wrapper_leaves_after_checking_lightnings_clipping_once_and_stays_for_an_override(tmp_path):
+    """Lightning's own ``configure_gradient_clipping`` is checked at the first step, then the tracker's wrapper is
+    removed (nothing more to check); an override is checked at every step, so its wrapper stays for the fit."""
+    from tests.test_step_weights import LoggingClipping
+
+    seen: list[bool] = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append("configure_gradient_clipping" in vars(pl_module))
+
+    for module, clip, expected in ((tiny(), None, [False] * 3), (LoggingClipping().double(), 0.05, [True] * 3)):
+        seen.clear()
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=clip,
+                             callbacks=[InfluenceTracker(str(tmp_path / f"log{clip}")), Probe()])
+        trainer.fit(module, loader(make_data(18)))
+        assert seen == expected
+        assert "configure_gradient_clipping" not in vars(module)  # and none is left after the fit
+    assert module.calls == 3  # the override ran (and was checked) at every step

@@ -90,11 +90,14 @@ class StepRecorder:
             store()
 
     def teardown(self) -> None:
+        self._uninstall()
+        self._check = None
+        self._deferred = None
+
+    def _uninstall(self) -> None:
         if self._module is not None:
             self._module.__dict__.pop("configure_gradient_clipping", None)  # the class method shows again
             self._module = None
-        self._check = None
-        self._deferred = None
 
     # ----------------------------------------------------------------------------- per step
     def record(self, record: Any, micro_sizes: Sequence[int], accumulate: Sequence[int], world_size: int,
@@ -170,6 +173,8 @@ class StepRecorder:
                 f"{what} does (relative difference {worst:.2e}); replay and the estimators could not reproduce the "
                 "step. Clip through the Trainer's gradient_clip_val/gradient_clip_algorithm (norm or value clipping "
                 "of all parameters at a fixed threshold) and remove the override. Nothing of this step was stored.")
+        if not self._override:  # Lightning's own clipping, checked once: the wrapper has nothing more to do
+            self._uninstall()
         self.commit()
 
 
