@@ -16,8 +16,11 @@ For each model:
    at every ``on_train_batch_start`` (so a step is everything between two: data, forward, backward,
    optimizer, every callback hook, and the writer thread while it runs), averaged over the steps after
    ``--warmup`` (the first steps' one-off checks excluded; per-fit set-up and the final flush are outside
-   any step). The default 120 steps, 10 of warm-up, hold two segment writes of the default 50 steps
-   (at steps 50 and 100, each done before the fit ends: their share of every step, about 1/55). Each
+   any step). The log writer's thread is charged (``--clock cpu``) at what it costs a long fit: by
+   default a segment closes after 10 s (or 64 MiB of rows), so a short fit writes its steps only at its
+   end, outside the timed steps, and a long one every 10 s. So each fit's writer CPU inside its steps is
+   replaced by the writer CPU per step of one such segment, written from the fit's own step records
+   (``steady_writer``; the parameter checkpoints ``θ_0`` and ``θ_T`` are per fit, in ``fit ratio``). Each
    round gives one ratio per level (its step over the round's step without the tracker): the median over rounds and the spread (lowest, highest) are reported, so one noisy
    round does not decide. The added ms/step is split by where it goes, each part measured in the same
    steps as thread CPU: ``hooks``, the layer engines' work in the step's own forward/backward (what the
@@ -40,7 +43,10 @@ per-step tracker seconds in the log (the callbacks' share) are elapsed time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -51,13 +57,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.overhead_models import MODELS, make  # noqa: E402
 from lightning_influence import InfluenceTracker  # noqa: E402
-from lightning_influence.log.writer import LogWriter  # noqa: E402
+from lightning_influence.log.records import StepRecord  # noqa: E402
+from lightning_influence.log.segment import write_segment  # noqa: E402
+from lightning_influence.log.writer import SEGMENT_BYTES, LogWriter  # noqa: E402
 from lightning_influence.capture import (  # noqa: E402
     HookGradientCapture,
     KroneckerProjector,
@@ -101,6 +110,18 @@ for _engine in {type(e) for e in layers._ENGINES}:  # what the forward hooks kee
         if _method in vars(_engine):
             setattr(_engine, _method, _counted(vars(_engine)[_method], "hooks"))
 LogWriter._write = _counted(LogWriter._write, "writer")
+WRITTEN: list[list[StepRecord]] = []  # the step records of the last fit with the tracker (for steady_writer)
+_add_step = LogWriter.add_step
+
+
+def _kept(self: LogWriter, record: StepRecord, checkpoint: Any = None) -> None:
+    if record.step == 0:
+        WRITTEN.append([])
+    WRITTEN[-1].append(record)
+    _add_step(self, record, checkpoint)
+
+
+LogWriter.add_step = _kept
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = time.process_time  # --clock: CPU time of this process (all its threads) resists the other jobs of a busy box
 LEVELS = {
@@ -198,7 +219,30 @@ def run_fit(factory: Callable[[], pl.LightningModule], data: DataLoader, steps: 
     total = clock() - t0
     (t_a, s_a), (t_b, s_b) = timer.marks[warmup], timer.marks[-1]
     n = len(timer.marks) - 1 - warmup
-    return total, (t_b - t_a) / n, {key: (s_b[key] - s_a[key]) / n for key in SPENT}
+    spent = {key: (s_b[key] - s_a[key]) / n for key in SPENT}
+    per_step = (t_b - t_a) / n
+    if tracker is not None and clock is time.process_time:  # the writer of a long fit in place of this fit's (docstring)
+        spent["writer"] = steady_writer(WRITTEN[-1], per_step, tracker.storage_dtype)
+        per_step += spent["writer"] - (s_b["writer"] - s_a["writer"]) / n
+    return total, per_step, spent
+
+
+def steady_writer(records: list[StepRecord], step_seconds: float, storage_dtype: str) -> float:
+    """Writer thread CPU seconds per step of a long fit: one segment as the tracker's default limits close it (open
+    ``flush_every_n_seconds``, or ``SEGMENT_BYTES`` of rows) written from this fit's records (cycled, renumbered),
+    fastest of 3, over its steps."""
+    per_row = max(1, np.dtype(storage_dtype).itemsize * sum(np.size(r) for r in (records[0].grads, records[0].hvps)
+                                                             if r is not None))
+    seconds = inspect.signature(InfluenceTracker).parameters["flush_every_n_seconds"].default
+    n = max(1, min(math.ceil(seconds / step_seconds), math.ceil(SEGMENT_BYTES / per_row)))
+    segment = [dataclasses.replace(records[i % len(records)], step=i) for i in range(n)]
+    best = float("inf")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(3):
+            t0 = time.thread_time()
+            write_segment(Path(tmp) / f"seg-{i}.h5", 0, segment, [], np.dtype(storage_dtype), None)
+            best = min(best, time.thread_time() - t0)
+    return best / n
 
 
 def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from collections import deque
 from typing import Any, Callable
@@ -41,9 +42,10 @@ from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_id
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.resume import continue_log, log_exists, logged_fold_bias, start_new_log
-from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, storage_error, write_meta
+from lightning_influence.log.writer import SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, storage_error, write_meta
 from lightning_influence.step import rng
-from lightning_influence.step.pending import PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record
+from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
+                                              random_states)
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
@@ -100,10 +102,13 @@ class InfluenceTracker(Callback):
             crossed a ReLU kink, keeps the other) or ``"forward"`` (one pass at ``θ + ε Ĝ_t``
             against the step's own per-sample gradients, error ``O(ε)``; in float32 about twice
             the central error at the same ``ε_0``); see :mod:`lightning_influence.capture.hvp`.
-        flush_every_n_steps: steps per segment file. A kill loses only steps not yet in a closed
-            segment, at most ``4 × flush_every_n_steps`` (the buffer and the segments being written
-            or queued); every Lightning checkpoint first flushes and waits, so a resumed fit never
-            misses a step (``docs/log-format.md``, crash safety).
+        flush_every_n_steps: steps per segment file (``None``, the default: by time and size).
+        flush_every_n_seconds: a segment file closes once it has been open this long, or (with
+            ``flush_every_n_steps=None``) holds 64 MiB of rows and parameters, whichever comes first.
+            A kill loses only steps not yet in a closed segment, at most four segments' worth (the
+            buffer and the segments being written or queued: by default about 40 s of training);
+            every Lightning checkpoint first flushes and waits, so a resumed fit never misses a step
+            (``docs/log-format.md``, crash safety). Smaller loses less; larger writes fewer files.
         store_inputs: store the exact inputs of every micro-batch (the batch as ``training_step``
             received it, after collation and augmentation; ``torch.save`` bytes), so replay and the
             estimators need no dataset and are immune to random augmentation. Without it, a dataset
@@ -145,7 +150,8 @@ class InfluenceTracker(Callback):
         gradient_engine: str = "auto",
         hvp_eps: float = 1e-3,
         hvp_scheme: str = "central",
-        flush_every_n_steps: int = 50,
+        flush_every_n_steps: int | None = None,
+        flush_every_n_seconds: float | None = 10.0,
         store_inputs: bool = False,
         allow_train_batchnorm: bool = False,
         overwrite: bool = False,
@@ -164,7 +170,14 @@ class InfluenceTracker(Callback):
         _require(not record_hvp or record_gradients, "record_hvp=True needs record_gradients=True (HVP products share the gradient rows)")
         _require(hvp_eps > 0, f"hvp_eps must be > 0, got {hvp_eps!r}")
         _require(hvp_scheme in HVP_SCHEMES, f"hvp_scheme must be one of {HVP_SCHEMES}, got {hvp_scheme!r}")
-        _require(isinstance(flush_every_n_steps, int) and flush_every_n_steps >= 1, "flush_every_n_steps must be an int >= 1")
+        _require(flush_every_n_steps is None or (isinstance(flush_every_n_steps, int) and flush_every_n_steps >= 1),
+                 f"flush_every_n_steps must be None or an int >= 1, got {flush_every_n_steps!r}")
+        _require(flush_every_n_seconds is None or (isinstance(flush_every_n_seconds, (int, float))
+                                                   and math.isfinite(flush_every_n_seconds) and flush_every_n_seconds > 0),
+                 f"flush_every_n_seconds must be None or a number of seconds > 0, got {flush_every_n_seconds!r}")
+        _require(flush_every_n_steps is not None or flush_every_n_seconds is not None,
+                 "flush_every_n_steps and flush_every_n_seconds are both None: set one of them, so a segment file "
+                 "closes now and then (a kill loses the steps not yet in a closed segment)")
         _require(loss_fn is None or callable(loss_fn), "loss_fn must be callable: loss_fn(module, batch) -> Tensor[B]")
         _require(ids_fn is None or callable(ids_fn), "ids_fn must be callable: ids_fn(batch) -> Tensor[B]")
         self.log_dir = str(log_dir)
@@ -187,11 +200,14 @@ class InfluenceTracker(Callback):
         self.hvp_eps = hvp_eps
         self.hvp_scheme = hvp_scheme
         self.flush_every_n_steps = flush_every_n_steps
+        self.flush_every_n_seconds = flush_every_n_seconds
         self.allow_train_batchnorm = allow_train_batchnorm
         self.overwrite = overwrite
         self.store_data = store_data
         self.store_inputs = store_inputs
         self._precision: Precision = FULL
+        self._scaler: Any = None  # the run's GradScaler, if any
+        self._world_size, self._global_zero = 1, True
         self._checked_dataset = False
         # runtime state
         self._writer: LogWriter | None = None
@@ -215,8 +231,8 @@ class InfluenceTracker(Callback):
         self._lock: WriterLock | None = None  # this rank's exclusive writer lock, held from on_train_start to teardown
         self._with_ids = False  # the training set is a WithIds: (x, ids) batches carry ids
         self._dataset_size: int | None = None
-        # see _add_step; the flag: the step's ids came from the device, unchecked so far (host ids are checked per batch)
-        self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy, bool]] = deque()
+        # see _add_step
+        self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()
         self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
 
     # ------------------------------------------------------------------------------ config
@@ -248,6 +264,9 @@ class InfluenceTracker(Callback):
         fold = foldable_biases(pl_module, self._names, groups) if fold_bias else None
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed, fold)
         self._precision = trainer_precision(trainer)
+        # fixed for the fit, read once (each a chain of Lightning properties at every step otherwise)
+        self._scaler = getattr(trainer.precision_plugin, "scaler", None) if self._precision.grad_scaler else None
+        self._world_size, self._global_zero = trainer.world_size, trainer.is_global_zero
         self._setup_engine(pl_module)
         self._with_ids, self._dataset_size = check_training_set(trainer.train_dataloader, self.ids_fn is not None)
         clipping = self._step_model.start(trainer, pl_module)
@@ -272,7 +291,7 @@ class InfluenceTracker(Callback):
         trainer.strategy.barrier("influence_tracker_meta")
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype,
                                  self.compression, truncate_from=start if continued else None,  # drops steps >= start
-                                 resume_meta=resume_meta)
+                                 resume_meta=resume_meta, **self._segment_limits())
         self._run_id = self._writer.run_id
         self._live = LiveTensorBoard.attach(trainer)
         self._next_step = self._fit_start = start
@@ -281,6 +300,11 @@ class InfluenceTracker(Callback):
         self._verified = False
         self._checked_batchnorm = False
         self._checked_dataset = False
+
+    def _segment_limits(self) -> dict[str, Any]:
+        """When a segment closes besides ``flush_every_n_steps``: its age and, by default, its size."""
+        return {"flush_every_n_seconds": self.flush_every_n_seconds,
+                "max_segment_bytes": SEGMENT_BYTES if self.flush_every_n_steps is None else None}
 
     def _metadata(self, trainer: pl.Trainer, pl_module: nn.Module, optimizer: torch.optim.Optimizer,
                   names: dict[int, str], first_step: int, recipe: bool = True) -> dict[str, Any]:
@@ -316,7 +340,8 @@ class InfluenceTracker(Callback):
                 return
         self._acquire_lock(0)
         try:
-            writer = LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype, self.compression)
+            writer = LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype, self.compression,
+                               **self._segment_limits())
             writer.add_checkpoint(checkpoint_record(pl_module, trainer.optimizers[0], trainer.global_step))
             writer.close()
         finally:
@@ -344,16 +369,21 @@ class InfluenceTracker(Callback):
             if self._needs_loss:
                 check_batchnorm(pl_module, self.allow_train_batchnorm,
                                 self._engine in ("vmap", "mixed") and self.record_gradients)
-        ids = extract_ids(batch, self.ids_key, self.ids_fn, on_device=True, with_ids=self._with_ids,
-                          dataset_size=self._dataset_size)  # device ids: checked in _land
-        check_distinct_ids(trainer.global_step, [m.ids for m in self._pending.micro], ids)
+        # the ids' values are checked with the step's, when it is handed to the writer (_land): at once at a fit's
+        # first step, a few steps at a time after it (device ids: once on the host)
+        ids = extract_ids(batch, self.ids_key, self.ids_fn, checked=False, with_ids=self._with_ids)
+        accumulate = int(trainer.accumulate_grad_batches)
+        if accumulate > 1 or self._pending.micro:  # micro-batches of one step: host ids alone, then across them
+            if ids.device.type == "cpu":
+                check_ids(ids, self.ids_key, self._dataset_size)
+            check_distinct_ids(trainer.global_step, [m.ids for m in self._pending.micro], ids)
         if not self._checked_dataset:
             self._checked_dataset = True
             if not self.store_inputs:
                 check_dataset(getattr(trainer.train_dataloader, "dataset", None))
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
                                                      inputs=_serialise(batch) if self.store_inputs else None,
-                                                     accumulate=int(trainer.accumulate_grad_batches)))
+                                                     accumulate=accumulate))
         self._pending.batch_idx = batch_idx
         if self._observer is not None:
             self._observer.clear()
@@ -366,23 +396,26 @@ class InfluenceTracker(Callback):
         self._pending.seconds += time.perf_counter() - t0
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if self._pending.micro:
+        if self._pending.micro and self._step_model.checks_reduction:  # read at the first step only (StepRecorder)
             self._pending.micro[-1].returned = loss.detach()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         t0 = time.perf_counter()
-        seen, seen_grad = (self._observer.losses, self._observer.grads) if self._observer is not None else ([], [])
-        if self._observer is not None:
-            self._observer.capturing = False
         micro = self._pending.micro[-1]
-        micro.random = rng.drawn(micro.random)  # what dropout drew from: recorded, restored by every own pass
-        n = len(micro.ids)
-        for out in seen:  # per_sample_loss as training_step called it: a reduced (0-d) loss is a mistake
-            if out.dim() == 0:
-                check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
-        captured = seen[-1] if len(seen) == 1 and seen[0].shape == (n,) else None
-        want_grads = self._records_grads(trainer.global_step)
-        micro.observed = captured.detach() if captured is not None else None
+        micro.ended = rng.started()  # what dropout drew from (TrackedMicroBatch.settled): recorded, restored by own passes
+        captured = seen_grad = None
+        observer = self._observer
+        if observer is not None:  # per_sample_loss as training_step called it
+            seen, seen_grad = observer.losses, observer.grads
+            observer.capturing = False
+            observer.clear()
+            n = micro.ids.shape[0]
+            for out in seen:  # a reduced (0-d) loss is a mistake
+                if out.dim() == 0:
+                    check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
+            if len(seen) == 1 and seen[0].shape == (n,):
+                captured = micro.observed = seen[0].detach()
+        want_grads = self.record_gradients and self._records_grads(trainer.global_step)
         if want_grads and self._capture is not None and captured is not None and len(seen_grad) == 1:
             micro.grads = self._capture.collect(seen_grad[0])
             micro.losses = micro.observed
@@ -401,8 +434,6 @@ class InfluenceTracker(Callback):
             micro.losses = micro.observed if captured is not None else self._passes.losses(pl_module, micro.micro)
         if self._capture is not None:
             self._capture.disable()
-        if self._observer is not None:
-            self._observer.clear()
         self._pending.seconds += time.perf_counter() - t0
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
@@ -411,44 +442,46 @@ class InfluenceTracker(Callback):
         pending, self._pending = self._pending, PendingStep()
         if not pending.micro:
             raise RuntimeError(f"step {step}: optimizer step without a recorded training batch")
-        record, rows, grad_dir, grad_norms = assemble(trainer, optimizer, pending, self._step_model, self._precision, pl_module,
-                                                      self.record_losses, grad_norms=self.record_hvp)
+        record, rows, grad_dir, grad_norms = assemble(trainer, step, optimizer, pending, self._step_model, pl_module,
+                                                      self.record_losses, self.record_hvp, self._scaler, self._world_size)
         if self._records_grads(step) and not record.skipped:
             rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],
                                                                            rows["grads"], grad_dir, grad_norms)
         checkpoint = None  # θ_t is the same on every rank: rank 0 stores it
-        if trainer.is_global_zero and (step == self._first_step or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0)):
+        if self._global_zero and (step == self._first_step or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0)):
             checkpoint = checkpoint_record(pl_module, optimizer, step, wait=False)
         record.tracker_seconds = pending.seconds + time.perf_counter() - t0
         # the host copies start now (θ_t before the optimizer changes it), non-blocking from a GPU
-        copy = HostCopy({"rows": rows, "checkpoint": None if checkpoint is None else
-                         (checkpoint.params, checkpoint.optimizer_state)}, fresh=("rows",))  # rows: new tensors
-        device_ids = any(m.ids.device.type != "cpu" for m in pending.micro)
+        copy = HostCopy.of_step(rows, None if checkpoint is None else (checkpoint.params, checkpoint.optimizer_state),
+                                random_states(pending.micro))
         # stored once Lightning's clipping of this step has been checked (step.recorder), else right away
-        self._step_model.after_clipping(lambda: self._add_step(record, checkpoint, copy, device_ids))
+        self._step_model.after_clipping(lambda: self._add_step(record, checkpoint, copy))
 
-    def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy,
-                  device_ids: bool = False) -> None:
-        """Queue the step for the writer and hand on every finished one.
+    def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy) -> None:
+        """Queue the step for the writer and hand on finished ones.
 
-        Up to ``_IN_FLIGHT`` steps stay in flight, so training never waits for the device at a step; the
-        first step of a fit is handed on at once, so whatever it would refuse is refused at the first step.
+        Up to ``_IN_FLIGHT`` steps stay in flight, so training never waits for the device at a step, and steps are
+        handed on a few at a time (on the CPU: ``_IN_FLIGHT + 1`` at once, whose checks then run back to back, on
+        warm caches: far cheaper than one step at a time between two training steps). The first step of a fit is
+        handed on at once, so whatever it would refuse is refused at the first step.
         """
         step = record.step
-        self._in_flight.append((record, checkpoint, copy, device_ids))
+        self._in_flight.append((record, checkpoint, copy))
         self._land(0 if step == self._fit_start else _IN_FLIGHT)
         self._steps_recorded += 1
         self._next_step = step + 1
 
     def _land(self, keep: int = 0) -> None:
-        """Hand staged steps to the writer, oldest first: all whose copies are done, and any beyond ``keep``."""
+        """Once more than ``keep`` steps are in flight, hand them to the writer, oldest first: all whose copies are
+        done, and any beyond ``keep``. Each step's ids are checked here (``check_ids``: not batch by batch)."""
+        if len(self._in_flight) <= keep:
+            return
         while self._in_flight and (len(self._in_flight) > keep or self._in_flight[0][2].ready()):
-            record, checkpoint, copy, device_ids = self._in_flight.popleft()
+            record, checkpoint, copy = self._in_flight.popleft()
             fill_record(record, checkpoint, copy.wait())
-            if device_ids:  # host ids were checked batch by batch (extract_ids, check_distinct_ids)
-                check_ids(torch.from_numpy(record.ids), self.ids_key, self._dataset_size)
+            check_ids(record.ids, self.ids_key, self._dataset_size)
             self._writer.add_step(record, checkpoint)  # validates: a non-finite value raises, naming step and sample ids
             if self._live is not None:
                 self._live.on_step(record.step, record, self._writer.bytes_written)

@@ -60,22 +60,31 @@ def _hint(ids_key: str) -> str:
             f"an {ids_key!r} key, or pass ids_fn=... to InfluenceTracker.")
 
 
-def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, on_device: bool = False,
+def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, checked: bool = True,
                 with_ids: bool = False, dataset_size: int | None = None) -> torch.Tensor:
     """The int64 sample ids of a batch, validated.
 
     Looks, in order, at ``ids_fn(batch)``, ``batch[ids_key]`` for a dict, or the last element
     of a tuple/list batch: of ``(x, y, ids)`` (three or more elements), or of ``(x, ids)`` only
     when ``with_ids`` says the batches come from a :class:`WithIds` dataset; a plain ``(x, y)``
-    batch is refused, its labels are never taken for ids. ``on_device``: ids on an accelerator
-    stay there and their values are not checked (that would make the host wait for the
-    device): the caller checks them with :func:`check_ids` once they are on the host.
+    batch is refused, its labels are never taken for ids. ``checked=False``: only the form is
+    checked here (a 1-D integer tensor, one id per sample); the values are not (ids on an
+    accelerator stay there: reading them would make the host wait for the device), the caller
+    checks them with :func:`check_ids` (the tracker: a few steps at a time, on the host).
 
     Raises:
         ValueError: the ids are missing, not a 1-D integer tensor, of the wrong length, or
-            fail :func:`check_ids`.
+            (``checked``) fail :func:`check_ids`.
     """
-    plain = type(batch) in (tuple, list)  # the common case: no abstract-class checks (this runs at every step)
+    if ids_fn is None and type(batch) in (tuple, list) and (len(batch) > 2 or (with_ids and len(batch) == 2)):
+        ids, first = batch[-1], batch[0]  # the common case, (x, y, ids) from WithIds: the fewest calls
+        if (type(ids) is torch.Tensor and ids.dtype is torch.int64 and ids.dim() == 1 and not ids.requires_grad
+                and type(first) is torch.Tensor and first.dim() > 0 and first.shape[0] == ids.shape[0]):
+            if checked:
+                ids = ids.cpu()
+                check_ids(ids, ids_key, dataset_size)
+            return ids
+    plain = type(batch) in (tuple, list)  # no abstract-class checks (this runs at every step)
     sequence = plain or (isinstance(batch, Sequence) and not isinstance(batch, str))
     if ids_fn is not None:
         ids = ids_fn(batch)
@@ -98,7 +107,7 @@ def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, o
     n = batch_size_of(batch)
     if len(ids) != n:
         raise ValueError(f"{len(ids)} sample ids for a batch of {n} samples. {_hint(ids_key)}")
-    if on_device and ids.device.type != "cpu":
+    if not checked:
         return ids.detach().to(torch.int64)
     if ids.dtype != torch.int64 or ids.device.type != "cpu" or ids.requires_grad:
         ids = ids.detach().to("cpu", torch.int64)
@@ -107,7 +116,7 @@ def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, o
 
 
 def check_ids(ids: torch.Tensor, ids_key: str = "ids", dataset_size: int | None = None) -> None:
-    """Refuse duplicated, negative or out-of-range ids (host tensor ``ids`` of one batch or one optimizer step).
+    """Refuse duplicated, negative or out-of-range ids (host tensor or array ``ids`` of one batch or one optimizer step).
 
     ``dataset_size``: the ids must index the training set ``[0, dataset_size)``.
 
@@ -125,7 +134,7 @@ def check_ids(ids: torch.Tensor, ids_key: str = "ids", dataset_size: int | None 
     if values and min(values) < 0:
         raise ValueError(f"sample ids must be non-negative, got {min(values)}. {_hint(ids_key)}")
     if dataset_size is not None and values and max(values) >= dataset_size:
-        bad = ids[ids >= dataset_size][:10].tolist()
+        bad = [v for v in values if v >= dataset_size][:10]
         raise ValueError(
             f"sample ids {bad} are not indices into the training set, which has {dataset_size} samples "
             "(len(train_dataloader.dataset)): estimators index the training set by id. If the training set is a "
@@ -186,6 +195,6 @@ def _as_tensor(ids: Any, ids_key: str) -> torch.Tensor:
                          f"that is not a tensor of integers. {_hint(ids_key)}") from None
 
 
-def _duplicates(ids: torch.Tensor) -> list[int]:
-    values, counts = torch.unique(ids, return_counts=True)
+def _duplicates(ids: Any) -> list[int]:
+    values, counts = torch.unique(torch.as_tensor(ids), return_counts=True)
     return values[counts > 1].tolist()[:10]

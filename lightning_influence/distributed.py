@@ -137,9 +137,9 @@ def _map_worker(fabric: Any, fn: Callable[[int, int, torch.device], Any], n: int
 def shard_steps(log: InfluenceLog, t1: int, t2: int, n: int) -> list[tuple[int, int]]:
     """``n`` contiguous step ranges covering ``[t1, t2)``, one per process, with about equal numbers of gradient rows.
 
-    Each cut is moved to the nearest segment start (of rank 0; every training rank flushes at the same
-    steps) when that keeps the shards within 25% of the ideal size, so two processes rarely read the same
-    segment file. Some ranges are empty when the window has fewer steps than processes.
+    Each cut is moved to the nearest segment start of rank 0 when that keeps the shards within 25% of the
+    ideal size, so two processes rarely read the same segment file (other training ranks close their
+    segments by their own clocks, at nearby steps). Some ranges are empty when the window has fewer steps than processes.
     """
     rows = [log.step_column(t, "sample_count") if log.has_grads(t) else 0 for t in range(t1, t2)]
     return balanced_cuts(t1, t2, rows, n, log.segment_starts())

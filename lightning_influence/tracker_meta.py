@@ -69,6 +69,7 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
         "storage_dtype": tracker.storage_dtype,
         "compression": tracker.compression,
         "flush_every_n_steps": tracker.flush_every_n_steps,
+        "flush_every_n_seconds": tracker.flush_every_n_seconds,
         "tracked_params": list(tracked),
         "param_shapes": {n: list(p.shape) for n, p in module.named_parameters() if p.requires_grad},
         "projection": projector.to_metadata(),

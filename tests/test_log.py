@@ -11,9 +11,8 @@ from lightning_influence.log import CheckpointRecord, InfluenceLog, LogFormatErr
 from lightning_influence.log.writer import write_meta
 
 
-def synthetic_log(path, steps=10, batch=4, k=6, every=1, flush=3, epochs_of=lambda t: t // 5, seed=0):
-    """A log written through LogWriter with known random contents; returns the records."""
-    rng = np.random.default_rng(seed)
+def synthetic_meta(path, every=1):
+    """The ``meta.h5`` of a log of 40 samples and one tracked 2x3 parameter ``w`` (losses, gradients, HVPs)."""
     shapes = {"w": [2, 3]}
     write_meta(path, {
         "dataset_size": 40, "tracked_params": ["w"], "param_shapes": shapes, "every_n_steps": every,
@@ -21,6 +20,12 @@ def synthetic_log(path, steps=10, batch=4, k=6, every=1, flush=3, epochs_of=lamb
         "projection": KroneckerProjector(shapes, None).to_metadata(),
         "optimizer": {"class": "torch.optim.sgd.SGD", "param_groups": [{"lr": 0.1, "params": ["w"]}]},
     })
+
+
+def synthetic_log(path, steps=10, batch=4, k=6, every=1, flush=3, epochs_of=lambda t: t // 5, seed=0):
+    """A log written through LogWriter with known random contents; returns the records."""
+    rng = np.random.default_rng(seed)
+    synthetic_meta(path, every)
     writer = LogWriter(path, flush_every_n_steps=flush, storage_dtype="float64")
     records = []
     for t in range(steps):

@@ -36,8 +36,9 @@ def _write(path, sizes, width, storage_dtype, compression):
 
 
 @pytest.mark.parametrize("sizes, width, dtype", [
-    ([128] * 7, 762, "float32"),  # 344-row chunks spanning steps, a partial last chunk
-    ([700, 3, 0, 1, 700], 300, "float16"),  # chunks inside one step's rows, steps without rows, a cast
+    ([128] * 7, 762, "float32"),  # one chunk per step (381 KiB)
+    ([60] * 7, 762, "float32"),  # 344-row chunks spanning steps (60 rows are 179 KiB), a partial last chunk
+    ([700, 3, 0, 1, 700], 300, "float16"),  # a chunk per 700-row step, then steps without rows, chunks across steps, a cast
     ([5, 6], 4, "float64"),  # one chunk holding every row
 ])
 def test_direct_chunks_hold_the_rows_as_hdf5_writes_them(tmp_path, monkeypatch, sizes, width, dtype):
@@ -146,3 +147,18 @@ def test_small_datasets_are_the_files_h5py_create_dataset_makes(data):
         ds.attrs[CRC_ATTR] = crc32(stored)
 
     assert image(lambda g: segment._dataset(g, "x", data)) == image(by_h5py)
+
+
+@pytest.mark.parametrize("step_rows, row_bytes, want", [
+    (128, 3048, 128),  # the MLP's rows: a step is one chunk
+    (64, 20480, 32),  # at most 51 rows fit 1 MiB: the largest divisor of 64 below, 640 KiB
+    (60, 3048, 344),  # a step is 179 KiB: the most rows in 1 MiB
+    (8, 264, 3971),  # tiny rows: the most rows in 1 MiB
+    (17, 61440, 17),  # 17 rows are 1020 KiB
+    (18, 61440, 9),  # 18 do not fit: 9 (540 KiB)
+    (37, 30000, 34),  # 37 is prime and 1110 KB: no divisor makes 256 KiB..1 MiB, so the most rows, 34
+])
+def test_chunk_rows_by_hand(step_rows, row_bytes, want):
+    from lightning_influence.log.segment import _chunk_rows
+
+    assert _chunk_rows(step_rows, row_bytes) == want

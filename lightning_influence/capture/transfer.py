@@ -59,10 +59,27 @@ class HostCopy:
         else:
             self._tree = _map(lambda x: _start(x, False, devices), tree)
         self._events = []
+        self._rows: tuple[dict[str, Tensor], Any] | None = None  # of_step's CPU rows, kept as they are (tree: None)
         for device in devices:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             self._events.append(event)
+
+    @classmethod
+    def of_step(cls, rows: dict[str, Tensor], checkpoint: tuple[Any, Any] | None, random: Any = None) -> HostCopy:
+        """The copy of a step's rows (handed over, see ``fresh``), of its checkpoint's tensors and of ``random`` (also
+        handed over), as ``{"rows": ..., "checkpoint": ..., "random": ...}``. CPU rows without a checkpoint (every
+        step of a CPU run but the checkpointed ones) are kept as they are, not even walked: nothing to copy or to wait
+        for, and :meth:`wait` makes the numpy views when the step is handed on (a few steps at a time)."""
+        for t in rows.values():
+            if not t.is_cpu:
+                break
+        else:
+            if checkpoint is None:
+                copy = cls.__new__(cls)
+                copy._tree, copy._events, copy._rows = None, [], (rows, random)
+                return copy
+        return cls({"rows": rows, "checkpoint": checkpoint, "random": random}, fresh=("rows", "random"))
 
     def ready(self) -> bool:
         """Whether every copy has completed (never waits)."""
@@ -70,6 +87,9 @@ class HostCopy:
 
     def wait(self) -> Any:
         """The tree with every tensor as a numpy array, once the copies have completed."""
+        if self._rows is not None:  # of_step's CPU rows: numpy views
+            rows, random = self._rows
+            return {"rows": {k: t.detach().numpy() for k, t in rows.items()}, "checkpoint": None, "random": random}
         for e in self._events:
             e.synchronize()
         self._events = []

@@ -10,7 +10,7 @@ import numpy as np
 __all__ = ["CheckpointRecord", "MicroRecord", "StepRecord"]
 
 
-@dataclass
+@dataclass(slots=True)
 class MicroRecord:
     """One micro-batch of a step: its size, the random state at its forward, optionally its inputs."""
 
@@ -20,7 +20,7 @@ class MicroRecord:
     inputs: bytes | None = None  # torch.save of the batch as fed to training_step
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRecord:
     """Everything recorded for one optimizer step on one rank (numpy arrays, already on CPU)."""
 
@@ -51,31 +51,33 @@ class StepRecord:
             ValueError: ids not a 1-D integer array, or rows not matching the ids.
             FloatingPointError: a non-finite loss, gradient or HVP product (naming step and sample ids).
         """
-        ids = np.asarray(self.ids)
+        ids = self.ids if type(self.ids) is np.ndarray else np.asarray(self.ids)  # (runs at every step: few calls)
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise ValueError(f"step {self.step}: sample ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
-        for what, rows in (("per-sample loss", self.losses), ("per-sample gradient", self.grads),
-                           ("Hessian-gradient product", self.hvps)):
+        n = len(ids)
+        for what, rows, ndim in (("per-sample loss", self.losses, 1), ("per-sample gradient", self.grads, 2),
+                                 ("Hessian-gradient product", self.hvps, 2)):
             if rows is None:
                 continue
-            if len(rows) != len(ids) or np.ndim(rows) != (1 if what == "per-sample loss" else 2):
-                raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {len(ids)} sample ids")
-            if (self.skipped and what == "per-sample loss") or np.isfinite(rows).all():  # the common case: one check
+            if len(rows) != n or np.ndim(rows) != ndim:
+                raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {n} sample ids")
+            if (self.skipped and ndim == 1) or np.isfinite(rows).all():  # the common case: one check
                 continue  # a skipped step's losses may overflow
-            bad = ~np.isfinite(np.asarray(rows).reshape(len(ids), -1)).all(axis=1)
+            bad = ~np.isfinite(np.asarray(rows).reshape(n, -1)).all(axis=1)
             if bad.any():
                 raise FloatingPointError(
                     f"step {self.step}: non-finite {what} for sample ids {ids[bad].tolist()[:10]}; nothing of this step "
                     "was stored. Lower the learning rate or check these samples.")
         if self.weights is not None and np.shape(self.weights) != ids.shape:
-            raise ValueError(f"step {self.step}: sample weight rows have shape {np.shape(self.weights)} for {len(ids)} sample ids")
+            raise ValueError(f"step {self.step}: sample weight rows have shape {np.shape(self.weights)} for {n} sample ids")
         if self.hvps is not None and self.grads is None:
             raise ValueError(f"step {self.step}: HVP products need the gradient rows of the same step")
-        if self.micro is not None and sum(m.size for m in self.micro) != len(ids):
+        if self.micro is not None and sum([m.size for m in self.micro]) != n:
             raise ValueError(f"step {self.step}: micro-batch sizes {[m.size for m in self.micro]} do not add up to "
-                             f"{len(ids)} sample ids")
-        if not all(math.isfinite(lr) for lr in self.lrs):
-            raise FloatingPointError(f"step {self.step}: non-finite learning rate {self.lrs}; nothing of this step was stored")
+                             f"{n} sample ids")
+        for lr in self.lrs:
+            if not math.isfinite(lr):
+                raise FloatingPointError(f"step {self.step}: non-finite learning rate {self.lrs}; nothing of this step was stored")
 
 
 @dataclass

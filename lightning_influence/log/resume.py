@@ -7,7 +7,7 @@ parameter shapes, the dataset the ids index, the precision and gradient clipping
 with, whether inputs are stored) would make the rows after the resume disagree
 with ``meta.h5`` silently, or make the log unreadable: such a resume is refused before the
 log is touched. Settings that only change how or how often things are stored
-(``checkpoint_every_n_steps``, ``flush_every_n_steps``, ``compression``, the gradient
+(``checkpoint_every_n_steps``, ``flush_every_n_steps``, ``flush_every_n_seconds``, ``compression``, the gradient
 engine, package versions, ...) may differ; each resume is recorded in ``meta.h5`` under
 ``resumes`` (``docs/log-format.md``, version 2) when the resumed fit first writes to the log
 (``LogWriter(resume_meta=...)``), so a fit refused before that leaves the log byte for byte as it was.

@@ -358,7 +358,7 @@ class _MicroRows:
 
 def _row_dataset(f: h5py.File, name: str, parts: list[np.ndarray], compression: str | None) -> None:
     """The gradient or HVP rows of a segment, ``parts`` (one 2-D array per step, storage dtype) one under the other,
-    in chunks of about 1 MiB of whole rows.
+    in chunks of at most 1 MiB of whole rows (:func:`chunk_rows`).
 
     Uncompressed, each chunk is handed to HDF5 as it is stored (``write_direct_chunk``): a chunk inside one step's
     rows straight from them, one spanning steps assembled in a single chunk-sized buffer. This skips concatenating
@@ -366,7 +366,7 @@ def _row_dataset(f: h5py.File, name: str, parts: list[np.ndarray], compression: 
     second copy); the file holds the same data, chunks and checksums.
     """
     n, width, dtype = sum(len(p) for p in parts), parts[0].shape[1], parts[0].dtype
-    chunk_rows = max(1, min(n, (1 << 20) // max(1, width * dtype.itemsize)))
+    chunk_rows = min(n, _chunk_rows(len(parts[0]), width * dtype.itemsize))
     if compression is not None or width == 0 or any(p.dtype != dtype or not p.flags.c_contiguous for p in parts):
         _dataset(f, name, np.concatenate(parts), chunks=(chunk_rows, width), compression=compression, whole_crc=False)
         return
@@ -392,6 +392,19 @@ def _row_dataset(f: h5py.File, name: str, parts: list[np.ndarray], compression: 
     if filled:  # the last chunk, past the rows: zeros (HDF5's fill value) as H5Dwrite stores them
         buffer[filled:] = 0
         ds.id.write_direct_chunk((start, 0), buffer)
+
+
+def _chunk_rows(step_rows: int, row_bytes: int) -> int:
+    """Rows per chunk: the most whole rows in 1 MiB, or, where some divisor ``d`` of a step's row count ``step_rows``
+    makes a chunk of 256 KiB to 1 MiB, the largest such ``d``, so that steps of that many rows are written as whole
+    chunks straight from their arrays (no chunk assembled from two steps' rows: a copy of every byte)."""
+    most = max(1, (1 << 20) // max(1, row_bytes))
+    for d in range(min(step_rows, most), 0, -1):
+        if d * row_bytes < 256 << 10:
+            break
+        if step_rows % d == 0:
+            return d
+    return most
 
 
 def _cat(parts: list[np.ndarray], dtype: Any, empty_shape: tuple[int, ...]) -> np.ndarray:

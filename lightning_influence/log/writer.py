@@ -1,11 +1,15 @@
 """Buffered, crash-safe writer of the influence log (format: ``log/format.py``, ``docs/log-format.md``).
 
-Steps are buffered in memory and handed, ``flush_every_n_steps`` at a time, to a
-background thread that writes one segment file per flush under a temporary name (HDF5
+Steps are buffered in memory and handed, a segment at a time, to a background thread that
+writes one segment file per flush under a temporary name (HDF5
 never sees an I/O error; fsync, atomic rename; the file itself is
 :mod:`.segment`). Training never waits on HDF5 unless the queue of pending segments is
-full. A failed write (disk full, ...) stops the writer for good, so the log never has a
-gap; the error is raised on the training thread at its next call.
+full. A segment closes after ``flush_every_n_steps`` steps, or once it has been open
+``flush_every_n_seconds`` or holds ``max_segment_bytes`` of rows and parameters, whichever comes
+first of those set (the tracker's default: 10 s or 64 MiB, so a fast model writes a file every
+few seconds, not every few hundred milliseconds: a segment's fixed cost, about 30 HDF5 datasets,
+is then spread over many steps). A failed write (disk full, ...) stops the writer for good, so
+the log never has a gap; the error is raised on the training thread at its next call.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import errno
 import os
 import queue
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,6 +46,8 @@ from lightning_influence.log.format import (
 )
 from lightning_influence.log.records import CheckpointRecord, StepRecord
 from lightning_influence.log.segment import seal, truncate_log, truncation_plan, write_file, write_segment
+
+SEGMENT_BYTES = 64 << 20  # the tracker's default size limit of a segment (rows and parameters)
 
 
 class LogWriteError(OSError):
@@ -128,12 +135,18 @@ class LogWriter:
 
     A kill loses at most the steps not yet in a closed segment: the buffer and the segments
     being written, queued, or waiting to be queued while ``add_step`` blocks, at most
-    ``(max_pending + 2) × flush_every_n_steps`` steps. Everything in a closed segment stays readable.
+    ``max_pending + 2`` segments' worth (``(max_pending + 2) × flush_every_n_steps`` steps, or as many
+    times ``flush_every_n_seconds`` of training). Everything in a closed segment stays readable.
 
     Args:
         log_dir: the log directory.
         rank: the process rank (one folder per rank).
-        flush_every_n_steps: steps per segment; smaller loses less on a crash, larger makes fewer files.
+        flush_every_n_steps: steps per segment (``None``: no step limit); smaller loses less on a crash,
+            larger makes fewer files.
+        flush_every_n_seconds: a segment closes at the first step that finds it open this long (from the
+            moment its first step was buffered); ``None``: no time limit.
+        max_segment_bytes: a segment closes at the first step that brings its gradient/HVP rows (in the
+            storage dtype) and parameter checkpoints to this many bytes; bounds the writer's memory.
         storage_dtype: dtype of gradient/HVP rows on disk (parameters are stored exactly).
         compression: h5py compression filter for gradient rows (``None`` or ``"gzip"``/``"lzf"``).
         background: write segments in a background thread (``False`` writes synchronously).
@@ -156,17 +169,23 @@ class LogWriter:
         self,
         log_dir: str | os.PathLike,
         rank: int = 0,
-        flush_every_n_steps: int = 50,
+        flush_every_n_steps: int | None = 50,
         storage_dtype: str | np.dtype = "float32",
         compression: str | None = None,
         background: bool = True,
         max_pending: int = 2,
         truncate_from: int | None = None,
         resume_meta: Mapping[str, Any] | None = None,
+        flush_every_n_seconds: float | None = None,
+        max_segment_bytes: int | None = None,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.rank = rank
         self.flush_every_n_steps = flush_every_n_steps
+        self.flush_every_n_seconds = flush_every_n_seconds
+        self.max_segment_bytes = max_segment_bytes
+        self._opened = 0.0  # when the buffer's first step came (clock())
+        self._bytes = 0  # rows and parameters in the buffer
         self.storage_dtype = np.dtype(storage_dtype)
         self.compression = compression
         self.bytes_written = 0
@@ -215,19 +234,32 @@ class LogWriter:
                 f"{self.log_dir}: rank {self.rank} would record step {record.step} but its log continues at step "
                 f"{self._next_step}; steps must be recorded once each, in order (a resumed fit truncates the log "
                 "to its checkpoint's step first)")
+        if not self._steps:
+            self._opened = clock()
         if checkpoint is not None:
-            self._checkpoints.append(checkpoint)
+            self._add_checkpoint(checkpoint)
         self._steps.append(record)
+        self._bytes += self.storage_dtype.itemsize * sum(np.size(r) for r in (record.grads, record.hvps) if r is not None)
         self._next_step = record.step + 1
         if self._first_accepted is None:
             self._first_accepted = record.step
-        if len(self._steps) >= self.flush_every_n_steps:
+        if self._segment_full():
             self.flush(wait=False)
+
+    def _segment_full(self) -> bool:
+        """The buffered segment reached one of its limits (steps, seconds open, bytes)."""
+        return ((self.flush_every_n_steps is not None and len(self._steps) >= self.flush_every_n_steps)
+                or (self.max_segment_bytes is not None and self._bytes >= self.max_segment_bytes)
+                or (self.flush_every_n_seconds is not None and clock() - self._opened >= self.flush_every_n_seconds))
 
     def add_checkpoint(self, record: CheckpointRecord) -> None:
         """Buffer a parameter checkpoint; it is written with the next segment."""
         self._raise_pending_error()
+        self._add_checkpoint(record)
+
+    def _add_checkpoint(self, record: CheckpointRecord) -> None:
         self._checkpoints.append(record)
+        self._bytes += sum(np.asarray(v).nbytes for v in record.params.values())
 
     def flush(self, wait: bool = True) -> None:
         """Write everything buffered as one segment (if anything is); ``wait`` blocks until on disk."""
@@ -241,7 +273,7 @@ class LogWriter:
             else:
                 self._queue.put(job)
             self._next_index += 1
-            self._steps, self._checkpoints = [], []
+            self._steps, self._checkpoints, self._bytes = [], [], 0
         if wait and self._queue is not None:
             self._queue.join()
         self._raise_pending_error()
@@ -272,7 +304,7 @@ class LogWriter:
                     self._thread = None
             finally:
                 self._report_lost()
-                self._steps, self._checkpoints = [], []
+                self._steps, self._checkpoints, self._bytes = [], [], 0
 
     def _report_lost(self) -> None:
         """Warn, naming the range, about accepted steps that are not on disk (a failed write, an interrupted close)."""
@@ -344,6 +376,9 @@ class LogWriter:
                                                    f"earlier failure: {self._error.strerror}")
         self._reported = True
         raise self._error
+
+
+clock = time.monotonic  # a segment's age (a module attribute: tests set the time)
 
 
 def _meta_run_id(log_dir: Path) -> str | None:

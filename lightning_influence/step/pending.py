@@ -23,33 +23,42 @@ from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.log.records import CheckpointRecord, MicroRecord, StepRecord
 from lightning_influence.step import rng
 from lightning_influence.step.micro import MicroBatch
-from lightning_influence.step.precision import Precision
 from lightning_influence.step.recorder import StepRecorder
 
-__all__ = ["PendingStep", "TrackedMicroBatch", "assemble", "checkpoint_record", "fill_record"]
+__all__ = ["PendingStep", "TrackedMicroBatch", "assemble", "checkpoint_record", "fill_record", "random_states"]
+
+_NO_IDS = np.zeros(0, np.int64)  # a record's ids until fill_record (never written to)
 
 
-@dataclass
+@dataclass(slots=True)
 class TrackedMicroBatch:
     """One ``training_step`` call of the step in progress."""
 
     ids: Tensor
     batch: Any
-    random: rng.RandomState  # at the forward's start; reduced to the generators it drew from after the backward
+    random: rng.RandomState  # at the forward's start (rng.started); reduced to the generators it drew from by settled()
     inputs: bytes | None = None  # the batch as fed, serialised (store_inputs)
     accumulate: int = 1  # Lightning's divisor of this micro-batch's loss
     returned: Tensor | None = None  # the loss Lightning back-propagated (checked against the per-sample losses)
     observed: Tensor | None = None  # per-sample losses seen inside training_step, when it calls per_sample_loss
     losses: Tensor | None = None
     grads: Tensor | None = None
+    ended: rng.RandomState | None = None  # the states at the backward's end (rng.started then), until settled()
+
+    def settled(self) -> rng.RandomState:
+        """The generators the micro-batch's forward and backward drew from, with their states at its forward
+        (``rng.drawn`` of ``random`` and ``ended``, once)."""
+        if self.ended is not None:
+            self.random, self.ended = rng.drawn(self.random, self.ended), None
+        return self.random
 
     @property
     def micro(self) -> MicroBatch:
         """The micro-batch of an own pass; its ids are not used there (and may still be on the device)."""
-        return MicroBatch(np.zeros(0, np.int64), self.batch, self.random)
+        return MicroBatch(np.zeros(0, np.int64), self.batch, self.settled())
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingStep:
     """The micro-batches of the optimizer step in progress."""
 
@@ -58,67 +67,76 @@ class PendingStep:
     seconds: float = 0.0
 
 
-def assemble(trainer: Any, optimizer: torch.optim.Optimizer, pending: PendingStep, recorder: StepRecorder,
-             precision: Precision, module: nn.Module, record_losses: bool, grad_norms: bool = False
-             ) -> tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], Tensor | None]:
-    """``(record, device rows, batch gradient Ĝ_t by parameter, the norms of its tensors)`` of step ``trainer.global_step``.
+def assemble(trainer: Any, step: int, optimizer: torch.optim.Optimizer, pending: PendingStep, recorder: StepRecorder,
+             module: nn.Module, record_losses: bool, grad_norms: bool = False, scaler: Any = None, world_size: int = 1) -> tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], Tensor | None]:
+    """``(record, device rows, batch gradient Ĝ_t by parameter, the norms of its tensors)`` of step ``step``.
 
-    The record's ids and row fields are filled by :func:`fill_record` once the rows are on the host. Refuses a
-    loss reduction other than the mean (at the first step) and an ``accumulate_grad_batches`` changed mid-step.
-    The norms (and ``batch_grad_norm``) are computed only where a step needs them: ``grad_norms`` (the HVP
+    ``scaler``: the run's GradScaler (``None``: none); ``world_size``: the trainer's (both fixed for a fit, read once
+    by the caller). The record's ids and row fields are filled by :func:`fill_record` once the rows are on the host.
+    Refuses a loss reduction other than the mean (at the first step) and an ``accumulate_grad_batches`` changed
+    mid-step. The norms (and ``batch_grad_norm``) are computed only where a step needs them: ``grad_norms`` (the HVP
     products' step direction) or norm clipping (its threshold is read against this norm). Otherwise they are
     ``None`` and the log's ``batch_grad_norm`` NaN: a pass over the whole gradient at every step, the largest part
     of the tracker's bookkeeping on a small model, for a column no estimator reads.
     """
-    step = trainer.global_step
+    micro = pending.micro
     record = StepRecord(
-        step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(pending.micro),
-        lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=np.zeros(0, np.int64))  # rows: see fill_record
-    rows: dict[str, Tensor] = {"ids": torch.cat([m.ids for m in pending.micro])}
-    recorder.check_losses(  # a sum or any other reduction than the mean is refused (step.weights)
-        step, [(m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in pending.micro],
-        trainer)
-    recorder.record(record, [len(m.ids) for m in pending.micro], [m.accumulate for m in pending.micro],
-                    trainer.world_size, optimizer)
+        step=step, epoch=trainer.current_epoch, batch_idx=pending.batch_idx, micro_batches=len(micro),
+        lrs=[float(g["lr"]) for g in optimizer.param_groups], ids=_NO_IDS)  # rows: see fill_record
+    # rows are tensors nothing else writes to (fresh, see HostCopy): the ids the batch's (copied by fill_record); the
+    # losses the step's own (per_sample_loss's output, which training only reads) or an own pass's
+    rows: dict[str, Tensor] = {"ids": micro[0].ids if len(micro) == 1 else torch.cat([m.ids for m in micro])}
+    recorder.check_losses(  # a sum or any other reduction than the mean is refused (step.weights); at the first step
+        step, ((m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in micro), trainer)
+    recorder.record(record, [m.ids.shape[0] for m in micro], [m.accumulate for m in micro], world_size, optimizer)
     if record_losses:
-        rows["losses"] = torch.cat([m.losses for m in pending.micro])
-    if torch.is_tensor(record.clip_coef):
+        rows["losses"] = micro[0].losses if len(micro) == 1 else torch.cat([m.losses for m in micro])
+    if isinstance(record.clip_coef, Tensor):
         rows["clip_coef"] = record.clip_coef
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
     norm_clip = recorder.spec is not None and recorder.spec.algorithm == "norm"
     # read only where used (the norms, the GradScaler's skip check): a walk over the modules at every step otherwise
     grad_dir = ({n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-                if grad_norms or norm_clip or (scaler is not None and precision.grad_scaler) else {})
+                if grad_norms or norm_clip or scaler is not None else {})
     norms = None
     if grad_dir and (grad_norms or norm_clip):
         # one fused call (per-tensor kernels on the CPU: the values of vector_norm tensor by tensor)
         norms = torch.stack(torch._foreach_norm(list(grad_dir.values())))
         rows["batch_grad_norm"] = torch.linalg.vector_norm(norms)  # the HVP products reuse the norms (step direction)
-    record_execution(scaler, precision, record, pending.micro, grad_dir)
+    record_execution(scaler, record, micro, grad_dir)
     return record, rows, grad_dir, norms
 
 
-def record_execution(scaler: Any, precision: Precision, record: StepRecord, micro: list[TrackedMicroBatch],
-                     grads: dict[str, Tensor]) -> None:
-    """Micro-batch sizes, random states and inputs, the GradScaler factor and whether it skips this step."""
-    record.micro = [MicroRecord(len(m.ids), m.random.cpu, m.random.cuda if m.random.cuda.size else None, m.inputs)
-                    for m in micro]
-    if scaler is not None and precision.grad_scaler:
+def record_execution(scaler: Any, record: StepRecord, micro: list[TrackedMicroBatch], grads: dict[str, Tensor]) -> None:
+    """Micro-batch sizes and inputs, the GradScaler factor and whether it skips this step (``scaler``: the run's
+    GradScaler, ``None`` without one). The random states are set by :func:`fill_record` (see :func:`random_states`)."""
+    record.micro = [MicroRecord(m.ids.shape[0], inputs=m.inputs) for m in micro]
+    if scaler is not None:
         record.grad_scale = float(scaler.get_scale())
         # on_before_optimizer_step runs after GradScaler.unscale_: a non-finite gradient makes it skip the step
         # one device sync (GradScaler.step makes the same one)
         record.skipped = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
 
 
+def random_states(micro: list[TrackedMicroBatch]) -> list[tuple[rng.RandomState, rng.RandomState | None]]:
+    """The ``(random, ended)`` states of each micro-batch, for :func:`fill_record` to reduce (``rng.drawn``) when the
+    step is handed to the writer: a few steps at a time, on warm caches."""
+    return [(m.random, m.ended) for m in micro]
+
+
 def fill_record(record: StepRecord, checkpoint: CheckpointRecord | None, host: dict[str, Any]) -> None:
-    """Put the host copies of a step's rows (and checkpoint) made by :func:`assemble` into its records."""
+    """Put the host copies of a step's rows (and checkpoint) made by :func:`assemble`, and the generators each
+    micro-batch drew from (``host["random"]``, :func:`random_states`), into its records."""
+    for rec, (start, end) in zip(record.micro, host["random"]):
+        state = start if end is None else rng.drawn(start, end)
+        rec.cpu_rng, rec.cuda_rng = state.cpu, state.cuda if state.cuda.size else None
     rows = host["rows"]
-    record.ids = rows["ids"]
-    record.losses = rows["losses"].astype(np.float64) if "losses" in rows else None
+    record.ids = rows["ids"].copy()  # the batch's own ids, where one micro-batch made the step (assemble)
+    if "losses" in rows:
+        record.losses = rows["losses"].astype(np.float64)
     record.grads, record.hvps = rows.get("grads"), rows.get("hvps")
-    record.batch_grad_norm = float(rows.get("batch_grad_norm", float("nan")))
-    record.clip_coef = float(rows.get("clip_coef", float("nan")))
-    record.hvp_eps = float(rows.get("hvp_eps", float("nan")))
+    for name in ("batch_grad_norm", "clip_coef", "hvp_eps"):  # NaN (the records' default) where not computed
+        if name in rows:
+            setattr(record, name, float(rows[name]))
     if checkpoint is not None:
         checkpoint.params, checkpoint.optimizer_state = host["checkpoint"]
 

@@ -14,7 +14,7 @@ No Lightning import: the trainer and module are used through their public attrib
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -90,11 +90,14 @@ class StepRecorder:
             store()
 
     def teardown(self) -> None:
+        self._uninstall()
+        self._check = None
+        self._deferred = None
+
+    def _uninstall(self) -> None:
         if self._module is not None:
             self._module.__dict__.pop("configure_gradient_clipping", None)  # the class method shows again
             self._module = None
-        self._check = None
-        self._deferred = None
 
     # ----------------------------------------------------------------------------- per step
     def record(self, record: Any, micro_sizes: Sequence[int], accumulate: Sequence[int], world_size: int,
@@ -120,7 +123,12 @@ class StepRecorder:
             self._check = (record.step, [None if g is None else g.detach().clone() for g in grads])
             self._checked_default = True
 
-    def check_losses(self, step: int, micro: Sequence[tuple[Tensor | None, Tensor | None, int]], trainer: Any) -> None:
+    @property
+    def checks_reduction(self) -> bool:
+        """The loss reduction is still to be checked (at the fit's first step): :meth:`check_losses` reads the losses."""
+        return not self._reduction_checked
+
+    def check_losses(self, step: int, micro: Iterable[tuple[Tensor | None, Tensor | None, int]], trainer: Any) -> None:
         """Refuse a training loss other than the mean of the per-sample losses (see :func:`check_reduction`).
 
         ``micro``: ``(returned loss, per-sample losses, accumulate)`` of each micro-batch of the step. Checked at
@@ -165,6 +173,8 @@ class StepRecorder:
                 f"{what} does (relative difference {worst:.2e}); replay and the estimators could not reproduce the "
                 "step. Clip through the Trainer's gradient_clip_val/gradient_clip_algorithm (norm or value clipping "
                 "of all parameters at a fixed threshold) and remove the override. Nothing of this step was stored.")
+        if not self._override:  # Lightning's own clipping, checked once: the wrapper has nothing more to do
+            self._uninstall()
         self.commit()
 
 

@@ -79,19 +79,25 @@ def started() -> RandomState:
     return RandomState(torch.default_generator.get_state(), capture().cuda if cuda_devices() else NONE.cuda)
 
 
-def drawn(before: RandomState) -> RandomState:
-    """``before`` (from :func:`capture` or :func:`started`) reduced to the generators that moved since it was taken
-    (those a forward drew from)."""
-    if isinstance(before.cpu, torch.Tensor):  # from started(): one comparison of the two tensors
-        cpu = None if torch.equal(torch.default_generator.get_state(), before.cpu) else before.cpu.numpy()
-    else:
+def drawn(before: RandomState, now: RandomState | None = None) -> RandomState:
+    """``before`` (from :func:`capture` or :func:`started`) reduced to the generators that moved between it and ``now``
+    (those a forward drew from).
+
+    ``now``: the states when the forward and backward were done, from :func:`started` called then (its CUDA states
+    read only where ``before`` has them); ``None``: read the generators now. The tracker reads ``now`` at every step's
+    end and reduces later, a few steps at a time: the comparison is far cheaper on the warm caches of a batch of steps
+    than between two training steps.
+    """
+    if now is None:
         with _plain():
-            cpu_now = torch.get_rng_state().numpy()
-        cpu = before.cpu if before.cpu is not None and before.cpu.tobytes() != cpu_now.tobytes() else None
+            now = RandomState(torch.get_rng_state(), capture().cuda if before.cuda.size else NONE.cuda)
+    cpu = before.cpu.numpy() if isinstance(before.cpu, torch.Tensor) else before.cpu
+    cpu_now = now.cpu.numpy() if isinstance(now.cpu, torch.Tensor) else now.cpu
+    if cpu is not None and cpu.tobytes() == cpu_now.tobytes():
+        cpu = None
     if not before.cuda.size:  # the CUDA generators are read only where they were (at every step: the fewest calls)
         return NONE if cpu is None else RandomState(cpu, NONE.cuda)
-    now = capture().cuda
-    moved = now.shape != before.cuda.shape or not np.array_equal(now, before.cuda)
+    moved = now.cuda.shape != before.cuda.shape or not np.array_equal(now.cuda, before.cuda)
     return RandomState(cpu, before.cuda if moved else NONE.cuda)
 
 
