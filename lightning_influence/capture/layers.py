@@ -50,11 +50,11 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
-from .projection import KroneckerProjector, contract
+from .projection import KroneckerProjector, Outer, contract
 
 __all__ = ["InputMemo", "LayerEngine", "Record", "engine_for", "capture_owners", "foldable_biases"]
 
-Blocks = dict[str, Tensor]  # parameter name -> (B, k) projected per-sample gradient block
+Blocks = dict[str, Tensor | Outer]  # parameter name -> (B, k) projected per-sample gradient block (or its factors)
 Record = list  # [what the forward kept, the call's Blocks (None until the backward), the output's gradient edge
 #                 (until then: taken at the call, it stays the layer's output when an in-place op follows)]
 
