@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_influence.capture import HookGradientCapture, per_sample_grads, per_sample_grads_hooks, select_params
+from lightning_influence.capture import (HookGradientCapture, KroneckerProjector, per_sample_grads, per_sample_grads_hooks,
+                                         select_params)
+from lightning_influence.capture.layers import KeptInput, foldable_biases
 
 from test_per_sample import B, brute_force, projector_for
 
@@ -154,6 +156,53 @@ def test_engines_match_brute_force(case, dim):
     assert capture.pending == 0
     assert capture.verify(model, seq_loss, batch, sample=2) == []  # no false alarm on any engine
     assert capture.pending == 0 and not capture.enabled
+
+
+class FewChannels(nn.Module):
+    """A first convolution on one channel (its projected columns, k_cols a position, outgrow the input), a second on
+    four with stride 2 (its columns are smaller than its input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 2, 3, stride=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c2(torch.tanh(self.c1(x)))).flatten(1))
+
+
+def test_conv_keeps_its_input_where_the_projected_columns_would_be_larger():
+    """The forward keeps the first layer's input (KeptInput: 4 columns at each of 36 positions against 36 input
+    values) and the gradient hook makes the columns; the second keeps its columns. Rows equal projected float64
+    brute force, bias folded; with the input memo of the HVP passes on, the first layer's columns are made in the
+    forward, kept by the memo, and the passes that reuse them give the same rows bit for bit."""
+    torch.manual_seed(0)
+    model = FewChannels().double()
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(B, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
+    names = select_params(model)
+    params = dict(model.named_parameters())
+    proj = KroneckerProjector({n: params[n].shape for n in names}, dim=16, seed=5, fold=foldable_biases(model, names))
+    assert proj.spec("c1.weight").bias == "c1.bias" and proj.spec("c1.weight").k_cols == 4
+    capture = HookGradientCapture(model, names, proj)
+    capture.enable()
+    seq_loss(model, batch)
+    kept = {m: type(records[0][0]) for m, records in capture._records.items()}
+    assert kept["c1"] is KeptInput and kept["c2"] is torch.Tensor
+    capture.disable()
+    capture.clear()
+    expected = proj.project(brute_force(model, seq_loss, batch, names))
+    grads, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+
+    capture.inputs.keep = True  # the HVP passes' memo: c1 is fed the batch
+    kept_pass, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
+    saved = capture.inputs._entries[id(model.c1)][2]
+    assert isinstance(saved, torch.Tensor) and saved.shape == (B, 1, 4, 36)
+    capture.inputs.reuse = True
+    reused, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
+    assert torch.equal(kept_pass, grads) and torch.equal(reused, grads)
 
 
 def test_mha_out_proj_captured_by_hooks_alone():

@@ -131,6 +131,30 @@ def test_hooks_and_vmap_match_brute_force(case, dim):
         assert torch.equal(unused, torch.zeros_like(unused))
 
 
+class Twice(nn.Module):
+    """A Linear on ``(B, in)`` called twice: its blocks add up (the general sum, not the one-write fast path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+@pytest.mark.parametrize("dim", [None, 8])
+def test_linear_called_twice_on_two_dim_inputs(dim):
+    torch.manual_seed(0)
+    model = Twice().double()
+    batch = mlp_batch(torch.Generator().manual_seed(1))
+    names = select_params(model)
+    proj = projector_for(model, names, dim)
+    expected = proj.project(brute_force(model, mlp_loss, batch, names))
+    hooks, _ = per_sample_grads_hooks(model, mlp_loss, batch, HookGradientCapture(model, names, proj))
+    torch.testing.assert_close(hooks, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_collect_in_a_training_step():
     """The capture as a callback uses it: backward of mean loss / accumulation steps."""
     model, loss_fn, batch = make_case("seq")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lightning_influence.capture import KroneckerProjector
+from lightning_influence.capture.projection import Outer
 
 SHAPES = {
     "conv.weight": (6, 3, 3, 3),  # 6 x 27
@@ -68,6 +69,27 @@ def test_project_factored_matches_project():
         torch.testing.assert_close(
             proj.project_factored(name, out_grad, inp), proj.project_tensor(name, full), rtol=1e-12, atol=1e-12
         )
+
+
+def test_one_token_per_sample_combines_to_an_outer_written_into_the_rows():
+    """Inputs ``(B, in)`` and ``(B, 1, in)``: :meth:`combine` leaves the outer products as their factors
+    (:class:`Outer`); written into a column slice of wider rows they are the products, bit for bit, elsewhere nothing
+    changes, and they equal the projected float64 gradient."""
+    proj = KroneckerProjector({"fc.weight": (20, 30), "whole": (3, 4)}, dim=24, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    for name, shape in (("fc.weight", (20, 30)), ("whole", (3, 4))):
+        g = torch.randn(4, shape[0], generator=gen, dtype=torch.float64)
+        x = torch.randn(4, shape[1], generator=gen, dtype=torch.float64)
+        expected = proj.project_tensor(name, g[:, :, None] * x[:, None, :])
+        for block in (proj.combine(name, g, proj.project_cols(name, x)),
+                      proj.combine(name, g[:, None], proj.project_cols(name, x[:, None]))):
+            assert isinstance(block, Outer) and block.shape == (4, proj.spec(name).out_dim)
+            torch.testing.assert_close(block.tensor(), expected, rtol=1e-12, atol=1e-12)
+            rows = torch.full((4, block.shape[1] + 5), 7.0, dtype=torch.float64)
+            block.write(rows[:, 2:-3])
+            assert torch.equal(rows[:, 2:-3], block.tensor())
+            assert (rows[:, :2] == 7).all() and (rows[:, -3:] == 7).all()
+        assert torch.equal(proj.project_factored(name, g[:, None], x[:, None]), block.tensor())
 
 
 def test_identity_projection():

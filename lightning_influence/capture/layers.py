@@ -7,7 +7,10 @@ of the input, and how that and the output gradient give every sample's projected
 ``P_r^T G_b P_c`` (:mod:`.projection`) without forming ``G_b`` where a factored form exists.
 The work is done while the tensors are fresh in the cache: the input side in the forward hook,
 the output side (and the product of the two) in the output's gradient hook during the
-backward pass, which leaves only ``(B, k)`` blocks to sum.
+backward pass, which leaves only ``(B, k)`` blocks to sum (a Linear's one token per sample: the
+two factors of an outer product, written by ``collect`` straight into the rows). A convolution
+whose projected input would be larger than the input itself keeps the input and projects it in
+the gradient hook (:class:`KeptInput`).
 
 - ``nn.Linear`` on inputs ``(B, ..., in)``: ``G_b = sum_l g_{b,l} x_{b,l}^T``; each side is
   projected before the sum over tokens, which is one batched matrix product.
@@ -39,7 +42,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +98,12 @@ class InputMemo:
                                and inp.stride() == held.stride() and inp.dtype == held.dtype and inp.device == held.device)
         return saved if same and held._version == version and inp._version == version else None
 
+    def wants(self, inp: Tensor) -> bool:
+        """Whether :meth:`put` would keep what ``save`` kept of ``inp`` (never an activation: it would stay alive)."""
+        return self.keep and not inp.requires_grad and _plain(inp)
+
     def put(self, mod: nn.Module, inp: Tensor, saved: Any) -> None:
-        if self.keep and saved is not None and not inp.requires_grad and _plain(inp):  # never holds an activation alive
+        if saved is not None and self.wants(inp):
             self._entries[id(mod)] = (inp, inp._version, saved)
 
     def clear(self) -> None:
@@ -127,7 +134,8 @@ class LayerEngine:
             saved = None if memo is None else memo.get(module, inp)
             if saved is None:
                 saved = self.save(module, inp, targets, projector, output)
-                if memo is not None:
+                if memo is not None and memo.wants(inp):  # reused by the passes that follow: done once, here
+                    saved = self.settle(module, saved, targets, projector)
                     memo.put(module, inp, saved)
             record: Record = [saved, None, get_gradient_edge(output)]
             records.append(record)
@@ -145,6 +153,11 @@ class LayerEngine:
         """What the gradient formula needs from the forward (``output``: the call's output): the detached input by
         default."""
         return inp.detach()
+
+    def settle(self, mod: nn.Module, saved: Any, targets: Mapping[str, str], projector: KroneckerProjector) -> Any:
+        """``saved`` with any work ``save`` left to the gradient hook done now (for an input memo: its passes reuse
+        it); by default ``saved`` itself."""
+        return saved
 
     def blocks(self, mod: nn.Module, saved: Any, g_out: Tensor, targets: Mapping[str, str],
                projector: KroneckerProjector) -> Blocks:
@@ -208,26 +221,44 @@ class EmbeddingEngine(LayerEngine):
         return {name: full.reshape(b.shape[0], -1)}
 
 
+class KeptInput(NamedTuple):
+    """A convolution's (padded) input, kept instead of its projected columns ``unfold(x) P_c``, which would be larger
+    (``k_cols`` per group and output position against the input's own size: a first layer on a few channels): the
+    gradient hook makes the columns right before their product (:class:`ConvEngine`)."""
+
+    x: Tensor
+
+
 class ConvEngine(LayerEngine):
     types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     pure_save = True
     _conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
     def save(self, mod, inp, targets, projector, output=None):
-        """``unfold(x) P_c`` ``(B, groups, k_cols, L)`` as a convolution of ``x`` with kernel ``P_c``."""
+        """``unfold(x) P_c`` ``(B, groups, k_cols, L)`` (:meth:`_columns`), or the input (:class:`KeptInput`) where
+        the columns would be larger."""
         if "weight" not in targets:
             return None
         x, name = _wide(inp.detach()), targets["weight"]
+        if mod.padding_mode != "zeros":
+            x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
+        if output is not None and projector.spec(name).k_cols * mod.groups * output[0, 0].numel() > x[0].numel():
+            return KeptInput(x)
+        return self._columns(mod, x, name, projector)
+
+    def settle(self, mod, saved, targets, projector):
+        return self._columns(mod, saved.x, targets["weight"], projector) if isinstance(saved, KeptInput) else saved
+
+    def _columns(self, mod: nn.Module, x: Tensor, name: str, projector: KroneckerProjector) -> Tensor:
+        """``unfold(x) P_c`` ``(B, groups, k_cols, L)`` of the (padded) input ``x`` as a convolution of ``x`` with
+        kernel ``P_c``."""
         spec, dims = projector.spec(name), len(mod.kernel_size)
         p_c, p_bias = projector.column_side(name, x.dtype, x.device)
         if p_c is None:
             p_c = torch.eye(spec.cols, dtype=x.dtype, device=x.device)
         kernel = p_c.t().reshape(spec.k_cols, mod.in_channels // mod.groups, *mod.kernel_size).repeat(
             mod.groups, *([1] * (dims + 1)))
-        if mod.padding_mode == "zeros":
-            padding = mod.padding
-        else:
-            x, padding = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode), 0
+        padding = mod.padding if mod.padding_mode == "zeros" else 0  # else padded by save
         # a folded bias's row of P_c is the convolution's own bias: [unfold(x); 1] P_c at every position
         cols = self._conv[dims](x, kernel, None if p_bias is None else p_bias.repeat(mod.groups), mod.stride, padding,
                                 mod.dilation, mod.groups)
@@ -240,6 +271,7 @@ class ConvEngine(LayerEngine):
             name, batch = targets["weight"], g.shape[0]
             spec = projector.spec(name)
             p_r = projector.side_matrices(name, g.dtype, g.device)[0]
+            cols = self.settle(mod, cols, targets, projector)
             # G_b P_c per group, then the row side: cheaper than rows first while out_channels < L
             gc = torch.einsum("bgol,bgkl->bgok", g.reshape(batch, mod.groups, -1, g.shape[2]), cols)
             gc = gc.reshape(batch, spec.rows, spec.k_cols)

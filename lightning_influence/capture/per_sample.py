@@ -29,7 +29,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
 from .layers import InputMemo, capture_owners, engine_for
-from .projection import KroneckerProjector
+from .projection import KroneckerProjector, Outer, dense
 
 __all__ = [
     "LossFn",
@@ -307,18 +307,27 @@ class HookGradientCapture:
         scale = loss_grad if loss_grad.dtype == dtype else loss_grad.to(dtype)
         return self._assemble(parts, batch, dtype, loss_grad.device).div_(scale.unsqueeze(1))
 
-    def _assemble(self, parts: dict[str, list[Tensor]], batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``(B, out_dim)``: each block's columns the sum of its parts, zeros where it has none. One concatenation
-        when every block has exactly one part of the right dtype (each layer called once: the common case), which
-        saves a zero fill and a pass per block over the rows."""
-        specs = self.projector.specs
+    def _assemble(self, parts: dict[str, list[Tensor | Outer]], batch: int, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+        """``(B, out_dim)``: each block's columns the sum of its parts, zeros where it has none. When every block has
+        exactly one part of the right dtype (each layer called once: the common case), each is written straight into
+        its columns (an :class:`~.projection.Outer` computed there), with no zero fill, no block of its own and no
+        concatenation."""
+        specs, slices = self.projector.specs, self.projector.slices
         if len(parts) == len(specs) and all(len(parts.get(s.name, ())) == 1 and parts[s.name][0].dtype == dtype
                                             for s in specs):
-            return torch.cat([parts[s.name][0] for s in specs], dim=1)
+            out = torch.empty(batch, self.projector.out_dim, dtype=dtype, device=device)
+            for s in specs:
+                block = parts[s.name][0]
+                if isinstance(block, Outer):
+                    block.write(out[:, slices[s.name]])
+                else:
+                    out[:, slices[s.name]] = block
+            return out
         out = torch.zeros(batch, self.projector.out_dim, dtype=dtype, device=device)
         for name, blocks in parts.items():
             for block in blocks:
-                out[:, self.projector.slices[name]] += block
+                out[:, slices[name]] += dense(block)
         return out
 
 

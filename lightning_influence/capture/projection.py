@@ -41,12 +41,12 @@ import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["TensorProjection", "KroneckerProjector", "contract"]
+__all__ = ["TensorProjection", "KroneckerProjector", "Outer", "contract", "dense"]
 
 _METADATA_KIND = "kronecker_gaussian"
 
@@ -114,16 +114,46 @@ def _apply_rows(g: Tensor, p_r: Tensor) -> Tensor:
     return (g.transpose(1, 2) @ p_r).transpose(1, 2)
 
 
-def contract(a: Tensor, b: Tensor) -> Tensor:
+class Outer(NamedTuple):
+    """The per-sample outer product ``a[b] ⊗ b[b]`` of ``a`` ``(B, i)`` and ``b`` ``(B, j)``, kept as its two factors
+    until :meth:`write` puts it, flattened row-major ``(B, i*j)``, straight into its columns of the rows: the
+    ``(B, i*j)`` block is then written once (no block of its own, no concatenation; the same products)."""
+
+    a: Tensor
+    b: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.a.shape[0], self.a.shape[1] * self.b.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.promote_types(self.a.dtype, self.b.dtype)
+
+    def write(self, out: Tensor) -> None:
+        """``out`` ``(B, i*j)`` (columns of a wider matrix: a view) := the outer products."""
+        torch.mul(self.a[:, :, None], self.b[:, None, :], out=out.view(self.a.shape[0], self.a.shape[1], -1))
+
+    def tensor(self) -> Tensor:
+        """The outer products as a new ``(B, i*j)`` tensor."""
+        return (self.a[:, :, None] * self.b[:, None, :]).reshape(self.a.shape[0], -1)
+
+
+def dense(block: Tensor | Outer) -> Tensor:
+    """``block`` as a ``(B, k)`` tensor."""
+    return block.tensor() if isinstance(block, Outer) else block
+
+
+def contract(a: Tensor, b: Tensor) -> Tensor | Outer:
     """``sum_l a[:, l] ⊗ b[:, l]`` per sample, flattened row-major: ``(B, L, i), (B, L, j) -> (B, i*j)``.
 
-    One batched matrix product; with ``L = 1`` a broadcast outer product (no reduction to do), also for
-    ``(B, i), (B, j)`` (one token per sample without its dimension).
+    One batched matrix product; with ``L = 1`` (no reduction to do), also for ``(B, i), (B, j)`` (one token per
+    sample without its dimension), an :class:`Outer` left to be written into the rows.
     """
     if a.dim() == 2:
-        return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
-    if a.shape[1] == 1:  # (B, i, 1) * (B, 1, j): the fewest calls (a per-step cost of every hooked layer)
-        return (a.transpose(1, 2) * b).reshape(a.shape[0], -1)
+        return Outer(a, b)
+    if a.shape[1] == 1:
+        return Outer(a[:, 0], b[:, 0])
     return torch.bmm(a.transpose(1, 2), b).reshape(a.shape[0], -1)
 
 
@@ -257,7 +287,7 @@ class KroneckerProjector:
         zero gradient), e.g. one of the query/key/value blocks of a packed attention weight.
         Returns ``(B, k_rows*k_cols)``, equal to :meth:`project_tensor` of that gradient.
         """
-        return self.combine(name, out_grad, self.project_cols(name, inp), rows)
+        return dense(self.combine(name, out_grad, self.project_cols(name, inp), rows))
 
     def project_cols(self, name: str, inp: Tensor) -> Tensor:
         """The column side ``inp @ P_c`` ``(B, L, k_cols)`` of :meth:`project_factored` (``inp`` if unprojected).
@@ -287,8 +317,9 @@ class KroneckerProjector:
                 self._columns[key] = p_c[:-1], p_c[-1]
         return self._columns[key]
 
-    def combine(self, name: str, out_grad: Tensor, cols: Tensor, rows: slice | None = None) -> Tensor:
-        """:meth:`project_factored` from the projected column side ``cols`` (:meth:`project_cols`)."""
+    def combine(self, name: str, out_grad: Tensor, cols: Tensor, rows: slice | None = None) -> Tensor | Outer:
+        """:meth:`project_factored` from the projected column side ``cols`` (:meth:`project_cols`); one token per
+        sample gives an :class:`Outer`."""
         p_r = self.side_matrices(name, out_grad.dtype, out_grad.device)[0]
         if p_r is not None:
             return contract(out_grad @ (p_r if rows is None else p_r[rows]), cols)
