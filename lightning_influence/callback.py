@@ -410,11 +410,12 @@ class InfluenceTracker(Callback):
             observer.capturing = False
             observer.clear()
             n = micro.ids.shape[0]
-            for out in seen:  # a reduced (0-d) loss is a mistake
-                if out.dim() == 0:
-                    check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
-            if len(seen) == 1 and seen[0].shape == (n,):
+            if len(seen) == 1 and seen[0].shape == (n,):  # the common case: one loss per sample
                 captured = micro.observed = seen[0].detach()
+            else:
+                for out in seen:  # a reduced (0-d) loss is a mistake
+                    if out.dim() == 0:
+                        check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
         want_grads = self.record_gradients and self._records_grads(trainer.global_step)
         if want_grads and self._capture is not None and captured is not None and len(seen_grad) == 1:
             micro.grads = self._capture.collect(seen_grad[0])
