@@ -6,7 +6,8 @@ for everything queued on the device so far (a synchronisation training itself do
 :class:`HostCopy` instead queues each copy on the current stream into page-locked host memory
 (``non_blocking=True``) and records a CUDA event after them; :meth:`HostCopy.ready` asks the
 event without waiting, :meth:`HostCopy.wait` waits for it (by then, usually, long done) and
-returns numpy arrays. On the CPU the copies are plain clones and are ready at once.
+returns numpy arrays. On the CPU the copies are plain clones and are ready at once; a CPU step's
+rows (:meth:`HostCopy.of_step`) are not even cloned (new tensors, handed over).
 """
 
 from __future__ import annotations

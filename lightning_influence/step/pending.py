@@ -27,7 +27,8 @@ from lightning_influence.step.recorder import StepRecorder
 
 __all__ = ["PendingStep", "TrackedMicroBatch", "assemble", "checkpoint_record", "fill_record", "random_states"]
 
-_NO_IDS = np.zeros(0, np.int64)  # a record's ids until fill_record (never written to)
+_NO_IDS = np.zeros(0, np.int64)  # a record's ids until fill_record
+_NO_IDS.flags.writeable = False
 
 
 @dataclass(slots=True)
@@ -68,7 +69,8 @@ class PendingStep:
 
 
 def assemble(trainer: Any, step: int, optimizer: torch.optim.Optimizer, pending: PendingStep, recorder: StepRecorder,
-             module: nn.Module, record_losses: bool, grad_norms: bool = False, scaler: Any = None, world_size: int = 1) -> tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], Tensor | None]:
+             module: nn.Module, record_losses: bool, grad_norms: bool = False, scaler: Any = None, world_size: int = 1
+             ) -> tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], Tensor | None]:
     """``(record, device rows, batch gradient Ĝ_t by parameter, the norms of its tensors)`` of step ``step``.
 
     ``scaler``: the run's GradScaler (``None``: none); ``world_size``: the trainer's (both fixed for a fit, read once
@@ -86,8 +88,9 @@ def assemble(trainer: Any, step: int, optimizer: torch.optim.Optimizer, pending:
     # rows are tensors nothing else writes to (fresh, see HostCopy): the ids the batch's (copied by fill_record); the
     # losses the step's own (per_sample_loss's output, which training only reads) or an own pass's
     rows: dict[str, Tensor] = {"ids": micro[0].ids if len(micro) == 1 else torch.cat([m.ids for m in micro])}
-    recorder.check_losses(  # a sum or any other reduction than the mean is refused (step.weights); at the first step
-        step, ((m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in micro), trainer)
+    if recorder.checks_reduction:  # a sum or any other reduction than the mean is refused (step.weights): first step
+        recorder.check_losses(
+            step, [(m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in micro], trainer)
     recorder.record(record, [m.ids.shape[0] for m in micro], [m.accumulate for m in micro], world_size, optimizer)
     if record_losses:
         rows["losses"] = micro[0].losses if len(micro) == 1 else torch.cat([m.losses for m in micro])

@@ -14,7 +14,7 @@ No Lightning import: the trainer and module are used through their public attrib
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -128,7 +128,7 @@ class StepRecorder:
         """The loss reduction is still to be checked (at the fit's first step): :meth:`check_losses` reads the losses."""
         return not self._reduction_checked
 
-    def check_losses(self, step: int, micro: Iterable[tuple[Tensor | None, Tensor | None, int]], trainer: Any) -> None:
+    def check_losses(self, step: int, micro: Sequence[tuple[Tensor | None, Tensor | None, int]], trainer: Any) -> None:
         """Refuse a training loss other than the mean of the per-sample losses (see :func:`check_reduction`).
 
         ``micro``: ``(returned loss, per-sample losses, accumulate)`` of each micro-batch of the step. Checked at

@@ -70,7 +70,8 @@ def capture() -> RandomState:
 
 
 def started() -> RandomState:
-    """The generator states at a training step's forward, for :func:`drawn` alone: its CPU state stays a tensor.
+    """The generator states at a training step's forward (and at its backward's end, ``now`` of :func:`drawn`), for
+    :func:`drawn` alone: its CPU state stays a tensor.
 
     :func:`capture` at the cost a training step can pay for it: every call here runs on caches the step has just
     filled, where each one costs tens of µs, and a conversion to numpy is as dear as reading the state (only a state
