@@ -37,7 +37,11 @@ stretch elapsed time by a varying factor but barely move the CPU time of this pr
 per-step tracker seconds in the log (the callbacks' share) are elapsed time.
 
     python benchmarks/overhead.py [--models mlp,cnn,gpt] [--steps 120] [--warmup 10] [--rounds 3]
-                                  [--reps 5] [--threads 1] [--out benchmarks/results/overhead.json]
+                                  [--reps 5] [--threads 1] [--keep-heap] [--out benchmarks/results/overhead.json]
+
+``--keep-heap`` runs every fit (with and without the tracker) with glibc's heap kept (``KEEP_HEAP``): the CNN's
+step otherwise takes hundreds to thousands of page faults whose number follows the heap's history (what else
+the process allocated and freed), which moves its ratios by several percent (docs/per-sample-gradients.md).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -132,6 +137,9 @@ LEVELS = {
                          hvp_scheme="forward"),
     "+HVP central": dict(record_losses=True, record_gradients=True, projection_dim=K, record_hvp=True),
 }
+# glibc's heap neither trimmed after large frees nor bypassed by mmap below 32 MiB: the page faults of a heap that
+# shrinks and grows back every step (a CNN's activations) are gone, in the fits with and without the tracker alike
+KEEP_HEAP = "glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432"
 TARGETS = {"+losses": 1.05, "+proj. gradients k=256": 1.15, "+HVP forward": 2.3, "+HVP central": 3.3}
 
 
@@ -312,15 +320,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--levels", default=",".join(LEVELS), help="comma-separated level names")
-    ap.add_argument("--steps", type=int, default=120, help="steps per fit (the default holds two 50-step segment writes)")
+    ap.add_argument("--steps", type=int, default=120, help="steps per fit")
     ap.add_argument("--warmup", type=int, default=10, help="first steps of each fit left out of the per-step time")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=list(CLOCKS), default="cpu",
                     help="cpu: process CPU time (default; other jobs on a shared machine barely move it); wall: elapsed")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help=f"run (every fit, baseline included) with glibc's heap kept: {KEEP_HEAP} (docs/per-sample-gradients.md)")
     ap.add_argument("--out", default="benchmarks/results/overhead.json")
     args = ap.parse_args()
+    if args.keep_heap and os.environ.get("GLIBC_TUNABLES") != KEEP_HEAP:  # read by glibc at start: run again with it
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": KEEP_HEAP})
     args.levels = args.levels.split(",")
     global clock
     clock = CLOCKS[args.clock]
@@ -337,7 +349,7 @@ def main() -> None:
             report(name, costs, fits)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\ntimes: {args.clock} clock. ratio: a level's step over the step without the tracker, timed inside "
+    print(f"\ntimes: {args.clock} clock{' (glibc heap kept: ' + KEEP_HEAP + ')' if args.keep_heap else ''}. ratio: a level's step over the step without the tracker, timed inside "
           "alternating fits (mean over the steps after the warm-up), median over rounds; spread: lowest-highest round; "
           "met: median within the target; per step, thread CPU: hooks: the layer engines in the step's forward/backward; "
           "passes: the HVP scheme's gradient passes; fd: the finite differences around them (eps, perturbed parameters, "
