@@ -12,14 +12,16 @@ from lightning_influence.capture import KroneckerProjector
 from lightning_influence.estimators.tracin import _row_products
 from lightning_influence.log import LogWriter, StepRecord
 from lightning_influence.log.blocks import _chunk_index, _row_map, iter_row_blocks
+from lightning_influence.log.format import list_segments
 from lightning_influence.log.writer import write_meta
 
 K, N = 5, 40
 
 
-def _write(path, world: int, steps: int = 11, flush: int = 4, dtype: str = "float32", every: int = 1,
+def _write(path, world: int, steps: int = 11, flush: int | tuple[int, ...] = 4, dtype: str = "float32", every: int = 1,
            compression: str | None = None) -> None:
-    """Steps with gradients at every ``every``-th step, two param groups, ``world`` ranks of 3 or 4 samples."""
+    """Steps with gradients at every ``every``-th step, two param groups, ``world`` ranks of 3 or 4 samples
+    (``flush``: steps per segment, or per rank)."""
     rng = np.random.default_rng(7)
     write_meta(path, {"dataset_size": N, "world_size": world, "run_id": "blocks", "tracked_params": ["a", "b"],
                       "param_shapes": {"a": [3], "b": [2]}, "every_n_steps": every,
@@ -28,7 +30,8 @@ def _write(path, world: int, steps: int = 11, flush: int = 4, dtype: str = "floa
                       "optimizer": {"class": "torch.optim.sgd.SGD",
                                     "param_groups": [{"lr": 0.1, "params": ["a"]}, {"lr": 0.3, "params": ["b"]}]}})
     for rank in range(world):
-        w = LogWriter(path, rank=rank, flush_every_n_steps=flush, storage_dtype=dtype, compression=compression)
+        w = LogWriter(path, rank=rank, flush_every_n_steps=flush if isinstance(flush, int) else flush[rank],
+                      storage_dtype=dtype, compression=compression)
         for t in range(steps):
             n = 3 + (t + rank) % 2
             w.add_step(StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1 / (1 + t), 0.3 + t],
@@ -381,3 +384,29 @@ def test_opening_a_log_asks_the_kernel_for_every_segments_metadata_before_indexi
     assert len(segs) == len(asks) > 4 and events[:len(asks)] == asks  # all asked before the first is indexed
     assert sorted(a[1] for a in asks) == segs
     assert {a[2:] for a in asks} == {(0, reader._HEAD_BYTES, reader._TAIL_BYTES)}
+
+
+def test_ranks_that_close_their_segments_at_other_steps_read_as_when_aligned(tmp_path):
+    """Under the default segment limits each training rank closes its segments by its own clock: a log whose ranks
+    cut their steps into segments at different steps reads the same as one whose ranks cut them alike."""
+    _write(tmp_path / "aligned", 2, flush=4)
+    _write(tmp_path / "apart", 2, flush=(4, 3))
+    assert [len(v) for v in list_segments(tmp_path / "apart").values()] == [3, 4]  # 11 steps: 4+4+3 and 3+3+3+2
+    got = {}
+    for name in ("aligned", "apart"):
+        with InfluenceLog(tmp_path / name) as log:
+            steps = {r.step: (r.ids, r.grads) for r in log.iter_steps(0, log.num_steps, fields=("grad",))}
+            rows: dict[int, list] = {}
+            for b in iter_row_blocks(log, 0, log.num_steps, breaks=[5], max_bytes=60):
+                for i, t in enumerate(b.steps.tolist()):
+                    at = b.row_step == i
+                    rows.setdefault(t, []).append((b.ids[at], b.grads[at], b.weights[at]))
+            got[name] = steps, rows
+    (steps_a, rows_a), (steps_b, rows_b) = got["aligned"], got["apart"]
+    assert steps_a.keys() == steps_b.keys() == rows_a.keys() == rows_b.keys() == set(range(11))
+    for t in steps_a:
+        for x, y in zip(steps_a[t], steps_b[t], strict=True):
+            np.testing.assert_array_equal(x, y)
+        for x, y in zip([np.concatenate(c) for c in zip(*rows_a[t])], [np.concatenate(c) for c in zip(*rows_b[t])],
+                        strict=True):
+            np.testing.assert_array_equal(x, y)
