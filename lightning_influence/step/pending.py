@@ -27,7 +27,7 @@ from lightning_influence.step.recorder import StepRecorder
 
 __all__ = ["PendingStep", "TrackedMicroBatch", "assemble", "checkpoint_record", "fill_record", "random_states"]
 
-_NO_IDS = np.zeros(0, np.int64)  # a record's ids until fill_record
+_NO_IDS = np.zeros(0, np.int64)  # a record's ids until fill_record; an own pass's micro-batch's (unused there)
 _NO_IDS.flags.writeable = False
 
 
@@ -56,7 +56,7 @@ class TrackedMicroBatch:
     @property
     def micro(self) -> MicroBatch:
         """The micro-batch of an own pass; its ids are not used there (and may still be on the device)."""
-        return MicroBatch(np.zeros(0, np.int64), self.batch, self.settled())
+        return MicroBatch(_NO_IDS, self.batch, self.settled())
 
 
 @dataclass(slots=True)
