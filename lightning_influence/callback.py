@@ -41,7 +41,7 @@ from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.log.resume import continue_log, log_exists, logged_fold_bias, start_new_log
+from lightning_influence.log.resume import continue_log, log_exists, logged_fold_bias, logged_splits, start_new_log
 from lightning_influence.log.writer import SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, storage_error, write_meta
 from lightning_influence.step import rng
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
@@ -263,6 +263,9 @@ class InfluenceTracker(Callback):
             self.log_dir, trainer.global_step)  # log/resume.py
         fold = foldable_biases(pl_module, self._names, groups) if fold_bias else None
         self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed, fold)
+        kept = logged_splits(self.log_dir, trainer.global_step, self._projector)  # a resumed log's own split
+        if kept:
+            self._projector = KroneckerProjector(shapes, self.projection_dim, self.projection_seed, fold, kept)
         self._precision = trainer_precision(trainer)
         # fixed for the fit, read once (each a chain of Lightning properties at every step otherwise)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None) if self._precision.grad_scaler else None

@@ -156,8 +156,13 @@ def test_folded_engines_match_brute_force(case, dim):
     assert {s.name for s in proj.specs if s.bias} == {w for w in fold if params[w].numel() > dim}  # the rule
     assert any(s.bias for s in proj.specs) or dim == 49
     whole_cols = [s.name for s in proj.specs if s.bias and proj.side_matrices(s.name)[1] is None]
+    # linear-3d at 16: a (Linear(5, 7), folded: 7 x 6) gets (2, 6), columns whole, v = 2/2 = 1, tied with rows whole
+    # (7, 2) and ahead of the square (4, 4), v = (3/2)^2 - 1 = 1.25 (mixed: a, 6 x 6, the same); c4 (1x1 kernel,
+    # 12 x 7: its column side is its input, which may be kept whole): (7, 7) at 49, v = 2/7, and (2, 7) at 16, v = 1
+    # against the square's 1.25
     assert whole_cols == {("linear-2d", 16): ["a.weight"], ("linear-2d", 49): ["a.weight"], ("conv1d", 49): ["c4.weight"],
-                          ("conv2d", 49): ["c4.weight"]}.get((case, dim), [])
+                          ("conv2d", 49): ["c4.weight"], ("linear-3d", 16): ["a.weight"], ("conv1d", 16): ["c4.weight"],
+                          ("conv2d", 16): ["c4.weight"], ("mixed", 16): ["a.weight"]}.get((case, dim), [])
     expected = dense_projection(proj, brute_force(model, _loss, batch, names))
     unsupported = HookGradientCapture.unsupported(model, names)
     assert unsupported == (["pos.pos"] if case == "mixed" else [])
@@ -233,7 +238,8 @@ def test_tracin_on_folded_and_unfolded_logs_equals_brute_force(tmp_path, fold_bi
     proj = log.projector()
     folded = {s.name: s.bias for s in proj.specs if s.bias}
     assert folded == ({"net.0.weight": "net.0.bias", "net.3.weight": "net.3.bias"} if fold_bias else {})
-    assert log.projector().out_dim == (6 + 6 if fold_bias else 6 + 6 + 6 + 3)
+    # unfolded, net.0.weight (7 x 5 at dim 6) keeps its columns whole: (1, 5), v = 2, against (2, 3), v = 2 * 5/3 - 1
+    assert log.projector().out_dim == (6 + 6 if fold_bias else 5 + 6 + 6 + 3)
     got = tracin(log, mean_loss(val, name="val_loss"), module=tiny()).column(0)
     expected = brute_force_tracin(log, ds, val, *log.window(None), project=lambda g: dense_projection(proj, g))
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-14)

@@ -1,5 +1,6 @@
 import json
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -29,16 +30,58 @@ def test_split_rule_examples():
     assert proj.slices["b"] == slice(1024, 2048)
 
 
-@pytest.mark.parametrize("dim", [1, 2, 7, 24, 100, 1000])
+def _variance(rows: int, cols: int, k_rows: int, k_cols: int) -> Fraction:
+    """Relative variance of a rank-1 gradient's projected squared norm, (1+2/k_r)(1+2/k_c) - 1, an exact side's
+    factor 1 (no randomness on that side)."""
+    factor = lambda size, k: Fraction(1) if k == size else 1 + Fraction(2, k)  # noqa: E731
+    return factor(rows, k_rows) * factor(cols, k_cols) - 1
+
+
+def _square_split(rows: int, cols: int, dim: int) -> tuple[int, int]:
+    """The split rule of every log written before 2026-11-30 (as square as the matrix allows)."""
+    if rows * cols <= dim:
+        return rows, cols
+    s = math.isqrt(dim)
+    if rows <= s:
+        return rows, dim // rows
+    if cols <= s:
+        return dim // cols, cols
+    return s, min(cols, dim // s)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 7, 24, 100, 256, 1000])
 def test_split_rule_invariants(dim):
-    for rows in (1, 2, 5, 31, 32, 33, 100):
-        for cols in (1, 3, 31, 32, 33, 500):
-            (spec,) = KroneckerProjector({"t": (rows, cols)}, dim=dim).specs
-            assert 1 <= spec.k_rows <= rows and 1 <= spec.k_cols <= cols
-            if rows * cols <= dim:
-                assert (spec.k_rows, spec.k_cols) == (rows, cols)
-            else:
-                assert dim - math.isqrt(dim) <= spec.out_dim <= dim
+    """Against every pair by brute force: the least variance with k_rows*k_cols <= dim (ties to the smaller k_rows);
+    never more variance than the square split of earlier logs; a kernel of more than one element keeps its column side
+    projected (a 1x1 kernel's column side is its input: it may be kept whole)."""
+    for rows in (1, 2, 5, 9, 31, 32, 33, 100):
+        for cols in (1, 3, 28, 31, 32, 33, 500):
+            for shape in ((rows, cols), (rows, cols, 1, 1), (rows, cols // 2, 1, 2)):
+                if shape[1] == 0:
+                    continue
+                kernel, cols = math.prod(shape[2:]) > 1, math.prod(shape[1:])
+                (spec,) = KroneckerProjector({"t": shape}, dim=dim).specs
+                if rows * cols <= dim:
+                    assert (spec.k_rows, spec.k_cols) == (rows, cols)
+                    continue
+                pairs = [(_variance(rows, cols, a, b), a, b) for a in range(1, rows + 1)
+                         for b in range(1, (cols - 1 if kernel and cols > 1 else cols) + 1) if a * b <= dim]
+                assert (_variance(rows, cols, spec.k_rows, spec.k_cols), spec.k_rows, spec.k_cols) == min(pairs)
+                if not kernel:
+                    assert _variance(rows, cols, spec.k_rows, spec.k_cols) <= _variance(
+                        rows, cols, *_square_split(rows, cols, dim))
+
+
+def test_split_of_the_benchmark_cnns_first_convolution():
+    """Conv2d 3->32, 3x3, bias folded: a 32 x 28 block at dim=256. Square (16, 16): v = (1+2/16)^2 - 1 = 0.2656; rows
+    kept whole (32, 8): v = 2/8 = 0.25 (the least for a kernel); columns kept whole (9, 28): v = 2/9 = 0.2222, the
+    least for a plain 32 x 28 matrix, but a kernel keeps its column side (the unfolded input) projected. The second
+    convolution, 64 x 289, stays square: (16, 16) against (64, 4) at v = 0.5."""
+    proj = KroneckerProjector({"c1.weight": (32, 3, 3, 3), "c1.bias": (32,), "c2.weight": (64, 32, 3, 3),
+                               "c2.bias": (64,), "m": (32, 28)}, 256, fold={"c1.weight": "c1.bias", "c2.weight": "c2.bias"})
+    sides = {s.name: (s.rows, s.cols, s.k_rows, s.k_cols) for s in proj.specs}
+    assert sides == {"c1.weight": (32, 28, 32, 8), "c2.weight": (64, 289, 16, 16), "m": (32, 28, 9, 28)}
+    assert _variance(32, 28, 32, 8) == Fraction(1, 4) < _variance(32, 28, 16, 16) == Fraction(17, 64)
 
 
 def test_project_matches_dense_kronecker():
@@ -115,8 +158,32 @@ def test_metadata_roundtrip_is_bit_identical():
     assert not torch.allclose(other, proj.project(grads))
     twin = KroneckerProjector({"a": (20, 30), "b": (20, 30)}, dim=24)
     assert not torch.equal(twin.side_matrices("a")[0], twin.side_matrices("b")[0])
-    with pytest.raises(ValueError):
-        KroneckerProjector.from_metadata({**meta, "dim": 30})
+    # sizes no projection to that dim has (24 columns of conv.weight > 10; fc.bias kept whole at 20 > 10): refused
+    with pytest.raises(ValueError, match=r"projection of 'conv.weight': sizes \(6, 4\) do not fit a 6 x 27 block"):
+        KroneckerProjector.from_metadata({**meta, "dim": 10})
+
+
+def test_metadata_written_under_the_square_rule_rebuilds_its_own_matrices():
+    """A log's projection from before the least-variance rule: conv.weight (6 x 27 at dim 24) was split (4, 6) (square:
+    isqrt(24) = 4 rows, 24 // 4 = 6 columns), the rule now gives (6, 4). The stored sizes are rebuilt, and the matrices
+    are the Gaussians drawn at those sizes from crc32("seed:name") (drawn here independently), so old rows read as
+    they were written."""
+    import zlib
+
+    meta = json.loads(json.dumps(KroneckerProjector(SHAPES, dim=24, seed=7).to_metadata()))
+    (conv,) = [s for s in meta["specs"] if s["name"] == "conv.weight"]
+    assert (conv["k_rows"], conv["k_cols"]) == (6, 4)
+    conv["k_rows"], conv["k_cols"] = _square_split(6, 27, 24)
+    assert (conv["k_rows"], conv["k_cols"]) == (4, 6)
+    old = KroneckerProjector.from_metadata(meta)
+    assert old.to_metadata() == meta and old.out_dim == KroneckerProjector(SHAPES, dim=24).out_dim
+    gen = torch.Generator().manual_seed(zlib.crc32(b"7:conv.weight"))
+    p_r, p_c = (torch.randn(n, k, generator=gen, dtype=torch.float64) / math.sqrt(k) for n, k in ((6, 4), (27, 6)))
+    got = old.side_matrices("conv.weight", torch.float64)
+    assert torch.equal(got[0], p_r) and torch.equal(got[1], p_c)
+    grads = _grads(3)
+    expected = grads["conv.weight"].reshape(3, -1) @ torch.kron(p_r, p_c)
+    torch.testing.assert_close(old.project(grads)[:, old.slices["conv.weight"]], expected, rtol=1e-12, atol=1e-12)
 
 
 def _seed_estimates(g: torch.Tensor, h: torch.Tensor, dim: int, n_seeds: int) -> torch.Tensor:

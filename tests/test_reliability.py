@@ -205,6 +205,29 @@ def test_a_resume_keeps_its_logs_bias_layout_unless_told_otherwise(tmp_path):
     assert any(s.get("bias") for s in InfluenceLog(tmp_path / "fresh").meta["projection"]["specs"])
 
 
+def test_a_resume_keeps_its_logs_split_written_under_another_rule(tmp_path, monkeypatch):
+    """A log whose blocks were split by another rule (every log written before the least-variance split: here a rule
+    keeping the rows of every projected block, (3, 1) for net.0.weight where the rule gives (1, 3)) resumed by this version: it
+    continues with the log's own sizes, hence its own matrices, every row as the uninterrupted run under that rule
+    wrote it, and reads back with them."""
+    from lightning_influence.capture import projection
+
+    rule = projection._split
+    monkeypatch.setattr(projection, "_split", lambda rows, cols, dim, kernel=False: (
+        (rows, cols) if dim is None or rows * cols <= dim else (min(rows, dim), 1)))
+    epoch_fit(tmp_path / "log", tmp_path / "ckpt", epochs=2, **BASE)
+    reference = dump(tmp_path / "log")
+    old = [(s["name"], s["k_rows"], s["k_cols"]) for s in reference["meta"]["projection"]["specs"]]
+    assert old[:2] == [("net.0.weight", 3, 1), ("net.3.weight", 3, 1)]
+    monkeypatch.setattr(projection, "_split", rule)
+    assert rule(7, 6, 3) == (1, 3)  # what a new log would get for net.0.weight
+    epoch_fit(tmp_path / "log", None, epochs=2, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"), **BASE)
+    after = InfluenceLog(tmp_path / "log")
+    assert after.finished and after.steps.tolist() == list(range(8))
+    assert [(s.name, s.k_rows, s.k_cols) for s in after.projector().specs] == old
+    assert same([r[:7] for r in dump(tmp_path / "log")["recs"]], [r[:7] for r in reference["recs"]])
+
+
 # ------------------------------------------------------------------------ 3. the first segment
 def test_a_deleted_first_segment_is_detected(tmp_path):
     synthetic(tmp_path, steps=6, flush=2)

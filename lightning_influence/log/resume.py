@@ -126,6 +126,27 @@ def logged_fold_bias(log_dir: str, start: int) -> bool:
     return not specs or any(s.get("bias") for s in specs)
 
 
+def logged_splits(log_dir: str, start: int, projector: Any) -> dict[str, tuple[int, int]] | None:
+    """The side sizes ``{block: (k_rows, k_cols)}`` of the log a fit resumed at ``start > 0`` continues, for the blocks
+    of ``projector`` (the fit's, by the split rule) with the same matrix view: rebuilt with them
+    (``KroneckerProjector(splits=...)``), its new rows use the log's own matrices whatever rule wrote the log.
+    ``None`` for a new log, one projected to another ``dim``, or one whose sizes are the rule's already; a block that
+    differs otherwise is left to :func:`check_resume`, which refuses it."""
+    if start == 0 or not log_exists(log_dir):
+        return None
+    try:
+        projection = read_meta(log_dir).get("projection") or {}
+    except LogFormatError:
+        return None  # continue_log reports what is wrong with the log
+    if projection.get("dim") != projector.dim:
+        return None
+    ours = {spec.name: spec for spec in projector.specs}
+    kept = {s["name"]: (int(s["k_rows"]), int(s["k_cols"])) for s in projection.get("specs") or []
+            if s["name"] in ours and (ours[s["name"]].rows, ours[s["name"]].cols) == (s["rows"], s["cols"])}
+    changed = any((ours[n].k_rows, ours[n].k_cols) != k for n, k in kept.items())
+    return kept if changed else None
+
+
 def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start: int, state: Mapping[str, Any],
                  fit_meta: Mapping[str, Any], overwrite: bool) -> tuple[bool, int | None, dict[str, Any] | None]:
     """A fit resumed at step ``start``: ``(True, first_step, resume_meta)`` if it continues the log in ``log_dir``
