@@ -11,32 +11,36 @@ For each model:
    hook engine's projection of the captures (``collect``), one own hooked pass (what each HVP
    scheme repeats: forward once, central twice) and ``vmap`` per-sample gradients; the last two
    as per-sample gradient throughput (samples/s), hooks against vmap.
-2. **Fit overhead**: ``Trainer.fit`` with the tracker at each level and without it, alternating
-   (round-robin over levels, ``--rounds``). Per fit, the **step** is timed inside the fit: the clock
-   at every ``on_train_batch_start`` (so a step is everything between two: data, forward, backward,
-   optimizer, every callback hook, and the writer thread while it runs), averaged over the steps after
-   ``--warmup`` (the first steps' one-off checks excluded; per-fit set-up and the final flush are outside
-   any step). The log writer's thread is charged (``--clock cpu``) at what it costs a long fit: by
-   default a segment closes after 10 s (or 64 MiB of rows), so a short fit writes its steps only at its
-   end, outside the timed steps, and a long one every 10 s. So each fit's writer CPU inside its steps is
-   replaced by the writer CPU per step of one such segment, written from the fit's own step records
-   (``steady_writer``; the parameter checkpoints ``θ_0`` and ``θ_T`` are per fit, in ``fit ratio``). Each
-   round gives one ratio per level (its step over the round's step without the tracker): the median over rounds and the spread (lowest, highest) are reported, so one noisy
-   round does not decide. The added ms/step is split by where it goes, each part measured in the same
+2. **Fit overhead**: ``Trainer.fit`` with the tracker at each level and without it. A round runs one fit per
+   level and one without the tracker, each on its own thread, taking turns of ``--turn`` steps (``_Turns``): every
+   level sees the same moments of a shared machine within a fraction of a second, where whole fits one after
+   another saw moments whose ±10% moved a ratio more than the 5% it is judged by. Per fit, the **step** is timed
+   inside the fit: the fit's clocks at every ``on_train_batch_start`` (so a step is everything between two: data,
+   forward, backward, optimizer, every callback hook), averaged over the steps after ``--warmup`` (the first steps'
+   one-off checks excluded; per-fit set-up and the final flush are outside any step). With ``--clock cpu`` (the
+   default) a step is the CPU time of the fit's training thread (the other fits' turns do not advance it), plus the
+   log writer at what it costs a long fit: by default a segment closes after 10 s (or 64 MiB of rows), so a short fit
+   writes its steps only at its end and a long one every 10 s; the writer CPU per step of one such segment, written
+   from the fit's own step records (``steady_writer``; the parameter checkpoints ``θ_0`` and ``θ_T`` are per fit, in
+   ``fit``), is added. With ``--clock wall`` it is the elapsed time while the fit held its turn. Each round gives one
+   ratio per level (its step over the round's step without the tracker): the median over rounds and the spread
+   (lowest, highest) are reported. The added ms/step is split by where it goes, each part measured in the same
    steps as thread CPU: ``hooks``, the layer engines' work in the step's own forward/backward (what the
    forward hooks keep, the output-gradient hooks' blocks); ``passes``, the HVP scheme's gradient
    passes; ``fd``, the rest of the HVP products (``ε``, the perturbed parameters, the differences, the
    kink guard); ``tracker``, the rest of the tracker's per-step Lightning hooks (ids, random states, the
    projection's collection, the step record, host copies, checks);
-   ``writer``, the log writer's background thread (segment files: off the training thread, but on this
-   clock); ``other``, what remains (hook dispatch, the loss observer, Lightning, noise). ``fit ratio``:
-   the whole fastest fit with the tracker over the fastest without (per-fit costs included).
+   ``writer``, the log writer's background thread (as above); ``other``, what remains (Lightning's calls of the
+   tracker's hooks, hook dispatch, the loss observer, caches, noise). ``fit``: the fastest whole fit's CPU (its
+   thread's and its writer's) with the tracker over the fastest without (per-fit costs included). ``thread``: the
+   step ratio on the training thread's CPU alone, the step's critical path with ``--threads 1`` (the writer's
+   background thread, which a second core runs beside the step, left out; it stays in ``ratio``).
 
-Times are CPU time of the process by default (``--clock cpu``): on a shared machine the other jobs
-stretch elapsed time by a varying factor but barely move the CPU time of this process; the
-per-step tracker seconds in the log (the callbacks' share) are elapsed time.
+Step costs use the process's CPU time by default (``--clock cpu``): on a shared machine the other jobs stretch
+elapsed time by a varying factor but move CPU time much less; the per-step tracker seconds in the log (the
+callbacks' share) are elapsed time.
 
-    python benchmarks/overhead.py [--models mlp,cnn,gpt] [--steps 120] [--warmup 10] [--rounds 3]
+    python benchmarks/overhead.py [--models mlp,cnn,gpt] [--steps 120] [--warmup 10] [--turn 10] [--rounds 3]
                                   [--reps 5] [--threads 1] [--keep-heap] [--out benchmarks/results/overhead.json]
 
 ``--keep-heap`` runs every fit (with and without the tracker) with glibc's heap kept (``KEEP_HEAP``): the CNN's
@@ -56,6 +60,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,23 +91,29 @@ from lightning_influence.capture.own_pass import OwnPasses  # noqa: E402
 K = 256
 _PER_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
                    "on_train_batch_end")
-# thread CPU seconds of one fit: in the layer engines' hook work outside the tracker's own passes, in the tracker's
-# per-step Lightning hooks, in its own passes (inside those hooks), in the log writer's thread
-SPENT = {"hooks": 0.0, "tracker": 0.0, "passes": 0.0, "fd": 0.0, "writer": 0.0}
-_IN_PASS = [False]
+SPENT_KEYS = ("hooks", "tracker", "passes", "fd", "writer")
+# a fit's thread CPU seconds, by where they went (SPENT_KEYS): the layer engines' hook work outside the tracker's own
+# passes, the tracker's per-step Lightning hooks, its own passes (inside those hooks), the finite differences around
+# them, its log writer's thread. Found by the training thread running the code, or by the writer's log folder.
+_SPENT_BY_THREAD: dict[int, dict[str, float]] = {}
+_SPENT_BY_LOG: dict[Path, dict[str, float]] = {}
+_RECORDS_BY_LOG: dict[Path, list[StepRecord]] = {}  # the step records each fit's writer got (for steady_writer)
+_IN_PASS = threading.local()  # inside the tracker's own passes, on this thread: their hook work is "passes"
 
 
 def _counted(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
     def counted(*args: Any, **kwargs: Any) -> Any:
-        if key == "hooks" and _IN_PASS[0]:
+        in_pass = getattr(_IN_PASS, "on", False)
+        spent = _SPENT_BY_LOG.get(args[0].log_dir) if key == "writer" else _SPENT_BY_THREAD.get(threading.get_ident())
+        if spent is None or (key == "hooks" and in_pass):
             return fn(*args, **kwargs)
         t0 = time.thread_time()
-        was, _IN_PASS[0] = _IN_PASS[0], _IN_PASS[0] or key == "passes"
+        _IN_PASS.on = in_pass or key == "passes"
         try:
             return fn(*args, **kwargs)
         finally:
-            _IN_PASS[0] = was
-            SPENT[key] += time.thread_time() - t0
+            _IN_PASS.on = in_pass
+            spent[key] += time.thread_time() - t0
     return counted
 
 
@@ -115,14 +126,11 @@ for _engine in {type(e) for e in layers._ENGINES}:  # what the forward hooks kee
         if _method in vars(_engine):
             setattr(_engine, _method, _counted(vars(_engine)[_method], "hooks"))
 LogWriter._write = _counted(LogWriter._write, "writer")
-WRITTEN: list[list[StepRecord]] = []  # the step records of the last fit with the tracker (for steady_writer)
 _add_step = LogWriter.add_step
 
 
 def _kept(self: LogWriter, record: StepRecord, checkpoint: Any = None) -> None:
-    if record.step == 0:
-        WRITTEN.append([])
-    WRITTEN[-1].append(record)
+    _RECORDS_BY_LOG.setdefault(self.log_dir, []).append(record)
     _add_step(self, record, checkpoint)
 
 
@@ -200,39 +208,108 @@ def step_costs(name: str, reps: int) -> dict[str, float]:
     }
 
 
-class _StepClock(pl.Callback):
-    """The clock and the thread-CPU counters of :data:`SPENT` at every step's start (first in the callback list)."""
+class _Turns:
+    """A round's fits take ``steps`` steps each in turn, each on its own thread, so that every level sees the same
+    moments of a shared machine (its load, its clock speed) within a fraction of a second: whole fits one after another
+    saw different moments, whose ±10% moved a level's ratio more than the 5% it is judged by. Several steps a turn:
+    a turn's first step finds the caches holding another fit's model."""
 
-    def __init__(self) -> None:
-        self.marks: list[tuple[float, dict[str, float]]] = []
+    def __init__(self, n: int, steps: int) -> None:
+        self.steps = steps
+        self._cond = threading.Condition()
+        self._n = n
+        self._turn = 0
+        self._left = set(range(n))
+
+    def wait(self, i: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == i)
+
+    def done(self, i: int, finished: bool = False) -> None:
+        """Fit ``i`` has taken its turn's steps (``finished``: its last): the next fit still running takes its turn."""
+        with self._cond:
+            if finished:
+                self._left.discard(i)
+            self._turn = next((j % self._n for j in range(i + 1, i + 1 + self._n) if j % self._n in self._left), -1)
+            self._cond.notify_all()
+
+
+class _Fit(pl.Callback):
+    """One fit of a round (first in its callback list): at a step's start it hands the turn on after its turn's steps
+    and waits for its next one; it marks every step's start with ``(its wall time while it held the turn, its thread's
+    CPU time, its SPENT_KEYS counters)``."""
+
+    def __init__(self, turns: _Turns, index: int) -> None:
+        self.turns, self.index = turns, index
+        self.spent = dict.fromkeys(SPENT_KEYS, 0.0)
+        self.marks: list[tuple[float, float, dict[str, float]]] = []
+        self._wall = 0.0
+        self._since: float | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self.marks.append((clock(), dict(SPENT)))
+        if self._since is None or len(self.marks) % self.turns.steps == 0:
+            if self._since is not None:
+                self._wall += time.perf_counter() - self._since
+                self.turns.done(self.index)
+            self.turns.wait(self.index)
+            self._since = time.perf_counter()
+        self.marks.append((self._wall, time.thread_time(), dict(self.spent)))
+
+    def run(self, trainer: pl.Trainer, module: pl.LightningModule, data: DataLoader, errors: list[BaseException]) -> None:
+        """``trainer.fit`` on this thread; the fit's CPU (its thread and its writer's) in :attr:`total`."""
+        _SPENT_BY_THREAD[threading.get_ident()] = self.spent
+        t0 = time.thread_time()
+        try:
+            trainer.fit(module, data)
+        except BaseException as err:  # noqa: BLE001 - re-raised by the round, on the main thread
+            errors.append(err)
+        finally:
+            self.total = time.thread_time() - t0 + self.spent["writer"]
+            self.turns.done(self.index, finished=True)
 
 
-def run_fit(factory: Callable[[], pl.LightningModule], data: DataLoader, steps: int, tracker: InfluenceTracker | None,
-            warmup: int = 0) -> tuple[float, float, dict[str, float]]:
-    """``(seconds of the fit, seconds per step, thread seconds of SPENT per step)``; per step: the mean over the
-    steps after ``warmup`` (from the start of step ``warmup`` to the start of the last step)."""
-    for key in SPENT:
-        SPENT[key] = 0.0
-    pl.seed_everything(0, verbose=False)
-    module = factory()
-    timer = _StepClock()
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer, tracker] if tracker else [timer])
-    t0 = clock()
-    trainer.fit(module, data)
-    total = clock() - t0
-    (t_a, s_a), (t_b, s_b) = timer.marks[warmup], timer.marks[-1]
-    n = len(timer.marks) - 1 - warmup
-    spent = {key: (s_b[key] - s_a[key]) / n for key in SPENT}
-    per_step = (t_b - t_a) / n
-    if tracker is not None and clock is time.process_time:  # the writer of a long fit in place of this fit's (docstring)
-        spent["writer"] = steady_writer(WRITTEN[-1], per_step, tracker.storage_dtype)
-        per_step += spent["writer"] - (s_b["writer"] - s_a["writer"]) / n
-    return total, per_step, spent
+def run_round(name: str, levels: list[str], steps: int, warmup: int, tmp: Path, turn: int = 1
+              ) -> dict[str, dict[str, Any]]:
+    """One fit per level (``"baseline"``: without the tracker), in turns of ``turn`` steps (:class:`_Turns`). Per level: ``fit`` (CPU
+    seconds of the whole fit), ``step`` (seconds per step on ``clock``: CPU, the training thread's plus the writer of a
+    long fit, or wall time while the fit held its turn), ``main`` (the training thread's CPU seconds per step),
+    ``spent`` (SPENT_KEYS seconds per step); per step: the mean over the steps after ``warmup`` (from the start of
+    step ``warmup`` to the start of the last step)."""
+    turns, jobs, fits, trackers, errors = _Turns(len(levels), turn), [], [], [], []
+    for i, level in enumerate(levels):
+        factory, ds, batch_size = make(name, 8)  # 8 batches an epoch: the fits run over epochs
+        data = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        pl.seed_everything(0, verbose=False)
+        module, fit, log_dir = factory(), _Fit(turns, i), tmp / f"log-{i}"
+        shutil.rmtree(log_dir, ignore_errors=True)
+        tracker = None if level == "baseline" else InfluenceTracker(str(log_dir), **LEVELS[level])
+        _SPENT_BY_LOG[log_dir] = fit.spent
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[fit, tracker] if tracker else [fit])
+        jobs.append(threading.Thread(target=fit.run, args=(trainer, module, data, errors), name=f"fit-{level}"))
+        fits.append(fit)
+        trackers.append(tracker)
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    if errors:
+        raise errors[0]
+    out = {}
+    for i, (level, fit, tracker) in enumerate(zip(levels, fits, trackers)):
+        (w_a, t_a, s_a), (w_b, t_b, s_b) = fit.marks[warmup], fit.marks[-1]
+        n = len(fit.marks) - 1 - warmup
+        spent = {key: (s_b[key] - s_a[key]) / n for key in SPENT_KEYS}
+        main_step = (t_b - t_a) / n
+        step = main_step if clock is time.process_time else (w_b - w_a) / n
+        records = _RECORDS_BY_LOG.pop(tmp / f"log-{i}", None)
+        if records is not None and clock is time.process_time:  # the writer of a long fit (docstring)
+            spent["writer"] = steady_writer(records, main_step, tracker.storage_dtype)
+            step += spent["writer"]
+        out[level] = {"fit": fit.total, "step": step, "main": main_step, "spent": spent}
+        shutil.rmtree(tmp / f"log-{i}", ignore_errors=True)
+    return out
 
 
 def steady_writer(records: list[StepRecord], step_seconds: float, storage_dtype: str) -> float:
@@ -254,38 +331,37 @@ def steady_writer(records: list[StepRecord], step_seconds: float, storage_dtype:
 
 
 def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """Alternating fits at every level: per round, each level's step over the round's step without the tracker."""
-    factory, ds, batch_size = make(name, 8)  # 8 batches an epoch: the fits run over epochs
-    data = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    """Rounds of fits at every level taking steps in turn: per round, each level's step over the round's step without
+    the tracker."""
     levels = [lv for lv in LEVELS if lv in args.levels]
     fits: dict[str, list[float]] = {"baseline": [], **{k: [] for k in levels}}
     step: dict[str, list[float]] = {k: [] for k in fits}
+    main: dict[str, list[float]] = {k: [] for k in fits}  # the training thread's CPU per step
     spent: dict[str, list[dict[str, float]]] = {k: [] for k in fits}
-    run_fit(factory, data, 2, None)  # warm-up
+    run_round(name, ["baseline"], 2, 0, tmp)  # warm-up
     for r in range(args.rounds):
-        for level in fits:
-            log_dir = tmp / "log"
-            shutil.rmtree(log_dir, ignore_errors=True)
-            tracker = None if level == "baseline" else InfluenceTracker(str(log_dir), **LEVELS[level])
-            total, per_step, threads = run_fit(factory, data, args.steps, tracker, args.warmup)
-            fits[level].append(total)
-            step[level].append(per_step)
-            spent[level].append(threads)
-            shutil.rmtree(log_dir, ignore_errors=True)
+        for level, got in run_round(name, list(fits), args.steps, args.warmup, tmp, args.turn).items():
+            fits[level].append(got["fit"])
+            step[level].append(got["step"])
+            main[level].append(got["main"])
+            spent[level].append(got["spent"])
         print(f"  {name}: round {r + 1}/{args.rounds} done", file=sys.stderr)
     base = step["baseline"]
     rows = []
     for level in levels:
         ratios = [s / b for s, b in zip(step[level], base)]
+        on_main = [s / b for s, b in zip(main[level], main["baseline"])]
         added = [1e3 * (s - b) for s, b in zip(step[level], base)]
-        threads = {f"{key}_ms_per_step": statistics.median(1e3 * sp[key] for sp in spent[level]) for key in SPENT}
+        threads = {f"{key}_ms_per_step": statistics.median(1e3 * sp[key] for sp in spent[level]) for key in SPENT_KEYS}
         rows.append({**threads,
             "level": level, "ratio": statistics.median(ratios), "ratio_low": min(ratios), "ratio_high": max(ratios),
             "round_ratios": ratios, "target": TARGETS.get(level), "added_ms_per_step": statistics.median(added),
+            "thread_ratio": statistics.median(on_main), "thread_ratio_low": min(on_main),
+            "thread_ratio_high": max(on_main), "thread_round_ratios": on_main,
             "fit_ratio": min(fits[level]) / min(fits["baseline"]),
         })
     return {"baseline_ms_per_step": 1e3 * statistics.median(base), "levels": rows, "fit_s": fits,
-            "step_s": step}
+            "step_s": step, "training_thread_step_s": main}
 
 
 def where_it_goes(row: dict[str, Any]) -> dict[str, float]:
@@ -306,14 +382,16 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
     print(f"  per-sample gradients: hooks {c['hooks_samples_per_s']:.0f} samples/s, vmap {c['vmap_samples_per_s']:.0f} "
           f"samples/s ({c['vmap_ms'] / c['own_pass_ms']:.1f}x)")
     print(f"  {'level':<24}{'ratio':>7}{'spread':>13}{'target':>8}{'met':>5}{'+ms/step':>10}"
-          f"{'hooks':>8}{'passes':>8}{'fd':>6}{'tracker':>8}{'writer':>8}{'other':>8}{'fit':>7}")
+          f"{'hooks':>8}{'passes':>8}{'fd':>6}{'tracker':>8}{'writer':>8}{'other':>8}{'fit':>7}{'thread':>8}"
+          f"{'spread':>13}")
     for row in fits["levels"]:
         tgt, split = row["target"], where_it_goes(row)
         met = "-" if tgt is None else ("yes" if row["ratio"] <= tgt else "NO")
         spread = f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}"
         print(f"  {row['level']:<24}{row['ratio']:>7.3f}{spread:>13}{'-' if tgt is None else f'{tgt:.2f}':>8}{met:>5}"
               f"{row['added_ms_per_step']:>10.2f}{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['fd']:>6.2f}{split['tracker']:>8.2f}"
-              f"{split['writer']:>8.2f}{split['other']:>8.2f}{row['fit_ratio']:>7.3f}")
+              f"{split['writer']:>8.2f}{split['other']:>8.2f}{row['fit_ratio']:>7.3f}{row['thread_ratio']:>8.3f}"
+              f"{row['thread_ratio_low']:>7.3f}-{row['thread_ratio_high']:.3f}")
 
 
 def main() -> None:
@@ -322,6 +400,7 @@ def main() -> None:
     ap.add_argument("--levels", default=",".join(LEVELS), help="comma-separated level names")
     ap.add_argument("--steps", type=int, default=120, help="steps per fit")
     ap.add_argument("--warmup", type=int, default=10, help="first steps of each fit left out of the per-step time")
+    ap.add_argument("--turn", type=int, default=10, help="steps a fit takes before the round's next fit takes its turn")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
@@ -350,11 +429,13 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\ntimes: {args.clock} clock{' (glibc heap kept: ' + KEEP_HEAP + ')' if args.keep_heap else ''}. ratio: a level's step over the step without the tracker, timed inside "
-          "alternating fits (mean over the steps after the warm-up), median over rounds; spread: lowest-highest round; "
+          "fits taking turns of steps (mean over the steps after the warm-up), median over rounds; spread: lowest-highest round; "
           "met: median within the target; per step, thread CPU: hooks: the layer engines in the step's forward/backward; "
           "passes: the HVP scheme's gradient passes; fd: the finite differences around them (eps, perturbed parameters, "
           "differences, kink guard); tracker: the rest of the tracker's per-step hooks (bookkeeping, projection); writer: the log writer's background thread; other: the remainder "
-          "(hook dispatch, loss observer, noise); fit: fastest whole fit over the fastest without (per-fit costs in)")
+          "(hook dispatch, loss observer, noise); fit: fastest whole fit over the fastest without (per-fit costs in); "
+          "thread: the step's critical path, the training thread's CPU per step over the same without the tracker "
+          "(the writer's background thread left out; median, spread over rounds)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": results, "args": vars(args)}, indent=2))
