@@ -205,6 +205,62 @@ def test_conv_keeps_its_input_where_the_projected_columns_would_be_larger():
     assert torch.equal(kept_pass, grads) and torch.equal(reused, grads)
 
 
+class ConvPaths(nn.Module):
+    """One convolution on each path of the engine: ``c1`` (3 input channels: channels-last columns), ``p1``/``p2``
+    (1x1 kernels, stride, zero and reflect padding, groups, a folded bias and none: their unprojected column side is
+    the strided input itself), ``c3`` (12 channels: NCHW columns; stride, dilation), ``gc`` (grouped, circular padding,
+    2 channels a group: channels-last, per-group products)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.p1 = nn.Conv2d(6, 8, 1, stride=2, padding=1)
+        self.p2 = nn.Conv2d(8, 12, 1, groups=2, padding=1, padding_mode="reflect", bias=False)
+        self.c3 = nn.Conv2d(12, 6, 3, stride=2, dilation=2, padding=2)
+        self.gc = nn.Conv2d(6, 6, 3, groups=3, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(96, 3)
+
+    def forward(self, x):
+        for layer in (self.c1, self.p1, self.p2, self.c3, self.gc):
+            x = torch.tanh(layer(x))
+        return self.fc(x.flatten(1))
+
+
+# (k_rows, k_cols) at dim 20 (c1, c3 forced to each order of a one-group product: c1 (2, 8), 6 x 28, rows first,
+# 2 (6L + 8L) < 8 (6L + 12) multiply-adds a sample; c3 (4, 3), 6 x 109, columns first, 4 (6L + 3L) > 3 (6L + 24))
+PATH_SPLITS = {"c1.weight": (2, 8), "p1.weight": (2, 7), "p2.weight": (4, 4), "c3.weight": (4, 3), "gc.weight": (3, 6)}
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_every_convolution_path_matches_brute_force(forced):
+    """Float64 brute force at 1e-10, by the split rule and by forced splits; the 1x1 kernels keep their column side
+    whole by the rule too (p1: 8 x 7 folded, (2, 7), v = 1 against rows whole (8, 2), v = 1, ties to the smaller
+    k_rows; p2: 12 x 4, (5, 4), v = 2/5). The HVP passes' input memo (c1 is fed the batch) gives the same rows."""
+    torch.manual_seed(0)
+    model = ConvPaths().double()
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(B, 3, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
+    names = select_params(model)
+    params = dict(model.named_parameters())
+    shapes, fold = {n: params[n].shape for n in names}, foldable_biases(model, names)
+    proj = KroneckerProjector(shapes, dim=20, seed=5, fold=fold, splits=PATH_SPLITS if forced else None)
+    sides = {s.name: (s.k_rows, s.k_cols) for s in proj.specs if s.name in PATH_SPLITS}
+    assert sides == PATH_SPLITS if forced else {n: sides[n] for n in ("p1.weight", "p2.weight")} == {
+        "p1.weight": (2, 7), "p2.weight": (5, 4)}
+    assert proj.spec("p1.weight").bias == "p1.bias" and proj.side_matrices("p1.weight")[1] is None
+    assert proj.side_matrices("p2.weight")[1] is None
+    capture = HookGradientCapture(model, names, proj)
+    expected = proj.project(brute_force(model, seq_loss, batch, names))
+    grads, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    assert capture.verify(model, seq_loss, batch, sample=1) == []
+    capture.inputs.keep = True
+    kept_pass, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
+    capture.inputs.reuse = True
+    reused, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
+    assert torch.equal(kept_pass, grads) and torch.equal(reused, grads)
+
+
 def test_mha_out_proj_captured_by_hooks_alone():
     """The attention engine fills out_proj's columns although out_proj's own module hooks never fire."""
     model, batch = make("mha-batch-first")
