@@ -16,7 +16,8 @@ the gradient hook (:class:`KeptInput`).
   projected before the sum over tokens, which is one batched matrix product.
 - ``nn.Conv1d/2d/3d`` (stride, padding in any mode, dilation, groups): the column side
   ``unfold(x) P_c`` is the convolution of ``x`` with ``P_c`` as its kernel (``k_cols`` output
-  channels, per group), so the unfolded input is never materialised.
+  channels, per group), so the unfolded input is never materialised (a 1x1 kernel's unprojected column side is its
+  strided input); then one batched product with the output gradient, the row side first where that is cheaper.
 - A bias of a Linear or Conv layer folded into its weight's block (:func:`foldable_biases`,
   :mod:`.projection`) rides on the column side: the input is ``[x, 1]``, whose projection adds
   the bias's row of ``P_c`` to every token's ``x P_c``; no bias product is left to do.
