@@ -12,9 +12,10 @@ For each model:
    scheme repeats: forward once, central twice) and ``vmap`` per-sample gradients; the last two
    as per-sample gradient throughput (samples/s), hooks against vmap.
 2. **Fit overhead**: ``Trainer.fit`` with the tracker at each level and without it. A round runs one fit per
-   level and one without the tracker, each on its own thread, taking turns of ``--turn`` steps (``_Turns``): every
-   level sees the same moments of a shared machine within a fraction of a second, where whole fits one after
-   another saw moments whose ±10% moved a ratio more than the 5% it is judged by. Per fit, the **step** is timed
+   level and one without the tracker, each in a process of its own (a fresh heap, the main thread: as a user's run),
+   taking turns of ``--turn`` steps (``_Turns``): every level sees the same moments of a shared machine within a
+   fraction of a second, where whole fits one after another in one process saw moments, and heaps, whose ±10% moved
+   a ratio more than the 5% it is judged by. Per fit, the **step** is timed
    inside the fit: the fit's clocks at every ``on_train_batch_start`` (so a step is everything between two: data,
    forward, backward, optimizer, every callback hook), averaged over the steps after ``--warmup`` (the first steps'
    one-off checks excluded; per-fit set-up and the final flush are outside any step). With ``--clock cpu`` (the
@@ -34,7 +35,8 @@ For each model:
    tracker's hooks, hook dispatch, the loss observer, caches, noise). ``fit``: the fastest whole fit's CPU (its
    thread's and its writer's) with the tracker over the fastest without (per-fit costs included). ``thread``: the
    step ratio on the training thread's CPU alone, the step's critical path with ``--threads 1`` (the writer's
-   background thread, which a second core runs beside the step, left out; it stays in ``ratio``).
+   background thread, which a second core runs beside the step, left out; it stays in ``ratio``). ``faults``: the
+   training thread's minor page faults per step (first touches of memory the allocator got from the system).
 
 Step costs use the process's CPU time by default (``--clock cpu``): on a shared machine the other jobs stretch
 elapsed time by a varying factor but move CPU time much less; the per-step tracker seconds in the log (the
@@ -55,13 +57,16 @@ import dataclasses
 import inspect
 import json
 import math
+import multiprocessing
 import os
+import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,20 +97,18 @@ K = 256
 _PER_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
                    "on_train_batch_end")
 SPENT_KEYS = ("hooks", "tracker", "passes", "fd", "writer")
-# a fit's thread CPU seconds, by where they went (SPENT_KEYS): the layer engines' hook work outside the tracker's own
-# passes, the tracker's per-step Lightning hooks, its own passes (inside those hooks), the finite differences around
-# them, its log writer's thread. Found by the training thread running the code, or by the writer's log folder.
-_SPENT_BY_THREAD: dict[int, dict[str, float]] = {}
-_SPENT_BY_LOG: dict[Path, dict[str, float]] = {}
-_RECORDS_BY_LOG: dict[Path, list[StepRecord]] = {}  # the step records each fit's writer got (for steady_writer)
+# thread CPU seconds of this process's fit (one fit a process, run_round), by where they went: the layer engines' hook
+# work outside the tracker's own passes, the tracker's per-step Lightning hooks, its own passes (inside those hooks),
+# the finite differences around them, its log writer's thread
+SPENT = dict.fromkeys(SPENT_KEYS, 0.0)
+RECORDS: list[StepRecord] = []  # the step records the fit's writer got (for steady_writer)
 _IN_PASS = threading.local()  # inside the tracker's own passes, on this thread: their hook work is "passes"
 
 
 def _counted(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
     def counted(*args: Any, **kwargs: Any) -> Any:
         in_pass = getattr(_IN_PASS, "on", False)
-        spent = _SPENT_BY_LOG.get(args[0].log_dir) if key == "writer" else _SPENT_BY_THREAD.get(threading.get_ident())
-        if spent is None or (key == "hooks" and in_pass):
+        if key == "hooks" and in_pass:
             return fn(*args, **kwargs)
         t0 = time.thread_time()
         _IN_PASS.on = in_pass or key == "passes"
@@ -113,7 +116,7 @@ def _counted(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         finally:
             _IN_PASS.on = in_pass
-            spent[key] += time.thread_time() - t0
+            SPENT[key] += time.thread_time() - t0
     return counted
 
 
@@ -130,7 +133,7 @@ _add_step = LogWriter.add_step
 
 
 def _kept(self: LogWriter, record: StepRecord, checkpoint: Any = None) -> None:
-    _RECORDS_BY_LOG.setdefault(self.log_dir, []).append(record)
+    RECORDS.append(record)
     _add_step(self, record, checkpoint)
 
 
@@ -209,40 +212,40 @@ def step_costs(name: str, reps: int) -> dict[str, float]:
 
 
 class _Turns:
-    """A round's fits take ``steps`` steps each in turn, each on its own thread, so that every level sees the same
+    """A round's fits take ``steps`` steps each in turn, each in its own process, so that every level sees the same
     moments of a shared machine (its load, its clock speed) within a fraction of a second: whole fits one after another
-    saw different moments, whose ±10% moved a level's ratio more than the 5% it is judged by. Several steps a turn:
-    a turn's first step finds the caches holding another fit's model."""
+    saw different moments, whose ±10% moved a level's ratio more than the 5% it is judged by. Each fit has a process of
+    its own, as a user's run does: a fresh heap (the allocator's history moved a CNN's step by several percent from one
+    fit to the next in one process) and the main thread's. Several steps a turn: a turn's first step finds the caches
+    holding another fit's model."""
 
-    def __init__(self, n: int, steps: int) -> None:
-        self.steps = steps
-        self._cond = threading.Condition()
-        self._n = n
-        self._turn = 0
-        self._left = set(range(n))
+    def __init__(self, ctx: Any, n: int, steps: int) -> None:
+        self.steps, self._n = steps, n
+        self._cond = ctx.Condition()
+        self._turn = ctx.Value("i", 0, lock=False)
+        self._left = ctx.Array("b", [1] * n, lock=False)
 
     def wait(self, i: int) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._turn == i)
+            self._cond.wait_for(lambda: self._turn.value == i)
 
     def done(self, i: int, finished: bool = False) -> None:
         """Fit ``i`` has taken its turn's steps (``finished``: its last): the next fit still running takes its turn."""
         with self._cond:
             if finished:
-                self._left.discard(i)
-            self._turn = next((j % self._n for j in range(i + 1, i + 1 + self._n) if j % self._n in self._left), -1)
+                self._left[i] = 0
+            self._turn.value = next((j % self._n for j in range(i + 1, i + 1 + self._n) if self._left[j % self._n]), -1)
             self._cond.notify_all()
 
 
 class _Fit(pl.Callback):
-    """One fit of a round (first in its callback list): at a step's start it hands the turn on after its turn's steps
-    and waits for its next one; it marks every step's start with ``(its wall time while it held the turn, its thread's
-    CPU time, its SPENT_KEYS counters)``."""
+    """A round's fit (first in its callback list): at a step's start it hands the turn on after its turn's steps and
+    waits for its next one; it marks every step's start with ``(its wall time while it held the turn, its thread's CPU
+    time, its thread's minor page faults, SPENT)``."""
 
     def __init__(self, turns: _Turns, index: int) -> None:
         self.turns, self.index = turns, index
-        self.spent = dict.fromkeys(SPENT_KEYS, 0.0)
-        self.marks: list[tuple[float, float, dict[str, float]]] = []
+        self.marks: list[tuple[float, float, int, dict[str, float]]] = []
         self._wall = 0.0
         self._since: float | None = None
 
@@ -253,63 +256,66 @@ class _Fit(pl.Callback):
                 self.turns.done(self.index)
             self.turns.wait(self.index)
             self._since = time.perf_counter()
-        self.marks.append((self._wall, time.thread_time(), dict(self.spent)))
-
-    def run(self, trainer: pl.Trainer, module: pl.LightningModule, data: DataLoader, errors: list[BaseException]) -> None:
-        """``trainer.fit`` on this thread; the fit's CPU (its thread and its writer's) in :attr:`total`."""
-        _SPENT_BY_THREAD[threading.get_ident()] = self.spent
-        t0 = time.thread_time()
-        try:
-            trainer.fit(module, data)
-        except BaseException as err:  # noqa: BLE001 - re-raised by the round, on the main thread
-            errors.append(err)
-        finally:
-            self.total = time.thread_time() - t0 + self.spent["writer"]
-            self.turns.done(self.index, finished=True)
+        self.marks.append((self._wall, time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_minflt,
+                           dict(SPENT)))
 
 
-def run_round(name: str, levels: list[str], steps: int, warmup: int, tmp: Path, turn: int = 1
-              ) -> dict[str, dict[str, Any]]:
-    """One fit per level (``"baseline"``: without the tracker), in turns of ``turn`` steps (:class:`_Turns`). Per level: ``fit`` (CPU
-    seconds of the whole fit), ``step`` (seconds per step on ``clock``: CPU, the training thread's plus the writer of a
-    long fit, or wall time while the fit held its turn), ``main`` (the training thread's CPU seconds per step),
-    ``spent`` (SPENT_KEYS seconds per step); per step: the mean over the steps after ``warmup`` (from the start of
-    step ``warmup`` to the start of the last step)."""
-    turns, jobs, fits, trackers, errors = _Turns(len(levels), turn), [], [], [], []
-    for i, level in enumerate(levels):
+def _one_fit(name: str, level: str, index: int, steps: int, warmup: int, log_dir: Path, turns: _Turns,
+             results: Any) -> None:
+    """A round's fit at ``level``, in a process of its own (:func:`run_round`); puts ``(index, what run_round returns
+    for it)`` or ``(index, the traceback)`` on ``results``."""
+    try:
         factory, ds, batch_size = make(name, 8)  # 8 batches an epoch: the fits run over epochs
         data = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
         pl.seed_everything(0, verbose=False)
-        module, fit, log_dir = factory(), _Fit(turns, i), tmp / f"log-{i}"
-        shutil.rmtree(log_dir, ignore_errors=True)
+        module, fit = factory(), _Fit(turns, index)
         tracker = None if level == "baseline" else InfluenceTracker(str(log_dir), **LEVELS[level])
-        _SPENT_BY_LOG[log_dir] = fit.spent
         trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False,
                              callbacks=[fit, tracker] if tracker else [fit])
-        jobs.append(threading.Thread(target=fit.run, args=(trainer, module, data, errors), name=f"fit-{level}"))
-        fits.append(fit)
-        trackers.append(tracker)
-    for job in jobs:
-        job.start()
-    for job in jobs:
-        job.join()
-    if errors:
-        raise errors[0]
-    out = {}
-    for i, (level, fit, tracker) in enumerate(zip(levels, fits, trackers)):
-        (w_a, t_a, s_a), (w_b, t_b, s_b) = fit.marks[warmup], fit.marks[-1]
+        t0 = time.thread_time()
+        try:
+            trainer.fit(module, data)
+        finally:
+            turns.done(index, finished=True)
+        total = time.thread_time() - t0 + SPENT["writer"]
+        (w_a, t_a, f_a, s_a), (w_b, t_b, f_b, s_b) = fit.marks[warmup], fit.marks[-1]
         n = len(fit.marks) - 1 - warmup
         spent = {key: (s_b[key] - s_a[key]) / n for key in SPENT_KEYS}
         main_step = (t_b - t_a) / n
         step = main_step if clock is time.process_time else (w_b - w_a) / n
-        records = _RECORDS_BY_LOG.pop(tmp / f"log-{i}", None)
-        if records is not None and clock is time.process_time:  # the writer of a long fit (docstring)
-            spent["writer"] = steady_writer(records, main_step, tracker.storage_dtype)
+        if tracker is not None and clock is time.process_time:  # the writer of a long fit (docstring)
+            spent["writer"] = steady_writer(RECORDS, main_step, tracker.storage_dtype)
             step += spent["writer"]
-        out[level] = {"fit": fit.total, "step": step, "main": main_step, "spent": spent}
+        results.put((index, {"fit": total, "step": step, "main": main_step, "faults": (f_b - f_a) / n, "spent": spent}))
+    except BaseException:  # noqa: BLE001 - reported by run_round
+        turns.done(index, finished=True)
+        results.put((index, traceback.format_exc()))
+
+
+def run_round(name: str, levels: list[str], steps: int, warmup: int, tmp: Path, turn: int = 1
+              ) -> dict[str, dict[str, Any]]:
+    """One fit per level (``"baseline"``: without the tracker), each in a process of its own, in turns of ``turn``
+    steps (:class:`_Turns`). Per level: ``fit`` (CPU seconds of the whole fit, its writer's included), ``step``
+    (seconds per step on ``clock``: CPU, the training thread's plus the writer of a long fit, or wall time while the
+    fit held its turn), ``main`` (the training thread's CPU seconds per step), ``spent`` (SPENT_KEYS seconds per
+    step); per step: the mean over the steps after ``warmup`` (from the start of step ``warmup`` to the start of the
+    last step)."""
+    ctx = multiprocessing.get_context("fork")  # the children inherit this module's instrumentation and settings
+    turns, results = _Turns(ctx, len(levels), turn), ctx.SimpleQueue()
+    procs = [ctx.Process(target=_one_fit, args=(name, level, i, steps, warmup, tmp / f"log-{i}", turns, results),
+                         name=f"fit-{level}") for i, level in enumerate(levels)]
+    for proc in procs:
+        proc.start()
+    got = dict(results.get() for _ in procs)
+    for proc in procs:
+        proc.join()
+    for i in range(len(levels)):
         shutil.rmtree(tmp / f"log-{i}", ignore_errors=True)
-    return out
+    failed = [f"{levels[i]}:\n{r}" for i, r in sorted(got.items()) if isinstance(r, str)]
+    if failed:
+        raise RuntimeError("a benchmark fit failed:\n" + "\n".join(failed))
+    return {level: got[i] for i, level in enumerate(levels)}
 
 
 def steady_writer(records: list[StepRecord], step_seconds: float, storage_dtype: str) -> float:
@@ -338,6 +344,7 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     step: dict[str, list[float]] = {k: [] for k in fits}
     main: dict[str, list[float]] = {k: [] for k in fits}  # the training thread's CPU per step
     spent: dict[str, list[dict[str, float]]] = {k: [] for k in fits}
+    faults: dict[str, list[float]] = {k: [] for k in fits}  # the training thread's minor page faults per step
     run_round(name, ["baseline"], 2, 0, tmp)  # warm-up
     for r in range(args.rounds):
         for level, got in run_round(name, list(fits), args.steps, args.warmup, tmp, args.turn).items():
@@ -345,6 +352,7 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
             step[level].append(got["step"])
             main[level].append(got["main"])
             spent[level].append(got["spent"])
+            faults[level].append(got["faults"])
         print(f"  {name}: round {r + 1}/{args.rounds} done", file=sys.stderr)
     base = step["baseline"]
     rows = []
@@ -358,9 +366,10 @@ def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
             "round_ratios": ratios, "target": TARGETS.get(level), "added_ms_per_step": statistics.median(added),
             "thread_ratio": statistics.median(on_main), "thread_ratio_low": min(on_main),
             "thread_ratio_high": max(on_main), "thread_round_ratios": on_main,
-            "fit_ratio": min(fits[level]) / min(fits["baseline"]),
+            "fit_ratio": min(fits[level]) / min(fits["baseline"]), "faults_per_step": statistics.median(faults[level]),
         })
     return {"baseline_ms_per_step": 1e3 * statistics.median(base), "levels": rows, "fit_s": fits,
+            "baseline_faults_per_step": statistics.median(faults["baseline"]),
             "step_s": step, "training_thread_step_s": main}
 
 
@@ -376,14 +385,14 @@ def where_it_goes(row: dict[str, Any]) -> dict[str, float]:
 def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
     c = costs
     print(f"\n{name} (batch {c['batch']}): floor fwd+bwd {c['floor_ms']:.1f} ms; Lightning step without tracker "
-          f"{fits['baseline_ms_per_step']:.1f} ms")
+          f"{fits['baseline_ms_per_step']:.1f} ms, {fits['baseline_faults_per_step']:.0f} page faults")
     print(f"  hooks during fwd/bwd +{c['hooks_in_step_ms']:.2f} ms, projection of the captures {c['projection_ms']:.2f} ms, "
           f"own hooked pass {c['own_pass_ms']:.1f} ms, vmap {c['vmap_ms']:.1f} ms")
     print(f"  per-sample gradients: hooks {c['hooks_samples_per_s']:.0f} samples/s, vmap {c['vmap_samples_per_s']:.0f} "
           f"samples/s ({c['vmap_ms'] / c['own_pass_ms']:.1f}x)")
     print(f"  {'level':<24}{'ratio':>7}{'spread':>13}{'target':>8}{'met':>5}{'+ms/step':>10}"
           f"{'hooks':>8}{'passes':>8}{'fd':>6}{'tracker':>8}{'writer':>8}{'other':>8}{'fit':>7}{'thread':>8}"
-          f"{'spread':>13}")
+          f"{'spread':>13}{'faults':>8}")
     for row in fits["levels"]:
         tgt, split = row["target"], where_it_goes(row)
         met = "-" if tgt is None else ("yes" if row["ratio"] <= tgt else "NO")
@@ -391,7 +400,7 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
         print(f"  {row['level']:<24}{row['ratio']:>7.3f}{spread:>13}{'-' if tgt is None else f'{tgt:.2f}':>8}{met:>5}"
               f"{row['added_ms_per_step']:>10.2f}{split['hooks']:>8.2f}{split['passes']:>8.2f}{split['fd']:>6.2f}{split['tracker']:>8.2f}"
               f"{split['writer']:>8.2f}{split['other']:>8.2f}{row['fit_ratio']:>7.3f}{row['thread_ratio']:>8.3f}"
-              f"{row['thread_ratio_low']:>7.3f}-{row['thread_ratio_high']:.3f}")
+              f"{row['thread_ratio_low']:>7.3f}-{row['thread_ratio_high']:.3f}{row['faults_per_step']:>8.0f}")
 
 
 def main() -> None:
@@ -435,7 +444,8 @@ def main() -> None:
           "differences, kink guard); tracker: the rest of the tracker's per-step hooks (bookkeeping, projection); writer: the log writer's background thread; other: the remainder "
           "(hook dispatch, loss observer, noise); fit: fastest whole fit over the fastest without (per-fit costs in); "
           "thread: the step's critical path, the training thread's CPU per step over the same without the tracker "
-          "(the writer's background thread left out; median, spread over rounds)")
+          "(the writer's background thread left out; median, spread over rounds); faults: the training thread's minor page "
+          "faults per step")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": results, "args": vars(args)}, indent=2))

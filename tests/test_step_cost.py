@@ -114,3 +114,33 @@ def test_layer_and_group_norm_reuse_the_forward_statistics(monkeypatch, case):
     expected = torch.stack([projector.project({n: t[None] for n, t in zip(names, torch.autograd.grad(
         nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), [params[n] for n in names]))})[0] for i in range(5)])
     assert torch.allclose(rows, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_output_edges_are_get_gradient_edge_and_differentiate_after_in_place_ops():
+    """``layers._edge`` (the hooks' cheap ``get_gradient_edge``): the same node and output number for an op's output, a
+    leaf and a custom autograd Function's output (which needs the ownership token), and ``autograd.grad`` through the
+    edge taken before an in-place op gives the gradient at the layer's output, as ``get_gradient_edge`` does."""
+    from torch.autograd.graph import get_gradient_edge
+    from lightning_influence.capture.layers import _edge
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    x = torch.randn(5, 3, requires_grad=True)
+    lin = nn.Linear(3, 4)
+    for t in (lin(x), x, Twice.apply(x), lin(x)[:, 1:]):
+        ours, theirs = _edge(t), get_gradient_edge(t)
+        assert ours.node is theirs.node and ours.output_nr == theirs.output_nr
+        assert (ours.ownership_token is None) == (theirs.ownership_token is None)
+    y = lin(x)
+    edge = _edge(y)
+    loss = (y.relu_() * torch.arange(4.0)).sum()  # in place after the layer: the edge is still the layer's output
+    g, = torch.autograd.grad(loss, edge)
+    expected = (lin(x) > 0) * torch.arange(4.0)
+    assert torch.equal(g, expected.expand_as(g).to(g.dtype))

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from .projection import KroneckerProjector, Outer, contract
@@ -68,6 +68,16 @@ def _wide(t: Tensor) -> Tensor:
 def _tokens(t: Tensor) -> Tensor:
     """``(B, ..., d)`` as ``(B, L, d)``, float32 or wider."""
     return _wide(t).reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _edge(t: Tensor) -> GradientEdge:
+    """``get_gradient_edge(t)`` of an output, at a sixth of its cost (2 against 11 µs, at every hooked call): the node
+    that made ``t`` and its output number. A node of a Python autograd Function (its Python object does not keep the
+    graph alive) and a leaf (no node: its AccumulateGrad) go through ``get_gradient_edge``."""
+    node = t.grad_fn
+    if node is None or isinstance(node, torch._C._FunctionBase):
+        return get_gradient_edge(t)
+    return GradientEdge(node, t.output_nr)
 
 
 def _plain(t: Tensor) -> bool:
@@ -138,7 +148,7 @@ class LayerEngine:
                 if memo is not None and memo.wants(inp):  # reused by the passes that follow: done once, here
                     saved = self.settle(module, saved, targets, projector)
                     memo.put(module, inp, saved)
-            record: Record = [saved, None, get_gradient_edge(output)]
+            record: Record = [saved, None, _edge(output)]
             records.append(record)
 
             def on_grad(g: Tensor) -> None:
@@ -462,7 +472,7 @@ class AttentionEngine(LayerEngine):
             w, b = block_of(weight), block_of(bias)
             if (w or b) and y.requires_grad:
                 record: Record = [projector.project_cols(w[0], seq_first(x.detach())) if w else None, None,
-                                  get_gradient_edge(y)]
+                                  _edge(y)]
                 records.append(record)
 
                 def on_grad(g: Tensor) -> None:

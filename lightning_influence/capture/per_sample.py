@@ -44,6 +44,8 @@ __all__ = [
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> Tensor[B]``: per-sample losses."""
 
+_WIDE = (torch.float32, torch.float64)  # rows' dtypes as they are (promote_types is a dispatched call: one per step)
+
 def select_params(
     model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
 ) -> list[str]:
@@ -286,8 +288,9 @@ class HookGradientCapture:
         if loss_grad.device.type == "cpu" and not bool(loss_grad.all()):  # on a GPU: non-finite rows, refused by the writer
             raise ValueError("loss_grad has zeros: per-sample gradients cannot be recovered")
         batch = loss_grad.shape[0]
-        dtype = torch.promote_types(loss_grad.dtype, torch.float32)
-        parts: dict[str, list[Tensor]] = {}  # block name -> its blocks (one per module call reaching the loss)
+        dtype = loss_grad.dtype if loss_grad.dtype in _WIDE else torch.promote_types(loss_grad.dtype, torch.float32)
+        parts: dict[str, list[Tensor | Outer]] = {}  # block name -> its blocks (one per module call reaching the loss)
+        demoted = len(self.demoted)
         try:
             for mod_name, records in list(self._records.items()):
                 if mod_name not in self._records:  # removed by a demotion of a tied tensor in this loop
@@ -302,8 +305,9 @@ class HookGradientCapture:
                         parts.setdefault(name, []).append(block)
         finally:
             self.clear()
-        live = set(self.param_names)  # not demoted in this collect (a tied tensor's other module may have been)
-        parts = {name: blocks for name, blocks in parts.items() if name in live}
+        if len(self.demoted) != demoted:  # keep those not demoted in this loop (a tied tensor's other module may have been)
+            live = set(self.param_names)
+            parts = {name: blocks for name, blocks in parts.items() if name in live}
         scale = loss_grad if loss_grad.dtype == dtype else loss_grad.to(dtype)
         return self._assemble(parts, batch, dtype, loss_grad.device).div_(scale.unsqueeze(1))
 

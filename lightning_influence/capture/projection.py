@@ -146,6 +146,12 @@ def _apply_rows(g: Tensor, p_r: Tensor) -> Tensor:
     return (g.transpose(1, 2) @ p_r).transpose(1, 2)
 
 
+def _matmul(x: Tensor, side: Tensor) -> Tensor:
+    """``x @ side``; a 2-D ``x`` by ``mm``, the call ``matmul`` makes for it (the same product, one dispatch fewer: a
+    hooked layer's sides are projected at every step)."""
+    return x.mm(side) if x.dim() == 2 else x @ side
+
+
 class Outer(NamedTuple):
     """The per-sample outer product ``a[b] ⊗ b[b]`` of ``a`` ``(B, i)`` and ``b`` ``(B, j)``, kept as its two factors
     until :meth:`write` puts it, flattened row-major ``(B, i*j)``, straight into its columns of the rows: the
@@ -160,11 +166,12 @@ class Outer(NamedTuple):
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.promote_types(self.a.dtype, self.b.dtype)
+        dtype = self.a.dtype
+        return dtype if dtype == self.b.dtype else torch.promote_types(dtype, self.b.dtype)  # (a dispatched call)
 
     def write(self, out: Tensor) -> None:
         """``out`` ``(B, i*j)`` (columns of a wider matrix: a view) := the outer products."""
-        torch.mul(self.a[:, :, None], self.b[:, None, :], out=out.view(self.a.shape[0], self.a.shape[1], -1))
+        torch.mul(self.a.unsqueeze(2), self.b.unsqueeze(1), out=out.view(self.a.shape[0], self.a.shape[1], -1))
 
     def tensor(self) -> Tensor:
         """The outer products as a new ``(B, i*j)`` tensor."""
@@ -331,7 +338,7 @@ class KroneckerProjector:
         With a folded bias the input is ``[inp, 1]``: ``inp @ P_c[:-1] + P_c[-1]`` (:meth:`column_side`).
         """
         p_c, p_bias = self.column_side(name, inp.dtype, inp.device)
-        cols = inp if p_c is None else inp @ p_c
+        cols = inp if p_c is None else _matmul(inp, p_c)
         return cols if p_bias is None else cols + p_bias
 
     def column_side(self, name: str, dtype: torch.dtype = torch.float32,
@@ -358,7 +365,7 @@ class KroneckerProjector:
         sample gives an :class:`Outer`."""
         p_r = self.side_matrices(name, out_grad.dtype, out_grad.device)[0]
         if p_r is not None:
-            return contract(out_grad @ (p_r if rows is None else p_r[rows]), cols)
+            return contract(_matmul(out_grad, p_r if rows is None else p_r[rows]), cols)
         if rows is None:
             return contract(out_grad, cols)
         full = torch.zeros(out_grad.shape[0], self.spec(name).rows, cols.shape[2], dtype=cols.dtype, device=cols.device)
