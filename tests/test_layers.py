@@ -172,18 +172,28 @@ class FewChannels(nn.Module):
         return self.fc(torch.tanh(self.c2(torch.tanh(self.c1(x)))).flatten(1))
 
 
+def _image_case(model_cls: type[nn.Module], image: tuple[int, ...]):
+    """``(model in float64, (images, labels) of B samples, tracked names)``, seeded."""
+    torch.manual_seed(0)
+    model = model_cls().double()
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(B, *image, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
+    return model, batch, select_params(model)
+
+
+def _folded_projector(model: nn.Module, names: list[str], dim: int, splits=None) -> KroneckerProjector:
+    params = dict(model.named_parameters())
+    return KroneckerProjector({n: params[n].shape for n in names}, dim=dim, seed=5, fold=foldable_biases(model, names),
+                              splits=splits)
+
+
 def test_conv_keeps_its_input_where_the_projected_columns_would_be_larger():
     """The forward keeps the first layer's input (KeptInput: 4 columns at each of 36 positions against 36 input
     values) and the gradient hook makes the columns; the second keeps its columns. Rows equal projected float64
     brute force, bias folded; with the input memo of the HVP passes on, the first layer's columns are made in the
     forward, kept by the memo, and the passes that reuse them give the same rows bit for bit."""
-    torch.manual_seed(0)
-    model = FewChannels().double()
-    gen = torch.Generator().manual_seed(1)
-    batch = torch.randn(B, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
-    names = select_params(model)
-    params = dict(model.named_parameters())
-    proj = KroneckerProjector({n: params[n].shape for n in names}, dim=16, seed=5, fold=foldable_biases(model, names))
+    model, batch, names = _image_case(FewChannels, (1, 6, 6))
+    proj = _folded_projector(model, names, 16)
     assert proj.spec("c1.weight").bias == "c1.bias" and proj.spec("c1.weight").k_cols == 4
     capture = HookGradientCapture(model, names, proj)
     capture.enable()
@@ -236,14 +246,8 @@ def test_every_convolution_path_matches_brute_force(forced):
     """Float64 brute force at 1e-10, by the split rule and by forced splits; the 1x1 kernels keep their column side
     whole by the rule too (p1: 8 x 7 folded, (2, 7), v = 1 against rows whole (8, 2), v = 1, ties to the smaller
     k_rows; p2: 12 x 4, (5, 4), v = 2/5). The HVP passes' input memo (c1 is fed the batch) gives the same rows."""
-    torch.manual_seed(0)
-    model = ConvPaths().double()
-    gen = torch.Generator().manual_seed(1)
-    batch = torch.randn(B, 3, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
-    names = select_params(model)
-    params = dict(model.named_parameters())
-    shapes, fold = {n: params[n].shape for n in names}, foldable_biases(model, names)
-    proj = KroneckerProjector(shapes, dim=20, seed=5, fold=fold, splits=PATH_SPLITS if forced else None)
+    model, batch, names = _image_case(ConvPaths, (3, 8, 8))
+    proj = _folded_projector(model, names, 20, PATH_SPLITS if forced else None)
     sides = {s.name: (s.k_rows, s.k_cols) for s in proj.specs if s.name in PATH_SPLITS}
     assert sides == PATH_SPLITS if forced else {n: sides[n] for n in ("p1.weight", "p2.weight")} == {
         "p1.weight": (2, 7), "p2.weight": (5, 4)}
