@@ -72,6 +72,16 @@ def test_split_rule_invariants(dim):
                         rows, cols, *_square_split(rows, cols, dim))
 
 
+def test_split_rule_at_large_dims_searches_only_what_can_win():
+    """The search skips k_rows whose projected side alone is worse than the best so far; against every pair at
+    dim 4096 (300 x 700: the square (64, 64)), and a 2**20 projection of a 50000 x 1024 matrix keeps its columns."""
+    pairs = [(_variance(300, 700, a, b), a, b) for a in range(1, 301) for b in range(1, 701) if a * b <= 4096]
+    (spec,) = KroneckerProjector({"t": (300, 700)}, dim=4096).specs
+    assert (_variance(300, 700, spec.k_rows, spec.k_cols), spec.k_rows, spec.k_cols) == min(pairs)
+    (big,) = KroneckerProjector({"t": (50000, 1024)}, dim=2**20).specs
+    assert (big.k_rows, big.k_cols) == (1024, 1024)
+
+
 def test_split_of_the_benchmark_cnns_first_convolution():
     """Conv2d 3->32, 3x3, bias folded: a 32 x 28 block at dim=256. Square (16, 16): v = (1+2/16)^2 - 1 = 0.2656; rows
     kept whole (32, 8): v = 2/8 = 0.25 (the least for a kernel); columns kept whole (9, 28): v = 2/9 = 0.2222, the

@@ -104,16 +104,26 @@ def _variance_factor(size: int, k: int) -> Fraction:
 def _split(rows: int, cols: int, dim: int | None, kernel: bool = False) -> tuple[int, int]:
     """Side sizes ``(k_rows, k_cols)`` for a ``rows x cols`` matrix: the least variance with ``k_rows*k_cols <= dim``,
     ties to the smaller ``k_rows``; ``kernel`` (a convolution's kernel of more than one element): the column side stays
-    projected (rule in module doc)."""
+    projected (rule in module doc).
+
+    For a given ``k_rows`` the most columns, ``min(cols, dim // k_rows)``, is best, so only ``k_rows`` is searched:
+    the two sides kept whole and the square first, then every ``k_rows`` that can still do as well: a projected side
+    alone has ``1 + 2/k``, so both ``k_rows`` and (unless kept whole) ``dim // k_rows`` must be at least
+    ``2 / (best - 1)`` (``O(sqrt(dim))`` values; a full scan would take seconds at ``dim = 2**20``)."""
     if dim is None or rows * cols <= dim:
         return rows, cols
-    best: tuple[Fraction, int, int] | None = None
-    for k_rows in range(1, min(rows, dim) + 1):
-        k_cols = min(cols - 1 if kernel and cols > 1 else cols, dim // k_rows)  # the most columns: least variance
-        v = _variance_factor(rows, k_rows) * _variance_factor(cols, k_cols)
-        if best is None or v < best[0]:
-            best = (v, k_rows, k_cols)
-    return best[1], best[2]
+    col_cap = cols - 1 if kernel and cols > 1 else cols
+
+    def candidate(k_rows: int) -> tuple[Fraction, int, int]:
+        k_cols = min(col_cap, dim // k_rows)
+        return _variance_factor(rows, k_rows) * _variance_factor(cols, k_cols), k_rows, k_cols
+
+    top = min(rows, dim)
+    best = min(candidate(k) for k in {top, max(1, min(top, dim // cols)), max(1, min(top, math.isqrt(dim)))})
+    least = 2 / (best[0] - 1)  # a projected side needs k >= least to reach the best so far
+    lo = max(1, math.floor(least) - 1)
+    hi = min(top, dim // max(1, math.floor(least) - 1))
+    return min([best, *(candidate(k) for k in range(lo, hi + 1))])[1:]
 
 
 def _checked_split(name: str, rows: int, cols: int, dim: int | None, split: Sequence[int]) -> tuple[int, int]:
