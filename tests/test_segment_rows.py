@@ -125,10 +125,15 @@ def test_the_write_through_file_reads_what_it_wrote_and_keeps_the_first_error(tm
 
 @pytest.mark.parametrize("data", [np.arange(7), np.random.default_rng(0).random((6, 3)), np.asarray(2.5, np.float32),
                                   np.zeros((0,), np.int64), np.ones((2, 5056), np.uint8), np.array([True, False])])
-def test_small_datasets_are_the_files_h5py_create_dataset_makes(data):
-    """segment._dataset makes numeric datasets by h5py's low-level calls: the file is the one create_dataset makes."""
+@pytest.mark.parametrize("private_rule", [True, False], ids=["h5py-chunk-rule", "without-it"])
+def test_small_datasets_are_the_files_h5py_create_dataset_makes(data, private_rule, monkeypatch):
+    """segment._dataset makes numeric datasets by h5py's low-level calls: the file is the one create_dataset makes;
+    an h5py without its private chunk rule (``guess_chunk``) gets create_dataset itself, the same file."""
     from lightning_influence.log import segment
     from lightning_influence.log.format import CRC_ATTR, LIBVER, SCALAR_ATTR, crc32
+
+    if not private_rule:
+        monkeypatch.setattr(segment, "guess_chunk", None)
 
     def image(make):
         f = h5py.File("in-memory", "w", driver="core", backing_store=False, libver=LIBVER)

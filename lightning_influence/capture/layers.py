@@ -142,10 +142,10 @@ class LayerEngine:
             if not active() or not isinstance(output, Tensor) or not output.requires_grad:
                 return
             inp = args[0] if args else kwargs["input"]
-            saved = None if memo is None else memo.get(module, inp)
+            saved = memo.get(module, inp) if memo is not None and memo.reuse else None  # (the flags: no call per step)
             if saved is None:
                 saved = self.save(module, inp, targets, projector, output)
-                if memo is not None and memo.wants(inp):  # reused by the passes that follow: done once, here
+                if memo is not None and memo.keep and memo.wants(inp):  # reused by the passes that follow: done once
                     saved = self.settle(module, saved, targets, projector)
                     memo.put(module, inp, saved)
             record: Record = [saved, None, _edge(output)]

@@ -22,7 +22,11 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 from h5py import h5a, h5d, h5p, h5s, h5t
-from h5py._hl.filters import guess_chunk
+
+try:  # h5py's own chunk rule, private ("subject to change"): without it, datasets go through create_dataset (_dataset)
+    from h5py._hl.filters import guess_chunk
+except ImportError:  # pragma: no cover - a future h5py
+    guess_chunk = None
 
 from lightning_influence.log.format import (
     CHECKPOINT_GROUP,
@@ -419,13 +423,14 @@ def _dataset(group: h5py.Group, name: str, data: Any, chunks: Any = True, compre
     read whole); row datasets are checked per step instead (``*_crc32`` step columns).
     A numeric dataset without a filter is made by h5py's low-level calls, the ones its
     ``create_dataset`` makes for it (the same file, byte for byte): a segment has some 30 of them,
-    and the high-level call's own work was a third of each.
+    and the high-level call's own work was a third of each. An h5py without its (private) chunk rule gets the
+    high-level call.
     """
     data = np.asarray(data)
     scalar = data.ndim == 0
     if scalar:
         data = data.reshape(1)
-    if compression is not None or data.dtype.kind not in "biuf":
+    if compression is not None or data.dtype.kind not in "biuf" or (chunks is True and guess_chunk is None):
         ds = group.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), chunks=chunks,
                                   compression=compression)
         if scalar:
