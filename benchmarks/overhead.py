@@ -102,6 +102,7 @@ SPENT_KEYS = ("hooks", "tracker", "passes", "fd", "writer")
 # the finite differences around them, its log writer's thread
 SPENT = dict.fromkeys(SPENT_KEYS, 0.0)
 RECORDS: list[StepRecord] = []  # the step records the fit's writer got (for steady_writer)
+WRITERS: list[LogWriter] = []  # the fit's log writer (its segments written before the fit hands its turn on)
 _IN_PASS = threading.local()  # inside the tracker's own passes, on this thread: their hook work is "passes"
 
 
@@ -133,6 +134,8 @@ _add_step = LogWriter.add_step
 
 
 def _kept(self: LogWriter, record: StepRecord, checkpoint: Any = None) -> None:
+    if not WRITERS:
+        WRITERS.append(self)
     RECORDS.append(record)
     _add_step(self, record, checkpoint)
 
@@ -217,7 +220,9 @@ class _Turns:
     saw different moments, whose ±10% moved a level's ratio more than the 5% it is judged by. Each fit has a process of
     its own, as a user's run does: a fresh heap (the allocator's history moved a CNN's step by several percent from one
     fit to the next in one process) and the main thread's. Several steps a turn: a turn's first step finds the caches
-    holding another fit's model."""
+    holding another fit's model. A fit hands its turn on once its log writer has written the segments it closed
+    (``LogWriter.drain``): a writer busy on the other core during the next fit's turn slowed that fit (the GPT's step
+    without the tracker, always next after the central-HVP fit, by 6%)."""
 
     def __init__(self, ctx: Any, n: int, steps: int) -> None:
         self.steps, self._n = steps, n
@@ -252,6 +257,8 @@ class _Fit(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._since is None or len(self.marks) % self.turns.steps == 0:
             if self._since is not None:
+                for writer in WRITERS:  # its segments written on its own time, not in the next fit's turn
+                    writer.drain()
                 self._wall += time.perf_counter() - self._since
                 self.turns.done(self.index)
             self.turns.wait(self.index)

@@ -108,3 +108,30 @@ def test_the_tracker_closes_segments_by_size_by_default(tmp_path, monkeypatch):
     tracker = InfluenceTracker(path, record_gradients=True, flush_every_n_steps=5, overwrite=True)
     fit(tiny(), loader(make_data()), tracker, epochs=2)  # a step limit set: no size limit
     assert _starts(path) == [0, 5]
+
+
+def test_drain_waits_for_the_closed_segments_and_leaves_the_open_one_open(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    gate = threading.Event()
+    write = writer_module.write_segment
+
+    def held(*args, **kwargs):  # the background thread writes only once the test lets it
+        gate.wait(5)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "write_segment", held)
+    synthetic_meta(tmp_path)
+    writer = LogWriter(tmp_path, flush_every_n_steps=2, flush_every_n_seconds=None)
+    for t in range(3):  # steps 0-1 close a segment; step 2 opens the next
+        writer.add_step(_record(t))
+    assert _starts(tmp_path) == []  # held
+    threading.Timer(0.2, gate.set).start()
+    t0 = time.perf_counter()
+    writer.drain()
+    assert time.perf_counter() - t0 >= 0.15  # it waited for the held write
+    assert _starts(tmp_path) == [0]  # the closed segment is on disk, step 2 still buffered
+    assert writer.buffered_steps == 1
+    writer.close()
+    assert _starts(tmp_path) == [0, 2]
