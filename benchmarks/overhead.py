@@ -11,11 +11,11 @@ For each model:
    hook engine's projection of the captures (``collect``), one own hooked pass (what each HVP
    scheme repeats: forward once, central twice) and ``vmap`` per-sample gradients; the last two
    as per-sample gradient throughput (samples/s), hooks against vmap.
-2. **Fit overhead**: ``Trainer.fit`` with the tracker at each level and without it. A round runs one fit per
-   level and one without the tracker, each in a process of its own (a fresh heap, the main thread: as a user's run),
-   taking turns of ``--turn`` steps (``_Turns``): every level sees the same moments of a shared machine within a
-   fraction of a second, where whole fits one after another in one process saw moments, and heaps, whose ±10% moved
-   a ratio more than the 5% it is judged by. Per fit, the **step** is timed
+2. **Fit overhead**: ``Trainer.fit`` with the tracker at each level and without it. A round runs, for each level,
+   a pair: the level's fit and one without the tracker, each in a process of its own (a fresh heap, the main thread:
+   as a user's run), taking turns of ``--turn`` steps (``_Turns``; which goes first alternates): both see the same
+   moments of a shared machine within a fraction of a second, where whole fits one after another in one process saw
+   moments, and heaps, whose ±10% moved a ratio more than the 5% it is judged by. Per fit, the **step** is timed
    inside the fit: the fit's clocks at every ``on_train_batch_start`` (so a step is everything between two: data,
    forward, backward, optimizer, every callback hook), averaged over the steps after ``--warmup`` (the first steps'
    one-off checks excluded; per-fit set-up and the final flush are outside any step). With ``--clock cpu`` (the
@@ -24,7 +24,7 @@ For each model:
    writes its steps only at its end and a long one every 10 s; the writer CPU per step of one such segment, written
    from the fit's own step records (``steady_writer``; the parameter checkpoints ``θ_0`` and ``θ_T`` are per fit, in
    ``fit``), is added. With ``--clock wall`` it is the elapsed time while the fit held its turn. Each round gives one
-   ratio per level (its step over the round's step without the tracker): the median over rounds and the spread
+   ratio per level (its step over its pair's step without the tracker): the median over rounds and the spread
    (lowest, highest) are reported. The added ms/step is split by where it goes, each part measured in the same
    steps as thread CPU: ``hooks``, the layer engines' work in the step's own forward/backward (what the
    forward hooks keep, the output-gradient hooks' blocks); ``passes``, the HVP scheme's gradient
@@ -221,8 +221,7 @@ class _Turns:
     its own, as a user's run does: a fresh heap (the allocator's history moved a CNN's step by several percent from one
     fit to the next in one process) and the main thread's. Several steps a turn: a turn's first step finds the caches
     holding another fit's model. A fit hands its turn on once its log writer has written the segments it closed
-    (``LogWriter.drain``): a writer busy on the other core during the next fit's turn slowed that fit (the GPT's step
-    without the tracker, always next after the central-HVP fit, by 6%)."""
+    (``LogWriter.drain``), so that its writer runs on its own time, not on the next fit's."""
 
     def __init__(self, ctx: Any, n: int, steps: int) -> None:
         self.steps, self._n = steps, n
@@ -344,40 +343,42 @@ def steady_writer(records: list[StepRecord], step_seconds: float, storage_dtype:
 
 
 def fit_overhead(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """Rounds of fits at every level taking steps in turn: per round, each level's step over the round's step without
-    the tracker."""
+    """Rounds of pairs: per round and level, that level's fit and one without the tracker taking steps in turn (which
+    goes first alternates); the level's step over its pair's step without the tracker. Pairs, not all levels in one
+    round: with six fits in turns (the GPT's), the one without the tracker ran 5% slower than the same fit beside one
+    other, so every level looked cheaper than it was."""
     levels = [lv for lv in LEVELS if lv in args.levels]
-    fits: dict[str, list[float]] = {"baseline": [], **{k: [] for k in levels}}
-    step: dict[str, list[float]] = {k: [] for k in fits}
-    main: dict[str, list[float]] = {k: [] for k in fits}  # the training thread's CPU per step
-    spent: dict[str, list[dict[str, float]]] = {k: [] for k in fits}
-    faults: dict[str, list[float]] = {k: [] for k in fits}  # the training thread's minor page faults per step
+    got: dict[str, list[dict[str, Any]]] = {k: [] for k in levels}  # per round: the level's fit
+    base: dict[str, list[dict[str, Any]]] = {k: [] for k in levels}  # per round: its pair's fit without the tracker
     run_round(name, ["baseline"], 2, 0, tmp)  # warm-up
     for r in range(args.rounds):
-        for level, got in run_round(name, list(fits), args.steps, args.warmup, tmp, args.turn).items():
-            fits[level].append(got["fit"])
-            step[level].append(got["step"])
-            main[level].append(got["main"])
-            spent[level].append(got["spent"])
-            faults[level].append(got["faults"])
+        for i, level in enumerate(levels):
+            pair = ["baseline", level] if (r + i) % 2 == 0 else [level, "baseline"]
+            fits = run_round(name, pair, args.steps, args.warmup, tmp, args.turn)
+            got[level].append(fits[level])
+            base[level].append(fits["baseline"])
         print(f"  {name}: round {r + 1}/{args.rounds} done", file=sys.stderr)
-    base = step["baseline"]
     rows = []
     for level in levels:
-        ratios = [s / b for s, b in zip(step[level], base)]
-        on_main = [s / b for s, b in zip(main[level], main["baseline"])]
-        added = [1e3 * (s - b) for s, b in zip(step[level], base)]
-        threads = {f"{key}_ms_per_step": statistics.median(1e3 * sp[key] for sp in spent[level]) for key in SPENT_KEYS}
+        mine, theirs = got[level], base[level]
+        ratios = [a["step"] / b["step"] for a, b in zip(mine, theirs)]
+        on_main = [a["main"] / b["main"] for a, b in zip(mine, theirs)]
+        added = [1e3 * (a["step"] - b["step"]) for a, b in zip(mine, theirs)]
+        threads = {f"{key}_ms_per_step": statistics.median(1e3 * a["spent"][key] for a in mine) for key in SPENT_KEYS}
         rows.append({**threads,
             "level": level, "ratio": statistics.median(ratios), "ratio_low": min(ratios), "ratio_high": max(ratios),
             "round_ratios": ratios, "target": TARGETS.get(level), "added_ms_per_step": statistics.median(added),
             "thread_ratio": statistics.median(on_main), "thread_ratio_low": min(on_main),
             "thread_ratio_high": max(on_main), "thread_round_ratios": on_main,
-            "fit_ratio": min(fits[level]) / min(fits["baseline"]), "faults_per_step": statistics.median(faults[level]),
+            "fit_ratio": min(a["fit"] for a in mine) / min(b["fit"] for b in theirs),
+            "faults_per_step": statistics.median(a["faults"] for a in mine),
+            "step_s": [a["step"] for a in mine], "baseline_step_s": [b["step"] for b in theirs],
+            "training_thread_step_s": [a["main"] for a in mine],
+            "baseline_training_thread_step_s": [b["main"] for b in theirs],
         })
-    return {"baseline_ms_per_step": 1e3 * statistics.median(base), "levels": rows, "fit_s": fits,
-            "baseline_faults_per_step": statistics.median(faults["baseline"]),
-            "step_s": step, "training_thread_step_s": main}
+    baselines = [b for lv in levels for b in base[lv]]
+    return {"baseline_ms_per_step": 1e3 * statistics.median(b["step"] for b in baselines), "levels": rows,
+            "baseline_faults_per_step": statistics.median(b["faults"] for b in baselines)}
 
 
 def where_it_goes(row: dict[str, Any]) -> dict[str, float]:
