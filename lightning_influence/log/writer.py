@@ -274,9 +274,10 @@ class LogWriter:
                 self._queue.put(job)
             self._next_index += 1
             self._steps, self._checkpoints, self._bytes = [], [], 0
-        if wait and self._queue is not None:
-            self._queue.join()
-        self._raise_pending_error()
+        if wait:
+            self.drain()
+        else:
+            self._raise_pending_error()
 
     def drain(self) -> None:
         """Wait until every segment handed to the background thread is written; the open one stays open (a benchmark
