@@ -234,12 +234,15 @@ class _Turns:
             self._cond.wait_for(lambda: self._turn.value == i)
 
     def done(self, i: int, finished: bool = False) -> None:
-        """Fit ``i`` has taken its turn's steps (``finished``: its last): the next fit still running takes its turn."""
+        """Fit ``i`` has taken its turn's steps (``finished``: its last, or it failed): the next fit still running takes
+        its turn. A fit that finishes out of its turn (it failed before it) only leaves the round."""
         with self._cond:
             if finished:
                 self._left[i] = 0
-            self._turn.value = next((j % self._n for j in range(i + 1, i + 1 + self._n) if self._left[j % self._n]), -1)
-            self._cond.notify_all()
+            if self._turn.value == i:
+                self._turn.value = next((j % self._n for j in range(i + 1, i + 1 + self._n) if self._left[j % self._n]),
+                                        -1)
+                self._cond.notify_all()
 
 
 class _Fit(pl.Callback):
@@ -280,10 +283,8 @@ def _one_fit(name: str, level: str, index: int, steps: int, warmup: int, log_dir
                              enable_progress_bar=False, enable_model_summary=False,
                              callbacks=[fit, tracker] if tracker else [fit])
         t0 = time.thread_time()
-        try:
-            trainer.fit(module, data)
-        finally:
-            turns.done(index, finished=True)
+        trainer.fit(module, data)
+        turns.done(index, finished=True)
         total = time.thread_time() - t0 + SPENT["writer"]
         (w_a, t_a, f_a, s_a), (w_b, t_b, f_b, s_b) = fit.marks[warmup], fit.marks[-1]
         n = len(fit.marks) - 1 - warmup
