@@ -528,11 +528,12 @@ class LiveTensorBoard:
         if self._last_wall is not None and now > self._last_wall:
             self._fractions.append(min(1.0, float(record.tracker_seconds) / (now - self._last_wall)))
         self._last_wall = now
-        for arr in (record.ids, record.losses, record.grads, record.hvps):
+        losses = None if record.losses is None else np.asarray(record.losses, dtype=np.float64)  # as stored
+        for arr in (record.ids, losses, record.grads, record.hvps):
             if arr is not None:
                 self._bytes_recorded += int(arr.nbytes)
-        if record.losses is not None:
-            self._losses.append(np.asarray(record.losses, dtype=np.float64))
+        if losses is not None:
+            self._losses.append(losses)
         if record.grads is not None:
             self._norms.append(np.linalg.norm(np.asarray(record.grads, dtype=np.float64), axis=1))
         if (step + 1) % self.every == 0:

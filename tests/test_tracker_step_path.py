@@ -172,3 +172,64 @@ def test_the_clipping_wrapper_leaves_after_checking_lightnings_clipping_once_and
         assert seen == expected
         assert "configure_gradient_clipping" not in vars(module)  # and none is left after the fit
     assert module.calls == 3  # the override ran (and was checked) at every step
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_validate_refuses_a_non_finite_value_whatever_the_rows_sum_to(dtype):
+    """``StepRecord.validate``'s finiteness shortcut (a finite sum: every value finite) takes what the value-by-value
+    check takes and refuses what it refuses: a NaN or an infinity among finite values, infinities of both signs, and
+    finite rows whose sum overflows are accepted."""
+    from lightning_influence.log.records import StepRecord
+
+    big = float(np.finfo(dtype).max)
+
+    def outcome(losses, grads=None):
+        record = StepRecord(step=7, epoch=0, batch_idx=0, micro_batches=1, lrs=[0.1], ids=np.arange(len(losses)),
+                            losses=np.asarray(losses, dtype), grads=None if grads is None else np.asarray(grads, dtype))
+        try:
+            record.validate()
+        except FloatingPointError as err:
+            return str(err)
+        return None
+
+    assert outcome([1.0, 2.0, 3.0]) is None
+    assert outcome([big, big, big]) is None and outcome([-big, -big]) is None  # finite values, their sum overflows
+    assert "step 7: non-finite per-sample loss for sample ids [1]" in outcome([1.0, float("nan"), 3.0])
+    assert "sample ids [0, 1]" in outcome([float("inf"), float("-inf"), 3.0])
+    assert "sample ids [2]" in outcome([big, big, float("inf")])
+    grads = np.ones((3, 4))
+    grads[2, 1] = float("nan")
+    assert "non-finite per-sample gradient for sample ids [2]" in outcome([1.0, 2.0, 3.0], grads)
+
+
+def test_losses_are_recorded_in_their_own_dtype_and_stored_as_float64(tmp_path):
+    """The step record keeps the per-sample losses as training computed them (float32 here, no conversion at every
+    step); the log stores them as float64, equal to them, and the live TensorBoard counts them at 8 bytes."""
+    from lightning_influence.tensorboard import LiveTensorBoard
+
+    records = []
+    add_step = LogWriter.add_step
+
+    def spy(self, record, checkpoint=None):
+        records.append(record)
+        return add_step(self, record, checkpoint)
+
+    module = tiny().float()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LogWriter, "add_step", spy)
+        fit(module, loader(make_data(dtype=torch.float32)), InfluenceTracker(str(tmp_path / "log")))
+    assert records and all(r.losses.dtype == np.float32 for r in records)
+    with InfluenceLog(tmp_path / "log") as log:
+        stored = list(log.iter_steps(fields=("loss",)))
+    assert len(stored) == len(records)
+    for rec, out in zip(records, stored):
+        assert out.losses.dtype == np.float64
+        np.testing.assert_array_equal(out.losses, rec.losses.astype(np.float64))
+
+    class Experiment:
+        def add_scalar(self, tag, value, step):
+            self.bytes = value if tag.endswith("bytes_recorded") else getattr(self, "bytes", None)
+
+    live = LiveTensorBoard(Experiment(), every=1)
+    live.on_step(0, records[0], 0)
+    assert live.experiment.bytes == records[0].ids.nbytes + 8 * len(records[0].losses)

@@ -90,7 +90,8 @@ class HostCopy:
         """The tree with every tensor as a numpy array, once the copies have completed."""
         if self._rows is not None:  # of_step's CPU rows: numpy views
             rows, random = self._rows
-            return {"rows": {k: t.detach().numpy() for k, t in rows.items()}, "checkpoint": None, "random": random}
+            return {"rows": {k: (t.detach() if t.requires_grad else t).numpy() for k, t in rows.items()},
+                    "checkpoint": None, "random": random}
         for e in self._events:
             e.synchronize()
         self._events = []

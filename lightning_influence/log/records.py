@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class StepRecord:
     micro_batches: int
     lrs: list[float]
     ids: np.ndarray
-    losses: np.ndarray | None = None
+    losses: np.ndarray | None = None  # in any float dtype (the tracker's: the losses' own); stored as float64
     grads: np.ndarray | None = None
     hvps: np.ndarray | None = None
     batch_grad_norm: float = float("nan")
@@ -59,16 +60,17 @@ class StepRecord:
                                  ("Hessian-gradient product", self.hvps, 2)):
             if rows is None:
                 continue
-            if len(rows) != n or np.ndim(rows) != ndim:
+            if len(rows) != n or (rows.ndim if type(rows) is np.ndarray else np.ndim(rows)) != ndim:
                 raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {n} sample ids")
-            if (self.skipped and ndim == 1) or np.isfinite(rows).all():  # the common case: one check
+            if (self.skipped and ndim == 1) or _finite(rows):  # the common case: one check
                 continue  # a skipped step's losses may overflow
             bad = ~np.isfinite(np.asarray(rows).reshape(n, -1)).all(axis=1)
             if bad.any():
                 raise FloatingPointError(
                     f"step {self.step}: non-finite {what} for sample ids {ids[bad].tolist()[:10]}; nothing of this step "
                     "was stored. Lower the learning rate or check these samples.")
-        if self.weights is not None and np.shape(self.weights) != ids.shape:
+        if self.weights is not None and (self.weights.shape if type(self.weights) is np.ndarray
+                                         else np.shape(self.weights)) != ids.shape:
             raise ValueError(f"step {self.step}: sample weight rows have shape {np.shape(self.weights)} for {n} sample ids")
         if self.hvps is not None and self.grads is None:
             raise ValueError(f"step {self.step}: HVP products need the gradient rows of the same step")
@@ -78,6 +80,20 @@ class StepRecord:
         for lr in self.lrs:
             if not math.isfinite(lr):
                 raise FloatingPointError(f"step {self.step}: non-finite learning rate {self.lrs}; nothing of this step was stored")
+
+
+def _finite(rows: Any) -> bool:
+    """Every value of ``rows`` is finite. A step's losses are when their sum as Python floats is (a NaN or an infinity
+    makes any sum one): this runs at every step, between two training steps, where numpy's mask of the values and its
+    reduction cost tens of µs and the Python sum a few. Other rows, and losses whose sum is not finite (or overflowed),
+    are checked value by value."""
+    if (type(rows) is np.ndarray and rows.ndim == 1 and rows.dtype.kind == "f" and len(rows) <= _SUMMED
+            and math.isfinite(sum(rows.tolist()))):
+        return True
+    return bool(np.isfinite(rows).all())
+
+
+_SUMMED = 4096  # 1-D rows up to this length take the Python sum
 
 
 @dataclass

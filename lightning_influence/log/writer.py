@@ -239,7 +239,9 @@ class LogWriter:
         if checkpoint is not None:
             self._add_checkpoint(checkpoint)
         self._steps.append(record)
-        self._bytes += self.storage_dtype.itemsize * sum(np.size(r) for r in (record.grads, record.hvps) if r is not None)
+        for rows in (record.grads, record.hvps):
+            if rows is not None:
+                self._bytes += self.storage_dtype.itemsize * np.size(rows)
         self._next_step = record.step + 1
         if self._first_accepted is None:
             self._first_accepted = record.step

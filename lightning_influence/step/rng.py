@@ -54,9 +54,12 @@ NONE = RandomState(None, np.zeros((0, CUDA_STATE_BYTES), np.uint8))
 """The state of a micro-batch that needs none (or of a log that did not record it)."""
 
 
+_CUDA_BUILT = torch.backends.cuda.is_built()  # a torch without CUDA never initialises it
+
+
 def cuda_devices() -> list[int]:
     """Indices of every CUDA device whose generator may have been used (all, once CUDA is initialised)."""
-    if not torch.cuda.is_initialized() or not torch.cuda.is_available():  # the cheaper question first
+    if not _CUDA_BUILT or not torch.cuda.is_initialized() or not torch.cuda.is_available():  # the cheapest first
         return []
     return list(range(torch.cuda.device_count()))
 
@@ -77,7 +80,8 @@ def started() -> RandomState:
     filled, where each one costs tens of µs, and a conversion to numpy is as dear as reading the state (only a state
     the forward drew from is converted, by :func:`drawn`). Outside ``torch.func`` transforms (Lightning's hooks).
     """
-    return RandomState(torch.default_generator.get_state(), capture().cuda if cuda_devices() else NONE.cuda)
+    return RandomState(torch.default_generator.get_state(),
+                       capture().cuda if _CUDA_BUILT and cuda_devices() else NONE.cuda)
 
 
 def drawn(before: RandomState, now: RandomState | None = None) -> RandomState:
@@ -92,10 +96,14 @@ def drawn(before: RandomState, now: RandomState | None = None) -> RandomState:
     if now is None:
         with _plain():
             now = RandomState(torch.get_rng_state(), capture().cuda if before.cuda.size else NONE.cuda)
-    cpu = before.cpu.numpy() if isinstance(before.cpu, torch.Tensor) else before.cpu
-    cpu_now = now.cpu.numpy() if isinstance(now.cpu, torch.Tensor) else now.cpu
-    if cpu is not None and cpu.tobytes() == cpu_now.tobytes():
-        cpu = None
+    cpu, cpu_now = before.cpu, now.cpu
+    if type(cpu) is torch.Tensor and type(cpu_now) is torch.Tensor:  # states from started(): compared as they are
+        cpu = None if torch.equal(cpu, cpu_now) else cpu.numpy()
+    else:
+        cpu = cpu.numpy() if isinstance(cpu, torch.Tensor) else cpu
+        cpu_now = cpu_now.numpy() if isinstance(cpu_now, torch.Tensor) else cpu_now
+        if cpu is not None and cpu.tobytes() == cpu_now.tobytes():
+            cpu = None
     if not before.cuda.size:  # the CUDA generators are read only where they were (at every step: the fewest calls)
         return NONE if cpu is None else RandomState(cpu, NONE.cuda)
     moved = now.cuda.shape != before.cuda.shape or not np.array_equal(now.cuda, before.cuda)
