@@ -10,7 +10,8 @@ For each model:
    (forward+backward of the training step alone), the same step with the hooks capturing, the
    hook engine's projection of the captures (``collect``), one own hooked pass (what each HVP
    scheme repeats: forward once, central twice) and ``vmap`` per-sample gradients; the last two
-   as per-sample gradient throughput (samples/s), hooks against vmap.
+   as per-sample gradient throughput (samples/s), hooks against vmap. And what bounds the hooks from below
+   (``read_floor``): the bytes they must read a step and how fast one core reads them out of cache.
 2. **Fit overhead**: ``Trainer.fit`` with the tracker at each level and without it. A round runs, for each level,
    a pair: the level's fit and one without the tracker, each in a process of its own (a fresh heap, the main thread:
    as a user's run), taking turns of ``--turn`` steps (``_Turns``; which goes first alternates): both see the same
@@ -90,7 +91,7 @@ from lightning_influence.capture import (  # noqa: E402
     select_params,
 )
 from lightning_influence.capture import layers  # noqa: E402
-from lightning_influence.capture.layers import foldable_biases  # noqa: E402
+from lightning_influence.capture.layers import capture_owners, foldable_biases  # noqa: E402
 from lightning_influence.capture.own_pass import OwnPasses  # noqa: E402
 
 K = 256
@@ -170,6 +171,37 @@ def _fastest(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
     return best
 
 
+def read_floor(module: pl.LightningModule, batch: Any, names: list[str], reps: int) -> dict[str, float]:
+    """What bounds the hooks from below: the MiB a step they read at least (every hooked call's input and output
+    gradient, the size of its output, each read once) and how fast one core reads memory out of cache, GB/s: streamed
+    (a sum) and by a side projection ``(4096, 512) @ (512, 16)`` (a GEMM, which copies its input into panels first);
+    fastest of ``reps``, each after writing 256 MiB elsewhere."""
+    owners = capture_owners(module)
+    hooked = {id(mod): mod for n in names for _, mod, _ in owners[n]}
+    read = [0]
+
+    def count(mod: torch.nn.Module, args: tuple, out: Any) -> None:
+        read[0] += sum(t.nbytes for t in (args[0], out) if isinstance(t, torch.Tensor))
+
+    handles = [mod.register_forward_hook(count) for mod in hooked.values()]
+    with torch.no_grad():
+        module.per_sample_loss(batch)
+    for handle in handles:
+        handle.remove()
+    x, p, evict = torch.randn(4096, 512), torch.randn(512, 16), torch.empty(64 << 20)
+
+    def rate(fn: Callable[[], Any]) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            evict.fill_(1.0)
+            t0 = clock()
+            fn()
+            best = min(best, clock() - t0)
+        return x.nbytes / best / 1e9
+
+    return {"hook_read_mib": read[0] / 2**20, "streamed_gb_s": rate(x.sum), "projected_gb_s": rate(lambda: x @ p)}
+
+
 def step_costs(name: str, reps: int) -> dict[str, float]:
     """Floor, hooks, projection, own pass and vmap per step of model ``name`` (ms), and samples/s."""
     factory, ds, batch_size = make(name, 1)
@@ -211,6 +243,7 @@ def step_costs(name: str, reps: int) -> dict[str, float]:
         "vmap_ms": ms["vmap"],
         "hooks_samples_per_s": 1e3 * batch_size / ms["own hooked pass"],
         "vmap_samples_per_s": 1e3 * batch_size / ms["vmap"],
+        **read_floor(module, batch, names, reps),
     }
 
 
@@ -399,6 +432,10 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
           f"own hooked pass {c['own_pass_ms']:.1f} ms, vmap {c['vmap_ms']:.1f} ms")
     print(f"  per-sample gradients: hooks {c['hooks_samples_per_s']:.0f} samples/s, vmap {c['vmap_samples_per_s']:.0f} "
           f"samples/s ({c['vmap_ms'] / c['own_pass_ms']:.1f}x)")
+    mib, proj = c["hook_read_mib"], next((r for r in fits["levels"] if r["level"] == "+proj. gradients k=256"), None)
+    print(f"  hooks read {mib:.1f} MiB a step at least: {mib * 1.048576 / c['streamed_gb_s']:.1f} ms streamed "
+          f"({c['streamed_gb_s']:.1f} GB/s out of cache), {mib * 1.048576 / c['projected_gb_s']:.1f} ms at a side "
+          f"projection's {c['projected_gb_s']:.1f} GB/s" + (f"; in the fits {proj['hooks_ms_per_step']:.1f} ms" if proj else ""))
     print(f"  {'level':<24}{'ratio':>7}{'spread':>13}{'target':>8}{'met':>5}{'+ms/step':>10}"
           f"{'hooks':>8}{'passes':>8}{'fd':>6}{'tracker':>8}{'writer':>8}{'other':>8}{'fit':>7}{'thread':>8}"
           f"{'spread':>13}{'faults':>8}")

