@@ -91,7 +91,8 @@ def assemble(trainer: Any, step: int, optimizer: torch.optim.Optimizer, pending:
     if recorder.checks_reduction:  # a sum or any other reduction than the mean is refused (step.weights): first step
         recorder.check_losses(
             step, [(m.returned, m.observed if m.observed is not None else m.losses, m.accumulate) for m in micro], trainer)
-    recorder.record(record, [m.ids.shape[0] for m in micro], [m.accumulate for m in micro], world_size, optimizer)
+    sizes = [m.ids.shape[0] for m in micro]  # read once (the weights' key, the micro-batch records)
+    recorder.record(record, sizes, [m.accumulate for m in micro], world_size, optimizer)
     if record_losses:
         rows["losses"] = micro[0].losses if len(micro) == 1 else torch.cat([m.losses for m in micro])
     if isinstance(record.clip_coef, Tensor):
@@ -105,14 +106,16 @@ def assemble(trainer: Any, step: int, optimizer: torch.optim.Optimizer, pending:
         # one fused call (per-tensor kernels on the CPU: the values of vector_norm tensor by tensor)
         norms = torch.stack(torch._foreach_norm(list(grad_dir.values())))
         rows["batch_grad_norm"] = torch.linalg.vector_norm(norms)  # the HVP products reuse the norms (step direction)
-    record_execution(scaler, record, micro, grad_dir)
+    record_execution(scaler, record, micro, sizes, grad_dir)
     return record, rows, grad_dir, norms
 
 
-def record_execution(scaler: Any, record: StepRecord, micro: list[TrackedMicroBatch], grads: dict[str, Tensor]) -> None:
-    """Micro-batch sizes and inputs, the GradScaler factor and whether it skips this step (``scaler``: the run's
-    GradScaler, ``None`` without one). The random states are set by :func:`fill_record` (see :func:`random_states`)."""
-    record.micro = [MicroRecord(m.ids.shape[0], inputs=m.inputs) for m in micro]
+def record_execution(scaler: Any, record: StepRecord, micro: list[TrackedMicroBatch], sizes: list[int],
+                     grads: dict[str, Tensor]) -> None:
+    """Micro-batch sizes (``sizes``) and inputs, the GradScaler factor and whether it skips this step (``scaler``: the
+    run's GradScaler, ``None`` without one). The random states are set by :func:`fill_record` (see
+    :func:`random_states`)."""
+    record.micro = [MicroRecord(size, inputs=m.inputs) for m, size in zip(micro, sizes)]
     if scaler is not None:
         record.grad_scale = float(scaler.get_scale())
         # on_before_optimizer_step runs after GradScaler.unscale_: a non-finite gradient makes it skip the step

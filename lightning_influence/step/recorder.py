@@ -104,7 +104,7 @@ class StepRecorder:
                optimizer: torch.optim.Optimizer) -> None:
         """Fill ``record``'s weights, divisor and clipping (before Lightning clips; ``record.clip_coef`` is left a
         0-d device tensor, copied to the host with the step's rows)."""
-        if len(set(accumulate)) != 1:
+        if len(accumulate) > 1 and len(set(accumulate)) != 1:
             raise RuntimeError(f"step {record.step}: accumulate_grad_batches changed inside one optimizer step {list(accumulate)}")
         key = (tuple(micro_sizes), accumulate[0], world_size)
         if self._weights is None or self._weights[0] != key:  # the same at almost every step: computed once
