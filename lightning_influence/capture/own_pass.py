@@ -119,17 +119,17 @@ class OwnPasses:
                    params: Mapping[str, Tensor] | None) -> Tensor:
         """Projected per-sample gradients of ``names`` no hook covers: ``vmap`` over samples, or, when the forward
         drew random numbers (dropout), one batched forward with the step's masks (``per_sample_grads_masked``)."""
-        if micro.drew:
-            was = self.capture is not None and self.capture.enabled
-            if was:
-                self.capture.disable()  # its plain forward must not feed the hooks
-            try:
+        was = self.capture is not None and self.capture.enabled
+        if was:
+            self.capture.disable()  # its passes must not feed the hooks (nor run the layer engines under vmap)
+        try:
+            if micro.drew:
                 return per_sample_grads_masked(module, self.loss, micro, self.precision, names, params, self.projector)
-            finally:
-                if was:
-                    self.capture.enabled = True
-        with self.replaying(micro):
-            return per_sample_grads_vmap(module, self.loss, micro.batch, names, self.projector, params=params)
+            with self.replaying(micro):
+                return per_sample_grads_vmap(module, self.loss, micro.batch, names, self.projector, params=params)
+        finally:
+            if was:
+                self.capture.enabled = True
 
     def losses(self, module: nn.Module, micro: MicroBatch) -> Tensor:
         with self.replaying(micro), torch.no_grad():
