@@ -178,6 +178,19 @@ def test_layer_norm_sums_by_chunks_of_samples(monkeypatch, case):
     assert torch.equal(rows[1], rows[B]) and torch.equal(rows[3], rows[B])
 
 
+def test_vmap_part_of_a_mixed_model_runs_with_the_hooks_paused():
+    """A capture left enabled by its caller: the vmap pass for the parameters no hook covers runs with the hooks off
+    (the layer engines never see vmap's batched tensors: nothing pending after), and the capture is enabled again."""
+    model, batch = make("mixed-pos-embedding")
+    names = select_params(model)
+    proj = projector_for(model, names, 8)
+    capture = HookGradientCapture(model, [n for n in names if n != "body.0.pos"], proj)
+    capture.enable()
+    grads, _ = per_sample_grads(model, seq_loss, batch, names, proj, capture)
+    assert capture.enabled and capture.pending == 0
+    torch.testing.assert_close(grads, proj.project(brute_force(model, seq_loss, batch, names)), rtol=1e-10, atol=1e-12)
+
+
 class FewChannels(nn.Module):
     """A first convolution on one channel (its projected columns, k_cols a position, outgrow the input), a second on
     four with stride 2 (its columns are smaller than its input)."""

@@ -12,6 +12,8 @@ gradients from the step's own backward. Pure torch: no Lightning imports.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -119,17 +121,12 @@ class OwnPasses:
                    params: Mapping[str, Tensor] | None) -> Tensor:
         """Projected per-sample gradients of ``names`` no hook covers: ``vmap`` over samples, or, when the forward
         drew random numbers (dropout), one batched forward with the step's masks (``per_sample_grads_masked``)."""
-        was = self.capture is not None and self.capture.enabled
-        if was:
-            self.capture.disable()  # its passes must not feed the hooks (nor run the layer engines under vmap)
-        try:
+        # its passes must not feed the hooks (nor run the layer engines under vmap)
+        with contextlib.nullcontext() if self.capture is None else self.capture.paused():
             if micro.drew:
                 return per_sample_grads_masked(module, self.loss, micro, self.precision, names, params, self.projector)
             with self.replaying(micro):
                 return per_sample_grads_vmap(module, self.loss, micro.batch, names, self.projector, params=params)
-        finally:
-            if was:
-                self.capture.enabled = True
 
     def losses(self, module: nn.Module, micro: MicroBatch) -> Tensor:
         with self.replaying(micro), torch.no_grad():

@@ -18,9 +18,10 @@ Both assume samples do not interact in the forward pass (no BatchNorm in train m
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -191,6 +192,15 @@ class HookGradientCapture:
         """Stop capturing new forward calls; already captured calls can still be collected."""
         self.enabled = False
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No capturing inside (a pass of another engine: vmap, a reference pass), the state as before after."""
+        was_enabled, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = was_enabled
+
     def clear(self) -> None:
         """Drop captured state."""
         for records in self._records.values():
@@ -240,19 +250,16 @@ class HookGradientCapture:
         """
         modes = {m: m.training for m in model.modules()}
         devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-        was_enabled = self.enabled
         try:
             with torch.random.fork_rng(devices=devices):
                 model.eval()
                 hooked, _ = per_sample_grads_hooks(model, loss_fn, batch, self)
                 one = pytree.tree_map(lambda x: x[sample:sample + 1] if isinstance(x, Tensor) else x, batch)
                 params = dict(model.named_parameters())
-                self.enabled = False  # the sample's own pass is the reference: not captured
-                with torch.enable_grad():
+                with self.paused(), torch.enable_grad():  # the sample's own pass is the reference: not captured
                     grads = torch.autograd.grad(loss_fn(model, one)[0], [params[n] for n in self.param_names],
                                                 allow_unused=True)
         finally:
-            self.enabled = was_enabled
             for m, mode in modes.items():
                 m.training = mode
         found = {n: g.detach()[None].to(hooked.dtype) for n, g in zip(self.param_names, grads) if g is not None}
@@ -440,6 +447,7 @@ def per_sample_grads(
     rest = [n for n in param_names if capture is None or n not in capture.param_names]  # after a demotion
     if rest:
         torch.set_rng_state(state)
-        vmapped = per_sample_grads_vmap(model, loss_fn, batch, rest, projector, params=params)
+        with contextlib.nullcontext() if capture is None else capture.paused():  # the hooks off under vmap
+            vmapped = per_sample_grads_vmap(model, loss_fn, batch, rest, projector, params=params)
         grads = vmapped if grads is None else grads + vmapped
     return grads, losses
