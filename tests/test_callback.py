@@ -95,17 +95,21 @@ def test_mixed_engine_rows_equal_brute_force(log_dir, routed):
         np.testing.assert_allclose(rec.grads, expected.numpy(), rtol=1e-10, atol=1e-12)
 
 
-def test_float64_storage_is_exact_and_hvp_products_match_exact_hvp(log_dir):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_float64_storage_is_exact_and_hvp_products_match_exact_hvp(log_dir, mixed):
+    """Also with a bare parameter no hook covers (``mixed``: its rows, in the step and in the HVP passes, by vmap)."""
+    model = (lambda: tiny(extra=_Shift())) if mixed else tiny
     ds = make_data(12)
     tracker = InfluenceTracker(log_dir, record_gradients=True, record_hvp=True, checkpoint_every_n_steps=1,
                                storage_dtype="float64", hvp_eps=1e-4)
-    fit(tiny(), loader(ds, batch_size=4), tracker, epochs=1)
+    fit(model(), loader(ds, batch_size=4), tracker, epochs=1)
     log = InfluenceLog(log_dir)
-    module = tiny()
+    assert log.meta["gradient_engine"] == ("mixed" if mixed else "hooks")
+    module = model()
     names = log.param_names
     for rec in log.iter_steps(fields=("grad", "hvp")):
         theta = {n: torch.from_numpy(v) for n, v in log.checkpoint(rec.step).items()}
-        assert np.abs(rec.grads - brute_grads(tiny(), log.checkpoint(rec.step), ds, rec.ids, names).numpy()).max() < 1e-12
+        assert np.abs(rec.grads - brute_grads(model(), log.checkpoint(rec.step), ds, rec.ids, names).numpy()).max() < 1e-12
         x = torch.stack([ds[int(i)][0] for i in rec.ids])
         y = torch.stack([ds[int(i)][1] for i in rec.ids])
 

@@ -373,10 +373,11 @@ def per_sample_grads_vmap(
         call = {**fixed, **{"m." + n: t for n, t in p.items()}}
         return functional_call(wrapper, call, (one,))[0]
 
-    grads = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(
-        diff, tensors
-    )
-    return projector.project(grads, partial=len(diff) != len(projector.block_of))
+    with torch.no_grad():  # grad differentiates inside; no graph to the live parameters outside (rows are data)
+        grads = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(
+            diff, tensors
+        )
+        return projector.project(grads, partial=len(diff) != len(projector.block_of))
 
 
 def per_sample_grads_hooks(
