@@ -91,3 +91,30 @@ def test_memo_is_exact_only_for_the_same_unchanged_input():
     memo.reuse = False
     fresh, _ = per_sample_grads_hooks(model, loss, (x, y), capture, params)
     assert torch.equal(stale, fresh)
+
+
+def test_bf16_autocast_hvp_passes_keep_float32_columns(tmp_path, monkeypatch):
+    """Under ``bf16-mixed`` the passes at θ ± ε v̂ run the forward under the run's autocast, and the conv's column side
+    (memoised, so made in the forward hook) came out in bfloat16: the block's product with the float32 output gradient
+    failed at the first step. The engines' forward-side products now run outside autocast (float32, as ``_wide``
+    means them)."""
+    from lightning_influence.capture.layers import ConvEngine
+
+    dtypes: list[torch.dtype] = []
+    columns = ConvEngine._columns
+
+    def recorded(self, *args):
+        out = columns(self, *args)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(ConvEngine, "_columns", recorded)
+    torch.manual_seed(0)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=4)
+    fit(_ConvNet().float(), loader(make_data(24, dtype=torch.float32), batch_size=6), tracker, epochs=1,
+        precision="bf16-mixed")
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["precision"]["autocast_dtype"] == "bfloat16"
+    rows = np.concatenate([np.concatenate([r.grads, r.hvps]) for r in log.iter_steps(fields=("grad", "hvp"))])
+    assert len(rows) == 2 * 24 and np.isfinite(rows).all() and np.abs(rows).max() > 0
+    assert dtypes and set(dtypes) == {torch.float32}

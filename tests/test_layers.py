@@ -420,3 +420,25 @@ def test_tied_embedding_and_output_layer_add_up():
     grads, _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
     torch.testing.assert_close(grads, proj.project(brute_force(model, seq_loss, batch, names)), rtol=1e-10, atol=1e-12)
     assert capture.verify(model, seq_loss, batch) == []
+
+
+def test_projected_columns_stay_float32_under_autocast():
+    """A Linear fed a float32 batch inside bf16 autocast: its projected columns ``x P_c`` are taken in float32 (autocast
+    rounded them to bfloat16: rows off by ~1e-3). The loss is linear in the output with bf16-exact coefficients, so the
+    output gradient is exact and the rows equal the float64 projection of ``c ⊗ x_b``."""
+    torch.manual_seed(0)
+    model = nn.Linear(40, 30)
+    c = torch.randint(-3, 4, (30,)).float()
+    x = torch.randn(B, 40)
+    names = ["weight", "bias"]
+    proj = KroneckerProjector({n: p.shape for n, p in model.named_parameters()}, dim=64, seed=5)
+    capture = HookGradientCapture(model, names, proj)
+    capture.enable()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = (model(x) * c).sum(1)
+    capture.disable()
+    losses.sum().backward()
+    rows = capture.collect(torch.ones(B))
+    expected = proj.project({"weight": c.double()[None, :, None] * x.double()[:, None, :],
+                             "bias": c.double().expand(B, -1)})
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-6, atol=1e-6)

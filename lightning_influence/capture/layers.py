@@ -40,6 +40,7 @@ interact inside the layer. Computations run in ``float32`` or wider.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -63,6 +64,14 @@ Record = list  # [what the forward kept, the call's Blocks (None until the backw
 def _wide(t: Tensor) -> Tensor:
     """``t`` in float32 or wider (half-precision activations are projected in float32)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _own_precision(t: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``t``'s device where the run's is on: an engine's forward-side products (projected columns) are
+    in float32 or wider, as :func:`_wide` means them; under autocast they came out in its dtype (a convolution's
+    columns, bfloat16 against the float32 output gradient, failed the block's product in the HVP passes)."""
+    device = t.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def _tokens(t: Tensor) -> Tensor:
@@ -144,10 +153,11 @@ class LayerEngine:
             inp = args[0] if args else kwargs["input"]
             saved = memo.get(module, inp) if memo is not None and memo.reuse else None  # (the flags: no call per step)
             if saved is None:
-                saved = self.save(module, inp, targets, projector, output)
-                if memo is not None and memo.keep and memo.wants(inp):  # reused by the passes that follow: done once
-                    saved = self.settle(module, saved, targets, projector)
-                    memo.put(module, inp, saved)
+                with _own_precision(inp):
+                    saved = self.save(module, inp, targets, projector, output)
+                    if memo is not None and memo.keep and memo.wants(inp):  # reused by the passes that follow: once
+                        saved = self.settle(module, saved, targets, projector)
+                        memo.put(module, inp, saved)
             record: Record = [saved, None, _edge(output)]
             records.append(record)
 
@@ -488,8 +498,9 @@ class AttentionEngine(LayerEngine):
             y = linear(x, weight, bias)
             w, b = block_of(weight), block_of(bias)
             if (w or b) and y.requires_grad:
-                record: Record = [projector.project_cols(w[0], seq_first(x.detach())) if w else None, None,
-                                  _edge(y)]
+                with _own_precision(x):
+                    cols = projector.project_cols(w[0], seq_first(x.detach())) if w else None
+                record: Record = [cols, None, _edge(y)]
                 records.append(record)
 
                 def on_grad(g: Tensor) -> None:
