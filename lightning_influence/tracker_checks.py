@@ -28,13 +28,19 @@ __all__ = ["check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit"
 
 
 def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) -> None:
-    """Automatic optimization, a single-device or DDP strategy, and a ``per_sample_loss`` when losses are needed."""
+    """Automatic optimization, a single-device or DDP strategy, no bfloat16 parameters, and a ``per_sample_loss`` when
+    losses are needed."""
     if not module.automatic_optimization:
         raise RuntimeError("InfluenceTracker needs automatic optimization (one optimizer.step per training step); "
                            "manual optimization is not supported")
     strategy = type(trainer.strategy).__name__
     if strategy not in ("SingleDeviceStrategy", "DDPStrategy"):
         raise RuntimeError(f"InfluenceTracker supports single-device and DDP training, not {strategy}")
+    bf16 = [n for n, p in module.named_parameters() if p.requires_grad and p.dtype == torch.bfloat16]
+    if bf16:  # the checkpoints (and the loss rows) are numpy/HDF5 arrays, which have no bfloat16
+        raise RuntimeError(f"InfluenceTracker cannot store bfloat16 parameters ({bf16[:3]}{', ...' if len(bf16) > 3 else ''}: "
+                           "precision='bf16-true' or a bf16 model) in its log: train with precision='bf16-mixed' "
+                           "(float32 parameters under bfloat16 autocast), in float16 or in float32")
     if needs_loss and not has_loss_fn and not callable(getattr(module, "per_sample_loss", None)):
         raise TypeError(
             f"{type(module).__name__} has no per_sample_loss(batch) method; define one returning the "

@@ -410,6 +410,27 @@ def test_unsupported_strategy_and_manual_optimization_are_refused(tmp_path):
         epoch_fit(tmp_path / "log", None, epochs=1, module=Manual().double())
 
 
+@pytest.mark.parametrize("how", ["bf16-true", "bf16 module"])
+def test_bfloat16_parameters_are_refused_before_the_first_step(tmp_path, how):
+    """numpy (and HDF5) have no bfloat16: a bf16 model's checkpoint failed deep in the first step's host copy
+    ("Got unsupported ScalarType BFloat16"); it is refused at the fit's start, before any training step."""
+    from conftest import fit, loader
+
+    steps = []
+
+    class Counted(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            steps.append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    module = Counted().float() if how == "bf16-true" else Counted().to(torch.bfloat16)
+    ds = make_data(12, dtype=torch.float32 if how == "bf16-true" else torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"bfloat16.*\['net.0.weight', .*precision='bf16-mixed'"):
+        fit(module, loader(ds), InfluenceTracker(str(tmp_path / "log"), record_losses=True), epochs=1,
+            precision="bf16-true" if how == "bf16-true" else "32-true")
+    assert steps == []
+
+
 class DictBatches(torch.utils.data.Dataset):
     """Dict samples without an ``ids`` key: the tracker cannot know which samples a step used."""
 
