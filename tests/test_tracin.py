@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import fit, loader, make_data, tiny
+from conftest import TinyClassifier, fit, loader, make_data, tiny
 from lightning_influence import InfluenceLog, InfluenceTracker, tracin
 from lightning_influence.queries import mean_loss, sample_losses
 
@@ -123,3 +123,18 @@ def test_tracin_self_influence_equals_brute_force(tmp_path):
     np.testing.assert_allclose(parts, got.column(0), rtol=1e-12)
     with pytest.raises(TypeError, match="takes no query"):
         tracin_self_influence(log, mean_loss(make_data(4).tensors))
+
+
+@pytest.mark.parametrize("precision", ["16-true", "32-true"])
+def test_tracin_module_in_another_dtype_than_the_log_is_refused_with_what_to_do(tmp_path, precision):
+    """A float32 module against a float16 log (precision='16-true') failed deep in torch ("mat1 and mat2 must have the
+    same dtype"); tracin checks the module against the checkpoint as replay, DIT and Diff-In do (also where the
+    log's dtype would have carried the computation: a float64 log, whose float32 module's buffers would not follow)."""
+    half = precision == "16-true"
+    ds = make_data(8, dtype=torch.float32 if half else torch.float64)
+    module = TinyClassifier().float() if half else tiny()
+    fit(module, loader(ds, batch_size=4), InfluenceTracker(str(tmp_path), record_gradients=True), epochs=1,
+        precision=precision)
+    logged = "torch.float16" if half else "torch.float64"
+    with pytest.raises(ValueError, match=rf"is torch.float32 in the module but {logged} in the log: convert the module"):
+        tracin(InfluenceLog(tmp_path), mean_loss(ds.tensors), module=TinyClassifier().float())

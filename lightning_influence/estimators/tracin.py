@@ -27,6 +27,7 @@ from lightning_influence.log.blocks import RowBlock
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
 from lightning_influence.queries import Query, query_gradients, query_names
+from lightning_influence.replay import checkpoint_params
 
 QueryGradients = Mapping[int, np.ndarray]  # checkpoint step -> (Q, K) projected query gradients
 
@@ -36,11 +37,10 @@ def checkpoint_query_gradients(log: InfluenceLog, module: nn.Module, query: Quer
     """Projected query gradients ``(Q, K)`` at each checkpoint (``module`` supplies the architecture)."""
     projector = log.projector()
     names = log.param_names
-    device = next(module.parameters()).device  # the query runs where the module is (e.g. a GPU)
     out: dict[int, np.ndarray] = {}
     qnames: list[str] = []
     for t in steps if steps is not None else log.checkpoint_steps:
-        params = {n: torch.from_numpy(v).to(device) for n, v in log.checkpoint(t).items()}
+        params = checkpoint_params(log, module, t)  # checked against the module; where the module is (e.g. a GPU)
         grads, values = query_gradients(module, query, names, params)
         out[t] = projector.project(grads).double().cpu().numpy()
         qnames = query_names(query, len(values))
