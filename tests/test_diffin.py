@@ -456,3 +456,46 @@ def test_estimators_on_a_log_that_starts_after_step_0(tmp_path):
     gn_local = dit_gauss_newton(log, query, module=Quad(), window=(first, log.num_steps), local=True)
     np.testing.assert_array_equal(gn.column(0), gn_local.column(0))  # the whole log is the window from θ_4
     log.close()
+
+
+def test_published_form_over_all_samples_on_fused_attention(tmp_path):
+    """A model calling ``F.scaled_dot_product_attention``: the published form with ``samples="all"`` takes exact
+    per-sample HVPs (forward-over-reverse) away from the step's batches, which CPU's fused attention kernel cannot
+    differentiate ("Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu"); they now run through
+    the math kernel as every other HVP pass (``exact_kernels``). Reference: the same call with the math kernel held by
+    the caller. In float32: float64 attention takes the math kernel anyway."""
+    import lightning.pytorch as pl
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from conftest import fit, loader
+
+    class Attn(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.qkv, self.head = nn.Embedding(7, 4), nn.Linear(4, 12), nn.Linear(2, 3)
+
+        def per_sample_loss(self, batch):
+            b, t = batch[0].shape
+            q, k, v = self.qkv(self.emb(batch[0])).view(b, t, 3, 2, 2).permute(2, 0, 3, 1, 4)  # 2 heads
+            h = F.scaled_dot_product_attention(q, k, v, is_causal=True).mean((1, 2))
+            return F.cross_entropy(self.head(h), batch[1], reduction="none")
+
+        def training_step(self, batch, batch_idx):
+            return self.per_sample_loss(batch).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randint(0, 7, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g))
+    torch.manual_seed(0)
+    fit(Attn(), loader(ds, batch_size=4), InfluenceTracker(str(tmp_path), record_gradients=True,
+                                                                     checkpoint_every_n_steps=1), epochs=1)
+    log = InfluenceLog(tmp_path)
+    query = mean_loss(ds.tensors)
+    torch.manual_seed(0)
+    got = diffin(log, query, module=Attn(), train_data=ds, form="published", samples="all").column(0)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = diffin(log, query, module=Attn(), train_data=ds, form="published", samples="all").column(0)
+    assert np.isfinite(got).all() and np.abs(got).max() > 0
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=0)  # float32: the rest of the call used the fused kernel

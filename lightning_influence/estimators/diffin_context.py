@@ -23,7 +23,7 @@ from lightning_influence.queries import LossFn, Query, evaluation_mode, query_gr
 from lightning_influence.replay import TrainData, batch_from_ids, checkpoint_params, functional_loss, load_step, replay
 from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
-from lightning_influence.step.micro import Step, per_sample_grads_masked
+from lightning_influence.step.micro import Step, exact_kernels, per_sample_grads_masked
 from lightning_influence.step.precision import Precision
 
 __all__ = ["FD_EDGE", "HVP_MODES", "Vectors", "batch_hvp"]
@@ -266,8 +266,8 @@ def _per_sample_hvp_exact(ctx: _Context, params: Mapping[str, Tensor], batch: An
         g = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different")(p, tensors)
         return {n: g[n] for n in ctx.names}
 
-    with evaluation_mode(ctx.module):  # not a step's batch: dropout off (as a query)
-        _, hv = jvp(per_sample, (primals,), (tangents,))
+    with evaluation_mode(ctx.module), exact_kernels():  # not a step's batch: dropout off (as a query); attention
+        _, hv = jvp(per_sample, (primals,), (tangents,))  # through its math kernel (the fused ones have no forward AD)
     return ctx.projector.project(hv).detach()
 
 
