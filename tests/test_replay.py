@@ -293,3 +293,27 @@ def test_replay_loo_detects_a_wrong_reference(tmp_path_factory):
     bad = lambda ids: (train_data(ids)[0] + 0.5, train_data(ids)[1])  # noqa: E731
     with pytest.raises(ReplayMismatchError, match="does not reproduce the logged run: at step 4"):
         replay_loo(log, model(), bad, QUERY, sample_ids=[0], loss_fn=loss_fn)
+
+
+def test_frozen_parameters_in_the_optimizer_replay_bit_for_bit(tmp_path):
+    """A frozen layer whose parameters the optimizer still holds (``torch.optim.X(self.parameters())`` with
+    ``requires_grad_(False)``: fine-tuning's usual pattern). They have no gradient, so the optimizer never updates them,
+    and the log has no checkpoint of them; its optimizer groups listed them, and replay (every DIT/Diff-In call)
+    refused the matching module ("the module does not match the log"). The groups now hold the trainable parameters."""
+    from lightning_influence import InfluenceTracker
+    from lightning_influence.estimators import dit
+    from lightning_influence.queries import mean_loss
+    from tests.conftest import fit, loader, make_data, tiny
+
+    def model():
+        m = tiny(momentum=0.9, weight_decay=0.01)
+        m.net[0].requires_grad_(False)
+        return m
+
+    ds = make_data(16)
+    fit(model(), loader(ds, batch_size=4), InfluenceTracker(str(tmp_path), checkpoint_every_n_steps=2), epochs=1)
+    log = InfluenceLog(tmp_path)
+    assert [g["params"] for g in log.meta["optimizer"]["param_groups"]] == [["net.3.weight", "net.3.bias"]]
+    steps = [rs.step for rs in replay(log, model(), WithIds(ds), 0, None, tolerance=0.0)]
+    assert steps[-1] == log.num_steps
+    assert np.isfinite(dit(log, mean_loss(ds.tensors), module=model(), train_data=ds).column(0)).all()
