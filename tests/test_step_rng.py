@@ -435,3 +435,26 @@ def test_exact_kernels_are_per_thread_and_leave_the_process_flags_alone():
         with exact_kernels():
             got = F.scaled_dot_product_attention(q, k, v, **kw)
         assert torch.equal(got, expected)
+
+
+def test_dit_on_stored_inputs_needs_no_dataset(tmp_path):
+    """``store_inputs=True`` promises estimators that need no dataset (a randomly augmented one cannot give the inputs
+    back): DIT refused ``train_data=None`` up front although its replay and step batches read the stored inputs; it
+    now runs, and equals the call given a dataset (whose samples the stored inputs override)."""
+    from lightning_influence.estimators import dit, timeline
+    from lightning_influence.queries import mean_loss
+
+    ds = _Augmented(make_data(12))
+    fit(tiny(dropout=0.2, momentum=0.9), loader(ds), InfluenceTracker(str(tmp_path), store_inputs=True,
+                                                                       checkpoint_every_n_steps=2), epochs=1)
+    log = InfluenceLog(tmp_path)
+    query = mean_loss(make_data(4, seed=5).tensors)
+    got = dit(log, query, module=tiny(dropout=0.2, momentum=0.9))
+    given = dit(log, query, module=tiny(dropout=0.2, momentum=0.9), train_data=ds)
+    assert np.isfinite(got.column(0)).all() and np.abs(got.column(0)).max() > 0
+    np.testing.assert_array_equal(got.column(0), given.column(0))
+    tl = timeline(log, query, module=tiny(dropout=0.2, momentum=0.9))  # F_j(T) - F_j(0): the whole run's DIT
+    np.testing.assert_allclose(tl.values[:, -1, 0] - tl.values[:, 0, 0], got.column(0), rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="DIT needs `train_data`"):  # without stored inputs it is still needed
+        fit(tiny(), loader(make_data(12)), InfluenceTracker(str(tmp_path / "plain")), epochs=1)
+        dit(InfluenceLog(tmp_path / "plain"), query, module=tiny())

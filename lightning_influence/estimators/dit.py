@@ -69,8 +69,9 @@ def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_f
              tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> _Context:
     if module is None:
         raise ValueError("DIT needs `module` (the architecture; weights come from the log)")
-    if train_data is None:
-        raise ValueError("DIT needs `train_data` (the training samples by id) to replay the run and take gradients")
+    if train_data is None and not log.meta.get("inputs_stored"):  # else the replay and step batches read those
+        raise ValueError("DIT needs `train_data` (the training samples by id) to replay the run and take gradients "
+                         "(or a log of InfluenceTracker(store_inputs=True))")
     return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
 
 
@@ -107,7 +108,7 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
     Args:
         log: the influence log (ids, learning rates, checkpoints).
         module: the architecture; weights come from the log's checkpoints (replayed between them).
-        train_data: training samples by id (dataset or callable ``ids -> batch``).
+        train_data: training samples by id (dataset or callable ``ids -> batch``); ``None`` for a log with stored inputs.
         query: ``f(module) -> scalar or (Q,)`` (see :mod:`lightning_influence.queries`); the
             ``Q`` outputs are swept together.
         window: steps ``(t1, t2)``, fractions ``(0.5, 1.0)``, ``("epoch", a, b)`` or a string
