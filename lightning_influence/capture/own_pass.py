@@ -13,7 +13,6 @@ gradients from the step's own backward. Pure torch: no Lightning imports.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
