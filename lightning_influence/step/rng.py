@@ -80,8 +80,7 @@ def started() -> RandomState:
     filled, where each one costs tens of µs, and a conversion to numpy is as dear as reading the state (only a state
     the forward drew from is converted, by :func:`drawn`). Outside ``torch.func`` transforms (Lightning's hooks).
     """
-    return RandomState(torch.default_generator.get_state(),
-                       capture().cuda if _CUDA_BUILT and cuda_devices() else NONE.cuda)
+    return RandomState(torch.default_generator.get_state(), capture().cuda if cuda_devices() else NONE.cuda)
 
 
 def drawn(before: RandomState, now: RandomState | None = None) -> RandomState:
