@@ -40,8 +40,9 @@ class _Context:
                  eps0: float | None, verify: bool, chunk_size: int) -> None:
         if module is None:
             raise ValueError("Diff-In needs `module` (the architecture; weights come from the log)")
-        if train_data is None:
-            raise ValueError("Diff-In needs `train_data` (the training samples by id) for the Hessian-vector products")
+        if train_data is None and not log.meta.get("inputs_stored"):  # else the replay and step batches read those
+            raise ValueError("Diff-In needs `train_data` (the training samples by id) for the Hessian-vector products "
+                             "(or a log of InfluenceTracker(store_inputs=True))")
         if hvp not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
         if not log.recorded.get("gradients"):
