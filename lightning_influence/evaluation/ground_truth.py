@@ -266,7 +266,9 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
 
             if step.skipped:  # a step the GradScaler skipped changes nothing
                 pass
-            elif step.drew:  # dropout: a forward inside vmap may draw other masks than training did, so copy by copy
+            elif step.drew or step.precision.autocast_device is not None:
+                # copy by copy: a forward inside vmap may draw other dropout masks than training did, and its batched
+                # kernels round other than training's under autocast (bf16: the reference copy left the run by 0.4%)
                 for c in range(C):
                     per_copy({n: v[c] for n, v in stacked.items()}, W[c]).backward()
                 apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
