@@ -268,6 +268,12 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
     if form == "step" and (steps is not None or samples != "all"):
         raise ValueError("steps/samples select the published form's checkpoints; the step form uses every step")
     ctx = _Context(log, module, train_data, loss_fn, hvp, eps0, verify, chunk_size)
+    if train_data is None and (samples == "all" if form == "published" else query is None):
+        what = "samples='all' evaluates every training sample" if form == "published" else \
+            "self-influence in the step form evaluates every sample's own gradient at the window's ends"
+        raise ValueError(f"Diff-In: {what} by id, which needs `train_data`: the log's stored inputs are the steps' "
+                         "batches as trained, not the samples by id. Pass train_data, or use form='published' with "
+                         "samples='batch' (the logged rows of each step's batch)")
     suffix = " self" if query is None else ""
     show = resolve_progress(progress, f"diffin-{form}{suffix.replace(' ', '-')}")
     if form == "published":
@@ -313,7 +319,9 @@ def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, 
         log: the influence log (per-sample gradients; ``H_z Ĝ`` rows for the published form with
             ``samples="batch"``; checkpoints, replayed between when sparse).
         module: the architecture (weights come from the log).
-        train_data: training samples by id (a dataset or a callable ``ids -> batch``).
+        train_data: training samples by id (a dataset or a callable ``ids -> batch``); ``None`` for a log with stored
+            inputs where only the steps' batches are read (a query's step form; the published form with
+            ``samples="batch"``).
         query: ``f(module) -> scalar or (Q,)`` (see :mod:`lightning_influence.queries`).
         window: steps ``(t1, t2)``, fractions, ``("epoch", a, b)`` or a string (see
             :meth:`InfluenceLog.window`); ``None`` is the whole run.
