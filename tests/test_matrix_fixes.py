@@ -42,3 +42,52 @@ def test_replay_loo_of_a_bf16_mixed_run_without_dropout_reproduces_training(tmp_
     assert loo.base[-1, 0] == base
     for row, j in enumerate([2, 5]):
         assert loo.at(T)[row, 0] == pytest.approx(f_without(j) - base, rel=1e-3, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests._cli_run import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("cli") / "run")
+
+
+def _one_line_error(capsys, *argv: str) -> str:
+    from lightning_influence.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "internal error" not in err and out == "", err
+    return lines[0]
+
+
+@pytest.mark.parametrize("query", ["pred:0:10", "margin:0:99", "pred:0:-1"])
+def test_a_class_outside_the_models_outputs_is_a_user_error(run, capsys, query):
+    """``pred:ID:CLASS`` with a class the model has no logit for failed as "internal error (IndexError ...)" (exit 1);
+    a negative class silently took a logit counted from the end."""
+    line = _one_line_error(capsys, "query", run.log, "-q", "--method", "tracin", "--query", query)
+    assert "class" in line and "10 outputs" in line, line
+
+
+def test_a_model_class_that_is_no_module_is_a_user_error(run, capsys):
+    """``--model`` naming a class that is not a LightningModule (here the datamodule) failed as "internal error
+    (AttributeError: ... no attribute 'named_parameters')"."""
+    line = _one_line_error(capsys, "query", run.log, "-q", "--model", "lightning_influence.examples.digits.DigitsDataModule")
+    assert "DigitsDataModule" in line and "not a LightningModule" in line, line
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_negative_or_non_finite_replay_tolerance_is_refused_by_name(run, capsys, value):
+    """``--replay-tolerance -1`` (or nan) ran the replay and then reported a replay mismatch of drift 0."""
+    line = _one_line_error(capsys, "query", run.log, "-q", "--replay-tolerance", value)
+    assert "--replay-tolerance" in line and "mismatch" not in line and "reproduce" not in line, line
+
+
+def test_a_negative_tolerance_is_refused_by_the_estimators(run):
+    from lightning_influence.replay_drift import resolve_tolerance
+
+    assert resolve_tolerance(None) == 0.01 and resolve_tolerance(0) == 0.0 and resolve_tolerance(float("inf")) > 1e300
+    for bad in (-1e-3, float("nan")):
+        with pytest.raises(ValueError, match="tolerance must be a number >= 0"):
+            resolve_tolerance(bad)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_names
-from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, check_checkpoint
+from lightning_influence.replay_drift import DriftReport, check_checkpoint, resolve_tolerance
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
 from lightning_influence.replay import (
     Progress,
@@ -227,7 +227,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         start_params = checkpoint_params(log, module, 0)
         start_state = log.optimizer_state(0)
     dtype = next(iter(start_params.values())).dtype
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    tolerance = resolve_tolerance(tolerance)
     drift = DriftReport()
     ckpts = [t for t in log.checkpoint_steps if lo < t <= hi]
     show = resolve_progress(progress, "replay-loo")
