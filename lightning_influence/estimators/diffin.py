@@ -356,7 +356,7 @@ def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, 
 def diffin_self_influence(log: InfluenceLog, query: None = None, *, module: nn.Module | None = None,
                           train_data: TrainData | None = None, window: Any = None, form: str = "step", hvp: str = "exact",
                           eps0: float | None = None, steps: Any = None, samples: str = "all", loss_fn: LossFn = default_loss_fn, verify: bool = True,
-                          chunk_size: int = 512, progress: Progress = None, shard_: StepShard = ONE_PROCESS
+                          chunk_size: int = 512, progress: Progress = None, shard: StepShard = ONE_PROCESS
                           ) -> InfluenceScores:
     """Self-influence ``I(z, z)`` of every training sample: the query is the sample's own loss.
 
@@ -372,11 +372,11 @@ def diffin_self_influence(log: InfluenceLog, query: None = None, *, module: nn.M
     its ``⟨g_z, H_z Ĝ⟩`` term (the rate at which training changes ``‖g_z‖²/2``) is negative while
     training pushes against a sample and positive once the model memorises it, and ``a_t``
     weighs late steps most: which term wins depends on the run (docs/diffin.md, measured).
-    Arguments as :func:`diffin` (``query`` must stay ``None``: each sample's own loss is the query); ``shard_``: this
+    Arguments as :func:`diffin` (``query`` must stay ``None``: each sample's own loss is the query); ``shard``: this
     process's part when the steps are split over processes (:func:`lightning_influence.distributed.by_steps` builds it;
     every process returns the whole result).
     """
     if query is not None:
         raise TypeError("diffin_self_influence() answers each sample's own loss and takes no query; pass query=None")
     return _diffin(None, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
-                   chunk_size, progress, shard_)
+                   chunk_size, progress, shard)
