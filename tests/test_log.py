@@ -130,3 +130,34 @@ def test_a_version_1_log_still_opens():
         assert log.grad_scale(t) is None and not log.skipped(t)
     recs = list(log.iter_steps(fields=("loss", "grad", "hvp")))
     assert len(recs) == 4 and recs[0].grads.shape == (4, 3) and sorted(np.concatenate([r.ids for r in recs[:2]])) == list(range(8))
+
+
+def test_amend_meta_rewrites_meta_in_order_and_a_failure_stops_the_writer(tmp_path, monkeypatch):
+    """``LogWriter.amend_meta`` (the tracker's engines after a demotion): ``meta.h5`` becomes ``amend(meta)`` once the
+    segments queued before are written; a failed rewrite is reported as a segment's, naming meta.h5, and stops the
+    writer (nothing more is written)."""
+    import errno
+
+    from lightning_influence.log import writer as writer_mod
+    from lightning_influence.log.format import read_meta
+    from lightning_influence.log.writer import LogWriteError
+
+    synthetic_meta(tmp_path)
+    writer = LogWriter(tmp_path, flush_every_n_steps=1, storage_dtype="float64")
+    writer.add_step(StepRecord(step=0, epoch=0, batch_idx=0, micro_batches=1, lrs=[0.1], ids=np.arange(4),
+                               losses=np.ones(4)))
+    writer.amend_meta(lambda meta: {**meta, "demoted": {"w": 0}})
+    writer.drain()
+    assert read_meta(tmp_path)["demoted"] == {"w": 0} and read_meta(tmp_path)["dataset_size"] == 40
+    assert writer.last_step_on_disk == 0
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_mod, "write_file", no_space)
+    writer.amend_meta(lambda meta: {**meta, "demoted": {}})
+    with pytest.raises(LogWriteError, match=r"meta\.h5 \(the run metadata\): OSError: .*steps up to 0 are safe") as err:
+        writer.drain()
+    assert str(err.value).count("The disk is full") == 1  # described once
+    writer.close(raise_errors=False)
+    assert read_meta(tmp_path)["demoted"] == {"w": 0}

@@ -85,6 +85,14 @@ def write_meta(log_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
     Raises:
         LogWriteError: the file cannot be written (the message names it and says what to do).
     """
+    try:
+        _write_meta_file(log_dir, meta)
+    except OSError as err:
+        raise storage_error(log_dir, META_FILE, err, "Nothing of this fit is in the log yet", started=False) from None
+
+
+def _write_meta_file(log_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    """:func:`write_meta` raising the ``OSError`` itself (the writer's thread describes it with what is safe)."""
 
     def fill(f: h5py.File) -> None:
         set_text(f.attrs, "format", FORMAT_NAME)
@@ -93,10 +101,7 @@ def write_meta(log_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
             set_text(f.attrs, key, json_attr(value))
         seal(f)
 
-    try:
-        write_file(Path(log_dir) / META_FILE, fill)
-    except OSError as err:
-        raise storage_error(log_dir, META_FILE, err, "Nothing of this fit is in the log yet", started=False) from None
+    write_file(Path(log_dir) / META_FILE, fill)
 
 
 def remove_log(log_dir: str | os.PathLike) -> None:
@@ -352,7 +357,7 @@ class LogWriter:
                 if self._resume_meta is not None:
                     self._resume_meta = job(dict(self._resume_meta))
                 else:
-                    write_meta(self.log_dir, job(read_meta(self.log_dir)))
+                    _write_meta_file(self.log_dir, job(read_meta(self.log_dir)))
             except Exception as err:  # noqa: BLE001 - reported on the training thread, as a segment's failure
                 self._error = self._describe_failure(self.log_dir / META_FILE, [], err)
                 if self._queue is None:
@@ -376,7 +381,7 @@ class LogWriter:
         if self._truncate_from is None:
             return
         if self._resume_meta is not None:
-            write_meta(self.log_dir, self._resume_meta)
+            _write_meta_file(self.log_dir, self._resume_meta)
             self._resume_meta = None
         truncate_log(self.log_dir, self.rank, self._truncate_from)
         self._truncate_from = None
