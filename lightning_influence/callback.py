@@ -20,6 +20,7 @@ the refusals :mod:`lightning_influence.tracker_checks`, ``meta.h5`` :mod:`lightn
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -41,7 +42,8 @@ from lightning_influence.capture.transfer import HostCopy, RowPool
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.log.resume import continue_log, log_exists, logged_fold_bias, logged_splits, start_new_log
+from lightning_influence.log.resume import (continue_log, log_exists, logged_fold_bias, logged_demotions, logged_splits,
+                                           start_new_log, with_settled)
 from lightning_influence.log.writer import SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, storage_error, write_meta
 from lightning_influence.step import rng
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
@@ -51,7 +53,7 @@ from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 from lightning_influence.tracker_checks import (check_batchnorm, check_dataset, check_distinct_ids, check_fit, check_losses,
                                                 check_optimizers, check_training_set, generators_kept, trainer_precision)
-from lightning_influence.tracker_meta import fit_metadata
+from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -215,6 +217,9 @@ class InfluenceTracker(Callback):
         self._projector: KroneckerProjector | None = None
         self._capture: HookGradientCapture | None = None
         self._engine: str = "none"
+        self._demoted: dict[str, int] = {}  # tensors the hooks handed to vmap in this fit: the step they left at
+        self._noted = 0  # demotions of the capture (HookGradientCapture.demoted) in meta.h5
+        self._continued = False  # this fit continues a log (a resume)
         self._vmap_names: list[str] = []  # tracked parameters no hook covers
         self._verified = False  # the hook engine was checked against autograd at this fit's first recorded step
         self._pending = PendingStep()
@@ -270,6 +275,8 @@ class InfluenceTracker(Callback):
         # fixed for the fit, read once (each a chain of Lightning properties at every step otherwise)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None) if self._precision.grad_scaler else None
         self._world_size, self._global_zero = trainer.world_size, trainer.is_global_zero
+        self._demoted = logged_demotions(self.log_dir, trainer.global_step)  # a resumed fit keeps the log's
+        self._noted = 0
         self._setup_engine(pl_module)
         self._with_ids, self._dataset_size = check_training_set(trainer.train_dataloader, self.ids_fn is not None)
         clipping = self._step_model.start(trainer, pl_module)
@@ -283,7 +290,9 @@ class InfluenceTracker(Callback):
         continued, self._first_step, resume_meta = (False, None, None) if start == 0 else continue_log(
             self.log_dir, trainer.global_rank, trainer.world_size, trainer.is_global_zero, start, resume_state, fit_meta,
             self.overwrite)  # log/resume.py
+        self._continued = continued
         if not continued:
+            self._demoted = {}
             start_new_log(self.log_dir, self.overwrite, trainer.is_global_zero)
             self._first_step = start
             trainer.strategy.barrier("influence_tracker_setup")
@@ -316,7 +325,22 @@ class InfluenceTracker(Callback):
     def _metadata(self, trainer: pl.Trainer, pl_module: nn.Module, optimizer: torch.optim.Optimizer,
                   names: dict[int, str], first_step: int, recipe: bool = True) -> dict[str, Any]:
         return fit_metadata(self, trainer, pl_module, optimizer, names, first_step, tracked=self._names,
-                            projector=self._projector, precision=self._precision, engine=self._engine, recipe=recipe)
+                            projector=self._projector, precision=self._precision, engines=self._engines(), recipe=recipe)
+
+    def _engines(self) -> dict[str, Any]:
+        """The log's gradient engine entries, as they stand (``tracker_meta.engine_metadata``)."""
+        hooked = [] if self._capture is None else self._capture.param_names
+        return engine_metadata(self._names, hooked, self._demoted, self.record_gradients)
+
+    def _note_demotions(self, step: int) -> None:
+        """Tensors the hooks handed to vmap at ``step`` (``HookGradientCapture.demoted``: a module run without the
+        batch first, or one differing from autograd at the first step): ``meta.h5`` says so from then on."""
+        self._noted = len(self._capture.demoted)
+        self._demoted.update({n: step for n in self._capture.demoted if n not in self._demoted})
+        engines = self._engines()
+        self._engine = engines["gradient_engine"]
+        if self._global_zero:
+            self._writer.amend_meta(functools.partial(with_settled, values=engines, resumed=self._continued))
 
     def _acquire_lock(self, rank: int) -> None:
         """Hold this rank's writer lock (``log/lock.py``): a second fit writing the same log is refused at once."""
@@ -457,6 +481,8 @@ class InfluenceTracker(Callback):
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],
                                                                            rows["grads"], grad_dir, grad_norms)
+        if self._capture is not None and len(self._capture.demoted) != self._noted:
+            self._note_demotions(step)
         checkpoint = None  # θ_t is the same on every rank: rank 0 stores it
         if self._global_zero and (step == self._first_step or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0)):
             checkpoint = checkpoint_record(pl_module, optimizer, step, wait=False)

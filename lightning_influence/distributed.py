@@ -67,7 +67,7 @@ DISTRIBUTED: dict[str, Callable[..., InfluenceScores]] = {"tracin": tracin, "tra
 _LAUNCHED_OUTSIDE = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # torchrun / fabric run set these in every process
 BATCH_SPLIT = (dit, dit_local, timeline)  # the model sweeps whose steps' rows can be split over processes
 LOG_ROW_SPLIT = (dit_gauss_newton,)  # the log sweeps that read only their part of every step's rows (log.shares)
-STEP_SPLIT = (diffin_self_influence,)  # the estimators that split their sum over the steps themselves (shard_=...)
+STEP_SPLIT = (diffin_self_influence,)  # the estimators that split their sum over the steps themselves (shard=...)
 SPLITS = ("auto", "batch", "columns")
 
 
@@ -553,7 +553,7 @@ def _sum_over(fabric: Any, what: str, x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ by steps
 def by_steps(estimator: Callable[..., Any], log: InfluenceLog, query: Query | None, processes: Processes | int | None,
              **kwargs: Any) -> Any:
-    """``estimator(log, query, shard_=..., **kwargs)`` on ``processes``, each with its
+    """``estimator(log, query, shard=..., **kwargs)`` on ``processes``, each with its
     :class:`~lightning_influence.estimators.sharding.StepShard`: for an estimator that splits its own sum over the
     steps (:func:`~lightning_influence.estimators.diffin.diffin_self_influence`, both forms).
 
@@ -573,4 +573,4 @@ def _steps_worker(fabric: Any, estimator: Callable[..., Any], log_path: str, que
     kwargs = _on_device(kwargs, fabric.device)
     shard = _share(StepShard, fabric, what)
     with InfluenceLog(log_path) as log:
-        return estimator(log, query, shard_=shard, **kwargs)
+        return estimator(log, query, shard=shard, **kwargs)

@@ -50,6 +50,9 @@ def prediction(inputs: torch.Tensor, target_class: int, margin: bool = False, na
 
     def f(module: nn.Module) -> torch.Tensor:
         logits = module(inputs).reshape(-1)
+        if not 0 <= target_class < len(logits):  # a negative class would index from the end
+            raise ValueError(f"class {target_class} is not among the model's {len(logits)} outputs (classes 0.."
+                             f"{len(logits) - 1})")
         if not margin:
             return logits[target_class]
         others = torch.cat([logits[:target_class], logits[target_class + 1 :]])

@@ -37,6 +37,7 @@ from lightning_influence.replay_drift import (  # noqa: F401 (re-exported)
     DriftReport,
     ReplayMismatchError,
     check_checkpoint,
+    resolve_tolerance,
 )
 from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
 from lightning_influence.step.micro import MicroBatch, Step
@@ -377,7 +378,7 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
                 progress: Callable[[int, int], None] | None, shard: BatchShard | None = None) -> Iterator[ReplayStep]:
     ckpts = set(log.checkpoint_steps)
     check = verify and weights is None
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    tolerance = resolve_tolerance(tolerance)
     anchor: dict[str, Any] = {"step": start, "params": {n: p.detach().clone() for n, p in params.items()}}
     T = log.num_steps
     for t in range(start, t2):

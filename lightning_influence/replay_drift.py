@@ -24,9 +24,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "check_checkpoint", "measure"]
+__all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "check_checkpoint", "measure", "resolve_tolerance"]
 
 DEFAULT_TOLERANCE = 1e-2
+
+
+def resolve_tolerance(tolerance: float | None) -> float:
+    """``tolerance`` as a float (``None``: :data:`DEFAULT_TOLERANCE`); a negative or NaN one is refused (it would stop
+    every replay with a "mismatch" of drift 0); ``inf`` accepts any drift."""
+    value = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    if not value >= 0:
+        raise ValueError(f"tolerance must be a number >= 0 (the drift accepted, relative to how far training moved; "
+                         f"0 = bit-identical), got {tolerance!r}")
+    return value
 
 
 class ReplayMismatchError(RuntimeError):

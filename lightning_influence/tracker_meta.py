@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,15 +20,16 @@ from lightning_influence.capture import KINK_GUARD, KroneckerProjector
 from lightning_influence.recipe import class_path, record_recipe
 from lightning_influence.step.precision import Precision
 
-__all__ = ["fit_metadata"]
+__all__ = ["engine_metadata", "fit_metadata"]
 
 
 def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch.optim.Optimizer, names: dict[int, str],
                  first_step: int, *, tracked: Sequence[str], projector: KroneckerProjector, precision: Precision,
-                 engine: str, recipe: bool = True) -> dict[str, Any]:
+                 engines: Mapping[str, Any], recipe: bool = True) -> dict[str, Any]:
     """The ``meta.h5`` of a new log; ``recipe=False`` leaves out the recipe (which stores ``data.pt``).
 
-    ``tracker``: the callback, for its configuration (public attributes); ``names``: parameter name by ``id``.
+    ``tracker``: the callback, for its configuration (public attributes); ``names``: parameter name by ``id``;
+    ``engines``: :func:`engine_metadata`.
     """
     groups = []
     for g in optimizer.param_groups:
@@ -64,7 +65,7 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
         },
         "every_n_steps": tracker.every_n_steps,
         "checkpoint_every_n_steps": tracker.checkpoint_every_n_steps,
-        "gradient_engine": engine,
+        **engines,
         "hvp": {"eps0": tracker.hvp_eps, "direction": "batch_mean_gradient", "scheme": tracker.hvp_scheme,
                 "kink_guard": KINK_GUARD if tracker.hvp_scheme == "central" else None},
         "storage_dtype": tracker.storage_dtype,
@@ -77,6 +78,24 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
         "optimizer": {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
                       "param_groups": groups},
     }
+
+
+def engine_metadata(tracked: Sequence[str], hooked: Sequence[str], demoted: Mapping[str, int],
+                    recorded: bool = True) -> dict[str, Any]:
+    """Which engine computed each tracked tensor's columns (``docs/log-format.md``): ``gradient_engine`` (``"hooks"``,
+    ``"vmap"``, ``"mixed"``; ``"none"`` without gradients), ``gradient_engines`` (``{name: "hooks" | "vmap"}``) and
+    ``demoted`` (``{name: step}``: tensors the hooks handed to vmap during the fit, vmap's from that step on).
+
+    Rewritten when a step demotes a tensor (the callback, ``LogWriter.amend_meta``): the log then tells which
+    engine produced a column, which matters to read an error in it (vmap is exact; hooks assume per-sample shapes).
+    """
+    if not recorded:
+        return {"gradient_engine": "none", "gradient_engines": {}, "demoted": {}}
+    on_hooks = set(hooked)
+    engines = {n: "hooks" if n in on_hooks else "vmap" for n in tracked}
+    kinds = set(engines.values())
+    engine = "mixed" if len(kinds) > 1 else kinds.pop() if kinds else "none"
+    return {"gradient_engine": engine, "gradient_engines": engines, "demoted": dict(demoted)}
 
 
 def _version(pkg: str) -> str | None:

@@ -38,6 +38,18 @@ def test_every_estimator_has_the_same_signature(name):
             assert p.default is None
 
 
+def test_every_estimator_split_over_processes_takes_its_part_as_shard():
+    """One name for this process's part (``shard``: a BatchShard of every step's rows, or the StepShard of
+    diffin_self_influence, which was ``shard_``), with a default of one process; ``distributed`` passes it so."""
+    from lightning_influence.distributed import BATCH_SPLIT, LOG_ROW_SPLIT, STEP_SPLIT
+
+    for fn in BATCH_SPLIT + LOG_ROW_SPLIT + STEP_SPLIT:
+        params = inspect.signature(fn).parameters
+        assert "shard" in params and params["shard"].kind is inspect.Parameter.KEYWORD_ONLY, fn.__name__
+        assert params["shard"].default is None or params["shard"].default.world == 1, fn.__name__
+        assert not [n for n in params if n.startswith("shard") and n != "shard"], fn.__name__
+
+
 @pytest.mark.parametrize("name", ["dit", "dit_local", "timeline", "diffin", "diffin_self_influence"])
 def test_old_positional_forms_fail_clearly(name):
     fn = getattr(li, name)

@@ -261,9 +261,9 @@ def test_fd_products_converge_at_order_eps_squared(run, ref, what):
     for eps0 in (4e-2, 2e-2, 1e-2):
         ctx = _Context(log, Net().double(), ds, ce, "fd", eps0, True, 512)
         b = ctx.batch(log.batch_ids(t))
-        if what == "batch":
+        if what == "batch":  # H_B of the step's batch as trained (DIT's products), as the estimators take it
             V = {n: v.unsqueeze(0) for n, v in R._params(q).items()}
-            hv = batch_hvp(ctx, params, b, V)
+            hv = batch_hvp(ctx, params, ctx.step_batch(t), V)
             fd = torch.cat([hv[n].reshape(-1) for n in ctx.names]).numpy()
         else:
             g_hat = ctx.batch_grad(params, b, names=list(params))
@@ -272,6 +272,9 @@ def test_fd_products_converge_at_order_eps_squared(run, ref, what):
     ratios = [errors[0] / errors[1], errors[1] / errors[2]]
     assert all(3.5 < r < 4.5 for r in ratios), (errors, ratios)
     assert errors[-1] < 1e-3 * np.abs(exact).max()
+    if what == "batch":  # every caller passes a step's batch: another batch is refused, not differenced some other way
+        with pytest.raises(TypeError, match="batch_hvp takes a step's batch as trained"):
+            batch_hvp(ctx, params, b, V)
 
 
 @pytest.mark.parametrize("hvp,rtol", [("exact", 1e-10), ("fd", 1e-6)])

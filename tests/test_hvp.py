@@ -174,6 +174,34 @@ def test_exact_hvp_matches_explicit_hessian():
         torch.testing.assert_close(flatten(hv, shapes), hessian @ v_flat, rtol=1e-12, atol=1e-12)
 
 
+def test_exact_hvp_through_fused_attention_in_float32():
+    """A causal ``scaled_dot_product_attention`` layer in float32 on the CPU picks the fused flash kernel, which has no
+    forward AD ('forward AD with _scaled_dot_product_flash_attention_for_cpu'): ``exact_hvp`` runs through the math
+    kernel, and equals the float64 double-backward ``H v`` (``torch.autograd.functional.hvp``) of the same loss with
+    the attention written out (softmax of the masked scores)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 5, 8, generator=gen)  # (batch, heads, positions, head dim)
+    params = {n: 0.3 * torch.randn(8, 8, generator=gen) for n in ("wq", "wk", "wv")}
+    v = {n: torch.randn(8, 8, generator=gen) for n in params}
+
+    def loss(p):
+        q, k, val = x @ p["wq"], x @ p["wk"], x @ p["wv"]
+        return F.scaled_dot_product_attention(q, k, val, is_causal=True).pow(2).sum()
+
+    def written_out(*t):
+        q, k, val = (x.double() @ w for w in t)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
+        return (scores.softmax(-1) @ val).pow(2).sum()
+
+    names = list(params)
+    _, reference = torch.autograd.functional.hvp(written_out, tuple(params[n].double() for n in names),
+                                                 tuple(v[n].double() for n in names))
+    hv = exact_hvp(loss, params, v)
+    for n, expected in zip(names, reference):
+        assert hv[n].dtype == torch.float32
+        torch.testing.assert_close(hv[n].double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fd_evaluates_at_exactly_theta_plus_and_minus_eps_v_hat(dtype):
     """Both sides share one ε v̂ per tensor (made once); the points are bit for bit θ ± ε v̂ as written out, and a

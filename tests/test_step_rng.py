@@ -458,3 +458,63 @@ def test_dit_on_stored_inputs_needs_no_dataset(tmp_path):
     with pytest.raises(ValueError, match="DIT needs `train_data`"):  # without stored inputs it is still needed
         fit(tiny(), loader(make_data(12)), InfluenceTracker(str(tmp_path / "plain")), epochs=1)
         dit(InfluenceLog(tmp_path / "plain"), query, module=tiny())
+
+
+def test_diffin_on_stored_inputs_needs_no_dataset(tmp_path):
+    """As DIT: Diff-In on a log with stored inputs runs with ``train_data=None`` wherever it reads only the steps'
+    batches (a query's step and published forms, self-influence from the batch rows; replayed between checkpoints)
+    and equals the call given the dataset; what evaluates samples by id is refused, saying what to do, and a log
+    without stored inputs still needs the dataset."""
+    from lightning_influence.estimators import diffin, diffin_self_influence
+    from lightning_influence.queries import mean_loss
+
+    ds = _Augmented(make_data(12))
+    fit(tiny(dropout=0.2), loader(ds), InfluenceTracker(str(tmp_path), store_inputs=True, record_gradients=True,
+                                                        checkpoint_every_n_steps=2), epochs=1)
+    log = InfluenceLog(tmp_path)
+    query = mean_loss(make_data(4, seed=5).tensors)
+    for fn, kw in ((diffin, {"query": query, "form": "published"}), (diffin, {"query": query, "form": "step"}),
+                   (diffin_self_influence, {"form": "published", "samples": "batch"})):
+        got = fn(log, module=tiny(dropout=0.2), **kw)
+        given = fn(log, module=tiny(dropout=0.2), train_data=ds, **kw)
+        assert np.isfinite(got.column(0)).all() and np.abs(got.column(0)).max() > 0
+        np.testing.assert_array_equal(got.column(0), given.column(0))
+    with pytest.raises(ValueError, match=r"samples='all' evaluates every training sample by id, which needs `train_data`"):
+        diffin(log, query, module=tiny(dropout=0.2), form="published", samples="all")
+    with pytest.raises(ValueError, match=r"self-influence in the step form .* needs `train_data`.*samples='batch'"):
+        diffin_self_influence(log, module=tiny(dropout=0.2))
+    fit(tiny(), loader(make_data(12)), InfluenceTracker(str(tmp_path / "plain"), record_gradients=True), epochs=1)
+    with pytest.raises(ValueError, match=r"Diff-In needs `train_data`.*store_inputs=True"):
+        diffin(InfluenceLog(tmp_path / "plain"), query, module=tiny())
+
+
+def test_cli_diffin_and_dit_on_stored_inputs_need_no_training_set(tmp_path, capsys):
+    """``query --builder`` returning the model and the validation set only: on a log with stored inputs, Diff-In and
+    DIT run from those (the CLI asked for the training set and stopped: 'no training set'), as the API without
+    train_data; what needs samples by id says so (exit code 2)."""
+    import functools
+    import json
+
+    from lightning_influence.cli import main
+    from lightning_influence.estimators import diffin, dit
+    from lightning_influence.queries import mean_loss
+    from tests._cli_run import scores_of
+
+    ds, val = _Augmented(make_data(12)), make_data(4, seed=5)
+    tracker = InfluenceTracker(str(tmp_path / "log"), store_inputs=True, store_data=False, record_gradients=True,
+                               checkpoint_every_n_steps=2)  # no data.pt: the CLI has no training set
+    fit(tiny(), loader(ds), tracker, epochs=1)
+    builder = tmp_path / "build.py"
+    builder.write_text("import torch\nfrom conftest import make_data, tiny\n"
+                       "def build(log):\n    return {'module': tiny(), 'val_data': make_data(4, seed=5).tensors}\n")
+    log = InfluenceLog(tmp_path / "log")
+    for method, fn in (("diffin-step", functools.partial(diffin, form="step")), ("dit", dit)):
+        code = main(["query", str(tmp_path / "log"), "-m", method, "--builder", f"{builder}:build", "-k", "0",
+                     "-f", "json", "-q"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        expected = fn(log, mean_loss(val.tensors), module=tiny()).column(0)
+        np.testing.assert_allclose(scores_of(json.loads(out), 12), expected, rtol=1e-12, atol=1e-15)
+    code = main(["query", str(tmp_path / "log"), "-m", "diffin-self", "--builder", f"{builder}:build", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "self-influence in the step form" in err and "needs `train_data`" in err, err

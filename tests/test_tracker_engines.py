@@ -2,6 +2,8 @@
 per-sample but are not (a broadcast positional embedding with as many positions as samples) is
 handed to vmap, and the recorded rows are right from that first step on."""
 
+import warnings
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -64,3 +66,66 @@ def test_broadcast_embedding_is_demoted_at_the_first_step_and_rows_are_exact(tmp
             grads = torch.autograd.grad(loss, [params[n] for n in names])
             rows.append(projector.project({n: g[None] for n, g in zip(names, grads)}))
         np.testing.assert_allclose(rec.grads, torch.cat(rows).numpy(), rtol=1e-10, atol=1e-12)
+
+
+class PosLM(TinyLM):
+    """``T`` positions: ``wpe(arange(T))`` broadcast over the batch (demoted: by its shape when ``T != B``, by the first
+    step's check against autograd when ``T == B``), or ``expanded`` to ``(B, T)`` (per-sample: stays on hooks)."""
+
+    def __init__(self, positions: int, expanded: bool = False) -> None:
+        super().__init__()
+        self.wpe, self.expanded = nn.Embedding(positions, 6), expanded
+
+    def per_sample_loss(self, batch):
+        x, y = batch[0][:, :-1], batch[0][:, 1:]
+        pos = torch.arange(x.shape[1])
+        h = self.ln(self.tok(x) + self.wpe(pos.expand(x.shape[0], -1) if self.expanded else pos))
+        return F.cross_entropy(self.head(h).transpose(1, 2), y, reduction="none").mean(1)
+
+
+@pytest.mark.parametrize("positions,expanded", [(B, False), (B + 1, False), (B, True)])
+def test_the_log_says_which_engine_computed_each_tensor_after_a_demotion(tmp_path, positions, expanded):
+    """meta.h5 is written before the first step, whose demotion it then records (``gradient_engines``, ``demoted``)."""
+    tokens = torch.randint(0, 7, (3 * B, positions + 1), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=8)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[tracker])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(PosLM(positions, expanded).double(), DataLoader(WithIds(TensorDataset(tokens)), batch_size=B))
+    demoted = [str(w.message) for w in caught if "not captured by hooks" in str(w.message)]
+    meta = InfluenceLog(tmp_path / "log").meta
+    names = ["tok.weight", "wpe.weight", "ln.weight", "ln.bias", "head.weight", "head.bias"]
+    if expanded:
+        assert not demoted
+        assert meta["gradient_engine"] == "hooks" and meta["demoted"] == {}
+        assert meta["gradient_engines"] == {n: "hooks" for n in names}
+    else:
+        assert len(demoted) == 1 and "wpe.weight" in demoted[0]
+        assert meta["gradient_engine"] == "mixed" and meta["demoted"] == {"wpe.weight": 0}
+        assert meta["gradient_engines"] == {n: "vmap" if n == "wpe.weight" else "hooks" for n in names}
+
+
+def test_a_resumed_fit_that_demotes_as_the_log_did_records_no_engine_change(tmp_path):
+    """The resumed fit starts on hooks and demotes ``wpe.weight`` at its first step, as the first fit did: its record
+    of the resume lists no engine change once that step settled it (``log/resume.with_settled``)."""
+    tokens = torch.randint(0, 7, (3 * B, B + 2), generator=torch.Generator().manual_seed(0))
+
+    def fit(epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=8)
+        saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[tracker, saver])
+        with pytest.warns(UserWarning, match="wpe.weight"):
+            trainer.fit(PosLM(B + 1).double(), DataLoader(WithIds(TensorDataset(tokens)), batch_size=B),
+                        ckpt_path=ckpt_path)
+
+    fit(1)
+    fit(2, str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt"))
+    log = InfluenceLog(tmp_path / "log")
+    assert log.steps.tolist() == list(range(6))
+    (resume,) = log.meta["resumes"]
+    assert resume["step"] == 3 and resume["changed"] == {}
+    assert log.meta["gradient_engine"] == "mixed" and log.meta["demoted"] == {"wpe.weight": 0}

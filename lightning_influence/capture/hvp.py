@@ -223,11 +223,15 @@ def guarded_difference(fwd: Tensor, bwd: Tensor, tau: float,
 def exact_hvp(
     loss: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor], v: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
-    """Exact ``H v`` of scalar ``loss(params)`` by forward-over-reverse (``jvp`` of ``grad``).
+    """Exact ``H v`` of scalar ``loss(params)`` by forward-over-reverse (``jvp`` of ``grad``), attention through its
+    math kernel (``step.micro.exact_kernels``, as every HVP pass: the fused ones have no forward AD).
 
     ``v`` may cover a subset of ``params`` (missing entries are zero).
     """
+    from lightning_influence.step.micro import exact_kernels  # step imports capture: here, not at the top
+
     primals = {n: t.detach() for n, t in params.items()}
     tangents = {n: v[n].detach().to(t.dtype) if n in v else torch.zeros_like(t) for n, t in primals.items()}
-    _, hv = jvp(grad(loss), (primals,), (tangents,))
+    with exact_kernels():
+        _, hv = jvp(grad(loss), (primals,), (tangents,))
     return hv

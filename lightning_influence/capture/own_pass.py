@@ -12,15 +12,14 @@ gradients from the step's own backward. Pure torch: no Lightning imports.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_influence.capture.hvp import KINK_GUARD, fd_directional_derivative, norm_of_norms
-from lightning_influence.capture.per_sample import (HookGradientCapture, call_with_params, per_sample_grads,
-                                                    per_sample_grads_vmap)
+from lightning_influence.capture.per_sample import (HookGradientCapture, call_with_params, hooks_paused,
+                                                    per_sample_grads, per_sample_grads_vmap)
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
 from lightning_influence.step.precision import Precision
@@ -121,7 +120,7 @@ class OwnPasses:
         """Projected per-sample gradients of ``names`` no hook covers: ``vmap`` over samples, or, when the forward
         drew random numbers (dropout), one batched forward with the step's masks (``per_sample_grads_masked``)."""
         # its passes must not feed the hooks (nor run the layer engines under vmap)
-        with contextlib.nullcontext() if self.capture is None else self.capture.paused():
+        with hooks_paused(self.capture):
             if micro.drew:
                 return per_sample_grads_masked(module, self.loss, micro, self.precision, names, params, self.projector)
             with self.replaying(micro):

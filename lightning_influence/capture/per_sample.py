@@ -41,6 +41,7 @@ __all__ = [
     "per_sample_grads_hooks",
     "per_sample_grads",
     "call_with_params",
+    "hooks_paused",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -428,6 +429,11 @@ def per_sample_grads_hooks(
     return capture.collect(torch.ones_like(losses.detach())), losses.detach()
 
 
+def hooks_paused(capture: HookGradientCapture | None) -> contextlib.AbstractContextManager[None]:
+    """``capture.paused()`` (another engine's pass must not feed the hooks), or nothing without a capture."""
+    return contextlib.nullcontext() if capture is None else capture.paused()
+
+
 def per_sample_grads(
     model: nn.Module,
     loss_fn: LossFn,
@@ -453,7 +459,7 @@ def per_sample_grads(
     rest = [n for n in param_names if capture is None or n not in capture.param_names]  # after a demotion
     if rest:
         torch.set_rng_state(state)
-        with contextlib.nullcontext() if capture is None else capture.paused():  # the hooks off under vmap
+        with hooks_paused(capture):  # the hooks off under vmap
             vmapped = per_sample_grads_vmap(model, loss_fn, batch, rest, projector, params=params)
         grads = vmapped if grads is None else grads + vmapped
     return grads, losses

@@ -43,7 +43,7 @@ import traceback
 from typing import Sequence
 
 from lightning_influence.cli import evaluate, info, query, tensorboard, timeline
-from lightning_influence.cli.common import PROG, Parser, UserError, join_negative_windows
+from lightning_influence.cli.common import PROG, Parser, UserError, drift_tolerance, join_negative_windows
 from lightning_influence.cli.methods import METHODS, methods_epilog
 from lightning_influence.cli.queries import parse_query
 from lightning_influence.replay_drift import ReplayMismatchError
@@ -93,7 +93,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     g.add_argument("--builder", "-b", metavar="MODULE:FUNCTION",
                    help="a function (module:function or file.py:function) returning the model, (model, datamodule) or "
                         "a dict with module, datamodule, train_data, val_data, test_data, flipped, train_labels")
-    g.add_argument("--replay-tolerance", type=float, metavar="DRIFT",
+    g.add_argument("--replay-tolerance", type=drift_tolerance, metavar="DRIFT",
                    help="largest replay drift accepted at a checkpoint, relative to how far training moved since the "
                         "previous one (default 0.01; 0 demands a bit-identical replay); the drift is reported")
     g.add_argument("--hvp", choices=("exact", "fd"),

@@ -114,6 +114,17 @@ def row_count(text: str) -> int:
     return value
 
 
+def drift_tolerance(text: str) -> float:
+    """argparse type of ``--replay-tolerance``: a number >= 0 (:func:`~lightning_influence.replay_drift.resolve_tolerance`)."""
+    from lightning_influence.replay_drift import resolve_tolerance
+
+    try:
+        return resolve_tolerance(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected the drift accepted, a number >= 0 (0 = bit-identical), got {text!r}"
+                                         ) from None
+
+
 def join_negative_windows(argv: Sequence[str]) -> list[str]:
     """``--window -3:4`` as ``--window=-3:4``: argparse would take ``-3:4`` for an option and fail on its own terms;
     joined, the window reaches the window parser, which says what is wrong with it."""

@@ -183,6 +183,9 @@ def load_context(args: argparse.Namespace, log: Any) -> RunContext:
 
 
 def _check_shapes(ctx: RunContext, log: Any) -> None:
+    if not callable(getattr(ctx.module, "named_parameters", None)):
+        raise UserError(f"the model from {ctx.origin} is a {type(ctx.module).__name__}, not a LightningModule; pass "
+                        "--model package.module.ClassName of the LightningModule the run trained")
     shapes = {n: tuple(p.shape) for n, p in ctx.module.named_parameters()}
     for name, shape in log.param_shapes.items():
         if shapes.get(name) != tuple(shape):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -184,18 +185,29 @@ def call_with(fn: Callable[..., Any], log: Any, method: Method | None = None, **
             raise UserError(f"--hvp {hvp} contradicts the method ({method.target.rpartition(':')[2]} with "
                             f"hvp={options['hvp']!r}); drop one of them")
         options["hvp"] = hvp
-    kwargs = {k: (v() if isinstance(v, _Lazy) else v) for k, v in available.items() if k in params}
+    kwargs = {k: (v(log) if isinstance(v, _Lazy) else v) for k, v in available.items() if k in params}
     return fn(log, **kwargs, **options)
 
 
 class _Lazy:
-    """A value computed only for an estimator that asks for it (e.g. the validation batch)."""
+    """A value computed only for an estimator that asks for it (e.g. the validation batch), from the log."""
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
 
-    def __call__(self) -> Any:
-        return self.fn()
+    def __call__(self, log: Any) -> Any:
+        return self.fn(log)
+
+
+def _train_data(ctx: RunContext, log: Any) -> Any:
+    """The training set by id; ``None`` where the run gives none but the log stores each step's inputs: the estimators
+    read those (and say so when they need the samples by id)."""
+    try:
+        return ctx.train_dataset
+    except UserError:
+        if log.meta.get("inputs_stored"):
+            return None
+        raise
 
 
 
@@ -205,8 +217,8 @@ def estimator_inputs(ctx: RunContext | None, hvp: str | None = None) -> dict[str
     out: dict[str, Any] = {} if hvp is None else {"hvp": hvp}
     if ctx is None:
         return out
-    return {**out, "module": ctx.module, "train_data": _Lazy(lambda: ctx.train_dataset),
-            "val_data": _Lazy(lambda: ctx.val_batch), "tolerance": ctx.replay_tolerance}
+    return {**out, "module": ctx.module, "train_data": _Lazy(functools.partial(_train_data, ctx)),
+            "val_data": _Lazy(lambda log: ctx.val_batch), "tolerance": ctx.replay_tolerance}
 
 
 def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: tuple[int, int],

@@ -268,6 +268,12 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
     if form == "step" and (steps is not None or samples != "all"):
         raise ValueError("steps/samples select the published form's checkpoints; the step form uses every step")
     ctx = _Context(log, module, train_data, loss_fn, hvp, eps0, verify, chunk_size)
+    if train_data is None and (samples == "all" if form == "published" else query is None):
+        what = "samples='all' evaluates every training sample" if form == "published" else \
+            "self-influence in the step form evaluates every sample's own gradient at the window's ends"
+        raise ValueError(f"Diff-In: {what} by id, which needs `train_data`: the log's stored inputs are the steps' "
+                         "batches as trained, not the samples by id. Pass train_data, or use form='published' with "
+                         "samples='batch' (the logged rows of each step's batch)")
     suffix = " self" if query is None else ""
     show = resolve_progress(progress, f"diffin-{form}{suffix.replace(' ', '-')}")
     if form == "published":
@@ -313,7 +319,9 @@ def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, 
         log: the influence log (per-sample gradients; ``H_z Ĝ`` rows for the published form with
             ``samples="batch"``; checkpoints, replayed between when sparse).
         module: the architecture (weights come from the log).
-        train_data: training samples by id (a dataset or a callable ``ids -> batch``).
+        train_data: training samples by id (a dataset or a callable ``ids -> batch``); ``None`` for a log with stored
+            inputs where only the steps' batches are read (a query's step form; the published form with
+            ``samples="batch"``).
         query: ``f(module) -> scalar or (Q,)`` (see :mod:`lightning_influence.queries`).
         window: steps ``(t1, t2)``, fractions, ``("epoch", a, b)`` or a string (see
             :meth:`InfluenceLog.window`); ``None`` is the whole run.
@@ -348,7 +356,7 @@ def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, 
 def diffin_self_influence(log: InfluenceLog, query: None = None, *, module: nn.Module | None = None,
                           train_data: TrainData | None = None, window: Any = None, form: str = "step", hvp: str = "exact",
                           eps0: float | None = None, steps: Any = None, samples: str = "all", loss_fn: LossFn = default_loss_fn, verify: bool = True,
-                          chunk_size: int = 512, progress: Progress = None, shard_: StepShard = ONE_PROCESS
+                          chunk_size: int = 512, progress: Progress = None, shard: StepShard = ONE_PROCESS
                           ) -> InfluenceScores:
     """Self-influence ``I(z, z)`` of every training sample: the query is the sample's own loss.
 
@@ -364,11 +372,11 @@ def diffin_self_influence(log: InfluenceLog, query: None = None, *, module: nn.M
     its ``⟨g_z, H_z Ĝ⟩`` term (the rate at which training changes ``‖g_z‖²/2``) is negative while
     training pushes against a sample and positive once the model memorises it, and ``a_t``
     weighs late steps most: which term wins depends on the run (docs/diffin.md, measured).
-    Arguments as :func:`diffin` (``query`` must stay ``None``: each sample's own loss is the query); ``shard_``: this
+    Arguments as :func:`diffin` (``query`` must stay ``None``: each sample's own loss is the query); ``shard``: this
     process's part when the steps are split over processes (:func:`lightning_influence.distributed.by_steps` builds it;
     every process returns the whole result).
     """
     if query is not None:
         raise TypeError("diffin_self_influence() answers each sample's own loss and takes no query; pass query=None")
     return _diffin(None, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
-                   chunk_size, progress, shard_)
+                   chunk_size, progress, shard)

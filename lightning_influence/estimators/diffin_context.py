@@ -40,8 +40,9 @@ class _Context:
                  eps0: float | None, verify: bool, chunk_size: int) -> None:
         if module is None:
             raise ValueError("Diff-In needs `module` (the architecture; weights come from the log)")
-        if train_data is None:
-            raise ValueError("Diff-In needs `train_data` (the training samples by id) for the Hessian-vector products")
+        if train_data is None and not log.meta.get("inputs_stored"):  # else the replay and step batches read those
+            raise ValueError("Diff-In needs `train_data` (the training samples by id) for the Hessian-vector products "
+                             "(or a log of InfluenceTracker(store_inputs=True))")
         if hvp not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
         if not log.recorded.get("gradients"):
@@ -197,46 +198,26 @@ def _weighted(losses: Tensor, w: Tensor | None) -> Tensor:
     return losses.mean() if w is None else (w.to(losses) * losses).sum()
 
 
-def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Any, V: Vectors, w: Tensor | None = None) -> Vectors:
-    """``H_B v`` for the ``C`` vectors ``V`` (tracked parameters) at ``params``: the Hessian of the
-    step's loss ``Σ w_i ℓ_i`` (default: the batch mean), its tracked block. ``fd``: central differences of the batch gradient at
-    ``θ ± ε v̂`` with ``ε = eps0 (1 + ‖θ‖)/√p``, in float64 and kink-guarded per direction, the gradient at ``θ``
-    shared: for a step's batch DIT's own products (:class:`~lightning_influence.estimators.fd.FiniteDifferenceProducts`),
-    for any other batch the same differences of its gradient; ``exact``: reverse-over-reverse for a step's batch
-    (:meth:`~lightning_influence.step.micro.Step.curvature_products`), else forward-over-reverse."""
+def batch_hvp(ctx: _Context, params: Mapping[str, Tensor], batch: Step, V: Vectors, w: Tensor | None = None) -> Vectors:
+    """``H_B v`` for the ``C`` vectors ``V`` (tracked parameters) at ``params``: the Hessian of the step's loss
+    ``Σ w_i ℓ_i`` (default: the batch mean) over ``batch``, a step's batch as trained (``load_step``), its tracked
+    block. ``exact``: reverse-over-reverse from one forward with the step's masks
+    (:meth:`~lightning_influence.step.micro.Step.curvature_products`); ``fd``: DIT's own central differences
+    (:class:`~lightning_influence.estimators.fd.FiniteDifferenceProducts`: float64, kink-guarded per direction)."""
+    if not isinstance(batch, Step):
+        raise TypeError(f"batch_hvp takes a step's batch as trained (Step, from load_step), not {type(batch).__name__}")
     names = ctx.names
     C = next(iter(V.values())).shape[0]
     fixed = {n: t.detach() for n, t in params.items()}
-    if isinstance(batch, Step) and w is None:  # the batch mean
+    if w is None:  # the batch mean
         w = torch.full((len(batch.ids),), 1.0 / len(batch.ids), dtype=ctx.dtype)
-
-    if ctx.hvp == "exact" and isinstance(batch, Step):  # reverse-over-reverse from one forward with the step's masks
+    if ctx.hvp == "exact":
         hr, _ = batch.curvature_products(ctx.module, ctx.loss_fn, fixed, w, [{n: V[n][c] for n in names} for c in range(C)])
         return {n: torch.stack([h[n] for h in hr]) for n in names}
-    if ctx.hvp == "exact":
-        def loss_all(p: dict[str, Tensor]) -> Tensor:
-            return _weighted(ctx.losses(p, batch, exact=True), w)
-
-        def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
-            tangents = {n: v[n] if n in v else torch.zeros_like(t) for n, t in fixed.items()}
-            _, hv = jvp(grad(loss_all), (fixed,), (tangents,))
-            return {n: hv[n] for n in names}
-
-        return vmap(one, randomness="same")({n: V[n] for n in names}) if C > 1 else {n: t.unsqueeze(0) for n, t in one({n: V[n][0] for n in names}).items()}
-
     assert ctx.fd is not None
-    if isinstance(batch, Step):  # DIT's products, ``H_B R`` of the step with its masks (and ``J R``, not needed here)
-        R = torch.stack([torch.cat([V[n][c].reshape(-1) for n in names]) for c in range(C)], dim=1)
-        HR, _ = ctx.fd(fixed, batch, R, w)
-        return _stacked(ctx, HR.T)
-    inputs = CastInputs(batch, w)
-
-    def evaluate(module: nn.Module, q: Mapping[str, Tensor], dt: torch.dtype) -> Tensor:
-        b, wt = inputs(dt)
-        return torch.cat([g.reshape(-1) for g in ctx.batch_grad(q, b, w=wt, module=module).values()])
-
-    cols = ctx.fd.directional(evaluate, fixed, [{n: V[n][c] for n in names} for c in range(C)], _step_of(batch))
-    return _stacked(ctx, torch.stack(cols))
+    R = torch.stack([torch.cat([V[n][c].reshape(-1) for n in names]) for c in range(C)], dim=1)
+    HR, _ = ctx.fd(fixed, batch, R, w)  # H_B R of the step with its masks (and J R, not needed here)
+    return _stacked(ctx, HR.T)
 
 
 def _step_of(batch: Any) -> int:

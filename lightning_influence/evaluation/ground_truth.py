@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_names
-from lightning_influence.replay_drift import DEFAULT_TOLERANCE, DriftReport, check_checkpoint
+from lightning_influence.replay_drift import DriftReport, check_checkpoint, resolve_tolerance
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
 from lightning_influence.replay import (
     Progress,
@@ -227,7 +227,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         start_params = checkpoint_params(log, module, 0)
         start_state = log.optimizer_state(0)
     dtype = next(iter(start_params.values())).dtype
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    tolerance = resolve_tolerance(tolerance)
     drift = DriftReport()
     ckpts = [t for t in log.checkpoint_steps if lo < t <= hi]
     show = resolve_progress(progress, "replay-loo")
@@ -266,7 +266,9 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
 
             if step.skipped:  # a step the GradScaler skipped changes nothing
                 pass
-            elif step.drew:  # dropout: a forward inside vmap may draw other masks than training did, so copy by copy
+            elif step.drew or step.precision.autocast_device is not None:
+                # copy by copy: a forward inside vmap may draw other dropout masks than training did, and its batched
+                # kernels round other than training's under autocast (bf16: the reference copy left the run by 0.4%)
                 for c in range(C):
                     per_copy({n: v[c] for n, v in stacked.items()}, W[c]).backward()
                 apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))

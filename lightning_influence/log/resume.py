@@ -109,6 +109,18 @@ def with_resume_record(log_meta: Mapping[str, Any], fit_meta: Mapping[str, Any],
     return {**log_meta, "resumes": [*log_meta.get("resumes", []), entry]}
 
 
+def with_settled(log_meta: Mapping[str, Any], values: Mapping[str, Any], resumed: bool) -> dict[str, Any]:
+    """``log_meta`` with top-level ``values`` a fit settled after its start (its gradient engines after a demotion):
+    a fit that started the log sets them; a resumed fit's (``resumed``) go into its record of the resume (the
+    ``changed`` of the last ``resumes`` entry, ``[log's, this fit's]`` where they differ), as any other setting."""
+    if not resumed:
+        return {**log_meta, **values}
+    *before, last = log_meta["resumes"]
+    changed = {k: v for k, v in last["changed"].items() if k not in values}
+    changed.update({k: [log_meta.get(k), v] for k, v in values.items() if log_meta.get(k) != v})
+    return {**log_meta, "resumes": [*before, {**last, "changed": changed}]}
+
+
 def log_exists(log_dir: str) -> bool:
     """``log_dir`` holds an influence log (its ``meta.h5``)."""
     return (Path(log_dir) / META_FILE).exists()
@@ -145,6 +157,18 @@ def logged_splits(log_dir: str, start: int, projector: Any) -> dict[str, tuple[i
             if s["name"] in ours and (ours[s["name"]].rows, ours[s["name"]].cols) == (s["rows"], s["cols"])}
     changed = any((ours[n].k_rows, ours[n].k_cols) != k for n, k in kept.items())
     return kept if changed else None
+
+
+def logged_demotions(log_dir: str, start: int) -> dict[str, int]:
+    """The tensors the log's fits handed from hooks to vmap before step ``start`` (``demoted``, ``{name: step}``): a fit
+    resumed at ``start`` keeps them, so its record of the resume lists no change when it demotes them again."""
+    if start == 0 or not log_exists(log_dir):
+        return {}
+    try:
+        demoted = read_meta(log_dir).get("demoted") or {}
+    except LogFormatError:
+        return {}  # continue_log reports what is wrong with the log
+    return {n: int(s) for n, s in demoted.items() if int(s) < start}
 
 
 def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start: int, state: Mapping[str, Any],

@@ -284,6 +284,15 @@ class LogWriter:
         else:
             self._raise_pending_error()
 
+    def amend_meta(self, amend: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Rank 0: ``meta.h5`` becomes ``amend(meta)`` (a value the fit settles after its start), in order with the
+        segments; a resumed fit's record of the resume, if not written yet, is amended instead (written with it)."""
+        self._raise_pending_error()
+        if self._queue is None:
+            self._write(amend)
+        else:
+            self._queue.put(amend)
+
     def drain(self) -> None:
         """Wait until every segment handed to the background thread is written; the open one stays open (a benchmark
         keeps one fit's writer off another fit's time with it)."""
@@ -338,10 +347,21 @@ class LogWriter:
                f"; the log ends at step {self.last_step_on_disk}") + ". Resume from a Lightning checkpoint to record them again.",
             RuntimeWarning, stacklevel=3)
 
-    def _write(self, job: tuple[Path, list[StepRecord], list[CheckpointRecord]]) -> None:
-        path, steps, checkpoints = job
+    def _write(self, job: tuple[Path, list[StepRecord], list[CheckpointRecord]] | Callable) -> None:
         if self._error is not None:  # never write past a failed segment: the log would have a gap
             return
+        if callable(job):  # amend_meta
+            try:
+                if self._resume_meta is not None:
+                    self._resume_meta = job(dict(self._resume_meta))
+                else:
+                    write_meta(self.log_dir, job(read_meta(self.log_dir)))
+            except Exception as err:  # noqa: BLE001 - reported on the training thread, as a segment's failure
+                self._error = self._describe_failure(self.log_dir / META_FILE, [], err)
+                if self._queue is None:
+                    self._raise_pending_error()
+            return
+        path, steps, checkpoints = job
         try:
             self._continue_log()
             self.bytes_written += write_segment(path, self.rank, steps, checkpoints, self.storage_dtype,
@@ -369,7 +389,8 @@ class LogWriter:
         self._truncate_from = None
 
     def _describe_failure(self, path: Path, steps: list[StepRecord], err: Exception) -> LogWriteError:
-        what = (f"steps {steps[0].step}..{steps[-1].step}" if steps else "a checkpoint")
+        what = (f"steps {steps[0].step}..{steps[-1].step}" if steps else "the run metadata" if path.name == META_FILE
+                else "a checkpoint")
         safe = (f"Nothing more is written to this log; steps up to {self.last_step_on_disk} are safe in closed segments"
                 if self.last_step_on_disk is not None else "Nothing more is written to this log; no step of this rank is on disk")
         return storage_error(self.log_dir, f"{path.parent.name}/{path.name} ({what})", err, safe)
