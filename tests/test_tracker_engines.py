@@ -133,3 +133,36 @@ def test_a_resumed_fit_that_demotes_as_the_log_did_records_no_engine_change(tmp_
     (resume,) = log.meta["resumes"]
     assert resume["step"] == 3 and resume["changed"] == {}
     assert log.meta["gradient_engine"] == "mixed" and log.meta["demoted"] == {"wpe.weight": 0}
+
+
+def test_a_demotion_at_a_later_step_is_recorded_with_its_step(tmp_path):
+    """The positions expanded to the batch at steps 0 and 1 (hooks), broadcast from step 2 on (demoted by shape):
+    ``demoted`` says the tensor's columns are vmap's from step 2, the steps before stay hooks' (and exact)."""
+    tokens = torch.randint(0, 7, (4 * B, B + 2), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    module = PosLM(B + 1, expanded=True).double()
+
+    class Broadcast(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            pl_module.expanded = trainer.global_step < 2
+
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=8, storage_dtype="float64",
+                               checkpoint_every_n_steps=1)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Broadcast(), tracker])
+    with pytest.warns(UserWarning, match="wpe.weight"):
+        trainer.fit(module, DataLoader(WithIds(TensorDataset(tokens)), batch_size=B))
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["demoted"] == {"wpe.weight": 2} and log.meta["gradient_engines"]["wpe.weight"] == "vmap"
+    projector, names = log.projector(), log.param_names
+    reference = PosLM(B + 1).double()
+    for rec in log.iter_steps(fields=("grad",)):  # every step's rows exact, whichever engine took them
+        reference.load_state_dict({n: torch.from_numpy(v) for n, v in log.checkpoint(rec.step).items()})
+        reference.expanded = rec.step < 2
+        params = dict(reference.named_parameters())
+        rows = []
+        for i in rec.ids:
+            loss = reference.per_sample_loss((tokens[int(i)][None],))[0]
+            grads = torch.autograd.grad(loss, [params[n] for n in names])
+            rows.append(projector.project({n: g[None] for n, g in zip(names, grads)}))
+        np.testing.assert_allclose(rec.grads, torch.cat(rows).numpy(), rtol=1e-10, atol=1e-12)
