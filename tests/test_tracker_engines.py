@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
+from lightning_influence.cli import main
 
 B = T = 4
 
@@ -84,7 +85,7 @@ class PosLM(TinyLM):
 
 
 @pytest.mark.parametrize("positions,expanded", [(B, False), (B + 1, False), (B, True)])
-def test_the_log_says_which_engine_computed_each_tensor_after_a_demotion(tmp_path, positions, expanded):
+def test_the_log_says_which_engine_computed_each_tensor_after_a_demotion(tmp_path, capsys, positions, expanded):
     """meta.h5 is written before the first step, whose demotion it then records (``gradient_engines``, ``demoted``)."""
     tokens = torch.randint(0, 7, (3 * B, positions + 1), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
@@ -105,6 +106,9 @@ def test_the_log_says_which_engine_computed_each_tensor_after_a_demotion(tmp_pat
         assert len(demoted) == 1 and "wpe.weight" in demoted[0]
         assert meta["gradient_engine"] == "mixed" and meta["demoted"] == {"wpe.weight": 0}
         assert meta["gradient_engines"] == {n: "vmap" if n == "wpe.weight" else "hooks" for n in names}
+    assert main(["info", str(tmp_path / "log"), "-q"]) == 0  # the CLI says it too
+    (line,) = [r for r in capsys.readouterr().out.splitlines() if r.startswith("gradients")]
+    assert line.endswith("; engine hooks" if expanded else "; engines hooks, vmap for wpe.weight (from the hooks at step 0)")
 
 
 def test_a_resumed_fit_that_demotes_as_the_log_did_records_no_engine_change(tmp_path):

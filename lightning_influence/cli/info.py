@@ -76,6 +76,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "batch_size": {"mean": float(batch_sizes.mean()), "min": int(batch_sizes.min()), "max": int(batch_sizes.max())},
         "dataset_size": log.dataset_size if T else meta.get("dataset_size"), "ids_seen": int(len(ids_seen)),
         "recorded": recorded, "every_n_steps": every, "gradient_columns": cols, "projection": proj_dim,
+        "gradient_engine": meta.get("gradient_engine"), "gradient_engines": meta.get("gradient_engines"),
+        "demoted": meta.get("demoted"),
         "storage_dtype": meta.get("storage_dtype"), "step": step_summary(log) if T else None,
         "precision": meta.get("precision"),
         "checkpoints": {"count": len(ckpts), "every_n_steps": meta.get("checkpoint_every_n_steps"), "final": log.finished},
@@ -107,7 +109,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("recorded", ", ".join(what)),
         ("gradients", f"{cols} columns per sample ({f'projected, {proj_dim} per tensor' if proj_dim else 'full'}, "
                       f"{summary['storage_dtype']}), every {every} step{'s' * (every != 1)}"
-                      + (", with HVP products" if recorded.get("hvp") else "") if recorded.get("gradients") else "not recorded"),
+                      + (", with HVP products" if recorded.get("hvp") else "") + _describe_engines(meta)
+                      if recorded.get("gradients") else "not recorded"),
         ("checkpoints", f"{len(ckpts)} (every {meta.get('checkpoint_every_n_steps') or '-'} steps, "
                         f"{'final θ_T stored' if log.finished else 'no final θ_T'})"),
         ("state", log.end_note),
@@ -118,6 +121,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     emit(args, "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows))
     return code
+
+
+def _describe_engines(meta: dict[str, Any]) -> str:
+    """Which engine computed the columns: ``; engine hooks``, or the tensors ``vmap`` computed in a mixed run (and
+    the step each demoted one left the hooks at, docs/log-format.md)."""
+    engines, demoted = meta.get("gradient_engines"), meta.get("demoted") or {}
+    if meta.get("gradient_engine") != "mixed" or not engines:  # older logs name one engine only
+        return f"; engine {meta.get('gradient_engine')}"
+    vmap = [n + (f" (from the hooks at step {demoted[n]})" if n in demoted else "") for n, e in engines.items()
+            if e == "vmap"]
+    more = f" and {len(vmap) - 5} more" if len(vmap) > 5 else ""
+    return f"; engines hooks, vmap for {', '.join(vmap[:5])}{more}"
 
 
 def _batch_size(b: dict[str, Any]) -> str:

@@ -291,6 +291,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                 terms = ctx.step.removal_terms(theta, rec.state, g, rec.lrs, rows, U, S, transform)
                 del rows
             th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S, transform=transform)
+            # J R is used by the linear removal only, but comes with H R: one batched backward (the leaf u: no
+            # measurable cost) or the same differences, whose kink guard compares whole columns, J R's included
             HR, JR = (_products_exact(ctx, rec.params, batch, R, w, shard) if fd is None
                       else fd(rec.params, batch, R, w, shard, len(rec.ids)))
             n_hvp += R.shape[1]
