@@ -91,3 +91,36 @@ def test_a_negative_tolerance_is_refused_by_the_estimators(run):
     for bad in (-1e-3, float("nan")):
         with pytest.raises(ValueError, match="tolerance must be a number >= 0"):
             resolve_tolerance(bad)
+
+
+# --------------------------------------------------------------------------- ground truth
+def test_replay_loo_of_a_log_started_by_a_resumed_fit_removes_from_its_first_step(tmp_path):
+    """A fit resumed from a Lightning checkpoint into a new log_dir starts its log at step ``t0 > 0`` (θ_t0 and the
+    optimizer state stored there); DIT scores such a log from ``t0``. replay_loo refused it ("retrains from θ_0, but the
+    log has no checkpoint at step 0"), so `evaluate` could not run at all. It retrains from θ_t0 now: equal to the plain
+    replay of the log with the sample's weight 0 (momentum SGD: the stored optimizer state matters)."""
+    from test_robustness import epoch_fit
+
+    from conftest import tiny
+
+    epoch_fit(tmp_path / "log", tmp_path / "ckpt", epochs=1)
+    epoch_fit(tmp_path / "late", None, epochs=3, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"), overwrite=True)
+    log = InfluenceLog(tmp_path / "late")
+    assert log.first_step == 4 and log.num_steps == 12
+    ds = WithIds(make_data(24))
+    query = mean_loss((make_data(24).tensors[0][:10], make_data(24).tensors[1][:10]))
+    loo = replay_loo(log, tiny(momentum=0.9), ds, query, sample_ids=[1, 7])
+    drift = loo.info["replay_drift"]
+    assert loo.grid.tolist() == [4, 8, 12] and drift["checkpoints_compared"] == 8 and drift["max"] < 1e-12
+
+    def f_without(j: int, until: int) -> float:
+        w = lambda t, ids: torch.tensor([0.0 if i == j else 1.0 for i in ids], dtype=torch.float64)  # noqa: E731
+        last = list(replay(log, tiny(momentum=0.9), ds, 4, until, weights=w, verify=False))[-1]
+        assert last.step == until
+        return float(evaluate_query(tiny(momentum=0.9), query, last.params))
+
+    for row, j in enumerate([1, 7]):
+        for t in (8, 12):
+            assert loo.at(t)[row, 0] == pytest.approx(f_without(j, t) - f_without(-1, t), rel=1e-9, abs=1e-14)
+        assert loo.window(4, 12)[row] == loo.at(12)[row, 0]
+    assert np.isclose(loo.base[-1, 0], f_without(-1, 12), rtol=1e-12)

@@ -146,7 +146,8 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
     """Replay leave-one-out (or leave-group-out): retrain without each unit, record ``f`` on a grid.
 
     Args:
-        log: the influence log (needs a checkpoint at step 0, or at/before ``t1`` for ``in_window_only``).
+        log: the influence log (needs a checkpoint at its first step: 0, or the step a resumed fit started the log
+            at, whose runs then start there; at/before ``t1`` for ``in_window_only``).
         module: the architecture.
         train_data: training samples by id.
         query: ``f(module) -> scalar or (Q,)``.
@@ -189,8 +190,9 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         t1, t2 = win
         steps = {t for t in steps if t1 <= t <= t2}
         lo, hi = t1, t2
-    else:
-        lo, hi = 0, max(steps)
+    else:  # from the log's first step: 0, or where a resumed fit started the log (nothing was removed before)
+        lo, hi = log.first_step, max(steps)
+        steps = {t for t in steps if t >= lo}
     grid_arr = np.array(sorted(steps), dtype=np.int64)
     if groups is not None:
         units = [np.unique(np.asarray(g, dtype=np.int64)) for g in groups]
@@ -222,10 +224,11 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         start_params = last.params
         start_state = _state_by_name(last.optimizer.state_dict(), names)
     else:
-        if 0 not in log.checkpoint_steps:
-            raise ValueError(f"replay_loo retrains from θ_0, but the log has no checkpoint at step 0 ({log.checkpoint_steps})")
-        start_params = checkpoint_params(log, module, 0)
-        start_state = log.optimizer_state(0)
+        if lo not in log.checkpoint_steps:
+            raise ValueError(f"replay_loo retrains from the log's first step {lo}, but the log has no checkpoint there "
+                             f"({log.checkpoint_steps})")
+        start_params = checkpoint_params(log, module, lo)
+        start_state = log.optimizer_state(lo)
     dtype = next(iter(start_params.values())).dtype
     tolerance = resolve_tolerance(tolerance)
     drift = DriftReport()
