@@ -52,7 +52,8 @@ from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 from lightning_influence.tracker_checks import (check_batchnorm, check_dataset, check_distinct_ids, check_fit, check_losses,
-                                                check_optimizers, check_training_set, generators_kept, trainer_precision)
+                                                check_optimizers, check_schedulers, check_training_set, generators_kept,
+                                                trainer_precision)
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -260,6 +261,7 @@ class InfluenceTracker(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = check_optimizers(trainer.optimizers)
+        check_schedulers(trainer.lr_scheduler_configs)
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}

@@ -2,7 +2,7 @@
 
 A run the estimators could not reproduce is refused before it trains (or at its first step,
 with nothing of it stored): manual optimization or an unsupported strategy, several or
-unsupported optimizers, a missing ``per_sample_loss``, sampling with replacement, train-mode
+unsupported optimizers or a scheduler cycling the momentum, a missing ``per_sample_loss``, sampling with replacement, train-mode
 BatchNorm, a dataset whose ``ds[i]`` changes between calls (without ``store_inputs``), a
 sample twice in one step, per-sample losses of the wrong shape, a precision plugin other than
 Lightning's ``MixedPrecision``. Each message says what to do instead.
@@ -24,7 +24,7 @@ from lightning_influence.step.optimizers import UnsupportedOptimizerError, check
 from lightning_influence.step.precision import Precision
 
 __all__ = ["check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses", "check_optimizers",
-           "check_training_set", "generators_kept", "trainer_precision"]
+           "check_schedulers", "check_training_set", "generators_kept", "trainer_precision"]
 
 
 def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) -> None:
@@ -57,6 +57,20 @@ def check_optimizers(optimizers: Sequence[torch.optim.Optimizer]) -> torch.optim
     except UnsupportedOptimizerError as err:
         raise UnsupportedOptimizerError(f"InfluenceTracker does not support this run's optimizer: {err}") from None
     return optimizers[0]
+
+
+def check_schedulers(configs: Sequence[Any]) -> None:
+    """A scheduler that changes more than the learning rates is refused: the log records each step's learning rates
+    only, so replay and the estimators would run another optimizer than training did (``OneCycleLR`` and ``CyclicLR``
+    cycle the momentum, Adam's ``β₁``, by default)."""
+    cycling = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
+    for config in configs:
+        sched = getattr(config, "scheduler", config)
+        if isinstance(sched, cycling) and getattr(sched, "cycle_momentum", False):
+            raise UnsupportedOptimizerError(
+                f"InfluenceTracker does not support {type(sched).__name__}(cycle_momentum=True): it changes the "
+                "optimizer's momentum (Adam: beta1) at every step, and the log records only the learning rates, so "
+                f"no estimator could reproduce the run; pass {type(sched).__name__}(..., cycle_momentum=False)")
 
 
 def check_training_set(loader: Any, has_ids_fn: bool) -> tuple[bool, int | None]:

@@ -124,3 +124,45 @@ def test_replay_loo_of_a_log_started_by_a_resumed_fit_removes_from_its_first_ste
             assert loo.at(t)[row, 0] == pytest.approx(f_without(j, t) - f_without(-1, t), rel=1e-9, abs=1e-14)
         assert loo.window(4, 12)[row] == loo.at(12)[row, 0]
     assert np.isclose(loo.base[-1, 0], f_without(-1, 12), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------- tracker
+class _Cycled(TinyClassifier):
+    """Momentum SGD or Adam under OneCycleLR / CyclicLR, stepped every batch."""
+
+    def __init__(self, kind: str, cycle_momentum: bool, adam: bool = False) -> None:
+        super().__init__(lr=0.05, momentum=0.9)
+        self.kind, self.cycle_momentum, self.adam = kind, cycle_momentum, adam
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr) if self.adam else \
+            torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        sched = torch.optim.lr_scheduler
+        s = sched.OneCycleLR(opt, max_lr=self.lr, total_steps=8, cycle_momentum=self.cycle_momentum) \
+            if self.kind == "onecycle" else \
+            sched.CyclicLR(opt, base_lr=self.lr / 10, max_lr=self.lr, step_size_up=2, cycle_momentum=self.cycle_momentum)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+
+
+def _cycled(kind: str, cycle_momentum: bool, adam: bool = False) -> _Cycled:
+    torch.manual_seed(0)
+    return _Cycled(kind, cycle_momentum, adam).double()
+
+
+@pytest.mark.parametrize("kind,adam", [("onecycle", False), ("onecycle", True), ("cyclic", False)])
+def test_a_scheduler_cycling_momentum_is_refused_before_the_first_step(tmp_path, kind, adam):
+    """OneCycleLR and CyclicLR change the momentum (Adam: β₁) of every step by default; the log records only the learning
+    rates, so replay and every estimator ran another optimizer than training did (replay stopped 1-36% off the stored
+    checkpoints, with advice about data and round-off). Refused by name before training, with the fix; with
+    ``cycle_momentum=False`` the run replays bit for bit."""
+    from lightning_influence.step.optimizers import UnsupportedOptimizerError
+
+    ds = make_data(16)
+    with pytest.raises(UnsupportedOptimizerError, match=r"(OneCycleLR|CyclicLR).*cycle_momentum=False"):
+        fit(_cycled(kind, True, adam), loader(ds, batch_size=4), InfluenceTracker(str(tmp_path / "refused")), epochs=2)
+    assert not list((tmp_path / "refused").rglob("seg-*.h5"))  # nothing trained into the log
+    fit(_cycled(kind, False, adam), loader(ds, batch_size=4),
+        InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=1), epochs=2)
+    log = InfluenceLog(tmp_path / "log")
+    assert len(set(log.lr(t)[0] for t in range(log.num_steps))) >= 3  # the schedule ran
+    assert [rs.step for rs in replay(log, _cycled(kind, False, adam), WithIds(ds), tolerance=0.0)][-1] == 8
