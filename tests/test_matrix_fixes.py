@@ -217,3 +217,14 @@ def test_a_training_set_shorter_than_the_logs_ids_is_named(small_run):
     short = WithIds(torch.utils.data.TensorDataset(*(t[:10] for t in ds.tensors)))
     with pytest.raises(ValueError, match=r"train_data has 10 samples but the log holds sample id 1[0-7]"):
         dit(log, mean_loss((ds.tensors[0], ds.tensors[1])), module=tiny(), train_data=short)
+
+
+@pytest.mark.parametrize("kw,match", [({"copies": 0}, r"copies must be an int >= 1"),
+                                      ({"removal_weight": float("nan")}, r"removal_weight must be a finite")])
+def test_replay_loo_refuses_meaningless_settings_by_name(small_run, kw, match):
+    """``copies=0`` failed with "range() arg 3 must not be zero"; ``removal_weight=nan`` returned NaN values silently."""
+    from conftest import tiny
+
+    log, ds = small_run
+    with pytest.raises(ValueError, match=match):
+        replay_loo(log, tiny(), WithIds(ds), mean_loss((ds.tensors[0], ds.tensors[1])), sample_ids=[1], **kw)

@@ -180,6 +180,10 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         ReplayMismatchError: the reference run does not reproduce the logged trajectory.
         DistributedQueryError: a process of a distributed run failed or was killed.
     """
+    if not (isinstance(copies, int) and copies >= 1):
+        raise ValueError(f"copies must be an int >= 1 (counterfactual runs trained together), got {copies!r}")
+    if not np.isfinite(removal_weight):
+        raise ValueError(f"removal_weight must be a finite factor on the dropped unit's weight, got {removal_weight!r}")
     win = log.window(window) if window is not None else None
     if in_window_only and win is None:
         raise ValueError("in_window_only=True needs a window")
