@@ -123,10 +123,27 @@ def query_gradients(module: nn.Module, query: Query, names: Sequence[str],
     leaves = {n: (params[n] if params is not None and n in params else live[n]).detach().clone().requires_grad_(True)
               for n in live}
     out = evaluate_query(module, query, leaves)
+    _check_query_value(out)
     values = out.reshape(-1)
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for q in range(len(values)):
         g = torch.autograd.grad(values[q], [leaves[n] for n in names], retain_graph=q + 1 < len(values), allow_unused=True)
         for n, gi in zip(names, g):
             grads[n].append(torch.zeros_like(leaves[n]) if gi is None else gi)
-    return {n: torch.stack(v) for n, v in grads.items()}, values.detach()
+    stacked = {n: torch.stack(v) for n, v in grads.items()}
+    if not all(bool(torch.isfinite(g).all()) for g in stacked.values()):
+        raise ValueError("the query's gradient is not finite (NaN or inf) at these parameters: every score would be NaN")
+    return stacked, values.detach()
+
+
+def _check_query_value(out: Any) -> None:
+    """A query's value: a tensor (scalar or ``(Q,)``) that depends on the parameters and is finite."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the query returned a {type(out).__name__}; a query is f(module) -> a tensor (scalar or (Q,)) "
+                        "computed from the module's outputs")
+    if not out.requires_grad:
+        raise ValueError("the query does not depend on the model's parameters (its value is detached or computed under "
+                         "torch.no_grad()): compute it from module(...) with gradients enabled")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"the query's value is not finite ({out.detach().reshape(-1)[:4].tolist()}) at these "
+                         "parameters: every score would be NaN")

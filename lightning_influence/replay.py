@@ -104,6 +104,9 @@ def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
     """
     ids = np.asarray(ids, dtype=np.int64)
     if isinstance(train_data, Dataset) or (hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__")):
+        if len(ids) and ids.max() >= len(train_data):
+            raise ValueError(f"train_data has {len(train_data)} samples but the log holds sample id {int(ids.max())}: pass "
+                             "the whole training set the run was trained on, indexed by the ids it logged")
         return default_collate([train_data[int(i)] for i in ids])
     if callable(train_data):
         return train_data(ids)

@@ -166,3 +166,54 @@ def test_a_scheduler_cycling_momentum_is_refused_before_the_first_step(tmp_path,
     log = InfluenceLog(tmp_path / "log")
     assert len(set(log.lr(t)[0] for t in range(log.num_steps))) >= 3  # the schedule ran
     assert [rs.step for rs in replay(log, _cycled(kind, False, adam), WithIds(ds), tolerance=0.0)][-1] == 8
+
+
+# -------------------------------------------------------------------------------- the API
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    from conftest import tiny
+
+    path = tmp_path_factory.mktemp("api") / "log"
+    ds = make_data(18)
+    fit(tiny(momentum=0.9), loader(ds), InfluenceTracker(str(path), record_gradients=True, checkpoint_every_n_steps=2))
+    return InfluenceLog(path), ds
+
+
+def _estimators():
+    from conftest import tiny
+
+    from lightning_influence import diffin, dit, tracin
+
+    return {"dit": lambda log, ds, q: dit(log, q, module=tiny(), train_data=WithIds(ds)),
+            "tracin": lambda log, ds, q: tracin(log, q, module=tiny()),
+            "diffin": lambda log, ds, q: diffin(log, q, module=tiny(), train_data=WithIds(ds), form="step")}
+
+
+@pytest.mark.parametrize("estimator", ["dit", "tracin", "diffin"])
+def test_a_query_that_is_not_finite_or_not_a_function_of_the_parameters_is_refused(small_run, estimator):
+    """A query whose value is NaN gave every score NaN without a word; a query returning a float failed with
+    "AttributeError: 'float' object has no attribute 'reshape'", a detached one with torch's "element 0 of tensors does
+    not require grad"."""
+    log, ds = small_run
+    x = ds.tensors[0][:5]
+    run = _estimators()[estimator]
+    with pytest.raises(ValueError, match=r"query.*not finite"):
+        run(log, ds, lambda m: m(x).sum() * float("nan"))
+    with pytest.raises(TypeError, match=r"query returned a float.*tensor"):
+        run(log, ds, lambda m: 1.0)
+    with pytest.raises(ValueError, match=r"query does not depend on the model's parameters"):
+        run(log, ds, lambda m: m(x).detach().sum())
+    assert np.isfinite(run(log, ds, lambda m: m(x).sum()).scores).all()
+
+
+def test_a_training_set_shorter_than_the_logs_ids_is_named(small_run):
+    """``train_data`` holding fewer samples than the run's ids failed deep in torch ("IndexError: index 12 is out of
+    bounds for dimension 0 with size 10")."""
+    from conftest import tiny
+
+    from lightning_influence import dit
+
+    log, ds = small_run
+    short = WithIds(torch.utils.data.TensorDataset(*(t[:10] for t in ds.tensors)))
+    with pytest.raises(ValueError, match=r"train_data has 10 samples but the log holds sample id 1[0-7]"):
+        dit(log, mean_loss((ds.tensors[0], ds.tensors[1])), module=tiny(), train_data=short)
