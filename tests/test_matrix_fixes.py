@@ -228,3 +228,15 @@ def test_replay_loo_refuses_meaningless_settings_by_name(small_run, kw, match):
     log, ds = small_run
     with pytest.raises(ValueError, match=match):
         replay_loo(log, tiny(), WithIds(ds), mean_loss((ds.tensors[0], ds.tensors[1])), sample_ids=[1], **kw)
+
+
+def test_evaluate_reports_an_estimators_error_as_itself_not_as_a_bad_samples_spec(run, capsys):
+    """``evaluate --samples top:K`` caught every ValueError of the estimate it ranks by, so a bad query (or seed) was
+    reported as "--samples 'top:2': use ids '3,17,42', ..."."""
+    line = _one_line_error(capsys, "evaluate", run.log, "-q", "--samples", "top:2", "--method", "tracin", "--query",
+                           "pred:0:12", "--truth", "none")
+    assert "class 12" in line and "--samples" not in line, line
+    line = _one_line_error(capsys, "evaluate", run.log, "-q", "--samples", "random:3", "--seed", "-1", "--truth", "none")
+    assert "--seed" in line, line
+    line = _one_line_error(capsys, "evaluate", run.log, "-q", "--samples", "top:x")
+    assert "--samples 'top:x'" in line, line

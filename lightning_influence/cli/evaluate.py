@@ -59,25 +59,31 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 def _parse_samples(spec: str, n: int, ctx: RunContext | None, estimate: Callable[[], np.ndarray], seed: int) -> np.ndarray:
     kind, _, arg = spec.partition(":")
-    try:
-        if kind in ("top", "random", "flipped", "bottom"):
+    chosen = kind in ("top", "random", "flipped", "bottom")
+    k, ids = 0, np.zeros(0, dtype=np.int64)
+    try:  # only the parsing: an error of the estimate (or of the query) is reported as itself
+        if chosen:
             k = int(arg)
             if k < 1:
                 raise ValueError
-            if kind == "top":
-                return np.argsort(estimate(), kind="stable")[:k]
-            if kind == "bottom":
-                return np.argsort(-estimate(), kind="stable")[:k]
-            if kind == "random":
-                return np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
-            flipped = ctx.flipped if ctx else None
-            if not flipped:
-                raise UserError("--samples flipped:K needs the datamodule's `flipped` ids, which this run does not have")
-            return np.array(sorted(flipped)[:k])
-        ids = np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
+        else:
+            ids = np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
     except ValueError:
         raise UserError(f"--samples {spec!r}: use ids '3,17,42', 'top:K' (most negative), 'bottom:K', 'random:K' or "
                         "'flipped:K'") from None
+    if kind == "top":
+        return np.argsort(estimate(), kind="stable")[:k]
+    if kind == "bottom":
+        return np.argsort(-estimate(), kind="stable")[:k]
+    if kind == "random":
+        if seed < 0:
+            raise UserError(f"--seed must be an int >= 0, got {seed}")
+        return np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
+    if kind == "flipped":
+        flipped = ctx.flipped if ctx else None
+        if not flipped:
+            raise UserError("--samples flipped:K needs the datamodule's `flipped` ids, which this run does not have")
+        return np.array(sorted(flipped)[:k])
     bad = ids[(ids < 0) | (ids >= n)]
     if len(bad) or not len(ids):
         raise UserError(f"--samples: unknown sample id {int(bad[0]) if len(bad) else spec!r}; training ids are 0..{n - 1}")
