@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -240,3 +241,30 @@ def test_evaluate_reports_an_estimators_error_as_itself_not_as_a_bad_samples_spe
     assert "--seed" in line, line
     line = _one_line_error(capsys, "evaluate", run.log, "-q", "--samples", "top:x")
     assert "--samples 'top:x'" in line, line
+
+
+# ------------------------------------------------------------------------------ resumes
+def test_a_checkpoint_without_tracker_state_does_not_continue_an_existing_log(tmp_path):
+    """A checkpoint of a run trained without the tracker carries no run id; resumed with the tracker into the log of
+    another run that happened to end at the checkpoint's step, it was continued: the log then held that run's steps and
+    the resumed run's after them (replay failed at the next checkpoint, blaming data or round-off). Refused now, with
+    nothing of the log touched; overwrite=True starts a new log at the checkpoint's step."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from conftest import tiny
+    from test_robustness import epoch_fit
+    from tests.test_reliability import file_bytes
+
+    epoch_fit(tmp_path / "other", None, epochs=1)  # another run's finished log: steps 0..3
+    untracked = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                           enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt")])
+    untracked.fit(tiny(momentum=0.9), loader(make_data(24)))
+    ckpt = str(next((tmp_path / "ckpt").iterdir()))
+    assert "step=4" in ckpt
+    before = file_bytes(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"holds no InfluenceTracker state.*new log_dir.*overwrite=True"):
+        epoch_fit(tmp_path / "other", None, epochs=2, ckpt_path=ckpt)
+    assert file_bytes(tmp_path / "other") == before
+    epoch_fit(tmp_path / "other", None, epochs=2, ckpt_path=ckpt, overwrite=True)
+    log = InfluenceLog(tmp_path / "other")
+    assert log.steps.tolist() == [4, 5, 6, 7] and log.checkpoint_steps[0] == 4 and log.finished

@@ -196,6 +196,13 @@ def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start:
         return False, None, None
     meta = read_meta(log_dir)
     hint = f"or pass overwrite=True to replace it with a new log starting at step {start}"
+    if not state.get("run_id"):  # a run not tracked up to the checkpoint: nothing says this log is its own
+        if overwrite:
+            return False, None, None
+        raise ValueError(f"InfluenceTracker: resuming at step {start} from a checkpoint that holds no InfluenceTracker "
+                         f"state (the run was not tracked up to it), so nothing says it continues the log of run "
+                         f"{meta.get('run_id')} in {log_dir}; give this fit a new log_dir (a new log starting at step "
+                         f"{start}), {hint}")
     if state.get("run_id") and meta.get("run_id") != state["run_id"]:
         if overwrite:
             return False, None, None
