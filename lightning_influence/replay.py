@@ -406,7 +406,7 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
                      log.lr(t2) if t2 < T else np.zeros(0), opt)
 
 
-def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int = 0, t2: int | None = None, *,
+def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int | None = None, t2: int | None = None, *,
            loss_fn: LossFn = default_loss_fn, weights: Weights | None = None, start: int | None = None,
            verify: bool = True, tolerance: float | None = None, report: DriftReport | None = None,
            progress: Progress = None, shard: BatchShard | None = None) -> Iterator[ReplayStep]:
@@ -422,7 +422,8 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
         module: the architecture (its trainable parameters are replaced by the logged ones; the
             live module is never modified).
         train_data: the training samples by id (a dataset or a callable ``ids -> batch``).
-        t1, t2: the steps to yield (``t2=None``: the end of the run).
+        t1, t2: the steps to yield (``t1=None``: the log's first step, 0 or where a resumed fit started the log;
+            ``t2=None``: the end of the run).
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]``, the per-sample training loss.
         weights: ``weights(step, ids) -> Tensor[B]``, per-sample multipliers of the logged weights (counterfactuals).
         start: checkpoint step to start from (default: the latest checkpoint ``<= t1``).
@@ -440,11 +441,12 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
         ReplayMismatchError: a replayed ``θ_t`` drifts from the stored checkpoint beyond ``tolerance``.
         UnsupportedOptimizerError: the logged optimizer cannot be replayed.
     """
-    T = log.num_steps
+    T, t0 = log.num_steps, log.first_step
     t2 = T if t2 is None else int(t2)
-    t1 = int(t1)
-    if not (0 <= t1 <= t2 <= T):
-        raise ValueError(f"replay range [{t1}, {t2}) is outside the run: need 0 <= t1 <= t2 <= T = {T}")
+    t1 = t0 if t1 is None else int(t1)
+    if not (t0 <= t1 <= t2 <= T):
+        raise ValueError(f"replay range [{t1}, {t2}) is outside the run: need {t0} <= t1 <= t2 <= T = {T} (the log holds "
+                         f"steps {t0}..{T - 1})")
     ckpts = log.checkpoint_steps
     if start is None:
         earlier = [c for c in ckpts if c <= t1]

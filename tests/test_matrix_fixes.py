@@ -268,3 +268,18 @@ def test_a_checkpoint_without_tracker_state_does_not_continue_an_existing_log(tm
     epoch_fit(tmp_path / "other", None, epochs=2, ckpt_path=ckpt, overwrite=True)
     log = InfluenceLog(tmp_path / "other")
     assert log.steps.tolist() == [4, 5, 6, 7] and log.checkpoint_steps[0] == 4 and log.finished
+
+
+def test_replay_of_a_log_started_by_a_resumed_fit_starts_at_its_first_step(tmp_path):
+    """``replay(log, module, data)`` defaulted to step 0 and failed on such a log ("no checkpoint at or before step 0
+    to replay from"); it starts at the log's first step now, bit for bit, and step 0 is named as outside the log."""
+    from conftest import tiny
+    from test_robustness import epoch_fit
+
+    epoch_fit(tmp_path / "log", tmp_path / "ckpt", epochs=1)
+    epoch_fit(tmp_path / "late", None, epochs=2, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"), overwrite=True)
+    log = InfluenceLog(tmp_path / "late")
+    steps = [rs.step for rs in replay(log, tiny(momentum=0.9), WithIds(make_data(24)), tolerance=0.0)]
+    assert steps == [4, 5, 6, 7, 8]
+    with pytest.raises(ValueError, match=r"outside the run: need 4 <= t1 .* holds steps 4\.\.7"):
+        list(replay(log, tiny(momentum=0.9), WithIds(make_data(24)), 0))
