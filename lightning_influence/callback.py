@@ -307,8 +307,7 @@ class InfluenceTracker(Callback):
                                  self.compression, truncate_from=start if continued else None,  # drops steps >= start
                                  resume_meta=resume_meta, **self._segment_limits())
         self._run_id = self._writer.run_id
-        if self._capture is not None and pl_module.device.type == "cpu":  # written rows' buffers go back to the capture
-            # (fewer page faults; a GPU's rows come from its caching allocator, their host copies are pinned buffers)
+        if self._capture is not None:  # the rows' buffers go back to the capture once written (fewer page faults)
             self._capture.buffers = RowPool()
             self._writer.release = self._capture.buffers.give
         self._live = LiveTensorBoard.attach(trainer)

@@ -103,9 +103,6 @@ class HostCopy:
         return _map(lambda x: x.numpy(), self._tree)
 
 
-_MAX_FREE = 4096  # buffers a pool keeps (a segment holds at most 64 MiB of rows by default: far fewer large ones)
-
-
 class RowPool:
     """CPU buffers for a step's gradient rows, reused once the log writer has written them.
 
@@ -120,8 +117,7 @@ class RowPool:
     """
 
     def __init__(self) -> None:
-        # append/popleft are atomic: the writer's thread gives, training takes; bounded, in case nothing takes them
-        self._free: deque[np.ndarray] = deque(maxlen=_MAX_FREE)
+        self._free: deque[np.ndarray] = deque()  # append/popleft are atomic: the writer's thread gives, training takes
 
     def take(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised ``shape`` tensor: a given-back buffer where one is free (CPU), else a new one."""
