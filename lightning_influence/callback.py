@@ -38,7 +38,7 @@ from torch import nn
 from lightning_influence.capture import HVP_SCHEMES, HookGradientCapture, KroneckerProjector, select_params
 from lightning_influence.capture.layers import foldable_biases
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
-from lightning_influence.capture.transfer import HostCopy, RowPool
+from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
@@ -307,10 +307,6 @@ class InfluenceTracker(Callback):
                                  self.compression, truncate_from=start if continued else None,  # drops steps >= start
                                  resume_meta=resume_meta, **self._segment_limits())
         self._run_id = self._writer.run_id
-        if self._capture is not None and pl_module.device.type == "cpu":  # written rows' buffers go back to the capture
-            # (fewer page faults; a GPU's rows come from its caching allocator, their host copies are pinned buffers)
-            self._capture.buffers = RowPool()
-            self._writer.release = self._capture.buffers.give
         self._live = LiveTensorBoard.attach(trainer)
         self._next_step = self._fit_start = start
         self._pending = PendingStep()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
 
 from lightning_influence import InfluenceLog, InfluenceTracker
-from lightning_influence.capture.transfer import HostCopy, RowPool
+from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.log.writer import LogWriter
 from tests.conftest import fit, loader, make_data, tiny
 
@@ -80,45 +78,3 @@ def test_host_copy_hands_over_fresh_cpu_tensors_and_clones_the_others() -> None:
     param.add_(1.0)
     assert np.shares_memory(out["rows"]["r"], rows.numpy()) and out["rows"]["r"].tolist() == [0, 1, 2, 3]
     assert not np.shares_memory(out["checkpoint"][0], param.numpy()) and out["checkpoint"][0].tolist() == [1, 1, 1]
-
-
-def test_row_pool_reuses_a_buffer_only_once_nothing_else_holds_it() -> None:
-    pool, cpu = RowPool(), torch.device("cpu")
-    arr = pool.take((3, 4), torch.float32, cpu).numpy()
-    ptr, view = arr.ctypes.data, arr[1:]  # a reader still holds part of it
-    pool.give([arr])
-    del arr
-    assert pool.take((3, 4), torch.float32, cpu).data_ptr() != ptr  # not reused while the view lives
-    del view
-    again = pool.take((3, 4), torch.float32, cpu)  # the same buffer, now free
-    assert again.data_ptr() == ptr and again.shape == (3, 4) and again.dtype == torch.float32
-    pool.give([np.zeros((2, 4), np.float32), np.zeros((3, 4), np.float64)])  # other shapes, other dtypes: let go
-    assert all(pool.take((3, 4), torch.float32, cpu).shape == (3, 4) for _ in range(2)) and not pool._free
-
-
-@pytest.mark.parametrize("background", [False, True])
-def test_pooled_row_buffers_reach_the_log_unchanged(tmp_path, monkeypatch, background) -> None:
-    """Rows written into buffers the writer gave back: the same log as rows in new buffers at every step, and reuse
-    happens (one segment a step; with ``background=False`` each is written, and given back, at once)."""
-    import lightning_influence.callback as callback
-
-    monkeypatch.setattr(callback, "LogWriter", functools.partial(LogWriter, background=background))
-    kw = dict(record_gradients=True, record_hvp=True, projection_dim=4, flush_every_n_steps=1)
-    reused, take = [], RowPool.take
-
-    def spy(self, shape, dtype, device):
-        free = [a.ctypes.data for a in self._free]
-        out = take(self, shape, dtype, device)
-        reused.append(out.data_ptr() in free)
-        return out
-
-    monkeypatch.setattr(RowPool, "take", spy)
-    fit(tiny(), loader(make_data()), InfluenceTracker(str(tmp_path / "pooled"), **kw), epochs=4)
-    monkeypatch.setattr(RowPool, "take", lambda self, shape, dtype, device: torch.empty(shape, dtype=dtype))
-    fit(tiny(), loader(make_data()), InfluenceTracker(str(tmp_path / "new"), **kw), epochs=4)
-    pooled, new = _record(str(tmp_path / "pooled")), _record(str(tmp_path / "new"))
-    assert len(pooled["grad"]) == 16
-    for key in ("ids", "loss", "grad", "hvp"):
-        assert all(np.array_equal(a, b) for a, b in zip(pooled[key], new[key], strict=True)), key
-    if not background:
-        assert sum(reused) >= 10  # every step after the first few takes a written step's buffer

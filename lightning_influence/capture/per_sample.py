@@ -31,7 +31,6 @@ from torch.utils import _pytree as pytree
 
 from .layers import InputMemo, capture_owners, engine_for
 from .projection import KroneckerProjector, Outer, dense
-from .transfer import RowPool
 
 __all__ = [
     "LossFn",
@@ -154,8 +153,6 @@ class HookGradientCapture:
         self.param_names = list(param_names)
         self.projector = projector
         self.enabled = False
-        # where collect's rows come from: a pool the log writer gives written rows back to (the tracker's), else new
-        self.buffers: RowPool | None = None
         owners = capture_owners(model)
         # module name -> {attribute: param name} (only the selected ones)
         self._targets: dict[str, dict[str, str]] = {}
@@ -329,11 +326,9 @@ class HookGradientCapture:
         its columns (an :class:`~.projection.Outer` computed there), with no zero fill, no block of its own and no
         concatenation."""
         specs, slices = self.projector.specs, self.projector.slices
-        shape = (batch, self.projector.out_dim)
-        new = torch.empty if self.buffers is None else self.buffers.take
         if len(parts) == len(specs) and all(len(parts.get(s.name, ())) == 1 and parts[s.name][0].dtype == dtype
                                             for s in specs):
-            out = new(shape, dtype=dtype, device=device)
+            out = torch.empty(batch, self.projector.out_dim, dtype=dtype, device=device)
             for s in specs:
                 block = parts[s.name][0]
                 if isinstance(block, Outer):
@@ -341,7 +336,7 @@ class HookGradientCapture:
                 else:
                     out[:, slices[s.name]] = block
             return out
-        out = new(shape, dtype=dtype, device=device).zero_()
+        out = torch.zeros(batch, self.projector.out_dim, dtype=dtype, device=device)
         for name, blocks in parts.items():
             for block in blocks:
                 out[:, slices[name]] += dense(block)

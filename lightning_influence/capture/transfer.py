@@ -7,22 +7,17 @@ for everything queued on the device so far (a synchronisation training itself do
 (``non_blocking=True``) and records a CUDA event after them; :meth:`HostCopy.ready` asks the
 event without waiting, :meth:`HostCopy.wait` waits for it (by then, usually, long done) and
 returns numpy arrays. On the CPU the copies are plain clones and are ready at once; a CPU step's
-rows (:meth:`HostCopy.of_step`) are not even cloned (new tensors, handed over), and :class:`RowPool`
-hands their buffers back to later steps once the log writer has written them.
+rows (:meth:`HostCopy.of_step`) are not even cloned (new tensors, handed over).
 """
 
 from __future__ import annotations
 
-import sys
-from collections import deque
-from collections.abc import Iterable
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["HostCopy", "RowPool"]
+__all__ = ["HostCopy"]
 
 
 def _start(t: Tensor, fresh: bool, devices: set[torch.device]) -> Tensor:
@@ -101,44 +96,3 @@ class HostCopy:
             e.synchronize()
         self._events = []
         return _map(lambda x: x.numpy(), self._tree)
-
-
-_MAX_FREE = 4096  # buffers a pool keeps (a segment holds at most 64 MiB of rows by default: far fewer large ones)
-
-
-class RowPool:
-    """CPU buffers for a step's gradient rows, reused once the log writer has written them.
-
-    A CPU step's rows go to the writer as they are (:meth:`HostCopy.of_step`), which holds them until their segment is
-    on disk; a new ``(B, k)`` buffer at every step then comes from memory the allocator takes from the system afresh,
-    whose first touch costs a page fault per 4 KiB (the benchmark MLP's 390 KB of rows: about 100 faults a step, a few
-    percent of its step; ``docs/per-sample-gradients.md``). The writer gives the arrays back once written (:meth:`give`,
-    from its thread); :meth:`take` reuses the oldest only when nothing else holds it: its reference count is the
-    pool's call's own (a record, a view or a tensor made from it would add one), else that buffer goes to the back of
-    the queue and the step gets a new one. So no row is ever written over while anything can still read it. (The
-    count is CPython's: the project runs on CPython.)
-    """
-
-    def __init__(self) -> None:
-        # append/popleft are atomic: the writer's thread gives, training takes; bounded, in case nothing takes them
-        self._free: deque[np.ndarray] = deque(maxlen=_MAX_FREE)
-
-    def take(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """An uninitialised ``shape`` tensor: a given-back buffer where one is free (CPU), else a new one."""
-        if device.type == "cpu" and self._free:
-            arr = self._free.popleft()
-            if sys.getrefcount(arr) == 2:  # this frame's name and the call's argument: nothing else holds it
-                t = torch.from_numpy(arr)
-                if t.shape == shape and t.dtype == dtype:
-                    return t
-                # another shape (an epoch's last batch, concatenated micro-batches): let it go
-            else:
-                self._free.append(arr)  # still held (by the writer's last frame, a reader): later
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    def give(self, arrays: Iterable[np.ndarray]) -> None:
-        """Buffers whose rows are written: the caller (the writer) holds none of them any more."""
-        self._free.extend(a for a in arrays if isinstance(a, np.ndarray) and a.flags.writeable and a.flags.c_contiguous)
-
-    def clear(self) -> None:
-        self._free.clear()

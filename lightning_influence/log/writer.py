@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import h5py
 import numpy as np
@@ -214,9 +214,6 @@ class LogWriter:
         self.lost: tuple[int, int] | None = None  # steps accepted but not written, once closed (see ``close``)
         self._error: LogWriteError | None = None
         self._reported = False
-        # given each written segment's row arrays (gradients, HVP products), the writer holding none of them any more
-        # (on its thread): the tracker's RowPool reuses their memory for later steps
-        self.release: Callable[[list[np.ndarray]], None] | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         if background:
@@ -378,10 +375,6 @@ class LogWriter:
             return
         if steps:
             self.last_step_on_disk = steps[-1].step
-        if self.release is not None:
-            rows = [r for s in steps for r in (s.grads, s.hvps) if r is not None]
-            steps.clear()  # the job's list: its records (and their references to the rows) go now, not at the next job
-            self.release(rows)
 
     def _continue_log(self) -> None:
         """A resumed fit's first change to the log: record the resume in ``meta.h5``, drop the steps it records again."""
