@@ -234,7 +234,14 @@ def stored_data(log_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(log_dir) / DATA_FILE
     if not path.exists():
         return {}
-    data = torch.load(path, weights_only=True)
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as err:  # a damaged file fails in pickle, zipfile or the OS, each with its own exception
+        data = err
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the training and validation data stored with the log cannot be read (corrupted or "
+                          f"truncated? {type(data).__name__}); restore {DATA_FILE} from a backup, or pass --builder module:function "
+                          "returning the data (or --data module.DataModuleClass)")
     return {"train": StoredDataset(data["train"]) if "train" in data else None, "val": data.get("val")}
 
 

@@ -283,3 +283,24 @@ def test_replay_of_a_log_started_by_a_resumed_fit_starts_at_its_first_step(tmp_p
     assert steps == [4, 5, 6, 7, 8]
     with pytest.raises(ValueError, match=r"outside the run: need 4 <= t1 .* holds steps 4\.\.7"):
         list(replay(log, tiny(momentum=0.9), WithIds(make_data(24)), 0))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_data_file_is_named_with_what_to_do(tmp_path, capsys, damage):
+    """A log's stored data (``data.pt``) overwritten failed as "internal error (UnpicklingError: ...)" (exit 1), truncated
+    as "[Errno 22] Invalid argument"; the CLI turns this error into one line and exit code 2 (load_context)."""
+    from lightning_influence.recipe import DATA_FILE, RecipeError, stored_data
+
+    ds = make_data(12)
+    path = tmp_path / "log"
+    fit(TinyClassifier().double(), loader(ds), InfluenceTracker(str(path), checkpoint_every_n_steps=2), epochs=1)
+    data = path / DATA_FILE
+    assert set(stored_data(path)) == {"train", "val"}
+    if damage == "garbage":
+        data.write_bytes(b"not a torch file" * 10)
+    else:
+        with open(data, "r+b") as f:
+            f.truncate(data.stat().st_size // 2)
+    with pytest.raises(RecipeError, match=r"data\.pt: the training and validation data stored with the log cannot be "
+                                          r"read .*--builder"):
+        stored_data(path)
