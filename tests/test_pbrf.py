@@ -417,3 +417,71 @@ def test_gap_decomposition_refuses_steps_its_warm_stages_cannot_rerun(tmp_path, 
     with pytest.raises(ValueError, match=rf"gap_decomposition cannot model this log's training steps \({match}"):
         gap_decomposition(log, model, ds, lambda m: m(ds.tensors[0][:2]).sum(), [0], damping=0.1,
                           loss_fn=lambda m, b: m.per_sample_loss(b), loo=np.zeros((1, 1)))
+
+
+# ------------------------------------------------------------------ fused attention (float32, CPU)
+class CausalAttention(nn.Module):
+    """One causal self-attention head and a linear read-out of the mean position: ``F.scaled_dot_product_attention``
+    (float32 on the CPU: the fused flash kernel, which has no forward-mode AD) or, ``written_out``, the masked
+    softmax by hand (the float64 reference)."""
+
+    def __init__(self, written_out: bool = False) -> None:
+        super().__init__()
+        self.qkv, self.out, self.written_out = nn.Linear(4, 12), nn.Linear(4, C), written_out
+
+    def forward(self, x):
+        q, k, v = (t.unsqueeze(1) for t in self.qkv(x).chunk(3, -1))  # (batch, 1 head, positions, 4)
+        if self.written_out:
+            s = (q @ k.transpose(-1, -2) / 2.0).masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
+            a = s.softmax(-1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(a.squeeze(1).mean(1))
+
+
+def test_linear_pbrf_through_fused_causal_attention_in_float32(tmp_path):
+    """``linear_pbrf`` takes ``J v`` (CG) and every score ``⟨u, ∇ℓ_m⟩`` by forward-mode AD: through a causal
+    ``scaled_dot_product_attention`` in float32 on the CPU both failed in torch ('forward AD with
+    _scaled_dot_product_flash_attention_for_cpu'). They run through the math kernel (``exact_kernels``) and equal,
+    for both solvers, ``−ε ∇ℓ_mᵀ (G + λI)⁻¹ ∇f`` formed in float64 from explicit Jacobians of the attention written
+    out (softmax of the masked scores) at the logged θ_T."""
+    from lightning_influence.capture.hvp import unflatten
+
+    g = torch.Generator().manual_seed(5)
+    xs, ys = torch.randn(8, 5, 4, generator=g), torch.randint(0, C, (8,), generator=g)
+    xq, yq = torch.randn(3, 5, 4, generator=g), torch.randint(0, C, (3,), generator=g)
+
+    def data(ids):
+        ids = torch.as_tensor(ids)
+        return xs[ids], ys[ids]
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    torch.manual_seed(0)
+    model = CausalAttention()
+    batches, epochs = epoch_batches(8, 4, 2, seed=0)
+    train_and_log(str(tmp_path), model, loss_fn, data, batches, [0.5] * len(batches),
+                  torch.optim.SGD(model.parameters(), lr=0.5), checkpoint_every=None, record_gradients=False,
+                  dataset_size=8, epochs=epochs)
+    log = InfluenceLog(tmp_path)
+    ref = CausalAttention(written_out=True).double()
+    ck = log.checkpoint(log.num_steps)
+    shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
+    theta = torch.cat([torch.as_tensor(ck[n], dtype=torch.float64).reshape(-1) for n in shapes])
+
+    def outputs(th, x):
+        return torch.func.functional_call(ref, unflatten(th, shapes), (x.double(),))
+
+    lam = 0.1
+    J = torch.autograd.functional.jacobian(lambda t: outputs(t, xs), theta)  # (8, C, p)
+    P = torch.softmax(outputs(theta, xs), 1)
+    G = torch.einsum("ncp,ncd,ndq->pq", J, torch.diag_embed(P) - P[:, :, None] * P[:, None, :], J) / 8
+    qgrad = torch.autograd.functional.jacobian(lambda t: F.cross_entropy(outputs(t, xq), yq), theta)
+    per = torch.autograd.functional.jacobian(lambda t: F.cross_entropy(outputs(t, xs), ys, reduction="none"), theta)
+    expected = (per @ torch.linalg.solve(G + lam * torch.eye(len(theta), dtype=torch.float64), qgrad) / 8).numpy()
+    for solver in ("cholesky", "cg"):
+        res = linear_pbrf(log, CausalAttention(), data, lambda m: F.cross_entropy(m(xq), yq), damping=lam,
+                          loss_fn=loss_fn, linear_solver=solver, cg_tol=1e-6)
+        assert res.info["solver"] == solver
+        np.testing.assert_allclose(res.scores[:, 0], expected, rtol=0, atol=2e-5 * np.abs(expected).max())

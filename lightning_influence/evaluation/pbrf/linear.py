@@ -19,12 +19,17 @@ from lightning_influence.evaluation.pbrf.result import PBRFResult
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
 from lightning_influence.replay import TrainData, batch_from_ids
+from lightning_influence.step.micro import exact_kernels
 
 __all__ = ["linear_pbrf", "linear_responses"]
 
 
 class _GaussNewton:
-    """``v ↦ (G + μ) v`` at θ_T, ``G = (1/N) Σ_i J_iᵀ ∇²_h D_i J_i`` (Gauss-Newton of the loss in output space)."""
+    """``v ↦ (G + μ) v`` at θ_T, ``G = (1/N) Σ_i J_iᵀ ∇²_h D_i J_i`` (Gauss-Newton of the loss in output space).
+
+    ``J v`` is forward-mode AD through the module: attention through its math kernel (``exact_kernels``, as every
+    forward-mode pass; the fused kernels have none), and the ``vjp`` taken under the same kernel so ``Jᵀ`` is the
+    transpose of that ``J``."""
 
     def __init__(self, prob: Problem) -> None:
         self.prob = prob
@@ -36,7 +41,8 @@ class _GaussNewton:
             def jvp_fn(v: Tensor, out_fn: Callable[[Tensor], Tensor] = out_fn) -> Tensor:
                 return torch.func.jvp(out_fn, (prob.theta,), (v,))[1]
 
-            _, vjp_fn = torch.func.vjp(out_fn, prob.theta)
+            with exact_kernels():
+                _, vjp_fn = torch.func.vjp(out_fn, prob.theta)
 
             def grad_h(h: Tensor, h_ref: Tensor = h_ref) -> Tensor:
                 return torch.func.grad(lambda a: prob.divergence(a, h_ref).sum())(h)
@@ -46,7 +52,8 @@ class _GaussNewton:
     def __call__(self, v: Tensor) -> Tensor:
         out = self.prob.mu * v
         for jvp_fn, vjp_fn, grad_h, h_ref in self.parts:
-            jv = jvp_fn(v)
+            with exact_kernels():
+                jv = jvp_fn(v)
             _, hjv = torch.func.jvp(grad_h, (h_ref,), (jv,))
             out = out + vjp_fn(hjv)[0] / self.prob.N
         return out
@@ -129,12 +136,14 @@ def linear_responses(prob: Problem, samples: np.ndarray, *, linear_solver: str =
             its.append(it)
             res.append(r)
         U = torch.stack(solves)
-    # ⟨u, ∇ℓ_m⟩ for all samples of a batch: a jvp of the per-sample losses along u
+    # ⟨u, ∇ℓ_m⟩ for all samples of a batch: a jvp of the per-sample losses along u (forward-mode AD: attention
+    # through its math kernel, as every forward-mode pass)
     scores = np.zeros((len(samples), U.shape[0]))
     for a in range(0, len(samples), 512):
         batch = batch_from_ids(prob.train_data, samples[a:a + 512])
         for qi in range(U.shape[0]):
-            _, dd = torch.func.jvp(lambda z: prob.losses(z, batch), (prob.theta,), (U[qi],))
+            with exact_kernels():
+                _, dd = torch.func.jvp(lambda z: prob.losses(z, batch), (prob.theta,), (U[qi],))
             scores[a:a + 512, qi] = (-prob.epsilon * dd).detach().double().numpy()
     S = len(samples)
     worst = max(res) if res else 0.0
