@@ -288,7 +288,8 @@ def test_replay_of_a_log_started_by_a_resumed_fit_starts_at_its_first_step(tmp_p
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_damaged_data_file_is_named_with_what_to_do(tmp_path, capsys, damage):
     """A log's stored data (``data.pt``) overwritten failed as "internal error (UnpicklingError: ...)" (exit 1), truncated
-    as "[Errno 22] Invalid argument"; the CLI turns this error into one line and exit code 2 (load_context)."""
+    as "[Errno 22] Invalid argument"; the CLI turns this error into one line and exit code 2 (load_context), and
+    `info --verify` (which said OK) lists it as a problem."""
     from lightning_influence.recipe import DATA_FILE, RecipeError, stored_data
 
     ds = make_data(12)
@@ -304,3 +305,8 @@ def test_a_damaged_data_file_is_named_with_what_to_do(tmp_path, capsys, damage):
     with pytest.raises(RecipeError, match=r"data\.pt: the training and validation data stored with the log cannot be "
                                           r"read .*--builder"):
         stored_data(path)
+    from lightning_influence.cli import main
+
+    assert main(["info", str(path)]) == 0  # not read without --verify (it may be large)
+    assert main(["info", str(path), "--verify"]) == 2
+    assert "data.pt: the training and validation data stored with the log cannot be read" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import numpy as np
 
 from lightning_influence.cli.common import emit, json_text, open_log, output_format, progress_bar
 from lightning_influence.cli.methods import METHODS, unmet_needs
+from lightning_influence.recipe import RecipeError, stored_data
 from lightning_influence.step.weights import step_summary
 
 
@@ -55,6 +56,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         if bad:
             problems.append(f"non-finite values at steps {bad[:10]}")
         notes.append("--verify: every record and checkpoint (parameters, optimizer state) read back, checksums verified")
+        try:  # the data the CLI rebuilds the run from, when the log stores them
+            stored_data(root)
+        except RecipeError as err:
+            problems.append(str(err))
     groups = meta.get("optimizer", {}).get("param_groups", [])
     proj_dim = (meta.get("projection") or {}).get("dim")
     cols = log.projector().out_dim if meta.get("tracked_params") else 0
