@@ -57,6 +57,8 @@ __all__ = [
     "checkpoint_params",
     "DriftReport",
     "load_step",
+    "require_train_data",
+    "samples_by_id_needed",
     "functional_loss",
     "grid_steps",
     "load_optimizer_state",
@@ -111,6 +113,21 @@ def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
     if callable(train_data):
         return train_data(ids)
     raise TypeError(f"train_data must be a map-style Dataset or a callable ids -> batch, got {type(train_data).__name__}")
+
+
+def require_train_data(log: InfluenceLog, train_data: TrainData | None, who: str, purpose: str) -> None:
+    """Refuse ``train_data=None`` unless the log stores every step's inputs (``InfluenceTracker(store_inputs=True)``):
+    the replay and the step batches read those. ``who`` needs the data ``purpose`` (for the message)."""
+    if train_data is None and not log.meta.get("inputs_stored"):
+        raise ValueError(f"{who} needs `train_data` (the training samples by id) {purpose} "
+                         "(or a log of InfluenceTracker(store_inputs=True))")
+
+
+def samples_by_id_needed(what: str, instead: str = "") -> ValueError:
+    """The refusal of ``train_data=None`` where ``what`` reads training samples by id: a log's stored inputs are only
+    the steps' batches as trained (randomly augmented, perhaps), not the samples by id."""
+    return ValueError(f"{what} by id, which needs `train_data`: stored inputs (InfluenceTracker(store_inputs=True)) are "
+                      f"the steps' batches as trained, not the samples by id. Pass train_data{instead}")
 
 
 def functional_loss(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], batch: Any) -> Tensor:
@@ -441,6 +458,7 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
         ReplayMismatchError: a replayed ``θ_t`` drifts from the stored checkpoint beyond ``tolerance``.
         UnsupportedOptimizerError: the logged optimizer cannot be replayed.
     """
+    require_train_data(log, train_data, "replay", "to rerun the logged steps")
     T, t0 = log.num_steps, log.first_step
     t2 = T if t2 is None else int(t2)
     t1 = t0 if t1 is None else int(t1)

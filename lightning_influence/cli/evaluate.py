@@ -12,10 +12,11 @@ from lightning_influence.cli.common import (UserError, add_process_args, csv_tex
                                             progress_bar, status)
 from lightning_influence.cli.context import RunContext, prepare
 from lightning_influence.cli.methods import (METHODS, Method, call_with, canonical_method, check_records, default_method,
-                                             estimator_inputs, method_help, run_method)
+                                             estimator_inputs, method_help, run_method, train_data_of)
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 from lightning_influence.distributed import DistributedQueryError, global_rank
 from lightning_influence.evaluation.verdict import truth_noise_floor, verdict
+from lightning_influence.replay import samples_by_id_needed
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -106,6 +107,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     log, ctx = prepare(args)
     for m in methods[1:]:
         check_records(m, log)
+    if (args.pbrf or args.gap) and ctx is not None and train_data_of(ctx, log) is None:  # before any replay
+        raise UserError(str(samples_by_id_needed("--pbrf/--gap: the PBRF evaluates every training sample's outputs "
+                                                 "and loss at θ_T", " (return train_data from --builder), or drop "
+                                                 "--pbrf/--gap (the ground truth, --groups and --datamodel read the "
+                                                 "stored inputs)")))
     t1, t2 = parse_window(log, args.window)
     specs = args.query or [parse_query("val_loss")]
     query, names = build_query(specs, ctx)
@@ -213,7 +219,7 @@ def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, que
         raise UserError("--pbrf, --gap, --datamodel and --groups measure the whole run; drop --window")
     from lightning_influence.evaluation import datamodel_quality, gap_decomposition, group_additivity, pbrf
 
-    inputs = {"module": ctx.module, "train_data": ctx.train_dataset}
+    inputs = {"module": ctx.module, "train_data": train_data_of(ctx, log)}  # None: the log's stored inputs
     out: dict[str, Any] = {}
     if args.pbrf or args.gap:
         status(args, f"solving the proximal Bregman response for {len(samples)} samples ...")

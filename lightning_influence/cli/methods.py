@@ -199,7 +199,7 @@ class _Lazy:
         return self.fn(log)
 
 
-def _train_data(ctx: RunContext, log: Any) -> Any:
+def train_data_of(ctx: RunContext, log: Any) -> Any:
     """The training set by id; ``None`` where the run gives none but the log stores each step's inputs: the estimators
     read those (and say so when they need the samples by id)."""
     try:
@@ -217,7 +217,7 @@ def estimator_inputs(ctx: RunContext | None, hvp: str | None = None) -> dict[str
     out: dict[str, Any] = {} if hvp is None else {"hvp": hvp}
     if ctx is None:
         return out
-    return {**out, "module": ctx.module, "train_data": _Lazy(functools.partial(_train_data, ctx)),
+    return {**out, "module": ctx.module, "train_data": _Lazy(functools.partial(train_data_of, ctx)),
             "val_data": _Lazy(lambda log: ctx.val_batch), "tolerance": ctx.replay_tolerance}
 
 

@@ -73,7 +73,7 @@ from lightning_influence.estimators.sharding import ONE_PROCESS, StepShard
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
-from lightning_influence.replay import Progress, TrainData, resolve_progress
+from lightning_influence.replay import Progress, TrainData, resolve_progress, samples_by_id_needed
 
 __all__ = ["FORMS", "HVP_MODES", "SAMPLES", "diffin", "diffin_self_influence", "published_coefficients", "batch_hvp"]
 
@@ -271,9 +271,8 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
     if train_data is None and (samples == "all" if form == "published" else query is None):
         what = "samples='all' evaluates every training sample" if form == "published" else \
             "self-influence in the step form evaluates every sample's own gradient at the window's ends"
-        raise ValueError(f"Diff-In: {what} by id, which needs `train_data`: the log's stored inputs are the steps' "
-                         "batches as trained, not the samples by id. Pass train_data, or use form='published' with "
-                         "samples='batch' (the logged rows of each step's batch)")
+        raise samples_by_id_needed(f"Diff-In: {what}",
+                                   ", or use form='published' with samples='batch' (the logged rows of each step's batch)")
     suffix = " self" if query is None else ""
     show = resolve_progress(progress, f"diffin-{form}{suffix.replace(' ', '-')}")
     if form == "published":

@@ -20,7 +20,8 @@ from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.estimators.fd import CastInputs, FiniteDifferenceProducts
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, evaluation_mode, query_gradients, query_names
-from lightning_influence.replay import TrainData, batch_from_ids, checkpoint_params, functional_loss, load_step, replay
+from lightning_influence.replay import (TrainData, batch_from_ids, checkpoint_params, functional_loss, load_step, replay,
+                                        require_train_data)
 from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
 from lightning_influence.step.micro import Step, exact_kernels, per_sample_grads_masked
@@ -40,9 +41,7 @@ class _Context:
                  eps0: float | None, verify: bool, chunk_size: int) -> None:
         if module is None:
             raise ValueError("Diff-In needs `module` (the architecture; weights come from the log)")
-        if train_data is None and not log.meta.get("inputs_stored"):  # else the replay and step batches read those
-            raise ValueError("Diff-In needs `train_data` (the training samples by id) for the Hessian-vector products "
-                             "(or a log of InfluenceTracker(store_inputs=True))")
+        require_train_data(log, train_data, "Diff-In", "for the Hessian-vector products")
         if hvp not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
         if not log.recorded.get("gradients"):

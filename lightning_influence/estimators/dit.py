@@ -58,7 +58,7 @@ from lightning_influence.estimators.sweep import HVP_MODES, _Context, _model_swe
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
 from lightning_influence.estimators.gauss_newton import dit_gauss_newton  # noqa: F401 - public here too
-from lightning_influence.replay import Progress, TrainData, grid_steps, resolve_progress
+from lightning_influence.replay import Progress, TrainData, grid_steps, require_train_data, resolve_progress
 from lightning_influence.step.shard import BatchShard
 
 __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_MODES"]
@@ -69,9 +69,7 @@ def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_f
              tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> _Context:
     if module is None:
         raise ValueError("DIT needs `module` (the architecture; weights come from the log)")
-    if train_data is None and not log.meta.get("inputs_stored"):  # else the replay and step batches read those
-        raise ValueError("DIT needs `train_data` (the training samples by id) to replay the run and take gradients "
-                         "(or a log of InfluenceTracker(store_inputs=True))")
+    require_train_data(log, train_data, "DIT", "to replay the run and take gradients")
     return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
 
 

@@ -45,6 +45,7 @@ from lightning_influence.replay import (
     load_optimizer_state,
     load_step,
     replay,
+    require_train_data,
     resolve_progress,
 )
 
@@ -149,7 +150,8 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         log: the influence log (needs a checkpoint at its first step: 0, or the step a resumed fit started the log
             at, whose runs then start there; at/before ``t1`` for ``in_window_only``).
         module: the architecture.
-        train_data: training samples by id.
+        train_data: training samples by id; ``None`` for a log with stored inputs (the retraining reads only the
+            steps' batches: the stored inputs as trained, the unit's rows dropped).
         query: ``f(module) -> scalar or (Q,)``.
         sample_ids: ids to drop one at a time (default: every id ``0 .. N−1``).
         grid: steps at which ``LOO(t)`` is recorded (as :func:`~lightning_influence.replay.grid_steps`;
@@ -184,6 +186,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         raise ValueError(f"copies must be an int >= 1 (counterfactual runs trained together), got {copies!r}")
     if not np.isfinite(removal_weight):
         raise ValueError(f"removal_weight must be a finite factor on the dropped unit's weight, got {removal_weight!r}")
+    require_train_data(log, train_data, "replay_loo", "to retrain without each sample")
     win = log.window(window) if window is not None else None
     if in_window_only and win is None:
         raise ValueError("in_window_only=True needs a window")

@@ -18,7 +18,8 @@ from lightning_influence.capture import call_with_params
 from lightning_influence.capture.hvp import flatten, unflatten
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, evaluate_query, query_names
-from lightning_influence.replay import TrainData, _optimizer_spec, batch_from_ids, functional_loss, optimizer_class, parameters_at
+from lightning_influence.replay import (TrainData, _optimizer_spec, batch_from_ids, functional_loss, optimizer_class,
+                                        parameters_at, samples_by_id_needed)
 
 __all__ = ["BREGMAN_LOSSES", "Bregman", "InputsFn", "OutputLoss", "Problem", "bregman_divergence"]
 
@@ -91,6 +92,9 @@ class Problem:
                  epsilon: float | None, max_dense_params: int = 6000) -> None:
         if not (isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
             raise ValueError(f"damping must be a finite float >= 0, got {damping!r}")
+        if train_data is None:  # the objective is over the training set, sample by sample, not the steps' batches
+            raise samples_by_id_needed("the PBRF (pbrf, linear_pbrf, gap_decomposition) evaluates every training "
+                                       "sample's outputs and loss at θ_T")
         self.log, self.module, self.train_data, self.query = log, module, train_data, query
         self.loss_fn, self.inputs_fn = loss_fn, inputs_fn or _default_inputs
         self.divergence = bregman_divergence(output_loss)
