@@ -2,7 +2,8 @@
 
 A run the estimators could not reproduce is refused before it trains (or at its first step,
 with nothing of it stored): manual optimization or an unsupported strategy, several or
-unsupported optimizers or a scheduler cycling the momentum, a missing ``per_sample_loss``, sampling with replacement, train-mode
+unsupported optimizers or a scheduler cycling the momentum (and, at the step it happens, an update whose
+hyperparameters are not the logged ones), a missing ``per_sample_loss``, sampling with replacement, train-mode
 BatchNorm, a dataset whose ``ds[i]`` changes between calls (without ``store_inputs``), a
 sample twice in one step, per-sample losses of the wrong shape, a precision plugin other than
 Lightning's ``MixedPrecision``. Each message says what to do instead.
@@ -23,7 +24,7 @@ from lightning_influence.step import rng
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
 from lightning_influence.step.precision import Precision
 
-__all__ = ["LearningRateWatch", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses",
+__all__ = ["UpdateWatch", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses",
            "check_optimizers", "check_schedulers", "check_training_set", "generators_kept", "trainer_precision"]
 
 
@@ -73,17 +74,23 @@ def check_schedulers(configs: Sequence[Any]) -> None:
                 f"no estimator could reproduce the run; pass {type(sched).__name__}(..., cycle_momentum=False)")
 
 
-class LearningRateWatch:
-    """The learning rates each update used (an optimizer step post-hook) against those recorded at the tracker's
-    ``on_before_optimizer_step``: the LightningModule's own ``on_before_optimizer_step`` runs after the callbacks', so a
-    rate it sets was recorded one change late and no estimator could reproduce the step (replay stopped at the next
-    checkpoint, blaming data or round-off). Refused at the step it happens."""
+class UpdateWatch:
+    """What each update used (an optimizer step post-hook) against what the log holds for it: the learning rates
+    recorded at the tracker's ``on_before_optimizer_step`` (the LightningModule's own ``on_before_optimizer_step`` runs
+    after the callbacks', so a rate set there was recorded one change late) and the other hyperparameters of the update
+    rule (momentum, betas, weight decay, ...), which the log records once, at the fit's start (a schedule of them was
+    not recorded at all). Either made the logged run irreproducible (replay stopped at the next checkpoint, blaming data
+    or round-off); refused at the step it happens."""
 
     def __init__(self) -> None:
         self._handle: Any = None
+        self._rule: Any = None
+        self._hyper: list[dict[str, Any]] = []
         self._step, self._lrs = -1, None
 
     def install(self, optimizer: torch.optim.Optimizer) -> None:
+        self._rule = check_optimizer(optimizer)
+        self._hyper = self._hyperparameters(optimizer)
         self._handle = optimizer.register_step_post_hook(self._used)
 
     def expect(self, step: int, lrs: list[float]) -> None:
@@ -93,6 +100,10 @@ class LearningRateWatch:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+    def _hyperparameters(self, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+        cls = type(optimizer)
+        return [{k: f(g, cls) for k, f in self._rule.hyper.items()} for g in optimizer.param_groups]
 
     def _used(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         expected, self._lrs = self._lrs, None
@@ -105,6 +116,14 @@ class LearningRateWatch:
                 "were recorded at its on_before_optimizer_step: a rate set after that hook (in the LightningModule's "
                 "on_before_optimizer_step, which Lightning calls after the callbacks') cannot be recorded. Set it in "
                 "training_step, in optimizer_step before optimizer.step(), or with an LR scheduler")
+        hyper = self._hyperparameters(optimizer)
+        if hyper != self._hyper:
+            changed = sorted({k for old, new in zip(self._hyper, hyper) for k in old if old[k] != new[k]})
+            raise UnsupportedOptimizerError(
+                f"InfluenceTracker: at step {self._step} the optimizer's {', '.join(changed)} differ from the fit's start "
+                f"({[{k: g[k] for k in changed} for g in self._hyper]} -> {[{k: g[k] for k in changed} for g in hyper]}): "
+                "the log records each step's learning rates but the other hyperparameters once, so a schedule of "
+                "them cannot be reproduced; keep them fixed (schedule the learning rate only)")
 
 
 def check_training_set(loader: Any, has_ids_fn: bool) -> tuple[bool, int | None]:

@@ -354,3 +354,19 @@ def test_a_learning_rate_set_after_the_trackers_hook_is_refused_at_that_step(tmp
     assert [float(log.lr(t)[0]) for t in range(start, start + 2)] == pytest.approx([0.02 * (1 + start), 0.02 * (2 + start)])
     torch.manual_seed(0)
     assert [rs.step for rs in replay(log, _WarmedUp("training_step", start).double(), WithIds(ds), tolerance=0.0)][-1] == 8
+
+
+def test_a_schedule_of_other_hyperparameters_is_refused_at_the_step_it_changes_them(tmp_path):
+    """The log records each step's learning rates and the other hyperparameters once; a momentum (or weight decay,
+    betas) schedule, here a callback raising the momentum from step 2, was trained into a log no estimator could
+    reproduce. Refused at the step whose update used the changed value."""
+
+    class MomentumRamp(TinyClassifier):
+        def on_train_batch_start(self, batch, batch_idx):
+            if self.trainer.global_step >= 2:
+                for g in self.trainer.optimizers[0].param_groups:
+                    g["momentum"] = 0.95
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"at step 2 the optimizer's momentum differ from the fit's start .*0\.9.*0\.95"):
+        fit(MomentumRamp(momentum=0.9).double(), loader(make_data(24)), InfluenceTracker(str(tmp_path / "log")))
