@@ -51,9 +51,9 @@ from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, as
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
-from lightning_influence.tracker_checks import (check_batchnorm, check_dataset, check_distinct_ids, check_fit, check_losses,
-                                                check_optimizers, check_schedulers, check_training_set, generators_kept,
-                                                trainer_precision)
+from lightning_influence.tracker_checks import (LearningRateWatch, check_batchnorm, check_dataset, check_distinct_ids,
+                                                check_fit, check_losses, check_optimizers, check_schedulers,
+                                                check_training_set, generators_kept, trainer_precision)
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
 
@@ -242,6 +242,7 @@ class InfluenceTracker(Callback):
         # see _add_step
         self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()
         self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
+        self._lr_watch = LearningRateWatch()  # the recorded learning rates are the ones the update used
 
     # ------------------------------------------------------------------------------ config
     @property
@@ -264,6 +265,7 @@ class InfluenceTracker(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = check_optimizers(trainer.optimizers)
         check_schedulers(trainer.lr_scheduler_configs)
+        self._lr_watch.install(optimizer)
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
@@ -488,6 +490,7 @@ class InfluenceTracker(Callback):
             self._agree_on_engines(trainer, pl_module, pending)
         record, rows, grad_dir, grad_norms = assemble(trainer, step, optimizer, pending, self._step_model, pl_module,
                                                       self.record_losses, self.record_hvp, self._scaler, self._world_size)
+        self._lr_watch.expect(step, record.lrs)
         if self._records_grads(step) and not record.skipped:
             rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
             if self.record_hvp:
@@ -571,6 +574,7 @@ class InfluenceTracker(Callback):
     def _teardown(self, pl_module: nn.Module, raise_errors: bool = True) -> None:
         try:
             self._step_model.teardown()
+            self._lr_watch.remove()
             if self._writer is not None:
                 refused: Exception | None = None
                 try:

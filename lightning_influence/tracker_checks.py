@@ -23,8 +23,8 @@ from lightning_influence.step import rng
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
 from lightning_influence.step.precision import Precision
 
-__all__ = ["check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses", "check_optimizers",
-           "check_schedulers", "check_training_set", "generators_kept", "trainer_precision"]
+__all__ = ["LearningRateWatch", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses",
+           "check_optimizers", "check_schedulers", "check_training_set", "generators_kept", "trainer_precision"]
 
 
 def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) -> None:
@@ -71,6 +71,40 @@ def check_schedulers(configs: Sequence[Any]) -> None:
                 f"InfluenceTracker does not support {type(sched).__name__}(cycle_momentum=True): it changes the "
                 "optimizer's momentum (Adam: beta1) at every step, and the log records only the learning rates, so "
                 f"no estimator could reproduce the run; pass {type(sched).__name__}(..., cycle_momentum=False)")
+
+
+class LearningRateWatch:
+    """The learning rates each update used (an optimizer step post-hook) against those recorded at the tracker's
+    ``on_before_optimizer_step``: the LightningModule's own ``on_before_optimizer_step`` runs after the callbacks', so a
+    rate it sets was recorded one change late and no estimator could reproduce the step (replay stopped at the next
+    checkpoint, blaming data or round-off). Refused at the step it happens."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+        self._step, self._lrs = -1, None
+
+    def install(self, optimizer: torch.optim.Optimizer) -> None:
+        self._handle = optimizer.register_step_post_hook(self._used)
+
+    def expect(self, step: int, lrs: list[float]) -> None:
+        self._step, self._lrs = step, lrs
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _used(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        expected, self._lrs = self._lrs, None
+        if expected is None:
+            return
+        used = [float(g["lr"]) for g in optimizer.param_groups]
+        if used != expected:
+            raise RuntimeError(
+                f"InfluenceTracker: step {self._step} updated the parameters with learning rates {used}, but {expected} "
+                "were recorded at its on_before_optimizer_step: a rate set after that hook (in the LightningModule's "
+                "on_before_optimizer_step, which Lightning calls after the callbacks') cannot be recorded. Set it in "
+                "training_step, in optimizer_step before optimizer.step(), or with an LR scheduler")
 
 
 def check_training_set(loader: Any, has_ids_fn: bool) -> tuple[bool, int | None]:

@@ -310,3 +310,47 @@ def test_a_damaged_data_file_is_named_with_what_to_do(tmp_path, capsys, damage):
     assert main(["info", str(path)]) == 0  # not read without --verify (it may be large)
     assert main(["info", str(path), "--verify"]) == 2
     assert "data.pt: the training and validation data stored with the log cannot be read" in capsys.readouterr().out
+
+
+class _WarmedUp(TinyClassifier):
+    """Sets the learning rate of every step in ``where`` (from step ``start`` on)."""
+
+    def __init__(self, where: str, start: int = 0) -> None:
+        super().__init__(lr=0.1, momentum=0.9)
+        self.where, self.start = where, start
+
+    def _warm(self, optimizer) -> None:
+        if self.trainer.global_step >= self.start:
+            for g in optimizer.param_groups:
+                g["lr"] = 0.02 * (1 + self.trainer.global_step)
+
+    def training_step(self, batch, batch_idx):
+        if self.where == "training_step":
+            self._warm(self.trainer.optimizers[0])
+        return super().training_step(batch, batch_idx)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.where == "on_before_optimizer_step":
+            self._warm(optimizer)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+@pytest.mark.parametrize("start", [0, 3])
+def test_a_learning_rate_set_after_the_trackers_hook_is_refused_at_that_step(tmp_path, start):
+    """A rate set in the LightningModule's on_before_optimizer_step (Lightning calls it after the callbacks') was
+    recorded one change late: the log's rates were not the ones the updates used (replay stopped 900% off at the next
+    checkpoint, blaming data or round-off). Refused at the step it happens; set in training_step it is recorded."""
+    ds = make_data(24)
+    with pytest.raises(RuntimeError, match=rf"step {start} updated the parameters with learning rates .* "
+                                           r"on_before_optimizer_step.*training_step"):
+        torch.manual_seed(0)
+        fit(_WarmedUp("on_before_optimizer_step", start).double(), loader(ds), InfluenceTracker(str(tmp_path / "a")))
+    torch.manual_seed(0)
+    fit(_WarmedUp("training_step", start).double(), loader(ds),
+        InfluenceTracker(str(tmp_path / "b"), checkpoint_every_n_steps=1))
+    log = InfluenceLog(tmp_path / "b")
+    assert [float(log.lr(t)[0]) for t in range(start, start + 2)] == pytest.approx([0.02 * (1 + start), 0.02 * (2 + start)])
+    torch.manual_seed(0)
+    assert [rs.step for rs in replay(log, _WarmedUp("training_step", start).double(), WithIds(ds), tolerance=0.0)][-1] == 8
