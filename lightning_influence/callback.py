@@ -55,6 +55,7 @@ from lightning_influence.tracker_checks import (UpdateWatch, check_batchnorm, ch
                                                 check_losses, check_optimizers, check_schedulers, check_training_set,
                                                 generators_kept, trainer_precision)
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
+from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -223,6 +224,7 @@ class InfluenceTracker(Callback):
         self._continued = False  # this fit continues a log (a resume)
         self._vmap_names: list[str] = []  # tracked parameters no hook covers
         self._verified = False  # the hook engine was checked against autograd at this fit's first recorded step
+        self._agreed = False  # the processes took the union of their demotions (tracker_ranks), once per fit
         self._pending = PendingStep()
         self._observer: LossObserver | None = None  # per_sample_loss as training_step calls it (no loss_fn)
         self._passes: OwnPasses | None = None  # the tracker's own passes (capture/own_pass.py)
@@ -313,7 +315,7 @@ class InfluenceTracker(Callback):
         self._next_step = self._fit_start = start
         self._pending = PendingStep()
         self._in_flight.clear()
-        self._verified = False
+        self._verified = self._agreed = False
         self._checked_batchnorm = False
         self._checked_dataset = False
 
@@ -341,6 +343,15 @@ class InfluenceTracker(Callback):
         self._engine = engines["gradient_engine"]
         if self._global_zero:
             self._writer.amend_meta(functools.partial(with_settled, values=engines, resumed=self._continued))
+
+    def _agree_on_engines(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pending: PendingStep) -> None:
+        """The union of the processes' demotions (``tracker_ranks``): the tensors another process demoted leave the
+        hooks here too, their columns of this step from vmap."""
+        extra = agree_on_demotions(trainer.strategy, self._capture, self._names)
+        if extra:
+            self._vmap_names = [n for n in self._names if n not in self._capture.param_names]
+            refill_columns(pending.micro, extra, self._projector,
+                           lambda m: self._passes.rest_grads(pl_module, m.micro, extra, None))
 
     def _acquire_lock(self, rank: int) -> None:
         """Hold this rank's writer lock (``log/lock.py``): a second fit writing the same log is refused at once."""
@@ -474,6 +485,9 @@ class InfluenceTracker(Callback):
         pending, self._pending = self._pending, PendingStep()
         if not pending.micro:
             raise RuntimeError(f"step {step}: optimizer step without a recorded training batch")
+        if self._world_size > 1 and self._capture is not None and not self._agreed and self._records_grads(step):
+            self._agreed = True  # every process here at once: its first step with gradients
+            self._agree_on_engines(trainer, pl_module, pending)
         record, rows, grad_dir, grad_norms = assemble(trainer, step, optimizer, pending, self._step_model, pl_module,
                                                       self.record_losses, self.record_hvp, self._scaler, self._world_size)
         self._update_watch.expect(step, record.lrs)

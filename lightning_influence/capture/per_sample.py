@@ -217,7 +217,7 @@ class HookGradientCapture:
                 h.remove()
         self._handles = {}
 
-    def _demote(self, names: set[str], why: str = "its module ran on a tensor without the batch as first dimension "
+    def demote(self, names: set[str], why: str = "its module ran on a tensor without the batch as first dimension "
                 "(e.g. a positional embedding of arange(T))") -> None:
         """Stop capturing ``names`` (in every module using them): they leave :attr:`param_names` for another engine.
 
@@ -272,7 +272,7 @@ class HookGradientCapture:
             if float(torch.linalg.vector_norm(row - expected)) > rtol * scale:
                 bad.update(set(self.projector.spec(block).tensors) & set(self.param_names))
         if bad:
-            self._demote(bad, "hooked per-sample gradients differ from autograd on the sample alone")
+            self.demote(bad, "hooked per-sample gradients differ from autograd on the sample alone")
         demoted = sorted(bad)
         if rows is not None:
             for name in demoted:
@@ -306,7 +306,7 @@ class HookGradientCapture:
                 done = [r[1] for r in records if r[1] is not None]  # an output that did not reach the loss has none
                 if any(block.shape[0] != batch for blocks in done for block in blocks.values()):
                     # its columns stay zero here: the caller's other engine fills them
-                    self._demote(set(self._targets[mod_name].values()) & set(self.param_names))
+                    self.demote(set(self._targets[mod_name].values()) & set(self.param_names))
                     continue
                 for blocks in done:
                     for name, block in blocks.items():
