@@ -370,3 +370,29 @@ def test_a_schedule_of_other_hyperparameters_is_refused_at_the_step_it_changes_t
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"at step 2 the optimizer's momentum differ from the fit's start .*0\.9.*0\.95"):
         fit(MomentumRamp(momentum=0.9).double(), loader(make_data(24)), InfluenceTracker(str(tmp_path / "log")))
+
+
+def _resumed_builder():
+    """--builder of the resumed-log CLI test: the tiny momentum classifier and its data."""
+    from conftest import tiny
+
+    ds = make_data(24)
+    return {"module": tiny(momentum=0.9), "train_data": WithIds(ds), "val_data": (ds.tensors[0][:8], ds.tensors[1][:8])}
+
+
+def test_evaluate_trust_tools_run_on_a_log_started_by_a_resumed_fit(tmp_path, capsys):
+    """`evaluate --datamodel` (and --pbrf, --gap, --groups) took the whole run to be steps [0, T): on a log started by a
+    resumed fit (steps [4, T)) they were refused with "measure the whole run; drop --window", no --window given."""
+    from test_robustness import epoch_fit
+
+    from lightning_influence.cli import main
+
+    epoch_fit(tmp_path / "log", tmp_path / "ckpt", epochs=1)
+    epoch_fit(tmp_path / "late", None, epochs=2, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"), overwrite=True)
+    builder = f"{__file__}:_resumed_builder"
+    code = main(["evaluate", str(tmp_path / "late"), "-q", "--builder", builder, "--samples", "1,2", "--datamodel",
+                 "--pairs", "2", "--truth", "none"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "datamodel" in out.lower(), err
+    assert _one_line_error(capsys, "evaluate", str(tmp_path / "late"), "-q", "--builder", builder, "--samples", "1,2",
+                           "--datamodel", "--window", "5:8").endswith("drop --window")

@@ -215,7 +215,7 @@ def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, que
     """``--pbrf``/``--gap``, ``--datamodel``, ``--groups``: what the scores answer and how far to trust them."""
     if not (args.pbrf or args.gap or args.datamodel or args.groups):
         return {}
-    if window != (0, log.num_steps):
+    if window != log.window(None):  # the whole log: from step 0, or from where a resumed fit started it
         raise UserError("--pbrf, --gap, --datamodel and --groups measure the whole run; drop --window")
     from lightning_influence.evaluation import datamodel_quality, gap_decomposition, group_additivity, pbrf
 
