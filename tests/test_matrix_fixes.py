@@ -396,3 +396,14 @@ def test_evaluate_trust_tools_run_on_a_log_started_by_a_resumed_fit(tmp_path, ca
     assert code == 0 and "datamodel" in out.lower(), err
     assert _one_line_error(capsys, "evaluate", str(tmp_path / "late"), "-q", "--builder", builder, "--samples", "1,2",
                            "--datamodel", "--window", "5:8").endswith("drop --window")
+
+
+def test_timeline_grid_boundaries_before_a_resumed_logs_first_step_are_refused(tmp_path, capsys):
+    """`timeline --grid 0,4,8` on a log of steps [4, 8) showed a window 0-4 of zeros (DIT) as if it were measured."""
+    from test_robustness import epoch_fit
+
+    epoch_fit(tmp_path / "log", tmp_path / "ckpt", epochs=1)
+    epoch_fit(tmp_path / "late", None, epochs=2, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"), overwrite=True)
+    line = _one_line_error(capsys, "timeline", str(tmp_path / "late"), "-q", "--builder",
+                           f"{__file__}:_resumed_builder", "--grid", "0,4,8")
+    assert "boundaries must lie in 4..8" in line, line
