@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -407,3 +409,30 @@ def test_timeline_grid_boundaries_before_a_resumed_logs_first_step_are_refused(t
     line = _one_line_error(capsys, "timeline", str(tmp_path / "late"), "-q", "--builder",
                            f"{__file__}:_resumed_builder", "--grid", "0,4,8")
     assert "boundaries must lie in 4..8" in line, line
+
+
+def test_an_unfinished_log_says_whether_its_writer_still_runs(tmp_path):
+    """`info` on a log being written said "still being written or ended without finishing" (and PROBLEMS) whether the
+    fit was running or long killed; the lock file names the writer, whose process is checked on this host (read
+    without locking: a reader never makes a starting writer fail)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from lightning_influence.log.lock import writer_state
+
+    fit(TinyClassifier().double(), loader(make_data(24)), InfluenceTracker(str(tmp_path / "log"), flush_every_n_steps=2))
+    segments = sorted((tmp_path / "log" / "rank-0").glob("seg-*.h5"))
+    segments[-1].unlink()  # the final segment (θ_T): the log is unfinished
+    assert writer_state(tmp_path / "log") == ("none", {})
+    lock = tmp_path / "log" / "rank-0" / "writer.lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for pid, state, text in [(os.getpid(), "live", "the run is being written now by pid"),
+                             (int(dead.stdout), "gone", "the run ended without finishing: its writer, pid"),
+                             (1, "unknown", "still being written or ended without finishing")]:
+        host = socket.gethostname() if state != "unknown" else "another-host"
+        lock.write_text(json.dumps({"pid": pid, "host": host, "started": 0.0}) + "\n")
+        assert writer_state(tmp_path / "log")[0] == state
+        note = InfluenceLog(tmp_path / "log").end_note
+        assert text in note and "are complete" in note, note

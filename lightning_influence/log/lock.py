@@ -144,6 +144,34 @@ class WriterLock:
         self.release()
 
 
+def writer_state(log_dir: str | os.PathLike, rank: int = 0) -> tuple[str, dict[str, Any]]:
+    """``("live" | "gone" | "unknown" | "none", holder)``: whether the process a rank's lock file names still runs.
+
+    Read without locking (a reader must never make a starting writer fail), the holder's pid checked on this host:
+    ``"unknown"`` for another host, ``"none"`` without a lock file naming a holder (a writer that ended normally)."""
+    path = Path(log_dir) / RANK_DIR.format(rank=rank) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return "none", {}
+    try:
+        holder = _read(fd)
+    finally:
+        os.close(fd)
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return "none", holder
+    if holder.get("host") != socket.gethostname():
+        return "unknown", holder
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone", holder
+    except OSError:  # it exists, owned by another user
+        pass
+    return "live", holder
+
+
 def _read(fd: int) -> dict[str, Any]:
     try:
         data = os.pread(fd, 4096, 0)

@@ -38,6 +38,7 @@ from lightning_influence.log.format import (
     text,
 )
 from lightning_influence.log.integrity import check_rank, check_segment, read_checked, read_member
+from lightning_influence.log.lock import describe_holder, writer_state
 from lightning_influence.log.microbatches import MicroBatchRecord, read_micro_batches
 from lightning_influence.log.windows import step_window
 
@@ -214,8 +215,7 @@ class InfluenceLog:
         elif not len(self.steps):
             note = "no step is in a closed segment yet (the run just started, or was killed before its first flush)"
         else:
-            note = (f"steps {first}..{end} are complete; the run is still being written or ended without finishing "
-                    f"(killed, crashed or stopped before on_train_end)")
+            note = f"steps {first}..{end} are complete; " + _writer_note(self.path)
         lagging = [f"rank {r} has steps up to {e}" for r, e in zip(self.ranks, ends) if e is not None and e > end]
         if lagging:
             note += f"; later steps are hidden until every rank has closed them ({', '.join(lagging)})"
@@ -572,3 +572,14 @@ def will_need(path: Path, offset: int = 0, length: int = 0, tail: int = 0) -> in
             os.close(fd)
     except (OSError, AttributeError):  # AttributeError: no posix_fadvise on this OS
         return None
+
+
+def _writer_note(path: Path) -> str:
+    """Why a log with complete steps has not finished: its writer still runs, is gone, or cannot be told."""
+    state, holder = writer_state(path)
+    if state == "live":
+        return f"the run is being written now by {describe_holder(holder)} (later steps appear as they are flushed)"
+    if state == "gone":
+        return (f"the run ended without finishing: its writer, {describe_holder(holder)}, is gone (killed or crashed; "
+                "resume from a Lightning checkpoint to complete the log)")
+    return "the run is still being written or ended without finishing (killed, crashed or stopped before on_train_end)"
