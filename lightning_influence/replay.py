@@ -344,15 +344,35 @@ def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, 
         if len(slices) != len(step.micro):
             raise ValueError(f"step {step.step}: the log's weights describe {len(slices)} micro-batches, its "
                              f"micro-batch rows {len(step.micro)}: the log is inconsistent")
-        for m, rows in zip(step.micro, slices):
+        W = sw.world_size if sw.world_size > 1 and len(slices) % sw.world_size == 0 else 1
+        per_rank = len(slices) // W  # a DDP step: each process's micro-batches (rank 0's first), as many on each
+        summed: list[Tensor | None] | None = None
+        for k, (m, rows) in enumerate(zip(step.micro, slices)):
             with m.context(step.precision, module):
                 losses = functional_loss(module, loss_fn, params, m.batch)
             loss = sw.micro_loss(losses, rows, None if multipliers is None else multipliers[rows])
             scaled(loss, step.grad_scale).backward()
+            if W > 1 and (k + 1) % per_rank == 0:  # DDP sums each process's accumulated gradient, in rank order
+                summed = _add_rank_gradients(params, summed)
+        if summed is not None:
+            for p, g in zip(params.values(), summed):
+                p.grad = g
     if step.grad_scale is not None:
         unscale_([p.grad for p in params.values()], step.grad_scale)
     apply_clipping([p for g in opt.param_groups for p in g["params"]], clip)
     opt.step()
+
+
+def _add_rank_gradients(params: Mapping[str, Tensor], summed: list[Tensor | None] | None) -> list[Tensor | None]:
+    """``summed`` plus one process's accumulated ``p.grad`` (then cleared for the next): DDP's all-reduce of 2 processes
+    adds the two accumulated gradients, so a replay of rank 0's micro-batches and then rank 1's into one ``p.grad``
+    would associate the sum otherwise under gradient accumulation (round-off drift; bit-identical like this)."""
+    grads = [p.grad for p in params.values()]
+    for p in params.values():
+        p.grad = None
+    if summed is None:
+        return grads
+    return [b if a is None else a if b is None else a + b for a, b in zip(summed, grads)]
 
 
 def _shard_gradients(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], step: Step, sw: StepWeights,
