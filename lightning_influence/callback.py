@@ -408,9 +408,11 @@ class InfluenceTracker(Callback):
         t0 = time.perf_counter()
         if not self._checked_batchnorm:
             self._checked_batchnorm = True
-            if self._needs_loss:
-                check_batchnorm(pl_module, self.allow_train_batchnorm,
-                                self._engine in ("vmap", "mixed") and self.record_gradients)
+            train_bn = check_batchnorm(pl_module, self.allow_train_batchnorm,
+                                       self._engine in ("vmap", "mixed") and self.record_gradients, self._needs_loss)
+            if train_bn and self._global_zero:  # replay must run them in train mode (step.micro.MicroBatch.train)
+                self._writer.amend_meta(functools.partial(with_settled, values={"train_batchnorm": train_bn},
+                                                          resumed=self._continued))
         # the ids' values are checked with the step's, when it is handed to the writer (_land): at once at a fit's
         # first step, a few steps at a time after it (device ids: once on the host)
         ids = extract_ids(batch, self.ids_key, self.ids_fn, checked=False, with_ids=self._with_ids)

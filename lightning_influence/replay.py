@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Union
 
@@ -244,6 +245,11 @@ def _module_param_names(module: nn.Module) -> list[str]:
 
 def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_grad: bool = False) -> dict[str, Tensor]:
     """``θ_step`` from the log's checkpoint, in the module's parameter order, checked against the module."""
+    if log.meta.get("train_batchnorm"):
+        warnings.warn(f"the log was recorded with BatchNorm layers in train mode ({', '.join(log.meta['train_batchnorm'])}): "
+                      "its checkpoints hold their parameters, not their running statistics, so what runs in eval mode "
+                      "(a query on model.eval()) uses the running statistics of the module given, at every step",
+                      RuntimeWarning, stacklevel=2)
     stored = log.checkpoint(step)
     names = _module_param_names(module)
     if set(stored) != set(names):
@@ -304,6 +310,7 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
     With ``shard``, only that process's rows (:meth:`BatchShard.rows`; ``Step.rows`` says which)."""
     records = log.micro_batches(t)
     randoms = [RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda) for m in records]
+    train = bool(log.meta.get("train_batchnorm"))
     sizes = [len(m.ids) for m in records]
     rows = None if shard is None else shard.rows(t, sizes, [r.drew for r in randoms])
     micro = []
@@ -320,7 +327,7 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
                              "needs train_data (the training samples by id)")
         else:
             batch = batch_from_ids(train_data, ids)
-        micro.append(MicroBatch(ids, batch, random))
+        micro.append(MicroBatch(ids, batch, random, train))
     return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t),
                 None if rows is None else positions(sizes, rows))
 

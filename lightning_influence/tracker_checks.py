@@ -144,11 +144,16 @@ def check_training_set(loader: Any, has_ids_fn: bool) -> tuple[bool, int | None]
     return with_ids, size
 
 
-def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: bool) -> None:
-    """Refuse train-mode BatchNorm (its output mixes the samples of a batch) unless ``allow_train``; with it, the
-    vmap engine (``vmap_gradients``) still cannot evaluate it one sample at a time."""
+def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: bool, refuse: bool = True) -> list[str]:
+    """The BatchNorm layers in train mode; unless ``allow_train`` (or ``refuse`` is off: nothing per-sample is
+    recorded), refused (its output mixes the samples of a batch); with it, the vmap engine (``vmap_gradients``) still
+    cannot evaluate it one sample at a time."""
+    names = []
     for name, mod in module.named_modules():
         if not (isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training):
+            continue
+        names.append(name)
+        if not refuse:
             continue
         if allow_train and vmap_gradients:
             raise RuntimeError(
@@ -159,6 +164,7 @@ def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: bool) 
                 f"BatchNorm layer '{name}' is in train mode: its output mixes the samples of a batch, so per-sample "
                 "losses and gradients are ill-defined. Put it in eval mode during training (e.g. in "
                 "on_train_epoch_start), replace it (GroupNorm/LayerNorm), or pass allow_train_batchnorm=True")
+    return names
 
 
 def check_dataset(dataset: Any) -> None:

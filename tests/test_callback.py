@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from conftest import TinyClassifier, fit, loader, make_data, tiny
-from lightning_influence import InfluenceLog, InfluenceTracker
+from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
 
 
 def brute_grads(module: nn.Module, params: dict[str, np.ndarray], ds, ids: np.ndarray, names: list[str]) -> torch.Tensor:
@@ -245,3 +247,29 @@ def test_loss_observer_hooks_the_backward_only_when_gradients_are_recorded(grads
     if grads:
         assert torch.equal(observer.grads[0], torch.full((6,), 1 / 6, dtype=torch.float64))
     observer.remove()
+
+
+@pytest.mark.parametrize("level", ["ids", "gradients"])
+def test_train_mode_batchnorm_is_recorded_and_replayed_in_train_mode(log_dir, level):
+    """With allow_train_batchnorm (or at ids + lr, which records nothing per sample) the log names the train-mode
+    BatchNorm layers; replay runs every step in train mode though the module is given in eval mode and no step drew
+    random numbers (it replayed such steps in eval mode: the running statistics instead of the batch's); loading a
+    checkpoint says the running statistics are not in the log."""
+    from lightning_influence.replay import checkpoint_params, replay
+
+    kw = (dict(record_losses=False) if level == "ids" else
+          dict(record_gradients=True, params=["net.0.*", "net.4.*"], allow_train_batchnorm=True))
+    ds = make_data(12)
+    fit(tiny(batchnorm=True), loader(ds), InfluenceTracker(log_dir, checkpoint_every_n_steps=1, **kw), epochs=2)
+    log = InfluenceLog(log_dir)
+    assert log.meta["train_batchnorm"] == ["net.1"]
+    module = tiny(batchnorm=True).eval()
+    with pytest.warns(RuntimeWarning, match="not their running statistics"):
+        assert [rs.step for rs in replay(log, module, WithIds(ds), 0, None, tolerance=0.0)][-1] == log.num_steps
+    assert not module.training and not module.net[1].training  # the mode given is restored
+    fit(tiny(), loader(ds), InfluenceTracker(log_dir + "-plain", **kw), epochs=1)
+    plain = InfluenceLog(log_dir + "-plain")
+    assert "train_batchnorm" not in plain.meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpoint_params(plain, tiny(), 0)

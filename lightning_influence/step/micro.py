@@ -43,6 +43,7 @@ class MicroBatch:
     ids: np.ndarray
     batch: Any
     random: rng.RandomState = field(default_factory=lambda: rng.NONE)
+    train: bool = False  # its forward ran a train-mode BatchNorm (log meta ``train_batchnorm``): train mode, as trained
 
     @property
     def drew(self) -> bool:
@@ -52,8 +53,10 @@ class MicroBatch:
     @contextlib.contextmanager
     def context(self, precision: Precision, module: nn.Module | None = None) -> Iterator[None]:
         """Random state and autocast of this micro-batch's forward (the caller's generators are kept), and, if the
-        forward drew random numbers in training, ``module`` in train mode (:func:`training_mode`)."""
-        with rng.restored(self.random), precision.autocast(), training_mode(module if self.drew else None):
+        forward drew random numbers in training or ran a train-mode BatchNorm, ``module`` in train mode
+        (:func:`training_mode`)."""
+        with (rng.restored(self.random), precision.autocast(),
+              training_mode(module if self.drew or self.train else None)):
             yield
 
 
@@ -61,7 +64,8 @@ class MicroBatch:
 def training_mode(module: nn.Module | None) -> Iterator[None]:
     """A module given in eval mode (``model.eval()`` after training) is re-run in train mode, as Lightning runs
     ``training_step``: otherwise its dropout would be off and the step not the one trained. (Called only for
-    micro-batches whose training forward drew random numbers: a run trained in eval mode drew none.) A module in
+    micro-batches whose training forward drew random numbers or ran a train-mode BatchNorm, whose batch statistics
+    it would otherwise replace by its running ones: a run trained in eval mode did neither.) A module in
     train mode is used as it is (submodules a user keeps in eval mode stay so); the mode is restored afterwards."""
     if module is None or module.training:
         yield
