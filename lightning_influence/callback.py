@@ -44,7 +44,8 @@ from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.resume import (continue_log, log_exists, logged_fold_bias, logged_demotions, logged_splits,
                                            start_new_log, with_settled)
-from lightning_influence.log.writer import SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, storage_error, write_meta
+from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
+                                           write_meta)
 from lightning_influence.step import rng
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
                                               random_states)
@@ -292,7 +293,7 @@ class InfluenceTracker(Callback):
             fit_meta = {**self._metadata(trainer, pl_module, optimizer, names, start, recipe=False),
                         "gradient_clipping": clipping}
         fit_meta = json.loads(json.dumps(fit_meta))
-        self._acquire_lock(trainer.global_rank)  # before any file of the log is touched; released in _teardown
+        self._lock = acquire_writer_lock(self.log_dir, trainer.global_rank)  # before any file of the log is touched
         continued, self._first_step, resume_meta = (False, None, None) if start == 0 else continue_log(
             self.log_dir, trainer.global_rank, trainer.world_size, trainer.is_global_zero, start, resume_state, fit_meta,
             self.overwrite)  # log/resume.py
@@ -341,8 +342,12 @@ class InfluenceTracker(Callback):
         self._demoted.update({n: step for n in self._capture.demoted if n not in self._demoted})
         engines = self._engines()
         self._engine = engines["gradient_engine"]
+        self._settle(engines)
+
+    def _settle(self, values: dict[str, Any]) -> None:
+        """``meta.h5`` takes ``values`` the fit settled after its start (rank 0; ``log/resume.with_settled``)."""
         if self._global_zero:
-            self._writer.amend_meta(functools.partial(with_settled, values=engines, resumed=self._continued))
+            self._writer.amend_meta(functools.partial(with_settled, values=values, resumed=self._continued))
 
     def _agree_on_engines(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pending: PendingStep) -> None:
         """The union of the processes' demotions (``tracker_ranks``): the tensors another process demoted leave the
@@ -352,18 +357,6 @@ class InfluenceTracker(Callback):
             self._vmap_names = [n for n in self._names if n not in self._capture.param_names]
             refill_columns(pending.micro, extra, self._projector,
                            lambda m: self._passes.rest_grads(pl_module, m.micro, extra, None))
-
-    def _acquire_lock(self, rank: int) -> None:
-        """Hold this rank's writer lock (``log/lock.py``): a second fit writing the same log is refused at once."""
-        self._lock = WriterLock(self.log_dir, rank)
-        try:
-            self._lock.acquire()
-        except OSError as err:
-            raise storage_error(self.log_dir, f"{self._lock.path.parent.name}/{self._lock.path.name} (the writer lock)", err,
-                                "Nothing of this fit is in the log yet", started=False) from None
-        finally:
-            if not self._lock.held:
-                self._lock = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._land()
@@ -380,7 +373,7 @@ class InfluenceTracker(Callback):
         with InfluenceLog(self.log_dir) as log:
             if log.meta.get("run_id") != state["run_id"] or log.finished or log.num_steps != trainer.global_step:
                 return
-        self._acquire_lock(0)
+        self._lock = acquire_writer_lock(self.log_dir, 0)
         try:
             writer = LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype, self.compression,
                                **self._segment_limits())
@@ -410,9 +403,8 @@ class InfluenceTracker(Callback):
             self._checked_batchnorm = True
             train_bn = check_batchnorm(pl_module, self.allow_train_batchnorm,
                                        self._engine in ("vmap", "mixed") and self.record_gradients, self._needs_loss)
-            if train_bn and self._global_zero:  # replay must run them in train mode (step.micro.MicroBatch.train)
-                self._writer.amend_meta(functools.partial(with_settled, values={"train_batchnorm": train_bn},
-                                                          resumed=self._continued))
+            if train_bn:  # replay must run them in train mode (step.micro.MicroBatch.train)
+                self._settle({"train_batchnorm": train_bn})
         # the ids' values are checked with the step's, when it is handed to the writer (_land): at once at a fit's
         # first step, a few steps at a time after it (device ids: once on the host)
         ids = extract_ids(batch, self.ids_key, self.ids_fn, checked=False, with_ids=self._with_ids)

@@ -44,6 +44,7 @@ from lightning_influence.log.format import (
     segment_path,
     set_text,
 )
+from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.records import CheckpointRecord, StepRecord
 from lightning_influence.log.segment import seal, truncate_log, truncation_plan, write_file, write_segment
 
@@ -52,6 +53,18 @@ SEGMENT_BYTES = 64 << 20  # the tracker's default size limit of a segment (rows 
 
 class LogWriteError(OSError):
     """Writing the influence log failed (disk full, permissions, ...); the log stops at the last closed segment."""
+
+
+def acquire_writer_lock(log_dir: str | os.PathLike, rank: int) -> WriterLock:
+    """Rank ``rank``'s exclusive writer lock of ``log_dir``, held (``log/lock.py``): a second fit writing the same log
+    is refused at once; a lock file that cannot be written is a storage error saying that nothing is in the log yet."""
+    lock = WriterLock(log_dir, rank)
+    try:
+        lock.acquire()
+    except OSError as err:
+        raise storage_error(log_dir, f"{lock.path.parent.name}/{lock.path.name} (the writer lock)", err,
+                            "Nothing of this fit is in the log yet", started=False) from None
+    return lock
 
 
 def storage_error(log_dir: str | os.PathLike, where: str, err: BaseException, state: str,
