@@ -47,6 +47,7 @@ from lightning_influence.log.resume import (continue_log, log_exists, logged_fol
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
 from lightning_influence.step import rng
+from lightning_influence.step.buffers import persistent_buffers
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
                                               random_states)
 from lightning_influence.step.precision import FULL, Precision
@@ -416,6 +417,8 @@ class InfluenceTracker(Callback):
             self._checked_dataset = True
             if not self.store_inputs:
                 check_dataset(getattr(trainer.train_dataloader, "dataset", None))
+        if not self._pending.micro and self._checkpoints_at(trainer.global_step):  # before the forward updates them
+            self._pending.buffers = {n: b.detach().clone() for n, b in persistent_buffers(pl_module).items()}
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
                                                      inputs=_serialise(batch) if self.store_inputs else None,
                                                      accumulate=accumulate))
@@ -492,14 +495,20 @@ class InfluenceTracker(Callback):
         if self._capture is not None and len(self._capture.demoted) != self._noted:
             self._note_demotions(step)
         checkpoint = None  # θ_t is the same on every rank: rank 0 stores it
-        if self._global_zero and (step == self._first_step or (self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0)):
-            checkpoint = checkpoint_record(pl_module, optimizer, step, wait=False)
+        if self._checkpoints_at(step):
+            checkpoint = checkpoint_record(pl_module, optimizer, step, wait=False, buffers=pending.buffers)
         record.tracker_seconds = pending.seconds + time.perf_counter() - t0
         # the host copies start now (θ_t before the optimizer changes it), non-blocking from a GPU
-        copy = HostCopy.of_step(rows, None if checkpoint is None else (checkpoint.params, checkpoint.optimizer_state),
+        copy = HostCopy.of_step(rows, None if checkpoint is None else (checkpoint.params, checkpoint.optimizer_state,
+                                                                      checkpoint.buffers),
                                 random_states(pending.micro))
         # stored once Lightning's clipping of this step has been checked (step.recorder), else right away
         self._step_model.after_clipping(lambda: self._add_step(record, checkpoint, copy))
+
+    def _checkpoints_at(self, step: int) -> bool:
+        """Rank 0 stores ``θ_step`` (the same on every rank): at the log's first step and every ``checkpoint_every_n_steps``."""
+        return self._global_zero and (step == self._first_step or bool(self.checkpoint_every_n_steps
+                                                                          and step % self.checkpoint_every_n_steps == 0))
 
     def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy) -> None:
         """Queue the step for the writer and hand on finished ones.

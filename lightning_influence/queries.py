@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_influence.capture import call_with_params
+from lightning_influence.step.buffers import buffers_of, cloned
 
 Query = Callable[[nn.Module], torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -92,8 +93,8 @@ def evaluation_mode(module: nn.Module) -> Iterator[None]:
 
     A query is a function of θ (math §1); evaluated in train mode, dropout would draw new masks at each
     call and every score, and the ground truth, would be noise. Normalisation layers with running
-    statistics keep their mode (the log stores parameters, not running statistics, so only the batch
-    statistics of a train-mode BatchNorm run are reproducible). Every module's mode is restored.
+    statistics keep their mode (a module given in eval mode normalises by the running statistics of the
+    checkpoint or replayed step, ``step.buffers``). Every module's mode is restored.
     """
     modes = [(m, m.training) for m in module.modules()]
     for m, _ in modes:
@@ -106,10 +107,12 @@ def evaluation_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def evaluate_query(module: nn.Module, query: Query, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """``query(module)`` at ``params`` (:func:`call_with_params`) in :func:`evaluation_mode`."""
+def evaluate_query(module: nn.Module, query: Query, params: Mapping[str, torch.Tensor] | None = None,
+                   buffers: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``query(module)`` at ``params`` (:func:`call_with_params`) in :func:`evaluation_mode`, with ``buffers``
+    (default: those ``params`` carries, ``step.buffers.ParamsWithBuffers``; else the module's own), never changed."""
     with evaluation_mode(module):
-        return call_with_params(module, query, params)
+        return call_with_params(module, query, params, buffers=cloned(buffers_of(params) if buffers is None else buffers))
 
 
 def query_gradients(module: nn.Module, query: Query, names: Sequence[str],
@@ -117,12 +120,13 @@ def query_gradients(module: nn.Module, query: Query, names: Sequence[str],
     """Gradients ``∇f_q`` of every query output w.r.t. the named parameters of ``module``.
 
     Returns ``({name: (Q, *shape)}, values (Q,))``. ``params`` evaluates at other parameter
-    values without touching ``module`` (``torch.func.functional_call``).
+    values without touching ``module`` (``torch.func.functional_call``), with the buffers it carries
+    (a checkpoint's BatchNorm running statistics, ``step.buffers``).
     """
     live = dict(module.named_parameters())
     leaves = {n: (params[n] if params is not None and n in params else live[n]).detach().clone().requires_grad_(True)
               for n in live}
-    out = evaluate_query(module, query, leaves)
+    out = evaluate_query(module, query, leaves, buffers_of(params))
     _check_query_value(out)
     values = out.reshape(-1)
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}

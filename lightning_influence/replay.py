@@ -40,6 +40,7 @@ from lightning_influence.replay_drift import (  # noqa: F401 (re-exported)
     check_checkpoint,
     resolve_tolerance,
 )
+from lightning_influence.step.buffers import ParamsWithBuffers, buffers_of, cloned, persistent_buffers
 from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
 from lightning_influence.step.micro import MicroBatch, Step
 from lightning_influence.step.precision import Precision, scaled, unscale_
@@ -56,6 +57,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "batch_from_ids",
     "build_optimizer",
+    "checkpoint_buffers",
     "checkpoint_params",
     "DriftReport",
     "load_step",
@@ -86,7 +88,8 @@ class ReplayStep:
 
     Attributes:
         step: ``t``.
-        params: ``θ_t``, the parameters *before* step ``t`` (detached copies).
+        params: ``θ_t``, the parameters *before* step ``t`` (detached copies), carrying the module's buffers then
+            (``step.buffers``; ``None`` for a log that stores none).
         ids: ``B_t`` (empty for the final point ``θ_{t2}``).
         lrs: ``η_t`` per param group (empty for the final point).
         optimizer: the live optimizer, holding the state *before* step ``t`` (it moves on
@@ -94,7 +97,7 @@ class ReplayStep:
     """
 
     step: int
-    params: dict[str, Tensor]
+    params: ParamsWithBuffers
     ids: np.ndarray
     lrs: np.ndarray
     optimizer: torch.optim.Optimizer
@@ -133,12 +136,14 @@ def samples_by_id_needed(what: str, instead: str = "") -> ValueError:
                       f"the steps' batches as trained, not the samples by id. Pass train_data{instead}")
 
 
-def functional_loss(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], batch: Any) -> Tensor:
-    """Per-sample losses ``loss_fn(module, batch)`` evaluated at ``params`` (the live module is untouched).
+def functional_loss(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], batch: Any,
+                    buffers: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Per-sample losses ``loss_fn(module, batch)`` evaluated at ``params`` (the live module is untouched), with
+    ``buffers`` in place of the module's (taking the forward's updates, :func:`call_with_params`).
 
     The batch's tensors are moved to the parameters' device (:func:`call_with_params`).
     """
-    return call_with_params(module, loss_fn, params, batch)
+    return call_with_params(module, loss_fn, params, batch, buffers=buffers)
 
 
 # -------------------------------------------------------------------------------- optimizer
@@ -245,13 +250,9 @@ def _module_param_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
-def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_grad: bool = False) -> dict[str, Tensor]:
-    """``θ_step`` from the log's checkpoint, in the module's parameter order, checked against the module."""
-    if log.meta.get("train_batchnorm"):
-        warnings.warn(f"the log was recorded with BatchNorm layers in train mode ({', '.join(log.meta['train_batchnorm'])}): "
-                      "its checkpoints hold their parameters, not their running statistics, so what runs in eval mode "
-                      "(a query on model.eval()) uses the running statistics of the module given, at every step",
-                      RuntimeWarning, stacklevel=2)
+def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_grad: bool = False) -> ParamsWithBuffers:
+    """``θ_step`` from the log's checkpoint, in the module's parameter order, checked against the module, carrying the
+    module's buffers at that step (:func:`checkpoint_buffers`: what a query in eval mode normalises by)."""
     stored = log.checkpoint(step)
     names = _module_param_names(module)
     if set(stored) != set(names):
@@ -267,6 +268,32 @@ def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_
             raise ValueError(f"parameter {n!r} is {live[n].dtype} in the module but {t.dtype} in the log: convert the module "
                              f"to the dtype the run trained in (e.g. module.to({t.dtype})) so buffers and inputs match")
         out[n] = t.requires_grad_(requires_grad)
+    return ParamsWithBuffers(out, checkpoint_buffers(log, module, step))
+
+
+def checkpoint_buffers(log: InfluenceLog, module: nn.Module, step: int) -> dict[str, Tensor] | None:
+    """The module's buffers stored with checkpoint ``step`` (BatchNorm running statistics, ``step.buffers``), on the
+    module's device, checked against the module; ``None`` for a log whose checkpoints hold none (an older log: the
+    module's own are used; with train-mode BatchNorm a warning says so)."""
+    stored = log.checkpoint_buffers(step)
+    if stored is None:
+        if log.meta.get("train_batchnorm"):
+            warnings.warn(f"the log was recorded with BatchNorm layers in train mode ({', '.join(log.meta['train_batchnorm'])}) "
+                          "by a version that stored no running statistics with its checkpoints, so what runs in eval mode "
+                          "(a query on model.eval()) uses the running statistics of the module given, at every step",
+                          RuntimeWarning, stacklevel=3)
+        return None
+    live = persistent_buffers(module)
+    if set(stored) != set(live):
+        raise ValueError(f"the module does not match the log: buffers only in the module {sorted(set(live) - set(stored))[:5]}, "
+                         f"only in the checkpoint {sorted(set(stored) - set(live))[:5]}")
+    out = {}
+    for n, b in live.items():
+        t = torch.from_numpy(np.array(stored[n])).to(b.device)
+        if t.shape != b.shape or t.dtype != b.dtype:
+            raise ValueError(f"buffer {n!r} is {b.dtype} {tuple(b.shape)} in the module but {t.dtype} {tuple(t.shape)} in the "
+                             f"log: convert the module to the dtype the run trained in (e.g. module.to({t.dtype}))")
+        out[n] = t
     return out
 
 
@@ -342,18 +369,20 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
 
 def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, params: Mapping[str, Tensor],
                 step: Step, sw: StepWeights, multipliers: Tensor | None, clip: ClipSpec | None,
-                shard: BatchShard | None = None) -> None:
+                shard: BatchShard | None = None, buffers: Mapping[str, Tensor] | None = None) -> None:
     """One optimizer step at ``params`` as Lightning ran it: each micro-batch under its random state and autocast,
     its loss (``mean(ℓ)/A`` as trained, ``Σ m w ℓ`` with ``multipliers``) scaled by the GradScaler factor and
     back-propagated in turn; the summed gradient unscaled and clipped, the optimizer stepped. A step the GradScaler
     skipped changes nothing. With ``shard`` (``step`` holding that process's rows, :func:`load_step`) each process
     back-propagates ``Σ m w ℓ`` over its rows and the gradients are summed over the processes before the clipping
-    (every process then takes the same step; not bit-identical to training: the drift check measures it)."""
+    (every process then takes the same step; not bit-identical to training: the drift check measures it). ``buffers``
+    (``step.buffers``) take the forwards' in-place updates, as the module's did in training (the module's own are
+    left untouched)."""
     opt.zero_grad(set_to_none=True)
     if step.skipped:
         return
     if shard is not None:
-        _shard_gradients(module, loss_fn, params, step, sw, multipliers, shard)
+        _shard_gradients(module, loss_fn, params, step, sw, multipliers, shard, buffers)
     else:
         slices = list(sw.micro_slices())
         if len(slices) != len(step.micro):
@@ -364,7 +393,7 @@ def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, 
         summed: list[Tensor | None] | None = None
         for k, (m, rows) in enumerate(zip(step.micro, slices)):
             with m.context(step.precision, module):
-                losses = functional_loss(module, loss_fn, params, m.batch)
+                losses = functional_loss(module, loss_fn, params, m.batch, buffers)
             loss = sw.micro_loss(losses, rows, None if multipliers is None else multipliers[rows])
             scaled(loss, step.grad_scale).backward()
             if W > 1 and (k + 1) % per_rank == 0:  # DDP sums each process's accumulated gradient, in rank order
@@ -391,7 +420,7 @@ def _add_rank_gradients(params: Mapping[str, Tensor], summed: list[Tensor | None
 
 
 def _shard_gradients(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], step: Step, sw: StepWeights,
-                     multipliers: Tensor | None, shard: BatchShard) -> None:
+                     multipliers: Tensor | None, shard: BatchShard, buffers: Mapping[str, Tensor] | None) -> None:
     """``p.grad`` of every parameter: the scaled gradient of ``Σ m_i w_i ℓ_i`` over this process's rows of ``step``,
     summed over the processes (one all-reduce of every gradient together)."""
     off = 0
@@ -399,7 +428,7 @@ def _shard_gradients(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Te
         rows = step.rows[off:off + len(m.ids)]
         off += len(m.ids)
         with m.context(step.precision, module):
-            losses = functional_loss(module, loss_fn, params, m.batch)
+            losses = functional_loss(module, loss_fn, params, m.batch, buffers)
         mult = torch.ones(len(rows)) if multipliers is None else multipliers[torch.as_tensor(rows)]
         scaled(sw.micro_loss(losses, rows, mult), step.grad_scale).backward()
     leaves = list(params.values())
@@ -410,9 +439,9 @@ def _shard_gradients(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Te
 
 
 def _reanchor(log: InfluenceLog, t: int, params: dict[str, Tensor], opt: torch.optim.Optimizer, anchor: dict[str, Any],
-              tolerance: float, report: DriftReport | None) -> None:
+              tolerance: float, report: DriftReport | None, buffers: dict[str, Tensor] | None = None) -> None:
     """At checkpoint ``t``: measure the drift since ``anchor``, stop if beyond ``tolerance``, else continue from the
-    stored ``θ_t`` and optimizer state (so float round-off never accumulates past a checkpoint)."""
+    stored ``θ_t``, optimizer state and buffers (so float round-off never accumulates past a checkpoint)."""
     stored = log.checkpoint(t)
     for n, p in params.items():
         if stored[n].dtype != p.detach().cpu().numpy().dtype:
@@ -424,6 +453,9 @@ def _reanchor(log: InfluenceLog, t: int, params: dict[str, Tensor], opt: torch.o
             for n, p in params.items():
                 p.copy_(torch.from_numpy(np.array(stored[n])).to(p.device))
         load_optimizer_state(opt, [n for g in log.param_groups() for n in g], log.optimizer_state(t))
+    stored_buffers = log.checkpoint_buffers(t) if buffers else None
+    for n, value in (stored_buffers or {}).items():  # as the params: they follow from the same steps
+        buffers[n].copy_(torch.from_numpy(np.array(value)))
     anchor.update(step=t, params={n: p.detach().clone() for n, p in params.items()})
 
 
@@ -431,6 +463,7 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
                 opt: torch.optim.Optimizer, start: int, t1: int, t2: int, loss_fn: LossFn, weights: Weights | None,
                 verify: bool, tolerance: float | None, report: DriftReport | None,
                 progress: Callable[[int, int], None] | None, shard: BatchShard | None = None) -> Iterator[ReplayStep]:
+    buffers = cloned(buffers_of(params))  # carried from step to step, as the module's in training (None: its own)
     ckpts = set(log.checkpoint_steps)
     check = verify and weights is None
     tolerance = resolve_tolerance(tolerance)
@@ -438,10 +471,10 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
     T = log.num_steps
     for t in range(start, t2):
         if check and t in ckpts and t != start:
-            _reanchor(log, t, params, opt, anchor, tolerance, report)
+            _reanchor(log, t, params, opt, anchor, tolerance, report, buffers)
         ids, lrs = log.batch_ids(t), log.lr(t)
         if t >= t1:
-            yield ReplayStep(t, {n: p.detach().clone() for n, p in params.items()}, ids, lrs, opt)
+            yield ReplayStep(t, _snapshot(params, buffers), ids, lrs, opt)
         set_step_hyper(opt, log, t)
         w = None
         if weights is not None:
@@ -449,13 +482,18 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
             if w.shape != (len(ids),):
                 raise ValueError(f"weights({t}, ids) returned shape {tuple(w.shape)}, expected ({len(ids)},)")
         replay_step(module, loss_fn, opt, params, load_step(log, train_data, t, shard), step_weights(log, t), w,
-                    logged_clip_spec(log, t), shard)
+                    logged_clip_spec(log, t), shard, buffers)
         if progress is not None:
             progress(t - start + 1, t2 - start)
     if check and t2 in ckpts and t2 != start:
-        _reanchor(log, t2, params, opt, anchor, tolerance, report)
-    yield ReplayStep(t2, {n: p.detach().clone() for n, p in params.items()}, np.zeros(0, np.int64),
+        _reanchor(log, t2, params, opt, anchor, tolerance, report, buffers)
+    yield ReplayStep(t2, _snapshot(params, buffers), np.zeros(0, np.int64),
                      log.lr(t2) if t2 < T else np.zeros(0), opt)
+
+
+def _snapshot(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None) -> ParamsWithBuffers:
+    """Detached copies of ``θ_t`` and of the buffers carried to step ``t``."""
+    return ParamsWithBuffers({n: p.detach().clone() for n, p in params.items()}, cloned(buffers))
 
 
 def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int | None = None, t2: int | None = None, *,
@@ -519,8 +557,9 @@ def replay_from(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
                 weights: Weights | None = None, verify: bool = True, tolerance: float | None = None,
                 report: DriftReport | None = None, progress: Progress = None,
                 shard: BatchShard | None = None) -> Iterator[ReplayStep]:
-    """Like :func:`replay`, from ``θ_start = params`` and an ``optimizer.state_dict()`` held in memory."""
-    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    """Like :func:`replay`, from ``θ_start = params`` (with the buffers it carries, ``step.buffers``) and an
+    ``optimizer.state_dict()`` held in memory."""
+    leaves = ParamsWithBuffers({n: p.detach().clone().requires_grad_(True) for n, p in params.items()}, buffers_of(params))
     opt = build_optimizer(log, leaves)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)

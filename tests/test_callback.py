@@ -253,8 +253,8 @@ def test_loss_observer_hooks_the_backward_only_when_gradients_are_recorded(grads
 def test_train_mode_batchnorm_is_recorded_and_replayed_in_train_mode(log_dir, level):
     """With allow_train_batchnorm (or at ids + lr, which records nothing per sample) the log names the train-mode
     BatchNorm layers; replay runs every step in train mode though the module is given in eval mode and no step drew
-    random numbers (it replayed such steps in eval mode: the running statistics instead of the batch's); loading a
-    checkpoint says the running statistics are not in the log."""
+    random numbers (it replayed such steps in eval mode: the running statistics instead of the batch's); the
+    checkpoints hold the running statistics (tests/test_batchnorm_state.py), so loading one warns of nothing."""
     from lightning_influence.replay import checkpoint_params, replay
 
     kw = (dict(record_losses=False) if level == "ids" else
@@ -264,7 +264,8 @@ def test_train_mode_batchnorm_is_recorded_and_replayed_in_train_mode(log_dir, le
     log = InfluenceLog(log_dir)
     assert log.meta["train_batchnorm"] == ["net.1"]
     module = tiny(batchnorm=True).eval()
-    with pytest.warns(RuntimeWarning, match="not their running statistics"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert [rs.step for rs in replay(log, module, WithIds(ds), 0, None, tolerance=0.0)][-1] == log.num_steps
     assert not module.training and not module.net[1].training  # the mode given is restored
     fit(tiny(), loader(ds), InfluenceTracker(log_dir + "-plain", **kw), epochs=1)

@@ -83,23 +83,28 @@ class _LossModule(nn.Module):
 
 
 def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mapping[str, Tensor] | None,
-                     *args: Any) -> Tensor:
+                     *args: Any, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
     """``fn(model, *args)`` evaluated with ``params`` overriding (some of) the model's parameters.
 
     The live model is not changed: parameters are swapped only for the call and buffers
     are cloned. ``params=None`` calls ``fn`` on the model as it is. Tensors in ``args`` are moved
     to the parameters' device (a dataset gives CPU tensors, the parameters may live on a GPU).
+    ``buffers`` (some of the model's, by name) are used instead of the model's, as they are: the forward's in-place
+    updates (a train-mode BatchNorm's running statistics) land in them (``step.buffers``).
     """
-    if params is None:
+    if params is None and buffers is None:
         return fn(model, *args)
+    params = {} if params is None else params
     device = next(iter(params.values())).device if params else None
     if device is not None:
         args = pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) and x.device != device else x, args)
-    return functional_call(_LossModule(model, fn), _override_dict(model, params), args)
+    return functional_call(_LossModule(model, fn), _override_dict(model, params, buffers), args)
 
 
-def _override_dict(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``functional_call`` dict for a :class:`_LossModule`: ``params`` plus cloned buffers.
+def _override_dict(model: nn.Module, params: Mapping[str, Tensor],
+                   buffers: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """``functional_call`` dict for a :class:`_LossModule`: ``params`` plus cloned buffers (``buffers`` instead of the
+    model's where given, not cloned).
 
     Buffers are cloned so that in-place updates (BatchNorm running stats) do not reach
     the live model.
@@ -108,7 +113,8 @@ def _override_dict(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, 
     unknown = set(params) - known
     if unknown:
         raise KeyError(f"unknown parameter names: {sorted(unknown)}")
-    out = {"m." + n: b.clone() for n, b in model.named_buffers()}
+    out = {"m." + n: b.clone() for n, b in model.named_buffers() if buffers is None or n not in buffers}
+    out.update({"m." + n: t for n, t in (buffers or {}).items()})
     out.update({"m." + n: t for n, t in params.items()})
     return out
 

@@ -20,6 +20,7 @@ Lightning imports.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,7 +34,10 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_names
 from lightning_influence.replay_drift import DriftReport, check_checkpoint, resolve_tolerance
+from lightning_influence.step.buffers import buffers_of, cloned, persistent_buffers
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
+from lightning_influence.step.micro import Step
+from lightning_influence.step.shard import take_rows
 from lightning_influence.replay import (
     Progress,
     TrainData,
@@ -104,13 +108,14 @@ class LOOResult:
         return InfluenceScores(out, method, (int(t1), int(t2)), list(self.query_names), info=dict(self.info))
 
 
-def _evaluate(module: nn.Module, query: Query, stacked: Mapping[str, Tensor]) -> np.ndarray:
-    """``f`` of every copy: ``(copies, Q)``."""
+def _evaluate(module: nn.Module, query: Query, stacked: Mapping[str, Tensor],
+              buffers: Sequence[dict[str, Tensor] | None]) -> np.ndarray:
+    """``f`` of every copy (with its buffers, ``step.buffers``): ``(copies, Q)``."""
     n = next(iter(stacked.values())).shape[0]
     out = []
     with torch.no_grad():
         for c in range(n):
-            val = evaluate_query(module, query, {k: v[c] for k, v in stacked.items()})
+            val = evaluate_query(module, query, {k: v[c] for k, v in stacked.items()}, buffers[c])
             out.append(val.detach().reshape(-1).double().numpy())
     return np.stack(out)
 
@@ -125,9 +130,10 @@ def _state_by_name(state_dict: dict[str, Any], names: list[str]) -> dict[str, di
 
 
 def _reanchor_copies(log: InfluenceLog, t: int, stacked: dict[str, Tensor], anchor: dict[str, Any], tolerance: float,
-                     report: DriftReport) -> None:
+                     report: DriftReport, buffers: list[dict[str, Tensor] | None]) -> None:
     """At checkpoint ``t``: the reference copy's drift (stop beyond ``tolerance``); every copy is shifted by the
-    reference copy's error, so the counterfactual differences survive and round-off does not accumulate."""
+    reference copy's error, so the counterfactual differences survive and round-off does not accumulate (its floating
+    buffers too; counts are set to the stored ones)."""
     stored = log.checkpoint(t)
     ref = {n: v[0] for n, v in stacked.items()}
     d = check_checkpoint(t, stored, ref, anchor, tolerance, report)
@@ -135,6 +141,15 @@ def _reanchor_copies(log: InfluenceLog, t: int, stacked: dict[str, Tensor], anch
         with torch.no_grad():
             for n, v in stacked.items():
                 v += (torch.from_numpy(np.array(stored[n])).to(v) - v[0]).unsqueeze(0)
+    stored_buffers = log.checkpoint_buffers(t) if buffers[0] is not None else None
+    for n, value in (stored_buffers or {}).items():
+        ref = torch.from_numpy(np.array(value)).to(buffers[0][n])
+        error = ref - buffers[0][n]
+        for b in buffers:
+            if b[n].is_floating_point():
+                b[n].add_(error)
+            else:
+                b[n].copy_(ref)
     anchor.update(step=t, params={n: v[0].detach().clone() for n, v in stacked.items()})
 
 
@@ -170,7 +185,8 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         removal_weight: the factor on the dropped unit's loss weight (0: leave-one-out). ``1 − ε``
             with the values divided by ``ε`` gives the derivative ``∂f/∂w`` that DIT computes
             (docs/optimizer-adjoint.md §8), separating an estimator's error from the nonlinearity
-            of a full removal.
+            of a full removal. With train-mode BatchNorm a removed unit (0) is taken out of the forward (the
+            batch statistics become the other rows'); another factor keeps its rows in the statistics.
         progress: ``progress(done, total)`` or ``True``.
         processes: run the counterfactual runs on several processes (a number of local processes, or a
             :class:`~lightning_influence.distributed.Processes`; docs/scaling.md): each process trains one
@@ -237,6 +253,12 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         start_params = checkpoint_params(log, module, lo)
         start_state = log.optimizer_state(lo)
     dtype = next(iter(start_params.values())).dtype
+    # a train-mode BatchNorm mixes the samples of a batch: each copy trains alone, its unit's rows out of the forward,
+    # its running statistics carried (step.buffers; the module's own for a log that stores none)
+    carry = bool(log.meta.get("train_batchnorm"))
+    start_buffers = buffers_of(start_params)
+    if carry and start_buffers is None:
+        start_buffers = cloned(persistent_buffers(module))
     tolerance = resolve_tolerance(tolerance)
     drift = DriftReport()
     ckpts = [t for t in log.checkpoint_steps if lo < t <= hi]
@@ -253,13 +275,14 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         opt = build_optimizer(log, stacked)
         load_optimizer_state(opt, names, start_state)
         chunk_units = [units[i] for i in chunk]
+        buffers = [cloned(start_buffers) for _ in range(C)]
         evals: dict[int, np.ndarray] = {}
         anchor = {"step": lo, "params": {n: v[0].detach().clone() for n, v in stacked.items()}}
         for t in range(lo, hi + 1):
             if t in ckpts and verify:
-                _reanchor_copies(log, t, stacked, anchor, tolerance, drift)
+                _reanchor_copies(log, t, stacked, anchor, tolerance, drift, buffers)
             if t in steps:
-                evals[t] = _evaluate(module, query, stacked)
+                evals[t] = _evaluate(module, query, stacked, buffers)
             if t == hi:
                 break
             step = load_step(log, train_data, t)
@@ -276,6 +299,14 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
 
             if step.skipped:  # a step the GradScaler skipped changes nothing
                 pass
+            elif carry:
+                for c in range(C):
+                    copy_step, w = (step, W[c]) if c == 0 or removal_weight != 0 else _without(step, chunk_units[c - 1], W[c])
+                    if copy_step.micro:  # (a group may fill a whole batch)
+                        p = {n: v[c] for n, v in stacked.items()}
+                        (w * copy_step.losses(module, loss_fn, p, buffers=buffers[c])).sum().backward()
+                apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
+                opt.step()
             elif step.drew or step.precision.autocast_device is not None:
                 # copy by copy: a forward inside vmap may draw other dropout masks than training did, and its batched
                 # kernels round other than training's under autocast (bf16: the reference copy left the run by 0.4%)
@@ -300,6 +331,22 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             "replay_drift": drift.summary(), "checkpoints_checked": ckpts if verify else []}
     return LOOResult(unit_ids, values, grid_arr, base, qnames, groups=units if groups is not None else None,
                      removal_window=win if in_window_only else None, info=info)
+
+
+def _without(step: Step, unit: np.ndarray, w: Tensor) -> tuple[Step, Tensor]:
+    """``step`` without the rows of ``unit`` (out of the forward: a train-mode BatchNorm's statistics are then those of
+    the other rows, as a retraining without them) and the weights of the rows kept."""
+    keep = ~np.isin(step.ids, unit)
+    if keep.all():
+        return step, w
+    micro, off = [], 0
+    for m in step.micro:
+        part = keep[off:off + len(m.ids)]
+        off += len(m.ids)
+        if part.any():
+            micro.append(m if part.all() else
+                         dataclasses.replace(m, ids=m.ids[part], batch=take_rows(m.batch, torch.from_numpy(part), len(m.ids))))
+    return dataclasses.replace(step, micro=micro), w[torch.from_numpy(keep).to(w.device)]
 
 
 def _loo_block(log_path: str, module: nn.Module, train_data: TrainData, query: Query, sample_ids: np.ndarray | None,

@@ -454,6 +454,16 @@ class InfluenceLog:
         with reading(path, f"the parameters of checkpoint {step}"):
             return {name: read_checked(path, ds) for name, ds in g["params"].items()}
 
+    def checkpoint_buffers(self, step: int) -> dict[str, np.ndarray] | None:
+        """The module's buffers at ``step`` (BatchNorm running statistics: ``step.buffers``); ``None`` for a log
+        whose checkpoints hold none (written before buffers were stored)."""
+        seg, g = self._checkpoint_group(step)
+        if "buffers" not in g:
+            return None
+        path = self._segs[seg].path
+        with reading(path, f"the buffers of checkpoint {step}"):
+            return {name: read_checked(path, ds) for name, ds in g["buffers"].items()}
+
     def optimizer_state(self, step: int) -> dict[str, dict[str, Any]]:
         """Optimizer state per parameter name at ``step`` (e.g. ``momentum_buffer``, ``exp_avg``)."""
         seg, g = self._checkpoint_group(step)

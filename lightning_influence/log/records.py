@@ -104,9 +104,10 @@ _SUMMED = 4096  # 1-D rows up to this length take the Python sum
 
 @dataclass
 class CheckpointRecord:
-    """Parameters ``θ_t`` (before step ``t``) and the optimizer state at that moment."""
+    """Parameters ``θ_t`` (before step ``t``), the optimizer state and the module's buffers at that moment."""
 
     step: int
     params: dict[str, np.ndarray]
     optimizer_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     optimizer_scalars: dict[str, dict[str, float]] = field(default_factory=dict)
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)  # persistent buffers (step.buffers), e.g. running stats

@@ -311,6 +311,9 @@ def fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: 
                 _dataset(sg, key, value)
             for key, value in ck.optimizer_scalars.get(name, {}).items():
                 sg.attrs[key] = value
+        bg = cg.create_group("buffers")
+        for name, value in ck.buffers.items():
+            _dataset(bg, name, value)
     seal(f)
 
 

@@ -109,16 +109,17 @@ class Step:
         return any(m.drew for m in self.micro)
 
     def losses(self, module: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor] | None,
-               exact: bool = False) -> Tensor:
+               exact: bool = False, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
         """Per-sample losses ``(|B_t|,)`` at ``params``, every micro-batch under its own random state and autocast.
 
-        ``exact``: attention through a kernel with forward-mode AD (for HVPs, :func:`exact_kernels`).
+        ``exact``: attention through a kernel with forward-mode AD (for HVPs, :func:`exact_kernels`). ``buffers``:
+        the module's buffers to run with, taking the forwards' updates (``step.buffers``; default the module's, cloned).
         """
         out = []
         with exact_kernels() if exact else contextlib.nullcontext():
             for m in self.micro:
                 with m.context(self.precision, module):
-                    out.append(call_with_params(module, loss_fn, params, m.batch))
+                    out.append(call_with_params(module, loss_fn, params, m.batch, buffers=buffers))
         return torch.cat(out) if len(out) > 1 else out[0]
 
 

@@ -6,7 +6,7 @@
 :class:`~lightning_influence.log.writer.StepRecord` and its device rows (copied to the host
 without blocking, :mod:`lightning_influence.capture.transfer`), which :func:`fill_record`
 puts into the record once the copy is done. :func:`checkpoint_record` is ``θ_t`` with the
-optimizer state. The step's weights and clipping come from :class:`.recorder.StepRecorder`.
+optimizer state and the module's buffers. The step's weights and clipping come from :class:`.recorder.StepRecorder`.
 No Lightning import: the trainer is used through its public attributes.
 """
 
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.log.records import CheckpointRecord, MicroRecord, StepRecord
 from lightning_influence.step import rng
+from lightning_influence.step.buffers import persistent_buffers
 from lightning_influence.step.micro import MicroBatch
 from lightning_influence.step.recorder import StepRecorder
 
@@ -66,6 +67,7 @@ class PendingStep:
     micro: list[TrackedMicroBatch] = field(default_factory=list)
     batch_idx: int = 0
     seconds: float = 0.0
+    buffers: dict[str, Tensor] | None = None  # at a checkpointed step, the module's buffers before its first forward
 
 
 def assemble(trainer: Any, step: int, optimizer: torch.optim.Optimizer, pending: PendingStep, recorder: StepRecorder,
@@ -144,12 +146,16 @@ def fill_record(record: StepRecord, checkpoint: CheckpointRecord | None, host: d
         if name in rows:
             setattr(record, name, float(rows[name]))
     if checkpoint is not None:
-        checkpoint.params, checkpoint.optimizer_state = host["checkpoint"]
+        checkpoint.params, checkpoint.optimizer_state, checkpoint.buffers = host["checkpoint"]
 
 
-def checkpoint_record(module: nn.Module, optimizer: torch.optim.Optimizer, step: int, wait: bool = True) -> CheckpointRecord:
-    """``θ_step`` and the optimizer state: numpy copies, or (``wait=False``) tensors for a HostCopy."""
+def checkpoint_record(module: nn.Module, optimizer: torch.optim.Optimizer, step: int, wait: bool = True,
+                      buffers: dict[str, Tensor] | None = None) -> CheckpointRecord:
+    """``θ_step``, the optimizer state and the module's buffers (``buffers``: taken before the step's forward changed
+    them, :func:`~lightning_influence.step.buffers.persistent_buffers`; default the module's now): numpy copies, or
+    (``wait=False``) tensors for a HostCopy."""
     record = CheckpointRecord(step=step, params={})
+    record.buffers = {n: b.detach() for n, b in (persistent_buffers(module) if buffers is None else buffers).items()}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
@@ -162,5 +168,6 @@ def checkpoint_record(module: nn.Module, optimizer: torch.optim.Optimizer, step:
         if scalars:
             record.optimizer_scalars[name] = scalars
     if wait:
-        record.params, record.optimizer_state = HostCopy((record.params, record.optimizer_state)).wait()
+        record.params, record.optimizer_state, record.buffers = HostCopy(
+            (record.params, record.optimizer_state, record.buffers)).wait()
     return record

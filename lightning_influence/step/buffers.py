@@ -1,0 +1,42 @@
+"""The module's buffers at a step: BatchNorm running statistics and any other state a forward changes in place.
+
+A checkpoint stores them with ``θ_t`` (``docs/log-format.md``, ``checkpoints/*/buffers``): a train-mode BatchNorm
+updates its running mean and variance at every training forward, and whatever later runs in eval mode (a query on
+``model.eval()``) normalises by them. :class:`ParamsWithBuffers` is ``θ_t`` (a ``{name: tensor}`` dict, as
+everywhere) that also carries those buffers, so a query at ``θ_t`` (:func:`lightning_influence.queries.query_gradients`)
+uses the statistics of step ``t`` and not the module's own; replay carries them from step to step as training did.
+Pure torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import Tensor, nn
+
+__all__ = ["ParamsWithBuffers", "buffers_of", "cloned", "persistent_buffers"]
+
+
+def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """The buffers of ``module`` its ``state_dict`` holds, by name (non-persistent ones are derived, not state)."""
+    skip = {f"{prefix}.{b}" if prefix else b for prefix, m in module.named_modules() for b in m._non_persistent_buffers_set}
+    return {n: b for n, b in module.named_buffers() if n not in skip}
+
+
+class ParamsWithBuffers(dict):
+    """``θ_t`` as ``{name: tensor}`` with the module's buffers at step ``t`` (``buffers``; ``None``: not known, the
+    module's own are used)."""
+
+    def __init__(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None) -> None:
+        super().__init__(params)
+        self.buffers = None if buffers is None else dict(buffers)
+
+
+def buffers_of(params: Any) -> dict[str, Tensor] | None:
+    """The buffers ``params`` carries (:class:`ParamsWithBuffers`), else ``None``."""
+    return getattr(params, "buffers", None)
+
+
+def cloned(buffers: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """Copies of ``buffers`` (``None`` stays ``None``): a forward's in-place updates do not reach the originals."""
+    return None if buffers is None else {n: b.detach().clone() for n, b in buffers.items()}

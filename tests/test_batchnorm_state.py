@@ -1,0 +1,136 @@
+"""Train-mode BatchNorm: its running statistics stored with every checkpoint, carried by replay, used by queries in eval
+mode; the replay leave-one-out with it, against a retraining by a plain torch.optim loop."""
+
+from __future__ import annotations
+
+import copy
+
+import h5py
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from conftest import loader, make_data, tiny
+from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
+from lightning_influence.evaluation import replay_loo
+from lightning_influence.log.format import list_segments
+from lightning_influence.queries import evaluate_query, query_gradients
+from lightning_influence.replay import batch_from_ids, checkpoint_params, replay
+
+TRACKED = dict(record_gradients=True, params=["net.0.*", "net.4.*"], allow_train_batchnorm=True)
+
+
+class Snapshots(pl.Callback):
+    """The module's state before each step's first forward (``θ_t`` and running statistics), and at the end (``T``)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.states[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+
+def _train(log_dir: str, every: int, ds, epochs: int = 2) -> Snapshots:
+    snaps = Snapshots()
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+               callbacks=[InfluenceTracker(log_dir, checkpoint_every_n_steps=every, **TRACKED), snaps]
+               ).fit(tiny(batchnorm=True), loader(ds))
+    return snaps
+
+
+def _at(state: dict[str, torch.Tensor]):
+    module = tiny(batchnorm=True)
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def test_checkpoints_hold_the_running_statistics_and_eval_queries_match_training(log_dir):
+    """A query on ``model.eval()`` at every checkpoint gives exactly what the training module gave at that step (its
+    running statistics, not the module's own: before, the fresh module's zeros and ones); replay carries the statistics
+    from step to step as training did (bit for bit at the steps between checkpoints too)."""
+    ds = make_data(12)
+    snaps = _train(log_dir, 3, ds, epochs=3)
+    log = InfluenceLog(log_dir)
+    x = ds.tensors[0]
+    query = lambda m: m(x[:4])[:, 0].sum()  # noqa: E731
+    module = tiny(batchnorm=True).eval()
+    assert log.checkpoint_steps == [0, 3, 6]
+    for t in log.checkpoint_steps:
+        params = checkpoint_params(log, module, t)
+        expected = query(_at(snaps.states[t]))
+        assert torch.equal(evaluate_query(module, query, params), expected)
+        _, values = query_gradients(module, query, log.param_names, params)  # TracIn's, DIT's and Diff-In's path
+        assert torch.equal(values, expected.reshape(1).detach())
+        stored = log.checkpoint_buffers(t)
+        assert set(stored) == {"net.1.running_mean", "net.1.running_var", "net.1.num_batches_tracked"}
+        assert int(stored["net.1.num_batches_tracked"]) == t
+    assert not torch.equal(query(module), query(_at(snaps.states[6])))  # the module's own statistics differ
+    seen = []
+    for rs in replay(log, module, WithIds(ds), 0, None, tolerance=0.0):
+        for n, b in rs.params.buffers.items():
+            assert torch.equal(b, snaps.states[rs.step][n]), (rs.step, n)
+        seen.append(rs.step)
+    assert seen == list(range(7))
+    assert torch.equal(module.net[1].running_mean, torch.zeros(7, dtype=torch.float64))  # the module is untouched
+
+
+def test_a_log_without_buffers_still_reads_and_warns(log_dir):
+    """A log written before buffers were stored (its checkpoints without ``buffers``): read as before, the module's
+    own running statistics used, with the warning."""
+    ds = make_data(12)
+    _train(log_dir, 2, ds)
+    for paths in list_segments(log_dir).values():
+        for path in paths:
+            with h5py.File(path, "a") as f:
+                for g in f["checkpoints"].values():
+                    del g["buffers"]
+    log = InfluenceLog(log_dir)
+    assert log.checkpoint_buffers(0) is None
+    with pytest.warns(RuntimeWarning, match="stored no running statistics"):
+        params = checkpoint_params(log, tiny(batchnorm=True), 2)
+    assert params.buffers is None
+
+
+def _retrain(log: InfluenceLog, ds, drop: int | None) -> torch.nn.Module:
+    """A plain loop with torch.optim on the logged batches from the logged ``θ_0`` and statistics, sample ``drop``
+    out of every batch (its forward too), the others' weights ``1/|B_t|`` kept (math §2)."""
+    module = tiny(batchnorm=True)
+    state = {**{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint(0).items()},
+             **{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint_buffers(0).items()}}
+    module.load_state_dict(state)
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=1.0)
+    for t in log.steps:
+        ids = log.batch_ids(int(t))
+        kept = ids[ids != drop]
+        for g in opt.param_groups:
+            g["lr"] = float(log.lr(int(t))[0])
+        opt.zero_grad()
+        (module.per_sample_loss(batch_from_ids(WithIds(ds), kept)).sum() / len(ids)).backward()
+        opt.step()
+    return module.eval()
+
+
+def test_replay_loo_with_train_mode_batchnorm_matches_retraining(log_dir):
+    """Replay leave-one-out of a train-mode BatchNorm run (it crashed under vmap: the running statistics are updated in
+    place) equals retraining without the sample by a plain torch.optim loop, and its reference run the training."""
+    ds = make_data(12)
+    snaps = _train(log_dir, 2, ds)
+    log = InfluenceLog(log_dir)
+    x = ds.tensors[0]
+    query = lambda m: m(x[:4])[:, 0].sum()  # noqa: E731
+    T = log.num_steps
+    result = replay_loo(log, tiny(batchnorm=True).eval(), WithIds(ds), query, sample_ids=[0, 5, 11], grid=[T], copies=2)
+    reference = float(query(_retrain(log, ds, None)).detach())
+    assert reference == pytest.approx(float(query(_at(snaps.states[T])).detach()), abs=1e-13)
+    assert result.base[-1, 0] == pytest.approx(reference, abs=1e-13)
+    for row, j in enumerate([0, 5, 11]):
+        expected = float(query(_retrain(log, ds, j)).detach()) - reference
+        assert abs(expected) > 1e-4  # the removal matters
+        assert result.values[row, -1, 0] == pytest.approx(expected, rel=1e-9, abs=1e-13)
