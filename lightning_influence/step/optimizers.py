@@ -4,7 +4,9 @@ An update rule is ``update(θ, state, g, hyper) -> (θ', state')`` over **flat**
 ``g`` and every state entry are ``(p,)`` vectors (all trainable parameters concatenated),
 and every hyperparameter is a ``(p,)`` vector too (param groups expanded per coordinate, so
 one call covers every group). ``state["step"]`` counts the steps taken (it is not
-differentiated). The rules equal ``torch.optim`` in float64 to rounding
+differentiated). A step's hyperparameters are the param groups' with its learning rates and,
+where a schedule changed them, its recorded momentum, betas, ... (:meth:`OptimizerStep.hyper`,
+``step/hyper.py``). The rules equal ``torch.optim`` in float64 to rounding
 (``tests/test_step_optimizers.py``); replay keeps running ``torch.optim`` forward, and the
 DIT adjoint takes the VJP of these twins (:meth:`OptimizerStep.vjp`).
 
