@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_influence.data import ids_source, samples_with_replacement
 from lightning_influence.step import rng
-from lightning_influence.step.hyper import ScheduleRecorder, group_values
+from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
 from lightning_influence.step.precision import Precision
 
@@ -104,7 +104,7 @@ class UpdateWatch:
             raise RuntimeError(
                 f"InfluenceTracker: step {self._step} updated the parameters with learning rates {used}, but {expected} "
                 f"were recorded at its on_before_optimizer_step: {_LATE}")
-        values = group_values(optimizer.param_groups, self._schedule.keys)
+        values = self._schedule.read(optimizer.param_groups)
         if values != self._values:
             keys = self._schedule.keys
             changed = sorted({k for old, new in zip(self._values, values) for k, a, b in zip(keys, old, new) if a != b})

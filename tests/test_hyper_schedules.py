@@ -134,6 +134,23 @@ def test_a_momentum_set_in_training_step_is_recorded_from_the_step_it_changes(tm
     assert [rs.step for rs in replay(log, Ramped().double(), WithIds(ds), tolerance=0.0)][-1] == log.num_steps
 
 
+def test_a_resumed_fit_records_its_schedule_against_the_logs_param_groups(tmp_path):
+    """A fit resumed from an end-of-epoch checkpoint continues the log: its steps' momentum is recorded against the
+    log's meta.h5 (0.95, OneCycleLR's start), not against the optimizer's own at the resume (the momentum its first
+    step then uses, which would have been left unrecorded and read back as 0.95). The log equals an uninterrupted
+    run's and replays bit for bit across the resume."""
+    from test_robustness import epoch_fit
+
+    epoch_fit(tmp_path / "once", None, epochs=3, module=_cycled(total=12))
+    epoch_fit(tmp_path / "log", tmp_path / "ckpt", epochs=1, module=_cycled(total=12))
+    epoch_fit(tmp_path / "log", None, epochs=3, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"),
+              module=_cycled(total=12))
+    once, log = InfluenceLog(tmp_path / "once"), InfluenceLog(tmp_path / "log")
+    assert log.meta.get("resumes") and log.num_steps == once.num_steps == 12
+    assert [float(log.hyper(t)["momentum"][0]) for t in range(12)] == [float(once.hyper(t)["momentum"][0]) for t in range(12)]
+    assert [rs.step for rs in replay(log, _cycled(total=12), WithIds(make_data(24)), tolerance=0.0)][-1] == 12
+
+
 def test_a_log_without_a_schedule_is_unchanged_and_old_logs_read_as_before(tmp_path):
     """No schedule (StepLR changes the learning rate only): no new column, format version 2, ``hyper`` None; the
     version-1 and version-2 fixtures read without a schedule too."""
@@ -144,6 +161,33 @@ def test_a_log_without_a_schedule_is_unchanged_and_old_logs_read_as_before(tmp_p
     for path in (tmp_path / "log", FIXTURES / "log_v1", FIXTURES / "log_v2_unfolded"):
         log = InfluenceLog(path)
         assert log.scheduled == [] and all(log.hyper(t) is None for t in range(log.first_step, log.num_steps))
+
+
+def _builder():
+    """--builder of the CLI test: the OneCycleLR SGD classifier and its data."""
+    ds = make_data(16)
+    return {"module": _cycled(), "train_data": WithIds(ds), "val_data": (ds.tensors[0][:6], ds.tensors[1][:6])}
+
+
+def test_the_cli_reads_scores_and_measures_a_log_with_a_schedule(tmp_path, capsys):
+    """``info`` names the schedule (the per-step range of what moved); ``query`` (DIT, which replays under its
+    tolerance 0 here) and ``evaluate`` (replay leave-one-out against DIT) run on the log."""
+    from lightning_influence.cli import main
+
+    fit(_cycled(), loader(make_data(16), batch_size=4),
+        InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=2, store_data=False), epochs=2)
+    log = str(tmp_path / "log")
+    assert main(["info", log]) == 0
+    assert "; per step momentum 0.85" in capsys.readouterr().out
+    assert main(["info", log, "-f", "json"]) == 0
+    assert list(__import__("json").loads(capsys.readouterr().out)["scheduled"]) == ["momentum"]
+    builder = f"{__file__}:_builder"
+    assert main(["query", log, "-q", "--builder", builder, "-m", "dit", "--replay-tolerance", "0", "--top", "3"]) == 0
+    assert "dit" in capsys.readouterr().out
+    code = main(["evaluate", log, "-q", "--builder", builder, "--samples", "1,2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "replay drift (dit): at most 0 of" in out and "verdict: dit agrees best" in out
 
 
 # --------------------------------------------------------------------------------- refusals

@@ -30,9 +30,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def group_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[tuple[Any, ...]]:
-    """The values of ``keys`` in each param group (live ``torch.optim`` groups or ``meta.h5``'s), comparable."""
+def group_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[str], plain: bool = True) -> list[tuple[Any, ...]]:
+    """The values of ``keys`` in each param group (live ``torch.optim`` groups or ``meta.h5``'s), comparable;
+    ``plain=False`` takes them as they are (at every step: Python floats and tuples compare as they are, at a third
+    of the cost)."""
+    if not plain:
+        return [tuple(map(g.get, keys)) for g in groups]
     return [tuple(_plain(g.get(k)) for k in keys) for g in groups]
+
+
+def _has_tensor(values: list[tuple[Any, ...]]) -> bool:
+    return any(isinstance(v, torch.Tensor) for g in values for v in g)
 
 
 class ScheduleRecorder:
@@ -50,6 +58,12 @@ class ScheduleRecorder:
         self._base = group_values(logged, self.keys)
         self._last: list[tuple[Any, ...]] = self._base
         self._values: dict[str, list[Any]] | None = None
+        # values read as they are; as floats once one is a tensor (changed in place, it would equal itself)
+        self._plain = _has_tensor(group_values(logged, self.keys, plain=False))
+
+    def read(self, groups: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        """The values of :attr:`keys` in each of ``groups`` (a live optimizer's), comparable with the log's."""
+        return group_values(groups, self.keys, self._plain)
 
     def values(self, step: int, groups: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[Any, ...]], dict[str, list[Any]] | None]:
         """``(the groups' values of keys, the step's record)``: the record is ``{key: per-group values}`` of every
@@ -59,8 +73,10 @@ class ScheduleRecorder:
         Raises:
             UnsupportedOptimizerError: a change the update rules do not model (:meth:`_changed`).
         """
-        current = group_values(groups, self.keys)
+        current = self.read(groups)
         if current != self._last:
+            if not self._plain and _has_tensor(current):
+                self._plain, current = True, group_values(groups, self.keys)
             self._values = None if current == self._base else self._changed(step, current)
             self._last = current
         return current, self._values
