@@ -4,7 +4,6 @@ replayed bit for bit, taken by the update rules (against torch.optim) and by DIT
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import h5py
@@ -21,6 +20,7 @@ from lightning_influence.queries import mean_loss
 from lightning_influence.replay import ReplayMismatchError, replay
 from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import OptimizerStep, UnsupportedOptimizerError, coordinate_groups, rule_for
+from test_step_optimizers import NAMES, SHAPES, SIZES, THETA0, flat, grad_at  # its gradient field, 2 param groups
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SCHEDULED = {"sgd": "momentum", "adam": "betas", "adamw": "betas"}
@@ -151,6 +151,27 @@ def test_a_resumed_fit_records_its_schedule_against_the_logs_param_groups(tmp_pa
     assert [rs.step for rs in replay(log, _cycled(total=12), WithIds(make_data(24)), tolerance=0.0)][-1] == 12
 
 
+def test_a_resume_truncating_a_segment_keeps_the_schedule_of_the_steps_it_keeps(tmp_path):
+    """A resumed fit shrinks the segment straddling its step (log/segment.py ``_shrink``): the ``steps/hyper_*``
+    columns shrink with the step table; the steps kept read their recorded values, meta.h5's where NaN."""
+    from lightning_influence.log.writer import LogWriter, StepRecord, truncate_log, write_meta
+
+    meta = {"dataset_size": 4, "run_id": "r", "tracked_params": [], "param_shapes": {"w": [1]},
+            "optimizer": {"class": "torch.optim.adam.Adam", "param_groups": [{"betas": [0.9, 0.999], "params": ["w"]}]}}
+    write_meta(tmp_path, meta)
+    writer = LogWriter(tmp_path, 0, flush_every_n_steps=4, background=False)
+    for t in range(4):
+        hyper = None if t == 0 else {"betas": [(0.9 - 0.01 * t, 0.999)]}
+        writer.add_step(StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.array([t]),
+                                   hyper=hyper))
+    writer.close()
+    assert [float(InfluenceLog(tmp_path).hyper(t)["betas"][0, 0]) for t in range(4)] == [0.9, 0.89, 0.88, 0.87]
+    truncate_log(tmp_path, 0, 3)
+    log = InfluenceLog(tmp_path)
+    assert log.num_steps == 3 and log.hyper(2)["betas"].tolist() == [[0.88, 0.999]]
+    assert [float(log.hyper(t)["betas"][0, 0]) for t in range(3)] == [0.9, 0.89, 0.88]
+
+
 def test_a_log_without_a_schedule_is_unchanged_and_old_logs_read_as_before(tmp_path):
     """No schedule (StepLR changes the learning rate only): no new column, format version 2, ``hyper`` None; the
     version-1 and version-2 fixtures read without a schedule too."""
@@ -214,9 +235,7 @@ def test_a_change_the_update_rules_do_not_model_is_refused_at_that_step(tmp_path
 
 
 # ------------------------------------------------------------------- the rules vs torch.optim
-SHAPES = {"w": (3, 4), "b": (5,)}
-NAMES, SIZES = list(SHAPES), [math.prod(s) for s in SHAPES.values()]
-P, STEPS = sum(SIZES), 60
+STEPS = 60
 CONFIGS = {  # (class, group w, group b, {key: (low, high)} cycled per step)
     "sgd-momentum": (torch.optim.SGD, dict(momentum=0.9, dampening=0.2, weight_decay=0.01), dict(momentum=0.5),
                      {"momentum": (0.8, 0.95), "dampening": (0.0, 0.3), "weight_decay": (0.0, 0.02)}),
@@ -232,16 +251,6 @@ CONFIGS = {  # (class, group w, group b, {key: (low, high)} cycled per step)
     "adagrad": (torch.optim.Adagrad, dict(lr_decay=0.01), dict(eps=1e-8),
                 {"lr_decay": (0.0, 0.02), "eps": (1e-10, 1e-8), "weight_decay": (0.0, 0.01)}),
 }
-gen = torch.Generator().manual_seed(0)
-A = torch.randn(P, P, generator=gen, dtype=torch.float64) / P**0.5
-NOISE = torch.randn(STEPS, P, generator=gen, dtype=torch.float64) * 0.3
-THETA0 = torch.randn(P, generator=gen, dtype=torch.float64)
-
-
-def _grad_at(theta: torch.Tensor, t: int) -> torch.Tensor:
-    return A @ torch.sin(theta) + 0.5 * theta + NOISE[t]
-
-
 def _cycle(low, high, t: int):
     """A triangle between ``low`` and ``high`` with period 8 (pairs elementwise, as CyclicLR's betas)."""
     a = abs((t % 8) - 4) / 4
@@ -272,15 +281,15 @@ def test_the_update_rules_take_each_steps_recorded_hyperparameters_as_torch_opti
         _, record = recorder.values(t, opt.param_groups)
         values = None if record is None else {k: np.asarray(v, dtype=np.float64) for k, v in record.items()}
         lrs = [lr, lr / 2]
-        theta, state = step.update(theta, state, _grad_at(theta, t), lrs, values=values)
-        fixed, fixed_state = step.update(fixed, fixed_state, _grad_at(fixed, t), lrs)
-        g = _grad_at(torch.cat([params[n].detach().reshape(-1) for n in NAMES]), t)
+        theta, state = step.update(theta, state, grad_at(theta, t), lrs, values=values)
+        fixed, fixed_state = step.update(fixed, fixed_state, grad_at(fixed, t), lrs)
+        g = grad_at(flat(params), t)
         for n, part in zip(NAMES, torch.split(g, SIZES)):
             params[n].grad = part.reshape(SHAPES[n]).clone()
         for pg, rate in zip(opt.param_groups, lrs):
             pg["lr"] = rate
         opt.step()
-        ref = torch.cat([params[n].detach().reshape(-1) for n in NAMES])
+        ref = flat(params)
         worst = max(worst, float((theta - ref).abs().max() / ref.abs().max()))
     assert worst < 1e-12, (name, worst)
     assert float((fixed - ref).abs().max() / ref.abs().max()) > 1e-6  # the schedule matters
