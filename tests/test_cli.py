@@ -486,3 +486,26 @@ def test_python_function_names_are_cli_method_names(run, capsys):
     assert outs[0] == outs[1] and len(outs[0]) == 60
     code, _, err = cli(capsys, "query", run.log, "-m", "tracin_selfish", "-q")
     assert code == 2 and "tracin-selfish" in err
+
+
+def test_self_influence_lists_the_most_self_influential_first_by_default(run, capsys):
+    """Self-influence ranks mislabelled candidates by its largest values: without ``--sort`` the query and the timeline
+    list those first (a loss query keeps the most negative, most harmful, first); ``--sort negative`` still gives the
+    other end."""
+    from lightning_influence import InfluenceLog, tracin_self_influence
+    s = tracin_self_influence(InfluenceLog(run.log)).column(0)
+    for argv in (("query", "-k", "5"), ("timeline", "--grid", "2", "--top", "5")):
+        code, out, err = cli(capsys, argv[0], run.log, "-m", "tracin-self", *argv[1:], "-f", "json", "-q")
+        assert code == 0, err
+        ids = [r["id"] for r in json.loads(out)["results"][0]["rows"]]
+        expect = np.argsort(-s, kind="stable")[:5] if argv[0] == "query" else None
+        if expect is not None:
+            assert ids == expect.tolist()
+        else:  # the timeline orders by the total over its windows, the whole run's score
+            assert np.allclose(sorted(s[ids]), sorted(np.sort(s)[-5:]), rtol=1e-9)
+    code, out, err = cli(capsys, "query", run.log, "-m", "tracin-self", "-k", "5", "--sort", "negative", "-f", "json", "-q")
+    assert [r["id"] for r in json.loads(out)["results"][0]["rows"]] == np.argsort(s, kind="stable")[:5].tolist()
+    code, out, err = cli(capsys, "query", run.log, "-m", "tracin", "-k", "3", "-q")
+    assert "sorted negative first" in out
+    code, out, err = cli(capsys, "query", run.log, "-m", "tracin-self", "-k", "3", "-q")
+    assert "sorted positive first" in out

@@ -98,15 +98,19 @@ def test_every_cli_method_is_importable_from_the_package_root():
         assert function in li.__all__ and callable(getattr(li, function)), name
 
 
-def test_self_influence_tables_are_not_called_harmful():
-    """``top(k)`` of a self-influence result lists the lowest scores: its title must not say "most harmful"."""
+def test_self_influence_tables_list_the_highest_first():
+    """``top(k)`` of a self-influence result lists the highest scores (the mislabelled candidates, as
+    ``tasks.harmful_order(..., "self")``), titled so and never "most harmful"; ``harmful=False`` the lowest."""
     from lightning_influence import InfluenceScores
 
     s = InfluenceScores(np.array([[0.5], [2.0], [0.1]]), "tracin-self", (0, 3), ["self"])
-    assert str(s.top(1)).splitlines()[0].startswith("lowest self-influence")
-    high = s.top(1, harmful=False)
+    high = s.top(1)
     assert high.ids.tolist() == [1] and str(high).splitlines()[0].startswith("highest self-influence")
-    assert str(InfluenceScores(np.array([[0.5]]), "dit", (0, 3), ["val_loss"]).top(1)).startswith("most harmful for val_loss")
+    assert s.rank().tolist() == [2, 1, 3]
+    low = s.top(1, harmful=False)
+    assert low.ids.tolist() == [2] and str(low).splitlines()[0].startswith("lowest self-influence")
+    loss = InfluenceScores(np.array([[0.5], [2.0], [0.1]]), "dit", (0, 3), ["val_loss"])
+    assert str(loss.top(1)).startswith("most harmful for val_loss") and loss.top(1).ids.tolist() == [2]
 
 
 # --- exact curvature through GroupNorm (a CNN's normalisation)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
+from .dtypes import dtype_mismatch
 from .layers import InputMemo, capture_owners, engine_for
 from .projection import KroneckerProjector, Outer, dense
 
@@ -98,7 +99,13 @@ def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mappin
     device = next(iter(params.values())).device if params else None
     if device is not None:
         args = pytree.tree_map(lambda x: x.to(device) if isinstance(x, Tensor) and x.device != device else x, args)
-    return functional_call(_LossModule(model, fn), _override_dict(model, params, buffers), args)
+    try:
+        return functional_call(_LossModule(model, fn), _override_dict(model, params, buffers), args)
+    except RuntimeError as err:  # float32 data into a float64 model: said so (capture/dtypes.py)
+        mismatch = dtype_mismatch(err, list(params.values()) or list(model.parameters()), args)
+        if mismatch is None:
+            raise
+        raise mismatch from err
 
 
 def _override_dict(model: nn.Module, params: Mapping[str, Tensor],

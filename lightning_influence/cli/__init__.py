@@ -106,9 +106,10 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     qg.add_argument("--query", action="append", type=parse_query, metavar="Q",
                     help="what the scores explain (repeatable): val_loss (mean validation loss, default), test:ID (loss "
                          "of test sample ID), pred:ID[:CLASS] (logit of CLASS, default its label), margin:ID[:CLASS]")
-    qg.add_argument("--sort", choices=("negative", "positive", "abs"), default="negative",
-                    help="order of the rows: most negative first (default; for a loss query: most harmful), most "
-                         "positive, or largest magnitude")
+    qg.add_argument("--sort", choices=("negative", "positive", "abs"), default=None,
+                    help="order of the rows: most negative first (for a loss query: most harmful), most positive, or "
+                         "largest magnitude; default: negative, and positive for self-influence (the mislabelled "
+                         "candidates first)")
     return {"common": common, "model": model, "query": qparent}
 
 

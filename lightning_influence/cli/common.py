@@ -243,6 +243,12 @@ def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=default)
 
 
+def sort_order(sort: str | None, query: str) -> str:
+    """``--sort`` as given, or its default for ``query``: the most self-influential first for self-influence (where
+    mislabelled samples are), the most negative (for a loss: the most harmful) first otherwise."""
+    return sort or ("positive" if query == "self" else "negative")
+
+
 def ranked(scores: np.ndarray, sort: str, top: int | None) -> np.ndarray:
     """Ids ordered by ``sort`` (``negative``: most negative first, ``positive``, ``abs``), the first ``top``."""
     key = {"negative": scores, "positive": -scores, "abs": -np.abs(scores)}[sort]
@@ -253,7 +259,7 @@ def ranked(scores: np.ndarray, sort: str, top: int | None) -> np.ndarray:
 def sign_line(is_loss: bool, name: str) -> str:
     if name == "self":
         return ("positive = removing the sample raises its own loss (it is fitted only because it is trained on: "
-                "look there for mislabelled samples, --sort positive)")
+                "look there for mislabelled samples)")
     if is_loss:
         return f"negative = harmful (removing the sample lowers {name}), positive = helpful"
     return f"negative = removing the sample lowers {name} (it pushed it up), positive = it pushed it down"

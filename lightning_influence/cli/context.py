@@ -13,7 +13,8 @@ Sources, in order (the first that applies):
    classes. Data come from the datamodule, the module's ``*_dataloader`` hooks, or the sets the
    tracker stored for plain DataLoaders (``data.pt``, :mod:`lightning_influence.recipe`).
 
-Weights always come from the log's checkpoints; the parameter shapes are checked against the log.
+Weights always come from the log's checkpoints; the parameter shapes are checked against the log, and a model in
+another floating dtype than the run's checkpoints is converted to theirs (a class rebuilt as float32, trained as float64).
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ def load_context(args: argparse.Namespace, log: Any) -> RunContext:
     except RecipeError as err:
         raise UserError(str(err)) from err
     _check_shapes(ctx, log)
+    _to_log_dtype(args, ctx, log)
     ctx.replay_tolerance = getattr(args, "replay_tolerance", None)  # estimators' ``tolerance`` (replay_drift.py)
     return ctx
 
@@ -192,6 +194,23 @@ def _check_shapes(ctx: RunContext, log: Any) -> None:
             raise UserError(f"the model from {ctx.origin} does not match the log: parameter {name!r} has shape "
                             f"{shapes.get(name)} in the model and {tuple(shape)} in the log; pass the config, classes "
                             "or builder the run was trained with")
+
+
+def _to_log_dtype(args: argparse.Namespace, ctx: RunContext, log: Any) -> None:
+    """The model in the floating dtype the run trained in (its checkpoints'): a class rebuilt from its hyperparameters
+    is float32 where the training script made it float64 (``model.double()``), and the weights would not load."""
+    if not log.checkpoint_steps:
+        return
+    stored = {np.dtype(v.dtype) for v in log.checkpoint(log.checkpoint_steps[0]).values() if v.dtype.kind == "f"}
+    ours = {p.dtype for p in ctx.module.parameters() if p.is_floating_point()}
+    if len(stored) == 1 and len(ours) == 1:
+        import torch
+
+        dtype = getattr(torch, str(stored.pop()))
+        if dtype not in ours:
+            status(args, f"the model from {ctx.origin} is {str(ours.pop()).removeprefix('torch.')}; the run trained it in "
+                         f"{str(dtype).removeprefix('torch.')}: converted")
+            ctx.module.to(dtype)
 
 
 def _from_recipe(args: argparse.Namespace, log: Any) -> RunContext:

@@ -9,7 +9,7 @@ import numpy as np
 
 from lightning_influence.cli.common import (PROG, UserError, add_process_args, csv_text, drift_line, emit, flip_cell,
                                             format_table, json_text, output_format, parse_window, processes,
-                                            progress_bar, ranked, row_count, sign_line)
+                                            progress_bar, ranked, row_count, sign_line, sort_order)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import SPLITS_HELP, METHODS, method_help, canonical_method, run_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
@@ -49,13 +49,14 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise UserError(str(err)) from None
         for qi, qname, is_loss in query_columns(scores.query_names, names, specs):
             s = scores.column(qi)
-            ids = ranked(s, args.sort, args.top)
+            sort = sort_order(args.sort, qname)
+            ids = ranked(s, sort, args.top)
             labels = ctx.labels(ids) if ctx else np.full(len(ids), -1)
             rows = [{"rank": r, "id": int(j), "score": float(s[j]),
                      "label": int(lb) if lb >= 0 else None, "flipped": flip_cell(ctx, int(j))}
                     for r, (j, lb) in enumerate(zip(ids, labels), 1)]
             results.append({"method": scores.method, "query": qname, "loss_query": is_loss, "window": label,
-                            "steps": [int(t1), int(t2)], "n_samples": int(len(s)), "rows": rows,
+                            "steps": [int(t1), int(t2)], "n_samples": int(len(s)), "sort": sort, "rows": rows,
                             "flipped_total": len(ctx.flipped) if ctx and ctx.flipped is not None else None,
                             "info": scores.info})
     if parallel and global_rank() != 0:
@@ -77,7 +78,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def _query_text(res: dict[str, Any], args: argparse.Namespace) -> str:
     t1, t2 = res["steps"]
     head = [f"{res['method']}: query {res['query']}, window {res['window']} = steps [{t1}, {t2}), "
-            f"{res['n_samples']} training samples, sorted {args.sort} first",
+            f"{res['n_samples']} training samples, sorted {res['sort']} first",
             f"sign: {sign_line(res['loss_query'], res['query'])}"]
     has_label = any(r["label"] is not None for r in res["rows"])
     has_flip = res["flipped_total"] is not None

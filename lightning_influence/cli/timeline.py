@@ -9,7 +9,7 @@ import numpy as np
 
 from lightning_influence.cli.common import (UserError, add_process_args, csv_text, emit, flip_cell, format_table,
                                             json_text, output_format, parse_grid, parse_window, processes, ranked,
-                                            row_count, sign_line)
+                                            row_count, sign_line, sort_order)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import SPLITS_HELP, METHODS, compute_windows, method_help, canonical_method
 from lightning_influence.distributed import DistributedQueryError, global_rank
@@ -46,7 +46,7 @@ def timeline_data(args: argparse.Namespace):
     span = parse_window(log, args.window)
     windows, labels = parse_grid(log, args.grid, span)
     specs = args.query or [parse_query("val_loss")]
-    query, names = build_query(specs, ctx)
+    query, names = build_query(specs, ctx) if METHODS[args.method].query else (None, [])
     try:
         scores, method_name, info = compute_windows(args, log, query, ctx, windows, procs)
     except DistributedQueryError as err:
@@ -76,7 +76,7 @@ def cmd_timeline(args: argparse.Namespace) -> int:
         x = scores[:, qi, :]
         patterns, why = patterns_of(x)
         total = x.sum(axis=1)
-        ids = ranked(total, args.sort, None)
+        ids = ranked(total, sort_order(args.sort, qname), None)
         if args.pattern:
             if patterns is None:
                 raise UserError(f"--pattern: {why}; choose a finer --grid")

@@ -71,24 +71,29 @@ class InfluenceScores:
         return replace(self, labels=arr.astype(np.int64))
 
     def rank(self, query: int | str = 0, harmful: bool = True) -> np.ndarray:
-        """Each sample's rank (1 = most harmful, i.e. most negative; ``harmful=False``: most positive first)."""
+        """Each sample's rank (1 = most harmful: most negative, or for self-influence most positive; ``harmful=False``:
+        the other end first)."""
         order = self._order(query, harmful)
         ranks = np.empty(len(order), dtype=np.int64)
         ranks[order] = np.arange(1, len(order) + 1)
         return ranks
 
     def _order(self, query: int | str, harmful: bool) -> np.ndarray:
+        """Most harmful first: the most negative score of a query; of self-influence (query ``"self"``) the largest,
+        where mislabelled samples are (as :func:`lightning_influence.tasks.harmful_order`)."""
         s = self.column(query)
-        return np.argsort(s, kind="stable") if harmful else np.argsort(-s, kind="stable")
+        name = query if isinstance(query, str) else self.query_names[query]
+        return np.argsort(s if harmful != (name == "self") else -s, kind="stable")
 
     def top(self, k: int, harmful: bool = True, query: int | str = 0) -> "Ranking":
-        """The ``k`` most harmful (most negative) or most helpful (most positive) samples, with their scores."""
+        """The ``k`` most harmful (most negative; for self-influence most positive, the mislabelled candidates) or, with
+        ``harmful=False``, the other end, with their scores."""
         ids = self._order(query, harmful)[:k]
         name = self.query_names[query] if isinstance(query, int) else query
         return Ranking(ids, self.column(query)[ids], None if self.labels is None else self.labels[ids], name, harmful)
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per sample: ``id``, ``label`` (when known), and per query its score and rank (1 = most negative)."""
+        """One dict per sample: ``id``, ``label`` (when known), and per query its score and rank (1 = most harmful, :meth:`rank`)."""
         single = len(self.query_names) == 1
         cols: dict[str, np.ndarray] = {"id": self.ids}
         if self.labels is not None:
@@ -144,8 +149,8 @@ class Ranking:
     def __str__(self) -> str:
         head = f"{'rank':>4} {'id':>6} {'score':>12}" + (f" {'label':>5}" if self.labels is not None else "")
         if self.query == "self":  # self-influence: high = fitted only because trained on (mislabelled candidates)
-            title = "highest self-influence (look here for mislabelled samples):" if not self.harmful else \
-                "lowest self-influence (top(k, harmful=False) lists the highest):"
+            title = "highest self-influence (look here for mislabelled samples):" if self.harmful else \
+                "lowest self-influence:"
         else:
             title = f"most {'harmful' if self.harmful else 'helpful'} for {self.query}:"
         lines = [title, head]
