@@ -22,7 +22,11 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 def default_loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
     """The module's ``per_sample_loss(batch)`` (the tracker's default per-sample loss)."""
-    return module.per_sample_loss(batch)
+    loss = getattr(module, "per_sample_loss", None)
+    if loss is None:
+        raise TypeError(f"{type(module).__name__} has no per_sample_loss(batch): pass loss_fn=, the per-sample loss the "
+                        "run was tracked with (InfluenceTracker(loss_fn=...))")
+    return loss(batch)
 
 
 def mean_loss(batch: Any, loss_fn: LossFn = default_loss_fn, name: str = "mean_loss") -> Query:

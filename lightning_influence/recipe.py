@@ -7,6 +7,8 @@ Written by the tracker into ``meta.h5`` (``recipe``, format version 2, ``docs/lo
   names of the others are listed, so a rebuild can say what it lacks);
 * the training script (``sys.argv[0]``), its directory and the working directory, so a class
   defined in the script itself (``__main__``) is found again as a module of that name;
+* the per-sample loss function given as ``InfluenceTracker(loss_fn=...)``, when the module has no
+  ``per_sample_loss``: its import path (a top-level function), or why it cannot be imported again;
 * where the data came from (a datamodule, the module's ``*_dataloader`` hooks, or plain
   DataLoaders given to ``fit``) and, for plain DataLoaders, the training and validation sets
   themselves (``data.pt``, when small) since nothing else can rebuild them.
@@ -79,6 +81,18 @@ def describe(obj: Any) -> dict[str, Any]:
             "hparams": kept, "hparams_not_recorded": dropped}
 
 
+def describe_function(fn: Any) -> dict[str, Any]:
+    """Import path (``module.name``) and defining file of a top-level function; a lambda, closure or callable object
+    has no path (``function: None``) and ``why`` says what it is."""
+    name = getattr(fn, "__qualname__", None)
+    module = getattr(fn, "__module__", None)
+    if not inspect.isfunction(fn) or not name or not module or "<" in name or "." in name:
+        what = f"{type(fn).__name__} {name or fn!r}"
+        return {"function": None, "file": None, "why": f"{what} is not a top-level function, so it cannot be imported"}
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return {"function": f"{_module_name(module)}.{name}", "file": os.path.abspath(file) if file else None, "why": None}
+
+
 def script() -> dict[str, Any]:
     """The training script, its directory and the working directory at ``fit`` time."""
     argv0 = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-m") else None
@@ -90,8 +104,10 @@ def script() -> dict[str, Any]:
             "main_file": os.path.abspath(main_file) if main_file else None}
 
 
-def record_recipe(trainer: Any, pl_module: Any, log_dir: str, store_data: bool | None) -> dict[str, Any]:
-    """The ``recipe`` meta entry; stores ``data.pt`` for plain DataLoaders (see the module docstring).
+def record_recipe(trainer: Any, pl_module: Any, log_dir: str, store_data: bool | None, loss_fn: Any = None
+                  ) -> dict[str, Any]:
+    """The ``recipe`` meta entry; stores ``data.pt`` for plain DataLoaders (see the module docstring). ``loss_fn``:
+    the tracker's, when given (else the module's ``per_sample_loss`` is the loss: nothing to record).
 
     ``store_data``: ``None`` stores the data of plain DataLoaders when under :data:`STORE_DATA_LIMIT`,
     ``True`` stores the data whatever its source and size, ``False`` never.
@@ -116,7 +132,7 @@ def record_recipe(trainer: Any, pl_module: Any, log_dir: str, store_data: bool |
     else:
         data["not_stored"] = "InfluenceTracker(store_data=False)"
     return {"module": describe(pl_module), "datamodule": describe(dm) if dm is not None else None,
-            "script": script(), "data": data}
+            "script": script(), "data": data, "loss_fn": describe_function(loss_fn) if loss_fn is not None else None}
 
 
 def _source_kind(source: Any) -> str | None:
@@ -245,8 +261,10 @@ def stored_data(log_dir: str | os.PathLike) -> dict[str, Any]:
     return {"train": StoredDataset(data["train"]) if "train" in data else None, "val": data.get("val")}
 
 
-def import_class(path: str, recipe: Mapping[str, Any] | None = None, what: str = "model", flag: str = "--model") -> type:
-    """Import ``package.module.ClassName``, with the recorded script and working directories on the import path.
+def import_class(path: str, recipe: Mapping[str, Any] | None = None, what: str = "model", flag: str = "--model",
+                 kind: str = "class") -> Any:
+    """Import ``package.module.ClassName`` (``kind="function"``: ``package.module.function``), with the recorded script
+    and working directories on the import path.
 
     Raises:
         RecipeError: the class cannot be imported (the message keeps the import error's cause), or its module
@@ -254,8 +272,8 @@ def import_class(path: str, recipe: Mapping[str, Any] | None = None, what: str =
     """
     module_name, _, name = path.rpartition(".")
     if not module_name or module_name == "__main__":
-        raise RecipeError(f"the {what} class was recorded as {path!r} (an old log of a script run), which cannot be "
-                          f"imported; pass {flag} module.ClassName with the script's directory on PYTHONPATH, or --builder")
+        raise RecipeError(f"the {what} {kind} was recorded as {path!r} (an old log of a script run), which cannot be "
+                          f"imported; pass {flag} {_spelling(kind)} with the script's directory on PYTHONPATH, or --builder")
     for d in _search_dirs(recipe):
         if d not in sys.path:
             sys.path.append(d)
@@ -266,13 +284,17 @@ def import_class(path: str, recipe: Mapping[str, Any] | None = None, what: str =
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # the real cause, in one line
-        raise RecipeError(f"cannot import the {what} class {path!r}: {type(err).__name__}: {err} (searched "
-                          f"{', '.join(_search_dirs(recipe)) or 'sys.path'}); pass {flag} module.ClassName or --builder") from err
+        raise RecipeError(f"cannot import the {what} {kind} {path!r}: {type(err).__name__}: {err} (searched "
+                          f"{', '.join(_search_dirs(recipe)) or 'sys.path'}); pass {flag} {_spelling(kind)} or --builder") from err
     try:
         return getattr(module, name)
     except AttributeError:
-        raise RecipeError(f"cannot import the {what} class {path!r}: module {module_name} ({getattr(module, '__file__', '?')}) "
-                          f"has no {name!r}; pass {flag} module.ClassName or --builder") from None
+        raise RecipeError(f"cannot import the {what} {kind} {path!r}: module {module_name} ({getattr(module, '__file__', '?')}) "
+                          f"has no {name!r}; pass {flag} {_spelling(kind)} or --builder") from None
+
+
+def _spelling(kind: str) -> str:
+    return "module:function" if kind == "function" else "module.ClassName"
 
 
 def _search_dirs(recipe: Mapping[str, Any] | None) -> list[str]:
@@ -280,9 +302,9 @@ def _search_dirs(recipe: Mapping[str, Any] | None) -> list[str]:
         return []
     s = recipe.get("script") or {}
     dirs = [s.get("dir"), s.get("cwd")]
-    for part in ("module", "datamodule"):
+    for part, key in (("module", "class"), ("datamodule", "class"), ("loss_fn", "function")):
         entry = recipe.get(part) or {}
-        file, cls = entry.get("file"), entry.get("class") or ""
+        file, cls = entry.get("file"), entry.get(key) or ""
         if file:  # the directory the module's top package lives in
             depth = cls.count(".") - 1 + (Path(file).name == "__init__.py")  # a.b.C in .../a/b.py: root is .../
             dirs.append(str(Path(file).resolve().parents[depth]))
@@ -290,9 +312,9 @@ def _search_dirs(recipe: Mapping[str, Any] | None) -> list[str]:
 
 
 def _module_file(module_name: str, recipe: Mapping[str, Any] | None) -> str | None:
-    for part in ("module", "datamodule"):
+    for part, key in (("module", "class"), ("datamodule", "class"), ("loss_fn", "function")):
         entry = (recipe or {}).get(part) or {}
-        if (entry.get("class") or "").rpartition(".")[0] == module_name and entry.get("file"):
+        if (entry.get(key) or "").rpartition(".")[0] == module_name and entry.get("file"):
             return entry["file"]
     return None
 

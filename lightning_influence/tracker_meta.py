@@ -48,7 +48,7 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
         "versions": {pkg: _version(pkg) for pkg in ("lightning-influence", "torch", "lightning", "h5py")},
         "module_class": class_path(module),
         "datamodule_class": class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
-        **({"recipe": record_recipe(trainer, module, tracker.log_dir, tracker.store_data)} if recipe else {}),  # recipe.py
+        **({"recipe": record_recipe(trainer, module, tracker.log_dir, tracker.store_data, tracker.loss_fn)} if recipe else {}),  # recipe.py
         "world_size": trainer.world_size,
         "dataset_size": dataset_size,
         "loss_reduction": "mean",

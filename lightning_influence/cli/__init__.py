@@ -92,7 +92,10 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
                    help="LightningDataModule class instead of the recorded one")
     g.add_argument("--builder", "-b", metavar="MODULE:FUNCTION",
                    help="a function (module:function or file.py:function) returning the model, (model, datamodule) or "
-                        "a dict with module, datamodule, train_data, val_data, test_data, flipped, train_labels")
+                        "a dict with module, datamodule, train_data, val_data, test_data, flipped, train_labels, loss_fn")
+    g.add_argument("--loss-fn", metavar="MODULE:FUNCTION",
+                   help="the per-sample loss, loss_fn(module, batch) -> [B], instead of the recorded one (a run trained "
+                        "with InfluenceTracker(loss_fn=...) on a model without per_sample_loss)")
     g.add_argument("--replay-tolerance", type=drift_tolerance, metavar="DRIFT",
                    help="largest replay drift accepted at a checkpoint, relative to how far training moved since the "
                         "previous one (default 0.01; 0 demands a bit-identical replay); the drift is reported")

@@ -66,6 +66,12 @@ class RunContext:
                                    "InfluenceTracker(store_data=True)")
         self._label_cache: dict[int, int] = {}
         self.replay_tolerance: float | None = None
+        self.loss_fn: Any = None  # the per-sample loss (_loss_fn); None: the module's per_sample_loss
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """``{"loss_fn": ...}`` where the run's per-sample loss is not the module's ``per_sample_loss``; else nothing
+        (the estimators' and queries' default)."""
+        return {} if self.loss_fn is None else {"loss_fn": self.loss_fn}
 
     def _loaders(self, what: str) -> Any:
         if self.loaders is None:
@@ -181,7 +187,31 @@ def load_context(args: argparse.Namespace, log: Any) -> RunContext:
     _check_shapes(ctx, log)
     _to_log_dtype(args, ctx, log)
     ctx.replay_tolerance = getattr(args, "replay_tolerance", None)  # estimators' ``tolerance`` (replay_drift.py)
+    ctx.loss_fn = _loss_fn(args, ctx, log)
     return ctx
+
+
+def _loss_fn(args: argparse.Namespace, ctx: RunContext, log: Any) -> Any:
+    """The per-sample loss: ``--loss-fn``, a builder's ``loss_fn``, the function the log's recipe names (the run's
+    ``InfluenceTracker(loss_fn=...)``), else ``None`` (the module's ``per_sample_loss``)."""
+    if getattr(args, "loss_fn", None):
+        return load_function(args.loss_fn, "--loss-fn")
+    if ctx.loss_fn is not None:
+        return ctx.loss_fn
+    recipe = log.meta.get("recipe") or {}
+    entry = recipe.get("loss_fn")
+    if entry:
+        if entry.get("function") is None:
+            raise UserError(f"the run's per-sample loss was InfluenceTracker(loss_fn=...), and {entry.get('why')}; pass "
+                            "--loss-fn module:function (or a --builder returning loss_fn)")
+        try:
+            return import_class(entry["function"], recipe, "loss", "--loss-fn", kind="function")
+        except RecipeError as err:
+            raise UserError(str(err)) from err
+    if not callable(getattr(ctx.module, "per_sample_loss", None)):
+        raise UserError(f"the model {type(ctx.module).__name__} has no per_sample_loss(batch) and the log names no loss "
+                        "function; pass --loss-fn module:function (loss_fn(module, batch) -> per-sample losses [B])")
+    return None
 
 
 def _check_shapes(ctx: RunContext, log: Any) -> None:
@@ -287,8 +317,10 @@ def _from_builder(spec: str, log: Any) -> RunContext:
     dm = out.get("datamodule")
     if dm is None and not data.get("train"):  # fall back to what the log stored
         data = {**stored_data(log.path), **{k: v for k, v in data.items() if v is not None}}
-    return RunContext(out["module"], dm, f"--builder {spec}", dm, data,
-                      f"--builder {spec} returned no data and the log stores none; return train_data/val_data too")
+    ctx = RunContext(out["module"], dm, f"--builder {spec}", dm, data,
+                     f"--builder {spec} returned no data and the log stores none; return train_data/val_data too")
+    ctx.loss_fn = out.get("loss_fn")
+    return ctx
 
 
 def _from_config(args: argparse.Namespace, log: Any) -> RunContext:

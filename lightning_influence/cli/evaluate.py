@@ -219,7 +219,7 @@ def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, que
         raise UserError("--pbrf, --gap, --datamodel and --groups measure the whole run; drop --window")
     from lightning_influence.evaluation import datamodel_quality, gap_decomposition, group_additivity, pbrf
 
-    inputs = {"module": ctx.module, "train_data": train_data_of(ctx, log)}  # None: the log's stored inputs
+    inputs = {"module": ctx.module, "train_data": train_data_of(ctx, log), **ctx.loss_kwargs()}  # None: stored inputs
     out: dict[str, Any] = {}
     if args.pbrf or args.gap:
         status(args, f"solving the proximal Bregman response for {len(samples)} samples ...")

@@ -213,12 +213,12 @@ def train_data_of(ctx: RunContext, log: Any) -> Any:
 
 
 def estimator_inputs(ctx: RunContext | None, hvp: str | None = None) -> dict[str, Any]:
-    """The keyword arguments an estimator may take from the run: model, data and ``--hvp``."""
+    """The keyword arguments an estimator may take from the run: model, data, per-sample loss and ``--hvp``."""
     out: dict[str, Any] = {} if hvp is None else {"hvp": hvp}
     if ctx is None:
         return out
     return {**out, "module": ctx.module, "train_data": _Lazy(functools.partial(train_data_of, ctx)),
-            "val_data": _Lazy(lambda log: ctx.val_batch), "tolerance": ctx.replay_tolerance}
+            "val_data": _Lazy(lambda log: ctx.val_batch), "tolerance": ctx.replay_tolerance, **ctx.loss_kwargs()}
 
 
 def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: tuple[int, int],

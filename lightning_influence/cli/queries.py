@@ -50,7 +50,7 @@ def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None):
     names = []
     for spec in specs:
         if spec.kind == "val_loss":
-            parts.append(queries.mean_loss(ctx.val_batch, name="val_loss"))
+            parts.append(queries.mean_loss(ctx.val_batch, name="val_loss", **ctx.loss_kwargs()))
             names.append("val_loss")
             continue
         ds = ctx.test_dataset
@@ -61,7 +61,7 @@ def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None):
 
         batch = default_collate([ds[spec.index]])
         if spec.kind == "test":
-            parts.append(queries.sample_losses(batch, names=[spec.text]))
+            parts.append(queries.sample_losses(batch, names=[spec.text], **ctx.loss_kwargs()))
         else:
             x, y = _inputs_and_label(batch, spec)
             target = spec.target
