@@ -42,8 +42,8 @@ from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.log.resume import (continue_log, log_exists, logged_fold_bias, logged_demotions, logged_splits,
-                                           start_new_log, with_settled)
+from lightning_influence.log.resume import (continue_log, log_exists, logged_fold_bias, logged_demotions,
+                                           logged_param_groups, logged_splits, start_new_log, with_settled)
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
 from lightning_influence.step import rng
@@ -54,7 +54,7 @@ from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 from lightning_influence.tracker_checks import (UpdateWatch, check_batchnorm, check_dataset, check_distinct_ids, check_fit,
-                                                check_losses, check_optimizers, check_schedulers, check_training_set,
+                                                check_losses, check_optimizers, check_training_set,
                                                 generators_kept, trainer_precision)
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
@@ -266,8 +266,6 @@ class InfluenceTracker(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = check_optimizers(trainer.optimizers)
-        check_schedulers(trainer.lr_scheduler_configs)
-        self._update_watch.install(optimizer)
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
@@ -299,6 +297,7 @@ class InfluenceTracker(Callback):
             self.log_dir, trainer.global_rank, trainer.world_size, trainer.is_global_zero, start, resume_state, fit_meta,
             self.overwrite)  # log/resume.py
         self._continued = continued
+        self._update_watch.install(optimizer, logged_param_groups(self.log_dir) if continued else None)  # log/resume.py
         if not continued:
             self._demoted = {}
             start_new_log(self.log_dir, self.overwrite, trainer.is_global_zero)
@@ -487,7 +486,7 @@ class InfluenceTracker(Callback):
             self._agree_on_engines(trainer, pl_module, pending)
         record, rows, grad_dir, grad_norms = assemble(trainer, step, optimizer, pending, self._step_model, pl_module,
                                                       self.record_losses, self.record_hvp, self._scaler, self._world_size)
-        self._update_watch.expect(step, record.lrs)
+        self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
             rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
             if self.record_hvp:

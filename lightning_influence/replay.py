@@ -46,6 +46,7 @@ from lightning_influence.step.micro import MicroBatch, Step
 from lightning_influence.step.precision import Precision, scaled, unscale_
 from lightning_influence.step.rng import NONE, RandomState
 from lightning_influence.step.shard import BatchShard, positions, take_rows
+from lightning_influence.step.hyper import set_step_values
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_param_groups, rule_for
 from lightning_influence.step.weights import StepWeights, step_weights
 
@@ -70,6 +71,7 @@ __all__ = [
     "replay",
     "replay_from",
     "replay_step",
+    "set_step_hyper",
 ]
 
 TrainData = Union[Callable[[np.ndarray], Any], Dataset]
@@ -322,13 +324,19 @@ def grid_steps(log: InfluenceLog, grid: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- replay
-def _set_lrs(opt: torch.optim.Optimizer, lrs: np.ndarray, t: int) -> None:
+def set_step_hyper(opt: torch.optim.Optimizer, log: InfluenceLog, t: int) -> None:
+    """Put step ``t``'s learning rates and, in a log with a hyperparameter schedule, its other scheduled
+    hyperparameters (:meth:`InfluenceLog.hyper`: momentum, betas, ...) into ``opt``, as training had them."""
+    lrs = log.lr(t)
     if len(lrs) < len(opt.param_groups):
         raise ValueError(f"step {t}: the log holds {len(lrs)} learning rates for {len(opt.param_groups)} param groups")
     for g, lr in zip(opt.param_groups, lrs):
         if not math.isfinite(float(lr)):
             raise ValueError(f"step {t}: the logged learning rate is {lr}")
         g["lr"] = float(lr)
+    values = log.hyper(t)
+    if values is not None:
+        set_step_values(opt, values)
 
 
 def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: BatchShard | None = None) -> Step:
@@ -470,7 +478,7 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
         ids, lrs = log.batch_ids(t), log.lr(t)
         if t >= t1:
             yield ReplayStep(t, _snapshot(params, buffers), ids, lrs, opt)
-        _set_lrs(opt, lrs, t)
+        set_step_hyper(opt, log, t)
         w = None
         if weights is not None:
             w = torch.as_tensor(weights(t, ids))

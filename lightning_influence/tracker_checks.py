@@ -2,8 +2,8 @@
 
 A run the estimators could not reproduce is refused before it trains (or at its first step,
 with nothing of it stored): manual optimization or an unsupported strategy, several or
-unsupported optimizers or a scheduler cycling the momentum (and, at the step it happens, an update whose
-hyperparameters are not the logged ones), a missing ``per_sample_loss``, sampling with replacement, train-mode
+unsupported optimizers (and, at the step it happens, an update whose hyperparameters are not the recorded ones,
+or a change of one the update rules take as fixed), a missing ``per_sample_loss``, sampling with replacement, train-mode
 BatchNorm, a dataset whose ``ds[i]`` changes between calls (without ``store_inputs``), a
 sample twice in one step, per-sample losses of the wrong shape, a precision plugin other than
 Lightning's ``MixedPrecision``. Each message says what to do instead.
@@ -21,11 +21,12 @@ from torch import nn
 
 from lightning_influence.data import ids_source, samples_with_replacement
 from lightning_influence.step import rng
+from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
 from lightning_influence.step.precision import Precision
 
 __all__ = ["UpdateWatch", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses",
-           "check_optimizers", "check_schedulers", "check_training_set", "generators_kept", "trainer_precision"]
+           "check_optimizers", "check_training_set", "generators_kept", "trainer_precision"]
 
 
 def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) -> None:
@@ -60,50 +61,39 @@ def check_optimizers(optimizers: Sequence[torch.optim.Optimizer]) -> torch.optim
     return optimizers[0]
 
 
-def check_schedulers(configs: Sequence[Any]) -> None:
-    """A scheduler that changes more than the learning rates is refused: the log records each step's learning rates
-    only, so replay and the estimators would run another optimizer than training did (``OneCycleLR`` and ``CyclicLR``
-    cycle the momentum, Adam's ``β₁``, by default)."""
-    cycling = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
-    for config in configs:
-        sched = getattr(config, "scheduler", config)
-        if isinstance(sched, cycling) and getattr(sched, "cycle_momentum", False):
-            raise UnsupportedOptimizerError(
-                f"InfluenceTracker does not support {type(sched).__name__}(cycle_momentum=True): it changes the "
-                "optimizer's momentum (Adam: beta1) at every step, and the log records only the learning rates, so "
-                f"no estimator could reproduce the run; pass {type(sched).__name__}(..., cycle_momentum=False)")
-
-
 class UpdateWatch:
-    """What each update used (an optimizer step post-hook) against what the log holds for it: the learning rates
-    recorded at the tracker's ``on_before_optimizer_step`` (the LightningModule's own ``on_before_optimizer_step`` runs
-    after the callbacks', so a rate set there was recorded one change late) and the other hyperparameters of the update
-    rule (momentum, betas, weight decay, ...), which the log records once, at the fit's start (a schedule of them was
-    not recorded at all). Either made the logged run irreproducible (replay stopped at the next checkpoint, blaming data
-    or round-off); refused at the step it happens."""
+    """What each step's update will use and did use (an optimizer step post-hook).
+
+    At the tracker's ``on_before_optimizer_step`` (:meth:`expect`) the step's record takes the learning rates and,
+    where a schedule changed them from the log's param groups, the update rule's other hyperparameters (momentum,
+    betas, weight decay, ...: :class:`~lightning_influence.step.hyper.ScheduleRecorder`, which refuses a change the
+    rules cannot reproduce). The post-hook compares what the update used with what was recorded: a value set after
+    the tracker's hook (in the LightningModule's own ``on_before_optimizer_step``, which Lightning calls after the
+    callbacks') was recorded one change late and made the logged run irreproducible (replay stopped at the next
+    checkpoint, blaming data or round-off); refused at the step it happens."""
 
     def __init__(self) -> None:
         self._handle: Any = None
-        self._rule: Any = None
-        self._hyper: list[dict[str, Any]] = []
-        self._step, self._lrs = -1, None
+        self._schedule: ScheduleRecorder | None = None
+        self._step, self._lrs, self._values = -1, None, None
 
-    def install(self, optimizer: torch.optim.Optimizer) -> None:
-        self._rule = check_optimizer(optimizer)
-        self._hyper = self._hyperparameters(optimizer)
+    def install(self, optimizer: torch.optim.Optimizer, logged_groups: Sequence[Any] | None = None) -> None:
+        """Watch ``optimizer``; ``logged_groups``: the log's param groups (a resumed fit's log), by default the
+        optimizer's own as they are now (a new log's ``meta.h5``)."""
+        self._schedule = ScheduleRecorder(check_optimizer(optimizer), optimizer.param_groups if logged_groups is None
+                                          else logged_groups)
         self._handle = optimizer.register_step_post_hook(self._used)
 
-    def expect(self, step: int, lrs: list[float]) -> None:
-        self._step, self._lrs = step, lrs
+    def expect(self, step: int, record: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Step ``step`` will update with ``record.lrs`` and the optimizer's other hyperparameters as they are now:
+        those that differ from the log's go into ``record.hyper``."""
+        self._values, record.hyper = self._schedule.values(step, optimizer.param_groups)
+        self._step, self._lrs = step, record.lrs
 
     def remove(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-
-    def _hyperparameters(self, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-        cls = type(optimizer)
-        return [{k: f(g, cls) for k, f in self._rule.hyper.items()} for g in optimizer.param_groups]
 
     def _used(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         expected, self._lrs = self._lrs, None
@@ -113,17 +103,21 @@ class UpdateWatch:
         if used != expected:
             raise RuntimeError(
                 f"InfluenceTracker: step {self._step} updated the parameters with learning rates {used}, but {expected} "
-                "were recorded at its on_before_optimizer_step: a rate set after that hook (in the LightningModule's "
-                "on_before_optimizer_step, which Lightning calls after the callbacks') cannot be recorded. Set it in "
-                "training_step, in optimizer_step before optimizer.step(), or with an LR scheduler")
-        hyper = self._hyperparameters(optimizer)
-        if hyper != self._hyper:
-            changed = sorted({k for old, new in zip(self._hyper, hyper) for k in old if old[k] != new[k]})
-            raise UnsupportedOptimizerError(
-                f"InfluenceTracker: at step {self._step} the optimizer's {', '.join(changed)} differ from the fit's start "
-                f"({[{k: g[k] for k in changed} for g in self._hyper]} -> {[{k: g[k] for k in changed} for g in hyper]}): "
-                "the log records each step's learning rates but the other hyperparameters once, so a schedule of "
-                "them cannot be reproduced; keep them fixed (schedule the learning rate only)")
+                f"were recorded at its on_before_optimizer_step: {_LATE}")
+        values = self._schedule.read(optimizer.param_groups)
+        if values != self._values:
+            keys = self._schedule.keys
+            changed = sorted({k for old, new in zip(self._values, values) for k, a, b in zip(keys, old, new) if a != b})
+            raise RuntimeError(
+                f"InfluenceTracker: step {self._step} updated the parameters with {', '.join(changed)} "
+                f"{[[g[keys.index(k)] for k in changed] for g in values]} per param group, but "
+                f"{[[g[keys.index(k)] for k in changed] for g in self._values]} were recorded at its "
+                f"on_before_optimizer_step: {_LATE}")
+
+
+_LATE = ("a value set after that hook (in the LightningModule's on_before_optimizer_step, which Lightning calls after "
+         "the callbacks') cannot be recorded. Set it in training_step, in optimizer_step before optimizer.step(), or "
+         "with a scheduler")
 
 
 def check_training_set(loader: Any, has_ids_fn: bool) -> tuple[bool, int | None]:

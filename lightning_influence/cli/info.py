@@ -11,6 +11,7 @@ import numpy as np
 
 from lightning_influence.cli.common import emit, json_text, open_log, output_format, progress_bar
 from lightning_influence.cli.methods import METHODS, unmet_needs
+from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.recipe import RecipeError, stored_data
 from lightning_influence.step.weights import step_summary
 
@@ -75,6 +76,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "recipe": meta.get("recipe"),
         "optimizer": meta.get("optimizer", {}).get("class"),
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups],
+        "scheduled": _schedule(log),
         "steps": len(log.steps), "first_step": int(log.steps[0]) if T else None,
         "epochs": [int(epochs[0]), int(epochs[-1])] if T else [],
         "steps_per_epoch": {int(e): int(c) for e, c in zip(epochs, counts)},
@@ -106,7 +108,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                     f"lightning {v.get('lightning')}"),
         ("model", str(summary["module_class"]) + (f", data {summary['datamodule_class']}" if summary["datamodule_class"] else "")),
         ("rebuild", _recipe_text(meta.get("recipe"))),
-        ("optimizer", f"{summary['optimizer']} ({len(groups)} param group{'s' * (len(groups) != 1)}: {hyper})"),
+        ("optimizer", f"{summary['optimizer']} ({len(groups)} param group{'s' * (len(groups) != 1)}: {hyper})"
+                      + "".join(f"; per step {k} {', '.join(f'{a:g}..{b:g}' for a, b in zip(r['min'], r['max']))}"
+                                for k, r in summary["scheduled"].items())),
         ("steps", f"{len(log.steps)} ({int(log.steps[0]) if T else 0}..{T - 1}), epochs {int(epochs[0])}..{int(epochs[-1])} "
                   f"({per_epoch} steps per epoch), " + _batch_size(summary["batch_size"]) if T else "0 (no step recorded)"),
         ("samples", f"{summary['dataset_size']} training ids, {summary['ids_seen']} seen in the log"),
@@ -222,3 +226,13 @@ def _size(n: float) -> str:
     return str(n)
 
 
+def _schedule(log: InfluenceLog) -> dict[str, dict[str, list[float]]]:
+    """The hyperparameters a schedule changed during the run (``InfluenceLog.hyper``) with their range per param group
+    (``betas``: per group, β₁ then β₂), only those whose value moved."""
+    out = {}
+    for key in log.scheduled:
+        values = np.stack([log.hyper(int(t))[key] for t in log.steps])
+        lo, hi = values.min(axis=0).ravel(), values.max(axis=0).ravel()
+        if (lo != hi).any():
+            out[key] = {"min": lo.tolist(), "max": hi.tolist()}
+    return out

@@ -175,7 +175,7 @@ def _published(ctx: _Context, query: Query | None, t1: int, t2: int, steps: Any,
             for ids, G, Hz, gz in chunks:
                 V = {n: gz[:, sl].reshape(len(ids), *ctx.shapes[n]) for n, sl in full.slices.items()}
                 HBgv = batch_hvp(ctx, params, batch_t, V, w_t)
-                _check_fd(ctx, _curvature(ctx, V, HBgv), log.lr(t))
+                _check_fd(ctx, _curvature(ctx, t, V, HBgv), log.lr(t))
                 HBg = ctx.project(HBgv)
                 n_hvp += len(ids)
                 np.add.at(scores[:, 0], ids, np.ravel(weight) * ((G * a_col) * (HBg + Hz)).sum(1))
@@ -214,7 +214,7 @@ def _step(ctx: _Context, query: Query, t1: int, t2: int, progress: Callable[[int
     for r, params in ctx.params_at(range(t0, t2)):
         active = [tau for tau in ends if r < tau]
         V = {n: torch.cat([qs[tau][n] for tau in active]) for n in ctx.names}
-        kap = _curvature(ctx, V, batch_hvp(ctx, params, ctx.step_batch(r), V, ctx.step_weights(r)),
+        kap = _curvature(ctx, r, V, batch_hvp(ctx, params, ctx.step_batch(r), V, ctx.step_weights(r)),
                          ctx.clip_factor(r))  # (len(active)·Q, G)
         _check_fd(ctx, kap, log.lr(r))
         dec = 1.0 - kap @ log.lr(r)[: ctx.n_groups]

@@ -81,6 +81,11 @@ class _Context:
         self.momentum = any(float(g.get("momentum", 0.0) or 0.0) != 0.0 for g in pgroups)
         self.exact_sgd = self.opt_class == "SGD" and not self.momentum
 
+    def weight_decay_at(self, t: int) -> np.ndarray:
+        """``λ`` per param group at step ``t``: the value a schedule set where the log recorded one (``log.hyper``)."""
+        values = self.log.hyper(t)
+        return self.weight_decay if values is None or "weight_decay" not in values else values["weight_decay"]
+
     @property
     def eps0(self) -> float | None:
         """``ε_0`` of the finite-difference products (``None`` with exact ones)."""
@@ -266,15 +271,16 @@ def _check_fd(ctx: _Context, kap: np.ndarray, lrs: np.ndarray) -> None:
     ctx.fd_blowups += int(np.count_nonzero(~(edge <= FD_EDGE)))
 
 
-def _curvature(ctx: _Context, V: Vectors, HV: Vectors, clip: float = 1.0) -> np.ndarray:
-    """``⟨v, (c H + λ) v⟩_g / ‖v‖²`` per vector and param group ``g``: ``(C, G)`` (lr not applied; ``c`` the
-    step's clip coefficient: clipping scales the gradient, not the weight decay)."""
+def _curvature(ctx: _Context, step: int, V: Vectors, HV: Vectors, clip: float = 1.0) -> np.ndarray:
+    """``⟨v, (c H + λ_t) v⟩_g / ‖v‖²`` per vector and param group ``g`` at ``step``: ``(C, G)`` (lr not applied; ``c``
+    the step's clip coefficient: clipping scales the gradient, not the weight decay)."""
+    decay = ctx.weight_decay_at(step)
     C = next(iter(V.values())).shape[0]
     vv = sum((V[n].double() ** 2).reshape(C, -1).sum(1) for n in ctx.names)
     vv = torch.where(vv > 0, vv, torch.ones_like(vv))
     out = torch.zeros(C, ctx.n_groups, dtype=torch.float64, device=vv.device)
     for n in ctx.names:
         g = ctx.group_of_name[n]
-        curv = clip * HV[n].double() + ctx.weight_decay[g] * V[n].double()
+        curv = clip * HV[n].double() + float(decay[g]) * V[n].double()
         out[:, g] += (V[n].double() * curv).reshape(C, -1).sum(1)
     return (out / vv[:, None]).cpu().numpy()

@@ -65,7 +65,7 @@ def _curvatures(ctx: _Context, a: int, b: int, through: int | None, progress: Ca
         batch = ctx.step_batch(s)
         gz = ctx.per_sample_grads(params, batch, projector=full)
         V = {n: gz[:, sl].reshape(len(batch.ids), *ctx.shapes[n]) for n, sl in full.slices.items()}
-        kap = _curvature(ctx, V, batch_hvp(ctx, params, batch, V, ctx.step_weights(s)), ctx.clip_factor(s))
+        kap = _curvature(ctx, s, V, batch_hvp(ctx, params, batch, V, ctx.step_weights(s)), ctx.clip_factor(s))
         _check_fd(ctx, kap, ctx.log.lr(s))
         n_hvp += len(batch.ids)
         out.append((s, batch.ids, kap))

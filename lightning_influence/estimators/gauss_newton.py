@@ -191,7 +191,7 @@ def _step_back(log: InfluenceLog, step: OptimizerStep, rec: Any, U: torch.Tensor
     w = torch.from_numpy(rec.weights)  # w_{i,t} (step.weights)
     bits = torch.from_numpy(rec.bits) if shares is not None else torch.zeros(0, dtype=torch.float64)
     state = {"step": torch.full((K,), float(t > 0), dtype=torch.float64), **{k: zeros for k in step.state_keys}}
-    th_bar, S, R = step.vjp(zeros, state, zeros, np.asarray(rec.lrs) * every, U, S)
+    th_bar, S, R = step.vjp(zeros, state, zeros, np.asarray(rec.lrs) * every, U, S, values=log.hyper(t))
     if logged_clip_spec(log, t) is not None:
         applied = w @ G  # Σ_i w_i g_i: this process's part of the step's unclipped gradient
         if shares is not None:

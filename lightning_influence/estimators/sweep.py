@@ -286,11 +286,12 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             else:  # G_t = Σ_j w_j g_j from the rows the removal needs anyway (no second gradient pass)
                 g = rows.sum(0) if shard is None else shard.all_reduce(rows.sum(0))
             terms = None
+            values = ctx.log.hyper(rec.step)  # momentum, betas, ... of the step where a schedule changed them
             if rows is not None:
                 peak_rows = max(peak_rows, rows.numel() * rows.element_size())
-                terms = ctx.step.removal_terms(theta, rec.state, g, rec.lrs, rows, U, S, transform)
+                terms = ctx.step.removal_terms(theta, rec.state, g, rec.lrs, rows, U, S, transform, values=values)
                 del rows
-            th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S, transform=transform)
+            th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S, transform=transform, values=values)
             # J R is used by the linear removal only, but comes with H R: one batched backward (the leaf u: no
             # measurable cost) or the same differences, whose kink guard compares whole columns, J R's included
             HR, JR = (_products_exact(ctx, rec.params, batch, R, w, shard) if fd is None

@@ -42,7 +42,6 @@ from lightning_influence.replay import (
     Progress,
     TrainData,
     _optimizer_spec,
-    _set_lrs,
     build_optimizer,
     checkpoint_params,
     grid_steps,
@@ -51,6 +50,7 @@ from lightning_influence.replay import (
     replay,
     require_train_data,
     resolve_progress,
+    set_step_hyper,
 )
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             W = torch.as_tensor(log.weights(t), dtype=dtype).expand(C, B).clone()  # w_{i,t} (step.weights)
             for c, u in enumerate(chunk_units, start=1):
                 W[c, np.isin(ids, u)] *= removal_weight
-            _set_lrs(opt, log.lr(t), t)
+            set_step_hyper(opt, log, t)
             opt.zero_grad(set_to_none=True)
 
             def per_copy(p: dict[str, Tensor], w: Tensor) -> Tensor:  # every copy with the training dropout masks

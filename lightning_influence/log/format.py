@@ -42,7 +42,11 @@ import numpy as np
 
 FORMAT_NAME = "lightning-influence-log"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # a version-1 log reads as one micro-batch per step, no random state, full precision
+# a segment holding a hyperparameter schedule (HYPER_PREFIX columns): a version-2 reader would replay it with the
+# param groups of meta.h5, so it refuses the file; every other file of such a log stays version 2
+SCHEDULE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # a version-1 log reads as one micro-batch per step, no random state, full precision
+HYPER_PREFIX = "hyper_"  # steps/hyper_<param-group key>: a step's update-rule hyperparameter per group (docs/log-format.md)
 
 META_FILE = "meta.h5"
 RANK_DIR = "rank-{rank}"

@@ -23,6 +23,7 @@ import numpy as np
 
 from lightning_influence.log.format import (
     CHECKPOINT_GROUP,
+    HYPER_PREFIX,
     ROW_CRC_COLUMNS,
     ROW_DATASETS,
     STEP_COLUMNS,
@@ -157,7 +158,8 @@ class InfluenceLog:
             check_header(path, attrs)
             steps = f["steps"]
             stored = set(steps)
-            seg.table = {c: read_member(path, steps, c) if c in stored else None for c in (*STEP_COLUMNS, "lr")}
+            scheduled = sorted(c for c in stored if c.startswith(HYPER_PREFIX))  # a hyperparameter schedule (version 3)
+            seg.table = {c: read_member(path, steps, c) if c in stored else None for c in (*STEP_COLUMNS, "lr", *scheduled)}
             n = len(seg.table["step"])
             for c, default in V1_DEFAULTS.items():
                 if seg.table[c] is None and int(attrs["format_version"]) == 1:
@@ -203,6 +205,7 @@ class InfluenceLog:
         else:
             self.epochs_of_step = np.zeros(0, np.int64)
             self._lr = np.zeros((0, 1))
+        self._hyper = self._schedule(rank0)
         limit = self.num_steps
         self._checkpoint_index: dict[int, int] = {}
         for seg, s in enumerate(self._segs):
@@ -266,6 +269,43 @@ class InfluenceLog:
     def lrs(self) -> np.ndarray:
         """``(T, n_groups)`` learning rates."""
         return self._lr
+
+    def hyper(self, step: int) -> dict[str, np.ndarray] | None:
+        """The update rule's hyperparameters at ``step`` that a schedule changed during the run (``OneCycleLR``'s
+        momentum, Adam's ``betas``, a weight decay set in ``training_step``): ``{param-group key: per-group values}``
+        (``(n_groups,)``, ``betas`` ``(n_groups, 2)``), the recorded ones where the step recorded them, ``meta.h5``'s
+        param groups' otherwise. ``None`` for a log whose steps all used ``meta.h5``'s (no schedule, every log before
+        format version 3): replay, DIT and ground truth then take the param groups as they are."""
+        if self._hyper is None:
+            return None
+        row = self._step_row(step)
+        return {k: v[row] for k, v in self._hyper.items()}
+
+    @property
+    def scheduled(self) -> list[str]:
+        """The param-group keys besides ``lr`` whose values changed during the run (:meth:`hyper`; mostly none)."""
+        return sorted(self._hyper or {})
+
+    def _schedule(self, segs: list[_Segment]) -> dict[str, np.ndarray] | None:
+        """``{key: (T, n_groups[, 2])}`` of the recorded hyperparameters (rank 0's ``steps/hyper_*``), ``meta.h5``'s
+        values where a step recorded none; ``None`` without any."""
+        keys = sorted({c[len(HYPER_PREFIX):] for s in segs for c in s.table if c.startswith(HYPER_PREFIX)})
+        if not keys:
+            return None
+        groups = self.meta["optimizer"]["param_groups"]
+        out = {}
+        for key in keys:
+            logged = np.asarray([g.get(key, np.nan) for g in groups], dtype=np.float64)
+            parts = [s.table.get(HYPER_PREFIX + key) for s in segs]
+            parts = [np.broadcast_to(logged, (len(s.table["step"]), *logged.shape)) if a is None else a
+                     for s, a in zip(segs, parts)]
+            values = np.concatenate(parts)[: len(self.steps)]
+            values = np.where(np.isnan(values), logged, values)
+            if not np.isfinite(values).all():
+                raise LogFormatError(self.path, f"optimizer hyperparameter {key!r} is recorded at some steps but "
+                                                "meta.h5's param groups have no finite value for it")
+            out[key] = values
+        return out
 
     def param_groups(self) -> list[list[str]]:
         """Parameter names of each optimizer param group."""

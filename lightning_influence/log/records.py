@@ -44,6 +44,9 @@ class StepRecord:
     accumulate: int = -1  # Lightning's divisor of each micro-batch loss
     clip_value: float = float("nan")  # step.clipping
     clip_coef: float = float("nan")
+    # the update rule's scheduled hyperparameters (UpdateRule.scheduled) per param group, where they differ from
+    # meta.h5's param groups: {key: [value of group 0, ...]} (betas: pairs); None: the logged groups' (step/hyper.py)
+    hyper: dict[str, list[Any]] | None = None
 
     def validate(self) -> None:
         """Refuse a record that would store something wrong: bad shapes or non-finite values.
@@ -80,6 +83,9 @@ class StepRecord:
         for lr in self.lrs:
             if not math.isfinite(lr):
                 raise FloatingPointError(f"step {self.step}: non-finite learning rate {self.lrs}; nothing of this step was stored")
+        if self.hyper and not np.isfinite(np.concatenate([np.ravel(v) for v in self.hyper.values()]).astype(float)).all():
+            raise FloatingPointError(f"step {self.step}: non-finite optimizer hyperparameters {self.hyper}; nothing of this "
+                                     "step was stored")
 
 
 def _finite(rows: Any) -> bool:

@@ -171,6 +171,12 @@ def logged_demotions(log_dir: str, start: int) -> dict[str, int]:
     return {n: int(s) for n, s in demoted.items() if int(s) < start}
 
 
+def logged_param_groups(log_dir: str) -> list[dict[str, Any]]:
+    """The optimizer param groups of the log a fit continues (``meta.h5``): a resumed fit records each step's
+    scheduled hyperparameters against these (``step/hyper.py``), not against its own at the resume."""
+    return list(read_meta(log_dir)["optimizer"]["param_groups"])
+
+
 def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start: int, state: Mapping[str, Any],
                  fit_meta: Mapping[str, Any], overwrite: bool) -> tuple[bool, int | None, dict[str, Any] | None]:
     """A fit resumed at step ``start``: ``(True, first_step, resume_meta)`` if it continues the log in ``log_dir``

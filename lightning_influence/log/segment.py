@@ -34,11 +34,13 @@ from lightning_influence.log.format import (
     DIGEST_ATTR,
     FORMAT_NAME,
     FORMAT_VERSION,
+    HYPER_PREFIX,
     LIBVER,
     MICRO_COLUMNS,
     ROW_CRC_COLUMNS,
     ROW_DATASETS,
     SCALAR_ATTR,
+    SCHEDULE_VERSION,
     STEP_COLUMNS,
     TMP_SUFFIX,
     attrs_digest,
@@ -263,8 +265,9 @@ def fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: 
             raise ValueError(f"{what} must be recorded at every step of a segment or none")
     if len(rows["hvp"]) not in (0, len(rows["grad"])):
         raise ValueError("HVP products must accompany every recorded gradient row")
+    hyper = _hyper_columns(steps)
     set_text(f.attrs, "format", FORMAT_NAME)
-    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["format_version"] = SCHEDULE_VERSION if hyper else FORMAT_VERSION
     f.attrs["rank"] = rank
     f.attrs["first_step"] = steps[0].step if steps else -1
     f.attrs["last_step"] = steps[-1].step if steps else -1
@@ -282,6 +285,8 @@ def fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: 
     for i, rec in enumerate(steps):
         lr[i, : len(rec.lrs)] = rec.lrs
     _dataset(g, "lr", lr)
+    for key, values in hyper.items():
+        _dataset(g, HYPER_PREFIX + key, values)
     f.create_group("samples")
     f.create_group("grads")
     _dataset(f, ROW_DATASETS["id"], _cat(rows["id"], np.int64, (0,)), whole_crc=False)
@@ -310,6 +315,22 @@ def fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: 
         for name, value in ck.buffers.items():
             _dataset(bg, name, value)
     seal(f)
+
+
+def _hyper_columns(steps: list[StepRecord]) -> dict[str, np.ndarray]:
+    """``{key: (n_steps, n_groups[, 2]) float64}`` of the steps' recorded hyperparameters (``StepRecord.hyper``), NaN
+    rows for the steps that used meta.h5's param groups; empty when no step recorded any (the common case)."""
+    recorded = [(i, rec.hyper) for i, rec in enumerate(steps) if rec.hyper]
+    if not recorded:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    for i, values in recorded:
+        for key, per_group in values.items():
+            row = np.asarray(per_group, dtype=np.float64)
+            if key not in out:
+                out[key] = np.full((len(steps), *row.shape), np.nan)
+            out[key][i] = row
+    return out
 
 
 class _MicroRows:

@@ -4,7 +4,9 @@ An update rule is ``update(θ, state, g, hyper) -> (θ', state')`` over **flat**
 ``g`` and every state entry are ``(p,)`` vectors (all trainable parameters concatenated),
 and every hyperparameter is a ``(p,)`` vector too (param groups expanded per coordinate, so
 one call covers every group). ``state["step"]`` counts the steps taken (it is not
-differentiated). The rules equal ``torch.optim`` in float64 to rounding
+differentiated). A step's hyperparameters are the param groups' with its learning rates and,
+where a schedule changed them, its recorded momentum, betas, ... (:meth:`OptimizerStep.hyper`,
+``step/hyper.py``). The rules equal ``torch.optim`` in float64 to rounding
 (``tests/test_step_optimizers.py``); replay keeps running ``torch.optim`` forward, and the
 DIT adjoint takes the VJP of these twins (:meth:`OptimizerStep.vjp`).
 
@@ -41,6 +43,7 @@ __all__ = [
     "check_param_groups",
     "coordinate_groups",
     "rule_for",
+    "step_groups",
     "supported_names",
 ]
 
@@ -156,6 +159,11 @@ class UpdateRule:
         linear: the update is affine in ``(θ, state, g)`` (its VJP needs no ``g`` or state values).
         preconditioner_keys: state that only feeds the preconditioner (held constant, so
             without an adjoint, when the preconditioner is frozen).
+        scheduled: the param-group keys besides ``lr`` a schedule may change from step to step (``OneCycleLR``
+            cycles ``momentum`` or Adam's ``betas``): recorded per step where they differ from the log's
+            (``step/hyper.py``), taken per step by :meth:`OptimizerStep.hyper`.
+        fixed: the param-group keys that shape the rule or its state (``nesterov``, ``amsgrad``, ...): a change
+            during a fit is refused.
     """
 
     name: str
@@ -166,6 +174,8 @@ class UpdateRule:
     adaptive: bool
     linear: bool
     preconditioner_keys: tuple[str, ...] = ()
+    scheduled: tuple[str, ...] = ()
+    fixed: tuple[str, ...] = ()
 
 
 def _sgd_state(groups: Sequence[Mapping[str, Any]]) -> list[tuple[str, Callable[[Mapping[str, Any]], float]]]:
@@ -194,6 +204,8 @@ _ADAM_HYPER = {
     "decoupled": lambda g, c: c is torch.optim.AdamW or bool(g.get("decoupled_weight_decay", False)),
 }
 
+_ADAM_KEYS = {"scheduled": ("betas", "eps", "weight_decay"), "fixed": ("amsgrad", "decoupled_weight_decay", "maximize")}
+
 RULES: dict[str, UpdateRule] = {
     r.name: r
     for r in (
@@ -201,21 +213,24 @@ RULES: dict[str, UpdateRule] = {
                    {"weight_decay": lambda g, c: _wd(g), "momentum": lambda g, c: float(g.get("momentum", 0) or 0),
                     "dampening": lambda g, c: float(g.get("dampening", 0) or 0),
                     "nesterov": lambda g, c: bool(g.get("nesterov", False))},
-                   _sgd_state, adaptive=False, linear=True),
+                   _sgd_state, adaptive=False, linear=True, scheduled=("momentum", "dampening", "weight_decay"),
+                   fixed=("nesterov", "maximize")),
         UpdateRule("Adam", torch.optim.Adam, adam_update, _ADAM_HYPER, _adam_state, adaptive=True, linear=False,
-                   preconditioner_keys=("exp_avg_sq", "max_exp_avg_sq")),
+                   preconditioner_keys=("exp_avg_sq", "max_exp_avg_sq"), **_ADAM_KEYS),
         UpdateRule("AdamW", torch.optim.AdamW, adam_update, _ADAM_HYPER, _adam_state, adaptive=True, linear=False,
-                   preconditioner_keys=("exp_avg_sq", "max_exp_avg_sq")),
+                   preconditioner_keys=("exp_avg_sq", "max_exp_avg_sq"), **_ADAM_KEYS),
         UpdateRule("RMSprop", torch.optim.RMSprop, rmsprop_update,
                    {"weight_decay": lambda g, c: _wd(g), "alpha": lambda g, c: float(g["alpha"]),
                     "eps": lambda g, c: float(g["eps"]), "momentum": lambda g, c: float(g.get("momentum", 0) or 0),
                     "centered": lambda g, c: bool(g.get("centered", False))},
-                   _rmsprop_state, adaptive=True, linear=False, preconditioner_keys=("square_avg", "grad_avg")),
+                   _rmsprop_state, adaptive=True, linear=False, preconditioner_keys=("square_avg", "grad_avg"),
+                   scheduled=("alpha", "eps", "momentum", "weight_decay"), fixed=("centered", "maximize")),
         UpdateRule("Adagrad", torch.optim.Adagrad, adagrad_update,
                    {"weight_decay": lambda g, c: _wd(g), "lr_decay": lambda g, c: float(g.get("lr_decay", 0) or 0),
                     "eps": lambda g, c: float(g["eps"])},
                    lambda groups: [("sum", lambda g: float(g.get("initial_accumulator_value", 0) or 0))],
-                   adaptive=True, linear=False, preconditioner_keys=("sum",)),
+                   adaptive=True, linear=False, preconditioner_keys=("sum",),
+                   scheduled=("lr_decay", "eps", "weight_decay"), fixed=("maximize",)),
     )
 }
 
@@ -266,6 +281,12 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> UpdateRule:
     return rule
 
 
+def step_groups(groups: Sequence[Mapping[str, Any]], values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The param groups of one step: ``groups`` with the step's recorded hyperparameters ``values``
+    (``{param-group key: per-group values}``, e.g. ``{"momentum": [0.9, 0.85], "betas": [[0.9, 0.999], ...]}``)."""
+    return [{**g, **{k: v[i] for k, v in values.items()}} for i, g in enumerate(groups)]
+
+
 # ------------------------------------------------------------------------ flat layout, state
 def coordinate_groups(groups: Sequence[Mapping[str, Any]], names: Sequence[str], sizes: Sequence[int]) -> np.ndarray:
     """``(p,)`` param-group index of every coordinate, for parameters ``names`` of ``sizes``
@@ -299,23 +320,31 @@ class OptimizerStep:
         self.idx = torch.as_tensor(np.asarray(group_index, dtype=np.int64), device=device)
         self.p = int(self.idx.numel())
         self.frozen = bool(frozen_preconditioner) and rule.adaptive
-        self._hyper: Hyper = {"frozen_preconditioner": self.frozen}
-        for key, fn in rule.hyper.items():
-            vals = [fn(g, rule.cls) for g in self.groups]
-            kind = torch.bool if isinstance(vals[0], bool) else dtype
-            self._hyper[key] = torch.tensor(vals, dtype=kind, device=device)[self.idx]
+        self._hyper: Hyper = {"frozen_preconditioner": self.frozen, **self._expanded(self.groups)}
         self.state_keys = [k for k, _ in rule.state(self.groups)]
         # the state carrying an adjoint: all of it, or without the preconditioner's when frozen
         self.adjoint_keys = [k for k in self.state_keys if not (self.frozen and k in rule.preconditioner_keys)]
         self._init = {k: torch.tensor([float(f(g)) for g in self.groups], dtype=dtype, device=device)[self.idx]
                       for k, f in rule.state(self.groups)}
 
-    def hyper(self, lrs: Sequence[float] | np.ndarray) -> Hyper:
-        """The hyperparameters of a step with per-group learning rates ``lrs``."""
+    def _expanded(self, groups: Sequence[Mapping[str, Any]]) -> Hyper:
+        """The rule's hyperparameters of ``groups``, expanded per coordinate."""
+        out: Hyper = {}
+        for key, fn in self.rule.hyper.items():
+            vals = [fn(g, self.rule.cls) for g in groups]
+            kind = torch.bool if isinstance(vals[0], bool) else self.dtype
+            out[key] = torch.tensor(vals, dtype=kind, device=self.device)[self.idx]
+        return out
+
+    def hyper(self, lrs: Sequence[float] | np.ndarray, values: Mapping[str, Any] | None = None) -> Hyper:
+        """The hyperparameters of a step with per-group learning rates ``lrs`` and, where a schedule changed them,
+        the step's other hyperparameters ``values`` (``{param-group key: per-group values}``,
+        :meth:`InfluenceLog.hyper <lightning_influence.log.reader.InfluenceLog.hyper>`; ``None``: the groups')."""
         lr = torch.as_tensor(np.asarray(lrs, dtype=np.float64)[: len(self.groups)], dtype=self.dtype, device=self.device)
         if lr.numel() < len(self.groups):
             raise ValueError(f"{lr.numel()} learning rates for {len(self.groups)} param groups")
-        return {**self._hyper, "lr": lr[self.idx]}
+        fixed = self._hyper if values is None else {**self._hyper, **self._expanded(step_groups(self.groups, values))}
+        return {**fixed, "lr": lr[self.idx]}
 
     def init_state(self) -> State:
         """The state before the first step (``torch.optim``'s initial values)."""
@@ -350,12 +379,13 @@ class OptimizerStep:
         return out
 
     def update(self, theta: Tensor, state: State, g: Tensor, lrs: Sequence[float] | np.ndarray,
-               transform: Transform | None = None) -> tuple[Tensor, State]:
-        """``(θ', state') = u(θ, state, c(g))`` for one step with learning rates ``lrs``."""
-        return self.rule.update(theta, state, g if transform is None else transform(g), self.hyper(lrs))
+               transform: Transform | None = None, values: Mapping[str, Any] | None = None) -> tuple[Tensor, State]:
+        """``(θ', state') = u(θ, state, c(g))`` for one step with learning rates ``lrs`` (and ``values``, :meth:`hyper`)."""
+        return self.rule.update(theta, state, g if transform is None else transform(g), self.hyper(lrs, values))
 
     def vjp(self, theta: Tensor, state: State, g: Tensor, lrs: Sequence[float] | np.ndarray, cot_theta: Tensor,
-            cot_state: Mapping[str, Tensor], transform: Transform | None = None) -> tuple[Tensor, State, Tensor]:
+            cot_state: Mapping[str, Tensor], transform: Transform | None = None,
+            values: Mapping[str, Any] | None = None) -> tuple[Tensor, State, Tensor]:
         """Adjoint of one step for ``C`` cotangent columns at once.
 
         Args:
@@ -365,12 +395,13 @@ class OptimizerStep:
                 (keys :attr:`adjoint_keys`; a missing key is zero).
             transform: the gradient transform applied in training (clipping), differentiated
                 with the update.
+            values: the step's scheduled hyperparameters (:meth:`hyper`; ``None``: the groups').
 
         Returns:
             ``(θ̄, s̄, ḡ)``, each ``(p, C)``: cotangents of ``θ_t`` (through the update only: the
             caller adds ``H_t ḡ``), of the state before the step, and of the gradient ``g``.
         """
-        f, keys = self._differentiated(state, lrs, transform)
+        f, keys = self._differentiated(state, lrs, transform, values)
         _, pullback = torch.func.vjp(f, theta, {k: state[k] for k in keys}, g)
         cots = (cot_theta, {k: cot_state[k] if k in cot_state else torch.zeros_like(cot_theta) for k in keys})
         th_bar, st_bar, g_bar = torch.func.vmap(pullback, in_dims=1, out_dims=1)(cots)
@@ -383,10 +414,11 @@ class OptimizerStep:
         return (torch.cat([cot_theta, q], dim=1),
                 {k: torch.cat([v, torch.zeros_like(q)], dim=1) for k, v in cot_state.items()})
 
-    def _differentiated(self, state: State, lrs: Sequence[float] | np.ndarray, transform: Transform | None
+    def _differentiated(self, state: State, lrs: Sequence[float] | np.ndarray, transform: Transform | None,
+                        values: Mapping[str, Any] | None = None
                         ) -> tuple[Callable[[Tensor, State, Tensor], tuple[Tensor, State]], list[str]]:
         """``f(θ, s, g) = (θ', s')`` of one step over the differentiated state keys (the others held fixed)."""
-        h = self.hyper(lrs)
+        h = self.hyper(lrs, values)
         keys = self.adjoint_keys
         held = {k: v for k, v in state.items() if k not in keys}  # the step count, a frozen preconditioner's state
 
@@ -400,7 +432,7 @@ class OptimizerStep:
 
     def removal_terms(self, theta: Tensor, state: State, g: Tensor, lrs: Sequence[float] | np.ndarray, removed: Tensor,
                       cot_theta: Tensor, cot_state: Mapping[str, Tensor], transform: Transform | None = None,
-                      chunk_size: int | None = None) -> Tensor:
+                      chunk_size: int | None = None, values: Mapping[str, Any] | None = None) -> Tensor:
         """``⟨λ, u(θ, s, c(g − r_j)) − u(θ, s, c(g))⟩`` for each row ``r_j`` of ``removed`` ``(B, p)`` and each adjoint
         column ``λ = (cot_theta, cot_state)``: ``(C, B)``.
 
@@ -408,12 +440,13 @@ class OptimizerStep:
         the later steps (docs/optimizer-adjoint.md §2). Equal to ``−⟨ḡ, r_j⟩`` of :meth:`vjp` for an affine
         update; for Adam early in training (``v̂ ≈ g²``, an update close to ``sign(g)``) it keeps what the first
         derivative misses. Evaluated in float64 (the differences cancel ``θ``), ``chunk_size`` rows at a time
-        (default: about 2**24 numbers per evaluated vector).
+        (default: about 2**24 numbers per evaluated vector); ``values``: the step's scheduled hyperparameters
+        (:meth:`hyper`).
         """
         if removed.shape[0] == 0:
             return cot_theta.new_zeros(cot_theta.shape[1], 0)
         f, keys = self._differentiated({k: v.double() if v.is_floating_point() else v for k, v in state.items()},
-                                       lrs, transform)
+                                       lrs, transform, values)
         th, g64 = theta.double(), g.double()
         st = {k: state[k].double() for k in keys}
         base_th, base_st = f(th, st, g64)

@@ -33,6 +33,7 @@ from lightning_influence.replay import (
     load_optimizer_state,
     optimizer_class,
     resolve_progress,
+    set_step_hyper,
 )
 from lightning_influence.step.precision import Precision
 
@@ -167,7 +168,7 @@ class _WarmRunner:
                 batch = batch_from_ids(prob.train_data, ids)
                 inputs = prob.inputs_fn(batch)
                 weights = torch.as_tensor(log.weights(t), dtype=prob.dtype)  # w_{i,t}: the step's loss is Σ w ℓ
-                self.batches.append((ids, log.lr(t), weights, batch, inputs, prob.outputs(prob.theta, inputs).detach()))
+                self.batches.append((t, ids, weights, batch, inputs, prob.outputs(prob.theta, inputs).detach()))
         try:
             self.decoupled = optimizer_class(log) is torch.optim.AdamW
         except Exception:  # noqa: BLE001 - build_optimizer raises the real error below
@@ -188,14 +189,13 @@ class _WarmRunner:
         opt = build_optimizer(prob.log, stacked)
         if self.state is not None:
             load_optimizer_state(opt, self.opt_names, self.state)
-        if not self.decoupled:
-            for g in opt.param_groups:
-                g["weight_decay"] = 0.0
         rem = np.array([-1 if r is None else int(r) for r in removed])
         kappa = prob.kappa if not self.decoupled else torch.zeros_like(prob.kappa)
-        for ids, lrs, weights, batch, inputs, h_ref in self.batches:
-            for g, lr in zip(opt.param_groups, lrs):
-                g["lr"] = float(lr)
+        for t, ids, weights, batch, inputs, h_ref in self.batches:
+            set_step_hyper(opt, prob.log, t)  # the step's learning rates (and momentum, betas under a schedule)
+            if not self.decoupled:  # the coupled weight decay is κ in the objective
+                for g in opt.param_groups:
+                    g["weight_decay"] = 0.0
             opt.zero_grad(set_to_none=True)
             gone = torch.as_tensor(ids[None, :] == rem[:, None], dtype=prob.dtype)  # (C, B)
 
