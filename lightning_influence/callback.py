@@ -417,7 +417,8 @@ class InfluenceTracker(Callback):
             self._checked_dataset = True
             if not self.store_inputs:
                 check_dataset(getattr(trainer.train_dataloader, "dataset", None))
-        if not self._pending.micro and self._checkpoints_at(trainer.global_step):  # before the forward updates them
+        step = trainer.global_step
+        if not self._pending.micro and self._checkpoints_at(step):  # θ_t's buffers: before the forward updates them
             self._pending.buffers = {n: b.detach().clone() for n, b in persistent_buffers(pl_module).items()}
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
                                                      inputs=_serialise(batch) if self.store_inputs else None,
@@ -427,7 +428,7 @@ class InfluenceTracker(Callback):
             self._observer.clear()
             self._observer.capturing = True
         if self._capture is not None:
-            if self._records_grads(trainer.global_step):
+            if self._records_grads(step):
                 self._capture.enable()
             else:
                 self._capture.disable()
@@ -505,10 +506,9 @@ class InfluenceTracker(Callback):
         # stored once Lightning's clipping of this step has been checked (step.recorder), else right away
         self._step_model.after_clipping(lambda: self._add_step(record, checkpoint, copy))
 
-    def _checkpoints_at(self, step: int) -> bool:
-        """Rank 0 stores ``θ_step`` (the same on every rank): at the log's first step and every ``checkpoint_every_n_steps``."""
-        return self._global_zero and (step == self._first_step or bool(self.checkpoint_every_n_steps
-                                                                          and step % self.checkpoint_every_n_steps == 0))
+    def _checkpoints_at(self, step: int) -> bool:  # rank 0 stores θ_t (the same on every rank)
+        every = self.checkpoint_every_n_steps
+        return self._global_zero and (step == self._first_step or bool(every and step % every == 0))
 
     def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy) -> None:
         """Queue the step for the writer and hand on finished ones.
