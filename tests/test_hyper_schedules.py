@@ -172,6 +172,19 @@ def test_a_resume_truncating_a_segment_keeps_the_schedule_of_the_steps_it_keeps(
     assert [float(log.hyper(t)["betas"][0, 0]) for t in range(3)] == [0.9, 0.89, 0.88]
 
 
+def test_a_recorded_key_without_a_value_in_meta_is_named_as_a_format_error():
+    """A NaN row means meta.h5's value: a meta.h5 without one is a damaged log, not a NaN momentum."""
+    from lightning_influence.log.format import LogFormatError
+    from lightning_influence.log.schedule import logged_schedule
+
+    meta = {"optimizer": {"param_groups": [{"momentum": 0.9}]}}
+    tables = [{"step": np.arange(2), "hyper_momentum": np.array([[np.nan], [0.5]])}, {"step": np.arange(2, 3)}]
+    assert logged_schedule(Path("log"), meta, tables, 3)["momentum"].tolist() == [[0.9], [0.5], [0.9]]
+    with pytest.raises(LogFormatError, match=r"log: optimizer hyperparameter 'momentum' is recorded at some steps but "
+                                             r"meta\.h5's param groups have no finite value"):
+        logged_schedule(Path("log"), {"optimizer": {"param_groups": [{}]}}, tables, 3)
+
+
 def test_a_log_without_a_schedule_is_unchanged_and_old_logs_read_as_before(tmp_path):
     """No schedule (StepLR changes the learning rate only): no new column, format version 2, ``hyper`` None; the
     version-1 and version-2 fixtures read without a schedule too."""
