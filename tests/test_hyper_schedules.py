@@ -343,3 +343,50 @@ def test_dit_equals_the_linear_response_of_replay_under_a_cycled_momentum(tmp_pa
     constant = dit(log, query, module=_cycled("onecycle", opt, 9), train_data=WithIds(ds), loss_fn=loss_fn,
                    removal="linear", tolerance=0.0).column(0)
     assert rel(constant) > 1e-4, rel(constant)
+
+
+def test_gauss_newton_dit_takes_each_steps_momentum(tmp_path):
+    """The log-only Gauss-Newton sweep (SGD) against its recursion written out with each step's recorded momentum
+    (OneCycleLR's cycle): ``δv = dg`` (first step) or ``μ_t δv + (1 − τ) dg``, ``δθ −= η_t δv``."""
+    from lightning_influence.estimators import checkpoint_query_gradients, dit_gauss_newton
+
+    ds = make_data(16)
+    fit(_cycled(), loader(ds, batch_size=4), InfluenceTracker(str(tmp_path / "log"), record_gradients=True,
+                                                             storage_dtype="float64", checkpoint_every_n_steps=4), epochs=2)
+    log = InfluenceLog(tmp_path / "log")
+    val = make_data(6, seed=1)
+    query = mean_loss((val.tensors[0], val.tensors[1]), lambda m, b: m.per_sample_loss(b))
+    s = dit_gauss_newton(log, query, module=_cycled(), window=(0, log.num_steps))
+    qg, _ = checkpoint_query_gradients(log, _cycled(), query, [log.num_steps])
+    p, N = qg[log.num_steps].shape[1], log.dataset_size
+    delta, dv = np.zeros((p, N)), np.zeros((p, N))
+    momenta = []
+    for rec in log.iter_steps(0, log.num_steps, fields=("grad",)):
+        h = log.hyper(rec.step)
+        mu, lam, damp = float(h["momentum"][0]), float(h["weight_decay"][0]), float(h["dampening"][0])
+        momenta.append(mu)
+        G, B = rec.grads, len(rec.ids)
+        E = np.zeros((p, N))
+        E[:, rec.ids] = G.T / B
+        dg = (G.T @ G / B + lam * np.eye(p)) @ delta - E
+        dv = dg if rec.step == 0 else mu * dv + (1 - damp) * dg
+        delta = delta - rec.lrs[0] * dv
+    assert len(set(momenta)) >= 3
+    want = (qg[log.num_steps] @ delta)[0]
+    assert np.linalg.norm(s.column(0) - want) / np.linalg.norm(want) < 1e-10
+
+
+def test_diffin_takes_each_steps_weight_decay(tmp_path):
+    """Diff-In's curvature ``⟨v, (cH + λ_t) v⟩/‖v‖²`` (docs/diffin.md) takes the step's recorded weight decay: with
+    ``H v = 0`` it is ``λ_t`` itself, 0 before the schedule set 0.01 at step 3."""
+    from lightning_influence.estimators.diffin_context import _Context, _curvature
+
+    ds = make_data(24)
+    torch.manual_seed(0)
+    fit(Ramped().double(), loader(ds), InfluenceTracker(str(tmp_path / "log"), record_gradients=True))
+    log = InfluenceLog(tmp_path / "log")
+    ctx = _Context(log, Ramped().double(), WithIds(ds), lambda m, b: m.per_sample_loss(b), "exact", None, True, 8)
+    V = {n: torch.ones(1, *ctx.shapes[n], dtype=torch.float64) for n in ctx.names}
+    zero = {n: torch.zeros_like(v) for n, v in V.items()}
+    assert [float(_curvature(ctx, t, V, zero)[0, 0]) for t in (0, 2, 3, 5)] == pytest.approx([0, 0, 0.01, 0.01], rel=1e-12)
+
