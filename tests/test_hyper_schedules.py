@@ -390,3 +390,42 @@ def test_diffin_takes_each_steps_weight_decay(tmp_path):
     zero = {n: torch.zeros_like(v) for n, v in V.items()}
     assert [float(_curvature(ctx, t, V, zero)[0, 0]) for t in (0, 2, 3, 5)] == pytest.approx([0, 0, 0.01, 0.01], rel=1e-12)
 
+
+def test_the_pbrf_gaps_warm_stage_runs_each_steps_momentum(tmp_path):
+    """The gap decomposition's warm stage reruns the logged steps from θ_T (tests/test_pbrf.py): with a momentum
+    schedule, each step's recorded momentum, as a hand-written momentum SGD from θ_T and its buffer shows."""
+    from test_pbrf import KAPPA, PHI, Y, Lin, fq, lin_data, lin_query, theta_of
+
+    from lightning_influence.evaluation.pbrf import gap_decomposition
+    from tests._tinylog import epoch_batches, train_and_log
+
+    torch.manual_seed(1)
+    model = Lin().double()
+    batches, epochs = epoch_batches(12, 4, 2, seed=0)
+    momenta = [0.9 - 0.05 * (t % 5) for t in range(len(batches))]
+    train_and_log(str(tmp_path), model, lambda m, b: m.per_sample_loss(b), lin_data, batches, [0.2] * len(batches),
+                  torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=KAPPA), checkpoint_every=None,
+                  record_gradients=False, dataset_size=12, epochs=epochs,
+                  schedule=[None if mu == 0.9 else {"momentum": [mu]} for mu in momenta])
+    log = InfluenceLog(tmp_path)
+    T = log.num_steps
+    state = log.optimizer_state(T)
+    buf0 = torch.cat([torch.as_tensor(state["lin.weight"]["momentum_buffer"]).reshape(-1),
+                      torch.as_tensor(state["lin.bias"]["momentum_buffer"]).reshape(-1)])
+
+    def run(drop: int | None) -> torch.Tensor:
+        th, buf = theta_of(log, T).clone(), buf0.clone()
+        for t in range(T):
+            ids = log.batch_ids(t)
+            w = torch.as_tensor(ids != (-1 if drop is None else drop), dtype=torch.float64)
+            g = (w * (PHI[ids] @ th - Y[ids, 0])) @ PHI[ids] / len(ids) + KAPPA * th
+            buf = momenta[t] * buf + g
+            th = th - 0.2 * buf
+        return th
+
+    gd = gap_decomposition(log, Lin().double(), lin_data, lin_query, [1, 7], damping=0.3, output_loss="squared_error",
+                           loo=np.zeros((2, 2)))
+    base = fq(run(None))
+    expected = np.stack([fq(run(m)) - base for m in (1, 7)])
+    assert np.abs(gd.stages["warm"] - expected).max() <= 1e-13 * np.abs(expected).max()
+
