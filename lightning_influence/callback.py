@@ -265,7 +265,7 @@ class InfluenceTracker(Callback):
         check_fit(trainer, pl_module, self._needs_loss, self.loss_fn is not None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        optimizer = check_optimizers(trainer.optimizers)
+        optimizer, rule = check_optimizers(trainer.optimizers)
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []
         shapes = {n: tuple(dict(pl_module.named_parameters())[n].shape) for n in self._names}
@@ -297,7 +297,7 @@ class InfluenceTracker(Callback):
             self.log_dir, trainer.global_rank, trainer.world_size, trainer.is_global_zero, start, resume_state, fit_meta,
             self.overwrite)  # log/resume.py
         self._continued = continued
-        self._update_watch.install(optimizer, logged_param_groups(self.log_dir) if continued else None)  # log/resume.py
+        self._update_watch.install(optimizer, rule, logged_param_groups(self.log_dir) if continued else None)  # log/resume.py
         if not continued:
             self._demoted = {}
             start_new_log(self.log_dir, self.overwrite, trainer.is_global_zero)

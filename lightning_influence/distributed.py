@@ -250,10 +250,12 @@ def gather(fabric: Any, obj: Any, what: str) -> list[Any]:
 
 
 def _peer_error(fabric: Any, what: str, err: BaseException) -> DistributedQueryError:
-    return DistributedQueryError(
+    out = DistributedQueryError(
         f"rank {fabric.global_rank}: the {what} failed because another process of the query ended "
         f"(killed, out of memory, or an error there) or did not answer within the timeout: "
         f"{type(err).__name__}: {str(err).strip()[:300]}")
+    out.peer = True  # another process's failure, echoed here (the CLI's first process says where to look)
+    return out
 
 
 def _to_file(fabric: Any, out: str, fn: Callable[..., Any], *args: Any) -> None:

@@ -346,6 +346,8 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
     records = log.micro_batches(t)
     randoms = [RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda) for m in records]
     train = bool(log.meta.get("train_batchnorm"))
+    world = int(log.meta.get("world_size") or 1)  # DDP: rank 0's micro-batches come first (MicroBatch.updates_buffers)
+    first_rank = len(records) // world if world > 1 and len(records) % world == 0 else len(records)
     sizes = [len(m.ids) for m in records]
     rows = None if shard is None else shard.rows(t, sizes, [r.drew for r in randoms])
     micro = []
@@ -362,7 +364,7 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
                              "needs train_data (the training samples by id)")
         else:
             batch = batch_from_ids(train_data, ids)
-        micro.append(MicroBatch(ids, batch, random, train))
+        micro.append(MicroBatch(ids, batch, random, train, k < first_rank))
     return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t),
                 None if rows is None else positions(sizes, rows))
 
@@ -393,7 +395,8 @@ def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, 
         summed: list[Tensor | None] | None = None
         for k, (m, rows) in enumerate(zip(step.micro, slices)):
             with m.context(step.precision, module):
-                losses = functional_loss(module, loss_fn, params, m.batch, buffers)
+                own = buffers if m.updates_buffers else cloned(buffers)  # DDP: rank 0's forwards carry them
+                losses = functional_loss(module, loss_fn, params, m.batch, own)
             loss = sw.micro_loss(losses, rows, None if multipliers is None else multipliers[rows])
             scaled(loss, step.grad_scale).backward()
             if W > 1 and (k + 1) % per_rank == 0:  # DDP sums each process's accumulated gradient, in rank order
@@ -428,7 +431,7 @@ def _shard_gradients(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Te
         rows = step.rows[off:off + len(m.ids)]
         off += len(m.ids)
         with m.context(step.precision, module):
-            losses = functional_loss(module, loss_fn, params, m.batch, buffers)
+            losses = functional_loss(module, loss_fn, params, m.batch, buffers if m.updates_buffers else cloned(buffers))
         mult = torch.ones(len(rows)) if multipliers is None else multipliers[torch.as_tensor(rows)]
         scaled(sw.micro_loss(losses, rows, mult), step.grad_scale).backward()
     leaves = list(params.values())

@@ -22,7 +22,7 @@ from torch import nn
 from lightning_influence.data import ids_source, samples_with_replacement
 from lightning_influence.step import rng
 from lightning_influence.step.hyper import ScheduleRecorder
-from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_optimizer
+from lightning_influence.step.optimizers import UnsupportedOptimizerError, UpdateRule, check_optimizer
 from lightning_influence.step.precision import Precision
 
 __all__ = ["UpdateWatch", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses",
@@ -50,15 +50,15 @@ def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) ->
             "InfluenceTracker(loss_fn=...)")
 
 
-def check_optimizers(optimizers: Sequence[torch.optim.Optimizer]) -> torch.optim.Optimizer:
-    """The run's one optimizer, whose update rule the estimators reproduce (``step/optimizers.py``)."""
+def check_optimizers(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[torch.optim.Optimizer, UpdateRule]:
+    """The run's one optimizer and its update rule, which the estimators reproduce (``step/optimizers.py``)."""
     if len(optimizers) != 1:
         raise RuntimeError(f"InfluenceTracker supports exactly one optimizer, the module configures {len(optimizers)}")
     try:  # before the first step: a run the estimators cannot reproduce is never trained
-        check_optimizer(optimizers[0])
+        rule = check_optimizer(optimizers[0])
     except UnsupportedOptimizerError as err:
         raise UnsupportedOptimizerError(f"InfluenceTracker does not support this run's optimizer: {err}") from None
-    return optimizers[0]
+    return optimizers[0], rule
 
 
 class UpdateWatch:
@@ -77,11 +77,10 @@ class UpdateWatch:
         self._schedule: ScheduleRecorder | None = None
         self._step, self._lrs, self._values = -1, None, None
 
-    def install(self, optimizer: torch.optim.Optimizer, logged_groups: Sequence[Any] | None = None) -> None:
-        """Watch ``optimizer``; ``logged_groups``: the log's param groups (a resumed fit's log), by default the
-        optimizer's own as they are now (a new log's ``meta.h5``)."""
-        self._schedule = ScheduleRecorder(check_optimizer(optimizer), optimizer.param_groups if logged_groups is None
-                                          else logged_groups)
+    def install(self, optimizer: torch.optim.Optimizer, rule: UpdateRule, logged_groups: Sequence[Any] | None = None) -> None:
+        """Watch ``optimizer`` (its update ``rule``: :func:`check_optimizers`); ``logged_groups``: the log's param groups
+        (a resumed fit's log), by default the optimizer's own as they are now (a new log's ``meta.h5``)."""
+        self._schedule = ScheduleRecorder(rule, optimizer.param_groups if logged_groups is None else logged_groups)
         self._handle = optimizer.register_step_post_hook(self._used)
 
     def expect(self, step: int, record: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -71,6 +71,12 @@ def test_checkpoints_hold_the_running_statistics_and_eval_queries_match_training
         assert set(stored) == {"net.1.running_mean", "net.1.running_var", "net.1.num_batches_tracked"}
         assert int(stored["net.1.num_batches_tracked"]) == t
     assert not torch.equal(query(module), query(_at(snaps.states[6])))  # the module's own statistics differ
+    from lightning_influence.evaluation.pbrf.problem import Problem
+    from lightning_influence.queries import default_loss_fn
+
+    problem = Problem(log, module, WithIds(ds), query, output_loss="cross_entropy", damping=0.0, weight_decay=None,
+                      step=None, loss_fn=default_loss_fn, inputs_fn=None, chunk_size=None, epsilon=None)
+    assert torch.equal(problem.f0, query(_at(snaps.states[6])).reshape(1).detach())  # the PBRF's f(θ_T)
     seen = []
     for rs in replay(log, module, WithIds(ds), 0, None, tolerance=0.0):
         for n, b in rs.params.buffers.items():

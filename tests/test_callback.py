@@ -274,3 +274,15 @@ def test_train_mode_batchnorm_is_recorded_and_replayed_in_train_mode(log_dir, le
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         checkpoint_params(plain, tiny(), 0)
+
+
+def test_the_optimizer_is_checked_once_at_the_fit_start(log_dir, monkeypatch):
+    """check_optimizer (the update rule of the run's optimizer, its param groups) ran twice at every fit start:
+    check_optimizers and UpdateWatch.install each called it; the rule is now handed on."""
+    import lightning_influence.tracker_checks as checks
+
+    calls = []
+    real = checks.check_optimizer
+    monkeypatch.setattr(checks, "check_optimizer", lambda opt: calls.append(opt) or real(opt))
+    fit(tiny(), loader(make_data(12)), InfluenceTracker(log_dir), epochs=1)
+    assert len(calls) == 1

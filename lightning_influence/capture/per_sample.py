@@ -91,8 +91,11 @@ def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mappin
     are cloned. ``params=None`` calls ``fn`` on the model as it is. Tensors in ``args`` are moved
     to the parameters' device (a dataset gives CPU tensors, the parameters may live on a GPU).
     ``buffers`` (some of the model's, by name) are used instead of the model's, as they are: the forward's in-place
-    updates (a train-mode BatchNorm's running statistics) land in them (``step.buffers``).
+    updates (a train-mode BatchNorm's running statistics) land in them; without, copies of those ``params`` carries
+    (a checkpoint's, ``step.buffers.ParamsWithBuffers``), else of the model's.
     """
+    if buffers is None and getattr(params, "buffers", None) is not None:
+        buffers = {n: b.clone() for n, b in params.buffers.items()}
     if params is None and buffers is None:
         return fn(model, *args)
     params = {} if params is None else params

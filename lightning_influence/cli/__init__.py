@@ -31,7 +31,8 @@ with the keyword arguments it accepts among ``module``, ``train_data``, ``val_da
 arguments, ``grid=`` instead of ``window=``) returns an object whose ``at(step)`` gives the
 cumulative scores ``(N, Q)`` at each grid step.
 
-Errors the user can fix print one line and exit with code 2 (``--debug`` shows the traceback).
+Errors the user can fix print one line and exit with code 2 (``--debug`` shows the traceback); under several processes
+(``--devices``, torchrun) the first prints it and every one exits with 2.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import traceback
 from typing import Sequence
 
 from lightning_influence.cli import evaluate, info, query, tensorboard, timeline
-from lightning_influence.cli.common import PROG, Parser, UserError, drift_tolerance, join_negative_windows
+from lightning_influence.cli.common import PROG, Parser, UserError, drift_tolerance, first_process, join_negative_windows
 from lightning_influence.cli.methods import METHODS, methods_epilog
 from lightning_influence.cli.queries import parse_query
 from lightning_influence.replay_drift import ReplayMismatchError
@@ -140,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as err:  # one line unless --debug
         user = isinstance(err, (UserError, ValueError, OSError, ReplayMismatchError))  # a replay mismatch: the user's data
+        if user and not debug and not first_process():
+            return 2  # every process runs the same command: its error is the first's, or the echo of another's failure
         if debug:
             traceback.print_exc()
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -147,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"internal error ({type(err).__name__}: {message}); rerun with --debug and report it"
         elif not debug:
             message += " (--debug for details)" if not isinstance(err, UserError) else ""
+            if any(getattr(e, "peer", False) for e in (err, err.__context__)):
+                message += "; --debug prints every process's own error"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 2 if user else 1
 

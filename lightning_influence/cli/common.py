@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from lightning_influence.progress import ProgressBar
+from lightning_influence.progress import ProgressBar, process_rank
 
 if TYPE_CHECKING:
     from lightning_influence.cli.context import RunContext
@@ -32,10 +32,18 @@ def progress_bar(args: argparse.Namespace, label: str) -> ProgressBar:
     return ProgressBar(label, enabled=not getattr(args, "quiet", False), force=getattr(args, "progress", False))
 
 
+def first_process() -> bool:
+    """Whether this is the first process of a ``--devices`` (or torchrun) command, or the only one: rank 0 of its
+    process group, or before any group exists, of the launcher's ``RANK``/``LOCAL_RANK``/``NODE_RANK``."""
+    rank, world = process_rank()
+    if world > 1:
+        return rank == 0
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def status(args: argparse.Namespace, message: str) -> None:
-    """A status line on stderr: off with ``--quiet`` and in every process but the first of a ``--devices`` query
-    (the launcher sets ``RANK``/``LOCAL_RANK``/``NODE_RANK`` before any process group exists)."""
-    if getattr(args, "quiet", False) or any(os.environ.get(k, "0") != "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+    """A status line on stderr: off with ``--quiet`` and in every process but the first of a ``--devices`` query."""
+    if getattr(args, "quiet", False) or not first_process():
         return
     print(message, file=sys.stderr, flush=True)
 

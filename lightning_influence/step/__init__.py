@@ -6,7 +6,8 @@ unsupported optimizers, and the VJP the DIT adjoint uses; ``hyper``: the hyperpa
 from step to step (recorded, set again by replay, taken by the rules). Siblings: ``weights`` (per-sample
 loss weights), ``clipping`` (gradient clipping, forward and as a pure function: it enters the
 adjoint as ``OptimizerStep.vjp(transform=...)``), ``rng`` (random state), ``precision``
-(autocast, GradScaler), ``micro`` (a step's micro-batches), ``recorder`` and ``pending`` (what
+(autocast, GradScaler), ``micro`` (a step's micro-batches), ``buffers`` (the module's buffers at a step: running
+statistics), ``recorder`` and ``pending`` (what
 the tracker records: weights and clipping, the step's record and rows). Pure torch: no Lightning imports.
 """
 

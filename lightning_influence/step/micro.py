@@ -29,6 +29,7 @@ from torch.func import functional_call
 from lightning_influence.capture.per_sample import _LossModule, _override_dict, call_with_params
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.step import rng
+from lightning_influence.step.buffers import cloned
 from lightning_influence.step.precision import FULL, Precision
 
 __all__ = ["MicroBatch", "Step", "exact_kernels", "per_sample_grads_masked", "training_mode"]
@@ -44,6 +45,9 @@ class MicroBatch:
     batch: Any
     random: rng.RandomState = field(default_factory=lambda: rng.NONE)
     train: bool = False  # its forward ran a train-mode BatchNorm (log meta ``train_batchnorm``): train mode, as trained
+    # its forward's buffer updates (running statistics) are the run's: under DDP rank 0's only, whose buffers DDP
+    # broadcasts before every forward and whose the log stores (the others' forwards run on copies, step.buffers)
+    updates_buffers: bool = True
 
     @property
     def drew(self) -> bool:
@@ -119,7 +123,8 @@ class Step:
         with exact_kernels() if exact else contextlib.nullcontext():
             for m in self.micro:
                 with m.context(self.precision, module):
-                    out.append(call_with_params(module, loss_fn, params, m.batch, buffers=buffers))
+                    out.append(call_with_params(module, loss_fn, params, m.batch,
+                                                buffers=buffers if m.updates_buffers else cloned(buffers)))
         return torch.cat(out) if len(out) > 1 else out[0]
 
 

@@ -18,6 +18,7 @@ from lightning_influence.capture import call_with_params
 from lightning_influence.capture.hvp import flatten, unflatten
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, evaluate_query, query_names
+from lightning_influence.step.buffers import ParamsWithBuffers, buffers_of
 from lightning_influence.replay import (TrainData, _optimizer_spec, batch_from_ids, functional_loss, optimizer_class,
                                         parameters_at, samples_by_id_needed)
 
@@ -105,6 +106,7 @@ class Problem:
         self._chol: Tensor | None = None
         self.step = log.num_steps if step is None else int(step)
         params = parameters_at(log, module, train_data, self.step)
+        self.buffers = buffers_of(params)  # the module's at that step (running statistics): with every evaluation
         self.names = list(params)
         self.shapes = {n: tuple(t.shape) for n, t in params.items()}
         self.theta = flatten({n: t.detach() for n, t in params.items()}, self.names)
@@ -163,8 +165,8 @@ class Problem:
         return vec, f"coupled L2 weight decay of the logged {cls.__name__} param groups"
 
     # --- evaluation at a flat parameter vector
-    def as_dict(self, x: Tensor) -> dict[str, Tensor]:
-        return unflatten(x, self.shapes)
+    def as_dict(self, x: Tensor) -> ParamsWithBuffers:
+        return ParamsWithBuffers(unflatten(x, self.shapes), self.buffers)
 
     def outputs(self, x: Tensor, inputs: Tensor) -> Tensor:
         return call_with_params(self.module, lambda m, a: m(a), self.as_dict(x), inputs)
