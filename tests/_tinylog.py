@@ -16,6 +16,7 @@ from torch import nn
 from lightning_influence.capture import KroneckerProjector, per_sample_grads_vmap
 from lightning_influence.log.writer import CheckpointRecord, LogWriter, StepRecord, write_meta
 from lightning_influence.replay import batch_from_ids
+from lightning_influence.step.hyper import set_step_values
 
 
 def _checkpoint(module: nn.Module, opt: torch.optim.Optimizer, step: int) -> CheckpointRecord:
@@ -38,8 +39,9 @@ def train_and_log(log_dir: str, module: nn.Module, loss_fn: Callable[[nn.Module,
                   batches: Sequence[Sequence[int]], lrs: Sequence[Any], opt: torch.optim.Optimizer, *,
                   checkpoint_every: int | None = 1, record_gradients: bool = True, projection_dim: int | None = None,
                   dataset_size: int | None = None, epochs: Sequence[int] | None = None, meta_extra: dict | None = None,
-                  first_step: int = 0) -> None:
-    """Train ``module`` on ``batches`` (ids per step) with ``opt``, lr per step (scalar or per group).
+                  first_step: int = 0, schedule: Sequence[dict | None] | None = None) -> None:
+    """Train ``module`` on ``batches`` (ids per step) with ``opt``, lr per step (scalar or per group); ``schedule``: per
+    step, the other hyperparameters a schedule sets (``{key: per-group values}``, recorded as the tracker does) or None.
 
     ``first_step > 0`` logs steps ``first_step ..`` only (with ``θ_first_step`` and its optimizer state): the log a
     fit resumed at that step writes into a fresh directory."""
@@ -74,6 +76,9 @@ def train_and_log(log_dir: str, module: nn.Module, loss_fn: Callable[[nn.Module,
         lr_t = [float(lr_t)] * len(opt.param_groups) if np.ndim(lr_t) == 0 else [float(v) for v in lr_t]
         for g, lr in zip(opt.param_groups, lr_t):
             g["lr"] = lr
+        values = schedule[t] if schedule is not None else None
+        if values is not None:
+            set_step_values(opt, values)
         logged = t >= first_step
         if logged and (t == first_step or (checkpoint_every and t % checkpoint_every == 0)):
             writer.add_checkpoint(_checkpoint(module, opt, t))
@@ -87,7 +92,8 @@ def train_and_log(log_dir: str, module: nn.Module, loss_fn: Callable[[nn.Module,
         opt.step()
         if logged:
             writer.add_step(StepRecord(step=t, epoch=int(epochs[t]) if epochs is not None else 0, batch_idx=t,
-                                       micro_batches=1, lrs=lr_t, ids=ids, losses=losses.detach().double().numpy(), grads=grads))
+                                       micro_batches=1, lrs=lr_t, ids=ids, losses=losses.detach().double().numpy(), grads=grads,
+                                       hyper=values))
     writer.add_checkpoint(_checkpoint(module, opt, len(batches)))
     writer.close()
 

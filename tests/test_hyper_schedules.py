@@ -172,6 +172,19 @@ def test_a_resume_truncating_a_segment_keeps_the_schedule_of_the_steps_it_keeps(
     assert [float(log.hyper(t)["betas"][0, 0]) for t in range(3)] == [0.9, 0.89, 0.88]
 
 
+def test_a_recorded_key_without_a_value_in_meta_is_named_as_a_format_error():
+    """A NaN row means meta.h5's value: a meta.h5 without one is a damaged log, not a NaN momentum."""
+    from lightning_influence.log.format import LogFormatError
+    from lightning_influence.log.schedule import logged_schedule
+
+    meta = {"optimizer": {"param_groups": [{"momentum": 0.9}]}}
+    tables = [{"step": np.arange(2), "hyper_momentum": np.array([[np.nan], [0.5]])}, {"step": np.arange(2, 3)}]
+    assert logged_schedule(Path("log"), meta, tables, 3)["momentum"].tolist() == [[0.9], [0.5], [0.9]]
+    with pytest.raises(LogFormatError, match=r"log: optimizer hyperparameter 'momentum' is recorded at some steps but "
+                                             r"meta\.h5's param groups have no finite value"):
+        logged_schedule(Path("log"), {"optimizer": {"param_groups": [{}]}}, tables, 3)
+
+
 def test_a_log_without_a_schedule_is_unchanged_and_old_logs_read_as_before(tmp_path):
     """No schedule (StepLR changes the learning rate only): no new column, format version 2, ``hyper`` None; the
     version-1 and version-2 fixtures read without a schedule too."""
@@ -330,3 +343,89 @@ def test_dit_equals_the_linear_response_of_replay_under_a_cycled_momentum(tmp_pa
     constant = dit(log, query, module=_cycled("onecycle", opt, 9), train_data=WithIds(ds), loss_fn=loss_fn,
                    removal="linear", tolerance=0.0).column(0)
     assert rel(constant) > 1e-4, rel(constant)
+
+
+def test_gauss_newton_dit_takes_each_steps_momentum(tmp_path):
+    """The log-only Gauss-Newton sweep (SGD) against its recursion written out with each step's recorded momentum
+    (OneCycleLR's cycle): ``δv = dg`` (first step) or ``μ_t δv + (1 − τ) dg``, ``δθ −= η_t δv``."""
+    from lightning_influence.estimators import checkpoint_query_gradients, dit_gauss_newton
+
+    ds = make_data(16)
+    fit(_cycled(), loader(ds, batch_size=4), InfluenceTracker(str(tmp_path / "log"), record_gradients=True,
+                                                             storage_dtype="float64", checkpoint_every_n_steps=4), epochs=2)
+    log = InfluenceLog(tmp_path / "log")
+    val = make_data(6, seed=1)
+    query = mean_loss((val.tensors[0], val.tensors[1]), lambda m, b: m.per_sample_loss(b))
+    s = dit_gauss_newton(log, query, module=_cycled(), window=(0, log.num_steps))
+    qg, _ = checkpoint_query_gradients(log, _cycled(), query, [log.num_steps])
+    p, N = qg[log.num_steps].shape[1], log.dataset_size
+    delta, dv = np.zeros((p, N)), np.zeros((p, N))
+    momenta = []
+    for rec in log.iter_steps(0, log.num_steps, fields=("grad",)):
+        h = log.hyper(rec.step)
+        mu, lam, damp = float(h["momentum"][0]), float(h["weight_decay"][0]), float(h["dampening"][0])
+        momenta.append(mu)
+        G, B = rec.grads, len(rec.ids)
+        E = np.zeros((p, N))
+        E[:, rec.ids] = G.T / B
+        dg = (G.T @ G / B + lam * np.eye(p)) @ delta - E
+        dv = dg if rec.step == 0 else mu * dv + (1 - damp) * dg
+        delta = delta - rec.lrs[0] * dv
+    assert len(set(momenta)) >= 3
+    want = (qg[log.num_steps] @ delta)[0]
+    assert np.linalg.norm(s.column(0) - want) / np.linalg.norm(want) < 1e-10
+
+
+def test_diffin_takes_each_steps_weight_decay(tmp_path):
+    """Diff-In's curvature ``⟨v, (cH + λ_t) v⟩/‖v‖²`` (docs/diffin.md) takes the step's recorded weight decay: with
+    ``H v = 0`` it is ``λ_t`` itself, 0 before the schedule set 0.01 at step 3."""
+    from lightning_influence.estimators.diffin_context import _Context, _curvature
+
+    ds = make_data(24)
+    torch.manual_seed(0)
+    fit(Ramped().double(), loader(ds), InfluenceTracker(str(tmp_path / "log"), record_gradients=True))
+    log = InfluenceLog(tmp_path / "log")
+    ctx = _Context(log, Ramped().double(), WithIds(ds), lambda m, b: m.per_sample_loss(b), "exact", None, True, 8)
+    V = {n: torch.ones(1, *ctx.shapes[n], dtype=torch.float64) for n in ctx.names}
+    zero = {n: torch.zeros_like(v) for n, v in V.items()}
+    assert [float(_curvature(ctx, t, V, zero)[0, 0]) for t in (0, 2, 3, 5)] == pytest.approx([0, 0, 0.01, 0.01], rel=1e-12)
+
+
+def test_the_pbrf_gaps_warm_stage_runs_each_steps_momentum(tmp_path):
+    """The gap decomposition's warm stage reruns the logged steps from θ_T (tests/test_pbrf.py): with a momentum
+    schedule, each step's recorded momentum, as a hand-written momentum SGD from θ_T and its buffer shows."""
+    from test_pbrf import KAPPA, PHI, Y, Lin, fq, lin_data, lin_query, theta_of
+
+    from lightning_influence.evaluation.pbrf import gap_decomposition
+    from tests._tinylog import epoch_batches, train_and_log
+
+    torch.manual_seed(1)
+    model = Lin().double()
+    batches, epochs = epoch_batches(12, 4, 2, seed=0)
+    momenta = [0.9 - 0.05 * (t % 5) for t in range(len(batches))]
+    train_and_log(str(tmp_path), model, lambda m, b: m.per_sample_loss(b), lin_data, batches, [0.2] * len(batches),
+                  torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=KAPPA), checkpoint_every=None,
+                  record_gradients=False, dataset_size=12, epochs=epochs,
+                  schedule=[None if mu == 0.9 else {"momentum": [mu]} for mu in momenta])
+    log = InfluenceLog(tmp_path)
+    T = log.num_steps
+    state = log.optimizer_state(T)
+    buf0 = torch.cat([torch.as_tensor(state["lin.weight"]["momentum_buffer"]).reshape(-1),
+                      torch.as_tensor(state["lin.bias"]["momentum_buffer"]).reshape(-1)])
+
+    def run(drop: int | None) -> torch.Tensor:
+        th, buf = theta_of(log, T).clone(), buf0.clone()
+        for t in range(T):
+            ids = log.batch_ids(t)
+            w = torch.as_tensor(ids != (-1 if drop is None else drop), dtype=torch.float64)
+            g = (w * (PHI[ids] @ th - Y[ids, 0])) @ PHI[ids] / len(ids) + KAPPA * th
+            buf = momenta[t] * buf + g
+            th = th - 0.2 * buf
+        return th
+
+    gd = gap_decomposition(log, Lin().double(), lin_data, lin_query, [1, 7], damping=0.3, output_loss="squared_error",
+                           loo=np.zeros((2, 2)))
+    base = fq(run(None))
+    expected = np.stack([fq(run(m)) - base for m in (1, 7)])
+    assert np.abs(gd.stages["warm"] - expected).max() <= 1e-13 * np.abs(expected).max()
+

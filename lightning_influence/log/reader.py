@@ -41,6 +41,7 @@ from lightning_influence.log.format import (
 from lightning_influence.log.integrity import check_rank, check_segment, read_checked, read_member
 from lightning_influence.log.lock import describe_holder, writer_state
 from lightning_influence.log.microbatches import MicroBatchRecord, read_micro_batches
+from lightning_influence.log.schedule import logged_schedule
 from lightning_influence.log.windows import step_window
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ class InfluenceLog:
         else:
             self.epochs_of_step = np.zeros(0, np.int64)
             self._lr = np.zeros((0, 1))
-        self._hyper = self._schedule(rank0)
+        self._hyper = logged_schedule(self.path, self.meta, [s.table for s in rank0], len(self.steps))
         limit = self.num_steps
         self._checkpoint_index: dict[int, int] = {}
         for seg, s in enumerate(self._segs):
@@ -285,27 +286,6 @@ class InfluenceLog:
     def scheduled(self) -> list[str]:
         """The param-group keys besides ``lr`` whose values changed during the run (:meth:`hyper`; mostly none)."""
         return sorted(self._hyper or {})
-
-    def _schedule(self, segs: list[_Segment]) -> dict[str, np.ndarray] | None:
-        """``{key: (T, n_groups[, 2])}`` of the recorded hyperparameters (rank 0's ``steps/hyper_*``), ``meta.h5``'s
-        values where a step recorded none; ``None`` without any."""
-        keys = sorted({c[len(HYPER_PREFIX):] for s in segs for c in s.table if c.startswith(HYPER_PREFIX)})
-        if not keys:
-            return None
-        groups = self.meta["optimizer"]["param_groups"]
-        out = {}
-        for key in keys:
-            logged = np.asarray([g.get(key, np.nan) for g in groups], dtype=np.float64)
-            parts = [s.table.get(HYPER_PREFIX + key) for s in segs]
-            parts = [np.broadcast_to(logged, (len(s.table["step"]), *logged.shape)) if a is None else a
-                     for s, a in zip(segs, parts)]
-            values = np.concatenate(parts)[: len(self.steps)]
-            values = np.where(np.isnan(values), logged, values)
-            if not np.isfinite(values).all():
-                raise LogFormatError(self.path, f"optimizer hyperparameter {key!r} is recorded at some steps but "
-                                                "meta.h5's param groups have no finite value for it")
-            out[key] = values
-        return out
 
     def param_groups(self) -> list[list[str]]:
         """Parameter names of each optimizer param group."""

@@ -2,7 +2,8 @@
 
 :mod:`~lightning_influence.step.optimizers`: each supported optimizer's update rule
 ``(θ, state, g, hyper) -> (θ', state')`` over flat tensors, its registry, the refusal of
-unsupported optimizers, and the VJP the DIT adjoint uses. Siblings: ``weights`` (per-sample
+unsupported optimizers, and the VJP the DIT adjoint uses; ``hyper``: the hyperparameters a schedule changes
+from step to step (recorded, set again by replay, taken by the rules). Siblings: ``weights`` (per-sample
 loss weights), ``clipping`` (gradient clipping, forward and as a pure function: it enters the
 adjoint as ``OptimizerStep.vjp(transform=...)``), ``rng`` (random state), ``precision``
 (autocast, GradScaler), ``micro`` (a step's micro-batches), ``buffers`` (the module's buffers at a step: running

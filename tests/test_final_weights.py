@@ -1,0 +1,86 @@
+"""θ_T with Lightning's weight-averaging callbacks (tracker_final.py).
+
+``StochasticWeightAveraging`` and ``WeightAveraging`` (EMA) copy their average into the module when training ends,
+before the tracker's ``on_train_end`` when listed before it. The log's θ_T must be the last optimizer step's result
+(what a callback that saw every step recorded), so that replay reproduces it bit for bit; before, θ_T was the average
+and every estimator's replay stopped at the last segment, blaming data or round-off.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
+from lightning_influence.log.format import read_meta
+from lightning_influence.replay import replay
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def per_sample_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+    def training_step(self, batch, batch_idx):
+        return self.per_sample_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class LastStep(pl.Callback):
+    """The parameters right after every optimizer step (the trajectory's), the last one kept."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def _data() -> WithIds:
+    g = torch.Generator().manual_seed(0)
+    return WithIds(TensorDataset(torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)))
+
+
+def _fit(log_dir, averaging: pl.Callback | None):
+    pl.seed_everything(0)
+    last = LastStep()
+    callbacks = ([averaging] if averaging is not None else []) + [InfluenceTracker(str(log_dir), checkpoint_every_n_steps=3), last]
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    module = Net()
+    trainer.fit(module, DataLoader(_data(), batch_size=8, shuffle=True))
+    return module, last.params
+
+
+@pytest.mark.parametrize("averaging", ["swa", "ema", None])
+def test_theta_T_is_the_last_steps_and_replays_exactly(tmp_path, averaging):
+    cb = {"swa": lambda: StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2),
+          "ema": lambda: WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9)), None: lambda: None}[averaging]()
+    module, last = _fit(tmp_path / "log", cb)
+    log = InfluenceLog(tmp_path / "log")
+    stored = log.checkpoint(log.num_steps)
+    for name, p in last.items():
+        np.testing.assert_array_equal(stored[name], p.numpy())
+    moved = max(float((p - last[n]).abs().max()) for n, p in module.named_parameters())
+    meta = read_meta(tmp_path / "log")
+    if averaging is None:
+        assert moved == 0 and "final_weights_replaced_by" not in meta
+    else:
+        assert moved > 1e-3  # the module ends with the average, which no step produced
+        assert meta["final_weights_replaced_by"] == [type(cb).__name__]
+    steps = [rs.step for rs in replay(log, Net(), _data(), 0, None, tolerance=0.0)]
+    assert steps[-1] == log.num_steps == 20
