@@ -39,6 +39,9 @@ class Net(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         return self.per_sample_loss(batch).mean()
 
+    def validation_step(self, batch, batch_idx):  # EMA swaps its average in for validation, and back after it
+        self.log("val_loss", self.per_sample_loss(batch).mean())
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
@@ -59,10 +62,11 @@ def _fit(log_dir, averaging: pl.Callback | None):
     pl.seed_everything(0)
     last = LastStep()
     callbacks = ([averaging] if averaging is not None else []) + [InfluenceTracker(str(log_dir), checkpoint_every_n_steps=3), last]
-    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", val_check_interval=3, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     module = Net()
-    trainer.fit(module, DataLoader(_data(), batch_size=8, shuffle=True))
+    val = DataLoader(TensorDataset(torch.randn(8, 6), torch.randint(0, 3, (8,))), batch_size=8)
+    trainer.fit(module, DataLoader(_data(), batch_size=8, shuffle=True), val)
     return module, last.params
 
 
