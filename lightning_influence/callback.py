@@ -56,6 +56,7 @@ from lightning_influence.tensorboard import LiveTensorBoard
 from lightning_influence.tracker_checks import (UpdateWatch, check_batchnorm, check_dataset, check_distinct_ids, check_fit,
                                                 check_losses, check_optimizers, check_training_set,
                                                 generators_kept, trainer_precision)
+from lightning_influence.tracker_final import FinalCheckpoint
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
 
@@ -244,6 +245,7 @@ class InfluenceTracker(Callback):
         # see _add_step
         self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()
         self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
+        self._final = FinalCheckpoint()  # θ_T as the last step left it (a weight-averaging callback replaces it)
         self._update_watch = UpdateWatch()  # the logged learning rates and hyperparameters are the ones the update used
 
     # ------------------------------------------------------------------------------ config
@@ -313,6 +315,7 @@ class InfluenceTracker(Callback):
                                  resume_meta=resume_meta, **self._segment_limits())
         self._run_id = self._writer.run_id
         self._live = LiveTensorBoard.attach(trainer)
+        self._final.start(trainer.callbacks)
         self._next_step = self._fit_start = start
         self._pending = PendingStep()
         self._in_flight.clear()
@@ -361,7 +364,12 @@ class InfluenceTracker(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._land()
         if self._writer is not None and trainer.is_global_zero:
-            self._writer.add_checkpoint(checkpoint_record(pl_module, trainer.optimizers[0], trainer.global_step))
+            self._writer.add_checkpoint(self._final.take(pl_module, trainer.optimizers[0], trainer.global_step))
+            if self._final.replacers:
+                self._settle(self._final.note())
+                rank_zero_info(f"InfluenceTracker: {', '.join(self._final.replacers)} replaces the module's weights with "
+                               "an average when training ends; the log's final parameters are the last optimizer "
+                               "step's, whose trajectory the estimators explain")
         self._teardown(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -417,7 +425,8 @@ class InfluenceTracker(Callback):
             self._checked_dataset = True
             if not self.store_inputs:
                 check_dataset(getattr(trainer.train_dataloader, "dataset", None))
-        if not self._pending.micro and self._checkpoints_at(trainer.global_step):  # before the forward updates them
+        step = trainer.global_step
+        if not self._pending.micro and self._checkpoints_at(step):  # θ_t's buffers: before the forward updates them
             self._pending.buffers = {n: b.detach().clone() for n, b in persistent_buffers(pl_module).items()}
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
                                                      inputs=_serialise(batch) if self.store_inputs else None,
@@ -427,7 +436,7 @@ class InfluenceTracker(Callback):
             self._observer.clear()
             self._observer.capturing = True
         if self._capture is not None:
-            if self._records_grads(trainer.global_step):
+            if self._records_grads(step):
                 self._capture.enable()
             else:
                 self._capture.disable()
@@ -505,10 +514,9 @@ class InfluenceTracker(Callback):
         # stored once Lightning's clipping of this step has been checked (step.recorder), else right away
         self._step_model.after_clipping(lambda: self._add_step(record, checkpoint, copy))
 
-    def _checkpoints_at(self, step: int) -> bool:
-        """Rank 0 stores ``θ_step`` (the same on every rank): at the log's first step and every ``checkpoint_every_n_steps``."""
-        return self._global_zero and (step == self._first_step or bool(self.checkpoint_every_n_steps
-                                                                          and step % self.checkpoint_every_n_steps == 0))
+    def _checkpoints_at(self, step: int) -> bool:  # rank 0 stores θ_t (the same on every rank)
+        every = self.checkpoint_every_n_steps
+        return self._global_zero and (step == self._first_step or bool(every and step % every == 0))
 
     def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy) -> None:
         """Queue the step for the writer and hand on finished ones.
@@ -542,6 +550,8 @@ class InfluenceTracker(Callback):
         self._step_model.commit()  # a step whose clipping hook did not run (none does in automatic optimization)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._writer is not None and trainer.is_global_zero:
+            self._final.epoch_end(pl_module, trainer.optimizers[0], trainer.global_step)
         if self._live is not None:
             self._land()
             self._live.on_epoch_end(trainer.global_step)

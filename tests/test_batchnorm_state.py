@@ -140,3 +140,30 @@ def test_replay_loo_with_train_mode_batchnorm_matches_retraining(log_dir):
         expected = float(query(_retrain(log, ds, j)).detach()) - reference
         assert abs(expected) > 1e-4  # the removal matters
         assert result.values[row, -1, 0] == pytest.approx(expected, rel=1e-9, abs=1e-13)
+
+
+@pytest.mark.slow
+def test_ddp_replay_carries_rank_0s_running_statistics(tmp_path):
+    """2 DDP processes: the log's running statistics are rank 0's, whose forwards alone update them (DDP broadcasts
+    rank 0's buffers before every forward); replay carries them through rank 0's micro-batches only (through both
+    ranks' it drifted at every step between two checkpoints)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    log_dir, snapshots = tmp_path / "log", tmp_path / "states.pt"
+    run = subprocess.run([sys.executable, str(here / "ddp_bn_run.py"), str(log_dir), str(snapshots)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    states = torch.load(snapshots, weights_only=True)
+    log = InfluenceLog(log_dir)
+    assert log.meta["world_size"] == 2 and log.checkpoint_steps[:2] == [0, 2]
+    from ddp_bn_run import N
+
+    seen = []
+    for rs in replay(log, tiny(batchnorm=True).eval(), WithIds(make_data(N)), 0, None, tolerance=1e-9):
+        for n, b in rs.params.buffers.items():
+            torch.testing.assert_close(b, states[rs.step][n], rtol=1e-12, atol=1e-14)
+        seen.append(rs.step)
+    assert seen == list(range(log.num_steps + 1)) and len(seen) > 4

@@ -87,7 +87,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "demoted": meta.get("demoted"),
         "storage_dtype": meta.get("storage_dtype"), "step": step_summary(log) if T else None,
         "precision": meta.get("precision"),
-        "checkpoints": {"count": len(ckpts), "every_n_steps": meta.get("checkpoint_every_n_steps"), "final": log.finished},
+        "checkpoints": {"count": len(ckpts), "every_n_steps": meta.get("checkpoint_every_n_steps"), "final": log.finished,
+                        "final_weights_replaced_by": meta.get("final_weights_replaced_by")},
         "state": log.end_note,
         "methods": {"usable": usable, "not_usable": unusable},
         "integrity": {"ok": not problems, "problems": problems, "notes": notes},
@@ -121,7 +122,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                       + (", with HVP products" if recorded.get("hvp") else "") + _describe_engines(meta)
                       if recorded.get("gradients") else "not recorded"),
         ("checkpoints", f"{len(ckpts)} (every {meta.get('checkpoint_every_n_steps') or '-'} steps, "
-                        f"{'final θ_T stored' if log.finished else 'no final θ_T'})"),
+                        f"{'final θ_T stored' if log.finished else 'no final θ_T'})"
+                        + _replaced(meta.get("final_weights_replaced_by"))),
         ("state", log.end_note),
         ("methods", ", ".join(usable) + "".join(f"; not {n} (needs {', '.join(r)})" for n, r in unusable.items())),
         ("integrity", ("OK" + (f" ({'; '.join(notes)})" if notes else "")) if not problems
@@ -130,6 +132,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     emit(args, "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows))
     return code
+
+
+def _replaced(by: list[str] | None) -> str:
+    """The note on a θ_T whose module weights a callback replaced when training ended (tracker_final.py)."""
+    return f"; θ_T is the last step's: {', '.join(by)} replaced the module's weights with an average after it" if by else ""
 
 
 def _describe_engines(meta: dict[str, Any]) -> str:
