@@ -30,14 +30,22 @@ __all__ = ["UpdateWatch", "check_batchnorm", "check_dataset", "check_distinct_id
 
 
 def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) -> None:
-    """Automatic optimization, a single-device or DDP strategy, no bfloat16 parameters, and a ``per_sample_loss`` when
-    losses are needed."""
+    """Automatic optimization, a single-device or DDP strategy, no fine-tuning callback (it changes the trained
+    parameters mid-fit), no bfloat16 parameters, and a ``per_sample_loss`` when losses are needed."""
     if not module.automatic_optimization:
         raise RuntimeError("InfluenceTracker needs automatic optimization (one optimizer.step per training step); "
                            "manual optimization is not supported")
     strategy = type(trainer.strategy).__name__
     if strategy not in ("SingleDeviceStrategy", "DDPStrategy"):
         raise RuntimeError(f"InfluenceTracker supports single-device and DDP training, not {strategy}")
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    finetuning = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, BaseFinetuning)]
+    if finetuning:  # refused before the first step, not at the step it unfreezes (UpdateWatch), epochs into the fit
+        raise UnsupportedOptimizerError(
+            f"InfluenceTracker does not support {finetuning[0]}: it unfreezes parameters during the fit and adds them "
+            "to the optimizer as a new param group, while the log's tracked parameters, checkpoints and param groups "
+            "are those of the fit's start. Track the fine-tuning as its own fit (a log per stage), or train without it")
     bf16 = [n for n, p in module.named_parameters() if p.requires_grad and p.dtype == torch.bfloat16]
     if bf16:  # the checkpoints (and the loss rows) are numpy/HDF5 arrays, which have no bfloat16
         raise RuntimeError(f"InfluenceTracker cannot store bfloat16 parameters ({bf16[:3]}{', ...' if len(bf16) > 3 else ''}: "

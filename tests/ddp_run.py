@@ -48,7 +48,8 @@ class GlobalOrder:
 
 def fit(log_dir: str, mode: str, ckpt_dir: str | None = None, resume_from: str | None = None) -> None:
     """Train with ``mode`` ``"ddp"`` (2 processes) or ``"single"`` (1 process), tracking into ``log_dir``;
-    with ``ckpt_dir``, checkpoint every epoch there; with ``resume_from``, resume from that checkpoint."""
+    with ``ckpt_dir``, checkpoint every epoch there; with ``resume_from``, resume from that checkpoint.
+    ``mode + "+onecycle"``: under OneCycleLR stepped every batch (it cycles the momentum)."""
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader
@@ -57,13 +58,18 @@ def fit(log_dir: str, mode: str, ckpt_dir: str | None = None, resume_from: str |
     from lightning_influence import InfluenceTracker, WithIds
 
     ds = WithIds(make_data(N))
+    mode, _, schedule = mode.partition("+")
 
     class Module(TinyClassifier):
         def train_dataloader(self):
             return DataLoader(ds, batch_sampler=GlobalOrder(self.global_rank if mode == "ddp" else None))
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+            opt = torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+            if schedule != "onecycle":
+                return opt
+            cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=4 * EPOCHS)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": cycle, "interval": "step"}}
 
     torch.manual_seed(0)
     module = Module().double()

@@ -55,10 +55,10 @@ def _cycled(kind: str = "onecycle", opt: str = "sgd", total: int = 8) -> Cycled:
     return Cycled(kind, opt, total).double()
 
 
-def _segments(path: Path) -> list[tuple[int, tuple[str, ...]]]:
-    """``(format_version, hyper_* datasets)`` of every segment of rank 0."""
+def _segments(path: Path, rank: int = 0) -> list[tuple[int, tuple[str, ...]]]:
+    """``(format_version, hyper_* datasets)`` of every segment of ``rank``."""
     out = []
-    for seg in sorted((path / "rank-0").glob("seg-*.h5")):
+    for seg in sorted((path / f"rank-{rank}").glob("seg-*.h5")):
         with h5py.File(seg, "r") as f:
             out.append((int(f.attrs["format_version"]), tuple(sorted(k for k in f["steps"] if k.startswith(HYPER_PREFIX)))))
     return out
@@ -428,4 +428,32 @@ def test_the_pbrf_gaps_warm_stage_runs_each_steps_momentum(tmp_path):
     base = fq(run(None))
     expected = np.stack([fq(run(m)) - base for m in (1, 7)])
     assert np.abs(gd.stages["warm"] - expected).max() <= 1e-13 * np.abs(expected).max()
+
+
+@pytest.mark.slow
+def test_a_ddp_run_records_the_schedule_on_every_rank_as_one_process_does(tmp_path):
+    """2 gloo processes under OneCycleLR: every rank's segments hold the cycled momentum, the log's values equal a
+    single-process run of the same global batches, and the DDP log replays (tests/test_ddp.py's tolerance)."""
+    from ddp_run import EPOCHS, N, fit as ddp_run_fit
+    from test_ddp import ddp_fit
+
+    ddp_fit(str(tmp_path / "ddp"), "ddp+onecycle")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ddp_run_fit(str(tmp_path / "single"), "single+onecycle")
+    finally:
+        torch.set_num_threads(threads)
+    ddp, single = InfluenceLog(tmp_path / "ddp"), InfluenceLog(tmp_path / "single")
+    assert ddp.ranks == [0, 1] and ddp.num_steps == single.num_steps == 4 * EPOCHS
+    for rank in (0, 1):  # every segment holding steps (rank 0's last one holds θ_T alone)
+        assert [names for _, names in _segments(tmp_path / "ddp", rank)][:4] == [("hyper_dampening", "hyper_momentum",
+                                                                                 "hyper_weight_decay")] * 4
+    momenta = [float(ddp.hyper(t)["momentum"][0]) for t in range(ddp.num_steps)]
+    assert momenta == [float(single.hyper(t)["momentum"][0]) for t in range(ddp.num_steps)] and len(set(momenta)) > 5
+    from conftest import tiny
+
+    steps = [rs.step for rs in replay(ddp, tiny(), make_data(N), 0, None, loss_fn=lambda m, b: m.per_sample_loss(b),
+                                      tolerance=1e-9)]
+    assert steps == list(range(ddp.num_steps + 1))
 

@@ -1,5 +1,7 @@
-"""θ_T with Lightning's weight-averaging callbacks (tracker_final.py).
+"""The tracker beside Lightning's own callbacks that change training: weight averaging, fine-tuning, accumulation
+schedules.
 
+θ_T with the weight-averaging callbacks (tracker_final.py):
 ``StochasticWeightAveraging`` and ``WeightAveraging`` (EMA) copy their average into the module when training ends,
 before the tracker's ``on_train_end`` when listed before it. The log's θ_T must be the last optimizer step's result
 (what a callback that saw every step recorded), so that replay reproduces it bit for bit; before, θ_T was the average
@@ -13,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import (BackboneFinetuning, GradientAccumulationScheduler, StochasticWeightAveraging,
+                                         WeightAveraging)
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
 from lightning_influence.log.format import read_meta
 from lightning_influence.replay import replay
+from lightning_influence.step.optimizers import UnsupportedOptimizerError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -88,3 +92,42 @@ def test_theta_T_is_the_last_steps_and_replays_exactly(tmp_path, averaging):
         assert meta["final_weights_replaced_by"] == [type(cb).__name__]
     steps = [rs.step for rs in replay(log, Net(), _data(), 0, None, tolerance=0.0)]
     assert steps[-1] == log.num_steps == 20
+
+
+class Backbone(Net):
+    """``backbone`` and ``head``, as BackboneFinetuning expects; the optimizer takes the trainable parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone, self.head = self.net[:2], self.net[2]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+def test_a_finetuning_callback_is_refused_before_the_first_step(tmp_path):
+    """BackboneFinetuning unfreezes the backbone epochs into the fit as a new param group: refused at the fit's start
+    (it stopped the fit at the unfreezing step, epochs in), with no step trained or written."""
+    seen = LastStep()
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1),
+                                    InfluenceTracker(str(tmp_path / "log")), seen])
+    with pytest.raises(UnsupportedOptimizerError, match="BackboneFinetuning"):
+        trainer.fit(Backbone(), DataLoader(_data(), batch_size=8))
+    assert not hasattr(seen, "params") and trainer.global_step == 0
+    assert not (tmp_path / "log" / "meta.h5").exists()
+
+
+def test_an_accumulation_schedule_replays_exactly(tmp_path):
+    """GradientAccumulationScheduler changes accumulate_grad_batches between epochs: each step's accumulation is
+    recorded, replay reproduces the run bit for bit."""
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[GradientAccumulationScheduler({0: 1, 2: 2}),
+                                    InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=2)])
+    trainer.fit(Net(), DataLoader(_data(), batch_size=8, shuffle=True))
+    log = InfluenceLog(tmp_path / "log")
+    assert log.num_steps == 5 + 5 + 3 + 3  # 5 batches an epoch, in pairs from epoch 2 (the odd one alone)
+    assert [rs.step for rs in replay(log, Net(), _data(), 0, None, tolerance=0.0)][-1] == log.num_steps
