@@ -176,3 +176,22 @@ def test_ddp_replay_carries_rank_0s_running_statistics(tmp_path):
             torch.testing.assert_close(b, states[rs.step][n], rtol=1e-12, atol=1e-14)
         seen.append(rs.step)
     assert seen == list(range(log.num_steps + 1)) and len(seen) > 4
+
+
+def test_info_verify_reads_the_buffers_back(log_dir, capsys):
+    """``info --verify`` checks the buffers' CRC-32 too: one flipped bit of a running mean is a user error naming it."""
+    from lightning_influence.cli import main
+
+    _train(log_dir, 2, make_data(12))
+    assert main(["info", log_dir, "--verify", "-q"]) == 0
+    seg = sorted(list_segments(log_dir)[0])[0]
+    with h5py.File(seg, "r") as f:
+        ds = f["checkpoints/step_00000000/buffers/net.1.running_mean"]
+        offset, name = ds.id.get_chunk_info(0).byte_offset, ds.name
+    data = bytearray(seg.read_bytes())
+    data[offset] ^= 0x10
+    seg.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["info", log_dir, "--verify", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "fails its CRC-32" in err and "running_mean" in err, err
