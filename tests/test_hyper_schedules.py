@@ -130,6 +130,7 @@ def test_a_momentum_set_in_training_step_is_recorded_from_the_step_it_changes(tm
         assert np.isnan(f["steps/hyper_momentum"][0]).all() and f["steps/hyper_momentum"][1].tolist() == [0.5]
     assert [float(log.hyper(t)["momentum"][0]) for t in range(5)] == [0.9, 0.9, 0.9, 0.5, 0.5]
     assert [float(log.hyper(t)["weight_decay"][0]) for t in range(5)] == [0.0, 0.0, 0.0, 0.01, 0.01]
+    assert log.scheduled["momentum"][:, 0].tolist() == [0.9] * 3 + [0.5] * (log.num_steps - 3)
     torch.manual_seed(0)
     assert [rs.step for rs in replay(log, Ramped().double(), WithIds(ds), tolerance=0.0)][-1] == log.num_steps
 
@@ -194,7 +195,7 @@ def test_a_log_without_a_schedule_is_unchanged_and_old_logs_read_as_before(tmp_p
     assert set(_segments(tmp_path / "log")) == {(2, ())}
     for path in (tmp_path / "log", FIXTURES / "log_v1", FIXTURES / "log_v2_unfolded"):
         log = InfluenceLog(path)
-        assert log.scheduled == [] and all(log.hyper(t) is None for t in range(log.first_step, log.num_steps))
+        assert log.scheduled == {} and all(log.hyper(t) is None for t in range(log.first_step, log.num_steps))
 
 
 def _builder():
