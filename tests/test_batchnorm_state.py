@@ -103,16 +103,18 @@ def test_a_log_without_buffers_still_reads_and_warns(log_dir):
     assert params.buffers is None
 
 
-def _retrain(log: InfluenceLog, ds, drop: int | None) -> torch.nn.Module:
-    """A plain loop with torch.optim on the logged batches from the logged ``θ_0`` and statistics, sample ``drop``
-    out of every batch (its forward too), the others' weights ``1/|B_t|`` kept (math §2)."""
+def _retrain(log: InfluenceLog, ds, drop: int | None, start: dict[str, torch.Tensor] | None = None,
+             t1: int = 0) -> torch.nn.Module:
+    """A plain loop with torch.optim on the logged batches from step ``t1`` (the logged ``θ_0`` and statistics, or the
+    state ``start``), sample ``drop`` out of every batch (its forward too), the others' weights ``1/|B_t|`` kept
+    (math §2)."""
     module = tiny(batchnorm=True)
-    state = {**{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint(0).items()},
-             **{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint_buffers(0).items()}}
+    state = start or {**{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint(0).items()},
+                      **{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint_buffers(0).items()}}
     module.load_state_dict(state)
     module.train()
     opt = torch.optim.SGD(module.parameters(), lr=1.0)
-    for t in log.steps:
+    for t in log.steps[t1:]:
         ids = log.batch_ids(int(t))
         kept = ids[ids != drop]
         for g in opt.param_groups:
@@ -140,6 +142,13 @@ def test_replay_loo_with_train_mode_batchnorm_matches_retraining(log_dir):
         expected = float(query(_retrain(log, ds, j)).detach()) - reference
         assert abs(expected) > 1e-4  # the removal matters
         assert result.values[row, -1, 0] == pytest.approx(expected, rel=1e-9, abs=1e-13)
+    # dropped only in [t1, T), from the training module's state at t1 (replayed: θ_t1 and its running statistics)
+    window = replay_loo(log, tiny(batchnorm=True).eval(), WithIds(ds), query, sample_ids=[5], window=(1, T),
+                        in_window_only=True, grid=[T])
+    start = snaps.states[1]
+    reference = float(query(_retrain(log, ds, None, start, 1)).detach())
+    expected = float(query(_retrain(log, ds, 5, start, 1)).detach()) - reference
+    assert abs(expected) > 1e-4 and window.window(1, T) == pytest.approx([expected], rel=1e-9, abs=1e-13)
 
 
 @pytest.mark.slow

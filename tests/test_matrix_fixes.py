@@ -378,3 +378,11 @@ def test_an_unfinished_log_says_whether_its_writer_still_runs(tmp_path):
         assert writer_state(tmp_path / "log")[0] == state
         note = InfluenceLog(tmp_path / "log").end_note
         assert text in note and "are complete" in note, note
+        # a live writer is not an integrity problem (exit 0, the note beside OK); a gone or unknown one is (exit 2)
+        proc = subprocess.run([sys.executable, "-m", "lightning_influence", "info", str(tmp_path / "log")],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        integrity = next(line for line in proc.stdout.splitlines() if line.startswith("integrity"))
+        if state == "live":
+            assert proc.returncode == 0 and "OK (" in integrity and "being written now" in integrity, proc.stdout
+        else:
+            assert proc.returncode == 2 and "PROBLEMS" in integrity, proc.stdout

@@ -11,6 +11,7 @@ import numpy as np
 
 from lightning_influence.cli.common import emit, json_text, open_log, output_format, progress_bar
 from lightning_influence.cli.methods import METHODS, unmet_needs
+from lightning_influence.log.lock import writer_state
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.recipe import RecipeError, stored_data
 from lightning_influence.step.weights import step_summary
@@ -40,8 +41,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     batch_sizes = np.array([len(log.batch_ids(t)) for t in log.steps]) if T else np.zeros(1)
     ids_seen = log.all_ids()
     problems, notes = [], []
-    if not log.finished:
-        problems.append(log.end_note)
+    if not log.finished:  # a run still being written is not a damaged log (its complete steps read as they are)
+        (notes if writer_state(root)[0] == "live" else problems).append(log.end_note)
     unfinished = list_unfinished(root)
     if unfinished and log.finished:
         problems.append(f"unfinished segment file(s) {[str(p.relative_to(root)) for p in unfinished]}: a write was "

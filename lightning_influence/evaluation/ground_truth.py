@@ -14,8 +14,9 @@ on a grid of steps; the window truth is ``LOO_j(t2) − LOO_j(t1)``. The variant
 Many counterfactual runs are trained at once as stacked copies of the parameters: copy 0
 drops nothing (the reference run, checked against the log's checkpoints), copy ``c`` drops
 its unit; each copy's loss depends only on its own parameters and SGD/Adam/AdamW act
-elementwise, so the stacked optimizer gives every copy exactly its own update. No
-Lightning imports.
+elementwise, so the stacked optimizer gives every copy exactly its own update. With train-mode
+BatchNorm (meta ``train_batchnorm``) the copies train one at a time, the unit's rows out of the
+forward, each with its own running statistics (docs/replay.md, Buffers). No Lightning imports.
 """
 
 from __future__ import annotations
