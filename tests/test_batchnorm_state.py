@@ -176,3 +176,51 @@ def test_ddp_replay_carries_rank_0s_running_statistics(tmp_path):
             torch.testing.assert_close(b, states[rs.step][n], rtol=1e-12, atol=1e-14)
         seen.append(rs.step)
     assert seen == list(range(log.num_steps + 1)) and len(seen) > 4
+
+
+def test_info_verify_reads_the_buffers_back(log_dir, capsys):
+    """``info --verify`` checks the buffers' CRC-32 too: one flipped bit of a running mean is a user error naming it."""
+    from lightning_influence.cli import main
+
+    _train(log_dir, 2, make_data(12))
+    assert main(["info", log_dir, "--verify", "-q"]) == 0
+    seg = sorted(list_segments(log_dir)[0])[0]
+    with h5py.File(seg, "r") as f:
+        ds = f["checkpoints/step_00000000/buffers/net.1.running_mean"]
+        offset, name = ds.id.get_chunk_info(0).byte_offset, ds.name
+    data = bytearray(seg.read_bytes())
+    data[offset] ^= 0x10
+    seg.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["info", log_dir, "--verify", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "fails its CRC-32" in err and "running_mean" in err, err
+
+
+@pytest.mark.parametrize("method", ["tracin", "dit", "diffin"])
+def test_estimators_query_with_the_steps_running_statistics(log_dir, monkeypatch, method):
+    """TracIn (at its checkpoints), DIT and Diff-In (at the window's end, a replayed step) take the query's gradient
+    with the running statistics of the step they evaluate it at, the training module's then."""
+    import importlib
+
+    from lightning_influence.estimators import diffin, dit, tracin
+
+    ds = make_data(12)
+    snaps = _train(log_dir, 3, ds)
+    log = InfluenceLog(log_dir)
+    seen = []
+    where = importlib.import_module(f"lightning_influence.estimators.{ {'dit': 'sweep', 'diffin': 'diffin_context'}.get(method, method)}")
+    real = where.query_gradients
+    monkeypatch.setattr(where, "query_gradients", lambda *a, **k: seen.append(a[3].buffers) or real(*a, **k))
+    query = lambda m: m(ds.tensors[0][:4])[:, 0].sum()  # noqa: E731
+    module = tiny(batchnorm=True).eval()
+    if method == "tracin":
+        tracin(log, query, module=module)
+        steps = [0, 3]  # the checkpoints the window's steps use
+    else:
+        {"dit": dit, "diffin": diffin}[method](log, query, module=module, train_data=WithIds(ds), window=(0, 4))
+        steps = {"dit": [4], "diffin": [0, 1, 2, 3]}[method]  # DIT at the window's end, Diff-In at each step's
+    assert [int(b["net.1.num_batches_tracked"]) for b in seen] == steps  # one forward a step: the step
+    for buffers, t in zip(seen, steps):
+        for n, b in buffers.items():
+            assert torch.equal(b, snaps.states[t][n]), (t, n)

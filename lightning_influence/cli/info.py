@@ -204,7 +204,7 @@ def _recipe_text(recipe: dict[str, Any] | None) -> str:
 
 
 def _verify(log: Any, args: argparse.Namespace) -> list[int]:
-    """Read back every record and checkpoint, optimizer state included (the reader verifies every CRC-32); steps with
+    """Read back every record and checkpoint, optimizer state and buffers included (the reader verifies every CRC-32); steps with
     non-finite values. A log started by a resumed fit is read from its first step."""
     fields = [f for f, rec in (("loss", "losses"), ("grad", "gradients"), ("hvp", "hvp")) if log.recorded.get(rec)]
     bad: set[int] = set()
@@ -223,6 +223,7 @@ def _verify(log: Any, args: argparse.Namespace) -> list[int]:
     for t in log.checkpoint_steps:
         log.checkpoint(t)
         log.optimizer_state(t)
+        log.checkpoint_buffers(t)
     return sorted(bad)
 
 
