@@ -93,7 +93,8 @@ def test_info_json_and_verify(run, capsys):
     assert info["steps"] == log.num_steps == 12
     assert info["dataset_size"] == 60 and info["ids_seen"] == 60
     assert info["recorded"]["hvp"] is True
-    assert info["checkpoints"] == {"count": 13, "every_n_steps": 1, "final": True}
+    assert info["checkpoints"] == {"count": 13, "every_n_steps": 1, "final": True,
+                                   "final_weights_replaced_by": None}
     assert info["integrity"]["ok"] and any("--verify" in n for n in info["integrity"]["notes"])
     assert "tracin" in info["methods"]["usable"] and "dit" in info["methods"]["usable"]
     assert info["datamodule_class"] == "lightning_influence.examples.digits.DigitsDataModule"
