@@ -23,11 +23,11 @@ from lightning_influence.step.optimizers import OptimizerStep, UnsupportedOptimi
 from test_step_optimizers import NAMES, SHAPES, SIZES, THETA0, flat, grad_at  # its gradient field, 2 param groups
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SCHEDULED = {"sgd": "momentum", "adam": "betas", "adamw": "betas"}
+SCHEDULED = {"sgd": "momentum", "adam": "betas", "adamw": "betas", "rmsprop": "momentum"}
 
 
 class Cycled(TinyClassifier):
-    """SGD with momentum, Adam or AdamW under OneCycleLR or CyclicLR with their defaults (``cycle_momentum=True``),
+    """SGD with momentum, Adam, AdamW or RMSprop under OneCycleLR or CyclicLR with their defaults (``cycle_momentum=True``),
     stepped every batch; ``seen`` holds the cycled value each training_step saw (what the update then used)."""
 
     def __init__(self, kind: str = "onecycle", opt: str = "sgd", total: int = 8) -> None:
@@ -42,6 +42,8 @@ class Cycled(TinyClassifier):
     def configure_optimizers(self):
         if self.opt_name == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        elif self.opt_name == "rmsprop":  # momentum 0: OneCycleLR sets its own at construction
+            opt = torch.optim.RMSprop(self.parameters(), lr=self.lr / 10)
         else:
             opt = (torch.optim.Adam if self.opt_name == "adam" else torch.optim.AdamW)(self.parameters(), lr=self.lr)
         sched = torch.optim.lr_scheduler
@@ -66,7 +68,7 @@ def _segments(path: Path, rank: int = 0) -> list[tuple[int, tuple[str, ...]]]:
 
 # ------------------------------------------------------------------------- recorded, replayed
 @pytest.mark.parametrize("kind,opt", [("onecycle", "sgd"), ("onecycle", "adam"), ("onecycle", "adamw"),
-                                      ("cyclic", "sgd"), ("cyclic", "adam")])
+                                      ("onecycle", "rmsprop"), ("cyclic", "sgd"), ("cyclic", "adam")])
 def test_a_scheduler_cycling_momentum_is_recorded_and_replays_bit_for_bit(tmp_path, kind, opt, monkeypatch):
     """OneCycleLR and CyclicLR cycle the momentum (Adam: β₁) of every step by default. They were refused before the
     first step (the log recorded the learning rates only); now each step's value is recorded, equals what the update
@@ -130,6 +132,7 @@ def test_a_momentum_set_in_training_step_is_recorded_from_the_step_it_changes(tm
         assert np.isnan(f["steps/hyper_momentum"][0]).all() and f["steps/hyper_momentum"][1].tolist() == [0.5]
     assert [float(log.hyper(t)["momentum"][0]) for t in range(5)] == [0.9, 0.9, 0.9, 0.5, 0.5]
     assert [float(log.hyper(t)["weight_decay"][0]) for t in range(5)] == [0.0, 0.0, 0.0, 0.01, 0.01]
+    assert log.scheduled["momentum"][:, 0].tolist() == [0.9] * 3 + [0.5] * (log.num_steps - 3)
     torch.manual_seed(0)
     assert [rs.step for rs in replay(log, Ramped().double(), WithIds(ds), tolerance=0.0)][-1] == log.num_steps
 
@@ -194,7 +197,7 @@ def test_a_log_without_a_schedule_is_unchanged_and_old_logs_read_as_before(tmp_p
     assert set(_segments(tmp_path / "log")) == {(2, ())}
     for path in (tmp_path / "log", FIXTURES / "log_v1", FIXTURES / "log_v2_unfolded"):
         log = InfluenceLog(path)
-        assert log.scheduled == [] and all(log.hyper(t) is None for t in range(log.first_step, log.num_steps))
+        assert log.scheduled == {} and all(log.hyper(t) is None for t in range(log.first_step, log.num_steps))
 
 
 def _builder():

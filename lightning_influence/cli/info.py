@@ -239,8 +239,7 @@ def _schedule(log: InfluenceLog) -> dict[str, dict[str, list[float]]]:
     """The hyperparameters a schedule changed during the run (``InfluenceLog.hyper``) with their range per param group
     (``betas``: per group, β₁ then β₂), only those whose value moved."""
     out = {}
-    for key in log.scheduled:
-        values = np.stack([log.hyper(int(t))[key] for t in log.steps])
+    for key, values in log.scheduled.items():
         lo, hi = values.min(axis=0).ravel(), values.max(axis=0).ravel()
         if (lo != hi).any():
             out[key] = {"min": lo.tolist(), "max": hi.tolist()}

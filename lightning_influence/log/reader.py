@@ -283,9 +283,10 @@ class InfluenceLog:
         return {k: v[row] for k, v in self._hyper.items()}
 
     @property
-    def scheduled(self) -> list[str]:
-        """The param-group keys besides ``lr`` whose values changed during the run (:meth:`hyper`; mostly none)."""
-        return sorted(self._hyper or {})
+    def scheduled(self) -> dict[str, np.ndarray]:
+        """``{param-group key: (T, n_groups[, 2])}`` of the hyperparameters besides ``lr`` recorded during the run, every
+        step's value as :meth:`hyper` returns it; empty for a log without a schedule (most)."""
+        return dict(self._hyper or {})
 
     def param_groups(self) -> list[list[str]]:
         """Parameter names of each optimizer param group."""
