@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
 from lightning_influence.capture import KroneckerProjector, per_sample_grads, select_params
 from lightning_influence.capture.own_pass import choose_engine
+from lightning_influence.capture.raw_params import _plain_view, view_vjp
 
 B, T, D = 5, 4, 6
 
@@ -40,7 +41,7 @@ class ViT(nn.Module):
         h = self.patch(x)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)  # (B, T+1, D)
         h = h + self.pos_embed[:, :h.shape[1]]  # a slice (the full table when it has T+1 rows)
-        h = h + self.gamma * torch.tanh(self.fc(self.norm(h)))  # layer scale
+        h = h + (2 * self.gamma) * torch.tanh(self.fc(self.norm(h)))  # layer scale (2γ: not a view, autograd's VJP)
         h = self.gamma2[:, None] * h  # a layer scale over the tokens, indexed
         h = torch.tanh(h - self.twice) * self.twice.double().to(h.dtype)  # used twice (casts: float32 under autocast)
         if self.unknown == "matmul":
@@ -238,3 +239,17 @@ def test_bf16_autocast_rows_are_hooked_and_close_to_autograd(tmp_path):
         for spec in projector.specs:  # (measured: 0.02 % to 1.6 % a block, raw or layer alike)
             got, want = rec.grads[:, projector.slices[spec.name]], expected[:, projector.slices[spec.name]]
             assert np.linalg.norm(got - want) < 0.03 * np.linalg.norm(want), spec.name
+
+
+@pytest.mark.parametrize("view,plain", [
+    (lambda p: p, True), (lambda p: p[:], True), (lambda p: p[1:3], True), (lambda p: p[:, ::2], True),
+    (lambda p: p.t(), True), (lambda p: p[None, :, 1], True), (lambda p: p.view(2, 10), True),
+    (lambda p: p.unfold(0, 2, 1), False), (lambda p: p.expand(3, 4, 5), False), (lambda p: p.float(), False)])
+def test_the_view_vjp_equals_autograds(view, plain):
+    p = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    v = view(p)
+    assert _plain_view(v, p) is plain
+    if plain:
+        g = torch.randn(3, *v.shape, dtype=torch.float64)
+        expected, = torch.autograd.grad(v, p, g, is_grads_batched=True, allow_unused=True)
+        torch.testing.assert_close(view_vjp(g, v, p), expected if expected is not None else g, rtol=0, atol=0)

@@ -190,8 +190,8 @@ class RawWatch(TorchFunctionMode):
         g_v = per_sample_sum(g, v.shape)
         if scale != 1.0:
             g_v = g_v * scale
-        if len(roots) == 1 and v is params[0]:
-            grads = {roots[0]: g_v}
+        if len(roots) == 1 and _plain_view(v, params[0]):  # (``p`` itself: nothing to do)
+            grads = {roots[0]: view_vjp(g_v, v, params[0])}
         else:  # the derivation chain's VJP, one per sample
             found = torch.autograd.grad(v, params, g_v.to(v.dtype), retain_graph=True, is_grads_batched=True,
                                         allow_unused=True)
@@ -206,3 +206,30 @@ def per_sample_sum(g: Tensor, shape: torch.Size) -> Tensor:
     inner = own[1:] if len(own) == g.ndim else own  # size 1 at the batch dimension: per sample, nothing
     target = (batch, *([1] * (g.ndim - 1 - len(inner))), *inner)
     return g.sum_to_size(target).reshape(batch, *own)
+
+
+def _plain_view(v: Tensor, p: Tensor) -> bool:
+    """``v`` is ``p`` or a view of the contiguous ``p`` (same dtype) whose elements are distinct elements of ``p``: no dimension
+    of stride 0 (an expand) and none overlapping another (``unfold``): each stride beyond the farthest element the
+    smaller ones reach (sufficient)."""
+    if v is p:
+        return True
+    if v._base is not p or v.dtype != p.dtype or not p.is_contiguous():
+        return False
+    reach = 0
+    for stride, size in sorted((st, n) for n, st in zip(v.shape, v.stride()) if n > 1):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
+
+
+def view_vjp(g_v: Tensor, v: Tensor, p: Tensor) -> Tensor:
+    """``(B, *p.shape)``: the VJP of the view ``v`` of ``p`` (:func:`_plain_view`) for each sample's ``g_v[b]``: zeros,
+    with ``g_v[b]`` at the elements ``v`` covers; ``g_v`` itself for a view of the whole of ``p``."""
+    batch = g_v.shape[0]
+    if v.shape == p.shape and v.stride() == p.stride() and v.storage_offset() == p.storage_offset():
+        return g_v
+    out = g_v.new_zeros(batch, p.numel())
+    out.as_strided((batch, *v.shape), (p.numel(), *v.stride()), v.storage_offset() - p.storage_offset()).copy_(g_v)
+    return out.view(batch, *p.shape)
