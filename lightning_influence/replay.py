@@ -39,6 +39,7 @@ from lightning_influence.replay_drift import (  # noqa: F401 (re-exported)
     ReplayMismatchError,
     check_checkpoint,
     resolve_tolerance,
+    restore_buffers,
 )
 from lightning_influence.step.buffers import ParamsWithBuffers, buffers_of, cloned, persistent_buffers
 from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
@@ -456,9 +457,8 @@ def _reanchor(log: InfluenceLog, t: int, params: dict[str, Tensor], opt: torch.o
             for n, p in params.items():
                 p.copy_(torch.from_numpy(np.array(stored[n])).to(p.device))
         load_optimizer_state(opt, [n for g in log.param_groups() for n in g], log.optimizer_state(t))
-    stored_buffers = log.checkpoint_buffers(t) if buffers else None
-    for n, value in (stored_buffers or {}).items():  # as the params: they follow from the same steps
-        buffers[n].copy_(torch.from_numpy(np.array(value)))
+    if buffers:  # checked and restored as the params: they follow from the same steps
+        restore_buffers(t, log.checkpoint_buffers(t), buffers, anchor, tolerance)
     anchor.update(step=t, params={n: p.detach().clone() for n, p in params.items()})
 
 
@@ -470,7 +470,8 @@ def _replay_run(log: InfluenceLog, module: nn.Module, train_data: TrainData, par
     ckpts = set(log.checkpoint_steps)
     check = verify and weights is None
     tolerance = resolve_tolerance(tolerance)
-    anchor: dict[str, Any] = {"step": start, "params": {n: p.detach().clone() for n, p in params.items()}}
+    anchor: dict[str, Any] = {"step": start, "params": {n: p.detach().clone() for n, p in params.items()},
+                              "buffers": cloned(buffers)}
     T = log.num_steps
     for t in range(start, t2):
         if check and t in ckpts and t != start:

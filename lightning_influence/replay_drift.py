@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "check_checkpoint", "measure", "resolve_tolerance"]
+__all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "check_checkpoint", "measure", "resolve_tolerance",
+           "restore_buffers"]
 
 DEFAULT_TOLERANCE = 1e-2
 
@@ -79,6 +80,34 @@ def measure(stored: Mapping[str, np.ndarray], params: Mapping[str, Tensor], anch
         return 0.0, 0.0
     denominator = math.sqrt(move) if move > 0 else math.sqrt(scale) or 1.0  # a segment that did not move: relative to θ
     return math.sqrt(err) / denominator, biggest
+
+
+def restore_buffers(step: int, stored: Mapping[str, np.ndarray] | None, buffers: Mapping[str, Tensor],
+                    anchor: dict[str, Any], tolerance: float) -> None:
+    """At the checkpoint of ``step``: the replayed floating ``buffers`` (running statistics, ``step.buffers``) against
+    the ``stored`` ones, relative to their movement since ``anchor["buffers"]`` (those the segment started from, as
+    :func:`check_checkpoint`'s parameters); then
+    every buffer is set to the stored one and becomes the anchor's. ``stored`` ``None``: a log without buffers.
+
+    Raises:
+        ReplayMismatchError: the drift exceeds ``tolerance``.
+    """
+    if stored is None:
+        return
+    floats = {n: b for n, b in buffers.items() if b.is_floating_point()}
+    drift, diff = measure(stored, floats, anchor["buffers"])
+    if not drift <= tolerance:
+        raise ReplayMismatchError(
+            f"replay does not reproduce the logged run's buffers (BatchNorm running statistics): at step {step} they "
+            f"differ from the stored ones by {drift:.3g} of how far they moved since step {anchor['step']} (largest "
+            f"entry difference {diff:.3g}; tolerance {tolerance:g}), so a query in eval mode between checkpoints would "
+            "use other statistics than training did. What to do: loss_fn must run the module's forward once per "
+            "micro-batch, on the batch training_step got (each forward updates a train-mode BatchNorm's statistics); "
+            "SyncBatchNorm is not modelled; or accept the drift with a larger tolerance.")
+    with torch.no_grad():
+        for n, value in stored.items():
+            buffers[n].copy_(torch.from_numpy(np.array(value)))
+    anchor["buffers"] = {n: b.detach().clone() for n, b in floats.items()}
 
 
 def mismatch(step: int, start: int, drift: float, diff: float, tolerance: float) -> ReplayMismatchError:

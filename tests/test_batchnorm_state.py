@@ -224,3 +224,16 @@ def test_estimators_query_with_the_steps_running_statistics(log_dir, monkeypatch
     for buffers, t in zip(seen, steps):
         for n, b in buffers.items():
             assert torch.equal(b, snaps.states[t][n]), (t, n)
+
+
+def test_replay_checks_the_running_statistics_at_checkpoints(log_dir):
+    """A loss_fn running the forward twice a micro-batch leaves θ as trained but updates the statistics twice: replay
+    stops at the next checkpoint saying so (it went on with other statistics than training's between checkpoints)."""
+    from lightning_influence.replay_drift import ReplayMismatchError
+
+    ds = make_data(12)
+    _train(log_dir, 2, ds)
+    log = InfluenceLog(log_dir)
+    twice = lambda m, b: m.per_sample_loss(b) + 0.0 * m(b[0]).sum()  # noqa: E731
+    with pytest.raises(ReplayMismatchError, match="running statistics.*at step 2.*once per micro-batch"):
+        list(replay(log, tiny(batchnorm=True), WithIds(ds), loss_fn=twice, tolerance=1e-6))

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_names
-from lightning_influence.replay_drift import DriftReport, check_checkpoint, resolve_tolerance
+from lightning_influence.replay_drift import DriftReport, check_checkpoint, resolve_tolerance, restore_buffers
 from lightning_influence.step.buffers import buffers_of, cloned, persistent_buffers
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
 from lightning_influence.step.micro import Step
@@ -142,15 +142,15 @@ def _reanchor_copies(log: InfluenceLog, t: int, stacked: dict[str, Tensor], anch
         with torch.no_grad():
             for n, v in stacked.items():
                 v += (torch.from_numpy(np.array(stored[n])).to(v) - v[0]).unsqueeze(0)
-    stored_buffers = log.checkpoint_buffers(t) if buffers[0] is not None else None
-    for n, value in (stored_buffers or {}).items():
-        ref = torch.from_numpy(np.array(value)).to(buffers[0][n])
-        error = ref - buffers[0][n]
-        for b in buffers:
-            if b[n].is_floating_point():
-                b[n].add_(error)
-            else:
-                b[n].copy_(ref)
+    if buffers[0] is not None:  # the reference copy's checked and restored, every copy shifted by its error
+        before = {n: b.clone() for n, b in buffers[0].items()}
+        restore_buffers(t, log.checkpoint_buffers(t), buffers[0], anchor, tolerance)
+        for b in buffers[1:]:
+            for n, value in buffers[0].items():
+                if value.is_floating_point():
+                    b[n].add_(value - before[n])
+                else:
+                    b[n].copy_(value)
     anchor.update(step=t, params={n: v[0].detach().clone() for n, v in stacked.items()})
 
 
@@ -278,7 +278,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
         chunk_units = [units[i] for i in chunk]
         buffers = [cloned(start_buffers) for _ in range(C)]
         evals: dict[int, np.ndarray] = {}
-        anchor = {"step": lo, "params": {n: v[0].detach().clone() for n, v in stacked.items()}}
+        anchor = {"step": lo, "params": {n: v[0].detach().clone() for n, v in stacked.items()}, "buffers": cloned(start_buffers)}
         for t in range(lo, hi + 1):
             if t in ckpts and verify:
                 _reanchor_copies(log, t, stacked, anchor, tolerance, drift, buffers)
