@@ -48,6 +48,7 @@ from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, Log
                                            write_meta)
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import persistent_buffers
+from lightning_influence.step.modes import ModeWatch
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
                                               random_states)
 from lightning_influence.step.precision import FULL, Precision
@@ -246,6 +247,7 @@ class InfluenceTracker(Callback):
         self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()
         self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
         self._final = FinalCheckpoint()  # θ_T as the last step left it (a weight-averaging callback replaces it)
+        self._modes = ModeWatch()  # the submodules' train/eval modes, checked per epoch (step/modes.py)
         self._update_watch = UpdateWatch()  # the logged learning rates and hyperparameters are the ones the update used
 
     # ------------------------------------------------------------------------------ config
@@ -322,6 +324,7 @@ class InfluenceTracker(Callback):
         self._verified = self._agreed = False
         self._checked_batchnorm = False
         self._checked_dataset = False
+        self._modes.start()
 
     def _segment_limits(self) -> dict[str, Any]:
         """When a segment closes besides ``flush_every_n_steps``: its age and, by default, its size."""
@@ -426,6 +429,7 @@ class InfluenceTracker(Callback):
             if not self.store_inputs:
                 check_dataset(getattr(trainer.train_dataloader, "dataset", None))
         step = trainer.global_step
+        self._modes.observe(pl_module, step, batch_idx, self._writer if self._global_zero else None)
         if not self._pending.micro and self._checkpoints_at(step):  # θ_t's buffers: before the forward updates them
             self._pending.buffers = {n: b.detach().clone() for n, b in persistent_buffers(pl_module).items()}
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
