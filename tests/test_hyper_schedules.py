@@ -437,17 +437,10 @@ def test_the_pbrf_gaps_warm_stage_runs_each_steps_momentum(tmp_path):
 def test_a_ddp_run_records_the_schedule_on_every_rank_as_one_process_does(tmp_path):
     """2 gloo processes under OneCycleLR: every rank's segments hold the cycled momentum, the log's values equal a
     single-process run of the same global batches, and the DDP log replays (tests/test_ddp.py's tolerance)."""
-    from ddp_run import EPOCHS, N, fit as ddp_run_fit
-    from test_ddp import ddp_fit
+    from ddp_run import EPOCHS, N
+    from test_ddp import ddp_and_single
 
-    ddp_fit(str(tmp_path / "ddp"), "ddp+onecycle")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ddp_run_fit(str(tmp_path / "single"), "single+onecycle")
-    finally:
-        torch.set_num_threads(threads)
-    ddp, single = InfluenceLog(tmp_path / "ddp"), InfluenceLog(tmp_path / "single")
+    ddp, single = ddp_and_single(tmp_path, "+onecycle")
     assert ddp.ranks == [0, 1] and ddp.num_steps == single.num_steps == 4 * EPOCHS
     for rank in (0, 1):  # every segment holding steps (rank 0's last one holds θ_T alone)
         assert [names for _, names in _segments(tmp_path / "ddp", rank)][:4] == [("hyper_dampening", "hyper_momentum",
