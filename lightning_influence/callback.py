@@ -41,8 +41,7 @@ from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
-from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.log.resume import (continue_log, log_exists, logged_fold_bias, logged_demotions,
+from lightning_influence.log.resume import (continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
@@ -57,7 +56,7 @@ from lightning_influence.tensorboard import LiveTensorBoard
 from lightning_influence.tracker_checks import (UpdateWatch, check_batchnorm, check_dataset, check_distinct_ids, check_fit,
                                                 check_losses, check_optimizers, check_training_set,
                                                 generators_kept, trainer_precision)
-from lightning_influence.tracker_final import FinalCheckpoint
+from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
 
@@ -376,23 +375,11 @@ class InfluenceTracker(Callback):
         self._teardown(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A fit resumed from a checkpoint taken at the very end of training runs no training hook, so a run killed
-        # after that checkpoint but before on_train_end would keep a log without θ_T: store it now.
         state, self._resume_state = self._resume_state, {}
-        if not (state.get("run_id") and trainer.is_global_zero and trainer.global_step > 0 and log_exists(self.log_dir)):
-            return
-        with InfluenceLog(self.log_dir) as log:
-            if log.meta.get("run_id") != state["run_id"] or log.finished or log.num_steps != trainer.global_step:
-                return
-        self._lock = acquire_writer_lock(self.log_dir, 0)
-        try:
-            writer = LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype, self.compression,
-                               **self._segment_limits())
-            writer.add_checkpoint(checkpoint_record(pl_module, trainer.optimizers[0], trainer.global_step))
-            writer.close()
-        finally:
-            self._lock.release()
-            self._lock = None
+        if trainer.is_global_zero:  # a fit resumed at its very end ran no training hook (tracker_final.py)
+            store_missing_final(self.log_dir, state.get("run_id"), pl_module, trainer.optimizers[0], trainer.global_step,
+                                lambda: LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype,
+                                                  self.compression, **self._segment_limits()))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._teardown(pl_module, raise_errors=False)  # keeps every completed step; the original exception propagates
