@@ -9,9 +9,10 @@ statistics instead of its running ones, a dropout switched off draws no mask.
 The tracker records, at each epoch's first batch (one walk over the modules per epoch, never per step),
 the names of the modules in eval mode (``named_modules`` names, ``""`` the LightningModule itself) and, when they
 differ from the last entry, the step they start at: ``meta.h5``'s ``eval_modules`` schedule
-(``docs/log-format.md``). Every re-evaluation of a step (``step.micro.MicroBatch.context``) sets exactly those
-modes on whatever module it is given and restores the module's own afterwards (:func:`exact_modes`). A log
-without the schedule (older logs) keeps the former rule (``step.micro.training_mode``). Pure torch.
+(``docs/log-format.md``; ``docs/replay.md``, Modes). Every re-evaluation of a step
+(``step.micro.MicroBatch.context``) sets exactly those modes on whatever module it is given and restores the
+module's own afterwards (:func:`exact_modes`). A log without the schedule (older logs) keeps the former rule
+(``step.micro.training_mode``). Pure torch.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def with_modes(meta: Mapping[str, Any], step: int, names: Sequence[str]) -> dict
 
 class ModeWatch:
     """The tracker's check of the modes: at a fit's first batch and each epoch's first (``batch_idx == 0``), one walk
-    over the modules; the fit's first observation and every change go into ``meta.h5`` (rank 0's ``LogWriter.amend_meta``,
-    :func:`with_modes`). Modes changed in the middle of an epoch are not seen (``docs/replay.md``)."""
+    over the modules; the fit's first observation and every change go into ``meta.h5`` (rank 0's
+    ``LogWriter.amend_meta``, :func:`with_modes`). Modes changed in the middle of an epoch are not seen
+    (``docs/replay.md``)."""
 
     def __init__(self) -> None:
         self._last: list[str] | None = None
