@@ -25,6 +25,7 @@ import io
 import json
 import math
 import time
+import warnings
 from collections import deque
 from typing import Any, Callable
 
@@ -574,12 +575,24 @@ class InfluenceTracker(Callback):
         self._passes = OwnPasses(self._loss, self._names, self._projector, self._capture, self._precision, self.hvp_eps,
                                  self.hvp_scheme)
 
+    def _drop_refused_step(self) -> None:
+        """A step the update watch refused after it was recorded (a rate set after the tracker's hook) leaves the log
+        with the steps before it, as a fit killed there would."""
+        step = self._update_watch.refused
+        if step is None:
+            return
+        self._in_flight = deque(entry for entry in self._in_flight if entry[0].step < step)
+        if not self._writer.discard_from(step):
+            warnings.warn(f"InfluenceTracker: step {step}, refused, was already written in a closed segment; the log "
+                           "keeps it as recorded (its learning rates are not the ones the update used)")
+
     def _teardown(self, pl_module: nn.Module, raise_errors: bool = True) -> None:
         try:
             self._step_model.teardown()
             self._update_watch.remove()
             if self._writer is not None:
                 refused: Exception | None = None
+                self._drop_refused_step()
                 try:
                     self._land()  # steps whose copies are in flight are complete steps: keep them
                 except Exception as e:  # raised after the writer is closed (keeping every step before it)

@@ -235,6 +235,7 @@ def test_a_hyperparameter_set_after_the_trackers_hook_is_refused_at_that_step(tm
     with pytest.raises(RuntimeError, match=r"step 3 updated the parameters with momentum, weight_decay \[\[0\.5, 0\.01\]\] "
                                            r".*\[\[0\.9, 0(\.0)?\]\] were recorded.*training_step"):
         fit(Ramped("on_before_optimizer_step").double(), loader(make_data(24)), InfluenceTracker(str(tmp_path / "a")))
+    assert InfluenceLog(tmp_path / "a").steps.tolist() == [0, 1, 2]  # the refused step 3 is not kept
 
 
 @pytest.mark.parametrize("key,value,momentum,match", [
