@@ -123,6 +123,32 @@ def test_a_mode_change_at_an_epoch_boundary_replays_exactly(log_dir):
         assert all(torch.equal(params[n].detach(), final[n]) for n in final)
 
 
+def test_a_resumed_fit_records_its_own_modes_from_its_first_step(tmp_path):
+    """A first fit freezes the BatchNorm from epoch 1 (step 4); the fit resumed at step 4 from the end of epoch 0 freezes
+    it from epoch 2 only (step 8): the schedule keeps the log's entries before step 4 and the resumed fit's from there
+    (the first fit's entry at step 4 goes with its steps), and replay reproduces the resumed log bit for bit."""
+    ds = make_data(16)
+    log_dir = str(tmp_path / "log")
+
+    def fit(epochs: int, freeze_from: int, ckpt_path: str | None = None) -> None:
+        pl.seed_everything(0, verbose=False)
+        tracker = InfluenceTracker(log_dir, checkpoint_every_n_steps=2, allow_train_batchnorm=True, record_losses=False)
+        saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+        pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, deterministic=True, callbacks=[tracker, saver]
+                   ).fit(FrozenBN(freeze_from=freeze_from), loader(ds, batch_size=4), ckpt_path=ckpt_path)
+
+    fit(2, 1)
+    assert read_meta(log_dir)["eval_modules"] == [{"step": 0, "eval": []}, {"step": 4, "eval": ["net.1"]}]
+    fit(3, 2, str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    log = InfluenceLog(log_dir)
+    assert log.meta["resumes"][0]["step"] == 4 and log.num_steps == 12
+    assert log.meta["eval_modules"] == [{"step": 0, "eval": []}, {"step": 8, "eval": ["net.1"]}]
+    final = {n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint(log.num_steps).items()}
+    params = _replay_to_end(log, FrozenBN().eval(), ds)
+    assert all(torch.equal(params[n].detach(), final[n]) for n in final)
+
+
 def test_the_modes_are_read_once_per_epoch(log_dir, monkeypatch):
     """The tracker walks the modules at each epoch's first batch only (3 epochs of 4 steps: 3 walks), never per step."""
     calls = []
