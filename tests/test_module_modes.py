@@ -219,6 +219,11 @@ def test_schedule_cut_at_a_resume_and_exact_modes_restore():
     with pytest.raises(ValueError, match="does not match the log"):
         with exact_modes(module, ["net.9"]):
             pass
+    assert not any(_modes(module))
+    fresh = FrozenBN()
+    with exact_modes(fresh, ["", "net.1"]):
+        assert [m.training for m in fresh.modules()] == [False, True, True, False, True, True, True]
+    assert all(_modes(fresh))
 
 
 def test_the_row_split_follows_the_recorded_modes():

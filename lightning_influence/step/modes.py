@@ -44,20 +44,22 @@ def exact_modes(module: nn.Module | None, eval_names: Sequence[str]) -> Iterator
     if module is None:
         yield
         return
-    modules = list(module.named_modules())
-    missing = set(eval_names) - {name for name, _ in modules}
-    if missing:
-        raise ValueError(f"the module does not match the log: training ran modules {sorted(missing)[:5]} in eval mode, "
-                         "which the module given does not have")
-    kept = [(m, m.training) for _, m in modules]
     frozen = set(eval_names)
-    for name, m in modules:
-        m.training = name not in frozen
+    changed = []  # the modules whose flag differs from training's: set here, restored after
+    for name, m in module.named_modules():
+        train = name not in frozen
+        frozen.discard(name)
+        if m.training != train:
+            changed.append(m)
+            object.__setattr__(m, "training", train)  # the plain flag, without nn.Module.__setattr__'s lookups
     try:
+        if frozen:
+            raise ValueError(f"the module does not match the log: training ran modules {sorted(frozen)[:5]} in eval "
+                             "mode, which the module given does not have")
         yield
     finally:
-        for m, training in kept:
-            m.training = training
+        for m in changed:
+            object.__setattr__(m, "training", not m.training)
 
 
 class ModeSchedule:
