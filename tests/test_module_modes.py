@@ -170,6 +170,10 @@ def test_cli_dit_on_a_frozen_batchnorm_run(log_dir, capsys):
     _fit(log_dir, ds, val=DataLoader(WithIds(val), batch_size=8))
     assert main(["query", log_dir, "-m", "dit", "--query", "val_loss", "-k", "0", "-f", "json", "-q"]) == 0
     got = scores_of(json.loads(capsys.readouterr().out), 16)
+    assert main(["info", log_dir]) == 0
+    assert "modules in eval mode: net.1 from step 0" in capsys.readouterr().out
+    assert main(["info", log_dir, "-f", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_modules"] == [{"step": 0, "eval": ["net.1"]}]
     expected = dit(InfluenceLog(log_dir), mean_loss((val.tensors[0], val.tensors[1]), lambda m, b: m.per_sample_loss(b)),
                    module=FrozenBN(), train_data=WithIds(ds)).column(0)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
