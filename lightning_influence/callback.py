@@ -417,8 +417,9 @@ class InfluenceTracker(Callback):
             if not self.store_inputs:
                 check_dataset(getattr(trainer.train_dataloader, "dataset", None))
         step = trainer.global_step
-        self._modes.observe(pl_module, step, batch_idx, self._writer if self._global_zero else None)
-        if not self._pending.micro and self._checkpoints_at(step):  # θ_t's buffers: before the forward updates them
+        checkpoint = not self._pending.micro and self._checkpoints_at(step)
+        self._modes.observe(pl_module, step, batch_idx, checkpoint, self._writer if self._global_zero else None)
+        if checkpoint:  # θ_t's buffers: before the forward updates them
             self._pending.buffers = {n: b.detach().clone() for n, b in persistent_buffers(pl_module).items()}
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
                                                      inputs=_serialise(batch) if self.store_inputs else None,

@@ -47,13 +47,14 @@ class FrozenBN(TinyClassifier):
             self.net[1].eval()
 
 
-def _fit(log_dir: str, ds: TensorDataset, epochs: int = 2, val: Any = None, **module_kw: Any) -> FrozenBN:
+def _fit(log_dir: str, ds: TensorDataset, epochs: int = 2, val: Any = None, every: int | None = 2,
+         **module_kw: Any) -> FrozenBN:
     module = FrozenBN(**module_kw)
     pl.seed_everything(0, verbose=False)
     kw = {} if module_kw.get("freeze_from", 0) == 0 else {"allow_train_batchnorm": True, "record_losses": False}
     pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
-               callbacks=[InfluenceTracker(log_dir, checkpoint_every_n_steps=2, **kw)]
+               callbacks=[InfluenceTracker(log_dir, checkpoint_every_n_steps=every, **kw)]
                ).fit(module, loader(ds, batch_size=4), val)
     return module
 
@@ -149,13 +150,44 @@ def test_a_resumed_fit_records_its_own_modes_from_its_first_step(tmp_path):
     assert all(torch.equal(params[n].detach(), final[n]) for n in final)
 
 
-def test_the_modes_are_read_once_per_epoch(log_dir, monkeypatch):
-    """The tracker walks the modules at each epoch's first batch only (3 epochs of 4 steps: 3 walks), never per step."""
+class UnfreezesMidEpoch(FrozenBN):
+    """Frozen at each epoch's start, but unfrozen in the module's own ``on_train_batch_start`` at step 5 (epoch 1)."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == 5:
+            self.net[1].train()
+
+
+def test_a_change_in_the_middle_of_an_epoch_is_seen_at_the_next_checkpoint(log_dir):
+    """Unfrozen at step 5, in the middle of epoch 1 (steps 4..7): the tracker sees it at the checkpointed step 6 and
+    warns; the schedule switches there. Replay stops at that checkpoint (step 5 ran with other modes than recorded)
+    instead of going on silently, and from the checkpoint on it reproduces the run bit for bit."""
+    ds = make_data(16)
+    pl.seed_everything(0, verbose=False)
+    tracker = InfluenceTracker(log_dir, checkpoint_every_n_steps=2, allow_train_batchnorm=True, record_losses=False)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=True, callbacks=[tracker])
+    with pytest.warns(RuntimeWarning, match=r"changed in the middle of an epoch, seen at step 6 .* steps 4\.\.5"):
+        trainer.fit(UnfreezesMidEpoch(), loader(ds, batch_size=4))
+    log = InfluenceLog(log_dir)
+    assert log.meta["eval_modules"] == [{"step": 0, "eval": ["net.1"]}, {"step": 6, "eval": []}]
+    with pytest.raises(ReplayMismatchError, match="at step 6"):
+        _replay_to_end(log, FrozenBN(), ds)
+    *_, last = replay(log, FrozenBN(), WithIds(ds), 6, None, tolerance=0.0)
+    final = {n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint(log.num_steps).items()}
+    assert last.step == 8 and all(torch.equal(last.params[n].detach(), final[n]) for n in final)
+
+
+def test_the_modes_are_read_per_epoch_and_checkpoint_never_per_step(log_dir, monkeypatch):
+    """The tracker walks the modules at each epoch's first batch and each checkpointed step's only, never per step:
+    3 epochs of 4 steps, 3 walks; with checkpoints every 2 steps, 6 (steps 0, 2, ..., 10)."""
     calls = []
     walk = modes_module.eval_module_names
     monkeypatch.setattr(modes_module, "eval_module_names", lambda m: calls.append(1) or walk(m))
-    _fit(log_dir, make_data(16), epochs=3)
-    assert len(calls) == 3
+    for every, walks in ((None, 3), (2, 6)):
+        calls.clear()
+        _fit(log_dir + str(every), make_data(16), epochs=3, every=every)
+        assert len(calls) == walks
 
 
 def test_cli_dit_on_a_frozen_batchnorm_run(log_dir, capsys):

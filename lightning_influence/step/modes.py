@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
 from torch import nn
@@ -100,26 +101,36 @@ def with_modes(meta: Mapping[str, Any], step: int, names: Sequence[str]) -> dict
 
 
 class ModeWatch:
-    """The tracker's check of the modes: at a fit's first batch and each epoch's first (``batch_idx == 0``), one walk
-    over the modules; the fit's first observation and every change go into ``meta.h5`` (rank 0's
-    ``LogWriter.amend_meta``, :func:`with_modes`). Modes changed in the middle of an epoch are not seen
-    (``docs/replay.md``)."""
+    """The tracker's check of the modes: at a fit's first batch, each epoch's first (``batch_idx == 0``) and each
+    checkpointed step's, one walk over the modules; the fit's first observation and every change go into ``meta.h5``
+    (rank 0's ``LogWriter.amend_meta``, :func:`with_modes`). A change in the middle of an epoch is seen at the next
+    checkpoint at best, with a warning: the steps since the last observation replay with the former modes (a replay
+    verifying that checkpoint stops there), those from the checkpoint on with the new ones (``docs/replay.md``)."""
 
     def __init__(self) -> None:
         self._last: list[str] | None = None
+        self._seen = 0  # the step of the last observation
 
     def start(self) -> None:
         """A new fit: its first batch records the modes (a resumed fit's start too: the log's schedule is cut there)."""
         self._last = None
 
-    def observe(self, module: nn.Module, step: int, batch_idx: int, writer: Any) -> None:
-        """At every batch start: cheap unless it is the fit's first batch or an epoch's first. ``writer``: rank 0's
-        (``LogWriter.amend_meta``), ``None`` on the other ranks (which record nothing)."""
-        if batch_idx != 0 and self._last is not None:
+    def observe(self, module: nn.Module, step: int, batch_idx: int, checkpoint: bool, writer: Any) -> None:
+        """At every batch start: cheap unless it is the fit's first batch, an epoch's first or a checkpointed step's
+        (``checkpoint``). ``writer``: rank 0's (``LogWriter.amend_meta``), ``None`` on the other ranks (which record
+        nothing)."""
+        if batch_idx != 0 and not checkpoint and self._last is not None:
             return
         names = eval_module_names(module)
+        seen, self._seen = self._seen, step
         if names == self._last:
             return
+        if self._last is not None and batch_idx != 0 and writer is not None:
+            warnings.warn(f"InfluenceTracker: the modules in eval mode changed in the middle of an epoch, seen at step "
+                          f"{step} (now {names or 'none'}, were {self._last or 'none'} at step {seen}): replay and the "
+                          f"estimators run steps {seen}..{step - 1} with the former modes, some of which trained with "
+                          f"the new ones (a replay verifying the checkpoint at step {step} stops there). Change modes in "
+                          "on_train_epoch_start", RuntimeWarning, stacklevel=2)
         self._last = names
         if writer is not None:
             writer.amend_meta(functools.partial(with_modes, step=step, names=names))
