@@ -25,6 +25,7 @@ import io
 import json
 import math
 import time
+import warnings
 from collections import deque
 from typing import Any, Callable
 
@@ -41,13 +42,13 @@ from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
-from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.log.resume import (continue_log, log_exists, logged_fold_bias, logged_demotions,
+from lightning_influence.log.resume import (continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import persistent_buffers
+from lightning_influence.step.modes import ModeWatch
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
                                               random_states)
 from lightning_influence.step.precision import FULL, Precision
@@ -56,7 +57,7 @@ from lightning_influence.tensorboard import LiveTensorBoard
 from lightning_influence.tracker_checks import (UpdateWatch, check_batchnorm, check_dataset, check_distinct_ids, check_fit,
                                                 check_losses, check_optimizers, check_training_set,
                                                 generators_kept, trainer_precision)
-from lightning_influence.tracker_final import FinalCheckpoint
+from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
 
@@ -246,6 +247,7 @@ class InfluenceTracker(Callback):
         self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()
         self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
         self._final = FinalCheckpoint()  # θ_T as the last step left it (a weight-averaging callback replaces it)
+        self._modes = ModeWatch()  # the submodules' train/eval modes, checked per epoch (step/modes.py)
         self._update_watch = UpdateWatch()  # the logged learning rates and hyperparameters are the ones the update used
 
     # ------------------------------------------------------------------------------ config
@@ -322,6 +324,7 @@ class InfluenceTracker(Callback):
         self._verified = self._agreed = False
         self._checked_batchnorm = False
         self._checked_dataset = False
+        self._modes.start()
 
     def _segment_limits(self) -> dict[str, Any]:
         """When a segment closes besides ``flush_every_n_steps``: its age and, by default, its size."""
@@ -373,23 +376,11 @@ class InfluenceTracker(Callback):
         self._teardown(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A fit resumed from a checkpoint taken at the very end of training runs no training hook, so a run killed
-        # after that checkpoint but before on_train_end would keep a log without θ_T: store it now.
         state, self._resume_state = self._resume_state, {}
-        if not (state.get("run_id") and trainer.is_global_zero and trainer.global_step > 0 and log_exists(self.log_dir)):
-            return
-        with InfluenceLog(self.log_dir) as log:
-            if log.meta.get("run_id") != state["run_id"] or log.finished or log.num_steps != trainer.global_step:
-                return
-        self._lock = acquire_writer_lock(self.log_dir, 0)
-        try:
-            writer = LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype, self.compression,
-                               **self._segment_limits())
-            writer.add_checkpoint(checkpoint_record(pl_module, trainer.optimizers[0], trainer.global_step))
-            writer.close()
-        finally:
-            self._lock.release()
-            self._lock = None
+        if trainer.is_global_zero:  # a fit resumed at its very end ran no training hook (tracker_final.py)
+            store_missing_final(self.log_dir, state.get("run_id"), pl_module, trainer.optimizers[0], trainer.global_step,
+                                lambda: LogWriter(self.log_dir, 0, self.flush_every_n_steps, self.storage_dtype,
+                                                  self.compression, **self._segment_limits()))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._teardown(pl_module, raise_errors=False)  # keeps every completed step; the original exception propagates
@@ -426,7 +417,9 @@ class InfluenceTracker(Callback):
             if not self.store_inputs:
                 check_dataset(getattr(trainer.train_dataloader, "dataset", None))
         step = trainer.global_step
-        if not self._pending.micro and self._checkpoints_at(step):  # θ_t's buffers: before the forward updates them
+        checkpoint = not self._pending.micro and self._checkpoints_at(step)
+        self._modes.observe(pl_module, step, batch_idx, checkpoint, self._writer if self._global_zero else None)
+        if checkpoint:  # θ_t's buffers: before the forward updates them
             self._pending.buffers = {n: b.detach().clone() for n, b in persistent_buffers(pl_module).items()}
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
                                                      inputs=_serialise(batch) if self.store_inputs else None,
@@ -588,6 +581,17 @@ class InfluenceTracker(Callback):
         self._passes = OwnPasses(self._loss, self._names, self._projector, self._capture, self._precision, self.hvp_eps,
                                  self.hvp_scheme)
 
+    def _drop_refused_step(self) -> None:
+        """A step the update watch refused after it was recorded (a rate set after the tracker's hook) leaves the log
+        with the steps before it, as a fit killed there would."""
+        step = self._update_watch.refused
+        if step is None:
+            return
+        self._in_flight = deque(entry for entry in self._in_flight if entry[0].step < step)
+        if not self._writer.discard_from(step):
+            warnings.warn(f"InfluenceTracker: step {step}, refused, was already written in a closed segment; the log "
+                           "keeps it as recorded (its learning rates are not the ones the update used)")
+
     def _teardown(self, pl_module: nn.Module, raise_errors: bool = True) -> None:
         if self._capture is not None:  # an exception inside training_step: the raw-parameter mode leaves the stack
             self._capture.unwatch()
@@ -596,6 +600,7 @@ class InfluenceTracker(Callback):
             self._update_watch.remove()
             if self._writer is not None:
                 refused: Exception | None = None
+                self._drop_refused_step()
                 try:
                     self._land()  # steps whose copies are in flight are complete steps: keep them
                 except Exception as e:  # raised after the writer is closed (keeping every step before it)

@@ -440,14 +440,16 @@ def sweep(estimator: Callable[..., Any], log: InfluenceLog, query: Query, proces
         return estimator(log, query, **kwargs)
     if estimator in STEP_SPLIT:
         return by_steps(estimator, log, query, procs, **kwargs)
-    if split_for(estimator, kwargs.get("module"), split) == "columns":
+    if split_for(estimator, kwargs.get("module"), split, log.meta) == "columns":
         return by_columns(estimator, log, query, procs, **kwargs)
     return by_batch(estimator, log, query, procs, **kwargs)
 
 
-def split_for(estimator: Callable[..., Any], module: nn.Module | None, split: str = "auto") -> str:
+def split_for(estimator: Callable[..., Any], module: nn.Module | None, split: str = "auto",
+              meta: Mapping[str, Any] | None = None) -> str:
     """``"batch"`` or ``"columns"``: ``split`` itself, or for ``"auto"`` the batch split where the estimator has one
-    and ``module``'s rows can be evaluated apart (:func:`~lightning_influence.step.shard.check_row_split`)."""
+    and ``module``'s rows can be evaluated apart (:func:`~lightning_influence.step.shard.check_row_split`, with the modes
+    the log's ``meta`` records)."""
     if split != "auto":
         return split
     if estimator in LOG_ROW_SPLIT:  # the logged rows: the module only takes the query's gradients
@@ -456,7 +458,7 @@ def split_for(estimator: Callable[..., Any], module: nn.Module | None, split: st
         return "columns"
     try:
         if module is not None:
-            check_row_split(module)
+            check_row_split(module, meta)
     except ValueError:
         return "columns"
     return "batch"
@@ -505,7 +507,7 @@ def by_batch(estimator: Callable[..., Any], log: InfluenceLog, query: Query, pro
         query, names = query_gradients_for(log, module, query, kwargs.get("window"))
         kwargs["query_names_"] = names
     elif estimator not in LOG_ROW_SPLIT and kwargs.get("module") is not None:
-        check_row_split(kwargs["module"])  # before any process starts
+        check_row_split(kwargs["module"], log.meta)  # before any process starts
     what = f"distributed {estimator.__name__} (batch split)"
     return procs.launch(_batch_worker, estimator, str(log.path), query, kwargs, what, what=what)
 

@@ -44,6 +44,7 @@ from lightning_influence.replay_drift import (  # noqa: F401 (re-exported)
 from lightning_influence.step.buffers import ParamsWithBuffers, buffers_of, cloned, persistent_buffers
 from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
 from lightning_influence.step.micro import MicroBatch, Step
+from lightning_influence.step.modes import ModeSchedule
 from lightning_influence.step.precision import Precision, scaled, unscale_
 from lightning_influence.step.rng import NONE, RandomState
 from lightning_influence.step.shard import BatchShard, positions, take_rows
@@ -347,6 +348,8 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
     records = log.micro_batches(t)
     randoms = [RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda) for m in records]
     train = bool(log.meta.get("train_batchnorm"))
+    schedule = ModeSchedule.from_meta(log.meta)  # the modes training ran the step's forwards with (step.modes)
+    modes = None if schedule is None else schedule.at(t)
     world = int(log.meta.get("world_size") or 1)  # DDP: rank 0's micro-batches come first (MicroBatch.updates_buffers)
     first_rank = len(records) // world if world > 1 and len(records) % world == 0 else len(records)
     sizes = [len(m.ids) for m in records]
@@ -365,7 +368,7 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
                              "needs train_data (the training samples by id)")
         else:
             batch = batch_from_ids(train_data, ids)
-        micro.append(MicroBatch(ids, batch, random, train, k < first_rank))
+        micro.append(MicroBatch(ids, batch, random, train, k < first_rank, modes))
     return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t),
                 None if rows is None else positions(sizes, rows))
 

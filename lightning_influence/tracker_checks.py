@@ -84,6 +84,7 @@ class UpdateWatch:
         self._handle: Any = None
         self._schedule: ScheduleRecorder | None = None
         self._step, self._lrs, self._values = -1, None, None
+        self.refused: int | None = None  # the step refused (its record must not stay in the log)
 
     def install(self, optimizer: torch.optim.Optimizer, rule: UpdateRule, logged_groups: Sequence[Any] | None = None) -> None:
         """Watch ``optimizer`` (its update ``rule``: :func:`check_optimizers`); ``logged_groups``: the log's param groups
@@ -108,6 +109,7 @@ class UpdateWatch:
             return
         used = [float(g["lr"]) for g in optimizer.param_groups]
         if used != expected:
+            self.refused = self._step
             raise RuntimeError(
                 f"InfluenceTracker: step {self._step} updated the parameters with learning rates {used}, but {expected} "
                 f"were recorded at its on_before_optimizer_step: {_LATE}")
@@ -115,6 +117,7 @@ class UpdateWatch:
         if values != self._values:
             keys = self._schedule.keys
             changed = sorted({k for old, new in zip(self._values, values) for k, a, b in zip(keys, old, new) if a != b})
+            self.refused = self._step
             raise RuntimeError(
                 f"InfluenceTracker: step {self._step} updated the parameters with {', '.join(changed)} "
                 f"{[[g[keys.index(k)] for k in changed] for g in values]} per param group, but "

@@ -1,4 +1,4 @@
-"""θ_T, the log's final checkpoint, as the last optimizer step left it.
+"""θ_T, the log's final checkpoint, as the last optimizer step left it, and stored even when no training hook ran.
 
 Lightning's weight-averaging callbacks (``StochasticWeightAveraging``; ``WeightAveraging``, e.g. EMA) copy their
 average into the module at ``on_train_end``, before the tracker's when listed before it. θ_T taken then is no optimizer
@@ -6,16 +6,23 @@ step's result: replay to it failed at the last segment and blamed data or round-
 the tracker takes θ_T at every ``on_train_epoch_end`` (after the epoch's last step; ``on_train_end`` follows the last
 one, with no step between) and stores that one. The estimators then explain the trajectory up to its last step; the
 averaged weights are not a point of it (``meta.h5``: ``final_weights_replaced_by``).
+
+A fit resumed from a Lightning checkpoint taken at the very end of training runs no training hook; if the run that
+wrote the log was killed after that checkpoint but before its ``on_train_end``, the log has every step but no θ_T:
+:func:`store_missing_final` stores it at the resumed fit's end.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 
+from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.records import CheckpointRecord
+from lightning_influence.log.resume import log_exists
+from lightning_influence.log.writer import LogWriter, acquire_writer_lock
 from lightning_influence.step.pending import checkpoint_record
 
 try:  # Lightning >= 2.5
@@ -54,3 +61,20 @@ class FinalCheckpoint:
     def note(self) -> dict[str, Any]:
         """What ``meta.h5`` says of θ_T (nothing without a weight-replacing callback)."""
         return {"final_weights_replaced_by": self.replacers} if self.replacers else {}
+
+
+def store_missing_final(log_dir: str, run_id: str | None, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        step: int, new_writer: Callable[[], LogWriter]) -> None:
+    """θ_T of the log ``run_id`` (the one the resumed fit continued) at ``step``, if it has every step but no θ_T."""
+    if not (run_id and step > 0 and log_exists(log_dir)):
+        return
+    with InfluenceLog(log_dir) as log:
+        if log.meta.get("run_id") != run_id or log.finished or log.num_steps != step:
+            return
+    lock = acquire_writer_lock(log_dir, 0)
+    try:
+        writer = new_writer()
+        writer.add_checkpoint(checkpoint_record(module, optimizer, step))
+        writer.close()
+    finally:
+        lock.release()

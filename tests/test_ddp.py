@@ -24,16 +24,22 @@ def ddp_fit(*args: str) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def test_ddp_log_equals_a_single_process_run_of_the_same_global_batches(tmp_path):
-    """2 ranks × 3 samples per step vs 1 process × 6: same ids per step, records and TracIn scores."""
-    ddp_fit(str(tmp_path / "ddp"), "ddp")
+def ddp_and_single(tmp_path: Path, schedule: str = "") -> tuple[InfluenceLog, InfluenceLog]:
+    """The logs of the 2-process run (``tmp_path/ddp``) and of one process (``tmp_path/single``) of the same global
+    batches; ``schedule``: ``ddp_run.py``'s mode suffix (``"+onecycle"``)."""
+    ddp_fit(str(tmp_path / "ddp"), "ddp" + schedule)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fit(str(tmp_path / "single"), "single")
+        fit(str(tmp_path / "single"), "single" + schedule)
     finally:
         torch.set_num_threads(threads)
-    ddp, single = InfluenceLog(tmp_path / "ddp"), InfluenceLog(tmp_path / "single")
+    return InfluenceLog(tmp_path / "ddp"), InfluenceLog(tmp_path / "single")
+
+
+def test_ddp_log_equals_a_single_process_run_of_the_same_global_batches(tmp_path):
+    """2 ranks × 3 samples per step vs 1 process × 6: same ids per step, records and TracIn scores."""
+    ddp, single = ddp_and_single(tmp_path)
     assert ddp.ranks == [0, 1] and ddp.meta["world_size"] == 2 and ddp.finished
     for seg in (tmp_path / "ddp" / "rank-1").iterdir():  # θ_t is the same on every rank: only rank 0 stores it
         with h5py.File(seg, "r") as f:

@@ -235,6 +235,7 @@ def test_a_hyperparameter_set_after_the_trackers_hook_is_refused_at_that_step(tm
     with pytest.raises(RuntimeError, match=r"step 3 updated the parameters with momentum, weight_decay \[\[0\.5, 0\.01\]\] "
                                            r".*\[\[0\.9, 0(\.0)?\]\] were recorded.*training_step"):
         fit(Ramped("on_before_optimizer_step").double(), loader(make_data(24)), InfluenceTracker(str(tmp_path / "a")))
+    assert InfluenceLog(tmp_path / "a").steps.tolist() == [0, 1, 2]  # the refused step 3 is not kept
 
 
 @pytest.mark.parametrize("key,value,momentum,match", [
@@ -437,17 +438,10 @@ def test_the_pbrf_gaps_warm_stage_runs_each_steps_momentum(tmp_path):
 def test_a_ddp_run_records_the_schedule_on_every_rank_as_one_process_does(tmp_path):
     """2 gloo processes under OneCycleLR: every rank's segments hold the cycled momentum, the log's values equal a
     single-process run of the same global batches, and the DDP log replays (tests/test_ddp.py's tolerance)."""
-    from ddp_run import EPOCHS, N, fit as ddp_run_fit
-    from test_ddp import ddp_fit
+    from ddp_run import EPOCHS, N
+    from test_ddp import ddp_and_single
 
-    ddp_fit(str(tmp_path / "ddp"), "ddp+onecycle")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ddp_run_fit(str(tmp_path / "single"), "single+onecycle")
-    finally:
-        torch.set_num_threads(threads)
-    ddp, single = InfluenceLog(tmp_path / "ddp"), InfluenceLog(tmp_path / "single")
+    ddp, single = ddp_and_single(tmp_path, "+onecycle")
     assert ddp.ranks == [0, 1] and ddp.num_steps == single.num_steps == 4 * EPOCHS
     for rank in (0, 1):  # every segment holding steps (rank 0's last one holds θ_T alone)
         assert [names for _, names in _segments(tmp_path / "ddp", rank)][:4] == [("hyper_dampening", "hyper_momentum",
@@ -459,4 +453,27 @@ def test_a_ddp_run_records_the_schedule_on_every_rank_as_one_process_does(tmp_pa
     steps = [rs.step for rs in replay(ddp, tiny(), make_data(N), 0, None, loss_fn=lambda m, b: m.per_sample_loss(b),
                                       tolerance=1e-9)]
     assert steps == list(range(ddp.num_steps + 1))
+
+
+def test_the_pbrf_takes_the_weight_decay_of_the_step_that_reached_theta(tmp_path):
+    """The PBRF's proximity holds the run's coupled L2 weight decay: under a schedule (κ doubled from step 4 on), the
+    value at θ_T's last step, as the closed form with 2κ shows (tests/test_pbrf.py; meta.h5's κ was used before)."""
+    from test_pbrf import KAPPA, Lin, closed_form_pbrf, fq, lin_data, lin_query, theta_of
+
+    from lightning_influence.evaluation.pbrf import pbrf
+    from tests._tinylog import epoch_batches, train_and_log
+
+    torch.manual_seed(1)
+    model = Lin().double()
+    batches, epochs = epoch_batches(12, 4, 2, seed=0)
+    train_and_log(str(tmp_path), model, lambda m, b: m.per_sample_loss(b), lin_data, batches, [0.2] * len(batches),
+                  torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=KAPPA), checkpoint_every=None,
+                  record_gradients=False, dataset_size=12, epochs=epochs,
+                  schedule=[None] * 4 + [{"weight_decay": [2 * KAPPA]}] * (len(batches) - 4))
+    log = InfluenceLog(tmp_path)
+    theta_s = theta_of(log, log.num_steps)
+    res = pbrf(log, Lin().double(), lin_data, lin_query, range(12), damping=0.1, output_loss="squared_error")
+    expected = np.stack([fq(theta_s + closed_form_pbrf(theta_s, m, 0.1 + KAPPA)) - fq(theta_s) for m in range(12)])
+    assert np.abs(res.scores - expected).max() <= 1e-12 * max(1.0, np.abs(expected).max())
+    assert res.info["weight_decay_max"] == pytest.approx(2 * KAPPA) and "scheduled" in res.info["weight_decay_note"]
 

@@ -14,10 +14,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import (BackboneFinetuning, GradientAccumulationScheduler, StochasticWeightAveraging,
                                          WeightAveraging)
-from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,29 +23,17 @@ from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
 from lightning_influence.log.format import read_meta
 from lightning_influence.replay import replay
 from lightning_influence.step.optimizers import UnsupportedOptimizerError
+from conftest import TinyClassifier, make_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-class Net(pl.LightningModule):
+class Net(TinyClassifier):
     def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def per_sample_loss(self, batch):
-        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
-
-    def training_step(self, batch, batch_idx):
-        return self.per_sample_loss(batch).mean()
+        super().__init__(d_in=6, hidden=8, momentum=0.9)
 
     def validation_step(self, batch, batch_idx):  # EMA swaps its average in for validation, and back after it
         self.log("val_loss", self.per_sample_loss(batch).mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
 class LastStep(pl.Callback):
@@ -58,8 +44,7 @@ class LastStep(pl.Callback):
 
 
 def _data() -> WithIds:
-    g = torch.Generator().manual_seed(0)
-    return WithIds(TensorDataset(torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)))
+    return WithIds(make_data(40, d_in=6, dtype=torch.float32))
 
 
 def _fit(log_dir, averaging: pl.Callback | None):
@@ -99,7 +84,7 @@ class Backbone(Net):
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone, self.head = self.net[:2], self.net[2]
+        self.backbone, self.head = self.net[:3], self.net[3]
 
     def configure_optimizers(self):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)

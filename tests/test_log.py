@@ -161,3 +161,20 @@ def test_amend_meta_rewrites_meta_in_order_and_a_failure_stops_the_writer(tmp_pa
     assert str(err.value).count("The disk is full") == 1  # described once
     writer.close(raise_errors=False)
     assert read_meta(tmp_path)["demoted"] == {"w": 0}
+
+
+def test_discard_from_drops_buffered_steps_and_says_when_one_was_written(tmp_path):
+    """A step refused after it was recorded leaves the log: dropped from the buffer (with any after it) and the writer
+    continues at it; one already in a closed segment is reported (False), and a step never recorded is nothing."""
+    from lightning_influence.log.reader import InfluenceLog
+
+    synthetic_meta(tmp_path)
+    writer = LogWriter(tmp_path, flush_every_n_steps=3, storage_dtype="float64")
+    for t in range(5):  # steps 0..2 written (a closed segment), 3..4 buffered
+        writer.add_step(StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(4) + 4 * t,
+                                   losses=np.ones(4)))
+    assert writer.discard_from(9) and writer.buffered_steps == 2  # never recorded
+    assert not writer.discard_from(2) and writer.buffered_steps == 2  # in the closed segment
+    assert writer.discard_from(4) and writer.buffered_steps == 1
+    writer.close()
+    assert InfluenceLog(tmp_path).steps.tolist() == [0, 1, 2, 3]

@@ -307,6 +307,9 @@ def test_a_learning_rate_set_after_the_trackers_hook_is_refused_at_that_step(tmp
                                            r"on_before_optimizer_step.*training_step"):
         torch.manual_seed(0)
         fit(_WarmedUp("on_before_optimizer_step", start).double(), loader(ds), InfluenceTracker(str(tmp_path / "a")))
+    # the refused step is not in the log (it kept its recorded rates, which the update did not use): the steps before
+    logged = InfluenceLog(tmp_path / "a")
+    assert logged.steps.tolist() == list(range(start)) and not logged.finished
     torch.manual_seed(0)
     fit(_WarmedUp("training_step", start).double(), loader(ds),
         InfluenceTracker(str(tmp_path / "b"), checkpoint_every_n_steps=1))

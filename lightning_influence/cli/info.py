@@ -87,7 +87,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "gradient_engine": meta.get("gradient_engine"), "gradient_engines": meta.get("gradient_engines"),
         "demoted": meta.get("demoted"),
         "storage_dtype": meta.get("storage_dtype"), "step": step_summary(log) if T else None,
-        "precision": meta.get("precision"),
+        "precision": meta.get("precision"), "eval_modules": meta.get("eval_modules"),
         "checkpoints": {"count": len(ckpts), "every_n_steps": meta.get("checkpoint_every_n_steps"), "final": log.finished,
                         "final_weights_replaced_by": meta.get("final_weights_replaced_by")},
         "state": log.end_note,
@@ -116,7 +116,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("steps", f"{len(log.steps)} ({int(log.steps[0]) if T else 0}..{T - 1}), epochs {int(epochs[0])}..{int(epochs[-1])} "
                   f"({per_epoch} steps per epoch), " + _batch_size(summary["batch_size"]) if T else "0 (no step recorded)"),
         ("samples", f"{summary['dataset_size']} training ids, {summary['ids_seen']} seen in the log"),
-        ("step", _describe_step(summary["step"]) + _describe_precision(summary["precision"])),
+        ("step", _describe_step(summary["step"]) + _describe_precision(summary["precision"])
+         + _describe_modes(meta.get("eval_modules"))),
         ("recorded", ", ".join(what)),
         ("gradients", f"{cols} columns per sample ({f'projected, {proj_dim} per tensor' if proj_dim else 'full'}, "
                       f"{summary['storage_dtype']}), every {every} step{'s' * (every != 1)}"
@@ -133,6 +134,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     emit(args, "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows))
     return code
+
+
+def _describe_modes(schedule: list[dict] | None) -> str:
+    """The submodules training kept in eval mode (meta ``eval_modules``, step/modes.py), where there are any."""
+    if not schedule or not any(e["eval"] for e in schedule):
+        return ""
+    parts = [f"{', '.join(e['eval']) or 'none'} from step {e['step']}" for e in schedule]
+    return "; modules in eval mode: " + "; ".join(parts)
 
 
 def _replaced(by: list[str] | None) -> str:

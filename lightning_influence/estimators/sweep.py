@@ -233,7 +233,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     if ctx.step.frozen:  # the frozen-preconditioner approximation is a linearisation throughout
         removal = "linear"
     if shard is not None:
-        check_row_split(ctx.module)
+        check_row_split(ctx.module, ctx.log.meta)
     fd = (FiniteDifferenceProducts(ctx.module, ctx.loss_fn, ctx.names, ctx.shapes, ctx.dtype,
                                    Precision.from_meta(ctx.log.meta.get("precision")), eps0) if hvp == "fd" else None)
     acts = sorted({int(s) for s in activations if t_lo < s <= t_hi})

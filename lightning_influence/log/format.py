@@ -1,4 +1,5 @@
-"""The on-disk influence log, format version 2 (the full spec is ``docs/log-format.md``; version 1 is still read).
+"""The on-disk influence log, format version 2, 3 for a segment holding an optimizer hyperparameter schedule (the full
+spec is ``docs/log-format.md``; version 1 is still read).
 
 A log is a directory::
 

@@ -320,16 +320,12 @@ def fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: 
 def _hyper_columns(steps: list[StepRecord]) -> dict[str, np.ndarray]:
     """``{key: (n_steps, n_groups[, 2]) float64}`` of the steps' recorded hyperparameters (``StepRecord.hyper``), NaN
     rows for the steps that used meta.h5's param groups; empty when no step recorded any (the common case)."""
-    recorded = [(i, rec.hyper) for i, rec in enumerate(steps) if rec.hyper]
-    if not recorded:
-        return {}
+    keys = {key: per_group for rec in steps if rec.hyper for key, per_group in rec.hyper.items()}
     out: dict[str, np.ndarray] = {}
-    for i, values in recorded:
-        for key, per_group in values.items():
-            row = np.asarray(per_group, dtype=np.float64)
-            if key not in out:
-                out[key] = np.full((len(steps), *row.shape), np.nan)
-            out[key][i] = row
+    for key, example in keys.items():
+        nan = np.full(np.shape(example), np.nan)
+        out[key] = np.asarray([nan if not rec.hyper or key not in rec.hyper else rec.hyper[key] for rec in steps],
+                              dtype=np.float64)
     return out
 
 

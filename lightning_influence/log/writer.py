@@ -266,6 +266,19 @@ class LogWriter:
         if self._segment_full():
             self.flush(wait=False)
 
+    def discard_from(self, step: int) -> bool:
+        """Drop the buffered steps from ``step`` on (a step refused after it was recorded, and any after it); False if
+        ``step`` was already written in a closed segment (a segment that closed at that very step)."""
+        if self._next_step is None or self._next_step <= step:
+            return True  # never recorded
+        if not self._steps or self._steps[0].step > step:
+            return False
+        kept = [r for r in self._steps if r.step < step]
+        self._steps, self._next_step = kept, step
+        self._bytes = sum(self.storage_dtype.itemsize * np.size(rows) for r in kept for rows in (r.grads, r.hvps)
+                          if rows is not None) + sum(np.asarray(v).nbytes for c in self._checkpoints for v in c.params.values())
+        return True
+
     def _segment_full(self) -> bool:
         """The buffered segment reached one of its limits (steps, seconds open, bytes)."""
         return ((self.flush_every_n_steps is not None and len(self._steps) >= self.flush_every_n_steps)

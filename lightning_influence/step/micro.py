@@ -30,6 +30,7 @@ from lightning_influence.capture.per_sample import _LossModule, _override_dict, 
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import cloned
+from lightning_influence.step.modes import exact_modes
 from lightning_influence.step.precision import FULL, Precision
 
 __all__ = ["MicroBatch", "Step", "exact_kernels", "per_sample_grads_masked", "training_mode"]
@@ -48,6 +49,9 @@ class MicroBatch:
     # its forward's buffer updates (running statistics) are the run's: under DDP rank 0's only, whose buffers DDP
     # broadcasts before every forward and whose the log stores (the others' forwards run on copies, step.buffers)
     updates_buffers: bool = True
+    # the modules training ran its forward with in eval mode (log meta ``eval_modules``, step.modes), set exactly on the
+    # module it is evaluated with; ``None``: not recorded (an older log, an own pass on the live module): training_mode
+    modes: tuple[str, ...] | None = None
 
     @property
     def drew(self) -> bool:
@@ -56,21 +60,25 @@ class MicroBatch:
 
     @contextlib.contextmanager
     def context(self, precision: Precision, module: nn.Module | None = None) -> Iterator[None]:
-        """Random state and autocast of this micro-batch's forward (the caller's generators are kept), and, if the
-        forward drew random numbers in training or ran a train-mode BatchNorm, ``module`` in train mode
-        (:func:`training_mode`)."""
-        with (rng.restored(self.random), precision.autocast(),
-              training_mode(module if self.drew or self.train else None)):
+        """Random state and autocast of this micro-batch's forward (the caller's generators are kept), and ``module``
+        in the modes training ran it with: those recorded (``modes``, :func:`.modes.exact_modes`), else, if the
+        forward drew random numbers in training or ran a train-mode BatchNorm, in train mode (:func:`training_mode`)."""
+        modes = (exact_modes(module, self.modes) if self.modes is not None
+                 else training_mode(module if self.drew or self.train else None))
+        with rng.restored(self.random), precision.autocast(), modes:
             yield
 
 
 @contextlib.contextmanager
 def training_mode(module: nn.Module | None) -> Iterator[None]:
-    """A module given in eval mode (``model.eval()`` after training) is re-run in train mode, as Lightning runs
+    """The rule for a log that does not record the modes (``eval_modules``, :mod:`.modes`; older logs): a module
+    given in eval mode (``model.eval()`` after training) is re-run in train mode, as Lightning runs
     ``training_step``: otherwise its dropout would be off and the step not the one trained. (Called only for
     micro-batches whose training forward drew random numbers or ran a train-mode BatchNorm, whose batch statistics
     it would otherwise replace by its running ones: a run trained in eval mode did neither.) A module in
-    train mode is used as it is (submodules a user keeps in eval mode stay so); the mode is restored afterwards."""
+    train mode is used as it is (submodules a user keeps in eval mode stay so); the mode is restored afterwards.
+    Wrong where training kept submodules in eval mode (frozen BatchNorm) and the module is given in eval mode, or
+    where the module is given with other submodule modes than training's: what the recorded modes fix."""
     if module is None or module.training:
         yield
         return

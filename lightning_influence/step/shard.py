@@ -16,12 +16,14 @@ the forward: :func:`check_row_split` refuses train-mode BatchNorm. Pure torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
+
+from lightning_influence.step.modes import ModeSchedule
 
 __all__ = ["BatchShard", "Share", "check_row_split", "positions", "split_range", "take_rows"]
 
@@ -101,11 +103,15 @@ def take_rows(batch: Any, rows: slice, n: int) -> Any:
     return pytree.tree_map(lambda x: x[rows] if isinstance(x, Tensor) and x.dim() and x.shape[0] == n else x, batch)
 
 
-def check_row_split(module: nn.Module) -> None:
+def check_row_split(module: nn.Module, meta: Mapping[str, Any] | None = None) -> None:
     """Refuse to cut a batch whose samples interact in the forward: train-mode BatchNorm normalises by the statistics of
-    the rows evaluated together, so a part of the batch would see others (split by query column instead)."""
+    the rows evaluated together, so a part of the batch would see others (split by query column instead). With the
+    log's ``meta`` recording the modes training ran (``eval_modules``, :mod:`.modes`), the steps run with those (a
+    frozen BatchNorm of a fresh module splits), else with the module's own."""
+    schedule = None if meta is None else ModeSchedule.from_meta(meta)
     for name, mod in module.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (
+                mod.training if schedule is None else schedule.ever_train(name)):
             raise ValueError(f"BatchNorm layer '{name}' is in train mode: its statistics mix the samples of a batch, so a "
                              "step's rows cannot be split over processes. Split the query's outputs over the processes instead "
                              "(split='columns')")

@@ -158,11 +158,15 @@ class Problem:
         if cls is torch.optim.AdamW or any(g.get("decoupled_weight_decay") for g in groups):
             return vec, ("AdamW's decoupled weight decay is not the gradient of an L2 loss term; not included "
                          "(pass weight_decay= to include an L2 term)")
-        for g in groups:
+        # a weight-decay schedule: the value of the step that reached θ_step (docs/log-format.md, version 3)
+        last = self.log.hyper(self.step - 1) if self.log.first_step < self.step <= self.log.num_steps else None
+        decay = last.get("weight_decay") if last is not None else None
+        for gi, g in enumerate(groups):
             for n in g["params"]:
                 if n in offsets:
-                    vec[offsets[n]] = float(g.get("weight_decay", 0.0))
-        return vec, f"coupled L2 weight decay of the logged {cls.__name__} param groups"
+                    vec[offsets[n]] = float(g.get("weight_decay", 0.0)) if decay is None else float(decay[gi])
+        return vec, f"coupled L2 weight decay of the logged {cls.__name__} param groups" + (
+            f" (as at step {self.step - 1}: the run scheduled its hyperparameters)" if decay is not None else "")
 
     # --- evaluation at a flat parameter vector
     def as_dict(self, x: Tensor) -> ParamsWithBuffers:
