@@ -111,6 +111,28 @@ def test_dit_equals_the_linear_response_of_replay_loo_with_frozen_batchnorm_and_
     assert rel(scores, one_sided) < 1e-4, rel(scores, one_sided)  # 1.8e-5: the O(ε) term alone
 
 
+def test_diffin_does_not_depend_on_the_modes_the_module_is_given_in(log_dir):
+    """Diff-In re-runs the steps' batches (HVPs, dropout masks of training) with training's modes: a module given in
+    eval mode and one given as training ran it (train mode, BatchNorm frozen) give the same scores bit for bit (the
+    queries, in evaluation mode, are the same on both). Before, the first was switched to train mode whole."""
+    from lightning_influence import diffin
+
+    ds, val = make_data(16), make_data(6, seed=1)
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+               callbacks=[InfluenceTracker(log_dir, record_gradients=True, record_hvp=True, storage_dtype="float64",
+                                           checkpoint_every_n_steps=2)]).fit(FrozenBN(), loader(ds, batch_size=4))
+    log = InfluenceLog(log_dir)
+    query = mean_loss((val.tensors[0], val.tensors[1]), lambda m, b: m.per_sample_loss(b))
+    as_trained = FrozenBN()
+    as_trained.net[1].eval()
+    scores = [diffin(log, query, module=m, train_data=WithIds(ds), steps="all").scores
+              for m in (FrozenBN().eval(), as_trained)]
+    assert np.abs(scores[0]).max() > 1e-4
+    np.testing.assert_array_equal(scores[0], scores[1])
+
+
 def test_a_mode_change_at_an_epoch_boundary_replays_exactly(log_dir):
     """BatchNorm in train mode in epoch 0 (allowed), frozen from epoch 1: the schedule says so with the step of the
     change, and replay runs each step with its own modes (bit for bit, a fresh module and one in eval mode)."""
