@@ -258,3 +258,38 @@ def test_the_view_vjp_equals_autograds(view, plain):
         g = torch.randn(3, *v.shape, dtype=torch.float64)
         expected, = torch.autograd.grad(v, p, g, is_grads_batched=True, allow_unused=True)
         torch.testing.assert_close(view_vjp(g, v, p), expected if expected is not None else g, rtol=0, atol=0)
+
+
+class Arith(nn.Module):
+    """Signs, ``alpha``, operand order and an in-place sum; ``divide``: ``x / P``, a use this engine does not know."""
+
+    def __init__(self, divide: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (nn.Parameter(torch.randn(D) * 0.5) for _ in range(3))
+        self.d = nn.Parameter(torch.rand(T, D) + 0.5)
+        self.lin = nn.Linear(D, 3)
+        self.divide = divide
+
+    def forward(self, x):
+        h = torch.sub(torch.tanh(x), self.a, alpha=2)  # x − 2a
+        h = torch.add(self.b, torch.tanh(h), alpha=3)  # b + 3x
+        h = self.c - torch.tanh(h)
+        h = h.clone()
+        h.add_(self.a)  # in place
+        h = torch.tanh(h) / self.d if self.divide else torch.tanh(h) * self.d
+        return self.lin(h.mean(1))
+
+
+@pytest.mark.parametrize("divide", [False, True])
+def test_signs_alpha_order_and_in_place_sums(divide):
+    torch.manual_seed(0)
+    model = Arith(divide).double()
+    names = select_params(model)
+    projector = KroneckerProjector({n: p.shape for n, p in model.named_parameters()}, 8, seed=1)
+    capture, _, engine = choose_engine(model, names, projector, "auto")
+    assert engine == "hooks" and sorted(capture.raw.names) == ["a", "b", "c", "d"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows, _ = per_sample_grads(model, loss_fn, batch(), names, projector, capture)
+    assert capture.demoted == (["d"] if divide else []) and len(caught) == int(divide)
+    torch.testing.assert_close(rows, brute(model, names, projector, batch()), rtol=1e-10, atol=1e-10)
