@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["ModeSchedule", "ModeWatch", "eval_module_names", "exact_modes", "with_modes"]
+__all__ = ["ModeSchedule", "ModeWatch", "batchnorm_in_train", "eval_module_names", "exact_modes", "with_modes"]
 
 META_KEY = "eval_modules"  # [{"step": s, "eval": [names]}, ...] by increasing step: the modes from step s on
 
@@ -91,6 +91,16 @@ class ModeSchedule:
         return any(name not in names for names in self.names)
 
 
+def batchnorm_in_train(module: nn.Module, meta: Mapping[str, Any]) -> list[str]:
+    """The BatchNorm layers of ``module`` that training ran in train mode at some step: by the log's schedule, else (a
+    log without one) those its ``train_batchnorm`` names (in train mode at the fit's first step)."""
+    schedule = ModeSchedule.from_meta(meta)
+    if schedule is None:
+        return list(meta.get("train_batchnorm") or [])
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and schedule.ever_train(name)]
+
+
 def with_modes(meta: Mapping[str, Any], step: int, names: Sequence[str]) -> dict[str, Any]:
     """``meta`` with the modules ``names`` in eval mode from ``step`` on: entries from ``step`` on (a resumed fit's
     steps, recorded again) dropped, an entry added unless the modes are the last entry's already."""
@@ -115,17 +125,19 @@ class ModeWatch:
         """A new fit: its first batch records the modes (a resumed fit's start too: the log's schedule is cut there)."""
         self._last = None
 
-    def observe(self, module: nn.Module, step: int, batch_idx: int, checkpoint: bool, writer: Any) -> None:
+    def observe(self, module: nn.Module, step: int, batch_idx: int, checkpoint: bool, writer: Any) -> bool:
         """At every batch start: cheap unless it is the fit's first batch, an epoch's first or a checkpointed step's
         (``checkpoint``). ``writer``: rank 0's (``LogWriter.amend_meta``), ``None`` on the other ranks (which record
-        nothing)."""
+        nothing). Returns whether the modes changed since the fit's first observation (the tracker's checks of the
+        first step, train-mode BatchNorm, then run again)."""
         if batch_idx != 0 and not checkpoint and self._last is not None:
-            return
+            return False
         names = eval_module_names(module)
         seen, self._seen = self._seen, step
         if names == self._last:
-            return
-        if self._last is not None and batch_idx != 0 and writer is not None:
+            return False
+        changed = self._last is not None
+        if changed and batch_idx != 0 and writer is not None:
             warnings.warn(f"InfluenceTracker: the modules in eval mode changed in the middle of an epoch, seen at step "
                           f"{step} (now {names or 'none'}, were {self._last or 'none'} at step {seen}): replay and the "
                           f"estimators run steps {seen}..{step - 1} with the former modes, some of which trained with "
@@ -134,3 +146,4 @@ class ModeWatch:
         self._last = names
         if writer is not None:
             writer.amend_meta(functools.partial(with_modes, step=step, names=names))
+        return changed
