@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import overhead  # noqa: E402
 from benchmarks.accuracy import quiet_setup, write_results  # noqa: E402
-from benchmarks.overhead_models import MODELS, make  # noqa: E402
+from benchmarks.overhead_models import DEFAULT, make  # noqa: E402
 from lightning_influence.capture import HookGradientCapture, KroneckerProjector, select_params  # noqa: E402
 from lightning_influence.capture.layers import engine_for, foldable_biases  # noqa: E402
 
@@ -107,7 +107,7 @@ def _engines_alone(module: torch.nn.Module, batch: Any, captures: dict[str, Hook
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(DEFAULT))
     parser.add_argument("--k", type=int, default=overhead.K)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)

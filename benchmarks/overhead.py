@@ -2,7 +2,8 @@
 
 Models (``benchmarks/overhead_models.py``): MLP 784-512-512-10 (batch 128), CNN 3x32x32 with
 Conv2d 3->32->64, GroupNorm and Linear (batch 64), small GPT (2 layers, d=128, sequence 64,
-vocabulary 512, batch 64; per-sample loss = mean token loss). SGD with momentum, synthetic data.
+vocabulary 512, batch 64; per-sample loss = mean token loss). SGD with momentum, synthetic data. On request
+(``--models gpt-param``): the GPT with its position table a raw ``nn.Parameter`` (the raw-parameter engine).
 
 For each model:
 
@@ -78,13 +79,12 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.overhead_models import MODELS, make  # noqa: E402
+from benchmarks.overhead_models import DEFAULT, make  # noqa: E402
 from lightning_influence import InfluenceTracker  # noqa: E402
 from lightning_influence.log.records import StepRecord  # noqa: E402
 from lightning_influence.log.segment import write_segment  # noqa: E402
 from lightning_influence.log.writer import SEGMENT_BYTES, LogWriter  # noqa: E402
 from lightning_influence.capture import (  # noqa: E402
-    HookGradientCapture,
     KroneckerProjector,
     per_sample_grads_hooks,
     per_sample_grads_vmap,
@@ -92,7 +92,7 @@ from lightning_influence.capture import (  # noqa: E402
 )
 from lightning_influence.capture import layers  # noqa: E402
 from lightning_influence.capture.layers import capture_owners, foldable_biases  # noqa: E402
-from lightning_influence.capture.own_pass import OwnPasses  # noqa: E402
+from lightning_influence.capture.own_pass import OwnPasses, choose_engine  # noqa: E402
 
 K = 256
 _PER_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
@@ -211,7 +211,7 @@ def step_costs(name: str, reps: int) -> dict[str, float]:
     names = select_params(module)
     projector = KroneckerProjector({n: p.shape for n, p in module.named_parameters() if n in names}, K,
                                    fold=foldable_biases(module, names))  # the tracker's layout (fold_bias=True)
-    capture = HookGradientCapture(module, names, projector)
+    capture = choose_engine(module, names, projector, "auto")[0]  # the tracker's (a raw parameter: capture/raw_params.py)
     loss_fn = type(module).per_sample_loss
     loss_grad = torch.full((batch_size,), 1.0 / batch_size)
 
@@ -222,7 +222,10 @@ def step_costs(name: str, reps: int) -> dict[str, float]:
     def hooked() -> None:
         module.zero_grad(set_to_none=True)
         capture.enable()
-        module.per_sample_loss(batch).mean().backward()
+        capture.watch(batch_size)
+        loss = module.per_sample_loss(batch).mean()
+        capture.unwatch()
+        loss.backward()
         capture.disable()
 
     def hooked_collect() -> None:
@@ -451,7 +454,7 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(DEFAULT))
     ap.add_argument("--levels", default=",".join(LEVELS), help="comma-separated level names")
     ap.add_argument("--steps", type=int, default=120, help="steps per fit")
     ap.add_argument("--warmup", type=int, default=10, help="first steps of each fit left out of the per-step time")

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from lightning_influence import WithIds
 
-__all__ = ["MODELS", "make", "MLP", "CNN", "GPT"]
+__all__ = ["MODELS", "DEFAULT", "make", "MLP", "CNN", "GPT", "GPTParam"]
 
 
 class _Classifier(pl.LightningModule):
@@ -80,11 +80,14 @@ class GPT(pl.LightningModule):
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)  # per sample: hooks see the batch
+        return self.tok(x) + self.pos(positions)
+
     def per_sample_loss(self, batch: Any) -> torch.Tensor:
         tokens = batch[0]
         x, y = tokens[:, :-1], tokens[:, 1:]
-        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)  # per sample: hooks see the batch
-        h = self.blocks(self.tok(x) + self.pos(positions))
+        h = self.blocks(self.embed(x))
         logits = self.head(self.ln_f(h))
         return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
 
@@ -93,6 +96,19 @@ class GPT(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class GPTParam(GPT):
+    """The GPT with its position table a raw ``nn.Parameter`` added to the token embeddings (GPT-2's ``wpe`` as a
+    ViT's ``pos_embed``): the raw-parameter engine's case (``capture/raw_params.py``)."""
+
+    def __init__(self, vocab: int = 512, d: int = 128, layers: int = 2, seq: int = 64, heads: int = 4) -> None:
+        super().__init__(vocab, d, layers, seq, heads)
+        del self.pos
+        self.pos_p = nn.Parameter(torch.zeros(seq, d))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tok(x) + self.pos_p[:x.shape[1]]
 
 
 def _classification(shape: tuple[int, ...], classes: int, n: int) -> Dataset:
@@ -109,11 +125,14 @@ MODELS: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int], Datase
     "mlp": (MLP, lambda n: _classification((784,), 10, n), 128),
     "cnn": (CNN, lambda n: _classification((3, 32, 32), 10, n), 64),
     "gpt": (GPT, lambda n: _tokens(512, 64, n), 64),
+    "gpt-param": (GPTParam, lambda n: _tokens(512, 64, n), 64),
 }
+DEFAULT = ("mlp", "cnn", "gpt")  # the benchmarks' default models (gpt-param: on request)
 SMALL: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int], Dataset], int]] = {  # same layers, for tests
     "mlp": (lambda: MLP(20, 16), lambda n: _classification((20,), 10, n), 8),
     "cnn": (lambda: CNN(8, 8, 16), lambda n: _classification((3, 8, 8), 10, n), 4),
     "gpt": (lambda: GPT(vocab=32, d=16, seq=8, heads=2), lambda n: _tokens(32, 8, n), 4),
+    "gpt-param": (lambda: GPTParam(vocab=32, d=16, seq=8, heads=2), lambda n: _tokens(32, 8, n), 4),
 }
 
 

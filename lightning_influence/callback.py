@@ -431,6 +431,7 @@ class InfluenceTracker(Callback):
         if self._capture is not None:
             if self._records_grads(step):
                 self._capture.enable()
+                self._capture.watch(int(ids.shape[0]))  # raw parameters: until on_before_backward (capture/raw_params.py)
             else:
                 self._capture.disable()
         self._pending.seconds += time.perf_counter() - t0
@@ -441,6 +442,8 @@ class InfluenceTracker(Callback):
                                self._engine in ("vmap", "mixed") and self.record_gradients, self._needs_loss)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._capture is not None:
+            self._capture.unwatch()
         if self._pending.micro and self._step_model.checks_reduction:  # read at the first step only (StepRecorder)
             self._pending.micro[-1].returned = loss.detach()
 
@@ -545,6 +548,8 @@ class InfluenceTracker(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._capture is not None:  # a training_step that returned no loss: no backward
+            self._capture.unwatch()
         self._step_model.commit()  # a step whose clipping hook did not run (none does in automatic optimization)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -593,6 +598,8 @@ class InfluenceTracker(Callback):
                            "keeps it as recorded (its learning rates are not the ones the update used)")
 
     def _teardown(self, pl_module: nn.Module, raise_errors: bool = True) -> None:
+        if self._capture is not None:  # an exception inside training_step: the raw-parameter mode leaves the stack
+            self._capture.unwatch()
         try:
             self._step_model.teardown()
             self._update_watch.remove()

@@ -74,7 +74,7 @@ def test_gradients_equal_brute_force(log_dir, engine, routed, projection_dim):
 
 
 class _Shift(nn.Module):
-    """A bare parameter used in forward: no hook covers it."""
+    """A bare parameter used in forward: no layer engine covers it, the raw-parameter engine does (x + P)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,29 +84,36 @@ class _Shift(nn.Module):
         return x + self.shift
 
 
+_EXTRA = {"hooks": _Shift, "mixed": lambda: nn.PReLU(3).double()}  # a bare parameter: raw engine; PReLU: vmap
+
+
+@pytest.mark.parametrize("engine", ["hooks", "mixed"])
 @pytest.mark.parametrize("routed", [True, False])
-def test_mixed_engine_rows_equal_brute_force(log_dir, routed):
-    """Hooks for the Linear layers, vmap for a bare parameter, in one step (float64 storage: exact)."""
+def test_mixed_engine_rows_equal_brute_force(log_dir, routed, engine):
+    """Hooks for the Linear layers, the raw-parameter engine for a bare parameter or vmap for a PReLU's, in one step
+    (float64 storage: exact)."""
     ds = make_data(12)
     tracker = InfluenceTracker(log_dir, record_gradients=True, checkpoint_every_n_steps=1, storage_dtype="float64")
-    fit(tiny(extra=_Shift(), routed=routed), loader(ds, batch_size=4), tracker, epochs=1)
+    fit(tiny(extra=_EXTRA[engine](), routed=routed), loader(ds, batch_size=4), tracker, epochs=1)
     log = InfluenceLog(log_dir)
-    assert log.meta["gradient_engine"] == "mixed" and "extra.shift" in log.param_names
+    assert log.meta["gradient_engine"] == engine and log.param_names[-1].startswith("extra.")
+    assert log.meta["demoted"] == {}
     for rec in log.iter_steps(fields=("grad",)):
-        expected = brute_grads(tiny(extra=_Shift()), log.checkpoint(rec.step), ds, rec.ids, log.param_names)
+        expected = brute_grads(tiny(extra=_EXTRA[engine]()), log.checkpoint(rec.step), ds, rec.ids, log.param_names)
         np.testing.assert_allclose(rec.grads, expected.numpy(), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("mixed", [None, "hooks", "mixed"])
 def test_float64_storage_is_exact_and_hvp_products_match_exact_hvp(log_dir, mixed):
-    """Also with a bare parameter no hook covers (``mixed``: its rows, in the step and in the HVP passes, by vmap)."""
-    model = (lambda: tiny(extra=_Shift())) if mixed else tiny
+    """Also with a bare parameter no layer engine covers (``hooks``: the raw-parameter engine, in the step and in the
+    HVP passes) or a PReLU's (``mixed``: vmap)."""
+    model = (lambda: tiny(extra=_EXTRA[mixed]())) if mixed else tiny
     ds = make_data(12)
     tracker = InfluenceTracker(log_dir, record_gradients=True, record_hvp=True, checkpoint_every_n_steps=1,
                                storage_dtype="float64", hvp_eps=1e-4)
     fit(model(), loader(ds, batch_size=4), tracker, epochs=1)
     log = InfluenceLog(log_dir)
-    assert log.meta["gradient_engine"] == ("mixed" if mixed else "hooks")
+    assert log.meta["gradient_engine"] == (mixed or "hooks") and log.meta["demoted"] == {}
     module = model()
     names = log.param_names
     for rec in log.iter_steps(fields=("grad", "hvp")):
@@ -208,9 +215,12 @@ def test_unsupported_params_fall_back_to_vmap_alone_or_are_refused_for_hooks(log
     fit(tiny(extra=nn.LayerNorm(3).double()), loader(ds), InfluenceTracker(log_dir, record_gradients=True), epochs=1)
     assert InfluenceLog(log_dir).meta["gradient_engine"] == "hooks"  # LayerNorm has a hook engine
     fit(tiny(extra=_Shift()), loader(ds), InfluenceTracker(log_dir, record_gradients=True, overwrite=True), epochs=1)
+    assert InfluenceLog(log_dir).meta["gradient_engine"] == "hooks"  # a bare parameter: the raw-parameter engine
+    fit(tiny(extra=_EXTRA["mixed"]()), loader(ds), InfluenceTracker(log_dir, record_gradients=True, overwrite=True),
+        epochs=1)
     assert InfluenceLog(log_dir).meta["gradient_engine"] == "mixed"
-    with pytest.raises(ValueError, match=r"no hook captures \['extra.shift'\]"):
-        fit(tiny(extra=_Shift()), loader(ds),
+    with pytest.raises(ValueError, match=r"no hook captures \['extra.weight'\]"):
+        fit(tiny(extra=_EXTRA["mixed"]()), loader(ds),
             InfluenceTracker(log_dir, record_gradients=True, gradient_engine="hooks", overwrite=True))
 
 

@@ -485,3 +485,26 @@ def test_linear_pbrf_through_fused_causal_attention_in_float32(tmp_path):
                           loss_fn=loss_fn, linear_solver=solver, cg_tol=1e-6)
         assert res.info["solver"] == solver
         np.testing.assert_allclose(res.scores[:, 0], expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
+class MLPDropout(MLP):
+    """``MLP`` (the same parameters) with dropout before its last layer, given in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.net[2](self.drop(self.net[1](self.net[0](x))))
+
+
+def test_the_pbrf_of_a_network_with_dropout_is_that_of_its_deterministic_network(ce_log):
+    """The PBRF is a function of θ, as the query: dropout off. A module with dropout given in train mode stopped with
+    vmap's "random operation" error (CLI: internal error); its PBRF is now that of the same network without dropout."""
+    kw = dict(damping=0.1, tol=1e-10)
+    with_dropout = pbrf(ce_log, MLPDropout().double().train(), ce_data, ce_query, [1, 4, 7], **kw)
+    plain = pbrf(ce_log, MLP().double(), ce_data, ce_query, [1, 4, 7], **kw)
+    assert with_dropout.converged.all()
+    np.testing.assert_array_equal(with_dropout.scores, plain.scores)
+    lin = linear_pbrf(ce_log, MLPDropout().double().train(), ce_data, ce_query, damping=0.1)
+    np.testing.assert_array_equal(lin.scores, linear_pbrf(ce_log, MLP().double(), ce_data, ce_query, damping=0.1).scores)

@@ -21,6 +21,7 @@ from lightning_influence.capture.hvp import KINK_GUARD, fd_directional_derivativ
 from lightning_influence.capture.per_sample import (HookGradientCapture, call_with_params, hooks_paused,
                                                     per_sample_grads, per_sample_grads_vmap)
 from lightning_influence.capture.projection import KroneckerProjector
+from lightning_influence.capture.raw_params import raw_candidates
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
 from lightning_influence.step.precision import Precision
 
@@ -36,15 +37,19 @@ def choose_engine(module: nn.Module, names: Sequence[str], projector: KroneckerP
     Raises:
         ValueError: ``gradient_engine='hooks'`` with tracked parameters no hook covers.
     """
-    unsupported = HookGradientCapture.unsupported(module, list(names))
+    no_layer = HookGradientCapture.unsupported(module, list(names))
+    raw = raw_candidates(module, no_layer)  # used by the model itself: the raw-parameter engine (capture/raw_params.py)
+    unsupported = [n for n in no_layer if n not in raw]
     if gradient_engine == "hooks" and unsupported:
         raise ValueError(f"gradient_engine='hooks': no hook captures {unsupported[:5]} (hooks cover Linear, Conv1d/2d/3d, "
-                         "Embedding, LayerNorm, GroupNorm, RMSNorm and MultiheadAttention parameters). Use "
+                         "Embedding, LayerNorm, GroupNorm, RMSNorm and MultiheadAttention parameters, and parameters "
+                         "a model adds, multiplies or expands to the batch itself). Use "
                          "gradient_engine='auto' (vmap for just those) or exclude them with exclude_params")
     hooked = [] if gradient_engine == "vmap" else [n for n in names if n not in unsupported]
     rest = [n for n in names if n not in hooked]
     engine = "mixed" if hooked and rest else "hooks" if hooked else "vmap"
-    return (HookGradientCapture(module, hooked, projector) if hooked else None), rest, engine
+    capture = HookGradientCapture(module, hooked, projector, raw=[n for n in raw if n in hooked]) if hooked else None
+    return capture, rest, engine
 
 
 class LossObserver:

@@ -30,8 +30,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
 from .dtypes import dtype_mismatch
-from .layers import InputMemo, capture_owners, engine_for
+from .layers import InputMemo, _edge, _wide, capture_owners, engine_for
 from .projection import KroneckerProjector, Outer, dense
+from .raw_params import RawWatch
 
 __all__ = [
     "LossFn",
@@ -138,7 +139,9 @@ class HookGradientCapture:
     output gradient of the backward pass, forms every sample's projected gradient in
     :meth:`collect`. ``param_names`` may be a subset of the projector's tensors (the others
     get zero columns: another engine fills them). Assumes each captured parameter is used
-    only through its module's forward.
+    only through its module's forward. ``raw``: those of ``param_names`` no layer engine covers, used by the model
+    directly (a ViT's ``pos_embed``, a layer scale): :class:`~.raw_params.RawWatch` follows them through the
+    forwards between :meth:`watch` and :meth:`unwatch`, and demotes those it meets in an op it does not know.
     """
 
     @staticmethod
@@ -158,8 +161,9 @@ class HookGradientCapture:
                 bad.append(name)
         return bad
 
-    def __init__(self, model: nn.Module, param_names: Sequence[str], projector: KroneckerProjector):
-        bad = self.unsupported(model, param_names)
+    def __init__(self, model: nn.Module, param_names: Sequence[str], projector: KroneckerProjector,
+                 raw: Sequence[str] = ()):
+        bad = [n for n in self.unsupported(model, param_names) if n not in raw]
         if bad:
             raise ValueError(f"parameters not supported by hook capture (use per_sample_grads_vmap): {bad}")
         missing = set(param_names) - set(projector.block_of)
@@ -173,7 +177,10 @@ class HookGradientCapture:
         # module name -> {attribute: param name} (only the selected ones)
         self._targets: dict[str, dict[str, str]] = {}
         self._modules: dict[str, nn.Module] = {}
+        raw = [n for n in raw if n in self.param_names]
         for name in self.param_names:
+            if name in raw:
+                continue
             for mod_name, mod, attr in owners[name]:
                 self._targets.setdefault(mod_name, {})[attr] = name
                 self._modules[mod_name] = mod
@@ -187,16 +194,32 @@ class HookGradientCapture:
             for mod_name, mod in self._modules.items()
         }
         self.demoted: list[str] = []  # parameters handed back: their module ran without the batch dimension
+        self.raw = RawWatch(raw, projector, lambda: self.enabled, _edge, _wide) if raw else None
 
     @property
     def outputs(self) -> list[Any]:
         """Gradient edges of the outputs of the captured calls whose gradient has not arrived yet."""
-        return [r[2] for records in self._records.values() for r in records if r[2] is not None]
+        return [r[2] for records in self._all_records() for r in records if r[2] is not None]
 
     @property
     def pending(self) -> int:
         """Number of captured module calls not yet consumed by :meth:`collect`."""
-        return sum(len(r) for r in self._records.values())
+        return sum(len(r) for r in self._all_records())
+
+    def _all_records(self) -> list[list[list[Any]]]:
+        return [*self._records.values(), *([self.raw.records] if self.raw is not None else [])]
+
+    def watch(self, batch: int, tensors: Mapping[str, Tensor] | None = None) -> None:
+        """Follow the raw parameters through the forward of ``batch`` samples that starts now (``tensors``: the
+        parameters by name, if not the model's own: ``functional_call``'s); nothing without raw parameters left.
+        Pair with :meth:`unwatch` (a ``try``/``finally``, or the callback's hooks and ``on_exception``)."""
+        if self.raw is not None and self.raw.names:
+            self.raw.start(batch, {n: self.model.get_parameter(n) for n in self.raw.names} if tensors is None else tensors)
+
+    def unwatch(self) -> None:
+        """End :meth:`watch` (idempotent): the uses recorded so far get their blocks in the backward."""
+        if self.raw is not None:
+            self.raw.stop()
 
     def enable(self) -> None:
         """Start capturing (drops anything captured and not collected, and, outside :attr:`inputs`' reuse, the memo)."""
@@ -208,6 +231,7 @@ class HookGradientCapture:
     def disable(self) -> None:
         """Stop capturing new forward calls; already captured calls can still be collected."""
         self.enabled = False
+        self.unwatch()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -220,7 +244,7 @@ class HookGradientCapture:
 
     def clear(self) -> None:
         """Drop captured state."""
-        for records in self._records.values():
+        for records in self._all_records():
             records.clear()
 
     def remove(self) -> None:
@@ -248,6 +272,8 @@ class HookGradientCapture:
                 for h in self._handles.pop(mod_name):
                     h.remove()
                 del self._targets[mod_name], self._modules[mod_name], self._records[mod_name]
+        if self.raw is not None:
+            self.raw.drop(names)
         self.param_names = [n for n in self.param_names if n not in names]
         self.demoted += sorted(names)
         warnings.warn(f"{why}: parameters {sorted(names)} are not captured by hooks from now on (vmap computes "
@@ -316,6 +342,13 @@ class HookGradientCapture:
         parts: dict[str, list[Tensor | Outer]] = {}  # block name -> its blocks (one per module call reaching the loss)
         demoted = len(self.demoted)
         try:
+            if self.raw is not None:
+                if self.raw.bad:  # met in an op the raw engine does not know: their columns stay zero here
+                    self.demote(set(self.raw.bad), "used with the batch in an operation the raw-parameter engine does "
+                                "not know (docs/per-sample-gradients.md, Raw parameters)")
+                for record in self.raw.records:
+                    for name, block in (record[1] or {}).items():
+                        parts.setdefault(name, []).append(block)
             for mod_name, records in list(self._records.items()):
                 if mod_name not in self._records:  # removed by a demotion of a tied tensor in this loop
                     continue
@@ -426,7 +459,11 @@ def per_sample_grads_hooks(
     capture.enable()
     try:
         with torch.enable_grad():
-            losses = functional_call(_LossModule(model, loss_fn), call, (batch,))
+            capture.watch(_batch_size(batch), {n: call["m." + n] for n in capture.param_names})
+            try:
+                losses = functional_call(_LossModule(model, loss_fn), call, (batch,))
+            finally:
+                capture.unwatch()
             # differentiate w.r.t. the captured layers' outputs, not the parameters: the backward then
             # skips every weight-gradient product (a third of its work) and still runs the hooks
             outputs = capture.outputs
@@ -438,6 +475,11 @@ def per_sample_grads_hooks(
     finally:
         capture.enabled = was_enabled
     return capture.collect(torch.ones_like(losses.detach())), losses.detach()
+
+
+def _batch_size(batch: Any) -> int:
+    """The leading dimension of the batch's first tensor leaf with one."""
+    return next(int(x.shape[0]) for x in pytree.tree_leaves(batch) if isinstance(x, Tensor) and x.dim() > 0)
 
 
 def hooks_paused(capture: HookGradientCapture | None) -> contextlib.AbstractContextManager[None]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lightning_influence.capture import call_with_params
 from lightning_influence.capture.hvp import flatten, unflatten
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, evaluate_query, query_names
+from lightning_influence.queries import LossFn, Query, evaluate_query, evaluation_mode, query_names
 from lightning_influence.step.buffers import ParamsWithBuffers, buffers_of
 from lightning_influence.replay import (TrainData, _optimizer_spec, batch_from_ids, functional_loss, optimizer_class,
                                         parameters_at, samples_by_id_needed)
@@ -172,11 +172,15 @@ class Problem:
     def as_dict(self, x: Tensor) -> ParamsWithBuffers:
         return ParamsWithBuffers(unflatten(x, self.shapes), self.buffers)
 
+    # The PBRF is a function of θ, as the query: dropout off (queries.evaluation_mode), else each evaluation draws new
+    # masks (and vmap refuses the random draws)
     def outputs(self, x: Tensor, inputs: Tensor) -> Tensor:
-        return call_with_params(self.module, lambda m, a: m(a), self.as_dict(x), inputs)
+        with evaluation_mode(self.module):
+            return call_with_params(self.module, lambda m, a: m(a), self.as_dict(x), inputs)
 
     def losses(self, x: Tensor, batch: Any) -> Tensor:
-        return functional_loss(self.module, self.loss_fn, self.as_dict(x), batch)
+        with evaluation_mode(self.module):
+            return functional_loss(self.module, self.loss_fn, self.as_dict(x), batch)
 
     def f(self, x: Tensor) -> Tensor:
         return evaluate_query(self.module, self.query, self.as_dict(x)).reshape(-1)
