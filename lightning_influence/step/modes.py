@@ -6,8 +6,8 @@ train-mode BatchNorm suggests), and change that during the fit (unfreeze at epoc
 again with other modes is another function: a BatchNorm switched to train mode normalises with batch
 statistics instead of its running ones, a dropout switched off draws no mask.
 
-The tracker records, at each epoch's first batch (one walk over the modules per epoch, never per step),
-the names of the modules in eval mode (``named_modules`` names, ``""`` the LightningModule itself) and, when they
+The tracker records, at the fit's first batch, each epoch's first and each checkpointed step's (one walk over the
+modules each time, none at the other steps), the names of the modules in eval mode (``named_modules`` names, ``""`` the LightningModule itself) and, when they
 differ from the last entry, the step they start at: ``meta.h5``'s ``eval_modules`` schedule
 (``docs/log-format.md``; ``docs/replay.md``, Modes). Every re-evaluation of a step
 (``step.micro.MicroBatch.context``) sets exactly those modes on whatever module it is given and restores the
@@ -51,7 +51,7 @@ def exact_modes(module: nn.Module | None, eval_names: Sequence[str]) -> Iterator
         train = name not in frozen
         frozen.discard(name)
         if m.training != train:
-            changed.append(m)
+            changed.append((m, m.training))
             object.__setattr__(m, "training", train)  # the plain flag, without nn.Module.__setattr__'s lookups
     try:
         if frozen:
@@ -59,8 +59,8 @@ def exact_modes(module: nn.Module | None, eval_names: Sequence[str]) -> Iterator
                              "mode, which the module given does not have")
         yield
     finally:
-        for m in changed:
-            object.__setattr__(m, "training", not m.training)
+        for m, training in changed:
+            object.__setattr__(m, "training", training)
 
 
 class ModeSchedule:
@@ -84,7 +84,6 @@ class ModeSchedule:
                 break
             out = names
         return out
-
 
     def ever_train(self, name: str) -> bool:
         """Module ``name`` ran in train mode at some step."""
