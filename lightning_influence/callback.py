@@ -400,8 +400,7 @@ class InfluenceTracker(Callback):
         t0 = time.perf_counter()
         if not self._checked_batchnorm:
             self._checked_batchnorm = True
-            train_bn = check_batchnorm(pl_module, self.allow_train_batchnorm,
-                                       self._engine in ("vmap", "mixed") and self.record_gradients, self._needs_loss)
+            train_bn = self._check_batchnorm(pl_module)
             if train_bn:  # replay must run them in train mode (step.micro.MicroBatch.train)
                 self._settle({"train_batchnorm": train_bn})
         # the ids' values are checked with the step's, when it is handed to the writer (_land): at once at a fit's
@@ -418,7 +417,8 @@ class InfluenceTracker(Callback):
                 check_dataset(getattr(trainer.train_dataloader, "dataset", None))
         step = trainer.global_step
         checkpoint = not self._pending.micro and self._checkpoints_at(step)
-        self._modes.observe(pl_module, step, batch_idx, checkpoint, self._writer if self._global_zero else None)
+        if self._modes.observe(pl_module, step, batch_idx, checkpoint, self._writer if self._global_zero else None):
+            self._check_batchnorm(pl_module)  # modes changed after the fit's first step: as at that step
         if checkpoint:  # θ_t's buffers: before the forward updates them
             self._pending.buffers = {n: b.detach().clone() for n, b in persistent_buffers(pl_module).items()}
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
@@ -435,6 +435,11 @@ class InfluenceTracker(Callback):
             else:
                 self._capture.disable()
         self._pending.seconds += time.perf_counter() - t0
+
+    def _check_batchnorm(self, pl_module: pl.LightningModule) -> list[str]:
+        """The BatchNorm layers in train mode, refused unless allowed (``tracker_checks.check_batchnorm``)."""
+        return check_batchnorm(pl_module, self.allow_train_batchnorm,
+                               self._engine in ("vmap", "mixed") and self.record_gradients, self._needs_loss)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._capture is not None:

@@ -24,7 +24,7 @@ from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
 from lightning_influence.log.format import read_meta
 from lightning_influence.log.writer import write_meta
 from lightning_influence.queries import mean_loss
-from lightning_influence.replay import replay
+from lightning_influence.replay import batch_from_ids, replay
 from lightning_influence.replay_drift import ReplayMismatchError
 from lightning_influence.step import modes as modes_module
 from lightning_influence.step.modes import ModeSchedule, exact_modes, with_modes
@@ -34,7 +34,8 @@ class FrozenBN(TinyClassifier):
     """Linear → BatchNorm → Tanh → Dropout → Linear, float64, SGD with momentum; the BatchNorm in eval mode from epoch
     ``freeze_from`` (in ``on_train_epoch_start``), with running statistics away from 0/1 so batch statistics differ."""
 
-    def __init__(self, dropout: float = 0.3, freeze_from: int = 0, lr: float = 0.1) -> None:
+    def __init__(self, dropout: float = 0.3, freeze_from: int = 0, lr: float = 0.1, unfreeze_from: int | None = None
+                 ) -> None:
         super().__init__(dropout=dropout, batchnorm=True, lr=lr, momentum=0.9)
         self.save_hyperparameters()
         g = torch.Generator().manual_seed(0)
@@ -45,13 +46,17 @@ class FrozenBN(TinyClassifier):
     def on_train_epoch_start(self) -> None:
         if self.current_epoch >= self.hparams.freeze_from:
             self.net[1].eval()
+        if self.hparams.unfreeze_from is not None and self.current_epoch >= self.hparams.unfreeze_from:
+            self.net[1].train()
 
 
 def _fit(log_dir: str, ds: TensorDataset, epochs: int = 2, val: Any = None, every: int | None = 2,
-         **module_kw: Any) -> FrozenBN:
+         tracker_kw: dict | None = None, **module_kw: Any) -> FrozenBN:
     module = FrozenBN(**module_kw)
     pl.seed_everything(0, verbose=False)
-    kw = {} if module_kw.get("freeze_from", 0) == 0 else {"allow_train_batchnorm": True, "record_losses": False}
+    trains = module_kw.get("freeze_from", 0) > 0 or module_kw.get("unfreeze_from") is not None  # a train-mode BatchNorm
+    kw = {"allow_train_batchnorm": True, "record_losses": False} if trains else {}
+    kw = tracker_kw if tracker_kw is not None else kw
     pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                callbacks=[InfluenceTracker(log_dir, checkpoint_every_n_steps=every, **kw)]
@@ -198,6 +203,55 @@ def test_a_change_in_the_middle_of_an_epoch_is_seen_at_the_next_checkpoint(log_d
     *_, last = replay(log, FrozenBN(), WithIds(ds), 6, None, tolerance=0.0)
     final = {n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint(log.num_steps).items()}
     assert last.step == 8 and all(torch.equal(last.params[n].detach(), final[n]) for n in final)
+
+
+def _retrain(log: InfluenceLog, ds: TensorDataset, drop: int | None, frozen_until: int) -> FrozenBN:
+    """A plain torch.optim loop (SGD, momentum 0.9) on the logged batches and rates from θ_0 and its statistics, the
+    BatchNorm in eval mode before step ``frozen_until`` and in train mode after, sample ``drop`` out of every batch (its
+    forward too), the others' weights ``1/|B_t|`` kept (math §2)."""
+    module = FrozenBN(dropout=0.0)
+    module.load_state_dict({**{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint(0).items()},
+                            **{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint_buffers(0).items()}})
+    opt = torch.optim.SGD(module.parameters(), lr=1.0, momentum=0.9)
+    for t in log.steps:
+        module.train()
+        module.net[1].train(int(t) >= frozen_until)
+        ids = log.batch_ids(int(t))
+        for g in opt.param_groups:
+            g["lr"] = float(log.lr(int(t))[0])
+        opt.zero_grad()
+        (module.per_sample_loss(batch_from_ids(WithIds(ds), ids[ids != drop])).sum() / len(ids)).backward()
+        opt.step()
+    return module.eval()
+
+
+def test_a_batchnorm_unfrozen_later_is_refused_or_carried_by_the_ground_truth(log_dir):
+    """BatchNorm frozen in epoch 0 and unfrozen from epoch 1 (step 4): without ``allow_train_batchnorm`` the tracker
+    refuses it at step 4, as it would at the first step; with it, replay reproduces the run and replay leave-one-out
+    trains its copies with the unit out of the forward from step 4 on (batch statistics without it), as a plain
+    torch.optim retraining does (before, the copies ran stacked, the unit's rows in the batch statistics)."""
+    from lightning_influence.evaluation import replay_loo
+
+    ds = make_data(16)
+    with pytest.raises(RuntimeError, match="BatchNorm layer 'net.1' is in train mode"):
+        _fit(log_dir + "-refused", ds, dropout=0.0, unfreeze_from=1, tracker_kw={})
+    assert InfluenceLog(log_dir + "-refused").num_steps == 4
+    _fit(log_dir, ds, dropout=0.0, unfreeze_from=1)
+    log = InfluenceLog(log_dir)
+    assert log.meta["eval_modules"] == [{"step": 0, "eval": ["net.1"]}, {"step": 4, "eval": []}]
+    assert "train_batchnorm" not in log.meta  # the first step's
+    _replay_to_end(log, FrozenBN(dropout=0.0).eval(), ds)
+    x = ds.tensors[0]
+    query = lambda m: m(x[:4])[:, 0].sum()  # noqa: E731
+    T = log.num_steps
+    result = replay_loo(log, FrozenBN(dropout=0.0).eval(), WithIds(ds), query, sample_ids=[0, 5, 11], grid=[T],
+                        copies=2, tolerance=0.0)
+    reference = float(query(_retrain(log, ds, None, 4)).detach())
+    assert result.base[-1, 0] == pytest.approx(reference, abs=1e-13)
+    for row, j in enumerate([0, 5, 11]):
+        expected = float(query(_retrain(log, ds, j, 4)).detach()) - reference
+        assert abs(expected) > 1e-4  # the removal matters
+        assert result.values[row, -1, 0] == pytest.approx(expected, rel=1e-9, abs=1e-13)
 
 
 def test_the_modes_are_read_per_epoch_and_checkpoint_never_per_step(log_dir, monkeypatch):

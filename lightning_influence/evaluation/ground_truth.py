@@ -15,7 +15,7 @@ Many counterfactual runs are trained at once as stacked copies of the parameters
 drops nothing (the reference run, checked against the log's checkpoints), copy ``c`` drops
 its unit; each copy's loss depends only on its own parameters and SGD/Adam/AdamW act
 elementwise, so the stacked optimizer gives every copy exactly its own update. With train-mode
-BatchNorm (meta ``train_batchnorm``) the copies train one at a time, the unit's rows out of the
+BatchNorm (meta ``train_batchnorm``, or at any step by meta ``eval_modules``) the copies train one at a time, the unit's rows out of the
 forward, each with its own running statistics (docs/replay.md, Buffers). No Lightning imports.
 """
 
@@ -38,6 +38,7 @@ from lightning_influence.replay_drift import DriftReport, check_checkpoint, reso
 from lightning_influence.step.buffers import buffers_of, cloned, persistent_buffers
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
 from lightning_influence.step.micro import Step
+from lightning_influence.step.modes import batchnorm_in_train
 from lightning_influence.step.shard import take_rows
 from lightning_influence.replay import (
     Progress,
@@ -256,7 +257,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
     dtype = next(iter(start_params.values())).dtype
     # a train-mode BatchNorm mixes the samples of a batch: each copy trains alone, its unit's rows out of the forward,
     # its running statistics carried (step.buffers; the module's own for a log that stores none)
-    carry = bool(log.meta.get("train_batchnorm"))
+    carry = bool(batchnorm_in_train(module, log.meta))  # at any step (step.modes: a BatchNorm unfrozen later too)
     start_buffers = buffers_of(start_params)
     if carry and start_buffers is None:
         start_buffers = cloned(persistent_buffers(module))

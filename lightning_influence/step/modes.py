@@ -6,8 +6,8 @@ train-mode BatchNorm suggests), and change that during the fit (unfreeze at epoc
 again with other modes is another function: a BatchNorm switched to train mode normalises with batch
 statistics instead of its running ones, a dropout switched off draws no mask.
 
-The tracker records, at each epoch's first batch (one walk over the modules per epoch, never per step),
-the names of the modules in eval mode (``named_modules`` names, ``""`` the LightningModule itself) and, when they
+The tracker records, at the fit's first batch, each epoch's first and each checkpointed step's (one walk over the
+modules each time, none at the other steps), the names of the modules in eval mode (``named_modules`` names, ``""`` the LightningModule itself) and, when they
 differ from the last entry, the step they start at: ``meta.h5``'s ``eval_modules`` schedule
 (``docs/log-format.md``; ``docs/replay.md``, Modes). Every re-evaluation of a step
 (``step.micro.MicroBatch.context``) sets exactly those modes on whatever module it is given and restores the
@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["ModeSchedule", "ModeWatch", "eval_module_names", "exact_modes", "with_modes"]
+__all__ = ["ModeSchedule", "ModeWatch", "batchnorm_in_train", "eval_module_names", "exact_modes", "with_modes"]
 
 META_KEY = "eval_modules"  # [{"step": s, "eval": [names]}, ...] by increasing step: the modes from step s on
 
@@ -51,7 +51,7 @@ def exact_modes(module: nn.Module | None, eval_names: Sequence[str]) -> Iterator
         train = name not in frozen
         frozen.discard(name)
         if m.training != train:
-            changed.append(m)
+            changed.append((m, m.training))
             object.__setattr__(m, "training", train)  # the plain flag, without nn.Module.__setattr__'s lookups
     try:
         if frozen:
@@ -59,8 +59,8 @@ def exact_modes(module: nn.Module | None, eval_names: Sequence[str]) -> Iterator
                              "mode, which the module given does not have")
         yield
     finally:
-        for m in changed:
-            object.__setattr__(m, "training", not m.training)
+        for m, training in changed:
+            object.__setattr__(m, "training", training)
 
 
 class ModeSchedule:
@@ -85,10 +85,19 @@ class ModeSchedule:
             out = names
         return out
 
-
     def ever_train(self, name: str) -> bool:
         """Module ``name`` ran in train mode at some step."""
         return any(name not in names for names in self.names)
+
+
+def batchnorm_in_train(module: nn.Module, meta: Mapping[str, Any]) -> list[str]:
+    """The BatchNorm layers of ``module`` that training ran in train mode at some step: by the log's schedule, else (a
+    log without one) those its ``train_batchnorm`` names (in train mode at the fit's first step)."""
+    schedule = ModeSchedule.from_meta(meta)
+    if schedule is None:
+        return list(meta.get("train_batchnorm") or [])
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and schedule.ever_train(name)]
 
 
 def with_modes(meta: Mapping[str, Any], step: int, names: Sequence[str]) -> dict[str, Any]:
@@ -115,17 +124,19 @@ class ModeWatch:
         """A new fit: its first batch records the modes (a resumed fit's start too: the log's schedule is cut there)."""
         self._last = None
 
-    def observe(self, module: nn.Module, step: int, batch_idx: int, checkpoint: bool, writer: Any) -> None:
+    def observe(self, module: nn.Module, step: int, batch_idx: int, checkpoint: bool, writer: Any) -> bool:
         """At every batch start: cheap unless it is the fit's first batch, an epoch's first or a checkpointed step's
         (``checkpoint``). ``writer``: rank 0's (``LogWriter.amend_meta``), ``None`` on the other ranks (which record
-        nothing)."""
+        nothing). Returns whether the modes changed since the fit's first observation (the tracker's checks of the
+        first step, train-mode BatchNorm, then run again)."""
         if batch_idx != 0 and not checkpoint and self._last is not None:
-            return
+            return False
         names = eval_module_names(module)
         seen, self._seen = self._seen, step
         if names == self._last:
-            return
-        if self._last is not None and batch_idx != 0 and writer is not None:
+            return False
+        changed = self._last is not None
+        if changed and batch_idx != 0 and writer is not None:
             warnings.warn(f"InfluenceTracker: the modules in eval mode changed in the middle of an epoch, seen at step "
                           f"{step} (now {names or 'none'}, were {self._last or 'none'} at step {seen}): replay and the "
                           f"estimators run steps {seen}..{step - 1} with the former modes, some of which trained with "
@@ -134,3 +145,4 @@ class ModeWatch:
         self._last = names
         if writer is not None:
             writer.amend_meta(functools.partial(with_modes, step=step, names=names))
+        return changed

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from lightning_influence.step.modes import ModeSchedule
+from lightning_influence.step.modes import ModeSchedule, batchnorm_in_train
 
 __all__ = ["BatchShard", "Share", "check_row_split", "positions", "split_range", "take_rows"]
 
@@ -108,10 +108,9 @@ def check_row_split(module: nn.Module, meta: Mapping[str, Any] | None = None) ->
     the rows evaluated together, so a part of the batch would see others (split by query column instead). With the
     log's ``meta`` recording the modes training ran (``eval_modules``, :mod:`.modes`), the steps run with those (a
     frozen BatchNorm of a fresh module splits), else with the module's own."""
-    schedule = None if meta is None else ModeSchedule.from_meta(meta)
+    trained = None if meta is None or ModeSchedule.from_meta(meta) is None else set(batchnorm_in_train(module, meta))
     for name, mod in module.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (
-                mod.training if schedule is None else schedule.ever_train(name)):
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training if trained is None else name in trained):
             raise ValueError(f"BatchNorm layer '{name}' is in train mode: its statistics mix the samples of a batch, so a "
                              "step's rows cannot be split over processes. Split the query's outputs over the processes instead "
                              "(split='columns')")
