@@ -8,7 +8,8 @@ Two exact engines, mixed per parameter by :func:`per_sample_grads`:
 
 - :class:`HookGradientCapture`: for the parameters of common layers (:mod:`.layers`),
   rebuilds per-sample gradients from the layer inputs and output gradients of one ordinary
-  backward pass, projecting each side before the outer product. Cheap enough to run
+  backward pass, projecting each side before the outer product; raw parameters the model adds,
+  multiplies or expands to the batch itself likewise (:mod:`.raw_params`). Cheap enough to run
   on every training step.
 - :func:`per_sample_grads_vmap`: ``torch.func`` ``vmap(grad)`` over samples, for any
   parameter; the fallback for the parameters no hook covers.
