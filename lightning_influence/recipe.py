@@ -271,6 +271,10 @@ def import_class(path: str, recipe: Mapping[str, Any] | None = None, what: str =
             is a script that would train again when imported.
     """
     module_name, _, name = path.rpartition(".")
+    if "<locals>" in path:  # never imported: its module may be a script that trains when imported
+        raise RecipeError(f"the {what} {kind} {path!r} was defined inside a function, so it cannot be imported again; "
+                          f"define it at module level (with the training under `if __name__ == \"__main__\":`), or pass "
+                          f"{flag} {_spelling(kind)} or --builder")
     if not module_name or module_name == "__main__":
         raise RecipeError(f"the {what} {kind} was recorded as {path!r} (an old log of a script run), which cannot be "
                           f"imported; pass {flag} {_spelling(kind)} with the script's directory on PYTHONPATH, or --builder")
@@ -312,27 +316,47 @@ def _search_dirs(recipe: Mapping[str, Any] | None) -> list[str]:
 
 
 def _module_file(module_name: str, recipe: Mapping[str, Any] | None) -> str | None:
+    """The recorded file of ``module_name`` (the module of a recorded class or function, or the training script), or
+    of the script module it lies in (``train.Outer`` for a class nested in ``train``'s ``Outer``)."""
+    recipe = recipe or {}
+    script = recipe.get("script") or {}
+    known = [(script.get("main_module"), script.get("main_file"))]
     for part, key in (("module", "class"), ("datamodule", "class"), ("loss_fn", "function")):
-        entry = (recipe or {}).get(part) or {}
-        if (entry.get(key) or "").rpartition(".")[0] == module_name and entry.get("file"):
-            return entry["file"]
+        entry = recipe.get(part) or {}
+        known.append(((entry.get(key) or "").rpartition(".")[0], entry.get("file")))
+    for module, file in known:
+        if module and file and (module_name == module or module_name.startswith(module + ".")):
+            return file
     return None
 
 
 def _trains_on_import(file: str) -> bool:
-    """Whether a script's top level (outside functions, classes and ``if __name__ == "__main__"``) calls ``.fit(``."""
+    """Whether a script's top level (outside functions, classes and ``if __name__ == "__main__"``) calls ``.fit(``,
+    itself or through a function of the script (``main()``)."""
     try:
         tree = ast.parse(Path(file).read_text())
     except (OSError, SyntaxError, ValueError):
         return False
+    functions = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+    def trains(node: ast.AST, seen: frozenset[str]) -> bool:
+        for sub in ast.walk(node):
+            if not isinstance(sub, ast.Call):
+                continue
+            if isinstance(sub.func, ast.Attribute) and sub.func.attr == "fit":
+                return True
+            if isinstance(sub.func, ast.Name) and sub.func.id in functions and sub.func.id not in seen \
+                    and trains(functions[sub.func.id], seen | {sub.func.id}):
+                return True
+        return False
+
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)):
             continue
         if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test):
             continue
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr == "fit":
-                return True
+        if trains(node, frozenset()):
+            return True
     return False
 
 

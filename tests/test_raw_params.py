@@ -258,3 +258,43 @@ def test_the_view_vjp_equals_autograds(view, plain):
         g = torch.randn(3, *v.shape, dtype=torch.float64)
         expected, = torch.autograd.grad(v, p, g, is_grads_batched=True, allow_unused=True)
         torch.testing.assert_close(view_vjp(g, v, p), expected if expected is not None else g, rtol=0, atol=0)
+
+
+class Arith(nn.Module):
+    """Signs, ``alpha``, operand order, an in-place sum, a tensor derived from two parameters; ``unknown``: ``x / P``
+    (a use this engine does not know) or a derived tensor changed in place after its use."""
+
+    def __init__(self, unknown: str | None = None) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (nn.Parameter(torch.randn(D) * 0.5) for _ in range(3))
+        self.d = nn.Parameter(torch.rand(T, D) + 0.5)
+        self.lin = nn.Linear(D, 3)
+        self.unknown = unknown
+
+    def forward(self, x):
+        h = torch.sub(torch.tanh(x), self.a, alpha=2)  # x − 2a
+        h = torch.add(self.b, torch.tanh(h), alpha=3)  # b + 3x
+        h = self.c - torch.tanh(h)
+        h = h.clone()
+        h.add_(self.a)  # in place
+        h = torch.tanh(h) / self.d if self.unknown == "divide" else torch.tanh(h) * self.d
+        both = self.b * self.c  # derived from two parameters: autograd's VJP to both
+        h = h + both
+        if self.unknown == "in-place":
+            both.mul_(2)  # after its use: that use's VJP would change
+        return self.lin(h.mean(1))
+
+
+@pytest.mark.parametrize("unknown,demoted", [(None, []), ("divide", ["d"]), ("in-place", ["b", "c"])])
+def test_signs_alpha_order_and_in_place_sums(unknown, demoted):
+    torch.manual_seed(0)
+    model = Arith(unknown).double()
+    names = select_params(model)
+    projector = KroneckerProjector({n: p.shape for n, p in model.named_parameters()}, 8, seed=1)
+    capture, _, engine = choose_engine(model, names, projector, "auto")
+    assert engine == "hooks" and sorted(capture.raw.names) == ["a", "b", "c", "d"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows, _ = per_sample_grads(model, loss_fn, batch(), names, projector, capture)
+    assert capture.demoted == demoted and len(caught) == int(bool(demoted))
+    torch.testing.assert_close(rows, brute(model, names, projector, batch()), rtol=1e-10, atol=1e-10)

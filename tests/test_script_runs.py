@@ -314,3 +314,24 @@ def test_token_samples_in_tensorboard_through_the_decoder_hook(tmp_path):
     assert "most negative (harmful)" in md and "token ids shown" not in md
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| id")]
     assert len(rows) == 10 and all(set(r.split("|")[4].strip()) <= set("abcdefghijkl") for r in rows)
+
+
+@pytest.mark.parametrize("variant", ["module-level", "local"])
+def test_a_script_that_would_train_again_on_import_is_never_imported(variant, tmp_path):
+    """A script calling ``main()`` (which trains) at its top level, without the ``__main__`` guard: importing it to
+    rebuild the model trained again inside the CLI and, with ``overwrite=True``, replaced the log; a class defined
+    inside ``main`` failed only after that import. Both are refused before anything is imported; the log is unchanged."""
+    code = tmp_path / "code"
+    code.mkdir()
+    script = code / "unguarded_main.py"
+    shutil.copy(SCRIPTS / "unguarded_main.py", script)
+    log_dir = tmp_path / "log"
+    extra = ["local"] if variant == "local" else []
+    proc = subprocess.run([sys.executable, str(script), str(log_dir), *extra], cwd=code, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = InfluenceLog(log_dir).meta["run_id"]
+    line = _error_subprocess("query", str(log_dir), "-m", "dit", cwd=tmp_path)
+    expected = "was defined inside a function" if variant == "local" else "would train again"
+    assert expected in line and "--builder" in line, line
+    assert InfluenceLog(log_dir).meta["run_id"] == before

@@ -214,7 +214,8 @@ class HookGradientCapture:
         parameters by name, if not the model's own: ``functional_call``'s); nothing without raw parameters left.
         Pair with :meth:`unwatch` (a ``try``/``finally``, or the callback's hooks and ``on_exception``)."""
         if self.raw is not None and self.raw.names:
-            self.raw.start(batch, {n: self.model.get_parameter(n) for n in self.raw.names} if tensors is None else tensors)
+            live = tensors is None
+            self.raw.start(batch, {n: self.model.get_parameter(n) for n in self.raw.names} if live else tensors)
 
     def unwatch(self) -> None:
         """End :meth:`watch` (idempotent): the uses recorded so far get their blocks in the backward."""

@@ -40,7 +40,13 @@ _ADD = {torch.add, Tensor.add, Tensor.add_}
 _SUB = {torch.sub, torch.subtract, Tensor.sub, Tensor.subtract, Tensor.sub_}
 _MUL = {torch.mul, torch.multiply, Tensor.mul, Tensor.multiply}
 _EXPAND = {Tensor.expand, Tensor.expand_as, torch.broadcast_to, Tensor.broadcast_to}
-_IN_PLACE = {Tensor.add_, Tensor.sub_}
+_IN_PLACE_SUMS = {Tensor.add_, Tensor.sub_}
+
+
+def _in_place(func: Callable, kwargs: dict) -> bool:
+    """Whether ``func`` writes into its first argument (``add_``, ``x += ...``, ``copy_``) or into ``out=``."""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or kwargs.get("out") is not None
 
 
 def raw_candidates(model: nn.Module, names: Sequence[str]) -> list[str]:
@@ -58,8 +64,9 @@ def raw_candidates(model: nn.Module, names: Sequence[str]) -> list[str]:
 class RawWatch(TorchFunctionMode):
     """Watches the forward for uses of raw parameters (module doc) and turns their gradients into projected blocks.
 
-    ``records``: one ``[(roots, their tensors, V, kind, scale, x), blocks, output edge]`` per use (``blocks`` filled by the output's
-    gradient hook); ``bad``: parameters met in an op this engine does not know (the caller demotes them).
+    ``records``: one ``[(roots, their tensors, V, kind, scale, x), blocks, output edge]`` per use (``blocks`` filled
+    by the output's gradient hook); ``bad``: parameters met in an op this engine does not know (the caller demotes
+    them).
     """
 
     def __init__(self, names: Sequence[str], projector: KroneckerProjector, active: Callable[[], bool],
@@ -129,8 +136,8 @@ class RawWatch(TorchFunctionMode):
     def _note(self, func: Callable, args: tuple, kwargs: dict, out: Any, mine: list[Tensor],
               others: list[Tensor]) -> None:
         roots = self._roots_of(mine)
-        if func in _IN_PLACE and any(args[0] is t for t in mine):  # a derived tensor (or P) changed in place
-            self._demote(roots)
+        if _in_place(func, kwargs) and (any(args[0] is t for t in mine) or func not in _IN_PLACE_SUMS):
+            self._demote(roots)  # a derived tensor (or P) changed in place: the VJP of its uses would change
         elif func in _EXPAND and len(mine) == 1 and self._use(func, args, kwargs, out, mine[0], others):
             pass  # expanded to the batch
         elif not others:  # a function of the parameters alone: derived (a tensor with no gradient is a constant)
@@ -161,7 +168,7 @@ class RawWatch(TorchFunctionMode):
         if func in _MUL:
             return self._record(v, out, "mul", 1.0, x.detach())
         alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
-        if func not in _ADD | _SUB or isinstance(alpha, Tensor) or (func in _IN_PLACE and args[0] is not x):
+        if func not in _ADD | _SUB or isinstance(alpha, Tensor) or (func in _IN_PLACE_SUMS and args[0] is not x):
             return False
         sign = -1.0 if func in _SUB and args[1] is v else 1.0  # d(x - αV)/dV = -α; d(V - αx)/dV = 1
         return self._record(v, out, "add", sign * (alpha if args[1] is v else 1), None)
@@ -209,9 +216,9 @@ def per_sample_sum(g: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _plain_view(v: Tensor, p: Tensor) -> bool:
-    """``v`` is ``p`` or a view of the contiguous ``p`` (same dtype) whose elements are distinct elements of ``p``: no dimension
-    of stride 0 (an expand) and none overlapping another (``unfold``): each stride beyond the farthest element the
-    smaller ones reach (sufficient)."""
+    """``v`` is ``p`` or a view of the contiguous ``p`` (same dtype) whose elements are distinct elements of ``p``: no
+    dimension of stride 0 (an expand) and none overlapping another (``unfold``): each stride beyond the farthest
+    element the smaller ones reach (sufficient)."""
     if v is p:
         return True
     if v._base is not p or v.dtype != p.dtype or not p.is_contiguous():
