@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import math
 import time
 import warnings
 from collections import deque
@@ -36,7 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_influence.capture import HVP_SCHEMES, HookGradientCapture, KroneckerProjector, select_params
+from lightning_influence.capture import HookGradientCapture, KroneckerProjector, select_params
 from lightning_influence.capture.layers import foldable_biases
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
@@ -54,7 +53,7 @@ from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, as
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
-from lightning_influence.tracker_checks import (UpdateWatch, check_batchnorm, check_dataset, check_distinct_ids, check_fit,
+from lightning_influence.tracker_checks import (UpdateWatch, check_arguments, check_batchnorm, check_dataset, check_distinct_ids, check_fit,
                                                 check_losses, check_optimizers, check_training_set,
                                                 generators_kept, trainer_precision)
 from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
@@ -63,8 +62,6 @@ from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-_STORAGE_DTYPES = ("float16", "float32", "float64")
-_ENGINES = ("auto", "hooks", "vmap")
 _IN_FLIGHT = 2  # steps whose device-to-host copies may still be running before the tracker waits for the oldest
 
 
@@ -165,29 +162,7 @@ class InfluenceTracker(Callback):
         overwrite: bool = False,
         store_data: bool | None = None,
     ) -> None:
-        _require(isinstance(every_n_steps, int) and every_n_steps >= 1, f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
-        _require(
-            checkpoint_every_n_steps is None or (isinstance(checkpoint_every_n_steps, int) and checkpoint_every_n_steps >= 1),
-            f"checkpoint_every_n_steps must be None or an int >= 1, got {checkpoint_every_n_steps!r}",
-        )
-        _require(projection_dim is None or (isinstance(projection_dim, int) and projection_dim >= 1),
-                 f"projection_dim must be None (full gradients) or an int >= 1, got {projection_dim!r}")
-        _require(storage_dtype in _STORAGE_DTYPES, f"storage_dtype must be one of {_STORAGE_DTYPES}, got {storage_dtype!r}")
-        _require(compression in (None, "gzip", "lzf"), f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
-        _require(gradient_engine in _ENGINES, f"gradient_engine must be one of {_ENGINES}, got {gradient_engine!r}")
-        _require(not record_hvp or record_gradients, "record_hvp=True needs record_gradients=True (HVP products share the gradient rows)")
-        _require(hvp_eps > 0, f"hvp_eps must be > 0, got {hvp_eps!r}")
-        _require(hvp_scheme in HVP_SCHEMES, f"hvp_scheme must be one of {HVP_SCHEMES}, got {hvp_scheme!r}")
-        _require(flush_every_n_steps is None or (isinstance(flush_every_n_steps, int) and flush_every_n_steps >= 1),
-                 f"flush_every_n_steps must be None or an int >= 1, got {flush_every_n_steps!r}")
-        _require(flush_every_n_seconds is None or (isinstance(flush_every_n_seconds, (int, float))
-                                                   and math.isfinite(flush_every_n_seconds) and flush_every_n_seconds > 0),
-                 f"flush_every_n_seconds must be None or a number of seconds > 0, got {flush_every_n_seconds!r}")
-        _require(flush_every_n_steps is not None or flush_every_n_seconds is not None,
-                 "flush_every_n_steps and flush_every_n_seconds are both None: set one of them, so a segment file "
-                 "closes now and then (a kill loses the steps not yet in a closed segment)")
-        _require(loss_fn is None or callable(loss_fn), "loss_fn must be callable: loss_fn(module, batch) -> Tensor[B]")
-        _require(ids_fn is None or callable(ids_fn), "ids_fn must be callable: ids_fn(batch) -> Tensor[B]")
+        check_arguments(**locals())  # tracker_checks.py: a bad value is refused here, naming it
         self.log_dir = str(log_dir)
         self.record_losses = record_losses
         self.record_gradients = record_gradients
@@ -368,11 +343,7 @@ class InfluenceTracker(Callback):
         self._land()
         if self._writer is not None and trainer.is_global_zero:
             self._writer.add_checkpoint(self._final.take(pl_module, trainer.optimizers[0], trainer.global_step))
-            if self._final.replacers:
-                self._settle(self._final.note())
-                rank_zero_info(f"InfluenceTracker: {', '.join(self._final.replacers)} replaces the module's weights with "
-                               "an average when training ends; the log's final parameters are the last optimizer "
-                               "step's, whose trajectory the estimators explain")
+            self._final.note(self._settle)
         self._teardown(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -636,7 +607,3 @@ def _serialise(batch: Any) -> bytes:
     torch.save(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().cpu()), buffer)
     return buffer.getvalue()
 
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f"InfluenceTracker: {message}")

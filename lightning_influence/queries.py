@@ -92,17 +92,19 @@ def query_names(query: Query, n: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def evaluation_mode(module: nn.Module) -> Iterator[None]:
+def evaluation_mode(module: nn.Module, norms: bool = False) -> Iterator[None]:
     """Evaluate a query as Lightning validates: dropout and other train-only randomness off (``eval()``).
 
     A query is a function of θ (math §1); evaluated in train mode, dropout would draw new masks at each
-    call and every score, and the ground truth, would be noise. Normalisation layers with running
-    statistics keep their mode (a module given in eval mode normalises by the running statistics of the
-    checkpoint or replayed step, ``step.buffers``). Every module's mode is restored.
+    call and every score, and the ground truth, would be noise. ``norms``: the running statistics of the
+    step are known (a checkpoint's or a replayed step's, ``step.buffers``), so normalisation layers with
+    running statistics are put in eval mode too, as Lightning's validation runs them; otherwise they keep
+    their mode (a log without stored statistics: a rebuilt module's own would be its initial ones). Every
+    module's mode is restored.
     """
     modes = [(m, m.training) for m in module.modules()]
     for m, _ in modes:
-        if not isinstance(m, nn.modules.batchnorm._NormBase):
+        if norms or not isinstance(m, nn.modules.batchnorm._NormBase):
             m.training = False
     try:
         yield
@@ -115,8 +117,9 @@ def evaluate_query(module: nn.Module, query: Query, params: Mapping[str, torch.T
                    buffers: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """``query(module)`` at ``params`` (:func:`call_with_params`) in :func:`evaluation_mode`, with ``buffers``
     (default: those ``params`` carries, ``step.buffers.ParamsWithBuffers``; else the module's own), never changed."""
-    with evaluation_mode(module):
-        return call_with_params(module, query, params, buffers=cloned(buffers_of(params) if buffers is None else buffers))
+    buffers = buffers_of(params) if buffers is None else buffers
+    with evaluation_mode(module, norms=buffers is not None):
+        return call_with_params(module, query, params, buffers=cloned(buffers))
 
 
 def query_gradients(module: nn.Module, query: Query, names: Sequence[str],

@@ -12,6 +12,7 @@ Lightning's ``MixedPrecision``. Each message says what to do instead.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from typing import Any, Iterator, Sequence
 
@@ -19,14 +20,55 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_influence.capture import HVP_SCHEMES
 from lightning_influence.data import ids_source, samples_with_replacement
 from lightning_influence.step import rng
 from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, UpdateRule, check_optimizer
 from lightning_influence.step.precision import Precision
 
-__all__ = ["UpdateWatch", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses",
+__all__ = ["UpdateWatch", "check_arguments", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses",
            "check_optimizers", "check_training_set", "generators_kept", "trainer_precision"]
+
+
+STORAGE_DTYPES = ("float16", "float32", "float64")
+ENGINES = ("auto", "hooks", "vmap")
+
+
+def check_arguments(*, every_n_steps: Any, checkpoint_every_n_steps: Any, projection_dim: Any, storage_dtype: Any,
+                    compression: Any, gradient_engine: Any, record_hvp: Any, record_gradients: Any, hvp_eps: Any,
+                    hvp_scheme: Any, flush_every_n_steps: Any, flush_every_n_seconds: Any, loss_fn: Any, ids_fn: Any,
+                    **_: Any) -> None:
+    """The tracker's arguments (``InfluenceTracker.__init__``'s; the others are taken as they are), checked at
+    construction: a bad value is refused there, naming it and what it must be."""
+    _require(isinstance(every_n_steps, int) and every_n_steps >= 1, f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+    _require(
+        checkpoint_every_n_steps is None or (isinstance(checkpoint_every_n_steps, int) and checkpoint_every_n_steps >= 1),
+        f"checkpoint_every_n_steps must be None or an int >= 1, got {checkpoint_every_n_steps!r}",
+    )
+    _require(projection_dim is None or (isinstance(projection_dim, int) and projection_dim >= 1),
+             f"projection_dim must be None (full gradients) or an int >= 1, got {projection_dim!r}")
+    _require(storage_dtype in STORAGE_DTYPES, f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+    _require(compression in (None, "gzip", "lzf"), f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
+    _require(gradient_engine in ENGINES, f"gradient_engine must be one of {ENGINES}, got {gradient_engine!r}")
+    _require(not record_hvp or record_gradients, "record_hvp=True needs record_gradients=True (HVP products share the gradient rows)")
+    _require(hvp_eps > 0, f"hvp_eps must be > 0, got {hvp_eps!r}")
+    _require(hvp_scheme in HVP_SCHEMES, f"hvp_scheme must be one of {HVP_SCHEMES}, got {hvp_scheme!r}")
+    _require(flush_every_n_steps is None or (isinstance(flush_every_n_steps, int) and flush_every_n_steps >= 1),
+             f"flush_every_n_steps must be None or an int >= 1, got {flush_every_n_steps!r}")
+    _require(flush_every_n_seconds is None or (isinstance(flush_every_n_seconds, (int, float))
+                                               and math.isfinite(flush_every_n_seconds) and flush_every_n_seconds > 0),
+             f"flush_every_n_seconds must be None or a number of seconds > 0, got {flush_every_n_seconds!r}")
+    _require(flush_every_n_steps is not None or flush_every_n_seconds is not None,
+             "flush_every_n_steps and flush_every_n_seconds are both None: set one of them, so a segment file "
+             "closes now and then (a kill loses the steps not yet in a closed segment)")
+    _require(loss_fn is None or callable(loss_fn), "loss_fn must be callable: loss_fn(module, batch) -> Tensor[B]")
+    _require(ids_fn is None or callable(ids_fn), "ids_fn must be callable: ids_fn(batch) -> Tensor[B]")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"InfluenceTracker: {message}")
 
 
 def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) -> None:

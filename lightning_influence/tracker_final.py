@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.records import CheckpointRecord
@@ -58,9 +59,13 @@ class FinalCheckpoint:
             return taken
         return checkpoint_record(module, optimizer, step)
 
-    def note(self) -> dict[str, Any]:
-        """What ``meta.h5`` says of θ_T (nothing without a weight-replacing callback)."""
-        return {"final_weights_replaced_by": self.replacers} if self.replacers else {}
+    def note(self, settle: Callable[[dict[str, Any]], None]) -> None:
+        """With a weight-replacing callback, ``meta.h5`` (``settle``: the tracker's amendment) and the user are told."""
+        if self.replacers:
+            settle({"final_weights_replaced_by": self.replacers})
+            rank_zero_info(f"InfluenceTracker: {', '.join(self.replacers)} replaces the module's weights with an average "
+                           "when training ends; the log's final parameters are the last optimizer step's, whose "
+                           "trajectory the estimators explain")
 
 
 def store_missing_final(log_dir: str, run_id: str | None, module: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -86,6 +86,21 @@ def test_checkpoints_hold_the_running_statistics_and_eval_queries_match_training
     assert torch.equal(module.net[1].running_mean, torch.zeros(7, dtype=torch.float64))  # the module is untouched
 
 
+def test_a_query_on_a_module_in_train_mode_normalises_as_lightning_validates(log_dir):
+    """The CLI rebuilds the module in train mode: a query at a checkpoint normalised by the validation batch's own
+    statistics (batch statistics), not as Lightning validates. With the step's running statistics known, the
+    normalisation layers are in eval mode too: the same value as the training module's ``eval()`` at that step."""
+    ds = make_data(12)
+    snaps = _train(log_dir, 3, ds, epochs=3)
+    log = InfluenceLog(log_dir)
+    x = ds.tensors[0]
+    query = lambda m: m(x[:4])[:, 0].sum()  # noqa: E731
+    module = tiny(batchnorm=True)
+    for t in log.checkpoint_steps:
+        assert torch.equal(evaluate_query(module, query, checkpoint_params(log, module, t)), query(_at(snaps.states[t])))
+    assert module.training and module.net[1].training  # its modes are restored
+
+
 def test_a_log_without_buffers_still_reads_and_warns(log_dir):
     """A log written before buffers were stored (its checkpoints without ``buffers``): read as before, the module's
     own running statistics used, with the warning."""

@@ -45,7 +45,7 @@ class MicroBatch:
     ids: np.ndarray
     batch: Any
     random: rng.RandomState = field(default_factory=lambda: rng.NONE)
-    train: bool = False  # its forward ran a train-mode BatchNorm (log meta ``train_batchnorm``): train mode, as trained
+    train: bool = False  # its forward ran a train-mode BatchNorm (meta ``train_batchnorm``): train mode (no ``modes``)
     # its forward's buffer updates (running statistics) are the run's: under DDP rank 0's only, whose buffers DDP
     # broadcasts before every forward and whose the log stores (the others' forwards run on copies, step.buffers)
     updates_buffers: bool = True
