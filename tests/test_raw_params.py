@@ -261,8 +261,8 @@ def test_the_view_vjp_equals_autograds(view, plain):
 
 
 class Arith(nn.Module):
-    """Signs, ``alpha``, operand order, an in-place sum, a tensor derived from two parameters; ``unknown``: ``x / P``
-    (a use this engine does not know) or a derived tensor changed in place after its use."""
+    """Signs, ``alpha``, operand order, an in-place sum, a quotient, a tensor derived from two parameters; ``unknown``:
+    ``P / x`` (a use this engine does not know) or a derived tensor changed in place after its use."""
 
     def __init__(self, unknown: str | None = None) -> None:
         super().__init__()
@@ -277,7 +277,8 @@ class Arith(nn.Module):
         h = self.c - torch.tanh(h)
         h = h.clone()
         h.add_(self.a)  # in place
-        h = torch.tanh(h) / self.d if self.unknown == "divide" else torch.tanh(h) * self.d
+        h = self.d / (2 + torch.tanh(h)) if self.unknown == "divide" else torch.tanh(h) * self.d
+        h = h / (1 + self.a.square())  # a temperature
         both = self.b * self.c  # derived from two parameters: autograd's VJP to both
         h = h + both
         if self.unknown == "in-place":
@@ -285,7 +286,7 @@ class Arith(nn.Module):
         return self.lin(h.mean(1))
 
 
-@pytest.mark.parametrize("unknown,demoted", [(None, []), ("divide", ["d"]), ("in-place", ["b", "c"])])
+@pytest.mark.parametrize("unknown,demoted", [(None, []), ("divide", ["d"]), ("in-place", ["b", "c"])])  # P / x
 def test_signs_alpha_order_and_in_place_sums(unknown, demoted):
     torch.manual_seed(0)
     model = Arith(unknown).double()

@@ -8,10 +8,10 @@ position table ``x + self.pos_embed`` (or a slice ``self.pos_embed[:, :T]``), it
 watched parameter ``P`` or a tensor derived from watched parameters alone (any op whose tensor arguments are all
 such tensors: views, slices, casts, ``P * 2``). A *use* is an op that meets the batch:
 
-- ``x + V``, ``x - V``, ``V - x`` (``alpha`` too), ``x * V``, with ``x`` batch-first (``x.shape[0] == B``, as many
-  dimensions as the output) and ``V`` not covering the batch dimension (fewer dimensions, or size 1 there): the
-  output's gradient hook gets ``G`` and sample ``b``'s gradient with respect to ``V`` is ``G_b`` (``G_b * x_b`` for
-  a product) summed over the dimensions ``V`` is broadcast along;
+- ``x + V``, ``x - V``, ``V - x`` (``alpha`` too), ``x * V``, ``x / V``, with ``x`` batch-first (``x.shape[0] == B``,
+  as many dimensions as the output) and ``V`` not covering the batch dimension (fewer dimensions, or size 1 there):
+  the output's gradient hook gets ``G`` and sample ``b``'s gradient with respect to ``V`` is ``G_b`` (``G_b * x_b``
+  for a product, ``-G_b * x_b / V²`` for a quotient) summed over the dimensions ``V`` is broadcast along;
 - ``V.expand(B, ...)`` (``broadcast_to``, ``expand_as``) to the batch: the same with an implicit ``x = 0``.
 
 The gradient with respect to ``V`` goes back to the parameters ``V`` derives from by the derivation chain's VJP,
@@ -39,6 +39,7 @@ __all__ = ["RawWatch", "raw_candidates"]
 _ADD = {torch.add, Tensor.add, Tensor.add_}
 _SUB = {torch.sub, torch.subtract, Tensor.sub, Tensor.subtract, Tensor.sub_}
 _MUL = {torch.mul, torch.multiply, Tensor.mul, Tensor.multiply}
+_DIV = {torch.div, torch.divide, torch.true_divide, Tensor.div, Tensor.divide, Tensor.true_divide}
 _EXPAND = {Tensor.expand, Tensor.expand_as, torch.broadcast_to, Tensor.broadcast_to}
 _IN_PLACE_SUMS = {Tensor.add_, Tensor.sub_}
 
@@ -167,6 +168,10 @@ class RawWatch(TorchFunctionMode):
             return False
         if func in _MUL:
             return self._record(v, out, "mul", 1.0, x.detach())
+        if func in _DIV:  # x / V (a temperature): d/dV = -x / V²
+            if args[1] is not v or kwargs.get("rounding_mode") is not None:
+                return False
+            return self._record(v, out, "div", -1.0, x.detach())
         alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
         if func not in _ADD | _SUB or isinstance(alpha, Tensor) or (func in _IN_PLACE_SUMS and args[0] is not x):
             return False
@@ -194,6 +199,8 @@ class RawWatch(TorchFunctionMode):
         g = self._wide(g_out)
         if kind == "mul":
             g = g * x
+        elif kind == "div":
+            g = g * x / self._wide(v.detach()).square()
         g_v = per_sample_sum(g, v.shape)
         if scale != 1.0:
             g_v = g_v * scale
