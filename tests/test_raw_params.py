@@ -145,9 +145,9 @@ class LitViT(pl.LightningModule):
     """:class:`ViT` plus raw parameters used outside any module, in ``per_sample_loss`` (a temperature and a shift
     of the logits); ``fail_at``: ``training_step`` raises at that batch, after the forward."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, unknown: str | None = None) -> None:
         super().__init__()
-        self.vit = ViT(table=T + 2)
+        self.vit = ViT(table=T + 2, unknown=unknown)
         self.temp = nn.Parameter(torch.tensor([1.5]))
         self.shift = nn.Parameter(torch.randn(3) * 0.1)
         self.fail_at = fail_at
@@ -189,9 +189,9 @@ def _lit(seed=0, dtype=torch.float64, **kw):
     return LitViT(**kw).to(dtype)
 
 
-def _expected(log, rec, data, dtype=torch.float64):
+def _expected(log, rec, data, dtype=torch.float64, **kw):
     """Brute-force rows of step ``rec`` at its checkpoint, projected with the log's projector."""
-    module = _lit(dtype=dtype)
+    module = _lit(dtype=dtype, **kw)
     module.load_state_dict({n: torch.from_numpy(v) for n, v in log.checkpoint(rec.step).items()}, strict=False)
     samples = [data[int(i)] for i in rec.ids]
     x, y = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
@@ -221,6 +221,17 @@ def test_tracked_vit_training_is_bit_identical_and_rows_equal_brute_force(tmp_pa
         steps += 1
     assert steps == 6
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_tracked_fit_hands_an_unknown_use_to_vmap_at_its_first_step(tmp_path):
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=16,
+                               checkpoint_every_n_steps=1, storage_dtype="float64")
+    with pytest.warns(UserWarning, match=r"raw-parameter engine does not know.*\['vit.twice'\]"):
+        _, data = _fit(_lit(unknown="einsum"), tracker, steps=3)
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["gradient_engine"] == "mixed" and log.meta["demoted"] == {"vit.twice": 0}
+    for rec in log.iter_steps(fields=("grad",)):
+        np.testing.assert_allclose(rec.grads, _expected(log, rec, data, unknown="einsum"), rtol=1e-10, atol=1e-12)
 
 
 def test_an_error_inside_training_step_leaves_no_mode_pushed(tmp_path):
