@@ -281,8 +281,9 @@ def import_class(path: str, recipe: Mapping[str, Any] | None = None, what: str =
     for d in _search_dirs(recipe):
         if d not in sys.path:
             sys.path.append(d)
-    file = _module_file(module_name, recipe)
-    if file and module_name not in sys.modules and _trains_on_import(file):
+    trains = [f for f in _module_files(module_name, recipe) if _trains_on_import(f)]
+    file = trains[0] if trains else None
+    if file and module_name not in sys.modules:
         raise RecipeError(f"importing {module_name} ({file}) would train again: its fit() call is not under "
                           f"`if __name__ == \"__main__\":`; move it there, or pass --builder module:function")
     try:
@@ -315,19 +316,17 @@ def _search_dirs(recipe: Mapping[str, Any] | None) -> list[str]:
     return [d for d in dict.fromkeys(dirs) if d and os.path.isdir(d)]
 
 
-def _module_file(module_name: str, recipe: Mapping[str, Any] | None) -> str | None:
-    """The recorded file of ``module_name`` (the module of a recorded class or function, or the training script), or
-    of the script module it lies in (``train.Outer`` for a class nested in ``train``'s ``Outer``)."""
+def _module_files(module_name: str, recipe: Mapping[str, Any] | None) -> list[str]:
+    """The recorded files of ``module_name``: of the module of a recorded class or function, and of the training script,
+    also of the script module a name lies in (``train.Outer`` for a class nested in ``train``'s ``Outer``)."""
     recipe = recipe or {}
     script = recipe.get("script") or {}
     known = [(script.get("main_module"), script.get("main_file"))]
     for part, key in (("module", "class"), ("datamodule", "class"), ("loss_fn", "function")):
         entry = recipe.get(part) or {}
         known.append(((entry.get(key) or "").rpartition(".")[0], entry.get("file")))
-    for module, file in known:
-        if module and file and (module_name == module or module_name.startswith(module + ".")):
-            return file
-    return None
+    return list(dict.fromkeys(file for module, file in known
+                              if module and file and (module_name == module or module_name.startswith(module + "."))))
 
 
 def _trains_on_import(file: str) -> bool:
