@@ -46,7 +46,7 @@ from lightning_influence.log.resume import (continue_log, logged_fold_bias, logg
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
 from lightning_influence.step import rng
-from lightning_influence.step.buffers import persistent_buffers
+from lightning_influence.step.buffers import cloned, persistent_buffers
 from lightning_influence.step.modes import ModeWatch
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
                                               random_states)
@@ -391,7 +391,7 @@ class InfluenceTracker(Callback):
         if self._modes.observe(pl_module, step, batch_idx, checkpoint, self._writer if self._global_zero else None):
             self._check_batchnorm(pl_module)  # modes changed after the fit's first step: as at that step
         if checkpoint:  # θ_t's buffers: before the forward updates them
-            self._pending.buffers = {n: b.detach().clone() for n, b in persistent_buffers(pl_module).items()}
+            self._pending.buffers = cloned(persistent_buffers(pl_module))
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
                                                      inputs=_serialise(batch) if self.store_inputs else None,
                                                      accumulate=accumulate))

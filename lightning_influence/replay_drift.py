@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_influence.step.buffers import cloned
+
 __all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "check_checkpoint", "measure", "resolve_tolerance",
            "restore_buffers"]
 
@@ -107,7 +109,7 @@ def restore_buffers(step: int, stored: Mapping[str, np.ndarray] | None, buffers:
     with torch.no_grad():
         for n, value in stored.items():
             buffers[n].copy_(torch.from_numpy(np.array(value)))
-    anchor["buffers"] = {n: b.detach().clone() for n, b in floats.items()}
+    anchor["buffers"] = cloned(floats)
 
 
 def mismatch(step: int, start: int, drift: float, diff: float, tolerance: float) -> ReplayMismatchError:

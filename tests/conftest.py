@@ -54,6 +54,28 @@ class TinyClassifier(pl.LightningModule):
         raise ValueError(self.opt)
 
 
+class ChangesOptimizer(TinyClassifier):
+    """A plain SGD with momentum whose ``change(optimizer)`` edits its param groups in ``where``: ``training_step``
+    (recorded) or the module's own ``on_before_optimizer_step``, which Lightning calls after the callbacks'."""
+
+    where = "training_step"
+
+    def change(self, optimizer: torch.optim.Optimizer) -> None:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.where == "training_step":
+            self.change(self.trainer.optimizers[0])
+        return super().training_step(batch, batch_idx)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.where == "on_before_optimizer_step":
+            self.change(optimizer)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
 def make_data(n: int = 24, d_in: int = 5, classes: int = 3, dtype: torch.dtype = torch.float64, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, d_in, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g))

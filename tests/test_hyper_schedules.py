@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TinyClassifier, fit, loader, make_data
+from conftest import ChangesOptimizer, TinyClassifier, fit, loader, make_data
 from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
 from lightning_influence.estimators import dit
 from lightning_influence.evaluation import replay_loo
@@ -89,7 +89,7 @@ def test_a_scheduler_cycling_momentum_is_recorded_and_replays_bit_for_bit(tmp_pa
         list(replay(log, _cycled(kind, opt), WithIds(ds), tolerance=0.0))
 
 
-class Ramped(TinyClassifier):
+class Ramped(ChangesOptimizer):
     """SGD with momentum; from step ``at`` on, ``where`` sets momentum 0.5 and weight decay 0.01."""
 
     def __init__(self, where: str = "training_step", at: int = 3, key: str = "momentum", value=0.5,
@@ -97,23 +97,11 @@ class Ramped(TinyClassifier):
         super().__init__(lr=0.1, momentum=momentum)
         self.where, self.at, self.key, self.value = where, at, key, value
 
-    def _ramp(self, optimizer) -> None:
+    def change(self, optimizer) -> None:
         if self.trainer.global_step >= self.at:
             for g in optimizer.param_groups:
                 g[self.key] = self.value
                 g["weight_decay"] = 0.01
-
-    def training_step(self, batch, batch_idx):
-        if self.where == "training_step":
-            self._ramp(self.trainer.optimizers[0])
-        return super().training_step(batch, batch_idx)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.where == "on_before_optimizer_step":
-            self._ramp(optimizer)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 def test_a_momentum_set_in_training_step_is_recorded_from_the_step_it_changes(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TinyClassifier, fit, loader, make_data
+from conftest import ChangesOptimizer, TinyClassifier, fit, loader, make_data
 from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
 from lightning_influence.evaluation import replay_loo
 from lightning_influence.queries import evaluate_query, mean_loss
@@ -272,29 +272,17 @@ def test_a_damaged_data_file_is_named_with_what_to_do(tmp_path, capsys, damage):
     assert "data.pt: the training and validation data stored with the log cannot be read" in capsys.readouterr().out
 
 
-class _WarmedUp(TinyClassifier):
+class _WarmedUp(ChangesOptimizer):
     """Sets the learning rate of every step in ``where`` (from step ``start`` on)."""
 
     def __init__(self, where: str, start: int = 0) -> None:
         super().__init__(lr=0.1, momentum=0.9)
         self.where, self.start = where, start
 
-    def _warm(self, optimizer) -> None:
+    def change(self, optimizer) -> None:
         if self.trainer.global_step >= self.start:
             for g in optimizer.param_groups:
                 g["lr"] = 0.02 * (1 + self.trainer.global_step)
-
-    def training_step(self, batch, batch_idx):
-        if self.where == "training_step":
-            self._warm(self.trainer.optimizers[0])
-        return super().training_step(batch, batch_idx)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.where == "on_before_optimizer_step":
-            self._warm(optimizer)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 @pytest.mark.parametrize("start", [0, 3])
