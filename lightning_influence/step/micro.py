@@ -238,13 +238,29 @@ class _MathKernelFlags:
 _MATH_KERNEL = _MathKernelFlags()
 
 
+class _CompositeWeightNorm(torch.overrides.TorchFunctionMode):
+    """``torch._weight_norm(v, g, dim)`` (``parametrizations.weight_norm``, ``utils.weight_norm``) as PyTorch's own
+    composite ``v * (g / norm_except_dim(v, 2, dim))``: torch 2.13's fused kernel has no forward AD and a wrong double
+    backward in ``v`` (80% off on a small layer; ``tests/test_module_variants.py``), so every HVP through it was
+    wrong. The mode is thread-local: other threads keep the fused kernel."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, dim = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
     """Attention through the math kernel of ``scaled_dot_product_attention``, which supports forward-mode AD
-    (the fused CPU/GPU kernels do not) and double backward: used by every Hessian-vector product pass."""
+    (the fused CPU/GPU kernels do not) and double backward, and weight norm through its composite form
+    (:class:`_CompositeWeightNorm`): used by every Hessian-vector product pass."""
     _MATH_KERNEL.enter()
     try:
-        yield
+        with _CompositeWeightNorm():
+            yield
     finally:
         _MATH_KERNEL.exit()
 
