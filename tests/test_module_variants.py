@@ -4,7 +4,9 @@ rows, DIT and replay against independent references (float64 autograd, finite di
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from conftest import TinyClassifier, fit, loader, make_data
@@ -67,3 +69,47 @@ def test_dit_on_a_weight_normed_model_is_the_derivative_of_replay(tmp_path):
     truth = replay_loo(log, WeightNormed().double(), WithIds(data), query, sample_ids=ids, removal_weight=1 - eps)
     derivative = truth.values[:, -1, 0] / eps
     np.testing.assert_allclose(scores, derivative, rtol=1e-4, atol=1e-4 * np.abs(derivative).max())
+
+
+def assert_rows_are_autograd(log: InfluenceLog, make, data, rtol: float = 1e-10) -> None:
+    """Every logged row equals autograd on its sample alone at the step's checkpoint (buffers too), projected as
+    logged: the float64 reference, one sample at a time."""
+    names, projector, reference = log.param_names, log.projector(), make()
+    for rec in log.iter_steps(fields=("grad",)):
+        state = {n: torch.from_numpy(np.asarray(v)) for n, v in log.checkpoint(rec.step).items()}
+        state.update({n: torch.from_numpy(np.asarray(v)) for n, v in (log.checkpoint_buffers(rec.step) or {}).items()})
+        rows = []
+        for i in rec.ids:
+            reference.load_state_dict(state, strict=False)  # a forward may change buffers: each sample from θ_t's
+            params = dict(reference.named_parameters())
+            loss = reference.per_sample_loss(tuple(t[int(i)][None] for t in data.tensors))[0]
+            grads = torch.autograd.grad(loss, [params[n] for n in names])
+            rows.append(projector.project({n: g[None] for n, g in zip(names, grads)}))
+        np.testing.assert_allclose(rec.grads, torch.cat(rows).numpy(), rtol=rtol, atol=rtol * np.abs(rec.grads).max())
+
+
+class RawAdapter(TinyClassifier):
+    """A frozen base with LoRA matrices as raw parameters, used by ``x @ A.T``: the raw-parameter engine does not know
+    it, so every hooked tensor is demoted at the first step."""
+
+    def __init__(self) -> None:
+        super().__init__(d_in=5, hidden=6, classes=3, lr=0.3)
+        self.net.requires_grad_(False)
+        self.A, self.B = nn.Parameter(0.3 * torch.randn(2, 5)), nn.Parameter(0.3 * torch.randn(3, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + (x @ self.A.T) @ self.B.T
+
+
+def test_raw_adapter_demoted_entirely_at_the_first_step_keeps_training(tmp_path):
+    """The first step's self-check ran autograd on no tensor at all and crashed the fit (``inputs`` of ``grad()``
+    empty) when every hooked tensor had been demoted: now vmap takes all of them and the rows are exact."""
+    data = make_data(18, seed=0)
+    torch.manual_seed(0)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=4,
+                               checkpoint_every_n_steps=1, storage_dtype="float64")
+    with pytest.warns(UserWarning, match="raw-parameter engine does not know"):
+        fit(RawAdapter().double(), loader(data), tracker, epochs=1)
+    log = InfluenceLog(tmp_path / "log")
+    assert log.param_names == ["A", "B"] and log.meta["gradient_engines"] == {"A": "vmap", "B": "vmap"}
+    assert_rows_are_autograd(log, lambda: RawAdapter().double(), data)

@@ -293,6 +293,8 @@ class HookGradientCapture:
         its module (:attr:`demoted`, a warning) and gets zero columns in ``rows`` (in place),
         for another engine to fill. Returns the demoted names.
         """
+        if not self.param_names:  # every hooked tensor demoted already (raw parameters in an unknown use): vmap's
+            return []
         modes = {m: m.training for m in model.modules()}
         devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         try:
