@@ -113,3 +113,50 @@ def test_raw_adapter_demoted_entirely_at_the_first_step_keeps_training(tmp_path)
     log = InfluenceLog(tmp_path / "log")
     assert log.param_names == ["A", "B"] and log.meta["gradient_engines"] == {"A": "vmap", "B": "vmap"}
     assert_rows_are_autograd(log, lambda: RawAdapter().double(), data)
+
+
+class Recurrent(TinyClassifier):
+    """A text classifier: ``nn.Embedding(padding_idx=0)``, an LSTM or a GRU over packed sequences (no layer engine and
+    no vmap batching rule: ``aten::lstm``, ``.item()`` in ``pack_padded_sequence``), a linear head."""
+
+    def __init__(self, cell: str = "lstm") -> None:
+        super().__init__(lr=0.5)
+        self.net = None
+        self.cell, self.emb = cell, nn.Embedding(9, 4, padding_idx=0)
+        self.rnn, self.head = (nn.LSTM if cell == "lstm" else nn.GRU)(4, 5, batch_first=True), nn.Linear(5, 2)
+
+    def per_sample_loss(self, batch):
+        tokens, y, lengths = batch[0], batch[1], batch[2]
+        e = self.emb(tokens)
+        if self.cell == "gru":
+            e = nn.utils.rnn.pack_padded_sequence(e, lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(e)
+        h = h[0] if isinstance(h, tuple) else h
+        return nn.functional.cross_entropy(self.head(h[-1]), y, reduction="none")
+
+
+def _token_data(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    tokens, lengths = torch.randint(1, 9, (n, 6), generator=g), torch.randint(2, 7, (n,), generator=g)
+    tokens[torch.arange(6)[None, :] >= lengths[:, None]] = 0
+    return torch.utils.data.TensorDataset(tokens, (tokens == 3).any(1).long(), lengths)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_models_train_and_replay_without_vmap(tmp_path, cell):
+    """vmap has no batching rule for an LSTM (nor a packed GRU): the tracker crashed at the first step and replay
+    leave-one-out in its batched copies. Rows now come from backward passes (equal to autograd on each sample alone),
+    the copies run one by one, and DIT's linear removal is the derivative of that replay."""
+    data, val = _token_data(16, 0), _token_data(8, 1)
+    torch.manual_seed(0)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=6,
+                               checkpoint_every_n_steps=1, storage_dtype="float64")
+    with pytest.warns(UserWarning, match="vmap cannot evaluate"):
+        fit(Recurrent(cell).double(), loader(data, batch_size=4), tracker, epochs=1)
+    log = InfluenceLog(tmp_path / "log")
+    assert_rows_are_autograd(log, lambda: Recurrent(cell).double(), data)
+    query, ids, eps = mean_loss(tuple(val.tensors)), [0, 5, 9], 1e-6
+    scores = dit(log, query, module=Recurrent(cell).double(), train_data=WithIds(data), removal="linear").column()[ids]
+    truth = replay_loo(log, Recurrent(cell).double(), WithIds(data), query, sample_ids=ids, removal_weight=1 - eps)
+    derivative = truth.values[:, -1, 0] / eps
+    np.testing.assert_allclose(scores, derivative, rtol=1e-4, atol=1e-4 * np.abs(derivative).max())

@@ -12,7 +12,9 @@ Two exact engines, mixed per parameter by :func:`per_sample_grads`:
   multiplies or expands to the batch itself likewise (:mod:`.raw_params`). Cheap enough to run
   on every training step.
 - :func:`per_sample_grads_vmap`: ``torch.func`` ``vmap(grad)`` over samples, for any
-  parameter; the fallback for the parameters no hook covers.
+  parameter; the fallback for the parameters no hook covers. Where ``vmap`` has no batching rule
+  (``nn.LSTM``/``nn.GRU``, packed sequences), :func:`per_sample_grads_backward`: one batched forward and
+  a backward pass per sample.
 
 Both assume samples do not interact in the forward pass (no BatchNorm in train mode).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +43,8 @@ __all__ = [
     "select_params",
     "HookGradientCapture",
     "per_sample_grads_vmap",
+    "per_sample_grads_backward",
+    "batched_grad",
     "per_sample_grads_hooks",
     "per_sample_grads",
     "call_with_params",
@@ -412,6 +417,8 @@ def per_sample_grads_vmap(
     overrides some or all parameters (e.g. perturbed copies) without touching the live
     model; ``chunk_size`` bounds memory as in ``torch.func.vmap``.
     """
+    if model in _NO_VMAP:
+        return per_sample_grads_backward(model, loss_fn, batch, param_names, projector, params)
     overrides = {n: t.detach() for n, t in (params or {}).items()}
     live = dict(model.named_parameters())
     diff = {n: overrides.pop(n) if n in overrides else live[n].detach() for n in param_names}
@@ -427,11 +434,68 @@ def per_sample_grads_vmap(
         call = {**fixed, **{"m." + n: t for n, t in p.items()}}
         return functional_call(wrapper, call, (one,))[0]
 
-    with torch.no_grad():  # grad differentiates inside; no graph to the live parameters outside (rows are data)
-        grads = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(
-            diff, tensors
-        )
-        return projector.project(grads, partial=len(diff) != len(projector.block_of))
+    state = torch.get_rng_state()
+    try:
+        with torch.no_grad():  # grad differentiates inside; no graph to the live parameters outside (rows are data)
+            grads = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(
+                diff, tensors
+            )
+            return projector.project(grads, partial=len(diff) != len(projector.block_of))
+    except (RuntimeError, NotImplementedError) as err:  # no batching rule (nn.LSTM/GRU, packed sequences, ...)
+        _NO_VMAP.add(model)  # from now on straight to the backward passes (a genuine error fails again there)
+        warnings.warn(f"torch.func.vmap cannot evaluate {type(model).__name__} one sample at a time ({str(err)[:120]}); "
+                      "its per-sample gradients come from one batched forward and a backward pass per sample instead "
+                      "(exact, docs/per-sample-gradients.md)", stacklevel=2)
+    torch.set_rng_state(state)
+    return per_sample_grads_backward(model, loss_fn, batch, param_names, projector, params)
+
+
+_NO_VMAP: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+"""Models ``vmap`` failed on (:func:`per_sample_grads_vmap` falls back to :func:`per_sample_grads_backward`)."""
+
+
+def per_sample_grads_backward(model: nn.Module, loss_fn: LossFn, batch: Any, param_names: Sequence[str],
+                              projector: KroneckerProjector | None = None, params: Mapping[str, Tensor] | None = None,
+                              chunk_size: int = 32, forward: Callable[[], Any] = contextlib.nullcontext) -> Tensor:
+    """Per-sample gradients ``(B, K)`` of ``param_names`` from one plain batched forward (inside ``forward()``, a
+    context: the caller's random state, autocast and modes) and the backward passes of the unit cotangents ``e_i``,
+    vectorised ``chunk_size`` at a time (:func:`batched_grad`). Exact for any architecture whose samples do not
+    interact in the forward: the fallback where ``vmap`` has no batching rule, and the way to keep the training
+    forward's dropout masks (``step.micro.per_sample_grads_masked``). Projected by ``projector`` if given (columns
+    of parameters outside ``param_names`` zero), else flattened in ``param_names`` order."""
+    overrides = {n: t.detach() for n, t in (params or {}).items()}
+    live = dict(model.named_parameters())
+    leaves = {n: (overrides.pop(n) if n in overrides else live[n].detach()).requires_grad_(True) for n in param_names}
+    fixed = _override_dict(model, overrides)
+    wrapper = _LossModule(model, loss_fn)
+    with torch.enable_grad():
+        with forward():
+            out = functional_call(wrapper, {**fixed, **{"m." + n: t for n, t in leaves.items()}}, (batch,))
+        eye = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
+        rows = []
+        for c0 in range(0, out.shape[0], chunk_size):
+            e = eye[c0:c0 + chunk_size]
+            g = batched_grad(out, list(leaves.values()), e, allow_unused=True)
+            rows.append([torch.zeros(len(e), *leaves[n].shape, dtype=out.dtype, device=out.device) if gi is None else gi
+                         for n, gi in zip(leaves, g)])
+    grads = {n: torch.cat([r[i] for r in rows]).detach() for i, n in enumerate(leaves)}
+    if projector is not None:
+        return projector.project(grads, partial=True)
+    return torch.cat([grads[n].reshape(out.shape[0], -1) for n in param_names], dim=1)
+
+
+def batched_grad(output: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, **kw: Any) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` of ``output`` for each row of ``cotangents`` (``(C, *output.shape)``), stacked ``(C, ...)``.
+
+    One vectorised backward (``is_grads_batched``) where every backward formula of the graph has a batching
+    rule; else one backward per row: GroupNorm's double backward has none (torch 2.13 fails with a size
+    mismatch), so DIT and Diff-In on a GroupNorm CNN take this path, nor has an LSTM's backward. The graph is retained.
+    """
+    try:
+        return torch.autograd.grad(output, inputs, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True, **kw)
+    except RuntimeError:  # a backward without a batching rule; a genuine error fails again below
+        rows = [torch.autograd.grad(output, inputs, grad_outputs=c, retain_graph=True, **kw) for c in cotangents]
+        return tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs)))
 
 
 def per_sample_grads_hooks(

@@ -268,6 +268,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
     chunks = [list(range(i, min(i + copies, len(units)))) for i in range(0, len(units), copies)]
     values = np.zeros((len(units), len(grid_arr), 0))
     base = None
+    batched = True  # the copies of a step through vmap, until a model without batching rules (nn.LSTM) says otherwise
     qnames: list[str] = []
     t0 = time.perf_counter()
     done, total = 0, len(chunks) * (hi - lo)
@@ -309,15 +310,19 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
                         (w * copy_step.losses(module, loss_fn, p, buffers=buffers[c])).sum().backward()
                 apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
                 opt.step()
-            elif step.drew or step.precision.autocast_device is not None:
+            else:
                 # copy by copy: a forward inside vmap may draw other dropout masks than training did, and its batched
                 # kernels round other than training's under autocast (bf16: the reference copy left the run by 0.4%)
-                for c in range(C):
-                    per_copy({n: v[c] for n, v in stacked.items()}, W[c]).backward()
-                apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
-                opt.step()
-            else:
-                torch.func.vmap(per_copy)(dict(stacked), W).sum().backward()
+                one_by_one = step.drew or step.precision.autocast_device is not None or not batched
+                if not one_by_one:
+                    try:
+                        torch.func.vmap(per_copy)(dict(stacked), W).sum().backward()
+                    except (RuntimeError, NotImplementedError):  # no batching rule (nn.LSTM/GRU): one by one from now on
+                        batched, one_by_one = False, True
+                        opt.zero_grad(set_to_none=True)
+                if one_by_one:
+                    for c in range(C):
+                        per_copy({n: v[c] for n, v in stacked.items()}, W[c]).backward()
                 apply_clipping_stacked([p for g in opt.param_groups for p in g["params"]], logged_clip_spec(log, t))
                 opt.step()
             done += 1

@@ -24,9 +24,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from lightning_influence.capture.per_sample import _LossModule, _override_dict, call_with_params
+from lightning_influence.capture.per_sample import batched_grad, call_with_params, per_sample_grads_backward
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import cloned
@@ -193,20 +192,6 @@ class Step:
         return {n: torch.cat(r) for n, r in rows.items()}
 
 
-def batched_grad(output: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, **kw: Any) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad`` of ``output`` for each row of ``cotangents`` (``(C, *output.shape)``), stacked ``(C, ...)``.
-
-    One vectorised backward (``is_grads_batched``) where every backward formula of the graph has a batching
-    rule; else one backward per row: GroupNorm's double backward has none (torch 2.13 fails with a size
-    mismatch), so DIT and Diff-In on a GroupNorm CNN take this path. The graph is retained.
-    """
-    try:
-        return torch.autograd.grad(output, inputs, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True, **kw)
-    except RuntimeError:  # a backward without a batching rule; a genuine error fails again below
-        rows = [torch.autograd.grad(output, inputs, grad_outputs=c, retain_graph=True, **kw) for c in cotangents]
-        return tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs)))
-
-
 class _MathKernelFlags:
     """``sdpa_kernel(SDPBackend.MATH)`` held while any thread is inside :func:`exact_kernels`: the flags are
     process-wide, so two threads entering and leaving their own ``sdpa_kernel`` at once could leave the fused
@@ -278,22 +263,5 @@ def per_sample_grads_masked(module: nn.Module, loss_fn: LossFn, micro: MicroBatc
     interact in the forward (no train-mode BatchNorm). Projected by ``projector`` if given, else flattened in
     ``names`` order.
     """
-    overrides = {n: t.detach() for n, t in (params or {}).items()}
-    live = dict(module.named_parameters())
-    leaves = {n: (overrides.pop(n) if n in overrides else live[n].detach()).requires_grad_(True) for n in names}
-    fixed = _override_dict(module, overrides)
-    wrapper = _LossModule(module, loss_fn)
-    with torch.enable_grad():
-        with micro.context(precision, module):
-            out = functional_call(wrapper, {**fixed, **{"m." + n: t for n, t in leaves.items()}}, (micro.batch,))
-        eye = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
-        rows = []
-        for c0 in range(0, out.shape[0], chunk_size):
-            e = eye[c0:c0 + chunk_size]
-            g = batched_grad(out, list(leaves.values()), e, allow_unused=True)
-            rows.append([torch.zeros(len(e), *leaves[n].shape, dtype=out.dtype, device=out.device) if gi is None else gi
-                         for n, gi in zip(leaves, g)])
-    grads = {n: torch.cat([r[i] for r in rows]).detach() for i, n in enumerate(leaves)}
-    if projector is not None:  # columns of parameters outside ``names`` stay zero (another engine fills them)
-        return projector.project(grads, partial=True)
-    return torch.cat([grads[n].reshape(out.shape[0], -1) for n in names], dim=1)
+    return per_sample_grads_backward(module, loss_fn, micro.batch, names, projector, params, chunk_size,
+                                     lambda: micro.context(precision, module))
