@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_influence.capture import KINK_GUARD, KroneckerProjector
 from lightning_influence.recipe import class_path, record_recipe
+from lightning_influence.step.frozen import store_frozen
 from lightning_influence.step.precision import Precision
 
 __all__ = ["engine_metadata", "fit_metadata"]
@@ -49,6 +50,7 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
         "module_class": class_path(module),
         "datamodule_class": class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
         **({"recipe": record_recipe(trainer, module, tracker.log_dir, tracker.store_data, tracker.loss_fn)} if recipe else {}),  # recipe.py
+        **({"frozen": store_frozen(tracker.log_dir, module)} if recipe else {}),  # step/frozen.py: written with a new log
         "world_size": trainer.world_size,
         "dataset_size": dataset_size,
         "loss_reduction": "mean",
