@@ -150,6 +150,20 @@ def test_unmodelled_clipping_override_is_refused_at_the_first_step(tmp_path: Any
     assert InfluenceLog(tmp_path / "log").num_steps == 0
 
 
+def test_clipping_in_the_modules_on_before_optimizer_step_is_refused_naming_it(tmp_path: Any) -> None:
+    """A clip_grad_norm_ in the LightningModule's on_before_optimizer_step (no configure_gradient_clipping override):
+    refused at step 0, the message naming where the clipping happened (it named configure_gradient_clipping)."""
+
+    class HookClipping(TinyClassifier):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 0.01)
+
+    with pytest.raises(ClippingError, match="at step 0 the LightningModule's on_before_optimizer_step") as err:
+        tracked_run(tmp_path, module=HookClipping(lr=0.5, momentum=0.9))
+    assert "configure_gradient_clipping" not in str(err.value) and "gradient_clip_val" in str(err.value)
+    assert InfluenceLog(tmp_path / "log").num_steps == 0
+
+
 def test_faithful_clipping_override_is_accepted(tmp_path: Any) -> None:
     m = LoggingClipping(lr=0.5, momentum=0.9)
     log, ds, m = tracked_run(tmp_path, module=m, gradient_clip_val=0.05)
