@@ -206,6 +206,8 @@ def build_optimizer(log: InfluenceLog, params: Mapping[str, Tensor], state_step:
             raise ValueError(f"param group {gi} of the logged optimizer holds {missing[:5]}, which are not among the "
                              f"parameters given ({sorted(params)[:10]}): the module does not match the log")
         hyper = {k: _to_hyper(v) for k, v in g.items() if k in accepted}
+        if g.get("tensor_lr"):  # a tensor lr takes other kernels than a float one: replayed as trained, bit for bit
+            hyper["lr"] = torch.tensor(float(g["lr"]))
         groups.append({"params": [params[n] for n in names], **hyper})
         seen += names
     extra = sorted(set(params) - set(seen))
@@ -337,7 +339,10 @@ def set_step_hyper(opt: torch.optim.Optimizer, log: InfluenceLog, t: int) -> Non
     for g, lr in zip(opt.param_groups, lrs):
         if not math.isfinite(float(lr)):
             raise ValueError(f"step {t}: the logged learning rate is {lr}")
-        g["lr"] = float(lr)
+        if isinstance(g["lr"], Tensor):
+            g["lr"].fill_(float(lr))  # as torch's schedulers set a tensor lr
+        else:
+            g["lr"] = float(lr)
     values = log.hyper(t)
     if values is not None:
         set_step_values(opt, values)

@@ -35,6 +35,8 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
     groups = []
     for g in optimizer.param_groups:
         hyper = {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
+        if isinstance(g.get("lr"), torch.Tensor) and g["lr"].numel() == 1:  # Adam(lr=torch.tensor(...)): its own code path
+            hyper.update(lr=float(g["lr"]), tensor_lr=True)
         # the trainable ones, as the checkpoints: a frozen parameter has no gradient, the optimizer never updates it
         groups.append({**hyper, "params": [names[id(p)] for p in g["params"] if p.requires_grad]})
     dataset = getattr(trainer.train_dataloader, "dataset", None)
