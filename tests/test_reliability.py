@@ -465,7 +465,7 @@ def test_overwrite_removes_only_the_logs_own_files(tmp_path):
 
 
 # -------------------------------------------------------------------------------- 8. messages
-@pytest.mark.parametrize("where", ["writer.lock", "meta.h5.tmp"])
+@pytest.mark.parametrize("where", ["writer.lock", "meta.h5.tmp", "data.pt.tmp"])
 def test_disk_full_or_read_only_when_the_fit_starts_names_the_path_and_what_to_do(tmp_path, monkeypatch, where):
     import errno
     import traceback
