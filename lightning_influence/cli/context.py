@@ -394,6 +394,8 @@ def prepare(args: argparse.Namespace) -> tuple[Any, RunContext | None]:
     log = open_log(args.log)
     if log.num_steps == 0:
         raise UserError(f"{args.log}: the log holds no completed step yet: {log.end_note}")
+    if not log.finished:  # a crashed, killed or running fit: the answers cover its complete steps only
+        status(args, f"note: {log.end_note}; the answers cover these steps only")
     args.method = args.method or default_method()
     check_records(args.method, log)
     for spec in windows_of(args):  # a bad window fails before the model and the data are loaded
