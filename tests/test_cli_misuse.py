@@ -106,3 +106,28 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(run, tmp_pa
         out, err = capsys.readouterr()
         assert err.count("\n") == 1 and f"cannot write there ({tmp_path / 'ro'} is not writable)" in err, err
     assert not list((tmp_path / "ro").iterdir())
+
+
+def test_a_second_tensorboard_export_into_the_same_run_is_refused_or_replaces_the_first(run, tmp_path, capsys):
+    """Exporting again into the same run (after training more, another grid) added a second event file beside the
+    first: TensorBoard showed both exports' tags mixed. Now refused before the work, saying what to do; --replace
+    replaces this command's own export, and never a training run's events."""
+    base = ["tensorboard", run.log, "-c", run.config, "-m", "tracin", "--logdir", str(tmp_path), "-q", "--no-embedding"]
+    assert main(base) == 0
+    first = sorted((tmp_path / "tracin").glob("events.out.tfevents.*"))
+    assert len(first) == 1
+    capsys.readouterr()
+    assert main([*base, "--grid", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "already holds TensorBoard events (an earlier export)" in err and "--replace" in err
+    assert sorted((tmp_path / "tracin").glob("events.out.tfevents.*")) == first
+    assert main([*base, "--grid", "2", "--replace"]) == 0
+    again = sorted((tmp_path / "tracin").glob("events.out.tfevents.*"))
+    assert len(again) == 1 and again != first
+    training = tmp_path / "lightning_logs"  # a training run's events: never replaced
+    training.mkdir()
+    (training / "events.out.tfevents.1.vm.1.0").write_bytes(b"")
+    for extra, needle in (([], "(not written by this command)"), (["--replace"], "this command did not write")):
+        assert main([*base, "--run", "lightning_logs", *extra]) == 2
+        assert needle in capsys.readouterr().err
+    assert (training / "events.out.tfevents.1.vm.1.0").exists()
