@@ -48,7 +48,7 @@ from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, Log
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import cloned, persistent_buffers
 from lightning_influence.step.modes import ModeWatch
-from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
+from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, drop_skipped, fill_record,
                                               random_states)
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
@@ -422,6 +422,7 @@ class InfluenceTracker(Callback):
         t0 = time.perf_counter()
         micro = self._pending.micro[-1]
         micro.ended = rng.started()  # what dropout drew from (TrackedMicroBatch.settled): recorded, restored by own passes
+        micro.backward = True
         captured = seen_grad = None
         observer = self._observer
         if observer is not None:  # per_sample_loss as training_step called it
@@ -460,6 +461,7 @@ class InfluenceTracker(Callback):
         t0 = time.perf_counter()
         step = trainer.global_step
         pending, self._pending = self._pending, PendingStep()
+        no_op = drop_skipped(pending, self.record_losses)  # training_step returned None: Lightning ran no backward
         if not pending.micro:
             raise RuntimeError(f"step {step}: optimizer step without a recorded training batch")
         if self._world_size > 1 and self._capture is not None and not self._agreed and self._records_grads(step):
@@ -467,6 +469,7 @@ class InfluenceTracker(Callback):
             self._agree_on_engines(trainer, pl_module, pending)
         record, rows, grad_dir, grad_norms = assemble(trainer, step, optimizer, pending, self._step_model, pl_module,
                                                       self.record_losses, self.record_hvp, self._scaler, self._world_size)
+        record.skipped = record.skipped or no_op
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
             rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
@@ -521,6 +524,8 @@ class InfluenceTracker(Callback):
                            batch_idx: int) -> None:
         if self._capture is not None:  # a training_step that returned no loss: no backward
             self._capture.unwatch()
+            if self._pending.micro and not self._pending.micro[-1].backward:
+                self._capture.clear()  # what its forward captured (no gradient will come)
         self._step_model.commit()  # a step whose clipping hook did not run (none does in automatic optimization)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -160,3 +160,42 @@ def test_recurrent_models_train_and_replay_without_vmap(tmp_path, cell):
     truth = replay_loo(log, Recurrent(cell).double(), WithIds(data), query, sample_ids=ids, removal_weight=1 - eps)
     derivative = truth.values[:, -1, 0] / eps
     np.testing.assert_allclose(scores, derivative, rtol=1e-4, atol=1e-4 * np.abs(derivative).max())
+
+
+class Skips(TinyClassifier):
+    """``training_step`` returns ``None`` for the batches in ``skip`` (Lightning then runs no backward)."""
+
+    def __init__(self, skip: tuple[int, ...]) -> None:
+        super().__init__(lr=0.3, momentum=0.5)
+        self.skip = skip
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx in self.skip else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("accumulate, skip, skipped", [(1, (1, 3), [1, 3]), (2, (1, 2, 3), [1])])
+def test_a_training_step_returning_none_is_left_out_of_its_step(tmp_path, accumulate, skip, skipped):
+    """A ``training_step`` returning ``None`` crashed the tracker (``'NoneType' object has no attribute 'is_cpu'``).
+    Its micro-batch now takes no part in the step (the others keep Lightning's weights); a step with no backward at
+    all is recorded as skipped. Replay without verification from θ_0 ends bit for bit at the trained parameters, the
+    rows equal autograd, ``info`` says OK."""
+    from lightning_influence.cli import main
+    from lightning_influence.replay import replay
+
+    data = make_data(24, seed=0)
+    torch.manual_seed(0)
+    module = Skips(skip).double()
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=4,
+                               checkpoint_every_n_steps=1, storage_dtype="float64")
+    fit(module, loader(data, batch_size=4), tracker, epochs=1, accumulate_grad_batches=accumulate)
+    log = InfluenceLog(tmp_path / "log")
+    assert [t for t in log.steps if log.skipped(int(t))] == skipped
+    assert not any(log.has_grads(t) for t in skipped)
+    if accumulate == 2:  # step 0: micro-batch 0 alone, weight 1/(2·4); step 1: none
+        np.testing.assert_array_equal(log.weights(0), np.full(4, 1 / 8))
+    for last in replay(log, Skips(skip).double(), WithIds(data), verify=False):
+        pass
+    for n, p in module.named_parameters():
+        assert torch.equal(last.params[n], p.detach()), n
+    assert_rows_are_autograd(log, lambda: Skips(skip).double(), data)
+    assert main(["info", str(tmp_path / "log")]) == 0
