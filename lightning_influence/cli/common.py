@@ -71,12 +71,38 @@ def processes(args: argparse.Namespace) -> Any:
 
     if args.devices < 1 or args.num_nodes < 1:
         raise UserError(f"--devices and --num-nodes must be >= 1, got {args.devices} and {args.num_nodes}")
+    check_processes(args.devices, args.num_nodes, args.accelerator, launched_outside())
     if args.devices * args.num_nodes == 1 and not launched_outside():
         return None
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         args.quiet = True
     return Processes(devices=args.devices, num_nodes=args.num_nodes, strategy="ddp", accelerator=args.accelerator,
                      split=getattr(args, "split", "auto"))
+
+
+def check_processes(devices: int, num_nodes: int, accelerator: str, outside: bool) -> None:
+    """Refuse, before any work, processes this machine cannot run: ``--accelerator cuda`` without a CUDA device or
+    with more ``--devices`` than it has, more CPU processes than usable cores (started here: more only share the
+    cores, each holding its own copy of the model and data), or ``--num-nodes`` above 1
+    without a launcher on every node (the processes of this node would wait for the others' forever)."""
+    if accelerator == "cuda":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError("--accelerator cuda: this machine has no usable CUDA device (torch.cuda.is_available() is "
+                            "False); run without --accelerator (CPU processes), or on a machine with GPUs")
+        if devices > count:
+            raise UserError(f"--devices {devices}: this machine has {count} CUDA device(s); use --devices {count} or fewer")
+    elif not outside:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if devices > cores:
+            raise UserError(f"--devices {devices}: more processes than the {cores} CPU core(s) this command may use (they "
+                            f"would only share them, each holding the model and data); use --devices {cores} or fewer")
+    if num_nodes > 1 and not outside and not {"MASTER_ADDR", "NODE_RANK"} & os.environ.keys():
+        raise UserError(f"--num-nodes {num_nodes}: the command must be started on every node, by torchrun or SLURM "
+                        "(srun), or by hand with MASTER_ADDR, MASTER_PORT and NODE_RANK set on each "
+                        "(docs/scaling.md); started alone here it would wait for the other nodes forever")
 
 
 # ------------------------------------------------------------------------------ log loading

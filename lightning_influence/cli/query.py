@@ -33,8 +33,8 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    procs = processes(args)  # refuses processes this machine cannot run before the model is rebuilt
     log, ctx = prepare(args)
-    procs = processes(args)
     parallel = procs is not None
     specs = args.query or [parse_query("val_loss")]
     windows = [(w, parse_window(log, w)) for w in (args.window or [None])]
