@@ -46,7 +46,7 @@ from lightning_influence.log.resume import (continue_log, logged_fold_bias, logg
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
 from lightning_influence.step import rng
-from lightning_influence.step.buffers import cloned, persistent_buffers
+from lightning_influence.step.buffers import changed_buffers, cloned, persistent_buffers
 from lightning_influence.step.modes import ModeWatch
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, drop_skipped, fill_record,
                                               random_states)
@@ -208,6 +208,7 @@ class InfluenceTracker(Callback):
         self._observer: LossObserver | None = None  # per_sample_loss as training_step calls it (no loss_fn)
         self._passes: OwnPasses | None = None  # the tracker's own passes (capture/own_pass.py)
         self._checked_batchnorm = False
+        self._forward_buffers: bool | None = None  # a training forward changes buffers (spectral_norm); None: not known
         self._steps_recorded = 0
         self._first_step: int | None = None  # step whose θ_t starts a new log (None: continuing one)
         self._next_step: int | None = None
@@ -298,6 +299,7 @@ class InfluenceTracker(Callback):
         self._in_flight.clear()
         self._verified = self._agreed = False
         self._checked_batchnorm = False
+        self._forward_buffers = None
         self._checked_dataset = False
         self._modes.start()
 
@@ -392,9 +394,12 @@ class InfluenceTracker(Callback):
             self._check_batchnorm(pl_module)  # modes changed after the fit's first step: as at that step
         if checkpoint:  # θ_t's buffers: before the forward updates them
             self._pending.buffers = cloned(persistent_buffers(pl_module))
+        before = None  # the buffers its forward starts from, where a forward changes them (known at the first one)
+        if self._forward_buffers is not False:
+            before = self._pending.buffers if checkpoint else cloned(persistent_buffers(pl_module))
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
                                                      inputs=_serialise(batch) if self.store_inputs else None,
-                                                     accumulate=accumulate))
+                                                     accumulate=accumulate, buffers=before))
         self._pending.batch_idx = batch_idx
         if self._observer is not None:
             self._observer.clear()
@@ -423,6 +428,9 @@ class InfluenceTracker(Callback):
         micro = self._pending.micro[-1]
         micro.ended = rng.started()  # what dropout drew from (TrackedMicroBatch.settled): recorded, restored by own passes
         micro.backward = True
+        if self._forward_buffers is None and micro.buffers is not None:  # the fit's first forward: did it change any?
+            self._forward_buffers = bool(changed_buffers(pl_module, micro.buffers, persistent_buffers(pl_module)))
+            micro.buffers = micro.buffers if self._forward_buffers else None
         captured = seen_grad = None
         observer = self._observer
         if observer is not None:  # per_sample_loss as training_step called it

@@ -101,8 +101,7 @@ def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mappin
     updates (a train-mode BatchNorm's running statistics) land in them; without, copies of those ``params`` carries
     (a checkpoint's, ``step.buffers.ParamsWithBuffers``), else of the model's.
     """
-    if buffers is None and getattr(params, "buffers", None) is not None:
-        buffers = {n: b.clone() for n, b in params.buffers.items()}
+    buffers = _carried(params) if buffers is None else buffers
     if params is None and buffers is None:
         return fn(model, *args)
     params = {} if params is None else params
@@ -116,6 +115,13 @@ def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mappin
         if mismatch is None:
             raise
         raise mismatch from err
+
+
+def _carried(params: Any) -> dict[str, Tensor] | None:
+    """Copies of the buffers ``params`` carries (``step.buffers.ParamsWithBuffers``: a checkpoint's, or the module's
+    before a training forward that changes them), else ``None`` (the model's own, cloned)."""
+    buffers = getattr(params, "buffers", None)
+    return None if buffers is None else {n: b.clone() for n, b in buffers.items()}
 
 
 def _override_dict(model: nn.Module, params: Mapping[str, Tensor],
@@ -423,7 +429,7 @@ def per_sample_grads_vmap(
     live = dict(model.named_parameters())
     diff = {n: overrides.pop(n) if n in overrides else live[n].detach() for n in param_names}
     wrapper = _LossModule(model, loss_fn)
-    fixed = _override_dict(model, overrides)
+    fixed = _override_dict(model, overrides, _carried(params))
     leaves, spec = pytree.tree_flatten(batch)
     is_tensor = [isinstance(x, Tensor) for x in leaves]
     tensors = tuple(x for x, t in zip(leaves, is_tensor) if t)
@@ -466,7 +472,7 @@ def per_sample_grads_backward(model: nn.Module, loss_fn: LossFn, batch: Any, par
     overrides = {n: t.detach() for n, t in (params or {}).items()}
     live = dict(model.named_parameters())
     leaves = {n: (overrides.pop(n) if n in overrides else live[n].detach()).requires_grad_(True) for n in param_names}
-    fixed = _override_dict(model, overrides)
+    fixed = _override_dict(model, overrides, _carried(params))
     wrapper = _LossModule(model, loss_fn)
     with torch.enable_grad():
         with forward():
@@ -522,7 +528,7 @@ def per_sample_grads_hooks(
     live = dict(model.named_parameters())
     diff = {n: overrides.get(n, live[n].detach()).detach().requires_grad_(True) for n in capture.param_names}
     overrides.update(diff)
-    call = _override_dict(model, overrides)
+    call = _override_dict(model, overrides, _carried(params))
     was_enabled = capture.enabled
     capture.enable()
     try:

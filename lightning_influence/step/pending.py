@@ -47,6 +47,7 @@ class TrackedMicroBatch:
     grads: Tensor | None = None
     ended: rng.RandomState | None = None  # the states at the backward's end (rng.started then), until settled()
     backward: bool = False  # on_after_backward ran (a training_step that returns None gets no backward)
+    buffers: dict[str, Tensor] | None = None  # the module's before the forward, where it changes them (MicroBatch.buffers)
 
     def settled(self) -> rng.RandomState:
         """The generators the micro-batch's forward and backward drew from, with their states at its forward
@@ -58,7 +59,7 @@ class TrackedMicroBatch:
     @property
     def micro(self) -> MicroBatch:
         """The micro-batch of an own pass; its ids are not used there (and may still be on the device)."""
-        return MicroBatch(_NO_IDS, self.batch, self.settled())
+        return MicroBatch(_NO_IDS, self.batch, self.settled(), buffers=self.buffers)
 
 
 @dataclass(slots=True)
