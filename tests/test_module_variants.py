@@ -246,3 +246,44 @@ def test_spectral_norm_rows_and_leave_one_out_follow_its_buffers(tmp_path):
     base = retrained(None)
     expected = [retrained(j) - base for j in ids]
     np.testing.assert_allclose(truth.values[:, -1, 0], expected, rtol=1e-9, atol=1e-13)
+
+
+class Checkpointed(TinyClassifier):
+    """Two residual blocks under activation checkpointing (``use_reentrant`` either way; ``None``: none, the reference)
+    in train mode."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__(lr=0.5, momentum=0.5)
+        self.reentrant = reentrant
+        self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(7), nn.Linear(7, 7), nn.Tanh()) for _ in range(2)])
+
+    def forward(self, x):
+        h = torch.tanh(self.net[0](x))
+        for block in self.blocks:
+            checkpointed = self.training and self.reentrant is not None
+            h = h + (torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant) if checkpointed
+                     else block(h))
+        return self.net[-1](h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_replays_bit_for_bit(tmp_path, reentrant):
+    """A checkpointed block recomputes its forward in the backward, after ``functional_call`` has put the live
+    parameters back: every replayed gradient through it was the gradient at the live module's parameters (replay left
+    the run from its second step on, and ``evaluate`` stopped on the drift). The package's passes run ``checkpoint``
+    as a plain call: replay without re-anchoring ends bit for bit at the trained parameters; rows equal autograd."""
+    from lightning_influence.replay import replay
+
+    data = make_data(24, seed=0)
+    torch.manual_seed(0)
+    module = Checkpointed(reentrant).double()
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=6,
+                               checkpoint_every_n_steps=1, storage_dtype="float64")
+    fit(module, loader(data, batch_size=6), tracker, epochs=2)
+    log = InfluenceLog(tmp_path / "log")
+    torch.manual_seed(1)  # a module whose own parameters are not θ_0: only the replayed ones may enter the gradients
+    for step in replay(log, Checkpointed(reentrant).double(), WithIds(data), verify=False):
+        for n, stored in log.checkpoint(step.step).items():
+            assert torch.equal(step.params[n], torch.from_numpy(np.asarray(stored))), (step.step, n)
+    assert step.step == log.num_steps == 8
+    assert_rows_are_autograd(log, lambda: Checkpointed(None).double(), data)  # the same function, not recomputed

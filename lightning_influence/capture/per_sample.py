@@ -37,6 +37,7 @@ from .dtypes import dtype_mismatch
 from .layers import InputMemo, _edge, _wide, capture_owners, engine_for
 from .projection import KroneckerProjector, Outer, dense
 from .raw_params import RawWatch
+from .recompute import plain_checkpoints
 
 __all__ = [
     "LossFn",
@@ -87,7 +88,8 @@ class _LossModule(nn.Module):
         self.fn = fn
 
     def forward(self, *args: Any) -> Tensor:
-        return self.fn(self.m, *args)
+        with plain_checkpoints():  # a recomputation in the backward would read the live parameters (.recompute)
+            return self.fn(self.m, *args)
 
 
 def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mapping[str, Tensor] | None,
