@@ -39,7 +39,7 @@ from lightning_influence.capture import HookGradientCapture, KroneckerProjector,
 from lightning_influence.capture.layers import foldable_biases
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
-from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
+from lightning_influence.data import IdsFn, as_pytree, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.resume import (continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
@@ -386,8 +386,10 @@ class InfluenceTracker(Callback):
             check_distinct_ids(trainer.global_step, [m.ids for m in self._pending.micro], ids)
         if not self._checked_dataset:
             self._checked_dataset = True
+            as_pytree(batch)  # a dataclass batch: its tensors reached by the per-sample slices and vmap
             if not self.store_inputs:
-                check_dataset(getattr(trainer.train_dataloader, "dataset", None))
+                check_ids(ids, self.ids_key, self._dataset_size)  # valid ids first: the batch is rebuilt from them
+                check_dataset(trainer.train_dataloader, batch, ids, pl_module)
         step = trainer.global_step
         checkpoint = not self._pending.micro and self._checkpoints_at(step)
         if self._modes.observe(pl_module, step, batch_idx, checkpoint, self._writer if self._global_zero else None):

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
+from ..data import batch_size_of
 from .dtypes import dtype_mismatch
 from .layers import InputMemo, _edge, _wide, capture_owners, engine_for
 from .projection import KroneckerProjector, Outer, dense
@@ -535,7 +536,7 @@ def per_sample_grads_hooks(
     capture.enable()
     try:
         with torch.enable_grad():
-            capture.watch(_batch_size(batch), {n: call["m." + n] for n in capture.param_names})
+            capture.watch(batch_size_of(batch), {n: call["m." + n] for n in capture.param_names})
             try:
                 losses = functional_call(_LossModule(model, loss_fn), call, (batch,))
             finally:
@@ -553,9 +554,6 @@ def per_sample_grads_hooks(
     return capture.collect(torch.ones_like(losses.detach())), losses.detach()
 
 
-def _batch_size(batch: Any) -> int:
-    """The leading dimension of the batch's first tensor leaf with one."""
-    return next(int(x.shape[0]) for x in pytree.tree_leaves(batch) if isinstance(x, Tensor) and x.dim() > 0)
 
 
 def hooks_paused(capture: HookGradientCapture | None) -> contextlib.AbstractContextManager[None]:
