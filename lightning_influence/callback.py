@@ -39,16 +39,16 @@ from lightning_influence.capture import HookGradientCapture, KroneckerProjector,
 from lightning_influence.capture.layers import foldable_biases
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
-from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
+from lightning_influence.data import IdsFn, as_pytree, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.resume import (continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
 from lightning_influence.step import rng
-from lightning_influence.step.buffers import cloned, persistent_buffers
+from lightning_influence.step.buffers import changed_buffers, cloned, persistent_buffers
 from lightning_influence.step.modes import ModeWatch
-from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, fill_record,
+from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, drop_skipped, fill_record,
                                               random_states)
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
@@ -208,6 +208,7 @@ class InfluenceTracker(Callback):
         self._observer: LossObserver | None = None  # per_sample_loss as training_step calls it (no loss_fn)
         self._passes: OwnPasses | None = None  # the tracker's own passes (capture/own_pass.py)
         self._checked_batchnorm = False
+        self._forward_buffers: bool | None = None  # a training forward changes buffers (spectral_norm); None: not known
         self._steps_recorded = 0
         self._first_step: int | None = None  # step whose θ_t starts a new log (None: continuing one)
         self._next_step: int | None = None
@@ -298,6 +299,7 @@ class InfluenceTracker(Callback):
         self._in_flight.clear()
         self._verified = self._agreed = False
         self._checked_batchnorm = False
+        self._forward_buffers = None
         self._checked_dataset = False
         self._modes.start()
 
@@ -384,17 +386,22 @@ class InfluenceTracker(Callback):
             check_distinct_ids(trainer.global_step, [m.ids for m in self._pending.micro], ids)
         if not self._checked_dataset:
             self._checked_dataset = True
+            as_pytree(batch)  # a dataclass batch: its tensors reached by the per-sample slices and vmap
             if not self.store_inputs:
-                check_dataset(getattr(trainer.train_dataloader, "dataset", None))
+                check_ids(ids, self.ids_key, self._dataset_size)  # valid ids first: the batch is rebuilt from them
+                check_dataset(trainer.train_dataloader, batch, ids, pl_module)
         step = trainer.global_step
         checkpoint = not self._pending.micro and self._checkpoints_at(step)
         if self._modes.observe(pl_module, step, batch_idx, checkpoint, self._writer if self._global_zero else None):
             self._check_batchnorm(pl_module)  # modes changed after the fit's first step: as at that step
         if checkpoint:  # θ_t's buffers: before the forward updates them
             self._pending.buffers = cloned(persistent_buffers(pl_module))
+        before = None  # the buffers its forward starts from, where a forward changes them (known at the first one)
+        if self._forward_buffers is not False:
+            before = self._pending.buffers if checkpoint else cloned(persistent_buffers(pl_module))
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
                                                      inputs=_serialise(batch) if self.store_inputs else None,
-                                                     accumulate=accumulate))
+                                                     accumulate=accumulate, buffers=before))
         self._pending.batch_idx = batch_idx
         if self._observer is not None:
             self._observer.clear()
@@ -422,6 +429,10 @@ class InfluenceTracker(Callback):
         t0 = time.perf_counter()
         micro = self._pending.micro[-1]
         micro.ended = rng.started()  # what dropout drew from (TrackedMicroBatch.settled): recorded, restored by own passes
+        micro.backward = True
+        if self._forward_buffers is None and micro.buffers is not None:  # the fit's first forward: did it change any?
+            self._forward_buffers = bool(changed_buffers(pl_module, micro.buffers, persistent_buffers(pl_module)))
+            micro.buffers = micro.buffers if self._forward_buffers else None
         captured = seen_grad = None
         observer = self._observer
         if observer is not None:  # per_sample_loss as training_step called it
@@ -460,6 +471,7 @@ class InfluenceTracker(Callback):
         t0 = time.perf_counter()
         step = trainer.global_step
         pending, self._pending = self._pending, PendingStep()
+        no_op = drop_skipped(pending, self.record_losses)  # training_step returned None: Lightning ran no backward
         if not pending.micro:
             raise RuntimeError(f"step {step}: optimizer step without a recorded training batch")
         if self._world_size > 1 and self._capture is not None and not self._agreed and self._records_grads(step):
@@ -467,6 +479,7 @@ class InfluenceTracker(Callback):
             self._agree_on_engines(trainer, pl_module, pending)
         record, rows, grad_dir, grad_norms = assemble(trainer, step, optimizer, pending, self._step_model, pl_module,
                                                       self.record_losses, self.record_hvp, self._scaler, self._world_size)
+        record.skipped = record.skipped or no_op
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
             rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
@@ -521,6 +534,8 @@ class InfluenceTracker(Callback):
                            batch_idx: int) -> None:
         if self._capture is not None:  # a training_step that returned no loss: no backward
             self._capture.unwatch()
+            if self._pending.micro and not self._pending.micro[-1].backward:
+                self._capture.clear()  # what its forward captured (no gradient will come)
         self._step_model.commit()  # a step whose clipping hook did not run (none does in automatic optimization)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -6,12 +6,15 @@ stable integer id (its index in the training set, not its position in the batch)
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, RandomSampler, Sampler, Subset, WeightedRandomSampler
+import torch.utils._pytree as pytree
+from torch.utils.data import Dataset, RandomSampler, Sampler, Subset, WeightedRandomSampler, default_collate, default_convert
 
 IdsFn = Callable[[Any], torch.Tensor]
 
@@ -41,17 +44,82 @@ class WithIds(Dataset):
         return item, index
 
 
+class WithCollate(Dataset):
+    """The training set by id together with the ``collate_fn`` its DataLoader made batches with (padding to the
+    batch's longest sequence, masks, dict batches): replay and the estimators rebuild a step's batch as
+    ``collate_fn([ds[i] for i in ids])``, as training did, where a plain dataset gets ``default_collate``.
+    Pass it as ``train_data=WithCollate(train_set, collate)``; the CLI takes the collate function from the
+    rebuilt DataLoader itself."""
+
+    def __init__(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any]) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError("WithCollate needs a map-style dataset (with __getitem__ and __len__)")
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+
+def collate_of(dataset: Any) -> Callable[[list[Any]], Any]:
+    """How samples of ``dataset`` become a batch: a :class:`WithCollate`'s function, else ``default_collate``."""
+    return dataset.collate_fn if isinstance(dataset, WithCollate) else default_collate
+
+
+def loader_collate(loader: Any) -> Callable[[list[Any]], Any] | None:
+    """A DataLoader's own ``collate_fn`` where it is not PyTorch's default (nor its batching-free conversion), else
+    ``None``."""
+    fn = getattr(loader, "collate_fn", None)
+    return None if fn is None or fn is default_collate or fn is default_convert else fn
+
+
+def by_id(loader: Any) -> Any:
+    """A DataLoader's dataset as the estimators take it: wrapped in :class:`WithCollate` where the loader has its
+    own ``collate_fn``."""
+    fn = loader_collate(loader)
+    return loader.dataset if fn is None else WithCollate(loader.dataset, fn)
+
+
 def batch_size_of(batch: Any) -> int:
-    """Leading dimension of the first tensor in a batch (tuple, list, dict or tensor)."""
+    """Leading dimension of the first tensor in a batch (tuple, list, dict, dataclass or tensor; nested: the first
+    container level that has one)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
     if type(batch) in (tuple, list) and batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() > 0:
         return int(batch[0].shape[0])  # the common case, without the abstract-class checks (at every step)
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, Sequence) else ()
+    values = _children(batch)
     for v in values:
         if isinstance(v, torch.Tensor) and v.dim() > 0:
             return int(v.shape[0])
+    for v in values:
+        if _children(v):
+            with contextlib.suppress(TypeError):
+                return batch_size_of(v)
     raise TypeError(f"cannot find a batched tensor in a batch of type {type(batch).__name__}")
+
+
+def _children(batch: Any) -> list[Any]:
+    if isinstance(batch, Mapping):
+        return list(batch.values())
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+        return list(batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    return []
+
+
+def as_pytree(batch: Any) -> Any:
+    """``batch``, with every dataclass type in it registered as a node of torch's pytrees (once per type): the maps
+    over a batch's tensors (a sample's slice, vmap's flattening, a device move) then reach those inside the
+    dataclass batches Lightning accepts, which would otherwise be one opaque leaf."""
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type) and type(batch) not in pytree.SUPPORTED_NODES:
+        pytree.register_dataclass(type(batch))
+    for v in _children(batch):
+        as_pytree(v)
+    return batch
 
 
 def _hint(ids_key: str) -> str:

@@ -29,21 +29,35 @@ def default_loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
     return loss(batch)
 
 
+class Batches(list):
+    """Batches one query covers together where they cannot be concatenated into one (a validation set whose
+    batches are each padded to their own longest sequence): the per-sample losses are computed batch by batch and
+    concatenated."""
+
+
+def _losses(loss_fn: LossFn, module: nn.Module, batch: Any) -> torch.Tensor:
+    """``loss_fn(module, batch)``; of :class:`Batches`, every batch's losses in order."""
+    if isinstance(batch, Batches):
+        return torch.cat([loss_fn(module, b).reshape(-1) for b in batch])
+    return loss_fn(module, batch)
+
+
 def mean_loss(batch: Any, loss_fn: LossFn = default_loss_fn, name: str = "mean_loss") -> Query:
-    """Mean per-sample loss over ``batch`` (e.g. the whole validation set): one query."""
+    """Mean per-sample loss over ``batch`` (e.g. the whole validation set; :class:`Batches`: over all of theirs):
+    one query."""
 
     def f(module: nn.Module) -> torch.Tensor:
-        return loss_fn(module, batch).mean()
+        return _losses(loss_fn, module, batch).mean()
 
     f.query_names = [name]  # type: ignore[attr-defined]
     return f
 
 
 def sample_losses(batch: Any, loss_fn: LossFn = default_loss_fn, names: Sequence[str] | None = None) -> Query:
-    """The loss of each sample of ``batch``: ``B`` queries swept together."""
+    """The loss of each sample of ``batch`` (or of :class:`Batches`): ``B`` queries swept together."""
 
     def f(module: nn.Module) -> torch.Tensor:
-        return loss_fn(module, batch)
+        return _losses(loss_fn, module, batch)
 
     if names is not None:
         f.query_names = list(names)  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import io
 import json
 import math
 import os
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 
 from lightning_influence.log.format import DATA_FILE  # the log removes it with its other files
+from lightning_influence.log.segment import write_bytes
+from lightning_influence.log.writer import LogWriteError, storage_error
 
 STORE_DATA_LIMIT = 64 * 2**20  # bytes: plain-DataLoader data above this is not stored unless asked
 
@@ -116,13 +119,16 @@ def record_recipe(trainer: Any, pl_module: Any, log_dir: str, store_data: bool |
     train_source = _source_kind(getattr(getattr(trainer, "fit_loop", None), "_data_source", None))
     val_loop = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
     val_source = _source_kind(getattr(val_loop, "_data_source", None))
-    data: dict[str, Any] = {"train": train_source, "val": val_source, "stored": None, "not_stored": None}
+    data: dict[str, Any] = {"train": train_source, "val": val_source, "stored": None, "not_stored": None,
+                            "collate_fn": _collate(getattr(trainer, "train_dataloader", None))}
     wanted = store_data if store_data is not None else (train_source == "dataloaders" or val_source == "dataloaders")
     if wanted:
         limit = math.inf if store_data else STORE_DATA_LIMIT
         val_loaders = _val_loaders(trainer, val_loop)
         try:
             data["stored"] = _store(Path(log_dir), trainer.train_dataloader, val_loaders, limit)
+        except LogWriteError:  # a full or read-only disk: the fit stops, saying so (it is not the data's fault)
+            raise
         except _TooLarge as err:
             data["not_stored"] = f"{err} (over {STORE_DATA_LIMIT // 2**20} MiB; InfluenceTracker(store_data=True) stores it anyway)"
         except Exception as err:  # e.g. items default_collate cannot stack: training goes on, the log says why
@@ -133,6 +139,17 @@ def record_recipe(trainer: Any, pl_module: Any, log_dir: str, store_data: bool |
         data["not_stored"] = "InfluenceTracker(store_data=False)"
     return {"module": describe(pl_module), "datamodule": describe(dm) if dm is not None else None,
             "script": script(), "data": data, "loss_fn": describe_function(loss_fn) if loss_fn is not None else None}
+
+
+def _collate(loader: Any) -> dict[str, Any] | None:
+    """The training DataLoader's own ``collate_fn`` (:func:`describe_function`, with its ``name``), or ``None`` for
+    PyTorch's default: replay rebuilds every step's batch with it (``data.WithCollate``)."""
+    from lightning_influence.data import loader_collate
+
+    fn = loader_collate(loader)
+    if fn is None:
+        return None
+    return {**describe_function(fn), "name": getattr(fn, "__qualname__", None) or type(fn).__name__}
 
 
 def _source_kind(source: Any) -> str | None:
@@ -178,26 +195,39 @@ def _store(log_dir: Path, train_loader: Any, val_loaders: list[Any], limit: floa
     """Collate the training set (in id order) and the validation batches into ``data.pt``."""
     from torch.utils.data import default_collate
 
+    from lightning_influence.data import loader_collate
+
     out: dict[str, Any] = {}
     dataset = getattr(train_loader, "dataset", None)
     if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
         n = len(dataset)
         if n and _nbytes(dataset[0]) * n > limit:
             raise _TooLarge(f"the training set ({n} samples, about {_nbytes(dataset[0]) * n / 2**20:.0f} MiB) is not stored")
-        out["train"] = default_collate([dataset[i] for i in range(n)])
+        items = [dataset[i] for i in range(n)]  # with the loader's own collate_fn: kept as items, collated on reading
+        if loader_collate(train_loader) is None:
+            out["train"] = default_collate(items)
+        else:
+            out["train_items"] = items
     val = [b for lo in val_loaders for b in lo]
     if val:
-        batch = concat_batches(val)
+        try:
+            batch = concat_batches(val)
+        except RuntimeError:  # batches padded each to its own length: kept as they are (queries.Batches)
+            batch = val
         if _nbytes(batch) > limit:
             raise _TooLarge(f"the validation set (about {_nbytes(batch) / 2**20:.0f} MiB) is not stored")
-        out["val"] = batch
+        out["val" if batch is not val else "val_batches"] = batch
     if not out:
         return {}
-    tmp = log_dir / (DATA_FILE + ".tmp")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(out, tmp)
-    os.replace(tmp, log_dir / DATA_FILE)
-    return {"file": DATA_FILE, **{k: _batch_len(v) for k, v in out.items()}}
+    buffer = io.BytesIO()  # serialised first: torch.save on a full disk fails with a garbled error and leaves its file
+    torch.save(out, buffer)
+    try:
+        write_bytes(log_dir / DATA_FILE, buffer.getbuffer())  # atomic; on a disk error nothing is left behind
+    except OSError as err:
+        raise storage_error(log_dir, DATA_FILE, err, "Nothing of this fit is in the log yet", started=False) from None
+    sizes = {"train_items": len(out.get("train_items", [])),
+             "val_batches": sum(_batch_len(b) for b in out.get("val_batches", []))}
+    return {"file": DATA_FILE, **{k.split("_")[0]: sizes.get(k) or _batch_len(v) for k, v in out.items()}}
 
 
 def _batch_len(batch: Any) -> int:
@@ -222,17 +252,18 @@ def concat_batches(batches: list[Any]) -> Any:
 
 # ------------------------------------------------------------------------------------------ reading
 class StoredDataset(torch.utils.data.Dataset):
-    """A collated batch seen as a map-style dataset: ``ds[i]`` is its ``i``-th sample, uncollated."""
+    """A collated batch seen as a map-style dataset: ``ds[i]`` is its ``i``-th sample, uncollated; with ``items``,
+    the stored samples themselves (those of a loader with its own ``collate_fn``)."""
 
-    def __init__(self, batch: Any) -> None:
-        self.batch = batch
-        self.n = _batch_len(batch)
+    def __init__(self, batch: Any = None, items: list[Any] | None = None) -> None:
+        self.batch, self.items = batch, items
+        self.n = len(items) if items is not None else _batch_len(batch)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> Any:
-        return _index(self.batch, int(i))
+        return self.items[int(i)] if self.items is not None else _index(self.batch, int(i))
 
 
 def _index(batch: Any, i: int) -> Any:
@@ -258,7 +289,13 @@ def stored_data(log_dir: str | os.PathLike) -> dict[str, Any]:
         raise RecipeError(f"{path}: the training and validation data stored with the log cannot be read (corrupted or "
                           f"truncated? {type(data).__name__}); restore {DATA_FILE} from a backup, or pass --builder module:function "
                           "returning the data (or --data module.DataModuleClass)")
-    return {"train": StoredDataset(data["train"]) if "train" in data else None, "val": data.get("val")}
+    if "val_batches" in data:
+        from lightning_influence.queries import Batches
+
+        data["val"] = Batches(data["val_batches"])
+    train = StoredDataset(data["train"]) if "train" in data else \
+        StoredDataset(items=data["train_items"]) if "train_items" in data else None
+    return {"train": train, "val": data.get("val")}
 
 
 def import_class(path: str, recipe: Mapping[str, Any] | None = None, what: str = "model", flag: str = "--model",

@@ -27,9 +27,10 @@ from typing import Any, Callable, Iterator, Mapping, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, IterableDataset
 
 from lightning_influence.capture import call_with_params
+from lightning_influence.data import WithCollate, as_pytree, collate_of
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.progress import Progress, resolve_progress  # noqa: F401 (re-exported)
 from lightning_influence.queries import LossFn, default_loss_fn
@@ -110,17 +111,21 @@ class ReplayStep:
 def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
     """The batch of samples ``ids`` (in that order).
 
-    A dataset gives ``default_collate([ds[i] for i in ids])``; a callable is called with
-    the ``int64`` id array.
+    A dataset gives ``default_collate([ds[i] for i in ids])`` (a :class:`~lightning_influence.data.WithCollate`:
+    its DataLoader's ``collate_fn``); a callable is called with the ``int64`` id array.
     """
     ids = np.asarray(ids, dtype=np.int64)
-    if isinstance(train_data, Dataset) or (hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__")):
+    if hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__"):
         if len(ids) and ids.max() >= len(train_data):
             raise ValueError(f"train_data has {len(train_data)} samples but the log holds sample id {int(ids.max())}: pass "
                              "the whole training set the run was trained on, indexed by the ids it logged")
-        return default_collate([train_data[int(i)] for i in ids])
+        return as_pytree(collate_of(train_data)([train_data[int(i)] for i in ids]))
     if callable(train_data):
-        return train_data(ids)
+        return as_pytree(train_data(ids))
+    if isinstance(train_data, IterableDataset):
+        raise TypeError(f"train_data is an iterable-style dataset ({type(train_data).__name__}), whose samples cannot be "
+                        "read by id: pass the same samples as a map-style dataset indexed by the logged ids, or a "
+                        "callable ids -> batch (or train with InfluenceTracker(store_inputs=True))")
     raise TypeError(f"train_data must be a map-style Dataset or a callable ids -> batch, got {type(train_data).__name__}")
 
 
@@ -130,6 +135,12 @@ def require_train_data(log: InfluenceLog, train_data: TrainData | None, who: str
     if train_data is None and not log.meta.get("inputs_stored"):
         raise ValueError(f"{who} needs `train_data` (the training samples by id) {purpose} "
                          "(or a log of InfluenceTracker(store_inputs=True))")
+    collate = ((log.meta.get("recipe") or {}).get("data") or {}).get("collate_fn")
+    if collate and train_data is not None and not callable(train_data) and not isinstance(train_data, WithCollate):
+        name = collate.get("function") or collate.get("name") or "its own collate_fn"
+        raise ValueError(f"the run's DataLoader made its batches with {name}, not default_collate: pass "
+                         f"train_data=WithCollate(train_set, {name.rsplit('.', 1)[-1]}) so that {who} rebuilds every "
+                         "step's batch as training did (lightning_influence.WithCollate)")
 
 
 def samples_by_id_needed(what: str, instead: str = "") -> ValueError:

@@ -19,9 +19,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from lightning_influence.capture import HVP_SCHEMES
-from lightning_influence.data import ids_source, samples_with_replacement
+from lightning_influence.data import ids_source, loader_collate, samples_with_replacement
 from lightning_influence.step import rng
 from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, UpdateRule, check_optimizer
@@ -213,9 +214,13 @@ def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: bool, 
     return names
 
 
-def check_dataset(dataset: Any) -> None:
-    """Refuse, at the first step, a dataset whose ``ds[i]`` changes between calls (random augmentation): replay
-    could not reproduce the inputs. Every random generator is left as found, so training is unchanged."""
+def check_dataset(loader: Any, batch: Any = None, ids: torch.Tensor | None = None, module: Any = None) -> None:
+    """Refuse, at the first step, training inputs that replay could not rebuild from the training set by id: a
+    dataset whose ``ds[i]`` changes between calls (random augmentation), and a first ``batch`` that is not
+    ``collate([ds[i] for i in ids])`` with the loader's ``collate_fn`` (a random collate, such as token masking; the
+    module's batch-transfer hooks changing the batch), up to the precision plugin's cast of its floats. Every random
+    generator is left as found, so training is unchanged."""
+    dataset = getattr(loader, "dataset", None)
     if dataset is None or not hasattr(dataset, "__getitem__"):
         return
     try:
@@ -230,6 +235,46 @@ def check_dataset(dataset: Any) -> None:
                     "(random augmentation or other randomness in __getitem__), so replay and the estimators "
                     "could not reproduce the inputs of a step. Pass InfluenceTracker(store_inputs=True) to store "
                     "the exact inputs of every micro-batch, or make __getitem__ deterministic")
+        if batch is None or ids is None:
+            return
+        collate = loader_collate(loader)
+        rebuilt = (collate or default_collate)([dataset[int(i)] for i in ids.tolist()])
+    if not _same(_cast_like(rebuilt, batch), _on_cpu(batch)):
+        how = f"its DataLoader's collate_fn {getattr(collate, '__qualname__', collate)!r}" if collate else "default_collate"
+        hooks = [h for h in ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+                 if not getattr(getattr(type(module), h, None), "__module__", "lightning.").startswith("lightning.")]
+        raise RuntimeError(
+            "InfluenceTracker: the first training batch is not what its samples give when collated again: "
+            f"{how} applied to ds[i] for the batch's ids made other values"
+            + (f", and the module changes batches in {', '.join(hooks)}" if hooks else "")
+            + ". Replay and the estimators rebuild every step's batch that way, so they would train on other inputs. "
+            + (f"Do what {hooks[0]} does in the dataset or the collate function instead" if hooks else
+               "Make the collate function deterministic (random masking or cropping belongs in the training step, "
+               "drawn from torch's generator)")
+            + ", or pass InfluenceTracker(store_inputs=True) to store the exact inputs of every micro-batch")
+
+
+def _on_cpu(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().cpu()
+    if isinstance(batch, dict):
+        return {k: _on_cpu(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_on_cpu(v) for v in batch) if type(batch) in (list, tuple) else [_on_cpu(v) for v in batch]
+    return batch
+
+
+def _cast_like(rebuilt: Any, batch: Any) -> Any:
+    """``rebuilt`` with each floating tensor in the dtype of ``batch``'s (the precision plugin's ``convert_input``:
+    ``"64-true"``, ``"bf16-true"``)."""
+    if isinstance(rebuilt, torch.Tensor) and isinstance(batch, torch.Tensor):
+        return rebuilt.to(batch.dtype) if rebuilt.is_floating_point() and batch.is_floating_point() else rebuilt
+    if isinstance(rebuilt, dict) and isinstance(batch, dict):
+        return {k: _cast_like(v, batch[k]) if k in batch else v for k, v in rebuilt.items()}
+    if isinstance(rebuilt, (list, tuple)) and isinstance(batch, (list, tuple)) and len(rebuilt) == len(batch):
+        return type(rebuilt)(_cast_like(a, b) for a, b in zip(rebuilt, batch)) if type(rebuilt) in (list, tuple) \
+            else rebuilt
+    return rebuilt
 
 
 def check_distinct_ids(step: int, seen: Sequence[torch.Tensor], ids: torch.Tensor) -> None:

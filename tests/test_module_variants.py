@@ -160,3 +160,130 @@ def test_recurrent_models_train_and_replay_without_vmap(tmp_path, cell):
     truth = replay_loo(log, Recurrent(cell).double(), WithIds(data), query, sample_ids=ids, removal_weight=1 - eps)
     derivative = truth.values[:, -1, 0] / eps
     np.testing.assert_allclose(scores, derivative, rtol=1e-4, atol=1e-4 * np.abs(derivative).max())
+
+
+class Skips(TinyClassifier):
+    """``training_step`` returns ``None`` for the batches in ``skip`` (Lightning then runs no backward)."""
+
+    def __init__(self, skip: tuple[int, ...]) -> None:
+        super().__init__(lr=0.3, momentum=0.5)
+        self.skip = skip
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx in self.skip else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("accumulate, skip, skipped", [(1, (1, 3), [1, 3]), (2, (1, 2, 3), [1])])
+def test_a_training_step_returning_none_is_left_out_of_its_step(tmp_path, accumulate, skip, skipped):
+    """A ``training_step`` returning ``None`` crashed the tracker (``'NoneType' object has no attribute 'is_cpu'``).
+    Its micro-batch now takes no part in the step (the others keep Lightning's weights); a step with no backward at
+    all is recorded as skipped. Replay without verification from θ_0 ends bit for bit at the trained parameters, the
+    rows equal autograd, ``info`` says OK."""
+    from lightning_influence.cli import main
+    from lightning_influence.replay import replay
+
+    data = make_data(24, seed=0)
+    torch.manual_seed(0)
+    module = Skips(skip).double()
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=4,
+                               checkpoint_every_n_steps=1, storage_dtype="float64")
+    fit(module, loader(data, batch_size=4), tracker, epochs=1, accumulate_grad_batches=accumulate)
+    log = InfluenceLog(tmp_path / "log")
+    assert [t for t in log.steps if log.skipped(int(t))] == skipped
+    assert not any(log.has_grads(t) for t in skipped)
+    if accumulate == 2:  # step 0: micro-batch 0 alone, weight 1/(2·4); step 1: none
+        np.testing.assert_array_equal(log.weights(0), np.full(4, 1 / 8))
+    for last in replay(log, Skips(skip).double(), WithIds(data), verify=False):
+        pass
+    for n, p in module.named_parameters():
+        assert torch.equal(last.params[n], p.detach()), n
+    assert_rows_are_autograd(log, lambda: Skips(skip).double(), data)
+    assert main(["info", str(tmp_path / "log")]) == 0
+
+
+class SpectralNormed(TinyClassifier):
+    """``spectral_norm`` on the hidden layer: each train-mode forward runs a power iteration on its buffers ``_u``,
+    ``_v`` in place and normalises by the σ they give."""
+
+    def __init__(self) -> None:
+        super().__init__(d_in=5, hidden=6, classes=3, lr=0.3, momentum=0.5)
+        torch.nn.utils.parametrizations.spectral_norm(self.net[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def test_spectral_norm_rows_and_leave_one_out_follow_its_buffers(tmp_path):
+    """The tracker's vmap pass started the power iteration from the buffers training's forward had already advanced
+    (rows 1e-3 off autograd), and replay leave-one-out failed in vmap (``div.out`` has no batching rule: an internal
+    error in ``evaluate``). Rows now equal autograd from θ_t's buffers; each leave-one-out copy carries its own ``_u``,
+    ``_v`` and equals a plain torch retraining without the sample."""
+    data, val = make_data(16, seed=0), make_data(8, seed=1)
+    torch.manual_seed(0)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=6,
+                               checkpoint_every_n_steps=1, storage_dtype="float64")
+    fit(SpectralNormed().double(), loader(data, batch_size=4), tracker, epochs=2)
+    log = InfluenceLog(tmp_path / "log")
+    assert_rows_are_autograd(log, lambda: SpectralNormed().double(), data)
+    query, ids = mean_loss(tuple(val.tensors)), [0, 5]
+    truth = replay_loo(log, SpectralNormed().double(), WithIds(data), query, sample_ids=ids)
+    assert truth.info["replay_drift"]["max"] == 0
+
+    def retrained(drop: int | None) -> float:  # plain torch: the logged batches, the dropped sample's weight 0
+        module = SpectralNormed().double()
+        module.load_state_dict({**{n: torch.from_numpy(np.asarray(v)) for n, v in log.checkpoint(0).items()},
+                                **{n: torch.from_numpy(np.asarray(v)) for n, v in log.checkpoint_buffers(0).items()}})
+        opt = torch.optim.SGD(module.parameters(), lr=0.3, momentum=0.5)
+        for t in log.steps:
+            batch_ids = torch.as_tensor(log.batch_ids(int(t)))
+            keep = torch.ones(len(batch_ids), dtype=torch.float64) if drop is None else (batch_ids != drop).double()
+            losses = module.per_sample_loss((data.tensors[0][batch_ids], data.tensors[1][batch_ids]))
+            opt.zero_grad()
+            ((losses * keep).sum() / len(batch_ids)).backward()
+            opt.step()
+        return float(query(module.eval()))
+
+    base = retrained(None)
+    expected = [retrained(j) - base for j in ids]
+    np.testing.assert_allclose(truth.values[:, -1, 0], expected, rtol=1e-9, atol=1e-13)
+
+
+class Checkpointed(TinyClassifier):
+    """Two residual blocks under activation checkpointing (``use_reentrant`` either way; ``None``: none, the reference)
+    in train mode."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__(lr=0.5, momentum=0.5)
+        self.reentrant = reentrant
+        self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(7), nn.Linear(7, 7), nn.Tanh()) for _ in range(2)])
+
+    def forward(self, x):
+        h = torch.tanh(self.net[0](x))
+        for block in self.blocks:
+            checkpointed = self.training and self.reentrant is not None
+            h = h + (torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant) if checkpointed
+                     else block(h))
+        return self.net[-1](h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_replays_bit_for_bit(tmp_path, reentrant):
+    """A checkpointed block recomputes its forward in the backward, after ``functional_call`` has put the live
+    parameters back: every replayed gradient through it was the gradient at the live module's parameters (replay left
+    the run from its second step on, and ``evaluate`` stopped on the drift). The package's passes run ``checkpoint``
+    as a plain call: replay without re-anchoring ends bit for bit at the trained parameters; rows equal autograd."""
+    from lightning_influence.replay import replay
+
+    data = make_data(24, seed=0)
+    torch.manual_seed(0)
+    module = Checkpointed(reentrant).double()
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=6,
+                               checkpoint_every_n_steps=1, storage_dtype="float64")
+    fit(module, loader(data, batch_size=6), tracker, epochs=2)
+    log = InfluenceLog(tmp_path / "log")
+    torch.manual_seed(1)  # a module whose own parameters are not θ_0: only the replayed ones may enter the gradients
+    for step in replay(log, Checkpointed(reentrant).double(), WithIds(data), verify=False):
+        for n, stored in log.checkpoint(step.step).items():
+            assert torch.equal(step.params[n], torch.from_numpy(np.asarray(stored))), (step.step, n)
+    assert step.step == log.num_steps == 8
+    assert_rows_are_autograd(log, lambda: Checkpointed(None).double(), data)  # the same function, not recomputed

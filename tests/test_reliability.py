@@ -166,6 +166,25 @@ def test_a_resume_refused_at_its_first_step_leaves_the_log_as_it_was(tmp_path, r
     assert file_bytes(log) == files
 
 
+def test_a_resume_past_a_lost_segment_is_refused_and_loses_nothing(tmp_path, resumable):
+    """A segment lost in the middle of the log (deleted by hand, a bad disk): the resume used to check only the log's
+    last step, so it trained on and wrote after the gap, into a log no reader opens. Now refused before anything is
+    touched, naming the missing steps; overwrite=True starts a new log instead."""
+    root, before = resumable
+    log = tmp_path / "log"
+    shutil.copytree(root / "log", log)
+    (log / "rank-0" / "seg-00000001.h5").unlink()  # steps 2..3
+    files = file_bytes(log)
+    with pytest.raises(RuntimeError, match=r"cannot continue the log of rank 0 in .* at step 8, it is damaged: .*"
+                                           r"seg-00000002.h5: starts at step 4 but seg-00000000.h5 ends at step 1: the "
+                                           r"segment\(s\) holding steps 2..3 are missing.*Nothing was changed in the log"):
+        epoch_fit(log, None, epochs=3, ckpt_path=str(root / "ckpt" / "epoch=1-step=8.ckpt"), **BASE)
+    assert file_bytes(log) == files
+    epoch_fit(log, None, epochs=3, ckpt_path=str(root / "ckpt" / "epoch=1-step=8.ckpt"), overwrite=True, **BASE)
+    fresh = InfluenceLog(log)
+    assert fresh.finished and fresh.steps.tolist() == list(range(8, 12))
+
+
 def test_a_resume_with_harmless_changes_continues_and_records_them(tmp_path, resumable):
     root, before = resumable
     log = tmp_path / "log"
@@ -465,7 +484,7 @@ def test_overwrite_removes_only_the_logs_own_files(tmp_path):
 
 
 # -------------------------------------------------------------------------------- 8. messages
-@pytest.mark.parametrize("where", ["writer.lock", "meta.h5.tmp"])
+@pytest.mark.parametrize("where", ["writer.lock", "meta.h5.tmp", "data.pt.tmp"])
 def test_disk_full_or_read_only_when_the_fit_starts_names_the_path_and_what_to_do(tmp_path, monkeypatch, where):
     import errno
     import traceback

@@ -34,14 +34,15 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def train_script(name: str, root: Path) -> tuple[Path, Path]:
-    """Copy ``tests/scripts/NAME.py`` into ``root/code`` and run it there; returns (script, log dir)."""
+def train_script(name: str, root: Path, *args: str) -> tuple[Path, Path]:
+    """Copy ``tests/scripts/NAME.py`` into ``root/code`` and run it there (``args`` after the log dir); returns
+    (script, log dir)."""
     code = root / "code"
     code.mkdir(parents=True, exist_ok=True)
     script = code / f"{name}.py"
     shutil.copy(SCRIPTS / f"{name}.py", script)
     log = root / "log"
-    proc = subprocess.run([sys.executable, str(script), str(log)], cwd=code, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script), str(log), *args], cwd=code, env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return script, log

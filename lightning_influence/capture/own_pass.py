@@ -22,6 +22,7 @@ from lightning_influence.capture.per_sample import (HookGradientCapture, call_wi
                                                     per_sample_grads, per_sample_grads_vmap)
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.capture.raw_params import raw_candidates
+from lightning_influence.step.buffers import with_buffers
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
 from lightning_influence.step.precision import Precision
 
@@ -102,6 +103,7 @@ class OwnPasses:
 
     def grads(self, module: nn.Module, micro: MicroBatch, params: Mapping[str, Tensor] | None) -> tuple[Tensor, Tensor]:
         """Per-sample (projected) gradients and losses of one micro-batch from an own pass at ``params``."""
+        params = with_buffers(params, micro.buffers)
         if not micro.drew:
             with self.replaying(micro):
                 return per_sample_grads(module, self.loss, micro.batch, self.names, self.projector, self.capture, params)
@@ -124,6 +126,7 @@ class OwnPasses:
                    params: Mapping[str, Tensor] | None) -> Tensor:
         """Projected per-sample gradients of ``names`` no hook covers: ``vmap`` over samples, or, when the forward
         drew random numbers (dropout), one batched forward with the step's masks (``per_sample_grads_masked``)."""
+        params = with_buffers(params, micro.buffers)
         # its passes must not feed the hooks (nor run the layer engines under vmap)
         with hooks_paused(self.capture):
             if micro.drew:

@@ -33,10 +33,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
+from ..data import batch_size_of
 from .dtypes import dtype_mismatch
 from .layers import InputMemo, _edge, _wide, capture_owners, engine_for
 from .projection import KroneckerProjector, Outer, dense
 from .raw_params import RawWatch
+from .recompute import plain_checkpoints
 
 __all__ = [
     "LossFn",
@@ -87,7 +89,8 @@ class _LossModule(nn.Module):
         self.fn = fn
 
     def forward(self, *args: Any) -> Tensor:
-        return self.fn(self.m, *args)
+        with plain_checkpoints():  # a recomputation in the backward would read the live parameters (.recompute)
+            return self.fn(self.m, *args)
 
 
 def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mapping[str, Tensor] | None,
@@ -101,8 +104,7 @@ def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mappin
     updates (a train-mode BatchNorm's running statistics) land in them; without, copies of those ``params`` carries
     (a checkpoint's, ``step.buffers.ParamsWithBuffers``), else of the model's.
     """
-    if buffers is None and getattr(params, "buffers", None) is not None:
-        buffers = {n: b.clone() for n, b in params.buffers.items()}
+    buffers = _carried(params) if buffers is None else buffers
     if params is None and buffers is None:
         return fn(model, *args)
     params = {} if params is None else params
@@ -116,6 +118,13 @@ def call_with_params(model: nn.Module, fn: Callable[..., Tensor], params: Mappin
         if mismatch is None:
             raise
         raise mismatch from err
+
+
+def _carried(params: Any) -> dict[str, Tensor] | None:
+    """Copies of the buffers ``params`` carries (``step.buffers.ParamsWithBuffers``: a checkpoint's, or the module's
+    before a training forward that changes them), else ``None`` (the model's own, cloned)."""
+    buffers = getattr(params, "buffers", None)
+    return None if buffers is None else {n: b.clone() for n, b in buffers.items()}
 
 
 def _override_dict(model: nn.Module, params: Mapping[str, Tensor],
@@ -423,7 +432,7 @@ def per_sample_grads_vmap(
     live = dict(model.named_parameters())
     diff = {n: overrides.pop(n) if n in overrides else live[n].detach() for n in param_names}
     wrapper = _LossModule(model, loss_fn)
-    fixed = _override_dict(model, overrides)
+    fixed = _override_dict(model, overrides, _carried(params))
     leaves, spec = pytree.tree_flatten(batch)
     is_tensor = [isinstance(x, Tensor) for x in leaves]
     tensors = tuple(x for x, t in zip(leaves, is_tensor) if t)
@@ -466,7 +475,7 @@ def per_sample_grads_backward(model: nn.Module, loss_fn: LossFn, batch: Any, par
     overrides = {n: t.detach() for n, t in (params or {}).items()}
     live = dict(model.named_parameters())
     leaves = {n: (overrides.pop(n) if n in overrides else live[n].detach()).requires_grad_(True) for n in param_names}
-    fixed = _override_dict(model, overrides)
+    fixed = _override_dict(model, overrides, _carried(params))
     wrapper = _LossModule(model, loss_fn)
     with torch.enable_grad():
         with forward():
@@ -522,12 +531,12 @@ def per_sample_grads_hooks(
     live = dict(model.named_parameters())
     diff = {n: overrides.get(n, live[n].detach()).detach().requires_grad_(True) for n in capture.param_names}
     overrides.update(diff)
-    call = _override_dict(model, overrides)
+    call = _override_dict(model, overrides, _carried(params))
     was_enabled = capture.enabled
     capture.enable()
     try:
         with torch.enable_grad():
-            capture.watch(_batch_size(batch), {n: call["m." + n] for n in capture.param_names})
+            capture.watch(batch_size_of(batch), {n: call["m." + n] for n in capture.param_names})
             try:
                 losses = functional_call(_LossModule(model, loss_fn), call, (batch,))
             finally:
@@ -545,9 +554,6 @@ def per_sample_grads_hooks(
     return capture.collect(torch.ones_like(losses.detach())), losses.detach()
 
 
-def _batch_size(batch: Any) -> int:
-    """The leading dimension of the batch's first tensor leaf with one."""
-    return next(int(x.shape[0]) for x in pytree.tree_leaves(batch) if isinstance(x, Tensor) and x.dim() > 0)
 
 
 def hooks_paused(capture: HookGradientCapture | None) -> contextlib.AbstractContextManager[None]:

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from lightning_influence.data import WithCollate, by_id
 from lightning_influence.cli.common import UserError, open_log, parse_window, status, windows_of
 from lightning_influence.cli.methods import METHODS, check_records, default_method
 from lightning_influence.estimators.scores import item_label
@@ -89,7 +90,7 @@ class RunContext:
     def train_dataset(self) -> Any:
         if "train" in self.data:
             return self.data["train"]
-        return self._call("train_dataloader", "fit", "training set").dataset
+        return by_id(self._call("train_dataloader", "fit", "training set"))
 
     @cached_property
     def val_batch(self) -> Any:
@@ -97,7 +98,7 @@ class RunContext:
             val = self.data["val"]
             if isinstance(val, (list, tuple, dict)) or hasattr(val, "shape"):
                 return val  # one batch
-            return concat_batches(list(val))  # a DataLoader (or any iterable of batches)
+            return _joined(list(val))  # a DataLoader (or any iterable of batches)
         try:
             loader = self._call("val_dataloader", "validate", "validation set")
         except UserError:
@@ -109,7 +110,7 @@ class RunContext:
         batches = [b for lo in loaders for b in lo]
         if not batches:
             raise UserError("the validation set is empty; use another --query (test:ID, pred:ID)")
-        return concat_batches(batches)
+        return _joined(batches)
 
     @cached_property
     def test_dataset(self) -> Any:
@@ -129,8 +130,7 @@ class RunContext:
                 if source is self.datamodule:
                     source.setup("validate")
                 loader = source.val_dataloader()
-        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-        return loader.dataset
+        return by_id(loader[0] if isinstance(loader, (list, tuple)) else loader)
 
     @property
     def flipped(self) -> set[int] | None:
@@ -151,6 +151,17 @@ class RunContext:
                 self._label_cache[i] = _label_of(table, dataset, i)
             out[k] = self._label_cache[i]
         return out
+
+
+def _joined(batches: list[Any]) -> Any:
+    """The batches as one, or as :class:`~lightning_influence.queries.Batches` where their shapes differ beyond the
+    first dimension (each padded to its own longest sequence)."""
+    try:
+        return concat_batches(batches)
+    except RuntimeError:
+        from lightning_influence.queries import Batches
+
+        return Batches(batches)
 
 
 def _label_of(table: Any, dataset: Any, i: int) -> int:
@@ -265,6 +276,8 @@ def _from_recipe(args: argparse.Namespace, log: Any) -> RunContext:
             if dm_path else None
     data_info = recipe.get("data") or {}
     stored = stored_data(log.path) if data_info.get("stored") else {}
+    if stored.get("train") is not None and data_info.get("collate_fn"):
+        stored["train"] = WithCollate(stored["train"], _stored_collate(data_info["collate_fn"], recipe))
     loaders = datamodule if datamodule is not None else (module if data_info.get("train") == "module" else None)
     origin = "the log's recipe" + (f" ({path})" if path else "")
     if stored or loaders is not None or not recipe:
@@ -275,6 +288,18 @@ def _from_recipe(args: argparse.Namespace, log: Any) -> RunContext:
     return RunContext(module, None, origin, None, {}, f"the run was trained with plain DataLoaders and its log holds no "
                       f"copy of them ({why}); pass --builder module:function returning the data (or --data "
                       "module.DataModuleClass), or re-train with InfluenceTracker(store_data=True)")
+
+
+def _stored_collate(entry: dict[str, Any], recipe: dict[str, Any]) -> Any:
+    """The training DataLoader's own ``collate_fn``, imported again for the stored training samples."""
+    if entry.get("function") is None:
+        raise UserError(f"the run's DataLoader collated its batches with {entry.get('name')}, and {entry.get('why')}; "
+                        "pass --builder module:function returning train_data=lightning_influence.WithCollate(train_set, "
+                        "collate_fn) (and val_data)")
+    try:
+        return import_class(entry["function"], recipe, "collate function", "--builder", kind="function")
+    except RecipeError as err:
+        raise UserError(str(err)) from err
 
 
 def load_function(spec: str, flag: str) -> Any:
@@ -400,6 +425,8 @@ def prepare(args: argparse.Namespace) -> tuple[Any, RunContext | None]:
     log = open_log(args.log)
     if log.num_steps == 0:
         raise UserError(f"{args.log}: the log holds no completed step yet: {log.end_note}")
+    if not log.finished:  # a crashed, killed or running fit: the answers cover its complete steps only
+        status(args, f"note: {log.end_note}; the answers cover these steps only")
     args.method = args.method or default_method()
     check_records(args.method, log)
     for spec in windows_of(args):  # a bad window fails before the model and the data are loaded

@@ -48,7 +48,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         problems.append(f"unfinished segment file(s) {[str(p.relative_to(root)) for p in unfinished]}: a write was "
                         "interrupted; they are ignored (delete them)")
     if recorded.get("gradients"):
-        missing = [int(t) for t in log.steps if t % every == 0 and not log.has_grads(int(t))]
+        # a skipped step (the GradScaler's, a training_step returning None) stores none: it changed nothing
+        missing = [int(t) for t in log.steps if t % every == 0 and not log.has_grads(int(t)) and not log.skipped(int(t))]
         if missing:
             problems.append(f"no gradient rows at steps {missing[:10]} (expected every {every} steps)")
     if len(ids_seen) and int(ids_seen.max()) >= log.dataset_size:

@@ -57,9 +57,9 @@ def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None):
         if not 0 <= spec.index < len(ds):
             raise UserError(f"--query {spec.text}: unknown test sample id {spec.index}; the test set has {len(ds)} "
                             f"samples (ids 0..{len(ds) - 1})")
-        from torch.utils.data import default_collate
+        from lightning_influence.data import collate_of
 
-        batch = default_collate([ds[spec.index]])
+        batch = collate_of(ds)([ds[spec.index]])
         if spec.kind == "test":
             parts.append(queries.sample_losses(batch, names=[spec.text], **ctx.loss_kwargs()))
         else:

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping
 
-from lightning_influence.log.format import META_FILE, LogFormatError, list_segments, read_meta
+import h5py
+
+from lightning_influence.log.format import META_FILE, LogFormatError, check_header, list_segments, read_meta, reading
+from lightning_influence.log.integrity import check_rank
 from lightning_influence.log.writer import rank_end, remove_log
 
 # Meta keys that never differ meaningfully between a log and its own resumed fit (identity, time).
@@ -232,11 +236,42 @@ def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start:
             f"InfluenceTracker: training resumes at step {start} but the log of rank {rank} in {log_dir} holds "
             f"{held}, so it cannot continue without a gap (was the checkpoint saved without this callback, or were "
             f"segment files lost?). Resume from a checkpoint at a step in {first}..{have + 1}, {hint}")
+    try:
+        check_kept_steps(log_dir, rank, first, start)
+    except LogFormatError as err:
+        if overwrite:
+            return False, None, None
+        raise RuntimeError(f"InfluenceTracker: cannot continue the log of rank {rank} in {log_dir} at step {start}, "
+                           f"it is damaged: {str(err).rstrip('.')}. Nothing was changed in the log. Resume from a Lightning checkpoint at "
+                           f"a step before the damage (the log is cut there), {hint}") from None
     check_resume(log_dir, meta, fit_meta, start)  # a refusal loses nothing
     # steps >= start are recorded again: dropped by the writer before its first write, with the resume recorded in
     # meta.h5 just before, so a fit refused at its first step (ids, losses) leaves the log as it was
     resume_meta = with_resume_record(meta, fit_meta, start) if is_zero else None
     return True, (start if end is None else None), resume_meta  # θ_start if the log holds no step yet
+
+
+def check_kept_steps(log_dir: str, rank: int, first: int, start: int) -> None:
+    """The steps a resume at ``start`` keeps (``first .. start - 1``) must be whole in ``rank``'s segments, as the
+    reader checks them (:func:`~lightning_influence.log.integrity.check_rank`, from the segment headers): a resume
+    past a lost or foreign segment would write on after a gap, into a log no reader opens.
+
+    Raises:
+        LogFormatError: naming the damaged or missing segment.
+    """
+    spans = []
+    for path in list_segments(log_dir).get(rank, []):
+        with reading(path, "the segment header"), h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+        check_header(path, attrs)
+        span = SimpleNamespace(path=path, first=int(attrs["first_step"]), last=int(attrs["last_step"]),
+                               table={"step": range(int(attrs["n_steps"]))})
+        if span.table["step"] and span.first < start:  # later steps are dropped by the resume
+            spans.append(span)
+    check_rank(spans, first)
+    if spans and spans[-1].last < start - 1:
+        raise LogFormatError(spans[-1].path, f"ends at step {spans[-1].last}, and no segment holds steps "
+                                             f"{spans[-1].last + 1}..{start - 1} (deleted?); restore them from a backup")
 
 
 def start_new_log(log_dir: str, overwrite: bool, is_zero: bool) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-__all__ = ["ParamsWithBuffers", "buffers_of", "cloned", "persistent_buffers"]
+__all__ = ["ParamsWithBuffers", "buffers_of", "changed_buffers", "cloned", "persistent_buffers", "with_buffers"]
 
 
 def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
@@ -40,3 +40,18 @@ def buffers_of(params: Any) -> dict[str, Tensor] | None:
 def cloned(buffers: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
     """Copies of ``buffers`` (``None`` stays ``None``): a forward's in-place updates do not reach the originals."""
     return None if buffers is None else {n: b.detach().clone() for n, b in buffers.items()}
+
+
+def with_buffers(params: Mapping[str, Tensor] | None, buffers: Mapping[str, Tensor] | None) -> Any:
+    """``params`` (``None``: the module's own) carrying ``buffers``; ``params`` as it is without them."""
+    return params if buffers is None else ParamsWithBuffers(params or {}, buffers)
+
+
+def changed_buffers(module: nn.Module, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> list[str]:
+    """The buffers that differ between ``before`` and ``after`` (two snapshots around a training forward, or two
+    checkpoints), BatchNorm's left out: its running statistics change in a train-mode forward without entering it.
+    What is left is state the forward reads and writes itself (``spectral_norm``'s ``_u``, ``_v``)."""
+    norms = {f"{prefix}.{b}" if prefix else b for prefix, m in module.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m._buffers}
+    return [n for n, b in before.items()
+            if n not in norms and n in after and not (b.shape == after[n].shape and bool((b == after[n]).all()))]

@@ -51,6 +51,9 @@ class MicroBatch:
     # the modules training ran its forward with in eval mode (log meta ``eval_modules``, step.modes), set exactly on the
     # module it is evaluated with; ``None``: not recorded (an older log, an own pass on the live module): training_mode
     modes: tuple[str, ...] | None = None
+    # the module's buffers before its forward, where that forward changes them otherwise than a train-mode BatchNorm's
+    # statistics (spectral_norm's power iteration): the tracker's own passes start from them, as training's forward did
+    buffers: Mapping[str, Tensor] | None = None
 
     @property
     def drew(self) -> bool:

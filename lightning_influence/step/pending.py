@@ -26,7 +26,7 @@ from lightning_influence.step.buffers import persistent_buffers
 from lightning_influence.step.micro import MicroBatch
 from lightning_influence.step.recorder import StepRecorder
 
-__all__ = ["PendingStep", "TrackedMicroBatch", "assemble", "checkpoint_record", "fill_record", "random_states"]
+__all__ = ["PendingStep", "TrackedMicroBatch", "assemble", "drop_skipped", "checkpoint_record", "fill_record", "random_states"]
 
 _NO_IDS = np.zeros(0, np.int64)  # a record's ids until fill_record; an own pass's micro-batch's (unused there)
 _NO_IDS.flags.writeable = False
@@ -46,6 +46,8 @@ class TrackedMicroBatch:
     losses: Tensor | None = None
     grads: Tensor | None = None
     ended: rng.RandomState | None = None  # the states at the backward's end (rng.started then), until settled()
+    backward: bool = False  # on_after_backward ran (a training_step that returns None gets no backward)
+    buffers: dict[str, Tensor] | None = None  # the module's before the forward, where it changes them (MicroBatch.buffers)
 
     def settled(self) -> rng.RandomState:
         """The generators the micro-batch's forward and backward drew from, with their states at its forward
@@ -57,7 +59,7 @@ class TrackedMicroBatch:
     @property
     def micro(self) -> MicroBatch:
         """The micro-batch of an own pass; its ids are not used there (and may still be on the device)."""
-        return MicroBatch(_NO_IDS, self.batch, self.settled())
+        return MicroBatch(_NO_IDS, self.batch, self.settled(), buffers=self.buffers)
 
 
 @dataclass(slots=True)
@@ -68,6 +70,25 @@ class PendingStep:
     batch_idx: int = 0
     seconds: float = 0.0
     buffers: dict[str, Tensor] | None = None  # at a checkpointed step, the module's buffers before its first forward
+
+
+def drop_skipped(pending: PendingStep, record_losses: bool) -> bool:
+    """Leave out of ``pending`` the micro-batches whose ``training_step`` returned ``None``: Lightning runs no backward
+    for them, so their samples take no part in the step, and the others keep Lightning's weights ``1/(A·b)``
+    (``step.weights``). A step none of whose micro-batches ran a backward changes nothing (every gradient ``None``:
+    each supported ``torch.optim`` rule leaves such parameters and their state as they are); it keeps its micro-batches
+    (ids, random states), with NaN losses where recorded, and returns ``True``: the caller records it as skipped
+    (``θ_{t+1} = θ_t``, as a step the GradScaler skipped)."""
+    ran = [m for m in pending.micro if m.backward]
+    if len(ran) == len(pending.micro):
+        return False
+    if ran:
+        pending.micro = ran
+        return False
+    for m in pending.micro:
+        m.losses = torch.full(m.ids.shape, float("nan"), device=m.ids.device) if record_losses else None
+        m.grads = None
+    return True
 
 
 def assemble(trainer: Any, step: int, optimizer: torch.optim.Optimizer, pending: PendingStep, recorder: StepRecorder,

@@ -135,8 +135,8 @@ class StepRecorder:
         the fit's first step only: the check reads the loss on the host, a synchronisation every later step
         would pay for nothing (the reduction is a property of ``training_step``, not of the step).
         """
-        if self._reduction_checked:
-            return
+        if self._reduction_checked or all(r is None or losses is None for r, losses, _ in micro):
+            return  # (a step whose training_step returned None: the next one is checked)
         self._reduction_checked = True
         for returned, losses, accumulate in micro:
             self._check_reduction(step, returned, losses, accumulate, trainer)
