@@ -489,7 +489,8 @@ def test_disk_full_or_read_only_when_the_fit_starts_names_the_path_and_what_to_d
     import errno
     import traceback
 
-    for code, advice in ((errno.ENOSPC, "The disk is full: free space"), (errno.EROFS, "log_dir is not writable")):
+    for code, advice in ((errno.ENOSPC, "The disk is full: free space"), (errno.EROFS, "log_dir is not writable"),
+                         (errno.EFBIG, "A file may not be that large there")):
         log_dir = tmp_path / str(code) / "log"
         real_open = os.open
 
