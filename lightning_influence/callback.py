@@ -39,7 +39,7 @@ from lightning_influence.capture import HookGradientCapture, KroneckerProjector,
 from lightning_influence.capture.layers import foldable_biases
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
-from lightning_influence.data import IdsFn, as_pytree, batch_size_of, check_ids, extract_ids
+from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.resume import (continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
@@ -53,9 +53,9 @@ from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, as
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
-from lightning_influence.tracker_checks import (UpdateWatch, check_arguments, check_batchnorm, check_dataset, check_distinct_ids, check_fit,
-                                                check_losses, check_optimizers, check_training_set,
-                                                generators_kept, trainer_precision)
+from lightning_influence.tracker_checks import (UpdateWatch, check_arguments, check_batchnorm, check_distinct_ids, check_fit,
+                                                check_first_batch, check_losses, check_optimizers, check_training_set,
+                                                generators_kept, no_stop_iteration, trainer_precision)
 from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
@@ -369,6 +369,7 @@ class InfluenceTracker(Callback):
                 trainer.strategy.barrier("influence_tracker_checkpoint")
 
     # ---------------------------------------------------------------------------- per batch
+    @no_stop_iteration
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         t0 = time.perf_counter()
         if not self._checked_batchnorm:
@@ -386,10 +387,8 @@ class InfluenceTracker(Callback):
             check_distinct_ids(trainer.global_step, [m.ids for m in self._pending.micro], ids)
         if not self._checked_dataset:
             self._checked_dataset = True
-            as_pytree(batch)  # a dataclass batch: its tensors reached by the per-sample slices and vmap
-            if not self.store_inputs:
-                check_ids(ids, self.ids_key, self._dataset_size)  # valid ids first: the batch is rebuilt from them
-                check_dataset(trainer.train_dataloader, batch, ids, pl_module)
+            check_first_batch(trainer.train_dataloader, batch, ids, pl_module, self.ids_key, self._dataset_size,
+                              self.store_inputs)
         step = trainer.global_step
         checkpoint = not self._pending.micro and self._checkpoints_at(step)
         if self._modes.observe(pl_module, step, batch_idx, checkpoint, self._writer if self._global_zero else None):
@@ -419,12 +418,14 @@ class InfluenceTracker(Callback):
         return check_batchnorm(pl_module, self.allow_train_batchnorm,
                                self._engine in ("vmap", "mixed") and self.record_gradients, self._needs_loss)
 
+    @no_stop_iteration
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._capture is not None:
             self._capture.unwatch()
         if self._pending.micro and self._step_model.checks_reduction:  # read at the first step only (StepRecorder)
             self._pending.micro[-1].returned = loss.detach()
 
+    @no_stop_iteration
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         t0 = time.perf_counter()
         micro = self._pending.micro[-1]
@@ -467,6 +468,7 @@ class InfluenceTracker(Callback):
             self._capture.disable()
         self._pending.seconds += time.perf_counter() - t0
 
+    @no_stop_iteration
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         t0 = time.perf_counter()
         step = trainer.global_step
@@ -530,6 +532,7 @@ class InfluenceTracker(Callback):
             if self._live is not None:
                 self._live.on_step(record.step, record, self._writer.bytes_written)
 
+    @no_stop_iteration
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._capture is not None:  # a training_step that returned no loss: no backward

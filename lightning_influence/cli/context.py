@@ -197,6 +197,12 @@ def load_context(args: argparse.Namespace, log: Any) -> RunContext:
         raise UserError(str(err)) from err
     _check_shapes(ctx, log)
     _to_log_dtype(args, ctx, log)
+    from lightning_influence.step.frozen import restore_frozen
+
+    try:  # the frozen parameters the run used, which the checkpoints lack (a rebuilt module's are fresh)
+        restore_frozen(log, ctx.module)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(f"the model from {ctx.origin}: {err}") from err
     ctx.replay_tolerance = getattr(args, "replay_tolerance", None)  # estimators' ``tolerance`` (replay_drift.py)
     ctx.loss_fn = _loss_fn(args, ctx, log)
     return ctx
