@@ -41,7 +41,7 @@ from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
-from lightning_influence.log.resume import (continue_log, logged_fold_bias, logged_demotions,
+from lightning_influence.log.resume import (check_not_refit, continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
@@ -268,6 +268,7 @@ class InfluenceTracker(Callback):
         clipping = self._step_model.start(trainer, pl_module)
         start = trainer.global_step
         resume_state, self._resume_state = self._resume_state, {}
+        check_not_refit(self.log_dir, self._run_id, resume_state, start)  # log/resume.py: fit called again
         with generators_kept():  # what a resumed fit's rows would mean, to compare with the log's meta.h5
             fit_meta = {**self._metadata(trainer, pl_module, optimizer, names, start, recipe=False),
                         "gradient_clipping": clipping}
