@@ -47,6 +47,7 @@ from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, Log
                                            write_meta)
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import changed_buffers, cloned, persistent_buffers
+from lightning_influence.step.frozen import changed_frozen, mark_changed
 from lightning_influence.step.modes import ModeWatch
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, drop_skipped, fill_record,
                                               random_states)
@@ -347,6 +348,11 @@ class InfluenceTracker(Callback):
         if self._writer is not None and trainer.is_global_zero:
             self._writer.add_checkpoint(self._final.take(pl_module, trainer.optimizers[0], trainer.global_step))
             self._final.note(self._settle)
+            changed = changed_frozen(self.log_dir, pl_module)  # step/frozen.py: stored once, as at the log's start
+            if changed:
+                warnings.warn(f"InfluenceTracker: the fit changed frozen (requires_grad=False) parameters {changed[:5]}, "
+                              "which the log stores once: the estimators will refuse this log")
+                self._writer.amend_meta(functools.partial(mark_changed, names=changed))
         self._teardown(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -68,3 +68,43 @@ def test_the_cli_rebuilds_the_run_with_its_frozen_parameters(run):
         expected = (tracin if method == "tracin" else dit)(log, q, module=model, **kw).column(0)
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
         assert np.abs(expected).max() > 1e-4
+
+
+def test_frozen_parameters_changed_during_the_fit_are_refused(tmp_path):
+    """An EMA teacher (frozen, updated by hand after every step): the log marks it at the fit's end and every estimator
+    and the CLI's rebuild refuse it (the log stores the start values; replay stopped blaming the data, or TracIn ran
+    on the teacher's start values with a trained module refused as 'freshly built')."""
+    import lightning.pytorch as pl
+
+    from lightning_influence import InfluenceTracker, WithIds
+    from tests.conftest import TinyClassifier
+
+    class Teacher(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__(lr=0.2)
+            self.teacher = torch.nn.Linear(3, 3)
+            self.teacher.requires_grad_(False)
+
+        def forward(self, x):
+            return self.teacher(self.net(x))
+
+        def on_train_batch_end(self, *args) -> None:
+            with torch.no_grad():
+                self.teacher.weight.mul_(0.99)
+
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g))
+    module = Teacher()
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, checkpoint_every_n_steps=2)
+    with pytest.warns(UserWarning, match=r"changed frozen .*\['teacher.weight'\]"):
+        pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=[tracker]).fit(
+            module, torch.utils.data.DataLoader(WithIds(ds), batch_size=8))
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["frozen"]["changed"] == ["teacher.weight"]
+    q = queries.mean_loss(ds.tensors)
+    for m in (module, Teacher()):
+        with pytest.raises(ValueError, match=r"changed its frozen .*\['teacher.weight'\] during the fit"):
+            tracin(log, q, module=m)
+    with pytest.raises(ValueError, match="changed its frozen"):
+        restore_frozen(log, Teacher())

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from lightning_influence.log.format import FROZEN_FILE
 
-__all__ = ["check_frozen", "frozen_parameters", "load_frozen", "logged_frozen", "restore_frozen", "store_frozen"]
+__all__ = ["changed_frozen", "check_frozen", "frozen_parameters", "load_frozen", "logged_frozen", "restore_frozen",
+           "store_frozen"]
 
 _LOADED: "weakref.WeakKeyDictionary[Any, dict[str, Tensor] | None]" = weakref.WeakKeyDictionary()
 
@@ -62,6 +63,32 @@ def load_frozen(log_dir: str | os.PathLike, entry: Mapping[str, Any] | None) -> 
     return values
 
 
+def changed_frozen(log_dir: str | os.PathLike, module: nn.Module) -> list[str]:
+    """The frozen parameters of ``module`` that differ from the log's ``frozen.pt`` (at the fit's end: an EMA teacher or
+    another update outside the optimizer changed them), by name; ``[]`` for a log that stores none."""
+    path = Path(log_dir) / FROZEN_FILE
+    if not path.exists():
+        return []
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    live = frozen_parameters(module)
+    return [n for n, v in stored.items()
+            if n not in live or not torch.equal(live[n].detach().to("cpu", v.dtype), v)]
+
+
+def mark_changed(meta: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """``meta.h5`` saying which frozen parameters the fit changed (:func:`changed_frozen`): the estimators refuse it."""
+    return {**meta, "frozen": {**(meta.get("frozen") or {}), "changed": list(names)}}
+
+
+def _refuse_changed(log: Any) -> None:
+    changed = (log.meta.get("frozen") or {}).get("changed")
+    if changed:
+        raise ValueError(
+            f"the run changed its frozen (requires_grad=False) parameters {changed[:5]} during the fit (an EMA teacher "
+            "or another update outside the optimizer): the log stores them once, as at the fit's start, so replay and "
+            "the estimators cannot reproduce its steps. Keep frozen parameters fixed during a tracked fit")
+
+
 def logged_frozen(log: Any) -> dict[str, Tensor] | None:
     """The frozen parameters of ``log`` (an :class:`~lightning_influence.log.reader.InfluenceLog`), read once per log
     object; ``None`` for a log that stores none (every parameter trained, or a log written before they were stored)."""
@@ -71,7 +98,9 @@ def logged_frozen(log: Any) -> dict[str, Tensor] | None:
 
 
 def _matching(log: Any, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(the log's frozen parameters, the module's parameters of those names)``; refuses a name the module lacks."""
+    """``(the log's frozen parameters, the module's parameters of those names)``; refuses a name the module lacks, and a
+    run that changed them."""
+    _refuse_changed(log)
     stored = logged_frozen(log) or {}
     live = dict(module.named_parameters())
     missing = sorted(set(stored) - set(live))
