@@ -21,7 +21,6 @@ the refusals :mod:`lightning_influence.tracker_checks`, ``meta.h5`` :mod:`lightn
 from __future__ import annotations
 
 import functools
-import io
 import json
 import time
 import warnings
@@ -30,7 +29,6 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -40,8 +38,9 @@ from lightning_influence.capture.layers import foldable_biases
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
+from lightning_influence.log.inputs import encode_batch
 from lightning_influence.log.lock import WriterLock
-from lightning_influence.log.resume import (continue_log, logged_fold_bias, logged_demotions,
+from lightning_influence.log.resume import (check_not_refit, continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
@@ -271,6 +270,7 @@ class InfluenceTracker(Callback):
         clipping = self._step_model.start(trainer, pl_module)
         start = trainer.global_step
         resume_state, self._resume_state = self._resume_state, {}
+        check_not_refit(self.log_dir, self._run_id, resume_state, start)  # log/resume.py: fit called again
         with generators_kept():  # what a resumed fit's rows would mean, to compare with the log's meta.h5
             fit_meta = {**self._metadata(trainer, pl_module, optimizer, names, start, recipe=False),
                         "gradient_clipping": clipping}
@@ -407,7 +407,7 @@ class InfluenceTracker(Callback):
         if self._forward_buffers is not False:
             before = self._pending.buffers if checkpoint else cloned(persistent_buffers(pl_module))
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
-                                                     inputs=_serialise(batch) if self.store_inputs else None,
+                                                     inputs=encode_batch(batch) if self.store_inputs else None,
                                                      accumulate=accumulate, buffers=before))
         self._pending.batch_idx = batch_idx
         if self._observer is not None:
@@ -631,11 +631,3 @@ class InfluenceTracker(Callback):
             self._observer.remove()
             self._observer = None
         self._passes = None
-
-
-def _serialise(batch: Any) -> bytes:
-    """The batch as ``torch.save`` bytes (tensors on the CPU), for ``store_inputs``."""
-    buffer = io.BytesIO()
-    torch.save(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().cpu()), buffer)
-    return buffer.getvalue()
-

@@ -185,6 +185,26 @@ def test_a_resume_past_a_lost_segment_is_refused_and_loses_nothing(tmp_path, res
     assert fresh.finished and fresh.steps.tolist() == list(range(8, 12))
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_fit_called_again_to_train_longer_is_refused_and_keeps_the_first_fits_log(tmp_path, overwrite):
+    """``trainer.fit_loop.max_epochs = 2; trainer.fit(model)`` after a first fit (a notebook's "train more"): Lightning
+    starts a new optimizer, which the log cannot express. It was refused as "a checkpoint that holds no tracker state"
+    and, with overwrite=True (the README's script), the first fit's log was deleted for one of the later steps only."""
+    import lightning.pytorch as pl
+
+    log = tmp_path / "log"
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, callbacks=[InfluenceTracker(str(log), overwrite=overwrite)])
+    module, loader = tiny(momentum=0.9), DataLoader(WithIds(make_data(24)), batch_size=6)
+    trainer.fit(module, loader)
+    files = file_bytes(log)
+    trainer.fit_loop.max_epochs = 2
+    with pytest.raises(RuntimeError, match=r"Trainer.fit was called again to continue at step 4, .* new optimizer .*"
+                                           r"earlier fit's log is kept as it is"):
+        trainer.fit(module, loader)
+    assert file_bytes(log) == files and InfluenceLog(log).steps.tolist() == [0, 1, 2, 3]
+
+
 def test_a_resume_with_harmless_changes_continues_and_records_them(tmp_path, resumable):
     root, before = resumable
     log = tmp_path / "log"
@@ -489,7 +509,8 @@ def test_disk_full_or_read_only_when_the_fit_starts_names_the_path_and_what_to_d
     import errno
     import traceback
 
-    for code, advice in ((errno.ENOSPC, "The disk is full: free space"), (errno.EROFS, "log_dir is not writable")):
+    for code, advice in ((errno.ENOSPC, "The disk is full: free space"), (errno.EROFS, "log_dir is not writable"),
+                         (errno.EFBIG, "A file may not be that large there")):
         log_dir = tmp_path / str(code) / "log"
         real_open = os.open
 

@@ -251,6 +251,25 @@ def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start:
     return True, (start if end is None else None), resume_meta  # θ_start if the log holds no step yet
 
 
+def check_not_refit(log_dir: str, run_id: str | None, resume_state: Mapping[str, Any], start: int) -> None:
+    """Refuse ``Trainer.fit`` called again (to train longer) on a trainer whose earlier fit this tracker recorded:
+    Lightning builds a new optimizer for every fit (its state reset), which no log of one run can express, and
+    ``overwrite=True`` would delete the earlier fit's steps in favour of the later ones.
+
+    ``run_id``: the run this tracker recorded in this process (``None`` if none); ``resume_state``: the tracker state
+    of the checkpoint this fit resumes from (empty without one)."""
+    if run_id is None or resume_state or start == 0:
+        return
+    raise RuntimeError(
+        f"InfluenceTracker: Trainer.fit was called again to continue at step {start}, but this tracker recorded the "
+        f"earlier fit into {log_dir} (run {run_id}). A new fit starts a new optimizer (Lightning calls "
+        "configure_optimizers again, resetting its state), which a log of one run cannot express, so the earlier "
+        "fit's log is kept as it is and nothing was recorded (overwrite=True does not replace it here). To train "
+        "longer, set max_epochs/max_steps before the first fit, or resume from a Lightning checkpoint with "
+        "Trainer.fit(ckpt_path=...) (the optimizer state is restored and the log continues); or give this fit a "
+        f"new InfluenceTracker with another log_dir (a new log starting at step {start})")
+
+
 def check_kept_steps(log_dir: str, rank: int, first: int, start: int) -> None:
     """The steps a resume at ``start`` keeps (``first .. start - 1``) must be whole in ``rank``'s segments, as the
     reader checks them (:func:`~lightning_influence.log.integrity.check_rank`, from the segment headers): a resume

@@ -82,6 +82,10 @@ def storage_error(log_dir: str | os.PathLike, where: str, err: BaseException, st
     if code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower():
         todo = (f"The disk is full: free space or move log_dir to a larger disk, or make the log smaller (projection_dim, "
                 f"every_n_steps, storage_dtype='float16', compression='gzip'), then {again}.")
+    elif code == errno.EFBIG:
+        todo = (f"A file may not be that large there (the file system's limit, or `ulimit -f`): make segments smaller "
+                f"(flush_every_n_steps, flush_every_n_seconds; one step's rows: projection_dim, storage_dtype='float16'), "
+                f"or move log_dir to another disk, then {again}.")
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
         todo = f"log_dir is not writable (read-only disk or missing permission): choose a writable log_dir, then {again}."
     else:
