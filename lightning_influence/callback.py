@@ -351,8 +351,6 @@ class InfluenceTracker(Callback):
             self._final.note(self._settle)
             changed = changed_frozen(self.log_dir, pl_module)  # step/frozen.py: stored once, as at the log's start
             if changed:
-                warnings.warn(f"InfluenceTracker: the fit changed frozen (requires_grad=False) parameters {changed[:5]}, "
-                              "which the log stores once: the estimators will refuse this log")
                 self._writer.amend_meta(functools.partial(mark_changed, names=changed))
         self._teardown(pl_module)
 
@@ -493,12 +491,9 @@ class InfluenceTracker(Callback):
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
             rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
-            if not self._applied_checked:  # once per fit, where the rows are the applied gradient's exact parts
-                self._applied_checked = True
-                if self._world_size == 1 and self._precision.autocast_device is None and \
-                        not check_batchnorm(pl_module, True, False, refuse=False):
-                    check_applied_gradient(step, rows["grads"], record.weights, self._projector.project, pl_module,
-                                           self._names)
+            if not self._applied_checked:  # once per fit
+                self._applied_checked = check_applied_gradient(step, rows["grads"], record.weights, self._projector.project,
+                                                               pl_module, self._names, self._world_size, self._precision)
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],
                                                                            rows["grads"], grad_dir, grad_norms)

@@ -174,14 +174,16 @@ class GradientMismatchError(RuntimeError):
 
 
 def check_applied_gradient(step: int, rows: torch.Tensor, weights: Any, project: Any, module: nn.Module,
-                           names: Sequence[str]) -> None:
+                           names: Sequence[str], world_size: int, precision: Precision) -> bool:
     """At the fit's first step with gradient rows: the gradient at the tracker's ``on_before_optimizer_step`` (what the
     optimizer will receive, before Lightning's clipping) projected as the rows are (``project``: the tracker's
     projector's ``project``) must be ``Σ_i w_i g_i`` of the step's rows (``weights``: ``step.weights``). Anything that
     changed the gradients before the tracker's hook (a callback listed before it that clips or adds noise, a
     ``Tensor.register_hook`` on a parameter) makes a step replay and the estimators cannot reproduce: refused there,
-    nothing of the step stored. Single process, no autocast and no train-mode BatchNorm (the caller's conditions: the
-    rows are then the exact per-sample gradients of the applied one); one host synchronisation, once per fit."""
+    nothing of the step stored. Checked with a single process, no autocast and no train-mode BatchNorm, where the rows
+    are the exact parts of the applied gradient; one host synchronisation, once per fit. Returns ``True`` (checked)."""
+    if world_size != 1 or precision.autocast_device is not None or check_batchnorm(module, True, False, refuse=False):
+        return True
     live = dict(module.named_parameters())
     grads = {n: (live[n].grad if live[n].grad is not None else torch.zeros_like(live[n])).detach().unsqueeze(0).to(rows.dtype)
              for n in names}
@@ -197,6 +199,7 @@ def check_applied_gradient(step: int, rows: torch.Tensor, weights: Any, project:
             "them or adds noise, a gradient hook on a parameter, Tensor.register_hook), so replay and the estimators "
             "could not reproduce the step. Clip through Trainer(gradient_clip_val=...) and remove the change. "
             "Nothing of this step was stored.")
+    return True
 
 
 _LATE = ("a value set after that hook (in the LightningModule's on_before_optimizer_step, which Lightning calls after "
