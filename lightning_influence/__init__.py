@@ -12,10 +12,11 @@ from lightning_influence.data import WithCollate, WithIds
 from lightning_influence.estimators import (InfluenceScores, diffin, diffin_self_influence, dit, dit_gauss_newton, dit_local,
                                             timeline, tracin, tracin_self_influence)
 from lightning_influence.log import InfluenceLog, LogFormatError
+from lightning_influence.step.frozen import restore_frozen
 
 # Every estimator is called as f(log, query, *, module=None, train_data=None, window=None, ...).
 __all__ = ["InfluenceLog", "InfluenceScores", "InfluenceTracker", "LogFormatError", "WithCollate", "WithIds", "diffin",
-           "diffin_self_influence", "dit", "dit_gauss_newton", "dit_local", "timeline", "tracin",
+           "diffin_self_influence", "dit", "dit_gauss_newton", "dit_local", "restore_frozen", "timeline", "tracin",
            "tracin_self_influence"]
 __version__ = "0.1.0"
 

@@ -39,23 +39,24 @@ from lightning_influence.capture import HookGradientCapture, KroneckerProjector,
 from lightning_influence.capture.layers import foldable_biases
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
-from lightning_influence.data import IdsFn, as_pytree, batch_size_of, check_ids, extract_ids
+from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.lock import WriterLock
-from lightning_influence.log.resume import (continue_log, logged_fold_bias, logged_demotions,
+from lightning_influence.log.resume import (check_not_refit, continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import changed_buffers, cloned, persistent_buffers
+from lightning_influence.step.frozen import changed_frozen, mark_changed
 from lightning_influence.step.modes import ModeWatch
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, drop_skipped, fill_record,
                                               random_states)
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
-from lightning_influence.tracker_checks import (UpdateWatch, check_arguments, check_batchnorm, check_dataset, check_distinct_ids, check_fit,
-                                                check_losses, check_optimizers, check_training_set,
-                                                generators_kept, trainer_precision)
+from lightning_influence.tracker_checks import (UpdateWatch, check_arguments, check_batchnorm, check_distinct_ids, check_fit,
+                                                check_first_batch, check_losses, check_optimizers, check_training_set,
+                                                generators_kept, no_stop_iteration, trainer_precision)
 from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
@@ -268,6 +269,7 @@ class InfluenceTracker(Callback):
         clipping = self._step_model.start(trainer, pl_module)
         start = trainer.global_step
         resume_state, self._resume_state = self._resume_state, {}
+        check_not_refit(self.log_dir, self._run_id, resume_state, start)  # log/resume.py: fit called again
         with generators_kept():  # what a resumed fit's rows would mean, to compare with the log's meta.h5
             fit_meta = {**self._metadata(trainer, pl_module, optimizer, names, start, recipe=False),
                         "gradient_clipping": clipping}
@@ -346,6 +348,11 @@ class InfluenceTracker(Callback):
         if self._writer is not None and trainer.is_global_zero:
             self._writer.add_checkpoint(self._final.take(pl_module, trainer.optimizers[0], trainer.global_step))
             self._final.note(self._settle)
+            changed = changed_frozen(self.log_dir, pl_module)  # step/frozen.py: stored once, as at the log's start
+            if changed:
+                warnings.warn(f"InfluenceTracker: the fit changed frozen (requires_grad=False) parameters {changed[:5]}, "
+                              "which the log stores once: the estimators will refuse this log")
+                self._writer.amend_meta(functools.partial(mark_changed, names=changed))
         self._teardown(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -369,6 +376,7 @@ class InfluenceTracker(Callback):
                 trainer.strategy.barrier("influence_tracker_checkpoint")
 
     # ---------------------------------------------------------------------------- per batch
+    @no_stop_iteration
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         t0 = time.perf_counter()
         if not self._checked_batchnorm:
@@ -386,10 +394,8 @@ class InfluenceTracker(Callback):
             check_distinct_ids(trainer.global_step, [m.ids for m in self._pending.micro], ids)
         if not self._checked_dataset:
             self._checked_dataset = True
-            as_pytree(batch)  # a dataclass batch: its tensors reached by the per-sample slices and vmap
-            if not self.store_inputs:
-                check_ids(ids, self.ids_key, self._dataset_size)  # valid ids first: the batch is rebuilt from them
-                check_dataset(trainer.train_dataloader, batch, ids, pl_module)
+            check_first_batch(trainer.train_dataloader, batch, ids, pl_module, self.ids_key, self._dataset_size,
+                              self.store_inputs)
         step = trainer.global_step
         checkpoint = not self._pending.micro and self._checkpoints_at(step)
         if self._modes.observe(pl_module, step, batch_idx, checkpoint, self._writer if self._global_zero else None):
@@ -419,12 +425,14 @@ class InfluenceTracker(Callback):
         return check_batchnorm(pl_module, self.allow_train_batchnorm, self._vmap_names if self.record_gradients else [],
                                self._needs_loss)
 
+    @no_stop_iteration
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._capture is not None:
             self._capture.unwatch()
         if self._pending.micro and self._step_model.checks_reduction:  # read at the first step only (StepRecorder)
             self._pending.micro[-1].returned = loss.detach()
 
+    @no_stop_iteration
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         t0 = time.perf_counter()
         micro = self._pending.micro[-1]
@@ -467,6 +475,7 @@ class InfluenceTracker(Callback):
             self._capture.disable()
         self._pending.seconds += time.perf_counter() - t0
 
+    @no_stop_iteration
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         t0 = time.perf_counter()
         step = trainer.global_step
@@ -530,6 +539,7 @@ class InfluenceTracker(Callback):
             if self._live is not None:
                 self._live.on_step(record.step, record, self._writer.bytes_written)
 
+    @no_stop_iteration
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._capture is not None:  # a training_step that returned no loss: no backward

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import io
 import json
 import math
 import os
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 
 from lightning_influence.log.format import DATA_FILE  # the log removes it with its other files
+from lightning_influence.log.segment import write_bytes
+from lightning_influence.log.writer import LogWriteError, storage_error
 
 STORE_DATA_LIMIT = 64 * 2**20  # bytes: plain-DataLoader data above this is not stored unless asked
 
@@ -124,6 +127,8 @@ def record_recipe(trainer: Any, pl_module: Any, log_dir: str, store_data: bool |
         val_loaders = _val_loaders(trainer, val_loop)
         try:
             data["stored"] = _store(Path(log_dir), trainer.train_dataloader, val_loaders, limit)
+        except LogWriteError:  # a full or read-only disk: the fit stops, saying so (it is not the data's fault)
+            raise
         except _TooLarge as err:
             data["not_stored"] = f"{err} (over {STORE_DATA_LIMIT // 2**20} MiB; InfluenceTracker(store_data=True) stores it anyway)"
         except Exception as err:  # e.g. items default_collate cannot stack: training goes on, the log says why
@@ -214,10 +219,12 @@ def _store(log_dir: Path, train_loader: Any, val_loaders: list[Any], limit: floa
         out["val" if batch is not val else "val_batches"] = batch
     if not out:
         return {}
-    tmp = log_dir / (DATA_FILE + ".tmp")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(out, tmp)
-    os.replace(tmp, log_dir / DATA_FILE)
+    buffer = io.BytesIO()  # serialised first: torch.save on a full disk fails with a garbled error and leaves its file
+    torch.save(out, buffer)
+    try:
+        write_bytes(log_dir / DATA_FILE, buffer.getbuffer())  # atomic; on a disk error nothing is left behind
+    except OSError as err:
+        raise storage_error(log_dir, DATA_FILE, err, "Nothing of this fit is in the log yet", started=False) from None
     sizes = {"train_items": len(out.get("train_items", [])),
              "val_batches": sum(_batch_len(b) for b in out.get("val_batches", []))}
     return {"file": DATA_FILE, **{k.split("_")[0]: sizes.get(k) or _batch_len(v) for k, v in out.items()}}

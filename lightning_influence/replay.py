@@ -43,6 +43,7 @@ from lightning_influence.replay_drift import (  # noqa: F401 (re-exported)
     restore_buffers,
 )
 from lightning_influence.step.buffers import ParamsWithBuffers, buffers_of, cloned, persistent_buffers
+from lightning_influence.step.frozen import check_frozen
 from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
 from lightning_influence.step.micro import MicroBatch, Step
 from lightning_influence.step.modes import ModeSchedule
@@ -216,6 +217,8 @@ def build_optimizer(log: InfluenceLog, params: Mapping[str, Tensor], state_step:
             raise ValueError(f"param group {gi} of the logged optimizer holds {missing[:5]}, which are not among the "
                              f"parameters given ({sorted(params)[:10]}): the module does not match the log")
         hyper = {k: _to_hyper(v) for k, v in g.items() if k in accepted}
+        if g.get("tensor_lr"):  # a tensor lr takes other kernels than a float one: replayed as trained, bit for bit
+            hyper["lr"] = torch.tensor(float(g["lr"]))
         groups.append({"params": [params[n] for n in names], **hyper})
         seen += names
     extra = sorted(set(params) - set(seen))
@@ -266,6 +269,7 @@ def _module_param_names(module: nn.Module) -> list[str]:
 def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_grad: bool = False) -> ParamsWithBuffers:
     """``θ_step`` from the log's checkpoint, in the module's parameter order, checked against the module, carrying the
     module's buffers at that step (:func:`checkpoint_buffers`: what a query in eval mode normalises by)."""
+    check_frozen(log, module)  # the parameters the checkpoints lack: the module's own, which must be training's
     stored = log.checkpoint(step)
     names = _module_param_names(module)
     if set(stored) != set(names):
@@ -346,7 +350,10 @@ def set_step_hyper(opt: torch.optim.Optimizer, log: InfluenceLog, t: int) -> Non
     for g, lr in zip(opt.param_groups, lrs):
         if not math.isfinite(float(lr)):
             raise ValueError(f"step {t}: the logged learning rate is {lr}")
-        g["lr"] = float(lr)
+        if isinstance(g["lr"], Tensor):
+            g["lr"].fill_(float(lr))  # as torch's schedulers set a tensor lr
+        else:
+            g["lr"] = float(lr)
     values = log.hyper(t)
     if values is not None:
         set_step_values(opt, values)

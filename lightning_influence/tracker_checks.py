@@ -12,9 +12,10 @@ Lightning's ``MixedPrecision``. Each message says what to do instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from lightning_influence.capture import HVP_SCHEMES
-from lightning_influence.data import ids_source, loader_collate, samples_with_replacement
+from lightning_influence.data import as_pytree, check_ids, ids_source, loader_collate, samples_with_replacement
 from lightning_influence.step import rng
 from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, UpdateRule, check_optimizer
@@ -214,6 +215,33 @@ def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: Sequen
                 "losses and gradients are ill-defined. Put it in eval mode during training (e.g. in "
                 "on_train_epoch_start), replace it (GroupNorm/LayerNorm), or pass allow_train_batchnorm=True")
     return names
+
+
+def no_stop_iteration(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """A training-loop hook whose ``StopIteration`` is re-raised as a ``RuntimeError``: Lightning takes one for the end
+    of the epoch's data and ends the epoch silently, so one escaping the tracker (a dataset's ``__getitem__`` or a loss
+    function met in a check) would drop the rest of the epoch and mix the half-recorded step into the next."""
+
+    @functools.wraps(hook)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(*args, **kwargs)
+        except StopIteration as err:
+            raise RuntimeError(f"InfluenceTracker.{hook.__name__}: a StopIteration was raised inside it ({err!r}); "
+                               "Lightning would have ended the epoch silently. See the traceback for where") from err
+
+    return guarded
+
+
+def check_first_batch(loader: Any, batch: Any, ids: torch.Tensor, module: Any, ids_key: str, dataset_size: int | None,
+                      store_inputs: bool) -> None:
+    """The fit's first batch: a dataclass batch's type registered for torch's pytrees (``data.as_pytree``), and,
+    unless its inputs are stored, its ids (valid ids first: the batch is rebuilt from them) and its dataset
+    (:func:`check_dataset`)."""
+    as_pytree(batch)
+    if not store_inputs:
+        check_ids(ids, ids_key, dataset_size)
+        check_dataset(loader, batch, ids, module)
 
 
 def check_dataset(loader: Any, batch: Any = None, ids: torch.Tensor | None = None, module: Any = None) -> None:

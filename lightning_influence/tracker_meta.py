@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_influence.capture import KINK_GUARD, KroneckerProjector
 from lightning_influence.recipe import class_path, record_recipe
+from lightning_influence.step.frozen import store_frozen
 from lightning_influence.step.precision import Precision
 
 __all__ = ["engine_metadata", "fit_metadata"]
@@ -34,6 +35,8 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
     groups = []
     for g in optimizer.param_groups:
         hyper = {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
+        if isinstance(g.get("lr"), torch.Tensor) and g["lr"].numel() == 1:  # Adam(lr=torch.tensor(...)): its own code path
+            hyper.update(lr=float(g["lr"]), tensor_lr=True)
         # the trainable ones, as the checkpoints: a frozen parameter has no gradient, the optimizer never updates it
         groups.append({**hyper, "params": [names[id(p)] for p in g["params"] if p.requires_grad]})
     dataset = getattr(trainer.train_dataloader, "dataset", None)
@@ -49,6 +52,7 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
         "module_class": class_path(module),
         "datamodule_class": class_path(trainer.datamodule) if getattr(trainer, "datamodule", None) is not None else None,
         **({"recipe": record_recipe(trainer, module, tracker.log_dir, tracker.store_data, tracker.loss_fn)} if recipe else {}),  # recipe.py
+        **({"frozen": store_frozen(tracker.log_dir, module)} if recipe else {}),  # step/frozen.py: written with a new log
         "world_size": trainer.world_size,
         "dataset_size": dataset_size,
         "loss_reduction": "mean",

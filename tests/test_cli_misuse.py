@@ -62,3 +62,72 @@ def test_several_nodes_without_a_launcher_is_refused(run, capsys, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     line = _error(capsys, "query", run.log, "-m", "tracin", "-q", "--num-nodes", "2")
     assert "--num-nodes 2: the command must be started on every node" in line
+
+
+def test_a_query_on_an_unfinished_log_says_which_steps_it_covers(run, tmp_path, capsys):
+    """A crashed or killed fit's log is answered over its complete steps; the answer said "whole run" and nothing
+    else, as if training had finished there."""
+    import shutil
+
+    from lightning_influence import InfluenceLog
+
+    copy = tmp_path / "crashed"
+    shutil.copytree(run.log, copy)
+    last = sorted((copy / "rank-0").glob("seg-*.h5"))[-1]
+    last.unlink()  # the final θ_T (and the last steps) never reached the disk
+    log = InfluenceLog(copy)
+    assert not log.finished
+    code = main(["query", str(copy), "-m", "tracin", "-c", run.config, "-k", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "tracin: query val_loss" in out, err
+    assert f"note: {log.end_note}; the answers cover these steps only" in err
+    code = main(["query", run.log, "-m", "tracin", "-c", run.config, "-k", "1"])  # a finished log: no note
+    assert code == 0 and "note:" not in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(run, tmp_path, capsys, monkeypatch):
+    """``-o`` on a read-only folder (or through a file) failed with a bare ``[Errno 13]`` only after the scores were
+    computed, losing them; now refused first, in one line, before the model is rebuilt."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(["query", run.log, "-m", "tracin", "-c", run.config, "-o", str(tmp_path)], "is a directory; give --out a file"),
+             (["query", run.log, "-m", "tracin", "-c", run.config, "-o", str(afile / "x.csv")], "is a file, not a directory"),
+             (["tensorboard", run.log, "-m", "tracin", "-c", run.config, "--logdir", str(afile)], "is a file; give --logdir a directory")]
+    for argv, needle in cases:
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and needle in err, err
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real_access(p, mode))
+    (tmp_path / "ro").mkdir()
+    for argv in (["query", run.log, "-m", "tracin", "-c", run.config, "-o", str(tmp_path / "ro" / "top.csv")],
+                 ["tensorboard", run.log, "-m", "tracin", "-c", run.config, "--logdir", str(tmp_path / "ro" / "tb")]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and f"cannot write there ({tmp_path / 'ro'} is not writable)" in err, err
+    assert not list((tmp_path / "ro").iterdir())
+
+
+def test_a_second_tensorboard_export_into_the_same_run_is_refused_or_replaces_the_first(run, tmp_path, capsys):
+    """Exporting again into the same run (after training more, another grid) added a second event file beside the
+    first: TensorBoard showed both exports' tags mixed. Now refused before the work, saying what to do; --replace
+    replaces this command's own export, and never a training run's events."""
+    base = ["tensorboard", run.log, "-c", run.config, "-m", "tracin", "--logdir", str(tmp_path), "-q", "--no-embedding"]
+    assert main(base) == 0
+    first = sorted((tmp_path / "tracin").glob("events.out.tfevents.*"))
+    assert len(first) == 1
+    capsys.readouterr()
+    assert main([*base, "--grid", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "already holds TensorBoard events (an earlier export)" in err and "--replace" in err
+    assert sorted((tmp_path / "tracin").glob("events.out.tfevents.*")) == first
+    assert main([*base, "--grid", "2", "--replace"]) == 0
+    again = sorted((tmp_path / "tracin").glob("events.out.tfevents.*"))
+    assert len(again) == 1 and again != first
+    training = tmp_path / "lightning_logs"  # a training run's events: never replaced
+    training.mkdir()
+    (training / "events.out.tfevents.1.vm.1.0").write_bytes(b"")
+    for extra, needle in (([], "(not written by this command)"), (["--replace"], "this command did not write")):
+        assert main([*base, "--run", "lightning_logs", *extra]) == 2
+        assert needle in capsys.readouterr().err
+    assert (training / "events.out.tfevents.1.vm.1.0").exists()

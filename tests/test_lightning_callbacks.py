@@ -23,7 +23,7 @@ from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
 from lightning_influence.log.format import read_meta
 from lightning_influence.replay import replay
 from lightning_influence.step.optimizers import UnsupportedOptimizerError
-from conftest import TinyClassifier, make_data
+from conftest import TinyClassifier, fit, loader, make_data, tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -116,3 +116,20 @@ def test_an_accumulation_schedule_replays_exactly(tmp_path):
     log = InfluenceLog(tmp_path / "log")
     assert log.num_steps == 5 + 5 + 3 + 3  # 5 batches an epoch, in pairs from epoch 2 (the odd one alone)
     assert [rs.step for rs in replay(log, Net(), _data(), 0, None, tolerance=0.0)][-1] == log.num_steps
+
+
+def test_a_stop_iteration_inside_the_tracker_fails_the_fit_instead_of_ending_the_epoch(log_dir, monkeypatch):
+    """Lightning ends an epoch silently on a StopIteration raised in a training-loop hook (what its data fetcher
+    raises at the end of the data): one escaping the tracker (found: a dataclass batch's first-step self-check)
+    would drop the rest of the epoch and mix the half-recorded step into the next epoch's first."""
+    real = InfluenceTracker._records_grads
+
+    def broken(self, step):
+        if step == 2:
+            raise StopIteration("from inside the tracker")
+        return real(self, step)
+
+    monkeypatch.setattr(InfluenceTracker, "_records_grads", broken)
+    with pytest.raises(RuntimeError, match=r"on_train_batch_start: a StopIteration was raised inside it .* Lightning "
+                                           r"would have ended the epoch silently"):
+        fit(tiny(), loader(make_data()), InfluenceTracker(log_dir, record_gradients=True), epochs=1)

@@ -166,6 +166,45 @@ def test_a_resume_refused_at_its_first_step_leaves_the_log_as_it_was(tmp_path, r
     assert file_bytes(log) == files
 
 
+def test_a_resume_past_a_lost_segment_is_refused_and_loses_nothing(tmp_path, resumable):
+    """A segment lost in the middle of the log (deleted by hand, a bad disk): the resume used to check only the log's
+    last step, so it trained on and wrote after the gap, into a log no reader opens. Now refused before anything is
+    touched, naming the missing steps; overwrite=True starts a new log instead."""
+    root, before = resumable
+    log = tmp_path / "log"
+    shutil.copytree(root / "log", log)
+    (log / "rank-0" / "seg-00000001.h5").unlink()  # steps 2..3
+    files = file_bytes(log)
+    with pytest.raises(RuntimeError, match=r"cannot continue the log of rank 0 in .* at step 8, it is damaged: .*"
+                                           r"seg-00000002.h5: starts at step 4 but seg-00000000.h5 ends at step 1: the "
+                                           r"segment\(s\) holding steps 2..3 are missing.*Nothing was changed in the log"):
+        epoch_fit(log, None, epochs=3, ckpt_path=str(root / "ckpt" / "epoch=1-step=8.ckpt"), **BASE)
+    assert file_bytes(log) == files
+    epoch_fit(log, None, epochs=3, ckpt_path=str(root / "ckpt" / "epoch=1-step=8.ckpt"), overwrite=True, **BASE)
+    fresh = InfluenceLog(log)
+    assert fresh.finished and fresh.steps.tolist() == list(range(8, 12))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_fit_called_again_to_train_longer_is_refused_and_keeps_the_first_fits_log(tmp_path, overwrite):
+    """``trainer.fit_loop.max_epochs = 2; trainer.fit(model)`` after a first fit (a notebook's "train more"): Lightning
+    starts a new optimizer, which the log cannot express. It was refused as "a checkpoint that holds no tracker state"
+    and, with overwrite=True (the README's script), the first fit's log was deleted for one of the later steps only."""
+    import lightning.pytorch as pl
+
+    log = tmp_path / "log"
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, callbacks=[InfluenceTracker(str(log), overwrite=overwrite)])
+    module, loader = tiny(momentum=0.9), DataLoader(WithIds(make_data(24)), batch_size=6)
+    trainer.fit(module, loader)
+    files = file_bytes(log)
+    trainer.fit_loop.max_epochs = 2
+    with pytest.raises(RuntimeError, match=r"Trainer.fit was called again to continue at step 4, .* new optimizer .*"
+                                           r"earlier fit's log is kept as it is"):
+        trainer.fit(module, loader)
+    assert file_bytes(log) == files and InfluenceLog(log).steps.tolist() == [0, 1, 2, 3]
+
+
 def test_a_resume_with_harmless_changes_continues_and_records_them(tmp_path, resumable):
     root, before = resumable
     log = tmp_path / "log"
@@ -465,12 +504,13 @@ def test_overwrite_removes_only_the_logs_own_files(tmp_path):
 
 
 # -------------------------------------------------------------------------------- 8. messages
-@pytest.mark.parametrize("where", ["writer.lock", "meta.h5.tmp"])
+@pytest.mark.parametrize("where", ["writer.lock", "meta.h5.tmp", "data.pt.tmp"])
 def test_disk_full_or_read_only_when_the_fit_starts_names_the_path_and_what_to_do(tmp_path, monkeypatch, where):
     import errno
     import traceback
 
-    for code, advice in ((errno.ENOSPC, "The disk is full: free space"), (errno.EROFS, "log_dir is not writable")):
+    for code, advice in ((errno.ENOSPC, "The disk is full: free space"), (errno.EROFS, "log_dir is not writable"),
+                         (errno.EFBIG, "A file may not be that large there")):
         log_dir = tmp_path / str(code) / "log"
         real_open = os.open
 

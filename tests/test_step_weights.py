@@ -150,6 +150,20 @@ def test_unmodelled_clipping_override_is_refused_at_the_first_step(tmp_path: Any
     assert InfluenceLog(tmp_path / "log").num_steps == 0
 
 
+def test_clipping_in_the_modules_on_before_optimizer_step_is_refused_naming_it(tmp_path: Any) -> None:
+    """A clip_grad_norm_ in the LightningModule's on_before_optimizer_step (no configure_gradient_clipping override):
+    refused at step 0, the message naming where the clipping happened (it named configure_gradient_clipping)."""
+
+    class HookClipping(TinyClassifier):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 0.01)
+
+    with pytest.raises(ClippingError, match="at step 0 the LightningModule's on_before_optimizer_step") as err:
+        tracked_run(tmp_path, module=HookClipping(lr=0.5, momentum=0.9))
+    assert "configure_gradient_clipping" not in str(err.value) and "gradient_clip_val" in str(err.value)
+    assert InfluenceLog(tmp_path / "log").num_steps == 0
+
+
 def test_faithful_clipping_override_is_accepted(tmp_path: Any) -> None:
     m = LoggingClipping(lr=0.5, momentum=0.9)
     log, ds, m = tracked_run(tmp_path, module=m, gradient_clip_val=0.05)
@@ -225,3 +239,20 @@ def test_micro_batch_losses_add_up_to_the_weighted_step_loss(sizes: list[int], a
     for mult in (None, ones):
         got = sum(float(sw.micro_loss(losses[r], r, None if mult is None else mult[r])) for r in sw.micro_slices())
         assert got == pytest.approx(want, rel=1e-14)
+
+
+def test_a_tensor_learning_rate_replays_bit_exactly(tmp_path: Any) -> None:
+    """``Adam(lr=torch.tensor(...))`` under a per-step schedule (which fills the tensor): replayed with a tensor lr, as
+    trained, bit for bit (a float lr takes other kernels: drift 1.8e-7 on the digits MLP, and ``meta.h5`` had no lr)."""
+
+    class TensorLr(TinyClassifier):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.Adam(self.parameters(), lr=torch.tensor(0.05), weight_decay=0.01)
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    log, ds, _ = tracked_run(tmp_path, module=TensorLr())
+    group = log.meta["optimizer"]["param_groups"][0]
+    assert group["tensor_lr"] is True and group["lr"] == pytest.approx(0.05)
+    assert len(set(log.lrs[:, 0].tolist())) == log.num_steps  # the schedule moved it every step
+    assert replay_exactly(log, ds, TensorLr()) == log.num_steps + 1

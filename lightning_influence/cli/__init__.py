@@ -44,7 +44,8 @@ import traceback
 from typing import Sequence
 
 from lightning_influence.cli import evaluate, info, query, tensorboard, timeline
-from lightning_influence.cli.common import PROG, Parser, UserError, drift_tolerance, first_process, join_negative_windows
+from lightning_influence.cli.common import (PROG, Parser, UserError, check_writable, drift_tolerance, first_process,
+                                         join_negative_windows)
 from lightning_influence.cli.methods import METHODS, methods_epilog
 from lightning_influence.cli.queries import parse_query
 from lightning_influence.replay_drift import ReplayMismatchError
@@ -135,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
     debug = getattr(args, "debug", False)
     try:
+        check_writable(getattr(args, "out", None), "--out")  # before any work: the answer must not be lost at the end
+        check_writable(getattr(args, "logdir", None), "--logdir", directory=True)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)

@@ -237,6 +237,27 @@ def _is_number(c: Any) -> bool:
     return isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, bool)
 
 
+def check_writable(path: str | None, flag: str, directory: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written (a file where a folder is wanted or the
+    reverse, a file on the way, no write permission, a read-only disk): the answer, which may take hours, was lost at
+    the very end."""
+    if not path:
+        return
+    target = Path(path)
+    if target.exists():
+        if target.is_dir() != directory:
+            raise UserError(f"{flag} {path}: is {'a file' if directory else 'a directory'}; give {flag} "
+                            f"{'a directory' if directory else 'a file name'}")
+        where, ok = target, os.access(target, os.W_OK | (os.X_OK if directory else 0))
+    else:
+        where = next(p for p in target.absolute().parents if p.exists())
+        if not where.is_dir():
+            raise UserError(f"{flag} {path}: {where} is a file, not a directory; choose another path")
+        ok = os.access(where, os.W_OK | os.X_OK)
+    if not ok:
+        raise UserError(f"{flag} {path}: cannot write there ({where} is not writable); choose another path")
+
+
 def emit(args: argparse.Namespace, text: str) -> None:
     if getattr(args, "out", None):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -197,6 +197,12 @@ def load_context(args: argparse.Namespace, log: Any) -> RunContext:
         raise UserError(str(err)) from err
     _check_shapes(ctx, log)
     _to_log_dtype(args, ctx, log)
+    from lightning_influence.step.frozen import restore_frozen
+
+    try:  # the frozen parameters the run used, which the checkpoints lack (a rebuilt module's are fresh)
+        restore_frozen(log, ctx.module)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(f"the model from {ctx.origin}: {err}") from err
     ctx.replay_tolerance = getattr(args, "replay_tolerance", None)  # estimators' ``tolerance`` (replay_drift.py)
     ctx.loss_fn = _loss_fn(args, ctx, log)
     return ctx
@@ -419,6 +425,8 @@ def prepare(args: argparse.Namespace) -> tuple[Any, RunContext | None]:
     log = open_log(args.log)
     if log.num_steps == 0:
         raise UserError(f"{args.log}: the log holds no completed step yet: {log.end_note}")
+    if not log.finished:  # a crashed, killed or running fit: the answers cover its complete steps only
+        status(args, f"note: {log.end_note}; the answers cover these steps only")
     args.method = args.method or default_method()
     check_records(args.method, log)
     for spec in windows_of(args):  # a bad window fails before the model and the data are loaded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +11,20 @@ import numpy as np
 
 from lightning_influence.cli.common import UserError, emit, row_count
 from lightning_influence.cli.context import load_function
+from lightning_influence.cli.methods import default_method
 from lightning_influence.cli.timeline import add_grid_parser, patterns_of, timeline_data
 from lightning_influence.distributed import global_rank
 
 SUMMARY = "export a query's results to TensorBoard"
+EXPORT_MARK = ".lightning-influence-export"  # marks a run folder this command wrote (what --replace may replace)
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = add_grid_parser(sub, parents, "tensorboard", SUMMARY, cmd_tensorboard)
     p.add_argument("--logdir", required=True, help="TensorBoard log directory to write into")
     p.add_argument("--run", help="run name (sub-directory of --logdir; default: the method)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace an earlier export in the same run (otherwise refused: TensorBoard would mix the two)")
     p.add_argument("--top", "-k", type=row_count, default=10, help="rows of the top-k tables (default 10)")
     p.add_argument("--no-embedding", dest="embedding", action="store_false", help="skip the projector view")
     p.add_argument("--decoder", metavar="MODULE:FUNCTION",
@@ -30,10 +35,15 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     from lightning_influence.tensorboard import ExportData, export
 
+    run_dir = Path(args.logdir) / (args.run or args.method or default_method())
+    earlier = _earlier_export(run_dir, args.replace)  # refused before the work, replaced after it
     log, ctx, columns, windows, labels, scores, method_name, info = timeline_data(args)
     if global_rank() != 0:
         return 0  # rank 0 writes the event files
-    run_dir = Path(args.logdir) / (args.run or args.method)
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / EXPORT_MARK).write_text("written by lightning-influence tensorboard; --replace replaces this run\n")
     n = scores.shape[0]
     embedding, note = None, ""
     if args.embedding and log.recorded.get("gradients"):
@@ -62,6 +72,26 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     lines.append(f"view: tensorboard --logdir {args.logdir}")
     emit(args, "\n".join(lines))
     return 0
+
+
+def _earlier_export(run_dir: Path, replace: bool) -> list[Path]:
+    """The files of an earlier export in ``run_dir`` to replace (``--replace``); refuses to add a second export beside
+    one (TensorBoard reads every event file of a run: both would show, mixed, the same tags twice) and to replace
+    event files this command did not write (a training run's)."""
+    events = sorted(run_dir.glob("events.out.tfevents.*")) if run_dir.is_dir() else []
+    if not events:
+        return []
+    ours = (run_dir / EXPORT_MARK).exists()
+    if not replace:
+        todo = "pass --replace to replace it, or " if ours else ""
+        raise UserError(f"--logdir: the run {run_dir} already holds TensorBoard events "
+                        f"({'an earlier export' if ours else 'not written by this command'}); a second export there "
+                        f"would show mixed with them: {todo}give --run NAME (a new run) or another --logdir")
+    if not ours:
+        raise UserError(f"--replace: {run_dir} holds TensorBoard events this command did not write (no {EXPORT_MARK}); "
+                        "they are left alone: give --run NAME (a new run) or another --logdir")
+    steps = [p for p in run_dir.iterdir() if p.is_dir() and p.name.isdigit()]  # the projector's tensors, by step
+    return events + steps + [p for p in (run_dir / "projector_config.pbtxt",) if p.exists()]
 
 
 def _item_getter(ctx: Any) -> Any:

@@ -56,6 +56,7 @@ SEGMENT_RE = re.compile(r"^seg-(\d{8})\.h5$")
 RANK_RE = re.compile(r"^rank-(\d+)$")
 TMP_SUFFIX = ".tmp"
 DATA_FILE = "data.pt"  # the stored training/validation sets (written by ``recipe.py``): removed with the log
+FROZEN_FILE = "frozen.pt"  # the module's frozen parameters (``step/frozen.py``): removed with the log
 LOCK_FILE = "writer.lock"  # in each rank folder: the exclusive writer lock (``log/lock.py``), not part of the data
 CHECKPOINT_GROUP = "step_{step:08d}"
 LIBVER = ("v110", "v110")  # HDF5 >= 1.10 structures: checksummed superblock, object headers, chunk indexes

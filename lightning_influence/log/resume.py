@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping
 
-from lightning_influence.log.format import META_FILE, LogFormatError, list_segments, read_meta
+import h5py
+
+from lightning_influence.log.format import META_FILE, LogFormatError, check_header, list_segments, read_meta, reading
+from lightning_influence.log.integrity import check_rank
 from lightning_influence.log.writer import rank_end, remove_log
 
 # Meta keys that never differ meaningfully between a log and its own resumed fit (identity, time).
@@ -232,11 +236,61 @@ def continue_log(log_dir: str, rank: int, world_size: int, is_zero: bool, start:
             f"InfluenceTracker: training resumes at step {start} but the log of rank {rank} in {log_dir} holds "
             f"{held}, so it cannot continue without a gap (was the checkpoint saved without this callback, or were "
             f"segment files lost?). Resume from a checkpoint at a step in {first}..{have + 1}, {hint}")
+    try:
+        check_kept_steps(log_dir, rank, first, start)
+    except LogFormatError as err:
+        if overwrite:
+            return False, None, None
+        raise RuntimeError(f"InfluenceTracker: cannot continue the log of rank {rank} in {log_dir} at step {start}, "
+                           f"it is damaged: {str(err).rstrip('.')}. Nothing was changed in the log. Resume from a Lightning checkpoint at "
+                           f"a step before the damage (the log is cut there), {hint}") from None
     check_resume(log_dir, meta, fit_meta, start)  # a refusal loses nothing
     # steps >= start are recorded again: dropped by the writer before its first write, with the resume recorded in
     # meta.h5 just before, so a fit refused at its first step (ids, losses) leaves the log as it was
     resume_meta = with_resume_record(meta, fit_meta, start) if is_zero else None
     return True, (start if end is None else None), resume_meta  # θ_start if the log holds no step yet
+
+
+def check_not_refit(log_dir: str, run_id: str | None, resume_state: Mapping[str, Any], start: int) -> None:
+    """Refuse ``Trainer.fit`` called again (to train longer) on a trainer whose earlier fit this tracker recorded:
+    Lightning builds a new optimizer for every fit (its state reset), which no log of one run can express, and
+    ``overwrite=True`` would delete the earlier fit's steps in favour of the later ones.
+
+    ``run_id``: the run this tracker recorded in this process (``None`` if none); ``resume_state``: the tracker state
+    of the checkpoint this fit resumes from (empty without one)."""
+    if run_id is None or resume_state or start == 0:
+        return
+    raise RuntimeError(
+        f"InfluenceTracker: Trainer.fit was called again to continue at step {start}, but this tracker recorded the "
+        f"earlier fit into {log_dir} (run {run_id}). A new fit starts a new optimizer (Lightning calls "
+        "configure_optimizers again, resetting its state), which a log of one run cannot express, so the earlier "
+        "fit's log is kept as it is and nothing was recorded (overwrite=True does not replace it here). To train "
+        "longer, set max_epochs/max_steps before the first fit, or resume from a Lightning checkpoint with "
+        "Trainer.fit(ckpt_path=...) (the optimizer state is restored and the log continues); or give this fit a "
+        f"new InfluenceTracker with another log_dir (a new log starting at step {start})")
+
+
+def check_kept_steps(log_dir: str, rank: int, first: int, start: int) -> None:
+    """The steps a resume at ``start`` keeps (``first .. start - 1``) must be whole in ``rank``'s segments, as the
+    reader checks them (:func:`~lightning_influence.log.integrity.check_rank`, from the segment headers): a resume
+    past a lost or foreign segment would write on after a gap, into a log no reader opens.
+
+    Raises:
+        LogFormatError: naming the damaged or missing segment.
+    """
+    spans = []
+    for path in list_segments(log_dir).get(rank, []):
+        with reading(path, "the segment header"), h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+        check_header(path, attrs)
+        span = SimpleNamespace(path=path, first=int(attrs["first_step"]), last=int(attrs["last_step"]),
+                               table={"step": range(int(attrs["n_steps"]))})
+        if span.table["step"] and span.first < start:  # later steps are dropped by the resume
+            spans.append(span)
+    check_rank(spans, first)
+    if spans and spans[-1].last < start - 1:
+        raise LogFormatError(spans[-1].path, f"ends at step {spans[-1].last}, and no segment holds steps "
+                                             f"{spans[-1].last + 1}..{start - 1} (deleted?); restore them from a backup")
 
 
 def start_new_log(log_dir: str, overwrite: bool, is_zero: bool) -> None:

@@ -78,25 +78,43 @@ def write_file(path: Path, fill: Callable[[h5py.File], None], source: Path | Non
     memory. ``path.tmp`` is fsynced and renamed over ``path``; the folder is fsynced. On failure
     nothing is left behind.
     """
+    if not through or source is not None:
+        image = _image(path.with_name(path.name + TMP_SUFFIX), fill, source)
+        return write_bytes(path, image)
+
+    def write(fd: int) -> None:
+        target = _WriteThrough(fd)
+        f = h5py.File(target, "w", libver=LIBVER)
+        try:
+            fill(f)
+        finally:
+            f.close()
+            if target.error is not None:  # the cause of whatever HDF5 made of the missing bytes
+                raise target.error
+
+    return _put(path, write)
+
+
+def write_bytes(path: Path, data: bytes | memoryview) -> int:
+    """Put ``data`` at ``path`` atomically, as :func:`write_file` does (a disk error is an ``OSError`` and leaves
+    nothing behind); returns its size."""
+    return _put(path, lambda fd: _write_all(fd, data))
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _put(path: Path, write: Callable[[int], None]) -> int:
+    """``write(fd)`` into ``path.tmp``, fsync it, rename it over ``path``, fsync the folder; on failure remove it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        image = None if through and source is None else _image(tmp, fill, source)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            if image is None:
-                target = _WriteThrough(fd)
-                f = h5py.File(target, "w", libver=LIBVER)
-                try:
-                    fill(f)
-                finally:
-                    f.close()
-                    if target.error is not None:  # the cause of whatever HDF5 made of the missing bytes
-                        raise target.error
-            else:
-                view = memoryview(image)
-                while view:
-                    view = view[os.write(fd, view):]
+            write(fd)
             os.fsync(fd)
             size = os.fstat(fd).st_size
         finally:

@@ -29,6 +29,7 @@ import numpy as np
 
 from lightning_influence.log.format import (
     DATA_FILE,
+    FROZEN_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
     META_FILE,
@@ -81,6 +82,10 @@ def storage_error(log_dir: str | os.PathLike, where: str, err: BaseException, st
     if code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower():
         todo = (f"The disk is full: free space or move log_dir to a larger disk, or make the log smaller (projection_dim, "
                 f"every_n_steps, storage_dtype='float16', compression='gzip'), then {again}.")
+    elif code == errno.EFBIG:
+        todo = (f"A file may not be that large there (the file system's limit, or `ulimit -f`): make segments smaller "
+                f"(flush_every_n_steps, flush_every_n_seconds; one step's rows: projection_dim, storage_dtype='float16'), "
+                f"or move log_dir to another disk, then {again}.")
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
         todo = f"log_dir is not writable (read-only disk or missing permission): choose a writable log_dir, then {again}."
     else:
@@ -118,7 +123,7 @@ def _write_meta_file(log_dir: str | os.PathLike, meta: Mapping[str, Any]) -> Non
 
 
 def remove_log(log_dir: str | os.PathLike) -> None:
-    """Delete a log's own files (``meta.h5``, ``data.pt``, segments, unfinished ones), never anything else in ``log_dir``.
+    """Delete a log's own files (``meta.h5``, ``data.pt``, ``frozen.pt``, segments, unfinished ones), never anything else in ``log_dir``.
 
     Segments go first, newest first, and ``meta.h5`` last, so an interrupted removal leaves
     a log without gaps. A rank folder left empty is removed (one holding a writer lock stays).
@@ -129,7 +134,7 @@ def remove_log(log_dir: str | os.PathLike) -> None:
     for segs in list_segments(root).values():
         for path in reversed(segs):
             path.unlink(missing_ok=True)
-    for name in (DATA_FILE, DATA_FILE + TMP_SUFFIX, META_FILE + TMP_SUFFIX, META_FILE):
+    for name in (DATA_FILE, DATA_FILE + TMP_SUFFIX, FROZEN_FILE, FROZEN_FILE + TMP_SUFFIX, META_FILE + TMP_SUFFIX, META_FILE):
         (root / name).unlink(missing_ok=True)
     for rank_dir in root.glob("rank-*"):
         if RANK_RE.match(rank_dir.name) and rank_dir.is_dir():

@@ -168,11 +168,15 @@ class StepRecorder:
         if worst > 1e-5:
             what = (f"Trainer(gradient_clip_val={self.spec.value}, gradient_clip_algorithm={self.spec.algorithm!r})"
                     if self.spec else "no clipping (Trainer(gradient_clip_val=None))")
+            who = ("configure_gradient_clipping (or the LightningModule's on_before_optimizer_step, or a callback listed "
+                   "after the tracker)") if self._override else (
+                "the LightningModule's on_before_optimizer_step (or a callback listed after the tracker: both run after "
+                "the tracker's on_before_optimizer_step; a clip_grad_norm_ there, say)")
             raise ClippingError(
-                f"InfluenceTracker: at step {step} configure_gradient_clipping changed the gradients otherwise than "
-                f"{what} does (relative difference {worst:.2e}); replay and the estimators could not reproduce the "
-                "step. Clip through the Trainer's gradient_clip_val/gradient_clip_algorithm (norm or value clipping "
-                "of all parameters at a fixed threshold) and remove the override. Nothing of this step was stored.")
+                f"InfluenceTracker: at step {step} {who} changed the gradients otherwise than {what} does (relative "
+                f"difference {worst:.2e}); replay and the estimators could not reproduce the step. Clip through the "
+                "Trainer's gradient_clip_val/gradient_clip_algorithm (norm or value clipping of all parameters at a "
+                "fixed threshold) and remove the hand-written clipping. Nothing of this step was stored.")
         if not self._override:  # Lightning's own clipping, checked once: the wrapper has nothing more to do
             self._uninstall()
         self.commit()
