@@ -21,7 +21,6 @@ the refusals :mod:`lightning_influence.tracker_checks`, ``meta.h5`` :mod:`lightn
 from __future__ import annotations
 
 import functools
-import io
 import json
 import time
 import warnings
@@ -30,7 +29,6 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -40,6 +38,7 @@ from lightning_influence.capture.layers import foldable_biases
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
+from lightning_influence.log.inputs import encode_batch
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.resume import (check_not_refit, continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
@@ -406,7 +405,7 @@ class InfluenceTracker(Callback):
         if self._forward_buffers is not False:
             before = self._pending.buffers if checkpoint else cloned(persistent_buffers(pl_module))
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
-                                                     inputs=_serialise(batch) if self.store_inputs else None,
+                                                     inputs=encode_batch(batch) if self.store_inputs else None,
                                                      accumulate=accumulate, buffers=before))
         self._pending.batch_idx = batch_idx
         if self._observer is not None:
@@ -624,11 +623,3 @@ class InfluenceTracker(Callback):
             self._observer.remove()
             self._observer = None
         self._passes = None
-
-
-def _serialise(batch: Any) -> bytes:
-    """The batch as ``torch.save`` bytes (tensors on the CPU), for ``store_inputs``."""
-    buffer = io.BytesIO()
-    torch.save(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().cpu()), buffer)
-    return buffer.getvalue()
-
