@@ -48,7 +48,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     t.add_argument("--pairs", type=int, default=100, help="correlated subset pairs per ρ (default 100)")
     t.add_argument("--workers", type=int, default=1, help="processes for the retraining runs (default 1)")
     t.add_argument("--groups", action="store_true", help="sum of single scores vs replayed group removal")
-    t.add_argument("--group-sizes", type=_floats, default=[0.01, 0.05, 0.1, 0.2],
+    t.add_argument("--group-sizes", type=_fractions, default=[0.01, 0.05, 0.1, 0.2],
                    help="group sizes as fractions of N (default 0.01,0.05,0.1,0.2)")
     t.add_argument("--group-kinds", type=lambda x: x.split(","), default=["random", "same_class", "top"],
                    help="random,same_class,top,bottom (default random,same_class,top)")
@@ -249,5 +249,15 @@ def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, que
 
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _fractions(text: str) -> list[float]:
+    """Comma-separated fractions of the training set, each in (0, 1]."""
+    values = _floats(text)
+    bad = [v for v in values if not 0 < v <= 1]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: group sizes are fractions of the training set, each in (0, 1] "
+                                         "(0.05: 5% of the samples)")
+    return values
 
 
