@@ -421,8 +421,8 @@ class InfluenceTracker(Callback):
 
     def _check_batchnorm(self, pl_module: pl.LightningModule) -> list[str]:
         """The BatchNorm layers in train mode, refused unless allowed (``tracker_checks.check_batchnorm``)."""
-        return check_batchnorm(pl_module, self.allow_train_batchnorm,
-                               self._engine in ("vmap", "mixed") and self.record_gradients, self._needs_loss)
+        return check_batchnorm(pl_module, self.allow_train_batchnorm, self._vmap_names if self.record_gradients else [],
+                               self._needs_loss)
 
     @no_stop_iteration
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:

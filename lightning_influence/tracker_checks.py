@@ -225,10 +225,10 @@ def check_training_set(loader: Any, has_ids_fn: bool) -> tuple[bool, int | None]
     return with_ids, size
 
 
-def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: bool, refuse: bool = True) -> list[str]:
+def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: Sequence[str], refuse: bool = True) -> list[str]:
     """The BatchNorm layers in train mode; unless ``allow_train`` (or ``refuse`` is off: nothing per-sample is
-    recorded), refused (its output mixes the samples of a batch); with it, the vmap engine (``vmap_gradients``) still
-    cannot evaluate it one sample at a time."""
+    recorded), refused (its output mixes the samples of a batch); with it, the vmap engine still cannot evaluate it one
+    sample at a time for the tracked parameters no hook covers (``vmap_gradients``, by name)."""
     names = []
     for name, mod in module.named_modules():
         if not (isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training):
@@ -239,7 +239,9 @@ def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: bool, 
         if allow_train and vmap_gradients:
             raise RuntimeError(
                 f"BatchNorm layer '{name}' is in train mode, which the vmap gradient engine cannot evaluate one "
-                "sample at a time; track only Linear/Conv2d parameters (params=[...]) so the hooks engine is used")
+                f"sample at a time, and no hook covers the tracked parameters {list(vmap_gradients)[:5]}: leave them "
+                "out (exclude_params=[...] or params=[...]; hooks cover Linear, Conv, Embedding, the norm layers, "
+                "BatchNorm and MultiheadAttention parameters)")
         if not allow_train:
             raise RuntimeError(
                 f"BatchNorm layer '{name}' is in train mode: its output mixes the samples of a batch, so per-sample "
