@@ -21,7 +21,6 @@ the refusals :mod:`lightning_influence.tracker_checks`, ``meta.h5`` :mod:`lightn
 from __future__ import annotations
 
 import functools
-import io
 import json
 import time
 import warnings
@@ -30,7 +29,6 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -40,6 +38,7 @@ from lightning_influence.capture.layers import foldable_biases
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
+from lightning_influence.log.inputs import encode_batch
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.resume import (check_not_refit, continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
@@ -54,9 +53,10 @@ from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, as
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
-from lightning_influence.tracker_checks import (UpdateWatch, check_arguments, check_batchnorm, check_distinct_ids, check_fit,
-                                                check_first_batch, check_losses, check_optimizers, check_training_set,
-                                                generators_kept, no_stop_iteration, trainer_precision)
+from lightning_influence.tracker_checks import (UpdateWatch, check_applied_gradient, check_arguments, check_batchnorm,
+                                                check_distinct_ids, check_fit, check_first_batch, check_losses,
+                                                check_optimizers, check_training_set, generators_kept, no_stop_iteration,
+                                                trainer_precision)
 from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
@@ -204,6 +204,7 @@ class InfluenceTracker(Callback):
         self._continued = False  # this fit continues a log (a resume)
         self._vmap_names: list[str] = []  # tracked parameters no hook covers
         self._verified = False  # the hook engine was checked against autograd at this fit's first recorded step
+        self._applied_checked = False  # the applied gradient was checked against the rows (check_applied_gradient)
         self._agreed = False  # the processes took the union of their demotions (tracker_ranks), once per fit
         self._pending = PendingStep()
         self._observer: LossObserver | None = None  # per_sample_loss as training_step calls it (no loss_fn)
@@ -299,7 +300,7 @@ class InfluenceTracker(Callback):
         self._next_step = self._fit_start = start
         self._pending = PendingStep()
         self._in_flight.clear()
-        self._verified = self._agreed = False
+        self._verified = self._agreed = self._applied_checked = False
         self._checked_batchnorm = False
         self._forward_buffers = None
         self._checked_dataset = False
@@ -350,8 +351,6 @@ class InfluenceTracker(Callback):
             self._final.note(self._settle)
             changed = changed_frozen(self.log_dir, pl_module)  # step/frozen.py: stored once, as at the log's start
             if changed:
-                warnings.warn(f"InfluenceTracker: the fit changed frozen (requires_grad=False) parameters {changed[:5]}, "
-                              "which the log stores once: the estimators will refuse this log")
                 self._writer.amend_meta(functools.partial(mark_changed, names=changed))
         self._teardown(pl_module)
 
@@ -406,7 +405,7 @@ class InfluenceTracker(Callback):
         if self._forward_buffers is not False:
             before = self._pending.buffers if checkpoint else cloned(persistent_buffers(pl_module))
         self._pending.micro.append(TrackedMicroBatch(ids=ids, batch=batch, random=rng.started(),
-                                                     inputs=_serialise(batch) if self.store_inputs else None,
+                                                     inputs=encode_batch(batch) if self.store_inputs else None,
                                                      accumulate=accumulate, buffers=before))
         self._pending.batch_idx = batch_idx
         if self._observer is not None:
@@ -422,8 +421,8 @@ class InfluenceTracker(Callback):
 
     def _check_batchnorm(self, pl_module: pl.LightningModule) -> list[str]:
         """The BatchNorm layers in train mode, refused unless allowed (``tracker_checks.check_batchnorm``)."""
-        return check_batchnorm(pl_module, self.allow_train_batchnorm,
-                               self._engine in ("vmap", "mixed") and self.record_gradients, self._needs_loss)
+        return check_batchnorm(pl_module, self.allow_train_batchnorm, self._vmap_names if self.record_gradients else [],
+                               self._needs_loss)
 
     @no_stop_iteration
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -492,6 +491,9 @@ class InfluenceTracker(Callback):
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
             rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
+            if not self._applied_checked:  # once per fit
+                self._applied_checked = check_applied_gradient(step, rows["grads"], record.weights, self._projector.project,
+                                                               pl_module, self._names, self._world_size, self._precision)
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],
                                                                            rows["grads"], grad_dir, grad_norms)
@@ -624,11 +626,3 @@ class InfluenceTracker(Callback):
             self._observer.remove()
             self._observer = None
         self._passes = None
-
-
-def _serialise(batch: Any) -> bytes:
-    """The batch as ``torch.save`` bytes (tensors on the CPU), for ``store_inputs``."""
-    buffer = io.BytesIO()
-    torch.save(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().cpu()), buffer)
-    return buffer.getvalue()
-

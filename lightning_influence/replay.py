@@ -18,7 +18,6 @@ Shared by DIT, Diff-In and the ground truth. Pure torch: no Lightning imports.
 from __future__ import annotations
 
 import inspect
-import io
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from lightning_influence.capture import call_with_params
 from lightning_influence.data import WithCollate, as_pytree, collate_of
+from lightning_influence.log.inputs import decode_batch
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.progress import Progress, resolve_progress  # noqa: F401 (re-exported)
 from lightning_influence.queries import LossFn, default_loss_fn
@@ -379,7 +379,7 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
         if part is not None and not len(ids):
             continue
         if m.inputs is not None:
-            batch = torch.load(io.BytesIO(m.inputs), weights_only=True)
+            batch = as_pytree(decode_batch(m.inputs))
             batch = batch if part is None else take_rows(batch, part, len(m.ids))
         elif train_data is None:
             raise ValueError(f"step {t}: the log holds no inputs (InfluenceTracker(store_inputs=True)), so replaying it "

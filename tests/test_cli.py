@@ -388,6 +388,9 @@ def test_error_bad_arguments(run, capsys):
     assert_error(cli(capsys, "query", run.log, "--query", "val:loss"), "unknown query 'val:loss'")
     assert_error(cli(capsys, "timeline", run.log, "-c", run.config, "--grid", "x", "-q"), "--grid 'x'")
     assert_error(cli(capsys, "frobnicate"), "invalid choice")
+    # sizes are fractions: 5 was 750 samples of 150, refused after the leave-one-out replays as "group size 750"
+    assert_error(cli(capsys, "evaluate", run.log, "--groups", "--group-sizes", "5,20"),
+                 "group sizes are fractions of the training set, each in (0, 1]")
 
 
 def test_debug_shows_the_traceback(run, capsys):

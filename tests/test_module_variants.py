@@ -3,13 +3,15 @@ rows, DIT and replay against independent references (float64 autograd, finite di
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from conftest import TinyClassifier, fit, loader, make_data
+from conftest import TinyClassifier, fit, loader, make_data, tiny
 from lightning_influence import InfluenceLog, InfluenceTracker, WithIds, dit
 from lightning_influence.capture.hvp import exact_hvp
 from lightning_influence.evaluation.ground_truth import replay_loo
@@ -65,7 +67,10 @@ def test_dit_on_a_weight_normed_model_is_the_derivative_of_replay(tmp_path):
     fit(module, loader(data), tracker, epochs=2)
     log = InfluenceLog(tmp_path / "log")
     query, ids, eps = mean_loss(tuple(val.tensors)), [0, 3, 7, 11], 1e-6
-    scores = dit(log, query, module=WeightNormed().double(), train_data=WithIds(data), removal="linear").column()[ids]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        scores = dit(log, query, module=WeightNormed().double(), train_data=WithIds(data), removal="linear").column()[ids]
+    assert not [w for w in seen if "DIT takes the buffers" in str(w.message)]  # weight norm keeps no state
     truth = replay_loo(log, WeightNormed().double(), WithIds(data), query, sample_ids=ids, removal_weight=1 - eps)
     derivative = truth.values[:, -1, 0] / eps
     np.testing.assert_allclose(scores, derivative, rtol=1e-4, atol=1e-4 * np.abs(derivative).max())
@@ -287,3 +292,44 @@ def test_activation_checkpointing_replays_bit_for_bit(tmp_path, reentrant):
             assert torch.equal(step.params[n], torch.from_numpy(np.asarray(stored))), (step.step, n)
     assert step.step == log.num_steps == 8
     assert_rows_are_autograd(log, lambda: Checkpointed(None).double(), data)  # the same function, not recomputed
+
+
+def _per_row_contributions(module: TinyClassifier, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each row's part of the batch gradient of ``net = Linear, BatchNorm1d (train mode), Tanh, Dropout(0), Linear``:
+    the model run with a copy of every parameter per row (row ``b`` uses copy ``b``), the gradient of the mean loss
+    w.r.t. copy ``b`` times the batch size. The batch statistics couple the rows, so this is not ``∇ℓ_b``; it is what
+    every engine's row is under train-mode BatchNorm, and the rows sum to the batch gradient."""
+    bn, B = module.net[1], len(x)
+    copies = {n: p.detach()[None].repeat(B, *[1] * p.dim()).requires_grad_(True)
+              for n, p in module.named_parameters()}
+    h = torch.einsum("bi,boi->bo", x, copies["net.0.weight"]) + copies["net.0.bias"]
+    var, mean = torch.var_mean(h, 0, correction=0)
+    z = torch.tanh(copies["net.1.weight"] * (h - mean) / torch.sqrt(var + bn.eps) + copies["net.1.bias"])
+    out = torch.einsum("bi,boi->bo", z, copies["net.4.weight"]) + copies["net.4.bias"]
+    loss = nn.functional.cross_entropy(out, y)
+    grads = torch.autograd.grad(loss, list(copies.values()))
+    return {n: g * B for n, g in zip(copies, grads)}
+
+
+def test_train_mode_batchnorm_parameters_are_hooked(tmp_path):
+    """``allow_train_batchnorm=True`` refused every model whose BatchNorm has affine parameters (they went to vmap,
+    which cannot run train-mode BatchNorm a sample at a time), unless the user listed the other parameters. A
+    BatchNorm engine captures them: every row equals its row's part of the batch gradient (a model with a copy of the
+    parameters per row), the decomposition all engines give under train-mode BatchNorm."""
+    data = make_data(24, seed=0)
+    torch.manual_seed(0)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=None,
+                               checkpoint_every_n_steps=1, storage_dtype="float64", allow_train_batchnorm=True)
+    fit(tiny(batchnorm=True), loader(data, batch_size=6), tracker, epochs=1)
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["gradient_engine"] == "hooks" and log.meta["train_batchnorm"] == ["net.1"]
+    reference = tiny(batchnorm=True)
+    for rec in log.iter_steps(fields=("grad",)):
+        reference.load_state_dict({n: torch.from_numpy(np.asarray(v)) for n, v in log.checkpoint(rec.step).items()},
+                                  strict=False)
+        ids = torch.as_tensor(rec.ids)
+        parts = _per_row_contributions(reference, data.tensors[0][ids], data.tensors[1][ids])
+        expected = torch.cat([parts[n].reshape(len(ids), -1) for n in log.param_names], 1)
+        np.testing.assert_allclose(rec.grads, expected.numpy(), rtol=1e-10, atol=1e-12)
+    with pytest.warns(RuntimeWarning, match=r"DIT takes the buffers \['net.1.running_mean'"):  # not differentiated
+        dit(log, mean_loss(tuple(make_data(6, seed=1).tensors)), module=tiny(batchnorm=True), train_data=WithIds(data))

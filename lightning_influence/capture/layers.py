@@ -27,6 +27,8 @@ the gradient hook (:class:`KeptInput`).
   ``sum g * x_hat`` and the bias gradient ``sum g`` over all but the parameter's dims; ``x_hat``
   comes from the mean and rstd the forward saved for autograd (LayerNorm, GroupNorm: a GroupNorm's sums are
   its own fused backward over the batch as one sample of ``B·C`` channels) or is recomputed (RMSNorm).
+- ``nn.BatchNorm1d/2d/3d`` (:mod:`.batchnorm`): ``sum g * x_hat`` and ``sum g`` per channel, ``x_hat`` by the
+  statistics the forward used (the batch's in train mode, the running ones in eval mode).
 - ``nn.MultiheadAttention`` (``in_proj_weight/bias``, ``out_proj.weight/bias``): its forward
   calls ``F.multi_head_attention_forward``, which never runs ``out_proj``'s module hooks. While
   the module runs, ``F.linear`` is routed through a recorder that treats each call whose weight
@@ -517,7 +519,10 @@ class AttentionEngine(LayerEngine):
         return recording_linear
 
 
-_ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngine(), NormEngine(), AttentionEngine())
+from .batchnorm import BatchNormEngine  # noqa: E402 - it builds on LayerEngine above
+
+_ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngine(), NormEngine(), AttentionEngine(),
+                                     BatchNormEngine())
 
 
 def engine_for(mod: nn.Module) -> LayerEngine | None:

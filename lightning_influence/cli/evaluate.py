@@ -48,7 +48,7 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     t.add_argument("--pairs", type=int, default=100, help="correlated subset pairs per ρ (default 100)")
     t.add_argument("--workers", type=int, default=1, help="processes for the retraining runs (default 1)")
     t.add_argument("--groups", action="store_true", help="sum of single scores vs replayed group removal")
-    t.add_argument("--group-sizes", type=_floats, default=[0.01, 0.05, 0.1, 0.2],
+    t.add_argument("--group-sizes", type=_fractions, default=[0.01, 0.05, 0.1, 0.2],
                    help="group sizes as fractions of N (default 0.01,0.05,0.1,0.2)")
     t.add_argument("--group-kinds", type=lambda x: x.split(","), default=["random", "same_class", "top"],
                    help="random,same_class,top,bottom (default random,same_class,top)")
@@ -112,6 +112,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                  "and loss at θ_T", " (return train_data from --builder), or drop "
                                                  "--pbrf/--gap (the ground truth, --groups and --datamodel read the "
                                                  "stored inputs)")))
+    if (args.pbrf or args.gap) and ctx is not None:  # the outputs module(x) it needs, before any replay
+        from lightning_influence.evaluation.pbrf.problem import check_inputs
+
+        check_inputs(train_data_of(ctx, log), log.all_ids()[:1])
     t1, t2 = parse_window(log, args.window)
     specs = args.query or [parse_query("val_loss")]
     query, names = build_query(specs, ctx)
@@ -249,5 +253,15 @@ def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, que
 
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _fractions(text: str) -> list[float]:
+    """Comma-separated fractions of the training set, each in (0, 1]."""
+    values = _floats(text)
+    bad = [v for v in values if not 0 < v <= 1]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: group sizes are fractions of the training set, each in (0, 1] "
+                                         "(0.05: 5% of the samples)")
+    return values
 
 

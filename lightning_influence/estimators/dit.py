@@ -45,6 +45,7 @@ No Lightning imports.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,7 @@ from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
 from lightning_influence.estimators.gauss_newton import dit_gauss_newton  # noqa: F401 - public here too
 from lightning_influence.replay import Progress, TrainData, grid_steps, require_train_data, resolve_progress
+from lightning_influence.step.buffers import run_buffers
 from lightning_influence.step.shard import BatchShard
 
 __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_MODES"]
@@ -70,6 +72,14 @@ def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_f
     if module is None:
         raise ValueError("DIT needs `module` (the architecture; weights come from the log)")
     require_train_data(log, train_data, "DIT", "to replay the run and take gradients")
+    floating = {n for n, b in module.named_buffers() if b.is_floating_point()}  # not counters (num_batches_tracked)
+    moved = [n for n in run_buffers(log, module, statistics=True) if n in floating]
+    if moved:  # the adjoint runs over θ and the optimizer state, not over buffers (docs/replay.md, Buffers)
+        warnings.warn(f"DIT takes the buffers {moved[:3]}{' ...' if len(moved) > 3 else ''}, which this run's forwards "
+                      "changed (BatchNorm running statistics, spectral_norm's power iteration), as they were at each step: "
+                      "it leaves out how removing a sample moves them, which queries in eval mode read (docs/replay.md: "
+                      "0.4 of the score on a short train-mode BatchNorm run). Replay leave-one-out (evaluate) includes "
+                      "it", RuntimeWarning, stacklevel=3)
     return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
 
 

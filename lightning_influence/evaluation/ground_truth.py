@@ -35,7 +35,7 @@ from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_names
 from lightning_influence.replay_drift import DriftReport, check_checkpoint, resolve_tolerance, restore_buffers
-from lightning_influence.step.buffers import buffers_of, changed_buffers, cloned, persistent_buffers
+from lightning_influence.step.buffers import buffers_of, cloned, persistent_buffers, run_buffers
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
 from lightning_influence.step.micro import Step
 from lightning_influence.step.modes import batchnorm_in_train
@@ -259,7 +259,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
     # its running statistics carried (step.buffers; the module's own for a log that stores none)
     # at any step (step.modes: a BatchNorm unfrozen later too); likewise a forward that changes its own buffers
     # (spectral_norm's power iteration: each copy its own, and vmap has no rule for its in-place update)
-    carry = bool(batchnorm_in_train(module, log.meta)) or _forward_changes_buffers(log, module)
+    carry = bool(batchnorm_in_train(module, log.meta)) or bool(run_buffers(log, module))
     start_buffers = buffers_of(start_params)
     if carry and start_buffers is None:
         start_buffers = cloned(persistent_buffers(module))
@@ -340,14 +340,6 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             "replay_drift": drift.summary(), "checkpoints_checked": ckpts if verify else []}
     return LOOResult(unit_ids, values, grid_arr, base, qnames, groups=units if groups is not None else None,
                      removal_window=win if in_window_only else None, info=info)
-
-
-def _forward_changes_buffers(log: InfluenceLog, module: nn.Module) -> bool:
-    """Whether the run's training forwards changed buffers other than BatchNorm's statistics (``spectral_norm``'s
-    ``_u``, ``_v``): the log's first and last checkpoints hold different ones (``step.buffers.changed_buffers``)."""
-    steps = log.checkpoint_steps
-    first, last = (log.checkpoint_buffers(steps[0]), log.checkpoint_buffers(steps[-1])) if len(steps) > 1 else (None, None)
-    return first is not None and last is not None and bool(changed_buffers(module, first, last))
 
 
 def _without(step: Step, unit: np.ndarray, w: Tensor) -> tuple[Step, Tensor]:

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-__all__ = ["ParamsWithBuffers", "buffers_of", "changed_buffers", "cloned", "persistent_buffers", "with_buffers"]
+__all__ = ["ParamsWithBuffers", "buffers_of", "changed_buffers", "cloned", "persistent_buffers", "run_buffers",
+           "with_buffers"]
 
 
 def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
@@ -47,11 +48,20 @@ def with_buffers(params: Mapping[str, Tensor] | None, buffers: Mapping[str, Tens
     return params if buffers is None else ParamsWithBuffers(params or {}, buffers)
 
 
-def changed_buffers(module: nn.Module, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> list[str]:
+def changed_buffers(module: nn.Module, before: Mapping[str, Any], after: Mapping[str, Any],
+                    statistics: bool = False) -> list[str]:
     """The buffers that differ between ``before`` and ``after`` (two snapshots around a training forward, or two
-    checkpoints), BatchNorm's left out: its running statistics change in a train-mode forward without entering it.
-    What is left is state the forward reads and writes itself (``spectral_norm``'s ``_u``, ``_v``)."""
-    norms = {f"{prefix}.{b}" if prefix else b for prefix, m in module.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m._buffers}
+    checkpoints), BatchNorm's left out unless ``statistics``: its running statistics change in a train-mode forward
+    without entering it. What is left is state the forward reads and writes itself (``spectral_norm``'s ``_u``, ``_v``)."""
+    norms = set() if statistics else {f"{prefix}.{b}" if prefix else b for prefix, m in module.named_modules()
+                                      if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m._buffers}
     return [n for n, b in before.items()
             if n not in norms and n in after and not (b.shape == after[n].shape and bool((b == after[n]).all()))]
+
+
+def run_buffers(log: Any, module: nn.Module, statistics: bool = False) -> list[str]:
+    """The buffers a run's forwards changed (:func:`changed_buffers` of the log's first and last checkpoints; none for a
+    log whose checkpoints store no buffers)."""
+    steps = log.checkpoint_steps
+    first, last = (log.checkpoint_buffers(steps[0]), log.checkpoint_buffers(steps[-1])) if len(steps) > 1 else (None, None)
+    return [] if first is None or last is None else changed_buffers(module, first, last, statistics)
