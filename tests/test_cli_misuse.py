@@ -131,3 +131,14 @@ def test_a_second_tensorboard_export_into_the_same_run_is_refused_or_replaces_th
         assert main([*base, "--run", "lightning_logs", *extra]) == 2
         assert needle in capsys.readouterr().err
     assert (training / "events.out.tfevents.1.vm.1.0").exists()
+
+
+def test_cuda_on_one_process_says_that_it_runs_on_the_cpu(run, capsys, monkeypatch):
+    """``--accelerator cuda`` without ``--devices`` computed on the CPU without a word."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["query", run.log, "-m", "tracin", "-c", run.config, "--accelerator", "cuda", "-k", "1"]) == 0
+    assert "note: one process computes on the CPU; --accelerator cuda applies to --devices 2 or more" in \
+        capsys.readouterr().err
