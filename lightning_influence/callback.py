@@ -53,9 +53,10 @@ from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, as
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
-from lightning_influence.tracker_checks import (UpdateWatch, check_arguments, check_batchnorm, check_distinct_ids, check_fit,
-                                                check_first_batch, check_losses, check_optimizers, check_training_set,
-                                                generators_kept, no_stop_iteration, trainer_precision)
+from lightning_influence.tracker_checks import (UpdateWatch, check_applied_gradient, check_arguments, check_batchnorm,
+                                                check_distinct_ids, check_fit, check_first_batch, check_losses,
+                                                check_optimizers, check_training_set, generators_kept, no_stop_iteration,
+                                                trainer_precision)
 from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
@@ -203,6 +204,7 @@ class InfluenceTracker(Callback):
         self._continued = False  # this fit continues a log (a resume)
         self._vmap_names: list[str] = []  # tracked parameters no hook covers
         self._verified = False  # the hook engine was checked against autograd at this fit's first recorded step
+        self._applied_checked = False  # the applied gradient was checked against the rows (check_applied_gradient)
         self._agreed = False  # the processes took the union of their demotions (tracker_ranks), once per fit
         self._pending = PendingStep()
         self._observer: LossObserver | None = None  # per_sample_loss as training_step calls it (no loss_fn)
@@ -299,7 +301,7 @@ class InfluenceTracker(Callback):
         self._next_step = self._fit_start = start
         self._pending = PendingStep()
         self._in_flight.clear()
-        self._verified = self._agreed = False
+        self._verified = self._agreed = self._applied_checked = False
         self._checked_batchnorm = False
         self._forward_buffers = self._forward_params = None
         self._checked_dataset = False
@@ -350,8 +352,6 @@ class InfluenceTracker(Callback):
             self._final.note(self._settle)
             changed = changed_frozen(self.log_dir, pl_module)  # step/frozen.py: stored once, as at the log's start
             if changed:
-                warnings.warn(f"InfluenceTracker: the fit changed frozen (requires_grad=False) parameters {changed[:5]}, "
-                              "which the log stores once: the estimators will refuse this log")
                 self._writer.amend_meta(functools.partial(mark_changed, names=changed))
         self._teardown(pl_module)
 
@@ -501,6 +501,9 @@ class InfluenceTracker(Callback):
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
             rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
+            if not self._applied_checked:  # once per fit
+                self._applied_checked = check_applied_gradient(step, rows["grads"], record.weights, self._projector.project,
+                                                               pl_module, self._names, self._world_size, self._precision)
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],
                                                                            rows["grads"], grad_dir, grad_norms)

@@ -6,7 +6,7 @@ unsupported optimizers (and, at the step it happens, an update whose hyperparame
 or a change of one the update rules take as fixed), a missing ``per_sample_loss``, sampling with replacement, train-mode
 BatchNorm, a dataset whose ``ds[i]`` changes between calls (without ``store_inputs``), a
 sample twice in one step, per-sample losses of the wrong shape, a precision plugin other than
-Lightning's ``MixedPrecision``. Each message says what to do instead.
+Lightning's ``MixedPrecision``, gradients changed before the tracker's ``on_before_optimizer_step``. Each message says what to do instead.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, UpdateRule, check_optimizer
 from lightning_influence.step.precision import Precision
 
-__all__ = ["UpdateWatch", "check_arguments", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses",
+__all__ = ["GradientMismatchError", "UpdateWatch", "check_applied_gradient", "check_arguments", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses",
            "check_optimizers", "check_training_set", "generators_kept", "trainer_precision"]
 
 
@@ -167,6 +167,39 @@ class UpdateWatch:
                 f"{[[g[keys.index(k)] for k in changed] for g in values]} per param group, but "
                 f"{[[g[keys.index(k)] for k in changed] for g in self._values]} were recorded at its "
                 f"on_before_optimizer_step: {_LATE}")
+
+
+class GradientMismatchError(RuntimeError):
+    """The gradient the optimizer receives is not the weighted sum of the recorded per-sample gradients."""
+
+
+def check_applied_gradient(step: int, rows: torch.Tensor, weights: Any, project: Any, module: nn.Module,
+                           names: Sequence[str], world_size: int, precision: Precision) -> bool:
+    """At the fit's first step with gradient rows: the gradient at the tracker's ``on_before_optimizer_step`` (what the
+    optimizer will receive, before Lightning's clipping) projected as the rows are (``project``: the tracker's
+    projector's ``project``) must be ``Σ_i w_i g_i`` of the step's rows (``weights``: ``step.weights``). Anything that
+    changed the gradients before the tracker's hook (a callback listed before it that clips or adds noise, a
+    ``Tensor.register_hook`` on a parameter) makes a step replay and the estimators cannot reproduce: refused there,
+    nothing of the step stored. Checked with a single process, no autocast and no train-mode BatchNorm, where the rows
+    are the exact parts of the applied gradient; one host synchronisation, once per fit. Returns ``True`` (checked)."""
+    if world_size != 1 or precision.autocast_device is not None or check_batchnorm(module, True, False, refuse=False):
+        return True
+    live = dict(module.named_parameters())
+    grads = {n: (live[n].grad if live[n].grad is not None else torch.zeros_like(live[n])).detach().unsqueeze(0).to(rows.dtype)
+             for n in names}
+    applied = project(grads)[0].double()
+    summed = torch.as_tensor(np.asarray(weights, dtype=np.float64), device=rows.device) @ rows.double()
+    scale = max(float(applied.norm()), float(summed.norm()), 1e-30)
+    diff = float((applied - summed).norm()) / scale
+    if diff > 1e-3:
+        raise GradientMismatchError(
+            f"InfluenceTracker: at step {step} the gradient the optimizer receives is not the weighted sum of the "
+            f"per-sample gradients of the step's losses (relative difference {diff:.2e}): something changed the "
+            "gradients before the tracker's on_before_optimizer_step (a callback listed before the tracker that clips "
+            "them or adds noise, a gradient hook on a parameter, Tensor.register_hook), so replay and the estimators "
+            "could not reproduce the step. Clip through Trainer(gradient_clip_val=...) and remove the change. "
+            "Nothing of this step was stored.")
+    return True
 
 
 _LATE = ("a value set after that hook (in the LightningModule's on_before_optimizer_step, which Lightning calls after "

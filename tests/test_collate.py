@@ -81,6 +81,17 @@ def test_stored_samples_replay_with_the_loaders_collate_and_the_cli_scores_them(
     assert np.abs(want).max() > 1e-4
 
 
+def test_the_pbrf_of_dict_batches_is_refused_before_any_replay(plain, tmp_path, monkeypatch, capsys):
+    """The PBRF needs the outputs ``module(x)``; a dict batch has no ``x`` to take: exit 2 before the leave-one-out
+    replays (it was "internal error (TypeError: cannot find the model inputs ...)" after them)."""
+    _, log_dir = plain
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(log_dir), "--pbrf", "-s", "1,2", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "a batch of type dict has no first tensor to take as x" in err and "inputs_fn=" in err
+    assert "internal error" not in err
+
+
 def test_a_datamodule_with_its_own_collate_through_the_cli(tmp_path, monkeypatch, capsys):
     script, log_dir = train_script("padded_text", tmp_path / "dm", "datamodule")
     assert read_meta(log_dir)["recipe"]["data"]["stored"] is None

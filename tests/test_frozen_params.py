@@ -108,3 +108,21 @@ def test_frozen_parameters_changed_during_the_fit_are_refused(tmp_path):
             tracin(log, q, module=m)
     with pytest.raises(ValueError, match="changed its frozen"):
         restore_frozen(log, Teacher())
+
+
+def test_info_names_the_frozen_parameters_and_verify_reads_them(run, tmp_path, capsys):
+    import shutil
+
+    from lightning_influence.cli import main
+
+    _, _, log = run
+    assert main(["info", str(log.path)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("frozen"))
+    assert "4 parameter tensors not trained" in line and "frozen.pt" in line
+    damaged = tmp_path / "log"
+    shutil.copytree(log.path, damaged)
+    (damaged / "frozen.pt").unlink()
+    assert main(["info", "--verify", str(damaged)]) == 2
+    assert "frozen parameters" in capsys.readouterr().out
+    assert main(["query", str(damaged), "-m", "tracin", "-q"]) == 2  # one line, exit 2, not an internal error
+    assert "frozen parameters" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -256,3 +257,45 @@ def test_a_tensor_learning_rate_replays_bit_exactly(tmp_path: Any) -> None:
     assert group["tensor_lr"] is True and group["lr"] == pytest.approx(0.05)
     assert len(set(log.lrs[:, 0].tolist())) == log.num_steps  # the schedule moved it every step
     assert replay_exactly(log, ds, TensorLr()) == log.num_steps + 1
+
+
+class _ClipFirst(pl.Callback):
+    """A callback listed before the tracker that clips the gradients in its on_before_optimizer_step."""
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        torch.nn.utils.clip_grad_norm_(pl_module.parameters(), 0.01)
+
+
+class _HookClamped(TinyClassifier):
+    """A gradient hook on a parameter (Tensor.register_hook) that clamps its gradient during the backward."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.5, momentum=0.9)
+        self.net[0].weight.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
+
+
+@pytest.mark.parametrize("case", ["callback before the tracker", "parameter hook", "as trained"])
+def test_gradients_changed_before_the_trackers_hook_are_refused_at_the_first_step(tmp_path: Any, case: str) -> None:
+    """The applied gradient against Σ w_i g_i of the step's rows (full, and projected to 8 columns per tensor), at
+    the first step: a clip in a callback listed before the tracker, or a clamping gradient hook, was accepted and the
+    replay stopped epochs later blaming the data (TracIn silently used the unclipped rows); a plain run (accumulation
+    2, incomplete last accumulation) passes."""
+    from lightning_influence.tracker_checks import GradientMismatchError
+
+    for dim in (None, 8):
+        torch.manual_seed(0)
+        module = _HookClamped() if case == "parameter hook" else TinyClassifier(lr=0.5, momentum=0.9)
+        log_dir = tmp_path / f"log{dim}"
+        tracker = InfluenceTracker(str(log_dir), record_gradients=True, projection_dim=dim, checkpoint_every_n_steps=1)
+        callbacks = [_ClipFirst(), tracker] if case == "callback before the tracker" else [tracker]
+        trainer_kw = dict(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                          accumulate_grad_batches=2)
+        run = lambda: pl.Trainer(**trainer_kw).fit(module, loader(make_data(N, dtype=torch.float32), BATCH))
+        if case == "as trained":
+            run()
+            assert InfluenceLog(log_dir).num_steps == 3
+            continue
+        with pytest.raises(GradientMismatchError, match="at step 0 the gradient the optimizer receives is not"):
+            run()
+        assert InfluenceLog(log_dir).num_steps == 0

@@ -112,6 +112,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                  "and loss at θ_T", " (return train_data from --builder), or drop "
                                                  "--pbrf/--gap (the ground truth, --groups and --datamodel read the "
                                                  "stored inputs)")))
+    if (args.pbrf or args.gap) and ctx is not None:  # the outputs module(x) it needs, before any replay
+        from lightning_influence.evaluation.pbrf.problem import check_inputs
+
+        check_inputs(train_data_of(ctx, log), log.all_ids()[:1])
     t1, t2 = parse_window(log, args.window)
     specs = args.query or [parse_query("val_loss")]
     query, names = build_query(specs, ctx)

@@ -14,6 +14,7 @@ from lightning_influence.cli.methods import METHODS, unmet_needs
 from lightning_influence.log.lock import writer_state
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.recipe import RecipeError, stored_data
+from lightning_influence.step.frozen import load_frozen
 from lightning_influence.step.weights import step_summary
 
 
@@ -63,6 +64,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             stored_data(root)
         except RecipeError as err:
             problems.append(str(err))
+        try:  # the frozen parameters the CLI loads into the module it rebuilds (step/frozen.py)
+            load_frozen(root, meta.get("frozen"))
+        except Exception as err:  # noqa: BLE001 - a missing or unreadable file is the problem reported
+            problems.append(f"frozen parameters: {err}")
     groups = meta.get("optimizer", {}).get("param_groups", [])
     proj_dim = (meta.get("projection") or {}).get("dim")
     cols = log.projector().out_dim if meta.get("tracked_params") else 0
@@ -124,6 +129,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                       f"{summary['storage_dtype']}), every {every} step{'s' * (every != 1)}"
                       + (", with HVP products" if recorded.get("hvp") else "") + _describe_engines(meta)
                       if recorded.get("gradients") else "not recorded"),
+        *([("frozen", _describe_frozen(meta["frozen"]))] if meta.get("frozen") else []),
         ("checkpoints", f"{len(ckpts)} (every {meta.get('checkpoint_every_n_steps') or '-'} steps, "
                         f"{'final θ_T stored' if log.finished else 'no final θ_T'})"
                         + _replaced(meta.get("final_weights_replaced_by"))),
@@ -135,6 +141,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     emit(args, "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows))
     return code
+
+
+def _describe_frozen(entry: dict[str, Any]) -> str:
+    """The run's frozen parameters (``step/frozen.py``): how many, their size, and whether the fit changed them."""
+    names, changed = entry.get("names") or [], entry.get("changed")
+    text = (f"{len(names)} parameter tensor{'s' * (len(names) != 1)} not trained ({_size(int(entry.get('bytes') or 0))}, "
+            f"{entry.get('file')}), loaded into the module the CLI rebuilds")
+    return text + (f"; CHANGED during the fit ({', '.join(changed[:3])}): the estimators refuse the log" if changed else "")
 
 
 def _describe_modes(schedule: list[dict] | None) -> str:

@@ -13,6 +13,7 @@ parameters, which must be training's. Pure torch.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Mapping
@@ -65,14 +66,17 @@ def load_frozen(log_dir: str | os.PathLike, entry: Mapping[str, Any] | None) -> 
 
 def changed_frozen(log_dir: str | os.PathLike, module: nn.Module) -> list[str]:
     """The frozen parameters of ``module`` that differ from the log's ``frozen.pt`` (at the fit's end: an EMA teacher or
-    another update outside the optimizer changed them), by name; ``[]`` for a log that stores none."""
+    another update outside the optimizer changed them), by name, with a warning; ``[]`` for a log that stores none."""
     path = Path(log_dir) / FROZEN_FILE
     if not path.exists():
         return []
     stored = torch.load(path, map_location="cpu", weights_only=True)
     live = frozen_parameters(module)
-    return [n for n, v in stored.items()
-            if n not in live or not torch.equal(live[n].detach().to("cpu", v.dtype), v)]
+    changed = [n for n, v in stored.items() if n not in live or not torch.equal(live[n].detach().to("cpu", v.dtype), v)]
+    if changed:
+        warnings.warn(f"InfluenceTracker: the fit changed frozen (requires_grad=False) parameters {changed[:5]}, which "
+                      "the log stores once: the estimators will refuse this log")
+    return changed
 
 
 def mark_changed(meta: dict[str, Any], names: list[str]) -> dict[str, Any]:

@@ -79,8 +79,14 @@ def _default_inputs(batch: Any) -> Tensor:
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
-    raise TypeError(f"cannot find the model inputs in a batch of type {type(batch).__name__}: pass "
-                    "inputs_fn=lambda batch: <the tensor module(x) takes>")
+    raise ValueError(f"the PBRF needs the model's outputs module(x), and a batch of type {type(batch).__name__} has no "
+                     "first tensor to take as x: call pbrf/gap_decomposition from Python with inputs_fn=lambda batch: "
+                     "<the one tensor module(x) takes> (a model taking several inputs has no PBRF here)")
+
+
+def check_inputs(train_data: TrainData, ids: np.ndarray, inputs_fn: InputsFn | None = None) -> None:
+    """Raise the PBRF's refusal of batches without model inputs (``ValueError``) before any work."""
+    (inputs_fn or _default_inputs)(batch_from_ids(train_data, ids))
 
 
 class Problem:
