@@ -45,7 +45,7 @@ from lightning_influence.log.resume import (check_not_refit, continue_log, logge
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
                                            write_meta)
 from lightning_influence.step import rng
-from lightning_influence.step.buffers import changed_buffers, cloned, persistent_buffers
+from lightning_influence.step.buffers import changed_buffers, cloned, persistent_buffers, trainable_copies
 from lightning_influence.step.frozen import changed_frozen, mark_changed
 from lightning_influence.step.modes import ModeWatch
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, drop_skipped, fill_record,
@@ -211,6 +211,7 @@ class InfluenceTracker(Callback):
         self._passes: OwnPasses | None = None  # the tracker's own passes (capture/own_pass.py)
         self._checked_batchnorm = False
         self._forward_buffers: bool | None = None  # a training forward changes buffers (spectral_norm); None: not known
+        self._forward_params: bool | None = None  # ... or parameters in place (Embedding(max_norm)); None: not known
         self._steps_recorded = 0
         self._first_step: int | None = None  # step whose θ_t starts a new log (None: continuing one)
         self._next_step: int | None = None
@@ -302,7 +303,7 @@ class InfluenceTracker(Callback):
         self._in_flight.clear()
         self._verified = self._agreed = self._applied_checked = False
         self._checked_batchnorm = False
-        self._forward_buffers = None
+        self._forward_buffers = self._forward_params = None
         self._checked_dataset = False
         self._modes.start()
 
@@ -401,6 +402,8 @@ class InfluenceTracker(Callback):
             self._check_batchnorm(pl_module)  # modes changed after the fit's first step: as at that step
         if checkpoint:  # θ_t's buffers: before the forward updates them
             self._pending.buffers = cloned(persistent_buffers(pl_module))
+        if (checkpoint and self._forward_params) or (self._forward_params is None and not self._pending.micro):
+            self._pending.params = trainable_copies(pl_module)  # θ_t before a forward that changes it in place
         before = None  # the buffers its forward starts from, where a forward changes them (known at the first one)
         if self._forward_buffers is not False:
             before = self._pending.buffers if checkpoint else cloned(persistent_buffers(pl_module))
@@ -440,6 +443,13 @@ class InfluenceTracker(Callback):
         if self._forward_buffers is None and micro.buffers is not None:  # the fit's first forward: did it change any?
             self._forward_buffers = bool(changed_buffers(pl_module, micro.buffers, persistent_buffers(pl_module)))
             micro.buffers = micro.buffers if self._forward_buffers else None
+        if self._forward_params is None and self._pending.params is not None:  # and any parameter (in place)?
+            changed = changed_buffers(pl_module, self._pending.params, trainable_copies(pl_module, clone=False))
+            self._forward_params = bool(changed)
+            if changed:  # its checkpoints hold θ_t from before the forward; DIT says what it leaves out
+                self._settle({"forward_changes_params": changed})
+            else:
+                self._pending.params = None
         captured = seen_grad = None
         observer = self._observer
         if observer is not None:  # per_sample_loss as training_step called it
@@ -501,7 +511,8 @@ class InfluenceTracker(Callback):
             self._note_demotions(step)
         checkpoint = None  # θ_t is the same on every rank: rank 0 stores it
         if self._checkpoints_at(step):
-            checkpoint = checkpoint_record(pl_module, optimizer, step, wait=False, buffers=pending.buffers)
+            checkpoint = checkpoint_record(pl_module, optimizer, step, wait=False, buffers=pending.buffers,
+                                           params=pending.params)
         record.tracker_seconds = pending.seconds + time.perf_counter() - t0
         # the host copies start now (θ_t before the optimizer changes it), non-blocking from a GPU
         copy = HostCopy.of_step(rows, None if checkpoint is None else (checkpoint.params, checkpoint.optimizer_state,

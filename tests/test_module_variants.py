@@ -333,3 +333,39 @@ def test_train_mode_batchnorm_parameters_are_hooked(tmp_path):
         np.testing.assert_allclose(rec.grads, expected.numpy(), rtol=1e-10, atol=1e-12)
     with pytest.warns(RuntimeWarning, match=r"DIT takes the buffers \['net.1.running_mean'"):  # not differentiated
         dit(log, mean_loss(tuple(make_data(6, seed=1).tensors)), module=tiny(batchnorm=True), train_data=WithIds(data))
+
+
+class MaxNormed(TinyClassifier):
+    """A bag of ``nn.Embedding(max_norm=1)`` vectors: each forward renormalises the rows it looks up, in place."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.5, momentum=0.5)
+        self.net = None
+        self.emb, self.head = nn.Embedding(9, 4, max_norm=1.0), nn.Linear(4, 2)
+
+    def per_sample_loss(self, batch):
+        return nn.functional.cross_entropy(self.head(self.emb(batch[0]).mean(1)), batch[1], reduction="none")
+
+
+def test_a_forward_that_renormalises_its_embedding_in_place_replays(tmp_path):
+    """``Embedding(max_norm)`` changes its weight in the forward; the checkpoints took ``θ_t`` after it, replay (which
+    repeats it) met none of them (drift 0.68 at step 1: ``evaluate`` stopped), and replay leave-one-out's query
+    renormalised its copies' rows. Now the checkpoints hold θ_t from before the forward (``meta``
+    ``forward_changes_params``): replay meets every one bit for bit, leave-one-out without drift; DIT warns."""
+    from lightning_influence.replay import replay
+
+    data, val = _token_data(16, 0), _token_data(8, 1)
+    torch.manual_seed(0)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=6,
+                               checkpoint_every_n_steps=1, storage_dtype="float64")
+    fit(MaxNormed().double(), loader(data, batch_size=4), tracker, epochs=2)
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["forward_changes_params"] == ["emb.weight"]
+    for step in replay(log, MaxNormed().double(), WithIds(data), verify=False):
+        for n, stored in log.checkpoint(step.step).items():
+            assert torch.equal(step.params[n], torch.from_numpy(np.asarray(stored))), (step.step, n)
+    query = mean_loss(tuple(val.tensors))
+    truth = replay_loo(log, MaxNormed().double(), WithIds(data), query, sample_ids=[0, 3])
+    assert truth.info["replay_drift"]["max"] < 1e-12
+    with pytest.warns(RuntimeWarning, match=r"DIT takes the buffers \['emb.weight'\]"):
+        dit(log, query, module=MaxNormed().double(), train_data=WithIds(data))

@@ -546,3 +546,27 @@ def test_the_demo_with_two_epochs_reports_without_a_traceback(tmp_path, capsys, 
     digits.main(["--config", str(tmp_path / "digits.yaml")])
     out = capsys.readouterr().out
     assert "== last epoch: steps [3, 6) ==" in out and "need at least 3 epochs; this run has 2" in out
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+def test_a_log_deleted_or_moved_while_written_stops_the_writer_instead_of_recreating_it(tmp_path, how):
+    """``rm -rf runs/`` (or a move) during a fit: the writer re-created the folder around its later segments alone (no
+    meta.h5, no earlier steps), unreadable, and training went on as if recorded. Now the next write fails, saying
+    where the steps went and what to do, and nothing is re-created."""
+    from test_log import synthetic_meta
+    from test_segment_limits import _record
+
+    log = tmp_path / "log"
+    synthetic_meta(log)
+    writer = LogWriter(log, background=False, flush_every_n_steps=2)
+    for t in range(2):
+        writer.add_step(_record(t))
+    assert InfluenceLog(log).steps.tolist() == [0, 1]
+    shutil.rmtree(log) if how == "deleted" else log.rename(tmp_path / "moved")
+    writer.add_step(_record(2))
+    with pytest.raises(LogWriteError, match=r"rank-0 was deleted or moved while this fit wrote it.*steps up to 1\) went "
+                                            r"with the folder.*put it back where it was"):
+        writer.add_step(_record(3))
+    assert not log.exists()
+    if how == "moved":
+        assert InfluenceLog(tmp_path / "moved").steps.tolist() == [0, 1]

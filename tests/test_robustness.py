@@ -329,7 +329,7 @@ def test_a_real_write_error_is_reported_and_leaves_a_healthy_process(tmp_path):
         big = np.ones((2000, 64))
         writer.add_step(StepRecord(step=4, epoch=1, batch_idx=0, micro_batches=1, lrs=[0.1], ids=np.arange(2000),
                                    losses=np.ones(2000), grads=big, hvps=big))
-        with pytest.raises(LogWriteError, match=r"(?s)failed at rank-0/seg-00000003\.h5 \(steps 4\.\.4\).*File too large.*log_dir is writable"):
+        with pytest.raises(LogWriteError, match=r"(?s)failed at rank-0/seg-00000003\.h5 \(steps 4\.\.4\).*File too large.*A file may not be that large there.*make segments smaller"):
             writer.flush()
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

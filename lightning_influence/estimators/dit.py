@@ -74,12 +74,13 @@ def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_f
     require_train_data(log, train_data, "DIT", "to replay the run and take gradients")
     floating = {n for n, b in module.named_buffers() if b.is_floating_point()}  # not counters (num_batches_tracked)
     moved = [n for n in run_buffers(log, module, statistics=True) if n in floating]
+    moved += log.meta.get("forward_changes_params") or []  # changed in place by the forward, under no_grad
     if moved:  # the adjoint runs over θ and the optimizer state, not over buffers (docs/replay.md, Buffers)
         warnings.warn(f"DIT takes the buffers {moved[:3]}{' ...' if len(moved) > 3 else ''}, which this run's forwards "
-                      "changed (BatchNorm running statistics, spectral_norm's power iteration), as they were at each step: "
-                      "it leaves out how removing a sample moves them, which queries in eval mode read (docs/replay.md: "
-                      "0.4 of the score on a short train-mode BatchNorm run). Replay leave-one-out (evaluate) includes "
-                      "it", RuntimeWarning, stacklevel=3)
+                      "changed (BatchNorm running statistics, spectral_norm's power iteration, Embedding(max_norm)'s "
+                      "renormalisation), as they were at each step: it leaves out how removing a sample moves them, "
+                      "which queries in eval mode read (docs/replay.md: 0.4 of the score on a short train-mode BatchNorm "
+                      "run). Replay leave-one-out (evaluate) includes it", RuntimeWarning, stacklevel=3)
     return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
 
 

@@ -117,7 +117,8 @@ def _evaluate(module: nn.Module, query: Query, stacked: Mapping[str, Tensor],
     out = []
     with torch.no_grad():
         for c in range(n):
-            val = evaluate_query(module, query, {k: v[c] for k, v in stacked.items()}, buffers[c])
+            # copies: a query's forward may change parameters in place (Embedding(max_norm)), not the copies' run
+            val = evaluate_query(module, query, {k: v[c].clone() for k, v in stacked.items()}, buffers[c])
             out.append(val.detach().reshape(-1).double().numpy())
     return np.stack(out)
 

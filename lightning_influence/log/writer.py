@@ -82,6 +82,9 @@ def storage_error(log_dir: str | os.PathLike, where: str, err: BaseException, st
     if code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower():
         todo = (f"The disk is full: free space or move log_dir to a larger disk, or make the log smaller (projection_dim, "
                 f"every_n_steps, storage_dtype='float16', compression='gzip'), then {again}.")
+    elif code == errno.ENOENT:
+        todo = (f"The log's folder was deleted or moved while the fit wrote it: put it back where it was, then {again}; "
+                "or resume into another log_dir with overwrite=True (a new log starting at that checkpoint).")
     elif code == errno.EFBIG:
         todo = (f"A file may not be that large there (the file system's limit, or `ulimit -f`): make segments smaller "
                 f"(flush_every_n_steps, flush_every_n_seconds; one step's rows: projection_dim, storage_dtype='float16'), "
@@ -224,6 +227,8 @@ class LogWriter:
             deleted = {path for path, _, keep in truncation_plan(self.log_dir, rank, truncate_from) if keep is None}
             existing = [p for p in existing if p not in deleted]
             end = None if end is None or not existing else min(end, truncate_from - 1)
+        self._folder = segment_path(self.log_dir, rank, 0).parent
+        self._folder_id = _identity(self._folder)  # a folder deleted or moved mid-fit is noticed (_check_in_place)
         self._next_index = segment_index(existing[-1]) + 1 if existing else 0
         self._next_step: int | None = truncate_from if truncate_from is not None else None if end is None else end + 1
         self.last_step_on_disk: int | None = end
@@ -385,6 +390,7 @@ class LogWriter:
             return
         if callable(job):  # amend_meta
             try:
+                self._check_in_place()
                 if self._resume_meta is not None:
                     self._resume_meta = job(dict(self._resume_meta))
                 else:
@@ -396,6 +402,7 @@ class LogWriter:
             return
         path, steps, checkpoints = job
         try:
+            self._check_in_place()
             self._continue_log()
             self.bytes_written += write_segment(path, self.rank, steps, checkpoints, self.storage_dtype,
                                                 self.compression, self.run_id)
@@ -406,6 +413,14 @@ class LogWriter:
             return
         if steps:
             self.last_step_on_disk = steps[-1].step
+        self._folder_id = self._folder_id or _identity(self._folder)
+
+    def _check_in_place(self) -> None:
+        """The rank's folder must be the one this writer started in: a log deleted or moved while the fit wrote it
+        would otherwise be re-created around the later segments alone (no ``meta.h5``, no earlier steps), unreadable,
+        while training went on as if recorded."""
+        if self._folder_id is not None and _identity(self._folder) != self._folder_id:
+            raise FolderGoneError(errno.ENOENT, f"{self._folder} was deleted or moved while this fit wrote it")
 
     def _continue_log(self) -> None:
         """A resumed fit's first change to the log: record the resume in ``meta.h5``, drop the steps it records again."""
@@ -422,6 +437,9 @@ class LogWriter:
                 else "a checkpoint")
         safe = (f"Nothing more is written to this log; steps up to {self.last_step_on_disk} are safe in closed segments"
                 if self.last_step_on_disk is not None else "Nothing more is written to this log; no step of this rank is on disk")
+        if isinstance(err, FolderGoneError):
+            safe = (f"Nothing more is written to this log; its closed segments (steps up to {self.last_step_on_disk}) "
+                    "went with the folder")
         return storage_error(self.log_dir, f"{path.parent.name}/{path.name} ({what})", err, safe)
 
     def _work(self) -> None:
@@ -446,6 +464,19 @@ class LogWriter:
 
 
 clock = time.monotonic  # a segment's age (a module attribute: tests set the time)
+
+
+class FolderGoneError(FileNotFoundError):
+    """The rank's folder is not the one the writer started in (deleted or moved during the fit)."""
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of ``folder``, or ``None`` if there is none."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _meta_run_id(log_dir: Path) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from torch import Tensor, nn
 
 __all__ = ["ParamsWithBuffers", "buffers_of", "changed_buffers", "cloned", "persistent_buffers", "run_buffers",
-           "with_buffers"]
+           "trainable_copies", "with_buffers"]
 
 
 def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
@@ -65,3 +65,8 @@ def run_buffers(log: Any, module: nn.Module, statistics: bool = False) -> list[s
     steps = log.checkpoint_steps
     first, last = (log.checkpoint_buffers(steps[0]), log.checkpoint_buffers(steps[-1])) if len(steps) > 1 else (None, None)
     return [] if first is None or last is None else changed_buffers(module, first, last, statistics)
+
+
+def trainable_copies(module: nn.Module, clone: bool = True) -> dict[str, Tensor]:
+    """The module's trainable parameters by name, detached (``clone``: copies a later in-place change does not reach)."""
+    return {n: (p.detach().clone() if clone else p.detach()) for n, p in module.named_parameters() if p.requires_grad}

@@ -70,6 +70,9 @@ class PendingStep:
     batch_idx: int = 0
     seconds: float = 0.0
     buffers: dict[str, Tensor] | None = None  # at a checkpointed step, the module's buffers before its first forward
+    # the trainable parameters before its first forward, where a forward changes them in place (Embedding(max_norm)):
+    # θ_t of its checkpoint (or, at the fit's first step, the snapshot that finds out)
+    params: dict[str, Tensor] | None = None
 
 
 def drop_skipped(pending: PendingStep, record_losses: bool) -> bool:
@@ -171,16 +174,17 @@ def fill_record(record: StepRecord, checkpoint: CheckpointRecord | None, host: d
 
 
 def checkpoint_record(module: nn.Module, optimizer: torch.optim.Optimizer, step: int, wait: bool = True,
-                      buffers: dict[str, Tensor] | None = None) -> CheckpointRecord:
+                      buffers: dict[str, Tensor] | None = None, params: dict[str, Tensor] | None = None) -> CheckpointRecord:
     """``θ_step``, the optimizer state and the module's buffers (``buffers``: taken before the step's forward changed
-    them, :func:`~lightning_influence.step.buffers.persistent_buffers`; default the module's now): numpy copies, or
-    (``wait=False``) tensors for a HostCopy."""
+    them, :func:`~lightning_influence.step.buffers.persistent_buffers`; default the module's now; ``params`` likewise,
+    by name, for a forward that changes parameters in place): numpy copies, or (``wait=False``) tensors for a
+    HostCopy."""
     record = CheckpointRecord(step=step, params={})
     record.buffers = {n: b.detach() for n, b in (persistent_buffers(module) if buffers is None else buffers).items()}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        record.params[name] = p.detach()
+        record.params[name] = p.detach() if params is None else params[name]
         state = optimizer.state.get(p, {})
         tensors = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor)}
         if tensors:
