@@ -166,3 +166,16 @@ def test_info_names_the_fits_a_resumed_log_was_written_by(run, tmp_path, capsys)
     assert main(["info", str(copy), "-f", "json"]) == 0
     assert [r["step"] for r in json.loads(capsys.readouterr().out)["resumes"]] == [8, 4]
     assert main(["info", run.log]) == 0 and "\nfits " not in capsys.readouterr().out
+
+
+def test_tensorboard_refuses_a_run_outside_the_logdir_and_a_bad_decoder_before_the_work(run, tmp_path, capsys):
+    """``--run ../x`` wrote the events outside --logdir (where `tensorboard --logdir` never looks); a --decoder that
+    cannot be imported failed only after the scores were computed."""
+    base = ["tensorboard", run.log, "-c", run.config, "-m", "tracin", "--logdir", str(tmp_path / "tb")]
+    for extra, needle in ((["--run", "../escape"], "--run '../escape': a run is a folder inside --logdir"),
+                          (["--run", str(tmp_path / "abs")], "a run is a folder inside --logdir"),
+                          (["--decoder", "no_such_module_x:f"], "--decoder 'no_such_module_x:f': cannot load it")):
+        assert main([*base, *extra]) == 2
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and needle in err, err  # one line: refused before the model was rebuilt
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "abs").exists() and not (tmp_path / "tb").exists()
