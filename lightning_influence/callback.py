@@ -274,7 +274,7 @@ class InfluenceTracker(Callback):
         self._noted = 0
         self._setup_engine(pl_module)
         self._with_ids, self._dataset_size = check_training_set(trainer.train_dataloader, self.ids_fn is not None)
-        clipping = self._step_model.start(trainer, pl_module)
+        clipping = self._step_model.start(trainer, pl_module, self)
         start = trainer.global_step
         resume_state, self._resume_state = self._resume_state, {}
         check_not_refit(self.log_dir, self._run_id, resume_state, start)  # log/resume.py: fit called again
