@@ -131,3 +131,51 @@ def test_a_second_tensorboard_export_into_the_same_run_is_refused_or_replaces_th
         assert main([*base, "--run", "lightning_logs", *extra]) == 2
         assert needle in capsys.readouterr().err
     assert (training / "events.out.tfevents.1.vm.1.0").exists()
+
+
+def test_cuda_on_one_process_says_that_it_runs_on_the_cpu(run, capsys, monkeypatch):
+    """``--accelerator cuda`` without ``--devices`` computed on the CPU without a word."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["query", run.log, "-m", "tracin", "-c", run.config, "--accelerator", "cuda", "-k", "1"]) == 0
+    assert "note: one process computes on the CPU; --accelerator cuda applies to --devices 2 or more" in \
+        capsys.readouterr().err
+
+
+def test_info_names_the_fits_a_resumed_log_was_written_by(run, tmp_path, capsys):
+    """A log continued by resumed fits (each cutting it at its step, some with harmless changes) read as one run:
+    `info` now lists them; JSON carries the records."""
+    import json
+    import shutil
+
+    from lightning_influence.log.format import read_meta
+    from lightning_influence.log.writer import write_meta
+
+    copy = tmp_path / "resumed"
+    shutil.copytree(run.log, copy)
+    meta = read_meta(copy)
+    meta["resumes"] = [{"step": 8, "time": None, "changed": {}},
+                       {"step": 4, "time": None, "changed": {"checkpoint_every_n_steps": [1, 2], "versions": [{}, {}]}}]
+    write_meta(copy, meta)
+    assert main(["info", str(copy)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fits"))
+    assert line.split(None, 1)[1] == ("3: started at step 0, resumed at step 8 (?), resumed at step 4 (?; changed "
+                                      "checkpoint_every_n_steps, versions) (each resume cut the log at its step)")
+    assert main(["info", str(copy), "-f", "json"]) == 0
+    assert [r["step"] for r in json.loads(capsys.readouterr().out)["resumes"]] == [8, 4]
+    assert main(["info", run.log]) == 0 and "\nfits " not in capsys.readouterr().out
+
+
+def test_tensorboard_refuses_a_run_outside_the_logdir_and_a_bad_decoder_before_the_work(run, tmp_path, capsys):
+    """``--run ../x`` wrote the events outside --logdir (where `tensorboard --logdir` never looks); a --decoder that
+    cannot be imported failed only after the scores were computed."""
+    base = ["tensorboard", run.log, "-c", run.config, "-m", "tracin", "--logdir", str(tmp_path / "tb")]
+    for extra, needle in ((["--run", "../escape"], "--run '../escape': a run is a folder inside --logdir"),
+                          (["--run", str(tmp_path / "abs")], "a run is a folder inside --logdir"),
+                          (["--decoder", "no_such_module_x:f"], "--decoder 'no_such_module_x:f': cannot load it")):
+        assert main([*base, *extra]) == 2
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and needle in err, err  # one line: refused before the model was rebuilt
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "abs").exists() and not (tmp_path / "tb").exists()

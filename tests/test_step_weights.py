@@ -299,3 +299,48 @@ def test_gradients_changed_before_the_trackers_hook_are_refused_at_the_first_ste
         with pytest.raises(GradientMismatchError, match="at step 0 the gradient the optimizer receives is not"):
             run()
         assert InfluenceLog(log_dir).num_steps == 0
+
+
+class _LateClip(TinyClassifier):
+    """Clips by hand in its on_before_optimizer_step from the second epoch on (the first step's check sees nothing)."""
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.current_epoch >= 1:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 1e-3)
+
+
+class _LogsGradNorms(TinyClassifier):
+    """The common harmless override: reads the gradients' norms in on_before_optimizer_step, changes nothing."""
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.seen = float(torch.stack([p.grad.norm() for p in self.parameters() if p.grad is not None]).norm())
+
+
+class _NoiseLater(pl.Callback):
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if trainer.global_step >= 3:
+            for p in pl_module.parameters():
+                p.grad.add_(1e-2)
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_gradients_changed_after_the_first_step_are_refused_at_their_step(tmp_path: Any, clip: float | None) -> None:
+    """A hook that runs after the tracker's (the module's on_before_optimizer_step, a callback listed after the
+    tracker) is watched at every step by the gradients' norms: a clip from the second epoch on, noise from step 3, are
+    refused at that step, nothing of it stored (accepted before; replay stopped at the next checkpoint blaming the
+    data); a hook that only reads the gradients passes, with the Trainer's norm clipping binding or without, and the
+    run replays bit for bit."""
+    kw = {} if clip is None else {"gradient_clip_val": clip}
+    with pytest.raises(ClippingError, match="at step 5 the LightningModule's on_before_optimizer_step"):
+        tracked_run(tmp_path / "late", module=_LateClip(lr=0.5, momentum=0.9), **kw)  # 5 steps per epoch
+    assert InfluenceLog(tmp_path / "late" / "log").num_steps == 5
+    tracker = InfluenceTracker(str(tmp_path / "noise"), checkpoint_every_n_steps=1)
+    with pytest.raises(ClippingError, match="at step 3 the LightningModule's on_before_optimizer_step .*or a callback"):
+        pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=[tracker, _NoiseLater()], **kw).fit(
+            TinyClassifier(lr=0.5, momentum=0.9), loader(make_data(N, dtype=torch.float32), BATCH))
+    assert InfluenceLog(tmp_path / "noise").num_steps == 3
+    log, ds, m = tracked_run(tmp_path / "reads", module=_LogsGradNorms(lr=0.5, momentum=0.9), **kw)
+    if clip is not None:  # the clip binds: the norms checked against the clipped ones
+        assert all(float(log.step_column(t, "clip_coef")) < 1 for t in range(log.num_steps))
+    assert replay_exactly(log, ds, TinyClassifier(lr=0.5, momentum=0.9)) == log.num_steps + 1

@@ -73,6 +73,8 @@ def processes(args: argparse.Namespace) -> Any:
         raise UserError(f"--devices and --num-nodes must be >= 1, got {args.devices} and {args.num_nodes}")
     check_processes(args.devices, args.num_nodes, args.accelerator, launched_outside())
     if args.devices * args.num_nodes == 1 and not launched_outside():
+        if args.accelerator == "cuda":  # said, not silently ignored
+            status(args, "note: one process computes on the CPU; --accelerator cuda applies to --devices 2 or more")
         return None
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         args.quiet = True

@@ -80,7 +80,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "segments": sum(len(v) for v in list_segments(root).values()), "ranks": log.ranks,
         "created": meta.get("created"), "versions": meta.get("versions"),
         "module_class": meta.get("module_class"), "datamodule_class": meta.get("datamodule_class"),
-        "recipe": meta.get("recipe"),
+        "recipe": meta.get("recipe"), "resumes": meta.get("resumes", []),
         "optimizer": meta.get("optimizer", {}).get("class"),
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups],
         "scheduled": _schedule(log),
@@ -133,6 +133,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("checkpoints", f"{len(ckpts)} (every {meta.get('checkpoint_every_n_steps') or '-'} steps, "
                         f"{'final θ_T stored' if log.finished else 'no final θ_T'})"
                         + _replaced(meta.get("final_weights_replaced_by"))),
+        *([("fits", _describe_resumes(int(meta.get("first_step") or 0), meta["resumes"]))] if meta.get("resumes") else []),
         ("state", log.end_note),
         ("methods", ", ".join(usable) + "".join(f"; not {n} (needs {', '.join(r)})" for n, r in unusable.items())),
         ("integrity", ("OK" + (f" ({'; '.join(notes)})" if notes else "")) if not problems
@@ -141,6 +142,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     emit(args, "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows))
     return code
+
+
+def _describe_resumes(first: int, resumes: list[dict[str, Any]]) -> str:
+    """The fits the log was written by, in order: where each resumed and which harmless settings it changed."""
+    parts = [f"started at step {first}"]
+    for r in resumes:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["time"])) if r.get("time") else "?"
+        changed = sorted(r.get("changed") or {})
+        parts.append(f"resumed at step {r.get('step')} ({when}{'; changed ' + ', '.join(changed) if changed else ''})")
+    return f"{len(resumes) + 1}: " + ", ".join(parts) + " (each resume cut the log at its step)"
 
 
 def _describe_frozen(entry: dict[str, Any]) -> str:
@@ -221,6 +232,10 @@ def _recipe_text(recipe: dict[str, Any] | None) -> str:
     source = f"data from {data.get('train') or '?'}"
     parts.append(source + (f", stored in the log ({stored.get('train', 0)} train, {stored.get('val', 0)} val)" if stored
                            else f" ({data.get('not_stored')})" if data.get("not_stored") else ""))
+    collate = data.get("collate_fn")
+    if collate:
+        parts.append(f"batches collated by {collate.get('function') or collate.get('name')}"
+                     + ("" if collate.get("function") else f" ({collate.get('why')})"))
     script = (recipe.get("script") or {}).get("dir")
     if script:
         parts.append(f"script dir {script}")

@@ -35,8 +35,13 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     from lightning_influence.tensorboard import ExportData, export
 
-    run_dir = Path(args.logdir) / (args.run or args.method or default_method())
+    name = args.run or args.method or default_method()
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise UserError(f"--run {name!r}: a run is a folder inside --logdir (`tensorboard --logdir` shows it there); "
+                        "give a name without '..' or a leading '/'")
+    run_dir = Path(args.logdir) / name
     earlier = _earlier_export(run_dir, args.replace)  # refused before the work, replaced after it
+    decode = load_function(args.decoder, "--decoder") if args.decoder else None  # a bad one fails before the work
     log, ctx, columns, windows, labels, scores, method_name, info = timeline_data(args)
     if global_rank() != 0:
         return 0  # rank 0 writes the event files
@@ -53,7 +58,6 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     written_all: dict[str, list[str]] = {}
     train_labels = ctx.labels(np.arange(n)) if ctx else None
     get_item = _item_getter(ctx)
-    decode = load_function(args.decoder, "--decoder") if args.decoder else None
     for qi, qname, is_loss in columns:
         x = scores[:, qi, :]
         patterns, why = patterns_of(x)

@@ -14,6 +14,7 @@ No Lightning import: the trainer and module are used through their public attrib
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -40,22 +41,28 @@ class StepRecorder:
     def __init__(self) -> None:
         self.spec: ClipSpec | None = None
         self._override = False
+        self._hooked = False  # a hook after the tracker's may change the gradients: checked at every step (norms)
         self._module: nn.Module | None = None
-        self._check: tuple[int, list[Tensor | None]] | None = None  # (step, gradients before clipping)
+        # (step, gradients before clipping, or None and the per-tensor norms expected after it)
+        self._check: tuple[int, list[Tensor | None] | None, Tensor | None] | None = None
         self._checked_default = False
         self._reduction_checked = False
         self._deferred: Callable[[], None] | None = None  # stores the step once its clipping is verified
         self._weights: tuple[tuple[Any, ...], Any, int] | None = None  # (sizes, accumulate, world size) -> weights
 
     # ------------------------------------------------------------------------------ setup
-    def start(self, trainer: Any, module: nn.Module) -> dict[str, Any]:
-        """Read the Trainer's clipping, watch ``configure_gradient_clipping``; returns the meta entry."""
+    def start(self, trainer: Any, module: nn.Module, tracker: Any = None) -> dict[str, Any]:
+        """Read the Trainer's clipping, watch ``configure_gradient_clipping``; returns the meta entry. ``tracker``: the
+        callback itself (the other callbacks and the module that define ``on_before_optimizer_step``, which run after
+        its own, are watched at every step: :meth:`record`)."""
         value = trainer.gradient_clip_val
         algorithm = trainer.gradient_clip_algorithm
         algorithm = getattr(algorithm, "value", algorithm) or "norm"
         self.spec = ClipSpec(str(algorithm).lower(), float(value)) if value else None
         base = _lightning_default_clipping(module)
         self._override = base is not None and type(module).configure_gradient_clipping is not base
+        self._hooked = _user_defined(module, "on_before_optimizer_step") or any(
+            cb is not tracker and _user_defined(cb, "on_before_optimizer_step") for cb in getattr(trainer, "callbacks", []))
         self._checked_default = False
         self._reduction_checked = False
         self._install(module)
@@ -113,15 +120,22 @@ class StepRecorder:
             self._weights = (key, sw.weights, sw.accumulate)
         record.weights, record.accumulate = self._weights[1:]  # micro-batch sizes: the tracker's micro rows
         verify = self._override or not self._checked_default  # Lightning's clipping of this step checked against ours
-        if self.spec is None and not verify:  # nothing to record or check: the gradients are not read
+        # a hook that runs after the tracker's (the module's on_before_optimizer_step, a later callback's) may change the
+        # gradients at any step (a clip from the second epoch on): their norms checked at every step (value clipping:
+        # the gradients themselves)
+        verify = verify or (self._hooked and self.spec is not None and self.spec.algorithm == "value")
+        if self.spec is None and not verify and not self._hooked:  # nothing to record or check: the gradients are not read
             return
         grads = [p.grad for p in _optimizer_params(optimizer)]
         if self.spec is not None:
             record.clip_value = self.spec.value
             record.clip_coef = clip_coefficient(grads, self.spec)
         if verify:
-            self._check = (record.step, [None if g is None else g.detach().clone() for g in grads])
+            self._check = (record.step, [None if g is None else g.detach().clone() for g in grads], None)
             self._checked_default = True
+        elif self._hooked:
+            norms = _norms(grads)
+            self._check = (record.step, None, norms if self.spec is None else norms * record.clip_coef)
 
     @property
     def checks_reduction(self) -> bool:
@@ -155,10 +169,15 @@ class StepRecorder:
         check, self._check = self._check, None
         if check is None:
             return
-        step, before = check
+        step, before, norms = check
         after = [p.grad for p in _optimizer_params(optimizer)]
-        coef = float(clip_coefficient(before, self.spec)) if self.spec is not None else 1.0
         worst = 0.0
+        if before is None:  # the per-tensor norms (a hooked step after the first): one pass, one synchronisation
+            got = _norms(after)
+            worst = math.inf if got.shape != norms.shape else \
+                float(((got - norms).abs() / norms.abs().clamp_min(1e-30)).max()) if got.numel() else 0.0
+            before = []
+        coef = float(clip_coefficient(before, self.spec)) if self.spec is not None and before else 1.0
         for b, a in zip(before, after):
             if b is None or a is None:
                 continue
@@ -177,7 +196,7 @@ class StepRecorder:
                 f"difference {worst:.2e}); replay and the estimators could not reproduce the step. Clip through the "
                 "Trainer's gradient_clip_val/gradient_clip_algorithm (norm or value clipping of all parameters at a "
                 "fixed threshold) and remove the hand-written clipping. Nothing of this step was stored.")
-        if not self._override:  # Lightning's own clipping, checked once: the wrapper has nothing more to do
+        if not self._override and not self._hooked:  # Lightning's own clipping, checked once: nothing more to do
             self._uninstall()
         self.commit()
 
@@ -189,6 +208,19 @@ def _expected(grad: Tensor, spec: ClipSpec | None, coef: float) -> Tensor:
     if spec.algorithm == "value":
         return grad.clamp(-spec.value, spec.value)
     return grad * coef
+
+
+def _norms(grads: Sequence[Tensor | None]) -> Tensor:
+    """The norm of each gradient that is not ``None`` (a vector on their device; empty without any)."""
+    present = [g.detach() for g in grads if g is not None]
+    return torch.stack(torch._foreach_norm(present)) if present else torch.zeros(0)
+
+
+def _user_defined(obj: Any, hook: str) -> bool:
+    """``obj``'s class or a base outside Lightning defines ``hook`` (Lightning's own classes are known not to change the
+    gradients there)."""
+    owner = next((c for c in type(obj).__mro__ if hook in c.__dict__), None)
+    return owner is not None and not owner.__module__.split(".")[0] in ("lightning", "pytorch_lightning")
 
 
 def _lightning_default_clipping(module: nn.Module) -> Any:
