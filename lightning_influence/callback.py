@@ -58,6 +58,7 @@ from lightning_influence.tracker_checks import (UpdateWatch, check_applied_gradi
                                                 check_optimizers, check_training_set, generators_kept, no_stop_iteration,
                                                 trainer_precision)
 from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
+from lightning_influence.tracker_dev_run import DevRun
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
 
@@ -225,6 +226,7 @@ class InfluenceTracker(Callback):
         # see _add_step
         self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()
         self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
+        self._dev_run = DevRun()  # fast_dev_run writes its log to a temporary folder
         self._final = FinalCheckpoint()  # θ_T as the last step left it (a weight-averaging callback replaces it)
         self._modes = ModeWatch()  # the submodules' train/eval modes, checked per epoch (step/modes.py)
         self._update_watch = UpdateWatch()  # the logged learning rates and hyperparameters are the ones the update used
@@ -246,6 +248,10 @@ class InfluenceTracker(Callback):
     # ------------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_fit(trainer, pl_module, self._needs_loss, self.loss_fn is not None)
+        self._dev_run.start(trainer, self)  # fast_dev_run: a temporary log (tracker_dev_run.py)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._dev_run.end(trainer, self)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer, rule = check_optimizers(trainer.optimizers)
@@ -365,6 +371,7 @@ class InfluenceTracker(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._teardown(pl_module, raise_errors=False)  # keeps every completed step; the original exception propagates
+        self._dev_run.end(trainer, self)  # Lightning calls no teardown hook after an exception
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Every step before the checkpoint is on disk, on every rank, before rank 0 writes the checkpoint file,

@@ -74,6 +74,8 @@ def test_stored_samples_replay_with_the_loaders_collate_and_the_cli_scores_them(
     val = queries.Batches(list(data.val_dataloader()))
     assert len({b["tokens"].shape[1] for b in val}) > 1  # the batches' lengths differ: no single batch holds them
     monkeypatch.chdir(tmp_path)
+    assert main(["info", str(log_dir)]) == 0
+    assert "batches collated by padded_text.pad" in capsys.readouterr().out
     assert main(["query", str(log_dir), "-m", "dit", "--top", "0", "-f", "json", "-q"]) == 0
     got = scores_of(json.loads(capsys.readouterr().out), 36)
     want = dit(log, queries.mean_loss(val), module=module, train_data=train).column(0)

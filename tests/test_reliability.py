@@ -205,6 +205,32 @@ def test_fit_called_again_to_train_longer_is_refused_and_keeps_the_first_fits_lo
     assert file_bytes(log) == files and InfluenceLog(log).steps.tolist() == [0, 1, 2, 3]
 
 
+def test_fast_dev_run_runs_the_checks_but_leaves_log_dir_as_it_was(tmp_path, resumable, monkeypatch):
+    """Lightning's smoke test (``fast_dev_run``) wrote a 1-step log into log_dir: with overwrite=True it replaced the
+    real run's log, without it the real fit that followed was refused as "already holds an influence log". Now the log
+    goes to a temporary folder, deleted at the end; the tracker's refusals still run."""
+    import tempfile
+
+    import lightning.pytorch as pl
+
+    root, _ = resumable
+    log = tmp_path / "log"
+    shutil.copytree(root / "log", log)
+    files = file_bytes(log)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+
+    def smoke(ids: bool) -> None:
+        trainer = pl.Trainer(fast_dev_run=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[InfluenceTracker(str(log), overwrite=True)])
+        trainer.fit(tiny(), DataLoader(WithIds(make_data(24)) if ids else make_data(24), batch_size=6))
+
+    smoke(ids=True)
+    with pytest.raises(ValueError, match="sample ids"):  # the first step's refusals run as in a real fit
+        smoke(ids=False)
+    assert file_bytes(log) == files and not list((tmp_path / "tmp").iterdir())
+
+
 def test_a_resume_with_harmless_changes_continues_and_records_them(tmp_path, resumable):
     root, before = resumable
     log = tmp_path / "log"

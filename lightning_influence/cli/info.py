@@ -232,6 +232,10 @@ def _recipe_text(recipe: dict[str, Any] | None) -> str:
     source = f"data from {data.get('train') or '?'}"
     parts.append(source + (f", stored in the log ({stored.get('train', 0)} train, {stored.get('val', 0)} val)" if stored
                            else f" ({data.get('not_stored')})" if data.get("not_stored") else ""))
+    collate = data.get("collate_fn")
+    if collate:
+        parts.append(f"batches collated by {collate.get('function') or collate.get('name')}"
+                     + ("" if collate.get("function") else f" ({collate.get('why')})"))
     script = (recipe.get("script") or {}).get("dir")
     if script:
         parts.append(f"script dir {script}")

@@ -297,7 +297,19 @@ def start_new_log(log_dir: str, overwrite: bool, is_zero: bool) -> None:
     """Make room for a new log in ``log_dir``: rank 0 removes an existing one if ``overwrite``, else it is refused."""
     if list_segments(log_dir) or log_exists(log_dir):
         if not overwrite:
-            raise FileExistsError(f"{log_dir} already holds an influence log; choose a new log_dir, "
+            raise FileExistsError(f"{log_dir} already holds an influence log{_held(log_dir)}; choose a new log_dir, "
                                   "pass overwrite=True, or resume with Trainer.fit(ckpt_path=...)")
         if is_zero:
             remove_log(log_dir)  # the log's own files only: anything else in log_dir stays
+
+
+def _held(log_dir: str) -> str:
+    """`` (run R, steps a..b)``: what a refused new fit would have replaced, for the user to decide."""
+    try:
+        meta = read_meta(log_dir)
+        end = rank_end(log_dir, 0)
+    except (OSError, LogFormatError):
+        return ""
+    first = int(meta.get("first_step") or 0)
+    steps = f"steps {first}..{end}" if end is not None else "no step yet"
+    return f" (run {meta.get('run_id')}, {steps})"
