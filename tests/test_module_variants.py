@@ -94,16 +94,22 @@ def assert_rows_are_autograd(log: InfluenceLog, make, data, rtol: float = 1e-10)
 
 
 class RawAdapter(TinyClassifier):
-    """A frozen base with LoRA matrices as raw parameters, used by ``x @ A.T``: the raw-parameter engine does not know
-    it, so every hooked tensor is demoted at the first step."""
+    """A frozen base with LoRA matrices as raw parameters: ``x @ A.T`` then ``F.linear(·, B)`` (on tokens with
+    ``tokens``), or through ``torch.einsum``, which the raw-parameter engine does not know (every hooked tensor is
+    demoted at the first step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, use: str = "einsum", tokens: bool = False) -> None:
         super().__init__(d_in=5, hidden=6, classes=3, lr=0.3)
         self.net.requires_grad_(False)
+        self.use, self.tokens = use, tokens
         self.A, self.B = nn.Parameter(0.3 * torch.randn(2, 5)), nn.Parameter(0.3 * torch.randn(3, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) + (x @ self.A.T) @ self.B.T
+        if self.use == "einsum":
+            return self.net(x) + torch.einsum("br,or->bo", torch.einsum("bi,ri->br", x, self.A), self.B)
+        t = torch.stack([x, x.flip(1)], 1) if self.tokens else x  # (B, 2, 5): two tokens a sample
+        low = nn.functional.linear(t @ self.A.T, self.B)
+        return self.net(x) + (low.mean(1) if self.tokens else low)
 
 
 def test_raw_adapter_demoted_entirely_at_the_first_step_keeps_training(tmp_path):
@@ -369,3 +375,20 @@ def test_a_forward_that_renormalises_its_embedding_in_place_replays(tmp_path):
     assert truth.info["replay_drift"]["max"] < 1e-12
     with pytest.warns(RuntimeWarning, match=r"DIT takes the buffers \['emb.weight'\]"):
         dit(log, query, module=MaxNormed().double(), train_data=WithIds(data))
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_raw_lora_factors_are_hooked(tmp_path, tokens):
+    """LoRA factors as raw parameters (``x @ A.T``, ``F.linear(h, B)``) went to vmap, which re-runs the whole model per
+    sample; the raw-parameter engine takes matrix products with the batch: ``Σ_l x_lᵀ g_l`` per sample, through the
+    transpose's VJP. The rows equal autograd on each sample alone."""
+    data = make_data(18, seed=0)
+    torch.manual_seed(0)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=4,
+                               checkpoint_every_n_steps=1, storage_dtype="float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no demotion
+        fit(RawAdapter("products", tokens).double(), loader(data), tracker, epochs=1)
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["gradient_engine"] == "hooks"
+    assert_rows_are_autograd(log, lambda: RawAdapter("products", tokens).double(), data)

@@ -42,6 +42,8 @@ _MUL = {torch.mul, torch.multiply, Tensor.mul, Tensor.multiply}
 _DIV = {torch.div, torch.divide, torch.true_divide, Tensor.div, Tensor.divide, Tensor.true_divide}
 _EXPAND = {Tensor.expand, Tensor.expand_as, torch.broadcast_to, Tensor.broadcast_to}
 _IN_PLACE_SUMS = {Tensor.add_, Tensor.sub_}
+_PRODUCTS = {torch.matmul, Tensor.matmul, torch.nn.functional.linear}  # x @ V, F.linear(x, V[, b]): V a (in, out) or
+# (out, in) matrix, a LoRA factor given as a raw parameter
 
 
 def _in_place(func: Callable, kwargs: dict) -> bool:
@@ -154,8 +156,11 @@ class RawWatch(TorchFunctionMode):
 
     def _use(self, func: Callable, args: tuple, kwargs: dict, out: Any, v: Tensor | None, others: list[Tensor]) -> bool:
         """Record a known use of ``v`` with the batch (module doc); ``False`` where it is not one."""
-        if v is None or not isinstance(out, Tensor) or not out.requires_grad or out.ndim == 0 \
-                or out.shape[0] != self.batch or (v.ndim == out.ndim and v.shape[0] != 1):
+        if v is None or not isinstance(out, Tensor) or not out.requires_grad or out.ndim == 0 or out.shape[0] != self.batch:
+            return False
+        if func in _PRODUCTS:
+            return self._product(func, args, kwargs, out, v, others)
+        if v.ndim == out.ndim and v.shape[0] != 1:
             return False
         if func in _EXPAND:  # to the batch: ``x = 0``
             if args[0] is not v:
@@ -178,6 +183,16 @@ class RawWatch(TorchFunctionMode):
         sign = -1.0 if func in _SUB and args[1] is v else 1.0  # d(x - αV)/dV = -α; d(V - αx)/dV = 1
         return self._record(v, out, "add", sign * (alpha if args[1] is v else 1), None)
 
+    def _product(self, func: Callable, args: tuple, kwargs: dict, out: Tensor, v: Tensor, others: list[Tensor]) -> bool:
+        """``x @ V`` or ``F.linear(x, V, b)`` with ``x`` batch-first and ``V`` a matrix: the per-sample gradient is
+        ``Σ_l x_{b,l}ᵀ g_{b,l}`` (``(in, out)``; its transpose for ``F.linear``'s ``(out, in)`` weight)."""
+        x = args[0] if args else None
+        bias = (args[2] if len(args) > 2 else kwargs.get("bias")) if func is torch.nn.functional.linear else None
+        if len(args) < 2 or args[1] is not v or v.ndim != 2 or not isinstance(x, Tensor) or x.ndim < 2 \
+                or x.shape[0] != self.batch or not all(o is x or o is bias for o in others):
+            return False
+        return self._record(v, out, "linear" if func is torch.nn.functional.linear else "matmul", 1.0, x.detach())
+
     def _record(self, v: Tensor, out: Tensor, kind: str, scale: float, x: Tensor | None) -> bool:
         roots = self._derived[id(v)][1]
         params = tuple(self._roots[n] for n in roots)
@@ -197,11 +212,15 @@ class RawWatch(TorchFunctionMode):
                 x: Tensor | None, g_out: Tensor) -> dict[str, Tensor]:
         """``{parameter: (B, k) projected block}`` of one use from its output gradient ``g_out``."""
         g = self._wide(g_out)
-        if kind == "mul":
-            g = g * x
-        elif kind == "div":
-            g = g * x / self._wide(v.detach()).square()
-        g_v = per_sample_sum(g, v.shape)
+        if kind in ("matmul", "linear"):  # tokens summed: (B, L, in) and (B, L, out)
+            xs, gs = self._wide(x).reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+            g_v = torch.einsum("bli,blo->bio" if kind == "matmul" else "bli,blo->boi", xs, gs)
+        else:
+            if kind == "mul":
+                g = g * x
+            elif kind == "div":
+                g = g * x / self._wide(v.detach()).square()
+            g_v = per_sample_sum(g, v.shape)
         if scale != 1.0:
             g_v = g_v * scale
         if len(roots) == 1 and _plain_view(v, params[0]):  # (``p`` itself: nothing to do)
