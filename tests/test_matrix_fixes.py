@@ -359,6 +359,8 @@ def test_an_unfinished_log_says_whether_its_writer_still_runs(tmp_path):
     segments = sorted((tmp_path / "log" / "rank-0").glob("seg-*.h5"))
     segments[-1].unlink()  # the final segment (θ_T): the log is unfinished
     assert writer_state(tmp_path / "log") == ("none", {})
+    note = InfluenceLog(tmp_path / "log").end_note  # the lock released: a fit that stopped (exception, Ctrl+C), not one
+    assert "the fit stopped before on_train_end" in note and "still being written" not in note, note  # running
     lock = tmp_path / "log" / "rank-0" / "writer.lock"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     for pid, state, text in [(os.getpid(), "live", "the run is being written now by pid"),

@@ -613,4 +613,8 @@ def _writer_note(path: Path) -> str:
     if state == "gone":
         return (f"the run ended without finishing: its writer, {describe_holder(holder)}, is gone (killed or crashed; "
                 "resume from a Lightning checkpoint to complete the log)")
-    return "the run is still being written or ended without finishing (killed, crashed or stopped before on_train_end)"
+    if state == "none":  # no lock names a writer: the fit let go of the log without reaching on_train_end
+        return ("the run ended without finishing: the fit stopped before on_train_end (an exception, Ctrl+C or SIGTERM) "
+                "and let go of the log; resume from a Lightning checkpoint to complete it")
+    return (f"the run is still being written or ended without finishing (its writer runs on {holder.get('host')}, "
+            "not checked from here; killed, crashed or stopped before on_train_end)")
