@@ -392,3 +392,18 @@ def test_raw_lora_factors_are_hooked(tmp_path, tokens):
     log = InfluenceLog(tmp_path / "log")
     assert log.meta["gradient_engine"] == "hooks"
     assert_rows_are_autograd(log, lambda: RawAdapter("products", tokens).double(), data)
+
+
+class SkipsThenSums(Skips):
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 0 else self.per_sample_loss(batch).sum()
+
+
+def test_the_reduction_is_checked_at_the_first_step_with_a_loss(tmp_path):
+    """The loss reduction is checked once, at the fit's first step; a first step whose ``training_step`` returned
+    ``None`` used that check up, and a summed loss from the second step on was recorded as a mean."""
+    from lightning_influence.step.weights import LossReductionError
+
+    tracker = InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=1)
+    with pytest.raises(LossReductionError, match="at step 1 .*the sum of the per-sample losses"):
+        fit(SkipsThenSums((0,)).double(), loader(make_data(12), batch_size=4), tracker, epochs=1)
