@@ -287,7 +287,8 @@ class InfluenceTracker(Callback):
             self.log_dir, trainer.global_rank, trainer.world_size, trainer.is_global_zero, start, resume_state, fit_meta,
             self.overwrite)  # log/resume.py
         self._continued = continued
-        self._update_watch.install(optimizer, rule, logged_param_groups(self.log_dir) if continued else None)  # log/resume.py
+        self._update_watch.install(optimizer, rule, logged_param_groups(self.log_dir) if continued else None,  # log/resume.py
+                                   names)
         if not continued:
             self._demoted = {}
             start_new_log(self.log_dir, self.overwrite, trainer.is_global_zero)
