@@ -75,7 +75,8 @@ def _require(ok: bool, message: str) -> None:
 
 def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) -> None:
     """Automatic optimization, a single-device or DDP strategy, no fine-tuning callback (it changes the trained
-    parameters mid-fit), no bfloat16 parameters, and a ``per_sample_loss`` when losses are needed."""
+    parameters mid-fit), no sparse-gradient embedding, no bfloat16 parameters, and a ``per_sample_loss`` when losses
+    are needed."""
     if not module.automatic_optimization:
         raise RuntimeError("InfluenceTracker needs automatic optimization (one optimizer.step per training step); "
                            "manual optimization is not supported")
@@ -90,6 +91,12 @@ def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) ->
             f"InfluenceTracker does not support {finetuning[0]}: it unfreezes parameters during the fit and adds them "
             "to the optimizer as a new param group, while the log's tracked parameters, checkpoints and param groups "
             "are those of the fit's start. Track the fine-tuning as its own fit (a log per stage), or train without it")
+    sparse = [n for n, m in module.named_modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad]
+    if sparse:  # refused before the first step: its sparse gradients reach the checks, replay and every estimator
+        raise RuntimeError(f"InfluenceTracker does not support sparse gradients: {sparse[:3]} are "
+                           "nn.Embedding/EmbeddingBag(sparse=True). Train with sparse=False (a dense gradient of the "
+                           "same values) or freeze them (requires_grad_(False))")
     bf16 = [n for n, p in module.named_parameters() if p.requires_grad and p.dtype == torch.bfloat16]
     if bf16:  # the checkpoints (and the loss rows) are numpy/HDF5 arrays, which have no bfloat16
         raise RuntimeError(f"InfluenceTracker cannot store bfloat16 parameters ({bf16[:3]}{', ...' if len(bf16) > 3 else ''}: "

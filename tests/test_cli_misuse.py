@@ -42,6 +42,14 @@ def test_more_cpu_processes_than_cores_is_refused(run, command, tmp_path, capsys
     assert f"use --devices {_cores()} or fewer" in line
 
 
+@pytest.mark.parametrize("workers", ["0", str(_cores() + 1)])
+def test_evaluate_workers_beyond_the_cores_or_below_one_is_refused(run, workers, capsys):
+    """``evaluate --workers 64`` forked 64 retraining processes on a 2-core machine; ``--workers 0`` was an internal
+    ValueError of the evaluator."""
+    line = _error(capsys, "evaluate", run.log, "-c", run.config, "--samples", "top:2", "--datamodel", "--workers", workers)
+    assert f"--workers {workers}: give 1 to {_cores()} (the CPU cores this command may use)" in line
+
+
 def test_cuda_without_a_gpu_is_refused(run, capsys, monkeypatch):
     """``--accelerator cuda`` on a machine without CUDA ran on the CPU and exited 0, as if the GPU had been used."""
     import torch

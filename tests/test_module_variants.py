@@ -407,3 +407,13 @@ def test_the_reduction_is_checked_at_the_first_step_with_a_loss(tmp_path):
     tracker = InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=1)
     with pytest.raises(LossReductionError, match="at step 1 .*the sum of the per-sample losses"):
         fit(SkipsThenSums((0,)).double(), loader(make_data(12), batch_size=4), tracker, epochs=1)
+
+
+def test_a_sparse_embedding_is_refused_before_the_first_step(tmp_path):
+    """``nn.Embedding(sparse=True)`` crashed the tracker at its first step (``reshape is not implemented for sparse
+    tensors``, then the clipping check's ``aten::max``); refused before training, nothing written."""
+    module = MaxNormed().double()
+    module.emb = nn.Embedding(9, 4, sparse=True).double()
+    with pytest.raises(RuntimeError, match=r"sparse gradients: \['emb'\].*sparse=False"):
+        fit(module, loader(_token_data(8, 0), batch_size=4), InfluenceTracker(str(tmp_path / "log")), epochs=1)
+    assert not any(p.is_file() for p in (tmp_path / "log").rglob("*"))

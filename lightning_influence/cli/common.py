@@ -97,7 +97,7 @@ def check_processes(devices: int, num_nodes: int, accelerator: str, outside: boo
         if devices > count:
             raise UserError(f"--devices {devices}: this machine has {count} CUDA device(s); use --devices {count} or fewer")
     elif not outside:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
         if devices > cores:
             raise UserError(f"--devices {devices}: more processes than the {cores} CPU core(s) this command may use (they "
                             f"would only share them, each holding the model and data); use --devices {cores} or fewer")
@@ -105,6 +105,18 @@ def check_processes(devices: int, num_nodes: int, accelerator: str, outside: boo
         raise UserError(f"--num-nodes {num_nodes}: the command must be started on every node, by torchrun or SLURM "
                         "(srun), or by hand with MASTER_ADDR, MASTER_PORT and NODE_RANK set on each "
                         "(docs/scaling.md); started alone here it would wait for the other nodes forever")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_workers(workers: int) -> None:
+    """``--workers``: forked processes, at least one and at most the usable cores (more would only share them)."""
+    cores = usable_cores()
+    if not 1 <= workers <= cores:
+        raise UserError(f"--workers {workers}: give 1 to {cores} (the CPU cores this command may use)")
 
 
 # ------------------------------------------------------------------------------ log loading

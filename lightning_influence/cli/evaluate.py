@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lightning_influence.cli.common import (UserError, add_process_args, csv_text, drift_line, emit, flip_cell,
-                                            format_table, json_text, output_format, parse_window, processes,
+from lightning_influence.cli.common import (UserError, add_process_args, check_workers, csv_text, drift_line, emit,
+                                            flip_cell, format_table, json_text, output_format, parse_window, processes,
                                             progress_bar, status)
 from lightning_influence.cli.context import RunContext, prepare
 from lightning_influence.cli.methods import (METHODS, Method, call_with, canonical_method, check_records, default_method,
@@ -99,6 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     methods = args.method or [default_method()]
     args.method = methods[0]
+    check_workers(args.workers)
     procs = processes(args)
     if procs is not None and (args.pbrf or args.gap or args.datamodel):
         raise UserError("--pbrf, --gap and --datamodel run in one process (every process of a --devices/--num-nodes "
