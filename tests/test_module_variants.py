@@ -417,3 +417,17 @@ def test_a_sparse_embedding_is_refused_before_the_first_step(tmp_path):
     with pytest.raises(RuntimeError, match=r"sparse gradients: \['emb'\].*sparse=False"):
         fit(module, loader(_token_data(8, 0), batch_size=4), InfluenceTracker(str(tmp_path / "log")), epochs=1)
     assert not any(p.is_file() for p in (tmp_path / "log").rglob("*"))
+
+
+def test_hvp_rows_of_a_checkpointed_model_are_those_of_the_same_model_without(tmp_path):
+    """The tracker's HVP passes evaluate gradients at ``θ ± εv``; a checkpointed block recomputed its forward at the
+    live ``θ`` in their backward. The rows now equal those of the same run without checkpointing."""
+    data, rows = make_data(18, seed=0), {}
+    for mode in (False, None):
+        torch.manual_seed(0)
+        tracker = InfluenceTracker(str(tmp_path / str(mode)), record_gradients=True, record_hvp=True, projection_dim=6,
+                                   storage_dtype="float64")
+        fit(Checkpointed(mode).double(), loader(data, batch_size=6), tracker, epochs=1)
+        rows[mode] = [rec.hvps for rec in InfluenceLog(tmp_path / str(mode)).iter_steps(fields=("hvp",))]
+    for checkpointed, plain in zip(rows[False], rows[None]):
+        np.testing.assert_allclose(checkpointed, plain, rtol=1e-9, atol=1e-12 * np.abs(plain).max())
