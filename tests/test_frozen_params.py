@@ -126,3 +126,25 @@ def test_info_names_the_frozen_parameters_and_verify_reads_them(run, tmp_path, c
     assert "frozen parameters" in capsys.readouterr().out
     assert main(["query", str(damaged), "-m", "tracin", "-q"]) == 2  # one line, exit 2, not an internal error
     assert "frozen parameters" in capsys.readouterr().err
+
+
+def test_the_frozen_check_is_redone_only_after_a_change(run):
+    """checkpoint_params checks the module's frozen parameters at every checkpoint it reads: compared once, again only
+    when one changed in place (its version counter moved), and then refused."""
+    from lightning_influence.replay import checkpoint_params
+
+    _, mod, log = run
+    module = restore_frozen(log, mod.Head(hidden=8, lr=0.02))
+    calls = []
+    real = torch.equal
+    torch.equal = lambda a, b: calls.append(1) or real(a, b)
+    try:
+        for t in log.checkpoint_steps:
+            checkpoint_params(log, module, t)
+        assert len(calls) == 4  # the 4 frozen tensors, once
+        with torch.no_grad():
+            module.backbone[0].weight.add_(1e-3)
+        with pytest.raises(ValueError, match="frozen parameter 'backbone.0.weight' differs"):
+            checkpoint_params(log, module, log.checkpoint_steps[0])
+    finally:
+        torch.equal = real

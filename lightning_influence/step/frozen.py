@@ -27,6 +27,9 @@ __all__ = ["changed_frozen", "check_frozen", "frozen_parameters", "load_frozen",
            "store_frozen"]
 
 _LOADED: "weakref.WeakKeyDictionary[Any, dict[str, Tensor] | None]" = weakref.WeakKeyDictionary()
+# module -> (log, (id, version) of its frozen parameters) when last found equal to the log's: checkpoint_params calls
+# check_frozen for every checkpoint a sweep reads, and a frozen backbone is the model's largest part
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[tuple[int, int], ...]]]" = weakref.WeakKeyDictionary()
 
 
 def frozen_parameters(module: nn.Module) -> dict[str, Tensor]:
@@ -132,6 +135,9 @@ def check_frozen(log: Any, module: nn.Module) -> None:
     """Refuse a module whose frozen parameters are not the values training used (the log's): every forward of replay
     and of the estimators would run another model (a freshly built module's random initialisation, say)."""
     stored, live = _matching(log, module)
+    seen = (id(log), tuple((id(p), p._version) for p in live.values()))  # unchanged since checked: not compared again
+    if not live or _CHECKED.get(module) == seen:
+        return
     for n, p in live.items():
         ref = stored[n]
         if tuple(p.shape) != tuple(ref.shape) or not torch.equal(p.detach().to("cpu", ref.dtype), ref):
@@ -139,3 +145,4 @@ def check_frozen(log: Any, module: nn.Module) -> None:
                 f"the module's frozen parameter {n!r} differs from the one training used (the log stores the run's "
                 f"frozen parameters, {len(stored)} tensors): a freshly built module? Pass the trained module, or load "
                 "them first: lightning_influence.restore_frozen(log, module)")
+    _CHECKED[module] = seen
