@@ -242,7 +242,7 @@ def test_micro_batch_losses_add_up_to_the_weighted_step_loss(sizes: list[int], a
         assert got == pytest.approx(want, rel=1e-14)
 
 
-def test_a_tensor_learning_rate_replays_bit_exactly(tmp_path: Any) -> None:
+def test_a_tensor_learning_rate_replays_bit_exactly(tmp_path: Any, capsys: Any) -> None:
     """``Adam(lr=torch.tensor(...))`` under a per-step schedule (which fills the tensor): replayed with a tensor lr, as
     trained, bit for bit (a float lr takes other kernels: drift 1.8e-7 on the digits MLP, and ``meta.h5`` had no lr)."""
 
@@ -257,6 +257,11 @@ def test_a_tensor_learning_rate_replays_bit_exactly(tmp_path: Any) -> None:
     assert group["tensor_lr"] is True and group["lr"] == pytest.approx(0.05)
     assert len(set(log.lrs[:, 0].tolist())) == log.num_steps  # the schedule moved it every step
     assert replay_exactly(log, ds, TensorLr()) == log.num_steps + 1
+    from lightning_influence.cli import main
+
+    assert main(["info", str(tmp_path / "log")]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("optimizer"))
+    assert "lr=0.05" in line and "tensor_lr" in line  # info named no lr (the log had none)
 
 
 class _ClipFirst(pl.Callback):
