@@ -8,6 +8,7 @@ on top of the module's per-sample loss; none of them knows about Lightning.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -107,7 +108,8 @@ def query_names(query: Query, n: int) -> list[str]:
 
 @contextlib.contextmanager
 def evaluation_mode(module: nn.Module, norms: bool = False) -> Iterator[None]:
-    """Evaluate a query as Lightning validates: dropout and other train-only randomness off (``eval()``).
+    """Evaluate a query as Lightning validates: dropout and other train-only randomness off (``eval()``), attention
+    through the path its gradients take (:class:`_FastPathOff`).
 
     A query is a function of θ (math §1); evaluated in train mode, dropout would draw new masks at each
     call and every score, and the ground truth, would be noise. ``norms``: the running statistics of the
@@ -120,11 +122,44 @@ def evaluation_mode(module: nn.Module, norms: bool = False) -> Iterator[None]:
     for m, _ in modes:
         if norms or not isinstance(m, nn.modules.batchnorm._NormBase):
             m.training = False
+    _FAST_PATH.enter()
     try:
         yield
     finally:
+        _FAST_PATH.exit()
         for m, training in modes:
             m.training = training
+
+
+class _FastPathOff:
+    """``torch.backends.mha`` fast path off while any thread is inside :func:`evaluation_mode` (a process-wide flag: the
+    first entry clears it, the last exit restores it). In eval mode without gradients ``nn.TransformerEncoder(Layer)``
+    and ``nn.MultiheadAttention`` take a fused path whose outputs at ``src_key_padding_mask``'s padded positions are
+    zeros (nested tensors), where the path gradients go through computes values: a query reading them (a mean over
+    every position) had values of another function than its gradients (2.48 apart at a padded position), so DIT,
+    TracIn and the ground truth disagreed by construction. Off, every query evaluation is the one function its
+    gradients are of (``tests/test_module_variants.py``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = True
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+            self._depth += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                torch.backends.mha.set_fastpath_enabled(self._saved)
+
+
+_FAST_PATH = _FastPathOff()
 
 
 def evaluate_query(module: nn.Module, query: Query, params: Mapping[str, torch.Tensor] | None = None,

@@ -58,6 +58,8 @@ def test_old_positional_forms_fail_clearly(name):
         fn("LOG", model, [(0, 0, 0)], lambda m: m.weight.sum())  # the old (log, module, train_data, query) form
     with pytest.raises(TypeError, match="the second argument is the query, got the model Linear"):
         fn("LOG", model)
+    with pytest.raises(TypeError, match=r"got a dict; for a batch's mean loss pass .*mean_loss\(batch\)"):
+        fn("LOG", {"x": torch.zeros(2, 2)})  # a batch where its query belongs (it failed comparing str and int)
 
 
 def test_tracin_old_positional_module_fails_clearly():

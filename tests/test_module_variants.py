@@ -431,3 +431,38 @@ def test_hvp_rows_of_a_checkpointed_model_are_those_of_the_same_model_without(tm
         rows[mode] = [rec.hvps for rec in InfluenceLog(tmp_path / str(mode)).iter_steps(fields=("hvp",))]
     for checkpointed, plain in zip(rows[False], rows[None]):
         np.testing.assert_allclose(checkpointed, plain, rtol=1e-9, atol=1e-12 * np.abs(plain).max())
+
+
+class PaddedEncoder(TinyClassifier):
+    """``nn.TransformerEncoder`` with ``src_key_padding_mask``, pooled over every position, padded ones included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = None
+        self.emb, self.head = nn.Embedding(9, 8, padding_idx=0), nn.Linear(8, 2)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
+
+    def per_sample_loss(self, batch):
+        h = self.enc(self.emb(batch[0]), src_key_padding_mask=batch[0] == 0)
+        return nn.functional.cross_entropy(self.head(h.mean(1)), batch[1], reduction="none")
+
+
+def test_query_values_and_gradients_are_of_one_function_under_a_padding_mask():
+    """Without gradients, an eval-mode ``TransformerEncoder`` takes PyTorch's fused path, whose outputs at padded
+    positions are zeros; with gradients it computes them. A query's value (the ground truth's, ``evaluate_query``) and
+    its gradient (DIT's, TracIn's) were of two functions. Now both are the differentiable path's; Lightning-style
+    fast-path use outside the package is left as it is."""
+    from lightning_influence.queries import evaluate_query, query_gradients
+
+    torch.manual_seed(0)
+    module, val = PaddedEncoder().double(), _token_data(6, 1)
+    query = mean_loss(tuple(val.tensors))
+    names = [n for n, _ in module.named_parameters()]
+    with torch.no_grad():
+        value = evaluate_query(module, query)
+    _, with_grad = query_gradients(module, query, names)
+    reference = query(module.train())  # dropout 0: train mode computes every position (no fast path)
+    torch.testing.assert_close(value.reshape(-1), with_grad.reshape(-1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(value.reshape(-1), reference.detach().reshape(-1), rtol=1e-12, atol=1e-14)
+    assert torch.backends.mha.get_fastpath_enabled()

@@ -30,6 +30,10 @@ def estimator_api(fn: F) -> F:
         if isinstance(query, nn.Module):
             raise TypeError(f"{name}(): the second argument is the query, got the model {type(query).__name__}; "
                             f"call {usage}")
+        if query is not None and not callable(query):  # a batch given where its query belongs
+            raise TypeError(f"{name}(): the query is a function of the model, f(module) -> Tensor, got a "
+                            f"{type(query).__name__}; for a batch's mean loss pass "
+                            "lightning_influence.queries.mean_loss(batch) (or sample_losses, prediction)")
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
