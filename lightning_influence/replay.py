@@ -217,8 +217,8 @@ def build_optimizer(log: InfluenceLog, params: Mapping[str, Tensor], state_step:
             raise ValueError(f"param group {gi} of the logged optimizer holds {missing[:5]}, which are not among the "
                              f"parameters given ({sorted(params)[:10]}): the module does not match the log")
         hyper = {k: _to_hyper(v) for k, v in g.items() if k in accepted}
-        if g.get("tensor_lr"):  # a tensor lr takes other kernels than a float one: replayed as trained, bit for bit
-            hyper["lr"] = torch.tensor(float(g["lr"]))
+        for k in set(g.get("tensors") or ()) & accepted:  # a tensor lr or betas take other kernels: replayed as trained
+            hyper[k] = torch.tensor(float(g[k])) if np.ndim(g[k]) == 0 else tuple(torch.tensor(float(x)) for x in g[k])
         groups.append({"params": [params[n] for n in names], **hyper})
         seen += names
     extra = sorted(set(params) - set(seen))

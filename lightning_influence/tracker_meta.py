@@ -35,8 +35,10 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
     groups = []
     for g in optimizer.param_groups:
         hyper = {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
-        if isinstance(g.get("lr"), torch.Tensor) and g["lr"].numel() == 1:  # Adam(lr=torch.tensor(...)): its own code path
-            hyper.update(lr=float(g["lr"]), tensor_lr=True)
+        # Adam(lr=torch.tensor(...), betas=(torch.tensor(...), ...)): floats, and the keys replay makes tensors again
+        tensors = [k for k, v in g.items() if k not in ("params", "initial_lr") and _scalar_tensors(v)]
+        hyper.update({k: float(g[k]) if isinstance(g[k], torch.Tensor) else [float(x) for x in g[k]] for k in tensors})
+        hyper.update({"tensors": tensors} if tensors else {})
         # the trainable ones, as the checkpoints: a frozen parameter has no gradient, the optimizer never updates it
         groups.append({**hyper, "params": [names[id(p)] for p in g["params"] if p.requires_grad]})
     dataset = getattr(trainer.train_dataloader, "dataset", None)
@@ -82,6 +84,13 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
         "optimizer": {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
                       "param_groups": groups},
     }
+
+
+def _scalar_tensors(value: Any) -> bool:
+    """A param-group value that is a one-element tensor, or a tuple/list holding one (Adam's ``betas``)."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    return any(isinstance(x, torch.Tensor) for x in items) and all(
+        isinstance(x, (int, float)) or isinstance(x, torch.Tensor) and x.numel() == 1 for x in items)
 
 
 def engine_metadata(tracked: Sequence[str], hooked: Sequence[str], demoted: Mapping[str, int],

@@ -243,25 +243,27 @@ def test_micro_batch_losses_add_up_to_the_weighted_step_loss(sizes: list[int], a
 
 
 def test_a_tensor_learning_rate_replays_bit_exactly(tmp_path: Any, capsys: Any) -> None:
-    """``Adam(lr=torch.tensor(...))`` under a per-step schedule (which fills the tensor): replayed with a tensor lr, as
-    trained, bit for bit (a float lr takes other kernels: drift 1.8e-7 on the digits MLP, and ``meta.h5`` had no lr)."""
+    """``Adam(lr=torch.tensor(...), betas=(torch.tensor(...), ...))`` under a per-step schedule (which fills the lr
+    tensor): replayed with tensors, as trained, bit for bit (a float lr takes other kernels: drift 1.8e-7 on the digits
+    MLP, and ``meta.h5`` had no lr; tensor betas stopped the fit at its start, a tensor is not JSON)."""
 
     class TensorLr(TinyClassifier):
         def configure_optimizers(self) -> Any:
-            opt = torch.optim.Adam(self.parameters(), lr=torch.tensor(0.05), weight_decay=0.01)
+            opt = torch.optim.Adam(self.parameters(), lr=torch.tensor(0.05), betas=(torch.tensor(0.9), torch.tensor(0.95)),
+                                   weight_decay=0.01)
             sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     log, ds, _ = tracked_run(tmp_path, module=TensorLr())
     group = log.meta["optimizer"]["param_groups"][0]
-    assert group["tensor_lr"] is True and group["lr"] == pytest.approx(0.05)
+    assert {"lr", "betas"} <= set(group["tensors"]) and group["lr"] == pytest.approx(0.05) and group["betas"][1] == pytest.approx(0.95)
     assert len(set(log.lrs[:, 0].tolist())) == log.num_steps  # the schedule moved it every step
     assert replay_exactly(log, ds, TensorLr()) == log.num_steps + 1
     from lightning_influence.cli import main
 
     assert main(["info", str(tmp_path / "log")]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("optimizer"))
-    assert "lr=0.05" in line and "tensor_lr" in line  # info named no lr (the log had none)
+    assert "lr=0.05" in line and "tensor lr, tensor betas" in line  # info named no lr (the log had none)
 
 
 class _ClipFirst(pl.Callback):

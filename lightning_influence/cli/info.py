@@ -107,7 +107,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     v = summary["versions"] or {}
     created = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary["created"])) if summary["created"] else "?"
     hyper = "; ".join(", ".join([f"{k}={g[k]}" for k in ("lr", "momentum", "weight_decay", "betas") if k in g]
-                                + [k for k in ("nesterov", "amsgrad", "centered", "fused", "foreach", "tensor_lr") if g.get(k)])
+                                + [k for k in ("nesterov", "amsgrad", "centered", "fused", "foreach") if g.get(k)]
+                                + [f"tensor {k}" for k in g.get("tensors") or ()])
                       for g in summary["param_groups"])
     per_epoch = "/".join(str(c) for c in sorted(set(counts.tolist())))
     what = [k for k in ("ids", "lrs", "losses", "gradients", "hvp", "checkpoints") if recorded.get(k)]
