@@ -351,3 +351,14 @@ def test_gradients_changed_after_the_first_step_are_refused_at_their_step(tmp_pa
     if clip is not None:  # the clip binds: the norms checked against the clipped ones
         assert all(float(log.step_column(t, "clip_coef")) < 1 for t in range(log.num_steps))
     assert replay_exactly(log, ds, TinyClassifier(lr=0.5, momentum=0.9)) == log.num_steps + 1
+
+
+def test_the_per_step_gradient_check_allows_float16_rounding(tmp_path: Any) -> None:
+    """precision="16-true" (float16 parameters and gradients), the Trainer's norm clipping binding and a module hook
+    that reads the gradients: the clipped norms differ from the expected ones by float16 rounding only, accepted (it
+    was refused at step 1 with a tolerance of 1e-5); a hand-written clip in the same run is still refused."""
+    log, _, _ = tracked_run(tmp_path / "reads", module=_LogsGradNorms(lr=0.5, momentum=0.9), precision="16-true",
+                            gradient_clip_val=0.05)
+    assert log.num_steps == 10 and float(log.step_column(9, "clip_coef")) < 1
+    with pytest.raises(ClippingError, match="at step 5"):
+        tracked_run(tmp_path / "late", module=_LateClip(lr=0.5, momentum=0.9), precision="16-true", gradient_clip_val=0.05)

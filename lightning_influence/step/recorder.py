@@ -184,7 +184,8 @@ class StepRecorder:
             expected = _expected(b, self.spec, coef)
             scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-30)
             worst = max(worst, float((a.detach() - expected).abs().max()) / scale if a.numel() else 0.0)
-        if worst > 1e-5:
+        dtype = next((a.dtype for a in after if a is not None), torch.float32)
+        if worst > max(1e-5, 16 * torch.finfo(dtype).eps):  # float16 gradients (16-true): the clip's own rounding
             what = (f"Trainer(gradient_clip_val={self.spec.value}, gradient_clip_algorithm={self.spec.algorithm!r})"
                     if self.spec else "no clipping (Trainer(gradient_clip_val=None))")
             who = ("configure_gradient_clipping (or the LightningModule's on_before_optimizer_step, or a callback listed "
