@@ -43,43 +43,73 @@ def _losses(loss_fn: LossFn, module: nn.Module, batch: Any) -> torch.Tensor:
     return loss_fn(module, batch)
 
 
+class _Query:
+    """A query built by the helpers below: a module-level class, so that it pickles (``ddp_spawn`` processes,
+    ``replay_loo(processes=N)``, ``distributed.sweep``: docs/scaling.md); ``query_names`` names its outputs."""
+
+    query_names: list[str]
+
+
+class _MeanLoss(_Query):
+    def __init__(self, batch: Any, loss_fn: LossFn, name: str) -> None:
+        self.batch, self.loss_fn, self.query_names = batch, loss_fn, [name]
+
+    def __call__(self, module: nn.Module) -> torch.Tensor:
+        return _losses(self.loss_fn, module, self.batch).mean()
+
+
+class _SampleLosses(_Query):
+    def __init__(self, batch: Any, loss_fn: LossFn, names: Sequence[str] | None) -> None:
+        self.batch, self.loss_fn = batch, loss_fn
+        if names is not None:
+            self.query_names = list(names)
+
+    def __call__(self, module: nn.Module) -> torch.Tensor:
+        return _losses(self.loss_fn, module, self.batch)
+
+
+class _Prediction(_Query):
+    def __init__(self, inputs: torch.Tensor, target_class: int, margin: bool, name: str | None) -> None:
+        self.inputs, self.target_class, self.margin = inputs, target_class, margin
+        self.query_names = [name or f"{'margin' if margin else 'logit'}[{target_class}]"]
+
+    def __call__(self, module: nn.Module) -> torch.Tensor:
+        logits = module(self.inputs).reshape(-1)
+        c = self.target_class
+        if not 0 <= c < len(logits):  # a negative class would index from the end
+            raise ValueError(f"class {c} is not among the model's {len(logits)} outputs (classes 0.."
+                             f"{len(logits) - 1})")
+        if not self.margin:
+            return logits[c]
+        others = torch.cat([logits[:c], logits[c + 1 :]])
+        return logits[c] - others.max()
+
+
+class _EvalMode(_Query):
+    def __init__(self, query: Query) -> None:
+        self.query = query
+        if hasattr(query, "query_names"):
+            self.query_names = list(query.query_names)  # type: ignore[attr-defined]
+
+    def __call__(self, module: nn.Module) -> torch.Tensor:
+        with evaluation_mode(module):
+            return self.query(module)
+
+
 def mean_loss(batch: Any, loss_fn: LossFn = default_loss_fn, name: str = "mean_loss") -> Query:
     """Mean per-sample loss over ``batch`` (e.g. the whole validation set; :class:`Batches`: over all of theirs):
     one query."""
-
-    def f(module: nn.Module) -> torch.Tensor:
-        return _losses(loss_fn, module, batch).mean()
-
-    f.query_names = [name]  # type: ignore[attr-defined]
-    return f
+    return _MeanLoss(batch, loss_fn, name)
 
 
 def sample_losses(batch: Any, loss_fn: LossFn = default_loss_fn, names: Sequence[str] | None = None) -> Query:
     """The loss of each sample of ``batch`` (or of :class:`Batches`): ``B`` queries swept together."""
-
-    def f(module: nn.Module) -> torch.Tensor:
-        return _losses(loss_fn, module, batch)
-
-    if names is not None:
-        f.query_names = list(names)  # type: ignore[attr-defined]
-    return f
+    return _SampleLosses(batch, loss_fn, names)
 
 
 def prediction(inputs: torch.Tensor, target_class: int, margin: bool = False, name: str | None = None) -> Query:
     """Logit of ``target_class`` for ``inputs`` (one input, batch dim 1), or its margin over the best other class."""
-
-    def f(module: nn.Module) -> torch.Tensor:
-        logits = module(inputs).reshape(-1)
-        if not 0 <= target_class < len(logits):  # a negative class would index from the end
-            raise ValueError(f"class {target_class} is not among the model's {len(logits)} outputs (classes 0.."
-                             f"{len(logits) - 1})")
-        if not margin:
-            return logits[target_class]
-        others = torch.cat([logits[:target_class], logits[target_class + 1 :]])
-        return logits[target_class] - others.max()
-
-    f.query_names = [name or f"{'margin' if margin else 'logit'}[{target_class}]"]  # type: ignore[attr-defined]
-    return f
+    return _Prediction(inputs, target_class, margin, name)
 
 
 def eval_mode(query: Query) -> Query:
@@ -88,14 +118,7 @@ def eval_mode(query: Query) -> Query:
     The estimators and the ground truth already evaluate every query that way (:func:`evaluate_query`);
     wrap a query to get the same value when calling it yourself on a module in train mode.
     """
-
-    def f(module: nn.Module) -> torch.Tensor:
-        with evaluation_mode(module):
-            return query(module)
-
-    if hasattr(query, "query_names"):
-        f.query_names = list(query.query_names)  # type: ignore[attr-defined]
-    return f
+    return _EvalMode(query)
 
 
 def query_names(query: Query, n: int) -> list[str]:

@@ -225,7 +225,7 @@ def check_applied_gradient(step: int, rows: torch.Tensor, weights: Any, project:
     grads = {n: (live[n].grad if live[n].grad is not None else torch.zeros_like(live[n])).detach().unsqueeze(0).to(rows.dtype)
              for n in names}
     applied = project(grads)[0].double()
-    summed = torch.as_tensor(np.asarray(weights, dtype=np.float64), device=rows.device) @ rows.double()
+    summed = torch.tensor(np.asarray(weights, dtype=np.float64), device=rows.device) @ rows.double()  # a copy: the weights are read-only
     scale = max(float(applied.norm()), float(summed.norm()), 1e-30)
     diff = float((applied - summed).norm()) / scale
     dtype = next((live[n].dtype for n in names if live[n].is_floating_point()), torch.float32)

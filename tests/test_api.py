@@ -123,3 +123,23 @@ def test_to_pandas_without_pandas_says_what_to_use(monkeypatch):
                         lambda name, *a, **k: (_ for _ in ()).throw(ImportError()) if name == "pandas" else real(name, *a, **k))
     with pytest.raises(ImportError, match="to_csv"):
         _scores().to_pandas()
+
+
+def test_the_query_helpers_pickle():
+    """ddp_spawn processes (replay_loo(processes=N), distributed.sweep/run) pickle the query: the helpers were closures
+    ('Can't pickle local object mean_loss.<locals>.f'), so docs/scaling.md's examples failed with them."""
+    import pickle
+
+    from lightning_influence.queries import eval_mode, mean_loss, prediction, sample_losses
+
+    class Module(torch.nn.Linear):
+        def per_sample_loss(self, batch):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+    torch.manual_seed(0)
+    module, batch = Module(4, 3), (torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    for q in (mean_loss(batch), sample_losses(batch, names=list("abcde")), sample_losses(batch),
+              prediction(batch[0][:1], 2, margin=True), eval_mode(mean_loss(batch, name="val"))):
+        again = pickle.loads(pickle.dumps(q))
+        assert torch.equal(again(module), q(module)) and getattr(again, "query_names", None) == getattr(q, "query_names", None)
+    assert not hasattr(sample_losses(batch), "query_names")  # unnamed: q0, q1, ... (query_names)

@@ -362,3 +362,23 @@ def test_the_per_step_gradient_check_allows_float16_rounding(tmp_path: Any) -> N
     assert log.num_steps == 10 and float(log.step_column(9, "clip_coef")) < 1
     with pytest.raises(ClippingError, match="at step 5"):
         tracked_run(tmp_path / "late", module=_LateClip(lr=0.5, momentum=0.9), precision="16-true", gradient_clip_val=0.05)
+
+
+def test_the_first_step_gradient_check_warns_nothing_on_read_only_weights() -> None:
+    """The step's weights are a read-only array: the check copied them into torch without a copy, and torch printed
+    'The given NumPy array is not writable' into every fit with gradient rows (once a process: a fresh one here)."""
+    import subprocess
+    import sys
+    code = """
+import types, warnings, numpy as np, torch
+from lightning_influence.tracker_checks import check_applied_gradient
+lin = torch.nn.Linear(3, 2, bias=False)
+rows = torch.randn(4, 6)
+weights = np.full(4, 0.25); weights.flags.writeable = False
+lin.weight.grad = (torch.from_numpy(weights.copy()).float() @ rows).reshape(2, 3)
+project = lambda grads: torch.cat([g.flatten(1) for g in grads.values()], 1)
+warnings.simplefilter("error")
+assert check_applied_gradient(0, rows, weights, project, lin, ["weight"], 1, types.SimpleNamespace(autocast_device=None))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "not writable" not in out.stderr, out.stderr[-2000:]
