@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
+import numpy as np
 from torch import nn
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,10 +31,16 @@ def estimator_api(fn: F) -> F:
         if isinstance(query, nn.Module):
             raise TypeError(f"{name}(): the second argument is the query, got the model {type(query).__name__}; "
                             f"call {usage}")
-        if query is not None and not callable(query):  # a batch given where its query belongs
+        if query is not None and not callable(query) and not _query_gradients(query):  # a batch where its query belongs
             raise TypeError(f"{name}(): the query is a function of the model, f(module) -> Tensor, got a "
                             f"{type(query).__name__}; for a batch's mean loss pass "
                             "lightning_influence.queries.mean_loss(batch) (or sample_losses, prediction)")
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _query_gradients(query: Any) -> bool:
+    """``query`` is precomputed query gradients by checkpoint step (``tracin``'s and ``dit_gauss_newton``'s
+    ``Mapping[int, ndarray]``, what ``distributed.run`` passes), not a batch (a dict batch has string keys)."""
+    return isinstance(query, Mapping) and len(query) > 0 and all(isinstance(k, (int, np.integer)) for k in query)
