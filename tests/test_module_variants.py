@@ -210,6 +210,7 @@ def test_a_training_step_returning_none_is_left_out_of_its_step(tmp_path, accumu
         assert torch.equal(last.params[n], p.detach()), n
     assert_rows_are_autograd(log, lambda: Skips(skip).double(), data)
     assert main(["info", str(tmp_path / "log")]) == 0
+    assert main(["info", "--verify", str(tmp_path / "log")]) == 0  # its NaN losses are a skipped step's
 
 
 class SpectralNormed(TinyClassifier):
