@@ -24,7 +24,6 @@ import functools
 import json
 import time
 import warnings
-from collections import deque
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -48,7 +47,7 @@ from lightning_influence.step import rng
 from lightning_influence.step.buffers import changed_buffers, cloned, persistent_buffers, trainable_copies
 from lightning_influence.step.frozen import changed_frozen, mark_changed
 from lightning_influence.step.modes import ModeWatch
-from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, drop_skipped, fill_record,
+from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, drop_skipped,
                                               random_states)
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
@@ -58,13 +57,13 @@ from lightning_influence.tracker_checks import (UpdateWatch, check_applied_gradi
                                                 check_optimizers, check_training_set, generators_kept, no_stop_iteration,
                                                 trainer_precision)
 from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
+from lightning_influence.tracker_inflight import InFlight
 from lightning_influence.tracker_dev_run import DevRun
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-_IN_FLIGHT = 2  # steps whose device-to-host copies may still be running before the tracker waits for the oldest
 
 
 class InfluenceTracker(Callback):
@@ -223,8 +222,7 @@ class InfluenceTracker(Callback):
         self._lock: WriterLock | None = None  # this rank's exclusive writer lock, held from on_train_start to teardown
         self._with_ids = False  # the training set is a WithIds: (x, ids) batches carry ids
         self._dataset_size: int | None = None
-        # see _add_step
-        self._in_flight: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()
+        self._in_flight = InFlight()  # recorded steps on their way to the writer (tracker_inflight.py)
         self._step_model = StepRecorder()  # sample weights and gradient clipping of each step
         self._dev_run = DevRun()  # fast_dev_run writes its log to a temporary folder
         self._final = FinalCheckpoint()  # θ_T as the last step left it (a weight-averaging callback replaces it)
@@ -534,31 +532,14 @@ class InfluenceTracker(Callback):
         return self._global_zero and (step == self._first_step or bool(every and step % every == 0))
 
     def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy) -> None:
-        """Queue the step for the writer and hand on finished ones.
-
-        Up to ``_IN_FLIGHT`` steps stay in flight, so training never waits for the device at a step, and steps are
-        handed on a few at a time (on the CPU: ``_IN_FLIGHT + 1`` at once, whose checks then run back to back, on
-        warm caches: far cheaper than one step at a time between two training steps). The first step of a fit is
-        handed on at once, so whatever it would refuse is refused at the first step.
-        """
-        step = record.step
-        self._in_flight.append((record, checkpoint, copy))
-        self._land(0 if step == self._fit_start else _IN_FLIGHT)
+        """Queue the step for the writer and hand on finished ones (``tracker_inflight``)."""
+        self._in_flight.add(record, checkpoint, copy, self._land, first=record.step == self._fit_start)
         self._steps_recorded += 1
-        self._next_step = step + 1
+        self._next_step = record.step + 1
 
     def _land(self, keep: int = 0) -> None:
-        """Once more than ``keep`` steps are in flight, hand them to the writer, oldest first: all whose copies are
-        done, and any beyond ``keep``. Each step's ids are checked here (``check_ids``: not batch by batch)."""
-        if len(self._in_flight) <= keep:
-            return
-        while self._in_flight and (len(self._in_flight) > keep or self._in_flight[0][2].ready()):
-            record, checkpoint, copy = self._in_flight.popleft()
-            fill_record(record, checkpoint, copy.wait())
-            check_ids(record.ids, self.ids_key, self._dataset_size)
-            self._writer.add_step(record, checkpoint)  # validates: a non-finite value raises, naming step and sample ids
-            if self._live is not None:
-                self._live.on_step(record.step, record, self._writer.bytes_written)
+        """Hand the steps in flight beyond ``keep`` (and any whose copies are done) to the writer."""
+        self._in_flight.land(self._writer, self.ids_key, self._dataset_size, self._live, keep)
 
     @no_stop_iteration
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -609,7 +590,7 @@ class InfluenceTracker(Callback):
         step = self._update_watch.refused
         if step is None:
             return
-        self._in_flight = deque(entry for entry in self._in_flight if entry[0].step < step)
+        self._in_flight.drop_from(step)
         if not self._writer.discard_from(step):
             warnings.warn(f"InfluenceTracker: step {step}, refused, was already written in a closed segment; the log "
                            "keeps it as recorded (its learning rates are not the ones the update used)")

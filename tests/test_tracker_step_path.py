@@ -97,7 +97,7 @@ def test_cpu_rows_without_checkpoint_skip_the_walk_and_copy_as_the_general_path(
 
 
 def test_steps_reach_the_writer_in_groups_and_the_log_is_the_same(tmp_path, monkeypatch):
-    """On the CPU every copy is ready at once, yet steps are handed on ``_IN_FLIGHT + 1`` at a time (the first at
+    """On the CPU every copy is ready at once, yet steps are handed on ``tracker_inflight.IN_FLIGHT + 1`` at a time (the first at
     once); the log equals one written step by step."""
     kw = dict(record_gradients=True, projection_dim=4, checkpoint_every_n_steps=3, flush_every_n_steps=2)
     module_kw = dict(dropout=0.3)
