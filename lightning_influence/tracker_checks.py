@@ -12,6 +12,7 @@ Lightning's ``MixedPrecision``, gradients changed before the tracker's ``on_befo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import random
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import nn
 from torch.utils.data import default_collate
 
@@ -340,7 +342,7 @@ def check_dataset(loader: Any, batch: Any = None, ids: torch.Tensor | None = Non
             return
         collate = loader_collate(loader)
         rebuilt = (collate or default_collate)([dataset[int(i)] for i in ids.tolist()])
-    if not _same(_cast_like(rebuilt, batch), _on_cpu(batch)):
+    if not _same(_cast_like(rebuilt, batch), apply_to_collection(batch, torch.Tensor, lambda t: t.detach().cpu())):
         how = f"its DataLoader's collate_fn {getattr(collate, '__qualname__', collate)!r}" if collate else "default_collate"
         hooks = [h for h in ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
                  if not getattr(getattr(type(module), h, None), "__module__", "lightning.").startswith("lightning.")]
@@ -353,16 +355,6 @@ def check_dataset(loader: Any, batch: Any = None, ids: torch.Tensor | None = Non
                "Make the collate function deterministic (random masking or cropping belongs in the training step, "
                "drawn from torch's generator)")
             + ", or pass InfluenceTracker(store_inputs=True) to store the exact inputs of every micro-batch")
-
-
-def _on_cpu(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.detach().cpu()
-    if isinstance(batch, dict):
-        return {k: _on_cpu(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_on_cpu(v) for v in batch) if type(batch) in (list, tuple) else [_on_cpu(v) for v in batch]
-    return batch
 
 
 def _cast_like(rebuilt: Any, batch: Any) -> Any:
@@ -429,6 +421,8 @@ def _same(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if dataclasses.is_dataclass(a) and not isinstance(a, type) and type(a) is type(b):  # a dataclass batch, field by field
+        return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - objects without a usable equality cannot be checked

@@ -150,17 +150,28 @@ class _Shifts(TinyClassifier):
         return [batch[0] * 2, *batch[1:]]
 
 
+def _noisy_dataclass(items):  # the same, inside a dataclass batch
+    return _Batch(*_noisy(items))
+
+
+class _OnDataclassesPlain(TinyClassifier):
+    def per_sample_loss(self, batch):
+        return F.cross_entropy(self(batch.x), batch.y, reduction="none")
+
+
 @pytest.mark.parametrize("collate, module, match", [
     (_noisy, TinyClassifier, r"collate_fn '_noisy' applied to ds\[i\] .* Make the collate function deterministic"),
+    (_noisy_dataclass, _OnDataclassesPlain, r"collate_fn '_noisy_dataclass' applied to ds\[i\]"),
     (_stack, _Shifts, r"changes batches in on_after_batch_transfer\. .* Do what on_after_batch_transfer does"),
 ])
 def test_batches_that_cannot_be_rebuilt_are_refused_at_the_first_step(collate, module, match, log_dir):
     data = torch.utils.data.DataLoader(_Items(), batch_size=4, shuffle=True, collate_fn=collate)
+    ids = {"ids_fn": _batch_ids} if collate is _noisy_dataclass else {}
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match=match):
-        fit(module().double(), data, InfluenceTracker(log_dir))
+        fit(module().double(), data, InfluenceTracker(log_dir, **ids))
     torch.manual_seed(0)
-    fit(module().double(), data, InfluenceTracker(log_dir, store_inputs=True, overwrite=True))  # stored: accepted
+    fit(module().double(), data, InfluenceTracker(log_dir, store_inputs=True, overwrite=True, **ids))  # stored: accepted
     assert InfluenceLog(log_dir).num_steps == 6
 
 
