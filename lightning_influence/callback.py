@@ -57,7 +57,7 @@ from lightning_influence.tracker_checks import (UpdateWatch, check_applied_gradi
                                                 check_optimizers, check_training_set, generators_kept, no_stop_iteration,
                                                 trainer_precision)
 from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
-from lightning_influence.tracker_inflight import InFlight
+from lightning_influence.tracker_inflight import IN_FLIGHT, InFlight
 from lightning_influence.tracker_dev_run import DevRun
 from lightning_influence.tracker_meta import engine_metadata, fit_metadata
 from lightning_influence.tracker_ranks import agree_on_demotions, refill_columns
@@ -533,7 +533,8 @@ class InfluenceTracker(Callback):
 
     def _add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy) -> None:
         """Queue the step for the writer and hand on finished ones (``tracker_inflight``)."""
-        self._in_flight.add(record, checkpoint, copy, self._land, first=record.step == self._fit_start)
+        self._in_flight.add(record, checkpoint, copy)
+        self._land(0 if record.step == self._fit_start else IN_FLIGHT)
         self._steps_recorded += 1
         self._next_step = record.step + 1
 

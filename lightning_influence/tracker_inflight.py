@@ -26,11 +26,9 @@ class InFlight:
     def __init__(self) -> None:
         self._steps: deque[tuple[StepRecord, CheckpointRecord | None, HostCopy]] = deque()
 
-    def add(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy, land: Any, first: bool
-            ) -> None:
-        """Queue a step and hand on finished ones (``land(keep)``: :meth:`land` with the tracker's writer)."""
+    def add(self, record: StepRecord, checkpoint: CheckpointRecord | None, copy: HostCopy) -> None:
+        """Queue a step (handed on by :meth:`land`: at once for a fit's first step, else keeping :data:`IN_FLIGHT`)."""
         self._steps.append((record, checkpoint, copy))
-        land(0 if first else IN_FLIGHT)
 
     def land(self, writer: LogWriter, ids_key: str, dataset_size: int | None, live: Any = None, keep: int = 0) -> None:
         """Once more than ``keep`` steps are in flight, hand them to ``writer``, oldest first: all whose copies are

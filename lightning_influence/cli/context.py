@@ -218,13 +218,9 @@ def _loss_fn(args: argparse.Namespace, ctx: RunContext, log: Any) -> Any:
     recipe = log.meta.get("recipe") or {}
     entry = recipe.get("loss_fn")
     if entry:
-        if entry.get("function") is None:
-            raise UserError(f"the run's per-sample loss was InfluenceTracker(loss_fn=...), and {entry.get('why')}; pass "
-                            "--loss-fn module:function (or a --builder returning loss_fn)")
-        try:
-            return import_class(entry["function"], recipe, "loss", "--loss-fn", kind="function")
-        except RecipeError as err:
-            raise UserError(str(err)) from err
+        return _recorded_function(entry, recipe, "loss", "--loss-fn",
+                                  f"the run's per-sample loss was InfluenceTracker(loss_fn=...), and {entry.get('why')}; "
+                                  "pass --loss-fn module:function (or a --builder returning loss_fn)")
     if not callable(getattr(ctx.module, "per_sample_loss", None)):
         raise UserError(f"the model {type(ctx.module).__name__} has no per_sample_loss(batch) and the log names no loss "
                         "function; pass --loss-fn module:function (loss_fn(module, batch) -> per-sample losses [B])")
@@ -277,7 +273,11 @@ def _from_recipe(args: argparse.Namespace, log: Any) -> RunContext:
     data_info = recipe.get("data") or {}
     stored = stored_data(log.path) if data_info.get("stored") else {}
     if stored.get("train") is not None and data_info.get("collate_fn"):
-        stored["train"] = WithCollate(stored["train"], _stored_collate(data_info["collate_fn"], recipe))
+        entry = data_info["collate_fn"]
+        stored["train"] = WithCollate(stored["train"], _recorded_function(
+            entry, recipe, "collate function", "--builder",
+            f"the run's DataLoader collated its batches with {entry.get('name')}, and {entry.get('why')}; pass --builder "
+            "module:function returning train_data=lightning_influence.WithCollate(train_set, collate_fn) (and val_data)"))
     loaders = datamodule if datamodule is not None else (module if data_info.get("train") == "module" else None)
     origin = "the log's recipe" + (f" ({path})" if path else "")
     if stored or loaders is not None or not recipe:
@@ -290,14 +290,13 @@ def _from_recipe(args: argparse.Namespace, log: Any) -> RunContext:
                       "module.DataModuleClass), or re-train with InfluenceTracker(store_data=True)")
 
 
-def _stored_collate(entry: dict[str, Any], recipe: dict[str, Any]) -> Any:
-    """The training DataLoader's own ``collate_fn``, imported again for the stored training samples."""
+def _recorded_function(entry: dict[str, Any], recipe: dict[str, Any], what: str, flag: str, unnamed: str) -> Any:
+    """A function the recipe names (``recipe.describe_function``: the run's ``loss_fn``, its DataLoader's
+    ``collate_fn``), imported again; ``unnamed``: what to do when it has no import path (a lambda, a closure)."""
     if entry.get("function") is None:
-        raise UserError(f"the run's DataLoader collated its batches with {entry.get('name')}, and {entry.get('why')}; "
-                        "pass --builder module:function returning train_data=lightning_influence.WithCollate(train_set, "
-                        "collate_fn) (and val_data)")
+        raise UserError(unnamed)
     try:
-        return import_class(entry["function"], recipe, "collate function", "--builder", kind="function")
+        return import_class(entry["function"], recipe, what, flag, kind="function")
     except RecipeError as err:
         raise UserError(str(err)) from err
 
