@@ -90,7 +90,8 @@ class InfluenceTracker(Callback):
             (``docs/per-sample-gradients.md``). ``False``: every tensor its own block (the layout of logs
             written before folding). ``None`` (default): fold, except that a fit resumed into an existing log
             keeps that log's layout; an explicit value that differs from the log's is refused.
-        storage_dtype: dtype of gradient/HVP rows on disk: ``float16``, ``float32`` or ``float64``.
+        storage_dtype: dtype of gradient/HVP rows on disk: ``float16``, ``float32`` or ``float64``. A row value
+            beyond its range (float16: 65504) is refused at its step (``FloatingPointError``), never stored as inf.
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
             module's ``per_sample_loss(batch)`` method. The training loss must be their mean

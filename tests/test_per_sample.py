@@ -180,6 +180,22 @@ def test_collect_in_a_training_step():
     assert capture.pending == 0
 
 
+@pytest.mark.parametrize("case", ["mlp", "conv"])
+def test_collect_divides_each_row_by_its_own_weight(case):
+    """Per-sample weights that differ (a weighted loss): every row divided by its own, on the one-write path with
+    outer-product blocks only (the MLP) and with dense blocks beside them (the convolutions and the Linear head)."""
+    model, loss_fn, batch = make_case(case)
+    names = select_params(model)
+    proj = projector_for(model, names, 8)
+    expected = proj.project(brute_force(model, loss_fn, batch, names))
+    capture = HookGradientCapture(model, names, proj)
+    weights = torch.tensor([0.5, -2.0, 3.0, 0.25], dtype=torch.float64)
+    capture.enable()
+    (loss_fn(model, batch) * weights).sum().backward()
+    capture.disable()
+    torch.testing.assert_close(capture.collect(weights), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_params_override_leaves_live_model_untouched():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()

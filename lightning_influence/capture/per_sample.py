@@ -384,30 +384,36 @@ class HookGradientCapture:
             live = set(self.param_names)
             parts = {name: blocks for name, blocks in parts.items() if name in live}
         scale = loss_grad if loss_grad.dtype == dtype else loss_grad.to(dtype)
-        return self._assemble(parts, batch, dtype, loss_grad.device).div_(scale.unsqueeze(1))
+        return self._assemble(parts, batch, dtype, loss_grad.device, scale.unsqueeze(1))
 
     def _assemble(self, parts: dict[str, list[Tensor | Outer]], batch: int, dtype: torch.dtype,
-                  device: torch.device) -> Tensor:
-        """``(B, out_dim)``: each block's columns the sum of its parts, zeros where it has none. When every block has
-        exactly one part of the right dtype (each layer called once: the common case), each is written straight into
-        its columns (an :class:`~.projection.Outer` computed there), with no zero fill, no block of its own and no
-        concatenation."""
+                  device: torch.device, scale: Tensor) -> Tensor:
+        """``(B, out_dim)`` divided row by row by ``scale`` ``(B, 1)``: each block's columns the sum of its parts, zeros
+        where it has none. When every block has exactly one part of the right dtype (each layer called once: the common
+        case), each is written straight into its columns, divided on the way (one pass over a dense block, not a copy
+        and a second pass; an :class:`~.projection.Outer` is computed there and then divided, its rounding as before),
+        with no zero fill, no block of its own and no concatenation."""
         specs, slices = self.projector.specs, self.projector.slices
         if len(parts) == len(specs) and all(len(parts.get(s.name, ())) == 1 and parts[s.name][0].dtype == dtype
                                             for s in specs):
             out = torch.empty(batch, self.projector.out_dim, dtype=dtype, device=device)
+            outer = [s for s in specs if isinstance(parts[s.name][0], Outer)]
             for s in specs:
                 block = parts[s.name][0]
                 if isinstance(block, Outer):
                     block.write(out[:, slices[s.name]])
                 else:
-                    out[:, slices[s.name]] = block
+                    torch.div(block, scale, out=out[:, slices[s.name]])
+            if len(outer) == len(specs):  # all outer products (an MLP): one pass over the rows
+                return out.div_(scale)
+            for s in outer:
+                out[:, slices[s.name]].div_(scale)
             return out
         out = torch.zeros(batch, self.projector.out_dim, dtype=dtype, device=device)
         for name, blocks in parts.items():
             for block in blocks:
                 out[:, slices[name]] += dense(block)
-        return out
+        return out.div_(scale)
 
 
 def per_sample_grads_vmap(

@@ -87,6 +87,30 @@ class StepRecord:
             raise FloatingPointError(f"step {self.step}: non-finite optimizer hyperparameters {self.hyper}; nothing of this "
                                      "step was stored")
 
+    def check_storable(self, storage_dtype: np.dtype) -> None:
+        """Refuse gradient or HVP rows that ``storage_dtype`` cannot hold: cast to it (``log/segment.py``), a value
+        beyond its range (float16's: 65504) would be stored as ±inf, which the estimators would read as a score.
+
+        Raises:
+            FloatingPointError: naming the step, the sample ids and ``storage_dtype='float32'`` (nothing of the step
+                is stored; the steps before it are kept).
+        """
+        limit = np.finfo(storage_dtype)
+        for what, rows in (("per-sample gradient", self.grads), ("Hessian-gradient product", self.hvps)):
+            rows = None if rows is None else np.asarray(rows)
+            if rows is None or rows.dtype.kind != "f" or np.finfo(rows.dtype).max <= limit.max or not rows.size:
+                continue
+            peak = np.maximum(rows.max(axis=1), -rows.min(axis=1))  # |value| largest per row (no copy of the rows)
+            with np.errstate(over="ignore"):
+                bad = np.isinf(peak.astype(storage_dtype))  # exactly the rows the cast would overflow
+            if bad.any():
+                ids = np.asarray(self.ids)[bad].tolist()[:10]
+                wider = "float32" if limit.bits < 32 else "float64"
+                raise FloatingPointError(
+                    f"step {self.step}: {what} values up to {float(peak.max()):.4g} for sample ids {ids} exceed "
+                    f"storage_dtype='{limit.dtype}' (largest {float(limit.max):.6g}) and would be stored as inf; "
+                    f"nothing of this step was stored. Record with storage_dtype='{wider}'.")
+
 
 def _finite(rows: Any) -> bool:
     """Every value of ``rows`` is finite. A step's losses are when their sum as Python floats is (a NaN or an infinity

@@ -187,7 +187,8 @@ class LogWriter:
     Raises:
         LogWriteError: from any call after a segment write failed; the message names the log, the
             failed segment, the last step safely on disk and what to do.
-        FloatingPointError: from ``add_step`` for a non-finite loss/gradient/HVP product (nothing stored).
+        FloatingPointError: from ``add_step`` for a non-finite loss/gradient/HVP product, or one beyond
+            ``storage_dtype``'s range (nothing stored).
         ValueError: from ``add_step`` for a step that would duplicate or skip a step of this rank.
     """
 
@@ -257,6 +258,7 @@ class LogWriter:
         """Validate and buffer one step (and ``θ_t`` taken before it); a full buffer starts a segment write."""
         self._raise_pending_error()
         record.validate()
+        record.check_storable(self.storage_dtype)
         if self._next_step is not None and record.step != self._next_step:
             raise ValueError(
                 f"{self.log_dir}: rank {self.rank} would record step {record.step} but its log continues at step "
