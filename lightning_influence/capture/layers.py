@@ -27,6 +27,9 @@ the gradient hook (:class:`KeptInput`).
   ``sum g * x_hat`` and the bias gradient ``sum g`` over all but the parameter's dims; ``x_hat``
   comes from the mean and rstd the forward saved for autograd (LayerNorm, GroupNorm: a GroupNorm's sums are
   its own fused backward over the batch as one sample of ``B·C`` channels) or is recomputed (RMSNorm).
+- ``nn.ConvTranspose1d/2d/3d`` (:mod:`.conv_transpose`): the weight gradient of the convolution it is the adjoint of,
+  with the input and the output gradient in swapped roles: the column side is the output gradient convolved with ``P_c``.
+- ``nn.PReLU`` (:mod:`.prelu`): ``sum g * min(0, x)``.
 - ``nn.BatchNorm1d/2d/3d`` (:mod:`.batchnorm`): ``sum g * x_hat`` and ``sum g`` per channel, ``x_hat`` by the
   statistics the forward used (the batch's in train mode, the running ones in eval mode).
 - ``nn.MultiheadAttention`` (``in_proj_weight/bias``, ``out_proj.weight/bias``): its forward
