@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from lightning_influence import WithIds
 
-__all__ = ["MODELS", "DEFAULT", "make", "MLP", "CNN", "GPT", "GPTParam"]
+__all__ = ["MODELS", "DEFAULT", "make", "MLP", "CNN", "GPT", "GPTParam", "Decoder"]
 
 
 class _Classifier(pl.LightningModule):
@@ -111,6 +111,26 @@ class GPTParam(GPT):
         return self.tok(x) + self.pos_p[:x.shape[1]]
 
 
+class Decoder(_Classifier):
+    """A DCGAN-style decoder, latent 64 -> 1x28x28: Linear 64->64·7·7, PReLU(64), ConvTranspose2d 64->32 (4, stride 2,
+    padding 1), PReLU, ConvTranspose2d 32->1; per-sample loss = mean squared error to a target image (the transposed
+    convolution and PReLU engines: ``capture/conv_transpose.py``, ``capture/prelu.py``)."""
+
+    def __init__(self, latent: int = 64, c1: int = 64, c2: int = 32, size: int = 7) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(latent, c1 * size * size), nn.Unflatten(1, (c1, size, size)), nn.PReLU(c1),
+            nn.ConvTranspose2d(c1, c2, 4, stride=2, padding=1), nn.PReLU(), nn.ConvTranspose2d(c2, 1, 4, stride=2, padding=1))
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        return (self.net(batch[0]) - batch[1]).square().flatten(1).mean(1)
+
+
+def _images(latent: int, side: int, n: int) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    return WithIds(TensorDataset(torch.randn(n, latent, generator=g), torch.rand(n, 1, side, side, generator=g)))
+
+
 def _classification(shape: tuple[int, ...], classes: int, n: int) -> Dataset:
     g = torch.Generator().manual_seed(0)
     return WithIds(TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)))
@@ -126,13 +146,15 @@ MODELS: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int], Datase
     "cnn": (CNN, lambda n: _classification((3, 32, 32), 10, n), 64),
     "gpt": (GPT, lambda n: _tokens(512, 64, n), 64),
     "gpt-param": (GPTParam, lambda n: _tokens(512, 64, n), 64),
+    "decoder": (Decoder, lambda n: _images(64, 28, n), 64),
 }
-DEFAULT = ("mlp", "cnn", "gpt")  # the benchmarks' default models (gpt-param: on request)
+DEFAULT = ("mlp", "cnn", "gpt")  # the benchmarks' default models (gpt-param, decoder: on request)
 SMALL: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int], Dataset], int]] = {  # same layers, for tests
     "mlp": (lambda: MLP(20, 16), lambda n: _classification((20,), 10, n), 8),
     "cnn": (lambda: CNN(8, 8, 16), lambda n: _classification((3, 8, 8), 10, n), 4),
     "gpt": (lambda: GPT(vocab=32, d=16, seq=8, heads=2), lambda n: _tokens(32, 8, n), 4),
     "gpt-param": (lambda: GPTParam(vocab=32, d=16, seq=8, heads=2), lambda n: _tokens(32, 8, n), 4),
+    "decoder": (lambda: Decoder(8, 6, 4, 2), lambda n: _images(8, 8, n), 4),
 }
 
 

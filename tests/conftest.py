@@ -97,6 +97,18 @@ def fit(module: pl.LightningModule, data: Any, tracker: InfluenceTracker | None 
     return trainer
 
 
+def no_engine_layer(n: int = 3) -> nn.Module:
+    """A torch.nn layer ``(B, n) -> (B, n)`` that no hook engine covers, so that its parameters go through vmap (a mixed
+    engine): an RNN cell (a PReLU was this until it got its engine), its parameters drawn from a generator of its own
+    (the same layer wherever the global stream is)."""
+    layer = nn.RNNCell(n, n)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) - 0.5)
+    return layer
+
+
 def tiny(seed: int = 0, **kw: Any) -> TinyClassifier:
     torch.manual_seed(seed)
     return TinyClassifier(**kw).double()

@@ -25,7 +25,7 @@ from lightning_influence.evaluation import replay_loo
 from lightning_influence.log.format import read_meta
 from lightning_influence.replay import replay
 from tests._cli_run import scores_of
-from tests.conftest import TinyClassifier, fit, make_data
+from tests.conftest import TinyClassifier, fit, make_data, no_engine_layer
 from tests.test_script_runs import load_script, train_script
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -216,10 +216,10 @@ def _batch_ids(batch):
 
 
 class _OnDataclasses(TinyClassifier):
-    """A Linear model (hook engine) with a PReLU (no engine: its parameter goes through vmap) on dataclass batches."""
+    """A Linear model (hook engine) with an RNN cell (no engine: its parameters go through vmap) on dataclass batches."""
 
     def __init__(self):
-        super().__init__(extra=nn.PReLU())
+        super().__init__(extra=no_engine_layer())
 
     def per_sample_loss(self, batch):
         return F.cross_entropy(self(batch.x), batch.y, reduction="none")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import fit, loader, make_data, tiny
+from conftest import fit, loader, make_data, no_engine_layer, tiny
 from lightning_influence import InfluenceLog, InfluenceTracker
 from lightning_influence.step import rng
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
@@ -37,8 +37,8 @@ def _masked_brute_force(module: nn.Module, params: dict[str, np.ndarray], ds, id
 def test_dropout_rows_are_taken_with_the_training_masks_and_training_is_unchanged(tmp_path, engine):
     ds = make_data(18)
 
-    def model():  # "mixed": hooks for the Linear layers, the PReLU weight (no hook) from the masked batched pass
-        return tiny(dropout=0.3, extra=nn.PReLU(3).double() if engine == "mixed" else None)
+    def model():  # "mixed": hooks for the Linear layers, the RNN cell's parameters (no hook) from the masked batched pass
+        return tiny(dropout=0.3, extra=no_engine_layer().double() if engine == "mixed" else None)
 
     plain = model()
     fit(plain, loader(ds), None, epochs=2, accumulate_grad_batches=2)

@@ -27,6 +27,9 @@ the gradient hook (:class:`KeptInput`).
   ``sum g * x_hat`` and the bias gradient ``sum g`` over all but the parameter's dims; ``x_hat``
   comes from the mean and rstd the forward saved for autograd (LayerNorm, GroupNorm: a GroupNorm's sums are
   its own fused backward over the batch as one sample of ``B·C`` channels) or is recomputed (RMSNorm).
+- ``nn.ConvTranspose1d/2d/3d`` (:mod:`.conv_transpose`): the weight gradient of the convolution it is the adjoint of,
+  with the input and the output gradient in swapped roles: the column side is the output gradient convolved with ``P_c``.
+- ``nn.PReLU`` (:mod:`.prelu`): ``sum g * min(0, x)``.
 - ``nn.BatchNorm1d/2d/3d`` (:mod:`.batchnorm`): ``sum g * x_hat`` and ``sum g`` per channel, ``x_hat`` by the
   statistics the forward used (the batch's in train mode, the running ones in eval mode).
 - ``nn.MultiheadAttention`` (``in_proj_weight/bias``, ``out_proj.weight/bias``): its forward
@@ -278,26 +281,14 @@ class ConvEngine(LayerEngine):
 
     def _columns(self, mod: nn.Module, x: Tensor, name: str, projector: KroneckerProjector) -> Tensor:
         """``unfold(x) P_c`` ``(B, groups, k_cols, L)`` of the (padded) input ``x`` as a convolution of ``x`` with
-        kernel ``P_c``; a 1x1 kernel's unprojected column side is the input itself (:func:`_pointwise_columns`).
-
-        A 2-D input of at most :attr:`few_channels` channels a group is convolved in channels-last memory format (the
-        CNN's 3-channel first layer: 0.7 against 1.1 ms, and the columns come out ``(B, L, k_cols)``-contiguous, the
-        layout of their product); with more channels it measured no faster (``docs/per-sample-gradients.md``)."""
-        spec, dims = projector.spec(name), len(mod.kernel_size)
+        kernel ``P_c`` (:func:`conv_columns`); a 1x1 kernel's unprojected column side is the input itself
+        (:func:`_pointwise_columns`)."""
+        spec = projector.spec(name)
         if spec.k_cols == spec.cols and math.prod(mod.kernel_size) == 1:
             return _pointwise_columns(mod, x, spec.bias is not None)
-        p_c, p_bias = projector.column_side(name, x.dtype, x.device)
-        if p_c is None:
-            p_c = torch.eye(spec.cols, dtype=x.dtype, device=x.device)
-        kernel = p_c.t().reshape(spec.k_cols, mod.in_channels // mod.groups, *mod.kernel_size).repeat(
-            mod.groups, *([1] * (dims + 1)))
         padding = mod.padding if mod.padding_mode == "zeros" else 0  # else padded by save
-        if dims == 2 and mod.in_channels // mod.groups <= self.few_channels:
-            x = x.contiguous(memory_format=torch.channels_last)
-        # a folded bias's row of P_c is the convolution's own bias: [unfold(x); 1] P_c at every position
-        cols = self._conv[dims](x, kernel, None if p_bias is None else p_bias.repeat(mod.groups), mod.stride, padding,
-                                mod.dilation, mod.groups)
-        return cols.reshape(x.shape[0], mod.groups, spec.k_cols, -1)  # a view in either memory format
+        return conv_columns(x, projector, name, mod.in_channels // mod.groups, mod.kernel_size, mod.stride, padding,
+                            mod.dilation, mod.groups)
 
     def blocks(self, mod, cols, g_out, targets, projector):
         g = _wide(g_out).flatten(2)  # (B, out_channels, L)
@@ -311,6 +302,32 @@ class ConvEngine(LayerEngine):
         if "bias" in targets and projector.block_of[targets["bias"]] == targets["bias"]:  # else folded
             out[targets["bias"]] = projector.project_tensor(targets["bias"], g.sum(2))
         return out
+
+
+def conv_columns(x: Tensor, projector: KroneckerProjector, name: str, channels: int, kernel_size: Sequence[int],
+                 stride: Any, padding: Any, dilation: Any, groups: int, size: Sequence[int] | None = None) -> Tensor:
+    """``unfold(x) P_c`` ``(B, groups, k_cols, L)`` of block ``name`` for a convolution of ``x`` (``channels`` a group)
+    with this geometry, computed as the convolution of ``x`` with ``P_c`` as its kernel (``k_cols`` output channels a
+    group): the unfolded input is never formed. A folded bias's row of ``P_c`` is that convolution's own bias
+    (``[unfold(x); 1] P_c`` at every position). Shared by :class:`ConvEngine` (``x`` its input) and the transposed
+    convolutions' engine (``x`` the output gradient, :mod:`.conv_transpose`).
+
+    A 2-D input of at most :attr:`ConvEngine.few_channels` channels a group is convolved in channels-last memory format
+    (the CNN's 3-channel first layer: 0.7 against 1.1 ms, and the columns come out ``(B, L, k_cols)``-contiguous, the
+    layout of their product); with more channels it measured no faster (``docs/per-sample-gradients.md``).
+    ``size``: the output positions to keep (the first ones along each dimension), where the convolution gives more."""
+    spec, dims = projector.spec(name), len(kernel_size)
+    p_c, p_bias = projector.column_side(name, x.dtype, x.device)
+    if p_c is None:
+        p_c = torch.eye(spec.cols, dtype=x.dtype, device=x.device)
+    kernel = p_c.t().reshape(spec.k_cols, channels, *kernel_size).repeat(groups, *([1] * (dims + 1)))
+    if dims == 2 and channels <= ConvEngine.few_channels:
+        x = x.contiguous(memory_format=torch.channels_last)
+    cols = ConvEngine._conv[dims](x, kernel, None if p_bias is None else p_bias.repeat(groups), stride, padding,
+                                  dilation, groups)
+    if size is not None and tuple(cols.shape[2:]) != tuple(size):
+        cols = cols[(slice(None), slice(None), *(slice(0, n) for n in size))]
+    return cols.reshape(x.shape[0], groups, spec.k_cols, -1)  # a view in either memory format
 
 
 def _pointwise_columns(mod: nn.Module, x: Tensor, ones: bool) -> Tensor:
@@ -519,10 +536,12 @@ class AttentionEngine(LayerEngine):
         return recording_linear
 
 
-from .batchnorm import BatchNormEngine  # noqa: E402 - it builds on LayerEngine above
+from .batchnorm import BatchNormEngine  # noqa: E402 - these build on LayerEngine above
+from .conv_transpose import ConvTransposeEngine  # noqa: E402
+from .prelu import PReLUEngine  # noqa: E402
 
 _ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngine(), NormEngine(), AttentionEngine(),
-                                     BatchNormEngine())
+                                     BatchNormEngine(), ConvTransposeEngine(), PReLUEngine())
 
 
 def engine_for(mod: nn.Module) -> LayerEngine | None:
