@@ -436,7 +436,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, RunContext | None]:
     if not log.finished:  # a crashed, killed or running fit: the answers cover its complete steps only
         status(args, f"note: {log.end_note}; the answers cover these steps only")
     args.method = args.method or default_method()
-    check_records(args.method, log)
+    check_records(args.method, log, getattr(args, "hvp", None))
     for spec in windows_of(args):  # a bad window fails before the model and the data are loaded
         parse_window(log, spec)
     method = METHODS[args.method]

@@ -108,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         "over --workers forked processes); --method, the ground truth and --groups run on several")
     log, ctx = prepare(args)
     for m in methods[1:]:
-        check_records(m, log)
+        check_records(m, log, args.hvp)
     if (args.pbrf or args.gap) and ctx is not None and train_data_of(ctx, log) is None:  # before any replay
         raise UserError(str(samples_by_id_needed("--pbrf/--gap: the PBRF evaluates every training sample's outputs "
                                                  "and loss at θ_T", " (return train_data from --builder), or drop "
