@@ -62,3 +62,18 @@ def test_evaluate_keeps_every_method_asked_for(run, capsys):
     assert list(res["metrics"]) == ["dit", "dit-linear"]
     for s in res["samples"]:
         assert s["dit"] == pytest.approx(s["dit-linear"], rel=1e-9, abs=1e-15)
+
+
+def test_epoch_windows_reaching_outside_the_run_are_refused(run):
+    """An epoch window is held to the run as a step window is: 'epoch -1:' (Python's last) had meant the whole run and
+    'epoch 1:9' the epochs that exist, silently."""
+    log = InfluenceLog(run.log)
+    lo, hi = int(log.epochs.min()), int(log.epochs.max())
+    last = log.window(f"epoch {hi}:")
+    assert last == (int(log.steps[log.epochs_of_step == hi][0]), log.num_steps)
+    assert log.window(("epoch", lo, hi + 1)) == (0, log.num_steps)
+    for bad in ("epoch -1:", f"epoch 1:{hi + 5}", ("epoch", -1, 1), f"epoch {hi}:{hi + 2}"):
+        with pytest.raises(ValueError, match="reaches outside the run"):
+            log.window(bad)
+    with pytest.raises(ValueError, match="hold no step"):
+        log.window(f"epoch {hi + 1}:")
