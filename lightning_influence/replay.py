@@ -361,7 +361,7 @@ def set_step_hyper(opt: torch.optim.Optimizer, log: InfluenceLog, t: int) -> Non
 
 def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: BatchShard | None = None) -> Step:
     """The inputs of step ``t`` as Lightning ran them: its micro-batches (stored inputs, else ``train_data`` by
-    id) with their random states, the run's autocast, the GradScaler factor and skip (``docs/log-format.md``).
+    id, cast by the precision plugin as in training) with their random states, the run's autocast, the GradScaler factor and skip (``docs/log-format.md``).
     With ``shard``, only that process's rows (:meth:`BatchShard.rows`; ``Step.rows`` says which)."""
     records = log.micro_batches(t)
     randoms = [RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda) for m in records]
@@ -372,6 +372,7 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
     first_rank = len(records) // world if world > 1 and len(records) % world == 0 else len(records)
     sizes = [len(m.ids) for m in records]
     rows = None if shard is None else shard.rows(t, sizes, [r.drew for r in randoms])
+    precision = Precision.from_meta(log.meta.get("precision"))
     micro = []
     for k, (m, random) in enumerate(zip(records, randoms)):
         part = None if rows is None else rows[k]
@@ -384,11 +385,10 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
         elif train_data is None:
             raise ValueError(f"step {t}: the log holds no inputs (InfluenceTracker(store_inputs=True)), so replaying it "
                              "needs train_data (the training samples by id)")
-        else:
-            batch = batch_from_ids(train_data, ids)
+        else:  # cast as the precision plugin did ("64-true": a float32 training set's floats to float64)
+            batch = precision.convert_input(batch_from_ids(train_data, ids))
         micro.append(MicroBatch(ids, batch, random, train, k < first_rank, modes))
-    return Step(t, micro, Precision.from_meta(log.meta.get("precision")), log.grad_scale(t), log.skipped(t),
-                None if rows is None else positions(sizes, rows))
+    return Step(t, micro, precision, log.grad_scale(t), log.skipped(t), None if rows is None else positions(sizes, rows))
 
 
 def replay_step(module: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, params: Mapping[str, Tensor],

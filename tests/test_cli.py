@@ -367,11 +367,23 @@ def test_error_method_lacks_records(run, no_grads_log, method, capsys):
     assert "re-train with InfluenceTracker(" in line and "or use a method this log supports: dit" in line
 
 
-def test_error_diffin_without_hvp_products(run, tmp_path, capsys):
+def test_diffin_without_hvp_products_needs_them_only_with_hvp_fd(run, direct, tmp_path, capsys):
+    """--hvp exact (the default) computes H_z·G_B from the model, as Python's diffin does: a log without the products
+    answers; --hvp fd reads the logged products and is refused there, saying what to do."""
     log = _without(run, tmp_path / "nohvp", hvp=False)
-    line = assert_error(cli(capsys, "query", log, "-c", run.config, "-m", "diffin", "-q"),
-                        "--method diffin needs Hessian-gradient products (H_z·G_B), which this log did not record")
-    assert "InfluenceTracker(record_gradients=True, record_hvp=True)" in line and "tracin" in line
+    line = assert_error(cli(capsys, "query", log, "-c", run.config, "-m", "diffin", "--hvp", "fd", "-q"),
+                        "--method diffin --hvp fd reads the logged Hessian-gradient products (H_z·G_B), which this log "
+                        "did not record")
+    assert "drop --hvp fd" in line and "InfluenceTracker(record_gradients=True, record_hvp=True)" in line
+    code, out, err = cli(capsys, "query", log, "-c", run.config, "-m", "diffin", "-k", "0", "-f", "json", "-q")
+    assert code == 0, err
+    model, dm, query = direct
+    from lightning_influence.estimators.diffin import diffin
+
+    ref = diffin(InfluenceLog(log), query, module=model, train_data=dm.train_dataset).column(0)
+    np.testing.assert_allclose(scores_of(json.loads(out), len(ref)), ref, rtol=1e-10, atol=1e-15)
+    code, out, _ = cli(capsys, "info", log)
+    assert "not diffin" not in out and " diffin," in out
 
 
 def test_error_config_problems(run, tmp_path, capsys):

@@ -35,4 +35,5 @@ def dtype_mismatch(err: RuntimeError, params: Iterable[Tensor], args: Any) -> Va
     return ValueError(f"the module's forward failed on mixed dtypes ({message}): its parameters are {'/'.join(ours)} "
                       f"(as the run trained them){inputs}. Give the data (the training set, the "
                       f"query's inputs) in {want} (e.g. x.to(torch.{want}) or dataset tensors .to(torch.{want})), or "
-                      "cast the inputs in the module's forward (x.to(self.dtype)) as the training step must have")
+                      "cast the inputs in the module's forward (x.to(self.dtype)) (a precision='64-true' run's training batches are "
+                      "cast as Lightning cast them; a query's data are used as given)")

@@ -29,7 +29,7 @@ import logging
 import sys
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -68,6 +68,8 @@ class RunContext:
         self._label_cache: dict[int, int] = {}
         self.replay_tolerance: float | None = None
         self.loss_fn: Any = None  # the per-sample loss (_loss_fn); None: the module's per_sample_loss
+        # the run's precision plugin's cast of a batch ("64-true": floats to float64; step.precision), set by load_context
+        self.convert_input: Callable[[Any], Any] = lambda batch: batch
 
     def loss_kwargs(self) -> dict[str, Any]:
         """``{"loss_fn": ...}`` where the run's per-sample loss is not the module's ``per_sample_loss``; else nothing
@@ -94,6 +96,10 @@ class RunContext:
 
     @cached_property
     def val_batch(self) -> Any:
+        """The validation set as one batch, cast as the run's precision plugin cast validation batches."""
+        return self.convert_input(self._val_batch())
+
+    def _val_batch(self) -> Any:
         if "val" in self.data:
             val = self.data["val"]
             if isinstance(val, (list, tuple, dict)) or hasattr(val, "shape"):
@@ -204,6 +210,9 @@ def load_context(args: argparse.Namespace, log: Any) -> RunContext:
     except (ValueError, FileNotFoundError) as err:
         raise UserError(f"the model from {ctx.origin}: {err}") from err
     ctx.replay_tolerance = getattr(args, "replay_tolerance", None)  # estimators' ``tolerance`` (replay_drift.py)
+    from lightning_influence.step.precision import Precision
+
+    ctx.convert_input = Precision.from_meta(log.meta.get("precision")).convert_input
     ctx.loss_fn = _loss_fn(args, ctx, log)
     return ctx
 
@@ -427,7 +436,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, RunContext | None]:
     if not log.finished:  # a crashed, killed or running fit: the answers cover its complete steps only
         status(args, f"note: {log.end_note}; the answers cover these steps only")
     args.method = args.method or default_method()
-    check_records(args.method, log)
+    check_records(args.method, log, getattr(args, "hvp", None))
     for spec in windows_of(args):  # a bad window fails before the model and the data are loaded
         parse_window(log, spec)
     method = METHODS[args.method]

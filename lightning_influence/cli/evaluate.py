@@ -95,9 +95,10 @@ GROUND_TRUTH = "lightning_influence.evaluation.ground_truth:replay_loo"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lightning_influence.evaluation import auroc, precision_at_k, summarize
+    from lightning_influence.evaluation import summarize
+    from lightning_influence.tasks import detection
 
-    methods = args.method or [default_method()]
+    methods = list(dict.fromkeys(args.method or [default_method()]))  # `-m dit -m dit` asks for one column
     args.method = methods[0]
     check_workers(args.workers)
     procs = processes(args)
@@ -107,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         "over --workers forked processes); --method, the ground truth and --groups run on several")
     log, ctx = prepare(args)
     for m in methods[1:]:
-        check_records(m, log)
+        check_records(m, log, args.hvp)
     if (args.pbrf or args.gap) and ctx is not None and train_data_of(ctx, log) is None:  # before any replay
         raise UserError(str(samples_by_id_needed("--pbrf/--gap: the PBRF evaluates every training sample's outputs "
                                                  "and loss at θ_T", " (return train_data from --builder), or drop "
@@ -122,14 +123,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     query, names = build_query(specs, ctx)
     n = log.dataset_size
     estimates: dict[str, np.ndarray] = {}
+    kinds: dict[str, str] = {}  # "self" for self-influence (largest = most suspicious), else "loss" (tasks.KINDS)
     drifts: dict[str, Any] = {}  # each replay's drift at the checkpoints (docs/replay.md)
     for m in methods:
         try:
             scores = run_method(m, log, query, ctx, (t1, t2), progress_bar(args, f"{m} [{t1}, {t2})"), args.hvp, procs)
         except DistributedQueryError as err:
             raise UserError(str(err)) from None
-        estimates[scores.method] = scores.column(0)
-        drifts[scores.method] = (scores.info or {}).get("replay_drift")
+        # the estimator's own name, or the one asked for where two coincide (dit-linear is dit for plain SGD)
+        key = scores.method if scores.method not in estimates else m
+        estimates[key] = scores.column(0)
+        kinds[key] = "loss" if METHODS[m].query else "self"
+        drifts[key] = (scores.info or {}).get("replay_drift")
         qname = query_columns(scores.query_names, names, specs)[0][1]
     first = next(iter(estimates.values()))
     samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed)
@@ -162,10 +167,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if "pbrf" in trust and len(samples) >= 2:
             versus = summarize(est[samples], trust["pbrf"].scores[:, 0])
             row.update({f"pbrf_{k}": versus[k] for k in ("pearson", "spearman")})
-        if flipped:
-            mask = np.isin(np.arange(n), list(flipped))
-            row["flipped_auroc"] = auroc(-est, mask)
-            row[f"flipped_precision@{len(flipped)}"] = precision_at_k(-est, mask, len(flipped))
+        if flipped:  # suspicion as the method orders it: most negative first, largest self-influence first
+            found = detection(est, np.asarray(sorted(flipped), dtype=np.int64), kinds[name])
+            row["flipped_auroc"] = found["auroc"]
+            row[f"flipped_precision@{len(flipped)}"] = found[f"precision@{len(flipped)}"]
         metrics[name] = row
     result = {"log": args.log, "window": args.window or "whole run", "steps": [t1, t2], "query": qname,
               "samples": [{"id": int(j), "label": int(lb) if lb >= 0 else None, "flipped": flip_cell(ctx, int(j)),

@@ -28,6 +28,8 @@ class Method:
         needs: ``"log"`` (the log alone), ``"model"`` (architecture + query data, rebuilt from
             the log, ``--builder`` or ``--config``) or ``"model+data"`` (also the training data).
         records: what the log must hold (keys of :attr:`InfluenceLog.recorded`).
+        fd_records: what it must hold besides with ``--hvp fd`` (Diff-In then reads the logged ``H_z·G_B`` rows;
+            ``--hvp exact``, the default, computes them).
         summary: one line for ``--help``.
         timeline: optional ``"module:function"`` giving cumulative scores on a grid in one sweep
             (else the window function runs once per grid window).
@@ -45,6 +47,11 @@ class Method:
     options: tuple[tuple[str, Any], ...] = ()
     optimizers: tuple[str, ...] | None = None
     query: bool = True
+    fd_records: tuple[str, ...] = ()
+
+    def needed(self, hvp: str | None = None) -> tuple[str, ...]:
+        """The records the log must hold for this method with ``--hvp hvp`` (``None``: the default, exact)."""
+        return self.records + (self.fd_records if hvp == "fd" else ())
 
     def load(self, attr: str | None = None) -> Callable[..., Any]:
         module_name, _, func = (attr or self.target).partition(":")
@@ -82,8 +89,9 @@ METHODS: dict[str, Method] = {
     "dit-gn-local": Method(f"{_DIT}:dit_gauss_newton", "model", ("gradients",),
                            "Gauss-Newton DIT swept only inside the window (approx., SGD only)", options=(("local", True),),
                            optimizers=("SGD",)),
-    "diffin": Method(f"{_DIFFIN}:diffin", "model+data", ("gradients", "hvp"),
-                     "Diff-In, published form at every logged step, from the logged H_z·G_B rows (math §4)"),
+    "diffin": Method(f"{_DIFFIN}:diffin", "model+data", ("gradients",),
+                     "Diff-In, published form at every logged step, from the logged rows of each step's batch; "
+                     "H_z·G_B exact, or the logged products with --hvp fd (math §4)", fd_records=("hvp",)),
     "diffin-step": Method(f"{_DIFFIN}:diffin", "model+data", ("gradients",),
                           "Diff-In per-step cumulative form (a named variant, docs/diffin.md)", options=(("form", "step"),)),
     "diffin-self": Method(f"{_DIFFIN}:diffin_self_influence", "model+data", ("gradients",),
@@ -136,14 +144,16 @@ def methods_epilog() -> str:
     width = max(len(n) for n in METHODS) + 2
     return "\n".join(
         f"  {name:<{width}}{m.summary}\n  {'':<{width}}{NEEDS_TEXT[m.needs]}"
-        + (f"; the log must hold {', '.join(m.records)}" if m.records else "") + ("" if m.available() else " (not installed)")
+        + (f"; the log must hold {', '.join(m.records)}" if m.records else "")
+        + (f" ({', '.join(m.fd_records)} with --hvp fd)" if m.fd_records else "") + ("" if m.available() else " (not installed)")
         for name, m in METHODS.items())
 
 
-def unmet_needs(name: str, log: Any) -> list[str]:
-    """What the log lacks for ``name`` to run: unrecorded fields, or an optimizer it does not model."""
+def unmet_needs(name: str, log: Any, hvp: str | None = None) -> list[str]:
+    """What the log lacks for ``name`` to run (with ``--hvp hvp``): unrecorded fields, or an optimizer it does not
+    model."""
     method = METHODS[name]
-    needs = [r for r in method.records if not log.recorded.get(r)]
+    needs = [r for r in method.needed(hvp) if not log.recorded.get(r)]
     if method.optimizers is not None:
         spec = log.meta.get("optimizer") or {}
         used = str((spec[0] if isinstance(spec, list) and spec else spec).get("class", "?")).rpartition(".")[2]
@@ -155,18 +165,22 @@ def unmet_needs(name: str, log: Any) -> list[str]:
     return needs
 
 
-def check_records(name: str, log: Any) -> None:
-    """Fail early, in one line, when the log lacks what ``name`` needs."""
+def check_records(name: str, log: Any, hvp: str | None = None) -> None:
+    """Fail early, in one line, when the log lacks what ``name`` needs (with ``--hvp hvp``)."""
     method = METHODS[name]
-    missing = [r for r in method.records if not log.recorded.get(r)]
-    usable = [m for m in available_methods() if not unmet_needs(m, log)]
+    missing = [r for r in method.needed(hvp) if not log.recorded.get(r)]
+    usable = [m for m in available_methods() if not unmet_needs(m, log, hvp)]
     alt = f", or use a method this log supports: {', '.join(usable)}" if usable else ""
+    if missing and not [r for r in method.records if not log.recorded.get(r)]:  # only what --hvp fd reads
+        raise UserError(f"--method {name} --hvp fd reads the logged Hessian-gradient products (H_z·G_B), which this "
+                        f"log did not record: drop --hvp fd (exact products, computed from the model), or re-train "
+                        f"with InfluenceTracker(record_gradients=True, record_hvp=True)")
     if missing:
         what = " and ".join(_RECORD_FLAGS.get(r, (r, ""))[0] for r in missing)
         flags = ", ".join(dict.fromkeys(f for r in missing for f in _RECORD_FLAGS.get(r, ("", f"record_{r}=True"))[1].split(", ")))
         raise UserError(f"--method {name} needs {what}, which this log did not record; re-train with "
                         f"InfluenceTracker({flags}){alt}")
-    other = unmet_needs(name, log)
+    other = unmet_needs(name, log, hvp)
     if other:
         raise UserError(f"--method {name} needs {other[0]}{alt}")
 

@@ -59,7 +59,7 @@ def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None):
                             f"samples (ids 0..{len(ds) - 1})")
         from lightning_influence.data import collate_of
 
-        batch = collate_of(ds)([ds[spec.index]])
+        batch = ctx.convert_input(collate_of(ds)([ds[spec.index]]))
         if spec.kind == "test":
             parts.append(queries.sample_losses(batch, names=[spec.text], **ctx.loss_kwargs()))
         else:

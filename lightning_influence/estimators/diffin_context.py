@@ -112,7 +112,8 @@ class _Context:
                 yield rs.step, rs.params
 
     def batch(self, ids: np.ndarray) -> Any:
-        return batch_from_ids(self.train_data, ids)
+        """Samples by id, cast as the run's precision plugin cast its batches (``"64-true"``; ``replay.load_step``)."""
+        return Precision.from_meta(self.log.meta.get("precision")).convert_input(batch_from_ids(self.train_data, ids))
 
     def step_batch(self, t: int) -> Step:
         """The batch of step ``t`` as trained: its micro-batches with their dropout masks and autocast."""

@@ -36,9 +36,13 @@ def step_window(log: "InfluenceLog", spec: Any) -> tuple[int, int]:
             spec = (int(lo) if lo else 0, int(hi) if hi else T)
     if len(spec) == 3 and spec[0] in ("epoch", "epochs"):
         a, b = int(spec[1]), int(spec[2])
+        lo, hi = int(log.epochs.min()), int(log.epochs.max())
         sel = np.nonzero((log.epochs_of_step >= a) & (log.epochs_of_step < b))[0]
         if not len(sel):
-            raise ValueError(f"epochs [{a}, {b}) hold no step; the run has epochs {log.epochs.min()}..{log.epochs.max()}")
+            raise ValueError(f"epochs [{a}, {b}) hold no step; the run has epochs {lo}..{hi}")
+        if not lo <= a < b <= hi + 1:  # as a step window outside the run: never cut to the part that exists
+            raise ValueError(f"epoch window [{a}, {b}) reaches outside the run: need {lo} <= a < b <= {hi + 1} "
+                             f"(epochs count from {lo}; the run has epochs {lo}..{hi}; 'epoch {hi}:' is the last one)")
         return int(log.steps[sel[0]]), int(log.steps[sel[-1]]) + 1
     a, b = spec
     if isinstance(a, float) or isinstance(b, float):

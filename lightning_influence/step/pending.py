@@ -164,7 +164,7 @@ def fill_record(record: StepRecord, checkpoint: CheckpointRecord | None, host: d
     rows = host["rows"]
     record.ids = rows["ids"].copy()  # the batch's own ids, where one micro-batch made the step (assemble)
     if "losses" in rows:
-        record.losses = rows["losses"]  # in their own dtype: the segment stores them as float64
+        record.losses = rows["losses"].copy()  # in their own dtype: the segment stores them as float64
     record.grads, record.hvps = rows.get("grads"), rows.get("hvps")
     for name in ("batch_grad_norm", "clip_coef", "hvp_eps"):  # NaN (the records' default) where not computed
         if name in rows:

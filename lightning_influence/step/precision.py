@@ -19,10 +19,14 @@ from typing import Any, ContextManager, Mapping
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 __all__ = ["FULL", "Precision", "unscale_"]
 
 _AUTOCAST_DTYPES = ("bfloat16", "float16")
+# the "true" precisions, whose plugin casts the module and every floating tensor of a batch to one dtype before
+# training_step (Lightning's DoublePrecision / HalfPrecision ``convert_input``)
+_INPUT_DTYPES = {"64-true": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,20 @@ class Precision:
         if self.autocast_device is None:
             return contextlib.nullcontext()
         return torch.autocast(self.autocast_device, dtype=getattr(torch, self.autocast_dtype), cache_enabled=False)
+
+    @property
+    def input_dtype(self) -> torch.dtype | None:
+        """The dtype the precision plugin cast each batch's floating tensors to (``"64-true"``: float64), else None."""
+        return _INPUT_DTYPES.get(self.name)
+
+    def convert_input(self, batch: Any) -> Any:
+        """``batch`` as the precision plugin handed it to ``training_step`` (and a validation batch to
+        ``validation_step``): under ``"64-true"``/``"16-true"`` every floating tensor in :attr:`input_dtype`, the rest
+        unchanged; a batch rebuilt from a float32 training set is then the one training ran (``replay.load_step``)."""
+        dtype = self.input_dtype
+        if dtype is None:
+            return batch
+        return pytree.tree_map(lambda x: x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x, batch)
 
     def to_meta(self) -> dict[str, Any]:
         return {"name": self.name, "autocast_device": self.autocast_device, "autocast_dtype": self.autocast_dtype,
