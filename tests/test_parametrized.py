@@ -160,3 +160,45 @@ def test_tracked_training_is_bit_identical_and_on_hooks(tmp_path):
     assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {}
     assert sum(".parametrizations." in n for n in log.param_names) == 7
     assert log.num_steps == 3
+
+
+class WeightNormed(nn.Module):
+    """``weight_norm`` (the factored form) of a Linear on tokens ``(B, T, d)`` and of a grouped Conv1d with reflect
+    padding, each with ``dim=0`` and ``dim=None``; a ConvTranspose1d's (no factored form: the generic chain)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = P.weight_norm(nn.Linear(4, 6), dim=dim)
+        self.conv = P.weight_norm(nn.Conv1d(6, 4, 3, groups=2, padding=1, padding_mode="reflect"), dim=dim)
+        self.up = P.weight_norm(nn.ConvTranspose1d(4, 2, 2, stride=2))
+        self.fc = nn.Linear(2 * 10, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x)).transpose(1, 2)  # (B, 6, T)
+        return self.fc(torch.tanh(self.up(torch.tanh(self.conv(h)))).flatten(1))
+
+
+@pytest.mark.parametrize("dim", [0, None])
+def test_factored_weight_norm_matches_brute_force_and_the_generic_chain(monkeypatch, dim):
+    from lightning_influence.capture import parametrized
+    torch.manual_seed(0)
+    model = WeightNormed(dim).double()
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(B, 5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
+    names = select_params(model)
+    proj = projector_for(model, names, 8)
+    expected = proj.project(brute_force(model, batch, names))
+    rows = {}
+    for factored in (True, False):
+        if not factored:
+            monkeypatch.setattr(parametrized, "_weight_norm_dim", lambda mod, base: None)
+        capture = HookGradientCapture(model, names, proj)
+        capture.enable()
+        loss_fn(model, batch)
+        kinds = {m: type(r[0][0]).__name__ for m, r in capture._records.items()}
+        assert kinds == ({"lin": "_Factored", "conv": "_Factored", "up": "tuple", "fc": "Tensor"} if factored else
+                         {"lin": "tuple", "conv": "tuple", "up": "tuple", "fc": "Tensor"})
+        capture.remove()
+        capture = HookGradientCapture(model, names, proj)
+        rows[factored], _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
+        torch.testing.assert_close(rows[factored], expected, rtol=1e-10, atol=1e-12)

@@ -18,17 +18,28 @@ tensors (``functional_call``: the tracker's own passes).
 Cost: ``G_W`` is formed whole, ``B · W.numel()`` values a call (``vmap`` forms it too, with a whole forward and backward
 per sample besides), and the batched product runs the parametrization's backward once for the batch (one backward per
 sample where a formula has no batching rule).
+
+``weight_norm`` of a Linear or convolution's weight (norms per output channel, ``dim=0``, or of the whole tensor,
+``dim=None``) has a factored form instead, without ``G_W`` (:func:`_weight_norm_blocks`): with ``s = g / ‖v‖`` and
+``v̂ = v / ‖v‖`` per row, ``∂ℓ/∂g = a = (G_W ⊙ v̂)`` summed along the row and ``∂ℓ/∂v = diag(s) G_W − diag(s ⊙ a) v̂``.
+``diag(s) G_W`` is the layer's own gradient for the output gradient scaled by ``s`` (the layer engine's projected block,
+``P_rᵀ diag(s) G_W P_c``), ``a`` the sum over positions of ``g ⊙ (v̂ x)`` (the layer applied to its input with the
+weight ``v̂``, no bias: one more forward of the layer), and the last term ``P_rᵀ diag(s ⊙ a) (v̂ P_c)`` a product of
+``(B, rows)`` by a ``rows × k_cols`` matrix made once a call.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
 
-from .layers import Blocks, LayerEngine, _wide
+from .layers import Blocks, ConvEngine, LayerEngine, LinearEngine, _wide
 from .projection import KroneckerProjector, dense
 from .vjp import batched_grad
 
@@ -80,6 +91,12 @@ class ParametrizedEngine(LayerEngine):
 
     def save(self, mod, inp, targets, projector, output=None):
         seen, self._seen = self._seen or {}, None
+        if _weight_norm_dim(mod, self.base) is not None:  # factored: no effective weight needed
+            plain = {a: n for a, n in targets.items() if a == _tensor_of(a)}
+            v = targets.get(_V)
+            saved = self.base.save(mod, inp, {**plain, **({"weight": v} if v else {})}, projector, output)
+            originals = {a: functools.reduce(getattr, a.split("."), mod).detach() for a in (_G, _V)}
+            return _Factored(saved, inp.detach(), originals)
         effective, shapes = {}, {}
         for attr in targets:
             name = _tensor_of(attr)
@@ -100,6 +117,8 @@ class ParametrizedEngine(LayerEngine):
         return self.base.save(mod, inp, base_targets, whole, output), effective, originals, whole
 
     def blocks(self, mod, saved, g_out, targets, projector) -> Blocks:
+        if isinstance(saved, _Factored):
+            return _weight_norm_blocks(mod, self.base, saved, g_out, targets, projector)
         inner, effective, originals, whole = saved
         batch = g_out.shape[0]
         out: Blocks = {}
@@ -129,3 +148,59 @@ def parametrized_engine(mod: nn.Module, engine_of: Any) -> LayerEngine | None:
 
 
 _ENGINES: dict[int, ParametrizedEngine] = {}
+
+
+_G, _V = "parametrizations.weight.original0", "parametrizations.weight.original1"  # weight_norm's g and v
+
+
+class _Factored(NamedTuple):
+    """What the forward kept for the factored ``weight_norm`` (module doc): the layer engine's own, the input, and the
+    originals ``g``, ``v`` of this call (detached)."""
+
+    inner: Any
+    x: Tensor
+    originals: dict[str, Tensor]
+
+
+def _weight_norm_dim(mod: nn.Module, base: LayerEngine) -> int | None:
+    """The ``dim`` (0 or -1: the whole tensor) of a ``weight_norm`` that is the only parametrization of a Linear or
+    convolution's weight, else ``None`` (the generic chain)."""
+    plist = mod.parametrizations["weight"] if "weight" in mod.parametrizations else None
+    if plist is None or len(plist) != 1 or type(plist[0]) is not _WeightNorm or type(base) not in (LinearEngine, ConvEngine):
+        return None
+    return plist[0].dim if plist[0].dim in (0, -1) else None
+
+
+def _weight_norm_blocks(mod: nn.Module, base: LayerEngine, saved: _Factored, g_out: Tensor, targets: dict[str, str],
+                        projector: KroneckerProjector) -> Blocks:
+    """Blocks of ``g``, ``v`` (and a plain bias) of a weight-normed Linear or convolution, factored (module doc)."""
+    g_w, v = (_wide(saved.originals[a]) for a in (_G, _V))
+    rows, dim = v.shape[0], _weight_norm_dim(mod, base)
+    v_mat = v.reshape(rows, -1)
+    norm = v_mat.norm(dim=1) if dim == 0 else v_mat.norm().expand(rows)
+    s, v_hat = g_w.reshape(-1).expand(rows) / norm, (v_mat / norm[:, None]).reshape(v.shape)
+    g = _wide(g_out)
+    linear = isinstance(mod, nn.Linear)  # channels last; a convolution's at dimension 1
+    out: Blocks = {}
+    plain = {a: n for a, n in targets.items() if a == _tensor_of(a)}
+    if plain:
+        out.update(base.blocks(mod, saved.inner, g, plain, projector))
+    x = _wide(saved.x)
+    applied = F.linear(x, v_hat) if linear else mod._conv_forward(x, v_hat, None)  # v̂ x at every position
+    a = (g * applied).reshape(g.shape[0], -1, rows).sum(1) if linear else (g * applied).flatten(2).sum(2)
+    if dim == -1:
+        a = a.sum(1, keepdim=True).expand(-1, rows)
+    if _G in targets:
+        out[targets[_G]] = projector.project_tensor(targets[_G], (a if dim == 0 else a[:, :1]).reshape(-1, *g_w.shape))
+    if _V in targets:
+        name = targets[_V]
+        scale = s if linear else s.reshape(rows, *([1] * (g.dim() - 2)))
+        scaled = base.blocks(mod, saved.inner, g * scale, {"weight": name}, projector)[name]
+        p_r, p_c = projector.side_matrices(name, g.dtype, g.device)
+        c = v_hat.reshape(rows, -1) if p_c is None else v_hat.reshape(rows, -1) @ p_c  # (rows, k_cols)
+        f = a * s  # (B, rows)
+        # P_rᵀ diag(f_b) c = f_b (P_r ⊙ c row by row), the row-wise Kronecker product made once (rows x k_r k_c): one
+        # (B, rows) x (rows, k) product (an einsum of the three took 8.6 ms a step on the weight-normed MLP)
+        last = f[:, :, None] * c if p_r is None else f @ (p_r[:, :, None] * c[:, None, :]).reshape(rows, -1)
+        out[name] = dense(scaled) - last.reshape(g.shape[0], -1)
+    return out
