@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from lightning_influence import WithIds
 
-__all__ = ["MODELS", "DEFAULT", "make", "MLP", "CNN", "GPT", "GPTParam", "Decoder"]
+__all__ = ["MODELS", "DEFAULT", "make", "MLP", "CNN", "GPT", "GPTParam", "Decoder", "WeightNormMLP"]
 
 
 class _Classifier(pl.LightningModule):
@@ -50,6 +50,17 @@ class CNN(_Classifier):
             nn.Conv2d(3, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 3, padding=1), nn.GroupNorm(8, c2), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(c2 * (size // 4) ** 2, 10))
+
+
+class WeightNormMLP(MLP):
+    """The MLP with every Linear's weight under ``torch.nn.utils.parametrizations.weight_norm`` (its originals
+    tracked: ``capture/parametrized.py``)."""
+
+    def __init__(self, d_in: int = 784, hidden: int = 512) -> None:
+        super().__init__(d_in, hidden)
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                nn.utils.parametrizations.weight_norm(layer)
 
 
 class Block(nn.Module):
@@ -147,14 +158,16 @@ MODELS: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int], Datase
     "gpt": (GPT, lambda n: _tokens(512, 64, n), 64),
     "gpt-param": (GPTParam, lambda n: _tokens(512, 64, n), 64),
     "decoder": (Decoder, lambda n: _images(64, 28, n), 64),
+    "mlp-wn": (WeightNormMLP, lambda n: _classification((784,), 10, n), 128),
 }
-DEFAULT = ("mlp", "cnn", "gpt")  # the benchmarks' default models (gpt-param, decoder: on request)
+DEFAULT = ("mlp", "cnn", "gpt")  # the benchmarks' default models (gpt-param, decoder, mlp-wn: on request)
 SMALL: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int], Dataset], int]] = {  # same layers, for tests
     "mlp": (lambda: MLP(20, 16), lambda n: _classification((20,), 10, n), 8),
     "cnn": (lambda: CNN(8, 8, 16), lambda n: _classification((3, 8, 8), 10, n), 4),
     "gpt": (lambda: GPT(vocab=32, d=16, seq=8, heads=2), lambda n: _tokens(32, 8, n), 4),
     "gpt-param": (lambda: GPTParam(vocab=32, d=16, seq=8, heads=2), lambda n: _tokens(32, 8, n), 4),
     "decoder": (lambda: Decoder(8, 6, 4, 2), lambda n: _images(8, 8, n), 4),
+    "mlp-wn": (lambda: WeightNormMLP(20, 16), lambda n: _classification((20,), 10, n), 8),
 }
 
 

@@ -43,6 +43,7 @@ from lightning_influence.replay_drift import (  # noqa: F401 (re-exported)
     restore_buffers,
 )
 from lightning_influence.step.buffers import ParamsWithBuffers, buffers_of, cloned, persistent_buffers
+from lightning_influence.step.compiled import compiled_parts, uncompiled_message
 from lightning_influence.step.frozen import check_frozen
 from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
 from lightning_influence.step.micro import MicroBatch, Step
@@ -269,6 +270,9 @@ def _module_param_names(module: nn.Module) -> list[str]:
 def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_grad: bool = False) -> ParamsWithBuffers:
     """``θ_step`` from the log's checkpoint, in the module's parameter order, checked against the module, carrying the
     module's buffers at that step (:func:`checkpoint_buffers`: what a query in eval mode normalises by)."""
+    compiled = compiled_parts(module)
+    if compiled:  # its double backward fails deep in torch (step.compiled)
+        raise ValueError(uncompiled_message(module, compiled))
     check_frozen(log, module)  # the parameters the checkpoints lack: the module's own, which must be training's
     stored = log.checkpoint(step)
     names = _module_param_names(module)

@@ -27,6 +27,7 @@ from torch.utils.data import default_collate
 from lightning_influence.capture import HVP_SCHEMES
 from lightning_influence.data import as_pytree, check_ids, ids_source, loader_collate, samples_with_replacement
 from lightning_influence.step import rng
+from lightning_influence.step.compiled import compiled_wrappers
 from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, UpdateRule, check_optimizer
 from lightning_influence.step.precision import Precision
@@ -77,7 +78,7 @@ def _require(ok: bool, message: str) -> None:
 
 def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) -> None:
     """Automatic optimization, a single-device or DDP strategy, no fine-tuning callback (it changes the trained
-    parameters mid-fit), no sparse-gradient embedding, no bfloat16 parameters, and a ``per_sample_loss`` when losses
+    parameters mid-fit), no sparse-gradient embedding, no ``torch.compile`` wrapper of a submodule, no bfloat16 parameters, and a ``per_sample_loss`` when losses
     are needed."""
     if not module.automatic_optimization:
         raise RuntimeError("InfluenceTracker needs automatic optimization (one optimizer.step per training step); "
@@ -99,6 +100,13 @@ def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) ->
         raise RuntimeError(f"InfluenceTracker does not support sparse gradients: {sparse[:3]} are "
                            "nn.Embedding/EmbeddingBag(sparse=True). Train with sparse=False (a dense gradient of the "
                            "same values) or freeze them (requires_grad_(False))")
+    wrappers = compiled_wrappers(module)
+    if wrappers:  # its parameters are named "<name>._orig_mod.…", which a rebuilt model lacks (step.compiled)
+        raise RuntimeError(f"InfluenceTracker: submodule {wrappers[0]!r} is a torch.compile wrapper "
+                           f"(self.{wrappers[0]} = torch.compile(...)), whose parameters are named "
+                           f"'{wrappers[0]}._orig_mod.…': the model the CLI and the estimators rebuild has no such "
+                           f"parameters. Compile it in place (self.{wrappers[0]}.compile(): the same module and names) "
+                           "or compile the whole LightningModule (torch.compile(model) before Trainer.fit)")
     bf16 = [n for n, p in module.named_parameters() if p.requires_grad and p.dtype == torch.bfloat16]
     if bf16:  # the checkpoints (and the loss rows) are numpy/HDF5 arrays, which have no bfloat16
         raise RuntimeError(f"InfluenceTracker cannot store bfloat16 parameters ({bf16[:3]}{', ...' if len(bf16) > 3 else ''}: "

@@ -146,10 +146,12 @@ def test_mixed_with_a_layer_vmap_computes():
     torch.testing.assert_close(grads, proj.project(brute_force(model, loss_fn, batch, names)), rtol=1e-10, atol=1e-12)
 
 
-class LitDecoder(pl.LightningModule):
-    def __init__(self):
+class LitNet(pl.LightningModule):
+    """``net`` trained on :func:`loss_fn` by SGD with momentum."""
+
+    def __init__(self, net: nn.Module):
         super().__init__()
-        self.net = _case(*CASES["2d"])[0]
+        self.net = net
 
     def per_sample_loss(self, batch):
         return loss_fn(self.net, batch)
@@ -161,10 +163,11 @@ class LitDecoder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-def _fit(tracker=None, steps=4):
-    module = LitDecoder()
+def fit_net(make_net, shape, tracker=None, steps=4):
+    """``(LitNet(make_net()) after ``steps`` steps on 12 seeded samples of ``shape``, the data)``."""
+    module = LitNet(make_net())
     gen = torch.Generator().manual_seed(2)
-    data = WithIds(TensorDataset(torch.randn(12, 3, 4, 4, generator=gen, dtype=torch.float64),
+    data = WithIds(TensorDataset(torch.randn(12, *shape, generator=gen, dtype=torch.float64),
                                  torch.randint(0, 3, (12,), generator=gen)))
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[tracker] if tracker else [])
@@ -172,11 +175,15 @@ def _fit(tracker=None, steps=4):
     return module, data
 
 
+def _decoder():
+    return _case(*CASES["2d"])[0]
+
+
 def test_tracked_decoder_training_is_bit_identical_and_rows_equal_brute_force(tmp_path):
-    plain, _ = _fit()
+    plain, _ = fit_net(_decoder, (3, 4, 4))
     tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=16,
                                checkpoint_every_n_steps=1, storage_dtype="float64")
-    tracked, data = _fit(tracker)
+    tracked, data = fit_net(_decoder, (3, 4, 4), tracker)
     for (n, a), (_, b) in zip(plain.named_parameters(), tracked.named_parameters()):
         assert torch.equal(a, b), n
     log = InfluenceLog(tmp_path / "log")
@@ -184,11 +191,11 @@ def test_tracked_decoder_training_is_bit_identical_and_rows_equal_brute_force(tm
     assert set(log.meta["gradient_engines"].values()) == {"hooks"}
     projector, steps = log.projector(), 0
     for rec in log.iter_steps(fields=("grad",)):
-        module = LitDecoder()
+        module = LitNet(_decoder())
         module.load_state_dict({n: torch.from_numpy(v) for n, v in log.checkpoint(rec.step).items()}, strict=False)
         samples = [data[int(i)] for i in rec.ids]
         batch = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
-        expected = projector.project(brute_force(module, LitDecoder.per_sample_loss, batch, log.param_names))
+        expected = projector.project(brute_force(module, LitNet.per_sample_loss, batch, log.param_names))
         np.testing.assert_allclose(rec.grads, expected.numpy(), rtol=1e-10, atol=1e-12)
         steps += 1
     assert steps == 4

@@ -278,3 +278,17 @@ def test_call_with_params_moves_the_batch_to_the_parameters_device():
     out = call_with_params(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), params, batch)
     assert out.device.type == "meta" and out.shape == (4,)
     assert batch[0].device.type == "cpu"  # the caller's batch is not moved in place
+
+
+def test_collect_refuses_a_zero_loss_weight():
+    """A sample whose loss the step's total weighs by zero (or -0.0) has no recoverable per-sample gradient."""
+    model, loss_fn, batch = make_case("mlp")
+    names = select_params(model)
+    capture = HookGradientCapture(model, names, projector_for(model, names, 8))
+    for zero in (0.0, -0.0):
+        weights = torch.tensor([0.5, zero, 3.0, 0.25], dtype=torch.float64)
+        capture.enable()
+        (loss_fn(model, batch) * weights).sum().backward()
+        capture.disable()
+        with pytest.raises(ValueError, match="loss_grad has zeros"):
+            capture.collect(weights)

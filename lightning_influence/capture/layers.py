@@ -30,6 +30,8 @@ the gradient hook (:class:`KeptInput`).
 - ``nn.ConvTranspose1d/2d/3d`` (:mod:`.conv_transpose`): the weight gradient of the convolution it is the adjoint of,
   with the input and the output gradient in swapped roles: the column side is the output gradient convolved with ``P_c``.
 - ``nn.PReLU`` (:mod:`.prelu`): ``sum g * min(0, x)``.
+- A parametrized tensor of any of these layers (:mod:`.parametrized`: ``weight_norm``, ``spectral_norm``, ...): the
+  layer's engine gives the effective tensor's per-sample gradient, a batched VJP takes it to the originals.
 - ``nn.BatchNorm1d/2d/3d`` (:mod:`.batchnorm`): ``sum g * x_hat`` and ``sum g`` per channel, ``x_hat`` by the
   statistics the forward used (the batch's in train mode, the running ones in eval mode).
 - ``nn.MultiheadAttention`` (``in_proj_weight/bias``, ``out_proj.weight/bias``): its forward
@@ -55,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn.utils.parametrize import ParametrizationList, is_parametrized
 from torch.utils.hooks import RemovableHandle
 
 from .projection import KroneckerProjector, Outer, contract
@@ -539,15 +542,22 @@ class AttentionEngine(LayerEngine):
 from .batchnorm import BatchNormEngine  # noqa: E402 - these build on LayerEngine above
 from .conv_transpose import ConvTransposeEngine  # noqa: E402
 from .prelu import PReLUEngine  # noqa: E402
+from .parametrized import original_attrs, parametrized_engine  # noqa: E402
 
 _ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngine(), NormEngine(), AttentionEngine(),
                                      BatchNormEngine(), ConvTransposeEngine(), PReLUEngine())
 
 
 def engine_for(mod: nn.Module) -> LayerEngine | None:
-    """The engine of ``mod``'s exact type (subclasses may not run their own forward), or ``None``."""
+    """The engine of ``mod``'s exact type (subclasses may not run their own forward), or ``None``; a module with a
+    parametrized tensor (:mod:`.parametrized`): its base type's engine chained to the originals."""
+    engine = _engine_of(type(mod))
+    return engine if engine is not None else parametrized_engine(mod, _engine_of)
+
+
+def _engine_of(cls: type) -> LayerEngine | None:
     for engine in _ENGINES:
-        if type(mod) in engine.types:
+        if cls in engine.types:
             return engine
     return None
 
@@ -558,16 +568,21 @@ def capture_owners(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, str
     Names are those of ``named_parameters()`` (a tied tensor under its first name); a tied
     tensor (an embedding shared with the output layer) has one entry per module using it,
     whose blocks add up. ``out_proj.*`` of a MultiheadAttention is captured by the attention
-    module (its forward bypasses ``out_proj``).
+    module (its forward bypasses ``out_proj``); the originals of a parametrized tensor by the parametrized module
+    (``parametrizations.weight.original``: :mod:`.parametrized`), not by the ``ParametrizationList`` holding them.
     """
     canonical = {id(p): n for n, p in model.named_parameters()}
     owners: dict[str, list[tuple[str, nn.Module, str]]] = {}
     for mod_name, mod in model.named_modules():
+        if isinstance(mod, ParametrizationList):
+            continue
         if type(mod) is nn.MultiheadAttention:
             places = [(mod_name, mod, a) for a, _ in mod.named_parameters(recurse=False)]
             places += [(mod_name, mod, f"out_proj.{a}") for a, _ in mod.out_proj.named_parameters(recurse=False)]
         else:
             places = [(mod_name, mod, a) for a, _ in mod.named_parameters(recurse=False)]
+            if is_parametrized(mod):
+                places += [(mod_name, mod, a) for a in original_attrs(mod)]
         for place in places:
             p = functools.reduce(getattr, place[2].split("."), place[1])
             owners.setdefault(canonical[id(p)], []).append(place)

@@ -44,7 +44,7 @@ def choose_engine(module: nn.Module, names: Sequence[str], projector: KroneckerP
     if gradient_engine == "hooks" and unsupported:
         raise ValueError(f"gradient_engine='hooks': no hook captures {unsupported[:5]} (hooks cover Linear, Conv1d/2d/3d, "
                          "ConvTranspose1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm, PReLU and "
-                         "MultiheadAttention parameters, and parameters "
+                         "MultiheadAttention parameters, the originals of their parametrizations (but attention's), and parameters "
                          "a model adds, multiplies or expands to the batch itself). Use "
                          "gradient_engine='auto' (vmap for just those) or exclude them with exclude_params")
     hooked = [] if gradient_engine == "vmap" else [n for n in names if n not in unsupported]

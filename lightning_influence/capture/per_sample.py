@@ -38,6 +38,7 @@ from .dtypes import dtype_mismatch
 from .layers import InputMemo, _edge, _wide, capture_owners, engine_for
 from .projection import KroneckerProjector, Outer, dense
 from .raw_params import RawWatch
+from .vjp import batched_grad
 from .recompute import plain_checkpoints
 
 __all__ = [
@@ -353,7 +354,8 @@ class HookGradientCapture:
         """
         if loss_grad.ndim != 1:
             raise ValueError(f"loss_grad must be 1-D (B,), got shape {tuple(loss_grad.shape)}")
-        if loss_grad.device.type == "cpu" and not bool(loss_grad.all()):  # on a GPU: non-finite rows, refused by the writer
+        # on a GPU: non-finite rows, refused by the writer; on the CPU a Python list (half the cost of a reduction here)
+        if loss_grad.device.type == "cpu" and 0.0 in loss_grad.tolist():
             raise ValueError("loss_grad has zeros: per-sample gradients cannot be recovered")
         batch = loss_grad.shape[0]
         dtype = loss_grad.dtype if loss_grad.dtype in _WIDE else torch.promote_types(loss_grad.dtype, torch.float32)
@@ -497,20 +499,6 @@ def per_sample_grads_backward(model: nn.Module, loss_fn: LossFn, batch: Any, par
     if projector is not None:
         return projector.project(grads, partial=True)
     return torch.cat([grads[n].reshape(out.shape[0], -1) for n in param_names], dim=1)
-
-
-def batched_grad(output: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, **kw: Any) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad`` of ``output`` for each row of ``cotangents`` (``(C, *output.shape)``), stacked ``(C, ...)``.
-
-    One vectorised backward (``is_grads_batched``) where every backward formula of the graph has a batching
-    rule; else one backward per row: GroupNorm's double backward has none (torch 2.13 fails with a size
-    mismatch), so DIT and Diff-In on a GroupNorm CNN take this path, nor has an LSTM's backward. The graph is retained.
-    """
-    try:
-        return torch.autograd.grad(output, inputs, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True, **kw)
-    except RuntimeError:  # a backward without a batching rule; a genuine error fails again below
-        rows = [torch.autograd.grad(output, inputs, grad_outputs=c, retain_graph=True, **kw) for c in cotangents]
-        return tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs)))
 
 
 def per_sample_grads_hooks(

@@ -15,7 +15,7 @@ such tensors: views, slices, casts, ``P * 2``). A *use* is an op that meets the 
 - ``V.expand(B, ...)`` (``broadcast_to``, ``expand_as``) to the batch: the same with an implicit ``x = 0``.
 
 The gradient with respect to ``V`` goes back to the parameters ``V`` derives from by the derivation chain's VJP,
-``torch.autograd.grad(V, P, G_V, is_grads_batched=True)`` (nothing to do where ``V`` is ``P``), then is
+``torch.autograd.grad(V, P, G_V, is_grads_batched=True)`` (:func:`.vjp.batched_grad`; nothing to do where ``V`` is ``P``), then is
 projected as any other engine's block. Any other op that takes such a tensor together with anything else, a use
 whose output needs no gradient while its operand does, or an in-place change of ``V`` demotes the parameter
 (:attr:`RawWatch.bad`): vmap computes it, as for a layer run without the batch first. Math:
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from .projection import KroneckerProjector
+from .vjp import batched_grad
 
 __all__ = ["RawWatch", "raw_candidates"]
 
@@ -226,8 +227,7 @@ class RawWatch(TorchFunctionMode):
         if len(roots) == 1 and _plain_view(v, params[0]):  # (``p`` itself: nothing to do)
             grads = {roots[0]: view_vjp(g_v, v, params[0])}
         else:  # the derivation chain's VJP, one per sample
-            found = torch.autograd.grad(v, params, g_v.to(v.dtype), retain_graph=True, is_grads_batched=True,
-                                        allow_unused=True)
+            found = batched_grad(v, params, g_v.to(v.dtype), allow_unused=True)
             grads = {n: self._wide(t) for n, t in zip(roots, found) if t is not None}
         return {n: self.projector.project_tensor(n, t) for n, t in grads.items()}
 
