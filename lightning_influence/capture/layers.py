@@ -30,7 +30,7 @@ the gradient hook (:class:`KeptInput`).
 - ``nn.ConvTranspose1d/2d/3d`` (:mod:`.conv_transpose`): the weight gradient of the convolution it is the adjoint of,
   with the input and the output gradient in swapped roles: the column side is the output gradient convolved with ``P_c``.
 - ``nn.PReLU`` (:mod:`.prelu`): ``sum g * min(0, x)``.
-- A parametrized tensor of any of these layers (:mod:`.parametrized`: ``weight_norm``, ``spectral_norm``, ...): the
+- A parametrized tensor of these layers but attention (:mod:`.parametrized`: ``weight_norm``, ``spectral_norm``, ...): the
   layer's engine gives the effective tensor's per-sample gradient, a batched VJP takes it to the originals.
 - ``nn.BatchNorm1d/2d/3d`` (:mod:`.batchnorm`): ``sum g * x_hat`` and ``sum g`` per channel, ``x_hat`` by the
   statistics the forward used (the batch's in train mode, the running ones in eval mode).
@@ -551,8 +551,8 @@ _ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngi
 def engine_for(mod: nn.Module) -> LayerEngine | None:
     """The engine of ``mod``'s exact type (subclasses may not run their own forward), or ``None``; a module with a
     parametrized tensor (:mod:`.parametrized`): its base type's engine chained to the originals."""
-    engine = _engine_of(type(mod))
-    return engine if engine is not None else parametrized_engine(mod, _engine_of)
+    engine = parametrized_engine(mod, _engine_of)
+    return engine if engine is not None else _engine_of(type(mod))
 
 
 def _engine_of(cls: type) -> LayerEngine | None:
@@ -581,8 +581,8 @@ def capture_owners(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, str
             places += [(mod_name, mod, f"out_proj.{a}") for a, _ in mod.out_proj.named_parameters(recurse=False)]
         else:
             places = [(mod_name, mod, a) for a, _ in mod.named_parameters(recurse=False)]
-            if is_parametrized(mod):
-                places += [(mod_name, mod, a) for a in original_attrs(mod)]
+            if is_parametrized(mod):  # parametrize's originals are its ParametrizationList's parameters
+                places += [(mod_name, mod, a) for a in original_attrs(mod) if a.startswith("parametrizations.")]
         for place in places:
             p = functools.reduce(getattr, place[2].split("."), place[1])
             owners.setdefault(canonical[id(p)], []).append(place)
