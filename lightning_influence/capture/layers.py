@@ -32,7 +32,7 @@ the gradient hook (:class:`KeptInput`).
 - ``nn.PReLU`` (:mod:`.prelu`): ``sum g * min(0, x)``.
 - A parametrized tensor of these layers but attention (:mod:`.parametrized`: ``weight_norm``, ``spectral_norm``, ...): the
   layer's engine gives the effective tensor's per-sample gradient, a batched VJP takes it to the originals.
-- ``nn.BatchNorm1d/2d/3d`` (:mod:`.batchnorm`): ``sum g * x_hat`` and ``sum g`` per channel, ``x_hat`` by the
+- ``nn.BatchNorm1d/2d/3d`` and ``nn.InstanceNorm1d/2d/3d`` (:mod:`.batchnorm`): ``sum g * x_hat`` and ``sum g`` per channel, ``x_hat`` by the
   statistics the forward used (the batch's in train mode, the running ones in eval mode).
 - ``nn.MultiheadAttention`` (``in_proj_weight/bias``, ``out_proj.weight/bias``): its forward
   calls ``F.multi_head_attention_forward``, which never runs ``out_proj``'s module hooks. While
