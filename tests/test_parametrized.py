@@ -249,7 +249,7 @@ def test_hook_based_weight_and_spectral_norms_match_brute_force(train):
 
 def test_tracked_hook_normed_training_is_bit_identical(tmp_path):
     plain, _ = fit_net(_hook_normed, (4, 4), steps=3)
-    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=16)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=16)
     tracked, _ = fit_net(_hook_normed, (4, 4), tracker, steps=3)
     for (n, a), (_, b) in zip([*plain.named_parameters(), *plain.named_buffers()],
                               [*tracked.named_parameters(), *tracked.named_buffers()]):

@@ -146,6 +146,7 @@ class LayerEngine:
 
     types: tuple[type[nn.Module], ...] = ()
     attrs: tuple[str, ...] = ("weight", "bias")
+    subclasses = True  # also a subclass of one of ``types`` that keeps its forward (:func:`engine_for`)
     pure_save = False  # ``save`` depends on the input alone (not on the output or the parameters): memoisable
 
     def supports(self, mod: nn.Module, attr: str) -> bool:
@@ -481,6 +482,7 @@ class AttentionEngine(LayerEngine):
 
     types = (nn.MultiheadAttention,)
     attrs = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+    subclasses = False  # capture_owners places out_proj by the exact type
 
     def attach(self, mod, records, active, targets, projector, memo=None):
         state: dict[str, Any] = {}
@@ -549,15 +551,26 @@ _ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngi
 
 
 def engine_for(mod: nn.Module) -> LayerEngine | None:
-    """The engine of ``mod``'s exact type (subclasses may not run their own forward), or ``None``; a module with a
-    parametrized tensor (:mod:`.parametrized`): its base type's engine chained to the originals."""
+    """The engine of ``mod``'s type, or ``None``; a module with a parametrized tensor (:mod:`.parametrized`): its base
+    type's engine chained to the originals."""
     engine = parametrized_engine(mod, _engine_of)
     return engine if engine is not None else _engine_of(type(mod))
 
 
+_FORWARD = ("forward", "_conv_forward")  # what a layer's call runs of its own class
+
+
 def _engine_of(cls: type) -> LayerEngine | None:
+    """The engine of ``cls``: one of an engine's types, or a subclass of one that overrides none of its
+    :data:`_FORWARD` methods (``NonDynamicallyQuantizableLinear``, a user's ``nn.Linear`` with another ``__init__``: it
+    computes as its base does). A subclass with a forward of its own goes to vmap (its forward may do anything);
+    what the methods it keeps could still hide (a property ``weight``) ``HookGradientCapture.verify`` catches."""
     for engine in _ENGINES:
         if cls in engine.types:
+            return engine
+    for engine in _ENGINES:
+        if engine.subclasses and any(issubclass(cls, base) and all(getattr(cls, m, None) is getattr(base, m, None)
+                                                                   for m in _FORWARD) for base in engine.types):
             return engine
     return None
 

@@ -164,8 +164,8 @@ class HookGradientCapture:
     def unsupported(model: nn.Module, param_names: Sequence[str]) -> list[str]:
         """The names in ``param_names`` no layer engine captures.
 
-        Supported: the parameters :func:`.layers.engine_for` knows for modules of exactly
-        its types (subclasses may not call their own forward); a tensor tied between
+        Supported: the parameters :func:`.layers.engine_for` knows for modules of its types
+        (and of subclasses that keep their base's forward); a tensor tied between
         modules (an embedding shared with the output layer) when every module using it is.
         """
         owners = capture_owners(model)

@@ -11,6 +11,7 @@ from lightning_influence.cli.common import (UserError, add_process_args, check_w
                                             flip_cell, format_table, json_text, output_format, parse_window, processes,
                                             progress_bar, status)
 from lightning_influence.cli.context import RunContext, prepare
+from lightning_influence.cli.datacheck import check_training_data
 from lightning_influence.cli.methods import (METHODS, Method, call_with, canonical_method, check_records, default_method,
                                              estimator_inputs, method_help, run_method, train_data_of)
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
@@ -107,6 +108,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         "run would repeat them): run them without --devices (--datamodel spreads its retraining runs "
                         "over --workers forked processes); --method, the ground truth and --groups run on several")
     log, ctx = prepare(args)
+    if ctx is not None and (args.truth == "replay" or args.groups or args.datamodel or args.pbrf or args.gap
+                            or any(METHODS[m].needs == "model+data" for m in methods)):
+        check_training_data(log, ctx)  # every replay reads it (once: prepare may have checked it for the first method)
     for m in methods[1:]:
         check_records(m, log, args.hvp)
     if (args.pbrf or args.gap) and ctx is not None and train_data_of(ctx, log) is None:  # before any replay
