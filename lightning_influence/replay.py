@@ -288,7 +288,10 @@ def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_
         if t.dtype != live[n].dtype:
             raise ValueError(f"parameter {n!r} is {live[n].dtype} in the module but {t.dtype} in the log: convert the module "
                              f"to the dtype the run trained in (e.g. module.to({t.dtype})) so buffers and inputs match")
-        out[n] = t.requires_grad_(requires_grad)
+        if t.stride() == live[n].stride():
+            out[n] = t.requires_grad_(requires_grad)
+        else:  # in the live parameter's memory format (channels_last): training's kernels, training's round-off
+            out[n] = torch.empty_like(live[n], requires_grad=False).copy_(t).requires_grad_(requires_grad)
     return ParamsWithBuffers(out, checkpoint_buffers(log, module, step))
 
 
