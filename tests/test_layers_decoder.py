@@ -163,12 +163,13 @@ class LitNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-def fit_net(make_net, shape, tracker=None, steps=4):
-    """``(LitNet(make_net()) after ``steps`` steps on 12 seeded samples of ``shape``, the data)``."""
+def fit_net(make_net, shape, tracker=None, steps=4, inputs=None):
+    """``(LitNet(make_net()) after ``steps`` steps on 12 seeded samples of ``shape`` (``inputs``: those inputs instead),
+    3 classes, the data)``."""
     module = LitNet(make_net())
     gen = torch.Generator().manual_seed(2)
-    data = WithIds(TensorDataset(torch.randn(12, *shape, generator=gen, dtype=torch.float64),
-                                 torch.randint(0, 3, (12,), generator=gen)))
+    x = torch.randn(12, *shape, generator=gen, dtype=torch.float64) if inputs is None else inputs
+    data = WithIds(TensorDataset(x, torch.randint(0, 3, (12,), generator=gen)))
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[tracker] if tracker else [])
     trainer.fit(module, DataLoader(data, batch_size=B, shuffle=True, generator=torch.Generator().manual_seed(0)))
