@@ -128,3 +128,15 @@ def test_data_the_model_cannot_take_is_a_user_error(run, tmp_path, capsys, build
         code, _, err = cli(capsys, "evaluate", run.log, "--builder", f"{path}:{builder}", "-m", "tracin", "-q",
                            "--samples", "0,1")
         assert code == 2 and "fails on the training data" in err, err
+
+
+def test_timeline_grid_spellings(run):
+    """A numpy int is a step interval as an int is (it had been iterated: "'numpy.int64' object is not iterable"); a
+    string other than 'epoch' says which grids there are (it had said "invalid literal for int() ... 'w'")."""
+    from lightning_influence.replay import grid_steps
+
+    log = InfluenceLog(run.log)
+    assert grid_steps(log, np.int64(4)).tolist() == grid_steps(log, 4).tolist() == [0, 4, 8, 12]
+    for bad in ("weekly", "10", True):
+        with pytest.raises(ValueError, match="an int k \\(every k steps\\)"):
+            grid_steps(log, bad)
