@@ -140,3 +140,14 @@ def test_timeline_grid_spellings(run):
     for bad in ("weekly", "10", True):
         with pytest.raises(ValueError, match="an int k \\(every k steps\\)"):
             grid_steps(log, bad)
+
+
+def test_evaluate_top_samples_of_self_influence_are_the_most_suspicious(run, capsys):
+    """'top:K' picks the K first in the first method's own order: for self-influence the largest (the mislabelled
+    candidates, as `query` lists them first), not the most negative (the least suspicious)."""
+    own = tracin_self_influence(InfluenceLog(run.log)).column(0)
+    for spec, expected in (("top:3", np.argsort(-own, kind="stable")[:3]), ("bottom:3", np.argsort(own, kind="stable")[:3])):
+        code, out, err = cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin-self", "--truth", "none",
+                             "--samples", spec, "-f", "json", "-q")
+        assert code == 0, err
+        assert [s["id"] for s in json.loads(out)["samples"]] == expected.tolist()
