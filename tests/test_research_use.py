@@ -128,3 +128,26 @@ def test_data_the_model_cannot_take_is_a_user_error(run, tmp_path, capsys, build
         code, _, err = cli(capsys, "evaluate", run.log, "--builder", f"{path}:{builder}", "-m", "tracin", "-q",
                            "--samples", "0,1")
         assert code == 2 and "fails on the training data" in err, err
+
+
+def test_timeline_grid_spellings(run):
+    """A numpy int is a step interval as an int is (it had been iterated: "'numpy.int64' object is not iterable"); a
+    string other than 'epoch' says which grids there are (it had said "invalid literal for int() ... 'w'")."""
+    from lightning_influence.replay import grid_steps
+
+    log = InfluenceLog(run.log)
+    assert grid_steps(log, np.int64(4)).tolist() == grid_steps(log, 4).tolist() == [0, 4, 8, 12]
+    for bad in ("weekly", "10", True):
+        with pytest.raises(ValueError, match="an int k \\(every k steps\\)"):
+            grid_steps(log, bad)
+
+
+def test_evaluate_top_samples_of_self_influence_are_the_most_suspicious(run, capsys):
+    """'top:K' picks the K first in the first method's own order: for self-influence the largest (the mislabelled
+    candidates, as `query` lists them first), not the most negative (the least suspicious)."""
+    own = tracin_self_influence(InfluenceLog(run.log)).column(0)
+    for spec, expected in (("top:3", np.argsort(-own, kind="stable")[:3]), ("bottom:3", np.argsort(own, kind="stable")[:3])):
+        code, out, err = cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin-self", "--truth", "none",
+                             "--samples", spec, "-f", "json", "-q")
+        assert code == 0, err
+        assert [s["id"] for s in json.loads(out)["samples"]] == expected.tolist()

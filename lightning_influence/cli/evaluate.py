@@ -29,7 +29,8 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help=method_help() + "; repeatable")
     p.add_argument("--window", "-w", metavar="W", help="the window (default: the whole run)")
     p.add_argument("--samples", "-s", default="top:10",
-                   help="ids '3,17,42', 'top:K' (K most negative by the first method), 'bottom:K', 'random:K', "
+                   help="ids '3,17,42', 'top:K' (the K first by the first method: most negative, or largest self-influence), 'bottom:K', "
+                        "'random:K', "
                         "'flipped:K' (default top:10)")
     p.add_argument("--truth", choices=("replay", "none"), default="replay",
                    help="ground truth: replay leave-one-out (default) or none (detection metrics only)")
@@ -59,7 +60,10 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def _parse_samples(spec: str, n: int, ctx: RunContext | None, estimate: Callable[[], np.ndarray], seed: int) -> np.ndarray:
+def _parse_samples(spec: str, n: int, ctx: RunContext | None, estimate: Callable[[], np.ndarray], seed: int,
+                   order_kind: str = "loss") -> np.ndarray:
+    """The chosen sample ids; ``top``/``bottom`` in the first method's order (``order_kind``: ``"loss"``, most
+    negative first, or ``"self"``, largest first: :func:`~lightning_influence.tasks.harmful_order`)."""
     kind, _, arg = spec.partition(":")
     chosen = kind in ("top", "random", "flipped", "bottom")
     k, ids = 0, np.zeros(0, dtype=np.int64)
@@ -71,12 +75,13 @@ def _parse_samples(spec: str, n: int, ctx: RunContext | None, estimate: Callable
         else:
             ids = np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
     except ValueError:
-        raise UserError(f"--samples {spec!r}: use ids '3,17,42', 'top:K' (most negative), 'bottom:K', 'random:K' or "
+        raise UserError(f"--samples {spec!r}: use ids '3,17,42', 'top:K' (most negative; largest self-influence), 'bottom:K', 'random:K' or "
                         "'flipped:K'") from None
-    if kind == "top":
-        return np.argsort(estimate(), kind="stable")[:k]
-    if kind == "bottom":
-        return np.argsort(-estimate(), kind="stable")[:k]
+    if kind in ("top", "bottom"):
+        from lightning_influence.tasks import harmful_order
+
+        est = estimate()
+        return harmful_order(est if kind == "top" else -est, order_kind)[:k]
     if kind == "random":
         if seed < 0:
             raise UserError(f"--seed must be an int >= 0, got {seed}")
@@ -141,7 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         drifts[key] = (scores.info or {}).get("replay_drift")
         qname = query_columns(scores.query_names, names, specs)[0][1]
     first = next(iter(estimates.values()))
-    samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed)
+    samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed, next(iter(kinds.values())))
     truth, floor = None, None
     if args.truth == "replay":
         fn = Method(GROUND_TRUTH, "model+data", (), "").load()
