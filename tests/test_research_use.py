@@ -151,3 +151,30 @@ def test_evaluate_top_samples_of_self_influence_are_the_most_suspicious(run, cap
                              "--samples", spec, "-f", "json", "-q")
         assert code == 0, err
         assert [s["id"] for s in json.loads(out)["samples"]] == expected.tolist()
+
+
+def test_a_module_of_another_class_is_named_in_a_warning(run, capsys):
+    """TracIn replays nothing: a model of other layers with the run's parameter shapes (Tanh for ReLU) loaded the
+    checkpoints and scored silently. It is now named in a warning; the run's own class is not."""
+    import warnings
+
+    import torch
+
+    from lightning_influence import tracin
+    from lightning_influence.examples.digits import DigitsClassifier
+
+    cfg = yaml.safe_load(Path(run.config).read_text())
+
+    class TanhDigits(DigitsClassifier):  # the same parameters, another activation
+        def forward(self, x):
+            return torch.tanh(super().forward(x))
+
+    log = InfluenceLog(run.log)
+    query = lambda m: m(torch.zeros(2, 64)).sum()  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracin(log, query, module=DigitsClassifier(**cfg["model"]))
+        assert not [w for w in caught if "the module given is" in str(w.message)]
+        tracin(log, query, module=TanhDigits(**cfg["model"]))
+    named = [str(w.message) for w in caught if "the module given is" in str(w.message)]
+    assert named and "DigitsClassifier" in named[0] and "TanhDigits" in named[0]
