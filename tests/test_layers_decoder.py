@@ -119,19 +119,19 @@ def test_output_size_argument_and_more_positions_than_the_input():
 
 
 def test_mixed_with_a_layer_vmap_computes():
-    """A Bilinear (no engine: vmap) between hooked decoder layers: per_sample_grads mixes the two engines."""
+    """An RNN cell (no engine: vmap) after hooked decoder layers: per_sample_grads mixes the two engines."""
 
     class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
             self.t = nn.ConvTranspose1d(3, 2, 3, stride=2)
             self.a = nn.PReLU(2)
-            self.bil = nn.Bilinear(18, 18, 4)
+            self.cell = nn.RNNCell(18, 4)
             self.out = nn.Linear(4, 3)
 
         def forward(self, x):
             h = self.a(self.t(x)).flatten(1)
-            return self.out(torch.tanh(self.bil(h, h)))
+            return self.out(self.cell(h))
 
     torch.manual_seed(0)
     model = Mixed().double()
@@ -139,7 +139,7 @@ def test_mixed_with_a_layer_vmap_computes():
     batch = torch.randn(B, 3, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
     names = select_params(model)
     unsupported = HookGradientCapture.unsupported(model, names)
-    assert unsupported == ["bil.weight", "bil.bias"]
+    assert unsupported == ["cell.weight_ih", "cell.weight_hh", "cell.bias_ih", "cell.bias_hh"]
     proj = projector_for(model, names, 8)
     capture = HookGradientCapture(model, [n for n in names if n not in unsupported], proj)
     grads, _ = per_sample_grads(model, loss_fn, batch, names, proj, capture)

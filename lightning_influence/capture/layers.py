@@ -23,6 +23,7 @@ the gradient hook (:class:`KeptInput`).
   the bias's row of ``P_c`` to every token's ``x P_c``; no bias product is left to do.
 - ``nn.Embedding``: ``G_b = sum_l e_{id_{b,l}} g_{b,l}^T``, so the row side is a gather of
   ``P_r`` at the sample's token ids (``padding_idx`` rows get no gradient).
+- ``nn.Bilinear`` (:mod:`.bilinear`): a Linear on ``x1 ⊗ x2``, its column side made without the outer product.
 - ``nn.EmbeddingBag`` (:mod:`.embedding_bag`, ``sum``/``mean``): the row side is the bag layer with ``P_r`` as its table.
 - ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``: the weight gradient is
   ``sum g * x_hat`` and the bias gradient ``sum g`` over all but the parameter's dims; ``x_hat``
@@ -545,8 +546,10 @@ from .batchnorm import BatchNormEngine  # noqa: E402 - these build on LayerEngin
 from .conv_transpose import ConvTransposeEngine  # noqa: E402
 from .prelu import PReLUEngine  # noqa: E402
 from .embedding_bag import EmbeddingBagEngine  # noqa: E402
+from .bilinear import BilinearEngine  # noqa: E402
 
 _ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngine(), NormEngine(), AttentionEngine(),
-                                     BatchNormEngine(), ConvTransposeEngine(), PReLUEngine(), EmbeddingBagEngine())
+                                     BatchNormEngine(), ConvTransposeEngine(), PReLUEngine(), EmbeddingBagEngine(),
+                                     BilinearEngine())
 
 from .owners import capture_owners, engine_for, foldable_biases  # noqa: E402 - they read _ENGINES
