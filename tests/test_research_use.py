@@ -110,7 +110,7 @@ def narrow_query():
 
 
 @pytest.mark.parametrize("builder, method, needle", [
-    ("narrow_train", "dit", "the run's per-sample loss fails on the training data rebuilt for step 0"),
+    ("narrow_train", "dit", "the run's per-sample loss fails on the training data rebuilt for step"),
     ("labels_beyond_outputs", "diffin-self", "IndexError: Target 1"),
     ("narrow_query", "tracin", "the query fails on the model: RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
     ("narrow_query", "dit-gn", "must be what the model takes"),
@@ -229,3 +229,30 @@ def _untimed(value):
     if isinstance(value, (list, tuple)):
         return [_untimed(v) for v in value]
     return value
+
+
+STALE = '''
+import torch
+from lightning_influence.examples.digits import DigitsClassifier
+
+
+class DigitsClassifier(DigitsClassifier):  # the class edited after the run: Tanh for ReLU, the same parameters
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+'''
+
+
+@pytest.mark.parametrize("method", ["tracin", "dit-gn"])
+def test_a_stale_model_is_refused_by_the_logged_losses(run, tmp_path, capsys, monkeypatch, method):
+    """A model edited since the run (same class name and parameter shapes) loads the checkpoints; TracIn and
+    Gauss-Newton DIT replay nothing and had scored with it silently. The rebuilt model and data must reproduce the
+    losses the run logged at its first step."""
+    (tmp_path / "edited.py").write_text(STALE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = cli(capsys, "query", run.log, "-c", run.config, "--model", "edited.DigitsClassifier", "-m", method,
+                         "-q")
+    lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line and "warn" not in line]
+    assert code == 2 and out == "", err
+    assert "do not reproduce the run's logged losses at step" in lines[-1] and "stale log" in lines[-1]
+    code, out, err = cli(capsys, "query", run.log, "-c", run.config, "-m", method, "-q")  # the run's own class
+    assert code == 0, err

@@ -447,6 +447,6 @@ def prepare(args: argparse.Namespace) -> tuple[Any, RunContext | None]:
         source = args.builder or args.config or "the log's recipe"
         status(args, f"rebuilding the model and data from {source} ...")
         ctx = load_context(args, log)
-        if method.needs == "model+data":
-            check_training_data(log, ctx)
+        if method.needs != "log":  # model-only methods too, where the run gives its training data (a stale log)
+            check_training_data(log, ctx, required=method.needs == "model+data")
     return log, ctx

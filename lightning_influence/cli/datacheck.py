@@ -32,33 +32,72 @@ def _quietly(fn: Callable[[], Any]) -> None:
         fn()
 
 
-def check_training_data(log: Any, ctx: Any) -> None:
-    """The run's per-sample loss on the first micro-batch of the log's first step, rebuilt from the training set as
-    every replay rebuilds it (:func:`~lightning_influence.replay.load_step`); nothing to check where the log stores
-    the inputs and the run gives no training set."""
+def check_training_data(log: Any, ctx: Any, required: bool = True) -> None:
+    """The run's per-sample loss on the first micro-batch of the step of the log's last checkpoint before ``T`` (the
+    first step where it has none), rebuilt from the training set as every replay rebuilds it
+    (:func:`~lightning_influence.replay.load_step`), at that checkpoint's ``θ_t``; where the log recorded the step's
+    losses they must come out again: a model or data changed since the run (a stale log) would otherwise pass
+    TracIn and Gauss-Newton DIT, which replay nothing; late in training such a change shows most. Nothing to check where
+    the log stores the inputs and the run gives no training set; with ``required=False`` (a method that reads no
+    training data) nor where the run gives none."""
     from lightning_influence.cli.methods import train_data_of
     from lightning_influence.queries import default_loss_fn
-    from lightning_influence.replay import load_step
+    from lightning_influence.replay import checkpoint_params, load_step
 
     if ctx.training_data_checked:
         return
     ctx.training_data_checked = True
-    train = train_data_of(ctx, log)
+    try:
+        train = train_data_of(ctx, log)
+    except UserError:
+        if required:
+            raise
+        return
     if train is None:
         return
-    t = int(log.first_step)
+    inside = [int(c) for c in log.checkpoint_steps if log.first_step <= c < log.num_steps]
+    t = max(inside) if inside else int(log.first_step)
     step = load_step(log, train, t)
     step = dataclasses.replace(step, micro=step.micro[:1])
     module = ctx.module
-    params = {n: p.detach() for n, p in module.named_parameters()}
+    params = checkpoint_params(log, module, t) if t in log.checkpoint_steps else \
+        {n: p.detach() for n, p in module.named_parameters()}
     try:
-        _quietly(lambda: step.losses(module, ctx.loss_fn or default_loss_fn, params))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            losses = step.losses(module, ctx.loss_fn or default_loss_fn, params)
     except _DATA_ERRORS as err:
         ids = step.ids[:3]
         raise UserError(f"the run's per-sample loss fails on the training data rebuilt for step {t} (ids "
                         f"{', '.join(str(int(i)) for i in ids)}, ...): {_first_line(err)}; give the training set the "
                         "run was trained on, indexed by the ids it logged (its recipe, --builder's train_data, --config "
                         "or --data), and the model it trained (--model)") from err
+    if t in log.checkpoint_steps and log.recorded.get("losses"):
+        _compare_losses(log, t, step.ids, losses.detach().double().cpu().numpy())
+
+
+# the largest difference from the logged losses taken as the same run: recomputation on another device or kernel
+# differs by rounding (bf16 autocast: ~1e-2 relative); another model or data differ by far more
+_LOSS_TOLERANCE = 5e-2
+
+
+def _compare_losses(log: Any, t: int, ids: Any, got: Any) -> None:
+    import numpy as np
+
+    rec = next(log.iter_steps(t, t + 1, fields=("loss",)), None)
+    if rec is None or rec.losses is None or rec.step != t:
+        return
+    logged = dict(zip(rec.ids.tolist(), rec.losses.astype(np.float64).tolist()))
+    want = np.array([logged.get(int(i), np.nan) for i in ids])
+    keep = np.isfinite(want) & np.isfinite(got)
+    if not keep.any():
+        return
+    gap = np.abs(got[keep] - want[keep]) / (1.0 + np.abs(want[keep]))
+    if gap.max() > _LOSS_TOLERANCE:
+        k = int(np.argmax(gap))
+        raise UserError(f"the model and training data rebuilt do not reproduce the run's logged losses at step {t} "
+                        f"(sample {int(np.asarray(ids)[keep][k])}: {got[keep][k]:.6g} now, {want[keep][k]:.6g} logged): "
+                        "the model's code, its hyperparameters or the data changed since the run (a stale log?); "
+                        "pass the model and data the run trained (--model, --builder, --config), or re-train")
 
 
 def check_query_data(query: Callable[[Any], Any], module: Any) -> None:
