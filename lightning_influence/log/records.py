@@ -71,7 +71,8 @@ class StepRecord:
             if (self.skipped and ndim == 1) or _finite(rows):  # the common case: one check
                 if rows is not self.grads or self.grad_outer is None or float(np.abs(rows).max(initial=0)) < SAFE_FACTOR:
                     continue  # a skipped step's losses may overflow; factors this small multiply to finite values
-                rows = self.grad_outer.expand(np.asarray(rows))  # their products, as a reader expands them
+                with np.errstate(over="ignore"):  # an overflow is what is looked for
+                    rows = self.grad_outer.expand(np.asarray(rows))  # their products, as a reader expands them
             bad = ~np.isfinite(np.asarray(rows).reshape(n, -1)).all(axis=1)
             if bad.any():
                 raise FloatingPointError(
@@ -109,7 +110,8 @@ class StepRecord:
             if rows is None or rows.dtype.kind != "f" or np.finfo(rows.dtype).max <= limit.max or not rows.size:
                 continue
             if what == "per-sample gradient" and self.grad_outer is not None:
-                rows = self.grad_outer.expand(rows)  # the values a reader gets: the factors' products
+                with np.errstate(over="ignore"):
+                    rows = self.grad_outer.expand(rows)  # the values a reader gets: the factors' products
             peak = np.maximum(rows.max(axis=1), -rows.min(axis=1))  # |value| largest per row (no copy of the rows)
             with np.errstate(over="ignore"):
                 bad = np.isinf(peak.astype(storage_dtype))  # exactly the rows the cast would overflow
