@@ -478,7 +478,7 @@ class InfluenceTracker(Callback):
                         check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
         want_grads = self.record_gradients and self._records_grads(trainer.global_step)
         if want_grads and self._capture is not None and captured is not None and len(seen_grad) == 1:
-            if self._factored and micro.accumulate == 1:  # outer-product blocks stored as factors (log/outer.py)
+            if self._factored and micro.accumulate == 1 and not self._vmap_names:  # factored blocks (log/outer.py)
                 micro.grads, blocks = self._capture.collect_factored(seen_grad[0])
                 micro.outer = OuterColumns(self._projector.out_dim, blocks) if blocks else None
             else:
