@@ -288,7 +288,10 @@ def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_
         if t.dtype != live[n].dtype:
             raise ValueError(f"parameter {n!r} is {live[n].dtype} in the module but {t.dtype} in the log: convert the module "
                              f"to the dtype the run trained in (e.g. module.to({t.dtype})) so buffers and inputs match")
-        out[n] = t.requires_grad_(requires_grad)
+        if t.stride() == live[n].stride():
+            out[n] = t.requires_grad_(requires_grad)
+        else:  # in the live parameter's memory format (channels_last): training's kernels, training's round-off
+            out[n] = torch.empty_like(live[n], requires_grad=False).copy_(t).requires_grad_(requires_grad)
     return ParamsWithBuffers(out, checkpoint_buffers(log, module, step))
 
 
@@ -325,10 +328,13 @@ def grid_steps(log: InfluenceLog, grid: Any) -> np.ndarray:
     if grid is None or (isinstance(grid, str) and grid in ("epoch", "epochs")):
         starts = [int(log.steps[np.nonzero(log.epochs_of_step == e)[0][0]]) for e in log.epochs]
         pts = set(starts) | {0, T}
-    elif isinstance(grid, int):
+    elif isinstance(grid, str) or isinstance(grid, (bool, np.bool_)):
+        raise ValueError(f"grid={grid!r}: use None or 'epoch' (every epoch's first step), an int k (every k steps), or a "
+                         "list of steps or of fractions of training")
+    elif isinstance(grid, (int, np.integer)):
         if grid < 1:
             raise ValueError(f"grid={grid}: an int grid is a step interval >= 1")
-        pts = set(range(0, T, grid)) | {T}
+        pts = set(range(0, T, int(grid))) | {T}
     else:
         vals = list(grid)
         if any(isinstance(v, float) for v in vals):

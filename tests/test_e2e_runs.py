@@ -165,7 +165,7 @@ def test_prediction_queries_on_dict_items():
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     items = [{"x": torch.randn(4), "y": torch.tensor(i % 3)} for i in range(4)]
-    ctx = SimpleNamespace(test_dataset=items, val_batch=None)
+    ctx = SimpleNamespace(test_dataset=items, val_batch=None, module=model, convert_input=lambda batch: batch)
     query, names = build_query([parse_query("pred:2"), parse_query("margin:1:0")], ctx)
     out = query(model)
     with torch.no_grad():
@@ -174,7 +174,8 @@ def test_prediction_queries_on_dict_items():
     torch.testing.assert_close(out[0], logits2[2])  # the item's own label, 2
     torch.testing.assert_close(out[1], logits1[0] - logits1[1:].max())
 
-    two = SimpleNamespace(test_dataset=[{"a": torch.randn(4), "b": torch.randn(4), "y": torch.tensor(0)}], val_batch=None)
+    two = SimpleNamespace(test_dataset=[{"a": torch.randn(4), "b": torch.randn(4), "y": torch.tensor(0)}], val_batch=None,
+                          module=model, convert_input=lambda batch: batch)
     with pytest.raises(UserError, match=r"inputs \['a', 'b'\].*test:ID"):
         build_query([parse_query("pred:0")], two)
 

@@ -199,3 +199,39 @@ def test_tracked_decoder_training_is_bit_identical_and_rows_equal_brute_force(tm
         np.testing.assert_allclose(rec.grads, expected.numpy(), rtol=1e-10, atol=1e-12)
         steps += 1
     assert steps == 4
+
+
+class Styled(nn.Module):
+    """A style-transfer-like generator: InstanceNorm2d(affine) after a convolution and after a transposed one (with
+    running statistics: used in eval mode), InstanceNorm1d(affine) on ``(B, C, L)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.n1 = nn.InstanceNorm2d(4, affine=True)
+        self.t = nn.ConvTranspose2d(4, 2, 2, stride=2)
+        self.n2 = nn.InstanceNorm2d(2, affine=True, track_running_stats=True)
+        self.n3 = nn.InstanceNorm1d(2, affine=True)
+        self.fc = nn.Linear(2 * 16, 3)
+
+    def forward(self, x):
+        h = self.n2(self.t(torch.relu(self.n1(self.c(x)))))
+        return self.fc(torch.tanh(self.n3(h.flatten(2))).flatten(1))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_instance_norm_affine_parameters_match_brute_force(train):
+    torch.manual_seed(0)
+    model = Styled().double()
+    with torch.no_grad():  # parameters and running statistics away from their initial values
+        for p in [*model.parameters(), model.n2.running_mean, model.n2.running_var]:
+            p.add_(torch.rand(p.shape, dtype=p.dtype))
+    model.train(train)
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(B, 3, 4, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
+    names = select_params(model)
+    assert HookGradientCapture.unsupported(model, names) == []
+    proj = projector_for(model, names, 8)
+    capture = HookGradientCapture(model, names, proj)
+    grads, _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
+    torch.testing.assert_close(grads, proj.project(brute_force(model, loss_fn, batch, names)), rtol=1e-10, atol=1e-12)

@@ -160,3 +160,99 @@ def test_tracked_training_is_bit_identical_and_on_hooks(tmp_path):
     assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {}
     assert sum(".parametrizations." in n for n in log.param_names) == 7
     assert log.num_steps == 3
+
+
+class WeightNormed(nn.Module):
+    """``weight_norm`` (the factored form) of a Linear on tokens ``(B, T, d)`` and of a grouped Conv1d with reflect
+    padding, each with ``dim=0`` and ``dim=None``; a ConvTranspose1d's (no factored form: the generic chain)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = P.weight_norm(nn.Linear(4, 6), dim=dim)
+        self.conv = P.weight_norm(nn.Conv1d(6, 4, 3, groups=2, padding=1, padding_mode="reflect"), dim=dim)
+        self.up = P.weight_norm(nn.ConvTranspose1d(4, 2, 2, stride=2))
+        self.fc = nn.Linear(2 * 10, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x)).transpose(1, 2)  # (B, 6, T)
+        return self.fc(torch.tanh(self.up(torch.tanh(self.conv(h)))).flatten(1))
+
+
+@pytest.mark.parametrize("dim", [0, None])
+def test_factored_weight_norm_matches_brute_force_and_the_generic_chain(monkeypatch, dim):
+    from lightning_influence.capture import parametrized
+    torch.manual_seed(0)
+    model = WeightNormed(dim).double()
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(B, 5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
+    names = select_params(model)
+    proj = projector_for(model, names, 8)
+    expected = proj.project(brute_force(model, batch, names))
+    rows = {}
+    for factored in (True, False):
+        if not factored:
+            monkeypatch.setattr(parametrized, "_weight_norm", lambda mod, base: None)
+        capture = HookGradientCapture(model, names, proj)
+        capture.enable()
+        loss_fn(model, batch)
+        kinds = {m: type(r[0][0]).__name__ for m, r in capture._records.items()}
+        assert kinds == ({"lin": "_Factored", "conv": "_Factored", "up": "tuple", "fc": "Tensor"} if factored else
+                         {"lin": "tuple", "conv": "tuple", "up": "tuple", "fc": "Tensor"})
+        capture.remove()
+        capture = HookGradientCapture(model, names, proj)
+        rows[factored], _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
+        torch.testing.assert_close(rows[factored], expected, rtol=1e-10, atol=1e-12)
+
+
+class HookNormed(nn.Module):
+    """The older hook-based ``torch.nn.utils.weight_norm`` (factored: Linear, Conv1d with ``dim=None``) and
+    ``spectral_norm`` (the generic chain: its power iteration updates ``weight_u``/``weight_v`` in train mode), as in
+    GAN discriminators and vocoders."""
+
+    def __init__(self):
+        super().__init__()
+        with pytest.warns(FutureWarning):
+            self.lin = nn.utils.weight_norm(nn.Linear(4, 6))
+            self.conv = nn.utils.weight_norm(nn.Conv1d(6, 4, 3, padding=1), dim=None)
+        self.sn_conv = nn.utils.spectral_norm(nn.Conv1d(4, 3, 2, stride=2))
+        self.sn_fc = nn.utils.spectral_norm(nn.Linear(6, 3))
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x)).transpose(1, 2)  # (B, 6, 4)
+        return self.sn_fc(torch.tanh(self.sn_conv(torch.tanh(self.conv(h)))).flatten(1))
+
+
+def _hook_normed():
+    torch.manual_seed(0)
+    return HookNormed().double()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_hook_based_weight_and_spectral_norms_match_brute_force(train):
+    model = _hook_normed().train(train)
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(B, 4, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
+    names = select_params(model)
+    assert {"lin.weight_g", "lin.weight_v", "conv.weight_g", "sn_conv.weight_orig", "sn_fc.weight_orig"} <= set(names)
+    assert HookGradientCapture.unsupported(model, names) == []
+    proj = projector_for(model, names, 8)
+    expected = proj.project(brute_force(model, batch, names))
+    capture = HookGradientCapture(model, names, proj)
+    grads, _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    assert capture.verify(model, loss_fn, batch, sample=1) == []
+    capture.enable()
+    loss_fn(model, batch)
+    kinds = {m: type(r[0][0]).__name__ for m, r in capture._records.items()}
+    assert kinds == {"lin": "_Factored", "conv": "_Factored", "sn_conv": "tuple", "sn_fc": "tuple"}
+
+
+def test_tracked_hook_normed_training_is_bit_identical(tmp_path):
+    plain, _ = fit_net(_hook_normed, (4, 4), steps=3)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=16)
+    tracked, _ = fit_net(_hook_normed, (4, 4), tracker, steps=3)
+    for (n, a), (_, b) in zip([*plain.named_parameters(), *plain.named_buffers()],
+                              [*tracked.named_parameters(), *tracked.named_buffers()]):
+        assert torch.equal(a, b), n
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {} and log.num_steps == 3

@@ -243,8 +243,8 @@ def test_unsupported_params():
             self.tied = nn.Linear(4, 10, bias=False)  # tied with an Embedding: both have engines
             self.emb = nn.Embedding(10, 4)
             self.emb.weight = self.tied.weight
-            self.odd = nn.Linear(4, 4, bias=False)  # tied with a module no engine covers (a subclass)
-            self.sub = type("SubLinear", (nn.Linear,), {})(4, 4, bias=False)
+            self.odd = nn.Linear(4, 4, bias=False)  # tied with a module no engine covers (a subclass with a forward)
+            self.sub = type("SubLinear", (nn.Linear,), {"forward": lambda self, x: nn.Linear.forward(self, x)})(4, 4, bias=False)
             self.sub.weight = self.odd.weight
             self.capped = nn.Embedding(10, 4, max_norm=1.0)  # renormalises rows in place
             self.attn = nn.MultiheadAttention(4, 2, add_bias_kv=True)

@@ -77,3 +77,77 @@ def test_epoch_windows_reaching_outside_the_run_are_refused(run):
             log.window(bad)
     with pytest.raises(ValueError, match="hold no step"):
         log.window(f"epoch {hi + 1}:")
+
+
+BUILDER = '''
+import yaml
+from lightning_influence.examples.digits import DigitsClassifier, DigitsDataModule
+from lightning_influence import WithIds
+from torch.utils.data import TensorDataset
+
+
+def _parts():
+    cfg = yaml.safe_load(open({config!r}).read())
+    dm = DigitsDataModule(**cfg["data"])
+    (xt, yt), (xv, yv) = dm.splits["train"], dm.splits["val"]
+    return DigitsClassifier(**cfg["model"]), xt, yt, xv, yv
+
+
+def narrow_train():
+    model, xt, yt, xv, yv = _parts()
+    return {{"module": model, "train_data": WithIds(TensorDataset(xt[:, :32], yt)), "val_data": (xv, yv)}}
+
+
+def labels_beyond_outputs():
+    model, xt, yt, xv, yv = _parts()
+    return {{"module": model, "train_data": WithIds(TensorDataset(xt, yt + 10)), "val_data": (xv, yv)}}
+
+
+def narrow_query():
+    model, xt, yt, xv, yv = _parts()
+    return {{"module": model, "train_data": WithIds(TensorDataset(xt, yt)), "val_data": (xv[:, :32], yv)}}
+'''
+
+
+@pytest.mark.parametrize("builder, method, needle", [
+    ("narrow_train", "dit", "the run's per-sample loss fails on the training data rebuilt for step 0"),
+    ("labels_beyond_outputs", "diffin-self", "IndexError: Target 1"),
+    ("narrow_query", "tracin", "the query fails on the model: RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    ("narrow_query", "dit-gn", "must be what the model takes"),
+])
+def test_data_the_model_cannot_take_is_a_user_error(run, tmp_path, capsys, builder, method, needle):
+    """Data from --builder that the model cannot take (another feature count, labels beyond its outputs) had failed
+    inside the sweep as "internal error (RuntimeError: mat1 and mat2 shapes ...)", exit code 1."""
+    path = tmp_path / "builders.py"
+    path.write_text(BUILDER.format(config=run.config))
+    code, out, err = cli(capsys, "query", run.log, "--builder", f"{path}:{builder}", "-m", method, "-q")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and out == "", err
+    assert needle in lines[0] and "internal error" not in lines[0]
+    if builder != "narrow_query":
+        code, _, err = cli(capsys, "evaluate", run.log, "--builder", f"{path}:{builder}", "-m", "tracin", "-q",
+                           "--samples", "0,1")
+        assert code == 2 and "fails on the training data" in err, err
+
+
+def test_timeline_grid_spellings(run):
+    """A numpy int is a step interval as an int is (it had been iterated: "'numpy.int64' object is not iterable"); a
+    string other than 'epoch' says which grids there are (it had said "invalid literal for int() ... 'w'")."""
+    from lightning_influence.replay import grid_steps
+
+    log = InfluenceLog(run.log)
+    assert grid_steps(log, np.int64(4)).tolist() == grid_steps(log, 4).tolist() == [0, 4, 8, 12]
+    for bad in ("weekly", "10", True):
+        with pytest.raises(ValueError, match="an int k \\(every k steps\\)"):
+            grid_steps(log, bad)
+
+
+def test_evaluate_top_samples_of_self_influence_are_the_most_suspicious(run, capsys):
+    """'top:K' picks the K first in the first method's own order: for self-influence the largest (the mislabelled
+    candidates, as `query` lists them first), not the most negative (the least suspicious)."""
+    own = tracin_self_influence(InfluenceLog(run.log)).column(0)
+    for spec, expected in (("top:3", np.argsort(-own, kind="stable")[:3]), ("bottom:3", np.argsort(own, kind="stable")[:3])):
+        code, out, err = cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin-self", "--truth", "none",
+                             "--samples", spec, "-f", "json", "-q")
+        assert code == 0, err
+        assert [s["id"] for s in json.loads(out)["samples"]] == expected.tolist()

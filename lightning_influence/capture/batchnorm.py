@@ -1,4 +1,5 @@
-"""The layer engine of ``nn.BatchNorm1d/2d/3d``'s affine parameters (``docs/per-sample-gradients.md``).
+"""The layer engine of ``nn.BatchNorm1d/2d/3d``'s and ``nn.InstanceNorm1d/2d/3d``'s affine parameters
+(``docs/per-sample-gradients.md``).
 
 Its weight's gradient is ``Σ g ⊙ x̂`` and its bias's ``Σ g`` over the batch and every position of a channel; each
 sample's row sums over its own positions only. ``x̂`` is normalised by the statistics the forward used: the batch's
@@ -7,7 +8,9 @@ train-mode forward updates them right after using the batch's). In eval mode (a 
 sample's exact gradient. In train mode (``allow_train_batchnorm=True``) a sample's output depends on the whole batch,
 and every engine's row is then the same decomposition of the batch gradient: the output gradient ``g_b`` of the
 sample's own row, which carries what the batch statistics pass on from the other samples' losses, times the
-sample's own input; the rows still add up to the batch gradient.
+sample's own input; the rows still add up to the batch gradient. An InstanceNorm normalises each sample and channel by
+its own statistics (over the positions) where it uses the input's (train mode, or without running statistics), else
+by the running ones: each sample's exact gradient either way.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ __all__ = ["BatchNormEngine"]
 
 
 class BatchNormEngine(LayerEngine):
-    """``nn.BatchNorm1d/2d/3d``: ``(Σ g ⊙ x̂, Σ g)`` per sample and channel."""
+    """``nn.BatchNorm1d/2d/3d``, ``nn.InstanceNorm1d/2d/3d(affine=True)``: ``(Σ g ⊙ x̂, Σ g)`` per sample and channel."""
 
-    types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
     def save(self, mod, inp, targets, projector, output=None):
         """``x̂`` (``None`` without a tracked weight), by the statistics this forward normalised with."""
@@ -32,6 +35,9 @@ class BatchNormEngine(LayerEngine):
             return None
         x = _wide(inp.detach())
         shape = (1, -1) + (1,) * (x.dim() - 2)
+        if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and (mod.training or mod.running_mean is None):
+            var, mean = torch.var_mean(x, list(range(2, x.dim())), correction=0, keepdim=True)  # per sample and channel
+            return (x - mean).mul_((var + mod.eps).rsqrt())
         if mod.training or mod.running_mean is None:
             var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
         else:

@@ -30,9 +30,9 @@ the gradient hook (:class:`KeptInput`).
 - ``nn.ConvTranspose1d/2d/3d`` (:mod:`.conv_transpose`): the weight gradient of the convolution it is the adjoint of,
   with the input and the output gradient in swapped roles: the column side is the output gradient convolved with ``P_c``.
 - ``nn.PReLU`` (:mod:`.prelu`): ``sum g * min(0, x)``.
-- A parametrized tensor of any of these layers (:mod:`.parametrized`: ``weight_norm``, ``spectral_norm``, ...): the
+- A parametrized tensor of these layers but attention (:mod:`.parametrized`: ``weight_norm``, ``spectral_norm``, ...): the
   layer's engine gives the effective tensor's per-sample gradient, a batched VJP takes it to the originals.
-- ``nn.BatchNorm1d/2d/3d`` (:mod:`.batchnorm`): ``sum g * x_hat`` and ``sum g`` per channel, ``x_hat`` by the
+- ``nn.BatchNorm1d/2d/3d`` and ``nn.InstanceNorm1d/2d/3d`` (:mod:`.batchnorm`): ``sum g * x_hat`` and ``sum g`` per channel, ``x_hat`` by the
   statistics the forward used (the batch's in train mode, the running ones in eval mode).
 - ``nn.MultiheadAttention`` (``in_proj_weight/bias``, ``out_proj.weight/bias``): its forward
   calls ``F.multi_head_attention_forward``, which never runs ``out_proj``'s module hooks. While
@@ -146,6 +146,7 @@ class LayerEngine:
 
     types: tuple[type[nn.Module], ...] = ()
     attrs: tuple[str, ...] = ("weight", "bias")
+    subclasses = True  # also a subclass of one of ``types`` that keeps its forward (:func:`engine_for`)
     pure_save = False  # ``save`` depends on the input alone (not on the output or the parameters): memoisable
 
     def supports(self, mod: nn.Module, attr: str) -> bool:
@@ -481,6 +482,7 @@ class AttentionEngine(LayerEngine):
 
     types = (nn.MultiheadAttention,)
     attrs = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+    subclasses = False  # capture_owners places out_proj by the exact type
 
     def attach(self, mod, records, active, targets, projector, memo=None):
         state: dict[str, Any] = {}
@@ -549,15 +551,26 @@ _ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngi
 
 
 def engine_for(mod: nn.Module) -> LayerEngine | None:
-    """The engine of ``mod``'s exact type (subclasses may not run their own forward), or ``None``; a module with a
-    parametrized tensor (:mod:`.parametrized`): its base type's engine chained to the originals."""
-    engine = _engine_of(type(mod))
-    return engine if engine is not None else parametrized_engine(mod, _engine_of)
+    """The engine of ``mod``'s type, or ``None``; a module with a parametrized tensor (:mod:`.parametrized`): its base
+    type's engine chained to the originals."""
+    engine = parametrized_engine(mod, _engine_of)
+    return engine if engine is not None else _engine_of(type(mod))
+
+
+_FORWARD = ("forward", "_conv_forward")  # what a layer's call runs of its own class
 
 
 def _engine_of(cls: type) -> LayerEngine | None:
+    """The engine of ``cls``: one of an engine's types, or a subclass of one that overrides none of its
+    :data:`_FORWARD` methods (``NonDynamicallyQuantizableLinear``, a user's ``nn.Linear`` with another ``__init__``: it
+    computes as its base does). A subclass with a forward of its own goes to vmap (its forward may do anything);
+    what the methods it keeps could still hide (a property ``weight``) ``HookGradientCapture.verify`` catches."""
     for engine in _ENGINES:
         if cls in engine.types:
+            return engine
+    for engine in _ENGINES:
+        if engine.subclasses and any(issubclass(cls, base) and all(getattr(cls, m, None) is getattr(base, m, None)
+                                                                   for m in _FORWARD) for base in engine.types):
             return engine
     return None
 
@@ -581,8 +594,8 @@ def capture_owners(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, str
             places += [(mod_name, mod, f"out_proj.{a}") for a, _ in mod.out_proj.named_parameters(recurse=False)]
         else:
             places = [(mod_name, mod, a) for a, _ in mod.named_parameters(recurse=False)]
-            if is_parametrized(mod):
-                places += [(mod_name, mod, a) for a in original_attrs(mod)]
+            if is_parametrized(mod):  # parametrize's originals are its ParametrizationList's parameters
+                places += [(mod_name, mod, a) for a in original_attrs(mod) if a.startswith("parametrizations.")]
         for place in places:
             p = functools.reduce(getattr, place[2].split("."), place[1])
             owners.setdefault(canonical[id(p)], []).append(place)

@@ -150,7 +150,7 @@ class HookGradientCapture:
     """Exact per-sample gradients of the parameters of common layers, from hooks.
 
     One engine per layer type (:mod:`.layers`: Linear on inputs of any rank, Conv1d/2d/3d,
-    ConvTranspose1d/2d/3d, Embedding, LayerNorm/GroupNorm/RMSNorm, BatchNorm, PReLU, MultiheadAttention) saves what it needs from
+    ConvTranspose1d/2d/3d, Embedding, LayerNorm/GroupNorm/RMSNorm, BatchNorm, InstanceNorm, PReLU, MultiheadAttention) saves what it needs from
     each forward call (hooks registered once, inactive until :meth:`enable`) and, with the
     output gradient of the backward pass, forms every sample's projected gradient in
     :meth:`collect`. ``param_names`` may be a subset of the projector's tensors (the others
@@ -164,8 +164,8 @@ class HookGradientCapture:
     def unsupported(model: nn.Module, param_names: Sequence[str]) -> list[str]:
         """The names in ``param_names`` no layer engine captures.
 
-        Supported: the parameters :func:`.layers.engine_for` knows for modules of exactly
-        its types (subclasses may not call their own forward); a tensor tied between
+        Supported: the parameters :func:`.layers.engine_for` knows for modules of its types
+        (and of subclasses that keep their base's forward); a tensor tied between
         modules (an embedding shared with the output layer) when every module using it is.
         """
         owners = capture_owners(model)

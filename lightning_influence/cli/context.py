@@ -35,6 +35,7 @@ import numpy as np
 
 from lightning_influence.data import WithCollate, by_id
 from lightning_influence.cli.common import UserError, open_log, parse_window, status, windows_of
+from lightning_influence.cli.datacheck import check_training_data
 from lightning_influence.cli.methods import METHODS, check_records, default_method
 from lightning_influence.estimators.scores import item_label
 from lightning_influence.recipe import RecipeError, concat_batches, import_class, instantiate, stored_data
@@ -70,6 +71,7 @@ class RunContext:
         self.loss_fn: Any = None  # the per-sample loss (_loss_fn); None: the module's per_sample_loss
         # the run's precision plugin's cast of a batch ("64-true": floats to float64; step.precision), set by load_context
         self.convert_input: Callable[[Any], Any] = lambda batch: batch
+        self.training_data_checked = False  # cli.datacheck: the training set went once through the model
 
     def loss_kwargs(self) -> dict[str, Any]:
         """``{"loss_fn": ...}`` where the run's per-sample loss is not the module's ``per_sample_loss``; else nothing
@@ -445,4 +447,6 @@ def prepare(args: argparse.Namespace) -> tuple[Any, RunContext | None]:
         source = args.builder or args.config or "the log's recipe"
         status(args, f"rebuilding the model and data from {source} ...")
         ctx = load_context(args, log)
+        if method.needs == "model+data":
+            check_training_data(log, ctx)
     return log, ctx

@@ -11,6 +11,7 @@ from lightning_influence.cli.common import (UserError, add_process_args, check_w
                                             flip_cell, format_table, json_text, output_format, parse_window, processes,
                                             progress_bar, status)
 from lightning_influence.cli.context import RunContext, prepare
+from lightning_influence.cli.datacheck import check_training_data
 from lightning_influence.cli.methods import (METHODS, Method, call_with, canonical_method, check_records, default_method,
                                              estimator_inputs, method_help, run_method, train_data_of)
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
@@ -28,7 +29,8 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help=method_help() + "; repeatable")
     p.add_argument("--window", "-w", metavar="W", help="the window (default: the whole run)")
     p.add_argument("--samples", "-s", default="top:10",
-                   help="ids '3,17,42', 'top:K' (K most negative by the first method), 'bottom:K', 'random:K', "
+                   help="ids '3,17,42', 'top:K' (the K first by the first method: most negative, or largest self-influence), 'bottom:K', "
+                        "'random:K', "
                         "'flipped:K' (default top:10)")
     p.add_argument("--truth", choices=("replay", "none"), default="replay",
                    help="ground truth: replay leave-one-out (default) or none (detection metrics only)")
@@ -58,7 +60,10 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def _parse_samples(spec: str, n: int, ctx: RunContext | None, estimate: Callable[[], np.ndarray], seed: int) -> np.ndarray:
+def _parse_samples(spec: str, n: int, ctx: RunContext | None, estimate: Callable[[], np.ndarray], seed: int,
+                   order_kind: str = "loss") -> np.ndarray:
+    """The chosen sample ids; ``top``/``bottom`` in the first method's order (``order_kind``: ``"loss"``, most
+    negative first, or ``"self"``, largest first: :func:`~lightning_influence.tasks.harmful_order`)."""
     kind, _, arg = spec.partition(":")
     chosen = kind in ("top", "random", "flipped", "bottom")
     k, ids = 0, np.zeros(0, dtype=np.int64)
@@ -70,12 +75,13 @@ def _parse_samples(spec: str, n: int, ctx: RunContext | None, estimate: Callable
         else:
             ids = np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
     except ValueError:
-        raise UserError(f"--samples {spec!r}: use ids '3,17,42', 'top:K' (most negative), 'bottom:K', 'random:K' or "
+        raise UserError(f"--samples {spec!r}: use ids '3,17,42', 'top:K' (most negative; largest self-influence), 'bottom:K', 'random:K' or "
                         "'flipped:K'") from None
-    if kind == "top":
-        return np.argsort(estimate(), kind="stable")[:k]
-    if kind == "bottom":
-        return np.argsort(-estimate(), kind="stable")[:k]
+    if kind in ("top", "bottom"):
+        from lightning_influence.tasks import harmful_order
+
+        est = estimate()
+        return harmful_order(est if kind == "top" else -est, order_kind)[:k]
     if kind == "random":
         if seed < 0:
             raise UserError(f"--seed must be an int >= 0, got {seed}")
@@ -107,6 +113,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         "run would repeat them): run them without --devices (--datamodel spreads its retraining runs "
                         "over --workers forked processes); --method, the ground truth and --groups run on several")
     log, ctx = prepare(args)
+    if ctx is not None and (args.truth == "replay" or args.groups or args.datamodel or args.pbrf or args.gap
+                            or any(METHODS[m].needs == "model+data" for m in methods)):
+        check_training_data(log, ctx)  # every replay reads it (once: prepare may have checked it for the first method)
     for m in methods[1:]:
         check_records(m, log, args.hvp)
     if (args.pbrf or args.gap) and ctx is not None and train_data_of(ctx, log) is None:  # before any replay
@@ -137,7 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         drifts[key] = (scores.info or {}).get("replay_drift")
         qname = query_columns(scores.query_names, names, specs)[0][1]
     first = next(iter(estimates.values()))
-    samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed)
+    samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed, next(iter(kinds.values())))
     truth, floor = None, None
     if args.truth == "replay":
         fn = Method(GROUND_TRUTH, "model+data", (), "").load()

@@ -124,7 +124,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("steps", f"{len(log.steps)} ({int(log.steps[0]) if T else 0}..{T - 1}), epochs {int(epochs[0])}..{int(epochs[-1])} "
                   f"({per_epoch} steps per epoch), " + _batch_size(summary["batch_size"]) if T else "0 (no step recorded)"),
         ("samples", f"{summary['dataset_size']} training ids, {summary['ids_seen']} seen in the log"),
-        ("step", _describe_step(summary["step"]) + _describe_precision(summary["precision"])
+        ("step", _describe_step(summary["step"]) + _describe_precision(summary["precision"], summary["step"])
          + _describe_modes(meta.get("eval_modules"))),
         ("recorded", ", ".join(what)),
         ("gradients", f"{cols} columns per sample ({f'projected, {proj_dim} per tensor' if proj_dim else 'full'}, "
@@ -196,11 +196,21 @@ def _batch_size(b: dict[str, Any]) -> str:
     return f"batch size {b['mean']:.4g} on average ({b['min']}..{b['max']})"
 
 
-def _describe_precision(p: dict[str, Any] | None) -> str:
-    """``; bf16-mixed autocast`` for a mixed-precision run (every re-evaluation of a step uses it), else nothing."""
+def _describe_precision(p: dict[str, Any] | None, s: dict[str, Any] | None = None) -> str:
+    """``; bf16-mixed autocast`` for a mixed-precision run (every re-evaluation of a step uses it), else nothing; with a
+    GradScaler, the steps it skipped and the ids whose losses were not finite there (scores keep those steps skipped:
+    removing such a sample would have let its steps run, which no estimator nor replay leave-one-out shows)."""
     if not p or not p.get("autocast_dtype"):
         return ""
-    return f"; {p.get('name') or p['autocast_dtype']} autocast" + (", GradScaler" if p.get("grad_scaler") else "")
+    text = f"; {p.get('name') or p['autocast_dtype']} autocast" + (", GradScaler" if p.get("grad_scaler") else "")
+    skipped, bad = (s or {}).get("skipped_steps") or [], (s or {}).get("non_finite_loss_ids") or []
+    if p.get("grad_scaler") and skipped:
+        more = f", ... ({len(skipped)})" if len(skipped) > 8 else ""
+        text += f" skipped step{'s' * (len(skipped) != 1)} {', '.join(map(str, skipped[:8]))}{more}"
+        if bad:
+            text += (f"; non-finite losses there for ids {bad[:10]}{' ...' if len(bad) > 10 else ''} (every score "
+                     "keeps those steps skipped, as if removing these samples would not let them run)")
+    return text
 
 
 def _describe_step(s: dict[str, Any] | None) -> str:

@@ -43,6 +43,7 @@ def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None):
     import torch
 
     from lightning_influence import queries
+    from lightning_influence.cli.datacheck import check_query_data
 
     if ctx is None:
         raise UserError("queries need the model and data: pass --builder or --config")
@@ -76,6 +77,7 @@ def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None):
         return torch.cat([p(module).reshape(-1) for p in parts])
 
     f.query_names = names  # type: ignore[attr-defined]
+    check_query_data(f, ctx.module)  # data the model cannot take: one line now, not an error inside a sweep
     return f, names
 
 

@@ -98,19 +98,34 @@ def step_weights(log: Any, step: int) -> StepWeights:
 
 
 def step_summary(log: Any) -> dict[str, Any]:
-    """How a log's steps differ from a plain batch mean (for ``info`` and the benchmarks): the accumulation
-    divisors, the steps whose micro-batches do not fill an accumulation, the clipping and where it bound."""
+    """How a log's steps differ from a plain batch mean (for ``info`` and the benchmarks): the steps the GradScaler
+    skipped and the sample ids whose losses were not finite there, the accumulation divisors, the steps whose
+    micro-batches do not fill an accumulation, the clipping and where it bound."""
     steps = [int(t) for t in log.steps]  # from the log's first step (> 0 for a log started by a resumed fit)
     accumulate = sorted({int(log.step_column(t, "accumulate")) for t in steps})
     incomplete = [t for t in steps if len(np.unique(log.micro_index(t))) < int(log.step_column(t, "accumulate"))]
     clipping = (log.meta.get("gradient_clipping") or {})
     coefs = np.array([float(log.step_column(t, "clip_coef")) for t in steps])
     clipped = np.isfinite(coefs)
-    return {"accumulate": accumulate, "incomplete_accumulation_steps": incomplete,
+    skipped = [t for t in steps if log.skipped(t)]
+    return {"skipped_steps": skipped, "non_finite_loss_ids": _non_finite_loss_ids(log, skipped),
+            "accumulate": accumulate, "incomplete_accumulation_steps": incomplete,
             "not_a_plain_mean": int(sum(not np.allclose(log.weights(t), 1.0 / len(log.batch_ids(t))) for t in steps)),
             "clipping": clipping.get("algorithm"), "clip_value": clipping.get("value"),
             "clip_bound_fraction": float((coefs[clipped] < 1).mean()) if clipped.any() else 0.0,
             "clip_coef_median": float(np.median(coefs[clipped])) if clipped.any() else None}
+
+
+def _non_finite_loss_ids(log: Any, skipped: list[int], most: int = 100) -> list[int]:
+    """The sample ids with a non-finite loss at the first ``most`` skipped steps (the writer stores a skipped step's
+    losses as they were: a NaN or an overflow there made the GradScaler skip it)."""
+    if not skipped or not log.recorded.get("losses"):
+        return []
+    bad: set[int] = set()
+    for t in skipped[:most]:
+        for rec in log.iter_steps(t, t + 1, fields=("loss",)):
+            bad.update(int(i) for i in rec.ids[~np.isfinite(rec.losses)])
+    return sorted(bad)
 
 
 def check_reduction(returned: float, losses: Tensor, accumulate: int, step: int,
