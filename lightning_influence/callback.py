@@ -34,6 +34,7 @@ from torch import nn
 
 from lightning_influence.capture import HookGradientCapture, KroneckerProjector, select_params
 from lightning_influence.capture.layers import foldable_biases
+from lightning_influence.capture.hvp import tracker_eps0
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
@@ -104,7 +105,8 @@ class InfluenceTracker(Callback):
         ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
         gradient_engine: ``"auto"`` (hooks for the parameters of Linear, Conv, Embedding, norm and attention
             layers, ``vmap`` for the others), ``"hooks"`` (refuses other parameters), ``"vmap"``.
-        hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``.
+        hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``; ``None`` (default): 1e-3, or
+            under half precision (bf16/16 autocast, float16 parameters) ``u^{1/3}`` of that dtype (``tracker_eps0``).
         hvp_scheme: ``"central"`` (two extra per-sample-gradient passes at ``θ ± ε Ĝ_t``, error
             ``O(ε²)``; a sample whose two one-sided differences disagree, because one side
             crossed a ReLU kink, keeps the other) or ``"forward"`` (one pass at ``θ + ε Ĝ_t``
@@ -156,7 +158,7 @@ class InfluenceTracker(Callback):
         ids_key: str = "ids",
         ids_fn: IdsFn | None = None,
         gradient_engine: str = "auto",
-        hvp_eps: float = 1e-3,
+        hvp_eps: float | None = None,
         hvp_scheme: str = "central",
         flush_every_n_steps: int | None = None,
         flush_every_n_seconds: float | None = 10.0,
@@ -597,8 +599,18 @@ class InfluenceTracker(Callback):
                                                                           self.gradient_engine)
             rank_zero_info(f"InfluenceTracker: {len(self._names)} tensors tracked, gradient engine '{self._engine}', "
                            f"{self._projector.out_dim} columns per sample")
-        self._passes = OwnPasses(self._loss, self._names, self._projector, self._capture, self._precision, self.hvp_eps,
-                                 self.hvp_scheme)
+        self._passes = OwnPasses(self._loss, self._names, self._projector, self._capture, self._precision,
+                                 self.hvp_eps0(pl_module), self.hvp_scheme)
+
+    def hvp_eps0(self, pl_module: nn.Module) -> float:
+        """The ``ε_0`` of this fit's HVP rows: ``hvp_eps``, else the default for the dtype its gradients are computed
+        in (the autocast dtype, else the tracked parameters'; ``capture.hvp.tracker_eps0``)."""
+        if self.hvp_eps is not None:
+            return float(self.hvp_eps)
+        params = dict(pl_module.named_parameters())
+        dtype = (getattr(torch, self._precision.autocast_dtype) if self._precision.autocast_dtype else
+                 params[self._names[0]].dtype if self._names else torch.float32)
+        return tracker_eps0(dtype)
 
     def _drop_refused_step(self) -> None:
         """A step the update watch refused after it was recorded (a rate set after the tracker's hook) leaves the log

@@ -119,19 +119,19 @@ def test_output_size_argument_and_more_positions_than_the_input():
 
 
 def test_mixed_with_a_layer_vmap_computes():
-    """A Bilinear (no engine: vmap) between hooked decoder layers: per_sample_grads mixes the two engines."""
+    """An RNN cell (no engine: vmap) after hooked decoder layers: per_sample_grads mixes the two engines."""
 
     class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
             self.t = nn.ConvTranspose1d(3, 2, 3, stride=2)
             self.a = nn.PReLU(2)
-            self.bil = nn.Bilinear(18, 18, 4)
+            self.cell = nn.RNNCell(18, 4)
             self.out = nn.Linear(4, 3)
 
         def forward(self, x):
             h = self.a(self.t(x)).flatten(1)
-            return self.out(torch.tanh(self.bil(h, h)))
+            return self.out(self.cell(h))
 
     torch.manual_seed(0)
     model = Mixed().double()
@@ -139,7 +139,7 @@ def test_mixed_with_a_layer_vmap_computes():
     batch = torch.randn(B, 3, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
     names = select_params(model)
     unsupported = HookGradientCapture.unsupported(model, names)
-    assert unsupported == ["bil.weight", "bil.bias"]
+    assert unsupported == ["cell.weight_ih", "cell.weight_hh", "cell.bias_ih", "cell.bias_hh"]
     proj = projector_for(model, names, 8)
     capture = HookGradientCapture(model, [n for n in names if n not in unsupported], proj)
     grads, _ = per_sample_grads(model, loss_fn, batch, names, proj, capture)
@@ -163,12 +163,13 @@ class LitNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-def fit_net(make_net, shape, tracker=None, steps=4):
-    """``(LitNet(make_net()) after ``steps`` steps on 12 seeded samples of ``shape``, the data)``."""
+def fit_net(make_net, shape, tracker=None, steps=4, inputs=None):
+    """``(LitNet(make_net()) after ``steps`` steps on 12 seeded samples of ``shape`` (``inputs``: those inputs instead),
+    3 classes, the data)``."""
     module = LitNet(make_net())
     gen = torch.Generator().manual_seed(2)
-    data = WithIds(TensorDataset(torch.randn(12, *shape, generator=gen, dtype=torch.float64),
-                                 torch.randint(0, 3, (12,), generator=gen)))
+    x = torch.randn(12, *shape, generator=gen, dtype=torch.float64) if inputs is None else inputs
+    data = WithIds(TensorDataset(x, torch.randint(0, 3, (12,), generator=gen)))
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[tracker] if tracker else [])
     trainer.fit(module, DataLoader(data, batch_size=B, shuffle=True, generator=torch.Generator().manual_seed(0)))

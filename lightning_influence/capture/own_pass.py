@@ -43,7 +43,7 @@ def choose_engine(module: nn.Module, names: Sequence[str], projector: KroneckerP
     unsupported = [n for n in no_layer if n not in raw]
     if gradient_engine == "hooks" and unsupported:
         raise ValueError(f"gradient_engine='hooks': no hook captures {unsupported[:5]} (hooks cover Linear, Conv1d/2d/3d, "
-                         "ConvTranspose1d/2d/3d, Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm, InstanceNorm, PReLU and "
+                         "ConvTranspose1d/2d/3d, Bilinear, Embedding, EmbeddingBag, LayerNorm, GroupNorm, RMSNorm, BatchNorm, InstanceNorm, PReLU and "
                          "MultiheadAttention parameters, the originals of their parametrizations (but attention's), and parameters "
                          "a model adds, multiplies or expands to the batch itself). Use "
                          "gradient_engine='auto' (vmap for just those) or exclude them with exclude_params")

@@ -55,8 +55,8 @@ def _in_place(func: Callable, kwargs: dict) -> bool:
 
 def raw_candidates(model: nn.Module, names: Sequence[str]) -> list[str]:
     """The names in ``names`` (no layer engine covers them) that :class:`RawWatch` may take: parameters of modules
-    other than torch.nn's own (whose forwards use them through ``F`` functions it does not know: ``Bilinear``,
-    ``EmbeddingBag`` stay on vmap from the start)."""
+    other than torch.nn's own (whose forwards use them through functions it does not know: an ``RNNCell``'s stay on
+    vmap from the start)."""
     owner = {}
     for mod in model.modules():
         for _, p in mod.named_parameters(recurse=False):

@@ -1,0 +1,90 @@
+"""``nn.EmbeddingBag`` on hooks (``capture/embedding_bag.py``): ``sum`` and ``mean`` bags of 2-D ids and of flat ids
+with offsets (torchtext's text classifier), ``per_sample_weights``, ``padding_idx``, ``include_last_offset``, against
+projected float64 brute force; ``max`` mode on vmap; a tracked fit bit-identical to one without the tracker."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_influence import InfluenceLog, InfluenceTracker
+from lightning_influence.capture import HookGradientCapture, per_sample_grads, select_params
+
+from test_layers_decoder import fit_net
+from test_per_sample import B, brute_force, projector_for
+
+V = 13
+
+
+class Bags(nn.Module):
+    """Two bag layers: ``a`` on ``(B, N)`` ids, ``b`` on the same ids flattened with offsets (one bag a sample)."""
+
+    def __init__(self, mode_a, mode_b, padding_idx=None, last=False, weighted=False):
+        super().__init__()
+        self.a = nn.EmbeddingBag(V, 5, mode=mode_a, padding_idx=padding_idx)
+        self.b = nn.EmbeddingBag(V, 5, mode=mode_b, include_last_offset=last)
+        self.scores = nn.Parameter(torch.rand(V)) if weighted else None
+        self.last, self.fc = last, nn.Linear(5, 3)
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        offsets = torch.arange(0, ids.shape[0] * n + (n if self.last else 0), n)
+        weights = self.scores[ids] if self.scores is not None else None
+        h = self.a(ids, per_sample_weights=weights) + self.b(ids.flatten(), offsets)
+        return self.fc(torch.tanh(h))
+
+
+def loss_fn(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (B, 6), generator=gen)
+    ids[0, :3] = 2  # a repeated id; the padding row twice in sample 1, all of sample 2's first half
+    ids[1, 1:3] = 0
+    ids[2, :3] = 0
+    return ids, torch.randint(0, 3, (B,), generator=gen)
+
+
+CASES = {"sum-mean": ("sum", "mean", None, False, False), "mean-padding": ("mean", "sum", 0, True, False),
+         "weighted": ("sum", "mean", 0, False, True)}
+
+
+@pytest.mark.parametrize("dim", [None, 8])
+@pytest.mark.parametrize("case", list(CASES))
+def test_bags_match_brute_force(case, dim):
+    torch.manual_seed(0)
+    model = Bags(*CASES[case]).double()
+    batch = _batch()
+    names = select_params(model)
+    unsupported = HookGradientCapture.unsupported(model, names)
+    assert unsupported == (["scores"] if CASES[case][4] else [])  # a bare parameter indexed by the batch: vmap
+    proj = projector_for(model, names, dim)
+    capture = HookGradientCapture(model, [n for n in names if n not in unsupported], proj)
+    grads, _ = per_sample_grads(model, loss_fn, batch, names, proj, capture)
+    torch.testing.assert_close(grads, proj.project(brute_force(model, loss_fn, batch, names)), rtol=1e-10, atol=1e-12)
+    assert capture.verify(model, loss_fn, batch) == []
+
+
+def test_max_mode_stays_on_vmap():
+    model = Bags("max", "sum")
+    assert HookGradientCapture.unsupported(model, select_params(model)) == ["a.weight"]
+
+
+def _bags():
+    torch.manual_seed(0)
+    return Bags("mean", "sum", padding_idx=0).double()
+
+
+def test_tracked_training_is_bit_identical(tmp_path):
+    ids = torch.randint(0, V, (12, 6), generator=torch.Generator().manual_seed(3))
+    plain, _ = fit_net(_bags, None, steps=3, inputs=ids)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=16)
+    tracked, _ = fit_net(_bags, None, tracker, steps=3, inputs=ids)
+    for (n, a), (_, b) in zip(plain.named_parameters(), tracked.named_parameters()):
+        assert torch.equal(a, b), n
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {} and log.num_steps == 3
+    assert np.isfinite(next(log.iter_steps(fields=("grad",))).grads).all()
