@@ -604,12 +604,14 @@ class InfluenceTracker(Callback):
 
     def hvp_eps0(self, pl_module: nn.Module) -> float:
         """The ``ε_0`` of this fit's HVP rows: ``hvp_eps``, else the default for the dtype its gradients are computed
-        in (the autocast dtype, else the tracked parameters'; ``capture.hvp.tracker_eps0``)."""
+        in (the tracked parameters', or the autocast dtype for float32 ones: autocast casts no float64 tensor;
+        ``capture.hvp.tracker_eps0``)."""
         if self.hvp_eps is not None:
             return float(self.hvp_eps)
         params = dict(pl_module.named_parameters())
-        dtype = (getattr(torch, self._precision.autocast_dtype) if self._precision.autocast_dtype else
-                 params[self._names[0]].dtype if self._names else torch.float32)
+        dtype = params[self._names[0]].dtype if self._names else torch.float32
+        if self._precision.autocast_dtype and dtype == torch.float32:
+            dtype = getattr(torch, self._precision.autocast_dtype)
         return tracker_eps0(dtype)
 
     def _drop_refused_step(self) -> None:

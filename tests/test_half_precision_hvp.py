@@ -57,3 +57,17 @@ def test_bf16_autocast_rows_are_within_a_fraction_of_the_exact_products(tmp_path
         assert eps0 == 1e-3 and error > 2, error  # measured: 9.0 (default: 0.030)
     else:
         assert eps0 == pytest.approx(float(torch.finfo(torch.bfloat16).eps) ** (1 / 3)) and error < bound, error
+
+
+def test_a_float64_model_under_bf16_autocast_keeps_the_full_precision_step(tmp_path):
+    """Autocast casts no float64 tensor: a float64 model under ``bf16-mixed`` computes its gradients in float64, and
+    its rows keep ``ε_0 = 1e-3`` (``u^{1/3}`` of bfloat16 would be a truncation error ~1e-4 for nothing)."""
+    data = make_data(24)
+    torch.manual_seed(0)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=None)
+    fit(TinyClassifier().double(), loader(data), tracker, epochs=1, precision="bf16-mixed")
+    log = InfluenceLog(tmp_path / "log")
+    logged = next(log.iter_steps(0, 1, fields=("hvp",))).hvps
+    exact = _exact_rows(log, data, TinyClassifier())
+    assert log.meta["hvp"]["eps0"] == 1e-3
+    assert np.linalg.norm(logged - exact) / np.linalg.norm(exact) < 1e-6
