@@ -34,11 +34,13 @@ from torch import nn
 
 from lightning_influence.capture import HookGradientCapture, KroneckerProjector, select_params
 from lightning_influence.capture.layers import foldable_biases
+from lightning_influence.capture.hvp import tracker_eps0
 from lightning_influence.capture.own_pass import LossObserver, OwnPasses, choose_engine
 from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.inputs import encode_batch
 from lightning_influence.log.lock import WriterLock
+from lightning_influence.log.outer import OuterColumns
 from lightning_influence.log.resume import (check_not_refit, continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
@@ -48,7 +50,7 @@ from lightning_influence.step.buffers import changed_buffers, cloned, persistent
 from lightning_influence.step.frozen import changed_frozen, mark_changed
 from lightning_influence.step.modes import ModeWatch
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, drop_skipped,
-                                              random_states)
+                                              random_states, step_rows)
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
@@ -103,7 +105,8 @@ class InfluenceTracker(Callback):
         ids_fn: ``ids_fn(batch) -> Tensor[B]``, for batches of another shape.
         gradient_engine: ``"auto"`` (hooks for the parameters of Linear, Conv, Embedding, norm and attention
             layers, ``vmap`` for the others), ``"hooks"`` (refuses other parameters), ``"vmap"``.
-        hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``.
+        hvp_eps: ``ε_0`` of the finite differences, ``ε = ε_0 (1 + ||θ||) / √p``; ``None`` (default): 1e-3, or
+            under half precision (bf16/16 autocast, float16 parameters) ``u^{1/3}`` of that dtype (``tracker_eps0``).
         hvp_scheme: ``"central"`` (two extra per-sample-gradient passes at ``θ ± ε Ĝ_t``, error
             ``O(ε²)``; a sample whose two one-sided differences disagree, because one side
             crossed a ReLU kink, keeps the other) or ``"forward"`` (one pass at ``θ + ε Ĝ_t``
@@ -155,7 +158,7 @@ class InfluenceTracker(Callback):
         ids_key: str = "ids",
         ids_fn: IdsFn | None = None,
         gradient_engine: str = "auto",
-        hvp_eps: float = 1e-3,
+        hvp_eps: float | None = None,
         hvp_scheme: str = "central",
         flush_every_n_steps: int | None = None,
         flush_every_n_seconds: float | None = 10.0,
@@ -205,6 +208,7 @@ class InfluenceTracker(Callback):
         self._continued = False  # this fit continues a log (a resume)
         self._vmap_names: list[str] = []  # tracked parameters no hook covers
         self._verified = False  # the hook engine was checked against autograd at this fit's first recorded step
+        self._factored = False  # gradient rows with factored blocks (on_train_start)
         self._applied_checked = False  # the applied gradient was checked against the rows (check_applied_gradient)
         self._agreed = False  # the processes took the union of their demotions (tracker_ranks), once per fit
         self._pending = PendingStep()
@@ -272,6 +276,10 @@ class InfluenceTracker(Callback):
         self._demoted = logged_demotions(self.log_dir, trainer.global_step)  # a resumed fit keeps the log's
         self._noted = 0
         self._setup_engine(pl_module)
+        # a Linear on (B, in)'s blocks stored as their factors: not where the HVP passes difference the step's rows, nor
+        # where ranks exchange columns, nor into float16 (factors multiplied by a reader there would lose precision)
+        self._factored = (self.record_gradients and not self.record_hvp and self._world_size == 1
+                          and self.storage_dtype != "float16")
         self._with_ids, self._dataset_size = check_training_set(trainer.train_dataloader, self.ids_fn is not None)
         clipping = self._step_model.start(trainer, pl_module, self)
         start = trainer.global_step
@@ -472,14 +480,21 @@ class InfluenceTracker(Callback):
                         check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
         want_grads = self.record_gradients and self._records_grads(trainer.global_step)
         if want_grads and self._capture is not None and captured is not None and len(seen_grad) == 1:
-            micro.grads = self._capture.collect(seen_grad[0])
+            if self._factored and micro.accumulate == 1 and not self._vmap_names:  # factored blocks (log/outer.py)
+                micro.grads, blocks = self._capture.collect_factored(seen_grad[0])
+                micro.outer = OuterColumns(self._projector.out_dim, blocks) if blocks else None
+            else:
+                micro.grads = self._capture.collect(seen_grad[0])
             micro.losses = micro.observed
             if not self._verified:  # once per fit: one hooked row against autograd on its sample alone
                 self._verified = True
-                self._capture.verify(pl_module, self._loss, micro.batch, micro.grads)
+                dense = micro.dense_grads()
+                if self._capture.verify(pl_module, self._loss, micro.batch, dense):  # demoted: their columns zeroed
+                    micro.grads, micro.outer = dense, None
             if len(self._capture.param_names) + len(self._vmap_names) != len(self._names):  # a demotion: vmap takes over
                 self._vmap_names = [n for n in self._names if n not in self._capture.param_names]
             if self._vmap_names:  # parameters no hook covers: vmap (or, with dropout, the step's masks) for just those
+                micro.grads, micro.outer = micro.dense_grads(), None
                 micro.grads += self._passes.rest_grads(pl_module, micro.micro, self._vmap_names, None)
         elif want_grads:
             if self._capture is not None:
@@ -507,9 +522,10 @@ class InfluenceTracker(Callback):
         record.skipped = record.skipped or no_op
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
-            rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
+            rows["grads"], record.grad_outer = step_rows(pending.micro)
             if not self._applied_checked:  # once per fit
-                self._applied_checked = check_applied_gradient(step, rows["grads"], record.weights, self._projector.project,
+                dense = rows["grads"] if record.grad_outer is None else record.grad_outer.expand(rows["grads"])
+                self._applied_checked = check_applied_gradient(step, dense, record.weights, self._projector.project,
                                                                pl_module, self._names, self._world_size, self._precision)
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],
@@ -583,8 +599,20 @@ class InfluenceTracker(Callback):
                                                                           self.gradient_engine)
             rank_zero_info(f"InfluenceTracker: {len(self._names)} tensors tracked, gradient engine '{self._engine}', "
                            f"{self._projector.out_dim} columns per sample")
-        self._passes = OwnPasses(self._loss, self._names, self._projector, self._capture, self._precision, self.hvp_eps,
-                                 self.hvp_scheme)
+        self._passes = OwnPasses(self._loss, self._names, self._projector, self._capture, self._precision,
+                                 self.hvp_eps0(pl_module), self.hvp_scheme)
+
+    def hvp_eps0(self, pl_module: nn.Module) -> float:
+        """The ``ε_0`` of this fit's HVP rows: ``hvp_eps``, else the default for the dtype its gradients are computed
+        in (the tracked parameters', or the autocast dtype for float32 ones: autocast casts no float64 tensor;
+        ``capture.hvp.tracker_eps0``)."""
+        if self.hvp_eps is not None:
+            return float(self.hvp_eps)
+        params = dict(pl_module.named_parameters())
+        dtype = params[self._names[0]].dtype if self._names else torch.float32
+        if self._precision.autocast_dtype and dtype == torch.float32:
+            dtype = getattr(torch, self._precision.autocast_dtype)
+        return tracker_eps0(dtype)
 
     def _drop_refused_step(self) -> None:
         """A step the update watch refused after it was recorded (a rate set after the tracker's hook) leaves the log

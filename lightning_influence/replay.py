@@ -267,6 +267,19 @@ def _module_param_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
+def check_module_class(log: InfluenceLog, module: nn.Module) -> None:
+    """Warn where ``module``'s class is not named as the class the run trained (``meta["module_class"]``; the name
+    alone, so the same class imported from elsewhere or defined again in a notebook passes). A model of other layers
+    with the same parameter shapes (a Tanh for a ReLU) loads the checkpoints; replay then fails its drift check, but
+    what replays nothing (TracIn, Gauss-Newton DIT, a query at a checkpoint) would score with it silently."""
+    recorded = str(log.meta.get("module_class") or "")
+    given = type(getattr(module, "_orig_mod", module)).__qualname__  # torch.compile's wrapper: the module it compiled
+    if recorded and recorded.rpartition(".")[2] != given.rpartition(".")[2]:
+        warnings.warn(f"{log.path}: the run trained a {recorded}, the module given is a {given}: with the same parameter "
+                      "shapes its checkpoints load, but scores are those of the model given (different layers give "
+                      "different scores); pass the class the run trained", UserWarning, stacklevel=3)
+
+
 def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_grad: bool = False) -> ParamsWithBuffers:
     """``θ_step`` from the log's checkpoint, in the module's parameter order, checked against the module, carrying the
     module's buffers at that step (:func:`checkpoint_buffers`: what a query in eval mode normalises by)."""
@@ -274,6 +287,7 @@ def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_
     if compiled:  # its double backward fails deep in torch (step.compiled)
         raise ValueError(uncompiled_message(module, compiled))
     check_frozen(log, module)  # the parameters the checkpoints lack: the module's own, which must be training's
+    check_module_class(log, module)
     stored = log.checkpoint(step)
     names = _module_param_names(module)
     if set(stored) != set(names):

@@ -57,7 +57,7 @@ def check_arguments(*, every_n_steps: Any, checkpoint_every_n_steps: Any, projec
     _require(compression in (None, "gzip", "lzf"), f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
     _require(gradient_engine in ENGINES, f"gradient_engine must be one of {ENGINES}, got {gradient_engine!r}")
     _require(not record_hvp or record_gradients, "record_hvp=True needs record_gradients=True (HVP products share the gradient rows)")
-    _require(hvp_eps > 0, f"hvp_eps must be > 0, got {hvp_eps!r}")
+    _require(hvp_eps is None or hvp_eps > 0, f"hvp_eps must be None or > 0, got {hvp_eps!r}")
     _require(hvp_scheme in HVP_SCHEMES, f"hvp_scheme must be one of {HVP_SCHEMES}, got {hvp_scheme!r}")
     _require(flush_every_n_steps is None or (isinstance(flush_every_n_steps, int) and flush_every_n_steps >= 1),
              f"flush_every_n_steps must be None or an int >= 1, got {flush_every_n_steps!r}")

@@ -72,7 +72,7 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
         "every_n_steps": tracker.every_n_steps,
         "checkpoint_every_n_steps": tracker.checkpoint_every_n_steps,
         **engines,
-        "hvp": {"eps0": tracker.hvp_eps, "direction": "batch_mean_gradient", "scheme": tracker.hvp_scheme,
+        "hvp": {"eps0": tracker.hvp_eps0(module), "direction": "batch_mean_gradient", "scheme": tracker.hvp_scheme,
                 "kink_guard": KINK_GUARD if tracker.hvp_scheme == "central" else None},
         "storage_dtype": tracker.storage_dtype,
         "compression": tracker.compression,

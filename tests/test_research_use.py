@@ -151,3 +151,81 @@ def test_evaluate_top_samples_of_self_influence_are_the_most_suspicious(run, cap
                              "--samples", spec, "-f", "json", "-q")
         assert code == 0, err
         assert [s["id"] for s in json.loads(out)["samples"]] == expected.tolist()
+
+
+def test_a_module_of_another_class_is_named_in_a_warning(run, capsys):
+    """TracIn replays nothing: a model of other layers with the run's parameter shapes (Tanh for ReLU) loaded the
+    checkpoints and scored silently. It is now named in a warning; the run's own class is not."""
+    import warnings
+
+    import torch
+
+    from lightning_influence import tracin
+    from lightning_influence.examples.digits import DigitsClassifier
+
+    cfg = yaml.safe_load(Path(run.config).read_text())
+
+    class TanhDigits(DigitsClassifier):  # the same parameters, another activation
+        def forward(self, x):
+            return torch.tanh(super().forward(x))
+
+    log = InfluenceLog(run.log)
+    query = lambda m: m(torch.zeros(2, 64)).sum()  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracin(log, query, module=DigitsClassifier(**cfg["model"]))
+        assert not [w for w in caught if "the module given is" in str(w.message)]
+        tracin(log, query, module=TanhDigits(**cfg["model"]))
+    named = [str(w.message) for w in caught if "the module given is" in str(w.message)]
+    assert named and "DigitsClassifier" in named[0] and "TanhDigits" in named[0]
+
+
+@pytest.fixture(scope="module")
+def run64(tmp_path_factory):
+    """A precision="64-true" fit on a float32 training set (Lightning casts each batch to float64)."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lightning_influence import InfluenceTracker
+    from tests.conftest import TinyClassifier, loader, make_data
+
+    log_dir = tmp_path_factory.mktemp("research64") / "log"
+    train, val = make_data(18, dtype=torch.float32), make_data(8, dtype=torch.float32, seed=1)
+    torch.manual_seed(0)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=True, precision="64-true",
+                         callbacks=[InfluenceTracker(str(log_dir), checkpoint_every_n_steps=3)])
+    trainer.fit(TinyClassifier(), loader(train), DataLoader(val, batch_size=4))
+    return str(log_dir), train, val
+
+
+def test_pbrf_of_a_64_true_run_casts_the_training_samples_as_training_did(run64):
+    """The PBRF, its linear form and the gap read every training sample by id: on a 64-true run with a float32 training
+    set they failed on mixed dtypes (CLI `evaluate --pbrf` too). Oracle: the same calls given the set in float64."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from lightning_influence import WithIds, queries
+    from lightning_influence.evaluation import gap_decomposition, linear_pbrf, pbrf
+    from tests.conftest import TinyClassifier
+
+    log_dir, train, val = run64
+    log = InfluenceLog(log_dir)
+    query = queries.mean_loss((val.tensors[0].double(), val.tensors[1]))
+    as64 = WithIds(TensorDataset(train.tensors[0].double(), train.tensors[1]))
+    kw = dict(damping=1e-2)
+    for fn in (lambda data: pbrf(log, TinyClassifier().double(), data, query, [0, 5], **kw),
+               lambda data: linear_pbrf(log, TinyClassifier().double(), data, query, [0, 5], **kw),
+               lambda data: gap_decomposition(log, TinyClassifier().double(), data, query, [0, 5], **kw)):
+        want, got = fn(as64).to_dict(), fn(WithIds(train)).to_dict()
+        assert _untimed(got) == _untimed(want)
+
+
+def _untimed(value):
+    """A result's dict without its run times."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, (list, tuple)):
+        return [_untimed(v) for v in value]
+    return value

@@ -27,7 +27,6 @@ from lightning_influence.replay import (
     Progress,
     TrainData,
     _optimizer_spec,
-    batch_from_ids,
     build_optimizer,
     functional_loss,
     load_optimizer_state,
@@ -165,7 +164,7 @@ class _WarmRunner:
         with torch.no_grad():
             for t in self.steps:
                 ids = log.batch_ids(t)
-                batch = batch_from_ids(prob.train_data, ids)
+                batch = prob.batch(ids)
                 inputs = prob.inputs_fn(batch)
                 weights = torch.as_tensor(log.weights(t), dtype=prob.dtype)  # w_{i,t}: the step's loss is Σ w ℓ
                 self.batches.append((t, ids, weights, batch, inputs, prob.outputs(prob.theta, inputs).detach()))

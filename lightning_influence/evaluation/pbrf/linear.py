@@ -18,7 +18,7 @@ from lightning_influence.evaluation.pbrf.problem import InputsFn, OutputLoss, Pr
 from lightning_influence.evaluation.pbrf.result import PBRFResult
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
-from lightning_influence.replay import TrainData, batch_from_ids
+from lightning_influence.replay import TrainData
 from lightning_influence.step.micro import exact_kernels
 
 __all__ = ["linear_pbrf", "linear_responses"]
@@ -140,7 +140,7 @@ def linear_responses(prob: Problem, samples: np.ndarray, *, linear_solver: str =
     # through its math kernel, as every forward-mode pass)
     scores = np.zeros((len(samples), U.shape[0]))
     for a in range(0, len(samples), 512):
-        batch = batch_from_ids(prob.train_data, samples[a:a + 512])
+        batch = prob.batch(samples[a:a + 512])
         for qi in range(U.shape[0]):
             with exact_kernels():
                 _, dd = torch.func.jvp(lambda z: prob.losses(z, batch), (prob.theta,), (U[qi],))

@@ -19,6 +19,7 @@ from lightning_influence.capture.hvp import flatten, unflatten
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, evaluate_query, evaluation_mode, query_names
 from lightning_influence.step.buffers import ParamsWithBuffers, buffers_of
+from lightning_influence.step.precision import Precision
 from lightning_influence.replay import (TrainData, _optimizer_spec, batch_from_ids, functional_loss, optimizer_class,
                                         parameters_at, samples_by_id_needed)
 
@@ -103,6 +104,7 @@ class Problem:
             raise samples_by_id_needed("the PBRF (pbrf, linear_pbrf, gap_decomposition) evaluates every training "
                                        "sample's outputs and loss at θ_T")
         self.log, self.module, self.train_data, self.query = log, module, train_data, query
+        self.precision = Precision.from_meta(log.meta.get("precision"))  # "64-true": batches cast as Lightning cast them
         self.loss_fn, self.inputs_fn = loss_fn, inputs_fn or _default_inputs
         self.divergence = bregman_divergence(output_loss)
         self.output_loss = output_loss if isinstance(output_loss, str) else getattr(output_loss, "__name__", "custom")
@@ -131,7 +133,7 @@ class Problem:
         self.chunks: list[tuple[Any, Tensor, Tensor]] = []  # (batch, inputs, h(θ_T))
         with torch.no_grad():
             for a in range(0, self.N, cs):
-                batch = batch_from_ids(train_data, self.ids[a:a + cs])
+                batch = self.batch(self.ids[a:a + cs])
                 x = self.inputs_fn(batch)
                 self.chunks.append((batch, x, self.outputs(self.theta, x).detach()))
         with torch.no_grad():
@@ -191,8 +193,13 @@ class Problem:
     def f(self, x: Tensor) -> Tensor:
         return evaluate_query(self.module, self.query, self.as_dict(x)).reshape(-1)
 
+    def batch(self, ids: Sequence[int] | np.ndarray) -> Any:
+        """The training samples ``ids`` as training's forwards took them: collated, then cast by the run's precision
+        plugin (a ``precision="64-true"`` run's float32 training set in float64, as :func:`~lightning_influence.replay.load_step`)."""
+        return self.precision.convert_input(batch_from_ids(self.train_data, np.asarray(ids, dtype=np.int64)))
+
     def sample_batch(self, m: int) -> Any:
-        return batch_from_ids(self.train_data, np.asarray([m], dtype=np.int64))
+        return self.batch([m])
 
     def check_samples(self, samples: Sequence[int] | np.ndarray) -> np.ndarray:
         s = np.asarray(samples, dtype=np.int64).reshape(-1)

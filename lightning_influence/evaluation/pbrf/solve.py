@@ -17,7 +17,7 @@ from lightning_influence.evaluation.pbrf.problem import InputsFn, OutputLoss, Pr
 from lightning_influence.evaluation.pbrf.result import PBRFResult
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
-from lightning_influence.replay import Progress, TrainData, batch_from_ids, resolve_progress
+from lightning_influence.replay import Progress, TrainData, resolve_progress
 
 __all__ = ["SOLVERS", "pbrf", "resolve_solver", "solve_samples"]
 
@@ -113,7 +113,7 @@ def _solve_batched_gn(prob: Problem, samples: np.ndarray, *, epsilon: float, ste
     """
     S, p = len(samples), prob.p
     tree_map = torch.utils._pytree.tree_map
-    batch = batch_from_ids(prob.train_data, samples)
+    batch = prob.batch(samples)
     chol = prob.gauss_newton_cholesky()
     x_s = prob.inputs_fn(batch)
     with torch.no_grad():
