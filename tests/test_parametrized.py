@@ -165,15 +165,16 @@ def test_tracked_training_is_bit_identical_and_on_hooks(tmp_path):
 
 
 class WeightNormed(nn.Module):
-    """``weight_norm`` (the factored form) of a Linear on tokens ``(B, T, d)`` and of a grouped Conv1d with reflect
-    padding, each with ``dim=0`` and ``dim=None``; a ConvTranspose1d's (no factored form: the generic chain)."""
+    """``weight_norm`` (the factored form) of a Linear on tokens ``(B, T, d)``, of a grouped Conv1d with reflect
+    padding and of a ConvTranspose1d (dilation, an output padding beyond the stride: cropped), each with ``dim=0`` and
+    ``dim=None``."""
 
     def __init__(self, dim):
         super().__init__()
         self.lin = P.weight_norm(nn.Linear(4, 6), dim=dim)
         self.conv = P.weight_norm(nn.Conv1d(6, 4, 3, groups=2, padding=1, padding_mode="reflect"), dim=dim)
-        self.up = P.weight_norm(nn.ConvTranspose1d(4, 2, 2, stride=2))
-        self.fc = nn.Linear(2 * 10, 3)
+        self.up = P.weight_norm(nn.ConvTranspose1d(4, 2, 2, stride=2, padding=1, dilation=3, output_padding=2), dim=dim)
+        self.fc = nn.Linear(2 * 12, 3)
 
     def forward(self, x):
         h = torch.tanh(self.lin(x)).transpose(1, 2)  # (B, 6, T)
@@ -198,7 +199,7 @@ def test_factored_weight_norm_matches_brute_force_and_the_generic_chain(monkeypa
         capture.enable()
         loss_fn(model, batch)
         kinds = {m: type(r[0][0]).__name__ for m, r in capture._records.items()}
-        assert kinds == ({"lin": "_Factored", "conv": "_Factored", "up": "tuple", "fc": "Tensor"} if factored else
+        assert kinds == ({"lin": "_Factored", "conv": "_Factored", "up": "_Factored", "fc": "Tensor"} if factored else
                          {"lin": "tuple", "conv": "tuple", "up": "tuple", "fc": "Tensor"})
         capture.remove()
         capture = HookGradientCapture(model, names, proj)

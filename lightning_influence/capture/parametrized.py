@@ -42,6 +42,7 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as HookedSpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as HookedWeightNorm
 
+from .conv_transpose import ConvTransposeEngine
 from .layers import Blocks, ConvEngine, LayerEngine, LinearEngine, _wide
 from .projection import KroneckerProjector, dense
 from .vjp import batched_grad
@@ -182,7 +183,7 @@ def _weight_norm(mod: nn.Module, base: LayerEngine) -> tuple[str, str, int] | No
     """``(g's attribute, v's, dim)`` (dim 0 or -1: the whole tensor) of a ``weight_norm`` that is the only
     parametrization of a Linear or convolution's weight (``parametrize``'s or the hook-based one), else ``None`` (the
     generic chain)."""
-    if type(base) not in (LinearEngine, ConvEngine):
+    if type(base) not in (LinearEngine, ConvEngine, ConvTransposeEngine):
         return None
     if parametrize.is_parametrized(mod):
         plist = mod.parametrizations["weight"] if "weight" in mod.parametrizations else None
@@ -197,7 +198,10 @@ def _weight_norm(mod: nn.Module, base: LayerEngine) -> tuple[str, str, int] | No
 
 def _weight_norm_blocks(mod: nn.Module, base: LayerEngine, saved: _Factored, g_out: Tensor, targets: dict[str, str],
                         projector: KroneckerProjector) -> Blocks:
-    """Blocks of ``g``, ``v`` (and a plain bias) of a weight-normed Linear or convolution, factored (module doc)."""
+    """Blocks of ``g``, ``v`` (and a plain bias) of a weight-normed Linear or convolution, factored (module doc). A
+    transposed convolution's rows are its input channels: ``diag(s) G_W`` is its engine's block of the input scaled by
+    ``s``, and ``v̂`` applied at every input position is the convolution of the output gradient with ``v̂`` (the one it
+    is the adjoint of, cropped to the input's positions as its engine's columns)."""
     g_name, v_name, dim = _weight_norm(mod, base)
     g_w, v = _wide(saved.originals[g_name]), _wide(saved.originals[v_name])
     rows = v.shape[0]
@@ -211,8 +215,14 @@ def _weight_norm_blocks(mod: nn.Module, base: LayerEngine, saved: _Factored, g_o
     if plain:
         out.update(base.blocks(mod, saved.inner, g, plain, projector))
     x = _wide(saved.x)
-    applied = F.linear(x, v_hat) if linear else mod._conv_forward(x, v_hat, None)  # v̂ x at every position
-    a = (g * applied).reshape(g.shape[0], -1, rows).sum(1) if linear else (g * applied).flatten(2).sum(2)
+    transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
+    if transposed:  # Σ_l x_l ⊙ (v̂ unfold(g))_l
+        applied = ConvEngine._conv[x.dim() - 2](g, v_hat, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+        applied = applied[(slice(None), slice(None), *(slice(0, n) for n in x.shape[2:]))]
+        a = (x * applied).flatten(2).sum(2)
+    else:  # Σ_l g_l ⊙ (v̂ x)_l
+        applied = F.linear(x, v_hat) if linear else mod._conv_forward(x, v_hat, None)
+        a = (g * applied).reshape(g.shape[0], -1, rows).sum(1) if linear else (g * applied).flatten(2).sum(2)
     if dim == -1:
         a = a.sum(1, keepdim=True).expand(-1, rows)
     if g_name in targets:
@@ -220,7 +230,10 @@ def _weight_norm_blocks(mod: nn.Module, base: LayerEngine, saved: _Factored, g_o
     if v_name in targets:
         name = targets[v_name]
         scale = s if linear else s.reshape(rows, *([1] * (g.dim() - 2)))
-        scaled = base.blocks(mod, saved.inner, g * scale, {"weight": name}, projector)[name]
+        if transposed:
+            scaled = base.blocks(mod, saved.inner * scale, g, {"weight": name}, projector)[name]
+        else:
+            scaled = base.blocks(mod, saved.inner, g * scale, {"weight": name}, projector)[name]
         p_r, p_c = projector.side_matrices(name, g.dtype, g.device)
         c = v_hat.reshape(rows, -1) if p_c is None else v_hat.reshape(rows, -1) @ p_c  # (rows, k_cols)
         f = a * s  # (B, rows)
