@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_influence import InfluenceLog, InfluenceTracker
+from lightning_influence.cli import main
 from lightning_influence.capture import HookGradientCapture, KroneckerProjector, select_params
 from lightning_influence.log import prefetch
 from lightning_influence.log.format import LogFormatError
@@ -140,7 +141,7 @@ def test_collect_factored_expands_to_collect():
     torch.testing.assert_close(layout.expand(stored), rows(False), rtol=1e-14, atol=0)
 
 
-def test_tracker_stores_factored_rows_only_where_nothing_reads_them_dense(tmp_path):
+def test_tracker_stores_factored_rows_only_where_nothing_reads_them_dense(tmp_path, capsys):
     """An MLP's rows are stored factored and read back as the dense rows of the same fit with HVP products (which
     keeps them dense), to float64 rounding (the row factor divided by the sample's weight, not the product: 1 ulp);
     float16 storage keeps them dense."""
@@ -157,3 +158,7 @@ def test_tracker_stores_factored_rows_only_where_nothing_reads_them_dense(tmp_pa
     for a, b in zip(logs["factored"].iter_steps(fields=("grad",)), logs["hvp"].iter_steps(fields=("grad",))):
         np.testing.assert_allclose(a.grads, b.grads, rtol=1e-14, atol=1e-16)
     assert logs["factored"].num_steps == logs["hvp"].num_steps > 1
+    assert logs["factored"].stored_widths() == [16] and logs["hvp"].stored_widths() == [27]  # (2+6)+(3+5) against 2*6+3*5
+    assert main(["info", str(tmp_path / "factored")]) == 0
+    assert "27 columns per sample (projected, 16 per tensor, float64; outer-product blocks stored as factors: 16 values a " \
+           "sample)" in capsys.readouterr().out

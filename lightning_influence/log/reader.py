@@ -418,6 +418,12 @@ class InfluenceLog:
         """The GradScaler skipped the optimizer step ``step`` (``θ_{t+1} = θ_t``, optimizer state unchanged)."""
         return any(bool(self._segs[seg].table["skipped"][row]) for seg, row in self._locs(step))
 
+    def stored_widths(self) -> list[int]:
+        """The values a sample each segment's gradient rows store, distinct, ascending: the projector's columns, or
+        fewer where blocks are stored as their factors (``log/outer.py``); empty without gradient rows."""
+        return sorted({s.outer.stored_width if s.outer is not None else self._width for s in self._segs
+                       if s.outer is not None or self._width is not None})
+
     def segment_starts(self) -> list[int]:
         """First step of each segment file of rank 0 within the log's steps: a shard of steps that starts at
         one of them shares no segment of rank 0 with the shard before it (ranks flush at the same steps)."""
