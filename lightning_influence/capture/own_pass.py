@@ -24,7 +24,7 @@ from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.capture.raw_params import raw_candidates
 from lightning_influence.step.buffers import with_buffers
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
-from lightning_influence.step.precision import Precision
+from lightning_influence.step.precision import FULL, Precision
 
 __all__ = ["OwnPasses", "LossObserver", "choose_engine"]
 
@@ -148,6 +148,11 @@ class OwnPasses:
         the stacked norms of ``direction``'s tensors, if known (``‖Ĝ_t‖`` without another read of the gradient).
         """
         theta = {n: p.detach() for n, p in module.named_parameters() if n in direction}
+        # under autocast the rounding of the half-precision gradients (~u/ε) would swamp the difference: the passes run
+        # on float32 parameters without autocast, the unrounded function (as the offline products, estimators/fd.py),
+        # and take their own base g_z(θ_t) instead of the step's rounded one
+        unrounded = self.precision.autocast_dtype is not None and all(p.dtype == torch.float32 for p in theta.values())
+        trained = self.precision
 
         def grads_at(params: dict[str, Tensor]) -> Tensor:
             rows = [self.grads(module, m, params)[0] for m in micro]
@@ -157,12 +162,14 @@ class OwnPasses:
         if memo is not None:  # from now on the captured steps keep their batch's column sides for these passes
             memo.keep = memo.reuse = True
         try:
+            self.precision = FULL if unrounded else trained
             hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()},
-                                                  self.hvp_eps, self.hvp_scheme, at,
+                                                  self.hvp_eps, self.hvp_scheme, None if unrounded else at,
                                                   KINK_GUARD if self.hvp_scheme == "central" else None,
                                                   direction_norm=None if norms is None else norm_of_norms(norms),
                                                   workspace=self.workspace)
         finally:
+            self.precision = trained
             if memo is not None:
                 memo.reuse = False
         return hvps.detach(), eps
