@@ -603,16 +603,12 @@ class InfluenceTracker(Callback):
                                  self.hvp_eps0(pl_module), self.hvp_scheme)
 
     def hvp_eps0(self, pl_module: nn.Module) -> float:
-        """The ``ε_0`` of this fit's HVP rows: ``hvp_eps``, else the default for the dtype its gradients are computed
-        in (the tracked parameters', or the autocast dtype for float32 ones: autocast casts no float64 tensor;
-        ``capture.hvp.tracker_eps0``)."""
+        """The ``ε_0`` of this fit's HVP rows: ``hvp_eps``, else the default for the dtype of the tracked parameters,
+        in which the HVP passes run (without autocast: ``OwnPasses.hvp_products``; ``capture.hvp.tracker_eps0``)."""
         if self.hvp_eps is not None:
             return float(self.hvp_eps)
         params = dict(pl_module.named_parameters())
-        dtype = params[self._names[0]].dtype if self._names else torch.float32
-        if self._precision.autocast_dtype and dtype == torch.float32:
-            dtype = getattr(torch, self._precision.autocast_dtype)
-        return tracker_eps0(dtype)
+        return tracker_eps0(params[self._names[0]].dtype if self._names else torch.float32)
 
     def _drop_refused_step(self) -> None:
         """A step the update watch refused after it was recorded (a rate set after the tracker's hook) leaves the log
