@@ -55,6 +55,7 @@ the process allocated and freed), which moves its ratios by several percent (doc
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import inspect
 import json
@@ -232,11 +233,15 @@ def step_costs(name: str, reps: int) -> dict[str, float]:
         hooked()
         capture.collect(loss_grad)
 
-    ms = _fastest({"floor": floor, "hooked": hooked, "hooked+collect": hooked_collect,
-                   "own hooked pass": lambda: per_sample_grads_hooks(module, loss_fn, batch, capture)}, reps)
+    timed = {"floor": floor}
+    if capture is not None:  # else every parameter is vmap's: no hook columns (NaN)
+        timed.update({"hooked": hooked, "hooked+collect": hooked_collect,
+                      "own hooked pass": lambda: per_sample_grads_hooks(module, loss_fn, batch, capture)})
+    ms = collections.defaultdict(lambda: float("nan"), _fastest(timed, reps))
     ms["vmap"] = _fastest({"vmap": lambda: per_sample_grads_vmap(module, loss_fn, batch, names, projector)},
                           max(1, reps // 2))["vmap"]
-    capture.remove()
+    if capture is not None:
+        capture.remove()
     return {
         "batch": batch_size,
         "floor_ms": ms["floor"],

@@ -40,6 +40,7 @@ from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.inputs import encode_batch
 from lightning_influence.log.lock import WriterLock
+from lightning_influence.log.outer import OuterColumns
 from lightning_influence.log.resume import (check_not_refit, continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
@@ -49,7 +50,7 @@ from lightning_influence.step.buffers import changed_buffers, cloned, persistent
 from lightning_influence.step.frozen import changed_frozen, mark_changed
 from lightning_influence.step.modes import ModeWatch
 from lightning_influence.step.pending import (PendingStep, TrackedMicroBatch, assemble, checkpoint_record, drop_skipped,
-                                              random_states)
+                                              random_states, step_rows)
 from lightning_influence.step.precision import FULL, Precision
 from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
@@ -207,6 +208,7 @@ class InfluenceTracker(Callback):
         self._continued = False  # this fit continues a log (a resume)
         self._vmap_names: list[str] = []  # tracked parameters no hook covers
         self._verified = False  # the hook engine was checked against autograd at this fit's first recorded step
+        self._factored = False  # gradient rows with factored blocks (on_train_start)
         self._applied_checked = False  # the applied gradient was checked against the rows (check_applied_gradient)
         self._agreed = False  # the processes took the union of their demotions (tracker_ranks), once per fit
         self._pending = PendingStep()
@@ -274,6 +276,10 @@ class InfluenceTracker(Callback):
         self._demoted = logged_demotions(self.log_dir, trainer.global_step)  # a resumed fit keeps the log's
         self._noted = 0
         self._setup_engine(pl_module)
+        # a Linear on (B, in)'s blocks stored as their factors: not where the HVP passes difference the step's rows, nor
+        # where ranks exchange columns, nor into float16 (factors multiplied by a reader there would lose precision)
+        self._factored = (self.record_gradients and not self.record_hvp and self._world_size == 1
+                          and self.storage_dtype != "float16")
         self._with_ids, self._dataset_size = check_training_set(trainer.train_dataloader, self.ids_fn is not None)
         clipping = self._step_model.start(trainer, pl_module, self)
         start = trainer.global_step
@@ -474,14 +480,21 @@ class InfluenceTracker(Callback):
                         check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
         want_grads = self.record_gradients and self._records_grads(trainer.global_step)
         if want_grads and self._capture is not None and captured is not None and len(seen_grad) == 1:
-            micro.grads = self._capture.collect(seen_grad[0])
+            if self._factored and micro.accumulate == 1 and not self._vmap_names:  # factored blocks (log/outer.py)
+                micro.grads, blocks = self._capture.collect_factored(seen_grad[0])
+                micro.outer = OuterColumns(self._projector.out_dim, blocks) if blocks else None
+            else:
+                micro.grads = self._capture.collect(seen_grad[0])
             micro.losses = micro.observed
             if not self._verified:  # once per fit: one hooked row against autograd on its sample alone
                 self._verified = True
-                self._capture.verify(pl_module, self._loss, micro.batch, micro.grads)
+                dense = micro.dense_grads()
+                if self._capture.verify(pl_module, self._loss, micro.batch, dense):  # demoted: their columns zeroed
+                    micro.grads, micro.outer = dense, None
             if len(self._capture.param_names) + len(self._vmap_names) != len(self._names):  # a demotion: vmap takes over
                 self._vmap_names = [n for n in self._names if n not in self._capture.param_names]
             if self._vmap_names:  # parameters no hook covers: vmap (or, with dropout, the step's masks) for just those
+                micro.grads, micro.outer = micro.dense_grads(), None
                 micro.grads += self._passes.rest_grads(pl_module, micro.micro, self._vmap_names, None)
         elif want_grads:
             if self._capture is not None:
@@ -509,9 +522,10 @@ class InfluenceTracker(Callback):
         record.skipped = record.skipped or no_op
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
-            rows["grads"] = pending.micro[0].grads if len(pending.micro) == 1 else torch.cat([m.grads for m in pending.micro])
+            rows["grads"], record.grad_outer = step_rows(pending.micro)
             if not self._applied_checked:  # once per fit
-                self._applied_checked = check_applied_gradient(step, rows["grads"], record.weights, self._projector.project,
+                dense = rows["grads"] if record.grad_outer is None else record.grad_outer.expand(rows["grads"])
+                self._applied_checked = check_applied_gradient(step, dense, record.weights, self._projector.project,
                                                                pl_module, self._names, self._world_size, self._precision)
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],
@@ -589,14 +603,12 @@ class InfluenceTracker(Callback):
                                  self.hvp_eps0(pl_module), self.hvp_scheme)
 
     def hvp_eps0(self, pl_module: nn.Module) -> float:
-        """The ``ε_0`` of this fit's HVP rows: ``hvp_eps``, else the default for the dtype its gradients are computed
-        in (the autocast dtype, else the tracked parameters'; ``capture.hvp.tracker_eps0``)."""
+        """The ``ε_0`` of this fit's HVP rows: ``hvp_eps``, else the default for the dtype of the tracked parameters,
+        in which the HVP passes run (without autocast: ``OwnPasses.hvp_products``; ``capture.hvp.tracker_eps0``)."""
         if self.hvp_eps is not None:
             return float(self.hvp_eps)
         params = dict(pl_module.named_parameters())
-        dtype = (getattr(torch, self._precision.autocast_dtype) if self._precision.autocast_dtype else
-                 params[self._names[0]].dtype if self._names else torch.float32)
-        return tracker_eps0(dtype)
+        return tracker_eps0(params[self._names[0]].dtype if self._names else torch.float32)
 
     def _drop_refused_step(self) -> None:
         """A step the update watch refused after it was recorded (a rate set after the tracker's hook) leaves the log

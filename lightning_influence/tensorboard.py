@@ -535,7 +535,9 @@ class LiveTensorBoard:
         if losses is not None:
             self._losses.append(losses)
         if record.grads is not None:
-            self._norms.append(np.linalg.norm(np.asarray(record.grads, dtype=np.float64), axis=1))
+            grads = np.asarray(record.grads, dtype=np.float64)
+            self._norms.append(np.linalg.norm(grads if record.grad_outer is None else record.grad_outer.expand(grads),
+                                              axis=1))
         if (step + 1) % self.every == 0:
             p, exp = self.PREFIX, self.experiment
             exp.add_scalar(f"{p}/seconds_per_step", float(np.mean(self._seconds)), step)

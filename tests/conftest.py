@@ -31,7 +31,10 @@ class TinyClassifier(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
-        return self.extra(out) if self.extra is not None else out
+        if self.extra is None:
+            return out
+        out = self.extra(out)
+        return out[0] if isinstance(out, tuple) else out  # an LSTM cell's (h, c): h
 
     def per_sample_loss(self, batch: Any) -> torch.Tensor:
         return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
@@ -98,10 +101,11 @@ def fit(module: pl.LightningModule, data: Any, tracker: InfluenceTracker | None 
 
 
 def no_engine_layer(n: int = 3) -> nn.Module:
-    """A torch.nn layer ``(B, n) -> (B, n)`` that no hook engine covers, so that its parameters go through vmap (a mixed
-    engine): an RNN cell (a PReLU was this until it got its engine), its parameters drawn from a generator of its own
-    (the same layer wherever the global stream is)."""
-    layer = nn.RNNCell(n, n)
+    """A torch.nn layer ``(B, n) -> ((B, n), (B, n))`` that no hook engine covers, so that its parameters go through vmap
+    (a mixed engine; :class:`TinyClassifier` takes its first output): an LSTM cell (a PReLU, then an RNN cell were this
+    until they got their engines), its parameters drawn from a generator of its own (the same layer wherever the global
+    stream is)."""
+    layer = nn.LSTMCell(n, n)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in layer.parameters():

@@ -84,13 +84,13 @@ class _Shift(nn.Module):
         return x + self.shift
 
 
-_EXTRA = {"hooks": _Shift, "mixed": lambda: no_engine_layer().double()}  # a bare parameter: raw engine; RNNCell: vmap
+_EXTRA = {"hooks": _Shift, "mixed": lambda: no_engine_layer().double()}  # a bare parameter: raw engine; LSTMCell: vmap
 
 
 @pytest.mark.parametrize("engine", ["hooks", "mixed"])
 @pytest.mark.parametrize("routed", [True, False])
 def test_mixed_engine_rows_equal_brute_force(log_dir, routed, engine):
-    """Hooks for the Linear layers, the raw-parameter engine for a bare parameter or vmap for an RNN cell's, in one step
+    """Hooks for the Linear layers, the raw-parameter engine for a bare parameter or vmap for an LSTM cell's, in one step
     (float64 storage: exact)."""
     ds = make_data(12)
     tracker = InfluenceTracker(log_dir, record_gradients=True, checkpoint_every_n_steps=1, storage_dtype="float64")
@@ -106,7 +106,7 @@ def test_mixed_engine_rows_equal_brute_force(log_dir, routed, engine):
 @pytest.mark.parametrize("mixed", [None, "hooks", "mixed"])
 def test_float64_storage_is_exact_and_hvp_products_match_exact_hvp(log_dir, mixed):
     """Also with a bare parameter no layer engine covers (``hooks``: the raw-parameter engine, in the step and in the
-    HVP passes) or an RNN cell's (``mixed``: vmap)."""
+    HVP passes) or an LSTM cell's (``mixed``: vmap)."""
     model = (lambda: tiny(extra=_EXTRA[mixed]())) if mixed else tiny
     ds = make_data(12)
     tracker = InfluenceTracker(log_dir, record_gradients=True, record_hvp=True, checkpoint_every_n_steps=1,

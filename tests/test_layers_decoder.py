@@ -119,19 +119,19 @@ def test_output_size_argument_and_more_positions_than_the_input():
 
 
 def test_mixed_with_a_layer_vmap_computes():
-    """An RNN cell (no engine: vmap) after hooked decoder layers: per_sample_grads mixes the two engines."""
+    """An LSTM cell (no engine: vmap) after hooked decoder layers: per_sample_grads mixes the two engines."""
 
     class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
             self.t = nn.ConvTranspose1d(3, 2, 3, stride=2)
             self.a = nn.PReLU(2)
-            self.cell = nn.RNNCell(18, 4)
+            self.cell = nn.LSTMCell(18, 4)
             self.out = nn.Linear(4, 3)
 
         def forward(self, x):
             h = self.a(self.t(x)).flatten(1)
-            return self.out(self.cell(h))
+            return self.out(self.cell(h)[0])
 
     torch.manual_seed(0)
     model = Mixed().double()

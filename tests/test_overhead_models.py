@@ -23,7 +23,7 @@ def _fit(factory, data, tracker=None):
 
 # the CNN without HVP products: its first convolution keeps its input and makes its columns in the gradient hook
 @pytest.mark.parametrize("name,hvp", [("mlp", True), ("cnn", True), ("gpt", True), ("cnn", False), ("gpt-param", True),
-                                      ("decoder", True)])
+                                      ("decoder", True), ("mlp-wn", True)])
 def test_tracked_training_is_bit_identical_and_rows_equal_vmap(tmp_path, name, hvp):
     factory, ds, batch_size = make(name, 3, small=True)
     loader = lambda: DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))

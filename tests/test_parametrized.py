@@ -104,6 +104,11 @@ def test_parametrized_layers_match_brute_force(kind, dim, train):
     grads, _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
     assert capture.verify(model, loss_fn, batch, sample=1) == []
+    capture.enable()
+    loss_fn(model, batch)
+    forms = {m: type(r[0][0]).__name__ for m, r in capture._records.items()}  # the transposed one's spectral norm
+    assert forms == {"conv": "_Factored", "up": "tuple", "fc": "Tensor", "out": "_Factored",  # (dim=1): generic
+                     "sq": "_Factored" if kind in ("weight_norm", "spectral_norm") else "tuple"}
 
 
 def test_cached_parametrizations_and_a_parametrized_layer_vmap_computes():
@@ -165,15 +170,16 @@ def test_tracked_training_is_bit_identical_and_on_hooks(tmp_path):
 
 
 class WeightNormed(nn.Module):
-    """``weight_norm`` (the factored form) of a Linear on tokens ``(B, T, d)`` and of a grouped Conv1d with reflect
-    padding, each with ``dim=0`` and ``dim=None``; a ConvTranspose1d's (no factored form: the generic chain)."""
+    """``weight_norm`` (the factored form) of a Linear on tokens ``(B, T, d)``, of a grouped Conv1d with reflect
+    padding and of a ConvTranspose1d (dilation, an output padding beyond the stride: cropped), each with ``dim=0`` and
+    ``dim=None``."""
 
     def __init__(self, dim):
         super().__init__()
         self.lin = P.weight_norm(nn.Linear(4, 6), dim=dim)
         self.conv = P.weight_norm(nn.Conv1d(6, 4, 3, groups=2, padding=1, padding_mode="reflect"), dim=dim)
-        self.up = P.weight_norm(nn.ConvTranspose1d(4, 2, 2, stride=2))
-        self.fc = nn.Linear(2 * 10, 3)
+        self.up = P.weight_norm(nn.ConvTranspose1d(4, 2, 2, stride=2, padding=1, dilation=3, output_padding=2), dim=dim)
+        self.fc = nn.Linear(2 * 12, 3)
 
     def forward(self, x):
         h = torch.tanh(self.lin(x)).transpose(1, 2)  # (B, 6, T)
@@ -193,12 +199,12 @@ def test_factored_weight_norm_matches_brute_force_and_the_generic_chain(monkeypa
     rows = {}
     for factored in (True, False):
         if not factored:
-            monkeypatch.setattr(parametrized, "_weight_norm", lambda mod, base: None)
+            monkeypatch.setattr(parametrized, "_factored", lambda mod, base: None)
         capture = HookGradientCapture(model, names, proj)
         capture.enable()
         loss_fn(model, batch)
         kinds = {m: type(r[0][0]).__name__ for m, r in capture._records.items()}
-        assert kinds == ({"lin": "_Factored", "conv": "_Factored", "up": "tuple", "fc": "Tensor"} if factored else
+        assert kinds == ({"lin": "_Factored", "conv": "_Factored", "up": "_Factored", "fc": "Tensor"} if factored else
                          {"lin": "tuple", "conv": "tuple", "up": "tuple", "fc": "Tensor"})
         capture.remove()
         capture = HookGradientCapture(model, names, proj)
@@ -207,9 +213,9 @@ def test_factored_weight_norm_matches_brute_force_and_the_generic_chain(monkeypa
 
 
 class HookNormed(nn.Module):
-    """The older hook-based ``torch.nn.utils.weight_norm`` (factored: Linear, Conv1d with ``dim=None``) and
-    ``spectral_norm`` (the generic chain: its power iteration updates ``weight_u``/``weight_v`` in train mode), as in
-    GAN discriminators and vocoders."""
+    """The older hook-based ``torch.nn.utils.weight_norm`` (Linear, Conv1d with ``dim=None``) and ``spectral_norm``
+    (its power iteration updates ``weight_u``/``weight_v`` in train mode), as in GAN discriminators and vocoders: all
+    four factored."""
 
     def __init__(self):
         super().__init__()
@@ -246,7 +252,7 @@ def test_hook_based_weight_and_spectral_norms_match_brute_force(train):
     capture.enable()
     loss_fn(model, batch)
     kinds = {m: type(r[0][0]).__name__ for m, r in capture._records.items()}
-    assert kinds == {"lin": "_Factored", "conv": "_Factored", "sn_conv": "tuple", "sn_fc": "tuple"}
+    assert kinds == {"lin": "_Factored", "conv": "_Factored", "sn_conv": "_Factored", "sn_fc": "_Factored"}
 
 
 def test_tracked_hook_normed_training_is_bit_identical(tmp_path):

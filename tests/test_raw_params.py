@@ -134,7 +134,7 @@ def test_the_mode_is_on_the_stack_only_while_watching_and_leaves_on_an_error():
 
 
 def test_torch_nn_modules_without_an_engine_stay_on_vmap():
-    model = nn.Sequential(nn.Linear(3, 3), nn.RNNCell(3, 3))
+    model = nn.Sequential(nn.Linear(3, 3), nn.LSTMCell(3, 3))
     names = select_params(model)
     _, rest, engine = choose_engine(model, names, KroneckerProjector({n: p.shape for n, p in model.named_parameters()},
                                                                      None), "auto")

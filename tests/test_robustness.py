@@ -565,8 +565,8 @@ def test_bad_files_give_a_clear_error_naming_the_file(tmp_path):
         InfluenceLog(log)
 
     log, seg = fresh("version")
-    reseal(seg, format_version=4)
-    with pytest.raises(LogFormatError, match=rf"{seg}: format version 4 is not supported \(this reader reads versions 1, 2, 3\)"):
+    reseal(seg, format_version=5)
+    with pytest.raises(LogFormatError, match=rf"{seg}: format version 5 is not supported \(this reader reads versions 1, 2, 3, 4\)"):
         InfluenceLog(log)
     reseal(log / "meta.h5", format_version=0)
     with pytest.raises(LogFormatError, match=r"meta\.h5: format version 0 is not supported"):

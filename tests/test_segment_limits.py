@@ -99,9 +99,10 @@ def test_the_tracker_closes_segments_by_age_by_default_and_the_log_reads_the_sam
 
 
 def test_the_tracker_closes_segments_by_size_by_default(tmp_path, monkeypatch):
-    # tiny()'s per-sample gradient rows: 7x5+7+3x7+3 = 66 float32 columns x 6 samples = 1584 bytes a step; θ_0 is
-    # 66 float64 values (528 bytes) stored with step 0: 528 + 2 x 1584 = 3696 >= 3000 closes after step 1, then 2 steps
-    monkeypatch.setattr(callback_module, "SEGMENT_BYTES", 3000)
+    # tiny()'s per-sample gradient rows, its Linear blocks stored as factors (docs/log-format.md, Version 4): (7+5)+7+(3+7)+3
+    # = 32 float32 values x 6 samples = 768 bytes a step (the size limit counts the bytes stored); θ_0 is 66 float64
+    # values (528 bytes) stored with step 0: 528 + 2 x 768 = 2064 >= 1500 closes after step 1, then every 2 steps
+    monkeypatch.setattr(callback_module, "SEGMENT_BYTES", 1500)
     path = str(tmp_path / "log")
     fit(tiny(), loader(make_data()), InfluenceTracker(path, record_gradients=True), epochs=2)
     assert _starts(path) == [0, 2, 4, 6]

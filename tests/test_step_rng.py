@@ -363,7 +363,7 @@ def test_per_sample_hvps_through_attention_with_the_training_masks():
     params = {n: p.detach() for n, p in module.named_parameters()}
     v = {n: torch.randn_like(p) for n, p in params.items()}
     names = ["enc.linear1.weight", "tok.weight"]
-    hv = step.per_sample_curvature(module, loss_fn, params, v, names, chunk_size=2)
+    hv = step.per_sample_curvature(module, loss_fn, params, v, names)
     eps = 1e-6
 
     def rows(sign):

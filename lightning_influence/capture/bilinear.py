@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .layers import Blocks, LayerEngine, _linear_blocks, _tokens, _wide
+from .layers import Blocks, LayerEngine, _linear_blocks, _tokens
 
 __all__ = ["BilinearEngine"]
 

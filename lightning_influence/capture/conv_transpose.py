@@ -32,7 +32,7 @@ class ConvTransposeEngine(LayerEngine):
     def blocks(self, mod, x, g_out, targets, projector) -> Blocks:
         g = _wide(g_out)
         out: Blocks = {}
-        if x is not None:
+        if x is not None and "weight" in targets:
             name, batch = targets["weight"], g.shape[0]
             spec = projector.spec(name)
             with _own_precision(g):

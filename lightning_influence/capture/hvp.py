@@ -94,11 +94,11 @@ def default_eps0(dtype: torch.dtype) -> float:
 
 
 def tracker_eps0(dtype: torch.dtype) -> float:
-    """The tracker's default ``ε_0`` for per-sample gradients computed in ``dtype`` (the autocast dtype under mixed
-    precision): 1e-3 in float32 and float64 (measured above), :func:`default_eps0` (``u^{1/3}``) in a half precision,
-    whose rounding ``~u/ε`` swamps the difference at 1e-3: on a digits tanh MLP, against float64 products at the same
-    ``θ``, bf16 autocast left the rows 42x off at 1e-3 and 0.19 at ``u^{1/3}``; float16 parameters 5.4x and 0.04
-    (docs/replay.md, "Mixed precision")."""
+    """The tracker's default ``ε_0`` for per-sample gradients computed in ``dtype`` (the tracked parameters'; under
+    autocast its HVP passes run without it, ``OwnPasses.hvp_products``): 1e-3 in float32 and float64 (measured above),
+    :func:`default_eps0` (``u^{1/3}``) for float16 parameters (``"16-true"``), whose rounding ``~u/ε`` swamps the
+    difference at 1e-3: on a digits tanh MLP, against float64 products at the same ``θ``, 5.4x off at 1e-3, 0.044 at
+    ``u^{1/3}`` (docs/replay.md, "Mixed precision")."""
     return 1e-3 if dtype in (torch.float32, torch.float64) else default_eps0(dtype)
 
 

@@ -24,6 +24,7 @@ the gradient hook (:class:`KeptInput`).
 - ``nn.Embedding``: ``G_b = sum_l e_{id_{b,l}} g_{b,l}^T``, so the row side is a gather of
   ``P_r`` at the sample's token ids (``padding_idx`` rows get no gradient).
 - ``nn.Bilinear`` (:mod:`.bilinear`): a Linear on ``x1 ⊗ x2``, its column side made without the outer product.
+- ``nn.RNNCell``, ``nn.GRUCell`` (:mod:`.rnn_cells`): Linear blocks of the gradients at the two pre-activations.
 - ``nn.EmbeddingBag`` (:mod:`.embedding_bag`, ``sum``/``mean``): the row side is the bag layer with ``P_r`` as its table.
 - ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``: the weight gradient is
   ``sum g * x_hat`` and the bias gradient ``sum g`` over all but the parameter's dims; ``x_hat``
@@ -323,6 +324,8 @@ def conv_columns(x: Tensor, projector: KroneckerProjector, name: str, channels: 
     ``size``: the output positions to keep (the first ones along each dimension), where the convolution gives more."""
     spec, dims = projector.spec(name), len(kernel_size)
     p_c, p_bias = projector.column_side(name, x.dtype, x.device)
+    if p_c is None and p_bias is None and dims <= 2 and not isinstance(padding, str):
+        return _unfolded(x, channels, kernel_size, stride, padding, dilation, groups, size)
     if p_c is None:
         p_c = torch.eye(spec.cols, dtype=x.dtype, device=x.device)
     kernel = p_c.t().reshape(spec.k_cols, channels, *kernel_size).repeat(groups, *([1] * (dims + 1)))
@@ -333,6 +336,27 @@ def conv_columns(x: Tensor, projector: KroneckerProjector, name: str, channels: 
     if size is not None and tuple(cols.shape[2:]) != tuple(size):
         cols = cols[(slice(None), slice(None), *(slice(0, n) for n in size))]
     return cols.reshape(x.shape[0], groups, spec.k_cols, -1)  # a view in either memory format
+
+
+def _unfolded(x: Tensor, channels: int, kernel_size: Sequence[int], stride: Any, padding: Any, dilation: Any,
+              groups: int, size: Sequence[int] | None) -> Tensor:
+    """The unfolded input ``(B, groups, channels·kernel, L)`` itself, by ``F.unfold`` (a 1-D input as one row of a 2-D
+    one), for columns kept whole: the identity convolution :func:`conv_columns` would run otherwise costs ``cols``
+    multiply-adds a value (a parametrized layer's whole per-sample gradient, :mod:`.parametrized`)."""
+    one = len(kernel_size) == 1  # as one row of a 2-D input: kernel (1, k), stride (1, s), dilation (1, d), padding (0, p)
+    lift = (lambda v, pad=1: (pad, *_ints(v, 1))) if one else (lambda v, pad=1: _ints(v, 2))
+    k, st, dl, pd = lift(tuple(kernel_size)), lift(stride), lift(dilation), lift(padding, 0)
+    x2 = x.unsqueeze(2) if one else x
+    cols = F.unfold(x2, k, dilation=dl, padding=pd, stride=st)  # (B, C·K, L): per channel, the kernel's offsets
+    out = [(n + 2 * p - d * (kk - 1) - 1) // s + 1 for n, p, d, kk, s in zip(x2.shape[2:], pd, dl, k, st)]
+    if size is not None and tuple(out[-len(size):]) != tuple(size):
+        keep = (1, *size) if one else tuple(size)
+        cols = cols.reshape(*cols.shape[:2], *out)[(slice(None), slice(None), *(slice(0, n) for n in keep))]
+    return cols.reshape(x.shape[0], groups, channels * math.prod(kernel_size), -1)
+
+
+def _ints(v: Any, n: int) -> tuple[int, ...]:
+    return (v,) * n if isinstance(v, int) else tuple(v)
 
 
 def _pointwise_columns(mod: nn.Module, x: Tensor, ones: bool) -> Tensor:
@@ -547,9 +571,10 @@ from .conv_transpose import ConvTransposeEngine  # noqa: E402
 from .prelu import PReLUEngine  # noqa: E402
 from .embedding_bag import EmbeddingBagEngine  # noqa: E402
 from .bilinear import BilinearEngine  # noqa: E402
+from .rnn_cells import RNNCellEngine  # noqa: E402
 
 _ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngine(), NormEngine(), AttentionEngine(),
                                      BatchNormEngine(), ConvTransposeEngine(), PReLUEngine(), EmbeddingBagEngine(),
-                                     BilinearEngine())
+                                     BilinearEngine(), RNNCellEngine())
 
 from .owners import capture_owners, engine_for, foldable_biases  # noqa: E402 - they read _ENGINES

@@ -24,7 +24,7 @@ from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.capture.raw_params import raw_candidates
 from lightning_influence.step.buffers import with_buffers
 from lightning_influence.step.micro import MicroBatch, per_sample_grads_masked
-from lightning_influence.step.precision import Precision
+from lightning_influence.step.precision import FULL, Precision
 
 __all__ = ["OwnPasses", "LossObserver", "choose_engine"]
 
@@ -42,11 +42,12 @@ def choose_engine(module: nn.Module, names: Sequence[str], projector: KroneckerP
     raw = raw_candidates(module, no_layer)  # used by the model itself: the raw-parameter engine (capture/raw_params.py)
     unsupported = [n for n in no_layer if n not in raw]
     if gradient_engine == "hooks" and unsupported:
-        raise ValueError(f"gradient_engine='hooks': no hook captures {unsupported[:5]} (hooks cover Linear, Conv1d/2d/3d, "
-                         "ConvTranspose1d/2d/3d, Bilinear, Embedding, EmbeddingBag, LayerNorm, GroupNorm, RMSNorm, BatchNorm, InstanceNorm, PReLU and "
-                         "MultiheadAttention parameters, the originals of their parametrizations (but attention's), and parameters "
-                         "a model adds, multiplies or expands to the batch itself). Use "
-                         "gradient_engine='auto' (vmap for just those) or exclude them with exclude_params")
+        raise ValueError(f"gradient_engine='hooks': no hook captures {unsupported[:5]} (hooks cover Linear, Bilinear, "
+                         "Conv1d/2d/3d, ConvTranspose1d/2d/3d, RNNCell, GRUCell, Embedding, EmbeddingBag, LayerNorm, "
+                         "GroupNorm, RMSNorm, BatchNorm, InstanceNorm, PReLU and MultiheadAttention parameters, the "
+                         "originals of their parametrizations (but attention's), and parameters a model adds, multiplies "
+                         "or expands to the batch itself). Use gradient_engine='auto' (vmap for just those) or exclude "
+                         "them with exclude_params")
     hooked = [] if gradient_engine == "vmap" else [n for n in names if n not in unsupported]
     rest = [n for n in names if n not in hooked]
     engine = "mixed" if hooked and rest else "hooks" if hooked else "vmap"
@@ -147,6 +148,11 @@ class OwnPasses:
         the stacked norms of ``direction``'s tensors, if known (``‖Ĝ_t‖`` without another read of the gradient).
         """
         theta = {n: p.detach() for n, p in module.named_parameters() if n in direction}
+        # under autocast the rounding of the half-precision gradients (~u/ε) would swamp the difference: the passes run
+        # on float32 parameters without autocast, the unrounded function (as the offline products, estimators/fd.py),
+        # and take their own base g_z(θ_t) instead of the step's rounded one
+        unrounded = self.precision.autocast_dtype is not None and all(p.dtype == torch.float32 for p in theta.values())
+        trained = self.precision
 
         def grads_at(params: dict[str, Tensor]) -> Tensor:
             rows = [self.grads(module, m, params)[0] for m in micro]
@@ -156,12 +162,14 @@ class OwnPasses:
         if memo is not None:  # from now on the captured steps keep their batch's column sides for these passes
             memo.keep = memo.reuse = True
         try:
+            self.precision = FULL if unrounded else trained
             hvps, eps = fd_directional_derivative(grads_at, theta, {n: g.detach() for n, g in direction.items()},
-                                                  self.hvp_eps, self.hvp_scheme, at,
+                                                  self.hvp_eps, self.hvp_scheme, None if unrounded else at,
                                                   KINK_GUARD if self.hvp_scheme == "central" else None,
                                                   direction_norm=None if norms is None else norm_of_norms(norms),
                                                   workspace=self.workspace)
         finally:
+            self.precision = trained
             if memo is not None:
                 memo.reuse = False
         return hvps.detach(), eps

@@ -26,22 +26,25 @@ sample where a formula has no batching rule).
 ``diag(s) G_W`` is the layer's own gradient for the output gradient scaled by ``s`` (the layer engine's projected block,
 ``P_rᵀ diag(s) G_W P_c``), ``a`` the sum over positions of ``g ⊙ (v̂ x)`` (the layer applied to its input with the
 weight ``v̂``, no bias: one more forward of the layer), and the last term ``P_rᵀ diag(s ⊙ a) (v̂ P_c)`` a product of
-``(B, rows)`` by a ``rows × k_cols`` matrix made once a call.
+``(B, rows)`` by a ``rows × k_cols`` matrix made once a call. ``spectral_norm`` (of rows) of a Linear or convolution
+likewise (:func:`_spectral_norm_blocks`), and a transposed convolution's ``weight_norm`` with the roles of its input
+and output gradient swapped (:func:`_weight_norm_blocks`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.parametrizations import _SpectralNorm, _WeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as HookedSpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as HookedWeightNorm
 
+from .conv_transpose import ConvTransposeEngine
 from .layers import Blocks, ConvEngine, LayerEngine, LinearEngine, _wide
 from .projection import KroneckerProjector, dense
 from .vjp import batched_grad
@@ -99,13 +102,14 @@ class ParametrizedEngine(LayerEngine):
     def save(self, mod, inp, targets, projector, output=None):
         seen, self._seen = self._seen or {}, None
         made_by = original_attrs(mod)
-        norm = _weight_norm(mod, self.base)
-        if norm is not None:  # factored: no effective weight needed
+        form = _factored(mod, self.base)
+        if form is not None:  # factored: no effective weight needed
             plain = {a: n for a, n in targets.items() if a not in made_by}
-            v = targets.get(norm[1])
-            saved = self.base.save(mod, inp, {**plain, **({"weight": v} if v else {})}, projector, output)
-            originals = {a: functools.reduce(getattr, a.split("."), mod).detach() for a in norm[:2]}
-            return _Factored(saved, inp.detach(), originals)
+            w = targets.get(form.attrs[-1])  # the original shaped as the weight: v, or a spectral norm's
+            saved = self.base.save(mod, inp, {**plain, **({"weight": w} if w else {})}, projector, output)
+            originals = {a: functools.reduce(getattr, a.split("."), mod).detach() for a in form.attrs}
+            vectors = None if form.vectors is None else tuple(t.detach().clone() for t in form.vectors())
+            return _Factored(saved, inp.detach(), originals, vectors)
         effective, shapes = {}, {}
         for attr in targets:
             name = made_by.get(attr)
@@ -124,7 +128,10 @@ class ParametrizedEngine(LayerEngine):
 
     def blocks(self, mod, saved, g_out, targets, projector) -> Blocks:
         if isinstance(saved, _Factored):
-            return _weight_norm_blocks(mod, self.base, saved, g_out, targets, projector)
+            form = _factored(mod, self.base)
+            if form.kind == "spectral_norm":
+                return _spectral_norm_blocks(mod, self.base, form, saved, g_out, targets, projector)
+            return _weight_norm_blocks(mod, self.base, form, saved, g_out, targets, projector)
         inner, effective, originals, whole, made_by = saved
         batch = g_out.shape[0]
         out: Blocks = {}
@@ -170,35 +177,89 @@ _ENGINES: dict[int, ParametrizedEngine] = {}
 
 
 class _Factored(NamedTuple):
-    """What the forward kept for the factored ``weight_norm`` (module doc): the layer engine's own, the input, and the
-    originals ``g``, ``v`` of this call (detached)."""
+    """What the forward kept for a factored form (module doc): the layer engine's own, the input, the originals of this
+    call (detached) and a spectral norm's vectors ``u``, ``v`` as its forward used them."""
 
     inner: Any
     x: Tensor
     originals: dict[str, Tensor]
+    vectors: tuple[Tensor, Tensor] | None
 
 
-def _weight_norm(mod: nn.Module, base: LayerEngine) -> tuple[str, str, int] | None:
-    """``(g's attribute, v's, dim)`` (dim 0 or -1: the whole tensor) of a ``weight_norm`` that is the only
-    parametrization of a Linear or convolution's weight (``parametrize``'s or the hook-based one), else ``None`` (the
-    generic chain)."""
-    if type(base) not in (LinearEngine, ConvEngine):
-        return None
+class _Form(NamedTuple):
+    """A parametrization with a factored form: ``weight_norm`` (``attrs``: ``g``'s and ``v``'s, ``dim`` 0 or -1) or
+    ``spectral_norm`` (``attrs``: the original's; ``vectors()``: its ``u``, ``v`` now)."""
+
+    kind: str
+    attrs: tuple[str, ...]
+    dim: int = 0
+    vectors: Callable[[], tuple[Tensor, Tensor]] | None = None
+
+
+def _factored(mod: nn.Module, base: LayerEngine) -> _Form | None:
+    """The factored form of ``mod``'s weight parametrization, if it is the only one and has one here: a ``weight_norm``
+    (``dim`` 0 or ``None``) of a Linear or (transposed) convolution, a ``spectral_norm`` (of rows: ``dim`` 0) of a
+    Linear or convolution, ``parametrize``'s or the hook-based one; else ``None`` (the generic chain)."""
+    kind = type(base)
     if parametrize.is_parametrized(mod):
         plist = mod.parametrizations["weight"] if "weight" in mod.parametrizations else None
-        if plist is None or len(plist) != 1 or type(plist[0]) is not _WeightNorm or plist[0].dim not in (0, -1):
+        if plist is None or len(plist) != 1 or len(mod.parametrizations) != 1:
             return None
-        return "parametrizations.weight.original0", "parametrizations.weight.original1", plist[0].dim
-    hooks = [h for h in mod._forward_pre_hooks.values() if isinstance(h, (HookedWeightNorm, HookedSpectralNorm))]
-    if len(hooks) != 1 or type(hooks[0]) is not HookedWeightNorm or hooks[0].name != "weight" or hooks[0].dim not in (0, -1):
+        p, orig = plist[0], "parametrizations.weight.original"
+        if type(p) is _WeightNorm and p.dim in (0, -1) and kind in _NORMED:
+            return _Form("weight_norm", (orig + "0", orig + "1"), p.dim)
+        if type(p) is _SpectralNorm and p.dim == 0 and plist.original.dim() > 1 and kind in _SPECTRAL:
+            return _Form("spectral_norm", (orig,), vectors=lambda: (p._u, p._v))
         return None
-    return "weight_g", "weight_v", hooks[0].dim
+    hooks = [h for h in mod._forward_pre_hooks.values() if isinstance(h, (HookedWeightNorm, HookedSpectralNorm))]
+    if len(hooks) != 1 or hooks[0].name != "weight":
+        return None
+    h = hooks[0]
+    if type(h) is HookedWeightNorm and h.dim in (0, -1) and kind in _NORMED:
+        return _Form("weight_norm", ("weight_g", "weight_v"), h.dim)
+    if type(h) is HookedSpectralNorm and h.dim == 0 and mod.weight_orig.dim() > 1 and kind in _SPECTRAL:
+        return _Form("spectral_norm", ("weight_orig",), vectors=lambda: (mod.weight_u, mod.weight_v))
+    return None
 
 
-def _weight_norm_blocks(mod: nn.Module, base: LayerEngine, saved: _Factored, g_out: Tensor, targets: dict[str, str],
-                        projector: KroneckerProjector) -> Blocks:
-    """Blocks of ``g``, ``v`` (and a plain bias) of a weight-normed Linear or convolution, factored (module doc)."""
-    g_name, v_name, dim = _weight_norm(mod, base)
+_NORMED = (LinearEngine, ConvEngine, ConvTransposeEngine)
+_SPECTRAL = (LinearEngine, ConvEngine)
+
+
+def _spectral_norm_blocks(mod: nn.Module, base: LayerEngine, form: _Form, saved: _Factored, g_out: Tensor,
+                          targets: dict[str, str], projector: KroneckerProjector) -> Blocks:
+    """Blocks of a spectral-normed Linear or convolution's original ``W`` (and a plain bias), factored: with the
+    forward's ``u``, ``v`` (constants of the normalisation) and ``σ = uᵀ W v``, ``∂ℓ_b/∂W = G_b / σ − c_b u vᵀ``,
+    ``c_b = ⟨G_b, W⟩ / σ² = Σ_l g_l · (W x_l) / σ²`` (one more forward of the layer with ``W``, no bias); projected:
+    the layer engine's block of ``g / σ`` minus ``c_b (P_rᵀ u) ⊗ (P_cᵀ v)``."""
+    (attr,) = form.attrs
+    w = _wide(saved.originals[attr])
+    u, v = (_wide(t) for t in saved.vectors)
+    rows = w.shape[0]
+    sigma = u @ (w.reshape(rows, -1) @ v)
+    g, x = _wide(g_out), _wide(saved.x)
+    out: Blocks = {}
+    plain = {a: n for a, n in targets.items() if a != attr}
+    if plain:
+        out.update(base.blocks(mod, saved.inner, g, plain, projector))
+    if attr in targets:
+        name = targets[attr]
+        applied = F.linear(x, w) if isinstance(mod, nn.Linear) else mod._conv_forward(x, w, None)
+        c = (g * applied).reshape(g.shape[0], -1).sum(1) / sigma.square()
+        scaled = base.blocks(mod, saved.inner, g / sigma, {"weight": name}, projector)[name]
+        p_r, p_c = projector.side_matrices(name, g.dtype, g.device)
+        left, right = (u if p_r is None else u @ p_r), (v if p_c is None else v @ p_c)
+        out[name] = dense(scaled) - c[:, None] * (left[:, None] * right[None, :]).reshape(1, -1)
+    return out
+
+
+def _weight_norm_blocks(mod: nn.Module, base: LayerEngine, form: _Form, saved: _Factored, g_out: Tensor,
+                        targets: dict[str, str], projector: KroneckerProjector) -> Blocks:
+    """Blocks of ``g``, ``v`` (and a plain bias) of a weight-normed Linear or convolution, factored (module doc). A
+    transposed convolution's rows are its input channels: ``diag(s) G_W`` is its engine's block of the input scaled by
+    ``s``, and ``v̂`` applied at every input position is the convolution of the output gradient with ``v̂`` (the one it
+    is the adjoint of, cropped to the input's positions as its engine's columns)."""
+    (g_name, v_name), dim = form.attrs, form.dim
     g_w, v = _wide(saved.originals[g_name]), _wide(saved.originals[v_name])
     rows = v.shape[0]
     v_mat = v.reshape(rows, -1)
@@ -211,8 +272,14 @@ def _weight_norm_blocks(mod: nn.Module, base: LayerEngine, saved: _Factored, g_o
     if plain:
         out.update(base.blocks(mod, saved.inner, g, plain, projector))
     x = _wide(saved.x)
-    applied = F.linear(x, v_hat) if linear else mod._conv_forward(x, v_hat, None)  # v̂ x at every position
-    a = (g * applied).reshape(g.shape[0], -1, rows).sum(1) if linear else (g * applied).flatten(2).sum(2)
+    transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
+    if transposed:  # Σ_l x_l ⊙ (v̂ unfold(g))_l
+        applied = ConvEngine._conv[x.dim() - 2](g, v_hat, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+        applied = applied[(slice(None), slice(None), *(slice(0, n) for n in x.shape[2:]))]
+        a = (x * applied).flatten(2).sum(2)
+    else:  # Σ_l g_l ⊙ (v̂ x)_l
+        applied = F.linear(x, v_hat) if linear else mod._conv_forward(x, v_hat, None)
+        a = (g * applied).reshape(g.shape[0], -1, rows).sum(1) if linear else (g * applied).flatten(2).sum(2)
     if dim == -1:
         a = a.sum(1, keepdim=True).expand(-1, rows)
     if g_name in targets:
@@ -220,7 +287,10 @@ def _weight_norm_blocks(mod: nn.Module, base: LayerEngine, saved: _Factored, g_o
     if v_name in targets:
         name = targets[v_name]
         scale = s if linear else s.reshape(rows, *([1] * (g.dim() - 2)))
-        scaled = base.blocks(mod, saved.inner, g * scale, {"weight": name}, projector)[name]
+        if transposed:
+            scaled = base.blocks(mod, saved.inner * scale, g, {"weight": name}, projector)[name]
+        else:
+            scaled = base.blocks(mod, saved.inner, g * scale, {"weight": name}, projector)[name]
         p_r, p_c = projector.side_matrices(name, g.dtype, g.device)
         c = v_hat.reshape(rows, -1) if p_c is None else v_hat.reshape(rows, -1) @ p_c  # (rows, k_cols)
         f = a * s  # (B, rows)

@@ -150,7 +150,7 @@ class HookGradientCapture:
     """Exact per-sample gradients of the parameters of common layers, from hooks.
 
     One engine per layer type (:mod:`.layers`: Linear on inputs of any rank, Conv1d/2d/3d,
-    ConvTranspose1d/2d/3d, Bilinear, Embedding, EmbeddingBag, LayerNorm/GroupNorm/RMSNorm, BatchNorm, InstanceNorm, PReLU, MultiheadAttention) saves what it needs from
+    ConvTranspose1d/2d/3d, Bilinear, RNNCell, GRUCell, Embedding, EmbeddingBag, LayerNorm/GroupNorm/RMSNorm, BatchNorm, InstanceNorm, PReLU, MultiheadAttention) saves what it needs from
     each forward call (hooks registered once, inactive until :meth:`enable`) and, with the
     output gradient of the backward pass, forms every sample's projected gradient in
     :meth:`collect`. ``param_names`` may be a subset of the projector's tensors (the others
@@ -341,7 +341,42 @@ class HookGradientCapture:
         return demoted
 
     def collect(self, loss_grad: Tensor) -> Tensor:
-        """Projected per-sample gradients ``(B, out_dim)`` of the per-sample losses.
+        """Projected per-sample gradients ``(B, out_dim)`` of the per-sample losses (:meth:`_gather`)."""
+        return self._assemble(*self._gather(loss_grad))
+
+    def collect_factored(self, loss_grad: Tensor) -> tuple[Tensor, tuple[tuple[int, int, int], ...]]:
+        """:meth:`collect`'s rows with each outer-product block (a Linear on ``(B, in)``) left as its two factors, the
+        row factor divided by the sample's weight (``docs/log-format.md``, factored rows): the stored rows ``(B, S)``
+        and ``(start, k_rows, k_cols)`` of each factored block, ``start`` its first column in ``collect``'s layout
+        (``log.outer.OuterColumns``). No block factored (none is an outer product, or a layer ran twice): ``collect``'s
+        rows and ``()``."""
+        parts, batch, dtype, device, scale = self._gather(loss_grad)
+        specs, slices = self.projector.specs, self.projector.slices
+        if not self._one_part_each(parts, dtype) or not any(isinstance(parts[s.name][0], Outer) for s in specs):
+            return self._assemble(parts, batch, dtype, device, scale), ()
+        blocks, width = [], 0
+        for s in specs:
+            block = parts[s.name][0]
+            if isinstance(block, Outer):
+                blocks.append((slices[s.name].start, block.a.shape[1], block.b.shape[1]))
+                width += block.a.shape[1] + block.b.shape[1]
+            else:
+                width += block.shape[1]
+        out, col = torch.empty(batch, width, dtype=dtype, device=device), 0
+        for s in specs:
+            block = parts[s.name][0]
+            if isinstance(block, Outer):
+                r, c = block.a.shape[1], block.b.shape[1]
+                torch.div(block.a, scale, out=out[:, col:col + r])
+                out[:, col + r:col + r + c] = block.b
+                col += r + c
+            else:
+                torch.div(block, scale, out=out[:, col:col + block.shape[1]])
+                col += block.shape[1]
+        return out, tuple(blocks)
+
+    def _gather(self, loss_grad: Tensor) -> tuple[dict[str, list[Tensor | Outer]], int, torch.dtype, torch.device, Tensor]:
+        """The captured blocks of the per-sample losses, by block name, with what assembling them needs.
 
         ``loss_grad[i]`` is the derivative of the differentiated total w.r.t. ``loss_i``
         (e.g. ``1/(B*accumulation)`` for a mean, times an AMP scale); the captured
@@ -386,7 +421,13 @@ class HookGradientCapture:
             live = set(self.param_names)
             parts = {name: blocks for name, blocks in parts.items() if name in live}
         scale = loss_grad if loss_grad.dtype == dtype else loss_grad.to(dtype)
-        return self._assemble(parts, batch, dtype, loss_grad.device, scale.unsqueeze(1))
+        return parts, batch, dtype, loss_grad.device, scale.unsqueeze(1)
+
+    def _one_part_each(self, parts: dict[str, list[Tensor | Outer]], dtype: torch.dtype) -> bool:
+        """Every block has exactly one part, of ``dtype`` (each layer called once: the common case)."""
+        specs = self.projector.specs
+        return len(parts) == len(specs) and all(len(parts.get(s.name, ())) == 1 and parts[s.name][0].dtype == dtype
+                                                for s in specs)
 
     def _assemble(self, parts: dict[str, list[Tensor | Outer]], batch: int, dtype: torch.dtype,
                   device: torch.device, scale: Tensor) -> Tensor:
@@ -396,8 +437,7 @@ class HookGradientCapture:
         and a second pass; an :class:`~.projection.Outer` is computed there and then divided, its rounding as before),
         with no zero fill, no block of its own and no concatenation."""
         specs, slices = self.projector.specs, self.projector.slices
-        if len(parts) == len(specs) and all(len(parts.get(s.name, ())) == 1 and parts[s.name][0].dtype == dtype
-                                            for s in specs):
+        if self._one_part_each(parts, dtype):
             out = torch.empty(batch, self.projector.out_dim, dtype=dtype, device=device)
             outer = [s for s in specs if isinstance(parts[s.name][0], Outer)]
             for s in specs:

@@ -55,7 +55,7 @@ def _in_place(func: Callable, kwargs: dict) -> bool:
 
 def raw_candidates(model: nn.Module, names: Sequence[str]) -> list[str]:
     """The names in ``names`` (no layer engine covers them) that :class:`RawWatch` may take: parameters of modules
-    other than torch.nn's own (whose forwards use them through functions it does not know: an ``RNNCell``'s stay on
+    other than torch.nn's own (whose forwards use them through functions it does not know: an ``LSTMCell``'s stay on
     vmap from the start)."""
     owner = {}
     for mod in model.modules():

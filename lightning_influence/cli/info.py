@@ -128,7 +128,7 @@ def cmd_info(args: argparse.Namespace) -> int:
          + _describe_modes(meta.get("eval_modules"))),
         ("recorded", ", ".join(what)),
         ("gradients", f"{cols} columns per sample ({f'projected, {proj_dim} per tensor' if proj_dim else 'full'}, "
-                      f"{summary['storage_dtype']}), every {every} step{'s' * (every != 1)}"
+                      f"{summary['storage_dtype']}{_describe_stored(log.stored_widths(), cols)}), every {every} step{'s' * (every != 1)}"
                       + (", with HVP products" if recorded.get("hvp") else "") + _describe_engines(meta)
                       if recorded.get("gradients") else "not recorded"),
         *([("frozen", _describe_frozen(meta["frozen"]))] if meta.get("frozen") else []),
@@ -175,6 +175,13 @@ def _describe_modes(schedule: list[dict] | None) -> str:
 def _replaced(by: list[str] | None) -> str:
     """The note on a θ_T whose module weights a callback replaced when training ended (tracker_final.py)."""
     return f"; θ_T is the last step's: {', '.join(by)} replaced the module's weights with an average after it" if by else ""
+
+
+def _describe_stored(widths: list[int], cols: Any) -> str:
+    """``, stored as 99 values a sample`` where outer-product blocks are stored as their factors (docs/log-format.md,
+    Version 4)."""
+    fewer = [w for w in widths if w != cols]
+    return f"; outer-product blocks stored as factors: {' or '.join(map(str, fewer))} values a sample" if fewer else ""
 
 
 def _describe_engines(meta: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 
 from lightning_influence.log.format import ROW_CRC_COLUMNS, ROW_DATASETS, reading
 from lightning_influence.log import prefetch
+from lightning_influence.log.outer import OuterColumns
 from lightning_influence.log.prefetch import Prefetcher, ReadJob
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ class _Queued:
     pieces: list[list[tuple[int, int, int]]]
     checks: list[tuple[str, int, int]]
     expected: np.ndarray
+    outer: OuterColumns | None  # the gradient rows' factored blocks (one rank)
 
 
 def _submit(log: "InfluenceLog", pending: list[tuple[int, list[tuple[int, int]]]],
@@ -138,7 +140,11 @@ def _submit(log: "InfluenceLog", pending: list[tuple[int, list[tuple[int, int]]]
     checks: list[tuple[str, int, int]] = []
     expected: list[np.ndarray] = []
     fields: dict[str, tuple[np.dtype, tuple[int, ...], range]] = {}
-    for seg, _ in pending[0][1]:
+    segs = [seg for seg, _ in pending[0][1]]
+    outer = {log._segs[seg].outer for seg in segs}
+    if len(outer) > 1 or (None not in outer and len(segs) > 1):  # ranks stored their rows unlike: through HDF5
+        return None
+    for seg in segs:
         _ask_small(log, seg, layouts, asked)
     for field_ in _FIELDS:
         first = len(runs)
@@ -172,7 +178,8 @@ def _submit(log: "InfluenceLog", pending: list[tuple[int, list[tuple[int, int]]]
             dtype, shape = kinds.pop()
             fields[field_] = (dtype, shape, range(first, len(runs)))
     job = prefetcher.submit(ReadJob(runs, pieces))
-    return _Queued(job, fields, pieces, checks, np.concatenate(expected) if expected else np.zeros(0, np.int64))
+    return _Queued(job, fields, pieces, checks, np.concatenate(expected) if expected else np.zeros(0, np.int64),
+                   outer.pop())
 
 
 def _layout(log: "InfluenceLog", seg: int, field_: str, layouts: dict[tuple[int, str], _Layout]) -> _Layout:
@@ -275,6 +282,8 @@ def _prefetched(log: "InfluenceLog", queued: _Queued, prefetcher: Prefetcher) ->
     for field_, (dtype, shape, runs) in queued.fields.items():
         raw = views[runs[0]] if len(runs) == 1 else np.concatenate([views[i] for i in runs])
         out[field_] = raw.view(dtype).reshape(-1, *shape)
+    if queued.outer is not None and "grad" in out:
+        out["grad"] = queued.outer.expand(out["grad"])
     return out
 
 
@@ -303,7 +312,7 @@ def _rows_of_steps(log: "InfluenceLog", seg: int, rows: np.ndarray, field_: str,
         log._verify(seg, row, field_, out[a:a + k])
     if hi - lo != int(n.sum()):  # steps without gradient rows lie between: keep the rows of the steps asked for
         out = np.concatenate([out[a:a + k] for a, k in zip(starts.tolist(), n.tolist())])
-    return out
+    return log._dense(seg, field_, out)
 
 
 

@@ -46,7 +46,10 @@ FORMAT_VERSION = 2
 # a segment holding a hyperparameter schedule (HYPER_PREFIX columns): a version-2 reader would replay it with the
 # param groups of meta.h5, so it refuses the file; every other file of such a log stays version 2
 SCHEDULE_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # a version-1 log reads as one micro-batch per step, no random state, full precision
+# a segment whose gradient rows store some blocks as two factors (log/outer.py): a version-3 reader would take the
+# stored columns for the projector's
+OUTER_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # a version-1 log reads as one micro-batch per step, no random state, full precision
 HYPER_PREFIX = "hyper_"  # steps/hyper_<param-group key>: a step's update-rule hyperparameter per group (docs/log-format.md)
 
 META_FILE = "meta.h5"

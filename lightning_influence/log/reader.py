@@ -39,6 +39,7 @@ from lightning_influence.log.format import (
     text,
 )
 from lightning_influence.log.integrity import check_rank, check_segment, read_checked, read_member
+from lightning_influence.log.outer import OUTER_ATTR, OuterColumns
 from lightning_influence.log.lock import describe_holder, writer_state
 from lightning_influence.log.microbatches import MicroBatchRecord, read_micro_batches
 from lightning_influence.log.schedule import logged_schedule
@@ -69,6 +70,7 @@ class _Segment:
     rank: int
     table: dict[str, np.ndarray]  # STEP_COLUMNS and "lr"
     checkpoints: list[int]
+    outer: OuterColumns | None = None  # gradient rows stored with factored blocks (log/outer.py)
 
     @property
     def first(self) -> int:
@@ -170,6 +172,14 @@ class InfluenceLog:
                 raise LogFormatError(path, f"the step table has no column(s) {missing}: the file is corrupted")
             seg.checkpoints = sorted(int(g.attrs["step"]) for g in f["checkpoints"].values())
             shapes = {name: f[name].shape for name in (*ROW_DATASETS.values(), "micro/size") if name in f}
+            grad = ROW_DATASETS["grad"]
+            if grad in f and OUTER_ATTR in f[grad].attrs:
+                seg.outer = OuterColumns.from_attr(f[grad].attrs[OUTER_ATTR])
+                rows, *cols = shapes[grad]
+                if cols != [seg.outer.stored_width]:
+                    raise LogFormatError(path, f"{grad} has shape {shapes[grad]}, expected ({rows}, "
+                                               f"{seg.outer.stored_width}) for its factored blocks: the file is corrupted")
+                shapes[grad] = (rows, seg.outer.width)  # the projector's columns, as every segment's
         self._width = check_segment(path, rank, attrs, seg.table, shapes, self._width)
         run_id = attrs.get("run_id")
         if run_id is not None and "run_id" in self.meta and text(run_id) != str(self.meta["run_id"]):
@@ -408,6 +418,12 @@ class InfluenceLog:
         """The GradScaler skipped the optimizer step ``step`` (``θ_{t+1} = θ_t``, optimizer state unchanged)."""
         return any(bool(self._segs[seg].table["skipped"][row]) for seg, row in self._locs(step))
 
+    def stored_widths(self) -> list[int]:
+        """The values a sample each segment's gradient rows store, distinct, ascending: the projector's columns, or
+        fewer where blocks are stored as their factors (``log/outer.py``); empty without gradient rows."""
+        return sorted({s.outer.stored_width if s.outer is not None else self._width for s in self._segs
+                       if s.outer is not None or self._width is not None})
+
     def segment_starts(self) -> list[int]:
         """First step of each segment file of rank 0 within the log's steps: a shard of steps that starts at
         one of them shares no segment of rank 0 with the shard before it (ranks flush at the same steps)."""
@@ -522,7 +538,13 @@ class InfluenceLog:
         self._verify(seg, row, field_, out)
         if field_ == "id":
             self._check_ids(seg, step, out)
-        return out
+        return self._dense(seg, field_, out)
+
+    def _dense(self, seg: int, field_: str, rows: np.ndarray) -> np.ndarray:
+        """``rows`` of ``field_`` from segment ``seg`` (checked against their CRC-32) in the projector's columns: gradient
+        rows stored with factored blocks are expanded (``log/outer.py``), others returned as they are."""
+        outer = self._segs[seg].outer
+        return outer.expand(rows) if outer is not None and field_ == "grad" else rows
 
     def _verify(self, seg: int, row: int, field_: str, out: np.ndarray) -> None:
         """Refuse the ``field_`` rows ``out`` of the step at ``row`` of segment ``seg`` unless they match its CRC-32."""

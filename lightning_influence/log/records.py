@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_influence.log.outer import SAFE_FACTOR, OuterColumns
+
 __all__ = ["CheckpointRecord", "MicroRecord", "StepRecord"]
 
 
@@ -32,8 +34,9 @@ class StepRecord:
     lrs: list[float]
     ids: np.ndarray
     losses: np.ndarray | None = None  # in any float dtype (the tracker's: the losses' own); stored as float64
-    grads: np.ndarray | None = None
+    grads: np.ndarray | None = None  # (n, K); with grad_outer, (n, grad_outer.stored_width)
     hvps: np.ndarray | None = None
+    grad_outer: OuterColumns | None = None  # gradient rows stored with factored blocks (log/outer.py)
     batch_grad_norm: float = float("nan")
     hvp_eps: float = float("nan")
     tracker_seconds: float = 0.0
@@ -66,7 +69,10 @@ class StepRecord:
             if len(rows) != n or (rows.ndim if type(rows) is np.ndarray else np.ndim(rows)) != ndim:
                 raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {n} sample ids")
             if (self.skipped and ndim == 1) or _finite(rows):  # the common case: one check
-                continue  # a skipped step's losses may overflow
+                if rows is not self.grads or self.grad_outer is None or float(np.abs(rows).max(initial=0)) < SAFE_FACTOR:
+                    continue  # a skipped step's losses may overflow; factors this small multiply to finite values
+                with np.errstate(over="ignore"):  # an overflow is what is looked for
+                    rows = self.grad_outer.expand(np.asarray(rows))  # their products, as a reader expands them
             bad = ~np.isfinite(np.asarray(rows).reshape(n, -1)).all(axis=1)
             if bad.any():
                 raise FloatingPointError(
@@ -75,6 +81,9 @@ class StepRecord:
         if self.weights is not None and (self.weights.shape if type(self.weights) is np.ndarray
                                          else np.shape(self.weights)) != ids.shape:
             raise ValueError(f"step {self.step}: sample weight rows have shape {np.shape(self.weights)} for {n} sample ids")
+        if self.grad_outer is not None and (self.grads is None or np.shape(self.grads)[1] != self.grad_outer.stored_width):
+            raise ValueError(f"step {self.step}: gradient rows of shape {np.shape(self.grads)} do not hold the "
+                             f"{self.grad_outer.stored_width} stored columns of their factored blocks")
         if self.hvps is not None and self.grads is None:
             raise ValueError(f"step {self.step}: HVP products need the gradient rows of the same step")
         if self.micro is not None and sum([m.size for m in self.micro]) != n:
@@ -100,6 +109,9 @@ class StepRecord:
             rows = None if rows is None else np.asarray(rows)
             if rows is None or rows.dtype.kind != "f" or np.finfo(rows.dtype).max <= limit.max or not rows.size:
                 continue
+            if what == "per-sample gradient" and self.grad_outer is not None:
+                with np.errstate(over="ignore"):
+                    rows = self.grad_outer.expand(rows)  # the values a reader gets: the factors' products
             peak = np.maximum(rows.max(axis=1), -rows.min(axis=1))  # |value| largest per row (no copy of the rows)
             with np.errstate(over="ignore"):
                 bad = np.isinf(peak.astype(storage_dtype))  # exactly the rows the cast would overflow

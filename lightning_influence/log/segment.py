@@ -37,6 +37,7 @@ from lightning_influence.log.format import (
     HYPER_PREFIX,
     LIBVER,
     MICRO_COLUMNS,
+    OUTER_VERSION,
     ROW_CRC_COLUMNS,
     ROW_DATASETS,
     SCALAR_ATTR,
@@ -51,6 +52,7 @@ from lightning_influence.log.format import (
     reading,
     set_text,
 )
+from lightning_influence.log.outer import OUTER_ATTR
 from lightning_influence.log.records import CheckpointRecord, MicroRecord, StepRecord
 
 __all__ = ["fill_segment", "seal", "truncate_log", "truncation_plan", "write_file", "write_segment"]
@@ -284,8 +286,13 @@ def fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: 
     if len(rows["hvp"]) not in (0, len(rows["grad"])):
         raise ValueError("HVP products must accompany every recorded gradient row")
     hyper = _hyper_columns(steps)
+    layouts = {rec.grad_outer for rec in steps if rec.grads is not None}
+    if len(layouts) > 1:
+        raise ValueError("the gradient rows of a segment must share one column layout (LogWriter closes a segment "
+                         "where it changes)")
+    outer = layouts.pop() if layouts else None
     set_text(f.attrs, "format", FORMAT_NAME)
-    f.attrs["format_version"] = SCHEDULE_VERSION if hyper else FORMAT_VERSION
+    f.attrs["format_version"] = OUTER_VERSION if outer is not None else SCHEDULE_VERSION if hyper else FORMAT_VERSION
     f.attrs["rank"] = rank
     f.attrs["first_step"] = steps[0].step if steps else -1
     f.attrs["last_step"] = steps[-1].step if steps else -1
@@ -314,6 +321,8 @@ def fill_segment(f: h5py.File, rank: int, steps: list[StepRecord], checkpoints: 
     for field_ in ("grad", "hvp"):
         if rows[field_]:
             _row_dataset(f, ROW_DATASETS[field_], rows[field_], compression)
+    if outer is not None:
+        f[ROW_DATASETS["grad"]].attrs[OUTER_ATTR] = outer.to_attr()
     micro.write(f)
     c = f.create_group("checkpoints")
     for ck in checkpoints:

@@ -187,7 +187,8 @@ class RowShares:
             log._check_ids(locs[0][0], t, ids)  # raises LogFormatError
         weights = (np.concatenate(parts["weight"]).astype(np.float64) if len(parts["weight"]) == len(locs)
                    else np.full(len(ids), 1.0 / max(count, 1)))
-        return ShareRows(t, log.lr(t), count, ids, weights, np.concatenate(parts["grad"]),
+        grads = [log._dense(seg, "grad", g) for (seg, _), g in zip(locs, parts["grad"])]
+        return ShareRows(t, log.lr(t), count, ids, weights, np.concatenate(grads),
                          np.concatenate(bits) if bits else np.zeros(0))
 
     def verify(self, t: int, summed_bits: np.ndarray) -> None:

@@ -264,6 +264,10 @@ class LogWriter:
                 f"{self.log_dir}: rank {self.rank} would record step {record.step} but its log continues at step "
                 f"{self._next_step}; steps must be recorded once each, in order (a resumed fit truncates the log "
                 "to its checkpoint's step first)")
+        if record.grads is not None and self._steps:  # a segment's gradient rows share one column layout
+            last = next((r for r in reversed(self._steps) if r.grads is not None), None)
+            if last is not None and last.grad_outer != record.grad_outer:
+                self.flush(wait=False)
         if not self._steps:
             self._opened = clock()
         if checkpoint is not None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.capture.transfer import HostCopy
+from lightning_influence.log.outer import OuterColumns
 from lightning_influence.log.records import CheckpointRecord, MicroRecord, StepRecord
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import persistent_buffers
@@ -45,9 +46,14 @@ class TrackedMicroBatch:
     observed: Tensor | None = None  # per-sample losses seen inside training_step, when it calls per_sample_loss
     losses: Tensor | None = None
     grads: Tensor | None = None
+    outer: OuterColumns | None = None  # grads stored with factored blocks (log/outer.py; HookGradientCapture.collect_factored)
     ended: rng.RandomState | None = None  # the states at the backward's end (rng.started then), until settled()
     backward: bool = False  # on_after_backward ran (a training_step that returns None gets no backward)
     buffers: dict[str, Tensor] | None = None  # the module's before the forward, where it changes them (MicroBatch.buffers)
+
+    def dense_grads(self) -> Tensor:
+        """``grads`` in the projector's columns (its factored blocks expanded: a new tensor; else ``grads`` itself)."""
+        return self.grads if self.outer is None else self.outer.expand(self.grads)
 
     def settled(self) -> rng.RandomState:
         """The generators the micro-batch's forward and backward drew from, with their states at its forward
@@ -90,8 +96,16 @@ def drop_skipped(pending: PendingStep, record_losses: bool) -> bool:
         return False
     for m in pending.micro:
         m.losses = torch.full(m.ids.shape, float("nan"), device=m.ids.device) if record_losses else None
-        m.grads = None
+        m.grads = m.outer = None
     return True
+
+
+def step_rows(micro: list[TrackedMicroBatch]) -> tuple[Tensor, OuterColumns | None]:
+    """A step's gradient rows, its micro-batches' one under the other, and their factored blocks (one layout a step:
+    several micro-batches' rows expanded)."""
+    if len(micro) == 1:
+        return micro[0].grads, micro[0].outer
+    return torch.cat([m.dense_grads() for m in micro]), None
 
 
 def assemble(trainer: Any, step: int, optimizer: torch.optim.Optimizer, pending: PendingStep, recorder: StepRecorder,

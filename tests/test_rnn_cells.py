@@ -1,0 +1,66 @@
+"""``nn.RNNCell`` and ``nn.GRUCell`` on hooks (``capture/rnn_cells.py``) in a custom recurrent loop (one call a time
+step, the first without a hidden state), against projected float64 brute force; a tracked fit with HVP products
+(own passes at substituted parameters) bit-identical to one without the tracker."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_influence import InfluenceLog, InfluenceTracker
+from lightning_influence.capture import HookGradientCapture, per_sample_grads_hooks, select_params
+
+from test_layers_decoder import fit_net
+from test_per_sample import B, brute_force, projector_for
+
+
+class Loop(nn.Module):
+    """An RNN cell (``nonlinearity``) then a GRU cell over the time steps of ``(B, T, 3)``, a head on the last state."""
+
+    def __init__(self, nonlinearity="tanh"):
+        super().__init__()
+        self.rnn = nn.RNNCell(3, 4, nonlinearity=nonlinearity)
+        self.gru = nn.GRUCell(4, 5, bias=nonlinearity == "tanh")
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h1 = h2 = None
+        for t in range(x.shape[1]):
+            h1 = self.rnn(x[:, t]) if h1 is None else self.rnn(x[:, t], h1)
+            h2 = self.gru(h1, hx=h2)
+        return self.head(h2)
+
+
+def loss_fn(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("dim", [None, 8])
+def test_cells_match_brute_force(nonlinearity, dim):
+    torch.manual_seed(0)
+    model = Loop(nonlinearity).double()
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(B, 4, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
+    names = select_params(model)
+    assert HookGradientCapture.unsupported(model, names) == []
+    proj = projector_for(model, names, dim)
+    capture = HookGradientCapture(model, names, proj)
+    grads, _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
+    torch.testing.assert_close(grads, proj.project(brute_force(model, loss_fn, batch, names)), rtol=1e-10, atol=1e-12)
+    assert capture.verify(model, loss_fn, batch) == []
+
+
+def _loop():
+    torch.manual_seed(0)
+    return Loop().double()
+
+
+def test_tracked_training_is_bit_identical(tmp_path):
+    plain, _ = fit_net(_loop, (4, 3), steps=3)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=16)
+    tracked, _ = fit_net(_loop, (4, 3), tracker, steps=3)
+    for (n, a), (_, b) in zip(plain.named_parameters(), tracked.named_parameters()):
+        assert torch.equal(a, b), n
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {} and log.num_steps == 3
