@@ -256,3 +256,18 @@ def test_a_stale_model_is_refused_by_the_logged_losses(run, tmp_path, capsys, mo
     assert "do not reproduce the run's logged losses at step" in lines[-1] and "stale log" in lines[-1]
     code, out, err = cli(capsys, "query", run.log, "-c", run.config, "-m", method, "-q")  # the run's own class
     assert code == 0, err
+
+
+def test_evaluate_with_self_influence_first_rebuilds_the_run_and_judges_only_query_answers(run, capsys):
+    """`evaluate -m tracin-self -m tracin` (a log-only method first) had stopped at "queries need the model and data:
+    pass --builder or --config" although the log's recipe rebuilds them; and self-influence, which answers each
+    sample's own loss, was ranked against the query's leave-one-out (and could be named the best)."""
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin-self", "-m", "tracin", "--samples", "0,1,2,3",
+                         "-f", "json", "-q")
+    assert code == 0, err
+    res = json.loads(out)
+    assert "spearman" not in res["metrics"]["tracin-self"] and "spearman" in res["metrics"]["tracin"]
+    assert res["verdict"].count("tracin-self") == 0
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin-self", "--samples", "0,1", "-f", "json")
+    assert code == 0 and "no ground truth: self-influence answers each sample's own loss" in err, err
+    assert all(s["truth"] is None for s in json.loads(out)["samples"])

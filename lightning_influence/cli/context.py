@@ -431,7 +431,9 @@ def _one_line(text: str) -> str:
     return " ".join(lines) if lines else "unknown error"
 
 
-def prepare(args: argparse.Namespace) -> tuple[Any, RunContext | None]:
+def prepare(args: argparse.Namespace, model: bool = False) -> tuple[Any, RunContext | None]:
+    """The log and the run's model and data (``None`` where the method reads the log alone and nothing asks for them;
+    ``model``: always, e.g. for ``evaluate``'s query and ground truth whatever the first method)."""
     log = open_log(args.log)
     if log.num_steps == 0:
         raise UserError(f"{args.log}: the log holds no completed step yet: {log.end_note}")
@@ -443,10 +445,10 @@ def prepare(args: argparse.Namespace) -> tuple[Any, RunContext | None]:
         parse_window(log, spec)
     method = METHODS[args.method]
     ctx = None
-    if method.needs != "log" or args.config or getattr(args, "builder", None):
+    if model or method.needs != "log" or args.config or getattr(args, "builder", None):
         source = args.builder or args.config or "the log's recipe"
         status(args, f"rebuilding the model and data from {source} ...")
         ctx = load_context(args, log)
-        if method.needs != "log":  # model-only methods too, where the run gives its training data (a stale log)
+        if model or method.needs != "log":  # model-only methods too, where the run gives its data (a stale log)
             check_training_data(log, ctx, required=method.needs == "model+data")
     return log, ctx

@@ -112,7 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError("--pbrf, --gap and --datamodel run in one process (every process of a --devices/--num-nodes "
                         "run would repeat them): run them without --devices (--datamodel spreads its retraining runs "
                         "over --workers forked processes); --method, the ground truth and --groups run on several")
-    log, ctx = prepare(args)
+    log, ctx = prepare(args, model=True)  # the query, the ground truth and the flipped labels come from the run
     if ctx is not None and (args.truth == "replay" or args.groups or args.datamodel or args.pbrf or args.gap
                             or any(METHODS[m].needs == "model+data" for m in methods)):
         check_training_data(log, ctx)  # every replay reads it (once: prepare may have checked it for the first method)
@@ -148,7 +148,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     first = next(iter(estimates.values()))
     samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed, next(iter(kinds.values())))
     truth, floor = None, None
-    if args.truth == "replay":
+    answering = [m for m, k in kinds.items() if k == "loss"]  # self-influence answers each sample's own loss
+    if args.truth == "replay" and not answering:
+        status(args, "no ground truth: self-influence answers each sample's own loss, not --query (add a method that "
+                     "answers it, e.g. -m dit)")
+    if args.truth == "replay" and answering:
         fn = Method(GROUND_TRUTH, "model+data", (), "").load()
         status(args, f"replaying training without each of {len(samples)} samples (ground truth) ...")
         progress = progress_bar(args, "replay LOO")
@@ -170,10 +174,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics: dict[str, dict[str, float]] = {}
     for name, est in estimates.items():
         row: dict[str, float] = {}
-        if truth is not None and len(samples) >= 2:
+        if truth is not None and len(samples) >= 2 and kinds[name] == "loss":
             row.update(summarize(est[samples], truth, k=max(1, min(len(samples) // 2, 10))))
             row["sign_agreement"] = float(np.mean(np.sign(est[samples]) == np.sign(truth)))
-        if "pbrf" in trust and len(samples) >= 2:
+        if "pbrf" in trust and len(samples) >= 2 and kinds[name] == "loss":
             versus = summarize(est[samples], trust["pbrf"].scores[:, 0])
             row.update({f"pbrf_{k}": versus[k] for k in ("pearson", "spearman")})
         if flipped:  # suspicion as the method orders it: most negative first, largest self-influence first
@@ -207,7 +211,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     body = [[s["id"], s["label"] if s["label"] is not None else "?", s["flipped"] or "", s["truth"],
              *[s[c] for c in extra], *[s[m] for m in estimates]] for s in result["samples"]]
     keys = sorted({k for row in metrics.values() for k in row}, key=lambda k: (k.startswith("flipped"), k))
-    mtable = format_table(["method", *keys], [[m, *[f"{metrics[m].get(k, float('nan')):.3f}" for k in keys]]
+    mtable = format_table(["method", *keys], [[m, *[f"{metrics[m][k]:.3f}" if k in metrics[m] else "-" for k in keys]]
                                              for m in metrics]) if keys else "no metric: no ground truth and no known flipped labels"
     noise = [] if truth is None else [
         f"truth noise floor {floor:.2e} (replay error, docs/trust.md §4): {result['truth_above_floor']} of {len(truth)} "
