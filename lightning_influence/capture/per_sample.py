@@ -354,26 +354,15 @@ class HookGradientCapture:
         specs, slices = self.projector.specs, self.projector.slices
         if not self._one_part_each(parts, dtype) or not any(isinstance(parts[s.name][0], Outer) for s in specs):
             return self._assemble(parts, batch, dtype, device, scale), ()
-        blocks, width = [], 0
+        blocks, pieces = [], []  # one cat of the pieces: a few dispatches on a path that runs at every step
         for s in specs:
             block = parts[s.name][0]
             if isinstance(block, Outer):
                 blocks.append((slices[s.name].start, block.a.shape[1], block.b.shape[1]))
-                width += block.a.shape[1] + block.b.shape[1]
+                pieces += (torch.div(block.a, scale), block.b)
             else:
-                width += block.shape[1]
-        out, col = torch.empty(batch, width, dtype=dtype, device=device), 0
-        for s in specs:
-            block = parts[s.name][0]
-            if isinstance(block, Outer):
-                r, c = block.a.shape[1], block.b.shape[1]
-                torch.div(block.a, scale, out=out[:, col:col + r])
-                out[:, col + r:col + r + c] = block.b
-                col += r + c
-            else:
-                torch.div(block, scale, out=out[:, col:col + block.shape[1]])
-                col += block.shape[1]
-        return out, tuple(blocks)
+                pieces.append(torch.div(block, scale))
+        return torch.cat(pieces, 1), tuple(blocks)
 
     def _gather(self, loss_grad: Tensor) -> tuple[dict[str, list[Tensor | Outer]], int, torch.dtype, torch.device, Tensor]:
         """The captured blocks of the per-sample losses, by block name, with what assembling them needs.

@@ -68,11 +68,13 @@ class StepRecord:
                 continue
             if len(rows) != n or (rows.ndim if type(rows) is np.ndarray else np.ndim(rows)) != ndim:
                 raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {n} sample ids")
-            if (self.skipped and ndim == 1) or _finite(rows):  # the common case: one check
-                if rows is not self.grads or self.grad_outer is None or float(np.abs(rows).max(initial=0)) < SAFE_FACTOR:
-                    continue  # a skipped step's losses may overflow; factors this small multiply to finite values
+            if rows is self.grads and self.grad_outer is not None:  # factors: finite, and small enough to multiply
+                if float(np.abs(rows).max(initial=0)) < SAFE_FACTOR:  # (a NaN fails the comparison)
+                    continue
                 with np.errstate(over="ignore"):  # an overflow is what is looked for
                     rows = self.grad_outer.expand(np.asarray(rows))  # their products, as a reader expands them
+            elif (self.skipped and ndim == 1) or _finite(rows):  # the common case: one check
+                continue  # a skipped step's losses may overflow
             bad = ~np.isfinite(np.asarray(rows).reshape(n, -1)).all(axis=1)
             if bad.any():
                 raise FloatingPointError(
