@@ -44,7 +44,7 @@ from lightning_influence.replay_drift import (  # noqa: F401 (re-exported)
 )
 from lightning_influence.step.buffers import ParamsWithBuffers, buffers_of, cloned, persistent_buffers
 from lightning_influence.step.compiled import compiled_parts, uncompiled_message
-from lightning_influence.step.frozen import check_frozen
+from lightning_influence.step.frozen import check_frozen, check_module_class
 from lightning_influence.step.clipping import ClipSpec, apply_clipping, logged_clip_spec
 from lightning_influence.step.micro import MicroBatch, Step
 from lightning_influence.step.modes import ModeSchedule
@@ -265,19 +265,6 @@ def load_optimizer_state(opt: torch.optim.Optimizer, names: list[str], state: Ma
 # ----------------------------------------------------------------------------- parameters
 def _module_param_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.requires_grad]
-
-
-def check_module_class(log: InfluenceLog, module: nn.Module) -> None:
-    """Warn where ``module``'s class is not named as the class the run trained (``meta["module_class"]``; the name
-    alone, so the same class imported from elsewhere or defined again in a notebook passes). A model of other layers
-    with the same parameter shapes (a Tanh for a ReLU) loads the checkpoints; replay then fails its drift check, but
-    what replays nothing (TracIn, Gauss-Newton DIT, a query at a checkpoint) would score with it silently."""
-    recorded = str(log.meta.get("module_class") or "")
-    given = type(getattr(module, "_orig_mod", module)).__qualname__  # torch.compile's wrapper: the module it compiled
-    if recorded and recorded.rpartition(".")[2] != given.rpartition(".")[2]:
-        warnings.warn(f"{log.path}: the run trained a {recorded}, the module given is a {given}: with the same parameter "
-                      "shapes its checkpoints load, but scores are those of the model given (different layers give "
-                      "different scores); pass the class the run trained", UserWarning, stacklevel=3)
 
 
 def checkpoint_params(log: InfluenceLog, module: nn.Module, step: int, requires_grad: bool = False) -> ParamsWithBuffers:

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from lightning_influence.log.format import FROZEN_FILE
 
-__all__ = ["changed_frozen", "check_frozen", "frozen_parameters", "load_frozen", "logged_frozen", "restore_frozen",
-           "store_frozen"]
+__all__ = ["changed_frozen", "check_frozen", "check_module_class", "frozen_parameters", "load_frozen", "logged_frozen",
+           "restore_frozen", "store_frozen"]
 
 _LOADED: "weakref.WeakKeyDictionary[Any, dict[str, Tensor] | None]" = weakref.WeakKeyDictionary()
 # module -> (log, (id, version) of its frozen parameters) when last found equal to the log's: checkpoint_params calls
@@ -146,3 +146,16 @@ def check_frozen(log: Any, module: nn.Module) -> None:
                 f"frozen parameters, {len(stored)} tensors): a freshly built module? Pass the trained module, or load "
                 "them first: lightning_influence.restore_frozen(log, module)")
     _CHECKED[module] = seen
+
+
+def check_module_class(log: Any, module: nn.Module) -> None:
+    """Warn where ``module``'s class is not named as the class the run trained (``meta["module_class"]``; the name
+    alone, so the same class imported from elsewhere or defined again in a notebook passes). A model of other layers
+    with the same parameter shapes (a Tanh for a ReLU) loads the checkpoints; replay then fails its drift check, but
+    what replays nothing (TracIn, Gauss-Newton DIT, a query at a checkpoint) would score with it silently."""
+    recorded = str(log.meta.get("module_class") or "")
+    given = type(getattr(module, "_orig_mod", module)).__qualname__  # torch.compile's wrapper: the module it compiled
+    if recorded and recorded.rpartition(".")[2] != given.rpartition(".")[2]:
+        warnings.warn(f"{log.path}: the run trained a {recorded}, the module given is a {given}: with the same parameter "
+                      "shapes its checkpoints load, but scores are those of the model given (different layers give "
+                      "different scores); pass the class the run trained", UserWarning, stacklevel=3)
