@@ -271,3 +271,13 @@ def test_evaluate_with_self_influence_first_rebuilds_the_run_and_judges_only_que
     code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin-self", "--samples", "0,1", "-f", "json")
     assert code == 0 and "no ground truth: self-influence answers each sample's own loss" in err, err
     assert all(s["truth"] is None for s in json.loads(out)["samples"])
+
+
+def test_timeline_grid_boundaries_outside_the_window_are_refused(run, capsys):
+    """`timeline --grid 0,4,8 --window 8:12` had answered windows 0-4 and 4-8, ignoring --window without a word."""
+    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "--grid", "0,4,8", "--window",
+                         "8:12", "-q")
+    assert code == 2 and out == "" and "boundaries must lie in 8..12 (the steps of --window)" in err, err
+    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "--grid", "8,10,12", "--window",
+                         "8:12", "-q", "-f", "json")
+    assert code == 0, err

@@ -213,10 +213,10 @@ def parse_grid(log: Any, spec: str, span: tuple[int, int]) -> tuple[list[tuple[i
     except ValueError:
         raise UserError(f"--grid {spec!r}: use 'epochs', a number of equal windows (e.g. 10), or step "
                         "boundaries like '0,100,200,480'") from None
-    first = log.first_step  # 0, or the step a resumed fit started the log at
-    if bounds[0] < first or bounds[-1] > log.num_steps or len(bounds) < 2:
-        raise UserError(f"--grid {spec!r}: boundaries must lie in {first}..{log.num_steps} (the log's steps) and be at "
-                        "least two")
+    # the span: the log's steps (from 0, or the step a resumed fit started the log at), or those of --window
+    where = "the log's steps" if (t1, t2) == (log.first_step, log.num_steps) else "the steps of --window"
+    if bounds[0] < t1 or bounds[-1] > t2 or len(bounds) < 2:
+        raise UserError(f"--grid {spec!r}: boundaries must lie in {t1}..{t2} ({where}) and be at least two")
     windows = list(zip(bounds[:-1], bounds[1:]))
     return windows, [f"{a}-{b}" for a, b in windows]
 
