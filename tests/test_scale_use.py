@@ -92,3 +92,66 @@ def test_a_diverging_gauss_newton_adjoint_is_reported_and_an_overflow_refused(tm
     log, q = _centre_log(tmp_path / "overflows", spread=10.0, lr=1.0, epochs=150)
     with pytest.raises(FloatingPointError, match="the adjoint overflowed at step"):
         dit_gauss_newton(log, q)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def per_sample_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+
+def test_the_dit_sweep_holds_about_two_root_interval_states_at_once(tmp_path, monkeypatch):
+    """DIT replays each checkpoint interval in segments from in-memory anchors when the interval exceeds
+    ``max_memory_bytes``. It took the anchors of the whole run in one forward pass and kept them all, and a smaller
+    budget made the segments shorter and so the anchors more: on a 2.5M-parameter MLP (600 steps, a checkpoint every
+    100) a 128 MB budget held 2.6 GB, a 512 MB one 1.8 GB, while ``info['peak_trajectory_bytes']`` said 119 / 505 MB.
+    Now each interval's anchors live only while it is swept, segments are never shorter than ``⌈√L⌉`` and the info
+    counts the anchors: 48 steps, a checkpoint every 16, a budget of 3 states: at most ``2·4`` states (+ the replay's
+    own) alive at once, the same scores as without a budget."""
+    import weakref
+
+    from torch.utils.data import TensorDataset
+
+    from lightning_influence import InfluenceLog, dit
+    from lightning_influence.estimators import sweep
+    from lightning_influence.queries import mean_loss
+    from tests._tinylog import epoch_batches, train_and_log
+
+    g = torch.Generator().manual_seed(1)
+    ds = TensorDataset(torch.randn(24, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (24,), generator=g))
+    batches, epoch_of = epoch_batches(24, 4, 8)  # 48 steps
+    m = _Net()
+    train_and_log(str(tmp_path), m, lambda m, b: m.per_sample_loss(b), ds, batches, [0.1] * 48,
+                  torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), checkpoint_every=16, epochs=epoch_of)
+    log = InfluenceLog(tmp_path)
+    assert log.checkpoint_steps == [0, 16, 32, 48]
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    most = [0]
+
+    def spied(fn):
+        def wrapper(*args, **kwargs):
+            for rs in fn(*args, **kwargs):
+                alive.add(next(iter(rs.params.values())))
+                most[0] = max(most[0], len(alive))
+                yield rs
+        return wrapper
+
+    query = mean_loss((ds.tensors[0][:8], ds.tensors[1][:8]), lambda m, b: m.per_sample_loss(b))
+    free = dit(log, query, module=_Net(), train_data=ds, window=(5, 48), loss_fn=lambda m, b: m.per_sample_loss(b))
+    monkeypatch.setattr(sweep, "replay", spied(sweep.replay))
+    monkeypatch.setattr(sweep, "replay_from", spied(sweep.replay_from))
+    per = sum(p.numel() for p in _Net().parameters()) * 8 * 3  # θ, momentum and step count, float64
+    tight = dit(log, query, module=_Net(), train_data=ds, window=(5, 48), loss_fn=lambda m, b: m.per_sample_loss(b),
+                max_memory_bytes=3 * per)
+    np.testing.assert_allclose(tight.scores, free.scores, rtol=1e-12, atol=1e-15)
+    assert most[0] <= 4 + 3 + 2, most[0]  # ⌈√16⌉ = 4 steps a segment, 3 anchors, the replay's and the sweep's state
+    # (before: 19, the anchors of the whole run)
+    assert tight.info["peak_trajectory_bytes"] == (4 + 2) * per  # a segment's 4 and the 2 anchors not yet replayed

@@ -35,7 +35,7 @@ optimizers' denominators at their values in the run (the earlier approximation, 
 Parameters ``θ_t`` come from the log: replayed (:mod:`lightning_influence.replay`) from the
 nearest checkpoint and verified at every checkpoint passed. Memory: ``O(p·C)`` for the
 ``C`` adjoint columns (queries × grid points still to come), plus the ``θ_t`` of one replay
-segment (the steps between two checkpoints, or about ``√T`` steps with in-memory anchors
+segment (the steps between two checkpoints, or about ``√L`` steps of an interval of ``L`` and its in-memory anchors
 when checkpoints are sparse: bounded by ``max_memory_bytes``), plus one step's batch. The sweep
 itself is :mod:`lightning_influence.estimators.sweep`; with ``shard`` (set by
 :mod:`lightning_influence.distributed`) it runs on one process's rows of every step.
@@ -129,7 +129,9 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
         verify, tolerance: check the replayed ``θ_t`` against every checkpoint passed and re-anchor there;
             stop if a drift exceeds ``tolerance`` (:mod:`lightning_influence.replay_drift`; default 1%).
             The drifts are in ``info["replay_drift"]``.
-        max_memory_bytes: budget for the ``θ_t`` (and optimizer state) held per replay segment.
+        max_memory_bytes: budget for the ``θ_t`` (and optimizer state) held at once: a checkpoint interval of ``L``
+            steps is replayed whole where it fits, else in segments of ``⌈√L⌉`` steps from in-memory anchors
+            (``≈ 2√L`` states, the least without more replay; ``info["peak_trajectory_bytes"]``).
         preconditioner: ``"exact"`` (the VJP of the full update) or ``"frozen"``: adaptive
             optimizers' denominators held at their values in the run (approximation, cheaper:
             no ``λ_v`` columns; ``method`` says ``approx.``; its removal is linear).

@@ -3,7 +3,8 @@
 
 :class:`_Context` holds the log, the module, the data and the logged optimizer's functional twin,
 and replays the trajectory in reverse (:meth:`_Context.reverse_trajectory`: segments between
-checkpoints, or about ``√T`` steps with in-memory anchors, bounded by ``max_memory_bytes``).
+checkpoints, or, where an interval's steps exceed ``max_memory_bytes``, about ``√L`` steps of an interval of ``L`` with
+in-memory anchors: about ``2√L`` states held at once, :func:`segment_length`).
 :func:`_model_sweep` pulls the adjoint ``(λ_θ, λ_s)`` back through every step::
 
     (θ̄, s̄, R) = VJP_u(λ) at (θ_t, s_t, G_t);   F_j += −w_{j,t} ⟨R, g_{j,t}⟩;   λ = (θ̄ + H_t R, s̄)
@@ -88,7 +89,7 @@ class _Context:
         self.step = _optimizer_step(log, self.names, self.sizes, self.dtype, preconditioner, device=self.device)
         self.rule = self.step.rule
         self.opt_names = [n for g in _optimizer_spec(log)["param_groups"] for n in g["params"]]
-        self.peak_trajectory_bytes = 0  # the most θ_t + state bytes one replay segment held
+        self.peak_trajectory_bytes = 0  # the most θ_t + state bytes held at once (a segment's and the anchors)
 
     def state_before(self, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
         """The live optimizer's state (before the step it is about to take), flat."""
@@ -110,59 +111,68 @@ class _Context:
         if not earlier:
             raise ValueError(f"no checkpoint at or before step {t_lo} to replay from (checkpoints: {ckpts})")
         s0 = earlier[-1]
-        n_steps = t_hi - s0
         per = max(self.bytes_per_step(), 1)
-        if n_steps * per <= self.max_memory_bytes:
-            seg_len = max(n_steps, 1)
-        else:
-            seg_len = max(1, min(int(math.ceil(math.sqrt(n_steps))), self.max_memory_bytes // per))
-        ckpt_set = set(ckpts)
-        bounds = sorted({c for c in ckpts if s0 <= c < t_hi} | set(range(s0, t_hi, seg_len)) | {s0})
-        memory_anchors: dict[int, tuple[dict[str, Tensor], dict[str, Any]]] = {}
-        need = [a for a in bounds if a not in ckpt_set]
-        total = (t_hi - s0) + (max(need) - s0 if need else 0)
+        # each checkpoint interval on its own, latest first: its in-memory anchors live only while it is swept
+        starts = sorted({c for c in ckpts if s0 <= c < t_hi} | {s0})
+        intervals = list(zip(starts, starts[1:] + [t_hi]))
+        seg_len = segment_length(max(b - a for a, b in intervals), per, self.max_memory_bytes)
+        plan = [(a, b, list(range(a + seg_len, b, seg_len))) for a, b in intervals]
+        total = (t_hi - s0) + sum(anchors[-1] - a for a, _, anchors in plan if anchors)
         done = 0
-        if need:  # forward pass keeping θ and the optimizer state at the in-memory anchors
-            want = set(need)
-            for rs in replay(log, self.module, self.train_data, s0, max(need), start=s0, loss_fn=self.loss_fn,
-                             verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard):
-                if rs.step in want:
-                    memory_anchors[rs.step] = (rs.params, copy.deepcopy(rs.optimizer.state_dict()))
-                if rs.step < max(need):
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-        segments = list(zip(bounds, bounds[1:] + [t_hi]))
         first_segment = True
-        for a, b in reversed(segments):
+        for a, b, anchors in reversed(plan):
             if b <= t_lo and not first_segment:
                 break
-            if a in ckpt_set:
-                gen = replay(log, self.module, self.train_data, a, b, start=a, loss_fn=self.loss_fn, verify=self.verify,
-                             tolerance=self.tolerance, report=self.drift, shard=shard)
-            else:
-                params, state = memory_anchors.pop(a)
-                gen = replay_from(log, self.module, self.train_data, params, state, a, b, loss_fn=self.loss_fn,
-                                  verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard)
-            records: list[_Record] = []
-            end: _Record | None = None
-            for rs in gen:
-                if rs.step < b:
-                    records.append(_Record(rs.step, rs.params, rs.ids, rs.lrs, self.state_before(rs.optimizer)))
-                    self.peak_trajectory_bytes = max(self.peak_trajectory_bytes, len(records) * self.bytes_per_step())
+            memory_anchors: dict[int, tuple[dict[str, Tensor], dict[str, Any]]] = {}
+            if anchors:  # forward pass keeping θ and the optimizer state at the interval's in-memory anchors
+                want = set(anchors)
+                for rs in replay(log, self.module, self.train_data, a, anchors[-1], start=a, loss_fn=self.loss_fn,
+                                 verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard):
+                    if rs.step in want:
+                        memory_anchors[rs.step] = (rs.params, copy.deepcopy(rs.optimizer.state_dict()))
+                    if rs.step < anchors[-1]:
+                        done += 1
+                        if progress is not None:
+                            progress(done, total)
+            for sa, sb in reversed(list(zip([a, *anchors], [*anchors, b]))):
+                if sb <= t_lo and not first_segment:
+                    break
+                if sa == a:
+                    gen = replay(log, self.module, self.train_data, sa, sb, start=sa, loss_fn=self.loss_fn,
+                                 verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard)
                 else:
-                    end = _Record(rs.step, rs.params, None)
-            if first_segment:
-                assert end is not None
-                yield end
-                first_segment = False
-            for rec in reversed(records):
-                done += 1
-                if rec.step >= t_lo:
-                    yield rec
-                if progress is not None:
-                    progress(min(done, total), total)
-            del records
+                    params, state = memory_anchors.pop(sa)
+                    gen = replay_from(log, self.module, self.train_data, params, state, sa, sb, loss_fn=self.loss_fn,
+                                      verify=self.verify, tolerance=self.tolerance, report=self.drift, shard=shard)
+                records: list[_Record] = []
+                end: _Record | None = None
+                for rs in gen:
+                    if rs.step < sb:
+                        records.append(_Record(rs.step, rs.params, rs.ids, rs.lrs, self.state_before(rs.optimizer)))
+                        self.peak_trajectory_bytes = max(self.peak_trajectory_bytes,
+                                                         (len(records) + len(memory_anchors)) * per)
+                    else:
+                        end = _Record(rs.step, rs.params, None)
+                if first_segment:
+                    assert end is not None
+                    yield end
+                    first_segment = False
+                for rec in reversed(records):
+                    done += 1
+                    if rec.step >= t_lo:
+                        yield rec
+                    if progress is not None:
+                        progress(min(done, total), total)
+                del records
+
+
+def segment_length(longest: int, per: int, budget: int) -> int:
+    """Steps per replay segment for checkpoint intervals of at most ``longest`` steps, ``per`` bytes a step: the whole
+    interval where it fits ``budget``, else ``⌈√longest⌉``, which holds the fewest states at once (the interval's
+    in-memory anchors plus one segment's steps, ``≈ 2√longest``): a shorter segment only adds anchors."""
+    if longest * per <= budget:
+        return max(longest, 1)
+    return max(1, int(math.ceil(math.sqrt(longest))))
 
 
 # ================================================================================ products
