@@ -56,8 +56,8 @@ from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 from lightning_influence.tracker_checks import (UpdateWatch, check_applied_gradient, check_arguments, check_batchnorm,
                                                 check_distinct_ids, check_fit, check_first_batch, check_losses,
-                                                check_optimizers, check_training_set, generators_kept, no_stop_iteration,
-                                                trainer_precision)
+                                                check_materialized, check_optimizers, check_training_set, generators_kept,
+                                                no_stop_iteration, trainer_precision)
 from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
 from lightning_influence.tracker_inflight import IN_FLIGHT, InFlight
 from lightning_influence.tracker_dev_run import DevRun
@@ -257,6 +257,7 @@ class InfluenceTracker(Callback):
         self._dev_run.end(trainer, self)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_materialized(pl_module)  # lazy layers take their shapes in a forward: the sanity check's, or none yet
         optimizer, rule = check_optimizers(trainer.optimizers)
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._names = select_params(pl_module, self.params, self.exclude_params) if self._needs_loss else []

@@ -119,6 +119,16 @@ def check_fit(trainer: Any, module: Any, needs_loss: bool, has_loss_fn: bool) ->
             "InfluenceTracker(loss_fn=...)")
 
 
+def check_materialized(module: nn.Module) -> None:
+    """Every parameter has its shape when training starts: a lazy layer (``nn.LazyLinear``) not yet run has none, and
+    the tracker's projection and checkpoints need them."""
+    lazy = [n for n, p in module.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise RuntimeError(f"InfluenceTracker: parameters {lazy[:3]}{', ...' if len(lazy) > 3 else ''} have no shape "
+                           "yet when training starts (lazy layers such as nn.LazyLinear, not run yet): run one forward "
+                           "before Trainer.fit (model(example_input)), or give the layers their sizes")
+
+
 def check_optimizers(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[torch.optim.Optimizer, UpdateRule]:
     """The run's one optimizer and its update rule, which the estimators reproduce (``step/optimizers.py``)."""
     if len(optimizers) != 1:

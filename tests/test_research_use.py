@@ -319,3 +319,20 @@ def test_the_cli_rebuilds_a_model_with_lazy_layers(tmp_path, capsys):
     want = dit(InfluenceLog(str(tmp_path / "log")), queries.mean_loss(tuple(val.tensors)), module=module,
                train_data=WithIds(train)).column(0)
     np.testing.assert_allclose(scores_of(json.loads(out), 18), want, rtol=1e-12, atol=1e-15)
+
+
+def test_the_tracker_refuses_lazy_layers_not_yet_run_naming_the_fix(tmp_path):
+    """A lazy layer not yet run at the fit's start (no validation sanity check ran a forward) had failed in the
+    tracker's on_train_start with torch's "Can't access the shape of an uninitialized parameter"."""
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_influence import InfluenceTracker
+    from tests.conftest import loader, make_data
+
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[InfluenceTracker(str(tmp_path / "log"))])
+    with pytest.raises(RuntimeError, match=r"parameters \['net.0.weight', 'net.0.bias'\] have no shape yet .* run one "
+                                           r"forward before Trainer.fit"):
+        trainer.fit(LazyNet(), loader(make_data(12, dtype=torch.float32)))
