@@ -281,3 +281,41 @@ def test_timeline_grid_boundaries_outside_the_window_are_refused(run, capsys):
     code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "--grid", "8,10,12", "--window",
                          "8:12", "-q", "-f", "json")
     assert code == 0, err
+
+
+class LazyNet(__import__("tests.conftest", fromlist=["TinyClassifier"]).TinyClassifier):
+    """TinyClassifier whose first layer is an nn.LazyLinear (its shape known only after a forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torch
+
+        self.net = torch.nn.Sequential(torch.nn.LazyLinear(7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def test_the_cli_rebuilds_a_model_with_lazy_layers(tmp_path, capsys):
+    """A freshly rebuilt model's lazy layers have no shapes: every command had failed with "internal error
+    (RuntimeError: Can't access the shape of an uninitialized parameter ...)". They take the log's shapes; the scores
+    equal the Python estimator's on the trained module."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lightning_influence import InfluenceTracker, WithIds, dit, queries
+    from tests.conftest import loader, make_data
+
+    train, val = make_data(18, dtype=torch.float32), make_data(8, dtype=torch.float32, seed=1)
+    torch.manual_seed(0)
+    module = LazyNet()
+    module(train.tensors[0][:1])  # the lazy layer takes its shape (the tracker reads the shapes at the fit's start)
+    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+               callbacks=[InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=2)]
+               ).fit(module, loader(train), DataLoader(val, batch_size=4))
+    code, out, err = cli(capsys, "query", str(tmp_path / "log"), "-m", "dit", "-k", "0", "-f", "json", "-q")
+    assert code == 0, err
+    from tests._cli_run import scores_of
+
+    want = dit(InfluenceLog(str(tmp_path / "log")), queries.mean_loss(tuple(val.tensors)), module=module,
+               train_data=WithIds(train)).column(0)
+    np.testing.assert_allclose(scores_of(json.loads(out), 18), want, rtol=1e-12, atol=1e-15)

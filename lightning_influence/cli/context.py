@@ -203,6 +203,7 @@ def load_context(args: argparse.Namespace, log: Any) -> RunContext:
             ctx = _from_recipe(args, log)
     except RecipeError as err:
         raise UserError(str(err)) from err
+    _materialize_lazy(ctx, log)
     _check_shapes(ctx, log)
     _to_log_dtype(args, ctx, log)
     from lightning_influence.step.frozen import restore_frozen
@@ -238,11 +239,26 @@ def _loss_fn(args: argparse.Namespace, ctx: RunContext, log: Any) -> Any:
     return None
 
 
+def _materialize_lazy(ctx: RunContext, log: Any) -> None:
+    """Lazy layers (``nn.LazyLinear``) of a freshly built model have no shapes until a forward: give them the log's
+    (their values come from the checkpoints, as every parameter's)."""
+    import torch
+
+    lazy = [(n, p) for n, p in getattr(ctx.module, "named_parameters", lambda: [])()
+            if isinstance(p, torch.nn.parameter.UninitializedParameter)]
+    for name, p in lazy:
+        if name in log.param_shapes:
+            p.materialize(tuple(log.param_shapes[name]))
+
+
 def _check_shapes(ctx: RunContext, log: Any) -> None:
+    import torch
+
     if not callable(getattr(ctx.module, "named_parameters", None)):
         raise UserError(f"the model from {ctx.origin} is a {type(ctx.module).__name__}, not a LightningModule; pass "
                         "--model package.module.ClassName of the LightningModule the run trained")
-    shapes = {n: tuple(p.shape) for n, p in ctx.module.named_parameters()}
+    shapes = {n: None if isinstance(p, torch.nn.parameter.UninitializedParameter) else tuple(p.shape)
+              for n, p in ctx.module.named_parameters()}
     for name, shape in log.param_shapes.items():
         if shapes.get(name) != tuple(shape):
             raise UserError(f"the model from {ctx.origin} does not match the log: parameter {name!r} has shape "
