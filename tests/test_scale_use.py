@@ -155,3 +155,20 @@ def test_the_dit_sweep_holds_about_two_root_interval_states_at_once(tmp_path, mo
     assert most[0] <= 4 + 3 + 2, most[0]  # ⌈√16⌉ = 4 steps a segment, 3 anchors, the replay's and the sweep's state
     # (before: 19, the anchors of the whole run)
     assert tight.info["peak_trajectory_bytes"] == (4 + 2) * per  # a segment's 4 and the 2 anchors not yet replayed
+
+
+def test_a_log_storing_training_data_without_validation_data_says_so():
+    """A plain-DataLoader fit without a validation loader stores its training set alone; ``query`` then said the recipe
+    "gives no data (no datamodule, no *_dataloader hooks, no stored data)" and to re-train with ``store_data=True``,
+    which stores nothing more. It now names what is missing."""
+    import pytest
+
+    from lightning_influence.cli.common import UserError
+    from lightning_influence.cli.context import RunContext
+
+    ctx = RunContext(nn.Linear(2, 2), None, "the log's recipe", None, {"train": [(torch.zeros(2), 0)]})
+    assert ctx.train_dataset is not None
+    with pytest.raises(UserError, match="no validation set: the log's recipe stores data without a validation set .* "
+                                        "--builder module:function") as err:
+        ctx.val_batch
+    assert "store_data" not in str(err.value) and "no stored data" not in str(err.value)

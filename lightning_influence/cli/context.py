@@ -79,6 +79,9 @@ class RunContext:
         return {} if self.loss_fn is None else {"loss_fn": self.loss_fn}
 
     def _loaders(self, what: str) -> Any:
+        if self.loaders is None and self.data:  # data stored with the log, but not this part of it
+            raise UserError(f"no {what}: {self.origin} stores data without a {what} (the fit was given none); pass "
+                            f"--builder module:function returning the data, {what} included")
         if self.loaders is None:
             raise UserError(f"no {what}: {self.no_data}")
         return self.loaders
