@@ -10,32 +10,21 @@ The forward's second input comes from a pre-hook (the default hooks see the firs
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from .layers import Blocks, LayerEngine, _linear_blocks, _tokens
+from .layers import Blocks, SecondInputEngine, _linear_blocks, _tokens
 
 __all__ = ["BilinearEngine"]
 
 
-class BilinearEngine(LayerEngine):
+class BilinearEngine(SecondInputEngine):
     """``nn.Bilinear``: a Linear on ``x1 ⊗ x2``, its column side factored (module doc)."""
 
     types = (nn.Bilinear,)
-
-    def __init__(self) -> None:
-        self._second: Tensor | None = None  # one module's (attach): the second input of the call in flight
-
-    def attach(self, mod, records, active, targets, projector, memo=None):
-        own = BilinearEngine()
-
-        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            own._second = args[1] if len(args) > 1 else kwargs.get("input2")
-
-        return [mod.register_forward_pre_hook(pre, with_kwargs=True),
-                *LayerEngine.attach(own, mod, records, active, targets, projector)]
+    second_kwarg = "input2"
 
     def save(self, mod, inp, targets, projector, output=None):
-        second, self._second = self._second, None
+        second = self.second()
         if "weight" not in targets:
             return None
         x1, x2 = _tokens(inp.detach()), _tokens(second.detach())  # (B, L, in1), (B, L, in2)

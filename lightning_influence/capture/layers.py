@@ -200,6 +200,30 @@ class LayerEngine:
         raise NotImplementedError
 
 
+class SecondInputEngine(LayerEngine):
+    """An engine of a layer called with a second input (``nn.Bilinear``'s ``input2``, a cell's ``hx``): a forward
+    pre-hook keeps it for :meth:`save` of the same call (:meth:`second`), one engine object per module."""
+
+    second_kwarg = ""  # the keyword of the second input
+
+    def __init__(self) -> None:
+        self._second: Tensor | None = None  # the second input of the call in flight
+
+    def attach(self, mod, records, active, targets, projector, memo=None):
+        own = type(self)()
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            own._second = args[1] if len(args) > 1 else kwargs.get(self.second_kwarg)
+
+        return [mod.register_forward_pre_hook(pre, with_kwargs=True),
+                *LayerEngine.attach(own, mod, records, active, targets, projector)]
+
+    def second(self) -> Tensor | None:
+        """The call's second input (``None`` where it was not given), forgotten here."""
+        second, self._second = self._second, None
+        return second
+
+
 class LinearEngine(LayerEngine):
     types = (nn.Linear,)
     pure_save = True

@@ -16,31 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Blocks, LayerEngine, _linear_blocks, _wide
+from .layers import Blocks, SecondInputEngine, _linear_blocks, _wide
 
 __all__ = ["RNNCellEngine"]
 
 
-class RNNCellEngine(LayerEngine):
+class RNNCellEngine(SecondInputEngine):
     """``nn.RNNCell``, ``nn.GRUCell``: Linear blocks of the gradients at the cell's two pre-activations (module doc)."""
 
     types = (nn.RNNCell, nn.GRUCell)
     attrs = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-
-    def __init__(self) -> None:
-        self._hx: Tensor | None = None  # one module's (attach): the hidden state of the call in flight
-
-    def attach(self, mod, records, active, targets, projector, memo=None):
-        own = RNNCellEngine()
-
-        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            own._hx = args[1] if len(args) > 1 else kwargs.get("hx")
-
-        return [mod.register_forward_pre_hook(pre, with_kwargs=True),
-                *LayerEngine.attach(own, mod, records, active, targets, projector)]
+    second_kwarg = "hx"
 
     def save(self, mod, inp, targets, projector, output=None):
-        hx, self._hx = self._hx, None
+        hx = self.second()
         x = _wide(inp.detach())
         h = x.new_zeros(x.shape[0], mod.hidden_size) if hx is None else _wide(hx.detach())
         a = F.linear(x, _wide(mod.weight_ih.detach()), None if mod.bias_ih is None else _wide(mod.bias_ih.detach()))
