@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_influence.capture import HookGradientCapture, per_sample_grads_hooks, select_params
 
-from test_per_sample import B, brute_force, projector_for
+from test_per_sample import B, assert_hooks_match_brute_force
 
 
 class Pairs(nn.Module):
@@ -32,10 +31,4 @@ def test_bilinear_matches_brute_force(dim):
     model = Pairs().double()
     gen = torch.Generator().manual_seed(1)
     batch = torch.randn(B, 3, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
-    names = select_params(model)
-    assert HookGradientCapture.unsupported(model, names) == []
-    proj = projector_for(model, names, dim)
-    capture = HookGradientCapture(model, names, proj)
-    grads, _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
-    torch.testing.assert_close(grads, proj.project(brute_force(model, loss_fn, batch, names)), rtol=1e-10, atol=1e-12)
-    assert capture.verify(model, loss_fn, batch) == []
+    assert_hooks_match_brute_force(model, loss_fn, batch, dim)

@@ -112,6 +112,18 @@ def projector_for(model, names, dim):
     return KroneckerProjector({n: params[n].shape for n in names}, dim=dim, seed=5)
 
 
+def assert_hooks_match_brute_force(model, loss_fn, batch, dim):
+    """Every tracked parameter of ``model`` on hooks, its projected rows equal to projected brute force at 1e-10, and
+    the first step's check against autograd demoting none."""
+    names = select_params(model)
+    assert HookGradientCapture.unsupported(model, names) == []
+    proj = projector_for(model, names, dim)
+    capture = HookGradientCapture(model, names, proj)
+    grads, _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
+    torch.testing.assert_close(grads, proj.project(brute_force(model, loss_fn, batch, names)), rtol=1e-10, atol=1e-12)
+    assert capture.verify(model, loss_fn, batch) == []
+
+
 @pytest.mark.parametrize("dim", [None, 8])
 @pytest.mark.parametrize("case", list(CASES))
 def test_hooks_and_vmap_match_brute_force(case, dim):
