@@ -27,9 +27,10 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0].rstrip('.') if text else ''}"
 
 
-def _quietly(fn: Callable[[], Any]) -> None:
+def _quietly(fn: Callable[[], Any]) -> Any:
+    """``fn()`` without gradients, the random state left as found."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        fn()
+        return fn()
 
 
 def check_training_data(log: Any, ctx: Any, required: bool = True) -> None:
@@ -63,8 +64,7 @@ def check_training_data(log: Any, ctx: Any, required: bool = True) -> None:
     params = checkpoint_params(log, module, t) if t in log.checkpoint_steps else \
         {n: p.detach() for n, p in module.named_parameters()}
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            losses = step.losses(module, ctx.loss_fn or default_loss_fn, params)
+        losses = _quietly(lambda: step.losses(module, ctx.loss_fn or default_loss_fn, params))
     except _DATA_ERRORS as err:
         ids = step.ids[:3]
         raise UserError(f"the run's per-sample loss fails on the training data rebuilt for step {t} (ids "
