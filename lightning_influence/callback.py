@@ -40,7 +40,7 @@ from lightning_influence.capture.transfer import HostCopy
 from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_ids
 from lightning_influence.log.inputs import encode_batch
 from lightning_influence.log.lock import WriterLock
-from lightning_influence.log.outer import OuterColumns
+from lightning_influence.log.outer import OuterColumns, dense_rows
 from lightning_influence.log.resume import (check_not_refit, continue_log, logged_fold_bias, logged_demotions,
                                            logged_param_groups, logged_splits, start_new_log, with_settled)
 from lightning_influence.log.writer import (SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord, acquire_writer_lock,
@@ -525,8 +525,8 @@ class InfluenceTracker(Callback):
         if self._records_grads(step) and not record.skipped:
             rows["grads"], record.grad_outer = step_rows(pending.micro)
             if not self._applied_checked:  # once per fit
-                dense = rows["grads"] if record.grad_outer is None else record.grad_outer.expand(rows["grads"])
-                self._applied_checked = check_applied_gradient(step, dense, record.weights, self._projector.project,
+                self._applied_checked = check_applied_gradient(step, dense_rows(rows["grads"], record.grad_outer),
+                                                               record.weights, self._projector.project,
                                                                pl_module, self._names, self._world_size, self._precision)
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],

@@ -48,6 +48,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lightning_influence.log.outer import dense_rows
+
 __all__ = ["ExportData", "LiveTensorBoard", "export", "render_heatmap", "sanitize_tag"]
 
 # ColorBrewer RdBu (11 classes): red for negative, white at zero, blue for positive.
@@ -535,8 +537,7 @@ class LiveTensorBoard:
         if losses is not None:
             self._losses.append(losses)
         if record.grads is not None:
-            grads = np.asarray(record.grads, dtype=np.float64)
-            self._norms.append(np.linalg.norm(grads if record.grad_outer is None else record.grad_outer.expand(grads),
+            self._norms.append(np.linalg.norm(dense_rows(np.asarray(record.grads, dtype=np.float64), record.grad_outer),
                                               axis=1))
         if (step + 1) % self.every == 0:
             p, exp = self.PREFIX, self.experiment

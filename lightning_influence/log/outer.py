@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OUTER_ATTR", "OuterColumns", "SAFE_FACTOR"]
+__all__ = ["OUTER_ATTR", "OuterColumns", "SAFE_FACTOR", "dense_rows"]
 
 OUTER_ATTR = "outer_columns"  # attribute of a segment's grads/grad dataset: OuterColumns.to_attr()
 SAFE_FACTOR = 1.8e19  # below sqrt(float32 max) = 1.84e19, no product of two factors overflows float32
@@ -73,3 +73,8 @@ class OuterColumns:
     def from_attr(cls, value: Any) -> OuterColumns:
         raw = json.loads(value.decode() if isinstance(value, bytes) else str(value))
         return cls(int(raw["width"]), tuple((int(s), int(r), int(c)) for s, r, c in raw["blocks"]))
+
+
+def dense_rows(rows: Any, outer: OuterColumns | None) -> Any:
+    """``rows`` in the projector's columns: expanded where ``outer`` stores some blocks as factors, else ``rows``."""
+    return rows if outer is None else outer.expand(rows)

@@ -39,7 +39,7 @@ from lightning_influence.log.format import (
     text,
 )
 from lightning_influence.log.integrity import check_rank, check_segment, read_checked, read_member
-from lightning_influence.log.outer import OUTER_ATTR, OuterColumns
+from lightning_influence.log.outer import OUTER_ATTR, OuterColumns, dense_rows
 from lightning_influence.log.lock import describe_holder, writer_state
 from lightning_influence.log.microbatches import MicroBatchRecord, read_micro_batches
 from lightning_influence.log.schedule import logged_schedule
@@ -543,8 +543,7 @@ class InfluenceLog:
     def _dense(self, seg: int, field_: str, rows: np.ndarray) -> np.ndarray:
         """``rows`` of ``field_`` from segment ``seg`` (checked against their CRC-32) in the projector's columns: gradient
         rows stored with factored blocks are expanded (``log/outer.py``), others returned as they are."""
-        outer = self._segs[seg].outer
-        return outer.expand(rows) if outer is not None and field_ == "grad" else rows
+        return dense_rows(rows, self._segs[seg].outer) if field_ == "grad" else rows
 
     def _verify(self, seg: int, row: int, field_: str, out: np.ndarray) -> None:
         """Refuse the ``field_`` rows ``out`` of the step at ``row`` of segment ``seg`` unless they match its CRC-32."""

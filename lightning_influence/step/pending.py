@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.capture.transfer import HostCopy
-from lightning_influence.log.outer import OuterColumns
+from lightning_influence.log.outer import OuterColumns, dense_rows
 from lightning_influence.log.records import CheckpointRecord, MicroRecord, StepRecord
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import persistent_buffers
@@ -54,7 +54,7 @@ class TrackedMicroBatch:
 
     def dense_grads(self) -> Tensor:
         """``grads`` in the projector's columns (its factored blocks expanded: a new tensor; else ``grads`` itself)."""
-        return self.grads if self.outer is None else self.outer.expand(self.grads)
+        return dense_rows(self.grads, self.outer)
 
     def settled(self) -> rng.RandomState:
         """The generators the micro-batch's forward and backward drew from, with their states at its forward
