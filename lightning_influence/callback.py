@@ -524,10 +524,12 @@ class InfluenceTracker(Callback):
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
             rows["grads"], record.grad_outer = step_rows(pending.micro)
-            if not self._applied_checked:  # once per fit
-                self._applied_checked = check_applied_gradient(step, dense_rows(rows["grads"], record.grad_outer),
-                                                               record.weights, self._projector.project,
-                                                               pl_module, self._names, self._world_size, self._precision)
+            if not self._applied_checked:  # once per fit (under DDP a collective: every process is at this step)
+                self._applied_checked = True
+                reduce = None if self._world_size == 1 else functools.partial(trainer.strategy.reduce, reduce_op="sum")
+                self._settle({"applied_gradient_check": check_applied_gradient(
+                    step, dense_rows(rows["grads"], record.grad_outer), record.weights, self._projector.project,
+                    pl_module, self._names, self._precision, reduce)})
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],
                                                                            rows["grads"], grad_dir, grad_norms)

@@ -6,7 +6,10 @@ the same global batches) with: ``accumulate`` (accumulate_grad_batches), ``clip`
 ``engine`` (the tracker's ``gradient_engine``), ``model`` (``tiny``; ``flagmix``: its logits mix the batch's samples
 when the batch holds a flagged sample, ``FLAGGED``: the hooks' first-step check against autograd demotes on the rank
 that sees one), ``ckpt_dir`` (a Lightning checkpoint every ``ckpt_every`` steps), ``resume_from``, ``kill`` (``[rank,
-step]``: that process is killed by SIGKILL when it starts that step).
+step]``: that process is killed by SIGKILL when it starts that step), ``precision`` (the Trainer's), ``float32`` (a float32
+model and data: autocast leaves float64 alone), ``tamper`` (``"clip"``: a callback listed
+before the tracker clips the gradients in its ``on_before_optimizer_step``), ``sync_batchnorm`` (a BatchNorm layer,
+``Trainer(sync_batchnorm=True)``; ``allow_train_batchnorm`` the tracker's opt-in).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def fit(cfg: dict) -> None:
     from conftest import TinyClassifier, make_data
     from lightning_influence import InfluenceTracker, WithIds
 
-    data = make_data(N)
+    float32 = bool(cfg.get("float32"))
+    data = make_data(N, dtype=torch.float32 if float32 else torch.float64)
     data.tensors[0][:, -1] = 0.0
     data.tensors[0][list(FLAGGED), -1] = 1.0  # the flag: a last input feature of 1
     ds = WithIds(data)
@@ -62,14 +66,20 @@ def fit(cfg: dict) -> None:
             if trainer.global_rank == rank and trainer.global_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    class Clip(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            torch.nn.utils.clip_grad_norm_(pl_module.parameters(), 0.01)
+
     torch.manual_seed(0)
-    module = Module().double()
+    module = Module(batchnorm=bool(cfg.get("sync_batchnorm")))
+    module = module if float32 else module.double()
     record = cfg.get("record", "gradients")
     tracker = InfluenceTracker(cfg["log_dir"], record_gradients=record in ("gradients", "hvp"),
                                record_hvp=record == "hvp", checkpoint_every_n_steps=cfg.get("checkpoint_every", 1),
                                storage_dtype="float64", flush_every_n_steps=cfg.get("flush_every", 3),
-                               gradient_engine=cfg.get("engine", "auto"))
-    callbacks: list = [tracker]
+                               gradient_engine=cfg.get("engine", "auto"),
+                               allow_train_batchnorm=bool(cfg.get("allow_train_batchnorm")))
+    callbacks: list = [Clip(), tracker] if cfg.get("tamper") == "clip" else [tracker]
     if cfg.get("ckpt_dir"):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -82,7 +92,8 @@ def fit(cfg: dict) -> None:
                          strategy=DDPStrategy(timeout=timedelta(seconds=60)) if ddp else "auto",
                          use_distributed_sampler=False, logger=False, enable_checkpointing=bool(cfg.get("ckpt_dir")),
                          enable_progress_bar=False, enable_model_summary=False, deterministic=True, callbacks=callbacks,
-                         accumulate_grad_batches=cfg.get("accumulate", 1), gradient_clip_val=cfg.get("clip"))
+                         accumulate_grad_batches=cfg.get("accumulate", 1), gradient_clip_val=cfg.get("clip"),
+                         precision=cfg.get("precision", "32-true"), sync_batchnorm=bool(cfg.get("sync_batchnorm")))
     trainer.fit(module, ckpt_path=cfg.get("resume_from"))
 
 

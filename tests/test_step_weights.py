@@ -378,7 +378,7 @@ weights = np.full(4, 0.25); weights.flags.writeable = False
 lin.weight.grad = (torch.from_numpy(weights.copy()).float() @ rows).reshape(2, 3)
 project = lambda grads: torch.cat([g.flatten(1) for g in grads.values()], 1)
 warnings.simplefilter("error")
-assert check_applied_gradient(0, rows, weights, project, lin, ["weight"], 1, types.SimpleNamespace(autocast_device=None))
+assert check_applied_gradient(0, rows, weights, project, lin, ["weight"], types.SimpleNamespace(autocast_dtype=None))["checked"]
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "not writable" not in out.stderr, out.stderr[-2000:]

@@ -68,6 +68,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             load_frozen(root, meta.get("frozen"))
         except Exception as err:  # noqa: BLE001 - a missing or unreadable file is the problem reported
             problems.append(f"frozen parameters: {err}")
+    applied = _applied_check(meta.get("applied_gradient_check"), int(meta.get("world_size") or 1))
+    if applied:
+        notes.append(applied)
     groups = meta.get("optimizer", {}).get("param_groups", [])
     proj_dim = (meta.get("projection") or {}).get("dim")
     cols = log.projector().out_dim if meta.get("tracked_params") else 0
@@ -144,6 +147,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     emit(args, "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows))
     return code
+
+
+def _applied_check(entry: dict[str, Any] | None, world: int) -> str | None:
+    """The first step's check that the applied gradient is ``Σ w_i g_i`` of the logged rows (``tracker_checks``), in
+    words: how far apart they were, or why it did not run (a log written before the check was recorded: nothing)."""
+    if not entry:
+        return None
+    if not entry.get("checked"):
+        return f"the applied gradient was NOT checked against the rows ({entry.get('why')})"
+    over = f" over the {world} processes" if world > 1 else ""
+    return (f"applied gradient = the rows' weighted sum{over} at step {entry['step']} (relative difference "
+            f"{entry['relative_difference']:.1e}, tolerance {entry['tolerance']:.1e})")
 
 
 def _describe_resumes(first: int, resumes: list[dict[str, Any]]) -> str:
