@@ -21,6 +21,12 @@ Checks, one PASS/FAIL line each (SKIP where a check does not apply to the device
 - ``replay/tracin/dit/diffin[model]``: the estimators on the device from the log: replay's drift
   against every stored checkpoint, and TracIn / DIT / Diff-In on the device against the same
   estimator on the CPU (``--device cpu``: the CPU against itself, a dry run).
+- ``replay_cpu[model]``: the device's log replayed on the CPU: each step's drift from the stored ``θ_t``
+  (cuda against cpu kernels) within 1e-4 of the tensor's max.
+- ``mixed[bf16]`` / ``mixed[fp16]``: the tracker under ``bf16-mixed`` and ``16-mixed`` (float16 autocast with a
+  GradScaler; CUDA only, SKIP on the CPU): the log's precision and per-step GradScaler factor, the first step's
+  applied-gradient check (``meta.h5``'s ``applied_gradient_check``), losses and finite rows, training bit-identical
+  with and without the tracker, replay on the device within 1e-4 (and on the CPU, reported).
 - ``dit_fd[model]``: DIT with finite-difference HVPs against DIT exact on the device, within 1e-3
   without falling back from the float64 differences (docs/replay.md).
 - ``no_sync[model]`` (CUDA only): with ``torch.cuda.set_sync_debug_mode("warn")``, the
@@ -186,8 +192,9 @@ def restore_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.d
 
 def fit(model: str, device: str, data: WithIds, batch: int, epochs: int | None = None, steps: int | None = None,
         tracker: dict[str, Any] | None = None, log_dir: Path | None = None, callbacks: list[Callback] = (),
-        deterministic: bool = True, seed: int = 0) -> tuple[MLP, float]:
-    """Train ``model`` with a real ``lightning.Trainer``; returns the module and the fit's wall time."""
+        deterministic: bool = True, seed: int = 0, precision: str = "32-true") -> tuple[MLP, float]:
+    """Train ``model`` with a real ``lightning.Trainer`` (``precision``: the Trainer's); returns the module and the
+    fit's wall time."""
     pl.seed_everything(seed, verbose=False)
     module = make_module(model)
     loader = DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
@@ -196,7 +203,8 @@ def fit(model: str, device: str, data: WithIds, batch: int, epochs: int | None =
         cbs.append(InfluenceTracker(str(log_dir), overwrite=True, **tracker))
     trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=epochs or -1,
                          max_steps=steps or -1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, deterministic="warn" if deterministic else None, callbacks=cbs)
+                         enable_model_summary=False, deterministic="warn" if deterministic else None, callbacks=cbs,
+                         precision=precision)
     _sync(device)
     t0 = time.perf_counter()
     trainer.fit(module, loader)
@@ -404,22 +412,98 @@ def _query(val: list[torch.Tensor], device: str) -> Callable[[nn.Module], torch.
     return eval_mode(mean_loss([t.to(device) for t in val]))
 
 
+def _replay_drift(log: InfluenceLog, module: nn.Module, data: WithIds) -> tuple[float, int]:
+    """Replay the whole log with ``module`` (where it is) without re-anchoring checks; the largest drift from a stored
+    checkpoint (relative to the tensor's max) and its step. Every step is a checkpoint here: the drift of one step."""
+    worst, where = 0.0, 0
+    ckpts = set(log.checkpoint_steps)
+    for rs in replay(log, module, data, verify=False):
+        if rs.step in ckpts and rs.step > 0:
+            ref = log.checkpoint(rs.step)
+            d = max(float(np.abs(rs.params[n].detach().cpu().numpy() - ref[n]).max() / max(np.abs(ref[n]).max(), 1e-30))
+                    for n in ref)
+            if d > worst:
+                worst, where = d, rs.step
+    return worst, where
+
+
 def check_replay(ctx: Context, model: str) -> str:
     log, module, _ = _estimator_setup(ctx, model)
-    worst, where = 0.0, 0
     with log:
-        ckpts = set(log.checkpoint_steps)
-        for rs in replay(log, module, ctx.data[model], verify=False):
-            if rs.step in ckpts and rs.step > 0:
-                ref = log.checkpoint(rs.step)
-                d = max(float(np.abs(rs.params[n].detach().cpu().numpy() - ref[n]).max() / max(np.abs(ref[n]).max(), 1e-30))
-                        for n in ref)
-                if d > worst:
-                    worst, where = d, rs.step
+        worst, where = _replay_drift(log, module, ctx.data[model])
         T = log.num_steps
     detail = f"{T} steps replayed on {ctx.device}; largest drift from a stored checkpoint {worst:.1e}" + (f" (step {where})" if where else "")
     if worst > 1e-4:
         raise CheckFailed(detail + " (tolerance 1e-4 relative to the tensor's max)")
+    return detail
+
+
+def check_replay_cpu(ctx: Context, model: str) -> str:
+    """The device's log replayed on the CPU (another machine's kernels): every step's drift from the stored θ_t (a
+    checkpoint at every step), within 1e-4 relative to the tensor's max; ``--device cpu``: the CPU against itself."""
+    log, module, _ = _estimator_setup(ctx, model)
+    with log:
+        worst, where = _replay_drift(log, module.to("cpu"), ctx.data[model])
+        T = log.num_steps
+    detail = (f"{T} steps of the {ctx.device} log replayed on the CPU; largest one-step drift from a stored checkpoint "
+              f"{worst:.1e}" + (f" (step {where})" if where else ""))
+    if not worst <= 1e-4:
+        raise CheckFailed(detail + " (tolerance 1e-4 relative to the tensor's max)")
+    return detail
+
+
+MIXED = {"bf16": ("bf16-mixed", "bfloat16"), "fp16": ("16-mixed", "float16")}
+
+
+def check_mixed(ctx: Context, name: str) -> str:
+    """The tracker under autocast (``bf16-mixed``; ``16-mixed``: float16 with a GradScaler, CUDA only): the log records
+    the precision (and the GradScaler's factor every step), the first step's applied-gradient check ran within its
+    tolerance, losses are training_step's, rows finite, training is bit-identical with and without the tracker, and
+    replay on the device reproduces every checkpoint; replay of the same log on the CPU is measured (autocast's
+    kernels differ there: reported, not failed)."""
+    precision, dtype = MIXED[name]
+    if name == "fp16" and ctx.device != "cuda":
+        raise Skip("16-mixed (float16 autocast, GradScaler) is CUDA only: on the CPU Lightning runs bf16-mixed instead")
+    model, probe, log_dir = "mlp", Probe(), ctx.work / f"log-mixed-{name}"
+    tracked, _ = fit(model, ctx.device, ctx.data[model], ctx.batch, epochs=ctx.epochs, tracker=FULL, log_dir=log_dir,
+                     callbacks=[probe, *ctx.fault], precision=precision)
+    plain, _ = fit(model, ctx.device, ctx.data[model], ctx.batch, epochs=ctx.epochs, precision=precision)
+    a, b = params_of(tracked), params_of(plain)
+    differ = [n for n in a if not torch.equal(a[n], b[n])]
+    if differ:
+        raise CheckFailed(f"the tracker changes training under {precision}: {differ[:3]} differ")
+    with InfluenceLog(log_dir) as log:
+        p = log.meta.get("precision") or {}
+        want = {"name": precision, "autocast_device": ctx.device, "autocast_dtype": dtype, "grad_scaler": name == "fp16"}
+        if {k: p.get(k) for k in want} != want:
+            raise CheckFailed(f"meta precision {p}, expected {want}")
+        applied = log.meta.get("applied_gradient_check") or {}
+        if not applied.get("checked"):
+            raise CheckFailed(f"the first step's applied-gradient check did not run: {applied}")
+        T, skipped, worst_loss = log.num_steps, [], 0.0
+        for rec in log.iter_steps(0, T, fields=("loss", "grad", "hvp")):
+            if log.skipped(rec.step):
+                skipped.append(rec.step)
+                continue
+            if not all(np.isfinite(r).all() for r in (rec.losses, rec.grads, rec.hvps)):
+                raise CheckFailed(f"step {rec.step}: non-finite rows in a step the GradScaler did not skip")
+            worst_loss = max(worst_loss, abs(rec.losses.mean() - probe.loss[rec.step]) / abs(probe.loss[rec.step]))
+            scale = log.grad_scale(rec.step)
+            if (name == "fp16") != (scale is not None and np.isfinite(scale) and scale > 0):
+                raise CheckFailed(f"step {rec.step}: GradScaler factor {scale} logged under {precision}")
+        if worst_loss > 1e-3:
+            raise CheckFailed(f"mean of the logged per-sample losses differs from training_step's loss by {worst_loss:.1e}")
+        module = make_module(model).to(ctx.device)
+        drift, where = _replay_drift(log, module, ctx.data[model])
+        detail = (f"{T} steps ({len(skipped)} skipped by the GradScaler), applied gradient vs rows "
+                  f"{applied['relative_difference']:.1e} (tolerance {applied['tolerance']:.1e}), losses match to "
+                  f"{worst_loss:.1e}, bit-identical to training without the tracker; replay on {ctx.device}: drift "
+                  f"{drift:.1e}")
+        if drift > 1e-4:
+            raise CheckFailed(detail + f" at step {where} (tolerance 1e-4)")
+        if ctx.device != "cpu":
+            cpu_drift, _ = _replay_drift(log, module.to("cpu"), ctx.data[model])
+            detail += f"; on the CPU (no {dtype} autocast of CUDA kernels there): {cpu_drift:.1e}, reported"
     return detail
 
 
@@ -582,8 +666,11 @@ def main(argv: list[str] | None = None) -> int:
             run(f"bit_identical[{model}]", check_bit_identical, ctx, model, results=results, only=args.only)
             run(f"grad_rows[{model}]", check_grad_rows, ctx, model, results=results, only=args.only)
             run(f"hvp_rows[{model}]", check_hvp_rows, ctx, model, results=results, only=args.only)
+        for name in MIXED:
+            run(f"mixed[{name}]", check_mixed, ctx, name, results=results, only=args.only)
         for model in ("mlp-nodrop", "mlp"):
             run(f"replay[{model}]", check_replay, ctx, model, results=results, only=args.only)
+            run(f"replay_cpu[{model}]", check_replay_cpu, ctx, model, results=results, only=args.only)
             run(f"tracin[{model}]", check_tracin, ctx, model, results=results, only=args.only)
             run(f"dit[{model}]", check_dit, ctx, model, results=results, only=args.only)
             run(f"dit_fd[{model}]", check_dit_fd, ctx, model, results=results, only=args.only)

@@ -56,8 +56,9 @@ from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 from lightning_influence.tracker_checks import (UpdateWatch, check_applied_gradient, check_arguments, check_batchnorm,
                                                 check_distinct_ids, check_fit, check_first_batch, check_losses,
-                                                check_materialized, check_optimizers, check_training_set, generators_kept,
-                                                no_stop_iteration, trainer_precision)
+                                                check_materialized, check_optimizers, check_ranks_distinct,
+                                                check_training_set, generators_kept, no_stop_iteration, synced_batchnorm,
+                                                trainer_precision)
 from lightning_influence.tracker_final import FinalCheckpoint, store_missing_final
 from lightning_influence.tracker_inflight import IN_FLIGHT, InFlight
 from lightning_influence.tracker_dev_run import DevRun
@@ -399,7 +400,8 @@ class InfluenceTracker(Callback):
             self._checked_batchnorm = True
             train_bn = self._check_batchnorm(pl_module)
             if train_bn:  # replay must run them in train mode (step.micro.MicroBatch.train)
-                self._settle({"train_batchnorm": train_bn})
+                synced = synced_batchnorm(pl_module, train_bn, self._world_size)  # across processes: not reproducible
+                self._settle({"train_batchnorm": train_bn, **({"sync_batchnorm": synced} if synced else {})})
         # the ids' values are checked with the step's, when it is handed to the writer (_land): at once at a fit's
         # first step, a few steps at a time after it (device ids: once on the host)
         ids = extract_ids(batch, self.ids_key, self.ids_fn, checked=False, with_ids=self._with_ids)
@@ -521,6 +523,8 @@ class InfluenceTracker(Callback):
         record, rows, grad_dir, grad_norms = assemble(trainer, step, optimizer, pending, self._step_model, pl_module,
                                                       self.record_losses, self.record_hvp, self._scaler, self._world_size)
         record.skipped = record.skipped or no_op
+        if self._world_size > 1 and step == self._fit_start:  # every process here at once: the fit's first step
+            check_ranks_distinct(step, rows["ids"], trainer.strategy.all_gather)
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
             rows["grads"], record.grad_outer = step_rows(pending.micro)

@@ -374,6 +374,14 @@ def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: Ba
     """The inputs of step ``t`` as Lightning ran them: its micro-batches (stored inputs, else ``train_data`` by
     id, cast by the precision plugin as in training) with their random states, the run's autocast, the GradScaler factor and skip (``docs/log-format.md``).
     With ``shard``, only that process's rows (:meth:`BatchShard.rows`; ``Step.rows`` says which)."""
+    synced = log.meta.get("sync_batchnorm")
+    if synced:
+        raise ValueError(
+            f"{log.path}: the run normalised with SyncBatchNorm in train mode ({', '.join(synced['layers'][:3])}) over "
+            f"its {synced['world_size']} processes: each forward's batch statistics came from every process's samples, "
+            "which re-running a step's forwards (replay, DIT, Diff-In, replay leave-one-out) cannot reproduce. "
+            "TracIn and Gauss-Newton DIT read only the logged rows; for the others retrain with per-process BatchNorm "
+            "(Trainer(sync_batchnorm=False)), BatchNorm in eval mode, or GroupNorm/LayerNorm")
     records = log.micro_batches(t)
     randoms = [RandomState(m.cpu_rng, m.cuda_rng if m.cuda_rng is not None else NONE.cuda) for m in records]
     train = bool(log.meta.get("train_batchnorm"))

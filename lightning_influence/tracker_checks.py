@@ -32,8 +32,8 @@ from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, UpdateRule, check_optimizer
 from lightning_influence.step.precision import Precision
 
-__all__ = ["GradientMismatchError", "UpdateWatch", "applied_tolerance", "check_applied_gradient", "check_arguments", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_fit", "check_losses",
-           "check_optimizers", "check_training_set", "generators_kept", "trainer_precision"]
+__all__ = ["GradientMismatchError", "UpdateWatch", "applied_tolerance", "check_applied_gradient", "check_arguments", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_ranks_distinct", "check_fit", "check_losses",
+           "check_optimizers", "check_training_set", "generators_kept", "synced_batchnorm", "trainer_precision"]
 
 
 STORAGE_DTYPES = ("float16", "float32", "float64")
@@ -324,12 +324,31 @@ def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: Sequen
                 f"sample at a time, and no hook covers the tracked parameters {list(vmap_gradients)[:5]}: leave them "
                 "out (exclude_params=[...] or params=[...]; hooks cover Linear, Conv, Embedding, the norm layers, "
                 "BatchNorm and MultiheadAttention parameters)")
+        if not allow_train and isinstance(mod, nn.SyncBatchNorm):
+            raise RuntimeError(
+                f"SyncBatchNorm layer '{name}' is in train mode (Trainer(sync_batchnorm=True) or "
+                "nn.SyncBatchNorm.convert_sync_batchnorm): its batch statistics are taken over the samples of every "
+                "process, so a sample's loss and gradient depend on the other processes' samples. Put it in eval mode "
+                "during training (e.g. in on_train_epoch_start), replace it (GroupNorm/LayerNorm), train with "
+                "per-process BatchNorm (Trainer(sync_batchnorm=False) and allow_train_batchnorm=True: replay "
+                "reproduces each process's statistics), or pass allow_train_batchnorm=True to record it anyway: the "
+                "log then says so, and replay, DIT and Diff-In refuse it (they cannot recompute statistics across "
+                "processes); TracIn and Gauss-Newton DIT read only the logged rows")
         if not allow_train:
             raise RuntimeError(
                 f"BatchNorm layer '{name}' is in train mode: its output mixes the samples of a batch, so per-sample "
                 "losses and gradients are ill-defined. Put it in eval mode during training (e.g. in "
                 "on_train_epoch_start), replace it (GroupNorm/LayerNorm), or pass allow_train_batchnorm=True")
     return names
+
+
+def synced_batchnorm(module: nn.Module, train_bn: Sequence[str], world_size: int) -> dict[str, Any] | None:
+    """``meta.h5``'s ``sync_batchnorm`` entry where some of the train-mode BatchNorm layers ``train_bn`` are
+    ``nn.SyncBatchNorm`` in a fit of several processes (their statistics over every process's samples, which a
+    step's re-evaluation, one process's micro-batch at a time, cannot reproduce: ``replay.load_step`` refuses the
+    log); ``None`` otherwise (one process: SyncBatchNorm normalises as BatchNorm)."""
+    synced = [n for n in train_bn if isinstance(module.get_submodule(n), nn.SyncBatchNorm)]
+    return {"layers": synced, "world_size": int(world_size)} if synced and world_size > 1 else None
 
 
 def no_stop_iteration(hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -416,6 +435,31 @@ def check_distinct_ids(step: int, seen: Sequence[torch.Tensor], ids: torch.Tenso
     """A sample may appear in only one micro-batch of an optimizer step (host ids; device ids are checked later)."""
     if seen and ids.device.type == "cpu" and len(torch.unique(torch.cat([*seen, ids]))) != sum(len(s) for s in seen) + len(ids):
         raise ValueError(f"step {step}: the same sample id appears in two micro-batches of one optimizer step")
+
+
+def check_ranks_distinct(step: int, ids: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Under DDP, at the fit's first step: no sample is in the batches of two processes (``all_gather``: the
+    strategy's, a collective every process calls at this step; ``ids``: this process's ids of the step). A sampler
+    that does not split the data by rank makes every process train on the same batches, each sample counted once per
+    process in the averaged gradient; the log would hold it several times a step, which it counts once
+    (:func:`check_distinct_ids`). Two ``all_gather`` calls of a few integers, once per fit."""
+    sizes = all_gather(torch.tensor([len(ids)], device=ids.device)).reshape(-1)
+    longest = int(sizes.max())
+    padded = torch.full((longest,), -1, dtype=torch.int64, device=ids.device)
+    padded[:len(ids)] = ids.to(torch.int64)
+    every = all_gather(padded).reshape(-1).cpu()
+    every = every[every >= 0]
+    values, counts = torch.unique(every, return_counts=True)
+    if bool((counts > 1).any()):
+        twice = values[counts > 1].tolist()
+        raise ValueError(
+            f"InfluenceTracker: at step {step} the samples {twice[:5]}{' ...' if len(twice) > 5 else ''} are in the "
+            f"batches of more than one process ({len(twice)} of {len(values)}): the processes do not train on "
+            "disjoint parts of the data (a sampler, batch_sampler or IterableDataset that does not split it by rank), "
+            "so each such sample counts once per process in the averaged gradient, which the log (one row per sample "
+            "and step) cannot say. Split the data by rank (Lightning's default DistributedSampler, "
+            "use_distributed_sampler=True, or your sampler sharding by trainer.global_rank); with a dataset smaller "
+            "than the processes' batch, DistributedSampler pads it with repeated samples: use fewer processes")
 
 
 def check_losses(out: Any, n: int, name: str) -> None:

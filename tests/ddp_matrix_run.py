@@ -8,8 +8,8 @@ when the batch holds a flagged sample, ``FLAGGED``: the hooks' first-step check 
 that sees one), ``ckpt_dir`` (a Lightning checkpoint every ``ckpt_every`` steps), ``resume_from``, ``kill`` (``[rank,
 step]``: that process is killed by SIGKILL when it starts that step), ``precision`` (the Trainer's), ``float32`` (a float32
 model and data: autocast leaves float64 alone), ``tamper`` (``"clip"``: a callback listed
-before the tracker clips the gradients in its ``on_before_optimizer_step``), ``sync_batchnorm`` (a BatchNorm layer,
-``Trainer(sync_batchnorm=True)``; ``allow_train_batchnorm`` the tracker's opt-in).
+before the tracker clips the gradients in its ``on_before_optimizer_step``), ``unsharded`` (every process takes the
+whole global batches: a sampler that does not split the data by rank).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def fit(cfg: dict) -> None:
             return out
 
         def train_dataloader(self):
+            if cfg.get("unsharded"):  # every process the whole global batches (a sampler not split by rank)
+                return DataLoader(ds, batch_sampler=GlobalOrder(None))
             return DataLoader(ds, batch_sampler=GlobalOrder(self.global_rank if mode == "ddp" else None))
 
         def configure_optimizers(self):
@@ -71,14 +73,13 @@ def fit(cfg: dict) -> None:
             torch.nn.utils.clip_grad_norm_(pl_module.parameters(), 0.01)
 
     torch.manual_seed(0)
-    module = Module(batchnorm=bool(cfg.get("sync_batchnorm")))
+    module = Module()
     module = module if float32 else module.double()
     record = cfg.get("record", "gradients")
     tracker = InfluenceTracker(cfg["log_dir"], record_gradients=record in ("gradients", "hvp"),
                                record_hvp=record == "hvp", checkpoint_every_n_steps=cfg.get("checkpoint_every", 1),
                                storage_dtype="float64", flush_every_n_steps=cfg.get("flush_every", 3),
-                               gradient_engine=cfg.get("engine", "auto"),
-                               allow_train_batchnorm=bool(cfg.get("allow_train_batchnorm")))
+                               gradient_engine=cfg.get("engine", "auto"))
     callbacks: list = [Clip(), tracker] if cfg.get("tamper") == "clip" else [tracker]
     if cfg.get("ckpt_dir"):
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -93,7 +94,7 @@ def fit(cfg: dict) -> None:
                          use_distributed_sampler=False, logger=False, enable_checkpointing=bool(cfg.get("ckpt_dir")),
                          enable_progress_bar=False, enable_model_summary=False, deterministic=True, callbacks=callbacks,
                          accumulate_grad_batches=cfg.get("accumulate", 1), gradient_clip_val=cfg.get("clip"),
-                         precision=cfg.get("precision", "32-true"), sync_batchnorm=bool(cfg.get("sync_batchnorm")))
+                         precision=cfg.get("precision", "32-true"))
     trainer.fit(module, ckpt_path=cfg.get("resume_from"))
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Every check passes on the CPU (the dropout ones since the random state is recorded and replayed); no_sync is CUDA only.
+# Every check passes on the CPU (the dropout ones since the random state is recorded and replayed); no_sync and
+# mixed[fp16] (float16 autocast with a GradScaler) are CUDA only.
 
 def _run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "gpu_check.json"
@@ -27,7 +28,8 @@ def test_dry_run_reports_every_check(tmp_path: Path) -> None:
     status = {c["check"]: c["status"] for c in res["checks"]}
     lines = [ln for ln in proc.stdout.splitlines() if ln.split(" ")[0] in ("PASS", "FAIL", "SKIP")]
     assert len(lines) == len(status) >= 18  # one line per check, every check reported
-    assert status.pop("no_sync[mlp]") == "SKIP"  # CUDA only
+    assert status.pop("no_sync[mlp]") == "SKIP" and status.pop("mixed[fp16]") == "SKIP"  # CUDA only
+    assert {"mixed[bf16]", "replay_cpu[mlp]", "replay_cpu[mlp-nodrop]"} <= set(status)  # autocast, cpu-vs-device replay
     assert [c for c, st in status.items() if st != "PASS"] == [], proc.stdout
     assert proc.returncode == 0
     from benchmarks.overhead import LEVELS

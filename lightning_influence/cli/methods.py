@@ -159,6 +159,9 @@ def unmet_needs(name: str, log: Any, hvp: str | None = None) -> list[str]:
         used = str((spec[0] if isinstance(spec, list) and spec else spec).get("class", "?")).rpartition(".")[2]
         if used not in method.optimizers:
             needs.append(f"optimizer {'/'.join(method.optimizers)}, not {used}")
+    if method.needs == "model+data" and log.meta.get("sync_batchnorm"):  # replay.load_step refuses the log
+        needs.append("a run without SyncBatchNorm in train mode across processes (its batch statistics cannot be "
+                     "recomputed)")
     if "gradients" in method.records and (log.meta.get("gradient_clipping") or {}).get("algorithm") == "value" \
             and rows_are_projected(log):
         needs.append("unprojected gradient rows of every parameter (the run clipped by value; projection_dim=None)")
