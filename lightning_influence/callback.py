@@ -38,6 +38,7 @@ from lightning_influence.data import IdsFn, batch_size_of, check_ids, extract_id
 from lightning_influence.log.inputs import encode_batch
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.outer import OuterColumns, dense_rows
+from lightning_influence.log.resume import with_fit_record
 from lightning_influence.log.writer import SEGMENT_BYTES, CheckpointRecord, LogWriter, StepRecord
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import changed_buffers, cloned, persistent_buffers, trainable_copies
@@ -382,9 +383,11 @@ class InfluenceTracker(TrackerLifecycle):
             if not self._applied_checked:  # once per fit (under DDP a collective: every process is at this step)
                 self._applied_checked = True
                 reduce = None if self._world_size == 1 else functools.partial(trainer.strategy.reduce, reduce_op="sum")
-                self._settle({"applied_gradient_check": check_applied_gradient(
-                    step, dense_rows(rows["grads"], record.grad_outer), record.weights, self._projector.project,
-                    pl_module, self._names, self._precision, reduce)})
+                found = check_applied_gradient(step, dense_rows(rows["grads"], record.grad_outer), record.weights,
+                                               self._projector.project, pl_module, self._names, self._precision, reduce)
+                if self._global_zero:  # this fit's finding (a resumed fit's in its resumes entry)
+                    self._writer.amend_meta(functools.partial(with_fit_record, values={"applied_gradient_check": found},
+                                                              resumed=self._continued))
             if self.record_hvp:
                 rows["hvps"], rows["hvp_eps"] = self._passes.hvp_products(pl_module, [m.micro for m in pending.micro],
                                                                            rows["grads"], grad_dir, grad_norms)

@@ -68,9 +68,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             load_frozen(root, meta.get("frozen"))
         except Exception as err:  # noqa: BLE001 - a missing or unreadable file is the problem reported
             problems.append(f"frozen parameters: {err}")
-    applied = _applied_check(meta.get("applied_gradient_check"), int(meta.get("world_size") or 1))
-    if applied:
-        notes.append(applied)
+    fits = [meta, *(meta.get("resumes") or [])]  # each fit's own first-step check (a resumed fit's in its entry)
+    notes += [text for text in (_applied_check(f.get("applied_gradient_check"), int(meta.get("world_size") or 1))
+                                for f in fits) if text]
     groups = meta.get("optimizer", {}).get("param_groups", [])
     proj_dim = (meta.get("projection") or {}).get("dim")
     cols = log.projector().out_dim if meta.get("tracked_params") else 0

@@ -125,6 +125,16 @@ def with_settled(log_meta: Mapping[str, Any], values: Mapping[str, Any], resumed
     return {**log_meta, "resumes": [*before, {**last, "changed": changed}]}
 
 
+def with_fit_record(log_meta: Mapping[str, Any], values: Mapping[str, Any], resumed: bool) -> dict[str, Any]:
+    """``log_meta`` with ``values`` that describe what one fit found (the first step's applied-gradient check), not
+    settings: a fit that started the log sets them top level; a resumed fit's go into its own ``resumes`` entry (not
+    its ``changed``: the log's values are another fit's findings, which this one does not change)."""
+    if not resumed:
+        return {**log_meta, **values}
+    *before, last = log_meta["resumes"]
+    return {**log_meta, "resumes": [*before, {**last, **values}]}
+
+
 def log_exists(log_dir: str) -> bool:
     """``log_dir`` holds an influence log (its ``meta.h5``)."""
     return (Path(log_dir) / META_FILE).exists()
