@@ -50,7 +50,8 @@ from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 from lightning_influence.tracker_checks import (UpdateWatch, check_applied_gradient, check_arguments, check_batchnorm,
                                                 check_distinct_ids, check_first_batch, check_losses,
-                                                check_ranks_distinct, no_stop_iteration, synced_batchnorm)
+                                                check_ranks_distinct, demoted_columns, no_stop_iteration,
+                                                synced_batchnorm)
 from lightning_influence.tracker_final import FinalCheckpoint
 from lightning_influence.tracker_inflight import IN_FLIGHT, InFlight
 from lightning_influence.tracker_dev_run import DevRun
@@ -383,8 +384,11 @@ class InfluenceTracker(TrackerLifecycle):
             if not self._applied_checked:  # once per fit (under DDP a collective: every process is at this step)
                 self._applied_checked = True
                 reduce = None if self._world_size == 1 else functools.partial(trainer.strategy.reduce, reduce_op="sum")
+                left_out = demoted_columns(self._projector, self._capture.demoted if self._capture else (), pl_module,
+                                           self._names)
                 found = check_applied_gradient(step, dense_rows(rows["grads"], record.grad_outer), record.weights,
-                                               self._projector.project, pl_module, self._names, self._precision, reduce)
+                                               self._projector.project, pl_module, self._names, self._precision, reduce,
+                                               left_out)
                 if self._global_zero:  # this fit's finding (a resumed fit's in its resumes entry)
                     self._writer.amend_meta(functools.partial(with_fit_record, values={"applied_gradient_check": found},
                                                               resumed=self._continued))

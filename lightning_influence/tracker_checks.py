@@ -32,7 +32,7 @@ from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, UpdateRule, check_optimizer
 from lightning_influence.step.precision import Precision
 
-__all__ = ["GradientMismatchError", "UpdateWatch", "applied_tolerance", "check_applied_gradient", "check_arguments", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_ranks_distinct", "check_fit", "check_losses",
+__all__ = ["GradientMismatchError", "UpdateWatch", "applied_tolerance", "check_applied_gradient", "check_arguments", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_ranks_distinct", "demoted_columns", "check_fit", "check_losses",
            "check_optimizers", "check_training_set", "generators_kept", "synced_batchnorm", "trainer_precision"]
 
 
@@ -232,7 +232,8 @@ class GradientMismatchError(RuntimeError):
 
 def check_applied_gradient(step: int, rows: torch.Tensor, weights: Any, project: Any, module: nn.Module,
                            names: Sequence[str], precision: Precision,
-                           reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+                           reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                           left_out: dict[str, Sequence[slice]] | None = None) -> dict[str, Any]:
     """At the fit's first step with gradient rows: the gradient at the tracker's ``on_before_optimizer_step`` (what the
     optimizer will receive, before Lightning's clipping) projected as the rows are (``project``: the tracker's
     projector's ``project``) must be ``Σ_i w_i g_i`` of the step's rows (``weights``: ``step.weights``). Anything that
@@ -244,8 +245,11 @@ def check_applied_gradient(step: int, rows: torch.Tensor, weights: Any, project:
     ``Σ_i w_i g_i`` over its own rows is summed, as DDP averaged the gradients (the weights hold the ``1/world_size``).
     Under autocast the rows and the applied gradient are each rounded in the autocast dtype: the tolerance follows it
     (:func:`applied_tolerance`). With train-mode BatchNorm the rows are not parts of the applied gradient (its batch
-    statistics couple the samples): not checked. Returns the check's entry for ``meta.h5`` (``checks``): what was
-    compared and how far apart, or why it was not checked, so no reader takes an unchecked log for a checked one."""
+    statistics couple the samples): not checked. ``left_out``: the columns (by tensor name) of tensors the hook
+    engine demoted (its first-step check found their hooked row differs from autograd on the sample alone: a loss that
+    mixes the samples, whose rows ``vmap`` then computes on each sample alone, so they are not parts of the applied
+    gradient either): left out of the comparison, named in the entry. Returns the check's entry for ``meta.h5``: what
+    was compared and how far apart, or why it was not checked, so no reader takes an unchecked log for a checked one."""
     train_bn = check_batchnorm(module, True, False, refuse=False)
     if train_bn:
         return {"step": step, "checked": False,
@@ -258,6 +262,14 @@ def check_applied_gradient(step: int, rows: torch.Tensor, weights: Any, project:
     summed = torch.tensor(np.asarray(weights, dtype=np.float64), device=rows.device) @ rows.double()  # a copy: the weights are read-only
     if reduce is not None:  # every process's share of the averaged gradient
         summed = reduce(summed)
+    left_out = left_out or {}
+    for cols in (c for slices in left_out.values() for c in slices):
+        applied[cols] = summed[cols] = 0
+    excluded = {"left_out": sorted(left_out)} if left_out else {}
+    if left_out and not bool(applied.any()) and not bool(summed.any()):
+        return {"step": step, "checked": False, **excluded,
+                "why": "every tracked tensor's rows come from vmap on each sample alone after the hooks' check found "
+                       "a loss that mixes the samples of a batch: they are not parts of the applied gradient"}
     scale = max(float(applied.norm()), float(summed.norm()), 1e-30)
     diff = float((applied - summed).norm()) / scale
     dtype = next((live[n].dtype for n in names if live[n].is_floating_point()), torch.float32)
@@ -270,7 +282,17 @@ def check_applied_gradient(step: int, rows: torch.Tensor, weights: Any, project:
             "the tracker that clips them or adds noise, a gradient hook on a parameter, Tensor.register_hook), so "
             "replay and the estimators could not reproduce the step. Clip through Trainer(gradient_clip_val=...) and "
             "remove the change. Nothing of this step was stored.")
-    return {"step": step, "checked": True, "relative_difference": diff, "tolerance": tolerance}
+    return {"step": step, "checked": True, "relative_difference": diff, "tolerance": tolerance, **excluded}
+
+
+def demoted_columns(projector: Any, demoted: Sequence[str], module: nn.Module, names: Sequence[str]
+                    ) -> dict[str, list[slice]]:
+    """The columns (by tensor) :func:`check_applied_gradient` leaves out: those of the tensors the hook engine demoted
+    (``demoted``; a loss that mixes the samples, whose ``vmap`` rows are not parts of its gradient), except a block
+    holding a parameter with a ``Tensor.register_hook`` (which explains the demotion: its columns show the change)."""
+    live = dict(module.named_parameters())
+    hooked = {projector.block_of[n] for n in names if getattr(live[n], "_backward_hooks", None)}
+    return {n: [projector.slices[projector.block_of[n]]] for n in demoted if projector.block_of[n] not in hooked}
 
 
 def applied_tolerance(dtype: torch.dtype, precision: Precision) -> float:

@@ -30,19 +30,40 @@ def ok_fit(**cfg) -> None:
 def test_processes_agree_on_the_tensors_the_hooks_demote(tmp_path):
     """The logits mix the samples of a batch holding a flagged sample: rank 1's first batch holds one, so its first-step
     check against autograd demotes every tensor; rank 0's first batch holds none, its second does. Every process
-    takes the union at the first step: meta.h5 says vmap from step 0, and every rank's rows equal those of the same
-    fit with gradient_engine='vmap' (rank 0 kept the hooks, its step-1 rows 20-46% off, and meta.h5 said 'hooks')."""
+    takes the union at the first step: meta.h5 says vmap from step 0, and every rank's rows equal autograd's gradient
+    of each sample's loss alone at the logged θ_t, as vmap computes it (rank 0 kept the hooks, its step-1 rows 20-46%
+    off, and meta.h5 said 'hooks'). (The reference was the same fit with gradient_engine='vmap', which the first
+    step's applied-gradient check now refuses under DDP as on one process: rows of each sample alone do not sum to
+    the gradient of a loss that mixes the samples.)"""
+    import torch
+
+    from conftest import TinyClassifier
+    from lightning_influence.capture import call_with_params
+
     ok_fit(log_dir=str(tmp_path / "auto"), model="flagmix")
-    ok_fit(log_dir=str(tmp_path / "vmap"), model="flagmix", engine="vmap")
-    auto, ref = InfluenceLog(tmp_path / "auto"), InfluenceLog(tmp_path / "vmap")
+    auto = InfluenceLog(tmp_path / "auto")
     names = ["net.0.weight", "net.0.bias", "net.3.weight", "net.3.bias"]
     assert auto.meta["gradient_engine"] == "vmap" and auto.meta["gradient_engines"] == dict.fromkeys(names, "vmap")
     assert auto.meta["demoted"] == dict.fromkeys(names, 0)
+    # their vmap rows (each sample alone) are not parts of a batch gradient that mixes samples: the first step's
+    # applied-gradient check leaves them out (it refused the run, blaming a gradient change, before)
+    check = auto.meta["applied_gradient_check"]
+    assert not check["checked"] and check["left_out"] == sorted(names) and "mixes the samples" in check["why"]
+
+    class FlagMix(TinyClassifier):  # ddp_matrix_run's model="flagmix"
+        def forward(self, x):
+            out = self.net(x)
+            return out + 0.5 * x[:, -1].amax() * out.mean(0, keepdim=True)
+
+    module, (x, y), proj = FlagMix().double(), _data().tensors, auto.projector()
     steps = 0
-    for a, b in zip(auto.iter_steps(fields=("loss", "grad")), ref.iter_steps(fields=("loss", "grad")), strict=True):
-        assert a.ids.tolist() == b.ids.tolist()
-        np.testing.assert_array_equal(a.losses, b.losses)
-        np.testing.assert_allclose(a.grads, b.grads, rtol=1e-12, atol=1e-15)
+    for rec in auto.iter_steps(fields=("loss", "grad")):
+        theta = {n: torch.from_numpy(v).requires_grad_(True) for n, v in auto.checkpoint(rec.step).items()}
+        for i, row in zip(rec.ids.tolist(), rec.grads):
+            loss = call_with_params(module, lambda m, b: m.per_sample_loss(b), theta, (x[i:i + 1], y[i:i + 1]))[0]
+            grads = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
+            want = proj.project({n: grads[n][None] for n in auto.param_names})[0].numpy()
+            np.testing.assert_allclose(row, want, rtol=1e-10, atol=1e-14)
         steps += 1
     assert steps == auto.num_steps == 8
 

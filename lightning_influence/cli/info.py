@@ -157,8 +157,9 @@ def _applied_check(entry: dict[str, Any] | None, world: int) -> str | None:
     if not entry.get("checked"):
         return f"the applied gradient was NOT checked against the rows ({entry.get('why')})"
     over = f" over the {world} processes" if world > 1 else ""
+    left = f"; columns of {', '.join(entry['left_out'][:3])} left out (demoted)" if entry.get("left_out") else ""
     return (f"applied gradient = the rows' weighted sum{over} at step {entry['step']} (relative difference "
-            f"{entry['relative_difference']:.1e}, tolerance {entry['tolerance']:.1e})")
+            f"{entry['relative_difference']:.1e}, tolerance {entry['tolerance']:.1e}{left})")
 
 
 def _describe_resumes(first: int, resumes: list[dict[str, Any]]) -> str:
