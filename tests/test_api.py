@@ -99,20 +99,32 @@ def test_top_gives_ids_scores_and_labels():
 def test_rows_csv_and_json_tables():
     s = _scores().with_labels([(None, 7, 0), (None, 8, 1), (None, 9, 2), (None, 1, 3)])  # a dataset's (x, y, id) items
     rows = s.rows()
-    assert rows[2] == {"id": 2, "label": 9, "score[a]": 0.25, "rank[a]": 3, "score[b]": -3.0, "rank[b]": 1}
+    assert len(rows) == 8  # one per query and rank, most harmful (most negative) first
+    assert rows[4] == {"method": "demo", "query": "b", "window": "0:4", "t1": 0, "t2": 4, "rank": 1, "id": 2,
+                       "score": -3.0, "label": 9}
+    assert [r["id"] for r in rows[:4]] == [1, 3, 2, 0] and [r["rank"] for r in rows[:4]] == [1, 2, 3, 4]
     parsed = list(csv.DictReader(io.StringIO(s.to_csv())))
-    assert [int(r["rank[a]"]) for r in parsed] == [4, 1, 3, 2]
-    assert [float(r["score[b]"]) for r in parsed] == [1.0, 0.0, -3.0, 2.0]  # repr: exact round trip
+    assert list(parsed[0]) == ["method", "query", "window", "t1", "t2", "rank", "id", "score", "label"]
+    assert [float(r["score"]) for r in parsed[4:]] == [-3.0, 0.0, 1.0, 2.0]  # repr: exact round trip
+    assert [r["rank"] for r in s.rows(sort="abs", top=2)] == [1, 2, 1, 2]
+    assert [r["id"] for r in s.rows(sort="abs", top=2)] == [1, 3, 2, 3]
     data = json.loads(s.to_json())
-    assert data["method"] == "demo" and data["rows"][1]["score[a]"] == -2.0
+    assert data["method"] == "demo" and data["rows"][0]["score"] == -2.0
     single = InfluenceScores(np.array([3.0, -1.0]), "m", (0, 1), ["val"])
-    assert single.rows() == [{"id": 0, "score": 3.0, "rank": 2}, {"id": 1, "score": -1.0, "rank": 1}]
+    assert [(r["id"], r["score"], r["rank"], r["label"]) for r in single.rows()] == [(1, -1.0, 1, None), (0, 3.0, 2, None)]
+    assert single.to_csv().splitlines()[1] == "m,val,0:1,0,1,1,1,-1.0,"  # an unknown label: an empty cell
+    marked = single.with_labels([4, 5], flipped=[1])
+    assert [r["flipped"] for r in marked.rows()] == [True, False] and marked.to_csv().splitlines()[0].endswith(",flipped")
+    with pytest.raises(ValueError, match="sort must be one of"):
+        single.rows(sort="harmful")
 
 
 def test_to_pandas():
     pd = pytest.importorskip("pandas")
     df = _scores().to_pandas()
-    assert isinstance(df, pd.DataFrame) and df.loc[2, "rank[b]"] == 1
+    assert isinstance(df, pd.DataFrame) and list(df.columns) == ["method", "query", "window", "t1", "t2", "rank", "id",
+                                                                  "score", "label"]
+    assert df[(df["query"] == "b") & (df["id"] == 2)]["rank"].item() == 1
 
 
 def test_to_pandas_without_pandas_says_what_to_use(monkeypatch):
