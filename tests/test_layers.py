@@ -162,7 +162,7 @@ def test_engines_match_brute_force(case, dim):
 def test_layer_norm_sums_by_chunks_of_samples(monkeypatch, case):
     """A LayerNorm's per-sample sums made a few samples at a time (one sample a chunk; three, the last chunk short)
     give the rows of the whole batch in one chunk bit for bit, and projected brute force (float64, 1e-10)."""
-    from lightning_influence.capture import layers
+    from lightning_influence.capture import norms
     model, batch = make(case)
     names = select_params(model)
     proj = projector_for(model, names, 8)
@@ -170,7 +170,7 @@ def test_layer_norm_sums_by_chunks_of_samples(monkeypatch, case):
     sample_bytes = 5 * 6 * 8  # a sample's tokens at the LayerNorm: 5 of 6 values in float64
     rows = {}
     for samples in (B, 1, 3):
-        monkeypatch.setattr(layers, "_NORM_CHUNK_BYTES", samples * sample_bytes)
+        monkeypatch.setattr(norms, "_NORM_CHUNK_BYTES", samples * sample_bytes)
         capture = HookGradientCapture(model, names, proj)
         rows[samples], _ = per_sample_grads_hooks(model, seq_loss, batch, capture)
         capture.remove()
