@@ -274,6 +274,33 @@ def test_evaluate_detection_metrics(run, capsys):
         assert 0.0 <= row["flipped_auroc"] <= 1.0 and "flipped_precision@6" in row
 
 
+@pytest.mark.parametrize("sort", ["positive", "abs", "negative"])
+def test_evaluate_sort_orders_its_samples_as_query_does(run, capsys, sort):
+    """--sort was accepted and ignored: top:K was always the most negative. Now top:K is query's top K in --sort order
+    (the same ids, the same order), bottom:K the other end, and explicit ids are listed in that order."""
+    code, out, err = cli(capsys, "query", run.log, "-m", "tracin", "--sort", sort, "-k", "4", "-f", "json", "-q")
+    assert code == 0, err
+    listed = [r["id"] for r in json.loads(out)["results"][0]["rows"]]
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--sort", sort, "--samples", "top:4", "--truth",
+                         "none", "-f", "json", "-q")
+    assert code == 0, err
+    assert [s["id"] for s in json.loads(out)["samples"]] == listed
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--sort", sort, "--samples", "3,7,11,20,41",
+                         "--truth", "none", "-f", "json", "-q")
+    assert code == 0, err
+    scores = {s["id"]: s["tracin"] for s in json.loads(out)["samples"]}
+    key = {"negative": lambda i: scores[i], "positive": lambda i: -scores[i], "abs": lambda i: -abs(scores[i])}[sort]
+    assert list(scores) == sorted(scores, key=key) and set(scores) == {3, 7, 11, 20, 41}
+    code, out, err = cli(capsys, "query", run.log, "-m", "tracin", "--sort", sort, "-k", "0", "-f", "json", "-q")
+    everything = [r["id"] for r in json.loads(out)["results"][0]["rows"]]
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--sort", sort, "--samples", "bottom:2", "--truth",
+                         "none", "-q")
+    assert code == 0, err
+    assert f"sorted {sort} first by tracin" in out.splitlines()[0]
+    rows = out.splitlines()[2:4]  # the head line, the table's header, then the samples
+    assert {int(r.split()[0]) for r in rows} == set(everything[-2:])
+
+
 def test_evaluate_replay_ground_truth(run, capsys):
     pytest.importorskip("lightning_influence.evaluation.ground_truth")
     code, out, err = cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin", "--samples", "top:4", "-q")
