@@ -73,6 +73,9 @@ def check_training_data(log: Any, module: nn.Module, train_data: Any, loss_fn: L
 
     if train_data is None and not log.meta.get("inputs_stored"):
         return
+    loss_fn = loss_fn or default_loss_fn
+    if loss_fn is default_loss_fn and getattr(module, "per_sample_loss", None) is None:
+        default_loss_fn(module, None)  # its own TypeError (pass loss_fn=): the model's, not the data's
     inside = [int(c) for c in log.checkpoint_steps if log.first_step <= c < log.num_steps]
     t = max(inside) if inside else int(log.first_step)
     params = checkpoint_params(log, module, t) if t in log.checkpoint_steps else \
@@ -84,7 +87,7 @@ def check_training_data(log: Any, module: nn.Module, train_data: Any, loss_fn: L
                                 f"{_first_line(err)}; {advice}") from err
     step = dataclasses.replace(step, micro=step.micro[:1])
     try:
-        losses = _quietly(lambda: step.losses(module, loss_fn or default_loss_fn, params))
+        losses = _quietly(lambda: step.losses(module, loss_fn, params))
     except _DATA_ERRORS as err:
         ids = ", ".join(str(int(i)) for i in step.ids[:3])
         raise DataMismatchError(f"the run's per-sample loss fails on the training data rebuilt for step {t} (ids {ids}, "
