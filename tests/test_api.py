@@ -232,3 +232,14 @@ def test_training_data_in_another_order_than_the_logged_ids_is_refused(tiny):
         li.dit(log, _val_loss(xv, yv), module=model, train_data=li.WithIds(TensorDataset(xt[perm], yt[perm])))
     scores = li.tracin(log, _val_loss(xv, yv), module=model)  # the right data pass (tracin takes none)
     assert scores.scores.shape == (len(xt), 1)
+
+
+def test_a_dataloader_for_train_data_keeps_its_own_message(tiny):
+    """The data check had wrapped replay's 'train_data must be a map-style Dataset ... got DataLoader' into a data
+    mismatch with a second piece of advice; a train_data that cannot give samples by id says so itself."""
+    from torch.utils.data import DataLoader
+
+    log, model, dm = tiny
+    with pytest.raises(TypeError, match=r"^train_data must be a map-style Dataset or a callable ids -> batch, got "
+                                        r"DataLoader$"):
+        li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=DataLoader(dm.train_dataset, batch_size=4))
