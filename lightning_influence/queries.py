@@ -1,4 +1,4 @@
-"""Queries: the scalar functions ``f(θ)`` whose change influence scores explain (math §1).
+"""Queries: the scalar functions ``f(θ)`` whose change influence scores explain (docs/influence-math.md §1).
 
 A query is any callable ``f(module) -> Tensor`` returning a scalar or a vector of ``Q``
 scalars (several queries answered in one sweep). The helpers below build the common ones
@@ -134,8 +134,8 @@ def evaluation_mode(module: nn.Module, norms: bool = False) -> Iterator[None]:
     """Evaluate a query as Lightning validates: dropout and other train-only randomness off (``eval()``), attention
     through the path its gradients take (:class:`_FastPathOff`).
 
-    A query is a function of θ (math §1); evaluated in train mode, dropout would draw new masks at each
-    call and every score, and the ground truth, would be noise. ``norms``: the running statistics of the
+    A query is a function of θ (docs/influence-math.md §1); evaluated in train mode, dropout would draw new masks at
+    each call and every score, and the ground truth, would be noise. ``norms``: the running statistics of the
     step are known (a checkpoint's or a replayed step's, ``step.buffers``), so normalisation layers with
     running statistics are put in eval mode too, as Lightning's validation runs them; otherwise they keep
     their mode (a log without stored statistics: a rebuilt module's own would be its initial ones). Every

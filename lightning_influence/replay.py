@@ -5,7 +5,7 @@ The log holds the batch sequence ``B_t``, the learning rates ``η_t`` and checkp
 nearest checkpoint with the logged optimizer (rebuilt by :func:`build_optimizer`), and
 compares every checkpoint it passes: a replay that drifts from the logged run is an error
 that says where and why, never a silently wrong trajectory. With per-sample ``weights`` it
-runs the counterfactual of math §2: the loss of step ``t`` is ``Σ_i m_i w_{i,t} ℓ_i``, with
+runs the counterfactual of docs/influence-math.md §2: the loss of step ``t`` is ``Σ_i m_i w_{i,t} ℓ_i``, with
 ``w_{i,t}`` the weight the step applied (:mod:`lightning_influence.step.weights`; ``1/|B_t|``
 for a plain batch mean), so a removed sample (``m_i = 0``) leaves the others' weights unchanged.
 Each step runs as Lightning ran it: its micro-batches back-propagated one at a time with
@@ -426,7 +426,7 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
     Starts from the nearest checkpoint ``<= t1`` (or ``start``, a checkpoint step) with its
     optimizer state, and replays every step with the logged batch, learning rates, per-sample
     weights and clipping (:func:`replay_step`). With ``weights`` the loss of step ``t`` is
-    ``Σ_i m_i w_{i,t} ℓ_i`` (removal = ``m_i = 0``, the others' weights are kept: math §2).
+    ``Σ_i m_i w_{i,t} ℓ_i`` (removal = ``m_i = 0``, the others' weights are kept: docs/influence-math.md §2).
 
     Args:
         log: the influence log.

@@ -1,4 +1,4 @@
-"""DIT: exact time-windowed influence by an adjoint sweep (math reference §2-3).
+"""DIT: exact time-windowed influence by an adjoint sweep (docs/influence-math.md §2-3).
 
 For a query ``f`` and a window ``[t1, t2]`` of steps::
 
@@ -108,7 +108,7 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
         preconditioner: str = "exact", removal: str = "step", progress: Progress = None,
         shard: BatchShard | None = None
         ) -> InfluenceScores:
-    """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
+    """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (docs/influence-math.md §3).
 
     Exact in the linearisation for every supported optimizer (SGD with momentum/Nesterov/weight
     decay, Adam, AdamW, RMSprop, Adagrad; any schedule): the adjoint runs over the whole
@@ -136,8 +136,8 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
             optimizers' denominators held at their values in the run (approximation, cheaper:
             no ``λ_v`` columns; ``method`` says ``approx.``; its removal is linear).
         removal: ``"step"`` (each removal enters with its step's exact change of the update and optimizer state) or
-            ``"linear"`` (its derivative: ``∂f/∂w_j``, what the math reference's recursion computes). The same
-            numbers for SGD without clipping; ``"step"`` costs one per-sample gradient pass per step otherwise.
+            ``"linear"`` (its derivative: ``∂f/∂w_j``, what the recursion of docs/influence-math.md §2 computes). The
+            same numbers for SGD without clipping; ``"step"`` costs one per-sample gradient pass per step otherwise.
         progress: ``progress(done, total)`` callback or ``True`` for a bar on stderr.
         shard: evaluate only this process's rows of every step, summing the step's gradient, its Hessian-vector
             products and the scores over the processes (:mod:`lightning_influence.step.shard`; set by
@@ -177,7 +177,7 @@ def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = Non
 
 @dataclass
 class Timeline:
-    """``F_j(t)`` of every sample on a grid of steps (math §3).
+    """``F_j(t)`` of every sample on a grid of steps (docs/influence-math.md §3).
 
     Attributes:
         values: ``(N, G, Q)`` float64, ``values[j, g, q] = F_j(grid[g])`` for query ``q``.

@@ -21,7 +21,7 @@ import numpy as np
 class InfluenceScores:
     """Scores of every training sample id for one or several queries over one window.
 
-    Sign (math reference §2): a positive score means removing the sample *raises* the query
+    Sign (docs/influence-math.md §2): a positive score means removing the sample *raises* the query
     ``f``; for a loss query, positive = helpful, negative = harmful.
 
     Attributes:

@@ -1,4 +1,4 @@
-"""Datamodel quality without fitting a datamodel: how additive is *your* run? (math §6)
+"""Datamodel quality without fitting a datamodel: how additive is *your* run? (docs/influence-math.md §6)
 
 A linear datamodel predicts a query from which training samples were kept,
 ``f(S) ≈ β_0 + Σ_{i∈S} β_i``. Every additive attribution (influence scores summed over a
@@ -13,7 +13,7 @@ and all three come from noise stability ``Stab_ρ(f) = E[f(x) f(y)]`` at a few c
 levels ``ρ`` (:mod:`lightning_influence.evaluation.stability`), i.e. from retraining runs on
 random subsets, without fitting ``N`` weights. Here each run is the logged training replayed
 from ``θ_0`` on the recorded batches with the removed samples' losses weighted 0 and the
-batch denominator kept (math §2), by :func:`~lightning_influence.evaluation.ground_truth.replay_loo`
+batch denominator kept (docs/influence-math.md §2), by :func:`~lightning_influence.evaluation.ground_truth.replay_loo`
 (many subsets trained at once as stacked parameter copies; optionally split over processes).
 
 :func:`datamodel_quality` reports the Fourier split, its bootstrap standard errors, the
@@ -54,7 +54,7 @@ class ReplaySubsets:
     """``f(mask) = f(θ_T(S)) − f(θ_T)``: the logged run replayed on the kept samples ``S``.
 
     Removed samples (``mask[id] = False``) get loss weight 0 in every batch that held them, the
-    denominator ``|B_t|`` is kept, everything else is as logged (math §2). The constant
+    denominator ``|B_t|`` is kept, everything else is as logged (docs/influence-math.md §2). The constant
     ``f(θ_T)`` is subtracted for numerical comfort; it only moves ``W_0``.
 
     Calling it on one mask replays one run; :meth:`map` evaluates many masks at once as

@@ -1,8 +1,8 @@
-"""Ground truth for influence estimates: replay leave-one-out (math §6).
+"""Ground truth for influence estimates: replay leave-one-out (docs/influence-math.md §6).
 
 ``replay_loo`` re-runs training from the logged ``θ_0`` on the recorded batch sequence,
 learning rates and optimizer, with one sample (or a group) dropped from every batch that
-held it, the other samples' weights ``w_{i,t}`` kept (math §2; the step's recorded weights and
+held it, the other samples' weights ``w_{i,t}`` kept (docs/influence-math.md §2; the step's recorded weights and
 gradient clipping, :mod:`lightning_influence.step`), and records
 
     LOO_j(t) = f(θ^{-j}_t) − f(θ_t)

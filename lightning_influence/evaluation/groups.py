@@ -1,8 +1,8 @@
-"""Group influence: do single-sample scores add up to the effect of removing a group? (math §6)
+"""Group influence: do single-sample scores add up to the effect of removing a group? (docs/influence-math.md §6)
 
 For a group ``S`` the replayed truth is ``Δf(S) = f(θ_T^{−S}) − f(θ_T)``: the logged run
 replayed from ``θ_0`` with every member's loss weighted 0 in the batches that held it
-(denominator kept, math §2), by
+(denominator kept, docs/influence-math.md §2), by
 :func:`~lightning_influence.evaluation.ground_truth.replay_loo` (groups trained together as
 stacked copies). An additive attribution predicts ``Σ_{j∈S} F_j``. The two agree when the
 query is close to linear in the subset (small degree ≥ 2 Fourier mass, see

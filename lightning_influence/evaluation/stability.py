@@ -1,4 +1,4 @@
-"""How additive can any attribution be? Datamodel quality from noise stability (math §6).
+"""How additive can any attribution be? Datamodel quality from noise stability (docs/influence-math.md §6).
 
 Following Saunshi et al. (2022): draw training subsets by keeping each of the ``N``
 samples independently with probability ``p`` (keep-indicator ``x ∈ {0,1}^N``) and
