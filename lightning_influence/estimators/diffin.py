@@ -70,6 +70,7 @@ from lightning_influence.estimators.diffin_context import (FD_EDGE, HVP_MODES, V
 from lightning_influence.estimators.diffin_self import step_self_influence
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.sharding import ONE_PROCESS, StepShard
+from lightning_influence.datacheck import check_estimator_data
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
@@ -273,6 +274,7 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
             "self-influence in the step form evaluates every sample's own gradient at the window's ends"
         raise samples_by_id_needed(f"Diff-In: {what}",
                                    ", or use form='published' with samples='batch' (the logged rows of each step's batch)")
+    check_estimator_data(log, module, query, train_data, loss_fn)  # data the model cannot take: now, not in the sweep
     suffix = " self" if query is None else ""
     show = resolve_progress(progress, f"diffin-{form}{suffix.replace(' ', '-')}")
     if form == "published":

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.datacheck import check_estimator_data
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.estimators.sweep import HVP_MODES, _Context, _model_sweep
 from lightning_influence.log.reader import InfluenceLog
@@ -68,7 +69,7 @@ __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_
 
 # ================================================================================ public API
 def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, verify: bool,
-             tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> _Context:
+             tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact", query: Query = None) -> _Context:
     if module is None:
         raise ValueError("DIT needs `module` (the architecture; weights come from the log)")
     require_train_data(log, train_data, "DIT", "to replay the run and take gradients")
@@ -81,7 +82,9 @@ def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_f
                       "renormalisation), as they were at each step: it leaves out how removing a sample moves them, "
                       "which queries in eval mode read (docs/replay.md: 0.4 of the score on a short train-mode BatchNorm "
                       "run). Replay leave-one-out (evaluate) includes it", RuntimeWarning, stacklevel=3)
-    return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
+    ctx = _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
+    check_estimator_data(log, module, query, train_data, loss_fn)  # data the model cannot take: now, not in the sweep
+    return ctx
 
 
 def _method(ctx: _Context, base: str, hvp: str, approx: bool = False, removal: str = "step") -> str:
@@ -148,7 +151,7 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
         output. Sign: positive = removing the sample raises ``f``.
     """
     t1, t2 = log.window(window)
-    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner, query)
     t0 = log.first_step  # > 0 for a log started by a resumed fit
     res = _model_sweep(ctx, query, t0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard, removal)
     out = res.values[t2] - (res.values[t1] if t1 > t0 else 0.0)
@@ -169,7 +172,7 @@ def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = Non
     :func:`dit` for late windows (``t2 − t1`` steps instead of ``t2``). Arguments as :func:`dit`.
     """
     t1, t2 = log.window(window)
-    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner, query)
     res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"), shard, removal)
     return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True, removal=removal),
                            (t1, t2), res.names, info=res.info)
@@ -244,7 +247,7 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
         others: as :func:`dit`.
     """
     steps = grid_steps(log, grid)
-    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner, query)
     t_hi = int(steps[-1])
     if t_hi == 0:
         raise ValueError("the grid must contain a step > 0")

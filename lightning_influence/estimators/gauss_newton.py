@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_influence.datacheck import check_query_data
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
@@ -120,6 +121,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     if callable(query):
         if module is None:
             raise ValueError("dit_gauss_newton needs `module` to take query gradients, or precomputed query gradients")
+        check_query_data(query, module, log)  # data the model cannot take: now, not inside the first checkpoint's gradient
         qgrads, names = query_gradients_for(log, module, query, window)
     else:
         qgrads, names = {int(k): np.asarray(v) for k, v in query.items()}, list(query_names_ or [])
