@@ -22,9 +22,9 @@ from lightning_influence.replay import samples_by_id_needed
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("evaluate", parents=[parents["common"], parents["model"], parents["query"]], help="ground truth on chosen samples, and metrics",
-                       description="Replay training without each chosen sample (leave-one-out ground truth, math §6), "
-                                   "compare with the estimators, and print agreement metrics; with known flipped labels, "
-                                   "also their detection AUROC and precision.")
+                       description="Replay training without each chosen sample (leave-one-out ground truth, "
+                                   "docs/influence-math.md §6), compare with the estimators, and print agreement "
+                                   "metrics; with known flipped labels, also their detection AUROC and precision.")
     p.add_argument("--method", "-m", type=canonical_method, choices=list(METHODS), action="append", metavar="METHOD",
                    help=method_help() + "; repeatable")
     p.add_argument("--window", "-w", metavar="W", help="the window (default: the whole run)")

@@ -1,4 +1,4 @@
-"""Diff-In (math reference §4): influence as a cumulative sum of per-step differences.
+"""Diff-In (docs/influence-math.md §4): influence as a cumulative sum of per-step differences.
 
 Two forms, both reading the tracker's log (ids, learning rates, per-sample gradients, the
 finite-difference products ``H_{z,t} Ĝ_t``) and taking the Hessian-vector products they need
@@ -6,7 +6,7 @@ by central differences of first-order gradients in float64 (``hvp="fd"``, :mod:`
 forward-over-reverse (``hvp="exact"``, to measure what the finite differences cost).
 The derivation, its assumptions and the measurements are in ``docs/diffin.md``.
 
-``form="published"``: the authors' checkpoint form, as written (math §4)::
+``form="published"``: the authors' checkpoint form, as written (docs/influence-math.md §4)::
 
     I(z, V) = Σ_{t ∈ T_m} a_t · ⟨q_t, H_{B_t} g_{z,t} + H_{z,t} Ĝ_t⟩,     a_t = −t · η_t² / (N · m)
 

@@ -1,4 +1,4 @@
-"""DIT: exact time-windowed influence by an adjoint sweep (math reference §2-3).
+"""DIT: exact time-windowed influence by an adjoint sweep (docs/influence-math.md §2-3).
 
 For a query ``f`` and a window ``[t1, t2]`` of steps::
 
@@ -53,12 +53,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.scores import InfluenceScores, grid_column
 from lightning_influence.datacheck import check_estimator_data
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.estimators.sweep import HVP_MODES, _Context, _model_sweep
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, default_loss_fn
+from lightning_influence.queries import LossFn, Query, default_loss_fn, query_column
 from lightning_influence.estimators.gauss_newton import dit_gauss_newton  # noqa: F401 - public here too
 from lightning_influence.replay import Progress, TrainData, grid_steps, require_train_data, resolve_progress
 from lightning_influence.step.buffers import run_buffers
@@ -111,7 +111,7 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
         preconditioner: str = "exact", removal: str = "step", progress: Progress = None,
         shard: BatchShard | None = None
         ) -> InfluenceScores:
-    """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
+    """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (docs/influence-math.md §3).
 
     Exact in the linearisation for every supported optimizer (SGD with momentum/Nesterov/weight
     decay, Adam, AdamW, RMSprop, Adagrad; any schedule): the adjoint runs over the whole
@@ -139,8 +139,8 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
             optimizers' denominators held at their values in the run (approximation, cheaper:
             no ``λ_v`` columns; ``method`` says ``approx.``; its removal is linear).
         removal: ``"step"`` (each removal enters with its step's exact change of the update and optimizer state) or
-            ``"linear"`` (its derivative: ``∂f/∂w_j``, what the math reference's recursion computes). The same
-            numbers for SGD without clipping; ``"step"`` costs one per-sample gradient pass per step otherwise.
+            ``"linear"`` (its derivative: ``∂f/∂w_j``, what the recursion of docs/influence-math.md §2 computes). The
+            same numbers for SGD without clipping; ``"step"`` costs one per-sample gradient pass per step otherwise.
         progress: ``progress(done, total)`` callback or ``True`` for a bar on stderr.
         shard: evaluate only this process's rows of every step, summing the step's gradient, its Hessian-vector
             products and the scores over the processes (:mod:`lightning_influence.step.shard`; set by
@@ -180,7 +180,7 @@ def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = Non
 
 @dataclass
 class Timeline:
-    """``F_j(t)`` of every sample on a grid of steps (math §3).
+    """``F_j(t)`` of every sample on a grid of steps (docs/influence-math.md §3).
 
     Attributes:
         values: ``(N, G, Q)`` float64, ``values[j, g, q] = F_j(grid[g])`` for query ``q``.
@@ -196,15 +196,9 @@ class Timeline:
     method: str
     info: dict[str, Any] = field(default_factory=dict)
 
-    def _col(self, t: int) -> int:
-        hits = np.nonzero(self.grid == t)[0]
-        if not len(hits):
-            raise ValueError(f"step {t} is not on the timeline grid {self.grid.tolist()}")
-        return int(hits[0])
-
     def at(self, t: int) -> np.ndarray:
         """``F_j(t)`` ``(N, Q)`` at grid step ``t``."""
-        return self.values[:, self._col(t), :]
+        return self.values[:, grid_column(self.grid, t, "timeline"), :]
 
     def window(self, t1: int, t2: int) -> InfluenceScores:
         """``DIT[t1, t2] = F(t2) − F(t1)`` for two grid steps (additive by construction)."""
@@ -215,17 +209,14 @@ class Timeline:
 
     def increments(self, query: int | str = 0) -> np.ndarray:
         """``(N, G−1)`` DIT of each window between consecutive grid points."""
-        return np.diff(self.values[:, :, self._q(query)], axis=1)
-
-    def _q(self, query: int | str) -> int:
-        return self.query_names.index(query) if isinstance(query, str) else int(query)
+        return np.diff(self.values[:, :, query_column(self.query_names, query)], axis=1)
 
     def patterns(self, query: int | str = 0, thresholds: Any = None) -> Any:
         """Temporal pattern of each sample (negligible / stable / early / late / fluctuating), from
         :func:`lightning_influence.evaluation.patterns.classify_timeline`."""
         from lightning_influence.evaluation.patterns import classify_timeline
 
-        return classify_timeline(self.values[:, :, self._q(query)], thresholds)
+        return classify_timeline(self.values[:, :, query_column(self.query_names, query)], thresholds)
 
 
 @estimator_api
