@@ -188,7 +188,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = {"log": args.log, "window": args.window or "whole run", "steps": [t1, t2], "query": qname,
               "samples": [{"id": int(j), "label": int(lb) if lb >= 0 else None, "flipped": flip_cell(ctx, int(j)),
                            "truth": None if truth is None else float(truth[k]),
-                           **({"pbrf": float(trust["pbrf"].scores[k, 0])} if "pbrf" in trust else {}),
+                           **({"pbrf": float(trust["pbrf"].scores[k, 0]),
+                               "pbrf_converged": bool(trust["pbrf"].converged[k])} if "pbrf" in trust else {}),
                            **{m: float(e[j]) for m, e in estimates.items()}}
                           for k, (j, lb) in enumerate(zip(samples, labels))],
               "metrics": metrics, "truth_noise_floor": floor,
@@ -206,7 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     head = [f"evaluate: query {qname}, window {result['window']} = steps [{t1}, {t2}), {len(samples)} samples "
             f"({args.samples}), ground truth: {'replay leave-one-out' if truth is not None else 'none'}"]
-    extra = ["pbrf"] if "pbrf" in trust else []
+    extra = ["pbrf", "pbrf_converged"] if "pbrf" in trust else []  # per sample: an unconverged solve says so
     header = ["id", "label", "flipped", "truth", *extra, *estimates]
     body = [[s["id"], s["label"] if s["label"] is not None else "?", s["flipped"] or "", s["truth"],
              *[s[c] for c in extra], *[s[m] for m in estimates]] for s in result["samples"]]
