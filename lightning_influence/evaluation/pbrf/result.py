@@ -111,7 +111,7 @@ class PBRFResult:
                  f"  converged: {s['converged_fraction']:.0%} (tolerance {self.info.get('tol')}), median iterations "
                  f"{s['median_iterations']:g}, worst relative gradient/residual {s['max_rel_grad_norm']:.2e}",
                  f"  RMS response {s['rms_response']:.3e}; largest last-segment change {s['max_response_change']:.2e}; "
-                 (f"largest predicted remaining change {s['max_rel_response_error']:.1e} of the response"
+                 + (f"largest predicted remaining change {s['max_rel_response_error']:.1e} of the response"
                   if s["max_rel_response_error"] is not None else "remaining change not measured")]
         if s["unconverged_samples"]:
             bad = s["unconverged_samples"]
