@@ -47,9 +47,40 @@ def _sequences(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, STEPS, FEATURES, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)
 
 
+class CellLoop(nn.Module):
+    """An ``nn.LSTMCell(32, 128)`` over the 20 steps of ``(B, 20, 32)``, a Linear head on the last ``h``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.head = nn.LSTMCell(FEATURES, HIDDEN), nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0])
+
+
+class MaxBag(nn.Module):
+    """``nn.EmbeddingBag(5000, 128, mode="max")`` over 32 ids a sample, a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag, self.head = nn.EmbeddingBag(5000, HIDDEN, mode="max"), nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.bag(ids)))
+
+
+def _ids(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(0, 5000, (BATCH, 32), generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], tuple]]] = {
     "lstm": (lambda: Recurrent("LSTM", 1, False), _sequences),
     "gru-2-bi": (lambda: Recurrent("GRU", 2, True), _sequences),
+    "lstm-cell": (CellLoop, _sequences),
+    "bag-max": (MaxBag, _ids),
 }
 
 

@@ -84,7 +84,7 @@ class HookGradientCapture:
     """Exact per-sample gradients of the parameters of common layers, from hooks.
 
     One engine per layer type (:mod:`.layers`: Linear on inputs of any rank, Conv1d/2d/3d,
-    ConvTranspose1d/2d/3d, Bilinear, RNNCell, GRUCell, RNN/GRU/LSTM, Embedding, EmbeddingBag, LayerNorm/GroupNorm/RMSNorm, BatchNorm, InstanceNorm, PReLU, MultiheadAttention) saves what it needs from
+    ConvTranspose1d/2d/3d, Bilinear, RNNCell, GRUCell, LSTMCell, RNN/GRU/LSTM, Embedding, EmbeddingBag, LayerNorm/GroupNorm/RMSNorm, BatchNorm, InstanceNorm, PReLU, MultiheadAttention) saves what it needs from
     each forward call (hooks registered once, inactive until :meth:`enable`) and, with the
     output gradient of the backward pass, forms every sample's projected gradient in
     :meth:`collect`. ``param_names`` may be a subset of the projector's tensors (the others
