@@ -425,7 +425,8 @@ def test_tied_embedding_and_output_layer_add_up():
 def test_projected_columns_stay_float32_under_autocast():
     """A Linear fed a float32 batch inside bf16 autocast: its projected columns ``x P_c`` are taken in float32 (autocast
     rounded them to bfloat16: rows off by ~1e-3). The loss is linear in the output with bf16-exact coefficients, so the
-    output gradient is exact and the rows equal the float64 projection of ``c ⊗ x_b``."""
+    output gradient is exact and the rows equal the float64 projection of ``c ⊗ x_b`` up to float32 round-off (1e-5:
+    the products' summation order is the BLAS's, 1.9e-6 off on an AMD EPYC; bfloat16 columns are ~1e-3 off)."""
     torch.manual_seed(0)
     model = nn.Linear(40, 30)
     c = torch.randint(-3, 4, (30,)).float()
@@ -441,4 +442,4 @@ def test_projected_columns_stay_float32_under_autocast():
     rows = capture.collect(torch.ones(B))
     expected = proj.project({"weight": c.double()[None, :, None] * x.double()[:, None, :],
                              "bias": c.double().expand(B, -1)})
-    torch.testing.assert_close(rows.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-5)
