@@ -62,3 +62,54 @@ def test_tracked_training_is_bit_identical(tmp_path):
         assert torch.equal(a, b), n
     log = InfluenceLog(tmp_path / "log")
     assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {} and log.num_steps == 3
+
+
+class _FusedCell(torch.autograd.Function):
+    """An LSTM cell made by one autograd node, as CUDA's fused cell: ``h'`` is not computed from the ``c'`` tensor, so
+    the gradient arriving at ``c'`` is the loss's alone."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, *weights):
+        ctx.save_for_backward(x, h, c, *weights)
+        return _COMPOSITE(x, (h, c), *weights)
+
+    @staticmethod
+    def backward(ctx, g_h, g_c):
+        saved = ctx.saved_tensors
+        leaves = [None if t is None else t.detach().requires_grad_() for t in saved]
+        with torch.enable_grad():
+            out = _COMPOSITE(leaves[0], (leaves[1], leaves[2]), *leaves[3:])
+            grads = iter(torch.autograd.grad(out, [t for t in leaves if t is not None], (g_h, g_c)))
+        return tuple(None if t is None else next(grads) for t in leaves)
+
+
+_COMPOSITE = torch._VF.lstm_cell
+
+
+class _FusedVF:
+    """``torch._VF`` as ``nn.LSTMCell.forward`` sees it, its ``lstm_cell`` one node."""
+
+    def __getattr__(self, name):
+        return getattr(torch._VF, name)
+
+    @staticmethod
+    def lstm_cell(x, hx, *weights):
+        return _FusedCell.apply(x, hx[0], hx[1], *weights)
+
+
+@pytest.mark.parametrize("use", ["both", "c"])
+def test_a_fused_lstm_cell_matches_brute_force(monkeypatch, use):
+    """The cell as CUDA makes it (one node for ``h'`` and ``c'``: the engine must not take ``h'`` from ``c'`` apart,
+    as it does for the CPU's composite cell, whose ``c'`` gradient includes ``h'``'s share)."""
+    import torch.nn.modules.rnn as rnn
+
+    from lightning_influence.capture.rnn_cells import _made_from
+
+    monkeypatch.setattr(rnn, "_VF", _FusedVF())
+    torch.manual_seed(0)
+    model = Loop("tanh", use).double()
+    h, c = model.lstm(torch.randn(2, 5, dtype=torch.float64))
+    assert not _made_from(h, c)
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(B, 4, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
+    assert_hooks_match_brute_force(model, loss_fn, batch, 8)
