@@ -416,11 +416,11 @@ def _conv_block(g: Tensor, cols: Tensor, p_r: Tensor | None, rows: int, k_cols: 
 
 def _times_columns(g: Tensor, cols: Tensor) -> Tensor:
     """``g cols^T`` ``(B, r, k)`` of ``g`` ``(B, r, L)`` and columns ``cols`` ``(B, k, L)`` (a view of either layout).
-    A few columns (``k <= 8``, fewer than ``r``) on the CPU go as the transposed product ``(cols g^T)^T``: MKL's batched
-    product with a right operand that narrow ran up to 5x slower (the CNN's first layer, ``[64, 32, 1024] x
-    [64, 1024, 8]`` with channels-last columns: 2.85 against 0.99 ms; ``docs/per-sample-gradients.md``); with wider
-    operands the two orders were within 10% of each other, and with ``k > r`` the transposed one lost."""
-    if g.is_cpu and cols.shape[1] <= 8 and cols.shape[1] < g.shape[1]:
+    A few channels-last columns (``k <= 8``, fewer than ``r``, ``(B, L, k)``-contiguous) on the CPU go as the transposed
+    product ``(cols g^T)^T``: MKL's batched product with that narrow a right operand in that layout ran 2.5-3.4x slower
+    (the CNN's first layer, ``[64, 32, 1024] x [64, 1024, 8]``: 2.9 against 1.2 ms). Other shapes and layouts were
+    within 10% either way or mixed (``benchmarks/narrow_products.py``, ``docs/per-sample-gradients.md``)."""
+    if g.is_cpu and cols.shape[1] <= 8 and cols.shape[1] < g.shape[1] and cols.stride(2) != 1:
         return torch.bmm(cols, g.transpose(1, 2)).transpose(1, 2)
     return torch.bmm(g, cols.transpose(1, 2))
 

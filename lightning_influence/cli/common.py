@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import sys
@@ -13,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from lightning_influence.estimators.scores import csv_text, ranked, sort_order  # noqa: F401 (the CLI's tables)
 from lightning_influence.progress import ProgressBar, process_rank
 
 if TYPE_CHECKING:
@@ -288,15 +287,6 @@ def output_format(args: argparse.Namespace) -> str:
     return {".csv": "csv", ".json": "json"}.get(suffix, "table")
 
 
-def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow(["" if c is None else (repr(float(c)) if isinstance(c, (float, np.floating)) else c) for c in r])
-    return buf.getvalue()
-
-
 def json_text(obj: Any) -> str:
     def default(o: Any) -> Any:
         if isinstance(o, np.integer):
@@ -310,19 +300,6 @@ def json_text(obj: Any) -> str:
         return str(o)
 
     return json.dumps(obj, indent=2, default=default)
-
-
-def sort_order(sort: str | None, query: str) -> str:
-    """``--sort`` as given, or its default for ``query``: the most self-influential first for self-influence (where
-    mislabelled samples are), the most negative (for a loss: the most harmful) first otherwise."""
-    return sort or ("positive" if query == "self" else "negative")
-
-
-def ranked(scores: np.ndarray, sort: str, top: int | None) -> np.ndarray:
-    """Ids ordered by ``sort`` (``negative``: most negative first, ``positive``, ``abs``), the first ``top``."""
-    key = {"negative": scores, "positive": -scores, "abs": -np.abs(scores)}[sort]
-    order = np.argsort(key, kind="stable")
-    return order if not top else order[:top]
 
 
 def sign_line(is_loss: bool, name: str) -> str:

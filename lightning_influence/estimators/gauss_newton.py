@@ -1,4 +1,5 @@
-"""Gauss-Newton DIT: the DIT adjoint sweep with ``H_t ≈ Σ_i w_{i,t} g_{i,t} g_{i,t}ᵀ``, from the log alone (math §3).
+"""Gauss-Newton DIT: the DIT adjoint sweep with ``H_t ≈ Σ_i w_{i,t} g_{i,t} g_{i,t}ᵀ``, from the log alone
+(docs/influence-math.md §3).
 
 The sweep runs backwards over the logged steps in the space of the logged (possibly projected) gradient rows ``G_t``
 ``(B, K)``, with the adjoint ``U`` ``(K, C)`` of the ``C`` query columns and the optimizer's adjoint state::
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_influence.datacheck import check_query_data
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
@@ -81,7 +83,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
                      window: Any = None, local: bool = False, query_names_: list[str] | None = None,
                      chunk_steps: int = 64, progress: Progress = None, shard: BatchShard | None = None
                      ) -> InfluenceScores:
-    """DIT with the Gauss-Newton Hessian, from the log alone (approximation, math §3).
+    """DIT with the Gauss-Newton Hessian, from the log alone (approximation, docs/influence-math.md §3).
 
     ``H_t`` is replaced by ``Σ_{i∈B_t} w_{i,t} g_{i,t} g_{i,t}ᵀ`` (``w_{i,t}`` the step's sample weights,
     ``1/|B_t|`` for a plain mean) built from the logged
@@ -119,6 +121,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     if callable(query):
         if module is None:
             raise ValueError("dit_gauss_newton needs `module` to take query gradients, or precomputed query gradients")
+        check_query_data(query, module, log)  # data the model cannot take: now, not inside the first checkpoint's gradient
         qgrads, names = query_gradients_for(log, module, query, window)
     else:
         qgrads, names = {int(k): np.asarray(v) for k, v in query.items()}, list(query_names_ or [])

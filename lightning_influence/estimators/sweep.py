@@ -1,4 +1,4 @@
-"""The DIT adjoint sweep (math reference §2-3, docs/optimizer-adjoint.md): the mechanics behind
+"""The DIT adjoint sweep (docs/influence-math.md §2-3, docs/optimizer-adjoint.md): the mechanics behind
 :func:`~lightning_influence.estimators.dit.dit`, ``dit_local`` and ``timeline``.
 
 :class:`_Context` holds the log, the module, the data and the logged optimizer's functional twin,

@@ -1,5 +1,5 @@
 """The PBRF solved per sample from ``θ_T``: Gauss-Newton-preconditioned L-BFGS on stacked copies, or one
-sample at a time by L-BFGS, Adam or SGD (:func:`pbrf`, math §6).
+sample at a time by L-BFGS, Adam or SGD (:func:`pbrf`, docs/influence-math.md §6).
 
 Pure torch: no Lightning imports.
 """
