@@ -234,6 +234,17 @@ def test_training_data_in_another_order_than_the_logged_ids_is_refused(tiny):
     assert scores.scores.shape == (len(xt), 1)
 
 
+def test_a_dataloader_for_train_data_keeps_its_own_message(tiny):
+    """The data check had wrapped replay's 'train_data must be a map-style Dataset ... got DataLoader' into a data
+    mismatch with a second piece of advice; a train_data that cannot give samples by id says so itself."""
+    from torch.utils.data import DataLoader
+
+    log, model, dm = tiny
+    with pytest.raises(TypeError, match=r"^train_data must be a map-style Dataset or a callable ids -> batch, got "
+                                        r"DataLoader$"):
+        li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=DataLoader(dm.train_dataset, batch_size=4))
+
+
 def test_every_result_takes_a_query_by_name_or_index_and_refuses_an_unknown_name_naming_the_queries():
     """Scores, a timeline, replay leave-one-out and a PBRF result pick a query column the same way
     (``queries.query_column``); a misspelled name was a bare ``ValueError: 'x' is not in list``."""
