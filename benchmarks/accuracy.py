@@ -318,8 +318,8 @@ def self_influence_detection(log: InfluenceLog, Net: type, train_ds: WithIds, da
         "dit last epoch": tl.window(t_last, T).scores[diag, diag],
         "tracin whole run": tr_whole,
         "tracin last epoch": tr_last,
-        "replay-loo whole run (truth)": loo.values[:, loo._col(T), :][diag, diag],
-        "replay-loo last epoch (truth)": (loo.values[:, loo._col(T), :] - loo.values[:, loo._col(t_last), :])[diag, diag],
+        "replay-loo whole run (truth)": loo.at(T)[diag, diag],
+        "replay-loo last epoch (truth)": (loo.at(T) - loo.at(t_last))[diag, diag],
     }
     out: dict[str, Any] = {label: {"auroc": auroc(s, mask), f"precision@{k}": precision_at_k(s, mask, k)} for label, s in rows.items()}
     truth = rows["replay-loo whole run (truth)"]

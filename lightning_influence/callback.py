@@ -233,6 +233,7 @@ class InfluenceTracker(TrackerLifecycle):
                 "next_step": self._next_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a resumed fit's :meth:`state_dict` for ``on_train_start``, which continues the log from it."""
         self._steps_recorded = int(state_dict.get("steps_recorded", 0))
         self._resume_state = dict(state_dict)
 

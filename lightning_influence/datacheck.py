@@ -80,11 +80,7 @@ def check_training_data(log: Any, module: nn.Module, train_data: Any, loss_fn: L
     t = max(inside) if inside else int(log.first_step)
     params = checkpoint_params(log, module, t) if t in log.checkpoint_steps else \
         {n: p.detach() for n, p in module.named_parameters()}  # the module against the log first: its own message
-    try:
-        step = load_step(log, train_data, t)
-    except _DATA_ERRORS as err:  # a dataset that cannot give the logged ids
-        raise DataMismatchError(f"the training data cannot give the samples of step {t} by the ids the run logged: "
-                                f"{_first_line(err)}; {advice}") from err
+    step = load_step(log, train_data, t)  # a train_data that cannot give samples by id: its own message
     step = dataclasses.replace(step, micro=step.micro[:1])
     try:
         losses = _quietly(lambda: step.losses(module, loss_fn, params))

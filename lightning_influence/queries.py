@@ -129,6 +129,16 @@ def query_names(query: Query, n: int) -> list[str]:
     return ["query"] if n == 1 else [f"q{i}" for i in range(n)]
 
 
+def query_column(names: Sequence[str], query: int | str) -> int:
+    """The column of ``query``, a name or an index, among a result's query columns ``names``: every result's per-query
+    accessor takes either. An unknown name is refused naming the queries there are."""
+    if isinstance(query, str):
+        if query not in names:
+            raise ValueError(f"no query named {query!r}: the queries are {list(names)}")
+        return list(names).index(query)
+    return int(query)
+
+
 @contextlib.contextmanager
 def evaluation_mode(module: nn.Module, norms: bool = False) -> Iterator[None]:
     """Evaluate a query as Lightning validates: dropout and other train-only randomness off (``eval()``), attention

@@ -232,3 +232,41 @@ def test_training_data_in_another_order_than_the_logged_ids_is_refused(tiny):
         li.dit(log, _val_loss(xv, yv), module=model, train_data=li.WithIds(TensorDataset(xt[perm], yt[perm])))
     scores = li.tracin(log, _val_loss(xv, yv), module=model)  # the right data pass (tracin takes none)
     assert scores.scores.shape == (len(xt), 1)
+
+
+def test_a_dataloader_for_train_data_keeps_its_own_message(tiny):
+    """The data check had wrapped replay's 'train_data must be a map-style Dataset ... got DataLoader' into a data
+    mismatch with a second piece of advice; a train_data that cannot give samples by id says so itself."""
+    from torch.utils.data import DataLoader
+
+    log, model, dm = tiny
+    with pytest.raises(TypeError, match=r"^train_data must be a map-style Dataset or a callable ids -> batch, got "
+                                        r"DataLoader$"):
+        li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=DataLoader(dm.train_dataset, batch_size=4))
+
+
+def test_every_result_takes_a_query_by_name_or_index_and_refuses_an_unknown_name_naming_the_queries():
+    """Scores, a timeline, replay leave-one-out and a PBRF result pick a query column the same way
+    (``queries.query_column``); a misspelled name was a bare ``ValueError: 'x' is not in list``."""
+    from lightning_influence.estimators.dit import Timeline
+    from lightning_influence.evaluation.ground_truth import LOOResult
+    from lightning_influence.evaluation.pbrf.result import PBRFResult
+
+    values = np.arange(24, dtype=np.float64).reshape(4, 3, 2)  # (N, G, Q)
+    grid, names = np.array([0, 5, 10]), ["val_loss", "margin"]
+    scores = InfluenceScores(values[:, 1, :], "dit", (0, 5), names)
+    timeline = Timeline(values, grid, names, "dit")
+    loo = LOOResult(np.arange(4), values, grid, np.zeros((3, 2)), names)
+    pbrf = PBRFResult.__new__(PBRFResult)
+    pbrf.scores, pbrf.query_names = values[:, 2, :], names
+    assert scores.column("margin").tolist() == scores.column(1).tolist() == values[:, 1, 1].tolist()
+    assert timeline.increments("margin").tolist() == np.diff(values[:, :, 1], axis=1).tolist()
+    assert loo.window(5, 10, "margin").tolist() == (values[:, 2, 1] - values[:, 1, 1]).tolist()
+    assert pbrf.column("margin").tolist() == values[:, 2, 1].tolist()
+    for get in (scores.column, timeline.increments, lambda q: loo.window(0, 10, q), pbrf.column):
+        with pytest.raises(ValueError, match=r"no query named 'marign': the queries are \['val_loss', 'margin'\]"):
+            get("marign")
+    with pytest.raises(ValueError, match=r"step 7 is not on the timeline grid \[0, 5, 10\]"):
+        timeline.at(7)
+    with pytest.raises(ValueError, match=r"step 7 is not on the LOO grid \[0, 5, 10\]"):
+        loo.at(7)

@@ -203,17 +203,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if fmt == "json":
         emit(args, json_text(result))
         return 0
-    if fmt == "csv":
-        header = ["id", "label", "flipped", "truth", *estimates]
-        emit(args, csv_text(header, [[s["id"], s["label"], s["flipped"], s["truth"], *[s[m] for m in estimates]]
-                                 for s in result["samples"]]))
+    extra = ["pbrf"] if "pbrf" in trust else []
+    flips = ["flipped"] if flipped is not None else []  # a column only where the run knows its flipped labels
+    if fmt == "csv":  # the cells as query's CSV writes them (InfluenceScores' table): flipped True/False
+        header = ["id", "label", *flips, "truth", *extra, *estimates]
+        emit(args, csv_text(header, [[s["id"], s["label"], *[s["flipped"] == "yes" for _ in flips], s["truth"],
+                                      *[s[c] for c in extra], *[s[m] for m in estimates]] for s in result["samples"]]))
         return 0
     head = [f"evaluate: query {qname}, window {result['window']} = steps [{t1}, {t2}), {len(samples)} samples "
             f"({args.samples}{f', sorted {sort} first by {next(iter(estimates))}' if args.sort else ''}), ground truth: "
             f"{'replay leave-one-out' if truth is not None else 'none'}"]
-    extra = ["pbrf"] if "pbrf" in trust else []
-    header = ["id", "label", "flipped", "truth", *extra, *estimates]
-    body = [[s["id"], s["label"] if s["label"] is not None else "?", s["flipped"] or "", s["truth"],
+    header = ["id", "label", *flips, "truth", *extra, *estimates]
+    body = [[s["id"], s["label"] if s["label"] is not None else "?", *[s["flipped"] or "" for _ in flips], s["truth"],
              *[s[c] for c in extra], *[s[m] for m in estimates]] for s in result["samples"]]
     keys = sorted({k for row in metrics.values() for k in row}, key=lambda k: (k.startswith("flipped"), k))
     mtable = format_table(["method", *keys], [[m, *[f"{metrics[m][k]:.3f}" if k in metrics[m] else "-" for k in keys]]

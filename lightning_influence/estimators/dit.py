@@ -53,12 +53,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.scores import InfluenceScores, grid_column
 from lightning_influence.datacheck import check_estimator_data
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.estimators.sweep import HVP_MODES, _Context, _model_sweep
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, default_loss_fn
+from lightning_influence.queries import LossFn, Query, default_loss_fn, query_column
 from lightning_influence.estimators.gauss_newton import dit_gauss_newton  # noqa: F401 - public here too
 from lightning_influence.replay import Progress, TrainData, grid_steps, require_train_data, resolve_progress
 from lightning_influence.step.buffers import run_buffers
@@ -196,15 +196,9 @@ class Timeline:
     method: str
     info: dict[str, Any] = field(default_factory=dict)
 
-    def _col(self, t: int) -> int:
-        hits = np.nonzero(self.grid == t)[0]
-        if not len(hits):
-            raise ValueError(f"step {t} is not on the timeline grid {self.grid.tolist()}")
-        return int(hits[0])
-
     def at(self, t: int) -> np.ndarray:
         """``F_j(t)`` ``(N, Q)`` at grid step ``t``."""
-        return self.values[:, self._col(t), :]
+        return self.values[:, grid_column(self.grid, t, "timeline"), :]
 
     def window(self, t1: int, t2: int) -> InfluenceScores:
         """``DIT[t1, t2] = F(t2) − F(t1)`` for two grid steps (additive by construction)."""
@@ -215,17 +209,14 @@ class Timeline:
 
     def increments(self, query: int | str = 0) -> np.ndarray:
         """``(N, G−1)`` DIT of each window between consecutive grid points."""
-        return np.diff(self.values[:, :, self._q(query)], axis=1)
-
-    def _q(self, query: int | str) -> int:
-        return self.query_names.index(query) if isinstance(query, str) else int(query)
+        return np.diff(self.values[:, :, query_column(self.query_names, query)], axis=1)
 
     def patterns(self, query: int | str = 0, thresholds: Any = None) -> Any:
         """Temporal pattern of each sample (negligible / stable / early / late / fluctuating), from
         :func:`lightning_influence.evaluation.patterns.classify_timeline`."""
         from lightning_influence.evaluation.patterns import classify_timeline
 
-        return classify_timeline(self.values[:, :, self._q(query)], thresholds)
+        return classify_timeline(self.values[:, :, query_column(self.query_names, query)], thresholds)
 
 
 @estimator_api

@@ -18,6 +18,8 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
+from lightning_influence.queries import query_column
+
 
 @dataclass
 class InfluenceScores:
@@ -55,8 +57,7 @@ class InfluenceScores:
 
     def column(self, query: int | str = 0) -> np.ndarray:
         """The ``(N,)`` scores of one query (by index or name)."""
-        q = self.query_names.index(query) if isinstance(query, str) else query
-        return self.scores[:, q]
+        return self.scores[:, query_column(self.query_names, query)]
 
     @property
     def ids(self) -> np.ndarray:
@@ -88,7 +89,7 @@ class InfluenceScores:
     def _order(self, query: int | str, harmful: bool) -> np.ndarray:
         """Most harmful first: the most negative score of a query; of self-influence (query ``"self"``) the largest,
         where mislabelled samples are (as :func:`lightning_influence.tasks.harmful_order`)."""
-        name = query if isinstance(query, str) else self.query_names[query]
+        name = self.query_names[query_column(self.query_names, query)]
         sort = sort_order(None, name)
         return ranked(self.column(query), sort if harmful else _OTHER_END[sort], None)
 
@@ -124,6 +125,15 @@ class InfluenceScores:
         text = json.dumps({"method": self.method, "window": list(self.window), "query_names": self.query_names,
                            "rows": self.rows(top, sort)}, indent=1)
         return _written(text, path)
+
+
+def grid_column(grid: np.ndarray, t: int, what: str) -> int:
+    """The column of step ``t`` in values on a grid of steps (``what``: the grid's name, for the message), for the
+    results that hold one column per grid step (``Timeline``, replay leave-one-out)."""
+    hits = np.nonzero(grid == t)[0]
+    if not len(hits):
+        raise ValueError(f"step {t} is not on the {what} grid {grid.tolist()}")
+    return int(hits[0])
 
 
 @dataclass

@@ -148,12 +148,14 @@ class GroupAdditivity:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values."""
         return {"query": self.query_name, "threshold": self.threshold, "estimators": list(self.estimators),
                 "rows": self.rows, "summary": self.summary(), "breaks": self.breaks(),
                 "residual": {str(k): v for k, v in self.residual.items()},
                 "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool, list))}}
 
     def table(self) -> str:
+        """The result as printable lines."""
         est = self.estimators
         inter = "loo" in est
         head = f"{'group':<18} {'size':>5} {'Δf replayed':>12} " + " ".join(f"{'Σ' + e + '/Δf':>12}" for e in est)

@@ -35,6 +35,7 @@ from lightning_influence.log.schedule import logged_schedule
 from lightning_influence.log.windows import step_window
 
 if TYPE_CHECKING:
+    from lightning_influence.capture.projection import KroneckerProjector
     from lightning_influence.log.blocks import RowBlock
 
 
@@ -271,7 +272,7 @@ class InfluenceLog(SegmentRows):
         """Parameter names of each optimizer param group."""
         return [g["params"] for g in self.meta["optimizer"]["param_groups"]]
 
-    def projector(self):  # -> KroneckerProjector
+    def projector(self) -> KroneckerProjector:
         """The projection used for the gradient rows, regenerated from the metadata."""
         from lightning_influence.capture.projection import KroneckerProjector
 
@@ -400,6 +401,7 @@ class InfluenceLog(SegmentRows):
         return [int(f) for f in firsts if self.steps[0] <= f <= self.steps[-1]]
 
     def has_grads(self, step: int) -> bool:
+        """Whether ``step`` has gradient rows on every rank (``every_n_steps`` records them at some steps only)."""
         return all(self._segs[seg].table["grad_offset"][row] >= 0 for seg, row in self._locs(step))
 
     def all_ids(self) -> np.ndarray:
@@ -438,6 +440,7 @@ class InfluenceLog(SegmentRows):
             return {name: {**{k: read_checked(path, v) for k, v in sg.items()}, **dict(sg.attrs)} for name, sg in g["optimizer"].items()}
 
     def close(self) -> None:
+        """Close the open segment files and drop the read-ahead buffers (the log reopens files when read again)."""
         for f in self._files.values():
             f.close()
         self._files.clear()

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_influence.queries import query_column
+
 __all__ = ["PBRFResult"]
 
 
@@ -44,8 +46,8 @@ class PBRFResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def column(self, query: int | str = 0) -> np.ndarray:
-        q = self.query_names.index(query) if isinstance(query, str) else query
-        return self.scores[:, q]
+        """The ``(S,)`` scores of one query (by index or name), for the samples solved."""
+        return self.scores[:, query_column(self.query_names, query)]
 
     def full(self, n: int) -> np.ndarray:
         """``(n, Q)`` scores by sample id, ``nan`` for samples not solved."""
@@ -54,6 +56,7 @@ class PBRFResult:
         return out
 
     def summary(self) -> dict[str, Any]:
+        """The run in numbers: samples, damping, ``ε``, how many converged, iterations, residual gradient norms."""
         return {
             "method": self.method,
             "samples": int(len(self.samples)),
@@ -68,6 +71,7 @@ class PBRFResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-ready lists (per-sample responses, convergence traces, the summary)."""
         return {
             "summary": self.summary(),
             "query_names": list(self.query_names),
@@ -82,6 +86,7 @@ class PBRFResult:
         }
 
     def table(self) -> str:
+        """The summary as a few printable lines."""
         s = self.summary()
         lines = [f"{self.method}: {s['samples']} samples, damping λ={self.damping:g}, ε={self.epsilon:.3g}, "
                  f"output loss {self.info.get('output_loss')}",
