@@ -8,8 +8,8 @@ Digits (bundled with scikit-learn), float64, batch 20, SGD with a step LR schedu
 (full per-sample gradients and a checkpoint every step, so TracIn uses ``q_t`` at every
 step). Models: multinomial logistic regression and a small tanh MLP. Query: mean
 validation loss. For every training sample the scores of each estimator are compared with
-the replay-LOO window truth ``LOO_j(t2) − LOO_j(t1)`` (math §6) for the windows whole run,
-first epoch, second half and last epoch; DIT-local is also compared with its own
+the replay-LOO window truth ``LOO_j(t2) − LOO_j(t1)`` (docs/influence-math.md §6) for the windows
+whole run, first epoch, second half and last epoch; DIT-local is also compared with its own
 counterpart, removal inside the window only. Then the same with momentum 0.9 and with
 AdamW; then Adam, AdamW and RMSprop with a cosine schedule and warm-up
 (docs/optimizer-adjoint.md), where exact DIT (the VJP of the full optimizer step) runs beside
@@ -318,8 +318,8 @@ def self_influence_detection(log: InfluenceLog, Net: type, train_ds: WithIds, da
         "dit last epoch": tl.window(t_last, T).scores[diag, diag],
         "tracin whole run": tr_whole,
         "tracin last epoch": tr_last,
-        "replay-loo whole run (truth)": loo.values[:, loo._col(T), :][diag, diag],
-        "replay-loo last epoch (truth)": (loo.values[:, loo._col(T), :] - loo.values[:, loo._col(t_last), :])[diag, diag],
+        "replay-loo whole run (truth)": loo.at(T)[diag, diag],
+        "replay-loo last epoch (truth)": (loo.at(T) - loo.at(t_last))[diag, diag],
     }
     out: dict[str, Any] = {label: {"auroc": auroc(s, mask), f"precision@{k}": precision_at_k(s, mask, k)} for label, s in rows.items()}
     truth = rows["replay-loo whole run (truth)"]
@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "setup": {"data": "sklearn digits, standardised", "n_train": args.n_train, "n_val": args.n_val, "epochs": args.epochs,
                   "batch_size": args.batch_size, "dtype": "float64", "query": "mean validation cross-entropy",
-                  "truth": "replay leave-one-out, window truth LOO(t2) - LOO(t1) (math §6)", "seed": args.seed,
+                  "truth": "replay leave-one-out, window truth LOO(t2) - LOO(t1) (docs/influence-math.md §6)",
+                  "seed": args.seed,
                   "torch": torch.__version__, "python": platform.python_version(), "threads": args.threads},
         "configs": {},
     }

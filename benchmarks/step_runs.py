@@ -13,7 +13,7 @@ and a checkpoint every step, query = mean validation loss), trained the way issu
 - ``mlp-plain``: neither, the reference.
 
 For every training sample each estimator's window score is compared with the replay
-leave-one-out truth (math §6; the removal replays the recorded micro-batches, weights and
+leave-one-out truth (docs/influence-math.md §6; the removal replays the recorded micro-batches, weights and
 clipping) for the windows whole run, first epoch, second half and last epoch: DIT exact and
 finite-difference HVPs (one timeline sweep each; with clipping also DIT's linear removal, the derivative
 of the clipped step, beside its default step removal), TracIn, Diff-In (step form). Reported: Pearson,

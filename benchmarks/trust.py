@@ -1,4 +1,4 @@
-"""What are the scores answering? PBRF, datamodel quality and group additivity (issue #7, math §6).
+"""What are the scores answering? PBRF, datamodel quality and group additivity (issue #7, docs/influence-math.md §6).
 
     python benchmarks/trust.py [--models logreg,mlp] [--samples 120] [--pairs 300] [--out benchmarks/results/trust.json]
 

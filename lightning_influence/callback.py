@@ -89,7 +89,7 @@ class InfluenceTracker(TrackerLifecycle):
         compression: h5py filter for gradient rows: ``None``, ``"gzip"`` or ``"lzf"``.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` of per-sample losses; default: the
             module's ``per_sample_loss(batch)`` method. The training loss must be their mean
-            (math reference §1; checked at the first step, another reduction stops the fit); route
+            (docs/influence-math.md §1; checked at the first step, another reduction stops the fit); route
             ``training_step`` through it to get gradients for free. Gradient accumulation (incomplete
             accumulations included) and the Trainer's gradient clipping are recorded per step
             (``docs/step-semantics.md``).
@@ -237,6 +237,7 @@ class InfluenceTracker(TrackerLifecycle):
                 "next_step": self._next_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a resumed fit's :meth:`state_dict` for ``on_train_start``, which continues the log from it."""
         self._steps_recorded = int(state_dict.get("steps_recorded", 0))
         self._resume_state = dict(state_dict)
 

@@ -19,7 +19,19 @@ from torch.utils.data import Dataset, RandomSampler, Sampler, Subset, WeightedRa
 IdsFn = Callable[[Any], torch.Tensor]
 
 
-class WithIds(Dataset):
+class _Wrapped(Dataset):
+    """A dataset wrapped item by item: a map-style one (refused otherwise, naming the wrapper), as long as it."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"{type(self).__name__} needs a map-style dataset (with __getitem__ and __len__)")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+
+class WithIds(_Wrapped):
     """Wrap a map-style dataset so each item also carries its index as the sample id.
 
     Tuples gain a last element ``(x, y) -> (x, y, id)``; dicts gain ``ids_key``; any other
@@ -27,13 +39,8 @@ class WithIds(Dataset):
     """
 
     def __init__(self, dataset: Dataset, ids_key: str = "ids") -> None:
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError("WithIds needs a map-style dataset (with __getitem__ and __len__)")
-        self.dataset = dataset
+        super().__init__(dataset)
         self.ids_key = ids_key
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
         item = self.dataset[index]
@@ -44,7 +51,7 @@ class WithIds(Dataset):
         return item, index
 
 
-class WithCollate(Dataset):
+class WithCollate(_Wrapped):
     """The training set by id together with the ``collate_fn`` its DataLoader made batches with (padding to the
     batch's longest sequence, masks, dict batches): replay and the estimators rebuild a step's batch as
     ``collate_fn([ds[i] for i in ids])``, as training did, where a plain dataset gets ``default_collate``.
@@ -52,13 +59,8 @@ class WithCollate(Dataset):
     rebuilt DataLoader itself."""
 
     def __init__(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any]) -> None:
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError("WithCollate needs a map-style dataset (with __getitem__ and __len__)")
-        self.dataset = dataset
+        super().__init__(dataset)
         self.collate_fn = collate_fn
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
         return self.dataset[index]

@@ -1,4 +1,4 @@
-"""Queries: the scalar functions ``f(θ)`` whose change influence scores explain (math §1).
+"""Queries: the scalar functions ``f(θ)`` whose change influence scores explain (docs/influence-math.md §1).
 
 A query is any callable ``f(module) -> Tensor`` returning a scalar or a vector of ``Q``
 scalars (several queries answered in one sweep). The helpers below build the common ones
@@ -21,11 +21,15 @@ Query = Callable[[nn.Module], torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
+class MissingLossError(TypeError):
+    """The module has no ``per_sample_loss`` and no ``loss_fn`` was given: the caller's to pass one (not a data error)."""
+
+
 def default_loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
     """The module's ``per_sample_loss(batch)`` (the tracker's default per-sample loss)."""
     loss = getattr(module, "per_sample_loss", None)
     if loss is None:
-        raise TypeError(f"{type(module).__name__} has no per_sample_loss(batch): pass loss_fn=, the per-sample loss the "
+        raise MissingLossError(f"{type(module).__name__} has no per_sample_loss(batch): pass loss_fn=, the per-sample loss the "
                         "run was tracked with (InfluenceTracker(loss_fn=...))")
     return loss(batch)
 
@@ -129,13 +133,23 @@ def query_names(query: Query, n: int) -> list[str]:
     return ["query"] if n == 1 else [f"q{i}" for i in range(n)]
 
 
+def query_column(names: Sequence[str], query: int | str) -> int:
+    """The column of ``query``, a name or an index, among a result's query columns ``names``: every result's per-query
+    accessor takes either. An unknown name is refused naming the queries there are."""
+    if isinstance(query, str):
+        if query not in names:
+            raise ValueError(f"no query named {query!r}: the queries are {list(names)}")
+        return list(names).index(query)
+    return int(query)
+
+
 @contextlib.contextmanager
 def evaluation_mode(module: nn.Module, norms: bool = False) -> Iterator[None]:
     """Evaluate a query as Lightning validates: dropout and other train-only randomness off (``eval()``), attention
     through the path its gradients take (:class:`_FastPathOff`).
 
-    A query is a function of θ (math §1); evaluated in train mode, dropout would draw new masks at each
-    call and every score, and the ground truth, would be noise. ``norms``: the running statistics of the
+    A query is a function of θ (docs/influence-math.md §1); evaluated in train mode, dropout would draw new masks at
+    each call and every score, and the ground truth, would be noise. ``norms``: the running statistics of the
     step are known (a checkpoint's or a replayed step's, ``step.buffers``), so normalisation layers with
     running statistics are put in eval mode too, as Lightning's validation runs them; otherwise they keep
     their mode (a log without stored statistics: a rebuilt module's own would be its initial ones). Every

@@ -5,7 +5,7 @@ The log holds the batch sequence ``B_t``, the learning rates ``η_t`` and checkp
 nearest checkpoint with the logged optimizer (rebuilt by :func:`build_optimizer`), and
 compares every checkpoint it passes: a replay that drifts from the logged run is an error
 that says where and why, never a silently wrong trajectory. With per-sample ``weights`` it
-runs the counterfactual of math §2: the loss of step ``t`` is ``Σ_i m_i w_{i,t} ℓ_i``, with
+runs the counterfactual of docs/influence-math.md §2: the loss of step ``t`` is ``Σ_i m_i w_{i,t} ℓ_i``, with
 ``w_{i,t}`` the weight the step applied (:mod:`lightning_influence.step.weights`; ``1/|B_t|``
 for a plain batch mean), so a removed sample (``m_i = 0``) leaves the others' weights unchanged.
 Each step runs as Lightning ran it: its micro-batches back-propagated one at a time with
@@ -17,8 +17,6 @@ Shared by DIT, Diff-In and the ground truth. Pure torch: no Lightning imports.
 
 from __future__ import annotations
 
-import inspect
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Union
@@ -34,6 +32,13 @@ from lightning_influence.log.inputs import decode_batch
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.progress import Progress, resolve_progress  # noqa: F401 (re-exported)
 from lightning_influence.queries import LossFn, default_loss_fn
+from lightning_influence.replay_optimizer import (  # noqa: F401 (re-exported)
+    _optimizer_spec,
+    build_optimizer,
+    load_optimizer_state,
+    optimizer_class,
+    set_step_hyper,
+)
 from lightning_influence.replay_drift import (  # noqa: F401 (re-exported)
     DEFAULT_TOLERANCE,
     DriftReport,
@@ -51,8 +56,7 @@ from lightning_influence.step.modes import ModeSchedule
 from lightning_influence.step.precision import Precision, scaled, unscale_
 from lightning_influence.step.rng import NONE, RandomState
 from lightning_influence.step.shard import BatchShard, positions, take_rows
-from lightning_influence.step.hyper import set_step_values
-from lightning_influence.step.optimizers import UnsupportedOptimizerError, check_param_groups, rule_for
+from lightning_influence.step.optimizers import UnsupportedOptimizerError  # noqa: F401 (re-exported)
 from lightning_influence.step.weights import StepWeights, step_weights
 
 __all__ = [
@@ -118,6 +122,11 @@ def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
     ids = np.asarray(ids, dtype=np.int64)
     if hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__"):
         if len(ids) and ids.max() >= len(train_data):
+            if isinstance(train_data, (tuple, list)) and train_data and all(
+                    isinstance(t, Tensor) and t.dim() and len(t) > ids.max() for t in train_data):
+                raise TypeError(f"train_data is {len(train_data)} tensors of {len(train_data[0])} rows (the training set's "
+                                "columns, as a batch), which is read as a dataset of "
+                                f"{len(train_data)} samples: pass it by sample, WithIds(TensorDataset(*tensors)) as trained")
             raise ValueError(f"train_data has {len(train_data)} samples but the log holds sample id {int(ids.max())}: pass "
                              "the whole training set the run was trained on, indexed by the ids it logged")
         return as_pytree(collate_of(train_data)([train_data[int(i)] for i in ids]))
@@ -159,107 +168,6 @@ def functional_loss(module: nn.Module, loss_fn: LossFn, params: Mapping[str, Ten
     The batch's tensors are moved to the parameters' device (:func:`call_with_params`).
     """
     return call_with_params(module, loss_fn, params, batch, buffers=buffers)
-
-
-# -------------------------------------------------------------------------------- optimizer
-def _optimizer_spec(log: InfluenceLog) -> dict[str, Any]:
-    spec = log.meta.get("optimizer")
-    if spec is None:
-        raise UnsupportedOptimizerError(f"{log.path}: the log has no optimizer metadata; it cannot be replayed")
-    if isinstance(spec, list):
-        if len(spec) != 1:
-            raise UnsupportedOptimizerError(
-                f"{log.path}: the run used {len(spec)} optimizers (manual optimization); replay and DIT need exactly "
-                "one optimizer stepped once per training step (automatic optimization)")
-        spec = spec[0]
-    if log.meta.get("automatic_optimization") is False:
-        raise UnsupportedOptimizerError(f"{log.path}: the run used manual optimization; replay and DIT need "
-                                        "automatic optimization (one optimizer.step per training step)")
-    return spec
-
-
-def optimizer_class(log: InfluenceLog) -> type[torch.optim.Optimizer]:
-    """The logged optimizer's class, if supported (:data:`lightning_influence.step.optimizers.RULES`).
-
-    Raises:
-        UnsupportedOptimizerError: any other optimizer (LBFGS, a subclass, several optimizers),
-            or a setting the update rules do not model (``maximize``).
-    """
-    spec = _optimizer_spec(log)
-    rule = rule_for(str(spec.get("class", "")), f"{log.path}: ")
-    check_param_groups(rule, spec["param_groups"], f"{log.path}: ")
-    return rule.cls
-
-
-def _to_hyper(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def build_optimizer(log: InfluenceLog, params: Mapping[str, Tensor], state_step: int | None = None) -> torch.optim.Optimizer:
-    """Recreate the logged optimizer over ``params`` (``{name: leaf tensor}``).
-
-    Class and per-group hyperparameters come from ``log.meta["optimizer"]``; with
-    ``state_step`` the optimizer state stored with the checkpoint of that step is loaded
-    (momentum buffers, Adam moments and step counts). ``params`` may be stacked copies
-    (extra leading dimension): stored state is then broadcast to every copy.
-
-    Raises:
-        UnsupportedOptimizerError: an optimizer class or setting replay cannot reproduce.
-        ValueError: ``params`` does not match the logged param groups.
-    """
-    cls = optimizer_class(log)
-    spec = _optimizer_spec(log)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
-    groups, seen = [], []
-    for gi, g in enumerate(spec["param_groups"]):
-        names = list(g["params"])
-        missing = [n for n in names if n not in params]
-        if missing:
-            raise ValueError(f"param group {gi} of the logged optimizer holds {missing[:5]}, which are not among the "
-                             f"parameters given ({sorted(params)[:10]}): the module does not match the log")
-        hyper = {k: _to_hyper(v) for k, v in g.items() if k in accepted}
-        for k in set(g.get("tensors") or ()) & accepted:  # a tensor lr or betas take other kernels: replayed as trained
-            hyper[k] = torch.tensor(float(g[k])) if np.ndim(g[k]) == 0 else tuple(torch.tensor(float(x)) for x in g[k])
-        groups.append({"params": [params[n] for n in names], **hyper})
-        seen += names
-    extra = sorted(set(params) - set(seen))
-    if extra:
-        raise ValueError(f"parameters {extra[:5]} are in no param group of the logged optimizer: the module does not match the log")
-    opt = cls(groups)
-    if state_step is not None:
-        load_optimizer_state(opt, seen, log.optimizer_state(state_step))
-    return opt
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, names: list[str], state: Mapping[str, Mapping[str, Any]]) -> None:
-    """Load per-parameter-name optimizer ``state`` (as :meth:`InfluenceLog.optimizer_state` returns it).
-
-    ``names`` lists the parameter names in the optimizer's order. State tensors are broadcast
-    to the parameter's shape when the parameters are stacked copies.
-    """
-    current = opt.state_dict()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    if len(params) != len(names):
-        raise ValueError(f"{len(names)} names for {len(params)} optimizer parameters")
-    new_state: dict[int, dict[str, Any]] = {}
-    for i, (name, p) in enumerate(zip(names, params)):
-        entry = state.get(name)
-        if not entry:
-            continue
-        out: dict[str, Any] = {}
-        for key, value in entry.items():
-            if key == "step":
-                out[key] = torch.as_tensor(np.asarray(value, dtype=np.float32)).clone() if not torch.is_tensor(value) else value.clone()
-                continue
-            if isinstance(value, (int, float, bool)) and not isinstance(value, np.ndarray):
-                out[key] = value
-                continue
-            t = torch.as_tensor(np.asarray(value)).to(p.device)
-            if t.shape != p.shape and t.dim() > 0:
-                t = t.expand(p.shape)
-            out[key] = t.clone()
-        new_state[i] = out
-    opt.load_state_dict({"state": new_state, "param_groups": current["param_groups"]})
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -352,24 +260,6 @@ def grid_steps(log: InfluenceLog, grid: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- replay
-def set_step_hyper(opt: torch.optim.Optimizer, log: InfluenceLog, t: int) -> None:
-    """Put step ``t``'s learning rates and, in a log with a hyperparameter schedule, its other scheduled
-    hyperparameters (:meth:`InfluenceLog.hyper`: momentum, betas, ...) into ``opt``, as training had them."""
-    lrs = log.lr(t)
-    if len(lrs) < len(opt.param_groups):
-        raise ValueError(f"step {t}: the log holds {len(lrs)} learning rates for {len(opt.param_groups)} param groups")
-    for g, lr in zip(opt.param_groups, lrs):
-        if not math.isfinite(float(lr)):
-            raise ValueError(f"step {t}: the logged learning rate is {lr}")
-        if isinstance(g["lr"], Tensor):
-            g["lr"].fill_(float(lr))  # as torch's schedulers set a tensor lr
-        else:
-            g["lr"] = float(lr)
-    values = log.hyper(t)
-    if values is not None:
-        set_step_values(opt, values)
-
-
 def load_step(log: InfluenceLog, train_data: TrainData | None, t: int, shard: BatchShard | None = None) -> Step:
     """The inputs of step ``t`` as Lightning ran them: its micro-batches (stored inputs, else ``train_data`` by
     id, cast by the precision plugin as in training) with their random states, the run's autocast, the GradScaler factor and skip (``docs/log-format.md``).
@@ -549,7 +439,7 @@ def replay(log: InfluenceLog, module: nn.Module, train_data: TrainData, t1: int 
     Starts from the nearest checkpoint ``<= t1`` (or ``start``, a checkpoint step) with its
     optimizer state, and replays every step with the logged batch, learning rates, per-sample
     weights and clipping (:func:`replay_step`). With ``weights`` the loss of step ``t`` is
-    ``Σ_i m_i w_{i,t} ℓ_i`` (removal = ``m_i = 0``, the others' weights are kept: math §2).
+    ``Σ_i m_i w_{i,t} ℓ_i`` (removal = ``m_i = 0``, the others' weights are kept: docs/influence-math.md §2).
 
     Args:
         log: the influence log.

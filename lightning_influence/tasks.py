@@ -1,6 +1,6 @@
 """Data-centric tasks measured by retraining: data cleaning, data deletion, coreset selection.
 
-Influence scores follow the project's sign (math §2): positive = removing the sample raises
+Influence scores follow the project's sign (docs/influence-math.md §2): positive = removing the sample raises
 the query ``f``. For a loss query a negative score marks a *harmful* sample, a positive one a
 *helpful* sample; for self-influence (the query is the sample's own loss) a large positive
 score marks a sample the model fits only because it is in the training set (mislabelled
@@ -13,7 +13,7 @@ samples score high).
 - **Deletion** (:func:`deletion_experiment`): predict the change of a query when a set is
   deleted as the sum of its scores; the truth is the replayed run without the set
   (:func:`~lightning_influence.evaluation.ground_truth.replay_loo` with ``groups``: same
-  ``θ_0``, batches and learning rates, denominator kept, math §2). Correlation over random
+  ``θ_0``, batches and learning rates, denominator kept, docs/influence-math.md §2). Correlation over random
   sets and over sets drawn from the top-scored samples.
 - **Coreset** (:func:`coreset_experiment`): keep the top ``x%`` most helpful samples (of the whole
   ranking, or of each class: :func:`select_coreset`; or pruned in rounds, re-scoring the kept

@@ -84,7 +84,7 @@ class ExportData:
         method: estimator name (as reported by the estimator).
         windows: ``W`` half-open step ranges ``[t1, t2)``, consecutive.
         window_labels: ``W`` short labels for the axes (e.g. ``"e3"`` or ``"100-200"``).
-        window_scores: ``(N, W)`` score of every sample id in every window (math §3 sign).
+        window_scores: ``(N, W)`` score of every sample id in every window (docs/influence-math.md §3 sign).
         loss_query: the query is a loss (negative = harmful); otherwise an output
             (negative = the sample pushed the output up).
         patterns: ``(N,)`` temporal pattern of each sample, or ``None``.

@@ -344,8 +344,8 @@ def check_batchnorm(module: nn.Module, allow_train: bool, vmap_gradients: Sequen
             raise RuntimeError(
                 f"BatchNorm layer '{name}' is in train mode, which the vmap gradient engine cannot evaluate one "
                 f"sample at a time, and no hook covers the tracked parameters {list(vmap_gradients)[:5]}: leave them "
-                "out (exclude_params=[...] or params=[...]; hooks cover Linear, Conv, Embedding, the norm layers, "
-                "BatchNorm and MultiheadAttention parameters)")
+                "out (exclude_params=[...] or params=[...]; the layers hooks cover: docs/per-sample-gradients.md, "
+                "the table of layers)")
         if not allow_train and isinstance(mod, nn.SyncBatchNorm):
             raise RuntimeError(
                 f"SyncBatchNorm layer '{name}' is in train mode (Trainer(sync_batchnorm=True) or "

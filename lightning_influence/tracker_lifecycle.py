@@ -44,6 +44,7 @@ class TrackerLifecycle(Callback):
         self._dev_run.start(trainer, self)  # fast_dev_run: a temporary log (tracker_dev_run.py)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A ``fast_dev_run``'s temporary log is removed (``tracker_dev_run``)."""
         self._dev_run.end(trainer, self)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

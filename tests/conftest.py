@@ -100,12 +100,19 @@ def fit(module: pl.LightningModule, data: Any, tracker: InfluenceTracker | None 
     return trainer
 
 
+def weight_normed_cell(n_in: int, n_out: int) -> nn.Module:
+    """``nn.LSTMCell`` with ``parametrizations.weight_norm`` on ``weight_ih``: the parametrized tensors' engine chains
+    only engines with the default hooks, and an LSTM cell's waits for its two outputs (``capture/rnn_cells.py``), so no
+    engine covers the originals of ``weight_ih`` (its other tensors are the LSTM cell engine's)."""
+    return torch.nn.utils.parametrizations.weight_norm(nn.LSTMCell(n_in, n_out), "weight_ih")
+
+
 def no_engine_layer(n: int = 3) -> nn.Module:
-    """A torch.nn layer ``(B, n) -> ((B, n), (B, n))`` that no hook engine covers, so that its parameters go through vmap
-    (a mixed engine; :class:`TinyClassifier` takes its first output): an LSTM cell (a PReLU, then an RNN cell were this
-    until they got their engines), its parameters drawn from a generator of its own (the same layer wherever the global
-    stream is)."""
-    layer = nn.LSTMCell(n, n)
+    """A torch.nn layer ``(B, n) -> ((B, n), (B, n))`` that no hook engine covers whole, so that some parameters go through vmap
+    (a mixed engine; :class:`TinyClassifier` takes its first output): an LSTM cell with a weight-normed ``weight_ih``
+    (:func:`weight_normed_cell`; a PReLU, an RNN cell, then ``nn.LSTMCell`` itself were this until they got their
+    engines), its parameters drawn from a generator of its own (the same layer wherever the global stream is)."""
+    layer = weight_normed_cell(n, n)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in layer.parameters():

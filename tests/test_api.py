@@ -99,20 +99,32 @@ def test_top_gives_ids_scores_and_labels():
 def test_rows_csv_and_json_tables():
     s = _scores().with_labels([(None, 7, 0), (None, 8, 1), (None, 9, 2), (None, 1, 3)])  # a dataset's (x, y, id) items
     rows = s.rows()
-    assert rows[2] == {"id": 2, "label": 9, "score[a]": 0.25, "rank[a]": 3, "score[b]": -3.0, "rank[b]": 1}
+    assert len(rows) == 8  # one per query and rank, most harmful (most negative) first
+    assert rows[4] == {"method": "demo", "query": "b", "window": "0:4", "t1": 0, "t2": 4, "rank": 1, "id": 2,
+                       "score": -3.0, "label": 9}
+    assert [r["id"] for r in rows[:4]] == [1, 3, 2, 0] and [r["rank"] for r in rows[:4]] == [1, 2, 3, 4]
     parsed = list(csv.DictReader(io.StringIO(s.to_csv())))
-    assert [int(r["rank[a]"]) for r in parsed] == [4, 1, 3, 2]
-    assert [float(r["score[b]"]) for r in parsed] == [1.0, 0.0, -3.0, 2.0]  # repr: exact round trip
+    assert list(parsed[0]) == ["method", "query", "window", "t1", "t2", "rank", "id", "score", "label"]
+    assert [float(r["score"]) for r in parsed[4:]] == [-3.0, 0.0, 1.0, 2.0]  # repr: exact round trip
+    assert [r["rank"] for r in s.rows(sort="abs", top=2)] == [1, 2, 1, 2]
+    assert [r["id"] for r in s.rows(sort="abs", top=2)] == [1, 3, 2, 3]
     data = json.loads(s.to_json())
-    assert data["method"] == "demo" and data["rows"][1]["score[a]"] == -2.0
+    assert data["method"] == "demo" and data["rows"][0]["score"] == -2.0
     single = InfluenceScores(np.array([3.0, -1.0]), "m", (0, 1), ["val"])
-    assert single.rows() == [{"id": 0, "score": 3.0, "rank": 2}, {"id": 1, "score": -1.0, "rank": 1}]
+    assert [(r["id"], r["score"], r["rank"], r["label"]) for r in single.rows()] == [(1, -1.0, 1, None), (0, 3.0, 2, None)]
+    assert single.to_csv().splitlines()[1] == "m,val,0:1,0,1,1,1,-1.0,"  # an unknown label: an empty cell
+    marked = single.with_labels([4, 5], flipped=[1])
+    assert [r["flipped"] for r in marked.rows()] == [True, False] and marked.to_csv().splitlines()[0].endswith(",flipped")
+    with pytest.raises(ValueError, match="sort must be one of"):
+        single.rows(sort="harmful")
 
 
 def test_to_pandas():
     pd = pytest.importorskip("pandas")
     df = _scores().to_pandas()
-    assert isinstance(df, pd.DataFrame) and df.loc[2, "rank[b]"] == 1
+    assert isinstance(df, pd.DataFrame) and list(df.columns) == ["method", "query", "window", "t1", "t2", "rank", "id",
+                                                                  "score", "label"]
+    assert df[(df["query"] == "b") & (df["id"] == 2)]["rank"].item() == 1
 
 
 def test_to_pandas_without_pandas_says_what_to_use(monkeypatch):
@@ -143,3 +155,145 @@ def test_the_query_helpers_pickle():
         again = pickle.loads(pickle.dumps(q))
         assert torch.equal(again(module), q(module)) and getattr(again, "query_names", None) == getattr(q, "query_names", None)
     assert not hasattr(sample_losses(batch), "query_names")  # unnamed: q0, q1, ... (query_names)
+
+
+# ------------------------------------------------------------------ data the model cannot take, from Python
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The CLI tests' tiny digits run, its model and data built by hand (as a Python user has them)."""
+    import yaml
+    from pathlib import Path
+
+    from lightning_influence.examples.digits import DigitsClassifier, DigitsDataModule
+    from tests._cli_run import train_tiny_run
+
+    run = train_tiny_run(tmp_path_factory.mktemp("api") / "run")
+    cfg = yaml.safe_load(Path(run.config).read_text())
+    dm = DigitsDataModule(**cfg["data"])
+    return li.InfluenceLog(run.log), DigitsClassifier(**cfg["model"]), dm
+
+
+def _calls():
+    seen = []
+    return seen, lambda done, total: seen.append(done)
+
+
+@pytest.mark.parametrize("name", ["dit", "dit_local", "diffin", "timeline"])
+def test_training_data_the_model_cannot_take_is_refused_before_the_sweep(tiny, name):
+    """dit/diffin/... from Python had raised torch's 'mat1 and mat2 shapes cannot be multiplied' from deep inside the
+    sweep; the CLI said it in one line. Now the one check (lightning_influence.datacheck) runs before the sweep."""
+    from torch.utils.data import TensorDataset
+
+    from lightning_influence.datacheck import DataMismatchError
+
+    log, model, dm = tiny
+    (xt, yt), (xv, yv) = dm.splits["train"], dm.splits["val"]
+    narrow = li.WithIds(TensorDataset(xt[:, :32], yt))
+    seen, progress = _calls()
+    with pytest.raises(DataMismatchError, match=r"training data rebuilt for step \d+ \(ids .*batch \(float32\[\d+, 32\], "
+                                                r"int64\[\d+\], .*\): RuntimeError: mat1 and mat2 shapes .*pass train_data="):
+        getattr(li, name)(log, _val_loss(xv, yv),
+                          module=model, train_data=narrow, progress=progress)
+    assert seen == []
+    with pytest.raises(ValueError, match=r"IndexError: Target 1\d is out of bounds"):  # labels beyond the outputs
+        getattr(li, name)(log, _val_loss(xv, yv), module=model, train_data=li.WithIds(TensorDataset(xt, yt + 10)),
+                          progress=progress)
+    assert seen == []
+
+
+def _val_loss(x, y):
+    from lightning_influence.queries import mean_loss
+
+    return mean_loss((x, y))
+
+
+@pytest.mark.parametrize("name", ["dit", "tracin", "dit_gauss_newton", "diffin"])
+def test_a_query_the_model_cannot_take_is_refused_before_the_sweep(tiny, name):
+    log, model, dm = tiny
+    (xt, yt), (xv, yv) = dm.splits["train"], dm.splits["val"]
+    kwargs = {"train_data": dm.train_dataset} if name in ("dit", "diffin") else {}
+    with pytest.raises(ValueError, match=r"the query fails on the model: RuntimeError: mat1 and mat2 shapes .*"
+                                         r"build the query from data the model takes"):
+        getattr(li, name)(log, _val_loss(xv[:, :32], yv), module=model, **kwargs)
+    with pytest.raises(ValueError, match=r"forward failed on mixed dtypes .*Give the data .* in float32"):
+        getattr(li, name)(log, _val_loss(xv.double(), yv), module=model, **kwargs)
+
+
+def test_training_data_in_another_order_than_the_logged_ids_is_refused(tiny):
+    """A training set whose ids do not index the samples the run logged (shuffled, re-split) runs without error and
+    gives other scores; the logged losses at the last checkpoint show it, as the CLI's check did."""
+    from torch.utils.data import TensorDataset
+
+    log, model, dm = tiny
+    (xt, yt), (xv, yv) = dm.splits["train"], dm.splits["val"]
+    perm = torch.randperm(len(xt), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="do not reproduce the run's logged losses at step .*pass the model and "
+                                         "training data the run trained"):
+        li.dit(log, _val_loss(xv, yv), module=model, train_data=li.WithIds(TensorDataset(xt[perm], yt[perm])))
+    scores = li.tracin(log, _val_loss(xv, yv), module=model)  # the right data pass (tracin takes none)
+    assert scores.scores.shape == (len(xt), 1)
+
+
+def test_a_dataloader_for_train_data_keeps_its_own_message(tiny):
+    """The data check had wrapped replay's 'train_data must be a map-style Dataset ... got DataLoader' into a data
+    mismatch with a second piece of advice; a train_data that cannot give samples by id says so itself."""
+    from torch.utils.data import DataLoader
+
+    log, model, dm = tiny
+    with pytest.raises(TypeError, match=r"^train_data must be a map-style Dataset or a callable ids -> batch, got "
+                                        r"DataLoader$"):
+        li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=DataLoader(dm.train_dataset, batch_size=4))
+
+
+def test_every_result_takes_a_query_by_name_or_index_and_refuses_an_unknown_name_naming_the_queries():
+    """Scores, a timeline, replay leave-one-out and a PBRF result pick a query column the same way
+    (``queries.query_column``); a misspelled name was a bare ``ValueError: 'x' is not in list``."""
+    from lightning_influence.estimators.dit import Timeline
+    from lightning_influence.evaluation.ground_truth import LOOResult
+    from lightning_influence.evaluation.pbrf.result import PBRFResult
+
+    values = np.arange(24, dtype=np.float64).reshape(4, 3, 2)  # (N, G, Q)
+    grid, names = np.array([0, 5, 10]), ["val_loss", "margin"]
+    scores = InfluenceScores(values[:, 1, :], "dit", (0, 5), names)
+    timeline = Timeline(values, grid, names, "dit")
+    loo = LOOResult(np.arange(4), values, grid, np.zeros((3, 2)), names)
+    pbrf = PBRFResult.__new__(PBRFResult)
+    pbrf.scores, pbrf.query_names = values[:, 2, :], names
+    assert scores.column("margin").tolist() == scores.column(1).tolist() == values[:, 1, 1].tolist()
+    assert timeline.increments("margin").tolist() == np.diff(values[:, :, 1], axis=1).tolist()
+    assert loo.window(5, 10, "margin").tolist() == (values[:, 2, 1] - values[:, 1, 1]).tolist()
+    assert pbrf.column("margin").tolist() == values[:, 2, 1].tolist()
+    for get in (scores.column, timeline.increments, lambda q: loo.window(0, 10, q), pbrf.column):
+        with pytest.raises(ValueError, match=r"no query named 'marign': the queries are \['val_loss', 'margin'\]"):
+            get("marign")
+    with pytest.raises(ValueError, match=r"step 7 is not on the timeline grid \[0, 5, 10\]"):
+        timeline.at(7)
+    with pytest.raises(ValueError, match=r"step 7 is not on the LOO grid \[0, 5, 10\]"):
+        loo.at(7)
+
+
+def test_a_model_without_per_sample_loss_is_told_to_pass_loss_fn_not_other_data(tiny):
+    """A module trained with InfluenceTracker(loss_fn=...) has no per_sample_loss; a query built without loss_fn had
+    been reported as data the model cannot take ('build the query from data the model takes')."""
+    from lightning_influence.queries import MissingLossError
+
+    log, model, dm = tiny
+
+    class Plain(type(model)):
+        per_sample_loss = None
+
+    plain = Plain(**dict(model.hparams))
+    for fn, kwargs in ((li.tracin, {}), (li.dit, {"train_data": dm.train_dataset})):
+        with pytest.raises(MissingLossError, match=r"^Plain has no per_sample_loss\(batch\): pass loss_fn=") as info:
+            fn(log, _val_loss(*dm.splits["val"]), module=plain, **kwargs)
+        assert isinstance(info.value, TypeError) and "data the model takes" not in str(info.value)
+
+
+def test_the_training_tensors_as_a_tuple_are_told_to_be_a_dataset(tiny):
+    """train_data=(x, y), the training set as its tensors, was read as a dataset of 2 samples: 'train_data has 2 samples
+    but the log holds sample id 59: pass the whole training set' -- which it was."""
+    log, model, dm = tiny
+    with pytest.raises(TypeError, match=r"train_data is 2 tensors of 60 rows .*WithIds\(TensorDataset\(\*tensors\)\)"):
+        li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=tuple(dm.splits["train"]))
+    with pytest.raises(ValueError, match="train_data has 3 samples but the log holds sample id"):  # a short dataset
+        li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=[dm.train_dataset[i] for i in range(3)])

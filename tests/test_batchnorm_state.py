@@ -122,7 +122,7 @@ def _retrain(log: InfluenceLog, ds, drop: int | None, start: dict[str, torch.Ten
              t1: int = 0) -> torch.nn.Module:
     """A plain loop with torch.optim on the logged batches from step ``t1`` (the logged ``θ_0`` and statistics, or the
     state ``start``), sample ``drop`` out of every batch (its forward too), the others' weights ``1/|B_t|`` kept
-    (math §2)."""
+    (docs/influence-math.md §2)."""
     module = tiny(batchnorm=True)
     state = start or {**{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint(0).items()},
                       **{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint_buffers(0).items()}}

@@ -332,11 +332,11 @@ def test_long_runs_are_read_from_the_disk_in_parts_and_cached_runs_from_the_cach
 def test_the_small_rows_of_a_segment_and_the_next_are_asked_for_once_before_they_are_read(tmp_path, monkeypatch):
     """Ids and weights (a few bytes a row, one short read each per block) are asked from the kernel for the whole
     segment, and for the rank's next segment, once, before any block of that segment is submitted."""
-    from lightning_influence.log import blocks, reader
+    from lightning_influence.log import blocks, rows
 
     _write(tmp_path, 2)
     asked, order = [], []
-    monkeypatch.setattr(reader, "will_need", lambda path, offset=0, length=0, tail=0: asked.append(
+    monkeypatch.setattr(rows, "will_need", lambda path, offset=0, length=0, tail=0: asked.append(
         (path, offset, length)) if tail == 0 else None)  # (tail: the segments' metadata, asked at open)
     submit = blocks.Prefetcher.submit
     monkeypatch.setattr(blocks.Prefetcher, "submit", lambda self, job: order.append(

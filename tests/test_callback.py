@@ -84,13 +84,13 @@ class _Shift(nn.Module):
         return x + self.shift
 
 
-_EXTRA = {"hooks": _Shift, "mixed": lambda: no_engine_layer().double()}  # a bare parameter: raw engine; LSTMCell: vmap
+_EXTRA = {"hooks": _Shift, "mixed": lambda: no_engine_layer().double()}  # a bare parameter: raw engine; a weight-normed LSTM cell: vmap
 
 
 @pytest.mark.parametrize("engine", ["hooks", "mixed"])
 @pytest.mark.parametrize("routed", [True, False])
 def test_mixed_engine_rows_equal_brute_force(log_dir, routed, engine):
-    """Hooks for the Linear layers, the raw-parameter engine for a bare parameter or vmap for an LSTM cell's, in one step
+    """Hooks for the Linear layers, the raw-parameter engine for a bare parameter or vmap for a weight-normed LSTM cell's, in one step
     (float64 storage: exact)."""
     ds = make_data(12)
     tracker = InfluenceTracker(log_dir, record_gradients=True, checkpoint_every_n_steps=1, storage_dtype="float64")
@@ -106,7 +106,7 @@ def test_mixed_engine_rows_equal_brute_force(log_dir, routed, engine):
 @pytest.mark.parametrize("mixed", [None, "hooks", "mixed"])
 def test_float64_storage_is_exact_and_hvp_products_match_exact_hvp(log_dir, mixed):
     """Also with a bare parameter no layer engine covers (``hooks``: the raw-parameter engine, in the step and in the
-    HVP passes) or an LSTM cell's (``mixed``: vmap)."""
+    HVP passes) or a weight-normed LSTM cell's (``mixed``: vmap)."""
     model = (lambda: tiny(extra=_EXTRA[mixed]())) if mixed else tiny
     ds = make_data(12)
     tracker = InfluenceTracker(log_dir, record_gradients=True, record_hvp=True, checkpoint_every_n_steps=1,
@@ -176,7 +176,7 @@ def test_train_mode_batchnorm_is_refused_naming_the_layer(log_dir):
         InfluenceTracker(log_dir + "2", record_gradients=True, params=["net.0.*", "net.4.*"], allow_train_batchnorm=True),
         epochs=1)
     assert InfluenceLog(log_dir + "2").meta["gradient_engine"] == "hooks"
-    with pytest.raises(RuntimeError, match=r"vmap gradient engine cannot.*'extra\.weight_ih'"):  # no hook
+    with pytest.raises(RuntimeError, match=r"vmap gradient engine cannot.*'extra\.parametrizations\.weight_ih\.original0'"):
         fit(tiny(batchnorm=True, extra=no_engine_layer()), loader(make_data(12)),
             InfluenceTracker(log_dir + "3", record_gradients=True, allow_train_batchnorm=True), epochs=1)
 
@@ -219,7 +219,7 @@ def test_unsupported_params_fall_back_to_vmap_alone_or_are_refused_for_hooks(log
     fit(tiny(extra=_EXTRA["mixed"]()), loader(ds), InfluenceTracker(log_dir, record_gradients=True, overwrite=True),
         epochs=1)
     assert InfluenceLog(log_dir).meta["gradient_engine"] == "mixed"
-    with pytest.raises(ValueError, match=r"no hook captures \['extra.weight_ih', 'extra.weight_hh'"):
+    with pytest.raises(ValueError, match=r"no hook captures \['extra.parametrizations.weight_ih.original0'"):
         fit(tiny(extra=_EXTRA["mixed"]()), loader(ds),
             InfluenceTracker(log_dir, record_gradients=True, gradient_engine="hooks", overwrite=True))
 

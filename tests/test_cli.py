@@ -187,9 +187,28 @@ def test_query_window_forms_and_csv_out(run, tmp_path, capsys):
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out_file.read_text())))
     assert len(rows) == 9
-    assert {(r["window"], int(r["t1"]), int(r["t2"])) for r in rows} == {("2:8", 2, 8), ("0.5:1.0", 6, 12),
-                                                                         ("epoch 1:2", 4, 8)}
+    assert {(r["window"], int(r["t1"]), int(r["t2"])) for r in rows} == {("2:8", 2, 8), ("6:12", 6, 12), ("4:8", 4, 8)}
     assert set(rows[0]) == {"method", "query", "window", "t1", "t2", "rank", "id", "score", "label", "flipped"}
+
+
+@pytest.mark.parametrize("method, extra", [("dit", []), ("tracin", ["--sort", "abs", "--top", "7"])])
+def test_query_csv_is_the_python_apis_csv(run, direct, method, extra, capsys):
+    """The CLI's CSV and InfluenceScores.to_csv are one table: the same bytes for the same log, method and window
+    (they had other columns: id,label,score,rank against method,query,window,t1,t2,rank,id,score,label,flipped)."""
+    model, dm, query = direct
+    code, out, err = cli(capsys, "query", run.log, "-c", run.config, "-m", method, "-w", "0.5:1.0", "-f", "csv", "-q",
+                         *(extra or ["--top", "0"]))
+    assert code == 0, err
+    log = InfluenceLog(run.log)
+    train = dm.train_dataloader().dataset
+    fn = estimators.tracin if method == "tracin" else estimators.dit
+    kwargs = {} if method == "tracin" else {"train_data": train}
+    scores = fn(log, query, module=model, window="0.5:1.0", **kwargs).with_labels(train, flipped=dm.flipped)
+    text = scores.to_csv(**({"sort": "abs", "top": 7} if extra else {}))
+    assert text == out
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == (7 if extra else 60) and rows[0]["window"] == "6:12" and rows[0]["query"] == "val_loss"
+    assert {r["flipped"] for r in rows} <= {"True", "False"}
 
 
 def test_query_test_sample_and_prediction(run, capsys):
@@ -253,6 +272,33 @@ def test_evaluate_detection_metrics(run, capsys):
     assert set(res["metrics"]) == {"tracin", "dit-gauss-newton (approx.)"}
     for row in res["metrics"].values():
         assert 0.0 <= row["flipped_auroc"] <= 1.0 and "flipped_precision@6" in row
+
+
+@pytest.mark.parametrize("sort", ["positive", "abs", "negative"])
+def test_evaluate_sort_orders_its_samples_as_query_does(run, capsys, sort):
+    """--sort was accepted and ignored: top:K was always the most negative. Now top:K is query's top K in --sort order
+    (the same ids, the same order), bottom:K the other end, and explicit ids are listed in that order."""
+    code, out, err = cli(capsys, "query", run.log, "-m", "tracin", "--sort", sort, "-k", "4", "-f", "json", "-q")
+    assert code == 0, err
+    listed = [r["id"] for r in json.loads(out)["results"][0]["rows"]]
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--sort", sort, "--samples", "top:4", "--truth",
+                         "none", "-f", "json", "-q")
+    assert code == 0, err
+    assert [s["id"] for s in json.loads(out)["samples"]] == listed
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--sort", sort, "--samples", "3,7,11,20,41",
+                         "--truth", "none", "-f", "json", "-q")
+    assert code == 0, err
+    scores = {s["id"]: s["tracin"] for s in json.loads(out)["samples"]}
+    key = {"negative": lambda i: scores[i], "positive": lambda i: -scores[i], "abs": lambda i: -abs(scores[i])}[sort]
+    assert list(scores) == sorted(scores, key=key) and set(scores) == {3, 7, 11, 20, 41}
+    code, out, err = cli(capsys, "query", run.log, "-m", "tracin", "--sort", sort, "-k", "0", "-f", "json", "-q")
+    everything = [r["id"] for r in json.loads(out)["results"][0]["rows"]]
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--sort", sort, "--samples", "bottom:2", "--truth",
+                         "none", "-q")
+    assert code == 0, err
+    assert f"sorted {sort} first by tracin" in out.splitlines()[0]
+    rows = out.splitlines()[2:4]  # the head line, the table's header, then the samples
+    assert {int(r.split()[0]) for r in rows} == set(everything[-2:])
 
 
 def test_evaluate_replay_ground_truth(run, capsys):

@@ -216,7 +216,7 @@ def _batch_ids(batch):
 
 
 class _OnDataclasses(TinyClassifier):
-    """A Linear model (hook engine) with an LSTM cell (no engine: its parameters go through vmap) on dataclass batches."""
+    """A Linear model (hook engine) with a layer no engine covers (its parameters go through vmap) on dataclass batches."""
 
     def __init__(self):
         super().__init__(extra=no_engine_layer())

@@ -1,5 +1,5 @@
-"""Datamodel quality from noise stability (math §6): replayed subsets against a closed-form recursion,
-the estimate against exact Fourier masses by enumeration and against a fitted linear datamodel."""
+"""Datamodel quality from noise stability (docs/influence-math.md §6): replayed subsets against a closed-form
+recursion, the estimate against exact Fourier masses by enumeration and against a fitted linear datamodel."""
 
 from __future__ import annotations
 

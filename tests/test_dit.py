@@ -1,4 +1,4 @@
-"""DIT (math §2-3): the adjoint sweep against an independent forward recursion, hand oracles,
+"""DIT (docs/influence-math.md §2-3): the adjoint sweep against an independent forward recursion, hand oracles,
 window additivity, timelines, the approximations and the refusals."""
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def torch_optim_step(kind: str, theta: torch.Tensor, before: dict, g: torch.Tens
 
 def forward_recursion(log: InfluenceLog, kind: str, query, t_start: int = 0, frozen: bool = False,
                       removal: str = "linear") -> np.ndarray:
-    """``F_j(t)`` ``(N, T+1)`` by the explicit forward recursion of math §2 over the whole
+    """``F_j(t)`` ``(N, T+1)`` by the explicit forward recursion of docs/influence-math.md §2 over the whole
     optimizer state (hand-derived per optimizer in :func:`full_state_step`, forward mode).
 
     Every ``θ_t`` and optimizer state is read from a log with a checkpoint at every step;

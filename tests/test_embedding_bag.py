@@ -1,6 +1,7 @@
 """``nn.EmbeddingBag`` on hooks (``capture/embedding_bag.py``): ``sum`` and ``mean`` bags of 2-D ids and of flat ids
-with offsets (torchtext's text classifier), ``per_sample_weights``, ``padding_idx``, ``include_last_offset``, against
-projected float64 brute force; ``max`` mode on vmap; a tracked fit bit-identical to one without the tracker."""
+with offsets (torchtext's text classifier), ``per_sample_weights``, ``padding_idx``, ``include_last_offset``, ``max``
+bags (an empty one too), against projected float64 brute force; a tracked fit bit-identical to one without the
+tracker."""
 
 import numpy as np
 import pytest
@@ -49,7 +50,8 @@ def _batch():
 
 
 CASES = {"sum-mean": ("sum", "mean", None, False, False), "mean-padding": ("mean", "sum", 0, True, False),
-         "weighted": ("sum", "mean", 0, False, True)}
+         "weighted": ("sum", "mean", 0, False, True), "max": ("max", "max", None, False, False),
+         "max-padding-last": ("max", "max", 0, True, False), "max-sum-weighted": ("sum", "max", 0, False, True)}
 
 
 @pytest.mark.parametrize("dim", [None, 8])
@@ -68,21 +70,34 @@ def test_bags_match_brute_force(case, dim):
     assert capture.verify(model, loss_fn, batch) == []
 
 
-def test_max_mode_stays_on_vmap():
-    model = Bags("max", "sum")
-    assert HookGradientCapture.unsupported(model, select_params(model)) == ["a.weight"]
-
-
-def _bags():
+@pytest.mark.parametrize("dim", [None, 8])
+def test_an_empty_max_bag_has_no_gradient(dim):
+    """A sample whose bag holds only ``padding_idx`` (``max`` mode: zeros out, no maximum) gets no gradient from it,
+    as autograd: PyTorch's maximum row of an empty bag is a placeholder the engine must not use."""
     torch.manual_seed(0)
-    return Bags("mean", "sum", padding_idx=0).double()
+    model = Bags("max", "sum", padding_idx=0).double()
+    ids, y = _batch()
+    ids[3] = 0
+    names = select_params(model)
+    proj = projector_for(model, names, dim)
+    capture = HookGradientCapture(model, names, proj)
+    grads, _ = per_sample_grads(model, loss_fn, (ids, y), names, proj, capture)
+    expected = proj.project(brute_force(model, loss_fn, (ids, y), names))
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(grads[3, proj.slices["a.weight"]], torch.zeros_like(grads[3, proj.slices["a.weight"]]))
 
 
-def test_tracked_training_is_bit_identical(tmp_path):
+def _bags(mode="mean"):
+    torch.manual_seed(0)
+    return Bags(mode, "sum" if mode == "mean" else "max", padding_idx=0).double()
+
+
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_tracked_training_is_bit_identical(tmp_path, mode):
     ids = torch.randint(0, V, (12, 6), generator=torch.Generator().manual_seed(3))
-    plain, _ = fit_net(_bags, None, steps=3, inputs=ids)
+    plain, _ = fit_net(lambda: _bags(mode), None, steps=3, inputs=ids)
     tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=16)
-    tracked, _ = fit_net(_bags, None, tracker, steps=3, inputs=ids)
+    tracked, _ = fit_net(lambda: _bags(mode), None, tracker, steps=3, inputs=ids)
     for (n, a), (_, b) in zip(plain.named_parameters(), tracked.named_parameters()):
         assert torch.equal(a, b), n
     log = InfluenceLog(tmp_path / "log")

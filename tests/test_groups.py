@@ -1,5 +1,5 @@
-"""Group influence (math §6): replayed group removal against a closed form, exact additivity where the
-query is affine in the subset, group construction and the additivity report."""
+"""Group influence (docs/influence-math.md §6): replayed group removal against a closed form, exact additivity where
+the query is affine in the subset, group construction and the additivity report."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from lightning_influence import InfluenceLog, InfluenceTracker, WithIds
 from lightning_influence.capture import (HookGradientCapture, KroneckerProjector, per_sample_grads, per_sample_grads_hooks,
                                          select_params)
 
+from conftest import weight_normed_cell
 from test_per_sample import B, brute_force, projector_for
 
 
@@ -119,14 +120,15 @@ def test_output_size_argument_and_more_positions_than_the_input():
 
 
 def test_mixed_with_a_layer_vmap_computes():
-    """An LSTM cell (no engine: vmap) after hooked decoder layers: per_sample_grads mixes the two engines."""
+    """A layer without an engine (a weight-normed LSTM cell: vmap) after hooked decoder layers: per_sample_grads mixes
+    the two engines."""
 
     class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
             self.t = nn.ConvTranspose1d(3, 2, 3, stride=2)
             self.a = nn.PReLU(2)
-            self.cell = nn.LSTMCell(18, 4)
+            self.cell = weight_normed_cell(18, 4)
             self.out = nn.Linear(4, 3)
 
         def forward(self, x):
@@ -139,7 +141,7 @@ def test_mixed_with_a_layer_vmap_computes():
     batch = torch.randn(B, 3, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
     names = select_params(model)
     unsupported = HookGradientCapture.unsupported(model, names)
-    assert unsupported == ["cell.weight_ih", "cell.weight_hh", "cell.bias_ih", "cell.bias_hh"]
+    assert unsupported == ["cell.parametrizations.weight_ih.original0", "cell.parametrizations.weight_ih.original1"]
     proj = projector_for(model, names, 8)
     capture = HookGradientCapture(model, [n for n in names if n not in unsupported], proj)
     grads, _ = per_sample_grads(model, loss_fn, batch, names, proj, capture)

@@ -208,7 +208,7 @@ def test_a_change_in_the_middle_of_an_epoch_is_seen_at_the_next_checkpoint(log_d
 def _retrain(log: InfluenceLog, ds: TensorDataset, drop: int | None, frozen_until: int) -> FrozenBN:
     """A plain torch.optim loop (SGD, momentum 0.9) on the logged batches and rates from θ_0 and its statistics, the
     BatchNorm in eval mode before step ``frozen_until`` and in train mode after, sample ``drop`` out of every batch (its
-    forward too), the others' weights ``1/|B_t|`` kept (math §2)."""
+    forward too), the others' weights ``1/|B_t|`` kept (docs/influence-math.md §2)."""
     module = FrozenBN(dropout=0.0)
     module.load_state_dict({**{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint(0).items()},
                             **{n: torch.from_numpy(np.array(v)) for n, v in log.checkpoint_buffers(0).items()}})

@@ -157,11 +157,12 @@ def _token_data(n: int, seed: int):
 def test_recurrent_models_train_and_replay_without_vmap(tmp_path, cell):
     """vmap has no batching rule for an LSTM (nor a packed GRU): the tracker crashed at the first step and replay
     leave-one-out in its batched copies. Rows now come from backward passes (equal to autograd on each sample alone),
-    the copies run one by one, and DIT's linear removal is the derivative of that replay."""
+    the copies run one by one, and DIT's linear removal is the derivative of that replay. (``gradient_engine="vmap"``:
+    the recurrent modules have a hook engine now, ``tests/test_recurrent.py``; this is the fallback's test.)"""
     data, val = _token_data(16, 0), _token_data(8, 1)
     torch.manual_seed(0)
     tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=6,
-                               checkpoint_every_n_steps=1, storage_dtype="float64")
+                               checkpoint_every_n_steps=1, storage_dtype="float64", gradient_engine="vmap")
     with pytest.warns(UserWarning, match="vmap cannot evaluate"):
         fit(Recurrent(cell).double(), loader(data, batch_size=4), tracker, epochs=1)
     log = InfluenceLog(tmp_path / "log")

@@ -1,4 +1,4 @@
-"""PBRF (math §6): closed forms for a linear model with squared loss, the Gauss-Newton algebra for
+"""PBRF (docs/influence-math.md §6): closed forms for a linear model with squared loss, the Gauss-Newton algebra for
 cross-entropy, solvers, the gap decomposition and the refusals."""
 
 from __future__ import annotations

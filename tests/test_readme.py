@@ -26,7 +26,7 @@ def test_readme_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     table = out[out.index("most harmful for mean_loss:"):].splitlines()
     assert table[1].split() == ["rank", "id", "score", "label"] and len(table) == 7  # header + 5 rows
     rows = list(csv.DictReader((tmp_path / "runs" / "influence-scores.csv").open()))
-    assert len(rows) == 600 and set(rows[0]) == {"id", "label", "score", "rank"}
+    assert len(rows) == 600 and list(rows[0]) == ["method", "query", "window", "t1", "t2", "rank", "id", "score", "label"]
     by_rank = sorted(rows, key=lambda r: int(r["rank"]))
     for line, row in zip(table[2:], by_rank):  # the printed top 5 are the CSV's ranks 1..5
         rank, i, score, label = line.split()

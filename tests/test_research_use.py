@@ -3,6 +3,8 @@ defect a user met, checked against an independent computation."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -103,6 +105,11 @@ def labels_beyond_outputs():
     return {{"module": model, "train_data": WithIds(TensorDataset(xt, yt + 10)), "val_data": (xv, yv)}}
 
 
+def no_flips():
+    model, xt, yt, xv, yv = _parts()
+    return {{"module": model, "train_data": WithIds(TensorDataset(xt, yt)), "val_data": (xv, yv)}}
+
+
 def narrow_query():
     model, xt, yt, xv, yv = _parts()
     return {{"module": model, "train_data": WithIds(TensorDataset(xt, yt)), "val_data": (xv[:, :32], yv)}}
@@ -128,6 +135,26 @@ def test_data_the_model_cannot_take_is_a_user_error(run, tmp_path, capsys, build
         code, _, err = cli(capsys, "evaluate", run.log, "--builder", f"{path}:{builder}", "-m", "tracin", "-q",
                            "--samples", "0,1")
         assert code == 2 and "fails on the training data" in err, err
+
+
+def test_evaluate_shows_flipped_only_where_known_and_writes_its_table_to_csv(run, tmp_path, capsys):
+    """evaluate had a 'flipped' column, empty, for a run that knows no flipped labels (read as 'none flipped'), wrote
+    flipped as 'yes'/'' where query's CSV writes True/False, and left the --pbrf column out of its CSV."""
+    path = tmp_path / "builders.py"
+    path.write_text(BUILDER.format(config=run.config))
+    code, out, err = cli(capsys, "evaluate", run.log, "--builder", f"{path}:no_flips", "-m", "tracin", "--samples",
+                         "3,7", "--truth", "none", "-q")
+    assert code == 0, err
+    assert out.splitlines()[1].split() == ["id", "label", "truth", "tracin"]
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--samples", "3,7,11", "--pbrf", "-f", "csv", "-q")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["id", "label", "flipped", "truth", "pbrf", "pbrf_converged", "tracin"]
+    flipped = set(_flipped(run).tolist())
+    assert [r["flipped"] for r in rows] == [str(i in flipped) for i in (3, 7, 11)]
+    code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--samples", "3,7,11", "--pbrf", "-f", "json", "-q")
+    pbrf = [s["pbrf"] for s in json.loads(out)["samples"]]
+    assert [float(r["pbrf"]) for r in rows] == pbrf
 
 
 def test_timeline_grid_spellings(run):

@@ -1,4 +1,4 @@
-"""TracIn (math §5) against a brute-force float64 recomputation from checkpoints and raw data."""
+"""TracIn (docs/influence-math.md §5) against a brute-force float64 recomputation from checkpoints and raw data."""
 
 from __future__ import annotations
 

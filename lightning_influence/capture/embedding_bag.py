@@ -1,29 +1,35 @@
-"""The layer engine of ``nn.EmbeddingBag`` (modes ``sum`` and ``mean``; ``docs/per-sample-gradients.md``, the table
-of layers).
+"""The layer engine of ``nn.EmbeddingBag`` (modes ``sum``, ``mean`` and ``max``; ``docs/per-sample-gradients.md``, the
+table of layers).
 
 Bag ``b``'s output is ``Σ_n c_n W[id_n]`` over its entries (``c_n`` the entry's ``per_sample_weights`` in ``sum`` mode,
 ``1 / |bag|`` in ``mean`` mode, 0 at ``padding_idx``), so with one bag per sample its per-sample gradient is
 ``(Σ_n c_n e_{id_n}) g_bᵀ``: a rank-1 matrix, projected as the outer product of ``Σ_n c_n P_r[id_n]`` and ``g_b P_c``.
 The row side is the bag layer itself with ``P_r`` as its table (``F.embedding_bag`` on the same ids, offsets, weights and
 mode: the same bags, the same coefficients), made in the forward hook; nothing of size ``num_embeddings`` per sample.
-``max`` mode (a different row per output column) goes to vmap; so does a bag count other than the batch's (the block
-is then not one row per sample: :meth:`HookGradientCapture.collect` hands the module to vmap).
+In ``max`` mode column ``j`` of the output is ``W[m_j, j]`` at the row ``m_j`` where the bag's maximum is, so the
+gradient is ``Σ_j g_j e_{m_j} e_jᵀ``, projected as ``Σ_j P_r[m_j] ⊗ g_j P_c[j]`` (one batched product over the columns
+``j`` as tokens); ``m`` is the forward's own (the maximum's rows its autograd node keeps), an empty bag (no entry, or
+only ``padding_idx``) has none. A bag count other than the batch's goes to vmap (the block is then not one row per
+sample: :meth:`HookGradientCapture.collect` hands the module to vmap).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Blocks, LayerEngine, _wide
-from .projection import Outer
+from .projection import Outer, contract
 
 __all__ = ["EmbeddingBagEngine"]
 
 
 class EmbeddingBagEngine(LayerEngine):
-    """``nn.EmbeddingBag`` (``sum``, ``mean``): ``(Σ_n c_n P_r[id_n]) ⊗ g_b P_c`` per bag (module doc)."""
+    """``nn.EmbeddingBag``: ``(Σ_n c_n P_r[id_n]) ⊗ g_b P_c`` per bag (``sum``, ``mean``), ``Σ_j P_r[m_j] ⊗ g_j P_c[j]``
+    (``max``; module doc)."""
 
     types = (nn.EmbeddingBag,)
     attrs = ("weight",)
@@ -32,7 +38,7 @@ class EmbeddingBagEngine(LayerEngine):
         self._call: tuple[Tensor | None, Tensor | None] | None = None  # one module's (attach): offsets, weights
 
     def supports(self, mod, attr):
-        return attr == "weight" and mod.mode in ("sum", "mean") and mod.max_norm is None and not mod.scale_grad_by_freq
+        return attr == "weight" and mod.max_norm is None and not mod.scale_grad_by_freq
 
     def attach(self, mod, records, active, targets, projector, memo=None):
         own = EmbeddingBagEngine()  # this module's: the offsets and weights of the call in flight
@@ -47,6 +53,8 @@ class EmbeddingBagEngine(LayerEngine):
     def save(self, mod, inp, targets, projector, output=None):
         offsets, weights = self._call or (None, None)
         self._call = None
+        if mod.mode == "max":
+            return _maxima(output)
         name = targets["weight"]
         dtype = _wide(output).dtype if output is not None else torch.float32
         p_r = projector.side_matrices(name, dtype, inp.device)[0]
@@ -58,4 +66,27 @@ class EmbeddingBagEngine(LayerEngine):
 
     def blocks(self, mod, rows, g_out, targets, projector) -> Blocks:
         name = targets["weight"]
-        return {name: Outer(rows, projector.project_cols(name, _wide(g_out)))}
+        g = _wide(g_out)
+        if isinstance(rows, _Maxima):
+            p_r, p_c = projector.side_matrices(name, g.dtype, g.device)
+            p_r = torch.eye(mod.num_embeddings, dtype=g.dtype, device=g.device) if p_r is None else p_r
+            p_c = torch.eye(mod.embedding_dim, dtype=g.dtype, device=g.device) if p_c is None else p_c
+            return {name: contract(p_r[rows.rows] * rows.found[:, None, None], g[:, :, None] * p_c)}
+        return {name: Outer(rows, projector.project_cols(name, g))}
+
+
+class _Maxima(NamedTuple):
+    """A ``max``-mode call's row of each bag's maximum, a column at a time ``(B, D)``, and which bags have one ``(B,)``."""
+
+    rows: Tensor
+    found: Tensor
+
+
+def _maxima(output: Tensor) -> _Maxima:
+    """The rows of the maxima the forward's autograd node keeps for its backward (PyTorch's ``max_indices``; ``bag_size``
+    zero for an empty bag)."""
+    node = output.grad_fn
+    if type(node).__name__ != "EmbeddingBagBackward0":
+        raise ValueError(f"an EmbeddingBag(mode='max') output made by {type(node).__name__}, not EmbeddingBagBackward0: "
+                         "its maxima are unknown to the hook engine; exclude its weight (exclude_params) for vmap")
+    return _Maxima(node._saved_result3, (node._saved_result2 > 0).to(_wide(output).dtype))

@@ -1,6 +1,6 @@
 """Hessian-vector products: finite differences of first-order gradients, and exact.
 
-The finite-difference form (influence-math §3)::
+The finite-difference form (docs/influence-math.md §3)::
 
     H v ≈ ‖v‖ · (∇L(θ + ε v̂) − ∇L(θ − ε v̂)) / (2ε),   v̂ = v/‖v‖,   ε = ε_0 (1 + ‖θ‖)/√p
 

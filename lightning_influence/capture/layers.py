@@ -24,8 +24,11 @@ the gradient hook (:class:`KeptInput`).
 - ``nn.Embedding``: ``G_b = sum_l e_{id_{b,l}} g_{b,l}^T``, so the row side is a gather of
   ``P_r`` at the sample's token ids (``padding_idx`` rows get no gradient).
 - ``nn.Bilinear`` (:mod:`.bilinear`): a Linear on ``x1 ⊗ x2``, its column side made without the outer product.
-- ``nn.RNNCell``, ``nn.GRUCell`` (:mod:`.rnn_cells`): Linear blocks of the gradients at the two pre-activations.
-- ``nn.EmbeddingBag`` (:mod:`.embedding_bag`, ``sum``/``mean``): the row side is the bag layer with ``P_r`` as its table.
+- ``nn.RNNCell``, ``nn.GRUCell``, ``nn.LSTMCell`` (:mod:`.rnn_cells`): Linear blocks of the gradients at the two pre-activations.
+- ``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` (:mod:`.recurrent`): the same, over time, from a replay of the layers in the
+  gradient hook.
+- ``nn.EmbeddingBag`` (:mod:`.embedding_bag`): ``sum``/``mean``: the row side is the bag layer with ``P_r`` as its table;
+  ``max``: the rows of the maxima gathered from ``P_r``, a column at a time.
 - ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``: the weight gradient is
   ``sum g * x_hat`` and the bias gradient ``sum g`` over all but the parameter's dims; ``x_hat``
   comes from the mean and rstd the forward saved for autograd (LayerNorm, GroupNorm: a GroupNorm's sums are
@@ -492,10 +495,12 @@ from .conv_transpose import ConvTransposeEngine  # noqa: E402
 from .prelu import PReLUEngine  # noqa: E402
 from .embedding_bag import EmbeddingBagEngine  # noqa: E402
 from .bilinear import BilinearEngine  # noqa: E402
-from .rnn_cells import RNNCellEngine  # noqa: E402
+from .rnn_cells import LSTMCellEngine, RNNCellEngine  # noqa: E402
+from .recurrent import RecurrentEngine  # noqa: E402
 
 _ENGINES: tuple[LayerEngine, ...] = (LinearEngine(), EmbeddingEngine(), ConvEngine(), NormEngine(), AttentionEngine(),
                                      BatchNormEngine(), ConvTransposeEngine(), PReLUEngine(), EmbeddingBagEngine(),
-                                     BilinearEngine(), RNNCellEngine())
+                                     BilinearEngine(), RNNCellEngine(), LSTMCellEngine(),
+                                     RecurrentEngine())
 
 from .owners import capture_owners, engine_for, foldable_biases  # noqa: E402 - they read _ENGINES

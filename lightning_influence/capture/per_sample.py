@@ -13,7 +13,7 @@ Two exact engines, mixed per parameter by :func:`per_sample_grads`:
   on every training step.
 - :func:`per_sample_grads_vmap`: ``torch.func`` ``vmap(grad)`` over samples, for any
   parameter; the fallback for the parameters no hook covers. Where ``vmap`` has no batching rule
-  (``nn.LSTM``/``nn.GRU``, packed sequences), :func:`per_sample_grads_backward`: one batched forward and
+  (an ``nn.LSTM`` left to it, packed sequences), :func:`per_sample_grads_backward`: one batched forward and
   a backward pass per sample.
 
 Both assume samples do not interact in the forward pass (no BatchNorm in train mode).
@@ -84,7 +84,7 @@ class HookGradientCapture:
     """Exact per-sample gradients of the parameters of common layers, from hooks.
 
     One engine per layer type (:mod:`.layers`: Linear on inputs of any rank, Conv1d/2d/3d,
-    ConvTranspose1d/2d/3d, Bilinear, RNNCell, GRUCell, Embedding, EmbeddingBag, LayerNorm/GroupNorm/RMSNorm, BatchNorm, InstanceNorm, PReLU, MultiheadAttention) saves what it needs from
+    ConvTranspose1d/2d/3d, Bilinear, RNNCell, GRUCell, LSTMCell, RNN/GRU/LSTM, Embedding, EmbeddingBag, LayerNorm/GroupNorm/RMSNorm, BatchNorm, InstanceNorm, PReLU, MultiheadAttention) saves what it needs from
     each forward call (hooks registered once, inactive until :meth:`enable`) and, with the
     output gradient of the backward pass, forms every sample's projected gradient in
     :meth:`collect`. ``param_names`` may be a subset of the projector's tensors (the others
@@ -149,7 +149,10 @@ class HookGradientCapture:
     @property
     def outputs(self) -> list[Any]:
         """Gradient edges of the outputs of the captured calls whose gradient has not arrived yet."""
-        return [r[2] for records in self._all_records() for r in records if r[2] is not None]
+        edges = [r[2] for records in self._all_records() for r in records if r[2] is not None]
+        # a layer with several outputs (recurrent.MultiOutputEngine) keeps one edge each
+        return [e for edge in edges for e in (edge if type(edge) is tuple else (edge,))] if any(
+            type(e) is tuple for e in edges) else edges
 
     @property
     def pending(self) -> int:

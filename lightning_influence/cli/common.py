@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import sys
@@ -17,6 +15,7 @@ from lightning_influence.progress import ProgressBar, process_rank
 
 if TYPE_CHECKING:
     from lightning_influence.cli.context import RunContext
+    from lightning_influence.log import InfluenceLog
 
 PROG = "lightning-influence"
 
@@ -120,7 +119,8 @@ def check_workers(workers: int) -> None:
 
 
 # ------------------------------------------------------------------------------ log loading
-def open_log(path: str):
+def open_log(path: str) -> InfluenceLog:
+    """The log at ``path``; a missing path, a file or a damaged log is a :class:`UserError` saying what to pass."""
     from lightning_influence.log import InfluenceLog, LogFormatError
 
     p = Path(path)
@@ -136,6 +136,7 @@ def open_log(path: str):
 
 
 def parse_window(log: Any, spec: str | None) -> tuple[int, int]:
+    """``--window`` as a step range of ``log`` (``InfluenceLog.window``); a bad spec is a :class:`UserError`."""
     try:
         return log.window(spec)
     except ValueError as err:
@@ -288,15 +289,6 @@ def output_format(args: argparse.Namespace) -> str:
     return {".csv": "csv", ".json": "json"}.get(suffix, "table")
 
 
-def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow(["" if c is None else (repr(float(c)) if isinstance(c, (float, np.floating)) else c) for c in r])
-    return buf.getvalue()
-
-
 def json_text(obj: Any) -> str:
     def default(o: Any) -> Any:
         if isinstance(o, np.integer):
@@ -310,19 +302,6 @@ def json_text(obj: Any) -> str:
         return str(o)
 
     return json.dumps(obj, indent=2, default=default)
-
-
-def sort_order(sort: str | None, query: str) -> str:
-    """``--sort`` as given, or its default for ``query``: the most self-influential first for self-influence (where
-    mislabelled samples are), the most negative (for a loss: the most harmful) first otherwise."""
-    return sort or ("positive" if query == "self" else "negative")
-
-
-def ranked(scores: np.ndarray, sort: str, top: int | None) -> np.ndarray:
-    """Ids ordered by ``sort`` (``negative``: most negative first, ``positive``, ``abs``), the first ``top``."""
-    key = {"negative": scores, "positive": -scores, "abs": -np.abs(scores)}[sort]
-    order = np.argsort(key, kind="stable")
-    return order if not top else order[:top]
 
 
 def sign_line(is_loss: bool, name: str) -> str:

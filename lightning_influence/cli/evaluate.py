@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lightning_influence.cli.common import (UserError, add_process_args, check_workers, csv_text, drift_line, emit,
-                                            flip_cell, format_table, json_text, output_format, parse_window, processes,
+from lightning_influence.cli.common import (UserError, add_process_args, check_workers, drift_line, emit, flip_cell,
+                                            format_table, json_text, output_format, parse_window, processes,
                                             progress_bar, status)
 from lightning_influence.cli.context import RunContext, prepare
 from lightning_influence.cli.datacheck import check_training_data
@@ -16,22 +16,23 @@ from lightning_influence.cli.methods import (METHODS, Method, call_with, canonic
                                              estimator_inputs, method_help, run_method, train_data_of)
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 from lightning_influence.distributed import DistributedQueryError, global_rank
+from lightning_influence.estimators.scores import csv_text, ranked, sort_order
 from lightning_influence.evaluation.verdict import truth_noise_floor, verdict
 from lightning_influence.replay import samples_by_id_needed
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("evaluate", parents=[parents["common"], parents["model"], parents["query"]], help="ground truth on chosen samples, and metrics",
-                       description="Replay training without each chosen sample (leave-one-out ground truth, math §6), "
-                                   "compare with the estimators, and print agreement metrics; with known flipped labels, "
-                                   "also their detection AUROC and precision.")
+                       description="Replay training without each chosen sample (leave-one-out ground truth, "
+                                   "docs/influence-math.md §6), compare with the estimators, and print agreement "
+                                   "metrics; with known flipped labels, also their detection AUROC and precision.")
     p.add_argument("--method", "-m", type=canonical_method, choices=list(METHODS), action="append", metavar="METHOD",
                    help=method_help() + "; repeatable")
     p.add_argument("--window", "-w", metavar="W", help="the window (default: the whole run)")
     p.add_argument("--samples", "-s", default="top:10",
-                   help="ids '3,17,42', 'top:K' (the K first by the first method: most negative, or largest self-influence), 'bottom:K', "
-                        "'random:K', "
-                        "'flipped:K' (default top:10)")
+                   help="ids '3,17,42', 'top:K' (the K first in the first method's --sort order: by default most "
+                        "negative, or largest self-influence, as query lists them), 'bottom:K' (the K last), "
+                        "'random:K', 'flipped:K' (default top:10); with --sort the rows are listed in that order")
     p.add_argument("--truth", choices=("replay", "none"), default="replay",
                    help="ground truth: replay leave-one-out (default) or none (detection metrics only)")
     p.add_argument("--in-window", action="store_true",
@@ -61,9 +62,9 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def _parse_samples(spec: str, n: int, ctx: RunContext | None, estimate: Callable[[], np.ndarray], seed: int,
-                   order_kind: str = "loss") -> np.ndarray:
-    """The chosen sample ids; ``top``/``bottom`` in the first method's order (``order_kind``: ``"loss"``, most
-    negative first, or ``"self"``, largest first: :func:`~lightning_influence.tasks.harmful_order`)."""
+                   sort: str = "negative") -> np.ndarray:
+    """The chosen sample ids; ``top``/``bottom`` the first/last in the first method's ``sort`` order
+    (:func:`~lightning_influence.estimators.scores.ranked`, as ``query --sort`` lists them)."""
     kind, _, arg = spec.partition(":")
     chosen = kind in ("top", "random", "flipped", "bottom")
     k, ids = 0, np.zeros(0, dtype=np.int64)
@@ -75,13 +76,14 @@ def _parse_samples(spec: str, n: int, ctx: RunContext | None, estimate: Callable
         else:
             ids = np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
     except ValueError:
-        raise UserError(f"--samples {spec!r}: use ids '3,17,42', 'top:K' (most negative; largest self-influence), 'bottom:K', 'random:K' or "
-                        "'flipped:K'") from None
+        raise UserError(f"--samples {spec!r}: use ids '3,17,42', 'top:K' (the first in --sort order), 'bottom:K', "
+                        "'random:K' or 'flipped:K'") from None
     if kind in ("top", "bottom"):
-        from lightning_influence.tasks import harmful_order
-
         est = estimate()
-        return harmful_order(est if kind == "top" else -est, order_kind)[:k]
+        if not np.all(np.isfinite(est)):
+            raise UserError(f"--samples {spec}: the first method's scores contain NaN or infinite values")
+        order = ranked(est, sort, None)
+        return order[:k] if kind == "top" else order[::-1][:k]
     if kind == "random":
         if seed < 0:
             raise UserError(f"--seed must be an int >= 0, got {seed}")
@@ -146,7 +148,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         drifts[key] = (scores.info or {}).get("replay_drift")
         qname = query_columns(scores.query_names, names, specs)[0][1]
     first = next(iter(estimates.values()))
-    samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed, next(iter(kinds.values())))
+    sort = sort_order(args.sort, "self" if next(iter(kinds.values())) == "self" else qname)  # as query orders them
+    samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed, sort)
+    if args.sort:  # the rows in --sort order of the first method, as query and timeline list theirs
+        samples = samples[ranked(first[samples], sort, None)]
     truth, floor = None, None
     answering = [m for m, k in kinds.items() if k == "loss"]  # self-influence answers each sample's own loss
     if args.truth == "replay" and not answering:
@@ -188,7 +193,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = {"log": args.log, "window": args.window or "whole run", "steps": [t1, t2], "query": qname,
               "samples": [{"id": int(j), "label": int(lb) if lb >= 0 else None, "flipped": flip_cell(ctx, int(j)),
                            "truth": None if truth is None else float(truth[k]),
-                           **({"pbrf": float(trust["pbrf"].scores[k, 0])} if "pbrf" in trust else {}),
+                           **({"pbrf": float(trust["pbrf"].scores[k, 0]),
+                               "pbrf_converged": bool(trust["pbrf"].converged[k])} if "pbrf" in trust else {}),
                            **{m: float(e[j]) for m, e in estimates.items()}}
                           for k, (j, lb) in enumerate(zip(samples, labels))],
               "metrics": metrics, "truth_noise_floor": floor,
@@ -199,16 +205,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if fmt == "json":
         emit(args, json_text(result))
         return 0
-    if fmt == "csv":
-        header = ["id", "label", "flipped", "truth", *estimates]
-        emit(args, csv_text(header, [[s["id"], s["label"], s["flipped"], s["truth"], *[s[m] for m in estimates]]
-                                 for s in result["samples"]]))
+    extra = ["pbrf", "pbrf_converged"] if "pbrf" in trust else []  # per sample: an unconverged solve says so
+    flips = ["flipped"] if flipped is not None else []  # a column only where the run knows its flipped labels
+    if fmt == "csv":  # the cells as query's CSV writes them (InfluenceScores' table): flipped True/False
+        header = ["id", "label", *flips, "truth", *extra, *estimates]
+        emit(args, csv_text(header, [[s["id"], s["label"], *[s["flipped"] == "yes" for _ in flips], s["truth"],
+                                      *[s[c] for c in extra], *[s[m] for m in estimates]] for s in result["samples"]]))
         return 0
     head = [f"evaluate: query {qname}, window {result['window']} = steps [{t1}, {t2}), {len(samples)} samples "
-            f"({args.samples}), ground truth: {'replay leave-one-out' if truth is not None else 'none'}"]
-    extra = ["pbrf"] if "pbrf" in trust else []
-    header = ["id", "label", "flipped", "truth", *extra, *estimates]
-    body = [[s["id"], s["label"] if s["label"] is not None else "?", s["flipped"] or "", s["truth"],
+            f"({args.samples}{f', sorted {sort} first by {next(iter(estimates))}' if args.sort else ''}), ground truth: "
+            f"{'replay leave-one-out' if truth is not None else 'none'}"]
+    header = ["id", "label", *flips, "truth", *extra, *estimates]
+    body = [[s["id"], s["label"] if s["label"] is not None else "?", *[s["flipped"] or "" for _ in flips], s["truth"],
              *[s[c] for c in extra], *[s[m] for m in estimates]] for s in result["samples"]]
     keys = sorted({k for row in metrics.values() for k in row}, key=lambda k: (k.startswith("flipped"), k))
     mtable = format_table(["method", *keys], [[m, *[f"{metrics[m][k]:.3f}" if k in metrics[m] else "-" for k in keys]]

@@ -73,7 +73,7 @@ _DIFFIN = "lightning_influence.estimators.diffin"
 _ADAPTIVE = ("Adam", "AdamW", "RMSprop", "Adagrad")
 METHODS: dict[str, Method] = {
     "dit": Method(f"{_DIT}:dit", "model+data", (), "DIT, exact adjoint sweep over [0, t2) replayed from the "
-                  "checkpoints (math §3)", timeline=f"{_DIT}:timeline"),
+                  "checkpoints (docs/influence-math.md §3)", timeline=f"{_DIT}:timeline"),
     "dit-fd": Method(f"{_DIT}:dit", "model+data", (), "DIT with finite-difference HVPs (first-order gradients only)",
                      timeline=f"{_DIT}:timeline", options=(("hvp", "fd"),)),
     "dit-frozen": Method(f"{_DIT}:dit", "model+data", (), "DIT with the adaptive optimizer's preconditioner frozen "
@@ -91,13 +91,15 @@ METHODS: dict[str, Method] = {
                            optimizers=("SGD",)),
     "diffin": Method(f"{_DIFFIN}:diffin", "model+data", ("gradients",),
                      "Diff-In, published form at every logged step, from the logged rows of each step's batch; "
-                     "H_z·G_B exact, or the logged products with --hvp fd (math §4)", fd_records=("hvp",)),
+                     "H_z·G_B exact, or the logged products with --hvp fd (docs/influence-math.md §4)",
+                     fd_records=("hvp",)),
     "diffin-step": Method(f"{_DIFFIN}:diffin", "model+data", ("gradients",),
                           "Diff-In per-step cumulative form (a named variant, docs/diffin.md)", options=(("form", "step"),)),
     "diffin-self": Method(f"{_DIFFIN}:diffin_self_influence", "model+data", ("gradients",),
                           "Diff-In self-influence I(z, z) for data cleaning (ignores --query)", query=False),
     "tracin": Method("lightning_influence.estimators.tracin:tracin", "model", ("gradients",),
-                     "TracIn: sum over the window's steps of lr/|B| <q_t, g_j,t> (first order, math §5)"),
+                     "TracIn: sum over the window's steps of lr/|B| <q_t, g_j,t> (first order, "
+                     "docs/influence-math.md §5)"),
     "tracin-self": Method("lightning_influence.estimators.tracin:tracin_self_influence", "log", ("gradients",),
                           "TracIn self-influence: sum of lr/|B| |g_j,t|^2 (data cleaning; ignores --query)", query=False),
 }

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import numpy as np
-
-from lightning_influence.cli.common import (PROG, UserError, add_process_args, csv_text, drift_line, emit, flip_cell,
-                                            format_table, json_text, output_format, parse_window, processes,
-                                            progress_bar, ranked, row_count, sign_line, sort_order)
+from lightning_influence.cli.common import (PROG, UserError, add_process_args, drift_line, emit, flip_cell, format_table,
+                                            json_text, output_format, parse_window, processes, progress_bar, row_count,
+                                            sign_line)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import SPLITS_HELP, METHODS, method_help, canonical_method, run_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 from lightning_influence.distributed import DistributedQueryError, global_rank
+from lightning_influence.estimators.scores import rows_csv, sort_order, table_rows
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -39,6 +38,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     specs = args.query or [parse_query("val_loss")]
     windows = [(w, parse_window(log, w)) for w in (args.window or [None])]
     query, names = build_query(specs, ctx) if METHODS[args.method].query else (None, [])
+    labels = ctx.labels if ctx else None
+    flipped = ctx.flipped if ctx else None
     results = []
     for spec_text, (t1, t2) in windows:
         label = spec_text or "whole run"
@@ -48,28 +49,21 @@ def cmd_query(args: argparse.Namespace) -> int:
         except DistributedQueryError as err:
             raise UserError(str(err)) from None
         for qi, qname, is_loss in query_columns(scores.query_names, names, specs):
-            s = scores.column(qi)
-            sort = sort_order(args.sort, qname)
-            ids = ranked(s, sort, args.top)
-            labels = ctx.labels(ids) if ctx else np.full(len(ids), -1)
-            rows = [{"rank": r, "id": int(j), "score": float(s[j]),
-                     "label": int(lb) if lb >= 0 else None, "flipped": flip_cell(ctx, int(j))}
-                    for r, (j, lb) in enumerate(zip(ids, labels), 1)]
+            table = table_rows(scores, top=args.top, sort=args.sort, labels=labels, flipped=flipped, query=qi)
+            rows = [{"rank": r["rank"], "id": r["id"], "score": r["score"], "label": r["label"],
+                     "flipped": flip_cell(ctx, r["id"])} for r in table]
             results.append({"method": scores.method, "query": qname, "loss_query": is_loss, "window": label,
-                            "steps": [int(t1), int(t2)], "n_samples": int(len(s)), "sort": sort, "rows": rows,
-                            "flipped_total": len(ctx.flipped) if ctx and ctx.flipped is not None else None,
-                            "info": scores.info})
+                            "steps": [int(t1), int(t2)], "n_samples": int(scores.scores.shape[0]),
+                            "sort": sort_order(args.sort, qname), "rows": rows, "table": table,
+                            "flipped_total": len(flipped) if flipped is not None else None, "info": scores.info})
     if parallel and global_rank() != 0:
         return 0  # rank 0 writes the result
     fmt = output_format(args)
     if fmt == "json":
-        emit(args, json_text({"log": args.log, "results": results}))
-    elif fmt == "csv":
-        flips = any(r["flipped_total"] is not None for r in results)
-        header = ["method", "query", "window", "t1", "t2", "rank", "id", "score", "label"] + (["flipped"] if flips else [])
-        body = [[res["method"], res["query"], res["window"], *res["steps"], row["rank"], row["id"], row["score"], row["label"]]
-                + ([row["flipped"] == "yes"] if flips else []) for res in results for row in res["rows"]]
-        emit(args, csv_text(header, body))
+        emit(args, json_text({"log": args.log, "results": [{k: v for k, v in res.items() if k != "table"}
+                                                           for res in results]}))
+    elif fmt == "csv":  # the table of InfluenceScores.to_csv: the same CSV from Python
+        emit(args, rows_csv([row for res in results for row in res["table"]], flipped is not None))
     else:
         emit(args, "\n\n".join(_query_text(res, args) for res in results))
     return 0

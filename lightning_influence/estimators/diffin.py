@@ -1,4 +1,4 @@
-"""Diff-In (math reference §4): influence as a cumulative sum of per-step differences.
+"""Diff-In (docs/influence-math.md §4): influence as a cumulative sum of per-step differences.
 
 Two forms, both reading the tracker's log (ids, learning rates, per-sample gradients, the
 finite-difference products ``H_{z,t} Ĝ_t``) and taking the Hessian-vector products they need
@@ -6,7 +6,7 @@ by central differences of first-order gradients in float64 (``hvp="fd"``, :mod:`
 forward-over-reverse (``hvp="exact"``, to measure what the finite differences cost).
 The derivation, its assumptions and the measurements are in ``docs/diffin.md``.
 
-``form="published"``: the authors' checkpoint form, as written (math §4)::
+``form="published"``: the authors' checkpoint form, as written (docs/influence-math.md §4)::
 
     I(z, V) = Σ_{t ∈ T_m} a_t · ⟨q_t, H_{B_t} g_{z,t} + H_{z,t} Ĝ_t⟩,     a_t = −t · η_t² / (N · m)
 
@@ -70,6 +70,7 @@ from lightning_influence.estimators.diffin_context import (FD_EDGE, HVP_MODES, V
 from lightning_influence.estimators.diffin_self import step_self_influence
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.sharding import ONE_PROCESS, StepShard
+from lightning_influence.datacheck import check_estimator_data
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
@@ -273,6 +274,7 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
             "self-influence in the step form evaluates every sample's own gradient at the window's ends"
         raise samples_by_id_needed(f"Diff-In: {what}",
                                    ", or use form='published' with samples='batch' (the logged rows of each step's batch)")
+    check_estimator_data(log, module, query, train_data, loss_fn)  # data the model cannot take: now, not in the sweep
     suffix = " self" if query is None else ""
     show = resolve_progress(progress, f"diffin-{form}{suffix.replace(' ', '-')}")
     if form == "published":

@@ -1,4 +1,4 @@
-"""DIT: exact time-windowed influence by an adjoint sweep (math reference §2-3).
+"""DIT: exact time-windowed influence by an adjoint sweep (docs/influence-math.md §2-3).
 
 For a query ``f`` and a window ``[t1, t2]`` of steps::
 
@@ -53,11 +53,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.scores import InfluenceScores, grid_column
+from lightning_influence.datacheck import check_estimator_data
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.estimators.sweep import HVP_MODES, _Context, _model_sweep
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, default_loss_fn
+from lightning_influence.queries import LossFn, Query, default_loss_fn, query_column
 from lightning_influence.estimators.gauss_newton import dit_gauss_newton  # noqa: F401 - public here too
 from lightning_influence.replay import Progress, TrainData, grid_steps, require_train_data, resolve_progress
 from lightning_influence.step.buffers import run_buffers
@@ -68,7 +69,7 @@ __all__ = ["Timeline", "dit", "dit_gauss_newton", "dit_local", "timeline", "HVP_
 
 # ================================================================================ public API
 def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, verify: bool,
-             tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact") -> _Context:
+             tolerance: float | None, max_memory_bytes: int, preconditioner: str = "exact", query: Query = None) -> _Context:
     if module is None:
         raise ValueError("DIT needs `module` (the architecture; weights come from the log)")
     require_train_data(log, train_data, "DIT", "to replay the run and take gradients")
@@ -81,7 +82,9 @@ def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_f
                       "renormalisation), as they were at each step: it leaves out how removing a sample moves them, "
                       "which queries in eval mode read (docs/replay.md: 0.4 of the score on a short train-mode BatchNorm "
                       "run). Replay leave-one-out (evaluate) includes it", RuntimeWarning, stacklevel=3)
-    return _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
+    ctx = _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
+    check_estimator_data(log, module, query, train_data, loss_fn)  # data the model cannot take: now, not in the sweep
+    return ctx
 
 
 def _method(ctx: _Context, base: str, hvp: str, approx: bool = False, removal: str = "step") -> str:
@@ -108,7 +111,7 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
         preconditioner: str = "exact", removal: str = "step", progress: Progress = None,
         shard: BatchShard | None = None
         ) -> InfluenceScores:
-    """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (math §3).
+    """DIT scores ``F_j(t2) − F_j(t1)`` of every training sample id for ``window`` (docs/influence-math.md §3).
 
     Exact in the linearisation for every supported optimizer (SGD with momentum/Nesterov/weight
     decay, Adam, AdamW, RMSprop, Adagrad; any schedule): the adjoint runs over the whole
@@ -136,8 +139,8 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
             optimizers' denominators held at their values in the run (approximation, cheaper:
             no ``λ_v`` columns; ``method`` says ``approx.``; its removal is linear).
         removal: ``"step"`` (each removal enters with its step's exact change of the update and optimizer state) or
-            ``"linear"`` (its derivative: ``∂f/∂w_j``, what the math reference's recursion computes). The same
-            numbers for SGD without clipping; ``"step"`` costs one per-sample gradient pass per step otherwise.
+            ``"linear"`` (its derivative: ``∂f/∂w_j``, what the recursion of docs/influence-math.md §2 computes). The
+            same numbers for SGD without clipping; ``"step"`` costs one per-sample gradient pass per step otherwise.
         progress: ``progress(done, total)`` callback or ``True`` for a bar on stderr.
         shard: evaluate only this process's rows of every step, summing the step's gradient, its Hessian-vector
             products and the scores over the processes (:mod:`lightning_influence.step.shard`; set by
@@ -148,11 +151,12 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
         output. Sign: positive = removing the sample raises ``f``.
     """
     t1, t2 = log.window(window)
-    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner, query)
     t0 = log.first_step  # > 0 for a log started by a resumed fit
     res = _model_sweep(ctx, query, t0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard, removal)
     out = res.values[t2] - (res.values[t1] if t1 > t0 else 0.0)
-    return InfluenceScores(out, _method(ctx, "dit", hvp, removal=removal), (t1, t2), res.names, info=res.info)
+    method = res.growth.report(_method(ctx, "dit", hvp, removal=removal), res.info)
+    return InfluenceScores(out, method, (t1, t2), res.names, info=res.info)
 
 
 @estimator_api
@@ -169,15 +173,15 @@ def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = Non
     :func:`dit` for late windows (``t2 − t1`` steps instead of ``t2``). Arguments as :func:`dit`.
     """
     t1, t2 = log.window(window)
-    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner, query)
     res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"), shard, removal)
-    return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True, removal=removal),
-                           (t1, t2), res.names, info=res.info)
+    method = res.growth.report(_method(ctx, "dit-local", hvp, approx=True, removal=removal), res.info)
+    return InfluenceScores(res.values[t2], method, (t1, t2), res.names, info=res.info)
 
 
 @dataclass
 class Timeline:
-    """``F_j(t)`` of every sample on a grid of steps (math §3).
+    """``F_j(t)`` of every sample on a grid of steps (docs/influence-math.md §3).
 
     Attributes:
         values: ``(N, G, Q)`` float64, ``values[j, g, q] = F_j(grid[g])`` for query ``q``.
@@ -193,15 +197,9 @@ class Timeline:
     method: str
     info: dict[str, Any] = field(default_factory=dict)
 
-    def _col(self, t: int) -> int:
-        hits = np.nonzero(self.grid == t)[0]
-        if not len(hits):
-            raise ValueError(f"step {t} is not on the timeline grid {self.grid.tolist()}")
-        return int(hits[0])
-
     def at(self, t: int) -> np.ndarray:
         """``F_j(t)`` ``(N, Q)`` at grid step ``t``."""
-        return self.values[:, self._col(t), :]
+        return self.values[:, grid_column(self.grid, t, "timeline"), :]
 
     def window(self, t1: int, t2: int) -> InfluenceScores:
         """``DIT[t1, t2] = F(t2) − F(t1)`` for two grid steps (additive by construction)."""
@@ -212,17 +210,14 @@ class Timeline:
 
     def increments(self, query: int | str = 0) -> np.ndarray:
         """``(N, G−1)`` DIT of each window between consecutive grid points."""
-        return np.diff(self.values[:, :, self._q(query)], axis=1)
-
-    def _q(self, query: int | str) -> int:
-        return self.query_names.index(query) if isinstance(query, str) else int(query)
+        return np.diff(self.values[:, :, query_column(self.query_names, query)], axis=1)
 
     def patterns(self, query: int | str = 0, thresholds: Any = None) -> Any:
         """Temporal pattern of each sample (negligible / stable / early / late / fluctuating), from
         :func:`lightning_influence.evaluation.patterns.classify_timeline`."""
         from lightning_influence.evaluation.patterns import classify_timeline
 
-        return classify_timeline(self.values[:, :, self._q(query)], thresholds)
+        return classify_timeline(self.values[:, :, query_column(self.query_names, query)], thresholds)
 
 
 @estimator_api
@@ -244,7 +239,7 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
         others: as :func:`dit`.
     """
     steps = grid_steps(log, grid)
-    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
+    ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner, query)
     t_hi = int(steps[-1])
     if t_hi == 0:
         raise ValueError("the grid must contain a step > 0")
@@ -256,4 +251,5 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
     for g, s in enumerate(steps):
         if s > t0:
             values[:, g, :] = res.values[int(s)]
-    return Timeline(values, steps, res.names, _method(ctx, "dit", hvp, removal=removal), info=res.info)
+    return Timeline(values, steps, res.names, res.growth.report(_method(ctx, "dit", hvp, removal=removal), res.info),
+                    info=res.info)

@@ -2,8 +2,8 @@
 "Finite-difference HVPs"; docs/diffin.md).
 
 ``H_t r`` and the per-sample ``⟨∇ℓ_j, r⟩`` come from first-order gradients of the weighted batch loss at
-``θ ± ε r̂`` (math §3; :func:`~lightning_influence.capture.hvp.fd_directional_derivative`), with no
-double-backward graph. In float32 no step is right: rounding wants ``ε`` large, while every ReLU unit that
+``θ ± ε r̂`` (docs/influence-math.md §3; :func:`~lightning_influence.capture.hvp.fd_directional_derivative`), with
+no double-backward graph. In float32 no step is right: rounding wants ``ε`` large, while every ReLU unit that
 crosses its kink between ``θ − ε r̂`` and ``θ + ε r̂`` (about ``∝ ε`` of them, each a jump ``∝ 1`` in the
 gradient) adds an ``O(1)`` bias to the quotient, so on a ReLU transformer DIT stayed ~1% from the exact sweep
 at every ``ε_0`` in 1e-3..3e-1. Here the two gradient passes run on a float64 copy of the module (parameters,

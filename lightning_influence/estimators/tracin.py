@@ -1,4 +1,4 @@
-"""TracIn (math reference §5): the first-order baseline, streamed over the log.
+"""TracIn (docs/influence-math.md §5): the first-order baseline, streamed over the log.
 
     TracIn_j[t1, t2] = Σ_{t ∈ [t1, t2), j ∈ B_t} η_t w_{j,t} · ⟨q_t, J_{C,t} g_{j,t}⟩
 
@@ -27,6 +27,7 @@ from lightning_influence.log.blocks import RowBlock
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
 from lightning_influence.queries import Query, query_gradients, query_names
+from lightning_influence.datacheck import check_query_data
 from lightning_influence.replay import checkpoint_params
 
 QueryGradients = Mapping[int, np.ndarray]  # checkpoint step -> (Q, K) projected query gradients
@@ -70,6 +71,7 @@ def tracin(log: InfluenceLog, query: Query | QueryGradients, *, module: nn.Modul
     if callable(query):
         if module is None:
             raise ValueError("tracin needs `module` (the architecture) to take query gradients from the checkpoints")
+        check_query_data(query, module, log)  # data the model cannot take: now, not inside the first checkpoint's gradient
         ckpts = [t for t in log.checkpoint_steps if t < t2]
         needed = sorted({ckpts[bisect.bisect_right(ckpts, t) - 1] for t in range(t1, t2) if bisect.bisect_right(ckpts, t)})
         qgrads, names = checkpoint_query_gradients(log, module, query, needed)
@@ -178,7 +180,7 @@ def _row_products(G: np.ndarray, M: np.ndarray, square: bool = False, dtype: np.
     instead of widening the whole block first: the float64 products at the cost of reading the stored rows once.
     ``dtype`` float32: ``M`` (and rows stored wider) rounded to float32 and each row's sum taken in float32; with
     ``u = 2⁻²⁴`` every entry is then within ``(K + 3)·u·Σ_k |G_rk|·|M_kc|`` (``|G_rk|²`` with ``square``) of the
-    float64 product (Higham, Accuracy and Stability of Numerical Algorithms, §3.1: ``K·u`` for the sum, ``u`` each
+    float64 product (Higham, Accuracy and Stability of Numerical Algorithms, sec. 3.1: ``K·u`` for the sum, ``u`` each
     for rounding ``M``, ``G`` and the square); tests/test_blocks.py checks the bound.
     """
     Mc = M.astype(dtype, copy=False)

@@ -1,4 +1,4 @@
-"""Evaluation: agreement metrics, temporal patterns, datamodel quality (math §6)."""
+"""Evaluation: agreement metrics, temporal patterns, datamodel quality (docs/influence-math.md §6)."""
 
 from lightning_influence.evaluation.metrics import (
     auroc,

@@ -1,4 +1,4 @@
-"""Datamodel quality without fitting a datamodel: how additive is *your* run? (math §6)
+"""Datamodel quality without fitting a datamodel: how additive is *your* run? (docs/influence-math.md §6)
 
 A linear datamodel predicts a query from which training samples were kept,
 ``f(S) ≈ β_0 + Σ_{i∈S} β_i``. Every additive attribution (influence scores summed over a
@@ -13,7 +13,7 @@ and all three come from noise stability ``Stab_ρ(f) = E[f(x) f(y)]`` at a few c
 levels ``ρ`` (:mod:`lightning_influence.evaluation.stability`), i.e. from retraining runs on
 random subsets, without fitting ``N`` weights. Here each run is the logged training replayed
 from ``θ_0`` on the recorded batches with the removed samples' losses weighted 0 and the
-batch denominator kept (math §2), by :func:`~lightning_influence.evaluation.ground_truth.replay_loo`
+batch denominator kept (docs/influence-math.md §2), by :func:`~lightning_influence.evaluation.ground_truth.replay_loo`
 (many subsets trained at once as stacked parameter copies; optionally split over processes).
 
 :func:`datamodel_quality` reports the Fourier split, its bootstrap standard errors, the
@@ -41,6 +41,7 @@ from lightning_influence.evaluation.stability import (
     fit_linear_datamodel,
     fourier_mass_from_stability,
     noise_stability,
+    stability_estimates,
 )
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
@@ -54,7 +55,7 @@ class ReplaySubsets:
     """``f(mask) = f(θ_T(S)) − f(θ_T)``: the logged run replayed on the kept samples ``S``.
 
     Removed samples (``mask[id] = False``) get loss weight 0 in every batch that held them, the
-    denominator ``|B_t|`` is kept, everything else is as logged (math §2). The constant
+    denominator ``|B_t|`` is kept, everything else is as logged (docs/influence-math.md §2). The constant
     ``f(θ_T)`` is subtracted for numerical comfort; it only moves ``W_0``.
 
     Calling it on one mask replays one run; :meth:`map` evaluates many masks at once as
@@ -189,6 +190,7 @@ class DatamodelQuality:
         return self.mass.correlation_ceiling
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values."""
         m = self.mass
         return {"p": self.p, "rhos": list(self.rhos), "pairs": self.pairs,
                 "W0": m.W0, "W1": m.W1, "residual": m.residual, "variance": m.variance,
@@ -197,6 +199,7 @@ class DatamodelQuality:
                 "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool, list))}}
 
     def table(self) -> str:
+        """The result as printable lines."""
         se = self.stderr
         lines = [f"datamodel quality, keep-probability p={self.p:g}, ρ={self.rhos}, {self.pairs} pairs "
                  f"({self.info.get('evaluations', '?')} retrainings)",
@@ -217,24 +220,6 @@ class DatamodelQuality:
 
 
 # ================================================================================ estimator
-def _stabilities(fx: np.ndarray, fy: dict[float, np.ndarray], rhos: Sequence[float]) -> dict[float, float]:
-    """The estimator of :func:`~lightning_influence.evaluation.stability.noise_stability` on given values
-    (``μ̂² + mean((f(x) − μ̂)(f(y) − μ̂))``, unbiased pair average at ``ρ = 0``), for bootstrap resamples."""
-    m = len(fx)
-    mu = float(fx.mean())
-    dx = fx - mu
-    out = {}
-    for r in rhos:
-        if r == 1.0:
-            cov = np.mean(dx * dx)
-        elif r == 0.0:
-            cov = -np.sum(dx * dx) / (m * (m - 1))
-        else:
-            cov = np.mean(dx * (fy[r] - mu))
-        out[r] = float(mu * mu + cov)
-    return out
-
-
 def _as_vector(scores: Any, n: int, query_index: int) -> np.ndarray:
     arr = getattr(scores, "scores", scores)
     arr = np.asarray(arr, dtype=np.float64)
@@ -293,7 +278,7 @@ def datamodel_quality_of(f: SubsetFn, n: int, *, p: float = 0.5, rhos: Sequence[
         draws = {"linear_fraction": [], "residual_fraction": [], "ceiling": []}
         for _ in range(bootstrap):
             idx = gen.integers(0, pairs, pairs)
-            s = _stabilities(fx[idx], {r: v[idx] for r, v in fy.items()}, rho_list)
+            s = stability_estimates(fx[idx], {r: v[idx] for r, v in fy.items()}, rho_list)
             mb = fourier_mass_from_stability(s, s[1.0], max_degree=max_degree)
             if mb.variance > 0:
                 draws["linear_fraction"].append(mb.W1 / mb.variance)

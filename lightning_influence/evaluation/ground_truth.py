@@ -1,8 +1,8 @@
-"""Ground truth for influence estimates: replay leave-one-out (math §6).
+"""Ground truth for influence estimates: replay leave-one-out (docs/influence-math.md §6).
 
 ``replay_loo`` re-runs training from the logged ``θ_0`` on the recorded batch sequence,
 learning rates and optimizer, with one sample (or a group) dropped from every batch that
-held it, the other samples' weights ``w_{i,t}`` kept (math §2; the step's recorded weights and
+held it, the other samples' weights ``w_{i,t}`` kept (docs/influence-math.md §2; the step's recorded weights and
 gradient clipping, :mod:`lightning_influence.step`), and records
 
     LOO_j(t) = f(θ^{-j}_t) − f(θ_t)
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.estimators.scores import InfluenceScores
+from lightning_influence.estimators.scores import InfluenceScores, grid_column
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_names
+from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_column, query_names
 from lightning_influence.replay_drift import DriftReport, check_checkpoint, resolve_tolerance, restore_buffers
 from lightning_influence.step.buffers import buffers_of, cloned, persistent_buffers, run_buffers
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
@@ -85,20 +85,14 @@ class LOOResult:
     removal_window: tuple[int, int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
-    def _col(self, t: int) -> int:
-        hits = np.nonzero(self.grid == t)[0]
-        if not len(hits):
-            raise ValueError(f"step {t} is not on the LOO grid {self.grid.tolist()}")
-        return int(hits[0])
-
     def at(self, t: int) -> np.ndarray:
         """``LOO(t)`` ``(n, Q)``."""
-        return self.values[:, self._col(t), :]
+        return self.values[:, grid_column(self.grid, t, "LOO"), :]
 
     def window(self, t1: int, t2: int, query: int | str = 0) -> np.ndarray:
         """Window truth ``LOO(t2) − LOO(t1)`` ``(n,)`` for one query."""
-        q = self.query_names.index(query) if isinstance(query, str) else int(query)
-        return self.values[:, self._col(t2), q] - self.values[:, self._col(t1), q]
+        q = query_column(self.query_names, query)
+        return self.at(t2)[:, q] - self.at(t1)[:, q]
 
     def as_scores(self, t1: int, t2: int, n_total: int) -> InfluenceScores:
         """The window truth as :class:`InfluenceScores` with ``n_total`` rows (NaN for samples not dropped)."""

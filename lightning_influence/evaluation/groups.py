@@ -1,8 +1,8 @@
-"""Group influence: do single-sample scores add up to the effect of removing a group? (math §6)
+"""Group influence: do single-sample scores add up to the effect of removing a group? (docs/influence-math.md §6)
 
 For a group ``S`` the replayed truth is ``Δf(S) = f(θ_T^{−S}) − f(θ_T)``: the logged run
 replayed from ``θ_0`` with every member's loss weighted 0 in the batches that held it
-(denominator kept, math §2), by
+(denominator kept, docs/influence-math.md §2), by
 :func:`~lightning_influence.evaluation.ground_truth.replay_loo` (groups trained together as
 stacked copies). An additive attribution predicts ``Σ_{j∈S} F_j``. The two agree when the
 query is close to linear in the subset (small degree ≥ 2 Fourier mass, see
@@ -148,12 +148,14 @@ class GroupAdditivity:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values."""
         return {"query": self.query_name, "threshold": self.threshold, "estimators": list(self.estimators),
                 "rows": self.rows, "summary": self.summary(), "breaks": self.breaks(),
                 "residual": {str(k): v for k, v in self.residual.items()},
                 "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool, list))}}
 
     def table(self) -> str:
+        """The result as printable lines."""
         est = self.estimators
         inter = "loo" in est
         head = f"{'group':<18} {'size':>5} {'Δf replayed':>12} " + " ".join(f"{'Σ' + e + '/Δf':>12}" for e in est)

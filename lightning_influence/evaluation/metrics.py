@@ -1,4 +1,4 @@
-"""Agreement metrics between influence estimates and ground truth (math §6).
+"""Agreement metrics between influence estimates and ground truth (docs/influence-math.md §6).
 
 Pure numpy functions: 1-D array-likes in, Python floats out. Inputs are validated
 (equal length, finite values, enough entries) and a ``ValueError`` names the problem.
@@ -11,7 +11,7 @@ Conventions:
 * Top-k sets take the ``k`` largest values (``largest=False``: smallest); ties at
   the boundary go to the lower index, so results are deterministic.
 * Detection metrics (precision/recall@k, AUROC) rank by ``scores``, larger meaning
-  "more likely positive". With the project's sign (§2: for a loss query, negative =
+  "more likely positive". With the project's sign (docs/influence-math.md §2: for a loss query, negative =
   harmful), pass ``-scores`` to detect harmful samples.
 """
 
@@ -239,10 +239,10 @@ def auroc(scores: ArrayLike, positives_mask: ArrayLike) -> float:
 
 
 def linear_datamodeling_score(scores: ArrayLike, subsets: ArrayLike, outcomes: ArrayLike) -> float:
-    """Linear Datamodeling Score (math §6): Spearman between ``Σ_{i∈S_k} τ_i`` and outcomes.
+    """Linear Datamodeling Score (docs/influence-math.md §6): Spearman between ``Σ_{i∈S_k} τ_i`` and outcomes.
 
     ``scores`` must be attributions in the *inclusion* sense (effect on ``f`` of having
-    sample i in the training set). Removal scores with the §2 sign
+    sample i in the training set). Removal scores with the sign of docs/influence-math.md §2
     (``F_j = f(θ^{-j}) - f(θ)``) point the other way: pass ``-F``.
 
     Args:

@@ -1,7 +1,7 @@
 """Temporal patterns of influence timelines: when did a sample matter?
 
 A timeline holds the cumulative influence ``F_j(t)`` of every sample on a grid of
-times (math §3); the difference of consecutive columns is the windowed influence
+times (docs/influence-math.md §3); the difference of consecutive columns is the windowed influence
 ``DIT_j`` of each window. This module sorts samples into five patterns from those
 per-window increments, calibrated against the noise of the scores:
 

@@ -1,4 +1,4 @@
-"""How additive can any attribution be? Datamodel quality from noise stability (math §6).
+"""How additive can any attribution be? Datamodel quality from noise stability (docs/influence-math.md §6).
 
 Following Saunshi et al. (2022): draw training subsets by keeping each of the ``N``
 samples independently with probability ``p`` (keep-indicator ``x ∈ {0,1}^N``) and
@@ -42,6 +42,7 @@ __all__ = [
     "fourier_mass_from_stability",
     "noise_stability",
     "sample_correlated_pairs",
+    "stability_estimates",
 ]
 
 SubsetFn = Callable[[np.ndarray], float]
@@ -161,18 +162,24 @@ def noise_stability(
         raise ValueError(f"map_fn returned {values.size} values for {masks.shape[0]} masks")
     if not np.all(np.isfinite(values)):
         raise ValueError("f returned NaN or infinite values")
-    fx = values[:m]
+    return stability_estimates(values[:m], dict(zip(noisy, values[m:].reshape(len(noisy), m), strict=True)), rho_list)
+
+
+def stability_estimates(fx: np.ndarray, fy: dict[float, np.ndarray], rhos: Sequence[float]) -> dict[float, float]:
+    """:func:`noise_stability`'s estimates from values already evaluated: ``fx`` the ``m`` values ``f(x)``, ``fy[ρ]``
+    their partners ``f(y)`` for each ``ρ`` in ``(0, 1)`` (``ρ ∈ {0, 1}`` need none). Separate so that a bootstrap can
+    resample the pairs (:func:`~lightning_influence.evaluation.datamodels.datamodel_quality_of`)."""
+    m = len(fx)
     mu = float(fx.mean())
     dx = fx - mu
-    dy = dict(zip(noisy, values[m:].reshape(len(noisy), m) - mu, strict=True))
     out: dict[float, float] = {}
-    for r in rho_list:
+    for r in rhos:
         if r == 1.0:
             cov = np.mean(dx * dx)
         elif r == 0.0:
             cov = -np.sum(dx * dx) / (m * (m - 1))
         else:
-            cov = np.mean(dx * dy[r])
+            cov = np.mean(dx * (fy[r] - mu))
         out[r] = float(mu * mu + cov)
     return out
 

@@ -206,7 +206,7 @@ def _ask_small(log: "InfluenceLog", seg: int, layouts: dict[tuple[int, str], _La
     """Ask the kernel for all of the small rows (ids, weights: a few bytes per row) of segment ``seg`` and of the rank's
     next segment, in the background, once per segment: each block's small runs then come from the page cache instead
     of costing a disk round trip of their own between the large direct reads of the gradient rows."""
-    from lightning_influence.log.reader import will_need
+    from lightning_influence.log.rows import will_need
 
     for s in (seg, seg + 1):
         if s >= len(log._segs) or log._segs[s].rank != log._segs[seg].rank or s in asked:
@@ -223,7 +223,7 @@ def _ask_small(log: "InfluenceLog", seg: int, layouts: dict[tuple[int, str], _La
 def _read_ahead(log: "InfluenceLog", seg: int) -> None:
     """Ask the kernel to read ``seg`` and the next segments of its rank, up to ``_READ_AHEAD_BYTES`` beyond it, in the
     background (``posix_fadvise(WILLNEED)``), so the disk is kept busy while the CPU reduces the rows already read."""
-    from lightning_influence.log.reader import will_need
+    from lightning_influence.log.rows import will_need
 
     ahead, nxt = 0, seg
     while nxt < len(log._segs) and log._segs[nxt].rank == log._segs[seg].rank and ahead <= _READ_AHEAD_BYTES:

@@ -7,12 +7,14 @@ chunk is read. Steps recorded by several ranks (DDP) are presented as one step w
 is the concatenation of the ranks' micro-batches, in rank order; only steps that every rank
 has closed are presented, so a log that is still being written, or whose run was killed,
 reads as its complete prefix (``end_note`` says where it ends and why).
+
+This module indexes the segments and presents the steps; the reads of their rows (open files, read-ahead blocks,
+checksums) are its base class's, :mod:`lightning_influence.log.rows`.
 """
 
 from __future__ import annotations
 
 import bisect
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,31 +23,19 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import h5py
 import numpy as np
 
-from lightning_influence.log.format import (
-    CHECKPOINT_GROUP,
-    HYPER_PREFIX,
-    ROW_CRC_COLUMNS,
-    ROW_DATASETS,
-    STEP_COLUMNS,
-    V1_DEFAULTS,
-    LogFormatError,
-    check_header,
-    crc32,
-    list_segments,
-    list_unfinished,
-    read_meta,
-    reading,
-    restore_hint,
-    text,
-)
+from lightning_influence.log.format import (CHECKPOINT_GROUP, HYPER_PREFIX, ROW_DATASETS, STEP_COLUMNS, V1_DEFAULTS,
+                                            LogFormatError, check_header, list_segments, list_unfinished, read_meta,
+                                            reading, text)
 from lightning_influence.log.integrity import check_rank, check_segment, read_checked, read_member
-from lightning_influence.log.outer import OUTER_ATTR, OuterColumns, dense_rows
+from lightning_influence.log.outer import OUTER_ATTR, OuterColumns
 from lightning_influence.log.lock import describe_holder, writer_state
 from lightning_influence.log.microbatches import MicroBatchRecord, read_micro_batches
+from lightning_influence.log.rows import Segment, SegmentRows, will_need
 from lightning_influence.log.schedule import logged_schedule
 from lightning_influence.log.windows import step_window
 
 if TYPE_CHECKING:
+    from lightning_influence.capture.projection import KroneckerProjector
     from lightning_influence.log.blocks import RowBlock
 
 
@@ -63,35 +53,15 @@ class StepBatch:
     weights: np.ndarray | None = None  # (|B_t|,) w_{i,t}, the weight of each sample's loss (InfluenceLog.weights)
 
 
-@dataclass
-class _Segment:
-    index: int  # position in InfluenceLog._segs
-    path: Path
-    rank: int
-    table: dict[str, np.ndarray]  # STEP_COLUMNS and "lr"
-    checkpoints: list[int]
-    outer: OuterColumns | None = None  # gradient rows stored with factored blocks (log/outer.py)
-
-    @property
-    def first(self) -> int:
-        return int(self.table["step"][0])
-
-    @property
-    def last(self) -> int:
-        return int(self.table["step"][-1])
-
 
 _FIELD_RECORD = {"loss": "losses", "grad": "gradients", "hvp": "hvp"}
 _FIELD_ATTR = {"loss": "losses", "grad": "grads", "hvp": "hvps"}
-_MAX_OPEN_FILES = 16  # segment files held open at once (least recently used are closed)
-_CHUNK_CACHE_BYTES = 2 << 20  # per open file; a gradient chunk is at most 1 MiB
 # asked from the kernel for every segment at open: HDF5's metadata and the step table lie at a file's start (the rows
 # follow) and a little at its end; opening a log of hundreds of segments otherwise waits for the disk at each
 _HEAD_BYTES, _TAIL_BYTES = 128 << 10, 64 << 10
-_BLOCK_BYTES = 16 << 20  # read-ahead per rank and dataset (see InfluenceLog._rows)
 
 
-class InfluenceLog:
+class InfluenceLog(SegmentRows):
     """Reader of an influence log directory.
 
     Opening reads and checks every segment's step table and attributes (checksummed); data
@@ -122,7 +92,7 @@ class InfluenceLog:
         self._blocks: dict[tuple[int, str], tuple[int, int, np.ndarray]] = {}  # (rank, dataset) -> (seg, first row, rows)
         self._absent: set[tuple[int, str]] = set()  # (segment, dataset) pairs a segment does not hold
         self._buffers: dict[tuple[int, str], np.ndarray] = {}  # reused block memory
-        self._segs: list[_Segment] = []
+        self._segs: list[Segment] = []
         self._segments: list[Path] = []
         self._width: int | None = None  # gradient columns K, equal in every segment
         world_size = int(self.meta.get("world_size") or 1)
@@ -136,7 +106,7 @@ class InfluenceLog:
             for p in paths:
                 will_need(p, 0, _HEAD_BYTES, tail=_TAIL_BYTES)
         try:
-            per_rank: list[list[_Segment]] = []
+            per_rank: list[list[Segment]] = []
             for rank in self.ranks:
                 start = len(self._segs)
                 for p in found.get(rank, []):
@@ -152,7 +122,7 @@ class InfluenceLog:
 
     # ----------------------------------------------------------------------------- opening
     def _index_segment(self, path: Path, rank: int) -> None:
-        seg = _Segment(len(self._segs), path, rank, {}, [])
+        seg = Segment(len(self._segs), path, rank, {}, [])
         self._segs.append(seg)
         self._segments.append(path)
         f = self._file(seg.index)
@@ -186,7 +156,7 @@ class InfluenceLog:
             raise LogFormatError(path, f"belongs to another run (run id {text(run_id)}, the log's meta.h5 says "
                                        f"{self.meta['run_id']}); remove segments copied from another log")
 
-    def _present(self, per_rank: list[list[_Segment]]) -> None:
+    def _present(self, per_rank: list[list[Segment]]) -> None:
         """Choose the steps every rank has closed; index learning rates, epochs and checkpoints."""
         stepped = [[s for s in segs if len(s.table["step"])] for segs in per_rank]
         firsts = {segs[0].first for segs in stepped if segs}
@@ -302,7 +272,7 @@ class InfluenceLog:
         """Parameter names of each optimizer param group."""
         return [g["params"] for g in self.meta["optimizer"]["param_groups"]]
 
-    def projector(self):  # -> KroneckerProjector
+    def projector(self) -> KroneckerProjector:
         """The projection used for the gradient rows, regenerated from the metadata."""
         from lightning_influence.capture.projection import KroneckerProjector
 
@@ -431,6 +401,7 @@ class InfluenceLog:
         return [int(f) for f in firsts if self.steps[0] <= f <= self.steps[-1]]
 
     def has_grads(self, step: int) -> bool:
+        """Whether ``step`` has gradient rows on every rank (``every_n_steps`` records them at some steps only)."""
         return all(self._segs[seg].table["grad_offset"][row] >= 0 for seg, row in self._locs(step))
 
     def all_ids(self) -> np.ndarray:
@@ -469,6 +440,7 @@ class InfluenceLog:
             return {name: {**{k: read_checked(path, v) for k, v in sg.items()}, **dict(sg.attrs)} for name, sg in g["optimizer"].items()}
 
     def close(self) -> None:
+        """Close the open segment files and drop the read-ahead buffers (the log reopens files when read again)."""
         for f in self._files.values():
             f.close()
         self._files.clear()
@@ -502,105 +474,6 @@ class InfluenceLog:
             out.append((seg, step - self._segs[seg].first))
         return out
 
-    def _file(self, seg: int) -> h5py.File:
-        f = self._files.get(seg)
-        if f is not None:
-            self._files.move_to_end(seg)
-            return f
-        path = self._segments[seg]
-        try:
-            f = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES, rdcc_nslots=1031)
-        except FileNotFoundError:
-            raise LogFormatError(path, "disappeared while the log was open (a resumed run truncated the log?); "
-                                       "open the log again") from None
-        except Exception as err:  # noqa: BLE001 - any open failure is a damaged file
-            raise LogFormatError(path, f"cannot be opened as HDF5 (truncated or corrupted?): {type(err).__name__}: "
-                                       f"{err}. {restore_hint(path)}") from err
-        self._files[seg] = f
-        if len(self._files) > _MAX_OPEN_FILES:
-            _, old = self._files.popitem(last=False)
-            old.close()
-        return f
-
-    def _read(self, seg: int, row: int, field_: str) -> np.ndarray | None:
-        """The rows of ``field_`` of the step at ``row`` of segment ``seg`` (``None`` if not recorded)."""
-        s = self._segs[seg]
-        table = s.table
-        n = int(table["sample_count"][row])
-        step = int(table["step"][row])
-        off = int(table["sample_offset"][row] if field_ in ("id", "loss", "weight") else table["grad_offset"][row])
-        if off < 0:
-            return None
-        with reading(s.path, f"{field_!r} of step {step}"):
-            out = self._rows(seg, ROW_DATASETS[field_], off, n)
-        if out is None:
-            return None
-        self._verify(seg, row, field_, out)
-        if field_ == "id":
-            self._check_ids(seg, step, out)
-        return self._dense(seg, field_, out)
-
-    def _dense(self, seg: int, field_: str, rows: np.ndarray) -> np.ndarray:
-        """``rows`` of ``field_`` from segment ``seg`` (checked against their CRC-32) in the projector's columns: gradient
-        rows stored with factored blocks are expanded (``log/outer.py``), others returned as they are."""
-        return dense_rows(rows, self._segs[seg].outer) if field_ == "grad" else rows
-
-    def _verify(self, seg: int, row: int, field_: str, out: np.ndarray) -> None:
-        """Refuse the ``field_`` rows ``out`` of the step at ``row`` of segment ``seg`` unless they match its CRC-32."""
-        s = self._segs[seg]
-        if crc32(out) != int(s.table[ROW_CRC_COLUMNS[field_]][row]):
-            raise LogFormatError(s.path, f"the {field_!r} rows of step {int(s.table['step'][row])} fail their CRC-32: "
-                                         f"the file is corrupted. {restore_hint(s.path)}")
-
-    def _check_ids(self, seg: int, step: int, ids: np.ndarray) -> None:
-        """Refuse checksummed ids that are not indices into the training set (``step``: the first step they belong to)."""
-        size = self.meta.get("dataset_size")
-        if len(ids) and (int(ids.min()) < 0 or (size is not None and int(ids.max()) >= int(size))):  # intact, yet wrong
-            raise LogFormatError(self._segs[seg].path, f"step {step} holds sample ids outside [0, {size}) although its "
-                                 "rows pass their checksum: the run recorded ids that are not indices into its "
-                                 f"training set of {size} samples, so they cannot be read as sample ids. "
-                                 "Record the run again with ids that index the training set")
-
-    def _rows(self, seg: int, name: str, off: int, n: int) -> np.ndarray | None:
-        """Rows ``[off, off + n)`` of dataset ``name``, a view into a read-ahead block of about 16 MiB.
-
-        One block buffer is kept (and reused) per rank and dataset, so memory stays bounded and a
-        pass over the log reads each byte once, in large sequential reads; the block extends
-        forwards from ``off``, or backwards when steps are visited in reverse (adjoint sweeps).
-        The view is overwritten by the next block: callers copy it (``np.concatenate``).
-        """
-        rank = self._segs[seg].rank
-        block = self._blocks.get((rank, name))
-        if block is None or block[0] != seg or not (block[1] <= off and off + n <= block[1] + len(block[2])):
-            if (seg, name) in self._absent:
-                return None
-            f = self._file(seg)
-            if name not in f:
-                self._absent.add((seg, name))  # e.g. the weights of a version-1 log: asked at every step
-                return None
-            ds = f[name]
-            row_shape = ds.shape[1:]
-            per_block = max(n, _BLOCK_BYTES // max(1, ds.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))))
-            backwards = block is not None and block[0] == seg and off + n <= block[1]
-            start = max(0, off + n - per_block) if backwards else off
-            stop = min(ds.shape[0], start + per_block)
-            if block is None or block[0] != seg:
-                self._prefetch_after(seg)
-            buf = self._buffers.get((rank, name))
-            if buf is None or buf.dtype != ds.dtype or buf.shape[1:] != row_shape or len(buf) < stop - start:
-                buf = self._buffers[(rank, name)] = np.empty((max(per_block, stop - start), *row_shape), ds.dtype)
-            if stop > start:
-                ds.read_direct(buf, np.s_[start:stop], np.s_[0 : stop - start])
-            block = (seg, start, buf[: stop - start])
-            self._blocks[(rank, name)] = block
-        return block[2][off - block[1] : off - block[1] + n]
-
-    def _prefetch_after(self, seg: int) -> None:
-        """Ask the kernel to read the rank's next segment ahead (disk reads overlap the work on this one)."""
-        nxt = seg + 1
-        if nxt < len(self._segs) and self._segs[nxt].rank == self._segs[seg].rank:
-            will_need(self._segs[nxt].path)
-
     def _checkpoint_group(self, step: int) -> tuple[int, h5py.Group]:
         seg = self._checkpoint_index.get(step)
         if seg is None:
@@ -608,22 +481,6 @@ class InfluenceLog:
         with reading(self._segs[seg].path, f"checkpoint {step}"):
             return seg, self._file(seg)["checkpoints"][CHECKPOINT_GROUP.format(step=step)]
 
-
-def will_need(path: Path, offset: int = 0, length: int = 0, tail: int = 0) -> int | None:
-    """Ask the kernel to read ``length`` bytes of the file ``path`` from ``offset`` (0: to its end), and its last
-    ``tail`` bytes, ahead, in the background; the file's size (``None``: not possible, a hint only)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-            size = os.fstat(fd).st_size
-            if tail:
-                os.posix_fadvise(fd, max(0, size - tail), tail, os.POSIX_FADV_WILLNEED)
-            return size
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError):  # AttributeError: no posix_fadvise on this OS
-        return None
 
 
 def _writer_note(path: Path) -> str:

@@ -9,8 +9,8 @@ the optimizer holds, after ``on_before_optimizer_step`` and before ``optimizer.s
 
 :func:`apply_clipping` makes the same torch calls on the same parameter list (replay: bit-identical);
 :func:`clip_gradient` is the same map on a flat vector as a pure, differentiable function, and
-:func:`clip_vjp` its transposed Jacobian ``J_Cᵀ R`` (math §3: ``(c/‖ĝ‖)(I − ĝĝᵀ/‖ĝ‖²)`` where the
-norm clip binds, the mask of unclipped entries for value clipping) by ``torch.func.vjp``, to
+:func:`clip_vjp` its transposed Jacobian ``J_Cᵀ R`` (docs/influence-math.md §3: ``(c/‖ĝ‖)(I − ĝĝᵀ/‖ĝ‖²)``
+where the norm clip binds, the mask of unclipped entries for value clipping) by ``torch.func.vjp``, to
 compose with the optimizer update's VJP in the DIT adjoint.
 
 The recorded *clip coefficient* of a step is the factor applied: ``min(1, c/(‖ĝ‖ + 1e-6))`` for

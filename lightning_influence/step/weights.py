@@ -1,4 +1,5 @@
-"""Per-sample loss weights of a step, as Lightning applied them (math reference §3, *The step as Lightning runs it*).
+"""Per-sample loss weights of a step, as Lightning applied them (docs/influence-math.md §3, *The step as Lightning
+runs it*).
 
 With automatic optimization Lightning divides the loss ``training_step`` returns for every
 micro-batch by ``accumulate_grad_batches``, also for the micro-batches of an incomplete last
@@ -11,7 +12,7 @@ with ``A`` the divisor and ``|m(i)|`` the size of the micro-batch that holds ``i
 accumulation of one micro-batch of size ``b`` has ``w = 1/(A b)``, not ``1/b``. The tracker
 records ``w_{i,t}`` per row (and the micro-batch of every row, and ``A`` per step); replay, the
 estimators and the ground truth read them here, so one description serves all of them.
-Removing sample ``j`` sets ``w_{j,t} = 0`` and keeps the others (math §2).
+Removing sample ``j`` sets ``w_{j,t} = 0`` and keeps the others (docs/influence-math.md §2).
 
 Derivation, refusals and measurements: ``docs/step-semantics.md``. Pure numpy/torch: no Lightning.
 """

@@ -1,4 +1,4 @@
-"""PBRF: what influence estimates answer for a trained network (math §6; Bae et al. 2022).
+"""PBRF: what influence estimates answer for a trained network (docs/influence-math.md §6; Bae et al. 2022).
 
 The *proximal Bregman response function* of removing training sample ``z_m`` from the
 final parameters ``θ^s = θ_T`` is the solution of

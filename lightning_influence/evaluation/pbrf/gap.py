@@ -22,7 +22,7 @@ from lightning_influence.evaluation.pbrf.result import PBRFResult
 from lightning_influence.evaluation.pbrf.solve import resolve_solver, solve_samples
 from lightning_influence.log.microbatches import drew_random_numbers
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, default_loss_fn
+from lightning_influence.queries import LossFn, Query, default_loss_fn, query_column
 from lightning_influence.replay import (
     Progress,
     TrainData,
@@ -75,12 +75,9 @@ class GapDecomposition:
     descriptions: dict[str, str]
     info: dict[str, Any] = field(default_factory=dict)
 
-    def _q(self, query: int | str) -> int:
-        return self.query_names.index(query) if isinstance(query, str) else int(query)
-
     def terms(self, query: int | str = 0) -> list[dict[str, Any]]:
         """Each gap term ``stage_b − stage_a``: RMS, RMS relative to RMS(LOO) and to RMS of the total gap."""
-        q = self._q(query)
+        q = query_column(self.query_names, query)
         loo = self.stages["loo"][:, q]
         rms_loo = float(np.sqrt(np.mean(loo ** 2)))
         total = self.stages["linear"][:, q] - loo
@@ -100,7 +97,7 @@ class GapDecomposition:
         """Pearson/Spearman of every stage with LOO and with the converged PBRF."""
         from lightning_influence.evaluation.metrics import pearson, spearman
 
-        q = self._q(query)
+        q = query_column(self.query_names, query)
         loo, pb = self.stages["loo"][:, q], self.stages["pbrf"][:, q]
         return [{"stage": s, "rms": float(np.sqrt(np.mean(v[:, q] ** 2))),
                  "pearson_loo": pearson(v[:, q], loo), "spearman_loo": spearman(v[:, q], loo),
@@ -108,6 +105,7 @@ class GapDecomposition:
                 for s, v in self.stages.items()]
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values."""
         return {"samples": self.samples.tolist(), "query_names": list(self.query_names),
                 "stages": {k: v.tolist() for k, v in self.stages.items()}, "descriptions": dict(self.descriptions),
                 "terms": {n: self.terms(n) for n in self.query_names},
@@ -115,7 +113,8 @@ class GapDecomposition:
                 "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool, list, dict))}}
 
     def table(self, query: int | str = 0) -> str:
-        q = self._q(query)
+        """The gap terms of one query as printable lines."""
+        q = query_column(self.query_names, query)
         lines = [f"LOO -> PBRF -> influence-function gap, query {self.query_names[q]!r}, {len(self.samples)} samples, "
                  f"damping λ={self.info.get('damping')}"]
         lines.append(f"{'stage':<10} {'RMS':>10} {'r(LOO)':>7} {'ρ(LOO)':>7} {'r(PBRF)':>7} {'ρ(PBRF)':>7}  what")

@@ -1,5 +1,5 @@
 """The linearised PBRF (influence-function form) ``−ε qᵀ(G + (λ+κ)I)⁻¹∇ℓ_m``: a dense Cholesky solve or
-conjugate gradients with Gauss-Newton-vector products (:func:`linear_pbrf`, math §6).
+conjugate gradients with Gauss-Newton-vector products (:func:`linear_pbrf`, docs/influence-math.md §6).
 
 Pure torch: no Lightning imports.
 """

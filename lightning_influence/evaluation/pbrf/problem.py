@@ -1,6 +1,7 @@
 """The PBRF problem of a trained network: Bregman divergences of the output-space loss, ``θ_T`` and its
 outputs on the training set, the training run's L2 weight decay, the Gauss-Newton matrix at ``θ_T`` and
-the objective's closure (math §6; the objective is written out in :mod:`lightning_influence.evaluation.pbrf`).
+the objective's closure (docs/influence-math.md §6; the objective is written out in
+:mod:`lightning_influence.evaluation.pbrf`).
 
 Pure torch: no Lightning imports.
 """
