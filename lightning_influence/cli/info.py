@@ -69,16 +69,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             load_frozen(root, meta.get("frozen"))
         except Exception as err:  # noqa: BLE001 - a missing or unreadable file is the problem reported
             problems.append(f"frozen parameters: {err}")
-<<<<<<< HEAD
     fits = [meta, *(meta.get("resumes") or [])]  # each fit's own first-step check (a resumed fit's in its entry)
     notes += [text for text in (_applied_check(f.get("applied_gradient_check"), int(meta.get("world_size") or 1))
                                 for f in fits) if text]
-=======
     half = _half_rounding(log, every_step=args.verify) if recorded.get("gradients") and T else None
     if half is not None and half.significant():
         notes.append(half.text("bounded by") + "; estimators read these rounded rows (re-record with "
                      "storage_dtype='float32' to keep them)")
->>>>>>> main
     groups = meta.get("optimizer", {}).get("param_groups", [])
     proj_dim = (meta.get("projection") or {}).get("dim")
     cols = log.projector().out_dim if meta.get("tracked_params") else 0
