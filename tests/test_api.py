@@ -270,3 +270,20 @@ def test_every_result_takes_a_query_by_name_or_index_and_refuses_an_unknown_name
         timeline.at(7)
     with pytest.raises(ValueError, match=r"step 7 is not on the LOO grid \[0, 5, 10\]"):
         loo.at(7)
+
+
+def test_a_model_without_per_sample_loss_is_told_to_pass_loss_fn_not_other_data(tiny):
+    """A module trained with InfluenceTracker(loss_fn=...) has no per_sample_loss; a query built without loss_fn had
+    been reported as data the model cannot take ('build the query from data the model takes')."""
+    from lightning_influence.queries import MissingLossError
+
+    log, model, dm = tiny
+
+    class Plain(type(model)):
+        per_sample_loss = None
+
+    plain = Plain(**dict(model.hparams))
+    for fn, kwargs in ((li.tracin, {}), (li.dit, {"train_data": dm.train_dataset})):
+        with pytest.raises(MissingLossError, match=r"^Plain has no per_sample_loss\(batch\): pass loss_fn=") as info:
+            fn(log, _val_loss(*dm.splits["val"]), module=plain, **kwargs)
+        assert isinstance(info.value, TypeError) and "data the model takes" not in str(info.value)
