@@ -16,6 +16,7 @@ from lightning_influence.progress import ProgressBar, process_rank
 
 if TYPE_CHECKING:
     from lightning_influence.cli.context import RunContext
+    from lightning_influence.log import InfluenceLog
 
 PROG = "lightning-influence"
 
@@ -119,7 +120,8 @@ def check_workers(workers: int) -> None:
 
 
 # ------------------------------------------------------------------------------ log loading
-def open_log(path: str):
+def open_log(path: str) -> InfluenceLog:
+    """The log at ``path``; a missing path, a file or a damaged log is a :class:`UserError` saying what to pass."""
     from lightning_influence.log import InfluenceLog, LogFormatError
 
     p = Path(path)
@@ -135,6 +137,7 @@ def open_log(path: str):
 
 
 def parse_window(log: Any, spec: str | None) -> tuple[int, int]:
+    """``--window`` as a step range of ``log`` (``InfluenceLog.window``); a bad spec is a :class:`UserError`."""
     try:
         return log.window(spec)
     except ValueError as err:

@@ -5,7 +5,7 @@ Sources, in order (the first that applies):
 1. ``--builder module:function`` (or ``path/to/file.py:function``): ``function(log)`` (or
    ``function()``) returns the LightningModule, a ``(module, datamodule)`` pair, or a dict with
    ``module`` and any of ``datamodule``, ``train_data`` (a dataset by id), ``val_data`` (one
-   batch, or a DataLoader), ``test_data``, ``flipped``, ``train_labels``.
+   batch, a DataLoader, or a map-style dataset, collated as one batch), ``test_data``, ``flipped``, ``train_labels``.
 2. ``--config YAML``: the LightningCLI config's ``model``/``data`` sections (classes from their
    ``class_path``, ``--model``/``--data``, or the log's recorded classes).
 3. The log alone: the recorded classes (the training script's directory on the import path)
@@ -33,7 +33,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from lightning_influence.data import WithCollate, by_id
+from torch.utils.data import Dataset, IterableDataset
+
+from lightning_influence.data import WithCollate, by_id, collate_of
 from lightning_influence.cli.common import UserError, open_log, parse_window, status, windows_of
 from lightning_influence.cli.datacheck import check_training_data
 from lightning_influence.cli.methods import METHODS, check_records, default_method
@@ -109,6 +111,8 @@ class RunContext:
             val = self.data["val"]
             if isinstance(val, (list, tuple, dict)) or hasattr(val, "shape"):
                 return val  # one batch
+            if isinstance(val, Dataset) and not isinstance(val, IterableDataset):  # map-style, as train_data: its items
+                return collate_of(val)([val[i] for i in range(len(val))])  # (iterated, each item was taken for a batch)
             return _joined(list(val))  # a DataLoader (or any iterable of batches)
         try:
             loader = self._call("val_dataloader", "validate", "validation set")

@@ -192,7 +192,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = {"log": args.log, "window": args.window or "whole run", "steps": [t1, t2], "query": qname,
               "samples": [{"id": int(j), "label": int(lb) if lb >= 0 else None, "flipped": flip_cell(ctx, int(j)),
                            "truth": None if truth is None else float(truth[k]),
-                           **({"pbrf": float(trust["pbrf"].scores[k, 0])} if "pbrf" in trust else {}),
+                           **({"pbrf": float(trust["pbrf"].scores[k, 0]),
+                               "pbrf_converged": bool(trust["pbrf"].converged[k])} if "pbrf" in trust else {}),
                            **{m: float(e[j]) for m, e in estimates.items()}}
                           for k, (j, lb) in enumerate(zip(samples, labels))],
               "metrics": metrics, "truth_noise_floor": floor,
@@ -203,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if fmt == "json":
         emit(args, json_text(result))
         return 0
-    extra = ["pbrf"] if "pbrf" in trust else []
+    extra = ["pbrf", "pbrf_converged"] if "pbrf" in trust else []  # per sample: an unconverged solve says so
     flips = ["flipped"] if flipped is not None else []  # a column only where the run knows its flipped labels
     if fmt == "csv":  # the cells as query's CSV writes them (InfluenceScores' table): flipped True/False
         header = ["id", "label", *flips, "truth", *extra, *estimates]

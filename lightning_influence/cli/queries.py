@@ -38,7 +38,7 @@ def parse_query(text: str) -> QuerySpec:
     raise argparse.ArgumentTypeError(f"unknown query {text!r}: use val_loss, test:ID, pred:ID[:CLASS] or margin:ID[:CLASS]")
 
 
-def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None):
+def build_query(specs: Sequence[QuerySpec], ctx: RunContext | None) -> tuple[Any, list[str]]:
     """One query callable answering every spec (a vector query swept in one pass), and the names."""
     import torch
 

@@ -155,7 +155,8 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
     t0 = log.first_step  # > 0 for a log started by a resumed fit
     res = _model_sweep(ctx, query, t0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard, removal)
     out = res.values[t2] - (res.values[t1] if t1 > t0 else 0.0)
-    return InfluenceScores(out, _method(ctx, "dit", hvp, removal=removal), (t1, t2), res.names, info=res.info)
+    method = res.growth.report(_method(ctx, "dit", hvp, removal=removal), res.info)
+    return InfluenceScores(out, method, (t1, t2), res.names, info=res.info)
 
 
 @estimator_api
@@ -174,8 +175,8 @@ def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = Non
     t1, t2 = log.window(window)
     ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner, query)
     res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"), shard, removal)
-    return InfluenceScores(res.values[t2], _method(ctx, "dit-local", hvp, approx=True, removal=removal),
-                           (t1, t2), res.names, info=res.info)
+    method = res.growth.report(_method(ctx, "dit-local", hvp, approx=True, removal=removal), res.info)
+    return InfluenceScores(res.values[t2], method, (t1, t2), res.names, info=res.info)
 
 
 @dataclass
@@ -250,4 +251,5 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
     for g, s in enumerate(steps):
         if s > t0:
             values[:, g, :] = res.values[int(s)]
-    return Timeline(values, steps, res.names, _method(ctx, "dit", hvp, removal=removal), info=res.info)
+    return Timeline(values, steps, res.names, res.growth.report(_method(ctx, "dit", hvp, removal=removal), res.info),
+                    info=res.info)

@@ -22,7 +22,6 @@ carried in the same all-reduce (:mod:`lightning_influence.log.shares`). docs/sca
 from __future__ import annotations
 
 import bisect
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Mapping
 
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from lightning_influence.datacheck import check_query_data
+from lightning_influence.estimators.growth import AdjointGrowth
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
@@ -42,6 +42,8 @@ from lightning_influence.step.optimizers import RULES, OptimizerStep
 from lightning_influence.step.shard import BatchShard, Share
 
 __all__ = ["dit_gauss_newton", "query_gradients_for"]
+
+_GN_ADVICE = "Use dit (the exact Hessian), a shorter window or local=True"
 
 
 def query_gradients_for(log: InfluenceLog, module: nn.Module, query: Query, window: Any = None
@@ -155,7 +157,8 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     done = rows = 0
     shares = RowShares(log, share.rank, share.world) if share.world > 1 else None
     chunks = _chunks(log, t_lo, t2, chunk_steps, shares)
-    growth = _Growth(U, t2, log.path)
+    growth = AdjointGrowth("dit_gauss_newton", _GN_ADVICE, t2, log.path)
+    growth.added(U)
     try:
         for lo, hi, by_step in chunks:
             for t in range(hi - 1, lo - 1, -1):
@@ -182,45 +185,11 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     tag = "dit-local-gauss-newton (approx.)" if local else "dit-gauss-newton (approx.)"
     if every > 1:
         tag = tag[:-1] + f", every {every} steps)"
-    info: dict[str, Any] = {"query_checkpoints": qsteps, "columns": K, "every_n_steps": every, "rows_evaluated": rows,
-                            "adjoint_growth": growth.largest}
-    if growth.largest > _GROWTH_WARN:
-        tag += f" [adjoint grew {growth.largest:.0e}x]"
-        warnings.warn(f"dit_gauss_newton: {growth.what()}; scores this large are the linearisation's, not the run's "
-                      "(replay leave-one-out changes a loss by far less). Use dit (the exact Hessian), a shorter "
-                      "window or local=True; info['adjoint_growth'] has the factor", RuntimeWarning, stacklevel=3)
+    info: dict[str, Any] = {"query_checkpoints": qsteps, "columns": K, "every_n_steps": every, "rows_evaluated": rows}
+    tag = growth.report(tag, info)
     if shares is not None:
         info.update(split="batch", bytes_read=shares.bytes_read)
     return InfluenceScores(out, tag, (t1, t2), names, info=info)
-
-
-_GROWTH_WARN = 1e6  # a linearised run that amplifies a perturbation a million-fold cannot stand for the run
-
-
-class _Growth:
-    """How far the sweep's adjoint ``U`` grew over the query columns that entered it (Frobenius norms, largest ratio
-    seen): the Gauss-Newton recursion can be unstable where training was not (momentum with the logged curvature
-    of a long window: 1e59x over 1920 steps of a digits MLP at lr 0.05, momentum 0.9, whose exact DIT grew 20x),
-    and left unchecked its scores overflow to inf and NaN. A non-finite ``U`` is refused at the step it appears."""
-
-    def __init__(self, U: torch.Tensor, t2: int, path: Any) -> None:
-        self.entered, self.largest, self.at, self.t2, self.path = float(torch.linalg.norm(U)), 1.0, t2, t2, path
-
-    def added(self, q: torch.Tensor) -> None:
-        self.entered = float(np.hypot(self.entered, float(torch.linalg.norm(q))))
-
-    def check(self, U: torch.Tensor, t: int) -> None:
-        norm = float(torch.linalg.norm(U))
-        if not np.isfinite(norm):
-            raise FloatingPointError(f"dit_gauss_newton on {self.path}: the adjoint overflowed at step {t}, "
-                                     f"{self.what()}: the Gauss-Newton recursion is unstable over this window and its "
-                                     "scores would be inf or NaN. Use dit (the exact Hessian), a shorter window or "
-                                     "local=True")
-        if self.entered > 0 and norm / self.entered > self.largest:
-            self.largest, self.at = norm / self.entered, t
-
-    def what(self) -> str:
-        return f"the adjoint grew {self.largest:.1e}x over the query gradients from step {self.t2} back to step {self.at}"
 
 
 def _step_back(log: InfluenceLog, step: OptimizerStep, rec: Any, U: torch.Tensor, S: dict[str, torch.Tensor],

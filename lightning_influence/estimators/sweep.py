@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lightning_influence.capture.hvp import flatten, unflatten
 from lightning_influence.estimators.fd import FiniteDifferenceProducts
+from lightning_influence.estimators.growth import AdjointGrowth
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, query_gradients, query_names
 from lightning_influence.replay import (TrainData, _optimizer_spec, checkpoint_params, load_step, optimizer_class, replay,
@@ -227,6 +228,7 @@ class _SweepResult:
     values: dict[int, np.ndarray]  # activation step -> (N, Q) F_j(step) (or local sums)
     names: list[str]
     info: dict[str, Any]
+    growth: AdjointGrowth  # how far λ_θ grew (reported by the public estimator: AdjointGrowth.report)
 
 
 def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations: Sequence[int], hvp: str,
@@ -259,6 +261,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
     peak_rows = 0  # bytes of one step's per-sample gradients (the step removal)
     rows_evaluated = 0  # sample-steps this process evaluated
+    growth = AdjointGrowth("dit", "Check the scores with replay leave-one-out (evaluate), or use a shorter window or "
+                           "dit_local", t_hi, ctx.log.path)
 
     def activate(step: int, params: dict[str, Tensor]) -> None:
         nonlocal U, S, scores, names
@@ -270,6 +274,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             S = {k: torch.zeros(ctx.p, 0, dtype=ctx.dtype, device=ctx.device) for k in keys}
         blocks.append((step, U.shape[1]))
         U, S = OptimizerStep.add_columns(U, S, q)
+        growth.added(q)
 
     for rec in ctx.reverse_trajectory(t_lo, t_hi, progress, shard):
         if rec.ids is None:
@@ -313,6 +318,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                 terms = -JR * w.unsqueeze(0)
             np.add.at(scores[:, :C], ids, terms.T.detach().double().cpu().numpy())
             U = th_bar + HR.detach()
+            growth.check(U, rec.step)
         if rec.step in acts:
             activate(rec.step, rec.params)
     if shard is not None and scores is not None:  # each process's rows' terms, summed
@@ -335,4 +341,4 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             info["fd_unreliable"] = True
             warnings.warn(f"DIT with hvp='fd': {reason}; the scores are not reliable. Use hvp='exact' (the default) or "
                           "a smaller eps0", RuntimeWarning, stacklevel=4)
-    return _SweepResult(values, names, info)
+    return _SweepResult(values, names, info, growth)

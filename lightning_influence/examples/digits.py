@@ -10,7 +10,7 @@ epoch and the whole run, and how many of them are flipped labels.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -20,6 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence.data import WithIds
+
+if TYPE_CHECKING:
+    from lightning_influence.queries import Query
 
 
 def load_digits_split(n_train: int = 1000, n_val: int = 400, flip_fraction: float = 0.1, seed: int = 0,
@@ -154,7 +157,7 @@ def last_epoch_note(log: Any, patterns: Any, flipped: np.ndarray, last_start: in
             "and the rest of the ranking is noise-level differences.")
 
 
-def mean_val_loss(data: DigitsDataModule):
+def mean_val_loss(data: DigitsDataModule) -> Query:
     """The demo's query: mean cross-entropy on the (clean) validation split."""
     from lightning_influence.queries import mean_loss
 

@@ -29,6 +29,10 @@ class PBRFResult:
         response_change: ``(S,)`` ``max_q |response − response at the previous record point|``
             (the last-segment movement of the answer: a practical non-convergence signal).
         intermediate: ``{steps: (S, Q)}`` responses after that many solver steps (``record_at``).
+        response_error: ``(S,)`` how far one more Gauss-Newton step would move the response,
+            ``max_q |∇f_qᵀ P⁻¹ ∇J|`` (the Gauss-Newton solver; ``nan`` where not measured).
+        negative_curvature: ``(S,)`` the solver met negative curvature (``cos(s, y) < −0.1`` on an accepted step): the
+            objective is not convex there, and with too little damping has no minimum near ``θ_T`` (raise ``damping``).
         info: settings (solver, output loss, weight decay, N, time).
     """
 
@@ -44,6 +48,15 @@ class PBRFResult:
     response_change: np.ndarray
     intermediate: dict[int, np.ndarray] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    response_error: np.ndarray | None = None
+    negative_curvature: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        S = len(self.samples)
+        if self.response_error is None:
+            self.response_error = np.full(S, np.nan)
+        if self.negative_curvature is None:
+            self.negative_curvature = np.zeros(S, bool)
 
     def column(self, query: int | str = 0) -> np.ndarray:
         """The ``(S,)`` scores of one query (by index or name), for the samples solved."""
@@ -66,6 +79,9 @@ class PBRFResult:
             "median_iterations": float(np.median(self.iterations)) if len(self.iterations) else float("nan"),
             "max_rel_grad_norm": float(np.max(self.rel_grad_norm)) if len(self.rel_grad_norm) else float("nan"),
             "max_response_change": float(np.nanmax(self.response_change)) if len(self.response_change) else float("nan"),
+            "unconverged_samples": self.samples[~self.converged].tolist(),
+            "negative_curvature_samples": self.samples[self.negative_curvature].tolist(),
+            "max_rel_response_error": _max_rel(self.response_error, self.scores),
             "rms_response": float(np.sqrt(np.mean(self.scores ** 2))) if self.scores.size else float("nan"),
             **{k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool))},
         }
@@ -81,6 +97,8 @@ class PBRFResult:
             "iterations": self.iterations.tolist(),
             "rel_grad_norm": self.rel_grad_norm.tolist(),
             "response_change": self.response_change.tolist(),
+            "response_error": [None if not np.isfinite(e) else float(e) for e in self.response_error],
+            "negative_curvature": self.negative_curvature.tolist(),
             "intermediate": {str(k): v.tolist() for k, v in self.intermediate.items()},
             "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool, list))},
         }
@@ -92,7 +110,29 @@ class PBRFResult:
                  f"output loss {self.info.get('output_loss')}",
                  f"  converged: {s['converged_fraction']:.0%} (tolerance {self.info.get('tol')}), median iterations "
                  f"{s['median_iterations']:g}, worst relative gradient/residual {s['max_rel_grad_norm']:.2e}",
-                 f"  RMS response {s['rms_response']:.3e}; largest last-segment change {s['max_response_change']:.2e}"]
+                 f"  RMS response {s['rms_response']:.3e}; largest last-segment change {s['max_response_change']:.2e}; "
+                 + (f"largest predicted remaining change {s['max_rel_response_error']:.1e} of the response"
+                  if s["max_rel_response_error"] is not None else "remaining change not measured")]
+        if s["unconverged_samples"]:
+            bad = s["unconverged_samples"]
+            lines.append(f"  NOT converged ({len(bad)} of {s['samples']}): samples {bad[:20]}{' ...' if len(bad) > 20 else ''}"
+                         ": their responses are not the PBRF's; more steps, or more damping")
+        if s["negative_curvature_samples"]:
+            neg = s["negative_curvature_samples"]
+            lines.append(f"  negative curvature met ({len(neg)} samples: {neg[:20]}{' ...' if len(neg) > 20 else ''}): the "
+                         f"objective is not convex there (the removal term's curvature exceeds λ={self.damping:g} plus "
+                         "weight decay); raise damping for a local response")
         if self.info.get("weight_decay_note"):
             lines.append(f"  weight decay in the proximity: {self.info['weight_decay_note']}")
         return "\n".join(lines)
+
+
+def _max_rel(error: np.ndarray, scores: np.ndarray) -> float | None:
+    """The largest ``response_error / max_q |response|`` over the measured samples (``None`` if none)."""
+    size = np.abs(scores).max(axis=1) if scores.size else np.zeros(len(error))
+    ok = np.isfinite(error)
+    if not ok.any():
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(size[ok] > 0, error[ok] / size[ok], np.where(error[ok] > 0, np.inf, 0.0))
+    return float(rel.max())

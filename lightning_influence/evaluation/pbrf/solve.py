@@ -23,6 +23,8 @@ __all__ = ["SOLVERS", "pbrf", "resolve_solver", "solve_samples"]
 
 
 SOLVERS = ("auto", "gauss-newton", "lbfgs", "adam", "sgd")
+NEGATIVE_COS = 0.1  # cos(s, y) below -0.1 on an accepted step: negative curvature along it, not rounding
+RESPONSE_RTOL = 1e-4  # a response whose predicted remaining change is below this fraction of it has converged
 
 
 def _solve_one(prob: Problem, m: int, *, epsilon: float, steps: int, solver: str, lr: float | None, tol: float,
@@ -102,7 +104,8 @@ def _tensor_tree(batch: Any) -> bool:
 
 
 def _solve_batched_gn(prob: Problem, samples: np.ndarray, *, epsilon: float, steps: int, tol: float,
-                      marks: Sequence[int]) -> tuple[np.ndarray, dict[int, np.ndarray], np.ndarray, np.ndarray]:
+                      marks: Sequence[int]) -> tuple[np.ndarray, dict[int, np.ndarray], np.ndarray, np.ndarray,
+                                                     np.ndarray, np.ndarray]:
     """The Gauss-Newton-preconditioned solve of every sample's PBRF at once (stacked copies, ``vmap``).
 
     Each copy ``c`` minimises its own objective by L-BFGS whose initial inverse Hessian is
@@ -110,6 +113,11 @@ def _solve_batched_gn(prob: Problem, samples: np.ndarray, *, epsilon: float, ste
     Woodbury on one Cholesky factor: Newton's step at the start, exact for a quadratic), with
     Armijo backtracking per copy. Converged copies stop moving; a copy whose direction gives
     no descent after 16 halvings stops too (it stays unconverged in the report).
+
+    Also returns, per copy, the response's remaining error as one Gauss-Newton step predicts it,
+    ``max_q |∇f_qᵀ P_c⁻¹ ∇J_c|`` (what the answer would still move; at the dtype's rounding floor, the error that
+    floor leaves), and whether an accepted step met negative curvature (``cos(s, y) < −0.1``: the objective is not convex
+    along it, as when the removal term's curvature ``−∇²ℓ_m/N`` exceeds the damping).
     """
     S, p = len(samples), prob.p
     tree_map = torch.utils._pytree.tree_map
@@ -170,6 +178,7 @@ def _solve_batched_gn(prob: Problem, samples: np.ndarray, *, epsilon: float, ste
     Sm = torch.zeros(hist, S, p, dtype=prob.dtype)
     Ym = torch.zeros(hist, S, p, dtype=prob.dtype)
     Rho = torch.zeros(hist, S, dtype=prob.dtype)  # 0 = empty slot or a pair without positive curvature
+    negative = torch.zeros(S, dtype=torch.bool)
     head = 0
     for t in range(1, steps + 1):
         active &= Gr.abs().amax(1) > tol * g0
@@ -213,6 +222,9 @@ def _solve_batched_gn(prob: Problem, samples: np.ndarray, *, epsilon: float, ste
         active[idx[pending]] = False  # no descent along the direction: stalled, reported unconverged
         s_new, y_new = X[idx] - X_old, Gr[idx] - G_old
         sy = (s_new * y_new).sum(1)
+        # the curvature along the step is negative, beyond what rounding in y can fake (y of noise is near-orthogonal)
+        cos = sy / (s_new.norm(dim=1) * y_new.norm(dim=1)).clamp_min(torch.finfo(prob.dtype).tiny)
+        negative[idx[cos < -NEGATIVE_COS]] = True
         Sm[head, idx], Ym[head, idx] = s_new, y_new
         Rho[head, idx] = torch.where(sy > 1e-300, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
         head = (head + 1) % hist
@@ -222,7 +234,9 @@ def _solve_batched_gn(prob: Problem, samples: np.ndarray, *, epsilon: float, ste
     for mark in marks:
         recorded.setdefault(mark, final)
     rel = torch.where(g0 > 0, Gr.abs().amax(1) / g0.clamp_min(1e-300), torch.zeros_like(g0))
-    return final, recorded, iters.numpy(), rel.double().numpy()
+    qgrad = torch.func.jacrev(lambda z: prob.f(z))(prob.theta).reshape(-1, p)  # (Q, p) ∇f at θ_T
+    error = (precondition(Gr) @ qgrad.T).abs().amax(1) if qgrad.shape[0] else torch.zeros(S, dtype=prob.dtype)
+    return final, recorded, iters.numpy(), rel.double().numpy(), error.double().numpy(), negative.numpy()
 
 
 def resolve_solver(prob: Problem, solver: str) -> str:
@@ -272,7 +286,9 @@ def pbrf(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Que
             values stop resolving progress); ``"adam"``/``"sgd"`` (need ``lr``); ``"auto"``:
             Gauss-Newton up to ``max_dense_params`` parameters, else L-BFGS.
         lr: solver learning rate (L-BFGS default 1).
-        tol: convergence when ``‖∇J‖_∞ <= tol · ‖∇J(θ_T)‖_∞`` (``∇J(θ_T) = ε ∇ℓ_m``).
+        tol: convergence when ``‖∇J‖_∞ <= tol · ‖∇J(θ_T)‖_∞`` (``∇J(θ_T) = ε ∇ℓ_m``), or (Gauss-Newton solver)
+            when one more Gauss-Newton step would move the response by at most ``RESPONSE_RTOL`` (1e-4) of it: the
+            gradient's rounding floor (about 1e-5 of its start in float32) stops the first, not the second.
         record_at: also report the responses after these step counts (non-convergence study).
         weight_decay: ``κ``: ``None`` takes the logged optimizer's coupled L2 weight decay
             (SGD, Adam; per param group), a float or ``{param name: value}`` sets it.
@@ -306,12 +322,13 @@ def solve_samples(prob: Problem, samples: np.ndarray, *, steps: int, solver: str
     marks = sorted({int(s) for s in record_at if 0 < int(s) < steps} | ({steps // 2} if steps >= 4 else set()))
     inter = {s: np.zeros((S, Q)) for s in marks}
     iters, rel, change = np.zeros(S, np.int64), np.zeros(S), np.zeros(S)
+    error, negative = np.full(S, np.nan), np.zeros(S, bool)  # measured by the stacked Gauss-Newton solver
     if solver == "gauss-newton" and S and _tensor_tree(prob.sample_batch(int(samples[0]))):
         for a in range(0, S, copies):
             sl = slice(a, a + copies)
-            sc, rec, it, r = _solve_batched_gn(prob, samples[sl], epsilon=prob.epsilon, steps=steps, tol=tol,
-                                               marks=marks)
-            scores[sl], iters[sl], rel[sl] = sc, it, r
+            sc, rec, it, r, err, neg = _solve_batched_gn(prob, samples[sl], epsilon=prob.epsilon, steps=steps,
+                                                         tol=tol, marks=marks)
+            scores[sl], iters[sl], rel[sl], error[sl], negative[sl] = sc, it, r, err, neg
             for s in marks:
                 inter[s][sl] = rec[s]
             if progress is not None:
@@ -333,10 +350,15 @@ def solve_samples(prob: Problem, samples: np.ndarray, *, steps: int, solver: str
         if progress is not None:
             progress(k + 1, S)
     keep = {s: v for s, v in inter.items() if s in {int(r) for r in record_at}}
+    size = np.abs(scores).max(axis=1) if Q else np.zeros(S)
+    # converged: the gradient reached tol, or the response's predicted remaining change is below RESPONSE_RTOL of it
+    # (in float32 the gradient's rounding floor is ~1e-5 of its start: tol=1e-8 is out of reach, the answer is not)
+    converged = (rel <= tol) | (error <= RESPONSE_RTOL * size)
     return PBRFResult(samples=samples, scores=scores, query_names=prob.query_names, method="pbrf",
-                      damping=prob.damping, epsilon=prob.epsilon, converged=rel <= tol, iterations=iters,
-                      rel_grad_norm=rel, response_change=change, intermediate=keep,
+                      damping=prob.damping, epsilon=prob.epsilon, converged=converged, iterations=iters,
+                      rel_grad_norm=rel, response_change=change, intermediate=keep, response_error=error,
+                      negative_curvature=negative,
                       info={"solver": solver, "steps": steps, "tol": tol, "output_loss": prob.output_loss, "N": prob.N,
-                            "p": prob.p, "step": prob.step, "weight_decay_note": prob.weight_decay_note,
+                            "p": prob.p, "step": prob.step, "response_rtol": RESPONSE_RTOL, "dtype": str(prob.dtype), "weight_decay_note": prob.weight_decay_note,
                             "weight_decay_max": float(prob.kappa.max()), "seconds": time.perf_counter() - t0,
                             "response_change_from_step": marks[-1] if marks else steps})
