@@ -171,7 +171,13 @@ def test_parametrized_bilinear_and_bags_match_brute_force(kind, mode, train):
     torch.manual_seed(0)
     model = Bags(kind, mode).double().train(train)
     gen = torch.Generator().manual_seed(1)
-    batch = torch.randn(B, 6, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
+    hooked_rows_match_brute_force(model, (torch.randn(B, 6, 4, generator=gen, dtype=torch.float64),
+                                          torch.randint(0, 3, (B,), generator=gen)))
+
+
+def hooked_rows_match_brute_force(model, batch):
+    """Every parameter of ``model`` on hooks, its projected rows (k = 8) equal to projected brute force
+    (:func:`brute_force`: each sample from the same buffers) at 1e-10; returns the capture and the names."""
     names = select_params(model)
     assert HookGradientCapture.unsupported(model, names) == []
     proj = projector_for(model, names, 8)
@@ -179,6 +185,7 @@ def test_parametrized_bilinear_and_bags_match_brute_force(kind, mode, train):
     capture = HookGradientCapture(model, names, proj)
     grads, _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    return capture, names
 
 
 def _bags():
@@ -186,16 +193,22 @@ def _bags():
     return Bags("spectral_norm", "max").double()
 
 
-def test_tracked_parametrized_bags_train_bit_identically(tmp_path):
-    """Spectral norms (a power iteration at each read in train mode): the engine reads no weight a second time."""
-    plain, _ = fit_net(_bags, (6, 4), steps=3)
+def assert_tracked_training_is_bit_identical(make, shape, tmp_path):
+    """A tracked fit (with HVP products) of ``make()`` on inputs of ``shape`` ends at the parameters and buffers (a
+    spectral norm's vectors) of an untracked one, all on hooks."""
+    plain, _ = fit_net(make, shape, steps=3)
     tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=16)
-    tracked, _ = fit_net(_bags, (6, 4), tracker, steps=3)
+    tracked, _ = fit_net(make, shape, tracker, steps=3)
     for (n, a), (_, b) in zip([*plain.named_parameters(), *plain.named_buffers()],
                               [*tracked.named_parameters(), *tracked.named_buffers()]):
         assert torch.equal(a, b), n
     log = InfluenceLog(tmp_path / "log")
     assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {} and log.num_steps == 3
+
+
+def test_tracked_parametrized_bags_train_bit_identically(tmp_path):
+    """Spectral norms (a power iteration at each read in train mode): the engine reads no weight a second time."""
+    assert_tracked_training_is_bit_identical(_bags, (6, 4), tmp_path)
 
 
 def _chained():
@@ -289,14 +302,8 @@ def test_hook_based_weight_and_spectral_norms_match_brute_force(train):
     model = _hook_normed().train(train)
     gen = torch.Generator().manual_seed(1)
     batch = torch.randn(B, 4, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
-    names = select_params(model)
+    capture, names = hooked_rows_match_brute_force(model, batch)
     assert {"lin.weight_g", "lin.weight_v", "conv.weight_g", "sn_conv.weight_orig", "sn_fc.weight_orig"} <= set(names)
-    assert HookGradientCapture.unsupported(model, names) == []
-    proj = projector_for(model, names, 8)
-    expected = proj.project(brute_force(model, batch, names))
-    capture = HookGradientCapture(model, names, proj)
-    grads, _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
-    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
     assert capture.verify(model, loss_fn, batch, sample=1) == []
     capture.enable()
     loss_fn(model, batch)
@@ -305,11 +312,4 @@ def test_hook_based_weight_and_spectral_norms_match_brute_force(train):
 
 
 def test_tracked_hook_normed_training_is_bit_identical(tmp_path):
-    plain, _ = fit_net(_hook_normed, (4, 4), steps=3)
-    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=16)
-    tracked, _ = fit_net(_hook_normed, (4, 4), tracker, steps=3)
-    for (n, a), (_, b) in zip([*plain.named_parameters(), *plain.named_buffers()],
-                              [*tracked.named_parameters(), *tracked.named_buffers()]):
-        assert torch.equal(a, b), n
-    log = InfluenceLog(tmp_path / "log")
-    assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {} and log.num_steps == 3
+    assert_tracked_training_is_bit_identical(_hook_normed, (4, 4), tmp_path)
