@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_influence.queries import LossFn, default_loss_fn
+from lightning_influence.queries import LossFn, MissingLossError, default_loss_fn
 
 __all__ = ["DataMismatchError", "check_estimator_data", "check_query_data", "check_training_data", "describe_batch"]
 
@@ -74,8 +74,6 @@ def check_training_data(log: Any, module: nn.Module, train_data: Any, loss_fn: L
     if train_data is None and not log.meta.get("inputs_stored"):
         return
     loss_fn = loss_fn or default_loss_fn
-    if loss_fn is default_loss_fn and getattr(module, "per_sample_loss", None) is None:
-        default_loss_fn(module, None)  # its own TypeError (pass loss_fn=): the model's, not the data's
     inside = [int(c) for c in log.checkpoint_steps if log.first_step <= c < log.num_steps]
     t = max(inside) if inside else int(log.first_step)
     params = checkpoint_params(log, module, t) if t in log.checkpoint_steps else \
@@ -84,6 +82,8 @@ def check_training_data(log: Any, module: nn.Module, train_data: Any, loss_fn: L
     step = dataclasses.replace(step, micro=step.micro[:1])
     try:
         losses = _quietly(lambda: step.losses(module, loss_fn, params))
+    except MissingLossError:  # no per_sample_loss and no loss_fn: pass loss_fn= (the model's, not the data's)
+        raise
     except _DATA_ERRORS as err:
         ids = ", ".join(str(int(i)) for i in step.ids[:3])
         raise DataMismatchError(f"the run's per-sample loss fails on the training data rebuilt for step {t} (ids {ids}, "
@@ -127,6 +127,8 @@ def check_query_data(query: Callable[[Any], Any], module: nn.Module, log: Any = 
         else {n: p.detach() for n, p in module.named_parameters()}
     try:
         _quietly(lambda: evaluate_query(module, query, params))
+    except MissingLossError:  # no per_sample_loss and no loss_fn: pass loss_fn= (the model's, not the data's)
+        raise
     except _DATA_ERRORS as err:
         raise DataMismatchError(f"the query fails on the model: {_first_line(err)}; {advice}") from err
 

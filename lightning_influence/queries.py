@@ -21,11 +21,15 @@ Query = Callable[[nn.Module], torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
+class MissingLossError(TypeError):
+    """The module has no ``per_sample_loss`` and no ``loss_fn`` was given: the caller's to pass one (not a data error)."""
+
+
 def default_loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
     """The module's ``per_sample_loss(batch)`` (the tracker's default per-sample loss)."""
     loss = getattr(module, "per_sample_loss", None)
     if loss is None:
-        raise TypeError(f"{type(module).__name__} has no per_sample_loss(batch): pass loss_fn=, the per-sample loss the "
+        raise MissingLossError(f"{type(module).__name__} has no per_sample_loss(batch): pass loss_fn=, the per-sample loss the "
                         "run was tracked with (InfluenceTracker(loss_fn=...))")
     return loss(batch)
 

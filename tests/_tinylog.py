@@ -39,7 +39,8 @@ def train_and_log(log_dir: str, module: nn.Module, loss_fn: Callable[[nn.Module,
                   batches: Sequence[Sequence[int]], lrs: Sequence[Any], opt: torch.optim.Optimizer, *,
                   checkpoint_every: int | None = 1, record_gradients: bool = True, projection_dim: int | None = None,
                   dataset_size: int | None = None, epochs: Sequence[int] | None = None, meta_extra: dict | None = None,
-                  first_step: int = 0, schedule: Sequence[dict | None] | None = None) -> None:
+                  first_step: int = 0, schedule: Sequence[dict | None] | None = None,
+                  storage_dtype: str = "float64") -> None:
     """Train ``module`` on ``batches`` (ids per step) with ``opt``, lr per step (scalar or per group); ``schedule``: per
     step, the other hyperparameters a schedule sets (``{key: per-group values}``, recorded as the tracker does) or None.
 
@@ -66,10 +67,11 @@ def train_and_log(log_dir: str, module: nn.Module, loss_fn: Callable[[nn.Module,
         "projection": projector.to_metadata(),
         "optimizer": {"class": f"{type(opt).__module__}.{type(opt).__qualname__}", "param_groups": groups},
         **({"first_step": int(first_step)} if first_step else {}),
+        "storage_dtype": storage_dtype,
         **(meta_extra or {}),
     }
     write_meta(log_dir, meta)
-    writer = LogWriter(log_dir, 0, flush_every_n_steps=7, storage_dtype="float64", background=False)
+    writer = LogWriter(log_dir, 0, flush_every_n_steps=7, storage_dtype=storage_dtype, background=False)
     for t, ids in enumerate(batches):
         ids = np.asarray(ids, dtype=np.int64)
         lr_t = lrs[t]

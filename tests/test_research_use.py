@@ -149,7 +149,7 @@ def test_evaluate_shows_flipped_only_where_known_and_writes_its_table_to_csv(run
     code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--samples", "3,7,11", "--pbrf", "-f", "csv", "-q")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert list(rows[0]) == ["id", "label", "flipped", "truth", "pbrf", "tracin"]
+    assert list(rows[0]) == ["id", "label", "flipped", "truth", "pbrf", "pbrf_converged", "tracin"]
     flipped = set(_flipped(run).tolist())
     assert [r["flipped"] for r in rows] == [str(i in flipped) for i in (3, 7, 11)]
     code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--samples", "3,7,11", "--pbrf", "-f", "json", "-q")

@@ -11,6 +11,7 @@ import numpy as np
 
 from lightning_influence.cli.common import emit, json_text, open_log, output_format, progress_bar
 from lightning_influence.cli.methods import METHODS, unmet_needs
+from lightning_influence.log.half import HalfRounding, merge, rounding_of_stored
 from lightning_influence.log.lock import writer_state
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.recipe import RecipeError, stored_data
@@ -68,6 +69,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             load_frozen(root, meta.get("frozen"))
         except Exception as err:  # noqa: BLE001 - a missing or unreadable file is the problem reported
             problems.append(f"frozen parameters: {err}")
+    half = _half_rounding(log, every_step=args.verify) if recorded.get("gradients") and T else None
+    if half is not None and half.significant():
+        notes.append(half.text("bounded by") + "; estimators read these rounded rows (re-record with "
+                     "storage_dtype='float32' to keep them)")
     groups = meta.get("optimizer", {}).get("param_groups", [])
     proj_dim = (meta.get("projection") or {}).get("dim")
     cols = log.projector().out_dim if meta.get("tracked_params") else 0
@@ -93,6 +98,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "gradient_engine": meta.get("gradient_engine"), "gradient_engines": meta.get("gradient_engines"),
         "demoted": meta.get("demoted"),
         "storage_dtype": meta.get("storage_dtype"), "step": step_summary(log) if T else None,
+        "float16_rounding": None if half is None else {"below_normal_fraction": half.fraction,
+                                                       "row_relative_error_bound": half.worst,
+                                                       "median_row_relative_error_bound": half.median},
         "precision": meta.get("precision"), "eval_modules": meta.get("eval_modules"),
         "checkpoints": {"count": len(ckpts), "every_n_steps": meta.get("checkpoint_every_n_steps"), "final": log.finished,
                         "final_weights_replaced_by": meta.get("final_weights_replaced_by")},
@@ -284,6 +292,19 @@ def _verify(log: Any, args: argparse.Namespace) -> list[int]:
         log.optimizer_state(t)
         log.checkpoint_buffers(t)
     return sorted(bad)
+
+
+def _half_rounding(log: InfluenceLog, every_step: bool, sample: int = 32) -> HalfRounding | None:
+    """float16 gradient rows: entries below its normal range and the rows' rounding error bound (log/half.py), from
+    ``sample`` evenly spaced steps (every step with ``--verify``); ``None`` for another storage dtype."""
+    if str(log.meta.get("storage_dtype")) != "float16":
+        return None
+    steps = [int(t) for t in log.steps if log.has_grads(int(t))]
+    if not every_step and len(steps) > sample:
+        steps = [steps[i] for i in np.linspace(0, len(steps) - 1, sample).round().astype(int)]
+    parts = [rounding_of_stored(r.grads) for t in steps for r in log.iter_steps(t, t + 1, fields=("grad",))
+             if r.grads is not None and len(r.grads)]
+    return merge(parts)
 
 
 def _size(n: float) -> str:

@@ -45,6 +45,7 @@ from lightning_influence.log.format import (
     segment_path,
     set_text,
 )
+from lightning_influence.log.half import CHECK_EVERY, rounding_of_cast
 from lightning_influence.log.lock import WriterLock
 from lightning_influence.log.records import CheckpointRecord, StepRecord
 from lightning_influence.log.segment import seal, truncate_log, truncation_plan, write_file, write_segment
@@ -214,6 +215,7 @@ class LogWriter:
         self._opened = 0.0  # when the buffer's first step came (clock())
         self._bytes = 0  # rows and parameters in the buffer
         self.storage_dtype = np.dtype(storage_dtype)
+        self._half_warned = False  # float16 storage: its rounding warned about once (log/half.py)
         self.compression = compression
         self.bytes_written = 0
         self._steps: list[StepRecord] = []
@@ -254,11 +256,24 @@ class LogWriter:
         """A segment write failed: the writer writes nothing more."""
         return self._error is not None
 
+    def _check_half(self, record: StepRecord) -> None:
+        """float16 storage: every ``CHECK_EVERY``-th step's rows measured (log/half.py), one warning when significant."""
+        if (self.storage_dtype != np.float16 or self._half_warned or record.grads is None or record.grad_outer is not None
+                or record.step % CHECK_EVERY or np.asarray(record.grads).dtype == np.float16):
+            return
+        got = rounding_of_cast(np.asarray(record.grads))
+        if got.significant():
+            self._half_warned = True
+            warnings.warn(f"{self.log_dir}: step {record.step}: {got.text('up to')}; estimators read these rounded "
+                          "rows. Record with storage_dtype='float32' to keep them (lightning-influence info reports "
+                          "the whole log)", RuntimeWarning, stacklevel=3)
+
     def add_step(self, record: StepRecord, checkpoint: CheckpointRecord | None = None) -> None:
         """Validate and buffer one step (and ``θ_t`` taken before it); a full buffer starts a segment write."""
         self._raise_pending_error()
         record.validate()
         record.check_storable(self.storage_dtype)
+        self._check_half(record)
         if self._next_step is not None and record.step != self._next_step:
             raise ValueError(
                 f"{self.log_dir}: rank {self.rank} would record step {record.step} but its log continues at step "
