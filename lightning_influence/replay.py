@@ -122,6 +122,11 @@ def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
     ids = np.asarray(ids, dtype=np.int64)
     if hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__"):
         if len(ids) and ids.max() >= len(train_data):
+            if isinstance(train_data, (tuple, list)) and train_data and all(
+                    isinstance(t, Tensor) and t.dim() and len(t) > ids.max() for t in train_data):
+                raise TypeError(f"train_data is {len(train_data)} tensors of {len(train_data[0])} rows (the training set's "
+                                "columns, as a batch), which is read as a dataset of "
+                                f"{len(train_data)} samples: pass it by sample, WithIds(TensorDataset(*tensors)) as trained")
             raise ValueError(f"train_data has {len(train_data)} samples but the log holds sample id {int(ids.max())}: pass "
                              "the whole training set the run was trained on, indexed by the ids it logged")
         return as_pytree(collate_of(train_data)([train_data[int(i)] for i in ids]))

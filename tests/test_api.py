@@ -287,3 +287,13 @@ def test_a_model_without_per_sample_loss_is_told_to_pass_loss_fn_not_other_data(
         with pytest.raises(MissingLossError, match=r"^Plain has no per_sample_loss\(batch\): pass loss_fn=") as info:
             fn(log, _val_loss(*dm.splits["val"]), module=plain, **kwargs)
         assert isinstance(info.value, TypeError) and "data the model takes" not in str(info.value)
+
+
+def test_the_training_tensors_as_a_tuple_are_told_to_be_a_dataset(tiny):
+    """train_data=(x, y), the training set as its tensors, was read as a dataset of 2 samples: 'train_data has 2 samples
+    but the log holds sample id 59: pass the whole training set' -- which it was."""
+    log, model, dm = tiny
+    with pytest.raises(TypeError, match=r"train_data is 2 tensors of 60 rows .*WithIds\(TensorDataset\(\*tensors\)\)"):
+        li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=tuple(dm.splits["train"]))
+    with pytest.raises(ValueError, match="train_data has 3 samples but the log holds sample id"):  # a short dataset
+        li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=[dm.train_dataset[i] for i in range(3)])

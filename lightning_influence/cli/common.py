@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from lightning_influence.estimators.scores import csv_text, ranked, sort_order  # noqa: F401 (the CLI's tables)
 from lightning_influence.progress import ProgressBar, process_rank
 
 if TYPE_CHECKING:

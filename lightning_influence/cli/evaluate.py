@@ -7,15 +7,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lightning_influence.cli.common import (UserError, add_process_args, check_workers, csv_text, drift_line, emit,
-                                            flip_cell, format_table, json_text, output_format, parse_window, processes,
-                                            progress_bar, ranked, sort_order, status)
+from lightning_influence.cli.common import (UserError, add_process_args, check_workers, drift_line, emit, flip_cell,
+                                            format_table, json_text, output_format, parse_window, processes,
+                                            progress_bar, status)
 from lightning_influence.cli.context import RunContext, prepare
 from lightning_influence.cli.datacheck import check_training_data
 from lightning_influence.cli.methods import (METHODS, Method, call_with, canonical_method, check_records, default_method,
                                              estimator_inputs, method_help, run_method, train_data_of)
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 from lightning_influence.distributed import DistributedQueryError, global_rank
+from lightning_influence.estimators.scores import csv_text, ranked, sort_order
 from lightning_influence.evaluation.verdict import truth_noise_floor, verdict
 from lightning_influence.replay import samples_by_id_needed
 

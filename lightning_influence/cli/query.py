@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import numpy as np
-
 from lightning_influence.cli.common import (PROG, UserError, add_process_args, drift_line, emit, flip_cell, format_table,
                                             json_text, output_format, parse_window, processes, progress_bar, row_count,
                                             sign_line)

@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from lightning_influence.cli.common import (UserError, add_process_args, csv_text, emit, flip_cell, format_table,
-                                            json_text, output_format, parse_grid, parse_window, processes, ranked,
-                                            row_count, sign_line, sort_order)
+from lightning_influence.cli.common import (UserError, add_process_args, emit, flip_cell, format_table, json_text,
+                                            output_format, parse_grid, parse_window, processes, row_count, sign_line)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import SPLITS_HELP, METHODS, compute_windows, method_help, canonical_method
 from lightning_influence.distributed import DistributedQueryError, global_rank
+from lightning_influence.estimators.scores import csv_text, ranked, sort_order
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 
 SUMMARY = "scores on a grid of windows and each sample's temporal pattern"
