@@ -169,6 +169,6 @@ def outside_changes(summary: Mapping[str, Any], dtype: torch.dtype) -> str | Non
                      f"replay's by {summary['buffers_max']:.2g} of how far they moved")
     if not parts:
         return None
-    return ("; ".join(parts) + f" (more than rounding, √eps = {floor:.1e}): the run changed them other than by its "
-            "optimizer steps and forwards (a clamp or renormalisation in a hook, an EMA, a buffer updated outside "
-            "the forward)")
+    return ("; ".join(parts) + f" (more than rounding, √eps = {floor:.1e}): something other than the logged steps, "
+            "as replayed, changed them (a clamp or renormalisation in a hook, an EMA, a buffer updated outside the "
+            "forward; or training data or loss_fn that differ from the run's)")
