@@ -72,6 +72,23 @@ class MaxBag(nn.Module):
         return self.head(torch.tanh(self.bag(ids)))
 
 
+class NormedPair(nn.Module):
+    """A spectral-normed ``nn.EmbeddingBag(500, 128)`` (mean) and a weight-normed ``nn.Bilinear(32, 128, 64)`` of the
+    ids' scaled values and the bag, a Linear head (``parametrizations``: the parametrized engine's generic chain on
+    their engines)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+        self.bag = spectral_norm(nn.EmbeddingBag(500, HIDDEN, mode="mean"))
+        self.bil = weight_norm(nn.Bilinear(32, HIDDEN, 64))
+        self.head = nn.Linear(64, CLASSES)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.bil(ids.float() / 5000, self.bag(ids % 500))))
+
+
 def _ids(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 5000, (BATCH, 32), generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)
 
@@ -81,13 +98,14 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], tup
     "gru-2-bi": (lambda: Recurrent("GRU", 2, True), _sequences),
     "lstm-cell": (CellLoop, _sequences),
     "bag-max": (MaxBag, _ids),
+    "normed-bag-bilinear": (NormedPair, _ids),
 }
 
 
 def measure(name: str, device: str, reps: int) -> str:
     factory, data = MODELS[name]
     torch.manual_seed(0)
-    model = factory().to(device)
+    model = factory().to(device).eval()  # (a spectral norm's power iteration: the same weight in both runs)
     batch = tuple(t.to(device) for t in data(torch.Generator().manual_seed(1)))
     names = select_params(model)
     assert HookGradientCapture.unsupported(model, names) == [], name

@@ -388,7 +388,7 @@ def _reanchor(log: InfluenceLog, t: int, params: dict[str, Tensor], opt: torch.o
                 p.copy_(torch.from_numpy(np.array(stored[n])).to(p.device))
         load_optimizer_state(opt, [n for g in log.param_groups() for n in g], log.optimizer_state(t))
     if buffers:  # checked and restored as the params: they follow from the same steps
-        restore_buffers(t, log.checkpoint_buffers(t), buffers, anchor, tolerance)
+        restore_buffers(t, log.checkpoint_buffers(t), buffers, anchor, tolerance, report)
     anchor.update(step=t, params={n: p.detach().clone() for n, p in params.items()})
 
 

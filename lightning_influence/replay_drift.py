@@ -26,8 +26,8 @@ from torch import Tensor
 
 from lightning_influence.step.buffers import cloned
 
-__all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "check_checkpoint", "measure", "resolve_tolerance",
-           "restore_buffers"]
+__all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "check_checkpoint", "measure", "outside_changes",
+           "resolve_tolerance", "restore_buffers"]
 
 DEFAULT_TOLERANCE = 1e-2
 
@@ -51,6 +51,7 @@ class DriftReport:
     """Drifts measured at the checkpoints a replay passed: ``(step, drift, max |Δθ|)`` each."""
 
     checkpoints: list[tuple[int, float, float]] = field(default_factory=list)
+    buffers: list[tuple[int, float, float]] = field(default_factory=list)  # the floating buffers' (restore_buffers)
 
     @property
     def max(self) -> float:
@@ -61,7 +62,11 @@ class DriftReport:
         if not self.checkpoints:
             return {"checkpoints_compared": 0, "max": 0.0, "at_step": None, "max_abs": 0.0}
         step, drift, diff = max(self.checkpoints, key=lambda c: c[1])
-        return {"checkpoints_compared": len(self.checkpoints), "max": drift, "at_step": step, "max_abs": diff}
+        out = {"checkpoints_compared": len(self.checkpoints), "max": drift, "at_step": step, "max_abs": diff}
+        if self.buffers:
+            bstep, bdrift, _ = max(self.buffers, key=lambda c: c[1])
+            out.update(buffers_max=bdrift, buffers_at_step=bstep)
+        return out
 
 
 def measure(stored: Mapping[str, np.ndarray], params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> tuple[float, float]:
@@ -85,7 +90,7 @@ def measure(stored: Mapping[str, np.ndarray], params: Mapping[str, Tensor], anch
 
 
 def restore_buffers(step: int, stored: Mapping[str, np.ndarray] | None, buffers: Mapping[str, Tensor],
-                    anchor: dict[str, Any], tolerance: float) -> None:
+                    anchor: dict[str, Any], tolerance: float, report: DriftReport | None = None) -> None:
     """At the checkpoint of ``step``: the replayed floating ``buffers`` (running statistics, ``step.buffers``) against
     the ``stored`` ones, relative to their movement since ``anchor["buffers"]`` (those the segment started from, as
     :func:`check_checkpoint`'s parameters); then
@@ -98,14 +103,18 @@ def restore_buffers(step: int, stored: Mapping[str, np.ndarray] | None, buffers:
         return
     floats = {n: b for n, b in buffers.items() if b.is_floating_point()}
     drift, diff = measure(stored, floats, anchor["buffers"])
+    if report is not None:
+        report.buffers.append((step, drift, diff))
     if not drift <= tolerance:
         raise ReplayMismatchError(
-            f"replay does not reproduce the logged run's buffers (BatchNorm running statistics): at step {step} they "
+            f"replay does not reproduce the logged run's buffers (BatchNorm running statistics, or a buffer updated "
+            f"outside the forward, e.g. an EMA in a hook: replay runs only the forwards and optimizer steps): at step {step} they "
             f"differ from the stored ones by {drift:.3g} of how far they moved since step {anchor['step']} (largest "
             f"entry difference {diff:.3g}; tolerance {tolerance:g}), so a query in eval mode between checkpoints would "
             "use other statistics than training did. What to do: loss_fn must run the module's forward once per "
             "micro-batch, on the batch training_step got (each forward updates a train-mode BatchNorm's statistics); "
-            "SyncBatchNorm is not modelled; or accept the drift with a larger tolerance.")
+            "SyncBatchNorm is not modelled; a buffer a hook updates cannot be replayed (estimators would hold it "
+            "constant; docs/replay.md); or accept the drift with a larger tolerance.")
     with torch.no_grad():
         for n, value in stored.items():
             buffers[n].copy_(torch.from_numpy(np.array(value)))
@@ -140,3 +149,26 @@ def check_checkpoint(step: int, stored: Mapping[str, np.ndarray], params: Mappin
     if not drift <= tolerance:
         raise mismatch(step, anchor["step"], drift, diff, tolerance)
     return drift
+
+
+def outside_changes(summary: Mapping[str, Any], dtype: torch.dtype) -> str | None:
+    """What the drifts of a replay of the logged steps say the run changed other than by them, or ``None``.
+
+    A deterministic replay drifts by rounding only (0 on the CPU, ~1e-15 in float64). A drift beyond ``√eps`` of the
+    parameters' dtype (3.5e-4 in float32, 1.5e-8 in float64) that stayed within the tolerance is a change the logged
+    optimizer step does not make: a weight clamped or renormalised in a hook, an EMA written into the parameters, a
+    buffer (an EMA, a counter-driven statistic) updated outside the forward. Estimators that linearise the logged steps
+    treat such changes as constants (docs/replay.md, *Changes outside the optimizer step*)."""
+    floor = math.sqrt(torch.finfo(dtype).eps)
+    parts = []
+    if summary.get("max", 0.0) > floor:
+        parts.append(f"θ at the checkpoint of step {summary.get('at_step')} differs from the replay of the logged "
+                     f"steps by {summary['max']:.2g} of how far training moved")
+    if summary.get("buffers_max", 0.0) > floor:
+        parts.append(f"the buffers at the checkpoint of step {summary.get('buffers_at_step')} differ from the "
+                     f"replay's by {summary['buffers_max']:.2g} of how far they moved")
+    if not parts:
+        return None
+    return ("; ".join(parts) + f" (more than rounding, √eps = {floor:.1e}): something other than the logged steps, "
+            "as replayed, changed them (a clamp or renormalisation in a hook, an EMA, a buffer updated outside the "
+            "forward; or training data or loss_fn that differ from the run's)")

@@ -101,14 +101,14 @@ def fit(module: pl.LightningModule, data: Any, tracker: InfluenceTracker | None 
 
 
 def weight_normed_cell(n_in: int, n_out: int) -> nn.Module:
-    """``nn.LSTMCell`` with ``parametrizations.weight_norm`` on ``weight_ih``: the parametrized tensors' engine chains
-    only engines with the default hooks, and an LSTM cell's waits for its two outputs (``capture/rnn_cells.py``), so no
-    engine covers the originals of ``weight_ih`` (its other tensors are the LSTM cell engine's)."""
+    """``nn.LSTMCell`` with ``parametrizations.weight_norm`` on ``weight_ih``: the LSTM cell's engine reads the weights
+    at each call (a parametrized one would be made again), so the parametrized engine does not chain it, and no engine
+    covers the cell (``capture/owners.engine_for``)."""
     return torch.nn.utils.parametrizations.weight_norm(nn.LSTMCell(n_in, n_out), "weight_ih")
 
 
 def no_engine_layer(n: int = 3) -> nn.Module:
-    """A torch.nn layer ``(B, n) -> ((B, n), (B, n))`` that no hook engine covers whole, so that some parameters go through vmap
+    """A torch.nn layer ``(B, n) -> ((B, n), (B, n))`` that no hook engine covers, so that its parameters go through vmap
     (a mixed engine; :class:`TinyClassifier` takes its first output): an LSTM cell with a weight-normed ``weight_ih``
     (:func:`weight_normed_cell`; a PReLU, an RNN cell, then ``nn.LSTMCell`` itself were this until they got their
     engines), its parameters drawn from a generator of its own (the same layer wherever the global stream is)."""

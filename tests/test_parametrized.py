@@ -113,25 +113,23 @@ def test_parametrized_layers_match_brute_force(kind, dim, train):
 
 def test_cached_parametrizations_and_a_parametrized_layer_vmap_computes():
     """Under ``parametrize.cached()`` (the weight made once, before the layer's forward reads it) the engine takes the
-    cached tensor; a parametrized Bilinear's originals (its engine has hooks of its own, which the parametrized engine does
-    not wrap) go to vmap, mixed with the hooks."""
+    cached tensor; a parametrized GRU cell (its engine reads the weights at each call: not chained) goes to vmap whole,
+    mixed with the hooks."""
 
-    class WithBilinear(Net):
+    class WithCell(Net):
         def __init__(self):
             super().__init__("orthogonal")
-            self.bil = P.weight_norm(nn.Bilinear(3, 3, 3))
+            self.cell = P.weight_norm(nn.GRUCell(3, 3), "weight_hh")
 
         def forward(self, x):
-            h = super().forward(x)
-            return self.bil(h, h)
+            return self.cell(super().forward(x))
 
     torch.manual_seed(0)
-    model = WithBilinear().double()
+    model = WithCell().double()
     batch = _case("orthogonal")[1]
     names = select_params(model)
     unsupported = HookGradientCapture.unsupported(model, names)
-    assert unsupported == ["bil.parametrizations.weight.original0", "bil.parametrizations.weight.original1"]  # the
-    # bias, a plain tensor of a subclass (parametrize's) keeping Bilinear's forward, on Bilinear's engine
+    assert unsupported == [n for n in names if n.startswith("cell.")] and len(unsupported) == 5
     proj = projector_for(model, names, 8)
     expected = proj.project(brute_force(model, batch, names))
     capture = HookGradientCapture(model, [n for n in names if n not in unsupported], proj)
@@ -147,6 +145,70 @@ def test_cached_parametrizations_and_a_parametrized_layer_vmap_computes():
     capture = HookGradientCapture(model, [n for n in names if n not in unsupported], proj)
     grads, _ = per_sample_grads(model, cached_loss, batch, names, proj, capture)
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+
+
+class Bags(nn.Module):
+    """A ``kind``-parametrized Bilinear (on two inputs) and EmbeddingBag (``mode``), a Linear head."""
+
+    def __init__(self, kind: str, mode: str):
+        super().__init__()
+        norm = {"weight_norm": P.weight_norm, "spectral_norm": P.spectral_norm,
+                "two-tensors": SQUARE["two-tensors"]}[kind]
+        self.bag = norm(nn.EmbeddingBag(9, 4, mode=mode))
+        self.bil = norm(nn.Bilinear(3, 4, 3))
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        ids = (x[:, :5, 0].abs() * 7).long() % 9  # a sample's ids from its own values
+        return self.head(torch.tanh(self.bil(x[:, 0, :3], self.bag(ids))))
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("kind, mode", [("weight_norm", "mean"), ("spectral_norm", "max"), ("two-tensors", "sum")])
+def test_parametrized_bilinear_and_bags_match_brute_force(kind, mode, train):
+    """Their engines keep a second input (or the offsets) by a pre-hook of their own: the parametrized engine chains
+    them with that hook (before, their originals went to vmap)."""
+    torch.manual_seed(0)
+    model = Bags(kind, mode).double().train(train)
+    gen = torch.Generator().manual_seed(1)
+    hooked_rows_match_brute_force(model, (torch.randn(B, 6, 4, generator=gen, dtype=torch.float64),
+                                          torch.randint(0, 3, (B,), generator=gen)))
+
+
+def hooked_rows_match_brute_force(model, batch):
+    """Every parameter of ``model`` on hooks, its projected rows (k = 8) equal to projected brute force
+    (:func:`brute_force`: each sample from the same buffers) at 1e-10; returns the capture and the names."""
+    names = select_params(model)
+    assert HookGradientCapture.unsupported(model, names) == []
+    proj = projector_for(model, names, 8)
+    expected = proj.project(brute_force(model, batch, names))
+    capture = HookGradientCapture(model, names, proj)
+    grads, _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    return capture, names
+
+
+def _bags():
+    torch.manual_seed(0)
+    return Bags("spectral_norm", "max").double()
+
+
+def assert_tracked_training_is_bit_identical(make, shape, tmp_path):
+    """A tracked fit (with HVP products) of ``make()`` on inputs of ``shape`` ends at the parameters and buffers (a
+    spectral norm's vectors) of an untracked one, all on hooks."""
+    plain, _ = fit_net(make, shape, steps=3)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=16)
+    tracked, _ = fit_net(make, shape, tracker, steps=3)
+    for (n, a), (_, b) in zip([*plain.named_parameters(), *plain.named_buffers()],
+                              [*tracked.named_parameters(), *tracked.named_buffers()]):
+        assert torch.equal(a, b), n
+    log = InfluenceLog(tmp_path / "log")
+    assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {} and log.num_steps == 3
+
+
+def test_tracked_parametrized_bags_train_bit_identically(tmp_path):
+    """Spectral norms (a power iteration at each read in train mode): the engine reads no weight a second time."""
+    assert_tracked_training_is_bit_identical(_bags, (6, 4), tmp_path)
 
 
 def _chained():
@@ -240,14 +302,8 @@ def test_hook_based_weight_and_spectral_norms_match_brute_force(train):
     model = _hook_normed().train(train)
     gen = torch.Generator().manual_seed(1)
     batch = torch.randn(B, 4, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
-    names = select_params(model)
+    capture, names = hooked_rows_match_brute_force(model, batch)
     assert {"lin.weight_g", "lin.weight_v", "conv.weight_g", "sn_conv.weight_orig", "sn_fc.weight_orig"} <= set(names)
-    assert HookGradientCapture.unsupported(model, names) == []
-    proj = projector_for(model, names, 8)
-    expected = proj.project(brute_force(model, batch, names))
-    capture = HookGradientCapture(model, names, proj)
-    grads, _ = per_sample_grads_hooks(model, loss_fn, batch, capture)
-    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
     assert capture.verify(model, loss_fn, batch, sample=1) == []
     capture.enable()
     loss_fn(model, batch)
@@ -256,11 +312,4 @@ def test_hook_based_weight_and_spectral_norms_match_brute_force(train):
 
 
 def test_tracked_hook_normed_training_is_bit_identical(tmp_path):
-    plain, _ = fit_net(_hook_normed, (4, 4), steps=3)
-    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, record_hvp=True, projection_dim=16)
-    tracked, _ = fit_net(_hook_normed, (4, 4), tracker, steps=3)
-    for (n, a), (_, b) in zip([*plain.named_parameters(), *plain.named_buffers()],
-                              [*tracked.named_parameters(), *tracked.named_buffers()]):
-        assert torch.equal(a, b), n
-    log = InfluenceLog(tmp_path / "log")
-    assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {} and log.num_steps == 3
+    assert_tracked_training_is_bit_identical(_hook_normed, (4, 4), tmp_path)

@@ -134,12 +134,11 @@ def test_the_mode_is_on_the_stack_only_while_watching_and_leaves_on_an_error():
 
 
 def test_torch_nn_modules_without_an_engine_stay_on_vmap():
-    model = nn.Sequential(nn.Linear(3, 3), nn.LSTM(3, 4, proj_size=2))  # LSTM projections: no engine
+    model = nn.Sequential(nn.Linear(3, 3), nn.GRU(3, 2, num_layers=2, dropout=0.5))  # dropout between layers: no engine
     names = select_params(model)
     _, rest, engine = choose_engine(model, names, KroneckerProjector({n: p.shape for n, p in model.named_parameters()},
                                                                      None), "auto")
-    assert rest == ["1.weight_ih_l0", "1.weight_hh_l0", "1.bias_ih_l0", "1.bias_hh_l0", "1.weight_hr_l0"]
-    assert engine == "mixed"
+    assert rest == [n for n in names if n.startswith("1.")] and len(rest) == 8 and engine == "mixed"
 
 
 class LitViT(pl.LightningModule):

@@ -34,15 +34,18 @@ class Net(nn.Module):
         self.rnn = getattr(nn, kind)(3, 4, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
         dirs = 2 if bidirectional else 1
         self.lstm, self.use, self.packed, self.batch_first = kind == "LSTM", use, packed, batch_first
-        self.h0 = nn.Linear(3, layers * dirs * 4) if initial else None
-        width = (dirs * 4 if use != "state" else 0) + (4 * (2 if kind == "LSTM" else 1) if use != "seq" else 0)
+        out = kw.get("proj_size") or 4  # the state's width (the cell's is 4)
+        self.widths = (out, 4) if kind == "LSTM" else (out,)
+        self.h0 = nn.Linear(3, layers * dirs * sum(self.widths)) if initial else None
+        width = (dirs * out if use != "state" else 0) + (out + (4 if kind == "LSTM" else 0) if use != "seq" else 0)
         self.head = nn.Linear(width, 3)
 
     def forward(self, x):
         hx = None
         if self.h0 is not None:  # an initial state made from the first step (a gradient path into h0 too)
-            h = torch.tanh(self.h0(x[:, 0])).reshape(x.shape[0], -1, 4).transpose(0, 1).contiguous()
-            hx = (h, 2 * h) if self.lstm else h
+            h = torch.tanh(self.h0(x[:, 0])).reshape(x.shape[0], -1, sum(self.widths)).transpose(0, 1)
+            hx = tuple(t.contiguous() for t in h.split(self.widths, -1))
+            hx = hx if self.lstm else hx[0]
         inp = x if self.batch_first else x.transpose(0, 1)
         if self.packed:
             inp = pack_padded_sequence(inp, lengths_of(x), batch_first=self.batch_first, enforce_sorted=False)
@@ -80,6 +83,8 @@ CASES = {
     "gru-packed-seq-first": dict(kind="GRU", packed=True, batch_first=False, layers=1),
     "lstm-initial-state": dict(kind="LSTM", initial=True, layers=1),
     "gru-initial-state-packed": dict(kind="GRU", initial=True, packed=True),
+    "lstm-proj-2-bi-initial-state": dict(kind="LSTM", proj_size=3, initial=True),
+    "lstm-proj-packed": dict(kind="LSTM", proj_size=2, packed=True, batch_first=False),
 }
 
 
@@ -91,11 +96,10 @@ def test_recurrent_modules_match_brute_force(case, dim):
     assert_hooks_match_brute_force(model, loss_fn, _batch(), dim)
 
 
-def test_dropout_between_layers_and_projections_stay_on_vmap():
-    """Dropout between layers (masks the fused kernel keeps to itself) and ``proj_size``: the module's parameters are
-    left to vmap; a one-layer module's dropout (never applied) is not."""
+def test_dropout_between_layers_stays_on_vmap():
+    """Dropout between layers (masks the fused kernel keeps to itself): the module's parameters are left to vmap; a
+    one-layer module's dropout (never applied) is not."""
     assert HookGradientCapture.unsupported(nn.LSTM(3, 4, num_layers=2, dropout=0.5), ["weight_ih_l0"]) == ["weight_ih_l0"]
-    assert HookGradientCapture.unsupported(nn.LSTM(3, 4, proj_size=2), ["weight_hh_l0"]) == ["weight_hh_l0"]
     model = nn.GRU(3, 4, dropout=0.5)
     assert HookGradientCapture.unsupported(model, select_params(model)) == []
 

@@ -155,6 +155,7 @@ def test_evaluate_shows_flipped_only_where_known_and_writes_its_table_to_csv(run
     code, out, err = cli(capsys, "evaluate", run.log, "-m", "tracin", "--samples", "3,7,11", "--pbrf", "-f", "json", "-q")
     pbrf = [s["pbrf"] for s in json.loads(out)["samples"]]
     assert [float(r["pbrf"]) for r in rows] == pbrf
+    assert [r["pbrf_converged"] for r in rows] == [str(s["pbrf_converged"]) for s in json.loads(out)["samples"]]
 
 
 def test_timeline_grid_spellings(run):

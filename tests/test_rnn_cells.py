@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_influence import InfluenceLog, InfluenceTracker
+from lightning_influence.capture import HookGradientCapture, select_params
 
 from test_layers_decoder import fit_net
 from test_per_sample import B, assert_hooks_match_brute_force
@@ -113,3 +114,43 @@ def test_a_fused_lstm_cell_matches_brute_force(monkeypatch, use):
     gen = torch.Generator().manual_seed(1)
     batch = torch.randn(B, 4, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (B,), generator=gen)
     assert_hooks_match_brute_force(model, loss_fn, batch, 8)
+
+
+class SpectralLoop(nn.Module):
+    """A GRU cell and an LSTM cell whose ``weight_ih`` is spectral-normed (``parametrize``: a power iteration at each
+    read in train mode), a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.nn.utils.parametrizations import spectral_norm
+
+        self.gru = spectral_norm(nn.GRUCell(3, 4), "weight_ih")
+        self.lstm = spectral_norm(nn.LSTMCell(4, 3), "weight_ih")
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = state = None
+        for t in range(x.shape[1]):
+            h = self.gru(x[:, t], h)
+            state = self.lstm(h, state)
+        return self.head(state[0])
+
+
+def _spectral():
+    torch.manual_seed(0)
+    return SpectralLoop().double()
+
+
+def test_parametrized_cells_stay_on_vmap_and_training_is_bit_identical(tmp_path):
+    """A cell engine reads the weights at each call: on a parametrized cell that read makes the weight again, and a
+    spectral norm's power iteration then ran once more a call than without the tracker (training changed). A cell with
+    parametrized tensors has no engine: all its parameters go to vmap."""
+    model = _spectral()
+    names = select_params(model)
+    assert HookGradientCapture.unsupported(model, names) == [n for n in names if not n.startswith("head.")]
+    plain, _ = fit_net(_spectral, (4, 3), steps=3)
+    tracker = InfluenceTracker(str(tmp_path / "log"), record_gradients=True, projection_dim=16)
+    tracked, _ = fit_net(_spectral, (4, 3), tracker, steps=3)
+    for (n, a), (_, b) in zip([*plain.named_parameters(), *plain.named_buffers()],
+                              [*tracked.named_parameters(), *tracked.named_buffers()]):
+        assert torch.equal(a, b), n

@@ -40,15 +40,18 @@ class EmbeddingBagEngine(LayerEngine):
     def supports(self, mod, attr):
         return attr == "weight" and mod.max_norm is None and not mod.scale_grad_by_freq
 
-    def attach(self, mod, records, active, targets, projector, memo=None):
+    def own(self, mod):
         own = EmbeddingBagEngine()  # this module's: the offsets and weights of the call in flight
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             rest = list(args[1:]) + [None, None]
             own._call = (kwargs.get("offsets", rest[0]), kwargs.get("per_sample_weights", rest[1]))
 
-        return [mod.register_forward_pre_hook(pre, with_kwargs=True),
-                *LayerEngine.attach(own, mod, records, active, targets, projector)]
+        return own, [mod.register_forward_pre_hook(pre, with_kwargs=True)]
+
+    def attach(self, mod, records, active, targets, projector, memo=None):
+        own, handles = self.own(mod)
+        return handles + LayerEngine.attach(own, mod, records, active, targets, projector)
 
     def save(self, mod, inp, targets, projector, output=None):
         offsets, weights = self._call or (None, None)

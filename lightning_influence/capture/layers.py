@@ -36,8 +36,8 @@ the gradient hook (:class:`KeptInput`).
 - ``nn.ConvTranspose1d/2d/3d`` (:mod:`.conv_transpose`): the weight gradient of the convolution it is the adjoint of,
   with the input and the output gradient in swapped roles: the column side is the output gradient convolved with ``P_c``.
 - ``nn.PReLU`` (:mod:`.prelu`): ``sum g * min(0, x)``.
-- A parametrized tensor of these layers but attention (:mod:`.parametrized`: ``weight_norm``, ``spectral_norm``, ...): the
-  layer's engine gives the effective tensor's per-sample gradient, a batched VJP takes it to the originals.
+- A parametrized tensor of these layers but attention and the recurrent ones (:attr:`LayerEngine.chainable`;
+  :mod:`.parametrized`: ``weight_norm``, ``spectral_norm``, ...): the layer's engine gives the effective tensor's per-sample gradient, a batched VJP takes it to the originals.
 - ``nn.BatchNorm1d/2d/3d`` and ``nn.InstanceNorm1d/2d/3d`` (:mod:`.batchnorm`): ``sum g * x_hat`` and ``sum g`` per channel, ``x_hat`` by the
   statistics the forward used (the batch's in train mode, the running ones in eval mode).
 - ``nn.MultiheadAttention`` (``in_proj_weight/bias``, ``out_proj.weight/bias``): its forward
@@ -153,6 +153,7 @@ class LayerEngine:
     attrs: tuple[str, ...] = ("weight", "bias")
     subclasses = True  # also a subclass of one of ``types`` that keeps its forward (:func:`engine_for`)
     pure_save = False  # ``save`` depends on the input alone (not on the output or the parameters): memoisable
+    chainable = True  # the parametrized engine may run it on a layer's effective tensors (:mod:`.parametrized`)
 
     def supports(self, mod: nn.Module, attr: str) -> bool:
         """Whether parameter ``attr`` of ``mod`` (an instance of one of :attr:`types`) is captured."""
@@ -186,6 +187,11 @@ class LayerEngine:
 
         return [mod.register_forward_hook(hook, with_kwargs=True)]
 
+    def own(self, mod: nn.Module) -> tuple[LayerEngine, list[RemovableHandle]]:
+        """The engine object of ``mod``'s calls and the hooks it needs besides :meth:`attach`'s (a pre-hook keeping a
+        second input): this one and none by default."""
+        return self, []
+
     def save(self, mod: nn.Module, inp: Tensor, targets: Mapping[str, str], projector: KroneckerProjector,
              output: Tensor | None = None) -> Any:
         """What the gradient formula needs from the forward (``output``: the call's output): the detached input by
@@ -212,14 +218,17 @@ class SecondInputEngine(LayerEngine):
     def __init__(self) -> None:
         self._second: Tensor | None = None  # the second input of the call in flight
 
-    def attach(self, mod, records, active, targets, projector, memo=None):
+    def own(self, mod):
         own = type(self)()
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             own._second = args[1] if len(args) > 1 else kwargs.get(self.second_kwarg)
 
-        return [mod.register_forward_pre_hook(pre, with_kwargs=True),
-                *LayerEngine.attach(own, mod, records, active, targets, projector)]
+        return own, [mod.register_forward_pre_hook(pre, with_kwargs=True)]
+
+    def attach(self, mod, records, active, targets, projector, memo=None):
+        own, handles = self.own(mod)
+        return handles + LayerEngine.attach(own, mod, records, active, targets, projector)
 
     def second(self) -> Tensor | None:
         """The call's second input (``None`` where it was not given), forgotten here."""
@@ -431,6 +440,7 @@ class AttentionEngine(LayerEngine):
     types = (nn.MultiheadAttention,)
     attrs = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
     subclasses = False  # capture_owners places out_proj by the exact type
+    chainable = False  # F.linear routed while the module runs: the parametrized engine's hooks do not see those calls
 
     def attach(self, mod, records, active, targets, projector, memo=None):
         state: dict[str, Any] = {}

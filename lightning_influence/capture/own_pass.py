@@ -45,8 +45,8 @@ def choose_engine(module: nn.Module, names: Sequence[str], projector: KroneckerP
         raise ValueError(f"gradient_engine='hooks': no hook captures {unsupported[:5]} (hooks cover Linear, Bilinear, "
                          "Conv1d/2d/3d, ConvTranspose1d/2d/3d, RNN/GRU/LSTM and their cells, Embedding, EmbeddingBag, "
                          "LayerNorm, GroupNorm, RMSNorm, BatchNorm, InstanceNorm, PReLU and MultiheadAttention "
-                         "parameters, the originals of their parametrizations (but attention's, bags', Bilinear's and "
-                         "recurrent layers'), and parameters a model adds, multiplies or expands to the batch itself). "
+                         "parameters, the originals of their parametrizations (but attention's and recurrent layers'), "
+                         "and parameters a model adds, multiplies or expands to the batch itself). "
                          "Use gradient_engine='auto' (vmap for just those) or exclude them with exclude_params")
     hooked = [] if gradient_engine == "vmap" else [n for n in names if n not in unsupported]
     rest = [n for n in names if n not in hooked]

@@ -17,9 +17,9 @@ __all__ = ["engine_for", "capture_owners", "foldable_biases"]
 
 def engine_for(mod: nn.Module) -> LayerEngine | None:
     """The engine of ``mod``'s type, or ``None``; a module with a parametrized tensor (:mod:`.parametrized`): its base
-    type's engine chained to the originals."""
-    engine = parametrized_engine(mod, _engine_of)
-    return engine if engine is not None else _engine_of(type(mod))
+    type's engine chained to the originals, or none where that engine is not chainable (a recurrent engine reads the
+    weights at each call: a parametrized one would be made again, a spectral norm's power iteration run once more)."""
+    return parametrized_engine(mod, _engine_of) if original_attrs(mod) else _engine_of(type(mod))
 
 
 _FORWARD = ("forward", "_conv_forward")  # what a layer's call runs of its own class

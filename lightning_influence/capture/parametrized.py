@@ -83,7 +83,8 @@ class ParametrizedEngine(LayerEngine):
         return self.base.supports(mod, original_attrs(mod).get(attr, attr))
 
     def attach(self, mod, records, active, targets, projector, memo=None):
-        own = ParametrizedEngine(self.base)  # this module's: it holds what its parametrizations made in the current call
+        inner, extra = self.base.own(mod)  # the base engine's object for this module (a second input's pre-hook)
+        own = ParametrizedEngine(inner)  # this module's: it holds what its parametrizations made in the current call
         tensors = {a.split(".")[1] for a in targets if a.startswith("parametrizations.")}
 
         def pre(module: nn.Module, args: tuple) -> None:
@@ -95,7 +96,7 @@ class ParametrizedEngine(LayerEngine):
                     own._seen.setdefault(name, []).append(out)
             return hook
 
-        handles = [mod.register_forward_pre_hook(pre)]
+        handles = [mod.register_forward_pre_hook(pre), *extra]
         handles += [mod.parametrizations[t].register_forward_hook(made(t)) for t in sorted(tensors)]
         return handles + LayerEngine.attach(own, mod, records, active, targets, projector)
 
@@ -161,12 +162,12 @@ def _effective(mod: nn.Module, name: str, seen: dict[str, list[Tensor]]) -> Tens
 
 def parametrized_engine(mod: nn.Module, engine_of: Any) -> LayerEngine | None:
     """The engine of a ``mod`` with parametrized tensors (:func:`original_attrs`) whose base type (the class
-    ``parametrize`` derived its own from, or its own type) has an engine with the default hooks (``engine_of(type)``),
-    else ``None``."""
+    ``parametrize`` derived its own from, or its own type) has a :attr:`~.layers.LayerEngine.chainable` engine
+    (``engine_of(type)``), else ``None``."""
     if not original_attrs(mod):
         return None
     base = engine_of(type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod))
-    if base is None or type(base).attach is not LayerEngine.attach:  # an engine with hooks of its own (attention)
+    if base is None or not base.chainable:  # an engine with hooks of its own (attention, recurrent layers)
         return None
     return _ENGINES.setdefault(id(base), ParametrizedEngine(base))
 

@@ -10,8 +10,9 @@ and weights (references: the tracker's own passes substitute the weights), and o
 reaches the loss (the output sequence, ``h_n``, ``c_n``: one multi-gradient hook) have arrived, the gradient hook runs
 the layers again by these formulas from the kept tensors (in float32 or wider) and takes every ``δa``, ``δc`` by one
 backward of those gradients. A packed sequence is run padded, a sample's steps past its length masked (its state kept:
-the packed kernel's ``h_n`` is the state at the sample's last step). Dropout between layers (random masks the kernel
-does not give back) and ``proj_size`` (LSTM projections) go to ``vmap``.
+the packed kernel's ``h_n`` is the state at the sample's last step). An LSTM's projection (``proj_size``: ``h_t = W_hr
+r_t``, ``r_t = o_t tanh(c_t)``) is one more Linear a step, ``W_hr``'s gradient ``Σ_t δh_t r_tᵀ``. Dropout between layers
+(random masks the kernel does not give back) goes to ``vmap``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class MultiOutputEngine(LayerEngine):
     arguments (keywords in the layer's order) and output, ``blocks`` the gradients in :meth:`outputs`' order."""
 
     inputs: tuple[str, ...] = ("input", "hx")  # the layer's arguments, in order
+    chainable = False  # hooks of its own; save reads the weights
 
     def outputs(self, output: Any) -> tuple[Tensor | None, ...]:
         """The output tensors of a call, in a fixed order."""
@@ -106,8 +108,7 @@ class RecurrentEngine(MultiOutputEngine):
     types = (nn.RNN, nn.GRU, nn.LSTM)
 
     def supports(self, mod, attr):
-        return (attr in mod._flat_weights_names and getattr(mod, "proj_size", 0) == 0
-                and (mod.dropout == 0 or mod.num_layers == 1))
+        return attr in mod._flat_weights_names and (mod.dropout == 0 or mod.num_layers == 1)
 
     def outputs(self, output):
         out, state = output
@@ -142,14 +143,17 @@ class RecurrentEngine(MultiOutputEngine):
             run = _replay(mod, saved)
             ends = [(run.output, g_seq), (run.h_n, g_h), (run.c_n, g_c)]
             ends = [(t, _wide(g)) for t, g in ends if g is not None and t is not None]
-            leaves = [t for layer in run.layers for t in (layer.a, *layer.c)]
+            leaves = [t for layer in run.layers for t in (layer.a, *layer.c, *layer.p)]
             found = torch.autograd.grad([t for t, _ in ends], leaves, [g for _, g in ends], allow_unused=True)
         out: Blocks = {}
         it = iter(found)
         for layer in run.layers:
             d_a = _zero_if_none(next(it), layer.a)
             d_c = torch.stack([_zero_if_none(next(it), c) for c in layer.c], 1)
-            for side, d, inp in (("ih", d_a, layer.x), ("hh", d_c, layer.h_prev)):
+            sides = [("ih", d_a, layer.x), ("hh", d_c, layer.h_prev)]
+            if layer.p:  # an LSTM's projection h = W_hr r: a Linear on r
+                sides.append(("hr", torch.stack([_zero_if_none(next(it), p) for p in layer.p], 1), layer.r))
+            for side, d, inp in sides:
                 weight, bias = targets.get(f"weight_{side}{layer.suffix}"), targets.get(f"bias_{side}{layer.suffix}")
                 cols = projector.project_cols(weight, inp) if weight is not None else None
                 out.update(_linear_blocks(projector, weight, bias, d, cols))
@@ -169,13 +173,16 @@ def _zero_if_none(g: Tensor | None, like: Tensor) -> Tensor:
 class _Layer(NamedTuple):
     """One layer and direction of a replay: its input ``(B, T, in)``, its pre-activations ``a`` ``(B, T, G)`` and
     ``c_t`` (one ``(B, G)`` a step, in the order run), the states ``h_{t−1}`` they were made from ``(B, T, H)`` (same
-    order), and its weights' suffix (``_l0``, ``_l1_reverse``, ...)."""
+    order), its weights' suffix (``_l0``, ``_l1_reverse``, ...), and with ``proj_size`` the projected states
+    ``h_t = W_hr r_t`` (one a step, same order; else none) and the ``r_t = o_t tanh(c_t)`` ``(B, T, hidden)``."""
 
     x: Tensor
     a: Tensor
     c: list[Tensor]
     h_prev: Tensor
     suffix: str
+    p: list[Tensor]
+    r: Tensor | None
 
 
 class _Run(NamedTuple):
@@ -194,6 +201,8 @@ def _replay(mod: nn.RNNBase, call: _Call) -> _Run:
     masks = None if call.lengths is None else (call.lengths.to(x.device)[None, :] > torch.arange(steps)[:, None].to(
         x.device)).unsqueeze(-1)  # (T, B, 1)
     zeros = x.new_zeros(batch, mod.hidden_size)
+    proj = getattr(mod, "proj_size", 0)
+    h_zeros = x.new_zeros(batch, proj) if proj else zeros
     w = {n: _wide(t).to(dtype) for n, t in call.weights.items()}
     layers, h_n, c_n = [], [], []
     inp = x
@@ -202,17 +211,22 @@ def _replay(mod: nn.RNNBase, call: _Call) -> _Run:
         for d in range(dirs):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
             k = layer * dirs + d
-            h = zeros if call.h0 is None else call.h0[k].to(dtype)
+            h = h_zeros if call.h0 is None else call.h0[k].to(dtype)
             cell = None if mod.mode != "LSTM" else zeros if call.c0 is None else call.c0[k].to(dtype)
             a = _node(F.linear(inp, w["weight_ih" + sfx], w.get("bias_ih" + sfx)))
             w_hh, b_hh = w["weight_hh" + sfx], w.get("bias_hh" + sfx)
+            w_hr = w.get("weight_hr" + sfx)
             hs: list[Tensor | None] = [None] * steps
-            cs, prev = [], []
+            cs, prev, ps, rs = [], [], [], []
             for t in (reversed(range(steps)) if d else range(steps)):
                 prev.append(h)
                 c_t = _node(F.linear(h, w_hh, b_hh))
                 cs.append(c_t)
                 h_new, cell_new = gates(mod.mode, a[:, t], c_t, h, cell)
+                if w_hr is not None:
+                    rs.append(h_new.detach())
+                    h_new = _node(F.linear(h_new, w_hr))
+                    ps.append(h_new)
                 if masks is not None:
                     h_new = torch.where(masks[t], h_new, h)
                     cell_new = None if cell is None else torch.where(masks[t], cell_new, cell)
@@ -220,7 +234,8 @@ def _replay(mod: nn.RNNBase, call: _Call) -> _Run:
                 else:
                     hs[t] = h_new
                 h, cell = h_new, cell_new
-            layers.append(_Layer(inp.detach(), a, cs, torch.stack(prev, 1).detach(), sfx))
+            layers.append(_Layer(inp.detach(), a, cs, torch.stack(prev, 1).detach(), sfx, ps,
+                                 torch.stack(rs, 1) if rs else None))
             h_n.append(h)
             c_n.append(cell)
             outs.append(torch.stack(hs, 1))

@@ -28,6 +28,7 @@ class RNNCellEngine(SecondInputEngine):
     types = (nn.RNNCell, nn.GRUCell)
     attrs = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     second_kwarg = "hx"
+    chainable = False  # save reads the weights: a parametrized one would be made again (a spectral norm's step)
 
     def save(self, mod, inp, targets, projector, output=None):
         hx = self.second()

@@ -61,6 +61,7 @@ from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_column
 from lightning_influence.estimators.gauss_newton import dit_gauss_newton  # noqa: F401 - public here too
 from lightning_influence.replay import Progress, TrainData, grid_steps, require_train_data, resolve_progress
+from lightning_influence.replay_drift import outside_changes
 from lightning_influence.step.buffers import run_buffers
 from lightning_influence.step.shard import BatchShard
 
@@ -85,6 +86,21 @@ def _context(log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_f
     ctx = _Context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner)
     check_estimator_data(log, module, query, train_data, loss_fn)  # data the model cannot take: now, not in the sweep
     return ctx
+
+
+def _reported(ctx: _Context, res: Any, method: str) -> str:
+    """``method`` with what the sweep measured about its own validity put in ``res.info``, warned about and tagged:
+    the adjoint's growth (:mod:`~lightning_influence.estimators.growth`) and changes the run made outside its logged
+    optimizer steps (:func:`~lightning_influence.replay_drift.outside_changes`), which DIT holds constant."""
+    method = res.growth.report(method, res.info, stacklevel=4)
+    outside = outside_changes(res.info["replay_drift"], ctx.dtype)
+    if outside is not None:
+        res.info["changed_outside_optimizer"] = outside
+        warnings.warn(f"DIT: {outside}. DIT treats those changes as constants: it leaves out how removing a sample "
+                      "moves them. Check the scores with replay leave-one-out (evaluate), which replays the same "
+                      "steps; docs/replay.md", RuntimeWarning, stacklevel=4)
+        method += " [changed outside the optimizer]"
+    return method
 
 
 def _method(ctx: _Context, base: str, hvp: str, approx: bool = False, removal: str = "step") -> str:
@@ -155,7 +171,7 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
     t0 = log.first_step  # > 0 for a log started by a resumed fit
     res = _model_sweep(ctx, query, t0, t2, [t1, t2], hvp, eps0, resolve_progress(progress, "dit"), shard, removal)
     out = res.values[t2] - (res.values[t1] if t1 > t0 else 0.0)
-    method = res.growth.report(_method(ctx, "dit", hvp, removal=removal), res.info)
+    method = _reported(ctx, res, _method(ctx, "dit", hvp, removal=removal))
     return InfluenceScores(out, method, (t1, t2), res.names, info=res.info)
 
 
@@ -175,7 +191,7 @@ def dit_local(log: InfluenceLog, query: Query, *, module: nn.Module | None = Non
     t1, t2 = log.window(window)
     ctx = _context(log, module, train_data, loss_fn, verify, tolerance, max_memory_bytes, preconditioner, query)
     res = _model_sweep(ctx, query, t1, t2, [t2], hvp, eps0, resolve_progress(progress, "dit-local"), shard, removal)
-    method = res.growth.report(_method(ctx, "dit-local", hvp, approx=True, removal=removal), res.info)
+    method = _reported(ctx, res, _method(ctx, "dit-local", hvp, approx=True, removal=removal))
     return InfluenceScores(res.values[t2], method, (t1, t2), res.names, info=res.info)
 
 
@@ -251,5 +267,5 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
     for g, s in enumerate(steps):
         if s > t0:
             values[:, g, :] = res.values[int(s)]
-    return Timeline(values, steps, res.names, res.growth.report(_method(ctx, "dit", hvp, removal=removal), res.info),
+    return Timeline(values, steps, res.names, _reported(ctx, res, _method(ctx, "dit", hvp, removal=removal)),
                     info=res.info)

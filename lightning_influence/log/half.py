@@ -20,7 +20,7 @@ CHECK_EVERY = 64  # the writer measures every 64th step's rows (one pass over th
 HALF_TINY = float(np.finfo(np.float16).tiny)  # 6.1e-5: the smallest normal float16
 _HALF_ULP_SUB = 2.0 ** -25  # the largest rounding error of a value stored below the normal range
 _HALF_REL = 2.0 ** -11  # the largest relative rounding error of a normal float16
-WARN_FRACTION, WARN_ERROR = 0.01, 1e-3  # significant: 1 % of the entries below the normal range, or a row off by 1e-3
+WARN_FRACTION, WARN_ERROR = 0.05, 1e-3  # significant: 5 % of the entries below the normal range, or a row off by 1e-3
 
 
 @dataclass
