@@ -30,10 +30,12 @@ from .layers import Blocks, LayerEngine, _edge, _linear_blocks, _own_precision, 
 __all__ = ["MultiOutputEngine", "RecurrentEngine", "gates"]
 
 
-def gates(mode: str, a: Tensor, c: Tensor, h: Tensor, cell: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def gates(mode: str, a: Tensor, c: Tensor, h: Tensor, cell: Tensor | None = None,
+          h_apart: bool = False) -> tuple[Tensor, Tensor | None]:
     """One step of a recurrent cell from its pre-activations ``a = W_ih x + b_ih``, ``c = W_hh h + b_hh``: ``(h', c')``
     (``c'`` an LSTM's cell state, else ``None``), as PyTorch defines them (``mode``: ``RNN_TANH``, ``RNN_RELU``, ``GRU``,
-    ``LSTM``; ``cell``: an LSTM's cell state)."""
+    ``LSTM``; ``cell``: an LSTM's cell state). ``h_apart``: an LSTM's ``h'`` made from ``c'`` detached, for a gradient
+    at ``c'`` that already holds ``h'``'s share (the CPU's composite LSTM cell, :mod:`.rnn_cells`)."""
     if mode == "RNN_TANH":
         return torch.tanh(a + c), None
     if mode == "RNN_RELU":
@@ -46,7 +48,7 @@ def gates(mode: str, a: Tensor, c: Tensor, h: Tensor, cell: Tensor | None = None
         return (1 - z) * n + z * h, None
     i, f, g, o = (a + c).chunk(4, -1)
     cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(cell), cell
+    return torch.sigmoid(o) * torch.tanh(cell.detach() if h_apart else cell), cell
 
 
 class MultiOutputEngine(LayerEngine):

@@ -62,12 +62,8 @@ class LSTMCellEngine(MultiOutputEngine):
         h, cell, coupled, a, c, cols = saved
         with torch.enable_grad():
             a, c = a.requires_grad_(), c.requires_grad_()
-            if coupled:  # c''s gradient includes what reached it through h': h' from c' apart, not counted twice
-                i, f, g, o = (a + c).chunk(4, -1)
-                cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-                outs = (torch.sigmoid(o) * torch.tanh(cell.detach()), cell)
-            else:
-                outs = gates("LSTM", a, c, h, cell)
+            # coupled: c''s gradient includes what reached it through h': h' from c' apart, not counted twice
+            outs = gates("LSTM", a, c, h, cell, h_apart=coupled)
             ends = [(t, _wide(g)) for t, g in zip(outs, g_out) if g is not None]
             d_a, d_c = torch.autograd.grad([t for t, _ in ends], (a, c), [g for _, g in ends])
         return _cell_blocks(projector, targets, d_a, d_c, cols)
