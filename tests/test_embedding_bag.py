@@ -103,3 +103,45 @@ def test_tracked_training_is_bit_identical(tmp_path, mode):
     log = InfluenceLog(tmp_path / "log")
     assert log.meta["gradient_engine"] == "hooks" and log.meta["demoted"] == {} and log.num_steps == 3
     assert np.isfinite(next(log.iter_steps(fields=("grad",))).grads).all()
+
+
+class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements any one op's output has while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("case", ["sum-mean", "mean-padding", "weighted", "max-padding-last"])
+def test_whole_rows_of_a_large_table_need_no_identity(case):
+    """Rows kept whole (``projection_dim=None``) of a 3000-row table: no op makes more than the per-sample gradient's
+    own ``B x out_dim`` elements (an identity table ``rows²`` is 9M; at 100k x 64 it was 40 GB a call), and the
+    rows equal float64 brute force."""
+    mode_a, mode_b, padding_idx, last, weighted = CASES[case]
+    torch.manual_seed(0)
+    model = Bags(mode_a, mode_b, padding_idx, last, weighted).double()
+    big = 3000
+    for name in ("a", "b"):
+        old = getattr(model, name)
+        setattr(model, name, nn.EmbeddingBag(big, 5, mode=old.mode, padding_idx=old.padding_idx,
+                                             include_last_offset=old.include_last_offset).double())
+    ids, y = _batch()
+    ids[:, 3:] += big - V  # ids far apart in the table
+    if weighted:
+        model.scores = nn.Parameter(torch.rand(big, dtype=torch.float64))
+    names = [n for n in select_params(model) if n != "scores"]
+    proj = projector_for(model, names, None)
+    capture = HookGradientCapture(model, names, proj)
+    with _Largest() as largest:
+        grads, _ = per_sample_grads(model, loss_fn, (ids, y), names, proj, capture)
+    assert largest.most <= grads.numel()  # the rows themselves, B x (both tables' rows x 5 + the head's)
+    torch.testing.assert_close(grads, proj.project(brute_force(model, loss_fn, (ids, y), names)), rtol=1e-10,
+                               atol=1e-12)

@@ -6,6 +6,7 @@ Bag ``b``'s output is ``Σ_n c_n W[id_n]`` over its entries (``c_n`` the entry's
 ``(Σ_n c_n e_{id_n}) g_bᵀ``: a rank-1 matrix, projected as the outer product of ``Σ_n c_n P_r[id_n]`` and ``g_b P_c``.
 The row side is the bag layer itself with ``P_r`` as its table (``F.embedding_bag`` on the same ids, offsets, weights and
 mode: the same bags, the same coefficients), made in the forward hook; nothing of size ``num_embeddings`` per sample.
+Rows kept whole (``P_r = I``) are the coefficients scattered at the ids (:func:`_whole_rows`), never an identity table.
 In ``max`` mode column ``j`` of the output is ``W[m_j, j]`` at the row ``m_j`` where the bag's maximum is, so the
 gradient is ``Σ_j g_j e_{m_j} e_jᵀ``, projected as ``Σ_j P_r[m_j] ⊗ g_j P_c[j]`` (one batched product over the columns
 ``j`` as tokens); ``m`` is the forward's own (the maximum's rows its autograd node keeps), an empty bag (no entry, or
@@ -61,21 +62,51 @@ class EmbeddingBagEngine(LayerEngine):
         name = targets["weight"]
         dtype = _wide(output).dtype if output is not None else torch.float32
         p_r = projector.side_matrices(name, dtype, inp.device)[0]
-        if p_r is None:  # rows kept whole (a small table)
-            p_r = torch.eye(mod.num_embeddings, dtype=dtype, device=inp.device)
+        weights = None if weights is None else _wide(weights.detach()).to(dtype)
+        if p_r is None:  # rows kept whole (a small table): scattered, never through an identity table
+            return _whole_rows(mod, inp, offsets, weights, dtype)
         return F.embedding_bag(inp, p_r, offsets, mode=mod.mode, padding_idx=mod.padding_idx,
-                               per_sample_weights=None if weights is None else _wide(weights.detach()).to(dtype),
-                               include_last_offset=mod.include_last_offset)
+                               per_sample_weights=weights, include_last_offset=mod.include_last_offset)
 
     def blocks(self, mod, rows, g_out, targets, projector) -> Blocks:
         name = targets["weight"]
         g = _wide(g_out)
         if isinstance(rows, _Maxima):
             p_r, p_c = projector.side_matrices(name, g.dtype, g.device)
-            p_r = torch.eye(mod.num_embeddings, dtype=g.dtype, device=g.device) if p_r is None else p_r
+            side = (F.one_hot(rows.rows, mod.num_embeddings).to(g.dtype) if p_r is None  # (B, D, N), no (N, N)
+                    else p_r[rows.rows])
             p_c = torch.eye(mod.embedding_dim, dtype=g.dtype, device=g.device) if p_c is None else p_c
-            return {name: contract(p_r[rows.rows] * rows.found[:, None, None], g[:, :, None] * p_c)}
+            return {name: contract(side * rows.found[:, None, None], g[:, :, None] * p_c)}
         return {name: Outer(rows, projector.project_cols(name, g))}
+
+
+def _whole_rows(mod: nn.EmbeddingBag, ids: Tensor, offsets: Tensor | None, weights: Tensor | None,
+                dtype: torch.dtype) -> Tensor:
+    """Each bag's ``Σ_n c_n e_{id_n}`` ``(B, num_embeddings)``, its coefficients scattered at its entries' ids: memory
+    the rows' own plus the entries', never an identity table of ``num_embeddings²`` (the projected path's
+    ``F.embedding_bag`` with ``P_r = I``: 40 GB at a 100k-row table). ``c_n`` as the layer's: the entry's weight in
+    ``sum`` mode (1 without), ``1 / |bag|`` in ``mean`` mode counting the entries not at ``padding_idx``, 0 at it."""
+    kept = torch.ones(ids.numel(), dtype=dtype, device=ids.device)
+    if ids.dim() == 2:  # one bag a row, no offsets
+        count, per = ids.shape
+        bags = torch.arange(count, device=ids.device).repeat_interleave(per)
+    else:
+        starts = offsets[:-1] if mod.include_last_offset else offsets
+        count = starts.numel()
+        at = torch.arange(ids.numel(), device=ids.device)
+        bags = torch.searchsorted(starts, at, right=True) - 1  # the last bag whose start is at or before the entry
+        if mod.include_last_offset:
+            kept = kept * (at < offsets[-1]).to(dtype)  # entries past the last offset are in no bag
+    ids = ids.reshape(-1)
+    if mod.padding_idx is not None:
+        kept = kept * (ids != mod.padding_idx).to(dtype)
+    coef = kept if weights is None else kept * weights.reshape(-1)
+    rows = torch.zeros(count, mod.num_embeddings, dtype=dtype, device=ids.device)
+    rows.index_put_((bags, ids), coef, accumulate=True)
+    if mod.mode == "mean":
+        sizes = torch.zeros(count, dtype=dtype, device=ids.device).index_add_(0, bags, kept)
+        rows = rows / sizes.clamp(min=1)[:, None]  # an empty bag: zeros, as the layer's output
+    return rows
 
 
 class _Maxima(NamedTuple):
