@@ -177,7 +177,7 @@ def test_query_scores_equal_the_estimator(run, direct, method, capsys):
     flipped = set(dm.flipped.tolist())
     for row in res["rows"]:
         assert row["label"] == labels[row["id"]]
-        assert (row["flipped"] == "yes") == (row["id"] in flipped)
+        assert row["flipped"] is (row["id"] in flipped)  # a JSON boolean (had been the strings "yes"/"")
 
 
 def test_query_window_forms_and_csv_out(run, tmp_path, capsys):
@@ -234,6 +234,14 @@ def test_query_with_class_path_config(run, tmp_path, capsys):
     assert "tracin: query val_loss, window whole run = steps [0, 12)" in out
 
 
+def test_json_output_writes_numpy_booleans_as_booleans():
+    """json_text (every command's -f json) wrote a numpy bool (an estimator's info flag) as the string "True"."""
+    from lightning_influence.cli.common import json_text
+
+    assert json.loads(json_text({"converged": np.bool_(True), "flags": np.array([True, False])})) == \
+        {"converged": True, "flags": [True, False]}
+
+
 # ------------------------------------------------------------------------------------ timeline
 def test_timeline_patterns_and_additivity(run, direct, capsys):
     model, dm, query = direct
@@ -248,6 +256,7 @@ def test_timeline_patterns_and_additivity(run, direct, capsys):
         assert row["pattern"] in ("early", "late", "fluctuating", "stable", "negligible")
         assert row["total"] == pytest.approx(sum(row["windows"]), rel=1e-9, abs=1e-15)
         assert row["total"] == pytest.approx(whole[row["id"]], rel=1e-8, abs=1e-12)  # DIT is additive over windows
+        assert row["flipped"] is (row["id"] in set(dm.flipped.tolist()))  # a JSON boolean (had been "yes"/"")
 
 
 def test_timeline_table(run, capsys):
@@ -268,7 +277,7 @@ def test_evaluate_detection_metrics(run, capsys):
                          "--samples", "flipped:3", "-f", "json", "-q")
     assert code == 0, err
     res = json.loads(out)
-    assert [s["flipped"] for s in res["samples"]] == ["yes"] * 3
+    assert [s["flipped"] for s in res["samples"]] == [True] * 3  # JSON true (had been the string "yes")
     assert set(res["metrics"]) == {"tracin", "dit-gauss-newton (approx.)"}
     for row in res["metrics"].values():
         assert 0.0 <= row["flipped_auroc"] <= 1.0 and "flipped_precision@6" in row

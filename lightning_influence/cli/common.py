@@ -291,6 +291,8 @@ def output_format(args: argparse.Namespace) -> str:
 
 def json_text(obj: Any) -> str:
     def default(o: Any) -> Any:
+        if isinstance(o, np.bool_):  # not str(o): a JSON true/false, never the string "True"
+            return bool(o)
         if isinstance(o, np.integer):
             return int(o)
         if isinstance(o, np.floating):
@@ -321,9 +323,15 @@ def drift_line(drift: dict[str, Any] | None, what: str = "replay drift") -> str 
             f"{drift['checkpoints_compared']} checkpoints")
 
 
-def flip_cell(ctx: RunContext | None, j: int) -> str | None:
+def flip_cell(ctx: RunContext | None, j: int) -> bool | None:
+    """Whether sample ``j``'s label was flipped (JSON ``true``/``false``), ``None`` where the run does not know."""
     flipped = ctx.flipped if ctx else None
-    return None if flipped is None else ("yes" if j in flipped else "")
+    return None if flipped is None else j in flipped
+
+
+def flip_text(flipped: bool | None) -> str:
+    """A :func:`flip_cell` in a text table: ``yes`` for a flipped label, blank otherwise."""
+    return "yes" if flipped else ""
 
 
 
