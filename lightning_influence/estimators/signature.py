@@ -3,6 +3,8 @@
 :func:`estimator_api` guards the convention: a call in an earlier positional form
 (``dit(log, module, train_data, query)``, ``tracin(log, query, module)``) fails with a
 ``TypeError`` that shows the keyword form, instead of binding a model to ``query``.
+:func:`positional_limit` is the same guard for other public functions whose optional arguments are keyword-only
+(``replay_loo(log, module, train_data, query, *, sample_ids=..., ...)``).
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ def estimator_api(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if len(args) > 2:
-            raise TypeError(f"{name}() takes the log and the query as its only positional arguments, got {len(args)}; "
-                            f"call {usage} (the model, the training data and the window are keyword arguments)")
+        _check_positional(name, args, 2, "the log and the query", usage,
+                          "the model, the training data and the window are keyword arguments")
         query = args[1] if len(args) == 2 else kwargs.get("query")
         if isinstance(query, nn.Module):
             raise TypeError(f"{name}(): the second argument is the query, got the model {type(query).__name__}; "
@@ -38,6 +39,27 @@ def estimator_api(fn: F) -> F:
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def positional_limit(limit: int, firsts: str, usage: str) -> Callable[[F], F]:
+    """Wrap ``fn`` whose first ``limit`` parameters (``firsts``, in words) are its only positional ones, so that a call
+    in an earlier form, with optional arguments by position, fails with a ``TypeError`` showing ``usage``."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _check_positional(fn.__name__, args, limit, firsts, usage, "the others are keyword arguments")
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return wrap
+
+
+def _check_positional(name: str, args: tuple[Any, ...], limit: int, firsts: str, usage: str, rest: str) -> None:
+    if len(args) > limit:
+        raise TypeError(f"{name}() takes {firsts} as its only positional arguments, got {len(args)}; call {usage} "
+                        f"({rest})")
 
 
 def _query_gradients(query: Any) -> bool:

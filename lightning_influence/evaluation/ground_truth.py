@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.estimators.scores import InfluenceScores, grid_column
+from lightning_influence.estimators.signature import positional_limit
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_column, query_names
 from lightning_influence.replay_drift import DriftReport, check_checkpoint, resolve_tolerance, restore_buffers
@@ -150,8 +151,10 @@ def _reanchor_copies(log: InfluenceLog, t: int, stacked: dict[str, Tensor], anch
     anchor.update(step=t, params={n: v[0].detach().clone() for n, v in stacked.items()})
 
 
-def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query,
-               sample_ids: Sequence[int] | np.ndarray | None = None, grid: Any = None, window: Any = None, *,
+@positional_limit(4, "the log, the model, the training data and the query",
+                  "replay_loo(log, module, train_data, query, *, sample_ids=..., grid=..., window=..., ...)")
+def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, *,
+               sample_ids: Sequence[int] | np.ndarray | None = None, grid: Any = None, window: Any = None,
                in_window_only: bool = False, groups: Sequence[Sequence[int]] | None = None,
                loss_fn: LossFn = default_loss_fn, copies: int = 256, verify: bool = True,
                tolerance: float | None = None, removal_weight: float = 0.0, progress: Progress = None,
