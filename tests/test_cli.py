@@ -259,6 +259,27 @@ def test_timeline_patterns_and_additivity(run, direct, capsys):
         assert row["flipped"] is (row["id"] in set(dm.flipped.tolist()))  # a JSON boolean (had been "yes"/"")
 
 
+@pytest.mark.parametrize("grid", ["5", "3", "epochs"])
+def test_timeline_grid_means_the_same_windows_in_python_and_the_cli(run, direct, capsys, grid):
+    """An int grid was a step interval in Python (timeline(grid=5): points 0, 5, 10, 12) and a number of equal windows
+    in the CLI (--grid 5: 0, 2, 5, 7, 10, 12); both are equal windows now, from one function (replay.grid_bounds), and
+    the CLI's window scores are the Python timeline's increments."""
+    model, dm, query = direct
+    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "dit", "--grid", grid, "-f", "json", "-q")
+    assert code == 0, err
+    res = json.loads(out)["results"][0]
+    log = InfluenceLog(run.log)
+    tl = estimators.timeline(log, query, module=model, train_data=dm.train_dataloader().dataset,
+                             grid=grid if grid == "epochs" else int(grid))
+    bounds = tl.grid.tolist()
+    assert res["grid"] == [list(w) for w in zip(bounds[:-1], bounds[1:])]
+    if grid == "5":
+        assert bounds == [0, 2, 5, 7, 10, 12]  # linspace(0, 12, 6) rounded: 5 windows, as --help says
+    inc = tl.increments(0)
+    for row in res["rows"]:
+        np.testing.assert_allclose(row["windows"], inc[row["id"]], rtol=1e-9, atol=1e-15)
+
+
 def test_timeline_table(run, capsys):
     code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "--grid", "3", "-k", "5",
                          "--progress")

@@ -169,8 +169,9 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             steps' batches: the stored inputs as trained, the unit's rows dropped).
         query: ``f(module) -> scalar or (Q,)``.
         sample_ids: ids to drop one at a time (default: every id ``0 .. N−1``).
-        grid: steps at which ``LOO(t)`` is recorded (as :func:`~lightning_influence.replay.grid_steps`;
-            default every epoch start and ``T``); the window's ends are always added.
+        grid: steps at which ``LOO(t)`` is recorded (as :func:`~lightning_influence.replay.grid_steps`: ``"epoch"``,
+            ``n`` equal windows, steps or fractions; default every epoch start and ``T``); the window's ends are
+            always added.
         window: a window (see :meth:`InfluenceLog.window`); its ends join the grid; required
             for ``in_window_only``.
         in_window_only: drop the unit only inside ``[t1, t2)``, starting from the real ``θ_{t1}``.
