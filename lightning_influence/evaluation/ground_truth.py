@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from lightning_influence.estimators.scores import InfluenceScores, grid_column
 from lightning_influence.estimators.signature import positional_limit
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_column, query_names
+from lightning_influence.queries import (LossFn, Query, default_loss_fn, evaluate_query, query_column, query_names,
+                                         shared_loss)
 from lightning_influence.replay_drift import DriftReport, check_checkpoint, resolve_tolerance, restore_buffers
 from lightning_influence.step.buffers import buffers_of, cloned, persistent_buffers, run_buffers
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
@@ -201,6 +202,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
     """
     if not (isinstance(copies, int) and copies >= 1):
         raise ValueError(f"copies must be an int >= 1 (counterfactual runs trained together), got {copies!r}")
+    loss_fn, query = shared_loss(module, query, loss_fn)  # given once, to replay_loo or to the query helper
     if not np.isfinite(removal_weight):
         raise ValueError(f"removal_weight must be a finite factor on the dropped unit's weight, got {removal_weight!r}")
     require_train_data(log, train_data, "replay_loo", "to retrain without each sample")
