@@ -6,13 +6,16 @@ set or model changed since the run (a stale log) would give wrong scores without
 the model here (a forward of one micro-batch, no gradient, the random state untouched), and a failure is a
 :class:`DataMismatchError` (a ``ValueError``) naming the data, the batch it got, what the model said, and what to do.
 The estimators (:func:`check_estimator_data`) and the CLI (:mod:`lightning_influence.cli.datacheck`, with its own
-advice) call these.
+advice) call these. A command that has checked its model and data once runs its estimators inside
+:func:`checked_by_caller`, so that ``evaluate -m dit -m tracin`` does not send them through the model again per method.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,7 +23,8 @@ from torch import nn
 
 from lightning_influence.queries import LossFn, MissingLossError, default_loss_fn
 
-__all__ = ["DataMismatchError", "check_estimator_data", "check_query_data", "check_training_data", "describe_batch"]
+__all__ = ["DataMismatchError", "check_estimator_data", "check_query_data", "check_training_data", "checked_by_caller",
+           "describe_batch"]
 
 # what the model's own forward raises on data of the wrong shape, label range, layout or type
 _DATA_ERRORS = (RuntimeError, IndexError, KeyError, TypeError)
@@ -133,12 +137,30 @@ def check_query_data(query: Callable[[Any], Any], module: nn.Module, log: Any = 
         raise DataMismatchError(f"the query fails on the model: {_first_line(err)}; {advice}") from err
 
 
+# set inside checked_by_caller(): the caller has run the checks below on the model and data it passes the estimators
+_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_influence_data_checked", default=False)
+
+
+@contextlib.contextmanager
+def checked_by_caller() -> Iterator[None]:
+    """Within it, :func:`check_estimator_data` does nothing: the caller (a CLI command, once for all its methods) has
+    checked the query and the training data it passes the estimators. Python code calling an estimator directly never
+    enters it, and each estimator checks its own inputs."""
+    token = _CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
 def check_estimator_data(log: Any, module: nn.Module | None, query: Any = None, train_data: Any = None,
-                         loss_fn: LossFn | None = None) -> None:
-    """What an estimator called from Python checks before its sweep: the query (a callable of the model) and the
-    training data (given, or the log's stored inputs) once through ``module``."""
-    if module is None:
+                         loss_fn: LossFn | None = None, *, training: bool = True) -> None:
+    """What an estimator called from Python checks before its sweep: the query (a callable of the model) and, with
+    ``training`` (the estimators that replay), the training data (given, or the log's stored inputs) once through
+    ``module``. Nothing inside :func:`checked_by_caller`."""
+    if module is None or _CHECKED.get():
         return
     if callable(query):
         check_query_data(query, module, log)
-    check_training_data(log, module, train_data, loss_fn)
+    if training:
+        check_training_data(log, module, train_data, loss_fn)

@@ -26,8 +26,9 @@ _QUERY_ADVICE = ("its data (the validation set of --query val_loss, the test ite
 
 def check_training_data(log: Any, ctx: Any, required: bool = True) -> None:
     """:func:`lightning_influence.datacheck.check_training_data` on the run's rebuilt model and training set, once per
-    command. Nothing to check where the log stores the inputs and the run gives no training set; with
-    ``required=False`` (a method that reads no training data) nor where the run gives none."""
+    command (the estimators it runs skip theirs: :func:`~lightning_influence.datacheck.checked_by_caller`). Where the
+    run gives no training set, the log's stored inputs; with ``required=False`` (a method that reads no training data)
+    nothing where it has neither."""
     from lightning_influence.cli.methods import train_data_of
 
     if ctx.training_data_checked:
@@ -38,8 +39,6 @@ def check_training_data(log: Any, ctx: Any, required: bool = True) -> None:
     except UserError:
         if required:
             raise
-        return
-    if train is None:
         return
     try:
         datacheck.check_training_data(log, ctx.module, train, ctx.loss_fn, advice=_TRAIN_ADVICE,

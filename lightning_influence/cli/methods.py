@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from lightning_influence.cli.common import UserError, progress_bar
+from lightning_influence.datacheck import checked_by_caller
 from lightning_influence.progress import ProgressBar
 from lightning_influence.step.clipping import rows_are_projected
 
@@ -259,7 +260,9 @@ def run_method(name: str, log: Any, query: Any, ctx: RunContext | None, window: 
             from lightning_influence.distributed import split_of
 
             fn = split_of(fn, processes)
-        return call_with(fn, log, method, query=query, window=window, progress=progress, **estimator_inputs(ctx, hvp))
+        with checked_by_caller():  # prepare() and build_query() checked the model and data once for the command
+            return call_with(fn, log, method, query=query, window=window, progress=progress,
+                             **estimator_inputs(ctx, hvp))
     finally:
         if progress is not None:
             progress.close()
@@ -279,8 +282,9 @@ def compute_windows(args: argparse.Namespace, log: Any, query: Any, ctx: RunCont
 
             fn = split_of(fn, processes)
         try:
-            tl = call_with(fn, log, method, query=query, grid=bounds, progress=progress,
-                           **estimator_inputs(ctx, args.hvp))
+            with checked_by_caller():  # prepare() and build_query() checked the model and data once for the command
+                tl = call_with(fn, log, method, query=query, grid=bounds, progress=progress,
+                               **estimator_inputs(ctx, args.hvp))
         finally:
             progress.close()
         cumulative = np.stack([tl.at(t) for t in bounds], axis=2)  # (N, Q, G)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_influence.datacheck import check_query_data
+from lightning_influence.datacheck import check_estimator_data
 from lightning_influence.estimators.growth import AdjointGrowth
 from lightning_influence.estimators.scores import InfluenceScores
 from lightning_influence.estimators.signature import estimator_api
@@ -123,7 +123,7 @@ def dit_gauss_newton(log: InfluenceLog, query: Query | Mapping[int, np.ndarray],
     if callable(query):
         if module is None:
             raise ValueError("dit_gauss_newton needs `module` to take query gradients, or precomputed query gradients")
-        check_query_data(query, module, log)  # data the model cannot take: now, not inside the first checkpoint's gradient
+        check_estimator_data(log, module, query, training=False)  # data the model cannot take: now, not later
         qgrads, names = query_gradients_for(log, module, query, window)
     else:
         qgrads, names = {int(k): np.asarray(v) for k, v in query.items()}, list(query_names_ or [])

@@ -27,7 +27,7 @@ from lightning_influence.log.blocks import RowBlock
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.step.clipping import logged_clip_spec, step_clip_adjoint
 from lightning_influence.queries import Query, query_gradients, query_names
-from lightning_influence.datacheck import check_query_data
+from lightning_influence.datacheck import check_estimator_data
 from lightning_influence.replay import checkpoint_params
 
 QueryGradients = Mapping[int, np.ndarray]  # checkpoint step -> (Q, K) projected query gradients
@@ -71,7 +71,7 @@ def tracin(log: InfluenceLog, query: Query | QueryGradients, *, module: nn.Modul
     if callable(query):
         if module is None:
             raise ValueError("tracin needs `module` (the architecture) to take query gradients from the checkpoints")
-        check_query_data(query, module, log)  # data the model cannot take: now, not inside the first checkpoint's gradient
+        check_estimator_data(log, module, query, training=False)  # data the model cannot take: now, not later
         ckpts = [t for t in log.checkpoint_steps if t < t2]
         needed = sorted({ckpts[bisect.bisect_right(ckpts, t) - 1] for t in range(t1, t2) if bisect.bisect_right(ckpts, t)})
         qgrads, names = checkpoint_query_gradients(log, module, query, needed)

@@ -1,0 +1,70 @@
+"""The data checks (lightning_influence.datacheck) send the query and the training data through the model once per
+CLI command, however many methods it runs, and once per estimator called from Python."""
+
+from __future__ import annotations
+
+import pytest
+
+import lightning_influence as li
+from lightning_influence import datacheck
+from lightning_influence.cli import main
+from tests._cli_run import train_tiny_run
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.mktemp("once") / "run")
+
+
+@pytest.fixture
+def forwards(monkeypatch):
+    """The model forwards the data checks make (each check is one forward, through ``datacheck._quietly``)."""
+    seen = []
+    quietly = datacheck._quietly
+
+    def counted(fn):
+        seen.append(1)
+        return quietly(fn)
+
+    monkeypatch.setattr(datacheck, "_quietly", counted)
+    return seen
+
+
+def test_evaluate_with_several_methods_checks_the_data_once(run, forwards, capsys):
+    """`evaluate -m dit -m tracin` had run 5 check forwards: the CLI's two (training data, query), then DIT's two and
+    TracIn's one again inside each estimator. Now the CLI's two."""
+    code = main(["evaluate", run.log, "-m", "dit", "-m", "tracin", "-m", "dit-gn", "--truth", "none",
+                 "--samples", "0,1", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert len(forwards) == 2
+
+
+def test_timeline_checks_the_data_once(run, forwards, capsys):
+    code = main(["timeline", run.log, "-m", "dit", "--grid", "2", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert len(forwards) == 2
+
+
+def test_an_estimator_called_from_python_checks_its_own_data(run, forwards):
+    """Outside a CLI command each estimator checks what it is given: DIT the query and the training data, TracIn the
+    query (it reads no training data); inside checked_by_caller() neither."""
+    import yaml
+    from pathlib import Path
+
+    from lightning_influence.examples.digits import DigitsClassifier, DigitsDataModule
+
+    cfg = yaml.safe_load(Path(run.config).read_text())
+    dm, model, log = DigitsDataModule(**cfg["data"]), DigitsClassifier(**cfg["model"]), li.InfluenceLog(run.log)
+    query = li.queries.mean_loss(tuple(dm.splits["val"]))
+    li.dit(log, query, module=model, train_data=dm.train_dataset, window=(0, 2))
+    assert len(forwards) == 2
+    li.tracin(log, query, module=model)
+    assert len(forwards) == 3
+    with datacheck.checked_by_caller():
+        li.dit(log, query, module=model, train_data=dm.train_dataset, window=(0, 2))
+        li.tracin(log, query, module=model)
+    assert len(forwards) == 3
+    li.tracin(log, query, module=model)  # the context left: checked again
+    assert len(forwards) == 4
