@@ -8,6 +8,7 @@ on top of the module's per-sample loss; none of them knows about Lightning.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -30,7 +31,8 @@ def default_loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
     loss = getattr(module, "per_sample_loss", None)
     if loss is None:
         raise MissingLossError(f"{type(module).__name__} has no per_sample_loss(batch): pass loss_fn=, the per-sample loss the "
-                        "run was tracked with (InfluenceTracker(loss_fn=...))")
+                               "run was tracked with (InfluenceTracker(loss_fn=...)), to the estimator or to the query "
+                               "helper (mean_loss, sample_losses): one is enough")
     return loss(batch)
 
 
@@ -123,6 +125,38 @@ def eval_mode(query: Query) -> Query:
     wrap a query to get the same value when calling it yourself on a module in train mode.
     """
     return _EvalMode(query)
+
+
+def shared_loss(module: nn.Module | None, query: Any, loss_fn: LossFn) -> tuple[LossFn, Any]:
+    """The training loss and the query of an estimator, the per-sample loss given once: to the estimator or to the
+    query helper (:func:`mean_loss`, :func:`sample_losses`, under :func:`eval_mode` too). Where the module has no
+    ``per_sample_loss``, the one left at :func:`default_loss_fn` takes the other's; a loss given to both is kept in
+    both, and a module with ``per_sample_loss`` keeps it as the default of both."""
+    if module is None or hasattr(module, "per_sample_loss"):
+        return loss_fn, query
+    own = _loss_of(query)
+    if loss_fn is default_loss_fn and own is not None and own is not default_loss_fn:
+        return own, query
+    if loss_fn is not default_loss_fn and own is default_loss_fn:
+        return loss_fn, _with_loss(query, loss_fn)
+    return loss_fn, query
+
+
+def _loss_of(query: Any) -> LossFn | None:
+    """The per-sample loss a helper-built query evaluates (``None`` for any other query)."""
+    if isinstance(query, _EvalMode):
+        return _loss_of(query.query)
+    return query.loss_fn if isinstance(query, (_MeanLoss, _SampleLosses)) else None
+
+
+def _with_loss(query: Any, loss_fn: LossFn) -> Any:
+    """A copy of a helper-built query evaluating ``loss_fn`` (the caller's query unchanged)."""
+    out = copy.copy(query)
+    if isinstance(out, _EvalMode):
+        out.query = _with_loss(out.query, loss_fn)
+    else:
+        out.loss_fn = loss_fn
+    return out
 
 
 def query_names(query: Query, n: int) -> list[str]:

@@ -73,6 +73,7 @@ __all__ = [
     "require_train_data",
     "samples_by_id_needed",
     "functional_loss",
+    "grid_bounds",
     "grid_steps",
     "load_optimizer_state",
     "optimizer_class",
@@ -230,20 +231,23 @@ def checkpoint_buffers(log: InfluenceLog, module: nn.Module, step: int) -> dict[
     return out
 
 
-def grid_steps(log: InfluenceLog, grid: Any) -> np.ndarray:
-    """Steps of a time grid: ``None``/``"epoch"`` (first step of every epoch, and ``T``), an int ``k``
-    (every ``k`` steps, and ``T``), a list of steps, or a list of fractions of training. Always holds 0."""
+def grid_bounds(log: InfluenceLog, grid: Any, span: tuple[int, int] | None = None) -> np.ndarray:
+    """The boundaries of a grid of windows over ``span`` (default: the log's steps, from its first): ``None``/``"epoch"``
+    (the span's ends and every epoch's first step inside), an int ``n`` (``n`` equal windows, ends rounded to steps),
+    or a list of steps or of fractions of training (``T``), which must lie in the span (in ``[0, T]`` without one).
+    One meaning for :func:`~lightning_influence.estimators.dit.timeline`'s ``grid=`` and the CLI's ``--grid``."""
     T = log.num_steps
+    t1, t2 = (int(log.first_step), T) if span is None else (int(span[0]), int(span[1]))
     if grid is None or (isinstance(grid, str) and grid in ("epoch", "epochs")):
-        starts = [int(log.steps[np.nonzero(log.epochs_of_step == e)[0][0]]) for e in log.epochs]
-        pts = set(starts) | {0, T}
+        starts = {int(log.steps[np.nonzero(log.epochs_of_step == e)[0][0]]) for e in log.epochs}
+        pts = {t1, t2} | {s for s in starts if t1 < s < t2}
     elif isinstance(grid, str) or isinstance(grid, (bool, np.bool_)):
-        raise ValueError(f"grid={grid!r}: use None or 'epoch' (every epoch's first step), an int k (every k steps), or a "
-                         "list of steps or of fractions of training")
+        raise ValueError(f"grid={grid!r}: use None or 'epoch' (every epoch's first step), an int n (n equal windows, as "
+                         "the CLI's --grid n), or a list of steps or of fractions of training")
     elif isinstance(grid, (int, np.integer)):
         if grid < 1:
-            raise ValueError(f"grid={grid}: an int grid is a step interval >= 1")
-        pts = set(range(0, T, int(grid))) | {T}
+            raise ValueError(f"grid={grid}: an int grid is a number of equal windows >= 1")
+        pts = {int(round(b)) for b in np.linspace(t1, t2, int(grid) + 1)}
     else:
         vals = list(grid)
         if any(isinstance(v, float) for v in vals):
@@ -252,11 +256,15 @@ def grid_steps(log: InfluenceLog, grid: Any) -> np.ndarray:
             pts = {int(round(float(v) * T)) for v in vals}
         else:
             pts = {int(v) for v in vals}
-        pts |= {0}
-    out = np.array(sorted(pts), dtype=np.int64)
-    if out[0] < 0 or out[-1] > T:
-        raise ValueError(f"grid steps must lie in [0, T = {T}], got {out.tolist()}")
-    return out
+        lo = 0 if span is None else t1
+        if pts and (min(pts) < lo or max(pts) > t2):
+            raise ValueError(f"grid steps must lie in [{lo}, {t2}], got {sorted(pts)}")
+    return np.array(sorted(pts), dtype=np.int64)
+
+
+def grid_steps(log: InfluenceLog, grid: Any) -> np.ndarray:
+    """Steps of a time grid (:func:`grid_bounds` over the log's steps), with 0: where cumulative values start."""
+    return np.array(sorted(set(grid_bounds(log, grid).tolist()) | {0}), dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------- replay

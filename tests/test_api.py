@@ -67,6 +67,21 @@ def test_tracin_old_positional_module_fails_clearly():
         li.tracin("LOG", lambda m: m.weight.sum(), torch.nn.Linear(2, 1))
 
 
+def test_replay_loo_takes_its_optional_arguments_by_keyword():
+    """replay_loo(log, module, train_data, query, [3, 7], [0, 10]) had bound ids and grid by position (an estimator
+    swapped for it, or a grid given where the ids go, ran the wrong replay); the optional arguments are keywords now, and
+    the positional form says which."""
+    from lightning_influence.evaluation import replay_loo
+
+    params = list(inspect.signature(replay_loo).parameters.values())
+    assert [p.name for p in params[:4]] == ["log", "module", "train_data", "query"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[4:]), [p.name for p in params[4:]]
+    with pytest.raises(TypeError, match=r"replay_loo\(\) takes the log, the model, the training data and the query as "
+                                        r"its only positional arguments, got 5; call replay_loo\(log, module, "
+                                        r"train_data, query, \*, sample_ids=\.\.\., grid="):
+        replay_loo("LOG", torch.nn.Linear(2, 1), None, lambda m: m.weight.sum(), [0, 1])
+
+
 def test_self_influence_takes_no_query():
     with pytest.raises(TypeError, match="takes no query"):
         li.diffin_self_influence("LOG", lambda m: m.weight.sum(), module=torch.nn.Linear(2, 1))

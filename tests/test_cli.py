@@ -177,7 +177,7 @@ def test_query_scores_equal_the_estimator(run, direct, method, capsys):
     flipped = set(dm.flipped.tolist())
     for row in res["rows"]:
         assert row["label"] == labels[row["id"]]
-        assert (row["flipped"] == "yes") == (row["id"] in flipped)
+        assert row["flipped"] is (row["id"] in flipped)  # a JSON boolean (had been the strings "yes"/"")
 
 
 def test_query_window_forms_and_csv_out(run, tmp_path, capsys):
@@ -234,6 +234,14 @@ def test_query_with_class_path_config(run, tmp_path, capsys):
     assert "tracin: query val_loss, window whole run = steps [0, 12)" in out
 
 
+def test_json_output_writes_numpy_booleans_as_booleans():
+    """json_text (every command's -f json) wrote a numpy bool (an estimator's info flag) as the string "True"."""
+    from lightning_influence.cli.common import json_text
+
+    assert json.loads(json_text({"converged": np.bool_(True), "flags": np.array([True, False])})) == \
+        {"converged": True, "flags": [True, False]}
+
+
 # ------------------------------------------------------------------------------------ timeline
 def test_timeline_patterns_and_additivity(run, direct, capsys):
     model, dm, query = direct
@@ -248,6 +256,28 @@ def test_timeline_patterns_and_additivity(run, direct, capsys):
         assert row["pattern"] in ("early", "late", "fluctuating", "stable", "negligible")
         assert row["total"] == pytest.approx(sum(row["windows"]), rel=1e-9, abs=1e-15)
         assert row["total"] == pytest.approx(whole[row["id"]], rel=1e-8, abs=1e-12)  # DIT is additive over windows
+        assert row["flipped"] is (row["id"] in set(dm.flipped.tolist()))  # a JSON boolean (had been "yes"/"")
+
+
+@pytest.mark.parametrize("grid", ["5", "3", "epochs"])
+def test_timeline_grid_means_the_same_windows_in_python_and_the_cli(run, direct, capsys, grid):
+    """An int grid was a step interval in Python (timeline(grid=5): points 0, 5, 10, 12) and a number of equal windows
+    in the CLI (--grid 5: 0, 2, 5, 7, 10, 12); both are equal windows now, from one function (replay.grid_bounds), and
+    the CLI's window scores are the Python timeline's increments."""
+    model, dm, query = direct
+    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "dit", "--grid", grid, "-f", "json", "-q")
+    assert code == 0, err
+    res = json.loads(out)["results"][0]
+    log = InfluenceLog(run.log)
+    tl = estimators.timeline(log, query, module=model, train_data=dm.train_dataloader().dataset,
+                             grid=grid if grid == "epochs" else int(grid))
+    bounds = tl.grid.tolist()
+    assert res["grid"] == [list(w) for w in zip(bounds[:-1], bounds[1:])]
+    if grid == "5":
+        assert bounds == [0, 2, 5, 7, 10, 12]  # linspace(0, 12, 6) rounded: 5 windows, as --help says
+    inc = tl.increments(0)
+    for row in res["rows"]:
+        np.testing.assert_allclose(row["windows"], inc[row["id"]], rtol=1e-9, atol=1e-15)
 
 
 def test_timeline_table(run, capsys):
@@ -268,7 +298,7 @@ def test_evaluate_detection_metrics(run, capsys):
                          "--samples", "flipped:3", "-f", "json", "-q")
     assert code == 0, err
     res = json.loads(out)
-    assert [s["flipped"] for s in res["samples"]] == ["yes"] * 3
+    assert [s["flipped"] for s in res["samples"]] == [True] * 3  # JSON true (had been the string "yes")
     assert set(res["metrics"]) == {"tracin", "dit-gauss-newton (approx.)"}
     for row in res["metrics"].values():
         assert 0.0 <= row["flipped_auroc"] <= 1.0 and "flipped_precision@6" in row

@@ -113,6 +113,50 @@ def test_no_per_sample_loss_and_no_recorded_function_is_a_user_error(run, tmp_pa
     from lightning_influence.estimators import dit
 
     mod = load_script(run[0])
-    with pytest.raises(TypeError, match="loss_fn="):
-        dit(InfluenceLog(log_dir), queries.mean_loss(_val_batch(mod), loss_fn=mod.sample_loss),
-            module=mod.PlainMLP(hidden=6, lr=0.1), train_data=mod.Table(40, 0))
+    with pytest.raises(TypeError, match="pass loss_fn=.*to the estimator or to the query helper"):
+        dit(InfluenceLog(log_dir), queries.mean_loss(_val_batch(mod)), module=mod.PlainMLP(hidden=6, lr=0.1),
+            train_data=mod.Table(40, 0))
+
+
+def test_loss_fn_given_once_serves_the_estimator_and_the_query(run):
+    """The Python workflow on a model without per_sample_loss had taken the loss twice, to the query helper and to
+    the estimator (``dit(log, mean_loss(val, loss_fn=f), ..., loss_fn=f)``); given to the query alone it stopped with
+    "has no per_sample_loss", given to the estimator alone the query did. Either one is enough now (queries.shared_loss),
+    with the scores of the twice-given call, for the estimators and replay leave-one-out."""
+    from lightning_influence.estimators import diffin, dit
+    from lightning_influence.evaluation import replay_loo
+
+    script, log_dir = run
+    mod = load_script(script)
+    log, f, val = InfluenceLog(log_dir), mod.sample_loss, _val_batch(mod)
+    model = dict(module=mod.PlainMLP(hidden=6, lr=0.1), train_data=mod.Table(40, 0))
+    for estimator in (dit, diffin):
+        twice = estimator(log, queries.mean_loss(val, loss_fn=f), loss_fn=f, **model).scores
+        np.testing.assert_array_equal(estimator(log, queries.mean_loss(val, loss_fn=f), **model).scores, twice)
+        per_sample = estimator(log, queries.eval_mode(queries.sample_losses(val)), loss_fn=f, **model).scores
+        np.testing.assert_allclose(per_sample.mean(axis=1), twice[:, 0], rtol=1e-5, atol=1e-9)  # float32 sweeps
+    truth = replay_loo(log, model["module"], model["train_data"], queries.mean_loss(val, loss_fn=f), sample_ids=[3, 17],
+                       loss_fn=f).values
+    np.testing.assert_array_equal(replay_loo(log, model["module"], model["train_data"], queries.mean_loss(val),
+                                             sample_ids=[3, 17], loss_fn=f).values, truth)
+    np.testing.assert_array_equal(replay_loo(log, model["module"], model["train_data"], queries.mean_loss(val, loss_fn=f),
+                                             sample_ids=[3, 17]).values, truth)
+
+
+def test_a_model_with_per_sample_loss_keeps_it_for_training_whatever_the_query_evaluates():
+    """The sharing rule never replaces a module's own per_sample_loss: a query on another loss (here the squared
+    logit) leaves the training loss at per_sample_loss, and an estimator's loss_fn leaves a default query alone."""
+    from lightning_influence.queries import default_loss_fn, mean_loss, shared_loss
+
+    class Own(torch.nn.Linear):
+        def per_sample_loss(self, batch):
+            return self(batch[0]).sum(1)
+
+    other = lambda m, b: m(b[0]).pow(2).sum(1)  # noqa: E731
+    q = mean_loss((torch.zeros(2, 3),), loss_fn=other)
+    assert shared_loss(Own(3, 1), q, default_loss_fn) == (default_loss_fn, q)
+    plain = mean_loss((torch.zeros(2, 3),))
+    assert shared_loss(Own(3, 1), plain, other) == (other, plain)
+    assert shared_loss(torch.nn.Linear(3, 1), q, default_loss_fn) == (other, q)  # no per_sample_loss: the query's
+    loss, shared = shared_loss(torch.nn.Linear(3, 1), plain, other)
+    assert loss is other and shared is not plain and shared.loss_fn is other and plain.loss_fn is default_loss_fn

@@ -159,14 +159,14 @@ def test_evaluate_shows_flipped_only_where_known_and_writes_its_table_to_csv(run
 
 
 def test_timeline_grid_spellings(run):
-    """A numpy int is a step interval as an int is (it had been iterated: "'numpy.int64' object is not iterable"); a
-    string other than 'epoch' says which grids there are (it had said "invalid literal for int() ... 'w'")."""
+    """A numpy int is a number of windows as an int is (it had been iterated: "'numpy.int64' object is not iterable");
+    a string other than 'epoch' says which grids there are (it had said "invalid literal for int() ... 'w'")."""
     from lightning_influence.replay import grid_steps
 
     log = InfluenceLog(run.log)
-    assert grid_steps(log, np.int64(4)).tolist() == grid_steps(log, 4).tolist() == [0, 4, 8, 12]
+    assert grid_steps(log, np.int64(3)).tolist() == grid_steps(log, 3).tolist() == [0, 4, 8, 12]
     for bad in ("weekly", "10", True):
-        with pytest.raises(ValueError, match="an int k \\(every k steps\\)"):
+        with pytest.raises(ValueError, match="an int n \\(n equal windows, as the CLI's --grid n\\)"):
             grid_steps(log, bad)
 
 

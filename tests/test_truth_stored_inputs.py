@@ -80,7 +80,7 @@ def test_cli_evaluate_on_stored_inputs_needs_no_training_set(augmented, tmp_path
     out, err = capsys.readouterr()
     assert code == 0, err
     truth = [s["truth"] for s in json.loads(out)["samples"]]
-    expected = replay_loo(log, tiny(**MODEL), ds, _query(), [0, 3, 5]).window(0, log.num_steps)
+    expected = replay_loo(log, tiny(**MODEL), ds, _query(), sample_ids=[0, 3, 5]).window(0, log.num_steps)
     np.testing.assert_array_equal(truth, expected)
     for extra, key in ((["--groups", "--group-kinds", "random", "--group-sizes", "0.2"], "groups"),
                        (["--datamodel", "--pairs", "3"], "datamodel")):

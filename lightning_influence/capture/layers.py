@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
+from . import conv_layout
 from .projection import KroneckerProjector, Outer, contract
 
 __all__ = ["InputMemo", "LayerEngine", "Record", "engine_for", "capture_owners", "foldable_biases"]
@@ -303,7 +304,6 @@ class KeptInput(NamedTuple):
 class ConvEngine(LayerEngine):
     types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     pure_save = True
-    few_channels = 4  # input channels a group up to which a 2-D column convolution runs in channels-last format
     _conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
     def save(self, mod, inp, targets, projector, output=None):
@@ -330,7 +330,7 @@ class ConvEngine(LayerEngine):
             return _pointwise_columns(mod, x, spec.bias is not None)
         padding = mod.padding if mod.padding_mode == "zeros" else 0  # else padded by save
         return conv_columns(x, projector, name, mod.in_channels // mod.groups, mod.kernel_size, mod.stride, padding,
-                            mod.dilation, mod.groups)
+                            mod.dilation, mod.groups, rows=mod.out_channels)
 
     def blocks(self, mod, cols, g_out, targets, projector):
         g = _wide(g_out).flatten(2)  # (B, out_channels, L)
@@ -347,16 +347,17 @@ class ConvEngine(LayerEngine):
 
 
 def conv_columns(x: Tensor, projector: KroneckerProjector, name: str, channels: int, kernel_size: Sequence[int],
-                 stride: Any, padding: Any, dilation: Any, groups: int, size: Sequence[int] | None = None) -> Tensor:
+                 stride: Any, padding: Any, dilation: Any, groups: int, size: Sequence[int] | None = None,
+                 rows: int | None = None) -> Tensor:
     """``unfold(x) P_c`` ``(B, groups, k_cols, L)`` of block ``name`` for a convolution of ``x`` (``channels`` a group)
     with this geometry, computed as the convolution of ``x`` with ``P_c`` as its kernel (``k_cols`` output channels a
     group): the unfolded input is never formed. A folded bias's row of ``P_c`` is that convolution's own bias
     (``[unfold(x); 1] P_c`` at every position). Shared by :class:`ConvEngine` (``x`` its input) and the transposed
     convolutions' engine (``x`` the output gradient, :mod:`.conv_transpose`).
 
-    A 2-D input of at most :attr:`ConvEngine.few_channels` channels a group is convolved in channels-last memory format
-    (the CNN's 3-channel first layer: 0.7 against 1.1 ms, and the columns come out ``(B, L, k_cols)``-contiguous, the
-    layout of their product); with more channels it measured no faster (``docs/per-sample-gradients.md``).
+    A 2-D input is convolved in the memory format :func:`.conv_layout.channels_last` chooses: measured on this CPU for a
+    large convolution (with its product by an output gradient of ``rows`` rows, when given), else channels-last for a
+    few channels a group (the columns then come out ``(B, L, k_cols)``-contiguous, the layout of their product).
     ``size``: the output positions to keep (the first ones along each dimension), where the convolution gives more."""
     spec, dims = projector.spec(name), len(kernel_size)
     p_c, p_bias = projector.column_side(name, x.dtype, x.device)
@@ -365,10 +366,24 @@ def conv_columns(x: Tensor, projector: KroneckerProjector, name: str, channels: 
     if p_c is None:
         p_c = torch.eye(spec.cols, dtype=x.dtype, device=x.device)
     kernel = p_c.t().reshape(spec.k_cols, channels, *kernel_size).repeat(groups, *([1] * (dims + 1)))
-    if dims == 2 and channels <= ConvEngine.few_channels:
-        x = x.contiguous(memory_format=torch.channels_last)
-    cols = ConvEngine._conv[dims](x, kernel, None if p_bias is None else p_bias.repeat(groups), stride, padding,
-                                  dilation, groups)
+    bias = None if p_bias is None else p_bias.repeat(groups)
+
+    def conv(inp: Tensor) -> Tensor:
+        return ConvEngine._conv[dims](inp, kernel, bias, stride, padding, dilation, groups)
+
+    if dims == 2:
+        stand_in: list[Tensor] = []  # an output gradient's shape for the product measured with the convolution
+
+        def product(cols: Tensor) -> Tensor:
+            cols = cols.reshape(x.shape[0], spec.k_cols, -1)
+            if not stand_in:
+                stand_in.append(torch.ones(x.shape[0], rows, cols.shape[2], dtype=cols.dtype, device=cols.device))
+            return _times_columns(stand_in[0], cols)
+
+        if conv_layout.channels_last(x, kernel, (stride, padding, dilation, groups), conv,
+                                     product if rows is not None and groups == 1 else None):
+            x = x.contiguous(memory_format=torch.channels_last)
+    cols = conv(x)
     if size is not None and tuple(cols.shape[2:]) != tuple(size):
         cols = cols[(slice(None), slice(None), *(slice(0, n) for n in size))]
     return cols.reshape(x.shape[0], groups, spec.k_cols, -1)  # a view in either memory format

@@ -194,31 +194,31 @@ def join_negative_windows(argv: Sequence[str]) -> list[str]:
 
 
 def parse_grid(log: Any, spec: str, span: tuple[int, int]) -> tuple[list[tuple[int, int]], list[str]]:
-    """Consecutive windows covering ``span``: ``epochs``, ``N`` equal windows, or explicit steps ``a,b,c``."""
+    """Consecutive windows covering ``span``: ``epochs``, ``N`` equal windows, or explicit steps ``a,b,c``
+    (:func:`~lightning_influence.replay.grid_bounds`, the grid of the Python ``timeline``)."""
+    from lightning_influence.replay import grid_bounds
+
     t1, t2 = span
     spec = spec.strip()
-    if spec in ("epoch", "epochs"):
-        starts = np.nonzero(np.diff(log.epochs_of_step) != 0)[0] + 1 + int(log.steps[0])
-        bounds = sorted({t1, t2, *[int(s) for s in starts if t1 < s < t2]})
-        windows = list(zip(bounds[:-1], bounds[1:]))
-        labels = [f"e{int(log.epochs_of_step[a - int(log.steps[0])])}" for a, _ in windows]
-        return windows, labels
+    epochs = spec in ("epoch", "epochs")
     try:
-        if "," in spec:
-            bounds = sorted({int(s) for s in spec.split(",") if s.strip()})
-        else:
-            n = int(spec)
-            if n < 1:
-                raise ValueError
-            bounds = sorted({int(round(b)) for b in np.linspace(t1, t2, n + 1)})
+        grid: Any = "epoch" if epochs else [int(s) for s in spec.split(",") if s.strip()] if "," in spec else int(spec)
+        if isinstance(grid, int) and grid < 1:
+            raise ValueError
     except ValueError:
         raise UserError(f"--grid {spec!r}: use 'epochs', a number of equal windows (e.g. 10), or step "
                         "boundaries like '0,100,200,480'") from None
     # the span: the log's steps (from 0, or the step a resumed fit started the log at), or those of --window
     where = "the log's steps" if (t1, t2) == (log.first_step, log.num_steps) else "the steps of --window"
-    if bounds[0] < t1 or bounds[-1] > t2 or len(bounds) < 2:
+    try:
+        bounds = grid_bounds(log, grid, span).tolist()
+    except ValueError:
+        bounds = []
+    if len(bounds) < 2:
         raise UserError(f"--grid {spec!r}: boundaries must lie in {t1}..{t2} ({where}) and be at least two")
     windows = list(zip(bounds[:-1], bounds[1:]))
+    if epochs:
+        return windows, [f"e{int(log.epochs_of_step[a - int(log.steps[0])])}" for a, _ in windows]
     return windows, [f"{a}-{b}" for a, b in windows]
 
 
@@ -291,6 +291,8 @@ def output_format(args: argparse.Namespace) -> str:
 
 def json_text(obj: Any) -> str:
     def default(o: Any) -> Any:
+        if isinstance(o, np.bool_):  # not str(o): a JSON true/false, never the string "True"
+            return bool(o)
         if isinstance(o, np.integer):
             return int(o)
         if isinstance(o, np.floating):
@@ -321,9 +323,15 @@ def drift_line(drift: dict[str, Any] | None, what: str = "replay drift") -> str 
             f"{drift['checkpoints_compared']} checkpoints")
 
 
-def flip_cell(ctx: RunContext | None, j: int) -> str | None:
+def flip_cell(ctx: RunContext | None, j: int) -> bool | None:
+    """Whether sample ``j``'s label was flipped (JSON ``true``/``false``), ``None`` where the run does not know."""
     flipped = ctx.flipped if ctx else None
-    return None if flipped is None else ("yes" if j in flipped else "")
+    return None if flipped is None else j in flipped
+
+
+def flip_text(flipped: bool | None) -> str:
+    """A :func:`flip_cell` in a text table: ``yes`` for a flipped label, blank otherwise."""
+    return "yes" if flipped else ""
 
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lightning_influence.cli.common import (UserError, add_process_args, check_workers, drift_line, emit, flip_cell,
+                                            flip_text,
                                             format_table, json_text, output_format, parse_window, processes,
                                             progress_bar, status)
 from lightning_influence.cli.context import RunContext, prepare
@@ -209,14 +210,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     flips = ["flipped"] if flipped is not None else []  # a column only where the run knows its flipped labels
     if fmt == "csv":  # the cells as query's CSV writes them (InfluenceScores' table): flipped True/False
         header = ["id", "label", *flips, "truth", *extra, *estimates]
-        emit(args, csv_text(header, [[s["id"], s["label"], *[s["flipped"] == "yes" for _ in flips], s["truth"],
+        emit(args, csv_text(header, [[s["id"], s["label"], *[s["flipped"] for _ in flips], s["truth"],
                                       *[s[c] for c in extra], *[s[m] for m in estimates]] for s in result["samples"]]))
         return 0
     head = [f"evaluate: query {qname}, window {result['window']} = steps [{t1}, {t2}), {len(samples)} samples "
             f"({args.samples}{f', sorted {sort} first by {next(iter(estimates))}' if args.sort else ''}), ground truth: "
             f"{'replay leave-one-out' if truth is not None else 'none'}"]
     header = ["id", "label", *flips, "truth", *extra, *estimates]
-    body = [[s["id"], s["label"] if s["label"] is not None else "?", *[s["flipped"] or "" for _ in flips], s["truth"],
+    body = [[s["id"], s["label"] if s["label"] is not None else "?", *[flip_text(s["flipped"]) for _ in flips], s["truth"],
              *[s[c] for c in extra], *[s[m] for m in estimates]] for s in result["samples"]]
     keys = sorted({k for row in metrics.values() for k in row}, key=lambda k: (k.startswith("flipped"), k))
     mtable = format_table(["method", *keys], [[m, *[f"{metrics[m][k]:.3f}" if k in metrics[m] else "-" for k in keys]]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lightning_influence.cli.common import (PROG, UserError, add_process_args, drift_line, emit, flip_cell, format_table,
-                                            json_text, output_format, parse_window, processes, progress_bar, row_count,
-                                            sign_line)
+from lightning_influence.cli.common import (PROG, UserError, add_process_args, drift_line, emit, flip_cell, flip_text,
+                                            format_table, json_text, output_format, parse_window, processes,
+                                            progress_bar, row_count, sign_line)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import SPLITS_HELP, METHODS, method_help, canonical_method, run_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
@@ -78,10 +78,10 @@ def _query_text(res: dict[str, Any], args: argparse.Namespace) -> str:
     has_flip = res["flipped_total"] is not None
     header = ["rank", "id", "score"] + (["label"] if has_label else []) + (["flipped"] if has_flip else [])
     rows = [[r["rank"], r["id"], r["score"]] + ([r["label"] if r["label"] is not None else "?"] if has_label else [])
-            + ([r["flipped"]] if has_flip else []) for r in res["rows"]]
+            + ([flip_text(r["flipped"])] if has_flip else []) for r in res["rows"]]
     tail = []
     if has_flip and res["rows"]:
-        hits = sum(r["flipped"] == "yes" for r in res["rows"])
+        hits = sum(bool(r["flipped"]) for r in res["rows"])
         tail.append(f"flipped labels among these {len(res['rows'])}: {hits} ({hits / len(res['rows']):.0%}); "
                     f"{res['flipped_total']} of {res['n_samples']} ({res['flipped_total'] / res['n_samples']:.0%}) are flipped overall")
     drift = drift_line((res.get("info") or {}).get("replay_drift"))  # what the replay could not reproduce

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from lightning_influence.cli.common import (UserError, add_process_args, emit, flip_cell, format_table, json_text,
-                                            output_format, parse_grid, parse_window, processes, row_count, sign_line)
+from lightning_influence.cli.common import (UserError, add_process_args, emit, flip_cell, flip_text, format_table,
+                                            json_text, output_format, parse_grid, parse_window, processes, row_count,
+                                            sign_line)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import SPLITS_HELP, METHODS, compute_windows, method_help, canonical_method
 from lightning_influence.distributed import DistributedQueryError, global_rank
@@ -106,14 +107,14 @@ def cmd_timeline(args: argparse.Namespace) -> int:
             header = ["id"] + (["label"] if has_label else []) + (["flipped"] if flipped is not None else []) + \
                 ["pattern", "total"] + labels
             body = [[r["id"]] + ([r["label"] if r["label"] is not None else "?"] if has_label else [])
-                    + ([r["flipped"]] if flipped is not None else []) + [r["pattern"] or "-", r["total"]]
+                    + ([flip_text(r["flipped"])] if flipped is not None else []) + [r["pattern"] or "-", r["total"]]
                     + [_short(v) for v in r["windows"]] for r in rows]
             texts.append("\n".join(head + [format_table(header, body)]))
     if fmt == "json":
         emit(args, json_text({"log": args.log, "results": results, "info": info}))
     elif fmt == "csv":
         header = ["query", "id", "label", "flipped", "pattern", "total"] + labels
-        body = [[res["query"], r["id"], r["label"], r["flipped"] == "yes" if r["flipped"] is not None else None,
+        body = [[res["query"], r["id"], r["label"], r["flipped"],
                  r["pattern"], r["total"], *r["windows"]] for res in results for r in res["rows"]]
         emit(args, csv_text(header, body))
     else:

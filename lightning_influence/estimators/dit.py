@@ -252,8 +252,9 @@ def timeline(log: InfluenceLog, query: Query, *, module: nn.Module | None = None
     ``timeline.window(t1, t2)``.
 
     Args:
-        grid: ``None``/``"epoch"`` (the first step of every epoch and ``T``), an int ``k``
-            (every ``k`` steps), a list of steps, or a list of fractions of training.
+        grid: ``None``/``"epoch"`` (the first step of every epoch and ``T``), an int ``n`` (``n`` equal windows
+            of the run, as the CLI's ``--grid n``), a list of steps, or a list of fractions of training
+            (:func:`~lightning_influence.replay.grid_bounds`).
         others: as :func:`dit`.
     """
     steps = grid_steps(log, grid)

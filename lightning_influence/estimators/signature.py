@@ -3,15 +3,21 @@
 :func:`estimator_api` guards the convention: a call in an earlier positional form
 (``dit(log, module, train_data, query)``, ``tracin(log, query, module)``) fails with a
 ``TypeError`` that shows the keyword form, instead of binding a model to ``query``.
+:func:`positional_limit` is the same guard for other public functions whose optional arguments are keyword-only
+(``replay_loo(log, module, train_data, query, *, sample_ids=..., ...)``). An estimator that takes ``loss_fn`` shares it
+with a helper-built query (:func:`~lightning_influence.queries.shared_loss`): given to either, it serves both.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 from torch import nn
+
+from lightning_influence.queries import default_loss_fn, shared_loss
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -19,14 +25,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 def estimator_api(fn: F) -> F:
     """Wrap ``fn(log, query, *, ...)`` so that extra positional arguments or a model passed as the query fail clearly."""
     name = fn.__name__
+    takes_loss = "loss_fn" in inspect.signature(fn).parameters
     where = "grid" if name == "timeline" else "window"
     usage = f"{name}(log, query, *, module=..., train_data=..., {where}=..., ...)"
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if len(args) > 2:
-            raise TypeError(f"{name}() takes the log and the query as its only positional arguments, got {len(args)}; "
-                            f"call {usage} (the model, the training data and the window are keyword arguments)")
+        _check_positional(name, args, 2, "the log and the query", usage,
+                          "the model, the training data and the window are keyword arguments")
         query = args[1] if len(args) == 2 else kwargs.get("query")
         if isinstance(query, nn.Module):
             raise TypeError(f"{name}(): the second argument is the query, got the model {type(query).__name__}; "
@@ -35,9 +41,34 @@ def estimator_api(fn: F) -> F:
             raise TypeError(f"{name}(): the query is a function of the model, f(module) -> Tensor, got a "
                             f"{type(query).__name__}; for a batch's mean loss pass "
                             "lightning_influence.queries.mean_loss(batch) (or sample_losses, prediction)")
+        if takes_loss and kwargs.get("module") is not None:  # loss_fn= given once: to the estimator or the query
+            kwargs["loss_fn"], shared = shared_loss(kwargs["module"], query, kwargs.get("loss_fn", default_loss_fn))
+            if shared is not query:
+                args, kwargs = (args[:1] + (shared,), kwargs) if len(args) == 2 else (args, {**kwargs, "query": shared})
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def positional_limit(limit: int, firsts: str, usage: str) -> Callable[[F], F]:
+    """Wrap ``fn`` whose first ``limit`` parameters (``firsts``, in words) are its only positional ones, so that a call
+    in an earlier form, with optional arguments by position, fails with a ``TypeError`` showing ``usage``."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _check_positional(fn.__name__, args, limit, firsts, usage, "the others are keyword arguments")
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return wrap
+
+
+def _check_positional(name: str, args: tuple[Any, ...], limit: int, firsts: str, usage: str, rest: str) -> None:
+    if len(args) > limit:
+        raise TypeError(f"{name}() takes {firsts} as its only positional arguments, got {len(args)}; call {usage} "
+                        f"({rest})")
 
 
 def _query_gradients(query: Any) -> bool:

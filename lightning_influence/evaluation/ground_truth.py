@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.estimators.scores import InfluenceScores, grid_column
+from lightning_influence.estimators.signature import positional_limit
 from lightning_influence.log.reader import InfluenceLog
-from lightning_influence.queries import LossFn, Query, default_loss_fn, evaluate_query, query_column, query_names
+from lightning_influence.queries import (LossFn, Query, default_loss_fn, evaluate_query, query_column, query_names,
+                                         shared_loss)
 from lightning_influence.replay_drift import DriftReport, check_checkpoint, resolve_tolerance, restore_buffers
 from lightning_influence.step.buffers import buffers_of, cloned, persistent_buffers, run_buffers
 from lightning_influence.step.clipping import apply_clipping_stacked, logged_clip_spec
@@ -150,8 +152,10 @@ def _reanchor_copies(log: InfluenceLog, t: int, stacked: dict[str, Tensor], anch
     anchor.update(step=t, params={n: v[0].detach().clone() for n, v in stacked.items()})
 
 
-def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query,
-               sample_ids: Sequence[int] | np.ndarray | None = None, grid: Any = None, window: Any = None, *,
+@positional_limit(4, "the log, the model, the training data and the query",
+                  "replay_loo(log, module, train_data, query, *, sample_ids=..., grid=..., window=..., ...)")
+def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, *,
+               sample_ids: Sequence[int] | np.ndarray | None = None, grid: Any = None, window: Any = None,
                in_window_only: bool = False, groups: Sequence[Sequence[int]] | None = None,
                loss_fn: LossFn = default_loss_fn, copies: int = 256, verify: bool = True,
                tolerance: float | None = None, removal_weight: float = 0.0, progress: Progress = None,
@@ -166,8 +170,9 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
             steps' batches: the stored inputs as trained, the unit's rows dropped).
         query: ``f(module) -> scalar or (Q,)``.
         sample_ids: ids to drop one at a time (default: every id ``0 .. N−1``).
-        grid: steps at which ``LOO(t)`` is recorded (as :func:`~lightning_influence.replay.grid_steps`;
-            default every epoch start and ``T``); the window's ends are always added.
+        grid: steps at which ``LOO(t)`` is recorded (as :func:`~lightning_influence.replay.grid_steps`: ``"epoch"``,
+            ``n`` equal windows, steps or fractions; default every epoch start and ``T``); the window's ends are
+            always added.
         window: a window (see :meth:`InfluenceLog.window`); its ends join the grid; required
             for ``in_window_only``.
         in_window_only: drop the unit only inside ``[t1, t2)``, starting from the real ``θ_{t1}``.
@@ -197,6 +202,7 @@ def replay_loo(log: InfluenceLog, module: nn.Module, train_data: TrainData, quer
     """
     if not (isinstance(copies, int) and copies >= 1):
         raise ValueError(f"copies must be an int >= 1 (counterfactual runs trained together), got {copies!r}")
+    loss_fn, query = shared_loss(module, query, loss_fn)  # given once, to replay_loo or to the query helper
     if not np.isfinite(removal_weight):
         raise ValueError(f"removal_weight must be a finite factor on the dropped unit's weight, got {removal_weight!r}")
     require_train_data(log, train_data, "replay_loo", "to retrain without each sample")

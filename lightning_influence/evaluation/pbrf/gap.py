@@ -260,7 +260,7 @@ def gap_decomposition(log: InfluenceLog, module: nn.Module, train_data: TrainDat
     times: dict[str, float] = {}
     tic = time.perf_counter()
     if loo is None:
-        res = replay_loo(log, module, train_data, query, s, grid=[log.num_steps], loss_fn=loss_fn, copies=copies)
+        res = replay_loo(log, module, train_data, query, sample_ids=s, grid=[log.num_steps], loss_fn=loss_fn, copies=copies)
         stages["loo"] = res.at(log.num_steps)
     else:
         stages["loo"] = np.asarray(loo, dtype=np.float64).reshape(S, Q)
