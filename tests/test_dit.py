@@ -354,6 +354,24 @@ def test_sparse_checkpoints_and_memory_anchors_match_dense(tmp_path_factory, kin
     np.testing.assert_allclose(tiny_budget.scores, dense.scores, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("kind", ["adam", "rmsprop"])
+def test_step_removal_rows_follow_the_memory_budget(tmp_path_factory, kind):
+    """The step removal's per-sample rows ``(B, p)`` held at once are within ``max_memory_bytes``: a budget of two
+    rows' bytes takes them two at a time (a step of 3 samples in two blocks), scores equal to the whole block's at
+    1e-12 in float64 (the budget also splits the replay into in-memory segments: the same numbers)."""
+    log = make_log(tmp_path_factory, kind)
+    p = sum(x.numel() for x in model().parameters())
+    whole = dit(log, QUERY, module=model(), train_data=train_data, window=(2, T), loss_fn=loss_fn)
+    assert whole.info["peak_removal_rows_bytes"] == 3 * p * 8 and whole.info["removal_rows_per_block"] >= 3
+    two = dit(log, QUERY, module=model(), train_data=train_data, window=(2, T), loss_fn=loss_fn,
+              max_memory_bytes=2 * p * 8 + 7)
+    assert two.info["peak_removal_rows_bytes"] == 2 * p * 8 and two.info["removal_rows_per_block"] == 2
+    np.testing.assert_allclose(two.scores, whole.scores, rtol=1e-12, atol=1e-15)
+    one = dit(log, QUERY, module=model(), train_data=train_data, window=(2, T), loss_fn=loss_fn, max_memory_bytes=1)
+    assert one.info["peak_removal_rows_bytes"] == p * 8 and one.info["removal_rows_per_block"] == 1
+    np.testing.assert_allclose(one.scores, whole.scores, rtol=1e-12, atol=1e-15)
+
+
 def test_fd_hvp_matches_exact(tmp_path_factory):
     log = make_log(tmp_path_factory, "sgd")
     exact = dit(log, QUERY, module=model(), train_data=train_data, loss_fn=loss_fn)

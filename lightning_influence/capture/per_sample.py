@@ -46,6 +46,7 @@ __all__ = [
     "HookGradientCapture",
     "per_sample_grads_vmap",
     "per_sample_grads_backward",
+    "per_sample_grad_blocks",
     "batched_grad",
     "per_sample_grads_hooks",
     "per_sample_grads",
@@ -446,6 +447,16 @@ def per_sample_grads_backward(model: nn.Module, loss_fn: LossFn, batch: Any, par
     interact in the forward: the fallback where ``vmap`` has no batching rule, and the way to keep the training
     forward's dropout masks (``step.micro.per_sample_grads_masked``). Projected by ``projector`` if given (columns
     of parameters outside ``param_names`` zero), else flattened in ``param_names`` order."""
+    return torch.cat(list(per_sample_grad_blocks(model, loss_fn, batch, param_names, projector, params, chunk_size,
+                                                 forward)))
+
+
+def per_sample_grad_blocks(model: nn.Module, loss_fn: LossFn, batch: Any, param_names: Sequence[str],
+                           projector: KroneckerProjector | None = None, params: Mapping[str, Tensor] | None = None,
+                           chunk_size: int = 32, forward: Callable[[], Any] = contextlib.nullcontext,
+                           block: int | None = None) -> Iterator[Tensor]:
+    """:func:`per_sample_grads_backward`'s rows ``block`` samples at a time (``None``: all), from its one forward: a
+    caller that consumes each block before the next holds ``block`` rows, not ``B`` (DIT's step removal)."""
     overrides = {n: t.detach() for n, t in (params or {}).items()}
     live = dict(model.named_parameters())
     leaves = {n: (overrides.pop(n) if n in overrides else live[n].detach()).requires_grad_(True) for n in param_names}
@@ -454,17 +465,23 @@ def per_sample_grads_backward(model: nn.Module, loss_fn: LossFn, batch: Any, par
     with torch.enable_grad():
         with forward():
             out = functional_call(wrapper, {**fixed, **{"m." + n: t for n, t in leaves.items()}}, (batch,))
-        eye = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
+    n_rows = out.shape[0]
+    eye = torch.eye(n_rows, dtype=out.dtype, device=out.device)
+    block = n_rows if block is None else max(1, int(block))
+    for b0 in range(0, n_rows, block):
         rows = []
-        for c0 in range(0, out.shape[0], chunk_size):
-            e = eye[c0:c0 + chunk_size]
-            g = batched_grad(out, list(leaves.values()), e, allow_unused=True)
-            rows.append([torch.zeros(len(e), *leaves[n].shape, dtype=out.dtype, device=out.device) if gi is None else gi
-                         for n, gi in zip(leaves, g)])
-    grads = {n: torch.cat([r[i] for r in rows]).detach() for i, n in enumerate(leaves)}
-    if projector is not None:
-        return projector.project(grads, partial=True)
-    return torch.cat([grads[n].reshape(out.shape[0], -1) for n in param_names], dim=1)
+        with torch.enable_grad():
+            for c0 in range(b0, min(n_rows, b0 + block), chunk_size):
+                e = eye[c0:min(c0 + chunk_size, b0 + block)]
+                g = batched_grad(out, list(leaves.values()), e, allow_unused=True)
+                rows.append([torch.zeros(len(e), *leaves[n].shape, dtype=out.dtype, device=out.device) if gi is None
+                             else gi for n, gi in zip(leaves, g)])
+        grads = {n: torch.cat([r[i] for r in rows]).detach() for i, n in enumerate(leaves)}
+        del rows
+        if projector is not None:
+            yield projector.project(grads, partial=True)
+        else:
+            yield torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in param_names], dim=1)
 
 
 def per_sample_grads_hooks(

@@ -143,7 +143,9 @@ def dit(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, tra
             The drifts are in ``info["replay_drift"]``.
         max_memory_bytes: budget for the ``θ_t`` (and optimizer state) held at once: a checkpoint interval of ``L``
             steps is replayed whole where it fits, else in segments of ``⌈√L⌉`` steps from in-memory anchors
-            (``≈ 2√L`` states, the least without more replay; ``info["peak_trajectory_bytes"]``).
+            (``≈ 2√L`` states, the least without more replay; ``info["peak_trajectory_bytes"]``). It also bounds the
+            step removal's per-sample gradient rows ``(B, p)``: a step's rows are taken in blocks of as many as fit
+            (``info["removal_rows_per_block"]``; then ``G_t`` from its own backward pass).
         preconditioner: ``"exact"`` (the VJP of the full update) or ``"frozen"``: adaptive
             optimizers' denominators held at their values in the run (approximation, cheaper:
             no ``λ_v`` columns; ``method`` says ``approx.``; its removal is linear).

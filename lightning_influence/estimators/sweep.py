@@ -38,7 +38,7 @@ from lightning_influence.replay import (TrainData, _optimizer_spec, checkpoint_p
                                         replay_from)
 from lightning_influence.replay_drift import DriftReport
 from lightning_influence.step.clipping import clip_gradient, logged_clip_spec
-from lightning_influence.step.micro import Step, per_sample_grads_masked
+from lightning_influence.step.micro import Step, per_sample_grad_blocks_masked
 from lightning_influence.step.optimizers import RULES, OptimizerStep, coordinate_groups
 from lightning_influence.step.precision import Precision
 from lightning_influence.step.shard import BatchShard, check_row_split
@@ -207,12 +207,21 @@ def _products_exact(ctx: _Context, params: dict[str, Tensor], batch: Step, R: Te
     return (HR if shard is None else shard.all_reduce(HR)), jr
 
 
-def _removed_rows(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor) -> Tensor:
-    """``w_j ∇ℓ_j`` ``(B, p)`` for this process's rows of the step, each micro-batch with its training masks."""
-    if not batch.micro:  # a process without rows of this step
-        return torch.zeros(0, ctx.p, dtype=ctx.dtype, device=ctx.device)
-    rows = [per_sample_grads_masked(ctx.module, ctx.loss_fn, m, batch.precision, ctx.names, params) for m in batch.micro]
-    return torch.cat(rows).to(ctx.dtype) * w.unsqueeze(1)
+def removal_block(p: int, dtype: torch.dtype, budget: int) -> int:
+    """Samples whose per-sample gradient rows ``(block, p)`` the step removal holds at once: as many as ``budget``
+    bytes (``max_memory_bytes``) take, at least one."""
+    return max(1, int(budget) // max(1, p * torch.tensor([], dtype=dtype).element_size()))
+
+
+def _removed_rows(ctx: _Context, params: dict[str, Tensor], batch: Step, w: Tensor,
+                  block: int | None = None) -> Iterator[Tensor]:
+    """``w_j ∇ℓ_j`` for this process's rows of the step in their order, at most ``block`` rows ``(≤ block, p)`` at a
+    time (``None``: a micro-batch's at once), each micro-batch from one forward with its training masks."""
+    at = 0
+    for m in batch.micro:
+        for rows in per_sample_grad_blocks_masked(ctx.module, ctx.loss_fn, m, batch.precision, ctx.names, params, block):
+            yield rows.to(ctx.dtype) * w[at:at + rows.shape[0]].unsqueeze(1)
+            at += rows.shape[0]
 
 
 def _query_matrix(ctx: _Context, query: Query, params: Mapping[str, Tensor]) -> tuple[Tensor, list[str]]:
@@ -259,7 +268,8 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
     t0 = time.perf_counter()
     keys = ctx.step.adjoint_keys
     peak_adjoint = 0  # bytes of the adjoint columns (λ_θ, λ_s, R) at their largest
-    peak_rows = 0  # bytes of one step's per-sample gradients (the step removal)
+    peak_rows = 0  # bytes of one step's per-sample gradients (the step removal) held at once
+    block = removal_block(ctx.p, ctx.dtype, ctx.max_memory_bytes)  # of those rows, within the budget
     rows_evaluated = 0  # sample-steps this process evaluated
     growth = AdjointGrowth("dit", "Check the scores with replay leave-one-out (evaluate), or use a shorter window or "
                            "dit_local", t_hi, ctx.log.path)
@@ -293,7 +303,10 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
             transform = None if clip is None else (lambda x: clip_gradient(x, clip))
             # an affine step (SGD without clipping): a VJP independent of g (no gradient pass), removal = its derivative
             affine = ctx.rule.linear and clip is None
-            rows = _removed_rows(ctx, rec.params, batch, w) if removal == "step" and not affine else None
+            stepped = removal == "step" and not affine
+            # the step's per-sample rows in blocks within max_memory_bytes; all of them at once where they fit
+            whole = stepped and len(ids) <= block
+            rows = torch.cat([theta.new_zeros(0, ctx.p), *_removed_rows(ctx, rec.params, batch, w)]) if whole else None
             if affine:
                 g = torch.zeros_like(theta)
             elif rows is None:
@@ -302,10 +315,13 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
                 g = rows.sum(0) if shard is None else shard.all_reduce(rows.sum(0))
             terms = None
             values = ctx.log.hyper(rec.step)  # momentum, betas, ... of the step where a schedule changed them
-            if rows is not None:
-                peak_rows = max(peak_rows, rows.numel() * rows.element_size())
-                terms = ctx.step.removal_terms(theta, rec.state, g, rec.lrs, rows, U, S, transform, values=values)
-                del rows
+            if stepped:
+                parts = []
+                for r in ([rows] if whole else _removed_rows(ctx, rec.params, batch, w, block)):
+                    peak_rows = max(peak_rows, r.numel() * r.element_size())
+                    parts.append(ctx.step.removal_terms(theta, rec.state, g, rec.lrs, r, U, S, transform, values=values))
+                terms = torch.cat(parts, dim=1) if parts else U.new_zeros(U.shape[1], 0)
+                rows = None
             th_bar, S, R = ctx.step.vjp(theta, rec.state, g, rec.lrs, U, S, transform=transform, values=values)
             # J R is used by the linear removal only, but comes with H R: one batched backward (the leaf u: no
             # measurable cost) or the same differences, whose kink guard compares whole columns, J R's included
@@ -329,7 +345,7 @@ def _model_sweep(ctx: _Context, query: Query, t_lo: int, t_hi: int, activations:
         values[step] = scores[:, c0 : c0 + Q].copy()
     info = {"hvp": hvp, "hvp_products": n_hvp, "steps_swept": t_hi - t_lo, "optimizer": ctx.rule.name,
             "preconditioner": "frozen" if ctx.step.frozen else "exact", "removal": removal, "peak_adjoint_bytes": peak_adjoint,
-            "peak_removal_rows_bytes": peak_rows,
+            "peak_removal_rows_bytes": peak_rows, "removal_rows_per_block": block,
             "peak_trajectory_bytes": ctx.peak_trajectory_bytes,
             "seconds": time.perf_counter() - t0, "replay_drift": ctx.drift.summary()}
     if shard is not None:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.capture.per_sample import batched_grad, call_with_params, per_sample_grads_backward
+from lightning_influence.capture.per_sample import (batched_grad, call_with_params, per_sample_grad_blocks,
+                                                   per_sample_grads_backward)
 from lightning_influence.capture.projection import KroneckerProjector
 from lightning_influence.step import rng
 from lightning_influence.step.buffers import cloned
@@ -267,3 +268,12 @@ def per_sample_grads_masked(module: nn.Module, loss_fn: LossFn, micro: MicroBatc
     """
     return per_sample_grads_backward(module, loss_fn, micro.batch, names, projector, params, chunk_size,
                                      lambda: micro.context(precision, module))
+
+
+def per_sample_grad_blocks_masked(module: nn.Module, loss_fn: LossFn, micro: MicroBatch, precision: Precision,
+                                  names: Sequence[str], params: Mapping[str, Tensor] | None, block: int
+                                  ) -> Iterator[Tensor]:
+    """:func:`per_sample_grads_masked`'s rows (flat, ``names`` order) ``block`` samples at a time from its one forward
+    (:func:`~lightning_influence.capture.per_sample.per_sample_grad_blocks`)."""
+    return per_sample_grad_blocks(module, loss_fn, micro.batch, names, None, params,
+                                  forward=lambda: micro.context(precision, module), block=block)

@@ -243,6 +243,17 @@ class Problem:
             self._chol = L
         return self._chol
 
+    def indefinite(self, m: int, epsilon: float) -> bool:
+        """Whether the Hessian of sample ``m``'s objective at ``θ_T``, ``G + diag(μ) + ε ∇²ℓ_m(θ_T)``, has a negative
+        eigenvalue (its Cholesky factorisation fails): exact, dense (``p <= max_dense_params``). The data term's Hessian
+        at ``θ_T`` is ``G`` exactly (a Bregman divergence has zero gradient at ``h = h_ref``); ``∇²ℓ_m`` is the whole
+        Hessian of the sample's loss, the network's second derivatives included, which the Gauss-Newton matrix
+        leaves out: where ``ε ∇²ℓ_m`` outweighs ``G + μ`` along a direction, ``θ_T`` is a saddle of the objective."""
+        b = self.sample_batch(m)
+        hess = torch.func.jacrev(torch.func.grad(lambda x: self.losses(x, b).sum()), chunk_size=256)(self.theta)
+        A = self.gauss_newton_matrix() + torch.diag(self.mu) + epsilon * (hess + hess.T) / 2
+        return int(torch.linalg.cholesky_ex(A).info) != 0
+
     def output_hessians(self, h: Tensor, h_ref: Tensor) -> Tensor:
         """``(B, K, K)`` Hessians of ``D(·, h_ref)`` in output space at ``h`` (= the loss's output Hessian)."""
         def one(a: Tensor, r: Tensor) -> Tensor:

@@ -31,8 +31,11 @@ class PBRFResult:
         intermediate: ``{steps: (S, Q)}`` responses after that many solver steps (``record_at``).
         response_error: ``(S,)`` how far one more Gauss-Newton step would move the response,
             ``max_q |∇f_qᵀ P⁻¹ ∇J|`` (the Gauss-Newton solver; ``nan`` where not measured).
-        negative_curvature: ``(S,)`` the solver met negative curvature (``cos(s, y) < −0.1`` on an accepted step): the
-            objective is not convex there, and with too little damping has no minimum near ``θ_T`` (raise ``damping``).
+        negative_curvature: ``(S,)`` the sample's objective is not convex near ``θ_T``: its Hessian at ``θ_T``,
+            ``G + λ + κ + ε ∇²ℓ_m``, has a negative eigenvalue (exact, a dense factorisation, where ``p <=
+            max_dense_params``: ``info["curvature_checked_at_theta"]``), or the solver met negative curvature along a
+            step it took (``cos(s, y) < −0.1``). ``θ_T`` is then a saddle, and with too little damping the objective has
+            no minimum near it (raise ``damping``).
         info: settings (solver, output loss, weight decay, N, time).
     """
 
@@ -119,8 +122,8 @@ class PBRFResult:
                          ": their responses are not the PBRF's; more steps, or more damping")
         if s["negative_curvature_samples"]:
             neg = s["negative_curvature_samples"]
-            lines.append(f"  negative curvature met ({len(neg)} samples: {neg[:20]}{' ...' if len(neg) > 20 else ''}): the "
-                         f"objective is not convex there (the removal term's curvature exceeds λ={self.damping:g} plus "
+            lines.append(f"  negative curvature ({len(neg)} samples: {neg[:20]}{' ...' if len(neg) > 20 else ''}): the "
+                         f"objective is not convex at θ_T (the removal term's curvature exceeds λ={self.damping:g} plus "
                          "weight decay); raise damping for a local response")
         if self.info.get("weight_decay_note"):
             lines.append(f"  weight decay in the proximity: {self.info['weight_decay_note']}")

@@ -349,6 +349,10 @@ def solve_samples(prob: Problem, samples: np.ndarray, *, steps: int, solver: str
         change[k] = float(np.max(np.abs(scores[k] - prev))) if Q else 0.0
         if progress is not None:
             progress(k + 1, S)
+    # the objective's Hessian at θ_T, exactly (dense): the solver's witness sees few of the directions it curves down
+    checked = prob.p <= prob.max_dense_params
+    if checked:
+        negative |= np.array([prob.indefinite(int(m), prob.epsilon) for m in samples], dtype=bool)
     keep = {s: v for s, v in inter.items() if s in {int(r) for r in record_at}}
     size = np.abs(scores).max(axis=1) if Q else np.zeros(S)
     # converged: the gradient reached tol, or the response's predicted remaining change is below RESPONSE_RTOL of it
@@ -361,4 +365,5 @@ def solve_samples(prob: Problem, samples: np.ndarray, *, steps: int, solver: str
                       info={"solver": solver, "steps": steps, "tol": tol, "output_loss": prob.output_loss, "N": prob.N,
                             "p": prob.p, "step": prob.step, "response_rtol": RESPONSE_RTOL, "dtype": str(prob.dtype), "weight_decay_note": prob.weight_decay_note,
                             "weight_decay_max": float(prob.kappa.max()), "seconds": time.perf_counter() - t0,
-                            "response_change_from_step": marks[-1] if marks else steps})
+                            "response_change_from_step": marks[-1] if marks else steps,
+                            "curvature_checked_at_theta": checked})
