@@ -56,6 +56,14 @@ def test_the_faster_format_is_taken_beyond_the_margin(monkeypatch, channels, nch
     assert len(calls) == 4 * conv_layout.REPEATS
 
 
+def test_a_long_measurement_stops_after_one_pair(monkeypatch):
+    monkeypatch.setattr(conv_layout, "MEASURED_FLOPS", 0)
+    monkeypatch.setattr(conv_layout, "LONG_SECONDS", 0.003)
+    conv, calls = _timed_conv(0.004, 0.002)
+    assert conv_layout.channels_last(torch.zeros(2, 32, 6, 6), torch.zeros(4, 32, 3, 3), (1, 1, 1, 1), conv, None)
+    assert sorted(calls) == [False, True]
+
+
 def test_small_convolutions_follow_the_fixed_rule_unmeasured():
     conv, calls = _timed_conv(0.0, 0.0)
     assert conv_layout.channels_last(torch.zeros(2, 3, 6, 6), torch.zeros(4, 3, 3, 3), (1, 1, 1, 1), conv, None)

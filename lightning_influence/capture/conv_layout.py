@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["channels_last", "FEW_CHANNELS", "MEASURED_FLOPS", "MARGIN", "chosen"]
+__all__ = ["channels_last", "FEW_CHANNELS", "MEASURED_FLOPS", "MARGIN", "REPEATS", "LONG_SECONDS", "chosen"]
 
 FEW_CHANNELS = 4
 """Input channels a group up to which the fixed rule takes channels-last."""
@@ -33,6 +33,8 @@ MEASURED_FLOPS = 2e7
 MARGIN = 0.05
 """How much faster the other format must be than the fixed rule's to be taken."""
 REPEATS = 3
+"""Alternating runs of each format, the fastest kept; one pair where it takes over :data:`LONG_SECONDS`."""
+LONG_SECONDS = 0.1
 
 chosen: dict[tuple, bool] = {}
 """Geometry -> channels-last, for this process (a test may clear it or set an entry to force a format)."""
@@ -64,5 +66,7 @@ def channels_last(x: Tensor, kernel: Tensor, geometry: tuple, conv: Callable[[Te
             if product is not None:
                 product(cols)
             best[last] = min(best[last], time.thread_time() - start)
+        if best[False] + best[True] > LONG_SECONDS:  # a large layer: its first pair is measurement enough
+            break
     chosen[key] = (not default) if best[not default] < (1 - MARGIN) * best[default] else default
     return chosen[key]
