@@ -62,7 +62,18 @@ def _sqrt(v: Tensor) -> Tensor:
     ``v = 0`` only where every gradient so far was 0; there ``√v = |g|``-like has a kink and
     0 is the subgradient the linearisation uses (a ``NaN`` otherwise reaches every column)."""
     pos = v > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, 1.0)), 0.0)
+
+
+def _where(condition: Tensor, a: Tensor | Callable[[], Tensor], b: Tensor | Callable[[], Tensor]) -> Tensor:
+    """``torch.where(condition, a, b)``; a condition that is one value for every coordinate (a 0-d tensor: a
+    hyperparameter all param groups share, the step count of a state stepped as one) picks ``a`` or ``b`` whole,
+    nothing selected elementwise nor differentiated through a selection (:meth:`OptimizerStep.vjp`'s cost). A side
+    given as a function is computed only where it may be taken."""
+    if condition.dim() == 0:
+        side = a if bool(condition) else b
+        return side() if callable(side) else side
+    return torch.where(condition, a() if callable(a) else a, b() if callable(b) else b)
 
 
 def _frozen(x: Tensor, hyper: Hyper) -> Tensor:
@@ -80,11 +91,11 @@ def sgd_update(theta: Tensor, state: State, g: Tensor, h: Hyper) -> tuple[Tensor
         return theta - h["lr"] * d, out
     mu = h["momentum"]
     first = state["step"] == 0
-    buf = torch.where(first, d, mu * state["momentum_buffer"] + (1 - h["dampening"]) * d)
-    direction = torch.where(h["nesterov"], d + mu * buf, buf)
+    buf = _where(first, d, lambda: mu * state["momentum_buffer"] + (1 - h["dampening"]) * d)
+    direction = _where(h["nesterov"], lambda: d + mu * buf, buf)
     has = mu != 0
-    out["momentum_buffer"] = torch.where(has, buf, state["momentum_buffer"])
-    return theta - h["lr"] * torch.where(has, direction, d), out
+    out["momentum_buffer"] = _where(has, buf, state["momentum_buffer"])
+    return theta - h["lr"] * _where(has, direction, d), out
 
 
 def adam_update(theta: Tensor, state: State, g: Tensor, h: Hyper) -> tuple[Tensor, State]:
@@ -93,8 +104,8 @@ def adam_update(theta: Tensor, state: State, g: Tensor, h: Hyper) -> tuple[Tenso
     with ``amsgrad``, ``θ' = θ − η/(1−β₁ᵏ) · m' / (√v̂/√(1−β₂ᵏ) + ε)``."""
     step = state["step"] + 1
     dec, wd, lr = h["decoupled"], h["weight_decay"], h["lr"]
-    g = torch.where(dec, g, g + wd * theta)
-    theta = torch.where(dec, theta * (1 - lr * wd), theta)
+    g = _where(dec, g, lambda: g + wd * theta)
+    theta = _where(dec, lambda: theta * (1 - lr * wd), theta)
     b1, b2 = h["beta1"], h["beta2"]
     m = state["exp_avg"] + (g - state["exp_avg"]) * (1 - b1)
     v = b2 * state["exp_avg_sq"] + (1 - b2) * (g * g)
@@ -102,8 +113,8 @@ def adam_update(theta: Tensor, state: State, g: Tensor, h: Hyper) -> tuple[Tenso
     used = v
     if "max_exp_avg_sq" in state:
         vmax = torch.where(v >= state["max_exp_avg_sq"], v, state["max_exp_avg_sq"])
-        out["max_exp_avg_sq"] = torch.where(h["amsgrad"], vmax, state["max_exp_avg_sq"])
-        used = torch.where(h["amsgrad"], vmax, v)
+        out["max_exp_avg_sq"] = _where(h["amsgrad"], vmax, state["max_exp_avg_sq"])
+        used = _where(h["amsgrad"], vmax, v)
     denom = _frozen(_sqrt(used) / torch.sqrt(1 - b2**step) + h["eps"], h)
     return theta - (lr / (1 - b1**step)) * m / denom, out
 
@@ -119,15 +130,15 @@ def rmsprop_update(theta: Tensor, state: State, g: Tensor, h: Hyper) -> tuple[Te
     avg = sq
     if "grad_avg" in state:
         ga = state["grad_avg"] + (g - state["grad_avg"]) * (1 - alpha)
-        out["grad_avg"] = torch.where(h["centered"], ga, state["grad_avg"])
-        avg = torch.where(h["centered"], sq - ga * ga, sq)
+        out["grad_avg"] = _where(h["centered"], ga, state["grad_avg"])
+        avg = _where(h["centered"], lambda: sq - ga * ga, sq)
     denom = _frozen(_sqrt(avg) + h["eps"], h)
     if "momentum_buffer" not in state:
         return theta - h["lr"] * g / denom, out
     has = h["momentum"] != 0
     buf = h["momentum"] * state["momentum_buffer"] + g / denom
-    out["momentum_buffer"] = torch.where(has, buf, state["momentum_buffer"])
-    return theta - h["lr"] * torch.where(has, buf, g / denom), out
+    out["momentum_buffer"] = _where(has, buf, state["momentum_buffer"])
+    return theta - h["lr"] * _where(has, buf, g / denom), out
 
 
 def adagrad_update(theta: Tensor, state: State, g: Tensor, h: Hyper) -> tuple[Tensor, State]:
@@ -328,13 +339,22 @@ class OptimizerStep:
                       for k, f in rule.state(self.groups)}
 
     def _expanded(self, groups: Sequence[Mapping[str, Any]]) -> Hyper:
-        """The rule's hyperparameters of ``groups``, expanded per coordinate."""
+        """The rule's hyperparameters of ``groups``, expanded per coordinate; one all groups share as a 0-d tensor
+        (broadcast: the same numbers, without ``p``-long vectors to read and conditions to select elementwise)."""
         out: Hyper = {}
         for key, fn in self.rule.hyper.items():
             vals = [fn(g, self.rule.cls) for g in groups]
             kind = torch.bool if isinstance(vals[0], bool) else self.dtype
-            out[key] = torch.tensor(vals, dtype=kind, device=self.device)[self.idx]
+            out[key] = self._per_coordinate(torch.tensor(vals, dtype=kind, device=self.device))
         return out
+
+    def _per_coordinate(self, per_group: Tensor) -> Tensor:
+        """``(p,)`` values of coordinates from ``(groups,)`` values of their param groups; a 0-d tensor where every
+        group that has a coordinate holds the same value."""
+        used = per_group[: len(self.groups)]
+        if bool((used == used[0]).all()):
+            return used[0]
+        return used[self.idx]
 
     def hyper(self, lrs: Sequence[float] | np.ndarray, values: Mapping[str, Any] | None = None) -> Hyper:
         """The hyperparameters of a step with per-group learning rates ``lrs`` and, where a schedule changed them,
@@ -344,7 +364,7 @@ class OptimizerStep:
         if lr.numel() < len(self.groups):
             raise ValueError(f"{lr.numel()} learning rates for {len(self.groups)} param groups")
         fixed = self._hyper if values is None else {**self._hyper, **self._expanded(step_groups(self.groups, values))}
-        return {**fixed, "lr": lr[self.idx]}
+        return {**fixed, "lr": self._per_coordinate(lr)}
 
     def init_state(self) -> State:
         """The state before the first step (``torch.optim``'s initial values)."""
@@ -404,7 +424,10 @@ class OptimizerStep:
         f, keys = self._differentiated(state, lrs, transform, values)
         _, pullback = torch.func.vjp(f, theta, {k: state[k] for k in keys}, g)
         cots = (cot_theta, {k: cot_state[k] if k in cot_state else torch.zeros_like(cot_theta) for k in keys})
-        th_bar, st_bar, g_bar = torch.func.vmap(pullback, in_dims=1, out_dims=1)(cots)
+        # out_dims=0, then columns: a cotangent the picked side of a condition does not reach (the momentum buffer at
+        # the first step) comes back unbatched, which vmap expands right at dim 0 only
+        bars = torch.func.vmap(pullback, in_dims=1, out_dims=0)(cots)
+        th_bar, st_bar, g_bar = torch.utils._pytree.tree_map(lambda x: x.T, bars)
         return th_bar, st_bar, g_bar
 
     @staticmethod
@@ -421,6 +444,9 @@ class OptimizerStep:
         h = self.hyper(lrs, values)
         keys = self.adjoint_keys
         held = {k: v for k, v in state.items() if k not in keys}  # the step count, a frozen preconditioner's state
+        step = held.get("step")
+        if step is not None and step.numel() and bool((step == step[0]).all()):
+            held["step"] = step[0]  # every coordinate stepped alike (the usual case): its bias corrections are scalars
 
         def f(th: Tensor, st: State, gg: Tensor) -> tuple[Tensor, State]:
             if transform is not None:
