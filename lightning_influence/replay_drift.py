@@ -17,6 +17,7 @@ where and what to do; otherwise the drifts are reported with the scores
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -27,7 +28,7 @@ from torch import Tensor
 from lightning_influence.step.buffers import cloned
 
 __all__ = ["DEFAULT_TOLERANCE", "DriftReport", "ReplayMismatchError", "check_checkpoint", "measure", "outside_changes",
-           "resolve_tolerance", "restore_buffers"]
+           "report_outside_changes", "resolve_tolerance", "restore_buffers"]
 
 DEFAULT_TOLERANCE = 1e-2
 
@@ -172,3 +173,18 @@ def outside_changes(summary: Mapping[str, Any], dtype: torch.dtype) -> str | Non
     return ("; ".join(parts) + f" (more than rounding, √eps = {floor:.1e}): something other than the logged steps, "
             "as replayed, changed them (a clamp or renormalisation in a hook, an EMA, a buffer updated outside the "
             "forward; or training data or loss_fn that differ from the run's)")
+
+
+def report_outside_changes(info: dict[str, Any], method: str, dtype: torch.dtype, estimator: str,
+                           stacklevel: int) -> str:
+    """``method``, tagged where the drifts of ``info["replay_drift"]`` say the run changed θ or its buffers other than
+    by its logged steps (:func:`outside_changes`), with ``info["changed_outside_optimizer"]`` set and a warning: an
+    estimator that linearises the logged steps (DIT, Diff-In) holds such changes constant."""
+    outside = outside_changes(info["replay_drift"], dtype)
+    if outside is None:
+        return method
+    info["changed_outside_optimizer"] = outside
+    warnings.warn(f"{estimator}: {outside}. {estimator} treats those changes as constants: it leaves out how removing a "
+                  "sample moves them. Check the scores with replay leave-one-out (evaluate), which replays the same "
+                  "steps; docs/replay.md", RuntimeWarning, stacklevel=stacklevel + 1)
+    return method + " [changed outside the optimizer]"

@@ -68,3 +68,30 @@ def test_an_estimator_called_from_python_checks_its_own_data(run, forwards):
     assert len(forwards) == 3
     li.tracin(log, query, module=model)  # the context left: checked again
     assert len(forwards) == 4
+
+
+@pytest.mark.parametrize("method", ["tracin", "dit"])
+def test_a_stale_model_on_a_log_with_stored_inputs_is_refused_by_the_cli(tmp_path, capsys, method):
+    """With the estimators' own checks skipped inside a command, the CLI's check covers what they covered: where the run
+    gives no training set but the log stores its inputs, the model against the losses logged at the last checkpoint.
+    TracIn (which reads no training data) had let a changed model through here."""
+    from conftest import fit, loader, make_data, tiny
+
+    from lightning_influence import InfluenceTracker
+
+    fit(tiny(), loader(make_data(12)), InfluenceTracker(str(tmp_path / "log"), store_inputs=True, store_data=False,
+                                                        record_gradients=True, record_losses=True,
+                                                        checkpoint_every_n_steps=2), epochs=1)
+    builder = tmp_path / "build.py"
+    builder.write_text("from conftest import TinyClassifier, make_data\n"
+                       "class Stale(TinyClassifier):\n"
+                       "    def forward(self, x):\n        return 2 * super().forward(x)\n"
+                       "def build(log):\n    return {'module': Stale().double(), 'val_data': make_data(4, seed=5).tensors}\n"
+                       "def same(log):\n    return {'module': TinyClassifier().double(), "
+                       "'val_data': make_data(4, seed=5).tensors}\n")
+    argv = ["query", str(tmp_path / "log"), "-m", method, "-k", "3", "-q"]
+    assert main([*argv, "--builder", f"{builder}:same"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*argv, "--builder", f"{builder}:build"]) == 2
+    err = capsys.readouterr().err
+    assert "do not reproduce the run's logged losses" in err and "--builder" in err, err

@@ -48,19 +48,27 @@ DS = make_data(24)
 XQ, YQ = make_data(6, seed=1).tensors
 
 
-def _dit(tmp_path, cls, name: str, tolerance=None, **attrs):
+def _fit(tmp_path, cls, name: str, **attrs) -> InfluenceLog:
     torch.manual_seed(0)
     module = cls().double()
     for k, v in attrs.items():
         setattr(module, k, v)
-    fit(module, loader(DS), InfluenceTracker(str(tmp_path / name), checkpoint_every_n_steps=1), epochs=2)
-    log = InfluenceLog(tmp_path / name)
+    fit(module, loader(DS), InfluenceTracker(str(tmp_path / name), checkpoint_every_n_steps=1, record_gradients=True,
+                                             projection_dim=None, storage_dtype="float64"), epochs=2)
+    return InfluenceLog(tmp_path / name)
+
+
+def _scores(log, cls, estimator=dit, query=_query, **kw):
     torch.manual_seed(0)
-    fresh = cls().double()
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
-        scores = dit(log, _query, module=fresh, train_data=WithIds(DS), tolerance=tolerance)
-    return log, scores, [str(w.message) for w in got if "outside" in str(w.message) or "changed them" in str(w.message)]
+        scores = estimator(log, query, module=cls().double(), **kw)
+    return scores, [str(w.message) for w in got if "outside" in str(w.message) or "changed them" in str(w.message)]
+
+
+def _dit(tmp_path, cls, name: str, tolerance=None, **attrs):
+    log = _fit(tmp_path, cls, name, **attrs)
+    return (log, *_scores(log, cls, train_data=WithIds(DS), tolerance=tolerance))
 
 
 def test_a_weight_renormalised_in_a_hook_is_reported(tmp_path):
@@ -92,3 +100,65 @@ def test_a_buffer_updated_outside_the_forward_is_refused_or_reported(tmp_path):
     _, moving, said = _dit(tmp_path, WithEma, "ema2", tolerance=float("inf"), decay=0.999)
     assert len(said) == 1 and "buffers at the checkpoint" in said[0]
     assert moving.info["replay_drift"]["buffers_max"] == pytest.approx(1.0) and "outside the optimizer" in moving.method
+
+
+@pytest.mark.parametrize("form", ["published", "step"])
+def test_diffin_reports_a_weight_renormalised_in_a_hook_as_dit_does(tmp_path, form):
+    """Diff-In had no check: with a checkpoint at every step it replays nothing, and a run whose hook shrank the weights
+    gave scores without a word. It now replays the window's first segment where nothing else was replayed, and says
+    what DIT says (warning, info["changed_outside_optimizer"], method tag), the same drift."""
+    from lightning_influence import diffin
+
+    kw = dict(estimator=diffin, train_data=WithIds(DS), form=form)
+    plain = _fit(tmp_path, Renormed, "plain", shrink=0.0)
+    scores, said = _scores(plain, Renormed, **kw)
+    assert not said and "changed_outside_optimizer" not in scores.info and "outside" not in scores.method
+    assert scores.info["replay_drift"]["checkpoints_compared"] >= 1
+    shrunk = _fit(tmp_path, Renormed, "shrunk", shrink=1e-4)
+    scores, said = _scores(shrunk, Renormed, **kw)
+    assert len(said) == 1 and said[0].startswith("Diff-In: θ at the checkpoint") and "constants" in said[0]
+    assert "changed outside the optimizer" in scores.method and scores.info["changed_outside_optimizer"]
+    # the same measurement as DIT's: the replay of step 0 against the stored θ_1
+    by_dit, _ = _scores(shrunk, Renormed, train_data=WithIds(DS), window=(0, 1))
+    assert scores.info["replay_drift"]["at_step"] == 1 == by_dit.info["replay_drift"]["at_step"]
+    assert scores.info["replay_drift"]["max"] == pytest.approx(by_dit.info["replay_drift"]["max"], rel=1e-9)
+
+
+def test_diffin_refuses_a_buffer_updated_outside_the_forward_unless_its_tolerance_accepts_it(tmp_path):
+    from lightning_influence import diffin_self_influence
+    from lightning_influence.replay_drift import ReplayMismatchError
+
+    log = _fit(tmp_path, WithEma, "ema", decay=0.999)
+    with pytest.raises(ReplayMismatchError, match="a buffer updated outside the forward"):
+        _scores(log, WithEma, estimator=diffin_self_influence, query=None, train_data=WithIds(DS))
+    torch.manual_seed(0)
+    with pytest.warns(RuntimeWarning, match="Diff-In: the buffers at the checkpoint"):
+        scores = diffin_self_influence(log, module=WithEma().double(), train_data=WithIds(DS), tolerance=float("inf"))
+    assert scores.info["replay_drift"]["buffers_max"] == pytest.approx(1.0) and "outside the optimizer" in scores.method
+
+
+def test_tracin_on_a_run_changed_outside_the_optimizer_is_its_formula_on_the_trajectory_the_run_took(tmp_path):
+    """TracIn replays nothing: its gradients were logged at the weights training had after each hook, and its query
+    gradients are taken at the stored checkpoints, so a change outside the optimizer leaves its inputs exact; what
+    such a change does to a removal's later steps is beyond its first-order sum anyway (docs/trust.md). Its scores
+    are Σ_t η_t/|B_t| ⟨∇f(θ_t), ∇ℓ_j(θ_t)⟩ on the stored θ_t, by float64 autograd, and it reports no check."""
+    from lightning_influence import tracin
+    from lightning_influence.replay import checkpoint_params
+
+    log = _fit(tmp_path, Renormed, "shrunk", shrink=1e-3)
+    model = Renormed().double()
+    scores, said = _scores(log, Renormed, estimator=tracin)
+    assert not said and "changed_outside_optimizer" not in scores.info
+    want = np.zeros(len(DS))
+    names = [n for n, _ in model.named_parameters()]
+    for t in range(log.first_step, log.num_steps):
+        params = checkpoint_params(log, model, t)
+        theta = {n: params[n].detach().double().clone().requires_grad_(True) for n in names}
+        q = torch.autograd.grad(F.cross_entropy(torch.func.functional_call(model, theta, (XQ,)), YQ), list(theta.values()))
+        ids = log.batch_ids(t)
+        x, y = DS.tensors[0][ids], DS.tensors[1][ids]
+        for j, xi, yi in zip(ids, x, y):
+            g = torch.autograd.grad(F.cross_entropy(torch.func.functional_call(model, theta, (xi[None],)), yi[None]),
+                                    list(theta.values()))
+            want[j] += log.lr(t)[0] / len(ids) * sum(float((a * b).sum()) for a, b in zip(q, g))
+    np.testing.assert_allclose(scores.column(0), want, rtol=1e-9, atol=1e-15)

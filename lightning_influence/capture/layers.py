@@ -363,10 +363,7 @@ def conv_columns(x: Tensor, projector: KroneckerProjector, name: str, channels: 
     p_c, p_bias = projector.column_side(name, x.dtype, x.device)
     if p_c is None and p_bias is None and dims <= 2 and not isinstance(padding, str):
         return _unfolded(x, channels, kernel_size, stride, padding, dilation, groups, size)
-    if p_c is None:
-        p_c = torch.eye(spec.cols, dtype=x.dtype, device=x.device)
-    kernel = p_c.t().reshape(spec.k_cols, channels, *kernel_size).repeat(groups, *([1] * (dims + 1)))
-    bias = None if p_bias is None else p_bias.repeat(groups)
+    kernel, bias = projector.column_kernel(name, x.dtype, x.device, channels, kernel_size, groups)
 
     def conv(inp: Tensor) -> Tensor:
         return ConvEngine._conv[dims](inp, kernel, bias, stride, padding, dilation, groups)

@@ -246,6 +246,7 @@ class KroneckerProjector:
         self._by_name = {spec.name: spec for spec in self.specs}
         self._cache: dict[tuple[str, torch.dtype, torch.device], tuple[Tensor | None, Tensor | None]] = {}
         self._columns: dict[tuple[str, torch.dtype, Any], tuple[Tensor | None, Tensor | None]] = {}  # column_side
+        self._kernels: dict[tuple, tuple[Tensor, Tensor | None]] = {}  # column_kernel
 
     def spec(self, name: str) -> TensorProjection:
         """The :class:`TensorProjection` of tensor ``name``."""
@@ -369,6 +370,22 @@ class KroneckerProjector:
                     p_c = torch.eye(spec.cols, dtype=dtype, device=torch.device("cpu" if device is None else device))
                 self._columns[key] = p_c[:-1], p_c[-1]
         return self._columns[key]
+
+    def column_kernel(self, name: str, dtype: torch.dtype, device: torch.device, channels: int,
+                      kernel_size: Sequence[int], groups: int) -> tuple[Tensor, Tensor | None]:
+        """``P_c`` as the weight ``(groups·k_cols, channels, *kernel_size)`` and bias of the convolution that projects a
+        convolution's unfolded input (:func:`.layers.conv_columns`; the bias: a folded bias's row of ``P_c``), cached:
+        both are copies made at every hooked call otherwise. An unprojected column side is the identity."""
+        key = (name, dtype, device, channels, tuple(kernel_size), groups)
+        if key not in self._kernels:
+            spec = self.spec(name)
+            p_c, p_bias = self.column_side(name, dtype, device)
+            if p_c is None:
+                p_c = torch.eye(spec.cols, dtype=dtype, device=device)
+            dims = len(kernel_size)
+            kernel = p_c.t().reshape(spec.k_cols, channels, *kernel_size).repeat(groups, *([1] * (dims + 1)))
+            self._kernels[key] = kernel, None if p_bias is None else p_bias.repeat(groups)
+        return self._kernels[key]
 
     def combine(self, name: str, out_grad: Tensor, cols: Tensor, rows: slice | None = None) -> Tensor | Outer:
         """:meth:`project_factored` from the projected column side ``cols`` (:meth:`project_cols`); one token per

@@ -74,7 +74,8 @@ from lightning_influence.datacheck import check_estimator_data
 from lightning_influence.estimators.signature import estimator_api
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn
-from lightning_influence.replay import Progress, TrainData, resolve_progress, samples_by_id_needed
+from lightning_influence.replay import Progress, TrainData, replay, resolve_progress, samples_by_id_needed
+from lightning_influence.replay_drift import report_outside_changes
 
 __all__ = ["FORMS", "HVP_MODES", "SAMPLES", "diffin", "diffin_self_influence", "published_coefficients", "batch_hvp"]
 
@@ -258,9 +259,23 @@ def _combine(ctx: _Context, info: dict[str, Any], shard: StepShard, steps: list[
     info.update(processes=shard.world, per_rank=parts)
 
 
+def _replay_one_segment(ctx: _Context, t1: int, t2: int) -> None:
+    """Where the sweep took every ``θ_t`` from a checkpoint (nothing replayed, nothing compared), the window's first
+    segment between two checkpoints replayed once, so that ``ctx.drift`` tells whether the run changed θ or its buffers
+    other than by its logged steps (a hook, an EMA; :func:`~lightning_influence.replay_drift.report_outside_changes`)
+    and a change beyond the tolerance is refused, as DIT's replay refuses it. One step with a checkpoint at every
+    step; nothing where the log has fewer than two checkpoints in the window or no batches to replay."""
+    ckpts = [int(c) for c in ctx.log.checkpoint_steps if t1 <= c <= t2]
+    if ctx.drift.checkpoints or len(ckpts) < 2 or (ctx.train_data is None and not ctx.log.meta.get("inputs_stored")):
+        return
+    for _ in replay(ctx.log, ctx.module, ctx.train_data, ckpts[0], ckpts[1], loss_fn=ctx.loss_fn, verify=ctx.verify,
+                    tolerance=ctx.tolerance, report=ctx.drift):
+        pass
+
+
 def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_data: TrainData, window: Any, form: str,
             hvp: str, eps0: float | None, steps: Any, samples: str, loss_fn: LossFn, verify: bool, chunk_size: int,
-            progress: Progress, shard: StepShard = ONE_PROCESS) -> InfluenceScores:
+            progress: Progress, shard: StepShard = ONE_PROCESS, tolerance: float | None = None) -> InfluenceScores:
     """Both public entry points: ``query=None`` is self-influence (split over processes by ``shard``)."""
     t0 = time.perf_counter()
     t1, t2 = log.window(window)
@@ -268,7 +283,7 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if form == "step" and (steps is not None or samples != "all"):
         raise ValueError("steps/samples select the published form's checkpoints; the step form uses every step")
-    ctx = _Context(log, module, train_data, loss_fn, hvp, eps0, verify, chunk_size)
+    ctx = _Context(log, module, train_data, loss_fn, hvp, eps0, verify, chunk_size, tolerance)
     if train_data is None and (samples == "all" if form == "published" else query is None):
         what = "samples='all' evaluates every training sample" if form == "published" else \
             "self-influence in the step form evaluates every sample's own gradient at the window's ends"
@@ -289,10 +304,12 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
             scores, names, info = _step(ctx, query, t1, t2, show)
         method = ctx.method(f"diffin-step{suffix}")
     own = info.pop("shard_steps", None)
+    _replay_one_segment(ctx, t1, t2)
     info.update(hvp=hvp, seconds=time.perf_counter() - t0, optimizer=ctx.opt_class)
     if shard.world > 1:
         _combine(ctx, info, shard, own)
     info["replay_drift"] = ctx.drift.summary()
+    method = report_outside_changes(info, method, ctx.dtype, "Diff-In", stacklevel=4)
     if ctx.fd is not None:
         info.update(fd_checked=ctx.fd_checked, fd_blowups=ctx.fd_blowups, **ctx.fd.info())
         problems = []
@@ -313,7 +330,7 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
 def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, train_data: TrainData | None = None,
            window: Any = None, form: str = "published", hvp: str = "exact", eps0: float | None = None, steps: Any = None,
            samples: str | None = None, loss_fn: LossFn = default_loss_fn, verify: bool = True, chunk_size: int = 512,
-           progress: Progress = None) -> InfluenceScores:
+           progress: Progress = None, tolerance: float | None = None) -> InfluenceScores:
     """Diff-In scores of every training sample id for ``query`` over ``window``.
 
     Args:
@@ -341,6 +358,10 @@ def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, 
             weighted ``N/|B_t|``) or ``"all"`` (every training sample at each selected step).
         loss_fn: per-sample training loss ``loss_fn(module, batch) -> Tensor[B]``.
         verify: check replayed ``θ_t`` against the checkpoints passed.
+        tolerance: the largest drift accepted at a checkpoint, as :func:`~lightning_influence.estimators.dit.dit`'s
+            (default 1%); a drift beyond rounding within it is a change outside the optimizer: warned about, tagged
+            and in ``info["changed_outside_optimizer"]``. Where every ``θ_t`` comes from a checkpoint, the window's
+            first segment between two checkpoints is replayed to measure it.
         chunk_size: samples per per-sample-gradient pass.
         progress: ``progress(done, total)`` or ``True`` for a bar on stderr.
 
@@ -350,15 +371,15 @@ def diffin(log: InfluenceLog, query: Query, *, module: nn.Module | None = None, 
     """
     samples = samples or ("batch" if form == "published" and steps is None else "all")
     return _diffin(query, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
-                   chunk_size, progress)
+                   chunk_size, progress, tolerance=tolerance)
 
 
 @estimator_api
 def diffin_self_influence(log: InfluenceLog, query: None = None, *, module: nn.Module | None = None,
                           train_data: TrainData | None = None, window: Any = None, form: str = "step", hvp: str = "exact",
                           eps0: float | None = None, steps: Any = None, samples: str = "all", loss_fn: LossFn = default_loss_fn, verify: bool = True,
-                          chunk_size: int = 512, progress: Progress = None, shard: StepShard = ONE_PROCESS
-                          ) -> InfluenceScores:
+                          chunk_size: int = 512, progress: Progress = None, shard: StepShard = ONE_PROCESS,
+                          tolerance: float | None = None) -> InfluenceScores:
     """Self-influence ``I(z, z)`` of every training sample: the query is the sample's own loss.
 
     Step form: removal's effect on ``ℓ(z; θ_{t2})`` (minus that on ``ℓ(z; θ_{t1})``), closed
@@ -380,4 +401,4 @@ def diffin_self_influence(log: InfluenceLog, query: None = None, *, module: nn.M
     if query is not None:
         raise TypeError("diffin_self_influence() answers each sample's own loss and takes no query; pass query=None")
     return _diffin(None, log, module, train_data, window, form, hvp, eps0, steps, samples, loss_fn, verify,
-                   chunk_size, progress, shard)
+                   chunk_size, progress, shard, tolerance)

@@ -38,7 +38,7 @@ class _Context:
     """Log, model, data and the bookkeeping every Diff-In pass needs."""
 
     def __init__(self, log: InfluenceLog, module: nn.Module, train_data: TrainData, loss_fn: LossFn, hvp: str,
-                 eps0: float | None, verify: bool, chunk_size: int) -> None:
+                 eps0: float | None, verify: bool, chunk_size: int, tolerance: float | None = None) -> None:
         if module is None:
             raise ValueError("Diff-In needs `module` (the architecture; weights come from the log)")
         require_train_data(log, train_data, "Diff-In", "for the Hessian-vector products")
@@ -51,7 +51,7 @@ class _Context:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.log, self.module, self.train_data, self.loss_fn = log, module, train_data, loss_fn
         self.drift = DriftReport()  # measured at every checkpoint the replays pass (info["replay_drift"])
-        self.hvp, self.verify, self.chunk_size = hvp, verify, chunk_size
+        self.hvp, self.verify, self.chunk_size, self.tolerance = hvp, verify, chunk_size, tolerance
         ref = checkpoint_params(log, module, log.checkpoint_steps[0])
         self.dtype = next(iter(ref.values())).dtype
         self.fd_checked = self.fd_blowups = 0  # finite-difference curvatures checked / beyond the stability edge
@@ -106,8 +106,7 @@ class _Context:
             return
         want = set(steps)
         for rs in replay(self.log, self.module, self.train_data, steps[0], max(steps[-1], through or 0),
-                         loss_fn=self.loss_fn,
-                         verify=self.verify, report=self.drift):
+                         loss_fn=self.loss_fn, verify=self.verify, tolerance=self.tolerance, report=self.drift):
             if rs.step in want:
                 yield rs.step, rs.params
 

@@ -61,7 +61,7 @@ from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.queries import LossFn, Query, default_loss_fn, query_column
 from lightning_influence.estimators.gauss_newton import dit_gauss_newton  # noqa: F401 - public here too
 from lightning_influence.replay import Progress, TrainData, grid_steps, require_train_data, resolve_progress
-from lightning_influence.replay_drift import outside_changes
+from lightning_influence.replay_drift import report_outside_changes
 from lightning_influence.step.buffers import run_buffers
 from lightning_influence.step.shard import BatchShard
 
@@ -93,14 +93,7 @@ def _reported(ctx: _Context, res: Any, method: str) -> str:
     the adjoint's growth (:mod:`~lightning_influence.estimators.growth`) and changes the run made outside its logged
     optimizer steps (:func:`~lightning_influence.replay_drift.outside_changes`), which DIT holds constant."""
     method = res.growth.report(method, res.info, stacklevel=4)
-    outside = outside_changes(res.info["replay_drift"], ctx.dtype)
-    if outside is not None:
-        res.info["changed_outside_optimizer"] = outside
-        warnings.warn(f"DIT: {outside}. DIT treats those changes as constants: it leaves out how removing a sample "
-                      "moves them. Check the scores with replay leave-one-out (evaluate), which replays the same "
-                      "steps; docs/replay.md", RuntimeWarning, stacklevel=4)
-        method += " [changed outside the optimizer]"
-    return method
+    return report_outside_changes(res.info, method, ctx.dtype, "DIT", stacklevel=4)
 
 
 def _method(ctx: _Context, base: str, hvp: str, approx: bool = False, removal: str = "step") -> str:
