@@ -50,8 +50,8 @@ from lightning_influence.step.recorder import StepRecorder
 from lightning_influence.tensorboard import LiveTensorBoard
 from lightning_influence.tracker_checks import (UpdateWatch, check_applied_gradient, check_arguments, check_batchnorm,
                                                 check_distinct_ids, check_first_batch, check_losses,
-                                                check_ranks_distinct, demoted_columns, no_stop_iteration,
-                                                synced_batchnorm)
+                                                check_ranks_distinct, demoted_columns, distributed_padding,
+                                                no_stop_iteration, synced_batchnorm)
 from lightning_influence.tracker_final import FinalCheckpoint
 from lightning_influence.tracker_inflight import IN_FLIGHT, InFlight
 from lightning_influence.tracker_dev_run import DevRun
@@ -378,7 +378,8 @@ class InfluenceTracker(TrackerLifecycle):
                                                       self.record_losses, self.record_hvp, self._scaler, self._world_size)
         record.skipped = record.skipped or no_op
         if self._world_size > 1 and step == self._fit_start:  # every process here at once: the fit's first step
-            check_ranks_distinct(step, rows["ids"], trainer.strategy.all_gather)
+            check_ranks_distinct(step, rows["ids"], trainer.strategy.all_gather,
+                                 distributed_padding(trainer.train_dataloader))
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
         if self._records_grads(step) and not record.skipped:
             rows["grads"], record.grad_outer = step_rows(pending.micro)

@@ -32,7 +32,7 @@ from lightning_influence.step.hyper import ScheduleRecorder
 from lightning_influence.step.optimizers import UnsupportedOptimizerError, UpdateRule, check_optimizer
 from lightning_influence.step.precision import Precision
 
-__all__ = ["GradientMismatchError", "UpdateWatch", "applied_tolerance", "check_applied_gradient", "check_arguments", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_ranks_distinct", "demoted_columns", "check_fit", "check_losses",
+__all__ = ["GradientMismatchError", "UpdateWatch", "applied_tolerance", "check_applied_gradient", "check_arguments", "check_batchnorm", "check_dataset", "check_distinct_ids", "check_ranks_distinct", "distributed_padding", "demoted_columns", "check_fit", "check_losses",
            "check_optimizers", "check_training_set", "generators_kept", "synced_batchnorm", "trainer_precision"]
 
 
@@ -459,12 +459,30 @@ def check_distinct_ids(step: int, seen: Sequence[torch.Tensor], ids: torch.Tenso
         raise ValueError(f"step {step}: the same sample id appears in two micro-batches of one optimizer step")
 
 
-def check_ranks_distinct(step: int, ids: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def distributed_padding(loader: Any) -> str | None:
+    """What a ``DistributedSampler`` of ``loader`` repeats to give every process as many samples (``drop_last=False``
+    and a dataset size not divisible by the processes: the epoch's last samples repeat its first), or ``None``."""
+    from torch.utils.data import DistributedSampler
+
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+            n, world = len(sampler.dataset), sampler.num_replicas
+            if n % world:
+                return (f"the DistributedSampler of {n} samples on {world} processes repeats {world - n % world} of "
+                        "each epoch's first samples at its end")
+    return None
+
+
+def check_ranks_distinct(step: int, ids: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor],
+                         padding: str | None = None) -> None:
     """Under DDP, at the fit's first step: no sample is in the batches of two processes (``all_gather``: the
     strategy's, a collective every process calls at this step; ``ids``: this process's ids of the step). A sampler
     that does not split the data by rank makes every process train on the same batches, each sample counted once per
     process in the averaged gradient; the log would hold it several times a step, which it counts once
-    (:func:`check_distinct_ids`). Two ``all_gather`` calls of a few integers, once per fit."""
+    (:func:`check_distinct_ids`). Two ``all_gather`` calls of a few integers, once per fit. ``padding``
+    (:func:`distributed_padding`): the sampler repeats samples at each epoch's end, which fall in the step of their
+    first use only where an epoch is one optimizer step (elsewhere a repeat is another step's sample, logged there
+    with the weight its gradient had), so this step shows it for every epoch."""
     sizes = all_gather(torch.tensor([len(ids)], device=ids.device)).reshape(-1)
     longest = int(sizes.max())
     padded = torch.full((longest,), -1, dtype=torch.int64, device=ids.device)
@@ -474,6 +492,15 @@ def check_ranks_distinct(step: int, ids: torch.Tensor, all_gather: Callable[[tor
     values, counts = torch.unique(every, return_counts=True)
     if bool((counts > 1).any()):
         twice = values[counts > 1].tolist()
+        if padding is not None:
+            raise ValueError(
+                f"InfluenceTracker: at step {step} the samples {twice[:5]}{' ...' if len(twice) > 5 else ''} are in the "
+                f"batches of more than one process: {padding}, and an epoch here is one optimizer step, so those "
+                "repeats are in the step that uses them first; each counts twice in the averaged gradient, which the "
+                "log (one row per sample and step) cannot say. Give the DataLoader a sampler that does not repeat "
+                "samples: DataLoader(dataset, sampler=DistributedSampler(dataset, drop_last=True), ...) with "
+                "Trainer(use_distributed_sampler=False), or a dataset size divisible by the number of processes, or "
+                "more steps an epoch (a smaller batch or accumulate_grad_batches)")
         raise ValueError(
             f"InfluenceTracker: at step {step} the samples {twice[:5]}{' ...' if len(twice) > 5 else ''} are in the "
             f"batches of more than one process ({len(twice)} of {len(values)}): the processes do not train on "

@@ -9,7 +9,10 @@ that sees one), ``ckpt_dir`` (a Lightning checkpoint every ``ckpt_every`` steps)
 step]``: that process is killed by SIGKILL when it starts that step), ``precision`` (the Trainer's), ``float32`` (a float32
 model and data: autocast leaves float64 alone), ``tamper`` (``"clip"``: a callback listed
 before the tracker clips the gradients in its ``on_before_optimizer_step``), ``unsharded`` (every process takes the
-whole global batches: a sampler that does not split the data by rank).
+whole global batches: a sampler that does not split the data by rank), ``sampler`` (``"distributed"``: a plain
+shuffled ``DataLoader`` of ``batch`` samples and Lightning's ``DistributedSampler``, over ``n`` samples: with ``n`` odd
+it pads each epoch with a repeated sample; ``"distributed-drop"``: a ``DistributedSampler(drop_last=True)`` of the
+test's own, no padding).
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ def fit(cfg: dict) -> None:
     from lightning_influence import InfluenceTracker, WithIds
 
     float32 = bool(cfg.get("float32"))
-    data = make_data(N, dtype=torch.float32 if float32 else torch.float64)
+    data = make_data(cfg.get("n", N), dtype=torch.float32 if float32 else torch.float64)
     data.tensors[0][:, -1] = 0.0
-    data.tensors[0][list(FLAGGED), -1] = 1.0  # the flag: a last input feature of 1
+    data.tensors[0][[i for i in FLAGGED if i < len(data)], -1] = 1.0  # the flag: a last input feature of 1
     ds = WithIds(data)
     mode = cfg.get("mode", "ddp")
 
@@ -53,6 +56,13 @@ def fit(cfg: dict) -> None:
             return out
 
         def train_dataloader(self):
+            if cfg.get("sampler") == "distributed":  # Lightning puts a DistributedSampler in (use_distributed_sampler)
+                return DataLoader(ds, batch_size=cfg.get("batch", 3), shuffle=True)
+            if cfg.get("sampler") == "distributed-drop":
+                from torch.utils.data import DistributedSampler
+
+                sampler = DistributedSampler(ds, num_replicas=WORLD, rank=self.global_rank, shuffle=True, drop_last=True)
+                return DataLoader(ds, batch_size=cfg.get("batch", 3), sampler=sampler)
             if cfg.get("unsharded"):  # every process the whole global batches (a sampler not split by rank)
                 return DataLoader(ds, batch_sampler=GlobalOrder(None))
             return DataLoader(ds, batch_sampler=GlobalOrder(self.global_rank if mode == "ddp" else None))
@@ -91,7 +101,7 @@ def fit(cfg: dict) -> None:
     ddp = mode == "ddp"
     trainer = pl.Trainer(max_epochs=cfg.get("epochs", 2), accelerator="cpu", devices=WORLD if ddp else 1,
                          strategy=DDPStrategy(timeout=timedelta(seconds=60)) if ddp else "auto",
-                         use_distributed_sampler=False, logger=False, enable_checkpointing=bool(cfg.get("ckpt_dir")),
+                         use_distributed_sampler=cfg.get("sampler") == "distributed", logger=False, enable_checkpointing=bool(cfg.get("ckpt_dir")),
                          enable_progress_bar=False, enable_model_summary=False, deterministic=True, callbacks=callbacks,
                          accumulate_grad_batches=cfg.get("accumulate", 1), gradient_clip_val=cfg.get("clip"),
                          precision=cfg.get("precision", "32-true"))

@@ -149,3 +149,54 @@ def test_a_killed_process_leaves_a_readable_log_that_a_resume_completes(tmp_path
         assert a.step == b.step and np.array_equal(a.ids, b.ids)
         assert np.array_equal(a.losses, b.losses) and np.array_equal(a.grads, b.grads)
     assert all(np.array_equal(v, ref.checkpoint(t)[k]) for t in ref.checkpoint_steps for k, v in log.checkpoint(t).items())
+
+
+@pytest.mark.slow
+def test_a_distributed_sampler_padded_epoch_is_logged_as_trained(tmp_path):
+    """Lightning's DistributedSampler over 19 samples on 2 processes pads each epoch with its first sample, which then
+    trains twice an epoch: in the first step (rank 0, weight 1/6) and alone in rank 1's last batch (weight 1/2: the
+    mean over its one sample, averaged over the 2 processes). Not twice in one step: the log holds it at both steps with
+    the weight its gradient had, so the estimators and replay leave-one-out remove it from both, as training used it;
+    the replay of the log reproduces every stored θ_t."""
+    from conftest import make_data, tiny
+    from ddp_matrix_run import FLAGGED
+    from lightning_influence.replay import replay
+
+    ok_fit(log_dir=str(tmp_path / "log"), sampler="distributed", n=19, batch=3, epochs=2)
+    log = InfluenceLog(tmp_path / "log")
+    assert log.num_steps == 8  # 10 samples a process an epoch: batches of 3, 3, 3, 1
+    for epoch in (0, 1):
+        steps = [t for t in range(log.num_steps) if log.epochs_of_step[t] == epoch]
+        ids = np.concatenate([log.batch_ids(t) for t in steps])
+        values, counts = np.unique(ids, return_counts=True)
+        assert len(ids) == 20 and len(values) == 19 and counts.max() == 2
+        twice = int(values[counts == 2][0])
+        at = [t for t in steps if twice in log.batch_ids(t)]
+        assert len(at) == 2 and at[-1] == steps[-1]  # the epoch's last step holds the repeat
+        weights = [float(log.weights(t)[list(log.batch_ids(t)).index(twice)]) for t in at]
+        np.testing.assert_allclose(weights, [1 / 6, 1 / 2], rtol=1e-15)
+        for t in steps:  # never twice in one step
+            assert len(np.unique(log.batch_ids(t))) == len(log.batch_ids(t))
+    data = make_data(19)  # the run's: its flag feature
+    data.tensors[0][:, -1] = 0.0
+    data.tensors[0][[i for i in FLAGGED if i < 19], -1] = 1.0
+    steps = [rs.step for rs in replay(log, tiny(), data, 0, None, loss_fn=lambda m, b: m.per_sample_loss(b),
+                                      tolerance=1e-9)]
+    assert steps == list(range(log.num_steps + 1))
+
+
+@pytest.mark.slow
+def test_padding_repeated_within_one_step_is_refused_with_what_to_do(tmp_path):
+    """5 samples on 2 processes in batches of 3: one step an epoch, so the DistributedSampler's repeat of a sample is
+    in the same step as its first use, on the other process. Refused at step 0, naming the padding and the remedy (the
+    message said the data was not split by rank and to use Lightning's default DistributedSampler, which this run
+    used); the remedy, a DistributedSampler(drop_last=True), trains and logs each sample once a step."""
+    run = matrix_fit(log_dir=str(tmp_path / "padded"), sampler="distributed", n=5, batch=3)
+    assert run.returncode != 0
+    assert "DistributedSampler of 5 samples on 2 processes repeats 1" in run.stderr, run.stderr[-3000:]
+    assert "DistributedSampler(dataset, drop_last=True)" in run.stderr
+    ok_fit(log_dir=str(tmp_path / "dropped"), sampler="distributed-drop", n=5, batch=3)
+    log = InfluenceLog(tmp_path / "dropped")
+    assert log.num_steps == 2
+    for t in range(log.num_steps):
+        assert len(log.batch_ids(t)) == 4 and len(np.unique(log.batch_ids(t))) == 4
