@@ -134,8 +134,8 @@ def run_model(model: str, data: dict[str, Any], args: argparse.Namespace, workdi
     lin: dict[float, Any] = {}
     for lam_k in sorted(set(args.sweep) | {lam}):
         with timer("pbrf"):
-            pb[lam_k] = pbrf(log, Net().double(), td, query, S, damping=lam_k, steps=args.pbrf_steps, loss_fn=ce_loss,
-                             record_at=(1, 5) if lam_k == lam else ())
+            pb[lam_k] = pbrf(log, Net().double(), td, query, samples=S, damping=lam_k, steps=args.pbrf_steps,
+                             loss_fn=ce_loss, record_at=(1, 5) if lam_k == lam else ())
         with timer("influence-function"):
             lin[lam_k] = linear_pbrf(log, Net().double(), td, query, damping=lam_k, loss_fn=ce_loss)
     P = pb[lam].scores[:, 0]
@@ -162,7 +162,7 @@ def run_model(model: str, data: dict[str, Any], args: argparse.Namespace, workdi
                              for k, v in pb[lam].intermediate.items()}
     # 3. gap decomposition at the main damping (LOO and PBRF reused)
     with timer("gap_warm_stages"):
-        gd = gap_decomposition(log, Net().double(), td, query, S, damping=lam, loss_fn=ce_loss, loo=L[:, None],
+        gd = gap_decomposition(log, Net().double(), td, query, samples=S, damping=lam, loss_fn=ce_loss, loo=L[:, None],
                                pbrf_result=pb[lam], copies=args.copies)
     res["gap"] = {"terms": gd.terms(), "correlations": gd.correlations(), "descriptions": gd.descriptions,
                   "baseline_drift": gd.info["baseline_drift"]}

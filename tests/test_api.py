@@ -82,6 +82,24 @@ def test_replay_loo_takes_its_optional_arguments_by_keyword():
         replay_loo("LOG", torch.nn.Linear(2, 1), None, lambda m: m.weight.sum(), [0, 1])
 
 
+@pytest.mark.parametrize("name, first", [("pbrf", "samples"), ("gap_decomposition", "samples"),
+                                         ("linear_pbrf", "samples")])
+def test_trust_tools_take_their_optional_arguments_by_keyword(name, first):
+    """pbrf/gap_decomposition/linear_pbrf(log, module, train_data, query, samples, ...) took the samples by position
+    where replay_loo takes sample_ids= by keyword; one rule now: four positional arguments, the positional form says
+    the keyword one."""
+    import lightning_influence.evaluation as ev
+
+    fn = getattr(ev, name)
+    params = list(inspect.signature(fn).parameters.values())
+    assert [p.name for p in params[:4]] == ["log", "module", "train_data", "query"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[4:]), [p.name for p in params[4:]]
+    with pytest.raises(TypeError, match=rf"{name}\(\) takes the log, the model, the training data and the query as "
+                                        rf"its only positional arguments, got 5; call {name}\(log, module, "
+                                        rf"train_data, query, \*, {first}=\.\.\., damping="):
+        fn("LOG", torch.nn.Linear(2, 1), None, lambda m: m.weight.sum(), [0, 1])
+
+
 def test_self_influence_takes_no_query():
     with pytest.raises(TypeError, match="takes no query"):
         li.diffin_self_influence("LOG", lambda m: m.weight.sum(), module=torch.nn.Linear(2, 1))

@@ -381,7 +381,7 @@ def test_evaluate_trust_tools_match_direct_calls(run, direct, capsys):
     res = json.loads(out)
     assert {"pbrf", "gap", "datamodel", "groups"} <= set(res)
     model, dm, query = direct
-    expected = pbrf(InfluenceLog(run.log), model, dm.train_dataset, query, [3, 7, 11], damping=1e-2, steps=100)
+    expected = pbrf(InfluenceLog(run.log), model, dm.train_dataset, query, samples=[3, 7, 11], damping=1e-2, steps=100)
     assert res["pbrf"]["summary"]["samples"] == 3
     np.testing.assert_allclose(np.asarray(res["pbrf"]["scores"]).reshape(-1), expected.scores.reshape(-1), rtol=1e-6)
     assert [row["pbrf"] for row in res["samples"]] == pytest.approx(expected.scores[:, 0].tolist(), rel=1e-6)

@@ -415,8 +415,8 @@ def test_the_pbrf_gaps_warm_stage_runs_each_steps_momentum(tmp_path):
             th = th - 0.2 * buf
         return th
 
-    gd = gap_decomposition(log, Lin().double(), lin_data, lin_query, [1, 7], damping=0.3, output_loss="squared_error",
-                           loo=np.zeros((2, 2)))
+    gd = gap_decomposition(log, Lin().double(), lin_data, lin_query, samples=[1, 7], damping=0.3,
+                           output_loss="squared_error", loo=np.zeros((2, 2)))
     base = fq(run(None))
     expected = np.stack([fq(run(m)) - base for m in (1, 7)])
     assert np.abs(gd.stages["warm"] - expected).max() <= 1e-13 * np.abs(expected).max()
@@ -460,7 +460,7 @@ def test_the_pbrf_takes_the_weight_decay_of_the_step_that_reached_theta(tmp_path
                   schedule=[None] * 4 + [{"weight_decay": [2 * KAPPA]}] * (len(batches) - 4))
     log = InfluenceLog(tmp_path)
     theta_s = theta_of(log, log.num_steps)
-    res = pbrf(log, Lin().double(), lin_data, lin_query, range(12), damping=0.1, output_loss="squared_error")
+    res = pbrf(log, Lin().double(), lin_data, lin_query, samples=range(12), damping=0.1, output_loss="squared_error")
     expected = np.stack([fq(theta_s + closed_form_pbrf(theta_s, m, 0.1 + KAPPA)) - fq(theta_s) for m in range(12)])
     assert np.abs(res.scores - expected).max() <= 1e-12 * max(1.0, np.abs(expected).max())
     assert res.info["weight_decay_max"] == pytest.approx(2 * KAPPA) and "scheduled" in res.info["weight_decay_note"]

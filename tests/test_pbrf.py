@@ -87,13 +87,13 @@ def closed_form_pbrf(theta_s: torch.Tensor, m: int, lam: float) -> torch.Tensor:
 @pytest.mark.parametrize("lam", [0.0, 0.1])
 def test_pbrf_matches_closed_form_away_from_a_minimiser(sgd_log, lam):
     theta_s = theta_of(sgd_log, sgd_log.num_steps)
-    res = pbrf(sgd_log, Lin().double(), lin_data, lin_query, range(N), damping=lam, output_loss="squared_error")
+    res = pbrf(sgd_log, Lin().double(), lin_data, lin_query, samples=range(N), damping=lam, output_loss="squared_error")
     expected = np.stack([fq(theta_s + closed_form_pbrf(theta_s, m, lam)) - fq(theta_s) for m in range(N)])
     assert np.abs(res.scores - expected).max() <= 1e-12 * max(1.0, np.abs(expected).max())
     assert res.converged.all() and (res.iterations == 1).all()  # Gauss-Newton of the whole objective = Newton
     assert res.info["weight_decay_max"] == pytest.approx(KAPPA)  # the logged L2 joins the proximity
     # L-BFGS reaches the same answer
-    lb = pbrf(sgd_log, Lin().double(), lin_data, lin_query, [0, 5], damping=lam, output_loss="squared_error",
+    lb = pbrf(sgd_log, Lin().double(), lin_data, lin_query, samples=[0, 5], damping=lam, output_loss="squared_error",
               solver="lbfgs", tol=1e-9)
     # (L-BFGS stops where float64 objective values stop resolving progress: ~1e-8 relative)
     assert np.abs(lb.scores - expected[[0, 5]]).max() <= 1e-7 * np.abs(expected).max()
@@ -103,7 +103,8 @@ def test_pbrf_without_damping_is_exact_loo_at_the_minimiser(converged_log):
     theta_s = theta_of(converged_log, converged_log.num_steps)
     assert torch.allclose(theta_s, ridge(torch.ones(N, dtype=torch.bool)), atol=1e-14)
     loo = np.stack([fq(ridge(torch.arange(N) != m)) - fq(theta_s) for m in range(N)])
-    res = pbrf(converged_log, Lin().double(), lin_data, lin_query, range(N), damping=0.0, output_loss="squared_error")
+    res = pbrf(converged_log, Lin().double(), lin_data, lin_query, samples=range(N), damping=0.0,
+               output_loss="squared_error")
     assert np.abs(res.scores - loo).max() <= 1e-12 * np.abs(loo).max()
 
 
@@ -131,7 +132,7 @@ def test_gap_decomposition_closes_for_a_converged_quadratic(converged_log):
     """At the ridge minimiser with λ = 0 every stage up to the PBRF is exact LOO; only linearisation remains."""
     theta_s = theta_of(converged_log, converged_log.num_steps)
     loo = np.stack([fq(ridge(torch.arange(N) != m)) - fq(theta_s) for m in range(N)])
-    gd = gap_decomposition(converged_log, Lin().double(), lin_data, lin_query, range(N), damping=0.0,
+    gd = gap_decomposition(converged_log, Lin().double(), lin_data, lin_query, samples=range(N), damping=0.0,
                            output_loss="squared_error", warm_epochs=2)
     assert list(gd.stages) == list(STAGES)
     scale = np.abs(loo).max()
@@ -159,7 +160,7 @@ def test_warm_stage_is_the_logged_optimizer_from_theta_T(sgd_log):
             th = th - float(sgd_log.lr(t)[0]) * ((w * r) @ PHI[ids] / len(ids) + KAPPA * th)
         return th
 
-    gd = gap_decomposition(sgd_log, Lin().double(), lin_data, lin_query, [1, 7], damping=0.3,
+    gd = gap_decomposition(sgd_log, Lin().double(), lin_data, lin_query, samples=[1, 7], damping=0.3,
                            output_loss="squared_error", loo=np.zeros((2, 2)))
     base = fq(run(None))
     expected = np.stack([fq(run(m)) - base for m in (1, 7)])
@@ -255,7 +256,7 @@ def test_pbrf_is_first_order_the_linear_pbrf(ce_log):
     """With a tiny ε the PBRF response is ε-linear and equals the linearised PBRF to O(ε)."""
     lam = 0.1
     eps = -1e-4 / 10
-    res = pbrf(ce_log, MLP().double(), ce_data, ce_query, range(10), damping=lam, epsilon=eps, tol=1e-10)
+    res = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=range(10), damping=lam, epsilon=eps, tol=1e-10)
     lin = linear_pbrf(ce_log, MLP().double(), ce_data, ce_query, damping=lam, epsilon=eps)
     assert res.converged.all()
     np.testing.assert_allclose(res.scores, lin.scores, rtol=2e-4, atol=1e-4 * np.abs(lin.scores).max())
@@ -263,9 +264,9 @@ def test_pbrf_is_first_order_the_linear_pbrf(ce_log):
 
 def test_solvers_agree_and_report_convergence(ce_log):
     kw = dict(damping=0.1, tol=1e-9)
-    gn = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0, 3, 8], record_at=(1,), **kw)
-    lb = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0, 3, 8], solver="lbfgs", **kw)
-    ad = pbrf(ce_log, MLP().double(), ce_data, ce_query, [3], solver="adam", lr=1e-3, steps=5, **kw)
+    gn = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0, 3, 8], record_at=(1,), **kw)
+    lb = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0, 3, 8], solver="lbfgs", **kw)
+    ad = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[3], solver="adam", lr=1e-3, steps=5, **kw)
     assert gn.info["solver"] == "gauss-newton" and gn.converged.all() and (gn.rel_grad_norm <= 1e-9).all()
     np.testing.assert_allclose(lb.scores, gn.scores, rtol=1e-6)
     assert 1 in gn.intermediate and gn.intermediate[1].shape == gn.scores.shape
@@ -279,42 +280,42 @@ def test_solvers_agree_and_report_convergence(ce_log):
 
 
 def test_weight_decay_sources(ce_log):
-    res = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], damping=0.1)
+    res = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0], damping=0.1)
     assert res.info["weight_decay_max"] == pytest.approx(0.01)
-    zero = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], damping=0.11, weight_decay=0.0)
+    zero = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0], damping=0.11, weight_decay=0.0)
     np.testing.assert_allclose(zero.scores, res.scores, rtol=1e-8)  # κ and λ enter only as their sum
-    per_param = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], damping=0.1,
+    per_param = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0], damping=0.1,
                      weight_decay={n: 0.01 for n, _ in MLP().named_parameters()})
     np.testing.assert_allclose(per_param.scores, res.scores, rtol=1e-12)
 
 
 def test_refusals(ce_log):
     with pytest.raises(ValueError, match="output_loss='hinge' is not supported.*cross_entropy"):
-        pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], output_loss="hinge")
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0], output_loss="hinge")
     with pytest.raises(ValueError, match="never appear in the log"):
-        pbrf(ce_log, MLP().double(), ce_data, ce_query, [10])
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[10])
     with pytest.raises(ValueError, match="solver must be one of"):
-        pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], solver="newton")
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0], solver="newton")
     with pytest.raises(ValueError, match="max_dense_params"):
-        pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], solver="gauss-newton", max_dense_params=5)
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0], solver="gauss-newton", max_dense_params=5)
     with pytest.raises(ValueError, match="needs lr"):
-        pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], solver="sgd")
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0], solver="sgd")
     with pytest.raises(ValueError, match="damping"):
-        pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], damping=-1.0)
+        pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0], damping=-1.0)
     with pytest.raises(ValueError, match="same samples"):
-        res = pbrf(ce_log, MLP().double(), ce_data, ce_query, [0], damping=0.1)
-        gap_decomposition(ce_log, MLP().double(), ce_data, ce_query, [1], damping=0.1, pbrf_result=res,
+        res = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[0], damping=0.1)
+        gap_decomposition(ce_log, MLP().double(), ce_data, ce_query, samples=[1], damping=0.1, pbrf_result=res,
                           loo=np.zeros((1, 1)))
 
 
 def test_chunking_inputs_fn_and_sample_subsets(ce_log):
     """Chunked full-batch passes, a custom inputs_fn and a subset of samples change nothing."""
-    ref = pbrf(ce_log, MLP().double(), ce_data, ce_query, [2, 7], damping=0.1)
-    chunked = pbrf(ce_log, MLP().double(), ce_data, ce_query, [2, 7], damping=0.1, chunk_size=3,
+    ref = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[2, 7], damping=0.1)
+    chunked = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[2, 7], damping=0.1, chunk_size=3,
                    inputs_fn=lambda batch: batch[0])
     np.testing.assert_allclose(chunked.scores, ref.scores, rtol=1e-9)
     lin_all = linear_pbrf(ce_log, MLP().double(), ce_data, ce_query, damping=0.1)
-    lin_sub = linear_pbrf(ce_log, MLP().double(), ce_data, ce_query, [7, 2], damping=0.1, chunk_size=4)
+    lin_sub = linear_pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[7, 2], damping=0.1, chunk_size=4)
     np.testing.assert_allclose(lin_sub.scores, lin_all.scores[[7, 2]], rtol=1e-10)
     assert lin_all.samples.tolist() == list(range(10))
 
@@ -329,8 +330,8 @@ def test_batches_with_non_tensor_leaves_use_the_per_sample_solver(ce_log):
     def dict_loss(m, b):
         return F.cross_entropy(m(b["x"]), b["y"], reduction="none")
 
-    ref = pbrf(ce_log, MLP().double(), ce_data, ce_query, [1, 4], damping=0.1, tol=1e-10)
-    got = pbrf(ce_log, MLP().double(), dict_data, ce_query, [1, 4], damping=0.1, tol=1e-10, loss_fn=dict_loss,
+    ref = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[1, 4], damping=0.1, tol=1e-10)
+    got = pbrf(ce_log, MLP().double(), dict_data, ce_query, samples=[1, 4], damping=0.1, tol=1e-10, loss_fn=dict_loss,
                inputs_fn=lambda b: b["x"])
     np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-7)
     assert got.converged.all()
@@ -361,7 +362,7 @@ def test_warm_stages_use_the_recorded_weights_of_an_incomplete_accumulation(tmp_
         return m.per_sample_loss(b)
 
     samples = [int(log.batch_ids(2)[0]), int(log.batch_ids(5)[1]), int(log.batch_ids(0)[3])]
-    gd = gap_decomposition(log, model, ds, query, samples, damping=lam, loss_fn=loss_fn, loo=np.zeros((3, 1)))
+    gd = gap_decomposition(log, model, ds, query, samples=samples, damping=lam, loss_fn=loss_fn, loo=np.zeros((3, 1)))
     names = [n for n, _ in model.named_parameters()]
     theta_T = {n: torch.from_numpy(v) for n, v in log.checkpoint(T).items()}
     with torch.no_grad():
@@ -415,7 +416,7 @@ def test_gap_decomposition_refuses_steps_its_warm_stages_cannot_rerun(tmp_path, 
     log = InfluenceLog(tmp_path / "log")
     model = tiny(dropout=dropout)
     with pytest.raises(ValueError, match=rf"gap_decomposition cannot model this log's training steps \({match}"):
-        gap_decomposition(log, model, ds, lambda m: m(ds.tensors[0][:2]).sum(), [0], damping=0.1,
+        gap_decomposition(log, model, ds, lambda m: m(ds.tensors[0][:2]).sum(), samples=[0], damping=0.1,
                           loss_fn=lambda m, b: m.per_sample_loss(b), loo=np.zeros((1, 1)))
 
 
@@ -502,8 +503,8 @@ def test_the_pbrf_of_a_network_with_dropout_is_that_of_its_deterministic_network
     """The PBRF is a function of θ, as the query: dropout off. A module with dropout given in train mode stopped with
     vmap's "random operation" error (CLI: internal error); its PBRF is now that of the same network without dropout."""
     kw = dict(damping=0.1, tol=1e-10)
-    with_dropout = pbrf(ce_log, MLPDropout().double().train(), ce_data, ce_query, [1, 4, 7], **kw)
-    plain = pbrf(ce_log, MLP().double(), ce_data, ce_query, [1, 4, 7], **kw)
+    with_dropout = pbrf(ce_log, MLPDropout().double().train(), ce_data, ce_query, samples=[1, 4, 7], **kw)
+    plain = pbrf(ce_log, MLP().double(), ce_data, ce_query, samples=[1, 4, 7], **kw)
     assert with_dropout.converged.all()
     np.testing.assert_array_equal(with_dropout.scores, plain.scores)
     lin = linear_pbrf(ce_log, MLPDropout().double().train(), ce_data, ce_query, damping=0.1)

@@ -72,8 +72,8 @@ def test_a_float32_pbrf_converges_to_the_float64_answer_and_says_so(logs):
     Gauss-Newton step would move the response by less than 1e-4 of it; the float32 responses equal the float64 solve of
     the same θ_T (the reference) within the error each one reports."""
     samples = np.arange(0, N, 3)
-    got = pbrf(logs[0], MLP(), data, query, samples, damping=0.05)
-    ref = pbrf(logs[1], MLP().double(), data, query, samples, damping=0.05)
+    got = pbrf(logs[0], MLP(), data, query, samples=samples, damping=0.05)
+    ref = pbrf(logs[1], MLP().double(), data, query, samples=samples, damping=0.05)
     assert ref.converged.all() and (ref.rel_grad_norm <= 1e-8).all()
     assert (got.rel_grad_norm > 1e-8).any()  # the gradient criterion alone is out of float32's reach
     assert got.converged.all(), got.table()
@@ -87,8 +87,8 @@ def test_an_unconverged_solve_is_named_per_sample(log32):
     """Two iterations of a solve are not a solve: the result names each unconverged sample (summary, table, JSON),
     with a predicted remaining change (one Gauss-Newton step) that matches how far the response still moves."""
     samples = np.arange(0, N, 4)
-    short = pbrf(log32, MLP(), data, query, samples, damping=1e-2, steps=1)
-    full = pbrf(log32, MLP(), data, query, samples, damping=1e-2, steps=200)
+    short = pbrf(log32, MLP(), data, query, samples=samples, damping=1e-2, steps=1)
+    full = pbrf(log32, MLP(), data, query, samples=samples, damping=1e-2, steps=200)
     assert full.converged.all()
     moved = np.abs(full.scores[:, 0] - short.scores[:, 0])
     bad = moved > 1e-3 * np.abs(full.scores[:, 0])
@@ -127,7 +127,7 @@ def test_negative_curvature_flags_exactly_the_samples_whose_objective_is_indefin
         lowest = np.array([float(torch.linalg.eigvalsh(torch.func.hessian(objective)(theta, m, lam))[0])
                            for m in range(N)])
         assert (lowest < 0).sum() == count and np.abs(lowest).min() > 1e-4  # signs far from rounding
-        res = pbrf(log, MLP().double(), data, query, np.arange(N), damping=lam)
+        res = pbrf(log, MLP().double(), data, query, samples=np.arange(N), damping=lam)
         assert res.info["weight_decay_max"] == 0.01
         np.testing.assert_array_equal(res.negative_curvature, lowest < 0)
     assert res.info["curvature_checked_at_theta"]

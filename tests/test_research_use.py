@@ -243,9 +243,9 @@ def test_pbrf_of_a_64_true_run_casts_the_training_samples_as_training_did(run64)
     query = queries.mean_loss((val.tensors[0].double(), val.tensors[1]))
     as64 = WithIds(TensorDataset(train.tensors[0].double(), train.tensors[1]))
     kw = dict(damping=1e-2)
-    for fn in (lambda data: pbrf(log, TinyClassifier().double(), data, query, [0, 5], **kw),
-               lambda data: linear_pbrf(log, TinyClassifier().double(), data, query, [0, 5], **kw),
-               lambda data: gap_decomposition(log, TinyClassifier().double(), data, query, [0, 5], **kw)):
+    for fn in (lambda data: pbrf(log, TinyClassifier().double(), data, query, samples=[0, 5], **kw),
+               lambda data: linear_pbrf(log, TinyClassifier().double(), data, query, samples=[0, 5], **kw),
+               lambda data: gap_decomposition(log, TinyClassifier().double(), data, query, samples=[0, 5], **kw)):
         want, got = fn(as64).to_dict(), fn(WithIds(train)).to_dict()
         assert _untimed(got) == _untimed(want)
 

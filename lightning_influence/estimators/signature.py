@@ -4,7 +4,8 @@
 (``dit(log, module, train_data, query)``, ``tracin(log, query, module)``) fails with a
 ``TypeError`` that shows the keyword form, instead of binding a model to ``query``.
 :func:`positional_limit` is the same guard for other public functions whose optional arguments are keyword-only
-(``replay_loo(log, module, train_data, query, *, sample_ids=..., ...)``). An estimator that takes ``loss_fn`` shares it
+(``replay_loo(log, module, train_data, query, *, sample_ids=..., ...)``, ``pbrf``, ``linear_pbrf`` and
+``gap_decomposition`` with ``samples=...``). An estimator that takes ``loss_fn`` shares it
 with a helper-built query (:func:`~lightning_influence.queries.shared_loss`): given to either, it serves both.
 """
 

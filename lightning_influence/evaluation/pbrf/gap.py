@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_influence.capture import call_with_params
 from lightning_influence.capture.hvp import flatten
+from lightning_influence.estimators.signature import positional_limit
 from lightning_influence.evaluation.pbrf.linear import linear_responses
 from lightning_influence.evaluation.pbrf.problem import InputsFn, OutputLoss, Problem
 from lightning_influence.evaluation.pbrf.result import PBRFResult
@@ -217,7 +218,10 @@ class _WarmRunner:
                              for c in range(C)])
 
 
-def gap_decomposition(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, samples: Sequence[int], *,
+@positional_limit(4, "the log, the model, the training data and the query",
+                  "gap_decomposition(log, module, train_data, query, *, samples=..., damping=..., ...)")
+def gap_decomposition(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, *,
+                      samples: Sequence[int],
                       damping: float = 1e-3, output_loss: OutputLoss = "cross_entropy", warm_epochs: int | None = None,
                       steps: int = 100, tol: float = 1e-8, solver: str = "auto", loo: np.ndarray | None = None,
                       pbrf_result: PBRFResult | None = None,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_influence.estimators.signature import positional_limit
 from lightning_influence.evaluation.pbrf.problem import InputsFn, OutputLoss, Problem
 from lightning_influence.evaluation.pbrf.result import PBRFResult
 from lightning_influence.log.reader import InfluenceLog
@@ -83,8 +84,11 @@ def _cg(matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, maxiter: int)
     return x, it, math.sqrt(float(rs)) / bn
 
 
+@positional_limit(4, "the log, the model, the training data and the query",
+                  "linear_pbrf(log, module, train_data, query, *, samples=..., damping=..., ...)")
 def linear_pbrf(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query,
-                samples: Sequence[int] | None = None, *, damping: float = 1e-3, output_loss: OutputLoss = "cross_entropy",
+                *, samples: Sequence[int] | None = None, damping: float = 1e-3,
+                output_loss: OutputLoss = "cross_entropy",
                 epsilon: float | None = None, linear_solver: str = "auto", cg_tol: float = 1e-10, cg_maxiter: int = 2000,
                 weight_decay: float | Mapping[str, float] | None = None, step: int | None = None,
                 loss_fn: LossFn = default_loss_fn, inputs_fn: InputsFn | None = None, chunk_size: int | None = None,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_influence.estimators.signature import positional_limit
 from lightning_influence.evaluation.pbrf.problem import InputsFn, OutputLoss, Problem
 from lightning_influence.evaluation.pbrf.result import PBRFResult
 from lightning_influence.log.reader import InfluenceLog
@@ -252,7 +253,9 @@ def resolve_solver(prob: Problem, solver: str) -> str:
     return solver
 
 
-def pbrf(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, samples: Sequence[int], *,
+@positional_limit(4, "the log, the model, the training data and the query",
+                  "pbrf(log, module, train_data, query, *, samples=..., damping=..., ...)")
+def pbrf(log: InfluenceLog, module: nn.Module, train_data: TrainData, query: Query, *, samples: Sequence[int],
          damping: float = 1e-3, steps: int = 100, output_loss: OutputLoss = "cross_entropy", epsilon: float | None = None,
          solver: str = "auto", lr: float | None = None, tol: float = 1e-8, record_at: Sequence[int] = (),
          weight_decay: float | Mapping[str, float] | None = None, step: int | None = None,
