@@ -242,6 +242,34 @@ def test_json_output_writes_numpy_booleans_as_booleans():
         {"converged": True, "flags": [True, False]}
 
 
+def _strict(token: str):
+    raise ValueError(f"not JSON: {token}")  # what JSON.parse and jq say to NaN/Infinity
+
+
+def test_json_output_is_strict_json_nan_as_null(run, capsys):
+    """-f json wrote Python's NaN for undefined metrics (here: correlations over samples the one-step window never
+    trains on, all truths 0), which JSON.parse and jq reject; now null, and the output is strict JSON."""
+    from lightning_influence.cli.common import json_text
+
+    trained = set(InfluenceLog(run.log).batch_ids(0).tolist())
+    untouched = [j for j in range(30) if j not in trained][:3]
+    code, out, err = cli(capsys, "evaluate", run.log, "-c", run.config, "-m", "tracin", "-w", "0:1", "--samples",
+                         ",".join(map(str, untouched)), "-q", "-f", "json")
+    assert code == 0, err
+    res = json.loads(out, parse_constant=_strict)
+    assert [s["truth"] for s in res["samples"]] == [0.0, 0.0, 0.0]  # never trained on in [0, 1)
+    assert res["metrics"]["tracin"]["pearson"] is None and res["metrics"]["tracin"]["spearman"] is None
+    values = {"a": float("nan"), "b": [np.float32(np.inf), -np.inf, 1.5], "c": np.array([[np.nan, 2.0]]),
+              "d": (np.float64(-np.inf),), "e": np.array([1, 2]), "f": 3}
+    assert json.loads(json_text(values), parse_constant=_strict) == \
+        {"a": None, "b": [None, None, 1.5], "c": [[None, 2.0]], "d": [None], "e": [1, 2], "f": 3}
+    from lightning_influence.estimators.scores import InfluenceScores
+
+    rows = json.loads(InfluenceScores(np.array([np.nan, 1.0]), "tracin", (0, 1), ["q"]).to_json(top=0),
+                      parse_constant=_strict)["rows"]
+    assert sorted((r["id"], r["score"]) for r in rows) == [(0, None), (1, 1.0)]
+
+
 # ------------------------------------------------------------------------------------ timeline
 def test_timeline_patterns_and_additivity(run, direct, capsys):
     model, dm, query = direct

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from lightning_influence.estimators.scores import strict_json
 from lightning_influence.progress import ProgressBar, process_rank
 
 if TYPE_CHECKING:
@@ -290,20 +290,8 @@ def output_format(args: argparse.Namespace) -> str:
 
 
 def json_text(obj: Any) -> str:
-    def default(o: Any) -> Any:
-        if isinstance(o, np.bool_):  # not str(o): a JSON true/false, never the string "True"
-            return bool(o)
-        if isinstance(o, np.integer):
-            return int(o)
-        if isinstance(o, np.floating):
-            return float(o)
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, (set, tuple)):
-            return list(o)
-        return str(o)
-
-    return json.dumps(obj, indent=2, default=default)
+    """Every command's ``--format json``: strict JSON, NaN and infinities as ``null`` (README, Output)."""
+    return strict_json(obj, indent=2)
 
 
 def sign_line(is_loss: bool, name: str) -> str:

@@ -122,9 +122,34 @@ class InfluenceScores:
 
     def to_json(self, path: str | Path | None = None, top: int | None = None, sort: str | None = None) -> str:
         """Method, window, query names and the :meth:`rows` as JSON text (written to ``path`` when given)."""
-        text = json.dumps({"method": self.method, "window": list(self.window), "query_names": self.query_names,
-                           "rows": self.rows(top, sort)}, indent=1)
+        text = strict_json({"method": self.method, "window": list(self.window), "query_names": self.query_names,
+                            "rows": self.rows(top, sort)}, indent=1)
         return _written(text, path)
+
+
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as strict JSON text (what JavaScript's ``JSON.parse`` and jq read): a NaN or infinite float (an undefined
+    correlation, a score not computed) becomes ``null``, numpy scalars and arrays their Python values, a tuple or set
+    a list, anything else its ``str``. Python's own ``NaN``/``Infinity`` tokens are never written."""
+    return json.dumps(_json_values(obj), indent=indent, allow_nan=False)
+
+
+def _json_values(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {k: _json_values(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, set, frozenset)):
+        return [_json_values(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _json_values(o.tolist())
+    if isinstance(o, (bool, np.bool_)):  # a JSON true/false, never the string "True"
+        return bool(o)
+    if isinstance(o, (int, np.integer)):
+        return int(o)
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    if o is None or isinstance(o, str):
+        return o
+    return str(o)
 
 
 def grid_column(grid: np.ndarray, t: int, what: str) -> int:
