@@ -71,6 +71,15 @@ def test_small_convolutions_follow_the_fixed_rule_unmeasured():
     assert calls == []
 
 
+def test_deterministic_algorithms_take_the_fixed_rule_unmeasured(monkeypatch):
+    """Trainer(deterministic=True) sets torch.use_deterministic_algorithms: no timing may decide the rows' rounding."""
+    monkeypatch.setattr(conv_layout, "MEASURED_FLOPS", 0)
+    conv, calls = _timed_conv(0.004, 0.001)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not conv_layout.channels_last(torch.zeros(2, 8, 6, 6), torch.zeros(4, 8, 3, 3), (1, 1, 1, 1), conv, None)
+    assert calls == []
+
+
 def test_an_input_in_channels_last_stays_so(monkeypatch):
     monkeypatch.setattr(conv_layout, "MEASURED_FLOPS", 0)
     conv, calls = _timed_conv(0.0, 0.0)

@@ -12,7 +12,8 @@ test model) follow the fixed rule: channels-last for at most :data:`FEW_CHANNELS
 3-channel first layer of an image model: its columns then come out in the layout of their product).
 
 Both formats give the same columns up to float rounding (the summation order of the convolution): the rows of two
-processes may differ in their last bits where the measurement chose differently, as with ``cudnn.benchmark``.
+processes may differ in their last bits where the measurement chose differently, as with ``cudnn.benchmark``. Under
+``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``) nothing is measured: the fixed rule.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def channels_last(x: Tensor, kernel: Tensor, geometry: tuple, conv: Callable[[Te
     default = kernel.shape[1] <= FEW_CHANNELS  # the kernel is (out, in / groups, kh, kw)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return True  # already channels-last: kept so, no copy either way
-    if not x.is_cpu:
+    if not x.is_cpu or torch.are_deterministic_algorithms_enabled():  # Trainer(deterministic=True): no timing decides
         return default
     key = (tuple(x.shape), tuple(kernel.shape), geometry, x.dtype, product is None)
     if key in chosen:
