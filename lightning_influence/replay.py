@@ -30,6 +30,7 @@ from lightning_influence.capture import call_with_params
 from lightning_influence.data import WithCollate, as_pytree, collate_of
 from lightning_influence.log.inputs import decode_batch
 from lightning_influence.log.reader import InfluenceLog
+from lightning_influence.log.windows import fraction_step
 from lightning_influence.progress import Progress, resolve_progress  # noqa: F401 (re-exported)
 from lightning_influence.queries import LossFn, default_loss_fn
 from lightning_influence.replay_optimizer import (  # noqa: F401 (re-exported)
@@ -234,7 +235,8 @@ def checkpoint_buffers(log: InfluenceLog, module: nn.Module, step: int) -> dict[
 def grid_bounds(log: InfluenceLog, grid: Any, span: tuple[int, int] | None = None) -> np.ndarray:
     """The boundaries of a grid of windows over ``span`` (default: the log's steps, from its first): ``None``/``"epoch"``
     (the span's ends and every epoch's first step inside), an int ``n`` (``n`` equal windows, ends rounded to steps),
-    or a list of steps or of fractions of training (``T``), which must lie in the span (in ``[0, T]`` without one).
+    or a list of steps or of fractions of training (of the log's steps ``[first_step, T]``, as a window's fractions:
+    :func:`~lightning_influence.log.windows.fraction_step`), which must lie in the span (in ``[0, T]`` without one).
     One meaning for :func:`~lightning_influence.estimators.dit.timeline`'s ``grid=`` and the CLI's ``--grid``."""
     T = log.num_steps
     t1, t2 = (int(log.first_step), T) if span is None else (int(span[0]), int(span[1]))
@@ -244,6 +246,9 @@ def grid_bounds(log: InfluenceLog, grid: Any, span: tuple[int, int] | None = Non
     elif isinstance(grid, str) or isinstance(grid, (bool, np.bool_)):
         raise ValueError(f"grid={grid!r}: use None or 'epoch' (every epoch's first step), an int n (n equal windows, as "
                          "the CLI's --grid n), or a list of steps or of fractions of training")
+    elif isinstance(grid, (float, np.floating)):
+        raise ValueError(f"grid={grid!r}: a fractional grid is a list of boundaries, e.g. [0.0, 0.5, 1.0] (fractions of "
+                         "the log's steps); an int n is n equal windows")
     elif isinstance(grid, (int, np.integer)):
         if grid < 1:
             raise ValueError(f"grid={grid}: an int grid is a number of equal windows >= 1")
@@ -253,7 +258,7 @@ def grid_bounds(log: InfluenceLog, grid: Any, span: tuple[int, int] | None = Non
         if any(isinstance(v, float) for v in vals):
             if not all(0.0 <= float(v) <= 1.0 for v in vals):
                 raise ValueError("a fractional grid needs values in [0, 1]")
-            pts = {int(round(float(v) * T)) for v in vals}
+            pts = {fraction_step(log, v) for v in vals}
         else:
             pts = {int(v) for v in vals}
         lo = 0 if span is None else t1

@@ -97,6 +97,24 @@ def test_a_negative_tolerance_is_refused_by_the_estimators(run):
 
 
 # --------------------------------------------------------------------------- ground truth
+def test_a_fractional_grid_is_a_fraction_of_the_logs_steps_as_a_window(tmp_path):
+    """On a log a resumed fit started at step 4 (T = 12), window (0.5, 1.0) is steps [8, 12) (fractions of [4, 12]) but
+    grid=[0.0, 0.5, 1.0] (timeline, replay_loo) was the steps 0, 6, 12 (fractions of T): the same fraction, two steps.
+    Both are fractions of [first_step, T] now (one function); a bare float grid is refused with what to pass."""
+    from test_robustness import synthetic
+
+    from lightning_influence.replay import grid_bounds
+
+    synthetic(tmp_path / "late", steps=12, first=4)
+    log = InfluenceLog(tmp_path / "late")
+    assert (log.first_step, log.num_steps) == (4, 12)
+    assert grid_bounds(log, [0.0, 0.25, 0.5, 1.0]).tolist() == [4, 6, 8, 12]  # 4 + f * 8
+    assert [log.window((0.0, 0.25)), log.window((0.25, 0.5)), log.window((0.5, 1.0))] == [(4, 6), (6, 8), (8, 12)]
+    assert grid_bounds(log, [0.5, 1.0], span=log.window("0.5:1.0")).tolist() == [8, 12]
+    with pytest.raises(ValueError, match=r"grid=0.5: .*list of boundaries, e.g. \[0.0, 0.5, 1.0\]"):
+        grid_bounds(log, 0.5)
+
+
 def test_replay_loo_of_a_log_started_by_a_resumed_fit_removes_from_its_first_step(tmp_path):
     """A fit resumed from a Lightning checkpoint into a new log_dir starts its log at step ``t0 > 0`` (θ_t0 and the
     optimizer state stored there); DIT scores such a log from ``t0``. replay_loo refused it ("retrains from θ_0, but the

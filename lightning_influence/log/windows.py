@@ -11,9 +11,16 @@ import numpy as np
 if TYPE_CHECKING:
     from lightning_influence.log.reader import InfluenceLog
 
-__all__ = ["step_window"]
+__all__ = ["fraction_step", "step_window"]
 
 _WINDOW_RE = re.compile(r"^\s*(epochs?\s+)?([-+0-9.eE]*)\s*:\s*([-+0-9.eE]*)\s*$")
+
+
+def fraction_step(log: "InfluenceLog", fraction: float) -> int:
+    """The step a fraction of training is at: of the log's steps ``[first_step, T]`` (a log a resumed fit started at
+    ``t0 > 0`` holds only those), rounded. One meaning for a window's fractions and a grid's (``replay.grid_bounds``)."""
+    first = int(log.first_step)
+    return first + int(round(float(fraction) * (log.num_steps - first)))
 
 
 def step_window(log: "InfluenceLog", spec: Any) -> tuple[int, int]:
@@ -48,7 +55,7 @@ def step_window(log: "InfluenceLog", spec: Any) -> tuple[int, int]:
     if isinstance(a, float) or isinstance(b, float):
         if not (0.0 <= a < b <= 1.0):
             raise ValueError(f"fractional window ({a}, {b}) must satisfy 0 <= a < b <= 1")
-        t1, t2 = first + int(round(a * (T - first))), first + int(round(b * (T - first)))
+        t1, t2 = fraction_step(log, a), fraction_step(log, b)
         return t1, max(t2, t1 + 1)
     t1, t2 = int(a), int(b)
     if not (first <= t1 < t2 <= T):
