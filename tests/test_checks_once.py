@@ -95,3 +95,50 @@ def test_a_stale_model_on_a_log_with_stored_inputs_is_refused_by_the_cli(tmp_pat
     assert main([*argv, "--builder", f"{builder}:build"]) == 2
     err = capsys.readouterr().err
     assert "do not reproduce the run's logged losses" in err and "--builder" in err, err
+
+
+
+_COUNTER = """import os
+if os.environ.get("LI_CHECK_COUNT"):  # in every process of the command: its data-check forwards, by process and caller
+    import traceback
+    from lightning_influence import datacheck
+
+    _quietly = datacheck._quietly
+
+    def _counted(fn):
+        by_cli = any(f.filename.endswith(os.path.join("cli", "datacheck.py")) for f in traceback.extract_stack())
+        with open(os.environ["LI_CHECK_COUNT"], "a") as f:
+            f.write(f"{os.getpid()}:{'cli' if by_cli else 'estimator'}\\n")
+        return _quietly(fn)
+
+    datacheck._quietly = _counted
+"""
+
+
+@pytest.mark.slow
+def test_each_process_of_devices_checks_the_data_once_in_the_command(run, tmp_path):
+    """`query -m dit --devices 2` runs the command in each process (Lightning's ddp: the other process re-runs it and
+    rebuilds its own model and data from the recipe), so each checks what it rebuilt, once, in the command (a mistake
+    then fails alike in every process, each exiting 2); the estimators there run inside checked_by_caller() and check
+    nothing again: 2 forwards per process, all the command's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    (tmp_path / "sitecustomize.py").write_text(_COUNTER)
+    counts = tmp_path / "forwards.txt"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LI_CHECK_COUNT": str(counts),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_influence", "query", run.log, "-m", "dit", "--split",
+                             "batch", "--devices", "2", "-k", "3", "-q", "-f", "json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert [r["rank"] for r in json.loads(out)["results"][0]["info"]["per_rank"]] == [0, 1]  # two processes
+    seen = Counter(counts.read_text().split())
+    assert len(seen) == 2 and f"{proc.pid}:cli" in seen, seen
+    assert all(caller == "cli" and n == 2 for (key, n) in seen.items() for caller in [key.split(":")[1]]), seen
