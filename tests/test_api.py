@@ -7,6 +7,7 @@ import csv
 import inspect
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -67,27 +68,14 @@ def test_tracin_old_positional_module_fails_clearly():
         li.tracin("LOG", lambda m: m.weight.sum(), torch.nn.Linear(2, 1))
 
 
-def test_replay_loo_takes_its_optional_arguments_by_keyword():
+@pytest.mark.parametrize("name, keywords", [("replay_loo", "sample_ids=..., grid="), ("pbrf", "samples=..., damping="),
+                                            ("gap_decomposition", "samples=..., damping="),
+                                            ("linear_pbrf", "samples=..., damping=")])
+def test_replay_loo_and_the_trust_tools_take_their_optional_arguments_by_keyword(name, keywords):
     """replay_loo(log, module, train_data, query, [3, 7], [0, 10]) had bound ids and grid by position (an estimator
-    swapped for it, or a grid given where the ids go, ran the wrong replay); the optional arguments are keywords now, and
-    the positional form says which."""
-    from lightning_influence.evaluation import replay_loo
-
-    params = list(inspect.signature(replay_loo).parameters.values())
-    assert [p.name for p in params[:4]] == ["log", "module", "train_data", "query"]
-    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[4:]), [p.name for p in params[4:]]
-    with pytest.raises(TypeError, match=r"replay_loo\(\) takes the log, the model, the training data and the query as "
-                                        r"its only positional arguments, got 5; call replay_loo\(log, module, "
-                                        r"train_data, query, \*, sample_ids=\.\.\., grid="):
-        replay_loo("LOG", torch.nn.Linear(2, 1), None, lambda m: m.weight.sum(), [0, 1])
-
-
-@pytest.mark.parametrize("name, first", [("pbrf", "samples"), ("gap_decomposition", "samples"),
-                                         ("linear_pbrf", "samples")])
-def test_trust_tools_take_their_optional_arguments_by_keyword(name, first):
-    """pbrf/gap_decomposition/linear_pbrf(log, module, train_data, query, samples, ...) took the samples by position
-    where replay_loo takes sample_ids= by keyword; one rule now: four positional arguments, the positional form says
-    the keyword one."""
+    swapped for it, or a grid given where the ids go, ran the wrong replay); pbrf/gap_decomposition/linear_pbrf took
+    their samples by position where replay_loo takes sample_ids= by keyword. One rule now: four positional arguments,
+    the others keywords, and the positional form says which."""
     import lightning_influence.evaluation as ev
 
     fn = getattr(ev, name)
@@ -96,7 +84,7 @@ def test_trust_tools_take_their_optional_arguments_by_keyword(name, first):
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[4:]), [p.name for p in params[4:]]
     with pytest.raises(TypeError, match=rf"{name}\(\) takes the log, the model, the training data and the query as "
                                         rf"its only positional arguments, got 5; call {name}\(log, module, "
-                                        rf"train_data, query, \*, {first}=\.\.\., damping="):
+                                        rf"train_data, query, \*, {re.escape(keywords)}"):
         fn("LOG", torch.nn.Linear(2, 1), None, lambda m: m.weight.sum(), [0, 1])
 
 
