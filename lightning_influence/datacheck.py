@@ -23,8 +23,8 @@ from torch import nn
 
 from lightning_influence.queries import LossFn, MissingLossError, default_loss_fn
 
-__all__ = ["DataMismatchError", "check_estimator_data", "check_query_data", "check_training_data", "checked_by_caller",
-           "describe_batch"]
+__all__ = ["DataMismatchError", "caller_checked", "check_estimator_data", "check_query_data", "check_training_data",
+           "checked_by_caller", "describe_batch"]
 
 # what the model's own forward raises on data of the wrong shape, label range, layout or type
 _DATA_ERRORS = (RuntimeError, IndexError, KeyError, TypeError)
@@ -153,12 +153,18 @@ def checked_by_caller() -> Iterator[None]:
         _CHECKED.reset(token)
 
 
+def caller_checked() -> bool:
+    """Whether this runs inside :func:`checked_by_caller`: a context variable, which a process started from here does
+    not inherit; :func:`~lightning_influence.distributed.launch` passes it to the processes it spawns."""
+    return _CHECKED.get()
+
+
 def check_estimator_data(log: Any, module: nn.Module | None, query: Any = None, train_data: Any = None,
                          loss_fn: LossFn | None = None, *, training: bool = True) -> None:
     """What an estimator called from Python checks before its sweep: the query (a callable of the model) and, with
     ``training`` (the estimators that replay), the training data (given, or the log's stored inputs) once through
     ``module``. Nothing inside :func:`checked_by_caller`."""
-    if module is None or _CHECKED.get():
+    if module is None or caller_checked():
         return
     if callable(query):
         check_query_data(query, module, log)

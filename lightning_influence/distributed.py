@@ -31,6 +31,7 @@ process. :func:`sweep` picks the split (docs/scaling.md).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import functools
 import os
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_influence.datacheck import caller_checked, check_estimator_data, checked_by_caller
 from lightning_influence.estimators.diffin import diffin_self_influence
 from lightning_influence.estimators.dit import dit, dit_local, timeline
 from lightning_influence.estimators.gauss_newton import dit_gauss_newton, query_gradients_for
@@ -55,7 +57,7 @@ from lightning_influence.estimators.sharding import StepShard, balanced_cuts, sp
 from lightning_influence.estimators.tracin import checkpoint_query_gradients, tracin, tracin_self_influence
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.progress import process_rank
-from lightning_influence.queries import Query
+from lightning_influence.queries import Query, default_loss_fn, shared_loss
 from lightning_influence.step.shard import BatchShard, Share, check_row_split
 
 __all__ = ["BATCH_SPLIT", "DISTRIBUTED", "LOG_ROW_SPLIT", "SPLITS", "STEP_SPLIT", "DistributedQueryError", "Processes", "QueryColumns",
@@ -221,7 +223,7 @@ def launch(fn: Callable[..., Any], *args: Any, devices: int = 2, num_nodes: int 
             # a spawned rank 0 returns through a pipe the launcher reads only after every process exited: a result of
             # more than the pipe's 64 KiB would deadlock, so it goes through a file
             out = Path(tmp) / "result.pkl"
-            fabric.launch(_to_file, str(out), fn, *args)
+            fabric.launch(_to_file, str(out), caller_checked(), fn, *args)
             return pickle.loads(out.read_bytes())
     except DistributedQueryError:
         raise
@@ -258,11 +260,14 @@ def _peer_error(fabric: Any, what: str, err: BaseException) -> DistributedQueryE
     return out
 
 
-def _to_file(fabric: Any, out: str, fn: Callable[..., Any], *args: Any) -> None:
+def _to_file(fabric: Any, out: str, checked: bool, fn: Callable[..., Any], *args: Any) -> None:
     """A spawned process: ``fn``, rank 0's result written to ``out``, then the process group ended (also after an
-    error: :func:`leave_process_group`) before the process exits."""
+    error: :func:`leave_process_group`) before the process exits. ``checked``: the launching process ran inside
+    :func:`~lightning_influence.datacheck.checked_by_caller` (a CLI command that checked its model and data once), so
+    the estimators here skip their own checks too."""
     try:
-        result = fn(fabric, *args)
+        with checked_by_caller() if checked else contextlib.nullcontext():
+            result = fn(fabric, *args)
         if fabric.global_rank == 0:
             Path(out).write_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
     except BaseException:
@@ -438,11 +443,24 @@ def sweep(estimator: Callable[..., Any], log: InfluenceLog, query: Query, proces
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not procs.many:
         return estimator(log, query, **kwargs)
-    if estimator in STEP_SPLIT:
-        return by_steps(estimator, log, query, procs, **kwargs)
-    if split_for(estimator, kwargs.get("module"), split, log.meta) == "columns":
-        return by_columns(estimator, log, query, procs, **kwargs)
-    return by_batch(estimator, log, query, procs, **kwargs)
+    _check_once(estimator, log, query, kwargs)
+    with checked_by_caller():  # the processes skip their estimator's check (launch passes the fact to them)
+        if estimator in STEP_SPLIT:
+            return by_steps(estimator, log, query, procs, **kwargs)
+        if split_for(estimator, kwargs.get("module"), split, log.meta) == "columns":
+            return by_columns(estimator, log, query, procs, **kwargs)
+        return by_batch(estimator, log, query, procs, **kwargs)
+
+
+def _check_once(estimator: Callable[..., Any], log: InfluenceLog, query: Any, kwargs: dict[str, Any]) -> None:
+    """The estimator's data check (:func:`~lightning_influence.datacheck.check_estimator_data`, with its loss as the
+    estimator shares it), here, once, before any process starts: a mistake is its ``DataMismatchError``, not every
+    process's failure. A model passed as the query is left to the estimator's own ``TypeError``."""
+    module = kwargs.get("module")
+    if module is None or isinstance(query, nn.Module):
+        return
+    loss_fn, query = shared_loss(module, query, kwargs.get("loss_fn", default_loss_fn))
+    check_estimator_data(log, module, query, kwargs.get("train_data"), loss_fn, training=estimator not in LOG_ROW_SPLIT)
 
 
 def split_for(estimator: Callable[..., Any], module: nn.Module | None, split: str = "auto",

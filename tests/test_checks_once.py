@@ -142,3 +142,64 @@ def test_each_process_of_devices_checks_the_data_once_in_the_command(run, tmp_pa
     seen = Counter(counts.read_text().split())
     assert len(seen) == 2 and f"{proc.pid}:cli" in seen, seen
     assert all(caller == "cli" and n == 2 for (key, n) in seen.items() for caller in [key.split(":")[1]]), seen
+
+
+_SWEEP = """import sys, yaml
+from pathlib import Path
+import lightning_influence as li
+from lightning_influence.distributed import Processes, sweep
+from lightning_influence.examples.digits import DigitsClassifier, DigitsDataModule
+
+if __name__ == "__main__":
+    cfg = yaml.safe_load(Path(sys.argv[2]).read_text())
+    dm, model = DigitsDataModule(**cfg["data"]), DigitsClassifier(**cfg["model"])
+    with li.InfluenceLog(sys.argv[1]) as log:
+        res = sweep(li.dit, log, li.queries.mean_loss(tuple(dm.splits["val"])), Processes(devices=2), split="batch",
+                    module=model, train_data=dm.train_dataset)
+    print(res.info["processes"])
+"""
+
+
+def _digits(run):
+    import yaml
+    from pathlib import Path
+
+    from lightning_influence.examples.digits import DigitsClassifier, DigitsDataModule
+
+    cfg = yaml.safe_load(Path(run.config).read_text())
+    dm = DigitsDataModule(**cfg["data"])
+    return DigitsClassifier(**cfg["model"]), dm, li.queries.mean_loss(tuple(dm.splits["val"]))
+
+
+@pytest.mark.slow
+def test_a_sweep_over_processes_checks_the_data_once_before_starting_them(run, tmp_path):
+    """distributed.sweep(dit, ..., Processes(devices=2)) from Python checked nothing before starting the processes and
+    each process checked the data inside DIT (2 forwards each, checked_by_caller() does not cross into a spawned
+    process), so a training set the model cannot take failed as a DistributedQueryError of the processes, after
+    starting them. Now the sweep checks once, here, and passes the fact to the processes: 2 forwards in all."""
+    import os
+    import subprocess
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    import torch
+
+    from lightning_influence.distributed import Processes, sweep
+
+    model, dm, query = _digits(run)
+    bad = li.WithIds(torch.utils.data.TensorDataset(torch.zeros(60, 7), torch.zeros(60, dtype=torch.long)))
+    with li.InfluenceLog(run.log) as log, pytest.raises(datacheck.DataMismatchError, match="shapes cannot be"):
+        sweep(li.dit, log, query, Processes(devices=2, timeout_s=60), split="batch", module=model, train_data=bad)
+    (tmp_path / "sitecustomize.py").write_text(_COUNTER)
+    (tmp_path / "sweep.py").write_text(_SWEEP)
+    counts = tmp_path / "forwards.txt"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LI_CHECK_COUNT": str(counts),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "sweep.py"), run.log, run.config], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.split()[-1] == "2"  # two processes swept
+    assert Counter(counts.read_text().split()) == {f"{proc.pid}:estimator": 2}
