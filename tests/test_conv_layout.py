@@ -14,9 +14,14 @@ from test_per_sample import brute_force
 
 @pytest.fixture(autouse=True)
 def fresh_choices():
+    """No choice left from another test, and deterministic algorithms off (a Trainer(deterministic=True) of an earlier
+    test leaves them on for the process), each restored after."""
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
     conv_layout.chosen.clear()
     yield
     conv_layout.chosen.clear()
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def _busy(seconds: float) -> None:
