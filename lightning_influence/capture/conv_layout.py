@@ -6,7 +6,7 @@ CNN's second layer (``[64, 32, 16, 16]`` by 16 columns) took 12% less time in ch
 and 3-5% more on the Intel VM of earlier sessions, while a ``[64, 32, 32, 32]`` input was 26% slower in
 channels-last on the EPYC (``benchmarks/column_layouts.py``, ``docs/per-sample-gradients.md``). So a column
 convolution large enough to matter (:data:`MEASURED_FLOPS`) is run both ways, convolution and product, a few times
-alternating, at its first call, and the faster format is kept for that geometry for the rest of the process. The
+alternating after one run of each, at its first call, and the faster format is kept for that geometry for the rest of the process. The
 other way wins only if it is at least :data:`MARGIN` faster, so near-ties keep the fixed rule. Smaller ones (every
 test model) follow the fixed rule: channels-last for at most :data:`FEW_CHANNELS` input channels a group (the
 3-channel first layer of an image model: its columns then come out in the layout of their product).
@@ -33,8 +33,9 @@ MEASURED_FLOPS = 2e7
 """Column convolutions of at least this many floating-point operations are measured (about 0.2-0.5 ms on one core)."""
 MARGIN = 0.05
 """How much faster the other format must be than the fixed rule's to be taken."""
-REPEATS = 3
-"""Alternating runs of each format, the fastest kept; one pair where it takes over :data:`LONG_SECONDS`."""
+REPEATS = 5
+"""Alternating runs of each format after a first pair, the fastest kept; the first pair alone where it takes over
+:data:`LONG_SECONDS`."""
 LONG_SECONDS = 0.1
 
 chosen: dict[tuple, bool] = {}
@@ -59,15 +60,18 @@ def channels_last(x: Tensor, kernel: Tensor, geometry: tuple, conv: Callable[[Te
     if 2 * x.shape[0] * kernel.numel() * x[0, 0].numel() < MEASURED_FLOPS:  # positions ~ the input's, a bound's order
         chosen[key] = default
         return default
-    best = {False: float("inf"), True: float("inf")}
-    for _ in range(REPEATS):
-        for last in (default, not default):
-            start = time.thread_time()
-            cols = conv(x.contiguous(memory_format=torch.channels_last) if last else x.contiguous())
-            if product is not None:
-                product(cols)
-            best[last] = min(best[last], time.thread_time() - start)
-        if best[False] + best[True] > LONG_SECONDS:  # a large layer: its first pair is measurement enough
-            break
+    def run(last: bool) -> float:
+        start = time.thread_time()
+        cols = conv(x.contiguous(memory_format=torch.channels_last) if last else x.contiguous())
+        if product is not None:
+            product(cols)
+        return time.thread_time() - start
+
+    # one untimed run of each first: oneDNN makes its primitive for a shape and format at the first call
+    best = {last: run(last) for last in (default, not default)}
+    if best[False] + best[True] <= LONG_SECONDS:  # else a large layer: that pair is measurement enough
+        for _ in range(REPEATS):
+            for last in (default, not default):
+                best[last] = min(best[last], run(last))
     chosen[key] = (not default) if best[not default] < (1 - MARGIN) * best[default] else default
     return chosen[key]
