@@ -60,6 +60,7 @@ def channels_last(x: Tensor, kernel: Tensor, geometry: tuple, conv: Callable[[Te
     if 2 * x.shape[0] * kernel.numel() * x[0, 0].numel() < MEASURED_FLOPS:  # positions ~ the input's, a bound's order
         chosen[key] = default
         return default
+
     def run(last: bool) -> float:
         start = time.thread_time()
         cols = conv(x.contiguous(memory_format=torch.channels_last) if last else x.contiguous())
@@ -67,9 +68,10 @@ def channels_last(x: Tensor, kernel: Tensor, geometry: tuple, conv: Callable[[Te
             product(cols)
         return time.thread_time() - start
 
-    # one untimed run of each first: oneDNN makes its primitive for a shape and format at the first call
+    # a first pair, slow where oneDNN makes its primitive for a shape and format (its first call): the fastest of the
+    # repeats after it decides; a large layer's first pair alone decides
     best = {last: run(last) for last in (default, not default)}
-    if best[False] + best[True] <= LONG_SECONDS:  # else a large layer: that pair is measurement enough
+    if best[False] + best[True] <= LONG_SECONDS:
         for _ in range(REPEATS):
             for last in (default, not default):
                 best[last] = min(best[last], run(last))
