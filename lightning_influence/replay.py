@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterator, Mapping, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_influence.capture import call_with_params
-from lightning_influence.data import WithCollate, as_pytree, collate_of
+from lightning_influence.data import WithCollate, as_pytree, by_id, collate_of
 from lightning_influence.log.inputs import decode_batch
 from lightning_influence.log.reader import InfluenceLog
 from lightning_influence.log.windows import fraction_step
@@ -119,9 +119,12 @@ def batch_from_ids(train_data: TrainData, ids: np.ndarray) -> Any:
     """The batch of samples ``ids`` (in that order).
 
     A dataset gives ``default_collate([ds[i] for i in ids])`` (a :class:`~lightning_influence.data.WithCollate`:
-    its DataLoader's ``collate_fn``); a callable is called with the ``int64`` id array.
+    its DataLoader's ``collate_fn``; the training DataLoader itself: its dataset and ``collate_fn``); a callable is
+    called with the ``int64`` id array.
     """
     ids = np.asarray(ids, dtype=np.int64)
+    if isinstance(train_data, DataLoader):  # the training DataLoader itself: its dataset, with its collate_fn
+        train_data = by_id(train_data)
     if hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__"):
         if len(ids) and ids.max() >= len(train_data):
             if isinstance(train_data, (tuple, list)) and train_data and all(

@@ -56,3 +56,45 @@ def test_validation_dataset_from_a_builder_is_one_batch(tmp_path, tmp_path_facto
     expected = tracin(log, queries.mean_loss(val), module=DigitsClassifier(**cfg["model"])).column(0)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
     assert np.abs(expected).max() > 1e-6
+
+
+LOADER_BUILDER = '''
+import yaml
+from torch.utils.data import DataLoader
+from lightning_influence.examples.digits import DigitsClassifier, DigitsDataModule
+
+
+def build():
+    cfg = yaml.safe_load(open({config!r}).read())
+    dm = DigitsDataModule(**cfg["data"])
+    dm.setup("fit")
+    return {{"module": DigitsClassifier(**cfg["model"]), "train_data": dm.train_dataloader(), "val_data": dm.val_dataloader()}}
+'''
+
+
+def test_training_dataloader_as_train_data(tmp_path, tmp_path_factory, capsys):
+    """The training DataLoader as ``train_data`` (from a builder, or to an estimator from Python) is its dataset by id:
+    the builder's failed as an internal error (TypeError: train_data must be a map-style Dataset...) and the Python
+    call with a TypeError; both now give the scores of the dataset itself."""
+    from lightning_influence import dit
+    from lightning_influence.examples.digits import DigitsClassifier, DigitsDataModule
+
+    run = train_tiny_run(tmp_path_factory.mktemp("builder") / "run")
+    builder = tmp_path / "build_loader.py"
+    builder.write_text(LOADER_BUILDER.format(config=run.config))
+    code = main(["query", run.log, "-m", "dit", "-w", "0:3", "-k", "0", "--builder", f"{builder}:build", "-f", "json", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    log = InfluenceLog(run.log)
+    got = scores_of(json.loads(out), log.dataset_size)
+
+    cfg = yaml.safe_load(open(run.config).read())
+    dm = DigitsDataModule(**cfg["data"])
+    dm.setup("fit")
+    query = queries.mean_loss(dm.splits["val"])
+    expected = dit(log, query, module=DigitsClassifier(**cfg["model"]), train_data=dm.train_dataset, window=(0, 3)).column(0)
+    from_loader = dit(log, query, module=DigitsClassifier(**cfg["model"]), train_data=dm.train_dataloader(),
+                      window=(0, 3)).column(0)
+    np.testing.assert_array_equal(from_loader, expected)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
+    assert np.abs(expected).max() > 1e-6

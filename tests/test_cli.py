@@ -608,6 +608,18 @@ def test_python_function_names_are_cli_method_names(run, capsys):
     assert code == 2 and "tracin-selfish" in err
 
 
+@pytest.mark.parametrize("command, flag, first, second", [
+    ("query", "-m", "tracin-self", "tracin"), ("timeline", "--method", "tracin-self", "tracin-self"),
+    ("tensorboard", "-m", "tracin", "tracin-self"), ("timeline", "-w", "0:4", "4:8")])
+def test_an_option_taking_one_value_given_twice_is_refused(run, capsys, tmp_path, command, flag, first, second):
+    """``query -m dit -m tracin`` printed TracIn alone (argparse keeps the last value), exit 0, as if DIT had been
+    asked for nothing: now one line, exit 2, naming both values and what to do instead."""
+    extra = ["--logdir", str(tmp_path / "tb")] if command == "tensorboard" else []
+    err = assert_error(cli(capsys, command, run.log, flag, first, flag, second, *extra, "-q"), "given twice")
+    assert first in err and second in err and f"{command} takes one" in err
+    assert not (tmp_path / "tb").exists()
+
+
 def test_self_influence_lists_the_most_self_influential_first_by_default(run, capsys):
     """Self-influence ranks mislabelled candidates by its largest values: without ``--sort`` the query and the timeline
     list those first (a loss query keeps the most negative, most harmful, first); ``--sort negative`` still gives the

@@ -78,6 +78,16 @@ def test_windows_in_steps_epochs_and_fractions(tmp_path):
             log.window(bad)
 
 
+def test_a_fractional_window_at_the_end_is_the_last_step(tmp_path):
+    """A fractional window rounding to an empty range is the one step it lies in: '0.99:1.0' of 20 steps (both ends
+    at step 20) was [20, 21) and refused as outside the run (0 <= t1 < t2 <= T), a valid fraction of the run."""
+    synthetic_log(tmp_path, steps=20, epochs_of=lambda t: t // 5)
+    log = InfluenceLog(tmp_path)
+    assert log.window("0.99:1.0") == log.window((0.99, 1.0)) == (19, 20)
+    assert log.window("0.98:0.99") == (19, 20)  # a step's share of the run: the step both ends round into
+    assert log.window("0:0.01") == (0, 1)
+
+
 def test_missing_records_are_refused(tmp_path):
     synthetic_log(tmp_path)
     log = InfluenceLog(tmp_path)

@@ -330,3 +330,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+
+
+def once(hint: str) -> type[argparse.Action]:
+    """An option's action that refuses a second occurrence (argparse would keep the last one silently: ``query -m dit
+    -m tracin`` printed TracIn alone), saying ``hint``: what to do instead."""
+
+    class Once(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                     option_string: str | None = None) -> None:
+            earlier = getattr(namespace, self.dest, None)
+            if earlier is not None and earlier != self.default:
+                parser.error(f"{option_string} given twice ({earlier} and {values}): {parser.prog} takes one; {hint}")
+            setattr(namespace, self.dest, values)
+
+    return Once

@@ -4,7 +4,7 @@ Sources, in order (the first that applies):
 
 1. ``--builder module:function`` (or ``path/to/file.py:function``): ``function(log)`` (or
    ``function()``) returns the LightningModule, a ``(module, datamodule)`` pair, or a dict with
-   ``module`` and any of ``datamodule``, ``train_data`` (a dataset by id), ``val_data`` (one
+   ``module`` and any of ``datamodule``, ``train_data`` (a dataset by id, or the training DataLoader), ``val_data`` (one
    batch, a DataLoader, or a map-style dataset, collated as one batch), ``test_data``, ``flipped``, ``train_labels``.
 2. ``--config YAML``: the LightningCLI config's ``model``/``data`` sections (classes from their
    ``class_path``, ``--model``/``--data``, or the log's recorded classes).
@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_influence.data import WithCollate, by_id, collate_of
 from lightning_influence.cli.common import UserError, open_log, parse_window, status, windows_of
@@ -378,6 +378,8 @@ def _from_builder(spec: str, log: Any) -> RunContext:
                         f"it returned {type(out).__name__}")
     data = {k: out.get(k) for k in ("train", "val", "test", "flipped", "train_labels")}
     data.update({k: out[f"{k}_data"] for k in ("train", "val", "test") if out.get(f"{k}_data") is not None})
+    if isinstance(data.get("train"), DataLoader):  # the training DataLoader: its dataset by id, with its collate_fn
+        data["train"] = by_id(data["train"])
     dm = out.get("datamodule")
     if dm is None and not data.get("train"):  # fall back to what the log stored
         data = {**stored_data(log.path), **{k: v for k, v in data.items() if v is not None}}

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from lightning_influence.cli.common import (PROG, UserError, add_process_args, drift_line, emit, flip_cell, flip_text,
-                                            format_table, json_text, output_format, parse_window, processes,
+                                            format_table, json_text, once, output_format, parse_window, processes,
                                             progress_bar, row_count, sign_line)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import SPLITS_HELP, METHODS, method_help, canonical_method, run_method
@@ -22,7 +22,8 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                        epilog="examples:\n"
                               f"  {PROG} query runs/digits/influence --config configs/digits.yaml --window 'epoch 14:'\n"
                               f"  {PROG} query LOG -c CONFIG --window 100:500 --window 0.8:1.0 --query test:3 -o top.csv")
-    p.add_argument("--method", "-m", type=canonical_method, choices=list(METHODS), metavar="METHOD", help=method_help())
+    p.add_argument("--method", "-m", type=canonical_method, choices=list(METHODS), metavar="METHOD", help=method_help(),
+                   action=once("run it once per method, or compare methods with evaluate (its --method repeats)"))
     p.add_argument("--window", "-w", action="append", metavar="W",
                    help="steps '100:500', fractions '0.8:1.0' or epochs 'epoch 3:5' (epochs 3 and 4); empty ends mean "
                         "start/end; repeatable; default: the whole run")

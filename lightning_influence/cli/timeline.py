@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from lightning_influence.cli.common import (UserError, add_process_args, emit, flip_cell, flip_text, format_table,
-                                            json_text, output_format, parse_grid, parse_window, processes, row_count,
+                                            json_text, once, output_format, parse_grid, parse_window, processes, row_count,
                                             sign_line)
 from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import SPLITS_HELP, METHODS, compute_windows, method_help, canonical_method
@@ -25,10 +25,12 @@ def add_grid_parser(sub: Any, parents: dict[str, argparse.ArgumentParser], name:
     """The parser of a command computing scores on a grid of windows (``timeline``, ``tensorboard``)."""
     p = sub.add_parser(name, parents=[parents["common"], parents["model"], parents["query"]], help=summary,
                        description=summary + ".")
-    p.add_argument("--method", "-m", type=canonical_method, choices=list(METHODS), metavar="METHOD", help=method_help())
+    p.add_argument("--method", "-m", type=canonical_method, choices=list(METHODS), metavar="METHOD", help=method_help(),
+                   action=once("run it once per method"))
     p.add_argument("--grid", "-g", default="epochs",
                    help="windows: 'epochs' (default), a number of equal windows, or boundaries '0,100,200,480'")
-    p.add_argument("--window", "-w", metavar="W", help="restrict the grid to this span (default: the whole run)")
+    p.add_argument("--window", "-w", metavar="W", help="restrict the grid to this span (default: the whole run)",
+                   action=once("--grid gives several windows"))
     add_process_args(p, SPLITS_HELP, split=True)
     p.set_defaults(func=func)
     return p

@@ -56,6 +56,7 @@ def step_window(log: "InfluenceLog", spec: Any) -> tuple[int, int]:
         if not (0.0 <= a < b <= 1.0):
             raise ValueError(f"fractional window ({a}, {b}) must satisfy 0 <= a < b <= 1")
         t1, t2 = fraction_step(log, a), fraction_step(log, b)
+        t1 = min(t1, T - 1)  # both ends rounded to the same step: the one step the fractions lie in (the last: T-1)
         return t1, max(t2, t1 + 1)
     t1, t2 = int(a), int(b)
     if not (first <= t1 < t2 <= T):

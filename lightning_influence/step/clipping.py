@@ -100,8 +100,10 @@ def apply_clipping_stacked(params: Sequence[Tensor], spec: ClipSpec | None) -> N
         for g in grads:
             g.clamp_(-spec.value, spec.value)
         return
-    sq = torch.stack([g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads]).sum(0)  # (copies,)
-    coef = _norm_factor(sq.sqrt(), spec.value)
+    # each copy's norm as torch.nn.utils.clip_grad_norm_ reduces it (a norm per tensor, then theirs): the reference
+    # copy is then clipped bit for bit as training was (a one-ulp factor grows to percents under a bf16 forward)
+    norms = torch.stack([torch.nn.utils.get_total_norm([g[c] for g in grads], 2.0) for c in range(grads[0].shape[0])])
+    coef = _norm_factor(norms, spec.value)
     for g in grads:
         g.mul_(coef.reshape(-1, *([1] * (g.dim() - 1))))
 
