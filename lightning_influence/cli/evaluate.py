@@ -18,7 +18,7 @@ from lightning_influence.cli.methods import (METHODS, Method, call_with, canonic
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 from lightning_influence.distributed import DistributedQueryError, global_rank
 from lightning_influence.estimators.scores import csv_text, ranked, sort_order
-from lightning_influence.evaluation.verdict import truth_noise_floor, verdict
+from lightning_influence.evaluation.verdict import truth_linearity, truth_noise_floor, verdict
 from lightning_influence.replay import samples_by_id_needed
 
 
@@ -39,6 +39,9 @@ def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--in-window", action="store_true",
                    help="ground truth drops the samples only inside the window (the counterpart of dit-local)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:K")
+    p.add_argument("--no-linearity", dest="linearity", action="store_false",
+                   help="skip the second replay that measures how linear the truth is in the removal (half a removal, "
+                        "doubled, against a whole one: docs/trust.md §4); it doubles the ground truth's time")
     t = p.add_argument_group("how far to trust the scores (whole run only; see docs/trust.md)")
     t.add_argument("--pbrf", action="store_true", help="proximal Bregman response of removing each chosen sample")
     t.add_argument("--gap", action="store_true", help="decompose the LOO vs PBRF gap into its terms (implies --pbrf)")
@@ -153,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed, sort)
     if args.sort:  # the rows in --sort order of the first method, as query and timeline list theirs
         samples = samples[ranked(first[samples], sort, None)]
-    truth, floor = None, None
+    truth, floor, linearity = None, None, None
     answering = [m for m, k in kinds.items() if k == "loss"]  # self-influence answers each sample's own loss
     if args.truth == "replay" and not answering:
         status(args, "no ground truth: self-influence answers each sample's own loss, not --query (add a method that "
@@ -161,17 +164,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.truth == "replay" and answering:
         fn = Method(GROUND_TRUTH, "model+data", (), "").load()
         status(args, f"replaying training without each of {len(samples)} samples (ground truth) ...")
-        progress = progress_bar(args, "replay LOO")
-        try:
-            result = call_with(fn, log, query=query, window=(t1, t2), sample_ids=samples, progress=progress,
-                               in_window_only=args.in_window, processes=procs, **estimator_inputs(ctx))
-        except DistributedQueryError as err:
-            raise UserError(str(err)) from None
-        finally:
-            progress.close()
+        result = _replay_truth(args, fn, log, query, ctx, samples, (t1, t2), procs, 0.0)
         truth = np.asarray(result.window(t1, t2), dtype=np.float64)  # LOO(t2) - LOO(t1), in the order of `samples`
         floor = _noise_floor(log, result, t1, t2)
         drifts["ground truth"] = result.info.get("replay_drift")
+        if args.linearity and len(samples) >= 3:
+            status(args, "replaying training with each of them at half weight (the truth's linearity) ...")
+            half = _replay_truth(args, fn, log, query, ctx, samples, (t1, t2), procs, 0.5)
+            linearity = truth_linearity(truth, np.asarray(half.window(t1, t2), dtype=np.float64))
     trust = _trust_tools(args, log, ctx, query, samples, estimates, truth, (t1, t2), procs)
     if procs is not None and global_rank() != 0:
         return 0  # rank 0 writes the result
@@ -200,7 +200,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           for k, (j, lb) in enumerate(zip(samples, labels))],
               "metrics": metrics, "truth_noise_floor": floor,
               "truth_above_floor": None if truth is None else int(np.count_nonzero(np.abs(truth) > floor)),
-              "replay_drift": {k: v for k, v in drifts.items() if v}, "verdict": verdict(metrics, truth, floor),
+              "truth_linearity": linearity,
+              "replay_drift": {k: v for k, v in drifts.items() if v}, "verdict": verdict(metrics, truth, floor, linearity),
               **{k: v.to_dict() for k, v in trust.items()}}
     fmt = output_format(args)
     if fmt == "json":
@@ -225,10 +226,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     noise = [] if truth is None else [
         f"truth noise floor {floor:.2e} (replay error, docs/trust.md §4): {result['truth_above_floor']} of {len(truth)} "
         "truth values above it"]
+    if linearity is not None:
+        noise.append(f"truth linearity: half a removal, doubled, against a whole one: Pearson {linearity['pearson']:.3f}, "
+                     f"Spearman {linearity['spearman']:.3f} (1 where training responds linearly, docs/trust.md §4)")
     noise += [line for k, v in result["replay_drift"].items() if (line := drift_line(v, f"replay drift ({k})"))]
     emit(args, "\n".join(head + noise + [format_table(header, body), "", mtable]
                          + ["\n" + t.table() for t in trust.values()] + ["", f"verdict: {result['verdict']}"]))
     return 0
+
+
+def _replay_truth(args: argparse.Namespace, fn: Callable[..., Any], log: Any, query: Any, ctx: RunContext | None,
+                  samples: np.ndarray, window: tuple[int, int], procs: Any, removal_weight: float) -> Any:
+    """Replay leave-one-out of ``samples`` with their weight multiplied by ``removal_weight`` (0: removed)."""
+    progress = progress_bar(args, "replay LOO" if removal_weight == 0 else f"replay at weight {removal_weight}")
+    try:
+        return call_with(fn, log, query=query, window=window, sample_ids=samples, progress=progress,
+                         in_window_only=args.in_window, processes=procs, removal_weight=removal_weight,
+                         **estimator_inputs(ctx))
+    except DistributedQueryError as err:
+        raise UserError(str(err)) from None
+    finally:
+        progress.close()
 
 
 def _noise_floor(log: Any, result: Any, t1: int, t2: int) -> float:

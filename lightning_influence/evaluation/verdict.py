@@ -10,7 +10,13 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["truth_noise_floor", "verdict"]
+from lightning_influence.evaluation.metrics import pearson, spearman
+
+__all__ = ["LINEAR_PEARSON", "truth_linearity", "truth_noise_floor", "verdict"]
+
+LINEAR_PEARSON = 0.8
+"""Below this Pearson correlation between half a removal (doubled) and a whole one, leave-one-out is called
+nonlinear in the removed sample's weight (:func:`truth_linearity`)."""
 
 
 def truth_noise_floor(base_t1: float, base_t2: float, drift: float, eps: float, t2: int) -> float:
@@ -24,13 +30,30 @@ def truth_noise_floor(base_t1: float, base_t2: float, drift: float, eps: float, 
     return rel * abs(float(base_t2) - float(base_t1))
 
 
-def verdict(metrics: Mapping[str, Mapping[str, float]], truth: np.ndarray | None, floor: float | None) -> str:
+def truth_linearity(full: np.ndarray, half: np.ndarray) -> dict[str, float]:
+    """How linear leave-one-out is in the removed sample's weight, over the evaluated samples.
+
+    ``full``: the truth of removing each sample (weight 0); ``half``: of halving its weight (replay leave-one-out with
+    ``removal_weight=0.5``). Where training responds linearly, ``2·half = full`` (Pearson 1); every first-order
+    estimator (DIT, TracIn, Diff-In) assumes it. Far from it (ReLU kinks crossed, chaotic training: a GroupNorm CNN
+    trained 200 steps with Nesterov SGD, docs/trust.md §4), no first-order score can follow the truth, whatever its
+    quality. Returns ``pearson`` and ``spearman`` of ``2·half`` against ``full`` (NaN below 3 samples).
+    """
+    full, doubled = np.asarray(full, dtype=np.float64), 2.0 * np.asarray(half, dtype=np.float64)
+    if len(full) < 3:
+        return {"pearson": math.nan, "spearman": math.nan}
+    return {"pearson": pearson(doubled, full), "spearman": spearman(doubled, full)}
+
+
+def verdict(metrics: Mapping[str, Mapping[str, float]], truth: np.ndarray | None, floor: float | None,
+            linearity: Mapping[str, float] | None = None) -> str:
     """One line: which method agrees with the truth, whether the methods disagree, or why nothing can be judged.
 
     Args:
         metrics: per method, its agreement metrics (``spearman``, ``pearson``, ``flipped_auroc`` when known).
         truth: the truth values of the evaluated samples, or ``None`` (no ground truth).
         floor: the truth's noise floor (:func:`truth_noise_floor`), or ``None``.
+        linearity: the truth's :func:`truth_linearity`, or ``None`` (not measured).
     """
     flips = {m: row["flipped_auroc"] for m, row in metrics.items() if np.isfinite(row.get("flipped_auroc", np.nan))}
     best_flip = max(flips, key=flips.get) if flips else None
@@ -45,7 +68,13 @@ def verdict(metrics: Mapping[str, Mapping[str, float]], truth: np.ndarray | None
     if not ranked:
         return "too few samples to compare with the ground truth" + (f"; {flip_text}" if flip_text else "")
     best = max(ranked, key=ranked.get)
-    if ranked[best] < 0.3:
+    lin = (linearity or {}).get("pearson", math.nan)
+    if math.isfinite(lin) and lin < LINEAR_PEARSON:
+        line = ("leave-one-out is not linear in the removal on this window (half a removal, doubled, against a whole "
+                f"one: Pearson {lin:.2f}): no first-order method (DIT, TracIn, Diff-In) can follow it, and the agreement "
+                f"measures training's nonlinearity more than the methods (best: {best}, Spearman {ranked[best]:.2f}); "
+                "judge them on a shorter window with --in-window")
+    elif ranked[best] < 0.3:
         line = f"no method agrees with leave-one-out on this window (best: {best}, Spearman {ranked[best]:.2f})"
     else:
         others = [f"{m} {s:.2f}" for m, s in ranked.items() if m != best]
