@@ -255,15 +255,17 @@ def test_training_data_in_another_order_than_the_logged_ids_is_refused(tiny):
     assert scores.scores.shape == (len(xt), 1)
 
 
-def test_a_dataloader_for_train_data_keeps_its_own_message(tiny):
+def test_train_data_that_cannot_give_samples_by_id_keeps_its_own_message(tiny):
     """The data check had wrapped replay's 'train_data must be a map-style Dataset ... got DataLoader' into a data
-    mismatch with a second piece of advice; a train_data that cannot give samples by id says so itself."""
+    mismatch with a second piece of advice; a train_data that cannot give samples by id (the batches of a loader, where
+    the loader itself is its dataset by id: tests/test_builder_data.py) says so itself."""
     from torch.utils.data import DataLoader
 
     log, model, dm = tiny
+    batches = (b for b in DataLoader(dm.train_dataset, batch_size=4))
     with pytest.raises(TypeError, match=r"^train_data must be a map-style Dataset or a callable ids -> batch, got "
-                                        r"DataLoader$"):
-        li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=DataLoader(dm.train_dataset, batch_size=4))
+                                        r"generator$"):
+        li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=batches)
 
 
 def test_every_result_takes_a_query_by_name_or_index_and_refuses_an_unknown_name_naming_the_queries():
