@@ -124,6 +124,9 @@ def as_pytree(batch: Any) -> Any:
     return batch
 
 
+_ID_KEYS = ("ids", "id", "idx", "index", "indices", "sample_id", "sample_ids", "sample_idx", "uid", "uids")  # named
+
+
 def _hint(ids_key: str) -> str:
     return ("Give each sample a stable integer id: wrap the training dataset with "
             "lightning_influence.WithIds(dataset) so batches are (x, y, ids), or return a dict with "
@@ -160,7 +163,10 @@ def extract_ids(batch: Any, ids_key: str = "ids", ids_fn: IdsFn | None = None, c
         ids = ids_fn(batch)
     elif not plain and isinstance(batch, Mapping):
         if ids_key not in batch:
-            raise ValueError(f"batch dict has no {ids_key!r} key (keys: {sorted(batch)}). {_hint(ids_key)}")
+            likely = [k for k in batch if isinstance(k, str) and k.lower() in _ID_KEYS and k != ids_key]
+            first = (f"If batch[{likely[0]!r}] holds the sample ids, pass InfluenceTracker(ids_key={likely[0]!r}). "
+                     if likely else "")
+            raise ValueError(f"batch dict has no {ids_key!r} key (keys: {sorted(batch)}). {first}{_hint(ids_key)}")
         ids = batch[ids_key]
     elif sequence and len(batch) == 2 and not with_ids:
         raise ValueError(
