@@ -187,3 +187,19 @@ def test_tensorboard_refuses_a_run_outside_the_logdir_and_a_bad_decoder_before_t
         out, err = capsys.readouterr()
         assert err.count("\n") == 1 and needle in err, err  # one line: refused before the model was rebuilt
     assert not (tmp_path / "escape").exists() and not (tmp_path / "abs").exists() and not (tmp_path / "tb").exists()
+
+
+def test_builder_returning_a_plain_module_names_it(run, tmp_path, capsys):
+    """A --builder returning {"module": <nn.Module>, ...} was told it 'returned dict' (it had, with a 'module'): the
+    message names what its 'module' is and what the CLI needs instead."""
+    builder = tmp_path / "build_plain.py"
+    builder.write_text("import torch\n\n"
+                       "def as_dict():\n    return {'module': torch.nn.Linear(64, 10), 'train_data': None}\n\n"
+                       "def as_tuple():\n    return torch.nn.Linear(64, 10), None\n\n"
+                       "def no_module():\n    return {'model': torch.nn.Linear(64, 10)}\n")
+    line = _error(capsys, "query", run.log, "-m", "tracin", "-q", "--builder", f"{builder}:as_dict")
+    assert "it returned a dict whose 'module' is a Linear (a torch.nn.Module, not a LightningModule)" in line
+    line = _error(capsys, "query", run.log, "-m", "tracin", "-q", "--builder", f"{builder}:as_tuple")
+    assert "it returned a tuple whose first item is a Linear (a torch.nn.Module, not a LightningModule)" in line
+    line = _error(capsys, "query", run.log, "-m", "tracin", "-q", "--builder", f"{builder}:no_module")
+    assert "it returned a dict without 'module' (keys: model)" in line

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_influence.data import WithCollate, by_id, collate_of
@@ -359,6 +359,18 @@ def load_function(spec: str, flag: str) -> Any:
         raise UserError(f"{flag} {spec!r}: cannot load it: {type(err).__name__}: {err}") from err
 
 
+def _what_builder_returned(returned: str, out: Any) -> str:
+    """What a --builder returned instead of a LightningModule: its type, or what its module is."""
+    if not isinstance(out, dict):
+        return f"a {returned}"
+    if "module" not in out:
+        return f"a dict without 'module' (keys: {', '.join(map(str, out))})"
+    module = out["module"]
+    kind = " (a torch.nn.Module, not a LightningModule)" if isinstance(module, torch.nn.Module) else ""
+    where = "whose first item is" if returned == "tuple" else "whose 'module' is"
+    return f"a {returned} {where} a {type(module).__name__}{kind}"
+
+
 def _from_builder(spec: str, log: Any) -> RunContext:
     """``--builder module:function`` or ``path/to/file.py:function`` (module docstring, 1)."""
     fn = load_function(spec, "--builder")
@@ -369,13 +381,14 @@ def _from_builder(spec: str, log: Any) -> RunContext:
         raise UserError(f"--builder {spec!r} failed: {type(err).__name__}: {err}") from err
     import lightning.pytorch as pl
 
+    returned = type(out).__name__
     if isinstance(out, pl.LightningModule):
         out = {"module": out}
     elif isinstance(out, tuple):
         out = dict(zip(("module", "datamodule"), out))
     if not isinstance(out, dict) or not isinstance(out.get("module"), pl.LightningModule):
         raise UserError(f"--builder {spec!r} must return a LightningModule, (module, datamodule) or a dict with 'module'; "
-                        f"it returned {type(out).__name__}")
+                        f"it returned {_what_builder_returned(returned, out)}")
     data = {k: out.get(k) for k in ("train", "val", "test", "flipped", "train_labels")}
     data.update({k: out[f"{k}_data"] for k in ("train", "val", "test") if out.get(f"{k}_data") is not None})
     if isinstance(data.get("train"), DataLoader):  # the training DataLoader: its dataset by id, with its collate_fn
