@@ -88,9 +88,26 @@ def test_replay_loo_and_the_trust_tools_take_their_optional_arguments_by_keyword
         fn("LOG", torch.nn.Linear(2, 1), None, lambda m: m.weight.sum(), [0, 1])
 
 
+@pytest.mark.parametrize("name", ["dit", "tracin", "diffin", "replay_loo"])
+def test_a_log_path_or_a_model_class_is_told_what_to_pass(name):
+    """``tracin("runs/influence", q, module=...)`` failed with "AttributeError: 'str' object has no attribute 'window'",
+    ``module=TinyTransformer`` (the class) with "named_modules() missing 1 required positional argument: 'self'"."""
+    import lightning_influence.evaluation as ev
+
+    fn = getattr(li, name, None) or getattr(ev, name)
+    query = lambda m: m.weight.sum()  # noqa: E731
+    call = (lambda log, module: fn(log, module, None, query)) if name == "replay_loo" else \
+        (lambda log, module: fn(log, query, module=module))
+    with pytest.raises(TypeError, match=rf"^{name}\(\): the first argument is the opened log, got the path "
+                                        r"'runs/influence'; pass lightning_influence.InfluenceLog\('runs/influence'\)$"):
+        call("runs/influence", torch.nn.Linear(2, 1))
+    with pytest.raises(TypeError, match=rf"^{name}\(\): module= is the model .* got the class Linear; pass Linear\(\.\.\.\)"):
+        call(object(), torch.nn.Linear)
+
+
 def test_self_influence_takes_no_query():
     with pytest.raises(TypeError, match="takes no query"):
-        li.diffin_self_influence("LOG", lambda m: m.weight.sum(), module=torch.nn.Linear(2, 1))
+        li.diffin_self_influence(object(), lambda m: m.weight.sum(), module=torch.nn.Linear(2, 1))  # (a log's place)
 
 
 def test_cli_methods_named_like_python_functions_use_the_python_defaults():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
@@ -42,6 +43,7 @@ def estimator_api(fn: F) -> F:
             raise TypeError(f"{name}(): the query is a function of the model, f(module) -> Tensor, got a "
                             f"{type(query).__name__}; for a batch's mean loss pass "
                             "lightning_influence.queries.mean_loss(batch) (or sample_losses, prediction)")
+        check_log_and_module(name, args[0] if args else kwargs.get("log"), kwargs.get("module"))
         if takes_loss and kwargs.get("module") is not None:  # loss_fn= given once: to the estimator or the query
             kwargs["loss_fn"], shared = shared_loss(kwargs["module"], query, kwargs.get("loss_fn", default_loss_fn))
             if shared is not query:
@@ -56,14 +58,31 @@ def positional_limit(limit: int, firsts: str, usage: str) -> Callable[[F], F]:
     in an earlier form, with optional arguments by position, fails with a ``TypeError`` showing ``usage``."""
 
     def wrap(fn: F) -> F:
+        names = list(inspect.signature(fn).parameters)
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             _check_positional(fn.__name__, args, limit, firsts, usage, "the others are keyword arguments")
+            given = {**dict(zip(names, args)), **kwargs}
+            check_log_and_module(fn.__name__, given.get("log"), given.get("module"))
             return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 
     return wrap
+
+
+def check_log_and_module(name: str, log: Any, module: Any) -> None:
+    """Refuse, naming what to pass, a log given as its path and a model given as its class (or anything not an
+    ``nn.Module``): both failed deep inside with an ``AttributeError``/``TypeError`` about ``self`` or ``window``."""
+    if isinstance(log, (str, os.PathLike)):
+        raise TypeError(f"{name}(): the first argument is the opened log, got the path {str(log)!r}; pass "
+                        f"lightning_influence.InfluenceLog({str(log)!r})")
+    if module is not None and not isinstance(module, nn.Module):
+        what = f"the class {module.__name__}" if isinstance(module, type) else f"a {type(module).__name__}"
+        build = f"{module.__name__}(...)" if isinstance(module, type) else "the model"
+        raise TypeError(f"{name}(): module= is the model (an instance: its architecture; the weights come from the "
+                        f"log), got {what}; pass {build} built as for training")
 
 
 def _check_positional(name: str, args: tuple[Any, ...], limit: int, firsts: str, usage: str, rest: str) -> None:
