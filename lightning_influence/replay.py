@@ -239,7 +239,7 @@ def grid_bounds(log: InfluenceLog, grid: Any, span: tuple[int, int] | None = Non
     """The boundaries of a grid of windows over ``span`` (default: the log's steps, from its first): ``None``/``"epoch"``
     (the span's ends and every epoch's first step inside), an int ``n`` (``n`` equal windows, ends rounded to steps),
     or a list of steps or of fractions of training (of the log's steps ``[first_step, T]``, as a window's fractions:
-    :func:`~lightning_influence.log.windows.fraction_step`), which must lie in the span (in ``[0, T]`` without one).
+    :func:`~lightning_influence.log.windows.fraction_step`), which must lie in the span (the log's steps without one).
     One meaning for :func:`~lightning_influence.estimators.dit.timeline`'s ``grid=`` and the CLI's ``--grid``."""
     T = log.num_steps
     t1, t2 = (int(log.first_step), T) if span is None else (int(span[0]), int(span[1]))
@@ -264,9 +264,10 @@ def grid_bounds(log: InfluenceLog, grid: Any, span: tuple[int, int] | None = Non
             pts = {fraction_step(log, v) for v in vals}
         else:
             pts = {int(v) for v in vals}
-        lo = 0 if span is None else t1
-        if pts and (min(pts) < lo or max(pts) > t2):
-            raise ValueError(f"grid steps must lie in [{lo}, {t2}], got {sorted(pts)}")
+        if pts and (min(pts) < t1 or max(pts) > t2):
+            started = (f" (the log starts at step {t1}: the fit that wrote it was resumed from a checkpoint of that "
+                       "step into a new log, and no step before it is recorded)") if span is None and t1 > 0 else ""
+            raise ValueError(f"grid steps must lie in [{t1}, {t2}]{started}, got {sorted(pts)}")
     return np.array(sorted(pts), dtype=np.int64)
 
 

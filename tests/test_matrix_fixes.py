@@ -115,6 +115,24 @@ def test_a_fractional_grid_is_a_fraction_of_the_logs_steps_as_a_window(tmp_path)
         grid_bounds(log, 0.5)
 
 
+def test_a_python_grid_below_a_resumed_logs_first_step_is_refused(tmp_path):
+    """``grid_bounds`` (``timeline(grid=...)``, ``replay_loo``'s grid) took steps from 0 on a log a resumed fit started at
+    step 4: a boundary at 0 made a window [0, 6) that holds only the recorded steps [4, 6) (the CLI refused it, Python
+    did not). Steps before the log's first are refused with why; the log's own steps pass."""
+    from test_robustness import synthetic
+
+    from lightning_influence.replay import grid_bounds
+
+    synthetic(tmp_path / "late", steps=12, first=4)
+    log = InfluenceLog(tmp_path / "late")
+    with pytest.raises(ValueError, match=r"grid steps must lie in \[4, 12\] \(the log starts at step 4: the fit that "
+                                         r"wrote it was resumed from a checkpoint of that step into a new log.*got \[0, 6, 12\]"):
+        grid_bounds(log, [0, 6, 12])
+    assert grid_bounds(log, [4, 6, 12]).tolist() == [4, 6, 12]
+    with pytest.raises(ValueError, match=r"grid steps must lie in \[6, 12\], got \[4, 12\]"):
+        grid_bounds(log, [4, 12], span=(6, 12))  # a span's own bounds: no word about the log
+
+
 def test_replay_loo_of_a_log_started_by_a_resumed_fit_removes_from_its_first_step(tmp_path):
     """A fit resumed from a Lightning checkpoint into a new log_dir starts its log at step ``t0 > 0`` (θ_t0 and the
     optimizer state stored there); DIT scores such a log from ``t0``. replay_loo refused it ("retrains from θ_0, but the

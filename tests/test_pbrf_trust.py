@@ -131,3 +131,17 @@ def test_negative_curvature_flags_exactly_the_samples_whose_objective_is_indefin
         assert res.info["weight_decay_max"] == 0.01
         np.testing.assert_array_equal(res.negative_curvature, lowest < 0)
     assert res.info["curvature_checked_at_theta"]
+
+
+def test_a_model_above_the_dense_limit_says_its_curvature_was_not_checked(logs):
+    """Above ``max_dense_params`` only the solver's witness flags negative curvature: the table says the curvature at
+    ``θ_T`` was not checked exactly (an empty flag reads as convex otherwise), with the sizes and what to raise; at or
+    under the limit it says nothing of the kind."""
+    log = logs[1]
+    p = sum(t.numel() for t in MLP().parameters())
+    above = pbrf(log, MLP().double(), data, query, samples=np.arange(2), damping=0.2, max_dense_params=p - 1)
+    assert above.info["curvature_checked_at_theta"] is False
+    assert (f"curvature at θ_T not checked exactly (p = {p} parameters > max_dense_params = {p - 1})"
+            in above.table()), above.table()
+    under = pbrf(log, MLP().double(), data, query, samples=np.arange(2), damping=0.2, max_dense_params=p)
+    assert under.info["curvature_checked_at_theta"] is True and "not checked exactly" not in under.table()

@@ -125,6 +125,10 @@ class PBRFResult:
             lines.append(f"  negative curvature ({len(neg)} samples: {neg[:20]}{' ...' if len(neg) > 20 else ''}): the "
                          f"objective is not convex at θ_T (the removal term's curvature exceeds λ={self.damping:g} plus "
                          "weight decay); raise damping for a local response")
+        if self.info.get("curvature_checked_at_theta") is False:  # above the dense limit: only the solver's witness
+            lines.append(f"  curvature at θ_T not checked exactly (p = {self.info.get('p')} parameters > max_dense_params = "
+                         f"{self.info.get('max_dense_params')}): negative curvature is flagged only where the solver met "
+                         "it along a step; raise max_dense_params to check every sample")
         if self.info.get("weight_decay_note"):
             lines.append(f"  weight decay in the proximity: {self.info['weight_decay_note']}")
         return "\n".join(lines)

@@ -366,7 +366,7 @@ def solve_samples(prob: Problem, samples: np.ndarray, *, steps: int, solver: str
                       rel_grad_norm=rel, response_change=change, intermediate=keep, response_error=error,
                       negative_curvature=negative,
                       info={"solver": solver, "steps": steps, "tol": tol, "output_loss": prob.output_loss, "N": prob.N,
-                            "p": prob.p, "step": prob.step, "response_rtol": RESPONSE_RTOL, "dtype": str(prob.dtype), "weight_decay_note": prob.weight_decay_note,
+                            "p": prob.p, "max_dense_params": prob.max_dense_params, "step": prob.step, "response_rtol": RESPONSE_RTOL, "dtype": str(prob.dtype), "weight_decay_note": prob.weight_decay_note,
                             "weight_decay_max": float(prob.kappa.max()), "seconds": time.perf_counter() - t0,
                             "response_change_from_step": marks[-1] if marks else steps,
                             "curvature_checked_at_theta": checked})
