@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_influence.capture import call_with_params
 from lightning_influence.step.buffers import buffers_of, cloned
@@ -40,6 +41,22 @@ class Batches(list):
     """Batches one query covers together where they cannot be concatenated into one (a validation set whose
     batches are each padded to their own longest sequence): the per-sample losses are computed batch by batch and
     concatenated."""
+
+
+def joined_batches(batches: list[Any]) -> Any:
+    """The batches as one (concatenated along the first dimension), or as :class:`Batches` where their shapes differ
+    beyond it (each padded to its own longest sequence)."""
+    from lightning_influence.recipe import concat_batches
+
+    try:
+        return concat_batches(batches)
+    except RuntimeError:
+        return Batches(batches)
+
+
+def _query_batch(batch: Any) -> Any:
+    """``batch``; a DataLoader given in its place (the validation loader): all of its batches, in its order."""
+    return joined_batches(list(batch)) if isinstance(batch, DataLoader) else batch
 
 
 def _losses(loss_fn: LossFn, module: nn.Module, batch: Any) -> torch.Tensor:
@@ -103,14 +120,15 @@ class _EvalMode(_Query):
 
 
 def mean_loss(batch: Any, loss_fn: LossFn = default_loss_fn, name: str = "mean_loss") -> Query:
-    """Mean per-sample loss over ``batch`` (e.g. the whole validation set; :class:`Batches`: over all of theirs):
-    one query."""
-    return _MeanLoss(batch, loss_fn, name)
+    """Mean per-sample loss over ``batch`` (e.g. the whole validation set; :class:`Batches` or a DataLoader: over all
+    of their batches): one query."""
+    return _MeanLoss(_query_batch(batch), loss_fn, name)
 
 
 def sample_losses(batch: Any, loss_fn: LossFn = default_loss_fn, names: Sequence[str] | None = None) -> Query:
-    """The loss of each sample of ``batch`` (or of :class:`Batches`): ``B`` queries swept together."""
-    return _SampleLosses(batch, loss_fn, names)
+    """The loss of each sample of ``batch`` (or of :class:`Batches`, or of a DataLoader's batches in its order): ``B``
+    queries swept together."""
+    return _SampleLosses(_query_batch(batch), loss_fn, names)
 
 
 def prediction(inputs: torch.Tensor, target_class: int, margin: bool = False, name: str | None = None) -> Query:

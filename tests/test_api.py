@@ -337,3 +337,40 @@ def test_the_training_tensors_as_a_tuple_are_told_to_be_a_dataset(tiny):
         li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=tuple(dm.splits["train"]))
     with pytest.raises(ValueError, match="train_data has 3 samples but the log holds sample id"):  # a short dataset
         li.dit(log, _val_loss(*dm.splits["val"]), module=model, train_data=[dm.train_dataset[i] for i in range(3)])
+
+
+def test_a_validation_dataloader_is_a_query_over_all_its_batches(tiny):
+    """``mean_loss(val_loader)`` (the loader where its batch goes) was refused by the data check with "TypeError:
+    'DataLoader' object is not subscriptable"; it is now the query over all of the loader's batches, joined where they
+    concatenate and batch by batch where each is padded to its own length (as the CLI joins a validation loader)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_influence.queries import Batches, mean_loss, sample_losses
+
+    log, model, dm = tiny
+    xv, yv = dm.splits["val"]
+    loader = DataLoader(TensorDataset(xv, yv), batch_size=7)  # an uneven last batch
+    got = li.tracin(log, mean_loss(loader), module=model).column(0)
+    np.testing.assert_allclose(got, li.tracin(log, mean_loss((xv, yv)), module=model).column(0), rtol=1e-5, atol=1e-12)
+
+    class Pooled(torch.nn.Module):  # token sequences padded per batch, as an NLP validation loader gives them
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(9, 4, padding_idx=0), torch.nn.Linear(4, 2)
+
+        def per_sample_loss(self, batch):
+            h = (self.emb(batch["tokens"]) * (batch["tokens"] > 0).unsqueeze(-1)).sum(1)
+            return torch.nn.functional.cross_entropy(self.head(h), batch["label"], reduction="none")
+
+    def pad(items):
+        toks = torch.nn.utils.rnn.pad_sequence([t for t, _ in items], batch_first=True)
+        return {"tokens": toks, "label": torch.tensor([y for _, y in items])}
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [(torch.randint(1, 9, (int(n),), generator=g), i % 2) for i, n in enumerate(torch.randint(2, 7, (10,), generator=g))]
+    padded = DataLoader(seqs, batch_size=3, collate_fn=pad)
+    m = Pooled()
+    by_hand = torch.cat([m.per_sample_loss(pad([s])) for s in seqs])  # each sample alone, unpadded
+    assert isinstance(mean_loss(padded).batch, Batches)
+    torch.testing.assert_close(mean_loss(padded)(m), by_hand.mean())
+    torch.testing.assert_close(sample_losses(padded)(m), by_hand)

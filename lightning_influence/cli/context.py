@@ -40,6 +40,7 @@ from lightning_influence.cli.common import UserError, open_log, parse_window, st
 from lightning_influence.cli.datacheck import check_training_data
 from lightning_influence.cli.methods import METHODS, check_records, default_method
 from lightning_influence.estimators.scores import item_label
+from lightning_influence.queries import joined_batches
 from lightning_influence.recipe import RecipeError, concat_batches, import_class, instantiate, stored_data
 
 
@@ -113,7 +114,7 @@ class RunContext:
                 return val  # one batch
             if isinstance(val, Dataset) and not isinstance(val, IterableDataset):  # map-style, as train_data: its items
                 return collate_of(val)([val[i] for i in range(len(val))])  # (iterated, each item was taken for a batch)
-            return _joined(list(val))  # a DataLoader (or any iterable of batches)
+            return joined_batches(list(val))  # a DataLoader (or any iterable of batches)
         try:
             loader = self._call("val_dataloader", "validate", "validation set")
         except UserError:
@@ -125,7 +126,7 @@ class RunContext:
         batches = [b for lo in loaders for b in lo]
         if not batches:
             raise UserError("the validation set is empty; use another --query (test:ID, pred:ID)")
-        return _joined(batches)
+        return joined_batches(batches)
 
     @cached_property
     def test_dataset(self) -> Any:
@@ -166,17 +167,6 @@ class RunContext:
                 self._label_cache[i] = _label_of(table, dataset, i)
             out[k] = self._label_cache[i]
         return out
-
-
-def _joined(batches: list[Any]) -> Any:
-    """The batches as one, or as :class:`~lightning_influence.queries.Batches` where their shapes differ beyond the
-    first dimension (each padded to its own longest sequence)."""
-    try:
-        return concat_batches(batches)
-    except RuntimeError:
-        from lightning_influence.queries import Batches
-
-        return Batches(batches)
 
 
 def _label_of(table: Any, dataset: Any, i: int) -> int:
