@@ -374,3 +374,16 @@ def test_a_validation_dataloader_is_a_query_over_all_its_batches(tiny):
     assert isinstance(mean_loss(padded).batch, Batches)
     torch.testing.assert_close(mean_loss(padded)(m), by_hand.mean())
     torch.testing.assert_close(sample_losses(padded)(m), by_hand)
+
+
+def test_top_shows_the_flipped_labels_it_was_given():
+    """``with_labels(ds, flipped=ids).top(k)``, printed, left the flipped labels out (the CLI's table marks them, and
+    the CSV has the column): a user who passed them to find the mislabelled samples could not see which were."""
+    s = _scores().with_labels(np.array([7, 8, 9, 1]), flipped=[3, 0])
+    top = s.top(3)
+    assert top.flipped.tolist() == [False, True, False]  # ids 1, 3, 2: only 3 among them flipped
+    lines = str(top).splitlines()
+    assert lines[1].split() == ["rank", "id", "score", "label", "flipped"]
+    assert lines[2].split() == ["1", "1", "-2.0000e+00", "8"] and lines[3].split() == ["2", "3", "-1.0000e+00", "1", "yes"]
+    assert lines[-1] == "flipped labels among these 3: 1 (33%); 2 of 4 (50%) are flipped overall"
+    assert _scores().top(2).flipped is None and "flipped" not in str(_scores().with_labels([1, 2, 3, 4]).top(2))

@@ -12,7 +12,7 @@ from lightning_influence.cli.context import prepare
 from lightning_influence.cli.methods import SPLITS_HELP, METHODS, method_help, canonical_method, run_method
 from lightning_influence.cli.queries import build_query, parse_query, query_columns
 from lightning_influence.distributed import DistributedQueryError, global_rank
-from lightning_influence.estimators.scores import rows_csv, sort_order, table_rows
+from lightning_influence.estimators.scores import flipped_summary, rows_csv, sort_order, table_rows
 
 
 def register(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -83,8 +83,7 @@ def _query_text(res: dict[str, Any], args: argparse.Namespace) -> str:
     tail = []
     if has_flip and res["rows"]:
         hits = sum(bool(r["flipped"]) for r in res["rows"])
-        tail.append(f"flipped labels among these {len(res['rows'])}: {hits} ({hits / len(res['rows']):.0%}); "
-                    f"{res['flipped_total']} of {res['n_samples']} ({res['flipped_total'] / res['n_samples']:.0%}) are flipped overall")
+        tail.append(flipped_summary(hits, len(res["rows"]), res["flipped_total"], res["n_samples"]))
     drift = drift_line((res.get("info") or {}).get("replay_drift"))  # what the replay could not reproduce
     tail += [drift] if drift else []
     return "\n".join(head + [format_table(header, rows)] + tail)

@@ -98,7 +98,9 @@ class InfluenceScores:
         ``harmful=False``, the other end, with their scores."""
         ids = self._order(query, harmful)[:k]
         name = self.query_names[query] if isinstance(query, int) else query
-        return Ranking(ids, self.column(query)[ids], None if self.labels is None else self.labels[ids], name, harmful)
+        marked = None if self.flipped is None else np.array([int(i) in self.flipped for i in ids], dtype=bool)
+        return Ranking(ids, self.column(query)[ids], None if self.labels is None else self.labels[ids], name, harmful,
+                       marked, None if self.flipped is None else (len(self.flipped), self.scores.shape[0]))
 
     def rows(self, top: int | None = None, sort: str | None = None) -> list[dict[str, Any]]:
         """The table (:func:`table_rows`): per query, its samples in ``sort`` order (default: most harmful first, as
@@ -163,9 +165,11 @@ def grid_column(grid: np.ndarray, t: int, what: str) -> int:
 
 @dataclass
 class Ranking:
-    """The top rows of :meth:`InfluenceScores.top`: ``ids``, ``scores`` and ``labels`` (or ``None``), best first.
+    """The top rows of :meth:`InfluenceScores.top`: ``ids``, ``scores`` and ``labels`` (or ``None``), best first, and
+    after ``with_labels(..., flipped=)`` whether each label was flipped (``flipped``; ``flipped_overall``: how many of
+    how many samples are).
 
-    Iterating yields ``(id, score)`` pairs; ``print()`` shows a table.
+    Iterating yields ``(id, score)`` pairs; ``print()`` shows a table (as the CLI's ``query``).
     """
 
     ids: np.ndarray
@@ -173,6 +177,8 @@ class Ranking:
     labels: np.ndarray | None
     query: str
     harmful: bool = True
+    flipped: np.ndarray | None = None
+    flipped_overall: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -181,7 +187,8 @@ class Ranking:
         return iter(zip(self.ids.tolist(), self.scores.tolist()))
 
     def __str__(self) -> str:
-        head = f"{'rank':>4} {'id':>6} {'score':>12}" + (f" {'label':>5}" if self.labels is not None else "")
+        head = f"{'rank':>4} {'id':>6} {'score':>12}" + (f" {'label':>5}" if self.labels is not None else "") \
+            + (" flipped" if self.flipped is not None else "")
         if self.query == "self":  # self-influence: high = fitted only because trained on (mislabelled candidates)
             title = "highest self-influence (look here for mislabelled samples):" if self.harmful else \
                 "lowest self-influence:"
@@ -190,8 +197,16 @@ class Ranking:
         lines = [title, head]
         for r, (i, s) in enumerate(self, 1):
             label = f" {int(self.labels[r - 1]):>5}" if self.labels is not None else ""
-            lines.append(f"{r:>4} {i:>6} {s:>12.4e}{label}")
+            flip = f" {'yes' if self.flipped[r - 1] else '':>7}" if self.flipped is not None else ""
+            lines.append(f"{r:>4} {i:>6} {s:>12.4e}{label}{flip}".rstrip())
+        if self.flipped is not None and self.flipped_overall is not None and len(self):
+            lines.append(flipped_summary(int(self.flipped.sum()), len(self), *self.flipped_overall))
         return "\n".join(lines)
+
+
+def flipped_summary(hits: int, k: int, total: int, n: int) -> str:
+    """How many of ``k`` listed samples carry a flipped label, against ``total`` of the ``n`` training samples."""
+    return f"flipped labels among these {k}: {hits} ({hits / k:.0%}); {total} of {n} ({total / n:.0%}) are flipped overall"
 
 
 SORTS = ("negative", "positive", "abs")
