@@ -315,9 +315,37 @@ def test_timeline_table(run, capsys):
     lines = out.splitlines()
     assert "3 windows over steps [0, 12) (3)" in lines[0]
     assert lines[1].startswith("patterns: early")
-    assert lines[2].split() == ["id", "label", "flipped", "pattern", "total", "0-4", "4-8", "8-12"]
-    assert len(lines) == 3 + 5
+    assert lines[2].startswith("noise σ per window")
+    head = 4 if lines[3].startswith("note: ") else 3
+    assert lines[head].split() == ["id", "label", "flipped", "pattern", "total", "0-4", "4-8", "8-12"]
+    assert len(lines) == head + 1 + 5
     assert "tracin window 3/3" in err
+
+
+def test_timeline_shows_the_noise_its_patterns_were_calibrated_with(run, capsys):
+    """A small text classifier's timeline labelled the run's most harmful samples 'negligible' (σ_w, the robust
+    spread of a window's scores, is no noise level when every sample matters) and showed no σ: now the table and the
+    JSON give σ_w, and a note says when samples of the largest totals are 'negligible'."""
+    from lightning_influence.cli.timeline import noise_line
+    from lightning_influence.evaluation import classify_windows
+
+    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "-k", "0", "-f", "json", "-q")
+    assert code == 0, err
+    res = json.loads(out)["results"][0]
+    x = np.array([row["windows"] for row in res["rows"]])
+    np.testing.assert_allclose(res["noise"], 1.4826 * np.median(np.abs(x), axis=0), rtol=1e-12)
+    code, out, err = cli(capsys, "timeline", run.log, "-c", run.config, "-m", "tracin", "-k", "2", "-q")
+    assert f"median |score|, docs/trust.md §4): {' '.join(f'{v:.2e}' for v in res['noise'])};" in out.splitlines()[2]
+
+    rng = np.random.default_rng(0)
+    one_population = rng.normal(size=(300, 4))  # every sample matters about as much: σ_w is their spread
+    line = noise_line(np.median(np.abs(one_population), axis=0) * 1.4826, one_population.sum(1),
+                      classify_windows(one_population).labels)
+    assert "\nnote: " in line and "of the 10 samples of largest |total| are negligible" in line
+    heavy = rng.normal(scale=1e-3, size=(300, 4))  # noise, and ten samples that matter
+    heavy[:10] += rng.choice([-1.0, 1.0], size=(10, 1))
+    assert "note" not in noise_line(np.median(np.abs(heavy), axis=0) * 1.4826, heavy.sum(1),
+                                    classify_windows(heavy).labels)
 
 
 # ------------------------------------------------------------------------------------ evaluate

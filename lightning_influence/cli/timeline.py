@@ -11,6 +11,7 @@ from lightning_influence.cli.common import (UserError, add_process_args, emit, f
                                             json_text, once, output_format, parse_grid, parse_window, processes, row_count,
                                             sign_line)
 from lightning_influence.cli.context import prepare
+from lightning_influence.evaluation.patterns import noise_scale
 from lightning_influence.cli.methods import SPLITS_HELP, METHODS, compute_windows, method_help, canonical_method
 from lightning_influence.distributed import DistributedQueryError, global_rank
 from lightning_influence.estimators.scores import csv_text, ranked, sort_order
@@ -92,8 +93,10 @@ def cmd_timeline(args: argparse.Namespace) -> int:
         rows = [{"id": int(j), "label": int(lb) if lb >= 0 else None, "flipped": flip_cell(ctx, int(j)),
                  "pattern": None if patterns is None else str(patterns[j]), "total": float(total[j]),
                  "windows": [float(v) for v in x[j]]} for j, lb in zip(ids, lbl)]
+        noise = None if patterns is None else noise_scale(x)  # the σ_w classify_windows calibrated the patterns with
         results.append({"method": method_name, "query": qname, "grid": [list(w) for w in windows], "grid_labels": labels,
-                        "pattern_counts": counts, "rows": rows})
+                        "pattern_counts": counts, "noise": None if noise is None else [float(v) for v in noise],
+                        "rows": rows})
         if fmt == "table":
             head = [f"{method_name}: query {qname}, {len(windows)} windows over steps [{windows[0][0]}, {windows[-1][1]}) "
                     f"({args.grid}), {x.shape[0]} samples; {sign_line(is_loss, qname)}"]
@@ -105,6 +108,7 @@ def cmd_timeline(args: argparse.Namespace) -> int:
                     extra = f" ({len(set(np.nonzero(patterns == p)[0].tolist()) & flipped)} flipped)" if flipped is not None else ""
                     per.append(f"{p} {c}{extra}")
                 head.append("patterns: " + ", ".join(per))
+                head.append(noise_line(noise, total, patterns))
             has_label = any(r["label"] is not None for r in rows)
             header = ["id"] + (["label"] if has_label else []) + (["flipped"] if flipped is not None else []) + \
                 ["pattern", "total"] + labels
@@ -122,6 +126,20 @@ def cmd_timeline(args: argparse.Namespace) -> int:
     else:
         emit(args, "\n\n".join(texts))
     return 0
+
+
+def noise_line(noise: np.ndarray, total: np.ndarray, patterns: np.ndarray) -> str:
+    """The noise level σ_w the patterns were calibrated with (the robust spread of each window's scores, docs/trust.md
+    §4), and, where samples of the largest totals are 'negligible', what that says: the scores spread as one population
+    (every sample of a small training set matters), so σ_w is their spread, not a noise, and 'negligible' is relative."""
+    line = (f"noise σ per window (1.4826·median |score|, docs/trust.md §4): {' '.join(_short(v) for v in noise)}; "
+            "negligible = no window's score and not their sum beyond 3σ")
+    top = np.argsort(-np.abs(total), kind="stable")[:10]
+    flat = int(np.count_nonzero(patterns[top] == "negligible"))
+    if flat:
+        line += (f"\nnote: {flat} of the {len(top)} samples of largest |total| are negligible: the scores spread as one "
+                 "population, so σ is their spread, not a noise level, and the patterns compare samples with each other")
+    return line
 
 
 def _short(v: float) -> str:
