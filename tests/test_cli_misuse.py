@@ -203,3 +203,20 @@ def test_builder_returning_a_plain_module_names_it(run, tmp_path, capsys):
     assert "it returned a tuple whose first item is a Linear (a torch.nn.Module, not a LightningModule)" in line
     line = _error(capsys, "query", run.log, "-m", "tracin", "-q", "--builder", f"{builder}:no_module")
     assert "it returned a dict without 'module' (keys: model)" in line
+
+
+def test_deleted_segment_files_are_named(run, tmp_path, capsys):
+    """A finished log whose segment files were deleted was described as 'the run just started, or was killed before
+    its first flush'; with no writer holding it, info names deleted segment files and exits 2."""
+    import shutil
+    from pathlib import Path
+
+    log = tmp_path / "log"
+    shutil.copytree(run.log, log)
+    for seg in Path(log).glob("rank-*/seg-*.h5"):
+        seg.unlink()
+    assert main(["info", str(log)]) == 2
+    out = capsys.readouterr().out
+    assert "integrity    PROBLEMS: no step is in a closed segment yet (no writer holds it: the fit stopped before its " \
+           "first flush, or its segment files (rank-*/seg-*.h5) were deleted or moved since; restore them from a " \
+           "backup)" in out

@@ -197,7 +197,7 @@ class InfluenceLog(SegmentRows):
         if self.finished:
             note = f"the run finished: steps {first}..{end} and the final parameters θ_{end + 1} are stored"
         elif not len(self.steps):
-            note = "no step is in a closed segment yet (the run just started, or was killed before its first flush)"
+            note = "no step is in a closed segment yet" + _empty_note(self.path)
         else:
             note = f"steps {first}..{end} are complete; " + _writer_note(self.path)
         lagging = [f"rank {r} has steps up to {e}" for r, e in zip(self.ranks, ends) if e is not None and e > end]
@@ -481,6 +481,20 @@ class InfluenceLog(SegmentRows):
         with reading(self._segs[seg].path, f"checkpoint {step}"):
             return seg, self._file(seg)["checkpoints"][CHECKPOINT_GROUP.format(step=step)]
 
+
+
+def _empty_note(path: Path) -> str:
+    """Why a log holds no complete step: its writer runs and has not flushed yet, is gone, or ended (a fit that let go
+    of the log before its first flush, or segment files deleted since)."""
+    state, holder = writer_state(path)
+    if state == "live":
+        return f" (the run just started: its writer, {describe_holder(holder)}, has not flushed a segment yet)"
+    if state == "gone":
+        return f" (the run was killed before its first flush: its writer, {describe_holder(holder)}, is gone)"
+    if state == "none":  # no writer holds it: a fit that stopped before its first flush, or its segments deleted
+        return (" (no writer holds it: the fit stopped before its first flush, or its segment files (rank-*/seg-*.h5) "
+                "were deleted or moved since; restore them from a backup)")
+    return " (the run just started, or was killed before its first flush)"
 
 
 def _writer_note(path: Path) -> str:
