@@ -201,7 +201,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               "metrics": metrics, "truth_noise_floor": floor,
               "truth_above_floor": None if truth is None else int(np.count_nonzero(np.abs(truth) > floor)),
               "truth_linearity": linearity,
-              "replay_drift": {k: v for k, v in drifts.items() if v}, "verdict": verdict(metrics, truth, floor, linearity),
+              "replay_drift": {k: v for k, v in drifts.items() if v}, "verdict": verdict(metrics, truth, floor, linearity, args.in_window),
               **{k: v.to_dict() for k, v in trust.items()}}
     fmt = output_format(args)
     if fmt == "json":

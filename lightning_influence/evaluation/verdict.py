@@ -46,7 +46,7 @@ def truth_linearity(full: np.ndarray, half: np.ndarray) -> dict[str, float]:
 
 
 def verdict(metrics: Mapping[str, Mapping[str, float]], truth: np.ndarray | None, floor: float | None,
-            linearity: Mapping[str, float] | None = None) -> str:
+            linearity: Mapping[str, float] | None = None, in_window: bool = False) -> str:
     """One line: which method agrees with the truth, whether the methods disagree, or why nothing can be judged.
 
     Args:
@@ -54,6 +54,7 @@ def verdict(metrics: Mapping[str, Mapping[str, float]], truth: np.ndarray | None
         truth: the truth values of the evaluated samples, or ``None`` (no ground truth).
         floor: the truth's noise floor (:func:`truth_noise_floor`), or ``None``.
         linearity: the truth's :func:`truth_linearity`, or ``None`` (not measured).
+        in_window: the truth removed the samples only inside the window (``--in-window``): the advice is a shorter one.
     """
     flips = {m: row["flipped_auroc"] for m, row in metrics.items() if np.isfinite(row.get("flipped_auroc", np.nan))}
     best_flip = max(flips, key=flips.get) if flips else None
@@ -73,7 +74,7 @@ def verdict(metrics: Mapping[str, Mapping[str, float]], truth: np.ndarray | None
         line = ("leave-one-out is not linear in the removal on this window (half a removal, doubled, against a whole "
                 f"one: Pearson {lin:.2f}): no first-order method (DIT, TracIn, Diff-In) can follow it, and the agreement "
                 f"measures training's nonlinearity more than the methods (best: {best}, Spearman {ranked[best]:.2f}); "
-                "judge them on a shorter window with --in-window")
+                f"judge them on a shorter window{'' if in_window else ' with --in-window'}")
     elif ranked[best] < 0.3:
         line = f"no method agrees with leave-one-out on this window (best: {best}, Spearman {ranked[best]:.2f})"
     else:
