@@ -88,6 +88,16 @@ def test_a_fractional_window_at_the_end_is_the_last_step(tmp_path):
     assert log.window("0:0.01") == (0, 1)
 
 
+@pytest.mark.parametrize("bad", [["epoch", 2], 5, (0, 10, 20), ("a", "b"), (None, 10), range(0, 10), (True, 3),
+                                 ("epoch", 1.5, 3)])
+def test_a_window_of_another_form_is_refused_naming_the_forms(tmp_path, bad):
+    """["epoch", 2] failed with "invalid literal for int() with base 10: 'epoch'", 5 with "object of type 'int' has no
+    len()", (None, 10) with int()'s TypeError: now one ValueError listing the forms a window takes."""
+    synthetic_log(tmp_path, steps=20, epochs_of=lambda t: t // 5)
+    with pytest.raises(ValueError, match=r"^cannot read window .*: use \(t1, t2\) \(steps\)"):
+        InfluenceLog(tmp_path).window(bad)
+
+
 def test_missing_records_are_refused(tmp_path):
     synthetic_log(tmp_path)
     log = InfluenceLog(tmp_path)

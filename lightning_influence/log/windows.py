@@ -23,6 +23,19 @@ def fraction_step(log: "InfluenceLog", fraction: float) -> int:
     return first + int(round(float(fraction) * (log.num_steps - first)))
 
 
+def _window_form(spec: Any) -> bool:
+    """``spec`` is ``(t1, t2)`` of numbers or ``("epoch", a, b)`` of ints (what :func:`step_window` reads after
+    parsing a string)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+    if not isinstance(spec, (tuple, list, np.ndarray)) or np.ndim(spec) != 1:
+        return False
+    if len(spec) == 3:
+        return spec[0] in ("epoch", "epochs") and all(number(v) and float(v).is_integer() for v in spec[1:])
+    return len(spec) == 2 and all(number(v) for v in spec)
+
+
 def step_window(log: "InfluenceLog", spec: Any) -> tuple[int, int]:
     """:meth:`InfluenceLog.window <lightning_influence.log.reader.InfluenceLog.window>` of ``log`` (the accepted
     forms are listed there)."""
@@ -41,7 +54,10 @@ def step_window(log: "InfluenceLog", spec: Any) -> tuple[int, int]:
             spec = (float(lo) if lo else 0.0, float(hi) if hi else 1.0)
         else:
             spec = (int(lo) if lo else 0, int(hi) if hi else T)
-    if len(spec) == 3 and spec[0] in ("epoch", "epochs"):
+    if not _window_form(spec):
+        raise ValueError(f"cannot read window {spec!r}: use (t1, t2) (steps), (0.8, 1.0) (fractions), ('epoch', 3, 5) "
+                         "(epochs 3 and 4), None (the whole run), or a string '100:500', '0.8:1.0', 'epoch 3:5'")
+    if len(spec) == 3:
         a, b = int(spec[1]), int(spec[2])
         lo, hi = int(log.epochs.min()), int(log.epochs.max())
         sel = np.nonzero((log.epochs_of_step >= a) & (log.epochs_of_step < b))[0]
