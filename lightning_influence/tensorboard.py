@@ -40,6 +40,7 @@ through the trainer's ``TensorBoardLogger``; silent without one). Tags::
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -524,8 +525,10 @@ class LiveTensorBoard:
         return cls(logger.experiment, getattr(trainer, "log_every_n_steps", 50))
 
     def on_step(self, step: int, record: Any, bytes_on_disk: int) -> None:
-        """After the tracker recorded optimizer step ``step`` (a ``StepRecord``)."""
-        now = time.perf_counter()
+        """After the tracker recorded optimizer step ``step`` (a ``StepRecord``). Steps reach here a few at a time
+        (``tracker_inflight``), so a step's wall time is the time between the tracker's recordings of it and of the
+        step before (``record.recorded_at``), not between these calls."""
+        now = record.recorded_at if math.isfinite(record.recorded_at) else time.perf_counter()
         self._seconds.append(float(record.tracker_seconds))
         if self._last_wall is not None and now > self._last_wall:
             self._fractions.append(min(1.0, float(record.tracker_seconds) / (now - self._last_wall)))
