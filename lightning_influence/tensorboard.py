@@ -6,8 +6,11 @@ module draws and writes them.
 **Live** (:class:`LiveTensorBoard`, used by :class:`~lightning_influence.InfluenceTracker`
 through the trainer's ``TensorBoardLogger``; silent without one). Tags::
 
-    influence_tracker/seconds_per_step     tracker time per optimizer step (mean over log_every_n_steps)
-    influence_tracker/overhead_fraction    tracker time / wall time of the step
+    influence_tracker/seconds_per_step     tracker time per optimizer step (mean over log_every_n_steps): its callback
+                                           hooks only, not the gradient capture inside forward and backward nor the
+                                           writer thread (a GroupNorm CNN, 2026-12-01: 0.25 ms of the 2.9 ms a step
+                                           the tracker added, fits of 600 steps with and without it)
+    influence_tracker/overhead_fraction    tracker time / wall time of the step (the same part of the tracker)
     influence_tracker/bytes_recorded       cumulative bytes of records handed to the log writer
     influence_tracker/bytes_on_disk        cumulative bytes of closed segment files
     influence_tracker/per_sample_loss      histogram per epoch (when losses are recorded)
