@@ -12,7 +12,10 @@ import numpy as np
 
 from lightning_influence.evaluation.metrics import pearson, spearman
 
-__all__ = ["LINEAR_PEARSON", "truth_linearity", "truth_noise_floor", "verdict"]
+__all__ = ["DETECTS_AUROC", "LINEAR_PEARSON", "truth_linearity", "truth_noise_floor", "verdict"]
+
+DETECTS_AUROC = 0.6
+"""Below this flipped-label AUROC (0.5: chance) the verdict does not call a method a detector of flipped labels."""
 
 LINEAR_PEARSON = 0.8
 """Below this Pearson correlation between half a removal (doubled) and a whole one, leave-one-out is called
@@ -56,9 +59,12 @@ def verdict(metrics: Mapping[str, Mapping[str, float]], truth: np.ndarray | None
         linearity: the truth's :func:`truth_linearity`, or ``None`` (not measured).
         in_window: the truth removed the samples only inside the window (``--in-window``): the advice is a shorter one.
     """
-    flips = {m: row["flipped_auroc"] for m, row in metrics.items() if np.isfinite(row.get("flipped_auroc", np.nan))}
-    best_flip = max(flips, key=flips.get) if flips else None
-    flip_text = f"{best_flip} detects flipped labels best (AUROC {flips[best_flip]:.2f})" if best_flip else ""
+    known = {m: row["flipped_auroc"] for m, row in metrics.items() if np.isfinite(row.get("flipped_auroc", np.nan))}
+    best_flip = max(known, key=known.get) if known else None
+    if best_flip is not None and known[best_flip] < DETECTS_AUROC:  # chance level: no detector to name
+        flip_text, best_flip = f"no method detects flipped labels (best AUROC {known[best_flip]:.2f})", None
+    else:
+        flip_text = f"{best_flip} detects flipped labels best (AUROC {known[best_flip]:.2f})" if best_flip else ""
     if truth is None or not len(truth):
         return f"no ground truth; {flip_text}" if flip_text else "no ground truth and no known flipped labels: nothing to judge"
     above = int(np.count_nonzero(np.abs(truth) > (floor or 0.0)))
