@@ -13,8 +13,10 @@ Also a cheaper column side for ``(16, 16)``, measured and not adopted: ``P_c = (
 ``N(0, 1/a)`` shared by the kernel's nine offsets, ``R`` ``9a x 16`` ``N(0, 1/16)``: still ``E[P_c P_cᵀ] = I``), which
 the engine could compute as a 1x1 convolution to ``a`` channels and a 3x3 convolution to 16 (``a = 16``: 0.61x the
 column convolution's multiply-adds, ``a = 8``: 0.36x), against a plain Gaussian ``P_c`` drawn the same way (both here,
-not by ``KroneckerProjector``). The relative error is heavy-tailed over seeds (30 seeds moved a mean by ±0.05 between
-runs), hence 300 by default.
+not by ``KroneckerProjector``). Then the same measures over the whole model (every tensor's exact per-sample gradient,
+projected as the tracker does, biases folded) with the second convolution at the rule's split and at the cheaper
+ones: what a TracIn score at one checkpoint sees. The relative error is heavy-tailed over seeds (30 seeds moved a mean
+by ±0.05 between runs), hence 300 by default.
 
     python benchmarks/split_accuracy.py [--seeds 300] [--out benchmarks/results/split_accuracy.json]
 """
@@ -26,6 +28,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +38,11 @@ from torch.func import functional_call, grad, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.accuracy import write_results  # noqa: E402
 from benchmarks.overhead_models import CNN  # noqa: E402
+from lightning_influence.capture.layers import foldable_biases  # noqa: E402
 from lightning_influence.capture.projection import KroneckerProjector  # noqa: E402
 
 SPLITS = [(16, 16), (32, 8), (64, 4), (8, 32), (25, 10)]  # (25, 10): the column convolution of a = 16's cost
+WHOLE_SPLITS = [None, (25, 10), (32, 8)]  # the second convolution's split in the whole model (None: the rule's)
 CHANNEL_MAPS = [None, 16, 8]  # two-stage column sides of (16, 16): a (None: a plain Gaussian P_c drawn alike)
 LAYER = "3"  # the second convolution of CNN().net
 
@@ -78,15 +83,16 @@ def main() -> None:
     exact = torch.einsum("irc,jrc->ij", *blocks)
     shapes = {weight: tuple(params[weight].shape), bias: tuple(params[bias].shape)}
 
-    def accuracy(label: str, project: Callable[[int, torch.Tensor], torch.Tensor]) -> dict[str, float]:
-        """Relative error and mean Spearman over seeds of ``project(seed, blocks) -> (n, k)``, mean ± standard error,
-        printed on a row of the table."""
+    def accuracy(label: str, project: Callable[[int, Any], torch.Tensor], inputs: list[Any],
+                 truth: torch.Tensor) -> dict[str, float]:
+        """Relative error and mean Spearman over seeds of the projected inner products (``project(seed, inputs[i]) ->
+        (n, k)``) against ``truth``, mean ± standard error, printed on a row of the table."""
         errors, rhos = [], []
         for seed in range(args.seeds):
-            train, query = (project(seed, b) for b in blocks)
+            train, query = (project(seed, b) for b in inputs)
             est = train @ query.T
-            errors.append(float((est - exact).norm() / exact.norm()))
-            rhos.append(sum(spearmanr(est[:, j], exact[:, j])[0] for j in range(args.queries)) / args.queries)
+            errors.append(float((est - truth).norm() / truth.norm()))
+            rhos.append(sum(spearmanr(est[:, j], truth[:, j])[0] for j in range(args.queries)) / args.queries)
         err, rho, se = torch.tensor(errors), torch.tensor(rhos), math.sqrt(args.seeds)
         print(f"{label:>24} {err.mean():10.4f} ± {err.std() / se:.4f} {rho.mean():12.4f} ± {rho.std() / se:.4f}")
         return {"relative_error": float(err.mean()), "relative_error_se": float(err.std() / se),
@@ -114,15 +120,30 @@ def main() -> None:
             return torch.einsum("nrc,rk,cl->nkl", b, p_r, p_c).flatten(1)
         return project
 
+    def whole_model(split: tuple[int, int] | None) -> Callable[[int, dict], torch.Tensor]:
+        def project(seed: int, g: dict) -> torch.Tensor:
+            return KroneckerProjector(all_shapes, 256, seed, fold, None if split is None else {weight: split}).project(g)
+        return project
+
     print(f"{'split':>24} {'relative error':>18} {'Spearman per query':>20}")
-    rows, maps = [], []
+    rows, maps, whole = [], [], []
     for split in SPLITS:
-        rows.append({"split": list(split), **accuracy(str(split), by_projector(split))})
+        rows.append({"split": list(split), **accuracy(str(split), by_projector(split), blocks, exact)})
     for a in CHANNEL_MAPS:
         label = "(16, 16) Gaussian, alike" if a is None else f"(16, 16) two-stage a={a}"
-        maps.append({"channel_map": a, **accuracy(label, two_stage(a))})
+        maps.append({"channel_map": a, **accuracy(label, two_stage(a), blocks, exact)})
+    # the whole model's inner products (every tensor, the tracker's projection) with the second convolution's split
+    names = list(params)
+    all_shapes = {n: tuple(params[n].shape) for n in names}
+    fold = foldable_biases(net, names)
+    flat = [torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], 1) for g in grads]
+    print("whole model (every tensor at k = 256; the second convolution's split):")
+    for split in WHOLE_SPLITS:
+        label = "by the rule, (16, 16)" if split is None else str(split)
+        whole.append({"split": None if split is None else list(split),
+                      **accuracy(label, whole_model(split), grads, flat[0] @ flat[1].T)})
     write_results({"steps": args.steps, "train": args.train, "queries": args.queries, "seeds": args.seeds,
-                   "splits": rows, "two_stage": maps}, args.out)
+                   "splits": rows, "two_stage": maps, "whole_model": whole}, args.out)
 
 
 if __name__ == "__main__":

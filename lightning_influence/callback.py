@@ -403,7 +403,8 @@ class InfluenceTracker(TrackerLifecycle):
         if self._checkpoints_at(step):
             checkpoint = checkpoint_record(pl_module, optimizer, step, wait=False, buffers=pending.buffers,
                                            params=pending.params)
-        record.tracker_seconds = pending.seconds + time.perf_counter() - t0
+        record.recorded_at = time.perf_counter()
+        record.tracker_seconds = pending.seconds + record.recorded_at - t0
         # the host copies start now (θ_t before the optimizer changes it), non-blocking from a GPU
         copy = HostCopy.of_step(rows, None if checkpoint is None else (checkpoint.params, checkpoint.optimizer_state,
                                                                       checkpoint.buffers),

@@ -6,8 +6,11 @@ module draws and writes them.
 **Live** (:class:`LiveTensorBoard`, used by :class:`~lightning_influence.InfluenceTracker`
 through the trainer's ``TensorBoardLogger``; silent without one). Tags::
 
-    influence_tracker/seconds_per_step     tracker time per optimizer step (mean over log_every_n_steps)
-    influence_tracker/overhead_fraction    tracker time / wall time of the step
+    influence_tracker/seconds_per_step     tracker time per optimizer step (mean over log_every_n_steps): its callback
+                                           hooks only, not the gradient capture inside forward and backward nor the
+                                           writer thread (a GroupNorm CNN, 2026-12-01: 0.25 ms of the 2.9 ms a step
+                                           the tracker added, fits of 600 steps with and without it)
+    influence_tracker/overhead_fraction    tracker time / wall time of the step (the same part of the tracker)
     influence_tracker/bytes_recorded       cumulative bytes of records handed to the log writer
     influence_tracker/bytes_on_disk        cumulative bytes of closed segment files
     influence_tracker/per_sample_loss      histogram per epoch (when losses are recorded)
@@ -40,6 +43,7 @@ through the trainer's ``TensorBoardLogger``; silent without one). Tags::
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -524,8 +528,10 @@ class LiveTensorBoard:
         return cls(logger.experiment, getattr(trainer, "log_every_n_steps", 50))
 
     def on_step(self, step: int, record: Any, bytes_on_disk: int) -> None:
-        """After the tracker recorded optimizer step ``step`` (a ``StepRecord``)."""
-        now = time.perf_counter()
+        """After the tracker recorded optimizer step ``step`` (a ``StepRecord``). Steps reach here a few at a time
+        (``tracker_inflight``), so a step's wall time is the time between the tracker's recordings of it and of the
+        step before (``record.recorded_at``), not between these calls."""
+        now = record.recorded_at if math.isfinite(record.recorded_at) else time.perf_counter()
         self._seconds.append(float(record.tracker_seconds))
         if self._last_wall is not None and now > self._last_wall:
             self._fractions.append(min(1.0, float(record.tracker_seconds) / (now - self._last_wall)))

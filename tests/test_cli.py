@@ -399,6 +399,29 @@ def test_evaluate_replay_ground_truth(run, capsys):
     assert res["truth_noise_floor"] > 0 and 0 <= res["truth_above_floor"] <= 4 and res["verdict"]
 
 
+def test_evaluate_names_a_dit_removed_over_other_steps_than_the_truth(run, capsys):
+    """``evaluate -w 'epoch 2:' --in-window -m dit`` compared DIT (each sample removed from every step before the
+    window's end) with a truth removed only inside the window, and said no more than 'no method agrees'; the verdict
+    now names the mismatch (and the reverse one of dit-local against a truth removed from the start)."""
+    def verdict_of(*argv):
+        code, out, err = cli(capsys, "evaluate", run.log, "-w", "epoch 2:", "--samples", "3,7,11", "-q", "-f", "json",
+                             "--no-linearity", *argv)
+        assert code == 0, err
+        return json.loads(out)["verdict"]
+
+    full_vs_local = verdict_of("-m", "dit", "-m", "tracin", "--in-window")
+    assert full_vs_local.endswith("; dit removes each sample from every step before the window's end, the truth "
+                                  "(--in-window) only inside the window: compare dit-local, or drop --in-window")
+    local_vs_full = verdict_of("-m", "dit-local")
+    assert local_vs_full.endswith("; dit-local (approx.) sweeps only inside the window, the truth removes each sample "
+                                  "from every step before its end: add --in-window, or compare dit")
+    assert "removes each sample" not in verdict_of("-m", "dit-local", "--in-window")
+    assert "removes each sample" not in verdict_of("-m", "dit")
+    code, out, err = cli(capsys, "evaluate", run.log, "--samples", "3,7,11", "-q", "-f", "json", "--no-linearity",
+                         "-m", "dit-local", "--in-window", "-w", "0:8")  # a window from the start: the same removal
+    assert code == 0 and "removes each sample" not in json.loads(out)["verdict"], err
+
+
 def test_evaluate_trust_tools_match_direct_calls(run, direct, capsys):
     from lightning_influence.evaluation import pbrf
 

@@ -268,3 +268,30 @@ def torch_digit(j: int):
     import torch
 
     return torch.arange(64, dtype=torch.float32) * (j + 1)
+
+
+def test_live_overhead_fraction_is_per_step_not_per_handoff():
+    """The tracker hands steps to the writer (and the live TensorBoard) a few at a time, back to back: the fraction
+    divided each step's tracker time by the time since the previous hand-off, microseconds for all but the first of a
+    group, so it read min(1, ...) ≈ 0.67 whatever the overhead. A step's wall time is now the time between the tracker's
+    recordings of it and of the step before."""
+    from lightning_influence.log.records import StepRecord
+
+    class Experiment:
+        def __init__(self):
+            self.scalars = {}
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.setdefault(tag.rsplit("/", 1)[1], []).append((step, value))
+
+    live = LiveTensorBoard(Experiment(), every=6)
+    wall = [0.010, 0.020, 0.010, 0.040, 0.010, 0.010]  # each step's wall time; the tracker takes 2 ms of each
+    start = 100.0
+    for first in (0, 3):  # handed on three at a time, back to back
+        for t in range(first, first + 3):
+            rec = StepRecord(step=t, epoch=0, batch_idx=t, micro_batches=1, lrs=[0.1], ids=np.arange(4),
+                             tracker_seconds=0.002, recorded_at=start + sum(wall[: t + 1]))
+            live.on_step(t, rec, 0)
+    (step, fraction), = live.experiment.scalars["overhead_fraction"]
+    assert step == 5 and fraction == pytest.approx(np.mean([0.002 / w for w in wall[1:]]))  # step 0: nothing before it
+    assert live.experiment.scalars["seconds_per_step"] == [(5, pytest.approx(0.002))]

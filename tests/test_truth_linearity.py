@@ -127,5 +127,7 @@ def test_linearity_in_the_verdict_on_hand_made_numbers():
     flat = {"pearson": 0.2, "spearman": 0.1}
     assert verdict(metrics, full, 0.0, flat).startswith("leave-one-out is not linear in the removal on this window "
                                                        "(half a removal, doubled, against a whole one: Pearson 0.20)")
+    assert verdict(metrics, full, 0.0, flat).endswith("judge them on a shorter window with --in-window")
+    assert verdict(metrics, full, 0.0, flat, in_window=True).endswith("judge them on a shorter window")  # already is
     assert verdict(metrics, full, 0.0, {"pearson": 0.95, "spearman": 0.9}).startswith("no method agrees")
     assert verdict({"dit": {"spearman": 0.9}}, full, 0.0, None).startswith("dit agrees best")

@@ -44,3 +44,13 @@ def test_demo_last_epoch_sentence_is_measured():
     assert "only 1 of 2 flipped samples (2 samples in all)" in line
     annealed = SimpleNamespace(lr=lambda t: np.array([0.1 if t < 10 else 0.025]))
     assert "learning rate has annealed to 25% of epoch 0's" in last_epoch_note(annealed, patterns, flipped, 20)
+
+
+def test_verdict_calls_no_method_a_detector_at_chance():
+    """'tracin detects flipped labels best (AUROC 0.50)' was said of a chance-level ranking: below DETECTS_AUROC the
+    verdict names no detector."""
+    metrics = {"dit": {"spearman": 0.9, "flipped_auroc": 0.48}, "tracin": {"spearman": 0.2, "flipped_auroc": 0.50}}
+    assert verdict(metrics, np.array([1.0, -2.0, 3.0]), floor=0.0) == \
+        "dit agrees best with leave-one-out (Spearman 0.90; tracin 0.20)"
+    assert verdict({"x": {"flipped_auroc": 0.55}}, None, None) == \
+        "no ground truth; no method detects flipped labels (best AUROC 0.55)"

@@ -201,7 +201,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               "metrics": metrics, "truth_noise_floor": floor,
               "truth_above_floor": None if truth is None else int(np.count_nonzero(np.abs(truth) > floor)),
               "truth_linearity": linearity,
-              "replay_drift": {k: v for k, v in drifts.items() if v}, "verdict": verdict(metrics, truth, floor, linearity),
+              "replay_drift": {k: v for k, v in drifts.items() if v}, "verdict": verdict(metrics, truth, floor, linearity, args.in_window)
+              + _removal_mismatch(list(estimates) if truth is not None else [], methods, args.in_window,
+                                  t1 > log.first_step),
               **{k: v.to_dict() for k, v in trust.items()}}
     fmt = output_format(args)
     if fmt == "json":
@@ -233,6 +235,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     emit(args, "\n".join(head + noise + [format_table(header, body), "", mtable]
                          + ["\n" + t.table() for t in trust.values()] + ["", f"verdict: {result['verdict']}"]))
     return 0
+
+
+# the DIT methods that sweep only inside the window: the counterparts of a truth removed only there (--in-window)
+_LOCAL = ("dit-local", "dit-gn-local")
+
+
+def _removal_mismatch(columns: list[str], methods: list[str], in_window: bool, inside: bool) -> str:
+    """The verdict's note where a DIT method and the truth remove the sample over different steps: a full DIT against
+    a truth removed only inside the window (``--in-window``), or a local one against a truth removed from the run's
+    start (no difference on a window that starts there, ``inside`` false)."""
+    if not columns or not inside:
+        return ""
+    named = dict(zip(methods, columns))  # the CLI's name -> the column the method filled
+    odd = [m for m in methods if m.startswith("dit") and (m in _LOCAL) != in_window]
+    if not odd:
+        return ""
+    cols = ", ".join(named.get(m, m) for m in odd)
+    if in_window:
+        return (f"; {cols} removes each sample from every step before the window's end, the truth (--in-window) only "
+                "inside the window: compare dit-local, or drop --in-window")
+    return (f"; {cols} sweeps only inside the window, the truth removes each sample from every step before its end: "
+            "add --in-window, or compare dit")
 
 
 def _replay_truth(args: argparse.Namespace, fn: Callable[..., Any], log: Any, query: Any, ctx: RunContext | None,

@@ -12,7 +12,10 @@ import numpy as np
 
 from lightning_influence.evaluation.metrics import pearson, spearman
 
-__all__ = ["LINEAR_PEARSON", "truth_linearity", "truth_noise_floor", "verdict"]
+__all__ = ["DETECTS_AUROC", "LINEAR_PEARSON", "truth_linearity", "truth_noise_floor", "verdict"]
+
+DETECTS_AUROC = 0.6
+"""Below this flipped-label AUROC (0.5: chance) the verdict does not call a method a detector of flipped labels."""
 
 LINEAR_PEARSON = 0.8
 """Below this Pearson correlation between half a removal (doubled) and a whole one, leave-one-out is called
@@ -46,7 +49,7 @@ def truth_linearity(full: np.ndarray, half: np.ndarray) -> dict[str, float]:
 
 
 def verdict(metrics: Mapping[str, Mapping[str, float]], truth: np.ndarray | None, floor: float | None,
-            linearity: Mapping[str, float] | None = None) -> str:
+            linearity: Mapping[str, float] | None = None, in_window: bool = False) -> str:
     """One line: which method agrees with the truth, whether the methods disagree, or why nothing can be judged.
 
     Args:
@@ -54,10 +57,14 @@ def verdict(metrics: Mapping[str, Mapping[str, float]], truth: np.ndarray | None
         truth: the truth values of the evaluated samples, or ``None`` (no ground truth).
         floor: the truth's noise floor (:func:`truth_noise_floor`), or ``None``.
         linearity: the truth's :func:`truth_linearity`, or ``None`` (not measured).
+        in_window: the truth removed the samples only inside the window (``--in-window``): the advice is a shorter one.
     """
-    flips = {m: row["flipped_auroc"] for m, row in metrics.items() if np.isfinite(row.get("flipped_auroc", np.nan))}
-    best_flip = max(flips, key=flips.get) if flips else None
-    flip_text = f"{best_flip} detects flipped labels best (AUROC {flips[best_flip]:.2f})" if best_flip else ""
+    known = {m: row["flipped_auroc"] for m, row in metrics.items() if np.isfinite(row.get("flipped_auroc", np.nan))}
+    best_flip = max(known, key=known.get) if known else None
+    if best_flip is not None and known[best_flip] < DETECTS_AUROC:  # chance level: no detector to name
+        flip_text, best_flip = f"no method detects flipped labels (best AUROC {known[best_flip]:.2f})", None
+    else:
+        flip_text = f"{best_flip} detects flipped labels best (AUROC {known[best_flip]:.2f})" if best_flip else ""
     if truth is None or not len(truth):
         return f"no ground truth; {flip_text}" if flip_text else "no ground truth and no known flipped labels: nothing to judge"
     above = int(np.count_nonzero(np.abs(truth) > (floor or 0.0)))
@@ -73,7 +80,7 @@ def verdict(metrics: Mapping[str, Mapping[str, float]], truth: np.ndarray | None
         line = ("leave-one-out is not linear in the removal on this window (half a removal, doubled, against a whole "
                 f"one: Pearson {lin:.2f}): no first-order method (DIT, TracIn, Diff-In) can follow it, and the agreement "
                 f"measures training's nonlinearity more than the methods (best: {best}, Spearman {ranked[best]:.2f}); "
-                "judge them on a shorter window with --in-window")
+                f"judge them on a shorter window{'' if in_window else ' with --in-window'}")
     elif ranked[best] < 0.3:
         line = f"no method agrees with leave-one-out on this window (best: {best}, Spearman {ranked[best]:.2f})"
     else:

@@ -40,6 +40,7 @@ class StepRecord:
     batch_grad_norm: float = float("nan")
     hvp_eps: float = float("nan")
     tracker_seconds: float = 0.0
+    recorded_at: float = float("nan")  # time.perf_counter() when the tracker recorded the step (live TensorBoard; not stored)
     micro: list[MicroRecord] | None = None  # None: one micro-batch of all ids, nothing else recorded
     grad_scale: float = float("nan")
     skipped: bool = False
