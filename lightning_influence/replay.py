@@ -153,9 +153,11 @@ def require_train_data(log: InfluenceLog, train_data: TrainData | None, who: str
     collate = ((log.meta.get("recipe") or {}).get("data") or {}).get("collate_fn")
     if collate and train_data is not None and not callable(train_data) and not isinstance(train_data, WithCollate):
         name = collate.get("function") or collate.get("name") or "its own collate_fn"
+        stored = (" (or train_data=None: this log stores every step's inputs, which the steps are replayed from)"
+                  if log.meta.get("inputs_stored") else "")
         raise ValueError(f"the run's DataLoader made its batches with {name}, not default_collate: pass "
                          f"train_data=WithCollate(train_set, {name.rsplit('.', 1)[-1]}) so that {who} rebuilds every "
-                         "step's batch as training did (lightning_influence.WithCollate)")
+                         f"step's batch as training did (lightning_influence.WithCollate){stored}")
 
 
 def samples_by_id_needed(what: str, instead: str = "") -> ValueError:

@@ -277,3 +277,79 @@ def test_stored_dataclass_batches_are_read_back_and_replayed(log_dir):
         pass
     for name, value in final.params.items():
         np.testing.assert_array_equal(value.detach().numpy(), log.checkpoint(6)[name])
+
+
+BUILDER = '''
+import sys
+sys.path.insert(0, {code!r})
+import padded_text
+
+
+def build():
+    data = padded_text.TextData()
+    data.setup()
+    return {{"module": padded_text.Bag(), "val_data": data.val_dataloader()}}
+'''
+
+
+def test_a_builder_without_training_data_takes_the_stored_set_with_the_runs_collate(plain, tmp_path, capsys):
+    """A --builder giving the model and the validation loader, not the training set, falls back to the samples the
+    log stored; on a run whose DataLoader padded with its own collate_fn that fallback lacked it, and DIT stopped with
+    "pass train_data=WithCollate(train_set, pad)", which a builder that returns no training set cannot act on. The
+    stored set is now collated by the recorded function, as without a builder: the scores are the in-process ones."""
+    script, log_dir = plain
+    builder = tmp_path / "build_padded.py"
+    builder.write_text(BUILDER.format(code=str(script.parent)))
+    code = main(["query", str(log_dir), "-m", "dit", "--top", "0", "-f", "json", "-q", "--builder", f"{builder}:build"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    got = scores_of(json.loads(out), 36)
+    mod, data, module = _in_process(script)
+    want = dit(InfluenceLog(log_dir), queries.mean_loss(queries.Batches(list(data.val_dataloader()))), module=module,
+               train_data=WithCollate(data.train, mod.pad)).column(0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    assert np.abs(want).max() > 1e-4
+
+
+def test_a_builder_without_training_data_is_told_to_return_it_where_the_collate_cannot_be_imported(plain, tmp_path,
+                                                                                                  capsys):
+    """Where the recorded collate function cannot be imported again, the refusal advised "pass --builder", which had
+    been passed: it now says the builder returns no train_data and what to return."""
+    import shutil
+
+    from lightning_influence.log.writer import write_meta
+
+    script, log_dir = plain
+    copy = tmp_path / "log"
+    shutil.copytree(log_dir, copy)
+    meta = read_meta(copy)
+    meta["recipe"]["data"]["collate_fn"]["function"] = "no_such_module_here.pad"
+    write_meta(copy, meta)
+    builder = tmp_path / "build_padded.py"
+    builder.write_text(BUILDER.format(code=str(script.parent)))
+    code = main(["query", str(copy), "-m", "dit", "-q", "--builder", f"{builder}:build"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--builder {builder}:build returns no train_data" in err and "no_such_module_here" in err
+    assert err.strip().endswith("Return train_data=lightning_influence.WithCollate(train_set, collate_fn) from the builder")
+
+
+def test_stored_inputs_with_a_plain_training_set_are_told_train_data_none(plain, tmp_path):
+    """A run with stored inputs (store_inputs=True: a random collate, token masking) needs no training set for DIT; a
+    plain dataset given anyway was told only to wrap it in the run's collate function (the random one)."""
+    script, _ = plain
+    mod, data, module = _in_process(script)
+    torch.set_default_dtype(torch.float64)
+    try:
+        trained = mod.Bag()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    fit(trained, data.train_dataloader(), InfluenceTracker(str(tmp_path / "log"), store_inputs=True,
+                                                           checkpoint_every_n_steps=4), epochs=1)
+    log = InfluenceLog(tmp_path / "log")
+    query = queries.mean_loss(data.val_dataloader())
+    with pytest.raises(ValueError, match=r"WithCollate\(train_set, pad\) .*\(or train_data=None: this log stores every "
+                                         r"step's inputs"):
+        dit(log, query, module=module, train_data=data.train)
+    np.testing.assert_array_equal(dit(log, query, module=module, train_data=None).column(0),
+                                  dit(log, query, module=module, train_data=WithCollate(data.train, mod.pad)).column(0))

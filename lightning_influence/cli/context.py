@@ -41,7 +41,7 @@ from lightning_influence.cli.datacheck import check_training_data
 from lightning_influence.cli.methods import METHODS, check_records, default_method
 from lightning_influence.estimators.scores import item_label
 from lightning_influence.queries import joined_batches
-from lightning_influence.recipe import RecipeError, concat_batches, import_class, instantiate, stored_data
+from lightning_influence.recipe import RecipeError, import_class, instantiate, stored_data
 
 
 
@@ -295,13 +295,7 @@ def _from_recipe(args: argparse.Namespace, log: Any) -> RunContext:
         datamodule = instantiate(import_class(dm_path, recipe, "datamodule", "--data"), dm_entry, "datamodule") \
             if dm_path else None
     data_info = recipe.get("data") or {}
-    stored = stored_data(log.path) if data_info.get("stored") else {}
-    if stored.get("train") is not None and data_info.get("collate_fn"):
-        entry = data_info["collate_fn"]
-        stored["train"] = WithCollate(stored["train"], _recorded_function(
-            entry, recipe, "collate function", "--builder",
-            f"the run's DataLoader collated its batches with {entry.get('name')}, and {entry.get('why')}; pass --builder "
-            "module:function returning train_data=lightning_influence.WithCollate(train_set, collate_fn) (and val_data)"))
+    stored = _stored(log) if data_info.get("stored") else {}
     loaders = datamodule if datamodule is not None else (module if data_info.get("train") == "module" else None)
     origin = "the log's recipe" + (f" ({path})" if path else "")
     if stored or loaders is not None or not recipe:
@@ -312,6 +306,20 @@ def _from_recipe(args: argparse.Namespace, log: Any) -> RunContext:
     return RunContext(module, None, origin, None, {}, f"the run was trained with plain DataLoaders and its log holds no "
                       f"copy of them ({why}); pass --builder module:function returning the data (or --data "
                       "module.DataModuleClass), or re-train with InfluenceTracker(store_data=True)")
+
+
+def _stored(log: Any) -> dict[str, Any]:
+    """The data the log stored (``recipe.stored_data``), its training set collated by the run's DataLoader's own
+    ``collate_fn`` where it had one (imported again)."""
+    recipe = log.meta.get("recipe") or {}
+    stored = stored_data(log.path)
+    entry = (recipe.get("data") or {}).get("collate_fn")
+    if stored.get("train") is not None and entry:
+        stored["train"] = WithCollate(stored["train"], _recorded_function(
+            entry, recipe, "collate function", "--builder",
+            f"the run's DataLoader collated its batches with {entry.get('name')}, and {entry.get('why')}; pass --builder "
+            "module:function returning train_data=lightning_influence.WithCollate(train_set, collate_fn) (and val_data)"))
+    return stored
 
 
 def _recorded_function(entry: dict[str, Any], recipe: dict[str, Any], what: str, flag: str, unnamed: str) -> Any:
@@ -385,7 +393,13 @@ def _from_builder(spec: str, log: Any) -> RunContext:
         data["train"] = by_id(data["train"])
     dm = out.get("datamodule")
     if dm is None and not data.get("train"):  # fall back to what the log stored
-        data = {**stored_data(log.path), **{k: v for k, v in data.items() if v is not None}}
+        try:
+            stored = _stored(log)
+        except UserError as err:  # its advice (pass --builder) is taken: say what the builder lacks
+            raise UserError(f"--builder {spec} returns no train_data, and the training set the log stored needs the "
+                            f"run's collate function: {err}. Return train_data=lightning_influence.WithCollate(train_set, "
+                            "collate_fn) from the builder") from err
+        data = {**stored, **{k: v for k, v in data.items() if v is not None}}
     ctx = RunContext(out["module"], dm, f"--builder {spec}", dm, data,
                      f"--builder {spec} returned no data and the log stores none; return train_data/val_data too")
     ctx.loss_fn = out.get("loss_fn")
