@@ -176,13 +176,28 @@ def outside_changes(summary: Mapping[str, Any], dtype: torch.dtype) -> str | Non
 
 
 def report_outside_changes(info: dict[str, Any], method: str, dtype: torch.dtype, estimator: str,
-                           stacklevel: int) -> str:
+                           stacklevel: int, fit_threads: int | None = None) -> str:
     """``method``, tagged where the drifts of ``info["replay_drift"]`` say the run changed θ or its buffers other than
     by its logged steps (:func:`outside_changes`), with ``info["changed_outside_optimizer"]`` set and a warning: an
-    estimator that linearises the logged steps (DIT, Diff-In) holds such changes constant."""
+    estimator that linearises the logged steps (DIT, Diff-In) holds such changes constant.
+
+    ``fit_threads``: the CPU threads the fit ran torch with (meta ``cpu_threads``). Where this process runs another
+    number, CPU kernels sum in another order and the replay rounds otherwise than training did, which the steps grow
+    beyond ``√eps`` (6.3e-4 of a segment's movement on a small transformer trained with 1 thread, replayed with 2):
+    no evidence of a change, so the drift is reported as that, with the number of threads that replays bit for bit."""
     outside = outside_changes(info["replay_drift"], dtype)
     if outside is None:
         return method
+    now = torch.get_num_threads()
+    if fit_threads and fit_threads != now:
+        info["replay_threads"] = {"fit": int(fit_threads), "now": now}
+        warnings.warn(f"{estimator}: {outside.split(' (more than rounding')[0]}, more than rounding, but this process "
+                      f"runs torch with {now} CPU threads where the fit ran with {fit_threads}: CPU kernels then sum in "
+                      "another order and the replay rounds otherwise than training did, which the steps grow. Run with "
+                      f"torch.set_num_threads({fit_threads}) (OMP_NUM_THREADS={fit_threads}) to replay the run bit for "
+                      "bit (a drift left then is a change outside the optimizer, which "
+                      f"{estimator} would hold constant); docs/replay.md", RuntimeWarning, stacklevel=stacklevel + 1)
+        return method + f" [replayed on {now} threads, trained on {fit_threads}]"
     info["changed_outside_optimizer"] = outside
     warnings.warn(f"{estimator}: {outside}. {estimator} treats those changes as constants: it leaves out how removing a "
                   "sample moves them. Check the scores with replay leave-one-out (evaluate), which replays the same "

@@ -56,6 +56,8 @@ def fit_metadata(tracker: Any, trainer: Any, module: nn.Module, optimizer: torch
         **({"recipe": record_recipe(trainer, module, tracker.log_dir, tracker.store_data, tracker.loss_fn)} if recipe else {}),  # recipe.py
         **({"frozen": store_frozen(tracker.log_dir, module)} if recipe else {}),  # step/frozen.py: written with a new log
         "world_size": trainer.world_size,
+        # CPU threads of torch's kernels: another number sums in another order (replay_drift.report_outside_changes)
+        "cpu_threads": torch.get_num_threads() if trainer.strategy.root_device.type == "cpu" else None,
         "dataset_size": dataset_size,
         "loss_reduction": "mean",
         "precision": precision.to_meta(),

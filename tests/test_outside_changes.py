@@ -162,3 +162,24 @@ def test_tracin_on_a_run_changed_outside_the_optimizer_is_its_formula_on_the_tra
                                     list(theta.values()))
             want[j] += log.lr(t)[0] / len(ids) * sum(float((a * b).sum()) for a, b in zip(q, g))
     np.testing.assert_allclose(scores.column(0), want, rtol=1e-9, atol=1e-15)
+
+
+def test_a_replay_on_another_number_of_cpu_threads_says_so(tmp_path):
+    """A small transformer trained with 1 thread and analysed with 2 drifted by 6.3e-4 of a segment's movement (CPU
+    kernels sum in another order) and DIT said something had changed θ outside the optimizer ('a clamp or
+    renormalisation in a hook, an EMA...'). The fit's threads are in the log now, and a drift on another number of
+    threads is reported as that, with the setting that replays bit for bit."""
+    from lightning_influence.log.format import read_meta
+    from lightning_influence.log.writer import write_meta
+
+    log = _fit(tmp_path, Renormed, "shrunk", shrink=1e-4)  # a drift beyond rounding: the hook's
+    assert log.meta["cpu_threads"] == torch.get_num_threads()
+    meta = read_meta(tmp_path / "shrunk")
+    meta["cpu_threads"] = torch.get_num_threads() + 1  # as if trained on another number of threads
+    write_meta(tmp_path / "shrunk", meta)
+    scores, said = _scores(InfluenceLog(tmp_path / "shrunk"), Renormed, train_data=WithIds(DS))
+    n = torch.get_num_threads()
+    assert len(said) == 1 and f"runs torch with {n} CPU threads where the fit ran with {n + 1}" in said[0]
+    assert f"torch.set_num_threads({n + 1})" in said[0] and "θ at the checkpoint" in said[0]
+    assert scores.method.endswith(f" [replayed on {n} threads, trained on {n + 1}]")
+    assert scores.info["replay_threads"] == {"fit": n + 1, "now": n} and "changed_outside_optimizer" not in scores.info

@@ -309,7 +309,8 @@ def _diffin(query: Query | None, log: InfluenceLog, module: nn.Module, train_dat
     if shard.world > 1:
         _combine(ctx, info, shard, own)
     info["replay_drift"] = ctx.drift.summary()
-    method = report_outside_changes(info, method, ctx.dtype, "Diff-In", stacklevel=4)
+    method = report_outside_changes(info, method, ctx.dtype, "Diff-In", stacklevel=4,
+                                    fit_threads=ctx.log.meta.get("cpu_threads"))
     if ctx.fd is not None:
         info.update(fd_checked=ctx.fd_checked, fd_blowups=ctx.fd_blowups, **ctx.fd.info())
         problems = []

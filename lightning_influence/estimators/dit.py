@@ -93,7 +93,8 @@ def _reported(ctx: _Context, res: Any, method: str) -> str:
     the adjoint's growth (:mod:`~lightning_influence.estimators.growth`) and changes the run made outside its logged
     optimizer steps (:func:`~lightning_influence.replay_drift.outside_changes`), which DIT holds constant."""
     method = res.growth.report(method, res.info, stacklevel=4)
-    return report_outside_changes(res.info, method, ctx.dtype, "DIT", stacklevel=4)
+    return report_outside_changes(res.info, method, ctx.dtype, "DIT", stacklevel=4,
+                                  fit_threads=ctx.log.meta.get("cpu_threads"))
 
 
 def _method(ctx: _Context, base: str, hvp: str, approx: bool = False, removal: str = "step") -> str:
