@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from _tinylog import epoch_batches, train_and_log
 from test_truth_linearity import GNNet, _data
+from lightning_influence import InfluenceTracker, WithIds
 from lightning_influence.cli import main
 
 N, BATCH, EPOCHS, LR, PROBES = 256, 32, 20, 0.2, [3, 10, 50, 100]
@@ -69,3 +72,45 @@ def test_floor_covers_the_truths_response_to_round_off(tmp_path, capsys):
     assert result["truth_noise_floor"] > 0.05 * response and result["truth_noise_floor"] > 100 * drift_only
     truth = np.array([s["truth"] for s in result["samples"]])
     assert result["truth_above_floor"] == int(np.count_nonzero(np.abs(truth) > result["truth_noise_floor"]))
+
+
+class Net(pl.LightningModule):
+    """The float32 GroupNorm CNN as a LightningModule, for a bf16-mixed fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = GNNet().net.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def per_sample_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+    def training_step(self, batch, batch_idx):
+        return self.per_sample_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return _sgd(self)
+
+
+def build_bf16():
+    """The --builder of the bf16-mixed run."""
+    return {**build(), "module": Net()}
+
+
+def test_bf16_mixed_run_is_probed_at_bf16_rounding(tmp_path, capsys):
+    """Under bf16 autocast a weight changed by 4 float32 ulps is rounded away in the bf16 products: the truth's
+    response was exactly 0 and said nothing. The probe's change is 4 ulps of bfloat16 there."""
+    data = build()
+    trainer = pl.Trainer(max_epochs=2, precision="bf16-mixed", accelerator="cpu", logger=False, deterministic=True,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[InfluenceTracker(str(tmp_path / "log"), checkpoint_every_n_steps=4)])
+    trainer.fit(Net(), DataLoader(WithIds(data["train_data"]), batch_size=BATCH, shuffle=True))
+    code = main(["evaluate", str(tmp_path / "log"), "--builder", f"{__file__}:build_bf16", "-m", "dit", "--samples",
+                 "3,10,50", "-q", "-f", "json", "--no-linearity"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["truth_roundoff_weight_change"] == 4 * torch.finfo(torch.bfloat16).eps
+    assert result["truth_roundoff_response"] > 0
