@@ -214,6 +214,7 @@ class InfluenceTracker(TrackerLifecycle):
         self._next_step: int | None = None
         self._fit_start = 0  # global step at which this fit started
         self._run_id: str | None = None
+        self._recorded_dir: str | None = None  # the log_dir of the fit this tracker recorded last (in this process)
         self._resume_state: dict[str, Any] = {}
         self._live: LiveTensorBoard | None = None  # running signals in the trainer's TensorBoard, if any
         self._lock: WriterLock | None = None  # this rank's exclusive writer lock, held from on_train_start to teardown

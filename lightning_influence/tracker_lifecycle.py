@@ -90,6 +90,13 @@ class TrackerLifecycle(Callback):
                                    names)
         if not continued:
             self._demoted = {}
+            if self._run_id is not None and self._recorded_dir == self.log_dir and trainer.is_global_zero:
+                warnings.warn(f"InfluenceTracker: this fit starts a new log in {self.log_dir} (overwrite=True), "
+                              f"replacing the log of this tracker's earlier fit (run {self._run_id}): a new Trainer's "
+                              "fit starts again at step 0 with a new optimizer. To keep the earlier log, give this fit a "
+                              "new InfluenceTracker with another log_dir; to train longer as one run, resume from a "
+                              "Lightning checkpoint (Trainer.fit(ckpt_path=...)) or raise max_epochs before the first "
+                              "fit", UserWarning, stacklevel=2)
             start_new_log(self.log_dir, self.overwrite, trainer.is_global_zero)
             self._first_step = start
             trainer.strategy.barrier("influence_tracker_setup")
@@ -101,7 +108,7 @@ class TrackerLifecycle(Callback):
         self._writer = LogWriter(self.log_dir, trainer.global_rank, self.flush_every_n_steps, self.storage_dtype,
                                  self.compression, truncate_from=start if continued else None,  # drops steps >= start
                                  resume_meta=resume_meta, **self._segment_limits())
-        self._run_id = self._writer.run_id
+        self._run_id, self._recorded_dir = self._writer.run_id, self.log_dir
         self._live = LiveTensorBoard.attach(trainer)
         self._final.start(trainer.callbacks)
         self._next_step = self._fit_start = start

@@ -205,6 +205,32 @@ def test_fit_called_again_to_train_longer_is_refused_and_keeps_the_first_fits_lo
     assert file_bytes(log) == files and InfluenceLog(log).steps.tolist() == [0, 1, 2, 3]
 
 
+def test_same_tracker_in_a_new_trainer_warns_that_it_replaces_its_earlier_log(tmp_path):
+    """``pl.Trainer(callbacks=[tracker]).fit(...)`` twice with the same tracker (overwrite=True), to train more: the
+    second fit started at step 0 with a new optimizer and silently deleted the first fit's log (the same Trainer is
+    refused, above). It now warns, naming the run it replaces; a fast_dev_run before a real fit, which writes no log
+    in log_dir, does not."""
+    import lightning.pytorch as pl
+
+    log = tmp_path / "log"
+    tracker = InfluenceTracker(str(log), overwrite=True)
+    module, loader = tiny(momentum=0.9), DataLoader(WithIds(make_data(24)), batch_size=6)
+
+    def fit(**kw):
+        pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=False, callbacks=[tracker], **kw).fit(module, loader)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # none of ours: a smoke test, then the first real fit
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers|smaller than the logging).*")
+        fit(fast_dev_run=True)
+        fit()
+    first = InfluenceLog(log).meta["run_id"]
+    with pytest.warns(UserWarning, match=rf"replacing the log of this tracker's earlier fit \(run {first}\)"):
+        fit()
+    assert InfluenceLog(log).meta["run_id"] != first
+
+
 def test_fast_dev_run_runs_the_checks_but_leaves_log_dir_as_it_was(tmp_path, resumable, monkeypatch):
     """Lightning's smoke test (``fast_dev_run``) wrote a 1-step log into log_dir: with overwrite=True it replaced the
     real run's log, without it the real fit that followed was refused as "already holds an influence log". Now the log

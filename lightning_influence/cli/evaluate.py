@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     samples = _parse_samples(args.samples, n, ctx, lambda: first, args.seed, sort)
     if args.sort:  # the rows in --sort order of the first method, as query and timeline list theirs
         samples = samples[ranked(first[samples], sort, None)]
-    truth, floor, linearity = None, None, None
+    truth, floor, linearity, drift_floor, roundoff, delta = None, None, None, None, None, None
     answering = [m for m, k in kinds.items() if k == "loss"]  # self-influence answers each sample's own loss
     if args.truth == "replay" and not answering:
         status(args, "no ground truth: self-influence answers each sample's own loss, not --query (add a method that "
@@ -166,7 +166,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         status(args, f"replaying training without each of {len(samples)} samples (ground truth) ...")
         result = _replay_truth(args, fn, log, query, ctx, samples, (t1, t2), procs, 0.0)
         truth = np.asarray(result.window(t1, t2), dtype=np.float64)  # LOO(t2) - LOO(t1), in the order of `samples`
-        floor = _noise_floor(log, result, t1, t2)
+        drift_floor, rounding = _noise_floor(log, result, t1, t2)
+        status(args, f"replaying training with {min(len(samples), ROUNDOFF_PROBES)} of them reweighted by "
+                     f"{ROUNDOFF_ULPS} ulps (the truth's noise floor) ...")
+        delta = ROUNDOFF_ULPS * rounding
+        probe = _replay_truth(args, fn, log, query, ctx, samples[:ROUNDOFF_PROBES], (t1, t2), procs, 1.0 - delta)
+        roundoff = float(np.abs(probe.window(t1, t2)).max())
+        floor = max(drift_floor, roundoff)
         drifts["ground truth"] = result.info.get("replay_drift")
         if args.linearity and len(samples) >= 3:
             status(args, "replaying training with each of them at half weight (the truth's linearity) ...")
@@ -198,7 +204,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                "pbrf_converged": bool(trust["pbrf"].converged[k])} if "pbrf" in trust else {}),
                            **{m: float(e[j]) for m, e in estimates.items()}}
                           for k, (j, lb) in enumerate(zip(samples, labels))],
-              "metrics": metrics, "truth_noise_floor": floor,
+              "metrics": metrics, "truth_noise_floor": floor, "truth_noise_floor_drift": drift_floor,
+              "truth_roundoff_response": roundoff, "truth_roundoff_weight_change": delta if truth is not None else None,
               "truth_above_floor": None if truth is None else int(np.count_nonzero(np.abs(truth) > floor)),
               "truth_linearity": linearity,
               "replay_drift": {k: v for k, v in drifts.items() if v}, "verdict": verdict(metrics, truth, floor, linearity, args.in_window)
@@ -226,8 +233,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     mtable = format_table(["method", *keys], [[m, *[f"{metrics[m][k]:.3f}" if k in metrics[m] else "-" for k in keys]]
                                              for m in metrics]) if keys else "no metric: no ground truth and no known flipped labels"
     noise = [] if truth is None else [
-        f"truth noise floor {floor:.2e} (replay error, docs/trust.md §4): {result['truth_above_floor']} of {len(truth)} "
-        "truth values above it"]
+        f"truth noise floor {floor:.2e} (replay error: the truth's change when {min(len(truth), ROUNDOFF_PROBES)} "
+        f"samples are reweighted by {ROUNDOFF_ULPS} ulps ({delta:.1e}), {roundoff:.2e}; from the replay drift alone {drift_floor:.2e}; "
+        f"docs/trust.md §4): {result['truth_above_floor']} of {len(truth)} truth values above it"]
     if linearity is not None:
         noise.append(f"truth linearity: half a removal, doubled, against a whole one: Pearson {linearity['pearson']:.3f}, "
                      f"Spearman {linearity['spearman']:.3f} (1 where training responds linearly, docs/trust.md §4)")
@@ -273,14 +281,27 @@ def _replay_truth(args: argparse.Namespace, fn: Callable[..., Any], log: Any, qu
         progress.close()
 
 
-def _noise_floor(log: Any, result: Any, t1: int, t2: int) -> float:
-    """The truth's noise floor (:func:`~lightning_influence.evaluation.verdict.truth_noise_floor`) for one window."""
+# the truth's response to round-off: so many of the chosen samples replayed with their weight changed by so many ulps
+ROUNDOFF_PROBES, ROUNDOFF_ULPS = 3, 4
+
+
+def _noise_floor(log: Any, result: Any, t1: int, t2: int) -> tuple[float, float]:
+    """The truth's noise floor from the replay drift (:func:`~lightning_influence.evaluation.verdict.truth_noise_floor`)
+    for one window, and the run's rounding unit: the parameters' epsilon, or the autocast dtype's where coarser (a
+    bf16-mixed run rounds a weight changed by a few float32 ulps away). A training that amplifies round-off (kinks
+    crossed, chaotic) moves the truth by far more: :func:`cmd_evaluate` measures that too (a few samples reweighted
+    by a few of these units)."""
+    import torch
+
     dtype = next(iter(log.checkpoint(log.checkpoint_steps[0]).values())).dtype
-    eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else float(np.finfo(np.float32).eps)
+    dtype = dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float32)
+    eps = float(np.finfo(dtype).eps)
+    autocast = (log.meta.get("precision") or {}).get("autocast_dtype")
+    rounding = max(eps, float(torch.finfo(getattr(torch, autocast)).eps)) if autocast else eps
     drift = float(result.info.get("replay_drift", {}).get("max", 0.0))
     grid = [int(t) for t in result.grid]
     base = result.base[:, 0]  # f(θ_t) of the reference run on the grid
-    return truth_noise_floor(base[grid.index(t1)] if t1 in grid else base[0], base[grid.index(t2)], drift, eps, t2)
+    return truth_noise_floor(base[grid.index(t1)] if t1 in grid else base[0], base[grid.index(t2)], drift, eps, t2), rounding
 
 
 def _trust_tools(args: argparse.Namespace, log: Any, ctx: RunContext | None, query: Any, samples: np.ndarray,
