@@ -278,6 +278,13 @@ def test_a_resumed_fit_must_keep_its_logs_fold_layout():
     assert meaning_differences(old, new) == [
         "fold_bias (biases folded into their weight's projection): the log has [], this fit has ['fc.bias']"]
     assert meaning_differences(new, new) == []
+    # a resume that changed only projection_dim (fold_bias left at None) saw fold_bias listed as a second change it
+    # never made: the line now says the fold follows the projection
+    other = {**recorded, "projection": KroneckerProjector(shapes, 4).to_metadata()}
+    assert meaning_differences(new, other) == [
+        "projection_dim: the log has 8, this fit has 4",
+        "fold_bias (biases folded into their weight's projection; with the default fold_bias=None it follows "
+        "projection_dim): the log has ['fc.bias'], this fit has []"]
 
 
 def test_an_unfolded_version_2_log_reads_and_scores_as_before():

@@ -64,10 +64,12 @@ def meaning_differences(log_meta: Mapping[str, Any], fit_meta: Mapping[str, Any]
         diff("storage_dtype", log_meta.get("storage_dtype"), fit_meta.get("storage_dtype"))
         diff("every_n_steps", log_meta.get("every_n_steps"), fit_meta.get("every_n_steps"))
         old_p, new_p = dict(log_meta.get("projection") or {}), dict(fit_meta.get("projection") or {})
+        dims = old_p.get("dim"), new_p.get("dim")
         for key, name in (("dim", "projection_dim"), ("seed", "projection_seed")):
             diff(name, old_p.pop(key, None), new_p.pop(key, None))
         folds = [sorted(s["bias"] for s in p.get("specs", []) if s.get("bias")) for p in (old_p, new_p)]
-        diff("fold_bias (biases folded into their weight's projection)", *folds)
+        follows = "; with the default fold_bias=None it follows projection_dim" if dims[0] != dims[1] else ""
+        diff(f"fold_bias (biases folded into their weight's projection{follows})", *folds)
         if old_p != new_p and folds[0] == folds[1]:
             keys = sorted(k for k in set(old_p) | set(new_p) if old_p.get(k) != new_p.get(k))
             out.append(f"projection ({', '.join(keys)}): the log's and this fit's projections differ")
