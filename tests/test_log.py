@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -122,6 +124,26 @@ def test_readable_with_plain_h5py(tmp_path):
         assert "step_00000000" in f["checkpoints"]
     with h5py.File(tmp_path / "meta.h5", "r") as f:
         assert f.attrs["format_version"] == 2
+
+
+def test_a_meta_file_removed_while_it_is_opened_reads_as_missing(tmp_path, monkeypatch):
+    """A reader that found meta.h5 and then could not open it because it was gone (a fit starting a new log over the
+    directory removed it in between: the crash test's live reader met this) was told the file is corrupted and to
+    restore it from a backup; it is missing, as a reader that came a moment later is told."""
+    from lightning_influence.log import format as log_format
+
+    synthetic_meta(tmp_path)
+    opened = h5py.File
+
+    def gone(path, *args, **kw):
+        if Path(path).name == "meta.h5":
+            Path(path).unlink()
+        return opened(path, *args, **kw)
+
+    monkeypatch.setattr(h5py, "File", gone)
+    with pytest.raises(LogFormatError, match=r"not an influence log \(meta.h5 is missing\)") as err:
+        log_format.read_meta(tmp_path)
+    assert "corrupted" not in str(err.value)
 
 
 def test_not_a_log_and_foreign_files_are_clear_errors(tmp_path):

@@ -268,10 +268,15 @@ def read_meta(log_dir: str | os.PathLike) -> dict[str, Any]:
     import h5py
 
     path = Path(log_dir) / META_FILE
+    missing = LogFormatError(Path(log_dir), f"not an influence log ({META_FILE} is missing)")
     if not path.exists():
-        raise LogFormatError(Path(log_dir), f"not an influence log ({META_FILE} is missing)")
+        raise missing
     with reading(path, "the run metadata"):
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except FileNotFoundError:  # removed since the check (a fit starting a new log over it): missing, not damaged
+            raise missing from None
+        with f:
             attrs = dict(f.attrs)
     check_header(path, attrs)
     out: dict[str, Any] = {}
