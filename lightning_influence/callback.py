@@ -269,7 +269,7 @@ class InfluenceTracker(TrackerLifecycle):
             self._checked_dataset = True
             check_first_batch(trainer.train_dataloader, batch, ids, pl_module, self.ids_key, self._dataset_size,
                               self.store_inputs)
-        step = trainer.global_step
+        step = self._pending.step = trainer.global_step  # the same for every micro-batch of the step
         checkpoint = not self._pending.micro and self._checkpoints_at(step)
         if self._modes.observe(pl_module, step, batch_idx, checkpoint, self._writer if self._global_zero else None):
             self._check_batchnorm(pl_module)  # modes changed after the fit's first step: as at that step
@@ -284,9 +284,11 @@ class InfluenceTracker(TrackerLifecycle):
                                                      inputs=encode_batch(batch) if self.store_inputs else None,
                                                      accumulate=accumulate, buffers=before))
         self._pending.batch_idx = batch_idx
-        if self._observer is not None:
-            self._observer.clear()
-            self._observer.capturing = True
+        observer = self._observer
+        if observer is not None:
+            if observer.losses or observer.grads:  # a training_step without a backward left them (else: cleared there)
+                observer.clear()
+            observer.capturing = True
         if self._capture is not None:
             if self._records_grads(step):
                 self._capture.enable()
@@ -336,7 +338,7 @@ class InfluenceTracker(TrackerLifecycle):
                 for out in seen:  # a reduced (0-d) loss is a mistake
                     if out.dim() == 0:
                         check_losses(out, n, f"{type(pl_module).__name__}.per_sample_loss(batch)")
-        want_grads = self.record_gradients and self._records_grads(trainer.global_step)
+        want_grads = self.record_gradients and self._records_grads(self._pending.step)
         if want_grads and self._capture is not None and captured is not None and len(seen_grad) == 1:
             if self._factored and micro.accumulate == 1 and not self._vmap_names:  # factored blocks (log/outer.py)
                 micro.grads, blocks = self._capture.collect_factored(seen_grad[0])
@@ -367,11 +369,11 @@ class InfluenceTracker(TrackerLifecycle):
     @no_stop_iteration
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         t0 = time.perf_counter()
-        step = trainer.global_step
         pending, self._pending = self._pending, PendingStep()
-        no_op = drop_skipped(pending, self.record_losses)  # training_step returned None: Lightning ran no backward
         if not pending.micro:
-            raise RuntimeError(f"step {step}: optimizer step without a recorded training batch")
+            raise RuntimeError(f"step {trainer.global_step}: optimizer step without a recorded training batch")
+        step = pending.step  # global_step at its batches' start (it moves only once the optimizer has stepped)
+        no_op = drop_skipped(pending, self.record_losses)  # training_step returned None: Lightning ran no backward
         if self._world_size > 1 and self._capture is not None and not self._agreed and self._records_grads(step):
             self._agreed = True  # every process here at once: its first step with gradients
             self._agree_on_engines(trainer, pl_module, pending)
@@ -382,7 +384,7 @@ class InfluenceTracker(TrackerLifecycle):
             check_ranks_distinct(step, rows["ids"], trainer.strategy.all_gather,
                                  distributed_padding(trainer.train_dataloader))
         self._update_watch.expect(step, record, optimizer)  # record.hyper: what a schedule changed (step/hyper.py)
-        if self._records_grads(step) and not record.skipped:
+        if self.record_gradients and step % self.every_n_steps == 0 and not record.skipped:  # (_records_grads)
             rows["grads"], record.grad_outer = step_rows(pending.micro)
             if not self._applied_checked:  # once per fit (under DDP a collective: every process is at this step)
                 self._applied_checked = True

@@ -155,7 +155,7 @@ class UpdateWatch:
         self._handle: Any = None
         self._schedule: ScheduleRecorder | None = None
         self._names: dict[int, str] = {}
-        self._none: tuple[bool, ...] | None = None  # which parameters had no gradient at the last step
+        self._none: list[bool] | None = None  # which parameters had no gradient at the last step
         self._had: set[int] = set()  # positions of the parameters that had a gradient at some step of the fit
         self._step, self._lrs, self._values = -1, None, None
         self.refused: int | None = None  # the step refused (its record must not stay in the log)
@@ -173,18 +173,21 @@ class UpdateWatch:
         """Step ``step`` will update with ``record.lrs`` and the optimizer's other hyperparameters as they are now:
         those that differ from the log's go into ``record.hyper``. Refuses a parameter without a gradient at this step
         after it had one (:meth:`_check_skipped`)."""
-        self._check_skipped(step, optimizer)
-        self._values, record.hyper = self._schedule.values(step, optimizer.param_groups)
+        groups = optimizer.param_groups
+        flags = [p.grad is None for g in groups for p in g["params"]]  # (a list: no generator)
+        if flags != self._none:  # else as at the last step: nothing to check
+            self._check_skipped(step, optimizer, flags)
+        self._values, record.hyper = self._schedule.values(step, groups)
         self._step, self._lrs = step, record.lrs
 
-    def _check_skipped(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+    def _check_skipped(self, step: int, optimizer: torch.optim.Optimizer, flags: list[bool]) -> None:
         """A parameter whose ``.grad`` is ``None`` at a step is skipped by ``torch.optim`` (no momentum, Adam moment or
         weight decay update), which the update rules (``step/optimizers.py``), taking it as a zero gradient, do not
         model: DIT's adjoint of the step would be wrong there (2-15% off the derivative of replay on an expert used on
         half the batches). Refused at the step a parameter that had a gradient has none; one that never had one (unused,
-        frozen) does not matter (its deviation stays 0). One pass over the parameters per step."""
-        flags = tuple(p.grad is None for g in optimizer.param_groups for p in g["params"])
-        if flags == self._none or all(flags):  # as the last step, or a step without a backward (it changes nothing)
+        frozen) does not matter (its deviation stays 0). ``flags``: which parameters have no gradient now (:meth:`expect`
+        reads them, one pass over the parameters per step, and calls this where they differ from the last step's)."""
+        if all(flags):  # a step without a backward (it changes nothing)
             return
         lost = [i for i, none in enumerate(flags) if none and i in self._had]
         if lost:

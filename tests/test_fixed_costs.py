@@ -21,6 +21,9 @@ def test_check_ids_refusals_name_the_ids():
         check_ids(torch.tensor([1, -4, -1]))
     with pytest.raises(ValueError, match=r"sample ids \[9, 12\] are not indices into the training set, which has 9 "):
         check_ids(torch.tensor([9, 1, 12]), dataset_size=9)
+    check_ids(np.array([5, 0, 3]), dataset_size=6)  # a step's host ids, as the tracker checks them
+    with pytest.raises(ValueError, match=r"sample ids \[12, 9\] are not indices"):  # in the batch's order
+        check_ids(np.array([12, 1, 9]), dataset_size=9)
 
 
 def _record(**kw):

@@ -98,6 +98,8 @@ def test_factors_whose_products_overflow_are_refused():
         _record([[1e20, 1.0, 1e20, 1.0], [1.0, 1.0, 1.0, 1.0]]).validate()  # 1e40 does not
     with pytest.raises(FloatingPointError, match=r"non-finite per-sample gradient for sample ids \[1\]"):
         _record([[1.0, 1.0, 1.0, 1.0], [1.0, np.nan, 1.0, 1.0]]).validate()
+    with pytest.raises(FloatingPointError, match=r"non-finite per-sample gradient for sample ids \[1\]"):
+        _record([[1.0, 1.0, 1.0, 1.0], [-1e20, 1.0, -1e20, 1.0]]).validate()  # large by its smallest factors
     with pytest.raises(ValueError, match="stored columns of their factored blocks"):
         _record([[1.0, 1.0, 1.0, 1.0, 1.0], [1.0] * 5]).validate()
     big = _record([[1e20, 1.0, 1e20, 1.0], [1.0, 1.0, 1.0, 1.0]], np.float64)  # finite in float64, not in float32

@@ -70,7 +70,10 @@ class StepRecord:
             if len(rows) != n or (rows.ndim if type(rows) is np.ndarray else np.ndim(rows)) != ndim:
                 raise ValueError(f"step {self.step}: {what} rows have shape {np.shape(rows)} for {n} sample ids")
             if rows is self.grads and self.grad_outer is not None:  # factors: finite, and small enough to multiply
-                if float(np.abs(rows).max(initial=0)) < SAFE_FACTOR:  # (a NaN fails the comparison)
+                # the largest |factor| from the largest and the smallest: no array of |rows|, half the cost between two
+                # training steps (a NaN fails the comparison; no rows: -inf)
+                factors = rows if type(rows) is np.ndarray else np.asarray(rows)
+                if max(float(factors.max(initial=-np.inf)), -float(factors.min(initial=np.inf))) < SAFE_FACTOR:
                     continue
                 with np.errstate(over="ignore"):  # an overflow is what is looked for
                     rows = self.grad_outer.expand(np.asarray(rows))  # their products, as a reader expands them
@@ -107,6 +110,8 @@ class StepRecord:
             FloatingPointError: naming the step, the sample ids and ``storage_dtype='float32'`` (nothing of the step
                 is stored; the steps before it are kept).
         """
+        if self.grads is None and self.hvps is None:  # (every step that records no gradient: no finfo look-up)
+            return
         limit = np.finfo(storage_dtype)
         for what, rows in (("per-sample gradient", self.grads), ("Hessian-gradient product", self.hvps)):
             rows = None if rows is None else np.asarray(rows)

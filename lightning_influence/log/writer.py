@@ -258,7 +258,7 @@ class LogWriter:
 
     def _check_half(self, record: StepRecord) -> None:
         """float16 storage: every ``CHECK_EVERY``-th step's rows measured (log/half.py), one warning when significant."""
-        if (self.storage_dtype != np.float16 or self._half_warned or record.grads is None or record.grad_outer is not None
+        if (record.grads is None or self.storage_dtype != np.float16 or self._half_warned or record.grad_outer is not None
                 or record.step % CHECK_EVERY or np.asarray(record.grads).dtype == np.float16):
             return
         got = rounding_of_cast(np.asarray(record.grads))

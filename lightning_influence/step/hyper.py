@@ -73,7 +73,7 @@ class ScheduleRecorder:
         Raises:
             UnsupportedOptimizerError: a change the update rules do not model (:meth:`_changed`).
         """
-        current = self.read(groups)
+        current = group_values(groups, self.keys, self._plain)  # (read's, one call fewer at every step)
         if current != self._last:
             if not self._plain and _has_tensor(current):
                 self._plain, current = True, group_values(groups, self.keys)

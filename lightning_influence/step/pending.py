@@ -75,6 +75,7 @@ class PendingStep:
 
     micro: list[TrackedMicroBatch] = field(default_factory=list)
     batch_idx: int = 0
+    step: int = -1  # the trainer's global_step at its micro-batches (read once a hook: a chain of Lightning properties)
     seconds: float = 0.0
     buffers: dict[str, Tensor] | None = None  # at a checkpointed step, the module's buffers before its first forward
     # the trainable parameters before its first forward, where a forward changes them in place (Embedding(max_norm)):
@@ -89,6 +90,8 @@ def drop_skipped(pending: PendingStep, record_losses: bool) -> bool:
     each supported ``torch.optim`` rule leaves such parameters and their state as they are); it keeps its micro-batches
     (ids, random states), with NaN losses where recorded, and returns ``True``: the caller records it as skipped
     (``θ_{t+1} = θ_t``, as a step the GradScaler skipped)."""
+    if len(pending.micro) == 1 and pending.micro[0].backward:  # the common case
+        return False
     ran = [m for m in pending.micro if m.backward]
     if len(ran) == len(pending.micro):
         return False
