@@ -1,7 +1,7 @@
 """A column convolution and its product in NCHW against channels-last memory, per shape (issue 13, ``conv_layout``).
 
 For each shape: the column convolution of an input ``(B, C, H, W)`` with a ``(k, C, 3, 3)`` projection kernel (padding
-1), then its batched product with an output gradient ``(B, rows, H·W)`` (``_times_columns``), once from the NCHW
+1), then its batched product with an output gradient ``(B, rows, H·W)`` (``conv_layout.times_columns``), once from the NCHW
 input as it is and once converted to channels-last (the conversion counted). Fastest of ``--reps`` alternating runs of
 ``--calls`` calls each, thread CPU, one thread; ``ratio`` is channels-last over NCHW. ``chooses``: what
 ``capture.conv_layout.channels_last`` measured for that shape in this process (``fixed``: below its size, the fixed
@@ -23,7 +23,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.accuracy import write_results  # noqa: E402
 from lightning_influence.capture import conv_layout  # noqa: E402
-from lightning_influence.capture.layers import _times_columns  # noqa: E402
 
 SHAPES = [(3, 32, 8, 32), (32, 16, 16, 64), (32, 16, 8, 64), (8, 32, 16, 32), (16, 16, 16, 32), (64, 8, 16, 128),
           (64, 16, 16, 64), (128, 8, 16, 128), (16, 32, 16, 32), (32, 32, 16, 32)]
@@ -49,7 +48,7 @@ def main() -> None:
 
         def run(last: bool) -> torch.Tensor:
             cols = conv(x.contiguous(memory_format=torch.channels_last) if last else x)
-            return _times_columns(g, cols.reshape(b, k, -1))
+            return conv_layout.times_columns(g, cols.reshape(b, k, -1))
 
         torch.testing.assert_close(run(True), run(False), rtol=1e-4, atol=1e-3)
         best = {False: float("inf"), True: float("inf")}
@@ -61,7 +60,7 @@ def main() -> None:
                 best[last] = min(best[last], 1e3 * (time.thread_time() - t0) / args.calls)
         measured = 2 * b * kernel.numel() * side ** 2 >= conv_layout.MEASURED_FLOPS
         chose = conv_layout.channels_last(x, kernel, (1, 1, 1, 1), conv,
-                                          lambda cols: _times_columns(g, cols.reshape(b, k, -1)))
+                                          lambda cols: conv_layout.times_columns(g, cols.reshape(b, k, -1)))
         chooses = ("channels-last" if chose else "NCHW") + ("" if measured else " (fixed)")
         ratio = best[True] / best[False]
         print(f"{f'{channels}x{side}x{side} k{k}, {rows}':>20} {best[False]:9.3f} {best[True]:9.3f} {ratio:7.2f}  {chooses}")

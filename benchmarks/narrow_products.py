@@ -1,10 +1,11 @@
-"""The convolution engine's batched product ``g colsᵀ`` in its two orders, per shape (issue 13, ``_times_columns``).
+"""The convolution engine's batched product ``g colsᵀ`` in its two orders, per shape (issue 13, ``conv_layout.times_columns``).
 
 ``g`` ``(B, rows, L)`` is a layer's output gradient, ``cols`` ``(B, k, L)`` its projected columns, NCHW-contiguous or
 a view of channels-last memory (``(B, L, k)``-contiguous, what the channels-last column convolution gives). The direct
 order is ``bmm(g, colsᵀ)``; the transposed one ``bmm(cols, gᵀ)ᵀ``. Fastest of ``--reps`` alternating runs of
-``--calls`` calls each, thread CPU, one thread. The rule ``capture.layers._times_columns`` follows from the table:
-the transposed order for at most 8 channels-last columns, fewer than the rows.
+``--calls`` calls each, thread CPU, one thread. ``capture.conv_layout.times_columns`` measures the two orders per shape
+and strides where a product is large enough (``chooses``), else takes its fixed rule (``fixed``: the transposed order
+for at most 8 channels-last columns, fewer than the rows), which came from this table on an AMD EPYC.
 
     python benchmarks/narrow_products.py [--reps 5] [--calls 10] [--out benchmarks/results/narrow_products.json]
 """
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.accuracy import write_results  # noqa: E402
-from lightning_influence.capture.layers import _times_columns  # noqa: E402
+from lightning_influence.capture import conv_layout  # noqa: E402
 
 SHAPES = [(32, 1024, 8), (64, 1024, 4), (32, 256, 8), (64, 256, 16), (128, 64, 16), (16, 4096, 16), (256, 64, 32),
           (8, 1024, 27)]  # (rows, L, k); the first is the benchmark CNN's first convolution
@@ -48,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows_out = []
-    print(f"{'rows x L x k':>16} {'layout':>13} {'direct ms':>10} {'transposed':>10} {'rule':>10}  rule takes")
+    print(f"{'rows x L x k':>16} {'layout':>13} {'direct ms':>10} {'transposed':>10} {'chosen':>10}  chooses")
     for rows, length, k in SHAPES:
         g = torch.randn(args.batch, rows, length)
         for layout in ("nchw", "channels_last"):
@@ -56,13 +57,15 @@ def main() -> None:
                     else torch.randn(args.batch, length, k).transpose(1, 2))
             direct = lambda: torch.bmm(g, cols.transpose(1, 2))  # noqa: E731
             transposed = lambda: torch.bmm(cols, g.transpose(1, 2)).transpose(1, 2)  # noqa: E731
-            rule = lambda: _times_columns(g, cols)  # noqa: E731
+            chosen = lambda: conv_layout.times_columns(g, cols)  # noqa: E731
             torch.testing.assert_close(transposed(), direct(), rtol=1e-4, atol=1e-3)
-            ms = _fastest({"direct": direct, "transposed": transposed, "rule": rule}, args.reps, args.calls)
-            takes = "transposed" if k <= 8 and k < rows and layout == "channels_last" else "direct"
+            ms = _fastest({"direct": direct, "transposed": transposed, "chosen": chosen}, args.reps, args.calls)
+            key = (tuple(g.shape), g.stride(), tuple(cols.shape), cols.stride(), g.dtype, cols.dtype)
+            fixed = k <= 8 and k < rows and layout == "channels_last"
+            takes = ("transposed" if conv_layout.orders.get(key, fixed) else "direct") + ("" if key in conv_layout.orders else " (fixed)")
             print(f"{f'{rows}x{length}x{k}':>16} {layout:>13} {ms['direct']:10.3f} {ms['transposed']:10.3f} "
-                  f"{ms['rule']:10.3f}  {takes}")
-            rows_out.append({"rows": rows, "length": length, "k": k, "layout": layout, **ms, "rule_takes": takes})
+                  f"{ms['chosen']:10.3f}  {takes}")
+            rows_out.append({"rows": rows, "length": length, "k": k, "layout": layout, **ms, "chooses": takes})
     write_results({"batch": args.batch, "reps": args.reps, "calls": args.calls, "shapes": rows_out}, args.out)
 
 

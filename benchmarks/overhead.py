@@ -62,6 +62,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import resource
 import shutil
 import statistics
@@ -457,6 +458,19 @@ def report(name: str, costs: dict[str, float], fits: dict[str, Any]) -> None:
               f"{row['thread_ratio_low']:>7.3f}-{row['thread_ratio_high']:.3f}{row['faults_per_step']:>8.0f}")
 
 
+def machine_info() -> dict[str, str]:
+    """The CPU the ratios were measured on: they move with it (the benchmark CNN's step took 55 ms on an AVX2 EPYC and
+    32 ms on an AVX-512 Xeon, the tracker's memory-bound work sped up less: ``docs/per-sample-gradients.md``)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "cores": str(os.cpu_count()),
+            "torch": torch.__version__}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(DEFAULT))
@@ -480,6 +494,8 @@ def main() -> None:
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="li-overhead-"))
+    machine = machine_info()
+    print(f"machine: {machine['cpu']} ({machine['isa']}), torch {machine['torch']}, {args.threads} thread(s)")
     results = {}
     try:
         for name in args.models.split(","):
@@ -502,7 +518,7 @@ def main() -> None:
           "faults per step")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"models": results, "args": vars(args)}, indent=2))
+    out.write_text(json.dumps({"models": results, "args": vars(args), "machine": machine}, indent=2))
     print(f"wrote {out}")
 
 

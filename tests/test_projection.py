@@ -124,6 +124,28 @@ def test_project_factored_matches_project():
         )
 
 
+def test_sides_of_transposed_layouts_and_folded_biases():
+    """Either side given as a transposed view (``(B, d, L)``-contiguous, a GPT's logits' gradient) projects as its
+    contiguous copy and as the float64 gradient; with a folded bias, the bias's row of ``P_c`` is added to each token's
+    ``x P_c`` (in place in the product) and never to the input, projected or kept whole."""
+    shapes = {"fc.weight": (20, 30), "fc.bias": (20,), "whole.weight": (2, 3), "whole.bias": (2,)}
+    proj = KroneckerProjector(shapes, dim=24, seed=1, fold={"fc.weight": "fc.bias"})
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(4, 20, 5, generator=gen, dtype=torch.float64).transpose(1, 2)  # (B, L, rows), not contiguous
+    x = torch.randn(4, 30, 5, generator=gen, dtype=torch.float64).transpose(1, 2)
+    x_before = x.clone()
+    block = proj.project_factored("fc.weight", g, x)
+    assert torch.equal(x, x_before)
+    assert torch.equal(block, proj.project_factored("fc.weight", g.contiguous(), x.contiguous()))
+    augmented = torch.cat([x, torch.ones(4, 5, 1, dtype=torch.float64)], 2)  # [x, 1]: the folded bias's column
+    full = torch.einsum("bli,blj->bij", g, augmented)
+    torch.testing.assert_close(block, proj.project_tensor("fc.weight", full), rtol=1e-12, atol=1e-12)
+    whole = KroneckerProjector({"w": (2, 3), "b": (2,)}, dim=None, fold={"w": "b"})  # no side projected: kept apart
+    assert whole.spec("w").bias is None
+    x3 = torch.randn(4, 5, 3, dtype=torch.float64)
+    assert whole.project_cols("w", x3) is x3
+
+
 def test_one_token_per_sample_combines_to_an_outer_written_into_the_rows():
     """Inputs ``(B, in)`` and ``(B, 1, in)``: :meth:`combine` leaves the outer products as their factors
     (:class:`Outer`); written into a column slice of wider rows they are the products, bit for bit, elsewhere nothing

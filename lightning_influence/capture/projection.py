@@ -158,8 +158,16 @@ def _apply_rows(g: Tensor, p_r: Tensor) -> Tensor:
 
 def _matmul(x: Tensor, side: Tensor) -> Tensor:
     """``x @ side``; a 2-D ``x`` by ``mm``, the call ``matmul`` makes for it (the same product, one dispatch fewer: a
-    hooked layer's sides are projected at every step)."""
-    return x.mm(side) if x.dim() == 2 else x @ side
+    hooked layer's sides are projected at every step). A 3-D ``x`` on the CPU laid out as its transpose (``(B, d, L)``
+    contiguous: the output gradient of a layer whose output the model transposed, a GPT's logits fed to
+    ``cross_entropy`` as ``(B, V, T)``) goes as ``(side^T x^T)^T``, one batched product in the layout of its memory:
+    ``matmul`` cannot fold such an ``x`` into one GEMM and ran the batched product on it 13% slower (the benchmark GPT's
+    head, ``[64, 64, 512] x [512, 16]``: 0.70 against 0.60 ms; the same numbers)."""
+    if x.dim() == 2:
+        return x.mm(side)
+    if x.dim() == 3 and x.stride(1) == 1 and x.stride(2) != 1 and x.is_cpu:
+        return torch.bmm(side.t().expand(x.shape[0], -1, -1), x.transpose(1, 2)).transpose(1, 2)
+    return x @ side
 
 
 class Outer(NamedTuple):
@@ -349,8 +357,10 @@ class KroneckerProjector:
         With a folded bias the input is ``[inp, 1]``: ``inp @ P_c[:-1] + P_c[-1]`` (:meth:`column_side`).
         """
         p_c, p_bias = self.column_side(name, inp.dtype, inp.device)
-        cols = inp if p_c is None else _matmul(inp, p_c)
-        return cols if p_bias is None else cols + p_bias
+        if p_c is None:  # (never with a folded bias: its unprojected column side is the identity, column_side)
+            return inp
+        cols = _matmul(inp, p_c)
+        return cols if p_bias is None else cols.add_(p_bias)  # in place: the product is new memory, still in cache
 
     def column_side(self, name: str, dtype: torch.dtype = torch.float32,
                     device: torch.device | str | None = None) -> tuple[Tensor | None, Tensor | None]:
